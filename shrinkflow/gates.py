@@ -1,0 +1,110 @@
+"""Deployment gates and candidate selection: pure functions, no I/O.
+
+A gate passes when its value is on the right side of the threshold or
+exactly on it. Values within 1e-9 of a threshold count as on it, so that an
+accuracy drop of 0.85 - 0.84 (= 0.010000000000000009 in floating point)
+passes a 0.01 gate as a person would expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from shrinkflow.config import Gates
+
+TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    direction: Literal["min", "max"]
+    # How far past the threshold, in the gate's units: >= 0 passes, < 0 fails
+    # and |margin| says by how much.
+    margin: float
+
+    def describe(self) -> str:
+        verb = "passed" if self.passed else "FAILED"
+        rel = ">=" if self.direction == "min" else "<="
+        return (f"{self.name} {verb}: {self.value:.4g} (needs {rel} {self.threshold:.4g}; "
+                f"margin {self.margin:+.4g})")
+
+
+@dataclass(frozen=True)
+class GateReport:
+    candidate: str
+    results: tuple[GateResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> tuple[GateResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"candidate {self.candidate!r} passed all {len(self.results)} gates"
+        return f"candidate {self.candidate!r} failed: " + "; ".join(r.describe() for r in self.failures)
+
+    def to_dict(self) -> dict:
+        return {"candidate": self.candidate, "passed": self.passed,
+                "gates": {r.name: asdict(r) for r in self.results}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateReport":
+        return cls(d["candidate"], tuple(GateResult(**g) for g in d["gates"].values()))
+
+
+def check_min(name: str, value: float, threshold: float) -> GateResult:
+    margin = value - threshold
+    return GateResult(name, margin >= -TOLERANCE, value, threshold, "min", margin)
+
+
+def check_max(name: str, value: float, threshold: float) -> GateResult:
+    margin = threshold - value
+    return GateResult(name, margin >= -TOLERANCE, value, threshold, "max", margin)
+
+
+def evaluate_gates(candidate_name: str, candidate: dict, teacher: dict, gates: Gates) -> GateReport:
+    """Check one candidate's metrics against the gates; teacher is the baseline."""
+    speedup = teacher["latency_ms_p95_b1"] / candidate["latency_ms_p95_b1"]
+    return GateReport(candidate_name, (
+        check_min("min_accuracy", candidate["accuracy"], gates.min_accuracy),
+        check_max("max_accuracy_drop", teacher["accuracy"] - candidate["accuracy"], gates.max_accuracy_drop),
+        check_max("max_latency_ms_p95_b1", candidate["latency_ms_p95_b1"], gates.max_latency_ms_p95_b1),
+        check_max("max_size_mb", candidate["size_mb"], gates.max_size_mb),
+        check_min("min_speedup", speedup, gates.min_speedup),
+    ))
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: str | None          # a candidate that passed every gate, or None
+    best_effort: str            # the best candidate regardless of gates
+    reason: str
+
+
+def select_candidate(metrics: dict[str, dict], reports: dict[str, GateReport],
+                     objective: str = "latency_ms_p95_b1") -> Selection:
+    """Lowest ``objective`` among candidates passing every gate; ties go to the
+    higher accuracy, then to the name (so the choice is deterministic).
+
+    When none passes, ``best_effort`` is the candidate that failed the fewest
+    gates (then by objective), kept for the report but never deployed.
+    """
+    def key(name):
+        return (metrics[name][objective], -metrics[name]["accuracy"], name)
+
+    passing = sorted((n for n in metrics if reports[n].passed), key=key)
+    if passing:
+        return Selection(passing[0], passing[0],
+                         f"{passing[0]!r}: lowest {objective} of {len(passing)} passing candidate(s)")
+    best = min(metrics, key=lambda n: (len(reports[n].failures), *key(n)))
+    return Selection(None, best, f"no candidate passed every gate; best effort {best!r}: "
+                     + reports[best].summary())

@@ -1,0 +1,39 @@
+"""Prefect tasks that read stage outputs and publish them as artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from shrinkflow.gates import GateReport
+from shrinkflow.io import read_json
+from shrinkflow.report import lifecycle_markdown
+from tasks.stages import DEPLOYMENT, GATES_JSON, METRICS_VALIDATE
+
+
+@task(name="read-validation", cache_policy=NO_CACHE)
+def read_validation(project_dir: str) -> dict:
+    root = Path(project_dir)
+    return {"metrics": read_json(root / METRICS_VALIDATE), "gates": read_json(root / GATES_JSON)}
+
+
+@task(name="read-deployment", cache_policy=NO_CACHE)
+def read_deployment(project_dir: str) -> dict | None:
+    path = Path(project_dir) / DEPLOYMENT
+    return read_json(path) if path.is_file() else None
+
+
+@task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
+def publish_report(validation: dict, deployed_version: str | None, stages: dict) -> str:
+    gates = validation["gates"]
+    reports = {n: GateReport.from_dict(d) for n, d in gates["candidates"].items()}
+    md = lifecycle_markdown(validation["metrics"]["teacher"], validation["metrics"]["candidates"],
+                            reports, gates["reason"], deployed_version)
+    md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
+        f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"
+    create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,
+                             description="metrics and gates of the latest lifecycle run")
+    return md

@@ -1,0 +1,169 @@
+"""DVC stage commands: ``python -m tasks.stages <stage> [--params params.yaml]``.
+
+Paths here must match dvc.yaml, which is the single truth for each stage's
+deps, params and outs. Every stage validates params.yaml on entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+RAW = Path("data/raw/source.tar.gz")
+PREPARED = Path("data/prepared")
+SPLIT_FILES = ("train", "val", "test", "reference", "shifted")
+TEACHER = Path("models/teacher")
+CANDIDATES = Path("models/candidates")
+METRICS_DATA = Path("metrics/data.json")
+METRICS_TRAIN = Path("metrics/train.json")
+METRICS_VALIDATE = Path("metrics/validate.json")
+GATES_JSON = Path("reports/gates.json")
+GATES_MD = Path("reports/gates.md")
+DEPLOYMENT = Path("deploy/deployment.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHRINKFLOW_CACHE_DIR", Path.home() / ".cache" / "shrinkflow"))
+
+
+def read_split(name: str):
+    import pandas as pd
+
+    path = PREPARED / f"{name}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the data stage first (dvc repro data)")
+    return pd.read_parquet(path)
+
+
+def fetch(params) -> None:
+    from shrinkflow.data import fetch_source
+
+    path = fetch_source(params.data.source, RAW, cache_dir())
+    print(f"fetch: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
+
+
+def data(params) -> None:
+    from shrinkflow.data import prepare
+    from shrinkflow.io import atomic_write_bytes, write_json
+
+    splits, stats = prepare(RAW, params.data)
+    for name in SPLIT_FILES:
+        atomic_write_bytes(PREPARED / f"{name}.parquet", splits[name].to_parquet(index=False))
+    write_json(METRICS_DATA, stats)
+    print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith("rows_")))
+
+
+def train(params) -> None:
+    import shutil
+
+    from shrinkflow.io import write_json
+    from shrinkflow.modeling import save_torch_model
+    from shrinkflow.train import train_teacher
+
+    model, tok, result = train_teacher(read_split("train"), read_split("val"), params.train)
+    tmp = TEACHER.with_name(".teacher.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch_model(model, tok, tmp, params.train.max_seq_len)
+    shutil.rmtree(TEACHER, ignore_errors=True)
+    tmp.rename(TEACHER)
+    write_json(METRICS_TRAIN, result.__dict__)
+    print(f"train: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
+          f"in {result.train_seconds:.0f}s")
+
+
+def compress(params) -> None:
+    import shutil
+
+    from shrinkflow.compress import apply_recipe
+
+    shutil.rmtree(CANDIDATES, ignore_errors=True)
+    for cand in params.compress.candidates:
+        out = apply_recipe(TEACHER, cand, CANDIDATES / cand.name, opset=params.compress.onnx_opset)
+        print(f"compress: {cand.name} -> {out}")
+
+
+def validate(params) -> None:
+    from shrinkflow.evaluate import measure_isolated
+    from shrinkflow.gates import evaluate_gates, select_candidate
+    from shrinkflow.io import atomic_write_text, write_json
+    from shrinkflow.report import lifecycle_markdown
+
+    test = read_split("test")
+    texts, labels = test["text"].tolist(), test["label"].tolist()
+    lat = params.validate_.latency
+    print("validate: measuring teacher (fp32, torch eager)")
+    teacher = measure_isolated(TEACHER, texts, labels, lat).to_dict()
+    candidates = {}
+    for cand in params.compress.candidates:
+        print(f"validate: measuring {cand.name}")
+        candidates[cand.name] = measure_isolated(CANDIDATES / cand.name, texts, labels, lat).to_dict()
+    reports = {n: evaluate_gates(n, m, teacher, params.validate_.gates) for n, m in candidates.items()}
+    sel = select_candidate(candidates, reports, params.validate_.objective)
+    write_json(METRICS_VALIDATE, {"teacher": teacher, "candidates": candidates})
+    write_json(GATES_JSON, {"selected": sel.chosen, "best_effort": sel.best_effort, "reason": sel.reason,
+                            "candidates": {n: r.to_dict() for n, r in reports.items()}})
+    atomic_write_text(GATES_MD, lifecycle_markdown(teacher, candidates, reports, sel.reason, None))
+    print(f"validate: {sel.reason}")
+
+
+def deploy(params) -> None:
+    from shrinkflow.config import Params  # noqa: F401  (params already validated)
+    from shrinkflow.gates import GateReport
+    from shrinkflow.io import read_json, write_json
+    from shrinkflow.lineage import collect_lineage
+    from shrinkflow.registry import PromotionRefused, Registry
+
+    gates = read_json(GATES_JSON)
+    metrics = read_json(METRICS_VALIDATE)
+    chosen = gates["selected"]
+    if chosen is None:
+        raise PromotionRefused(f"refusing to deploy: {gates['reason']}")
+    report = GateReport.from_dict(gates["candidates"][chosen])
+    cand = next(c for c in params.compress.candidates if c.name == chosen)
+    record = {
+        "candidate": chosen,
+        "recipe": [s.model_dump(mode="json") for s in cand.recipe],
+        "metrics": metrics["candidates"][chosen],
+        "teacher_metrics": metrics["teacher"],
+        "selection": gates["reason"],
+        "lineage": collect_lineage(Path.cwd(), params.digest(), data_out=str(PREPARED / "train.parquet"),
+                                   teacher_out=str(TEACHER)),
+    }
+    registry = Registry(params.deploy.registry_dir)
+    promo = registry.promote(CANDIDATES / chosen, report, record)
+    write_json(DEPLOYMENT, {"version": promo.version, "created": promo.created, "previous": promo.previous,
+                            "candidate": chosen, "registry": str(registry.root),
+                            "content_hash": registry.manifest(promo.version)["content_hash"]})
+    print(f"deploy: {chosen} is production as {promo.version}"
+          + ("" if promo.created else " (identical model already stored)"))
+
+
+STAGES = {f.__name__: f for f in (fetch, data, train, compress, validate, deploy)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shrinkflow.config import ParamsError, load_params
+    from shrinkflow.data import DataContractError, DataError
+    from shrinkflow.registry import PromotionRefused
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.stages")
+    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        STAGES[args.stage](params)
+    except (DataError, DataContractError, PromotionRefused, FileNotFoundError) as exc:
+        print(f"error: {args.stage}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

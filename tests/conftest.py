@@ -1,0 +1,67 @@
+"""Shared fixtures: real data (a small slice), a tiny model, offline env.
+
+Nothing is mocked: the data comes from the real vaderSentiment sdist (fetched
+once from the package index, then cached), models are real (tiny) BERTs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from shrinkflow.pipeline import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+# Prefect must not write to ~/.prefect from the tests.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shrinkflow-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    default = Path.home() / ".cache" / "shrinkflow"
+    path = Path(os.environ.get("SHRINKFLOW_CACHE_DIR", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def raw_archive(tmp_path_factory, cache_dir) -> Path:
+    from shrinkflow.config import DataSource
+    from shrinkflow.data import fetch_source
+
+    return fetch_source(DataSource(), tmp_path_factory.mktemp("raw") / "source.tar.gz", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def small_splits(raw_archive):
+    from shrinkflow.config import DataParams
+    from shrinkflow.data import prepare
+
+    splits, _ = prepare(raw_archive, DataParams(max_rows=400, max_shifted_rows=60))
+    return splits
+
+
+@pytest.fixture(scope="session")
+def tiny_train_params():
+    from shrinkflow.config import RandomInitModel, TrainParams
+
+    return TrainParams(model=RandomInitModel(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                       epochs=6, batch_size=16, learning_rate=3e-3, max_seq_len=32, threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, small_splits, tiny_train_params) -> Path:
+    """A real (tiny, random-init) BERT fine-tuned for one epoch, saved to disk."""
+    from shrinkflow.modeling import save_torch_model
+    from shrinkflow.train import train_teacher
+
+    model, tok, _ = train_teacher(small_splits["train"], small_splits["val"], tiny_train_params, progress=False)
+    return save_torch_model(model, tok, tmp_path_factory.mktemp("teacher") / "teacher",
+                            tiny_train_params.max_seq_len)

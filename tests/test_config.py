@@ -1,0 +1,89 @@
+"""Params validation: one test per error class, each naming the key path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from shrinkflow.config import ParamsError, load_params, parse_params
+from tests.conftest import PROJECT_ROOT
+
+
+@pytest.fixture
+def raw():
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def problems(raw_params) -> dict[str, str]:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw_params)
+    return dict(info.value.problems)
+
+
+def test_default_params_file_is_valid_and_frozen():
+    p = load_params(PROJECT_ROOT / "params.yaml")
+    assert p.validate_.gates.max_accuracy_drop == 0.01
+    with pytest.raises(Exception):
+        p.train.epochs = 5  # frozen
+
+
+def test_unknown_key_is_named(raw):
+    raw["compress"]["candidates"][0]["recipe"][0]["bitz"] = 8
+    assert "unknown key" in problems(raw)["compress.candidates.0.recipe.0.bitz"]
+
+
+def test_wrong_type_is_named(raw):
+    raw["train"]["batch_size"] = "thirty-two"
+    assert "integer" in problems(raw)["train.batch_size"]
+
+
+def test_out_of_range_value_is_named(raw):
+    raw["validate"]["gates"]["min_accuracy"] = 1.5
+    assert "less than or equal to 1" in problems(raw)["validate.gates.min_accuracy"]
+
+
+def test_unsupported_quantization_bits_is_named(raw):
+    raw["compress"]["candidates"][0]["recipe"][0]["bits"] = 4
+    assert "compress.candidates.0.recipe.0.bits" in problems(raw)
+
+
+def test_missing_section_is_named(raw):
+    del raw["deploy"]
+    assert "missing" in problems(raw)["deploy"]
+
+
+def test_union_tag_is_hidden_from_key_path(raw):
+    raw["train"]["model"] = {"kind": "random", "hidden_size": "big"}
+    assert "train.model.hidden_size" in problems(raw)
+
+
+def test_cross_field_rules(raw):
+    bad = copy.deepcopy(raw)
+    bad["data"]["test_fraction"] = bad["data"]["val_fraction"] = bad["data"]["reference_fraction"] = 0.35
+    assert "under 10%" in problems(bad)["data"]
+    bad = copy.deepcopy(raw)
+    bad["compress"]["candidates"].append(copy.deepcopy(bad["compress"]["candidates"][0]))
+    assert "unique" in problems(bad)["compress"]
+    bad = copy.deepcopy(raw)
+    bad["train"]["model"] = {"kind": "random", "hidden_size": 30, "num_heads": 4}
+    assert "divisible" in problems(bad)["train.model"]
+
+
+def test_not_a_mapping_and_bad_files(tmp_path):
+    with pytest.raises(ParamsError, match="mapping"):
+        parse_params([1, 2])
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+
+
+def test_digest_is_stable_and_sensitive(raw):
+    a = parse_params(raw).digest()
+    assert a == parse_params(copy.deepcopy(raw)).digest()
+    raw["compress"]["candidates"][0]["recipe"][0]["per_channel"] = True
+    assert parse_params(raw).digest() != a

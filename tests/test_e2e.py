@@ -1,0 +1,175 @@
+"""End to end: `shrinkflow run` in a temporary git+DVC copy of the project.
+
+Real Prefect (test harness), real DVC (a git repo with the project's own
+dvc.yaml and local remote), real data (a slice), a tiny real model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "data": {"max_rows": 600, "max_shifted_rows": 50},
+    "train": {"model": {"kind": "random", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                        "intermediate_size": 64},
+              "epochs": 6, "batch_size": 16, "learning_rate": 3e-3, "max_seq_len": 32, "threads": 1},
+    "validate": {"gates": {"min_accuracy": 0.0, "max_accuracy_drop": 0.5, "max_latency_ms_p95_b1": 1000.0,
+                           "max_size_mb": 100.0, "min_speedup": 0.2},
+                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
+}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git+DVC repo holding the project's tracked and new files."""
+    dest = tmp_path_factory.mktemp("e2e") / "project"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in listed:
+        src = PROJECT_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "e2e copy"], cwd=dest, check=True)
+    return dest
+
+
+def run_cli(project: Path, monkeypatch, *args):
+    from flows.cli import app
+
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def stages_line(output: str) -> dict[str, str]:
+    line = re.search(r"^stages: (.*)$", output, re.M).group(1)
+    return dict(kv.split("=") for kv in line.split(", "))
+
+
+def write_params(path: Path, over: dict) -> Path:
+    base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    path.write_text(yaml.safe_dump(deep_merge(base, over), sort_keys=False))
+    return path
+
+
+def test_lifecycle_end_to_end(project, harness, monkeypatch, tmp_path):
+    from shrinkflow.registry import Registry
+
+    # 1. Status before anything is deployed.
+    code, out = run_cli(project, monkeypatch, "status", "--json")
+    assert code == 0 and json.loads(out)["deployed"] is None
+
+    # 2. First run, on a tiny params file given with --params: everything runs.
+    tiny = write_params(tmp_path / "tiny.yaml", TINY)
+    code, out = run_cli(project, monkeypatch, "run", "--params", str(tiny))
+    assert code == 0, out
+    assert stages_line(out) == {s: "ran" for s in ("fetch", "data", "train", "compress", "validate", "deploy")}
+    assert "DEPLOYED v0001" in out
+
+    code, out = run_cli(project, monkeypatch, "status", "--json")
+    doc = json.loads(out)
+    reg = Registry(project / "registry")
+    dep = doc["deployed"]
+    assert dep["version"] == reg.alias() == "v0001"
+    for key in ("accuracy", "f1", "latency_ms_p50_b1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
+        assert dep["metrics"][key] == reg.manifest("v0001")["metrics"][key]
+        assert doc["teacher"]["metrics"][key] > 0
+    validated = json.loads((project / "metrics/validate.json").read_text())
+    assert dep["metrics"] == validated["candidates"]["int8"]
+    assert doc["teacher"]["metrics"] == validated["teacher"]
+    assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",
+                                 "max_size_mb", "min_speedup"}
+    assert all(g["passed"] and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
+    lin = dep["lineage"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert lin["git"]["commit"] == head
+    assert lin["teacher_md5"] == next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/teacher")
+    assert lin["data_md5"] and len(lin["params_sha256"]) == 64
+    assert set(lin["dvc_lock"]) >= {"fetch", "data", "train", "compress", "validate"}
+    assert dep["recipe"][0]["method"] == "quantize"
+    reg.verify("v0001")
+
+    # 3. No change: every stage is skipped through DVC.
+    code, out = run_cli(project, monkeypatch, "run")
+    assert code == 0, out
+    assert set(stages_line(out).values()) == {"skipped"}
+
+    # 4. A compress-only param change re-runs compress, validate and deploy only.
+    write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
+        {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
+    code, out = run_cli(project, monkeypatch, "run")
+    assert code == 0, out
+    assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
+                                "compress": "ran", "validate": "ran", "deploy": "ran"}
+    assert reg.alias() == "v0002" and reg.versions() == ["v0001", "v0002"]
+
+    # 5. An impossible gate: exit 1 naming the gate and margin; v0002 keeps serving.
+    write_params(project / "params.yaml", deep_merge(TINY, {
+        "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
+        "validate": {"gates": {"min_accuracy": 0.999}}}))
+    code, out = run_cli(project, monkeypatch, "run")
+    assert code == 1, out
+    assert "NOT DEPLOYED" in out and re.search(r"min_accuracy FAILED: .*margin -0\.\d+", out)
+    assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
+                                "compress": "skipped", "validate": "ran"}
+    assert reg.alias() == "v0002"
+
+    # 6. The Prefect run recorded the artifact with the gates table.
+    from prefect.client.orchestration import get_client
+    import asyncio
+
+    async def latest_artifact():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["shrinkflow-lifecycle"])))
+            return arts
+
+    arts = asyncio.run(latest_artifact())
+    assert arts and any("min_accuracy" in (a.data or "") and "**FAIL**" in (a.data or "") for a in arts)
+
+
+def test_bad_params_exit_2_and_write_nothing(project, monkeypatch, tmp_path):
+    bad = write_params(tmp_path / "bad.yaml", {"compress": {"candidates": [
+        {"name": "int8", "recipe": [{"method": "quantize", "bits": 4}]}]}})
+    before = sorted(str(p) for p in project.rglob("*"))
+    params_before = (project / "params.yaml").read_bytes()
+    code, out = run_cli(project, monkeypatch, "run", "--params", str(bad))
+    assert code == 2
+    assert "compress.candidates.0.recipe.0.bits" in out and "Input should be 8" in out
+    assert sorted(str(p) for p in project.rglob("*")) == before
+    assert (project / "params.yaml").read_bytes() == params_before
+    code, out = run_cli(project, monkeypatch, "status", "--params", str(bad))
+    assert code == 2

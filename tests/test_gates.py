@@ -1,0 +1,84 @@
+"""Gates and selection on their boundary values."""
+
+from __future__ import annotations
+
+import pytest
+
+from shrinkflow.config import Gates
+from shrinkflow.gates import GateReport, check_max, check_min, evaluate_gates, select_candidate
+
+GATES = Gates(min_accuracy=0.80, max_accuracy_drop=0.01, max_latency_ms_p95_b1=5.0,
+              max_size_mb=30.0, min_speedup=2.0)
+TEACHER = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
+
+
+def cand(**over):
+    base = {"accuracy": 0.845, "latency_ms_p95_b1": 4.0, "size_mb": 20.0}
+    return {**base, **over}
+
+
+def gate(report: GateReport, name: str):
+    return next(r for r in report.results if r.name == name)
+
+
+@pytest.mark.parametrize("name, at, over, under", [
+    # (gate, metrics exactly at threshold, just better, just worse)
+    ("min_accuracy", cand(accuracy=0.80), cand(accuracy=0.8001), cand(accuracy=0.7999)),
+    ("max_accuracy_drop", cand(accuracy=0.84), cand(accuracy=0.8401), cand(accuracy=0.8399)),
+    ("max_latency_ms_p95_b1", cand(latency_ms_p95_b1=5.0), cand(latency_ms_p95_b1=4.999),
+     cand(latency_ms_p95_b1=5.001)),
+    ("max_size_mb", cand(size_mb=30.0), cand(size_mb=29.99), cand(size_mb=30.01)),
+    ("min_speedup", cand(latency_ms_p95_b1=5.0), cand(latency_ms_p95_b1=4.99), cand(latency_ms_p95_b1=5.01)),
+])
+def test_gate_boundaries(name, at, over, under):
+    gates = GATES if name != "min_speedup" else GATES.model_copy(update={"max_latency_ms_p95_b1": 100.0})
+    exact = gate(evaluate_gates("c", at, TEACHER, gates), name)
+    assert exact.passed and abs(exact.margin) < 1e-9
+    better = gate(evaluate_gates("c", over, TEACHER, gates), name)
+    assert better.passed and better.margin > 0
+    worse = gate(evaluate_gates("c", under, TEACHER, gates), name)
+    assert not worse.passed and worse.margin < 0
+
+
+def test_failure_says_which_gate_and_by_how_much():
+    rep = evaluate_gates("int8", cand(accuracy=0.83, size_mb=35.0), TEACHER, GATES)
+    assert not rep.passed
+    assert [f.name for f in rep.failures] == ["max_accuracy_drop", "max_size_mb"]
+    drop = gate(rep, "max_accuracy_drop")
+    assert drop.value == pytest.approx(0.02) and drop.margin == pytest.approx(-0.01)
+    assert "max_size_mb FAILED: 35" in rep.summary() and "margin -5" in rep.summary()
+    assert GateReport.from_dict(rep.to_dict()) == rep
+
+
+def test_float_noise_at_threshold_passes():
+    assert 0.85 - 0.84 > 0.01  # the floating-point trap the tolerance exists for
+    assert check_max("d", 0.85 - 0.84, 0.01).passed
+    assert check_min("a", 0.8 - 1e-12, 0.8).passed
+    assert not check_min("a", 0.8 - 1e-6, 0.8).passed
+
+
+def _reports(metrics):
+    return {n: evaluate_gates(n, m, TEACHER, GATES) for n, m in metrics.items()}
+
+
+def test_selection_picks_fastest_passing_not_first():
+    metrics = {"a": cand(latency_ms_p95_b1=4.0), "b": cand(latency_ms_p95_b1=2.0), "c": cand(accuracy=0.5)}
+    sel = select_candidate(metrics, _reports(metrics))
+    assert sel.chosen == "b" and sel.best_effort == "b"
+
+
+def test_selection_tie_breaks_on_accuracy_then_name():
+    metrics = {"a": cand(accuracy=0.842), "b": cand(accuracy=0.846), "c": cand(accuracy=0.846)}
+    assert select_candidate(metrics, _reports(metrics)).chosen == "b"
+
+
+def test_selection_by_size_objective():
+    metrics = {"a": cand(size_mb=25.0, latency_ms_p95_b1=2.0), "b": cand(size_mb=10.0)}
+    assert select_candidate(metrics, _reports(metrics), objective="size_mb").chosen == "b"
+
+
+def test_selection_when_none_passes_keeps_best_effort():
+    metrics = {"a": cand(accuracy=0.70, size_mb=50.0), "b": cand(size_mb=31.0)}
+    sel = select_candidate(metrics, _reports(metrics))
+    assert sel.chosen is None and sel.best_effort == "b"
+    assert "max_size_mb FAILED" in sel.reason
