@@ -7,14 +7,15 @@ dvc.yaml and local remote), real data (a slice), a tiny real model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests.conftest import PROJECT_ROOT
 
@@ -40,10 +41,15 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def harness():
+    """Prefect's test harness: a temporary API server and database.
+
+    Yields its URL so that the CLI, run as a real subprocess, reports there.
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +70,22 @@ def project(tmp_path_factory) -> Path:
     return dest
 
 
-def run_cli(project: Path, monkeypatch, *args):
-    from flows.cli import app
+def run_cli(project: Path, api_url: str | None, *args):
+    """The real console entry point, in the project copy, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc.returncode, proc.stdout + proc.stderr
 
-    monkeypatch.chdir(project)
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+
+def status_json(project: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--json"], cwd=project,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def stages_line(output: str) -> dict[str, str]:
@@ -83,22 +99,20 @@ def write_params(path: Path, over: dict) -> Path:
     return path
 
 
-def test_lifecycle_end_to_end(project, harness, monkeypatch, tmp_path):
+def test_lifecycle_end_to_end(project, harness, tmp_path):
     from shrinkflow.registry import Registry
 
     # 1. Status before anything is deployed.
-    code, out = run_cli(project, monkeypatch, "status", "--json")
-    assert code == 0 and json.loads(out)["deployed"] is None
+    assert status_json(project)["deployed"] is None
 
     # 2. First run, on a tiny params file given with --params: everything runs.
     tiny = write_params(tmp_path / "tiny.yaml", TINY)
-    code, out = run_cli(project, monkeypatch, "run", "--params", str(tiny))
+    code, out = run_cli(project, harness, "run", "--params", str(tiny))
     assert code == 0, out
     assert stages_line(out) == {s: "ran" for s in ("fetch", "data", "train", "compress", "validate", "deploy")}
     assert "DEPLOYED v0001" in out
 
-    code, out = run_cli(project, monkeypatch, "status", "--json")
-    doc = json.loads(out)
+    doc = status_json(project)
     reg = Registry(project / "registry")
     dep = doc["deployed"]
     assert dep["version"] == reg.alias() == "v0001"
@@ -122,14 +136,14 @@ def test_lifecycle_end_to_end(project, harness, monkeypatch, tmp_path):
     reg.verify("v0001")
 
     # 3. No change: every stage is skipped through DVC.
-    code, out = run_cli(project, monkeypatch, "run")
+    code, out = run_cli(project, harness, "run")
     assert code == 0, out
     assert set(stages_line(out).values()) == {"skipped"}
 
     # 4. A compress-only param change re-runs compress, validate and deploy only.
     write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
         {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
-    code, out = run_cli(project, monkeypatch, "run")
+    code, out = run_cli(project, harness, "run")
     assert code == 0, out
     assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
                                 "compress": "ran", "validate": "ran", "deploy": "ran"}
@@ -139,7 +153,7 @@ def test_lifecycle_end_to_end(project, harness, monkeypatch, tmp_path):
     write_params(project / "params.yaml", deep_merge(TINY, {
         "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
         "validate": {"gates": {"min_accuracy": 0.999}}}))
-    code, out = run_cli(project, monkeypatch, "run")
+    code, out = run_cli(project, harness, "run")
     assert code == 1, out
     assert "NOT DEPLOYED" in out and re.search(r"min_accuracy FAILED: .*margin -0\.\d+", out)
     assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
@@ -161,15 +175,15 @@ def test_lifecycle_end_to_end(project, harness, monkeypatch, tmp_path):
     assert arts and any("min_accuracy" in (a.data or "") and "**FAIL**" in (a.data or "") for a in arts)
 
 
-def test_bad_params_exit_2_and_write_nothing(project, monkeypatch, tmp_path):
+def test_bad_params_exit_2_and_write_nothing(project, tmp_path):
     bad = write_params(tmp_path / "bad.yaml", {"compress": {"candidates": [
         {"name": "int8", "recipe": [{"method": "quantize", "bits": 4}]}]}})
     before = sorted(str(p) for p in project.rglob("*"))
     params_before = (project / "params.yaml").read_bytes()
-    code, out = run_cli(project, monkeypatch, "run", "--params", str(bad))
+    code, out = run_cli(project, None, "run", "--params", str(bad))
     assert code == 2
     assert "compress.candidates.0.recipe.0.bits" in out and "Input should be 8" in out
     assert sorted(str(p) for p in project.rglob("*")) == before
     assert (project / "params.yaml").read_bytes() == params_before
-    code, out = run_cli(project, monkeypatch, "status", "--params", str(bad))
+    code, out = run_cli(project, None, "status", "--params", str(bad))
     assert code == 2

@@ -1,0 +1,112 @@
+"""Benchmark the main job: full run, no-op rerun, compress-only rerun.
+
+Runs the default params.yaml in a fresh git+DVC copy of the project (so the
+full run really runs every stage), with Prefect in its ephemeral mode, and
+writes bench/results/lifecycle.{md,json}. Teacher and candidate figures come
+from the same validate stage: measured side by side, one after the other, in
+one run on one machine.
+
+    .venv/bin/python bench/lifecycle.py
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work" / "project"
+RESULTS = ROOT / "bench" / "results"
+
+
+def copy_project() -> None:
+    shutil.rmtree(WORK.parent, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file() and not rel.startswith("bench/results"):
+            (WORK / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, WORK / rel)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=WORK, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=WORK, check=True)
+    subprocess.run(git + ["commit", "-qm", "bench copy"], cwd=WORK, check=True)
+
+
+def timed_run(label: str) -> tuple[float, str]:
+    print(f"--- {label}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=WORK, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (WORK.parent / f"{label}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"{label} failed (exit {proc.returncode}); see {WORK.parent / (label + '.log')}\n"
+                 + proc.stdout[-3000:] + proc.stderr[-3000:])
+    stages = next(line for line in proc.stdout.splitlines() if line.startswith("stages: "))
+    print(f"{label}: {wall:.1f}s  {stages}", flush=True)
+    return wall, stages[len("stages: "):]
+
+
+def main() -> None:
+    copy_project()
+    full, full_stages = timed_run("full")
+    validated = json.loads((WORK / "metrics/validate.json").read_text())
+    train = json.loads((WORK / "metrics/train.json").read_text())
+    noop, noop_stages = timed_run("noop")
+    params = yaml.safe_load((WORK / "params.yaml").read_text())
+    params["compress"]["candidates"][0]["recipe"][0]["per_channel"] = True
+    (WORK / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    comp, comp_stages = timed_run("compress_only")
+    after = json.loads((WORK / "metrics/validate.json").read_text())
+
+    t, c = validated["teacher"], validated["candidates"]["int8"]
+    keys = ["accuracy", "f1", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32",
+            "latency_ms_p95_b32", "throughput_eps_b32", "size_mb", "peak_rss_mb"]
+    higher_is_better = {"accuracy", "f1", "throughput_eps_b32"}
+    rows = []
+    for k in keys:
+        ratio = c[k] / t[k] if k in higher_is_better else t[k] / c[k]
+        rows.append(f"| {k} | {t[k]:.4g} | {c[k]:.4g} | {ratio:.2f}x |")
+    pc = after["candidates"]["int8"]
+    doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+           "python": platform.python_version(), "wall_s": {"full": full, "noop": noop, "compress_only": comp},
+           "stages": {"full": full_stages, "noop": noop_stages, "compress_only": comp_stages},
+           "train": train, "teacher": t, "candidate_int8": c, "candidate_int8_per_channel": pc}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lifecycle.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = [
+        "# Lifecycle benchmark (default params.yaml)", "",
+        f"Measured {doc['when']} on this project's 2-core CPU machine, Python {doc['python']}; "
+        "threads pinned to 2 for training and for every latency figure.", "",
+        "## Wall time of `shrinkflow run` (fresh git+DVC copy, ephemeral Prefect)", "",
+        "| run | wall (s) | stages |", "|---|---|---|",
+        f"| full lifecycle | {full:.1f} | {full_stages} |",
+        f"| no-op rerun | {noop:.1f} | {noop_stages} |",
+        f"| compress-only change (`per_channel: true`) | {comp:.1f} | {comp_stages} |", "",
+        f"Teacher training: {train['train_seconds']:.0f}s for {len(train['val_accuracy_by_epoch'])} epochs "
+        f"(val accuracy by epoch {train['val_accuracy_by_epoch']}, best epoch {train['best_epoch']}).", "",
+        f"## Teacher (fp32, torch eager) vs deployed candidate (ORT dynamic int8), test split (n={t['n_test']})", "",
+        "Ratio: teacher / candidate for costs, candidate / teacher for accuracy, F1 and throughput.", "",
+        "| metric | teacher | int8 | ratio |", "|---|---|---|---|", *rows, "",
+        f"Accuracy drop: {100 * (t['accuracy'] - c['accuracy']):+.2f} points "
+        f"(per-channel int8 after the compress-only rerun: accuracy {pc['accuracy']:.4f}, "
+        f"p95 b1 {pc['latency_ms_p95_b1']:.2f} ms, {pc['size_mb']:.1f} MB).", "",
+        "Latency is the wall time of one `predict_logits` call (tokenize + forward), warm-up excluded; "
+        "b1 = 200 single sentences, b32 = 20 batches of 32. Size = every file needed to serve "
+        "(weights + tokenizer + manifest). Peak RSS = max RSS of a fresh process that loads the "
+        "model and runs the whole measurement (the ONNX candidate's process never imports torch).",
+    ]
+    (RESULTS / "lifecycle.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
