@@ -60,11 +60,13 @@ def classify(output: str, stage: str) -> str:
     raise ValueError(f"cannot tell from DVC's output what happened to stage {stage!r}:\n{output[-1000:]}")
 
 
-def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write) -> StageRun:
+def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
+                extra_env: dict | None = None) -> StageRun:
     """``dvc repro --single-item <stage>``, streaming its output as it comes."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=offline_env(), stdout=subprocess.PIPE,
+    env = {**offline_env(), **(extra_env or {})}
+    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     chunks = []
     for line in proc.stdout:

@@ -16,7 +16,12 @@ RETRIES = {"fetch": 2}
 def repro_stage(stage: str, project_dir: str) -> dict:
     # NO_CACHE: DVC's lock file and run-cache are the cache. A Prefect-level
     # cache would skip a stage whose inputs DVC knows have changed.
-    run = _repro_stage(stage, project_dir)
+    # Stages that run Prefect themselves (compress fans out candidates) report
+    # to this run's API, ephemeral or not, instead of starting their own.
+    from prefect.client.orchestration import get_client
+
+    api_url = str(get_client(sync_client=True).api_url)
+    run = _repro_stage(stage, project_dir, extra_env={"PREFECT_API_URL": api_url})
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")
     return run.to_dict()
 

@@ -73,17 +73,6 @@ def train(params) -> None:
           f"in {result.train_seconds:.0f}s")
 
 
-def compress(params) -> None:
-    import shutil
-
-    from shrinkflow.compress import apply_recipe
-
-    shutil.rmtree(CANDIDATES, ignore_errors=True)
-    for cand in params.compress.candidates:
-        out = apply_recipe(TEACHER, cand, CANDIDATES / cand.name, opset=params.compress.onnx_opset)
-        print(f"compress: {cand.name} -> {out}")
-
-
 def validate(params) -> None:
     from shrinkflow.evaluate import measure_isolated
     from shrinkflow.gates import evaluate_gates, select_candidate
@@ -140,7 +129,8 @@ def deploy(params) -> None:
           + ("" if promo.created else " (identical model already stored)"))
 
 
-STAGES = {f.__name__: f for f in (fetch, data, train, compress, validate, deploy)}
+# compress is flows/compress.py: it fans candidates out on a Prefect task runner.
+STAGES = {f.__name__: f for f in (fetch, data, train, validate, deploy)}
 
 
 def main(argv: list[str] | None = None) -> int:

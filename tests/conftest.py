@@ -65,3 +65,14 @@ def tiny_teacher_dir(tmp_path_factory, small_splits, tiny_train_params) -> Path:
     model, tok, _ = train_teacher(small_splits["train"], small_splits["val"], tiny_train_params, progress=False)
     return save_torch_model(model, tok, tmp_path_factory.mktemp("teacher") / "teacher",
                             tiny_train_params.max_seq_len)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's test harness (a temporary API server and database), shared by
+    the tests that run flows. Yields its URL for subprocesses to report to."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

@@ -40,16 +40,8 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    """Prefect's test harness: a temporary API server and database.
-
-    Yields its URL so that the CLI, run as a real subprocess, reports there.
-    """
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+def harness(prefect_api):
+    return prefect_api
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+# The TorchScript exporter keeps process-global state (GLOBALS.in_onnx_export)
+# and fails if two exports overlap, as they do when the compress sweep builds
+# candidates on a thread pool. Exports are seconds long; serialising them
+# costs little next to distillation, which still runs in parallel.
+_EXPORT_LOCK = threading.Lock()
 
 
 class _LogitsOnly:
@@ -36,7 +43,7 @@ def export_onnx(model, path: Path, opset: int = 17) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with torch.inference_mode():
+    with _EXPORT_LOCK, torch.inference_mode():
         torch.onnx.export(
             wrapper, example, str(tmp), input_names=["input_ids", "attention_mask"],
             output_names=["logits"], opset_version=opset, dynamo=False,

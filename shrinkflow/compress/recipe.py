@@ -1,9 +1,16 @@
-"""Apply a candidate's recipe to the teacher and write the candidate dir."""
+"""Apply a candidate's recipe to the kept teacher and write the candidate dir.
+
+Order: torch-level steps (distill, then vocab_prune / magnitude_prune in the
+order given) -> export to ONNX -> ONNX-level steps (quantize). The config
+schema enforces that distill comes first and quantize last.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from shrinkflow.compress.export import export_onnx
 from shrinkflow.compress.quantize import quantize_dynamic_onnx
@@ -11,8 +18,46 @@ from shrinkflow.config import Candidate
 from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
 
 
-def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: int = 17) -> Path:
-    """teacher -> [torch steps] -> ONNX -> [ONNX steps] -> ``out_dir``.
+def _encode_unpadded(tokenizer_json: str, texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_padding()
+    return [e.ids for e in tok.encode_batch(list(texts))]
+
+
+def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_texts: list[str] | None,
+                    train_labels: np.ndarray | None, threads: int = 2, progress: bool = True):
+    """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
+    from shrinkflow.compress.distill import distill
+    from shrinkflow.compress.magnitude import magnitude_prune, sparsity
+    from shrinkflow.compress.vocab import kept_token_ids, prune_embeddings, remap_tokenizer
+
+    stats: dict = {}
+    for step in candidate.recipe:
+        needs_data = step.method in ("distill", "vocab_prune")
+        if needs_data and train_texts is None:
+            raise ValueError(f"recipe step {step.method!r} needs the training texts")
+        if step.method == "distill":
+            seqs = _encode_unpadded(tokenizer_json, train_texts)
+            model = distill(model, seqs, train_labels, step, threads=threads, progress=progress)
+            stats["layers"] = list(step.layers)
+        elif step.method == "vocab_prune":
+            kept = kept_token_ids(tokenizer_json, train_texts, step.min_count)
+            tokenizer_json = remap_tokenizer(tokenizer_json, kept)
+            model = prune_embeddings(model, kept)
+            stats["vocab_size"] = len(kept)
+        elif step.method == "magnitude_prune":
+            model = magnitude_prune(model, step.target_sparsity)
+            stats["encoder_sparsity"] = round(sparsity(model), 6)
+    stats["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    return model, tokenizer_json, stats
+
+
+def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: int = 17,
+                 train_texts: list[str] | None = None, train_labels=None, threads: int = 2,
+                 progress: bool = True) -> Path:
+    """teacher -> [torch steps] -> ONNX -> [quantize] -> ``out_dir``.
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
     finished candidate or absent.
@@ -22,21 +67,24 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     work = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    model = load_torch_model(teacher_dir)
-    # (torch-level steps such as distillation and pruning will run here)
-    onnx_path = export_onnx(model, work / "model.onnx", opset=opset)
-    for step in candidate.recipe:
-        if step.method == "quantize":
-            fp32 = onnx_path.with_name("model.fp32.onnx")
-            onnx_path.replace(fp32)
-            quantize_dynamic_onnx(fp32, onnx_path, step)
-            fp32.unlink()
-        else:  # pragma: no cover - the params schema admits no other method yet
-            raise ValueError(f"unknown recipe step {step.method!r}")
-    shutil.copyfile(teacher_dir / TOKENIZER, work / TOKENIZER)
-    write_manifest(work, "onnx", max_seq_len,
-                   recipe=[s.model_dump(mode="json") for s in candidate.recipe],
-                   extra={"candidate": candidate.name})
+    try:
+        model, tok_json, stats = transform_torch(
+            load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(), candidate,
+            train_texts, train_labels, threads, progress)
+        onnx_path = export_onnx(model, work / "model.onnx", opset=opset)
+        for step in candidate.recipe:
+            if step.method == "quantize":
+                fp32 = onnx_path.with_name("model.fp32.onnx")
+                onnx_path.replace(fp32)
+                quantize_dynamic_onnx(fp32, onnx_path, step)
+                fp32.unlink()
+        (work / TOKENIZER).write_text(tok_json)
+        write_manifest(work, "onnx", max_seq_len,
+                       recipe=[s.model_dump(mode="json") for s in candidate.recipe],
+                       extra={"candidate": candidate.name, "stats": stats})
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     work.rename(out_dir)
     return out_dir

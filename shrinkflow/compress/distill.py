@@ -1,0 +1,104 @@
+"""Distillation into a student built from a subset of the teacher's layers."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from shrinkflow.config import DistillStep
+
+
+def make_student(teacher, layers: tuple[int, ...]):
+    """A deep copy of the teacher keeping only ``layers`` of its encoder."""
+    import torch
+
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise ValueError(f"distill.layers {bad} out of range for a {n}-layer teacher")
+    student = copy.deepcopy(teacher)
+    student.bert.encoder.layer = torch.nn.ModuleList(student.bert.encoder.layer[i] for i in layers)
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+def soft_labels(model, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:
+    """The model's logits for pre-tokenized sequences (length-sorted batches)."""
+    import torch
+
+    from shrinkflow.train import _pad
+
+    model.eval()
+    out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = _pad([seqs[i] for i in idx])
+            out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+    return out
+
+
+def distill_loss(student_logits, teacher_logits, labels, temperature: float, alpha_kl: float):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels).
+
+    The T^2 factor keeps the soft-label gradients on the same scale as the
+    hard-label ones whatever the temperature (Hinton et al., 2015).
+    """
+    import torch.nn.functional as F
+
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, -1),
+                  F.log_softmax(teacher_logits / temperature, -1), reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student_logits, labels)
+    return alpha_kl * temperature ** 2 * kl + (1 - alpha_kl) * ce
+
+
+def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
+            progress: bool = True, log: list | None = None):
+    """Return a student distilled from ``teacher`` on pre-tokenized ``seqs``.
+
+    Teacher logits are computed once up front (offline soft labels): the
+    teacher is frozen, so recomputing them every epoch would only cost time.
+    ``log`` (if given) receives the loss of every step.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from shrinkflow.train import _pad, length_grouped_batches, seed_everything
+
+    torch.set_num_threads(threads)
+    seed_everything(step.seed)
+    t0 = time.perf_counter()
+    targets = torch.from_numpy(soft_labels(teacher, seqs))
+    student = make_student(teacher, step.layers)
+    student.train()
+    rng = np.random.default_rng(step.seed)
+    total = -(-len(seqs) // step.batch_size) * step.epochs
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=step.learning_rate, fused=True)
+    sched = get_linear_schedule_with_warmup(opt, int(step.warmup_fraction * total), total)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    lengths = [len(s) for s in seqs]
+    bar = tqdm(total=total, desc=f"distill {list(step.layers)}", unit="step", disable=not progress, mininterval=2.0)
+    for _ in range(step.epochs):
+        for idx in length_grouped_batches(lengths, step.batch_size, 50, rng):
+            ids, mask = _pad([seqs[i] for i in idx])
+            logits = student(input_ids=ids, attention_mask=mask).logits
+            loss = distill_loss(logits, targets[idx], y[idx], step.temperature, step.alpha_kl)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if log is not None:
+                log.append(loss.item())
+            bar.update(1)
+    bar.close()
+    student.eval()
+    print(f"distill: {len(step.layers)}-layer student in {time.perf_counter() - t0:.0f}s")
+    return student

@@ -1,0 +1,129 @@
+"""Compression methods on a tiny real model: each one does what it claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shrinkflow.config import Candidate, DistillStep, MagnitudePruneStep, QuantizeStep, VocabPruneStep
+from shrinkflow.modeling import TOKENIZER, encode, load_tokenizer, load_torch_model
+
+
+@pytest.fixture
+def teacher(tiny_teacher_dir):
+    return load_torch_model(tiny_teacher_dir)
+
+
+def logits(model, tok, texts):
+    ids, mask = encode(tok, texts)
+    with torch.inference_mode():
+        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+def test_student_keeps_the_chosen_teacher_layers(teacher):
+    from shrinkflow.compress.distill import make_student
+
+    student = make_student(teacher, (0,))
+    assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
+    assert torch.equal(student.bert.encoder.layer[0].output.dense.weight,
+                       teacher.bert.encoder.layer[0].output.dense.weight)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    with pytest.raises(ValueError, match="out of range for a 2-layer teacher"):
+        make_student(teacher, (0, 5))
+
+
+def test_distillation_loss_falls(teacher, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress.distill import distill
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    tok.no_padding()
+    texts = small_splits["train"]["text"].tolist()[:160]
+    seqs = [e.ids for e in tok.encode_batch(texts)]
+    labels = small_splits["train"]["label"].to_numpy()[:160]
+    log: list[float] = []
+    student = distill(teacher, seqs, labels, DistillStep(layers=(1,), epochs=4, batch_size=16, learning_rate=3e-3),
+                      threads=1, progress=False, log=log)
+    first, last = np.mean(log[:5]), np.mean(log[-5:])
+    assert last < 0.8 * first, (first, last)
+    assert student.config.num_hidden_layers == 1
+
+
+def test_distill_loss_is_zero_for_a_perfect_copy_at_alpha_1():
+    from shrinkflow.compress.distill import distill_loss
+
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    assert distill_loss(t, t, torch.tensor([0, 1]), 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(-t, t, torch.tensor([0, 1]), 2.0, 1.0).item() > 0.1
+
+
+def test_vocab_pruned_model_gives_identical_logits_on_in_vocab_text(teacher, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress.recipe import transform_torch
+
+    texts = small_splits["train"]["text"].tolist()
+    tok_json = (tiny_teacher_dir / TOKENIZER).read_text()
+    before = logits(teacher, load_tokenizer(tiny_teacher_dir / TOKENIZER, 32), texts[:20])
+    pruned, new_json, stats = transform_torch(load_torch_model(tiny_teacher_dir), tok_json,
+                                              Candidate(name="v", recipe=(VocabPruneStep(),)), texts, None)
+    assert stats["vocab_size"] < 0.5 * teacher.config.vocab_size
+    assert pruned.bert.embeddings.word_embeddings.weight.shape[0] == stats["vocab_size"]
+    from tokenizers import Tokenizer
+
+    new_tok = Tokenizer.from_str(new_json)
+    new_tok.enable_truncation(32)
+    new_tok.enable_padding(pad_id=new_tok.token_to_id("[PAD]"))
+    np.testing.assert_allclose(logits(pruned, new_tok, texts[:20]), before, atol=1e-5)
+    # Unseen words still tokenize into kept pieces (single characters at worst).
+    assert new_tok.token_to_id("[UNK]") not in new_tok.encode("zyxwvut qqqq").ids
+
+
+def test_one_shot_magnitude_pruning_hits_the_target_exactly(teacher):
+    from shrinkflow.compress.magnitude import encoder_linears, magnitude_prune, sparsity
+
+    total = sum(m.weight.numel() for m in encoder_linears(teacher))
+    original = torch.cat([m.weight.detach().abs().flatten() for m in encoder_linears(teacher)]).clone()
+    magnitude_prune(teacher, 0.3)
+    assert sparsity(teacher) == pytest.approx(round(0.3 * total) / total, abs=1e-12)
+    after = torch.cat([m.weight.detach().flatten() for m in encoder_linears(teacher)])
+    # Global, not per layer: every survivor is at least as large as every pruned weight.
+    assert original[after != 0].min() >= original[after == 0].max()
+    magnitude_prune(teacher, 0.7)
+    assert sparsity(teacher) == pytest.approx(round(0.7 * total) / total, abs=1e-12)
+
+
+def test_composed_recipe_produces_a_working_smaller_candidate(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.io import dir_size_bytes
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.runtime import load_predictor, predict_labels
+
+    train = small_splits["train"]
+    cand = Candidate(name="all", recipe=(DistillStep(layers=(0,), epochs=1, batch_size=16),
+                                          VocabPruneStep(), MagnitudePruneStep(target_sparsity=0.5),
+                                          QuantizeStep()))
+    out = apply_recipe(tiny_teacher_dir, cand, tmp_path / "all", train_texts=train["text"].tolist(),
+                       train_labels=train["label"].to_numpy(), threads=1, progress=False)
+    stats = read_manifest(out)["stats"]
+    assert stats["layers"] == [0] and stats["encoder_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert dir_size_bytes(out) < 0.2 * dir_size_bytes(tiny_teacher_dir)
+    pred = predict_labels(load_predictor(out, threads=1), small_splits["test"]["text"].tolist())
+    assert set(pred.tolist()) <= {0, 1} and len(pred) == len(small_splits["test"])
+    assert not (tmp_path / ".all.tmp").exists()
+
+
+def test_recipe_order_errors():
+    from shrinkflow.config import ParamsError, parse_params
+
+    def err(recipe):
+        with pytest.raises(ParamsError) as info:
+            parse_params({"data": {}, "train": {}, "validate": {}, "deploy": {},
+                          "compress": {"candidates": [{"name": "c", "recipe": recipe}]}})
+        return str(info.value)
+
+    assert "(quantize) must be the last step" in err([{"method": "quantize"}, {"method": "vocab_prune"}])
+    assert "(distill) must be the first step" in err([{"method": "vocab_prune"}, {"method": "distill"}])
+    assert "at most one of each" in err([{"method": "vocab_prune"}, {"method": "vocab_prune"}])
+    assert "strictly increasing" in err([{"method": "distill", "layers": [2, 0]}])
+    assert "compress.candidates.0.recipe.0.target_sparsity" in err(
+        [{"method": "magnitude_prune", "target_sparsity": 1.5}])
+    assert "unknown key" in err([{"method": "distill", "teacher_layers": [0]}])

@@ -1,0 +1,61 @@
+"""The compress stage's candidate sweep on Prefect task runners (real Dask)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+
+def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: dict) -> Path:
+    root = tmp_path / "proj"
+    shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
+    (root / "data" / "prepared").mkdir(parents=True)
+    small_splits["train"].to_parquet(root / "data" / "prepared" / "train.parquet", index=False)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["train"]["threads"] = 2
+    params["compress"]["runner"] = runner
+    params["compress"]["candidates"] = [
+        {"name": "int8", "recipe": [{"method": "quantize"}]},
+        {"name": "vocab-int8", "recipe": [{"method": "vocab_prune"}, {"method": "quantize"}]},
+    ]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+@pytest.mark.parametrize("runner", [{"kind": "dask", "max_workers": 2}, {"kind": "threads", "max_workers": 2}],
+                         ids=["dask-localcluster", "threads"])
+def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
+    from flows.compress import METRICS_COMPRESS, run_stage
+    from shrinkflow.io import read_json
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.runtime import load_predictor
+
+    root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, runner)
+    results = run_stage(project_dir=str(root))
+    assert set(results) == {"int8", "vocab-int8"}
+    assert results["vocab-int8"]["vocab_size"] < 30522 and "vocab_size" not in results["int8"]
+    assert read_json(root / METRICS_COMPRESS) == results
+    for name in results:
+        out = root / "models" / "candidates" / name
+        assert read_manifest(out)["candidate"] == name
+        assert load_predictor(out, threads=1).predict_logits(["a good film"]).shape == (1, 2)
+
+
+def test_make_task_runner_kinds():
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.compress import make_task_runner
+    from shrinkflow.config import RunnerParams
+
+    assert isinstance(make_task_runner(RunnerParams()), ThreadPoolTaskRunner)
+    assert isinstance(make_task_runner(RunnerParams(kind="processes", max_workers=2)), ProcessPoolTaskRunner)
+    assert isinstance(make_task_runner(RunnerParams(kind="dask", dask_address="tcp://127.0.0.1:8786")),
+                      DaskTaskRunner)
+    with pytest.raises(ValueError, match="dask_address is set"):
+        RunnerParams(kind="threads", dask_address="tcp://127.0.0.1:8786")
