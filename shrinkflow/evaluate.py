@@ -36,6 +36,9 @@ class ModelMetrics:
     size_mb: float
     peak_rss_mb: float
     n_test: int
+    # Accuracy on the shifted domain (product reviews): compressed models tend
+    # to lose more out of domain than in it. None when not measured.
+    accuracy_shifted: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,13 +77,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def measure_here(model_dir: str, texts: list[str], labels: list[int], lat: LatencyParams) -> dict:
+def measure_here(model_dir: str, texts: list[str], labels: list[int], lat: LatencyParams,
+                 shifted: tuple[list[str], list[int]] | None = None) -> dict:
     """Measure in the current process. Use ``measure_isolated`` from stages."""
     from shrinkflow.runtime import load_predictor, predict_labels
 
     predictor = load_predictor(model_dir, threads=lat.threads)
     y_pred = predict_labels(predictor, texts)
     acc, f1 = accuracy_f1(np.asarray(labels), y_pred)
+    acc_shifted = None
+    if shifted is not None:
+        acc_shifted, _ = accuracy_f1(np.asarray(shifted[1]), predict_labels(predictor, shifted[0]))
+        acc_shifted = round(acc_shifted, 6)
 
     rng = np.random.default_rng(lat.seed)
     b1 = [[texts[i]] for i in rng.integers(0, len(texts), lat.warmup_iters + lat.iters_b1)]
@@ -96,13 +104,16 @@ def measure_here(model_dir: str, texts: list[str], labels: list[int], lat: Laten
         latency_ms_p50_b32=round(p50_32, 4), latency_ms_p95_b32=round(p95_32, 4),
         throughput_eps_b32=round(32 * len(t32) / sum(t32), 2),
         size_mb=round(dir_size_bytes(model_dir) / 1e6, 4),
-        peak_rss_mb=round(peak_rss_mb(), 2), n_test=len(texts)).to_dict()
+        peak_rss_mb=round(peak_rss_mb(), 2), n_test=len(texts), accuracy_shifted=acc_shifted).to_dict()
 
 
 def measure_isolated(model_dir: Path | str, texts: list[str], labels: list[int],
-                     lat: LatencyParams) -> ModelMetrics:
+                     lat: LatencyParams, shifted: tuple[list[str], list[int]] | None = None) -> ModelMetrics:
     """Measure one model in a fresh spawned process (see module docstring)."""
     ctx = mp.get_context("spawn")
+    if shifted is not None:
+        shifted = (list(shifted[0]), [int(x) for x in shifted[1]])
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        result = pool.submit(measure_here, str(model_dir), list(texts), [int(x) for x in labels], lat).result()
+        result = pool.submit(measure_here, str(model_dir), list(texts), [int(x) for x in labels], lat,
+                             shifted).result()
     return ModelMetrics(**result)

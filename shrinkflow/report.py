@@ -6,6 +6,7 @@ from shrinkflow.gates import GateReport
 
 METRIC_ROWS = [
     ("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
+    ("accuracy_shifted", "accuracy, shifted domain", "{:.4f}"),
     ("latency_ms_p50_b1", "latency p50 b1 (ms)", "{:.2f}"),
     ("latency_ms_p95_b1", "latency p95 b1 (ms)", "{:.2f}"),
     ("latency_ms_p50_b32", "latency p50 b32 (ms)", "{:.1f}"),
@@ -24,7 +25,10 @@ def metrics_table(teacher: dict, candidates: dict[str, dict]) -> str:
     head = "| metric | teacher (fp32, torch) | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (2 + len(names))]
     for key, label, fmt in METRIC_ROWS:
-        cells = [fmt.format(teacher[key])] + [fmt.format(candidates[n][key]) for n in names]
+        def cell(m):
+            return "n/a" if m.get(key) is None else fmt.format(m[key])
+
+        cells = [cell(teacher)] + [cell(candidates[n]) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

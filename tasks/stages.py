@@ -79,15 +79,16 @@ def validate(params) -> None:
     from shrinkflow.io import atomic_write_text, write_json
     from shrinkflow.report import lifecycle_markdown
 
-    test = read_split("test")
+    test, shifted_df = read_split("test"), read_split("shifted")
     texts, labels = test["text"].tolist(), test["label"].tolist()
+    shifted = (shifted_df["text"].tolist(), shifted_df["label"].tolist())
     lat = params.validate_.latency
     print("validate: measuring teacher (fp32, torch eager)")
-    teacher = measure_isolated(TEACHER, texts, labels, lat).to_dict()
+    teacher = measure_isolated(TEACHER, texts, labels, lat, shifted).to_dict()
     candidates = {}
     for cand in params.compress.candidates:
         print(f"validate: measuring {cand.name}")
-        candidates[cand.name] = measure_isolated(CANDIDATES / cand.name, texts, labels, lat).to_dict()
+        candidates[cand.name] = measure_isolated(CANDIDATES / cand.name, texts, labels, lat, shifted).to_dict()
     reports = {n: evaluate_gates(n, m, teacher, params.validate_.gates) for n, m in candidates.items()}
     sel = select_candidate(candidates, reports, params.validate_.objective)
     write_json(METRICS_VALIDATE, {"teacher": teacher, "candidates": candidates})
