@@ -169,6 +169,25 @@ class VocabPruneStep(_Frozen):
     min_count: Annotated[int, Field(ge=1)] = 1
 
 
+class StructuredPruneStep(_Frozen):
+    """Remove whole attention heads and FFN neurons (first-order importance),
+    then recover with distillation from the original teacher.
+
+    Unlike magnitude pruning this makes every matrix physically smaller, so
+    it is faster with ordinary dense kernels.
+    """
+
+    method: Literal["structured_prune"] = "structured_prune"
+    heads_keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
+    ffn_keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    importance_batches: Annotated[int, Field(ge=1)] = 32
+    recovery_epochs: Annotated[int, Field(ge=0)] = 1
+    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    temperature: Annotated[float, Field(gt=0.0)] = 2.0
+    alpha_kl: Fraction = 0.5
+    seed: int = 0
+
+
 class MagnitudePruneStep(_Frozen):
     """One-shot global magnitude pruning of the encoder's Linear weights.
 
@@ -181,7 +200,7 @@ class MagnitudePruneStep(_Frozen):
     target_sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
 
 
-RecipeStep = Annotated[Union[DistillStep, VocabPruneStep, MagnitudePruneStep, QuantizeStep],
+RecipeStep = Annotated[Union[DistillStep, StructuredPruneStep, VocabPruneStep, MagnitudePruneStep, QuantizeStep],
                        Field(discriminator="method")]
 
 
@@ -278,12 +297,41 @@ class DeployParams(_Frozen):
     registry_dir: str = "registry"
 
 
+# ----------------------------------------------------------------- frontier
+class SmallDirectParams(_Frozen):
+    """The baseline the seed's claim is tested against: a small model of the
+    same family trained directly on the same data.
+
+    It has the 3-layer student's exact shape (so latency and size match by
+    construction) and, by default, starts from the teacher's embeddings only:
+    that is the strongest small baseline we can build offline, so beating it
+    credits the large model's depth and distillation, not mere access to
+    pretrained word vectors. ``init: random`` gives the textbook baseline.
+    """
+
+    init: Literal["teacher_embeddings", "random"] = "teacher_embeddings"
+    num_layers: Annotated[int, Field(ge=1, le=12)] = 3
+    epochs: Annotated[int, Field(ge=1)] = 4
+    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-4
+    seed: int = 0
+
+
+class FrontierParams(_Frozen):
+    small_direct: SmallDirectParams = SmallDirectParams()
+    robustness_sparsities: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.3, 0.5, 0.7)
+    # Budgets are "equal" within this relative tolerance.
+    match_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.10
+
+
 class Params(_Frozen):
     data: DataParams
     train: TrainParams
     compress: CompressParams
     validate_: ValidateParams = Field(alias="validate")
     deploy: DeployParams
+    # Not part of the lifecycle (its baseline costs minutes to train): run it
+    # with `dvc repro frontier`.
+    frontier: FrontierParams = FrontierParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -305,7 +353,8 @@ class ParamsError(ValueError):
 
 # Discriminated unions put their tag in an error's location
 # (train.model.random.hidden_size); users think in the yaml keys they typed.
-_UNION_TAGS = {"pretrained", "random", "quantize", "distill", "vocab_prune", "magnitude_prune"}
+_UNION_TAGS = {"pretrained", "random", "quantize", "distill", "vocab_prune", "magnitude_prune",
+               "structured_prune"}
 
 
 def _key_path(loc: tuple) -> str:

@@ -94,14 +94,27 @@ def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainPar
     The model returned is the epoch with the best val accuracy (ties: earliest).
     """
     import torch
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     torch.set_num_threads(params.threads)
     seed_everything(params.seed)
     tok = load_tokenizer(teacher_source_dir() / "tokenizer.json", params.max_seq_len)
     model = build_model(params.model, vocab_size=tok.get_vocab_size())
+    model, result = train_classifier(model, tok, train_df, val_df, params, progress)
+    return model, tok, result
 
+
+def train_classifier(model, tok, train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainParams,
+                     progress: bool = True, desc: str = "train"):
+    """The fine-tuning loop shared by the teacher and the small-direct baseline.
+
+    Returns (model at its best val-accuracy epoch, TrainResult). The caller
+    seeds the RNGs before building the model (dropout draws continue from there).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.set_num_threads(params.threads)
     # Tokenize once, unpadded; batches are padded to their own longest row.
     tok.no_padding()
     train_seqs = [e.ids for e in tok.encode_batch(train_df["text"].tolist())]
@@ -129,7 +142,7 @@ def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainPar
                          num_parameters=sum(p.numel() for p in model.parameters()))
     best_state = None
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, mininterval=2.0)
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, mininterval=2.0)
     for epoch in range(params.epochs):
         model.train()
         lengths = [len(s) for s in train_seqs]
@@ -158,4 +171,4 @@ def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainPar
     result.train_seconds = round(time.perf_counter() - t0, 2)
     model.load_state_dict(best_state)
     model.eval()
-    return model, tok, result
+    return model, result

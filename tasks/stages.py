@@ -22,6 +22,11 @@ METRICS_VALIDATE = Path("metrics/validate.json")
 GATES_JSON = Path("reports/gates.json")
 GATES_MD = Path("reports/gates.md")
 DEPLOYMENT = Path("deploy/deployment.json")
+SMALL_DIRECT = Path("models/small_direct")
+METRICS_SMALL_DIRECT = Path("metrics/small_direct.json")
+METRICS_FRONTIER = Path("metrics/frontier.json")
+FRONTIER_MD = Path("reports/frontier.md")
+FRONTIER_PNG = Path("reports/frontier.png")
 
 
 def cache_dir() -> Path:
@@ -130,8 +135,80 @@ def deploy(params) -> None:
           + ("" if promo.created else " (identical model already stored)"))
 
 
+def small_direct(params) -> None:
+    import shutil
+
+    from shrinkflow.frontier import small_direct_model
+    from shrinkflow.io import write_json
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, save_torch_model
+    from shrinkflow.train import seed_everything, train_classifier
+
+    spec = params.frontier.small_direct
+    tok = load_tokenizer(TEACHER / TOKENIZER, params.train.max_seq_len)
+    seed_everything(spec.seed)
+    model = small_direct_model(load_torch_model(TEACHER), spec)
+    tp = params.train.model_copy(update={"epochs": spec.epochs, "learning_rate": spec.learning_rate,
+                                         "seed": spec.seed})
+    model, result = train_classifier(model, tok, read_split("train"), read_split("val"), tp, desc="small-direct")
+    tmp = SMALL_DIRECT.with_name(".small_direct.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch_model(model, tok, tmp, params.train.max_seq_len)
+    shutil.rmtree(SMALL_DIRECT, ignore_errors=True)
+    tmp.rename(SMALL_DIRECT)
+    write_json(METRICS_SMALL_DIRECT, result.__dict__)
+    print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
+
+
+def frontier(params) -> None:
+    import tempfile
+
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep
+    from shrinkflow.evaluate import measure_isolated
+    from shrinkflow.frontier import frontier_markdown, plot, robustness_row, verdict
+    from shrinkflow.io import atomic_write_text, read_json, write_json
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
+    from shrinkflow.runtime import load_predictor, predict_labels
+
+    fp = params.frontier
+    test, shifted_df, train = read_split("test"), read_split("shifted"), read_split("train")
+    texts, labels = test["text"].tolist(), test["label"].to_numpy()
+    shifted = (shifted_df["text"].tolist(), shifted_df["label"].tolist())
+    lat = params.validate_.latency
+    teacher_metrics = read_json(METRICS_VALIDATE)["teacher"]
+    compressed = [c for c in params.compress.candidates if c.recipe]
+    sd_name = "small-direct-vocab-int8"
+    points: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-frontier-") as tmp:
+        tmp = Path(tmp)
+        sd_dir = apply_recipe(SMALL_DIRECT, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
+                              tmp / "sd", train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                              threads=params.train.threads, progress=False)
+        # Latency moves run to run on a shared machine: measure the baseline
+        # and every compressed candidate here, side by side, in one run.
+        for name, path in [(sd_name, sd_dir)] + [(c.name, CANDIDATES / c.name) for c in compressed]:
+            print(f"frontier: measuring {name}")
+            points[name] = measure_isolated(path, texts, labels.tolist(), lat, shifted).to_dict()
+        robustness = {}
+        for label, src in (("teacher (large)", TEACHER), ("small-direct", SMALL_DIRECT)):
+            q = apply_recipe(src, Candidate(name="q", recipe=(QuantizeStep(),)), tmp / f"q-{src.name}",
+                             progress=False)
+            int8_acc = float((predict_labels(load_predictor(q, params.train.threads), texts) == labels).mean())
+            tok = load_tokenizer(src / TOKENIZER, params.train.max_seq_len)
+            robustness[label] = robustness_row(load_torch_model(src), tok, texts, labels,
+                                               fp.robustness_sparsities, int8_acc)
+    rows = verdict({n: m for n, m in points.items() if n != sd_name}, sd_name, points[sd_name],
+                   fp.match_tolerance)
+    plot({"teacher": teacher_metrics, **points}, {sd_name}, FRONTIER_PNG)
+    atomic_write_text(FRONTIER_MD, frontier_markdown(teacher_metrics, points, {sd_name}, rows, robustness,
+                                                     fp.small_direct, fp.match_tolerance))
+    write_json(METRICS_FRONTIER, {"verdict": rows, "robustness": robustness, "points": points})
+    for r in rows:
+        print(f"frontier: {r}")
+
+
 # compress is flows/compress.py: it fans candidates out on a Prefect task runner.
-STAGES = {f.__name__: f for f in (fetch, data, train, validate, deploy)}
+STAGES = {f.__name__: f for f in (fetch, data, train, validate, deploy, small_direct, frontier)}
 
 
 def main(argv: list[str] | None = None) -> int:

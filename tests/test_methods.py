@@ -127,3 +127,63 @@ def test_recipe_order_errors():
     assert "compress.candidates.0.recipe.0.target_sparsity" in err(
         [{"method": "magnitude_prune", "target_sparsity": 1.5}])
     assert "unknown key" in err([{"method": "distill", "teacher_layers": [0]}])
+
+
+def test_structured_pruning_equals_zeroing_the_removed_units(teacher, tiny_teacher_dir, small_splits):
+    """Removing head 1 and FFN neurons 0..31 must give exactly the logits of the
+    full model with those units' output columns zeroed."""
+    import copy
+
+    from shrinkflow.compress.structured import prune_layer
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    texts = small_splits["test"]["text"].tolist()[:12]
+    zeroed = copy.deepcopy(teacher)
+    h = teacher.bert.encoder.layer[0].attention.self.attention_head_size
+    for layer in zeroed.bert.encoder.layer:
+        with torch.no_grad():
+            layer.attention.output.dense.weight[:, h:2 * h] = 0.0
+            layer.output.dense.weight[:, :32] = 0.0
+    for layer in teacher.bert.encoder.layer:
+        prune_layer(layer, keep_heads=[0], keep_neurons=list(range(32, 64)))
+    assert teacher.bert.encoder.layer[0].attention.self.query.out_features == h
+    assert teacher.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    np.testing.assert_allclose(logits(teacher, tok, texts), logits(zeroed, tok, texts), atol=1e-5)
+
+
+def test_structured_prune_step_shrinks_and_recovers(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.config import StructuredPruneStep
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.runtime import load_predictor
+
+    train = small_splits["train"]
+    step = StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.25, importance_batches=4,
+                               recovery_epochs=1, learning_rate=1e-3)
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="sp", recipe=(step,)), tmp_path / "sp",
+                       train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                       threads=1, progress=False)
+    stats = read_manifest(out)["stats"]
+    assert stats["heads_per_layer"] == 1 and stats["ffn_per_layer"] == 16
+    full = sum(p.numel() for p in load_torch_model(tiny_teacher_dir).parameters())
+    assert stats["num_parameters"] < full
+    out_logits = load_predictor(out, threads=1).predict_logits(small_splits["test"]["text"].tolist()[:8])
+    assert np.isfinite(out_logits).all()
+
+
+def test_importance_ranks_a_dead_head_last(teacher, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress.structured import importance
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    tok.no_padding()
+    seqs = [e.ids for e in tok.encode_batch(small_splits["train"]["text"].tolist()[:64])]
+    h = teacher.bert.encoder.layer[0].attention.self.attention_head_size
+    with torch.no_grad():  # head 1 of layer 0 contributes nothing: its importance must be 0
+        teacher.bert.encoder.layer[0].attention.output.dense.weight[:, h:2 * h] = 0.0
+        for m in (teacher.bert.encoder.layer[0].attention.self.query, teacher.bert.encoder.layer[0].attention.self.key,
+                  teacher.bert.encoder.layer[0].attention.self.value):
+            m.weight[h:2 * h] = 0.0
+            m.bias[h:2 * h] = 0.0
+    heads, neurons = importance(teacher, seqs, small_splits["train"]["label"].to_numpy()[:64], batches=2)
+    assert heads[0][1] == 0.0 and heads[0][0] > 0.0
+    assert len(neurons) == 2 and neurons[0].shape == (64,)

@@ -55,41 +55,39 @@ def distill_loss(student_logits, teacher_logits, labels, temperature: float, alp
     return alpha_kl * temperature ** 2 * kl + (1 - alpha_kl) * ce
 
 
-def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
-            progress: bool = True, log: list | None = None):
-    """Return a student distilled from ``teacher`` on pre-tokenized ``seqs``.
+def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epochs: int,
+             learning_rate: float, temperature: float, alpha_kl: float, batch_size: int,
+             warmup_fraction: float, seed: int, threads: int = 2, progress: bool = True,
+             log: list | None = None, desc: str = "distill"):
+    """Train ``student`` on the teacher's logits ``targets`` (and hard labels).
 
-    Teacher logits are computed once up front (offline soft labels): the
-    teacher is frozen, so recomputing them every epoch would only cost time.
+    Shared by distillation and by structured pruning's recovery phase.
     ``log`` (if given) receives the loss of every step.
     """
     import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from shrinkflow.train import _pad, length_grouped_batches, seed_everything
+    from shrinkflow.train import _pad, length_grouped_batches
 
     torch.set_num_threads(threads)
-    seed_everything(step.seed)
-    t0 = time.perf_counter()
-    targets = torch.from_numpy(soft_labels(teacher, seqs))
-    student = make_student(teacher, step.layers)
+    targets = torch.as_tensor(targets)
     student.train()
-    rng = np.random.default_rng(step.seed)
-    total = -(-len(seqs) // step.batch_size) * step.epochs
+    rng = np.random.default_rng(seed)
+    total = -(-len(seqs) // batch_size) * epochs
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=step.learning_rate, fused=True)
-    sched = get_linear_schedule_with_warmup(opt, int(step.warmup_fraction * total), total)
+                            lr=learning_rate, fused=True)
+    sched = get_linear_schedule_with_warmup(opt, int(warmup_fraction * total), total)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     lengths = [len(s) for s in seqs]
-    bar = tqdm(total=total, desc=f"distill {list(step.layers)}", unit="step", disable=not progress, mininterval=2.0)
-    for _ in range(step.epochs):
-        for idx in length_grouped_batches(lengths, step.batch_size, 50, rng):
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, mininterval=2.0)
+    for _ in range(epochs):
+        for idx in length_grouped_batches(lengths, batch_size, 50, rng):
             ids, mask = _pad([seqs[i] for i in idx])
             logits = student(input_ids=ids, attention_mask=mask).logits
-            loss = distill_loss(logits, targets[idx], y[idx], step.temperature, step.alpha_kl)
+            loss = distill_loss(logits, targets[idx], y[idx], temperature, alpha_kl)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
@@ -100,5 +98,29 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
             bar.update(1)
     bar.close()
     student.eval()
+    return student
+
+
+def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
+            progress: bool = True, log: list | None = None, targets: np.ndarray | None = None):
+    """Return a student distilled from ``teacher`` on pre-tokenized ``seqs``.
+
+    Teacher logits are computed once up front (offline soft labels): the
+    teacher is frozen, so recomputing them every epoch would only cost time.
+    """
+    import torch
+
+    from shrinkflow.train import seed_everything
+
+    torch.set_num_threads(threads)
+    seed_everything(step.seed)
+    t0 = time.perf_counter()
+    if targets is None:
+        targets = soft_labels(teacher, seqs)
+    student = make_student(teacher, step.layers)
+    kd_train(student, seqs, targets, labels, epochs=step.epochs, learning_rate=step.learning_rate,
+             temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
+             warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
+             log=log, desc=f"distill {list(step.layers)}")
     print(f"distill: {len(step.layers)}-layer student in {time.perf_counter() - t0:.0f}s")
     return student

@@ -33,15 +33,35 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
     from shrinkflow.compress.magnitude import magnitude_prune, sparsity
     from shrinkflow.compress.vocab import kept_token_ids, prune_embeddings, remap_tokenizer
 
+    from shrinkflow.compress.distill import kd_train, soft_labels
+    from shrinkflow.compress.structured import importance, structured_prune
+
     stats: dict = {}
+    teacher_targets = None  # the original teacher's logits, computed at most once
     for step in candidate.recipe:
-        needs_data = step.method in ("distill", "vocab_prune")
+        needs_data = step.method in ("distill", "vocab_prune", "structured_prune")
         if needs_data and train_texts is None:
             raise ValueError(f"recipe step {step.method!r} needs the training texts")
         if step.method == "distill":
             seqs = _encode_unpadded(tokenizer_json, train_texts)
-            model = distill(model, seqs, train_labels, step, threads=threads, progress=progress)
+            teacher_targets = soft_labels(model, seqs)
+            model = distill(model, seqs, train_labels, step, threads=threads, progress=progress,
+                            targets=teacher_targets)
             stats["layers"] = list(step.layers)
+        elif step.method == "structured_prune":
+            seqs = _encode_unpadded(tokenizer_json, train_texts)
+            if teacher_targets is None:  # no distill step: the model is still the teacher
+                teacher_targets = soft_labels(model, seqs)
+            heads, neurons = importance(model, seqs, train_labels, step.importance_batches, seed=step.seed)
+            model = structured_prune(model, heads, neurons, step.heads_keep_fraction, step.ffn_keep_fraction)
+            if step.recovery_epochs:
+                kd_train(model, seqs, teacher_targets, train_labels, epochs=step.recovery_epochs,
+                         learning_rate=step.learning_rate, temperature=step.temperature,
+                         alpha_kl=step.alpha_kl, batch_size=32, warmup_fraction=0.06, seed=step.seed,
+                         threads=threads, progress=progress, desc="recover")
+            layer0 = model.bert.encoder.layer[0]
+            stats["heads_per_layer"] = layer0.attention.self.num_attention_heads
+            stats["ffn_per_layer"] = layer0.intermediate.dense.out_features
         elif step.method == "vocab_prune":
             kept = kept_token_ids(tokenizer_json, train_texts, step.min_count)
             tokenizer_json = remap_tokenizer(tokenizer_json, kept)

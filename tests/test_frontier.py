@@ -1,0 +1,69 @@
+"""The frontier: baseline construction, robustness rows, and the verdict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shrinkflow.config import SmallDirectParams
+from shrinkflow.frontier import frontier_markdown, matched, plot, robustness_row, small_direct_model, verdict
+
+SD = {"accuracy": 0.78, "accuracy_shifted": 0.60, "latency_ms_p95_b1": 2.0, "size_mb": 12.0,
+      "throughput_eps_b32": 900}
+
+
+def pt(acc, shifted, lat, size):
+    return {"accuracy": acc, "accuracy_shifted": shifted, "latency_ms_p95_b1": lat, "size_mb": size,
+            "throughput_eps_b32": 500}
+
+
+def test_matched_budget_includes_the_tolerance_edge():
+    cands = {"edge": pt(0.8, 0.7, 2.2, 30), "over": pt(0.9, 0.8, 2.2001, 30), "fast": pt(0.7, 0.6, 1.0, 5)}
+    assert set(matched(cands, SD, "latency_ms_p95_b1", 0.10)) == {"edge", "fast"}
+
+
+def test_verdict_picks_most_accurate_within_each_budget():
+    cands = {"distilled": pt(0.83, 0.70, 2.1, 11.0), "int8": pt(0.85, 0.73, 6.0, 23.0),
+             "tiny": pt(0.70, 0.55, 1.0, 5.0)}
+    lat, size = verdict(cands, "sd", SD, 0.10)
+    assert lat["winner"] == "distilled" and lat["points_in_domain"] == pytest.approx(5.0)
+    assert lat["points_shifted"] == pytest.approx(10.0)
+    assert size["winner"] == "distilled" and size["key"] == "size_mb"
+
+
+def test_verdict_when_nothing_fits_the_budget():
+    rows = verdict({"int8": pt(0.85, 0.73, 6.0, 23.0)}, "sd", SD, 0.10)
+    assert all(r["winner"] is None for r in rows)
+
+
+def test_small_direct_has_the_student_shape_and_teacher_embeddings(tiny_teacher_dir):
+    from shrinkflow.modeling import load_torch_model
+
+    teacher = load_torch_model(tiny_teacher_dir)
+    sd = small_direct_model(teacher, SmallDirectParams(num_layers=1))
+    assert sd.config.num_hidden_layers == 1 and sd.config.hidden_size == teacher.config.hidden_size
+    assert torch.equal(sd.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(sd.bert.encoder.layer[0].output.dense.weight,
+                           teacher.bert.encoder.layer[0].output.dense.weight)
+    rnd = small_direct_model(teacher, SmallDirectParams(num_layers=1, init="random"))
+    assert not torch.equal(rnd.bert.embeddings.word_embeddings.weight,
+                           teacher.bert.embeddings.word_embeddings.weight)
+
+
+def test_robustness_row_and_report(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
+
+    test = small_splits["test"]
+    model = load_torch_model(tiny_teacher_dir)
+    before = [p.clone() for p in model.parameters()]
+    row = robustness_row(model, load_tokenizer(tiny_teacher_dir / TOKENIZER, 32), test["text"].tolist(),
+                         test["label"].to_numpy(), (0.3, 0.9), int8_accuracy=0.5)
+    assert set(row) == {"fp32", "int8", "magnitude_30", "magnitude_90"}
+    assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # pruned a copy
+    points = {"distilled": pt(0.83, 0.70, 2.1, 11.0), "sd": SD}
+    plot(points, {"sd"}, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = frontier_markdown(pt(0.85, 0.74, 20.0, 91.0), points, {"sd"}, verdict({"distilled": points["distilled"]},
+                           "sd", SD, 0.1), {"teacher (large)": row, "small-direct": row}, SmallDirectParams(), 0.1)
+    assert "compressed-large **beats** small-direct by **+5.00 points** in domain" in md
