@@ -123,11 +123,15 @@ class QuantizeStep(_Frozen):
     """
 
     method: Literal["quantize"] = "quantize"
-    mode: Literal["dynamic"] = "dynamic"
+    # dynamic: activation ranges computed per batch at run time, no data.
+    # static: activation ranges fixed ahead of time from calibration_samples
+    # training sentences (QDQ format); no run-time range computation.
+    mode: Literal["dynamic", "static"] = "dynamic"
     bits: Literal[8] = 8
     per_channel: bool = False
     # Gather quantizes the embedding table: about half of MiniLM's weights.
     quantize_embeddings: bool = True
+    calibration_samples: Annotated[int, Field(ge=8)] = 256
 
 
 class DistillStep(_Frozen):
@@ -189,15 +193,24 @@ class StructuredPruneStep(_Frozen):
 
 
 class MagnitudePruneStep(_Frozen):
-    """One-shot global magnitude pruning of the encoder's Linear weights.
+    """Global magnitude pruning of the encoder's Linear weights.
 
     Zeroes the smallest |w| across all encoder Linear layers together until
-    exactly ``target_sparsity`` of them are zero. Dense CPU kernels do not skip
-    zeros: this saves no time, only compressed size (see size_mb_gzip).
+    exactly ``target_sparsity`` of them are zero. ``one_shot`` prunes once;
+    ``gradual`` follows the cubic schedule s_t = s (1 - (1 - t/n)^3) over
+    ``gradual_steps`` steps, distilling from the teacher on a slice of the
+    training data after each (zeros stay zero). Dense CPU kernels do not skip
+    zeros: this saves no time, only compressed size (``size_mb_zlib`` in
+    metrics/compress.json).
     """
 
     method: Literal["magnitude_prune"] = "magnitude_prune"
     target_sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    schedule: Literal["one_shot", "gradual"] = "one_shot"
+    gradual_steps: Annotated[int, Field(ge=2)] = 4
+    recovery_epochs: Annotated[int, Field(ge=1)] = 1
+    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    seed: int = 0
 
 
 RecipeStep = Annotated[Union[DistillStep, StructuredPruneStep, VocabPruneStep, MagnitudePruneStep, QuantizeStep],

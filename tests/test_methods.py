@@ -187,3 +187,47 @@ def test_importance_ranks_a_dead_head_last(teacher, tiny_teacher_dir, small_spli
     heads, neurons = importance(teacher, seqs, small_splits["train"]["label"].to_numpy()[:64], batches=2)
     assert heads[0][1] == 0.0 and heads[0][0] > 0.0
     assert len(neurons) == 2 and neurons[0].shape == (64,)
+
+
+def test_static_int8_quantization_with_calibration(tmp_path, tiny_teacher_dir, small_splits):
+    import onnx
+
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.runtime import load_predictor, predict_labels
+
+    train, test = small_splits["train"], small_splits["test"]
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="s", recipe=(QuantizeStep(mode="static", calibration_samples=64),)),
+                       tmp_path / "s", train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                       threads=1, progress=False)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ static graph, not dynamic
+    assert "DynamicQuantizeLinear" not in ops
+    a = predict_labels(load_predictor(tiny_teacher_dir, threads=1), test["text"].tolist())
+    b = predict_labels(load_predictor(out, threads=1), test["text"].tolist())
+    assert (a == b).mean() >= 0.8
+
+
+def test_cubic_schedule_ends_exactly_at_target():
+    from shrinkflow.compress.magnitude import cubic_schedule
+
+    s = cubic_schedule(0.8, 4)
+    assert s[-1] == pytest.approx(0.8) and all(a < b for a, b in zip(s, s[1:]))
+    assert s[0] > 0.8 / 4  # front-loaded: prunes fastest while the model is most redundant
+
+
+def test_gradual_pruning_keeps_zeros_and_reaches_target(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.modeling import read_manifest
+
+    train = small_splits["train"]
+    out_dir = {}
+    for schedule in ("one_shot", "gradual"):
+        step = MagnitudePruneStep(target_sparsity=0.6, schedule=schedule, gradual_steps=3, learning_rate=1e-3)
+        out_dir[schedule] = apply_recipe(tiny_teacher_dir, Candidate(name=schedule, recipe=(step,)),
+                                         tmp_path / schedule, train_texts=train["text"].tolist(),
+                                         train_labels=train["label"].to_numpy(), threads=1, progress=False)
+        stats = read_manifest(out_dir[schedule])["stats"]
+        assert stats["encoder_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    # Zeros compress: the pruned fp32 model is smaller once compressed than raw.
+    stats = read_manifest(out_dir["gradual"])["stats"]
+    assert stats["size_mb_zlib"] * 1e6 < 0.95 * (out_dir["gradual"] / "model.onnx").stat().st_size

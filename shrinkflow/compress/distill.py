@@ -58,7 +58,7 @@ def distill_loss(student_logits, teacher_logits, labels, temperature: float, alp
 def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epochs: int,
              learning_rate: float, temperature: float, alpha_kl: float, batch_size: int,
              warmup_fraction: float, seed: int, threads: int = 2, progress: bool = True,
-             log: list | None = None, desc: str = "distill"):
+             log: list | None = None, desc: str = "distill", after_step=None):
     """Train ``student`` on the teacher's logits ``targets`` (and hard labels).
 
     Shared by distillation and by structured pruning's recovery phase.
@@ -93,6 +93,8 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if after_step is not None:  # e.g. re-apply pruning masks
+                after_step()
             if log is not None:
                 log.append(loss.item())
             bar.update(1)

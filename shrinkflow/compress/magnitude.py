@@ -38,3 +38,34 @@ def sparsity(model) -> float:
     layers = encoder_linears(model)
     zeros = sum(int((m.weight == 0).sum()) for m in layers)
     return zeros / sum(m.weight.numel() for m in layers)
+
+
+def cubic_schedule(target: float, steps: int) -> list[float]:
+    """Sparsity after each of ``steps`` steps (Zhu & Gupta, 2017): fast early,
+    slow near the target, ending exactly at it."""
+    return [target * (1 - (1 - t / steps) ** 3) for t in range(1, steps + 1)]
+
+
+def gradual_magnitude_prune(model, seqs, targets, labels, step, threads: int = 2, progress: bool = True):
+    """Prune along the cubic schedule, distilling between steps; zeros stay zero."""
+    import numpy as np
+    import torch
+
+    from shrinkflow.compress.distill import kd_train
+
+    chunks = np.array_split(np.random.default_rng(step.seed).permutation(len(seqs)), step.gradual_steps)
+    labels = np.asarray(labels)
+    for sparsity_t, chunk in zip(cubic_schedule(step.target_sparsity, step.gradual_steps), chunks):
+        magnitude_prune(model, sparsity_t)
+        masks = [(m, m.weight != 0) for m in encoder_linears(model)]
+
+        def keep_zeros():
+            with torch.no_grad():
+                for m, mask in masks:
+                    m.weight.mul_(mask)
+
+        kd_train(model, [seqs[i] for i in chunk], np.asarray(targets)[chunk], labels[chunk],
+                 epochs=step.recovery_epochs, learning_rate=step.learning_rate, temperature=2.0, alpha_kl=0.5,
+                 batch_size=32, warmup_fraction=0.06, seed=step.seed, threads=threads, progress=progress,
+                 desc=f"prune {sparsity_t:.0%}", after_step=keep_zeros)
+    return model

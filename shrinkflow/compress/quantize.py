@@ -23,3 +23,32 @@ def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
                      per_channel=step.per_channel, op_types_to_quantize=ops)
     tmp.replace(dst)
     return dst
+
+
+class _Calibration:
+    """Feeds tokenized calibration batches to ORT's static quantizer."""
+
+    def __init__(self, batches: list[dict]):
+        self._it = iter(batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - ORT calls it only for some methods
+        pass
+
+
+def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: list[dict]) -> Path:
+    """Static int8 (QDQ): activation ranges from ``calibration`` feeds (MinMax)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    ops = ["MatMul", "Gemm"] + (["Gather"] if step.quantize_embeddings else [])
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    quantize_static(str(src), str(tmp), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=step.per_channel, op_types_to_quantize=ops,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    tmp.replace(dst)
+    return dst

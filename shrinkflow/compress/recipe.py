@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from shrinkflow.compress.export import export_onnx
-from shrinkflow.compress.quantize import quantize_dynamic_onnx
+from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
 from shrinkflow.config import Candidate
 from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
 
@@ -26,11 +26,40 @@ def _encode_unpadded(tokenizer_json: str, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch(list(texts))]
 
 
+def zlib_size_bytes(path: Path, level: int = 6) -> int:
+    """Compressed size: where unstructured sparsity's benefit shows up."""
+    import zlib
+
+    comp = zlib.compressobj(level)
+    total = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            total += len(comp.compress(block))
+    return total + len(comp.flush())
+
+
+def calibration_feeds(tokenizer_json: str, texts: list[str], n: int, max_seq_len: int,
+                      batch_size: int = 16) -> list[dict]:
+    """The first ``n`` texts (the split is already shuffled), as ORT feeds."""
+    from tokenizers import Tokenizer
+
+    from shrinkflow.modeling import encode
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.enable_truncation(max_length=max_seq_len)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+    feeds = []
+    for start in range(0, min(n, len(texts)), batch_size):
+        ids, mask = encode(tok, texts[start:min(n, start + batch_size)])
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+    return feeds
+
+
 def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_texts: list[str] | None,
                     train_labels: np.ndarray | None, threads: int = 2, progress: bool = True):
     """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
     from shrinkflow.compress.distill import distill
-    from shrinkflow.compress.magnitude import magnitude_prune, sparsity
+    from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
     from shrinkflow.compress.vocab import kept_token_ids, prune_embeddings, remap_tokenizer
 
     from shrinkflow.compress.distill import kd_train, soft_labels
@@ -68,7 +97,15 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             model = prune_embeddings(model, kept)
             stats["vocab_size"] = len(kept)
         elif step.method == "magnitude_prune":
-            model = magnitude_prune(model, step.target_sparsity)
+            if step.schedule == "gradual":
+                if train_texts is None:
+                    raise ValueError("gradual magnitude pruning needs the training texts")
+                seqs = _encode_unpadded(tokenizer_json, train_texts)
+                if teacher_targets is None:
+                    teacher_targets = soft_labels(model, seqs)
+                model = gradual_magnitude_prune(model, seqs, teacher_targets, train_labels, step, threads, progress)
+            else:
+                model = magnitude_prune(model, step.target_sparsity)
             stats["encoder_sparsity"] = round(sparsity(model), 6)
     stats["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
     return model, tokenizer_json, stats
@@ -96,9 +133,17 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
             if step.method == "quantize":
                 fp32 = onnx_path.with_name("model.fp32.onnx")
                 onnx_path.replace(fp32)
-                quantize_dynamic_onnx(fp32, onnx_path, step)
+                if step.mode == "static":
+                    if train_texts is None:
+                        raise ValueError("static quantization needs training texts to calibrate on")
+                    quantize_static_onnx(fp32, onnx_path, step,
+                                         calibration_feeds(tok_json, train_texts, step.calibration_samples,
+                                                           max_seq_len))
+                else:
+                    quantize_dynamic_onnx(fp32, onnx_path, step)
                 fp32.unlink()
         (work / TOKENIZER).write_text(tok_json)
+        stats["size_mb_zlib"] = round(zlib_size_bytes(onnx_path) / 1e6, 4)
         write_manifest(work, "onnx", max_seq_len,
                        recipe=[s.model_dump(mode="json") for s in candidate.recipe],
                        extra={"candidate": candidate.name, "stats": stats})
