@@ -26,6 +26,8 @@ TINY = {
     "train": {"model": {"kind": "random", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                         "intermediate_size": 64},
               "epochs": 6, "batch_size": 16, "learning_rate": 3e-3, "max_seq_len": 32, "threads": 1},
+    "frontier": {"small_direct": {"num_layers": 1, "epochs": 2, "learning_rate": 3e-3},
+                 "robustness_sparsities": [0.5]},
     "validate": {"gates": {"min_accuracy": 0.0, "max_accuracy_drop": 0.5, "max_latency_ms_p95_b1": 1000.0,
                            "max_size_mb": 100.0, "min_speedup": 0.2},
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
@@ -144,7 +146,9 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     # 5. An impossible gate: exit 1 naming the gate and margin; v0002 keeps serving.
     write_params(project / "params.yaml", deep_merge(TINY, {
         "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
-        "validate": {"gates": {"min_accuracy": 0.999}}}))
+        "frontier": {"small_direct": {"num_layers": 1, "epochs": 2, "learning_rate": 3e-3},
+                 "robustness_sparsities": [0.5]},
+    "validate": {"gates": {"min_accuracy": 0.999}}}))
     code, out = run_cli(project, harness, "run")
     assert code == 1, out
     assert "NOT DEPLOYED" in out and re.search(r"min_accuracy FAILED: .*margin -0\.\d+", out)
@@ -179,3 +183,26 @@ def test_bad_params_exit_2_and_write_nothing(project, tmp_path):
     assert (project / "params.yaml").read_bytes() == params_before
     code, out = run_cli(project, None, "status", "--params", str(bad))
     assert code == 2
+
+
+def test_frontier_report_through_dvc(project, harness):
+    """`dvc repro frontier` after the lifecycle: baseline, report, plot, dvc plots."""
+    from shrinkflow.pipeline import offline_env
+
+    # The lifecycle test left a tiny teacher and candidates in the project.
+    assert (project / "models" / "teacher").is_dir()
+    env = offline_env()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "frontier"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Running stage 'small_direct'" in proc.stdout and "Running stage 'frontier'" in proc.stdout
+    assert "Running stage 'train'" not in proc.stdout  # the kept teacher is reused
+    md = (project / "reports" / "frontier.md").read_text()
+    assert "## Verdict" in md and "small-direct-vocab-int8" in md and "magnitude_50" in md
+    assert (project / "reports" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    doc = json.loads((project / "metrics" / "frontier.json").read_text())
+    assert set(doc["robustness"]) == {"teacher (large)", "small-direct"}
+    assert {r["key"] for r in doc["verdict"]} == {"latency_ms_p95_b1", "size_mb"}
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "frontier.png" in shown.stdout
