@@ -343,8 +343,9 @@ class Params(_Frozen):
     validate_: ValidateParams = Field(alias="validate")
     deploy: DeployParams
     # Not part of the lifecycle (its baseline costs minutes to train): run it
-    # with `dvc repro frontier`.
-    frontier: FrontierParams = FrontierParams()
+    # with `dvc repro frontier`. Required all the same: DVC insists that every
+    # key a stage lists exists in params.yaml.
+    frontier: FrontierParams
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
