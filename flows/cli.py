@@ -131,6 +131,37 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
 
 
+@app.command()
+def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expression, e.g. "0 3 * * *"'),
+             interval: Optional[int] = typer.Option(None, "--interval", min=1, help="seconds between runs"),
+             name: str = typer.Option("scheduled", "--name", help="deployment name")):
+    """Serve the lifecycle as a Prefect deployment on a schedule (Ctrl-C stops).
+
+    Each scheduled run is a full `shrinkflow run`: DVC skips what is unchanged,
+    so a run with nothing new costs seconds. At most one run at a time.
+    """
+    root = _project_root()
+    _validated(root, None)
+    if (cron is None) == (interval is None):
+        typer.echo("error: give exactly one of --cron or --interval", err=True)
+        raise typer.Exit(2)
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:  # Prefect's own validation, before anything is served
+            CronSchedule(cron=cron)
+        except ValueError as exc:
+            typer.echo(f"error: --cron {cron!r} is not a valid cron expression: {exc}", err=True)
+            raise typer.Exit(2)
+    _configure_env(root)
+    from flows.lifecycle import lifecycle
+
+    when = f"cron {cron!r}" if cron else f"every {interval}s"
+    typer.echo(f"serving deployment shrinkflow-lifecycle/{name} ({when}) for {root}; Ctrl-C stops")
+    lifecycle.serve(name=name, cron=cron, interval=interval, limit=1,
+                    parameters={"project_dir": str(root)})
+
+
 def main() -> None:  # console-script entry point
     app()
 

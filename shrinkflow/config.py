@@ -153,6 +153,12 @@ class DistillStep(_Frozen):
     batch_size: Annotated[int, Field(ge=1)] = 32
     warmup_fraction: Fraction = 0.06
     seed: int = 0
+    # Also learn from compress.unlabelled_path, labelled by the teacher.
+    use_unlabelled: bool = True
+    # > 0 adds hidden_weight x MSE between each student layer's output and
+    # the output of the teacher layer it was copied from (masked to real
+    # tokens). Needs a teacher forward per step: ~40% slower.
+    hidden_weight: Annotated[float, Field(ge=0.0)] = 0.0
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":
@@ -263,6 +269,8 @@ class RunnerParams(_Frozen):
 
 class CompressParams(_Frozen):
     onnx_opset: Annotated[int, Field(ge=14, le=21)] = 17
+    # One unlabelled sentence per line (may be empty); a DVC dep of compress.
+    unlabelled_path: str = "data/unlabelled/texts.txt"
     runner: RunnerParams = RunnerParams()
     candidates: Annotated[tuple[Candidate, ...], Field(min_length=1)] = (
         Candidate(name="int8", recipe=(QuantizeStep(),)),

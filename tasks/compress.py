@@ -24,10 +24,12 @@ def build_candidate(project_dir: str, params_path: str, name: str, threads: int)
     params = load_params(root / params_path)
     cand = next(c for c in params.compress.candidates if c.name == name)
     train = pd.read_parquet(root / PREPARED / "train.parquet")
+    unlabelled_file = root / params.compress.unlabelled_path
+    unlabelled = unlabelled_file.read_text(encoding="utf-8").splitlines() if unlabelled_file.is_file() else []
     t0 = time.perf_counter()
     out = apply_recipe(root / TEACHER, cand, root / CANDIDATES / name, opset=params.compress.onnx_opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
-                       threads=threads, progress=False)
+                       threads=threads, progress=False, unlabelled_texts=unlabelled)
     seconds = round(time.perf_counter() - t0, 2)
     print(f"compress: {name} built in {seconds:.0f}s -> {out}")
     return {"name": name, "seconds": seconds, **read_manifest(out)["stats"]}

@@ -42,6 +42,20 @@ def read_split(name: str):
     return pd.read_parquet(path)
 
 
+def save_model_atomically(model, tok, dest: Path, max_seq_len: int) -> None:
+    """Write a torch model dir beside ``dest``, then swap it in: a crash never
+    leaves a half-written model under the final name."""
+    import shutil
+
+    from shrinkflow.modeling import save_torch_model
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch_model(model, tok, tmp, max_seq_len)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
 def fetch(params) -> None:
     from shrinkflow.data import fetch_source
 
@@ -61,18 +75,11 @@ def data(params) -> None:
 
 
 def train(params) -> None:
-    import shutil
-
     from shrinkflow.io import write_json
-    from shrinkflow.modeling import save_torch_model
     from shrinkflow.train import train_teacher
 
     model, tok, result = train_teacher(read_split("train"), read_split("val"), params.train)
-    tmp = TEACHER.with_name(".teacher.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_torch_model(model, tok, tmp, params.train.max_seq_len)
-    shutil.rmtree(TEACHER, ignore_errors=True)
-    tmp.rename(TEACHER)
+    save_model_atomically(model, tok, TEACHER, params.train.max_seq_len)
     write_json(METRICS_TRAIN, result.__dict__)
     print(f"train: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
           f"in {result.train_seconds:.0f}s")
@@ -136,11 +143,9 @@ def deploy(params) -> None:
 
 
 def small_direct(params) -> None:
-    import shutil
-
     from shrinkflow.frontier import small_direct_model
     from shrinkflow.io import write_json
-    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, save_torch_model
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
     from shrinkflow.train import seed_everything, train_classifier
 
     spec = params.frontier.small_direct
@@ -150,11 +155,7 @@ def small_direct(params) -> None:
     tp = params.train.model_copy(update={"epochs": spec.epochs, "learning_rate": spec.learning_rate,
                                          "seed": spec.seed})
     model, result = train_classifier(model, tok, read_split("train"), read_split("val"), tp, desc="small-direct")
-    tmp = SMALL_DIRECT.with_name(".small_direct.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_torch_model(model, tok, tmp, params.train.max_seq_len)
-    shutil.rmtree(SMALL_DIRECT, ignore_errors=True)
-    tmp.rename(SMALL_DIRECT)
+    save_model_atomically(model, tok, SMALL_DIRECT, params.train.max_seq_len)
     write_json(METRICS_SMALL_DIRECT, result.__dict__)
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 

@@ -206,3 +206,49 @@ def test_frontier_report_through_dvc(project, harness):
     shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=project, env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "frontier.png" in shown.stdout
+
+
+def test_schedule_serves_a_recurring_deployment(project, harness):
+    """`shrinkflow schedule --interval` runs the lifecycle on a Prefect schedule."""
+    import asyncio
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    code, out = run_cli(project, None, "schedule", "--cron", "not a cron")
+    assert code == 2 and "not a valid cron expression" in out
+    code, out = run_cli(project, None, "schedule")
+    assert code == 2 and "exactly one of --cron or --interval" in out
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_API_URL"] = harness
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "3", "--name", "e2e"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    async def completed_runs():
+        async with get_client() as client:
+            deps = await client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["e2e"])))
+            if not deps:
+                return [], None
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [deps[0].id]}))
+            return [r for r in runs if r.state and r.state.is_completed()], deps[0]
+
+    try:
+        deadline = time.time() + 240
+        done, dep = [], None
+        while time.time() < deadline and not done:
+            time.sleep(3)
+            assert proc.poll() is None, proc.stdout.read()
+            done, dep = asyncio.run(completed_runs())
+        assert done, "no scheduled run completed within 240 s"
+        assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

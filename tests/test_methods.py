@@ -231,3 +231,44 @@ def test_gradual_pruning_keeps_zeros_and_reaches_target(tmp_path, tiny_teacher_d
     # Zeros compress: the pruned fp32 model is smaller once compressed than raw.
     stats = read_manifest(out_dir["gradual"])["stats"]
     assert stats["size_mb_zlib"] * 1e6 < 0.95 * (out_dir["gradual"] / "model.onnx").stat().st_size
+
+
+def test_distillation_uses_unlabelled_text_labelled_by_the_teacher(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.modeling import read_manifest
+
+    train = small_splits["train"]
+    extra = small_splits["shifted"]["text"].tolist()[:40] + ["", "   "]  # blank lines are ignored
+    step = DistillStep(layers=(0,), epochs=1, batch_size=16)
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="u", recipe=(step,)), tmp_path / "u",
+                       train_texts=train["text"].tolist()[:80], train_labels=train["label"].to_numpy()[:80],
+                       threads=1, progress=False, unlabelled_texts=extra)
+    assert read_manifest(out)["stats"]["distill_unlabelled_rows"] == 40
+    off = DistillStep(layers=(0,), epochs=1, batch_size=16, use_unlabelled=False)
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="n", recipe=(off,)), tmp_path / "n",
+                       train_texts=train["text"].tolist()[:80], train_labels=train["label"].to_numpy()[:80],
+                       threads=1, progress=False, unlabelled_texts=extra)
+    assert read_manifest(out)["stats"]["distill_unlabelled_rows"] == 0
+
+
+def test_hidden_state_matching(teacher, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress.distill import distill, hidden_loss, make_student
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    ids, mask = encode(tok, small_splits["train"]["text"].tolist()[:8])
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    student = make_student(teacher, (1,))
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert hidden_loss(t, t, (0, 1), mask).item() == 0.0
+    assert hidden_loss(s, t, (1,), mask).item() > 0.0  # layer 1 sees layer 0's input in the student only
+
+    tok.no_padding()
+    texts = small_splits["train"]["text"].tolist()[:96]
+    seqs = [e.ids for e in tok.encode_batch(texts)]
+    log: list[float] = []
+    distill(teacher, seqs, small_splits["train"]["label"].to_numpy()[:96],
+            DistillStep(layers=(1,), epochs=3, batch_size=16, learning_rate=3e-3, hidden_weight=1.0),
+            threads=1, progress=False, log=log)
+    assert np.isfinite(log).all() and np.mean(log[-3:]) < np.mean(log[:3])

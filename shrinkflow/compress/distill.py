@@ -55,14 +55,30 @@ def distill_loss(student_logits, teacher_logits, labels, temperature: float, alp
     return alpha_kl * temperature ** 2 * kl + (1 - alpha_kl) * ce
 
 
+def hidden_loss(student_hidden, teacher_hidden, layer_map, mask):
+    """Mean over matched layers of the MSE between hidden states, real tokens only.
+
+    hidden_states[0] is the embedding output, so student layer k is at k + 1
+    and teacher layer layer_map[k] at layer_map[k] + 1.
+    """
+    m = mask.unsqueeze(-1).to(student_hidden[0].dtype)
+    total = 0.0
+    for k, t in enumerate(layer_map):
+        diff = (student_hidden[k + 1] - teacher_hidden[t + 1]) * m
+        total = total + diff.pow(2).sum() / (m.sum() * diff.shape[-1])
+    return total / len(layer_map)
+
+
 def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epochs: int,
              learning_rate: float, temperature: float, alpha_kl: float, batch_size: int,
              warmup_fraction: float, seed: int, threads: int = 2, progress: bool = True,
-             log: list | None = None, desc: str = "distill", after_step=None):
+             log: list | None = None, desc: str = "distill", after_step=None,
+             teacher=None, layer_map: tuple[int, ...] = (), hidden_weight: float = 0.0):
     """Train ``student`` on the teacher's logits ``targets`` (and hard labels).
 
     Shared by distillation and by structured pruning's recovery phase.
-    ``log`` (if given) receives the loss of every step.
+    ``log`` (if given) receives the loss of every step. With ``hidden_weight``
+    > 0, student layer k also matches teacher layer ``layer_map[k]``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -86,8 +102,13 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
     for _ in range(epochs):
         for idx in length_grouped_batches(lengths, batch_size, 50, rng):
             ids, mask = _pad([seqs[i] for i in idx])
-            logits = student(input_ids=ids, attention_mask=mask).logits
-            loss = distill_loss(logits, targets[idx], y[idx], temperature, alpha_kl)
+            match = hidden_weight > 0 and teacher is not None
+            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=match)
+            loss = distill_loss(out.logits, targets[idx], y[idx], temperature, alpha_kl)
+            if match:
+                with torch.no_grad():
+                    t_hidden = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                loss = loss + hidden_weight * hidden_loss(out.hidden_states, t_hidden, layer_map, mask)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
@@ -120,9 +141,11 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
     if targets is None:
         targets = soft_labels(teacher, seqs)
     student = make_student(teacher, step.layers)
+    teacher.eval()
     kd_train(student, seqs, targets, labels, epochs=step.epochs, learning_rate=step.learning_rate,
              temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
-             log=log, desc=f"distill {list(step.layers)}")
+             log=log, desc=f"distill {list(step.layers)}", teacher=teacher, layer_map=tuple(step.layers),
+             hidden_weight=step.hidden_weight)
     print(f"distill: {len(step.layers)}-layer student in {time.perf_counter() - t0:.0f}s")
     return student

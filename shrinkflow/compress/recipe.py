@@ -56,7 +56,8 @@ def calibration_feeds(tokenizer_json: str, texts: list[str], n: int, max_seq_len
 
 
 def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_texts: list[str] | None,
-                    train_labels: np.ndarray | None, threads: int = 2, progress: bool = True):
+                    train_labels: np.ndarray | None, threads: int = 2, progress: bool = True,
+                    unlabelled_texts: list[str] | None = None):
     """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
     from shrinkflow.compress.distill import distill
     from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
@@ -74,9 +75,19 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
         if step.method == "distill":
             seqs = _encode_unpadded(tokenizer_json, train_texts)
             teacher_targets = soft_labels(model, seqs)
-            model = distill(model, seqs, train_labels, step, threads=threads, progress=progress,
-                            targets=teacher_targets)
+            d_seqs, d_targets, d_labels = seqs, teacher_targets, np.asarray(train_labels)
+            extra = [t for t in (unlabelled_texts or []) if t.strip()] if step.use_unlabelled else []
+            if extra:
+                # The teacher labels unlabelled text: soft labels, and its
+                # argmax as the hard label (pseudo-labelling).
+                u_seqs = _encode_unpadded(tokenizer_json, extra)
+                u_targets = soft_labels(model, u_seqs)
+                d_seqs = seqs + u_seqs
+                d_targets = np.concatenate([teacher_targets, u_targets])
+                d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
+            model = distill(model, d_seqs, d_labels, step, threads=threads, progress=progress, targets=d_targets)
             stats["layers"] = list(step.layers)
+            stats["distill_unlabelled_rows"] = len(extra)
         elif step.method == "structured_prune":
             seqs = _encode_unpadded(tokenizer_json, train_texts)
             if teacher_targets is None:  # no distill step: the model is still the teacher
@@ -113,7 +124,7 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
 
 def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: int = 17,
                  train_texts: list[str] | None = None, train_labels=None, threads: int = 2,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, unlabelled_texts: list[str] | None = None) -> Path:
     """teacher -> [torch steps] -> ONNX -> [quantize] -> ``out_dir``.
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
@@ -127,7 +138,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     try:
         model, tok_json, stats = transform_torch(
             load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(), candidate,
-            train_texts, train_labels, threads, progress)
+            train_texts, train_labels, threads, progress, unlabelled_texts)
         onnx_path = export_onnx(model, work / "model.onnx", opset=opset)
         for step in candidate.recipe:
             if step.method == "quantize":
