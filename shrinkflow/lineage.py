@@ -37,14 +37,23 @@ def out_hash(stages: dict, stage: str, out_path: str) -> str | None:
     return None
 
 
+def dep_hash(stages: dict, stage: str, dep_path: str) -> str | None:
+    for dep in stages.get(stage, {}).get("deps", []):
+        if dep.get("path") == dep_path:
+            return dep.get("md5")
+    return None
+
+
 def collect_lineage(project_dir: Path, params_digest: str, data_out: str, teacher_out: str,
-                    extra: dict | None = None) -> dict:
+                    unlabelled_dep: str | None = None, extra: dict | None = None) -> dict:
     stages = dvc_lock_stages(project_dir)
     return {
         "git": git_commit(project_dir),
         "params_sha256": params_digest,
         "data_md5": out_hash(stages, "data", data_out),
         "teacher_md5": out_hash(stages, "train", teacher_out),
+        # the unlabelled text compress distilled on (e.g. a production window)
+        "unlabelled_md5": dep_hash(stages, "compress", unlabelled_dep) if unlabelled_dep else None,
         "dvc_lock": stages,
         **(extra or {}),
     }

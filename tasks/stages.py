@@ -111,7 +111,6 @@ def validate(params) -> None:
 
 
 def deploy(params) -> None:
-    from shrinkflow.config import Params  # noqa: F401  (params already validated)
     from shrinkflow.gates import GateReport
     from shrinkflow.io import read_json, write_json
     from shrinkflow.lineage import collect_lineage
@@ -131,7 +130,7 @@ def deploy(params) -> None:
         "teacher_metrics": metrics["teacher"],
         "selection": gates["reason"],
         "lineage": collect_lineage(Path.cwd(), params.digest(), data_out=str(PREPARED / "train.parquet"),
-                                   teacher_out=str(TEACHER)),
+                                   teacher_out=str(TEACHER), unlabelled_dep=params.compress.unlabelled_path),
     }
     registry = Registry(params.deploy.registry_dir)
     promo = registry.promote(CANDIDATES / chosen, report, record)

@@ -125,6 +125,8 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     assert lin["git"]["commit"] == head
     assert lin["teacher_md5"] == next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/teacher")
     assert lin["data_md5"] and len(lin["params_sha256"]) == 64
+    assert lin["unlabelled_md5"] == next(d["md5"] for d in lock["compress"]["deps"]
+                                         if d["path"] == "data/unlabelled/texts.txt")
     assert set(lin["dvc_lock"]) >= {"fetch", "data", "train", "compress", "validate"}
     assert dep["recipe"][0]["method"] == "quantize"
     reg.verify("v0001")
