@@ -211,13 +211,19 @@ def test_frontier_report_through_dvc(project, harness):
 
 
 def test_schedule_serves_a_recurring_deployment(project, harness):
-    """`shrinkflow schedule --interval` runs the lifecycle on a Prefect schedule."""
+    """`shrinkflow schedule` registers a deployment with the schedule and serves it.
+
+    Prefect's test harness runs no scheduler service (the part of a Prefect
+    server that turns schedules into runs), so the test checks the registered
+    schedule, then triggers a run of the deployment, as `prefect deployment
+    run` does, and waits for the served process to execute it.
+    """
     import asyncio
     import signal
     import time
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     code, out = run_cli(project, None, "schedule", "--cron", "not a cron")
     assert code == 2 and "not a valid cron expression" in out
@@ -226,31 +232,46 @@ def test_schedule_serves_a_recurring_deployment(project, harness):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_API_URL"] = harness
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "3", "--name", "e2e"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "3600", "--name", "e2e"],
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    async def completed_runs():
+    async def find_deployment():
         async with get_client() as client:
             deps = await client.read_deployments(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["e2e"])))
-            if not deps:
-                return [], None
-            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                deployment_id={"any_": [deps[0].id]}))
-            return [r for r in runs if r.state and r.state.is_completed()], deps[0]
+            return deps[0] if deps else None
+
+    async def trigger(dep_id):
+        async with get_client() as client:
+            return (await client.create_flow_run_from_deployment(dep_id)).id
+
+    async def state_of(run_id):
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).state
 
     try:
-        deadline = time.time() + 240
-        done, dep = [], None
-        while time.time() < deadline and not done:
-            time.sleep(3)
+        deadline = time.time() + 120
+        dep = None
+        while dep is None and time.time() < deadline:
+            time.sleep(2)
             assert proc.poll() is None, proc.stdout.read()
-            done, dep = asyncio.run(completed_runs())
-        assert done, "no scheduled run completed within 240 s"
-        assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3
+            dep = asyncio.run(find_deployment())
+        assert dep is not None, "the deployment was never registered"
+        assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3600
+        assert dep.schedules[0].active and dep.parameters == {"project_dir": str(project)}
+        run_id = asyncio.run(trigger(dep.id))
+        deadline = time.time() + 240
+        state = None
+        while time.time() < deadline and not (state and state.is_final()):
+            time.sleep(3)
+            state = asyncio.run(state_of(run_id))
+        if not (state and state.is_completed()):
+            proc.terminate()
+            raise AssertionError(f"served run ended as {state}\n{proc.communicate(timeout=30)[0][-4000:]}")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
