@@ -32,7 +32,9 @@ def copy_project() -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith("bench/results"):
+        # No dvc.lock and no committed stage outputs: the full run runs every stage.
+        if (ROOT / rel).is_file() and not rel.startswith(("bench/results", "metrics/", "reports/", "deploy/")) \
+                and rel != "dvc.lock":
             (WORK / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, WORK / rel)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]

@@ -27,6 +27,9 @@ def lifecycle(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
     if selected:
         stages["deploy"] = repro_stage_with_retries("deploy")("deploy", project_dir)
         deployment = read_deployment(project_dir)
+        if deployment is None:  # DVC saw nothing stale, but the registry lacks it
+            stages["deploy"] = repro_stage_with_retries("deploy")("deploy", project_dir, force=True)
+            deployment = read_deployment(project_dir)
     version = deployment["version"] if deployment else None
     publish_report(validation, version, stages)
     return {"stages": stages, "selected": selected, "deployed_version": version,

@@ -61,9 +61,9 @@ def classify(output: str, stage: str) -> str:
 
 
 def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
-                extra_env: dict | None = None) -> StageRun:
+                extra_env: dict | None = None, force: bool = False) -> StageRun:
     """``dvc repro --single-item <stage>``, streaming its output as it comes."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     env = {**offline_env(), **(extra_env or {})}
     proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,

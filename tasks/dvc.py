@@ -13,7 +13,7 @@ RETRIES = {"fetch": 2}
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NO_CACHE, log_prints=True)
-def repro_stage(stage: str, project_dir: str) -> dict:
+def repro_stage(stage: str, project_dir: str, force: bool = False) -> dict:
     # NO_CACHE: DVC's lock file and run-cache are the cache. A Prefect-level
     # cache would skip a stage whose inputs DVC knows have changed.
     # Stages that run Prefect themselves (compress fans out candidates) report
@@ -21,7 +21,7 @@ def repro_stage(stage: str, project_dir: str) -> dict:
     from prefect.client.orchestration import get_client
 
     api_url = str(get_client(sync_client=True).api_url)
-    run = _repro_stage(stage, project_dir, extra_env={"PREFECT_API_URL": api_url})
+    run = _repro_stage(stage, project_dir, extra_env={"PREFECT_API_URL": api_url}, force=force)
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")
     return run.to_dict()
 

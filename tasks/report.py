@@ -22,8 +22,20 @@ def read_validation(project_dir: str) -> dict:
 
 @task(name="read-deployment", cache_policy=NO_CACHE)
 def read_deployment(project_dir: str) -> dict | None:
+    """The deploy stage's record, if the registry really serves it.
+
+    deploy/deployment.json can outlive its registry (a fresh clone, a deleted
+    registry dir): then DVC sees nothing stale, and the flow must re-deploy.
+    """
+    from shrinkflow.config import load_params
+    from shrinkflow.registry import Registry
+
     path = Path(project_dir) / DEPLOYMENT
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    registry = Registry(Path(project_dir) / load_params(Path(project_dir) / "params.yaml").deploy.registry_dir)
+    return record if registry.alias() == record["version"] else None
 
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)

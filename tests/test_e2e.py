@@ -136,6 +136,14 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     assert code == 0, out
     assert set(stages_line(out).values()) == {"skipped"}
 
+    # 3b. The registry is lost (or this is a fresh clone): DVC sees nothing
+    #     stale, but the flow notices production is missing and re-deploys.
+    shutil.rmtree(project / "registry")
+    code, out = run_cli(project, harness, "run")
+    assert code == 0, out
+    assert stages_line(out)["deploy"] == "ran" and stages_line(out)["train"] == "skipped"
+    assert reg.alias() == "v0001" and status_json(project)["deployed"]["version"] == "v0001"
+
     # 4. A compress-only param change re-runs compress, validate and deploy only.
     write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
         {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
