@@ -51,7 +51,7 @@ def compress_candidates(project_dir: str = ".", params_path: str = "params.yaml"
 
 
 def run_stage(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
-    params = load_params(Path(project_dir) / params_path)
+    params = load_params(Path(project_dir) / params_path)  # raises ParamsError before any change
     shutil.rmtree(Path(project_dir) / CANDIDATES, ignore_errors=True)
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(params.compress.runner))
     results = flow_(project_dir=project_dir, params_path=params_path)
@@ -61,11 +61,10 @@ def run_stage(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
 
 def main() -> int:
     try:
-        load_params("params.yaml")
+        run_stage()
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_stage()
     return 0
 
 

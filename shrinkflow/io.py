@@ -51,16 +51,5 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_dir(path: Path | str) -> str:
-    """Hash of a directory's relative file names and contents (order-free)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def dir_size_bytes(path: Path | str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -16,10 +16,6 @@ METRIC_ROWS = [
 ]
 
 
-def ratio(teacher: float, candidate: float) -> str:
-    return f"{teacher / candidate:.2f}x" if candidate else "n/a"
-
-
 def metrics_table(teacher: dict, candidates: dict[str, dict]) -> str:
     names = list(candidates)
     head = "| metric | teacher (fp32, torch) | " + " | ".join(names) + " |"

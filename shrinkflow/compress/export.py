@@ -12,21 +12,19 @@ from pathlib import Path
 _EXPORT_LOCK = threading.Lock()
 
 
-class _LogitsOnly:
+def _logits_only(model):
     """Wrap a HF model so the graph has plain tensor inputs and one output."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
-            def forward(self, input_ids, attention_mask):
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        return Wrapper(model)
+    return LogitsOnly(model)
 
 
 def export_onnx(model, path: Path, opset: int = 17) -> Path:
@@ -38,7 +36,7 @@ def export_onnx(model, path: Path, opset: int = 17) -> Path:
     import torch
 
     model.eval()
-    wrapper = _LogitsOnly(model)
+    wrapper = _logits_only(model)
     example = (torch.ones((2, 8), dtype=torch.long), torch.ones((2, 8), dtype=torch.long))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
