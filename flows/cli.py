@@ -1,9 +1,10 @@
 """``shrinkflow`` console script.
 
-Exit codes: 0 deployed (or status printed); 1 a candidate failed a gate
-(a normal outcome, not a crash); 2 bad params or usage; 3 a stage crashed.
-Prefect is imported only by ``run``, after params are validated, so a bad
-params file writes nothing (not even Prefect's database).
+Exit codes of ``run``: 0 deployed; 1 no candidate passed its gates (a
+normal outcome, not a crash); 2 bad params or usage; 3 anything that crashed
+(a stage, a missing file, Prefect failing to start, a deploy that leaves
+nothing in production). Prefect is imported only after params are validated,
+so a bad params file writes nothing (not even Prefect's database).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Optional
 import typer
 
 from shrinkflow.config import ParamsError, load_params
-from shrinkflow.pipeline import OFFLINE_ENV
+from shrinkflow.entry import configure_env
+from shrinkflow.paths import PREFECT_HOME, STATE
+
+EXIT_DEPLOYED, EXIT_NOT_DEPLOYED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="shrinkflow: train large, then compress. Runs the lifecycle through DVC and Prefect.")
@@ -43,11 +47,8 @@ def _validated(root: Path, params: Optional[Path]):
 
 
 def _configure_env(root: Path) -> None:
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
-    # Keep Prefect's state (ephemeral API database, logs) inside the project.
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Telemetry off; Prefect's state (database, logs) inside the project.
+    configure_env(root)
 
 
 @app.command()
@@ -59,22 +60,34 @@ def run(params: Optional[Path] = typer.Option(None, "--params", help="params fil
     if path.resolve() != target.resolve():
         # DVC tracks params.yaml; a run on another file makes it the params.
         if target.is_file() and target.read_bytes() != path.read_bytes():
-            backup = root / ".shrinkflow" / "params.previous.yaml"
+            backup = root / STATE / "params.previous.yaml"
             backup.parent.mkdir(exist_ok=True)
             shutil.copyfile(target, backup)
             typer.echo(f"params.yaml replaced by {path} (previous copy: {backup.relative_to(root)})")
         shutil.copyfile(path, target)
     _configure_env(root)
-    from flows.lifecycle import lifecycle
+    try:
+        from flows.lifecycle import lifecycle
+
+        result = lifecycle(project_dir=str(root))
+    except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
+        typer.echo(f"\nerror: {_crash_message(exc)}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    _print_summary(root, parsed, result)
+    raise typer.Exit(EXIT_DEPLOYED if result["deployed_version"] else EXIT_NOT_DEPLOYED)
+
+
+def _crash_message(exc: BaseException) -> str:
+    from shrinkflow.errors import DeploymentMissing, ParamsChanged
     from shrinkflow.pipeline import StageFailed
 
-    try:
-        result = lifecycle(project_dir=str(root))
-    except StageFailed as exc:
-        typer.echo(f"\nerror: {exc}", err=True)
-        raise typer.Exit(3)
-    _print_summary(root, parsed, result)
-    raise typer.Exit(0 if result["deployed_version"] else 1)
+    if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"missing file: {exc}"
+    # Anything else happened outside a stage: most often Prefect itself (an
+    # API that cannot start or be reached). Name it with its type.
+    return f"the lifecycle could not run: {type(exc).__name__}: {exc}"
 
 
 def _print_summary(root: Path, parsed, result: dict) -> None:
@@ -86,11 +99,15 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
         out.append(f"DEPLOYED {result['deployed_version']} (candidate {result['selected']!r}) "
                    f"-> {parsed.deploy.registry_dir}/versions/{result['deployed_version']}")
     else:
-        out.append("NOT DEPLOYED: no candidate passed every gate.")
+        out.append("NOT DEPLOYED: no candidate passed every gate; production is unchanged.")
         for name, d in result["gates"]["candidates"].items():
             rep = GateReport.from_dict(d)
             for f in rep.failures:
-                out.append(f"  {name}: {f.describe()}")
+                out.append(f"  {name} (val): {f.describe()}")
+        conf = result["gates"].get("confirmation")
+        if conf and not conf["passed"]:
+            for f in GateReport.from_dict(conf["gates"]).failures:
+                out.append(f"  {conf['candidate']} (test confirmation): {f.describe()}")
     out += [f"metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",
@@ -102,22 +119,34 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
            params: Optional[Path] = typer.Option(None, "--params")):
-    """Show the deployed (production) version, its metrics, gates and lineage."""
+    """Show the deployed (production) version: test figures, gates, lineage."""
+    from shrinkflow.errors import IntegrityError, RegistryError
     from shrinkflow.registry import Registry
 
     root = _project_root()
     _, parsed = _validated(root, params)
     registry = Registry(root / parsed.deploy.registry_dir)
-    prod = registry.production()
+    try:
+        prod = registry.production()
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
     if prod is None:
         doc = {"deployed": None, "message": "nothing is deployed yet: run `shrinkflow run`"}
     else:
         version, m = prod
+        try:
+            registry.verify(version)
+            integrity = "verified"
+        except IntegrityError as exc:
+            integrity = f"FAILED: {exc}"
         doc = {"deployed": {"version": version, "candidate": m["candidate"], "recipe": m["recipe"],
                             "created_at": m["created_at"], "path": str(registry.path(version)),
-                            "metrics": m["metrics"], "gates": m["gates"], "lineage": m["lineage"]},
+                            "integrity": integrity, "same_model_as": m.get("same_model_as"),
+                            "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
+                            "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"]},
                "teacher": {"metrics": m["teacher_metrics"],
-                           "description": "fp32 teacher, torch eager, as trained"},
+                           "description": "fp32 teacher, torch eager, as trained; same test sentences"},
                "versions": registry.versions()}
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
@@ -125,10 +154,19 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         typer.echo(doc["message"])
     else:
         d, t = doc["deployed"], doc["teacher"]["metrics"]
-        typer.echo(f"production: {d['version']} ({d['candidate']}), deployed {d['created_at']}")
-        for k in ("accuracy", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
+        typer.echo(f"production: {d['version']} ({d['candidate']}), deployed {d['created_at']}; "
+                   f"files {d['integrity']}")
+        typer.echo(f"  figures on the {d['metrics']['split']} split ({d['metrics']['n']} sentences; the "
+                   f"candidate was selected on {d['selection_metrics']['split']}):")
+        for k in ("accuracy", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
             typer.echo(f"  {k:<20} {d['metrics'][k]:>10.4g}   teacher {t[k]:>10.4g}")
+        mm = d["metrics"]
+        typer.echo(f"  accuracy drop        {mm['accuracy_drop']:>+10.4f}   {mm['confidence']:.0%} interval "
+                   f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}]")
+        typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
         typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
+        if not d["integrity"] == "verified":
+            raise typer.Exit(EXIT_CRASH)
 
 
 @app.command()
@@ -137,29 +175,62 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expre
              name: str = typer.Option("scheduled", "--name", help="deployment name")):
     """Serve the lifecycle as a Prefect deployment on a schedule (Ctrl-C stops).
 
-    Each scheduled run is a full `shrinkflow run`: DVC skips what is unchanged,
-    so a run with nothing new costs seconds. At most one run at a time.
+    With no PREFECT_API_URL set, a local Prefect server (with the scheduler
+    that turns schedules into runs) is started first, its state in .prefect/,
+    and stopped on the way out. Each scheduled run is a full `shrinkflow run`:
+    DVC skips what is unchanged, so a run with nothing new costs seconds. At
+    most one run at a time.
     """
     root = _project_root()
     _validated(root, None)
     if (cron is None) == (interval is None):
         typer.echo("error: give exactly one of --cron or --interval", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
+    _configure_env(root)
     if cron is not None:
         from prefect.client.schemas.schedules import CronSchedule
 
-        try:  # Prefect's own validation, before anything is served
+        try:  # Prefect's own validation, before anything is started
             CronSchedule(cron=cron)
         except ValueError as exc:
             typer.echo(f"error: --cron {cron!r} is not a valid cron expression: {exc}", err=True)
-            raise typer.Exit(2)
-    _configure_env(root)
-    from flows.lifecycle import lifecycle
+            raise typer.Exit(EXIT_USAGE)
+    import signal
 
-    when = f"cron {cron!r}" if cron else f"every {interval}s"
-    typer.echo(f"serving deployment shrinkflow-lifecycle/{name} ({when}) for {root}; Ctrl-C stops")
-    lifecycle.serve(name=name, cron=cron, interval=interval, limit=1,
-                    parameters={"project_dir": str(root)})
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import LocalPrefectServer
+
+    def _stop(signum, frame):  # SIGTERM stops like Ctrl-C: runner first, then the server
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    server = None
+    api_url = os.environ.get("PREFECT_API_URL")
+    try:
+        if not api_url:
+            server = LocalPrefectServer(root / PREFECT_HOME)
+            typer.echo(f"starting a local Prefect server (state in {PREFECT_HOME}/, log {server.log_path}) ...")
+            api_url = server.start()
+            os.environ["PREFECT_API_URL"] = api_url  # inherited by every run's subprocesses
+            typer.echo(f"Prefect UI: {server.url}  (API {api_url})")
+        from flows.lifecycle import lifecycle
+
+        when = f"cron {cron!r}" if cron else f"every {interval}s"
+        typer.echo(f"serving deployment shrinkflow-lifecycle/{name} ({when}) for {root} against {api_url}; "
+                   "Ctrl-C stops", )
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            lifecycle.serve(name=name, cron=cron, interval=interval, limit=1,
+                            parameters={"project_dir": str(root)}, print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        typer.echo(f"error: {_crash_message(exc)}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    finally:
+        if server is not None:
+            server.stop()
+            typer.echo("stopped the local Prefect server")
 
 
 def main() -> None:  # console-script entry point

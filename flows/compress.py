@@ -15,12 +15,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from shrinkflow.config import ParamsError, RunnerParams, load_params
+from shrinkflow.config import RunnerParams
 from shrinkflow.io import write_json
+from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
+from stages.common import run_stage
 from tasks.compress import build_candidate
-from tasks.stages import CANDIDATES
-
-METRICS_COMPRESS = Path("metrics/compress.json")
 
 
 def make_task_runner(runner: RunnerParams):
@@ -41,32 +40,25 @@ def make_task_runner(runner: RunnerParams):
 
 
 @flow(name="shrinkflow-compress", log_prints=True)
-def compress_candidates(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
-    params = load_params(Path(project_dir) / params_path)
-    runner = params.compress.runner
-    threads = max(1, params.train.threads // runner.max_workers)
-    futures = [build_candidate.submit(project_dir, params_path, c.name, threads)
-               for c in params.compress.candidates]
+def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int) -> dict:
+    futures = [build_candidate.submit(project_dir, c, opset, threads) for c in candidates]
     return {r["name"]: r for r in (f.result() for f in futures)}
 
 
-def run_stage(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
-    params = load_params(Path(project_dir) / params_path)  # raises ParamsError before any change
-    shutil.rmtree(Path(project_dir) / CANDIDATES, ignore_errors=True)
-    flow_ = compress_candidates.with_options(task_runner=make_task_runner(params.compress.runner))
-    results = flow_(project_dir=project_dir, params_path=params_path)
-    write_json(Path(project_dir) / METRICS_COMPRESS, results)
+def compress(params, project_dir: str = ".") -> dict:
+    """Build every candidate of ``params.compress`` into models/candidates."""
+    # Absolute: a Dask worker resolves it on its own filesystem, never
+    # relative to whatever directory the worker process started in.
+    root = str(Path(project_dir).resolve())
+    runner = params.compress.runner
+    shutil.rmtree(Path(root) / CANDIDATES, ignore_errors=True)
+    flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
+    results = flow_(project_dir=root, candidates=list(params.compress.candidates),
+                    opset=params.compress.onnx_opset,
+                    threads=max(1, params.train.threads // runner.max_workers))
+    write_json(Path(root) / METRICS_COMPRESS, results)
     return results
 
 
-def main() -> int:
-    try:
-        run_stage()
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("compress", compress))

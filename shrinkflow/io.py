@@ -25,6 +25,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # make the rename itself durable
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -53,3 +54,35 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 def dir_size_bytes(path: Path | str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def file_hashes(model_dir: Path | str) -> dict[str, str]:
+    """sha256 of every file under ``model_dir``, by relative POSIX path."""
+    root = Path(model_dir)
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def content_hash(hashes: dict[str, str]) -> str:
+    """One hash for a whole directory's files (names and contents)."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def fsync_tree(root: Path | str) -> None:
+    """Flush every file and directory under ``root`` (and root) to disk, so a
+    power cut after a rename cannot leave the new name over missing data."""
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [root, *sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True)]:
+        fsync_dir(d)
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -44,16 +44,72 @@ def dep_hash(stages: dict, stage: str, dep_path: str) -> str | None:
     return None
 
 
-def collect_lineage(project_dir: Path, params_digest: str, data_out: str, teacher_out: str,
-                    unlabelled_dep: str | None = None, extra: dict | None = None) -> dict:
+def cpu_model() -> str | None:
+    """The CPU's model name: latency gates hold on one kind of hardware only."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries a model's numbers depend on (metadata only:
+    nothing is imported, so the deploy stage stays light)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "transformers", "tokenizers", "onnxruntime", "onnx", "numpy", "dvc", "prefect"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def params_digest(stages: dict, chain: tuple[str, ...]) -> str:
+    """sha256 of the params values DVC recorded for the stages in ``chain``:
+    exactly the keys those stages declare, so an unrelated key (frontier, say)
+    never changes a deployed model's digest."""
+    import hashlib
+    import json
+
+    used = {s: stages.get(s, {}).get("params", {}) for s in chain}
+    return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class LineageError(RuntimeError):
+    """dvc.lock lacks an entry that lineage must record."""
+
+
+def collect_lineage(project_dir: Path, chain: tuple[str, ...], split_outs: dict[str, str], teacher_out: str,
+                    unlabelled_dep: str, extra: dict | None = None) -> dict:
+    """Lineage of a model built by the DVC stages in ``chain``.
+
+    Every hash comes from dvc.lock, so it names exactly what DVC pinned. A
+    hash that is missing raises LineageError rather than recording None.
+    """
     stages = dvc_lock_stages(project_dir)
+
+    def need(value, what):
+        if value is None:
+            raise LineageError(f"dvc.lock has no {what}: run the stages through DVC (dvc repro)")
+        return value
+
     return {
         "git": git_commit(project_dir),
-        "params_sha256": params_digest,
-        "data_md5": out_hash(stages, "data", data_out),
-        "teacher_md5": out_hash(stages, "train", teacher_out),
+        "params_sha256": params_digest(stages, chain),
+        "data_md5": {name: need(out_hash(stages, "data", path), f"data out {path}")
+                     for name, path in split_outs.items()},
+        "teacher_md5": need(out_hash(stages, "train", teacher_out), f"train out {teacher_out}"),
         # the unlabelled text compress distilled on (e.g. a production window)
-        "unlabelled_md5": dep_hash(stages, "compress", unlabelled_dep) if unlabelled_dep else None,
-        "dvc_lock": stages,
+        "unlabelled_md5": need(dep_hash(stages, "compress", unlabelled_dep), f"compress dep {unlabelled_dep}"),
+        "libraries": library_versions(),
+        "cpu": cpu_model(),
+        "dvc_lock": {s: stages[s] for s in chain if s in stages},
         **(extra or {}),
     }

@@ -93,6 +93,20 @@ def save_torch_model(model, tok: "Tokenizer", model_dir: Path, max_seq_len: int)
     return model_dir
 
 
+def save_torch_model_atomically(model, tok: "Tokenizer", dest: Path, max_seq_len: int) -> Path:
+    """Write the model dir beside ``dest``, then swap it in: a crash never
+    leaves a half-written model under the final name."""
+    import shutil
+
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch_model(model, tok, tmp, max_seq_len)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 def load_torch_model(model_dir: Path):
     from transformers import AutoModelForSequenceClassification
 

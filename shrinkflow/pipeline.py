@@ -13,13 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Telemetry and update checks fail offline and only add noise.
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from shrinkflow.entry import OFFLINE_ENV, configure_env  # noqa: F401  (re-exported)
 
 
 def offline_env(base: dict | None = None) -> dict:
@@ -77,3 +71,32 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     if rc != 0:
         raise StageFailed(stage, rc, output[-3000:])
     return StageRun(stage, classify(output, stage), round(time.perf_counter() - t0, 2))
+
+
+def params_fingerprint(project_dir: Path | str) -> str:
+    """Validate params.yaml and return the sha256 of its bytes. A run takes
+    this once at the start and checks it before every stage."""
+    import hashlib
+
+    from shrinkflow.config import parse_params_bytes
+    from shrinkflow.paths import PARAMS
+
+    path = Path(project_dir) / PARAMS
+    data = path.read_bytes()
+    parse_params_bytes(data, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_params_unchanged(project_dir: Path | str, fingerprint: str, before: str) -> None:
+    """Raise ParamsChanged if params.yaml differs from the run's fingerprint:
+    a run never mixes two versions of the params."""
+    import hashlib
+
+    from shrinkflow.errors import ParamsChanged
+    from shrinkflow.paths import PARAMS
+
+    path = Path(project_dir) / PARAMS
+    now = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    if now != fingerprint:
+        raise ParamsChanged(f"{path} changed during this run (before stage {before!r}); stopping so that no run "
+                            "mixes two versions of the params. Run again to use the new ones.")

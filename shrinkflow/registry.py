@@ -31,38 +31,27 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from shrinkflow.errors import IntegrityError, PromotionRefused, RegistryError  # noqa: F401  (re-exported)
 from shrinkflow.gates import GateReport
-from shrinkflow.io import read_json, sha256_file, write_json
+from shrinkflow.io import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
 
 PRODUCTION = "production"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-class PromotionRefused(RuntimeError):
-    """The candidate may not be deployed (failed gates, or bad artifacts)."""
-
-
-class IntegrityError(RuntimeError):
-    """A stored version's files do not match the hashes in its manifest."""
-
-
 @dataclass(frozen=True)
 class Promotion:
     version: str
-    created: bool          # False when an identical version already existed
-    previous: str | None   # production before this promotion
+    previous: str | None        # production before this promotion
+    same_model_as: str | None   # an earlier version with identical model files
 
 
-def file_hashes(model_dir: Path) -> dict[str, str]:
-    root = Path(model_dir)
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def content_hash(hashes: dict[str, str]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+@dataclass(frozen=True)
+class ModelRef:
+    """A verified version: its files matched their manifest hashes when loaded."""
+    version: str
+    path: Path                  # the model directory (load_predictor takes it)
+    manifest: dict
 
 
 class Registry:
@@ -82,13 +71,28 @@ class Registry:
         return sorted(names, key=lambda n: int(_VERSION_RE.match(n).group(1)))
 
     def aliases(self) -> dict[str, str]:
+        """Alias -> version, each checked: a version name, never a path, and
+        present in the registry (aliases.json is read by long-running servers;
+        a hand-edited or corrupted file must not point them anywhere else)."""
         path = self.root / "aliases.json"
-        return read_json(path) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        aliases = read_json(path)
+        if not isinstance(aliases, dict):
+            raise RegistryError(f"{path}: not a mapping of alias -> version")
+        for name, version in aliases.items():
+            if not isinstance(version, str) or not _VERSION_RE.match(version):
+                raise RegistryError(f"{path}: alias {name!r} -> {version!r} is not a version name (vNNNN)")
+            if not (self.path(version) / "manifest.json").is_file():
+                raise RegistryError(f"{path}: alias {name!r} -> {version!r}, which the registry does not hold")
+        return aliases
 
     def alias(self, name: str = PRODUCTION) -> str | None:
         return self.aliases().get(name)
 
     def path(self, version: str) -> Path:
+        if not _VERSION_RE.match(str(version)):
+            raise RegistryError(f"{version!r} is not a version name (vNNNN)")
         return self.versions_dir / version
 
     def manifest(self, version: str) -> dict:
@@ -107,13 +111,25 @@ class Registry:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def verify(self, version: str) -> None:
-        """Raise IntegrityError unless every model file matches its hash."""
-        expected = self.manifest(version)["files"]
+    def verify(self, version: str) -> dict:
+        """Raise IntegrityError unless every model file matches its hash;
+        return the manifest."""
+        manifest = self.manifest(version)
+        expected = manifest["files"]
         actual = file_hashes(self.path(version) / "model")
         if actual != expected:
             bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
             raise IntegrityError(f"version {version}: files changed or missing: {bad}")
+        return manifest
+
+    def load(self, version: str | None = None) -> ModelRef:
+        """The way to load a version (production by default): verified first,
+        every time, so a corrupted or edited model is never served."""
+        version = version or self.alias(PRODUCTION)
+        if version is None:
+            raise RegistryError(f"registry {self.root}: nothing is in production")
+        manifest = self.verify(version)
+        return ModelRef(version, self.path(version) / "model", manifest)
 
     # ------------------------------------------------------------ writing
     @contextmanager
@@ -129,7 +145,7 @@ class Registry:
     def _set_alias(self, name: str, version: str) -> None:
         aliases = self.aliases()
         aliases[name] = version
-        write_json(self.root / "aliases.json", aliases)
+        write_json(self.root / "aliases.json", aliases)  # fsynced, then os.replace
 
     def _log(self, event: dict) -> None:
         with open(self.root / "history.jsonl", "a") as fh:
@@ -137,12 +153,19 @@ class Registry:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def promote(self, model_dir: Path | str, gate_report: GateReport, record: dict) -> Promotion:
+    def promote(self, model_dir: Path | str, gate_report: GateReport, record: dict,
+                expected_files: dict[str, str] | None = None) -> Promotion:
         """Store ``model_dir`` as a new immutable version and make it production.
 
-        Refuses (PromotionRefused) a candidate that failed any gate. An
-        identical model (same file hashes) is not stored twice: its existing
-        version is re-pointed to instead.
+        Refuses (PromotionRefused) a candidate that failed any gate, and one
+        whose files differ from ``expected_files`` (the hashes recorded when it
+        was validated): what was validated is what is deployed.
+
+        Every promotion is a new version with its own gate report, metrics and
+        lineage, even when its model files equal an earlier version's (then
+        ``same_model_as`` names it): a re-validation under new gates or new
+        data is a new fact about the model, and the history must keep it. The
+        copy is hashed and fsynced before the alias moves to it.
         """
         if not gate_report.passed:
             raise PromotionRefused("refusing to deploy: " + gate_report.summary())
@@ -150,19 +173,22 @@ class Registry:
         if not (model_dir / "shrinkflow_model.json").is_file():
             raise PromotionRefused(f"refusing to deploy: {model_dir} is not a shrinkflow model directory")
         hashes = file_hashes(model_dir)
+        if expected_files is not None and hashes != expected_files:
+            bad = sorted(k for k in set(hashes) | set(expected_files) if hashes.get(k) != expected_files.get(k))
+            raise PromotionRefused(f"refusing to deploy: {model_dir} differs from the validated candidate "
+                                   f"(files changed since validation: {bad}); re-run validate")
         digest = content_hash(hashes)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._locked():
             previous = self.alias(PRODUCTION)
-            existing = next((v for v in self.versions() if self.manifest(v).get("content_hash") == digest), None)
-            if existing:
-                version, created = existing, False
-            else:
-                version, created = self._store(model_dir, hashes, digest, gate_report, record, now), True
+            same = next((v for v in reversed(self.versions())
+                         if self.manifest(v).get("content_hash") == digest), None)
+            version = self._store(model_dir, hashes, digest, gate_report,
+                                  {**record, "same_model_as": same}, now)
             self._set_alias(PRODUCTION, version)
             self._log({"event": "promote", "version": version, "previous": previous,
-                       "created": created, "at": now})
-        return Promotion(version, created, previous)
+                       "same_model_as": same, "at": now})
+        return Promotion(version, previous, same)
 
     def _store(self, model_dir: Path, hashes: dict, digest: str, gate_report: GateReport,
                record: dict, now: str) -> str:
@@ -181,7 +207,9 @@ class Registry:
             write_json(tmp / "manifest.json", {**record, "version": version, "created_at": now,
                                                 "files": hashes, "content_hash": digest,
                                                 "gates": gate_report.to_dict()["gates"]})
+            fsync_tree(tmp)
             os.rename(tmp, self.path(version))
+            fsync_dir(self.versions_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,11 +1,18 @@
-"""Human-readable reports (markdown) built from metrics and gate reports."""
+"""Human-readable reports (markdown) built from metrics and gate reports.
+
+Each report says what actually happened at the point it is written: the
+validate stage knows what was selected, not whether it was deployed, so
+``validation_markdown`` never claims a deployment; the lifecycle artifact,
+written after deploy, does.
+"""
 
 from __future__ import annotations
 
 from shrinkflow.gates import GateReport
 
 METRIC_ROWS = [
-    ("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
+    ("accuracy", "accuracy (val)", "{:.4f}"), ("f1", "F1 (val)", "{:.4f}"),
+    ("accuracy_drop", "accuracy drop vs teacher (val, paired)", "{:+.4f}"),
     ("accuracy_shifted", "accuracy, shifted domain", "{:.4f}"),
     ("latency_ms_p50_b1", "latency p50 b1 (ms)", "{:.2f}"),
     ("latency_ms_p95_b1", "latency p95 b1 (ms)", "{:.2f}"),
@@ -26,6 +33,15 @@ def metrics_table(teacher: dict, candidates: dict[str, dict]) -> str:
 
         cells = [cell(teacher)] + [cell(candidates[n]) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ci = [f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}] (McNemar p={m['mcnemar_p']:.3g})"
+          for m in candidates.values()]
+    conf = next(iter(candidates.values()), {}).get("confidence", 0.95)
+    lines.append(f"| drop {conf:.0%} interval (val) | — | " + " | ".join(ci) + " |")
+    splits = sorted({s for m in candidates.values() for s in m.get("agreement", {})})
+    for s in splits:
+        vals = [candidates[n]["agreement"].get(s) for n in names]
+        lines.append(f"| teacher agreement, {s} | 1 | "
+                     + " | ".join("n/a (no texts)" if v is None else f"{v:.4f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
@@ -39,11 +55,39 @@ def gates_table(reports: dict[str, GateReport]) -> str:
     return "\n".join(lines)
 
 
-def lifecycle_markdown(teacher: dict, candidates: dict[str, dict], reports: dict[str, GateReport],
-                       selection_reason: str, deployed: str | None) -> str:
-    verdict = (f"**Deployed {deployed}.**" if deployed
-               else "**Nothing deployed**: no candidate passed every gate.")
+def confirmation_section(conf: dict | None) -> list[str]:
+    if conf is None:
+        return ["## Confirmation on test", "", "No candidate passed every gate on val, so none was scored on test."]
+    m, t = conf["metrics"], conf["teacher"]
+    rep = GateReport.from_dict(conf["gates"])
+    state = ("confirmed" if conf["passed"] else
+             ("**NOT confirmed**: not deployed" if conf["enforced"] else "**NOT confirmed** (reported only)"))
+    return ["## Confirmation on test", "",
+            f"Only the chosen candidate, {conf['candidate']!r}, is scored on the test split ({m['n']} sentences): "
+            f"{state}.", "",
+            "| | teacher | candidate |", "|---|---|---|",
+            f"| accuracy | {t['accuracy']:.4f} | {m['accuracy']:.4f} |",
+            f"| F1 | {t['f1']:.4f} | {m['f1']:.4f} |",
+            f"| accuracy drop (paired) | | {m['accuracy_drop']:+.4f}, {m['confidence']:.0%} interval "
+            f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}], McNemar p={m['mcnemar_p']:.3g} |",
+            f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
+
+
+def outcome_line(gates: dict, deployed: str | None = None, deploy_ran: bool = False) -> str:
+    if gates["selected"] is None:
+        return f"**Nothing deployed**: {gates['reason']}"
+    if deployed:
+        return f"**Deployed {gates['selected']!r} as {deployed}.**"
+    if deploy_ran:
+        return f"**Selected {gates['selected']!r}, but the registry does not serve it.**"
+    return (f"**Selected {gates['selected']!r} for deployment** (passed every gate on val and its test "
+            "confirmation); the deploy stage promotes it: see `shrinkflow status`.")
+
+
+def validation_markdown(metrics: dict, gates: dict, deployed: str | None = None, deploy_ran: bool = False) -> str:
+    reports = {n: GateReport.from_dict(d) for n, d in gates["candidates"].items()}
     return "\n\n".join([
-        "# shrinkflow lifecycle", verdict, f"Selection: {selection_reason}",
-        "## Metrics (test split)", metrics_table(teacher, candidates),
-        "## Gates", gates_table(reports)]) + "\n"
+        "# shrinkflow lifecycle", outcome_line(gates, deployed, deploy_ran), f"Selection: {gates['reason']}",
+        f"## Metrics on {metrics['selection_split']} (gating and selection)", metrics_table(
+            metrics["teacher"], metrics["candidates"]),
+        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(metrics["confirmation"]))]) + "\n"

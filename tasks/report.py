@@ -8,10 +8,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.gates import GateReport
 from shrinkflow.io import read_json
-from shrinkflow.report import lifecycle_markdown
-from tasks.stages import DEPLOYMENT, GATES_JSON, METRICS_VALIDATE
+from shrinkflow.paths import DEPLOYMENT, GATES_JSON, METRICS_VALIDATE
+from shrinkflow.report import validation_markdown
 
 
 @task(name="read-validation", cache_policy=NO_CACHE)
@@ -21,29 +20,25 @@ def read_validation(project_dir: str) -> dict:
 
 
 @task(name="read-deployment", cache_policy=NO_CACHE)
-def read_deployment(project_dir: str) -> dict | None:
+def read_deployment(project_dir: str, registry_dir: str) -> dict | None:
     """The deploy stage's record, if the registry really serves it.
 
     deploy/deployment.json can outlive its registry (a fresh clone, a deleted
     registry dir): then DVC sees nothing stale, and the flow must re-deploy.
     """
-    from shrinkflow.config import load_params
     from shrinkflow.registry import Registry
 
     path = Path(project_dir) / DEPLOYMENT
     if not path.is_file():
         return None
     record = read_json(path)
-    registry = Registry(Path(project_dir) / load_params(Path(project_dir) / "params.yaml").deploy.registry_dir)
+    registry = Registry(Path(project_dir) / registry_dir)
     return record if registry.alias() == record["version"] else None
 
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
 def publish_report(validation: dict, deployed_version: str | None, stages: dict) -> str:
-    gates = validation["gates"]
-    reports = {n: GateReport.from_dict(d) for n, d in gates["candidates"].items()}
-    md = lifecycle_markdown(validation["metrics"]["teacher"], validation["metrics"]["candidates"],
-                            reports, gates["reason"], deployed_version)
+    md = validation_markdown(validation["metrics"], validation["gates"], deployed_version, "deploy" in stages)
     md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"
     create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
-from shrinkflow.evaluate import accuracy_f1, measure_isolated, percentiles_ms
+from shrinkflow.evaluate import measure_isolated, percentiles_ms
+from shrinkflow.stats import accuracy_f1
 from shrinkflow.io import dir_size_bytes
 from shrinkflow.runtime import load_predictor, predict_labels
 
@@ -61,12 +62,17 @@ def test_accuracy_f1_by_hand():
     assert p50 == pytest.approx(1.0) and p95 == pytest.approx(2.0)
 
 
-def test_measure_isolated_reports_every_metric(candidates, small_splits):
-    test = small_splits["test"]
+def test_measure_isolated_predicts_every_split_and_times(candidates, tiny_teacher_dir, small_splits):
     lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3)
-    m = measure_isolated(candidates["int8"], test["text"].tolist(), test["label"].tolist(), lat)
-    assert m.n_test == len(test) and 0.0 <= m.accuracy <= 1.0
-    assert 0 < m.latency_ms_p50_b1 <= m.latency_ms_p95_b1
-    assert 0 < m.latency_ms_p50_b32 <= m.latency_ms_p95_b32 and m.throughput_eps_b32 > 0
-    assert m.size_mb == pytest.approx(dir_size_bytes(candidates["int8"]) / 1e6, rel=1e-3)
-    assert m.peak_rss_mb > 20
+    splits = {"val": small_splits["val"]["text"].tolist(), "test": small_splits["test"]["text"].tolist(),
+              "unlabelled": []}
+    run = measure_isolated(candidates["int8"], splits, splits["val"], lat)
+    preds, m = run["predictions"], run["performance"]
+    assert {k: len(v) for k, v in preds.items()} == {k: len(v) for k, v in splits.items()}
+    # what the child process predicted is what the predictor predicts here
+    here = predict_labels(load_predictor(candidates["int8"], threads=1), splits["test"])
+    assert preds["test"] == here.tolist()
+    assert 0 < m["latency_ms_p50_b1"] <= m["latency_ms_p95_b1"]
+    assert 0 < m["latency_ms_p50_b32"] <= m["latency_ms_p95_b32"] and m["throughput_eps_b32"] > 0
+    assert m["size_mb"] == pytest.approx(dir_size_bytes(candidates["int8"]) / 1e6, rel=1e-3)
+    assert m["peak_rss_mb"] > 20

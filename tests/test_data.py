@@ -62,12 +62,3 @@ def test_split_changes_with_seed():
     b = stratified_split(df, DataParams(seed=1))
     assert set(a["test"]["text"]) != set(b["test"]["text"])
     assert a["test"]["label"].sum() == 5 and len(a["test"]) == 10
-
-
-def test_fetch_rejects_wrong_checksum(tmp_path, cache_dir, raw_archive):
-    from shrinkflow.config import DataSource
-    from shrinkflow.data import DataError, fetch_source
-
-    with pytest.raises(DataError, match="does not match the pinned"):
-        fetch_source(DataSource(sha256="0" * 64), tmp_path / "x.tar.gz", cache_dir)
-    assert not (tmp_path / "x.tar.gz").exists()

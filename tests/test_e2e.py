@@ -109,27 +109,46 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     doc = status_json(project)
     reg = Registry(project / "registry")
     dep = doc["deployed"]
-    assert dep["version"] == reg.alias() == "v0001"
+    assert dep["version"] == reg.alias() == "v0001" and dep["integrity"] == "verified"
     for key in ("accuracy", "f1", "latency_ms_p50_b1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
         assert dep["metrics"][key] == reg.manifest("v0001")["metrics"][key]
         assert doc["teacher"]["metrics"][key] > 0
+    # Selected on val; the reported figures are the test split's.
     validated = json.loads((project / "metrics/validate.json").read_text())
-    assert dep["metrics"] == validated["candidates"]["int8"]
-    assert doc["teacher"]["metrics"] == validated["teacher"]
+    conf = validated["confirmation"]
+    test_rows = len(__import__("pandas").read_parquet(project / "data/prepared/test.parquet"))
+    assert dep["metrics"]["split"] == "test" and dep["metrics"]["n"] == conf["metrics"]["n"] == test_rows
+    assert dep["metrics"]["accuracy"] == conf["metrics"]["accuracy"]
+    assert dep["selection_metrics"]["split"] == "val"
+    assert dep["selection_metrics"]["accuracy"] == validated["candidates"]["int8"]["accuracy"]
+    assert doc["teacher"]["metrics"]["accuracy"] == conf["teacher"]["accuracy"]
+    assert dep["metrics"]["latency_ms_p95_b1"] == validated["candidates"]["int8"]["latency_ms_p95_b1"]
+    m = dep["metrics"]
+    assert m["accuracy_drop_ci_low"] <= m["accuracy_drop"] <= m["accuracy_drop_ci_high"]
+    assert set(m["agreement"]) == {"train", "val", "test", "reference", "shifted", "unlabelled"}
+    assert m["agreement"]["unlabelled"] is None  # the default window is empty: said, not faked
     assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",
                                  "max_size_mb", "min_speedup"}
     assert all(g["passed"] and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
+    # What was validated is what was deployed.
+    assert reg.manifest("v0001")["files"] == validated["candidates"]["int8"]["files"]
     lin = dep["lineage"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert lin["git"]["commit"] == head
     assert lin["teacher_md5"] == next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/teacher")
-    assert lin["data_md5"] and len(lin["params_sha256"]) == 64
+    assert lin["data_md5"] == {s: next(o["md5"] for o in lock["data"]["outs"]
+                                       if o["path"] == f"data/prepared/{s}.parquet")
+                               for s in ("train", "val", "test", "reference", "shifted")}
+    assert len(lin["params_sha256"]) == 64
     assert lin["unlabelled_md5"] == next(d["md5"] for d in lock["compress"]["deps"]
                                          if d["path"] == "data/unlabelled/texts.txt")
-    assert set(lin["dvc_lock"]) >= {"fetch", "data", "train", "compress", "validate"}
+    assert lin["libraries"]["torch"].startswith("2.13") and lin["libraries"]["onnxruntime"]
+    assert lin["cpu"]
+    assert set(lin["dvc_lock"]) == {"fetch", "data", "train", "compress", "validate"}
     assert dep["recipe"][0]["method"] == "quantize"
-    reg.verify("v0001")
+    md = (project / "reports/gates.md").read_text()
+    assert "Selected 'int8' for deployment" in md and "Nothing deployed" not in md
 
     # 3. No change: every stage is skipped through DVC.
     code, out = run_cli(project, harness, "run")

@@ -6,15 +6,17 @@ import pytest
 import torch
 
 from shrinkflow.config import SmallDirectParams
-from shrinkflow.frontier import frontier_markdown, matched, plot, robustness_row, small_direct_model, verdict
+from shrinkflow.baseline import small_direct_model
+from shrinkflow.frontier import (frontier_markdown, matched, plot, robustness_row, robustness_sentences,
+                                verdict)
 
-SD = {"accuracy": 0.78, "accuracy_shifted": 0.60, "latency_ms_p95_b1": 2.0, "size_mb": 12.0,
+SD = {"accuracy_val": 0.78, "accuracy": 0.78, "accuracy_shifted": 0.60, "latency_ms_p95_b1": 2.0, "size_mb": 12.0,
       "throughput_eps_b32": 900}
 
 
-def pt(acc, shifted, lat, size):
-    return {"accuracy": acc, "accuracy_shifted": shifted, "latency_ms_p95_b1": lat, "size_mb": size,
-            "throughput_eps_b32": 500}
+def pt(acc, shifted, lat, size, val=None):
+    return {"accuracy_val": acc if val is None else val, "accuracy": acc, "accuracy_shifted": shifted,
+            "latency_ms_p95_b1": lat, "size_mb": size, "throughput_eps_b32": 500}
 
 
 def test_matched_budget_includes_the_tolerance_edge():
@@ -29,6 +31,27 @@ def test_verdict_picks_most_accurate_within_each_budget():
     assert lat["winner"] == "distilled" and lat["points_in_domain"] == pytest.approx(5.0)
     assert lat["points_shifted"] == pytest.approx(10.0)
     assert size["winner"] == "distilled" and size["key"] == "size_mb"
+
+
+def test_verdict_chooses_on_val_and_reports_test():
+    """The winner is the most accurate on val, even when another candidate
+    happens to score higher on test: choosing on test would report the best
+    of several tries."""
+    cands = {"a": pt(0.80, 0.70, 2.0, 10.0, val=0.84), "b": pt(0.86, 0.71, 2.0, 10.0, val=0.82)}
+    lat, _ = verdict(cands, "sd", SD, 0.10)
+    assert lat["winner"] == "a" and lat["points_in_domain"] == pytest.approx(2.0)
+
+
+def test_robustness_words_follow_the_figures():
+    large = {"fp32": 0.85, "int8": 0.84, "magnitude_50": 0.83}
+    small = {"fp32": 0.78, "int8": 0.74, "magnitude_50": 0.70}
+    text = " ".join(robustness_sentences({"L": large, "S": small}, "L", "S"))
+    assert "lost fewer points under every compression" in text and "holds here" in text
+    text = " ".join(robustness_sentences({"L": small, "S": large}, "L", "S"))
+    assert "does not show here" in text and "holds" not in text
+    mixed = {"fp32": 0.78, "int8": 0.70, "magnitude_50": 0.78}
+    text = " ".join(robustness_sentences({"L": large, "S": mixed}, "L", "S"))
+    assert "mixed: the large model lost fewer points under 1 of 2 compressions (int8)" in text
 
 
 def test_verdict_when_nothing_fits_the_budget():
@@ -64,6 +87,8 @@ def test_robustness_row_and_report(tmp_path, tiny_teacher_dir, small_splits):
     points = {"distilled": pt(0.83, 0.70, 2.1, 11.0), "sd": SD}
     plot(points, {"sd"}, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    worse = {k: v - 0.05 for k, v in row.items() if k != "fp32"} | {"fp32": row["fp32"]}
     md = frontier_markdown(pt(0.85, 0.74, 20.0, 91.0), points, {"sd"}, verdict({"distilled": points["distilled"]},
-                           "sd", SD, 0.1), {"teacher (large)": row, "small-direct": row}, SmallDirectParams(), 0.1)
+                           "sd", SD, 0.1), {"teacher (large)": row, "small-direct": worse}, SmallDirectParams(), 0.1)
     assert "compressed-large **beats** small-direct by **+5.00 points** in domain" in md
+    assert "the large model lost fewer points under every compression" in md

@@ -272,3 +272,48 @@ def test_hidden_state_matching(teacher, tiny_teacher_dir, small_splits):
             DistillStep(layers=(1,), epochs=3, batch_size=16, learning_rate=3e-3, hidden_weight=1.0),
             threads=1, progress=False, log=log)
     assert np.isfinite(log).all() and np.mean(log[-3:]) < np.mean(log[:3])
+
+
+def test_every_step_order_the_schema_allows_composes_safely(tiny_teacher_dir, small_splits):
+    """All orders of the middle steps: the schema accepts exactly the safe
+    ones, and in each accepted order every step's effect survives the later
+    steps. The refused order is shown to be really unsafe (it revives the
+    pruned weights), so the rule is not arbitrary."""
+    import itertools
+
+    from pydantic import ValidationError
+
+    from shrinkflow.compress.magnitude import sparsity
+    from shrinkflow.compress.recipe import transform_torch
+    from shrinkflow.config import StructuredPruneStep
+
+    train = small_splits["train"]
+    tok_json = (tiny_teacher_dir / TOKENIZER).read_text()
+    steps = {"structured_prune": StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.5,
+                                                     importance_batches=2, recovery_epochs=1, learning_rate=3e-3),
+             "vocab_prune": VocabPruneStep(),
+             "magnitude_prune": MagnitudePruneStep(target_sparsity=0.5)}
+    full_vocab = load_torch_model(tiny_teacher_dir).config.vocab_size
+
+    def apply(recipe):
+        model, _, stats = transform_torch(load_torch_model(tiny_teacher_dir), tok_json, Candidate.model_construct(
+            name="c", recipe=recipe), train["text"].tolist(), train["label"].to_numpy(), threads=1, progress=False)
+        return model, stats
+
+    accepted = []
+    for order in itertools.permutations(steps):
+        recipe = tuple(steps[m] for m in order)
+        try:
+            Candidate(name="c", recipe=recipe)
+        except ValidationError as exc:
+            assert order.index("magnitude_prune") < order.index("structured_prune")
+            assert "magnitude_prune must come after structured_prune" in str(exc)
+            continue
+        accepted.append(order)
+        model, stats = apply(recipe)
+        assert sparsity(model) >= 0.5 - 1e-6, order            # the mask survived
+        assert stats["heads_per_layer"] == 1, order             # 2 heads -> 1
+        assert model.config.vocab_size < full_vocab, order      # vocabulary pruned
+    assert len(accepted) == 3
+    unsafe, _ = apply((steps["magnitude_prune"], steps["structured_prune"]))
+    assert sparsity(unsafe) < 0.25  # recovery training revived the zeros

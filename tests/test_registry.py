@@ -1,25 +1,38 @@
-"""Registry: immutable versions, atomic promotion, refusal, integrity."""
+"""Registry: immutable versions, atomic promotion, refusal, integrity.
+
+Faults are injected from outside, as they happen: a promoting process is
+killed with SIGKILL at many points of its work, and files are corrupted on
+disk. Nothing in the registry is patched.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from shrinkflow.config import Gates
 from shrinkflow.gates import evaluate_gates
 from shrinkflow.modeling import write_manifest
-from shrinkflow.registry import IntegrityError, PromotionRefused, Registry
+from shrinkflow.registry import IntegrityError, PromotionRefused, Registry, RegistryError
+from tests.conftest import PROJECT_ROOT
 
 TEACHER = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
 PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0}, TEACHER, Gates())
 FAIL = evaluate_gates("c", {"accuracy": 0.50, "latency_ms_p95_b1": 1.0, "size_mb": 1.0}, TEACHER, Gates())
 
 
-def model_dir(tmp_path, name, payload: bytes):
+def model_dir(tmp_path, name, payload: bytes, extra_files: int = 0):
     d = tmp_path / name
     d.mkdir()
     (d / "model.onnx").write_bytes(payload)
+    for i in range(extra_files):
+        (d / f"shard-{i:03d}.bin").write_bytes(os.urandom(256 * 1024))
     write_manifest(d, "onnx", 32)
     return d
 
@@ -28,25 +41,44 @@ def test_promote_versions_and_alias(tmp_path):
     reg = Registry(tmp_path / "reg")
     assert reg.production() is None and reg.versions() == []
     p1 = reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {"candidate": "a"})
-    assert (p1.version, p1.created, p1.previous) == ("v0001", True, None)
+    assert (p1.version, p1.previous, p1.same_model_as) == ("v0001", None, None)
     p2 = reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {"candidate": "b"})
     assert (p2.version, p2.previous) == ("v0002", "v0001")
     assert reg.alias() == "v0002" and reg.versions() == ["v0001", "v0002"]
     # v0001 is untouched and still loadable.
-    assert (reg.path("v0001") / "model" / "model.onnx").read_bytes() == b"one"
+    assert (reg.load("v0001").path / "model.onnx").read_bytes() == b"one"
     man = reg.manifest("v0002")
     assert man["candidate"] == "b" and man["gates"]["min_accuracy"]["passed"]
     assert (reg.path("v0002") / "gates.json").is_file()
     assert [e["version"] for e in reg.history()] == ["v0001", "v0002"]
 
 
-def test_identical_model_is_not_stored_twice(tmp_path):
+def test_identical_model_is_a_new_version_that_keeps_its_new_record(tmp_path):
+    """Re-validated under new gates or data, an identical model is promoted as
+    a new version: the new gate report, metrics and lineage are kept, and the
+    manifest says which earlier version had the same files."""
     reg = Registry(tmp_path / "reg")
-    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {"metrics": {"accuracy": 0.80}})
     reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
-    again = reg.promote(model_dir(tmp_path, "m3", b"one"), PASS, {})
-    assert (again.version, again.created) == ("v0001", False)
-    assert reg.alias() == "v0001" and reg.versions() == ["v0001", "v0002"]
+    again = reg.promote(model_dir(tmp_path, "m3", b"one"), PASS, {"metrics": {"accuracy": 0.81}})
+    assert (again.version, again.same_model_as, again.previous) == ("v0003", "v0001", "v0002")
+    assert reg.alias() == "v0003" and reg.versions() == ["v0001", "v0002", "v0003"]
+    assert reg.manifest("v0003")["metrics"] == {"accuracy": 0.81}
+    assert reg.manifest("v0001")["metrics"] == {"accuracy": 0.80}
+    assert reg.manifest("v0003")["content_hash"] == reg.manifest("v0001")["content_hash"]
+    assert reg.history()[-1]["same_model_as"] == "v0001"
+
+
+def test_a_candidate_that_differs_from_what_was_validated_is_refused(tmp_path):
+    from shrinkflow.io import file_hashes
+
+    reg = Registry(tmp_path / "reg")
+    m = model_dir(tmp_path, "m1", b"validated bytes")
+    validated = file_hashes(m)
+    (m / "model.onnx").write_bytes(b"swapped after validation")
+    with pytest.raises(PromotionRefused, match=r"differs from the validated candidate .*model.onnx"):
+        reg.promote(m, PASS, {}, expected_files=validated)
+    assert reg.versions() == [] and reg.alias() is None
 
 
 def test_failed_candidate_is_refused_and_nothing_changes(tmp_path):
@@ -59,43 +91,92 @@ def test_failed_candidate_is_refused_and_nothing_changes(tmp_path):
     assert reg.alias() == "v0001"
 
 
-def test_crash_mid_promote_leaves_previous_version_serving(tmp_path, monkeypatch):
-    reg = Registry(tmp_path / "reg")
-    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
-
-    def crash(src, dst):
-        raise OSError("disk pulled out mid-deploy")
-
-    monkeypatch.setattr(os, "rename", crash)
-    with pytest.raises(OSError, match="mid-deploy"):
-        reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
-    monkeypatch.undo()
-    assert reg.alias() == "v0001" and reg.versions() == ["v0001"]
-    assert not list((tmp_path / "reg" / "versions").glob(".tmp-*"))
-    # The next promotion works and numbers on from the last real version.
-    assert reg.promote(model_dir(tmp_path, "m3", b"three"), PASS, {}).version == "v0002"
-
-
-def test_crash_before_alias_swap_keeps_old_alias(tmp_path, monkeypatch):
-    reg = Registry(tmp_path / "reg")
-    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
-    monkeypatch.setattr(Registry, "_set_alias", lambda *a: (_ for _ in ()).throw(OSError("killed")))
-    with pytest.raises(OSError):
-        reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
-    monkeypatch.undo()
-    assert reg.alias() == "v0001"
-
-
 def test_refuses_a_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(PromotionRefused, match="not a shrinkflow model"):
         Registry(tmp_path / "reg").promote(tmp_path / "junk", PASS, {})
 
 
-def test_verify_detects_a_corrupted_artifact(tmp_path):
+def test_every_load_verifies_the_files(tmp_path):
     reg = Registry(tmp_path / "reg")
     v = reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {}).version
-    reg.verify(v)
+    ref = reg.load()
+    assert ref.version == v and (ref.path / "model.onnx").read_bytes() == b"one"
     (reg.path(v) / "model" / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(IntegrityError, match="model.onnx"):
-        reg.verify(v)
+        reg.load()
+    with pytest.raises(IntegrityError):
+        reg.load(v)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "/tmp/x", "v1", "v0009", 7])
+def test_alias_file_is_validated(tmp_path, bad):
+    reg = Registry(tmp_path / "reg")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    (tmp_path / "reg" / "aliases.json").write_text(json.dumps({"production": bad}))
+    with pytest.raises(RegistryError, match="production"):
+        reg.alias()
+    with pytest.raises(RegistryError):
+        reg.load()
+
+
+PROMOTER = r"""
+import sys, time
+from shrinkflow.config import Gates
+from shrinkflow.gates import evaluate_gates
+from shrinkflow.registry import Registry
+t = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
+report = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0}, t, Gates())
+reg = Registry(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.perf_counter()
+reg.promote(sys.argv[2], report, {"candidate": "new"})
+print(f"done {time.perf_counter() - t0:.4f}", flush=True)
+"""
+
+
+def _promoter(reg_dir, src):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", PROMOTER, str(reg_dir), str(src)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_kill_9_anywhere_in_a_promotion_leaves_a_consistent_registry(tmp_path):
+    """SIGKILL a real promoting process at points spread over its whole run:
+    production is always the old or the new version, never a half-written
+    one, every listed version verifies, and the next promotion works."""
+    reg_dir = tmp_path / "reg"
+    reg = Registry(reg_dir)
+    reg.promote(model_dir(tmp_path, "base", b"base"), PASS, {})
+    src = model_dir(tmp_path, "big", b"new", extra_files=40)  # ~10 MB: copy, hash, fsync take a while
+
+    # How long one uninterrupted promotion takes, in a throwaway registry.
+    probe = _promoter(tmp_path / "probe-reg", src)
+    probe.stdin.write("go\n")
+    probe.stdin.flush()
+    duration = float(probe.stdout.readline().split()[1])
+    probe.wait(timeout=60)
+
+    killed_mid_way = 0
+    for i in range(12):
+        proc = _promoter(reg_dir, src)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(duration * (i + 0.5) / 12)
+        if proc.poll() is None:
+            killed_mid_way += 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        fresh = Registry(reg_dir)
+        alias = fresh.alias()  # validated: a real, complete version
+        assert alias in fresh.versions()
+        assert fresh.manifest(alias).get("candidate") in (None, "new")
+        for v in fresh.versions():
+            fresh.verify(v)
+    assert killed_mid_way >= 6, f"only {killed_mid_way} kills landed mid-promotion; the test proved little"
+    after = Registry(reg_dir).promote(model_dir(tmp_path, "next", b"next"), PASS, {})
+    assert Registry(reg_dir).alias() == after.version
+    assert not list((reg_dir / "versions").glob(".tmp-*"))

@@ -1,0 +1,52 @@
+"""The catalog of project paths, relative to the project root.
+
+Stages, tasks, flows and tests import these names instead of spelling paths
+out, and ``tests/test_dvc_graph.py`` checks that dvc.yaml declares the same
+paths as deps and outs. Constants only: importing this module touches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DVC_YAML = Path("dvc.yaml")
+PARAMS = Path("params.yaml")
+
+RAW = Path("data/raw/source.tar.gz")
+PREPARED = Path("data/prepared")
+# The four movie-review splits plus the product-review (shifted) domain.
+SPLITS = ("train", "val", "test", "reference", "shifted")
+# Unlabelled text the teacher labels for distillation; the re-compression flow
+# writes its snapshot of production text here. The only place this path is
+# named in code: dvc.yaml's compress stage lists it as a dep (checked by test).
+UNLABELLED = Path("data/unlabelled/texts.txt")
+
+TEACHER = Path("models/teacher")
+CANDIDATES = Path("models/candidates")
+SMALL_DIRECT = Path("models/small_direct")
+
+METRICS_DATA = Path("metrics/data.json")
+METRICS_TRAIN = Path("metrics/train.json")
+METRICS_COMPRESS = Path("metrics/compress.json")
+METRICS_VALIDATE = Path("metrics/validate.json")
+METRICS_SMALL_DIRECT = Path("metrics/small_direct.json")
+METRICS_FRONTIER = Path("metrics/frontier.json")
+GATES_JSON = Path("reports/gates.json")
+GATES_MD = Path("reports/gates.md")
+FRONTIER_MD = Path("reports/frontier.md")
+FRONTIER_PNG = Path("reports/frontier.png")
+DEPLOYMENT = Path("deploy/deployment.json")
+
+# Local state, git-ignored: Prefect's home (database, logs) and run scratch.
+PREFECT_HOME = Path(".prefect")
+STATE = Path(".shrinkflow")
+
+
+def split_path(name: str) -> Path:
+    return PREPARED / f"{name}.parquet"
+
+
+def cache_dir() -> Path:
+    """Where the fetched source archive is cached between clones."""
+    return Path(os.environ.get("SHRINKFLOW_CACHE_DIR", Path.home() / ".cache" / "shrinkflow"))

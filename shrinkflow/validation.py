@@ -1,0 +1,106 @@
+"""Validation as pure functions: predictions and timings in; selection
+figures, gate reports, the choice and its confirmation out.
+
+Choose on one split, report on another. Every candidate is gated and
+compared on ``val``; only the chosen one is then scored on ``test``, so the
+test figure of the deployed model is not the best of several tries on the
+same sentences. Agreement with the teacher needs no labels, so it is reported
+on every split, unlabelled text included.
+"""
+
+from __future__ import annotations
+
+from shrinkflow.config import ValidateParams
+from shrinkflow.stats import agreement, paired_accuracy_drop, quality
+from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
+
+SELECTION_SPLIT = "val"
+CONFIRMATION_SPLIT = "test"
+PERFORMANCE_KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32", "latency_ms_p95_b32",
+                    "throughput_eps_b32", "size_mb", "peak_rss_mb")
+
+
+def _shifted_accuracy(run: dict, labels: dict) -> float | None:
+    y = labels.get("shifted")
+    return quality(y, run["predictions"]["shifted"])["accuracy"] if y is not None and len(y) else None
+
+
+def teacher_figures(run: dict, labels: dict) -> dict:
+    """The teacher on the selection split: the baseline every gate compares to."""
+    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], run["predictions"][SELECTION_SPLIT]),
+            "accuracy_shifted": _shifted_accuracy(run, labels), **run["performance"]}
+
+
+def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: float) -> dict:
+    """A candidate on the selection split, paired against the teacher, plus
+    its agreement with the teacher on every split it was run on."""
+    p, tp = run["predictions"], teacher_run["predictions"]
+    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], p[SELECTION_SPLIT]),
+            **paired_accuracy_drop(labels[SELECTION_SPLIT], tp[SELECTION_SPLIT], p[SELECTION_SPLIT], confidence),
+            "accuracy_shifted": _shifted_accuracy(run, labels),
+            "agreement": {s: agreement(p[s], tp[s]) for s in p},
+            **run["performance"]}
+
+
+def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams) -> dict:
+    """The chosen candidate alone, on the test split: its accuracy gates again."""
+    y = labels[CONFIRMATION_SPLIT]
+    p, tp = run["predictions"][CONFIRMATION_SPLIT], teacher_run["predictions"][CONFIRMATION_SPLIT]
+    teacher = quality(y, tp)
+    cand = {**quality(y, p), **paired_accuracy_drop(y, tp, p, params.gates.accuracy_drop_confidence),
+            "agreement": agreement(p, tp)}
+    report = confirm_gates(name, cand, teacher, params.gates)
+    return {"candidate": name, "split": CONFIRMATION_SPLIT, "teacher": teacher, "metrics": cand,
+            "gates": report.to_dict(), "passed": report.passed, "enforced": params.confirm_on_test == "gate"}
+
+
+def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: dict[str, list[int]],
+                  params: ValidateParams, files: dict[str, dict]) -> tuple[dict, dict]:
+    """(metrics/validate.json, reports/gates.json) from the measured runs.
+
+    ``files`` holds each candidate's per-file sha256 and content hash as
+    validated; deploy refuses a candidate whose files differ from them.
+    """
+    conf = params.gates.accuracy_drop_confidence
+    teacher = teacher_figures(teacher_run, labels)
+    candidates = {n: {**candidate_figures(r, teacher_run, labels, conf), **files[n]}
+                  for n, r in candidate_runs.items()}
+    reports = {n: evaluate_gates(n, m, teacher, params.gates) for n, m in candidates.items()}
+    sel = select_candidate(candidates, reports, params.objective)
+    selected, reason, confirm = sel.chosen, sel.reason, None
+    if sel.chosen is not None:
+        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params)
+        if not confirm["passed"]:
+            misses = "; ".join(f"{g} {'FAILED' if not d['passed'] else 'passed'} on test: {d['value']:.4g} "
+                               f"(margin {d['margin']:+.4g})" for g, d in confirm["gates"]["gates"].items()
+                               if not d["passed"])
+            if confirm["enforced"]:
+                selected = None
+                reason = (f"no candidate deployed: {sel.chosen!r} passed every gate on {SELECTION_SPLIT} but "
+                          f"was not confirmed on {CONFIRMATION_SPLIT}: {misses}")
+            else:
+                reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {misses})"
+    metrics = {"selection_split": SELECTION_SPLIT, "confirmation_split": CONFIRMATION_SPLIT,
+               "teacher": teacher, "candidates": candidates, "confirmation": confirm}
+    gates = {"selected": selected, "best_effort": sel.best_effort, "reason": reason,
+             "candidates": {n: r.to_dict() for n, r in reports.items()}, "confirmation": confirm}
+    return metrics, gates
+
+
+def deployed_figures(metrics: dict, name: str) -> dict:
+    """What a deployed version reports: test figures of the chosen candidate
+    (and of the teacher on the same texts), its performance, and, kept
+    apart, the val figures it was selected on."""
+    conf = metrics["confirmation"]
+    if conf is None or conf["candidate"] != name:
+        raise ValueError(f"{name!r} was not the confirmed candidate")
+    cand = metrics["candidates"][name]
+    perf = {k: cand[k] for k in PERFORMANCE_KEYS}
+    return {
+        "metrics": {"split": CONFIRMATION_SPLIT, **conf["metrics"], "accuracy_shifted": cand["accuracy_shifted"],
+                    "agreement": cand["agreement"], **perf},
+        "teacher_metrics": {"split": CONFIRMATION_SPLIT, **conf["teacher"],
+                            "accuracy_shifted": metrics["teacher"]["accuracy_shifted"],
+                            **{k: metrics["teacher"][k] for k in PERFORMANCE_KEYS}},
+        "selection_metrics": {k: v for k, v in cand.items() if k not in ("files", "content_hash")},
+    }

@@ -1,0 +1,64 @@
+"""What every stage command shares: env, params read once and scoped to the
+keys dvc.yaml declares, clear errors, and small I/O helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from shrinkflow.entry import configure_env, declared_params
+from shrinkflow.paths import PARAMS, split_path
+
+
+def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
+    """Run ``body(params)`` as DVC stage ``stage``. Returns the exit code.
+
+    params.yaml is read once, validated, and handed to the stage as a view
+    that allows only the keys dvc.yaml declares for it. If the file changed
+    while the stage ran, the stage fails: DVC would otherwise record values
+    in dvc.lock that the outputs were not computed from.
+    """
+    from shrinkflow.config import ParamsError, ScopedParams, parse_params_bytes
+    from shrinkflow.errors import HANDLED
+
+    root = Path(project_dir)
+    configure_env(root)
+    path = root / PARAMS
+    try:
+        data = path.read_bytes()
+        params = parse_params_bytes(data, path)
+    except FileNotFoundError:
+        print(f"error: {stage}: {path} not found", file=sys.stderr)
+        return 2
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        body(ScopedParams(params, declared_params(stage, root), stage))
+        if path.read_bytes() != data:
+            from shrinkflow.errors import ParamsChanged
+
+            raise ParamsChanged(f"{path} changed while the stage ran; its outputs come from the old "
+                                "values, so DVC must not record the new ones: run again")
+    except HANDLED as exc:
+        print(f"error: {stage}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def read_split(name: str, root: Path | str = "."):
+    import pandas as pd
+
+    path = Path(root) / split_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the data stage first (dvc repro data)")
+    return pd.read_parquet(path)
+
+
+def read_lines(path: Path | str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (a missing file is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,53 @@
+"""deploy: promote the validated, selected candidate into the registry."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from stages.common import run_stage
+
+# The stages whose outputs (and params) make up a deployed model.
+CHAIN = ("fetch", "data", "train", "compress", "validate")
+
+
+def deploy(params) -> None:
+    from shrinkflow.errors import PromotionRefused
+    from shrinkflow.gates import GateReport
+    from shrinkflow.io import read_json, write_json
+    from shrinkflow.lineage import collect_lineage
+    from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_VALIDATE, SPLITS, TEACHER,
+                                  UNLABELLED, split_path)
+    from shrinkflow.registry import Registry
+    from shrinkflow.validation import deployed_figures
+
+    gates = read_json(GATES_JSON)
+    metrics = read_json(METRICS_VALIDATE)
+    chosen = gates["selected"]
+    if chosen is None:
+        raise PromotionRefused(f"refusing to deploy: {gates['reason']}")
+    report = GateReport.from_dict(gates["candidates"][chosen])
+    cand = next(c for c in params.compress.candidates if c.name == chosen)
+    figures = deployed_figures(metrics, chosen)
+    record = {
+        "candidate": chosen,
+        "recipe": [s.model_dump(mode="json") for s in cand.recipe],
+        **figures,
+        "confirmation": metrics["confirmation"],
+        "selection": gates["reason"],
+        "lineage": collect_lineage(Path.cwd(), CHAIN, {s: str(split_path(s)) for s in SPLITS},
+                                   str(TEACHER), str(UNLABELLED)),
+    }
+    registry = Registry(params.deploy.registry_dir)
+    promo = registry.promote(CANDIDATES / chosen, report, record,
+                             expected_files=metrics["candidates"][chosen]["files"])
+    write_json(DEPLOYMENT, {"version": promo.version, "previous": promo.previous,
+                            "same_model_as": promo.same_model_as, "candidate": chosen,
+                            "registry": str(registry.root),
+                            "content_hash": registry.manifest(promo.version)["content_hash"]})
+    print(f"deploy: {chosen} is production as {promo.version}"
+          + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("deploy", deploy))

@@ -1,0 +1,76 @@
+"""frontier: does train large, then compress beat training small directly?
+
+Picks each budget's best compressed candidate on val, reports it on test.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from stages.common import read_split, run_stage
+
+SD_NAME = "small-direct-vocab-int8"
+
+
+def _point(run: dict, labels: dict) -> dict:
+    from shrinkflow.stats import quality
+
+    p = run["predictions"]
+    return {"accuracy_val": quality(labels["val"], p["val"])["accuracy"],
+            "accuracy": quality(labels["test"], p["test"])["accuracy"],
+            "accuracy_shifted": quality(labels["shifted"], p["shifted"])["accuracy"], **run["performance"]}
+
+
+def frontier(params) -> None:
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep
+    from shrinkflow.evaluate import measure_isolated
+    from shrinkflow.frontier import frontier_markdown, plot, robustness_row, verdict
+    from shrinkflow.io import atomic_write_text, write_json
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
+    from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, METRICS_FRONTIER, SMALL_DIRECT,
+                                  TEACHER)
+    from shrinkflow.runtime import load_predictor, predict_labels
+
+    fp = params.frontier
+    threads = params.train.threads
+    frames = {s: read_split(s) for s in ("train", "val", "test", "shifted")}
+    texts = {s: frames[s]["text"].tolist() for s in ("val", "test", "shifted")}
+    labels = {s: frames[s]["label"].tolist() for s in ("val", "test", "shifted")}
+    lat = params.validate.latency
+    compressed = [c for c in params.compress.candidates if c.recipe]
+    points: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-frontier-") as tmp:
+        tmp = Path(tmp)
+        sd_dir = apply_recipe(SMALL_DIRECT, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
+                              tmp / "sd", train_texts=frames["train"]["text"].tolist(),
+                              train_labels=frames["train"]["label"].to_numpy(), threads=threads, progress=False)
+        # Latency moves run to run on a shared machine: measure the teacher, the
+        # baseline and every compressed candidate here, side by side, in one run.
+        models = [("teacher", TEACHER), (SD_NAME, sd_dir)] + [(c.name, CANDIDATES / c.name) for c in compressed]
+        for name, path in models:
+            print(f"frontier: measuring {name}")
+            points[name] = _point(measure_isolated(path, texts, texts["val"], lat), labels)
+        robustness = {}
+        test_labels = frames["test"]["label"].to_numpy()
+        for label, src in (("teacher (large)", TEACHER), ("small-direct", SMALL_DIRECT)):
+            q = apply_recipe(src, Candidate(name="q", recipe=(QuantizeStep(),)), tmp / f"q-{src.name}",
+                             progress=False)
+            int8_acc = float((predict_labels(load_predictor(q, threads), texts["test"]) == test_labels).mean())
+            tok = load_tokenizer(src / TOKENIZER, params.train.max_seq_len)
+            robustness[label] = robustness_row(load_torch_model(src), tok, texts["test"], test_labels,
+                                               fp.robustness_sparsities, int8_acc)
+    teacher = points.pop("teacher")
+    rows = verdict({n: m for n, m in points.items() if n != SD_NAME}, SD_NAME, points[SD_NAME], fp.match_tolerance)
+    plot({"teacher": teacher, **points}, {SD_NAME}, FRONTIER_PNG)
+    atomic_write_text(FRONTIER_MD, frontier_markdown(teacher, points, {SD_NAME}, rows, robustness,
+                                                     fp.small_direct, fp.match_tolerance))
+    write_json(METRICS_FRONTIER, {"verdict": rows, "robustness": robustness, "points": points, "teacher": teacher})
+    for r in rows:
+        print(f"frontier: {r}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("frontier", frontier))

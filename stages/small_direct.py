@@ -1,0 +1,38 @@
+"""small_direct: the baseline the frontier compares against, trained small."""
+
+from __future__ import annotations
+
+import sys
+
+from stages.common import read_split, run_stage
+
+
+def small_direct(params) -> None:
+    from shrinkflow.config import TrainParams
+    from shrinkflow.baseline import small_direct_model
+    from shrinkflow.io import write_json
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, save_torch_model_atomically
+    from shrinkflow.paths import METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
+    from shrinkflow.train import seed_everything, train_classifier
+
+    spec = params.frontier.small_direct
+    tp = params.train
+    tok = load_tokenizer(TEACHER / TOKENIZER, tp.max_seq_len)
+    seed_everything(spec.seed)
+    model = small_direct_model(load_torch_model(TEACHER), spec)
+    # The teacher's own training settings, except what the baseline sets.
+
+    train_params = TrainParams(max_seq_len=tp.max_seq_len, batch_size=tp.batch_size, threads=tp.threads,
+                               weight_decay=tp.weight_decay, warmup_fraction=tp.warmup_fraction,
+                               grad_clip_norm=tp.grad_clip_norm, group_by_length=tp.group_by_length,
+                               group_chunk_batches=tp.group_chunk_batches,
+                               epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed)
+    model, result = train_classifier(model, tok, read_split("train"), read_split("val"), train_params,
+                                     desc="small-direct")
+    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len)
+    write_json(METRICS_SMALL_DIRECT, result.__dict__)
+    print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("small_direct", small_direct))

@@ -1,0 +1,50 @@
+"""validate: measure the teacher and every candidate side by side, gate and
+select on val, confirm the choice alone on test."""
+
+from __future__ import annotations
+
+import sys
+
+from stages.common import read_lines, read_split, run_stage
+
+# Splits every model predicts. Labels are used for val (selection), test
+# (confirmation, chosen candidate only) and shifted (reported); the others
+# only feed teacher agreement, which needs no labels.
+PREDICTED = ("train", "val", "test", "reference", "shifted")
+
+
+def validate(params) -> None:
+    from shrinkflow.evaluate import measure_isolated
+    from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
+    from shrinkflow.paths import CANDIDATES, GATES_JSON, GATES_MD, METRICS_VALIDATE, TEACHER, UNLABELLED
+    from shrinkflow.report import validation_markdown
+    from shrinkflow.validation import SELECTION_SPLIT, validate_runs
+
+    frames = {s: read_split(s) for s in PREDICTED}
+    texts = {s: f["text"].tolist() for s, f in frames.items()} | {"unlabelled": read_lines(UNLABELLED)}
+    labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
+    lat = params.validate.latency
+    names = [c.name for c in params.compress.candidates]
+    # Hash before measuring: these are the bytes that get validated.
+    files = {}
+    for n in names:
+        hashes = file_hashes(CANDIDATES / n)
+        files[n] = {"files": hashes, "content_hash": content_hash(hashes)}
+    print("validate: measuring teacher (fp32, torch eager)")
+    teacher = measure_isolated(TEACHER, texts, texts[SELECTION_SPLIT], lat)
+    runs = {}
+    for n in names:
+        print(f"validate: measuring {n}")
+        runs[n] = measure_isolated(CANDIDATES / n, texts, texts[SELECTION_SPLIT], lat)
+    for n in names:
+        if file_hashes(CANDIDATES / n) != files[n]["files"]:
+            raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
+    metrics, gates = validate_runs(teacher, runs, labels, params.validate, files)
+    write_json(METRICS_VALIDATE, metrics)
+    write_json(GATES_JSON, gates)
+    atomic_write_text(GATES_MD, validation_markdown(metrics, gates))
+    print(f"validate: {gates['reason']}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("validate", validate))

@@ -1,0 +1,184 @@
+"""dvc.yaml knows everything each stage runs and reads.
+
+The deps check follows each stage command's imports itself (every ``import``
+anywhere in a module, lazy ones inside functions included, plus the
+``__init__`` of every package on the way), so a stage that starts importing
+a new module fails here until dvc.yaml lists it. The params check is done at
+run time by ScopedParams; here its declarations are checked to exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+PACKAGES = ("shrinkflow", "stages", "tasks", "flows", "monitoring")
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Every project module named by an import statement in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")
+                base_parts = parts if is_pkg else parts[:-1]
+                base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            out.add(base)
+            # `from pkg import sub` may name a submodule
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in out if m.split(".")[0] in PACKAGES}
+
+
+def import_closure(root: Path, entry: str) -> set[Path]:
+    """Files executed when ``python -m entry`` runs, at most (static)."""
+    seen: set[str] = set()
+    files: set[Path] = set()
+    todo = [entry]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        parts = mod.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        path = module_file(root, mod)
+        if path is None:
+            continue  # an attribute imported with `from pkg import name`
+        files.add(path.relative_to(root))
+        todo.extend(imported_modules(path, mod))
+    return files
+
+
+def uncovered(root: Path, dvc_yaml: dict) -> dict[str, list[str]]:
+    """Per stage: project files its command imports that no dep covers."""
+    out = {}
+    for name, stage in dvc_yaml["stages"].items():
+        argv = shlex.split(stage["cmd"])
+        assert argv[:2] == ["python", "-m"], f"stage {name}: cmd must be `python -m <module>`"
+        deps = [Path(next(iter(d)) if isinstance(d, dict) else d) for d in stage.get("deps", [])]
+        missing = sorted(str(f) for f in import_closure(root, argv[2])
+                         if not any(f == d or d in f.parents for d in deps))
+        if missing:
+            out[name] = missing
+    return out
+
+
+def load_dvc_yaml(root: Path = PROJECT_ROOT) -> dict:
+    return yaml.safe_load((root / "dvc.yaml").read_text())
+
+
+def test_every_stage_depends_on_every_module_it_imports():
+    assert uncovered(PROJECT_ROOT, load_dvc_yaml()) == {}
+
+
+def test_every_code_dep_exists():
+    """A dep that is no stage's out is source: it must be in the tree (a
+    renamed module must not leave a dangling dep behind)."""
+    stages = load_dvc_yaml()["stages"]
+    produced = {next(iter(o)) if isinstance(o, dict) else o
+                for s in stages.values() for key in ("outs", "metrics") for o in s.get(key, [])}
+    for name, stage in stages.items():
+        for d in stage.get("deps", []):
+            if d not in produced:
+                assert (PROJECT_ROOT / d).exists(), f"stage {name}: dep {d} does not exist"
+
+
+def test_the_check_fails_when_a_stage_imports_something_undeclared(tmp_path):
+    """The checker itself can fail: a stage that grows an import (lazy, inside
+    a function, through a package) without a matching dep is reported."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "shrinkflow" / "compress").mkdir(parents=True)
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "shrinkflow" / "__init__.py").write_text("")
+    (tmp_path / "shrinkflow" / "helper.py").write_text("from shrinkflow.compress import thing\n")
+    (tmp_path / "shrinkflow" / "compress" / "__init__.py").write_text("from .inner import thing\n")
+    (tmp_path / "shrinkflow" / "compress" / "inner.py").write_text("thing = 1\n")
+    (tmp_path / "stages" / "a.py").write_text("def body():\n    from shrinkflow import helper\n")
+    doc = {"stages": {"a": {"cmd": "python -m stages.a",
+                            "deps": ["stages/__init__.py", "stages/a.py", "shrinkflow/__init__.py"]}}}
+    assert uncovered(tmp_path, doc) == {"a": ["shrinkflow/compress/__init__.py", "shrinkflow/compress/inner.py",
+                                              "shrinkflow/helper.py"]}
+    doc["stages"]["a"]["deps"] += ["shrinkflow/helper.py", "shrinkflow/compress"]
+    assert uncovered(tmp_path, doc) == {}
+
+
+def test_every_declared_params_key_exists_in_params_yaml():
+    from shrinkflow.entry import declared_params
+
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for stage in load_dvc_yaml()["stages"]:
+        for key in declared_params(stage, PROJECT_ROOT):
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {stage}: params key {key} not in params.yaml"
+                node = node[part]
+
+
+def test_scoped_params_refuse_an_undeclared_key():
+    from shrinkflow.config import ParamsScopeError, ScopedParams, load_params
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    view = ScopedParams(params, frozenset({"train.threads", "validate", "compress.candidates"}), "demo")
+    assert view.train.threads == params.train.threads
+    assert view.validate.gates == params.validate_.gates           # yaml key
+    assert view.validate_.latency == params.validate_.latency      # attribute name
+    assert view.compress.candidates == params.compress.candidates
+    with pytest.raises(ParamsScopeError, match="stage 'demo' read params key 'train.epochs'"):
+        view.train.epochs
+    with pytest.raises(ParamsScopeError, match="'compress.runner'"):
+        view.compress.runner
+    with pytest.raises(ParamsScopeError, match="'data'"):
+        view.data
+    with pytest.raises(AttributeError):
+        view.digest()  # a method, not a key: lineage may not hash undeclared keys
+
+
+def test_unlabelled_text_has_one_source_of_truth():
+    """The path is a catalog constant, not a param, and it is a compress dep."""
+    from shrinkflow.config import CompressParams
+    from shrinkflow.paths import UNLABELLED
+
+    assert "unlabelled_path" not in CompressParams.model_fields
+    compress = load_dvc_yaml()["stages"]["compress"]
+    assert str(UNLABELLED) in compress["deps"]
+    assert str(UNLABELLED) in load_dvc_yaml()["stages"]["validate"]["deps"]
+
+
+def test_catalog_outs_match_dvc_yaml():
+    from shrinkflow import paths
+
+    stages = load_dvc_yaml()["stages"]
+
+    def outs(stage):
+        return {next(iter(o)) if isinstance(o, dict) else o
+                for key in ("outs", "metrics") for o in stages[stage].get(key, [])}
+
+    assert outs("fetch") == {str(paths.RAW)}
+    assert outs("data") == {str(paths.split_path(s)) for s in paths.SPLITS} | {str(paths.METRICS_DATA)}
+    assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN)}
+    assert outs("compress") == {str(paths.CANDIDATES), str(paths.METRICS_COMPRESS)}
+    assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD)}
+    assert outs("deploy") == {str(paths.DEPLOYMENT)}

@@ -1,0 +1,119 @@
+"""Choose on one split, report on another: paired statistics, the accuracy-
+drop basis, selection on val and confirmation on test, on tiny hand-made
+predictions whose answers can be worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from shrinkflow.config import Gates, ValidateParams
+from shrinkflow.gates import evaluate_gates
+from shrinkflow.stats import agreement, mcnemar_exact_p, paired_accuracy_drop, quality
+from shrinkflow.validation import deployed_figures, validate_runs
+
+
+def test_paired_drop_by_hand():
+    y = [1, 1, 1, 1, 0, 0, 0, 0, 1, 0]
+    t = [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]   # 8/10
+    c = [1, 1, 0, 0, 0, 0, 0, 1, 1, 1]   # 6/10
+    d = paired_accuracy_drop(y, t, c, confidence=0.95)
+    # discordant: teacher-only right at 2, 3, 7; candidate-only right at 8
+    assert (d["teacher_only_correct"], d["candidate_only_correct"], d["n"]) == (3, 1, 10)
+    assert d["accuracy_drop"] == pytest.approx(0.2)
+    se = math.sqrt(3 + 1 - (3 - 1) ** 2 / 10) / 10
+    assert d["accuracy_drop_se"] == pytest.approx(se, abs=1e-6)
+    assert d["accuracy_drop_ci_high"] == pytest.approx(0.2 + 1.959964 * se, abs=1e-5)
+    assert d["accuracy_drop_ci_low"] == pytest.approx(0.2 - 1.959964 * se, abs=1e-5)
+    # exact two-sided binomial: 2 * P(X <= 1 | n=4, p=1/2) = 2 * 5/16
+    assert d["mcnemar_p"] == pytest.approx(0.625)
+
+
+def test_mcnemar_edges():
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(5, 5) == 1.0
+    assert mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
+
+
+def test_agreement_needs_no_labels():
+    assert agreement([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert agreement([], []) is None
+    with pytest.raises(ValueError):
+        agreement([1], [1, 0])
+
+
+def test_quality_three_rows():
+    assert quality([1, 0, 1], [1, 0, 0]) == {"accuracy": pytest.approx(0.666667), "f1": pytest.approx(2 / 3),
+                                             "n": 3}
+
+
+TEACHER = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
+
+
+@pytest.mark.parametrize("high, passes", [(0.01, True), (0.0101, False), (0.0099, True)])
+def test_upper_bound_basis_gates_on_the_interval(high, passes):
+    gates = Gates(accuracy_drop_basis="upper_bound", max_accuracy_drop=0.01, min_speedup=1.0)
+    cand = {"accuracy": 0.85, "accuracy_drop": 0.0, "accuracy_drop_ci_high": high, "latency_ms_p95_b1": 1.0,
+            "size_mb": 1.0}
+    r = next(g for g in evaluate_gates("c", cand, TEACHER, gates).results if g.name == "max_accuracy_drop")
+    assert r.passed is passes and r.value == high
+    # the same candidate passes on the point estimate (drop 0)
+    point = next(g for g in evaluate_gates("c", cand, TEACHER, gates.model_copy(
+        update={"accuracy_drop_basis": "point"})).results if g.name == "max_accuracy_drop")
+    assert point.passed and point.value == 0.0
+
+
+def run(val, test, shifted=(1, 0), lat=1.0, size=1.0):
+    return {"predictions": {"val": list(val), "test": list(test), "shifted": list(shifted), "unlabelled": [1, 0]},
+            "performance": {"latency_ms_p50_b1": lat, "latency_ms_p95_b1": lat, "latency_ms_p50_b32": 10 * lat,
+                            "latency_ms_p95_b32": 10 * lat, "throughput_eps_b32": 100.0, "size_mb": size,
+                            "peak_rss_mb": 50.0}}
+
+
+LABELS = {"val": [1, 1, 0, 0, 1, 0, 1, 0, 1, 0], "test": [1, 0, 1, 0, 1, 0, 1, 0, 1, 0], "shifted": [1, 1]}
+FILES = {"fast": {"files": {"model.onnx": "a"}, "content_hash": "A"},
+         "slow": {"files": {"model.onnx": "b"}, "content_hash": "B"}}
+PARAMS = ValidateParams(gates=Gates(min_accuracy=0.5, max_accuracy_drop=0.15, max_latency_ms_p95_b1=100.0,
+                                    max_size_mb=100.0, min_speedup=1.0))
+
+
+def test_selection_on_val_confirmation_on_test():
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    fast = run(LABELS["val"][:9] + [1], LABELS["test"], lat=2.0)        # val 9/10, test 10/10
+    slow = run(LABELS["val"], LABELS["test"][:8] + [0, 1], lat=5.0)     # val 10/10, test 8/10
+    metrics, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, PARAMS, FILES)
+    assert gates["selected"] == "fast"  # fastest passing on val
+    assert metrics["candidates"]["fast"]["accuracy"] == 0.9 and metrics["candidates"]["fast"]["split"] == "val"
+    assert metrics["candidates"]["fast"]["agreement"] == {"val": 0.9, "test": 1.0, "shifted": 1.0, "unlabelled": 1.0}
+    conf = metrics["confirmation"]
+    assert conf["candidate"] == "fast" and conf["split"] == "test" and conf["passed"]
+    assert conf["metrics"]["accuracy"] == 1.0 and conf["teacher"]["accuracy"] == 1.0
+    # the other candidate was never scored on test: no test accuracy anywhere
+    assert "slow" not in str(conf) and all("test" not in k for k in metrics["candidates"]["slow"] if k != "agreement")
+    shown = deployed_figures(metrics, "fast")
+    assert shown["metrics"]["split"] == "test" and shown["metrics"]["accuracy"] == 1.0
+    assert shown["metrics"]["latency_ms_p95_b1"] == 2.0
+    assert shown["selection_metrics"]["accuracy"] == 0.9 and shown["teacher_metrics"]["accuracy"] == 1.0
+    assert "files" not in shown["selection_metrics"] and "files" not in shown["metrics"]
+    with pytest.raises(ValueError):
+        deployed_figures(metrics, "slow")
+
+
+def test_a_choice_not_confirmed_on_test_is_not_deployed_or_only_reported():
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    cand = run(LABELS["val"], [1 - y for y in LABELS["test"]], lat=2.0)   # perfect on val, 0/10 on test
+    metrics, gates = validate_runs(teacher, {"fast": cand}, LABELS, PARAMS, {"fast": FILES["fast"]})
+    assert gates["selected"] is None
+    assert "was not confirmed on test" in gates["reason"] and "min_accuracy FAILED on test" in gates["reason"]
+    assert gates["best_effort"] == "fast" and not metrics["confirmation"]["passed"]
+    report_only = PARAMS.model_copy(update={"confirm_on_test": "report"})
+    _, gates = validate_runs(teacher, {"fast": cand}, LABELS, report_only, {"fast": FILES["fast"]})
+    assert gates["selected"] == "fast" and "not confirmed on test, reported only" in gates["reason"]
+
+
+def test_nothing_passes_on_val_means_nothing_is_scored_on_test():
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    bad = run([1 - y for y in LABELS["val"]], LABELS["test"], lat=2.0)
+    metrics, gates = validate_runs(teacher, {"fast": bad}, LABELS, PARAMS, {"fast": FILES["fast"]})
+    assert gates["selected"] is None and metrics["confirmation"] is None
