@@ -64,12 +64,13 @@ def project(tmp_path_factory) -> Path:
     return dest
 
 
-def run_cli(project: Path, api_url: str | None, *args):
+def run_cli(project: Path, api_url: str | None, *args, extra_env: dict | None = None):
     """The real console entry point, in the project copy, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     env["PREFECT_HOME"] = str(project / ".prefect")
+    env.update(extra_env or {})
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900)
     return proc.returncode, proc.stdout + proc.stderr
@@ -214,6 +215,81 @@ def test_bad_params_exit_2_and_write_nothing(project, tmp_path):
     assert code == 2
 
 
+def test_every_crash_exits_3_and_production_keeps_serving(project, harness):
+    """0 deployed, 1 only for failed gates, 3 for anything that crashed."""
+    from shrinkflow.registry import Registry
+
+    reg = Registry(project / "registry")
+    before = reg.alias()
+    # deployable params again (the lifecycle test ended on an impossible gate)
+    write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
+        {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
+    texts = project / "data/unlabelled/texts.txt"
+    original = texts.read_bytes()
+
+    # Prefect cannot start or be reached: nothing runs.
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    code, out = run_cli(project, None, "run", extra_env=env)
+    assert code == 3 and "the lifecycle could not run" in out and "127.0.0.1:9" in out, out
+
+    # A missing file (a stage's dependency).
+    texts.unlink()
+    try:
+        code, out = run_cli(project, harness, "run")
+    finally:
+        texts.write_bytes(original)
+    assert code == 3 and "stage 'compress' failed" in out and "texts.txt" in out, out
+
+    # A stage that crashes (undecodable input).
+    texts.write_bytes(b"\xff\xfe not utf-8\n")
+    try:
+        code, out = run_cli(project, harness, "run")
+    finally:
+        texts.write_bytes(original)
+    assert code == 3 and "stage 'compress' failed" in out and "UnicodeDecodeError" in out, out
+    assert reg.alias() == before
+
+    # A deploy stage that exits 0 and writes its record, yet deploys nothing,
+    # even when forced (a broken deploy command).
+    dvc_yaml = project / "dvc.yaml"
+    good = dvc_yaml.read_text()
+    (project / "fake_deploy.py").write_text(
+        "import pathlib\npathlib.Path('deploy/deployment.json').write_text('{\"version\": \"v0099\"}')\n")
+    dvc_yaml.write_text(good.replace("cmd: python -m stages.deploy", "cmd: python fake_deploy.py"))
+    shutil.move(project / "registry", project / "registry.bak")
+    try:
+        code, out = run_cli(project, harness, "run")
+    finally:
+        dvc_yaml.write_text(good)
+        (project / "fake_deploy.py").unlink()
+        shutil.rmtree(project / "registry", ignore_errors=True)
+        shutil.move(project / "registry.bak", project / "registry")
+    assert code == 3 and "does not serve 'int8'" in out, out
+    assert reg.alias() == before
+
+
+def test_dvc_repro_typed_directly_keeps_telemetry_off_and_prefect_state_inside(project, tmp_path):
+    """`dvc repro` without the CLI: the compress stage (the one that runs
+    Prefect) keeps Prefect's state in the project, not in ~/.prefect, and its
+    ephemeral server sends no telemetry."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "DO_NOT_TRACK", "DVC_", "ITERATIVE_", "HF_", "TRANSFORMERS_"))}
+    env["HOME"] = str(home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    db = project / ".prefect" / "prefect.db"
+    before = db.stat().st_mtime if db.exists() else 0.0
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "compress"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Running stage 'compress'" in out
+    assert not (home / ".prefect").exists()
+    assert db.is_file() and db.stat().st_mtime > before
+    assert "telemetry" not in out.lower()
+
+
 def test_frontier_report_through_dvc(project, harness):
     """`dvc repro frontier` after the lifecycle: baseline, report, plot, dvc plots."""
     from shrinkflow.pipeline import offline_env
@@ -237,68 +313,75 @@ def test_frontier_report_through_dvc(project, harness):
     assert shown.returncode == 0 and "frontier.png" in shown.stdout
 
 
-def test_schedule_serves_a_recurring_deployment(project, harness):
-    """`shrinkflow schedule` registers a deployment with the schedule and serves it.
-
-    Prefect's test harness runs no scheduler service (the part of a Prefect
-    server that turns schedules into runs), so the test checks the registered
-    schedule, then triggers a run of the deployment, as `prefect deployment
-    run` does, and waits for the served process to execute it.
-    """
-    import asyncio
+def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
+    """`shrinkflow schedule --interval 5` with no PREFECT_API_URL, as in a
+    fresh clone: it starts a local Prefect server with its scheduler, and the
+    scheduler (not the test) creates the runs. Two must complete; SIGTERM then
+    stops the runner and the server, leaving no process behind."""
     import signal
     import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    import httpx
 
     code, out = run_cli(project, None, "schedule", "--cron", "not a cron")
     assert code == 2 and "not a valid cron expression" in out
     code, out = run_cli(project, None, "schedule")
     assert code == 2 and "exactly one of --cron or --interval" in out
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_API_URL"] = harness
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "3600", "--name", "e2e"],
-                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    async def find_deployment():
-        async with get_client() as client:
-            deps = await client.read_deployments(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["e2e"])))
-            return deps[0] if deps else None
-
-    async def trigger(dep_id):
-        async with get_client() as client:
-            return (await client.create_flow_run_from_deployment(dep_id)).id
-
-    async def state_of(run_id):
-        async with get_client() as client:
-            return (await client.read_flow_run(run_id)).state
-
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "e2e"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    api = None
     try:
-        deadline = time.time() + 120
-        dep = None
-        while dep is None and time.time() < deadline:
-            time.sleep(2)
-            assert proc.poll() is None, proc.stdout.read()
-            dep = asyncio.run(find_deployment())
-        assert dep is not None, "the deployment was never registered"
-        assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 3600
-        assert dep.schedules[0].active and dep.parameters == {"project_dir": str(project)}
-        run_id = asyncio.run(trigger(dep.id))
-        deadline = time.time() + 240
-        state = None
-        while time.time() < deadline and not (state and state.is_final()):
+        deadline = time.time() + 180
+        while api is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, "schedule exited early:\n" + "".join(lines)
+            lines.append(line)
+            found = re.search(r"\(API (http://127\.0\.0\.1:\d+/api)\)", line)
+            api = found.group(1) if found else None
+        assert api, "no local server was started:\n" + "".join(lines)
+        import threading
+
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+        def runs():
+            r = httpx.post(f"{api}/flow_runs/filter", json={
+                "deployments": {"name": {"any_": ["e2e"]}}, "sort": "EXPECTED_START_TIME_ASC"}, timeout=10)
+            r.raise_for_status()
+            return r.json()
+
+        deadline = time.time() + 300
+        done = []
+        while time.time() < deadline and len(done) < 2:
             time.sleep(3)
-            state = asyncio.run(state_of(run_id))
-        if not (state and state.is_completed()):
-            proc.terminate()
-            raise AssertionError(f"served run ended as {state}\n{proc.communicate(timeout=30)[0][-4000:]}")
+            assert proc.poll() is None, "".join(lines)
+            done = [r for r in runs() if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+        assert len(done) >= 2, f"runs: {[(r['name'], r['state_type']) for r in runs()]}\n" + "".join(lines)[-4000:]
+        assert all(r["auto_scheduled"] for r in done)  # created by the scheduler, not by hand
+        assert all(r["state_type"] == "COMPLETED" for r in done), [r["state_name"] for r in done]
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    port = int(api.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
+    leftovers = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
             try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if f"--port {port}" in cmd or (str(project) in cmd and "flows.cli" in cmd):
+                leftovers.append(cmd)
+    assert not leftovers, leftovers
+    assert "stopped the local Prefect server" in "".join(lines)

@@ -15,6 +15,9 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
     root = tmp_path / "proj"
     shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
     (root / "data" / "prepared").mkdir(parents=True)
+    (root / "data" / "unlabelled").mkdir(parents=True)
+    (root / "data" / "unlabelled" / "texts.txt").write_text("")
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     small_splits["train"].to_parquet(root / "data" / "prepared" / "train.parquet", index=False)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["train"]["threads"] = 2
@@ -30,16 +33,18 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
 @pytest.mark.parametrize("runner", [{"kind": "dask", "max_workers": 2}, {"kind": "threads", "max_workers": 2}],
                          ids=["dask-localcluster", "threads"])
 def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
-    from flows.compress import METRICS_COMPRESS, run_stage
+    from flows.compress import compress
     from shrinkflow.io import read_json
     from shrinkflow.modeling import read_manifest
+    from shrinkflow.paths import METRICS_COMPRESS
     from shrinkflow.runtime import load_predictor
+    from stages.common import run_stage
 
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, runner)
-    results = run_stage(project_dir=str(root))
+    assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
+    results = read_json(root / METRICS_COMPRESS)
     assert set(results) == {"int8", "vocab-int8"}
     assert results["vocab-int8"]["vocab_size"] < 30522 and "vocab_size" not in results["int8"]
-    assert read_json(root / METRICS_COMPRESS) == results
     for name in results:
         out = root / "models" / "candidates" / name
         assert read_manifest(out)["candidate"] == name
@@ -59,3 +64,15 @@ def test_make_task_runner_kinds():
                       DaskTaskRunner)
     with pytest.raises(ValueError, match="dask_address is set"):
         RunnerParams(kind="threads", dask_address="tcp://127.0.0.1:8786")
+
+
+def test_a_worker_that_cannot_see_the_project_says_so(tmp_path):
+    """The project location is explicit (absolute); a Dask worker on a machine
+    without the project at that path fails with a message that says why."""
+    from shrinkflow.config import Candidate
+    from tasks.compress import build_candidate
+
+    with pytest.raises(FileNotFoundError, match="same absolute path on every worker"):
+        build_candidate.fn("relative/project", Candidate(name="c"), 17, 1)
+    with pytest.raises(FileNotFoundError, match=r"no teacher at .*/models/teacher"):
+        build_candidate.fn(str(tmp_path), Candidate(name="c"), 17, 1)

@@ -1,0 +1,81 @@
+"""Entry points: telemetry off, Prefect state in the project, params read
+once per stage and per run, and scoped to dvc.yaml."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from shrinkflow.entry import OFFLINE_ENV, configure_env, declared_params
+from tests.conftest import PROJECT_ROOT
+
+
+@pytest.fixture
+def project(tmp_path):
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_configure_env_turns_telemetry_off_and_keeps_prefect_home_in_the_project(tmp_path):
+    env = configure_env(tmp_path, {"DO_NOT_TRACK": "0"})
+    assert env["DO_NOT_TRACK"] == "0"  # what the user set wins
+    assert {k: env[k] for k in OFFLINE_ENV if k != "DO_NOT_TRACK"} == {
+        k: v for k, v in OFFLINE_ENV.items() if k != "DO_NOT_TRACK"}
+    assert env["PREFECT_HOME"] == str(tmp_path.resolve() / ".prefect")
+
+
+def test_declared_params_read_dvc_yaml(project):
+    assert declared_params("train", project) == {"train"}
+    assert declared_params("compress", project) == {"compress", "train.threads"}
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        declared_params("nope", project)
+
+
+def test_a_stage_gets_only_its_declared_keys(project, capsys):
+    from stages.common import run_stage
+
+    seen = {}
+
+    def body(params):
+        seen["threads"] = params.train.threads
+        params.train.epochs  # not declared for compress
+
+    with pytest.raises(AttributeError, match="stage 'compress' read params key 'train.epochs'"):
+        run_stage("compress", body, project)
+    assert seen["threads"] == 2
+
+
+def test_a_stage_fails_if_params_change_while_it_runs(project, capsys):
+    """DVC records params.yaml as it is when the stage ends: a stage whose
+    outputs came from the old values must fail rather than be committed."""
+    from stages.common import run_stage
+
+    def body(params):
+        text = (project / "params.yaml").read_text()
+        (project / "params.yaml").write_text(text.replace("seed: 0", "seed: 1", 1))
+
+    assert run_stage("data", body, project) == 1
+    assert "params.yaml changed while the stage ran" in capsys.readouterr().err
+    assert run_stage("data", lambda p: None, project) == 0
+
+
+def test_bad_params_exit_2_before_the_stage_body(project, capsys):
+    from stages.common import run_stage
+
+    (project / "params.yaml").write_text("train: {epochs: -1}\n")
+    called = []
+    assert run_stage("train", called.append, project) == 2
+    assert not called and "train.epochs" in capsys.readouterr().err
+
+
+def test_a_run_never_mixes_two_versions_of_params(project):
+    from shrinkflow.errors import ParamsChanged
+    from shrinkflow.pipeline import check_params_unchanged, params_fingerprint
+
+    fp = params_fingerprint(project)
+    check_params_unchanged(project, fp, "data")
+    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n# edited\n")
+    with pytest.raises(ParamsChanged, match="before stage 'train'"):
+        check_params_unchanged(project, fp, "train")
