@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression"
 RESULTS = ROOT / "bench" / "results"
-CODE = ("shrinkflow/", "tasks/", "flows/", "dvc.yaml")
+CODE = ("shrinkflow/", "stages/", "tasks/", "flows/", "dvc.yaml")
 
 
 def main() -> None:

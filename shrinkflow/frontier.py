@@ -2,7 +2,7 @@
 beat training a small one directly, at the same latency or size?
 
 Pure functions over metrics dicts, plus the I/O-free pieces of the robustness
-study; tasks/stages.py does the loading and saving.
+study; stages/frontier.py does the loading and saving.
 """
 
 from __future__ import annotations

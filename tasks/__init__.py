@@ -1,7 +1,7 @@
-"""Prefect tasks and the DVC stage entrypoints they drive.
+"""Thin Prefect tasks used by the flows.
 
-- ``tasks.stages``: one function per DVC stage (the ``cmd`` in dvc.yaml). Each
-  loads its inputs, calls one library function, and saves its outputs. They
-  run in DVC's subprocess, so DVC decides what is stale.
-- ``tasks.dvc`` and ``tasks.report``: thin Prefect tasks used by the flows.
+- ``tasks.dvc``: run one DVC stage (``dvc repro --single-item``); DVC decides
+  what is stale. The stage commands themselves live in ``stages/``.
+- ``tasks.compress``: build one candidate (the compress stage fans out).
+- ``tasks.report``: read stage outputs, publish the Prefect artifact.
 """
