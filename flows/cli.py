@@ -170,6 +170,54 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
 
 
 @app.command()
+def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to make production (default: the "
+                                                                   "previous production version)")):
+    """Move production back atomically (recorded in the registry's history)."""
+    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.registry import Registry
+
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    registry = Registry(root / parsed.deploy.registry_dir)
+    try:
+        done = registry.rollback(to)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    except IntegrityError as exc:
+        typer.echo(f"error: refusing to roll back to a corrupted version: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    typer.echo(f"production: {done.previous} -> {done.version}")
+
+
+@app.command()
+def versions(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """List every version: key figures, when it was live, and which is live now."""
+    from shrinkflow.registry import Registry
+
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    rows = Registry(root / parsed.deploy.registry_dir).describe_versions()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        typer.echo("no versions yet: run `shrinkflow run`")
+        return
+    typer.echo(f"{'':2}{'version':<8} {'candidate':<22} {'test acc':>8} {'p95 b1 ms':>9} {'MB':>6}  live")
+    for r in rows:
+        m = r["metrics"]
+
+        def num(x, fmt):
+            return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+        live = "; ".join(f"{p['from']} .. {p['to'] or 'now'}" for p in r["live"]) or "never"
+        typer.echo(f"{'*' if r['production'] else ' ':2}{r['version']:<8} {str(r['candidate']):<22} "
+                   f"{num(m['accuracy'], '8.4f')} {num(m['latency_ms_p95_b1'], '9.2f')} {num(m['size_mb'], '6.1f')}  "
+                   f"{live}" + (f"  (same files as {r['same_model_as']})" if r["same_model_as"] else ""))
+
+
+@app.command()
 def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expression, e.g. "0 3 * * *"'),
              interval: Optional[int] = typer.Option(None, "--interval", min=1, help="seconds between runs"),
              name: str = typer.Option("scheduled", "--name", help="deployment name")):

@@ -5,7 +5,7 @@ Layout::
     registry/
       versions/v0001/   immutable: model files + manifest.json
       aliases.json      {"production": "v0001"}; replaced atomically
-      history.jsonl     append-only log of promotions
+      history.jsonl     append-only log of promotions and rollbacks
       .lock             serialises writers (flock)
 
 Promotion builds the version in ``versions/.tmp-*`` and renames it into place,
@@ -44,6 +44,12 @@ class Promotion:
     version: str
     previous: str | None        # production before this promotion
     same_model_as: str | None   # an earlier version with identical model files
+
+
+@dataclass(frozen=True)
+class Rollback:
+    version: str       # production now
+    previous: str      # production before the rollback
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,72 @@ class Registry:
             self._log({"event": "promote", "version": version, "previous": previous,
                        "same_model_as": same, "at": now})
         return Promotion(version, previous, same)
+
+    def previous_production(self) -> str | None:
+        """The version that was production before the current one became it.
+
+        The alias is the truth; history says how it got there. If the history
+        lacks the event that made the current version production (a crash
+        between the alias swap and the history append), there is no safe
+        guess: None, and the caller must name a version.
+        """
+        current = self.alias(PRODUCTION)
+        for event in reversed(self.history()):
+            if event.get("version") == current:
+                return event.get("previous")
+        return None
+
+    def rollback(self, to: str | None = None) -> Rollback:
+        """Move production back, atomically: to the version that was production
+        just before the current one (so a second rollback undoes the first), or
+        to ``to``. The target is verified first (a corrupted version is never
+        made production) and the move is recorded in the history."""
+        with self._locked():
+            current = self.alias(PRODUCTION)
+            if current is None:
+                raise RegistryError(f"registry {self.root}: nothing is in production, nothing to roll back")
+            target = to if to is not None else self.previous_production()
+            if target is None:
+                raise RegistryError(f"the history does not say which version was production before {current}: "
+                                    "name one with --to (shrinkflow versions lists them)")
+            if target not in self.versions():
+                raise RegistryError(f"no version {target!r} in {self.root} (have: {', '.join(self.versions())})")
+            if target == current:
+                raise RegistryError(f"{target} is already production")
+            self.verify(target)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self._set_alias(PRODUCTION, target)
+            self._log({"event": "rollback", "version": target, "previous": current, "at": now})
+        return Rollback(target, current)
+
+    def live_periods(self) -> dict[str, list[dict]]:
+        """When each version was production: {version: [{"from", "to"}]},
+        from the history ("to" is None while it still is)."""
+        periods: dict[str, list[dict]] = {}
+        live: str | None = None
+        for event in self.history():
+            if event.get("event") not in ("promote", "rollback"):
+                continue
+            if live is not None:
+                periods[live][-1]["to"] = event["at"]
+            live = event["version"]
+            periods.setdefault(live, []).append({"from": event["at"], "to": None})
+        return periods
+
+    def describe_versions(self) -> list[dict]:
+        """Every version with its key figures, when it was live, and which is live now."""
+        current = self.alias(PRODUCTION)
+        periods = self.live_periods()
+        out = []
+        for v in self.versions():
+            m = self.manifest(v)
+            metrics = m.get("metrics") or {}
+            out.append({"version": v, "candidate": m.get("candidate"), "created_at": m.get("created_at"),
+                        "same_model_as": m.get("same_model_as"), "production": v == current,
+                        "live": periods.get(v, []),
+                        "metrics": {k: metrics.get(k) for k in ("split", "accuracy", "accuracy_drop",
+                                                                 "latency_ms_p95_b1", "size_mb")}})
+        return out
 
     def _store(self, model_dir: Path, hashes: dict, digest: str, gate_report: GateReport,
                record: dict, now: str) -> str:

@@ -180,3 +180,71 @@ def test_kill_9_anywhere_in_a_promotion_leaves_a_consistent_registry(tmp_path):
     after = Registry(reg_dir).promote(model_dir(tmp_path, "next", b"next"), PASS, {})
     assert Registry(reg_dir).alias() == after.version
     assert not list((reg_dir / "versions").glob(".tmp-*"))
+
+
+def test_rollback_to_previous_and_to_a_named_version(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    for i, payload in enumerate((b"one", b"two", b"three"), 1):
+        reg.promote(model_dir(tmp_path, f"m{i}", payload), PASS, {"candidate": f"c{i}"})
+    back = reg.rollback()
+    assert (back.previous, back.version) == ("v0003", "v0002") and reg.alias() == "v0002"
+    # the version production had just before: a second rollback undoes the first
+    assert reg.rollback().version == "v0003"
+    assert reg.rollback(to="v0001").version == "v0001"
+    assert reg.rollback(to="v0003").version == "v0003"
+    assert [e["event"] for e in reg.history()] == ["promote"] * 3 + ["rollback"] * 4
+    with pytest.raises(RegistryError, match="already production"):
+        reg.rollback(to="v0003")
+    with pytest.raises(RegistryError, match="no version 'v0042'"):
+        reg.rollback(to="v0042")
+    periods = reg.live_periods()
+    assert len(periods["v0003"]) == 3 and periods["v0003"][-1]["to"] is None
+    assert all(p["to"] is not None for p in periods["v0001"] + periods["v0002"])
+    rows = reg.describe_versions()
+    assert [r["production"] for r in rows] == [False, False, True]
+    assert rows[0]["candidate"] == "c1" and len(rows[0]["live"]) == 2 and len(rows[1]["live"]) == 2
+
+
+def test_rollback_refuses_a_corrupted_target_and_keeps_production(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
+    (reg.path("v0001") / "model" / "model.onnx").write_bytes(b"rot")
+    with pytest.raises(IntegrityError, match="v0001"):
+        reg.rollback()
+    assert reg.alias() == "v0002" and reg.history()[-1]["event"] == "promote"
+
+
+def test_rollback_with_nothing_or_no_history_says_what_to_do(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="nothing is in production"):
+        reg.rollback()
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    with pytest.raises(RegistryError, match="name one with --to"):
+        reg.rollback()  # v0001 was the first production version
+
+
+def test_rollback_and_versions_commands(tmp_path):
+    """The CLI as a user runs it, in a project whose registry has two versions."""
+    import shutil
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    reg = Registry(tmp_path / "registry")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {"candidate": "a", "metrics": {"accuracy": 0.85}})
+    reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {"candidate": "b", "metrics": {"accuracy": 0.86}})
+
+    def cli(*args):
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    code, out = cli("versions", "--json")
+    assert code == 0 and [r["production"] for r in json.loads(out)] == [False, True]
+    code, out = cli("rollback")
+    assert code == 0 and "production: v0002 -> v0001" in out and reg.alias() == "v0001"
+    code, out = cli("versions")
+    assert code == 0 and "* v0001" in out and "0.8500" in out
+    code, out = cli("rollback", "--to", "v0099")
+    assert code == 2 and "no version 'v0099'" in out and reg.alias() == "v0001"
