@@ -120,7 +120,7 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
 def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
            params: Optional[Path] = typer.Option(None, "--params")):
     """Show the deployed (production) version: test figures, gates, lineage."""
-    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
 
     root = _project_root()
@@ -131,23 +131,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CRASH)
-    if prod is None:
-        doc = {"deployed": None, "message": "nothing is deployed yet: run `shrinkflow run`"}
-    else:
-        version, m = prod
-        try:
-            registry.verify(version)
-            integrity = "verified"
-        except IntegrityError as exc:
-            integrity = f"FAILED: {exc}"
-        doc = {"deployed": {"version": version, "candidate": m["candidate"], "recipe": m["recipe"],
-                            "created_at": m["created_at"], "path": str(registry.path(version)),
-                            "integrity": integrity, "same_model_as": m.get("same_model_as"),
-                            "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
-                            "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"]},
-               "teacher": {"metrics": m["teacher_metrics"],
-                           "description": "fp32 teacher, torch eager, as trained; same test sentences"},
-               "versions": registry.versions()}
+    from shrinkflow.status import status_document
+
+    doc = status_document(registry, prod[0] if prod else None)
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
     elif prod is None:
@@ -167,6 +153,40 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
         if not d["integrity"] == "verified":
             raise typer.Exit(EXIT_CRASH)
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serve.host (127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, "--port", help="default: serve.port"),
+          workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes")):
+    """Serve the registry's production version over HTTP (FastAPI + uvicorn)."""
+    import uvicorn
+
+    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.predlog import PredictionLog
+    from shrinkflow.registry import Registry
+    from shrinkflow.serving import TOKEN_ENV, make_app
+
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    _configure_env(root)
+    sp = parsed.serve
+    registry = Registry(root / parsed.deploy.registry_dir)
+    try:  # refuse to start rather than fail on the first request
+        registry.load()
+    except (RegistryError, IntegrityError) as exc:
+        typer.echo(f"error: cannot serve: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    host, port = host or sp.host, port or sp.port
+    typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
+               f"(docs at /docs; prediction log {root / sp.log_path})")
+    if workers > 1:
+        os.environ["SHRINKFLOW_PROJECT"] = str(root)
+        uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+        return
+    app_ = make_app(registry, PredictionLog(root / sp.log_path), sp, token=os.environ.get(TOKEN_ENV) or None)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()

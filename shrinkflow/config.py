@@ -336,6 +336,28 @@ class DeployParams(_Frozen):
     registry_dir: str = "registry"
 
 
+# -------------------------------------------------------------------- serve
+class ServeParams(_Frozen):
+    """`shrinkflow serve`: the registry's production version over HTTP."""
+
+    host: str = "127.0.0.1"          # loopback unless told otherwise
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # SQLite prediction log: outside every DVC out; .shrinkflow/ is git-ignored.
+    log_path: str = ".shrinkflow/predictions.db"
+    max_texts_per_request: Annotated[int, Field(ge=1, le=10_000)] = 64
+    max_chars_per_text: Annotated[int, Field(ge=1)] = 2000
+    # Checked before the body is parsed (Content-Length, then while reading).
+    max_body_bytes: Annotated[int, Field(ge=64)] = 262_144
+    # Dynamic micro-batching: concurrent requests share one model call of up
+    # to max_batch_size texts, waiting at most max_wait_ms for company.
+    batching: bool = True
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 5.0
+    # Hot reload: how often the production alias is polled.
+    reload_poll_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
+    threads: Annotated[int, Field(ge=1)] = 2
+
+
 # ----------------------------------------------------------------- frontier
 class SmallDirectParams(_Frozen):
     """The baseline the seed's claim is tested against: a small model of the
@@ -368,6 +390,7 @@ class Params(_Frozen):
     compress: CompressParams
     validate_: ValidateParams = Field(alias="validate")
     deploy: DeployParams
+    serve: ServeParams = ServeParams()
     # Not part of the lifecycle (its baseline costs minutes to train): run it
     # with `dvc repro frontier`. Required all the same: DVC insists that every
     # key a stage lists exists in params.yaml.

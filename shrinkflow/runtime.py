@@ -33,7 +33,7 @@ class TorchPredictor:
 
 
 class OrtPredictor:
-    def __init__(self, model_dir: Path, threads: int):
+    def __init__(self, model_dir: Path, threads: int, spin: bool = True):
         import onnxruntime as ort
 
         manifest = read_manifest(model_dir)
@@ -43,6 +43,12 @@ class OrtPredictor:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # ORT's worker threads spin while waiting for work: the lowest latency
+        # for one caller (validation), but on a shared 2-core server they burn
+        # the CPU the HTTP loop and the log writer need. serve turns it off.
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
@@ -53,12 +59,12 @@ class OrtPredictor:
         return self.session.run(["logits"], {k: v for k, v in feed.items() if k in self._inputs})[0]
 
 
-def load_predictor(model_dir: Path | str, threads: int = 2):
+def load_predictor(model_dir: Path | str, threads: int = 2, spin: bool = True):
     fmt = read_manifest(Path(model_dir))["format"]
     if fmt == "torch":
         return TorchPredictor(Path(model_dir), threads)
     if fmt == "onnx":
-        return OrtPredictor(Path(model_dir), threads)
+        return OrtPredictor(Path(model_dir), threads, spin)
     raise ValueError(f"{model_dir}: unknown model format {fmt!r}")
 
 

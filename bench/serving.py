@@ -1,0 +1,191 @@
+"""Load benchmark of `shrinkflow serve` against a plain transformers baseline.
+
+One client process on loopback (httpx, asyncio): CONCURRENCY clients, one
+text per request, for DURATION_S seconds each, against, in one run:
+  1. `shrinkflow serve` on this project's production version (micro-batching on);
+  2. the same server with micro-batching off;
+  3. the baseline a team would write without shrinkflow: a minimal FastAPI app
+     serving the fp32 teacher through `transformers.pipeline("text-classification")`.
+Records throughput, p50/p95/p99 latency, the count of each status code, and
+(for shrinkflow) rows logged against successful responses. Writes
+bench/results/serving.{md,json}.
+
+    .venv/bin/python bench/serving.py   # after `shrinkflow run`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", 50))
+DURATION_S = float(os.environ.get("BENCH_DURATION_S", 60))
+
+SHRINKFLOW_APP = """
+import sys, uvicorn
+from pathlib import Path
+from shrinkflow.config import load_params
+from shrinkflow.predlog import PredictionLog
+from shrinkflow.registry import Registry
+from shrinkflow.serving import make_app
+root = Path(sys.argv[1]); p = load_params(root / "params.yaml")
+serve = p.serve.model_copy(update={"batching": sys.argv[3] == "on"})
+app = make_app(Registry(root / p.deploy.registry_dir), PredictionLog(root / sys.argv[4]), serve)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+BASELINE_APP = """
+import sys, torch, uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, pipeline
+torch.set_num_threads(2)
+teacher = sys.argv[1]
+clf = pipeline("text-classification", model=AutoModelForSequenceClassification.from_pretrained(teacher),
+               tokenizer=PreTrainedTokenizerFast(tokenizer_file=teacher + "/tokenizer.json"), device=-1)
+app = FastAPI()
+class Req(BaseModel):
+    texts: list[str]
+@app.post("/predict")
+def predict(req: Req):
+    return {"predictions": clf(req.texts, truncation=True, max_length=64)}
+@app.get("/health")
+def health():
+    return {"status": "ok"}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(code: str, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-c", code, args[0], str(port), *args[1:]], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+async def load(url: str, texts: list[str]) -> dict:
+    latencies, codes = [], Counter()
+    stop = time.perf_counter() + DURATION_S
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def user(k: int):
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]})
+                    codes[r.status_code] += 1
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                except httpx.HTTPError as exc:
+                    codes[type(exc).__name__] += 1
+                i += CONCURRENCY
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(k) for k in range(CONCURRENCY)))
+        wall = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000
+    return {"requests_per_s": round(len(latencies) / wall, 1), "ok": len(latencies),
+            "status_counts": {str(k): v for k, v in codes.items()},
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2) if len(lat) else None,
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+            "wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from shrinkflow.config import load_params
+    from shrinkflow.lineage import cpu_model
+    from shrinkflow.predlog import PredictionLog
+    from shrinkflow.registry import Registry
+
+    params = load_params(ROOT / "params.yaml")
+    version = Registry(ROOT / params.deploy.registry_dir).alias()
+    if version is None:
+        raise SystemExit("nothing deployed: run `shrinkflow run` first")
+    texts = pd.read_parquet(ROOT / "data/prepared/test.parquet")["text"].tolist()
+    work = ROOT / "bench" / "work" / "serving"
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for name, code, args in (
+            ("shrinkflow (micro-batching on)", SHRINKFLOW_APP, (str(ROOT), "on", str(work / "on.db"))),
+            ("shrinkflow (micro-batching off)", SHRINKFLOW_APP, (str(ROOT), "off", str(work / "off.db"))),
+            ("baseline: FastAPI + transformers pipeline, fp32 teacher", BASELINE_APP, (str(ROOT / "models/teacher"),))):
+        for db in work.glob("*.db*"):
+            db.unlink()
+        proc, url = start(code, *args)
+        print(f"--- {name}: {CONCURRENCY} clients for {DURATION_S:.0f}s", flush=True)
+        try:
+            res = asyncio.run(load(url, texts))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+        if code is SHRINKFLOW_APP:
+            res["rows_logged"] = PredictionLog(args[2]).count()
+        print(json.dumps(res), flush=True)
+        runs[name] = res
+    on, off, base = runs.values()
+    doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+           "model_version": version, "concurrency": CONCURRENCY, "duration_s": DURATION_S, "runs": runs,
+           "speedup_rps_vs_baseline": round(on["requests_per_s"] / base["requests_per_s"], 2),
+           "batching_gain_rps": round(on["requests_per_s"] / off["requests_per_s"], 2)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    def fivexx(r):
+        return sum(v for k, v in r["status_counts"].items() if k.startswith("5"))
+
+    rows = [f"| {n} | {r['requests_per_s']} | {r['latency_ms_p50']} | {r['latency_ms_p95']} | {r['latency_ms_p99']} | "
+            f"{', '.join(f'{k}: {v}' for k, v in sorted(r['status_counts'].items()))} | "
+            f"{r.get('rows_logged', 'n/a')} |" for n, r in runs.items()]
+    md = ["# Serving benchmark", "",
+          f"Measured {doc['when']} on this project's 2-core machine ({doc['cpu']}); server and load client share "
+          f"it. {CONCURRENCY} concurrent clients on loopback, one text per request (test-split sentences), "
+          f"{DURATION_S:.0f} s per server, one after the other in one run. shrinkflow serves production "
+          f"{version} (ONNX Runtime int8) with its prediction log on; the baseline serves the fp32 teacher "
+          "through `transformers.pipeline` in a minimal FastAPI app, with no log.", "",
+          "| server | req/s | p50 ms | p95 ms | p99 ms | status codes | rows logged |", "|---|---|---|---|---|---|---|",
+          *rows, "",
+          f"- shrinkflow vs baseline: **{doc['speedup_rps_vs_baseline']}x** the requests per second "
+          f"(goal >= 5x), p95 {on['latency_ms_p95']} vs {base['latency_ms_p95']} ms.",
+          f"- micro-batching on vs off: {doc['batching_gain_rps']}x the requests per second, "
+          f"p95 {on['latency_ms_p95']} vs {off['latency_ms_p95']} ms.",
+          f"- 5xx responses: {fivexx(on)} (batching on), {fivexx(off)} (off); rows logged = 200 responses: "
+          f"{on['rows_logged'] == on['ok']} (on), {off['rows_logged'] == off['ok']} (off)."]
+    (RESULTS / "serving.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

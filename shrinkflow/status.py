@@ -1,0 +1,30 @@
+"""The production version as one document: what `shrinkflow status --json`
+prints and what the server's /metadata returns."""
+
+from __future__ import annotations
+
+from shrinkflow.errors import IntegrityError
+from shrinkflow.registry import Registry
+
+
+def status_document(registry: Registry, version: str | None = None) -> dict:
+    """``version`` (default: production) with its test figures, gates,
+    confirmation, lineage and recipe, the teacher baseline, and whether its
+    files still match their hashes."""
+    version = version or registry.alias()
+    if version is None:
+        return {"deployed": None, "message": "nothing is deployed yet: run `shrinkflow run`"}
+    m = registry.manifest(version)
+    try:
+        registry.verify(version)
+        integrity = "verified"
+    except IntegrityError as exc:
+        integrity = f"FAILED: {exc}"
+    return {"deployed": {"version": version, "candidate": m["candidate"], "recipe": m["recipe"],
+                         "created_at": m["created_at"], "path": str(registry.path(version)),
+                         "integrity": integrity, "same_model_as": m.get("same_model_as"),
+                         "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
+                         "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"]},
+            "teacher": {"metrics": m["teacher_metrics"],
+                        "description": "fp32 teacher, torch eager, as trained; same test sentences"},
+            "versions": registry.versions()}

@@ -1,0 +1,304 @@
+"""`shrinkflow serve`: a real uvicorn server on a free loopback port, started
+as a user starts it, with a tiny real model deployed into a temporary
+registry. Nothing is mocked: requests go over TCP, predictions into SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from shrinkflow.config import Candidate, Gates, QuantizeStep
+from shrinkflow.gates import evaluate_gates
+from shrinkflow.predlog import PredictionLog
+from shrinkflow.registry import Registry
+from tests.conftest import PROJECT_ROOT
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
+                      {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def record(name: str) -> dict:
+    m = {"split": "test", "accuracy": 0.8, "n": 10}
+    return {"candidate": name, "recipe": [], "metrics": m, "selection_metrics": m, "teacher_metrics": m,
+            "confirmation": None, "lineage": {}}
+
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory, tiny_teacher_dir):
+    from shrinkflow.compress import apply_recipe
+
+    out = tmp_path_factory.mktemp("serve-cands")
+    return {"int8": apply_recipe(tiny_teacher_dir, Candidate(name="int8", recipe=(QuantizeStep(),)), out / "int8",
+                                 progress=False),
+            "fp32": apply_recipe(tiny_teacher_dir, Candidate(name="fp32"), out / "fp32", progress=False)}
+
+
+class Server:
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "SHRINKFLOW_API_TOKEN": TOKEN, "PYTHONPATH": str(PROJECT_ROOT)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, candidates):
+    root = tmp_path_factory.mktemp("serve") / "project"
+    root.mkdir()
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["serve"].update({"reload_poll_s": 0.2, "max_texts_per_request": 8, "max_chars_per_text": 200,
+                            "max_body_bytes": 4096, "threads": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    Registry(root / "registry").promote(candidates["int8"], PASS, record("int8"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    srv = Server(project, free_port())
+    yield srv
+    srv.stop()
+
+
+def log_of(project: Path) -> PredictionLog:
+    return PredictionLog(project / ".shrinkflow" / "predictions.db")
+
+
+def test_predict_then_feedback_round_trip(server, project):
+    r = httpx.post(f"{server.url}/predict", json={"texts": ["a wonderful film", "dull"]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "v0001" and len(body["predictions"]) == 2
+    p = body["predictions"][0]
+    assert p["label"] in ("negative", "positive") and abs(sum(p["probabilities"].values()) - 1) < 1e-5
+    f = httpx.post(f"{server.url}/feedback", json={"prediction_id": p["prediction_id"], "label": "positive"},
+                   headers=AUTH)
+    assert f.status_code == 200 and f.json()["replaced"] is False
+    f = httpx.post(f"{server.url}/feedback", json={"prediction_id": p["prediction_id"], "label": 0}, headers=AUTH)
+    assert f.json() == {"prediction_id": p["prediction_id"], "label": "negative", "replaced": True}
+    row = log_of(project).window(with_feedback=True)
+    row = row[row["prediction_id"] == p["prediction_id"]].iloc[0]
+    assert row["text"] == "a wonderful film" and row["model_version"] == "v0001"
+    assert row["feedback_label"] == 0 and row["label"] == p["label_id"]
+    assert httpx.post(f"{server.url}/feedback", json={"prediction_id": "nope", "label": 1},
+                      headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize("content, headers, status, kind", [
+    (json.dumps({"texts": []}), {}, 422, "invalid_request"),
+    (json.dumps({"texts": "not a list"}), {}, 422, "invalid_request"),
+    (json.dumps({"texts": [1, 2]}), {}, 422, "invalid_request"),
+    (json.dumps({"texts": ["ok"], "extra": 1}), {}, 422, "invalid_request"),
+    (json.dumps({"texts": ["t"] * 9}), {}, 413, "too_many_texts"),
+    (json.dumps({"texts": ["x" * 201]}), {}, 413, "text_too_long"),
+    (json.dumps({"texts": ["x" * 5000]}), {}, 413, "body_too_large"),
+    (b'{"texts": ["\xff\xfe"]}', {}, 400, "not_utf8"),
+    ("{not json", {}, 400, "not_json"),
+    ("[1, 2]", {}, 422, "invalid_request"),
+])
+def test_bad_input_gets_a_clear_4xx_and_the_server_survives(server, content, headers, status, kind):
+    before = log_of(server.root).count()
+    r = httpx.post(f"{server.url}/predict", content=content, headers={**AUTH, "Content-Type": "application/json",
+                                                                       **headers})
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == kind and r.json()["detail"]
+    assert log_of(server.root).count() == before
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_token_is_required_except_for_health_and_refusals_are_not_logged(server):
+    before = log_of(server.root).count()
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}).status_code == 401
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server.url}/metadata").status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert log_of(server.root).count() == before
+
+
+def test_metadata_metrics_and_docs(server):
+    meta = httpx.get(f"{server.url}/metadata", headers=AUTH).json()
+    assert meta["deployed"]["version"] == "v0001" and meta["deployed"]["integrity"] == "verified"
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert 'shrinkflow_requests_total{endpoint="/predict",status="200"}' in text
+    assert "shrinkflow_batch_size_bucket" in text and 'shrinkflow_model_version_info{version="v0001"} 1.0' in text
+    assert httpx.get(f"{server.url}/docs", headers=AUTH).status_code == 200
+
+
+def burst(url: str, n: int, threads: int, results: list, stop_after: float | None = None):
+    def worker(k):
+        with httpx.Client(timeout=30) as c:
+            for i in range(k, n, threads):
+                try:
+                    r = c.post(f"{url}/predict", json={"texts": [f"burst text {i}"]}, headers=AUTH)
+                    results.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else None))
+                except httpx.HTTPError:
+                    results.append((None, None))
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    return ts
+
+
+def test_a_concurrent_burst_logs_exactly_one_row_per_answer(server):
+    before = log_of(server.root).count()
+    results: list = []
+    for t in burst(server.url, 300, 30, results):
+        t.join()
+    assert [s for s, _ in results].count(200) == 300
+    assert log_of(server.root).count() - before == 300
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    # micro-batching gathered concurrent requests: some model call had > 1 text
+    big = [line for line in text.splitlines() if line.startswith('shrinkflow_batch_size_bucket{le="1.0"}')]
+    total = [line for line in text.splitlines() if line.startswith("shrinkflow_batch_size_count")]
+    assert float(big[0].split()[-1]) < float(total[0].split()[-1])
+
+
+def test_hot_reload_rollback_and_a_corrupted_version(server, project, candidates):
+    reg = Registry(project / "registry")
+    results: list = []
+    threads = burst(server.url, 200, 4, results)
+    time.sleep(0.3)
+    reg.promote(candidates["fp32"], PASS, record("fp32"))  # v0002, while requests are in flight
+    for t in threads:
+        t.join()
+    assert all(s == 200 for s, _ in results), results
+    deadline = time.time() + 10
+    while httpx.get(f"{server.url}/health").json()["model_version"] != "v0002" and time.time() < deadline:
+        time.sleep(0.1)
+    r = httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH)
+    assert r.json()["model_version"] == "v0002"
+    # rollback through the CLI: the server follows
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "rollback"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "v0002 -> v0001" in out.stdout
+    deadline = time.time() + 10
+    while httpx.get(f"{server.url}/health").json()["model_version"] != "v0001" and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == "v0001"
+    # a corrupted version made production by hand is refused; v0001 keeps serving
+    (reg.path("v0002") / "model" / "model.onnx").write_bytes(b"rot")
+    (project / "registry" / "aliases.json").write_text(json.dumps({"production": "v0002"}))
+    deadline = time.time() + 10
+    health = {}
+    while not (health.get("refused") or {}).get("version") and time.time() < deadline:
+        time.sleep(0.1)
+        health = httpx.get(f"{server.url}/health").json()
+    assert health["refused"]["version"] == "v0002" and "model.onnx" in health["refused"]["reason"]
+    assert health["model_version"] == "v0001"
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == "v0001"
+    (project / "registry" / "aliases.json").write_text(json.dumps({"production": "v0001"}))
+
+
+def test_sigterm_during_a_burst_loses_no_answered_prediction(project):
+    srv = Server(project, free_port())
+    before = log_of(project).count()
+    results: list = []
+    threads = burst(srv.url, 400, 20, results)
+    time.sleep(0.5)
+    code = srv.stop(signal.SIGTERM)
+    for t in threads:
+        t.join()
+    ok = [s for s, _ in results].count(200)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM: exit by signal 15
+    assert ok > 0 and code in (0, -signal.SIGTERM)
+    assert log_of(project).count() - before == ok
+
+
+def test_serve_refuses_to_start_without_a_sound_production_version(tmp_path, candidates):
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    def serve():
+        return subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port())],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    out = serve()
+    assert out.returncode == 3 and "nothing is in production" in out.stderr
+    reg = Registry(tmp_path / "registry")
+    reg.promote(candidates["int8"], PASS, record("int8"))
+    (reg.path("v0001") / "model" / "model.onnx").write_bytes(b"rot")
+    out = serve()
+    assert out.returncode == 3 and "model.onnx" in out.stderr
+
+
+def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
+    """The database is held by another writer past the busy timeout: the
+    server answers 503 rather than answer without logging, and recovers."""
+    import sqlite3
+
+    con = sqlite3.connect(project / ".shrinkflow" / "predictions.db", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        before = log_of(project).window(last=0)  # readers still work in WAL mode
+        r = httpx.post(f"{server.url}/predict", json={"texts": ["while locked"]}, headers=AUTH, timeout=30)
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert r.status_code == 503 and r.json()["error"] == "log_unavailable", r.text
+    assert before.empty
+    assert "while locked" not in log_of(project).window()["text"].tolist()
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH).status_code == 200
+
+
+def test_several_workers_serve_and_log(project):
+    """--workers N: each uvicorn worker builds its app from the project."""
+    port = free_port()
+    env = {**os.environ, "SHRINKFLOW_API_TOKEN": TOKEN, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--workers", "2"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        before = log_of(project).count()
+        codes = [httpx.post(f"{url}/predict", json={"texts": [f"w{i}"]}, headers=AUTH).status_code for i in range(20)]
+        assert codes == [200] * 20
+        assert log_of(project).count() - before == 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
