@@ -98,6 +98,25 @@ class ModelHolder:
             return True
 
 
+def predict_by_length(predictor, texts: list[str], chunk: int = 8) -> np.ndarray:
+    """Logits for a gathered batch, computed in chunks of similar length.
+
+    A batch pads every text to its longest; concurrent requests have random
+    lengths, so one padded call of 32 does ~2.5x the work of the same texts
+    unpadded (measured: it served fewer requests/s than no batching at all).
+    Sorting by length and running chunks of ``chunk`` keeps the padding small
+    while still sharing each call's overhead."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = None
+    for start in range(0, len(texts), chunk):
+        idx = order[start:start + chunk]
+        logits = predictor.predict_logits([texts[i] for i in idx])
+        if out is None:
+            out = np.empty((len(texts), logits.shape[1]), dtype=logits.dtype)
+        out[idx] = logits
+    return out
+
+
 @dataclass
 class _Pending:
     texts: list[str]
@@ -108,8 +127,11 @@ class _Pending:
 class MicroBatcher:
     """Gathers concurrent requests into one model call."""
 
-    def __init__(self, holder: ModelHolder, max_batch_size: int, max_wait_ms: float, on_batch=None):
+    def __init__(self, holder: ModelHolder, max_batch_size: int, max_wait_ms: float, on_batch=None,
+                 concurrency: int = 2):
         self.holder, self.max_batch_size, self.max_wait_s = holder, max_batch_size, max_wait_ms / 1000.0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task] = set()
         self.on_batch = on_batch or (lambda n: None)
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
@@ -146,22 +168,32 @@ class MicroBatcher:
                     break
                 batch.append(nxt)
                 size += len(nxt.texts)
-            model = self.holder.current  # one model for the whole batch
-            texts = [t for p in batch for t in p.texts]
-            try:
-                logits = await asyncio.to_thread(model.predictor.predict_logits, texts)
-            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self.on_batch(len(texts))
-            start = 0
+            # At most `concurrency` model calls in flight: while one batch runs,
+            # the next one gathers (and, on 2 cores, can run beside it).
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._call(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _call(self, batch: list[_Pending]) -> None:
+        model = self.holder.current  # one model for the whole batch
+        texts = [t for p in batch for t in p.texts]
+        try:
+            logits = await asyncio.to_thread(predict_by_length, model.predictor, texts)
+        except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
             for p in batch:
-                n = len(p.texts)
                 if not p.future.done():
-                    p.future.set_result((logits[start:start + n], model))
-                start += n
+                    p.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        self.on_batch(len(texts))
+        start = 0
+        for p in batch:
+            n = len(p.texts)
+            if not p.future.done():
+                p.future.set_result((logits[start:start + n], model))
+            start += n
 
 
 class LogWriter:

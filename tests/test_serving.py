@@ -83,7 +83,7 @@ def project(tmp_path_factory, candidates):
     root.mkdir()
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["serve"].update({"reload_poll_s": 0.2, "max_texts_per_request": 8, "max_chars_per_text": 200,
+    params["serve"].update({"batching": True, "reload_poll_s": 0.2, "max_texts_per_request": 8, "max_chars_per_text": 200,
                             "max_body_bytes": 4096, "threads": 1})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     Registry(root / "registry").promote(candidates["int8"], PASS, record("int8"))
