@@ -122,21 +122,18 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
     """Show the deployed (production) version: test figures, gates, lineage."""
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
+    from shrinkflow.status import status_document
 
     root = _project_root()
     _, parsed = _validated(root, params)
-    registry = Registry(root / parsed.deploy.registry_dir)
     try:
-        prod = registry.production()
+        doc = status_document(Registry(root / parsed.deploy.registry_dir))
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CRASH)
-    from shrinkflow.status import status_document
-
-    doc = status_document(registry, prod[0] if prod else None)
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
-    elif prod is None:
+    elif doc["deployed"] is None:
         typer.echo(doc["message"])
     else:
         d, t = doc["deployed"], doc["teacher"]["metrics"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,92 +77,77 @@ class PredictionLog:
         con.execute("PRAGMA synchronous=FULL")
         return con
 
-    def open(self) -> "PredictionLog":
-        """Create the database or migrate it to SCHEMA_VERSION. Refuses a
-        database written by a newer shrinkflow rather than guess its layout."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    @contextmanager
+    def _connection(self):
         con = self._connect()
         try:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise PredictionLogError(f"{self.path} has schema version {version}, newer than this "
-                                         f"shrinkflow's {SCHEMA_VERSION}: upgrade shrinkflow")
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self, what: str):
+        """One write transaction, taken at once (BEGIN IMMEDIATE) and rolled
+        back on any error; SQLite errors come out as PredictionLogError."""
+        with self._connection() as con:
+            try:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in _MIGRATIONS[target - 1].split(";"):
-                        if statement.strip():
-                            con.execute(statement)
-                    con.execute(f"PRAGMA user_version = {target}")
+                    yield con
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
                     raise
-        finally:
-            con.close()
+            except sqlite3.Error as exc:
+                raise PredictionLogError(f"cannot {what} in {self.path}: {exc}") from exc
+
+    def open(self) -> "PredictionLog":
+        """Create the database or migrate it to SCHEMA_VERSION. Refuses a
+        database written by a newer shrinkflow rather than guess its layout."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise PredictionLogError(f"{self.path} has schema version {version}, newer than this "
+                                     f"shrinkflow's {SCHEMA_VERSION}: upgrade shrinkflow")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction(f"migrate the schema to version {target}") as con:
+                for statement in _MIGRATIONS[target - 1].split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.execute(f"PRAGMA user_version = {target}")
         return self
 
     def schema_version(self) -> int:
         if not self.path.is_file():
             return 0
-        con = self._connect()
-        try:
+        with self._connection() as con:
             return con.execute("PRAGMA user_version").fetchone()[0]
-        finally:
-            con.close()
 
     def append(self, rows: Iterable[Prediction]) -> int:
         """Insert every row in one transaction: all of them or none."""
         values = [(r.prediction_id, r.ts, r.model_version, r.text, json.dumps([float(p) for p in r.probabilities]),
                    int(r.label), float(r.latency_ms)) for r in rows]
-        if not values:
-            return 0
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            try:
+        if values:
+            with self._transaction(f"write {len(values)} prediction(s)") as con:
                 con.executemany("INSERT INTO predictions (prediction_id, ts, model_version, text, probabilities, "
                                 "label, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise PredictionLogError(f"cannot write {len(values)} prediction(s) to {self.path}: {exc}") from exc
-        finally:
-            con.close()
         return len(values)
 
     def add_feedback(self, prediction_id: str, label: int, ts: str | None = None) -> bool:
         """Store the true label of a prediction. Returns True when it replaced
         an earlier label. Raises KeyError for an unknown prediction id."""
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                row = con.execute("SELECT feedback_label FROM predictions WHERE prediction_id = ?",
-                                  (prediction_id,)).fetchone()
-                if row is None:
-                    con.execute("ROLLBACK")
-                    raise KeyError(prediction_id)
-                con.execute("UPDATE predictions SET feedback_label = ?, feedback_ts = ? WHERE prediction_id = ?",
-                            (int(label), ts or utc_now(), prediction_id))
-                con.execute("COMMIT")
-            except sqlite3.Error:
-                con.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise PredictionLogError(f"cannot write feedback to {self.path}: {exc}") from exc
-        finally:
-            con.close()
+        with self._transaction("write feedback") as con:
+            row = con.execute("SELECT feedback_label FROM predictions WHERE prediction_id = ?",
+                              (prediction_id,)).fetchone()
+            if row is None:
+                raise KeyError(prediction_id)
+            con.execute("UPDATE predictions SET feedback_label = ?, feedback_ts = ? WHERE prediction_id = ?",
+                        (int(label), ts or utc_now(), prediction_id))
         return row[0] is not None
 
     def count(self) -> int:
-        con = self._connect()
-        try:
+        with self._connection() as con:
             return con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        finally:
-            con.close()
 
     def window(self, last: int | None = None, since: str | datetime | None = None,
                until: str | datetime | None = None, with_feedback: bool | None = None):
@@ -193,11 +179,8 @@ class PredictionLog:
             sql += f" LIMIT {int(last)}"
         if not self.path.is_file():
             return pd.DataFrame(columns=list(COLUMNS))
-        con = self._connect()
-        try:
+        with self._connection() as con:
             df = pd.read_sql_query(sql, con, params=args)
-        finally:
-            con.close()
         df = df.iloc[::-1].reset_index(drop=True)
         df["probabilities"] = df["probabilities"].map(json.loads)
         return df

@@ -328,6 +328,16 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
         return error(413 if too_many else 422, "too_many_texts" if too_many else "invalid_request",
                      "; ".join(f"{p['field']}: {p['problem']}" for p in problems), endpoint, problems=problems)
 
+    async def parse(request: Request, model, endpoint: str):
+        """(validated request, None) or (None, the 4xx response)."""
+        body, problem = await read_json(request, endpoint)
+        if problem is not None:
+            return None, problem
+        try:
+            return model.model_validate(body), None
+        except ValidationError as exc:
+            return None, validation_error(exc, endpoint)
+
     async def reload_loop():
         while True:
             await asyncio.sleep(params.reload_poll_s)
@@ -377,13 +387,9 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
     @app.post("/predict", summary="Label texts with the production model")
     async def predict(request: Request):
         t0 = time.perf_counter()
-        body, problem = await read_json(request, "/predict")
+        req, problem = await parse(request, PredictRequest, "/predict")
         if problem is not None:
             return problem
-        try:
-            req = PredictRequest.model_validate(body)
-        except ValidationError as exc:
-            return validation_error(exc, "/predict")
         long = [i for i, t in enumerate(req.texts) if len(t) > params.max_chars_per_text]
         if long:
             return error(413, "text_too_long", f"text(s) {long} exceed {params.max_chars_per_text} characters",
@@ -407,13 +413,9 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
 
     @app.post("/feedback", summary="Store the true label of a prediction")
     async def feedback(request: Request):
-        body, problem = await read_json(request, "/feedback")
+        req, problem = await parse(request, FeedbackRequest, "/feedback")
         if problem is not None:
             return problem
-        try:
-            req = FeedbackRequest.model_validate(body)
-        except ValidationError as exc:
-            return validation_error(exc, "/feedback")
         labels = holder.current.labels
         label = req.label
         if isinstance(label, str):
