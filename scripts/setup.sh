@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 # torch first: the pinned 2.13.0 CPU wheel; anything looser pulls CUDA builds.
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,bench]"
 # A fresh clone has no git identity in some CI images; DVC only needs a repo.
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 .venv/bin/dvc config core.analytics false
