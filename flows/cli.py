@@ -176,13 +176,14 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
         raise typer.Exit(EXIT_CRASH)
     host, port = host or sp.host, port or sp.port
     typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
-               f"(docs at /docs; prediction log {root / sp.log_path})")
+               f"(docs at /docs, monitoring reports at /reports/; prediction log {root / sp.log_path})")
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
         uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level="warning")
         return
-    app_ = make_app(registry, PredictionLog(root / sp.log_path), sp, token=os.environ.get(TOKEN_ENV) or None)
+    app_ = make_app(registry, PredictionLog(root / sp.log_path), sp, reports_dir=root / parsed.monitor.reports_dir,
+                    token=os.environ.get(TOKEN_ENV) or None)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
@@ -234,32 +235,50 @@ def versions(as_json: bool = typer.Option(False, "--json", help="print JSON")):
                    f"{live}" + (f"  (same files as {r['same_model_as']})" if r["same_model_as"] else ""))
 
 
-@app.command()
-def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expression, e.g. "0 3 * * *"'),
-             interval: Optional[int] = typer.Option(None, "--interval", min=1, help="seconds between runs"),
-             name: str = typer.Option("scheduled", "--name", help="deployment name")):
-    """Serve the lifecycle as a Prefect deployment on a schedule (Ctrl-C stops).
-
-    With no PREFECT_API_URL set, a local Prefect server (with the scheduler
-    that turns schedules into runs) is started first, its state in .prefect/,
-    and stopped on the way out. Each scheduled run is a full `shrinkflow run`:
-    DVC skips what is unchanged, so a run with nothing new costs seconds. At
-    most one run at a time.
-    """
-    root = _project_root()
-    _validated(root, None)
-    if (cron is None) == (interval is None):
-        typer.echo("error: give exactly one of --cron or --interval", err=True)
+def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[str],
+                 p_minutes: Optional[int], flag: str) -> tuple[Optional[str], Optional[int]]:
+    """Flags override params; exactly one of cron and interval (seconds)."""
+    if cron is not None and interval is not None:
+        typer.echo(f"error: give exactly one of --{flag}cron or --{flag}interval", err=True)
         raise typer.Exit(EXIT_USAGE)
-    _configure_env(root)
+    if cron is None and interval is None:
+        cron, interval = p_cron, (p_minutes * 60 if p_minutes else None)
     if cron is not None:
         from prefect.client.schemas.schedules import CronSchedule
 
         try:  # Prefect's own validation, before anything is started
             CronSchedule(cron=cron)
         except ValueError as exc:
-            typer.echo(f"error: --cron {cron!r} is not a valid cron expression: {exc}", err=True)
+            typer.echo(f"error: --{flag}cron {cron!r} is not a valid cron expression: {exc}", err=True)
             raise typer.Exit(EXIT_USAGE)
+    return cron, interval
+
+
+@app.command()
+def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle cron, e.g. "0 3 * * 0" '
+                                                "(default: monitor.lifecycle_cron / lifecycle_interval_minutes)"),
+             interval: Optional[int] = typer.Option(None, "--interval", min=1, help="lifecycle: seconds between runs"),
+             monitor_cron: Optional[str] = typer.Option(None, "--monitor-cron", help="monitor cron (default: "
+                                                        "monitor.cron / interval_minutes)"),
+             monitor_interval: Optional[int] = typer.Option(None, "--monitor-interval", min=1,
+                                                            help="monitor: seconds between runs"),
+             name: str = typer.Option("scheduled", "--name", help="deployment name (both flows)")):
+    """Serve the lifecycle and the monitor as Prefect deployments, each on its
+    own schedule, in one process (Ctrl-C stops).
+
+    With no PREFECT_API_URL set, a local Prefect server (with the scheduler
+    that turns schedules into runs) is started first, its state in .prefect/,
+    and stopped on the way out. A lifecycle run is a full `shrinkflow run`
+    (DVC skips what is unchanged); a monitor run reports on the prediction
+    log and re-compresses when the policy says so. One run at a time.
+    """
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    _configure_env(root)
+    m = parsed.monitor
+    cron, interval = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
+    monitor_cron, monitor_interval = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes,
+                                                  "monitor-")
     import signal
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -279,14 +298,27 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expre
             api_url = server.start()
             os.environ["PREFECT_API_URL"] = api_url  # inherited by every run's subprocesses
             typer.echo(f"Prefect UI: {server.url}  (API {api_url})")
-        from flows.lifecycle import lifecycle
+        from prefect import serve as prefect_serve
 
-        when = f"cron {cron!r}" if cron else f"every {interval}s"
-        typer.echo(f"serving deployment shrinkflow-lifecycle/{name} ({when}) for {root} against {api_url}; "
-                   "Ctrl-C stops", )
+        from flows.lifecycle import lifecycle
+        from flows.monitor import monitor
+
+        def when(c, i):
+            return f"cron {c!r}" if c else f"every {i}s"
+
+        typer.echo(f"serving deployments shrinkflow-lifecycle/{name} ({when(cron, interval)}) and "
+                   f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
+                   f"against {api_url}; Ctrl-C stops")
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            lifecycle.serve(name=name, cron=cron, interval=interval, limit=1,
-                            parameters={"project_dir": str(root)}, print_starting_message=False)
+            prefect_serve(
+                lifecycle.to_deployment(name=name, cron=cron, interval=interval,
+                                        parameters={"project_dir": str(root)}),
+                monitor.to_deployment(name=name, cron=monitor_cron, interval=monitor_interval,
+                                      parameters={"project_dir": str(root)}),
+                # One run at a time across both: each may run DVC in this
+                # workspace (a re-compression is a `dvc repro`), and DVC
+                # allows one repro per workspace.
+                limit=1, print_starting_message=False)
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001
@@ -296,6 +328,41 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='cron expre
         if server is not None:
             server.stop()
             typer.echo("stopped the local Prefect server")
+
+
+@app.command("monitor")
+def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
+                                         help="on a recompress verdict, run the re-compression flow"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Run the monitor once: Evidently reports on the newest prediction-log
+    window, the policy's verdict, and (on recompress) re-compression.
+    Exit 0 when it ran (any verdict) and any re-compression deployed; 1 when
+    a re-compression deployed nothing (gates); 3 on a crash."""
+    root = _project_root()
+    _validated(root, None)
+    _configure_env(root)
+    try:
+        from flows.monitor import monitor
+
+        result = monitor(project_dir=str(root), act=act)
+    except Exception as exc:  # noqa: BLE001
+        typer.echo(f"error: {_crash_message(exc)}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    rec = result.get("recompress")
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"} | {
+            "summary": result.get("summary")}, indent=2, default=str))
+    else:
+        typer.echo(f"verdict: {result['action']}")
+        for r in result["reasons"]:
+            typer.echo(f"  - {r}")
+        if result.get("report_dir"):
+            typer.echo(f"reports: {result['report_dir']} (index: {Path(result['report_dir']).parent / 'index.html'})")
+        if rec is not None:
+            typer.echo(f"re-compression: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
+                       f": {rec['reason']}")
+    if rec is not None and not rec["deployed_version"]:
+        raise typer.Exit(EXIT_NOT_DEPLOYED)
 
 
 def main() -> None:  # console-script entry point

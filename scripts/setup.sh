@@ -15,3 +15,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 # A fresh clone has no git identity in some CI images; DVC only needs a repo.
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 .venv/bin/dvc config core.analytics false
+# Headless Chromium (Debian's package) renders the monitoring reports in the
+# tests; Playwright's own browser download cannot work offline.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif command -v sudo >/dev/null 2>&1; then APT="sudo apt-get"; else APT=""; fi
+  if [ -n "$APT" ]; then
+    $APT install -y -q chromium >/dev/null 2>&1 \
+      || { $APT update -q >/dev/null 2>&1 && $APT install -y -q chromium >/dev/null 2>&1; } \
+      || echo "warning: could not install chromium with apt; the report-rendering test will fail" >&2
+  else
+    echo "warning: chromium is missing and cannot be installed here (no root, no sudo); the report-rendering test will fail" >&2
+  fi
+fi

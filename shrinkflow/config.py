@@ -309,6 +309,10 @@ class Gates(_Frozen):
     max_latency_ms_p95_b1: Annotated[float, Field(gt=0.0)] = 15.0
     max_size_mb: Annotated[float, Field(gt=0.0)] = 40.0
     min_speedup: Annotated[float, Field(gt=0.0)] = 2.0
+    # Re-compression only: agreement with the teacher on the held-out part of
+    # the production window (data/unlabelled/heldout.txt). Checked when that
+    # file is not empty; the label-free gate for text no split covers.
+    min_window_agreement: Fraction = 0.90
 
 
 class LatencyParams(_Frozen):
@@ -355,7 +359,42 @@ class ServeParams(_Frozen):
     max_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 5.0
     # Hot reload: how often the production alias is polled.
     reload_poll_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
-    threads: Annotated[int, Field(ge=1)] = 2
+    # Intra-op threads per model call; two calls run at once (one per core).
+    threads: Annotated[int, Field(ge=1)] = 1
+
+
+class MonitorParams(_Frozen):
+    """`shrinkflow monitor`: a window of the prediction log against the
+    reference split, and the policy that says ok, warn or recompress."""
+
+    window_last_n: Annotated[int, Field(ge=1)] = 500        # newest rows of the log per run
+    min_window_rows: Annotated[int, Field(ge=1)] = 200      # below this, never trigger
+    # Teacher in shadow on a sample of the window: the label-free compression gap.
+    shadow_sample_rows: Annotated[int, Field(ge=1)] = 200
+    max_drifted_descriptor_share: Fraction = 0.5            # share of text descriptors drifted (Evidently, p < 0.05)
+    # Embedding drift: Evidently's model method, ROC AUC of a classifier that
+    # tells reference from current sentence embeddings (0.5 = same).
+    embedding_drift_auc: Annotated[float, Field(gt=0.5, le=1.0)] = 0.55
+    max_feedback_accuracy_drop: Fraction = 0.05             # against the version's validated (test) accuracy
+    min_feedback_labels: Annotated[int, Field(ge=1)] = 50
+    min_teacher_agreement: Fraction = 0.90
+    cooldown_hours: Annotated[float, Field(ge=0.0)] = 24.0  # after a re-compression, warn instead
+    # Re-compression: this share of the window is held out from distillation
+    # and gates the new candidate (validate.gates.min_window_agreement).
+    heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
+    # `shrinkflow schedule`: exactly one of each pair (flags override).
+    interval_minutes: Annotated[int, Field(ge=1)] | None = 60
+    cron: str | None = None
+    lifecycle_interval_minutes: Annotated[int, Field(ge=1)] | None = None
+    lifecycle_cron: str | None = "0 3 * * 0"                # weekly: new data or params
+
+    @model_validator(mode="after")
+    def _one_schedule_each(self):
+        for a, b in (("interval_minutes", "cron"), ("lifecycle_interval_minutes", "lifecycle_cron")):
+            if (getattr(self, a) is None) == (getattr(self, b) is None):
+                raise ValueError(f"give exactly one of monitor.{a} and monitor.{b}")
+        return self
 
 
 # ----------------------------------------------------------------- frontier
@@ -391,6 +430,7 @@ class Params(_Frozen):
     validate_: ValidateParams = Field(alias="validate")
     deploy: DeployParams
     serve: ServeParams = ServeParams()
+    monitor: MonitorParams = MonitorParams()
     # Not part of the lifecycle (its baseline costs minutes to train): run it
     # with `dvc repro frontier`. Required all the same: DVC insists that every
     # key a stage lists exists in params.yaml.

@@ -98,7 +98,16 @@ def evaluate_gates(candidate_name: str, candidate: dict, teacher: dict, gates: G
         check_max("max_latency_ms_p95_b1", candidate["latency_ms_p95_b1"], gates.max_latency_ms_p95_b1),
         check_max("max_size_mb", candidate["size_mb"], gates.max_size_mb),
         check_min("min_speedup", speedup, gates.min_speedup),
-    ))
+    ) + window_gates(candidate, gates))
+
+
+def window_gates(candidate: dict, gates: Gates) -> tuple[GateResult, ...]:
+    """Re-compression only: agreement with the teacher on the held-out part of
+    the production window. No held-out text (the default run): no gate."""
+    window = (candidate.get("agreement") or {}).get("window_heldout")
+    if window is None:
+        return ()
+    return (check_min("min_window_agreement", window, gates.min_window_agreement),)
 
 
 def confirm_gates(candidate_name: str, candidate_test: dict, teacher_test: dict, gates: Gates) -> GateReport:

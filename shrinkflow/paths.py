@@ -21,6 +21,13 @@ SPLITS = ("train", "val", "test", "reference", "shifted")
 # writes its snapshot of production text here. The only place this path is
 # named in code: dvc.yaml's compress stage lists it as a dep (checked by test).
 UNLABELLED = Path("data/unlabelled/texts.txt")
+# Re-compression: the held-out part of the production window (validate gates
+# teacher agreement on it) and what the window was (deploy puts it in lineage).
+WINDOW_HELDOUT = Path("data/unlabelled/heldout.txt")
+WINDOW_META = Path("data/unlabelled/window.json")
+# Every snapshot, content-addressed, tracked by `dvc add` (data/windows.dvc):
+# the window any version was compressed from can be restored by its hash.
+WINDOWS_ARCHIVE = Path("data/windows")
 
 TEACHER = Path("models/teacher")
 CANDIDATES = Path("models/candidates")
@@ -41,6 +48,8 @@ DEPLOYMENT = Path("deploy/deployment.json")
 # Local state, git-ignored: Prefect's home (database, logs) and run scratch.
 PREFECT_HOME = Path(".prefect")
 STATE = Path(".shrinkflow")
+# The monitor's decision history (cooldown, dedup).
+MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 
 
 def split_path(name: str) -> Path:

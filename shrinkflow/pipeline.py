@@ -100,3 +100,13 @@ def check_params_unchanged(project_dir: Path | str, fingerprint: str, before: st
     if now != fingerprint:
         raise ParamsChanged(f"{path} changed during this run (before stage {before!r}); stopping so that no run "
                             "mixes two versions of the params. Run again to use the new ones.")
+
+
+def dvc_command(args: list[str], project_dir: Path | str) -> str:
+    """Run ``dvc <args>`` in the project; raise with DVC's output on failure."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, env=offline_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout

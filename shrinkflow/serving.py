@@ -382,7 +382,7 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
                 return await self.app(scope, receive, send)
             t0 = time.perf_counter()
             path = scope["path"]
-            endpoint = path if path in ENDPOINTS else "other"
+            endpoint = path if path in ENDPOINTS else "/reports" if path.startswith("/reports") else "other"
             if token and path != "/health":
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, f"Bearer {token}".encode()):
@@ -473,8 +473,40 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
 
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if reports_dir is not None:
+        # Monitoring's Evidently reports, read-only, under the same token rule.
+        app.mount("/reports", _ReportFiles(directory=Path(reports_dir), html=True), name="reports")
+
     app.state.holder, app.state.log = holder, log
     return app
+
+
+def _report_files_class():
+    from starlette.exceptions import HTTPException
+    from starlette.staticfiles import StaticFiles
+
+    class ReportFiles(StaticFiles):
+        """StaticFiles over a directory that may not exist yet (no monitor run
+        so far): 404 until it does, rather than a 500 or a startup failure."""
+
+        def __init__(self, directory: Path, html: bool):
+            self._dir = Path(directory)
+            super().__init__(directory=str(directory), html=html, check_dir=False)
+
+        async def check_config(self) -> None:
+            if self._dir.is_dir():
+                await super().check_config()
+
+        async def get_response(self, path, scope):
+            if not self._dir.is_dir():
+                raise HTTPException(status_code=404, detail="no monitoring reports yet: run `shrinkflow monitor`")
+            return await super().get_response(path, scope)
+
+    return ReportFiles
+
+
+def _ReportFiles(directory: Path, html: bool):  # noqa: N802 - a class, built lazily (starlette import)
+    return _report_files_class()(directory, html)
 
 
 def app_from_env():
@@ -485,4 +517,5 @@ def app_from_env():
     root = Path(os.environ["SHRINKFLOW_PROJECT"])
     params = load_params(root / "params.yaml")
     return make_app(Registry(root / params.deploy.registry_dir), PredictionLog(root / params.serve.log_path),
-                    params.serve, token=os.environ.get(TOKEN_ENV) or None)
+                    params.serve, reports_dir=root / params.monitor.reports_dir,
+                    token=os.environ.get(TOKEN_ENV) or None)

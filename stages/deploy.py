@@ -17,7 +17,7 @@ def deploy(params) -> None:
     from shrinkflow.io import read_json, write_json
     from shrinkflow.lineage import collect_lineage
     from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_VALIDATE, SPLITS, TEACHER,
-                                  UNLABELLED, split_path)
+                                  UNLABELLED, WINDOW_META, split_path)
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
 
@@ -36,7 +36,10 @@ def deploy(params) -> None:
         "confirmation": metrics["confirmation"],
         "selection": gates["reason"],
         "lineage": collect_lineage(Path.cwd(), CHAIN, {s: str(split_path(s)) for s in SPLITS},
-                                   str(TEACHER), str(UNLABELLED)),
+                                   str(TEACHER), str(UNLABELLED),
+                                   # which production window (if any) it was re-compressed on,
+                                   # and the monitor run that asked for it
+                                   extra={"window": read_json(WINDOW_META) or None}),
     }
     registry = Registry(params.deploy.registry_dir)
     promo = registry.promote(CANDIDATES / chosen, report, record,

@@ -16,12 +16,16 @@ PREDICTED = ("train", "val", "test", "reference", "shifted")
 def validate(params) -> None:
     from shrinkflow.evaluate import measure_isolated
     from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
-    from shrinkflow.paths import CANDIDATES, GATES_JSON, GATES_MD, METRICS_VALIDATE, TEACHER, UNLABELLED
+    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, METRICS_VALIDATE, TEACHER, UNLABELLED,
+                                  WINDOW_HELDOUT)
     from shrinkflow.report import validation_markdown
     from shrinkflow.validation import SELECTION_SPLIT, validate_runs
 
     frames = {s: read_split(s) for s in PREDICTED}
-    texts = {s: f["text"].tolist() for s, f in frames.items()} | {"unlabelled": read_lines(UNLABELLED)}
+    # "window_heldout": production text held out of a re-compression's
+    # distillation; teacher agreement on it is gated (empty by default).
+    texts = {s: f["text"].tolist() for s, f in frames.items()} | {
+        "unlabelled": read_lines(UNLABELLED), "window_heldout": read_lines(WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
     lat = params.validate.latency
     names = [c.name for c in params.compress.candidates]

@@ -167,6 +167,17 @@ def test_unlabelled_text_has_one_source_of_truth():
     assert str(UNLABELLED) in load_dvc_yaml()["stages"]["validate"]["deps"]
 
 
+def test_window_files_are_deps_of_the_stages_that_read_them():
+    """Re-compression writes the held-out window (validate gates on it) and
+    window.json (deploy copies it into lineage): DVC must see both change."""
+    from shrinkflow.paths import WINDOW_HELDOUT, WINDOW_META
+
+    stages = load_dvc_yaml()["stages"]
+    assert str(WINDOW_HELDOUT) in stages["validate"]["deps"]
+    assert str(WINDOW_META) in stages["deploy"]["deps"]
+    assert str(WINDOW_HELDOUT) not in stages["compress"]["deps"]  # held out of distillation
+
+
 def test_catalog_outs_match_dvc_yaml():
     from shrinkflow import paths
 

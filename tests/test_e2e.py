@@ -126,8 +126,9 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     assert dep["metrics"]["latency_ms_p95_b1"] == validated["candidates"]["int8"]["latency_ms_p95_b1"]
     m = dep["metrics"]
     assert m["accuracy_drop_ci_low"] <= m["accuracy_drop"] <= m["accuracy_drop_ci_high"]
-    assert set(m["agreement"]) == {"train", "val", "test", "reference", "shifted", "unlabelled"}
-    assert m["agreement"]["unlabelled"] is None  # the default window is empty: said, not faked
+    assert set(m["agreement"]) == {"train", "val", "test", "reference", "shifted", "unlabelled", "window_heldout"}
+    # the default window is empty: said, not faked, and no window gate below
+    assert m["agreement"]["unlabelled"] is None and m["agreement"]["window_heldout"] is None
     assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",
                                  "max_size_mb", "min_speedup"}
     assert all(g["passed"] and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
@@ -325,12 +326,15 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
 
     code, out = run_cli(project, None, "schedule", "--cron", "not a cron")
     assert code == 2 and "not a valid cron expression" in out
-    code, out = run_cli(project, None, "schedule")
+    code, out = run_cli(project, None, "schedule", "--cron", "0 3 * * *", "--interval", "5")
     assert code == 2 and "exactly one of --cron or --interval" in out
+    code, out = run_cli(project, None, "schedule", "--monitor-cron", "every day")
+    assert code == 2 and "--monitor-cron 'every day' is not a valid cron expression" in out
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(project / ".prefect")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5", "--name", "e2e"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
+                             "--monitor-interval", "7", "--name", "e2e"],
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
@@ -348,21 +352,29 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
 
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
 
-        def runs():
+        def runs(flow_name):
             r = httpx.post(f"{api}/flow_runs/filter", json={
-                "deployments": {"name": {"any_": ["e2e"]}}, "sort": "EXPECTED_START_TIME_ASC"}, timeout=10)
+                "deployments": {"name": {"any_": ["e2e"]}}, "flows": {"name": {"any_": [flow_name]}},
+                "sort": "EXPECTED_START_TIME_ASC"}, timeout=10)
             r.raise_for_status()
             return r.json()
 
+        def finished(flow_name):
+            return [r for r in runs(flow_name) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+
         deadline = time.time() + 300
-        done = []
-        while time.time() < deadline and len(done) < 2:
+        done, monitored = [], []
+        while time.time() < deadline and (len(done) < 2 or len(monitored) < 1):
             time.sleep(3)
             assert proc.poll() is None, "".join(lines)
-            done = [r for r in runs() if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
-        assert len(done) >= 2, f"runs: {[(r['name'], r['state_type']) for r in runs()]}\n" + "".join(lines)[-4000:]
-        assert all(r["auto_scheduled"] for r in done)  # created by the scheduler, not by hand
-        assert all(r["state_type"] == "COMPLETED" for r in done), [r["state_name"] for r in done]
+            done, monitored = finished("shrinkflow-lifecycle"), finished("shrinkflow-monitor")
+        assert len(done) >= 2 and monitored, (
+            f"runs: {[(r['name'], r['state_type']) for r in runs('shrinkflow-lifecycle') + runs('shrinkflow-monitor')]}"
+            "\n" + "".join(lines)[-4000:])
+        # created by the scheduler, not by hand, each deployment on its own schedule
+        assert all(r["auto_scheduled"] for r in done + monitored)
+        assert all(r["state_type"] == "COMPLETED" for r in done + monitored), \
+            [r["state_name"] for r in done + monitored]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -385,3 +397,73 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
                 leftovers.append(cmd)
     assert not leftovers, leftovers
     assert "stopped the local Prefect server" in "".join(lines)
+
+
+def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(project, harness):
+    """Production text (product reviews) with feedback saying the model is
+    wrong: `shrinkflow monitor` writes the reports, decides recompress, and
+    the re-compression flow distils on the window through DVC (train
+    skipped), gates on the held-out window, deploys, and records the window
+    and the monitor run in the new version's lineage. The same window never
+    triggers twice."""
+    import uuid
+
+    import pandas as pd
+
+    from monitoring.report import softmax_positive
+    from shrinkflow.predlog import Prediction, PredictionLog, utc_now
+    from shrinkflow.registry import Registry
+    from shrinkflow.runtime import load_predictor
+    from shrinkflow.window import restore_window
+
+    reg = Registry(project / "registry")
+    before = reg.alias()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["monitor"].update({"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20})
+    # The tiny model's window agreement is not what this test is about; the
+    # gate's presence in the report is (its boundaries are unit-tested).
+    params["validate"]["gates"]["min_window_agreement"] = 0.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    texts = pd.read_parquet(project / "data/prepared/shifted.parquet")["text"].tolist() + \
+        pd.read_parquet(project / "data/prepared/test.parquet")["text"].tolist()[:30]
+    probs = softmax_positive(load_predictor(reg.load().path, threads=1).predict_logits(texts))
+    log = PredictionLog(project / params["serve"]["log_path"]).open()
+    rows = [Prediction(uuid.uuid4().hex, utc_now(), before, t, [1 - p, p], int(p >= 0.5), 2.0)
+            for t, p in zip(texts, probs)]
+    log.append(rows)
+    for r in rows[:25]:  # users say the model got these wrong
+        log.add_feedback(r.prediction_id, 1 - r.label)
+    teacher_mtime = (project / "models/teacher/model.safetensors").stat().st_mtime_ns
+    train_lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
+
+    code, out = run_cli(project, harness, "monitor")
+    assert code == 0, out[-4000:]
+    assert "verdict: recompress" in out and "feedback_accuracy: FIRED" in out, out[-4000:]
+    assert "Running stage 'train'" not in out and "Running stage 'compress'" in out
+    new = reg.alias()
+    assert new != before and f"re-compression: DEPLOYED {new}" in out
+    # the kept teacher was reused, not retrained
+    assert (project / "models/teacher/model.safetensors").stat().st_mtime_ns == teacher_mtime
+    assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"] == train_lock
+
+    manifest = reg.manifest(new)
+    window = manifest["lineage"]["window"]
+    assert window["monitor_flow_run"] and "feedback_accuracy" in window["triggers"]
+    assert window["rows"] == len(rows) and window["rows_distill"] + window["rows_heldout"] == len(set(texts))
+    # lineage's unlabelled hash is the window DVC pinned, and it can be restored
+    assert manifest["lineage"]["unlabelled_md5"] == window["texts_md5"]
+    restored = restore_window(project, window["texts_md5"], project / "restored.txt")
+    assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()
+    assert (project / "data/windows.dvc").is_file()
+    assert "min_window_agreement" in manifest["gates"]
+
+    # reports on disk, the index lists the run with its verdict
+    index = (project / "monitoring/reports/index.html").read_text()
+    assert ">recompress</b>" in index and "report.html" in index
+    run_dirs = [d for d in (project / "monitoring/reports").iterdir() if d.is_dir()]
+    assert len(run_dirs) == 1 and (run_dirs[0] / "report.html").is_file()
+
+    # the same window again: not a second re-compression
+    code, out = run_cli(project, harness, "monitor")
+    assert code == 0 and "verdict: warn" in out and "already triggered" in out, out[-3000:]
+    assert reg.alias() == new

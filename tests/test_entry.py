@@ -3,6 +3,7 @@ once per stage and per run, and scoped to dvc.yaml."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -79,3 +80,33 @@ def test_a_run_never_mixes_two_versions_of_params(project):
     (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n# edited\n")
     with pytest.raises(ParamsChanged, match="before stage 'train'"):
         check_params_unchanged(project, fp, "train")
+
+
+def test_the_libraries_never_import_prefect_and_importing_them_touches_nothing(tmp_path):
+    """Every module of shrinkflow/ and monitoring/, imported in a clean
+    interpreter from an empty directory: no Prefect, tasks or flows loaded,
+    no heavy framework imported eagerly, and no file or directory created."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    code = """
+import importlib, pkgutil, sys
+import shrinkflow, monitoring
+names = []
+for pkg in (shrinkflow, monitoring):
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(m.name)
+        names.append(m.name)
+bad = sorted(k for k in sys.modules if k.split(".")[0] in ("prefect", "tasks", "flows", "torch", "evidently"))
+print(len(names), bad)
+"""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path / "home")}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    count, bad = proc.stdout.split(" ", 1)
+    assert int(count) > 20 and bad.strip() == "[]", proc.stdout
+    assert list(work.iterdir()) == [] and not (tmp_path / "home").exists()

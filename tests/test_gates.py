@@ -29,6 +29,8 @@ def gate(report: GateReport, name: str):
      cand(latency_ms_p95_b1=5.001)),
     ("max_size_mb", cand(size_mb=30.0), cand(size_mb=29.99), cand(size_mb=30.01)),
     ("min_speedup", cand(latency_ms_p95_b1=5.0), cand(latency_ms_p95_b1=4.99), cand(latency_ms_p95_b1=5.01)),
+    ("min_window_agreement", cand(agreement={"window_heldout": 0.90}), cand(agreement={"window_heldout": 0.9001}),
+     cand(agreement={"window_heldout": 0.8999})),
 ])
 def test_gate_boundaries(name, at, over, under):
     gates = GATES if name != "min_speedup" else GATES.model_copy(update={"max_latency_ms_p95_b1": 100.0})
@@ -82,3 +84,13 @@ def test_selection_when_none_passes_keeps_best_effort():
     sel = select_candidate(metrics, _reports(metrics))
     assert sel.chosen is None and sel.best_effort == "b"
     assert "max_size_mb FAILED" in sel.reason
+
+
+def test_the_window_gate_applies_only_to_a_recompression():
+    """No held-out production text (the default run): no window gate at all,
+    rather than a gate that passes on nothing."""
+    names = {r.name for r in evaluate_gates("c", cand(agreement={"test": 0.95, "window_heldout": None}),
+                                            TEACHER, GATES).results}
+    assert "min_window_agreement" not in names
+    failed = evaluate_gates("c", cand(agreement={"window_heldout": 0.5}), TEACHER, GATES)
+    assert not failed.passed and "min_window_agreement" in failed.summary()

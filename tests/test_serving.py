@@ -55,10 +55,13 @@ def candidates(tmp_path_factory, tiny_teacher_dir):
 
 
 class Server:
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, token: str | None = TOKEN):
         self.root, self.port = root, port
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "SHRINKFLOW_API_TOKEN": TOKEN, "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        env.pop("SHRINKFLOW_API_TOKEN", None)
+        if token:
+            env["SHRINKFLOW_API_TOKEN"] = token
         self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60

@@ -38,6 +38,18 @@ def zlib_size_bytes(path: Path, level: int = 6) -> int:
     return total + len(comp.flush())
 
 
+def calibration_texts(train_texts: list[str], unlabelled_texts: list[str] | None) -> list[str]:
+    """Training texts, interleaved one for one with the unlabelled (production
+    window) texts when there are any: activation ranges then cover the text the
+    model will serve as well as the text it learned from. Without unlabelled
+    text: the training texts unchanged."""
+    extra = [t for t in (unlabelled_texts or []) if t.strip()]
+    if not extra:
+        return list(train_texts)
+    mixed = [t for pair in zip(extra, train_texts) for t in pair]
+    return mixed + extra[len(train_texts):] + list(train_texts[len(extra):])
+
+
 def calibration_feeds(tokenizer_json: str, texts: list[str], n: int, max_seq_len: int,
                       batch_size: int = 16) -> list[dict]:
     """The first ``n`` texts (the split is already shuffled), as ORT feeds."""
@@ -103,7 +115,11 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             stats["heads_per_layer"] = layer0.attention.self.num_attention_heads
             stats["ffn_per_layer"] = layer0.intermediate.dense.out_features
         elif step.method == "vocab_prune":
-            kept = kept_token_ids(tokenizer_json, train_texts, step.min_count)
+            # Production-window text (re-compression) counts too: a vocabulary
+            # pruned to the training split alone would map the drifted
+            # domain's new words to [UNK]. Without a window: the split only.
+            kept = kept_token_ids(tokenizer_json, list(train_texts) + [t for t in (unlabelled_texts or []) if t.strip()],
+                                  step.min_count)
             tokenizer_json = remap_tokenizer(tokenizer_json, kept)
             model = prune_embeddings(model, kept)
             stats["vocab_size"] = len(kept)
@@ -148,8 +164,8 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                     if train_texts is None:
                         raise ValueError("static quantization needs training texts to calibrate on")
                     quantize_static_onnx(fp32, onnx_path, step,
-                                         calibration_feeds(tok_json, train_texts, step.calibration_samples,
-                                                           max_seq_len))
+                                         calibration_feeds(tok_json, calibration_texts(train_texts, unlabelled_texts),
+                                                           step.calibration_samples, max_seq_len))
                 else:
                     quantize_dynamic_onnx(fp32, onnx_path, step)
                 fp32.unlink()

@@ -1,0 +1,38 @@
+"""The monitor flow: a window of the prediction log against the reference
+split, Evidently reports, a Prefect artifact, the policy's verdict, and on
+``recompress`` the re-compression flow. Wiring only."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.recompress import recompress
+from tasks.monitor import build_reports, decide, publish, read_window
+
+
+@flow(name="shrinkflow-monitor", log_prints=True)
+def monitor(project_dir: str = ".", act: bool = True) -> dict:
+    """``act``: run the re-compression flow when the verdict is recompress
+    (False: only report what the policy decided)."""
+    now = datetime.now(timezone.utc)
+    window = read_window(project_dir)
+    if len(window) == 0:
+        print("monitor: the prediction log is empty; nothing to monitor")
+        return {"action": "ok", "reasons": ["the prediction log is empty"], "report_dir": None,
+                "recompress": None}
+    summary, report_dir = build_reports(project_dir, window, now)
+    run_name = f"{flow_run.name} ({flow_run.id})"
+    decision = decide(project_dir, summary, report_dir, now, run_name)
+    publish(project_dir, summary, decision, report_dir)
+    print(f"monitor: {decision['action']}: {decision['reasons'][0]}")
+    result = None
+    if decision["action"] == "recompress" and act:
+        meta = {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
+                "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
+                "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
+        result = recompress(project_dir, window["text"].tolist(), meta)
+    return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
+            "report_dir": report_dir, "summary": summary, "recompress": result}

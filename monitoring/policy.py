@@ -1,0 +1,130 @@
+"""The degradation policy: ``decide(summary, params, history, now) ->
+Decision(action, reasons)``. Pure: no I/O, no clock of its own.
+
+Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
+- text drift: the share of drifted text descriptors is above
+  ``max_drifted_descriptor_share``;
+- embedding drift: Evidently's embedding-drift ROC AUC is above
+  ``embedding_drift_auc``;
+- feedback accuracy: with at least ``min_feedback_labels`` labels, the
+  accuracy on them is more than ``max_feedback_accuracy_drop`` below the
+  version's validated accuracy;
+- compression gap: agreement with the teacher in shadow is below
+  ``min_teacher_agreement`` (needs no labels).
+
+Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
+drifted, which alone says nothing about its errors). A trigger -> ``recompress``,
+except that it is ``warn`` when the window is smaller than
+``min_window_rows``, when this very window already triggered (dedup), or
+within ``cooldown_hours`` of the last re-compression. Every rule reports its
+figure and threshold, fired or not.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from monitoring.summary import DriftSummary
+
+Action = Literal["ok", "warn", "recompress"]
+# Same as the deploy gates: a figure exactly at its threshold passes.
+TOLERANCE = 1e-9
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PastDecision(_Frozen):
+    ts: str
+    action: Action
+    window_sha256: str
+
+
+class Finding(_Frozen):
+    rule: str
+    fired: bool
+    value: float | None
+    threshold: float
+    detail: str
+
+
+class Decision(_Frozen):
+    action: Action
+    reasons: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    window_sha256: str
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        return tuple(f.rule for f in self.findings if f.fired)
+
+
+def _findings(s: DriftSummary, p) -> list[Finding]:
+    out = [Finding(rule="text_drift", fired=s.drifted_descriptor_share > p.max_drifted_descriptor_share + TOLERANCE,
+                   value=s.drifted_descriptor_share, threshold=p.max_drifted_descriptor_share,
+                   detail=f"{sum(d.drifted for d in s.descriptors)} of {len(s.descriptors)} text descriptors drifted "
+                          f"(share {s.drifted_descriptor_share:.3f}, max {p.max_drifted_descriptor_share:.3f}): "
+                          + ", ".join(f"{d.column} p={d.value:.3g}" for d in s.descriptors if d.drifted))]
+    if s.embedding is not None:
+        out.append(Finding(rule="embedding_drift", fired=s.embedding.roc_auc > p.embedding_drift_auc + TOLERANCE,
+                           value=s.embedding.roc_auc, threshold=p.embedding_drift_auc,
+                           detail=f"embedding drift ROC AUC {s.embedding.roc_auc:.3f} (max {p.embedding_drift_auc:.3f}, "
+                                  f"{s.embedding.dims}-d teacher embeddings)"))
+    q = s.quality
+    if q is not None and q.accuracy_drop is not None and q.labels >= p.min_feedback_labels:
+        out.append(Finding(rule="feedback_accuracy", fired=q.accuracy_drop > p.max_feedback_accuracy_drop + TOLERANCE,
+                           value=q.accuracy_drop, threshold=p.max_feedback_accuracy_drop,
+                           detail=f"feedback accuracy {q.accuracy:.3f} on {q.labels} labels vs validated "
+                                  f"{q.validated_accuracy:.3f}: drop {q.accuracy_drop:+.3f} "
+                                  f"(max {p.max_feedback_accuracy_drop:.3f})"))
+    else:
+        n = q.labels if q is not None else 0
+        out.append(Finding(rule="feedback_accuracy", fired=False, value=None, threshold=p.max_feedback_accuracy_drop,
+                           detail=f"feedback accuracy not judged: {n} labels (needs {p.min_feedback_labels})"))
+    if s.teacher is not None:
+        t = s.teacher
+        out.append(Finding(rule="teacher_agreement", fired=t.agreement < p.min_teacher_agreement - TOLERANCE,
+                           value=t.agreement, threshold=p.min_teacher_agreement,
+                           detail=f"agreement with the teacher {t.agreement:.3f} on {t.rows} window texts "
+                                  f"(min {p.min_teacher_agreement:.3f}; {t.validated_agreement} on test at deploy)"))
+    return out
+
+
+def _fmt(f: Finding) -> str:
+    return f"{f.rule}: {'FIRED' if f.fired else 'ok'}: {f.detail}"
+
+
+def decide(summary: DriftSummary, params, history: list[PastDecision], now: datetime) -> Decision:
+    """ok, warn or recompress for one window; ``params`` is MonitorParams,
+    ``history`` the earlier decisions (any order), ``now`` timezone-aware."""
+    findings = _findings(summary, params)
+    fired = [f for f in findings if f.fired]
+    reasons = [_fmt(f) for f in findings]
+    sha = summary.window.sha256
+    if not fired:
+        if summary.prediction_label.drifted:
+            return Decision(action="warn", findings=tuple(findings), window_sha256=sha, reasons=(
+                f"prediction drift: positive share {summary.positive_share_current:.3f} vs "
+                f"{summary.positive_share_reference:.3f} on reference (p={summary.prediction_label.value:.3g}); "
+                "no degradation rule fired", *reasons))
+        return Decision(action="ok", reasons=tuple(reasons), findings=tuple(findings), window_sha256=sha)
+    held = None
+    if summary.window.rows < params.min_window_rows:
+        held = f"window of {summary.window.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
+    elif any(h.window_sha256 == sha and h.action == "recompress" for h in history):
+        held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
+    else:
+        last = max((datetime.fromisoformat(h.ts) for h in history if h.action == "recompress"), default=None)
+        if last is not None and now - last < timedelta(hours=params.cooldown_hours):
+            hours = (now - last).total_seconds() / 3600
+            held = (f"cooldown: the last re-compression was {hours:.1f} h ago "
+                    f"(cooldown_hours {params.cooldown_hours:g})")
+    if held:
+        return Decision(action="warn", reasons=(held, *reasons), findings=tuple(findings), window_sha256=sha)
+    return Decision(action="recompress", findings=tuple(findings), window_sha256=sha,
+                    reasons=(f"re-compress from the kept teacher: {', '.join(f.rule for f in fired)} fired",
+                             *reasons))

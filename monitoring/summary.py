@@ -1,0 +1,137 @@
+"""The typed summary of one monitoring run, and the one function that reads
+Evidently's result into it.
+
+Evidently's snapshot is a list of metrics; its own examples index it by
+position (``result['metrics'][0]['value']``), which breaks silently when a
+preset adds or reorders a metric. ``extract`` reads every figure by the
+metric's type and column instead, and raises when one is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ColumnDrift(_Frozen):
+    column: str
+    method: str          # as Evidently names it, e.g. "K-S p_value"
+    value: float         # the test's p-value, or its distance for distance methods
+    threshold: float
+    drifted: bool
+
+
+class EmbeddingDrift(_Frozen):
+    method: Literal["model"] = "model"
+    # ROC AUC of a classifier telling reference from current embeddings
+    # (0.5: indistinguishable), as Evidently computes it.
+    roc_auc: float
+    threshold: float
+    drifted: bool
+    dims: int
+
+
+class Quality(_Frozen):
+    """Feedback labels in the window against the version's validated accuracy."""
+
+    labels: int
+    accuracy: float
+    f1: float
+    validated_accuracy: float | None
+    accuracy_drop: float | None   # validated - feedback accuracy; positive is worse
+
+
+class TeacherAgreement(_Frozen):
+    """The label-free compression gap: the kept teacher in shadow."""
+
+    rows: int
+    agreement: float
+    validated_agreement: float | None   # on the test split, at deploy time
+
+
+class Window(_Frozen):
+    rows: int
+    first_ts: str | None
+    last_ts: str | None
+    sha256: str          # over the window's prediction ids: the same window hashes the same
+    model_versions: tuple[str, ...]
+    feedback_labels: int
+
+
+class DriftSummary(_Frozen):
+    created: str
+    model_version: str
+    window: Window
+    reference_rows: int
+    descriptors: tuple[ColumnDrift, ...]
+    drifted_descriptor_share: float
+    embedding: EmbeddingDrift | None
+    prediction_label: ColumnDrift
+    prediction_probability: ColumnDrift
+    positive_share_reference: float
+    positive_share_current: float
+    quality: Quality | None
+    teacher: TeacherAgreement | None
+
+
+# Evidently's tests that return a p-value (drift below the threshold); the
+# others (wasserstein, psi, kl_div, jensenshannon, hellinger, ...) return a
+# distance (drift at or above it). Named explicitly, or as displayed
+# ("K-S p_value") when Evidently picked the test itself.
+P_VALUE_METHODS = frozenset({"ks", "chisquare", "z", "fisher_exact", "g_test", "anderson", "mannw",
+                             "cramer_von_mises", "epps_singleton", "t_test", "empirical_mmd"})
+
+
+def _is_p_value(method: str) -> bool:
+    return method in P_VALUE_METHODS or "p_value" in method.replace("-", "_").lower()
+
+
+def column_drifts(metrics: list[dict]) -> dict[str, ColumnDrift]:
+    """Every ValueDrift in a snapshot, by column."""
+    out = {}
+    for m in metrics:
+        cfg = m.get("config", {})
+        if cfg.get("type") != "evidently:metric_v2:ValueDrift":
+            continue
+        method, threshold, value = cfg["method"], float(cfg["threshold"]), float(m["value"])
+        # p-value tests drift below the threshold; distances at or above it.
+        drifted = value < threshold if _is_p_value(method) else value >= threshold
+        out[cfg["column"]] = ColumnDrift(column=cfg["column"], method=method, value=value,
+                                         threshold=threshold, drifted=drifted)
+    return out
+
+
+def embedding_auc(metrics: list[dict], name: str) -> float | None:
+    for m in metrics:
+        cfg = m.get("config", {})
+        if cfg.get("type") == "evidently:metric_v2:EmbeddingsDrift" and cfg.get("embeddings_name") == name:
+            return float(m["value"])
+    return None
+
+
+def extract(snapshot: dict, descriptors: list[str], *, label_column: str, probability_column: str,
+            embeddings_name: str | None, embedding_threshold: float, embedding_dims: int) -> dict:
+    """The figures a DriftSummary needs from one Evidently snapshot
+    (``Snapshot.dict()``), by metric type and column name."""
+    metrics = snapshot["metrics"]
+    drifts = column_drifts(metrics)
+    missing = [c for c in [*descriptors, label_column, probability_column] if c not in drifts]
+    if missing:
+        raise KeyError(f"the Evidently snapshot has no drift result for {missing}")
+    desc = tuple(drifts[c] for c in descriptors)
+    out = {"descriptors": desc,
+           "drifted_descriptor_share": round(sum(d.drifted for d in desc) / len(desc), 6) if desc else 0.0,
+           "prediction_label": drifts[label_column], "prediction_probability": drifts[probability_column],
+           "embedding": None}
+    if embeddings_name is not None:
+        auc = embedding_auc(metrics, embeddings_name)
+        if auc is None:
+            raise KeyError(f"the Evidently snapshot has no embedding drift for {embeddings_name!r}")
+        out["embedding"] = EmbeddingDrift(roc_auc=auc, threshold=embedding_threshold,
+                                          drifted=auc > embedding_threshold, dims=embedding_dims)
+    return out

@@ -1,0 +1,129 @@
+"""The degradation policy: pure, tested exactly at, just over and just under
+each threshold, plus the window-size floor, dedup and cooldown."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from monitoring.policy import PastDecision, decide
+from monitoring.summary import ColumnDrift, DriftSummary, EmbeddingDrift, Quality, TeacherAgreement, Window
+from shrinkflow.config import MonitorParams
+
+P = MonitorParams(min_window_rows=200, max_drifted_descriptor_share=0.4, embedding_drift_auc=0.6,
+                  max_feedback_accuracy_drop=0.05, min_feedback_labels=50, min_teacher_agreement=0.9,
+                  cooldown_hours=24.0)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+EPS = 1e-6
+
+
+def col(name: str, drifted: bool) -> ColumnDrift:
+    return ColumnDrift(column=name, method="ks", value=0.001 if drifted else 0.5, threshold=0.05, drifted=drifted)
+
+
+def summary(drifted: int = 0, of: int = 5, auc: float = 0.5, agreement: float = 0.97, labels: int = 0,
+            feedback_accuracy: float = 0.85, validated: float = 0.85, rows: int = 500, sha: str = "a" * 64,
+            label_drift: bool = False) -> DriftSummary:
+    descriptors = tuple(col(f"d{i}", i < drifted) for i in range(of))
+    return DriftSummary(
+        created=NOW.isoformat(), model_version="v0001",
+        window=Window(rows=rows, first_ts="t0", last_ts="t1", sha256=sha, model_versions=("v0001",),
+                      feedback_labels=labels),
+        reference_rows=500, descriptors=descriptors, drifted_descriptor_share=drifted / of,
+        embedding=EmbeddingDrift(roc_auc=auc, threshold=P.embedding_drift_auc, drifted=auc > P.embedding_drift_auc,
+                                 dims=32),
+        prediction_label=col("prediction", label_drift), prediction_probability=col("prob_positive", False),
+        positive_share_reference=0.5, positive_share_current=0.5,
+        quality=Quality(labels=labels, accuracy=feedback_accuracy, f1=0.8, validated_accuracy=validated,
+                        accuracy_drop=round(validated - feedback_accuracy, 9)) if labels else None,
+        teacher=TeacherAgreement(rows=200, agreement=agreement, validated_agreement=0.97))
+
+
+def test_a_quiet_window_is_ok_and_says_why():
+    d = decide(summary(), P, [], NOW)
+    assert d.action == "ok" and d.triggers == ()
+    assert {f.rule for f in d.findings} == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
+    assert any("0.970" in r and "0.900" in r for r in d.reasons)  # figure and threshold, even when ok
+
+
+@pytest.mark.parametrize("share_drifted, of, fires", [(2, 5, False),   # 0.4: exactly at the threshold
+                                                      (41, 100, True),  # just over
+                                                      (39, 100, False)])  # just under
+def test_text_drift_share_boundary(share_drifted, of, fires):
+    d = decide(summary(drifted=share_drifted, of=of), P, [], NOW)
+    assert ("text_drift" in d.triggers) is fires
+    assert d.action == ("recompress" if fires else "ok")
+
+
+@pytest.mark.parametrize("auc, fires", [(0.6, False), (0.6 + EPS, True), (0.6 - EPS, False)])
+def test_embedding_drift_boundary(auc, fires):
+    d = decide(summary(auc=auc), P, [], NOW)
+    assert ("embedding_drift" in d.triggers) is fires
+
+
+@pytest.mark.parametrize("agreement, fires", [(0.9, False), (0.9 - EPS, True), (0.9 + EPS, False)])
+def test_teacher_agreement_boundary(agreement, fires):
+    d = decide(summary(agreement=agreement), P, [], NOW)
+    assert ("teacher_agreement" in d.triggers) is fires
+    assert d.action == ("recompress" if fires else "ok")
+    assert any(f"agreement with the teacher {agreement:.3f}" in r and "min 0.900" in r for r in d.reasons)
+
+
+@pytest.mark.parametrize("feedback_accuracy, fires", [(0.80, False),          # drop exactly 0.05
+                                                      (0.80 - EPS, True),     # just over
+                                                      (0.80 + EPS, False)])   # just under
+def test_feedback_accuracy_drop_boundary(feedback_accuracy, fires):
+    d = decide(summary(labels=50, feedback_accuracy=feedback_accuracy), P, [], NOW)
+    assert ("feedback_accuracy" in d.triggers) is fires
+
+
+@pytest.mark.parametrize("labels, judged", [(50, True), (49, False), (51, True)])
+def test_feedback_needs_enough_labels(labels, judged):
+    d = decide(summary(labels=labels, feedback_accuracy=0.5), P, [], NOW)
+    assert ("feedback_accuracy" in d.triggers) is judged
+    if not judged:
+        assert any(f"{labels} labels (needs 50)" in r for r in d.reasons)
+
+
+@pytest.mark.parametrize("rows, acts", [(200, True), (199, False), (201, True)])
+def test_a_small_window_never_triggers(rows, acts):
+    d = decide(summary(agreement=0.5, rows=rows), P, [], NOW)
+    assert d.action == ("recompress" if acts else "warn")
+    if not acts:
+        assert "below min_window_rows 200" in d.reasons[0]
+
+
+def test_the_same_window_never_triggers_twice():
+    s = summary(agreement=0.5, sha="b" * 64)
+    first = decide(s, P, [], NOW)
+    assert first.action == "recompress"
+    past = [PastDecision(ts=(NOW - timedelta(days=30)).isoformat(), action="recompress", window_sha256="b" * 64)]
+    again = decide(s, P, past, NOW)
+    assert again.action == "warn" and "already triggered" in again.reasons[0]
+    # a warn on that window earlier does not count as having triggered
+    assert decide(s, P, [past[0].model_copy(update={"action": "warn"})], NOW).action == "recompress"
+
+
+@pytest.mark.parametrize("hours_ago, action", [(24.0, "recompress"),          # exactly the cooldown: over
+                                               (24.0 - 1e-3, "warn"),          # just inside it
+                                               (24.0 + 1e-3, "recompress")])
+def test_cooldown_after_a_recompression(hours_ago, action):
+    past = [PastDecision(ts=(NOW - timedelta(hours=hours_ago)).isoformat(), action="recompress",
+                         window_sha256="c" * 64)]
+    d = decide(summary(agreement=0.5), P, past, NOW)
+    assert d.action == action
+    if action == "warn":
+        assert d.reasons[0].startswith("cooldown: the last re-compression was 24.0 h ago")
+
+
+def test_prediction_drift_alone_warns():
+    d = decide(summary(label_drift=True), P, [], NOW)
+    assert d.action == "warn" and d.triggers == () and "prediction drift" in d.reasons[0]
+
+
+def test_every_fired_rule_is_named_in_the_first_reason():
+    d = decide(summary(drifted=5, auc=0.9, agreement=0.5, labels=60, feedback_accuracy=0.5), P, [], NOW)
+    assert d.action == "recompress"
+    assert set(d.triggers) == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
+    assert all(rule in d.reasons[0] for rule in d.triggers)
