@@ -463,6 +463,21 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     run_dirs = [d for d in (project / "monitoring/reports").iterdir() if d.is_dir()]
     assert len(run_dirs) == 1 and (run_dirs[0] / "report.html").is_file()
 
+    # the Prefect artifact: verdict, figures, reasons, links to the served reports
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def monitor_artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["shrinkflow-monitor"])))
+
+    arts = asyncio.run(monitor_artifacts())
+    assert any("# Monitor: **recompress**" in (a.data or "") and "feedback_accuracy: FIRED" in (a.data or "")
+               and f"/reports/{run_dirs[0].name}/report.html" in (a.data or "") for a in arts)
+
     # the same window again: not a second re-compression
     code, out = run_cli(project, harness, "monitor")
     assert code == 0 and "verdict: warn" in out and "already triggered" in out, out[-3000:]
