@@ -95,9 +95,9 @@ def _frame(texts, probs, embeddings, vocab, targets=None):
     df[OOV] = oov_share(list(texts), vocab)
     if targets is not None:
         df[TARGET] = np.asarray(targets, dtype=int)
-    if embeddings is not None:
-        for i in range(embeddings.shape[1]):
-            df[f"emb_{i}"] = embeddings[:, i]
+    if embeddings is not None:  # one concat: column-by-column inserts fragment the frame
+        df = pd.concat([df, pd.DataFrame(embeddings, columns=[f"emb_{i}" for i in range(embeddings.shape[1])],
+                                         index=df.index)], axis=1)
     return df
 
 
