@@ -36,6 +36,8 @@ from shrinkflow.gates import GateReport
 from shrinkflow.io import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
 
 PRODUCTION = "production"
+# What production pointed at before its last move (rollback's default target).
+PREVIOUS = "previous_production"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
@@ -148,9 +150,15 @@ class Registry:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _set_alias(self, name: str, version: str) -> None:
+    def _set_production(self, version: str) -> None:
+        """Point production at ``version`` and, in the same atomic write,
+        remember what it pointed at: rollback needs that, and a crash between
+        this write and the history append must not lose it."""
         aliases = self.aliases()
-        aliases[name] = version
+        previous = aliases.get(PRODUCTION)
+        aliases[PRODUCTION] = version
+        if previous is not None and previous != version:
+            aliases[PREVIOUS] = previous
         write_json(self.root / "aliases.json", aliases)  # fsynced, then os.replace
 
     def _log(self, event: dict) -> None:
@@ -191,7 +199,7 @@ class Registry:
                          if self.manifest(v).get("content_hash") == digest), None)
             version = self._store(model_dir, hashes, digest, gate_report,
                                   {**record, "same_model_as": same}, now)
-            self._set_alias(PRODUCTION, version)
+            self._set_production(version)
             self._log({"event": "promote", "version": version, "previous": previous,
                        "same_model_as": same, "at": now})
         return Promotion(version, previous, same)
@@ -199,12 +207,16 @@ class Registry:
     def previous_production(self) -> str | None:
         """The version that was production before the current one became it.
 
-        The alias is the truth; history says how it got there. If the history
-        lacks the event that made the current version production (a crash
-        between the alias swap and the history append), there is no safe
-        guess: None, and the caller must name a version.
+        aliases.json records it (``previous_production``) in the same atomic
+        write that moves production, so a crash between that write and the
+        history append loses nothing rollback needs. Registries written before
+        that alias existed fall back to the history; with neither, there is no
+        safe guess: None, and the caller must name a version.
         """
-        current = self.alias(PRODUCTION)
+        recorded = self.alias(PREVIOUS)  # written with the swap itself
+        if recorded is not None:
+            return recorded
+        current = self.alias(PRODUCTION)  # registries from before PREVIOUS existed
         for event in reversed(self.history()):
             if event.get("version") == current:
                 return event.get("previous")
@@ -229,7 +241,7 @@ class Registry:
                 raise RegistryError(f"{target} is already production")
             self.verify(target)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self._set_alias(PRODUCTION, target)
+            self._set_production(target)
             self._log({"event": "rollback", "version": target, "previous": current, "at": now})
         return Rollback(target, current)
 

@@ -248,3 +248,16 @@ def test_rollback_and_versions_commands(tmp_path):
     assert code == 0 and "* v0001" in out and "0.8500" in out
     code, out = cli("rollback", "--to", "v0099")
     assert code == 2 and "no version 'v0099'" in out and reg.alias() == "v0001"
+
+
+def test_a_crash_between_the_alias_swap_and_the_history_loses_nothing_rollback_needs(tmp_path):
+    """The previous production version is written with the swap itself; the
+    history line that follows can be lost (here: cut off, as a crash would)."""
+    reg = Registry(tmp_path / "reg")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
+    history = tmp_path / "reg" / "history.jsonl"
+    history.write_text(history.read_text().splitlines(keepends=True)[0])  # v0002's line never written
+    assert reg.alias() == "v0002" and reg.previous_production() == "v0001"
+    assert reg.rollback().version == "v0001"
+    assert reg.rollback().version == "v0002"  # and a second rollback undoes the first

@@ -305,3 +305,11 @@ def test_several_workers_serve_and_log(project):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_reports_before_any_monitor_run_are_a_clear_404(server, project):
+    assert not (project / "monitoring" / "reports").exists()
+    r = httpx.get(f"{server.url}/reports/", headers=AUTH)
+    assert r.status_code == 404 and "shrinkflow monitor" in r.json()["detail"]
+    assert httpx.get(f"{server.url}/reports/").status_code == 401
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # and the server is fine
