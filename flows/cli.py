@@ -148,6 +148,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
                    f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}]")
         typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
         typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
+        window = (d.get("lineage") or {}).get("window")
+        if window:  # a re-compression: which production window, asked for by which monitor run
+            typer.echo(f"  re-compressed on a production window: {window.get('rows_distill')} texts distilled, "
+                       f"{window.get('rows_heldout')} held out (md5 {window.get('texts_md5')}); monitor run "
+                       f"{window.get('monitor_flow_run')}, triggers {', '.join(window.get('triggers') or [])}")
         if not d["integrity"] == "verified":
             raise typer.Exit(EXIT_CRASH)
 
@@ -328,6 +333,37 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
         if server is not None:
             server.stop()
             typer.echo("stopped the local Prefect server")
+
+
+@app.command()
+def window(version: str = typer.Argument(..., help="a registry version, e.g. v0006"),
+           out: Path = typer.Option(..., "--out", help="where to write the window's distillation text"),
+           heldout: bool = typer.Option(False, "--heldout", help="restore the held-out part instead")):
+    """Restore the production window a version was re-compressed on, from the
+    DVC-tracked archive (data/windows/), by the md5 in its lineage."""
+    from shrinkflow.registry import Registry
+    from shrinkflow.window import restore_window
+
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    try:
+        lineage = Registry(root / parsed.deploy.registry_dir).manifest(version).get("lineage") or {}
+    except (KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    meta = lineage.get("window")
+    if not meta:
+        typer.echo(f"error: {version} was not re-compressed on a production window (no window in its lineage)",
+                   err=True)
+        raise typer.Exit(EXIT_NOT_DEPLOYED)
+    md5 = meta["heldout_md5"] if heldout else meta["texts_md5"]
+    try:
+        path = restore_window(root, md5, out)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    typer.echo(f"{version}: window {md5} ({meta['rows_heldout' if heldout else 'rows_distill']} texts; monitor run "
+               f"{meta.get('monitor_flow_run')}) -> {path}")
 
 
 @app.command("monitor")

@@ -40,9 +40,22 @@ def make_task_runner(runner: RunnerParams):
 
 
 @flow(name="shrinkflow-compress", log_prints=True)
-def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int) -> dict:
-    futures = [build_candidate.submit(project_dir, c, opset, threads) for c in candidates]
+def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int,
+                        keys: dict | None = None) -> dict:
+    futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name))
+               for c in candidates]
     return {r["name"]: r for r in (f.result() for f in futures)}
+
+
+def candidate_keys(root: Path, candidates: list, opset: int, threads: int) -> dict[str, str]:
+    """Each candidate's cache key, from its own inputs (shrinkflow.compress.cache)."""
+    from shrinkflow.compress.cache import candidate_key, code_hash, inputs_hashes, library_versions, package_root
+    from shrinkflow.paths import TEACHER, UNLABELLED, split_path
+
+    hashes = inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED)
+    code, libs = code_hash(package_root()), library_versions()
+    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads)
+            for c in candidates}
 
 
 def compress(params, project_dir: str = ".") -> dict:
@@ -53,9 +66,10 @@ def compress(params, project_dir: str = ".") -> dict:
     runner = params.compress.runner
     shutil.rmtree(Path(root) / CANDIDATES, ignore_errors=True)
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
-    results = flow_(project_dir=root, candidates=list(params.compress.candidates),
-                    opset=params.compress.onnx_opset,
-                    threads=max(1, params.train.threads // runner.max_workers))
+    threads = max(1, params.train.threads // runner.max_workers)
+    candidates = list(params.compress.candidates)
+    results = flow_(project_dir=root, candidates=candidates, opset=params.compress.onnx_opset, threads=threads,
+                    keys=candidate_keys(Path(root), candidates, params.compress.onnx_opset, threads))
     write_json(Path(root) / METRICS_COMPRESS, results)
     return results
 

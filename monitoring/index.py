@@ -48,11 +48,28 @@ def _row(run: Path) -> str | None:
             + f"<td class=r>{reasons}</td></tr>")
 
 
+def run_dirs(reports_dir: Path) -> list[Path]:
+    """Finished or not, newest first (names are sortable UTC timestamps)."""
+    return sorted((p for p in Path(reports_dir).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  reverse=True)
+
+
+def prune(reports_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` run directories; returns what went."""
+    import shutil
+
+    if not Path(reports_dir).is_dir():
+        return []
+    gone = run_dirs(reports_dir)[keep:]
+    for d in gone:
+        shutil.rmtree(d)
+    return gone
+
+
 def write_index(reports_dir: Path) -> Path:
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    runs = sorted((p for p in reports_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
-    rows = [r for r in (_row(p) for p in runs) if r is not None]
+    rows = [r for r in (_row(p) for p in run_dirs(reports_dir)) if r is not None]
     head = ["run (UTC)", "verdict", "version", "window rows", "drifted descriptors", "embedding AUC",
             "teacher agreement", "feedback accuracy (labels)", "positive share cur / ref", "reports", "why"]
     page = f"""<!doctype html>

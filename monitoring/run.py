@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from monitoring.index import DECISION_JSON, write_index
+from monitoring.index import DECISION_JSON, prune, write_index
 from monitoring.policy import Decision, PastDecision, decide
 from monitoring.summary import DriftSummary
 
@@ -74,6 +74,7 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
         fh.write(line.model_dump_json() + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    prune(Path(report_dir).parent, params.monitor.keep_reports)
     write_index(Path(report_dir).parent)
     return decision
 

@@ -383,6 +383,9 @@ class MonitorParams(_Frozen):
     # and gates the new candidate (validate.gates.min_window_agreement).
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
+    # Each run's reports take ~10 MB (Evidently inlines its JavaScript): keep
+    # the newest N run directories, delete older ones after each run.
+    keep_reports: Annotated[int, Field(ge=1)] = 200
     # `shrinkflow schedule`: exactly one of each pair (flags override).
     interval_minutes: Annotated[int, Field(ge=1)] | None = 60
     cron: str | None = None

@@ -48,6 +48,8 @@ DEPLOYMENT = Path("deploy/deployment.json")
 # Local state, git-ignored: Prefect's home (database, logs) and run scratch.
 PREFECT_HOME = Path(".prefect")
 STATE = Path(".shrinkflow")
+# Built candidates by content key, reused when a candidate's inputs are unchanged.
+CANDIDATE_CACHE = STATE / "cache" / "candidates"
 # The monitor's decision history (cooldown, dedup).
 MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 

@@ -11,14 +11,16 @@ from prefect.cache_policies import NO_CACHE
 
 
 @task(name="build-candidate", task_run_name="build {candidate.name}", cache_policy=NO_CACHE)
-def build_candidate(project_dir: str, candidate, opset: int, threads: int) -> dict:
-    # NO_CACHE: DVC decides when compress is stale. No retries: a failed
-    # recipe is a bug or a bad param, not a transient fault.
-    # The candidate and settings come from the stage's one read of
-    # params.yaml; the task never re-reads it (a run never mixes versions).
+def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: str | None = None) -> dict:
+    # NO_CACHE: DVC decides when compress is stale, and the candidate cache
+    # (keyed by this candidate's own inputs, computed by the stage) decides
+    # whether this candidate must be rebuilt. No retries: a failed recipe is a
+    # bug or a bad param, not a transient fault. The candidate and settings
+    # come from the stage's one read of params.yaml; the task never re-reads it.
     from shrinkflow.compress import apply_recipe
+    from shrinkflow.compress.cache import CandidateCache
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.paths import CANDIDATES, TEACHER, UNLABELLED
+    from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER, UNLABELLED
     from stages.common import read_lines, read_split
 
     root = Path(project_dir)
@@ -27,11 +29,23 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int) -> di
         # must be mounted there at the same absolute path (see README).
         raise FileNotFoundError(f"worker {socket.gethostname()}: no teacher at {root / TEACHER}; "
                                 "the project must be at the same absolute path on every worker")
-    train = read_split("train", root)
+    dest = root / CANDIDATES / candidate.name
+    cache = CandidateCache(root / CANDIDATE_CACHE)
     t0 = time.perf_counter()
-    out = apply_recipe(root / TEACHER, candidate, root / CANDIDATES / candidate.name, opset=opset,
+    info = cache.fetch(key, dest) if key else None
+    if info is not None:
+        seconds = round(time.perf_counter() - t0, 2)
+        print(f"compress: {candidate.name} unchanged, copied from the candidate cache in {seconds:.1f}s "
+              f"(built in {info['build_seconds']:.0f}s)")
+        return {"name": candidate.name, "seconds": seconds, "cached": True,
+                "build_seconds": info["build_seconds"], **read_manifest(dest)["stats"]}
+    train = read_split("train", root)
+    out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                        threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED))
     seconds = round(time.perf_counter() - t0, 2)
+    if key:
+        cache.store(key, out, seconds)
     print(f"compress: {candidate.name} built in {seconds:.0f}s -> {out}")
-    return {"name": candidate.name, "seconds": seconds, **read_manifest(out)["stats"]}
+    return {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
+            **read_manifest(out)["stats"]}

@@ -456,6 +456,12 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()
     assert (project / "data/windows.dvc").is_file()
     assert "min_window_agreement" in manifest["gates"]
+    code, out = run_cli(project, None, "window", new, "--out", str(project / "w.txt"))
+    assert code == 0 and (project / "w.txt").read_text() == (project / "data/unlabelled/texts.txt").read_text()
+    code, out = run_cli(project, None, "window", before, "--out", str(project / "w0.txt"))
+    assert code == 1 and "was not re-compressed on a production window" in out
+    code, out = run_cli(project, None, "status")
+    assert code == 0 and f"re-compressed on a production window: {window['rows_distill']} texts distilled" in out
 
     # reports on disk, the index lists the run with its verdict
     index = (project / "monitoring/reports/index.html").read_text()

@@ -252,3 +252,16 @@ def test_calibration_mixes_the_window_with_training_text():
     assert calibration_texts(["t1", "t2", "t3"], None) == ["t1", "t2", "t3"]  # default runs unchanged
     assert calibration_texts(["t1", "t2", "t3"], ["w1", " "]) == ["w1", "t1", "t2", "t3"]
     assert calibration_texts(["t1"], ["w1", "w2", "w3"]) == ["w1", "t1", "w2", "w3"]
+
+
+def test_old_report_runs_are_pruned_newest_kept(tmp_path):
+    from monitoring.index import prune, write_index
+
+    for name in ("20260101T000000_000000Z", "20260103T000000_000000Z", "20260102T000000_000000Z"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.html").write_text("<html></html>")
+    gone = prune(tmp_path, keep=2)
+    assert [d.name for d in gone] == ["20260101T000000_000000Z"]
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["20260102T000000_000000Z", "20260103T000000_000000Z"]
+    assert prune(tmp_path / "missing", keep=1) == []
+    assert "0 run(s)" in write_index(tmp_path).read_text()  # no summary.json: unfinished runs are not listed

@@ -76,3 +76,45 @@ def test_a_worker_that_cannot_see_the_project_says_so(tmp_path):
         build_candidate.fn("relative/project", Candidate(name="c"), 17, 1)
     with pytest.raises(FileNotFoundError, match=r"no teacher at .*/models/teacher"):
         build_candidate.fn(str(tmp_path), Candidate(name="c"), 17, 1)
+
+
+def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api):
+    """The per-candidate cache: a second compress run copies unchanged
+    candidates (byte for byte) and rebuilds only the edited one; new window
+    text rebuilds only the candidates whose recipe reads text; a corrupted
+    cache entry is rebuilt, never served."""
+    from flows.compress import compress
+    from shrinkflow.config import load_params
+    from shrinkflow.io import file_hashes, read_json
+    from shrinkflow.paths import CANDIDATE_CACHE, METRICS_COMPRESS, UNLABELLED
+    from stages.common import run_stage
+
+    root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, {"kind": "threads", "max_workers": 1})
+
+    def run() -> dict:
+        assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
+        return {n: r["cached"] for n, r in read_json(root / METRICS_COMPRESS).items()}
+
+    def files(name):
+        return file_hashes(root / "models" / "candidates" / name)
+
+    assert run() == {"int8": False, "vocab-int8": False}
+    first = {n: files(n) for n in ("int8", "vocab-int8")}
+    assert run() == {"int8": True, "vocab-int8": True}  # nothing changed: nothing rebuilt
+    assert {n: files(n) for n in first} == first
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["compress"]["candidates"][1]["recipe"][0]["min_count"] = 2  # edit one recipe
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    load_params(root / "params.yaml")
+    assert run() == {"int8": True, "vocab-int8": False}
+    assert files("int8") == first["int8"]
+
+    (root / UNLABELLED).write_text("a brand new production sentence\n")  # a window: vocab reads text
+    assert run() == {"int8": True, "vocab-int8": False}
+
+    for entry in (root / CANDIDATE_CACHE).iterdir():  # rot every cached model file
+        for f in (entry / "model").iterdir():
+            f.write_bytes(b"rot")
+    assert run() == {"int8": False, "vocab-int8": False}
+    assert files("int8") == first["int8"]  # rebuilt, identical to the first build
