@@ -49,11 +49,12 @@ def compress_candidates(project_dir: str, candidates: list, opset: int, threads:
 
 def candidate_keys(root: Path, candidates: list, opset: int, threads: int) -> dict[str, str]:
     """Each candidate's cache key, from its own inputs (shrinkflow.compress.cache)."""
-    from shrinkflow.compress.cache import candidate_key, code_hash, inputs_hashes, library_versions, package_root
+    from shrinkflow.compress.cache import candidate_key, code_hash, inputs_hashes, package_root
+    from shrinkflow.lineage import MODEL_LIBRARIES, library_versions
     from shrinkflow.paths import TEACHER, UNLABELLED, split_path
 
     hashes = inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED)
-    code, libs = code_hash(package_root()), library_versions()
+    code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
     return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads)
             for c in candidates}
 

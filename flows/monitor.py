@@ -10,6 +10,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.recompress import recompress
+from shrinkflow.config import load_params
+from shrinkflow.paths import PARAMS
 from tasks.monitor import build_reports, decide, publish, read_window
 
 
@@ -18,15 +20,16 @@ def monitor(project_dir: str = ".", act: bool = True) -> dict:
     """``act``: run the re-compression flow when the verdict is recompress
     (False: only report what the policy decided)."""
     now = datetime.now(timezone.utc)
-    window = read_window(project_dir)
+    params = load_params(f"{project_dir}/{PARAMS}")  # validated once for the whole run
+    window = read_window(project_dir, params)
     if len(window) == 0:
         print("monitor: the prediction log is empty; nothing to monitor")
         return {"action": "ok", "reasons": ["the prediction log is empty"], "report_dir": None,
                 "recompress": None}
-    summary, report_dir = build_reports(project_dir, window, now)
+    summary, report_dir = build_reports(project_dir, params, window, now)
     run_name = f"{flow_run.name} ({flow_run.id})"
-    decision = decide(project_dir, summary, report_dir, now, run_name)
-    publish(project_dir, summary, decision, report_dir)
+    decision = decide(project_dir, params, summary, report_dir, now, run_name)
+    publish(params, summary, decision, report_dir)
     print(f"monitor: {decision['action']}: {decision['reasons'][0]}")
     result = None
     if decision["action"] == "recompress" and act:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.lifecycle import lifecycle
+from shrinkflow.config import load_params
+from shrinkflow.paths import PARAMS
 from tasks.monitor import archive_window, snapshot_window
 
 
@@ -16,7 +18,8 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     """``texts``: the production window; ``trigger``: what asked for it (the
     monitor run, the window's hash and the rules that fired), recorded in
     data/unlabelled/window.json and from there in the new version's lineage."""
-    window = snapshot_window(project_dir, texts, trigger)
+    heldout_fraction = load_params(f"{project_dir}/{PARAMS}").monitor.heldout_fraction
+    window = snapshot_window(project_dir, texts, heldout_fraction, trigger)
     archive_window(project_dir)
     result = lifecycle(project_dir)
     print(f"recompress: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"

@@ -54,9 +54,9 @@ def oov_share(texts: list[str], vocab: frozenset[str]) -> np.ndarray:
 
 
 def softmax_positive(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True))[:, 1]
+    from shrinkflow.serving import softmax  # the one the server answers with
+
+    return softmax(logits)[:, 1]
 
 
 def window_sha256(prediction_ids) -> str:
@@ -151,8 +151,9 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     sample = np.sort(rng.choice(len(window), size=min(params.shadow_sample_rows, len(window)), replace=False))
     teacher, dims, ref_emb, cur_emb = None, 0, None, None
     if teacher_dir is not None:
-        t_labels, t_emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample])
-        _, ref_emb = teacher_pass(teacher_dir, ref_texts)
+        # One load of the teacher, one pass over the sample and the reference.
+        labels, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts)
+        t_labels, t_emb, ref_emb = labels[:len(sample)], emb[:len(sample)], emb[len(sample):]
         served = (cur_probs[sample] >= 0.5).astype(int)
         teacher = TeacherAgreement(rows=len(sample), agreement=agreement(served, t_labels),
                                    validated_agreement=validated.get("agreement"))

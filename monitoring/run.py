@@ -82,8 +82,12 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
 def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path, reports_url: str | None) -> str:
     """The Prefect artifact: verdict, key figures, links to the reports."""
     rel = Path(report_dir).name
-    link = (lambda f: f"{reports_url.rstrip('/')}/{rel}/{f}") if reports_url else \
-        (lambda f: (Path(report_dir) / f).resolve().as_uri())
+
+    def link(name: str, run: bool = True) -> str:
+        if reports_url:
+            return f"{reports_url.rstrip('/')}/{rel + '/' if run else ''}{name}"
+        return ((Path(report_dir) if run else Path(report_dir).parent) / name).resolve().as_uri()
+
     e, t, q = summary.embedding, summary.teacher, summary.quality
     lines = [f"# Monitor: **{decision.action}** ({summary.model_version})", "",
              f"Window: {summary.window.rows} predictions, {summary.window.first_ts} .. {summary.window.last_ts} "
@@ -99,5 +103,5 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
              f"Reports: [drift]({link('report.html')})"
              + (f" · [embeddings]({link('embeddings.html')})" if e else "")
              + (f" · [quality]({link('quality.html')})" if (Path(report_dir) / 'quality.html').is_file() else "")
-             + f" · [index]({link('../index.html') if not reports_url else reports_url.rstrip('/') + '/index.html'})"]
+             + f" · [index]({link('index.html', run=False)})"]
     return "\n".join(lines) + "\n"

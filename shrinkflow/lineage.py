@@ -57,13 +57,18 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries a model's numbers depend on (metadata only:
-    nothing is imported, so the deploy stage stays light)."""
+# The libraries a model's numbers depend on, and the tools that built it.
+MODEL_LIBRARIES = ("torch", "transformers", "tokenizers", "onnxruntime", "onnx", "numpy")
+LINEAGE_LIBRARIES = (*MODEL_LIBRARIES, "dvc", "prefect")
+
+
+def library_versions(dists: tuple[str, ...] = LINEAGE_LIBRARIES) -> dict[str, str | None]:
+    """Installed versions of ``dists`` (metadata only: nothing is imported, so
+    the deploy stage stays light)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("torch", "transformers", "tokenizers", "onnxruntime", "onnx", "numpy", "dvc", "prefect"):
+    for dist in dists:
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

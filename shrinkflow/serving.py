@@ -475,38 +475,28 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
 
     if reports_dir is not None:
         # Monitoring's Evidently reports, read-only, under the same token rule.
-        app.mount("/reports", _ReportFiles(directory=Path(reports_dir), html=True), name="reports")
+        from starlette.exceptions import HTTPException
+        from starlette.staticfiles import StaticFiles
+
+        reports = Path(reports_dir)
+
+        class ReportFiles(StaticFiles):
+            """404 until the first monitor run creates the directory, rather than
+            a 500 or a server that refuses to start."""
+
+            async def check_config(self) -> None:
+                if reports.is_dir():
+                    await super().check_config()
+
+            async def get_response(self, path, scope):
+                if not reports.is_dir():
+                    raise HTTPException(status_code=404, detail="no monitoring reports yet: run `shrinkflow monitor`")
+                return await super().get_response(path, scope)
+
+        app.mount("/reports", ReportFiles(directory=str(reports), html=True, check_dir=False), name="reports")
 
     app.state.holder, app.state.log = holder, log
     return app
-
-
-def _report_files_class():
-    from starlette.exceptions import HTTPException
-    from starlette.staticfiles import StaticFiles
-
-    class ReportFiles(StaticFiles):
-        """StaticFiles over a directory that may not exist yet (no monitor run
-        so far): 404 until it does, rather than a 500 or a startup failure."""
-
-        def __init__(self, directory: Path, html: bool):
-            self._dir = Path(directory)
-            super().__init__(directory=str(directory), html=html, check_dir=False)
-
-        async def check_config(self) -> None:
-            if self._dir.is_dir():
-                await super().check_config()
-
-        async def get_response(self, path, scope):
-            if not self._dir.is_dir():
-                raise HTTPException(status_code=404, detail="no monitoring reports yet: run `shrinkflow monitor`")
-            return await super().get_response(path, scope)
-
-    return ReportFiles
-
-
-def _ReportFiles(directory: Path, html: bool):  # noqa: N802 - a class, built lazily (starlette import)
-    return _report_files_class()(directory, html)
 
 
 def app_from_env():

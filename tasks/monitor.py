@@ -10,46 +10,45 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.config import load_params
-from shrinkflow.paths import MONITOR_STATE, PARAMS, WINDOWS_ARCHIVE
+from shrinkflow.paths import MONITOR_STATE, WINDOWS_ARCHIVE
 
 # NO_CACHE throughout: the prediction log grows between runs, and a cached
-# report or decision would hide exactly the change monitoring is for.
+# report or decision would hide exactly the change monitoring is for. The flow
+# validates params once and passes them in; tasks never re-read params.yaml.
 
 
 @task(name="read-window", cache_policy=NO_CACHE)
-def read_window(project_dir: str):
+def read_window(project_dir: str, params):
     from monitoring.run import read_window as _read
 
-    return _read(Path(project_dir), load_params(Path(project_dir) / PARAMS))
+    return _read(Path(project_dir), params)
 
 
 @task(name="build-drift-reports", cache_policy=NO_CACHE)
-def build_reports(project_dir: str, window, now: datetime) -> tuple[dict, str]:
+def build_reports(project_dir: str, params, window, now: datetime) -> tuple[dict, str]:
     from monitoring.run import build_reports as _build
 
-    summary, out = _build(Path(project_dir), load_params(Path(project_dir) / PARAMS), window, now)
+    summary, out = _build(Path(project_dir), params, window, now)
     return summary.model_dump(mode="json"), str(out)
 
 
 @task(name="decide", cache_policy=NO_CACHE)
-def decide(project_dir: str, summary: dict, report_dir: str, now: datetime, flow_run: str) -> dict:
+def decide(project_dir: str, params, summary: dict, report_dir: str, now: datetime, flow_run: str) -> dict:
     from monitoring.run import decide_and_record
     from monitoring.summary import DriftSummary
 
-    params = load_params(Path(project_dir) / PARAMS)
     decision = decide_and_record(DriftSummary.model_validate(summary), params, Path(report_dir),
                                  Path(project_dir) / MONITOR_STATE, now, flow_run)
     return {**decision.model_dump(mode="json"), "triggers": list(decision.triggers)}
 
 
 @task(name="publish-monitor-report", cache_policy=NO_CACHE)
-def publish(project_dir: str, summary: dict, decision: dict, report_dir: str) -> str:
+def publish(params, summary: dict, decision: dict, report_dir: str) -> str:
     from monitoring.policy import Decision
     from monitoring.run import summary_markdown
     from monitoring.summary import DriftSummary
 
-    serve = load_params(Path(project_dir) / PARAMS).serve
+    serve = params.serve
     md = summary_markdown(DriftSummary.model_validate(summary),
                           Decision.model_validate({k: v for k, v in decision.items() if k != "triggers"}),
                           Path(report_dir), f"http://{serve.host}:{serve.port}/reports")
@@ -60,11 +59,10 @@ def publish(project_dir: str, summary: dict, decision: dict, report_dir: str) ->
 
 
 @task(name="snapshot-window", cache_policy=NO_CACHE)
-def snapshot_window(project_dir: str, texts: list[str], meta: dict) -> dict:
+def snapshot_window(project_dir: str, texts: list[str], heldout_fraction: float, meta: dict) -> dict:
     from shrinkflow.window import write_snapshot
 
-    params = load_params(Path(project_dir) / PARAMS)
-    return write_snapshot(Path(project_dir), texts, params.monitor.heldout_fraction, meta)
+    return write_snapshot(Path(project_dir), texts, heldout_fraction, meta)
 
 
 @task(name="dvc-add-window-archive", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

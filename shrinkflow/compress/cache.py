@@ -59,18 +59,6 @@ def package_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_hash: str, code: str,
                   libraries: dict, opset: int, threads: int) -> str:
     data = reads_data(candidate)

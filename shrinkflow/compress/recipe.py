@@ -38,12 +38,17 @@ def zlib_size_bytes(path: Path, level: int = 6) -> int:
     return total + len(comp.flush())
 
 
+def window_texts(unlabelled_texts: list[str] | None) -> list[str]:
+    """The non-blank unlabelled (production window) texts."""
+    return [t for t in (unlabelled_texts or []) if t.strip()]
+
+
 def calibration_texts(train_texts: list[str], unlabelled_texts: list[str] | None) -> list[str]:
     """Training texts, interleaved one for one with the unlabelled (production
     window) texts when there are any: activation ranges then cover the text the
     model will serve as well as the text it learned from. Without unlabelled
     text: the training texts unchanged."""
-    extra = [t for t in (unlabelled_texts or []) if t.strip()]
+    extra = window_texts(unlabelled_texts)
     if not extra:
         return list(train_texts)
     mixed = [t for pair in zip(extra, train_texts) for t in pair]
@@ -88,7 +93,7 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             seqs = _encode_unpadded(tokenizer_json, train_texts)
             teacher_targets = soft_labels(model, seqs)
             d_seqs, d_targets, d_labels = seqs, teacher_targets, np.asarray(train_labels)
-            extra = [t for t in (unlabelled_texts or []) if t.strip()] if step.use_unlabelled else []
+            extra = window_texts(unlabelled_texts) if step.use_unlabelled else []
             if extra:
                 # The teacher labels unlabelled text: soft labels, and its
                 # argmax as the hard label (pseudo-labelling).
@@ -118,8 +123,7 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             # Production-window text (re-compression) counts too: a vocabulary
             # pruned to the training split alone would map the drifted
             # domain's new words to [UNK]. Without a window: the split only.
-            kept = kept_token_ids(tokenizer_json, list(train_texts) + [t for t in (unlabelled_texts or []) if t.strip()],
-                                  step.min_count)
+            kept = kept_token_ids(tokenizer_json, list(train_texts) + window_texts(unlabelled_texts), step.min_count)
             tokenizer_json = remap_tokenizer(tokenizer_json, kept)
             model = prune_embeddings(model, kept)
             stats["vocab_size"] = len(kept)
