@@ -17,8 +17,8 @@ from prefect import flow
 
 from shrinkflow.config import RunnerParams
 from shrinkflow.io import write_json
-from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
-from stages.common import run_stage
+from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS, UNLABELLED
+from stages.common import read_lines, run_stage
 from tasks.compress import build_candidate
 
 
@@ -64,6 +64,10 @@ def compress(params, project_dir: str = ".") -> dict:
     # Absolute: a Dask worker resolves it on its own filesystem, never
     # relative to whatever directory the worker process started in.
     root = str(Path(project_dir).resolve())
+    # Read every declared text dependency once, even when every candidate will
+    # come from the cache: a corrupt or undecodable input fails the stage that
+    # declares it, not a later stage that happens to read it first.
+    read_lines(Path(root) / UNLABELLED)
     runner = params.compress.runner
     shutil.rmtree(Path(root) / CANDIDATES, ignore_errors=True)
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
