@@ -46,7 +46,7 @@ def main() -> None:
         sys.exit(f"sweep failed (exit {proc.returncode}); see {WORK / 'run.log'}\n{proc.stderr[-3000:]}")
     v = json.loads((WORK / "metrics/validate.json").read_text())
     gates = json.loads((WORK / "reports/gates.json").read_text())
-    comp = json.loads((WORK / "metrics/compress.json").read_text())
+    comp = json.loads((WORK / "metrics/compress.json").read_text())["candidates"]
     t, cands = v["teacher"], v["candidates"]
     ort = cands.get("fp32-ort")
     rows = ["| model | acc | acc drop (pts) | shifted acc | p50 b1 ms | p95 b1 ms | b32 ex/s | MB | RSS MB "
@@ -76,7 +76,8 @@ def main() -> None:
              f"Sweep wall time {wall:.0f}s (teacher reused through DVC).", "",
              *rows, "",
              f"Selected and deployed: **{chosen}** ({gates['reason']}).", "",
-             "Build time per candidate (s): " + ", ".join(f"{n} {r['seconds']:.0f}" for n, r in comp.items()), ""]
+             "Build time per candidate (s, CPU-s): " + ", ".join(
+                 f"{n} {r['build_seconds']:.0f} ({r.get('build_cpu_seconds') or 0:.0f})" for n, r in comp.items()), ""]
     if chosen:
         m = cands[chosen]
         conf = v["confirmation"]

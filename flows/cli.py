@@ -148,6 +148,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
                    f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}]")
         typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
         typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
+        if d.get("roi"):
+            from shrinkflow.cost import roi_lines
+
+            typer.echo("  cost and return of compressing:")
+            for line in roi_lines(d["roi"]):
+                typer.echo(f"    {line}")
         window = (d.get("lineage") or {}).get("window")
         if window:  # a re-compression: which production window, asked for by which monitor run
             typer.echo(f"  re-compressed on a production window: {window.get('rows_distill')} texts distilled, "

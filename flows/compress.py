@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow
 
 from shrinkflow.config import RunnerParams
+from shrinkflow.cost import ComputeMeter
 from shrinkflow.io import write_json
 from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS, UNLABELLED
 from stages.common import read_lines, run_stage
@@ -73,10 +74,15 @@ def compress(params, project_dir: str = ".") -> dict:
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
     threads = max(1, params.train.threads // runner.max_workers)
     candidates = list(params.compress.candidates)
-    results = flow_(project_dir=root, candidates=candidates, opset=params.compress.onnx_opset, threads=threads,
-                    keys=candidate_keys(Path(root), candidates, params.compress.onnx_opset, threads))
-    write_json(Path(root) / METRICS_COMPRESS, results)
-    return results
+    with ComputeMeter(params.cost.country_iso_code) as meter:
+        results = flow_(project_dir=root, candidates=candidates, opset=params.compress.onnx_opset,
+                        threads=threads, keys=candidate_keys(Path(root), candidates, params.compress.onnx_opset,
+                                                             threads))
+    # "compute": what this run spent (cached candidates cost ~nothing now);
+    # each candidate's build_cpu_seconds: what its build cost when it was built.
+    doc = {"candidates": results, "compute": meter.result()}
+    write_json(Path(root) / METRICS_COMPRESS, doc)
+    return doc
 
 
 if __name__ == "__main__":

@@ -45,6 +45,6 @@ def lifecycle(project_dir: str = ".") -> dict:
             raise DeploymentMissing(f"the deploy stage ran (forced) but the registry at {registry_dir} does not "
                                     f"serve {selected!r}")
     version = deployment["version"] if deployment else None
-    publish_report(validation, version, stages)
+    publish_report(validation, version, stages, (deployment or {}).get("roi"))
     return {"stages": stages, "selected": selected, "deployed_version": version,
             "gates": validation["gates"], "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

@@ -163,6 +163,11 @@ class DistillStep(_Frozen):
     # the output of the teacher layer it was copied from (masked to real
     # tokens). Needs a teacher forward per step: ~40% slower.
     hidden_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    # Teacher-labelled variants of every training sentence (cropped spans,
+    # words swapped from the training vocabulary; shrinkflow.compress.augment).
+    # Each copy adds one training set's worth of distillation time per epoch.
+    augment_copies: Annotated[int, Field(ge=0, le=8)] = 0
+    augment_replace_fraction: Fraction = 0.15
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":
@@ -320,6 +325,9 @@ class LatencyParams(_Frozen):
     warmup_iters: Annotated[int, Field(ge=0)] = 20
     iters_b1: Annotated[int, Field(ge=5)] = 200
     iters_b32: Annotated[int, Field(ge=3)] = 20
+    # validate times the teacher and every candidate in this many alternating
+    # rounds (iterations split evenly), so machine drift hits them all alike.
+    rounds: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
 
 
@@ -338,6 +346,16 @@ class DeployParams(_Frozen):
     # Outside every DVC out: DVC deletes a stage's outs before re-running it,
     # and the registry's earlier versions must survive that.
     registry_dir: str = "registry"
+
+
+# --------------------------------------------------------------------- cost
+class CostParams(_Frozen):
+    # What a core-hour costs (on-demand cloud CPU is a few cents): turns CPU
+    # time per prediction into money per million predictions.
+    price_per_core_hour_usd: Annotated[float, Field(ge=0.0)] = 0.05
+    # The grid whose carbon intensity codecarbon's offline tracker applies
+    # (ISO 3166 alpha-3); null turns the energy and CO2 estimates off.
+    country_iso_code: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = "USA"
 
 
 # -------------------------------------------------------------------- serve
@@ -434,6 +452,9 @@ class Params(_Frozen):
     deploy: DeployParams
     serve: ServeParams = ServeParams()
     monitor: MonitorParams = MonitorParams()
+    # Read by train and compress (the grid for energy estimates) and deploy
+    # (the price), so it must be in params.yaml like the stages' own sections.
+    cost: CostParams
     # Not part of the lifecycle (its baseline costs minutes to train): run it
     # with `dvc repro frontier`. Required all the same: DVC insists that every
     # key a stage lists exists in params.yaml.

@@ -1,6 +1,6 @@
-"""Measure a model: quality, latency, size on disk and peak memory.
+"""Measure models: quality, latency, CPU per prediction, size on disk and peak memory.
 
-Each model is measured in a fresh spawned process, one at a time, so that
+Each model is measured in its own fresh spawned process, so that
   - peak RSS is that model's own (a process that loads it and serves the
     test split), not the max over everything the parent has touched;
   - an ONNX candidate is measured without torch even imported, as served;
@@ -8,13 +8,18 @@ Each model is measured in a fresh spawned process, one at a time, so that
 Latency is wall time of ``predict_logits`` (tokenize + forward) after
 warm-up iterations that are excluded.
 
+``measure_interleaved`` (validate) keeps every model's process alive and
+times them in alternating rounds over the same time window: a shared machine
+drifts by tens of percent over minutes, and timing the teacher first and a
+candidate two minutes later puts that drift into the speedup a gate checks.
+Interleaved, drift lands on every model alike, and the ratio holds.
+
 The child process only predicts and times; the statistics (accuracy, the
 paired difference against the teacher, agreement) are in shrinkflow.stats.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import multiprocessing as mp
 import resource
 import time
@@ -31,19 +36,65 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 95))
 
 
-def time_calls(fn, inputs: list, warmup: int) -> list[float]:
-    """Wall time of fn(x) for each x; the first ``warmup`` calls are dropped."""
-    for x in inputs[:warmup]:
-        fn(x)
+def time_block(fn, inputs: list) -> tuple[list[float], float]:
+    """Wall time of fn(x) for each x, and the process CPU seconds of the whole
+    block (every thread: an ONNX Runtime or torch pool counts in full)."""
+    cpu0 = time.process_time()
     out = []
-    for x in inputs[warmup:]:
+    for x in inputs:
         t0 = time.perf_counter()
         fn(x)
         out.append(time.perf_counter() - t0)
+    return out, time.process_time() - cpu0
+
+
+def interleaved_plan(names: list[str], rounds: int) -> list[list[str]]:
+    """The visiting order of each round: every model once per round, the order
+    rotated round by round so that no model always runs first (right after
+    the pause) or last."""
+    n = len(names)
+    return [names[r % n:] + names[:r % n] for r in range(rounds)] if n else []
+
+
+def time_interleaved(models: dict, warmup_inputs: list, round_inputs: list[list],
+                     pause_s: float = 0.0) -> dict[str, dict]:
+    """Time every model on the same inputs in alternating rounds.
+
+    ``models`` maps a name to a handle with ``warm(inputs)`` (untimed) and
+    ``time(inputs) -> (seconds, cpu_seconds)``. Every model first runs the
+    warm-up inputs untimed, then each round gives every model the same inputs,
+    so every model gets the same number of rounds and timed calls.
+    ``pause_s`` between turns lets the previous model's idle thread pool stop
+    spinning (OpenMP and ONNX Runtime spin-wait for a few ms) before the next
+    model's clock starts.
+    """
+    for handle in models.values():
+        handle.warm(warmup_inputs)
+    out = {n: {"seconds": [], "cpu_seconds": 0.0, "rounds": 0} for n in models}
+    for r, order in enumerate(interleaved_plan(list(models), len(round_inputs))):
+        for name in order:
+            if pause_s:
+                time.sleep(pause_s)
+            seconds, cpu = models[name].time(round_inputs[r])
+            out[name]["seconds"] += seconds
+            out[name]["cpu_seconds"] += cpu
+            out[name]["rounds"] += 1
     return out
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MB.
+
+    VmHWM (the high-water mark of this address space) rather than
+    getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a process
+    spawned from a large parent would report the parent's peak, not its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6  # kB
+    except OSError:
+        pass
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
@@ -54,39 +105,135 @@ def predict_splits(predictor, splits: dict[str, list[str]]) -> dict[str, list[in
     return {name: predict_labels(predictor, texts).tolist() if texts else [] for name, texts in splits.items()}
 
 
-def measure_here(model_dir: str, splits: dict[str, list[str]], latency_texts: list[str],
-                 lat: LatencyParams) -> dict:
-    """Predict every split, then time the model. Use ``measure_isolated``.
+# ------------------------------------------------------------ interleaved
+def _serve_model(conn, model_dir: str, threads: int) -> None:
+    """A measuring process: loads one model, then answers commands until told
+    to stop. Labels never enter it; it only predicts and times."""
+    import traceback
 
-    Returns {"predictions": {split: [label, ...]}, "performance": {...}}:
-    labels never enter this process, so what a split is used for (selection,
-    confirmation, agreement only) is decided by the caller, not here.
-    """
-    from shrinkflow.runtime import load_predictor
+    try:
+        from shrinkflow.runtime import load_predictor
 
-    predictor = load_predictor(model_dir, threads=lat.threads)
-    predictions = predict_splits(predictor, splits)
+        predictor = load_predictor(model_dir, threads=threads)
+        conn.send(("ok", None))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "stop":
+                break
+            if cmd == "predict":
+                conn.send(("ok", predict_splits(predictor, arg)))
+            elif cmd == "warm":
+                for x in arg:
+                    predictor.predict_logits(x)
+                conn.send(("ok", None))
+            elif cmd == "time":
+                conn.send(("ok", time_block(predictor.predict_logits, arg)))
+            elif cmd == "rss":
+                conn.send(("ok", peak_rss_mb()))
+    except BaseException:  # reported to the parent, which raises it with the model's name
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class ModelProcess:
+    """One model loaded in its own spawned process (see ``_serve_model``)."""
+
+    def __init__(self, model_dir: Path | str, threads: int):
+        ctx = mp.get_context("spawn")
+        self.model_dir = str(model_dir)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_model, args=(child, self.model_dir, threads), daemon=True)
+        self._proc.start()
+        child.close()
+        self._call(None)  # waits for the load (or its error)
+
+    def _call(self, message):
+        if message is not None:
+            self._conn.send(message)
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"measuring {self.model_dir}: its process died "
+                               f"(exit code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"measuring {self.model_dir} failed:\n{value}")
+        return value
+
+    def predict(self, splits): return self._call(("predict", splits))
+    def warm(self, inputs): return self._call(("warm", inputs))
+    def time(self, inputs): return self._call(("time", inputs))
+    def rss(self): return self._call(("rss", None))
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._conn.close()
+
+
+def latency_inputs(latency_texts: list[str], lat: LatencyParams):
+    """(b1 warm-up, b1 rounds, b32 warm-up, b32 rounds): the same sentences
+    for every model, drawn once with the latency seed."""
     rng = np.random.default_rng(lat.seed)
-    b1 = [[latency_texts[i]] for i in rng.integers(0, len(latency_texts), lat.warmup_iters + lat.iters_b1)]
-    t1 = time_calls(predictor.predict_logits, b1, lat.warmup_iters)
-    warm32 = min(lat.warmup_iters, 3)
-    b32 = [[latency_texts[i] for i in rng.integers(0, len(latency_texts), 32)]
-           for _ in range(warm32 + lat.iters_b32)]
-    t32 = time_calls(predictor.predict_logits, b32, warm32)
-    p50_1, p95_1 = percentiles_ms(t1)
-    p50_32, p95_32 = percentiles_ms(t32)
-    performance = {
-        "latency_ms_p50_b1": round(p50_1, 4), "latency_ms_p95_b1": round(p95_1, 4),
-        "latency_ms_p50_b32": round(p50_32, 4), "latency_ms_p95_b32": round(p95_32, 4),
-        "throughput_eps_b32": round(32 * len(t32) / sum(t32), 2),
-        "size_mb": round(dir_size_bytes(model_dir) / 1e6, 4), "peak_rss_mb": round(peak_rss_mb(), 2)}
-    return {"predictions": predictions, "performance": performance}
+    pick = lambda k: [latency_texts[i] for i in rng.integers(0, len(latency_texts), k)]  # noqa: E731
+    rounds_b1 = min(lat.rounds, lat.iters_b1)
+    rounds_b32 = min(lat.rounds, lat.iters_b32)
+    warm_b1 = [[t] for t in pick(lat.warmup_iters)]
+    b1 = [[[t] for t in pick(n)] for n in _split_even(lat.iters_b1, rounds_b1)]
+    warm_b32 = [pick(32) for _ in range(min(lat.warmup_iters, 3))]
+    b32 = [[pick(32) for _ in range(n)] for n in _split_even(lat.iters_b32, rounds_b32)]
+    return warm_b1, b1, warm_b32, b32
 
 
-def measure_isolated(model_dir: Path | str, splits: dict[str, list[str]], latency_texts: list[str],
-                     lat: LatencyParams) -> dict:
-    """``measure_here`` in a fresh spawned process (see module docstring)."""
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(measure_here, str(model_dir), {k: list(v) for k, v in splits.items()},
-                           list(latency_texts), lat).result()
+def _split_even(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def performance_figures(b1: dict, b32: dict) -> dict:
+    """Latency, throughput and CPU per prediction from one model's interleaved timings."""
+    p50_1, p95_1 = percentiles_ms(b1["seconds"])
+    p50_32, p95_32 = percentiles_ms(b32["seconds"])
+    n1, n32 = len(b1["seconds"]), len(b32["seconds"])
+    return {"latency_ms_p50_b1": round(p50_1, 4), "latency_ms_p95_b1": round(p95_1, 4),
+            "latency_ms_p50_b32": round(p50_32, 4), "latency_ms_p95_b32": round(p95_32, 4),
+            "throughput_eps_b32": round(32 * n32 / sum(b32["seconds"]), 2),
+            "cpu_ms_per_prediction_b1": round(1000 * b1["cpu_seconds"] / n1, 4),
+            "cpu_ms_per_prediction_b32": round(1000 * b32["cpu_seconds"] / (32 * n32), 4),
+            "timing_rounds_b1": b1["rounds"], "timing_rounds_b32": b32["rounds"]}
+
+
+def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, list[str]],
+                        latency_texts: list[str], lat: LatencyParams, log=print) -> dict[str, dict]:
+    """Every model in its own process; predictions one model at a time, then
+    latency in interleaved rounds (batch 1, then batch 32) over the same
+    window. Returns {name: {"predictions": {split: [label, ...]},
+    "performance": {...}}}: labels never enter the measuring processes, so
+    what a split is used for (selection, confirmation, agreement only) is
+    decided by the caller."""
+    splits = {k: list(v) for k, v in splits.items()}
+    warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
+    procs: dict[str, ModelProcess] = {}
+    try:
+        predictions = {}
+        for name, path in model_dirs.items():
+            log(f"measure: loading {name} and predicting every split")
+            procs[name] = ModelProcess(path, lat.threads)
+            predictions[name] = procs[name].predict(splits)
+        log(f"measure: timing {len(procs)} models interleaved ({len(b1)} rounds at batch 1, "
+            f"{len(b32)} at batch 32)")
+        t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
+        t32 = time_interleaved(procs, warm_b32, b32, pause_s=0.05)
+        return {name: {"predictions": predictions[name],
+                       "performance": {**performance_figures(t1[name], t32[name]),
+                                       "size_mb": round(dir_size_bytes(path) / 1e6, 4),
+                                       "peak_rss_mb": round(procs[name].rss(), 2)}}
+                for name, path in model_dirs.items()}
+    finally:
+        for p in procs.values():
+            p.close()

@@ -20,6 +20,8 @@ METRIC_ROWS = [
     ("latency_ms_p95_b32", "latency p95 b32 (ms)", "{:.1f}"),
     ("throughput_eps_b32", "throughput b32 (ex/s)", "{:.0f}"),
     ("size_mb", "size on disk (MB)", "{:.1f}"), ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
+    ("cpu_ms_per_prediction_b1", "CPU ms per prediction, b1", "{:.2f}"),
+    ("cpu_ms_per_prediction_b32", "CPU ms per prediction, b32", "{:.2f}"),
 ]
 
 
@@ -91,3 +93,25 @@ def validation_markdown(metrics: dict, gates: dict, deployed: str | None = None,
         f"## Metrics on {metrics['selection_split']} (gating and selection)", metrics_table(
             metrics["teacher"], metrics["candidates"]),
         "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(metrics["confirmation"]))]) + "\n"
+
+
+def roi_markdown(roi: dict | None) -> str:
+    """The deployed version's cost and return (shrinkflow.cost.roi)."""
+    if not roi:
+        return ""
+    from shrinkflow.cost import roi_lines
+
+    rows = ["| batch | CPU ms / prediction (teacher → deployed) | USD / million (teacher → deployed) | "
+            "kWh / million (teacher → deployed) | break-even |", "|---|---|---|---|---|"]
+    for b, s in roi["serving"].items():
+        kwh = (f"{s['teacher_energy_kwh_per_million']:.3g} → {s['deployed_energy_kwh_per_million']:.3g}"
+               if s["teacher_energy_kwh_per_million"] is not None else "n/a")
+        be = (f"{s['break_even_predictions']:,} predictions" if s["pays_back"] else "never pays back")
+        rows.append(f"| {b} | {s['teacher_cpu_ms_per_prediction']:.3g} → {s['deployed_cpu_ms_per_prediction']:.3g} | "
+                    f"{s['teacher_cost_per_million']:.4g} → {s['deployed_cost_per_million']:.4g} | {kwh} | {be} |")
+    notes = [f"- {line}" for line in roi_lines(roi)[:1]]
+    if roi.get("energy_source"):
+        notes.append(f"- energy and CO2: {roi['energy_source']}")
+    if roi.get("build_cpu_unknown"):
+        notes.append(f"- builds with no CPU record (cached before metering): {', '.join(roi['build_cpu_unknown'])}")
+    return "\n".join(["## Cost and return of compressing", "", *notes, "", *rows]) + "\n"

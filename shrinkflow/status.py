@@ -24,7 +24,9 @@ def status_document(registry: Registry, version: str | None = None) -> dict:
                          "created_at": m["created_at"], "path": str(registry.path(version)),
                          "integrity": integrity, "same_model_as": m.get("same_model_as"),
                          "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
-                         "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"]},
+                         "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"],
+                         # cost and return of compressing (None: deployed before it was recorded)
+                         "roi": m.get("roi")},
             "teacher": {"metrics": m["teacher_metrics"],
                         "description": "fp32 teacher, torch eager, as trained; same test sentences"},
             "versions": registry.versions()}

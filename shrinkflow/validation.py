@@ -17,7 +17,8 @@ from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
 SELECTION_SPLIT = "val"
 CONFIRMATION_SPLIT = "test"
 PERFORMANCE_KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32", "latency_ms_p95_b32",
-                    "throughput_eps_b32", "size_mb", "peak_rss_mb")
+                    "throughput_eps_b32", "size_mb", "peak_rss_mb", "cpu_ms_per_prediction_b1",
+                    "cpu_ms_per_prediction_b32")
 
 
 def _shifted_accuracy(run: dict, labels: dict) -> float | None:

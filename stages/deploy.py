@@ -12,12 +12,13 @@ CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 
 def deploy(params) -> None:
+    from shrinkflow.cost import roi, roi_lines
     from shrinkflow.errors import PromotionRefused
     from shrinkflow.gates import GateReport
     from shrinkflow.io import read_json, write_json
     from shrinkflow.lineage import collect_lineage
-    from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_VALIDATE, SPLITS, TEACHER,
-                                  UNLABELLED, WINDOW_META, split_path)
+    from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN,
+                                  METRICS_VALIDATE, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path)
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
 
@@ -29,12 +30,20 @@ def deploy(params) -> None:
     report = GateReport.from_dict(gates["candidates"][chosen])
     cand = next(c for c in params.compress.candidates if c.name == chosen)
     figures = deployed_figures(metrics, chosen)
+    # Cost and return: what training large and the compression search cost,
+    # against what each prediction saves (CPU per prediction, measured by
+    # validate on the same minutes as the teacher).
+    builds = read_json(METRICS_COMPRESS)["candidates"]
+    cost = roi(read_json(METRICS_TRAIN).get("compute") or {},
+               {n: b.get("build_cpu_seconds") for n, b in builds.items()},
+               figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd)
     record = {
         "candidate": chosen,
         "recipe": [s.model_dump(mode="json") for s in cand.recipe],
         **figures,
         "confirmation": metrics["confirmation"],
         "selection": gates["reason"],
+        "roi": cost,
         "lineage": collect_lineage(Path.cwd(), CHAIN, {s: str(split_path(s)) for s in SPLITS},
                                    str(TEACHER), str(UNLABELLED),
                                    # which production window (if any) it was re-compressed on,
@@ -47,9 +56,11 @@ def deploy(params) -> None:
     write_json(DEPLOYMENT, {"version": promo.version, "previous": promo.previous,
                             "same_model_as": promo.same_model_as, "candidate": chosen,
                             "registry": str(registry.root),
-                            "content_hash": registry.manifest(promo.version)["content_hash"]})
+                            "content_hash": registry.manifest(promo.version)["content_hash"], "roi": cost})
     print(f"deploy: {chosen} is production as {promo.version}"
           + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
+    for line in roi_lines(cost):
+        print(f"deploy: {line}")
 
 
 if __name__ == "__main__":

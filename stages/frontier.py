@@ -26,7 +26,7 @@ def _point(run: dict, labels: dict) -> dict:
 def frontier(params) -> None:
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep
-    from shrinkflow.evaluate import measure_isolated
+    from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.frontier import frontier_markdown, plot, robustness_row, verdict
     from shrinkflow.io import atomic_write_text, write_json
     from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
@@ -41,18 +41,16 @@ def frontier(params) -> None:
     labels = {s: frames[s]["label"].tolist() for s in ("val", "test", "shifted")}
     lat = params.validate.latency
     compressed = [c for c in params.compress.candidates if c.recipe]
-    points: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="shrinkflow-frontier-") as tmp:
         tmp = Path(tmp)
         sd_dir = apply_recipe(SMALL_DIRECT, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
                               tmp / "sd", train_texts=frames["train"]["text"].tolist(),
                               train_labels=frames["train"]["label"].to_numpy(), threads=threads, progress=False)
         # Latency moves run to run on a shared machine: measure the teacher, the
-        # baseline and every compressed candidate here, side by side, in one run.
-        models = [("teacher", TEACHER), (SD_NAME, sd_dir)] + [(c.name, CANDIDATES / c.name) for c in compressed]
-        for name, path in models:
-            print(f"frontier: measuring {name}")
-            points[name] = _point(measure_isolated(path, texts, texts["val"], lat), labels)
+        # baseline and every compressed candidate here, in interleaved rounds.
+        models = {"teacher": TEACHER, SD_NAME: sd_dir, **{c.name: CANDIDATES / c.name for c in compressed}}
+        runs = measure_interleaved(models, texts, texts["val"], lat, log=lambda m: print(f"frontier: {m}"))
+        points = {name: _point(run, labels) for name, run in runs.items()}
         robustness = {}
         test_labels = frames["test"]["label"].to_numpy()
         for label, src in (("teacher (large)", TEACHER), ("small-direct", SMALL_DIRECT)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 from pathlib import Path
@@ -38,14 +39,25 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
         print(f"compress: {candidate.name} unchanged, copied from the candidate cache in {seconds:.1f}s "
               f"(built in {info['build_seconds']:.0f}s)")
         return {"name": candidate.name, "seconds": seconds, "cached": True,
-                "build_seconds": info["build_seconds"], **read_manifest(dest)["stats"]}
+                "build_seconds": info["build_seconds"], "build_cpu_seconds": info.get("build_cpu_seconds"),
+                **read_manifest(dest)["stats"]}
+    # This process's CPU time across every thread (torch's pool included).
+    # With one worker (the default) it is this candidate's alone; threads
+    # that build candidates concurrently share one process and one count.
+    cpu0 = _process_cpu()
     train = read_split("train", root)
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                        threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED))
     seconds = round(time.perf_counter() - t0, 2)
+    cpu = round(_process_cpu() - cpu0, 2)
     if key:
-        cache.store(key, out, seconds)
-    print(f"compress: {candidate.name} built in {seconds:.0f}s -> {out}")
+        cache.store(key, out, seconds, cpu)
+    print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}")
     return {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
-            **read_manifest(out)["stats"]}
+            "build_cpu_seconds": cpu, **read_manifest(out)["stats"]}
+
+
+def _process_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from shrinkflow.io import read_json
 from shrinkflow.paths import DEPLOYMENT, GATES_JSON, METRICS_VALIDATE
-from shrinkflow.report import validation_markdown
+from shrinkflow.report import roi_markdown, validation_markdown
 
 
 @task(name="read-validation", cache_policy=NO_CACHE)
@@ -37,8 +37,9 @@ def read_deployment(project_dir: str, registry_dir: str) -> dict | None:
 
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
-def publish_report(validation: dict, deployed_version: str | None, stages: dict) -> str:
+def publish_report(validation: dict, deployed_version: str | None, stages: dict, roi: dict | None = None) -> str:
     md = validation_markdown(validation["metrics"], validation["gates"], deployed_version, "deploy" in stages)
+    md += ("\n" + roi_markdown(roi)) if roi else ""
     md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"
     create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,

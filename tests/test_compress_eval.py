@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
-from shrinkflow.evaluate import measure_isolated, percentiles_ms
+from shrinkflow.evaluate import interleaved_plan, measure_interleaved, percentiles_ms, time_interleaved
 from shrinkflow.stats import accuracy_f1
 from shrinkflow.io import dir_size_bytes
 from shrinkflow.runtime import load_predictor, predict_labels
@@ -62,17 +62,76 @@ def test_accuracy_f1_by_hand():
     assert p50 == pytest.approx(1.0) and p95 == pytest.approx(2.0)
 
 
-def test_measure_isolated_predicts_every_split_and_times(candidates, tiny_teacher_dir, small_splits):
-    lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3)
+def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candidates, tiny_teacher_dir,
+                                                                          small_splits):
+    lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3, rounds=4)
     splits = {"val": small_splits["val"]["text"].tolist(), "test": small_splits["test"]["text"].tolist(),
               "unlabelled": []}
-    run = measure_isolated(candidates["int8"], splits, splits["val"], lat)
-    preds, m = run["predictions"], run["performance"]
-    assert {k: len(v) for k, v in preds.items()} == {k: len(v) for k, v in splits.items()}
-    # what the child process predicted is what the predictor predicts here
-    here = predict_labels(load_predictor(candidates["int8"], threads=1), splits["test"])
-    assert preds["test"] == here.tolist()
-    assert 0 < m["latency_ms_p50_b1"] <= m["latency_ms_p95_b1"]
-    assert 0 < m["latency_ms_p50_b32"] <= m["latency_ms_p95_b32"] and m["throughput_eps_b32"] > 0
-    assert m["size_mb"] == pytest.approx(dir_size_bytes(candidates["int8"]) / 1e6, rel=1e-3)
-    assert m["peak_rss_mb"] > 20
+    runs = measure_interleaved({"teacher": tiny_teacher_dir, "int8": candidates["int8"]}, splits,
+                               splits["val"], lat, log=lambda m: None)
+    assert set(runs) == {"teacher", "int8"}
+    for name, path in (("teacher", tiny_teacher_dir), ("int8", candidates["int8"])):
+        preds, m = runs[name]["predictions"], runs[name]["performance"]
+        assert {k: len(v) for k, v in preds.items()} == {k: len(v) for k, v in splits.items()}
+        # what the child process predicted is what the predictor predicts here
+        here = predict_labels(load_predictor(path, threads=1), splits["test"])
+        assert preds["test"] == here.tolist()
+        assert 0 < m["latency_ms_p50_b1"] <= m["latency_ms_p95_b1"]
+        assert 0 < m["latency_ms_p50_b32"] <= m["latency_ms_p95_b32"] and m["throughput_eps_b32"] > 0
+        assert m["cpu_ms_per_prediction_b1"] > 0 and m["cpu_ms_per_prediction_b32"] > 0
+        # 10 calls in 4 rounds (3+3+2+2), 3 batches in 3 rounds, warm-up excluded
+        assert (m["timing_rounds_b1"], m["timing_rounds_b32"]) == (4, 3)
+        assert m["size_mb"] == pytest.approx(dir_size_bytes(path) / 1e6, rel=1e-3)
+        assert m["peak_rss_mb"] > 20
+    # torch imported only where the teacher was measured
+    assert runs["teacher"]["performance"]["peak_rss_mb"] > runs["int8"]["performance"]["peak_rss_mb"]
+
+
+def test_a_model_that_cannot_load_names_itself(tmp_path, small_splits):
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "shrinkflow_model.json").write_text('{"format": "onnx", "max_seq_len": 16}')
+    with pytest.raises(RuntimeError, match="broken"):
+        measure_interleaved({"broken": bad}, {"val": ["a"]}, ["a"], LatencyParams(iters_b1=5, iters_b32=3),
+                            log=lambda m: None)
+
+
+class _Recorder:
+    """A handle that records what the interleaved timer asks of it."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def warm(self, inputs):
+        self.calls.append((self.name, "warm", len(inputs)))
+
+    def time(self, inputs):
+        self.calls.append((self.name, "time", len(inputs)))
+        return [0.001] * len(inputs), 0.002 * len(inputs)
+
+
+def test_interleaved_timer_gives_every_model_the_same_rounds_and_excludes_warmup():
+    calls = []
+    models = {n: _Recorder(n, calls) for n in ("a", "b", "c")}
+    out = time_interleaved(models, ["w"] * 5, [["x"] * 3, ["x"] * 3, ["x"] * 2, ["x"] * 2])
+    # warm-up first, untimed, for every model
+    assert calls[:3] == [("a", "warm", 5), ("b", "warm", 5), ("c", "warm", 5)]
+    timed = [c for c in calls if c[1] == "time"]
+    # alternating: every model once per round, the order rotated each round
+    assert [c[0] for c in timed] == list("abc" "bca" "cab" "abc")
+    for n in "abc":
+        assert out[n]["rounds"] == 4 and len(out[n]["seconds"]) == 10  # warm-up not counted
+        assert out[n]["cpu_seconds"] == pytest.approx(0.02)
+    assert interleaved_plan(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert interleaved_plan([], 3) == []
+
+
+def test_latency_inputs_are_the_same_for_every_model_and_split_evenly():
+    from shrinkflow.evaluate import latency_inputs
+
+    lat = LatencyParams(warmup_iters=4, iters_b1=10, iters_b32=5, rounds=3, seed=1)
+    texts = [f"t{i}" for i in range(50)]
+    warm1, b1, warm32, b32 = latency_inputs(texts, lat)
+    assert len(warm1) == 4 and [len(r) for r in b1] == [4, 3, 3] and all(len(x) == 1 for r in b1 for x in r)
+    assert len(warm32) == 3 and [len(r) for r in b32] == [2, 2, 1] and all(len(x) == 32 for r in b32 for x in r)
+    assert latency_inputs(texts, lat) == (warm1, b1, warm32, b32)  # seeded: drawn once, reproducible

@@ -28,8 +28,8 @@ def test_configure_env_turns_telemetry_off_and_keeps_prefect_home_in_the_project
 
 
 def test_declared_params_read_dvc_yaml(project):
-    assert declared_params("train", project) == {"train"}
-    assert declared_params("compress", project) == {"compress", "train.threads"}
+    assert declared_params("train", project) == {"train", "cost.country_iso_code"}
+    assert declared_params("compress", project) == {"compress", "train.threads", "cost.country_iso_code"}
     with pytest.raises(KeyError, match="no stage 'nope'"):
         declared_params("nope", project)
 

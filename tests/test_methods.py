@@ -317,3 +317,38 @@ def test_every_step_order_the_schema_allows_composes_safely(tiny_teacher_dir, sm
     assert len(accepted) == 3
     unsafe, _ = apply((steps["magnitude_prune"], steps["structured_prune"]))
     assert sparsity(unsafe) < 0.25  # recovery training revived the zeros
+
+
+def test_augmented_variants_are_crops_and_swaps_from_the_training_vocabulary():
+    from shrinkflow.compress.augment import augment_texts
+
+    texts = ["the plot is thin but the acting is wonderful throughout", "bad", "a truly great film with heart"]
+    vocab = {w for t in texts for w in t.split()}
+    out = augment_texts(texts, copies=3, seed=0, replace_fraction=0.2)
+    assert len(out) == 9 and out == augment_texts(texts, copies=3, seed=0, replace_fraction=0.2)
+    assert out != augment_texts(texts, copies=3, seed=1, replace_fraction=0.2)
+    for i, variant in enumerate(out):
+        src = texts[i % 3].split()
+        words = variant.split()
+        assert set(words) <= vocab and 1 <= len(words) <= len(src)
+        if len(src) >= 4:
+            assert len(words) >= 2  # a crop keeps at least two words
+    # without swaps a variant is a contiguous span of its source
+    for i, variant in enumerate(augment_texts(texts, copies=4, seed=3, replace_fraction=0.0)):
+        assert f" {variant} " in f" {texts[i % 3]} "
+    assert any(v != texts[i % 3] for i, v in enumerate(out))
+    assert augment_texts(texts, copies=0, seed=0) == [] and augment_texts([], copies=2, seed=0) == []
+
+
+def test_distillation_trains_on_teacher_labelled_augmented_text(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.runtime import load_predictor
+
+    train = small_splits["train"]
+    step = DistillStep(layers=(0,), epochs=1, batch_size=16, augment_copies=2)
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="a", recipe=(step,)), tmp_path / "a",
+                       train_texts=train["text"].tolist()[:50], train_labels=train["label"].to_numpy()[:50],
+                       threads=1, progress=False)
+    assert read_manifest(out)["stats"]["distill_augmented_rows"] == 100
+    assert load_predictor(out, threads=1).predict_logits(["a fine film"]).shape == (1, 2)

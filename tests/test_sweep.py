@@ -42,8 +42,12 @@ def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, 
 
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, runner)
     assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
-    results = read_json(root / METRICS_COMPRESS)
+    doc = read_json(root / METRICS_COMPRESS)
+    results = doc["candidates"]
     assert set(results) == {"int8", "vocab-int8"}
+    # what the stage spent, and what each build cost, from the kernel's accounting
+    assert doc["compute"]["cpu_seconds"] > 0 and doc["compute"]["wall_seconds"] > 0
+    assert all(r["build_cpu_seconds"] > 0 for r in results.values())
     assert results["vocab-int8"]["vocab_size"] < 30522 and "vocab_size" not in results["int8"]
     for name in results:
         out = root / "models" / "candidates" / name
@@ -93,7 +97,7 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
 
     def run() -> dict:
         assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
-        return {n: r["cached"] for n, r in read_json(root / METRICS_COMPRESS).items()}
+        return {n: r["cached"] for n, r in read_json(root / METRICS_COMPRESS)["candidates"].items()}
 
     def files(name):
         return file_hashes(root / "models" / "candidates" / name)

@@ -68,7 +68,8 @@ def run(val, test, shifted=(1, 0), lat=1.0, size=1.0):
     return {"predictions": {"val": list(val), "test": list(test), "shifted": list(shifted), "unlabelled": [1, 0]},
             "performance": {"latency_ms_p50_b1": lat, "latency_ms_p95_b1": lat, "latency_ms_p50_b32": 10 * lat,
                             "latency_ms_p95_b32": 10 * lat, "throughput_eps_b32": 100.0, "size_mb": size,
-                            "peak_rss_mb": 50.0}}
+                            "peak_rss_mb": 50.0, "cpu_ms_per_prediction_b1": 2 * lat,
+                            "cpu_ms_per_prediction_b32": lat / 2}}
 
 
 LABELS = {"val": [1, 1, 0, 0, 1, 0, 1, 0, 1, 0], "test": [1, 0, 1, 0, 1, 0, 1, 0, 1, 0], "shifted": [1, 1]}

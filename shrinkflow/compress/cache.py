@@ -100,7 +100,7 @@ class CandidateCache:
         tmp.rename(dest)
         return info
 
-    def store(self, key: str, built: Path, build_seconds: float) -> None:
+    def store(self, key: str, built: Path, build_seconds: float, build_cpu_seconds: float | None = None) -> None:
         final = self.entry(key)
         if final.exists():
             return
@@ -108,6 +108,7 @@ class CandidateCache:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(built, tmp / "model")
         info = {"files": file_hashes(tmp / "model"), "build_seconds": build_seconds,
+                "build_cpu_seconds": build_cpu_seconds,
                 "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
         fsync_tree(tmp)

@@ -76,6 +76,7 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
                     train_labels: np.ndarray | None, threads: int = 2, progress: bool = True,
                     unlabelled_texts: list[str] | None = None):
     """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
+    from shrinkflow.compress.augment import augment_texts
     from shrinkflow.compress.distill import distill
     from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
     from shrinkflow.compress.vocab import kept_token_ids, prune_embeddings, remap_tokenizer
@@ -94,17 +95,22 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             teacher_targets = soft_labels(model, seqs)
             d_seqs, d_targets, d_labels = seqs, teacher_targets, np.asarray(train_labels)
             extra = window_texts(unlabelled_texts) if step.use_unlabelled else []
-            if extra:
-                # The teacher labels unlabelled text: soft labels, and its
-                # argmax as the hard label (pseudo-labelling).
-                u_seqs = _encode_unpadded(tokenizer_json, extra)
-                u_targets = soft_labels(model, u_seqs)
-                d_seqs = seqs + u_seqs
-                d_targets = np.concatenate([teacher_targets, u_targets])
-                d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
+            augmented = augment_texts(list(train_texts), step.augment_copies, step.seed,
+                                      step.augment_replace_fraction)
+            for more in (extra, augmented):
+                if more:
+                    # The teacher labels text that has no label (production
+                    # window, augmented variants): soft labels, and its argmax
+                    # as the hard label (pseudo-labelling).
+                    u_seqs = _encode_unpadded(tokenizer_json, more)
+                    u_targets = soft_labels(model, u_seqs)
+                    d_seqs = d_seqs + u_seqs
+                    d_targets = np.concatenate([d_targets, u_targets])
+                    d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
             model = distill(model, d_seqs, d_labels, step, threads=threads, progress=progress, targets=d_targets)
             stats["layers"] = list(step.layers)
             stats["distill_unlabelled_rows"] = len(extra)
+            stats["distill_augmented_rows"] = len(augmented)
         elif step.method == "structured_prune":
             seqs = _encode_unpadded(tokenizer_json, train_texts)
             if teacher_targets is None:  # no distill step: the model is still the teacher

@@ -1,0 +1,93 @@
+"""How far does the teacher/candidate p95 latency ratio move between runs?
+
+Measures the same two models (the fp32 teacher in torch eager and a
+candidate, by default the one production serves) REPEATS times in a row,
+twice per repeat:
+  - interleaved: both models alive, timed in alternating rounds
+    (``measure_interleaved``, what validate does);
+  - sequential: the teacher timed alone, then the candidate alone (what
+    validate did before: each model in its own process, one after the other).
+For each method it reports the p95 batch-1 ratio of every repeat, its median
+and the largest deviation from the median (goal: within +-10% interleaved).
+Uses validate.latency from params.yaml; writes bench/results/latency_spread.{md,json}.
+
+    .venv/bin/python bench/latency_spread.py [--candidate DIR] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def spread(ratios: list[float]) -> dict:
+    med = statistics.median(ratios)
+    dev = [100.0 * (r / med - 1.0) for r in ratios]
+    return {"ratios": [round(r, 3) for r in ratios], "median": round(med, 3),
+            "max_abs_deviation_pct": round(max(abs(d) for d in dev), 1),
+            "deviations_pct": [round(d, 1) for d in dev]}
+
+
+def main() -> None:
+    import pandas as pd
+
+    from shrinkflow.config import load_params
+    from shrinkflow.evaluate import measure_interleaved
+    from shrinkflow.paths import TEACHER, split_path
+    from shrinkflow.registry import Registry
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--candidate", type=Path, default=None, help="default: the production version")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    params = load_params(ROOT / "params.yaml")
+    lat = params.validate.latency
+    cand = args.candidate or Registry(ROOT / params.deploy.registry_dir).path(
+        Registry(ROOT / params.deploy.registry_dir).alias())
+    texts = pd.read_parquet(ROOT / split_path("val"))["text"].tolist()
+    models = {"teacher": ROOT / TEACHER, "candidate": Path(cand)}
+    runs: dict[str, list] = {"interleaved": [], "sequential": []}
+    quiet = lambda m: None  # noqa: E731
+    for i in range(args.repeats):
+        inter = measure_interleaved(models, {}, texts, lat, log=quiet)
+        seq = {n: measure_interleaved({n: p}, {}, texts, lat, log=quiet)[n] for n, p in models.items()}
+        for method, r in (("interleaved", inter), ("sequential", seq)):
+            t, c = r["teacher"]["performance"], r["candidate"]["performance"]
+            runs[method].append({k: (t[k], c[k]) for k in ("latency_ms_p50_b1", "latency_ms_p95_b1",
+                                                           "cpu_ms_per_prediction_b1")})
+            print(f"repeat {i + 1} {method}: p95 b1 teacher {t['latency_ms_p95_b1']:.2f} ms, candidate "
+                  f"{c['latency_ms_p95_b1']:.2f} ms, ratio {t['latency_ms_p95_b1'] / c['latency_ms_p95_b1']:.2f}",
+                  flush=True)
+    doc = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
+           "candidate": str(cand), "latency": lat.model_dump(), "repeats": args.repeats, "runs": runs,
+           "spread": {m: {k: spread([t / c for t, c in (rep[k] for rep in reps)])
+                          for k in ("latency_ms_p95_b1", "latency_ms_p50_b1")} for m, reps in runs.items()}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latency_spread.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = ["# Latency ratio spread: the same two models, measured repeatedly", "",
+             f"Measured {doc['measured_at']} ({doc['machine']}, {lat.threads} threads). Teacher: fp32 torch eager; "
+             f"candidate: `{Path(cand).name}` ({cand}). {lat.iters_b1} batch-1 calls per model per measurement "
+             f"after {lat.warmup_iters} warm-up calls; interleaved in {lat.rounds} rounds.", "",
+             "| method | ratio | " + " | ".join(f"run {i + 1}" for i in range(args.repeats))
+             + " | median | max deviation |", "|---|---|" + "---|" * args.repeats + "---|---|"]
+    for m, s in doc["spread"].items():
+        for k, v in s.items():
+            lines.append(f"| {m} | teacher/candidate {k} | " + " | ".join(f"{r:.2f}" for r in v["ratios"])
+                         + f" | {v['median']:.2f} | ±{v['max_abs_deviation_pct']:.1f}% |")
+    inter = doc["spread"]["interleaved"]["latency_ms_p95_b1"]["max_abs_deviation_pct"]
+    lines += ["", f"Goal: the interleaved p95 ratio within ±10% of its median: "
+                  f"{'MET' if inter <= 10 else 'MISSED'} (±{inter:.1f}%)."]
+    (RESULTS / "latency_spread.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
