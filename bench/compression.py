@@ -89,8 +89,8 @@ def main() -> None:
         checks = [("accuracy drop <= 1.0 point (test)", 100 * conf["metrics"]["accuracy_drop"] <= 1.0),
                   (">= 8x smaller on disk", t["size_mb"] / m["size_mb"] >= 8),
                   (">= 8x lower p95 b1 latency than the torch teacher", t["latency_ms_p95_b1"] / m["latency_ms_p95_b1"] >= 8),
-                  (">= 2x lower p95 b1 latency than the teacher in ONNX Runtime fp32",
-                   bool(ort) and ort["latency_ms_p95_b1"] / m["latency_ms_p95_b1"] >= 2)]
+                  (">= 2.5x lower p95 b1 latency than the teacher in ONNX Runtime fp32 (fusions: see fusion.md)",
+                   bool(ort) and ort["latency_ms_p95_b1"] / m["latency_ms_p95_b1"] >= 2.5)]
         lines += ["## Targets for the deployed candidate", ""] + [f"- {'MET' if ok else 'MISSED'}: {what}"
                                                                   for what, ok in checks]
     RESULTS.mkdir(parents=True, exist_ok=True)

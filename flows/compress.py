@@ -42,13 +42,13 @@ def make_task_runner(runner: RunnerParams):
 
 @flow(name="shrinkflow-compress", log_prints=True)
 def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int,
-                        keys: dict | None = None) -> dict:
-    futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name))
+                        keys: dict | None = None, fuse: bool = False) -> dict:
+    futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name), fuse)
                for c in candidates]
     return {r["name"]: r for r in (f.result() for f in futures)}
 
 
-def candidate_keys(root: Path, candidates: list, opset: int, threads: int) -> dict[str, str]:
+def candidate_keys(root: Path, candidates: list, opset: int, threads: int, fuse: bool) -> dict[str, str]:
     """Each candidate's cache key, from its own inputs (shrinkflow.compress.cache)."""
     from shrinkflow.compress.cache import candidate_key, code_hash, inputs_hashes, package_root
     from shrinkflow.lineage import MODEL_LIBRARIES, library_versions
@@ -56,7 +56,8 @@ def candidate_keys(root: Path, candidates: list, opset: int, threads: int) -> di
 
     hashes = inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED)
     code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
-    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads)
+    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads,
+                                  fuse=fuse)
             for c in candidates}
 
 
@@ -74,10 +75,10 @@ def compress(params, project_dir: str = ".") -> dict:
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
     threads = max(1, params.train.threads // runner.max_workers)
     candidates = list(params.compress.candidates)
+    opset, fuse = params.compress.onnx_opset, params.compress.fuse_transformer_ops
     with ComputeMeter(params.cost.country_iso_code) as meter:
-        results = flow_(project_dir=root, candidates=candidates, opset=params.compress.onnx_opset,
-                        threads=threads, keys=candidate_keys(Path(root), candidates, params.compress.onnx_opset,
-                                                             threads))
+        results = flow_(project_dir=root, candidates=candidates, opset=opset, threads=threads,
+                        keys=candidate_keys(Path(root), candidates, opset, threads, fuse), fuse=fuse)
     # "compute": what this run spent (cached candidates cost ~nothing now);
     # each candidate's build_cpu_seconds: what its build cost when it was built.
     doc = {"candidates": results, "compute": meter.result()}

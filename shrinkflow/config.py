@@ -285,6 +285,12 @@ class RunnerParams(_Frozen):
 
 class CompressParams(_Frozen):
     onnx_opset: Annotated[int, Field(ge=14, le=21)] = 17
+    # ONNX Runtime's transformer fusions (SkipLayerNormalization, BiasGelu) on
+    # every candidate's fp32 graph, before quantization, checked against the
+    # unfused logits (shrinkflow.compress.export.fuse_transformer_graph). Off:
+    # measured no faster for fp32 and ~10% slower for int8 on this CPU
+    # (bench/results/fusion.md).
+    fuse_transformer_ops: bool = False
     runner: RunnerParams = RunnerParams()
     candidates: Annotated[tuple[Candidate, ...], Field(min_length=1)] = (
         Candidate(name="int8", recipe=(QuantizeStep(),)),

@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 
 @task(name="build-candidate", task_run_name="build {candidate.name}", cache_policy=NO_CACHE)
-def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: str | None = None) -> dict:
+def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: str | None = None,
+                    fuse: bool = False) -> dict:
     # NO_CACHE: DVC decides when compress is stale, and the candidate cache
     # (keyed by this candidate's own inputs, computed by the stage) decides
     # whether this candidate must be rebuilt. No retries: a failed recipe is a
@@ -48,7 +49,7 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     train = read_split("train", root)
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
-                       threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED))
+                       threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED), fuse=fuse)
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(_process_cpu() - cpu0, 2)
     if key:

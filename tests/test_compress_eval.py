@@ -135,3 +135,47 @@ def test_latency_inputs_are_the_same_for_every_model_and_split_evenly():
     assert len(warm1) == 4 and [len(r) for r in b1] == [4, 3, 3] and all(len(x) == 1 for r in b1 for x in r)
     assert len(warm32) == 3 and [len(r) for r in b32] == [2, 2, 1] and all(len(x) == 32 for r in b32 for x in r)
     assert latency_inputs(texts, lat) == (warm1, b1, warm32, b32)  # seeded: drawn once, reproducible
+
+
+def test_fused_graph_keeps_logits_and_quantizes(tmp_path, tiny_teacher_dir, small_splits):
+    """ORT's transformer fusions change kernels, not the function: logits stay
+    within a small tolerance of the unfused model, fp32 and after int8."""
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.modeling import read_manifest
+
+    texts = small_splits["test"]["text"].tolist()[:24] + ["Superb."]
+    train = small_splits["train"]["text"].tolist()
+    built = {}
+    for fuse in (False, True):
+        for name, recipe in (("fp32", ()), ("int8", (QuantizeStep(),))):
+            built[name, fuse] = apply_recipe(tiny_teacher_dir, Candidate(name=name, recipe=recipe),
+                                             tmp_path / f"{name}-{fuse}", train_texts=train, progress=False,
+                                             fuse=fuse)
+    ops = read_manifest(built["fp32", True])["stats"]["fused_ops"]
+    assert ops.get("SkipLayerNormalization", 0) >= 2 and ops.get("BiasGelu", 0) >= 2  # 2 layers
+    assert "fused_ops" not in read_manifest(built["fp32", False])["stats"]
+    import onnx
+
+    kinds = {n.op_type for n in onnx.load(str(built["fp32", True] / "model.onnx")).graph.node}
+    assert {"SkipLayerNormalization", "BiasGelu"} <= kinds
+    ref = load_predictor(tiny_teacher_dir, threads=1).predict_logits(texts)
+    fused = load_predictor(built["fp32", True], threads=1).predict_logits(texts)
+    np.testing.assert_allclose(fused, ref, atol=1e-4)
+    q, qf = (load_predictor(built["int8", f], threads=1).predict_logits(texts) for f in (False, True))
+    assert np.abs(qf - ref).max() < 0.1 and (qf.argmax(1) == q.argmax(1)).mean() >= 0.9
+
+
+def test_a_fusion_that_changes_the_logits_is_refused(tmp_path, candidates, small_splits):
+    import shutil
+
+    from shrinkflow.compress.export import fuse_transformer_graph
+    from shrinkflow.compress.recipe import calibration_feeds
+    from shrinkflow.modeling import TOKENIZER
+
+    path = tmp_path / "model.onnx"
+    shutil.copy(candidates["fp32"] / "model.onnx", path)
+    before = path.read_bytes()
+    feeds = calibration_feeds((candidates["fp32"] / TOKENIZER).read_text(), ["a fine film", "dull"], 8, 32)
+    with pytest.raises(RuntimeError, match="differ by"):
+        fuse_transformer_graph(path, 2, 32, feeds, atol=-1.0)  # no graph can pass a negative tolerance
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*"))

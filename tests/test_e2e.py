@@ -28,6 +28,9 @@ TINY = {
               "epochs": 6, "batch_size": 16, "learning_rate": 3e-3, "max_seq_len": 32, "threads": 1},
     "frontier": {"small_direct": {"num_layers": 1, "epochs": 2, "learning_rate": 3e-3},
                  "robustness_sparsities": [0.5]},
+    # int8 only: the default's student keeps teacher layers 0, 2, 4, which a
+    # 2-layer tiny teacher does not have (distillation is tested in test_methods).
+    "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize"}]}]},
     "validate": {"gates": {"min_accuracy": 0.0, "max_accuracy_drop": 0.5, "max_latency_ms_p95_b1": 1000.0,
                            "max_size_mb": 100.0, "min_speedup": 0.2},
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
@@ -149,6 +152,20 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     assert lin["cpu"]
     assert set(lin["dvc_lock"]) == {"fetch", "data", "train", "compress", "validate"}
     assert dep["recipe"][0]["method"] == "quantize"
+    # Cost and return, from what the stages metered (CPU time, codecarbon offline).
+    roi = dep["roi"]
+    train_compute = json.loads((project / "metrics/train.json").read_text())["compute"]
+    built = json.loads((project / "metrics/compress.json").read_text())["candidates"]
+    assert roi["train_cpu_seconds"] == round(train_compute["cpu_seconds"], 2) > 0
+    assert train_compute["energy_kwh"] > 0 and train_compute["country_iso_code"] == "USA"
+    assert roi["compress_cpu_seconds"] == round(built["int8"]["build_cpu_seconds"], 2) > 0
+    for b in ("b1", "b32"):
+        s = roi["serving"][b]
+        assert s["deployed_cpu_ms_per_prediction"] == dep["metrics"][f"cpu_ms_per_prediction_{b}"] > 0
+        assert s["teacher_cpu_ms_per_prediction"] == doc["teacher"]["metrics"][f"cpu_ms_per_prediction_{b}"]
+        assert s["pays_back"] == (s["break_even_predictions"] is not None)
+    status_text = run_cli(project, None, "status")[1]
+    assert "cost and return of compressing" in status_text and "CPU-ms per prediction" in status_text
     md = (project / "reports/gates.md").read_text()
     assert "Selected 'int8' for deployment" in md and "Nothing deployed" not in md
 
@@ -200,6 +217,9 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
 
     arts = asyncio.run(latest_artifact())
     assert arts and any("min_accuracy" in (a.data or "") and "**FAIL**" in (a.data or "") for a in arts)
+    # runs that deployed also carry the cost and return of compressing
+    assert any("## Cost and return of compressing" in (a.data or "") and "break-even" in (a.data or "")
+               for a in arts)
 
 
 def test_bad_params_exit_2_and_write_nothing(project, tmp_path):

@@ -60,11 +60,12 @@ def package_root() -> Path:
 
 
 def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_hash: str, code: str,
-                  libraries: dict, opset: int, threads: int) -> str:
+                  libraries: dict, opset: int, threads: int, fuse: bool = False) -> str:
     data = reads_data(candidate)
     blob = {"candidate": candidate.model_dump(mode="json"), "teacher": teacher_hash,
             "train": train_hash if data else None, "unlabelled": unlabelled_hash if data else None,
-            "code": code, "libraries": libraries, "opset": opset, "threads": threads}
+            "code": code, "libraries": libraries, "opset": opset, "threads": threads,
+            "fuse": fuse}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 

@@ -14,13 +14,17 @@ from shrinkflow.config import QuantizeStep
 
 
 def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Gemm"] + (["Gather"] if step.quantize_embeddings else [])
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
+    # DefaultTensorType: shape inference cannot type the outputs of fused
+    # contrib ops (SkipLayerNormalization, BiasGelu); they are all float.
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
-                     per_channel=step.per_channel, op_types_to_quantize=ops)
+                     per_channel=step.per_channel, op_types_to_quantize=ops,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     tmp.replace(dst)
     return dst
 
@@ -40,6 +44,7 @@ class _Calibration:
 
 def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: list[dict]) -> Path:
     """Static int8 (QDQ): activation ranges from ``calibration`` feeds (MinMax)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     ops = ["MatMul", "Gemm"] + (["Gather"] if step.quantize_embeddings else [])
@@ -49,6 +54,7 @@ def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: 
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     per_channel=step.per_channel, op_types_to_quantize=ops,
                     calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "DefaultTensorType": onnx.TensorProto.FLOAT})
     tmp.replace(dst)
     return dst

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shrinkflow.compress.export import export_onnx
+from shrinkflow.compress.export import export_onnx, fuse_transformer_graph
 from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
 from shrinkflow.config import Candidate
 from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
@@ -148,10 +148,18 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
     return model, tokenizer_json, stats
 
 
+FUSION_CHECK_TEXTS = ["A gripping, beautifully acted film.", "Dull.", "It is not bad at all, but the second half "
+                      "drags and the jokes fall flat more often than they land.", "", "Worth it."]
+
+
 def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: int = 17,
                  train_texts: list[str] | None = None, train_labels=None, threads: int = 2,
-                 progress: bool = True, unlabelled_texts: list[str] | None = None) -> Path:
-    """teacher -> [torch steps] -> ONNX -> [quantize] -> ``out_dir``.
+                 progress: bool = True, unlabelled_texts: list[str] | None = None, fuse: bool = False) -> Path:
+    """teacher -> [torch steps] -> ONNX -> [fuse] -> [quantize] -> ``out_dir``.
+
+    ``fuse``: ONNX Runtime's transformer fusions on the fp32 graph, before
+    quantization (``export.fuse_transformer_graph``), checked against the
+    unfused graph's logits on padded batches.
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
     finished candidate or absent.
@@ -166,6 +174,11 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
             load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(), candidate,
             train_texts, train_labels, threads, progress, unlabelled_texts)
         onnx_path = export_onnx(model, work / "model.onnx", opset=opset)
+        if fuse:
+            check = calibration_feeds(tok_json, list(train_texts or [])[:48] + FUSION_CHECK_TEXTS, 64,
+                                      max_seq_len)
+            stats["fused_ops"] = fuse_transformer_graph(onnx_path, model.config.num_attention_heads,
+                                                        model.config.hidden_size, check)
         for step in candidate.recipe:
             if step.method == "quantize":
                 fp32 = onnx_path.with_name("model.fp32.onnx")
