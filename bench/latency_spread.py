@@ -40,15 +40,21 @@ def main() -> None:
 
     from shrinkflow.config import load_params
     from shrinkflow.evaluate import measure_interleaved
+    from shrinkflow.stats import round_ratio_p95
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.registry import Registry
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidate", type=Path, default=None, help="default: the production version")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iters-b1", type=int, default=None, help="override validate.latency.iters_b1")
+    ap.add_argument("--out", default="latency_spread", help="results file stem")
+    ap.add_argument("--interleaved-only", action="store_true", help="skip the sequential measurements")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
-    lat = params.validate.latency
+    lat = params.validate_.latency
+    if args.iters_b1:
+        lat = lat.model_copy(update={"iters_b1": args.iters_b1})
     cand = args.candidate or Registry(ROOT / params.deploy.registry_dir).path(
         Registry(ROOT / params.deploy.registry_dir).alias())
     texts = pd.read_parquet(ROOT / split_path("val"))["text"].tolist()
@@ -57,11 +63,19 @@ def main() -> None:
     quiet = lambda m: None  # noqa: E731
     for i in range(args.repeats):
         inter = measure_interleaved(models, {}, texts, lat, log=quiet)
-        seq = {n: measure_interleaved({n: p}, {}, texts, lat, log=quiet)[n] for n, p in models.items()}
+        seq = None if args.interleaved_only else {n: measure_interleaved({n: p}, {}, texts, lat, log=quiet)[n]
+                                                  for n, p in models.items()}
         for method, r in (("interleaved", inter), ("sequential", seq)):
+            if r is None:
+                continue
             t, c = r["teacher"]["performance"], r["candidate"]["performance"]
-            runs[method].append({k: (t[k], c[k]) for k in ("latency_ms_p50_b1", "latency_ms_p95_b1",
-                                                           "cpu_ms_per_prediction_b1")})
+            rec = {k: (t[k], c[k]) for k in ("latency_ms_p50_b1", "latency_ms_p95_b1", "cpu_ms_per_prediction_b1")}
+            # the ratio round by round, then its median (what validate's
+            # min_speedup gate checks); sequentially, "round" k of the teacher
+            # and of the candidate ran a minute apart
+            rec["round_median_p95_ratio"] = (round_ratio_p95(r["teacher"]["rounds_b1"], r["candidate"]["rounds_b1"]),
+                                             1.0)
+            runs[method].append(rec)
             print(f"repeat {i + 1} {method}: p95 b1 teacher {t['latency_ms_p95_b1']:.2f} ms, candidate "
                   f"{c['latency_ms_p95_b1']:.2f} ms, ratio {t['latency_ms_p95_b1'] / c['latency_ms_p95_b1']:.2f}",
                   flush=True)
@@ -69,9 +83,10 @@ def main() -> None:
            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
            "candidate": str(cand), "latency": lat.model_dump(), "repeats": args.repeats, "runs": runs,
            "spread": {m: {k: spread([t / c for t, c in (rep[k] for rep in reps)])
-                          for k in ("latency_ms_p95_b1", "latency_ms_p50_b1")} for m, reps in runs.items()}}
+                          for k in ("latency_ms_p95_b1", "latency_ms_p50_b1", "round_median_p95_ratio")
+                          if k in reps[0]} for m, reps in runs.items() if reps}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latency_spread.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Latency ratio spread: the same two models, measured repeatedly", "",
              f"Measured {doc['measured_at']} ({doc['machine']}, {lat.threads} threads). Teacher: fp32 torch eager; "
              f"candidate: `{Path(cand).name}` ({cand}). {lat.iters_b1} batch-1 calls per model per measurement "
@@ -82,10 +97,15 @@ def main() -> None:
         for k, v in s.items():
             lines.append(f"| {m} | teacher/candidate {k} | " + " | ".join(f"{r:.2f}" for r in v["ratios"])
                          + f" | {v['median']:.2f} | ±{v['max_abs_deviation_pct']:.1f}% |")
-    inter = doc["spread"]["interleaved"]["latency_ms_p95_b1"]["max_abs_deviation_pct"]
-    lines += ["", f"Goal: the interleaved p95 ratio within ±10% of its median: "
-                  f"{'MET' if inter <= 10 else 'MISSED'} (±{inter:.1f}%)."]
-    (RESULTS / "latency_spread.md").write_text("\n".join(lines) + "\n")
+    inter = doc["spread"]["interleaved"]["round_median_p95_ratio"]["max_abs_deviation_pct"]
+    pooled = doc["spread"]["interleaved"]["latency_ms_p95_b1"]["max_abs_deviation_pct"]
+    lines += ["", "`round_median_p95_ratio`: teacher p95 / candidate p95 within each round, then the median over "
+                  "rounds (what validate's `min_speedup` gate checks). `latency_ms_p95_b1`: the ratio of the p95s "
+                  "of all calls pooled.", "",
+              f"Goal: the teacher/candidate p95 ratio within ±10% of its median over {args.repeats} repeats: "
+              f"{'MET' if inter <= 10 else 'MISSED'} by the round-by-round ratio (±{inter:.1f}%); the pooled p95 "
+              f"ratio, even interleaved, moves ±{pooled:.1f}%."]
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -70,13 +70,14 @@ def time_interleaved(models: dict, warmup_inputs: list, round_inputs: list[list]
     """
     for handle in models.values():
         handle.warm(warmup_inputs)
-    out = {n: {"seconds": [], "cpu_seconds": 0.0, "rounds": 0} for n in models}
+    out = {n: {"seconds": [], "round_seconds": [], "cpu_seconds": 0.0, "rounds": 0} for n in models}
     for r, order in enumerate(interleaved_plan(list(models), len(round_inputs))):
         for name in order:
             if pause_s:
                 time.sleep(pause_s)
             seconds, cpu = models[name].time(round_inputs[r])
             out[name]["seconds"] += seconds
+            out[name]["round_seconds"].append(list(seconds))
             out[name]["cpu_seconds"] += cpu
             out[name]["rounds"] += 1
     return out
@@ -232,7 +233,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
         return {name: {"predictions": predictions[name],
                        "performance": {**performance_figures(t1[name], t32[name]),
                                        "size_mb": round(dir_size_bytes(path) / 1e6, 4),
-                                       "peak_rss_mb": round(procs[name].rss(), 2)}}
+                                       "peak_rss_mb": round(procs[name].rss(), 2)},
+                       # per-round batch-1 wall times, for ratios computed round by round
+                       "rounds_b1": t1[name]["round_seconds"]}
                 for name, path in model_dirs.items()}
     finally:
         for p in procs.values():

@@ -11,7 +11,7 @@ on every split, unlabelled text included.
 from __future__ import annotations
 
 from shrinkflow.config import ValidateParams
-from shrinkflow.stats import agreement, paired_accuracy_drop, quality
+from shrinkflow.stats import agreement, paired_accuracy_drop, quality, round_ratio_p95
 from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
 
 SELECTION_SPLIT = "val"
@@ -36,7 +36,11 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
     """A candidate on the selection split, paired against the teacher, plus
     its agreement with the teacher on every split it was run on."""
     p, tp = run["predictions"], teacher_run["predictions"]
-    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], p[SELECTION_SPLIT]),
+    # The speedup the min_speedup gate checks: round by round, when the two
+    # were timed interleaved (shrinkflow.evaluate.round_ratio_p95).
+    speedup = ({"speedup_p95_b1": round(round_ratio_p95(teacher_run["rounds_b1"], run["rounds_b1"]), 4)}
+               if run.get("rounds_b1") and teacher_run.get("rounds_b1") else {})
+    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], p[SELECTION_SPLIT]), **speedup,
             **paired_accuracy_drop(labels[SELECTION_SPLIT], tp[SELECTION_SPLIT], p[SELECTION_SPLIT], confidence),
             "accuracy_shifted": _shifted_accuracy(run, labels),
             "agreement": {s: agreement(p[s], tp[s]) for s in p},

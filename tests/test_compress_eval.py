@@ -81,6 +81,7 @@ def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candida
         assert m["cpu_ms_per_prediction_b1"] > 0 and m["cpu_ms_per_prediction_b32"] > 0
         # 10 calls in 4 rounds (3+3+2+2), 3 batches in 3 rounds, warm-up excluded
         assert (m["timing_rounds_b1"], m["timing_rounds_b32"]) == (4, 3)
+        assert [len(r) for r in runs[name]["rounds_b1"]] == [3, 3, 2, 2]
         assert m["size_mb"] == pytest.approx(dir_size_bytes(path) / 1e6, rel=1e-3)
         assert m["peak_rss_mb"] > 20
     # torch imported only where the teacher was measured

@@ -94,3 +94,32 @@ def test_the_window_gate_applies_only_to_a_recompression():
     assert "min_window_agreement" not in names
     failed = evaluate_gates("c", cand(agreement={"window_heldout": 0.5}), TEACHER, GATES)
     assert not failed.passed and "min_window_agreement" in failed.summary()
+
+
+def test_min_speedup_uses_the_round_by_round_ratio_when_validate_measured_one():
+    # pooled p95s say 2.5x; the interleaved, round-by-round ratio says 1.9x: the gate uses the latter
+    rep = evaluate_gates("c", cand(speedup_p95_b1=1.9), TEACHER, GATES)
+    assert gate(rep, "min_speedup").value == 1.9 and not gate(rep, "min_speedup").passed
+    assert gate(evaluate_gates("c", cand(speedup_p95_b1=2.0), TEACHER, GATES), "min_speedup").passed
+    assert gate(evaluate_gates("c", cand(), TEACHER, GATES), "min_speedup").value == pytest.approx(2.5)
+
+
+def test_round_ratio_ignores_a_burst_that_moves_the_pooled_ratio():
+    import numpy as np
+
+    from shrinkflow.stats import round_ratio_p95
+
+    rng = np.random.default_rng(0)
+    teacher = [list(10 + rng.random(10)) for _ in range(20)]
+    cand_ = [list(2 + 0.2 * rng.random(10)) for _ in range(20)]
+    steady = round_ratio_p95(teacher, cand_)
+    assert 4.5 < steady < 5.5
+    # a burst of machine noise during two of the candidate's turns
+    noisy = [r if i not in (3, 11) else [x + 3.0 for x in r] for i, r in enumerate(cand_)]
+    pooled = lambda t, c: np.percentile(sum(t, []), 95) / np.percentile(sum(c, []), 95)  # noqa: E731
+    assert pooled(teacher, noisy) < 0.6 * pooled(teacher, cand_)  # the pooled p95 ratio collapses
+    assert round_ratio_p95(teacher, noisy) == pytest.approx(steady, rel=0.05)  # the median of rounds does not
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):
+        round_ratio_p95(teacher, cand_[:-1])
+    with pytest.raises(ValueError):
+        round_ratio_p95([], [])

@@ -118,3 +118,16 @@ def test_nothing_passes_on_val_means_nothing_is_scored_on_test():
     bad = run([1 - y for y in LABELS["val"]], LABELS["test"], lat=2.0)
     metrics, gates = validate_runs(teacher, {"fast": bad}, LABELS, PARAMS, {"fast": FILES["fast"]})
     assert gates["selected"] is None and metrics["confirmation"] is None
+
+
+def test_interleaved_rounds_give_a_round_by_round_speedup_that_the_gate_checks():
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    cand = run(LABELS["val"], LABELS["test"], lat=2.0)
+    # pooled p95s say 10x; round by round the candidate is only 1.5x faster except in one noisy round
+    teacher["rounds_b1"] = [[0.003] * 5, [0.003] * 5, [0.003] * 5]
+    cand["rounds_b1"] = [[0.002] * 5, [0.002] * 5, [0.0001] * 5]
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={"min_speedup": 2.0})})
+    metrics, gates = validate_runs(teacher, {"fast": cand}, LABELS, params, {"fast": FILES["fast"]})
+    assert metrics["candidates"]["fast"]["speedup_p95_b1"] == pytest.approx(1.5)
+    g = gates["candidates"]["fast"]["gates"]["min_speedup"]
+    assert not g["passed"] and g["value"] == pytest.approx(1.5) and gates["selected"] is None
