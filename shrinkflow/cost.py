@@ -27,11 +27,13 @@ ENERGY_SOURCE = ("codecarbon offline tracker; CPU power estimated from the CPU m
 MS_PER_CORE_HOUR = 3.6e6
 
 
-def _cpu_seconds() -> float:
-    # This process and its finished children (DVC runs each stage as a child;
-    # a stage's own helpers are children of it), user + system, every thread.
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+def process_cpu_seconds(include_children: bool = True) -> float:
+    """User + system CPU time of this process (every thread), plus its
+    finished children unless told otherwise (a stage's helper processes)."""
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if include_children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 class ComputeMeter:
@@ -58,11 +60,11 @@ class ComputeMeter:
             self._tracker = OfflineEmissionsTracker(country_iso_code=self.country, output_methods=[],
                                                     log_level="error", tracking_mode="process")
             self._tracker.start()
-        self._cpu0, self._wall0 = _cpu_seconds(), time.perf_counter()
+        self._cpu0, self._wall0 = process_cpu_seconds(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._figures = {"cpu_seconds": round(_cpu_seconds() - self._cpu0, 2),
+        self._figures = {"cpu_seconds": round(process_cpu_seconds() - self._cpu0, 2),
                          "wall_seconds": round(time.perf_counter() - self._wall0, 2)}
         if self._tracker is not None:
             self._tracker.stop()

@@ -37,7 +37,7 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
     its agreement with the teacher on every split it was run on."""
     p, tp = run["predictions"], teacher_run["predictions"]
     # The speedup the min_speedup gate checks: round by round, when the two
-    # were timed interleaved (shrinkflow.evaluate.round_ratio_p95).
+    # were timed interleaved (shrinkflow.stats.round_ratio_p95).
     speedup = ({"speedup_p95_b1": round(round_ratio_p95(teacher_run["rounds_b1"], run["rounds_b1"]), 4)}
                if run.get("rounds_b1") and teacher_run.get("rounds_b1") else {})
     return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], p[SELECTION_SPLIT]), **speedup,

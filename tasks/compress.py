@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import socket
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     # come from the stage's one read of params.yaml; the task never re-reads it.
     from shrinkflow.compress import apply_recipe
     from shrinkflow.compress.cache import CandidateCache
+    from shrinkflow.cost import process_cpu_seconds
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER, UNLABELLED
     from stages.common import read_lines, read_split
@@ -45,20 +45,15 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     # This process's CPU time across every thread (torch's pool included).
     # With one worker (the default) it is this candidate's alone; threads
     # that build candidates concurrently share one process and one count.
-    cpu0 = _process_cpu()
+    cpu0 = process_cpu_seconds(include_children=False)
     train = read_split("train", root)
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                        threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED), fuse=fuse)
     seconds = round(time.perf_counter() - t0, 2)
-    cpu = round(_process_cpu() - cpu0, 2)
+    cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
     if key:
         cache.store(key, out, seconds, cpu)
     print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}")
     return {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
             "build_cpu_seconds": cpu, **read_manifest(out)["stats"]}
-
-
-def _process_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
