@@ -57,14 +57,15 @@ def test_distill_loss_is_zero_for_a_perfect_copy_at_alpha_1():
     assert distill_loss(-t, t, torch.tensor([0, 1]), 2.0, 1.0).item() > 0.1
 
 
-def test_vocab_pruned_model_gives_identical_logits_on_in_vocab_text(teacher, tiny_teacher_dir, small_splits):
+def test_resegmenting_vocab_prune_gives_identical_logits_on_in_vocab_text(teacher, tiny_teacher_dir, small_splits):
     from shrinkflow.compress.recipe import transform_torch
 
     texts = small_splits["train"]["text"].tolist()
     tok_json = (tiny_teacher_dir / TOKENIZER).read_text()
     before = logits(teacher, load_tokenizer(tiny_teacher_dir / TOKENIZER, 32), texts[:20])
     pruned, new_json, stats = transform_torch(load_torch_model(tiny_teacher_dir), tok_json,
-                                              Candidate(name="v", recipe=(VocabPruneStep(),)), texts, None)
+                                              Candidate(name="v", recipe=(VocabPruneStep(unseen_tokens="resegment"),)),
+                                              texts, None)
     assert stats["vocab_size"] < 0.5 * teacher.config.vocab_size
     assert pruned.bert.embeddings.word_embeddings.weight.shape[0] == stats["vocab_size"]
     from tokenizers import Tokenizer
@@ -75,6 +76,40 @@ def test_vocab_pruned_model_gives_identical_logits_on_in_vocab_text(teacher, tin
     np.testing.assert_allclose(logits(pruned, new_tok, texts[:20]), before, atol=1e-5)
     # Unseen words still tokenize into kept pieces (single characters at worst).
     assert new_tok.token_to_id("[UNK]") not in new_tok.encode("zyxwvut qqqq").ids
+
+
+def test_unseen_tokens_read_their_nearest_kept_embedding_and_keep_the_teachers_segmentation(
+        teacher, tiny_teacher_dir, small_splits):
+    import torch
+    from tokenizers import Tokenizer
+
+    from shrinkflow.compress.recipe import transform_torch
+
+    texts = small_splits["train"]["text"].tolist()
+    tok_json = (tiny_teacher_dir / TOKENIZER).read_text()
+    unseen = "zyxwvut quizzically photosynthesis"
+    full = Tokenizer.from_str(tok_json)
+    step = VocabPruneStep(unseen_tokens="nearest")
+    pruned, new_json, stats = transform_torch(load_torch_model(tiny_teacher_dir), tok_json,
+                                              Candidate(name="v", recipe=(step,)), texts, None)
+    new_tok = Tokenizer.from_str(new_json)
+    old_ids, new_ids = full.encode(unseen).ids, new_tok.encode(unseen).ids
+    assert len(new_ids) == len(old_ids)                      # segmented exactly as the teacher does
+    assert max(new_ids) < stats["vocab_size"] == pruned.config.vocab_size
+    emb = torch.nn.functional.normalize(teacher.bert.embeddings.word_embeddings.weight.detach(), dim=1)
+    kept_rows = torch.nn.functional.normalize(pruned.bert.embeddings.word_embeddings.weight.detach(), dim=1)
+    dropped = 0
+    for old, new in zip(old_ids, new_ids):
+        sims = kept_rows @ emb[old]
+        # The row it reads is the most similar kept row (itself, if it was kept).
+        assert sims[new].item() == pytest.approx(sims.max().item(), abs=1e-6)
+        dropped += sims[new].item() < 1 - 1e-6
+    assert dropped >= 2                                      # the test does exercise dropped tokens
+    # In-vocabulary text is unchanged, as with "resegment".
+    before = logits(teacher, load_tokenizer(tiny_teacher_dir / TOKENIZER, 32), texts[:20])
+    new_tok.enable_truncation(32)
+    new_tok.enable_padding(pad_id=new_tok.token_to_id("[PAD]"))
+    np.testing.assert_allclose(logits(pruned, new_tok, texts[:20]), before, atol=1e-5)
 
 
 def test_one_shot_magnitude_pruning_hits_the_target_exactly(teacher):
@@ -252,21 +287,36 @@ def test_distillation_uses_unlabelled_text_labelled_by_the_teacher(tmp_path, tin
 
 
 def test_hidden_state_matching(teacher, tiny_teacher_dir, small_splits):
-    from shrinkflow.compress.distill import distill, hidden_loss, make_student
+    from shrinkflow.compress.distill import (distill, hidden_loss, hidden_targets, make_student, soft_labels,
+                                             teacher_outputs)
+
+    # Each student layer matches the end of the teacher block it stands for.
+    assert hidden_targets((0, 2, 4), 6) == (1, 3, 5)
+    assert hidden_targets((0, 2, 5), 6) == (1, 4, 5)
+    assert hidden_targets((1,), 2) == (1,)
 
     tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
-    ids, mask = encode(tok, small_splits["train"]["text"].tolist()[:8])
-    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-    student = make_student(teacher, (1,))
-    with torch.no_grad():
-        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    assert hidden_loss(t, t, (0, 1), mask).item() == 0.0
-    assert hidden_loss(s, t, (1,), mask).item() > 0.0  # layer 1 sees layer 0's input in the student only
-
     tok.no_padding()
     texts = small_splits["train"]["text"].tolist()[:96]
     seqs = [e.ids for e in tok.encode_batch(texts)]
+    # The cache holds, per sequence and real token, what the teacher computes
+    # on a padded batch; its logits are soft_labels'.
+    logits, cache = teacher_outputs(teacher, seqs[:8], (0, 1))
+    np.testing.assert_allclose(logits, soft_labels(teacher, seqs[:8]), atol=1e-5)
+    ids, mask = (torch.from_numpy(a) for a in encode(load_tokenizer(tiny_teacher_dir / TOKENIZER, 32), texts[:8]))
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        s = make_student(teacher, (1,))(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for i, seq in enumerate(seqs[:8]):
+        assert cache[i].shape == (len(seq), 2, teacher.config.hidden_size)
+        np.testing.assert_allclose(cache[i][:, 1].float().numpy(), t[2][i, :len(seq)].numpy(), atol=2e-2)
+    from shrinkflow.compress.distill import _pad_hidden
+
+    padded = _pad_hidden(cache, list(range(8)), ids.shape[1])
+    assert hidden_loss(t, padded, mask).item() < 1e-4          # the teacher matches its own cache
+    # A 1-layer student from teacher layer 1 sees the embeddings, not layer 0's output: it does not match.
+    assert hidden_loss(s, padded[:, :, 1:], mask).item() > 1e-2
+
     log: list[float] = []
     distill(teacher, seqs, small_splits["train"]["label"].to_numpy()[:96],
             DistillStep(layers=(1,), epochs=3, batch_size=16, learning_rate=3e-3, hidden_weight=1.0),

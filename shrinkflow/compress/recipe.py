@@ -77,12 +77,10 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
                     unlabelled_texts: list[str] | None = None):
     """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
     from shrinkflow.compress.augment import augment_texts
-    from shrinkflow.compress.distill import distill
+    from shrinkflow.compress.distill import distill, hidden_targets, kd_train, soft_labels, teacher_outputs
     from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
-    from shrinkflow.compress.vocab import kept_token_ids, prune_embeddings, remap_tokenizer
-
-    from shrinkflow.compress.distill import kd_train, soft_labels
     from shrinkflow.compress.structured import importance, structured_prune
+    from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
 
     stats: dict = {}
     teacher_targets = None  # the original teacher's logits, computed at most once
@@ -92,7 +90,8 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             raise ValueError(f"recipe step {step.method!r} needs the training texts")
         if step.method == "distill":
             seqs = _encode_unpadded(tokenizer_json, train_texts)
-            teacher_targets = soft_labels(model, seqs)
+            wanted = hidden_targets(step.layers, model.config.num_hidden_layers) if step.hidden_weight > 0 else ()
+            teacher_targets, d_hidden = teacher_outputs(model, seqs, wanted)
             d_seqs, d_targets, d_labels = seqs, teacher_targets, np.asarray(train_labels)
             extra = window_texts(unlabelled_texts) if step.use_unlabelled else []
             augmented = augment_texts(list(train_texts), step.augment_copies, step.seed,
@@ -103,11 +102,13 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
                     # window, augmented variants): soft labels, and its argmax
                     # as the hard label (pseudo-labelling).
                     u_seqs = _encode_unpadded(tokenizer_json, more)
-                    u_targets = soft_labels(model, u_seqs)
+                    u_targets, u_hidden = teacher_outputs(model, u_seqs, wanted)
                     d_seqs = d_seqs + u_seqs
+                    d_hidden = d_hidden + u_hidden
                     d_targets = np.concatenate([d_targets, u_targets])
                     d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
-            model = distill(model, d_seqs, d_labels, step, threads=threads, progress=progress, targets=d_targets)
+            model = distill(model, d_seqs, d_labels, step, threads=threads, progress=progress, targets=d_targets,
+                            hidden=d_hidden or None)
             stats["layers"] = list(step.layers)
             stats["distill_unlabelled_rows"] = len(extra)
             stats["distill_augmented_rows"] = len(augmented)
@@ -130,7 +131,9 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
             # pruned to the training split alone would map the drifted
             # domain's new words to [UNK]. Without a window: the split only.
             kept = kept_token_ids(tokenizer_json, list(train_texts) + window_texts(unlabelled_texts), step.min_count)
-            tokenizer_json = remap_tokenizer(tokenizer_json, kept)
+            nearest = (nearest_kept(model.bert.embeddings.word_embeddings.weight, kept)
+                       if step.unseen_tokens == "nearest" else None)
+            tokenizer_json = remap_tokenizer(tokenizer_json, kept, nearest)
             model = prune_embeddings(model, kept)
             stats["vocab_size"] = len(kept)
         elif step.method == "magnitude_prune":

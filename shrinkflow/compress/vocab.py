@@ -25,17 +25,39 @@ def kept_token_ids(tokenizer_json: str, texts: list[str], min_count: int = 1) ->
     return sorted(keep)
 
 
-def remap_tokenizer(tokenizer_json: str, kept: list[int]) -> str:
+def nearest_kept(embeddings, kept: list[int], chunk: int = 4096) -> dict[int, int]:
+    """For every row not in ``kept``: the kept row with the highest cosine
+    similarity to it (old ids both). Chunked: never a vocab x vocab matrix."""
+    import torch
+
+    emb = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
+    keep = set(kept)
+    index = torch.tensor(kept, dtype=torch.long)
+    dropped = [i for i in range(emb.shape[0]) if i not in keep]
+    out: dict[int, int] = {}
+    for start in range(0, len(dropped), chunk):
+        rows = dropped[start:start + chunk]
+        best = (emb[torch.tensor(rows, dtype=torch.long)] @ emb[index].T).argmax(1)
+        out.update(zip(rows, index[best].tolist()))
+    return out
+
+
+def remap_tokenizer(tokenizer_json: str, kept: list[int], nearest: dict[int, int] | None = None) -> str:
     """The same WordPiece tokenizer over the kept tokens, renumbered 0..n-1.
 
-    Greedy longest-match WordPiece segments any text whose pieces were all
-    kept exactly as before, so in-vocabulary text gets identical ids (up to
-    renumbering); other words fall back to shorter kept pieces.
+    Without ``nearest``: greedy longest-match WordPiece segments any text
+    whose pieces were all kept exactly as before, so in-vocabulary text gets
+    identical ids (up to renumbering); other words fall back to shorter kept
+    pieces. With ``nearest`` (dropped old id -> kept old id): every token
+    stays in the vocabulary, so all text is segmented as before, and a
+    dropped token reads its nearest kept token's embedding row.
     """
     spec = json.loads(tokenizer_json)
     new_id = {old: new for new, old in enumerate(kept)}
     if spec["model"].get("type") != "WordPiece":
         raise ValueError(f"vocab_prune supports WordPiece tokenizers, not {spec['model'].get('type')}")
+    if nearest:
+        new_id.update({old: new_id[near] for old, near in nearest.items()})
     spec["model"]["vocab"] = {t: new_id[i] for t, i in spec["model"]["vocab"].items() if i in new_id}
     for t in spec.get("added_tokens", []):
         t["id"] = new_id[t["id"]]
@@ -45,7 +67,8 @@ def remap_tokenizer(tokenizer_json: str, kept: list[int]) -> str:
     for key in ("padding",):
         if spec.get(key) and "pad_id" in spec[key]:
             spec[key]["pad_id"] = new_id[spec[key]["pad_id"]]
-    return json.dumps(spec, ensure_ascii=False)
+    # Compact separators: the tokenizer counts in the served size.
+    return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
 
 
 def prune_embeddings(model, kept: list[int]):
