@@ -55,8 +55,8 @@ def main() -> None:
     lat = params.validate_.latency
     if args.iters_b1:
         lat = lat.model_copy(update={"iters_b1": args.iters_b1})
-    cand = args.candidate or Registry(ROOT / params.deploy.registry_dir).path(
-        Registry(ROOT / params.deploy.registry_dir).alias())
+    registry = Registry(ROOT / params.deploy.registry_dir)
+    cand = args.candidate or registry.path(registry.alias()) / "model"
     texts = pd.read_parquet(ROOT / split_path("val"))["text"].tolist()
     models = {"teacher": ROOT / TEACHER, "candidate": Path(cand)}
     runs: dict[str, list] = {"interleaved": [], "sequential": []}
