@@ -1,7 +1,9 @@
 """Run the frontier (small-direct baseline, robustness, verdict) on the sweep.
 
-Needs bench/compression.py to have run first: it reuses that workspace's
-teacher and sweep candidates through DVC, brings in this checkout's code,
+Needs `bench/compression.py --sweep` to have run first: it reuses that
+workspace's teacher and sweep candidates through DVC (without --sweep that
+workspace holds the default candidates, and this reports on those instead;
+`dvc repro frontier` does the same in the project itself), brings in this checkout's code,
 then runs `dvc repro -s small_direct` and `dvc repro -s frontier` there and
 copies the report, plot and figures to bench/results/.
 
@@ -24,7 +26,7 @@ CODE = ("shrinkflow/", "stages/", "tasks/", "flows/", "dvc.yaml")
 
 def main() -> None:
     if not (WORK / "metrics" / "validate.json").is_file():
-        sys.exit("run bench/compression.py first")
+        sys.exit("run bench/compression.py --sweep first")
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
