@@ -284,6 +284,14 @@ def test_distillation_uses_unlabelled_text_labelled_by_the_teacher(tmp_path, tin
                        train_texts=train["text"].tolist()[:80], train_labels=train["label"].to_numpy()[:80],
                        threads=1, progress=False, unlabelled_texts=extra)
     assert read_manifest(out)["stats"]["distill_unlabelled_rows"] == 0
+    # Hidden-state matching caches the teacher's layer outputs for every row it
+    # learns from: the split, the window and the augmented copies alike.
+    both = DistillStep(layers=(0,), epochs=1, batch_size=16, hidden_weight=1.0, augment_copies=1)
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="h", recipe=(both,)), tmp_path / "h",
+                       train_texts=train["text"].tolist()[:80], train_labels=train["label"].to_numpy()[:80],
+                       threads=1, progress=False, unlabelled_texts=extra)
+    stats = read_manifest(out)["stats"]
+    assert (stats["distill_unlabelled_rows"], stats["distill_augmented_rows"]) == (40, 80)
 
 
 def test_hidden_state_matching(teacher, tiny_teacher_dir, small_splits):
