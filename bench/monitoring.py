@@ -2,7 +2,7 @@
 the kept teacher, and what re-compressing on the window bought.
 
 In a git+DVC copy of this checkout (its teacher, candidates and registry), with
-a distilled student added to the default candidates:
+the default candidates (a distilled student is added only if they have none):
   1. `shrinkflow run` builds the candidates without any production window;
   2. `shrinkflow serve` answers traffic: first movie-review test sentences
      (the domain it was trained on), then tweets (Hutto & Gilbert's tweet
@@ -126,7 +126,8 @@ def main() -> None:
 
     copy_project()
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["compress"]["candidates"] = params["compress"]["candidates"] + [STUDENT]
+    if not any(s.get("method") == "distill" for c in params["compress"]["candidates"] for s in c["recipe"]):
+        params["compress"]["candidates"] = params["compress"]["candidates"] + [STUDENT]
     params["monitor"].update({"window_last_n": WINDOW_TWEETS, "min_window_rows": 200, "shadow_sample_rows": 300})
     (PROJECT / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     names = [c["name"] for c in params["compress"]["candidates"]]
@@ -203,8 +204,7 @@ def main() -> None:
     w = doc["lineage_window"] or {}
     md = ["# Monitoring and re-compression on the real models", "",
           f"Measured {doc['when']} on this project's 2-core machine ({doc['cpu']}), by `bench/monitoring.py` in a "
-          "git+DVC copy of the checkout, with the distilled student `l024-vocab2-int8` added to the default "
-          "candidates. Traffic went through `shrinkflow serve`: 600 movie-review test sentences, then 600 tweets "
+          f"git+DVC copy of the checkout, candidates {', '.join(f'`{n}`' for n in names)}. Traffic went through `shrinkflow serve`: 600 movie-review test sentences, then 600 tweets "
           f"(Hutto & Gilbert's tweet set, in the same pinned archive, used nowhere else) with {FEEDBACK} feedback "
           "labels.", "",
           "| step | seconds | verdict |", "|---|---|---|",
