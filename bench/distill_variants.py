@@ -28,11 +28,11 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from shrinkflow.compress.distill import hidden_targets, kd_train, make_student, soft_labels, teacher_outputs
+    from shrinkflow.compress.distill import hidden_targets, kd_train, make_student, teacher_outputs
     from shrinkflow.compress.recipe import _encode_unpadded
     from shrinkflow.modeling import TOKENIZER, load_torch_model
     from shrinkflow.paths import TEACHER, split_path
-    from shrinkflow.train import seed_everything
+    from shrinkflow.train import evaluate_accuracy, seed_everything
 
     torch.set_num_threads(2)
     fr = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
@@ -40,8 +40,7 @@ def main() -> None:
     teacher = load_torch_model(ROOT / TEACHER).eval()
     seqs = _encode_unpadded(tok, fr["train"]["text"].tolist())
     evals = {s: [x[:64] for x in _encode_unpadded(tok, fr[s]["text"].tolist())] for s in ("val", "test")}
-    base = {s: round(float((soft_labels(teacher, v).argmax(1) == fr[s]["label"].to_numpy()).mean()), 4)
-            for s, v in evals.items()}
+    base = {s: round(evaluate_accuracy(teacher, v, fr[s]["label"].to_numpy()), 4) for s, v in evals.items()}
     for override in json.loads(sys.argv[1]):
         c = dict(layers=[0, 2, 4], epochs=2, lr=2e-4, T=2.0, alpha=0.5, bs=32, hw=0.0, seed=0) | override
         seed_everything(c["seed"])
@@ -55,7 +54,7 @@ def main() -> None:
         row = {"variant": c, "seconds": round(time.perf_counter() - t0), "teacher": base,
                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         for s, v in evals.items():
-            row[s] = round(float((soft_labels(student, v).argmax(1) == fr[s]["label"].to_numpy()).mean()), 4)
+            row[s] = round(evaluate_accuracy(student, v, fr[s]["label"].to_numpy()), 4)
         RESULTS.mkdir(parents=True, exist_ok=True)
         with open(RESULTS / "distill_variants.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")

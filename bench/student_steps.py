@@ -27,7 +27,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from shrinkflow.compress.distill import distill, soft_labels
+    from shrinkflow.compress.distill import distill
     from shrinkflow.compress.export import export_onnx
     from shrinkflow.compress.quantize import quantize_dynamic_onnx
     from shrinkflow.compress.recipe import _encode_unpadded
@@ -36,6 +36,7 @@ def main() -> None:
     from shrinkflow.modeling import TOKENIZER, load_torch_model, write_manifest
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.train import evaluate_accuracy
 
     torch.set_num_threads(2)
     fr = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
@@ -49,8 +50,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     def torch_scores(model, tj) -> dict:
-        return {s: round(float((soft_labels(model, [x[:64] for x in _encode_unpadded(tj, fr[s]["text"].tolist())])
-                                .argmax(1) == fr[s]["label"].to_numpy()).mean()), 4) for s in ("val", "test")}
+        return {s: round(evaluate_accuracy(model, [x[:64] for x in _encode_unpadded(tj, fr[s]["text"].tolist())],
+                                           fr[s]["label"].to_numpy()), 4) for s in ("val", "test")}
 
     def pruned(model, min_count: int, how: str):
         kept = kept_token_ids(tok, train, min_count)
