@@ -9,13 +9,13 @@ Accuracies are fractions in [0, 1]; ``max_accuracy_drop: 0.01`` is one point.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -333,6 +333,18 @@ class Gates(_Frozen):
     # the production window (data/unlabelled/heldout.txt). Checked when that
     # file is not empty; the label-free gate for text no split covers.
     min_window_agreement: Fraction = 0.90
+    # Batch invariance: each candidate predicts val alone (one text per call)
+    # and in seeded batches of 32 mixed-length texts; the largest change of
+    # any class probability must stay within this, with no label changed.
+    # fp32 models differ by float rounding only; ONNX Runtime dynamic int8
+    # computes activation scales over the whole batch and fails it
+    # (batch_variant_action, below, says what happens then).
+    max_batch_prob_diff: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    # A candidate that fails max_batch_prob_diff: serve_per_row deploys it
+    # all the same and the server runs each of its texts alone, so an answer
+    # never depends on other requests (the gate report says so); refuse
+    # makes it a failed gate like any other.
+    batch_variant_action: Literal["serve_per_row", "refuse"] = "serve_per_row"
 
 
 class LatencyParams(_Frozen):
@@ -394,6 +406,78 @@ class ServeParams(_Frozen):
     reload_poll_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
     # Intra-op threads per model call; two calls run at once (one per core).
     threads: Annotated[int, Field(ge=1)] = 1
+    # A text longer than the model's max_seq_len tokens is cut: head keeps
+    # the first tokens (as in training); head_tail the first quarter and the
+    # last three quarters of the budget (Sun et al. 2019). Every prediction
+    # says whether its text was cut and how many tokens the model read.
+    truncation: Literal["head", "head_tail"] = "head"
+    # The HTTP edge (uvicorn): request headers larger than max_header_bytes
+    # in all, or more than max_headers of them, get 431; a request whose
+    # headers and body are not all received within request_timeout_s gets
+    # 408 and its connection is closed (a slow client cannot hold it open).
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+    request_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+
+
+@functools.cache
+def _scheduler_croniter():
+    """The croniter class Prefect's server scheduler computes dates with.
+
+    Prefect 3.9 vendors croniter (``prefect/_vendor/croniter/croniter.py``);
+    its scheduler calls ``croniter(cron, start, day_or=True).get_next(datetime)``
+    (``prefect.server.schemas.schedules.CronSchedule._get_dates_whenever``).
+    That one file imports nothing from Prefect, so it is loaded here by path
+    and Prefect's package itself is never imported (the library never
+    imports Prefect; importing it would also set up Prefect's home before a
+    params error could stop the CLI). Falls back to a standalone croniter
+    for a Prefect that no longer vendors it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("prefect")  # locates the package without running it
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            file = Path(base) / "_vendor" / "croniter" / "croniter.py"
+            if file.is_file():
+                mod_spec = importlib.util.spec_from_file_location("shrinkflow._prefect_croniter", file)
+                module = importlib.util.module_from_spec(mod_spec)
+                mod_spec.loader.exec_module(module)
+                return module.croniter
+    try:
+        from croniter import croniter  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError("cannot check cron expressions: neither Prefect's vendored croniter nor the "
+                           "croniter package is installed") from None
+    return croniter
+
+
+def cron_next_run(expr: str, after: "datetime.datetime | None" = None) -> "datetime.datetime":
+    """The first time at or after ``after`` (naive UTC, whole seconds;
+    default now) that the cron expression ``expr`` fires, as Prefect 3.9's
+    scheduler computes it (it starts croniter one second before).
+
+    Raises ValueError when Prefect would refuse the expression (its own rule,
+    ``prefect._internal.schemas.validators.validate_cron_string``: croniter's
+    ``is_valid``, and no random ``R`` or hashed ``H`` fields) or when it has
+    no next run at all (``0 0 31 2 *``, 31 February: croniter searches 50
+    years and raises CroniterBadDateError, which Prefect's scheduler logs
+    about once a minute while never creating a run). Takes about 2 ms.
+    """
+    import datetime
+
+    croniter = _scheduler_croniter()
+    if not isinstance(expr, str) or not croniter.is_valid(expr):
+        raise ValueError(f"{expr!r} is not a valid cron expression (minute hour day-of-month month day-of-week)")
+    if any(f.casefold() in ("r", "h") for f in expr.split()):
+        raise ValueError(f"{expr!r}: random (R) and hashed (H) cron fields are not supported by Prefect")
+    start = after or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    try:
+        return croniter(expr, start - datetime.timedelta(seconds=1), day_or=True).get_next(datetime.datetime)
+    except (ValueError, KeyError, TypeError) as exc:  # CroniterBadDateError is a ValueError
+        raise ValueError(f"{expr!r} has no next run: no date matches it within 50 years "
+                         f"({type(exc).__name__}: {exc}); Prefect's scheduler would log that error about "
+                         "once a minute and never start a run") from None
 
 
 class MonitorParams(_Frozen):
@@ -401,6 +485,9 @@ class MonitorParams(_Frozen):
     reference split, and the policy that says ok, warn or recompress."""
 
     window_last_n: Annotated[int, Field(ge=1)] = 500        # newest rows of the log per run
+    # How long a monitor run waits for a prediction log that another process
+    # holds locked before it gives up (exit 3, naming the log and the lock).
+    log_wait_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 30.0
     min_window_rows: Annotated[int, Field(ge=1)] = 200      # below this, never trigger
     # Teacher in shadow on a sample of the window: the label-free compression gap.
     shadow_sample_rows: Annotated[int, Field(ge=1)] = 200
@@ -424,6 +511,15 @@ class MonitorParams(_Frozen):
     cron: str | None = None
     lifecycle_interval_minutes: Annotated[int, Field(ge=1)] | None = None
     lifecycle_cron: str | None = "0 3 * * 0"                # weekly: new data or params
+
+    @field_validator("cron", "lifecycle_cron")
+    @classmethod
+    def _cron_has_a_next_run(cls, v: str | None) -> str | None:
+        # A cron with no next date (31 February) passes Prefect's own check,
+        # then its scheduler logs an error every minute and never runs it.
+        if v is not None:
+            cron_next_run(v)
+        return v
 
     @model_validator(mode="after")
     def _one_schedule_each(self):
@@ -582,13 +678,101 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
         raise ParamsError(path, problems) from None
 
 
-def parse_params_bytes(data: bytes, path: Path | str = "params.yaml") -> Params:
-    """Validate params from bytes already read (a stage reads its file once)."""
+def _yaml_scalar_text(node) -> str:
+    """How a value node reads in an error message: the scalar as typed."""
+    kind = type(node).__name__
+    if kind == "ScalarNode":
+        return repr(node.value) if node.value == "" else str(node.value)
+    return {"MappingNode": "a mapping", "SequenceNode": "a list"}.get(kind, kind)
+
+
+def _duplicate_keys(root_node) -> list[tuple[str, str]]:
+    """Every key written twice in one mapping of a composed YAML tree, as
+    (key path, "value (line L) ... value (line M)") pairs, first occurrence
+    first. Keys are compared as DVC's loader compares them: by their
+    constructed value, so ``1`` and ``0x1`` are the same key; merge keys
+    (``<<``) are not duplicates."""
+    from ruamel.yaml import YAML
+
+    construct = YAML(typ="safe").constructor.construct_object
+    found: list[tuple[str, str]] = []
+    seen_nodes: set[int] = set()
+
+    def walk(node, path: str) -> None:
+        if id(node) in seen_nodes:  # an alias to a node already walked
+            return
+        seen_nodes.add(id(node))
+        kind = type(node).__name__
+        if kind == "SequenceNode":
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}.{i}" if path else str(i))
+        if kind != "MappingNode":
+            return
+        first: dict = {}
+        for key_node, value_node in node.value:
+            if str(key_node.tag).endswith(":merge") or type(key_node).__name__ != "ScalarNode":
+                continue
+            key = construct(key_node, deep=True)
+            key_path = f"{path}.{key}" if path else str(key)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in first:
+                k0, v0 = first[key]
+                found.append((key_path, f"duplicated key: {_yaml_scalar_text(v0)} (line {k0.start_mark.line + 1}) "
+                                        f"and {_yaml_scalar_text(value_node)} (line {key_node.start_mark.line + 1})"))
+            else:
+                first[key] = (key_node, value_node)
+            walk(value_node, key_path)
+
+    walk(root_node, "")
+    return found
+
+
+def parse_params_yaml(data: bytes | str, path: Path | str = "params.yaml") -> object:
+    """Parse a params file exactly as DVC does, and return the raw document.
+
+    DVC 3 reads params.yaml with ``ruamel.yaml``, ``YAML(typ="safe").load``
+    after decoding UTF-8 (``dvc.utils.serialize._yaml.parse_yaml`` and
+    ``_common._load_data``): YAML 1.2 (``5e-5`` is a float, ``yes``/``on``
+    are strings, ``0777`` is 777) and a duplicated key refused. shrinkflow
+    uses the same library and settings, so it never reads values DVC does
+    not see (PyYAML, YAML 1.1, keeps the last of two duplicated keys and
+    reads ``yes`` as true). An empty file is ``{}``, as in DVC.
+
+    Raises ParamsError naming the key path of each duplicated key with both
+    values and their lines, or the YAML error with its line; never returns
+    half a document.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml import YAMLError as RuamelYAMLError
+
+    path = Path(path)
     try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ParamsError(Path(path), [("<file>", f"not valid YAML: {exc}")]) from None
-    return parse_params(raw, path)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise ParamsError(path, [("<file>", f"not valid UTF-8 (DVC reads params as UTF-8): {exc}")]) from None
+    try:
+        return YAML(typ="safe").load(text) or {}
+    except RuamelYAMLError as exc:
+        dupes = []
+        if type(exc).__name__ == "DuplicateKeyError":
+            try:
+                dupes = _duplicate_keys(YAML(typ="safe").compose(text))
+            except RuamelYAMLError:
+                dupes = []
+        if dupes:
+            raise ParamsError(path, [(k, f"{why}; DVC refuses a params file with a duplicated key, so "
+                                         "shrinkflow does too: keep one") for k, why in dupes]) from None
+        raise ParamsError(path, [("<file>", f"not valid YAML (as DVC reads it, YAML 1.2): {exc}")]) from None
+
+
+def parse_params_bytes(data: bytes, path: Path | str = "params.yaml") -> Params:
+    """Validate params from bytes already read (a stage reads its file once).
+
+    Parsed as DVC parses them (``parse_params_yaml``). Raises ParamsError."""
+    return parse_params(parse_params_yaml(data, path), path)
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

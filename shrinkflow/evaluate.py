@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shrinkflow.config import LatencyParams
+from shrinkflow.gates import TOLERANCE
 from shrinkflow.io import dir_size_bytes
 
 
@@ -100,10 +101,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def predict_splits(predictor, splits: dict[str, list[str]]) -> dict[str, list[int]]:
-    from shrinkflow.runtime import predict_labels
+def predict_splits(predictor, splits: dict[str, list[str]], per_row: bool = False) -> dict[str, list[int]]:
+    """Labels for every split: in length-sorted batches of 32, or one text per
+    call (``per_row``, how the server runs a batch-dependent model)."""
+    from shrinkflow.runtime import predict_labels, predict_served
 
-    return {name: predict_labels(predictor, texts).tolist() if texts else [] for name, texts in splits.items()}
+    def labels(texts):
+        if per_row:
+            return predict_served(predictor, texts, per_row=True).logits.argmax(axis=1).tolist()
+        return predict_labels(predictor, texts).tolist()
+
+    return {name: labels(texts) if texts else [] for name, texts in splits.items()}
 
 
 # ------------------------------------------------------------ interleaved
@@ -122,7 +130,8 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
             if cmd == "stop":
                 break
             if cmd == "predict":
-                conn.send(("ok", predict_splits(predictor, arg)))
+                splits, per_row = arg
+                conn.send(("ok", predict_splits(predictor, splits, per_row)))
             elif cmd == "warm":
                 for x in arg:
                     predictor.predict_logits(x)
@@ -131,6 +140,11 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
                 conn.send(("ok", time_block(predictor.predict_logits, arg)))
             elif cmd == "rss":
                 conn.send(("ok", peak_rss_mb()))
+            elif cmd == "invariance":
+                from shrinkflow.runtime import batch_invariance
+
+                texts, batch_size, seed = arg
+                conn.send(("ok", batch_invariance(predictor, texts, batch_size, seed)))
     except BaseException:  # reported to the parent, which raises it with the model's name
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -161,10 +175,11 @@ class ModelProcess:
             raise RuntimeError(f"measuring {self.model_dir} failed:\n{value}")
         return value
 
-    def predict(self, splits): return self._call(("predict", splits))
+    def predict(self, splits, per_row=False): return self._call(("predict", (splits, per_row)))
     def warm(self, inputs): return self._call(("warm", inputs))
     def time(self, inputs): return self._call(("time", inputs))
     def rss(self): return self._call(("rss", None))
+    def invariance(self, texts, batch_size, seed): return self._call(("invariance", (texts, batch_size, seed)))
 
     def close(self) -> None:
         if self._proc.is_alive():
@@ -210,22 +225,40 @@ def performance_figures(b1: dict, b32: dict) -> dict:
 
 
 def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, list[str]],
-                        latency_texts: list[str], lat: LatencyParams, log=print) -> dict[str, dict]:
+                        latency_texts: list[str], lat: LatencyParams, log=print,
+                        invariance_texts: list[str] | None = None,
+                        invariance_skip: frozenset[str] = frozenset(),
+                        max_batch_prob_diff: float = 0.0) -> dict[str, dict]:
     """Every model in its own process; predictions one model at a time, then
     latency in interleaved rounds (batch 1, then batch 32) over the same
     window. Returns {name: {"predictions": {split: [label, ...]},
     "performance": {...}}}: labels never enter the measuring processes, so
     what a split is used for (selection, confirmation, agreement only) is
-    decided by the caller."""
+    decided by the caller.
+
+    With ``invariance_texts``, every model not in ``invariance_skip`` also
+    predicts them alone and in mixed-length batches of 32
+    (``runtime.batch_invariance``, seeded with ``lat.seed``), under the key
+    ``"batch_invariance"``, first: a model whose probabilities move by more
+    than ``max_batch_prob_diff`` (or whose labels change) is served one text
+    per call, so its splits are predicted that way too (``"per_row": True``),
+    and the figures are those of what will be served."""
     splits = {k: list(v) for k, v in splits.items()}
     warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
     procs: dict[str, ModelProcess] = {}
     try:
-        predictions = {}
+        predictions, invariance = {}, {}
         for name, path in model_dirs.items():
             log(f"measure: loading {name} and predicting every split")
             procs[name] = ModelProcess(path, lat.threads)
-            predictions[name] = procs[name].predict(splits)
+            per_row = False
+            if invariance_texts and name not in invariance_skip:
+                inv = invariance[name] = procs[name].invariance(list(invariance_texts), 32, lat.seed)
+                # the gate's own rule (shrinkflow.gates.batch_gates), so the two never disagree
+                per_row = inv["max_prob_diff"] > max_batch_prob_diff + TOLERANCE or inv["label_flips"] > 0
+            predictions[name] = procs[name].predict(splits, per_row)
+            if name in invariance:
+                invariance[name]["per_row"] = per_row
         log(f"measure: timing {len(procs)} models interleaved ({len(b1)} rounds at batch 1, "
             f"{len(b32)} at batch 32)")
         t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
@@ -235,7 +268,8 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                                        "size_mb": round(dir_size_bytes(path) / 1e6, 4),
                                        "peak_rss_mb": round(procs[name].rss(), 2)},
                        # per-round batch-1 wall times, for ratios computed round by round
-                       "rounds_b1": t1[name]["round_seconds"]}
+                       "rounds_b1": t1[name]["round_seconds"],
+                       **({"batch_invariance": invariance[name]} if name in invariance else {})}
                 for name, path in model_dirs.items()}
     finally:
         for p in procs.values():

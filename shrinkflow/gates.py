@@ -8,7 +8,7 @@ passes a 0.01 gate as a person would expect.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from shrinkflow.config import Gates
@@ -26,12 +26,17 @@ class GateResult:
     # How far past the threshold, in the gate's units: >= 0 passes, < 0 fails
     # and |margin| says by how much.
     margin: float
+    # False for a gate whose failure does not block deployment but changes
+    # how the candidate is served (batch invariance under serve_per_row);
+    # ``note`` then says what happens instead.
+    enforced: bool = True
+    note: str = ""
 
     def describe(self) -> str:
-        verb = "passed" if self.passed else "FAILED"
+        verb = "passed" if self.passed else ("FAILED" if self.enforced else "not met")
         rel = ">=" if self.direction == "min" else "<="
         return (f"{self.name} {verb}: {self.value:.4g} (needs {rel} {self.threshold:.4g}; "
-                f"margin {self.margin:+.4g})")
+                f"margin {self.margin:+.4g})" + (f": {self.note}" if self.note else ""))
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,18 @@ class GateReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """Every enforced gate passed (a gate that is not enforced never blocks)."""
+        return all(r.passed or not r.enforced for r in self.results)
 
     @property
     def failures(self) -> tuple[GateResult, ...]:
-        return tuple(r for r in self.results if not r.passed)
+        """Enforced gates that failed: what blocks deployment."""
+        return tuple(r for r in self.results if not r.passed and r.enforced)
+
+    @property
+    def advisories(self) -> tuple[GateResult, ...]:
+        """Gates not met that do not block, each with its ``note``."""
+        return tuple(r for r in self.results if not r.passed and not r.enforced)
 
     def summary(self) -> str:
         if self.passed:
@@ -103,7 +115,35 @@ def evaluate_gates(candidate_name: str, candidate: dict, teacher: dict, gates: G
         check_max("max_latency_ms_p95_b1", candidate["latency_ms_p95_b1"], gates.max_latency_ms_p95_b1),
         check_max("max_size_mb", candidate["size_mb"], gates.max_size_mb),
         check_min("min_speedup", speedup, gates.min_speedup),
-    ) + window_gates(candidate, gates))
+    ) + window_gates(candidate, gates) + batch_gates(candidate, gates))
+
+
+def batch_gates(candidate: dict, gates: Gates) -> tuple[GateResult, ...]:
+    """Batch invariance: the largest change of a class probability between a
+    val text predicted alone and in a mixed batch of 32
+    (``candidate["batch_invariance"]``, from ``runtime.batch_invariance``).
+    A changed label fails it whatever the probabilities. Under
+    ``batch_variant_action: serve_per_row`` a failure does not block: the
+    candidate is deployed to be served one text per call. No measurement: no
+    gate."""
+    inv = candidate.get("batch_invariance")
+    if inv is None:
+        return ()
+    res = check_max("max_batch_prob_diff", inv["max_prob_diff"], gates.max_batch_prob_diff)
+    if inv["label_flips"] and res.passed:
+        res = replace(res, passed=False)
+    if res.passed:
+        return (res,)
+    what = f"{inv['label_flips']} of {inv['rows']} labels changed in batches of {inv['batch_size']}"
+    if gates.batch_variant_action == "serve_per_row":
+        return (replace(res, enforced=False, note=f"not batch-invariant ({what}): served one text per call"),)
+    return (replace(res, note=f"not batch-invariant ({what}): refused (batch_variant_action: refuse)"),)
+
+
+def serves_per_row(report: GateReport) -> bool:
+    """Whether a deployed candidate must be served one text per call: its
+    batch-invariance gate was not met (and not enforced)."""
+    return any(r.name == "max_batch_prob_diff" and not r.passed for r in report.results)
 
 
 def window_gates(candidate: dict, gates: Gates) -> tuple[GateResult, ...]:

@@ -52,8 +52,9 @@ def gates_table(reports: dict[str, GateReport]) -> str:
     for name, rep in reports.items():
         for r in rep.results:
             rel = ">=" if r.direction == "min" else "<="
+            result = "pass" if r.passed else ("**FAIL**" if r.enforced else "not met (does not block)")
             lines.append(f"| {name} | {r.name} | {r.value:.4g} | {rel} {r.threshold:.4g} | "
-                         f"{r.margin:+.4g} | {'pass' if r.passed else '**FAIL**'} |")
+                         f"{r.margin:+.4g} | {result}{': ' + r.note if r.note else ''} |")
     return "\n".join(lines)
 
 

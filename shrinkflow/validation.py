@@ -44,7 +44,13 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
             **paired_accuracy_drop(labels[SELECTION_SPLIT], tp[SELECTION_SPLIT], p[SELECTION_SPLIT], confidence),
             "accuracy_shifted": _shifted_accuracy(run, labels),
             "agreement": {s: agreement(p[s], tp[s]) for s in p},
-            **run["performance"]}
+            **_invariance(run), **run["performance"]}
+
+
+def _invariance(run: dict) -> dict:
+    """The batch-invariance figures (without the per-text labels)."""
+    inv = run.get("batch_invariance")
+    return {"batch_invariance": {k: v for k, v in inv.items() if k != "labels_alone"}} if inv else {}
 
 
 def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams) -> dict:

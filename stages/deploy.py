@@ -14,7 +14,7 @@ CHAIN = ("fetch", "data", "train", "compress", "validate")
 def deploy(params) -> None:
     from shrinkflow.cost import roi, roi_lines
     from shrinkflow.errors import PromotionRefused
-    from shrinkflow.gates import GateReport
+    from shrinkflow.gates import GateReport, serves_per_row
     from shrinkflow.io import read_json, write_json
     from shrinkflow.lineage import collect_lineage
     from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN,
@@ -37,8 +37,14 @@ def deploy(params) -> None:
     cost = roi(read_json(METRICS_TRAIN).get("compute") or {},
                {n: b.get("build_cpu_seconds") for n, b in builds.items()},
                figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd)
+    # How the server must run it: one text per call when validate found its
+    # outputs depend on the batch (the gate report says so).
+    inv = metrics["candidates"][chosen].get("batch_invariance")
+    serving = {"per_row": serves_per_row(report), "max_batch_prob_diff": inv["max_prob_diff"],
+               "label_flips": inv["label_flips"]} if inv else {}
     record = {
         "candidate": chosen,
+        "serving": serving,
         "recipe": [s.model_dump(mode="json") for s in cand.recipe],
         **figures,
         "confirmation": metrics["confirmation"],

@@ -40,8 +40,12 @@ def validate(params) -> None:
     # The teacher and every candidate, timed in alternating rounds over the
     # same minutes: the speedup gate compares figures from one time window.
     # (The key cannot clash: candidate names are lower-case slugs.)
+    # Batch invariance on val for every candidate (the teacher is never served);
+    # one that fails it is predicted one text per call, as it would be served.
     runs = measure_interleaved({TEACHER_KEY: TEACHER, **{n: CANDIDATES / n for n in names}}, texts,
-                               texts[SELECTION_SPLIT], lat, log=lambda m: print(f"validate: {m}"))
+                               texts[SELECTION_SPLIT], lat, log=lambda m: print(f"validate: {m}"),
+                               invariance_texts=texts[SELECTION_SPLIT], invariance_skip=frozenset({TEACHER_KEY}),
+                               max_batch_prob_diff=params.validate.gates.max_batch_prob_diff)
     teacher = runs.pop(TEACHER_KEY)
     for n in names:
         if file_hashes(CANDIDATES / n) != files[n]["files"]:

@@ -9,7 +9,7 @@ from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
 from shrinkflow.evaluate import interleaved_plan, measure_interleaved, percentiles_ms, time_interleaved
 from shrinkflow.stats import accuracy_f1
 from shrinkflow.io import dir_size_bytes
-from shrinkflow.runtime import load_predictor, predict_labels
+from shrinkflow.runtime import load_predictor, predict_labels, predict_served
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,25 @@ def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candida
     splits = {"val": small_splits["val"]["text"].tolist(), "test": small_splits["test"]["text"].tolist(),
               "unlabelled": []}
     runs = measure_interleaved({"teacher": tiny_teacher_dir, "int8": candidates["int8"]}, splits,
-                               splits["val"], lat, log=lambda m: None)
+                               splits["val"], lat, log=lambda m: None, invariance_texts=splits["val"][:40],
+                               invariance_skip=frozenset({"teacher"}))
     assert set(runs) == {"teacher", "int8"}
+    # batch invariance measured in the child, for the candidate only, as runtime.batch_invariance gives it here
+    from shrinkflow.runtime import batch_invariance
+
+    assert "batch_invariance" not in runs["teacher"]
+    inv = dict(runs["int8"]["batch_invariance"])
+    # dynamic int8 moves (tests/test_runtime.py), so its splits were predicted one text per call
+    assert inv.pop("per_row") is True
+    assert inv == batch_invariance(load_predictor(candidates["int8"], threads=1), splits["val"][:40], 32, lat.seed)
     for name, path in (("teacher", tiny_teacher_dir), ("int8", candidates["int8"])):
         preds, m = runs[name]["predictions"], runs[name]["performance"]
         assert {k: len(v) for k, v in preds.items()} == {k: len(v) for k, v in splits.items()}
         # what the child process predicted is what the predictor predicts here
-        here = predict_labels(load_predictor(path, threads=1), splits["test"])
+        # (one text per call for int8, as it will be served)
+        pred = load_predictor(path, threads=1)
+        here = (predict_served(pred, splits["test"], per_row=True).logits.argmax(axis=1) if name == "int8"
+                else predict_labels(pred, splits["test"]))
         assert preds["test"] == here.tolist()
         assert 0 < m["latency_ms_p50_b1"] <= m["latency_ms_p95_b1"]
         assert 0 < m["latency_ms_p50_b32"] <= m["latency_ms_p95_b32"] and m["throughput_eps_b32"] > 0

@@ -19,7 +19,8 @@ import yaml
 
 from tests.conftest import PROJECT_ROOT
 
-pytestmark = pytest.mark.e2e
+# Each runs the real CLI, Prefect and DVC on a temporary project: minutes in all.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = {
     "data": {"max_rows": 600, "max_shifted_rows": 50},
@@ -98,6 +99,8 @@ def write_params(path: Path, over: dict) -> Path:
 
 
 def test_lifecycle_end_to_end(project, harness, tmp_path):
+    import pandas as pd
+
     from shrinkflow.registry import Registry
 
     # 1. Status before anything is deployed.
@@ -133,8 +136,16 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     # the default window is empty: said, not faked, and no window gate below
     assert m["agreement"]["unlabelled"] is None and m["agreement"]["window_heldout"] is None
     assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",
-                                 "max_size_mb", "min_speedup"}
-    assert all(g["passed"] and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
+                                 "max_size_mb", "min_speedup", "max_batch_prob_diff"}
+    assert all((g["passed"] or not g["enforced"]) and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
+    # batch invariance was measured on val; what it found decides how the version is served
+    inv = validated["candidates"]["int8"]["batch_invariance"]
+    batch = dep["gates"]["max_batch_prob_diff"]
+    assert inv["rows"] == len(pd.read_parquet(project / "data/prepared/val.parquet"))
+    assert batch["value"] == inv["max_prob_diff"] and batch["threshold"] == 1e-4
+    assert reg.manifest("v0001")["serving"] == {"per_row": not batch["passed"], "max_batch_prob_diff":
+                                                inv["max_prob_diff"], "label_flips": inv["label_flips"]}
+    assert inv["per_row"] is (not batch["passed"])
     # What was validated is what was deployed.
     assert reg.manifest("v0001")["files"] == validated["candidates"]["int8"]["files"]
     lin = dep["lineage"]
@@ -456,9 +467,15 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     teacher_mtime = (project / "models/teacher/model.safetensors").stat().st_mtime_ns
     train_lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
 
+    # A report-only run says recompress but acts on nothing, so it starts no
+    # cooldown and no dedup: the real run right after it still acts.
+    code, out = run_cli(project, harness, "monitor", "--report-only")
+    assert code == 0 and "verdict: recompress (not acted on" in out, out[-4000:]
+    assert reg.alias() == before
     code, out = run_cli(project, harness, "monitor")
     assert code == 0, out[-4000:]
     assert "verdict: recompress" in out and "feedback_accuracy: FIRED" in out, out[-4000:]
+    assert "not acted on" not in out and "cooldown" not in out
     assert "Running stage 'train'" not in out and "Running stage 'compress'" in out
     new = reg.alias()
     assert new != before and f"re-compression: DEPLOYED {new}" in out

@@ -123,3 +123,44 @@ def test_round_ratio_ignores_a_burst_that_moves_the_pooled_ratio():
         round_ratio_p95(teacher, cand_[:-1])
     with pytest.raises(ValueError):
         round_ratio_p95([], [])
+
+
+def inv(diff: float, flips: int = 0) -> dict:
+    return {"rows": 100, "batch_size": 32, "max_prob_diff": diff, "mean_prob_diff": diff / 10, "label_flips": flips}
+
+
+@pytest.mark.parametrize("action", ["serve_per_row", "refuse"])
+def test_batch_invariance_gate_boundaries_and_what_a_failure_means(action):
+    gates = GATES.model_copy(update={"max_batch_prob_diff": 1e-4, "batch_variant_action": action})
+    at = gate(evaluate_gates("c", cand(batch_invariance=inv(1e-4)), TEACHER, gates), "max_batch_prob_diff")
+    assert at.passed and at.enforced and abs(at.margin) < 1e-9 and at.note == ""
+    under = gate(evaluate_gates("c", cand(batch_invariance=inv(0.99e-4)), TEACHER, gates), "max_batch_prob_diff")
+    assert under.passed and under.margin > 0
+    rep = evaluate_gates("c", cand(batch_invariance=inv(1.01e-4)), TEACHER, gates)
+    over = gate(rep, "max_batch_prob_diff")
+    assert not over.passed and over.margin == pytest.approx(-0.01e-4)
+    if action == "serve_per_row":
+        # deployable, served one text per call, and the report says so
+        assert rep.passed and not rep.failures and rep.advisories == (over,)
+        assert not over.enforced and "served one text per call" in over.note
+        assert "not met" in over.describe() and "served one text per call" in over.describe()
+    else:
+        assert not rep.passed and rep.failures == (over,) and "refused" in over.note
+    assert GateReport.from_dict(rep.to_dict()) == rep
+
+
+def test_a_changed_label_fails_batch_invariance_whatever_the_probabilities():
+    rep = evaluate_gates("c", cand(batch_invariance=inv(5e-5, flips=1)), TEACHER,
+                         GATES.model_copy(update={"batch_variant_action": "refuse"}))
+    g = gate(rep, "max_batch_prob_diff")
+    assert not g.passed and g.margin > 0 and "1 of 100 labels changed" in g.note and not rep.passed
+
+
+def test_no_invariance_measurement_no_gate_and_old_reports_still_load():
+    rep = evaluate_gates("c", cand(), TEACHER, GATES)
+    assert "max_batch_prob_diff" not in {r.name for r in rep.results}
+    # a gate report written before the enforced/note fields existed
+    old = {"candidate": "c", "passed": True, "gates": {"min_accuracy": {
+        "name": "min_accuracy", "passed": True, "value": 0.9, "threshold": 0.8, "direction": "min", "margin": 0.1}}}
+    loaded = GateReport.from_dict(old)
+    assert loaded.passed and loaded.results[0].enforced and loaded.results[0].note == ""

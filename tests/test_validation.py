@@ -131,3 +131,33 @@ def test_interleaved_rounds_give_a_round_by_round_speedup_that_the_gate_checks()
     assert metrics["candidates"]["fast"]["speedup_p95_b1"] == pytest.approx(1.5)
     g = gates["candidates"]["fast"]["gates"]["min_speedup"]
     assert not g["passed"] and g["value"] == pytest.approx(1.5) and gates["selected"] is None
+
+
+@pytest.mark.parametrize("action, selected", [("serve_per_row", "fast"), ("refuse", "slow")])
+def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report_says_which(action, selected):
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    fast = run(LABELS["val"], LABELS["test"], lat=2.0)
+    slow = run(LABELS["val"], LABELS["test"], lat=5.0)
+    fast["batch_invariance"] = {"rows": 10, "batch_size": 32, "max_prob_diff": 0.129, "mean_prob_diff": 0.01,
+                                "label_flips": 1, "labels_alone": [1] * 10}
+    slow["batch_invariance"] = {"rows": 10, "batch_size": 32, "max_prob_diff": 0.0, "mean_prob_diff": 0.0,
+                                "label_flips": 0, "labels_alone": [1] * 10}
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={"batch_variant_action": action})})
+    metrics, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES)
+    assert gates["selected"] == selected
+    g = gates["candidates"]["fast"]["gates"]["max_batch_prob_diff"]
+    assert not g["passed"] and g["value"] == 0.129 and g["threshold"] == 1e-4
+    assert g["enforced"] is (action == "refuse")
+    assert ("served one text per call" if action == "serve_per_row" else "refused") in g["note"]
+    assert gates["candidates"]["slow"]["gates"]["max_batch_prob_diff"]["passed"]
+    # figures carry the measurement but not the per-text labels
+    assert metrics["candidates"]["fast"]["batch_invariance"]["label_flips"] == 1
+    assert "labels_alone" not in metrics["candidates"]["fast"]["batch_invariance"]
+    from shrinkflow.gates import GateReport, serves_per_row
+    from shrinkflow.report import validation_markdown
+
+    assert serves_per_row(GateReport.from_dict(gates["candidates"]["fast"])) is True
+    assert serves_per_row(GateReport.from_dict(gates["candidates"]["slow"])) is False
+    md = validation_markdown(metrics, gates)
+    assert "max_batch_prob_diff" in md and ("served one text per call" in md if action == "serve_per_row"
+                                            else "**FAIL**: not batch-invariant" in md)
