@@ -55,24 +55,38 @@ def candidates(tmp_path_factory, tiny_teacher_dir):
 
 
 class Server:
-    def __init__(self, root: Path, port: int, token: str | None = TOKEN):
-        self.root, self.port = root, port
+    """`shrinkflow serve` in ``root``, as a user starts it. ``output``: a file
+    for the server's stdout and stderr (else a pipe), for tests that read what
+    it logged."""
+
+    def __init__(self, root: Path, port: int, token: str | None = TOKEN, output: Path | None = None):
+        self.root, self.port, self.output = root, port, output
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
         env.pop("SHRINKFLOW_API_TOKEN", None)
         if token:
             env["SHRINKFLOW_API_TOKEN"] = token
+        out = open(output, "w") if output else subprocess.PIPE
         self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        if output:
+            out.close()
         deadline = time.time() + 60
         while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
+            assert self.proc.poll() is None, self.output_text()
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
         raise AssertionError("server did not start")
+
+    def output_text(self) -> str:
+        """What the server printed so far (all of it once it has exited, when
+        its output is a pipe)."""
+        if self.output:
+            return Path(self.output).read_text(errors="replace")
+        return self.proc.stdout.read() if self.proc.poll() is not None else ""
 
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -111,6 +125,9 @@ def test_predict_then_feedback_round_trip(server, project):
     assert body["model_version"] == "v0001" and len(body["predictions"]) == 2
     p = body["predictions"][0]
     assert p["label"] in ("negative", "positive") and abs(sum(p["probabilities"].values()) - 1) < 1e-5
+    # what the model read: [CLS] a wonderful film [SEP], nothing cut
+    assert (p["truncated"], p["tokens_seen"]) == (False, 5)
+    assert (body["predictions"][1]["truncated"], body["predictions"][1]["tokens_seen"]) == (False, 3)
     f = httpx.post(f"{server.url}/feedback", json={"prediction_id": p["prediction_id"], "label": "positive"},
                    headers=AUTH)
     assert f.status_code == 200 and f.json()["replaced"] is False
@@ -120,6 +137,7 @@ def test_predict_then_feedback_round_trip(server, project):
     row = row[row["prediction_id"] == p["prediction_id"]].iloc[0]
     assert row["text"] == "a wonderful film" and row["model_version"] == "v0001"
     assert row["feedback_label"] == 0 and row["label"] == p["label_id"]
+    assert row["tokens_seen"] == 5 and row["truncated"] == 0
     assert httpx.post(f"{server.url}/feedback", json={"prediction_id": "nope", "label": 1},
                       headers=AUTH).status_code == 404
 
@@ -133,8 +151,23 @@ def test_predict_then_feedback_round_trip(server, project):
     (json.dumps({"texts": ["x" * 201]}), {}, 413, "text_too_long"),
     (json.dumps({"texts": ["x" * 5000]}), {}, 413, "body_too_large"),
     (b'{"texts": ["\xff\xfe"]}', {}, 400, "not_utf8"),
+    (b'{"texts": ["\xed\xa0\x80"]}', {}, 400, "not_utf8"),        # a surrogate encoded as UTF-8 bytes
     ("{not json", {}, 400, "not_json"),
     ("[1, 2]", {}, 422, "invalid_request"),
+    # issue 14: what the body parser raises is a 4xx, never a 500
+    # (the issue's 10 KB bodies, over this server's 4 KB limit, are in test_serving_hostile.py)
+    ('{"texts": ' + "[" * 2000 + "]" * 2000 + "}", {}, 400, "not_json"),   # RecursionError in the decoder
+    ('{"texts": [NaN]}', {}, 400, "not_json"),
+    ('{"texts": ["a"], "x": -Infinity}', {}, 400, "not_json"),
+    ('{"texts": ["a"], "texts": ["b"]}', {}, 422, "invalid_request"),    # duplicate key: which one?
+    ('{"texts": [1e999]}', {}, 422, "invalid_request"),
+    ('{"\\ud800": 1}', {}, 422, "invalid_request"),                      # a lone surrogate in a key name
+    # texts that must not reach the model
+    ('{"texts": ["ok\\ud800bad"]}', {}, 422, "invalid_text"),
+    ('{"texts": ["fine", "\\udc80"]}', {}, 422, "invalid_text"),
+    ('{"texts": [""]}', {}, 422, "invalid_text"),
+    ('{"texts": [" \\t\\n "]}', {}, 422, "invalid_text"),
+    ('{"texts": ["\\u0000\\u200b"]}', {}, 422, "invalid_text"),      # nothing the tokenizer keeps
 ])
 def test_bad_input_gets_a_clear_4xx_and_the_server_survives(server, content, headers, status, kind):
     before = log_of(server.root).count()
@@ -159,10 +192,52 @@ def test_token_is_required_except_for_health_and_refusals_are_not_logged(server)
 def test_metadata_metrics_and_docs(server):
     meta = httpx.get(f"{server.url}/metadata", headers=AUTH).json()
     assert meta["deployed"]["version"] == "v0001" and meta["deployed"]["integrity"] == "verified"
+    # v0001 is dynamic int8 deployed without a `serving` entry: its graph
+    # makes it batch-dependent, so each text is its own model call
+    serving = {"per_row": True, "per_row_decided_by": "model graph", "batching": "each text alone (batch-invariant)",
+               "truncation": "head"}
+    assert meta["serving"] == serving
+    assert httpx.get(f"{server.url}/health").json()["serving"] == serving
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert 'shrinkflow_requests_total{endpoint="/predict",status="200"}' in text
     assert "shrinkflow_batch_size_bucket" in text and 'shrinkflow_model_version_info{version="v0001"} 1.0' in text
     assert httpx.get(f"{server.url}/docs", headers=AUTH).status_code == 200
+
+
+LONG = ("the film drags on and on with little plot and less charm, yet the actors try hard and the music is "
+        "lovely in places, though the ending is muddled and every joke falls flat")
+
+
+def test_each_prediction_says_what_the_model_read(server, project):
+    """Issue 14 item 3: a text over max_seq_len (32 for the tiny model) is cut
+    to 32 tokens and says so; a short one is not; the log records both."""
+    r = httpx.post(f"{server.url}/predict", json={"texts": [LONG, "dull"]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    long_, short = r.json()["predictions"]
+    assert (long_["truncated"], long_["tokens_seen"]) == (True, 32)
+    assert (short["truncated"], short["tokens_seen"]) == (False, 3)
+    rows = log_of(project).window().set_index("prediction_id")
+    assert (rows.loc[long_["prediction_id"], "truncated"], rows.loc[long_["prediction_id"], "tokens_seen"]) == (1, 32)
+    assert (rows.loc[short["prediction_id"], "truncated"], rows.loc[short["prediction_id"], "tokens_seen"]) == (0, 3)
+
+
+def test_per_row_is_decided_per_version_from_the_manifest_else_the_graph(tmp_path, candidates):
+    """The registry manifest's serving.per_row (recorded by validate) decides;
+    a version deployed without it is per row when its graph is batch-dependent
+    (dynamic int8) and batched otherwise; the server can force either."""
+    from shrinkflow.serving import ModelHolder
+
+    reg = Registry(tmp_path / "registry")
+    decided = {}
+    for name, serving in (("int8", None), ("fp32", None), ("int8", {"per_row": False}), ("fp32", {"per_row": True})):
+        rec = record(name) if serving is None else {**record(name), "serving": {**serving, "label_flips": 0}}
+        version = reg.promote(candidates[name], PASS, rec).version
+        m = ModelHolder(reg, 1)._load(version)
+        decided[(name, None if serving is None else serving["per_row"])] = (m.per_row, m.per_row_source, m.specials)
+    assert decided == {("int8", None): (True, "model graph", 2), ("fp32", None): (False, "model graph", 2),
+                       ("int8", False): (False, "manifest", 2), ("fp32", True): (True, "manifest", 2)}
+    forced = ModelHolder(reg, 1, per_row=False)._load("v0001")
+    assert (forced.per_row, forced.per_row_source) == (False, "server")
 
 
 def burst(url: str, n: int, threads: int, results: list, stop_after: float | None = None):
@@ -283,6 +358,44 @@ def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
     assert httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH).status_code == 200
 
 
+def test_an_exclusively_locked_log_gives_503_on_every_endpoint(server, project):
+    """Issue 14: another process holds the log with `PRAGMA
+    locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE` (no reader or writer gets in).
+    /predict and /feedback both answer 503 with the reason (/feedback
+    answered 500), and both work again once the lock is gone."""
+    import sqlite3
+
+    first = httpx.post(f"{server.url}/predict", json={"texts": ["before the lock"]}, headers=AUTH)
+    pid = first.json()["predictions"][0]["prediction_id"]
+    before = log_of(project).count()
+    con = sqlite3.connect(project / ".shrinkflow" / "predictions.db", isolation_level=None)
+    con.execute("PRAGMA locking_mode=EXCLUSIVE")
+    con.execute("BEGIN EXCLUSIVE")
+    answers = {}
+
+    def call(name, path, body):
+        answers[name] = httpx.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=60)
+
+    try:
+        ts = [threading.Thread(target=call, args=("predict", "/predict", {"texts": ["while locked"]})),
+              threading.Thread(target=call, args=("feedback", "/feedback", {"prediction_id": pid, "label": 1}))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        con.execute("ROLLBACK")
+        con.close()   # ends the exclusive locking mode
+    for name in ("predict", "feedback"):
+        r = answers[name]
+        assert r.status_code == 503 and r.json()["error"] == "log_unavailable", (name, r.text)
+        assert "locked" in r.json()["detail"], (name, r.text)
+    assert log_of(project).count() == before
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH).status_code == 200
+    after = httpx.post(f"{server.url}/feedback", json={"prediction_id": pid, "label": 1}, headers=AUTH)
+    assert after.status_code == 200 and after.json()["replaced"] is False
+
+
 def test_several_workers_serve_and_log(project):
     """--workers N: each uvicorn worker builds its app from the project."""
     port = free_port()
@@ -302,6 +415,9 @@ def test_several_workers_serve_and_log(project):
         codes = [httpx.post(f"{url}/predict", json={"texts": [f"w{i}"]}, headers=AUTH).status_code for i in range(20)]
         assert codes == [200] * 20
         assert log_of(project).count() - before == 20
+        # the HTTP edge's limits hold in every worker (serve.max_headers: 100)
+        many = {f"x-h{i}": "1" for i in range(101)}
+        assert httpx.post(f"{url}/predict", json={"texts": ["h"]}, headers={**AUTH, **many}).status_code == 431
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
