@@ -28,9 +28,11 @@ def monitor(project_dir: str = ".", act: bool = True) -> dict:
                 "recompress": None}
     summary, report_dir = build_reports(project_dir, params, window, now)
     run_name = f"{flow_run.name} ({flow_run.id})"
-    decision = decide(project_dir, params, summary, report_dir, now, run_name)
+    decision = decide(project_dir, params, summary, report_dir, now, run_name, act)
     publish(params, summary, decision, report_dir)
     print(f"monitor: {decision['action']}: {decision['reasons'][0]}")
+    for n in summary.get("not_computed", []):
+        print(f"monitor: not computed on this window: {n['metric']}: {n['reason']}")
     result = None
     if decision["action"] == "recompress" and act:
         meta = {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
@@ -38,4 +40,4 @@ def monitor(project_dir: str = ".", act: bool = True) -> dict:
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
         result = recompress(project_dir, window["text"].tolist(), meta)
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
-            "report_dir": report_dir, "summary": summary, "recompress": result}
+            "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result}

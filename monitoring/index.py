@@ -26,26 +26,59 @@ def _row(run: Path) -> str | None:
     except (OSError, ValueError):
         d = {"action": "undecided", "reasons": []}
     action = d.get("action", "undecided")
+    if action == "recompress" and d.get("acted") is False:
+        action_note = " (report only)"
+    else:
+        action_note = ""
     e, t, q = s.get("embedding"), s.get("teacher"), s.get("quality")
+    # Older summaries lack these keys; newer ones say what was not computed.
+    nc = {n.get("metric"): n.get("reason", "") for n in s.get("not_computed") or []}
+    tr = s.get("truncation")
+
+    def not_computed(metric: str, default: str) -> str:
+        if metric in nc:
+            return f'<span title="{html.escape(nc[metric], quote=True)}">not computed</span>'
+        return default
+
+    def fig(value, spec: str) -> str:
+        return "not computed" if value is None else format(value, spec)
+
+    share = s.get("drifted_descriptor_share")
     cells = [
-        html.escape(s["created"]),
-        f'<b style="color:{_COLOURS.get(action, "#57606a")}">{html.escape(action)}</b>',
-        html.escape(s["model_version"]),
-        str(s["window"]["rows"]),
-        f'{s["drifted_descriptor_share"]:.2f}',
-        f'{e["roc_auc"]:.3f}' if e else "n/a",
-        f'{t["agreement"]:.3f}' if t else "n/a",
+        html.escape(str(s.get("created", run.name))),
+        f'<b style="color:{_COLOURS.get(action, "#57606a")}">{html.escape(action)}</b>{action_note}',
+        html.escape(str(s.get("model_version", "?"))),
+        str((s.get("window") or {}).get("rows", "?")),
+        f"{share:.2f}" if share is not None else "not computed",
+        f'{e["roc_auc"]:.3f}' if e else not_computed("embedding_drift", "n/a"),
+        f'{t["agreement"]:.3f}' if t else not_computed("teacher_agreement", "n/a"),
         f'{q["accuracy"]:.3f} ({q["labels"]})' if q else "no labels",
-        f'{s["positive_share_current"]:.2f} / {s["positive_share_reference"]:.2f}',
+        f'{fig(s.get("positive_share_current"), ".2f")} / {fig(s.get("positive_share_reference"), ".2f")}',
+        (f'{fig(tr.get("share"), ".3f")} / {fig(tr.get("reference_share"), ".3f")}' if tr else "not recorded"),
     ]
-    links = [f'<a href="{run.name}/{REPORT_HTML}">drift report</a>', f'<a href="{run.name}/{REPORT_JSON}">json</a>']
-    for name, label in (("embeddings.html", "embeddings"), (QUALITY_HTML, "quality")):
-        if (run / name).is_file():
-            links.append(f'<a href="{run.name}/{name}">{label}</a>')
+    links = [f'<a href="{run.name}/{name}">{label}</a>'
+             for name, label in ((REPORT_HTML, "drift report"), (REPORT_JSON, "json"),
+                                 ("embeddings.html", "embeddings"), (QUALITY_HTML, "quality"))
+             if (run / name).is_file()]
     links.append(f'<a href="{run.name}/{SUMMARY_JSON}">summary</a>')
     reasons = "<br>".join(html.escape(r) for r in d.get("reasons", [])[:1])
+    if nc:
+        reasons += ("<br>" if reasons else "") + "not computed: " + html.escape(
+            "; ".join(f"{m}: {r}" for m, r in nc.items()))
     return ("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{' · '.join(links)}</td>"
             + f"<td class=r>{reasons}</td></tr>")
+
+
+def _safe_row(run: Path) -> str | None:
+    """_row, or a row saying the run's files cannot be read: one odd
+    summary.json (hand-edited, from another version) must not stop the index
+    or the monitor run that regenerates it."""
+    try:
+        return _row(run)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return (f"<tr><td>{html.escape(run.name)}</td><td colspan=10>unreadable summary: "
+                f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</td>"
+                f'<td class=r><a href="{run.name}/{SUMMARY_JSON}">summary</a></td></tr>')
 
 
 def run_dirs(reports_dir: Path) -> list[Path]:
@@ -69,9 +102,10 @@ def prune(reports_dir: Path, keep: int) -> list[Path]:
 def write_index(reports_dir: Path) -> Path:
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in (_row(p) for p in run_dirs(reports_dir)) if r is not None]
+    rows = [r for r in (_safe_row(p) for p in run_dirs(reports_dir)) if r is not None]
     head = ["run (UTC)", "verdict", "version", "window rows", "drifted descriptors", "embedding AUC",
-            "teacher agreement", "feedback accuracy (labels)", "positive share cur / ref", "reports", "why"]
+            "teacher agreement", "feedback accuracy (labels)", "positive share cur / ref",
+            "truncated share cur / ref", "reports", "why"]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>shrinkflow monitoring</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -79,7 +113,9 @@ td,th{{border:1px solid #d0d7de;padding:4px 8px;font-size:14px;vertical-align:to
 td.r{{max-width:40em}}</style></head>
 <body><h1>shrinkflow monitoring</h1>
 <p id="count">{len(rows)} run(s). Each compares a window of the prediction log with the reference split
-(Evidently). Verdicts come from the policy in <code>monitoring/policy.py</code>.</p>
+(Evidently). Verdicts come from the policy in <code>monitoring/policy.py</code>; a figure that could not be
+computed on a window says "not computed" (the reason is in the last column and in its summary).
+"(report only)": a recompress verdict of <code>--report-only</code>, not acted on.</p>
 <table id="runs"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}

@@ -18,6 +18,13 @@ except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when this very window already triggered (dedup), or
 within ``cooldown_hours`` of the last re-compression. Every rule reports its
 figure and threshold, fired or not.
+
+A rule whose input could not be computed on the window (the summary's
+``not_computed``) does not fire, and its detail says why. Only a
+re-compression actually started counts for the dedup and the cooldown: a
+``recompress`` verdict of a ``--report-only`` run is recorded with
+``acted=False`` (history lines written before ``acted`` existed count as
+acted, the conservative reading).
 """
 
 from __future__ import annotations
@@ -39,9 +46,19 @@ class _Frozen(BaseModel):
 
 
 class PastDecision(_Frozen):
+    """One line of the decision history (.shrinkflow/monitor/decisions.jsonl)."""
+
     ts: str
     action: Action
     window_sha256: str
+    # Whether the verdict was acted on (a re-compression started). Missing on
+    # lines written before the field: True, so an old history never lets a
+    # window trigger twice or skips a cooldown.
+    acted: bool = True
+
+    @property
+    def recompressed(self) -> bool:
+        return self.action == "recompress" and self.acted
 
 
 class Finding(_Frozen):
@@ -50,6 +67,7 @@ class Finding(_Frozen):
     value: float | None
     threshold: float
     detail: str
+    computed: bool = True   # False: its input could not be computed on this window (detail says why)
 
 
 class Decision(_Frozen):
@@ -63,17 +81,33 @@ class Decision(_Frozen):
         return tuple(f.rule for f in self.findings if f.fired)
 
 
+def _not_computed(rule: str, threshold: float, what: str, reason: str) -> Finding:
+    return Finding(rule=rule, fired=False, value=None, threshold=threshold, computed=False,
+                   detail=f"{what} not computed: {reason}")
+
+
 def _findings(s: DriftSummary, p) -> list[Finding]:
-    out = [Finding(rule="text_drift", fired=s.drifted_descriptor_share > p.max_drifted_descriptor_share + TOLERANCE,
-                   value=s.drifted_descriptor_share, threshold=p.max_drifted_descriptor_share,
-                   detail=f"{sum(d.drifted for d in s.descriptors)} of {len(s.descriptors)} text descriptors drifted "
-                          f"(share {s.drifted_descriptor_share:.3f}, max {p.max_drifted_descriptor_share:.3f}): "
-                          + ", ".join(f"{d.column} p={d.value:.3g}" for d in s.descriptors if d.drifted))]
+    out = []
+    if s.drifted_descriptor_share is not None:
+        skipped = [n.metric.split(":", 1)[1] for n in s.not_computed if n.metric.startswith("descriptor:")]
+        out.append(Finding(
+            rule="text_drift", fired=s.drifted_descriptor_share > p.max_drifted_descriptor_share + TOLERANCE,
+            value=s.drifted_descriptor_share, threshold=p.max_drifted_descriptor_share,
+            detail=f"{sum(d.drifted for d in s.descriptors)} of {len(s.descriptors)} text descriptors drifted "
+                   f"(share {s.drifted_descriptor_share:.3f}, max {p.max_drifted_descriptor_share:.3f}): "
+                   + ", ".join(f"{d.column} p={d.value:.3g}" for d in s.descriptors if d.drifted)
+                   + (f"; not computed: {', '.join(skipped)}" if skipped else "")))
+    else:
+        reasons = "; ".join(f"{n.metric}: {n.reason}" for n in s.not_computed if n.metric.startswith("descriptor"))
+        out.append(_not_computed("text_drift", p.max_drifted_descriptor_share, "text drift",
+                                 reasons or "no descriptor could be tested"))
     if s.embedding is not None:
         out.append(Finding(rule="embedding_drift", fired=s.embedding.roc_auc > p.embedding_drift_auc + TOLERANCE,
                            value=s.embedding.roc_auc, threshold=p.embedding_drift_auc,
                            detail=f"embedding drift ROC AUC {s.embedding.roc_auc:.3f} (max {p.embedding_drift_auc:.3f}, "
                                   f"{s.embedding.dims}-d teacher embeddings)"))
+    elif (reason := s.reason_not_computed("embedding_drift")) is not None:
+        out.append(_not_computed("embedding_drift", p.embedding_drift_auc, "embedding drift", reason))
     q = s.quality
     if q is not None and q.accuracy_drop is not None and q.labels >= p.min_feedback_labels:
         out.append(Finding(rule="feedback_accuracy", fired=q.accuracy_drop > p.max_feedback_accuracy_drop + TOLERANCE,
@@ -81,6 +115,10 @@ def _findings(s: DriftSummary, p) -> list[Finding]:
                            detail=f"feedback accuracy {q.accuracy:.3f} on {q.labels} labels vs validated "
                                   f"{q.validated_accuracy:.3f}: drop {q.accuracy_drop:+.3f} "
                                   f"(max {p.max_feedback_accuracy_drop:.3f})"))
+    elif q is not None and q.accuracy_drop is None and q.labels >= p.min_feedback_labels:
+        out.append(_not_computed("feedback_accuracy", p.max_feedback_accuracy_drop, "feedback accuracy drop",
+                                 f"the served version has no validated accuracy to compare {q.accuracy:.3f} "
+                                 f"on {q.labels} labels with"))
     else:
         n = q.labels if q is not None else 0
         out.append(Finding(rule="feedback_accuracy", fired=False, value=None, threshold=p.max_feedback_accuracy_drop,
@@ -91,6 +129,8 @@ def _findings(s: DriftSummary, p) -> list[Finding]:
                            value=t.agreement, threshold=p.min_teacher_agreement,
                            detail=f"agreement with the teacher {t.agreement:.3f} on {t.rows} window texts "
                                   f"(min {p.min_teacher_agreement:.3f}; {t.validated_agreement} on test at deploy)"))
+    elif (reason := s.reason_not_computed("teacher_agreement")) is not None:
+        out.append(_not_computed("teacher_agreement", p.min_teacher_agreement, "agreement with the teacher", reason))
     return out
 
 
@@ -106,19 +146,22 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     reasons = [_fmt(f) for f in findings]
     sha = summary.window.sha256
     if not fired:
-        if summary.prediction_label.drifted:
+        if summary.prediction_label is not None and summary.prediction_label.drifted:
             return Decision(action="warn", findings=tuple(findings), window_sha256=sha, reasons=(
                 f"prediction drift: positive share {summary.positive_share_current:.3f} vs "
                 f"{summary.positive_share_reference:.3f} on reference (p={summary.prediction_label.value:.3g}); "
                 "no degradation rule fired", *reasons))
+        if summary.prediction_label is None:
+            reasons.append("prediction drift not computed: "
+                           + (summary.reason_not_computed("prediction_label") or "no served label in the window"))
         return Decision(action="ok", reasons=tuple(reasons), findings=tuple(findings), window_sha256=sha)
     held = None
     if summary.window.rows < params.min_window_rows:
         held = f"window of {summary.window.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
-    elif any(h.window_sha256 == sha and h.action == "recompress" for h in history):
+    elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:
-        last = max((datetime.fromisoformat(h.ts) for h in history if h.action == "recompress"), default=None)
+        last = max((datetime.fromisoformat(h.ts) for h in history if h.recompressed), default=None)
         if last is not None and now - last < timedelta(hours=params.cooldown_hours):
             hours = (now - last).total_seconds() / 3600
             held = (f"cooldown: the last re-compression was {hours:.1f} h ago "

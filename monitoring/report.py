@@ -4,36 +4,53 @@ reference split (reference), as Evidently reports on disk plus a DriftSummary.
 Evidently, torch and the models are imported inside the functions, so that
 importing ``monitoring`` stays cheap and free of side effects.
 
-Text descriptors are computed without any download: Evidently's TextLength,
-WordCount, SentenceCount and NonLetterCharacterPercentage run offline; its
-OOVWordsPercentage and Sentiment call ``nltk.download`` at run time, so the
-out-of-vocabulary share is computed here instead, against the words of the
-training split (the vocabulary the model actually learned from).
+The monitor must never go down on what the log holds: an empty text, a text
+of control characters, NaN probabilities, one class of feedback, a window of
+one row, values another writer put there. So:
+
+- the text descriptors are computed here (``text_descriptors``: numpy and
+  the standard library, defined for every string, the empty one included)
+  and handed to Evidently as plain numerical columns; Evidently only runs the
+  drift tests. Its own ``NonLetterCharacterPercentage`` divides by the text's
+  length (ZeroDivisionError on ``""``), and its ``OOVWordsPercentage`` and
+  ``Sentiment`` call ``nltk.download`` at run time;
+- every figure is computed on its own terms: one that cannot be computed on
+  this window (no finite value, one class where a test needs two, an
+  Evidently error) is reported as not computed with its reason, and the
+  other figures and the policy go on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from monitoring.summary import DriftSummary, Quality, TeacherAgreement, Window, extract
+from monitoring.summary import (DriftSummary, NotComputed, Quality, TeacherAgreement, Truncation, Window,
+                                extract)
 
 TEXT = "text"
 LABEL = "prediction"
 PROB = "prob_positive"
 TARGET = "target"
 EMBEDDINGS = "sentence"
-# Evidently descriptor aliases, then our own.
+# Descriptors after Evidently 0.7.23's text features (same names, same
+# definitions, see text_descriptors), then our own.
 EVIDENTLY_DESCRIPTORS = ("length_chars", "word_count", "sentence_count", "non_letter_pct")
 OOV = "oov_share"
 DESCRIPTORS = (*EVIDENTLY_DESCRIPTORS, OOV)
 REPORT_HTML, REPORT_JSON, QUALITY_HTML, SUMMARY_JSON = "report.html", "report.json", "quality.html", "summary.json"
 _WORD = re.compile(r"[a-z']+")
+# Evidently 0.7.23, legacy/features/word_count_feature.py and
+# sentence_count_feature.py: the same patterns, so figures stay comparable
+# with reports written before the descriptors moved here.
+_NOT_LETTER_OR_SPACE = re.compile(r"[^a-zA-Z ]+")
+_SENTENCE_END = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")
 
 
 def words(text: str) -> list[str]:
@@ -53,8 +70,37 @@ def oov_share(texts: list[str], vocab: frozenset[str]) -> np.ndarray:
     return np.asarray(out, dtype=float)
 
 
+def text_descriptors(texts: list[str], vocab: frozenset[str]):
+    """Per text, the numerical descriptors DESCRIPTORS (a DataFrame, one row
+    per text, float), defined for every string:
+
+    - ``length_chars``: characters;
+    - ``word_count``: words after removing everything but ASCII letters and
+      spaces (Evidently's WordCount);
+    - ``sentence_count``: Evidently's SentenceCount split (at least 1), but 0
+      for a text with nothing but whitespace, where Evidently says 1;
+    - ``non_letter_pct``: 100 x the characters that are neither letters nor
+      spaces, over all characters (Evidently's NonLetterCharacterPercentage),
+      and 0 for the empty text, where Evidently divides by zero;
+    - ``oov_share``: ``oov_share`` above.
+    """
+    import pandas as pd
+
+    texts = [str(t) for t in texts]
+    lengths = np.asarray([len(t) for t in texts], dtype=float)
+    non_letters = np.asarray([sum(1 for ch in t if not ch.isalpha() and ch != " ") for t in texts], dtype=float)
+    return pd.DataFrame({
+        "length_chars": lengths,
+        "word_count": np.asarray([len(_NOT_LETTER_OR_SPACE.sub("", t).split()) for t in texts], dtype=float),
+        "sentence_count": np.asarray([max(1, len(_SENTENCE_END.split(t))) if t.strip() else 0 for t in texts],
+                                     dtype=float),
+        "non_letter_pct": np.divide(100.0 * non_letters, lengths, out=np.zeros_like(lengths), where=lengths > 0),
+        OOV: oov_share(texts, vocab),
+    })
+
+
 def softmax_positive(logits: np.ndarray) -> np.ndarray:
-    from shrinkflow.serving import softmax  # the one the server answers with
+    from shrinkflow.runtime import softmax  # the one the server answers with
 
     return softmax(logits)[:, 1]
 
@@ -63,23 +109,75 @@ def window_sha256(prediction_ids) -> str:
     return hashlib.sha256("\n".join(map(str, prediction_ids)).encode()).hexdigest()
 
 
-def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_size: int = 32):
+def _numeric(values) -> np.ndarray:
+    """Any column of the log as float, NaN where a value is not a finite number."""
+    import pandas as pd
+
+    out = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=float)
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def _positive_probability(p) -> float:
+    """The positive-class probability of one logged row, NaN when the row
+    holds no usable one (not a list of two or more numbers in [0, 1])."""
+    try:
+        v = float(p[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return math.nan
+    return v if 0.0 <= v <= 1.0 else math.nan
+
+
+def clean_window(window):
+    """The prediction log's window (predlog.COLUMNS) as the monitor reads it,
+    whatever the rows hold: a DataFrame with ``text`` (str; None -> ""),
+    ``prob`` (the positive-class probability, NaN when unknown), ``label``
+    (the served label, float, NaN when unknown), ``feedback`` (float, NaN
+    when none), ``truncated`` (1.0 / 0.0, NaN when unknown),
+    ``prediction_id``, ``ts`` and ``model_version`` (str)."""
+    import pandas as pd
+
+    def text(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+    label = _numeric(window["label"])
+    label[~np.isin(label, (0.0, 1.0))] = np.nan  # a binary model answers 0 or 1
+    feedback = _numeric(window["feedback_label"])
+    feedback[~np.isin(feedback, (0.0, 1.0))] = np.nan
+    truncated = _numeric(window["truncated"]) if "truncated" in window else np.full(len(window), np.nan)
+    truncated[~np.isnan(truncated)] = (truncated[~np.isnan(truncated)] != 0).astype(float)
+    return pd.DataFrame({
+        "prediction_id": [str(v) for v in window["prediction_id"]],
+        "ts": [str(v) for v in window["ts"]],
+        "model_version": [str(v) for v in window["model_version"]],
+        "text": [text(v) for v in window["text"]],
+        "prob": np.asarray([_positive_probability(p) for p in window["probabilities"]], dtype=float),
+        "label": label, "feedback": feedback, "truncated": truncated})
+
+
+def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_size: int = 32,
+                 truncation: str = "head"):
     """(labels, mean-pooled last-layer sentence embeddings) from the kept
-    teacher, in one forward pass per batch."""
+    teacher, in one forward pass per batch, reading each text cut the way
+    the server cuts it (``truncation``, see shrinkflow.runtime)."""
     import torch
 
-    from shrinkflow.modeling import TOKENIZER, encode, load_tokenizer, load_torch_model, read_manifest
+    from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest
+    from shrinkflow.runtime import TextEncoder
 
     torch.set_num_threads(threads)
-    tok = load_tokenizer(Path(teacher_dir) / TOKENIZER, read_manifest(Path(teacher_dir))["max_seq_len"])
+    encoder = TextEncoder(Path(teacher_dir) / TOKENIZER, read_manifest(Path(teacher_dir))["max_seq_len"],
+                          truncation)
     model = load_torch_model(Path(teacher_dir))
     labels, embs = [], []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            ids, mask = encode(tok, texts[start:start + batch_size])
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            enc = encoder(texts[start:start + batch_size])
+            out = model(input_ids=torch.from_numpy(enc.ids), attention_mask=torch.from_numpy(enc.mask),
                         output_hidden_states=True)
-            m = torch.from_numpy(mask).unsqueeze(-1).float()
+            m = torch.from_numpy(enc.mask).unsqueeze(-1).float()
             embs.append(((out.hidden_states[-1] * m).sum(1) / m.sum(1).clamp(min=1)).numpy())
             labels.append(out.logits.argmax(-1).numpy())
     if not texts:
@@ -87,14 +185,35 @@ def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_si
     return np.concatenate(labels), np.concatenate(embs)
 
 
-def _frame(texts, probs, embeddings, vocab, targets=None):
+def served_outputs(served_dir: Path, texts: list[str], truncation: str = "head", per_row: bool | None = None):
+    """The served model's outputs on ``texts`` exactly as the server answers
+    them (shrinkflow.runtime.predict_served): read with the serve truncation,
+    and one text per call when ``per_row`` (None: when the model is
+    batch-dependent, as the server decides). Returns runtime.Output (logits
+    [B, C], tokens_seen [B], truncated [B]). Raises ValueError for no texts."""
+    from shrinkflow.runtime import load_predictor, predict_served
+
+    predictor = load_predictor(served_dir, threads=2, truncation=truncation)
+    return predict_served(predictor, texts, per_row=predictor.batch_dependent if per_row is None else bool(per_row))
+
+
+def _frame(descriptors, probs, labels, embeddings=None, targets=None):
+    """The columns Evidently sees: descriptors, probability, label (and
+    target, embeddings). No text column: Evidently has nothing left to
+    compute on the raw text."""
     import pandas as pd
 
-    df = pd.DataFrame({TEXT: list(texts), PROB: np.asarray(probs, dtype=float)})
-    df[LABEL] = (df[PROB] >= 0.5).astype(int)
-    df[OOV] = oov_share(list(texts), vocab)
+    def classes(values) -> np.ndarray:
+        # int where every value is known: Evidently's classification metrics
+        # refuse float labels; NaN (unknown) needs float.
+        v = np.asarray(values, dtype=float)
+        return v if np.isnan(v).any() else v.astype(np.int64)
+
+    df = descriptors.reset_index(drop=True).copy()
+    df[PROB] = np.asarray(probs, dtype=float)
+    df[LABEL] = classes(labels)
     if targets is not None:
-        df[TARGET] = np.asarray(targets, dtype=int)
+        df[TARGET] = classes(targets)
     if embeddings is not None:  # one concat: column-by-column inserts fragment the frame
         df = pd.concat([df, pd.DataFrame(embeddings, columns=[f"emb_{i}" for i in range(embeddings.shape[1])],
                                          index=df.index)], axis=1)
@@ -103,112 +222,238 @@ def _frame(texts, probs, embeddings, vocab, targets=None):
 
 def _datasets(current, reference, embedding_dims: int, with_target: bool):
     from evidently import BinaryClassification, DataDefinition, Dataset
-    from evidently.descriptors import NonLetterCharacterPercentage, SentenceCount, TextLength, WordCount
 
     definition = DataDefinition(
-        text_columns=[TEXT], numerical_columns=[PROB, OOV],
+        numerical_columns=[*DESCRIPTORS, PROB],
         categorical_columns=[LABEL] + ([TARGET] if with_target else []),
         embeddings={EMBEDDINGS: [f"emb_{i}" for i in range(embedding_dims)]} if embedding_dims else None,
         classification=[BinaryClassification(target=TARGET, prediction_labels=LABEL)] if with_target else None)
-    descriptors = [TextLength(TEXT, alias="length_chars"), WordCount(TEXT, alias="word_count"),
-                   SentenceCount(TEXT, alias="sentence_count"),
-                   NonLetterCharacterPercentage(TEXT, alias="non_letter_pct")]
-    return (Dataset.from_pandas(current, data_definition=definition, descriptors=descriptors),
-            Dataset.from_pandas(reference, data_definition=definition, descriptors=descriptors))
+    return (Dataset.from_pandas(current, data_definition=definition),
+            Dataset.from_pandas(reference, data_definition=definition))
+
+
+def _reason(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg[:300]}" if msg else type(exc).__name__
+
+
+def _run_units(units: list[tuple[str, list]], cur_ds, ref_ds):
+    """One Evidently report of every unit's metrics, or, when that raises,
+    of those units that run on their own. Returns (snapshot or None,
+    {unit: reason} for the units that failed). One metric's failure fails
+    Evidently's whole report, so a failing unit is found by running each
+    alone."""
+    from evidently import Report
+
+    if not units:
+        return None, {}
+    try:
+        return Report([m for _, ms in units for m in ms]).run(cur_ds, ref_ds), {}
+    except Exception as exc:  # noqa: BLE001 - found and named unit by unit below
+        if len(units) == 1:
+            return None, {units[0][0]: _reason(exc)}
+    ok, failed = [], {}
+    for name, ms in units:
+        try:
+            ok.append((name, ms, Report(ms).run(cur_ds, ref_ds)))
+        except Exception as exc:  # noqa: BLE001 - reported as not computed, with its reason
+            failed[name] = _reason(exc)
+    if len(ok) <= 1:
+        return (ok[0][2] if ok else None), failed
+    # One report (one HTML page) of the units that ran.
+    return Report([m for _, ms, _ in ok for m in ms]).run(cur_ds, ref_ds), failed
 
 
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
-          validated: dict, params, out_dir: Path, created: str, seed: int = 0) -> DriftSummary:
+          validated: dict, params, out_dir: Path, created: str, seed: int = 0, truncation: str = "head",
+          per_row: bool | None = None) -> DriftSummary:
     """Build the reports of one window into ``out_dir`` (created whole or not
     at all) and return their summary.
 
-    ``window``: the prediction log's DataFrame (predlog.COLUMNS);
+    ``window``: the prediction log's DataFrame (predlog.COLUMNS), any values;
     ``reference``: the reference split (text, label); ``validated``: the
     served version's figures at deploy time (``version``, ``accuracy``,
-    ``agreement``); ``params``: MonitorParams.
+    ``agreement``); ``params``: MonitorParams; ``truncation``: how the server
+    cuts long texts (serve.truncation); ``per_row``: whether the served
+    version runs each text alone (None: when its predictor is batch-dependent),
+    so that the reference outputs are exactly what the server answers.
+
+    A figure that cannot be computed on this window is None in the summary
+    and listed in ``not_computed`` with its reason. Raises ValueError for an
+    empty window or an empty reference split.
     """
-    from evidently import Report
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
     from evidently.metrics import ValueDrift
     from evidently.metrics.embeddings import EmbeddingsDrift
     from evidently.presets import ClassificationPreset, DataDriftPreset
 
-    from shrinkflow.runtime import load_predictor
     from shrinkflow.stats import agreement, quality
 
     if len(window) == 0:
         raise ValueError("the prediction log window is empty: nothing to monitor")
+    not_computed: list[NotComputed] = []
+
+    def skip(metric: str, reason: str) -> None:
+        not_computed.append(NotComputed(metric=metric, reason=reason))
+
+    w = clean_window(window)
     vocab = vocabulary(train_texts)
-    ref_texts = reference["text"].tolist()
-    cur_texts = window["text"].tolist()
-    cur_probs = np.asarray([p[1] for p in window["probabilities"]], dtype=float)
-    # The served model on the reference split: what its outputs looked like on
-    # the data it was validated against.
-    ref_probs = softmax_positive(load_predictor(served_dir, threads=2).predict_logits(ref_texts)) \
-        if ref_texts else np.zeros(0)
+    ref_texts = [str(t) for t in reference["text"].tolist()]
+    cur_texts = w["text"].tolist()
+    cur_probs, cur_labels = w["prob"].to_numpy(), w["label"].to_numpy()
+    # The served model on the reference split, exactly as the server answers
+    # (same truncation, per-row or batched as the served version is): what
+    # its outputs looked like on the data it was validated against.
+    if not ref_texts:
+        raise ValueError("the reference split is empty: there is nothing to compare the window with")
+    served = served_outputs(served_dir, ref_texts, truncation, per_row)
+    ref_probs = softmax_positive(served.logits)
+    ref_labels = (ref_probs >= 0.5).astype(float)
 
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(window), size=min(params.shadow_sample_rows, len(window)), replace=False))
+    sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
     teacher, dims, ref_emb, cur_emb = None, 0, None, None
-    if teacher_dir is not None:
+    if teacher_dir is None:
+        skip("teacher_agreement", "no kept teacher (models/teacher) to run in shadow")
+        skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
+    else:
         # One load of the teacher, one pass over the sample and the reference.
-        labels, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts)
-        t_labels, t_emb, ref_emb = labels[:len(sample)], emb[:len(sample)], emb[len(sample):]
-        served = (cur_probs[sample] >= 0.5).astype(int)
-        teacher = TeacherAgreement(rows=len(sample), agreement=agreement(served, t_labels),
-                                   validated_agreement=validated.get("agreement"))
-        dims = t_emb.shape[1]
-        cur_emb = t_emb
-    # Embeddings exist for the shadow sample only, so the embedding report runs
-    # on that sample; the text and prediction drift use the whole window.
-    current = _frame(cur_texts, cur_probs, None, vocab)
-    ref_frame = _frame(ref_texts, ref_probs, None, vocab)
+        labels, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts, truncation=truncation)
+        t_labels, cur_emb, ref_emb = labels[:len(sample)], emb[:len(sample)], emb[len(sample):]
+        known = ~np.isnan(cur_labels[sample])
+        if known.any():
+            teacher = TeacherAgreement(rows=int(known.sum()),
+                                       agreement=agreement(cur_labels[sample][known].astype(int), t_labels[known]),
+                                       validated_agreement=validated.get("agreement"))
+        else:
+            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (0 or 1)")
+        dims = cur_emb.shape[1]
+
+    # Text and prediction drift on the whole window. A column without one
+    # finite value on either side cannot be tested: said before Evidently
+    # is asked (it raises "An empty column ... was provided").
+    cur_desc, ref_desc = text_descriptors(cur_texts, vocab), text_descriptors(ref_texts, vocab)
+    current = _frame(cur_desc, cur_probs, cur_labels)
+    ref_frame = _frame(ref_desc, ref_probs, ref_labels)
     cur_ds, ref_ds = _datasets(current, ref_frame, 0, False)
-    metrics = [DataDriftPreset(columns=list(DESCRIPTORS), method="ks"),
-               ValueDrift(column=LABEL, method="z"), ValueDrift(column=PROB, method="ks")]
-    snap = Report(metrics).run(cur_ds, ref_ds)
-    snapshots = {"report": snap}
+
+    def testable(column: str, what: str) -> bool:
+        for side, df in (("window", current), ("reference split", ref_frame)):
+            if not np.isfinite(df[column].to_numpy(dtype=float)).any():
+                skip(what, f"no finite value of {column} in the {side}")
+                return False
+        return True
+
+    descriptors = [c for c in DESCRIPTORS if testable(c, f"descriptor:{c}")]
+    units = []
+    if descriptors:
+        units.append(("descriptors", [DataDriftPreset(columns=descriptors, method="ks")]))
+    if testable(LABEL, "prediction_label"):
+        units.append(("prediction_label", [ValueDrift(column=LABEL, method="z")]))
+    if testable(PROB, "prediction_probability"):
+        units.append(("prediction_probability", [ValueDrift(column=PROB, method="ks")]))
+    snap, failed = _run_units(units, cur_ds, ref_ds)
+    if "descriptors" in failed:  # the preset as a whole failed: each descriptor on its own
+        units = [(f"descriptor:{c}", [ValueDrift(column=c, method="ks")]) for c in descriptors] + \
+            [u for u in units if u[0] != "descriptors"]
+        snap, failed = _run_units(units, cur_ds, ref_ds)
+    for name, reason in failed.items():
+        skip(name, f"Evidently could not compute it: {reason}")
+    done = {name for name, _ in units} - set(failed)
+    snapshots = {"report": snap} if snap is not None else {}
+    if "descriptors" not in done:
+        descriptors = [c for c in descriptors if f"descriptor:{c}" in done]
+
     emb_name = None
     if dims:
-        emb_cur = _frame([cur_texts[i] for i in sample], cur_probs[sample], cur_emb, vocab)
-        emb_ref = _frame(ref_texts, ref_probs, ref_emb, vocab)
+        emb_cur = _frame(cur_desc.iloc[sample], cur_probs[sample], cur_labels[sample], cur_emb)
+        emb_ref = _frame(ref_desc, ref_probs, ref_labels, ref_emb)
         e_cur, e_ref = _datasets(emb_cur, emb_ref, dims, False)
-        snapshots["embeddings"] = Report([EmbeddingsDrift(
-            embeddings_name=EMBEDDINGS, drift_method=model_method(threshold=params.embedding_drift_auc))]).run(
+        e_snap, e_failed = _run_units([("embedding_drift", [EmbeddingsDrift(
+            embeddings_name=EMBEDDINGS, drift_method=model_method(threshold=params.embedding_drift_auc))])],
             e_cur, e_ref)
-        emb_name = EMBEDDINGS
+        if e_snap is None:
+            skip("embedding_drift", f"Evidently could not compute it on {len(sample)} window texts: "
+                                    f"{e_failed['embedding_drift']}")
+        else:
+            snapshots["embeddings"] = e_snap
+            emb_name = EMBEDDINGS
 
-    labelled = window[window["feedback_label"].notna()]
+    feedback = w["feedback"].to_numpy()
+    labelled = np.flatnonzero(~np.isnan(feedback) & ~np.isnan(cur_labels))
     q = None
     if len(labelled):
-        y = labelled["feedback_label"].astype(int).to_numpy()
-        pred = labelled["label"].astype(int).to_numpy()
+        y, pred = feedback[labelled].astype(int), cur_labels[labelled].astype(int)
         fig = quality(y, pred)
         v_acc = validated.get("accuracy")
         q = Quality(labels=len(labelled), accuracy=fig["accuracy"], f1=fig["f1"], validated_accuracy=v_acc,
                     accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None)
         if len(labelled) >= 2 and "label" in reference:
-            l_cur = _frame(labelled["text"].tolist(),
-                           [p[1] for p in labelled["probabilities"]], None, vocab, y)
-            l_ref = _frame(ref_texts, ref_probs, None, vocab, reference["label"].to_numpy())
+            l_cur = _frame(cur_desc.iloc[labelled], cur_probs[labelled], pred, targets=y)
+            l_ref = _frame(ref_desc, ref_probs, ref_labels, targets=reference["label"].to_numpy())
             lc, lr = _datasets(l_cur, l_ref, 0, True)
-            snapshots["quality"] = Report([ClassificationPreset()]).run(lc, lr)
+            q_snap, q_failed = _run_units([("quality_report", [ClassificationPreset()])], lc, lr)
+            if q_snap is None:
+                skip("quality_report", f"Evidently's classification report on {len(labelled)} feedback labels "
+                                       f"(classes {sorted(set(y.tolist()))}, predicted "
+                                       f"{sorted(set(pred.tolist()))}): {q_failed['quality_report']}")
+            else:
+                snapshots["quality"] = q_snap
 
     merged = {"metrics": [m for s in snapshots.values() for m in s.dict()["metrics"]]}
-    figures = extract(merged, list(DESCRIPTORS), label_column=LABEL, probability_column=PROB,
+    figures = extract(merged, descriptors, label_column=LABEL if "prediction_label" in done else None,
+                      probability_column=PROB if "prediction_probability" in done else None,
                       embeddings_name=emb_name, embedding_threshold=params.embedding_drift_auc, embedding_dims=dims)
-    ids = window["prediction_id"].tolist()
+    figures = _drop_nan(figures, skip)
+
+    known_trunc = w["truncated"].dropna()
+    ref_trunc = np.asarray(served.truncated, dtype=bool)
+    trunc = Truncation(strategy=truncation, known_rows=len(known_trunc),
+                       share=round(float(known_trunc.mean()), 6) if len(known_trunc) else None,
+                       reference_share=round(float(ref_trunc.mean()), 6))
+    if not len(known_trunc):
+        skip("truncated_share", "no row of the window says whether its text was truncated "
+                                "(rows logged before prediction-log schema 2)")
+    known_labels = cur_labels[~np.isnan(cur_labels)]
+    if not len(known_labels):
+        skip("positive_share", "no row of the window has a served label (0 or 1)")
     summary = DriftSummary(
         created=created, model_version=validated["version"],
-        window=Window(rows=len(window), first_ts=str(window["ts"].iloc[0]), last_ts=str(window["ts"].iloc[-1]),
-                      sha256=window_sha256(ids), model_versions=tuple(sorted(set(window["model_version"]))),
-                      feedback_labels=len(labelled)),
+        window=Window(rows=len(w), first_ts=w["ts"].iloc[0], last_ts=w["ts"].iloc[-1],
+                      sha256=window_sha256(w["prediction_id"]), model_versions=tuple(sorted(set(w["model_version"]))),
+                      feedback_labels=int((~np.isnan(feedback)).sum())),
         reference_rows=len(ref_texts), **figures,
-        positive_share_reference=round(float((ref_probs >= 0.5).mean()), 6) if len(ref_probs) else 0.0,
-        positive_share_current=round(float((cur_probs >= 0.5).mean()), 6),
-        quality=q, teacher=teacher)
+        positive_share_reference=round(float(ref_labels.mean()), 6),
+        positive_share_current=round(float(known_labels.mean()), 6) if len(known_labels) else None,
+        quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed))
     _write(out_dir, snapshots, summary)
     return summary
+
+
+def _drop_nan(figures: dict, skip) -> dict:
+    """A test that returned NaN (Evidently does on some tiny windows) was not
+    computed: a NaN compared with a threshold never fires, silently."""
+    out = dict(figures)
+    for key, metric in (("prediction_label", "prediction_label"), ("prediction_probability",
+                                                                    "prediction_probability")):
+        d = out.get(key)
+        if d is not None and not math.isfinite(d.value):
+            skip(metric, f"Evidently returned {d.value} for {d.method}")
+            out[key] = None
+    kept = []
+    for d in out["descriptors"]:
+        if math.isfinite(d.value):
+            kept.append(d)
+        else:
+            skip(f"descriptor:{d.column}", f"Evidently returned {d.value} for {d.method}")
+    if len(kept) != len(out["descriptors"]):
+        out["descriptors"] = tuple(kept)
+        out["drifted_descriptor_share"] = round(sum(d.drifted for d in kept) / len(kept), 6) if kept else None
+    e = out.get("embedding")
+    if e is not None and not math.isfinite(e.roc_auc):
+        skip("embedding_drift", f"Evidently returned ROC AUC {e.roc_auc} (too few window texts to tell apart)")
+        out["embedding"] = None
+    return out
 
 
 def _write(out_dir: Path, snapshots: dict, summary: DriftSummary) -> None:

@@ -23,10 +23,32 @@ def run_id(now: datetime) -> str:
 
 
 def read_window(root: Path, params):
-    """The newest ``monitor.window_last_n`` rows of the prediction log."""
-    from shrinkflow.predlog import PredictionLog
+    """The newest ``monitor.window_last_n`` rows of the prediction log.
 
-    return PredictionLog(Path(root) / params.serve.log_path).window(last=params.monitor.window_last_n)
+    Waits up to ``monitor.log_wait_s`` for a log another process holds
+    locked (SQLite's busy timeout), then raises PredictionLogError naming the
+    monitor, the log's path (relative to ``root``), the lock and the wait.
+    Any other failure to read the log is a PredictionLogError naming the
+    monitor too."""
+    import time
+
+    from shrinkflow.predlog import PredictionLog, PredictionLogError
+
+    rel = Path(params.serve.log_path)
+    log = PredictionLog(Path(root) / rel, timeout_s=params.monitor.log_wait_s)
+    start = time.monotonic()
+    try:
+        return log.window(last=params.monitor.window_last_n)
+    except PredictionLogError as exc:
+        waited = time.monotonic() - start
+        if exc.locked:
+            raise PredictionLogError(
+                f"the monitor could not read the prediction log {rel}: it is locked by another process "
+                f"(waited {waited:.1f} s, monitor.log_wait_s {params.monitor.log_wait_s:g}); SQLite said: "
+                f"{exc.cause}. Find the process holding it (for example `fuser {rel}`) or raise "
+                f"monitor.log_wait_s", path=exc.path, cause=exc.cause) from exc
+        raise PredictionLogError(f"the monitor could not read the prediction log {rel}: {exc}",
+                                 path=exc.path, cause=exc.cause) from exc
 
 
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:
@@ -40,6 +62,9 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
 
     root = Path(root)
     ref = Registry(root / params.deploy.registry_dir).load()   # verified, like serving
+    # What the server answers: per text when the served version's record
+    # says so (validate found it batch-dependent), else as its predictor is.
+    per_row = (ref.manifest.get("serving") or {}).get("per_row")
     metrics = ref.manifest.get("metrics", {})
     validated = {"version": ref.version, "accuracy": metrics.get("accuracy"),
                  "agreement": (metrics.get("agreement") or {}).get("test")}
@@ -49,27 +74,36 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                     teacher_dir=teacher if teacher.is_dir() else None,
                     train_texts=pd.read_parquet(root / split_path("train"))["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
-                    created=now.astimezone(timezone.utc).isoformat(timespec="seconds"))
+                    created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
+                    truncation=params.serve.truncation, per_row=per_row)
     return summary, out
 
 
 def load_history(state: Path) -> list[PastDecision]:
+    """The earlier decisions (decisions.jsonl), oldest first. Lines written
+    before ``acted`` existed read as acted (the conservative reading)."""
     if not Path(state).is_file():
         return []
     return [PastDecision.model_validate_json(line) for line in Path(state).read_text().splitlines() if line.strip()]
 
 
 def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Path, now: datetime,
-                      flow_run: str | None = None) -> Decision:
+                      flow_run: str | None = None, act: bool = True) -> Decision:
     """Apply the policy against the recorded history, then record the decision
     beside the report and in the history (one fsynced line), and regenerate
-    the index."""
+    the index.
+
+    ``act``: whether a ``recompress`` verdict will be acted on (False for
+    ``--report-only``). The history records ``acted``; only an action taken
+    starts the cooldown and marks the window as having triggered."""
     decision = decide(summary, params.monitor, load_history(state), now)
-    doc = {**decision.model_dump(mode="json"), "triggers": list(decision.triggers), "flow_run": flow_run,
+    acted = bool(act and decision.action == "recompress")
+    doc = {**decision.model_dump(mode="json"), "triggers": list(decision.triggers), "acted": acted,
+           "not_computed": [n.model_dump(mode="json") for n in summary.not_computed], "flow_run": flow_run,
            "ts": now.astimezone(timezone.utc).isoformat()}
     (Path(report_dir) / DECISION_JSON).write_text(json.dumps(doc, indent=2) + "\n")
     Path(state).parent.mkdir(parents=True, exist_ok=True)
-    line = PastDecision(ts=doc["ts"], action=decision.action, window_sha256=decision.window_sha256)
+    line = PastDecision(ts=doc["ts"], action=decision.action, window_sha256=decision.window_sha256, acted=acted)
     with open(state, "a") as fh:
         fh.write(line.model_dump_json() + "\n")
         fh.flush()
@@ -79,8 +113,11 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
     return decision
 
 
-def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path, reports_url: str | None) -> str:
-    """The Prefect artifact: verdict, key figures, links to the reports."""
+def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path, reports_url: str | None,
+                     acted: bool | None = None) -> str:
+    """The Prefect artifact: verdict, key figures (and those not computed,
+    with why), links to the reports. ``acted`` False: a recompress verdict
+    that was not acted on (``--report-only``)."""
     rel = Path(report_dir).name
 
     def link(name: str, run: bool = True) -> str:
@@ -88,20 +125,39 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
             return f"{reports_url.rstrip('/')}/{rel + '/' if run else ''}{name}"
         return ((Path(report_dir) if run else Path(report_dir).parent) / name).resolve().as_uri()
 
-    e, t, q = summary.embedding, summary.teacher, summary.quality
-    lines = [f"# Monitor: **{decision.action}** ({summary.model_version})", "",
+    e, t, q, tr = summary.embedding, summary.teacher, summary.quality, summary.truncation
+
+    def nc(metric: str, default: str) -> str:
+        reason = summary.reason_not_computed(metric)
+        return f"not computed: {reason}" if reason else default
+
+    share = summary.drifted_descriptor_share
+    note = " — not acted on (--report-only)" if decision.action == "recompress" and acted is False else ""
+    lines = [f"# Monitor: **{decision.action}** ({summary.model_version}){note}", "",
              f"Window: {summary.window.rows} predictions, {summary.window.first_ts} .. {summary.window.last_ts} "
              f"(sha256 {summary.window.sha256[:12]}); reference: {summary.reference_rows} texts.", "",
              "| signal | value |", "|---|---|",
-             f"| drifted text descriptors | {summary.drifted_descriptor_share:.2f} |",
-             f"| embedding drift ROC AUC | {e.roc_auc:.3f} |" if e else "| embedding drift | n/a (no teacher) |",
-             f"| teacher agreement | {t.agreement:.3f} on {t.rows} texts |" if t else "| teacher agreement | n/a |",
+             f"| drifted text descriptors | {share:.2f} of {len(summary.descriptors)} |" if share is not None
+             else "| drifted text descriptors | not computed |",
+             f"| embedding drift ROC AUC | {e.roc_auc:.3f} |" if e
+             else f"| embedding drift | {nc('embedding_drift', 'n/a (no teacher)')} |",
+             f"| teacher agreement | {t.agreement:.3f} on {t.rows} texts |" if t
+             else f"| teacher agreement | {nc('teacher_agreement', 'n/a')} |",
              f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels |" if q else "| feedback accuracy | no labels |",
-             f"| positive share (current / reference) | {summary.positive_share_current:.2f} / "
-             f"{summary.positive_share_reference:.2f} |", "",
-             "## Why", *[f"- {r}" for r in decision.reasons], "",
-             f"Reports: [drift]({link('report.html')})"
-             + (f" · [embeddings]({link('embeddings.html')})" if e else "")
-             + (f" · [quality]({link('quality.html')})" if (Path(report_dir) / 'quality.html').is_file() else "")
-             + f" · [index]({link('index.html', run=False)})"]
+             f"| positive share (current / reference) | {_fmt(summary.positive_share_current, '.2f')} / "
+             f"{summary.positive_share_reference:.2f} |",
+             f"| truncated texts (window / reference, {tr.strategy}) | {_fmt(tr.share, '.3f')} of {tr.known_rows} "
+             f"known / {_fmt(tr.reference_share, '.3f')} |" if tr else "| truncated texts | not recorded |", ""]
+    if summary.not_computed:
+        lines += ["## Not computed on this window", *[f"- {n.metric}: {n.reason}" for n in summary.not_computed], ""]
+    lines += ["## Why", *[f"- {r}" for r in decision.reasons], "",
+              "Reports: " + " · ".join(
+                  [f"[{label}]({link(name)})" for name, label in (("report.html", "drift"),
+                                                                  ("embeddings.html", "embeddings"),
+                                                                  ("quality.html", "quality"))
+                   if (Path(report_dir) / name).is_file()] + [f"[index]({link('index.html', run=False)})"])]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "not computed" if value is None else format(value, spec)

@@ -63,20 +63,48 @@ class Window(_Frozen):
     feedback_labels: int
 
 
+class NotComputed(_Frozen):
+    """A figure the run could not compute on this window, and why. The other
+    figures and the policy go on without it."""
+
+    metric: str          # e.g. "embedding_drift", "descriptor:non_letter_pct", "quality_report"
+    reason: str
+
+
+class Truncation(_Frozen):
+    """What the model did not read: the share of texts cut to its max_seq_len."""
+
+    strategy: str                # serve.truncation the reference was read with
+    known_rows: int              # window rows whose log says whether they were cut
+    share: float | None          # among those; None when none is known (a log before schema 2)
+    reference_share: float | None  # the served model on the reference split
+
+
 class DriftSummary(_Frozen):
+    """Every figure of one monitoring run. A figure that could not be
+    computed on the window is None and named in ``not_computed`` with its
+    reason. Summaries written before ``not_computed`` and ``truncation``
+    existed read with their defaults."""
+
     created: str
     model_version: str
     window: Window
     reference_rows: int
-    descriptors: tuple[ColumnDrift, ...]
-    drifted_descriptor_share: float
+    descriptors: tuple[ColumnDrift, ...]        # the descriptors that were computed
+    drifted_descriptor_share: float | None      # among those; None when none was
     embedding: EmbeddingDrift | None
-    prediction_label: ColumnDrift
-    prediction_probability: ColumnDrift
+    prediction_label: ColumnDrift | None
+    prediction_probability: ColumnDrift | None
     positive_share_reference: float
-    positive_share_current: float
+    positive_share_current: float | None        # None when no row of the window has a known label
     quality: Quality | None
     teacher: TeacherAgreement | None
+    truncation: Truncation | None = None
+    not_computed: tuple[NotComputed, ...] = ()
+
+    def reason_not_computed(self, metric: str) -> str | None:
+        """Why ``metric`` was not computed, or None if it was (or was never asked for)."""
+        return next((n.reason for n in self.not_computed if n.metric == metric), None)
 
 
 # Evidently's tests that return a p-value (drift below the threshold); the
@@ -114,19 +142,24 @@ def embedding_auc(metrics: list[dict], name: str) -> float | None:
     return None
 
 
-def extract(snapshot: dict, descriptors: list[str], *, label_column: str, probability_column: str,
+def extract(snapshot: dict, descriptors: list[str], *, label_column: str | None, probability_column: str | None,
             embeddings_name: str | None, embedding_threshold: float, embedding_dims: int) -> dict:
     """The figures a DriftSummary needs from one Evidently snapshot
-    (``Snapshot.dict()``), by metric type and column name."""
+    (``Snapshot.dict()``), by metric type and column name. Only the figures
+    asked for are read (a None column: not asked); each one asked for must be
+    there, or KeyError. ``drifted_descriptor_share`` is None when no
+    descriptor is asked for."""
     metrics = snapshot["metrics"]
     drifts = column_drifts(metrics)
-    missing = [c for c in [*descriptors, label_column, probability_column] if c not in drifts]
+    wanted = [c for c in [*descriptors, label_column, probability_column] if c is not None]
+    missing = [c for c in wanted if c not in drifts]
     if missing:
         raise KeyError(f"the Evidently snapshot has no drift result for {missing}")
     desc = tuple(drifts[c] for c in descriptors)
     out = {"descriptors": desc,
-           "drifted_descriptor_share": round(sum(d.drifted for d in desc) / len(desc), 6) if desc else 0.0,
-           "prediction_label": drifts[label_column], "prediction_probability": drifts[probability_column],
+           "drifted_descriptor_share": round(sum(d.drifted for d in desc) / len(desc), 6) if desc else None,
+           "prediction_label": drifts[label_column] if label_column else None,
+           "prediction_probability": drifts[probability_column] if probability_column else None,
            "embedding": None}
     if embeddings_name is not None:
         auc = embedding_auc(metrics, embeddings_name)

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COLUMNS = ("prediction_id", "ts", "model_version", "text", "probabilities", "label", "latency_ms",
-           "feedback_label", "feedback_ts")
+           "feedback_label", "feedback_ts", "tokens_seen", "truncated")
 
 # Each migration takes the schema from version i to i + 1. Never edit one
 # that has shipped: add the next.
@@ -39,11 +39,38 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX predictions_ts ON predictions (ts);
     """,
+    # 2: what the model read. tokens_seen counts the tokens it was given
+    # (special tokens included); truncated is 1 when the text was cut to the
+    # model's max_seq_len. NULL on rows logged before version 2.
+    """
+    ALTER TABLE predictions ADD COLUMN tokens_seen INTEGER;
+    ALTER TABLE predictions ADD COLUMN truncated INTEGER;
+    """,
 )
 
 
 class PredictionLogError(RuntimeError):
-    """The log cannot be written or read (disk full, locked, newer schema)."""
+    """The log cannot be written or read (disk full, locked, newer schema).
+
+    Every SQLite failure of every ``PredictionLog`` method (connect, pragmas,
+    reads, writes, migrations) comes out as this, never as ``sqlite3.Error``:
+    the message names what was being done and the log's path, and carries the
+    first cause (a ROLLBACK that fails after an error never replaces it).
+    ``cause`` is that SQLite error (or None); ``locked`` says whether it was a
+    lock held by another connection or process (SQLITE_BUSY or
+    SQLITE_LOCKED), the one failure that waiting can cure.
+    """
+
+    def __init__(self, message: str, *, path: Path | str | None = None, cause: BaseException | None = None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.cause = cause
+
+    @property
+    def locked(self) -> bool:
+        code = getattr(self.cause, "sqlite_errorcode", None)
+        # Extended result codes keep the primary code in the low byte.
+        return code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,21 @@ class Prediction:
     probabilities: Sequence[float]
     label: int
     latency_ms: float
+    tokens_seen: int | None = None      # tokens the model read, special tokens included
+    truncated: bool | None = None       # the text was cut to the model's max_seq_len
+
+
+def parse_probabilities(value) -> list:
+    """The stored JSON list of probabilities, or [] when it is not one (the
+    log may hold what another writer put there; the monitor treats [] as
+    unknown rather than failing on the whole window)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    try:
+        out = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return []
+    return list(out) if isinstance(out, list) else []
 
 
 def utc_now() -> str:
@@ -63,52 +105,102 @@ def utc_now() -> str:
 
 
 class PredictionLog:
+    """The prediction log at ``path`` (SQLite, WAL).
+
+    ``timeout_s``: how long each statement waits for a lock another
+    connection or process holds (SQLite's busy timeout) before it fails with
+    ``PredictionLogError`` (``locked`` True). Every method raises
+    ``PredictionLogError`` for any SQLite failure; ``add_feedback`` also
+    raises ``KeyError`` for an unknown prediction id.
+    """
+
     def __init__(self, path: Path | str, timeout_s: float = 5.0):
         # Touches nothing on disk: the server calls open() when it starts.
         self.path = Path(path)
         self.timeout_s = timeout_s
 
+    def _error(self, what: str, exc: BaseException) -> PredictionLogError:
+        reason = str(exc)
+        if getattr(exc, "sqlite_errorcode", None) is not None and \
+                (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            reason += f" (another connection or process holds it; waited {self.timeout_s:g} s)"
+        return PredictionLogError(f"cannot {what} in the prediction log {self.path}: {reason}",
+                                  path=self.path, cause=exc)
+
     def _connect(self) -> sqlite3.Connection:
+        """A connection with this log's settings. Raises sqlite3.Error (the
+        callers turn it into PredictionLogError)."""
         con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        # FULL: every committed transaction is fsynced, so not even an OS crash
-        # loses a logged prediction. The server writes in batches, so the cost
-        # is one fsync per batch, not per request.
-        con.execute("PRAGMA synchronous=FULL")
+        try:
+            # Another writer may have stored bytes that are not UTF-8 in a
+            # TEXT column; sqlite3 would raise on reading them, and one such
+            # row would make the whole window unreadable.
+            con.text_factory = lambda b: b.decode("utf-8", "replace")
+            # FULL: every committed transaction is fsynced, so not even an OS
+            # crash loses a logged prediction. The server writes in batches, so
+            # the cost is one fsync per batch, not per request. (WAL is set
+            # once, in open(): it is stored in the database file.)
+            con.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            con.close()
+            raise
         return con
 
     @contextmanager
-    def _connection(self):
-        con = self._connect()
+    def _connection(self, what: str):
+        """A connection for one read; SQLite errors come out as PredictionLogError."""
+        try:
+            con = self._connect()
+        except sqlite3.Error as exc:
+            raise self._error(what, exc) from exc
         try:
             yield con
+        except sqlite3.Error as exc:
+            raise self._error(what, exc) from exc
         finally:
             con.close()
 
     @contextmanager
     def _transaction(self, what: str):
         """One write transaction, taken at once (BEGIN IMMEDIATE) and rolled
-        back on any error; SQLite errors come out as PredictionLogError."""
-        with self._connection() as con:
+        back on any error; SQLite errors come out as PredictionLogError, with
+        the first cause: after SQLITE_FULL, for one, SQLite has already rolled
+        the transaction back, and the ROLLBACK's own "no transaction is
+        active" must not hide "database or disk is full"."""
+        with self._connection(what) as con:
+            con.execute("BEGIN IMMEDIATE")
             try:
-                con.execute("BEGIN IMMEDIATE")
-                try:
-                    yield con
-                    con.execute("COMMIT")
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise PredictionLogError(f"cannot {what} in {self.path}: {exc}") from exc
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the error being raised is the one to report
+                raise
 
     def open(self) -> "PredictionLog":
-        """Create the database or migrate it to SCHEMA_VERSION. Refuses a
-        database written by a newer shrinkflow rather than guess its layout."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Create the database or migrate it to SCHEMA_VERSION, in WAL mode.
+        Refuses a database written by a newer shrinkflow rather than guess its
+        layout. Raises PredictionLogError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PredictionLogError(f"cannot create the directory of the prediction log {self.path}: {exc}",
+                                     path=self.path, cause=exc) from exc
+        with self._connection("set WAL mode") as con:
+            # Persistent (stored in the file): set once here, not on every
+            # connection, where it needs a lock of its own and failed outside
+            # any error handling when another process held the log.
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise PredictionLogError(f"cannot set WAL mode on the prediction log {self.path}: "
+                                     f"SQLite kept journal_mode {mode!r}", path=self.path)
         version = self.schema_version()
         if version > SCHEMA_VERSION:
             raise PredictionLogError(f"{self.path} has schema version {version}, newer than this "
-                                     f"shrinkflow's {SCHEMA_VERSION}: upgrade shrinkflow")
+                                     f"shrinkflow's {SCHEMA_VERSION}: upgrade shrinkflow", path=self.path)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._transaction(f"migrate the schema to version {target}") as con:
                 for statement in _MIGRATIONS[target - 1].split(";"):
@@ -118,19 +210,22 @@ class PredictionLog:
         return self
 
     def schema_version(self) -> int:
+        """The schema version stored in the file (0: no file, or an empty one)."""
         if not self.path.is_file():
             return 0
-        with self._connection() as con:
+        with self._connection("read the schema version") as con:
             return con.execute("PRAGMA user_version").fetchone()[0]
 
     def append(self, rows: Iterable[Prediction]) -> int:
         """Insert every row in one transaction: all of them or none."""
         values = [(r.prediction_id, r.ts, r.model_version, r.text, json.dumps([float(p) for p in r.probabilities]),
-                   int(r.label), float(r.latency_ms)) for r in rows]
+                   int(r.label), float(r.latency_ms), None if r.tokens_seen is None else int(r.tokens_seen),
+                   None if r.truncated is None else int(bool(r.truncated))) for r in rows]
         if values:
             with self._transaction(f"write {len(values)} prediction(s)") as con:
                 con.executemany("INSERT INTO predictions (prediction_id, ts, model_version, text, probabilities, "
-                                "label, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+                                "label, latency_ms, tokens_seen, truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                values)
         return len(values)
 
     def add_feedback(self, prediction_id: str, label: int, ts: str | None = None) -> bool:
@@ -146,13 +241,18 @@ class PredictionLog:
         return row[0] is not None
 
     def count(self) -> int:
-        with self._connection() as con:
+        """Rows in the log."""
+        with self._connection("count the predictions") as con:
             return con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
 
     def window(self, last: int | None = None, since: str | datetime | None = None,
                until: str | datetime | None = None, with_feedback: bool | None = None):
         """A window of the log as a DataFrame (oldest first), with columns
-        COLUMNS and ``probabilities`` parsed back to lists.
+        COLUMNS and ``probabilities`` parsed back to lists ([] where the
+        stored value is not a JSON list). Columns a not yet migrated log lacks
+        come back as None. Raises PredictionLogError (locked past
+        ``timeout_s``, not a prediction log, unreadable) and ValueError
+        (``last`` < 0).
 
         ``last``: the newest N rows; ``since``/``until``: a time range (UTC);
         ``with_feedback``: True only labelled rows, False only unlabelled,
@@ -169,7 +269,7 @@ class PredictionLog:
             args.append(until.isoformat() if isinstance(until, datetime) else until)
         if with_feedback is not None:
             where.append("feedback_label IS NOT NULL" if with_feedback else "feedback_label IS NULL")
-        sql = f"SELECT {', '.join(COLUMNS)} FROM predictions"
+        sql = "SELECT {columns} FROM predictions"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY ts DESC, rowid DESC"
@@ -179,8 +279,14 @@ class PredictionLog:
             sql += f" LIMIT {int(last)}"
         if not self.path.is_file():
             return pd.DataFrame(columns=list(COLUMNS))
-        with self._connection() as con:
-            df = pd.read_sql_query(sql, con, params=args)
-        df = df.iloc[::-1].reset_index(drop=True)
-        df["probabilities"] = df["probabilities"].map(json.loads)
+        with self._connection("read a window") as con:
+            # Rows fetched here, not through pandas.read_sql_query, which
+            # wraps SQLite's errors in its own DatabaseError.
+            # A log not yet migrated (a server of an older version still
+            # writing it) lacks the newer columns: read them as unknown.
+            have = {r[1] for r in con.execute("PRAGMA table_info(predictions)").fetchall()}
+            columns = ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
+            rows = con.execute(sql.format(columns=columns), args).fetchall()
+        df = pd.DataFrame.from_records(rows[::-1], columns=list(COLUMNS))
+        df["probabilities"] = df["probabilities"].map(parse_probabilities)
         return df

@@ -33,13 +33,16 @@ def build_reports(project_dir: str, params, window, now: datetime) -> tuple[dict
 
 
 @task(name="decide", cache_policy=NO_CACHE)
-def decide(project_dir: str, params, summary: dict, report_dir: str, now: datetime, flow_run: str) -> dict:
+def decide(project_dir: str, params, summary: dict, report_dir: str, now: datetime, flow_run: str,
+           act: bool = True) -> dict:
+    """``act``: a recompress verdict will be acted on (recorded as ``acted``)."""
     from monitoring.run import decide_and_record
     from monitoring.summary import DriftSummary
 
     decision = decide_and_record(DriftSummary.model_validate(summary), params, Path(report_dir),
-                                 Path(project_dir) / MONITOR_STATE, now, flow_run)
-    return {**decision.model_dump(mode="json"), "triggers": list(decision.triggers)}
+                                 Path(project_dir) / MONITOR_STATE, now, flow_run, act=act)
+    return {**decision.model_dump(mode="json"), "triggers": list(decision.triggers),
+            "acted": bool(act and decision.action == "recompress")}
 
 
 @task(name="publish-monitor-report", cache_policy=NO_CACHE)
@@ -50,8 +53,10 @@ def publish(params, summary: dict, decision: dict, report_dir: str) -> str:
 
     serve = params.serve
     md = summary_markdown(DriftSummary.model_validate(summary),
-                          Decision.model_validate({k: v for k, v in decision.items() if k != "triggers"}),
-                          Path(report_dir), f"http://{serve.host}:{serve.port}/reports")
+                          Decision.model_validate({k: v for k, v in decision.items()
+                                                   if k not in ("triggers", "acted")}),
+                          Path(report_dir), f"http://{serve.host}:{serve.port}/reports",
+                          acted=decision.get("acted"))
     md += f"\nOn disk: `{report_dir}` (served by `shrinkflow serve` at /reports/).\n"
     create_markdown_artifact(key="shrinkflow-monitor", markdown=md,
                              description="drift, compression gap and the policy's verdict")

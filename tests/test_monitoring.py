@@ -90,6 +90,19 @@ def test_summary_figures_come_from_the_real_report(reports):
     assert s.positive_share_current == pytest.approx(float((window["label"] == 1).mean()), abs=1e-6)
 
 
+def test_truncated_share_is_reported_beside_the_reference_share(reports, small_splits, tiny_teacher_dir):
+    from monitoring.report import served_outputs
+
+    _, runs, _ = reports
+    t = runs["shifted"].truncation
+    # these windows were logged without saying whether a text was cut
+    assert t.strategy == "head" and t.known_rows == 0 and t.share is None
+    assert "rows logged before prediction-log schema 2" in runs["shifted"].reason_not_computed("truncated_share")
+    # the reference: what the served model (32 tokens) cuts, as the server reads it
+    cut = served_outputs(tiny_teacher_dir, small_splits["val"]["text"].tolist(), "head").truncated
+    assert t.reference_share == pytest.approx(float(cut.mean()), abs=1e-6) and 0 < t.reference_share < 1
+
+
 def test_product_reviews_drift_more_than_movie_reviews(reports):
     _, runs, _ = reports
     a, b = runs["in_domain"], runs["shifted"]

@@ -127,3 +127,87 @@ def test_every_fired_rule_is_named_in_the_first_reason():
     assert d.action == "recompress"
     assert set(d.triggers) == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
     assert all(rule in d.reasons[0] for rule in d.triggers)
+
+
+# --------------------------------------------- inputs that were not computed
+
+
+def not_computed(s: DriftSummary, **changes) -> DriftSummary:
+    """``s`` with the named figures None and their reasons in not_computed."""
+    from monitoring.summary import NotComputed
+
+    reasons = changes.pop("reasons")
+    return s.model_copy(update={**changes, "not_computed": tuple(NotComputed(metric=m, reason=r)
+                                                                 for m, r in reasons.items())})
+
+
+def test_a_rule_whose_input_was_not_computed_does_not_fire_and_says_why():
+    s = not_computed(summary(agreement=0.5, auc=0.99), embedding=None,
+                     reasons={"embedding_drift": "ValueError: The number of classes has to be greater than one"})
+    d = decide(s, P, [], NOW)
+    emb = next(f for f in d.findings if f.rule == "embedding_drift")
+    assert emb.computed is False and emb.fired is False and emb.value is None and emb.threshold == 0.6
+    assert emb.detail == "embedding drift not computed: ValueError: The number of classes has to be greater than one"
+    # the other rules go on: the teacher agreement still fires
+    assert d.action == "recompress" and d.triggers == ("teacher_agreement",)
+    assert any(r.startswith("embedding_drift: ok: embedding drift not computed: ValueError") for r in d.reasons)
+
+
+def test_nothing_computed_is_ok_never_a_crash():
+    s = not_computed(summary(), descriptors=(), drifted_descriptor_share=None, embedding=None, teacher=None,
+                     prediction_label=None, prediction_probability=None, positive_share_current=None,
+                     reasons={"descriptor:length_chars": "no finite value", "embedding_drift": "e",
+                              "teacher_agreement": "t", "prediction_label": "no finite value of prediction"})
+    d = decide(s, P, [], NOW)
+    assert d.action == "ok" and d.triggers == ()
+    assert {f.rule: f.computed for f in d.findings} == {"text_drift": False, "embedding_drift": False,
+                                                        "feedback_accuracy": True, "teacher_agreement": False}
+    assert next(f for f in d.findings if f.rule == "text_drift").detail == \
+        "text drift not computed: descriptor:length_chars: no finite value"
+    assert d.reasons[-1] == "prediction drift not computed: no finite value of prediction"
+
+
+def test_a_descriptor_not_computed_leaves_the_share_over_the_others():
+    s = not_computed(summary(drifted=2, of=3), reasons={"descriptor:d3": "x", "descriptor:d4": "y"})
+    d = decide(s, P, [], NOW)
+    text = next(f for f in d.findings if f.rule == "text_drift")
+    assert text.computed and text.fired and text.value == pytest.approx(2 / 3)
+    assert text.detail.endswith("; not computed: d3, d4")
+
+
+def test_a_summary_from_before_not_computed_still_reads():
+    old = summary().model_dump(mode="json")
+    del old["truncation"], old["not_computed"]
+    s = DriftSummary.model_validate(old)
+    assert s.not_computed == () and s.truncation is None and decide(s, P, [], NOW).action == "ok"
+
+
+# ------------------------------------------- only an action taken counts
+
+
+@pytest.mark.parametrize("acted, action", [(False, "recompress"), (True, "warn")])
+def test_only_an_acted_recompression_starts_the_cooldown(acted, action):
+    past = [PastDecision(ts=(NOW - timedelta(hours=1)).isoformat(), action="recompress", window_sha256="c" * 64,
+                         acted=acted)]
+    d = decide(summary(agreement=0.5), P, past, NOW)
+    assert d.action == action
+    if acted:
+        assert d.reasons[0] == "cooldown: the last re-compression was 1.0 h ago (cooldown_hours 24)"
+
+
+@pytest.mark.parametrize("acted, action", [(False, "recompress"), (True, "warn")])
+def test_only_an_acted_recompression_marks_its_window(acted, action):
+    past = [PastDecision(ts=(NOW - timedelta(days=30)).isoformat(), action="recompress", window_sha256="b" * 64,
+                         acted=acted)]
+    d = decide(summary(agreement=0.5, sha="b" * 64), P, past, NOW)
+    assert d.action == action
+    assert ("already triggered" in d.reasons[0]) is acted
+
+
+def test_history_lines_without_acted_count_as_acted():
+    line = '{"ts": "%s", "action": "recompress", "window_sha256": "%s"}' % (
+        (NOW - timedelta(hours=2)).isoformat(), "c" * 64)
+    past = PastDecision.model_validate_json(line)
+    assert past.acted is True
+    d = decide(summary(agreement=0.5), P, [past], NOW)
+    assert d.action == "warn" and d.reasons[0].startswith("cooldown: the last re-compression was 2.0 h ago")

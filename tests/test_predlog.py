@@ -80,3 +80,149 @@ def test_open_is_idempotent_and_keeps_rows(tmp_path):
     log.append([row(1, "2026-01-01T00:00:01")])
     PredictionLog(tmp_path / "log.db").open()
     assert log.count() == 1
+
+
+# ----------------------------------------------------------- under faults
+
+HOLDER = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA locking_mode=EXCLUSIVE")
+con.execute("BEGIN EXCLUSIVE")
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+class Holder:
+    """Another process holding the log as the issue did:
+    ``PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE``, until release()."""
+
+    def __init__(self, path):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def locked_log(tmp_path):
+    """A log with one row (p1), held by another process."""
+    path = tmp_path / "log.db"
+    PredictionLog(path).open().append([row(1, "2026-01-01T00:00:01")])
+    holder = Holder(path)
+    yield path, holder
+    holder.release()
+
+
+@pytest.mark.parametrize("call", ["open", "append", "add_feedback", "window", "count", "schema_version"])
+def test_every_method_on_a_locked_log_raises_prediction_log_error(locked_log, call):
+    import time
+
+    locked_log, _ = locked_log
+    log = PredictionLog(locked_log, timeout_s=0.3)
+    calls = {"open": log.open, "append": lambda: log.append([row(2, "2026-01-01T00:00:02")]),
+             "add_feedback": lambda: log.add_feedback("p1", 0), "window": lambda: log.window(last=5),
+             "count": log.count, "schema_version": log.schema_version}
+    start = time.monotonic()
+    with pytest.raises(PredictionLogError) as err:
+        calls[call]()
+    # a PredictionLogError (the server's 503), never a bare sqlite3 error
+    assert type(err.value) is PredictionLogError and isinstance(err.value.cause, sqlite3.OperationalError)
+    assert err.value.locked is True and err.value.path == locked_log
+    assert str(locked_log) in str(err.value) and "database is locked" in str(err.value)
+    assert "another connection or process holds it; waited 0.3 s" in str(err.value)
+    assert time.monotonic() - start >= 0.3  # it waited its busy timeout first
+
+
+def test_a_failed_write_on_a_locked_log_loses_nothing_once_released(locked_log):
+    path, holder = locked_log
+    log = PredictionLog(path, timeout_s=0.2)
+    with pytest.raises(PredictionLogError, match="database is locked"):
+        log.append([row(2, "2026-01-01T00:00:02")])
+    holder.release()
+    assert log.count() == 1  # p2 was refused whole; p1 is still there
+    assert log.append([row(2, "2026-01-01T00:00:02")]) == 1 and log.count() == 2
+    assert log.add_feedback("p1", 0) is False
+
+
+class FullLog(PredictionLog):
+    """A log whose database may not grow past ``pages`` pages: a real
+    SQLITE_FULL (SQLite's own max_page_count), no mock."""
+
+    pages = 0
+
+    def _connect(self):
+        con = super()._connect()
+        if self.pages:
+            con.execute(f"PRAGMA max_page_count = {self.pages}")
+        return con
+
+
+def test_a_full_disk_reports_its_first_cause_not_the_failed_rollback(tmp_path):
+    log = FullLog(tmp_path / "log.db").open()
+    log.append([row(1, "2026-01-01T00:00:01")])
+    con = sqlite3.connect(tmp_path / "log.db")
+    log.pages = con.execute("PRAGMA page_count").fetchone()[0] + 1  # room for almost nothing more
+    con.close()
+    big = [Prediction(f"big{i}", "2026-01-01T00:00:02", "v0001", "x" * 4000, (0.5, 0.5), 0, 1.0)
+           for i in range(20)]
+    with pytest.raises(PredictionLogError) as err:
+        log.append(big)
+    msg = str(err.value)
+    assert "database or disk is full" in msg and "cannot rollback" not in msg, msg
+    assert msg.startswith(f"cannot write 20 prediction(s) in the prediction log {tmp_path / 'log.db'}: ")
+    assert err.value.cause.sqlite_errorname == "SQLITE_FULL" and err.value.locked is False
+    log.pages = 0
+    assert log.count() == 1  # nothing half-written, nothing lost
+    assert log.add_feedback("p1", 0) is False
+
+
+def test_sqlite_errors_never_escape_as_sqlite3_errors(tmp_path):
+    not_a_db = tmp_path / "not.db"
+    not_a_db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(PredictionLogError, match=f"prediction log {not_a_db}: file is not a database"):
+        PredictionLog(not_a_db).open()
+    with pytest.raises(PredictionLogError, match="file is not a database"):
+        PredictionLog(not_a_db).window(last=3)
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(PredictionLogError, match="unable to open database file"):
+        PredictionLog(tmp_path / "dir.db").count()
+    with pytest.raises(ValueError, match="last must be >= 0"):
+        PredictionLog(not_a_db).window(last=-1)
+
+
+def test_window_reads_what_other_writers_and_older_schemas_left(tmp_path):
+    """A schema-1 log (never migrated) and values no shrinkflow writes: the
+    window reads them all, unknowns as None or []."""
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE predictions (prediction_id TEXT PRIMARY KEY, ts TEXT NOT NULL, model_version TEXT NOT NULL,
+            text TEXT NOT NULL, probabilities TEXT NOT NULL, label INTEGER NOT NULL, latency_ms REAL NOT NULL,
+            feedback_label INTEGER, feedback_ts TEXT);
+        PRAGMA user_version = 1;""")
+    con.execute("INSERT INTO predictions VALUES ('a', '2026-01-01T00:00:01', 'v1', CAST(X'6F6BFF21' AS TEXT), "
+                "'not json', 1, 1.0, NULL, NULL)")
+    con.execute("INSERT INTO predictions VALUES ('b', '2026-01-01T00:00:02', 'v1', '', '[0.4, 0.6]', 1, 1.0, 0, "
+                "'2026-01-01T00:00:03')")
+    con.execute("INSERT INTO predictions VALUES ('c', '2026-01-01T00:00:03', 'v1', 'x', '{\"p\": 1}', 0, 1.0, "
+                "NULL, NULL)")
+    con.commit()
+    con.close()
+    df = PredictionLog(path).window(last=10)
+    assert df["prediction_id"].tolist() == ["a", "b", "c"]
+    assert df["text"].tolist() == ["ok\ufffd!", "", "x"]  # invalid UTF-8 replaced, not an error
+    assert df["probabilities"].tolist() == [[], [0.4, 0.6], []]
+    assert df["tokens_seen"].tolist() == [None, None, None] and df["truncated"].tolist() == [None, None, None]
+    # opening it migrates it, keeping the rows; old rows stay unknown
+    log = PredictionLog(path).open()
+    assert log.schema_version() == SCHEMA_VERSION and log.count() == 3
+    assert log.window()["truncated"].isna().all()
