@@ -5,15 +5,17 @@ In a git+DVC copy of this checkout (its teacher, candidates and registry), with
 the default candidates (a distilled student is added only if they have none):
   1. `shrinkflow run` builds the candidates without any production window;
   2. `shrinkflow serve` answers traffic: first movie-review test sentences
-     (the domain it was trained on), then tweets (Hutto & Gilbert's tweet
-     set, shipped in the same pinned archive and used nowhere else), with
-     feedback labels for some of them;
+     (the domain it was trained on), then tweets from the traffic pool of
+     Hutto & Gilbert's tweet set (shipped in the same pinned archive, used by
+     no stage; `shrinkflow.traffic.shifted_split`, the pool that
+     `shrinkflow simulate-traffic --domain shifted` sends), with feedback
+     labels for some of them;
   3. `shrinkflow monitor --report-only` after the in-domain traffic, then
      `shrinkflow monitor` after the tweets: the verdicts, the figures, and the
      re-compression it starts (train skipped, window distilled);
   4. every candidate before and after re-compression, and the teacher, on
-     1,000 further tweets that were never in the window: accuracy and
-     agreement with the teacher, side by side in one process.
+     1,000 tweets of the recovery set, which is never sent as traffic:
+     accuracy and agreement with the teacher, side by side in one process.
 Writes bench/results/monitoring.{md,json}.
 
     .venv/bin/python bench/monitoring.py   # after `shrinkflow run`
@@ -42,7 +44,6 @@ STUDENT = {"name": "l024-vocab2-int8", "recipe": [
     {"method": "distill", "layers": [0, 2, 4], "epochs": 2},
     {"method": "vocab_prune", "min_count": 2}, {"method": "quantize"}]}
 WINDOW_TWEETS, EVAL_TWEETS, FEEDBACK = 600, 1000, 100
-TWEETS = "hutto_ICWSM_2014/tweets_GroundTruth.txt"
 
 
 def copy_project() -> None:
@@ -75,11 +76,13 @@ def cli(*args: str, check: bool = True) -> tuple[float, str, int]:
     return round(wall, 1), out, proc.returncode
 
 
-def tweets() -> tuple[list[str], np.ndarray]:
+def tweets(part: str) -> tuple[list[str], np.ndarray]:
+    """The tweets of one side of the shifted domain ("pool": traffic,
+    "recovery": evaluation only), shuffled with seed 0."""
     sys.path.insert(0, str(ROOT))
-    from shrinkflow.data import deduplicate, label_by_rating, read_snippets
+    from shrinkflow.traffic import shifted_split
 
-    df, _ = deduplicate(label_by_rating(read_snippets(ROOT / "data/raw/source.tar.gz", TWEETS)))
+    df = shifted_split(ROOT / "data/raw/source.tar.gz")[part]
     df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)
     return df["text"].tolist(), df["label"].to_numpy()
 
@@ -122,10 +125,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import pandas as pd
 
+    from shrinkflow.config import parse_params_yaml
     from shrinkflow.lineage import cpu_model
 
     copy_project()
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params = parse_params_yaml((PROJECT / "params.yaml").read_bytes(), PROJECT / "params.yaml")
     if not any(s.get("method") == "distill" for c in params["compress"]["candidates"] for s in c["recipe"]):
         params["compress"]["candidates"] = params["compress"]["candidates"] + [STUDENT]
     params["monitor"].update({"window_last_n": WINDOW_TWEETS, "min_window_rows": 200, "shadow_sample_rows": 300})
@@ -138,9 +142,12 @@ def main() -> None:
     before = WORK / "candidates_before"
     shutil.copytree(PROJECT / "models/candidates", before)
 
-    texts, labels = tweets()
+    # Window from the traffic pool, evaluation from the recovery set: the two
+    # never share a tweet (shrinkflow.traffic.shifted_part).
+    texts, labels = tweets("pool")
     window, w_labels = texts[:WINDOW_TWEETS], labels[:WINDOW_TWEETS]
-    held, h_labels = texts[WINDOW_TWEETS:WINDOW_TWEETS + EVAL_TWEETS], labels[WINDOW_TWEETS:WINDOW_TWEETS + EVAL_TWEETS]
+    held, h_labels = tweets("recovery")
+    held, h_labels = held[:EVAL_TWEETS], h_labels[:EVAL_TWEETS]
     in_domain = pd.read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()[:WINDOW_TWEETS]
 
     import socket
@@ -205,8 +212,8 @@ def main() -> None:
     md = ["# Monitoring and re-compression on the real models", "",
           f"Measured {doc['when']} on this project's 2-core machine ({doc['cpu']}), by `bench/monitoring.py` in a "
           f"git+DVC copy of the checkout, candidates {', '.join(f'`{n}`' for n in names)}. Traffic went through `shrinkflow serve`: 600 movie-review test sentences, then 600 tweets "
-          f"(Hutto & Gilbert's tweet set, in the same pinned archive, used nowhere else) with {FEEDBACK} feedback "
-          "labels.", "",
+          f"from the traffic pool of Hutto & Gilbert's tweet set (in the same pinned archive, used by no stage) with "
+          f"{FEEDBACK} feedback labels.", "",
           "| step | seconds | verdict |", "|---|---|---|",
           f"| `shrinkflow run` (candidates built without a window; deployed {v_before}) | {run_s} | |",
           f"| `shrinkflow monitor --report-only` after in-domain traffic | {mon_a_s} | {doc['monitor_in_domain']['verdict']} |",
@@ -221,8 +228,8 @@ def main() -> None:
           "Agreement with the teacher on the held-out window (the new gate, "
           f"min {params['validate']['gates'].get('min_window_agreement', 0.9)}): "
           + ", ".join(f"{n} {a}" for n, a in doc["window_heldout_agreement"].items()) + ".", "",
-          f"Every model on {len(held)} further tweets never in the window (labels from the human ratings), and on "
-          "the movie-review test split:", "",
+          f"Every model on {len(held)} tweets of the recovery set, never sent as traffic (labels from the human "
+          "ratings), and on the movie-review test split:", "",
           "| model | tweets accuracy | tweets agreement with teacher | movie test accuracy |", "|---|---|---|---|",
           *rows, ""]
     (RESULTS / "monitoring.md").write_text("\n".join(md) + "\n")

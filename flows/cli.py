@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -77,17 +78,25 @@ def run(params: Optional[Path] = typer.Option(None, "--params", help="params fil
     raise typer.Exit(EXIT_DEPLOYED if result["deployed_version"] else EXIT_NOT_DEPLOYED)
 
 
-def _crash_message(exc: BaseException) -> str:
+def _crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
+    """The one message a crash prints: what failed (``what``: "the
+    lifecycle", "the monitor", ...) and why, so that a monitor failure never
+    reads as the lifecycle's."""
     from shrinkflow.errors import DeploymentMissing, ParamsChanged
     from shrinkflow.pipeline import StageFailed
+    from shrinkflow.predlog import PredictionLogError
 
+    if isinstance(exc, PredictionLogError):
+        # Already names the log, its path and the cause (and, from the
+        # monitor, the monitor).
+        return str(exc) if str(exc).startswith(what) else f"{what} could not run: {exc}"
     if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged)):
-        return str(exc)
+        return f"{what} failed: {exc}"
     if isinstance(exc, FileNotFoundError):
-        return f"missing file: {exc}"
+        return f"{what} could not run: missing file: {exc}"
     # Anything else happened outside a stage: most often Prefect itself (an
     # API that cannot start or be reached). Name it with its type.
-    return f"the lifecycle could not run: {type(exc).__name__}: {exc}"
+    return f"{what} could not run: {type(exc).__name__}: {exc}"
 
 
 def _print_summary(root: Path, parsed, result: dict) -> None:
@@ -171,6 +180,7 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     import uvicorn
 
     from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.httpedge import PROTOCOL
     from shrinkflow.predlog import PredictionLog
     from shrinkflow.registry import Registry
     from shrinkflow.serving import TOKEN_ENV, make_app
@@ -188,14 +198,18 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     host, port = host or sp.host, port or sp.port
     typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
                f"(docs at /docs, monitoring reports at /reports/; prediction log {root / sp.log_path})")
+    # The HTTP edge (shrinkflow/httpedge.py): header size and count limits and
+    # a request deadline, which uvicorn's default protocol does not have; no
+    # WebSockets (the API has none, and an upgraded connection would escape
+    # those limits). The limits come from the app (serve: in params.yaml).
+    edge = {"http": PROTOCOL, "ws": "none", "log_level": "warning"}
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
-        uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+        uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers, **edge)
         return
     app_ = make_app(registry, PredictionLog(root / sp.log_path), sp, reports_dir=root / parsed.monitor.reports_dir,
                     token=os.environ.get(TOKEN_ENV) or None)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    uvicorn.run(app_, host=host, port=port, **edge)
 
 
 @app.command()
@@ -248,19 +262,25 @@ def versions(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 
 def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[str],
                  p_minutes: Optional[int], flag: str) -> tuple[Optional[str], Optional[int]]:
-    """Flags override params; exactly one of cron and interval (seconds)."""
+    """Flags override params; exactly one of cron and interval (seconds).
+
+    A cron that Prefect would refuse, or that has no next run at all (31
+    February: Prefect accepts it, then its scheduler logs an error every
+    minute and never starts a run), exits 2 naming it, before Prefect is
+    imported or anything is started. Params crons were checked the same way
+    when params.yaml was loaded (``MonitorParams``)."""
+    from shrinkflow.config import cron_next_run
+
     if cron is not None and interval is not None:
         typer.echo(f"error: give exactly one of --{flag}cron or --{flag}interval", err=True)
         raise typer.Exit(EXIT_USAGE)
     if cron is None and interval is None:
         cron, interval = p_cron, (p_minutes * 60 if p_minutes else None)
     if cron is not None:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        try:  # Prefect's own validation, before anything is started
-            CronSchedule(cron=cron)
+        try:  # the scheduler's own cron library, before anything is started
+            cron_next_run(cron)
         except ValueError as exc:
-            typer.echo(f"error: --{flag}cron {cron!r} is not a valid cron expression: {exc}", err=True)
+            typer.echo(f"error: --{flag}cron {exc}", err=True)  # exc starts with the expression
             raise typer.Exit(EXIT_USAGE)
     return cron, interval
 
@@ -282,44 +302,66 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
     and stopped on the way out. A lifecycle run is a full `shrinkflow run`
     (DVC skips what is unchanged); a monitor run reports on the prediction
     log and re-compresses when the policy says so. One run at a time.
+
+    A cron with no next run (31 February) exits 2 before anything starts.
+    The scheduler's errors happen inside the server: the local server's log
+    is followed and its errors echoed to stderr (each kind once); for any
+    server, external ones included, each deployment is checked 90 s after it
+    is served to have a scheduled run, and a warning names the one without.
     """
     root = _project_root()
     _, parsed = _validated(root, None)
-    _configure_env(root)
     m = parsed.monitor
+    # Checked before the environment is set up or Prefect imported: a schedule
+    # that cannot run starts nothing and writes nothing (no .prefect/).
     cron, interval = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
     monitor_cron, monitor_interval = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes,
                                                   "monitor-")
+    _configure_env(root)
     import signal
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import LocalPrefectServer
+    from flows.server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
+    from shrinkflow.config import cron_next_run
 
     def _stop(signum, frame):  # SIGTERM stops like Ctrl-C: runner first, then the server
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    server = None
+    server = follower = watch = None
     api_url = os.environ.get("PREFECT_API_URL")
+
+    def warn(line: str) -> None:
+        typer.echo(line, err=True)
+
     try:
         if not api_url:
             server = LocalPrefectServer(root / PREFECT_HOME)
             typer.echo(f"starting a local Prefect server (state in {PREFECT_HOME}/, log {server.log_path}) ...")
+            server.home.mkdir(parents=True, exist_ok=True)
+            follower = ServerLogFollower(server.log_path, emit=warn)  # from the log's end before this start
             api_url = server.start()
+            follower.start()
             os.environ["PREFECT_API_URL"] = api_url  # inherited by every run's subprocesses
-            typer.echo(f"Prefect UI: {server.url}  (API {api_url})")
+            typer.echo(f"Prefect UI: {server.url}  (API {api_url}); its errors are echoed here")
+        else:
+            typer.echo(f"using the Prefect server at {api_url}: its scheduler's errors are in that server's log; "
+                       "each deployment is checked for a scheduled run 90 s after it is served")
         from prefect import serve as prefect_serve
 
         from flows.lifecycle import lifecycle
         from flows.monitor import monitor
 
         def when(c, i):
-            return f"cron {c!r}" if c else f"every {i}s"
+            if c:
+                return f"cron {c!r}, next run {cron_next_run(c):%Y-%m-%d %H:%M} UTC"
+            return f"every {i}s"
 
         typer.echo(f"serving deployments shrinkflow-lifecycle/{name} ({when(cron, interval)}) and "
                    f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
                    f"against {api_url}; Ctrl-C stops")
+        watch = ScheduleWatch(api_url, [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"], emit=warn).start()
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
                 lifecycle.to_deployment(name=name, cron=cron, interval=interval,
@@ -333,12 +375,85 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001
-        typer.echo(f"error: {_crash_message(exc)}", err=True)
+        typer.echo(f"error: {_crash_message(exc, 'the schedule')}", err=True)
         raise typer.Exit(EXIT_CRASH)
     finally:
+        if watch is not None:
+            watch.stop()
         if server is not None:
             server.stop()
             typer.echo("stopped the local Prefect server")
+        if follower is not None:
+            follower.stop()  # what the server logged while stopping
+            if follower.repeats:
+                warn(f"(the Prefect server logged {follower.repeats} more errors like those above; "
+                     f"see {follower.path})")
+
+
+class TrafficDomain(str, Enum):
+    in_ = "in"
+    shifted = "shifted"
+
+
+@app.command("simulate-traffic")
+def simulate_traffic(
+        domain: TrafficDomain = typer.Option(..., "--domain", help="in: the test split; shifted: the tweet "
+                                             "traffic pool (never the recovery set)"),
+        n: int = typer.Option(..., "--n", min=1, help="predictions to request (the pool is cycled if smaller)"),
+        feedback_rate: float = typer.Option(0.0, "--feedback-rate", min=0.0, max=1.0,
+                                            help="share of answered predictions whose true label is posted"),
+        url: Optional[str] = typer.Option(None, "--url", help="default: http://serve.host:serve.port"),
+        seed: int = typer.Option(0, "--seed", help="order of the texts and choice of the feedback"),
+        concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="requests in flight")):
+    """Send real texts to a running `shrinkflow serve`, one POST /predict
+    each, and post the true label of a seeded share of the answers to
+    /feedback (bearer token from SHRINKFLOW_API_TOKEN when set).
+    Exit 0 when every request got 200; 1 when some failed; 2 on bad usage;
+    3 when the server cannot be reached or a data file is missing."""
+    from shrinkflow.errors import DataError
+    from shrinkflow.serving import TOKEN_ENV
+    from shrinkflow.traffic import ServerUnreachable, simulate, traffic_order, traffic_pool
+
+    root = _project_root()
+    _, parsed = _validated(root, None)
+    if url is None:
+        # A server bound to every interface is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(parsed.serve.host, parsed.serve.host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{parsed.serve.port}"
+    try:
+        pool = traffic_pool(domain.value, root)
+    except (FileNotFoundError, DataError) as exc:
+        typer.echo(f"error: cannot read the {domain.value!r} traffic: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    rows, passes = traffic_order(pool, n, seed)
+    what = "test split" if domain.value == "in" else "shifted traffic pool (tweets; the recovery set is never sent)"
+    typer.echo(f"sending {n} texts from the {what}, {len(pool)} texts, to {url}"
+               + (f"; n is larger than the pool, so it is cycled ({passes} passes)" if passes > 1 else ""))
+    try:
+        res = simulate(url, rows["text"].tolist(), rows["label"].tolist(), feedback_rate=feedback_rate, seed=seed,
+                       concurrency=concurrency, token=os.environ.get(TOKEN_ENV) or None)
+    except ServerUnreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+
+    def counts(c) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
+
+    pos = float(rows["label"].mean()) if len(rows) else 0.0
+    typer.echo(f"predict: {res.sent} requests; by status {counts(res.predict_status)}")
+    typer.echo(f"texts sent: {pos:.1%} positive by their true label")
+    share = res.feedback_posted / res.answered if res.answered else 0.0
+    typer.echo(f"feedback: {res.feedback_posted} labels posted ({share:.1%} of {res.answered} answered predictions; "
+               f"asked {feedback_rate:.1%})" + (f"; by status {counts(res.feedback_status)}"
+                                                 if res.feedback_status else ""))
+    if res.unreachable:
+        typer.echo(f"error: the server at {url} stopped answering: {counts(res.predict_status)}", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    if not res.ok:
+        bad = {k: v for k, v in (res.predict_status + res.feedback_status).items() if k != "200"}
+        hint = " (401: set SHRINKFLOW_API_TOKEN to the server's token)" if "401" in bad else ""
+        typer.echo(f"error: some requests failed: {counts(bad)}{hint}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -388,16 +503,25 @@ def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
 
         result = monitor(project_dir=str(root), act=act)
     except Exception as exc:  # noqa: BLE001
-        typer.echo(f"error: {_crash_message(exc)}", err=True)
+        typer.echo(f"error: {_crash_message(exc, 'the monitor')}", err=True)
         raise typer.Exit(EXIT_CRASH)
     rec = result.get("recompress")
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"} | {
             "summary": result.get("summary")}, indent=2, default=str))
     else:
-        typer.echo(f"verdict: {result['action']}")
+        typer.echo(f"verdict: {result['action']}"
+                   + (" (not acted on: --report-only; no re-compression, no cooldown started)"
+                      if result["action"] == "recompress" and not result.get("acted") else ""))
         for r in result["reasons"]:
             typer.echo(f"  - {r}")
+        for n in (result.get("summary") or {}).get("not_computed", []):
+            typer.echo(f"  not computed on this window: {n['metric']}: {n['reason']}")
+        tr = (result.get("summary") or {}).get("truncation")
+        if tr:
+            share = "not computed" if tr["share"] is None else f"{tr['share']:.3f} of {tr['known_rows']} rows"
+            typer.echo(f"truncated texts ({tr['strategy']}): window {share}; reference "
+                       f"{tr['reference_share']:.3f}")
         if result.get("report_dir"):
             typer.echo(f"reports: {result['report_dir']} (index: {Path(result['report_dir']).parent / 'index.html'})")
         if rec is not None:

@@ -4,15 +4,22 @@ Prefect's ephemeral API (what ``shrinkflow run`` uses) runs no scheduler
 service, so a served deployment's schedule would never create a run. When no
 ``PREFECT_API_URL`` is set, ``schedule`` starts a real server on 127.0.0.1,
 with its state in the project's ``.prefect/``, and stops it on the way out.
+
+The scheduler's errors are logged only inside the server: ``ServerLogFollower``
+echoes them from the local server's log, and ``ScheduleWatch`` checks through
+the API (any server, external ones included) that every served deployment got
+a scheduled run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -107,3 +114,160 @@ class LocalPrefectServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ------------------------------------------------------ surfacing its errors
+# A record header in the server's log: "10:34:49.681 | ERROR   | logger - message"
+# (Prefect's default console format), followed by traceback lines, if any.
+_RECORD = re.compile(r"^\d\d:\d\d:\d\d(?:\.\d+)? \| (?P<level>[A-Z]+)\s*\| (?P<logger>\S+) - (?P<msg>.*)$")
+
+
+class ServerLogFollower:
+    """Follow a Prefect server's log file and report its errors, each kind once.
+
+    The scheduler of a served deployment runs inside the server: a schedule it
+    cannot compute (``CroniterBadDateError``) is only logged there, about once a
+    minute, and no run is ever created. ``shrinkflow schedule`` starts the
+    local server with its output in ``.prefect/server.log`` and follows that
+    file with this class, so such errors reach the user's terminal.
+
+    ``poll()`` reads what was appended since the last call (from ``offset``,
+    default the current end of the file) and returns one line per new ERROR or
+    CRITICAL record: logger, message and the exception's last line. A record is
+    complete when the next record starts or when a poll finds nothing new. The
+    same error repeated (the scheduler retries every loop) is reported once and
+    counted in ``repeats``. ``start()`` polls on a daemon thread every
+    ``poll_s`` seconds and passes each line to ``emit``; ``stop()`` flushes.
+    """
+
+    def __init__(self, path: Path, emit=None, offset: int | None = None, poll_s: float = 0.5):
+        self.path, self.emit, self.poll_s = Path(path), emit, poll_s
+        if offset is None:
+            offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.offset = offset
+        self.repeats = 0
+        self._partial = b""
+        self._record: list[str] | None = None
+        self._seen: set[tuple[str, str, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _finish(self) -> list[str]:
+        rec, self._record = self._record, None
+        if not rec:
+            return []
+        head = _RECORD.match(rec[0])
+        exc = next((line.strip() for line in reversed(rec[1:]) if line.strip()
+                    and not line.startswith((" ", "\t")) and not line.startswith("Traceback")), "")
+        key = (head["logger"], head["msg"], exc)
+        if key in self._seen:
+            self.repeats += 1
+            return []
+        self._seen.add(key)
+        return [f"Prefect server {head['level']} ({head['logger']}): {head['msg']}"
+                + (f" -> {exc}" if exc else "") + f"  [full record in {self.path}]"]
+
+    def poll(self) -> list[str]:
+        """New error lines since the last poll (see the class docstring)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        self.offset += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next poll
+        out: list[str] = []
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r")
+            head = _RECORD.match(line)
+            if head:
+                out += self._finish()
+                if head["level"] in ("ERROR", "CRITICAL"):
+                    self._record = [line]
+            elif self._record is not None:
+                self._record.append(line)
+        if not chunk:  # nothing new since the last poll: the record is whole
+            out += self._finish()
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for line in self.poll():
+                self.emit(line)
+
+    def start(self) -> "ServerLogFollower":
+        self._thread = threading.Thread(target=self._run, name="prefect-server-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for line in self.poll() + self._finish():
+            self.emit(line)
+
+
+def unscheduled_deployments(api_url: str, names: list[str]) -> list[str]:
+    """The deployments among ``names`` ("flow/deployment") that have an active
+    schedule but no flow run in the Scheduled state on the server at
+    ``api_url``, each with a short reason. Prefect's scheduler creates a
+    served deployment's upcoming runs within seconds (its recent-deployments
+    loop runs every 5 s), so a deployment still without one a minute later has
+    a schedule the server could not compute. Works against any Prefect API,
+    which is all ``shrinkflow schedule`` can see of an external server.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for name in names:
+            dep = client.read_deployment_by_name(name)
+            if not any(s.active for s in (dep.schedules or [])):
+                continue
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                limit=1)
+            if not runs:
+                out.append(f"{name} (id {dep.id}) has an active schedule but no scheduled run")
+    return out
+
+
+class ScheduleWatch:
+    """After ``after_s`` seconds, check once that each served deployment has a
+    scheduled run (``unscheduled_deployments``) and pass a warning per missing
+    one to ``emit``. On a daemon thread; a failed check is reported, never
+    raised (the runner keeps serving)."""
+
+    def __init__(self, api_url: str, names: list[str], emit, after_s: float = 90.0):
+        self.api_url, self.names, self.emit, self.after_s = api_url, names, emit, after_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="schedule-watch", daemon=True)
+
+    def _run(self) -> None:
+        if self._stop.wait(self.after_s):
+            return
+        try:
+            missing = unscheduled_deployments(self.api_url, self.names)
+        except Exception as exc:  # noqa: BLE001 - a warning channel must not kill the runner
+            self.emit(f"warning: could not check the schedules on {self.api_url}: {type(exc).__name__}: {exc}")
+            return
+        for m in missing:
+            self.emit(f"warning: {m} {self.after_s:.0f} s after it was served, on {self.api_url}: the server's "
+                      "scheduler could not compute its next run; the reason is in that server's log")
+
+    def start(self) -> "ScheduleWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -30,8 +30,10 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
     return root
 
 
-@pytest.mark.parametrize("runner", [{"kind": "dask", "max_workers": 2}, {"kind": "threads", "max_workers": 2}],
-                         ids=["dask-localcluster", "threads"])
+@pytest.mark.parametrize("runner", [
+    # a LocalCluster of worker processes starts in about 15 s
+    pytest.param({"kind": "dask", "max_workers": 2}, marks=pytest.mark.slow),
+    {"kind": "threads", "max_workers": 2}], ids=["dask-localcluster", "threads"])
 def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
     from flows.compress import compress
     from shrinkflow.io import read_json

@@ -1,0 +1,189 @@
+"""`shrinkflow schedule`: a schedule that cannot run is refused up front, and
+the scheduler's errors reach the terminal (issue 14, item 7).
+
+The cron check is compared with Prefect's own server-side schedule (the code
+its scheduler runs); the surfacing test starts the real local Prefect server
+through the CLI and puts a deployment with a 31-February schedule on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.server import ServerLogFollower, unscheduled_deployments
+from shrinkflow.config import cron_next_run
+from tests.conftest import PROJECT_ROOT
+
+
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    return root
+
+
+def cli_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_HOME", None)  # the CLI puts Prefect's home in the project's .prefect/
+    return env
+
+
+# ------------------------------------------------------------- the cron check
+START = datetime.datetime(2026, 1, 1, 0, 0)  # a Thursday
+
+
+@pytest.mark.parametrize("expr, first", [
+    ("0 3 * * 0", datetime.datetime(2026, 1, 4, 3, 0)),       # Sunday 03:00
+    ("*/15 * * * *", datetime.datetime(2026, 1, 1, 0, 0)),     # at the start: on or after it
+    ("5/15 * * * *", datetime.datetime(2026, 1, 1, 0, 5)),
+    ("0 0 29 2 *", datetime.datetime(2028, 2, 29, 0, 0)),      # the next leap day
+    ("0 12 L 2 *", datetime.datetime(2026, 2, 28, 12, 0)),     # last day of February
+    ("0 0 31 2 *", None),                                      # 31 February: never
+    ("0 0 30 2 *", None),
+    ("0 0 31 4 *", None),                                      # 31 April
+    ("61 * * * *", None),                                      # not a cron expression
+    ("not cron", None),
+])
+def test_the_next_run_is_the_one_prefects_scheduler_computes(expr, first):
+    from prefect.server.schemas.schedules import CronSchedule
+
+    if first is None:
+        with pytest.raises(ValueError):
+            cron_next_run(expr, after=START)
+        with pytest.raises(ValueError):  # Prefect refuses it too: at validation, or when its scheduler runs
+            CronSchedule(cron=expr, timezone="UTC")._get_dates_generator(
+                n=1, start=START.replace(tzinfo=datetime.timezone.utc)).__next__()
+        return
+    assert cron_next_run(expr, after=START) == first
+    prefect_first = next(CronSchedule(cron=expr, timezone="UTC")._get_dates_generator(
+        n=1, start=START.replace(tzinfo=datetime.timezone.utc)))
+    assert prefect_first.timestamp() == first.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("flags, expr", [
+    (["--cron", "0 0 31 2 *"], "0 0 31 2 *"),
+    (["--monitor-cron", "0 0 30 2 *"], "0 0 30 2 *"),
+    (["--cron", "0 25 * * *"], "0 25 * * *"),
+])
+def test_schedule_refuses_a_cron_with_no_next_run_and_starts_nothing(tmp_path, flags, expr):
+    root = project(tmp_path)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", *flags], cwd=root, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    flag = flags[0]
+    assert proc.stderr.startswith(f"error: {flag} {expr!r} ")
+    assert "starting a local Prefect server" not in proc.stdout
+    assert time.perf_counter() - t0 < 15
+    assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]  # no .prefect/
+
+
+# ------------------------------------------------------ following the log
+# The record the real server wrote (Prefect 3.9.1, this machine) for a
+# deployment scheduled "0 0 31 2 *", between two ordinary records.
+BAD_DATE_RECORD = """\
+10:34:49.681 | ERROR   | prefect.server.services.scheduler - Error scheduling deployment UUID('44024139-5993-40b9-aff3-2ce8c2e8df6e').
+Traceback (most recent call last):
+  File "/work/main/.venv/lib/python3.11/site-packages/prefect/server/services/scheduler.py", line 186, in _collect_flow_runs
+    await models.deployments._generate_scheduled_flow_runs(
+  File "/work/main/.venv/lib/python3.11/site-packages/prefect/server/schemas/schedules.py", line 698, in <lambda>
+    wall_times = iter(lambda: cron.get_next(datetime.datetime), None)
+                              ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/work/main/.venv/lib/python3.11/site-packages/prefect/_vendor/croniter/croniter.py", line 752, in _calc
+    raise CroniterBadDateError("failed to find next date")
+prefect._vendor.croniter.croniter.CroniterBadDateError: failed to find next date
+"""
+INFO = "10:34:50.002 | INFO    | prefect.server.services.scheduler - Scheduled 0 runs.\n"
+
+
+def test_the_follower_reports_each_error_once_with_its_exception(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("old run\n" + BAD_DATE_RECORD)  # before the follower: not reported
+    lines: list[str] = []
+    f = ServerLogFollower(log, emit=lines.append)
+    assert f.poll() == []
+    with open(log, "a") as out:
+        out.write(INFO + BAD_DATE_RECORD[:300])  # a record cut mid-line by the reader
+    assert f.poll() == []
+    with open(log, "a") as out:
+        out.write(BAD_DATE_RECORD[300:])
+    got = f.poll() + f.poll()  # the record is whole once a poll finds nothing new
+    expected = ("Prefect server ERROR (prefect.server.services.scheduler): Error scheduling deployment "
+                "UUID('44024139-5993-40b9-aff3-2ce8c2e8df6e'). -> prefect._vendor.croniter.croniter."
+                f"CroniterBadDateError: failed to find next date  [full record in {log}]")
+    assert got == [expected]
+    with open(log, "a") as out:  # the scheduler's next loop: the same error again, then an info line
+        out.write(BAD_DATE_RECORD + INFO)
+    assert f.poll() + f.poll() == [] and f.repeats == 1
+
+
+@pytest.mark.slow  # about 26 s here: a real Prefect server starts
+def test_schedule_echoes_the_local_servers_scheduler_errors(tmp_path):
+    """A deployment with a 31-February schedule reaches the server another
+    way (the CLI refuses it): its scheduler error is echoed on the CLI's
+    stderr within seconds, and the API check names that deployment only."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = project(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--cron", "0 3 * * 0",
+                             "--monitor-interval", "86400"], cwd=root, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(s.readline, "")), daemon=True)
+               for s, b in ((proc.stdout, out), (proc.stderr, err))]
+    for t in readers:
+        t.start()
+
+    def wait_for(pred, what: str, timeout: float = 150.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            got = pred()
+            if got:
+                return got
+            assert proc.poll() is None, f"schedule exited {proc.returncode}:\n{''.join(out)}\n{''.join(err)}"
+            time.sleep(0.5)
+        raise AssertionError(f"no {what} within {timeout}s:\n{''.join(out)}\n{''.join(err)}")
+
+    try:
+        line = wait_for(lambda: next((x for x in out if x.startswith("serving deployments")), None), "serving")
+        api_url = re.search(r"against (http://\S+/api);", line).group(1)
+        assert "cron '0 3 * * 0', next run " in line
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            wait_for(lambda: any(d.name == "scheduled" for d in client.read_deployments()), "deployment")
+            flow_id = client.create_flow_from_name("elsewhere")
+            bad_id = client.create_deployment(flow_id=flow_id, name="feb31", schedules=[
+                DeploymentScheduleCreate(schedule=CronSchedule(cron="0 0 31 2 *"), active=True)])
+        echoed = wait_for(lambda: next((x for x in err if "CroniterBadDateError" in x), None), "echoed error", 60)
+        assert echoed.startswith("Prefect server ERROR (prefect.server.services.scheduler): Error scheduling "
+                                 f"deployment UUID('{bad_id}')")
+        assert "failed to find next date" in echoed
+        # The lifecycle's runs are scheduled within seconds; the bad one's never.
+        expected = [f"elsewhere/feb31 (id {bad_id}) has an active schedule but no scheduled run"]
+        wait_for(lambda: unscheduled_deployments(
+            api_url, ["elsewhere/feb31", "shrinkflow-lifecycle/scheduled"]) == expected, "unscheduled check", 30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+        for t in readers:
+            t.join(timeout=10)
+    assert rc == 0, "".join(err)
+    assert "stopped the local Prefect server" in "".join(out)
+    assert sum("CroniterBadDateError" in x for x in err) == 1  # once, however often the server logged it
