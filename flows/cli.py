@@ -156,7 +156,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         typer.echo(f"  accuracy drop        {mm['accuracy_drop']:>+10.4f}   {mm['confidence']:.0%} interval "
                    f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}]")
         typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
-        typer.echo("  gates: " + ", ".join(f"{n}={'pass' if g['passed'] else 'FAIL'}" for n, g in d["gates"].items()))
+        typer.echo("  gates: " + ", ".join(
+            f"{n}={'pass' if g['passed'] else ('FAIL' if g.get('enforced', True) else 'not met')}"
+            for n, g in d["gates"].items()))
+        for n, g in d["gates"].items():
+            if not g["passed"] and not g.get("enforced", True):
+                typer.echo(f"    {n}: {g['value']:.4g} (threshold {g['threshold']:.4g}): {g.get('note', '')}")
         if d.get("roi"):
             from shrinkflow.cost import roi_lines
 
