@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -29,52 +26,11 @@ from shrinkflow.registry import Registry
 from shrinkflow.traffic import (feedback_choice, feedback_count, shifted_part, shifted_split, shifted_texts,
                                 traffic_order, traffic_pool)
 from tests.conftest import PROJECT_ROOT
+from tests.test_serving import Server, free_port, record  # `shrinkflow serve` as a user starts it
 
 TOKEN = "traffic-token"
 PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
                       {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
-
-
-# The server setup of tests/test_serving.py, copied: `shrinkflow serve` as a
-# user starts it, on a free loopback port.
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def record(name: str) -> dict:
-    m = {"split": "test", "accuracy": 0.8, "n": 10}
-    return {"candidate": name, "recipe": [], "metrics": m, "selection_metrics": m, "teacher_metrics": m,
-            "confirmation": None, "lineage": {}}
-
-
-class Server:
-    def __init__(self, root: Path, port: int, token: str | None = TOKEN):
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        env.pop("SHRINKFLOW_API_TOKEN", None)
-        if token:
-            env["SHRINKFLOW_API_TOKEN"] = token
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError("server did not start")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------- the split, once
@@ -133,7 +89,7 @@ def project(tmp_path_factory, tiny_teacher_dir, raw_archive, small_splits):
 
 @pytest.fixture(scope="module")
 def server(project):
-    srv = Server(project, free_port(), token=TOKEN)
+    srv = Server(project, free_port(), token=TOKEN, output=project / "serve.out")
     yield srv
     srv.stop()
 
