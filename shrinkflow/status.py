@@ -26,7 +26,10 @@ def status_document(registry: Registry, version: str | None = None) -> dict:
                          "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
                          "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"],
                          # cost and return of compressing (None: deployed before it was recorded)
-                         "roi": m.get("roi")},
+                         "roi": m.get("roi"),
+                         # how the server runs it: per_row when validate found it not
+                         # batch-invariant ({} : deployed before it was recorded)
+                         "serving": m.get("serving") or {}},
             "teacher": {"metrics": m["teacher_metrics"],
                         "description": "fp32 teacher, torch eager, as trained; same test sentences"},
             "versions": registry.versions()}
