@@ -143,8 +143,8 @@ def test_lifecycle_end_to_end(project, harness, tmp_path):
     batch = dep["gates"]["max_batch_prob_diff"]
     assert inv["rows"] == len(pd.read_parquet(project / "data/prepared/val.parquet"))
     assert batch["value"] == inv["max_prob_diff"] and batch["threshold"] == 1e-4
-    assert dep["serving"] == reg.manifest("v0001")["serving"] == {"per_row": not batch["passed"], "max_batch_prob_diff":
-                                                inv["max_prob_diff"], "label_flips": inv["label_flips"]}
+    assert dep["serving"] == reg.manifest("v0001")["serving"] == {
+        "per_row": not batch["passed"], "max_batch_prob_diff": inv["max_prob_diff"], "label_flips": inv["label_flips"]}
     assert inv["per_row"] is (not batch["passed"])
     # What was validated is what was deployed.
     assert reg.manifest("v0001")["files"] == validated["candidates"]["int8"]["files"]
