@@ -82,8 +82,11 @@ class TextEncoder:
             from tokenizers import Tokenizer
 
             # The whole text is tokenized, then cut by hand: the tokenizer's
-            # own truncation only keeps one end.
-            self._full = Tokenizer.from_str(self.tokenizer.to_str())
+            # own truncation only keeps one end. A second copy from the file,
+            # not from to_str(): a vocabulary-pruned tokenizer maps several
+            # tokens to one id, and its to_str()/from_str() round trip drops
+            # tokens ("loved" came back as "lo ##ved").
+            self._full = Tokenizer.from_file(str(tokenizer_path))
             self._full.no_truncation()
             self._full.no_padding()
 

@@ -58,6 +58,22 @@ def test_head_tail_keeps_the_first_quarter_and_the_end(tiny_teacher_dir):
         TextEncoder(path, 32, "middle")
 
 
+def test_head_tail_reads_a_short_text_exactly_as_head_does_after_vocabulary_pruning(tmp_path, tiny_teacher_dir,
+                                                                                      small_splits):
+    """A vocabulary-pruned tokenizer ("nearest": several tokens share an id)
+    segments the same whatever the truncation strategy."""
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.config import VocabPruneStep
+
+    texts = small_splits["train"]["text"].tolist()
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="v", recipe=(VocabPruneStep(min_count=2),)), tmp_path / "v",
+                       train_texts=texts, progress=False)
+    short = small_splits["test"]["text"].tolist()[:30] + ["I loved every minute of it; a wonderful, moving film."]
+    head = TextEncoder(out / TOKENIZER, 512, "head")(short)
+    both = TextEncoder(out / TOKENIZER, 512, "head_tail")(short)
+    assert not head.truncated.any() and np.array_equal(head.ids, both.ids) and np.array_equal(head.mask, both.mask)
+
+
 def test_dynamic_int8_is_detected_as_batch_dependent(models):
     assert batch_dependent_ops(models["int8"] / "model.onnx") == ["DynamicQuantizeLinear"]
     assert batch_dependent_ops(models["fp32"] / "model.onnx") == []
