@@ -186,7 +186,7 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
 
     from shrinkflow.errors import IntegrityError, RegistryError
     from shrinkflow.httpedge import PROTOCOL
-    from shrinkflow.predlog import PredictionLog
+    from shrinkflow.predlog import PredictionLog, PredictionLogError
     from shrinkflow.registry import Registry
     from shrinkflow.serving import TOKEN_ENV, make_app
 
@@ -197,7 +197,10 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     registry = Registry(root / parsed.deploy.registry_dir)
     try:  # refuse to start rather than fail on the first request
         registry.load()
-    except (RegistryError, IntegrityError) as exc:
+        # The log too: locked or unwritable, say so here, not in a traceback
+        # from inside uvicorn's startup.
+        PredictionLog(root / sp.log_path).open()
+    except (RegistryError, IntegrityError, PredictionLogError) as exc:
         typer.echo(f"error: cannot serve: {exc}", err=True)
         raise typer.Exit(EXIT_CRASH)
     host, port = host or sp.host, port or sp.port

@@ -15,8 +15,10 @@ Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
 Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
 drifted, which alone says nothing about its errors). A trigger -> ``recompress``,
 except that it is ``warn`` when the window is smaller than
-``min_window_rows``, when this very window already triggered (dedup), or
-within ``cooldown_hours`` of the last re-compression. Every rule reports its
+``min_window_rows``, when its distinct texts would leave the distillation or
+the held-out part of a re-compression empty (a window of one text repeated),
+when this very window already triggered (dedup), or within
+``cooldown_hours`` of the last re-compression. Every rule reports its
 figure and threshold, fired or not.
 
 A rule whose input could not be computed on the window (the summary's
@@ -94,8 +96,9 @@ def _findings(s: DriftSummary, p) -> list[Finding]:
             rule="text_drift", fired=s.drifted_descriptor_share > p.max_drifted_descriptor_share + TOLERANCE,
             value=s.drifted_descriptor_share, threshold=p.max_drifted_descriptor_share,
             detail=f"{sum(d.drifted for d in s.descriptors)} of {len(s.descriptors)} text descriptors drifted "
-                   f"(share {s.drifted_descriptor_share:.3f}, max {p.max_drifted_descriptor_share:.3f}): "
-                   + ", ".join(f"{d.column} p={d.value:.3g}" for d in s.descriptors if d.drifted)
+                   f"(share {s.drifted_descriptor_share:.3f}, max {p.max_drifted_descriptor_share:.3f})"
+                   + "".join(f"{': ' if i == 0 else ', '}{d.column} p={d.value:.3g}"
+                             for i, d in enumerate(x for x in s.descriptors if x.drifted))
                    + (f"; not computed: {', '.join(skipped)}" if skipped else "")))
     else:
         reasons = "; ".join(f"{n.metric}: {n.reason}" for n in s.not_computed if n.metric.startswith("descriptor"))
@@ -156,8 +159,13 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
                            + (summary.reason_not_computed("prediction_label") or "no served label in the window"))
         return Decision(action="ok", reasons=tuple(reasons), findings=tuple(findings), window_sha256=sha)
     held = None
-    if summary.window.rows < params.min_window_rows:
-        held = f"window of {summary.window.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
+    w = summary.window
+    if w.rows < params.min_window_rows:
+        held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
+    elif w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
+        held = (f"the window's {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
+                f"{w.distill_texts} for distillation and {w.heldout_texts or 0} held out: a re-compression needs "
+                "both; not acting")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:

@@ -417,11 +417,17 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     known_labels = cur_labels[~np.isnan(cur_labels)]
     if not len(known_labels):
         skip("positive_share", "no row of the window has a served label (0 or 1)")
+    # The split a re-compression would make of this window (pure, by hash):
+    # the policy does not trigger one that could not be split.
+    from shrinkflow.window import split_window
+
+    distill, heldout = split_window(w["text"].tolist(), params.heldout_fraction)
     summary = DriftSummary(
         created=created, model_version=validated["version"],
         window=Window(rows=len(w), first_ts=w["ts"].iloc[0], last_ts=w["ts"].iloc[-1],
                       sha256=window_sha256(w["prediction_id"]), model_versions=tuple(sorted(set(w["model_version"]))),
-                      feedback_labels=int((~np.isnan(feedback)).sum())),
+                      feedback_labels=int((~np.isnan(feedback)).sum()),
+                      distill_texts=len(distill), heldout_texts=len(heldout)),
         reference_rows=len(ref_texts), **figures,
         positive_share_reference=round(float(ref_labels.mean()), 6),
         positive_share_current=round(float(known_labels.mean()), 6) if len(known_labels) else None,

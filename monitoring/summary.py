@@ -61,6 +61,11 @@ class Window(_Frozen):
     sha256: str          # over the window's prediction ids: the same window hashes the same
     model_versions: tuple[str, ...]
     feedback_labels: int
+    # What a re-compression could learn from: the window's distinct texts
+    # split (shrinkflow.window.split_window, monitor.heldout_fraction) into
+    # distillation and held-out text. None in summaries written before.
+    distill_texts: int | None = None
+    heldout_texts: int | None = None
 
 
 class NotComputed(_Frozen):

@@ -654,12 +654,46 @@ def _key_path(loc: tuple) -> str:
     return ".".join(kept) or "<root>"
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _not_plain(raw: object, path: str = "") -> list[tuple[str, str]]:
+    """Key paths of values that are not plain data (str, number, bool, null,
+    list, mapping with string keys): a YAML date, ``!!binary`` bytes, a set."""
+    out: list[tuple[str, str]] = []
+    stack = [(path, raw)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((f"{where}.{k}" if where else str(k), v))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
+        elif not isinstance(value, _PLAIN):
+            out.append((where or "<root>", f"a YAML {type(value).__name__} ({str(value)[:40]!r}); params hold "
+                                           "numbers, strings, booleans, lists and mappings"))
+    return sorted(out)
+
+
 def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
+    """Validate a parsed params document. Strictly: a value must already be
+    of its field's type as YAML 1.2 reads it (as DVC sees it), never coerced:
+    ``min_accuracy: true`` is not 1.0, ``batching: "yes"`` (YAML 1.2 reads
+    ``yes`` as a string) is not true, ``'0.82'`` is not a number; integers are
+    accepted where a float is meant. Raises ParamsError naming every bad key
+    path."""
     path = Path(path)
     if not isinstance(raw, dict):
         raise ParamsError(path, [("<root>", "the file must be a mapping of stage sections")])
+    odd = _not_plain(raw)
+    if odd:
+        raise ParamsError(path, odd)
     try:
-        return Params.model_validate(raw)
+        # Through JSON in strict mode: JSON-strict accepts lists for tuples and
+        # ints for floats, and nothing else that Python-lax would coerce.
+        return Params.model_validate_json(json.dumps(raw), strict=True)
+    except RecursionError:
+        raise ParamsError(path, [("<file>", "nested too deeply to read")]) from None
     except ValidationError as exc:
         problems = []
         errors = exc.errors()
@@ -755,6 +789,8 @@ def parse_params_yaml(data: bytes | str, path: Path | str = "params.yaml") -> ob
         raise ParamsError(path, [("<file>", f"not valid UTF-8 (DVC reads params as UTF-8): {exc}")]) from None
     try:
         return YAML(typ="safe").load(text) or {}
+    except RecursionError:  # thousands of nested [ (DVC itself crashes on it)
+        raise ParamsError(path, [("<file>", "nested too deeply to read")]) from None
     except RuamelYAMLError as exc:
         dupes = []
         if type(exc).__name__ == "DuplicateKeyError":

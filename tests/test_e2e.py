@@ -503,8 +503,11 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     # reports on disk, the index lists the run with its verdict
     index = (project / "monitoring/reports/index.html").read_text()
     assert ">recompress</b>" in index and "report.html" in index
-    run_dirs = [d for d in (project / "monitoring/reports").iterdir() if d.is_dir()]
-    assert len(run_dirs) == 1 and (run_dirs[0] / "report.html").is_file()
+    # two runs: the report-only one, then the one that acted (names sort by time)
+    run_dirs = sorted(d for d in (project / "monitoring/reports").iterdir() if d.is_dir())
+    assert len(run_dirs) == 2 and all((d / "report.html").is_file() for d in run_dirs)
+    decisions = [json.loads((d / "decision.json").read_text()) for d in run_dirs]
+    assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", True)]
 
     # the Prefect artifact: verdict, figures, reasons, links to the served reports
     import asyncio
@@ -519,7 +522,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
 
     arts = asyncio.run(monitor_artifacts())
     assert any("# Monitor: **recompress**" in (a.data or "") and "feedback_accuracy: FIRED" in (a.data or "")
-               and f"/reports/{run_dirs[0].name}/report.html" in (a.data or "") for a in arts)
+               and f"/reports/{run_dirs[1].name}/report.html" in (a.data or "") for a in arts)
 
     # the same window again: not a second re-compression
     code, out = run_cli(project, harness, "monitor")

@@ -95,6 +95,18 @@ class Spec:
     rows: list[Row] = field(default_factory=list)
 
 
+def window_texts(spec: Spec, ref_texts: list[str]) -> list[str]:
+    return [ref_texts[r.text] if isinstance(r.text, int) else r.text for r in spec.rows]
+
+
+def project_ref_texts(root: Path) -> list[str]:
+    import pandas as pd
+
+    from shrinkflow.paths import split_path
+
+    return pd.read_parquet(root / split_path("reference"))["text"].tolist()
+
+
 def write_log(path: Path, spec: Spec, ref_texts: list[str]) -> list[Prediction]:
     """The rows as the server logs them, through the real PredictionLog."""
     log = PredictionLog(path).open()
@@ -188,6 +200,14 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
         if reason is not None:
             f = by_rule[rule]
             assert f.computed is False and f.fired is False and f.value is None and reason in f.detail
+    # The split a re-compression would make: a recompress verdict only when both parts have text.
+    from shrinkflow.window import split_window
+
+    distill, heldout = split_window([str(t) for t in window_texts(spec, project_ref_texts(root))],
+                                    params.monitor.heldout_fraction)
+    assert (summary.window.distill_texts, summary.window.heldout_texts) == (len(distill), len(heldout))
+    if decision.action == "recompress":
+        assert distill and heldout
     # On disk: the run, its decision, and the history line (acted: only a recompress acted on).
     assert json.loads((report_dir / "summary.json").read_text())["window"]["rows"] == len(rows)
     doc = json.loads((report_dir / "decision.json").read_text())
@@ -226,6 +246,29 @@ def test_the_monitor_returns_a_verdict_on_every_degenerate_window(project, spec)
     state = project / ".shrinkflow" / f"decisions-{uuid.uuid4().hex}.jsonl"
     decision = decide_and_record(summary, params, report_dir, state, now, "test")
     check_run(project, params, spec, summary, decision, report_dir, state)
+
+
+def test_a_window_of_one_text_repeated_warns_instead_of_failing_a_re_compression(project):
+    """500 rows of one text, every one labelled wrong by feedback: the
+    feedback rule fires, but a re-compression could not split one distinct
+    text into distillation and held-out parts (it failed, exit 3, and started
+    the cooldown): the verdict is warn, saying why, and nothing is acted on."""
+    from monitoring.run import build_reports, decide_and_record, load_history, read_window
+
+    params = params_of(project, min_window_rows=10, min_feedback_labels=10)
+    log_path = project / params.serve.log_path
+    for p in log_path.parent.glob(log_path.name + "*"):
+        p.unlink()
+    spec = Spec([Row("the same product review, again and again", 0.9, 1, feedback=0)] * 40)
+    write_log(log_path, spec, [])
+    now = datetime.now(timezone.utc)
+    summary, report_dir = build_reports(project, params, read_window(project, params), now)
+    assert summary.window.distill_texts + summary.window.heldout_texts == 1
+    state = project / ".shrinkflow" / f"decisions-{uuid.uuid4().hex}.jsonl"
+    decision = decide_and_record(summary, params, report_dir, state, now, "test")
+    assert "feedback_accuracy" in decision.triggers and decision.action == "warn"
+    assert "a re-compression needs both; not acting" in decision.reasons[0]
+    assert [(h.action, h.acted) for h in load_history(state)] == [("warn", False)]
 
 
 def test_text_descriptors_are_defined_for_every_text():

@@ -263,3 +263,41 @@ def test_generated_documents_read_as_dvc_reads_them_and_duplicates_are_named():
             assert parse_params_yaml(text) == expected
 
     check()
+
+
+# ------------------------------------------------------ values never coerced
+def params_with(old: str, new: str) -> bytes:
+    assert PARAMS_TEXT.count(old) == 1, old
+    return PARAMS_TEXT.replace(old, new).encode()
+
+
+@pytest.mark.parametrize("old, new, key, says", [
+    # DVC reads true; pydantic's lax mode made it 1.0, a gate nothing passes
+    ("min_accuracy: 0.82", "min_accuracy: true", "validate.gates.min_accuracy", "valid number"),
+    # YAML 1.2 (DVC) reads yes/on as strings; lax mode made them True
+    ("batching: true ", "batching: yes ", "serve.batching", "valid boolean"),
+    ("batching: true ", "batching: on ", "serve.batching", "valid boolean"),
+    ("min_accuracy: 0.82", "min_accuracy: '0.82'", "validate.gates.min_accuracy", "valid number"),
+    ("epochs: 2\n  learning_rate", "epochs: 2.5\n  learning_rate", "train.epochs", "valid integer"),
+    ("host: 127.0.0.1", "host: !!binary aGVsbG8=", "serve.host", "a YAML bytes"),
+    ("cron: null", "cron: 2024-01-01", "monitor.cron", "a YAML date"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(old, new, key, says):
+    with pytest.raises(ParamsError) as err:
+        parse_params_bytes(params_with(old, new))
+    assert [k for k, _ in err.value.problems] == [key] and says in str(err.value), str(err.value)
+
+
+def test_integers_still_read_as_floats_and_lists_as_tuples():
+    p = parse_params_bytes(params_with("cooldown_hours: 24.0", "cooldown_hours: 24"))
+    assert p.monitor.cooldown_hours == 24.0 and p.compress.candidates[1].recipe[0].layers == (0, 2, 4)
+
+
+def test_a_params_file_nested_too_deeply_is_a_params_error_not_a_crash(tmp_path):
+    deep = PARAMS_TEXT + "zz: " + "[" * 2000 + "]" * 2000 + "\n"
+    with pytest.raises(ParamsError) as err:
+        parse_params_bytes(deep.encode())
+    assert "nested too deeply" in str(err.value)
+    root = project_with(tmp_path, deep)
+    out = cli(root, "status")
+    assert out.returncode == 2 and "nested too deeply" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -94,6 +94,23 @@ def test_a_small_window_never_triggers(rows, acts):
         assert "below min_window_rows 200" in d.reasons[0]
 
 
+@pytest.mark.parametrize("distill, heldout, acts", [(1, 1, True), (0, 1, False), (1, 0, False), (0, 0, False),
+                                                     (None, None, True)])
+def test_a_window_that_cannot_be_split_for_re_compression_never_triggers(distill, heldout, acts):
+    """500 rows of one text repeated: nothing to hold out (or to distil), so a
+    re-compression would fail before it started; None: a summary written
+    before the split was recorded."""
+    s = summary(agreement=0.5)
+    s = s.model_copy(update={"window": s.window.model_copy(update={"distill_texts": distill,
+                                                                   "heldout_texts": heldout})})
+    d = decide(s, P, [], NOW)
+    assert d.action == ("recompress" if acts else "warn")
+    if not acts:
+        assert d.reasons[0] == (f"the window's {(distill or 0) + (heldout or 0)} distinct texts split into "
+                                f"{distill} for distillation and {heldout} held out: a re-compression needs both; "
+                                "not acting")
+
+
 def test_the_same_window_never_triggers_twice():
     s = summary(agreement=0.5, sha="b" * 64)
     first = decide(s, P, [], NOW)
@@ -211,3 +228,10 @@ def test_history_lines_without_acted_count_as_acted():
     assert past.acted is True
     d = decide(summary(agreement=0.5), P, [past], NOW)
     assert d.action == "warn" and d.reasons[0].startswith("cooldown: the last re-compression was 2.0 h ago")
+
+
+def test_text_drift_names_the_drifted_descriptors_and_only_those():
+    quiet = next(f for f in decide(summary(drifted=0), P, [], NOW).findings if f.rule == "text_drift")
+    assert quiet.detail == "0 of 5 text descriptors drifted (share 0.000, max 0.400)"
+    loud = next(f for f in decide(summary(drifted=2), P, [], NOW).findings if f.rule == "text_drift")
+    assert loud.detail == "2 of 5 text descriptors drifted (share 0.400, max 0.400): d0 p=0.001, d1 p=0.001"

@@ -339,6 +339,29 @@ def test_serve_refuses_to_start_without_a_sound_production_version(tmp_path, can
     assert out.returncode == 3 and "model.onnx" in out.stderr
 
 
+def test_serve_refuses_to_start_on_a_log_another_process_holds_locked(tmp_path, candidates):
+    """Before: "serving v0001 ..." then a traceback from inside uvicorn's startup."""
+    import sqlite3
+
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    Registry(tmp_path / "registry").promote(candidates["int8"], PASS, record("int8"))
+    PredictionLog(tmp_path / ".shrinkflow" / "predictions.db").open()
+    con = sqlite3.connect(tmp_path / ".shrinkflow" / "predictions.db", isolation_level=None)
+    con.execute("PRAGMA locking_mode=EXCLUSIVE")
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port())], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "error: cannot serve:" in out.stderr and "locked" in out.stderr and "Traceback" not in out.stderr
+    assert "serving v0001" not in out.stdout
+
+
 def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
     """The database is held by another writer past the busy timeout: the
     server answers 503 rather than answer without logging, and recovers."""

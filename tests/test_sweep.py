@@ -33,7 +33,8 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
 @pytest.mark.parametrize("runner", [
     # a LocalCluster of worker processes starts in about 15 s
     pytest.param({"kind": "dask", "max_workers": 2}, marks=pytest.mark.slow),
-    {"kind": "threads", "max_workers": 2}], ids=["dask-localcluster", "threads"])
+    # slow too: the only quick test that would start Prefect's test server (about 20 s)
+    pytest.param({"kind": "threads", "max_workers": 2}, marks=pytest.mark.slow)], ids=["dask-localcluster", "threads"])
 def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
     from flows.compress import compress
     from shrinkflow.io import read_json
@@ -84,6 +85,7 @@ def test_a_worker_that_cannot_see_the_project_says_so(tmp_path):
         build_candidate.fn(str(tmp_path), Candidate(name="c"), 17, 1)
 
 
+@pytest.mark.slow  # two compress flows through Prefect: about 10 s
 def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api):
     """The per-candidate cache: a second compress run copies unchanged
     candidates (byte for byte) and rebuilds only the edited one; new window
