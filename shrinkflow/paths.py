@@ -54,6 +54,15 @@ CANDIDATE_CACHE = STATE / "cache" / "candidates"
 MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 
 
+# The task's label names, sorted; a split's label column holds their indices
+# (shrinkflow.labels). Written by the data stage.
+LABELS_JSON = PREPARED / "labels.json"
+# The user's own data files (data.source.kind: files) live under here: the
+# fetch stage depends on this directory, so a new export re-runs data and
+# everything after it, and an unchanged one skips them.
+USER_DATA = Path("data/user")
+
+
 def split_path(name: str) -> Path:
     return PREPARED / f"{name}.parquet"
 

@@ -1,0 +1,79 @@
+"""The task's label set: what the data stage read, and what every model says.
+
+The data stage reads the labels from the training data, strips surrounding
+whitespace, sorts them and writes them once to ``data/prepared/labels.json``
+(``shrinkflow.paths.LABELS_JSON``). From there on a label is an integer class
+id, its index in that sorted tuple: the splits store ids, models output one
+logit per id in that order, and every model manifest, the registry, ``status``
+and the server carry the names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shrinkflow.errors import DataError
+from shrinkflow.io import read_json, write_json
+
+# The built-in task (movie-review sentiment): rating > 0 is positive.
+BUILTIN_LABELS = ("negative", "positive")
+
+
+def sort_labels(names) -> tuple[str, ...]:
+    """Label names as the sorted tuple whose indices are the class ids.
+
+    Names are stripped of surrounding whitespace and made strings. Integer
+    labels (every name an integer, like ``3`` or ``"-1"``) sort numerically,
+    so ``2`` comes before ``10``; any other set sorts as strings (code point
+    order). Raises DataError on an empty name or an empty set.
+    """
+    stripped = sorted({str(n).strip() for n in names})
+    if not stripped:
+        raise DataError("the label set is empty")
+    if "" in stripped:
+        raise DataError("a label name is empty (or only whitespace)")
+
+    def as_int(s: str):
+        try:
+            return int(s)
+        except ValueError:
+            return None
+
+    ints = [as_int(s) for s in stripped]
+    if all(i is not None for i in ints):
+        return tuple(s for _, s in sorted(zip(ints, stripped)))
+    return tuple(stripped)
+
+
+def case_collisions(labels) -> list[tuple[str, ...]]:
+    """Groups of label names that differ only by case (``["Billing", "billing"]``),
+    each sorted; empty when there are none. The data stage warns on each."""
+    groups: dict[str, list[str]] = {}
+    for name in labels:
+        groups.setdefault(str(name).casefold(), []).append(str(name))
+    return [tuple(sorted(g)) for g in groups.values() if len(g) > 1]
+
+
+def write_labels(path: Path | str, labels) -> Path:
+    """Write ``{"labels": [...]}`` atomically; ``labels`` must be sorted already."""
+    labels = list(labels)
+    if labels != list(sort_labels(labels)):
+        raise ValueError(f"labels must be written in their sorted order, got {labels}")
+    return write_json(path, {"labels": labels})
+
+
+def read_labels(path: Path | str) -> tuple[str, ...]:
+    """The label names, in class-id order, from a labels.json.
+
+    Raises DataError naming the file when it is missing or malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no label set; run the data stage first (dvc repro data)")
+    try:
+        labels = read_json(path)["labels"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a label set ({{\"labels\": [...]}}): {exc!r}") from None
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        raise DataError(f"{path}: labels must be a list of at least 2 non-empty names, got {labels!r}")
+    return tuple(labels)
