@@ -229,9 +229,10 @@ def label_by_rating(df: pd.DataFrame) -> pd.DataFrame:
                          "label": (kept["rating"] > 0).astype("int64").to_numpy()})
 
 
-def _decode_error(path: Path, encoding: str, shown: str) -> DataError:
+def _decode_error(path: Path, encoding: str, shown: str, named: str) -> DataError:
     """The first undecodable byte of ``path`` in ``encoding``, as a DataError
-    giving its byte offset and line (streamed: the file is never held whole)."""
+    giving its byte offset and line (streamed: the file is never held whole);
+    ``named`` is the encoding as the user wrote it."""
     decoder = codecs.getincrementaldecoder(encoding)()
     offset, line = 0, 1
     with open(path, "rb") as fh:
@@ -245,14 +246,14 @@ def _decode_error(path: Path, encoding: str, shown: str) -> DataError:
                 at = offset - len(pending) + exc.start
                 line += data[:exc.start].count(b"\n") - pending.count(b"\n")
                 bad = data[exc.start:exc.start + 4].hex(" ")
-                return DataError(f"{shown}: bytes not valid {encoding} at byte offset {at} (line {line}: {bad}); "
+                return DataError(f"{shown}: bytes not valid {named} at byte offset {at} (line {line}: {bad}); "
                                  "set data.source.encoding to the file's encoding (e.g. latin-1, cp1252), "
                                  "or re-export the file as UTF-8")
             if not block:
                 break
             offset += len(block)
             line += block.count(b"\n")
-    return DataError(f"{shown}: cannot be decoded as {encoding}; set data.source.encoding")
+    return DataError(f"{shown}: cannot be decoded as {named}; set data.source.encoding")
 
 
 def _bad_json_line(path: Path, encoding: str, shown: str, exc: Exception) -> DataError:
@@ -317,8 +318,10 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
             except pd.errors.EmptyDataError:
                 raise DataError(f"{shown}: the file is empty; it needs a header row naming its columns") from None
             check(list(header))
-            df = pd.read_csv(path, sep=sep, usecols=wanted, dtype=str, keep_default_na=False, na_filter=False,
-                             encoding=text_enc)
+            # Every column, not usecols: only then does pandas refuse a row
+            # with more fields than the header (an unquoted separator in a
+            # text), instead of silently reading its first fields.
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding=text_enc)
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -335,7 +338,7 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
         else:
             raise DataError(f"{shown}: unknown format {fmt!r}; one of csv, tsv, parquet, jsonl")
     except UnicodeDecodeError:
-        raise _decode_error(path, text_enc, shown) from None
+        raise _decode_error(path, text_enc, shown, encoding) from None
     except pd.errors.ParserError as exc:
         raise DataError(f"{shown}: cannot be read as {fmt.upper()}: {str(exc).strip()}") from None
     except OSError as exc:
