@@ -619,25 +619,37 @@ def class_counts(splits: dict[str, pd.DataFrame], labels: tuple[str, ...]) -> di
             for name, df in splits.items()}
 
 
+# The truncation share of a larger split is estimated on a seeded sample of
+# this many texts (95% interval at most +-0.44 points): tokenizing costs
+# ~75 us a text here, 75 s for a 1,000,000-row file, ~4 s for 50,000.
+TRUNCATION_SAMPLE_ROWS = 50_000
+
+
 def truncated_shares(splits: dict[str, pd.DataFrame], tokenizer_file: Path | str, max_seq_len: int,
-                     chunk_rows: int = 20_000) -> dict[str, float]:
+                     sample_rows: int = TRUNCATION_SAMPLE_ROWS, chunk_rows: int = 10_000) -> dict[str, float]:
     """Share of each split's texts (0..1) that the tokenizer in
     ``tokenizer_file`` turns into more than ``max_seq_len`` tokens, special
     tokens included: the texts a model reading ``max_seq_len`` tokens cuts.
-    Empty splits are left out. Encodes in chunks, so memory stays flat."""
+    A split of more than ``sample_rows`` texts is measured on a seeded random
+    sample of that many (the same one every run). Empty splits are left out.
+    Encodes in chunks, so memory stays flat."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.no_truncation()
     tok.no_padding()
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: twice as fast
     shares = {}
     for name, df in splits.items():
-        texts = df["text"].astype(str).tolist()
-        if not texts:
+        texts = df["text"]
+        if len(texts) == 0:
             continue
+        if len(texts) > sample_rows:
+            texts = texts.iloc[np.sort(np.random.default_rng(0).choice(len(texts), sample_rows, replace=False))]
+        texts = texts.astype(str).tolist()
         cut = 0
         for start in range(0, len(texts), chunk_rows):
-            cut += sum(len(e.ids) > max_seq_len for e in tok.encode_batch(texts[start:start + chunk_rows]))
+            cut += sum(len(e.ids) > max_seq_len for e in encode(texts[start:start + chunk_rows]))
         shares[name] = round(cut / len(texts), 6)
     return shares
 
@@ -660,6 +672,7 @@ def prepare_raw(raw_dir: Path, params: DataParams, tokenizer_file: Path | str | 
              "label_warnings": list(prepared.warnings)}
     if tokenizer_file is not None:
         stats["max_seq_len"] = max_seq_len
+        stats["truncated_share_sample_rows"] = TRUNCATION_SAMPLE_ROWS
         stats.update({f"truncated_share_{k}": v
                       for k, v in truncated_shares(prepared.splits, tokenizer_file, max_seq_len).items()})
     return Prepared(prepared.splits, prepared.unlabelled, prepared.labels, stats, prepared.warnings)

@@ -429,3 +429,20 @@ def test_dvc_reruns_after_a_new_export_and_nothing_when_unchanged(tmp_path):
     (root / "data/user/README.md").write_text("notes\n")
     assert ran(dvc(root, "repro", "data")) == ["fetch"]
     assert "up to date" in dvc(root, "status").lower()
+
+
+def test_truncated_share_counts_special_tokens_and_samples_large_splits():
+    from shrinkflow.config import PretrainedModel
+    from shrinkflow.data import truncated_shares
+    from shrinkflow.modeling import tokenizer_path
+
+    tokenizer = tokenizer_path(PretrainedModel())
+    # "word" is one token: n words + [CLS] + [SEP] = n + 2 tokens.
+    texts = [" ".join(["word"] * n) for n in (61, 62, 63, 10)]
+    frame = pd.DataFrame({"text": texts, "label": [0, 0, 0, 0]})
+    assert truncated_shares({"a": frame, "empty": frame.iloc[:0]}, tokenizer, 64) == {"a": 0.25}
+    assert truncated_shares({"a": frame}, tokenizer, 63) == {"a": 0.5}
+    big = pd.DataFrame({"text": [texts[2]] * 30 + [texts[3]] * 70, "label": 0})
+    sampled = truncated_shares({"b": big}, tokenizer, 64, sample_rows=50)
+    assert sampled == truncated_shares({"b": big}, tokenizer, 64, sample_rows=50)   # the same sample every run
+    assert 0.1 < sampled["b"] < 0.5 and round(sampled["b"] * 50, 9).is_integer()
