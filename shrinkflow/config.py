@@ -123,6 +123,9 @@ class FilesSource(_Frozen):
                     raise ValueError(f"cannot tell the format of {path} ({role}) from its suffix "
                                      f"{suffix or '(none)'!r}: rename it to one of "
                                      f"{', '.join(FORMAT_BY_SUFFIX)} or set data.source.format")
+        if self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}: name the text column "
+                             "and the label column")
         paths = list(named.values())
         if len(set(paths)) != len(paths):
             raise ValueError(f"the same file is named twice among {named}: each role needs its own file")

@@ -66,6 +66,7 @@ def test_todays_params_without_kind_are_the_builtin_archive():
     ({"kind": "files", "path": "data/user/t.csv", "encoding": "utf-9"}, "data.source.encoding", "unknown encoding"),
     ({"kind": "files", "path": "data/user/t.csv", "test_path": "data/user/./t.csv"}, "data.source", "named twice"),
     ({"kind": "files"}, "data.source.path", "missing"),
+    ({"kind": "files", "path": "data/user/t.csv", "label_column": "text"}, "data.source", "both 'text'"),
 ])
 def test_bad_files_source_names_the_key(source, key, message):
     with pytest.raises(ParamsError) as info:
