@@ -150,17 +150,15 @@ def fetch_source(source: DataSource, dest: Path, cache_dir: Path | None = None, 
     return dest
 
 
-# The user's files are copied into the fetch stage's out directory under
-# these names (plus the original suffix), so the data stage reads one
-# directory whatever the user called the files.
-RAW_ROLES = ("train", "test", "shifted", "unlabelled")
-# Which params key names each role's file, for messages.
+# Which params key names each role's file (FilesSource.files()), for messages.
 _ROLE_KEYS = {"train": "path", "test": "test_path", "shifted": "shifted_path", "unlabelled": "unlabelled_path"}
 
 
 def raw_name(role: str, user_path: str) -> str:
     """The canonical name of ``role``'s file in the raw directory: the role
-    plus the user's file suffix (``data/user/Tickets.CSV`` -> ``train.CSV``)."""
+    plus the user's file suffix (``data/user/Tickets.CSV`` -> ``train.CSV``).
+    The fetch stage copies each file in under this name, so the data stage
+    reads one directory whatever the user called the files."""
     return role + Path(user_path).suffix
 
 
@@ -233,6 +231,9 @@ def _decode_error(path: Path, encoding: str, shown: str, named: str) -> DataErro
     """The first undecodable byte of ``path`` in ``encoding``, as a DataError
     giving its byte offset and line (streamed: the file is never held whole);
     ``named`` is the encoding as the user wrote it."""
+    # utf-8-sig would count offsets after the byte-order mark; a BOM is
+    # valid UTF-8, so plain UTF-8 finds the same bad byte at its real offset.
+    encoding = "utf-8" if codecs.lookup(encoding).name == "utf-8-sig" else encoding
     decoder = codecs.getincrementaldecoder(encoding)()
     offset, line = 0, 1
     with open(path, "rb") as fh:

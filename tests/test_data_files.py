@@ -117,6 +117,10 @@ def test_latin1_needs_its_encoding_and_utf8_names_the_bad_byte(tmp_path):
     offset = body.index(b"\xe9")
     assert str(info.value).startswith(f"data/user/t.csv: bytes not valid utf-8 at byte offset {offset} (line 4")
     assert "data.source.encoding" in str(info.value)
+    # with a byte-order mark in front, the offset still counts from the file's first byte
+    path.write_bytes(b"\xef\xbb\xbf" + body)
+    with pytest.raises(DataError, match=f"at byte offset {offset + 3} \\(line 4: e9 20 61 75\\)"):
+        read_table(path, "csv", LABELLED)
 
 
 def test_unknown_column_lists_the_columns_found(tmp_path):
