@@ -451,3 +451,24 @@ def test_truncated_share_counts_special_tokens_and_samples_large_splits():
     sampled = truncated_shares({"b": big}, tokenizer, 64, sample_rows=50)
     assert sampled == truncated_shares({"b": big}, tokenizer, 64, sample_rows=50)   # the same sample every run
     assert 0.1 < sampled["b"] < 0.5 and round(sampled["b"] * 50, 9).is_integer()
+
+
+def test_fetch_replaces_the_raw_folder_whole(tmp_path):
+    from shrinkflow.data import fetch_raw
+
+    write_rows(tmp_path / "data/user/a.csv", [("x", "y")], "csv")
+    write_rows(tmp_path / "data/user/b.parquet", [("x", "y")], "parquet")
+    raw = tmp_path / "data/raw"
+    fetch_raw(FilesSource(path="data/user/a.csv"), raw, root=tmp_path)
+    assert [p.name for p in raw.iterdir()] == ["train.csv"]
+    # the export became Parquet, with a test set: no stale train.csv stays behind
+    files = fetch_raw(FilesSource(path="data/user/b.parquet", test_path="data/user/a.csv"), raw, root=tmp_path)
+    assert [p.name for p in files] == ["test.csv", "train.parquet"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw", "user"]   # no temp folders left
+
+
+def test_the_shared_three_class_fixture_is_a_clean_user_file(three_class_csv):
+    df, counts = clean(read_table(three_class_csv, "csv", LABELLED))
+    assert three_class_csv.parent.name == "user" and len(df) == 60
+    assert df["label"].value_counts().to_dict() == {"billing": 20, "outage": 20, "feature": 20}
+    assert counts == {"empty": 0, "conflicting": 0, "exact_duplicates": 0, "near_duplicates": 0}
