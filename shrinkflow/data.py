@@ -175,7 +175,9 @@ def fetch_raw(source, raw_dir: Path, root: Path | str = ".", cache_dir: Path | N
     """
     raw_dir, root = Path(raw_dir), Path(root)
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=raw_dir.parent, prefix=f".{raw_dir.name}.", suffix=".tmp"))
+    # mkdir, not mkdtemp: the folder gets the umask's permissions, as before.
+    staging = raw_dir.parent / f".{raw_dir.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    staging.mkdir()
     try:
         if source.kind == "files":
             for role, path in source.files().items():
