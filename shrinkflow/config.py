@@ -158,6 +158,11 @@ SourceSpec = Annotated[Union[Annotated[DataSource, Tag("pypi_sdist")], Annotated
 
 
 class DataParams(_Frozen):
+    """The data stage: where the data comes from (``source``), how it is
+    split (seeded, stratified by class; fractions of the rows after
+    cleaning), and what is refused. With ``source.test_path`` the user's file
+    is the test split and ``test_fraction`` is not used."""
+
     source: SourceSpec = DataSource()
     seed: int = 0
     # Candidates are gated and selected on val, and only the chosen one is
@@ -173,8 +178,8 @@ class DataParams(_Frozen):
     max_rows: Annotated[int, Field(ge=40)] | None = None
     max_shifted_rows: Annotated[int, Field(ge=10)] | None = None
     # kind: files refuses a class with fewer rows than this after cleaning:
-    # with 10, a class keeps about 7 training rows and 1-2 in each of val,
-    # test and reference (each held-out split gets at least one when it can).
+    # a 10-row class splits 6 train, 2 val, 1 test, 1 reference (each
+    # held-out split gets at least one row of a class when it can).
     min_rows_per_class: Annotated[int, Field(ge=1)] = 10
 
     @model_validator(mode="after")
