@@ -82,12 +82,11 @@ def child(raw_dir: Path, out_dir: Path) -> dict:
     """The data stage's work on ``raw_dir``/train.csv, timed by phase."""
     import resource
 
-    from shrinkflow.config import DataParams, FilesSource
+    from shrinkflow.config import DataParams, FilesSource, PretrainedModel
     from shrinkflow.data import class_counts, prepare_files, truncated_shares
     from shrinkflow.entry import configure_env
     from shrinkflow.labels import write_labels
     from shrinkflow.modeling import tokenizer_path
-    from shrinkflow.config import PretrainedModel
 
     configure_env(ROOT)  # as a stage runs: TOKENIZERS_PARALLELISM=false among others
 

@@ -7,7 +7,6 @@ Real files on disk, the real stage functions, the real DVC; nothing mocked.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
