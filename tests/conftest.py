@@ -48,6 +48,44 @@ def small_splits(raw_archive):
     return splits
 
 
+# A small real-looking 3-class task (support tickets), for the user's-files
+# path: ``three_class_rows(n)`` gives n distinct (text, label) rows per class.
+TICKET_WORDS = {
+    "billing": ("invoice", "refund", "charged", "payment", "card", "receipt", "price", "subscription"),
+    "outage": ("down", "error", "crash", "timeout", "unreachable", "failing", "broken", "offline"),
+    "feature": ("please", "add", "would", "like", "support", "option", "export", "dark mode"),
+}
+
+
+def three_class_rows(n_per_class: int = 20, seed: int = 0) -> list[tuple[str, str]]:
+    """``n_per_class`` tickets for each of billing, feature, outage, in a
+    seeded interleaved order; every text distinct (up to case and spaces)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_per_class):
+        for label, words in TICKET_WORDS.items():
+            picked = rng.sample(words, 3)
+            rows.append((f"ticket {i}: {picked[0]} {picked[1]}, {picked[2]} ({label[:2]}{i})", label))
+    return rows
+
+
+@pytest.fixture()
+def three_class_csv(tmp_path) -> Path:
+    """A project-like folder with data/user/tickets.csv (text,label; 20 rows
+    of each of 3 classes). Returns the csv's path."""
+    import csv
+
+    path = tmp_path / "data" / "user" / "tickets.csv"
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(three_class_rows())
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_train_params():
     from shrinkflow.config import RandomInitModel, TrainParams

@@ -62,3 +62,40 @@ def test_split_changes_with_seed():
     b = stratified_split(df, DataParams(seed=1))
     assert set(a["test"]["text"]) != set(b["test"]["text"])
     assert a["test"]["label"].sum() == 5 and len(a["test"]) == 10
+
+
+def test_builtin_task_prepares_the_locked_splits_byte_for_byte(raw_archive, tmp_path):
+    """The default task must not regress: the data stage's work on the pinned
+    archive gives exactly the split files dvc.lock recorded, the label set
+    (negative, positive), and no unlabelled text."""
+    import hashlib
+    import shutil
+
+    import yaml
+
+    from shrinkflow.config import load_params
+    from shrinkflow.data import prepare_raw
+    from shrinkflow.modeling import tokenizer_path
+    from shrinkflow.paths import PREPARED, SPLITS, split_path
+    from tests.conftest import PROJECT_ROOT
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    (tmp_path / "raw").mkdir()
+    shutil.copy(raw_archive, tmp_path / "raw" / "source.tar.gz")
+    prepared = prepare_raw(tmp_path / "raw", params.data, tokenizer_path(params.train.model), params.train.max_seq_len)
+    lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]["data"]["outs"]
+    locked = {o["path"]: o["md5"] for o in lock if o["path"].startswith(str(PREPARED))}
+    assert {str(split_path(name)) for name in SPLITS} <= set(locked)
+    for name in SPLITS:
+        got = hashlib.md5(prepared.splits[name].to_parquet(index=False)).hexdigest()
+        assert got == locked[str(split_path(name))], name
+    assert prepared.labels == ("negative", "positive") and len(prepared.unlabelled) == 0
+    assert prepared.stats["truncated_share_train"] == round(5 / 7397, 6)   # 5 sentences over 64 tokens
+    assert prepared.stats["class_counts"]["test"] == {"negative": 532, "positive": 524}
+
+
+def test_vectorised_dedup_matches_the_scalar_rule_on_the_real_data(raw_archive):
+    from shrinkflow.data import MOVIE_FILE, normalize, normalized, read_snippets
+
+    texts = read_snippets(raw_archive, MOVIE_FILE)["text"]
+    assert normalized(texts).tolist() == [normalize(t) for t in texts]

@@ -187,8 +187,10 @@ def test_catalog_outs_match_dvc_yaml():
         return {next(iter(o)) if isinstance(o, dict) else o
                 for key in ("outs", "metrics") for o in stages[stage].get(key, [])}
 
-    assert outs("fetch") == {str(paths.RAW)}
-    assert outs("data") == {str(paths.split_path(s)) for s in paths.SPLITS} | {str(paths.METRICS_DATA)}
+    assert outs("fetch") == {str(paths.RAW_DIR)}
+    assert paths.RAW.parent == paths.RAW_DIR
+    assert outs("data") == ({str(paths.split_path(s)) for s in paths.SPLITS}
+                            | {str(paths.METRICS_DATA), str(paths.LABELS_JSON), str(paths.UNLABELLED_PREPARED)})
     assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN)}
     assert outs("compress") == {str(paths.CANDIDATES), str(paths.METRICS_COMPRESS)}
     assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD)}
