@@ -136,8 +136,8 @@ def paired_macro_f1_drop(labels, teacher_pred, candidate_pred, n_classes: int, c
     """Teacher macro-F1 minus candidate macro-F1 on the same texts, with a
     paired percentile-bootstrap interval.
 
-    The point estimate is exactly the difference of the two ``quality``
-    figures. Macro-F1 is not a mean over texts, so there is no closed-form
+    The point estimate is the difference of the two ``quality`` figures
+    (before their rounding to 6 places). Macro-F1 is not a mean over texts, so there is no closed-form
     paired interval like the accuracy drop's: each of ``resamples`` draws
     (seeded) resamples the texts with replacement and scores both models on
     the same draw, so the interval is paired like the accuracy one. Every
