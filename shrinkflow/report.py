@@ -102,10 +102,10 @@ def confirmation_section(conf: dict | None) -> list[str]:
     state = ("confirmed" if conf["passed"] else
              ("**NOT confirmed**: not deployed" if conf["enforced"] else "**NOT confirmed** (reported only)"))
     f1 = [f"| F1 of class 1 | {t['f1']:.4f} | {m['f1']:.4f} |"] if m.get("f1") is not None else []
-    mf1 = ([f"| macro-F1 | {t['macro_f1']:.4f} | {m['macro_f1']:.4f} |",
-            f"| macro-F1 drop (paired) | | {m['macro_f1_drop']:+.4f}, {m['confidence']:.0%} bootstrap interval "
-            f"[{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}] |"]
-           if "macro_f1_drop" in m else [])
+    mf1 = [f"| macro-F1 | {t['macro_f1']:.4f} | {m['macro_f1']:.4f} |"] if "macro_f1" in m else []
+    mf1_drop = ([f"| macro-F1 drop (paired) | | {m['macro_f1_drop']:+.4f}, {m['confidence']:.0%} bootstrap "
+                 f"interval [{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}] |"]
+                if "macro_f1_drop" in m else [])
     return ["## Confirmation on test", "",
             f"Only the chosen candidate, {conf['candidate']!r}, is scored on the test split ({m['n']} sentences): "
             f"{state}.", "",
@@ -113,7 +113,7 @@ def confirmation_section(conf: dict | None) -> list[str]:
             f"| accuracy | {t['accuracy']:.4f} | {m['accuracy']:.4f} |", *mf1, *f1,
             f"| accuracy drop (paired) | | {m['accuracy_drop']:+.4f}, {m['confidence']:.0%} interval "
             f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}], McNemar p={m['mcnemar_p']:.3g} |",
-            f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
+            *mf1_drop, f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
 
 
 def recall_section(metrics: dict, gates: dict) -> list[str]:

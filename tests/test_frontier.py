@@ -92,3 +92,22 @@ def test_robustness_row_and_report(tmp_path, tiny_teacher_dir, small_splits):
                            "sd", SD, 0.1), {"teacher (large)": row, "small-direct": worse}, SmallDirectParams(), 0.1)
     assert "compressed-large **beats** small-direct by **+5.00 points** in domain" in md
     assert "the large model lost fewer points under every compression" in md
+
+
+def test_frontier_with_macro_f1_and_no_shifted_split():
+    """A user's task without a shifted split: the shifted figures are n/a,
+    and macro-F1 margins stand next to the accuracy ones."""
+    sd = {**SD, "accuracy_shifted": None, "macro_f1_val": 0.70, "macro_f1": 0.71, "macro_f1_shifted": None}
+    student = {**pt(0.83, None, 2.1, 11.0), "macro_f1_val": 0.76, "macro_f1": 0.745, "macro_f1_shifted": None}
+    rows = verdict({"student": student}, "sd", sd, 0.10)
+    assert rows[0]["points_in_domain"] == pytest.approx(5.0) and rows[0]["points_shifted"] is None
+    assert rows[0]["macro_f1_points_in_domain"] == pytest.approx(3.5) and rows[0]["macro_f1_points_shifted"] is None
+    md = frontier_markdown({**pt(0.85, None, 20.0, 91.0), "macro_f1_val": 0.8, "macro_f1": 0.79}, {"student": student,
+                           "sd": sd}, {"sd"}, rows, {"L": {"fp32": 0.85, "int8": 0.84}, "S": {"fp32": 0.8, "int8": 0.7}},
+                           SmallDirectParams(), 0.1)
+    assert ("compressed-large **beats** small-direct by **+5.00 points** in domain (accuracy) "
+            "(macro-F1: +3.50 points in domain)") in md
+    assert "| student | compressed large | 0.8300 | 0.8300 | n/a | 0.7600 | 0.7450 | n/a |" in md
+    # the built-in task's rows (no macro-F1 recorded) still read as before, with n/a for macro-F1
+    legacy = verdict({"d": pt(0.83, 0.70, 2.1, 11.0)}, "sd", SD, 0.10)
+    assert legacy[0]["points_shifted"] == pytest.approx(10.0) and legacy[0]["macro_f1_points_in_domain"] is None

@@ -301,3 +301,56 @@ def test_the_validate_stage_refuses_a_candidate_with_other_labels_and_writes_not
     assert "models/candidates/bugs: ['bug', 'billing', 'sales']" in proc.stderr
     assert "['billing', 'bug', 'sales']" in proc.stderr and "re-compress" in proc.stderr
     assert not (root / "metrics").exists() and not (root / "reports").exists()
+
+
+# ------------------------------------------------------- registry, status
+def test_the_registry_and_status_show_the_label_set_and_macro_f1(tmp_path):
+    """A three-class version promoted as the deploy stage records it, then
+    `shrinkflow status` (text and --json) as a user runs it."""
+    from shrinkflow.gates import GateReport
+    from shrinkflow.registry import Registry
+    from shrinkflow.status import status_document
+
+    teacher = run(VAL, TEST, lat=20.0)
+    slow = run(VAL[:15] + [0, 2, 2], TEST[:9] + [0], lat=5.0)   # test: one sales called billing
+    gates = Gates(min_accuracy=0.5, max_accuracy_drop=0.12, max_latency_ms_p95_b1=100.0, max_size_mb=100.0,
+                  min_speedup=1.0, max_macro_f1_drop=0.2)
+    metrics, report = validate_runs(teacher, {"slow": slow}, LABELS, ValidateParams(gates=gates),
+                                    {"slow": FILES["slow"]}, CLASSES)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"weights")
+    (model / "shrinkflow_model.json").write_text(json.dumps({"format": "onnx", "max_seq_len": 32,
+                                                             "labels": list(CLASSES), "recipe": []}))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    reg = Registry(tmp_path / "registry")
+    record = {"candidate": "slow", "labels": metrics["labels"], "recipe": [], **deployed_figures(metrics, "slow"),
+              "confirmation": metrics["confirmation"], "selection": report["reason"], "roi": None, "lineage": {}}
+    v = reg.promote(model, GateReport.from_dict(report["candidates"]["slow"]), record).version
+    doc = status_document(reg)["deployed"]
+    assert doc["labels"] == list(CLASSES) and doc["version"] == v
+    m = doc["metrics"]
+    # test: billing 4/4, bug 4/4, sales 1/2 -> F1 8/9, 1, 2/3
+    assert m["split"] == "test" and m["macro_f1"] == pytest.approx((8 / 9 + 1 + 2 / 3) / 3, abs=1e-6)
+    assert m["per_class_recall"] == {"billing": 1.0, "bug": 1.0, "sales": 0.5}
+    assert m["macro_f1_drop"] == pytest.approx(1 - m["macro_f1"], abs=1e-6)
+    assert reg.describe_versions()[0]["metrics"]["macro_f1"] == m["macro_f1"]
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    code, out = cli("--json")
+    assert code == 0 and json.loads(out)["deployed"]["labels"] == list(CLASSES)
+    code, out = cli()
+    assert code == 0, out
+    assert "labels (3): billing, bug, sales" in out
+    assert "macro_f1                 0.8519   teacher          1" in out
+    assert "macro-F1 drop           +0.1481" in out and "McNemar p=1" in out
+    assert "recall by class (test): billing 1.000 (teacher 1.000); bug 1.000 (teacher 1.000); " \
+           "sales 0.500 (teacher 1.000)" in out
+    assert "\n  f1 " not in out  # no positive class among three
