@@ -102,8 +102,9 @@ def test_frontier_with_macro_f1_and_no_shifted_split():
     rows = verdict({"student": student}, "sd", sd, 0.10)
     assert rows[0]["points_in_domain"] == pytest.approx(5.0) and rows[0]["points_shifted"] is None
     assert rows[0]["macro_f1_points_in_domain"] == pytest.approx(3.5) and rows[0]["macro_f1_points_shifted"] is None
-    md = frontier_markdown({**pt(0.85, None, 20.0, 91.0), "macro_f1_val": 0.8, "macro_f1": 0.79}, {"student": student,
-                           "sd": sd}, {"sd"}, rows, {"L": {"fp32": 0.85, "int8": 0.84}, "S": {"fp32": 0.8, "int8": 0.7}},
+    teacher = {**pt(0.85, None, 20.0, 91.0), "macro_f1_val": 0.8, "macro_f1": 0.79}
+    robustness = {"L": {"fp32": 0.85, "int8": 0.84}, "S": {"fp32": 0.8, "int8": 0.7}}
+    md = frontier_markdown(teacher, {"student": student, "sd": sd}, {"sd"}, rows, robustness,
                            SmallDirectParams(), 0.1)
     assert ("compressed-large **beats** small-direct by **+5.00 points** in domain (accuracy) "
             "(macro-F1: +3.50 points in domain)") in md

@@ -192,7 +192,8 @@ def test_a_model_whose_labels_differ_from_the_data_is_named():
     check_model_labels(CLASSES, {"models/teacher": list(CLASSES)})
     with pytest.raises(DataError, match=r"models/candidates/x: \['bug', 'billing', 'sales'\]; "
                                         r"models/candidates/y: no labels in its manifest"):
-        check_model_labels(CLASSES, {"models/teacher": list(CLASSES), "models/candidates/x": ["bug", "billing", "sales"],
+        check_model_labels(CLASSES, {"models/teacher": list(CLASSES),
+                                     "models/candidates/x": ["bug", "billing", "sales"],
                                      "models/candidates/y": None})
 
 
