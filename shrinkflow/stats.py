@@ -19,7 +19,8 @@ import numpy as np
 
 
 def accuracy_f1(y_true, y_pred) -> tuple[float, float]:
-    """Accuracy and F1 of the positive class (label 1)."""
+    """Accuracy, and the F1 of class id 1 (the built-in task's positive class):
+    meaningful for two classes (ids 0 and 1) only, where ``quality`` reports it."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     acc = float((y_true == y_pred).mean()) if len(y_true) else 0.0
     tp = int(((y_pred == 1) & (y_true == 1)).sum())

@@ -112,3 +112,16 @@ def test_frontier_with_macro_f1_and_no_shifted_split():
     # the built-in task's rows (no macro-F1 recorded) still read as before, with n/a for macro-F1
     legacy = verdict({"d": pt(0.83, 0.70, 2.1, 11.0)}, "sd", SD, 0.10)
     assert legacy[0]["points_shifted"] == pytest.approx(10.0) and legacy[0]["macro_f1_points_in_domain"] is None
+
+
+def test_frontier_points_on_three_classes_without_a_shifted_split():
+    from stages.frontier import _point
+
+    labels = {"val": [0, 1, 2, 2], "test": [0, 1, 2, 1], "shifted": []}
+    run = {"predictions": {"val": [0, 1, 2, 0], "test": [0, 1, 2, 1], "shifted": []},
+           "performance": {"latency_ms_p95_b1": 1.0, "size_mb": 2.0}}
+    p = _point(run, labels, ("billing", "bug", "sales"))
+    # val: billing F1 2/3, bug 1, sales 2/3 (tp 1, fn 1)
+    assert p["accuracy_val"] == 0.75 and p["macro_f1_val"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3, abs=1e-6)
+    assert p["accuracy"] == 1.0 and p["macro_f1"] == 1.0
+    assert p["accuracy_shifted"] is None and p["macro_f1_shifted"] is None and p["size_mb"] == 2.0
