@@ -148,13 +148,27 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
         d, t = doc["deployed"], doc["teacher"]["metrics"]
         typer.echo(f"production: {d['version']} ({d['candidate']}), deployed {d['created_at']}; "
                    f"files {d['integrity']}")
+        labels = d.get("labels")
+        typer.echo(f"  labels ({len(labels)}): {', '.join(labels)}" if labels else "  labels: not recorded")
         typer.echo(f"  figures on the {d['metrics']['split']} split ({d['metrics']['n']} sentences; the "
                    f"candidate was selected on {d['selection_metrics']['split']}):")
-        for k in ("accuracy", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
-            typer.echo(f"  {k:<20} {d['metrics'][k]:>10.4g}   teacher {t[k]:>10.4g}")
+        # macro-F1 and f1 are absent from versions deployed before they were
+        # recorded; f1 (of class 1) exists for two classes only
+        for k in ("accuracy", "macro_f1", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
+            if d["metrics"].get(k) is not None:
+                typer.echo(f"  {k:<20} {d['metrics'][k]:>10.4g}   teacher {t[k]:>10.4g}")
         mm = d["metrics"]
         typer.echo(f"  accuracy drop        {mm['accuracy_drop']:>+10.4f}   {mm['confidence']:.0%} interval "
-                   f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}]")
+                   f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}], "
+                   f"McNemar p={mm['mcnemar_p']:.3g}")
+        if "macro_f1_drop" in mm:
+            typer.echo(f"  macro-F1 drop        {mm['macro_f1_drop']:>+10.4f}   {mm['confidence']:.0%} bootstrap "
+                       f"interval [{mm['macro_f1_drop_ci_low']:+.4f}, {mm['macro_f1_drop_ci_high']:+.4f}]")
+        if mm.get("per_class_recall"):
+            tr = t.get("per_class_recall") or {}
+            typer.echo("  recall by class (test): " + "; ".join(
+                f"{c} {r:.3f}" + (f" (teacher {tr[c]:.3f})" if tr.get(c) is not None else "")
+                for c, r in mm["per_class_recall"].items() if r is not None))
         typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
         typer.echo("  gates: " + ", ".join(
             f"{n}={'pass' if g['passed'] else ('FAIL' if g.get('enforced', True) else 'not met')}"

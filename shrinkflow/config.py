@@ -454,6 +454,12 @@ class Gates(_Frozen):
     max_latency_ms_p95_b1: Annotated[float, Field(gt=0.0)] = 15.0
     max_size_mb: Annotated[float, Field(gt=0.0)] = 40.0
     min_speedup: Annotated[float, Field(gt=0.0)] = 2.0
+    # Teacher macro-F1 - candidate macro-F1 on the same texts (point
+    # estimate), checked on val and again on test like max_accuracy_drop.
+    # None: not gated, only reported. Macro-F1 weighs every class alike, so
+    # it catches a candidate that gives up a rare class while accuracy,
+    # dominated by the common ones, hardly moves.
+    max_macro_f1_drop: Fraction | None = None
     # Re-compression only: agreement with the teacher on the held-out part of
     # the production window (data/unlabelled/heldout.txt). Checked when that
     # file is not empty; the label-free gate for text no split covers.

@@ -3,6 +3,10 @@ beat training a small one directly, at the same latency or size?
 
 Pure functions over metrics dicts, plus the I/O-free pieces of the robustness
 study; stages/frontier.py does the loading and saving.
+
+Any number of classes: each point carries accuracy and macro-F1 (val, test,
+shifted; ``macro_f1*`` keys optional, as in frontiers written before them),
+and the shifted figures are None when the task has no shifted split.
 """
 
 from __future__ import annotations
@@ -55,9 +59,22 @@ def verdict(candidates: dict[str, dict], baseline_name: str, baseline: dict, tol
         m = pool[best]
         out.append({"budget": label, "key": key, "winner": best, "baseline": baseline_name,
                     "winner_value": m[key], "baseline_value": baseline[key],
-                    "points_in_domain": round(100 * (m["accuracy"] - baseline["accuracy"]), 2),
-                    "points_shifted": round(100 * (m["accuracy_shifted"] - baseline["accuracy_shifted"]), 2)})
+                    "points_in_domain": _points(m, baseline, "accuracy"),
+                    "points_shifted": _points(m, baseline, "accuracy_shifted"),
+                    "macro_f1_points_in_domain": _points(m, baseline, "macro_f1"),
+                    "macro_f1_points_shifted": _points(m, baseline, "macro_f1_shifted")})
     return out
+
+
+def _points(m: dict, baseline: dict, key: str) -> float | None:
+    """m[key] - baseline[key] in points (x100); None when either is missing
+    (no shifted split, or a figure not recorded)."""
+    a, b = m.get(key), baseline.get(key)
+    return None if a is None or b is None else round(100 * (a - b), 2)
+
+
+def _pts(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f} points"
 
 
 def verdict_sentences(rows: list[dict], tolerance: float) -> list[str]:
@@ -68,11 +85,16 @@ def verdict_sentences(rows: list[dict], tolerance: float) -> list[str]:
                          f"the budget (+{tolerance:.0%}); no verdict.")
             continue
         beats = "beats" if r["points_in_domain"] > 0 else "does NOT beat"
+        shifted = ("" if r.get("points_shifted") is None else
+                   f" and **{r['points_shifted']:+.2f} points** on the shifted domain")
+        mf1 = ("" if r.get("macro_f1_points_in_domain") is None else
+               f" (macro-F1: {_pts(r['macro_f1_points_in_domain'])} in domain"
+               + ("" if r.get("macro_f1_points_shifted") is None else
+                  f", {_pts(r['macro_f1_points_shifted'])} shifted") + ")")
         lines.append(
             f"- At equal {r['budget']} ({r['winner']}: {r['winner_value']:.3g} vs small-direct "
             f"{r['baseline_value']:.3g}), compressed-large **{beats}** small-direct by "
-            f"**{r['points_in_domain']:+.2f} points** in domain and **{r['points_shifted']:+.2f} points** "
-            "on the shifted domain (product reviews).")
+            f"**{r['points_in_domain']:+.2f} points** in domain{shifted} (accuracy){mf1}.")
     return lines
 
 
@@ -130,11 +152,15 @@ def plot(points: dict[str, dict], baseline_names: set[str], path) -> None:
 
 def frontier_markdown(teacher: dict, points: dict[str, dict], baseline_names: set[str], rows: list[dict],
                       robustness: dict[str, dict], spec: SmallDirectParams, tolerance: float) -> str:
-    table = ["| model | kind | val accuracy | test accuracy | shifted accuracy | p95 b1 ms | b32 ex/s | MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| model | kind | val accuracy | test accuracy | shifted accuracy | val macro-F1 | test macro-F1 | "
+             "shifted macro-F1 | p95 b1 ms | b32 ex/s | MB |", "|---" * 11 + "|"]
+
+    def f(m, key):
+        return "n/a" if m.get(key) is None else f"{m[key]:.4f}"
 
     def row(name, kind, m):
-        return (f"| {name} | {kind} | {m['accuracy_val']:.4f} | {m['accuracy']:.4f} | {m['accuracy_shifted']:.4f} | "
+        return (f"| {name} | {kind} | {f(m, 'accuracy_val')} | {f(m, 'accuracy')} | {f(m, 'accuracy_shifted')} | "
+                f"{f(m, 'macro_f1_val')} | {f(m, 'macro_f1')} | {f(m, 'macro_f1_shifted')} | "
                 f"{m['latency_ms_p95_b1']:.2f} | {m['throughput_eps_b32']:.0f} | {m['size_mb']:.1f} |")
 
     table.append(row("teacher (fp32, torch)", "large, uncompressed", teacher))
@@ -158,7 +184,8 @@ def frontier_markdown(teacher: dict, points: dict[str, dict], baseline_names: se
         "", "## Verdict", "", *verdict_sentences(rows, tolerance), "",
         "Each budget's candidate is the most accurate on the val split; the margins are on the test "
         "split and the shifted domain, which played no part in choosing it.", "",
-        "## Every model (shifted = product reviews, never trained or selected on)", "",
+        "## Every model (shifted = the shifted split, product reviews for the built-in task; never trained "
+        "or selected on)", "",
         "Every row was measured in this stage, side by side, in one run.", "",
         *table, "",
         "![frontier](frontier.png)", "",

@@ -97,10 +97,21 @@ def accuracy_drop_value(candidate: dict, teacher: dict, gates: Gates) -> float:
     return teacher["accuracy"] - candidate["accuracy"]
 
 
+def macro_f1_gates(candidate: dict, teacher: dict, gates: Gates) -> tuple[GateResult, ...]:
+    """``max_macro_f1_drop``: teacher macro-F1 minus candidate macro-F1 on
+    the same texts (the point estimate; its bootstrap interval is reported
+    beside it). Not set (None): no gate, the drop is only reported."""
+    if gates.max_macro_f1_drop is None:
+        return ()
+    return (check_max("max_macro_f1_drop", teacher["macro_f1"] - candidate["macro_f1"], gates.max_macro_f1_drop),)
+
+
 def accuracy_gates(candidate: dict, teacher: dict, gates: Gates) -> tuple[GateResult, ...]:
-    """The gates that depend on the evaluation split (re-checked on test)."""
+    """The gates that depend on the evaluation split (re-checked on test):
+    min_accuracy, max_accuracy_drop and, when set, max_macro_f1_drop."""
     return (check_min("min_accuracy", candidate["accuracy"], gates.min_accuracy),
-            check_max("max_accuracy_drop", accuracy_drop_value(candidate, teacher, gates), gates.max_accuracy_drop))
+            check_max("max_accuracy_drop", accuracy_drop_value(candidate, teacher, gates), gates.max_accuracy_drop),
+            ) + macro_f1_gates(candidate, teacher, gates)
 
 
 def evaluate_gates(candidate_name: str, candidate: dict, teacher: dict, gates: Gates) -> GateReport:

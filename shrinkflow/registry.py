@@ -3,7 +3,8 @@
 Layout::
 
     registry/
-      versions/v0001/   immutable: model files + manifest.json
+      versions/v0001/   immutable: model files + manifest.json (its ``labels``:
+                        the class names in class-id order, from the model's own manifest)
       aliases.json      {"production": "v0001"}; replaced atomically
       history.jsonl     append-only log of promotions and rollbacks
       .lock             serialises writers (flock)
@@ -60,6 +61,18 @@ class ModelRef:
     version: str
     path: Path                  # the model directory (load_predictor takes it)
     manifest: dict
+
+
+def model_labels(model_dir: Path | str) -> list[str]:
+    """The class names, in class-id order, from a model directory's own
+    manifest (``shrinkflow_model.json``). Raises PromotionRefused when it has
+    none: a version must say what its outputs mean."""
+    path = Path(model_dir) / "shrinkflow_model.json"
+    labels = read_json(path).get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise PromotionRefused(f"refusing to deploy: {path} has no valid 'labels' (class names in class-id "
+                               f"order), got {labels!r}")
+    return labels
 
 
 class Registry:
@@ -186,6 +199,11 @@ class Registry:
         model_dir = Path(model_dir)
         if not (model_dir / "shrinkflow_model.json").is_file():
             raise PromotionRefused(f"refusing to deploy: {model_dir} is not a shrinkflow model directory")
+        labels = model_labels(model_dir)
+        if "labels" in record and list(record["labels"]) != labels:
+            raise PromotionRefused(f"refusing to deploy: {model_dir} outputs the classes {labels}, but it was "
+                                   f"validated for {list(record['labels'])}; re-run validate")
+        record = {**record, "labels": labels}
         hashes = file_hashes(model_dir)
         if expected_files is not None and hashes != expected_files:
             bad = sorted(k for k in set(hashes) | set(expected_files) if hashes.get(k) != expected_files.get(k))
@@ -270,7 +288,9 @@ class Registry:
             out.append({"version": v, "candidate": m.get("candidate"), "created_at": m.get("created_at"),
                         "same_model_as": m.get("same_model_as"), "production": v == current,
                         "live": periods.get(v, []),
-                        "metrics": {k: metrics.get(k) for k in ("split", "accuracy", "accuracy_drop",
+                        # None: stored before versions recorded their labels
+                        "labels": m.get("labels"),
+                        "metrics": {k: metrics.get(k) for k in ("split", "accuracy", "macro_f1", "accuracy_drop",
                                                                  "latency_ms_p95_b1", "size_mb")}})
         return out
 

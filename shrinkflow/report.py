@@ -11,8 +11,10 @@ from __future__ import annotations
 from shrinkflow.gates import GateReport
 
 METRIC_ROWS = [
-    ("accuracy", "accuracy (val)", "{:.4f}"), ("f1", "F1 (val)", "{:.4f}"),
+    ("accuracy", "accuracy (val)", "{:.4f}"), ("macro_f1", "macro-F1 (val)", "{:.4f}"),
+    ("f1", "F1 of class 1 (val)", "{:.4f}"),
     ("accuracy_drop", "accuracy drop vs teacher (val, paired)", "{:+.4f}"),
+    ("macro_f1_drop", "macro-F1 drop vs teacher (val, paired)", "{:+.4f}"),
     ("accuracy_shifted", "accuracy, shifted domain", "{:.4f}"),
     ("latency_ms_p50_b1", "latency p50 b1 (ms)", "{:.2f}"),
     ("latency_ms_p95_b1", "latency p95 b1 (ms)", "{:.2f}"),
@@ -25,20 +27,37 @@ METRIC_ROWS = [
 ]
 
 
-def metrics_table(teacher: dict, candidates: dict[str, dict]) -> str:
+def _row_label(key: str, label: str, labels: list[str] | None) -> str:
+    """The F1 row names its class (the built-in task: "positive")."""
+    if key == "f1" and labels and len(labels) == 2:
+        return f"F1 of {labels[1]!r} (val)"
+    return label
+
+
+def metrics_table(teacher: dict, candidates: dict[str, dict], labels: list[str] | None = None) -> str:
+    """Every val figure of the teacher and each candidate, one row per figure.
+    The class-1 F1 row appears only for two classes (where it is computed)."""
     names = list(candidates)
     head = "| metric | teacher (fp32, torch) | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (2 + len(names))]
+    everyone = [teacher, *candidates.values()]
     for key, label, fmt in METRIC_ROWS:
+        if key == "f1" and all(m.get(key) is None for m in everyone):
+            continue  # more than two classes: no single "positive" class
+
         def cell(m):
             return "n/a" if m.get(key) is None else fmt.format(m[key])
 
         cells = [cell(teacher)] + [cell(candidates[n]) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_row_label(key, label, labels)} | " + " | ".join(cells) + " |")
     ci = [f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}] (McNemar p={m['mcnemar_p']:.3g})"
           for m in candidates.values()]
     conf = next(iter(candidates.values()), {}).get("confidence", 0.95)
-    lines.append(f"| drop {conf:.0%} interval (val) | — | " + " | ".join(ci) + " |")
+    lines.append(f"| accuracy drop {conf:.0%} interval (val) | — | " + " | ".join(ci) + " |")
+    if all("macro_f1_drop_ci_low" in m for m in candidates.values()):
+        lines.append(f"| macro-F1 drop {conf:.0%} interval (val, bootstrap) | — | " + " | ".join(
+            f"[{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}]" for m in candidates.values())
+            + " |")
     splits = sorted({s for m in candidates.values() for s in m.get("agreement", {})})
     for s in splits:
         vals = [candidates[n]["agreement"].get(s) for n in names]
@@ -58,6 +77,23 @@ def gates_table(reports: dict[str, GateReport]) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v, fmt: str = "{:.4f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def per_class_recall_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """Per-class recall, one row per class, one column per (heading, figures)
+    pair; each figures dict is a ``stats.quality`` result. The class's
+    number of labelled texts is given per split."""
+    classes = list(rows[0][1]["per_class_recall"])
+    head = "| class | " + " | ".join(h for h, _ in rows) + " |"
+    lines = [head, "|---" * (len(rows) + 1) + "|"]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(
+            f"{_fmt(m['per_class_recall'].get(c))} (n={m['per_class_n'].get(c, 0)})" for _, m in rows) + " |")
+    return lines
+
+
 def confirmation_section(conf: dict | None) -> list[str]:
     if conf is None:
         return ["## Confirmation on test", "", "No candidate passed every gate on val, so none was scored on test."]
@@ -65,15 +101,37 @@ def confirmation_section(conf: dict | None) -> list[str]:
     rep = GateReport.from_dict(conf["gates"])
     state = ("confirmed" if conf["passed"] else
              ("**NOT confirmed**: not deployed" if conf["enforced"] else "**NOT confirmed** (reported only)"))
+    f1 = [f"| F1 of class 1 | {t['f1']:.4f} | {m['f1']:.4f} |"] if m.get("f1") is not None else []
+    mf1 = [f"| macro-F1 | {t['macro_f1']:.4f} | {m['macro_f1']:.4f} |"] if "macro_f1" in m else []
+    mf1_drop = ([f"| macro-F1 drop (paired) | | {m['macro_f1_drop']:+.4f}, {m['confidence']:.0%} bootstrap "
+                 f"interval [{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}] |"]
+                if "macro_f1_drop" in m else [])
     return ["## Confirmation on test", "",
             f"Only the chosen candidate, {conf['candidate']!r}, is scored on the test split ({m['n']} sentences): "
             f"{state}.", "",
             "| | teacher | candidate |", "|---|---|---|",
-            f"| accuracy | {t['accuracy']:.4f} | {m['accuracy']:.4f} |",
-            f"| F1 | {t['f1']:.4f} | {m['f1']:.4f} |",
+            f"| accuracy | {t['accuracy']:.4f} | {m['accuracy']:.4f} |", *mf1, *f1,
             f"| accuracy drop (paired) | | {m['accuracy_drop']:+.4f}, {m['confidence']:.0%} interval "
             f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}], McNemar p={m['mcnemar_p']:.3g} |",
-            f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
+            *mf1_drop, f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
+
+
+def recall_section(metrics: dict, gates: dict) -> list[str]:
+    """Per-class recall of the chosen candidate (or, when none was chosen,
+    the best effort) and of the teacher, on val and, once confirmed, test."""
+    name = gates["selected"] or gates.get("best_effort")
+    cand = metrics["candidates"].get(name) if name else None
+    if not cand or "per_class_recall" not in cand or "per_class_recall" not in metrics["teacher"]:
+        return []
+    rows = [("teacher, val", metrics["teacher"]), (f"{name}, val", cand)]
+    conf = metrics.get("confirmation")
+    if conf and conf["candidate"] == name and "per_class_recall" in conf["metrics"]:
+        rows += [("teacher, test", conf["teacher"]), (f"{name}, test", conf["metrics"])]
+    who = "the chosen candidate" if gates["selected"] else "the best-effort candidate (not deployed)"
+    return [f"## Per-class recall: {who}, {name!r}", "",
+            "The share of each class's texts the model labels correctly (n: that class's labelled texts); "
+            "macro-F1 averages the classes alike, so a class given up shows here first.", "",
+            *per_class_recall_table(rows)]
 
 
 def outcome_line(gates: dict, deployed: str | None = None, deploy_ran: bool = False) -> str:
@@ -91,9 +149,11 @@ def validation_markdown(metrics: dict, gates: dict, deployed: str | None = None,
     reports = {n: GateReport.from_dict(d) for n, d in gates["candidates"].items()}
     return "\n\n".join([
         "# shrinkflow lifecycle", outcome_line(gates, deployed, deploy_ran), f"Selection: {gates['reason']}",
+        *([f"Classes ({len(metrics['labels'])}): " + ", ".join(metrics["labels"])] if metrics.get("labels") else []),
         f"## Metrics on {metrics['selection_split']} (gating and selection)", metrics_table(
-            metrics["teacher"], metrics["candidates"]),
-        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(metrics["confirmation"]))]) + "\n"
+            metrics["teacher"], metrics["candidates"], metrics.get("labels")),
+        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(metrics["confirmation"])),
+        *(["\n".join(recall)] if (recall := recall_section(metrics, gates)) else [])]) + "\n"
 
 
 def roi_markdown(roi: dict | None) -> str:

@@ -4,13 +4,25 @@ prints and what the server's /metadata returns."""
 from __future__ import annotations
 
 from shrinkflow.errors import IntegrityError
+from shrinkflow.io import read_json
 from shrinkflow.registry import Registry
 
 
+def version_labels(registry: Registry, version: str, manifest: dict) -> list[str] | None:
+    """A version's class names in class-id order: its manifest's ``labels``,
+    or, for a version stored before the registry recorded them, its model's
+    own manifest. None when neither says."""
+    if manifest.get("labels"):
+        return list(manifest["labels"])
+    path = registry.path(version) / "model" / "shrinkflow_model.json"
+    return (read_json(path).get("labels") or None) if path.is_file() else None
+
+
 def status_document(registry: Registry, version: str | None = None) -> dict:
-    """``version`` (default: production) with its test figures, gates,
-    confirmation, lineage and recipe, the teacher baseline, and whether its
-    files still match their hashes."""
+    """``version`` (default: production) with its label set (``labels``, class
+    names in class-id order), test figures (accuracy, macro-F1, per-class
+    recall, the paired drops), gates, confirmation, lineage and recipe, the
+    teacher baseline, and whether its files still match their hashes."""
     version = version or registry.alias()
     if version is None:
         return {"deployed": None, "message": "nothing is deployed yet: run `shrinkflow run`"}
@@ -23,6 +35,7 @@ def status_document(registry: Registry, version: str | None = None) -> dict:
     return {"deployed": {"version": version, "candidate": m["candidate"], "recipe": m["recipe"],
                          "created_at": m["created_at"], "path": str(registry.path(version)),
                          "integrity": integrity, "same_model_as": m.get("same_model_as"),
+                         "labels": version_labels(registry, version, m),
                          "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
                          "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"],
                          # cost and return of compressing (None: deployed before it was recorded)

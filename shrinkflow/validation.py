@@ -6,12 +6,20 @@ compared on ``val``; only the chosen one is then scored on ``test``, so the
 test figure of the deployed model is not the best of several tries on the
 same sentences. Agreement with the teacher needs no labels, so it is reported
 on every split, unlabelled text included.
+
+Any number of classes: ``label_names`` is the task's label tuple (class id =
+index, ``shrinkflow.labels``); quality is reported as accuracy, macro-F1 and
+per-class recall by name, next to the paired accuracy drop with McNemar's
+test and the paired macro-F1 drop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shrinkflow.config import ValidateParams
-from shrinkflow.stats import agreement, paired_accuracy_drop, quality, round_ratio_p95
+from shrinkflow.errors import DataError
+from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
 from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
 
 SELECTION_SPLIT = "val"
@@ -21,28 +29,67 @@ PERFORMANCE_KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b3
                     "cpu_ms_per_prediction_b32")
 
 
-def _shifted_accuracy(run: dict, labels: dict) -> float | None:
+def check_model_labels(expected: Sequence[str], models: dict[str, Sequence[str] | None]) -> None:
+    """Every model must output the task's classes in the task's order.
+
+    ``expected`` is the data stage's label tuple (labels.json); ``models``
+    maps a model (its directory) to the ``labels`` of its manifest. Raises
+    DataError naming each model whose labels differ, with both lists: its
+    class ids would mean other classes than the splits' ids.
+    """
+    expected = list(expected)
+    bad = {name: (list(got) if got is not None else None) for name, got in models.items()
+           if got is None or list(got) != expected}
+    if bad:
+        lines = "; ".join(f"{name}: {got if got is not None else 'no labels in its manifest'}"
+                          for name, got in bad.items())
+        raise DataError(f"models whose labels differ from the data's {expected} (data/prepared/labels.json): "
+                        f"{lines}. Re-train and re-compress on these data (dvc repro), so every model "
+                        "outputs one logit per class in this order")
+
+
+def _classes(label_names: Sequence[str] | None, labels: dict) -> tuple[str, ...]:
+    """The label tuple, or (when not given) the class ids seen, as names."""
+    if label_names is not None:
+        return tuple(label_names)
+    seen = [int(y) for ys in labels.values() for y in ys]
+    return tuple(str(i) for i in range(max(2, max(seen) + 1) if seen else 2))
+
+
+def _shifted_accuracy(run: dict, labels: dict, classes: Sequence[str]) -> float | None:
     y = labels.get("shifted")
-    return quality(y, run["predictions"]["shifted"])["accuracy"] if y is not None and len(y) else None
+    return quality(y, run["predictions"]["shifted"], classes)["accuracy"] if y is not None and len(y) else None
 
 
-def teacher_figures(run: dict, labels: dict) -> dict:
+def teacher_figures(run: dict, labels: dict, classes: Sequence[str] | None = None) -> dict:
     """The teacher on the selection split: the baseline every gate compares to."""
-    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], run["predictions"][SELECTION_SPLIT]),
-            "accuracy_shifted": _shifted_accuracy(run, labels), **run["performance"]}
+    classes = _classes(classes, labels)
+    return {"split": SELECTION_SPLIT,
+            **quality(labels[SELECTION_SPLIT], run["predictions"][SELECTION_SPLIT], classes),
+            "accuracy_shifted": _shifted_accuracy(run, labels, classes), **run["performance"]}
 
 
-def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: float) -> dict:
+def paired_drops(y, teacher_pred, candidate_pred, classes: Sequence[str], confidence: float) -> dict:
+    """The paired accuracy drop (Wald interval, McNemar) and the paired
+    macro-F1 drop (bootstrap interval) of a candidate against the teacher."""
+    return {**paired_accuracy_drop(y, teacher_pred, candidate_pred, confidence),
+            **paired_macro_f1_drop(y, teacher_pred, candidate_pred, len(classes), confidence)}
+
+
+def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: float,
+                      classes: Sequence[str] | None = None) -> dict:
     """A candidate on the selection split, paired against the teacher, plus
     its agreement with the teacher on every split it was run on."""
+    classes = _classes(classes, labels)
     p, tp = run["predictions"], teacher_run["predictions"]
     # The speedup the min_speedup gate checks: round by round, when the two
     # were timed interleaved (shrinkflow.stats.round_ratio_p95).
     speedup = ({"speedup_p95_b1": round(round_ratio_p95(teacher_run["rounds_b1"], run["rounds_b1"]), 4)}
                if run.get("rounds_b1") and teacher_run.get("rounds_b1") else {})
-    return {"split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], p[SELECTION_SPLIT]), **speedup,
-            **paired_accuracy_drop(labels[SELECTION_SPLIT], tp[SELECTION_SPLIT], p[SELECTION_SPLIT], confidence),
-            "accuracy_shifted": _shifted_accuracy(run, labels),
+    y = labels[SELECTION_SPLIT]
+    return {"split": SELECTION_SPLIT, **quality(y, p[SELECTION_SPLIT], classes), **speedup,
+            **paired_drops(y, tp[SELECTION_SPLIT], p[SELECTION_SPLIT], classes, confidence),
+            "accuracy_shifted": _shifted_accuracy(run, labels, classes),
             "agreement": {s: agreement(p[s], tp[s]) for s in p},
             **_invariance(run), **run["performance"]}
 
@@ -53,12 +100,15 @@ def _invariance(run: dict) -> dict:
     return {"batch_invariance": {k: v for k, v in inv.items() if k != "labels_alone"}} if inv else {}
 
 
-def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams) -> dict:
-    """The chosen candidate alone, on the test split: its accuracy gates again."""
+def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams,
+                 classes: Sequence[str] | None = None) -> dict:
+    """The chosen candidate alone, on the test split: its accuracy gates again
+    (and max_macro_f1_drop when set)."""
+    classes = _classes(classes, labels)
     y = labels[CONFIRMATION_SPLIT]
     p, tp = run["predictions"][CONFIRMATION_SPLIT], teacher_run["predictions"][CONFIRMATION_SPLIT]
-    teacher = quality(y, tp)
-    cand = {**quality(y, p), **paired_accuracy_drop(y, tp, p, params.gates.accuracy_drop_confidence),
+    teacher = quality(y, tp, classes)
+    cand = {**quality(y, p, classes), **paired_drops(y, tp, p, classes, params.gates.accuracy_drop_confidence),
             "agreement": agreement(p, tp)}
     report = confirm_gates(name, cand, teacher, params.gates)
     return {"candidate": name, "split": CONFIRMATION_SPLIT, "teacher": teacher, "metrics": cand,
@@ -66,21 +116,25 @@ def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: 
 
 
 def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: dict[str, list[int]],
-                  params: ValidateParams, files: dict[str, dict]) -> tuple[dict, dict]:
+                  params: ValidateParams, files: dict[str, dict],
+                  label_names: Sequence[str] | None = None) -> tuple[dict, dict]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
-    ``files`` holds each candidate's per-file sha256 and content hash as
-    validated; deploy refuses a candidate whose files differ from them.
+    ``labels`` holds each split's class ids; ``label_names`` the task's label
+    tuple (default: the ids seen, as names), recorded in both documents as
+    ``labels``. ``files`` holds each candidate's per-file sha256 and content
+    hash as validated; deploy refuses a candidate whose files differ from them.
     """
+    classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
-    teacher = teacher_figures(teacher_run, labels)
-    candidates = {n: {**candidate_figures(r, teacher_run, labels, conf), **files[n]}
+    teacher = teacher_figures(teacher_run, labels, classes)
+    candidates = {n: {**candidate_figures(r, teacher_run, labels, conf, classes), **files[n]}
                   for n, r in candidate_runs.items()}
     reports = {n: evaluate_gates(n, m, teacher, params.gates) for n, m in candidates.items()}
     sel = select_candidate(candidates, reports, params.objective)
     selected, reason, confirm = sel.chosen, sel.reason, None
     if sel.chosen is not None:
-        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params)
+        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
         if not confirm["passed"]:
             misses = "; ".join(f"{g} {'FAILED' if not d['passed'] else 'passed'} on test: {d['value']:.4g} "
                                f"(margin {d['margin']:+.4g})" for g, d in confirm["gates"]["gates"].items()
@@ -92,8 +146,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
             else:
                 reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {misses})"
     metrics = {"selection_split": SELECTION_SPLIT, "confirmation_split": CONFIRMATION_SPLIT,
-               "teacher": teacher, "candidates": candidates, "confirmation": confirm}
-    gates = {"selected": selected, "best_effort": sel.best_effort, "reason": reason,
+               "labels": list(classes), "teacher": teacher, "candidates": candidates, "confirmation": confirm}
+    gates = {"selected": selected, "best_effort": sel.best_effort, "reason": reason, "labels": list(classes),
              "candidates": {n: r.to_dict() for n, r in reports.items()}, "confirmation": confirm}
     return metrics, gates
 

@@ -44,6 +44,9 @@ def deploy(params) -> None:
                "label_flips": inv["label_flips"]} if inv else {}
     record = {
         "candidate": chosen,
+        # the class names in class-id order, as validated (the registry checks
+        # the model's own manifest says the same)
+        "labels": metrics["labels"],
         "serving": serving,
         "recipe": [s.model_dump(mode="json") for s in cand.recipe],
         **figures,

@@ -14,13 +14,21 @@ from stages.common import read_split, run_stage
 SD_NAME = "small-direct-vocab-int8"
 
 
-def _point(run: dict, labels: dict) -> dict:
+def _point(run: dict, labels: dict, classes) -> dict:
+    """Accuracy and macro-F1 on val, test and shifted (None without a
+    shifted split), then the model's performance figures."""
     from shrinkflow.stats import quality
 
     p = run["predictions"]
-    return {"accuracy_val": quality(labels["val"], p["val"])["accuracy"],
-            "accuracy": quality(labels["test"], p["test"])["accuracy"],
-            "accuracy_shifted": quality(labels["shifted"], p["shifted"])["accuracy"], **run["performance"]}
+    q = {s: quality(labels[s], p[s], classes) if len(labels[s]) else None for s in ("val", "test", "shifted")}
+
+    def get(split, key):
+        return None if q[split] is None else q[split][key]
+
+    return {"accuracy_val": get("val", "accuracy"), "accuracy": get("test", "accuracy"),
+            "accuracy_shifted": get("shifted", "accuracy"), "macro_f1_val": get("val", "macro_f1"),
+            "macro_f1": get("test", "macro_f1"), "macro_f1_shifted": get("shifted", "macro_f1"),
+            **run["performance"]}
 
 
 def frontier(params) -> None:
@@ -29,18 +37,23 @@ def frontier(params) -> None:
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.frontier import frontier_markdown, plot, robustness_row, verdict
     from shrinkflow.io import atomic_write_text, write_json
-    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model
-    from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, METRICS_FRONTIER, SMALL_DIRECT,
-                                  TEACHER)
+    from shrinkflow.labels import read_labels
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, read_manifest
+    from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, LABELS_JSON, METRICS_FRONTIER,
+                                  SMALL_DIRECT, TEACHER)
     from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.validation import check_model_labels
 
     fp = params.frontier
+    classes = read_labels(LABELS_JSON)
+    compressed = [c for c in params.compress.candidates if c.recipe]
+    check_model_labels(classes, {str(d): read_manifest(d).get("labels")
+                                 for d in (TEACHER, SMALL_DIRECT, *(CANDIDATES / c.name for c in compressed))})
     threads = params.train.threads
     frames = {s: read_split(s) for s in ("train", "val", "test", "shifted")}
     texts = {s: frames[s]["text"].tolist() for s in ("val", "test", "shifted")}
     labels = {s: frames[s]["label"].tolist() for s in ("val", "test", "shifted")}
     lat = params.validate.latency
-    compressed = [c for c in params.compress.candidates if c.recipe]
     with tempfile.TemporaryDirectory(prefix="shrinkflow-frontier-") as tmp:
         tmp = Path(tmp)
         sd_dir = apply_recipe(SMALL_DIRECT, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
@@ -50,7 +63,7 @@ def frontier(params) -> None:
         # baseline and every compressed candidate here, in interleaved rounds.
         models = {"teacher": TEACHER, SD_NAME: sd_dir, **{c.name: CANDIDATES / c.name for c in compressed}}
         runs = measure_interleaved(models, texts, texts["val"], lat, log=lambda m: print(f"frontier: {m}"))
-        points = {name: _point(run, labels) for name, run in runs.items()}
+        points = {name: _point(run, labels, classes) for name, run in runs.items()}
         robustness = {}
         test_labels = frames["test"]["label"].to_numpy()
         for label, src in (("teacher (large)", TEACHER), ("small-direct", SMALL_DIRECT)):
@@ -65,7 +78,8 @@ def frontier(params) -> None:
     plot({"teacher": teacher, **points}, {SD_NAME}, FRONTIER_PNG)
     atomic_write_text(FRONTIER_MD, frontier_markdown(teacher, points, {SD_NAME}, rows, robustness,
                                                      fp.small_direct, fp.match_tolerance))
-    write_json(METRICS_FRONTIER, {"verdict": rows, "robustness": robustness, "points": points, "teacher": teacher})
+    write_json(METRICS_FRONTIER, {"labels": list(classes), "verdict": rows, "robustness": robustness,
+                                  "points": points, "teacher": teacher})
     for r in rows:
         print(f"frontier: {r}")
 

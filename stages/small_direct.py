@@ -11,10 +11,17 @@ def small_direct(params) -> None:
     from shrinkflow.config import TrainParams
     from shrinkflow.baseline import small_direct_model
     from shrinkflow.io import write_json
-    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, save_torch_model_atomically
-    from shrinkflow.paths import METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
+    from shrinkflow.labels import read_labels
+    from shrinkflow.modeling import (TOKENIZER, load_tokenizer, load_torch_model, read_manifest,
+                                     save_torch_model_atomically)
+    from shrinkflow.paths import LABELS_JSON, METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
     from shrinkflow.train import seed_everything, train_classifier
+    from shrinkflow.validation import check_model_labels
 
+    # The baseline takes the teacher's classifier shape (one logit per class):
+    # the teacher must output the data's classes, in their order.
+    classes = read_labels(LABELS_JSON)
+    check_model_labels(classes, {str(TEACHER): read_manifest(TEACHER).get("labels")})
     spec = params.frontier.small_direct
     tp = params.train
     tok = load_tokenizer(TEACHER / TOKENIZER, tp.max_seq_len)
@@ -30,6 +37,7 @@ def small_direct(params) -> None:
     model, result = train_classifier(model, tok, read_split("train"), read_split("val"), train_params,
                                      desc="small-direct")
     save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len)
+    check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(SMALL_DIRECT).get("labels")})
     write_json(METRICS_SMALL_DIRECT, result.__dict__)
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 

@@ -19,11 +19,19 @@ TEACHER_KEY = "teacher (fp32, torch eager)"
 def validate(params) -> None:
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
-    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, METRICS_VALIDATE, TEACHER, UNLABELLED,
-                                  WINDOW_HELDOUT)
+    from shrinkflow.labels import read_labels
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, LABELS_JSON, METRICS_VALIDATE, TEACHER,
+                                  UNLABELLED, WINDOW_HELDOUT)
     from shrinkflow.report import validation_markdown
-    from shrinkflow.validation import SELECTION_SPLIT, validate_runs
+    from shrinkflow.validation import SELECTION_SPLIT, check_model_labels, validate_runs
 
+    # Class ids in the splits index this tuple; every model must output its
+    # classes in the same order, or its "accuracy" would compare other classes.
+    label_names = read_labels(LABELS_JSON)
+    names = [c.name for c in params.compress.candidates]
+    check_model_labels(label_names, {str(d): read_manifest(d).get("labels")
+                                     for d in (TEACHER, *(CANDIDATES / n for n in names))})
     frames = {s: read_split(s) for s in PREDICTED}
     # "window_heldout": production text held out of a re-compression's
     # distillation; teacher agreement on it is gated (empty by default).
@@ -31,7 +39,6 @@ def validate(params) -> None:
         "unlabelled": read_lines(UNLABELLED), "window_heldout": read_lines(WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
     lat = params.validate.latency
-    names = [c.name for c in params.compress.candidates]
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in names:
@@ -50,7 +57,7 @@ def validate(params) -> None:
     for n in names:
         if file_hashes(CANDIDATES / n) != files[n]["files"]:
             raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
-    metrics, gates = validate_runs(teacher, runs, labels, params.validate, files)
+    metrics, gates = validate_runs(teacher, runs, labels, params.validate, files, label_names)
     write_json(METRICS_VALIDATE, metrics)
     write_json(GATES_JSON, gates)
     atomic_write_text(GATES_MD, validation_markdown(metrics, gates))

@@ -92,3 +92,36 @@ def test_robustness_row_and_report(tmp_path, tiny_teacher_dir, small_splits):
                            "sd", SD, 0.1), {"teacher (large)": row, "small-direct": worse}, SmallDirectParams(), 0.1)
     assert "compressed-large **beats** small-direct by **+5.00 points** in domain" in md
     assert "the large model lost fewer points under every compression" in md
+
+
+def test_frontier_with_macro_f1_and_no_shifted_split():
+    """A user's task without a shifted split: the shifted figures are n/a,
+    and macro-F1 margins stand next to the accuracy ones."""
+    sd = {**SD, "accuracy_shifted": None, "macro_f1_val": 0.70, "macro_f1": 0.71, "macro_f1_shifted": None}
+    student = {**pt(0.83, None, 2.1, 11.0), "macro_f1_val": 0.76, "macro_f1": 0.745, "macro_f1_shifted": None}
+    rows = verdict({"student": student}, "sd", sd, 0.10)
+    assert rows[0]["points_in_domain"] == pytest.approx(5.0) and rows[0]["points_shifted"] is None
+    assert rows[0]["macro_f1_points_in_domain"] == pytest.approx(3.5) and rows[0]["macro_f1_points_shifted"] is None
+    teacher = {**pt(0.85, None, 20.0, 91.0), "macro_f1_val": 0.8, "macro_f1": 0.79}
+    robustness = {"L": {"fp32": 0.85, "int8": 0.84}, "S": {"fp32": 0.8, "int8": 0.7}}
+    md = frontier_markdown(teacher, {"student": student, "sd": sd}, {"sd"}, rows, robustness,
+                           SmallDirectParams(), 0.1)
+    assert ("compressed-large **beats** small-direct by **+5.00 points** in domain (accuracy) "
+            "(macro-F1: +3.50 points in domain)") in md
+    assert "| student | compressed large | 0.8300 | 0.8300 | n/a | 0.7600 | 0.7450 | n/a |" in md
+    # the built-in task's rows (no macro-F1 recorded) still read as before, with n/a for macro-F1
+    legacy = verdict({"d": pt(0.83, 0.70, 2.1, 11.0)}, "sd", SD, 0.10)
+    assert legacy[0]["points_shifted"] == pytest.approx(10.0) and legacy[0]["macro_f1_points_in_domain"] is None
+
+
+def test_frontier_points_on_three_classes_without_a_shifted_split():
+    from stages.frontier import _point
+
+    labels = {"val": [0, 1, 2, 2], "test": [0, 1, 2, 1], "shifted": []}
+    run = {"predictions": {"val": [0, 1, 2, 0], "test": [0, 1, 2, 1], "shifted": []},
+           "performance": {"latency_ms_p95_b1": 1.0, "size_mb": 2.0}}
+    p = _point(run, labels, ("billing", "bug", "sales"))
+    # val: billing F1 2/3, bug 1, sales 2/3 (tp 1, fn 1)
+    assert p["accuracy_val"] == 0.75 and p["macro_f1_val"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3, abs=1e-6)
+    assert p["accuracy"] == 1.0 and p["macro_f1"] == 1.0
+    assert p["accuracy_shifted"] is None and p["macro_f1_shifted"] is None and p["size_mb"] == 2.0

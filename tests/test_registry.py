@@ -18,7 +18,6 @@ import pytest
 
 from shrinkflow.config import Gates
 from shrinkflow.gates import evaluate_gates
-from shrinkflow.modeling import write_manifest
 from shrinkflow.registry import IntegrityError, PromotionRefused, Registry, RegistryError
 from tests.conftest import PROJECT_ROOT
 
@@ -27,13 +26,17 @@ PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb
 FAIL = evaluate_gates("c", {"accuracy": 0.50, "latency_ms_p95_b1": 1.0, "size_mb": 1.0}, TEACHER, Gates())
 
 
-def model_dir(tmp_path, name, payload: bytes, extra_files: int = 0):
+def model_dir(tmp_path, name, payload: bytes, extra_files: int = 0, labels=("negative", "positive")):
     d = tmp_path / name
     d.mkdir()
     (d / "model.onnx").write_bytes(payload)
     for i in range(extra_files):
         (d / f"shard-{i:03d}.bin").write_bytes(os.urandom(256 * 1024))
-    write_manifest(d, "onnx", 32)
+    # the model's own manifest (shrinkflow.modeling.MANIFEST), written by hand
+    manifest = {"format": "onnx", "max_seq_len": 32, "recipe": []}
+    if labels is not None:
+        manifest["labels"] = list(labels)
+    (d / "shrinkflow_model.json").write_text(json.dumps(manifest))
     return d
 
 
@@ -89,6 +92,24 @@ def test_failed_candidate_is_refused_and_nothing_changes(tmp_path):
         reg.promote(model_dir(tmp_path, "bad", b"bad"), FAIL, {})
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*")) == before
     assert reg.alias() == "v0001"
+
+
+def test_every_version_records_its_labels_from_the_model_and_refuses_a_mismatch(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    three = ["billing", "bug", "sales"]
+    v = reg.promote(model_dir(tmp_path, "m1", b"one", labels=three), PASS, {"labels": three}).version
+    assert reg.manifest(v)["labels"] == three
+    assert reg.describe_versions()[0]["labels"] == three
+    # without labels in the record, the model's own are recorded
+    v2 = reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {}).version
+    assert reg.manifest(v2)["labels"] == ["negative", "positive"]
+    # validated for other classes than the model outputs: refused, nothing stored
+    with pytest.raises(PromotionRefused, match=r"outputs the classes \['billing', 'bug', 'sales'\].*"
+                                               r"validated for \['bug', 'billing', 'sales'\]"):
+        reg.promote(model_dir(tmp_path, "m3", b"three", labels=three), PASS, {"labels": ["bug", "billing", "sales"]})
+    with pytest.raises(PromotionRefused, match="has no valid 'labels'"):
+        reg.promote(model_dir(tmp_path, "m4", b"four", labels=None), PASS, {})
+    assert reg.versions() == [v, v2] and reg.alias() == v2
 
 
 def test_refuses_a_directory_that_is_not_a_model(tmp_path):

@@ -44,8 +44,11 @@ def test_agreement_needs_no_labels():
 
 
 def test_quality_three_rows():
-    assert quality([1, 0, 1], [1, 0, 0]) == {"accuracy": pytest.approx(0.666667), "f1": pytest.approx(2 / 3),
-                                             "n": 3}
+    # class 0: tp 1, fp 1, fn 0 -> F1 2/3; class 1: tp 1, fp 0, fn 1 -> F1 2/3
+    assert quality([1, 0, 1], [1, 0, 0], ("negative", "positive")) == {
+        "accuracy": pytest.approx(0.666667), "f1": pytest.approx(2 / 3), "macro_f1": pytest.approx(2 / 3),
+        "per_class_recall": {"negative": 1.0, "positive": 0.5}, "per_class_n": {"negative": 1, "positive": 2},
+        "n": 3}
 
 
 TEACHER = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
