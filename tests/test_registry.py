@@ -33,7 +33,7 @@ def model_dir(tmp_path, name, payload: bytes, extra_files: int = 0):
     (d / "model.onnx").write_bytes(payload)
     for i in range(extra_files):
         (d / f"shard-{i:03d}.bin").write_bytes(os.urandom(256 * 1024))
-    write_manifest(d, "onnx", 32)
+    write_manifest(d, "onnx", 32, labels=("negative", "positive"))
     return d
 
 
