@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from shrinkflow.arch import family, logits_linear
-from shrinkflow.config import TrainParams
-from shrinkflow.errors import DataError
+from shrinkflow.arch import check_checkpoint, family, logits_linear
+from shrinkflow.config import LocalModel, TrainParams
+from shrinkflow.errors import DataError, ModelError
 from shrinkflow.labels import BUILTIN_LABELS
 from shrinkflow.modeling import build_model, checkpoint_dir, load_checkpoint, load_tokenizer, model_labels, \
     tokenizer_path
@@ -103,6 +103,29 @@ def check_label_ids(frames: dict[str, pd.DataFrame], labels) -> None:
                             f"{len(labels)} labels {list(labels)}; re-run the data stage (dvc repro data)")
 
 
+def check_model_spec(params: TrainParams) -> None:
+    """A local checkpoint is checked (architecture, safetensors) before
+    anything is built from it, tokenizer included: params validation checks it
+    only when the directory was readable then."""
+    if isinstance(params.model, LocalModel):
+        check_checkpoint(checkpoint_dir(params.model))
+
+
+def check_max_seq_len(model, max_seq_len: int) -> None:
+    """Refuse a ``train.max_seq_len`` beyond the model's position table.
+
+    MPNet and RoBERTa number positions from pad id + 1, so they hold
+    ``max_position_embeddings - pad_token_id - 1`` tokens.
+    """
+    config = model.config
+    limit = config.max_position_embeddings
+    if family(model).model_type in ("mpnet", "roberta"):
+        limit -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    if max_seq_len > limit:
+        raise ModelError(f"train.max_seq_len {max_seq_len} is longer than this {config.model_type} model's "
+                         f"{limit} positions; set train.max_seq_len <= {limit}")
+
+
 def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainParams,
                   progress: bool = True, labels=BUILTIN_LABELS):
     """Fine-tune and return (best model, tokenizer, TrainResult).
@@ -115,10 +138,12 @@ def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainPar
 
     labels = tuple(labels)
     check_label_ids({"train": train_df, "val": val_df}, labels)
+    check_model_spec(params)
     torch.set_num_threads(params.threads)
     seed_everything(params.seed)
     tok = load_tokenizer(tokenizer_path(params.model), params.max_seq_len)
     model = build_model(params.model, vocab_size=tok.get_vocab_size(), labels=labels)
+    check_max_seq_len(model, params.max_seq_len)
     model, result = train_classifier(model, tok, train_df, val_df, params, progress)
     return model, tok, result
 
@@ -160,10 +185,11 @@ def measure_teacher(val_df: pd.DataFrame, params: TrainParams, labels):
 
     labels = tuple(labels)
     check_label_ids({"val": val_df}, labels)
+    check_model_spec(params)
     torch.set_num_threads(params.threads)
     tok = load_tokenizer(tokenizer_path(params.model), params.max_seq_len)
     model = load_checkpoint(checkpoint_dir(params.model))
-    family(model)
+    check_max_seq_len(model, params.max_seq_len)
     align_to_labels(model, labels)
     t0 = time.perf_counter()
     tok.no_padding()

@@ -363,3 +363,12 @@ def test_the_default_teachers_classifier_init_is_unchanged():
         assert torch.equal(a, b), k
     assert torch.equal(after_new, after_old)  # the same number of RNG draws
     assert new.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_max_seq_len_beyond_the_models_positions_is_refused(tmp_path):
+    from shrinkflow.train import train_teacher
+
+    ck = make_checkpoint("mpnet", tmp_path / "ck")  # 130 positions, numbered from pad id 1 + 1: 128 tokens
+    spec = TrainParams(model=LocalModel(path=str(ck)), max_seq_len=129, threads=1)
+    with pytest.raises(ModelError, match="max_seq_len 129 is longer than this mpnet model's 128 positions"):
+        train_teacher(task_frame(9, 0), task_frame(9, 1), spec, progress=False, labels=LABELS)
