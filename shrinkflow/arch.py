@@ -9,7 +9,7 @@ This module is the one place that knows those paths; nothing else in the
 library spells ``model.bert`` or ``"[PAD]"``.
 
 Supported ``model_type`` values (``config.json``): ``bert`` (BERT, MiniLM),
-``mpnet`` (MPNet, e.g. all-mpnet-base-v2) and ``roberta``. A step that cannot
+``mpnet`` (MPNet, e.g. all-mpnet-base-v2), ``roberta`` and ``distilbert``. A step that cannot
 work on a family is listed in ``Family.unsupported`` with the reason, and
 ``check_step`` refuses it (the params schema calls it when the teacher's
 family can be known, the compress stage always).
@@ -53,6 +53,7 @@ class Family:
     unk: str
     mask: str
     unsupported: dict[str, str] = field(default_factory=dict)   # method -> why
+    heads_attr: str = "num_attention_heads"  # attention module's head-count attribute
 
 
 _BERT_LAYER = dict(attention="attention.self",
@@ -77,6 +78,12 @@ FAMILIES: dict[str, Family] = {
                       unsupported={"vocab_prune": "its tokenizer is byte-level BPE; vocab_prune rewrites "
                                                   "WordPiece vocabularies only"},
                       **_BERT_LAYER),
+    "distilbert": Family("distilbert", base="distilbert", layers="transformer.layer",
+                         word_embeddings="embeddings.word_embeddings", embeddings="embeddings",
+                         attention="attention", qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                         attn_out="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2",
+                         logits="classifier", tokenizer_model="WordPiece", heads_attr="n_heads",
+                         pad="[PAD]", cls="[CLS]", sep="[SEP]", unk="[UNK]", mask="[MASK]"),
 }
 SUPPORTED = tuple(FAMILIES)
 # Every family's pad token, in lookup order: a tokenizer.json names no model type.
@@ -183,8 +190,9 @@ def set_word_embeddings(model, emb) -> None:
 
 def attention_heads(model, layer):
     """(num_attention_heads, attention_head_size) of one layer as it is now."""
-    a = get_path(layer, family(model).attention)
-    return a.num_attention_heads, a.attention_head_size
+    f = family(model)
+    a = get_path(layer, f.attention)
+    return getattr(a, f.heads_attr), a.attention_head_size
 
 
 def qkv_linears(model, layer) -> tuple:
@@ -207,8 +215,9 @@ def set_layer_linears(model, layer, q, k, v, out, ffn_in, ffn_out, num_heads: in
     for p, m in zip(f.qkv + (f.attn_out, f.ffn_in, f.ffn_out), (q, k, v, out, ffn_in, ffn_out)):
         set_path(layer, p, m)
     a = get_path(layer, f.attention)
-    a.num_attention_heads = num_heads
-    a.all_head_size = num_heads * a.attention_head_size
+    setattr(a, f.heads_attr, num_heads)
+    if hasattr(a, "all_head_size"):  # BERT, MPNet, RoBERTa reshape by it; DistilBERT by -1
+        a.all_head_size = num_heads * a.attention_head_size
 
 
 def logits_linear(model):

@@ -106,7 +106,7 @@ class LocalModel(_Frozen):
     from which tokenizer.json is built once and saved beside them).
 
     Supported ``model_type``: shrinkflow.arch.SUPPORTED (bert incl. MiniLM,
-    mpnet, roberta). Checked here when the directory is readable, else at the
+    mpnet, roberta, distilbert). Checked here when the directory is readable, else at the
     start of train. Safetensors only (a pickle-only checkpoint is refused),
     and nothing is fetched from a hub.
     """

@@ -1,7 +1,7 @@
 """The user's own teacher (issue 15, item 2): ``train.model.kind: local``.
 
 Tiny real checkpoints (hidden 32, 2 layers) of each supported family (BERT,
-MPNet, RoBERTa) are written the way a user has them: config.json,
+MPNet, RoBERTa, DistilBERT) are written the way a user has them: config.json,
 model.safetensors (``save_pretrained(safe_serialization=True)``) and the slow
 tokenizer's vocabulary files only, so the offline tokenizer.json conversion
 runs too. A 3-class task (billing / shipping / tech, keyword-driven so a tiny
@@ -28,7 +28,7 @@ from shrinkflow.config import (Candidate, DistillStep, LocalModel, MagnitudePrun
                                RandomInitModel, StructuredPruneStep, TrainParams, VocabPruneStep)
 from shrinkflow.errors import DataError, ModelError
 
-FAMILIES = ("bert", "mpnet", "roberta")
+FAMILIES = ("bert", "mpnet", "roberta", "distilbert")
 LABELS = ("billing", "shipping", "tech")
 KEYWORDS = {"billing": "refund invoice charge payment card bank price".split(),
             "shipping": "parcel delivery courier tracking package address late".split(),
@@ -76,12 +76,15 @@ def make_checkpoint(kind: str, d: Path, id2label: dict | None = None, classifier
         bpe.save_model(str(d))
         cfg, cls = T.RobertaConfig(vocab_size=bpe.get_vocab_size(), max_position_embeddings=130, **sizes), "Roberta"
     else:
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else \
-            ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"]
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"] if kind == "mpnet" else \
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         vocab = _wordpiece_vocab(specials)
         (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
         if kind == "bert":
             cfg, cls = T.BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **sizes), "Bert"
+        elif kind == "distilbert":
+            cfg, cls = T.DistilBertConfig(vocab_size=len(vocab), max_position_embeddings=128, dim=32, n_layers=2,
+                                          n_heads=2, hidden_dim=64), "DistilBert"
         else:
             cfg, cls = T.MPNetConfig(vocab_size=len(vocab), max_position_embeddings=130, **sizes), "MPNet"
     if classifier:
@@ -140,7 +143,8 @@ def test_fine_tunes_a_local_checkpoint_on_three_classes(kind, teachers, task):
 def test_the_checkpoint_gets_a_tokenizer_json_built_offline_from_its_vocab(tmp_path):
     from shrinkflow.modeling import load_tokenizer, tokenizer_path
 
-    for kind, pad, cls in (("bert", "[PAD]", "[CLS]"), ("mpnet", "<pad>", "<s>"), ("roberta", "<pad>", "<s>")):
+    for kind, pad, cls in (("bert", "[PAD]", "[CLS]"), ("mpnet", "<pad>", "<s>"), ("roberta", "<pad>", "<s>"),
+                           ("distilbert", "[PAD]", "[CLS]")):
         ck = make_checkpoint(kind, tmp_path / kind)
         assert not (ck / "tokenizer.json").exists()
         path = tokenizer_path(LocalModel(path=str(ck)))
@@ -149,16 +153,21 @@ def test_the_checkpoint_gets_a_tokenizer_json_built_offline_from_its_vocab(tmp_p
         assert enc[0].tokens[0] == cls and enc[0].tokens[-1] == pad  # padded to the longer text
 
 
-# Every step each family supports; the rest are refused (below).
+# Every step each family supports; the rest are refused (below). The student
+# also matches the teacher's hidden states (its layer outputs).
+DISTILL = DistillStep(layers=(1,), epochs=1, use_unlabelled=False, hidden_weight=1.0)
 STEPS = {
-    "bert": [(DistillStep(layers=(1,), epochs=1, use_unlabelled=False), VocabPruneStep(),
+    "bert": [(DISTILL, VocabPruneStep(),
               MagnitudePruneStep(target_sparsity=0.5), QuantizeStep()),
              (StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.5, importance_batches=2),)],
-    "mpnet": [(DistillStep(layers=(1,), epochs=1, use_unlabelled=False), VocabPruneStep(),
+    "mpnet": [(DISTILL, VocabPruneStep(),
                MagnitudePruneStep(target_sparsity=0.5), QuantizeStep())],
-    "roberta": [(DistillStep(layers=(1,), epochs=1, use_unlabelled=False), MagnitudePruneStep(target_sparsity=0.5),
+    "roberta": [(DISTILL, MagnitudePruneStep(target_sparsity=0.5),
                  QuantizeStep()),
                 (StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.5, importance_batches=2),)],
+    "distilbert": [(DISTILL, VocabPruneStep(),
+                    MagnitudePruneStep(target_sparsity=0.5), QuantizeStep()),
+                   (StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.5, importance_batches=2),)],
 }
 
 
@@ -223,7 +232,7 @@ def test_an_unsupported_architecture_is_refused_naming_it_and_the_supported_ones
     config = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(ValidationError, match=r"model_type 'gpt2' is not supported; supported "
-                                              r"architectures: bert, mpnet, roberta"):
+                                              r"architectures: bert, mpnet, roberta, distilbert"):
         LocalModel(path=str(ck))
     # Unreadable at params time (the directory appears later): refused when train starts.
     later = tmp_path / "later"
