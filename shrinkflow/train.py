@@ -59,6 +59,12 @@ def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np
 
 
 def _pad(seqs: list[list[int]]):
+    """Right-pad token id lists into (ids, mask) long tensors [batch, longest].
+
+    Pads with id 0 whatever the family's pad id: the mask hides padded
+    positions, and MPNet/RoBERTa count position ids from the left over
+    non-pad tokens, so real tokens get the same positions and logits.
+    """
     import torch
 
     width = max(len(s) for s in seqs)
