@@ -11,7 +11,8 @@ def small_direct(params) -> None:
     from shrinkflow.config import TrainParams
     from shrinkflow.baseline import small_direct_model
     from shrinkflow.io import write_json
-    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, save_torch_model_atomically
+    from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, read_manifest, \
+        save_torch_model_atomically
     from shrinkflow.paths import METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
     from shrinkflow.train import seed_everything, train_classifier
 
@@ -29,7 +30,7 @@ def small_direct(params) -> None:
                                epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed)
     model, result = train_classifier(model, tok, read_split("train"), read_split("val"), train_params,
                                      desc="small-direct")
-    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len)
+    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len, labels=read_manifest(TEACHER)["labels"])
     write_json(METRICS_SMALL_DIRECT, result.__dict__)
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 
