@@ -110,8 +110,8 @@ def check_step(model_type: str, method: str) -> None:
         raise UnsupportedArchitecture(f"{method} is not supported for model_type {model_type}: {why}")
 
 
-def checkpoint_model_type(checkpoint_dir: Path | str) -> str:
-    """``model_type`` from a checkpoint's config.json (raw, not validated).
+def checkpoint_config(checkpoint_dir: Path | str) -> dict:
+    """A checkpoint's config.json as a dict, with ``model_type`` present.
 
     Raises FileNotFoundError / ValueError naming the file.
     """
@@ -120,9 +120,23 @@ def checkpoint_model_type(checkpoint_dir: Path | str) -> str:
         raise FileNotFoundError(f"{path}: no config.json; train.model.path must be a Hugging Face "
                                 "checkpoint directory (config.json, model.safetensors, tokenizer files)")
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["model_type"])
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model_type"] = str(config["model_type"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: cannot read model_type: {exc!r}") from None
+    return config
+
+
+def checkpoint_model_type(checkpoint_dir: Path | str) -> str:
+    """``model_type`` from a checkpoint's config.json (raw, not validated)."""
+    return checkpoint_config(checkpoint_dir)["model_type"]
+
+
+def checkpoint_num_layers(checkpoint_dir: Path | str) -> int | None:
+    """The encoder's layer count from config.json (``n_layers`` for DistilBERT); None if absent."""
+    config = checkpoint_config(checkpoint_dir)
+    n = config.get("num_hidden_layers", config.get("n_layers"))
+    return int(n) if n is not None else None
 
 
 def check_checkpoint(checkpoint_dir: Path | str) -> str:

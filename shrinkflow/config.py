@@ -17,7 +17,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shrinkflow.arch import UnsupportedArchitecture, check_checkpoint, check_step, checkpoint_model_type
+from shrinkflow.arch import UnsupportedArchitecture, check_checkpoint, check_step, checkpoint_model_type, \
+    checkpoint_num_layers
 
 
 class _Frozen(BaseModel):
@@ -127,6 +128,13 @@ class LocalModel(_Frozen):
         """The checkpoint's model_type, or None while its config is unreadable."""
         try:
             return checkpoint_model_type(Path(self.path).expanduser())
+        except (OSError, ValueError):
+            return None
+
+    def num_layers(self) -> int | None:
+        """The checkpoint's encoder layer count, or None while its config is unreadable."""
+        try:
+            return checkpoint_num_layers(Path(self.path).expanduser())
         except (OSError, ValueError):
             return None
 
@@ -630,12 +638,16 @@ class Params(_Frozen):
         model_type = model_type_of(self.train.model)
         if model_type is None:
             return self
+        n_layers = self.train.model.num_layers() if isinstance(self.train.model, LocalModel) else None
         for cand in self.compress.candidates:
             for step in cand.recipe:
                 try:
                     check_step(model_type, step.method)
                 except UnsupportedArchitecture as exc:
                     raise ValueError(f"candidate {cand.name!r}: {exc}") from None
+                if step.method == "distill" and n_layers is not None and max(step.layers) >= n_layers:
+                    raise ValueError(f"candidate {cand.name!r}: distill.layers {list(step.layers)} out of range "
+                                     f"for the {n_layers}-layer teacher at {self.train.model.path} (0..{n_layers - 1})")
         return self
 
     def digest(self) -> str:

@@ -223,6 +223,12 @@ def test_a_step_the_family_cannot_take_is_refused_by_the_schema_and_by_compress(
     raw["compress"]["candidates"] = [{"name": "vp", "recipe": [{"method": "vocab_prune"}]}]
     with pytest.raises(ValueError, match="vocab_prune is not supported for model_type roberta"):
         parse_params(raw)
+    # A layer-subset student needs layers the teacher has (2 here).
+    raw["compress"]["candidates"] = [{"name": "d", "recipe": [{"method": "distill", "layers": [0, 2]}]}]
+    with pytest.raises(ValueError, match=r"distill.layers \[0, 2\] out of range for the 2-layer teacher"):
+        parse_params(raw)
+    raw["compress"]["candidates"] = [{"name": "d", "recipe": [{"method": "distill", "layers": [1]}]}]
+    assert parse_params(raw).train.model.num_layers() == 2
 
 
 def test_an_unsupported_architecture_is_refused_naming_it_and_the_supported_ones(tmp_path):
