@@ -33,7 +33,8 @@ def main() -> None:
     from shrinkflow.compress.recipe import _encode_unpadded
     from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
     from shrinkflow.config import DistillStep, QuantizeStep, load_params
-    from shrinkflow.modeling import TOKENIZER, load_torch_model, write_manifest
+    from shrinkflow.arch import word_embeddings
+    from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.runtime import load_predictor, predict_labels
     from shrinkflow.train import evaluate_accuracy
@@ -55,7 +56,7 @@ def main() -> None:
 
     def pruned(model, min_count: int, how: str):
         kept = kept_token_ids(tok, train, min_count)
-        near = nearest_kept(model.bert.embeddings.word_embeddings.weight, kept) if how == "nearest" else None
+        near = nearest_kept(word_embeddings(model).weight, kept) if how == "nearest" else None
         return prune_embeddings(copy.deepcopy(model), kept), remap_tokenizer(tok, kept, near)
 
     record("teacher", "fp32", torch_scores(teacher, tok))
@@ -78,7 +79,7 @@ def main() -> None:
         d = Path(tmp)
         export_onnx(model, d / "model.fp32.onnx", opset=17)
         (d / TOKENIZER).write_text(tj)
-        write_manifest(d, "onnx", 64)
+        write_manifest(d, "onnx", 64, labels=read_manifest(ROOT / TEACHER)["labels"])
         for name, q in [("onnx fp32", None), ("int8 per-tensor", QuantizeStep()),
                         ("int8 per-channel", QuantizeStep(per_channel=True))]:
             if q is None:

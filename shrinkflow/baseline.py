@@ -10,16 +10,20 @@ from shrinkflow.config import SmallDirectParams
 
 
 def small_direct_model(teacher, spec: SmallDirectParams):
-    """A BERT classifier shaped like the teacher but with ``num_layers`` layers.
+    """A classifier of the teacher's family (BERT, MPNet, RoBERTa) shaped like
+    the teacher but with ``num_layers`` layers.
 
     Random weights everywhere, except (init=teacher_embeddings) the embedding
     block, copied from the teacher.
     """
-    from transformers import BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
+    from shrinkflow.arch import embeddings, family
+
+    family(teacher)  # refuses an unsupported architecture by name
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = spec.num_layers
-    model = BertForSequenceClassification(config)
+    model = AutoModelForSequenceClassification.from_config(config)
     if spec.init == "teacher_embeddings":
-        model.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
+        embeddings(model).load_state_dict(embeddings(teacher).state_dict())
     return model

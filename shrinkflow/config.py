@@ -18,6 +18,9 @@ from typing import Annotated, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
+from shrinkflow.arch import UnsupportedArchitecture, check_checkpoint, check_step, checkpoint_model_type, \
+    checkpoint_num_layers
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -222,11 +225,59 @@ class RandomInitModel(_Frozen):
         return self
 
 
-ModelSpec = Annotated[Union[PretrainedModel, RandomInitModel], Field(discriminator="kind")]
+class LocalModel(_Frozen):
+    """The user's own Hugging Face checkpoint directory (``path``: absolute, or
+    relative to the project root): config.json, model.safetensors and
+    tokenizer files (tokenizer.json, or vocab.txt / vocab.json + merges.txt,
+    from which tokenizer.json is built once and saved beside them).
+
+    Supported ``model_type``: shrinkflow.arch.SUPPORTED (bert incl. MiniLM,
+    mpnet, roberta, distilbert). Checked here when the directory is readable, else at the
+    start of train. Safetensors only (a pickle-only checkpoint is refused),
+    and nothing is fetched from a hub.
+    """
+
+    kind: Literal["local"] = "local"
+    path: Annotated[str, Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _supported_checkpoint(self) -> "LocalModel":
+        if (Path(self.path).expanduser() / "config.json").is_file():
+            try:
+                check_checkpoint(Path(self.path).expanduser())
+            except OSError as exc:  # pydantic reports ValueErrors only
+                raise ValueError(str(exc)) from None
+        return self
+
+    def model_type(self) -> str | None:
+        """The checkpoint's model_type, or None while its config is unreadable."""
+        try:
+            return checkpoint_model_type(Path(self.path).expanduser())
+        except (OSError, ValueError):
+            return None
+
+    def num_layers(self) -> int | None:
+        """The checkpoint's encoder layer count, or None while its config is unreadable."""
+        try:
+            return checkpoint_num_layers(Path(self.path).expanduser())
+        except (OSError, ValueError):
+            return None
+
+
+ModelSpec = Annotated[Union[PretrainedModel, RandomInitModel, LocalModel], Field(discriminator="kind")]
+
+
+def model_type_of(spec) -> str | None:
+    """The transformers model_type a model spec trains: bert for the packaged
+    MiniLM and the random BERT; the checkpoint's for local (None if unreadable)."""
+    return spec.model_type() if isinstance(spec, LocalModel) else "bert"
 
 
 class TrainParams(_Frozen):
     model: ModelSpec = PretrainedModel()
+    # false: the local checkpoint is already fine-tuned for this task (its
+    # config.id2label names the data's labels); train only measures it.
+    fine_tune: bool = True
     seed: int = 0
     # 64 tokens cover 99.9% of the movie sentences.
     max_seq_len: Annotated[int, Field(ge=8, le=512)] = 64
@@ -240,6 +291,13 @@ class TrainParams(_Frozen):
     group_by_length: bool = True
     group_chunk_batches: Annotated[int, Field(ge=1)] = 50
     threads: Annotated[int, Field(ge=1)] = 2
+
+    @model_validator(mode="after")
+    def _fine_tune_false_needs_a_local_checkpoint(self) -> "TrainParams":
+        if not self.fine_tune and not isinstance(self.model, LocalModel):
+            raise ValueError(f"fine_tune: false needs model.kind: local (a checkpoint already fine-tuned for "
+                             f"this task); model.kind {self.model.kind!r} must be fine-tuned")
+        return self
 
 
 # ----------------------------------------------------------------- compress
@@ -704,6 +762,25 @@ class Params(_Frozen):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _steps_supported_by_the_teacher(self) -> "Params":
+        # Known only when the teacher's config is readable; the compress stage
+        # checks again on the trained teacher.
+        model_type = model_type_of(self.train.model)
+        if model_type is None:
+            return self
+        n_layers = self.train.model.num_layers() if isinstance(self.train.model, LocalModel) else None
+        for cand in self.compress.candidates:
+            for step in cand.recipe:
+                try:
+                    check_step(model_type, step.method)
+                except UnsupportedArchitecture as exc:
+                    raise ValueError(f"candidate {cand.name!r}: {exc}") from None
+                if step.method == "distill" and n_layers is not None and max(step.layers) >= n_layers:
+                    raise ValueError(f"candidate {cand.name!r}: distill.layers {list(step.layers)} out of range "
+                                     f"for the {n_layers}-layer teacher at {self.train.model.path} (0..{n_layers - 1})")
+        return self
+
     def digest(self) -> str:
         """Stable hash of the validated params (defaults filled in)."""
         blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
@@ -775,7 +852,7 @@ class ParamsError(ValueError):
 
 # Discriminated unions put their tag in an error's location
 # (train.model.random.hidden_size); users think in the yaml keys they typed.
-_UNION_TAGS = {"pretrained", "random", "quantize", "distill", "vocab_prune", "magnitude_prune",
+_UNION_TAGS = {"pretrained", "random", "local", "quantize", "distill", "vocab_prune", "magnitude_prune",
                "structured_prune"}
 
 

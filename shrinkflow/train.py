@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from shrinkflow.config import TrainParams
-from shrinkflow.modeling import build_model, load_tokenizer, teacher_source_dir
+from shrinkflow.arch import check_checkpoint, family, logits_linear
+from shrinkflow.config import LocalModel, TrainParams
+from shrinkflow.errors import DataError, ModelError
+from shrinkflow.labels import BUILTIN_LABELS
+from shrinkflow.modeling import build_model, checkpoint_dir, load_checkpoint, load_tokenizer, model_labels, \
+    tokenizer_path
 
 
 @dataclass
@@ -27,6 +31,8 @@ class TrainResult:
     train_loss_by_epoch: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     num_parameters: int = 0
+    # False: a checkpoint already fine-tuned for the task, only measured.
+    fine_tuned: bool = True
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, chunk_batches: int,
@@ -53,6 +59,12 @@ def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np
 
 
 def _pad(seqs: list[list[int]]):
+    """Right-pad token id lists into (ids, mask) long tensors [batch, longest].
+
+    Pads with id 0 whatever the family's pad id: the mask hides padded
+    positions, and MPNet/RoBERTa count position ids from the left over
+    non-pad tokens, so real tokens get the same positions and logits.
+    """
     import torch
 
     width = max(len(s) for s in seqs)
@@ -87,20 +99,121 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_label_ids(frames: dict[str, pd.DataFrame], labels) -> None:
+    """Every split's ``label`` is a class id in [0, len(labels)); DataError naming the split if not."""
+    for name, df in frames.items():
+        y = df["label"].to_numpy()
+        bad = sorted({int(v) for v in y if not 0 <= int(v) < len(labels)})
+        if bad:
+            raise DataError(f"{name} split: class ids {bad[:10]} outside 0..{len(labels) - 1} for the "
+                            f"{len(labels)} labels {list(labels)}; re-run the data stage (dvc repro data)")
+
+
+def check_model_spec(params: TrainParams) -> None:
+    """A local checkpoint is checked (architecture, safetensors) before
+    anything is built from it, tokenizer included: params validation checks it
+    only when the directory was readable then."""
+    if isinstance(params.model, LocalModel):
+        check_checkpoint(checkpoint_dir(params.model))
+
+
+def check_max_seq_len(model, max_seq_len: int) -> None:
+    """Refuse a ``train.max_seq_len`` beyond the model's position table.
+
+    MPNet and RoBERTa number positions from pad id + 1, so they hold
+    ``max_position_embeddings - pad_token_id - 1`` tokens.
+    """
+    config = model.config
+    limit = config.max_position_embeddings
+    if family(model).model_type in ("mpnet", "roberta"):
+        limit -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    if max_seq_len > limit:
+        raise ModelError(f"train.max_seq_len {max_seq_len} is longer than this {config.model_type} model's "
+                         f"{limit} positions; set train.max_seq_len <= {limit}")
+
+
 def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainParams,
-                  progress: bool = True):
+                  progress: bool = True, labels=BUILTIN_LABELS):
     """Fine-tune and return (best model, tokenizer, TrainResult).
 
-    The model returned is the epoch with the best val accuracy (ties: earliest).
+    ``labels``: the class names in id order (``read_labels(LABELS_JSON)``);
+    the model gets one logit per label. The model returned is the epoch with
+    the best val accuracy (ties: earliest).
     """
     import torch
 
+    labels = tuple(labels)
+    check_label_ids({"train": train_df, "val": val_df}, labels)
+    check_model_spec(params)
     torch.set_num_threads(params.threads)
     seed_everything(params.seed)
-    tok = load_tokenizer(teacher_source_dir() / "tokenizer.json", params.max_seq_len)
-    model = build_model(params.model, vocab_size=tok.get_vocab_size())
+    tok = load_tokenizer(tokenizer_path(params.model), params.max_seq_len)
+    model = build_model(params.model, vocab_size=tok.get_vocab_size(), labels=labels)
+    check_max_seq_len(model, params.max_seq_len)
     model, result = train_classifier(model, tok, train_df, val_df, params, progress)
     return model, tok, result
+
+
+def align_to_labels(model, labels) -> None:
+    """Make a fine-tuned classifier's logits follow ``labels`` (sorted class ids).
+
+    Its ``config.id2label`` must name the same set (whitespace stripped); a
+    different order is fixed by permuting the rows of the classifier's last
+    Linear (weights and bias), so logit i is class i's. Raises DataError listing
+    both sets when they differ.
+    """
+    import torch
+
+    labels = tuple(labels)
+    own = tuple(s.strip() for s in model_labels(model))
+    if set(own) != set(labels) or len(own) != len(labels):
+        raise DataError(f"the checkpoint's id2label names {sorted(own)} but the data's labels are "
+                        f"{sorted(labels)}; with train.fine_tune: false they must be the same set "
+                        "(or set fine_tune: true to train a new head)")
+    if own != labels:
+        order = torch.tensor([own.index(name) for name in labels], dtype=torch.long)
+        head = logits_linear(model)
+        with torch.no_grad():
+            head.weight.copy_(head.weight[order].clone())
+            if head.bias is not None:
+                head.bias.copy_(head.bias[order].clone())
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def measure_teacher(val_df: pd.DataFrame, params: TrainParams, labels):
+    """``train.fine_tune: false``: load the already fine-tuned local checkpoint,
+    align its classes to ``labels`` (``align_to_labels``) and measure it on val.
+
+    Returns (model, tokenizer, TrainResult with fine_tuned False, best_epoch 0).
+    """
+    import torch
+
+    labels = tuple(labels)
+    check_label_ids({"val": val_df}, labels)
+    check_model_spec(params)
+    torch.set_num_threads(params.threads)
+    tok = load_tokenizer(tokenizer_path(params.model), params.max_seq_len)
+    model = load_checkpoint(checkpoint_dir(params.model))
+    check_max_seq_len(model, params.max_seq_len)
+    align_to_labels(model, labels)
+    t0 = time.perf_counter()
+    tok.no_padding()
+    val_seqs = [e.ids for e in tok.encode_batch(val_df["text"].tolist())]
+    load_tokenizer_padding(tok)
+    acc = evaluate_accuracy(model, val_seqs, val_df["label"].to_numpy())
+    result = TrainResult(best_epoch=0, best_val_accuracy=acc, val_accuracy_by_epoch=[round(acc, 6)],
+                         train_seconds=round(time.perf_counter() - t0, 2),
+                         num_parameters=sum(p.numel() for p in model.parameters()), fine_tuned=False)
+    return model, tok, result
+
+
+def load_tokenizer_padding(tok) -> None:
+    """Re-enable batch padding with the tokenizer's own pad token."""
+    from shrinkflow.arch import pad_token
+
+    pad, pad_id = pad_token(tok)
+    tok.enable_padding(pad_id=pad_id, pad_token=pad)
 
 
 def train_classifier(model, tok, train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainParams,
@@ -119,7 +232,7 @@ def train_classifier(model, tok, train_df: pd.DataFrame, val_df: pd.DataFrame, p
     tok.no_padding()
     train_seqs = [e.ids for e in tok.encode_batch(train_df["text"].tolist())]
     val_seqs = [e.ids for e in tok.encode_batch(val_df["text"].tolist())]
-    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+    load_tokenizer_padding(tok)
     y_train = train_df["label"].to_numpy()
     y_val = val_df["label"].to_numpy()
 

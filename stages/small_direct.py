@@ -36,7 +36,7 @@ def small_direct(params) -> None:
                                epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed)
     model, result = train_classifier(model, tok, read_split("train"), read_split("val"), train_params,
                                      desc="small-direct")
-    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len)
+    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len, labels=classes)
     check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(SMALL_DIRECT).get("labels")})
     write_json(METRICS_SMALL_DIRECT, result.__dict__)
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")

@@ -1,4 +1,8 @@
-"""train: fine-tune the teacher once; it is kept and compressed many times."""
+"""train: fine-tune the teacher once; it is kept and compressed many times.
+
+With ``train.fine_tune: false`` the local checkpoint is already fine-tuned
+for the task: it is only measured on val and saved as the teacher.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,23 @@ from stages.common import read_split, run_stage
 def train(params) -> None:
     from shrinkflow.cost import ComputeMeter
     from shrinkflow.io import write_json
+    from shrinkflow.labels import read_labels
     from shrinkflow.modeling import save_torch_model_atomically
-    from shrinkflow.paths import METRICS_TRAIN, TEACHER
-    from shrinkflow.train import train_teacher
+    from shrinkflow.paths import LABELS_JSON, METRICS_TRAIN, TEACHER
+    from shrinkflow.train import measure_teacher, train_teacher
 
+    labels = read_labels(LABELS_JSON)
+    tp = params.train
     # What training the large model cost: the first term of the ROI (deploy).
     with ComputeMeter(params.cost.country_iso_code) as meter:
-        model, tok, result = train_teacher(read_split("train"), read_split("val"), params.train)
-    save_torch_model_atomically(model, tok, TEACHER, params.train.max_seq_len)
-    write_json(METRICS_TRAIN, {**result.__dict__, "compute": meter.result()})
-    print(f"train: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
+        if tp.fine_tune:
+            model, tok, result = train_teacher(read_split("train"), read_split("val"), tp, labels=labels)
+        else:
+            model, tok, result = measure_teacher(read_split("val"), tp, labels)
+    save_torch_model_atomically(model, tok, TEACHER, tp.max_seq_len, labels=labels)
+    write_json(METRICS_TRAIN, {**result.__dict__, "labels": list(labels), "compute": meter.result()})
+    what = "fine-tuned" if result.fine_tuned else "already fine-tuned (fine_tune: false), measured"
+    print(f"train: {what}: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
           f"in {result.train_seconds:.0f}s")
 
 

@@ -180,7 +180,7 @@ def test_structured_pruning_equals_zeroing_the_removed_units(teacher, tiny_teach
             layer.attention.output.dense.weight[:, h:2 * h] = 0.0
             layer.output.dense.weight[:, :32] = 0.0
     for layer in teacher.bert.encoder.layer:
-        prune_layer(layer, keep_heads=[0], keep_neurons=list(range(32, 64)))
+        prune_layer(teacher, layer, keep_heads=[0], keep_neurons=list(range(32, 64)))
     assert teacher.bert.encoder.layer[0].attention.self.query.out_features == h
     assert teacher.bert.encoder.layer[0].intermediate.dense.out_features == 32
     np.testing.assert_allclose(logits(teacher, tok, texts), logits(zeroed, tok, texts), atol=1e-5)

@@ -26,8 +26,8 @@ from pathlib import Path
 from shrinkflow.io import content_hash, file_hashes, fsync_tree, sha256_file
 
 # The modules a build runs (apply_recipe and what it imports).
-CODE = ("shrinkflow/compress", "shrinkflow/modeling.py", "shrinkflow/train.py", "shrinkflow/io.py",
-        "shrinkflow/config.py")
+CODE = ("shrinkflow/compress", "shrinkflow/arch.py", "shrinkflow/modeling.py", "shrinkflow/train.py",
+         "shrinkflow/io.py", "shrinkflow/config.py")
 BUILD_INFO = "build.json"
 
 
@@ -60,9 +60,13 @@ def package_root() -> Path:
 
 
 def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_hash: str, code: str,
-                  libraries: dict, opset: int, threads: int, fuse: bool = False) -> str:
+                  libraries: dict, opset: int, threads: int, fuse: bool = False, labels=()) -> str:
+    """sha256 over everything a build reads (module docstring). ``labels``:
+    the class names in id order; the teacher's hash covers them too (its
+    manifest), but a candidate's soft labels are over exactly these classes,
+    so they are part of the key in their own right."""
     data = reads_data(candidate)
-    blob = {"candidate": candidate.model_dump(mode="json"), "teacher": teacher_hash,
+    blob = {"candidate": candidate.model_dump(mode="json"), "teacher": teacher_hash, "labels": list(labels),
             "train": train_hash if data else None, "unlabelled": unlabelled_hash if data else None,
             "code": code, "libraries": libraries, "opset": opset, "threads": threads,
             "fuse": fuse}
@@ -70,8 +74,14 @@ def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_h
 
 
 def inputs_hashes(teacher_dir: Path, train_path: Path, unlabelled_path: Path) -> dict:
+    """The data-dependent ``candidate_key`` arguments: content hashes of the
+    teacher dir, the training split and the unlabelled text, and the
+    teacher's labels (from its manifest)."""
+    from shrinkflow.modeling import read_manifest
+
     return {"teacher_hash": content_hash(file_hashes(teacher_dir)), "train_hash": sha256_file(train_path),
-            "unlabelled_hash": sha256_file(unlabelled_path)}
+            "unlabelled_hash": sha256_file(unlabelled_path),
+            "labels": tuple(read_manifest(teacher_dir)["labels"])}
 
 
 class CandidateCache:

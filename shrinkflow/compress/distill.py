@@ -7,11 +7,14 @@ import time
 
 import numpy as np
 
+from shrinkflow.arch import encoder_layers, set_encoder_layers
 from shrinkflow.config import DistillStep
 
 
 def make_student(teacher, layers: tuple[int, ...]):
-    """A deep copy of the teacher keeping only ``layers`` of its encoder."""
+    """A deep copy of the teacher keeping only ``layers`` of its encoder
+    (any family in shrinkflow.arch). Raises ValueError for a layer index
+    the teacher does not have."""
     import torch
 
     n = teacher.config.num_hidden_layers
@@ -19,8 +22,8 @@ def make_student(teacher, layers: tuple[int, ...]):
     if bad:
         raise ValueError(f"distill.layers {bad} out of range for a {n}-layer teacher")
     student = copy.deepcopy(teacher)
-    student.bert.encoder.layer = torch.nn.ModuleList(student.bert.encoder.layer[i] for i in layers)
-    student.config.num_hidden_layers = len(layers)
+    kept = encoder_layers(student)
+    set_encoder_layers(student, torch.nn.ModuleList(kept[i] for i in layers))
     return student
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 def encoder_linears(model):
-    import torch
+    """Every Linear of the encoder layers, in module order (shrinkflow.arch)."""
+    from shrinkflow.arch import encoder_linear_modules
 
-    return [m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}."]
+    return encoder_linear_modules(model)
 
 
 def magnitude_prune(model, target_sparsity: float):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shrinkflow.arch import attention_heads, check_step, encoder_layers, family, ffn_linears, pad_token, \
+    word_embeddings
 from shrinkflow.compress.export import export_onnx, fuse_transformer_graph
 from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
 from shrinkflow.config import Candidate
@@ -64,7 +66,8 @@ def calibration_feeds(tokenizer_json: str, texts: list[str], n: int, max_seq_len
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.enable_truncation(max_length=max_seq_len)
-    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+    pad, pad_id = pad_token(tok)
+    tok.enable_padding(pad_id=pad_id, pad_token=pad)
     feeds = []
     for start in range(0, min(n, len(texts)), batch_size):
         ids, mask = encode(tok, texts[start:min(n, start + batch_size)])
@@ -75,13 +78,20 @@ def calibration_feeds(tokenizer_json: str, texts: list[str], n: int, max_seq_len
 def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_texts: list[str] | None,
                     train_labels: np.ndarray | None, threads: int = 2, progress: bool = True,
                     unlabelled_texts: list[str] | None = None):
-    """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats)."""
+    """Run the recipe's torch-level steps. Returns (model, tokenizer_json, stats).
+
+    Works on every family in shrinkflow.arch; a step a family cannot take
+    (``arch.check_step``) raises UnsupportedArchitecture before any work.
+    """
     from shrinkflow.compress.augment import augment_texts
     from shrinkflow.compress.distill import distill, hidden_targets, kd_train, soft_labels, teacher_outputs
     from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
     from shrinkflow.compress.structured import importance, structured_prune
     from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
 
+    model_type = family(model).model_type
+    for step in candidate.recipe:
+        check_step(model_type, step.method)
     stats: dict = {}
     teacher_targets = None  # the original teacher's logits, computed at most once
     for step in candidate.recipe:
@@ -123,15 +133,15 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
                          learning_rate=step.learning_rate, temperature=step.temperature,
                          alpha_kl=step.alpha_kl, batch_size=32, warmup_fraction=0.06, seed=step.seed,
                          threads=threads, progress=progress, desc="recover")
-            layer0 = model.bert.encoder.layer[0]
-            stats["heads_per_layer"] = layer0.attention.self.num_attention_heads
-            stats["ffn_per_layer"] = layer0.intermediate.dense.out_features
+            layer0 = encoder_layers(model)[0]
+            stats["heads_per_layer"] = attention_heads(model, layer0)[0]
+            stats["ffn_per_layer"] = ffn_linears(model, layer0)[0].out_features
         elif step.method == "vocab_prune":
             # Production-window text (re-compression) counts too: a vocabulary
             # pruned to the training split alone would map the drifted
             # domain's new words to [UNK]. Without a window: the split only.
             kept = kept_token_ids(tokenizer_json, list(train_texts) + window_texts(unlabelled_texts), step.min_count)
-            nearest = (nearest_kept(model.bert.embeddings.word_embeddings.weight, kept)
+            nearest = (nearest_kept(word_embeddings(model).weight, kept)
                        if step.unseen_tokens == "nearest" else None)
             tokenizer_json = remap_tokenizer(tokenizer_json, kept, nearest)
             model = prune_embeddings(model, kept)
@@ -168,7 +178,8 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     finished candidate or absent.
     """
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    max_seq_len = read_manifest(teacher_dir)["max_seq_len"]
+    manifest = read_manifest(teacher_dir)
+    max_seq_len = manifest["max_seq_len"]
     work = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -199,7 +210,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
         stats["size_mb_zlib"] = round(zlib_size_bytes(onnx_path) / 1e6, 4)
         write_manifest(work, "onnx", max_seq_len,
                        recipe=[s.model_dump(mode="json") for s in candidate.recipe],
-                       extra={"candidate": candidate.name, "stats": stats})
+                       extra={"candidate": candidate.name, "stats": stats}, labels=manifest["labels"])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

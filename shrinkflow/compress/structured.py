@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from shrinkflow.arch import attention_heads, attn_out_linear, encoder_layers, ffn_linears, qkv_linears, \
+    set_layer_linears
+
 
 def importance(model, seqs: list[list[int]], labels: np.ndarray, batches: int, batch_size: int = 32,
                seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -20,9 +23,9 @@ def importance(model, seqs: list[list[int]], labels: np.ndarray, batches: int, b
 
     from shrinkflow.train import _pad
 
-    layers = model.bert.encoder.layer
-    heads = [np.zeros(l.attention.self.query.out_features // l.attention.self.attention_head_size) for l in layers]
-    neurons = [np.zeros(l.intermediate.dense.out_features) for l in layers]
+    layers = encoder_layers(model)
+    heads = [np.zeros(qkv_linears(model, l)[0].out_features // attention_heads(model, l)[1]) for l in layers]
+    neurons = [np.zeros(ffn_linears(model, l)[0].out_features) for l in layers]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(seqs))
     model.eval()  # no dropout: the scores should not depend on which units dropout hit
@@ -33,12 +36,12 @@ def importance(model, seqs: list[list[int]], labels: np.ndarray, batches: int, b
         out = model(input_ids=ids, attention_mask=mask, labels=torch.from_numpy(np.asarray(labels)[idx]))
         out.loss.backward()
         for li, layer in enumerate(layers):
-            s, h = layer.attention.self, layer.attention.self.attention_head_size
-            gw = sum((m.weight.grad * m.weight).sum(1) + m.bias.grad * m.bias for m in (s.query, s.key, s.value))
-            o = layer.attention.output.dense
+            h = attention_heads(model, layer)[1]
+            gw = sum((m.weight.grad * m.weight).sum(1) + m.bias.grad * m.bias for m in qkv_linears(model, layer))
+            o = attn_out_linear(model, layer)
             gw = gw + (o.weight.grad * o.weight).sum(0)
             heads[li] += gw.detach().view(-1, h).sum(1).pow(2).numpy()
-            i, d = layer.intermediate.dense, layer.output.dense
+            i, d = ffn_linears(model, layer)
             gn = (i.weight.grad * i.weight).sum(1) + i.bias.grad * i.bias + (d.weight.grad * d.weight).sum(0)
             neurons[li] += gn.detach().pow(2).numpy()
     model.zero_grad(set_to_none=True)
@@ -58,25 +61,25 @@ def _slice_linear(linear, keep, dim: int):
     return new
 
 
-def prune_layer(layer, keep_heads: list[int], keep_neurons: list[int]) -> None:
-    """Physically remove the heads and FFN neurons not listed, in place."""
-    s, h = layer.attention.self, layer.attention.self.attention_head_size
+def prune_layer(model, layer, keep_heads: list[int], keep_neurons: list[int]) -> None:
+    """Physically remove the heads and FFN neurons not listed from one of
+    ``model``'s encoder layers, in place."""
+    h = attention_heads(model, layer)[1]
     rows = [hd * h + j for hd in sorted(keep_heads) for j in range(h)]
-    s.query, s.key, s.value = (_slice_linear(m, rows, 0) for m in (s.query, s.key, s.value))
-    s.num_attention_heads = len(keep_heads)
-    s.all_head_size = len(rows)
-    layer.attention.output.dense = _slice_linear(layer.attention.output.dense, rows, 1)
+    q, k, v = (_slice_linear(m, rows, 0) for m in qkv_linears(model, layer))
+    out = _slice_linear(attn_out_linear(model, layer), rows, 1)
     keep_neurons = sorted(keep_neurons)
-    layer.intermediate.dense = _slice_linear(layer.intermediate.dense, keep_neurons, 0)
-    layer.output.dense = _slice_linear(layer.output.dense, keep_neurons, 1)
+    f_in, f_out = ffn_linears(model, layer)
+    set_layer_linears(model, layer, q, k, v, out, _slice_linear(f_in, keep_neurons, 0),
+                      _slice_linear(f_out, keep_neurons, 1), num_heads=len(keep_heads))
 
 
 def structured_prune(model, head_scores, neuron_scores, heads_keep_fraction: float,
                      ffn_keep_fraction: float):
     """Keep the top fraction of heads and neurons in every layer (at least one)."""
-    for layer, hs, ns in zip(model.bert.encoder.layer, head_scores, neuron_scores):
+    for layer, hs, ns in zip(encoder_layers(model), head_scores, neuron_scores):
         n_heads = max(1, int(round(heads_keep_fraction * len(hs))))
         n_neurons = max(1, int(round(ffn_keep_fraction * len(ns))))
-        prune_layer(layer, list(np.argsort(-hs, kind="stable")[:n_heads]),
+        prune_layer(model, layer, list(np.argsort(-hs, kind="stable")[:n_heads]),
                     list(np.argsort(-ns, kind="stable")[:n_neurons]))
     return model

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from shrinkflow.arch import embeddings, set_word_embeddings, word_embeddings
+
 
 def _is_single_char(token: str) -> bool:
     return len(token) == 1 or (token.startswith("##") and len(token) == 3)
@@ -61,9 +63,7 @@ def remap_tokenizer(tokenizer_json: str, kept: list[int], nearest: dict[int, int
     spec["model"]["vocab"] = {t: new_id[i] for t, i in spec["model"]["vocab"].items() if i in new_id}
     for t in spec.get("added_tokens", []):
         t["id"] = new_id[t["id"]]
-    post = spec.get("post_processor") or {}
-    for special in (post.get("special_tokens") or {}).values():
-        special["ids"] = [new_id[i] for i in special["ids"]]
+    _remap_post_processor(spec.get("post_processor") or {}, new_id)
     for key in ("padding",):
         if spec.get(key) and "pad_id" in spec[key]:
             spec[key]["pad_id"] = new_id[spec[key]["pad_id"]]
@@ -71,17 +71,40 @@ def remap_tokenizer(tokenizer_json: str, kept: list[int], nearest: dict[int, int
     return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
 
 
+def _remap_post_processor(post: dict, new_id: dict[int, int]) -> None:
+    """Renumber the special-token ids a post-processor inserts, in place:
+    TemplateProcessing (BERT, MPNet) lists them under ``special_tokens``,
+    BertProcessing / RobertaProcessing as ``cls``/``sep`` [token, id] pairs,
+    a ``Sequence`` nests processors."""
+    for special in (post.get("special_tokens") or {}).values():
+        special["ids"] = [new_id[i] for i in special["ids"]]
+    for key in ("cls", "sep"):
+        if isinstance(post.get(key), list) and len(post[key]) == 2:
+            post[key][1] = new_id[post[key][1]]
+    for inner in post.get("processors") or []:
+        _remap_post_processor(inner, new_id)
+
+
 def prune_embeddings(model, kept: list[int]):
-    """Keep only rows ``kept`` of the word embedding, in place; returns model."""
+    """Keep only rows ``kept`` of the word embedding, in place; returns model.
+
+    The pad id (config.pad_token_id) is renumbered; MPNet and RoBERTa
+    embeddings also hold it as ``padding_idx`` (their position ids are counted
+    from non-pad tokens), so that is renumbered too.
+    """
     import torch
 
-    emb = model.bert.embeddings.word_embeddings
+    emb = word_embeddings(model)
     index = torch.tensor(kept, dtype=torch.long)
     new = torch.nn.Embedding(len(kept), emb.embedding_dim)
     with torch.no_grad():
         new.weight.copy_(emb.weight[index])
-    model.bert.embeddings.word_embeddings = new
+    set_word_embeddings(model, new)
     model.config.vocab_size = len(kept)
     pad = model.config.pad_token_id
     model.config.pad_token_id = kept.index(pad) if pad in kept else 0
+    block = embeddings(model)
+    if getattr(block, "padding_idx", None) is not None:
+        old = block.padding_idx
+        block.padding_idx = kept.index(old) if old in kept else model.config.pad_token_id
     return model
