@@ -18,8 +18,8 @@ from prefect import flow
 from shrinkflow.config import RunnerParams
 from shrinkflow.cost import ComputeMeter
 from shrinkflow.io import write_json
-from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS, UNLABELLED
-from stages.common import read_lines, run_stage
+from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
+from stages.common import read_unlabelled, run_stage
 from tasks.compress import build_candidate
 
 
@@ -54,7 +54,10 @@ def candidate_keys(root: Path, candidates: list, opset: int, threads: int, fuse:
     from shrinkflow.lineage import MODEL_LIBRARIES, library_versions
     from shrinkflow.paths import TEACHER, UNLABELLED, split_path
 
-    hashes = inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED)
+    from stages.common import unlabelled_hash
+
+    hashes = {**inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED),
+              "unlabelled_hash": unlabelled_hash(root)}
     code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
     return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads,
                                   fuse=fuse)
@@ -69,7 +72,7 @@ def compress(params, project_dir: str = ".") -> dict:
     # Read every declared text dependency once, even when every candidate will
     # come from the cache: a corrupt or undecodable input fails the stage that
     # declares it, not a later stage that happens to read it first.
-    read_lines(Path(root) / UNLABELLED)
+    read_unlabelled(Path(root))
     runner = params.compress.runner
     shutil.rmtree(Path(root) / CANDIDATES, ignore_errors=True)
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))

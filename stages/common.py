@@ -62,3 +62,38 @@ def read_lines(path: Path | str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_unlabelled(root: Path | str = ".") -> list[str]:
+    """What distillation learns from besides the training split: the
+    production window snapshot (``data/unlabelled/texts.txt``, written by
+    re-compression) followed by the user's own unlabelled text
+    (``data.source.unlabelled_path``, prepared by the data stage into
+    ``data/prepared/unlabelled.parquet``; empty for the built-in task)."""
+    import pandas as pd
+
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
+
+    texts = read_lines(Path(root) / UNLABELLED)
+    prepared = Path(root) / UNLABELLED_PREPARED
+    if prepared.is_file():
+        texts += [t for t in pd.read_parquet(prepared)["text"].astype(str).tolist() if t.strip()]
+    return texts
+
+
+def unlabelled_hash(root: Path | str = ".") -> str:
+    """Content hash of what ``read_unlabelled`` reads, for the candidate
+    cache key. The window file's sha256 alone when the user gave no
+    unlabelled text, so the built-in task's keys are unchanged."""
+    import hashlib
+
+    import pandas as pd
+
+    from shrinkflow.io import sha256_file
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
+
+    window = sha256_file(Path(root) / UNLABELLED)
+    prepared = Path(root) / UNLABELLED_PREPARED
+    if not prepared.is_file() or len(pd.read_parquet(prepared)) == 0:
+        return window
+    return hashlib.sha256(f"{window}:{sha256_file(prepared)}".encode()).hexdigest()

@@ -22,8 +22,8 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     from shrinkflow.compress.cache import CandidateCache
     from shrinkflow.cost import process_cpu_seconds
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER, UNLABELLED
-    from stages.common import read_lines, read_split
+    from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER
+    from stages.common import read_split, read_unlabelled
 
     root = Path(project_dir)
     if not root.is_absolute() or not (root / TEACHER).is_dir():
@@ -49,7 +49,7 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     train = read_split("train", root)
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
-                       threads=threads, progress=False, unlabelled_texts=read_lines(root / UNLABELLED), fuse=fuse)
+                       threads=threads, progress=False, unlabelled_texts=read_unlabelled(root), fuse=fuse)
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
     if key:
