@@ -152,8 +152,9 @@ def test_monitor_on_a_three_class_window_with_one_class_of_feedback(server, proj
     """Real traffic through the server, feedback by name, all of one class:
     the monitor gives per-class shares and a verdict and exits 0; Evidently's
     multiclass report is either there or not computed with its reason."""
-    from tests.test_monitor_robust import monitor_cli, only_run
+    from tests.test_monitor_robust import monitor_cli, only_run, set_monitor
 
+    set_monitor(project, window_last_n=40)   # exactly the predictions below: earlier tests' rows are older
     texts = [f"{t} ({i})" for i, t in enumerate(small_splits["test"]["text"].tolist()[:40])]
     preds = [p for i in range(0, len(texts), 8) for p in predict(server, texts[i:i + 8])]
     for p in preds[:25]:
@@ -166,7 +167,8 @@ def test_monitor_on_a_three_class_window_with_one_class_of_feedback(server, proj
     summary = json.loads((only_run(project) / "summary.json").read_text())
     assert summary["labels"] == list(THREE)
     served = [p["label"] for p in preds]
-    window = log_of(project).window(last=500)
+    window = log_of(project).window(last=40)
+    assert window["prediction_id"].tolist() == [p["prediction_id"] for p in preds]
     want = {name: float((window["label"] == k).mean()) for k, name in enumerate(THREE)}
     assert summary["class_share_current"] == pytest.approx(want, abs=1e-6)
     assert set(summary["class_share_reference"]) == set(THREE)
@@ -230,3 +232,36 @@ def test_monitor_build_on_three_classes_names_the_classes(project, small_splits,
     assert s.truncation.drift.column == "truncated" and s.truncation.drift.method == "z"
     assert s.prediction_probability.column == "prob_predicted"
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_simulated_traffic_draws_the_users_splits_and_posts_feedback_by_name(server, project, small_splits):
+    """`data.source.kind: files`: in-domain traffic is the user's test split,
+    shifted traffic the pool of their shifted split (never its recovery
+    part), and the true label goes to /feedback by name."""
+    from shrinkflow.paths import split_path
+    from shrinkflow.traffic import shifted_part, simulate, traffic_order, traffic_pool, user_shifted_split
+
+    splits = three_class_splits(small_splits)
+    for name in ("test", "shifted"):
+        splits[name].to_parquet(project / split_path(name))
+    shifted = splits["shifted"]
+    parts = user_shifted_split(project / split_path("shifted"))
+    assert len(parts["pool"]) + len(parts["recovery"]) == len(shifted) and len(parts["recovery"]) > 0
+    assert all(shifted_part(t) == "recovery" for t in parts["recovery"]["text"])
+    pool = traffic_pool("shifted", project, "files")
+    assert pool.equals(parts["pool"])
+    assert traffic_pool("in", project, "files").equals(splits["test"][["text", "label"]])
+    rows, _ = traffic_order(pool, 12, seed=4)
+    before = set(log_of(project).window()["prediction_id"])
+    res = simulate(server.url, rows["text"].tolist(), [THREE[int(y)] for y in rows["label"]], feedback_rate=0.5,
+                   seed=4, concurrency=2, token=AUTH["Authorization"].split()[1], progress=False)
+    assert res.ok and res.answered == 12 and res.feedback_posted == 6
+    log = log_of(project).window()
+    new = log[~log["prediction_id"].isin(before)]
+    assert set(new["text"]) <= set(parts["pool"]["text"])
+    truth = dict(zip(shifted["text"], shifted["label"]))
+    labelled = new[new["feedback_label"].notna()]
+    assert len(labelled) == 6 and [int(y) for y in labelled["feedback_label"]] == \
+        [int(truth[t]) for t in labelled["text"]]
+    with pytest.raises(FileNotFoundError, match="data.source.shifted_path"):
+        user_shifted_split(project / "data/prepared/nothing.parquet")
