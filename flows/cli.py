@@ -196,7 +196,9 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     sp = parsed.serve
     registry = Registry(root / parsed.deploy.registry_dir)
     try:  # refuse to start rather than fail on the first request
-        registry.load()
+        from shrinkflow.serving import model_labels
+
+        model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
         # The log too: locked or unwritable, say so here, not in a traceback
         # from inside uvicorn's startup.
         PredictionLog(root / sp.log_path).open()
@@ -550,8 +552,17 @@ def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
         tr = (result.get("summary") or {}).get("truncation")
         if tr:
             share = "not computed" if tr["share"] is None else f"{tr['share']:.3f} of {tr['known_rows']} rows"
+            drift = tr.get("drift")
             typer.echo(f"truncated texts ({tr['strategy']}): window {share}; reference "
-                       f"{tr['reference_share']:.3f}")
+                       f"{tr['reference_share']:.3f}" + (f"; drift p={drift['value']:.3g}"
+                                                         f"{' (drifted)' if drift['drifted'] else ''}"
+                                                         if drift else ""))
+        s = result.get("summary") or {}
+        if s.get("class_share_reference"):
+            cur = s.get("class_share_current") or {}
+            typer.echo("class shares (window / reference): " + ", ".join(
+                f"{k} {cur[k]:.2f}" if k in cur else f"{k} n/a" for k in s["class_share_reference"])
+                + " / " + ", ".join(f"{v:.2f}" for v in s["class_share_reference"].values()))
         if result.get("report_dir"):
             typer.echo(f"reports: {result['report_dir']} (index: {Path(result['report_dir']).parent / 'index.html'})")
         if rec is not None:

@@ -7,6 +7,7 @@ monitor` run (Prefect's test harness, real Evidently) on that window."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -265,3 +266,29 @@ def test_simulated_traffic_draws_the_users_splits_and_posts_feedback_by_name(ser
         [int(truth[t]) for t in labelled["text"]]
     with pytest.raises(FileNotFoundError, match="data.source.shifted_path"):
         user_shifted_split(project / "data/prepared/nothing.parquet")
+
+
+def test_serve_refuses_to_start_on_a_version_without_labels(tmp_path, tiny_teacher_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from shrinkflow.modeling import MANIFEST
+    from shrinkflow.registry import Registry
+    from tests.conftest import PROJECT_ROOT
+
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())))
+    model = shutil.copytree(tiny_teacher_dir, tmp_path / "nolabels")
+    manifest = json.loads((model / MANIFEST).read_text())
+    (model / MANIFEST).write_text(json.dumps({**manifest, "labels": ["only-one"]}))
+    Registry(root / "registry").promote(model, PASS, record("nolabels"))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port())], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "error: cannot serve: version v0001 (" in proc.stderr and "it has ['only-one']" in proc.stderr
+    assert "Traceback" not in proc.stderr
