@@ -292,3 +292,29 @@ def test_serve_refuses_to_start_on_a_version_without_labels(tmp_path, tiny_teach
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "error: cannot serve: version v0001 (" in proc.stderr and "it has ['only-one']" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_clean_window_maps_each_row_by_its_own_label_names():
+    """A window spanning a change of label set: ids are read through each
+    row's names into the served version's; a class it lacks is unknown;
+    rows before schema 3 (no names) are ids of the served labels."""
+    import math
+
+    import pandas as pd
+
+    from monitoring.report import clean_window
+
+    old_set = ["billing", "sales"]                      # before "bug" arrived: sales was id 1
+    raw = pd.DataFrame({
+        "prediction_id": ["a", "b", "c", "d"], "ts": ["t1", "t2", "t3", "t4"], "model_version": ["v1", "v1", "v2", "v0"],
+        "text": ["x", "y", "z", "w"],
+        "probabilities": [[0.3, 0.7], [0.9, 0.1], [0.1, 0.2, 0.3, 0.4], [0.2, 0.5, 0.3]],
+        "label": [1, 0, 3, 1], "latency_ms": [1.0] * 4, "feedback_label": [0, 1, 2, 2], "feedback_ts": [None] * 4,
+        "tokens_seen": [3] * 4, "truncated": [0, 1, None, 0],
+        "labels": [old_set, old_set, ["billing", "bug", "outage", "sales"], []]})
+    w = clean_window(raw, THREE)
+    assert w["label"].tolist() == [2.0, 0.0, 2.0, 1.0]          # sales, billing, sales (by name), bug (by id)
+    assert w["prob"].tolist() == [0.7, 0.9, 0.4, 0.5]           # the answered class's own probability
+    assert w["feedback"].tolist()[:2] == [0.0, 2.0]
+    assert math.isnan(w["feedback"][2])                         # "outage": not a class of the served version
+    assert w["feedback"][3] == 2.0
