@@ -143,7 +143,9 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
              else f"| embedding drift | {nc('embedding_drift', 'n/a (no teacher)')} |",
              f"| teacher agreement | {t.agreement:.3f} on {t.rows} texts |" if t
              else f"| teacher agreement | {nc('teacher_agreement', 'n/a')} |",
-             f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels |" if q else "| feedback accuracy | no labels |",
+             f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels"
+             + (f" (macro-F1 {q.macro_f1:.3f})" if q.macro_f1 is not None else "") + " |" if q
+             else "| feedback accuracy | no labels |",
              f"| class shares (current / reference) | {_shares(summary)} |",
              f"| truncated texts (window / reference, {tr.strategy}) | {_fmt(tr.share, '.3f')} of {tr.known_rows} "
              f"known / {_fmt(tr.reference_share, '.3f')}"
