@@ -210,7 +210,9 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     sp = parsed.serve
     registry = Registry(root / parsed.deploy.registry_dir)
     try:  # refuse to start rather than fail on the first request
-        registry.load()
+        from shrinkflow.serving import model_labels
+
+        model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
         # The log too: locked or unwritable, say so here, not in a traceback
         # from inside uvicorn's startup.
         PredictionLog(root / sp.log_path).open()
@@ -419,8 +421,9 @@ class TrafficDomain(str, Enum):
 
 @app.command("simulate-traffic")
 def simulate_traffic(
-        domain: TrafficDomain = typer.Option(..., "--domain", help="in: the test split; shifted: the tweet "
-                                             "traffic pool (never the recovery set)"),
+        domain: TrafficDomain = typer.Option(..., "--domain", help="in: the test split; shifted: the traffic "
+                                             "pool of the shifted split (the user's, or the built-in tweets), "
+                                             "never its recovery set"),
         n: int = typer.Option(..., "--n", min=1, help="predictions to request (the pool is cycled if smaller)"),
         feedback_rate: float = typer.Option(0.0, "--feedback-rate", min=0.0, max=1.0,
                                             help="share of answered predictions whose true label is posted"),
@@ -428,8 +431,8 @@ def simulate_traffic(
         seed: int = typer.Option(0, "--seed", help="order of the texts and choice of the feedback"),
         concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="requests in flight")):
     """Send real texts to a running `shrinkflow serve`, one POST /predict
-    each, and post the true label of a seeded share of the answers to
-    /feedback (bearer token from SHRINKFLOW_API_TOKEN when set).
+    each, and post the true label (by name) of a seeded share of the answers
+    to /feedback (bearer token from SHRINKFLOW_API_TOKEN when set).
     Exit 0 when every request got 200; 1 when some failed; 2 on bad usage;
     3 when the server cannot be reached or a data file is missing."""
     from shrinkflow.errors import DataError
@@ -442,17 +445,37 @@ def simulate_traffic(
         # A server bound to every interface is reached on loopback.
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(parsed.serve.host, parsed.serve.host)
         url = f"http://{f'[{host}]' if ':' in host else host}:{parsed.serve.port}"
+    from shrinkflow.labels import BUILTIN_LABELS, read_labels
+    from shrinkflow.paths import LABELS_JSON
+
+    # The user's task (data.source.kind: files) or the built-in archive.
+    kind = getattr(getattr(getattr(parsed, "data", None), "source", None), "kind", None)
     try:
-        pool = traffic_pool(domain.value, root)
+        pool = traffic_pool(domain.value, root, kind)
+        # Feedback is posted by name: the names the data stage wrote (the
+        # built-in task before labels.json existed: its two).
+        names = read_labels(root / LABELS_JSON) if kind == "files" or (root / LABELS_JSON).is_file() \
+            else BUILTIN_LABELS
     except (FileNotFoundError, DataError) as exc:
         typer.echo(f"error: cannot read the {domain.value!r} traffic: {exc}", err=True)
         raise typer.Exit(EXIT_CRASH)
+    if len(pool) == 0:
+        typer.echo(f"error: the {domain.value!r} traffic pool is empty: nothing to send", err=True)
+        raise typer.Exit(EXIT_CRASH)
+    bad = sorted({int(y) for y in pool["label"] if not 0 <= int(y) < len(names)})
+    if bad:
+        typer.echo(f"error: the {domain.value!r} traffic has class ids {bad} that {LABELS_JSON} "
+                   f"({list(names)}) does not name: run `shrinkflow run` to prepare the data again", err=True)
+        raise typer.Exit(EXIT_CRASH)
     rows, passes = traffic_order(pool, n, seed)
-    what = "test split" if domain.value == "in" else "shifted traffic pool (tweets; the recovery set is never sent)"
+    what = "test split" if domain.value == "in" else (
+        "shifted traffic pool (the recovery set is never sent)" if kind == "files"
+        else "shifted traffic pool (tweets; the recovery set is never sent)")
     typer.echo(f"sending {n} texts from the {what}, {len(pool)} texts, to {url}"
                + (f"; n is larger than the pool, so it is cycled ({passes} passes)" if passes > 1 else ""))
     try:
-        res = simulate(url, rows["text"].tolist(), rows["label"].tolist(), feedback_rate=feedback_rate, seed=seed,
+        res = simulate(url, rows["text"].tolist(), [names[int(y)] for y in rows["label"]],
+                       feedback_rate=feedback_rate, seed=seed,
                        concurrency=concurrency, token=os.environ.get(TOKEN_ENV) or None)
     except ServerUnreachable as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -461,9 +484,10 @@ def simulate_traffic(
     def counts(c) -> str:
         return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
 
-    pos = float(rows["label"].mean()) if len(rows) else 0.0
+    sent = rows["label"].astype(int).value_counts(normalize=True)
     typer.echo(f"predict: {res.sent} requests; by status {counts(res.predict_status)}")
-    typer.echo(f"texts sent: {pos:.1%} positive by their true label")
+    typer.echo("texts sent, by their true label: " + ", ".join(f"{name} {sent.get(k, 0.0):.1%}"
+                                                               for k, name in enumerate(names)))
     share = res.feedback_posted / res.answered if res.answered else 0.0
     typer.echo(f"feedback: {res.feedback_posted} labels posted ({share:.1%} of {res.answered} answered predictions; "
                f"asked {feedback_rate:.1%})" + (f"; by status {counts(res.feedback_status)}"
@@ -542,8 +566,17 @@ def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
         tr = (result.get("summary") or {}).get("truncation")
         if tr:
             share = "not computed" if tr["share"] is None else f"{tr['share']:.3f} of {tr['known_rows']} rows"
+            drift = tr.get("drift")
             typer.echo(f"truncated texts ({tr['strategy']}): window {share}; reference "
-                       f"{tr['reference_share']:.3f}")
+                       f"{tr['reference_share']:.3f}" + (f"; drift p={drift['value']:.3g}"
+                                                         f"{' (drifted)' if drift['drifted'] else ''}"
+                                                         if drift else ""))
+        s = result.get("summary") or {}
+        if s.get("class_share_reference"):
+            cur = s.get("class_share_current") or {}
+            typer.echo("class shares (window / reference): " + ", ".join(
+                f"{k} {cur[k]:.2f}" if k in cur else f"{k} n/a" for k in s["class_share_reference"])
+                + " / " + ", ".join(f"{v:.2f}" for v in s["class_share_reference"].values()))
         if result.get("report_dir"):
             typer.echo(f"reports: {result['report_dir']} (index: {Path(result['report_dir']).parent / 'index.html'})")
         if rec is not None:

@@ -16,6 +16,17 @@ INDEX = "index.html"
 _COLOURS = {"ok": "#1a7f37", "warn": "#9a6700", "recompress": "#cf222e"}
 
 
+def shares(s: dict, fig) -> str:
+    """The share of the class that moved most, window / reference (a
+    summary written before any number of classes: the positive share)."""
+    if "positive_share_reference" in s:
+        return f'{fig(s.get("positive_share_current"), ".2f")} / {fig(s.get("positive_share_reference"), ".2f")}'
+    m = s.get("largest_share_shift")
+    if not m:
+        return "not computed"
+    return html.escape(f'{m.get("label")}: {fig(m.get("current"), ".2f")} / {fig(m.get("reference"), ".2f")}')
+
+
 def _row(run: Path) -> str | None:
     try:
         s = json.loads((run / SUMMARY_JSON).read_text())
@@ -53,7 +64,7 @@ def _row(run: Path) -> str | None:
         f'{e["roc_auc"]:.3f}' if e else not_computed("embedding_drift", "n/a"),
         f'{t["agreement"]:.3f}' if t else not_computed("teacher_agreement", "n/a"),
         f'{q["accuracy"]:.3f} ({q["labels"]})' if q else "no labels",
-        f'{fig(s.get("positive_share_current"), ".2f")} / {fig(s.get("positive_share_reference"), ".2f")}',
+        shares(s, fig),
         (f'{fig(tr.get("share"), ".3f")} / {fig(tr.get("reference_share"), ".3f")}' if tr else "not recorded"),
     ]
     links = [f'<a href="{run.name}/{name}">{label}</a>'
@@ -104,7 +115,7 @@ def write_index(reports_dir: Path) -> Path:
     reports_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in (_safe_row(p) for p in run_dirs(reports_dir)) if r is not None]
     head = ["run (UTC)", "verdict", "version", "window rows", "drifted descriptors", "embedding AUC",
-            "teacher agreement", "feedback accuracy (labels)", "positive share cur / ref",
+            "teacher agreement", "feedback accuracy (labels)", "class share cur / ref (moved most)",
             "truncated share cur / ref", "reports", "why"]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>shrinkflow monitoring</title>

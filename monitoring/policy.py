@@ -150,10 +150,12 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     sha = summary.window.sha256
     if not fired:
         if summary.prediction_label is not None and summary.prediction_label.drifted:
+            m = summary.largest_share_shift
+            moved = (f"{m.label!r} moved most, share {m.current:.3f} vs {m.reference:.3f} on reference"
+                     if m is not None else "the class shares moved")
             return Decision(action="warn", findings=tuple(findings), window_sha256=sha, reasons=(
-                f"prediction drift: positive share {summary.positive_share_current:.3f} vs "
-                f"{summary.positive_share_reference:.3f} on reference (p={summary.prediction_label.value:.3g}); "
-                "no degradation rule fired", *reasons))
+                f"prediction drift: {moved} (p={summary.prediction_label.value:.3g}, "
+                f"{summary.prediction_label.method}); no degradation rule fired", *reasons))
         if summary.prediction_label is None:
             reasons.append("prediction drift not computed: "
                            + (summary.reason_not_computed("prediction_label") or "no served label in the window"))

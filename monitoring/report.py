@@ -31,13 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.summary import (DriftSummary, NotComputed, Quality, TeacherAgreement, Truncation, Window,
-                                extract)
+from monitoring.summary import (DriftSummary, NotComputed, Quality, ShareShift, TeacherAgreement, Truncation,
+                                Window, column_drifts, extract)
 
 TEXT = "text"
 LABEL = "prediction"
-PROB = "prob_positive"
+# The probability the served model gave the class it answered (its largest):
+# defined for any number of classes, and it falls when the model grows unsure.
+PROB = "prob_predicted"
 TARGET = "target"
+# Whether the model read the whole text (1) or a cut of it (0): per row from
+# the prediction log, per reference text from the served model. A descriptor
+# of its own, next to the text descriptors: its drift is reported with the
+# truncated share (DriftSummary.truncation), not counted in text drift.
+TRUNCATED = "truncated"
 EMBEDDINGS = "sentence"
 # Descriptors after Evidently 0.7.23's text features (same names, same
 # definitions, see text_descriptors), then our own.
@@ -100,9 +107,17 @@ def text_descriptors(texts: list[str], vocab: frozenset[str]):
 
 
 def softmax_positive(logits: np.ndarray) -> np.ndarray:
+    """The class-1 probability of a two-class model's logits [B, 2] (tests
+    and benchmarks of the built-in task; the monitor itself reads every
+    class, see ``softmax_probabilities``)."""
+    return softmax_probabilities(logits)[:, 1]
+
+
+def softmax_probabilities(logits: np.ndarray) -> np.ndarray:
+    """[B, C] probabilities of [B, C] logits, exactly as the server answers."""
     from shrinkflow.runtime import softmax  # the one the server answers with
 
-    return softmax(logits)[:, 1]
+    return softmax(np.asarray(logits, dtype=np.float64))
 
 
 def window_sha256(prediction_ids) -> str:
@@ -118,23 +133,54 @@ def _numeric(values) -> np.ndarray:
     return out
 
 
-def _positive_probability(p) -> float:
-    """The positive-class probability of one logged row, NaN when the row
-    holds no usable one (not a list of two or more numbers in [0, 1])."""
+def _probability(p, k: float) -> float:
+    """The probability of class ``k`` (the row's own id) in one logged row,
+    NaN when the row holds no usable one (not a number in [0, 1])."""
+    if math.isnan(k):
+        return math.nan
     try:
-        v = float(p[1])
+        v = float(p[int(k)])
     except (TypeError, ValueError, IndexError, KeyError):
         return math.nan
     return v if 0.0 <= v <= 1.0 else math.nan
 
 
-def clean_window(window):
+def _row_labels(v) -> list:
+    """A row's stored label names (schema 3), [] when it has none."""
+    return list(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else []
+
+
+def _class_ids(values, row_labels: list[list], labels: tuple[str, ...]) -> np.ndarray:
+    """Class ids as the row logged them (indices into its own label names,
+    or, on rows logged before schema 3, into ``labels``) turned into ids in
+    ``labels``: float, NaN where unknown (not an integer id of the row's
+    classes, or a class ``labels`` does not have)."""
+    out = _numeric(values)
+    index = {name: i for i, name in enumerate(labels)}
+    for i, (v, names) in enumerate(zip(out, row_labels)):
+        if np.isnan(v) or v != int(v):
+            out[i] = np.nan
+        elif names:
+            out[i] = index.get(names[int(v)], np.nan) if 0 <= v < len(names) else np.nan
+        elif not 0 <= v < len(labels):
+            out[i] = np.nan
+    return out
+
+
+def clean_window(window, labels: tuple[str, ...] = ("negative", "positive")):
     """The prediction log's window (predlog.COLUMNS) as the monitor reads it,
-    whatever the rows hold: a DataFrame with ``text`` (str; None -> ""),
-    ``prob`` (the positive-class probability, NaN when unknown), ``label``
-    (the served label, float, NaN when unknown), ``feedback`` (float, NaN
-    when none), ``truncated`` (1.0 / 0.0, NaN when unknown),
-    ``prediction_id``, ``ts`` and ``model_version`` (str)."""
+    whatever the rows hold, for the served version's ``labels`` (names in
+    class-id order): a DataFrame with ``text`` (str; None -> ""), ``prob``
+    (the probability of the class the row was answered with, NaN when
+    unknown), ``label`` (the served class as an id in ``labels``, float, NaN
+    when unknown), ``feedback`` (likewise, NaN when none), ``truncated`` (1.0
+    / 0.0, NaN when unknown), ``prediction_id``, ``ts`` and
+    ``model_version`` (str).
+
+    A row of schema 3 names its classes (``labels`` column): its ids are
+    read through those names, so a row answered by a version with another
+    label set maps by name (a class the served version lacks is unknown).
+    Older rows are ids in ``labels`` (the built-in task's two)."""
     import pandas as pd
 
     def text(v) -> str:
@@ -142,10 +188,14 @@ def clean_window(window):
             return ""
         return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
-    label = _numeric(window["label"])
-    label[~np.isin(label, (0.0, 1.0))] = np.nan  # a binary model answers 0 or 1
-    feedback = _numeric(window["feedback_label"])
-    feedback[~np.isin(feedback, (0.0, 1.0))] = np.nan
+    labels = tuple(labels)
+    names = [_row_labels(v) for v in window["labels"]] if "labels" in window else [[] for _ in range(len(window))]
+    # The answered class as the row's own id (its probability's index).
+    raw = _numeric(window["label"])
+    own = np.asarray([v if not np.isnan(v) and v == int(v) and 0 <= v < (len(n) or len(labels)) else np.nan
+                      for v, n in zip(raw, names)], dtype=float)
+    label = _class_ids(window["label"], names, labels)
+    feedback = _class_ids(window["feedback_label"], names, labels)
     truncated = _numeric(window["truncated"]) if "truncated" in window else np.full(len(window), np.nan)
     truncated[~np.isnan(truncated)] = (truncated[~np.isnan(truncated)] != 0).astype(float)
     return pd.DataFrame({
@@ -153,7 +203,8 @@ def clean_window(window):
         "ts": [str(v) for v in window["ts"]],
         "model_version": [str(v) for v in window["model_version"]],
         "text": [text(v) for v in window["text"]],
-        "prob": np.asarray([_positive_probability(p) for p in window["probabilities"]], dtype=float),
+        "prob": np.asarray([_probability(p, k) if not np.isnan(lab) else math.nan
+                            for p, k, lab in zip(window["probabilities"], own, label)], dtype=float),
         "label": label, "feedback": feedback, "truncated": truncated})
 
 
@@ -197,16 +248,19 @@ def served_outputs(served_dir: Path, texts: list[str], truncation: str = "head",
     return predict_served(predictor, texts, per_row=predictor.batch_dependent if per_row is None else bool(per_row))
 
 
-def _frame(descriptors, probs, labels, embeddings=None, targets=None):
+def _frame(descriptors, probs, labels, embeddings=None, targets=None, truncated=None, names=None):
     """The columns Evidently sees: descriptors, probability, label (and
-    target, embeddings). No text column: Evidently has nothing left to
-    compute on the raw text."""
+    target, truncated, embeddings). No text column: Evidently has nothing
+    left to compute on the raw text. ``names``: the label names, to give
+    Evidently the classes by name (its multiclass report) rather than by id."""
     import pandas as pd
 
     def classes(values) -> np.ndarray:
         # int where every value is known: Evidently's classification metrics
         # refuse float labels; NaN (unknown) needs float.
         v = np.asarray(values, dtype=float)
+        if names is not None and not np.isnan(v).any():
+            return np.asarray([names[int(i)] for i in v], dtype=object)
         return v if np.isnan(v).any() else v.astype(np.int64)
 
     df = descriptors.reset_index(drop=True).copy()
@@ -214,20 +268,29 @@ def _frame(descriptors, probs, labels, embeddings=None, targets=None):
     df[LABEL] = classes(labels)
     if targets is not None:
         df[TARGET] = classes(targets)
+    if truncated is not None:
+        df[TRUNCATED] = np.asarray(truncated, dtype=float)
     if embeddings is not None:  # one concat: column-by-column inserts fragment the frame
         df = pd.concat([df, pd.DataFrame(embeddings, columns=[f"emb_{i}" for i in range(embeddings.shape[1])],
                                          index=df.index)], axis=1)
     return df
 
 
-def _datasets(current, reference, embedding_dims: int, with_target: bool):
-    from evidently import BinaryClassification, DataDefinition, Dataset
+def _datasets(current, reference, embedding_dims: int, with_target: bool, classes: int = 2):
+    """Evidently datasets of two frames of ``_frame``. With a target: a
+    binary classification for two classes (ids 0/1, positive class 1), else
+    Evidently's multiclass classification (the prediction and target columns
+    hold the class names)."""
+    from evidently import BinaryClassification, DataDefinition, Dataset, MulticlassClassification
 
+    task = BinaryClassification(target=TARGET, prediction_labels=LABEL) if classes == 2 else \
+        MulticlassClassification(target=TARGET, prediction_labels=LABEL)
     definition = DataDefinition(
         numerical_columns=[*DESCRIPTORS, PROB],
-        categorical_columns=[LABEL] + ([TARGET] if with_target else []),
+        categorical_columns=[LABEL] + ([TARGET] if with_target else []) +
+        ([TRUNCATED] if TRUNCATED in current.columns else []),
         embeddings={EMBEDDINGS: [f"emb_{i}" for i in range(embedding_dims)]} if embedding_dims else None,
-        classification=[BinaryClassification(target=TARGET, prediction_labels=LABEL)] if with_target else None)
+        classification=[task] if with_target else None)
     return (Dataset.from_pandas(current, data_definition=definition),
             Dataset.from_pandas(reference, data_definition=definition))
 
@@ -266,37 +329,46 @@ def _run_units(units: list[tuple[str, list]], cur_ds, ref_ds):
 
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
           validated: dict, params, out_dir: Path, created: str, seed: int = 0, truncation: str = "head",
-          per_row: bool | None = None) -> DriftSummary:
+          per_row: bool | None = None, labels: tuple[str, ...] | None = None) -> DriftSummary:
     """Build the reports of one window into ``out_dir`` (created whole or not
     at all) and return their summary.
 
     ``window``: the prediction log's DataFrame (predlog.COLUMNS), any values;
-    ``reference``: the reference split (text, label); ``validated``: the
-    served version's figures at deploy time (``version``, ``accuracy``,
+    ``reference``: the reference split (text, label: class ids); ``validated``:
+    the served version's figures at deploy time (``version``, ``accuracy``,
     ``agreement``); ``params``: MonitorParams; ``truncation``: how the server
     cuts long texts (serve.truncation); ``per_row``: whether the served
     version runs each text alone (None: when its predictor is batch-dependent),
-    so that the reference outputs are exactly what the server answers.
+    so that the reference outputs are exactly what the server answers;
+    ``labels``: the served version's label names in class-id order (None:
+    read from its manifest, shrinkflow_model.json).
 
     A figure that cannot be computed on this window is None in the summary
     and listed in ``not_computed`` with its reason. Raises ValueError for an
-    empty window or an empty reference split.
+    empty window or an empty reference split, RegistryError for a served
+    model whose manifest has no labels.
     """
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
     from evidently.metrics import ValueDrift
     from evidently.metrics.embeddings import EmbeddingsDrift
     from evidently.presets import ClassificationPreset, DataDriftPreset
 
-    from shrinkflow.stats import agreement, quality
+    from shrinkflow.stats import agreement
 
     if len(window) == 0:
         raise ValueError("the prediction log window is empty: nothing to monitor")
+    if labels is None:
+        from shrinkflow.serving import model_labels
+
+        labels = model_labels(served_dir)
+    labels = tuple(labels)
+    n_classes = len(labels)
     not_computed: list[NotComputed] = []
 
     def skip(metric: str, reason: str) -> None:
         not_computed.append(NotComputed(metric=metric, reason=reason))
 
-    w = clean_window(window)
+    w = clean_window(window, labels)
     vocab = vocabulary(train_texts)
     ref_texts = [str(t) for t in reference["text"].tolist()]
     cur_texts = w["text"].tolist()
@@ -307,8 +379,13 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     if not ref_texts:
         raise ValueError("the reference split is empty: there is nothing to compare the window with")
     served = served_outputs(served_dir, ref_texts, truncation, per_row)
-    ref_probs = softmax_positive(served.logits)
-    ref_labels = (ref_probs >= 0.5).astype(float)
+    if served.logits.shape[1] != n_classes:
+        raise ValueError(f"the served model {served_dir} answers {served.logits.shape[1]} classes but its "
+                         f"manifest names {n_classes}: {list(labels)}")
+    ref_all = softmax_probabilities(served.logits)
+    ref_labels = ref_all.argmax(axis=1).astype(float)   # as the server answers: argmax
+    ref_probs = ref_all.max(axis=1)
+    ref_trunc = np.asarray(served.truncated, dtype=float)
 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
@@ -318,23 +395,24 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
     else:
         # One load of the teacher, one pass over the sample and the reference.
-        labels, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts, truncation=truncation)
-        t_labels, cur_emb, ref_emb = labels[:len(sample)], emb[:len(sample)], emb[len(sample):]
+        t_all, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts, truncation=truncation)
+        t_labels, cur_emb, ref_emb = t_all[:len(sample)], emb[:len(sample)], emb[len(sample):]
         known = ~np.isnan(cur_labels[sample])
         if known.any():
             teacher = TeacherAgreement(rows=int(known.sum()),
                                        agreement=agreement(cur_labels[sample][known].astype(int), t_labels[known]),
                                        validated_agreement=validated.get("agreement"))
         else:
-            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (0 or 1)")
+            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (one of "
+                                      f"{list(labels)})")
         dims = cur_emb.shape[1]
 
     # Text and prediction drift on the whole window. A column without one
     # finite value on either side cannot be tested: said before Evidently
     # is asked (it raises "An empty column ... was provided").
     cur_desc, ref_desc = text_descriptors(cur_texts, vocab), text_descriptors(ref_texts, vocab)
-    current = _frame(cur_desc, cur_probs, cur_labels)
-    ref_frame = _frame(ref_desc, ref_probs, ref_labels)
+    current = _frame(cur_desc, cur_probs, cur_labels, truncated=w["truncated"].to_numpy())
+    ref_frame = _frame(ref_desc, ref_probs, ref_labels, truncated=ref_trunc)
     cur_ds, ref_ds = _datasets(current, ref_frame, 0, False)
 
     def testable(column: str, what: str) -> bool:
@@ -349,9 +427,12 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     if descriptors:
         units.append(("descriptors", [DataDriftPreset(columns=descriptors, method="ks")]))
     if testable(LABEL, "prediction_label"):
-        units.append(("prediction_label", [ValueDrift(column=LABEL, method="z")]))
+        # Two classes: a z-test of the one share; more: chi-square over all of them.
+        units.append(("prediction_label", [ValueDrift(column=LABEL, method="z" if n_classes == 2 else "chisquare")]))
     if testable(PROB, "prediction_probability"):
         units.append(("prediction_probability", [ValueDrift(column=PROB, method="ks")]))
+    if testable(TRUNCATED, "truncation_drift"):
+        units.append(("truncation_drift", [ValueDrift(column=TRUNCATED, method="z")]))
     snap, failed = _run_units(units, cur_ds, ref_ds)
     if "descriptors" in failed:  # the preset as a whole failed: each descriptor on its own
         units = [(f"descriptor:{c}", [ValueDrift(column=c, method="ks")]) for c in descriptors] + \
@@ -384,19 +465,28 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     q = None
     if len(labelled):
         y, pred = feedback[labelled].astype(int), cur_labels[labelled].astype(int)
-        fig = quality(y, pred)
+        fig = class_quality(y, pred, labels)
         v_acc = validated.get("accuracy")
-        q = Quality(labels=len(labelled), accuracy=fig["accuracy"], f1=fig["f1"], validated_accuracy=v_acc,
+        q = Quality(labels=len(labelled), accuracy=fig["accuracy"], f1=fig["f1"], macro_f1=fig["macro_f1"],
+                    recall=fig["recall"], validated_accuracy=v_acc,
                     accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None)
         if len(labelled) >= 2 and "label" in reference:
-            l_cur = _frame(cur_desc.iloc[labelled], cur_probs[labelled], pred, targets=y)
-            l_ref = _frame(ref_desc, ref_probs, ref_labels, targets=reference["label"].to_numpy())
-            lc, lr = _datasets(l_cur, l_ref, 0, True)
+            # Two classes: ids (binary, positive class 1, as before); more: names.
+            names = None if n_classes == 2 else labels
+            l_cur = _frame(cur_desc.iloc[labelled], cur_probs[labelled], pred, targets=y, names=names)
+            l_ref = _frame(ref_desc, ref_probs, ref_labels, targets=reference["label"].to_numpy(), names=names)
+            lc, lr = _datasets(l_cur, l_ref, 0, True, n_classes)
             q_snap, q_failed = _run_units([("quality_report", [ClassificationPreset()])], lc, lr)
             if q_snap is None:
+                seen = sorted(set(y.tolist()) | set(pred.tolist()))
+                hint = ("; Evidently 0.7's multiclass report needs the window's labels and predictions to "
+                        "cover one class, or three or more, or two that include the class with id 1 "
+                        f"({labels[1]!r}): with exactly two others it takes the window for a binary task "
+                        "whose positive class is 1") if n_classes > 2 and len(seen) == 2 and 1 not in seen else ""
                 skip("quality_report", f"Evidently's classification report on {len(labelled)} feedback labels "
-                                       f"(classes {sorted(set(y.tolist()))}, predicted "
-                                       f"{sorted(set(pred.tolist()))}): {q_failed['quality_report']}")
+                                       f"(classes {_named(sorted(set(y.tolist())), labels, n_classes)}, predicted "
+                                       f"{_named(sorted(set(pred.tolist())), labels, n_classes)}): "
+                                       f"{q_failed['quality_report']}{hint}")
             else:
                 snapshots["quality"] = q_snap
 
@@ -405,35 +495,85 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
                       probability_column=PROB if "prediction_probability" in done else None,
                       embeddings_name=emb_name, embedding_threshold=params.embedding_drift_auc, embedding_dims=dims)
     figures = _drop_nan(figures, skip)
+    trunc_drift = column_drifts(merged["metrics"]).get(TRUNCATED) if "truncation_drift" in done else None
+    if trunc_drift is not None and not math.isfinite(trunc_drift.value):
+        skip("truncation_drift", f"Evidently returned {trunc_drift.value} for {trunc_drift.method}")
+        trunc_drift = None
 
     known_trunc = w["truncated"].dropna()
-    ref_trunc = np.asarray(served.truncated, dtype=bool)
     trunc = Truncation(strategy=truncation, known_rows=len(known_trunc),
                        share=round(float(known_trunc.mean()), 6) if len(known_trunc) else None,
-                       reference_share=round(float(ref_trunc.mean()), 6))
+                       reference_share=round(float(ref_trunc.mean()), 6), drift=trunc_drift)
     if not len(known_trunc):
         skip("truncated_share", "no row of the window says whether its text was truncated "
                                 "(rows logged before prediction-log schema 2)")
-    known_labels = cur_labels[~np.isnan(cur_labels)]
-    if not len(known_labels):
-        skip("positive_share", "no row of the window has a served label (0 or 1)")
+    known_labels = cur_labels[~np.isnan(cur_labels)].astype(int)
+    ref_share = class_shares(ref_labels.astype(int), labels)
+    cur_share = class_shares(known_labels, labels) if len(known_labels) else None
+    if cur_share is None:
+        skip("class_share", f"no row of the window has a served label (one of {list(labels)})")
     # The split a re-compression would make of this window (pure, by hash):
     # the policy does not trigger one that could not be split.
     from shrinkflow.window import split_window
 
     distill, heldout = split_window(w["text"].tolist(), params.heldout_fraction)
     summary = DriftSummary(
-        created=created, model_version=validated["version"],
+        created=created, model_version=validated["version"], labels=labels,
         window=Window(rows=len(w), first_ts=w["ts"].iloc[0], last_ts=w["ts"].iloc[-1],
                       sha256=window_sha256(w["prediction_id"]), model_versions=tuple(sorted(set(w["model_version"]))),
                       feedback_labels=int((~np.isnan(feedback)).sum()),
                       distill_texts=len(distill), heldout_texts=len(heldout)),
         reference_rows=len(ref_texts), **figures,
-        positive_share_reference=round(float(ref_labels.mean()), 6),
-        positive_share_current=round(float(known_labels.mean()), 6) if len(known_labels) else None,
+        class_share_reference=ref_share, class_share_current=cur_share,
+        largest_share_shift=largest_shift(cur_share, ref_share) if cur_share is not None else None,
         quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed))
     _write(out_dir, snapshots, summary)
     return summary
+
+
+def _named(ids: list[int], labels: tuple[str, ...], n_classes: int) -> list:
+    """Class ids as the message shows them: the ids for two classes (as
+    before), the names for more."""
+    return ids if n_classes == 2 else [labels[i] for i in ids]
+
+
+def class_shares(ids: np.ndarray, labels: tuple[str, ...]) -> dict[str, float]:
+    """The share of each class among ``ids`` (ids in ``labels``), by name,
+    every class listed (0.0 when absent). ``ids`` must not be empty."""
+    counts = np.bincount(np.asarray(ids, dtype=int), minlength=len(labels))
+    return {name: round(float(c / counts.sum()), 6) for name, c in zip(labels, counts)}
+
+
+def largest_shift(current: dict[str, float], reference: dict[str, float]) -> ShareShift:
+    """The class whose share moved most from the reference to the window;
+    on a tie the one that rose (with two classes, both move alike: the one
+    that gained), then the first in label order."""
+    name = max(reference, key=lambda k: (round(abs(current.get(k, 0.0) - reference[k]), 9),
+                                         current.get(k, 0.0) > reference[k]))
+    return ShareShift(label=name, current=current.get(name, 0.0), reference=reference[name],
+                      shift=round(current.get(name, 0.0) - reference[name], 6))
+
+
+def class_quality(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) -> dict:
+    """Accuracy, F1, macro-F1 and per-class recall of predictions ``pred``
+    against feedback labels ``y`` (class ids in ``labels``, same length,
+    not empty). ``f1``: the positive class's (id 1) for two classes, as the
+    validation reports it, else the macro-F1. Macro-F1 averages over the
+    classes that occur in ``y`` or ``pred`` (a class absent from both has no
+    F1); ``recall`` is by name, for the classes that occur in ``y``."""
+    from shrinkflow.stats import quality
+
+    y, pred = np.asarray(y, dtype=int), np.asarray(pred, dtype=int)
+    f1s = []
+    for k in sorted(set(y.tolist()) | set(pred.tolist())):
+        tp = int(((pred == k) & (y == k)).sum())
+        fp, fn = int(((pred == k) & (y != k)).sum()), int(((pred != k) & (y == k)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    macro = round(float(np.mean(f1s)), 6)
+    recall = {labels[k]: round(float((pred[y == k] == k).mean()), 6) for k in sorted(set(y.tolist()))}
+    binary = quality(y, pred) if len(labels) == 2 else None
+    acc = round(float((y == pred).mean()), 6)
+    return {"accuracy": acc, "f1": binary["f1"] if binary else macro, "macro_f1": macro, "recall": recall}
 
 
 def _drop_nan(figures: dict, skip) -> dict:

@@ -143,11 +143,14 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
              else f"| embedding drift | {nc('embedding_drift', 'n/a (no teacher)')} |",
              f"| teacher agreement | {t.agreement:.3f} on {t.rows} texts |" if t
              else f"| teacher agreement | {nc('teacher_agreement', 'n/a')} |",
-             f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels |" if q else "| feedback accuracy | no labels |",
-             f"| positive share (current / reference) | {_fmt(summary.positive_share_current, '.2f')} / "
-             f"{summary.positive_share_reference:.2f} |",
+             f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels"
+             + (f" (macro-F1 {q.macro_f1:.3f})" if q.macro_f1 is not None else "") + " |" if q
+             else "| feedback accuracy | no labels |",
+             f"| class shares (current / reference) | {_shares(summary)} |",
              f"| truncated texts (window / reference, {tr.strategy}) | {_fmt(tr.share, '.3f')} of {tr.known_rows} "
-             f"known / {_fmt(tr.reference_share, '.3f')} |" if tr else "| truncated texts | not recorded |", ""]
+             f"known / {_fmt(tr.reference_share, '.3f')}"
+             + (f", drift p={tr.drift.value:.3g}{' (drifted)' if tr.drift.drifted else ''}" if tr.drift else "")
+             + " |" if tr else "| truncated texts | not recorded |", ""]
     if summary.not_computed:
         lines += ["## Not computed on this window", *[f"- {n.metric}: {n.reason}" for n in summary.not_computed], ""]
     lines += ["## Why", *[f"- {r}" for r in decision.reasons], "",
@@ -157,6 +160,13 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
                                                                   ("quality.html", "quality"))
                    if (Path(report_dir) / name).is_file()] + [f"[index]({link('index.html', run=False)})"])]
     return "\n".join(lines) + "\n"
+
+
+def _shares(summary: DriftSummary) -> str:
+    """Each class's share, window / reference, the one that moved most first."""
+    cur, ref, moved = summary.class_share_current, summary.class_share_reference, summary.largest_share_shift
+    order = sorted(ref, key=lambda k: k != (moved.label if moved else None))
+    return ", ".join(f"{k} {_fmt(cur.get(k) if cur else None, '.2f')} / {ref[k]:.2f}" for k in order)
 
 
 def _fmt(value: float | None, spec: str) -> str:

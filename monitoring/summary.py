@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class _Frozen(BaseModel):
@@ -41,9 +41,13 @@ class Quality(_Frozen):
 
     labels: int
     accuracy: float
-    f1: float
+    f1: float                     # two classes: the positive class's (id 1); more: the macro-F1
     validated_accuracy: float | None
     accuracy_drop: float | None   # validated - feedback accuracy; positive is worse
+    # Over the classes in the feedback labels or the predictions; None in
+    # summaries written before any number of classes.
+    macro_f1: float | None = None
+    recall: dict[str, float] | None = None   # by class name, for the classes the feedback labels hold
 
 
 class TeacherAgreement(_Frozen):
@@ -83,13 +87,29 @@ class Truncation(_Frozen):
     known_rows: int              # window rows whose log says whether they were cut
     share: float | None          # among those; None when none is known (a log before schema 2)
     reference_share: float | None  # the served model on the reference split
+    # Evidently's drift test of the per-row truncated yes/no (a descriptor
+    # beside the text descriptors), window against reference; None when it
+    # could not be computed (not_computed "truncation_drift") or in summaries
+    # written before it existed.
+    drift: ColumnDrift | None = None
+
+
+class ShareShift(_Frozen):
+    """The class whose share of the served predictions moved most."""
+
+    label: str
+    current: float
+    reference: float
+    shift: float                 # current - reference
 
 
 class DriftSummary(_Frozen):
     """Every figure of one monitoring run. A figure that could not be
     computed on the window is None and named in ``not_computed`` with its
     reason. Summaries written before ``not_computed`` and ``truncation``
-    existed read with their defaults."""
+    existed read with their defaults; those written before any number of
+    classes (``positive_share_reference`` / ``_current``: the built-in
+    task's) read as its two class shares."""
 
     created: str
     model_version: str
@@ -99,13 +119,35 @@ class DriftSummary(_Frozen):
     drifted_descriptor_share: float | None      # among those; None when none was
     embedding: EmbeddingDrift | None
     prediction_label: ColumnDrift | None
+    # Drift of the served model's probability for the class it answered.
     prediction_probability: ColumnDrift | None
-    positive_share_reference: float
-    positive_share_current: float | None        # None when no row of the window has a known label
+    # The served version's label names, in class-id order.
+    labels: tuple[str, ...] = ("negative", "positive")
+    # Each class's share of the served predictions, by name: on the reference
+    # split and in the window (None when no row of the window has a known label).
+    class_share_reference: dict[str, float]
+    class_share_current: dict[str, float] | None
+    largest_share_shift: ShareShift | None = None
     quality: Quality | None
     teacher: TeacherAgreement | None
     truncation: Truncation | None = None
     not_computed: tuple[NotComputed, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _two_class_summaries(cls, data):
+        """A summary written before any number of classes held the built-in
+        task's positive share: read it as its two class shares."""
+        if isinstance(data, dict) and "positive_share_reference" in data:
+            data = dict(data)
+            ref, cur = data.pop("positive_share_reference"), data.pop("positive_share_current", None)
+            data.setdefault("class_share_reference", {"negative": round(1 - ref, 6), "positive": ref})
+            data.setdefault("class_share_current",
+                            None if cur is None else {"negative": round(1 - cur, 6), "positive": cur})
+            if cur is not None:
+                data.setdefault("largest_share_shift", {"label": "positive", "current": cur, "reference": ref,
+                                                        "shift": round(cur - ref, 6)})
+        return data
 
     def reason_not_computed(self, metric: str) -> str | None:
         """Why ``metric`` was not computed, or None if it was (or was never asked for)."""

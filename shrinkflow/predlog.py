@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COLUMNS = ("prediction_id", "ts", "model_version", "text", "probabilities", "label", "latency_ms",
-           "feedback_label", "feedback_ts", "tokens_seen", "truncated")
+           "feedback_label", "feedback_ts", "tokens_seen", "truncated", "labels")
 
 # Each migration takes the schema from version i to i + 1. Never edit one
 # that has shipped: add the next.
@@ -45,6 +45,14 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE predictions ADD COLUMN tokens_seen INTEGER;
     ALTER TABLE predictions ADD COLUMN truncated INTEGER;
+    """,
+    # 3: any number of classes. labels is the JSON list of the answering
+    # version's label names in class-id order: label, feedback_label and the
+    # probabilities index into it, so a row stays readable after the task's
+    # label set changes (a new class shifts every id after it). NULL on rows
+    # logged before version 3 (the built-in ("negative", "positive") task).
+    """
+    ALTER TABLE predictions ADD COLUMN labels TEXT;
     """,
 )
 
@@ -85,6 +93,7 @@ class Prediction:
     latency_ms: float
     tokens_seen: int | None = None      # tokens the model read, special tokens included
     truncated: bool | None = None       # the text was cut to the model's max_seq_len
+    labels: Sequence[str] | None = None  # the answering version's label names, in class-id order
 
 
 def parse_probabilities(value) -> list:
@@ -98,6 +107,18 @@ def parse_probabilities(value) -> list:
     except ValueError:
         return []
     return list(out) if isinstance(out, list) else []
+
+
+def parse_labels(value) -> list[str]:
+    """The stored JSON list of label names, or [] when there is none (a row
+    logged before schema 3) or it is not a list of strings."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    try:
+        out = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return []
+    return [str(x) for x in out] if isinstance(out, list) and all(isinstance(x, str) for x in out) else []
 
 
 def utc_now() -> str:
@@ -220,22 +241,35 @@ class PredictionLog:
         """Insert every row in one transaction: all of them or none."""
         values = [(r.prediction_id, r.ts, r.model_version, r.text, json.dumps([float(p) for p in r.probabilities]),
                    int(r.label), float(r.latency_ms), None if r.tokens_seen is None else int(r.tokens_seen),
-                   None if r.truncated is None else int(bool(r.truncated))) for r in rows]
+                   None if r.truncated is None else int(bool(r.truncated)),
+                   None if r.labels is None else json.dumps([str(x) for x in r.labels])) for r in rows]
         if values:
             with self._transaction(f"write {len(values)} prediction(s)") as con:
                 con.executemany("INSERT INTO predictions (prediction_id, ts, model_version, text, probabilities, "
-                                "label, latency_ms, tokens_seen, truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                values)
+                                "label, latency_ms, tokens_seen, truncated, labels) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         return len(values)
 
-    def add_feedback(self, prediction_id: str, label: int, ts: str | None = None) -> bool:
-        """Store the true label of a prediction. Returns True when it replaced
-        an earlier label. Raises KeyError for an unknown prediction id."""
+    def add_feedback(self, prediction_id: str, label: int | str, ts: str | None = None,
+                     labels: Sequence[str] | None = None) -> bool:
+        """Store the true label of a prediction: a class id (an index into the
+        labels of the version that answered it) or a label name. A name is
+        resolved against the row's own label names (schema 3), or against
+        ``labels`` for a row logged before they were stored. Returns True
+        when it replaced an earlier label. Raises KeyError for an unknown
+        prediction id, ValueError for a name that is not one of the row's
+        labels (the message lists them)."""
         with self._transaction("write feedback") as con:
-            row = con.execute("SELECT feedback_label FROM predictions WHERE prediction_id = ?",
+            row = con.execute("SELECT feedback_label, labels FROM predictions WHERE prediction_id = ?",
                               (prediction_id,)).fetchone()
             if row is None:
                 raise KeyError(prediction_id)
+            if isinstance(label, str):
+                names = parse_labels(row[1]) or [str(x) for x in (labels or ())]
+                if label not in names:
+                    raise ValueError(f"label {label!r} is not one of the labels {names} of the version that "
+                                     f"answered prediction {prediction_id}")
+                label = names.index(label)
             con.execute("UPDATE predictions SET feedback_label = ?, feedback_ts = ? WHERE prediction_id = ?",
                         (int(label), ts or utc_now(), prediction_id))
         return row[0] is not None
@@ -248,8 +282,9 @@ class PredictionLog:
     def window(self, last: int | None = None, since: str | datetime | None = None,
                until: str | datetime | None = None, with_feedback: bool | None = None):
         """A window of the log as a DataFrame (oldest first), with columns
-        COLUMNS and ``probabilities`` parsed back to lists ([] where the
-        stored value is not a JSON list). Columns a not yet migrated log lacks
+        COLUMNS, ``probabilities`` parsed back to lists ([] where the
+        stored value is not a JSON list) and ``labels`` to lists of names ([]
+        on rows logged before schema 3). Columns a not yet migrated log lacks
         come back as None. Raises PredictionLogError (locked past
         ``timeout_s``, not a prediction log, unreadable) and ValueError
         (``last`` < 0).
@@ -289,4 +324,5 @@ class PredictionLog:
             rows = con.execute(sql.format(columns=columns), args).fetchall()
         df = pd.DataFrame.from_records(rows[::-1], columns=list(COLUMNS))
         df["probabilities"] = df["probabilities"].map(parse_probabilities)
+        df["labels"] = df["labels"].map(parse_labels)
         return df

@@ -139,6 +139,22 @@ def parse_json(text: str):
     return json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
 
 
+def model_labels(model_dir: Path, version: str = "") -> tuple[str, ...]:
+    """The label names of a model directory, in class-id order, from its
+    manifest (``shrinkflow_model.json``, hash-verified by Registry.load).
+    Raises RegistryError when the manifest has no usable ``labels`` (a list
+    of two or more distinct non-empty names): there is no default."""
+    from shrinkflow.modeling import MANIFEST, read_manifest
+
+    labels = read_manifest(Path(model_dir)).get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or len(set(labels)) != len(labels) or \
+            not all(isinstance(x, str) and x for x in labels):
+        raise RegistryError(f"{'version ' + version + ' ' if version else ''}({Path(model_dir) / MANIFEST}): the "
+                            f"manifest has no usable `labels` (a list of two or more distinct label names in "
+                            f"class-id order; it has {labels!r}): re-deploy it with this shrinkflow")
+    return tuple(labels)
+
+
 class ModelHolder:
     """The model being served, and the reload logic around it.
 
@@ -156,7 +172,7 @@ class ModelHolder:
         from shrinkflow.runtime import load_predictor
 
         ref = self.registry.load(version)     # verifies every file's hash first
-        labels = tuple(ref.manifest.get("labels") or ("negative", "positive"))
+        labels = model_labels(ref.path, ref.version)
         predictor = load_predictor(ref.path, self.threads, spin=False, truncation=self.truncation)
         declared = (ref.manifest.get("serving") or {}).get("per_row")
         if self.per_row is not None:
@@ -621,7 +637,7 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
         latency_ms = (time.perf_counter() - t0) * 1000.0
         now = utc_now()
         rows = [Prediction(uuid.uuid4().hex, now, model.version, text, p.tolist(), int(p.argmax()), latency_ms,
-                           tokens_seen=int(n), truncated=bool(cut))
+                           tokens_seen=int(n), truncated=bool(cut), labels=model.labels)
                 for text, p, n, cut in zip(req.texts, probs, out.tokens_seen, out.truncated)]
         try:
             await writer.write(rows)
@@ -644,21 +660,27 @@ def make_app(registry: Registry, log: PredictionLog, params: ServeParams, report
             return problem
         labels = holder.current.labels
         label = req.label
+        # A name is stored as its id among the labels of the version that
+        # answered the prediction (the log resolves it against the row's own
+        # names); an index is an id in those labels.
         if isinstance(label, str):
             if label not in labels:
-                return error(422, "invalid_request", f"label must be one of {list(labels)} or its index",
-                             "/feedback")
-            label = labels.index(label)
+                return error(422, "invalid_request", f"unknown label {_printable(label)!r}: the label must be one "
+                             f"of {list(labels)} or its index", "/feedback", labels=list(labels))
         elif not 0 <= label < len(labels):
-            return error(422, "invalid_request", f"label index must be in 0..{len(labels) - 1}", "/feedback")
+            return error(422, "invalid_request", f"label index must be in 0..{len(labels) - 1} (the labels are "
+                         f"{list(labels)})", "/feedback", labels=list(labels))
         try:
-            replaced = await asyncio.to_thread(log.add_feedback, req.prediction_id, label)
+            replaced = await asyncio.to_thread(log.add_feedback, req.prediction_id, label, None, labels)
         except KeyError:
             return error(404, "unknown_prediction", f"no prediction {req.prediction_id!r}", "/feedback")
+        except ValueError as exc:  # a version with other labels answered this prediction
+            return error(422, "invalid_request", _printable(exc, 300), "/feedback", labels=list(labels))
         except Exception as exc:  # noqa: BLE001 - every log failure is a 503 with its reason, never a 500
             return error(503, "log_unavailable", f"the feedback cannot be stored ({_printable(exc, 300)})",
                          "/feedback")
-        return Response(json.dumps({"prediction_id": req.prediction_id, "label": labels[label],
+        return Response(json.dumps({"prediction_id": req.prediction_id,
+                                    "label": label if isinstance(label, str) else labels[label],
                                     "replaced": replaced}), media_type="application/json")
 
     @app.get("/health", summary="Liveness, the loaded version and how it is served")

@@ -3,9 +3,15 @@ domain between what may be sent as traffic and what measures recovery.
 
 Two domains (``shrinkflow simulate-traffic --domain``):
 
-- ``in``: the movie-review ``test`` split (``data/prepared/test.parquet``), the
-  domain the models were trained on.
-- ``shifted``: the tweets of Hutto & Gilbert (ICWSM 2014), shipped in the
+- ``in``: the ``test`` split (``data/prepared/test.parquet``), the domain the
+  models were trained on: movie reviews for the built-in task, the user's
+  test data for theirs (``data.source.kind: files``).
+- ``shifted`` on the user's task (``data.source.kind: files``): their
+  shifted split (``data/prepared/shifted.parquet``, from
+  ``data.source.shifted_path``), cut by the same ``shifted_part`` hash into
+  a traffic pool (two in three texts) and a recovery set
+  (``user_shifted_split``).
+- ``shifted`` on the built-in task: the tweets of Hutto & Gilbert (ICWSM 2014), shipped in the
   same pinned archive (``data/raw/source.tar.gz``) and used by no stage.
   Their 4,200 rated tweets give 4,136 after neutral ratings (4) and
   duplicates (60) are dropped, the same ``label_by_rating`` and
@@ -75,12 +81,28 @@ def shifted_split(archive: Path | str) -> dict[str, pd.DataFrame]:
     return {name: df[(part == name).to_numpy()].reset_index(drop=True) for name in ("pool", "recovery")}
 
 
-def traffic_pool(domain: str, root: Path | str = ".") -> pd.DataFrame:
+def user_shifted_split(path: Path | str) -> dict[str, pd.DataFrame]:
+    """The user's shifted split (``data/prepared/shifted.parquet`` of a
+    ``data.source.kind: files`` task: columns text, label as class ids) cut
+    by ``shifted_part``: ``{"pool": ..., "recovery": ...}``, file order.
+    Raises FileNotFoundError naming the file and what makes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} (the shifted split: set data.source.shifted_path to labelled text "
+                                "from another domain, then `shrinkflow run`)")
+    df = pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
+    part = df["text"].map(shifted_part) if len(df) else pd.Series([], dtype=object)
+    return {name: df[(part == name).to_numpy()].reset_index(drop=True) for name in ("pool", "recovery")}
+
+
+def traffic_pool(domain: str, root: Path | str = ".", source_kind: str | None = None) -> pd.DataFrame:
     """The texts ``simulate-traffic`` may send for ``domain`` (columns text,
-    label), read from the project at ``root``: the test split for ``in``,
-    the shifted traffic pool for ``shifted``. Raises FileNotFoundError naming
-    the missing file (run ``shrinkflow run`` or ``dvc pull`` first) and
-    ValueError for an unknown domain."""
+    label: class ids), read from the project at ``root``: the test split for
+    ``in``; for ``shifted``, the traffic pool of the user's shifted split
+    when ``source_kind`` is ``"files"`` (params ``data.source.kind``), else
+    of the built-in tweets. Raises FileNotFoundError naming the missing file
+    (run ``shrinkflow run`` or ``dvc pull`` first) and ValueError for an
+    unknown domain."""
     from shrinkflow.paths import RAW, split_path
 
     root = Path(root)
@@ -89,6 +111,8 @@ def traffic_pool(domain: str, root: Path | str = ".") -> pd.DataFrame:
         if not path.is_file():
             raise FileNotFoundError(f"{path} (the test split; `shrinkflow run` or `dvc pull` makes it)")
         return pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
+    if domain == "shifted" and source_kind == "files":
+        return user_shifted_split(root / split_path("shifted"))["pool"]
     if domain == "shifted":
         path = root / RAW
         if not path.is_file():
@@ -157,13 +181,14 @@ class TrafficResult:
         return self.sent > 0 and all(not k[:3].isdigit() for k in self.predict_status)
 
 
-def simulate(url: str, texts: list[str], labels: list[int], feedback_rate: float = 0.0, seed: int = 0,
+def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate: float = 0.0, seed: int = 0,
              concurrency: int = 4, token: str | None = None, progress: bool = True,
              timeout_s: float = 60.0) -> TrafficResult:
     """Send each of ``texts`` to the shrinkflow server at ``url`` as its own
     ``POST /predict`` (``concurrency`` at a time), then post the true label
     (``labels[i]``, a class index) of ``feedback_choice(answered,
-    feedback_rate, seed)`` of the answered predictions to ``/feedback``.
+    feedback_rate, seed)`` of the answered predictions to ``/feedback``: a
+    label name as is (what a user's system posts), a class index as an int.
 
     ``token`` is sent as ``Authorization: Bearer``. Raises ServerUnreachable
     when ``GET /health`` gets no answer, or not a 200, before anything is
@@ -217,7 +242,8 @@ def simulate(url: str, texts: list[str], labels: list[int], feedback_rate: float
         chosen = [answered[j] for j in feedback_choice(len(answered), feedback_rate, seed)]
         with tqdm(total=len(chosen), desc="feedback", unit="label", disable=not progress or not chosen) as bar:
             def feedback(i: int) -> None:
-                status, _ = post("/feedback", {"prediction_id": result.prediction_ids[i], "label": int(labels[i])})
+                label = labels[i] if isinstance(labels[i], str) else int(labels[i])
+                status, _ = post("/feedback", {"prediction_id": result.prediction_ids[i], "label": label})
                 with lock:
                     result.feedback_status[status] += 1
                     result.feedback_posted += status == "200"

@@ -41,20 +41,37 @@ def project(tmp_path_factory, tiny_teacher_dir, small_splits) -> Path:
     deployed as production in a registry and kept as models/teacher, the
     reference and train splits. No git, no DVC: these tests never re-compress
     successfully (test_e2e does)."""
+    return monitor_project(tmp_path_factory.mktemp("monitor-robust") / "project", tiny_teacher_dir, small_splits)
+
+
+@pytest.fixture(scope="module")
+def project3(tmp_path_factory, tiny_teacher_dir, small_splits) -> Path:
+    """The same project on a tiny 3-class model (labels THREE): its teacher
+    and its served version, the splits' labels 0..2."""
+    from tests.test_multiclass_serving import three_class_model, three_class_splits
+
+    model = three_class_model(tmp_path_factory.mktemp("three") / "model", tiny_teacher_dir, THREE)
+    return monitor_project(tmp_path_factory.mktemp("monitor-robust3") / "project", model,
+                           three_class_splits(small_splits))
+
+
+def monitor_project(root: Path, teacher_dir: Path, small_splits) -> Path:
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate, Gates
     from shrinkflow.gates import evaluate_gates
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.registry import Registry
 
-    root = tmp_path_factory.mktemp("monitor-robust") / "project"
+    from tests.test_multiclass_serving import with_labels_of
+
     root.mkdir()
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["serve"]["threads"] = 1
     params["monitor"].update(MONITOR)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cand = apply_recipe(tiny_teacher_dir, Candidate(name="fp32"), root.parent / "fp32", progress=False)
+    cand = with_labels_of(teacher_dir, apply_recipe(teacher_dir, Candidate(name="fp32"), root.parent / "fp32",
+                                                    progress=False))
     m = {"split": "test", "accuracy": 0.8, "n": 10}
     passed = evaluate_gates("fp32", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
                             {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
@@ -64,7 +81,7 @@ def project(tmp_path_factory, tiny_teacher_dir, small_splits) -> Path:
     for name, df in (("reference", small_splits["val"].iloc[:REF_ROWS]), ("train", small_splits["train"])):
         (root / split_path(name)).parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(root / split_path(name))
-    shutil.copytree(tiny_teacher_dir, root / TEACHER)
+    shutil.copytree(teacher_dir, root / TEACHER)
     return root
 
 
@@ -84,7 +101,7 @@ def params_of(root: Path, **monitor):
 @dataclass
 class Row:
     text: str | int          # an int i: the reference split's i-th text
-    prob: float              # positive-class probability logged (NaN allowed)
+    prob: float              # two classes: class 1's probability; more: the answered class's (NaN allowed)
     label: int
     feedback: int | None = None
     truncated: bool | None = None
@@ -93,6 +110,16 @@ class Row:
 @dataclass
 class Spec:
     rows: list[Row] = field(default_factory=list)
+    # None: the built-in two classes, logged as before schema 3 (no names);
+    # else the label names each row carries.
+    labels: tuple[str, ...] | None = None
+
+
+def logged_probabilities(r: Row, classes: int) -> list[float]:
+    if classes == 2:
+        return [1 - r.prob, r.prob]
+    rest = (1 - r.prob) / (classes - 1)
+    return [r.prob if k == r.label else rest for k in range(classes)]
 
 
 def window_texts(spec: Spec, ref_texts: list[str]) -> list[str]:
@@ -113,8 +140,10 @@ def write_log(path: Path, spec: Spec, ref_texts: list[str]) -> list[Prediction]:
     preds = []
     for i, r in enumerate(spec.rows):
         text = ref_texts[r.text] if isinstance(r.text, int) else r.text
-        preds.append(Prediction(f"{uuid.uuid4().hex}-{i}", utc_now(), "v0001", text, [1 - r.prob, r.prob], r.label,
-                                1.0, tokens_seen=None if r.truncated is None else 5, truncated=r.truncated))
+        preds.append(Prediction(f"{uuid.uuid4().hex}-{i}", utc_now(), "v0001", text,
+                                logged_probabilities(r, len(spec.labels or (0, 1))), r.label, 1.0,
+                                tokens_seen=None if r.truncated is None else 5, truncated=r.truncated,
+                                labels=spec.labels))
     log.append(preds)
     for p, r in zip(preds, spec.rows):
         if r.feedback is not None:
@@ -135,17 +164,25 @@ PROBS = st.one_of(st.floats(0.0, 1.0), st.just(math.nan))
 
 
 @st.composite
-def windows(draw) -> Spec:
+def windows(draw, labels: tuple[str, ...] | None = None) -> Spec:
+    """Degenerate windows of the built-in two classes (``labels`` None) or of
+    ``labels``: one class only, one class of feedback, NaN probabilities,
+    texts of nothing, one text repeated."""
+    classes = list(range(len(labels) if labels else 2))
     n = draw(st.integers(1, 10))
     texts = [draw(TEXTS)] * n if draw(st.booleans()) else draw(st.lists(TEXTS, min_size=n, max_size=n))
     probs = [math.nan] * n if draw(st.booleans()) else draw(st.lists(PROBS, min_size=n, max_size=n))
-    one_class = draw(st.sampled_from([None, 0, 1]))
-    labels = [one_class if one_class is not None else (int(p >= 0.5) if not math.isnan(p) else draw(st.integers(0, 1)))
-              for p in probs]
-    fb_class = draw(st.sampled_from([None, 0, 1]))
-    feedback = [draw(st.sampled_from([None, fb_class] if fb_class is not None else [None, 0, 1])) for _ in range(n)]
+    one_class = draw(st.sampled_from([None, *classes]))
+    if labels:
+        ys = [one_class if one_class is not None else draw(st.sampled_from(classes)) for _ in probs]
+    else:
+        ys = [one_class if one_class is not None else (int(p >= 0.5) if not math.isnan(p)
+                                                       else draw(st.integers(0, 1))) for p in probs]
+    fb_class = draw(st.sampled_from([None, *classes]))
+    feedback = [draw(st.sampled_from([None, fb_class] if fb_class is not None else [None, *classes]))
+                for _ in range(n)]
     truncated = draw(st.lists(st.sampled_from([None, True, False]), min_size=n, max_size=n))
-    return Spec([Row(t, p, y, f, tr) for t, p, y, f, tr in zip(texts, probs, labels, feedback, truncated)])
+    return Spec([Row(t, p, y, f, tr) for t, p, y, f, tr in zip(texts, probs, ys, feedback, truncated)], labels)
 
 
 ALL_EMPTY = Spec([Row("", 0.4, 0)])
@@ -171,7 +208,11 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
     assert [d.column for d in summary.descriptors] == ["length_chars", "word_count", "sentence_count",
                                                       "non_letter_pct", "oov_share"]
     assert summary.drifted_descriptor_share is not None
-    assert summary.positive_share_current == pytest.approx(np.mean([r.label for r in rows]), abs=1e-6)
+    names = spec.labels or ("negative", "positive")
+    assert summary.labels == names
+    assert summary.class_share_current == pytest.approx(
+        {name: float(np.mean([r.label == k for r in rows])) for k, name in enumerate(names)}, abs=1e-6)
+    assert summary.largest_share_shift.label in names
     # The truncated share among rows whose log says; not computed when none does.
     share = expected_share([r.truncated for r in rows])
     assert summary.truncation.share == (pytest.approx(share, abs=1e-6) if share is not None else None)
@@ -190,7 +231,7 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
         assert (figure is None) is (summary.reason_not_computed(metric) is not None), metric
     # NaN probabilities everywhere: the probability drift cannot be computed.
     if all(math.isnan(r.prob) for r in rows):
-        assert "no finite value of prob_positive in the window" in summary.reason_not_computed(
+        assert "no finite value of prob_predicted in the window" in summary.reason_not_computed(
             "prediction_probability")
     # The policy: a rule whose input was not computed does not fire, and says why.
     by_rule = {f.rule: f for f in decision.findings}
@@ -229,6 +270,28 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
 @example(spec=SAME_AS_REFERENCE)
 @example(spec=REPEATED)
 def test_the_monitor_returns_a_verdict_on_every_degenerate_window(project, spec):
+    run_degenerate(project, spec)
+
+
+THREE = ("billing", "bug", "sales")
+
+
+@pytest.mark.slow  # as above, on a 3-class model
+@settings(max_examples=6, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=windows(THREE))
+@example(spec=Spec([Row("", 0.4, 2)], THREE))
+@example(spec=Spec([Row(f"ticket number {i}", 0.8, 1, feedback=1, truncated=False) for i in range(12)], THREE))
+@example(spec=Spec([Row(f"ticket {i}", 0.6, i % 2 * 2, feedback=(i + 1) % 2 * 2) for i in range(12)], THREE))
+@example(spec=Spec([Row(f"text {i}", math.nan, i % 3, feedback=i % 3) for i in range(6)], THREE))
+def test_the_monitor_returns_a_verdict_on_every_degenerate_three_class_window(project3, spec):
+    """The same property on three classes: one class, one class of feedback,
+    two classes without the one Evidently takes for positive (its
+    multiclass report cannot run: not computed, with why), NaN probabilities."""
+    run_degenerate(project3, spec)
+
+
+def run_degenerate(project: Path, spec: Spec) -> None:
     import pandas as pd
 
     from monitoring.run import build_reports, decide_and_record, read_window

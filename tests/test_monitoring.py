@@ -87,7 +87,13 @@ def test_summary_figures_come_from_the_real_report(reports):
     assert s.quality.labels == 30 and s.quality.accuracy == pytest.approx(acc, abs=1e-6)
     assert s.quality.accuracy_drop == pytest.approx(0.8 - acc, abs=1e-6)
     assert s.window.rows == len(window) and s.window.feedback_labels == 30
-    assert s.positive_share_current == pytest.approx(float((window["label"] == 1).mean()), abs=1e-6)
+    pos = float((window["label"] == 1).mean())
+    assert s.labels == ("negative", "positive")
+    assert s.class_share_current == pytest.approx({"negative": 1 - pos, "positive": pos}, abs=1e-6)
+    assert sum(s.class_share_reference.values()) == pytest.approx(1.0, abs=1e-5)
+    # two classes: the prediction drift is the z-test of the one share, as before
+    assert s.prediction_label.method == "z" and s.prediction_probability.column == "prob_predicted"
+    assert s.quality.macro_f1 is not None and set(s.quality.recall) <= {"negative", "positive"}
 
 
 def test_truncated_share_is_reported_beside_the_reference_share(reports, small_splits, tiny_teacher_dir):
@@ -98,6 +104,8 @@ def test_truncated_share_is_reported_beside_the_reference_share(reports, small_s
     # these windows were logged without saying whether a text was cut
     assert t.strategy == "head" and t.known_rows == 0 and t.share is None
     assert "rows logged before prediction-log schema 2" in runs["shifted"].reason_not_computed("truncated_share")
+    assert t.drift is None and "no finite value of truncated in the window" in \
+        runs["shifted"].reason_not_computed("truncation_drift")
     # the reference: what the served model (32 tokens) cuts, as the server reads it
     cut = served_outputs(tiny_teacher_dir, small_splits["val"]["text"].tolist(), "head").truncated
     assert t.reference_share == pytest.approx(float(cut.mean()), abs=1e-6) and 0 < t.reference_share < 1
@@ -129,7 +137,7 @@ def test_extraction_is_by_name_not_position(reports):
     saved = json.loads((tmp / "reports" / "20260102T000000_000000Z" / "report.json").read_text())
     emb = json.loads((tmp / "reports" / "20260102T000000_000000Z" / "embeddings.json").read_text())
     metrics = saved["metrics"] + emb["metrics"]
-    kw = dict(label_column="prediction", probability_column="prob_positive", embeddings_name="sentence",
+    kw = dict(label_column="prediction", probability_column="prob_predicted", embeddings_name="sentence",
               embedding_threshold=0.55, embedding_dims=32)
     forward = extract({"metrics": metrics}, list(DESCRIPTORS), **kw)
     backward = extract({"metrics": metrics[::-1]}, list(DESCRIPTORS), **kw)

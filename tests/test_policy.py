@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from monitoring.policy import PastDecision, decide
-from monitoring.summary import ColumnDrift, DriftSummary, EmbeddingDrift, Quality, TeacherAgreement, Window
+from monitoring.summary import (ColumnDrift, DriftSummary, EmbeddingDrift, Quality, ShareShift, TeacherAgreement,
+                                Window)
 from shrinkflow.config import MonitorParams
 
 P = MonitorParams(min_window_rows=200, max_drifted_descriptor_share=0.4, embedding_drift_auc=0.6,
@@ -33,8 +34,9 @@ def summary(drifted: int = 0, of: int = 5, auc: float = 0.5, agreement: float = 
         reference_rows=500, descriptors=descriptors, drifted_descriptor_share=drifted / of,
         embedding=EmbeddingDrift(roc_auc=auc, threshold=P.embedding_drift_auc, drifted=auc > P.embedding_drift_auc,
                                  dims=32),
-        prediction_label=col("prediction", label_drift), prediction_probability=col("prob_positive", False),
-        positive_share_reference=0.5, positive_share_current=0.5,
+        prediction_label=col("prediction", label_drift), prediction_probability=col("prob_predicted", False),
+        class_share_reference={"negative": 0.5, "positive": 0.5}, class_share_current={"negative": 0.4, "positive": 0.6},
+        largest_share_shift=ShareShift(label="positive", current=0.6, reference=0.5, shift=0.1),
         quality=Quality(labels=labels, accuracy=feedback_accuracy, f1=0.8, validated_accuracy=validated,
                         accuracy_drop=round(validated - feedback_accuracy, 9)) if labels else None,
         teacher=TeacherAgreement(rows=200, agreement=agreement, validated_agreement=0.97))
@@ -136,7 +138,32 @@ def test_cooldown_after_a_recompression(hours_ago, action):
 
 def test_prediction_drift_alone_warns():
     d = decide(summary(label_drift=True), P, [], NOW)
-    assert d.action == "warn" and d.triggers == () and "prediction drift" in d.reasons[0]
+    assert d.action == "warn" and d.triggers == ()
+    assert d.reasons[0] == ("prediction drift: 'positive' moved most, share 0.600 vs 0.500 on reference "
+                            "(p=0.001, ks); no degradation rule fired")
+
+
+def test_prediction_drift_names_the_class_that_moved_most_of_three():
+    s = summary(label_drift=True).model_copy(update={
+        "labels": ("billing", "bug", "sales"),
+        "class_share_reference": {"billing": 0.3, "bug": 0.3, "sales": 0.4},
+        "class_share_current": {"billing": 0.1, "bug": 0.35, "sales": 0.55},
+        "largest_share_shift": ShareShift(label="billing", current=0.1, reference=0.3, shift=-0.2)})
+    d = decide(s, P, [], NOW)
+    assert d.action == "warn" and d.reasons[0].startswith(
+        "prediction drift: 'billing' moved most, share 0.100 vs 0.300 on reference")
+
+
+def test_summaries_of_two_classes_written_before_read_as_class_shares():
+    old = summary().model_dump(mode="json")
+    for key in ("labels", "class_share_reference", "class_share_current", "largest_share_shift"):
+        old.pop(key)
+    old.update(positive_share_reference=0.5, positive_share_current=0.52)
+    s = DriftSummary.model_validate(old)
+    assert s.labels == ("negative", "positive")
+    assert s.class_share_reference == {"negative": 0.5, "positive": 0.5}
+    assert s.class_share_current == {"negative": 0.48, "positive": 0.52}
+    assert s.largest_share_shift == ShareShift(label="positive", current=0.52, reference=0.5, shift=0.02)
 
 
 def test_every_fired_rule_is_named_in_the_first_reason():
@@ -172,7 +199,7 @@ def test_a_rule_whose_input_was_not_computed_does_not_fire_and_says_why():
 
 def test_nothing_computed_is_ok_never_a_crash():
     s = not_computed(summary(), descriptors=(), drifted_descriptor_share=None, embedding=None, teacher=None,
-                     prediction_label=None, prediction_probability=None, positive_share_current=None,
+                     prediction_label=None, prediction_probability=None, class_share_current=None,
                      reasons={"descriptor:length_chars": "no finite value", "embedding_drift": "e",
                               "teacher_agreement": "t", "prediction_label": "no finite value of prediction"})
     d = decide(s, P, [], NOW)

@@ -222,7 +222,31 @@ def test_window_reads_what_other_writers_and_older_schemas_left(tmp_path):
     assert df["text"].tolist() == ["ok\ufffd!", "", "x"]  # invalid UTF-8 replaced, not an error
     assert df["probabilities"].tolist() == [[], [0.4, 0.6], []]
     assert df["tokens_seen"].tolist() == [None, None, None] and df["truncated"].tolist() == [None, None, None]
+    assert df["labels"].tolist() == [[], [], []]  # no label names before schema 3
     # opening it migrates it, keeping the rows; old rows stay unknown
     log = PredictionLog(path).open()
     assert log.schema_version() == SCHEMA_VERSION and log.count() == 3
     assert log.window()["truncated"].isna().all()
+    assert log.window()["labels"].tolist() == [[], [], []]
+    # feedback by name on a row logged before schema 3: resolved against the names the server passes
+    assert log.add_feedback("a", "positive", labels=("negative", "positive")) is False
+    assert log.window()["feedback_label"].tolist()[0] == 1
+
+
+def test_rows_carry_their_label_names_and_feedback_by_name_uses_them(tmp_path):
+    """Schema 3: each row stores the answering version's label names, so a
+    name is resolved against them, not against whatever is served later."""
+    log = PredictionLog(tmp_path / "log.db").open()
+    three = ("billing", "bug", "sales")
+    log.append([Prediction("p1", "2026-01-01T00:00:01", "v0001", "refund please", (0.7, 0.2, 0.1), 0, 1.0,
+                           labels=three),
+                Prediction("p2", "2026-01-01T00:00:02", "v0002", "it crashes", (0.1, 0.1, 0.1, 0.7), 3, 1.0,
+                           labels=("billing", "bug", "outage", "sales"))])
+    df = log.window()
+    assert df["labels"].tolist() == [list(three), ["billing", "bug", "outage", "sales"]]
+    assert log.add_feedback("p1", "sales") is False
+    assert log.add_feedback("p2", "sales", labels=three) is False   # the row's own names win
+    assert log.window()["feedback_label"].tolist() == [2, 3]
+    with pytest.raises(ValueError, match=r"'outage' is not one of the labels \['billing', 'bug', 'sales'\]"):
+        log.add_feedback("p1", "outage")
+    assert log.window()["feedback_label"].tolist() == [2, 3]   # nothing written
