@@ -460,8 +460,10 @@ def simulate_traffic(
         typer.echo(f"error: cannot read the {domain.value!r} traffic: {exc}", err=True)
         raise typer.Exit(EXIT_CRASH)
     if len(pool) == 0:
-        typer.echo(f"error: the {domain.value!r} traffic pool is empty: nothing to send", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        hint = (": this task has no shifted data; set data.source.shifted_path to labelled text of another "
+                "domain and run `shrinkflow run`" if domain.value == "shifted" and kind == "files" else "")
+        typer.echo(f"error: the {domain.value!r} traffic pool is empty: nothing to send{hint}", err=True)
+        raise typer.Exit(EXIT_USAGE if hint else EXIT_CRASH)
     bad = sorted({int(y) for y in pool["label"] if not 0 <= int(y) < len(names)})
     if bad:
         typer.echo(f"error: the {domain.value!r} traffic has class ids {bad} that {LABELS_JSON} "

@@ -178,3 +178,20 @@ def test_bad_usage_exits_2(project, args):
         args = ["--domain", "in", *args]
     proc = simulate(project, *args, "--url", "http://127.0.0.1:9")
     assert proc.returncode == 2, proc.stdout + proc.stderr
+
+
+def test_shifted_traffic_of_a_task_without_shifted_data_exits_2_saying_what_to_set(tmp_path):
+    """A user's task with no ``shifted_path`` has an empty shifted split:
+    there is nothing to send, and the message says which param fills it."""
+    root = tmp_path / "project"
+    (root / "data/prepared").mkdir(parents=True)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["data"]["source"] = {"kind": "files", "path": "data/user/tickets.csv"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")}).to_parquet(
+        root / "data/prepared/shifted.parquet", index=False)
+    (root / "data/prepared/labels.json").write_text('{"labels": ["billing", "bug", "sales"]}\n')
+    proc = simulate(root, "--domain", "shifted", "--n", "5", "--url", "http://127.0.0.1:9")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no shifted data; set data.source.shifted_path" in proc.stderr
