@@ -1,8 +1,9 @@
 """Try student recipes: build each from the kept teacher, score it on val,
 test and the shifted domain, and record its build time.
 
-Used to choose the default student in params.yaml (README: "Choosing the
-default student"). Recipes are given as JSON, {name: [step, ...]}:
+Used to choose the default student in params.yaml (docs/compression.md:
+"Choosing the default student"). A step's keys left out take DistillStep's
+defaults of the day (see bench/results/README.md). Recipes are given as JSON, {name: [step, ...]}:
 
     .venv/bin/python bench/students.py '{"l024-lr2e4": [{"method": "distill", "layers": [0, 2, 4],
         "learning_rate": 2e-4}, {"method": "vocab_prune", "min_count": 2}, {"method": "quantize"}]}'

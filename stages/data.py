@@ -13,7 +13,9 @@ def data(params) -> None:
     from shrinkflow.io import atomic_write_bytes, write_json
     from shrinkflow.labels import write_labels
     from shrinkflow.modeling import tokenizer_path
-    from shrinkflow.paths import LABELS_JSON, METRICS_DATA, RAW_DIR, SPLITS, UNLABELLED_PREPARED, split_path
+    from shrinkflow.headline import data_headline
+    from shrinkflow.paths import (HEADLINE_DATA, LABELS_JSON, METRICS_DATA, RAW_DIR, SPLITS, UNLABELLED_PREPARED,
+                                  split_path)
 
     # Everything is computed before anything is written: bad data leaves
     # no partial outputs behind.
@@ -25,6 +27,7 @@ def data(params) -> None:
     atomic_write_bytes(UNLABELLED_PREPARED, prepared.unlabelled.to_parquet(index=False))
     write_labels(LABELS_JSON, prepared.labels)
     write_json(METRICS_DATA, prepared.stats)
+    write_json(HEADLINE_DATA, data_headline(prepared.stats))
     stats = prepared.stats
     print(f"data: {len(prepared.labels)} classes, "
           + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith(("rows_", "truncated_share_"))))

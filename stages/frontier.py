@@ -39,8 +39,9 @@ def frontier(params) -> None:
     from shrinkflow.io import atomic_write_text, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, read_manifest
-    from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, LABELS_JSON, METRICS_FRONTIER,
-                                  SMALL_DIRECT, TEACHER)
+    from shrinkflow.headline import frontier_headline
+    from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, HEADLINE_FRONTIER, LABELS_JSON,
+                                  METRICS_FRONTIER, SMALL_DIRECT, TEACHER)
     from shrinkflow.runtime import load_predictor, predict_labels
     from shrinkflow.validation import check_model_labels
 
@@ -80,6 +81,7 @@ def frontier(params) -> None:
                                                      fp.small_direct, fp.match_tolerance))
     write_json(METRICS_FRONTIER, {"labels": list(classes), "verdict": rows, "robustness": robustness,
                                   "points": points, "teacher": teacher})
+    write_json(HEADLINE_FRONTIER, frontier_headline(rows))
     for r in rows:
         print(f"frontier: {r}")
 

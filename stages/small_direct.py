@@ -14,7 +14,8 @@ def small_direct(params) -> None:
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import (TOKENIZER, load_tokenizer, load_torch_model, read_manifest,
                                      save_torch_model_atomically)
-    from shrinkflow.paths import LABELS_JSON, METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
+    from shrinkflow.headline import train_headline
+    from shrinkflow.paths import HEADLINE_SMALL_DIRECT, LABELS_JSON, METRICS_SMALL_DIRECT, SMALL_DIRECT, TEACHER
     from shrinkflow.train import seed_everything, train_classifier
     from shrinkflow.validation import check_model_labels
 
@@ -39,6 +40,7 @@ def small_direct(params) -> None:
     save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len, labels=classes)
     check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(SMALL_DIRECT).get("labels")})
     write_json(METRICS_SMALL_DIRECT, result.__dict__)
+    write_json(HEADLINE_SMALL_DIRECT, train_headline(result.__dict__))
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 
 

@@ -16,7 +16,8 @@ def train(params) -> None:
     from shrinkflow.io import write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import save_torch_model_atomically
-    from shrinkflow.paths import LABELS_JSON, METRICS_TRAIN, TEACHER
+    from shrinkflow.headline import train_headline
+    from shrinkflow.paths import HEADLINE_TRAIN, LABELS_JSON, METRICS_TRAIN, TEACHER
     from shrinkflow.train import measure_teacher, train_teacher
 
     labels = read_labels(LABELS_JSON)
@@ -29,6 +30,7 @@ def train(params) -> None:
             model, tok, result = measure_teacher(read_split("val"), tp, labels)
     save_torch_model_atomically(model, tok, TEACHER, tp.max_seq_len, labels=labels)
     write_json(METRICS_TRAIN, {**result.__dict__, "labels": list(labels), "compute": meter.result()})
+    write_json(HEADLINE_TRAIN, train_headline(result.__dict__))
     what = "fine-tuned" if result.fine_tuned else "already fine-tuned (fine_tune: false), measured"
     print(f"train: {what}: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
           f"in {result.train_seconds:.0f}s")

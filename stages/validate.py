@@ -21,8 +21,9 @@ def validate(params) -> None:
     from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, LABELS_JSON, METRICS_VALIDATE, TEACHER,
-                                  UNLABELLED, WINDOW_HELDOUT)
+    from shrinkflow.headline import validate_headline
+    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, METRICS_VALIDATE,
+                                  TEACHER, UNLABELLED, WINDOW_HELDOUT)
     from shrinkflow.report import validation_markdown
     from shrinkflow.validation import SELECTION_SPLIT, check_model_labels, validate_runs
 
@@ -60,6 +61,7 @@ def validate(params) -> None:
     metrics, gates = validate_runs(teacher, runs, labels, params.validate, files, label_names)
     write_json(METRICS_VALIDATE, metrics)
     write_json(GATES_JSON, gates)
+    write_json(HEADLINE_VALIDATE, validate_headline(metrics))
     atomic_write_text(GATES_MD, validation_markdown(metrics, gates))
     print(f"validate: {gates['reason']}")
 

@@ -190,8 +190,18 @@ def test_catalog_outs_match_dvc_yaml():
     assert outs("fetch") == {str(paths.RAW_DIR)}
     assert paths.RAW.parent == paths.RAW_DIR
     assert outs("data") == ({str(paths.split_path(s)) for s in paths.SPLITS}
-                            | {str(paths.METRICS_DATA), str(paths.LABELS_JSON), str(paths.UNLABELLED_PREPARED)})
-    assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN)}
+                            | {str(paths.METRICS_DATA), str(paths.LABELS_JSON), str(paths.UNLABELLED_PREPARED),
+                               str(paths.HEADLINE_DATA)})
+    assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN), str(paths.HEADLINE_TRAIN)}
     assert outs("compress") == {str(paths.CANDIDATES), str(paths.METRICS_COMPRESS)}
-    assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD)}
+    assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD),
+                                str(paths.HEADLINE_VALIDATE)}
     assert outs("deploy") == {str(paths.DEPLOYMENT)}
+    assert outs("small_direct") == {str(paths.SMALL_DIRECT), str(paths.METRICS_SMALL_DIRECT),
+                                    str(paths.HEADLINE_SMALL_DIRECT)}
+    assert outs("frontier") == {str(paths.FRONTIER_MD), str(paths.FRONTIER_PNG), str(paths.METRICS_FRONTIER),
+                                str(paths.HEADLINE_FRONTIER)}
+    # `dvc metrics show` shows the headline files only (tests/test_headline.py)
+    assert {next(iter(o)) for s in stages.values() for o in s.get("metrics", [])} == {
+        str(p) for p in (paths.HEADLINE_DATA, paths.HEADLINE_TRAIN, paths.HEADLINE_VALIDATE,
+                         paths.HEADLINE_SMALL_DIRECT, paths.HEADLINE_FRONTIER)}

@@ -79,7 +79,8 @@ def own_params(news_files: dict, teacher: Path) -> dict:
         "compress": {"candidates": [
             {"name": "int8", "recipe": [{"method": "quantize"}]},
             {"name": "student-l0-int8", "recipe": [
-                {"method": "distill", "layers": [0], "epochs": 2, "learning_rate": 3e-3, "use_unlabelled": True},
+                {"method": "distill", "layers": [0], "epochs": 2, "learning_rate": 3e-3, "use_unlabelled": True,
+                 "alpha_kl": 0.5, "hidden_weight": 0.0},
                 {"method": "quantize"}]}]},
         "validate": {"gates": {"max_macro_f1_drop": 0.5}},
         "serve": {"max_chars_per_text": 8000},  # news articles: up to 5,295 characters
