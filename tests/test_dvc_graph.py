@@ -142,3 +142,13 @@ def test_catalog_outs_match_dvc_yaml():
     assert outs("compress") == {str(paths.CANDIDATES), str(paths.METRICS_COMPRESS)}
     assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD)}
     assert outs("deploy") == {str(paths.DEPLOYMENT)}
+
+
+def test_tasks_and_flows_import_no_stage():
+    """Imports run downwards: a stage may call a flow (compress fans out on
+    Prefect), but no task or flow imports a stage module."""
+    for pkg in ("tasks", "flows"):
+        for path in sorted((PROJECT_ROOT / pkg).glob("*.py")):
+            module = pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+            found = sorted(str(f) for f in import_closure(PROJECT_ROOT, module) if f.parts[0] == "stages")
+            assert found == [], f"{module} imports {found}"
