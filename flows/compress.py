@@ -38,6 +38,8 @@ def make_task_runner(runner: RunnerParams):
 @flow(name="shrinkflow-compress", log_prints=True)
 def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int,
                         keys: dict | None = None, fuse: bool = False) -> dict:
+    """One build-candidate task per candidate, all submitted at once; each
+    candidate's record by name."""
     futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name), fuse)
                for c in candidates]
     return {r["name"]: r for r in (f.result() for f in futures)}
