@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     from shrinkflow.compress.distill import hidden_targets, kd_train, make_student, teacher_outputs
-    from shrinkflow.compress.recipe import _encode_unpadded
+    from shrinkflow.compress.texts import encode_unpadded as _encode_unpadded
     from shrinkflow.modeling import TOKENIZER, load_torch_model
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.train import evaluate_accuracy, seed_everything

@@ -30,7 +30,7 @@ def main() -> None:
     from shrinkflow.compress.distill import distill
     from shrinkflow.compress.export import export_onnx
     from shrinkflow.compress.quantize import quantize_dynamic_onnx
-    from shrinkflow.compress.recipe import _encode_unpadded
+    from shrinkflow.compress.texts import encode_unpadded as _encode_unpadded
     from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
     from shrinkflow.config import DistillStep, QuantizeStep, load_params
     from shrinkflow.arch import word_embeddings

@@ -1,29 +1,24 @@
-"""The compress stage: build every candidate in parallel on a Prefect task runner.
+"""The compress stage's fan-out: one build-candidate task per candidate, on
+the Prefect task runner chosen in ``compress.runner`` (local threads or
+processes, or a Dask cluster).
 
-This is the compress stage's DVC command (``python -m flows.compress``), so
-DVC still decides whether compress is stale; within the stage, candidates fan
-out over the task runner chosen in ``compress.runner`` (local threads or
-processes, or a Dask cluster). The lifecycle flow passes its API URL down, so
+The stage (stages/compress.py) calls ``build_candidates``; DVC still decides
+whether compress is stale. The lifecycle flow passes its API URL down, so
 these task runs appear in the same Prefect backend.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
-from pathlib import Path
-
 from prefect import flow
 
-from shrinkflow.config import RunnerParams
-from shrinkflow.cost import ComputeMeter
-from shrinkflow.io import write_json
-from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
-from stages.common import read_unlabelled, run_stage
+from shrinkflow.config import Candidate, RunnerParams
 from tasks.compress import build_candidate
 
 
 def make_task_runner(runner: RunnerParams):
+    """The Prefect task runner ``runner`` names: ThreadPoolTaskRunner,
+    ProcessPoolTaskRunner, or DaskTaskRunner (on ``dask_address``, else on a
+    LocalCluster of ``max_workers`` single-threaded processes)."""
     if runner.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -43,51 +38,19 @@ def make_task_runner(runner: RunnerParams):
 @flow(name="shrinkflow-compress", log_prints=True)
 def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int,
                         keys: dict | None = None, fuse: bool = False) -> dict:
+    """One build-candidate task per candidate, all submitted at once; each
+    candidate's record by name."""
     futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name), fuse)
                for c in candidates]
     return {r["name"]: r for r in (f.result() for f in futures)}
 
 
-def candidate_keys(root: Path, candidates: list, opset: int, threads: int, fuse: bool) -> dict[str, str]:
-    """Each candidate's cache key, from its own inputs (shrinkflow.compress.cache)."""
-    from shrinkflow.compress.cache import candidate_key, code_hash, inputs_hashes, package_root
-    from shrinkflow.lineage import MODEL_LIBRARIES, library_versions
-    from shrinkflow.paths import TEACHER, UNLABELLED, split_path
-
-    from stages.common import unlabelled_hash
-
-    hashes = {**inputs_hashes(root / TEACHER, root / split_path("train"), root / UNLABELLED),
-              "unlabelled_hash": unlabelled_hash(root)}
-    code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
-    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads,
-                                  fuse=fuse)
-            for c in candidates}
-
-
-def compress(params, project_dir: str = ".") -> dict:
-    """Build every candidate of ``params.compress`` into models/candidates."""
-    # Absolute: a Dask worker resolves it on its own filesystem, never
-    # relative to whatever directory the worker process started in.
-    root = str(Path(project_dir).resolve())
-    # Read every declared text dependency once, even when every candidate will
-    # come from the cache: a corrupt or undecodable input fails the stage that
-    # declares it, not a later stage that happens to read it first.
-    read_unlabelled(Path(root))
-    runner = params.compress.runner
-    shutil.rmtree(Path(root) / CANDIDATES, ignore_errors=True)
+def build_candidates(project_dir: str, candidates: list[Candidate], runner: RunnerParams, *, opset: int,
+                     threads: int, keys: dict[str, str], fuse: bool) -> dict[str, dict]:
+    """Build every candidate into ``project_dir`` (absolute: a Dask worker
+    resolves it on its own filesystem) on ``runner``'s task runner, each with
+    ``threads`` torch threads and its cache key from ``keys``. Returns each
+    candidate's record (shrinkflow.compress.build.build_candidate) by name."""
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
-    threads = max(1, params.train.threads // runner.max_workers)
-    candidates = list(params.compress.candidates)
-    opset, fuse = params.compress.onnx_opset, params.compress.fuse_transformer_ops
-    with ComputeMeter(params.cost.country_iso_code) as meter:
-        results = flow_(project_dir=root, candidates=candidates, opset=opset, threads=threads,
-                        keys=candidate_keys(Path(root), candidates, opset, threads, fuse), fuse=fuse)
-    # "compute": what this run spent (cached candidates cost ~nothing now);
-    # each candidate's build_cpu_seconds: what its build cost when it was built.
-    doc = {"candidates": results, "compute": meter.result()}
-    write_json(Path(root) / METRICS_COMPRESS, doc)
-    return doc
-
-
-if __name__ == "__main__":
-    sys.exit(run_stage("compress", compress))
+    return flow_(project_dir=project_dir, candidates=candidates, opset=opset, threads=threads, keys=keys,
+                 fuse=fuse)

@@ -1,5 +1,5 @@
 """What every stage command shares: env, params read once and scoped to the
-keys dvc.yaml declares, clear errors, and small I/O helpers."""
+keys dvc.yaml declares, clear errors, and the input readers (shrinkflow.io)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 from shrinkflow.entry import configure_env, declared_params
-from shrinkflow.paths import PARAMS, split_path
+# The readers live in the library (a Prefect task reads inputs too); the
+# stages import them from here.
+from shrinkflow.io import read_lines, read_split  # noqa: F401
+from shrinkflow.paths import PARAMS
 
 
 def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
@@ -45,55 +48,3 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
         print(f"error: {stage}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def read_split(name: str, root: Path | str = "."):
-    import pandas as pd
-
-    path = Path(root) / split_path(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the data stage first (dvc repro data)")
-    return pd.read_parquet(path)
-
-
-def read_lines(path: Path | str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (a missing file is an error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_unlabelled(root: Path | str = ".") -> list[str]:
-    """What distillation learns from besides the training split: the
-    production window snapshot (``data/unlabelled/texts.txt``, written by
-    re-compression) followed by the user's own unlabelled text
-    (``data.source.unlabelled_path``, prepared by the data stage into
-    ``data/prepared/unlabelled.parquet``; empty for the built-in task)."""
-    import pandas as pd
-
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
-
-    texts = read_lines(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if prepared.is_file():
-        texts += [t for t in pd.read_parquet(prepared)["text"].astype(str).tolist() if t.strip()]
-    return texts
-
-
-def unlabelled_hash(root: Path | str = ".") -> str:
-    """Content hash of what ``read_unlabelled`` reads, for the candidate
-    cache key. The window file's sha256 alone when the user gave no
-    unlabelled text, so the built-in task's keys are unchanged."""
-    import hashlib
-
-    import pandas as pd
-
-    from shrinkflow.io import sha256_file
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
-
-    window = sha256_file(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if not prepared.is_file() or len(pd.read_parquet(prepared)) == 0:
-        return window
-    return hashlib.sha256(f"{window}:{sha256_file(prepared)}".encode()).hexdigest()

@@ -1,75 +1,22 @@
 """dvc.yaml knows everything each stage runs and reads.
 
-The deps check follows each stage command's imports itself (every ``import``
-anywhere in a module, lazy ones inside functions included, plus the
-``__init__`` of every package on the way), so a stage that starts importing
+The deps check follows each stage command's imports (shrinkflow.codegraph:
+every ``import`` anywhere in a module, lazy ones inside functions included,
+plus the ``__init__`` of every package on the way), so a stage that starts importing
 a new module fails here until dvc.yaml lists it. The params check is done at
 run time by ScopedParams; here its declarations are checked to exist.
 """
 
 from __future__ import annotations
 
-import ast
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from shrinkflow.codegraph import import_closure
 from tests.conftest import PROJECT_ROOT
-
-PACKAGES = ("shrinkflow", "stages", "tasks", "flows", "monitoring")
-
-
-def module_file(root: Path, module: str) -> Path | None:
-    base = root.joinpath(*module.split("."))
-    for cand in (base.with_suffix(".py"), base / "__init__.py"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def imported_modules(path: Path, module: str) -> set[str]:
-    """Every project module named by an import statement in ``path``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    is_pkg = path.name == "__init__.py"
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = module.split(".")
-                base_parts = parts if is_pkg else parts[:-1]
-                base_parts = base_parts[:len(base_parts) - (node.level - 1)]
-                base = ".".join(base_parts + ([node.module] if node.module else []))
-            else:
-                base = node.module
-            out.add(base)
-            # `from pkg import sub` may name a submodule
-            out.update(f"{base}.{a.name}" for a in node.names)
-    return {m for m in out if m.split(".")[0] in PACKAGES}
-
-
-def import_closure(root: Path, entry: str) -> set[Path]:
-    """Files executed when ``python -m entry`` runs, at most (static)."""
-    seen: set[str] = set()
-    files: set[Path] = set()
-    todo = [entry]
-    while todo:
-        mod = todo.pop()
-        if mod in seen:
-            continue
-        seen.add(mod)
-        parts = mod.split(".")
-        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
-        path = module_file(root, mod)
-        if path is None:
-            continue  # an attribute imported with `from pkg import name`
-        files.add(path.relative_to(root))
-        todo.extend(imported_modules(path, mod))
-    return files
 
 
 def uncovered(root: Path, dvc_yaml: dict) -> dict[str, list[str]]:
@@ -205,3 +152,13 @@ def test_catalog_outs_match_dvc_yaml():
     assert {next(iter(o)) for s in stages.values() for o in s.get("metrics", [])} == {
         str(p) for p in (paths.HEADLINE_DATA, paths.HEADLINE_TRAIN, paths.HEADLINE_VALIDATE,
                          paths.HEADLINE_SMALL_DIRECT, paths.HEADLINE_FRONTIER)}
+
+
+def test_tasks_and_flows_import_no_stage():
+    """Imports run downwards: a stage may call a flow (compress fans out on
+    Prefect), but no task or flow imports a stage module."""
+    for pkg in ("tasks", "flows"):
+        for path in sorted((PROJECT_ROOT / pkg).glob("*.py")):
+            module = pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+            found = sorted(str(f) for f in import_closure(PROJECT_ROOT, module) if f.parts[0] == "stages")
+            assert found == [], f"{module} imports {found}"

@@ -1,4 +1,4 @@
-"""The compress stage's candidate sweep on Prefect task runners (real Dask)."""
+"""The compress stage (stages/compress.py): its candidate sweep on Prefect task runners (real Dask)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
     # slow too: the only quick test that would start Prefect's test server (about 20 s)
     pytest.param({"kind": "threads", "max_workers": 2}, marks=pytest.mark.slow)], ids=["dask-localcluster", "threads"])
 def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
-    from flows.compress import compress
+    from stages.compress import compress
     from shrinkflow.io import read_json
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import METRICS_COMPRESS
@@ -91,7 +91,7 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
     candidates (byte for byte) and rebuilds only the edited one; new window
     text rebuilds only the candidates whose recipe reads text; a corrupted
     cache entry is rebuilt, never served."""
-    from flows.compress import compress
+    from stages.compress import compress
     from shrinkflow.config import load_params
     from shrinkflow.io import file_hashes, read_json
     from shrinkflow.paths import CANDIDATE_CACHE, METRICS_COMPRESS, UNLABELLED

@@ -1,0 +1,252 @@
+"""What each kind of recipe step does, registered by its ``method`` name.
+
+A step's parameters are its schema in shrinkflow.config (``DistillStep``,
+``QuantizeStep``, ...); what is specific to it lives here, in one class per
+method: whether it reads text (the training split or the unlabelled window:
+the recipe refuses to run it without, and the candidate cache keys it on
+that text), at which level it runs, and how it applies itself. A new method
+is a new class with ``@register``; nothing else branches on method names.
+
+Levels: ``torch`` steps rewrite the torch model, in recipe order, before the
+ONNX export; ``onnx`` steps rewrite the exported graph after it (and after
+fusion). The schema keeps distill first and quantize last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from shrinkflow.compress.texts import calibration_feeds, calibration_texts, encode_unpadded, window_texts
+
+
+@dataclass
+class Build:
+    """What a candidate's steps share while it is built.
+
+    ``model`` (a torch model) and ``tokenizer_json`` are what torch steps
+    rewrite; ``onnx_path`` is the exported graph onnx steps rewrite in place
+    (None until the export). ``stats`` collects what each step reports for
+    the candidate's manifest and metrics/compress.json.
+    """
+
+    model: Any
+    tokenizer_json: str
+    train_texts: list[str] | None = None
+    train_labels: np.ndarray | None = None
+    unlabelled_texts: list[str] | None = None
+    threads: int = 2
+    progress: bool = True
+    max_seq_len: int | None = None
+    onnx_path: Path | None = None
+    stats: dict = field(default_factory=dict)
+    # The original teacher's logits on the training split: computed at most
+    # once, by the first step that needs them, while the model still is the
+    # teacher (distill before it replaces the model, or a later step's lazy
+    # call when no step before it changed what the model computes).
+    teacher_targets: np.ndarray | None = None
+
+    def train_seqs(self) -> list[list[int]]:
+        """The training texts as token ids under the current tokenizer."""
+        return encode_unpadded(self.tokenizer_json, self.train_texts)
+
+    def teacher_logits(self, seqs: list[list[int]]) -> np.ndarray:
+        """``teacher_targets``, computed from the current model on ``seqs``
+        if no step computed them yet. [n_train, n_classes] float32."""
+        if self.teacher_targets is None:
+            from shrinkflow.compress.distill import soft_labels
+
+            self.teacher_targets = soft_labels(self.model, seqs)
+        return self.teacher_targets
+
+
+class Method:
+    """One kind of recipe step. Subclasses set ``name`` (the step's
+    ``method``) and ``level``, and override ``apply``."""
+
+    name: ClassVar[str]
+    level: ClassVar[Literal["torch", "onnx"]] = "torch"
+
+    def reads_text(self, step) -> bool:
+        """Whether ``step`` learns from text (training split or window)."""
+        return False
+
+    def apply(self, step, build: Build) -> None:
+        """Apply ``step`` to ``build`` in place."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` the method for steps named ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"recipe method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def method_of(step) -> Method:
+    """The registered method for ``step`` (by ``step.method``). Raises
+    KeyError for a method nothing registered."""
+    try:
+        return METHODS[step.method]
+    except KeyError:
+        raise KeyError(f"no recipe method {step.method!r} is registered "
+                       f"(shrinkflow.compress.steps: {sorted(METHODS)})") from None
+
+
+def reads_text(candidate) -> bool:
+    """Whether any step of ``candidate``'s recipe learns from text."""
+    return any(method_of(step).reads_text(step) for step in candidate.recipe)
+
+
+@register
+class Distill(Method):
+    """A student of the teacher's listed layers, distilled on the training
+    split, on teacher-labelled window text (``use_unlabelled``) and on
+    teacher-labelled augmented copies of the split."""
+
+    name = "distill"
+
+    def reads_text(self, step) -> bool:
+        return True
+
+    def apply(self, step, build: Build) -> None:
+        from shrinkflow.compress.augment import augment_texts
+        from shrinkflow.compress.distill import distill, hidden_targets, teacher_outputs
+
+        model, tokenizer_json = build.model, build.tokenizer_json
+        seqs = build.train_seqs()
+        wanted = hidden_targets(step.layers, model.config.num_hidden_layers) if step.hidden_weight > 0 else ()
+        build.teacher_targets, d_hidden = teacher_outputs(model, seqs, wanted)
+        d_seqs, d_targets, d_labels = seqs, build.teacher_targets, np.asarray(build.train_labels)
+        extra = window_texts(build.unlabelled_texts) if step.use_unlabelled else []
+        augmented = augment_texts(list(build.train_texts), step.augment_copies, step.seed,
+                                  step.augment_replace_fraction)
+        for more in (extra, augmented):
+            if more:
+                # The teacher labels text that has no label (production
+                # window, augmented variants): soft labels, and its argmax
+                # as the hard label (pseudo-labelling).
+                u_seqs = encode_unpadded(tokenizer_json, more)
+                u_targets, u_hidden = teacher_outputs(model, u_seqs, wanted)
+                d_seqs = d_seqs + u_seqs
+                d_hidden = d_hidden + u_hidden
+                d_targets = np.concatenate([d_targets, u_targets])
+                d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
+        build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
+                              targets=d_targets, hidden=d_hidden or None)
+        build.stats["layers"] = list(step.layers)
+        build.stats["distill_unlabelled_rows"] = len(extra)
+        build.stats["distill_augmented_rows"] = len(augmented)
+
+
+@register
+class StructuredPrune(Method):
+    """Whole heads and FFN neurons removed by importance on the training
+    split, then recovery by distillation from the original teacher."""
+
+    name = "structured_prune"
+
+    def reads_text(self, step) -> bool:
+        return True
+
+    def apply(self, step, build: Build) -> None:
+        from shrinkflow.arch import attention_heads, encoder_layers, ffn_linears
+        from shrinkflow.compress.distill import kd_train
+        from shrinkflow.compress.structured import importance, structured_prune
+
+        seqs = build.train_seqs()
+        targets = build.teacher_logits(seqs)
+        heads, neurons = importance(build.model, seqs, build.train_labels, step.importance_batches, seed=step.seed)
+        build.model = model = structured_prune(build.model, heads, neurons, step.heads_keep_fraction,
+                                               step.ffn_keep_fraction)
+        if step.recovery_epochs:
+            kd_train(model, seqs, targets, build.train_labels, epochs=step.recovery_epochs,
+                     learning_rate=step.learning_rate, temperature=step.temperature,
+                     alpha_kl=step.alpha_kl, batch_size=32, warmup_fraction=0.06, seed=step.seed,
+                     threads=build.threads, progress=build.progress, desc="recover")
+        layer0 = encoder_layers(model)[0]
+        build.stats["heads_per_layer"] = attention_heads(model, layer0)[0]
+        build.stats["ffn_per_layer"] = ffn_linears(model, layer0)[0].out_features
+
+
+@register
+class VocabPrune(Method):
+    """Only the embedding rows of tokens the training split (and the
+    production window) use; the tokenizer remapped to match."""
+
+    name = "vocab_prune"
+
+    def reads_text(self, step) -> bool:
+        return True
+
+    def apply(self, step, build: Build) -> None:
+        from shrinkflow.arch import word_embeddings
+        from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
+
+        # Production-window text (re-compression) counts too: a vocabulary
+        # pruned to the training split alone would map the drifted domain's
+        # new words to [UNK]. Without a window: the split only.
+        texts = list(build.train_texts) + window_texts(build.unlabelled_texts)
+        kept = kept_token_ids(build.tokenizer_json, texts, step.min_count)
+        nearest = (nearest_kept(word_embeddings(build.model).weight, kept)
+                   if step.unseen_tokens == "nearest" else None)
+        build.tokenizer_json = remap_tokenizer(build.tokenizer_json, kept, nearest)
+        build.model = prune_embeddings(build.model, kept)
+        build.stats["vocab_size"] = len(kept)
+
+
+@register
+class MagnitudePrune(Method):
+    """Global magnitude pruning of the encoder's Linear weights: one shot
+    (no data), or gradual with distillation on the training split between
+    steps."""
+
+    name = "magnitude_prune"
+
+    def reads_text(self, step) -> bool:
+        return step.schedule == "gradual"
+
+    def apply(self, step, build: Build) -> None:
+        from shrinkflow.compress.magnitude import gradual_magnitude_prune, magnitude_prune, sparsity
+
+        if step.schedule == "gradual":
+            seqs = build.train_seqs()
+            targets = build.teacher_logits(seqs)
+            build.model = gradual_magnitude_prune(build.model, seqs, targets, build.train_labels, step,
+                                                  build.threads, build.progress)
+        else:
+            build.model = magnitude_prune(build.model, step.target_sparsity)
+        build.stats["encoder_sparsity"] = round(sparsity(build.model), 6)
+
+
+@register
+class Quantize(Method):
+    """int8 quantization of the exported graph in ONNX Runtime: dynamic (no
+    data), or static, calibrated on training and window text."""
+
+    name = "quantize"
+    level = "onnx"
+
+    def reads_text(self, step) -> bool:
+        return step.mode == "static"
+
+    def apply(self, step, build: Build) -> None:
+        from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
+
+        onnx_path = build.onnx_path
+        fp32 = onnx_path.with_name("model.fp32.onnx")
+        onnx_path.replace(fp32)
+        if step.mode == "static":
+            texts = calibration_texts(build.train_texts, build.unlabelled_texts)
+            quantize_static_onnx(fp32, onnx_path, step, calibration_feeds(
+                build.tokenizer_json, texts, step.calibration_samples, build.max_seq_len))
+        else:
+            quantize_dynamic_onnx(fp32, onnx_path, step)
+        fp32.unlink()

@@ -1,0 +1,55 @@
+"""compress: build every candidate of ``compress.candidates`` into
+models/candidates, and what each cost into metrics/compress.json.
+
+Candidates are built in parallel, one Prefect task each, on the task runner
+in ``compress.runner`` (flows.compress). A candidate whose own inputs did not
+change is copied from the candidate cache instead of rebuilt
+(shrinkflow.compress.keys). Each candidate lands in models/candidates by a
+rename, so its dir is finished or absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from stages.common import run_stage
+
+
+def compress(params, project_dir: str = ".") -> dict:
+    """Build every candidate of ``params.compress`` into models/candidates;
+    returns (and writes to metrics/compress.json) the per-candidate records
+    and this run's compute."""
+    # Prefect only now: run_stage has configured the environment first.
+    from flows.compress import build_candidates
+    from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.cost import ComputeMeter
+    from shrinkflow.io import read_unlabelled, write_json
+    from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
+
+    # Absolute: a Dask worker resolves it on its own filesystem, never
+    # relative to whatever directory the worker process started in.
+    root = Path(project_dir).resolve()
+    # Read every declared text dependency once, even when every candidate will
+    # come from the cache: a corrupt or undecodable input fails the stage that
+    # declares it, not a later stage that happens to read it first.
+    read_unlabelled(root)
+    runner = params.compress.runner
+    shutil.rmtree(root / CANDIDATES, ignore_errors=True)
+    threads = max(1, params.train.threads // runner.max_workers)
+    candidates = list(params.compress.candidates)
+    opset, fuse = params.compress.onnx_opset, params.compress.fuse_transformer_ops
+    with ComputeMeter(params.cost.country_iso_code) as meter:
+        keys = candidate_keys(root, candidates, opset, threads, fuse)
+        results = build_candidates(str(root), candidates, runner, opset=opset, threads=threads, keys=keys,
+                                   fuse=fuse)
+    # "compute": what this run spent (cached candidates cost ~nothing now);
+    # each candidate's build_cpu_seconds: what its build cost when it was built.
+    doc = {"candidates": results, "compute": meter.result()}
+    write_json(root / METRICS_COMPRESS, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("compress", compress))
