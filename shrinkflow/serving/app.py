@@ -4,6 +4,7 @@ micro-batcher, reload poller), the middleware and the routers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,13 +15,23 @@ from shrinkflow.registry import Registry
 
 TOKEN_ENV = "SHRINKFLOW_API_TOKEN"
 
+logger = logging.getLogger("shrinkflow.serve")
+
 
 async def watch_production(state) -> None:
     """Every serve.reload_poll_s, load and swap in a new production version
-    (``ModelHolder.poll``, off the event loop)."""
+    (``ModelHolder.poll``, off the event loop). A poll that fails in a way
+    ``poll`` does not report is logged and the next one tried: hot reload
+    never stops silently."""
     while True:
         await asyncio.sleep(state.params.reload_poll_s)
-        if await asyncio.to_thread(state.holder.poll):
+        try:
+            swapped = await asyncio.to_thread(state.holder.poll)
+        except Exception:  # noqa: BLE001 - logged; the next poll may succeed
+            logger.exception("checking the production alias failed; trying again in %g s",
+                             state.params.reload_poll_s)
+            continue
+        if swapped:
             state.metrics.serving(state.holder.current.version)
 
 

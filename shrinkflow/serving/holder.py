@@ -74,13 +74,19 @@ class ModelHolder:
         return self.current
 
     def poll(self) -> bool:
-        """Load and swap in a new production version. True if swapped."""
+        """Load and swap in a new production version. True if swapped.
+
+        An aliases file that cannot be read (say, half-written by a hand
+        edit: not JSON yet) is reported in ``refused`` with no version, until
+        it reads again; a version that fails to load, with its version."""
         with self._lock:
             try:
                 version = self.registry.alias()
-            except RegistryError as exc:
+            except (RegistryError, ValueError, OSError) as exc:
                 self.refused = {"version": None, "reason": str(exc)}
                 return False
+            if self.refused and self.refused.get("version") is None:
+                self.refused = None
             if version is None or (self.current and version == self.current.version):
                 return False
             if self.refused and self.refused.get("version") == version:
