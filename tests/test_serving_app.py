@@ -113,6 +113,21 @@ def chromium_dom(url: str) -> str:
     return proc.stdout
 
 
+def test_monitoring_does_not_import_the_server():
+    """The monitor reads a version's labels from shrinkflow.status, not from
+    the serving package (monitoring imports no layer above the library)."""
+    import ast
+
+    from tests.conftest import PROJECT_ROOT
+
+    for path in sorted((PROJECT_ROOT / "monitoring").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] \
+                if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "shrinkflow.serving" or n.startswith("shrinkflow.serving.") for n in names), path
+
+
 # ------------------------------------------------------------------ docs
 
 def test_openapi_documents_the_request_and_response_bodies(tmp_path, fp32_dir):
