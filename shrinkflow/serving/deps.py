@@ -41,6 +41,8 @@ class ServingState:
 
 
 async def serving_state(request: Request) -> ServingState:
+    """Everything the app shares (/predict uses its params, batcher, log
+    writer and metrics together)."""
     return request.app.state.serving
 
 
@@ -49,17 +51,9 @@ async def get_holder(request: Request) -> ModelHolder:
     return request.app.state.serving.holder
 
 
-async def get_writer(request: Request) -> LogWriter:
-    """The prediction log's group-commit writer."""
-    return request.app.state.serving.writer
-
-
 async def get_log(request: Request) -> PredictionLog:
+    """The prediction log (feedback is written to it directly)."""
     return request.app.state.serving.log
-
-
-async def get_batcher(request: Request) -> MicroBatcher:
-    return request.app.state.serving.batcher
 
 
 async def json_body(request: Request):
