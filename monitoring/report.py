@@ -358,7 +358,7 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     if len(window) == 0:
         raise ValueError("the prediction log window is empty: nothing to monitor")
     if labels is None:
-        from shrinkflow.serving import model_labels
+        from shrinkflow.status import model_labels
 
         labels = model_labels(served_dir)
     labels = tuple(labels)

@@ -190,6 +190,8 @@ def test_token_is_required_except_for_health_and_refusals_are_not_logged(server)
 
 
 def test_metadata_metrics_and_docs(server):
+    # this test's own prediction, so the counters below exist whatever ran before
+    assert httpx.post(f"{server.url}/predict", json={"texts": ["for the counters"]}, headers=AUTH).status_code == 200
     meta = httpx.get(f"{server.url}/metadata", headers=AUTH).json()
     assert meta["deployed"]["version"] == "v0001" and meta["deployed"]["integrity"] == "verified"
     # v0001 is dynamic int8 deployed without a `serving` entry: its graph
@@ -201,7 +203,17 @@ def test_metadata_metrics_and_docs(server):
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert 'shrinkflow_requests_total{endpoint="/predict",status="200"}' in text
     assert "shrinkflow_batch_size_bucket" in text and 'shrinkflow_model_version_info{version="v0001"} 1.0' in text
-    assert httpx.get(f"{server.url}/docs", headers=AUTH).status_code == 200
+    # /docs loads Swagger UI from this server (under the token rule), not from
+    # a CDN; test_serving_app.py renders it in Chromium
+    page = httpx.get(f"{server.url}/docs", headers=AUTH)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assets = [a.split('"')[0] for a in page.text.split('src="')[1:] + page.text.split('href="')[1:]]
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and all(a.startswith("/") for a in assets)
+    for asset in assets:
+        assert httpx.get(f"{server.url}{asset}", headers=AUTH).status_code == 200, asset
+        assert httpx.get(f"{server.url}{asset}").status_code == 401, asset
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401
+    assert "PredictRequest" in httpx.get(f"{server.url}/openapi.json", headers=AUTH).text
 
 
 LONG = ("the film drags on and on with little plot and less charm, yet the actors try hard and the music is "
@@ -269,41 +281,82 @@ def test_a_concurrent_burst_logs_exactly_one_row_per_answer(server):
     assert float(big[0].split()[-1]) < float(total[0].split()[-1])
 
 
+def wait_for_version(url: str, version: str, timeout_s: float = 10.0) -> bool:
+    """Whether the server serves ``version`` within ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while httpx.get(f"{url}/health").json()["model_version"] != version:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_hot_reload_rollback_and_a_corrupted_version(server, project, candidates):
     reg = Registry(project / "registry")
-    results: list = []
-    threads = burst(server.url, 200, 4, results)
-    time.sleep(0.3)
-    reg.promote(candidates["fp32"], PASS, record("fp32"))  # v0002, while requests are in flight
-    for t in threads:
-        t.join()
-    assert all(s == 200 for s, _ in results), results
-    deadline = time.time() + 10
-    while httpx.get(f"{server.url}/health").json()["model_version"] != "v0002" and time.time() < deadline:
-        time.sleep(0.1)
-    r = httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH)
-    assert r.json()["model_version"] == "v0002"
-    # rollback through the CLI: the server follows
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "rollback"], cwd=project, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "v0002 -> v0001" in out.stdout
-    deadline = time.time() + 10
-    while httpx.get(f"{server.url}/health").json()["model_version"] != "v0001" and time.time() < deadline:
-        time.sleep(0.1)
-    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == "v0001"
-    # a corrupted version made production by hand is refused; v0001 keeps serving
-    (reg.path("v0002") / "model" / "model.onnx").write_bytes(b"rot")
-    (project / "registry" / "aliases.json").write_text(json.dumps({"production": "v0002"}))
-    deadline = time.time() + 10
-    health = {}
-    while not (health.get("refused") or {}).get("version") and time.time() < deadline:
-        time.sleep(0.1)
-        health = httpx.get(f"{server.url}/health").json()
-    assert health["refused"]["version"] == "v0002" and "model.onnx" in health["refused"]["reason"]
-    assert health["model_version"] == "v0001"
-    assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == "v0001"
-    (project / "registry" / "aliases.json").write_text(json.dumps({"production": "v0001"}))
+    aliases = project / "registry" / "aliases.json"
+    saved = aliases.read_text()
+    old = reg.alias()
+    try:
+        # A burst from 4 clients, each sending one request after the other,
+        # until 20 answers came from the new version (30 s at most).
+        answers: dict[int, list] = {k: [] for k in range(4)}
+        done = threading.Event()
+
+        def client(k):
+            with httpx.Client(timeout=30) as c:
+                while not done.is_set():
+                    try:
+                        r = c.post(f"{server.url}/predict", json={"texts": [f"burst {k}"]}, headers=AUTH)
+                        answers[k].append((r.status_code, r.json().get("model_version")))
+                    except httpx.HTTPError as exc:
+                        answers[k].append((None, repr(exc)))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            new = reg.promote(candidates["fp32"], PASS, record("fp32")).version   # while requests are in flight
+            deadline = time.time() + 30
+            while sum(v == new for a in list(answers.values()) for _, v in a) < 20 and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        every = [a for k in answers for a in answers[k]]
+        assert all(s == 200 for s, _ in every), every
+        # both versions answered during the burst, and no client went back to
+        # the old one once the new one had answered it
+        assert {v for _, v in every} == {old, new}
+        for k, got in answers.items():
+            versions = [v for _, v in got]
+            assert versions == sorted(versions, key=lambda v: v == new), (k, versions)
+        assert wait_for_version(server.url, new)
+        r = httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH)
+        assert r.json()["model_version"] == new
+        # rollback through the CLI: the server follows
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "rollback"], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and f"{new} -> {old}" in out.stdout
+        assert wait_for_version(server.url, old)
+        assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == old
+        # a corrupted version made production by hand is refused; the old one keeps serving
+        (reg.path(new) / "model" / "model.onnx").write_bytes(b"rot")
+        aliases.write_text(json.dumps({"production": new}))
+        deadline = time.time() + 10
+        health = {}
+        while not (health.get("refused") or {}).get("version") and time.time() < deadline:
+            time.sleep(0.1)
+            health = httpx.get(f"{server.url}/health").json()
+        assert health["refused"]["version"] == new and "model.onnx" in health["refused"]["reason"]
+        assert health["model_version"] == old
+        assert httpx.post(f"{server.url}/predict", json={"texts": ["x"]}, headers=AUTH).json()["model_version"] == old
+    finally:
+        # the module's other tests expect the server on the version it started with
+        aliases.write_text(saved)
+        wait_for_version(server.url, old)
 
 
 def test_sigterm_during_a_burst_loses_no_answered_prediction(project):

@@ -1,0 +1,120 @@
+"""``create_app``: wires the shared state, the lifespan (model, log writer,
+micro-batcher, reload poller), the middleware and the routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from shrinkflow.config import ServeParams
+from shrinkflow.predlog import PredictionLog
+from shrinkflow.registry import Registry
+
+TOKEN_ENV = "SHRINKFLOW_API_TOKEN"
+
+logger = logging.getLogger("shrinkflow.serve")
+
+
+async def watch_production(state) -> None:
+    """Every serve.reload_poll_s, load and swap in a new production version
+    (``ModelHolder.poll``, off the event loop). A poll that fails in a way
+    ``poll`` does not report is logged and the next one tried: hot reload
+    never stops silently."""
+    while True:
+        await asyncio.sleep(state.params.reload_poll_s)
+        try:
+            swapped = await asyncio.to_thread(state.holder.poll)
+        except Exception:  # noqa: BLE001 - logged; the next poll may succeed
+            logger.exception("checking the production alias failed; trying again in %g s",
+                             state.params.reload_poll_s)
+            continue
+        if swapped:
+            state.metrics.serving(state.holder.current.version)
+
+
+@asynccontextmanager
+async def lifespan(app):
+    """Open the log, load the production version (raising when there is
+    none, or it fails its hash check), start the log writer, the batcher and
+    the reload poller; on shutdown stop them, flushing the log."""
+    from shrinkflow.httpedge import STATE_KEY, EdgeLimits
+    from shrinkflow.serving.workers import MicroBatcher
+
+    state = app.state.serving
+    params: ServeParams = state.params
+    state.log.open()
+    state.holder.load_production()
+    state.metrics.serving(state.holder.current.version)
+    state.writer.start()
+    state.batcher = MicroBatcher(state.holder, params.max_batch_size if params.batching else 1,
+                                 params.max_wait_ms if params.batching else 0.0, on_batch=state.metrics.batch.observe)
+    state.batcher.start()
+    poller = asyncio.get_running_loop().create_task(watch_production(state))
+    try:
+        # The lifespan state reaches every connection's protocol (uvicorn's
+        # app_state): this is how EdgeProtocol gets its limits and reports.
+        yield {STATE_KEY: EdgeLimits(params.max_header_bytes, params.max_headers, params.request_timeout_s,
+                                     state.metrics.edge_reject)}
+    finally:
+        poller.cancel()
+        await state.batcher.stop()
+        state.writer.stop()   # every answered prediction was committed; flush the rest
+
+
+def create_app(registry: Registry, log: PredictionLog, params: ServeParams, reports_dir: Path | None = None,
+               token: str | None = None, per_row: bool | None = None):
+    """The FastAPI app. Loads the production version at startup (refusing to
+    start without one, or with one that fails its hash check).
+
+    ``reports_dir``: monitoring's reports, served under /reports/ (None: not
+    served); ``token``: the bearer token every path but /health requires
+    (None: none); ``per_row``: None (default) decides per loaded version
+    (see ``ModelHolder``), True or False forces it for every version
+    (benchmarks). The lifespan state carries ``httpedge.EdgeLimits`` built
+    from ``params``, which ``httpedge.EdgeProtocol`` enforces when uvicorn
+    runs with it. /docs is Swagger UI from assets the server holds
+    (fastapi-offline), so it works without a network."""
+    from fastapi_offline import FastAPIOffline
+
+    from shrinkflow.serving import operations, predict
+    from shrinkflow.serving.deps import ServingState
+    from shrinkflow.serving.errors import ApiError, api_error_handler
+    from shrinkflow.serving.holder import ModelHolder
+    from shrinkflow.serving.metrics import Metrics
+    from shrinkflow.serving.middleware import TokenAndMetrics
+    from shrinkflow.serving.workers import LogWriter
+
+    metrics = Metrics()
+    app = FastAPIOffline(title="shrinkflow",
+                         description="The registry's production model, compressed from a kept teacher.",
+                         lifespan=lifespan)
+    app.state.serving = ServingState(params=params, registry=registry, log=log,
+                                     holder=ModelHolder(registry, params.threads, params.truncation, per_row),
+                                     writer=LogWriter(log), metrics=metrics)
+    app.add_middleware(TokenAndMetrics, metrics=metrics, token=token)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.include_router(predict.router)
+    app.include_router(operations.router)
+    if reports_dir is not None:
+        from shrinkflow.serving.reports import ReportFiles
+
+        app.mount("/reports", ReportFiles(reports_dir), name="reports")
+    return app
+
+
+make_app = create_app   # the name flows/cli.py and bench/serving.py call
+
+
+def app_from_env():
+    """uvicorn factory for `shrinkflow serve --workers N` (each worker builds
+    its own app from the project named in SHRINKFLOW_PROJECT)."""
+    from shrinkflow.config import load_params
+
+    root = Path(os.environ["SHRINKFLOW_PROJECT"])
+    params = load_params(root / "params.yaml")
+    return create_app(Registry(root / params.deploy.registry_dir), PredictionLog(root / params.serve.log_path),
+                      params.serve, reports_dir=root / params.monitor.reports_dir,
+                      token=os.environ.get(TOKEN_ENV) or None)

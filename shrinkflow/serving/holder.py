@@ -1,0 +1,100 @@
+"""The model being served: the loaded, verified production version, and the
+hot-reload logic that swaps in a new one."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from shrinkflow.errors import IntegrityError, RegistryError
+from shrinkflow.registry import Registry
+from shrinkflow.status import model_labels
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded, verified version. ``per_row``: each text is its own model
+    call (``per_row_source`` says what decided it: ``manifest``, ``model
+    graph`` or ``server``); ``specials``: the tokens the model reads for an
+    empty text ([CLS] and [SEP]: 2), so a text with no more has nothing to
+    classify."""
+
+    version: str
+    predictor: object
+    labels: tuple[str, ...]
+    per_row: bool = False
+    per_row_source: str = "model graph"
+    specials: int = 0
+
+    def serving(self, truncation: str) -> dict:
+        """How this version is served, for /health and /metadata."""
+        return {"per_row": self.per_row, "per_row_decided_by": self.per_row_source,
+                "batching": "each text alone (batch-invariant)" if self.per_row else "batched",
+                "truncation": truncation}
+
+
+class ModelHolder:
+    """The model being served, and the reload logic around it.
+
+    ``per_row``: None decides per loaded version (the registry manifest's
+    ``serving.per_row``, else ``predictor.batch_dependent``); True or False
+    forces it (benchmarks compare both)."""
+
+    def __init__(self, registry: Registry, threads: int, truncation: str = "head", per_row: bool | None = None):
+        self.registry, self.threads, self.truncation, self.per_row = registry, threads, truncation, per_row
+        self.current: LoadedModel | None = None
+        self.refused: dict | None = None      # {"version", "reason"} of a version refused on reload
+        self._lock = threading.Lock()
+
+    def _load(self, version: str) -> LoadedModel:
+        from shrinkflow.runtime import load_predictor
+
+        ref = self.registry.load(version)     # verifies every file's hash first
+        labels = model_labels(ref.path, ref.version)
+        predictor = load_predictor(ref.path, self.threads, spin=False, truncation=self.truncation)
+        declared = (ref.manifest.get("serving") or {}).get("per_row")
+        if self.per_row is not None:
+            per_row, source = self.per_row, "server"
+        elif declared is not None:
+            per_row, source = bool(declared), "manifest"
+        else:   # deployed before validate recorded it: ask the graph
+            per_row, source = bool(getattr(predictor, "batch_dependent", False)), "model graph"
+        encoder = getattr(predictor, "encoder", None)
+        specials = int(encoder([""]).tokens_seen[0]) if encoder is not None else 0
+        return LoadedModel(ref.version, predictor, labels, per_row, source, specials)
+
+    def load_production(self) -> LoadedModel:
+        """Load the production version. Raises RegistryError when nothing is
+        deployed or its manifest has no labels, IntegrityError when a file
+        fails its hash check."""
+        version = self.registry.alias()
+        if version is None:
+            raise RegistryError(f"nothing is deployed in {self.registry.root}: run `shrinkflow run` first")
+        self.current = self._load(version)
+        return self.current
+
+    def poll(self) -> bool:
+        """Load and swap in a new production version. True if swapped.
+
+        An aliases file that cannot be read (say, half-written by a hand
+        edit: not JSON yet) is reported in ``refused`` with no version, until
+        it reads again; a version that fails to load, with its version."""
+        with self._lock:
+            try:
+                version = self.registry.alias()
+            except (RegistryError, ValueError, OSError) as exc:
+                self.refused = {"version": None, "reason": str(exc)}
+                return False
+            if self.refused and self.refused.get("version") is None:
+                self.refused = None
+            if version is None or (self.current and version == self.current.version):
+                return False
+            if self.refused and self.refused.get("version") == version:
+                return False
+            try:
+                loaded = self._load(version)
+            except (IntegrityError, RegistryError, FileNotFoundError, ValueError) as exc:
+                self.refused = {"version": version, "reason": str(exc)}
+                return False
+            self.current, self.refused = loaded, None
+            return True
