@@ -13,7 +13,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from prefect import flow
+if __name__ == "__main__":  # the stage command: bootstrap before Prefect is imported (run_stage is too late)
+    from shrinkflow.entry import configure_env
+
+    configure_env(".")  # DVC runs the stage in the project root (stages.common.run_stage)
+
+from prefect import flow  # noqa: E402
 
 from shrinkflow.config import RunnerParams
 from shrinkflow.cost import ComputeMeter

@@ -7,23 +7,36 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from shrinkflow.entry import configure_env, declared_params
+from shrinkflow.entry import configure_env, declared_params, mark_stage_ran
+from shrinkflow.errors import MissingInput
 from shrinkflow.paths import PARAMS, split_path
 
 
 def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
     """Run ``body(params)`` as DVC stage ``stage``. Returns the exit code.
 
-    params.yaml is read once, validated, and handed to the stage as a view
-    that allows only the keys dvc.yaml declares for it. If the file changed
-    while the stage ran, the stage fails: DVC would otherwise record values
-    in dvc.lock that the outputs were not computed from.
+    How a stage finds the project root: it is the current directory. DVC
+    runs a stage's ``cmd`` in the stage's ``wdir``, which is the directory of
+    dvc.yaml when (as in every shrinkflow stage) none is set, so ``"."`` is
+    the root, and every project path (shrinkflow.paths) is relative to it.
+    Not ``$DVC_ROOT``: ``dvc exp run --temp/--queue`` points that at the
+    parent repository, while the stage runs in a copy of the workspace.
+
+    The environment bootstrap (``configure_env``) runs first, before
+    anything imports Prefect. params.yaml is read once, validated, and
+    handed to the stage as a view that allows only the keys dvc.yaml
+    declares for it. If the file changed while the stage ran, the stage
+    fails: DVC would otherwise record values in dvc.lock that the outputs
+    were not computed from. Exit codes: 0 done; 1 a handled error
+    (``shrinkflow.errors.HANDLED``: one line on stderr); 2 bad params.
+    Anything else propagates (a traceback: a bug).
     """
     from shrinkflow.config import ParamsError, ScopedParams, parse_params_bytes
     from shrinkflow.errors import HANDLED
 
     root = Path(project_dir)
     configure_env(root)
+    mark_stage_ran(stage)
     path = root / PARAMS
     try:
         data = path.read_bytes()
@@ -52,7 +65,7 @@ def read_split(name: str, root: Path | str = "."):
 
     path = Path(root) / split_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the data stage first (dvc repro data)")
+        raise MissingInput(f"{path} is missing: run the data stage first (dvc repro data)")
     return pd.read_parquet(path)
 
 
@@ -60,7 +73,7 @@ def read_lines(path: Path | str) -> list[str]:
     """Non-empty lines of a UTF-8 text file (a missing file is an error)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
+        raise MissingInput(f"{path} is missing")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
