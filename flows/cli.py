@@ -790,15 +790,23 @@ def monitor_cmd(ctx: typer.Context,
 
 
 def main() -> None:
-    """Console-script entry point. An exception that escapes a command (a
-    bug in the CLI itself) exits CRASH with its traceback, never Typer's
-    exit 1, which means "refused" here."""
+    """Console-script entry point: runs the app and exits with its ExitCode.
+    Ctrl-C exits INTERRUPTED; an exception that escapes a command (a bug in
+    the CLI itself) exits CRASH with its traceback, not Typer's exit 1, which
+    means "refused" here."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except typer.TyperException as exc:  # a bad flag or argument: Click's message, exit USAGE
+        exc.show() if hasattr(exc, "show") else typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001
         typer.echo(f"error: shrinkflow crashed: {type(exc).__name__}: {exc}", err=True)
         traceback.print_exception(exc, file=sys.stderr)
         sys.exit(ExitCode.CRASH)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

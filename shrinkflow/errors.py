@@ -31,6 +31,10 @@ class ExitCode(IntEnum):
     NOTHING = 4
     """There is nothing to act on: nothing in production, no earlier version
     to roll back to, a version that was not re-compressed on a window."""
+    INTERRUPTED = 130
+    """Stopped by Ctrl-C before it finished (the shell's convention, 128 +
+    SIGINT). ``schedule`` and ``ui`` run until stopped: for them Ctrl-C is
+    the normal end, OK."""
 
 
 class MissingInput(FileNotFoundError):

@@ -142,6 +142,23 @@ def test_a_crash_is_one_line_and_debug_prints_its_traceback(tmp_path):
     assert "RegistryError" in out.stderr
 
 
+@pytest.mark.parametrize("patch, code, says", [
+    # Ctrl-C in the middle of a command: not Click's exit 1 ("refused" here)
+    ("Registry.describe_versions = lambda self: (_ for _ in ()).throw(KeyboardInterrupt())",
+     ExitCode.INTERRUPTED, ""),
+    # a bug in the CLI's own code, outside any command's guard: a traceback, exit 3
+    ("cli.find_root = lambda start=None: {}['no such key']", ExitCode.CRASH, "Traceback (most recent call last)"),
+])
+def test_interrupts_and_bugs_in_the_cli_get_their_own_codes(tmp_path, patch, code, says):
+    root = project(tmp_path)
+    script = ("import sys\nfrom shrinkflow.registry import Registry\nimport flows.cli as cli\n"
+              f"{patch}\nsys.argv = ['shrinkflow', 'versions']\ncli.main()\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code and says in proc.stderr, proc.stderr
+
+
 def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_path):
     from shrinkflow.registry import Registry
     from tests.test_registry import PASS, model_dir
