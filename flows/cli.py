@@ -1,10 +1,17 @@
-"""``shrinkflow`` console script.
+"""``shrinkflow`` console script: one way in.
 
-Exit codes of ``run``: 0 deployed; 1 no candidate passed its gates (a
-normal outcome, not a crash); 2 bad params or usage; 3 anything that crashed
-(a stage, a missing file, Prefect failing to start, a deploy that leaves
-nothing in production). Prefect is imported only after params are validated,
-so a bad params file writes nothing (not even Prefect's database).
+Every command takes ``--params FILE`` and ``--debug``. One Typer callback,
+``_open_session`` (the ``--params`` option's), runs before any command body:
+it finds the project (the nearest directory up from here with a dvc.yaml),
+validates the params once, and calls the environment bootstrap
+(``shrinkflow.entry.configure_env``); the command gets the result as
+``ctx.obj`` (a ``Session``). Prefect is imported only after that, so bad
+params write nothing (not even Prefect's database). ``--help`` needs no
+project.
+
+Exit codes mean the same in every command: ``shrinkflow.errors.ExitCode``,
+one table in docs/exit-codes.md, and each command's ``--help`` lists its own
+(from ``EXIT_CODES`` below; tests/test_cli.py checks all three agree).
 """
 
 from __future__ import annotations
@@ -12,77 +19,142 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from shrinkflow.config import ParamsError, load_params
 from shrinkflow.entry import configure_env
-from shrinkflow.paths import PREFECT_HOME, STATE
+from shrinkflow.errors import ExitCode, MissingInput
+from shrinkflow.paths import PARAMS, PREFECT_HOME, STATE
 
-EXIT_DEPLOYED, EXIT_NOT_DEPLOYED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
+_USAGE = "bad params or flags, or not inside a project"
+_CRASH = "something failed (--debug prints the traceback)"
+_ADOPT = "; or params.yaml has uncommitted changes that --params would overwrite"
+# Each command's exit codes and what each means there. Printed in its --help;
+# docs/exit-codes.md lists the same (tests/test_cli.py).
+EXIT_CODES: dict[str, dict[ExitCode, str]] = {
+    "run": {ExitCode.OK: "deployed",
+            ExitCode.REFUSED: "no candidate passed every gate; production unchanged",
+            ExitCode.USAGE: _USAGE + _ADOPT,
+            ExitCode.CRASH: "a stage, Prefect or the deploy failed"},
+    "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
+               ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes"},
+    "serve": {ExitCode.OK: "served until stopped", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
+              ExitCode.CRASH: "production's files, its labels or the prediction log are unusable",
+              ExitCode.NOTHING: "nothing is in production"},
+    "rollback": {ExitCode.OK: "production moved back",
+                 ExitCode.USAGE: _USAGE + "; or --to names no version (or none is recorded as previous)",
+                 ExitCode.CRASH: "the target's files fail their hashes, or the registry is unusable",
+                 ExitCode.NOTHING: "nothing in production, no other version, or the target already is "
+                                   "production"},
+    "versions": {ExitCode.OK: "listed (also when there are none)", ExitCode.USAGE: _USAGE, ExitCode.CRASH: _CRASH},
+    "schedule": {ExitCode.OK: "stopped by Ctrl-C or SIGTERM",
+                 ExitCode.USAGE: _USAGE + "; or a cron with no next run, or both --cron and --interval" + _ADOPT,
+                 ExitCode.CRASH: "the Prefect server or the runner failed"},
+    "ui": {ExitCode.OK: "stopped by Ctrl-C or SIGTERM", ExitCode.USAGE: _USAGE,
+           ExitCode.CRASH: "the Prefect server could not start or stopped by itself"},
+    "simulate-traffic": {ExitCode.OK: "every request got 200",
+                         ExitCode.REFUSED: "some requests got another status",
+                         ExitCode.USAGE: _USAGE + "; or an empty shifted pool of the user's task",
+                         ExitCode.CRASH: "the server cannot be reached, or a data file is missing"},
+    "window": {ExitCode.OK: "restored", ExitCode.USAGE: _USAGE + "; or no such version",
+               ExitCode.CRASH: "the archived window is missing", ExitCode.NOTHING:
+               "the version was not re-compressed on a production window"},
+    "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression deployed",
+                ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
+                ExitCode.CRASH: "the monitor or its re-compression failed"},
+}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+def _epilog(command: str) -> str:
+    import textwrap
+
+    rows = []
+    for code, why in sorted(EXIT_CODES[command].items()):
+        head = f"  {int(code)} {code.name.lower():<8} "
+        rows += textwrap.wrap(why, width=78, initial_indent=head, subsequent_indent=" " * len(head))
+    # "\b": Click prints the paragraph as written (no rewrapping).
+    return "\b\nExit codes (docs/exit-codes.md):\n" + "\n".join(rows)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, context_settings={"max_content_width": 100},
                   help="shrinkflow: train large, then compress. Runs the lifecycle through DVC and Prefect.")
 
 
-def _project_root() -> Path:
-    here = Path.cwd().resolve()
+def _command(name: str, short_help: str):
+    """A command with its exit codes in its --help; ``short_help``: its line
+    in ``shrinkflow --help``."""
+    return app.command(name, epilog=_epilog(name), short_help=short_help)
+
+
+@dataclass(frozen=True)
+class Session:
+    """What every command starts from: the project root, the params file
+    the command uses and its validated contents."""
+
+    root: Path
+    params_path: Path
+    params: Any
+
+    @property
+    def own_params(self) -> bool:
+        """Whether the params file is the project's params.yaml."""
+        return self.params_path.resolve() == (self.root / PARAMS).resolve()
+
+
+def _fail(code: ExitCode, message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest directory from ``start`` (default: here) upwards that has
+    a dvc.yaml. Raises typer.Exit(USAGE) when there is none."""
+    here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "dvc.yaml").is_file():
             return d
-    typer.echo(f"error: {here} is not inside a shrinkflow project (no dvc.yaml found)", err=True)
-    raise typer.Exit(2)
+    raise _fail(ExitCode.USAGE, f"{here} is not inside a shrinkflow project (no dvc.yaml found)")
 
 
-def _validated(root: Path, params: Optional[Path]):
-    path = params if params is not None else root / "params.yaml"
+def _open_session(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """The ``--params`` option's callback, run for every command before its
+    body (never for ``--help``): find the project, validate the params once,
+    bootstrap the environment. Bad params exit USAGE before anything runs."""
+    if ctx.resilient_parsing:
+        return value
+    root = find_root()
+    path = (value if value is not None else root / PARAMS).resolve()
     try:
-        return path, load_params(path)
+        parsed = load_params(path)
     except ParamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-
-
-def _configure_env(root: Path) -> None:
-    # Telemetry off; Prefect's state (database, logs) inside the project.
+        raise _fail(ExitCode.USAGE, str(exc))
     configure_env(root)
+    ctx.obj = Session(root, path, parsed)
+    return value
 
 
-@app.command()
-def run(params: Optional[Path] = typer.Option(None, "--params", help="params file (default: params.yaml)")):
-    """Run the lifecycle flow: DVC stages train -> compress -> validate -> deploy."""
-    root = _project_root()
-    path, parsed = _validated(root, params)
-    target = root / "params.yaml"
-    if path.resolve() != target.resolve():
-        # DVC tracks params.yaml; a run on another file makes it the params.
-        if target.is_file() and target.read_bytes() != path.read_bytes():
-            backup = root / STATE / "params.previous.yaml"
-            backup.parent.mkdir(exist_ok=True)
-            shutil.copyfile(target, backup)
-            typer.echo(f"params.yaml replaced by {path} (previous copy: {backup.relative_to(root)})")
-        shutil.copyfile(path, target)
-    _configure_env(root)
-    try:
-        from flows.lifecycle import lifecycle
-
-        result = lifecycle(project_dir=str(root))
-    except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
-        typer.echo(f"\nerror: {_crash_message(exc)}", err=True)
-        raise typer.Exit(EXIT_CRASH)
-    _print_summary(root, parsed, result)
-    raise typer.Exit(EXIT_DEPLOYED if result["deployed_version"] else EXIT_NOT_DEPLOYED)
+ParamsOpt = Annotated[Optional[Path], typer.Option(
+    "--params", metavar="FILE", callback=_open_session,
+    help="params file (default: the project's params.yaml). Commands that run DVC stages (run, monitor, "
+         "schedule) make it the project's params.yaml, refusing if params.yaml has uncommitted changes; the "
+         "others only read it")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="on a crash, print its traceback")]
 
 
-def _crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
+def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
     """The one message a crash prints: what failed (``what``: "the
     lifecycle", "the monitor", ...) and why, so that a monitor failure never
     reads as the lifecycle's."""
-    from shrinkflow.errors import DeploymentMissing, ParamsChanged
+    from shrinkflow.errors import DeploymentMissing, IntegrityError, ParamsChanged, RegistryError
     from shrinkflow.pipeline import StageFailed
     from shrinkflow.predlog import PredictionLogError
 
@@ -92,11 +164,108 @@ def _crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
         return str(exc) if str(exc).startswith(what) else f"{what} could not run: {exc}"
     if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged)):
         return f"{what} failed: {exc}"
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, MissingInput):
         return f"{what} could not run: missing file: {exc}"
+    if isinstance(exc, (RegistryError, IntegrityError)):
+        return f"{what} could not run: {exc}"
     # Anything else happened outside a stage: most often Prefect itself (an
-    # API that cannot start or be reached). Name it with its type.
+    # API that cannot start or be reached), else a bug. Name it with its type.
     return f"{what} could not run: {type(exc).__name__}: {exc}"
+
+
+def _crash(exc: BaseException, what: str, debug: bool, message: str | None = None) -> typer.Exit:
+    """Print a crash (``message``, default ``crash_message``) and, with
+    ``--debug``, its traceback; returns the Exit(CRASH) to raise."""
+    typer.echo(f"error: {message or crash_message(exc, what)}", err=True)
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    else:
+        typer.echo("(--debug prints the traceback)", err=True)
+    return typer.Exit(ExitCode.CRASH)
+
+
+def _session(ctx: typer.Context) -> Session:
+    return ctx.obj
+
+
+def _git_params_state(root: Path) -> str:
+    """params.yaml in git: "clean", "modified" (uncommitted changes, staged
+    or not), "untracked", or "no-git" (not a repository, or git missing)."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--", str(PARAMS)], cwd=root, capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no-git"
+    if proc.returncode != 0:
+        return "no-git"
+    line = proc.stdout.strip()
+    return "clean" if not line else ("untracked" if line.startswith("??") else "modified")
+
+
+def adopt_params(s: Session) -> None:
+    """Make the ``--params`` file the project's params.yaml, for the commands
+    that run DVC stages: DVC reads params.yaml (dvc.yaml's ``params:``) and
+    nothing else, so the file is copied over it.
+
+    Never loses an edit: when git holds params.yaml, uncommitted changes are
+    refused (exit USAGE) rather than overwritten, and a clean file is
+    replaced with no copy (git has it: ``git checkout params.yaml`` brings it
+    back). Outside git, the previous file is kept in .shrinkflow/ as before.
+    """
+    target = s.root / PARAMS
+    if s.own_params:
+        return
+    new = s.params_path.read_bytes()
+    if target.is_file() and target.read_bytes() == new:
+        return
+    state = _git_params_state(s.root) if target.is_file() else "absent"
+    if state == "modified":
+        raise _fail(ExitCode.USAGE, f"params.yaml has uncommitted changes, which --params {s.params_path} would "
+                                    "overwrite: commit them, or drop them (git checkout params.yaml), and run again")
+    note = ""
+    if state in ("untracked", "no-git"):
+        backup = s.root / STATE / "params.previous.yaml"
+        backup.parent.mkdir(exist_ok=True)
+        shutil.copyfile(target, backup)
+        note = f" (previous copy: {backup.relative_to(s.root)})"
+    elif state == "clean":
+        note = " (the previous one is in git: git diff params.yaml)"
+    shutil.copyfile(s.params_path, target)
+    typer.echo(f"params.yaml replaced by {s.params_path}{note}")
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop like Ctrl-C (KeyboardInterrupt), so every
+    ``finally`` runs: the runner first, then the server."""
+    import signal
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+
+
+@_command("run", "Run the lifecycle: train, compress, validate, deploy.")
+def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+    """Run the lifecycle flow: DVC stages fetch -> data -> train -> compress -> validate -> deploy.
+
+    With --params FILE, FILE becomes the project's params.yaml first (DVC
+    reads only that file): refused when params.yaml has uncommitted changes,
+    so no edit is lost; git keeps the previous version. A stage running
+    longer than $SHRINKFLOW_STAGE_TIMEOUT_S seconds (default 12 h) is stopped.
+    """
+    s = _session(ctx)
+    adopt_params(s)
+    try:
+        from flows.lifecycle import lifecycle
+
+        result = lifecycle(project_dir=str(s.root))
+    except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
+        typer.echo("", err=True)
+        raise _crash(exc, "the lifecycle", debug)
+    _print_summary(s.root, s.params, result)
+    raise typer.Exit(ExitCode.OK if result["deployed_version"] else ExitCode.REFUSED)
 
 
 def _print_summary(root: Path, parsed, result: dict) -> None:
@@ -120,26 +289,24 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
     out += [f"metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",
-            f"  browse it: PREFECT_HOME={os.environ.get('PREFECT_HOME')} prefect server start",
+            "  browse it: shrinkflow ui (starts Prefect's UI on this project's runs and prints its address)",
             "status: shrinkflow status --json", "=" * 72]
     typer.echo("\n".join(out))
 
 
-@app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
-           params: Optional[Path] = typer.Option(None, "--params")):
+@_command("status", "Show the production version: figures, gates, lineage.")
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON"),
+           params: ParamsOpt = None, debug: DebugOpt = False):
     """Show the deployed (production) version: test figures, gates, lineage."""
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
     from shrinkflow.status import status_document
 
-    root = _project_root()
-    _, parsed = _validated(root, params)
+    s = _session(ctx)
     try:
-        doc = status_document(Registry(root / parsed.deploy.registry_dir))
+        doc = status_document(Registry(s.root / s.params.deploy.registry_dir))
     except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise _crash(exc, "status", debug, message=str(exc))
     if as_json:
         typer.echo(json.dumps(doc, indent=2, sort_keys=True))
     elif doc["deployed"] is None:
@@ -188,13 +355,15 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON"),
                        f"{window.get('rows_heldout')} held out (md5 {window.get('texts_md5')}); monitor run "
                        f"{window.get('monitor_flow_run')}, triggers {', '.join(window.get('triggers') or [])}")
         if not d["integrity"] == "verified":
-            raise typer.Exit(EXIT_CRASH)
+            raise typer.Exit(ExitCode.CRASH)
 
 
-@app.command()
-def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serve.host (127.0.0.1)"),
+@_command("serve", "Serve the production version over HTTP.")
+def serve(ctx: typer.Context,
+          host: Optional[str] = typer.Option(None, "--host", help="default: serve.host (127.0.0.1)"),
           port: Optional[int] = typer.Option(None, "--port", help="default: serve.port"),
-          workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes")):
+          workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes"),
+          params: ParamsOpt = None, debug: DebugOpt = False):
     """Serve the registry's production version over HTTP (FastAPI + uvicorn)."""
     import uvicorn
 
@@ -204,21 +373,24 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     from shrinkflow.registry import Registry
     from shrinkflow.serving import TOKEN_ENV, make_app
 
-    root = _project_root()
-    _, parsed = _validated(root, None)
-    _configure_env(root)
+    s = _session(ctx)
+    root, parsed = s.root, s.params
+    if workers > 1 and not s.own_params:
+        raise _fail(ExitCode.USAGE, "--params with --workers > 1: each worker reads the project's params.yaml")
     sp = parsed.serve
     registry = Registry(root / parsed.deploy.registry_dir)
     try:  # refuse to start rather than fail on the first request
         from shrinkflow.serving import model_labels
 
+        if registry.alias() is None:
+            raise _fail(ExitCode.NOTHING, f"cannot serve: registry {registry.root}: nothing is in production "
+                                          "(shrinkflow run deploys one)")
         model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
         # The log too: locked or unwritable, say so here, not in a traceback
         # from inside uvicorn's startup.
         PredictionLog(root / sp.log_path).open()
     except (RegistryError, IntegrityError, PredictionLogError) as exc:
-        typer.echo(f"error: cannot serve: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise _crash(exc, "serve", debug, message=f"cannot serve: {exc}")
     host, port = host or sp.host, port or sp.port
     typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
                f"(docs at /docs, monitoring reports at /reports/; prediction log {root / sp.log_path})")
@@ -236,35 +408,42 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="default: serv
     uvicorn.run(app_, host=host, port=port, **edge)
 
 
-@app.command()
-def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to make production (default: the "
-                                                                   "previous production version)")):
+@_command("rollback", "Move production back to an earlier version.")
+def rollback(ctx: typer.Context,
+             to: Optional[str] = typer.Option(None, "--to", metavar="VERSION",
+                                              help="version to make production (default: the previous production "
+                                                   "version)"),
+             params: ParamsOpt = None, debug: DebugOpt = False):
     """Move production back atomically (recorded in the registry's history)."""
-    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.errors import IntegrityError, NothingToRollBack, RegistryError, UnknownVersion
     from shrinkflow.registry import Registry
 
-    root = _project_root()
-    _, parsed = _validated(root, None)
-    registry = Registry(root / parsed.deploy.registry_dir)
+    s = _session(ctx)
+    registry = Registry(s.root / s.params.deploy.registry_dir)
     try:
         done = registry.rollback(to)
-    except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE)
+    except UnknownVersion as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
+    except NothingToRollBack as exc:
+        raise _fail(ExitCode.NOTHING, str(exc))
     except IntegrityError as exc:
-        typer.echo(f"error: refusing to roll back to a corrupted version: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise _crash(exc, "rollback", debug, message=f"refusing to roll back to a corrupted version: {exc}")
+    except RegistryError as exc:
+        raise _crash(exc, "rollback", debug, message=str(exc))
     typer.echo(f"production: {done.previous} -> {done.version}")
 
 
-@app.command()
-def versions(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+@_command("versions", "List every version and when it was live.")
+def versions(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON"),
+             params: ParamsOpt = None, debug: DebugOpt = False):
     """List every version: key figures, when it was live, and which is live now."""
     from shrinkflow.registry import Registry
 
-    root = _project_root()
-    _, parsed = _validated(root, None)
-    rows = Registry(root / parsed.deploy.registry_dir).describe_versions()
+    s = _session(ctx)
+    try:
+        rows = Registry(s.root / s.params.deploy.registry_dir).describe_versions()
+    except Exception as exc:  # noqa: BLE001
+        raise _crash(exc, "versions", debug)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
@@ -297,7 +476,7 @@ def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[
 
     if cron is not None and interval is not None:
         typer.echo(f"error: give exactly one of --{flag}cron or --{flag}interval", err=True)
-        raise typer.Exit(EXIT_USAGE)
+        raise typer.Exit(ExitCode.USAGE)
     if cron is None and interval is None:
         cron, interval = p_cron, (p_minutes * 60 if p_minutes else None)
     if cron is not None:
@@ -305,27 +484,30 @@ def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[
             cron_next_run(cron)
         except ValueError as exc:
             typer.echo(f"error: --{flag}cron {exc}", err=True)  # exc starts with the expression
-            raise typer.Exit(EXIT_USAGE)
+            raise typer.Exit(ExitCode.USAGE)
     return cron, interval
 
 
-@app.command()
-def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle cron, e.g. "0 3 * * 0" '
+@_command("schedule", "Run the lifecycle and the monitor on schedules.")
+def schedule(ctx: typer.Context,
+             cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle cron, e.g. "0 3 * * 0" '
                                                 "(default: monitor.lifecycle_cron / lifecycle_interval_minutes)"),
              interval: Optional[int] = typer.Option(None, "--interval", min=1, help="lifecycle: seconds between runs"),
              monitor_cron: Optional[str] = typer.Option(None, "--monitor-cron", help="monitor cron (default: "
                                                         "monitor.cron / interval_minutes)"),
              monitor_interval: Optional[int] = typer.Option(None, "--monitor-interval", min=1,
                                                             help="monitor: seconds between runs"),
-             name: str = typer.Option("scheduled", "--name", help="deployment name (both flows)")):
+             name: str = typer.Option("scheduled", "--name", help="deployment name (both flows)"),
+             params: ParamsOpt = None, debug: DebugOpt = False):
     """Serve the lifecycle and the monitor as Prefect deployments, each on its
     own schedule, in one process (Ctrl-C stops).
 
     With no PREFECT_API_URL set, a local Prefect server (with the scheduler
     that turns schedules into runs) is started first, its state in .prefect/,
-    and stopped on the way out. A lifecycle run is a full `shrinkflow run`
-    (DVC skips what is unchanged); a monitor run reports on the prediction
-    log and re-compresses when the policy says so. One run at a time.
+    and stopped on the way out (also when this process is killed). A
+    lifecycle run is a full `shrinkflow run` (DVC skips what is unchanged); a
+    monitor run reports on the prediction log and re-compresses when the
+    policy says so. One run at a time.
 
     A cron with no next run (31 February) exits 2 before anything starts.
     The scheduler's errors happen inside the server: the local server's log
@@ -333,26 +515,20 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
     server, external ones included, each deployment is checked 90 s after it
     is served to have a scheduled run, and a warning names the one without.
     """
-    root = _project_root()
-    _, parsed = _validated(root, None)
-    m = parsed.monitor
-    # Checked before the environment is set up or Prefect imported: a schedule
-    # that cannot run starts nothing and writes nothing (no .prefect/).
+    s = _session(ctx)
+    root, m = s.root, s.params.monitor
+    # Checked before Prefect is imported: a schedule that cannot run starts
+    # nothing and writes nothing (no .prefect/).
     cron, interval = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
     monitor_cron, monitor_interval = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes,
                                                   "monitor-")
-    _configure_env(root)
-    import signal
-
+    adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
     from shrinkflow.config import cron_next_run
 
-    def _stop(signum, frame):  # SIGTERM stops like Ctrl-C: runner first, then the server
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
+    _stop_on_signals()
     server = follower = watch = None
     api_url = os.environ.get("PREFECT_API_URL")
 
@@ -399,8 +575,7 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001
-        typer.echo(f"error: {_crash_message(exc, 'the schedule')}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise _crash(exc, "the schedule", debug)
     finally:
         if watch is not None:
             watch.stop()
@@ -414,13 +589,47 @@ def schedule(cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle 
                      f"see {follower.path})")
 
 
+@_command("ui", "Browse past runs in Prefect's UI.")
+def ui(ctx: typer.Context,
+       host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+       port: int = typer.Option(4200, "--port", min=1, max=65535, help="port to listen on"),
+       params: ParamsOpt = None, debug: DebugOpt = False):
+    """Browse this project's past runs and artifacts: start a local Prefect
+    server on its state (.prefect/), print the UI's address, and serve until
+    Ctrl-C. The server's scheduler is off: nothing runs from here."""
+    import time
+
+    from flows.server import LocalPrefectServer
+
+    s = _session(ctx)
+    _stop_on_signals()
+    server = LocalPrefectServer(s.root / PREFECT_HOME, host=host, port=port, scheduler=False)
+    if os.environ.get("PREFECT_API_URL"):
+        typer.echo(f"note: PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): runs made against that "
+                   "server are in its own UI, not here")
+    try:
+        typer.echo(f"starting a local Prefect server (state in {PREFECT_HOME}/, log {server.log_path}) ...")
+        server.start()
+        typer.echo(f"Prefect UI: {server.url}  (API {server.api_url}); Ctrl-C stops")
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+        raise RuntimeError(f"the Prefect server exited with {server.proc.returncode}; log {server.log_path}")
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise _crash(exc, "the Prefect UI", debug)
+    finally:
+        server.stop()
+
+
 class TrafficDomain(str, Enum):
     in_ = "in"
     shifted = "shifted"
 
 
-@app.command("simulate-traffic")
+@_command("simulate-traffic", "Send real texts (and feedback) to a running server.")
 def simulate_traffic(
+        ctx: typer.Context,
         domain: TrafficDomain = typer.Option(..., "--domain", help="in: the test split; shifted: the traffic "
                                              "pool of the shifted split (the user's, or the built-in tweets), "
                                              "never its recovery set"),
@@ -429,22 +638,19 @@ def simulate_traffic(
                                             help="share of answered predictions whose true label is posted"),
         url: Optional[str] = typer.Option(None, "--url", help="default: http://serve.host:serve.port"),
         seed: int = typer.Option(0, "--seed", help="order of the texts and choice of the feedback"),
-        concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="requests in flight")):
+        concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="requests in flight"),
+        params: ParamsOpt = None, debug: DebugOpt = False):
     """Send real texts to a running `shrinkflow serve`, one POST /predict
     each, and post the true label (by name) of a seeded share of the answers
-    to /feedback (bearer token from SHRINKFLOW_API_TOKEN when set).
-    Exit 0 when every request got 200; 1 when some failed; 2 on bad usage;
-    3 when the server cannot be reached or a data file is missing."""
+    to /feedback (bearer token from SHRINKFLOW_API_TOKEN when set)."""
     from shrinkflow.errors import DataError
     from shrinkflow.serving import TOKEN_ENV
-    from shrinkflow.traffic import ServerUnreachable, simulate, traffic_order, traffic_pool
+    from shrinkflow.traffic import ServerUnreachable, server_url, simulate, traffic_order, traffic_pool
 
-    root = _project_root()
-    _, parsed = _validated(root, None)
+    s = _session(ctx)
+    root, parsed = s.root, s.params
     if url is None:
-        # A server bound to every interface is reached on loopback.
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(parsed.serve.host, parsed.serve.host)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{parsed.serve.port}"
+        url = server_url(parsed.serve.host, parsed.serve.port)
     from shrinkflow.labels import BUILTIN_LABELS, read_labels
     from shrinkflow.paths import LABELS_JSON
 
@@ -456,19 +662,19 @@ def simulate_traffic(
         # built-in task before labels.json existed: its two).
         names = read_labels(root / LABELS_JSON) if kind == "files" or (root / LABELS_JSON).is_file() \
             else BUILTIN_LABELS
-    except (FileNotFoundError, DataError) as exc:
+    except (MissingInput, DataError) as exc:
         typer.echo(f"error: cannot read the {domain.value!r} traffic: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise typer.Exit(ExitCode.CRASH)
     if len(pool) == 0:
         hint = (": this task has no shifted data; set data.source.shifted_path to labelled text of another "
                 "domain and run `shrinkflow run`" if domain.value == "shifted" and kind == "files" else "")
         typer.echo(f"error: the {domain.value!r} traffic pool is empty: nothing to send{hint}", err=True)
-        raise typer.Exit(EXIT_USAGE if hint else EXIT_CRASH)
+        raise typer.Exit(ExitCode.USAGE if hint else ExitCode.CRASH)
     bad = sorted({int(y) for y in pool["label"] if not 0 <= int(y) < len(names)})
     if bad:
         typer.echo(f"error: the {domain.value!r} traffic has class ids {bad} that {LABELS_JSON} "
                    f"({list(names)}) does not name: run `shrinkflow run` to prepare the data again", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise typer.Exit(ExitCode.CRASH)
     rows, passes = traffic_order(pool, n, seed)
     what = "test split" if domain.value == "in" else (
         "shifted traffic pool (the recovery set is never sent)" if kind == "files"
@@ -481,7 +687,7 @@ def simulate_traffic(
                        concurrency=concurrency, token=os.environ.get(TOKEN_ENV) or None)
     except ServerUnreachable as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise typer.Exit(ExitCode.CRASH)
 
     def counts(c) -> str:
         return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
@@ -496,63 +702,58 @@ def simulate_traffic(
                                                  if res.feedback_status else ""))
     if res.unreachable:
         typer.echo(f"error: the server at {url} stopped answering: {counts(res.predict_status)}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise typer.Exit(ExitCode.CRASH)
     if not res.ok:
         bad = {k: v for k, v in (res.predict_status + res.feedback_status).items() if k != "200"}
         hint = " (401: set SHRINKFLOW_API_TOKEN to the server's token)" if "401" in bad else ""
         typer.echo(f"error: some requests failed: {counts(bad)}{hint}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.REFUSED)
 
 
-@app.command()
-def window(version: str = typer.Argument(..., help="a registry version, e.g. v0006"),
+@_command("window", "Restore the window a version was re-compressed on.")
+def window(ctx: typer.Context, version: str = typer.Argument(..., help="a registry version, e.g. v0006"),
            out: Path = typer.Option(..., "--out", help="where to write the window's distillation text"),
-           heldout: bool = typer.Option(False, "--heldout", help="restore the held-out part instead")):
+           heldout: bool = typer.Option(False, "--heldout", help="restore the held-out part instead"),
+           params: ParamsOpt = None, debug: DebugOpt = False):
     """Restore the production window a version was re-compressed on, from the
     DVC-tracked archive (data/windows/), by the md5 in its lineage."""
     from shrinkflow.registry import Registry
     from shrinkflow.window import restore_window
 
-    root = _project_root()
-    _, parsed = _validated(root, None)
+    s = _session(ctx)
     try:
-        lineage = Registry(root / parsed.deploy.registry_dir).manifest(version).get("lineage") or {}
+        lineage = Registry(s.root / s.params.deploy.registry_dir).manifest(version).get("lineage") or {}
     except (KeyError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE)
+        raise _fail(ExitCode.USAGE, str(exc))
     meta = lineage.get("window")
     if not meta:
-        typer.echo(f"error: {version} was not re-compressed on a production window (no window in its lineage)",
-                   err=True)
-        raise typer.Exit(EXIT_NOT_DEPLOYED)
+        raise _fail(ExitCode.NOTHING, f"{version} was not re-compressed on a production window (no window in its "
+                                      "lineage)")
     md5 = meta["heldout_md5"] if heldout else meta["texts_md5"]
     try:
-        path = restore_window(root, md5, out)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        path = restore_window(s.root, md5, out)
+    except (MissingInput, ValueError) as exc:
+        raise _crash(exc, "window", debug, message=str(exc))
     typer.echo(f"{version}: window {md5} ({meta['rows_heldout' if heldout else 'rows_distill']} texts; monitor run "
                f"{meta.get('monitor_flow_run')}) -> {path}")
 
 
-@app.command("monitor")
-def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
+@_command("monitor", "Run the monitor once (and re-compress if it says so).")
+def monitor_cmd(ctx: typer.Context,
+                act: bool = typer.Option(True, "--act/--report-only",
                                          help="on a recompress verdict, run the re-compression flow"),
-                as_json: bool = typer.Option(False, "--json", help="print JSON")):
+                as_json: bool = typer.Option(False, "--json", help="print JSON"),
+                params: ParamsOpt = None, debug: DebugOpt = False):
     """Run the monitor once: Evidently reports on the newest prediction-log
-    window, the policy's verdict, and (on recompress) re-compression.
-    Exit 0 when it ran (any verdict) and any re-compression deployed; 1 when
-    a re-compression deployed nothing (gates); 3 on a crash."""
-    root = _project_root()
-    _validated(root, None)
-    _configure_env(root)
+    window, the policy's verdict, and (on recompress) re-compression."""
+    s = _session(ctx)
+    adopt_params(s)
     try:
         from flows.monitor import monitor
 
-        result = monitor(project_dir=str(root), act=act)
+        result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001
-        typer.echo(f"error: {_crash_message(exc, 'the monitor')}", err=True)
-        raise typer.Exit(EXIT_CRASH)
+        raise _crash(exc, "the monitor", debug)
     rec = result.get("recompress")
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"} | {
@@ -585,11 +786,27 @@ def monitor_cmd(act: bool = typer.Option(True, "--act/--report-only",
             typer.echo(f"re-compression: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
                        f": {rec['reason']}")
     if rec is not None and not rec["deployed_version"]:
-        raise typer.Exit(EXIT_NOT_DEPLOYED)
+        raise typer.Exit(ExitCode.REFUSED)
 
 
-def main() -> None:  # console-script entry point
-    app()
+def main() -> None:
+    """Console-script entry point: runs the app and exits with its ExitCode.
+    Ctrl-C exits INTERRUPTED; an exception that escapes a command (a bug in
+    the CLI itself) exits CRASH with its traceback, not Typer's exit 1, which
+    means "refused" here."""
+    try:
+        code = app(standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except typer.TyperException as exc:  # a bad flag or argument: Click's message, exit USAGE
+        exc.show() if hasattr(exc, "show") else typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001
+        typer.echo(f"error: shrinkflow crashed: {type(exc).__name__}: {exc}", err=True)
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.exit(ExitCode.CRASH)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

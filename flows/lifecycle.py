@@ -21,7 +21,9 @@ BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str = ".") -> dict:
+def lifecycle(project_dir: str) -> dict:
+    """``project_dir``: the project root (absolute; every path is resolved
+    against it). Returns the stages run, the selection and what was deployed."""
     # Validated and fingerprinted once; every stage must see the same bytes.
     fingerprint = params_fingerprint(project_dir)
     registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir

@@ -16,8 +16,8 @@ from tasks.monitor import build_reports, decide, publish, read_window
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
-def monitor(project_dir: str = ".", act: bool = True) -> dict:
-    """``act``: run the re-compression flow when the verdict is recompress
+def monitor(project_dir: str, act: bool = True) -> dict:
+    """``project_dir``: the project root; ``act``: run the re-compression flow when the verdict is recompress
     (False: only report what the policy decided)."""
     now = datetime.now(timezone.utc)
     params = load_params(f"{project_dir}/{PARAMS}")  # validated once for the whole run

@@ -1,9 +1,22 @@
-"""A local Prefect server with its scheduler, for ``shrinkflow schedule``.
+"""A local Prefect server, for ``shrinkflow schedule`` (with its scheduler)
+and ``shrinkflow ui`` (to browse past runs).
 
 Prefect's ephemeral API (what ``shrinkflow run`` uses) runs no scheduler
 service, so a served deployment's schedule would never create a run. When no
 ``PREFECT_API_URL`` is set, ``schedule`` starts a real server on 127.0.0.1,
 with its state in the project's ``.prefect/``, and stops it on the way out.
+
+The UI the server serves asks the server for the API address to call
+(``PREFECT_UI_API_URL``, which Prefect otherwise derives from
+``PREFECT_SERVER_API_HOST``/``PORT``, 127.0.0.1:4200, whatever ``--port``
+says): ``LocalPrefectServer`` sets all three to the address it really
+listens on, so the address it prints opens a working UI.
+
+Its lifetime is tied to the CLI's: it runs in its own process group, which
+``stop()`` ends (called in ``finally``, at exit, and on SIGTERM/SIGHUP by
+the CLI); and, for a CLI killed outright (SIGKILL), the server runs under
+this module's watchdog (``python -m flows.server --parent-pid PID MODULE
+ARGS...``), a thread that ends the group when its parent process is gone.
 
 The scheduler's errors are logged only inside the server: ``ServerLogFollower``
 echoes them from the local server's log, and ``ScheduleWatch`` checks through
@@ -13,6 +26,7 @@ a scheduled run.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -24,6 +38,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shrinkflow.entry import telemetry_off
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -31,24 +47,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # If the CLI is killed outright (SIGKILL), the kernel sends the server
-    # SIGTERM instead of leaving it running with nobody to stop it.
-    import ctypes
+def tied_command(module: str, args: list[str]) -> list[str]:
+    """The argv that runs ``python -m module args...`` under this module's
+    parent watchdog (see ``watch_parent``), tied to the current process."""
+    return [sys.executable, "-m", "flows.server", "--parent-pid", str(os.getpid()), module, *args]
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) -> None:
+    """Block until this process's parent is no longer ``parent_pid`` (it
+    exited or was killed: the process was re-parented), then end this
+    process's group: SIGTERM, and SIGKILL after ``grace_s``. Run on a daemon
+    thread in a process started with ``start_new_session=True``."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    group = os.getpgrp()
+    os.killpg(group, signal.SIGTERM)
+    time.sleep(grace_s)
+    os.killpg(group, signal.SIGKILL)
 
 
 class LocalPrefectServer:
+    """``prefect server start`` on ``host``:``port`` (a free port when None),
+    state in ``home``. ``scheduler``: run the scheduler service (False for a
+    server that is only for browsing past runs)."""
+
     def __init__(self, home: Path, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, scheduler: bool = True):
         self.home, self.host, self.port = Path(home), host, port
-        self.startup_timeout_s = startup_timeout_s
+        self.startup_timeout_s, self.scheduler = startup_timeout_s, scheduler
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The UI's address (the host in brackets when it is IPv6)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -65,19 +98,32 @@ class LocalPrefectServer:
         except OSError:
             return False
 
+    def environment(self) -> dict:
+        """The server's environment: this process's, telemetry off, its home,
+        and its real address for the API and the UI (never another server's
+        PREFECT_API_URL)."""
+        env = telemetry_off({k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+        env.update({"PREFECT_HOME": str(self.home), "PREFECT_SERVER_API_HOST": self.host,
+                    "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_UI_API_URL": self.api_url,
+                    "PREFECT_UI_URL": self.url})
+        if not self.scheduler:
+            env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
+        return env
+
     def start(self) -> str:
+        """Start the server and wait until its API answers; returns the API
+        URL. Raises RuntimeError (with the log's tail) when it exits or is not
+        healthy within ``startup_timeout_s``."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env["PREFECT_HOME"] = str(self.home)
-        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port)]
+        cmd = tied_command("prefect", ["server", "start", "--host", self.host, "--port", str(self.port)])
         log = open(self.log_path, "ab")
         # Its own process group: Ctrl-C reaches the CLI, which stops the
         # runner first and then the whole server group, in that order.
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+        atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,6 +143,8 @@ class LocalPrefectServer:
             return ""
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """End the server's process group (SIGTERM, then SIGKILL). Idempotent."""
+        atexit.unregister(self.stop)
         if self.proc is None or self.proc.poll() is not None:
             return
         for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
@@ -271,3 +319,24 @@ class ScheduleWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.server --parent-pid PID MODULE [ARGS...]``: run
+    ``python -m MODULE ARGS...`` in this process with the parent watchdog
+    (``watch_parent``) on a daemon thread."""
+    import argparse
+    import runpy
+
+    parser = argparse.ArgumentParser(prog="python -m flows.server", description=main.__doc__)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("module")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    threading.Thread(target=watch_parent, args=(ns.parent_pid,), name="parent-watchdog", daemon=True).start()
+    sys.argv = [ns.module, *ns.args]
+    runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

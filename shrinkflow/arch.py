@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shrinkflow.errors import ModelError
+from shrinkflow.errors import MissingInput, ModelError
 
 
 class UnsupportedArchitecture(ModelError):
@@ -113,12 +113,12 @@ def check_step(model_type: str, method: str) -> None:
 def checkpoint_config(checkpoint_dir: Path | str) -> dict:
     """A checkpoint's config.json as a dict, with ``model_type`` present.
 
-    Raises FileNotFoundError / ValueError naming the file.
+    Raises MissingInput (a FileNotFoundError) / ValueError naming the file.
     """
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; train.model.path must be a Hugging Face "
-                                "checkpoint directory (config.json, model.safetensors, tokenizer files)")
+        raise MissingInput(f"{path}: no config.json; train.model.path must be a Hugging Face "
+                           "checkpoint directory (config.json, model.safetensors, tokenizer files)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         config["model_type"] = str(config["model_type"])
@@ -145,7 +145,7 @@ def check_checkpoint(checkpoint_dir: Path | str) -> str:
     Returns its model_type. Raises UnsupportedArchitecture for an unsupported
     ``model_type``, ModelError when there are no safetensors weights (a
     ``pytorch_model.bin`` alone is refused: loading a pickle can run code),
-    FileNotFoundError without a config.json.
+    MissingInput (a FileNotFoundError) without a config.json.
     """
     d = Path(checkpoint_dir)
     model_type = checkpoint_model_type(d)

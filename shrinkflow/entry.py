@@ -1,5 +1,11 @@
-"""What every entry point does first: telemetry off, Prefect state in the
-project, and the params keys dvc.yaml declares for a stage.
+"""The one environment bootstrap every entry point calls first, and the
+params keys dvc.yaml declares for a stage.
+
+The entry points are the ``shrinkflow`` CLI (its Typer callback), each DVC
+stage command (``stages.common.run_stage``), the benchmarks and the test
+suite's conftest. Each calls ``configure_env`` explicitly, before Prefect is
+imported (Prefect reads its settings once, at import); importing a package
+changes nothing (``flows/__init__.py`` is empty of code on purpose).
 
 Import-light on purpose: every DVC stage depends on this file.
 """
@@ -17,23 +23,43 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+# Set by shrinkflow.pipeline.repro_stage for the `dvc repro` it starts: a
+# file the stage command writes its name into when DVC really runs it (not
+# when DVC skips it or restores it from its run-cache).
+STAGE_RAN_ENV = "SHRINKFLOW_STAGE_RAN_FILE"
+
+
+def telemetry_off(environ: dict) -> dict:
+    """Set ``OFFLINE_ENV`` in ``environ`` (a dict, or ``os.environ``) where
+    the user has not set the key; returns ``environ``."""
+    for k, v in OFFLINE_ENV.items():
+        environ.setdefault(k, v)
+    return environ
+
 
 def configure_env(project_dir: Path | str, environ: dict | None = None) -> dict:
-    """Turn telemetry off and keep Prefect's state inside the project.
+    """The bootstrap: telemetry off, offline, Prefect's state (database,
+    logs) in ``<project_dir>/.prefect``. Never overrides what the user set.
 
-    Called by every entry point (the CLI, each DVC stage command) before
-    Prefect is imported, so ``dvc repro`` or ``dvc exp run`` typed directly
-    behaves like ``shrinkflow run``. Never overrides what the user set.
+    ``environ``: the mapping to configure (default ``os.environ``; pass a
+    copy to build a child process's environment). Must run before Prefect is
+    imported in this process. Returns ``environ``.
     """
     from shrinkflow.paths import PREFECT_HOME
 
-    env = os.environ if environ is None else environ
-    for k, v in OFFLINE_ENV.items():
-        env.setdefault(k, v)
+    env = telemetry_off(os.environ if environ is None else environ)
     env.setdefault("PREFECT_HOME", str(Path(project_dir).resolve() / PREFECT_HOME))
     # Ephemeral Prefect starts a local API per process: slow on a loaded 2-core box.
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return env
+
+
+def mark_stage_ran(stage: str, environ: dict | None = None) -> None:
+    """Tell ``repro_stage`` that DVC really ran ``stage``'s command (see
+    ``STAGE_RAN_ENV``); does nothing when the stage was not started by it."""
+    path = (os.environ if environ is None else environ).get(STAGE_RAN_ENV)
+    if path:
+        Path(path).write_text(stage, encoding="utf-8")
 
 
 def declared_params(stage: str, project_dir: Path | str = ".") -> frozenset[str]:

@@ -1,10 +1,47 @@
-"""The errors a stage reports as a clear message rather than a traceback.
+"""The errors a stage reports as a clear message rather than a traceback,
+and the exit codes every ``shrinkflow`` command shares.
 
 Kept in one import-light module so that every stage command can name them
 without importing (and so depending on) the modules that raise them.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What a ``shrinkflow`` command's exit status means, the same in every
+    command (docs/exit-codes.md lists which command uses which, and
+    tests/test_cli.py checks that page against this enum)."""
+
+    OK = 0
+    """It did what was asked (deployed, served, listed, rolled back, ...)."""
+    REFUSED = 1
+    """It ran to the end and the answer was no, with nothing crashed: the
+    gates refused every candidate (production unchanged), or the server
+    answered some requests with an error status."""
+    USAGE = 2
+    """Nothing was started: bad params, a bad flag, not inside a project, a
+    name that does not exist, or params.yaml with uncommitted changes that
+    ``--params`` would overwrite."""
+    CRASH = 3
+    """Something failed: a stage, a missing file, Prefect, a corrupted
+    registry, an unreachable server. ``--debug`` prints the traceback."""
+    NOTHING = 4
+    """There is nothing to act on: nothing in production, no earlier version
+    to roll back to, a version that was not re-compressed on a window."""
+    INTERRUPTED = 130
+    """Stopped by Ctrl-C before it finished (the shell's convention, 128 +
+    SIGINT). ``schedule`` and ``ui`` run until stopped: for them Ctrl-C is
+    the normal end, OK."""
+
+
+class MissingInput(FileNotFoundError):
+    """A file the project needs is not there yet, or a path the user gave
+    points nowhere: a stage that has not run, a checkpoint without its
+    config. Reported in one line. A bare ``FileNotFoundError`` is not: it is
+    a path bug in the code, and its traceback is what finds it."""
 
 
 class DataError(RuntimeError):
@@ -31,6 +68,16 @@ class RegistryError(RuntimeError):
     """The registry's own state is unusable (for example a bad alias)."""
 
 
+class UnknownVersion(RegistryError):
+    """The version to act on is not known: a name the registry does not
+    hold, or no record of the previous production version (name one)."""
+
+
+class NothingToRollBack(RegistryError):
+    """Rollback has nothing to move to: nothing is in production, the
+    production version is the only one, or the target already is production."""
+
+
 class ParamsChanged(RuntimeError):
     """params.yaml changed while a run or stage was using it."""
 
@@ -40,8 +87,10 @@ class ModelError(ValueError):
     use: an unsupported architecture, pickle-only weights."""
 
 
+# What a stage reports in one line (exit 1). Not FileNotFoundError: only the
+# deliberate MissingInput is an expected absence.
 HANDLED = (DataError, DataContractError, PromotionRefused, IntegrityError, RegistryError, ParamsChanged,
-           FileNotFoundError, ModelError)
+           MissingInput, ModelError)
 
 
 class DeploymentMissing(RuntimeError):

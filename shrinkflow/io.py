@@ -91,7 +91,7 @@ def fsync_dir(path: Path | str) -> None:
 
 def read_split(name: str, root: Path | str = "."):
     """Prepared split ``name`` (``data/prepared/<name>.parquet`` under
-    ``root``) as a DataFrame (text, label). Raises FileNotFoundError, naming
+    ``root``) as a DataFrame (text, label). Raises shrinkflow.errors.MissingInput, naming
     the data stage, when it is missing."""
     import pandas as pd
 
@@ -99,7 +99,9 @@ def read_split(name: str, root: Path | str = "."):
 
     path = Path(root) / split_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the data stage first (dvc repro data)")
+        from shrinkflow.errors import MissingInput
+
+        raise MissingInput(f"{path} is missing: run the data stage first (dvc repro data)")
     return pd.read_parquet(path)
 
 
@@ -107,7 +109,9 @@ def read_lines(path: Path | str) -> list[str]:
     """Non-empty lines of a UTF-8 text file (a missing file is an error)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
+        from shrinkflow.errors import MissingInput
+
+        raise MissingInput(f"{path} is missing")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -13,9 +13,20 @@ from pathlib import Path
 import yaml
 
 
+# A git command that takes longer than this is stopped and read as unknown.
+GIT_TIMEOUT_S = 60.0
+
+
 def git_commit(project_dir: Path) -> dict:
+    """The commit checked out in ``project_dir`` and whether tracked files
+    differ from it; None for either when git cannot tell (not a repository,
+    or a command that ran past ``GIT_TIMEOUT_S``)."""
     def git(*args):
-        proc = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True,
+                                  timeout=GIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")

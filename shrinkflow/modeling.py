@@ -19,6 +19,7 @@ import numpy as np
 
 from shrinkflow.arch import check_checkpoint, pad_token
 from shrinkflow.config import LocalModel, ModelSpec, PretrainedModel
+from shrinkflow.errors import MissingInput
 from shrinkflow.io import read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +51,7 @@ def ensure_tokenizer_json(model_dir: Path | str) -> Path:
 
     The fast tokenizer is built offline by transformers (``local_files_only``)
     and saved beside the checkpoint's other files, so every later stage reads
-    the same file. Raises FileNotFoundError naming the directory when there
+    the same file. Raises MissingInput (a FileNotFoundError) naming the directory when there
     are no tokenizer files, PermissionError when it cannot be written.
     """
     model_dir = Path(model_dir)
@@ -58,8 +59,8 @@ def ensure_tokenizer_json(model_dir: Path | str) -> Path:
     if path.is_file():
         return path
     if not ((model_dir / "vocab.txt").is_file() or (model_dir / "vocab.json").is_file()):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (nor vocab.txt or vocab.json + merges.txt) "
-                                "to build the teacher's tokenizer from")
+        raise MissingInput(f"{model_dir}: no tokenizer.json (nor vocab.txt or vocab.json + merges.txt) "
+                           "to build the teacher's tokenizer from")
     from transformers import AutoTokenizer
 
     fast = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, use_fast=True)
@@ -80,13 +81,13 @@ def tokenizer_path(spec: ModelSpec) -> Path:
     The packaged MiniLM's for ``pretrained`` and ``random`` (a random model
     reuses it, so every model sees the same ids); the checkpoint's own for
     ``local`` (built from vocab files once if missing: ``ensure_tokenizer_json``).
-    Raises FileNotFoundError naming the path when the file is missing.
+    Raises MissingInput (a FileNotFoundError) naming the path when the file is missing.
     """
     if isinstance(spec, LocalModel):
         return ensure_tokenizer_json(checkpoint_dir(spec))
     path = teacher_source_dir() / TOKENIZER
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the teacher's tokenizer is missing")
+        raise MissingInput(f"{path}: the teacher's tokenizer is missing")
     return path
 
 
@@ -178,7 +179,7 @@ def write_manifest(model_dir: Path, fmt: str, max_seq_len: int, recipe: list | N
 def read_manifest(model_dir: Path) -> dict:
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a shrinkflow model directory (no {MANIFEST})")
+        raise MissingInput(f"{model_dir} is not a shrinkflow model directory (no {MANIFEST})")
     return read_json(path)
 
 

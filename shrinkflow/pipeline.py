@@ -1,36 +1,68 @@
 """Running DVC stages and reading what DVC did (no Prefect here).
 
 Flows call ``repro_stage`` once per stage so each stage is its own Prefect
-task, while DVC alone decides whether the stage is stale.
+task, while DVC alone decides whether the stage is stale. What DVC did is
+read from machine-readable answers, never from its console wording:
+``dvc status --json <stage>`` before the repro (stale or not), and the
+stage command's own report that it ran (``shrinkflow.entry.mark_stage_ran``):
+stale and ran is "ran", stale and not ran is "restored" (DVC's run-cache),
+not stale is "skipped".
+
+Every subprocess here has a timeout; a stage's whole process tree (``dvc``
+and the command it started) is stopped with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shrinkflow.entry import OFFLINE_ENV, configure_env  # noqa: F401  (re-exported)
+from shrinkflow.entry import OFFLINE_ENV, STAGE_RAN_ENV, configure_env  # noqa: F401  (re-exported)
+
+# A stage is stopped after this long (seconds; the default teacher trains in
+# well under an hour on 2 cores, a large local teacher in a few). Override
+# with SHRINKFLOW_STAGE_TIMEOUT_S. DVC's own bookkeeping commands (status,
+# add, remote) get DVC_COMMAND_TIMEOUT_S; a push to a remote DVC_PUSH_TIMEOUT_S.
+STAGE_TIMEOUT_ENV = "SHRINKFLOW_STAGE_TIMEOUT_S"
+DEFAULT_STAGE_TIMEOUT_S = 12 * 3600.0
+DVC_COMMAND_TIMEOUT_S = 600.0
+DVC_PUSH_TIMEOUT_S = 3600.0
 
 
-def offline_env(base: dict | None = None) -> dict:
-    """A copy of the environment with telemetry off and this venv's bin first
-    on PATH, so dvc.yaml's ``python`` is the interpreter running shrinkflow."""
-    env = dict(os.environ if base is None else base)
-    for k, v in OFFLINE_ENV.items():
-        env.setdefault(k, v)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+def offline_env(base: dict | None = None, project_dir: Path | str = ".") -> dict:
+    """The environment for a DVC subprocess: a copy of ``base`` (default
+    ``os.environ``) bootstrapped by ``configure_env`` (never overriding what
+    is set), with this venv's bin first on PATH, so dvc.yaml's ``python`` is
+    the interpreter running shrinkflow."""
+    env = configure_env(project_dir, dict(os.environ if base is None else base))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
 
 class StageFailed(RuntimeError):
+    """``dvc repro`` of a stage exited non-zero (or ran past its timeout);
+    ``tail``: the last of its output."""
+
     def __init__(self, stage: str, returncode: int, tail: str):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+
+
+class StageTimedOut(StageFailed):
+    """A stage ran longer than its timeout and was stopped."""
+
+    def __init__(self, stage: str, timeout_s: float, tail: str):
+        self.timeout_s = timeout_s
+        RuntimeError.__init__(self, f"stage {stage!r} ran longer than {timeout_s:.0f} s and was stopped "
+                                    f"(set {STAGE_TIMEOUT_ENV} to allow more):\n{tail}")
+        self.stage, self.returncode, self.tail = stage, None, tail
 
 
 @dataclass(frozen=True)
@@ -43,34 +75,108 @@ class StageRun:
         return asdict(self)
 
 
-def classify(output: str, stage: str) -> str:
-    """What DVC did with ``stage``, from its console output."""
-    if f"Running stage '{stage}'" in output:
+def stage_timeout_s(environ: dict | None = None) -> float:
+    """The stage timeout in seconds: $SHRINKFLOW_STAGE_TIMEOUT_S, else 12 h.
+    Raises ValueError for a value that is not a positive number."""
+    raw = (os.environ if environ is None else environ).get(STAGE_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_STAGE_TIMEOUT_S
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"{STAGE_TIMEOUT_ENV}={raw!r}: must be a positive number of seconds")
+    return value
+
+
+def stage_is_stale(stage: str, project_dir: Path | str) -> bool:
+    """Whether DVC would reproduce ``stage`` now (``dvc status --json``:
+    ``{}`` when up to date, ``{stage: [what changed]}`` when not)."""
+    doc = json.loads(dvc_command(["status", "--json", stage], project_dir) or "{}")
+    return bool(doc.get(stage))
+
+
+def what_dvc_did(stale: bool, forced: bool, ran: bool) -> str:
+    """"ran" when the stage's command ran; "restored" when DVC had to
+    reproduce it but did not run it (its run-cache held the outputs);
+    "skipped" when it was up to date."""
+    if ran:
         return "ran"
-    if f"Stage '{stage}' is cached" in output or "Restored stage" in output:
-        return "restored"
-    if f"Stage '{stage}' didn't change" in output:
-        return "skipped"
-    raise ValueError(f"cannot tell from DVC's output what happened to stage {stage!r}:\n{output[-1000:]}")
+    return "restored" if stale or forced else "skipped"
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop ``proc`` and every process it started (DVC and the stage command
+    under it): SIGTERM to all, then SIGKILL to what is left after
+    ``grace_s``. The children stay in the caller's process group, so Ctrl-C
+    in a terminal still reaches them directly, as it always did."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    proc.poll()
 
 
 def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
-                extra_env: dict | None = None, force: bool = False) -> StageRun:
-    """``dvc repro --single-item <stage>``, streaming its output as it comes."""
+                extra_env: dict | None = None, force: bool = False,
+                timeout_s: float | None = None) -> StageRun:
+    """``dvc repro --single-item <stage>`` in ``project_dir``, streaming its
+    output to ``echo`` line by line as it comes.
+
+    Returns what DVC did (see the module docstring). Raises StageFailed when
+    DVC exits non-zero, StageTimedOut after ``timeout_s`` (default
+    ``stage_timeout_s()``); either way DVC and everything it started are
+    stopped (also on KeyboardInterrupt), so no stage outlives the run.
+    """
+    timeout_s = stage_timeout_s() if timeout_s is None else timeout_s
+    stale = True if force else stage_is_stale(stage, project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
-    env = {**offline_env(), **(extra_env or {})}
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    chunks = []
-    for line in proc.stdout:
-        chunks.append(line)
-        echo(line)
-    rc = proc.wait()
-    output = "".join(chunks)
-    if rc != 0:
-        raise StageFailed(stage, rc, output[-3000:])
-    return StageRun(stage, classify(output, stage), round(time.perf_counter() - t0, 2))
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-stage-") as tmp:
+        marker = Path(tmp) / "ran"
+        env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker)}
+        proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            stop_tree(proc)
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        chunks = []
+        try:
+            for line in proc.stdout:
+                chunks.append(line)
+                echo(line)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:  # interrupted while streaming
+                stop_tree(proc)
+            proc.stdout.close()
+        output = "".join(chunks)
+        if timed_out.is_set():
+            raise StageTimedOut(stage, timeout_s, output[-3000:])
+        if rc != 0:
+            raise StageFailed(stage, rc, output[-3000:])
+        ran = marker.is_file()
+    return StageRun(stage, what_dvc_did(stale, force, ran), round(time.perf_counter() - t0, 2))
 
 
 def params_fingerprint(project_dir: Path | str) -> str:
@@ -102,10 +208,19 @@ def check_params_unchanged(project_dir: Path | str, fingerprint: str, before: st
                             "mixes two versions of the params. Run again to use the new ones.")
 
 
-def dvc_command(args: list[str], project_dir: Path | str) -> str:
-    """Run ``dvc <args>`` in the project; raise with DVC's output on failure."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, env=offline_env(),
-                          capture_output=True, text=True)
+def dvc_command(args: list[str], project_dir: Path | str, timeout_s: float = DVC_COMMAND_TIMEOUT_S) -> str:
+    """Run ``dvc <args>`` in the project and return its stdout. Raises
+    RuntimeError with DVC's output when it exits non-zero or runs longer
+    than ``timeout_s`` seconds."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=project_dir, env=offline_env(project_dir=project_dir),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or "") + (exc.stderr or "")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        raise RuntimeError(f"dvc {' '.join(args)} ran longer than {timeout_s:.0f} s and was stopped:\n"
+                           f"{out[-3000:]}") from None
     if proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n"
                            f"{(proc.stdout + proc.stderr)[-3000:]}")

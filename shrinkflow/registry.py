@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shrinkflow.errors import IntegrityError, PromotionRefused, RegistryError  # noqa: F401  (re-exported)
+from shrinkflow.errors import (IntegrityError, NothingToRollBack, PromotionRefused,  # noqa: F401  (re-exported)
+                               RegistryError, UnknownVersion)
 from shrinkflow.gates import GateReport
 from shrinkflow.io import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
 
@@ -248,15 +249,19 @@ class Registry:
         with self._locked():
             current = self.alias(PRODUCTION)
             if current is None:
-                raise RegistryError(f"registry {self.root}: nothing is in production, nothing to roll back")
+                raise NothingToRollBack(f"registry {self.root}: nothing is in production, nothing to roll back")
+            others = [v for v in self.versions() if v != current]
+            if to is None and not others:
+                raise NothingToRollBack(f"{current} is the only version in {self.root}: there is nothing to roll "
+                                        "back to")
             target = to if to is not None else self.previous_production()
             if target is None:
-                raise RegistryError(f"the history does not say which version was production before {current}: "
-                                    "name one with --to (shrinkflow versions lists them)")
+                raise UnknownVersion(f"the history does not say which version was production before {current}: "
+                                     f"name one with --to ({', '.join(others)})")
             if target not in self.versions():
-                raise RegistryError(f"no version {target!r} in {self.root} (have: {', '.join(self.versions())})")
+                raise UnknownVersion(f"no version {target!r} in {self.root} (have: {', '.join(self.versions())})")
             if target == current:
-                raise RegistryError(f"{target} is already production")
+                raise NothingToRollBack(f"{target} is already production")
             self.verify(target)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._set_production(target)

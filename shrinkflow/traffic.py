@@ -43,6 +43,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from shrinkflow.errors import MissingInput
+
 TWEETS_FILE = "hutto_ICWSM_2014/tweets_GroundTruth.txt"
 DOMAINS = ("in", "shifted")
 # One tweet in RECOVERY_EVERY goes to the recovery set (by hash): a third
@@ -85,11 +87,11 @@ def user_shifted_split(path: Path | str) -> dict[str, pd.DataFrame]:
     """The user's shifted split (``data/prepared/shifted.parquet`` of a
     ``data.source.kind: files`` task: columns text, label as class ids) cut
     by ``shifted_part``: ``{"pool": ..., "recovery": ...}``, file order.
-    Raises FileNotFoundError naming the file and what makes it."""
+    Raises MissingInput (a FileNotFoundError) naming the file and what makes it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} (the shifted split: set data.source.shifted_path to labelled text "
-                                "from another domain, then `shrinkflow run`)")
+        raise MissingInput(f"{path} (the shifted split: set data.source.shifted_path to labelled text "
+                           "from another domain, then `shrinkflow run`)")
     df = pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
     part = df["text"].map(shifted_part) if len(df) else pd.Series([], dtype=object)
     return {name: df[(part == name).to_numpy()].reset_index(drop=True) for name in ("pool", "recovery")}
@@ -100,7 +102,7 @@ def traffic_pool(domain: str, root: Path | str = ".", source_kind: str | None = 
     label: class ids), read from the project at ``root``: the test split for
     ``in``; for ``shifted``, the traffic pool of the user's shifted split
     when ``source_kind`` is ``"files"`` (params ``data.source.kind``), else
-    of the built-in tweets. Raises FileNotFoundError naming the missing file
+    of the built-in tweets. Raises MissingInput (a FileNotFoundError) naming the missing file
     (run ``shrinkflow run`` or ``dvc pull`` first) and ValueError for an
     unknown domain."""
     from shrinkflow.paths import RAW, split_path
@@ -109,14 +111,14 @@ def traffic_pool(domain: str, root: Path | str = ".", source_kind: str | None = 
     if domain == "in":
         path = root / split_path("test")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} (the test split; `shrinkflow run` or `dvc pull` makes it)")
+            raise MissingInput(f"{path} (the test split; `shrinkflow run` or `dvc pull` makes it)")
         return pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
     if domain == "shifted" and source_kind == "files":
         return user_shifted_split(root / split_path("shifted"))["pool"]
     if domain == "shifted":
         path = root / RAW
         if not path.is_file():
-            raise FileNotFoundError(f"{path} (the pinned source archive; `dvc repro fetch` or `dvc pull` makes it)")
+            raise MissingInput(f"{path} (the pinned source archive; `dvc repro fetch` or `dvc pull` makes it)")
         return shifted_split(path)["pool"]
     raise ValueError(f"unknown domain {domain!r}: one of {', '.join(DOMAINS)}")
 
@@ -147,6 +149,14 @@ def feedback_choice(answered: int, rate: float, seed: int) -> np.ndarray:
     a seed stream separate from ``traffic_order``'s."""
     k = feedback_count(answered, rate)
     return np.sort(np.random.default_rng([seed, 1]).choice(answered, size=k, replace=False))
+
+
+def server_url(host: str, port: int) -> str:
+    """The address a client on this machine reaches a server at that binds
+    ``host``:``port`` (``serve.host``/``serve.port``): a wildcard bind
+    (0.0.0.0, ::) is reached on loopback; an IPv6 host is bracketed."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 class ServerUnreachable(RuntimeError):

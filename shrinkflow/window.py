@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from shrinkflow.errors import MissingInput
 from shrinkflow.io import atomic_write_text
 from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT, WINDOW_META, WINDOWS_ARCHIVE
 
@@ -82,8 +83,8 @@ def restore_window(root: Path, md5: str, dest: Path) -> Path:
     first on a machine that has not got the archive."""
     src = Path(root) / WINDOWS_ARCHIVE / f"{md5}.txt"
     if not src.is_file():
-        raise FileNotFoundError(f"no archived window with md5 {md5} in {WINDOWS_ARCHIVE}/ "
-                                "(dvc pull data/windows.dvc, then retry)")
+        raise MissingInput(f"no archived window with md5 {md5} in {WINDOWS_ARCHIVE}/ "
+                           "(dvc pull data/windows.dvc, then retry)")
     body = src.read_text()
     if md5_text(body) != md5:
         raise ValueError(f"{src} does not hash to {md5}: the archive is corrupted")

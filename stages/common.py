@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from shrinkflow.entry import configure_env, declared_params
+from shrinkflow.entry import configure_env, declared_params, mark_stage_ran
 # The readers live in the library (a Prefect task reads inputs too); the
 # stages import them from here.
 from shrinkflow.io import read_lines, read_split  # noqa: F401
@@ -17,16 +17,28 @@ from shrinkflow.paths import PARAMS
 def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
     """Run ``body(params)`` as DVC stage ``stage``. Returns the exit code.
 
-    params.yaml is read once, validated, and handed to the stage as a view
-    that allows only the keys dvc.yaml declares for it. If the file changed
-    while the stage ran, the stage fails: DVC would otherwise record values
-    in dvc.lock that the outputs were not computed from.
+    How a stage finds the project root: it is the current directory. DVC
+    runs a stage's ``cmd`` in the stage's ``wdir``, which is the directory of
+    dvc.yaml when (as in every shrinkflow stage) none is set, so ``"."`` is
+    the root, and every project path (shrinkflow.paths) is relative to it.
+    Not ``$DVC_ROOT``: ``dvc exp run --temp/--queue`` points that at the
+    parent repository, while the stage runs in a copy of the workspace.
+
+    The environment bootstrap (``configure_env``) runs first, before
+    anything imports Prefect. params.yaml is read once, validated, and
+    handed to the stage as a view that allows only the keys dvc.yaml
+    declares for it. If the file changed while the stage ran, the stage
+    fails: DVC would otherwise record values in dvc.lock that the outputs
+    were not computed from. Exit codes: 0 done; 1 a handled error
+    (``shrinkflow.errors.HANDLED``: one line on stderr); 2 bad params.
+    Anything else propagates (a traceback: a bug).
     """
     from shrinkflow.config import ParamsError, ScopedParams, parse_params_bytes
     from shrinkflow.errors import HANDLED
 
     root = Path(project_dir)
     configure_env(root)
+    mark_stage_ran(stage)
     path = root / PARAMS
     try:
         data = path.read_bytes()

@@ -45,19 +45,42 @@ def decide(project_dir: str, params, summary: dict, report_dir: str, now: dateti
             "acted": bool(act and decision.action == "recompress")}
 
 
+def reports_link_base(url: str, timeout_s: float = 2.0) -> str | None:
+    """``<url>/reports`` when a server answers ``GET <url>/health`` with 200
+    (``shrinkflow serve`` serves the reports there), else None: the
+    artifact then links the report files on disk (file:// URIs)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+            return f"{url}/reports" if r.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
 @task(name="publish-monitor-report", cache_policy=NO_CACHE)
 def publish(params, summary: dict, decision: dict, report_dir: str) -> str:
+    """The Prefect artifact. Its links go where the reports are: to the
+    ``shrinkflow serve`` at serve.host/serve.port when one answers there
+    as the artifact is written, else to the files on disk."""
     from monitoring.policy import Decision
     from monitoring.run import summary_markdown
     from monitoring.summary import DriftSummary
 
-    serve = params.serve
+    from shrinkflow.traffic import server_url
+
+    url = server_url(params.serve.host, params.serve.port)
+    base = reports_link_base(url)
     md = summary_markdown(DriftSummary.model_validate(summary),
                           Decision.model_validate({k: v for k, v in decision.items()
                                                    if k not in ("triggers", "acted")}),
-                          Path(report_dir), f"http://{serve.host}:{serve.port}/reports",
-                          acted=decision.get("acted"))
-    md += f"\nOn disk: `{report_dir}` (served by `shrinkflow serve` at /reports/).\n"
+                          Path(report_dir), base, acted=decision.get("acted"))
+    if base:
+        md += f"\nOn disk: `{report_dir}` (links: the `shrinkflow serve` answering at {url}).\n"
+    else:
+        md += (f"\nOn disk: `{report_dir}`. No `shrinkflow serve` answered at {url} (serve.host and serve.port) "
+               "when this was written, so the links are to the files on this machine (a browser may refuse to "
+               "open a file:// link from the Prefect UI: copy it into the address bar).\n")
     create_markdown_artifact(key="shrinkflow-monitor", markdown=md,
                              description="drift, compression gap and the policy's verdict")
     return md
@@ -74,7 +97,7 @@ def snapshot_window(project_dir: str, texts: list[str], heldout_fraction: float,
 def archive_window(project_dir: str) -> str:
     """``dvc add data/windows`` (and push when a default remote is set), so
     the snapshot is versioned data, restorable by its hash."""
-    from shrinkflow.pipeline import dvc_command
+    from shrinkflow.pipeline import DVC_PUSH_TIMEOUT_S, dvc_command
 
     out = dvc_command(["add", str(WINDOWS_ARCHIVE)], project_dir)
     try:
@@ -82,5 +105,5 @@ def archive_window(project_dir: str) -> str:
     except RuntimeError:  # "No default remote set"
         remote = ""
     if remote:
-        out += dvc_command(["push", f"{WINDOWS_ARCHIVE}.dvc"], project_dir)
+        out += dvc_command(["push", f"{WINDOWS_ARCHIVE}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
     return out

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.pipeline import OFFLINE_ENV
-
-for _k, _v in OFFLINE_ENV.items():
-    os.environ.setdefault(_k, _v)
-# Prefect must not write to ~/.prefect from the tests.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shrinkflow-prefect-home-"))
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from shrinkflow.entry import configure_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# The suite is an entry point like any other: the one bootstrap, except that
+# Prefect's home is a temporary directory (set first; the bootstrap never
+# overrides), so the tests never write to ~/.prefect or the checkout's .prefect/.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shrinkflow-prefect-home-"))
+configure_env(PROJECT_ROOT)
 
 
 @pytest.fixture(scope="session")

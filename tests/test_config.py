@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pydantic
 import pytest
 import yaml
 
@@ -25,8 +26,9 @@ def problems(raw_params) -> dict[str, str]:
 def test_default_params_file_is_valid_and_frozen():
     p = load_params(PROJECT_ROOT / "params.yaml")
     assert p.validate_.gates.max_accuracy_drop == 0.01
-    with pytest.raises(Exception):
-        p.train.epochs = 5  # frozen
+    with pytest.raises(pydantic.ValidationError, match="Instance is frozen") as info:
+        p.train.epochs = 5
+    assert info.value.errors()[0]["type"] == "frozen_instance" and p.train.epochs != 5
 
 
 def test_unknown_key_is_named(raw):

@@ -247,15 +247,33 @@ def test_bad_params_exit_2_and_write_nothing(project, tmp_path):
     assert code == 2
 
 
-def test_every_crash_exits_3_and_production_keeps_serving(project, harness):
+# TINY with the per-channel int8 candidate: deployable (passes TINY's gates).
+DEPLOYABLE = deep_merge(TINY, {"compress": {"candidates": [
+    {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}})
+
+
+@pytest.fixture()
+def deployed(project, harness) -> str:
+    """The project with deployable params and a version in production,
+    whatever ran before in this module (the lifecycle test ends on an
+    impossible gate; run alone, nothing is deployed yet). Returns it."""
+    from shrinkflow.registry import Registry
+
+    write_params(project / "params.yaml", DEPLOYABLE)
+    reg = Registry(project / "registry")
+    if reg.alias() is None:
+        code, out = run_cli(project, harness, "run")
+        assert code == 0, out[-4000:]
+    assert reg.alias() is not None
+    return reg.alias()
+
+
+def test_every_crash_exits_3_and_production_keeps_serving(project, harness, deployed):
     """0 deployed, 1 only for failed gates, 3 for anything that crashed."""
     from shrinkflow.registry import Registry
 
     reg = Registry(project / "registry")
-    before = reg.alias()
-    # deployable params again (the lifecycle test ended on an impossible gate)
-    write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
-        {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
+    before = deployed
     texts = project / "data/unlabelled/texts.txt"
     original = texts.read_bytes()
 
@@ -496,7 +514,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     code, out = run_cli(project, None, "window", new, "--out", str(project / "w.txt"))
     assert code == 0 and (project / "w.txt").read_text() == (project / "data/unlabelled/texts.txt").read_text()
     code, out = run_cli(project, None, "window", before, "--out", str(project / "w0.txt"))
-    assert code == 1 and "was not re-compressed on a production window" in out
+    assert code == 4 and "was not re-compressed on a production window" in out  # ExitCode.NOTHING
     code, out = run_cli(project, None, "status")
     assert code == 0 and f"re-compressed on a production window: {window['rows_distill']} texts distilled" in out
 

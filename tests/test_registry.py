@@ -18,7 +18,7 @@ import pytest
 
 from shrinkflow.config import Gates
 from shrinkflow.gates import evaluate_gates
-from shrinkflow.registry import IntegrityError, PromotionRefused, Registry, RegistryError
+from shrinkflow.registry import IntegrityError, NothingToRollBack, PromotionRefused, Registry, RegistryError
 from tests.conftest import PROJECT_ROOT
 
 TEACHER = {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}
@@ -241,8 +241,11 @@ def test_rollback_with_nothing_or_no_history_says_what_to_do(tmp_path):
     with pytest.raises(RegistryError, match="nothing is in production"):
         reg.rollback()
     reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
-    with pytest.raises(RegistryError, match="name one with --to"):
-        reg.rollback()  # v0001 was the first production version
+    # v0001 is the only version: no "name one with --to", there is none to name
+    with pytest.raises(NothingToRollBack, match="v0001 is the only version .*: there is nothing to roll back to"):
+        reg.rollback()
+    with pytest.raises(NothingToRollBack, match="already production"):
+        reg.rollback(to="v0001")
 
 
 def test_rollback_and_versions_commands(tmp_path):

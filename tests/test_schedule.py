@@ -187,3 +187,38 @@ def test_schedule_echoes_the_local_servers_scheduler_errors(tmp_path):
     assert rc == 0, "".join(err)
     assert "stopped the local Prefect server" in "".join(out)
     assert sum("CroniterBadDateError" in x for x in err) == 1  # once, however often the server logged it
+
+
+# ------------------------------------------------- the server's lifetime
+PARENT = """
+import subprocess, sys, time
+from flows.server import tied_command
+child = subprocess.Popen(tied_command("http.server", ["--bind", "127.0.0.1", "0"]), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_tied_server_ends_when_the_cli_is_killed_outright(tmp_path):
+    """SIGKILL leaves the CLI no chance to stop its Prefect server: the
+    watchdog in the server's process (flows.server, no prctl, no preexec_fn)
+    ends the server's process group when its parent is gone."""
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.time() + 60  # forked; on a loaded box the exec and imports take a while
+        while "flows.server" not in " ".join(child.cmdline()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert "flows.server" in " ".join(child.cmdline())
+        time.sleep(2.0)  # its watchdog is running by now
+        assert child.is_running()  # alive while its parent is
+        parent.kill()
+        parent.wait(timeout=10)
+        child.wait(timeout=30)  # raises psutil.TimeoutExpired if it outlives its parent
+    finally:
+        if parent.poll() is None:
+            parent.kill()

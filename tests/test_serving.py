@@ -384,7 +384,7 @@ def test_serve_refuses_to_start_without_a_sound_production_version(tmp_path, can
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
     out = serve()
-    assert out.returncode == 3 and "nothing is in production" in out.stderr
+    assert out.returncode == 4 and "nothing is in production" in out.stderr  # ExitCode.NOTHING
     reg = Registry(tmp_path / "registry")
     reg.promote(candidates["int8"], PASS, record("int8"))
     (reg.path("v0001") / "model" / "model.onnx").write_bytes(b"rot")

@@ -33,13 +33,15 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
     build_seconds and build_cpu_seconds (what building it cost, when it was
     built) and the recipe's stats.
 
-    Raises FileNotFoundError when ``project_dir`` is relative or has no
+    Raises shrinkflow.errors.MissingInput when ``project_dir`` is relative or has no
     teacher: a Dask worker on another machine must see the project at the
     same absolute path.
     """
     root = Path(project_dir)
     if not root.is_absolute() or not (root / TEACHER).is_dir():
-        raise FileNotFoundError(f"worker {socket.gethostname()}: no teacher at {root / TEACHER}; "
+        from shrinkflow.errors import MissingInput
+
+        raise MissingInput(f"worker {socket.gethostname()}: no teacher at {root / TEACHER}; "
                                 "the project must be at the same absolute path on every worker")
     dest = root / CANDIDATES / candidate.name
     cache = CandidateCache(root / CANDIDATE_CACHE)

@@ -1,0 +1,319 @@
+"""The ``shrinkflow`` CLI as one way in (issue 16): exit codes that mean the
+same everywhere (the enum, each command's --help and docs/exit-codes.md
+agree), --params and --debug on every command, plain --help, --params never
+losing an uncommitted params.yaml, nothing done at import, and each stage
+command bootstrapping its environment before Prefect is imported."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from flows.cli import EXIT_CODES, Session, adopt_params, app
+from shrinkflow.errors import ExitCode
+from tests.conftest import PROJECT_ROOT
+
+DOC = PROJECT_ROOT / "docs" / "exit-codes.md"
+COMMANDS = typer.main.get_command(app).commands
+
+
+def cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    return root
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table whose header row starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("`") for c in line.strip("|").split("|")])
+    return rows
+
+
+# ------------------------------------------------------------ exit codes
+def test_the_exit_code_table_is_the_enum():
+    rows = table_rows(DOC.read_text(), "| code | name |")
+    assert [(int(r[0]), r[1]) for r in rows] == [(int(c), c.name.lower()) for c in ExitCode]
+
+
+def test_every_command_documents_the_codes_it_declares():
+    rows = table_rows(DOC.read_text(), "| command | code |")
+    documented: dict[str, set[int]] = {}
+    for command, code, _ in rows:
+        documented.setdefault(command, set()).add(int(code))
+    declared = {name: {int(c) for c in codes} for name, codes in EXIT_CODES.items()}
+    assert documented == declared
+    assert set(declared) == set(COMMANDS)  # every command, and no other
+    for name, codes in declared.items():
+        assert {ExitCode.USAGE, ExitCode.CRASH} <= codes, name  # bad params and crashes happen anywhere
+
+
+def test_each_command_exits_only_with_its_declared_codes():
+    """Every ``typer.Exit`` in the CLI is given an ExitCode member, never a
+    number, and each command's body uses only the codes it declares."""
+    tree = ast.parse((PROJECT_ROOT / "flows" / "cli.py").read_text())
+    for node in ast.walk(tree):
+        call = getattr(node, "func", None)
+        if isinstance(node, ast.Call) and ("Exit" in (getattr(call, "attr", None), getattr(call, "id", None))
+                                           or getattr(call, "id", None) == "_fail"):
+            arg = node.args[0] if node.args else None
+            ok = isinstance(arg, (ast.Attribute, ast.IfExp)) or ast.unparse(node) == "typer.Exit(code)"  # in _fail
+            assert ok, ast.unparse(node)
+    checked = 0
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        names = [d.args[0].value for d in fn.decorator_list
+                 if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "_command"]
+        if not names:
+            continue
+        used = {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "ExitCode"}
+        assert used <= {c.name for c in EXIT_CODES[names[0]]}, (names[0], used)
+        checked += 1
+    assert checked == len(COMMANDS)
+
+
+def test_help_lists_each_commands_codes_in_plain_text():
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], terminal_width=100)
+    assert top.exit_code == 0 and "<bool>" not in top.output and "╭" not in top.output
+    for name in COMMANDS:
+        out = runner.invoke(app, [name, "--help"], terminal_width=100)
+        assert out.exit_code == 0, (name, out.output)
+        text = out.output
+        assert "<bool>" not in text and "╭" not in text, text
+        assert "--params FILE" in text and "--debug" in text, text
+        assert all(len(line) <= 100 for line in text.splitlines()), text
+        listed = re.findall(r"^    (\d) (\w+) ", text, re.M)
+        assert [(int(c), n) for c, n in listed] == [(int(c), c.name.lower()) for c in sorted(EXIT_CODES[name])]
+        # a description is one paragraph, not broken after each source line
+        first = text.split("\n\n")[1]
+        assert "\n" not in first.strip() or all(len(line) > 60 for line in first.splitlines()[:-1]), first
+
+
+# ------------------------------------------------------------ one way in
+def test_outside_a_project_every_command_exits_usage(tmp_path):
+    out = cli(tmp_path, "versions")
+    assert out.returncode == ExitCode.USAGE and "not inside a shrinkflow project" in out.stderr
+
+
+def test_every_command_takes_params_from_the_given_file(tmp_path):
+    root = project(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("registry_dir: registry",
+                                                                        "registry_dir: elsewhere", 1))
+    assert "registry_dir: elsewhere" in other.read_text()
+    out = cli(root, "rollback", "--params", str(other))
+    assert out.returncode == ExitCode.NOTHING and "elsewhere" in out.stderr, out.stderr
+    assert (root / "params.yaml").read_text() == (PROJECT_ROOT / "params.yaml").read_text()  # read, not copied
+
+
+def test_a_crash_is_one_line_and_debug_prints_its_traceback(tmp_path):
+    root = project(tmp_path)
+    (root / "registry").mkdir()
+    (root / "registry" / "aliases.json").write_text("[]")  # not a mapping: an unusable registry
+    out = cli(root, "status")
+    assert out.returncode == ExitCode.CRASH and "not a mapping" in out.stderr
+    assert "Traceback" not in out.stderr and "--debug" in out.stderr
+    out = cli(root, "status", "--debug")
+    assert out.returncode == ExitCode.CRASH and "Traceback (most recent call last)" in out.stderr
+    assert "RegistryError" in out.stderr
+
+
+@pytest.mark.parametrize("patch, code, says", [
+    # Ctrl-C in the middle of a command: not Click's exit 1 ("refused" here)
+    ("Registry.describe_versions = lambda self: (_ for _ in ()).throw(KeyboardInterrupt())",
+     ExitCode.INTERRUPTED, ""),
+    # a bug in the CLI's own code, outside any command's guard: a traceback, exit 3
+    ("cli.find_root = lambda start=None: {}['no such key']", ExitCode.CRASH, "Traceback (most recent call last)"),
+])
+def test_interrupts_and_bugs_in_the_cli_get_their_own_codes(tmp_path, patch, code, says):
+    root = project(tmp_path)
+    script = ("import sys\nfrom shrinkflow.registry import Registry\nimport flows.cli as cli\n"
+              f"{patch}\nsys.argv = ['shrinkflow', 'versions']\ncli.main()\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code and says in proc.stderr, proc.stderr
+
+
+def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_path):
+    from shrinkflow.registry import Registry
+    from tests.test_registry import PASS, model_dir
+
+    root = project(tmp_path)
+    Registry(root / "registry").promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    out = cli(root, "rollback")
+    assert out.returncode == ExitCode.NOTHING, out.stderr
+    assert "v0001 is the only version" in out.stderr and "nothing to roll back to" in out.stderr
+    assert "--to" not in out.stderr
+
+
+# ------------------------------------------------------------ --params FILE
+def git(root: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args]
+    return subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture()
+def repo(tmp_path) -> Path:
+    root = project(tmp_path)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root
+
+
+def session(root: Path, params: Path) -> Session:
+    from shrinkflow.config import load_params
+
+    return Session(root, params.resolve(), load_params(params))
+
+
+def other_params(tmp_path: Path) -> Path:
+    path = tmp_path / "other.yaml"
+    path.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("seed: 0", "seed: 7", 1))
+    assert path.read_text() != (PROJECT_ROOT / "params.yaml").read_text()
+    return path
+
+
+def test_params_replaces_a_committed_params_yaml_without_a_copy(repo, tmp_path, capsys):
+    other = other_params(tmp_path)
+    adopt_params(session(repo, other))
+    assert (repo / "params.yaml").read_bytes() == other.read_bytes()
+    assert not (repo / ".shrinkflow").exists()  # git holds the previous one
+    assert "git diff params.yaml" in capsys.readouterr().out
+    assert "seed: 7" in git(repo, "diff", "params.yaml")
+
+
+def test_params_refuses_to_overwrite_uncommitted_changes(repo, tmp_path, capsys):
+    edited = (repo / "params.yaml").read_text() + "\n# my edit\n"
+    (repo / "params.yaml").write_text(edited)
+    with pytest.raises(typer.Exit) as info:
+        adopt_params(session(repo, other_params(tmp_path)))
+    assert info.value.exit_code == ExitCode.USAGE
+    assert (repo / "params.yaml").read_text() == edited
+    assert "uncommitted changes" in capsys.readouterr().err
+    git(repo, "add", "params.yaml")  # staged is still uncommitted
+    with pytest.raises(typer.Exit):
+        adopt_params(session(repo, other_params(tmp_path)))
+    assert (repo / "params.yaml").read_text() == edited
+
+
+def test_params_outside_git_keeps_one_copy_and_the_same_file_changes_nothing(tmp_path):
+    root = project(tmp_path)
+    before = (root / "params.yaml").read_bytes()
+    adopt_params(session(root, root / "params.yaml"))
+    same = tmp_path / "same.yaml"
+    same.write_bytes(before)
+    adopt_params(session(root, same))
+    assert not (root / ".shrinkflow").exists()
+    other = other_params(tmp_path)
+    adopt_params(session(root, other))
+    assert (root / "params.yaml").read_bytes() == other.read_bytes()
+    assert (root / ".shrinkflow" / "params.previous.yaml").read_bytes() == before
+
+
+def test_run_with_params_refuses_before_anything_starts(repo, tmp_path):
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n# my edit\n")
+    out = cli(repo, "run", "--params", str(other_params(tmp_path)))
+    assert out.returncode == ExitCode.USAGE and "uncommitted changes" in out.stderr
+    assert sorted(p.name for p in repo.iterdir()) == [".git", "dvc.yaml", "params.yaml"]  # no .prefect/
+
+
+# ------------------------------------------------------- nothing at import
+def test_importing_the_flows_and_the_cli_changes_no_environment(tmp_path):
+    """The old flows/__init__.py set os.environ at import, differently in and
+    outside a project. Now only an entry point's explicit bootstrap does."""
+    root = project(tmp_path)
+    code = ("import os; before = dict(os.environ)\n"
+            "import flows, flows.cli, flows.server, flows.lifecycle, flows.monitor\n"
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+            "print(changed)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT_TRACK", "HF_"))}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_every_stage_command_bootstraps_before_prefect_is_imported():
+    """Run each dvc.yaml stage command's module as DVC does, with the
+    bootstrap replaced by a probe: it must be called, and before anything
+    imported Prefect (whose settings are fixed at import)."""
+    import yaml
+
+    modules = [s["cmd"].split()[2] for s in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values()]
+    code = """
+import runpy, sys
+import shrinkflow.entry as entry
+
+def probe(project_dir, environ=None):
+    raise SystemExit("prefect" if any(m.split(".")[0] == "prefect" for m in sys.modules) else "clean")
+
+entry.configure_env = probe
+for module in sys.argv[1:]:
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        print(module, "never bootstrapped")
+    except SystemExit as exc:
+        print(module, exc.code)
+"""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, *modules], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:-1] == [f"{m} clean" for m in modules], proc.stdout + proc.stderr[-2000:]
+
+
+# ------------------------------------------------------ monitor links
+def test_the_monitor_links_reports_where_they_are(tmp_path):
+    """To the server when one answers at serve.host/port, else to the files."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from shrinkflow.traffic import server_url
+    from tasks.monitor import reports_link_base
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        assert server_url("0.0.0.0", port) == f"http://127.0.0.1:{port}"
+        assert server_url("::", 8000) == "http://[::1]:8000"
+        assert reports_link_base(server_url("0.0.0.0", port)) == f"http://127.0.0.1:{port}/reports"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert reports_link_base(f"http://127.0.0.1:{port}", timeout_s=1) is None  # nobody answers now

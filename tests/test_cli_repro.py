@@ -1,0 +1,108 @@
+"""What DVC did with a stage, read from DVC's machine-readable answers
+(``dvc status --json``) and the stage's own report, never from DVC's console
+wording; and a stage that runs too long is stopped with all it started.
+
+A real DVC project in a temporary directory, with one toy stage whose
+command reports itself the way every shrinkflow stage does
+(``shrinkflow.entry.mark_stage_ran``, called by ``stages.common.run_stage``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shrinkflow.pipeline import StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
+from tests.conftest import PROJECT_ROOT
+
+TOY = """\
+import os, pathlib, sys, time
+from shrinkflow.entry import mark_stage_ran
+
+mark_stage_ran("toy")
+text = pathlib.Path("in.txt").read_text()
+if text.startswith("sleep"):
+    pathlib.Path("sleeper.pid").write_text(str(os.getpid()))
+    time.sleep(300)
+if text.startswith("fail"):
+    sys.exit("toy: asked to fail")
+pathlib.Path("out.txt").write_text(text.upper())
+print("toy ran")
+"""
+
+DVC_YAML = """\
+stages:
+  toy:
+    cmd: python toy.py
+    deps: [in.txt, toy.py]
+    outs: [out.txt]
+"""
+
+
+@pytest.fixture()
+def toy(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "toy.py").write_text(TOY)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "in.txt").write_text("a\n")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
+                   timeout=120)
+    # the toy stage imports shrinkflow from this checkout
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
+    return root
+
+
+def test_what_dvc_did_from_the_two_signals():
+    assert what_dvc_did(stale=True, forced=False, ran=True) == "ran"
+    assert what_dvc_did(stale=True, forced=False, ran=False) == "restored"
+    assert what_dvc_did(stale=False, forced=False, ran=False) == "skipped"
+    assert what_dvc_did(stale=False, forced=True, ran=True) == "ran"
+
+
+def test_ran_skipped_restored_and_forced_through_real_dvc(toy):
+    lines: list[str] = []
+    assert repro_stage("toy", toy, echo=lines.append).status == "ran"
+    assert (toy / "out.txt").read_text() == "A\n"
+    assert any("toy ran" in line for line in lines)  # the stage's output is streamed as before
+    assert repro_stage("toy", toy, echo=lambda _: None).status == "skipped"
+    (toy / "in.txt").write_text("b\n")
+    assert repro_stage("toy", toy, echo=lambda _: None).status == "ran"
+    (toy / "in.txt").write_text("a\n")  # seen before: DVC's run-cache has its output
+    assert repro_stage("toy", toy, echo=lambda _: None).status == "restored"
+    assert (toy / "out.txt").read_text() == "A\n"
+    assert repro_stage("toy", toy, echo=lambda _: None, force=True).status == "ran"
+
+
+def test_a_failing_stage_raises_with_its_output(toy):
+    (toy / "in.txt").write_text("fail\n")
+    with pytest.raises(StageFailed, match="stage 'toy' failed") as info:
+        repro_stage("toy", toy, echo=lambda _: None)
+    assert "toy: asked to fail" in info.value.tail
+
+
+@pytest.mark.slow  # 20 s of timeout: on a loaded box DVC and the stage need most of it to start
+def test_a_stage_past_its_timeout_is_stopped_with_what_it_started(toy):
+    import psutil
+
+    (toy / "in.txt").write_text("sleep\n")
+    t0 = time.monotonic()
+    with pytest.raises(StageTimedOut, match="ran longer than 20 s"):
+        repro_stage("toy", toy, echo=lambda _: None, timeout_s=20)
+    assert time.monotonic() - t0 < 80
+    # the stage command (a grandchild: dvc started it) was running, and is gone
+    pid = int((toy / "sleeper.pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_stage_timeout_comes_from_the_environment():
+    assert stage_timeout_s({}) == 12 * 3600
+    assert stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "90"}) == 90.0
+    with pytest.raises(ValueError, match="positive"):
+        stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "0"})

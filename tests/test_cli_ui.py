@@ -1,0 +1,82 @@
+"""`shrinkflow ui` prints an address that opens a working Prefect UI.
+
+Before: the README's `prefect server start` on any port but 4200, and the
+address `shrinkflow schedule` printed, opened a UI saying "Can't connect to
+Server API at http://127.0.0.1:4200/api": the UI asks the server which API to
+call, and the server answered 4200 unless PREFECT_UI_API_URL (or
+PREFECT_SERVER_API_PORT) said otherwise. flows.server.LocalPrefectServer,
+which both commands use, now sets them to where it listens. The page is
+rendered by headless Chromium, as a user's browser would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.server import free_port
+from tests.conftest import PROJECT_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def rendered(url: str) -> str:
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                           "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # a real Prefect server starts (10-30 s here), then Chromium renders its UI
+def test_the_printed_ui_address_opens_a_ui_connected_to_its_api(tmp_path):
+    assert Path(CHROMIUM).is_file(), "headless Chromium is needed to render the UI"
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    port = free_port()  # not 4200: the port the UI used to assume
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        url = None
+        deadline = time.time() + 180
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, "ui exited early:\n" + "".join(lines)
+            lines.append(line)
+            found = re.match(r"Prefect UI: (http://\S+)", line)
+            url = found.group(1) if found else None
+        assert url == f"http://127.0.0.1:{port}", "".join(lines)
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        dom = rendered(f"{url}/runs")
+        assert "<title>Runs • Prefect Server" in dom, dom[-3000:]
+        assert "Can't connect" not in dom, dom[-3000:]
+        # the runs page rendered from the API's answer (an empty project: no runs yet)
+        assert "Run a task or flow to get started" in dom, dom[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert rc == 0, "".join(lines)
+    # the server went with it
+    with pytest.raises(OSError):
+        import urllib.request
+
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+    assert (root / ".prefect" / "server.log").is_file()
