@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from shrinkflow.artifacts import VersionManifest
 from shrinkflow.errors import (IntegrityError, NothingToRollBack, PromotionRefused,  # noqa: F401  (re-exported)
                                RegistryError, UnknownVersion)
 from shrinkflow.gates import GateReport
@@ -122,6 +123,13 @@ class Registry:
         if not path.is_file():
             raise KeyError(f"registry {self.root}: no version {version!r}")
         return read_json(path)
+
+    def version_manifest(self, version: str) -> VersionManifest:
+        """``version``'s manifest as a typed VersionManifest (what ``manifest``
+        returns as a dict). Raises KeyError as ``manifest`` does, and
+        pydantic.ValidationError when the file does not match the model (a
+        version stored by hand or by a test with a partial record)."""
+        return VersionManifest.model_validate(self.manifest(version))
 
     def production(self) -> tuple[str, dict] | None:
         version = self.alias(PRODUCTION)

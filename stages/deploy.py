@@ -12,63 +12,73 @@ CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 
 def deploy(params) -> None:
+    from shrinkflow.artifacts import CostReturn, DeploymentRecord, VersionManifest
+    from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, load, save
     from shrinkflow.cost import roi, roi_lines
     from shrinkflow.errors import PromotionRefused
-    from shrinkflow.gates import GateReport, serves_per_row
-    from shrinkflow.io import read_json, write_json
+    from shrinkflow.gates import serves_per_row
+    from shrinkflow.io import read_json
     from shrinkflow.lineage import collect_lineage
-    from shrinkflow.paths import (CANDIDATES, DEPLOYMENT, GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN,
-                                  METRICS_VALIDATE, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path)
+    from shrinkflow.paths import (CANDIDATES, METRICS_COMPRESS, METRICS_TRAIN, SPLITS, TEACHER, UNLABELLED,
+                                  WINDOW_META, split_path)
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
 
-    gates = read_json(GATES_JSON)
-    metrics = read_json(METRICS_VALIDATE)
-    chosen = gates["selected"]
+    gates = load(GATES)
+    metrics = load(VALIDATION)
+    chosen = gates.selected
     if chosen is None:
-        raise PromotionRefused(f"refusing to deploy: {gates['reason']}")
-    report = GateReport.from_dict(gates["candidates"][chosen])
+        raise PromotionRefused(f"refusing to deploy: {gates.reason}")
+    report = gates.candidates[chosen].to_report()
+    measured = metrics.candidates[chosen]
     cand = next(c for c in params.compress.candidates if c.name == chosen)
-    figures = deployed_figures(metrics, chosen)
+    figures = deployed_figures(metrics.to_json_dict(), chosen)
     # Cost and return: what training large and the compression search cost,
     # against what each prediction saves (CPU per prediction, measured by
     # validate on the same minutes as the teacher).
     builds = read_json(METRICS_COMPRESS)["candidates"]
-    cost = roi(read_json(METRICS_TRAIN).get("compute") or {},
-               {n: b.get("build_cpu_seconds") for n, b in builds.items()},
-               figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd)
+    cost = CostReturn.model_validate(
+        roi(read_json(METRICS_TRAIN).get("compute") or {},
+            {n: b.get("build_cpu_seconds") for n, b in builds.items()},
+            figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd))
     # How the server must run it: one text per call when validate found its
     # outputs depend on the batch (the gate report says so).
-    inv = metrics["candidates"][chosen].get("batch_invariance")
-    serving = {"per_row": serves_per_row(report), "max_batch_prob_diff": inv["max_prob_diff"],
-               "label_flips": inv["label_flips"]} if inv else {}
+    inv = measured.batch_invariance
+    serving = {"per_row": serves_per_row(report), "max_batch_prob_diff": inv.max_prob_diff,
+               "label_flips": inv.label_flips} if inv else {}
+    if metrics.labels is None or measured.files is None or measured.content_hash is None:
+        # Keys every validate.json of this shrinkflow has (the models keep them
+        # optional so older files still load).
+        raise PromotionRefused(f"refusing to deploy: {VALIDATION.path} records no labels or no file hashes "
+                               f"for {chosen!r} (written by an older shrinkflow); re-run validate")
     record = {
         "candidate": chosen,
         # the class names in class-id order, as validated (the registry checks
         # the model's own manifest says the same)
-        "labels": metrics["labels"],
+        "labels": metrics.labels,
         "serving": serving,
         "recipe": [s.model_dump(mode="json") for s in cand.recipe],
         **figures,
-        "confirmation": metrics["confirmation"],
-        "selection": gates["reason"],
-        "roi": cost,
+        "confirmation": metrics.confirmation.to_json_dict(),
+        "selection": gates.reason,
+        "roi": cost.to_json_dict(),
         "lineage": collect_lineage(Path.cwd(), CHAIN, {s: str(split_path(s)) for s in SPLITS},
                                    str(TEACHER), str(UNLABELLED),
                                    # which production window (if any) it was re-compressed on,
                                    # and the monitor run that asked for it
                                    extra={"window": read_json(WINDOW_META) or None}),
     }
+    VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(params.deploy.registry_dir)
-    promo = registry.promote(CANDIDATES / chosen, report, record,
-                             expected_files=metrics["candidates"][chosen]["files"])
-    write_json(DEPLOYMENT, {"version": promo.version, "previous": promo.previous,
-                            "same_model_as": promo.same_model_as, "candidate": chosen,
-                            "registry": str(registry.root),
-                            "content_hash": registry.manifest(promo.version)["content_hash"], "roi": cost})
+    promo = registry.promote(CANDIDATES / chosen, report, record, expected_files=measured.files)
+    # Read back through its model: what was stored is a valid version manifest.
+    manifest = registry.version_manifest(promo.version)
+    save(DEPLOYMENT, DeploymentRecord(version=promo.version, previous=promo.previous,
+                                      same_model_as=promo.same_model_as, candidate=chosen,
+                                      registry=str(registry.root), content_hash=manifest.content_hash, roi=cost))
     print(f"deploy: {chosen} is production as {promo.version}"
           + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
-    for line in roi_lines(cost):
+    for line in roi_lines(cost.to_json_dict()):
         print(f"deploy: {line}")
 
 

@@ -18,12 +18,14 @@ TEACHER_KEY = "teacher (fp32, torch eager)"
 
 def validate(params) -> None:
     from shrinkflow.evaluate import measure_interleaved
+    from shrinkflow.artifacts import GatesReport, ValidationReport
+    from shrinkflow.catalog import GATES, VALIDATION, save
     from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
     from shrinkflow.headline import validate_headline
-    from shrinkflow.paths import (CANDIDATES, GATES_JSON, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, METRICS_VALIDATE,
-                                  TEACHER, UNLABELLED, WINDOW_HELDOUT)
+    from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, TEACHER, UNLABELLED,
+                                  WINDOW_HELDOUT)
     from shrinkflow.report import validation_markdown
     from shrinkflow.validation import SELECTION_SPLIT, check_model_labels, validate_runs
 
@@ -59,11 +61,14 @@ def validate(params) -> None:
         if file_hashes(CANDIDATES / n) != files[n]["files"]:
             raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
     metrics, gates = validate_runs(teacher, runs, labels, params.validate, files, label_names)
-    write_json(METRICS_VALIDATE, metrics)
-    write_json(GATES_JSON, gates)
-    write_json(HEADLINE_VALIDATE, validate_headline(metrics))
-    atomic_write_text(GATES_MD, validation_markdown(metrics, gates))
-    print(f"validate: {gates['reason']}")
+    # Typed before anything is written: a document that does not match its
+    # model fails here, not in deploy.
+    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
+    save(VALIDATION, report)
+    save(GATES, selection)
+    write_json(HEADLINE_VALIDATE, validate_headline(report.to_json_dict()))
+    atomic_write_text(GATES_MD, validation_markdown(report.to_json_dict(), selection.to_json_dict()))
+    print(f"validate: {selection.reason}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,403 @@
+"""Typed artifacts: what crosses a stage boundary, as pydantic models.
+
+Each model is one JSON document a stage writes and a later stage, the
+registry, ``status``, the CLI or the server reads. The files keep their
+shape byte for byte: ``to_json_dict`` dumps only the keys that were set (so
+an older file that lacks a key is written back without it), and every
+figure is a ``Number`` (an int stays an int, a float keeps its exact
+repr), so ``write_json(path, Model.model_validate(read_json(path))
+.to_json_dict())`` rewrites a file identically (tests/test_artifacts.py).
+
+Where the files legitimately vary, keys are optional: figures added later
+(macro-F1, per-class recall, the paired macro-F1 drop, ``labels``,
+``serving``) are absent from older files. Everything else is strict
+(``extra="forbid"``), except where a model says why not.
+
+Units: latencies in milliseconds (``latency_ms_*``, ``cpu_ms_*``), sizes in
+MB (10^6 bytes), accuracy, F1, recall, agreement and drops as fractions in
+[0, 1], throughput in examples per second, CPU time in CPU-seconds, cost in
+the ``cost.currency`` per ``price_per_core_hour`` (USD by default).
+
+Library code: no Prefect, nothing happens at import. Where each document
+lives: ``shrinkflow.catalog``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from shrinkflow.gates import GateReport, GateResult
+
+# An int stays an int and a float keeps its repr (smart union: the exact
+# type wins), so a file read and written back is byte-identical.
+Number = Union[int, float]
+
+# The keys every measured model reports about its performance: latencies
+# (ms, batch 1 and 32), throughput (examples/s at batch 32), size (MB),
+# peak RSS (MB), CPU per prediction (ms). Spelled here once.
+LATENCY_P95_B1 = "latency_ms_p95_b1"
+PERFORMANCE_KEYS = ("latency_ms_p50_b1", LATENCY_P95_B1, "latency_ms_p50_b32", "latency_ms_p95_b32",
+                    "throughput_eps_b32", "size_mb", "peak_rss_mb", "cpu_ms_per_prediction_b1",
+                    "cpu_ms_per_prediction_b32")
+
+
+class Artifact(BaseModel):
+    """Base of every artifact: strict keys, immutable, dumped as its file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The document as written to disk: JSON types, only the keys that were set."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+# ---------------------------------------------------------------- figures
+
+
+class Quality(Artifact):
+    """Quality of one model on one labelled split (``shrinkflow.stats.quality``):
+    accuracy, macro-F1 and F1 of class 1 (binary tasks only, else None) as
+    fractions; per-class recall (None for a class absent from the split) and
+    support by class name; ``n`` texts. macro-F1 and the per-class figures are
+    absent from files written before multi-class support."""
+
+    accuracy: Number
+    f1: Number | None = None
+    macro_f1: Number | None = None
+    per_class_recall: dict[str, Number | None] | None = None
+    per_class_n: dict[str, int] | None = None
+    n: int
+
+
+class PairedDrop(Artifact):
+    """A candidate against the teacher on the same texts
+    (``shrinkflow.stats.paired_accuracy_drop`` / ``paired_macro_f1_drop``):
+    the accuracy drop (teacher minus candidate, a fraction) with its standard
+    error and Wald interval at ``confidence``, McNemar's p and the discordant
+    counts; the macro-F1 drop with its bootstrap interval (absent in older files)."""
+
+    accuracy_drop: Number
+    accuracy_drop_se: Number
+    accuracy_drop_ci_low: Number
+    accuracy_drop_ci_high: Number
+    confidence: Number
+    mcnemar_p: Number
+    candidate_only_correct: int
+    teacher_only_correct: int
+    macro_f1_drop: Number | None = None
+    macro_f1_drop_ci_low: Number | None = None
+    macro_f1_drop_ci_high: Number | None = None
+    macro_f1_drop_resamples: int | None = None
+
+
+class Performance(Artifact):
+    """Measured performance (``shrinkflow.evaluate``): latency p50/p95 in ms at
+    batch 1 and 32, throughput at batch 32 (examples/s), on-disk size (MB),
+    peak RSS (MB), CPU ms per prediction at batch 1 and 32; how many
+    interleaved timing rounds they came from (absent when not interleaved)."""
+
+    latency_ms_p50_b1: Number
+    latency_ms_p95_b1: Number
+    latency_ms_p50_b32: Number
+    latency_ms_p95_b32: Number
+    throughput_eps_b32: Number
+    size_mb: Number
+    peak_rss_mb: Number
+    cpu_ms_per_prediction_b1: Number | None = None
+    cpu_ms_per_prediction_b32: Number | None = None
+    timing_rounds_b1: int | None = None
+    timing_rounds_b32: int | None = None
+
+    def performance(self) -> dict[str, Any]:
+        """The PERFORMANCE_KEYS figures, by key."""
+        return {k: getattr(self, k) for k in PERFORMANCE_KEYS}
+
+
+class BatchInvariance(Artifact):
+    """Whether a candidate's outputs depend on the batch it is in
+    (``shrinkflow.runtime.batch_invariance``): the largest and mean change
+    of a probability between batch ``batch_size`` and one text per call,
+    labels that flipped, over ``rows`` texts; ``per_row``: served one text
+    per call because of it."""
+
+    # allow: the runtime may add diagnostic figures; none is read by name
+    # but the ones below.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    max_prob_diff: Number
+    label_flips: int
+    mean_prob_diff: Number | None = None
+    batch_size: int | None = None
+    rows: int | None = None
+    per_row: bool | None = None
+
+
+class TeacherMeasurements(Quality, Performance):
+    """The teacher (fp32, torch eager) on ``split``: quality and performance,
+    and its accuracy on the shifted domain (None without shifted labels).
+    In metrics/validate.json (``teacher``, on val) and a version manifest
+    (``teacher_metrics``, on test)."""
+
+    split: str
+    accuracy_shifted: Number | None = None
+
+
+class CandidateMeasurements(Quality, PairedDrop, Performance):
+    """One candidate's measurements: metrics/validate.json ``candidates[name]``
+    (on val, with the hashes of the files that were validated), and in a
+    version manifest ``selection_metrics`` (val, without hashes) and
+    ``metrics`` (test quality, val agreement and performance: see
+    ``shrinkflow.validation.deployed_figures``).
+
+    ``speedup_p95_b1``: teacher p95 over candidate p95 at batch 1, round by
+    round (absent when not timed interleaved). ``agreement``: fraction of
+    texts where it predicts the teacher's label, by split (None: empty split).
+    ``files``: sha256 by relative path; ``content_hash``: one hash of them."""
+
+    split: str
+    accuracy_shifted: Number | None = None
+    speedup_p95_b1: Number | None = None
+    agreement: dict[str, Number | None]
+    batch_invariance: BatchInvariance | None = None
+    files: dict[str, str] | None = None
+    content_hash: str | None = None
+
+
+# ---------------------------------------------------------------- gates
+
+
+class GateEntry(Artifact):
+    """One gate's verdict (``shrinkflow.gates.GateResult`` as stored): value
+    and threshold in the gate's units (fractions, ms, MB, a ratio),
+    ``margin`` past the threshold (>= 0 passes)."""
+
+    name: str
+    passed: bool
+    value: Number
+    threshold: Number
+    direction: Literal["min", "max"]
+    margin: Number
+    enforced: bool = True
+    note: str = ""
+
+
+class CandidateGates(Artifact):
+    """One candidate's gate report (``shrinkflow.gates.GateReport.to_dict``):
+    reports/gates.json ``candidates[name]`` and ``confirmation.gates``, and
+    registry/versions/vNNNN/gates.json."""
+
+    candidate: str
+    passed: bool
+    gates: dict[str, GateEntry]
+
+    def to_report(self) -> GateReport:
+        """The pure-logic GateReport this document records."""
+        return GateReport(self.candidate, tuple(GateResult(**g.model_dump()) for g in self.gates.values()))
+
+    @classmethod
+    def from_report(cls, report: GateReport) -> "CandidateGates":
+        return cls.model_validate(report.to_dict())
+
+
+class ConfirmationMetrics(Quality, PairedDrop):
+    """The chosen candidate on the confirmation split (test): quality, the
+    paired drops against the teacher, and its agreement with the teacher (a
+    fraction)."""
+
+    agreement: Number | None
+
+
+class Confirmation(Artifact):
+    """The chosen candidate alone on the test split
+    (``shrinkflow.validation.confirmation``): its figures, the teacher's on
+    the same texts, its accuracy gates again; ``enforced``: a failure blocks
+    deployment (``validate.confirm_on_test: gate``). In metrics/validate.json,
+    reports/gates.json and a version manifest, all under ``confirmation``."""
+
+    candidate: str
+    split: str
+    teacher: Quality
+    metrics: ConfirmationMetrics
+    gates: CandidateGates
+    passed: bool
+    enforced: bool
+
+
+class ValidationReport(Artifact):
+    """metrics/validate.json: the teacher and every candidate measured side
+    by side on ``selection_split`` (val), and the confirmation of the chosen
+    one on ``confirmation_split`` (test; None when none was chosen).
+    ``labels``: class names in class-id order (absent in older files)."""
+
+    selection_split: str
+    confirmation_split: str
+    labels: list[str] | None = None
+    teacher: TeacherMeasurements
+    candidates: dict[str, CandidateMeasurements]
+    confirmation: Confirmation | None
+
+
+class GatesReport(Artifact):
+    """reports/gates.json: every candidate's gate report on val, the selection
+    (``selected``: the candidate to deploy, None when none may be;
+    ``best_effort``: the best regardless of gates; ``reason``: why, in words)
+    and the confirmation on test."""
+
+    selected: str | None
+    best_effort: str | None = None
+    reason: str
+    labels: list[str] | None = None
+    candidates: dict[str, CandidateGates]
+    confirmation: Confirmation | None
+
+
+# ---------------------------------------------------------------- cost
+
+
+class ServingCost(Artifact):
+    """Serving cost per million predictions at one batch size (``b1``,
+    ``b32``), teacher against the deployed model: CPU ms per prediction,
+    cost (currency per million), energy (kWh per million, None without a
+    metered rate), and the predictions after which compressing paid for
+    itself (None: it never does)."""
+
+    teacher_cpu_ms_per_prediction: Number
+    deployed_cpu_ms_per_prediction: Number
+    teacher_cost_per_million: Number
+    deployed_cost_per_million: Number
+    saving_per_million: Number
+    teacher_energy_kwh_per_million: Number | None
+    deployed_energy_kwh_per_million: Number | None
+    break_even_predictions: int | None
+    pays_back: bool
+
+
+class CostReturn(Artifact):
+    """The cost and return of one deployed version (``shrinkflow.cost.roi``):
+    CPU-seconds spent training the teacher and building every candidate
+    (``build_cpu_seconds`` by candidate, None: not metered, listed in
+    ``build_cpu_unknown``), their cost at ``price_per_core_hour``, energy
+    (kWh) and CO2 (kg) where codecarbon measured a rate, and ``serving``
+    costs by batch size. In deploy/deployment.json and a version manifest
+    (``roi``)."""
+
+    price_per_core_hour: Number
+    train_cpu_seconds: Number
+    compress_cpu_seconds: Number
+    build_cpu_seconds: dict[str, Number | None]
+    build_cpu_unknown: list[str]
+    spent_cpu_seconds: Number
+    spent_cost: Number
+    spent_energy_kwh: Number | None
+    spent_co2_kg: Number | None
+    kwh_per_cpu_second: Number | None
+    energy_source: str | None
+    country_iso_code: str | None
+    serving: dict[str, ServingCost]
+
+
+# ---------------------------------------------------------------- deploy and registry
+
+
+class ServingMode(Artifact):
+    """How the server runs a version: ``per_row`` (one text per call) when
+    validate found its outputs depend on the batch, with the figures that
+    said so (largest probability change, a fraction; labels flipped). Empty
+    (no keys) when validate measured no batch invariance."""
+
+    per_row: bool | None = None
+    max_batch_prob_diff: Number | None = None
+    label_flips: int | None = None
+
+
+class VersionManifest(Artifact):
+    """registry/versions/vNNNN/manifest.json: one immutable registered version,
+    in the spirit of MLflow's ``ModelVersion`` entity (``version``,
+    ``created_at`` as an ISO-8601 UTC timestamp, the source ``candidate``).
+
+    Its test figures (``metrics``) and the teacher's on the same texts
+    (``teacher_metrics``), the val figures it was selected on
+    (``selection_metrics``), its gates on val and the confirmation on test,
+    the recipe that built it, its lineage (``shrinkflow.lineage``), cost and
+    return, the sha256 of each model file and one ``content_hash``;
+    ``same_model_as``: an earlier version with identical files.
+    ``labels`` (class names in class-id order) and ``serving`` are absent
+    from versions stored before they were recorded; ``roi`` may be None."""
+
+    version: str
+    created_at: str
+    candidate: str
+    labels: list[str] | None = None
+    serving: ServingMode | None = None
+    # The recipe steps as configured (shrinkflow.config's step models dump
+    # them); kept as dicts: each method has its own keys.
+    recipe: list[dict[str, Any]]
+    metrics: CandidateMeasurements
+    teacher_metrics: TeacherMeasurements
+    selection_metrics: CandidateMeasurements
+    confirmation: Confirmation
+    selection: str
+    roi: CostReturn | None = None
+    # Lineage is a free-form record of the environment (git, dvc.lock, library
+    # versions, data hashes) that grows with the project: not validated by key.
+    lineage: dict[str, Any]
+    same_model_as: str | None = None
+    files: dict[str, str]
+    content_hash: str
+    gates: dict[str, GateEntry]
+
+    @classmethod
+    def check_record(cls, record: dict[str, Any], gates: CandidateGates, files: dict[str, str],
+                     content_hash: str) -> None:
+        """Check the record the deploy stage hands ``Registry.promote`` before
+        it is stored: with the keys the registry adds (version, time, hashes,
+        gates) it must validate as a manifest, so a version that would not load
+        back is refused while production is unchanged. Raises
+        pydantic.ValidationError."""
+        cls.model_validate({"same_model_as": None, **record, "version": "v0000", "created_at": "",
+                            "files": files, "content_hash": content_hash, "gates": gates.to_json_dict()["gates"]})
+
+
+class Aliases(Artifact):
+    """registry/aliases.json: named pointers to versions, as MLflow's
+    registered-model aliases: ``production`` and ``previous_production``
+    (the version production was before its last move; absent in older
+    registries)."""
+
+    # allow: aliases are names; a registry may hold others.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    production: str | None = None
+    previous_production: str | None = None
+
+
+class HistoryEvent(Artifact):
+    """One line of registry/history.jsonl: a move of the production alias
+    (``promote`` or ``rollback``) at ``at`` (ISO-8601 UTC), to ``version``
+    from ``previous``; ``same_model_as`` for a promotion of identical files."""
+
+    # allow: an event kind may carry its own keys.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    at: str
+    event: str
+    version: str
+    previous: str | None = None
+    same_model_as: str | None = None
+
+
+class DeploymentRecord(Artifact):
+    """deploy/deployment.json: what the deploy stage did: ``candidate`` is
+    production as ``version`` (its ``content_hash``) in the registry at
+    ``registry``; ``previous`` production version, ``same_model_as`` an earlier
+    version with identical files; the cost and return (``roi``)."""
+
+    version: str
+    previous: str | None
+    same_model_as: str | None
+    candidate: str
+    registry: str
+    content_hash: str
+    roi: CostReturn

@@ -1,0 +1,64 @@
+"""The artifact catalog: each typed artifact's name, path and model.
+
+In the spirit of Kedro's DataCatalog, but typed Python: a stage asks for
+``load(VALIDATION)`` and gets a ``ValidationReport``, and saves one with
+``save(VALIDATION, report)`` (atomic, ``shrinkflow.io.write_json``: sorted
+keys, indent 2, so the files keep their shape and ``dvc metrics`` diffs
+stay meaningful). Paths come from ``shrinkflow.paths``; models from
+``shrinkflow.artifacts``. A registry version's manifest lives under the
+registry's own root: ``Registry.version_manifest`` reads it.
+
+Constants and two functions: importing this module touches nothing on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from shrinkflow.artifacts import Artifact, DeploymentRecord, GatesReport, ValidationReport
+from shrinkflow.errors import MissingInput
+from shrinkflow.io import read_json, write_json
+from shrinkflow.paths import DEPLOYMENT as DEPLOYMENT_PATH
+from shrinkflow.paths import GATES_JSON, METRICS_VALIDATE
+
+A = TypeVar("A", bound=Artifact)
+
+
+@dataclass(frozen=True)
+class Entry(Generic[A]):
+    """One catalogued artifact: its ``name``, its ``path`` relative to the
+    project root, the ``model`` its JSON validates as, and the stage that
+    writes it (named in the error when it is missing)."""
+
+    name: str
+    path: Path
+    model: type[A]
+    written_by: str
+
+
+VALIDATION: Entry[ValidationReport] = Entry("validation", METRICS_VALIDATE, ValidationReport, "validate")
+GATES: Entry[GatesReport] = Entry("gates", GATES_JSON, GatesReport, "validate")
+DEPLOYMENT: Entry[DeploymentRecord] = Entry("deployment", DEPLOYMENT_PATH, DeploymentRecord, "deploy")
+
+CATALOG: dict[str, Entry] = {e.name: e for e in (VALIDATION, GATES, DEPLOYMENT)}
+
+
+def load(entry: Entry[A], root: Path | str = ".") -> A:
+    """``entry``'s document under ``root``, validated as its model. Raises
+    MissingInput (naming the stage that writes it) when the file is missing,
+    pydantic.ValidationError when it does not match the model."""
+    path = Path(root) / entry.path
+    if not path.is_file():
+        raise MissingInput(f"{path} is missing: run the {entry.written_by} stage first "
+                           f"(dvc repro {entry.written_by})")
+    return entry.model.model_validate(read_json(path))
+
+
+def save(entry: Entry[A], obj: A, root: Path | str = ".") -> Path:
+    """Write ``obj`` (an instance of ``entry.model``) to ``entry``'s path under
+    ``root``, atomically. Raises TypeError for an object of another model."""
+    if not isinstance(obj, entry.model):
+        raise TypeError(f"{entry.name} holds a {entry.model.__name__}, not a {type(obj).__name__}")
+    return write_json(Path(root) / entry.path, obj.to_json_dict())

@@ -1,0 +1,183 @@
+"""Typed artifacts and their catalog (issue 16, item 1).
+
+The fixtures under tests/data/artifacts/ are real files from the default
+run, written by the code before the models existed: metrics/validate.json,
+reports/gates.json, deploy/deployment.json and the registry's metadata
+(aliases, history, every version's manifest.json and gates.json; v0001 and
+v0002 predate macro-F1 and ``labels``, v0003 has them). Each must load
+through its model and dump back byte for byte, so existing registries and
+``dvc metrics`` keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shrinkflow.artifacts import (Aliases, CandidateGates, DeploymentRecord, GatesReport, HistoryEvent,
+                                  ValidationReport, VersionManifest)
+from shrinkflow.catalog import CATALOG, DEPLOYMENT, GATES, VALIDATION, load, save
+from shrinkflow.config import Gates, ValidateParams
+from shrinkflow.errors import MissingInput
+from shrinkflow.gates import GateReport, check_max, check_min
+from shrinkflow.io import write_json
+from shrinkflow.registry import Registry
+from shrinkflow.validation import deployed_figures, validate_runs
+
+DATA = Path(__file__).parent / "data" / "artifacts"
+VERSIONS = ("v0001", "v0002", "v0003")
+FILES = [("validate.json", ValidationReport), ("gates.json", GatesReport), ("deployment.json", DeploymentRecord),
+         ("registry/aliases.json", Aliases),
+         *[(f"registry/versions/{v}/manifest.json", VersionManifest) for v in VERSIONS],
+         *[(f"registry/versions/{v}/gates.json", CandidateGates) for v in VERSIONS]]
+
+
+def dumped(obj) -> str:
+    """What shrinkflow.io.write_json writes for ``obj``."""
+    return json.dumps(obj.to_json_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# ------------------------------------------------------- real files, byte for byte
+@pytest.mark.parametrize("name,model", FILES, ids=[f for f, _ in FILES])
+def test_a_real_file_loads_and_dumps_back_byte_for_byte(name, model):
+    text = (DATA / name).read_text()
+    obj = model.model_validate_json(text)
+    assert dumped(obj) == text
+
+
+def test_a_real_history_loads_line_by_line():
+    lines = (DATA / "registry" / "history.jsonl").read_text().splitlines()
+    events = [HistoryEvent.model_validate_json(line) for line in lines]
+    assert [e.version for e in events] == list(VERSIONS)
+    assert [json.dumps(e.to_json_dict(), sort_keys=True) for e in events] == lines
+
+
+def test_the_real_files_are_typed_not_passed_through():
+    v = ValidationReport.model_validate_json((DATA / "validate.json").read_text())
+    cand = v.candidates["student-l024-int8"]
+    assert cand.latency_ms_p95_b1 == 4.34 and cand.batch_invariance.label_flips == 18
+    assert isinstance(cand.n, int) and cand.per_class_n == {"negative": 799, "positive": 786}
+    assert v.confirmation.gates.to_report().passed and v.labels == ["negative", "positive"]
+    g = GatesReport.model_validate_json((DATA / "gates.json").read_text())
+    assert g.selected == "student-l024-int8" and g.confirmation == v.confirmation
+    d = DeploymentRecord.model_validate_json((DATA / "deployment.json").read_text())
+    assert d.roi.serving["b1"].break_even_predictions == 12577 and d.version == "v0003"
+
+
+def test_a_registry_written_by_the_previous_code_still_loads(tmp_path):
+    root = tmp_path / "registry"
+    shutil.copytree(DATA / "registry", root)
+    reg = Registry(root)
+    assert reg.versions() == list(VERSIONS) and reg.alias() == "v0003" and reg.previous_production() == "v0002"
+    manifests = {v: reg.version_manifest(v) for v in reg.versions()}
+    # older versions lack the multi-class figures and labels: optional, absent, and dumped absent
+    old, new = manifests["v0001"], manifests["v0003"]
+    assert old.labels is None and old.metrics.macro_f1 is None and "labels" not in old.to_json_dict()
+    assert new.labels == ["negative", "positive"] and new.metrics.macro_f1 == 0.848458
+    for v, m in manifests.items():
+        assert m.version == v and m.to_json_dict() == reg.manifest(v)
+        gates = CandidateGates.model_validate_json((reg.path(v) / "gates.json").read_text())
+        assert gates.candidate == m.candidate and gates.gates == m.gates
+    assert [d["version"] for d in reg.describe_versions()] == list(VERSIONS)
+    assert Aliases.model_validate_json((root / "aliases.json").read_text()).production == "v0003"
+
+
+# ------------------------------------------------------- strict where it can be
+def test_an_unknown_or_missing_key_fails_loudly():
+    doc = json.loads((DATA / "validate.json").read_text())
+    doc["candidates"]["int8"]["latency_ms_p95_b1_typo"] = 1.0
+    with pytest.raises(ValidationError, match="latency_ms_p95_b1_typo"):
+        ValidationReport.model_validate(doc)
+    doc = json.loads((DATA / "deployment.json").read_text())
+    del doc["content_hash"]
+    with pytest.raises(ValidationError, match="content_hash"):
+        DeploymentRecord.model_validate(doc)
+
+
+def test_ints_stay_ints_and_floats_keep_their_repr():
+    doc = json.loads((DATA / "registry" / "versions" / "v0003" / "gates.json").read_text())
+    doc["gates"]["min_speedup"]["threshold"] = 2   # an int threshold, as a user may write it
+    g = CandidateGates.model_validate(doc)
+    assert g.gates["min_speedup"].threshold == 2 and isinstance(g.gates["min_speedup"].threshold, int)
+    assert g.to_json_dict() == doc
+
+
+def test_a_gate_report_converts_both_ways():
+    report = GateReport("c", (check_min("min_accuracy", 0.9, 0.8), check_max("max_size_mb", 50.0, 40.0)))
+    doc = CandidateGates.from_report(report)
+    assert doc.passed is False and doc.to_json_dict() == report.to_dict()
+    assert doc.to_report() == report
+
+
+# ------------------------------------------------------- what validate_runs writes today
+def run(val, test, lat):
+    return {"predictions": {"val": list(val), "test": list(test), "shifted": [1, 0]},
+            "performance": {"latency_ms_p50_b1": lat, "latency_ms_p95_b1": lat, "latency_ms_p50_b32": 10 * lat,
+                            "latency_ms_p95_b32": 10 * lat, "throughput_eps_b32": 100.0, "size_mb": 1.0,
+                            "peak_rss_mb": 50, "cpu_ms_per_prediction_b1": lat, "cpu_ms_per_prediction_b32": lat},
+            "batch_invariance": {"max_prob_diff": 0.0, "mean_prob_diff": 0.0, "label_flips": 0, "rows": 8,
+                                 "batch_size": 32, "per_row": False, "labels_alone": [0] * 8}}
+
+
+VAL, TEST = [0, 0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 0]
+LABELS = {"val": VAL, "test": TEST, "shifted": [1, 0]}
+
+
+def validated():
+    gates = Gates(min_accuracy=0.5, max_accuracy_drop=0.2, max_latency_ms_p95_b1=100.0, max_size_mb=100.0,
+                  min_speedup=1.0)
+    return validate_runs(run(VAL, TEST, 20.0), {"small": run(VAL[:7] + [1], TEST, 5.0)}, LABELS,
+                         ValidateParams(gates=gates), {"small": {"files": {"model.onnx": "ab"}, "content_hash": "cd"}},
+                         ("negative", "positive"))
+
+
+def test_what_validate_runs_returns_is_a_valid_report_and_dumps_unchanged():
+    metrics, gates = validated()
+    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
+    assert json.dumps(report.to_json_dict(), sort_keys=True) == json.dumps(metrics, sort_keys=True)
+    assert json.dumps(selection.to_json_dict(), sort_keys=True) == json.dumps(gates, sort_keys=True)
+    assert selection.selected == "small" and report.candidates["small"].peak_rss_mb == 50
+    assert report.candidates["small"].batch_invariance.per_row is False
+
+
+def test_a_version_stored_as_deploy_stores_it_loads_as_a_manifest(tmp_path):
+    metrics, gates = validated()
+    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"weights")
+    (model / "shrinkflow_model.json").write_text(json.dumps({"format": "onnx", "labels": ["negative", "positive"]}))
+    record = {"candidate": "small", "labels": report.labels, "serving": {}, "recipe": [],
+              **deployed_figures(metrics, "small"), "confirmation": report.confirmation.to_json_dict(),
+              "selection": selection.reason, "roi": None, "lineage": {}}
+    cand = selection.candidates["small"]
+    VersionManifest.check_record(record, cand, {"model.onnx": "ab"}, "cd")
+    with pytest.raises(ValidationError, match="selection"):
+        VersionManifest.check_record({**record, "selection": None}, cand, {}, "")
+    reg = Registry(tmp_path / "registry")
+    v = reg.promote(model, cand.to_report(), record).version
+    m = reg.version_manifest(v)
+    assert m.metrics.split == "test" and m.selection_metrics.split == "val" and m.serving.to_json_dict() == {}
+    assert m.to_json_dict() == reg.manifest(v)
+
+
+# ------------------------------------------------------- the catalog
+def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
+    metrics, gates = validated()
+    assert set(CATALOG) == {"validation", "gates", "deployment"}
+    path = save(VALIDATION, ValidationReport.model_validate(metrics), tmp_path)
+    assert path == tmp_path / "metrics" / "validate.json"
+    # the same bytes as the writer before the models
+    write_json(tmp_path / "before.json", metrics)
+    assert path.read_bytes() == (tmp_path / "before.json").read_bytes()
+    assert load(VALIDATION, tmp_path) == ValidationReport.model_validate(metrics)
+    with pytest.raises(TypeError, match="validation holds a ValidationReport, not a GatesReport"):
+        save(VALIDATION, GatesReport.model_validate(gates), tmp_path)
+    with pytest.raises(MissingInput, match=r"deploy/deployment.json is missing: run the deploy stage"):
+        load(DEPLOYMENT, tmp_path)
+    save(GATES, GatesReport.model_validate(gates), tmp_path)
+    assert (tmp_path / "reports" / "gates.json").is_file() and load(GATES, tmp_path).selected == "small"
