@@ -269,8 +269,9 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
 
 
 def _print_summary(root: Path, parsed, result: dict) -> None:
-    from shrinkflow.gates import GateReport
+    from shrinkflow.artifacts import GatesReport
 
+    gates = GatesReport.model_validate(result["gates"])
     stages = ", ".join(f"{s}={r['status']}" for s, r in result["stages"].items())
     out = ["", "=" * 72, f"stages: {stages}"]
     if result["deployed_version"]:
@@ -278,14 +279,13 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
                    f"-> {parsed.deploy.registry_dir}/versions/{result['deployed_version']}")
     else:
         out.append("NOT DEPLOYED: no candidate passed every gate; production is unchanged.")
-        for name, d in result["gates"]["candidates"].items():
-            rep = GateReport.from_dict(d)
-            for f in rep.failures:
+        for name, d in gates.candidates.items():
+            for f in d.to_report().failures:
                 out.append(f"  {name} (val): {f.describe()}")
-        conf = result["gates"].get("confirmation")
-        if conf and not conf["passed"]:
-            for f in GateReport.from_dict(conf["gates"]).failures:
-                out.append(f"  {conf['candidate']} (test confirmation): {f.describe()}")
+        conf = gates.confirmation
+        if conf and not conf.passed:
+            for f in conf.gates.to_report().failures:
+                out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
     out += [f"metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",

@@ -33,8 +33,8 @@ def lifecycle(project_dir: str) -> dict:
         return repro_stage_with_retries(stage)(stage, project_dir, force=force)
 
     stages = {s: run(s) for s in BUILD_STAGES}
-    validation = read_validation(project_dir)
-    selected = validation["gates"]["selected"]
+    report, selection = read_validation(project_dir)
+    selected = selection.selected
     deployment = None
     if selected:
         stages["deploy"] = run("deploy")
@@ -43,10 +43,10 @@ def lifecycle(project_dir: str) -> dict:
             stages["deploy"] = run("deploy", force=True)
             deployment = read_deployment(project_dir, registry_dir)
         if deployment is None:
-            publish_report(validation, None, stages)
+            publish_report(report, selection, None, stages)
             raise DeploymentMissing(f"the deploy stage ran (forced) but the registry at {registry_dir} does not "
                                     f"serve {selected!r}")
-    version = deployment["version"] if deployment else None
-    publish_report(validation, version, stages, (deployment or {}).get("roi"))
+    version = deployment.version if deployment else None
+    publish_report(report, selection, version, stages, deployment.roi if deployment else None)
     return {"stages": stages, "selected": selected, "deployed_version": version,
-            "gates": validation["gates"], "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
+            "gates": selection.to_json_dict(), "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

@@ -29,18 +29,13 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict
 
 from shrinkflow.gates import GateReport, GateResult
+# The performance keys every measured model reports, as validation copies
+# them into a deployed version's figures; Performance's fields carry them.
+from shrinkflow.validation import PERFORMANCE_KEYS
 
 # An int stays an int and a float keeps its repr (smart union: the exact
 # type wins), so a file read and written back is byte-identical.
 Number = Union[int, float]
-
-# The keys every measured model reports about its performance: latencies
-# (ms, batch 1 and 32), throughput (examples/s at batch 32), size (MB),
-# peak RSS (MB), CPU per prediction (ms). Spelled here once.
-LATENCY_P95_B1 = "latency_ms_p95_b1"
-PERFORMANCE_KEYS = ("latency_ms_p50_b1", LATENCY_P95_B1, "latency_ms_p50_b32", "latency_ms_p95_b32",
-                    "throughput_eps_b32", "size_mb", "peak_rss_mb", "cpu_ms_per_prediction_b1",
-                    "cpu_ms_per_prediction_b32")
 
 
 class Artifact(BaseModel):
@@ -392,7 +387,8 @@ class DeploymentRecord(Artifact):
     """deploy/deployment.json: what the deploy stage did: ``candidate`` is
     production as ``version`` (its ``content_hash``) in the registry at
     ``registry``; ``previous`` production version, ``same_model_as`` an earlier
-    version with identical files; the cost and return (``roi``)."""
+    version with identical files; the cost and return (``roi``, absent from
+    records written before cost was recorded)."""
 
     version: str
     previous: str | None
@@ -400,4 +396,4 @@ class DeploymentRecord(Artifact):
     candidate: str
     registry: str
     content_hash: str
-    roi: CostReturn
+    roi: CostReturn | None = None

@@ -31,12 +31,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shrinkflow.artifacts import VersionManifest
 from shrinkflow.errors import (IntegrityError, NothingToRollBack, PromotionRefused,  # noqa: F401  (re-exported)
                                RegistryError, UnknownVersion)
 from shrinkflow.gates import GateReport
 from shrinkflow.io import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
+
+if TYPE_CHECKING:
+    from shrinkflow.artifacts import VersionManifest
 
 PRODUCTION = "production"
 # What production pointed at before its last move (rollback's default target).
@@ -129,6 +132,10 @@ class Registry:
         returns as a dict). Raises KeyError as ``manifest`` does, and
         pydantic.ValidationError when the file does not match the model (a
         version stored by hand or by a test with a partial record)."""
+        # Lazily: the models import the validation figures (numpy), which the
+        # server and the monitor, readers of plain manifests, do not need.
+        from shrinkflow.artifacts import VersionManifest
+
         return VersionManifest.model_validate(self.manifest(version))
 
     def production(self) -> tuple[str, dict] | None:

@@ -8,19 +8,20 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.io import read_json
-from shrinkflow.paths import DEPLOYMENT, GATES_JSON, METRICS_VALIDATE
+from shrinkflow.artifacts import CostReturn, DeploymentRecord, GatesReport, ValidationReport
+from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, load
 from shrinkflow.report import roi_markdown, validation_markdown
 
 
 @task(name="read-validation", cache_policy=NO_CACHE)
-def read_validation(project_dir: str) -> dict:
-    root = Path(project_dir)
-    return {"metrics": read_json(root / METRICS_VALIDATE), "gates": read_json(root / GATES_JSON)}
+def read_validation(project_dir: str) -> tuple[ValidationReport, GatesReport]:
+    """The validate stage's report and selection (metrics/validate.json,
+    reports/gates.json). Raises MissingInput when validate has not run."""
+    return load(VALIDATION, project_dir), load(GATES, project_dir)
 
 
 @task(name="read-deployment", cache_policy=NO_CACHE)
-def read_deployment(project_dir: str, registry_dir: str) -> dict | None:
+def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | None:
     """The deploy stage's record, if the registry really serves it.
 
     deploy/deployment.json can outlive its registry (a fresh clone, a deleted
@@ -28,18 +29,18 @@ def read_deployment(project_dir: str, registry_dir: str) -> dict | None:
     """
     from shrinkflow.registry import Registry
 
-    path = Path(project_dir) / DEPLOYMENT
-    if not path.is_file():
+    if not (Path(project_dir) / DEPLOYMENT.path).is_file():
         return None
-    record = read_json(path)
+    record = load(DEPLOYMENT, project_dir)
     registry = Registry(Path(project_dir) / registry_dir)
-    return record if registry.alias() == record["version"] else None
+    return record if registry.alias() == record.version else None
 
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
-def publish_report(validation: dict, deployed_version: str | None, stages: dict, roi: dict | None = None) -> str:
-    md = validation_markdown(validation["metrics"], validation["gates"], deployed_version, "deploy" in stages)
-    md += ("\n" + roi_markdown(roi)) if roi else ""
+def publish_report(report: ValidationReport, selection: GatesReport, deployed_version: str | None, stages: dict,
+                   roi: CostReturn | None = None) -> str:
+    md = validation_markdown(report.to_json_dict(), selection.to_json_dict(), deployed_version, "deploy" in stages)
+    md += ("\n" + roi_markdown(roi.to_json_dict())) if roi else ""
     md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"
     create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,

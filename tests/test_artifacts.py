@@ -181,3 +181,57 @@ def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
         load(DEPLOYMENT, tmp_path)
     save(GATES, GatesReport.model_validate(gates), tmp_path)
     assert (tmp_path / "reports" / "gates.json").is_file() and load(GATES, tmp_path).selected == "small"
+
+
+def test_the_performance_model_carries_every_performance_key():
+    from shrinkflow.artifacts import Performance
+    from shrinkflow.validation import PERFORMANCE_KEYS
+
+    assert set(PERFORMANCE_KEYS) <= set(Performance.model_fields)
+    m = VersionManifest.model_validate_json((DATA / "registry" / "versions" / "v0003" / "manifest.json").read_text())
+    assert m.teacher_metrics.performance() == {k: m.to_json_dict()["teacher_metrics"][k] for k in PERFORMANCE_KEYS}
+
+
+# ------------------------------------------------------- the Prefect tasks and the CLI read typed objects
+def project_with(tmp_path, *names):
+    for name in names:
+        src = DATA / Path(name).name
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / name)
+    return tmp_path
+
+
+def test_the_lifecycle_tasks_read_the_documents_typed(tmp_path):
+    from tasks.report import read_deployment, read_validation
+
+    root = project_with(tmp_path, "metrics/validate.json", "reports/gates.json")
+    report, selection = read_validation.fn(str(root))
+    assert isinstance(report, ValidationReport) and selection.selected == "student-l024-int8"
+    assert read_deployment.fn(str(root), "registry") is None          # no deployment.json
+    project_with(tmp_path, "deploy/deployment.json")
+    shutil.copytree(DATA / "registry", root / "registry")
+    record = read_deployment.fn(str(root), "registry")
+    assert isinstance(record, DeploymentRecord) and record.version == "v0003" and record.roi.spent_cpu_seconds == 739.99
+    # the registry no longer serves it (production moved; the fixture has no model files to verify a rollback)
+    write_json(root / "registry" / "aliases.json", {"production": "v0002"})
+    assert read_deployment.fn(str(root), "registry") is None
+    # a record from before cost was recorded still loads
+    old = json.loads((DATA / "deployment.json").read_text())
+    del old["roi"]
+    assert DeploymentRecord.model_validate(old).roi is None
+
+
+def test_the_run_summary_names_each_failed_gate(tmp_path, capsys):
+    from flows.cli import _print_summary
+    from shrinkflow.config import load_params
+
+    gates = json.loads((DATA / "gates.json").read_text())
+    gates["candidates"]["int8"]["gates"]["min_accuracy"].update(passed=False, margin=-0.01)
+    gates["candidates"]["int8"]["passed"] = False
+    gates["selected"] = None
+    result = {"stages": {"validate": {"status": "ran", "seconds": 1.0}}, "selected": None, "deployed_version": None,
+              "gates": gates, "flow_run_id": "id", "flow_run_name": "name"}
+    _print_summary(tmp_path, load_params(Path(__file__).parents[1] / "params.yaml"), result)
+    out = capsys.readouterr().out
+    assert "NOT DEPLOYED" in out and "  int8 (val): min_accuracy FAILED:" in out
+    assert "student-l024-int8 (val)" not in out and "test confirmation" not in out
