@@ -293,6 +293,57 @@ class CostReturn(Artifact):
     serving: dict[str, ServingCost]
 
 
+class ComputeRecord(Artifact):
+    """What a stage's ``shrinkflow.cost.ComputeMeter`` recorded: CPU-seconds
+    and wall seconds; with codecarbon, the energy (kWh), CO2 (kg), the grid's
+    country and the CPU model (absent without it)."""
+
+    cpu_seconds: Number
+    wall_seconds: Number
+    energy_kwh: Number | None = None
+    co2_kg: Number | None = None
+    country_iso_code: str | None = None
+    cpu_model: str | None = None
+    energy_source: str | None = None
+
+
+class BuildRecord(Artifact):
+    """One candidate's build in metrics/compress.json: wall seconds, CPU-seconds
+    (None: cached before builds were metered), whether it came from the
+    candidate cache, its parameters and zlib-compressed size (MB)."""
+
+    # allow: each compression step adds its own figures (layers, vocab_size,
+    # distillation row counts); none is read by name but the ones below.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    build_cpu_seconds: Number | None = None
+
+
+class CompressMetrics(Artifact):
+    """metrics/compress.json: every candidate's build (by name) and what the
+    whole compress stage's compute meter recorded. Read by deploy for the
+    cost and return; written by the compress stage (not through this model)."""
+
+    # allow: written by the compress stage as a plain dict.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    candidates: dict[str, BuildRecord]
+    compute: ComputeRecord | None = None
+
+
+class TrainMetrics(Artifact):
+    """metrics/train.json: the teacher's training (best epoch, val accuracy by
+    epoch, seconds) and its compute meter (``compute``). Read by deploy for
+    the cost and return; written by the train stage (not through this model)."""
+
+    # allow: written by the train stage from its result dataclass; only
+    # ``compute`` is read by name.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    compute: ComputeRecord | None = None
+
+
 # ---------------------------------------------------------------- deploy and registry
 
 

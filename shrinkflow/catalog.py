@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from shrinkflow.artifacts import Artifact, DeploymentRecord, GatesReport, ValidationReport
+from shrinkflow.artifacts import (Artifact, CompressMetrics, DeploymentRecord, GatesReport, TrainMetrics,
+                                  ValidationReport)
 from shrinkflow.errors import MissingInput
 from shrinkflow.io import read_json, write_json
 from shrinkflow.paths import DEPLOYMENT as DEPLOYMENT_PATH
-from shrinkflow.paths import GATES_JSON, METRICS_VALIDATE
+from shrinkflow.paths import GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN, METRICS_VALIDATE
 
 A = TypeVar("A", bound=Artifact)
 
@@ -38,11 +39,16 @@ class Entry(Generic[A]):
     written_by: str
 
 
+# Read through the catalog by deploy; their stages still write plain dicts
+# (train and compress do not import the models, so editing these leaves them
+# up to date in DVC's eyes).
+TRAIN_METRICS: Entry[TrainMetrics] = Entry("train_metrics", METRICS_TRAIN, TrainMetrics, "train")
+COMPRESS_METRICS: Entry[CompressMetrics] = Entry("compress_metrics", METRICS_COMPRESS, CompressMetrics, "compress")
 VALIDATION: Entry[ValidationReport] = Entry("validation", METRICS_VALIDATE, ValidationReport, "validate")
 GATES: Entry[GatesReport] = Entry("gates", GATES_JSON, GatesReport, "validate")
 DEPLOYMENT: Entry[DeploymentRecord] = Entry("deployment", DEPLOYMENT_PATH, DeploymentRecord, "deploy")
 
-CATALOG: dict[str, Entry] = {e.name: e for e in (VALIDATION, GATES, DEPLOYMENT)}
+CATALOG: dict[str, Entry] = {e.name: e for e in (TRAIN_METRICS, COMPRESS_METRICS, VALIDATION, GATES, DEPLOYMENT)}
 
 
 def load(entry: Entry[A], root: Path | str = ".") -> A:

@@ -13,14 +13,13 @@ CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 def deploy(params) -> None:
     from shrinkflow.artifacts import CostReturn, DeploymentRecord, VersionManifest
-    from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, load, save
+    from shrinkflow.catalog import COMPRESS_METRICS, DEPLOYMENT, GATES, TRAIN_METRICS, VALIDATION, load, save
     from shrinkflow.cost import roi, roi_lines
     from shrinkflow.errors import PromotionRefused
     from shrinkflow.gates import serves_per_row
     from shrinkflow.io import read_json
     from shrinkflow.lineage import collect_lineage
-    from shrinkflow.paths import (CANDIDATES, METRICS_COMPRESS, METRICS_TRAIN, SPLITS, TEACHER, UNLABELLED,
-                                  WINDOW_META, split_path)
+    from shrinkflow.paths import CANDIDATES, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
 
@@ -36,10 +35,10 @@ def deploy(params) -> None:
     # Cost and return: what training large and the compression search cost,
     # against what each prediction saves (CPU per prediction, measured by
     # validate on the same minutes as the teacher).
-    builds = read_json(METRICS_COMPRESS)["candidates"]
+    compute = load(TRAIN_METRICS).compute
+    builds = load(COMPRESS_METRICS).candidates
     cost = CostReturn.model_validate(
-        roi(read_json(METRICS_TRAIN).get("compute") or {},
-            {n: b.get("build_cpu_seconds") for n, b in builds.items()},
+        roi(compute.to_json_dict() if compute else {}, {n: b.build_cpu_seconds for n, b in builds.items()},
             figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd))
     # How the server must run it: one text per call when validate found its
     # outputs depend on the batch (the gate report says so).

@@ -1,7 +1,8 @@
 """Typed artifacts and their catalog (issue 16, item 1).
 
 The fixtures under tests/data/artifacts/ are real files from the default
-run, written by the code before the models existed: metrics/validate.json,
+run, written by the code before the models existed: metrics/train.json and
+metrics/compress.json (read by deploy), metrics/validate.json,
 reports/gates.json, deploy/deployment.json and the registry's metadata
 (aliases, history, every version's manifest.json and gates.json; v0001 and
 v0002 predate macro-F1 and ``labels``, v0003 has them). Each must load
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shrinkflow.artifacts import (Aliases, CandidateGates, DeploymentRecord, GatesReport, HistoryEvent,
-                                  ValidationReport, VersionManifest)
+from shrinkflow.artifacts import (Aliases, CandidateGates, CompressMetrics, DeploymentRecord, GatesReport,
+                                  HistoryEvent, TrainMetrics, ValidationReport, VersionManifest)
 from shrinkflow.catalog import CATALOG, DEPLOYMENT, GATES, VALIDATION, load, save
 from shrinkflow.config import Gates, ValidateParams
 from shrinkflow.errors import MissingInput
@@ -30,7 +31,7 @@ from shrinkflow.validation import deployed_figures, validate_runs
 
 DATA = Path(__file__).parent / "data" / "artifacts"
 VERSIONS = ("v0001", "v0002", "v0003")
-FILES = [("validate.json", ValidationReport), ("gates.json", GatesReport), ("deployment.json", DeploymentRecord),
+FILES = [("train.json", TrainMetrics), ("compress.json", CompressMetrics), ("validate.json", ValidationReport), ("gates.json", GatesReport), ("deployment.json", DeploymentRecord),
          ("registry/aliases.json", Aliases),
          *[(f"registry/versions/{v}/manifest.json", VersionManifest) for v in VERSIONS],
          *[(f"registry/versions/{v}/gates.json", CandidateGates) for v in VERSIONS]]
@@ -64,6 +65,9 @@ def test_the_real_files_are_typed_not_passed_through():
     assert v.confirmation.gates.to_report().passed and v.labels == ["negative", "positive"]
     g = GatesReport.model_validate_json((DATA / "gates.json").read_text())
     assert g.selected == "student-l024-int8" and g.confirmation == v.confirmation
+    c = CompressMetrics.model_validate_json((DATA / "compress.json").read_text())
+    assert c.candidates["int8"].build_cpu_seconds == 8.64 and c.candidates["student-l024-int8"].vocab_size == 10429
+    assert TrainMetrics.model_validate_json((DATA / "train.json").read_text()).compute.cpu_seconds == 438.09
     d = DeploymentRecord.model_validate_json((DATA / "deployment.json").read_text())
     assert d.roi.serving["b1"].break_even_predictions == 12577 and d.version == "v0003"
 
@@ -168,7 +172,7 @@ def test_a_version_stored_as_deploy_stores_it_loads_as_a_manifest(tmp_path):
 # ------------------------------------------------------- the catalog
 def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
     metrics, gates = validated()
-    assert set(CATALOG) == {"validation", "gates", "deployment"}
+    assert set(CATALOG) == {"train_metrics", "compress_metrics", "validation", "gates", "deployment"}
     path = save(VALIDATION, ValidationReport.model_validate(metrics), tmp_path)
     assert path == tmp_path / "metrics" / "validate.json"
     # the same bytes as the writer before the models
@@ -235,3 +239,71 @@ def test_the_run_summary_names_each_failed_gate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOT DEPLOYED" in out and "  int8 (val): min_accuracy FAILED:" in out
     assert "student-l024-int8 (val)" not in out and "test confirmation" not in out
+
+
+# ------------------------------------------------------- the deploy stage, end to end on the real documents
+def deploy_project(tmp_path: Path) -> Path:
+    """A project holding the default run's validate, train and compress
+    documents and a stand-in for the chosen candidate's files (its hashes
+    are written into validate.json, as validate would have recorded them)."""
+    from shrinkflow.io import content_hash, file_hashes
+
+    from tests.conftest import PROJECT_ROOT
+
+    root = tmp_path / "project"
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    project_with(root, "metrics/train.json", "metrics/compress.json", "reports/gates.json")
+    model = root / "models" / "candidates" / "student-l024-int8"
+    model.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(b"weights")
+    (model / "tokenizer.json").write_text("{}")
+    (model / "shrinkflow_model.json").write_text(json.dumps({"format": "onnx", "labels": ["negative", "positive"]}))
+    doc = json.loads((DATA / "validate.json").read_text())
+    hashes = file_hashes(model)
+    doc["candidates"]["student-l024-int8"].update(files=hashes, content_hash=content_hash(hashes))
+    write_json(root / "metrics" / "validate.json", doc)
+    write_json(root / "data" / "unlabelled" / "window.json", {})
+    return root
+
+
+def run_deploy(root: Path, code: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    return subprocess.run([sys.executable, "-m", "stages.deploy"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_deploy_stage_writes_typed_documents_from_typed_inputs(tmp_path):
+    from tests.conftest import PROJECT_ROOT
+
+    root = deploy_project(tmp_path)
+    proc = run_deploy(root, PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "deploy: student-l024-int8 is production as v0001" in proc.stdout
+    record = load(DEPLOYMENT, root)
+    assert record.version == "v0001" and record.previous is None and record.registry == "registry"
+    m = Registry(root / "registry").version_manifest("v0001")
+    assert record.content_hash == m.content_hash and m.labels == ["negative", "positive"]
+    assert m.serving.per_row is True and m.serving.label_flips == 18       # the real run's batch invariance
+    assert m.metrics.split == "test" and m.metrics.accuracy == 0.848485 and m.roi == record.roi
+    assert record.roi.build_cpu_seconds == {"int8": 8.64, "student-l024-int8": 293.26}
+    # the same bytes as the real run's deployment record, but for its version, previous and hash
+    real = json.loads((DATA / "deployment.json").read_text())
+    assert {**record.to_json_dict(), "version": "v0003", "previous": "v0002", "same_model_as": "v0002",
+            "content_hash": real["content_hash"]} == real
+
+
+def test_the_deploy_stage_refuses_what_validate_did_not_select(tmp_path):
+    from tests.conftest import PROJECT_ROOT
+
+    root = deploy_project(tmp_path)
+    gates = json.loads((root / "reports" / "gates.json").read_text())
+    write_json(root / "reports" / "gates.json", {**gates, "selected": None, "reason": "no candidate passed"})
+    proc = run_deploy(root, PROJECT_ROOT)
+    assert proc.returncode == 1 and "refusing to deploy: no candidate passed" in proc.stderr
+    assert not (root / "registry").exists() and not (root / "deploy").exists()
