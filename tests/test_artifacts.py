@@ -31,7 +31,8 @@ from shrinkflow.validation import deployed_figures, validate_runs
 
 DATA = Path(__file__).parent / "data" / "artifacts"
 VERSIONS = ("v0001", "v0002", "v0003")
-FILES = [("train.json", TrainMetrics), ("compress.json", CompressMetrics), ("validate.json", ValidationReport), ("gates.json", GatesReport), ("deployment.json", DeploymentRecord),
+FILES = [("train.json", TrainMetrics), ("compress.json", CompressMetrics), ("validate.json", ValidationReport),
+         ("gates.json", GatesReport), ("deployment.json", DeploymentRecord),
          ("registry/aliases.json", Aliases),
          *[(f"registry/versions/{v}/manifest.json", VersionManifest) for v in VERSIONS],
          *[(f"registry/versions/{v}/gates.json", CandidateGates) for v in VERSIONS]]
