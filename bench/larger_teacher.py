@@ -223,7 +223,7 @@ def compare(default: Path, large: Path) -> int:
         if sd is not None:
             models["small-direct-vocab-int8 (MiniLM-shaped, no teacher)"] = (sd, "baseline", default)
         runs = measure_interleaved({k: v[0] for k, v in models.items()}, texts, texts["val"],
-                                   pd_.validate.latency, log=lambda m: print(f"compare: {m}", flush=True))
+                                   pd_.validate_.latency, log=lambda m: print(f"compare: {m}", flush=True))
     rows = {}
     for name, (path, role, project) in models.items():
         pred = {s: np.asarray(runs[name]["predictions"][s]) for s in texts}
@@ -254,7 +254,7 @@ def compare(default: Path, large: Path) -> int:
             verdict[s] = paired_accuracy_drop(labels[s], ref_row["predictions"][s], rows[best]["predictions"][s])
     for r in rows.values():
         r.pop("predictions")
-    doc = {"cpu": cpu_model(), "threads": pd_.validate.latency.threads, "classes": list(classes),
+    doc = {"cpu": cpu_model(), "threads": pd_.validate_.latency.threads, "classes": list(classes),
            "n": {s: len(texts[s]) for s in texts}, "models": rows, "verdict": verdict}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "larger_teacher_compare.json").write_text(json.dumps(doc, indent=2) + "\n")
