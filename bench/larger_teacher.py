@@ -151,10 +151,7 @@ def cost(args) -> int:
            "batch_size": params.batch_size, "epochs": params.epochs, "train_rows": len(texts),
            "steps_full_fine_tune": steps_full, "steps_measured_per_model": args.steps * args.rounds,
            "models": rows, "step_ratio": round(large["median_s_per_step"] / small["median_s_per_step"], 2)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "larger_teacher_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
-    render()
-    return 0
+    return save("larger_teacher_cost.json", doc)
 
 
 def cost_markdown(doc: dict) -> list[str]:
@@ -256,10 +253,7 @@ def compare(default: Path, large: Path) -> int:
         r.pop("predictions")
     doc = {"cpu": cpu_model(), "threads": pd_.validate_.latency.threads, "classes": list(classes),
            "n": {s: len(texts[s]) for s in texts}, "models": rows, "verdict": verdict}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "larger_teacher_compare.json").write_text(json.dumps(doc, indent=2) + "\n")
-    render()
-    return 0
+    return save("larger_teacher_compare.json", doc)
 
 
 def compare_markdown(doc: dict) -> list[str]:
@@ -301,6 +295,14 @@ def compare_markdown(doc: dict) -> list[str]:
                  f"{w['latency_ms_p95_b1']:.2f} vs {ref['latency_ms_p95_b1']:.2f} ms), the larger teacher's best "
                  f"student on val, {v['winner']}, against {v['reference']}: " + "; ".join(parts) + ".")
     return lines
+
+
+def save(name: str, doc: dict) -> int:
+    """Write one result's JSON under bench/results and re-render the markdown."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(doc, indent=2) + "\n")
+    render()
+    return 0
 
 
 def render() -> None:
