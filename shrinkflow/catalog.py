@@ -19,12 +19,22 @@ from typing import Generic, TypeVar
 
 from shrinkflow.artifacts import (Artifact, CompressMetrics, DeploymentRecord, GatesReport, TrainMetrics,
                                   ValidationReport)
-from shrinkflow.errors import MissingInput
+from shrinkflow.errors import DataContractError, MissingInput
 from shrinkflow.io import read_json, write_json
 from shrinkflow.paths import DEPLOYMENT as DEPLOYMENT_PATH
 from shrinkflow.paths import GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN, METRICS_VALIDATE
 
 A = TypeVar("A", bound=Artifact)
+
+
+class ArtifactInvalid(DataContractError):
+    """A document that crosses a stage boundary exists but does not match its
+    model; the message names the file, the stage that writes it and pydantic's
+    first mismatches. A DataContractError, so a stage reports it in one line."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.problems = [message]
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,20 @@ CATALOG: dict[str, Entry] = {e.name: e for e in (TRAIN_METRICS, COMPRESS_METRICS
 def load(entry: Entry[A], root: Path | str = ".") -> A:
     """``entry``'s document under ``root``, validated as its model. Raises
     MissingInput (naming the stage that writes it) when the file is missing,
-    pydantic.ValidationError when it does not match the model."""
+    ArtifactInvalid (naming the file, its stage and the first mismatches) when
+    it does not match the model."""
+    from pydantic import ValidationError
+
     path = Path(root) / entry.path
     if not path.is_file():
         raise MissingInput(f"{path} is missing: run the {entry.written_by} stage first "
                            f"(dvc repro {entry.written_by})")
-    return entry.model.model_validate(read_json(path))
+    try:
+        return entry.model.model_validate(read_json(path))
+    except ValidationError as exc:
+        first = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in exc.errors()[:3])
+        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {entry.written_by} "
+                              f"stage; {exc.error_count()} error(s): {first})") from None
 
 
 def save(entry: Entry[A], obj: A, root: Path | str = ".") -> Path:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from shrinkflow.artifacts import CostReturn, DeploymentRecord, GatesReport, ValidationReport
-from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, load
+from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, ArtifactInvalid, load
 from shrinkflow.report import roi_markdown, validation_markdown
 
 
@@ -31,7 +31,11 @@ def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | N
 
     if not (Path(project_dir) / DEPLOYMENT.path).is_file():
         return None
-    record = load(DEPLOYMENT, project_dir)
+    try:
+        record = load(DEPLOYMENT, project_dir)
+    except ArtifactInvalid as exc:  # a broken deploy command: the flow re-runs deploy, then fails naming it
+        get_run_logger().warning(str(exc))
+        return None
     registry = Registry(Path(project_dir) / registry_dir)
     return record if registry.alias() == record.version else None
 

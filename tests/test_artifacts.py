@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from shrinkflow.artifacts import (Aliases, CandidateGates, CompressMetrics, DeploymentRecord, GatesReport,
                                   HistoryEvent, TrainMetrics, ValidationReport, VersionManifest)
-from shrinkflow.catalog import CATALOG, DEPLOYMENT, GATES, VALIDATION, load, save
+from shrinkflow.catalog import CATALOG, DEPLOYMENT, GATES, VALIDATION, ArtifactInvalid, load, save
+from shrinkflow.errors import HANDLED
 from shrinkflow.config import Gates, ValidateParams
 from shrinkflow.errors import MissingInput
 from shrinkflow.gates import GateReport, check_max, check_min
@@ -186,6 +187,13 @@ def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
         load(DEPLOYMENT, tmp_path)
     save(GATES, GatesReport.model_validate(gates), tmp_path)
     assert (tmp_path / "reports" / "gates.json").is_file() and load(GATES, tmp_path).selected == "small"
+    # a document that exists but breaks its model: one line naming the file, its stage and the key
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "deployment.json").write_text('{"version": "v0099"}')
+    with pytest.raises(ArtifactInvalid, match=r"deployment.json is not a valid deployment document \(written by "
+                                              r"the deploy stage; 5 error\(s\): previous: Field required"):
+        load(DEPLOYMENT, tmp_path)
+    assert isinstance(ArtifactInvalid("x"), HANDLED)
 
 
 def test_the_performance_model_carries_every_performance_key():
