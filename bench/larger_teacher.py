@@ -311,6 +311,10 @@ def render() -> None:
     for name, fn in (("larger_teacher_compare.json", compare_markdown), ("larger_teacher_cost.json", cost_markdown)):
         if (RESULTS / name).is_file():
             lines += fn(json.loads((RESULTS / name).read_text())) + [""]
+    if (RESULTS / "larger_teacher_frontier.md").is_file():
+        lines += ["## The larger teacher's own frontier", "",
+                  "`dvc repro frontier` in the project run with `params/mpnet.yaml`, against its own small-direct "
+                  "baseline (MPNet-shaped, 3 layers x 768): [larger_teacher_frontier.md](larger_teacher_frontier.md).", ""]
     (RESULTS / "larger_teacher.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
