@@ -7,6 +7,8 @@ once from the package index, then cached), models are real (tiny) BERTs.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # overrides), so the tests never write to ~/.prefect or the checkout's .prefect/.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shrinkflow-prefect-home-"))
 configure_env(PROJECT_ROOT)
+
+
+def chromium_dom(url: str, budget_ms: int = 5000, timeout_s: float = 120) -> str:
+    """The DOM of ``url`` after its scripts ran for ``budget_ms`` of virtual
+    time, in Debian's headless Chromium (what a person's browser would show)."""
+    chrome = shutil.which("chromium")
+    assert chrome, "chromium is not installed (scripts/setup.sh installs Debian's package)"
+    proc = subprocess.run([chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def bare_project(tmp_path: Path) -> Path:
+    """A project directory holding only this checkout's dvc.yaml and params.yaml."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    return root
 
 
 @pytest.fixture(scope="session")

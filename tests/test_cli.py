@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typer.testing import CliRunner
 
 from flows.cli import EXIT_CODES, Session, adopt_params, app
 from shrinkflow.errors import ExitCode
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, bare_project
 
 DOC = PROJECT_ROOT / "docs" / "exit-codes.md"
 COMMANDS = typer.main.get_command(app).commands
@@ -33,12 +32,6 @@ def cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPro
                           text=True, timeout=timeout)
 
 
-def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    return root
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -120,7 +113,7 @@ def test_outside_a_project_every_command_exits_usage(tmp_path):
 
 
 def test_every_command_takes_params_from_the_given_file(tmp_path):
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     other = tmp_path / "other.yaml"
     other.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("registry_dir: registry",
                                                                         "registry_dir: elsewhere", 1))
@@ -131,7 +124,7 @@ def test_every_command_takes_params_from_the_given_file(tmp_path):
 
 
 def test_a_crash_is_one_line_and_debug_prints_its_traceback(tmp_path):
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     (root / "registry").mkdir()
     (root / "registry" / "aliases.json").write_text("[]")  # not a mapping: an unusable registry
     out = cli(root, "status")
@@ -150,7 +143,7 @@ def test_a_crash_is_one_line_and_debug_prints_its_traceback(tmp_path):
     ("cli.find_root = lambda start=None: {}['no such key']", ExitCode.CRASH, "Traceback (most recent call last)"),
 ])
 def test_interrupts_and_bugs_in_the_cli_get_their_own_codes(tmp_path, patch, code, says):
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     script = ("import sys\nfrom shrinkflow.registry import Registry\nimport flows.cli as cli\n"
               f"{patch}\nsys.argv = ['shrinkflow', 'versions']\ncli.main()\n")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
@@ -163,7 +156,7 @@ def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_pat
     from shrinkflow.registry import Registry
     from tests.test_registry import PASS, model_dir
 
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     Registry(root / "registry").promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
     out = cli(root, "rollback")
     assert out.returncode == ExitCode.NOTHING, out.stderr
@@ -179,7 +172,7 @@ def git(root: Path, *args: str) -> str:
 
 @pytest.fixture()
 def repo(tmp_path) -> Path:
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     git(root, "init", "-q")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "init")
@@ -223,7 +216,7 @@ def test_params_refuses_to_overwrite_uncommitted_changes(repo, tmp_path, capsys)
 
 
 def test_params_outside_git_keeps_one_copy_and_the_same_file_changes_nothing(tmp_path):
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     before = (root / "params.yaml").read_bytes()
     adopt_params(session(root, root / "params.yaml"))
     same = tmp_path / "same.yaml"
@@ -247,7 +240,7 @@ def test_run_with_params_refuses_before_anything_starts(repo, tmp_path):
 def test_importing_the_flows_and_the_cli_changes_no_environment(tmp_path):
     """The old flows/__init__.py set os.environ at import, differently in and
     outside a project. Now only an entry point's explicit bootstrap does."""
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     code = ("import os; before = dict(os.environ)\n"
             "import flows, flows.cli, flows.server, flows.lifecycle, flows.monitor\n"
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"

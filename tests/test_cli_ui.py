@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,25 +23,17 @@ from pathlib import Path
 import pytest
 
 from flows.server import free_port
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-def rendered(url: str) -> str:
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                           "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 @pytest.mark.slow  # a real Prefect server starts (10-30 s here), then Chromium renders its UI
 def test_the_printed_ui_address_opens_a_ui_connected_to_its_api(tmp_path):
     assert Path(CHROMIUM).is_file(), "headless Chromium is needed to render the UI"
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
+    root = bare_project(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PYTHONPATH"] = str(PROJECT_ROOT)
     port = free_port()  # not 4200: the port the UI used to assume
@@ -60,7 +51,7 @@ def test_the_printed_ui_address_opens_a_ui_connected_to_its_api(tmp_path):
             url = found.group(1) if found else None
         assert url == f"http://127.0.0.1:{port}", "".join(lines)
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-        dom = rendered(f"{url}/runs")
+        dom = chromium_dom(f"{url}/runs", budget_ms=15000, timeout_s=180)
         assert "<title>Runs • Prefect Server" in dom, dom[-3000:]
         assert "Can't connect" not in dom, dom[-3000:]
         # the runs page rendered from the API's answer (an empty project: no runs yet)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 from shrinkflow.config import MonitorParams
 from shrinkflow.predlog import Prediction, PredictionLog, utc_now
 from shrinkflow.registry import Registry
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, chromium_dom
 from tests.test_serving import PASS, Server, free_port, record
 
 PARAMS = MonitorParams(shadow_sample_rows=40, min_window_rows=10)
@@ -201,15 +200,6 @@ def test_index_lists_every_run_with_its_verdict(reports):
     assert ">recompress</b>" in page and ">undecided</b>" in page
 
 
-def chromium_dom(url: str) -> str:
-    """The DOM after scripts ran, in Debian's headless Chromium."""
-    chrome = shutil.which("chromium")
-    assert chrome, "chromium is not installed (scripts/setup.sh installs Debian's package)"
-    proc = subprocess.run([chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--virtual-time-budget=15000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def rendered_text(dom: str) -> str:
@@ -258,12 +248,12 @@ def test_reports_are_served_under_the_token_rule(served_reports):
 
 def test_index_and_report_render_in_headless_chromium(served_reports):
     open_srv, _ = served_reports
-    dom = chromium_dom(f"{open_srv.url}/reports/")
+    dom = chromium_dom(f"{open_srv.url}/reports/", budget_ms=15000)
     index = rendered_text(dom)
     assert "shrinkflow monitoring" in index and "2 run(s)" in index and "drift report" in index
     assert 'href="20260102T000000_000000Z/report.html"' in dom
     # Evidently's report is a JavaScript app: this text exists only once it ran.
-    report = rendered_text(chromium_dom(f"{open_srv.url}/reports/20260102T000000_000000Z/report.html"))
+    report = rendered_text(chromium_dom(f"{open_srv.url}/reports/20260102T000000_000000Z/report.html", budget_ms=15000))
     assert "Dataset Drift" in report and "oov_share" in report and "K-S p_value" in report
 
 

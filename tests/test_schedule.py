@@ -11,27 +11,19 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from flows.server import ServerLogFollower, unscheduled_deployments
 from shrinkflow.config import cron_next_run
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, bare_project
 
 
-def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    return root
 
 
 def cli_env() -> dict:
@@ -79,7 +71,7 @@ def test_the_next_run_is_the_one_prefects_scheduler_computes(expr, first):
     (["--cron", "0 25 * * *"], "0 25 * * *"),
 ])
 def test_schedule_refuses_a_cron_with_no_next_run_and_starts_nothing(tmp_path, flags, expr):
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", *flags], cwd=root, env=cli_env(),
                           capture_output=True, text=True, timeout=60)
@@ -140,7 +132,7 @@ def test_schedule_echoes_the_local_servers_scheduler_errors(tmp_path):
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    root = project(tmp_path)
+    root = bare_project(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--cron", "0 3 * * 0",
                              "--monitor-interval", "86400"], cwd=root, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -13,8 +13,6 @@ model deployed into a temporary registry, a real SQLite log:
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from shrinkflow.io import write_json
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
 from tests.test_serving import PASS, free_port, record
+from tests.conftest import chromium_dom
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +101,6 @@ def make(root: Path, model_dir: Path, reports_dir: Path | None = None, **serve):
     return create_app(reg, PredictionLog(root / "predictions.db"), params, reports_dir=reports_dir), reg
 
 
-def chromium_dom(url: str) -> str:
-    """The DOM after scripts ran, in Debian's headless Chromium."""
-    chrome = shutil.which("chromium")
-    assert chrome, "chromium is not installed (scripts/setup.sh installs Debian's package)"
-    proc = subprocess.run([chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--virtual-time-budget=5000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def test_monitoring_does_not_import_the_server():
