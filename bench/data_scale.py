@@ -84,7 +84,7 @@ def child(raw_dir: Path, out_dir: Path) -> dict:
 
     from shrinkflow.config import DataParams, FilesSource, PretrainedModel
     from shrinkflow.data import class_counts, prepare_files, truncated_shares
-    from shrinkflow.entry import configure_env
+    from shrinkflow.bootstrap import configure_env
     from shrinkflow.labels import write_labels
     from shrinkflow.modeling import tokenizer_path
 

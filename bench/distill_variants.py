@@ -25,7 +25,7 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
     import torch
 
     from shrinkflow.compress.distill import hidden_targets, kd_train, make_student, teacher_outputs
@@ -35,7 +35,7 @@ def main() -> None:
     from shrinkflow.train import evaluate_accuracy, seed_everything
 
     torch.set_num_threads(2)
-    fr = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
+    fr = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
     tok = (ROOT / TEACHER / TOKENIZER).read_text()
     teacher = load_torch_model(ROOT / TEACHER).eval()
     seqs = _encode_unpadded(tok, fr["train"]["text"].tolist())

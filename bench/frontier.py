@@ -34,7 +34,7 @@ def main() -> None:
             (WORK / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, WORK / rel)
     sys.path.insert(0, str(ROOT))
-    from shrinkflow.pipeline import offline_env
+    from shrinkflow.dvcrun import offline_env
 
     for stage in ("small_direct", "frontier"):
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=WORK,

@@ -24,7 +24,7 @@ KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32", "latency
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
@@ -32,8 +32,8 @@ def main() -> None:
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import TEACHER, split_path
 
-    train = pd.read_parquet(ROOT / split_path("train"))["text"].tolist()
-    val = pd.read_parquet(ROOT / split_path("val"))
+    train = read_parquet(ROOT / split_path("train"))["text"].tolist()
+    val = read_parquet(ROOT / split_path("val"))
     lat = LatencyParams(threads=2, warmup_iters=20, iters_b1=400, iters_b32=20, rounds=20)
     with tempfile.TemporaryDirectory(prefix="shrinkflow-fusion-") as tmp:
         models = {}

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
 
 def cost(args) -> int:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
     import torch
 
     from shrinkflow.config import LocalModel, PretrainedModel, load_params
@@ -87,7 +87,7 @@ def cost(args) -> int:
     params = load_params("params.yaml").train
     torch.set_num_threads(params.threads)
     labels = read_labels(LABELS_JSON)
-    train = pd.read_parquet(split_path("train"))
+    train = read_parquet(split_path("train"))
     texts, y = train["text"].tolist(), train["label"].to_numpy()
     specs = {"MiniLM-L6 (packaged, 22M)": PretrainedModel(),
              "all-mpnet-base-v2 (kind: local, 110M)": LocalModel(path=str(args.mpnet))}
@@ -181,12 +181,12 @@ def compare(default: Path, large: Path) -> int:
     measured side by side here; see the module docstring."""
     import tempfile
 
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep, load_params
     from shrinkflow.evaluate import measure_interleaved
-    from shrinkflow.io import sha256_file
+    from shrinkflow.files import sha256_file
     from shrinkflow.labels import read_labels
     from shrinkflow.stats import paired_accuracy_drop, quality
 
@@ -196,7 +196,7 @@ def compare(default: Path, large: Path) -> int:
         if sha256_file(default / name) != sha256_file(large / name):
             raise SystemExit(f"{name} differs between {default} and {large}: the two runs must share the data")
     classes = read_labels(default / "data/prepared/labels.json")
-    frames = {s: pd.read_parquet(default / f"data/prepared/{s}.parquet") for s in splits}
+    frames = {s: read_parquet(default / f"data/prepared/{s}.parquet") for s in splits}
     texts = {s: frames[s]["text"].tolist() for s in ("val", "test", "shifted")}
     labels = {s: frames[s]["label"].to_numpy() for s in ("val", "test", "shifted")}
     small_students, large_students = _students(default, pd_), _students(large, pl)

@@ -36,7 +36,7 @@ def spread(ratios: list[float]) -> dict:
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.config import load_params
     from shrinkflow.evaluate import measure_interleaved
@@ -57,7 +57,7 @@ def main() -> None:
         lat = lat.model_copy(update={"iters_b1": args.iters_b1})
     registry = Registry(ROOT / params.deploy.registry_dir)
     cand = args.candidate or registry.path(registry.alias()) / "model"
-    texts = pd.read_parquet(ROOT / split_path("val"))["text"].tolist()
+    texts = read_parquet(ROOT / split_path("val"))["text"].tolist()
     models = {"teacher": ROOT / TEACHER, "candidate": Path(cand)}
     runs: dict[str, list] = {"interleaved": [], "sequential": []}
     quiet = lambda m: None  # noqa: E731

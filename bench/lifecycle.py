@@ -102,7 +102,7 @@ def main() -> None:
            "gates": gates, "compress": built, "compress_after_change": rebuilt, "roi": deployment.get("roi")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lifecycle.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from shrinkflow.report import roi_markdown
+    from shrinkflow.markdown import roi_markdown
 
     md = [
         "# Lifecycle benchmark (default params.yaml)", "",

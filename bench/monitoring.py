@@ -113,7 +113,7 @@ def send(port: int, texts: list[str]) -> list[dict]:
 
 
 def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray, teacher_key: str) -> dict:
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     preds = {k: predict_labels(load_predictor(d, threads=2), texts) for k, d in model_dirs.items()}
     t = preds[teacher_key]
@@ -123,7 +123,7 @@ def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray, 
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.config import parse_params_yaml
     from shrinkflow.lineage import cpu_model
@@ -148,7 +148,7 @@ def main() -> None:
     window, w_labels = texts[:WINDOW_TWEETS], labels[:WINDOW_TWEETS]
     held, h_labels = tweets("recovery")
     held, h_labels = held[:EVAL_TWEETS], h_labels[:EVAL_TWEETS]
-    in_domain = pd.read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()[:WINDOW_TWEETS]
+    in_domain = read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()[:WINDOW_TWEETS]
 
     import socket
 
@@ -188,7 +188,7 @@ def main() -> None:
             **{f"{n} before": before / n for n in names},
             **{f"{n} after": PROJECT / "models/candidates" / n for n in names}}
     on_tweets = evaluate(dirs, held, h_labels, "teacher (fp32)")
-    movie = pd.read_parquet(PROJECT / "data/prepared/test.parquet")
+    movie = read_parquet(PROJECT / "data/prepared/test.parquet")
     on_movies = evaluate(dirs, movie["text"].tolist(), movie["label"].to_numpy(), "teacher (fp32)")
     doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
            "run_s": run_s, "deployed_before": v_before,

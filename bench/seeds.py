@@ -27,12 +27,12 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import load_params
     from shrinkflow.paths import TEACHER, split_path
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.stats import paired_accuracy_drop
 
     ap = argparse.ArgumentParser()
@@ -43,7 +43,7 @@ def main() -> None:
     cands = params.compress.candidates
     cand = next(c for c in cands if (c.name == args.candidate if args.candidate
                                      else any(s.method == "distill" for s in c.recipe)))
-    frames = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
+    frames = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
     teacher = load_predictor(ROOT / TEACHER, threads=params.train.threads)
     t_pred = {s: predict_labels(teacher, frames[s]["text"].tolist()) for s in ("val", "test", "shifted")}
     rows = []

@@ -147,7 +147,7 @@ async def load(url: str, texts: list[str]) -> dict:
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import load_params
@@ -161,7 +161,7 @@ def main() -> None:
     if version is None:
         raise SystemExit(f"nothing deployed in {PROJECT}: run `shrinkflow run` first")
     candidate = registry.manifest(version).get("candidate", "?")
-    texts = pd.read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()
+    texts = read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()
     work = PROJECT / "bench" / "work" / "serving"
     work.mkdir(parents=True, exist_ok=True)
     shrinkflow_runs = (

@@ -24,7 +24,7 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
     import torch
 
     from shrinkflow.compress.distill import distill
@@ -36,11 +36,11 @@ def main() -> None:
     from shrinkflow.arch import word_embeddings
     from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
     from shrinkflow.paths import TEACHER, split_path
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.train import evaluate_accuracy
 
     torch.set_num_threads(2)
-    fr = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
+    fr = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
     tok = (ROOT / TEACHER / TOKENIZER).read_text()
     teacher = load_torch_model(ROOT / TEACHER)
     train = fr["train"]["text"].tolist()

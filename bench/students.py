@@ -27,14 +27,14 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate
     from shrinkflow.paths import TEACHER, split_path
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
-    frames = {s: pd.read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
+    frames = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shrinkflow-students-") as tmp:
         for name, recipe in json.loads(sys.argv[1]).items():

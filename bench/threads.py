@@ -23,14 +23,14 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
     from shrinkflow.config import LatencyParams
     from shrinkflow.evaluate import ModelProcess, latency_inputs, percentiles_ms, time_interleaved
     from shrinkflow.paths import CANDIDATES, split_path
     from shrinkflow.stats import round_ratio_p95
 
-    texts = pd.read_parquet(ROOT / split_path("val"))["text"].tolist()
+    texts = read_parquet(ROOT / split_path("val"))["text"].tolist()
     lat = LatencyParams(threads=2, warmup_iters=20, iters_b1=400, iters_b32=3, rounds=20)
     warm, rounds, _, _ = latency_inputs(texts, lat)
     procs = {}

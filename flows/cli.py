@@ -4,7 +4,7 @@ Every command takes ``--params FILE`` and ``--debug``. One Typer callback,
 ``_open_session`` (the ``--params`` option's), runs before any command body:
 it finds the project (the nearest directory up from here with a dvc.yaml),
 validates the params once, and calls the environment bootstrap
-(``shrinkflow.entry.configure_env``); the command gets the result as
+(``shrinkflow.bootstrap.configure_env``); the command gets the result as
 ``ctx.obj`` (a ``Session``). Prefect is imported only after that, so bad
 params write nothing (not even Prefect's database). ``--help`` needs no
 project.
@@ -30,7 +30,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from shrinkflow.config import ParamsError, load_params
-from shrinkflow.entry import configure_env
+from shrinkflow.bootstrap import configure_env
 from shrinkflow.errors import ExitCode, MissingInput
 from shrinkflow.paths import PARAMS, PREFECT_HOME, STATE
 
@@ -155,7 +155,7 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
     lifecycle", "the monitor", ...) and why, so that a monitor failure never
     reads as the lifecycle's."""
     from shrinkflow.errors import DeploymentMissing, IntegrityError, ParamsChanged, RegistryError
-    from shrinkflow.pipeline import StageFailed
+    from shrinkflow.dvcrun import StageFailed
     from shrinkflow.predlog import PredictionLogError
 
     if isinstance(exc, PredictionLogError):
@@ -525,7 +525,7 @@ def schedule(ctx: typer.Context,
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
+    from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
     from shrinkflow.config import cron_next_run
 
     _stop_on_signals()
@@ -599,7 +599,7 @@ def ui(ctx: typer.Context,
     Ctrl-C. The server's scheduler is off: nothing runs from here."""
     import time
 
-    from flows.server import LocalPrefectServer
+    from flows.prefect_server import LocalPrefectServer
 
     s = _session(ctx)
     _stop_on_signals()

@@ -13,9 +13,9 @@ from prefect.runtime import flow_run
 from shrinkflow.config import load_params
 from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
-from shrinkflow.pipeline import check_params_unchanged, params_fingerprint
+from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 from tasks.dvc import repro_stage_with_retries
-from tasks.report import publish_report, read_deployment, read_validation
+from tasks.publish import publish_report, read_deployment, read_validation
 
 BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
 

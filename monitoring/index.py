@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from monitoring.report import QUALITY_HTML, REPORT_HTML, REPORT_JSON, SUMMARY_JSON
+from monitoring.evidently_reports import QUALITY_HTML, REPORT_HTML, REPORT_JSON, SUMMARY_JSON
 
 DECISION_JSON = "decision.json"
 INDEX = "index.html"

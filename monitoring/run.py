@@ -54,9 +54,9 @@ def read_window(root: Path, params):
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:
     """Evidently reports of ``window`` against the reference split, for the
     production version, into monitor.reports_dir/<UTC timestamp>/."""
-    import pandas as pd
+    from shrinkflow.splits import read_parquet
 
-    from monitoring.report import build
+    from monitoring.evidently_reports import build
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.registry import Registry
 
@@ -70,9 +70,9 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                  "agreement": (metrics.get("agreement") or {}).get("test")}
     teacher = root / TEACHER
     out = root / params.monitor.reports_dir / run_id(now)
-    summary = build(window, pd.read_parquet(root / split_path("reference")), served_dir=ref.path,
+    summary = build(window, read_parquet(root / split_path("reference")), served_dir=ref.path,
                     teacher_dir=teacher if teacher.is_dir() else None,
-                    train_texts=pd.read_parquet(root / split_path("train"))["text"].tolist(),
+                    train_texts=read_parquet(root / split_path("train"))["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
                     created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
                     truncation=params.serve.truncation, per_row=per_row)

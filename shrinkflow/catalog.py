@@ -2,7 +2,7 @@
 
 In the spirit of Kedro's DataCatalog, but typed Python: a stage asks for
 ``load(VALIDATION)`` and gets a ``ValidationReport``, and saves one with
-``save(VALIDATION, report)`` (atomic, ``shrinkflow.io.write_json``: sorted
+``save(VALIDATION, report)`` (atomic, ``shrinkflow.files.write_json``: sorted
 keys, indent 2, so the files keep their shape and ``dvc metrics`` diffs
 stay meaningful). Paths come from ``shrinkflow.paths``; models from
 ``shrinkflow.artifacts``. A registry version's manifest lives under the
@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 from shrinkflow.artifacts import (Artifact, CompressMetrics, DeploymentRecord, GatesReport, TrainMetrics,
                                   ValidationReport)
 from shrinkflow.errors import DataContractError, MissingInput
-from shrinkflow.io import read_json, write_json
+from shrinkflow.files import read_json, write_json
 from shrinkflow.paths import DEPLOYMENT as DEPLOYMENT_PATH
 from shrinkflow.paths import GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN, METRICS_VALIDATE
 

@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from shrinkflow.splits import read_parquet
 
 from shrinkflow.config import DataParams, DataSource, FilesSource
 from shrinkflow.errors import DataContractError, DataError  # noqa: F401  (re-exported)
-from shrinkflow.io import atomic_write_bytes, sha256_file
+from shrinkflow.files import atomic_write_bytes, sha256_file
 from shrinkflow.labels import BUILTIN_LABELS, case_collisions, sort_labels
 
 LABELS = BUILTIN_LABELS
@@ -329,7 +330,7 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
             import pyarrow.parquet as pq
 
             check(pq.read_schema(path).names)
-            df = pd.read_parquet(path, columns=wanted)
+            df = read_parquet(path, columns=wanted)
         elif fmt == "jsonl":
             try:
                 df = pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding=text_enc)

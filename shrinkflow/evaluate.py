@@ -29,7 +29,7 @@ import numpy as np
 
 from shrinkflow.config import LatencyParams
 from shrinkflow.gates import TOLERANCE
-from shrinkflow.io import dir_size_bytes
+from shrinkflow.files import dir_size_bytes
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -104,7 +104,7 @@ def peak_rss_mb() -> float:
 def predict_splits(predictor, splits: dict[str, list[str]], per_row: bool = False) -> dict[str, list[int]]:
     """Labels for every split: in length-sorted batches of 32, or one text per
     call (``per_row``, how the server runs a batch-dependent model)."""
-    from shrinkflow.runtime import predict_labels, predict_served
+    from shrinkflow.predictors import predict_labels, predict_served
 
     def labels(texts):
         if per_row:
@@ -121,7 +121,7 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
     import traceback
 
     try:
-        from shrinkflow.runtime import load_predictor
+        from shrinkflow.predictors import load_predictor
 
         predictor = load_predictor(model_dir, threads=threads)
         conn.send(("ok", None))
@@ -141,7 +141,7 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
             elif cmd == "rss":
                 conn.send(("ok", peak_rss_mb()))
             elif cmd == "invariance":
-                from shrinkflow.runtime import batch_invariance
+                from shrinkflow.predictors import batch_invariance
 
                 texts, batch_size, seed = arg
                 conn.send(("ok", batch_invariance(predictor, texts, batch_size, seed)))

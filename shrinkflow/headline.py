@@ -67,7 +67,7 @@ def write_all(root=".") -> list:
     from pathlib import Path
 
     from shrinkflow import paths
-    from shrinkflow.io import read_json, write_json
+    from shrinkflow.files import read_json, write_json
 
     root = Path(root)
     sources = [(paths.METRICS_DATA, paths.HEADLINE_DATA, data_headline),

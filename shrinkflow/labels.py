@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow.errors import DataError
-from shrinkflow.io import read_json, write_json
+from shrinkflow.files import read_json, write_json
 
 # The built-in task (movie-review sentiment): rating > 0 is positive.
 BUILTIN_LABELS = ("negative", "positive")

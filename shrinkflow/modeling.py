@@ -20,7 +20,7 @@ import numpy as np
 from shrinkflow.arch import check_checkpoint, pad_token
 from shrinkflow.config import LocalModel, ModelSpec, PretrainedModel
 from shrinkflow.errors import MissingInput
-from shrinkflow.io import read_json, write_json
+from shrinkflow.files import read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from shrinkflow.errors import (IntegrityError, NothingToRollBack, PromotionRefused,  # noqa: F401  (re-exported)
                                RegistryError, UnknownVersion)
 from shrinkflow.gates import GateReport
-from shrinkflow.io import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
+from shrinkflow.files import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
 
 if TYPE_CHECKING:
     from shrinkflow.artifacts import VersionManifest

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow.errors import IntegrityError, RegistryError
-from shrinkflow.io import read_json
+from shrinkflow.files import read_json
 from shrinkflow.registry import Registry
 
 

@@ -42,6 +42,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from shrinkflow.splits import read_parquet
 
 from shrinkflow.errors import MissingInput
 
@@ -92,7 +93,7 @@ def user_shifted_split(path: Path | str) -> dict[str, pd.DataFrame]:
     if not path.is_file():
         raise MissingInput(f"{path} (the shifted split: set data.source.shifted_path to labelled text "
                            "from another domain, then `shrinkflow run`)")
-    df = pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
+    df = read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
     part = df["text"].map(shifted_part) if len(df) else pd.Series([], dtype=object)
     return {name: df[(part == name).to_numpy()].reset_index(drop=True) for name in ("pool", "recovery")}
 
@@ -112,7 +113,7 @@ def traffic_pool(domain: str, root: Path | str = ".", source_kind: str | None = 
         path = root / split_path("test")
         if not path.is_file():
             raise MissingInput(f"{path} (the test split; `shrinkflow run` or `dvc pull` makes it)")
-        return pd.read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
+        return read_parquet(path, columns=["text", "label"]).reset_index(drop=True)
     if domain == "shifted" and source_kind == "files":
         return user_shifted_split(root / split_path("shifted"))["pool"]
     if domain == "shifted":

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from shrinkflow.errors import MissingInput
-from shrinkflow.io import atomic_write_text
+from shrinkflow.files import atomic_write_text
 from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT, WINDOW_META, WINDOWS_ARCHIVE
 
 

@@ -1,5 +1,5 @@
 """What every stage command shares: env, params read once and scoped to the
-keys dvc.yaml declares, clear errors, and the input readers (shrinkflow.io)."""
+keys dvc.yaml declares, clear errors, and the input readers (shrinkflow.splits)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from shrinkflow.entry import configure_env, declared_params, mark_stage_ran
+from shrinkflow.bootstrap import configure_env, declared_params, mark_stage_ran
 # The readers live in the library (a Prefect task reads inputs too); the
 # stages import them from here.
-from shrinkflow.io import read_lines, read_split  # noqa: F401
+from shrinkflow.splits import read_lines, read_split  # noqa: F401
 from shrinkflow.paths import PARAMS
 
 

@@ -25,7 +25,8 @@ def compress(params, project_dir: str = ".") -> dict:
     from flows.compress import build_candidates
     from shrinkflow.compress.keys import candidate_keys
     from shrinkflow.cost import ComputeMeter
-    from shrinkflow.io import read_unlabelled, write_json
+    from shrinkflow.files import write_json
+    from shrinkflow.splits import read_unlabelled
     from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
 
     # Absolute: a Dask worker resolves it on its own filesystem, never

@@ -10,7 +10,7 @@ from stages.common import run_stage
 
 def data(params) -> None:
     from shrinkflow.data import prepare_raw
-    from shrinkflow.io import atomic_write_bytes, write_json
+    from shrinkflow.files import atomic_write_bytes, write_json
     from shrinkflow.labels import write_labels
     from shrinkflow.modeling import tokenizer_path
     from shrinkflow.headline import data_headline

@@ -17,7 +17,7 @@ def deploy(params) -> None:
     from shrinkflow.cost import roi, roi_lines
     from shrinkflow.errors import PromotionRefused
     from shrinkflow.gates import serves_per_row
-    from shrinkflow.io import read_json
+    from shrinkflow.files import read_json
     from shrinkflow.lineage import collect_lineage
     from shrinkflow.paths import CANDIDATES, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path
     from shrinkflow.registry import Registry

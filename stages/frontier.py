@@ -36,13 +36,13 @@ def frontier(params) -> None:
     from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.frontier import frontier_markdown, plot, robustness_row, verdict
-    from shrinkflow.io import atomic_write_text, write_json
+    from shrinkflow.files import atomic_write_text, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import TOKENIZER, load_tokenizer, load_torch_model, read_manifest
     from shrinkflow.headline import frontier_headline
     from shrinkflow.paths import (CANDIDATES, FRONTIER_MD, FRONTIER_PNG, HEADLINE_FRONTIER, LABELS_JSON,
                                   METRICS_FRONTIER, SMALL_DIRECT, TEACHER)
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.validation import check_model_labels
 
     fp = params.frontier

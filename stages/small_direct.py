@@ -10,7 +10,7 @@ from stages.common import read_split, run_stage
 def small_direct(params) -> None:
     from shrinkflow.config import TrainParams
     from shrinkflow.baseline import small_direct_model
-    from shrinkflow.io import write_json
+    from shrinkflow.files import write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import (TOKENIZER, load_tokenizer, load_torch_model, read_manifest,
                                      save_torch_model_atomically)

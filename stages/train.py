@@ -13,7 +13,7 @@ from stages.common import read_split, run_stage
 
 def train(params) -> None:
     from shrinkflow.cost import ComputeMeter
-    from shrinkflow.io import write_json
+    from shrinkflow.files import write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import save_torch_model_atomically
     from shrinkflow.headline import train_headline

@@ -20,13 +20,13 @@ def validate(params) -> None:
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.artifacts import GatesReport, ValidationReport
     from shrinkflow.catalog import GATES, VALIDATION, save
-    from shrinkflow.io import atomic_write_text, content_hash, file_hashes, write_json
+    from shrinkflow.files import atomic_write_text, content_hash, file_hashes, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
     from shrinkflow.headline import validate_headline
     from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, TEACHER, UNLABELLED,
                                   WINDOW_HELDOUT)
-    from shrinkflow.report import validation_markdown
+    from shrinkflow.markdown import validation_markdown
     from shrinkflow.validation import SELECTION_SPLIT, check_model_labels, validate_runs
 
     # Class ids in the splits index this tuple; every model must output its

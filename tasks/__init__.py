@@ -3,5 +3,5 @@
 - ``tasks.dvc``: run one DVC stage (``dvc repro --single-item``); DVC decides
   what is stale. The stage commands themselves live in ``stages/``.
 - ``tasks.compress``: build one candidate (the compress stage fans out).
-- ``tasks.report``: read stage outputs, publish the Prefect artifact.
+- ``tasks.publish``: read stage outputs, publish the Prefect artifact.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.pipeline import repro_stage as _repro_stage
+from shrinkflow.dvcrun import repro_stage as _repro_stage
 
 # Only fetching touches the network; a failed training run is not transient,
 # so only fetch is retried.

@@ -97,7 +97,7 @@ def snapshot_window(project_dir: str, texts: list[str], heldout_fraction: float,
 def archive_window(project_dir: str) -> str:
     """``dvc add data/windows`` (and push when a default remote is set), so
     the snapshot is versioned data, restorable by its hash."""
-    from shrinkflow.pipeline import DVC_PUSH_TIMEOUT_S, dvc_command
+    from shrinkflow.dvcrun import DVC_PUSH_TIMEOUT_S, dvc_command
 
     out = dvc_command(["add", str(WINDOWS_ARCHIVE)], project_dir)
     try:

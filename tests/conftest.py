@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.entry import configure_env
+from shrinkflow.bootstrap import configure_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

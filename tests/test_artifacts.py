@@ -26,7 +26,7 @@ from shrinkflow.errors import HANDLED
 from shrinkflow.config import Gates, ValidateParams
 from shrinkflow.errors import MissingInput
 from shrinkflow.gates import GateReport, check_max, check_min
-from shrinkflow.io import write_json
+from shrinkflow.files import write_json
 from shrinkflow.registry import Registry
 from shrinkflow.validation import deployed_figures, validate_runs
 
@@ -40,7 +40,7 @@ FILES = [("train.json", TrainMetrics), ("compress.json", CompressMetrics), ("val
 
 
 def dumped(obj) -> str:
-    """What shrinkflow.io.write_json writes for ``obj``."""
+    """What shrinkflow.files.write_json writes for ``obj``."""
     return json.dumps(obj.to_json_dict(), indent=2, sort_keys=True) + "\n"
 
 
@@ -215,7 +215,7 @@ def project_with(tmp_path, *names):
 
 
 def test_the_lifecycle_tasks_read_the_documents_typed(tmp_path):
-    from tasks.report import read_deployment, read_validation
+    from tasks.publish import read_deployment, read_validation
 
     root = project_with(tmp_path, "metrics/validate.json", "reports/gates.json")
     report, selection = read_validation.fn(str(root))
@@ -255,7 +255,7 @@ def deploy_project(tmp_path: Path) -> Path:
     """A project holding the default run's validate, train and compress
     documents and a stand-in for the chosen candidate's files (its hashes
     are written into validate.json, as validate would have recorded them)."""
-    from shrinkflow.io import content_hash, file_hashes
+    from shrinkflow.files import content_hash, file_hashes
 
     from tests.conftest import PROJECT_ROOT
 

@@ -242,7 +242,7 @@ def test_importing_the_flows_and_the_cli_changes_no_environment(tmp_path):
     outside a project. Now only an entry point's explicit bootstrap does."""
     root = bare_project(tmp_path)
     code = ("import os; before = dict(os.environ)\n"
-            "import flows, flows.cli, flows.server, flows.lifecycle, flows.monitor\n"
+            "import flows, flows.cli, flows.prefect_server, flows.lifecycle, flows.monitor\n"
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
             "print(changed)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT_TRACK", "HF_"))}
@@ -262,7 +262,7 @@ def test_every_stage_command_bootstraps_before_prefect_is_imported():
     modules = [s["cmd"].split()[2] for s in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values()]
     code = """
 import runpy, sys
-import shrinkflow.entry as entry
+import shrinkflow.bootstrap as entry
 
 def probe(project_dir, environ=None):
     raise SystemExit("prefect" if any(m.split(".")[0] == "prefect" for m in sys.modules) else "clean")

@@ -4,7 +4,7 @@ wording; and a stage that runs too long is stopped with all it started.
 
 A real DVC project in a temporary directory, with one toy stage whose
 command reports itself the way every shrinkflow stage does
-(``shrinkflow.entry.mark_stage_ran``, called by ``stages.common.run_stage``).
+(``shrinkflow.bootstrap.mark_stage_ran``, called by ``stages.common.run_stage``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.pipeline import StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
+from shrinkflow.dvcrun import StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
 from tests.conftest import PROJECT_ROOT
 
 TOY = """\
 import os, pathlib, sys, time
-from shrinkflow.entry import mark_stage_ran
+from shrinkflow.bootstrap import mark_stage_ran
 
 mark_stage_ran("toy")
 text = pathlib.Path("in.txt").read_text()

@@ -4,7 +4,7 @@ Before: the README's `prefect server start` on any port but 4200, and the
 address `shrinkflow schedule` printed, opened a UI saying "Can't connect to
 Server API at http://127.0.0.1:4200/api": the UI asks the server which API to
 call, and the server answered 4200 unless PREFECT_UI_API_URL (or
-PREFECT_SERVER_API_PORT) said otherwise. flows.server.LocalPrefectServer,
+PREFECT_SERVER_API_PORT) said otherwise. flows.prefect_server.LocalPrefectServer,
 which both commands use, now sets them to where it listens. The page is
 rendered by headless Chromium, as a user's browser would.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.server import free_port
+from flows.prefect_server import free_port
 from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom
 
 CHROMIUM = "/usr/bin/chromium"

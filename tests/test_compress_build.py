@@ -108,7 +108,7 @@ def test_the_real_build_covers_every_module_the_hand_kept_list_did():
 
     root = package_root()
     got = {p.as_posix() for p in build_modules(root)}
-    old = {"shrinkflow/arch.py", "shrinkflow/modeling.py", "shrinkflow/train.py", "shrinkflow/io.py",
+    old = {"shrinkflow/arch.py", "shrinkflow/modeling.py", "shrinkflow/train.py", "shrinkflow/files.py",
            "shrinkflow/config.py"}
     methods = {f"shrinkflow/compress/{m}.py" for m in ("steps", "texts", "recipe", "distill", "augment",
                                                         "structured", "vocab", "magnitude", "quantize",
@@ -132,7 +132,7 @@ def test_the_library_build_copies_an_unchanged_candidate_from_the_cache(tmp_path
     byte for byte under the same key; its record is metrics/compress.json's."""
     from shrinkflow.compress.build import build_candidate
     from shrinkflow.compress.keys import candidate_keys
-    from shrinkflow.io import file_hashes
+    from shrinkflow.files import file_hashes
 
     root = project(tmp_path, tiny_teacher_dir, small_splits)
     cands = [Candidate(name="int8", recipe=(QuantizeStep(),)),

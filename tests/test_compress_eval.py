@@ -8,8 +8,8 @@ import pytest
 from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
 from shrinkflow.evaluate import interleaved_plan, measure_interleaved, percentiles_ms, time_interleaved
 from shrinkflow.stats import accuracy_f1
-from shrinkflow.io import dir_size_bytes
-from shrinkflow.runtime import load_predictor, predict_labels, predict_served
+from shrinkflow.files import dir_size_bytes
+from shrinkflow.predictors import load_predictor, predict_labels, predict_served
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,11 @@ def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candida
                                invariance_skip=frozenset({"teacher"}))
     assert set(runs) == {"teacher", "int8"}
     # batch invariance measured in the child, for the candidate only, as runtime.batch_invariance gives it here
-    from shrinkflow.runtime import batch_invariance
+    from shrinkflow.predictors import batch_invariance
 
     assert "batch_invariance" not in runs["teacher"]
     inv = dict(runs["int8"]["batch_invariance"])
-    # dynamic int8 moves (tests/test_runtime.py), so its splits were predicted one text per call
+    # dynamic int8 moves (tests/test_predictors.py), so its splits were predicted one text per call
     assert inv.pop("per_row") is True
     assert inv == batch_invariance(load_predictor(candidates["int8"], threads=1), splits["val"][:40], 32, lat.seed)
     for name, path in (("teacher", tiny_teacher_dir), ("int8", candidates["int8"])):

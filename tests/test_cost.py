@@ -8,7 +8,7 @@ import time
 import pytest
 
 from shrinkflow.cost import ComputeMeter, break_even_predictions, cost_per_million, roi, roi_lines
-from shrinkflow.report import roi_markdown
+from shrinkflow.markdown import roi_markdown
 
 
 def test_cost_per_million_by_hand():

@@ -73,7 +73,7 @@ def test_the_check_fails_when_a_stage_imports_something_undeclared(tmp_path):
 
 
 def test_every_declared_params_key_exists_in_params_yaml():
-    from shrinkflow.entry import declared_params
+    from shrinkflow.bootstrap import declared_params
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     for stage in load_dvc_yaml()["stages"]:

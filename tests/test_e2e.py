@@ -342,7 +342,7 @@ def test_dvc_repro_typed_directly_keeps_telemetry_off_and_prefect_state_inside(p
 
 def test_frontier_report_through_dvc(project, harness):
     """`dvc repro frontier` after the lifecycle: baseline, report, plot, dvc plots."""
-    from shrinkflow.pipeline import offline_env
+    from shrinkflow.dvcrun import offline_env
 
     # The lifecycle test left a tiny teacher and candidates in the project.
     assert (project / "models" / "teacher").is_dir()
@@ -459,10 +459,10 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
 
     import pandas as pd
 
-    from monitoring.report import softmax_positive
+    from monitoring.evidently_reports import softmax_positive
     from shrinkflow.predlog import Prediction, PredictionLog, utc_now
     from shrinkflow.registry import Registry
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from shrinkflow.window import restore_window
 
     reg = Registry(project / "registry")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shrinkflow import paths
 from shrinkflow.headline import frontier_headline, validate_headline, write_all
-from shrinkflow.io import read_json
+from shrinkflow.files import read_json
 from tests.conftest import PROJECT_ROOT
 
 FULL = (paths.METRICS_DATA, paths.METRICS_TRAIN, paths.METRICS_COMPRESS, paths.METRICS_VALIDATE,

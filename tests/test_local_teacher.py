@@ -128,7 +128,7 @@ def teachers(tmp_path_factory, task):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_fine_tunes_a_local_checkpoint_on_three_classes(kind, teachers, task):
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     teacher_dir, result = teachers[kind]
     assert result.fine_tuned and result.best_val_accuracy >= 0.9  # keyword task; chance is 1/3
@@ -175,7 +175,7 @@ STEPS = {
 def test_every_supported_compression_step_runs_on_each_family(kind, teachers, task, tmp_path):
     from shrinkflow.compress import apply_recipe
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     teacher_dir, _ = teachers[kind]
     texts = task["test"]["text"].tolist()
@@ -289,7 +289,7 @@ def _fine_tuned_checkpoint(tmp_path, teachers, id2label: dict) -> Path:
 
 
 def test_fine_tune_false_measures_the_checkpoint_in_the_datas_label_order(tmp_path, teachers, task):
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from shrinkflow.train import measure_teacher
 
     # The user's model lists its classes in another order, with a stray space.
@@ -324,7 +324,7 @@ def test_the_train_stage_with_fine_tune_false_records_the_teachers_figures(tmp_p
     metrics/train.json saying fine_tuned false."""
     import yaml
 
-    from shrinkflow.io import read_json
+    from shrinkflow.files import read_json
     from shrinkflow.labels import write_labels
     from stages.train import train
     from stages.common import run_stage

@@ -128,9 +128,9 @@ def test_one_shot_magnitude_pruning_hits_the_target_exactly(teacher):
 
 def test_composed_recipe_produces_a_working_smaller_candidate(tmp_path, tiny_teacher_dir, small_splits):
     from shrinkflow.compress import apply_recipe
-    from shrinkflow.io import dir_size_bytes
+    from shrinkflow.files import dir_size_bytes
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     train = small_splits["train"]
     cand = Candidate(name="all", recipe=(DistillStep(layers=(0,), epochs=1, batch_size=16),
@@ -190,7 +190,7 @@ def test_structured_prune_step_shrinks_and_recovers(tmp_path, tiny_teacher_dir, 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import StructuredPruneStep
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
 
     train = small_splits["train"]
     step = StructuredPruneStep(heads_keep_fraction=0.5, ffn_keep_fraction=0.25, importance_batches=4,
@@ -228,7 +228,7 @@ def test_static_int8_quantization_with_calibration(tmp_path, tiny_teacher_dir, s
     import onnx
 
     from shrinkflow.compress import apply_recipe
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     train, test = small_splits["train"], small_splits["test"]
     out = apply_recipe(tiny_teacher_dir, Candidate(name="s", recipe=(QuantizeStep(mode="static", calibration_samples=64),)),
@@ -401,7 +401,7 @@ def test_augmented_variants_are_crops_and_swaps_from_the_training_vocabulary():
 def test_distillation_trains_on_teacher_labelled_augmented_text(tmp_path, tiny_teacher_dir, small_splits):
     from shrinkflow.compress import apply_recipe
     from shrinkflow.modeling import read_manifest
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
 
     train = small_splits["train"]
     step = DistillStep(layers=(0,), epochs=1, batch_size=16, augment_copies=2)

@@ -335,7 +335,7 @@ def test_a_window_of_one_text_repeated_warns_instead_of_failing_a_re_compression
 
 
 def test_text_descriptors_are_defined_for_every_text():
-    from monitoring.report import text_descriptors, vocabulary
+    from monitoring.evidently_reports import text_descriptors, vocabulary
 
     vocab = vocabulary(["a good film"])
     d = text_descriptors(["", " \t\n", "\x00\x07", "A good film. Really?", "ok\ufffd!", "Émile"], vocab)
@@ -350,7 +350,7 @@ def test_text_descriptors_are_defined_for_every_text():
 def test_clean_window_reads_any_value_the_log_holds():
     import pandas as pd
 
-    from monitoring.report import clean_window
+    from monitoring.evidently_reports import clean_window
 
     raw = pd.DataFrame({"prediction_id": ["a", "b", "c", "d"], "ts": ["t1", "t2", "t3", "t4"],
                         "model_version": ["v1", "v1", None, "v2"], "text": ["x", None, b"\xff ok", 7],
@@ -398,9 +398,9 @@ def monitor_cli(root: Path, api_url: str, *args: str) -> tuple[int, str, float]:
 
 def served_rows(root: Path, texts: list[str]) -> list[Prediction]:
     """The texts predicted by the production model, as the server logs them."""
-    from monitoring.report import softmax_positive
+    from monitoring.evidently_reports import softmax_positive
     from shrinkflow.registry import Registry
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
 
     probs = softmax_positive(load_predictor(Registry(root / "registry").load().path, threads=1).predict_logits(texts))
     return [Prediction(f"{uuid.uuid4().hex}", utc_now(), "v0001", t, [1 - p, p], int(p >= 0.5), 2.0,
@@ -593,8 +593,8 @@ def int8_dir(tmp_path_factory, tiny_teacher_dir) -> Path:
 
 @pytest.mark.parametrize("truncation", ["head", "head_tail"])
 def test_reference_outputs_are_what_the_server_answers(int8_dir, small_splits, truncation):
-    from monitoring.report import served_outputs
-    from shrinkflow.runtime import load_predictor, predict_served
+    from monitoring.evidently_reports import served_outputs
+    from shrinkflow.predictors import load_predictor, predict_served
 
     texts = small_splits["val"]["text"].tolist()[:REF_ROWS]
     predictor = load_predictor(int8_dir, threads=2, truncation=truncation)
@@ -611,7 +611,7 @@ def test_reference_outputs_are_what_the_server_answers(int8_dir, small_splits, t
 
 
 def test_truncation_strategy_reaches_the_served_outputs_and_the_teacher(tiny_teacher_dir):
-    from monitoring.report import served_outputs, teacher_pass
+    from monitoring.evidently_reports import served_outputs, teacher_pass
 
     long = "a dull and tedious plot summary that goes on " * 12 + "but I loved every minute of it"
     head, head_tail = (served_outputs(tiny_teacher_dir, [long], t) for t in ("head", "head_tail"))

@@ -27,8 +27,8 @@ PARAMS = MonitorParams(shadow_sample_rows=40, min_window_rows=10)
 
 def log_window(tmp: Path, model_dir: Path, texts: list[str], labels=None):
     """Predict ``texts`` with the model and log them as the server would."""
-    from monitoring.report import softmax_positive
-    from shrinkflow.runtime import load_predictor
+    from monitoring.evidently_reports import softmax_positive
+    from shrinkflow.predictors import load_predictor
 
     probs = softmax_positive(load_predictor(model_dir, threads=1).predict_logits(texts))
     log = PredictionLog(tmp / f"{uuid.uuid4().hex}.db").open()
@@ -41,7 +41,7 @@ def log_window(tmp: Path, model_dir: Path, texts: list[str], labels=None):
 
 
 def build(tmp, model_dir, window, reference, train, name):
-    from monitoring.report import build as _build
+    from monitoring.evidently_reports import build as _build
 
     return _build(window, reference, served_dir=model_dir, teacher_dir=model_dir,
                   train_texts=train["text"].tolist(), validated={"version": "v0001", "accuracy": 0.8,
@@ -66,7 +66,7 @@ def reports(tmp_path_factory, tiny_teacher_dir, small_splits):
 
 
 def test_summary_figures_come_from_the_real_report(reports):
-    from monitoring.report import DESCRIPTORS
+    from monitoring.evidently_reports import DESCRIPTORS
 
     tmp, runs, window = reports
     s = runs["shifted"]
@@ -96,7 +96,7 @@ def test_summary_figures_come_from_the_real_report(reports):
 
 
 def test_truncated_share_is_reported_beside_the_reference_share(reports, small_splits, tiny_teacher_dir):
-    from monitoring.report import served_outputs
+    from monitoring.evidently_reports import served_outputs
 
     _, runs, _ = reports
     t = runs["shifted"].truncation
@@ -129,7 +129,7 @@ def test_each_run_writes_html_json_and_summary(reports):
 
 
 def test_extraction_is_by_name_not_position(reports):
-    from monitoring.report import DESCRIPTORS
+    from monitoring.evidently_reports import DESCRIPTORS
     from monitoring.summary import extract
 
     tmp, runs, _ = reports
@@ -160,7 +160,7 @@ def test_distance_methods_drift_above_the_threshold():
 
 
 def test_oov_share_counts_words_never_seen_in_training():
-    from monitoring.report import oov_share, vocabulary
+    from monitoring.evidently_reports import oov_share, vocabulary
 
     vocab = vocabulary(["a good film", "a bad film"])
     assert oov_share(["good film", "great phone", "", "a GOOD zzz"], vocab).tolist() == [0.0, 1.0, 0.0, 1 / 3]

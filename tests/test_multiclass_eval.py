@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score, recall_score
 from shrinkflow.config import Gates, ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.gates import confirm_gates, evaluate_gates, macro_f1_gates
-from shrinkflow.report import validation_markdown
+from shrinkflow.markdown import validation_markdown
 from shrinkflow.stats import paired_accuracy_drop, paired_macro_f1_drop, quality
 from shrinkflow.validation import check_model_labels, deployed_figures, validate_runs
 from tests.conftest import PROJECT_ROOT

@@ -189,7 +189,7 @@ def test_monitor_build_on_three_classes_names_the_classes(project, small_splits,
     report not computed with its reason, nothing crashes."""
     import pandas as pd
 
-    from monitoring.report import build
+    from monitoring.evidently_reports import build
     from shrinkflow.config import MonitorParams
     from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.predlog import Prediction, PredictionLog, utc_now
@@ -273,7 +273,7 @@ def test_clean_window_maps_each_row_by_its_own_label_names():
 
     import pandas as pd
 
-    from monitoring.report import clean_window
+    from monitoring.evidently_reports import clean_window
 
     old_set = ["billing", "sales"]                      # before "bug" arrived: sales was id 1
     raw = pd.DataFrame({

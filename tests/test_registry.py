@@ -73,7 +73,7 @@ def test_identical_model_is_a_new_version_that_keeps_its_new_record(tmp_path):
 
 
 def test_a_candidate_that_differs_from_what_was_validated_is_refused(tmp_path):
-    from shrinkflow.io import file_hashes
+    from shrinkflow.files import file_hashes
 
     reg = Registry(tmp_path / "reg")
     m = model_dir(tmp_path, "m1", b"validated bytes")

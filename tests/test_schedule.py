@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from flows.server import ServerLogFollower, unscheduled_deployments
+from flows.prefect_server import ServerLogFollower, unscheduled_deployments
 from shrinkflow.config import cron_next_run
 from tests.conftest import PROJECT_ROOT, bare_project
 
@@ -184,7 +184,7 @@ def test_schedule_echoes_the_local_servers_scheduler_errors(tmp_path):
 # ------------------------------------------------- the server's lifetime
 PARENT = """
 import subprocess, sys, time
-from flows.server import tied_command
+from flows.prefect_server import tied_command
 child = subprocess.Popen(tied_command("http.server", ["--bind", "127.0.0.1", "0"]), start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(child.pid, flush=True)
@@ -194,7 +194,7 @@ time.sleep(600)
 
 def test_a_tied_server_ends_when_the_cli_is_killed_outright(tmp_path):
     """SIGKILL leaves the CLI no chance to stop its Prefect server: the
-    watchdog in the server's process (flows.server, no prctl, no preexec_fn)
+    watchdog in the server's process (flows.prefect_server, no prctl, no preexec_fn)
     ends the server's process group when its parent is gone."""
     import psutil
 
@@ -203,9 +203,9 @@ def test_a_tied_server_ends_when_the_cli_is_killed_outright(tmp_path):
     try:
         child = psutil.Process(int(parent.stdout.readline()))
         deadline = time.time() + 60  # forked; on a loaded box the exec and imports take a while
-        while "flows.server" not in " ".join(child.cmdline()) and time.time() < deadline:
+        while "flows.prefect_server" not in " ".join(child.cmdline()) and time.time() < deadline:
             time.sleep(0.2)
-        assert "flows.server" in " ".join(child.cmdline())
+        assert "flows.prefect_server" in " ".join(child.cmdline())
         time.sleep(2.0)  # its watchdog is running by now
         assert child.is_running()  # alive while its parent is
         parent.kill()

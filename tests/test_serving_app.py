@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from shrinkflow.config import Candidate, ServeParams
-from shrinkflow.io import write_json
+from shrinkflow.files import write_json
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
 from tests.test_serving import PASS, free_port, record

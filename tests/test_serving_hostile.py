@@ -274,7 +274,7 @@ def test_a_failing_model_call_is_retried_request_by_request(project, int8_dir):
     """A text that reaches the model and makes it raise (a lone surrogate,
     submitted past the endpoint's checks) fails its own request only; the
     requests gathered with it get exactly what they get alone."""
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from shrinkflow.serving import MicroBatcher, ModelHolder
 
     holder = ModelHolder(Registry(project / "registry"), 1, "head")
@@ -375,7 +375,7 @@ def test_a_prediction_never_depends_on_what_it_was_batched_with(server, int8_dir
     int8 model is batch-dependent (checked below, so this test can fail):
     through the server the short text's probabilities are exactly the same
     alone and under concurrent long-text traffic, 40 times out of 40."""
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from shrinkflow.serving import softmax
 
     model = load_predictor(int8_dir, 1, spin=False, truncation="head_tail")
@@ -408,7 +408,7 @@ def test_head_tail_truncation_reads_the_verdict_and_the_log_says_it_was_cut(serv
     """serve.truncation: head_tail (this server). A long review ending with a
     strong verdict: the model reads 32 tokens (its max_seq_len), the answer
     and the log say it was cut, and the logits are head_tail's, not head's."""
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from shrinkflow.serving import softmax
 
     r = post_raw(server.url, "/predict", json.dumps({"texts": [VERDICT, SHORT]}).encode())

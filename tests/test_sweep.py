@@ -37,10 +37,10 @@ def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: 
     pytest.param({"kind": "threads", "max_workers": 2}, marks=pytest.mark.slow)], ids=["dask-localcluster", "threads"])
 def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, prefect_api, runner):
     from stages.compress import compress
-    from shrinkflow.io import read_json
+    from shrinkflow.files import read_json
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import METRICS_COMPRESS
-    from shrinkflow.runtime import load_predictor
+    from shrinkflow.predictors import load_predictor
     from stages.common import run_stage
 
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, runner)
@@ -93,7 +93,7 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
     cache entry is rebuilt, never served."""
     from stages.compress import compress
     from shrinkflow.config import load_params
-    from shrinkflow.io import file_hashes, read_json
+    from shrinkflow.files import file_hashes, read_json
     from shrinkflow.paths import CANDIDATE_CACHE, METRICS_COMPRESS, UNLABELLED
     from stages.common import run_stage
 

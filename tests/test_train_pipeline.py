@@ -19,7 +19,7 @@ def test_length_grouped_batches_cover_every_row_once_and_reduce_padding():
 
 
 def test_tiny_training_learns_and_saves_safetensors(tiny_teacher_dir, small_splits):
-    from shrinkflow.runtime import load_predictor, predict_labels
+    from shrinkflow.predictors import load_predictor, predict_labels
 
     files = {p.name for p in tiny_teacher_dir.iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)

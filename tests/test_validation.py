@@ -157,7 +157,7 @@ def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report
     assert metrics["candidates"]["fast"]["batch_invariance"]["label_flips"] == 1
     assert "labels_alone" not in metrics["candidates"]["fast"]["batch_invariance"]
     from shrinkflow.gates import GateReport, serves_per_row
-    from shrinkflow.report import validation_markdown
+    from shrinkflow.markdown import validation_markdown
 
     assert serves_per_row(GateReport.from_dict(gates["candidates"]["fast"])) is True
     assert serves_per_row(GateReport.from_dict(gates["candidates"]["slow"])) is False

@@ -16,7 +16,7 @@ from shrinkflow.compress.cache import CandidateCache
 from shrinkflow.compress.recipe import apply_recipe
 from shrinkflow.config import Candidate
 from shrinkflow.cost import process_cpu_seconds
-from shrinkflow.io import read_split, read_unlabelled
+from shrinkflow.splits import read_split, read_unlabelled
 from shrinkflow.modeling import read_manifest
 from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER
 

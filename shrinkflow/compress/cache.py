@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from shrinkflow.io import file_hashes, fsync_tree
+from shrinkflow.files import file_hashes, fsync_tree
 
 BUILD_INFO = "build.json"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shrinkflow.codegraph import import_closure
 from shrinkflow.compress.steps import reads_text
-from shrinkflow.io import content_hash, file_hashes, sha256_file
+from shrinkflow.files import content_hash, file_hashes, sha256_file
 
 # The module a build runs (shrinkflow.compress.build: cache lookup, reading
 # the inputs, apply_recipe): the code hash covers it and everything it
@@ -61,7 +61,7 @@ def inputs_hashes(root: Path) -> dict:
     ``root``: content hashes of the teacher dir, the training split and the
     unlabelled text (``io.unlabelled_hash``), and the teacher's labels (from
     its manifest). Raises FileNotFoundError when one is missing."""
-    from shrinkflow.io import unlabelled_hash
+    from shrinkflow.splits import unlabelled_hash
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import TEACHER, split_path
 

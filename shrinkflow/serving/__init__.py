@@ -57,7 +57,7 @@ Importing this package imports FastAPI and pydantic, nothing heavier; the
 model runtime is imported when a version is loaded.
 """
 
-from shrinkflow.runtime import softmax  # noqa: F401  (the server answers with it; re-exported)
+from shrinkflow.predictors import softmax  # noqa: F401  (the server answers with it; re-exported)
 from shrinkflow.serving.app import TOKEN_ENV, app_from_env, create_app, make_app
 from shrinkflow.serving.holder import LoadedModel, ModelHolder
 from shrinkflow.serving.metrics import ENDPOINTS, endpoint_label

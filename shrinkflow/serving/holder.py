@@ -47,7 +47,7 @@ class ModelHolder:
         self._lock = threading.Lock()
 
     def _load(self, version: str) -> LoadedModel:
-        from shrinkflow.runtime import load_predictor
+        from shrinkflow.predictors import load_predictor
 
         ref = self.registry.load(version)     # verifies every file's hash first
         labels = model_labels(ref.path, ref.version)

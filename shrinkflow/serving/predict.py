@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from shrinkflow.predlog import Prediction, PredictionLog, utc_now
-from shrinkflow.runtime import softmax
+from shrinkflow.predictors import softmax
 from shrinkflow.serving.deps import (ServingState, feedback_request, get_holder, get_log, predict_request,
                                      serving_state)
 from shrinkflow.serving.errors import ApiError

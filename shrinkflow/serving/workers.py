@@ -125,7 +125,7 @@ class MicroBatcher:
 
     @staticmethod
     def _predict(model: LoadedModel, texts: list[str]):
-        from shrinkflow.runtime import predict_served
+        from shrinkflow.predictors import predict_served
 
         return predict_served(model.predictor, texts, per_row=model.per_row)
 
@@ -152,7 +152,7 @@ class MicroBatcher:
         finally:
             self._slots.release()
         self.on_batch(len(texts))
-        from shrinkflow.runtime import Output
+        from shrinkflow.predictors import Output
 
         start = 0
         for p in batch:

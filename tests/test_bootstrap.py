@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from shrinkflow.entry import OFFLINE_ENV, configure_env, declared_params
+from shrinkflow.bootstrap import OFFLINE_ENV, configure_env, declared_params
 from tests.conftest import PROJECT_ROOT
 
 
@@ -73,7 +73,7 @@ def test_bad_params_exit_2_before_the_stage_body(project, capsys):
 
 def test_a_run_never_mixes_two_versions_of_params(project):
     from shrinkflow.errors import ParamsChanged
-    from shrinkflow.pipeline import check_params_unchanged, params_fingerprint
+    from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 
     fp = params_fingerprint(project)
     check_params_unchanged(project, fp, "data")

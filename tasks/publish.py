@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from shrinkflow.artifacts import CostReturn, DeploymentRecord, GatesReport, ValidationReport
 from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, ArtifactInvalid, load
-from shrinkflow.report import roi_markdown, validation_markdown
+from shrinkflow.markdown import roi_markdown, validation_markdown
 
 
 @task(name="read-validation", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-# Set by shrinkflow.pipeline.repro_stage for the `dvc repro` it starts: a
+# Set by shrinkflow.dvcrun.repro_stage for the `dvc repro` it starts: a
 # file the stage command writes its name into when DVC really runs it (not
 # when DVC skips it or restores it from its run-cache).
 STAGE_RAN_ENV = "SHRINKFLOW_STAGE_RAN_FILE"

@@ -1,5 +1,5 @@
 """What a model reads and whether its answer depends on its batch: the
-predictors of shrinkflow.runtime on a tiny real model (max_seq_len 32) and its
+predictors of shrinkflow.predictors on a tiny real model (max_seq_len 32) and its
 ONNX fp32 and dynamic-int8 exports."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from shrinkflow.config import Candidate, QuantizeStep
 from shrinkflow.modeling import TOKENIZER
-from shrinkflow.runtime import (HEAD_SHARE, TextEncoder, batch_dependent_ops, batch_invariance, load_predictor,
+from shrinkflow.predictors import (HEAD_SHARE, TextEncoder, batch_dependent_ops, batch_invariance, load_predictor,
                                 predict_served, softmax)
 
 LONG = ("the plot follows a retired detective who returns to his home town after many years away and finds "

@@ -4,7 +4,7 @@ Flows call ``repro_stage`` once per stage so each stage is its own Prefect
 task, while DVC alone decides whether the stage is stale. What DVC did is
 read from machine-readable answers, never from its console wording:
 ``dvc status --json <stage>`` before the repro (stale or not), and the
-stage command's own report that it ran (``shrinkflow.entry.mark_stage_ran``):
+stage command's own report that it ran (``shrinkflow.bootstrap.mark_stage_ran``):
 stale and ran is "ran", stale and not ran is "restored" (DVC's run-cache),
 not stale is "skipped".
 
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shrinkflow.entry import OFFLINE_ENV, STAGE_RAN_ENV, configure_env  # noqa: F401  (re-exported)
+from shrinkflow.bootstrap import OFFLINE_ENV, STAGE_RAN_ENV, configure_env  # noqa: F401  (re-exported)
 
 # A stage is stopped after this long (seconds; the default teacher trains in
 # well under an hour on 2 cores, a large local teacher in a few). Override

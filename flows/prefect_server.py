@@ -15,7 +15,7 @@ listens on, so the address it prints opens a working UI.
 Its lifetime is tied to the CLI's: it runs in its own process group, which
 ``stop()`` ends (called in ``finally``, at exit, and on SIGTERM/SIGHUP by
 the CLI); and, for a CLI killed outright (SIGKILL), the server runs under
-this module's watchdog (``python -m flows.server --parent-pid PID MODULE
+this module's watchdog (``python -m flows.prefect_server --parent-pid PID MODULE
 ARGS...``), a thread that ends the group when its parent process is gone.
 
 The scheduler's errors are logged only inside the server: ``ServerLogFollower``
@@ -38,7 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shrinkflow.entry import telemetry_off
+from shrinkflow.bootstrap import telemetry_off
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,7 +50,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def tied_command(module: str, args: list[str]) -> list[str]:
     """The argv that runs ``python -m module args...`` under this module's
     parent watchdog (see ``watch_parent``), tied to the current process."""
-    return [sys.executable, "-m", "flows.server", "--parent-pid", str(os.getpid()), module, *args]
+    return [sys.executable, "-m", "flows.prefect_server", "--parent-pid", str(os.getpid()), module, *args]
 
 
 def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) -> None:
@@ -322,13 +322,13 @@ class ScheduleWatch:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m flows.server --parent-pid PID MODULE [ARGS...]``: run
+    """``python -m flows.prefect_server --parent-pid PID MODULE [ARGS...]``: run
     ``python -m MODULE ARGS...`` in this process with the parent watchdog
     (``watch_parent``) on a daemon thread."""
     import argparse
     import runpy
 
-    parser = argparse.ArgumentParser(prog="python -m flows.server", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.prefect_server", description=main.__doc__)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("module")
     parser.add_argument("args", nargs=argparse.REMAINDER)

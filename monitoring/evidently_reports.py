@@ -115,7 +115,7 @@ def softmax_positive(logits: np.ndarray) -> np.ndarray:
 
 def softmax_probabilities(logits: np.ndarray) -> np.ndarray:
     """[B, C] probabilities of [B, C] logits, exactly as the server answers."""
-    from shrinkflow.runtime import softmax  # the one the server answers with
+    from shrinkflow.predictors import softmax  # the one the server answers with
 
     return softmax(np.asarray(logits, dtype=np.float64))
 
@@ -212,11 +212,11 @@ def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_si
                  truncation: str = "head"):
     """(labels, mean-pooled last-layer sentence embeddings) from the kept
     teacher, in one forward pass per batch, reading each text cut the way
-    the server cuts it (``truncation``, see shrinkflow.runtime)."""
+    the server cuts it (``truncation``, see shrinkflow.predictors)."""
     import torch
 
     from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest
-    from shrinkflow.runtime import TextEncoder
+    from shrinkflow.predictors import TextEncoder
 
     torch.set_num_threads(threads)
     encoder = TextEncoder(Path(teacher_dir) / TOKENIZER, read_manifest(Path(teacher_dir))["max_seq_len"],
@@ -238,11 +238,11 @@ def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_si
 
 def served_outputs(served_dir: Path, texts: list[str], truncation: str = "head", per_row: bool | None = None):
     """The served model's outputs on ``texts`` exactly as the server answers
-    them (shrinkflow.runtime.predict_served): read with the serve truncation,
+    them (shrinkflow.predictors.predict_served): read with the serve truncation,
     and one text per call when ``per_row`` (None: when the model is
     batch-dependent, as the server decides). Returns runtime.Output (logits
     [B, C], tokens_seen [B], truncated [B]). Raises ValueError for no texts."""
-    from shrinkflow.runtime import load_predictor, predict_served
+    from shrinkflow.predictors import load_predictor, predict_served
 
     predictor = load_predictor(served_dir, threads=2, truncation=truncation)
     return predict_served(predictor, texts, per_row=predictor.batch_dependent if per_row is None else bool(per_row))

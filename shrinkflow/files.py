@@ -1,5 +1,4 @@
-"""Small I/O helpers: atomic writes, content hashes, and the readers of the
-project's prepared inputs (splits, line files, unlabelled text).
+"""Files on disk: atomic writes, JSON, content hashes and fsync.
 
 Every artifact is written to a temp file in the destination directory and
 renamed into place, so a crash mid-write never leaves a half-written file
@@ -87,61 +86,3 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_split(name: str, root: Path | str = "."):
-    """Prepared split ``name`` (``data/prepared/<name>.parquet`` under
-    ``root``) as a DataFrame (text, label). Raises shrinkflow.errors.MissingInput, naming
-    the data stage, when it is missing."""
-    import pandas as pd
-
-    from shrinkflow.paths import split_path
-
-    path = Path(root) / split_path(name)
-    if not path.is_file():
-        from shrinkflow.errors import MissingInput
-
-        raise MissingInput(f"{path} is missing: run the data stage first (dvc repro data)")
-    return pd.read_parquet(path)
-
-
-def read_lines(path: Path | str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (a missing file is an error)."""
-    path = Path(path)
-    if not path.is_file():
-        from shrinkflow.errors import MissingInput
-
-        raise MissingInput(f"{path} is missing")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_unlabelled(root: Path | str = ".") -> list[str]:
-    """What distillation learns from besides the training split: the
-    production window snapshot (``data/unlabelled/texts.txt``, written by
-    re-compression) followed by the user's own unlabelled text
-    (``data.source.unlabelled_path``, prepared by the data stage into
-    ``data/prepared/unlabelled.parquet``; empty for the built-in task)."""
-    import pandas as pd
-
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
-
-    texts = read_lines(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if prepared.is_file():
-        texts += [t for t in pd.read_parquet(prepared)["text"].astype(str).tolist() if t.strip()]
-    return texts
-
-
-def unlabelled_hash(root: Path | str = ".") -> str:
-    """Content hash of what ``read_unlabelled`` reads, for the candidate
-    cache key. The window file's sha256 alone when the user gave no
-    unlabelled text, so the built-in task's keys are unchanged."""
-    import pandas as pd
-
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
-
-    window = sha256_file(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if not prepared.is_file() or len(pd.read_parquet(prepared)) == 0:
-        return window
-    return hashlib.sha256(f"{window}:{sha256_file(prepared)}".encode()).hexdigest()
