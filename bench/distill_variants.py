@@ -17,27 +17,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from _common import RESULTS, now_utc, splits, teacher_and_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    from shrinkflow.splits import read_parquet
     import torch
 
     from shrinkflow.compress.distill import hidden_targets, kd_train, make_student, teacher_outputs
     from shrinkflow.compress.texts import encode_unpadded as _encode_unpadded
-    from shrinkflow.modeling import TOKENIZER, load_torch_model
-    from shrinkflow.paths import TEACHER, split_path
     from shrinkflow.train import evaluate_accuracy, seed_everything
 
     torch.set_num_threads(2)
-    fr = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
-    tok = (ROOT / TEACHER / TOKENIZER).read_text()
-    teacher = load_torch_model(ROOT / TEACHER).eval()
+    fr = splits("train", "val", "test")
+    teacher, tok = teacher_and_tokenizer()
+    teacher.eval()
     seqs = _encode_unpadded(tok, fr["train"]["text"].tolist())
     evals = {s: [x[:64] for x in _encode_unpadded(tok, fr[s]["text"].tolist())] for s in ("val", "test")}
     base = {s: round(evaluate_accuracy(teacher, v, fr[s]["label"].to_numpy()), 4) for s, v in evals.items()}
@@ -52,7 +46,7 @@ def main() -> None:
                  temperature=c["T"], alpha_kl=c["alpha"], batch_size=c["bs"], warmup_fraction=0.06,
                  seed=c["seed"], progress=False, hidden=hidden or None, hidden_weight=c["hw"])
         row = {"variant": c, "seconds": round(time.perf_counter() - t0), "teacher": base,
-               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "measured_at": now_utc()}
         for s, v in evals.items():
             row[s] = round(evaluate_accuracy(student, v, fr[s]["label"].to_numpy()), 4)
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,10 @@ Writes bench/results/fusion.{md,json}.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
+from _common import RESULTS, ROOT, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32", "latency_ms_p95_b32",
         "cpu_ms_per_prediction_b1", "cpu_ms_per_prediction_b32", "size_mb")
 
@@ -48,9 +45,7 @@ def main() -> None:
     y = val["label"].tolist()
     rows = {n: {"accuracy_val": sum(int(a == b) for a, b in zip(r["predictions"]["val"], y)) / len(y),
                 **{k: r["performance"][k] for k in KEYS}, "fused_ops": ops[n]} for n, r in runs.items()}
-    doc = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
-           "latency": lat.model_dump(), "models": rows}
+    doc = {**stamp(), "latency": lat.model_dump(), "models": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fusion.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# ONNX Runtime transformer fusions on the kept teacher", "",

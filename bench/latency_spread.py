@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
+from _common import RESULTS, ROOT, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def spread(ratios: list[float]) -> dict:
@@ -79,9 +76,7 @@ def main() -> None:
             print(f"repeat {i + 1} {method}: p95 b1 teacher {t['latency_ms_p95_b1']:.2f} ms, candidate "
                   f"{c['latency_ms_p95_b1']:.2f} ms, ratio {t['latency_ms_p95_b1'] / c['latency_ms_p95_b1']:.2f}",
                   flush=True)
-    doc = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
-           "candidate": str(cand), "latency": lat.model_dump(), "repeats": args.repeats, "runs": runs,
+    doc = {**stamp(), "candidate": str(cand), "latency": lat.model_dump(), "repeats": args.repeats, "runs": runs,
            "spread": {m: {k: spread([t / c for t, c in (rep[k] for rep in reps)])
                           for k in ("latency_ms_p95_b1", "latency_ms_p50_b1", "round_median_p95_ratio")
                           if k in reps[0]} for m, reps in runs.items() if reps}}

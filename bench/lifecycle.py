@@ -17,14 +17,11 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import yaml
+from _common import RESULTS, ROOT, now_utc
 
-ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "project"
-RESULTS = ROOT / "bench" / "results"
 
 
 def copy_project() -> None:
@@ -93,7 +90,7 @@ def main() -> None:
                          f"{m['latency_ms_p95_b1']:.2f} | {vt['latency_ms_p95_b1'] / m['latency_ms_p95_b1']:.2f}x | "
                          f"{m['size_mb']:.1f} | {vt['size_mb'] / m['size_mb']:.2f}x | "
                          f"{built[n]['build_seconds']:.0f} ({built[n].get('build_cpu_seconds') or 0:.0f}) | {failed} |")
-    doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+    doc = {"when": now_utc(), "machine": platform.machine(),
            "python": platform.python_version(),
            "cpu": __import__("shrinkflow.lineage", fromlist=["cpu_model"]).cpu_model(),
            "wall_s": {"full": full, "noop": noop, "compress_only": comp},

@@ -29,17 +29,15 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 import yaml
+from _common import RESULTS, ROOT, now_utc
 
-ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
-RESULTS = ROOT / "bench" / "results"
 STUDENT = {"name": "l024-vocab2-int8", "recipe": [
     {"method": "distill", "layers": [0, 2, 4], "epochs": 2},
     {"method": "vocab_prune", "min_count": 2}, {"method": "quantize"}]}
@@ -190,7 +188,7 @@ def main() -> None:
     on_tweets = evaluate(dirs, held, h_labels, "teacher (fp32)")
     movie = read_parquet(PROJECT / "data/prepared/test.parquet")
     on_movies = evaluate(dirs, movie["text"].tolist(), movie["label"].to_numpy(), "teacher (fp32)")
-    doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+    doc = {"when": now_utc(), "cpu": cpu_model(),
            "run_s": run_s, "deployed_before": v_before,
            "monitor_in_domain": {"seconds": mon_a_s, "verdict": verdict(out_a), "reasons": reasons(out_a)},
            "monitor_tweets": {"seconds_with_recompression": mon_b_s, "verdict": verdict(out_b),

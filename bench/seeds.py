@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+from _common import RESULTS, ROOT, splits, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import load_params
-    from shrinkflow.paths import TEACHER, split_path
+    from shrinkflow.paths import TEACHER
     from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.stats import paired_accuracy_drop
 
@@ -43,7 +39,7 @@ def main() -> None:
     cands = params.compress.candidates
     cand = next(c for c in cands if (c.name == args.candidate if args.candidate
                                      else any(s.method == "distill" for s in c.recipe)))
-    frames = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
+    frames = splits("train", "val", "test", "shifted")
     teacher = load_predictor(ROOT / TEACHER, threads=params.train.threads)
     t_pred = {s: predict_labels(teacher, frames[s]["text"].tolist()) for s in ("val", "test", "shifted")}
     rows = []
@@ -77,9 +73,7 @@ def main() -> None:
                       "teacher_accuracy": rows[0][s]["teacher_accuracy"],
                       "mean_drop_points": round(statistics.mean(drops), 3), "worst_drop_points": max(drops),
                       "seed_sd_points": round(statistics.stdev(drops), 3) if len(drops) > 1 else None}
-    doc = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
-           "candidate": cand.model_dump(mode="json"), "seeds": rows, "summary": summary}
+    doc = {**stamp(), "candidate": cand.model_dump(mode="json"), "seeds": rows, "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "seeds.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# `{cand.name}` over {len(rows)} distillation seeds", "",

@@ -33,14 +33,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from _common import RESULTS, ROOT, now_utc
+
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", 50))
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", 60))
 # The project whose deployed version is measured (default: this one) and
@@ -192,7 +191,7 @@ def main() -> None:
     per_row, batched, off, base = runs.values()
     deployed = modes["as-deployed"] or {}
     served = per_row if deployed.get("per_row") else batched   # what `shrinkflow serve` does with this version
-    doc = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+    doc = {"when": now_utc(), "cpu": cpu_model(),
            "model_version": version, "candidate": candidate, "deployed_serving": deployed,
            "concurrency": CONCURRENCY, "client": "aiohttp",
            "serve_threads": params.serve.threads, "max_batch_size": params.serve.max_batch_size,

@@ -16,15 +16,12 @@ import json
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
+from _common import RESULTS, ROOT, now_utc, splits, teacher_and_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    from shrinkflow.splits import read_parquet
     import torch
 
     from shrinkflow.compress.distill import distill
@@ -34,15 +31,14 @@ def main() -> None:
     from shrinkflow.compress.vocab import kept_token_ids, nearest_kept, prune_embeddings, remap_tokenizer
     from shrinkflow.config import DistillStep, QuantizeStep, load_params
     from shrinkflow.arch import word_embeddings
-    from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
-    from shrinkflow.paths import TEACHER, split_path
+    from shrinkflow.modeling import TOKENIZER, read_manifest, write_manifest
+    from shrinkflow.paths import TEACHER
     from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.train import evaluate_accuracy
 
     torch.set_num_threads(2)
-    fr = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test")}
-    tok = (ROOT / TEACHER / TOKENIZER).read_text()
-    teacher = load_torch_model(ROOT / TEACHER)
+    fr = splits("train", "val", "test")
+    teacher, tok = teacher_and_tokenizer()
     train = fr["train"]["text"].tolist()
     rows: list[dict] = []
 
@@ -90,7 +86,7 @@ def main() -> None:
             record("student", f"vocab nearest 2 + {name}",
                    {s: round(float((predict_labels(p, fr[s]["text"].tolist()) == fr[s]["label"].to_numpy()).mean()), 4)
                     for s in ("val", "test")})
-    out = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"measured_at": now_utc(),
            "distill": step.model_dump(mode="json"), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "student_steps.json").write_text(json.dumps(out, indent=2) + "\n")

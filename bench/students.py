@@ -19,22 +19,19 @@ import json
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+from _common import RESULTS, ROOT, now_utc, splits
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
-    from shrinkflow.splits import read_parquet
 
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate
-    from shrinkflow.paths import TEACHER, split_path
+    from shrinkflow.paths import TEACHER
     from shrinkflow.predictors import load_predictor, predict_labels
 
-    frames = {s: read_parquet(ROOT / split_path(s)) for s in ("train", "val", "test", "shifted")}
+    frames = splits("train", "val", "test", "shifted")
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shrinkflow-students-") as tmp:
         for name, recipe in json.loads(sys.argv[1]).items():
@@ -44,7 +41,7 @@ def main() -> None:
                                train_labels=frames["train"]["label"].to_numpy(), threads=2, progress=False,
                                unlabelled_texts=[])
             row = {"name": name, "recipe": recipe, "build_s": round(time.perf_counter() - t0),
-                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                   "measured_at": now_utc()}
             pred = load_predictor(out, threads=2)
             for s in ("val", "test", "shifted"):
                 row[s] = round(float((predict_labels(pred, frames[s]["text"].tolist())

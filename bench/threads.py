@@ -14,12 +14,8 @@ Writes bench/results/threads.{md,json}.
 from __future__ import annotations
 
 import json
-import platform
-from datetime import datetime, timezone
-from pathlib import Path
+from _common import RESULTS, ROOT, stamp
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
@@ -51,9 +47,7 @@ def main() -> None:
     for one, two in ((names[0], names[1]), (names[2], names[3])):
         rows[two]["speedup_p95_vs_1_thread_round_by_round"] = round(
             round_ratio_p95(timed[one]["round_seconds"], timed[two]["round_seconds"]), 3)
-    doc = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
-           "latency": lat.model_dump(), "models": rows}
+    doc = {**stamp(), "latency": lat.model_dump(), "models": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "threads.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Intra-op threads at batch 1 (2-core machine)", "",

@@ -7,9 +7,12 @@ once from the package index, then cached), models are real (tiny) BERTs.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,25 @@ def chromium_dom(url: str, budget_ms: int = 5000, timeout_s: float = 120) -> str
                           capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, what: str, timeout_s: float = 180) -> tuple[str, list[str]]:
+    """Read ``proc``'s text stdout line by line until one matches
+    ``pattern`` (re.search); return the match's first group and the lines
+    read. Then a daemon thread keeps draining stdout into the same list, so
+    the child never blocks on a full pipe. Fails the test, with the output,
+    when the process exits or ``timeout_s`` passes first."""
+    lines: list[str] = []
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"{what} exited early:\n" + "".join(lines)
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return found.group(1), lines
+    raise AssertionError(f"{what} printed no line matching {pattern!r} in {timeout_s:.0f} s:\n" + "".join(lines))
 
 
 def bare_project(tmp_path: Path) -> Path:

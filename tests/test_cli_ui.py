@@ -12,18 +12,15 @@ rendered by headless Chromium, as a user's browser would.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from flows.prefect_server import free_port
-from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom
+from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, wait_for_line
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -39,18 +36,9 @@ def test_the_printed_ui_address_opens_a_ui_connected_to_its_api(tmp_path):
     port = free_port()  # not 4200: the port the UI used to assume
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
     try:
-        url = None
-        deadline = time.time() + 180
-        while url is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            assert line, "ui exited early:\n" + "".join(lines)
-            lines.append(line)
-            found = re.match(r"Prefect UI: (http://\S+)", line)
-            url = found.group(1) if found else None
+        url, lines = wait_for_line(proc, r"^Prefect UI: (http://\S+)", "ui")
         assert url == f"http://127.0.0.1:{port}", "".join(lines)
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
         dom = chromium_dom(f"{url}/runs", budget_ms=15000, timeout_s=180)
         assert "<title>Runs • Prefect Server" in dom, dom[-3000:]
         assert "Can't connect" not in dom, dom[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, wait_for_line
 
 # Each runs the real CLI, Prefect and DVC on a temporary project: minutes in all.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -386,20 +386,8 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
                              "--monitor-interval", "7", "--name", "e2e"],
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines: list[str] = []
-    api = None
     try:
-        deadline = time.time() + 180
-        while api is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            assert line, "schedule exited early:\n" + "".join(lines)
-            lines.append(line)
-            found = re.search(r"\(API (http://127\.0\.0\.1:\d+/api)\)", line)
-            api = found.group(1) if found else None
-        assert api, "no local server was started:\n" + "".join(lines)
-        import threading
-
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        api, lines = wait_for_line(proc, r"\(API (http://127\.0\.0\.1:\d+/api)\)", "schedule")
 
         def runs(flow_name):
             r = httpx.post(f"{api}/flow_runs/filter", json={

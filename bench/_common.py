@@ -1,0 +1,45 @@
+"""What the benchmarks share: where results go, the stamp every results
+file starts with, and the prepared splits and kept teacher they read.
+
+The benchmarks run as scripts (``python bench/<name>.py``), so this folder
+is first on ``sys.path`` and they import this module as ``_common``.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def now_utc() -> str:
+    """The current UTC time, ISO 8601 to the second (``measured_at``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def stamp() -> dict:
+    """``measured_at`` (now, UTC) and ``machine`` (CPU and Python version):
+    the first keys of every results document."""
+    return {"measured_at": now_utc(),
+            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}"}
+
+
+def splits(*names: str) -> dict:
+    """The prepared splits ``names`` of this checkout (data/prepared/),
+    each a DataFrame (text, label). Raises MissingInput when one is missing
+    (run ``shrinkflow run`` first)."""
+    from shrinkflow.splits import read_split
+
+    return {s: read_split(s, ROOT) for s in names}
+
+
+def teacher_and_tokenizer():
+    """The kept teacher (models/teacher) as a torch model, and
+    its tokenizer.json text."""
+    from shrinkflow.modeling import TOKENIZER, load_torch_model
+    from shrinkflow.paths import TEACHER
+
+    return load_torch_model(ROOT / TEACHER), (ROOT / TEACHER / TOKENIZER).read_text()
