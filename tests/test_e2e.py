@@ -50,10 +50,8 @@ def harness(prefect_api):
     return prefect_api
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh git+DVC repo holding the project's tracked and new files."""
-    dest = tmp_path_factory.mktemp("e2e") / "project"
+def copy_project(dest: Path) -> Path:
+    """A fresh git+DVC repo at ``dest`` holding the project's tracked and new files."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.split()
     for rel in listed:
@@ -66,6 +64,20 @@ def project(tmp_path_factory) -> Path:
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
     subprocess.run(git + ["commit", "-qm", "e2e copy"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The module's shared project. Every test that needs a model in it asks
+    for ``deployed``, which puts one there whatever ran before, so the tests
+    pass in any order (pytest --random-order)."""
+    return copy_project(tmp_path_factory.mktemp("e2e") / "project")
+
+
+@pytest.fixture()
+def fresh_project(tmp_path) -> Path:
+    """A project of its own, nothing run in it yet."""
+    return copy_project(tmp_path / "project")
 
 
 def run_cli(project: Path, api_url: str | None, *args, extra_env: dict | None = None):
@@ -98,11 +110,12 @@ def write_params(path: Path, over: dict) -> Path:
     return path
 
 
-def test_lifecycle_end_to_end(project, harness, tmp_path):
+def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     import pandas as pd
 
     from shrinkflow.registry import Registry
 
+    project = fresh_project
     # 1. Status before anything is deployed.
     assert status_json(project)["deployed"] is None
 
@@ -254,9 +267,9 @@ DEPLOYABLE = deep_merge(TINY, {"compress": {"candidates": [
 
 @pytest.fixture()
 def deployed(project, harness) -> str:
-    """The project with deployable params and a version in production,
-    whatever ran before in this module (the lifecycle test ends on an
-    impossible gate; run alone, nothing is deployed yet). Returns it."""
+    """The module's project with deployable params and a version in
+    production, whatever ran before in this module (run first, nothing is
+    deployed yet and it runs the lifecycle). Returns the production version."""
     from shrinkflow.registry import Registry
 
     write_params(project / "params.yaml", DEPLOYABLE)
@@ -318,7 +331,7 @@ def test_every_crash_exits_3_and_production_keeps_serving(project, harness, depl
     assert reg.alias() == before
 
 
-def test_dvc_repro_typed_directly_keeps_telemetry_off_and_prefect_state_inside(project, tmp_path):
+def test_dvc_repro_typed_directly_keeps_telemetry_off_and_prefect_state_inside(project, deployed, tmp_path):
     """`dvc repro` without the CLI: the compress stage (the one that runs
     Prefect) keeps Prefect's state in the project, not in ~/.prefect, and its
     ephemeral server sends no telemetry."""
@@ -340,11 +353,11 @@ def test_dvc_repro_typed_directly_keeps_telemetry_off_and_prefect_state_inside(p
     assert "telemetry" not in out.lower()
 
 
-def test_frontier_report_through_dvc(project, harness):
+def test_frontier_report_through_dvc(project, deployed):
     """`dvc repro frontier` after the lifecycle: baseline, report, plot, dvc plots."""
     from shrinkflow.dvcrun import offline_env
 
-    # The lifecycle test left a tiny teacher and candidates in the project.
+    # `deployed` left a tiny teacher and candidates in the project.
     assert (project / "models" / "teacher").is_dir()
     env = offline_env()
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "frontier"], cwd=project, env=env,
@@ -363,7 +376,7 @@ def test_frontier_report_through_dvc(project, harness):
     assert shown.returncode == 0 and "frontier.png" in shown.stdout
 
 
-def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
+def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
     """`shrinkflow schedule --interval 5` with no PREFECT_API_URL, as in a
     fresh clone: it starts a local Prefect server with its scheduler, and the
     scheduler (not the test) creates the runs. Two must complete; SIGTERM then
@@ -436,7 +449,7 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project):
     assert "stopped the local Prefect server" in "".join(lines)
 
 
-def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(project, harness):
+def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(project, harness, deployed):
     """Production text (product reviews) with feedback saying the model is
     wrong: `shrinkflow monitor` writes the reports, decides recompress, and
     the re-compression flow distils on the window through DVC (train
