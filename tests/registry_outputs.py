@@ -38,6 +38,16 @@ LABELS = ["negative", "positive"]
 SCENARIOS = ("v0003", "v0002-variant", "v0001", "corrupted", "empty")
 
 
+def deploy_record(candidate: str) -> dict:
+    """A record as the deploy stage hands ``Registry.promote`` (a full version
+    manifest once the registry adds its keys), from the fixture's v0003, for
+    ``candidate``; without ``labels`` (the registry records the model's own)
+    and ``serving`` (the server decides per_row from the model graph)."""
+    manifest = read_json(FIXTURE / "versions" / "v0003" / "manifest.json")
+    added = ("version", "created_at", "files", "content_hash", "gates", "same_model_as", "labels", "serving")
+    return {**{k: v for k, v in manifest.items() if k not in added}, "candidate": candidate}
+
+
 def _give_model_files(root: Path, version: str) -> None:
     """Model files for ``version``, and its manifest's hashes set to theirs."""
     model = root / "versions" / version / "model"
