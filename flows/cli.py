@@ -300,62 +300,16 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     """Show the deployed (production) version: test figures, gates, lineage."""
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
-    from shrinkflow.status import status_document
+    from shrinkflow.status import status_report, status_text
 
     s = _session(ctx)
     try:
-        doc = status_document(Registry(s.root / s.params.deploy.registry_dir))
+        report = status_report(Registry(s.root / s.params.deploy.registry_dir))
     except RegistryError as exc:
         raise _crash(exc, "status", debug, message=str(exc))
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
-    elif doc["deployed"] is None:
-        typer.echo(doc["message"])
-    else:
-        d, t = doc["deployed"], doc["teacher"]["metrics"]
-        typer.echo(f"production: {d['version']} ({d['candidate']}), deployed {d['created_at']}; "
-                   f"files {d['integrity']}")
-        labels = d.get("labels")
-        typer.echo(f"  labels ({len(labels)}): {', '.join(labels)}" if labels else "  labels: not recorded")
-        typer.echo(f"  figures on the {d['metrics']['split']} split ({d['metrics']['n']} sentences; the "
-                   f"candidate was selected on {d['selection_metrics']['split']}):")
-        # macro-F1 and f1 are absent from versions deployed before they were
-        # recorded; f1 (of class 1) exists for two classes only
-        for k in ("accuracy", "macro_f1", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
-            if d["metrics"].get(k) is not None:
-                typer.echo(f"  {k:<20} {d['metrics'][k]:>10.4g}   teacher {t[k]:>10.4g}")
-        mm = d["metrics"]
-        typer.echo(f"  accuracy drop        {mm['accuracy_drop']:>+10.4f}   {mm['confidence']:.0%} interval "
-                   f"[{mm['accuracy_drop_ci_low']:+.4f}, {mm['accuracy_drop_ci_high']:+.4f}], "
-                   f"McNemar p={mm['mcnemar_p']:.3g}")
-        if "macro_f1_drop" in mm:
-            typer.echo(f"  macro-F1 drop        {mm['macro_f1_drop']:>+10.4f}   {mm['confidence']:.0%} bootstrap "
-                       f"interval [{mm['macro_f1_drop_ci_low']:+.4f}, {mm['macro_f1_drop_ci_high']:+.4f}]")
-        if mm.get("per_class_recall"):
-            tr = t.get("per_class_recall") or {}
-            typer.echo("  recall by class (test): " + "; ".join(
-                f"{c} {r:.3f}" + (f" (teacher {tr[c]:.3f})" if tr.get(c) is not None else "")
-                for c, r in mm["per_class_recall"].items() if r is not None))
-        typer.echo(f"  teacher agreement    {mm['agreement']['test']:>10.4f}")
-        typer.echo("  gates: " + ", ".join(
-            f"{n}={'pass' if g['passed'] else ('FAIL' if g.get('enforced', True) else 'not met')}"
-            for n, g in d["gates"].items()))
-        for n, g in d["gates"].items():
-            if not g["passed"] and not g.get("enforced", True):
-                typer.echo(f"    {n}: {g['value']:.4g} (threshold {g['threshold']:.4g}): {g.get('note', '')}")
-        if d.get("roi"):
-            from shrinkflow.cost import roi_lines
-
-            typer.echo("  cost and return of compressing:")
-            for line in roi_lines(d["roi"]):
-                typer.echo(f"    {line}")
-        window = (d.get("lineage") or {}).get("window")
-        if window:  # a re-compression: which production window, asked for by which monitor run
-            typer.echo(f"  re-compressed on a production window: {window.get('rows_distill')} texts distilled, "
-                       f"{window.get('rows_heldout')} held out (md5 {window.get('texts_md5')}); monitor run "
-                       f"{window.get('monitor_flow_run')}, triggers {', '.join(window.get('triggers') or [])}")
-        if not d["integrity"] == "verified":
-            raise typer.Exit(ExitCode.CRASH)
+    typer.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True) if as_json else status_text(report))
+    if not as_json and report.deployed is not None and report.deployed.integrity != "verified":
+        raise typer.Exit(ExitCode.CRASH)
 
 
 @_command("serve", "Serve the production version over HTTP.")
@@ -438,29 +392,15 @@ def versions(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
              params: ParamsOpt = None, debug: DebugOpt = False):
     """List every version: key figures, when it was live, and which is live now."""
     from shrinkflow.registry import Registry
+    from shrinkflow.status import versions_text
 
     s = _session(ctx)
     try:
         rows = Registry(s.root / s.params.deploy.registry_dir).describe_versions()
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "versions", debug)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    if not rows:
-        typer.echo("no versions yet: run `shrinkflow run`")
-        return
-    typer.echo(f"{'':2}{'version':<8} {'candidate':<22} {'test acc':>8} {'p95 b1 ms':>9} {'MB':>6}  live")
-    for r in rows:
-        m = r["metrics"]
-
-        def num(x, fmt):
-            return format(x, fmt) if isinstance(x, (int, float)) else "-"
-
-        live = "; ".join(f"{p['from']} .. {p['to'] or 'now'}" for p in r["live"]) or "never"
-        typer.echo(f"{'*' if r['production'] else ' ':2}{r['version']:<8} {str(r['candidate']):<22} "
-                   f"{num(m['accuracy'], '8.4f')} {num(m['latency_ms_p95_b1'], '9.2f')} {num(m['size_mb'], '6.1f')}  "
-                   f"{live}" + (f"  (same files as {r['same_model_as']})" if r["same_model_as"] else ""))
+    typer.echo(json.dumps([r.to_json_dict() for r in rows], indent=2, sort_keys=True) if as_json
+               else versions_text(rows))
 
 
 def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[str],

@@ -17,6 +17,13 @@ server (see ROADMAP) can poll ``aliases.json`` and reload on change.
 
 The registry lives outside every DVC out: DVC deletes a stage's outs before
 re-running it, and earlier versions must survive that.
+
+Readers return typed records, as MLflow's registry returns its entities:
+``version_manifest`` a ``VersionManifest``, ``history`` ``HistoryEvent``s
+(both in ``shrinkflow.artifacts``: the files' shapes), ``describe_versions``
+a ``VersionSummary`` per version (defined here: what ``shrinkflow versions``
+lists). ``manifest`` is the raw document, for readers that must survive a
+version stored by hand.
 """
 
 from __future__ import annotations
@@ -31,20 +38,73 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shrinkflow.artifacts import HistoryEvent, Number, VersionManifest
 from shrinkflow.errors import (IntegrityError, NothingToRollBack, PromotionRefused,  # noqa: F401  (re-exported)
                                RegistryError, UnknownVersion)
 from shrinkflow.gates import GateReport
 from shrinkflow.files import content_hash, file_hashes, fsync_dir, fsync_tree, read_json, write_json
 
-if TYPE_CHECKING:
-    from shrinkflow.artifacts import VersionManifest
-
 PRODUCTION = "production"
 # What production pointed at before its last move (rollback's default target).
 PREVIOUS = "previous_production"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class _Summary(BaseModel):
+    """A view of stored records (extra keys ignored: it reads a manifest for
+    the few it shows); dumped with every field, None included."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    def to_json_dict(self) -> dict:
+        """As ``shrinkflow versions --json`` prints it."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class LivePeriod(_Summary):
+    """One stretch as production, as ISO-8601 UTC times of the history:
+    ``from`` (``from_`` in Python), ``to`` (None while it still is)."""
+
+    from_: str = Field(alias="from")
+    to: str | None
+
+
+class VersionFigures(_Summary):
+    """The figures ``shrinkflow versions`` shows of a version: its manifest's
+    ``metrics`` (``artifacts.CandidateMeasurements``: test quality, val
+    performance; same names, same units), None where a version lacks one."""
+
+    split: str | None = None
+    accuracy: Number | None = None
+    macro_f1: Number | None = None
+    accuracy_drop: Number | None = None
+    latency_ms_p95_b1: Number | None = None
+    size_mb: Number | None = None
+
+
+class VersionSummary(_Summary):
+    """One version as ``shrinkflow versions`` lists it, in the spirit of
+    MLflow's ``ModelVersion``: name, source candidate, creation time,
+    ``same_model_as`` (an earlier version with identical files), whether it
+    is ``production`` now, when it was (``live``), its label set (None:
+    stored before versions recorded it) and its key figures."""
+
+    version: str
+    candidate: str | None = None
+    created_at: str | None = None
+    same_model_as: str | None = None
+    production: bool
+    live: list[LivePeriod]
+    labels: list[str] | None = None
+    metrics: VersionFigures = VersionFigures()
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _no_metrics(cls, value):
+        return {} if value is None else value   # a version stored without figures
 
 
 @dataclass(frozen=True)
@@ -132,21 +192,18 @@ class Registry:
         returns as a dict). Raises KeyError as ``manifest`` does, and
         pydantic.ValidationError when the file does not match the model (a
         version stored by hand or by a test with a partial record)."""
-        # Lazily: the models import the validation figures (numpy), which the
-        # server and the monitor, readers of plain manifests, do not need.
-        from shrinkflow.artifacts import VersionManifest
-
         return VersionManifest.model_validate(self.manifest(version))
 
     def production(self) -> tuple[str, dict] | None:
         version = self.alias(PRODUCTION)
         return (version, self.manifest(version)) if version else None
 
-    def history(self) -> list[dict]:
+    def history(self) -> list[HistoryEvent]:
+        """Every move of the production alias, oldest first (history.jsonl)."""
         path = self.root / "history.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [HistoryEvent.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
     def verify(self, version: str) -> dict:
         """Raise IntegrityError unless every model file matches its hash;
@@ -190,9 +247,9 @@ class Registry:
             aliases[PREVIOUS] = previous
         write_json(self.root / "aliases.json", aliases)  # fsynced, then os.replace
 
-    def _log(self, event: dict) -> None:
+    def _log(self, event: HistoryEvent) -> None:
         with open(self.root / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(event, sort_keys=True) + "\n")
+            fh.write(json.dumps(event.to_json_dict(), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -234,8 +291,7 @@ class Registry:
             version = self._store(model_dir, hashes, digest, gate_report,
                                   {**record, "same_model_as": same}, now)
             self._set_production(version)
-            self._log({"event": "promote", "version": version, "previous": previous,
-                       "same_model_as": same, "at": now})
+            self._log(HistoryEvent(event="promote", version=version, previous=previous, same_model_as=same, at=now))
         return Promotion(version, previous, same)
 
     def previous_production(self) -> str | None:
@@ -252,8 +308,8 @@ class Registry:
             return recorded
         current = self.alias(PRODUCTION)  # registries from before PREVIOUS existed
         for event in reversed(self.history()):
-            if event.get("version") == current:
-                return event.get("previous")
+            if event.version == current:
+                return event.previous
         return None
 
     def rollback(self, to: str | None = None) -> Rollback:
@@ -280,39 +336,33 @@ class Registry:
             self.verify(target)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._set_production(target)
-            self._log({"event": "rollback", "version": target, "previous": current, "at": now})
+            self._log(HistoryEvent(event="rollback", version=target, previous=current, at=now))
         return Rollback(target, current)
 
-    def live_periods(self) -> dict[str, list[dict]]:
-        """When each version was production: {version: [{"from", "to"}]},
-        from the history ("to" is None while it still is)."""
-        periods: dict[str, list[dict]] = {}
+    def live_periods(self) -> dict[str, list[LivePeriod]]:
+        """When each version was production, by version, from the history
+        (the last period's ``to`` is None while it still is)."""
+        periods: dict[str, list[LivePeriod]] = {}
         live: str | None = None
         for event in self.history():
-            if event.get("event") not in ("promote", "rollback"):
+            if event.event not in ("promote", "rollback"):
                 continue
             if live is not None:
-                periods[live][-1]["to"] = event["at"]
-            live = event["version"]
-            periods.setdefault(live, []).append({"from": event["at"], "to": None})
+                periods[live][-1] = periods[live][-1].model_copy(update={"to": event.at})
+            live = event.version
+            periods.setdefault(live, []).append(LivePeriod(from_=event.at, to=None))
         return periods
 
-    def describe_versions(self) -> list[dict]:
-        """Every version with its key figures, when it was live, and which is live now."""
+    def describe_versions(self) -> list[VersionSummary]:
+        """Every version, oldest first: its key figures, when it was live, and
+        whether it is production now. Read leniently (``VersionSummary``): a
+        version whose manifest lacks a figure, or is not a full manifest, is
+        still listed. Raises RegistryError for an unusable aliases file."""
         current = self.alias(PRODUCTION)
         periods = self.live_periods()
-        out = []
-        for v in self.versions():
-            m = self.manifest(v)
-            metrics = m.get("metrics") or {}
-            out.append({"version": v, "candidate": m.get("candidate"), "created_at": m.get("created_at"),
-                        "same_model_as": m.get("same_model_as"), "production": v == current,
-                        "live": periods.get(v, []),
-                        # None: stored before versions recorded their labels
-                        "labels": m.get("labels"),
-                        "metrics": {k: metrics.get(k) for k in ("split", "accuracy", "macro_f1", "accuracy_drop",
-                                                                 "latency_ms_p95_b1", "size_mb")}})
-        return out
+        return [VersionSummary.model_validate({**self.manifest(v), "version": v, "production": v == current,
+                                               "live": periods.get(v, [])})
+                for v in self.versions()]
 
     def _store(self, model_dir: Path, hashes: dict, digest: str, gate_report: GateReport,
                record: dict, now: str) -> str:

@@ -1,22 +1,88 @@
-"""The production version as one document: what `shrinkflow status --json`
-prints and what the server's /metadata returns; and the label names a
-version answers with (``model_labels``: the server and the monitor read them)."""
+"""What `shrinkflow status` and the server's /metadata show of a version,
+and what `shrinkflow versions` lists, as typed objects (``StatusReport``,
+``registry.VersionSummary``), each rendered to text by one function here
+(``status_text``, ``versions_text``) and to JSON by its ``to_json_dict``;
+and the label names a version answers with (``model_labels``: the server
+and the monitor read them).
+
+The JSON keeps the shape the commands printed before these were typed
+(tests/test_registry_outputs.py): a key is the field of a model, here or in
+``shrinkflow.artifacts``, and spelled nowhere else."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from pydantic import ValidationError
+
+from shrinkflow.artifacts import (Artifact, CandidateMeasurements, Confirmation, CostReturn, GateEntry, ServingMode,
+                                  TeacherMeasurements, VersionManifest)
 from shrinkflow.errors import IntegrityError, RegistryError
 from shrinkflow.files import read_json
-from shrinkflow.registry import Registry
+from shrinkflow.registry import Registry, VersionSummary
+
+NOTHING_DEPLOYED = "nothing is deployed yet: run `shrinkflow run`"
+TEACHER_DESCRIPTION = "fp32 teacher, torch eager, as trained; same test sentences"
+# The figures `status` prints beside the teacher's, in this order: fields of
+# both CandidateMeasurements and TeacherMeasurements (tests check it), by
+# name because the name is what it prints. macro-F1 is absent from versions
+# deployed before it was recorded; f1 (of class 1) exists for two classes only.
+FIGURES_BESIDE_TEACHER = ("accuracy", "macro_f1", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb")
 
 
-def version_labels(registry: Registry, version: str, manifest: dict) -> list[str] | None:
+class DeployedVersion(Artifact):
+    """A version as `status` shows it: its manifest's record (see
+    ``artifacts.VersionManifest``: test figures, val figures it was selected
+    on, gates, confirmation, lineage, cost and return), where it lies
+    (``path``), whether its files match their hashes (``integrity``:
+    ``verified`` or ``FAILED: ...``), and its ``labels`` (class names in
+    class-id order; None when neither its manifest nor its model says).
+    ``serving``: how validate said to serve it (empty: not recorded)."""
+
+    version: str
+    candidate: str
+    recipe: list[dict[str, Any]]
+    created_at: str
+    path: str
+    integrity: str
+    same_model_as: str | None
+    labels: list[str] | None
+    metrics: CandidateMeasurements
+    selection_metrics: CandidateMeasurements
+    gates: dict[str, GateEntry]
+    confirmation: Confirmation
+    lineage: dict[str, Any]
+    # cost and return of compressing (None: deployed before it was recorded)
+    roi: CostReturn | None
+    serving: ServingMode
+
+
+class TeacherBaseline(Artifact):
+    """The teacher's figures on the same test texts, and what it is."""
+
+    metrics: TeacherMeasurements
+    description: str
+
+
+class StatusReport(Artifact):
+    """What `shrinkflow status --json` prints: the ``deployed`` version, the
+    ``teacher`` baseline and every version's name; or, when nothing is
+    deployed, ``deployed`` None and a ``message`` (and no other key). Dump
+    it with ``to_json_dict`` (keys that were set: that is its shape)."""
+
+    deployed: DeployedVersion | None
+    message: str | None = None
+    teacher: TeacherBaseline | None = None
+    versions: list[str] | None = None
+
+
+def version_labels(registry: Registry, version: str, manifest: VersionManifest) -> list[str] | None:
     """A version's class names in class-id order: its manifest's ``labels``,
     or, for a version stored before the registry recorded them, its model's
     own manifest. None when neither says."""
-    if manifest.get("labels"):
-        return list(manifest["labels"])
+    if manifest.labels:
+        return list(manifest.labels)
     path = registry.path(version) / "model" / "shrinkflow_model.json"
     return (read_json(path).get("labels") or None) if path.is_file() else None
 
@@ -37,36 +103,105 @@ def model_labels(model_dir: Path, version: str = "") -> tuple[str, ...]:
     return tuple(labels)
 
 
-def status_document(registry: Registry, version: str | None = None, integrity: str | None = None) -> dict:
-    """``version`` (default: production) with its label set (``labels``, class
-    names in class-id order), test figures (accuracy, macro-F1, per-class
-    recall, the paired drops), gates, confirmation, lineage and recipe, the
-    teacher baseline, and whether its files still match their hashes.
+def status_report(registry: Registry, version: str | None = None, integrity: str | None = None) -> StatusReport:
+    """``version`` (default: production) with its label set, test figures
+    (accuracy, macro-F1, per-class recall, the paired drops), gates,
+    confirmation, lineage and recipe, the teacher baseline, and whether its
+    files still match their hashes.
 
     ``integrity``: that verdict when the caller already has it (the server
     verified the version when it loaded it into memory); None hashes every
-    file of the version now."""
+    file of the version now. Raises RegistryError when the aliases file is
+    unusable or the manifest is not a version manifest (naming its first
+    problems)."""
     version = version or registry.alias()
     if version is None:
-        return {"deployed": None, "message": "nothing is deployed yet: run `shrinkflow run`"}
-    m = registry.manifest(version)
+        return StatusReport(deployed=None, message=NOTHING_DEPLOYED)
+    try:
+        m = registry.version_manifest(version)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        raise RegistryError(f"version {version} ({registry.path(version) / 'manifest.json'}) is not a version "
+                            f"manifest ({exc.error_count()} problems: {problems})") from exc
     if integrity is None:
         try:
             registry.verify(version)
             integrity = "verified"
         except IntegrityError as exc:
             integrity = f"FAILED: {exc}"
-    return {"deployed": {"version": version, "candidate": m["candidate"], "recipe": m["recipe"],
-                         "created_at": m["created_at"], "path": str(registry.path(version)),
-                         "integrity": integrity, "same_model_as": m.get("same_model_as"),
-                         "labels": version_labels(registry, version, m),
-                         "metrics": m["metrics"], "selection_metrics": m["selection_metrics"],
-                         "gates": m["gates"], "confirmation": m["confirmation"], "lineage": m["lineage"],
-                         # cost and return of compressing (None: deployed before it was recorded)
-                         "roi": m.get("roi"),
-                         # how the server runs it: per_row when validate found it not
-                         # batch-invariant ({} : deployed before it was recorded)
-                         "serving": m.get("serving") or {}},
-            "teacher": {"metrics": m["teacher_metrics"],
-                        "description": "fp32 teacher, torch eager, as trained; same test sentences"},
-            "versions": registry.versions()}
+    # Every field given, None included: what is set is what is printed.
+    deployed = DeployedVersion(
+        version=version, candidate=m.candidate, recipe=m.recipe, created_at=m.created_at,
+        path=str(registry.path(version)), integrity=integrity, same_model_as=m.same_model_as,
+        labels=version_labels(registry, version, m), metrics=m.metrics, selection_metrics=m.selection_metrics,
+        gates=m.gates, confirmation=m.confirmation, lineage=m.lineage, roi=m.roi,
+        # how the server runs it: per_row when validate found it not batch-invariant
+        serving=m.serving or ServingMode())
+    return StatusReport(deployed=deployed, teacher=TeacherBaseline(metrics=m.teacher_metrics,
+                                                                   description=TEACHER_DESCRIPTION),
+                        versions=registry.versions())
+
+
+def status_text(report: StatusReport) -> str:
+    """`shrinkflow status` as text: the deployed version's figures beside the
+    teacher's, the paired drops with their intervals, recall by class, gates
+    (and why a gate not met was not enforced), the cost and return, and the
+    production window of a re-compression; or the message when nothing is
+    deployed."""
+    from shrinkflow.cost import roi_lines
+
+    d = report.deployed
+    if d is None:
+        return report.message or NOTHING_DEPLOYED
+    m, t = d.metrics, report.teacher.metrics
+    out = [f"production: {d.version} ({d.candidate}), deployed {d.created_at}; files {d.integrity}",
+           f"  labels ({len(d.labels)}): {', '.join(d.labels)}" if d.labels else "  labels: not recorded",
+           f"  figures on the {m.split} split ({m.n} sentences; the candidate was selected on "
+           f"{d.selection_metrics.split}):"]
+    for name in FIGURES_BESIDE_TEACHER:
+        if getattr(m, name) is not None:
+            out.append(f"  {name:<20} {getattr(m, name):>10.4g}   teacher {getattr(t, name):>10.4g}")
+    out.append(f"  accuracy drop        {m.accuracy_drop:>+10.4f}   {m.confidence:.0%} interval "
+               f"[{m.accuracy_drop_ci_low:+.4f}, {m.accuracy_drop_ci_high:+.4f}], McNemar p={m.mcnemar_p:.3g}")
+    if m.macro_f1_drop is not None:
+        out.append(f"  macro-F1 drop        {m.macro_f1_drop:>+10.4f}   {m.confidence:.0%} bootstrap "
+                   f"interval [{m.macro_f1_drop_ci_low:+.4f}, {m.macro_f1_drop_ci_high:+.4f}]")
+    if m.per_class_recall:
+        tr = t.per_class_recall or {}
+        out.append("  recall by class (test): " + "; ".join(
+            f"{c} {r:.3f}" + (f" (teacher {tr[c]:.3f})" if tr.get(c) is not None else "")
+            for c, r in m.per_class_recall.items() if r is not None))
+    out.append(f"  teacher agreement    {m.agreement['test']:>10.4f}")
+    out.append("  gates: " + ", ".join(f"{n}={'pass' if g.passed else ('FAIL' if g.enforced else 'not met')}"
+                                       for n, g in d.gates.items()))
+    out += [f"    {n}: {g.value:.4g} (threshold {g.threshold:.4g}): {g.note}"
+            for n, g in d.gates.items() if not g.passed and not g.enforced]
+    if d.roi is not None:
+        out.append("  cost and return of compressing:")
+        out += [f"    {line}" for line in roi_lines(d.roi.to_json_dict())]
+    window = d.lineage.get("window")
+    if window:  # a re-compression: which production window, asked for by which monitor run
+        out.append(f"  re-compressed on a production window: {window.get('rows_distill')} texts distilled, "
+                   f"{window.get('rows_heldout')} held out (md5 {window.get('texts_md5')}); monitor run "
+                   f"{window.get('monitor_flow_run')}, triggers {', '.join(window.get('triggers') or [])}")
+    return "\n".join(out)
+
+
+def versions_text(rows: list[VersionSummary]) -> str:
+    """`shrinkflow versions` as text: one line per version (``*`` marks
+    production) with its test accuracy, p95 latency at batch 1 (ms), size
+    (MB) and when it was live."""
+    if not rows:
+        return "no versions yet: run `shrinkflow run`"
+
+    def num(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+    out = [f"{'':2}{'version':<8} {'candidate':<22} {'test acc':>8} {'p95 b1 ms':>9} {'MB':>6}  live"]
+    for r in rows:
+        m = r.metrics
+        live = "; ".join(f"{p.from_} .. {p.to or 'now'}" for p in r.live) or "never"
+        out.append(f"{'*' if r.production else ' ':2}{r.version:<8} {str(r.candidate):<22} "
+                   f"{num(m.accuracy, '8.4f')} {num(m.latency_ms_p95_b1, '9.2f')} {num(m.size_mb, '6.1f')}  "
+                   f"{live}" + (f"  (same files as {r.same_model_as})" if r.same_model_as else ""))
+    return "\n".join(out)

@@ -88,7 +88,7 @@ def test_a_registry_written_by_the_previous_code_still_loads(tmp_path):
         assert m.version == v and m.to_json_dict() == reg.manifest(v)
         gates = CandidateGates.model_validate_json((reg.path(v) / "gates.json").read_text())
         assert gates.candidate == m.candidate and gates.gates == m.gates
-    assert [d["version"] for d in reg.describe_versions()] == list(VERSIONS)
+    assert [d.version for d in reg.describe_versions()] == list(VERSIONS)
     assert Aliases.model_validate_json((root / "aliases.json").read_text()).production == "v0003"
 
 

@@ -310,7 +310,7 @@ def test_the_registry_and_status_show_the_label_set_and_macro_f1(tmp_path):
     `shrinkflow status` (text and --json) as a user runs it."""
     from shrinkflow.gates import GateReport
     from shrinkflow.registry import Registry
-    from shrinkflow.status import status_document
+    from shrinkflow.status import status_report
 
     teacher = run(VAL, TEST, lat=20.0)
     slow = run(VAL[:15] + [0, 2, 2], TEST[:9] + [0], lat=5.0)   # test: one sales called billing
@@ -329,14 +329,14 @@ def test_the_registry_and_status_show_the_label_set_and_macro_f1(tmp_path):
     record = {"candidate": "slow", "labels": metrics["labels"], "recipe": [], **deployed_figures(metrics, "slow"),
               "confirmation": metrics["confirmation"], "selection": report["reason"], "roi": None, "lineage": {}}
     v = reg.promote(model, GateReport.from_dict(report["candidates"]["slow"]), record).version
-    doc = status_document(reg)["deployed"]
+    doc = status_report(reg).to_json_dict()["deployed"]
     assert doc["labels"] == list(CLASSES) and doc["version"] == v
     m = doc["metrics"]
     # test: billing 4/4, bug 4/4, sales 1/2 -> F1 8/9, 1, 2/3
     assert m["split"] == "test" and m["macro_f1"] == pytest.approx((8 / 9 + 1 + 2 / 3) / 3, abs=1e-6)
     assert m["per_class_recall"] == {"billing": 1.0, "bug": 1.0, "sales": 0.5}
     assert m["macro_f1_drop"] == pytest.approx(1 - m["macro_f1"], abs=1e-6)
-    assert reg.describe_versions()[0]["metrics"]["macro_f1"] == m["macro_f1"]
+    assert reg.describe_versions()[0].metrics.macro_f1 == m["macro_f1"]
 
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
 

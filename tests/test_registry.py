@@ -53,7 +53,7 @@ def test_promote_versions_and_alias(tmp_path):
     man = reg.manifest("v0002")
     assert man["candidate"] == "b" and man["gates"]["min_accuracy"]["passed"]
     assert (reg.path("v0002") / "gates.json").is_file()
-    assert [e["version"] for e in reg.history()] == ["v0001", "v0002"]
+    assert [e.version for e in reg.history()] == ["v0001", "v0002"]
 
 
 def test_identical_model_is_a_new_version_that_keeps_its_new_record(tmp_path):
@@ -69,7 +69,7 @@ def test_identical_model_is_a_new_version_that_keeps_its_new_record(tmp_path):
     assert reg.manifest("v0003")["metrics"] == {"accuracy": 0.81}
     assert reg.manifest("v0001")["metrics"] == {"accuracy": 0.80}
     assert reg.manifest("v0003")["content_hash"] == reg.manifest("v0001")["content_hash"]
-    assert reg.history()[-1]["same_model_as"] == "v0001"
+    assert reg.history()[-1].same_model_as == "v0001"
 
 
 def test_a_candidate_that_differs_from_what_was_validated_is_refused(tmp_path):
@@ -99,7 +99,7 @@ def test_every_version_records_its_labels_from_the_model_and_refuses_a_mismatch(
     three = ["billing", "bug", "sales"]
     v = reg.promote(model_dir(tmp_path, "m1", b"one", labels=three), PASS, {"labels": three}).version
     assert reg.manifest(v)["labels"] == three
-    assert reg.describe_versions()[0]["labels"] == three
+    assert reg.describe_versions()[0].labels == three
     # without labels in the record, the model's own are recorded
     v2 = reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {}).version
     assert reg.manifest(v2)["labels"] == ["negative", "positive"]
@@ -213,17 +213,17 @@ def test_rollback_to_previous_and_to_a_named_version(tmp_path):
     assert reg.rollback().version == "v0003"
     assert reg.rollback(to="v0001").version == "v0001"
     assert reg.rollback(to="v0003").version == "v0003"
-    assert [e["event"] for e in reg.history()] == ["promote"] * 3 + ["rollback"] * 4
+    assert [e.event for e in reg.history()] == ["promote"] * 3 + ["rollback"] * 4
     with pytest.raises(RegistryError, match="already production"):
         reg.rollback(to="v0003")
     with pytest.raises(RegistryError, match="no version 'v0042'"):
         reg.rollback(to="v0042")
     periods = reg.live_periods()
-    assert len(periods["v0003"]) == 3 and periods["v0003"][-1]["to"] is None
-    assert all(p["to"] is not None for p in periods["v0001"] + periods["v0002"])
+    assert len(periods["v0003"]) == 3 and periods["v0003"][-1].to is None
+    assert all(p.to is not None for p in periods["v0001"] + periods["v0002"])
     rows = reg.describe_versions()
-    assert [r["production"] for r in rows] == [False, False, True]
-    assert rows[0]["candidate"] == "c1" and len(rows[0]["live"]) == 2 and len(rows[1]["live"]) == 2
+    assert [r.production for r in rows] == [False, False, True]
+    assert rows[0].candidate == "c1" and len(rows[0].live) == 2 and len(rows[1].live) == 2
 
 
 def test_rollback_refuses_a_corrupted_target_and_keeps_production(tmp_path):
@@ -233,7 +233,7 @@ def test_rollback_refuses_a_corrupted_target_and_keeps_production(tmp_path):
     (reg.path("v0001") / "model" / "model.onnx").write_bytes(b"rot")
     with pytest.raises(IntegrityError, match="v0001"):
         reg.rollback()
-    assert reg.alias() == "v0002" and reg.history()[-1]["event"] == "promote"
+    assert reg.alias() == "v0002" and reg.history()[-1].event == "promote"
 
 
 def test_rollback_with_nothing_or_no_history_says_what_to_do(tmp_path):

@@ -23,6 +23,7 @@ from shrinkflow.gates import evaluate_gates
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
 from tests.conftest import PROJECT_ROOT
+from tests.registry_outputs import deploy_record
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -39,9 +40,9 @@ def free_port() -> int:
 
 
 def record(name: str) -> dict:
-    m = {"split": "test", "accuracy": 0.8, "n": 10}
-    return {"candidate": name, "recipe": [], "metrics": m, "selection_metrics": m, "teacher_metrics": m,
-            "confirmation": None, "lineage": {}}
+    """What the deploy stage records for a candidate (figures from a real run):
+    /metadata renders it as a typed version manifest."""
+    return deploy_record(name)
 
 
 @pytest.fixture(scope="module")

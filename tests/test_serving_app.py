@@ -140,6 +140,13 @@ def test_openapi_documents_the_request_and_response_bodies(tmp_path, fp32_dir):
     assert {"model_version", "predictions"} <= set(doc["components"]["schemas"]["PredictResponse"]["properties"])
     assert predict["responses"]["413"]["content"]["application/json"]["schema"] == \
         {"$ref": "#/components/schemas/ErrorBody"}
+    # /metadata: the typed status report and how the version is served
+    meta = doc["paths"]["/metadata"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert meta == {"$ref": "#/components/schemas/Metadata"}
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["Metadata"]["properties"]) == {"deployed", "message", "teacher", "versions", "serving"}
+    assert {"version", "integrity", "metrics", "gates", "labels"} <= set(schemas["DeployedVersion"]["properties"])
+    assert set(schemas["ServedAs"]["properties"]) == {"per_row", "per_row_decided_by", "batching", "truncation"}
 
 
 @pytest.fixture(scope="module")

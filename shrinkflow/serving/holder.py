@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from shrinkflow.errors import IntegrityError, RegistryError
 from shrinkflow.registry import Registry
+from shrinkflow.serving.schemas import ServedAs
 from shrinkflow.status import model_labels
 
 
@@ -26,11 +27,11 @@ class LoadedModel:
     per_row_source: str = "model graph"
     specials: int = 0
 
-    def serving(self, truncation: str) -> dict:
+    def serving(self, truncation: str) -> ServedAs:
         """How this version is served, for /health and /metadata."""
-        return {"per_row": self.per_row, "per_row_decided_by": self.per_row_source,
-                "batching": "each text alone (batch-invariant)" if self.per_row else "batched",
-                "truncation": truncation}
+        return ServedAs(per_row=self.per_row, per_row_decided_by=self.per_row_source,
+                        batching="each text alone (batch-invariant)" if self.per_row else "batched",
+                        truncation=truncation)
 
 
 class ModelHolder:

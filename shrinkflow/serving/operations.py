@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from shrinkflow.serving.deps import ServingState, serving_state
-from shrinkflow.serving.schemas import error_responses
+from shrinkflow.serving.schemas import Metadata, error_responses
+from shrinkflow.status import status_report
 
 router = APIRouter()
 
@@ -23,24 +24,25 @@ async def health(state: ServingState = Depends(serving_state)):
     a new production version the server would not load, and why."""
     cur = state.holder.current
     body = {"status": "ok" if cur else "loading", "model_version": cur.version if cur else None,
-            "serving": cur.serving(state.params.truncation) if cur else None, "refused": state.holder.refused}
+            "serving": cur.serving(state.params.truncation).model_dump() if cur else None,
+            "refused": state.holder.refused}
     if state.batcher is not None and state.batcher.failure:
         return JSONResponse({**body, "status": "unavailable", "problem": state.batcher.failure}, status_code=503)
     return body
 
 
 @router.get("/metadata", summary="The served version: recipe, figures, gates, lineage, how it is served",
-            responses=error_responses(401))
-async def metadata(state: ServingState = Depends(serving_state)):
+            response_model=Metadata, response_model_exclude_unset=True, responses=error_responses(401))
+async def metadata(state: ServingState = Depends(serving_state)) -> Metadata:
     """``shrinkflow status --json`` for the version being served, and how it
     is served. Its files were hashed once, when it was loaded into memory
     (``integrity``: verified), not on every request."""
-    from shrinkflow.status import status_document
-
     cur = state.holder.current
     # A LoadedModel exists only once Registry.load verified every file's hash.
-    doc = await asyncio.to_thread(status_document, state.registry, cur.version, "verified")
-    return {**doc, "serving": cur.serving(state.params.truncation)}
+    report = await asyncio.to_thread(status_report, state.registry, cur.version, "verified")
+    # the report's fields as set (what its JSON holds), and how it is served
+    return Metadata(**{k: getattr(report, k) for k in report.model_fields_set},
+                    serving=cur.serving(state.params.truncation))
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,

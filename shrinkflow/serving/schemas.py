@@ -16,6 +16,8 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from shrinkflow.status import StatusReport
+
 
 class PredictRequest(BaseModel):
     """Texts to label, one prediction each."""
@@ -74,6 +76,23 @@ class FeedbackResponse(BaseModel):
     prediction_id: str
     label: str = Field(description="The label stored, by name.")
     replaced: bool = Field(description="Whether this replaced earlier feedback on the prediction.")
+
+
+class ServedAs(BaseModel):
+    """How the server runs the version it holds (in /health and /metadata)."""
+
+    model_config = ConfigDict(frozen=True)
+    per_row: bool = Field(description="Each text is its own model call (its outputs depend on the batch).")
+    per_row_decided_by: str = Field(description="What decided per_row: manifest, model graph or server.")
+    batching: str = Field(description="In words: batched, or each text alone.")
+    truncation: str = Field(description="Which end of a text over max_seq_len tokens is kept (serve.truncation).")
+
+
+class Metadata(StatusReport):
+    """`shrinkflow status --json` for the version being served, and how it
+    is served."""
+
+    serving: ServedAs
 
 
 class ErrorBody(BaseModel):
