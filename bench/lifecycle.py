@@ -99,6 +99,7 @@ def main() -> None:
            "gates": gates, "compress": built, "compress_after_change": rebuilt, "roi": deployment.get("roi")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lifecycle.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from shrinkflow.artifacts import CostReturn
     from shrinkflow.markdown import roi_markdown
 
     md = [
@@ -129,7 +130,7 @@ def main() -> None:
         f"Accuracy drop on test: {100 * c['accuracy_drop']:+.2f} points, {c['confidence']:.0%} interval "
         f"[{100 * c['accuracy_drop_ci_low']:+.2f}, {100 * c['accuracy_drop_ci_high']:+.2f}] (paired), "
         f"McNemar p = {c['mcnemar_p']:.3g}; teacher agreement {c['agreement']:.4f}.", "",
-        roi_markdown(deployment.get("roi")),
+        roi_markdown(CostReturn.model_validate(deployment["roi"]) if deployment.get("roi") else None),
         "Latency is the wall time of one `predict_logits` call (tokenize + forward), warm-up excluded, every "
         "model timed in alternating rounds over the same minutes (validate.latency). CPU ms per prediction "
         "is the measuring process's CPU time (every thread) over the timed calls. Size = every file needed "

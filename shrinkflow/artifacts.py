@@ -18,23 +18,22 @@ MB (10^6 bytes), accuracy, F1, recall, agreement and drops as fractions in
 [0, 1], throughput in examples per second, CPU time in CPU-seconds, cost in
 the ``cost.currency`` per ``price_per_core_hour`` (USD by default).
 
-Library code: no Prefect, nothing happens at import. Where each document
-lives: ``shrinkflow.catalog``.
+Library code: no Prefect, nothing happens at import; imports nothing of
+shrinkflow (the train and compress stages save through these models, so a
+module imported here would become a dependency of the teacher's training in
+DVC's eyes). Where each document lives: ``shrinkflow.catalog``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from shrinkflow.gates import GateReport, GateResult
-# The performance keys every measured model reports, as validation copies
-# them into a deployed version's figures; Performance's fields carry them.
-from shrinkflow.validation import PERFORMANCE_KEYS
-
-# An int stays an int and a float keeps its repr (smart union: the exact
-# type wins), so a file read and written back is byte-identical.
+# A figure as read and written: an int stays an int and a float keeps its
+# repr (pydantic's smart union: the exact type wins), so a file read and
+# written back is byte-identical.
 Number = Union[int, float]
 
 
@@ -110,6 +109,12 @@ class Performance(Artifact):
         return {k: getattr(self, k) for k in PERFORMANCE_KEYS}
 
 
+# The performance figures a deployed version carries over from validation
+# (``shrinkflow.validation.deployed_figures``): every Performance field but
+# the timing-round counts.
+PERFORMANCE_KEYS = tuple(k for k in Performance.model_fields if not k.startswith("timing_rounds"))
+
+
 class BatchInvariance(Artifact):
     """Whether a candidate's outputs depend on the batch it is in
     (``shrinkflow.predictors.batch_invariance``): the largest and mean change
@@ -163,10 +168,18 @@ class CandidateMeasurements(Quality, PairedDrop, Performance):
 # ---------------------------------------------------------------- gates
 
 
-class GateEntry(Artifact):
-    """One gate's verdict (``shrinkflow.gates.GateResult`` as stored): value
-    and threshold in the gate's units (fractions, ms, MB, a ratio),
-    ``margin`` past the threshold (>= 0 passes)."""
+class GateResult(Artifact):
+    """One gate's verdict, and its stored form (a gate report's ``gates[name]``).
+
+    ``value`` and ``threshold`` in the gate's units (fractions, ms, MB, a
+    ratio); ``direction`` "min" (value >= threshold passes) or "max";
+    ``margin``: how far past the threshold, in the gate's units: >= 0 passes,
+    < 0 fails and |margin| says by how much. ``enforced`` False for a gate
+    whose failure does not block deployment but changes how the candidate is
+    served (batch invariance under serve_per_row); ``note`` then says what
+    happens instead. Reports written before ``enforced`` and ``note`` existed
+    lack them: they read as the defaults and are written back without them.
+    """
 
     name: str
     passed: bool
@@ -177,6 +190,53 @@ class GateEntry(Artifact):
     enforced: bool = True
     note: str = ""
 
+    def describe(self) -> str:
+        """One line: the gate, its verdict, value, threshold and margin (and the note)."""
+        verb = "passed" if self.passed else ("FAILED" if self.enforced else "not met")
+        rel = ">=" if self.direction == "min" else "<="
+        return (f"{self.name} {verb}: {self.value:.4g} (needs {rel} {self.threshold:.4g}; "
+                f"margin {self.margin:+.4g})" + (f": {self.note}" if self.note else ""))
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Every gate's verdict for one candidate, in the order they were checked
+    (``shrinkflow.gates.evaluate_gates``); stored as a ``CandidateGates``."""
+
+    candidate: str
+    results: tuple[GateResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Every enforced gate passed (a gate that is not enforced never blocks)."""
+        return all(r.passed or not r.enforced for r in self.results)
+
+    @property
+    def failures(self) -> tuple[GateResult, ...]:
+        """Enforced gates that failed: what blocks deployment."""
+        return tuple(r for r in self.results if not r.passed and r.enforced)
+
+    @property
+    def advisories(self) -> tuple[GateResult, ...]:
+        """Gates not met that do not block, each with its ``note``."""
+        return tuple(r for r in self.results if not r.passed and not r.enforced)
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"candidate {self.candidate!r} passed all {len(self.results)} gates"
+        return f"candidate {self.candidate!r} failed: " + "; ".join(r.describe() for r in self.failures)
+
+    def to_dict(self) -> dict:
+        """The stored form (``shrinkflow.artifacts.CandidateGates``), as JSON types."""
+        return {"candidate": self.candidate, "passed": self.passed,
+                "gates": {r.name: r.model_dump() for r in self.results}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateReport":
+        """The report a stored gate report (``to_dict``'s shape) records.
+        Raises pydantic.ValidationError for a gate entry that is not a GateResult."""
+        return cls(d["candidate"], tuple(GateResult.model_validate(g) for g in d["gates"].values()))
+
 
 class CandidateGates(Artifact):
     """One candidate's gate report (``shrinkflow.gates.GateReport.to_dict``):
@@ -185,14 +245,15 @@ class CandidateGates(Artifact):
 
     candidate: str
     passed: bool
-    gates: dict[str, GateEntry]
+    gates: dict[str, GateResult]
 
     def to_report(self) -> GateReport:
-        """The pure-logic GateReport this document records."""
-        return GateReport(self.candidate, tuple(GateResult(**g.model_dump()) for g in self.gates.values()))
+        """The GateReport this document records (its verdicts, in order)."""
+        return GateReport(self.candidate, tuple(self.gates.values()))
 
     @classmethod
     def from_report(cls, report: GateReport) -> "CandidateGates":
+        """The stored form of ``report``: every verdict with all its fields."""
         return cls.model_validate(report.to_dict())
 
 
@@ -321,26 +382,31 @@ class BuildRecord(Artifact):
 
 
 class CompressMetrics(Artifact):
-    """metrics/compress.json: every candidate's build (by name) and what the
-    whole compress stage's compute meter recorded. Read by deploy for the
-    cost and return; written by the compress stage (not through this model)."""
-
-    # allow: written by the compress stage as a plain dict.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """metrics/compress.json, written by the compress stage: every
+    candidate's build (by name) and what the whole stage's compute meter
+    recorded (what this run spent: a cached candidate costs ~nothing now).
+    Read by deploy for the cost and return."""
 
     candidates: dict[str, BuildRecord]
     compute: ComputeRecord | None = None
 
 
 class TrainMetrics(Artifact):
-    """metrics/train.json: the teacher's training (best epoch, val accuracy by
-    epoch, seconds) and its compute meter (``compute``). Read by deploy for
-    the cost and return; written by the train stage (not through this model)."""
+    """metrics/train.json, written by the train stage: the teacher's training
+    (``shrinkflow.train.TrainResult``'s fields: best epoch, its val accuracy,
+    val accuracy and train loss by epoch, seconds, parameter count, whether it
+    was fine-tuned or only measured), the class names in class-id order and
+    the stage's compute meter. Read by deploy for the cost and return.
+    ``fine_tuned``, ``labels`` and ``compute`` are absent from older files."""
 
-    # allow: written by the train stage from its result dataclass; only
-    # ``compute`` is read by name.
-    model_config = ConfigDict(extra="allow", frozen=True)
-
+    best_epoch: int
+    best_val_accuracy: Number
+    val_accuracy_by_epoch: list[Number]
+    train_loss_by_epoch: list[Number]
+    train_seconds: Number
+    num_parameters: int
+    fine_tuned: bool | None = None
+    labels: list[str] | None = None
     compute: ComputeRecord | None = None
 
 
@@ -392,7 +458,7 @@ class VersionManifest(Artifact):
     same_model_as: str | None = None
     files: dict[str, str]
     content_hash: str
-    gates: dict[str, GateEntry]
+    gates: dict[str, GateResult]
 
     @classmethod
     def check_record(cls, record: dict[str, Any], gates: CandidateGates, files: dict[str, str],

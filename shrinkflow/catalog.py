@@ -49,9 +49,10 @@ class Entry(Generic[A]):
     written_by: str
 
 
-# Read through the catalog by deploy; their stages still write plain dicts
-# (train and compress do not import the models, so editing these leaves them
-# up to date in DVC's eyes).
+# Written through the catalog by the train and compress stages, read by
+# deploy. So shrinkflow/artifacts.py and this module are deps of train and
+# compress in dvc.yaml: editing either makes the teacher's training stale in
+# DVC's eyes (artifacts.py imports nothing of shrinkflow, so nothing else does).
 TRAIN_METRICS: Entry[TrainMetrics] = Entry("train_metrics", METRICS_TRAIN, TrainMetrics, "train")
 COMPRESS_METRICS: Entry[CompressMetrics] = Entry("compress_metrics", METRICS_COMPRESS, CompressMetrics, "compress")
 VALIDATION: Entry[ValidationReport] = Entry("validation", METRICS_VALIDATE, ValidationReport, "validate")

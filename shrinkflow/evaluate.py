@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shrinkflow.config import LatencyParams
+from shrinkflow.config import LATENCY_P95_B1, LatencyParams
 from shrinkflow.gates import TOLERANCE
 from shrinkflow.files import dir_size_bytes
 
@@ -212,11 +212,13 @@ def _split_even(total: int, parts: int) -> list[int]:
 
 
 def performance_figures(b1: dict, b32: dict) -> dict:
-    """Latency, throughput and CPU per prediction from one model's interleaved timings."""
+    """Latency, throughput and CPU per prediction from one model's interleaved
+    timings: the fields of ``shrinkflow.artifacts.Performance`` but size and
+    peak RSS, by name (ms, examples/s)."""
     p50_1, p95_1 = percentiles_ms(b1["seconds"])
     p50_32, p95_32 = percentiles_ms(b32["seconds"])
     n1, n32 = len(b1["seconds"]), len(b32["seconds"])
-    return {"latency_ms_p50_b1": round(p50_1, 4), "latency_ms_p95_b1": round(p95_1, 4),
+    return {"latency_ms_p50_b1": round(p50_1, 4), LATENCY_P95_B1: round(p95_1, 4),
             "latency_ms_p50_b32": round(p50_32, 4), "latency_ms_p95_b32": round(p95_32, 4),
             "throughput_eps_b32": round(32 * n32 / sum(b32["seconds"]), 2),
             "cpu_ms_per_prediction_b1": round(1000 * b1["cpu_seconds"] / n1, 4),

@@ -15,7 +15,7 @@ import copy
 
 import numpy as np
 
-from shrinkflow.config import SmallDirectParams
+from shrinkflow.config import LATENCY_P95_B1, SmallDirectParams
 
 
 def torch_accuracy(model, tok, texts: list[str], labels) -> float:
@@ -50,7 +50,7 @@ def verdict(candidates: dict[str, dict], baseline_name: str, baseline: dict, tol
     and its margins on *test* and on the shifted domain. Choosing on test
     and reporting test would report the best of several tries."""
     out = []
-    for key, label in (("latency_ms_p95_b1", "batch-1 p95 latency"), ("size_mb", "size on disk")):
+    for key, label in ((LATENCY_P95_B1, "batch-1 p95 latency"), ("size_mb", "size on disk")):
         pool = matched(candidates, baseline, key, tolerance)
         if not pool:
             out.append({"budget": label, "key": key, "winner": None, "baseline": baseline_name})
@@ -130,7 +130,7 @@ def plot(points: dict[str, dict], baseline_names: set[str], path) -> None:
     import matplotlib.ticker  # noqa: F401  (attribute access below)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "latency_ms_p95_b1", "batch-1 p95 latency (ms, log)"),
+    for ax, key, label in ((axes[0], LATENCY_P95_B1, "batch-1 p95 latency (ms, log)"),
                            (axes[1], "size_mb", "size on disk (MB, log)")):
         for name, m in points.items():
             small = name in baseline_names
@@ -161,10 +161,10 @@ def frontier_markdown(teacher: dict, points: dict[str, dict], baseline_names: se
     def row(name, kind, m):
         return (f"| {name} | {kind} | {f(m, 'accuracy_val')} | {f(m, 'accuracy')} | {f(m, 'accuracy_shifted')} | "
                 f"{f(m, 'macro_f1_val')} | {f(m, 'macro_f1')} | {f(m, 'macro_f1_shifted')} | "
-                f"{m['latency_ms_p95_b1']:.2f} | {m['throughput_eps_b32']:.0f} | {m['size_mb']:.1f} |")
+                f"{m[LATENCY_P95_B1]:.2f} | {m['throughput_eps_b32']:.0f} | {m['size_mb']:.1f} |")
 
     table.append(row("teacher (fp32, torch)", "large, uncompressed", teacher))
-    for name, m in sorted(points.items(), key=lambda kv: kv[1]["latency_ms_p95_b1"]):
+    for name, m in sorted(points.items(), key=lambda kv: kv[1][LATENCY_P95_B1]):
         table.append(row(name, "small-direct" if name in baseline_names else "compressed large", m))
     cols = list(next(iter(robustness.values())))
     rob = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

@@ -13,10 +13,18 @@ headline files of a real run and checks its width.
 
 Accuracies are fractions; ``accuracy_drop`` is teacher minus candidate on
 the same test texts (positive = the candidate is worse); margins are
-points. Pure functions of the documents the stages already build.
+points. Pure functions of the documents the stages already build (the
+typed ones of ``shrinkflow.artifacts`` where there is one).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from shrinkflow.config import LATENCY_P95_B1
+
+if TYPE_CHECKING:
+    from shrinkflow.artifacts import ValidationReport
 
 
 def data_headline(stats: dict) -> dict:
@@ -25,28 +33,28 @@ def data_headline(stats: dict) -> dict:
     return {"rows_train": stats["rows_train"], "rows_test": stats["rows_test"]}
 
 
-def train_headline(result: dict) -> dict:
-    """The model's best val accuracy (a fraction), from a TrainResult's
-    fields (``best_val_accuracy``); used for the teacher and the
-    small-direct baseline alike."""
-    return {"val_accuracy": result["best_val_accuracy"]}
+def train_headline(result: Any) -> dict:
+    """The model's best val accuracy (a fraction), from anything with a
+    ``best_val_accuracy`` (a ``shrinkflow.train.TrainResult``, a
+    ``TrainMetrics``); used for the teacher and the small-direct baseline
+    alike."""
+    return {"val_accuracy": result.best_val_accuracy}
 
 
-def validate_headline(metrics: dict) -> dict:
-    """The chosen candidate on the test split, from metrics/validate.json:
-    ``accuracy``, ``accuracy_drop`` (teacher - candidate, a fraction),
-    ``latency_ms_p95_b1``, ``speedup_p95_b1`` (teacher p95 / candidate p95,
-    round by round) and ``size_mb``. Empty when no candidate was chosen:
-    nothing deployable, nothing to compare."""
-    confirmation = metrics.get("confirmation") or {}
-    name = confirmation.get("candidate")
-    if not name:
+def validate_headline(report: "ValidationReport") -> dict:
+    """The chosen candidate on the test split, from the validation report
+    (metrics/validate.json): ``accuracy``, ``accuracy_drop`` (teacher -
+    candidate, a fraction), ``latency_ms_p95_b1``, ``speedup_p95_b1``
+    (teacher p95 / candidate p95, round by round) and ``size_mb``. Empty when
+    no candidate was chosen: nothing deployable, nothing to compare."""
+    confirmation = report.confirmation
+    if confirmation is None or not confirmation.candidate:
         return {}
-    measured = metrics["candidates"][name]
-    test = confirmation["metrics"]
-    return {"accuracy": test["accuracy"], "accuracy_drop": test["accuracy_drop"],
-            "latency_ms_p95_b1": measured["latency_ms_p95_b1"], "speedup_p95_b1": measured["speedup_p95_b1"],
-            "size_mb": measured["size_mb"]}
+    measured = report.candidates[confirmation.candidate]
+    test = confirmation.metrics
+    return {"accuracy": test.accuracy, "accuracy_drop": test.accuracy_drop,
+            LATENCY_P95_B1: measured.latency_ms_p95_b1, "speedup_p95_b1": measured.speedup_p95_b1,
+            "size_mb": measured.size_mb}
 
 
 def frontier_headline(verdict: list[dict]) -> dict:
@@ -54,7 +62,7 @@ def frontier_headline(verdict: list[dict]) -> dict:
     points, at equal p95 batch-1 latency (``margin_latency``) and at equal
     size (``margin_size``), from the frontier's verdict rows
     (``shrinkflow.frontier.verdict``); a budget with no match is left out."""
-    names = {"latency_ms_p95_b1": "margin_latency", "size_mb": "margin_size"}
+    names = {LATENCY_P95_B1: "margin_latency", "size_mb": "margin_size"}
     return {names[row["key"]]: row["points_in_domain"] for row in verdict
             if row.get("key") in names and row.get("points_in_domain") is not None}
 
@@ -63,17 +71,24 @@ def write_all(root=".") -> list:
     """Rewrite every headline file from the full measurement files present
     under ``root`` (a stage not run yet is skipped), without running any
     stage: what each stage would have written. Returns the paths written.
-    Raises KeyError when a full file lacks a key a headline needs."""
+    Raises KeyError or AttributeError when a full file lacks a figure a
+    headline needs, pydantic.ValidationError when a typed document
+    (metrics/train.json, metrics/validate.json) does not match its model."""
     from pathlib import Path
+    from types import SimpleNamespace
 
     from shrinkflow import paths
+    from shrinkflow.artifacts import TrainMetrics, ValidationReport
     from shrinkflow.files import read_json, write_json
 
     root = Path(root)
     sources = [(paths.METRICS_DATA, paths.HEADLINE_DATA, data_headline),
-               (paths.METRICS_TRAIN, paths.HEADLINE_TRAIN, train_headline),
-               (paths.METRICS_VALIDATE, paths.HEADLINE_VALIDATE, validate_headline),
-               (paths.METRICS_SMALL_DIRECT, paths.HEADLINE_SMALL_DIRECT, train_headline),
+               (paths.METRICS_TRAIN, paths.HEADLINE_TRAIN, lambda doc: train_headline(TrainMetrics.model_validate(doc))),
+               (paths.METRICS_VALIDATE, paths.HEADLINE_VALIDATE,
+                lambda doc: validate_headline(ValidationReport.model_validate(doc))),
+               # a TrainResult's fields, untyped on disk
+               (paths.METRICS_SMALL_DIRECT, paths.HEADLINE_SMALL_DIRECT,
+                lambda doc: train_headline(SimpleNamespace(**doc))),
                (paths.METRICS_FRONTIER, paths.HEADLINE_FRONTIER, lambda doc: frontier_headline(doc["verdict"]))]
     written = []
     for full, headline, build in sources:

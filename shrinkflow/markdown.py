@@ -4,12 +4,20 @@ Each report says what actually happened at the point it is written: the
 validate stage knows what was selected, not whether it was deployed, so
 ``validation_markdown`` never claims a deployment; the lifecycle artifact,
 written after deploy, does.
+
+Every function renders the typed documents (``shrinkflow.artifacts``) and
+reads a figure by its field name.
 """
 
 from __future__ import annotations
 
-from shrinkflow.gates import GateReport
+from collections.abc import Sequence
 
+from shrinkflow.artifacts import (CandidateMeasurements, Confirmation, CostReturn, GateReport, GatesReport, Quality,
+                                  TeacherMeasurements, ValidationReport)
+from shrinkflow.config import LATENCY_P95_B1
+
+# One row per figure of the metrics table: (field name, row label, format).
 METRIC_ROWS = [
     ("accuracy", "accuracy (val)", "{:.4f}"), ("macro_f1", "macro-F1 (val)", "{:.4f}"),
     ("f1", "F1 of class 1 (val)", "{:.4f}"),
@@ -17,7 +25,7 @@ METRIC_ROWS = [
     ("macro_f1_drop", "macro-F1 drop vs teacher (val, paired)", "{:+.4f}"),
     ("accuracy_shifted", "accuracy, shifted domain", "{:.4f}"),
     ("latency_ms_p50_b1", "latency p50 b1 (ms)", "{:.2f}"),
-    ("latency_ms_p95_b1", "latency p95 b1 (ms)", "{:.2f}"),
+    (LATENCY_P95_B1, "latency p95 b1 (ms)", "{:.2f}"),
     ("latency_ms_p50_b32", "latency p50 b32 (ms)", "{:.1f}"),
     ("latency_ms_p95_b32", "latency p95 b32 (ms)", "{:.1f}"),
     ("throughput_eps_b32", "throughput b32 (ex/s)", "{:.0f}"),
@@ -34,39 +42,43 @@ def _row_label(key: str, label: str, labels: list[str] | None) -> str:
     return label
 
 
-def metrics_table(teacher: dict, candidates: dict[str, dict], labels: list[str] | None = None) -> str:
-    """Every val figure of the teacher and each candidate, one row per figure.
-    The class-1 F1 row appears only for two classes (where it is computed)."""
+def metrics_table(teacher: TeacherMeasurements, candidates: dict[str, CandidateMeasurements],
+                  labels: Sequence[str] | None = None) -> str:
+    """Every val figure of the teacher and each candidate, one row per figure
+    (a figure a model does not have reads n/a). The class-1 F1 row appears
+    only for two classes (where it is computed)."""
     names = list(candidates)
     head = "| metric | teacher (fp32, torch) | " + " | ".join(names) + " |"
     lines = [head, "|" + "---|" * (2 + len(names))]
     everyone = [teacher, *candidates.values()]
     for key, label, fmt in METRIC_ROWS:
-        if key == "f1" and all(m.get(key) is None for m in everyone):
+        if key == "f1" and all(m.f1 is None for m in everyone):
             continue  # more than two classes: no single "positive" class
 
         def cell(m):
-            return "n/a" if m.get(key) is None else fmt.format(m[key])
+            value = getattr(m, key, None)  # the teacher has no drop
+            return "n/a" if value is None else fmt.format(value)
 
         cells = [cell(teacher)] + [cell(candidates[n]) for n in names]
         lines.append(f"| {_row_label(key, label, labels)} | " + " | ".join(cells) + " |")
-    ci = [f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}] (McNemar p={m['mcnemar_p']:.3g})"
+    ci = [f"[{m.accuracy_drop_ci_low:+.4f}, {m.accuracy_drop_ci_high:+.4f}] (McNemar p={m.mcnemar_p:.3g})"
           for m in candidates.values()]
-    conf = next(iter(candidates.values()), {}).get("confidence", 0.95)
+    conf = next(iter(candidates.values())).confidence if candidates else 0.95
     lines.append(f"| accuracy drop {conf:.0%} interval (val) | — | " + " | ".join(ci) + " |")
-    if all("macro_f1_drop_ci_low" in m for m in candidates.values()):
+    if all(m.macro_f1_drop_ci_low is not None for m in candidates.values()):
         lines.append(f"| macro-F1 drop {conf:.0%} interval (val, bootstrap) | — | " + " | ".join(
-            f"[{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}]" for m in candidates.values())
+            f"[{m.macro_f1_drop_ci_low:+.4f}, {m.macro_f1_drop_ci_high:+.4f}]" for m in candidates.values())
             + " |")
-    splits = sorted({s for m in candidates.values() for s in m.get("agreement", {})})
+    splits = sorted({s for m in candidates.values() for s in m.agreement})
     for s in splits:
-        vals = [candidates[n]["agreement"].get(s) for n in names]
+        vals = [candidates[n].agreement.get(s) for n in names]
         lines.append(f"| teacher agreement, {s} | 1 | "
                      + " | ".join("n/a (no texts)" if v is None else f"{v:.4f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
 def gates_table(reports: dict[str, GateReport]) -> str:
+    """Every gate of every candidate: value, threshold, margin and verdict."""
     lines = ["| candidate | gate | value | threshold | margin | result |", "|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         for r in rep.results:
@@ -81,98 +93,106 @@ def _fmt(v, fmt: str = "{:.4f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
-def per_class_recall_table(rows: list[tuple[str, dict]]) -> list[str]:
+def per_class_recall_table(rows: list[tuple[str, Quality]]) -> list[str]:
     """Per-class recall, one row per class, one column per (heading, figures)
-    pair; each figures dict is a ``stats.quality`` result. The class's
-    number of labelled texts is given per split."""
-    classes = list(rows[0][1]["per_class_recall"])
+    pair; each figures object has ``per_class_recall`` and ``per_class_n``
+    (a ``Quality``). The class's number of labelled texts is given per split."""
+    classes = list(rows[0][1].per_class_recall)
     head = "| class | " + " | ".join(h for h, _ in rows) + " |"
     lines = [head, "|---" * (len(rows) + 1) + "|"]
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(
-            f"{_fmt(m['per_class_recall'].get(c))} (n={m['per_class_n'].get(c, 0)})" for _, m in rows) + " |")
+            f"{_fmt(m.per_class_recall.get(c))} (n={m.per_class_n.get(c, 0)})" for _, m in rows) + " |")
     return lines
 
 
-def confirmation_section(conf: dict | None) -> list[str]:
+def confirmation_section(conf: Confirmation | None) -> list[str]:
+    """The chosen candidate against the teacher on test, and its gates there."""
     if conf is None:
         return ["## Confirmation on test", "", "No candidate passed every gate on val, so none was scored on test."]
-    m, t = conf["metrics"], conf["teacher"]
-    rep = GateReport.from_dict(conf["gates"])
-    state = ("confirmed" if conf["passed"] else
-             ("**NOT confirmed**: not deployed" if conf["enforced"] else "**NOT confirmed** (reported only)"))
-    f1 = [f"| F1 of class 1 | {t['f1']:.4f} | {m['f1']:.4f} |"] if m.get("f1") is not None else []
-    mf1 = [f"| macro-F1 | {t['macro_f1']:.4f} | {m['macro_f1']:.4f} |"] if "macro_f1" in m else []
-    mf1_drop = ([f"| macro-F1 drop (paired) | | {m['macro_f1_drop']:+.4f}, {m['confidence']:.0%} bootstrap "
-                 f"interval [{m['macro_f1_drop_ci_low']:+.4f}, {m['macro_f1_drop_ci_high']:+.4f}] |"]
-                if "macro_f1_drop" in m else [])
+    m, t = conf.metrics, conf.teacher
+    state = ("confirmed" if conf.passed else
+             ("**NOT confirmed**: not deployed" if conf.enforced else "**NOT confirmed** (reported only)"))
+    f1 = [f"| F1 of class 1 | {t.f1:.4f} | {m.f1:.4f} |"] if m.f1 is not None else []
+    mf1 = [f"| macro-F1 | {t.macro_f1:.4f} | {m.macro_f1:.4f} |"] if m.macro_f1 is not None else []
+    mf1_drop = ([f"| macro-F1 drop (paired) | | {m.macro_f1_drop:+.4f}, {m.confidence:.0%} bootstrap "
+                 f"interval [{m.macro_f1_drop_ci_low:+.4f}, {m.macro_f1_drop_ci_high:+.4f}] |"]
+                if m.macro_f1_drop is not None else [])
     return ["## Confirmation on test", "",
-            f"Only the chosen candidate, {conf['candidate']!r}, is scored on the test split ({m['n']} sentences): "
+            f"Only the chosen candidate, {conf.candidate!r}, is scored on the test split ({m.n} sentences): "
             f"{state}.", "",
             "| | teacher | candidate |", "|---|---|---|",
-            f"| accuracy | {t['accuracy']:.4f} | {m['accuracy']:.4f} |", *mf1, *f1,
-            f"| accuracy drop (paired) | | {m['accuracy_drop']:+.4f}, {m['confidence']:.0%} interval "
-            f"[{m['accuracy_drop_ci_low']:+.4f}, {m['accuracy_drop_ci_high']:+.4f}], McNemar p={m['mcnemar_p']:.3g} |",
-            *mf1_drop, f"| teacher agreement | | {m['agreement']:.4f} |", "", gates_table({conf["candidate"]: rep})]
+            f"| accuracy | {t.accuracy:.4f} | {m.accuracy:.4f} |", *mf1, *f1,
+            f"| accuracy drop (paired) | | {m.accuracy_drop:+.4f}, {m.confidence:.0%} interval "
+            f"[{m.accuracy_drop_ci_low:+.4f}, {m.accuracy_drop_ci_high:+.4f}], McNemar p={m.mcnemar_p:.3g} |",
+            *mf1_drop, f"| teacher agreement | | {m.agreement:.4f} |", "",
+            gates_table({conf.candidate: conf.gates.to_report()})]
 
 
-def recall_section(metrics: dict, gates: dict) -> list[str]:
+def recall_section(report: ValidationReport, selection: GatesReport) -> list[str]:
     """Per-class recall of the chosen candidate (or, when none was chosen,
     the best effort) and of the teacher, on val and, once confirmed, test."""
-    name = gates["selected"] or gates.get("best_effort")
-    cand = metrics["candidates"].get(name) if name else None
-    if not cand or "per_class_recall" not in cand or "per_class_recall" not in metrics["teacher"]:
+    name = selection.selected or selection.best_effort
+    cand = report.candidates.get(name) if name else None
+    if not cand or cand.per_class_recall is None or report.teacher.per_class_recall is None:
         return []
-    rows = [("teacher, val", metrics["teacher"]), (f"{name}, val", cand)]
-    conf = metrics.get("confirmation")
-    if conf and conf["candidate"] == name and "per_class_recall" in conf["metrics"]:
-        rows += [("teacher, test", conf["teacher"]), (f"{name}, test", conf["metrics"])]
-    who = "the chosen candidate" if gates["selected"] else "the best-effort candidate (not deployed)"
+    rows = [("teacher, val", report.teacher), (f"{name}, val", cand)]
+    conf = report.confirmation
+    if conf and conf.candidate == name and conf.metrics.per_class_recall is not None:
+        rows += [("teacher, test", conf.teacher), (f"{name}, test", conf.metrics)]
+    who = "the chosen candidate" if selection.selected else "the best-effort candidate (not deployed)"
     return [f"## Per-class recall: {who}, {name!r}", "",
             "The share of each class's texts the model labels correctly (n: that class's labelled texts); "
             "macro-F1 averages the classes alike, so a class given up shows here first.", "",
             *per_class_recall_table(rows)]
 
 
-def outcome_line(gates: dict, deployed: str | None = None, deploy_ran: bool = False) -> str:
-    if gates["selected"] is None:
-        return f"**Nothing deployed**: {gates['reason']}"
+def outcome_line(selection: GatesReport, deployed: str | None = None, deploy_ran: bool = False) -> str:
+    """What happened, in one bold line: nothing deployed (why), deployed as
+    ``deployed``, selected but not served although deploy ran, or selected."""
+    if selection.selected is None:
+        return f"**Nothing deployed**: {selection.reason}"
     if deployed:
-        return f"**Deployed {gates['selected']!r} as {deployed}.**"
+        return f"**Deployed {selection.selected!r} as {deployed}.**"
     if deploy_ran:
-        return f"**Selected {gates['selected']!r}, but the registry does not serve it.**"
-    return (f"**Selected {gates['selected']!r} for deployment** (passed every gate on val and its test "
+        return f"**Selected {selection.selected!r}, but the registry does not serve it.**"
+    return (f"**Selected {selection.selected!r} for deployment** (passed every gate on val and its test "
             "confirmation); the deploy stage promotes it: see `shrinkflow status`.")
 
 
-def validation_markdown(metrics: dict, gates: dict, deployed: str | None = None, deploy_ran: bool = False) -> str:
-    reports = {n: GateReport.from_dict(d) for n, d in gates["candidates"].items()}
+def validation_markdown(report: ValidationReport, selection: GatesReport, deployed: str | None = None,
+                        deploy_ran: bool = False) -> str:
+    """reports/gates.md (and the lifecycle's Prefect artifact, which knows
+    whether deploy ran and the version it deployed): outcome, selection,
+    the val metrics, every gate, the confirmation on test, per-class recall."""
+    reports = {n: c.to_report() for n, c in selection.candidates.items()}
     return "\n\n".join([
-        "# shrinkflow lifecycle", outcome_line(gates, deployed, deploy_ran), f"Selection: {gates['reason']}",
-        *([f"Classes ({len(metrics['labels'])}): " + ", ".join(metrics["labels"])] if metrics.get("labels") else []),
-        f"## Metrics on {metrics['selection_split']} (gating and selection)", metrics_table(
-            metrics["teacher"], metrics["candidates"], metrics.get("labels")),
-        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(metrics["confirmation"])),
-        *(["\n".join(recall)] if (recall := recall_section(metrics, gates)) else [])]) + "\n"
+        "# shrinkflow lifecycle", outcome_line(selection, deployed, deploy_ran), f"Selection: {selection.reason}",
+        *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
+        f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
+            report.teacher, report.candidates, report.labels),
+        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(report.confirmation)),
+        *(["\n".join(recall)] if (recall := recall_section(report, selection)) else [])]) + "\n"
 
 
-def roi_markdown(roi: dict | None) -> str:
-    """The deployed version's cost and return (shrinkflow.cost.roi)."""
-    if not roi:
+def roi_markdown(roi: CostReturn | None) -> str:
+    """The deployed version's cost and return (shrinkflow.cost.roi): serving
+    cost by batch size, break-even, and what compute was spent; "" without one."""
+    if roi is None:
         return ""
     from shrinkflow.cost import roi_lines
 
     rows = ["| batch | CPU ms / prediction (teacher → deployed) | USD / million (teacher → deployed) | "
             "kWh / million (teacher → deployed) | break-even |", "|---|---|---|---|---|"]
-    for b, s in roi["serving"].items():
-        kwh = (f"{s['teacher_energy_kwh_per_million']:.3g} → {s['deployed_energy_kwh_per_million']:.3g}"
-               if s["teacher_energy_kwh_per_million"] is not None else "n/a")
-        be = (f"{s['break_even_predictions']:,} predictions" if s["pays_back"] else "never pays back")
-        rows.append(f"| {b} | {s['teacher_cpu_ms_per_prediction']:.3g} → {s['deployed_cpu_ms_per_prediction']:.3g} | "
-                    f"{s['teacher_cost_per_million']:.4g} → {s['deployed_cost_per_million']:.4g} | {kwh} | {be} |")
-    notes = [f"- {line}" for line in roi_lines(roi)[:1]]
-    if roi.get("energy_source"):
-        notes.append(f"- energy and CO2: {roi['energy_source']}")
-    if roi.get("build_cpu_unknown"):
-        notes.append(f"- builds with no CPU record (cached before metering): {', '.join(roi['build_cpu_unknown'])}")
+    for b, s in roi.serving.items():
+        kwh = (f"{s.teacher_energy_kwh_per_million:.3g} → {s.deployed_energy_kwh_per_million:.3g}"
+               if s.teacher_energy_kwh_per_million is not None else "n/a")
+        be = (f"{s.break_even_predictions:,} predictions" if s.pays_back else "never pays back")
+        rows.append(f"| {b} | {s.teacher_cpu_ms_per_prediction:.3g} → {s.deployed_cpu_ms_per_prediction:.3g} | "
+                    f"{s.teacher_cost_per_million:.4g} → {s.deployed_cost_per_million:.4g} | {kwh} | {be} |")
+    notes = [f"- {line}" for line in roi_lines(roi.to_json_dict())[:1]]
+    if roi.energy_source:
+        notes.append(f"- energy and CO2: {roi.energy_source}")
+    if roi.build_cpu_unknown:
+        notes.append(f"- builds with no CPU record (cached before metering): {', '.join(roi.build_cpu_unknown)}")
     return "\n".join(["## Cost and return of compressing", "", *notes, "", *rows]) + "\n"

@@ -11,12 +11,22 @@ Any number of classes: ``label_names`` is the task's label tuple (class id =
 index, ``shrinkflow.labels``); quality is reported as accuracy, macro-F1 and
 per-class recall by name, next to the paired accuracy drop with McNemar's
 test and the paired macro-F1 drop.
+
+What comes out is typed (``shrinkflow.artifacts``): a TeacherMeasurements,
+a CandidateMeasurements per candidate, the Confirmation, and the two stage
+documents, ValidationReport and GatesReport. Each holds exactly the keys the
+documents have always had, so they are written byte for byte as before
+(tests/test_typed_documents.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+from shrinkflow.artifacts import (PERFORMANCE_KEYS, CandidateGates, CandidateMeasurements,  # noqa: F401
+                                  Confirmation, ConfirmationMetrics, GatesReport, Quality, TeacherMeasurements,
+                                  ValidationReport)
 from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
@@ -24,9 +34,6 @@ from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
 
 SELECTION_SPLIT = "val"
 CONFIRMATION_SPLIT = "test"
-PERFORMANCE_KEYS = ("latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_p50_b32", "latency_ms_p95_b32",
-                    "throughput_eps_b32", "size_mb", "peak_rss_mb", "cpu_ms_per_prediction_b1",
-                    "cpu_ms_per_prediction_b32")
 
 
 def check_model_labels(expected: Sequence[str], models: dict[str, Sequence[str] | None]) -> None:
@@ -61,25 +68,28 @@ def _shifted_accuracy(run: dict, labels: dict, classes: Sequence[str]) -> float 
     return quality(y, run["predictions"]["shifted"], classes)["accuracy"] if y is not None and len(y) else None
 
 
-def teacher_figures(run: dict, labels: dict, classes: Sequence[str] | None = None) -> dict:
-    """The teacher on the selection split: the baseline every gate compares to."""
+def teacher_figures(run: dict, labels: dict, classes: Sequence[str] | None = None) -> TeacherMeasurements:
+    """The teacher on the selection split: the baseline every gate compares to.
+    ``run`` is one model's measured run (``evaluate.measure_interleaved``)."""
     classes = _classes(classes, labels)
-    return {"split": SELECTION_SPLIT,
-            **quality(labels[SELECTION_SPLIT], run["predictions"][SELECTION_SPLIT], classes),
-            "accuracy_shifted": _shifted_accuracy(run, labels, classes), **run["performance"]}
+    return TeacherMeasurements(**{
+        "split": SELECTION_SPLIT, **quality(labels[SELECTION_SPLIT], run["predictions"][SELECTION_SPLIT], classes),
+        "accuracy_shifted": _shifted_accuracy(run, labels, classes), **run["performance"]})
 
 
 def paired_drops(y, teacher_pred, candidate_pred, classes: Sequence[str], confidence: float) -> dict:
     """The paired accuracy drop (Wald interval, McNemar) and the paired
-    macro-F1 drop (bootstrap interval) of a candidate against the teacher."""
+    macro-F1 drop (bootstrap interval) of a candidate against the teacher:
+    the fields of ``shrinkflow.artifacts.PairedDrop``, by name."""
     return {**paired_accuracy_drop(y, teacher_pred, candidate_pred, confidence),
             **paired_macro_f1_drop(y, teacher_pred, candidate_pred, len(classes), confidence)}
 
 
 def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: float,
-                      classes: Sequence[str] | None = None) -> dict:
+                      classes: Sequence[str] | None = None, files: dict | None = None) -> CandidateMeasurements:
     """A candidate on the selection split, paired against the teacher, plus
-    its agreement with the teacher on every split it was run on."""
+    its agreement with the teacher on every split it was run on; ``files``:
+    its ``files`` and ``content_hash`` as validated (None: not recorded)."""
     classes = _classes(classes, labels)
     p, tp = run["predictions"], teacher_run["predictions"]
     # The speedup the min_speedup gate checks: round by round, when the two
@@ -87,11 +97,14 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
     speedup = ({"speedup_p95_b1": round(round_ratio_p95(teacher_run["rounds_b1"], run["rounds_b1"]), 4)}
                if run.get("rounds_b1") and teacher_run.get("rounds_b1") else {})
     y = labels[SELECTION_SPLIT]
-    return {"split": SELECTION_SPLIT, **quality(y, p[SELECTION_SPLIT], classes), **speedup,
-            **paired_drops(y, tp[SELECTION_SPLIT], p[SELECTION_SPLIT], classes, confidence),
-            "accuracy_shifted": _shifted_accuracy(run, labels, classes),
-            "agreement": {s: agreement(p[s], tp[s]) for s in p},
-            **_invariance(run), **run["performance"]}
+    # Merged as a dict first: quality and the paired drop both count ``n``
+    # (the same texts), and the later one stands, as it always has.
+    return CandidateMeasurements(**{
+        "split": SELECTION_SPLIT, **quality(y, p[SELECTION_SPLIT], classes), **speedup,
+        **paired_drops(y, tp[SELECTION_SPLIT], p[SELECTION_SPLIT], classes, confidence),
+        "accuracy_shifted": _shifted_accuracy(run, labels, classes),
+        "agreement": {s: agreement(p[s], tp[s]) for s in p}, **_invariance(run), **run["performance"],
+        **(files or {})})
 
 
 def _invariance(run: dict) -> dict:
@@ -101,71 +114,100 @@ def _invariance(run: dict) -> dict:
 
 
 def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams,
-                 classes: Sequence[str] | None = None) -> dict:
+                 classes: Sequence[str] | None = None) -> Confirmation:
     """The chosen candidate alone, on the test split: its accuracy gates again
     (and max_macro_f1_drop when set)."""
     classes = _classes(classes, labels)
     y = labels[CONFIRMATION_SPLIT]
     p, tp = run["predictions"][CONFIRMATION_SPLIT], teacher_run["predictions"][CONFIRMATION_SPLIT]
-    teacher = quality(y, tp, classes)
-    cand = {**quality(y, p, classes), **paired_drops(y, tp, p, classes, params.gates.accuracy_drop_confidence),
-            "agreement": agreement(p, tp)}
+    teacher = Quality(**quality(y, tp, classes))
+    cand = ConfirmationMetrics(**{**quality(y, p, classes),
+                                  **paired_drops(y, tp, p, classes, params.gates.accuracy_drop_confidence),
+                                  "agreement": agreement(p, tp)})
     report = confirm_gates(name, cand, teacher, params.gates)
-    return {"candidate": name, "split": CONFIRMATION_SPLIT, "teacher": teacher, "metrics": cand,
-            "gates": report.to_dict(), "passed": report.passed, "enforced": params.confirm_on_test == "gate"}
+    return Confirmation(candidate=name, split=CONFIRMATION_SPLIT, teacher=teacher, metrics=cand,
+                        gates=CandidateGates.from_report(report), passed=report.passed,
+                        enforced=params.confirm_on_test == "gate")
 
 
 def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: dict[str, list[int]],
                   params: ValidateParams, files: dict[str, dict],
-                  label_names: Sequence[str] | None = None) -> tuple[dict, dict]:
+                  label_names: Sequence[str] | None = None) -> tuple[ValidationReport, GatesReport]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
-    ``labels`` holds each split's class ids; ``label_names`` the task's label
-    tuple (default: the ids seen, as names), recorded in both documents as
-    ``labels``. ``files`` holds each candidate's per-file sha256 and content
-    hash as validated; deploy refuses a candidate whose files differ from them.
+    ``teacher_run`` and each of ``candidate_runs`` is a measured run
+    (``evaluate.measure_interleaved``: predictions by split, performance,
+    timing rounds, batch invariance). ``labels`` holds each split's class
+    ids; ``label_names`` the task's label tuple (default: the ids seen, as
+    names), recorded in both documents as ``labels``. ``files`` holds each
+    candidate's per-file sha256 and content hash as validated (``files``,
+    ``content_hash``); deploy refuses a candidate whose files differ from them.
     """
     classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
     teacher = teacher_figures(teacher_run, labels, classes)
-    candidates = {n: {**candidate_figures(r, teacher_run, labels, conf, classes), **files[n]}
+    candidates = {n: candidate_figures(r, teacher_run, labels, conf, classes, files[n])
                   for n, r in candidate_runs.items()}
     reports = {n: evaluate_gates(n, m, teacher, params.gates) for n, m in candidates.items()}
     sel = select_candidate(candidates, reports, params.objective)
     selected, reason, confirm = sel.chosen, sel.reason, None
     if sel.chosen is not None:
         confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
-        if not confirm["passed"]:
-            misses = "; ".join(f"{g} {'FAILED' if not d['passed'] else 'passed'} on test: {d['value']:.4g} "
-                               f"(margin {d['margin']:+.4g})" for g, d in confirm["gates"]["gates"].items()
-                               if not d["passed"])
-            if confirm["enforced"]:
+        if not confirm.passed:
+            misses = "; ".join(f"{g} {'FAILED' if not d.passed else 'passed'} on test: {d.value:.4g} "
+                               f"(margin {d.margin:+.4g})" for g, d in confirm.gates.gates.items()
+                               if not d.passed)
+            if confirm.enforced:
                 selected = None
                 reason = (f"no candidate deployed: {sel.chosen!r} passed every gate on {SELECTION_SPLIT} but "
                           f"was not confirmed on {CONFIRMATION_SPLIT}: {misses}")
             else:
                 reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {misses})"
-    metrics = {"selection_split": SELECTION_SPLIT, "confirmation_split": CONFIRMATION_SPLIT,
-               "labels": list(classes), "teacher": teacher, "candidates": candidates, "confirmation": confirm}
-    gates = {"selected": selected, "best_effort": sel.best_effort, "reason": reason, "labels": list(classes),
-             "candidates": {n: r.to_dict() for n, r in reports.items()}, "confirmation": confirm}
-    return metrics, gates
+    report = ValidationReport(selection_split=SELECTION_SPLIT, confirmation_split=CONFIRMATION_SPLIT,
+                              labels=list(classes), teacher=teacher, candidates=candidates, confirmation=confirm)
+    selection = GatesReport(selected=selected, best_effort=sel.best_effort, reason=reason, labels=list(classes),
+                            candidates={n: CandidateGates.from_report(r) for n, r in reports.items()},
+                            confirmation=confirm)
+    return report, selection
 
 
-def deployed_figures(metrics: dict, name: str) -> dict:
+class DeployedFigures(NamedTuple):
+    """What a deployed version reports (its manifest's keys of the same
+    names): the chosen candidate's test figures with its val agreement and
+    performance, the teacher's on the same test texts, and, kept apart, the
+    val figures it was selected on (without the file hashes)."""
+
+    metrics: CandidateMeasurements
+    teacher_metrics: TeacherMeasurements
+    selection_metrics: CandidateMeasurements
+
+    def to_json_dict(self) -> dict:
+        """The three documents by name, as a version manifest stores them."""
+        return {k: v.to_json_dict() for k, v in self._asdict().items()}
+
+
+def deployed_figures(report: ValidationReport, name: str) -> DeployedFigures:
     """What a deployed version reports: test figures of the chosen candidate
     (and of the teacher on the same texts), its performance, and, kept
-    apart, the val figures it was selected on."""
-    conf = metrics["confirmation"]
-    if conf is None or conf["candidate"] != name:
+    apart, the val figures it was selected on. Raises ValueError when
+    ``name`` is not the confirmed candidate."""
+    conf = report.confirmation
+    if conf is None or conf.candidate != name:
         raise ValueError(f"{name!r} was not the confirmed candidate")
-    cand = metrics["candidates"][name]
-    perf = {k: cand[k] for k in PERFORMANCE_KEYS}
-    return {
-        "metrics": {"split": CONFIRMATION_SPLIT, **conf["metrics"], "accuracy_shifted": cand["accuracy_shifted"],
-                    "agreement": cand["agreement"], **perf},
-        "teacher_metrics": {"split": CONFIRMATION_SPLIT, **conf["teacher"],
-                            "accuracy_shifted": metrics["teacher"]["accuracy_shifted"],
-                            **{k: metrics["teacher"][k] for k in PERFORMANCE_KEYS}},
-        "selection_metrics": {k: v for k, v in cand.items() if k not in ("files", "content_hash")},
-    }
+    cand = report.candidates[name]
+    return DeployedFigures(
+        metrics=CandidateMeasurements(**{
+            "split": CONFIRMATION_SPLIT, **conf.metrics.model_dump(exclude_unset=True),
+            "accuracy_shifted": cand.accuracy_shifted, "agreement": cand.agreement, **_performance(cand)}),
+        teacher_metrics=TeacherMeasurements(**{
+            "split": CONFIRMATION_SPLIT, **conf.teacher.model_dump(exclude_unset=True),
+            "accuracy_shifted": report.teacher.accuracy_shifted, **_performance(report.teacher)}),
+        selection_metrics=CandidateMeasurements.model_validate(
+            cand.model_dump(exclude_unset=True, exclude={"files", "content_hash"})),
+    )
+
+
+def _performance(measured) -> dict:
+    """The PERFORMANCE_KEYS figures of a measurement, as set (a figure absent
+    from an older document stays absent)."""
+    return {k: getattr(measured, k) for k in PERFORMANCE_KEYS if k in measured.model_fields_set}

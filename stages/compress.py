@@ -17,17 +17,27 @@ from pathlib import Path
 from stages.common import run_stage
 
 
-def compress(params, project_dir: str = ".") -> dict:
+def compress_metrics(results: dict, compute: dict):
+    """metrics/compress.json: each candidate's build record (by name, as
+    ``flows.compress.build_candidates`` returns them) and this run's compute
+    meter (``ComputeMeter.result()``), as a ``CompressMetrics``. Raises
+    pydantic.ValidationError when they do not match it."""
+    from shrinkflow.artifacts import CompressMetrics
+
+    return CompressMetrics(candidates=results, compute=compute)
+
+
+def compress(params, project_dir: str = "."):
     """Build every candidate of ``params.compress`` into models/candidates;
     returns (and writes to metrics/compress.json) the per-candidate records
-    and this run's compute."""
+    and this run's compute, a ``CompressMetrics``."""
     # Prefect only now: run_stage has configured the environment first.
     from flows.compress import build_candidates
     from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.catalog import COMPRESS_METRICS, save
     from shrinkflow.cost import ComputeMeter
-    from shrinkflow.files import write_json
     from shrinkflow.splits import read_unlabelled
-    from shrinkflow.paths import CANDIDATES, METRICS_COMPRESS
+    from shrinkflow.paths import CANDIDATES
 
     # Absolute: a Dask worker resolves it on its own filesystem, never
     # relative to whatever directory the worker process started in.
@@ -47,8 +57,8 @@ def compress(params, project_dir: str = ".") -> dict:
                                    fuse=fuse)
     # "compute": what this run spent (cached candidates cost ~nothing now);
     # each candidate's build_cpu_seconds: what its build cost when it was built.
-    doc = {"candidates": results, "compute": meter.result()}
-    write_json(root / METRICS_COMPRESS, doc)
+    doc = compress_metrics(results, meter.result())
+    save(COMPRESS_METRICS, doc, root)
     return doc
 
 

@@ -31,7 +31,7 @@ def deploy(params) -> None:
     report = gates.candidates[chosen].to_report()
     measured = metrics.candidates[chosen]
     cand = next(c for c in params.compress.candidates if c.name == chosen)
-    figures = deployed_figures(metrics.to_json_dict(), chosen)
+    figures = deployed_figures(metrics, chosen)
     # Cost and return: what training large and the compression search cost,
     # against what each prediction saves (CPU per prediction, measured by
     # validate on the same minutes as the teacher).
@@ -39,7 +39,8 @@ def deploy(params) -> None:
     builds = load(COMPRESS_METRICS).candidates
     cost = CostReturn.model_validate(
         roi(compute.to_json_dict() if compute else {}, {n: b.build_cpu_seconds for n, b in builds.items()},
-            figures["teacher_metrics"], figures["metrics"], params.cost.price_per_core_hour_usd))
+            figures.teacher_metrics.to_json_dict(), figures.metrics.to_json_dict(),
+            params.cost.price_per_core_hour_usd))
     # How the server must run it: one text per call when validate found its
     # outputs depend on the batch (the gate report says so).
     inv = measured.batch_invariance
@@ -57,7 +58,7 @@ def deploy(params) -> None:
         "labels": metrics.labels,
         "serving": serving,
         "recipe": [s.model_dump(mode="json") for s in cand.recipe],
-        **figures,
+        **figures.to_json_dict(),
         "confirmation": metrics.confirmation.to_json_dict(),
         "selection": gates.reason,
         "roi": cost.to_json_dict(),

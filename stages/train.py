@@ -11,13 +11,23 @@ import sys
 from stages.common import read_split, run_stage
 
 
+def train_metrics(result, labels, compute: dict):
+    """metrics/train.json: a TrainResult's fields, the class names in class-id
+    order and the stage's compute meter (``ComputeMeter.result()``), as a
+    ``TrainMetrics``. Raises pydantic.ValidationError when they do not match it."""
+    from shrinkflow.artifacts import TrainMetrics
+
+    return TrainMetrics(**{**result.__dict__, "labels": list(labels), "compute": compute})
+
+
 def train(params) -> None:
+    from shrinkflow.catalog import TRAIN_METRICS, save
     from shrinkflow.cost import ComputeMeter
     from shrinkflow.files import write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import save_torch_model_atomically
     from shrinkflow.headline import train_headline
-    from shrinkflow.paths import HEADLINE_TRAIN, LABELS_JSON, METRICS_TRAIN, TEACHER
+    from shrinkflow.paths import HEADLINE_TRAIN, LABELS_JSON, TEACHER
     from shrinkflow.train import measure_teacher, train_teacher
 
     labels = read_labels(LABELS_JSON)
@@ -28,9 +38,12 @@ def train(params) -> None:
             model, tok, result = train_teacher(read_split("train"), read_split("val"), tp, labels=labels)
         else:
             model, tok, result = measure_teacher(read_split("val"), tp, labels)
+    # Typed before the model is saved: a record that does not match its model
+    # fails the stage with nothing written.
+    metrics = train_metrics(result, labels, meter.result())
     save_torch_model_atomically(model, tok, TEACHER, tp.max_seq_len, labels=labels)
-    write_json(METRICS_TRAIN, {**result.__dict__, "labels": list(labels), "compute": meter.result()})
-    write_json(HEADLINE_TRAIN, train_headline(result.__dict__))
+    save(TRAIN_METRICS, metrics)
+    write_json(HEADLINE_TRAIN, train_headline(metrics))
     what = "fine-tuned" if result.fine_tuned else "already fine-tuned (fine_tune: false), measured"
     print(f"train: {what}: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
           f"in {result.train_seconds:.0f}s")

@@ -18,7 +18,6 @@ TEACHER_KEY = "teacher (fp32, torch eager)"
 
 def validate(params) -> None:
     from shrinkflow.evaluate import measure_interleaved
-    from shrinkflow.artifacts import GatesReport, ValidationReport
     from shrinkflow.catalog import GATES, VALIDATION, save
     from shrinkflow.files import atomic_write_text, content_hash, file_hashes, write_json
     from shrinkflow.labels import read_labels
@@ -60,14 +59,13 @@ def validate(params) -> None:
     for n in names:
         if file_hashes(CANDIDATES / n) != files[n]["files"]:
             raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
-    metrics, gates = validate_runs(teacher, runs, labels, params.validate, files, label_names)
-    # Typed before anything is written: a document that does not match its
-    # model fails here, not in deploy.
-    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
+    # Typed as they are built: a figure that does not match its model fails
+    # here, before anything is written, not in deploy.
+    report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names)
     save(VALIDATION, report)
     save(GATES, selection)
-    write_json(HEADLINE_VALIDATE, validate_headline(report.to_json_dict()))
-    atomic_write_text(GATES_MD, validation_markdown(report.to_json_dict(), selection.to_json_dict()))
+    write_json(HEADLINE_VALIDATE, validate_headline(report))
+    atomic_write_text(GATES_MD, validation_markdown(report, selection))
     print(f"validate: {selection.reason}")
 
 

@@ -119,7 +119,7 @@ def test_a_gate_report_converts_both_ways():
     assert doc.to_report() == report
 
 
-# ------------------------------------------------------- what validate_runs writes today
+# ------------------------------------------------------- what validate_runs returns
 def run(val, test, lat):
     return {"predictions": {"val": list(val), "test": list(test), "shifted": [1, 0]},
             "performance": {"latency_ms_p50_b1": lat, "latency_ms_p95_b1": lat, "latency_ms_p50_b32": 10 * lat,
@@ -142,23 +142,23 @@ def validated():
 
 
 def test_what_validate_runs_returns_is_a_valid_report_and_dumps_unchanged():
-    metrics, gates = validated()
-    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
-    assert json.dumps(report.to_json_dict(), sort_keys=True) == json.dumps(metrics, sort_keys=True)
-    assert json.dumps(selection.to_json_dict(), sort_keys=True) == json.dumps(gates, sort_keys=True)
+    report, selection = validated()
+    assert isinstance(report, ValidationReport) and isinstance(selection, GatesReport)
+    # validating its dump again gives the same documents (nothing is lost in the file)
+    assert ValidationReport.model_validate(report.to_json_dict()) == report
+    assert GatesReport.model_validate(selection.to_json_dict()).to_json_dict() == selection.to_json_dict()
     assert selection.selected == "small" and report.candidates["small"].peak_rss_mb == 50
     assert report.candidates["small"].batch_invariance.per_row is False
 
 
 def test_a_version_stored_as_deploy_stores_it_loads_as_a_manifest(tmp_path):
-    metrics, gates = validated()
-    report, selection = ValidationReport.model_validate(metrics), GatesReport.model_validate(gates)
+    report, selection = validated()
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.onnx").write_bytes(b"weights")
     (model / "shrinkflow_model.json").write_text(json.dumps({"format": "onnx", "labels": ["negative", "positive"]}))
     record = {"candidate": "small", "labels": report.labels, "serving": {}, "recipe": [],
-              **deployed_figures(metrics, "small"), "confirmation": report.confirmation.to_json_dict(),
+              **deployed_figures(report, "small").to_json_dict(), "confirmation": report.confirmation.to_json_dict(),
               "selection": selection.reason, "roi": None, "lineage": {}}
     cand = selection.candidates["small"]
     VersionManifest.check_record(record, cand, {"model.onnx": "ab"}, "cd")
@@ -173,19 +173,19 @@ def test_a_version_stored_as_deploy_stores_it_loads_as_a_manifest(tmp_path):
 
 # ------------------------------------------------------- the catalog
 def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
-    metrics, gates = validated()
+    report, selection = validated()
     assert set(CATALOG) == {"train_metrics", "compress_metrics", "validation", "gates", "deployment"}
-    path = save(VALIDATION, ValidationReport.model_validate(metrics), tmp_path)
+    path = save(VALIDATION, report, tmp_path)
     assert path == tmp_path / "metrics" / "validate.json"
-    # the same bytes as the writer before the models
-    write_json(tmp_path / "before.json", metrics)
+    # the same bytes as a plain JSON writer of its dump (tests/test_typed_documents.py: as the code before the models)
+    write_json(tmp_path / "before.json", report.to_json_dict())
     assert path.read_bytes() == (tmp_path / "before.json").read_bytes()
-    assert load(VALIDATION, tmp_path) == ValidationReport.model_validate(metrics)
+    assert load(VALIDATION, tmp_path) == report
     with pytest.raises(TypeError, match="validation holds a ValidationReport, not a GatesReport"):
-        save(VALIDATION, GatesReport.model_validate(gates), tmp_path)
+        save(VALIDATION, selection, tmp_path)
     with pytest.raises(MissingInput, match=r"deploy/deployment.json is missing: run the deploy stage"):
         load(DEPLOYMENT, tmp_path)
-    save(GATES, GatesReport.model_validate(gates), tmp_path)
+    save(GATES, selection, tmp_path)
     assert (tmp_path / "reports" / "gates.json").is_file() and load(GATES, tmp_path).selected == "small"
     # a document that exists but breaks its model: one line naming the file, its stage and the key
     (tmp_path / "deploy").mkdir()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from shrinkflow.cost import ComputeMeter, break_even_predictions, cost_per_million, roi, roi_lines
+from shrinkflow.artifacts import CostReturn
 from shrinkflow.markdown import roi_markdown
 
 
@@ -69,7 +70,7 @@ def test_roi_never_pays_back_and_says_so():
     assert r["serving"]["b32"]["pays_back"] is False  # equal cost: zero savings
     text = "\n".join(roi_lines(r))
     assert "never pays back" in text
-    assert "never pays back" in roi_markdown(r)
+    assert "never pays back" in roi_markdown(CostReturn.model_validate(r))
 
 
 def test_roi_without_energy_or_build_records():
@@ -77,7 +78,7 @@ def test_roi_without_energy_or_build_records():
     assert r["spent_energy_kwh"] is None and r["spent_co2_kg"] is None
     assert r["build_cpu_unknown"] == ["int8"] and r["compress_cpu_seconds"] == 50.0
     assert r["serving"]["b1"]["deployed_energy_kwh_per_million"] is None
-    assert "int8" in roi_markdown(r)
+    assert "int8" in roi_markdown(CostReturn.model_validate(r))
     assert roi_markdown(None) == ""
 
 

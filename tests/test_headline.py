@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from shrinkflow import paths
+from shrinkflow.artifacts import ValidationReport
 from shrinkflow.headline import frontier_headline, validate_headline, write_all
 from shrinkflow.files import read_json
 from tests.conftest import PROJECT_ROOT
@@ -69,7 +70,8 @@ def test_the_width_check_fails_on_the_full_files_as_metrics(tmp_path):
 
 def test_the_validate_headline_is_the_chosen_candidate_on_test():
     metrics = read_json(PROJECT_ROOT / paths.METRICS_VALIDATE)
-    head = validate_headline(metrics)
+    report = ValidationReport.model_validate(metrics)
+    head = validate_headline(report)
     chosen = metrics["confirmation"]["candidate"]
     test = metrics["confirmation"]["metrics"]
     assert head == {"accuracy": test["accuracy"], "accuracy_drop": test["accuracy_drop"],
@@ -79,7 +81,7 @@ def test_the_validate_headline_is_the_chosen_candidate_on_test():
     # the sign the tool uses everywhere: teacher - candidate, positive = worse
     teacher = metrics["confirmation"]["teacher"]["accuracy"]
     assert abs(head["accuracy_drop"] - (teacher - head["accuracy"])) < 1e-5
-    assert validate_headline({**metrics, "confirmation": None}) == {}
+    assert validate_headline(report.model_copy(update={"confirmation": None})) == {}
 
 
 def test_a_frontier_budget_without_a_match_is_left_out():

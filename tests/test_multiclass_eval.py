@@ -145,8 +145,9 @@ def test_a_candidate_that_gives_up_the_rare_class_fails_the_macro_f1_gate_not_th
     slow = run(VAL[:15] + [0, 2, 2], TEST, lat=5.0)       # one bug called billing: 17/18
     gates = Gates(min_accuracy=0.5, max_accuracy_drop=0.12, max_latency_ms_p95_b1=100.0, max_size_mb=100.0,
                   min_speedup=1.0, max_macro_f1_drop=0.05)
-    metrics, report = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, ValidateParams(gates=gates),
-                                    FILES, CLASSES)
+    typed, selection = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, ValidateParams(gates=gates),
+                                     FILES, CLASSES)
+    metrics, report = typed.to_json_dict(), selection.to_json_dict()
     f = metrics["candidates"]["fast"]
     # billing F1 16/18, bug 1, sales 0 -> macro 0.62963; the teacher's is 1
     assert f["macro_f1"] == pytest.approx((16 / 18 + 1 + 0) / 3, abs=1e-6)
@@ -160,9 +161,9 @@ def test_a_candidate_that_gives_up_the_rare_class_fails_the_macro_f1_gate_not_th
     conf = metrics["confirmation"]
     assert conf["passed"] and "max_macro_f1_drop" in conf["gates"]["gates"]
     assert conf["metrics"]["per_class_recall"] == {"billing": 1.0, "bug": 1.0, "sales": 1.0}
-    shown = deployed_figures(metrics, "slow")
-    assert shown["metrics"]["macro_f1"] == 1.0 and shown["teacher_metrics"]["per_class_n"]["sales"] == 2
-    md = validation_markdown(metrics, report)
+    shown = deployed_figures(typed, "slow")
+    assert shown.metrics.macro_f1 == 1.0 and shown.teacher_metrics.per_class_n["sales"] == 2
+    md = validation_markdown(typed, selection)
     assert "Classes (3): billing, bug, sales" in md and "| macro-F1 (val) |" in md
     assert "F1 of" not in md  # no positive class among three
     assert "## Per-class recall: the chosen candidate, 'slow'" in md
@@ -177,14 +178,15 @@ def test_the_built_in_two_classes_keep_their_figures_and_name_the_positive_class
     c = run(y[:9] + [1], y, lat=2.0)
     gates = Gates(min_accuracy=0.5, max_accuracy_drop=0.15, max_latency_ms_p95_b1=100.0, max_size_mb=100.0,
                   min_speedup=1.0)
-    metrics, report = validate_runs(teacher, {"fast": c}, {"val": y, "test": y, "shifted": []},
-                                    ValidateParams(gates=gates), {"fast": FILES["fast"]}, ("negative", "positive"))
+    typed, selection = validate_runs(teacher, {"fast": c}, {"val": y, "test": y, "shifted": []},
+                                     ValidateParams(gates=gates), {"fast": FILES["fast"]}, ("negative", "positive"))
+    metrics, report = typed.to_json_dict(), selection.to_json_dict()
     m = metrics["candidates"]["fast"]
     assert m["accuracy"] == 0.9 and m["accuracy_drop"] == pytest.approx(0.1) and m["f1"] == pytest.approx(10 / 11,
                                                                                                            abs=1e-6)
     assert [r["name"] for r in report["candidates"]["fast"]["gates"].values()] == [
         "min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1", "max_size_mb", "min_speedup"]
-    md = validation_markdown(metrics, report)
+    md = validation_markdown(typed, selection)
     assert "| F1 of 'positive' (val) |" in md and "| negative | 1.0000 (n=5) | 0.8000 (n=5) |" in md
 
 
@@ -316,8 +318,9 @@ def test_the_registry_and_status_show_the_label_set_and_macro_f1(tmp_path):
     slow = run(VAL[:15] + [0, 2, 2], TEST[:9] + [0], lat=5.0)   # test: one sales called billing
     gates = Gates(min_accuracy=0.5, max_accuracy_drop=0.12, max_latency_ms_p95_b1=100.0, max_size_mb=100.0,
                   min_speedup=1.0, max_macro_f1_drop=0.2)
-    metrics, report = validate_runs(teacher, {"slow": slow}, LABELS, ValidateParams(gates=gates),
-                                    {"slow": FILES["slow"]}, CLASSES)
+    typed, selection = validate_runs(teacher, {"slow": slow}, LABELS, ValidateParams(gates=gates),
+                                     {"slow": FILES["slow"]}, CLASSES)
+    metrics, report = typed.to_json_dict(), selection.to_json_dict()
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.onnx").write_bytes(b"weights")
@@ -326,7 +329,7 @@ def test_the_registry_and_status_show_the_label_set_and_macro_f1(tmp_path):
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(PROJECT_ROOT / name, tmp_path / name)
     reg = Registry(tmp_path / "registry")
-    record = {"candidate": "slow", "labels": metrics["labels"], "recipe": [], **deployed_figures(metrics, "slow"),
+    record = {"candidate": "slow", "labels": metrics["labels"], "recipe": [], **deployed_figures(typed, "slow").to_json_dict(),
               "confirmation": metrics["confirmation"], "selection": report["reason"], "roi": None, "lineage": {}}
     v = reg.promote(model, GateReport.from_dict(report["candidates"]["slow"]), record).version
     doc = status_report(reg).to_json_dict()["deployed"]

@@ -87,19 +87,20 @@ def test_selection_on_val_confirmation_on_test():
     fast = run(LABELS["val"][:9] + [1], LABELS["test"], lat=2.0)        # val 9/10, test 10/10
     slow = run(LABELS["val"], LABELS["test"][:8] + [0, 1], lat=5.0)     # val 10/10, test 8/10
     metrics, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, PARAMS, FILES)
-    assert gates["selected"] == "fast"  # fastest passing on val
-    assert metrics["candidates"]["fast"]["accuracy"] == 0.9 and metrics["candidates"]["fast"]["split"] == "val"
-    assert metrics["candidates"]["fast"]["agreement"] == {"val": 0.9, "test": 1.0, "shifted": 1.0, "unlabelled": 1.0}
-    conf = metrics["confirmation"]
-    assert conf["candidate"] == "fast" and conf["split"] == "test" and conf["passed"]
-    assert conf["metrics"]["accuracy"] == 1.0 and conf["teacher"]["accuracy"] == 1.0
+    assert gates.selected == "fast"  # fastest passing on val
+    assert metrics.candidates["fast"].accuracy == 0.9 and metrics.candidates["fast"].split == "val"
+    assert metrics.candidates["fast"].agreement == {"val": 0.9, "test": 1.0, "shifted": 1.0, "unlabelled": 1.0}
+    conf = metrics.confirmation
+    assert conf.candidate == "fast" and conf.split == "test" and conf.passed
+    assert conf.metrics.accuracy == 1.0 and conf.teacher.accuracy == 1.0
     # the other candidate was never scored on test: no test accuracy anywhere
-    assert "slow" not in str(conf) and all("test" not in k for k in metrics["candidates"]["slow"] if k != "agreement")
+    assert "slow" not in str(conf.to_json_dict()) and all(
+        "test" not in k for k in metrics.candidates["slow"].to_json_dict() if k != "agreement")
     shown = deployed_figures(metrics, "fast")
-    assert shown["metrics"]["split"] == "test" and shown["metrics"]["accuracy"] == 1.0
-    assert shown["metrics"]["latency_ms_p95_b1"] == 2.0
-    assert shown["selection_metrics"]["accuracy"] == 0.9 and shown["teacher_metrics"]["accuracy"] == 1.0
-    assert "files" not in shown["selection_metrics"] and "files" not in shown["metrics"]
+    assert shown.metrics.split == "test" and shown.metrics.accuracy == 1.0
+    assert shown.metrics.latency_ms_p95_b1 == 2.0
+    assert shown.selection_metrics.accuracy == 0.9 and shown.teacher_metrics.accuracy == 1.0
+    assert "files" not in shown.to_json_dict()["selection_metrics"] and "files" not in shown.to_json_dict()["metrics"]
     with pytest.raises(ValueError):
         deployed_figures(metrics, "slow")
 
@@ -108,19 +109,19 @@ def test_a_choice_not_confirmed_on_test_is_not_deployed_or_only_reported():
     teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
     cand = run(LABELS["val"], [1 - y for y in LABELS["test"]], lat=2.0)   # perfect on val, 0/10 on test
     metrics, gates = validate_runs(teacher, {"fast": cand}, LABELS, PARAMS, {"fast": FILES["fast"]})
-    assert gates["selected"] is None
-    assert "was not confirmed on test" in gates["reason"] and "min_accuracy FAILED on test" in gates["reason"]
-    assert gates["best_effort"] == "fast" and not metrics["confirmation"]["passed"]
+    assert gates.selected is None
+    assert "was not confirmed on test" in gates.reason and "min_accuracy FAILED on test" in gates.reason
+    assert gates.best_effort == "fast" and not metrics.confirmation.passed
     report_only = PARAMS.model_copy(update={"confirm_on_test": "report"})
     _, gates = validate_runs(teacher, {"fast": cand}, LABELS, report_only, {"fast": FILES["fast"]})
-    assert gates["selected"] == "fast" and "not confirmed on test, reported only" in gates["reason"]
+    assert gates.selected == "fast" and "not confirmed on test, reported only" in gates.reason
 
 
 def test_nothing_passes_on_val_means_nothing_is_scored_on_test():
     teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
     bad = run([1 - y for y in LABELS["val"]], LABELS["test"], lat=2.0)
     metrics, gates = validate_runs(teacher, {"fast": bad}, LABELS, PARAMS, {"fast": FILES["fast"]})
-    assert gates["selected"] is None and metrics["confirmation"] is None
+    assert gates.selected is None and metrics.confirmation is None
 
 
 def test_interleaved_rounds_give_a_round_by_round_speedup_that_the_gate_checks():
@@ -131,9 +132,9 @@ def test_interleaved_rounds_give_a_round_by_round_speedup_that_the_gate_checks()
     cand["rounds_b1"] = [[0.002] * 5, [0.002] * 5, [0.0001] * 5]
     params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={"min_speedup": 2.0})})
     metrics, gates = validate_runs(teacher, {"fast": cand}, LABELS, params, {"fast": FILES["fast"]})
-    assert metrics["candidates"]["fast"]["speedup_p95_b1"] == pytest.approx(1.5)
-    g = gates["candidates"]["fast"]["gates"]["min_speedup"]
-    assert not g["passed"] and g["value"] == pytest.approx(1.5) and gates["selected"] is None
+    assert metrics.candidates["fast"].speedup_p95_b1 == pytest.approx(1.5)
+    g = gates.candidates["fast"].gates["min_speedup"]
+    assert not g.passed and g.value == pytest.approx(1.5) and gates.selected is None
 
 
 @pytest.mark.parametrize("action, selected", [("serve_per_row", "fast"), ("refuse", "slow")])
@@ -147,20 +148,20 @@ def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report
                                 "label_flips": 0, "labels_alone": [1] * 10}
     params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={"batch_variant_action": action})})
     metrics, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES)
-    assert gates["selected"] == selected
-    g = gates["candidates"]["fast"]["gates"]["max_batch_prob_diff"]
-    assert not g["passed"] and g["value"] == 0.129 and g["threshold"] == 1e-4
-    assert g["enforced"] is (action == "refuse")
-    assert ("served one text per call" if action == "serve_per_row" else "refused") in g["note"]
-    assert gates["candidates"]["slow"]["gates"]["max_batch_prob_diff"]["passed"]
+    assert gates.selected == selected
+    g = gates.candidates["fast"].gates["max_batch_prob_diff"]
+    assert not g.passed and g.value == 0.129 and g.threshold == 1e-4
+    assert g.enforced is (action == "refuse")
+    assert ("served one text per call" if action == "serve_per_row" else "refused") in g.note
+    assert gates.candidates["slow"].gates["max_batch_prob_diff"].passed
     # figures carry the measurement but not the per-text labels
-    assert metrics["candidates"]["fast"]["batch_invariance"]["label_flips"] == 1
-    assert "labels_alone" not in metrics["candidates"]["fast"]["batch_invariance"]
-    from shrinkflow.gates import GateReport, serves_per_row
+    assert metrics.candidates["fast"].batch_invariance.label_flips == 1
+    assert "labels_alone" not in metrics.candidates["fast"].batch_invariance.to_json_dict()
+    from shrinkflow.gates import serves_per_row
     from shrinkflow.markdown import validation_markdown
 
-    assert serves_per_row(GateReport.from_dict(gates["candidates"]["fast"])) is True
-    assert serves_per_row(GateReport.from_dict(gates["candidates"]["slow"])) is False
+    assert serves_per_row(gates.candidates["fast"].to_report()) is True
+    assert serves_per_row(gates.candidates["slow"].to_report()) is False
     md = validation_markdown(metrics, gates)
     assert "max_batch_prob_diff" in md and ("served one text per call" in md if action == "serve_per_row"
                                             else "**FAIL**: not batch-invariant" in md)
