@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shrinkflow.artifacts import (Artifact, CandidateMeasurements, Confirmation, CostReturn, GateEntry, ServingMode,
+from shrinkflow.artifacts import (Artifact, CandidateMeasurements, Confirmation, CostReturn, GateResult, ServingMode,
                                   TeacherMeasurements, VersionManifest)
+from shrinkflow.config import LATENCY_P95_B1
 from shrinkflow.errors import IntegrityError, RegistryError
 from shrinkflow.files import read_json
 from shrinkflow.registry import Registry, VersionSummary
@@ -28,7 +29,7 @@ TEACHER_DESCRIPTION = "fp32 teacher, torch eager, as trained; same test sentence
 # both CandidateMeasurements and TeacherMeasurements (tests check it), by
 # name because the name is what it prints. macro-F1 is absent from versions
 # deployed before it was recorded; f1 (of class 1) exists for two classes only.
-FIGURES_BESIDE_TEACHER = ("accuracy", "macro_f1", "f1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb")
+FIGURES_BESIDE_TEACHER = ("accuracy", "macro_f1", "f1", LATENCY_P95_B1, "size_mb", "peak_rss_mb")
 
 
 class DeployedVersion(Artifact):
@@ -50,7 +51,7 @@ class DeployedVersion(Artifact):
     labels: list[str] | None
     metrics: CandidateMeasurements
     selection_metrics: CandidateMeasurements
-    gates: dict[str, GateEntry]
+    gates: dict[str, GateResult]
     confirmation: Confirmation
     lineage: dict[str, Any]
     # cost and return of compressing (None: deployed before it was recorded)

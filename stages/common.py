@@ -15,14 +15,16 @@ from shrinkflow.paths import PARAMS
 
 
 def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
-    """Run ``body(params)`` as DVC stage ``stage``. Returns the exit code.
+    """Run ``body(params, root)`` as DVC stage ``stage``. Returns the exit code.
 
-    How a stage finds the project root: it is the current directory. DVC
-    runs a stage's ``cmd`` in the stage's ``wdir``, which is the directory of
-    dvc.yaml when (as in every shrinkflow stage) none is set, so ``"."`` is
-    the root, and every project path (shrinkflow.paths) is relative to it.
-    Not ``$DVC_ROOT``: ``dvc exp run --temp/--queue`` points that at the
-    parent repository, while the stage runs in a copy of the workspace.
+    ``root`` is the project root, absolute, and the body resolves every
+    project path (shrinkflow.paths, which are relative) against it, never
+    against the current directory. How a stage command finds it: DVC runs a
+    stage's ``cmd`` in the stage's ``wdir``, which is the directory of
+    dvc.yaml when (as in every shrinkflow stage) none is set, so the command
+    passes its current directory (the default ``"."``). Not ``$DVC_ROOT``:
+    ``dvc exp run --temp/--queue`` points that at the parent repository,
+    while the stage runs in a copy of the workspace.
 
     The environment bootstrap (``configure_env``) runs first, before
     anything imports Prefect. params.yaml is read once, validated, and
@@ -36,7 +38,7 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
     from shrinkflow.config import ParamsError, ScopedParams, parse_params_bytes
     from shrinkflow.errors import HANDLED
 
-    root = Path(project_dir)
+    root = Path(project_dir).resolve()
     configure_env(root)
     mark_stage_ran(stage)
     path = root / PARAMS
@@ -50,7 +52,7 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        body(ScopedParams(params, declared_params(stage, root), stage))
+        body(ScopedParams(params, declared_params(stage, root), stage), root)
         if path.read_bytes() != data:
             from shrinkflow.errors import ParamsChanged
 

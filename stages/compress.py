@@ -27,8 +27,9 @@ def compress_metrics(results: dict, compute: dict):
     return CompressMetrics(candidates=results, compute=compute)
 
 
-def compress(params, project_dir: str = "."):
-    """Build every candidate of ``params.compress`` into models/candidates;
+def compress(params, root: Path):
+    """Build every candidate of ``params.compress`` into models/candidates
+    under ``root``;
     returns (and writes to metrics/compress.json) the per-candidate records
     and this run's compute, a ``CompressMetrics``."""
     # Prefect only now: run_stage has configured the environment first.
@@ -39,9 +40,8 @@ def compress(params, project_dir: str = "."):
     from shrinkflow.splits import read_unlabelled
     from shrinkflow.paths import CANDIDATES
 
-    # Absolute: a Dask worker resolves it on its own filesystem, never
-    # relative to whatever directory the worker process started in.
-    root = Path(project_dir).resolve()
+    # ``root`` is absolute (run_stage): a Dask worker resolves it on its own
+    # filesystem, never relative to whatever directory it started in.
     # Read every declared text dependency once, even when every candidate will
     # come from the cache: a corrupt or undecodable input fails the stage that
     # declares it, not a later stage that happens to read it first.

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from stages.common import run_stage
 
 
-def data(params) -> None:
+def data(params, root: Path) -> None:
     from shrinkflow.data import prepare_raw
     from shrinkflow.files import atomic_write_bytes, write_json
     from shrinkflow.labels import write_labels
@@ -19,15 +21,15 @@ def data(params) -> None:
 
     # Everything is computed before anything is written: bad data leaves
     # no partial outputs behind.
-    prepared = prepare_raw(RAW_DIR, params.data, tokenizer_path(params.train.model), params.train.max_seq_len)
+    prepared = prepare_raw(root / RAW_DIR, params.data, tokenizer_path(params.train.model), params.train.max_seq_len)
     for warning in prepared.warnings:
         print(f"warning: data: {warning}", file=sys.stderr)
     for name in SPLITS:
-        atomic_write_bytes(split_path(name), prepared.splits[name].to_parquet(index=False))
-    atomic_write_bytes(UNLABELLED_PREPARED, prepared.unlabelled.to_parquet(index=False))
-    write_labels(LABELS_JSON, prepared.labels)
-    write_json(METRICS_DATA, prepared.stats)
-    write_json(HEADLINE_DATA, data_headline(prepared.stats))
+        atomic_write_bytes(root / split_path(name), prepared.splits[name].to_parquet(index=False))
+    atomic_write_bytes(root / UNLABELLED_PREPARED, prepared.unlabelled.to_parquet(index=False))
+    write_labels(root / LABELS_JSON, prepared.labels)
+    write_json(root / METRICS_DATA, prepared.stats)
+    write_json(root / HEADLINE_DATA, data_headline(prepared.stats))
     stats = prepared.stats
     print(f"data: {len(prepared.labels)} classes, "
           + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith(("rows_", "truncated_share_"))))

@@ -11,7 +11,7 @@ from stages.common import run_stage
 CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 
-def deploy(params) -> None:
+def deploy(params, root: Path) -> None:
     from shrinkflow.artifacts import CostReturn, DeploymentRecord, VersionManifest
     from shrinkflow.catalog import COMPRESS_METRICS, DEPLOYMENT, GATES, TRAIN_METRICS, VALIDATION, load, save
     from shrinkflow.cost import roi, roi_lines
@@ -23,8 +23,8 @@ def deploy(params) -> None:
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
 
-    gates = load(GATES)
-    metrics = load(VALIDATION)
+    gates = load(GATES, root)
+    metrics = load(VALIDATION, root)
     chosen = gates.selected
     if chosen is None:
         raise PromotionRefused(f"refusing to deploy: {gates.reason}")
@@ -35,8 +35,8 @@ def deploy(params) -> None:
     # Cost and return: what training large and the compression search cost,
     # against what each prediction saves (CPU per prediction, measured by
     # validate on the same minutes as the teacher).
-    compute = load(TRAIN_METRICS).compute
-    builds = load(COMPRESS_METRICS).candidates
+    compute = load(TRAIN_METRICS, root).compute
+    builds = load(COMPRESS_METRICS, root).candidates
     cost = CostReturn.model_validate(
         roi(compute.to_json_dict() if compute else {}, {n: b.build_cpu_seconds for n, b in builds.items()},
             figures.teacher_metrics.to_json_dict(), figures.metrics.to_json_dict(),
@@ -62,20 +62,21 @@ def deploy(params) -> None:
         "confirmation": metrics.confirmation.to_json_dict(),
         "selection": gates.reason,
         "roi": cost.to_json_dict(),
-        "lineage": collect_lineage(Path.cwd(), CHAIN, {s: str(split_path(s)) for s in SPLITS},
+        "lineage": collect_lineage(root, CHAIN, {s: str(split_path(s)) for s in SPLITS},
                                    str(TEACHER), str(UNLABELLED),
                                    # which production window (if any) it was re-compressed on,
                                    # and the monitor run that asked for it
-                                   extra={"window": read_json(WINDOW_META) or None}),
+                                   extra={"window": read_json(root / WINDOW_META) or None}),
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
-    registry = Registry(params.deploy.registry_dir)
-    promo = registry.promote(CANDIDATES / chosen, report, record, expected_files=measured.files)
+    registry = Registry(root / params.deploy.registry_dir)
+    promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files)
     # Read back through its model: what was stored is a valid version manifest.
     manifest = registry.version_manifest(promo.version)
     save(DEPLOYMENT, DeploymentRecord(version=promo.version, previous=promo.previous,
                                       same_model_as=promo.same_model_as, candidate=chosen,
-                                      registry=str(registry.root), content_hash=manifest.content_hash, roi=cost))
+                                      registry=params.deploy.registry_dir, content_hash=manifest.content_hash,
+                                      roi=cost), root)
     print(f"deploy: {chosen} is production as {promo.version}"
           + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
     for line in roi_lines(cost.to_json_dict()):

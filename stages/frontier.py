@@ -31,7 +31,7 @@ def _point(run: dict, labels: dict, classes) -> dict:
             **run["performance"]}
 
 
-def frontier(params) -> None:
+def frontier(params, root: Path) -> None:
     from shrinkflow.compress import apply_recipe
     from shrinkflow.config import Candidate, QuantizeStep, VocabPruneStep
     from shrinkflow.evaluate import measure_interleaved
@@ -46,28 +46,29 @@ def frontier(params) -> None:
     from shrinkflow.validation import check_model_labels
 
     fp = params.frontier
-    classes = read_labels(LABELS_JSON)
+    classes = read_labels(root / LABELS_JSON)
+    teacher_dir, small, candidates = root / TEACHER, root / SMALL_DIRECT, root / CANDIDATES
     compressed = [c for c in params.compress.candidates if c.recipe]
     check_model_labels(classes, {str(d): read_manifest(d).get("labels")
-                                 for d in (TEACHER, SMALL_DIRECT, *(CANDIDATES / c.name for c in compressed))})
+                                 for d in (teacher_dir, small, *(candidates / c.name for c in compressed))})
     threads = params.train.threads
-    frames = {s: read_split(s) for s in ("train", "val", "test", "shifted")}
+    frames = {s: read_split(s, root) for s in ("train", "val", "test", "shifted")}
     texts = {s: frames[s]["text"].tolist() for s in ("val", "test", "shifted")}
     labels = {s: frames[s]["label"].tolist() for s in ("val", "test", "shifted")}
     lat = params.validate.latency
     with tempfile.TemporaryDirectory(prefix="shrinkflow-frontier-") as tmp:
         tmp = Path(tmp)
-        sd_dir = apply_recipe(SMALL_DIRECT, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
+        sd_dir = apply_recipe(small, Candidate(name="sd", recipe=(VocabPruneStep(), QuantizeStep())),
                               tmp / "sd", train_texts=frames["train"]["text"].tolist(),
                               train_labels=frames["train"]["label"].to_numpy(), threads=threads, progress=False)
         # Latency moves run to run on a shared machine: measure the teacher, the
         # baseline and every compressed candidate here, in interleaved rounds.
-        models = {"teacher": TEACHER, SD_NAME: sd_dir, **{c.name: CANDIDATES / c.name for c in compressed}}
+        models = {"teacher": teacher_dir, SD_NAME: sd_dir, **{c.name: candidates / c.name for c in compressed}}
         runs = measure_interleaved(models, texts, texts["val"], lat, log=lambda m: print(f"frontier: {m}"))
         points = {name: _point(run, labels, classes) for name, run in runs.items()}
         robustness = {}
         test_labels = frames["test"]["label"].to_numpy()
-        for label, src in (("teacher (large)", TEACHER), ("small-direct", SMALL_DIRECT)):
+        for label, src in (("teacher (large)", teacher_dir), ("small-direct", small)):
             q = apply_recipe(src, Candidate(name="q", recipe=(QuantizeStep(),)), tmp / f"q-{src.name}",
                              progress=False)
             int8_acc = float((predict_labels(load_predictor(q, threads), texts["test"]) == test_labels).mean())
@@ -76,12 +77,12 @@ def frontier(params) -> None:
                                                fp.robustness_sparsities, int8_acc)
     teacher = points.pop("teacher")
     rows = verdict({n: m for n, m in points.items() if n != SD_NAME}, SD_NAME, points[SD_NAME], fp.match_tolerance)
-    plot({"teacher": teacher, **points}, {SD_NAME}, FRONTIER_PNG)
-    atomic_write_text(FRONTIER_MD, frontier_markdown(teacher, points, {SD_NAME}, rows, robustness,
+    plot({"teacher": teacher, **points}, {SD_NAME}, root / FRONTIER_PNG)
+    atomic_write_text(root / FRONTIER_MD, frontier_markdown(teacher, points, {SD_NAME}, rows, robustness,
                                                      fp.small_direct, fp.match_tolerance))
-    write_json(METRICS_FRONTIER, {"labels": list(classes), "verdict": rows, "robustness": robustness,
+    write_json(root / METRICS_FRONTIER, {"labels": list(classes), "verdict": rows, "robustness": robustness,
                                   "points": points, "teacher": teacher})
-    write_json(HEADLINE_FRONTIER, frontier_headline(rows))
+    write_json(root / HEADLINE_FRONTIER, frontier_headline(rows))
     for r in rows:
         print(f"frontier: {r}")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from stages.common import read_split, run_stage
 
 
-def small_direct(params) -> None:
+def small_direct(params, root: Path) -> None:
     from shrinkflow.config import TrainParams
     from shrinkflow.baseline import small_direct_model
     from shrinkflow.files import write_json
@@ -21,13 +23,14 @@ def small_direct(params) -> None:
 
     # The baseline takes the teacher's classifier shape (one logit per class):
     # the teacher must output the data's classes, in their order.
-    classes = read_labels(LABELS_JSON)
-    check_model_labels(classes, {str(TEACHER): read_manifest(TEACHER).get("labels")})
+    teacher, small = root / TEACHER, root / SMALL_DIRECT
+    classes = read_labels(root / LABELS_JSON)
+    check_model_labels(classes, {str(TEACHER): read_manifest(teacher).get("labels")})
     spec = params.frontier.small_direct
     tp = params.train
-    tok = load_tokenizer(TEACHER / TOKENIZER, tp.max_seq_len)
+    tok = load_tokenizer(teacher / TOKENIZER, tp.max_seq_len)
     seed_everything(spec.seed)
-    model = small_direct_model(load_torch_model(TEACHER), spec)
+    model = small_direct_model(load_torch_model(teacher), spec)
     # The teacher's own training settings, except what the baseline sets.
 
     train_params = TrainParams(max_seq_len=tp.max_seq_len, batch_size=tp.batch_size, threads=tp.threads,
@@ -35,12 +38,12 @@ def small_direct(params) -> None:
                                grad_clip_norm=tp.grad_clip_norm, group_by_length=tp.group_by_length,
                                group_chunk_batches=tp.group_chunk_batches,
                                epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed)
-    model, result = train_classifier(model, tok, read_split("train"), read_split("val"), train_params,
+    model, result = train_classifier(model, tok, read_split("train", root), read_split("val", root), train_params,
                                      desc="small-direct")
-    save_torch_model_atomically(model, tok, SMALL_DIRECT, tp.max_seq_len, labels=classes)
-    check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(SMALL_DIRECT).get("labels")})
-    write_json(METRICS_SMALL_DIRECT, result.__dict__)
-    write_json(HEADLINE_SMALL_DIRECT, train_headline(result.__dict__))
+    save_torch_model_atomically(model, tok, small, tp.max_seq_len, labels=classes)
+    check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(small).get("labels")})
+    write_json(root / METRICS_SMALL_DIRECT, result.__dict__)
+    write_json(root / HEADLINE_SMALL_DIRECT, train_headline(result.__dict__))
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 
 

@@ -7,6 +7,7 @@ for the task: it is only measured on val and saved as the teacher.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from stages.common import read_split, run_stage
 
@@ -20,7 +21,7 @@ def train_metrics(result, labels, compute: dict):
     return TrainMetrics(**{**result.__dict__, "labels": list(labels), "compute": compute})
 
 
-def train(params) -> None:
+def train(params, root: Path) -> None:
     from shrinkflow.catalog import TRAIN_METRICS, save
     from shrinkflow.cost import ComputeMeter
     from shrinkflow.files import write_json
@@ -30,20 +31,20 @@ def train(params) -> None:
     from shrinkflow.paths import HEADLINE_TRAIN, LABELS_JSON, TEACHER
     from shrinkflow.train import measure_teacher, train_teacher
 
-    labels = read_labels(LABELS_JSON)
+    labels = read_labels(root / LABELS_JSON)
     tp = params.train
     # What training the large model cost: the first term of the ROI (deploy).
     with ComputeMeter(params.cost.country_iso_code) as meter:
         if tp.fine_tune:
-            model, tok, result = train_teacher(read_split("train"), read_split("val"), tp, labels=labels)
+            model, tok, result = train_teacher(read_split("train", root), read_split("val", root), tp, labels=labels)
         else:
-            model, tok, result = measure_teacher(read_split("val"), tp, labels)
+            model, tok, result = measure_teacher(read_split("val", root), tp, labels)
     # Typed before the model is saved: a record that does not match its model
     # fails the stage with nothing written.
     metrics = train_metrics(result, labels, meter.result())
-    save_torch_model_atomically(model, tok, TEACHER, tp.max_seq_len, labels=labels)
-    save(TRAIN_METRICS, metrics)
-    write_json(HEADLINE_TRAIN, train_headline(metrics))
+    save_torch_model_atomically(model, tok, root / TEACHER, tp.max_seq_len, labels=labels)
+    save(TRAIN_METRICS, metrics, root)
+    write_json(root / HEADLINE_TRAIN, train_headline(metrics))
     what = "fine-tuned" if result.fine_tuned else "already fine-tuned (fine_tune: false), measured"
     print(f"train: {what}: best val accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}) "
           f"in {result.train_seconds:.0f}s")

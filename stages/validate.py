@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from stages.common import read_lines, read_split, run_stage
 
 # Splits every model predicts. Labels are used for val (selection), test
@@ -16,7 +18,7 @@ PREDICTED = ("val", "test", "reference", "shifted")
 TEACHER_KEY = "teacher (fp32, torch eager)"
 
 
-def validate(params) -> None:
+def validate(params, root: Path) -> None:
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.catalog import GATES, VALIDATION, save
     from shrinkflow.files import atomic_write_text, content_hash, file_hashes, write_json
@@ -30,42 +32,43 @@ def validate(params) -> None:
 
     # Class ids in the splits index this tuple; every model must output its
     # classes in the same order, or its "accuracy" would compare other classes.
-    label_names = read_labels(LABELS_JSON)
+    label_names = read_labels(root / LABELS_JSON)
+    teacher_dir, candidates = root / TEACHER, root / CANDIDATES
     names = [c.name for c in params.compress.candidates]
     check_model_labels(label_names, {str(d): read_manifest(d).get("labels")
-                                     for d in (TEACHER, *(CANDIDATES / n for n in names))})
-    frames = {s: read_split(s) for s in PREDICTED}
+                                     for d in (teacher_dir, *(candidates / n for n in names))})
+    frames = {s: read_split(s, root) for s in PREDICTED}
     # "window_heldout": production text held out of a re-compression's
     # distillation; teacher agreement on it is gated (empty by default).
     texts = {s: f["text"].tolist() for s, f in frames.items()} | {
-        "unlabelled": read_lines(UNLABELLED), "window_heldout": read_lines(WINDOW_HELDOUT)}
+        "unlabelled": read_lines(root / UNLABELLED), "window_heldout": read_lines(root / WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
     lat = params.validate.latency
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in names:
-        hashes = file_hashes(CANDIDATES / n)
+        hashes = file_hashes(candidates / n)
         files[n] = {"files": hashes, "content_hash": content_hash(hashes)}
     # The teacher and every candidate, timed in alternating rounds over the
     # same minutes: the speedup gate compares figures from one time window.
     # (The key cannot clash: candidate names are lower-case slugs.)
     # Batch invariance on val for every candidate (the teacher is never served);
     # one that fails it is predicted one text per call, as it would be served.
-    runs = measure_interleaved({TEACHER_KEY: TEACHER, **{n: CANDIDATES / n for n in names}}, texts,
+    runs = measure_interleaved({TEACHER_KEY: teacher_dir, **{n: candidates / n for n in names}}, texts,
                                texts[SELECTION_SPLIT], lat, log=lambda m: print(f"validate: {m}"),
                                invariance_texts=texts[SELECTION_SPLIT], invariance_skip=frozenset({TEACHER_KEY}),
                                max_batch_prob_diff=params.validate.gates.max_batch_prob_diff)
     teacher = runs.pop(TEACHER_KEY)
     for n in names:
-        if file_hashes(CANDIDATES / n) != files[n]["files"]:
+        if file_hashes(candidates / n) != files[n]["files"]:
             raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
     report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names)
-    save(VALIDATION, report)
-    save(GATES, selection)
-    write_json(HEADLINE_VALIDATE, validate_headline(report))
-    atomic_write_text(GATES_MD, validation_markdown(report, selection))
+    save(VALIDATION, report, root)
+    save(GATES, selection, root)
+    write_json(root / HEADLINE_VALIDATE, validate_headline(report))
+    atomic_write_text(root / GATES_MD, validation_markdown(report, selection))
     print(f"validate: {selection.reason}")
 
 

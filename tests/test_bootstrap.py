@@ -39,7 +39,7 @@ def test_a_stage_gets_only_its_declared_keys(project, capsys):
 
     seen = {}
 
-    def body(params):
+    def body(params, root):
         seen["threads"] = params.train.threads
         params.train.epochs  # not declared for compress
 
@@ -53,13 +53,14 @@ def test_a_stage_fails_if_params_change_while_it_runs(project, capsys):
     outputs came from the old values must fail rather than be committed."""
     from stages.common import run_stage
 
-    def body(params):
+    def body(params, root):
+        assert root == project.resolve()
         text = (project / "params.yaml").read_text()
         (project / "params.yaml").write_text(text.replace("seed: 0", "seed: 1", 1))
 
     assert run_stage("data", body, project) == 1
     assert "params.yaml changed while the stage ran" in capsys.readouterr().err
-    assert run_stage("data", lambda p: None, project) == 0
+    assert run_stage("data", lambda p, root: None, project) == 0
 
 
 def test_bad_params_exit_2_before_the_stage_body(project, capsys):
@@ -67,7 +68,7 @@ def test_bad_params_exit_2_before_the_stage_body(project, capsys):
 
     (project / "params.yaml").write_text("train: {epochs: -1}\n")
     called = []
-    assert run_stage("train", called.append, project) == 2
+    assert run_stage("train", lambda p, root: called.append(p), project) == 2
     assert not called and "train.epochs" in capsys.readouterr().err
 
 

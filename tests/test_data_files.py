@@ -282,8 +282,14 @@ def run(root: Path, stage: str, monkeypatch) -> int:
     from stages.data import data
     from stages.fetch import fetch
 
-    monkeypatch.chdir(root)
-    return run_stage(stage, {"fetch": fetch, "data": data}[stage], root)
+    # From another directory: a stage resolves every path against its root,
+    # so nothing may land where it happens to be started.
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    monkeypatch.chdir(elsewhere)
+    code = run_stage(stage, {"fetch": fetch, "data": data}[stage], root)
+    assert list(elsewhere.iterdir()) == []
+    return code
 
 
 def written(root: Path) -> list[str]:

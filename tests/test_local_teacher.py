@@ -343,8 +343,12 @@ def test_the_train_stage_with_fine_tune_false_records_the_teachers_figures(tmp_p
     task["train"].to_parquet(work / "data" / "prepared" / "train.parquet")
     task["val"].to_parquet(work / "data" / "prepared" / "val.parquet")
     write_labels(work / "data" / "prepared" / "labels.json", LABELS)
-    monkeypatch.chdir(work)
+    # Started elsewhere: the stage reads and writes under its root only.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     assert run_stage("train", train, work) == 0
+    assert list(elsewhere.iterdir()) == []
     metrics = read_json(work / "metrics" / "train.json")
     assert metrics["fine_tuned"] is False and metrics["labels"] == list(LABELS)
     assert metrics["best_val_accuracy"] == pytest.approx(teachers["bert"][1].best_val_accuracy)

@@ -176,7 +176,7 @@ def test_a_stage_refuses_a_duplicated_key_before_its_body_runs(tmp_path):
     text, _, _ = with_duplicated_min_accuracy()
     root = project_with(tmp_path, text)
     ran = []
-    assert run_stage("validate", ran.append, root) == 2
+    assert run_stage("validate", lambda p, r: ran.append(p), root) == 2
     assert ran == []
 
 

@@ -44,7 +44,7 @@ def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, 
     from stages.common import run_stage
 
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, runner)
-    assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
+    assert run_stage("compress", compress, root) == 0
     doc = read_json(root / METRICS_COMPRESS)
     results = doc["candidates"]
     assert set(results) == {"int8", "vocab-int8"}
@@ -100,7 +100,7 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, {"kind": "threads", "max_workers": 1})
 
     def run() -> dict:
-        assert run_stage("compress", lambda p: compress(p, str(root)), root) == 0
+        assert run_stage("compress", compress, root) == 0
         return {n: r["cached"] for n, r in read_json(root / METRICS_COMPRESS)["candidates"].items()}
 
     def files(name):
