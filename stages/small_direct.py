@@ -43,7 +43,7 @@ def small_direct(params, root: Path) -> None:
     save_torch_model_atomically(model, tok, small, tp.max_seq_len, labels=classes)
     check_model_labels(classes, {str(SMALL_DIRECT): read_manifest(small).get("labels")})
     write_json(root / METRICS_SMALL_DIRECT, result.__dict__)
-    write_json(root / HEADLINE_SMALL_DIRECT, train_headline(result.__dict__))
+    write_json(root / HEADLINE_SMALL_DIRECT, train_headline(result))
     print(f"small_direct: best val accuracy {result.best_val_accuracy:.4f} in {result.train_seconds:.0f}s")
 
 
