@@ -687,7 +687,7 @@ class MonitorView(str, Enum):
 @_command("monitor", "Run the monitor once (and re-compress if it says so); `monitor ui`: its dashboard.")
 def monitor_cmd(ctx: typer.Context,
                 view: Optional[MonitorView] = typer.Argument(
-                    None, metavar="[ui]", help="ui: serve the Evidently dashboard of the past runs instead (until "
+                    None, metavar="ui", help="ui: serve the Evidently dashboard of the past runs instead (until "
                                                "Ctrl-C)"),
                 act: bool = typer.Option(True, "--act/--report-only",
                                          help="on a recompress verdict, run the re-compression flow"),

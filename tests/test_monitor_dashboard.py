@@ -23,6 +23,7 @@ import pytest
 
 from flows.prefect_server import free_port
 from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, wait_for_line
+from tests.test_monitor_robust import cli_project, monitor_cli, only_run, project, served_rows  # noqa: F401
 from tests.test_monitoring import PARAMS, build, log_window, rendered_text
 
 PANELS = ("Monitor runs", "Decision", "Drifted text descriptors", "Embedding drift ROC AUC",
@@ -208,3 +209,23 @@ def check_both_runs_plotted(text: str, whens: list[str]) -> None:
     for title in PANELS[1:]:
         for when in whens:
             assert when in panels[title], (title, when, panels[title])
+
+
+@pytest.mark.slow  # a real `shrinkflow monitor` run through Prefect: about 20 s, after the project is built
+def test_shrinkflow_monitor_adds_its_run_to_the_projects_workspace(cli_project, small_splits, prefect_api):
+    """The flow's wiring: `shrinkflow monitor` records the run in
+    .shrinkflow/evidently/, in the project of this project's task, and says so."""
+    from evidently.ui.workspace import Workspace
+
+    from monitoring.workspace import WORKSPACE, find_project
+    from shrinkflow.predlog import PredictionLog
+
+    log = PredictionLog(cli_project / ".shrinkflow/predictions.db").open()
+    log.append(served_rows(cli_project, small_splits["test"]["text"].tolist()[:30]))
+    code, out, _ = monitor_cli(cli_project, prefect_api, "--report-only")
+    assert code == 0, out[-4000:]
+    assert 'Evidently: snapshot added to "shrinkflow: sentiment (vadersentiment)"' in out, out[-4000:]
+    doc = recorded(only_run(cli_project))
+    pid = find_project(cli_project / WORKSPACE, project_task(cli_project))
+    assert doc["project_id"] == pid and doc["error"] is None
+    assert [str(s) for s in Workspace(str(cli_project / WORKSPACE)).list_runs(pid)] == [doc["snapshot_id"]]
