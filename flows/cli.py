@@ -67,9 +67,11 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "window": {ExitCode.OK: "restored", ExitCode.USAGE: _USAGE + "; or no such version",
                ExitCode.CRASH: "the archived window is missing", ExitCode.NOTHING:
                "the version was not re-compressed on a production window"},
-    "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression deployed",
+    "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression deployed; `monitor ui`: stopped by "
+                             "Ctrl-C or SIGTERM",
                 ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
-                ExitCode.CRASH: "the monitor or its re-compression failed"},
+                ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
+                                "not start, or stopped by itself"},
 }
 
 
@@ -678,15 +680,31 @@ def window(ctx: typer.Context, version: str = typer.Argument(..., help="a regist
                f"{meta.get('monitor_flow_run')}) -> {path}")
 
 
-@_command("monitor", "Run the monitor once (and re-compress if it says so).")
+class MonitorView(str, Enum):
+    ui = "ui"
+
+
+@_command("monitor", "Run the monitor once (and re-compress if it says so); `monitor ui`: its dashboard.")
 def monitor_cmd(ctx: typer.Context,
+                view: Optional[MonitorView] = typer.Argument(
+                    None, metavar="ui", help="ui: serve the Evidently dashboard of the past runs instead (until "
+                                               "Ctrl-C)"),
                 act: bool = typer.Option(True, "--act/--report-only",
                                          help="on a recompress verdict, run the re-compression flow"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON"),
+                host: str = typer.Option("127.0.0.1", "--host", help="ui: address to listen on"),
+                port: Optional[int] = typer.Option(None, "--port", min=0, max=65535,
+                                                   help="ui: port (default 8100, where the reports index links "
+                                                        "snapshots, or a free one when it is taken; 0: a free one)"),
                 params: ParamsOpt = None, debug: DebugOpt = False):
     """Run the monitor once: Evidently reports on the newest prediction-log
-    window, the policy's verdict, and (on recompress) re-compression."""
+    window, the policy's verdict, its snapshot in the project's Evidently
+    workspace, and (on recompress) re-compression. `shrinkflow monitor ui`
+    serves that workspace in Evidently's UI, whose dashboard shows the
+    figures of every run over time (docs/monitoring.md)."""
     s = _session(ctx)
+    if view is MonitorView.ui:
+        return _monitor_ui(s, host, port, debug)
     adopt_params(s)
     try:
         from flows.monitor import monitor
@@ -722,11 +740,55 @@ def monitor_cmd(ctx: typer.Context,
                 + " / " + ", ".join(f"{v:.2f}" for v in s["class_share_reference"].values()))
         if result.get("report_dir"):
             typer.echo(f"reports: {result['report_dir']} (index: {Path(result['report_dir']).parent / 'index.html'})")
+        ev = result.get("evidently") or {}
+        if ev.get("snapshot_id"):
+            typer.echo(f"Evidently: snapshot added to \"{ev['project']}\"; `shrinkflow monitor ui` shows the "
+                       "dashboard over time")
+        elif ev.get("error"):
+            typer.echo(f"Evidently: the snapshot could not be added to the workspace (reports and verdict are "
+                       f"kept): {ev['error']}")
         if rec is not None:
             typer.echo(f"re-compression: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
                        f": {rec['reason']}")
     if rec is not None and not rec["deployed_version"]:
         raise typer.Exit(ExitCode.REFUSED)
+
+
+def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None:
+    """``shrinkflow monitor ui``: Evidently's UI over the project's
+    monitoring workspace, on ``host``, until Ctrl-C or SIGTERM."""
+    import time
+
+    from flows.evidently_ui import EvidentlyUI, port_is_free
+    from monitoring.workspace import UI_PORT, WORKSPACE, find_project, project_name, task_name
+
+    _stop_on_signals()
+    if port is None:
+        port = UI_PORT if port_is_free(host, UI_PORT) else 0
+        if port == 0:
+            typer.echo(f"note: port {UI_PORT} is taken, so a free port is used: the reports index's snapshot "
+                       f"links (port {UI_PORT}) will not reach this UI")
+    ui = EvidentlyUI(s.root / WORKSPACE, s.root / STATE / "evidently-ui.log", host=host, port=port)
+    try:
+        typer.echo(f"starting Evidently's UI on the monitoring workspace ({WORKSPACE}/, log {ui.log_path}) ...")
+        url = ui.start()
+        typer.echo(f"Evidently UI: {url}  (workspace {WORKSPACE}/); Ctrl-C stops")
+        task = task_name(s.params)
+        project = find_project(s.root / WORKSPACE, task)
+        if project:
+            typer.echo(f"dashboard of \"{project_name(task)}\": {url}/projects/{project}")
+        else:
+            typer.echo(f"no monitor run is recorded for \"{project_name(task)}\" yet: each `shrinkflow monitor` "
+                       "adds one")
+        while ui.proc.poll() is None:
+            time.sleep(0.5)
+        raise RuntimeError(f"the Evidently UI exited with {ui.proc.returncode}; log {ui.log_path}")
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise _crash(exc, "the Evidently UI", debug)
+    finally:
+        ui.stop()
 
 
 def main() -> None:

@@ -31,6 +31,10 @@ def monitor(project_dir: str, act: bool = True) -> dict:
     decision = decide(project_dir, params, summary, report_dir, now, run_name, act)
     publish(params, summary, decision, report_dir)
     print(f"monitor: {decision['action']}: {decision['reasons'][0]}")
+    ev = decision.get("evidently") or {}
+    if ev.get("error"):
+        print(f"monitor: warning: the run's snapshot is not in the Evidently workspace {ev['workspace']}: "
+              f"{ev['error']} (its reports and decision are kept)")
     for n in summary.get("not_computed", []):
         print(f"monitor: not computed on this window: {n['metric']}: {n['reason']}")
     result = None
@@ -40,4 +44,5 @@ def monitor(project_dir: str, act: bool = True) -> dict:
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
         result = recompress(project_dir, window["text"].tolist(), meta)
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
-            "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result}
+            "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
+            "evidently": decision.get("evidently")}

@@ -72,12 +72,33 @@ def _row(run: Path) -> str | None:
                                  ("embeddings.html", "embeddings"), (QUALITY_HTML, "quality"))
              if (run / name).is_file()]
     links.append(f'<a href="{run.name}/{SUMMARY_JSON}">summary</a>')
+    links += _snapshot_link(d.get("evidently"))
     reasons = "<br>".join(html.escape(r) for r in d.get("reasons", [])[:1])
     if nc:
         reasons += ("<br>" if reasons else "") + "not computed: " + html.escape(
             "; ".join(f"{m}: {r}" for m, r in nc.items()))
     return ("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{' · '.join(links)}</td>"
             + f"<td class=r>{reasons}</td></tr>")
+
+
+def _snapshot_link(recorded: dict | None) -> list[str]:
+    """The run's snapshot in the Evidently UI (``shrinkflow monitor ui`` on
+    its default address), or why there is none; nothing for runs written
+    before the workspace existed."""
+    from monitoring.workspace import WorkspaceRun
+
+    if not isinstance(recorded, dict):
+        return []
+    try:
+        rec = WorkspaceRun.model_validate(recorded)
+    except ValueError:
+        return []
+    url = rec.url()
+    if url:
+        return [f'<a class="snapshot" href="{html.escape(url, quote=True)}" '
+                f'title="{html.escape(rec.project, quote=True)}">Evidently snapshot</a>']
+    return [f'<span class="snapshot" title="{html.escape(rec.error or "", quote=True)}">'
+            'no Evidently snapshot</span>']
 
 
 def _safe_row(run: Path) -> str | None:
@@ -114,6 +135,9 @@ def write_index(reports_dir: Path) -> Path:
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in (_safe_row(p) for p in run_dirs(reports_dir)) if r is not None]
+    from monitoring.workspace import UI_HOST, UI_PORT
+
+    ui_address = f"http://{UI_HOST}:{UI_PORT}"
     head = ["run (UTC)", "verdict", "version", "window rows", "drifted descriptors", "embedding AUC",
             "teacher agreement", "feedback accuracy (labels)", "class share cur / ref (moved most)",
             "truncated share cur / ref", "reports", "why"]
@@ -126,7 +150,9 @@ td.r{{max-width:40em}}</style></head>
 <p id="count">{len(rows)} run(s). Each compares a window of the prediction log with the reference split
 (Evidently). Verdicts come from the policy in <code>monitoring/policy.py</code>; a figure that could not be
 computed on a window says "not computed" (the reason is in the last column and in its summary).
-"(report only)": a recompress verdict of <code>--report-only</code>, not acted on.</p>
+"(report only)": a recompress verdict of <code>--report-only</code>, not acted on.
+"Evidently snapshot" opens the run in Evidently's UI, where the project's dashboard plots these figures over
+time: start it with <code>shrinkflow monitor ui</code> (it serves on {ui_address}).</p>
 <table id="runs"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}

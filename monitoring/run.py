@@ -88,19 +88,31 @@ def load_history(state: Path) -> list[PastDecision]:
 
 
 def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Path, now: datetime,
-                      flow_run: str | None = None, act: bool = True) -> Decision:
+                      flow_run: str | None = None, act: bool = True, workspace: Path | None = None,
+                      task: str = "default") -> Decision:
     """Apply the policy against the recorded history, then record the decision
-    beside the report and in the history (one fsynced line), and regenerate
-    the index.
+    beside the report and in the history (one fsynced line), add the run's
+    snapshot to the Evidently workspace at ``workspace`` (None: none), and
+    regenerate the index.
 
     ``act``: whether a ``recompress`` verdict will be acted on (False for
     ``--report-only``). The history records ``acted``; only an action taken
-    starts the cooldown and marks the window as having triggered."""
+    starts the cooldown and marks the window as having triggered.
+
+    ``task``: names the run's project in the workspace
+    (monitoring.workspace.task_name). Where the snapshot went, or why it
+    could not be written, is decision.json's ``evidently``; a workspace that
+    cannot be written never fails the run."""
     decision = decide(summary, params.monitor, load_history(state), now)
     acted = bool(act and decision.action == "recompress")
     doc = {**decision.model_dump(mode="json"), "triggers": list(decision.triggers), "acted": acted,
            "not_computed": [n.model_dump(mode="json") for n in summary.not_computed], "flow_run": flow_run,
            "ts": now.astimezone(timezone.utc).isoformat()}
+    if workspace is not None:
+        from monitoring.workspace import record_run_safely
+
+        doc["evidently"] = record_run_safely(Path(workspace), task, summary, decision, Path(report_dir),
+                                             acted=acted, when=now).model_dump(mode="json")
     (Path(report_dir) / DECISION_JSON).write_text(json.dumps(doc, indent=2) + "\n")
     Path(state).parent.mkdir(parents=True, exist_ok=True)
     line = PastDecision(ts=doc["ts"], action=decision.action, window_sha256=decision.window_sha256, acted=acted)

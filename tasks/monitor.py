@@ -3,6 +3,7 @@ library function (monitoring/, shrinkflow/) and returns plain data."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -35,14 +36,21 @@ def build_reports(project_dir: str, params, window, now: datetime) -> tuple[dict
 @task(name="decide", cache_policy=NO_CACHE)
 def decide(project_dir: str, params, summary: dict, report_dir: str, now: datetime, flow_run: str,
            act: bool = True) -> dict:
-    """``act``: a recompress verdict will be acted on (recorded as ``acted``)."""
+    """``act``: a recompress verdict will be acted on (recorded as ``acted``).
+    Also adds the run's snapshot to the project's Evidently workspace
+    (monitoring.workspace; a failure there is logged, never raised)."""
     from monitoring.run import decide_and_record
     from monitoring.summary import DriftSummary
+    from monitoring.workspace import WORKSPACE, task_name
 
     decision = decide_and_record(DriftSummary.model_validate(summary), params, Path(report_dir),
-                                 Path(project_dir) / MONITOR_STATE, now, flow_run, act=act)
+                                 Path(project_dir) / MONITOR_STATE, now, flow_run, act=act,
+                                 workspace=Path(project_dir) / WORKSPACE, task=task_name(params))
+    from monitoring.index import DECISION_JSON
+
+    recorded = json.loads((Path(report_dir) / DECISION_JSON).read_text()).get("evidently")
     return {**decision.model_dump(mode="json"), "triggers": list(decision.triggers),
-            "acted": bool(act and decision.action == "recompress")}
+            "acted": bool(act and decision.action == "recompress"), "evidently": recorded}
 
 
 def reports_link_base(url: str, timeout_s: float = 2.0) -> str | None:
@@ -73,7 +81,7 @@ def publish(params, summary: dict, decision: dict, report_dir: str) -> str:
     base = reports_link_base(url)
     md = summary_markdown(DriftSummary.model_validate(summary),
                           Decision.model_validate({k: v for k, v in decision.items()
-                                                   if k not in ("triggers", "acted")}),
+                                                   if k not in ("triggers", "acted", "evidently")}),
                           Path(report_dir), base, acted=decision.get("acted"))
     if base:
         md += f"\nOn disk: `{report_dir}` (links: the `shrinkflow serve` answering at {url}).\n"
@@ -81,6 +89,14 @@ def publish(params, summary: dict, decision: dict, report_dir: str) -> str:
         md += (f"\nOn disk: `{report_dir}`. No `shrinkflow serve` answered at {url} (serve.host and serve.port) "
                "when this was written, so the links are to the files on this machine (a browser may refuse to "
                "open a file:// link from the Prefect UI: copy it into the address bar).\n")
+    ev = decision.get("evidently") or {}
+    if ev.get("snapshot_id"):
+        from monitoring.workspace import WorkspaceRun
+
+        md += (f"\nEvidently: this run's snapshot in the project \"{ev['project']}\" ({WorkspaceRun(**ev).url()}, "
+               "with `shrinkflow monitor ui` running).\n")
+    elif ev.get("error"):
+        md += f"\nEvidently: the snapshot could not be added to the workspace: {ev['error']}.\n"
     create_markdown_artifact(key="shrinkflow-monitor", markdown=md,
                              description="drift, compression gap and the policy's verdict")
     return md
