@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,53 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, wait_for_line
+from tests.conftest import wait_for_line
 
-# Each runs the real CLI, Prefect and DVC on a temporary project: minutes in all.
+# Each runs the real CLI, Prefect and DVC on a temporary project: minutes in all. The
+# lifecycle test has a file of its own (test_e2e_lifecycle.py), so the two workers share the load.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TINY = {
-    "data": {"max_rows": 600, "max_shifted_rows": 50},
-    "train": {"model": {"kind": "random", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                        "intermediate_size": 64},
-              "epochs": 6, "batch_size": 16, "learning_rate": 3e-3, "max_seq_len": 32, "threads": 1},
-    "frontier": {"small_direct": {"num_layers": 1, "epochs": 2, "learning_rate": 3e-3},
-                 "robustness_sparsities": [0.5]},
-    # int8 only: the default's student keeps teacher layers 0, 2, 4, which a
-    # 2-layer tiny teacher does not have (distillation is tested in test_methods).
-    "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize"}]}]},
-    "validate": {"gates": {"min_accuracy": 0.0, "max_accuracy_drop": 0.5, "max_latency_ms_p95_b1": 1000.0,
-                           "max_size_mb": 100.0, "min_speedup": 0.2},
-                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
-}
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
+from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
 
 
 @pytest.fixture(scope="module")
 def harness(prefect_api):
     return prefect_api
-
-
-def copy_project(dest: Path) -> Path:
-    """A fresh git+DVC repo at ``dest`` holding the project's tracked and new files."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in listed:
-        src = PROJECT_ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "e2e copy"], cwd=dest, check=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -72,178 +36,6 @@ def project(tmp_path_factory) -> Path:
     for ``deployed``, which puts one there whatever ran before, so the tests
     pass in any order (pytest --random-order)."""
     return copy_project(tmp_path_factory.mktemp("e2e") / "project")
-
-
-@pytest.fixture()
-def fresh_project(tmp_path) -> Path:
-    """A project of its own, nothing run in it yet."""
-    return copy_project(tmp_path / "project")
-
-
-def run_cli(project: Path, api_url: str | None, *args, extra_env: dict | None = None):
-    """The real console entry point, in the project copy, as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    env["PREFECT_HOME"] = str(project / ".prefect")
-    env.update(extra_env or {})
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def status_json(project: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--json"], cwd=project,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def stages_line(output: str) -> dict[str, str]:
-    line = re.search(r"^stages: (.*)$", output, re.M).group(1)
-    return dict(kv.split("=") for kv in line.split(", "))
-
-
-def write_params(path: Path, over: dict) -> Path:
-    base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    path.write_text(yaml.safe_dump(deep_merge(base, over), sort_keys=False))
-    return path
-
-
-def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
-    import pandas as pd
-
-    from shrinkflow.registry import Registry
-
-    project = fresh_project
-    # 1. Status before anything is deployed.
-    assert status_json(project)["deployed"] is None
-
-    # 2. First run, on a tiny params file given with --params: everything runs.
-    tiny = write_params(tmp_path / "tiny.yaml", TINY)
-    code, out = run_cli(project, harness, "run", "--params", str(tiny))
-    assert code == 0, out
-    assert stages_line(out) == {s: "ran" for s in ("fetch", "data", "train", "compress", "validate", "deploy")}
-    assert "DEPLOYED v0001" in out
-
-    doc = status_json(project)
-    reg = Registry(project / "registry")
-    dep = doc["deployed"]
-    assert dep["version"] == reg.alias() == "v0001" and dep["integrity"] == "verified"
-    for key in ("accuracy", "f1", "latency_ms_p50_b1", "latency_ms_p95_b1", "size_mb", "peak_rss_mb"):
-        assert dep["metrics"][key] == reg.manifest("v0001")["metrics"][key]
-        assert doc["teacher"]["metrics"][key] > 0
-    # Selected on val; the reported figures are the test split's.
-    validated = json.loads((project / "metrics/validate.json").read_text())
-    conf = validated["confirmation"]
-    test_rows = len(__import__("pandas").read_parquet(project / "data/prepared/test.parquet"))
-    assert dep["metrics"]["split"] == "test" and dep["metrics"]["n"] == conf["metrics"]["n"] == test_rows
-    assert dep["metrics"]["accuracy"] == conf["metrics"]["accuracy"]
-    assert dep["selection_metrics"]["split"] == "val"
-    assert dep["selection_metrics"]["accuracy"] == validated["candidates"]["int8"]["accuracy"]
-    assert doc["teacher"]["metrics"]["accuracy"] == conf["teacher"]["accuracy"]
-    assert dep["metrics"]["latency_ms_p95_b1"] == validated["candidates"]["int8"]["latency_ms_p95_b1"]
-    m = dep["metrics"]
-    assert m["accuracy_drop_ci_low"] <= m["accuracy_drop"] <= m["accuracy_drop_ci_high"]
-    assert set(m["agreement"]) == {"val", "test", "reference", "shifted", "unlabelled", "window_heldout"}
-    # the default window is empty: said, not faked, and no window gate below
-    assert m["agreement"]["unlabelled"] is None and m["agreement"]["window_heldout"] is None
-    assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",
-                                 "max_size_mb", "min_speedup", "max_batch_prob_diff"}
-    assert all((g["passed"] or not g["enforced"]) and {"value", "threshold"} <= set(g) for g in dep["gates"].values())
-    # batch invariance was measured on val; what it found decides how the version is served
-    inv = validated["candidates"]["int8"]["batch_invariance"]
-    batch = dep["gates"]["max_batch_prob_diff"]
-    assert inv["rows"] == len(pd.read_parquet(project / "data/prepared/val.parquet"))
-    assert batch["value"] == inv["max_prob_diff"] and batch["threshold"] == 1e-4
-    assert dep["serving"] == reg.manifest("v0001")["serving"] == {
-        "per_row": not batch["passed"], "max_batch_prob_diff": inv["max_prob_diff"], "label_flips": inv["label_flips"]}
-    assert inv["per_row"] is (not batch["passed"])
-    # What was validated is what was deployed.
-    assert reg.manifest("v0001")["files"] == validated["candidates"]["int8"]["files"]
-    lin = dep["lineage"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert lin["git"]["commit"] == head
-    assert lin["teacher_md5"] == next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/teacher")
-    assert lin["data_md5"] == {s: next(o["md5"] for o in lock["data"]["outs"]
-                                       if o["path"] == f"data/prepared/{s}.parquet")
-                               for s in ("train", "val", "test", "reference", "shifted")}
-    assert len(lin["params_sha256"]) == 64
-    assert lin["unlabelled_md5"] == next(d["md5"] for d in lock["compress"]["deps"]
-                                         if d["path"] == "data/unlabelled/texts.txt")
-    assert lin["libraries"]["torch"].startswith("2.13") and lin["libraries"]["onnxruntime"]
-    assert lin["cpu"]
-    assert set(lin["dvc_lock"]) == {"fetch", "data", "train", "compress", "validate"}
-    assert dep["recipe"][0]["method"] == "quantize"
-    # Cost and return, from what the stages metered (CPU time, codecarbon offline).
-    roi = dep["roi"]
-    train_compute = json.loads((project / "metrics/train.json").read_text())["compute"]
-    built = json.loads((project / "metrics/compress.json").read_text())["candidates"]
-    assert roi["train_cpu_seconds"] == round(train_compute["cpu_seconds"], 2) > 0
-    assert train_compute["energy_kwh"] > 0 and train_compute["country_iso_code"] == "USA"
-    assert roi["compress_cpu_seconds"] == round(built["int8"]["build_cpu_seconds"], 2) > 0
-    for b in ("b1", "b32"):
-        s = roi["serving"][b]
-        assert s["deployed_cpu_ms_per_prediction"] == dep["metrics"][f"cpu_ms_per_prediction_{b}"] > 0
-        assert s["teacher_cpu_ms_per_prediction"] == doc["teacher"]["metrics"][f"cpu_ms_per_prediction_{b}"]
-        assert s["pays_back"] == (s["break_even_predictions"] is not None)
-    status_text = run_cli(project, None, "status")[1]
-    assert "cost and return of compressing" in status_text and "CPU-ms per prediction" in status_text
-    md = (project / "reports/gates.md").read_text()
-    assert "Selected 'int8' for deployment" in md and "Nothing deployed" not in md
-
-    # 3. No change: every stage is skipped through DVC.
-    code, out = run_cli(project, harness, "run")
-    assert code == 0, out
-    assert set(stages_line(out).values()) == {"skipped"}
-
-    # 3b. The registry is lost (or this is a fresh clone): DVC sees nothing
-    #     stale, but the flow notices production is missing and re-deploys.
-    shutil.rmtree(project / "registry")
-    code, out = run_cli(project, harness, "run")
-    assert code == 0, out
-    assert stages_line(out)["deploy"] == "ran" and stages_line(out)["train"] == "skipped"
-    assert reg.alias() == "v0001" and status_json(project)["deployed"]["version"] == "v0001"
-
-    # 4. A compress-only param change re-runs compress, validate and deploy only.
-    write_params(project / "params.yaml", deep_merge(TINY, {"compress": {"candidates": [
-        {"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]}}))
-    code, out = run_cli(project, harness, "run")
-    assert code == 0, out
-    assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
-                                "compress": "ran", "validate": "ran", "deploy": "ran"}
-    assert reg.alias() == "v0002" and reg.versions() == ["v0001", "v0002"]
-
-    # 5. An impossible gate: exit 1 naming the gate and margin; v0002 keeps serving.
-    write_params(project / "params.yaml", deep_merge(TINY, {
-        "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
-        "frontier": {"small_direct": {"num_layers": 1, "epochs": 2, "learning_rate": 3e-3},
-                 "robustness_sparsities": [0.5]},
-    "validate": {"gates": {"min_accuracy": 0.999}}}))
-    code, out = run_cli(project, harness, "run")
-    assert code == 1, out
-    assert "NOT DEPLOYED" in out and re.search(r"min_accuracy FAILED: .*margin -0\.\d+", out)
-    assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
-                                "compress": "skipped", "validate": "ran"}
-    assert reg.alias() == "v0002"
-
-    # 6. The Prefect run recorded the artifact with the gates table.
-    from prefect.client.orchestration import get_client
-    import asyncio
-
-    async def latest_artifact():
-        async with get_client() as client:
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["shrinkflow-lifecycle"])))
-            return arts
-
-    arts = asyncio.run(latest_artifact())
-    assert arts and any("min_accuracy" in (a.data or "") and "**FAIL**" in (a.data or "") for a in arts)
-    # runs that deployed also carry the cost and return of compressing
-    assert any("## Cost and return of compressing" in (a.data or "") and "break-even" in (a.data or "")
-               for a in arts)
 
 
 def test_bad_params_exit_2_and_write_nothing(project, tmp_path):

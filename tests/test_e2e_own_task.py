@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_e2e import TINY, deep_merge, harness, project, run_cli, stages_line, status_json  # noqa: F401
+from tests.e2e import TINY, deep_merge, run_cli, status_json
+from tests.test_e2e import harness, project  # noqa: F401  (the module's fixtures)
 from tests.test_serving import TOKEN, Server, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
