@@ -288,7 +288,7 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
         if conf and not conf.passed:
             for f in conf.gates.to_report().failures:
                 out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
-    out += [f"metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
+    out += ["metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",
             "  browse it: shrinkflow ui (starts Prefect's UI on this project's runs and prints its address)",
@@ -539,7 +539,6 @@ def ui(ctx: typer.Context,
     """Browse this project's past runs and artifacts: start a local Prefect
     server on its state (.prefect/), print the UI's address, and serve until
     Ctrl-C. The server's scheduler is off: nothing runs from here."""
-    import time
 
     from flows.prefect_server import LocalPrefectServer
 
@@ -553,9 +552,7 @@ def ui(ctx: typer.Context,
         typer.echo(f"starting a local Prefect server (state in {PREFECT_HOME}/, log {server.log_path}) ...")
         server.start()
         typer.echo(f"Prefect UI: {server.url}  (API {server.api_url}); Ctrl-C stops")
-        while server.proc.poll() is None:
-            time.sleep(0.5)
-        raise RuntimeError(f"the Prefect server exited with {server.proc.returncode}; log {server.log_path}")
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001
@@ -757,7 +754,6 @@ def monitor_cmd(ctx: typer.Context,
 def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None:
     """``shrinkflow monitor ui``: Evidently's UI over the project's
     monitoring workspace, on ``host``, until Ctrl-C or SIGTERM."""
-    import time
 
     from flows.evidently_ui import EvidentlyUI, port_is_free
     from monitoring.workspace import UI_PORT, WORKSPACE, find_project, project_name, task_name
@@ -780,9 +776,7 @@ def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None
         else:
             typer.echo(f"no monitor run is recorded for \"{project_name(task)}\" yet: each `shrinkflow monitor` "
                        "adds one")
-        while ui.proc.poll() is None:
-            time.sleep(0.5)
-        raise RuntimeError(f"the Evidently UI exited with {ui.proc.returncode}; log {ui.log_path}")
+        ui.serve_forever()
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001

@@ -66,75 +66,82 @@ def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) ->
     os.killpg(group, signal.SIGKILL)
 
 
-class LocalPrefectServer:
-    """``prefect server start`` on ``host``:``port`` (a free port when None),
-    state in ``home``. ``scheduler``: run the scheduler service (False for a
-    server that is only for browsing past runs)."""
+class TiedServer:
+    """A server run as a child in its own process group, tied to this
+    process (``tied_command``: its watchdog ends the group when the parent
+    goes), its output appended to ``log_path``. Subclasses give ``name`` (for
+    errors), ``command()``, ``health_url``, ``environment()`` and what
+    ``start`` returns (``started()``)."""
 
-    def __init__(self, home: Path, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout_s: float = 120.0, scheduler: bool = True):
-        self.home, self.host, self.port = Path(home), host, port
-        self.startup_timeout_s, self.scheduler = startup_timeout_s, scheduler
+    name = "the server"
+
+    def __init__(self, log_path: Path, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout_s: float = 120.0):
+        self._log_path, self.host, self.port = Path(log_path), host, port
+        self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
     @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    @property
     def url(self) -> str:
-        """The UI's address (the host in brackets when it is IPv6)."""
+        """The server's address (the host in brackets when it is IPv6)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     @property
-    def api_url(self) -> str:
-        return f"{self.url}/api"
+    def health_url(self) -> str:
+        raise NotImplementedError
 
-    @property
-    def log_path(self) -> Path:
-        return self.home / "server.log"
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict:
+        return telemetry_off(dict(os.environ))
+
+    def started(self) -> str:
+        return self.url
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+            with urllib.request.urlopen(self.health_url, timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
 
-    def environment(self) -> dict:
-        """The server's environment: this process's, telemetry off, its home,
-        and its real address for the API and the UI (never another server's
-        PREFECT_API_URL)."""
-        env = telemetry_off({k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
-        env.update({"PREFECT_HOME": str(self.home), "PREFECT_SERVER_API_HOST": self.host,
-                    "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_UI_API_URL": self.api_url,
-                    "PREFECT_UI_URL": self.url})
-        if not self.scheduler:
-            env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
-        return env
-
     def start(self) -> str:
-        """Start the server and wait until its API answers; returns the API
-        URL. Raises RuntimeError (with the log's tail) when it exits or is not
-        healthy within ``startup_timeout_s``."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        """Start the server and wait until ``health_url`` answers 200;
+        returns ``started()``. Raises RuntimeError (with the log's tail) when
+        it exits or does not answer within ``startup_timeout_s``."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
-        cmd = tied_command("prefect", ["server", "start", "--host", self.host, "--port", str(self.port)])
         log = open(self.log_path, "ab")
-        # Its own process group: Ctrl-C reaches the CLI, which stops the
-        # runner first and then the whole server group, in that order.
-        self.proc = subprocess.Popen(cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+        # Its own process group: Ctrl-C reaches the CLI, which stops what it
+        # runs first and then the whole server group, in that order.
+        self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         atexit.register(self.stop)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited with {self.proc.returncode} while starting; "
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
                                    f"log {self.log_path}:\n{self._tail()}")
             if self.healthy():
-                return self.api_url
+                return self.started()
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"the Prefect server was not healthy within {self.startup_timeout_s:.0f}s; "
+        raise RuntimeError(f"{self.name} did not answer within {self.startup_timeout_s:.0f}s; "
                            f"log {self.log_path}:\n{self._tail()}")
+
+    def serve_forever(self, poll_s: float = 0.5) -> None:
+        """Block while the started server runs (Ctrl-C interrupts). Raises
+        RuntimeError, naming its exit code and log, when it exits by itself."""
+        while self.proc.poll() is None:
+            time.sleep(poll_s)
+        raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log {self.log_path}")
 
     def _tail(self, n: int = 3000) -> str:
         try:
@@ -157,11 +164,50 @@ class LocalPrefectServer:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # The uvicorn worker lives in the same group: make sure none is left.
+        # A worker (uvicorn's) lives in the same group: make sure none is left.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class LocalPrefectServer(TiedServer):
+    """``prefect server start`` on ``host``:``port`` (a free port when None),
+    state in ``home``. ``scheduler``: run the scheduler service (False for a
+    server that is only for browsing past runs)."""
+
+    name = "the Prefect server"
+
+    def __init__(self, home: Path, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout_s: float = 120.0, scheduler: bool = True):
+        super().__init__(Path(home) / "server.log", host, port, startup_timeout_s)
+        self.home, self.scheduler = Path(home), scheduler
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.api_url}/health"
+
+    def command(self) -> list[str]:
+        return tied_command("prefect", ["server", "start", "--host", self.host, "--port", str(self.port)])
+
+    def environment(self) -> dict:
+        """The server's environment: this process's, telemetry off, its home,
+        and its real address for the API and the UI (never another server's
+        PREFECT_API_URL)."""
+        env = telemetry_off({k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+        env.update({"PREFECT_HOME": str(self.home), "PREFECT_SERVER_API_HOST": self.host,
+                    "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_UI_API_URL": self.api_url,
+                    "PREFECT_UI_URL": self.url})
+        if not self.scheduler:
+            env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
+        return env
+
+    def started(self) -> str:
+        return self.api_url
 
 
 # ------------------------------------------------------ surfacing its errors

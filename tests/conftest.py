@@ -59,6 +59,21 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, what: str, timeout_s: fl
     raise AssertionError(f"{what} printed no line matching {pattern!r} in {timeout_s:.0f} s:\n" + "".join(lines))
 
 
+def terminate_group(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM ``proc`` (a child started with ``start_new_session=True``) if it
+    still runs and return its exit code; when it outlives ``timeout_s``, kill
+    its whole process group and fail the test."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def bare_project(tmp_path: Path) -> Path:
     """A project directory holding only this checkout's dvc.yaml and params.yaml."""
     root = tmp_path / "project"

@@ -12,7 +12,6 @@ rendered by headless Chromium, as a user's browser would.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flows.prefect_server import free_port
-from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, wait_for_line
+from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, terminate_group, wait_for_line
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -45,13 +44,7 @@ def test_the_printed_ui_address_opens_a_ui_connected_to_its_api(tmp_path):
         # the runs page rendered from the API's answer (an empty project: no runs yet)
         assert "Run a task or flow to get started" in dom, dom[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        rc = terminate_group(proc)
     assert rc == 0, "".join(lines)
     # the server went with it
     with pytest.raises(OSError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import wait_for_line
+from tests.conftest import terminate_group, wait_for_line
 
 # Each runs the real CLI, Prefect and DVC on a temporary project: minutes in all. The
 # lifecycle test has a file of its own (test_e2e_lifecycle.py), so the two workers share the load.
@@ -173,7 +173,6 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
     fresh clone: it starts a local Prefect server with its scheduler, and the
     scheduler (not the test) creates the runs. Two must complete; SIGTERM then
     stops the runner and the server, leaving no process behind."""
-    import signal
     import time
 
     import httpx
@@ -218,13 +217,7 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
         assert all(r["state_type"] == "COMPLETED" for r in done + monitored), \
             [r["state_name"] for r in done + monitored]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        terminate_group(proc, 90)
     port = int(api.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)

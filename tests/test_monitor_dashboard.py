@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from flows.prefect_server import free_port
-from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, wait_for_line
+from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, terminate_group, wait_for_line
 from tests.test_monitor_robust import cli_project, monitor_cli, only_run, project, served_rows  # noqa: F401
 from tests.test_monitoring import PARAMS, build, log_window, rendered_text
 
@@ -183,13 +182,7 @@ def test_monitor_ui_serves_the_dashboard_with_both_runs_in_chromium(two_runs):
         page = rendered_text(chromium_dom(f"{url}/reports/{snap['snapshot_id']}", budget_ms=15000, timeout_s=180))
         assert "drifted_descriptor_share" in page, page[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        rc = terminate_group(proc)
     assert rc == 0, "".join(lines)
     with pytest.raises(OSError):  # the UI went with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
