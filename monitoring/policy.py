@@ -9,8 +9,13 @@ Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
 - feedback accuracy: with at least ``min_feedback_labels`` labels, the
   accuracy on them is more than ``max_feedback_accuracy_drop`` below the
   version's validated accuracy;
-- compression gap: agreement with the teacher in shadow is below
-  ``min_teacher_agreement`` (needs no labels).
+- compression gap: agreement with the teacher in shadow is more than
+  ``max_teacher_agreement_drop`` below the version's validated agreement
+  with ``teacher_agreement_confidence`` (both figures are samples: a bare
+  floor fired on windows of the sentences the version was validated on),
+  or, for a version with no validated agreement, below
+  ``min_teacher_agreement`` with that confidence (``agreement_floor``;
+  needs no labels).
 
 Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
 drifted, which alone says nothing about its errors). A trigger -> ``recompress``,
@@ -31,6 +36,7 @@ acted, the conservative reading).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -128,13 +134,51 @@ def _findings(s: DriftSummary, p) -> list[Finding]:
                            detail=f"feedback accuracy not judged: {n} labels (needs {p.min_feedback_labels})"))
     if s.teacher is not None:
         t = s.teacher
-        out.append(Finding(rule="teacher_agreement", fired=t.agreement < p.min_teacher_agreement - TOLERANCE,
-                           value=t.agreement, threshold=p.min_teacher_agreement,
+        floor, why = agreement_floor(t.rows, t.validated_agreement, t.validated_rows, p)
+        out.append(Finding(rule="teacher_agreement", fired=t.agreement < floor - TOLERANCE,
+                           value=t.agreement, threshold=floor,
                            detail=f"agreement with the teacher {t.agreement:.3f} on {t.rows} window texts "
-                                  f"(min {p.min_teacher_agreement:.3f}; {t.validated_agreement} on test at deploy)"))
+                                  f"(min {floor:.3f}: {why})"))
     elif (reason := s.reason_not_computed("teacher_agreement")) is not None:
         out.append(_not_computed("teacher_agreement", p.min_teacher_agreement, "agreement with the teacher", reason))
     return out
+
+
+def agreement_floor(rows: int, validated: float | None, validated_rows: int | None, p) -> tuple[float, str]:
+    """The agreement with the teacher below which a window of ``rows``
+    shadow texts fires, and how it was set (for the finding's detail).
+
+    With the version's validated agreement ``validated`` (measured on
+    ``validated_rows`` test texts at deploy; None: its own error unknown,
+    left out): ``validated - max_teacher_agreement_drop - z * se``, a
+    one-sided test at ``teacher_agreement_confidence`` of "the agreement
+    fell by more than the drop", with ``se`` the standard error of the
+    difference of the two proportions under that null hypothesis (window
+    agreement ``p0 = validated - drop``): ``sqrt(p0(1-p0)/rows +
+    v(1-v)/validated_rows)``. Without one: ``min_teacher_agreement - z *
+    sqrt(m(1-m)/rows)``. ``z`` is the standard normal quantile of the
+    confidence (0 at 0.5: the bare figures). Raises ValueError for
+    ``rows`` < 1."""
+    from statistics import NormalDist
+
+    if rows < 1:
+        raise ValueError("the agreement floor needs at least one shadow text")
+    z = NormalDist().inv_cdf(p.teacher_agreement_confidence)
+    if validated is None:
+        m = p.min_teacher_agreement
+        se = math.sqrt(m * (1 - m) / rows)
+        return m - z * se, (f"min_teacher_agreement {m:.3f} - {z:.3f} x SE {se:.4f} on {rows} texts; "
+                            "the version has no validated agreement")
+    p0 = min(1.0, max(0.0, validated - p.max_teacher_agreement_drop))
+    var = p0 * (1 - p0) / rows
+    if validated_rows:
+        var += validated * (1 - validated) / validated_rows
+    se = math.sqrt(var)
+    on = f" on {validated_rows} texts" if validated_rows else ""
+    return validated - p.max_teacher_agreement_drop - z * se, (
+        f"validated {validated:.3f}{on} at deploy - max_teacher_agreement_drop "
+        f"{p.max_teacher_agreement_drop:.3f} - {z:.3f} x SE {se:.4f}, "
+        f"{p.teacher_agreement_confidence:g} one-sided")
 
 
 def _fmt(f: Finding) -> str:

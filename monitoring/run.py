@@ -53,11 +53,13 @@ def read_window(root: Path, params):
 
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:
     """Evidently reports of ``window`` against the reference split, for the
-    production version, into monitor.reports_dir/<UTC timestamp>/."""
+    production version, into monitor.reports_dir/<UTC timestamp>/. What
+    depends only on that version, the teacher and the reference split is
+    kept in shrinkflow.paths.MONITOR_CACHE between runs."""
     from shrinkflow.splits import read_parquet
 
     from monitoring.evidently_reports import build
-    from shrinkflow.paths import TEACHER, split_path
+    from shrinkflow.paths import MONITOR_CACHE, TEACHER, split_path
     from shrinkflow.registry import Registry
 
     root = Path(root)
@@ -67,7 +69,8 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
     per_row = (ref.manifest.get("serving") or {}).get("per_row")
     metrics = ref.manifest.get("metrics", {})
     validated = {"version": ref.version, "accuracy": metrics.get("accuracy"),
-                 "agreement": (metrics.get("agreement") or {}).get("test")}
+                 "agreement": (metrics.get("agreement") or {}).get("test"),
+                 "agreement_rows": metrics.get("n")}   # validate measures both on the test split
     teacher = root / TEACHER
     out = root / params.monitor.reports_dir / run_id(now)
     summary = build(window, read_parquet(root / split_path("reference")), served_dir=ref.path,
@@ -75,7 +78,7 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                     train_texts=read_parquet(root / split_path("train"))["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
                     created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
-                    truncation=params.serve.truncation, per_row=per_row)
+                    truncation=params.serve.truncation, per_row=per_row, cache_dir=root / MONITOR_CACHE)
     return summary, out
 
 

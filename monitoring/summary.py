@@ -56,6 +56,9 @@ class TeacherAgreement(_Frozen):
     rows: int
     agreement: float
     validated_agreement: float | None   # on the test split, at deploy time
+    # The test texts that agreement was measured on: its own sampling error
+    # (None: unknown, e.g. a summary written before the field existed).
+    validated_rows: int | None = None
 
 
 class Window(_Frozen):

@@ -64,6 +64,9 @@ STATE = Path(".shrinkflow")
 CANDIDATE_CACHE = STATE / "cache" / "candidates"
 # The monitor's decision history (cooldown, dedup).
 MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
+# What a monitor run computes on the reference split, per deployed version
+# and teacher (monitoring/reference_cache.py): rebuilt when either changes.
+MONITOR_CACHE = STATE / "monitor" / "cache"
 
 
 # The task's label names, sorted; a split's label column holds their indices

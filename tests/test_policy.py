@@ -3,11 +3,12 @@ each threshold, plus the window-size floor, dedup and cooldown."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from monitoring.policy import PastDecision, decide
+from monitoring.policy import PastDecision, agreement_floor, decide
 from monitoring.summary import (ColumnDrift, DriftSummary, EmbeddingDrift, Quality, ShareShift, TeacherAgreement,
                                 Window)
 from shrinkflow.config import MonitorParams
@@ -25,7 +26,8 @@ def col(name: str, drifted: bool) -> ColumnDrift:
 
 def summary(drifted: int = 0, of: int = 5, auc: float = 0.5, agreement: float = 0.97, labels: int = 0,
             feedback_accuracy: float = 0.85, validated: float = 0.85, rows: int = 500, sha: str = "a" * 64,
-            label_drift: bool = False) -> DriftSummary:
+            label_drift: bool = False, teacher_rows: int = 200, validated_agreement: float | None = 0.97,
+            validated_rows: int | None = None) -> DriftSummary:
     descriptors = tuple(col(f"d{i}", i < drifted) for i in range(of))
     return DriftSummary(
         created=NOW.isoformat(), model_version="v0001",
@@ -39,14 +41,16 @@ def summary(drifted: int = 0, of: int = 5, auc: float = 0.5, agreement: float = 
         largest_share_shift=ShareShift(label="positive", current=0.6, reference=0.5, shift=0.1),
         quality=Quality(labels=labels, accuracy=feedback_accuracy, f1=0.8, validated_accuracy=validated,
                         accuracy_drop=round(validated - feedback_accuracy, 9)) if labels else None,
-        teacher=TeacherAgreement(rows=200, agreement=agreement, validated_agreement=0.97))
+        teacher=TeacherAgreement(rows=teacher_rows, agreement=agreement, validated_agreement=validated_agreement,
+                                 validated_rows=validated_rows))
 
 
 def test_a_quiet_window_is_ok_and_says_why():
     d = decide(summary(), P, [], NOW)
     assert d.action == "ok" and d.triggers == ()
     assert {f.rule for f in d.findings} == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
-    assert any("0.970" in r and "0.900" in r for r in d.reasons)  # figure and threshold, even when ok
+    # figure and threshold, even when ok (0.97 - 0.01 - 1.645 x sqrt(0.96 x 0.04 / 200) = 0.937)
+    assert any("0.970" in r and "min 0.937" in r for r in d.reasons)
 
 
 @pytest.mark.parametrize("share_drifted, of, fires", [(2, 5, False),   # 0.4: exactly at the threshold
@@ -64,12 +68,57 @@ def test_embedding_drift_boundary(auc, fires):
     assert ("embedding_drift" in d.triggers) is fires
 
 
-@pytest.mark.parametrize("agreement, fires", [(0.9, False), (0.9 - EPS, True), (0.9 + EPS, False)])
+# The teacher-agreement floor for 1,000 shadow texts of a version validated
+# at 0.90 on 1,000 test texts (max_teacher_agreement_drop 0.01, 0.95
+# one-sided): 0.90 - 0.01 - 1.6449 * sqrt(0.89 * 0.11 / 1000 + 0.9 * 0.1 / 1000).
+FLOOR_1000 = 0.9 - 0.01 - 1.6448536269514722 * math.sqrt(0.89 * 0.11 / 1000 + 0.9 * 0.1 / 1000)
+
+
+def test_the_agreement_floor_is_the_validated_agreement_less_the_drop_and_its_sampling_error():
+    assert FLOOR_1000 == pytest.approx(0.867453, abs=1e-6)
+    floor, why = agreement_floor(1000, 0.9, 1000, P)
+    assert floor == pytest.approx(FLOOR_1000, abs=1e-12)
+    assert "validated 0.900 on 1000 texts" in why and "0.010" in why and "0.95 one-sided" in why
+    # more shadow texts, a tighter floor; the validated figure's own error widens it
+    assert agreement_floor(200, 0.9, 1000, P)[0] < floor < agreement_floor(10_000, 0.9, 1000, P)[0] < 0.89
+    assert agreement_floor(1000, 0.9, None, P)[0] > floor
+    # confidence 0.5: the bare figures, validated less the drop
+    assert agreement_floor(1000, 0.9, 1000, P.model_copy(update={"teacher_agreement_confidence": 0.5}))[0] == \
+        pytest.approx(0.89, abs=1e-12)
+    # no validated agreement: min_teacher_agreement less its own sampling error
+    assert agreement_floor(400, None, None, P)[0] == pytest.approx(0.9 - 1.6448536269514722 * 0.015, abs=1e-12)
+    with pytest.raises(ValueError):
+        agreement_floor(0, 0.9, 1000, P)
+
+
+@pytest.mark.parametrize("agreement, fires", [(FLOOR_1000, False), (FLOOR_1000 - EPS, True), (FLOOR_1000 + EPS, False)])
 def test_teacher_agreement_boundary(agreement, fires):
-    d = decide(summary(agreement=agreement), P, [], NOW)
+    d = decide(summary(agreement=agreement, teacher_rows=1000, validated_agreement=0.9, validated_rows=1000), P,
+               [], NOW)
     assert ("teacher_agreement" in d.triggers) is fires
     assert d.action == ("recompress" if fires else "ok")
-    assert any(f"agreement with the teacher {agreement:.3f}" in r and "min 0.900" in r for r in d.reasons)
+    f = next(f for f in d.findings if f.rule == "teacher_agreement")
+    assert f.value == agreement and f.threshold == pytest.approx(FLOOR_1000, abs=1e-12)
+    assert any(f"agreement with the teacher {agreement:.3f} on 1000 window texts (min 0.867: validated 0.900" in r
+               for r in d.reasons)
+
+
+@pytest.mark.parametrize("agreement, fires", [(0.895, False), (0.88, False), (0.86, True)])
+def test_in_domain_sampling_noise_does_not_fire_but_a_real_gap_does(agreement, fires):
+    """The false trigger this rule replaced: a student validated at 0.902 on
+    1,056 test texts agreed 0.885-0.895 on windows of in-domain sentences,
+    under the old 0.90 floor; 1,000 tweets put it at 0.857."""
+    d = decide(summary(agreement=agreement, teacher_rows=1000, validated_agreement=0.902462, validated_rows=1056),
+               P, [], NOW)
+    assert ("teacher_agreement" in d.triggers) is fires
+
+
+@pytest.mark.parametrize("agreement, fires", [(0.9 - 1.6448536269514722 * 0.015, False),
+                                              (0.9 - 1.6448536269514722 * 0.015 - EPS, True)])
+def test_without_a_validated_agreement_the_floor_is_min_teacher_agreement_beyond_sampling_error(agreement, fires):
+    d = decide(summary(agreement=agreement, teacher_rows=400, validated_agreement=None), P, [], NOW)
+    assert ("teacher_agreement" in d.triggers) is fires
+    assert any("min_teacher_agreement 0.900" in r and "no validated agreement" in r for r in d.reasons)
 
 
 @pytest.mark.parametrize("feedback_accuracy, fires", [(0.80, False),          # drop exactly 0.05

@@ -1,0 +1,298 @@
+"""How long one monitor run takes on the real models, where the time goes,
+and whether the policy stays quiet on in-domain traffic.
+
+In a copy of a checkout's deployed state (registry, kept teacher, prepared
+splits, params.yaml, the pinned archive for the tweets) under
+bench/work/monitor_speed/:
+
+  1. speed: prediction logs of 1,000 and 10,000 in-domain rows (movie-review
+     sentences of the test and val splits, sampled with replacement past
+     their 2,641 texts), each logged with the served model's own answer; one
+     monitor run (read the window, build the reports, decide and record:
+     what `shrinkflow monitor --report-only` does inside its flow) in a fresh
+     process, with a cold cache (``.shrinkflow/monitor/cache`` removed) and
+     then warm; one cold run under cProfile says where the time goes;
+  2. false triggers: 5 in-domain windows of 1,000 rows (test + val texts,
+     each window its own seeded sample) and 5 windows of 1,000 tweets (the
+     traffic pool of Hutto & Gilbert's tweets, `shrinkflow.traffic`), one
+     report-only monitor run each: the verdict and every rule's figure.
+
+Writes bench/results/monitor_speed.{json,md}.
+
+    .venv/bin/python bench/monitor_speed.py                    # the deployed state of this checkout
+    .venv/bin/python bench/monitor_speed.py --source /work/main   # or of another checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, ROOT, stamp
+
+WORK = ROOT / "bench" / "work" / "monitor_speed"
+PROJECT = WORK / "project"
+SIZES = (1_000, 10_000)
+WINDOWS, WINDOW_ROWS = 5, 1_000
+COPY = ("registry", "models/teacher", "data/prepared", "data/raw/source.tar.gz", "params.yaml")
+
+# One monitor run in a fresh process, as the monitor flow's tasks call the
+# library: prints a JSON line with the phases' seconds and the verdict.
+RUN = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from datetime import datetime, timezone
+from pathlib import Path
+from monitoring.run import build_reports, decide_and_record, read_window
+from shrinkflow.config import load_params
+from shrinkflow.paths import MONITOR_STATE
+root = Path(sys.argv[1])
+params = load_params(root / "params.yaml")
+t1 = time.perf_counter()
+window = read_window(root, params)
+t2 = time.perf_counter()
+now = datetime.now(timezone.utc)
+summary, out = build_reports(root, params, window, now)
+t3 = time.perf_counter()
+decision = decide_and_record(summary, params, out, root / MONITOR_STATE, now, act=False, workspace=None)
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "read_window_s": t2 - t1, "build_reports_s": t3 - t2,
+                  "decide_s": t4 - t3, "run_s": t4 - t1, "rows": len(window), "action": decision.action,
+                  "findings": [f.model_dump(mode="json") for f in decision.findings],
+                  "prediction_drift": summary.prediction_label.model_dump(mode="json")
+                  if summary.prediction_label is not None else None,
+                  "teacher_rows": summary.teacher.rows if summary.teacher else None}))
+"""
+
+
+def copy_project(source: Path) -> None:
+    """The deployed state of ``source`` into PROJECT (nothing else: no DVC,
+    no git; the monitor reads only these)."""
+    shutil.rmtree(PROJECT, ignore_errors=True)
+    for rel in COPY:
+        src, dst = source / rel, PROJECT / rel
+        if not src.exists():
+            sys.exit(f"{src} is missing: run `shrinkflow run` in {source} first")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+
+def set_params(**monitor) -> None:
+    import yaml
+
+    path = PROJECT / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["monitor"].update(monitor)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class Served:
+    """The production version's answers, one per distinct text (what the
+    server would log), computed once."""
+
+    def __init__(self):
+        sys.path.insert(0, str(ROOT))
+        from shrinkflow.config import load_params
+        from shrinkflow.registry import Registry
+
+        params = load_params(PROJECT / "params.yaml")
+        self.ref = Registry(PROJECT / params.deploy.registry_dir).load()
+        self.truncation = params.serve.truncation
+        self.log_path = PROJECT / params.serve.log_path
+        self.per_row = bool((self.ref.manifest.get("serving") or {}).get("per_row"))
+        self.labels = list(self.ref.manifest["labels"]) if "labels" in self.ref.manifest else ["negative", "positive"]
+        self._answers: dict[str, tuple] = {}
+
+    def answers(self, texts: list[str]) -> None:
+        from shrinkflow.predictors import load_predictor, predict_served, softmax
+
+        todo = sorted(set(texts) - set(self._answers))
+        if not todo:
+            return
+        out = predict_served(load_predictor(self.ref.path, threads=2, truncation=self.truncation), todo,
+                             per_row=self.per_row)
+        probs = softmax(out.logits.astype(np.float64))
+        for t, p, n, cut in zip(todo, probs, out.tokens_seen, out.truncated):
+            self._answers[t] = ([float(x) for x in p], int(p.argmax()), int(n), bool(cut))
+
+    def write_log(self, texts: list[str]) -> None:
+        """A fresh prediction log of ``texts`` in order, one second apart."""
+        from datetime import datetime, timedelta, timezone
+
+        from shrinkflow.predlog import Prediction, PredictionLog
+
+        self.answers(texts)
+        for p in self.log_path.parent.glob(self.log_path.name + "*"):
+            p.unlink()
+        start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        rows = []
+        for i, t in enumerate(texts):
+            probs, label, n, cut = self._answers[t]
+            rows.append(Prediction(prediction_id=f"p{i:06d}", ts=(start + timedelta(seconds=i)).isoformat(),
+                                   model_version=self.ref.version, text=t, probabilities=probs, label=label,
+                                   latency_ms=1.0, tokens_seen=n, truncated=cut, labels=self.labels))
+        log = PredictionLog(self.log_path).open()
+        log.append(rows)
+
+
+def monitor_run(profile: Path | None = None) -> dict:
+    """One report-only monitor run over PROJECT in a fresh process."""
+    cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + ["-c", RUN, str(PROJECT)]
+    if profile:  # cProfile runs a file, not -c
+        script = WORK / "run_once.py"
+        script.write_text(RUN)
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), str(script), str(PROJECT)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"the monitor run failed:\n{proc.stderr[-4000:]}")
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc["process_s"] = wall
+    return doc
+
+
+def clear_cache() -> None:
+    shutil.rmtree(PROJECT / ".shrinkflow" / "monitor", ignore_errors=True)
+    shutil.rmtree(PROJECT / "monitoring", ignore_errors=True)
+
+
+def where_time_goes(profile: Path, top: int = 12) -> list[dict]:
+    """The functions with the most cumulative time under build_reports, of
+    shrinkflow's own code and its big callees."""
+    import pstats
+
+    stats = pstats.Stats(str(profile))
+    rows = []
+    for (file, line, name), (_, _, _, cum, _) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{name}", "cumulative_s": round(cum, 2)})
+    keep = ("evidently_reports.py", "run.py", "predictors.py", "monitor_cache.py", "_write", "save_html",
+            "teacher_pass", "served_outputs", "text_descriptors", "_run_units", "load_torch_model", "run_once.py")
+    rows = [r for r in rows if any(k in r["function"] for k in keep)]
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
+
+
+def in_domain_texts() -> list[str]:
+    from shrinkflow.splits import read_parquet
+
+    return [str(t) for s in ("test", "val") for t in read_parquet(PROJECT / f"data/prepared/{s}.parquet")["text"]]
+
+
+def tweet_texts() -> list[str]:
+    from shrinkflow.traffic import shifted_split
+
+    return shifted_split(PROJECT / "data/raw/source.tar.gz")["pool"]["text"].tolist()
+
+
+def sample(pool: list[str], n: int, seed: int) -> list[str]:
+    """``n`` texts of ``pool``: without replacement while the pool lasts."""
+    rng = np.random.default_rng(seed)
+    if n <= len(pool):
+        return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=True)]
+
+
+def speed(served: Served) -> dict:
+    pool = in_domain_texts()
+    out = {}
+    for n in SIZES:
+        set_params(window_last_n=n)
+        served.write_log(sample(pool, n, seed=n))
+        clear_cache()
+        prof = WORK / f"profile_{n}.prof"
+        cold = monitor_run(profile=prof)
+        warm = monitor_run()
+        clear_cache()
+        cold_plain = monitor_run()   # without the profiler's overhead
+        out[str(n)] = {"cold": cold_plain, "warm": warm, "cold_profiled_run_s": round(cold["run_s"], 2),
+                       "where_time_goes_cold": where_time_goes(prof)}
+        print(f"{n} rows: cold {cold_plain['run_s']:.1f} s, warm {warm['run_s']:.1f} s", flush=True)
+    return out
+
+
+def windows(served: Served) -> dict:
+    set_params(window_last_n=WINDOW_ROWS)
+    out = {}
+    for domain, pool in (("in", in_domain_texts()), ("shifted", tweet_texts())):
+        runs = []
+        for k in range(WINDOWS):
+            served.write_log(sample(pool, WINDOW_ROWS, seed=100 + k))
+            shutil.rmtree(PROJECT / ".shrinkflow" / "monitor" / "decisions.jsonl", ignore_errors=True)
+            doc = monitor_run()
+            runs.append({"action": doc["action"], "run_s": round(doc["run_s"], 2),
+                         "findings": {f["rule"]: {"value": f["value"], "threshold": f["threshold"],
+                                                  "fired": f["fired"]} for f in doc["findings"]},
+                         "prediction_drift": doc["prediction_drift"], "teacher_rows": doc["teacher_rows"]})
+            print(f"{domain} window {k}: {doc['action']}", flush=True)
+        out[domain] = runs
+    return out
+
+
+def markdown(doc: dict) -> str:
+    s = doc["speed"]
+    lines = ["# Monitor speed and false triggers on the real models", "",
+             f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/monitor_speed.py` on a copy of the "
+             f"deployed state of `{doc['source']}` (production {doc['version']}); one report-only monitor run "
+             "(read the window, build the reports, decide and record) in a fresh process; `cold`: no monitor "
+             "cache, `warm`: the second run on the same deployed version and reference split.", "",
+             "| window rows | cold run (s) | warm run (s) | imports (s) | shadow sample (rows) |",
+             "|---|---|---|---|---|"]
+    for n, r in s.items():
+        lines.append(f"| {int(n):,} | {r['cold']['run_s']:.1f} | {r['warm']['run_s']:.1f} | "
+                     f"{r['warm']['import_s']:.1f} | {r['warm']['teacher_rows']} |")
+    for n, r in s.items():
+        lines += ["", f"Where a cold run's time goes at {int(n):,} rows (cProfile, cumulative seconds; "
+                      f"profiled run {r['cold_profiled_run_s']} s):", "", "| function | s |", "|---|---|",
+                  *[f"| `{x['function']}` | {x['cumulative_s']} |" for x in r["where_time_goes_cold"]]]
+    lines += ["", f"## False triggers: {WINDOWS} windows of {WINDOW_ROWS:,} rows per domain", "",
+              "In domain: test + val sentences, each window its own seeded sample; shifted: the tweets' "
+              "traffic pool. Every rule's figure (threshold in the header):", ""]
+    w = doc["windows"]
+    rules = list(w["in"][0]["findings"])
+    th = {r: w["in"][0]["findings"][r]["threshold"] for r in rules}
+    lines += ["| domain | window | verdict | " + " | ".join(f"{r} ({th[r]})" for r in rules)
+              + " | prediction drift p |", "|---|---|---|" + "---|" * len(rules) + "---|"]
+    for domain, runs in w.items():
+        for k, r in enumerate(runs):
+            cells = [("**" if r["findings"][x]["fired"] else "") + _fmt(r["findings"][x]["value"])
+                     + ("**" if r["findings"][x]["fired"] else "") for x in rules]
+            pd_ = r["prediction_drift"]
+            lines.append(f"| {domain} | {k} | {r['action']} | " + " | ".join(cells) + " | "
+                         + (f"{pd_['value']:.3g}{' (drifted)' if pd_['drifted'] else ''}" if pd_ else "n/a") + " |")
+    for domain, runs in w.items():
+        fired = sum(r["action"] == "recompress" for r in runs)
+        lines.append(f"\n{domain}: recompress in {fired} of {len(runs)} windows.")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=ROOT, help="the checkout whose deployed state is measured")
+    ap.add_argument("--skip-windows", action="store_true", help="speed only")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    copy_project(args.source.resolve())
+    served = Served()
+    doc = {**stamp(), "source": str(args.source), "version": served.ref.version, "speed": speed(served)}
+    if not args.skip_windows:
+        doc["windows"] = windows(served)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "monitor_speed.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if "windows" in doc:
+        (RESULTS / "monitor_speed.md").write_text(markdown(doc))
+        print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
