@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from flows.prefect_server import free_port
+from monitoring.policy import agreement_floor
 from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, terminate_group, wait_for_line
 from tests.test_monitor_robust import cli_project, monitor_cli, only_run, project, served_rows  # noqa: F401
 from tests.test_monitoring import PARAMS, build, log_window, rendered_text
@@ -100,7 +101,10 @@ def test_each_run_adds_a_snapshot_of_the_figures_the_policy_used(two_runs):
             assert values[f"class_share:{label}"] == pytest.approx(share)
         thresholds = {f.rule: f.threshold for f in decision.findings}
         assert values["max_drifted_descriptor_share"] == thresholds["text_drift"] == PARAMS.max_drifted_descriptor_share
-        assert values["min_teacher_agreement"] == PARAMS.min_teacher_agreement
+        # the floor the policy used on this window (monitoring.policy.agreement_floor)
+        assert values["min_teacher_agreement"] == thresholds["teacher_agreement"] == pytest.approx(
+            agreement_floor(summary.teacher.rows, summary.teacher.validated_agreement,
+                            summary.teacher.validated_rows, PARAMS)[0])
     # the two windows differ, so the dashboard has something to show over time
     assert two_runs.summaries[1].drifted_descriptor_share > two_runs.summaries[0].drifted_descriptor_share
     dash = ws.get_dashboard(pid)
