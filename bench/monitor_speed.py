@@ -40,6 +40,7 @@ WORK = ROOT / "bench" / "work" / "monitor_speed"
 PROJECT = WORK / "project"
 SIZES = (1_000, 10_000)
 WINDOWS, WINDOW_ROWS = 5, 1_000
+OLD_FLOOR = 0.90   # the teacher-agreement rule before: a bare floor (min_teacher_agreement)
 COPY = ("registry", "models/teacher", "data/prepared", "data/raw/source.tar.gz", "params.yaml")
 
 # One monitor run in a fresh process, as the monitor flow's tasks call the
@@ -84,11 +85,13 @@ def copy_project(source: Path) -> None:
 
 
 def set_params(**monitor) -> None:
+    """The copy's ``monitor:`` section: this checkout's (the monitor code
+    measured is this checkout's), then ``monitor``."""
     import yaml
 
     path = PROJECT / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["monitor"].update(monitor)
+    params["monitor"] = {**yaml.safe_load((ROOT / "params.yaml").read_text())["monitor"], **monitor}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -173,7 +176,7 @@ def where_time_goes(profile: Path, top: int = 12) -> list[dict]:
     rows = []
     for (file, line, name), (_, _, _, cum, _) in stats.stats.items():
         rows.append({"function": f"{Path(file).name}:{name}", "cumulative_s": round(cum, 2)})
-    keep = ("evidently_reports.py", "run.py", "predictors.py", "monitor_cache.py", "_write", "save_html",
+    keep = ("evidently_reports.py", "run.py", "predictors.py", "reference_cache.py", "_write", "save_html",
             "teacher_pass", "served_outputs", "text_descriptors", "_run_units", "load_torch_model", "run_once.py")
     rows = [r for r in rows if any(k in r["function"] for k in keep)]
     return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
@@ -224,7 +227,7 @@ def windows(served: Served) -> dict:
         runs = []
         for k in range(WINDOWS):
             served.write_log(sample(pool, WINDOW_ROWS, seed=100 + k))
-            shutil.rmtree(PROJECT / ".shrinkflow" / "monitor" / "decisions.jsonl", ignore_errors=True)
+            (PROJECT / ".shrinkflow" / "monitor" / "decisions.jsonl").unlink(missing_ok=True)
             doc = monitor_run()
             runs.append({"action": doc["action"], "run_s": round(doc["run_s"], 2),
                          "findings": {f["rule"]: {"value": f["value"], "threshold": f["threshold"],
@@ -266,9 +269,16 @@ def markdown(doc: dict) -> str:
             pd_ = r["prediction_drift"]
             lines.append(f"| {domain} | {k} | {r['action']} | " + " | ".join(cells) + " | "
                          + (f"{pd_['value']:.3g}{' (drifted)' if pd_['drifted'] else ''}" if pd_ else "n/a") + " |")
+    lines.append("")
     for domain, runs in w.items():
         fired = sum(r["action"] == "recompress" for r in runs)
-        lines.append(f"\n{domain}: recompress in {fired} of {len(runs)} windows.")
+        agree = [r["findings"]["teacher_agreement"]["value"] for r in runs]
+        bare = sum(a is not None and a < OLD_FLOOR for a in agree)
+        by_rule = {x: sum(r["findings"][x]["fired"] for r in runs) for x in rules}
+        lines.append(f"- {domain}: `recompress` in {fired} of {len(runs)} windows; rules fired "
+                     + ", ".join(f"{x} {k}/{len(runs)}" for x, k in by_rule.items())
+                     + f"; teacher agreement {min(agree):.3f}-{max(agree):.3f} on {runs[0]['teacher_rows']} texts, "
+                     f"below the old bare floor {OLD_FLOOR} in {bare} of {len(runs)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -279,17 +289,22 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=ROOT, help="the checkout whose deployed state is measured")
-    ap.add_argument("--skip-windows", action="store_true", help="speed only")
+    ap.add_argument("--part", choices=("all", "speed", "windows"), default="all",
+                    help="measure one part only (the other is kept from the last results file)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     copy_project(args.source.resolve())
     served = Served()
-    doc = {**stamp(), "source": str(args.source), "version": served.ref.version, "speed": speed(served)}
-    if not args.skip_windows:
+    out = RESULTS / "monitor_speed.json"
+    doc = json.loads(out.read_text()) if args.part != "all" and out.is_file() else {}
+    doc.update({**stamp(), "source": str(args.source), "version": served.ref.version})
+    if args.part in ("all", "speed"):
+        doc["speed"] = speed(served)
+    if args.part in ("all", "windows"):
         doc["windows"] = windows(served)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "monitor_speed.json").write_text(json.dumps(doc, indent=2) + "\n")
-    if "windows" in doc:
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    if "windows" in doc and "speed" in doc:
         (RESULTS / "monitor_speed.md").write_text(markdown(doc))
         print(markdown(doc))
 
