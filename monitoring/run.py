@@ -189,3 +189,17 @@ def _shares(summary: DriftSummary) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "not computed" if value is None else format(value, spec)
+
+
+def window_feedback(window, labels) -> list[tuple[str, str]]:
+    """The window's feedback labels as (text, label name) pairs, oldest row
+    first (the prediction log's order), for a retrain: each row's label
+    read through the served version's ``labels`` as the monitor reads it
+    (monitoring.evidently_reports.clean_window); a label the version does not
+    have is left out."""
+    import math
+
+    from monitoring.evidently_reports import clean_window
+
+    w = clean_window(window, tuple(labels))
+    return [(t, labels[int(f)]) for t, f in zip(w["text"], w["feedback"]) if not math.isnan(f)]
