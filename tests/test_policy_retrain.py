@@ -100,3 +100,16 @@ def test_retrain_is_held_like_a_recompression():
 def test_max_teacher_feedback_drop_is_a_fraction():
     with pytest.raises(ValueError):
         MonitorParams(max_teacher_feedback_drop=1.5)
+
+
+def test_teacher_quality_against_its_validated_accuracy():
+    import numpy as np
+
+    from monitoring.evidently_reports import teacher_quality
+
+    y = np.array([0.0, 1.0, 2.0, 1.0])
+    assert teacher_quality(y, np.array([0, 1, 1, 1]), 0.9) == {
+        "teacher_labels": 4, "teacher_accuracy": 0.75, "teacher_validated_accuracy": 0.9,
+        "teacher_accuracy_drop": 0.15}
+    assert teacher_quality(y, None, 0.9) == {}                         # no teacher ran
+    assert teacher_quality(y, np.array([0, 1, 2, 1]), None)["teacher_accuracy_drop"] is None
