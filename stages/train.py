@@ -44,10 +44,10 @@ def train(params, root: Path) -> None:
 
     labels = read_labels(root / LABELS_JSON)
     tp = params.train
-    train_df = with_feedback(read_split("train", root), read_split("feedback_train", root))
     # What training the large model cost: the first term of the ROI (deploy).
     with ComputeMeter(params.cost.country_iso_code) as meter:
         if tp.fine_tune:
+            train_df = with_feedback(read_split("train", root), read_split("feedback_train", root))
             model, tok, result = train_teacher(train_df, read_split("val", root), tp, labels=labels)
         else:
             model, tok, result = measure_teacher(read_split("val", root), tp, labels)
