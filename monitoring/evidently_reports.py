@@ -390,13 +390,18 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
     teacher, dims, ref_emb, cur_emb = None, 0, None, None
+    # Rows with a feedback label: the teacher answers them too (the retrain rule).
+    fb_rows, t_fb = np.flatnonzero(~np.isnan(w["feedback"].to_numpy())), None
     if teacher_dir is None:
         skip("teacher_agreement", "no kept teacher (models/teacher) to run in shadow")
         skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
     else:
         # One load of the teacher, one pass over the sample and the reference.
-        t_all, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts, truncation=truncation)
-        t_labels, cur_emb, ref_emb = t_all[:len(sample)], emb[:len(sample)], emb[len(sample):]
+        t_all, emb = teacher_pass(teacher_dir, [cur_texts[i] for i in sample] + ref_texts
+                                  + [cur_texts[i] for i in fb_rows], truncation=truncation)
+        n_ref = len(sample) + len(ref_texts)
+        t_labels, cur_emb, ref_emb = t_all[:len(sample)], emb[:len(sample)], emb[len(sample):n_ref]
+        t_fb = t_all[n_ref:]
         known = ~np.isnan(cur_labels[sample])
         if known.any():
             teacher = TeacherAgreement(rows=int(known.sum()),
@@ -469,7 +474,8 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         v_acc = validated.get("accuracy")
         q = Quality(labels=len(labelled), accuracy=fig["accuracy"], f1=fig["f1"], macro_f1=fig["macro_f1"],
                     recall=fig["recall"], validated_accuracy=v_acc,
-                    accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None)
+                    accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None,
+                    **teacher_quality(feedback[fb_rows], t_fb, validated.get("teacher_accuracy")))
         if len(labelled) >= 2 and "label" in reference:
             # Two classes: ids (binary, positive class 1, as before); more: names.
             names = None if n_classes == 2 else labels
@@ -529,6 +535,18 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed))
     _write(out_dir, snapshots, summary)
     return summary
+
+
+def teacher_quality(y: np.ndarray, teacher_pred: np.ndarray | None, validated: float | None) -> dict:
+    """Quality's teacher fields: the kept teacher's accuracy on feedback
+    labels ``y`` (class ids, float) from its predictions ``teacher_pred``
+    (same length; None: no teacher ran), against ``validated`` (its test
+    accuracy at deploy; None: not recorded). Drop = validated - accuracy."""
+    if teacher_pred is None or not len(y):
+        return {}
+    acc = round(float(np.mean(y.astype(int) == np.asarray(teacher_pred).astype(int))), 6)
+    return {"teacher_labels": int(len(y)), "teacher_accuracy": acc, "teacher_validated_accuracy": validated,
+            "teacher_accuracy_drop": round(validated - acc, 6) if validated is not None else None}
 
 
 def _named(ids: list[int], labels: tuple[str, ...], n_classes: int) -> list:
