@@ -1,21 +1,28 @@
-"""The monitoring loop on the real models: drift found, re-compression from
-the kept teacher, and what re-compressing on the window bought.
+"""The monitoring loop on the real models, against issue 17's targets: no
+trigger in domain, a trigger on shifted traffic, a re-compression that ships
+a better student, and a retrain when the teacher itself is wrong.
 
-In a git+DVC copy of this checkout (its teacher, candidates and registry), with
-the default candidates (a distilled student is added only if they have none):
-  1. `shrinkflow run` builds the candidates without any production window;
-  2. `shrinkflow serve` answers traffic: first movie-review test sentences
-     (the domain it was trained on), then tweets from the traffic pool of
-     Hutto & Gilbert's tweet set (shipped in the same pinned archive, used by
-     no stage; `shrinkflow.traffic.shifted_split`, the pool that
-     `shrinkflow simulate-traffic --domain shifted` sends), with feedback
-     labels for some of them;
-  3. `shrinkflow monitor --report-only` after the in-domain traffic, then
-     `shrinkflow monitor` after the tweets: the verdicts, the figures, and the
-     re-compression it starts (train skipped, window distilled);
-  4. every candidate before and after re-compression, and the teacher, on
-     1,000 tweets of the recovery set, which is never sent as traffic:
-     accuracy and agreement with the teacher, side by side in one process.
+In a git+DVC copy of this checkout (its data, teacher, candidates and
+registry), with the default params except ``monitor.window_last_n`` 1,000
+and ``monitor.cooldown_hours`` 0 (so that the two acted verdicts below may
+follow each other):
+  1. ``shrinkflow run`` (the full lifecycle; its wall time is the yardstick
+     of the re-compression's cost), then ``shrinkflow serve``;
+  2. five in-domain windows of 1,000 movie-review sentences (val and test
+     splits, a different seeded sample each), each followed by
+     ``shrinkflow monitor --report-only``: the verdicts and figures;
+  3. five shifted windows of 1,000 tweets from the traffic pool of Hutto &
+     Gilbert's tweet set (``shrinkflow.traffic.shifted_split``, the pool
+     ``simulate-traffic --domain shifted`` sends), each followed by
+     ``monitor --report-only``;
+  4. a window of 1,000 further pool tweets without feedback labels, then
+     ``shrinkflow monitor``: the verdict and the re-compression it runs;
+  5. a window of 1,000 further pool tweets, RETRAIN_LABELS of them with
+     feedback labels (the human ratings), then ``shrinkflow monitor``: the
+     retrain verdict and the lifecycle it runs (train included);
+  6. the teacher and the production model before and after each step, on
+     the recovery set's tweets (never sent as traffic) and on the movie-review
+     test split, side by side in one process.
 Writes bench/results/monitoring.{md,json}.
 
     .venv/bin/python bench/monitoring.py   # after `shrinkflow run`
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,14 +42,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import yaml
-from _common import RESULTS, ROOT, now_utc
+from _common import RESULTS, ROOT, stamp
 
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
-STUDENT = {"name": "l024-vocab2-int8", "recipe": [
-    {"method": "distill", "layers": [0, 2, 4], "epochs": 2},
-    {"method": "vocab_prune", "min_count": 2}, {"method": "quantize"}]}
-WINDOW_TWEETS, EVAL_TWEETS, FEEDBACK = 600, 1000, 100
+WINDOW = 1000
+WINDOWS = 5
+RETRAIN_LABELS = 500
 
 
 def copy_project() -> None:
@@ -63,13 +70,14 @@ def copy_project() -> None:
     subprocess.run(git + ["commit", "-qm", "bench copy"], cwd=PROJECT, check=True)
 
 
-def cli(*args: str, check: bool = True) -> tuple[float, str, int]:
+def cli(*args: str) -> tuple[float, str, int]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
-    (WORK / f"{'_'.join(args) or 'cli'}.log").write_text(out)
-    if check and proc.returncode not in (0, 1):
+    with open(WORK / "cli.log", "a") as fh:
+        fh.write(f"\n===== shrinkflow {' '.join(args)} (exit {proc.returncode}, {wall:.1f} s)\n{out}")
+    if proc.returncode not in (0, 1):
         sys.exit(f"shrinkflow {' '.join(args)} failed (exit {proc.returncode}):\n{out[-4000:]}")
     return round(wall, 1), out, proc.returncode
 
@@ -77,7 +85,6 @@ def cli(*args: str, check: bool = True) -> tuple[float, str, int]:
 def tweets(part: str) -> tuple[list[str], np.ndarray]:
     """The tweets of one side of the shifted domain ("pool": traffic,
     "recovery": evaluation only), shuffled with seed 0."""
-    sys.path.insert(0, str(ROOT))
     from shrinkflow.traffic import shifted_split
 
     df = shifted_split(ROOT / "data/raw/source.tar.gz")[part]
@@ -100,138 +107,184 @@ def serve(port: int) -> subprocess.Popen:
     sys.exit("the server did not start; see bench/work/monitoring/serve.log")
 
 
-def send(port: int, texts: list[str]) -> list[dict]:
-    out = []
+def send(port: int, texts: list[str], labels: np.ndarray | None = None, n_feedback: int = 0) -> None:
+    """POST ``texts`` to /predict, 8 a request; the first ``n_feedback``
+    answers get their true label back through /feedback."""
+    answers = []
     with httpx.Client(timeout=60) as client:
         for i in range(0, len(texts), 8):
             r = client.post(f"http://127.0.0.1:{port}/predict", json={"texts": texts[i:i + 8]})
             r.raise_for_status()
-            out += r.json()["predictions"]
-    return out
+            answers += r.json()["predictions"]
+        for a, y in zip(answers[:n_feedback], (labels if labels is not None else [])[:n_feedback]):
+            client.post(f"http://127.0.0.1:{port}/feedback",
+                        json={"prediction_id": a["prediction_id"], "label": int(y)}).raise_for_status()
 
 
-def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray, teacher_key: str) -> dict:
+def last_decision() -> dict:
+    """The newest monitor run's decision.json (its summary beside it)."""
+    reports = PROJECT / "monitoring" / "reports"
+    newest = max((d for d in reports.iterdir() if (d / "decision.json").is_file()), key=lambda d: d.name)
+    doc = json.loads((newest / "decision.json").read_text())
+    summary = json.loads((newest / "summary.json").read_text()) if (newest / "summary.json").is_file() else {}
+    return {"decision": doc, "summary": summary}
+
+
+def figures(doc: dict) -> dict:
+    """The policy's inputs of one run, by rule, and its verdict."""
+    d = doc["decision"]
+    return {"action": d["action"], "triggers": d.get("triggers", []),
+            "findings": {f["rule"]: f["value"] for f in d.get("findings", [])},
+            "held": d["reasons"][0] if d["action"] == "warn" else None}
+
+
+def production(reg: Path) -> tuple[str, Path]:
+    v = json.loads((reg / "aliases.json").read_text())["production"]
+    return v, reg / "versions" / v / "model"
+
+
+def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray) -> dict:
     from shrinkflow.predictors import load_predictor, predict_labels
 
-    preds = {k: predict_labels(load_predictor(d, threads=2), texts) for k, d in model_dirs.items()}
-    t = preds[teacher_key]
-    return {k: {"accuracy": round(float((p == labels).mean()), 4),
-                "agreement_with_teacher": round(float((p == t).mean()), 4)} for k, p in preds.items()}
+    return {k: round(float((predict_labels(load_predictor(d, threads=2), texts) == labels).mean()), 4)
+            for k, d in model_dirs.items()}
 
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from shrinkflow.splits import read_parquet
-
     from shrinkflow.config import parse_params_yaml
-    from shrinkflow.lineage import cpu_model
+    from shrinkflow.splits import read_parquet
 
     copy_project()
     params = parse_params_yaml((PROJECT / "params.yaml").read_bytes(), PROJECT / "params.yaml")
-    if not any(s.get("method") == "distill" for c in params["compress"]["candidates"] for s in c["recipe"]):
-        params["compress"]["candidates"] = params["compress"]["candidates"] + [STUDENT]
-    params["monitor"].update({"window_last_n": WINDOW_TWEETS, "min_window_rows": 200, "shadow_sample_rows": 300})
+    params["monitor"].update({"window_last_n": WINDOW, "cooldown_hours": 0.0})
     (PROJECT / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    names = [c["name"] for c in params["compress"]["candidates"]]
+    reg = PROJECT / params["deploy"]["registry_dir"]
+    doc = {**stamp(), "window_rows": WINDOW, "params_monitor": params["monitor"],
+           "gates": params["validate"]["gates"]}
 
-    print("--- shrinkflow run (no window)", flush=True)
-    run_s, out, code = cli("run")
-    v_before = json.loads((PROJECT / "deploy/deployment.json").read_text())["version"] if code == 0 else None
-    before = WORK / "candidates_before"
-    shutil.copytree(PROJECT / "models/candidates", before)
+    print("--- shrinkflow run", flush=True)
+    doc["run_s"], _, _ = cli("run")
+    v0, v0_dir = production(reg)
+    teacher0 = WORK / "teacher_before"
+    shutil.copytree(PROJECT / "models/teacher", teacher0)
 
-    # Window from the traffic pool, evaluation from the recovery set: the two
-    # never share a tweet (shrinkflow.traffic.shifted_part).
-    texts, labels = tweets("pool")
-    window, w_labels = texts[:WINDOW_TWEETS], labels[:WINDOW_TWEETS]
-    held, h_labels = tweets("recovery")
-    held, h_labels = held[:EVAL_TWEETS], h_labels[:EVAL_TWEETS]
-    in_domain = read_parquet(PROJECT / "data/prepared/test.parquet")["text"].tolist()[:WINDOW_TWEETS]
-
-    import socket
+    movies = [read_parquet(PROJECT / f"data/prepared/{s}.parquet") for s in ("val", "test")]
+    in_domain = [t for df in movies for t in df["text"].tolist()]
+    pool, pool_y = tweets("pool")
+    rec_x, rec_y = tweets("recovery")
+    test = read_parquet(PROJECT / "data/prepared/test.parquet")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = serve(port)
     try:
-        print("--- in-domain traffic, then monitor --report-only", flush=True)
-        send(port, in_domain)
-        mon_a_s, out_a, _ = cli("monitor", "--report-only")
-        print("--- tweets, feedback, then monitor", flush=True)
-        answers = send(port, window)
-        with httpx.Client(timeout=30) as client:
-            for a, y in zip(answers[:FEEDBACK], w_labels[:FEEDBACK]):
-                client.post(f"http://127.0.0.1:{port}/feedback",
-                            json={"prediction_id": a["prediction_id"], "label": int(y)}).raise_for_status()
-        mon_b_s, out_b, code_b = cli("monitor")
+        doc["in_domain"], doc["shifted"] = [], []
+        for i in range(WINDOWS):
+            rng = np.random.default_rng(100 + i)
+            send(port, [in_domain[j] for j in rng.choice(len(in_domain), WINDOW, replace=False)])
+            secs, _, _ = cli("monitor", "--report-only")
+            doc["in_domain"].append({"seconds": secs, **figures(last_decision())})
+            print("in domain", i, doc["in_domain"][-1]["action"], doc["in_domain"][-1]["triggers"], flush=True)
+        for i in range(WINDOWS):
+            rng = np.random.default_rng(200 + i)
+            send(port, [pool[j] for j in rng.choice(len(pool), WINDOW, replace=False)])
+            secs, _, _ = cli("monitor", "--report-only")
+            doc["shifted"].append({"seconds": secs, **figures(last_decision())})
+            print("shifted", i, doc["shifted"][-1]["action"], doc["shifted"][-1]["triggers"], flush=True)
+
+        print("--- re-compression: 1,000 pool tweets, no labels", flush=True)
+        send(port, pool[:WINDOW])
+        secs, out, code = cli("monitor")
+        v1, v1_dir = production(reg)
+        doc["recompress"] = {"seconds_with_monitor": secs, "exit": code, **figures(last_decision()),
+                             "deployed_before": v0, "deployed_after": v1,
+                             "train_rerun": "Running stage 'train'" in out,
+                             "compress_rerun": "Running stage 'compress'" in out,
+                             "validate": json.loads((PROJECT / "metrics/validate.json").read_text()),
+                             "gates": json.loads((PROJECT / "reports/gates.json").read_text())}
+        v1_keep = WORK / "production_after_recompress"
+        shutil.copytree(v1_dir, v1_keep)
+
+        print("--- retrain: 1,000 further pool tweets, labelled feedback", flush=True)
+        send(port, pool[WINDOW:2 * WINDOW], pool_y[WINDOW:2 * WINDOW], n_feedback=RETRAIN_LABELS)
+        secs, out, code = cli("monitor")
+        v2, v2_dir = production(reg)
+        doc["retrain"] = {"seconds_with_monitor": secs, "exit": code, **figures(last_decision()),
+                          "deployed_before": v1, "deployed_after": v2,
+                          "train_rerun": "Running stage 'train'" in out,
+                          "lineage": json.loads((reg / "versions" / v2 / "manifest.json").read_text()).get("lineage"),
+                          "gates": json.loads((PROJECT / "reports/gates.json").read_text())}
         time.sleep(3)  # the server polls the alias
-        served_after = httpx.get(f"http://127.0.0.1:{port}/health").json()["model_version"]
+        doc["served_at_end"] = httpx.get(f"http://127.0.0.1:{port}/health").json()["model_version"]
     finally:
         server.terminate()
         server.wait(timeout=60)
 
-    def verdict(out: str) -> str:
-        return next((line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("verdict: ")), "?")
-
-    def reasons(out: str) -> list[str]:
-        return [line.strip()[2:] for line in out.splitlines() if line.startswith("  - ")]
-
-    reg_dir = PROJECT / params["deploy"]["registry_dir"]
-    aliases = json.loads((reg_dir / "aliases.json").read_text())
-    v_after = aliases["production"]
-    manifest = json.loads((reg_dir / "versions" / v_after / "manifest.json").read_text())
-    validate = json.loads((PROJECT / "metrics/validate.json").read_text())
-    dirs = {"teacher (fp32)": PROJECT / "models/teacher",
-            **{f"{n} before": before / n for n in names},
-            **{f"{n} after": PROJECT / "models/candidates" / n for n in names}}
-    on_tweets = evaluate(dirs, held, h_labels, "teacher (fp32)")
-    movie = read_parquet(PROJECT / "data/prepared/test.parquet")
-    on_movies = evaluate(dirs, movie["text"].tolist(), movie["label"].to_numpy(), "teacher (fp32)")
-    doc = {"when": now_utc(), "cpu": cpu_model(),
-           "run_s": run_s, "deployed_before": v_before,
-           "monitor_in_domain": {"seconds": mon_a_s, "verdict": verdict(out_a), "reasons": reasons(out_a)},
-           "monitor_tweets": {"seconds_with_recompression": mon_b_s, "verdict": verdict(out_b),
-                              "reasons": reasons(out_b), "exit": code_b,
-                              "train_rerun": "Running stage 'train'" in out_b,
-                              "compress_rerun": "Running stage 'compress'" in out_b},
-           "deployed_after": v_after, "served_after": served_after,
-           "lineage_window": manifest["lineage"].get("window"),
-           "window_heldout_agreement": {n: validate["candidates"][n]["agreement"].get("window_heldout")
-                                        for n in names},
-           "selection_after": json.loads((PROJECT / "reports/gates.json").read_text())["reason"],
-           "eval_tweets": on_tweets, "movie_test": on_movies, "eval_tweets_n": len(held)}
+    dirs = {"teacher before": teacher0, f"production {v0} (before)": v0_dir,
+            f"production {v1} (after re-compression)": v1_keep, "teacher after retrain": PROJECT / "models/teacher",
+            f"production {v2} (after retrain)": v2_dir}
+    doc["eval"] = {"recovery_tweets": evaluate(dirs, rec_x, rec_y), "recovery_tweets_n": len(rec_x),
+                   "movie_test": evaluate(dirs, test["text"].tolist(), test["label"].to_numpy()),
+                   "movie_test_n": len(test)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "monitoring.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "monitoring.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (RESULTS / "monitoring.md").write_text(markdown(doc, list(dirs)) + "\n")
+    print(markdown(doc, list(dirs)))
 
-    rows = [f"| {k} | {on_tweets[k]['accuracy']:.4f} | {on_tweets[k]['agreement_with_teacher']:.4f} | "
-            f"{on_movies[k]['accuracy']:.4f} |" for k in dirs]
-    w = doc["lineage_window"] or {}
-    md = ["# Monitoring and re-compression on the real models", "",
-          f"Measured {doc['when']} on this project's 2-core machine ({doc['cpu']}), by `bench/monitoring.py` in a "
-          f"git+DVC copy of the checkout, candidates {', '.join(f'`{n}`' for n in names)}. Traffic went through `shrinkflow serve`: 600 movie-review test sentences, then 600 tweets "
-          f"from the traffic pool of Hutto & Gilbert's tweet set (in the same pinned archive, used by no stage) with "
-          f"{FEEDBACK} feedback labels.", "",
-          "| step | seconds | verdict |", "|---|---|---|",
-          f"| `shrinkflow run` (candidates built without a window; deployed {v_before}) | {run_s} | |",
-          f"| `shrinkflow monitor --report-only` after in-domain traffic | {mon_a_s} | {doc['monitor_in_domain']['verdict']} |",
-          f"| `shrinkflow monitor` after the tweets, re-compression included | {mon_b_s} | "
-          f"{doc['monitor_tweets']['verdict']} |", "",
-          "Why, after the tweets:", "", *[f"- {r}" for r in doc["monitor_tweets"]["reasons"]], "",
-          f"Re-compression: train re-run: {doc['monitor_tweets']['train_rerun']}; compress re-run: "
-          f"{doc['monitor_tweets']['compress_rerun']}; production {v_before} -> {v_after} (the running server "
-          f"answered with {served_after} afterwards); {doc['selection_after']}. Lineage window: "
-          f"{w.get('rows_distill')} texts distilled, {w.get('rows_heldout')} held out, md5 {w.get('texts_md5')}, "
-          f"monitor run {w.get('monitor_flow_run')}, triggers {w.get('triggers')}.", "",
-          "Agreement with the teacher on the held-out window (the new gate, "
-          f"min {params['validate']['gates'].get('min_window_agreement', 0.9)}): "
-          + ", ".join(f"{n} {a}" for n, a in doc["window_heldout_agreement"].items()) + ".", "",
-          f"Every model on {len(held)} tweets of the recovery set, never sent as traffic (labels from the human "
-          "ratings), and on the movie-review test split:", "",
-          "| model | tweets accuracy | tweets agreement with teacher | movie test accuracy |", "|---|---|---|---|",
-          *rows, ""]
-    (RESULTS / "monitoring.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+
+def markdown(doc: dict, models: list[str]) -> str:
+    """bench/results/monitoring.md from the results document."""
+    tw, mv = doc["eval"]["recovery_tweets"], doc["eval"]["movie_test"]
+    t0, p0, p1, t2, p2 = models
+    gap = tw[t0] - tw[p0]
+    recovered = (tw[p1] - tw[p0]) / gap if gap > 0 else float("nan")
+    r, rt = doc["recompress"], doc["retrain"]
+
+    def verdicts(runs: list[dict]) -> str:
+        return ", ".join(f"{x['action']}" + (f" ({'+'.join(x['triggers'])})" if x["triggers"] else "") for x in runs)
+
+    lines = ["# Monitoring, re-compression and retrain on the real models", "",
+             f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/monitoring.py` in a git+DVC copy of the "
+             f"checkout (default params; windows of {doc['window_rows']} rows, cooldown 0). Traffic went through "
+             "`shrinkflow serve`.", "",
+             "## Verdicts", "",
+             f"- In domain, 5 windows of {doc['window_rows']} movie-review sentences: {verdicts(doc['in_domain'])}.",
+             f"- Shifted, 5 windows of {doc['window_rows']} tweets: {verdicts(doc['shifted'])}.",
+             f"- Monitor run seconds (report only, {doc['window_rows']} rows): "
+             + ", ".join(str(x["seconds"]) for x in doc["in_domain"] + doc["shifted"]) + ".", "",
+             "| window | " + " | ".join(sorted({k for x in doc['in_domain'] for k in x['findings']})) + " |",
+             "|---|" + "---|" * len({k for x in doc['in_domain'] for k in x['findings']})]
+    keys = sorted({k for x in doc["in_domain"] for k in x["findings"]})
+    for name, runs in (("in domain", doc["in_domain"]), ("shifted", doc["shifted"])):
+        for i, x in enumerate(runs):
+            lines.append(f"| {name} {i + 1} | " + " | ".join(
+                "n/a" if x["findings"].get(k) is None else f"{x['findings'][k]:.3f}" for k in keys) + " |")
+    lines += ["", "## Cost", "",
+              f"- Full `shrinkflow run`: {doc['run_s']} s.",
+              f"- Monitor + re-compression: {r['seconds_with_monitor']} s "
+              f"({r['seconds_with_monitor'] / doc['run_s']:.0%} of the full run; the report-only monitor runs "
+              f"above took {np.median([x['seconds'] for x in doc['shifted']]):.1f} s median).",
+              f"- Monitor + retrain: {rt['seconds_with_monitor']} s.", "",
+              "## Re-compression", "",
+              f"Verdict {r['action']} ({', '.join(r['triggers'])}); production {r['deployed_before']} -> "
+              f"{r['deployed_after']}; train re-run {r['train_rerun']}. Selection: {r['gates'].get('reason')}.", "",
+              "## Retrain", "",
+              f"Verdict {rt['action']} ({', '.join(rt['triggers'])}); production {rt['deployed_before']} -> "
+              f"{rt['deployed_after']}; train re-run {rt['train_rerun']}. Selection: {rt['gates'].get('reason')}.",
+              "", "## Accuracy", "",
+              f"On {doc['eval']['recovery_tweets_n']} recovery-set tweets (never sent as traffic) and the "
+              f"{doc['eval']['movie_test_n']} movie-review test sentences:", "",
+              "| model | tweets accuracy | movie test accuracy |", "|---|---|---|",
+              *[f"| {m} | {tw[m]:.4f} | {mv[m]:.4f} |" for m in models], "",
+              f"Re-compression recovered {recovered:.0%} of the production model's accuracy gap to the teacher on "
+              f"the tweets ({tw[p0]:.4f} -> {tw[p1]:.4f}, teacher {tw[t0]:.4f}); in domain "
+              f"{(mv[p1] - mv[p0]) * 100:+.2f} points.",
+              f"After the retrain, the production model scores {tw[p2]:.4f} on the tweets against the old teacher's "
+              f"{tw[t0]:.4f} (new teacher {tw[t2]:.4f}); in domain {(mv[p2] - mv[p0]) * 100:+.2f} points against "
+              f"the first production model."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

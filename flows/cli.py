@@ -709,14 +709,14 @@ def monitor_cmd(ctx: typer.Context,
         result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "the monitor", debug)
-    rec = result.get("recompress")
+    rec = result.get("recompress") or result.get("retrain")
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"} | {
             "summary": result.get("summary")}, indent=2, default=str))
     else:
         typer.echo(f"verdict: {result['action']}"
                    + (" (not acted on: --report-only; no re-compression, no cooldown started)"
-                      if result["action"] == "recompress" and not result.get("acted") else ""))
+                      if result["action"] in ("recompress", "retrain") and not result.get("acted") else ""))
         for r in result["reasons"]:
             typer.echo(f"  - {r}")
         for n in (result.get("summary") or {}).get("not_computed", []):
@@ -745,7 +745,8 @@ def monitor_cmd(ctx: typer.Context,
             typer.echo(f"Evidently: the snapshot could not be added to the workspace (reports and verdict are "
                        f"kept): {ev['error']}")
         if rec is not None:
-            typer.echo(f"re-compression: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
+            what = "retrain" if result.get("retrain") is not None else "re-compression"
+            typer.echo(f"{what}: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
                        f": {rec['reason']}")
     if rec is not None and not rec["deployed_version"]:
         raise typer.Exit(ExitCode.REFUSED)

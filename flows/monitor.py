@@ -1,6 +1,7 @@
 """The monitor flow: a window of the prediction log against the reference
 split, Evidently reports, a Prefect artifact, the policy's verdict, and on
-``recompress`` the re-compression flow. Wiring only."""
+``recompress`` the re-compression flow, on ``retrain`` the retrain flow.
+Wiring only."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.recompress import recompress
+from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from tasks.monitor import build_reports, decide, publish, read_window
+from tasks.retrain import window_feedback
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
@@ -43,6 +46,12 @@ def monitor(project_dir: str, act: bool = True) -> dict:
                 "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
         result = recompress(project_dir, window["text"].tolist(), meta)
+    retrained = None
+    if decision["action"] == "retrain" and act:
+        retrained = retrain(project_dir, window_feedback(window, summary["labels"]),
+                            {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
+                             "monitor_flow_run": run_name, "triggers": decision["triggers"],
+                             "report_dir": report_dir})
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
-            "evidently": decision.get("evidently")}
+            "retrain": retrained, "evidently": decision.get("evidently")}

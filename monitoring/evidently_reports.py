@@ -447,13 +447,16 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
     teacher, dims, ref_emb, cur_emb = None, 0, None, None
+    # Rows with a feedback label: the teacher answers them too (the retrain rule).
+    fb_rows, t_fb = np.flatnonzero(~np.isnan(w["feedback"].to_numpy())), None
     if teacher_dir is None:
         skip("teacher_agreement", "no kept teacher (models/teacher) to run in shadow")
         skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
     else:
         # One load of the teacher; the reference's pass only on a cache miss,
         # and always on the reference alone (so its batches, and its floats,
-        # never depend on the window).
+        # never depend on the window). Then one pass over the shadow sample
+        # and the rows with a feedback label.
         shadow = ShadowTeacher(teacher_dir, truncation=truncation)
 
         def teacher_reference() -> dict:
@@ -462,7 +465,8 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
 
         ref_emb = cache.get("teacher", {**ref_key, "teacher": directory_digest(teacher_dir),
                                         "batch": shadow.batch_size}, len(ref_texts), teacher_reference)["embeddings"]
-        t_labels, cur_emb = shadow([cur_texts[i] for i in sample])
+        t_win, e_win = shadow([cur_texts[i] for i in sample] + [cur_texts[i] for i in fb_rows])
+        t_labels, cur_emb, t_fb = t_win[:len(sample)], e_win[:len(sample)], t_win[len(sample):]
         known = ~np.isnan(cur_labels[sample])
         if known.any():
             teacher = TeacherAgreement(rows=int(known.sum()),
@@ -539,7 +543,8 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         v_acc = validated.get("accuracy")
         q = Quality(labels=len(labelled), accuracy=fig["accuracy"], f1=fig["f1"], macro_f1=fig["macro_f1"],
                     recall=fig["recall"], validated_accuracy=v_acc,
-                    accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None)
+                    accuracy_drop=round(v_acc - fig["accuracy"], 6) if v_acc is not None else None,
+                    **teacher_quality(feedback[fb_rows], t_fb, validated.get("teacher_accuracy")))
         if len(labelled) >= 2 and "label" in reference:
             # Two classes: ids (binary, positive class 1, as before); more: names.
             names = None if n_classes == 2 else labels
@@ -599,6 +604,18 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed))
     _write(out_dir, snapshots, summary)
     return summary
+
+
+def teacher_quality(y: np.ndarray, teacher_pred: np.ndarray | None, validated: float | None) -> dict:
+    """Quality's teacher fields: the kept teacher's accuracy on feedback
+    labels ``y`` (class ids, float) from its predictions ``teacher_pred``
+    (same length; None: no teacher ran), against ``validated`` (its test
+    accuracy at deploy; None: not recorded). Drop = validated - accuracy."""
+    if teacher_pred is None or not len(y):
+        return {}
+    acc = round(float(np.mean(y.astype(int) == np.asarray(teacher_pred).astype(int))), 6)
+    return {"teacher_labels": int(len(y)), "teacher_accuracy": acc, "teacher_validated_accuracy": validated,
+            "teacher_accuracy_drop": round(validated - acc, 6) if validated is not None else None}
 
 
 def _named(ids: list[int], labels: tuple[str, ...], n_classes: int) -> list:

@@ -13,7 +13,7 @@ from monitoring.evidently_reports import QUALITY_HTML, REPORT_HTML, REPORT_JSON,
 
 DECISION_JSON = "decision.json"
 INDEX = "index.html"
-_COLOURS = {"ok": "#1a7f37", "warn": "#9a6700", "recompress": "#cf222e"}
+_COLOURS = {"ok": "#1a7f37", "warn": "#9a6700", "recompress": "#cf222e", "retrain": "#8250df"}
 
 
 def shares(s: dict, fig) -> str:
@@ -37,7 +37,7 @@ def _row(run: Path) -> str | None:
     except (OSError, ValueError):
         d = {"action": "undecided", "reasons": []}
     action = d.get("action", "undecided")
-    if action == "recompress" and d.get("acted") is False:
+    if action in ("recompress", "retrain") and d.get("acted") is False:
         action_note = " (report only)"
     else:
         action_note = ""

@@ -15,7 +15,10 @@ Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
   floor fired on windows of the sentences the version was validated on),
   or, for a version with no validated agreement, below
   ``min_teacher_agreement`` with that confidence (``agreement_floor``;
-  needs no labels).
+  needs no labels);
+- teacher feedback: with at least ``min_feedback_labels`` labels, the kept
+  teacher's own accuracy on them (in shadow) is more than
+  ``max_teacher_feedback_drop`` below its validated accuracy.
 
 Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
 drifted, which alone says nothing about its errors). A trigger -> ``recompress``,
@@ -23,8 +26,12 @@ except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when its distinct texts would leave the distillation or
 the held-out part of a re-compression empty (a window of one text repeated),
 when this very window already triggered (dedup), or within
-``cooldown_hours`` of the last re-compression. Every rule reports its
-figure and threshold, fired or not.
+``cooldown_hours`` of the last re-compression. When the teacher feedback
+rule fired, the verdict is ``retrain`` instead of ``recompress``: a
+re-compression copies the teacher, and the teacher is what is wrong. The
+same holds apply to it, and a retrain counts as a re-compression for the
+dedup and the cooldown. Every rule reports its figure and threshold, fired
+or not.
 
 A rule whose input could not be computed on the window (the summary's
 ``not_computed``) does not fire, and its detail says why. Only a
@@ -44,7 +51,9 @@ from pydantic import BaseModel, ConfigDict
 
 from monitoring.summary import DriftSummary
 
-Action = Literal["ok", "warn", "recompress"]
+Action = Literal["ok", "warn", "recompress", "retrain"]
+# The verdicts that act (re-build and possibly deploy): dedup and cooldown count both.
+ACTING = ("recompress", "retrain")
 # Same as the deploy gates: a figure exactly at its threshold passes.
 TOLERANCE = 1e-9
 
@@ -66,7 +75,7 @@ class PastDecision(_Frozen):
 
     @property
     def recompressed(self) -> bool:
-        return self.action == "recompress" and self.acted
+        return self.action in ACTING and self.acted
 
 
 class Finding(_Frozen):
@@ -141,6 +150,7 @@ def _findings(s: DriftSummary, p) -> list[Finding]:
                                   f"(min {floor:.3f}: {why})"))
     elif (reason := s.reason_not_computed("teacher_agreement")) is not None:
         out.append(_not_computed("teacher_agreement", p.min_teacher_agreement, "agreement with the teacher", reason))
+    out.append(_teacher_feedback(q, p))
     return out
 
 
@@ -181,12 +191,31 @@ def agreement_floor(rows: int, validated: float | None, validated_rows: int | No
         f"{p.teacher_agreement_confidence:g} one-sided")
 
 
+def _teacher_feedback(q, p) -> Finding:
+    """The retrain rule: the kept teacher's accuracy on the window's feedback
+    labels against its validated (test) accuracy."""
+    rule, limit = "teacher_feedback", p.max_teacher_feedback_drop
+    n = q.teacher_labels if q is not None and q.teacher_labels is not None else 0
+    if q is None or q.teacher_accuracy is None or n < p.min_feedback_labels:
+        return Finding(rule=rule, fired=False, value=None, threshold=limit,
+                       detail=f"teacher feedback accuracy not judged: {n} labels (needs {p.min_feedback_labels})")
+    if q.teacher_accuracy_drop is None:
+        return _not_computed(rule, limit, "teacher feedback accuracy drop",
+                             f"the served version records no validated teacher accuracy to compare "
+                             f"{q.teacher_accuracy:.3f} on {n} labels with")
+    return Finding(rule=rule, fired=q.teacher_accuracy_drop > limit + TOLERANCE, value=q.teacher_accuracy_drop,
+                   threshold=limit,
+                   detail=f"teacher feedback accuracy {q.teacher_accuracy:.3f} on {n} labels vs validated "
+                          f"{q.teacher_validated_accuracy:.3f}: drop {q.teacher_accuracy_drop:+.3f} "
+                          f"(max {limit:.3f})")
+
+
 def _fmt(f: Finding) -> str:
     return f"{f.rule}: {'FIRED' if f.fired else 'ok'}: {f.detail}"
 
 
 def decide(summary: DriftSummary, params, history: list[PastDecision], now: datetime) -> Decision:
-    """ok, warn or recompress for one window; ``params`` is MonitorParams,
+    """ok, warn, recompress or retrain for one window; ``params`` is MonitorParams,
     ``history`` the earlier decisions (any order), ``now`` timezone-aware."""
     findings = _findings(summary, params)
     fired = [f for f in findings if f.fired]
@@ -206,6 +235,7 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
         return Decision(action="ok", reasons=tuple(reasons), findings=tuple(findings), window_sha256=sha)
     held = None
     w = summary.window
+    retrain = any(f.rule == "teacher_feedback" for f in fired)
     if w.rows < params.min_window_rows:
         held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
     elif w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
@@ -222,6 +252,10 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
                     f"(cooldown_hours {params.cooldown_hours:g})")
     if held:
         return Decision(action="warn", reasons=(held, *reasons), findings=tuple(findings), window_sha256=sha)
+    if retrain:
+        return Decision(action="retrain", findings=tuple(findings), window_sha256=sha,
+                        reasons=("retrain the teacher on the production labels: it is wrong on the new traffic "
+                                 f"({', '.join(f.rule for f in fired)} fired)", *reasons))
     return Decision(action="recompress", findings=tuple(findings), window_sha256=sha,
                     reasons=(f"re-compress from the kept teacher: {', '.join(f.rule for f in fired)} fired",
                              *reasons))

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from monitoring.index import DECISION_JSON, prune, write_index
-from monitoring.policy import Decision, PastDecision, decide
+from monitoring.policy import ACTING, Decision, PastDecision, decide
 from monitoring.summary import DriftSummary
 
 
@@ -70,7 +70,9 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
     metrics = ref.manifest.get("metrics", {})
     validated = {"version": ref.version, "accuracy": metrics.get("accuracy"),
                  "agreement": (metrics.get("agreement") or {}).get("test"),
-                 "agreement_rows": metrics.get("n")}   # validate measures both on the test split
+                 "agreement_rows": metrics.get("n"),   # validate measures both on the test split
+                 # the kept teacher on the same test split at deploy: the retrain rule's baseline
+                 "teacher_accuracy": (ref.manifest.get("teacher_metrics") or {}).get("accuracy")}
     teacher = root / TEACHER
     out = root / params.monitor.reports_dir / run_id(now)
     summary = build(window, read_parquet(root / split_path("reference")), served_dir=ref.path,
@@ -107,7 +109,7 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
     could not be written, is decision.json's ``evidently``; a workspace that
     cannot be written never fails the run."""
     decision = decide(summary, params.monitor, load_history(state), now)
-    acted = bool(act and decision.action == "recompress")
+    acted = bool(act and decision.action in ACTING)
     doc = {**decision.model_dump(mode="json"), "triggers": list(decision.triggers), "acted": acted,
            "not_computed": [n.model_dump(mode="json") for n in summary.not_computed], "flow_run": flow_run,
            "ts": now.astimezone(timezone.utc).isoformat()}
@@ -147,7 +149,7 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
         return f"not computed: {reason}" if reason else default
 
     share = summary.drifted_descriptor_share
-    note = " — not acted on (--report-only)" if decision.action == "recompress" and acted is False else ""
+    note = " — not acted on (--report-only)" if decision.action in ACTING and acted is False else ""
     lines = [f"# Monitor: **{decision.action}** ({summary.model_version}){note}", "",
              f"Window: {summary.window.rows} predictions, {summary.window.first_ts} .. {summary.window.last_ts} "
              f"(sha256 {summary.window.sha256[:12]}); reference: {summary.reference_rows} texts.", "",
@@ -161,6 +163,10 @@ def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path
              f"| feedback accuracy | {q.accuracy:.3f} on {q.labels} labels"
              + (f" (macro-F1 {q.macro_f1:.3f})" if q.macro_f1 is not None else "") + " |" if q
              else "| feedback accuracy | no labels |",
+             f"| teacher feedback accuracy | {q.teacher_accuracy:.3f} on {q.teacher_labels} labels"
+             + (f" (validated {q.teacher_validated_accuracy:.3f})" if q.teacher_validated_accuracy is not None
+                else "") + " |" if q is not None and q.teacher_accuracy is not None
+             else "| teacher feedback accuracy | n/a |",
              f"| class shares (current / reference) | {_shares(summary)} |",
              f"| truncated texts (window / reference, {tr.strategy}) | {_fmt(tr.share, '.3f')} of {tr.known_rows} "
              f"known / {_fmt(tr.reference_share, '.3f')}"
@@ -186,3 +192,17 @@ def _shares(summary: DriftSummary) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "not computed" if value is None else format(value, spec)
+
+
+def window_feedback(window, labels) -> list[tuple[str, str]]:
+    """The window's feedback labels as (text, label name) pairs, oldest row
+    first (the prediction log's order), for a retrain: each row's label
+    read through the served version's ``labels`` as the monitor reads it
+    (monitoring.evidently_reports.clean_window); a label the version does not
+    have is left out."""
+    import math
+
+    from monitoring.evidently_reports import clean_window
+
+    w = clean_window(window, tuple(labels))
+    return [(t, labels[int(f)]) for t, f in zip(w["text"], w["feedback"]) if not math.isnan(f)]

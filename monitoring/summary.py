@@ -48,6 +48,14 @@ class Quality(_Frozen):
     # summaries written before any number of classes.
     macro_f1: float | None = None
     recall: dict[str, float] | None = None   # by class name, for the classes the feedback labels hold
+    # The kept teacher in shadow on the window's feedback labels, against its
+    # accuracy on the test split at deploy (the served version's
+    # teacher_metrics); drop = validated - feedback, positive is worse. None
+    # without a teacher, or in summaries written before the retrain rule.
+    teacher_labels: int | None = None
+    teacher_accuracy: float | None = None
+    teacher_validated_accuracy: float | None = None
+    teacher_accuracy_drop: float | None = None
 
 
 class TeacherAgreement(_Frozen):

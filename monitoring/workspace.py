@@ -224,7 +224,7 @@ def _compact(run, row: dict[str, float], decision: Decision, summary: DriftSumma
         column = result.metric_value_location.metric.params["column"]
         result.widget = [counter(counters=[CounterData(column, f"{row[column]:.4g}")], title="",
                                  size=WidgetSize.HALF)]
-    note = "" if acted is None or decision.action != "recompress" else (" (acted on)" if acted else " (report only)")
+    note = "" if acted is None or decision.action not in ("recompress", "retrain") else (" (acted on)" if acted else " (report only)")
     model.widgets = [
         counter(title=f"Monitor run {run.get_name()}", counters=[
             CounterData("decision", decision.action + note), CounterData("model version", summary.model_version),

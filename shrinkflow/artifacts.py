@@ -307,6 +307,38 @@ class GatesReport(Artifact):
     labels: list[str] | None = None
     candidates: dict[str, CandidateGates]
     confirmation: Confirmation | None
+    # A retrained teacher's own gates (shrinkflow.gates.teacher_gates; its
+    # ``candidate`` is "teacher"): when any fails, no candidate is selected.
+    # Absent when the teacher is not a retrain's.
+    teacher_gates: CandidateGates | None = None
+
+
+# ---------------------------------------------------------------- retrain
+
+
+class PreviousTeacher(Artifact):
+    """The teacher a retrain replaces, measured before train ran:
+    ``content_hash`` of its files (shrinkflow.files.content_hash), its
+    accuracy on val and on the held-out production labels (None when none
+    were held out), and how many those were."""
+
+    content_hash: str
+    val_accuracy: Number
+    feedback_heldout_accuracy: Number | None
+    feedback_heldout_rows: int
+
+
+class RetrainRecord(Artifact):
+    """data/feedback/retrain.json: the last retrain. ``requested_by``: the
+    monitor run and window that asked for it (free-form, like a window's
+    meta); ``feedback``: the dataset version it trained on (``md5`` as DVC
+    records it, ``rows``, and what the window added); ``previous_teacher``:
+    the old teacher's figures the retrained one is gated against. All None
+    (the committed default, ``{}``): no retrain yet."""
+
+    requested_by: dict[str, Any] | None = None
+    feedback: dict[str, Any] | None = None
+    previous_teacher: PreviousTeacher | None = None
 
 
 # ---------------------------------------------------------------- cost

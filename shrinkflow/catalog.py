@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from shrinkflow.artifacts import (Artifact, CompressMetrics, DeploymentRecord, GatesReport, TrainMetrics,
-                                  ValidationReport)
+from shrinkflow.artifacts import (Artifact, CompressMetrics, DeploymentRecord, GatesReport, RetrainRecord,
+                                  TrainMetrics, ValidationReport)
 from shrinkflow.errors import DataContractError, MissingInput
 from shrinkflow.files import read_json, write_json
 from shrinkflow.paths import DEPLOYMENT as DEPLOYMENT_PATH
-from shrinkflow.paths import GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN, METRICS_VALIDATE
+from shrinkflow.paths import GATES_JSON, METRICS_COMPRESS, METRICS_TRAIN, METRICS_VALIDATE, RETRAIN_RECORD
 
 A = TypeVar("A", bound=Artifact)
 
@@ -58,8 +58,12 @@ COMPRESS_METRICS: Entry[CompressMetrics] = Entry("compress_metrics", METRICS_COM
 VALIDATION: Entry[ValidationReport] = Entry("validation", METRICS_VALIDATE, ValidationReport, "validate")
 GATES: Entry[GatesReport] = Entry("gates", GATES_JSON, GatesReport, "validate")
 DEPLOYMENT: Entry[DeploymentRecord] = Entry("deployment", DEPLOYMENT_PATH, DeploymentRecord, "deploy")
+# Written by the retrain flow (flows/retrain.py), not a stage; committed as
+# {} (no retrain), read by validate and deploy.
+RETRAIN: Entry[RetrainRecord] = Entry("retrain", RETRAIN_RECORD, RetrainRecord, "retrain flow")
 
-CATALOG: dict[str, Entry] = {e.name: e for e in (TRAIN_METRICS, COMPRESS_METRICS, VALIDATION, GATES, DEPLOYMENT)}
+CATALOG: dict[str, Entry] = {e.name: e for e in (TRAIN_METRICS, COMPRESS_METRICS, VALIDATION, GATES, DEPLOYMENT,
+                                                 RETRAIN)}
 
 
 def load(entry: Entry[A], root: Path | str = ".") -> A:
@@ -87,3 +91,10 @@ def save(entry: Entry[A], obj: A, root: Path | str = ".") -> Path:
     if not isinstance(obj, entry.model):
         raise TypeError(f"{entry.name} holds a {entry.model.__name__}, not a {type(obj).__name__}")
     return write_json(Path(root) / entry.path, obj.to_json_dict())
+
+
+def load_retrain_record(root: Path | str):
+    """data/feedback/retrain.json under ``root`` as a RetrainRecord (through
+    the catalog); an absent file reads as no retrain (``RetrainRecord()``)."""
+    return load(RETRAIN, root) if (Path(root) / RETRAIN.path).is_file() else RetrainRecord()
+

@@ -204,6 +204,11 @@ class DataParams(_Frozen):
     # a 10-row class splits 6 train, 2 val, 1 test, 1 reference (each
     # held-out split gets at least one row of a class when it can).
     min_rows_per_class: Annotated[int, Field(ge=1)] = 10
+    # Retrain: this share of the production labels (data/feedback/labels.jsonl,
+    # split by a hash of each text, so a text stays on its side as the set
+    # grows) is held out of the teacher's fine-tuning and gates the retrained
+    # teacher (validate.gates.min_teacher_feedback_gain); the rest is trained on.
+    feedback_heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "DataParams":
@@ -600,6 +605,15 @@ class Gates(_Frozen):
     # the production window (data/unlabelled/heldout.txt). Checked when that
     # file is not empty; the label-free gate for text no split covers.
     min_window_agreement: Fraction = 0.90
+    # Retrain only (the teacher differs from the one the retrain flow measured
+    # before it, data/feedback/retrain.json): the old teacher's val accuracy
+    # minus the retrained teacher's must be at most this.
+    max_teacher_val_drop: Fraction = 0.005
+    # Retrain only: the retrained teacher's accuracy on the held-out production
+    # labels minus the old teacher's must be at least this. 0 would pass a
+    # teacher that only ties; one more right answer in 100 held-out labels is
+    # 0.01, the smallest gain that counts.
+    min_teacher_feedback_gain: Fraction = 0.01
     # Batch invariance: each candidate predicts val alone (one text per call)
     # and in seeded batches of 32 mixed-length texts; the largest change of
     # any class probability must stay within this, with no label changed.
@@ -782,6 +796,11 @@ class MonitorParams(_Frozen):
     max_feedback_accuracy_drop: Fraction = 0.05             # against the version's validated (test) accuracy
     # Feedback accuracy is judged only with at least this many labels in the window.
     min_feedback_labels: Annotated[int, Field(ge=1)] = 50
+    # The kept teacher in shadow on the same feedback labels: when its
+    # accuracy is more than this below its validated (test) accuracy, the
+    # teacher itself is wrong on the new traffic and the verdict is retrain,
+    # not recompress (re-compression cannot fix the teacher).
+    max_teacher_feedback_drop: Fraction = 0.05
     # Served model vs the teacher in shadow, for a version with no validated
     # agreement: fires when the window's agreement is below this beyond its
     # sampling error (teacher_agreement_confidence). A version with one is

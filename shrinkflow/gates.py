@@ -187,3 +187,31 @@ def select_candidate(metrics: Mapping[str, Any], reports: dict[str, GateReport],
     best = min(metrics, key=lambda n: (len(reports[n].failures), *key(n)))
     return Selection(None, best, f"no candidate passed every gate; best effort {best!r}: "
                      + reports[best].summary())
+
+
+TEACHER = "teacher"
+
+
+def teacher_gates(previous: Any, val_accuracy: float, feedback_heldout_accuracy: float | None,
+                  gates: Gates) -> GateReport:
+    """A retrained teacher against the teacher it replaces (``previous``: a
+    ``PreviousTeacher`` or a mapping of its names), both measured on the same
+    val split and the same held-out production labels (accuracies, fractions).
+
+    max_teacher_val_drop: previous minus new val accuracy, at most the
+    threshold (it must not lose what it knew). min_teacher_feedback_gain: new
+    minus previous accuracy on the held-out production labels, at least the
+    threshold. With no held-out label on either side the gain cannot be
+    measured: that gate fails (value 0) and its note says so, since a retrain
+    that cannot show it learned anything from production must not deploy."""
+    p = figures(previous)
+    drop = check_max("max_teacher_val_drop", p.val_accuracy - val_accuracy, gates.max_teacher_val_drop)
+    if feedback_heldout_accuracy is None or p.feedback_heldout_accuracy is None:
+        gain = _result("min_teacher_feedback_gain", 0.0, gates.min_teacher_feedback_gain, "min",
+                       -gates.min_teacher_feedback_gain).model_copy(
+            update={"passed": False, "note": "no held-out production labels to measure the gain on "
+                                             "(data.feedback_heldout_fraction)"})
+    else:
+        gain = check_min("min_teacher_feedback_gain", feedback_heldout_accuracy - p.feedback_heldout_accuracy,
+                         gates.min_teacher_feedback_gain)
+    return GateReport(TEACHER, (drop, gain))

@@ -129,3 +129,18 @@ def collect_lineage(project_dir: Path, chain: tuple[str, ...], split_outs: dict[
         "dvc_lock": {s: stages[s] for s in chain if s in stages},
         **(extra or {}),
     }
+
+
+def feedback_lineage(project_dir: Path, record) -> dict:
+    """The feedback dataset a version's teacher was trained with: ``md5`` of
+    data/feedback/labels.jsonl as dvc.lock records it (the data stage's dep;
+    the empty file's md5 when no retrain ever appended to it), and the last
+    retrain (``record``: a RetrainRecord; ``retrain`` None when there was
+    none): the monitor run that asked for it, the dataset version it
+    appended and the old teacher's figures. ``md5`` is None under a
+    dvc.lock written before the data stage read the feedback dataset."""
+    from shrinkflow.paths import FEEDBACK
+
+    md5 = dep_hash(dvc_lock_stages(project_dir), "data", str(FEEDBACK))
+    retrain = record.to_json_dict() if record.previous_teacher is not None else None
+    return {"md5": md5, "retrain": retrain}

@@ -171,7 +171,8 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
             report.teacher, report.candidates, report.labels),
-        "## Gates (val)", gates_table(reports), "\n".join(confirmation_section(report.confirmation)),
+        "## Gates (val)", gates_table(reports), *teacher_gates_section(selection),
+        "\n".join(confirmation_section(report.confirmation)),
         *(["\n".join(recall)] if (recall := recall_section(report, selection)) else [])]) + "\n"
 
 
@@ -196,3 +197,13 @@ def roi_markdown(roi: CostReturn | None) -> str:
     if roi.build_cpu_unknown:
         notes.append(f"- builds with no CPU record (cached before metering): {', '.join(roi.build_cpu_unknown)}")
     return "\n".join(["## Cost and return of compressing", "", *notes, "", *rows]) + "\n"
+
+
+def teacher_gates_section(selection: GatesReport) -> list[str]:
+    """A retrained teacher's gates against the teacher it replaced (none: no section)."""
+    tg = selection.teacher_gates
+    if tg is None:
+        return []
+    return ["## Retrained teacher (against the teacher it replaces)",
+            "\n".join(f"- {r.describe()}" for r in tg.gates.values())
+            + ("" if tg.passed else "\n\n**A failed teacher gate deploys nothing.**")]

@@ -33,6 +33,23 @@ WINDOW_META = Path("data/unlabelled/window.json")
 # the window any version was compressed from can be restored by its hash.
 WINDOWS_ARCHIVE = Path("data/windows")
 
+# Retrain: the production labels, one JSON object per line ({"text", "label"}:
+# the label's name), deduplicated by text (shrinkflow.feedback). Committed
+# empty, so a fresh project has it; a data stage dep (its md5 in dvc.lock is
+# the dataset's version), split into FEEDBACK_SPLITS by a hash of each text.
+FEEDBACK = Path("data/feedback/labels.jsonl")
+# Every version of it, content-addressed, tracked by `dvc add`
+# (data/feedback/archive.dvc) and pushed when a default remote is set.
+FEEDBACK_ARCHIVE = Path("data/feedback/archive")
+# What the last retrain was: the monitor run that asked for it, the dataset's
+# md5 and the old teacher's figures measured before train replaced it
+# (shrinkflow.artifacts.RetrainRecord; validate gates the new teacher on it,
+# deploy puts it in lineage). Committed with no retrain recorded.
+RETRAIN_RECORD = Path("data/feedback/retrain.json")
+# The data stage's splits of FEEDBACK: fine-tuned on, and held out to gate
+# the retrained teacher. Empty by default.
+FEEDBACK_SPLITS = ("feedback_train", "feedback_heldout")
+
 TEACHER = Path("models/teacher")
 CANDIDATES = Path("models/candidates")
 SMALL_DIRECT = Path("models/small_direct")

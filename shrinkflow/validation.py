@@ -31,6 +31,8 @@ from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
 from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
+from shrinkflow.artifacts import GateReport
+from shrinkflow.gates import teacher_gates
 
 SELECTION_SPLIT = "val"
 CONFIRMATION_SPLIT = "test"
@@ -211,3 +213,41 @@ def _performance(measured) -> dict:
     """The PERFORMANCE_KEYS figures of a measurement, as set (a figure absent
     from an older document stays absent)."""
     return {k: getattr(measured, k) for k in PERFORMANCE_KEYS if k in measured.model_fields_set}
+
+
+def gate_teacher(selection: GatesReport, report: GateReport | None) -> GatesReport:
+    """``selection`` with a retrained teacher's gates (``gates.teacher_gates``;
+    None: the teacher is not a retrain's, ``selection`` as it is) recorded as
+    ``teacher_gates``. A failed teacher gate deploys nothing, whichever
+    candidates passed: every candidate is built from that teacher. The reason
+    says which teacher gate failed and by how much."""
+    if report is None:
+        return selection
+    update = {"teacher_gates": CandidateGates.from_report(report)}
+    if not report.passed:
+        update |= {"selected": None,
+                   "reason": "no candidate deployed: the retrained teacher failed "
+                             + "; ".join(r.describe() for r in report.failures)
+                             + f" (candidates: {selection.reason})"}
+    return selection.model_copy(update=update)
+
+
+def heldout_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float | None:
+    """Accuracy on the held-out production labels (None: none held out)."""
+    if not len(labels):
+        return None
+    return round(sum(int(y) == int(p) for y, p in zip(labels, predictions)) / len(labels), 6)
+
+
+def retrained_teacher_gates(record, teacher_hash: str, val_accuracy: float, heldout_labels: Sequence[int],
+                            heldout_predictions: Sequence[int], gates):
+    """The teacher gates (shrinkflow.gates.teacher_gates) when the teacher
+    whose files hash to ``teacher_hash`` is not the one ``record`` (a
+    RetrainRecord) measured before the retrain, else None: no retrain
+    recorded, or the teacher is still the old one (a re-compression after a
+    retrain that did not change it is not re-gated)."""
+    prev = record.previous_teacher
+    if prev is None or prev.content_hash == teacher_hash:
+        return None
+    return teacher_gates(prev, val_accuracy, heldout_accuracy(heldout_labels, heldout_predictions), gates)
+

@@ -18,7 +18,8 @@ def deploy(params, root: Path) -> None:
     from shrinkflow.errors import PromotionRefused
     from shrinkflow.gates import serves_per_row
     from shrinkflow.files import read_json
-    from shrinkflow.lineage import collect_lineage
+    from shrinkflow.catalog import load_retrain_record
+    from shrinkflow.lineage import collect_lineage, feedback_lineage
     from shrinkflow.paths import CANDIDATES, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path
     from shrinkflow.registry import Registry
     from shrinkflow.validation import deployed_figures
@@ -66,7 +67,10 @@ def deploy(params, root: Path) -> None:
                                    str(TEACHER), str(UNLABELLED),
                                    # which production window (if any) it was re-compressed on,
                                    # and the monitor run that asked for it
-                                   extra={"window": read_json(root / WINDOW_META) or None}),
+                                   extra={"window": read_json(root / WINDOW_META) or None,
+                                          # the production labels the teacher was fine-tuned on, and
+                                          # which retrain (monitor run) asked for it
+                                          "feedback": feedback_lineage(root, load_retrain_record(root))}),
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(root / params.deploy.registry_dir)

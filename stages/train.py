@@ -21,6 +21,17 @@ def train_metrics(result, labels, compute: dict):
     return TrainMetrics(**{**result.__dict__, "labels": list(labels), "compute": compute})
 
 
+def with_feedback(train_df, feedback_train):
+    """The training split followed by the production labels a retrain
+    appended (``feedback_train``: text, label as class ids). No feedback
+    rows: ``train_df`` itself, so the default run trains on the same frame."""
+    import pandas as pd
+
+    if not len(feedback_train):
+        return train_df
+    return pd.concat([train_df, feedback_train[list(train_df.columns)]], ignore_index=True)
+
+
 def train(params, root: Path) -> None:
     from shrinkflow.catalog import TRAIN_METRICS, save
     from shrinkflow.cost import ComputeMeter
@@ -36,7 +47,8 @@ def train(params, root: Path) -> None:
     # What training the large model cost: the first term of the ROI (deploy).
     with ComputeMeter(params.cost.country_iso_code) as meter:
         if tp.fine_tune:
-            model, tok, result = train_teacher(read_split("train", root), read_split("val", root), tp, labels=labels)
+            train_df = with_feedback(read_split("train", root), read_split("feedback_train", root))
+            model, tok, result = train_teacher(train_df, read_split("val", root), tp, labels=labels)
         else:
             model, tok, result = measure_teacher(read_split("val", root), tp, labels)
     # Typed before the model is saved: a record that does not match its model

@@ -28,7 +28,9 @@ def validate(params, root: Path) -> None:
     from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, TEACHER, UNLABELLED,
                                   WINDOW_HELDOUT)
     from shrinkflow.markdown import validation_markdown
-    from shrinkflow.validation import SELECTION_SPLIT, check_model_labels, validate_runs
+    from shrinkflow.catalog import load_retrain_record
+    from shrinkflow.validation import (SELECTION_SPLIT, check_model_labels, gate_teacher, retrained_teacher_gates,
+                                       validate_runs)
 
     # Class ids in the splits index this tuple; every model must output its
     # classes in the same order, or its "accuracy" would compare other classes.
@@ -40,10 +42,13 @@ def validate(params, root: Path) -> None:
     frames = {s: read_split(s, root) for s in PREDICTED}
     # "window_heldout": production text held out of a re-compression's
     # distillation; teacher agreement on it is gated (empty by default).
+    # "feedback_heldout": production labels held out of a retrain (empty by default).
+    frames["feedback_heldout"] = read_split("feedback_heldout", root)
     texts = {s: f["text"].tolist() for s, f in frames.items()} | {
         "unlabelled": read_lines(root / UNLABELLED), "window_heldout": read_lines(root / WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
     lat = params.validate.latency
+    teacher_hash = content_hash(file_hashes(teacher_dir))
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in names:
@@ -65,6 +70,10 @@ def validate(params, root: Path) -> None:
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
     report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names)
+    selection = gate_teacher(selection, retrained_teacher_gates(
+        load_retrain_record(root), teacher_hash, report.teacher.accuracy,
+        [int(x) for x in frames["feedback_heldout"]["label"]], teacher["predictions"]["feedback_heldout"],
+        params.validate.gates))
     save(VALIDATION, report, root)
     save(GATES, selection, root)
     write_json(root / HEADLINE_VALIDATE, validate_headline(report))

@@ -39,6 +39,7 @@ def decide(project_dir: str, params, summary: dict, report_dir: str, now: dateti
     """``act``: a recompress verdict will be acted on (recorded as ``acted``).
     Also adds the run's snapshot to the project's Evidently workspace
     (monitoring.workspace; a failure there is logged, never raised)."""
+    from monitoring.policy import ACTING
     from monitoring.run import decide_and_record
     from monitoring.summary import DriftSummary
     from monitoring.workspace import WORKSPACE, task_name
@@ -50,7 +51,7 @@ def decide(project_dir: str, params, summary: dict, report_dir: str, now: dateti
 
     recorded = json.loads((Path(report_dir) / DECISION_JSON).read_text()).get("evidently")
     return {**decision.model_dump(mode="json"), "triggers": list(decision.triggers),
-            "acted": bool(act and decision.action == "recompress"), "evidently": recorded}
+            "acted": bool(act and decision.action in ACTING), "evidently": recorded}
 
 
 def reports_link_base(url: str, timeout_s: float = 2.0) -> str | None:

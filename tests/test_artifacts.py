@@ -174,7 +174,7 @@ def test_a_version_stored_as_deploy_stores_it_loads_as_a_manifest(tmp_path):
 # ------------------------------------------------------- the catalog
 def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
     report, selection = validated()
-    assert set(CATALOG) == {"train_metrics", "compress_metrics", "validation", "gates", "deployment"}
+    assert set(CATALOG) == {"train_metrics", "compress_metrics", "validation", "gates", "deployment", "retrain"}
     path = save(VALIDATION, report, tmp_path)
     assert path == tmp_path / "metrics" / "validate.json"
     # the same bytes as a plain JSON writer of its dump (tests/test_typed_documents.py: as the code before the models)

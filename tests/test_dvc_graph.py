@@ -136,7 +136,7 @@ def test_catalog_outs_match_dvc_yaml():
 
     assert outs("fetch") == {str(paths.RAW_DIR)}
     assert paths.RAW.parent == paths.RAW_DIR
-    assert outs("data") == ({str(paths.split_path(s)) for s in paths.SPLITS}
+    assert outs("data") == ({str(paths.split_path(s)) for s in (*paths.SPLITS, *paths.FEEDBACK_SPLITS)}
                             | {str(paths.METRICS_DATA), str(paths.LABELS_JSON), str(paths.UNLABELLED_PREPARED),
                                str(paths.HEADLINE_DATA)})
     assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN), str(paths.HEADLINE_TRAIN)}

@@ -276,3 +276,15 @@ def test_old_report_runs_are_pruned_newest_kept(tmp_path):
     assert sorted(d.name for d in tmp_path.iterdir()) == ["20260102T000000_000000Z", "20260103T000000_000000Z"]
     assert prune(tmp_path / "missing", keep=1) == []
     assert "0 run(s)" in write_index(tmp_path).read_text()  # no summary.json: unfinished runs are not listed
+
+
+def test_the_shadow_teacher_answers_the_feedback_labels_too(reports):
+    """The retrain rule's input: the kept teacher's accuracy on the window's
+    feedback labels (the served model is the teacher here, so the two agree)."""
+    _, runs, window = reports
+    q = runs["shifted"].quality
+    labelled = window[window["feedback_label"].notna()]
+    acc = float((labelled["label"].astype(int) == labelled["feedback_label"].astype(int)).mean())
+    assert q.teacher_labels == 30 and q.teacher_accuracy == pytest.approx(acc, abs=1e-6)
+    # this run's validated dict names no teacher accuracy: no drop to judge
+    assert q.teacher_validated_accuracy is None and q.teacher_accuracy_drop is None

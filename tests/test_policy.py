@@ -48,7 +48,8 @@ def summary(drifted: int = 0, of: int = 5, auc: float = 0.5, agreement: float = 
 def test_a_quiet_window_is_ok_and_says_why():
     d = decide(summary(), P, [], NOW)
     assert d.action == "ok" and d.triggers == ()
-    assert {f.rule for f in d.findings} == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
+    assert {f.rule for f in d.findings} == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement",
+                                            "teacher_feedback"}
     # figure and threshold, even when ok (0.97 - 0.01 - 1.645 x sqrt(0.96 x 0.04 / 200) = 0.937)
     assert any("0.970" in r and "min 0.937" in r for r in d.reasons)
 
@@ -254,7 +255,8 @@ def test_nothing_computed_is_ok_never_a_crash():
     d = decide(s, P, [], NOW)
     assert d.action == "ok" and d.triggers == ()
     assert {f.rule: f.computed for f in d.findings} == {"text_drift": False, "embedding_drift": False,
-                                                        "feedback_accuracy": True, "teacher_agreement": False}
+                                                        "feedback_accuracy": True, "teacher_agreement": False,
+                                                        "teacher_feedback": True}
     assert next(f for f in d.findings if f.rule == "text_drift").detail == \
         "text drift not computed: descriptor:length_chars: no finite value"
     assert d.reasons[-1] == "prediction drift not computed: no finite value of prediction"

@@ -1,0 +1,39 @@
+"""The retrain flow: the window's production labels are appended to the
+DVC-versioned feedback dataset, the data stage splits them (fine-tune /
+held out), the old teacher is measured before it is replaced, then the
+lifecycle runs through DVC with train included (the feedback dep makes data
+and train stale): the teacher is fine-tuned on the train split plus the
+production labels, compressed, validated (the retrained teacher gated
+against the old one) and deployed as usual. Wiring only."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.lifecycle import lifecycle
+from tasks.dvc import repro_stage_with_retries
+from tasks.retrain import append_feedback, archive_feedback, record_previous_teacher
+
+
+@flow(name="shrinkflow-retrain", log_prints=True)
+def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> dict:
+    """``pairs``: the window's (text, label name) feedback, oldest first;
+    ``trigger``: what asked for it (the monitor run, the window's hash and
+    the rules that fired), recorded in data/feedback/retrain.json and from
+    there in the new version's lineage."""
+    feedback = append_feedback(project_dir, pairs)
+    if not feedback["added"] and not feedback["relabelled"]:
+        print(f"retrain: the window's {len(pairs)} labels are all in the feedback dataset already; nothing to "
+              "retrain on")
+        return {"feedback": feedback, "deployed_version": None, "selected": None, "stages": {},
+                "reason": "no new production labels: the feedback dataset is unchanged"}
+    archive_feedback(project_dir)
+    repro_stage_with_retries("data")("data", project_dir)
+    record = record_previous_teacher(project_dir, trigger, feedback)
+    result = lifecycle(project_dir)
+    print(f"retrain: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"
+          f" (feedback {feedback['md5']}: {feedback['rows']} labels, {feedback['added']} added, "
+          f"{feedback['relabelled']} relabelled)")
+    return {"feedback": feedback, "previous_teacher": record["previous_teacher"],
+            "deployed_version": result["deployed_version"], "selected": result["selected"],
+            "stages": result["stages"], "reason": result["gates"]["reason"]}

@@ -1,0 +1,50 @@
+"""Prefect tasks of the retrain flow: each calls one library function
+(shrinkflow/, monitoring/) and returns plain data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkflow.paths import FEEDBACK_ARCHIVE
+
+
+@task(name="window-feedback", cache_policy=NO_CACHE)
+def window_feedback(window, labels: list[str]) -> list[tuple[str, str]]:
+    from monitoring.run import window_feedback as _pairs
+
+    return _pairs(window, labels)
+
+
+@task(name="append-feedback", cache_policy=NO_CACHE)
+def append_feedback(project_dir: str, pairs: list[tuple[str, str]]) -> dict:
+    from shrinkflow.feedback import append_feedback as _append
+
+    return _append(Path(project_dir), pairs)
+
+
+@task(name="dvc-add-feedback-archive", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def archive_feedback(project_dir: str) -> str:
+    """``dvc add data/feedback/archive`` (and push when a default remote is
+    set): every version of the feedback dataset, restorable by its md5."""
+    from shrinkflow.dvcrun import DVC_PUSH_TIMEOUT_S, dvc_command
+
+    out = dvc_command(["add", str(FEEDBACK_ARCHIVE)], project_dir)
+    try:
+        remote = dvc_command(["remote", "default"], project_dir).strip()
+    except RuntimeError:  # "No default remote set"
+        remote = ""
+    if remote:
+        out += dvc_command(["push", f"{FEEDBACK_ARCHIVE}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
+    return out
+
+
+@task(name="record-previous-teacher", cache_policy=NO_CACHE)
+def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict) -> dict:
+    """Measure the kept teacher before train replaces it, and write
+    data/feedback/retrain.json."""
+    from shrinkflow.retrain import measure_teacher, record_retrain
+
+    return record_retrain(Path(project_dir), trigger, feedback, measure_teacher(Path(project_dir))).to_json_dict()

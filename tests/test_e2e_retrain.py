@@ -1,0 +1,108 @@
+"""End to end: a retrain verdict, in a project of its own (a temporary
+git+DVC copy of this one; its own file, so a worker runs it beside the other
+e2e files). The kept teacher is wrong on production text by construction
+(every feedback label contradicts it), so `shrinkflow monitor` decides
+retrain; the retrain flow appends the labels to the DVC-versioned feedback
+dataset, DVC re-runs data and train (the teacher is fine-tuned on the train
+split plus the production labels), compress, validate (the retrained teacher
+gated against the old one) and deploy, and the new version's lineage names
+the dataset's md5 and the monitor run.
+
+Real Prefect (test harness), real DVC, real data (a slice), a tiny model.
+The teacher gates' boundaries are unit-tested (tests/test_feedback.py);
+here they are set so that the tiny teacher passes them, and their presence
+in the gate report is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+import pytest
+import yaml
+
+from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PARAMS = deep_merge(TINY, {
+    "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
+    "monitor": {"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
+                "max_teacher_feedback_drop": 0.05},
+    # The old teacher scores 0 on the held-out labels (each contradicts it):
+    # any retrained teacher gains at least 0, and the tiny one may lose val.
+    "validate": {"gates": {"max_teacher_val_drop": 1.0, "min_teacher_feedback_gain": 0.0}},
+})
+
+
+def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineage(tmp_path, prefect_api):
+    import pandas as pd
+
+    from monitoring.evidently_reports import softmax_probabilities
+    from shrinkflow.feedback import normalise
+    from shrinkflow.predictors import load_predictor
+    from shrinkflow.predlog import Prediction, PredictionLog, utc_now
+    from shrinkflow.registry import Registry
+
+    project = copy_project(tmp_path / "project")
+    write_params(project / "params.yaml", PARAMS)
+    assert (project / "data/feedback/labels.jsonl").read_text() == ""   # a fresh project has the dataset
+    code, out = run_cli(project, prefect_api, "run")
+    assert code == 0, out[-4000:]
+    reg = Registry(project / "registry")
+    before = reg.alias()
+    assert reg.manifest(before)["lineage"]["feedback"] == {
+        "md5": hashlib.md5(b"").hexdigest(), "retrain": None}
+
+    labels = json.loads((project / "data/prepared/labels.json").read_text())["labels"]
+    shifted = pd.read_parquet(project / "data/prepared/shifted.parquet")["text"].tolist()
+    texts = shifted + pd.read_parquet(project / "data/prepared/test.parquet")["text"].tolist()[:30]
+    served = softmax_probabilities(load_predictor(reg.load().path, threads=1).predict_logits(texts))
+    teacher = load_predictor(project / "models/teacher", threads=1).predict_logits(shifted).argmax(axis=1)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    log = PredictionLog(project / params["serve"]["log_path"]).open()
+    rows = [Prediction(uuid.uuid4().hex, utc_now(), before, t, p.tolist(), int(p.argmax()), 2.0)
+            for t, p in zip(texts, served)]
+    log.append(rows)
+    for r, t in zip(rows, teacher):   # every label contradicts the kept teacher
+        log.add_feedback(r.prediction_id, 1 - int(t))
+    old_teacher = (project / "models/teacher/model.safetensors").read_bytes()
+
+    code, out = run_cli(project, prefect_api, "monitor")
+    assert code == 0, out[-4000:]
+    assert "verdict: retrain" in out and "teacher_feedback: FIRED" in out, out[-4000:]
+    assert "Running stage 'data'" in out and "Running stage 'train'" in out
+    new = reg.alias()
+    assert new != before and f"retrain: DEPLOYED {new}" in out
+    assert (project / "models/teacher/model.safetensors").read_bytes() != old_teacher
+
+    # the dataset: text and label name, one row per distinct text, versioned
+    body = (project / "data/feedback/labels.jsonl").read_text()
+    dataset = [json.loads(line) for line in body.splitlines()]
+    assert len(dataset) == len({normalise(t) for t in shifted}) and {r["label"] for r in dataset} <= set(labels)
+    assert set(dataset[0]) == {"text", "label"}
+    md5 = hashlib.md5(body.encode()).hexdigest()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert next(d["md5"] for d in lock["data"]["deps"] if d["path"] == "data/feedback/labels.jsonl") == md5
+    assert (project / "data/feedback/archive.dvc").is_file()
+    assert (project / f"data/feedback/archive/{md5}.jsonl").read_text() == body
+    train_rows = len(pd.read_parquet(project / "data/prepared/feedback_train.parquet"))
+    heldout_rows = len(pd.read_parquet(project / "data/prepared/feedback_heldout.parquet"))
+    assert train_rows + heldout_rows == len(dataset) and train_rows and heldout_rows
+
+    # the retrained teacher's gates, against the old teacher measured before train
+    gates = json.loads((project / "reports/gates.json").read_text())
+    assert set(gates["teacher_gates"]["gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
+    assert gates["teacher_gates"]["passed"] and gates["selected"] == "int8"
+    assert "Retrained teacher" in (project / "reports/gates.md").read_text()
+
+    # lineage: the dataset's md5 as DVC records it, and the monitor run that asked
+    feedback = reg.manifest(new)["lineage"]["feedback"]
+    assert feedback["md5"] == md5 and feedback["retrain"]["feedback"]["md5"] == md5
+    asked = feedback["retrain"]["requested_by"]
+    assert asked["monitor_flow_run"] and "teacher_feedback" in asked["triggers"]
+    prev = feedback["retrain"]["previous_teacher"]
+    # every held-out label contradicts the old teacher (up to a near-tie read in another batch)
+    assert prev["feedback_heldout_accuracy"] < 0.2 and prev["feedback_heldout_rows"] == heldout_rows
