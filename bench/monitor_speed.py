@@ -41,7 +41,10 @@ PROJECT = WORK / "project"
 SIZES = (1_000, 10_000)
 WINDOWS, WINDOW_ROWS = 5, 1_000
 OLD_FLOOR = 0.90   # the teacher-agreement rule before: a bare floor (min_teacher_agreement)
-COPY = ("registry", "models/teacher", "data/prepared", "data/raw/source.tar.gz", "params.yaml")
+# The deployed state, from the checkout measured; params.yaml from this one,
+# whose monitor code runs (a source on another branch may hold params this
+# code does not know).
+COPY = ("registry", "models/teacher", "data/prepared", "data/raw/source.tar.gz")
 
 # One monitor run in a fresh process, as the monitor flow's tasks call the
 # library: prints a JSON line with the phases' seconds and the verdict.
@@ -82,16 +85,16 @@ def copy_project(source: Path) -> None:
             sys.exit(f"{src} is missing: run `shrinkflow run` in {source} first")
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    shutil.copy2(ROOT / "params.yaml", PROJECT / "params.yaml")
 
 
 def set_params(**monitor) -> None:
-    """The copy's ``monitor:`` section: this checkout's (the monitor code
-    measured is this checkout's), then ``monitor``."""
+    """The copy's ``monitor:`` section, updated with ``monitor``."""
     import yaml
 
     path = PROJECT / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["monitor"] = {**yaml.safe_load((ROOT / "params.yaml").read_text())["monitor"], **monitor}
+    params["monitor"].update(monitor)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

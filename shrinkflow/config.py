@@ -809,9 +809,11 @@ class MonitorParams(_Frozen):
     # The compression gap: fires when the window's agreement with the teacher
     # is more than this below the version's validated agreement (on test, at
     # deploy), beyond the sampling error of both figures. Not a bare floor:
-    # a student validated at 0.902 against a 0.90 floor agreed 0.885-0.895 on
-    # windows of the very sentences it was validated on, and fired.
-    max_teacher_agreement_drop: Fraction = 0.01
+    # a student validated at 0.902 against a 0.90 floor agreed 0.869-0.898 on
+    # windows of 1,000 in-domain sentences, and fired. 0.02: its agreement on
+    # two in-domain splits differs by that much (val 0.883, test 0.902), and
+    # 0.01 still fired on one of 5 such windows (bench/results/monitor_speed.md).
+    max_teacher_agreement_drop: Fraction = 0.02
     # One-sided confidence that the agreement really fell (by more than
     # max_teacher_agreement_drop), not the sample: 0.5 compares the bare figures.
     teacher_agreement_confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.95

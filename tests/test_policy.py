@@ -50,8 +50,8 @@ def test_a_quiet_window_is_ok_and_says_why():
     assert d.action == "ok" and d.triggers == ()
     assert {f.rule for f in d.findings} == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement",
                                             "teacher_feedback"}
-    # figure and threshold, even when ok (0.97 - 0.01 - 1.645 x sqrt(0.96 x 0.04 / 200) = 0.937)
-    assert any("0.970" in r and "min 0.937" in r for r in d.reasons)
+    # figure and threshold, even when ok (0.97 - 0.02 - 1.645 x sqrt(0.95 x 0.05 / 200) = 0.925)
+    assert any("0.970" in r and "min 0.925" in r for r in d.reasons)
 
 
 @pytest.mark.parametrize("share_drifted, of, fires", [(2, 5, False),   # 0.4: exactly at the threshold
@@ -70,22 +70,22 @@ def test_embedding_drift_boundary(auc, fires):
 
 
 # The teacher-agreement floor for 1,000 shadow texts of a version validated
-# at 0.90 on 1,000 test texts (max_teacher_agreement_drop 0.01, 0.95
-# one-sided): 0.90 - 0.01 - 1.6449 * sqrt(0.89 * 0.11 / 1000 + 0.9 * 0.1 / 1000).
-FLOOR_1000 = 0.9 - 0.01 - 1.6448536269514722 * math.sqrt(0.89 * 0.11 / 1000 + 0.9 * 0.1 / 1000)
+# at 0.90 on 1,000 test texts (max_teacher_agreement_drop 0.02, 0.95
+# one-sided): 0.90 - 0.02 - 1.6449 * sqrt(0.88 * 0.12 / 1000 + 0.9 * 0.1 / 1000).
+FLOOR_1000 = 0.9 - 0.02 - 1.6448536269514722 * math.sqrt(0.88 * 0.12 / 1000 + 0.9 * 0.1 / 1000)
 
 
 def test_the_agreement_floor_is_the_validated_agreement_less_the_drop_and_its_sampling_error():
-    assert FLOOR_1000 == pytest.approx(0.867453, abs=1e-6)
+    assert FLOOR_1000 == pytest.approx(0.856995, abs=1e-6)
     floor, why = agreement_floor(1000, 0.9, 1000, P)
     assert floor == pytest.approx(FLOOR_1000, abs=1e-12)
-    assert "validated 0.900 on 1000 texts" in why and "0.010" in why and "0.95 one-sided" in why
+    assert "validated 0.900 on 1000 texts" in why and "0.020" in why and "0.95 one-sided" in why
     # more shadow texts, a tighter floor; the validated figure's own error widens it
-    assert agreement_floor(200, 0.9, 1000, P)[0] < floor < agreement_floor(10_000, 0.9, 1000, P)[0] < 0.89
+    assert agreement_floor(200, 0.9, 1000, P)[0] < floor < agreement_floor(10_000, 0.9, 1000, P)[0] < 0.88
     assert agreement_floor(1000, 0.9, None, P)[0] > floor
     # confidence 0.5: the bare figures, validated less the drop
     assert agreement_floor(1000, 0.9, 1000, P.model_copy(update={"teacher_agreement_confidence": 0.5}))[0] == \
-        pytest.approx(0.89, abs=1e-12)
+        pytest.approx(0.88, abs=1e-12)
     # no validated agreement: min_teacher_agreement less its own sampling error
     assert agreement_floor(400, None, None, P)[0] == pytest.approx(0.9 - 1.6448536269514722 * 0.015, abs=1e-12)
     with pytest.raises(ValueError):
@@ -100,15 +100,16 @@ def test_teacher_agreement_boundary(agreement, fires):
     assert d.action == ("recompress" if fires else "ok")
     f = next(f for f in d.findings if f.rule == "teacher_agreement")
     assert f.value == agreement and f.threshold == pytest.approx(FLOOR_1000, abs=1e-12)
-    assert any(f"agreement with the teacher {agreement:.3f} on 1000 window texts (min 0.867: validated 0.900" in r
+    assert any(f"agreement with the teacher {agreement:.3f} on 1000 window texts (min 0.857: validated 0.900" in r
                for r in d.reasons)
 
 
-@pytest.mark.parametrize("agreement, fires", [(0.895, False), (0.88, False), (0.86, True)])
+@pytest.mark.parametrize("agreement, fires", [(0.898, False), (0.869, False), (0.86, False), (0.85, True)])
 def test_in_domain_sampling_noise_does_not_fire_but_a_real_gap_does(agreement, fires):
     """The false trigger this rule replaced: a student validated at 0.902 on
-    1,056 test texts agreed 0.885-0.895 on windows of in-domain sentences,
-    under the old 0.90 floor; 1,000 tweets put it at 0.857."""
+    1,056 test texts agreed 0.869-0.898 on windows of 1,000 in-domain
+    sentences, under the old 0.90 floor; windows of 1,000 tweets put it at
+    0.847-0.863 (bench/results/monitor_speed.md). The floor here: 0.860."""
     d = decide(summary(agreement=agreement, teacher_rows=1000, validated_agreement=0.902462, validated_rows=1056),
                P, [], NOW)
     assert ("teacher_agreement" in d.triggers) is fires
