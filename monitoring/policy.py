@@ -17,7 +17,8 @@ drifted, which alone says nothing about its errors). A trigger -> ``recompress``
 except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when its distinct texts would leave the distillation or
 the held-out part of a re-compression empty (a window of one text repeated),
-when this very window already triggered (dedup), or within
+when fewer than ``min_recompress_rows`` distinct texts are left to distil
+from, when this very window already triggered (dedup), or within
 ``cooldown_hours`` of the last re-compression. Every rule reports its
 figure and threshold, fired or not.
 
@@ -168,6 +169,9 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
         held = (f"the window's {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
                 f"{w.distill_texts} for distillation and {w.heldout_texts or 0} held out: a re-compression needs "
                 "both; not acting")
+    elif w.distill_texts is not None and w.distill_texts < params.min_recompress_rows:
+        held = (f"the window has {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
+                f"{params.min_recompress_rows}: too few to re-distil from; not acting")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:
