@@ -46,7 +46,10 @@ def lifecycle(project_dir: str) -> dict:
             publish_report(report, selection, None, stages)
             raise DeploymentMissing(f"the deploy stage ran (forced) but the registry at {registry_dir} does not "
                                     f"serve {selected!r}")
-    version = deployment.version if deployment else None
-    publish_report(report, selection, version, stages, deployment.roi if deployment else None)
-    return {"stages": stages, "selected": selected, "deployed_version": version,
+    # A re-compression that selected the production model keeps it: nothing deployed.
+    kept = deployment.version if deployment and deployment.kept else None
+    version = deployment.version if deployment and not kept else None
+    publish_report(report, selection, version, stages, deployment.roi if deployment else None, kept=kept)
+    return {"stages": stages, "selected": selected, "deployed_version": version, "kept_version": kept,
+            "kept_reason": deployment.reason if kept else None,
             "gates": selection.to_json_dict(), "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

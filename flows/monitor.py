@@ -12,7 +12,11 @@ from prefect.runtime import flow_run
 from flows.recompress import recompress
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
-from tasks.monitor import build_reports, decide, publish, read_window
+from tasks.monitor import build_reports, decide, publish, read_window, record_recompress
+
+
+# What decision.json records of a re-compression (its ``recompress`` key).
+RECORDED = ("outcome", "deployed_version", "kept_version", "production_version", "selected", "reason", "candidates")
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
@@ -43,6 +47,7 @@ def monitor(project_dir: str, act: bool = True) -> dict:
                 "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
         result = recompress(project_dir, window["text"].tolist(), meta)
+        record_recompress(report_dir, {k: result[k] for k in RECORDED})
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
             "evidently": decision.get("evidently")}

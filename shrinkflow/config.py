@@ -602,7 +602,7 @@ class Gates(_Frozen):
     min_window_agreement: Fraction = 0.90
     # Re-compression only, the other way through the window gate: a candidate
     # whose held-out window agreement beats the production model's (measured
-    # on the same texts) by at least this passes though under the floor above.
+    # on the same texts) by at least this passes though under min_window_agreement.
     min_window_agreement_gain: Fraction = 0.02
     # Batch invariance: each candidate predicts val alone (one text per call)
     # and in seeded batches of 32 mixed-length texts; the largest change of
