@@ -150,3 +150,33 @@ def test_the_monitor_run_records_the_re_compression_in_its_decision(tmp_path):
     assert doc["recompress"] == outcome and doc["acted"] is True
     assert json.loads((run_dir / "decision.json").read_text())["recompress"]["outcome"] == "nothing"
     assert "(nothing passed the gates)" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_the_production_copy_is_a_validate_dep_that_a_fresh_project_has_empty():
+    """DVC never misses the dep (the directory is in git, with its README),
+    and a default run measures no production candidate."""
+    import subprocess
+
+    import yaml
+
+    from stages.validate import read_production
+    from tests.conftest import PROJECT_ROOT
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    assert str(WINDOW_PRODUCTION) in stages["validate"]["deps"]
+    tracked = subprocess.run(["git", "ls-files", str(WINDOW_PRODUCTION)], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert sorted(tracked) == [f"{WINDOW_PRODUCTION}/.gitignore", f"{WINDOW_PRODUCTION}/README.md"]
+    assert read_production(PROJECT_ROOT, BINARY) is None
+
+
+def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys):
+    from shrinkflow.files import write_json
+    from stages.validate import read_production
+
+    (tmp_path / PRODUCTION_MODEL).mkdir(parents=True)
+    write_json(tmp_path / PRODUCTION_META, {"version": "v0007", "content_hash": "h"})
+    write_json(tmp_path / PRODUCTION_MODEL / "shrinkflow_model.json", {"format": "onnx", "labels": list(BINARY)})
+    assert read_production(tmp_path, BINARY) == "v0007"
+    assert read_production(tmp_path, ("a", "b", "c")) is None
+    assert "production v0007 is not measured: its classes" in capsys.readouterr().out
