@@ -133,7 +133,8 @@ def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: 
 def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: dict[str, list[int]],
                   params: ValidateParams, files: dict[str, dict],
                   label_names: Sequence[str] | None = None,
-                  production_version: str | None = None) -> tuple[ValidationReport, GatesReport]:
+                  production_version: str | None = None,
+                  production_as: str | None = None) -> tuple[ValidationReport, GatesReport]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
     ``teacher_run`` and each of ``candidate_runs`` is a measured run
@@ -147,6 +148,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     whose run is ``candidate_runs[PRODUCTION_CANDIDATE]``: its held-out window
     agreement is the baseline of every candidate's window gate
     (``gates.window_gates``), and it is gated and selected like the others.
+    ``production_as``: instead, the built candidate with production's very
+    files, measured once under its own name; its agreement is the baseline.
     """
     classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
@@ -155,8 +158,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                   for n, r in candidate_runs.items()}
     baseline = None
     if production_version is not None:
-        baseline = ProductionBaseline(production_version,
-                                      candidates[PRODUCTION_CANDIDATE].agreement.get("window_heldout"))
+        baseline = ProductionBaseline(production_version, candidates[production_as or PRODUCTION_CANDIDATE]
+                                      .agreement.get("window_heldout"))
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
                                  ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
                for n, m in candidates.items()}
