@@ -180,3 +180,12 @@ def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys)
     assert read_production(tmp_path, BINARY) == "v0007"
     assert read_production(tmp_path, ("a", "b", "c")) is None
     assert "production v0007 is not measured: its classes" in capsys.readouterr().out
+
+
+def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_baseline():
+    args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0])
+    del args["candidate_runs"][PRODUCTION_CANDIDATE]
+    report, sel = validate_runs(**{**args, "files": _files("small"), "production_as": "small"})
+    assert set(sel.candidates) == {"small"} and sel.production == "v0003"
+    gain = sel.candidates["small"].gates["min_window_agreement_gain"]
+    assert gain.value == 0 and "against production v0003's 0.8" in gain.note
