@@ -605,6 +605,10 @@ class Gates(_Frozen):
     # the production window (data/unlabelled/heldout.txt). Checked when that
     # file is not empty; the label-free gate for text no split covers.
     min_window_agreement: Fraction = 0.90
+    # Re-compression only, the other way through the window gate: a candidate
+    # whose held-out window agreement beats the production model's (measured
+    # on the same texts) by at least this passes though under min_window_agreement.
+    min_window_agreement_gain: Fraction = 0.02
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy
     # minus the retrained teacher's must be at most this.
@@ -804,6 +808,10 @@ class MonitorParams(_Frozen):
     # Re-compression: this share of the window is held out from distillation
     # and gates the new candidate (validate.gates.min_window_agreement).
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    # A recompress verdict needs at least this many distinct window texts for
+    # distillation (after the held-out share); fewer: warn. Too few texts
+    # cannot move the student (bench/results/monitoring.md).
+    min_recompress_rows: Annotated[int, Field(ge=1)] = 300
     reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
     # Each run's reports take ~10 MB (Evidently inlines its JavaScript): keep
     # the newest N run directories, delete older ones after each run.

@@ -29,6 +29,13 @@ UNLABELLED = Path("data/unlabelled/texts.txt")
 # teacher agreement on it) and what the window was (deploy puts it in lineage).
 WINDOW_HELDOUT = Path("data/unlabelled/heldout.txt")
 WINDOW_META = Path("data/unlabelled/window.json")
+# Re-compression: a verified copy of the production model (``model/``) and
+# which version it is (``version.json``); validate measures it as one more
+# candidate, so a re-compression never deploys something worse than keeping
+# it. Holds only its README by default: no production candidate.
+WINDOW_PRODUCTION = Path("data/unlabelled/production")
+PRODUCTION_MODEL = WINDOW_PRODUCTION / "model"
+PRODUCTION_META = WINDOW_PRODUCTION / "version.json"
 # Every snapshot, content-addressed, tracked by `dvc add` (data/windows.dvc):
 # the window any version was compressed from can be restored by its hash.
 WINDOWS_ARCHIVE = Path("data/windows")
