@@ -315,6 +315,7 @@ class GatesReport(Artifact):
     labels: list[str] | None = None
     candidates: dict[str, CandidateGates]
     confirmation: Confirmation | None
+    production: str | None = None
     # A retrained teacher's own gates (shrinkflow.gates.teacher_gates; its
     # ``candidate`` is "teacher"): when any fails, no candidate is selected.
     # Absent when the teacher is not a retrain's.
@@ -347,7 +348,6 @@ class RetrainRecord(Artifact):
     requested_by: dict[str, Any] | None = None
     feedback: dict[str, Any] | None = None
     previous_teacher: PreviousTeacher | None = None
-    production: str | None = None
 
 
 # ---------------------------------------------------------------- cost
