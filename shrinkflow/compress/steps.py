@@ -81,7 +81,7 @@ class Build:
         from shrinkflow.compress.teacher_cache import cached_teacher_outputs
 
         logits, hidden, hit = cached_teacher_outputs(self.teacher_cache, self.teacher_hash, self.model, seqs,
-                                                     layers)
+                                                     layers, self.tokenizer_json)
         if self.teacher_cache is not None:
             self.run_stats["teacher_outputs_cached"] = hit
         return logits, hidden

@@ -31,10 +31,12 @@ from shrinkflow.files import fsync_tree, sha256_file
 INFO = "entry.json"
 
 
-def outputs_key(teacher_hash: str, seqs: list[list[int]], layers: tuple[int, ...]) -> str:
-    """sha256 over the teacher's content hash, every sequence's token ids (in
-    order) and the layers whose outputs are asked for."""
-    h = hashlib.sha256(f"{teacher_hash}\n{list(layers)}\n".encode())
+def outputs_key(teacher_hash: str, seqs: list[list[int]], layers: tuple[int, ...], tokenizer_json: str = "") -> str:
+    """sha256 over the teacher's content hash, the tokenizer the ids come from
+    (a step that remaps the vocabulary changes it), every sequence's token ids
+    (in order) and the layers whose outputs are asked for."""
+    tok = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    h = hashlib.sha256(f"{teacher_hash}\n{tok}\n{list(layers)}\n".encode())
     for s in seqs:
         h.update(np.asarray(s, dtype=np.int64).tobytes())
         h.update(b"\n")
@@ -93,10 +95,15 @@ class TeacherOutputCache:
         if hidden:
             import torch
 
-            lengths = [h.shape[0] for h in hidden]
-            np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                    allow_pickle=False)
-            np.save(tmp / "hidden.npy", torch.cat(list(hidden)).numpy(), allow_pickle=False)
+            offsets = np.concatenate([[0], np.cumsum([h.shape[0] for h in hidden])]).astype(np.int64)
+            np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
+            # Row by row into the file: no second copy of ~0.5 GB in memory.
+            flat = np.lib.format.open_memmap(tmp / "hidden.npy", mode="w+", dtype=np.float16,
+                                             shape=(int(offsets[-1]),) + tuple(hidden[0].shape[1:]))
+            for i, h in enumerate(hidden):
+                flat[offsets[i]:offsets[i + 1]] = h.numpy() if isinstance(h, torch.Tensor) else h
+            flat.flush()
+            del flat
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / INFO).write_text(json.dumps({"files": files}, indent=2) + "\n")
         fsync_tree(tmp)
@@ -107,7 +114,7 @@ class TeacherOutputCache:
 
 
 def cached_teacher_outputs(cache: TeacherOutputCache | None, teacher_hash: str | None, model,
-                           seqs: list[list[int]], layers: tuple[int, ...]):
+                           seqs: list[list[int]], layers: tuple[int, ...], tokenizer_json: str = ""):
     """``distill.teacher_outputs(model, seqs, layers)``, read from ``cache``
     when it holds them and stored there when computed. Returns (logits,
     hidden, hit). Without a cache or a teacher hash: computed, hit False."""
@@ -115,7 +122,7 @@ def cached_teacher_outputs(cache: TeacherOutputCache | None, teacher_hash: str |
 
     if cache is None or teacher_hash is None:
         return (*teacher_outputs(model, seqs, layers), False)
-    key = outputs_key(teacher_hash, seqs, layers)
+    key = outputs_key(teacher_hash, seqs, layers, tokenizer_json)
     found = cache.load(key)
     if found is not None:
         return (*found, True)
