@@ -234,9 +234,14 @@ def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(
     from shrinkflow.files import file_hashes
     from shrinkflow.paths import STUDENTS, UNLABELLED, WARM_START
 
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.paths import CANDIDATES
+
     root = project(tmp_path, tiny_teacher_dir, small_splits)
     cold = build_candidate(root, STUDENT, opset=17, threads=1)
     assert cold["warm_start_from"] is None and cold["distill_epochs"] == 1
+    # A cold build's manifest records the recipe as builds did before the warm-start params existed.
+    assert "warm_start_epochs" not in read_manifest(root / CANDIDATES / "student")["recipe"][0]
     shutil.copytree(root / STUDENTS / "student", root / WARM_START / "student")
     (root / WARM_START / "source.json").write_text(json.dumps({"version": "v0007"}))
     (root / UNLABELLED).write_text("".join(f"a production text, number {i}\n" for i in range(5)))
@@ -245,6 +250,7 @@ def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(
     warm = build_candidate(root, STUDENT, opset=17, threads=1, key=key)
     assert (warm["warm_start_from"], warm["warm_start_train_rows"], warm["distill_rows"],
             warm["distill_epochs"], warm["cached"]) == ("v0007", 20, 25, 2, False)
+    assert read_manifest(root / CANDIDATES / "student")["recipe"][0]["warm_start_epochs"] == 2
     sidecar = file_hashes(root / STUDENTS / "student")
     assert sidecar != file_hashes(root / WARM_START / "student")
     shutil.rmtree(root / STUDENTS / "student")

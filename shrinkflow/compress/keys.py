@@ -18,6 +18,7 @@ from pathlib import Path
 
 from shrinkflow.codegraph import import_closure
 from shrinkflow.compress.steps import reads_text
+from shrinkflow.compress.warm import recipe_record
 from shrinkflow.files import content_hash, file_hashes, sha256_file
 
 # The module a build runs (shrinkflow.compress.build: cache lookup, reading
@@ -53,11 +54,9 @@ def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_h
     so they are part of the key in their own right. ``warm_start_hash``: the
     content hash of the sidecar its distill step starts from, None for none."""
     data = reads_text(candidate)
-    from shrinkflow.compress.warm import recipe_record
-
+    # {"name", "recipe"}: the candidate's model_dump, less what only a warm start reads.
     blob = {"candidate": {"name": candidate.name, "recipe": recipe_record(candidate, warm_start_hash is not None)},
-            "teacher": teacher_hash,
-            "labels": list(labels),
+            "teacher": teacher_hash, "labels": list(labels),
             "train": train_hash if data else None, "unlabelled": unlabelled_hash if data else None,
             "code": code, "libraries": libraries, "opset": opset, "threads": threads,
             "fuse": fuse}
