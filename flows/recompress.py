@@ -3,7 +3,9 @@ then compress -> validate -> deploy re-run through DVC (data and train are
 unchanged, so DVC skips them: the kept teacher is reused, not retrained).
 The production model is measured as one more candidate: deploys only a
 candidate that passes every gate (the held-out window agreement included)
-and wins the selection; when production wins, it is kept."""
+and wins the selection; when production wins, it is kept. The
+re-distillation warm-starts from the production student
+(shrinkflow.warmstart), so it keeps what the student knew and costs less."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from flows.lifecycle import lifecycle
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
+from tasks.warmstart import stage_warm_start
 
 
 @flow(name="shrinkflow-recompress", log_prints=True)
@@ -23,8 +26,11 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     params = load_params(f"{project_dir}/{PARAMS}")
     # The model in production competes as a candidate (shrinkflow.recompression).
     production = snapshot_production(project_dir, params.deploy.registry_dir)
+    # The production student, for the re-distillation to warm-start from;
+    # recorded in window.json, so the new version's lineage names it.
+    warm_start = stage_warm_start(project_dir, params.deploy.registry_dir)
     window = snapshot_window(project_dir, texts, params.monitor.heldout_fraction,
-                             {**trigger, "production_version": production})
+                             {**trigger, "production_version": production, "warm_start": warm_start})
     archive_window(project_dir)
     result = lifecycle(project_dir, production_candidate=True)
     outcome = recompress_outcome(result["gates"], result["deployed_version"], result.get("kept_version"))

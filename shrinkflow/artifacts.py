@@ -500,6 +500,10 @@ class VersionManifest(Artifact):
     files: dict[str, str]
     content_hash: str
     gates: dict[str, GateResult]
+    # The sha256 of each file of the version's warm-start sidecar
+    # (versions/vNNNN/warm_start/: the distilled student the next
+    # re-compression starts from); None: stored without one.
+    warm_start_files: dict[str, str] | None = None
 
     @classmethod
     def check_record(cls, record: dict[str, Any], gates: CandidateGates, files: dict[str, str],

@@ -11,6 +11,17 @@ from stages.common import run_stage
 CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 
+def warm_start_sidecar(root: Path, candidate: str) -> Path | None:
+    """The distilled student the compress stage kept for ``candidate``
+    (models/students/<candidate>), which the registry stores with the
+    version for the next re-compression to start from; None when it has
+    none (a recipe without distillation)."""
+    from shrinkflow.paths import STUDENTS
+
+    path = root / STUDENTS / candidate
+    return path if path.is_dir() else None
+
+
 def deploy(params, root: Path) -> None:
     from shrinkflow.artifacts import CostReturn, DeploymentRecord, VersionManifest
     from shrinkflow.catalog import COMPRESS_METRICS, DEPLOYMENT, GATES, TRAIN_METRICS, VALIDATION, load, save
@@ -76,7 +87,8 @@ def deploy(params, root: Path) -> None:
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(root / params.deploy.registry_dir)
-    promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files)
+    promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files,
+                             warm_start=warm_start_sidecar(root, chosen))
     # Read back through its model: what was stored is a valid version manifest.
     manifest = registry.version_manifest(promo.version)
     save(DEPLOYMENT, DeploymentRecord(version=promo.version, previous=promo.previous,
