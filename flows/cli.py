@@ -745,9 +745,15 @@ def monitor_cmd(ctx: typer.Context,
             typer.echo(f"Evidently: the snapshot could not be added to the workspace (reports and verdict are "
                        f"kept): {ev['error']}")
         if rec is not None:
-            what = "retrain" if result.get("retrain") is not None else "re-compression"
-            typer.echo(f"{what}: {'DEPLOYED ' + rec['deployed_version'] if rec['deployed_version'] else 'NOT DEPLOYED'}"
-                       f": {rec['reason']}")
+            kept = rec.get("kept_version")
+            what = (f"DEPLOYED {rec['deployed_version']}" if rec["deployed_version"] else
+                    f"KEPT production {kept}" if kept else "NOT DEPLOYED")
+            typer.echo(f"{'retrain' if result.get('retrain') is not None else 're-compression'}: {what}: "
+                       f"{rec['reason']}")
+            for name, c in (rec.get("candidates") or {}).items():
+                for gate, f in c["failed"].items():
+                    typer.echo(f"  {name}: {gate} FAILED: {f['value']:.4g} (threshold {f['threshold']:.4g}, "
+                               f"margin {f['margin']:+.4g})")
     if rec is not None and not rec["deployed_version"]:
         raise typer.Exit(ExitCode.REFUSED)
 

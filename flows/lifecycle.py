@@ -15,15 +15,23 @@ from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 from tasks.dvc import repro_stage_with_retries
+from tasks.monitor import clear_production
 from tasks.publish import publish_report, read_deployment, read_validation
 
 BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str) -> dict:
+def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
     """``project_dir``: the project root (absolute; every path is resolved
-    against it). Returns the stages run, the selection and what was deployed."""
+    against it); ``production_candidate``: keep the production copy a
+    re-compression made (data/unlabelled/production), so that validate
+    measures production as a candidate. False (a run, a retrain): any such
+    copy is removed first, since the registry may have moved on since it was
+    made and only a re-compression compares against production. Returns the
+    stages run, the selection and what was deployed."""
+    if not production_candidate:
+        clear_production(project_dir)
     # Validated and fingerprinted once; every stage must see the same bytes.
     fingerprint = params_fingerprint(project_dir)
     registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir
@@ -46,7 +54,10 @@ def lifecycle(project_dir: str) -> dict:
             publish_report(report, selection, None, stages)
             raise DeploymentMissing(f"the deploy stage ran (forced) but the registry at {registry_dir} does not "
                                     f"serve {selected!r}")
-    version = deployment.version if deployment else None
-    publish_report(report, selection, version, stages, deployment.roi if deployment else None)
-    return {"stages": stages, "selected": selected, "deployed_version": version,
+    # A re-compression that selected the production model keeps it: nothing deployed.
+    kept = deployment.version if deployment and deployment.kept else None
+    version = deployment.version if deployment and not kept else None
+    publish_report(report, selection, version, stages, deployment.roi if deployment else None, kept=kept)
+    return {"stages": stages, "selected": selected, "deployed_version": version, "kept_version": kept,
+            "kept_reason": deployment.reason if kept else None,
             "gates": selection.to_json_dict(), "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

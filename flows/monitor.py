@@ -14,8 +14,12 @@ from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
-from tasks.monitor import build_reports, decide, publish, read_window
+from tasks.monitor import build_reports, decide, publish, read_window, record_recompress
 from tasks.retrain import window_feedback
+
+
+# What decision.json records of a re-compression (its ``recompress`` key).
+RECORDED = ("outcome", "deployed_version", "kept_version", "production_version", "selected", "reason", "candidates")
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
@@ -46,6 +50,7 @@ def monitor(project_dir: str, act: bool = True) -> dict:
                 "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
         result = recompress(project_dir, window["text"].tolist(), meta)
+        record_recompress(report_dir, {k: result[k] for k in RECORDED})
     retrained = None
     if decision["action"] == "retrain" and act:
         retrained = retrain(project_dir, window_feedback(window, summary["labels"]),

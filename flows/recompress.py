@@ -1,7 +1,11 @@
 """The re-compression flow: the window's texts become DVC-versioned data,
 then compress -> validate -> deploy re-run through DVC (data and train are
 unchanged, so DVC skips them: the kept teacher is reused, not retrained).
-Deploys only if every gate passes, the held-out window agreement included."""
+The production model is measured as one more candidate: deploys only a
+candidate that passes every gate (the held-out window agreement included)
+and wins the selection; when production wins, it is kept. The
+re-distillation warm-starts from the production student
+(shrinkflow.warmstart), so it keeps what the student knew and costs less."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from prefect import flow
 from flows.lifecycle import lifecycle
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
-from tasks.monitor import archive_window, snapshot_window
+from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
+from tasks.warmstart import stage_warm_start
 
 
 @flow(name="shrinkflow-recompress", log_prints=True)
@@ -18,12 +23,21 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     """``texts``: the production window; ``trigger``: what asked for it (the
     monitor run, the window's hash and the rules that fired), recorded in
     data/unlabelled/window.json and from there in the new version's lineage."""
-    heldout_fraction = load_params(f"{project_dir}/{PARAMS}").monitor.heldout_fraction
-    window = snapshot_window(project_dir, texts, heldout_fraction, trigger)
+    params = load_params(f"{project_dir}/{PARAMS}")
+    # The model in production competes as a candidate (shrinkflow.recompression).
+    production = snapshot_production(project_dir, params.deploy.registry_dir)
+    # The production student, for the re-distillation to warm-start from;
+    # recorded in window.json, so the new version's lineage names it.
+    warm_start = stage_warm_start(project_dir, params.deploy.registry_dir)
+    window = snapshot_window(project_dir, texts, params.monitor.heldout_fraction,
+                             {**trigger, "production_version": production, "warm_start": warm_start})
     archive_window(project_dir)
-    result = lifecycle(project_dir)
-    print(f"recompress: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"
-          f" (window {window['texts_md5']}, {window['rows_distill']} texts distilled, "
-          f"{window['rows_heldout']} held out)")
+    result = lifecycle(project_dir, production_candidate=True)
+    outcome = recompress_outcome(result["gates"], result["deployed_version"], result.get("kept_version"))
+    done = {"deployed": f"deployed {result['deployed_version']}", "kept": f"kept production {production}",
+            "nothing": "nothing deployed" + (f", production {production} keeps serving" if production else "")}
+    print(f"recompress: {done[outcome['outcome']]} (window {window['texts_md5']}, {window['rows_distill']} texts "
+          f"distilled, {window['rows_heldout']} held out)")
     return {"window": window, "deployed_version": result["deployed_version"], "selected": result["selected"],
-            "stages": result["stages"], "reason": result["gates"]["reason"]}
+            "stages": result["stages"], "reason": result.get("kept_reason") or result["gates"]["reason"],
+            **{k: outcome[k] for k in ("outcome", "kept_version", "production_version", "candidates")}}

@@ -37,8 +37,15 @@ def _row(run: Path) -> str | None:
     except (OSError, ValueError):
         d = {"action": "undecided", "reasons": []}
     action = d.get("action", "undecided")
+    rec = d.get("recompress") or d.get("retrain") or {}
     if action in ("recompress", "retrain") and d.get("acted") is False:
         action_note = " (report only)"
+    elif rec.get("outcome") == "deployed":
+        action_note = html.escape(f" (deployed {rec.get('deployed_version')})")
+    elif rec.get("outcome") == "kept":
+        action_note = html.escape(f" (kept production {rec.get('kept_version')})")
+    elif rec.get("outcome") == "nothing":
+        action_note = " (nothing passed the gates)"
     else:
         action_note = ""
     e, t, q = s.get("embedding"), s.get("teacher"), s.get("quality")

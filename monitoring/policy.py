@@ -25,13 +25,15 @@ drifted, which alone says nothing about its errors). A trigger -> ``recompress``
 except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when its distinct texts would leave the distillation or
 the held-out part of a re-compression empty (a window of one text repeated),
-when this very window already triggered (dedup), or within
-``cooldown_hours`` of the last re-compression. When the teacher feedback
-rule fired, the verdict is ``retrain`` instead of ``recompress``: a
-re-compression copies the teacher, and the teacher is what is wrong. The
-same holds apply to it, and a retrain counts as a re-compression for the
-dedup and the cooldown. Every rule reports its figure and threshold, fired
-or not.
+when fewer than ``min_recompress_rows`` distinct texts are left to distil
+from (re-compression only), when this very window already triggered
+(dedup), or within ``cooldown_hours`` of the last re-compression. When the
+teacher feedback rule fired, the verdict is ``retrain`` instead of
+``recompress``: a re-compression copies the teacher, and the teacher is what
+is wrong. The same holds apply to it (but the two on distinct texts to
+distil from, which a retrain does not read), and a retrain counts as a
+re-compression for the dedup and the cooldown. Every rule reports its
+figure and threshold, fired or not.
 
 A rule whose input could not be computed on the window (the summary's
 ``not_computed``) does not fire, and its detail says why. Only a
@@ -238,10 +240,13 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     retrain = any(f.rule == "teacher_feedback" for f in fired)
     if w.rows < params.min_window_rows:
         held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
-    elif w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
+    elif not retrain and w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
         held = (f"the window's {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
                 f"{w.distill_texts} for distillation and {w.heldout_texts or 0} held out: a re-compression needs "
                 "both; not acting")
+    elif not retrain and w.distill_texts is not None and w.distill_texts < params.min_recompress_rows:
+        held = (f"the window has {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
+                f"{params.min_recompress_rows}: too few to re-distil from; not acting")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:

@@ -130,6 +130,24 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
     return decision
 
 
+def record_recompress(report_dir: Path, outcome: dict) -> dict:
+    """Add what the re-compression this run started did to its
+    decision.json, as ``recompress`` (``shrinkflow.recompression
+    .recompress_outcome``'s dict: deployed, kept or nothing, the versions,
+    the reason and each candidate's failed gates with their figures), then
+    regenerate the index. The history is not touched: the verdict was
+    recorded as acted before the re-compression ran, so the cooldown and the
+    dedup hold whatever it deployed. Returns the updated document. Raises
+    FileNotFoundError when the run has no decision.json."""
+    from shrinkflow.files import atomic_write_text
+
+    path = Path(report_dir) / DECISION_JSON
+    doc = {**json.loads(path.read_text()), "recompress": outcome}
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    write_index(Path(report_dir).parent)
+    return doc
+
+
 def summary_markdown(summary: DriftSummary, decision: Decision, report_dir: Path, reports_url: str | None,
                      acted: bool | None = None) -> str:
     """The Prefect artifact: verdict, key figures (and those not computed,

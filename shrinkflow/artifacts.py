@@ -295,11 +295,19 @@ class ValidationReport(Artifact):
     confirmation: Confirmation | None
 
 
+# On a re-compression, the model in production is measured and gated as one
+# more candidate under this name (shrinkflow.recompression); the validate
+# stage refuses it as a name in compress.candidates.
+PRODUCTION_CANDIDATE = "production"
+
+
 class GatesReport(Artifact):
     """reports/gates.json: every candidate's gate report on val, the selection
     (``selected``: the candidate to deploy, None when none may be;
     ``best_effort``: the best regardless of gates; ``reason``: why, in words)
-    and the confirmation on test."""
+    and the confirmation on test. ``production``: on a re-compression, the
+    version in production, measured and gated as the candidate
+    ``production`` (absent otherwise)."""
 
     selected: str | None
     best_effort: str | None = None
@@ -307,6 +315,7 @@ class GatesReport(Artifact):
     labels: list[str] | None = None
     candidates: dict[str, CandidateGates]
     confirmation: Confirmation | None
+    production: str | None = None
     # A retrained teacher's own gates (shrinkflow.gates.teacher_gates; its
     # ``candidate`` is "teacher"): when any fails, no candidate is selected.
     # Absent when the teacher is not a retrain's.
@@ -491,6 +500,10 @@ class VersionManifest(Artifact):
     files: dict[str, str]
     content_hash: str
     gates: dict[str, GateResult]
+    # The sha256 of each file of the version's warm-start sidecar
+    # (versions/vNNNN/warm_start/: the distilled student the next
+    # re-compression starts from); None: stored without one.
+    warm_start_files: dict[str, str] | None = None
 
     @classmethod
     def check_record(cls, record: dict[str, Any], gates: CandidateGates, files: dict[str, str],
@@ -537,7 +550,10 @@ class DeploymentRecord(Artifact):
     production as ``version`` (its ``content_hash``) in the registry at
     ``registry``; ``previous`` production version, ``same_model_as`` an earlier
     version with identical files; the cost and return (``roi``, absent from
-    records written before cost was recorded)."""
+    records written before cost was recorded). ``kept``: a re-compression
+    selected the production model itself, so nothing was promoted and
+    ``version`` is the production version that stays, ``reason`` why
+    (both absent when a candidate was promoted)."""
 
     version: str
     previous: str | None
@@ -546,3 +562,5 @@ class DeploymentRecord(Artifact):
     registry: str
     content_hash: str
     roi: CostReturn | None = None
+    kept: bool | None = None
+    reason: str | None = None

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
@@ -409,6 +409,24 @@ class DistillStep(_Frozen):
     augment_copies: Annotated[int, Field(ge=0, le=8)] = 0
     # Share of the words an augmented copy swaps.
     augment_replace_fraction: Fraction = 0.15
+    # Re-compression: start from the production student's distilled fp32
+    # weights (data/unlabelled/warm_start/<candidate>/, staged from the
+    # registry by the re-compression flow) instead of the teacher's layers,
+    # when one with the same candidate name, layers and teacher is there.
+    # Without one (every ordinary run) this and the two below change nothing.
+    warm_start: bool = True
+    # Epochs of a warm re-distillation, over the window's texts and the
+    # training rows mixed in (0: keep the production weights as they are).
+    warm_start_epochs: Annotated[int, Field(ge=0)] = 2
+    # Training-split rows mixed into a warm re-distillation per window text
+    # (seeded sample, capped at the split), so the student keeps what it
+    # knew in domain while it learns the window.
+    warm_start_train_rows_per_window_text: Annotated[float, Field(ge=0.0)] = 4.0
+
+    # The keys only a warm start reads: the candidate cache key leaves them
+    # out when no warm start is used, so an ordinary run's keys do not move.
+    WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
+                                                  "warm_start_train_rows_per_window_text")
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":
@@ -605,6 +623,10 @@ class Gates(_Frozen):
     # the production window (data/unlabelled/heldout.txt). Checked when that
     # file is not empty; the label-free gate for text no split covers.
     min_window_agreement: Fraction = 0.90
+    # Re-compression only, the other way through the window gate: a candidate
+    # whose held-out window agreement beats the production model's (measured
+    # on the same texts) by at least this passes though under min_window_agreement.
+    min_window_agreement_gain: Fraction = 0.02
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy
     # minus the retrained teacher's must be at most this.
@@ -821,6 +843,10 @@ class MonitorParams(_Frozen):
     # Re-compression: this share of the window is held out from distillation
     # and gates the new candidate (validate.gates.min_window_agreement).
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    # A recompress verdict needs at least this many distinct window texts for
+    # distillation (after the held-out share); fewer: warn. Too few texts
+    # cannot move the student (bench/results/monitoring.md).
+    min_recompress_rows: Annotated[int, Field(ge=1)] = 300
     reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
     # Each run's reports take ~10 MB (Evidently inlines its JavaScript): keep
     # the newest N run directories, delete older ones after each run.

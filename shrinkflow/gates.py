@@ -98,14 +98,16 @@ def accuracy_gates(candidate: Any, teacher: Any, gates: Gates) -> tuple[GateResu
             ) + macro_f1_gates(candidate, teacher, gates)
 
 
-def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gates) -> GateReport:
+def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gates,
+                   production: "ProductionBaseline | None" = None) -> GateReport:
     """Check one candidate's figures (a ``CandidateMeasurements`` on val, or
     a mapping of the same names) against the gates; ``teacher`` (a
     ``TeacherMeasurements``) is the baseline.
 
     The speedup is the candidate's round-by-round ``speedup_p95_b1`` when
     validate timed it interleaved with the teacher, else the ratio of the two
-    pooled p95 latencies.
+    pooled p95 latencies. ``production``: on a re-compression, the
+    production model's window agreement (``window_gates``).
     """
     c, t = figures(candidate), figures(teacher)
     speedup = c.speedup_p95_b1 or t.latency_ms_p95_b1 / c.latency_ms_p95_b1
@@ -113,7 +115,7 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
         check_max("max_latency_ms_p95_b1", c.latency_ms_p95_b1, gates.max_latency_ms_p95_b1),
         check_max("max_size_mb", c.size_mb, gates.max_size_mb),
         check_min("min_speedup", speedup, gates.min_speedup),
-    ) + window_gates(c, gates) + batch_gates(c, gates))
+    ) + window_gates(c, gates, production) + batch_gates(c, gates))
 
 
 def batch_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
@@ -146,19 +148,60 @@ def serves_per_row(report: GateReport) -> bool:
     return any(r.name == "max_batch_prob_diff" and not r.passed for r in report.results)
 
 
-def window_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
+def window_gates(candidate: Any, gates: Gates, production: "ProductionBaseline | None" = None
+                 ) -> tuple[GateResult, ...]:
     """Re-compression only: agreement with the teacher on the held-out part of
-    the production window. No held-out text (the default run): no gate."""
+    the production window (a fraction). No held-out text (the default run): no
+    gate.
+
+    Without ``production`` (no production model was measured): the floor
+    ``min_window_agreement`` alone. With it, a candidate passes when it
+    reaches the floor OR beats production's agreement on the same held-out
+    texts by at least ``min_window_agreement_gain``: both results are
+    reported (``min_window_agreement``: the candidate's agreement against the
+    floor; ``min_window_agreement_gain``: candidate minus production, against
+    the min gain), and the one not needed is not enforced, its note saying
+    how the other route was met. Both missed: both fail, each with its margin.
+    The production model itself (``production.is_candidate``) has no gain
+    over itself: it passes through the floor only.
+    """
     window = (figures(candidate).agreement or {}).get("window_heldout")
     if window is None:
         return ()
-    return (check_min("min_window_agreement", window, gates.min_window_agreement),)
+    floor = check_min("min_window_agreement", window, gates.min_window_agreement)
+    if production is None or production.agreement is None:
+        return (floor,)
+    prod = f"production {production.version}'s {production.agreement:.4g}"
+    if production.is_candidate:
+        return (floor.model_copy(update={"note": f"the production model itself ({production.version}): "
+                                                 "kept only through the floor; it has no gain over itself"}),)
+    gain = check_min("min_window_agreement_gain", window - production.agreement, gates.min_window_agreement_gain)
+    gain = gain.model_copy(update={"note": f"{window:.4g} against {prod}"})
+    if floor.passed and not gain.passed:
+        gain = gain.model_copy(update={"enforced": False, "note": gain.note + "; not needed: the floor was met"})
+    elif gain.passed and not floor.passed:
+        floor = floor.model_copy(update={"enforced": False, "note": f"not needed: {window - production.agreement:+.4g} "
+                                         f"over {prod} meets min_window_agreement_gain "
+                                         f"{gates.min_window_agreement_gain:g}"})
+    return floor, gain
 
 
 def confirm_gates(candidate_name: str, candidate_test: Any, teacher_test: Any, gates: Gates) -> GateReport:
     """The accuracy gates again, on the confirmation (test) split
     (``ConfirmationMetrics`` against the teacher's ``Quality``)."""
     return GateReport(candidate_name, accuracy_gates(candidate_test, teacher_test, gates))
+
+
+@dataclass(frozen=True)
+class ProductionBaseline:
+    """What the window gate compares a re-compression's candidates with: the
+    model in production (``version``, e.g. "v0003") and its agreement with
+    the teacher on the held-out window (a fraction; None: not measured).
+    ``is_candidate``: the report being gated is production's own."""
+
+    version: str
+    agreement: float | None
+    is_candidate: bool = False
 
 
 @dataclass(frozen=True)

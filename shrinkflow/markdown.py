@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shrinkflow.artifacts import (CandidateMeasurements, Confirmation, CostReturn, GateReport, GatesReport, Quality,
-                                  TeacherMeasurements, ValidationReport)
+from shrinkflow.artifacts import (PRODUCTION_CANDIDATE, CandidateMeasurements, Confirmation, CostReturn, GateReport,
+                                  GatesReport, Quality, TeacherMeasurements, ValidationReport)
 from shrinkflow.config import LATENCY_P95_B1
 
 # One row per figure of the metrics table: (field name, row label, format).
@@ -147,11 +147,20 @@ def recall_section(report: ValidationReport, selection: GatesReport) -> list[str
             *per_class_recall_table(rows)]
 
 
-def outcome_line(selection: GatesReport, deployed: str | None = None, deploy_ran: bool = False) -> str:
+def outcome_line(selection: GatesReport, deployed: str | None = None, deploy_ran: bool = False,
+                 kept: str | None = None) -> str:
     """What happened, in one bold line: nothing deployed (why), deployed as
-    ``deployed``, selected but not served although deploy ran, or selected."""
+    ``deployed``, production ``kept`` (a re-compression selected it), the
+    production model selected (deploy keeps it), selected but not served
+    although deploy ran, or selected."""
     if selection.selected is None:
-        return f"**Nothing deployed**: {selection.reason}"
+        return (f"**Nothing deployed**: {selection.reason}"
+                + (f" Production {selection.production} keeps serving." if selection.production else ""))
+    if kept:
+        return f"**Kept production {kept}**: it passed every gate and won the selection; nothing was promoted."
+    if selection.selected == PRODUCTION_CANDIDATE:
+        return (f"**Production {selection.production} selected**: it passed every gate and won the selection, "
+                "so the deploy stage promotes nothing and it keeps serving.")
     if deployed:
         return f"**Deployed {selection.selected!r} as {deployed}.**"
     if deploy_ran:
@@ -161,13 +170,18 @@ def outcome_line(selection: GatesReport, deployed: str | None = None, deploy_ran
 
 
 def validation_markdown(report: ValidationReport, selection: GatesReport, deployed: str | None = None,
-                        deploy_ran: bool = False) -> str:
+                        deploy_ran: bool = False, kept: str | None = None) -> str:
     """reports/gates.md (and the lifecycle's Prefect artifact, which knows
-    whether deploy ran and the version it deployed): outcome, selection,
-    the val metrics, every gate, the confirmation on test, per-class recall."""
+    whether deploy ran and the version it deployed, or ``kept``: the
+    production version a re-compression kept): outcome, selection, the val
+    metrics, every gate, the confirmation on test, per-class recall."""
     reports = {n: c.to_report() for n, c in selection.candidates.items()}
     return "\n\n".join([
-        "# shrinkflow lifecycle", outcome_line(selection, deployed, deploy_ran), f"Selection: {selection.reason}",
+        "# shrinkflow lifecycle", outcome_line(selection, deployed, deploy_ran, kept),
+        *([f"Re-compression: production {selection.production} was measured as the candidate 'production'; "
+           "a candidate passes the window gate at min_window_agreement or at min_window_agreement_gain over "
+           "production's agreement on the same held-out texts."] if selection.production else []),
+        f"Selection: {selection.reason}",
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
             report.teacher, report.candidates, report.labels),

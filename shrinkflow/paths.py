@@ -29,6 +29,18 @@ UNLABELLED = Path("data/unlabelled/texts.txt")
 # teacher agreement on it) and what the window was (deploy puts it in lineage).
 WINDOW_HELDOUT = Path("data/unlabelled/heldout.txt")
 WINDOW_META = Path("data/unlabelled/window.json")
+# Re-compression: a verified copy of the production model (``model/``) and
+# which version it is (``version.json``); validate measures it as one more
+# candidate, so a re-compression never deploys something worse than keeping
+# it. Holds only its README by default: no production candidate.
+WINDOW_PRODUCTION = Path("data/unlabelled/production")
+PRODUCTION_MODEL = WINDOW_PRODUCTION / "model"
+PRODUCTION_META = WINDOW_PRODUCTION / "version.json"
+# Re-compression: the production version's distilled students (fp32, full
+# vocabulary), one directory per candidate, copied from the registry by the
+# re-compression flow; a distill step warm-starts from a matching one. Holds
+# only a README in a fresh project, so the compress dep always exists.
+WARM_START = Path("data/unlabelled/warm_start")
 # Every snapshot, content-addressed, tracked by `dvc add` (data/windows.dvc):
 # the window any version was compressed from can be restored by its hash.
 WINDOWS_ARCHIVE = Path("data/windows")
@@ -53,6 +65,11 @@ FEEDBACK_SPLITS = ("feedback_train", "feedback_heldout")
 TEACHER = Path("models/teacher")
 CANDIDATES = Path("models/candidates")
 SMALL_DIRECT = Path("models/small_direct")
+# Each distilled candidate's student before vocabulary pruning and
+# quantization (fp32 torch weights, full vocabulary): what deploy keeps with
+# the version, for the next re-compression to warm-start from. Not inside
+# the candidate's directory, whose size validate measures.
+STUDENTS = Path("models/students")
 
 METRICS_DATA = Path("metrics/data.json")
 METRICS_TRAIN = Path("metrics/train.json")
@@ -79,6 +96,9 @@ PREFECT_HOME = Path(".prefect")
 STATE = Path(".shrinkflow")
 # Built candidates by content key, reused when a candidate's inputs are unchanged.
 CANDIDATE_CACHE = STATE / "cache" / "candidates"
+# The teacher's outputs (logits, layer outputs) on the training split, by
+# teacher, token ids and layers: every distillation of the same teacher reuses them.
+TEACHER_OUTPUT_CACHE = STATE / "cache" / "teacher_outputs"
 # The monitor's decision history (cooldown, dedup).
 MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 # What a monitor run computes on the reference split, per deployed version

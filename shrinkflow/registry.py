@@ -5,6 +5,8 @@ Layout::
     registry/
       versions/v0001/   immutable: model files + manifest.json (its ``labels``:
                         the class names in class-id order, from the model's own manifest)
+                        [+ warm_start/: the distilled student the next re-compression
+                        starts from; hashed in the manifest, not served, not in the size]
       aliases.json      {"production": "v0001"}; replaced atomically
       history.jsonl     append-only log of promotions and rollbacks
       .lock             serialises writers (flock)
@@ -216,6 +218,20 @@ class Registry:
             raise IntegrityError(f"version {version}: files changed or missing: {bad}")
         return manifest
 
+    def warm_start(self, version: str) -> Path | None:
+        """``version``'s warm-start sidecar (shrinkflow.compress.warm), verified
+        against the hashes its manifest records; None when it was stored
+        without one. Raises IntegrityError when a file changed or is missing."""
+        expected = self.manifest(version).get("warm_start_files")
+        if not expected:
+            return None
+        path = self.path(version) / "warm_start"
+        actual = file_hashes(path)
+        if actual != expected:
+            bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+            raise IntegrityError(f"version {version}: warm-start files changed or missing: {bad}")
+        return path
+
     def load(self, version: str | None = None) -> ModelRef:
         """The way to load a version (production by default): verified first,
         every time, so a corrupted or edited model is never served."""
@@ -254,7 +270,7 @@ class Registry:
             os.fsync(fh.fileno())
 
     def promote(self, model_dir: Path | str, gate_report: GateReport, record: dict,
-                expected_files: dict[str, str] | None = None) -> Promotion:
+                expected_files: dict[str, str] | None = None, warm_start: Path | str | None = None) -> Promotion:
         """Store ``model_dir`` as a new immutable version and make it production.
 
         Refuses (PromotionRefused) a candidate that failed any gate, and one
@@ -266,6 +282,12 @@ class Registry:
         ``same_model_as`` names it): a re-validation under new gates or new
         data is a new fact about the model, and the history must keep it. The
         copy is hashed and fsynced before the alias moves to it.
+
+        ``warm_start``: the candidate's distilled student (a sidecar directory,
+        shrinkflow.compress.warm), stored as ``warm_start/`` beside the model,
+        its hashes in the manifest (``warm_start_files``): read back, verified,
+        by ``warm_start``; not a served file, so not in ``files`` or
+        ``content_hash``.
         """
         if not gate_report.passed:
             raise PromotionRefused("refusing to deploy: " + gate_report.summary())
@@ -289,7 +311,8 @@ class Registry:
             same = next((v for v in reversed(self.versions())
                          if self.manifest(v).get("content_hash") == digest), None)
             version = self._store(model_dir, hashes, digest, gate_report,
-                                  {**record, "same_model_as": same}, now)
+                                  {**record, "same_model_as": same}, now,
+                                  Path(warm_start) if warm_start is not None else None)
             self._set_production(version)
             self._log(HistoryEvent(event="promote", version=version, previous=previous, same_model_as=same, at=now))
         return Promotion(version, previous, same)
@@ -365,7 +388,7 @@ class Registry:
                 for v in self.versions()]
 
     def _store(self, model_dir: Path, hashes: dict, digest: str, gate_report: GateReport,
-               record: dict, now: str) -> str:
+               record: dict, now: str, warm_start: Path | None = None) -> str:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.versions_dir.glob(".tmp-*"):  # left by a crashed promote
             shutil.rmtree(stale, ignore_errors=True)
@@ -377,6 +400,12 @@ class Registry:
             shutil.copytree(model_dir, tmp / "model")
             if file_hashes(tmp / "model") != hashes:
                 raise PromotionRefused(f"{model_dir} changed while it was being copied")
+            if warm_start is not None:
+                warm_hashes = file_hashes(warm_start)
+                shutil.copytree(warm_start, tmp / "warm_start")
+                if file_hashes(tmp / "warm_start") != warm_hashes or not warm_hashes:
+                    raise PromotionRefused(f"{warm_start} is empty or changed while it was being copied")
+                record = {**record, "warm_start_files": warm_hashes}
             write_json(tmp / "gates.json", gate_report.to_dict())
             write_json(tmp / "manifest.json", {**record, "version": version, "created_at": now,
                                                 "files": hashes, "content_hash": digest,

@@ -24,15 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from shrinkflow.artifacts import (PERFORMANCE_KEYS, CandidateGates, CandidateMeasurements,  # noqa: F401
+from shrinkflow.artifacts import (PERFORMANCE_KEYS, PRODUCTION_CANDIDATE, CandidateGates, CandidateMeasurements,  # noqa: F401
                                   Confirmation, ConfirmationMetrics, GatesReport, Quality, TeacherMeasurements,
                                   ValidationReport)
 from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
-from shrinkflow.gates import confirm_gates, evaluate_gates, select_candidate
 from shrinkflow.artifacts import GateReport
-from shrinkflow.gates import teacher_gates
+from shrinkflow.gates import ProductionBaseline, confirm_gates, evaluate_gates, select_candidate, teacher_gates
 
 SELECTION_SPLIT = "val"
 CONFIRMATION_SPLIT = "test"
@@ -134,7 +133,9 @@ def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: 
 
 def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: dict[str, list[int]],
                   params: ValidateParams, files: dict[str, dict],
-                  label_names: Sequence[str] | None = None) -> tuple[ValidationReport, GatesReport]:
+                  label_names: Sequence[str] | None = None,
+                  production_version: str | None = None,
+                  production_as: str | None = None) -> tuple[ValidationReport, GatesReport]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
     ``teacher_run`` and each of ``candidate_runs`` is a measured run
@@ -144,13 +145,25 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     names), recorded in both documents as ``labels``. ``files`` holds each
     candidate's per-file sha256 and content hash as validated (``files``,
     ``content_hash``); deploy refuses a candidate whose files differ from them.
+    ``production_version``: on a re-compression, the version in production,
+    whose run is ``candidate_runs[PRODUCTION_CANDIDATE]``: its held-out window
+    agreement is the baseline of every candidate's window gate
+    (``gates.window_gates``), and it is gated and selected like the others.
+    ``production_as``: instead, the built candidate with production's very
+    files, measured once under its own name; its agreement is the baseline.
     """
     classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
     teacher = teacher_figures(teacher_run, labels, classes)
     candidates = {n: candidate_figures(r, teacher_run, labels, conf, classes, files[n])
                   for n, r in candidate_runs.items()}
-    reports = {n: evaluate_gates(n, m, teacher, params.gates) for n, m in candidates.items()}
+    baseline = None
+    if production_version is not None:
+        baseline = ProductionBaseline(production_version, candidates[production_as or PRODUCTION_CANDIDATE]
+                                      .agreement.get("window_heldout"))
+    reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
+                                 ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
+               for n, m in candidates.items()}
     sel = select_candidate(candidates, reports, params.objective)
     selected, reason, confirm = sel.chosen, sel.reason, None
     if sel.chosen is not None:
@@ -169,7 +182,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                               labels=list(classes), teacher=teacher, candidates=candidates, confirmation=confirm)
     selection = GatesReport(selected=selected, best_effort=sel.best_effort, reason=reason, labels=list(classes),
                             candidates={n: CandidateGates.from_report(r) for n, r in reports.items()},
-                            confirmation=confirm)
+                            confirmation=confirm,
+                            **({"production": production_version} if production_version is not None else {}))
     return report, selection
 
 

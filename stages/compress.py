@@ -1,5 +1,6 @@
 """compress: build every candidate of ``compress.candidates`` into
-models/candidates, and what each cost into metrics/compress.json.
+models/candidates (and each distilled candidate's warm-start sidecar into
+models/students), and what each cost into metrics/compress.json.
 
 Candidates are built in parallel, one Prefect task each, on the task runner
 in ``compress.runner`` (flows.compress). A candidate whose own inputs did not
@@ -38,7 +39,7 @@ def compress(params, root: Path):
     from shrinkflow.catalog import COMPRESS_METRICS, save
     from shrinkflow.cost import ComputeMeter
     from shrinkflow.splits import read_unlabelled
-    from shrinkflow.paths import CANDIDATES
+    from shrinkflow.paths import CANDIDATES, STUDENTS
 
     # ``root`` is absolute (run_stage): a Dask worker resolves it on its own
     # filesystem, never relative to whatever directory it started in.
@@ -48,6 +49,10 @@ def compress(params, root: Path):
     read_unlabelled(root)
     runner = params.compress.runner
     shutil.rmtree(root / CANDIDATES, ignore_errors=True)
+    # The distilled candidates' warm-start sidecars (shrinkflow.compress.warm):
+    # an out even when no candidate distils (then empty).
+    shutil.rmtree(root / STUDENTS, ignore_errors=True)
+    (root / STUDENTS).mkdir(parents=True)
     threads = max(1, params.train.threads // runner.max_workers)
     candidates = list(params.compress.candidates)
     opset, fuse = params.compress.onnx_opset, params.compress.fuse_transformer_ops

@@ -11,6 +11,17 @@ from stages.common import run_stage
 CHAIN = ("fetch", "data", "train", "compress", "validate")
 
 
+def warm_start_sidecar(root: Path, candidate: str) -> Path | None:
+    """The distilled student the compress stage kept for ``candidate``
+    (models/students/<candidate>), which the registry stores with the
+    version for the next re-compression to start from; None when it has
+    none (a recipe without distillation)."""
+    from shrinkflow.paths import STUDENTS
+
+    path = root / STUDENTS / candidate
+    return path if path.is_dir() else None
+
+
 def deploy(params, root: Path) -> None:
     from shrinkflow.artifacts import CostReturn, DeploymentRecord, VersionManifest
     from shrinkflow.catalog import COMPRESS_METRICS, DEPLOYMENT, GATES, TRAIN_METRICS, VALIDATION, load, save
@@ -22,13 +33,15 @@ def deploy(params, root: Path) -> None:
     from shrinkflow.lineage import collect_lineage, feedback_lineage
     from shrinkflow.paths import CANDIDATES, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path
     from shrinkflow.registry import Registry
-    from shrinkflow.validation import deployed_figures
+    from shrinkflow.validation import PRODUCTION_CANDIDATE, deployed_figures
 
     gates = load(GATES, root)
     metrics = load(VALIDATION, root)
     chosen = gates.selected
     if chosen is None:
         raise PromotionRefused(f"refusing to deploy: {gates.reason}")
+    if chosen == PRODUCTION_CANDIDATE:
+        return keep_production(params, root, gates)
     report = gates.candidates[chosen].to_report()
     measured = metrics.candidates[chosen]
     cand = next(c for c in params.compress.candidates if c.name == chosen)
@@ -74,7 +87,8 @@ def deploy(params, root: Path) -> None:
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(root / params.deploy.registry_dir)
-    promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files)
+    promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files,
+                             warm_start=warm_start_sidecar(root, chosen))
     # Read back through its model: what was stored is a valid version manifest.
     manifest = registry.version_manifest(promo.version)
     save(DEPLOYMENT, DeploymentRecord(version=promo.version, previous=promo.previous,
@@ -85,6 +99,30 @@ def deploy(params, root: Path) -> None:
           + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
     for line in roi_lines(cost.to_json_dict()):
         print(f"deploy: {line}")
+
+
+def keep_production(params, root: Path, gates) -> None:
+    """A re-compression selected the production model itself: promote
+    nothing, and say in deploy/deployment.json that ``gates.production`` was
+    kept, and why. Raises PromotionRefused when the registry's production is
+    no longer that version (it moved since the re-compression copied it)."""
+    from shrinkflow.artifacts import DeploymentRecord
+    from shrinkflow.catalog import DEPLOYMENT, save
+    from shrinkflow.errors import PromotionRefused
+    from shrinkflow.registry import Registry
+
+    registry = Registry(root / params.deploy.registry_dir)
+    now = registry.alias()
+    if gates.production is None or now != gates.production:
+        raise PromotionRefused(f"refusing to keep production: validate measured production {gates.production} but "
+                               f"the registry serves {now}; re-run the re-compression")
+    manifest = registry.version_manifest(now)
+    reason = (f"production {now} was kept: it passed every gate and won the selection "
+              f"({gates.reason}); nothing was promoted")
+    save(DEPLOYMENT, DeploymentRecord(version=now, previous=now, same_model_as=None, candidate=manifest.candidate,
+                                      registry=params.deploy.registry_dir, content_hash=manifest.content_hash,
+                                      kept=True, reason=reason), root)
+    print(f"deploy: {reason}")
 
 
 if __name__ == "__main__":

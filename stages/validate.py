@@ -25,20 +25,30 @@ def validate(params, root: Path) -> None:
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
     from shrinkflow.headline import validate_headline
-    from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, TEACHER, UNLABELLED,
-                                  WINDOW_HELDOUT)
+    from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, PRODUCTION_MODEL, TEACHER,
+                                  UNLABELLED, WINDOW_HELDOUT)
     from shrinkflow.markdown import validation_markdown
     from shrinkflow.catalog import load_retrain_record
-    from shrinkflow.validation import (SELECTION_SPLIT, check_model_labels, gate_teacher, retrained_teacher_gates,
-                                       validate_runs)
+    from shrinkflow.validation import (PRODUCTION_CANDIDATE, SELECTION_SPLIT, check_model_labels, gate_teacher,
+                                       retrained_teacher_gates, validate_runs)
 
     # Class ids in the splits index this tuple; every model must output its
     # classes in the same order, or its "accuracy" would compare other classes.
     label_names = read_labels(root / LABELS_JSON)
     teacher_dir, candidates = root / TEACHER, root / CANDIDATES
     names = [c.name for c in params.compress.candidates]
+    if PRODUCTION_CANDIDATE in names:
+        from shrinkflow.errors import DataError
+
+        raise DataError(f"a candidate may not be named {PRODUCTION_CANDIDATE!r}: on a re-compression that name is "
+                        "the model in production (compress.candidates)")
     check_model_labels(label_names, {str(d): read_manifest(d).get("labels")
                                      for d in (teacher_dir, *(candidates / n for n in names))})
+    # A re-compression: the production model, copied out of the registry, is
+    # measured and gated as one more candidate (none by default).
+    production_version = read_production(root, label_names)
+    dirs = {n: candidates / n for n in names} | (
+        {PRODUCTION_CANDIDATE: root / PRODUCTION_MODEL} if production_version else {})
     frames = {s: read_split(s, root) for s in PREDICTED}
     # "window_heldout": production text held out of a re-compression's
     # distillation; teacher agreement on it is gated (empty by default).
@@ -51,25 +61,35 @@ def validate(params, root: Path) -> None:
     teacher_hash = content_hash(file_hashes(teacher_dir))
     # Hash before measuring: these are the bytes that get validated.
     files = {}
-    for n in names:
-        hashes = file_hashes(candidates / n)
+    for n in dirs:
+        hashes = file_hashes(dirs[n])
         files[n] = {"files": hashes, "content_hash": content_hash(hashes)}
+    # A built candidate with production's very files (int8 reads no window
+    # text: rebuilt, it is the same model) is production: measured once, under
+    # its own name, and its figures are production's baseline.
+    production_as = next((n for n in names if production_version and
+                          files[n]["content_hash"] == files[PRODUCTION_CANDIDATE]["content_hash"]), None)
+    if production_as:
+        print(f"validate: {production_as!r} has production {production_version}'s files: measured once, as "
+              f"{production_as!r}")
+        del dirs[PRODUCTION_CANDIDATE], files[PRODUCTION_CANDIDATE]
     # The teacher and every candidate, timed in alternating rounds over the
     # same minutes: the speedup gate compares figures from one time window.
     # (The key cannot clash: candidate names are lower-case slugs.)
     # Batch invariance on val for every candidate (the teacher is never served);
     # one that fails it is predicted one text per call, as it would be served.
-    runs = measure_interleaved({TEACHER_KEY: teacher_dir, **{n: candidates / n for n in names}}, texts,
+    runs = measure_interleaved({TEACHER_KEY: teacher_dir, **dirs}, texts,
                                texts[SELECTION_SPLIT], lat, log=lambda m: print(f"validate: {m}"),
                                invariance_texts=texts[SELECTION_SPLIT], invariance_skip=frozenset({TEACHER_KEY}),
                                max_batch_prob_diff=params.validate.gates.max_batch_prob_diff)
     teacher = runs.pop(TEACHER_KEY)
-    for n in names:
-        if file_hashes(candidates / n) != files[n]["files"]:
-            raise RuntimeError(f"{CANDIDATES / n} changed while it was being validated")
+    for n in dirs:
+        if file_hashes(dirs[n]) != files[n]["files"]:
+            raise RuntimeError(f"{dirs[n]} changed while it was being validated")
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
-    report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names)
+    report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names,
+                                      production_version=production_version, production_as=production_as)
     selection = gate_teacher(selection, retrained_teacher_gates(
         load_retrain_record(root), teacher_hash, report.teacher.accuracy,
         [int(x) for x in frames["feedback_heldout"]["label"]], teacher["predictions"]["feedback_heldout"],
@@ -79,6 +99,27 @@ def validate(params, root: Path) -> None:
     write_json(root / HEADLINE_VALIDATE, validate_headline(report))
     atomic_write_text(root / GATES_MD, validation_markdown(report, selection))
     print(f"validate: {selection.reason}")
+
+
+def read_production(root: Path, label_names) -> str | None:
+    """The version of the production model a re-compression copied into
+    data/unlabelled/production (its version.json), or None: no copy (the
+    default), or one whose classes differ from the data's (it could not be
+    compared; said on stdout)."""
+    from shrinkflow.files import read_json
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL
+
+    meta = read_json(root / PRODUCTION_META) if (root / PRODUCTION_META).is_file() else None
+    if not meta or not (root / PRODUCTION_MODEL).is_dir():
+        return None
+    labels = read_manifest(root / PRODUCTION_MODEL).get("labels")
+    if labels is None or list(labels) != list(label_names):
+        print(f"validate: production {meta['version']} is not measured: its classes {labels} are not the "
+              f"data's {list(label_names)}")
+        return None
+    print(f"validate: production {meta['version']} is measured as the candidate 'production'")
+    return str(meta["version"])
 
 
 if __name__ == "__main__":

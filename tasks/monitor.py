@@ -124,3 +124,48 @@ def archive_window(project_dir: str) -> str:
     if remote:
         out += dvc_command(["push", f"{WINDOWS_ARCHIVE}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
     return out
+
+
+@task(name="copy-production-model", cache_policy=NO_CACHE)
+def snapshot_production(project_dir: str, registry_dir: str) -> str | None:
+    """The production model, verified, into data/unlabelled/production: validate
+    measures it as a candidate. Returns its version (None: nothing in production)."""
+    from shrinkflow.recompression import snapshot_production as _snapshot
+
+    return _snapshot(Path(project_dir), registry_dir)
+
+
+@task(name="clear-production-copy", cache_policy=NO_CACHE)
+def clear_production(project_dir: str) -> bool:
+    """Remove a re-compression's production copy (data/unlabelled/production):
+    outside a re-compression, validate has no production candidate. Returns
+    whether there was one."""
+    from shrinkflow.paths import PRODUCTION_META
+    from shrinkflow.recompression import clear_production as _clear
+
+    had = (Path(project_dir) / PRODUCTION_META).is_file()
+    _clear(Path(project_dir))
+    return had
+
+
+@task(name="recompress-outcome", cache_policy=NO_CACHE)
+def recompress_outcome(gates: dict, deployed_version: str | None, kept_version: str | None) -> dict:
+    """``gates``: the lifecycle's selection (reports/gates.json as a dict)."""
+    from shrinkflow.artifacts import GatesReport
+    from shrinkflow.recompression import recompress_outcome as _outcome
+
+    return _outcome(GatesReport.model_validate(gates), deployed_version, kept_version)
+
+
+@task(name="record-recompress", cache_policy=NO_CACHE)
+def record_recompress(report_dir: str, outcome: dict) -> str:
+    """The outcome into the monitor run's decision.json (``recompress``) and
+    the Prefect artifact ``shrinkflow-recompress``, with every failed gate's figures."""
+    from monitoring.run import record_recompress as _record
+    from shrinkflow.recompression import recompress_markdown
+
+    _record(Path(report_dir), outcome)
+    md = recompress_markdown(outcome)
+    create_markdown_artifact(key="shrinkflow-recompress", markdown=md,
+                             description="what the re-compression deployed or kept, and each candidate's failed gates")
+    return md

@@ -42,8 +42,8 @@ def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | N
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
 def publish_report(report: ValidationReport, selection: GatesReport, deployed_version: str | None, stages: dict,
-                   roi: CostReturn | None = None) -> str:
-    md = validation_markdown(report, selection, deployed_version, "deploy" in stages)
+                   roi: CostReturn | None = None, kept: str | None = None) -> str:
+    md = validation_markdown(report, selection, deployed_version, "deploy" in stages, kept=kept)
     md += ("\n" + roi_markdown(roi)) if roi else ""
     md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"

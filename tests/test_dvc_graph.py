@@ -125,6 +125,18 @@ def test_window_files_are_deps_of_the_stages_that_read_them():
     assert str(WINDOW_HELDOUT) not in stages["compress"]["deps"]  # held out of distillation
 
 
+def test_the_warm_start_is_a_compress_dep_and_the_students_reach_deploy():
+    """The staged production student (compress reads it) exists in a fresh
+    checkout, so the dep is never missing; the students compress writes are
+    what deploy stores with the version."""
+    from shrinkflow.paths import STUDENTS, WARM_START
+
+    stages = load_dvc_yaml()["stages"]
+    assert str(WARM_START) in stages["compress"]["deps"]
+    assert (PROJECT_ROOT / WARM_START / "README.md").is_file()
+    assert str(STUDENTS) in stages["deploy"]["deps"]
+
+
 def test_catalog_outs_match_dvc_yaml():
     from shrinkflow import paths
 
@@ -140,7 +152,7 @@ def test_catalog_outs_match_dvc_yaml():
                             | {str(paths.METRICS_DATA), str(paths.LABELS_JSON), str(paths.UNLABELLED_PREPARED),
                                str(paths.HEADLINE_DATA)})
     assert outs("train") == {str(paths.TEACHER), str(paths.METRICS_TRAIN), str(paths.HEADLINE_TRAIN)}
-    assert outs("compress") == {str(paths.CANDIDATES), str(paths.METRICS_COMPRESS)}
+    assert outs("compress") == {str(paths.CANDIDATES), str(paths.STUDENTS), str(paths.METRICS_COMPRESS)}
     assert outs("validate") == {str(paths.METRICS_VALIDATE), str(paths.GATES_JSON), str(paths.GATES_MD),
                                 str(paths.HEADLINE_VALIDATE)}
     assert outs("deploy") == {str(paths.DEPLOYMENT)}

@@ -249,19 +249,27 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     from shrinkflow.predlog import Prediction, PredictionLog, utc_now
     from shrinkflow.registry import Registry
     from shrinkflow.predictors import load_predictor
+    from shrinkflow.files import content_hash, file_hashes
     from shrinkflow.window import restore_window
 
     reg = Registry(project / "registry")
     before = reg.alias()
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["monitor"].update({"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20})
-    # The tiny model's window agreement is not what this test is about; the
-    # gate's presence in the report is (its boundaries are unit-tested).
-    params["validate"]["gates"]["min_window_agreement"] = 0.0
+    params["monitor"].update({"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
+                              "min_recompress_rows": 20})
+    # The window gate against production: production is the int8 candidate the
+    # re-compression rebuilds (the same files, from the candidate cache: int8
+    # reads no text), so validate measures it once, as int8, and its agreement
+    # is the baseline: int8's gain over production is exactly 0, the min gain.
+    # (The tiny per-channel int8 agrees with its teacher on every text tried,
+    # so the floor is met too: the gain route's boundaries are unit-tested.)
+    params["validate"]["gates"].update({"min_window_agreement": 0.999, "min_window_agreement_gain": 0.0})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert content_hash(file_hashes(project / "models/candidates/int8")) == reg.manifest(before)["content_hash"]
     texts = pd.read_parquet(project / "data/prepared/shifted.parquet")["text"].tolist() + \
         pd.read_parquet(project / "data/prepared/test.parquet")["text"].tolist()[:30]
-    probs = softmax_positive(load_predictor(reg.load().path, threads=1).predict_logits(texts))
+    served = load_predictor(reg.load().path, threads=1)
+    probs = softmax_positive(served.predict_logits(texts))
     log = PredictionLog(project / params["serve"]["log_path"]).open()
     rows = [Prediction(uuid.uuid4().hex, utc_now(), before, t, [1 - p, p], int(p >= 0.5), 2.0)
             for t, p in zip(texts, probs)]
@@ -296,7 +304,16 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     restored = restore_window(project, window["texts_md5"], project / "restored.txt")
     assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()
     assert (project / "data/windows.dvc").is_file()
-    assert "min_window_agreement" in manifest["gates"]
+    # gated against production: both figures in the gate report
+    assert window["production_version"] == before
+    gates = json.loads((project / "reports/gates.json").read_text())
+    assert gates["production"] == before and gates["selected"] == manifest["candidate"] == "int8"
+    floor, gain = manifest["gates"]["min_window_agreement"], manifest["gates"]["min_window_agreement_gain"]
+    assert floor["threshold"] == 0.999 and gain["threshold"] == 0.0 and gain["value"] == 0 and gain["passed"]
+    assert f"against production {before}'s {floor['value']:.4g}" in gain["note"]
+    assert "production" not in gates["candidates"]  # the same files as int8: measured once
+    md = (project / "reports/gates.md").read_text()
+    assert "min_window_agreement_gain" in md and f"production {before} was measured" in md
     code, out = run_cli(project, None, "window", new, "--out", str(project / "w.txt"))
     assert code == 0 and (project / "w.txt").read_text() == (project / "data/unlabelled/texts.txt").read_text()
     code, out = run_cli(project, None, "window", before, "--out", str(project / "w0.txt"))
@@ -312,6 +329,10 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert len(run_dirs) == 2 and all((d / "report.html").is_file() for d in run_dirs)
     decisions = [json.loads((d / "decision.json").read_text()) for d in run_dirs]
     assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", True)]
+    # the acting run records what its re-compression did, with the figures
+    rec = decisions[1]["recompress"]
+    assert (rec["outcome"], rec["deployed_version"], rec["production_version"]) == ("deployed", new, before)
+    assert rec["candidates"] == {"int8": {"passed": True, "failed": {}}}
 
     # the Prefect artifact: verdict, figures, reasons, links to the served reports
     import asyncio
@@ -319,14 +340,16 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    async def monitor_artifacts():
+    async def monitor_artifacts(key: str = "shrinkflow-monitor"):
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["shrinkflow-monitor"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     arts = asyncio.run(monitor_artifacts())
     assert any("# Monitor: **recompress**" in (a.data or "") and "feedback_accuracy: FIRED" in (a.data or "")
                and f"/reports/{run_dirs[1].name}/report.html" in (a.data or "") for a in arts)
+    arts = asyncio.run(monitor_artifacts("shrinkflow-recompress"))
+    assert any(f"**Deployed {new}** ('int8'), replacing {before}" in (a.data or "")
+               and "| int8 | every gate passed |" in (a.data or "") for a in arts)
 
     # the same window again: not a second re-compression
     code, out = run_cli(project, harness, "monitor")

@@ -164,3 +164,77 @@ def test_no_invariance_measurement_no_gate_and_old_reports_still_load():
         "name": "min_accuracy", "passed": True, "value": 0.9, "threshold": 0.8, "direction": "min", "margin": 0.1}}}
     loaded = GateReport.from_dict(old)
     assert loaded.passed and loaded.results[0].enforced and loaded.results[0].note == ""
+
+
+# ---------------------------------------------------------------- the window gate against production
+
+def window_report(agreement: float, production: float | None, floor: float = 0.90, gain: float = 0.02,
+                  is_candidate: bool = False) -> GateReport:
+    from shrinkflow.gates import ProductionBaseline
+
+    gates = GATES.model_copy(update={"min_window_agreement": floor, "min_window_agreement_gain": gain})
+    base = ProductionBaseline("v0003", production, is_candidate) if production is not None else None
+    return evaluate_gates("c", cand(agreement={"window_heldout": agreement}), TEACHER, gates, base)
+
+
+@pytest.mark.parametrize("agreement, passes", [(0.82, True),            # exactly the gain over production
+                                               (0.8201, True),          # just over
+                                               (0.8199, False)])        # just under (and under the floor)
+def test_the_window_gate_passes_on_the_gain_over_production_under_the_floor(agreement, passes):
+    rep = window_report(agreement, production=0.80)
+    floor, gain = gate(rep, "min_window_agreement"), gate(rep, "min_window_agreement_gain")
+    assert rep.passed is passes
+    assert not floor.passed and floor.value == agreement and floor.threshold == 0.90
+    assert gain.passed is passes and gain.value == pytest.approx(agreement - 0.80) and gain.threshold == 0.02
+    assert "against production v0003's 0.8" in gain.note
+    if passes:
+        assert not floor.enforced and "meets min_window_agreement_gain 0.02" in floor.note
+        assert gain.enforced and gain.margin == pytest.approx(agreement - 0.82)
+    else:
+        # both ways missed: both fail, each saying by how much
+        assert [f.name for f in rep.failures] == ["min_window_agreement", "min_window_agreement_gain"]
+        assert gain.margin == pytest.approx(-0.0001) and floor.margin == pytest.approx(-0.0801)
+        assert "min_window_agreement_gain FAILED" in rep.summary() and "margin -0.0001" in rep.summary()
+
+
+@pytest.mark.parametrize("agreement, passes", [(0.90, True), (0.9001, True), (0.8999, False)])
+def test_the_window_gate_passes_on_the_floor_without_the_gain(agreement, passes):
+    """Production agrees better than the candidate: only the floor lets it through."""
+    rep = window_report(agreement, production=0.95)
+    floor, gain = gate(rep, "min_window_agreement"), gate(rep, "min_window_agreement_gain")
+    assert rep.passed is passes and floor.passed is passes and not gain.passed
+    assert gain.value == pytest.approx(agreement - 0.95)
+    assert gain.enforced is (not passes)
+    if passes:
+        assert "not needed: the floor was met" in gain.note and rep.failures == ()
+
+
+def test_the_window_gate_float_noise_at_the_gain_passes():
+    # 0.92 - 0.90 is 0.020000000000000018, 0.91 - 0.89 is 0.020000000000000018: at the gain either way
+    for a, p in ((0.92, 0.90), (0.91, 0.89), (0.3, 0.28)):
+        assert gate(window_report(a, production=p, floor=0.999), "min_window_agreement_gain").passed
+
+
+def test_the_production_model_passes_the_window_gate_only_through_the_floor():
+    """It has no gain over itself: with a min gain of 0 it would otherwise
+    always pass, and a re-compression could keep a model under the floor."""
+    below = window_report(0.85, production=0.85, gain=0.0, is_candidate=True)
+    assert [r.name for r in below.results if r.name.startswith("min_window")] == ["min_window_agreement"]
+    assert not below.passed and "the production model itself (v0003)" in gate(below, "min_window_agreement").note
+    assert window_report(0.90, production=0.90, gain=0.0, is_candidate=True).passed
+
+
+def test_without_a_measured_production_model_the_window_gate_is_the_floor_alone():
+    rep = window_report(0.5, production=None)
+    assert [r.name for r in rep.results if r.name.startswith("min_window")] == ["min_window_agreement"]
+    from shrinkflow.gates import ProductionBaseline
+
+    rep = evaluate_gates("c", cand(agreement={"window_heldout": 0.5}), TEACHER, GATES,
+                         ProductionBaseline("v0003", None))
+    assert [r.name for r in rep.results if r.name.startswith("min_window")] == ["min_window_agreement"]
+
+
+def test_the_window_gain_defaults_to_two_points():
+    assert Gates().min_window_agreement_gain == 0.02
+    with pytest.raises(ValueError):
+        Gates(min_window_agreement_gain=-0.01)

@@ -31,7 +31,8 @@ from shrinkflow.predlog import Prediction, PredictionLog, utc_now
 from tests.conftest import PROJECT_ROOT
 
 REF_ROWS = 40
-MONITOR = {"window_last_n": 500, "min_window_rows": 10, "shadow_sample_rows": 20, "min_feedback_labels": 20,
+MONITOR = {"window_last_n": 500, "min_window_rows": 10, "min_recompress_rows": 1, "shadow_sample_rows": 20,
+           "min_feedback_labels": 20,
            "keep_reports": 3, "log_wait_s": 3.0}
 
 

@@ -15,7 +15,7 @@ from shrinkflow.config import MonitorParams
 
 P = MonitorParams(min_window_rows=200, max_drifted_descriptor_share=0.4, embedding_drift_auc=0.6,
                   max_feedback_accuracy_drop=0.05, min_feedback_labels=50, min_teacher_agreement=0.9,
-                  cooldown_hours=24.0)
+                  cooldown_hours=24.0, min_recompress_rows=1)
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 EPS = 1e-6
 
@@ -162,6 +162,30 @@ def test_a_window_that_cannot_be_split_for_re_compression_never_triggers(distill
         assert d.reasons[0] == (f"the window's {(distill or 0) + (heldout or 0)} distinct texts split into "
                                 f"{distill} for distillation and {heldout} held out: a re-compression needs both; "
                                 "not acting")
+
+
+@pytest.mark.parametrize("distill, action", [(300, "recompress"),   # exactly min_recompress_rows
+                                             (299, "warn"),          # one under
+                                             (301, "recompress")])
+def test_recompress_needs_min_recompress_rows_texts_to_distil_from(distill, action):
+    """A window whose distinct texts left for distillation are fewer than
+    min_recompress_rows would re-distil from too little: warn, naming the
+    figure and the param."""
+    s = summary(agreement=0.5)
+    s = s.model_copy(update={"window": s.window.model_copy(update={"distill_texts": distill, "heldout_texts": 75})})
+    d = decide(s, P.model_copy(update={"min_recompress_rows": 300}), [], NOW)
+    assert d.action == action and "teacher_agreement" in d.triggers
+    if action == "warn":
+        assert d.reasons[0] == ("the window has 299 distinct texts for distillation, below min_recompress_rows "
+                                "300: too few to re-distil from; not acting")
+    else:
+        assert "re-compress from the kept teacher" in d.reasons[0]
+
+
+def test_min_recompress_rows_defaults_to_300():
+    assert MonitorParams().min_recompress_rows == 300
+    with pytest.raises(ValueError):
+        MonitorParams(min_recompress_rows=0)
 
 
 def test_the_same_window_never_triggers_twice():

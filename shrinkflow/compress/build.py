@@ -14,11 +14,14 @@ from pathlib import Path
 
 from shrinkflow.compress.cache import CandidateCache
 from shrinkflow.compress.recipe import apply_recipe
+from shrinkflow.compress.teacher_cache import TeacherOutputCache
+from shrinkflow.compress.warm import candidate_warm_start
 from shrinkflow.config import Candidate
 from shrinkflow.cost import process_cpu_seconds
+from shrinkflow.files import content_hash, file_hashes
 from shrinkflow.splits import read_split, read_unlabelled
 from shrinkflow.modeling import read_manifest
-from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, TEACHER
+from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, STUDENTS, TEACHER, TEACHER_OUTPUT_CACHE, WARM_START
 
 
 def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int, threads: int,
@@ -28,10 +31,17 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
     With a ``key`` (shrinkflow.compress.keys.candidate_keys) a cached build
     is copied; otherwise, or on a miss, the recipe is applied to the teacher
     on ``threads`` torch threads (training split and unlabelled text read
-    here) and the result stored under ``key``. Returns the candidate's
-    metrics/compress.json record: name, seconds (this run), cached,
-    build_seconds and build_cpu_seconds (what building it cost, when it was
-    built) and the recipe's stats.
+    here) and the result stored under ``key``. A recipe that distils also
+    puts its student's warm-start sidecar at
+    ``<project>/models/students/<name>`` (shrinkflow.compress.warm), and
+    starts from a matching one staged under ``data/unlabelled/warm_start/``;
+    the teacher's outputs on the training split come from the teacher-output
+    cache when it has them. Returns the candidate's metrics/compress.json
+    record: name, seconds (this run), cached, build_seconds and
+    build_cpu_seconds (what building it cost, when it was built), the
+    recipe's stats and, for a distilled candidate, how its distillation went
+    (warm_start_from, distill_rows, distill_epochs, warm_start_train_rows,
+    teacher_outputs_cached: when it was built).
 
     Raises shrinkflow.errors.MissingInput when ``project_dir`` is relative or has no
     teacher: a Dask worker on another machine must see the project at the
@@ -44,28 +54,36 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
         raise MissingInput(f"worker {socket.gethostname()}: no teacher at {root / TEACHER}; "
                                 "the project must be at the same absolute path on every worker")
     dest = root / CANDIDATES / candidate.name
+    distils = any(s.method == "distill" for s in candidate.recipe)
+    student = root / STUDENTS / candidate.name if distils else None
     cache = CandidateCache(root / CANDIDATE_CACHE)
     t0 = time.perf_counter()
-    info = cache.fetch(key, dest) if key else None
+    info = cache.fetch(key, dest, student) if key else None
     if info is not None:
         seconds = round(time.perf_counter() - t0, 2)
         print(f"compress: {candidate.name} unchanged, copied from the candidate cache in {seconds:.1f}s "
               f"(built in {info['build_seconds']:.0f}s)")
         return {"name": candidate.name, "seconds": seconds, "cached": True,
                 "build_seconds": info["build_seconds"], "build_cpu_seconds": info.get("build_cpu_seconds"),
-                **read_manifest(dest)["stats"]}
+                **read_manifest(dest)["stats"], **info.get("run_stats", {})}
     # This process's CPU time across every thread (torch's pool included).
     # With one worker (the default) it is this candidate's alone; threads
     # that build candidates concurrently share one process and one count.
     cpu0 = process_cpu_seconds(include_children=False)
     train = read_split("train", root)
+    teacher_hash = content_hash(file_hashes(root / TEACHER))
+    run_stats: dict = {}
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
-                       threads=threads, progress=False, unlabelled_texts=read_unlabelled(root), fuse=fuse)
+                       threads=threads, progress=False, unlabelled_texts=read_unlabelled(root), fuse=fuse,
+                       teacher_hash=teacher_hash, teacher_cache=TeacherOutputCache(root / TEACHER_OUTPUT_CACHE),
+                       warm_start=candidate_warm_start(root / WARM_START, candidate, teacher_hash),
+                       student_dir=student, run_stats=run_stats)
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
     if key:
-        cache.store(key, out, seconds, cpu)
-    print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}")
+        cache.store(key, out, seconds, cpu, student=student, run_stats=run_stats)
+    print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}"
+          + (f" (warm start from {run_stats['warm_start_from']})" if run_stats.get("warm_start_from") else ""))
     return {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
-            "build_cpu_seconds": cpu, **read_manifest(out)["stats"]}
+            "build_cpu_seconds": cpu, **read_manifest(out)["stats"], **run_stats}

@@ -176,13 +176,17 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
 
 def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
             progress: bool = True, log: list | None = None, targets: np.ndarray | None = None,
-            hidden: list | None = None):
+            hidden: list | None = None, student=None):
     """Return a student distilled from ``teacher`` on pre-tokenized ``seqs``.
 
     Teacher outputs (logits, and the layer outputs hidden-state matching
     needs) are computed once up front: the teacher is frozen, so recomputing
     them every step or epoch would only cost time. Pass ``targets`` and
     ``hidden`` to reuse outputs computed by the caller.
+
+    ``student``: a warm start (shrinkflow.compress.warm.warm_student), trained
+    for ``step.warm_start_epochs`` instead of a new student of
+    ``step.layers`` trained for ``step.epochs``.
     """
     import torch
 
@@ -194,11 +198,15 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
     wanted = hidden_targets(step.layers, teacher.config.num_hidden_layers) if step.hidden_weight > 0 else ()
     if targets is None or (wanted and hidden is None):
         targets, hidden = teacher_outputs(teacher, seqs, wanted)
-    student = make_student(teacher, step.layers)
+    warm = student is not None
+    if not warm:
+        student = make_student(teacher, step.layers)
     teacher.eval()
-    kd_train(student, seqs, targets, labels, epochs=step.epochs, learning_rate=step.learning_rate,
+    kd_train(student, seqs, targets, labels, epochs=step.warm_start_epochs if warm else step.epochs,
+             learning_rate=step.learning_rate,
              temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
              log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight)
-    print(f"distill: {len(step.layers)}-layer student in {time.perf_counter() - t0:.0f}s")
+    print(f"distill: {len(step.layers)}-layer student{' (warm start)' if warm else ''} in "
+          f"{time.perf_counter() - t0:.0f}s")
     return student

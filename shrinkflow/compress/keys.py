@@ -3,7 +3,9 @@ build reads.
 
 That is: the candidate (name and recipe), the teacher's files and labels,
 the training split and the unlabelled text (only when a step of the recipe
-reads text, as its method says: shrinkflow.compress.steps), the source of
+reads text, as its method says: shrinkflow.compress.steps), the warm-start
+sidecar a distill step starts from and the params only a warm start reads
+(only when there is one: an ordinary run's keys stay what they were), the source of
 every module the build imports, the model libraries' versions, the ONNX
 opset, the fusion switch and the thread count (torch results depend on it).
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from shrinkflow.codegraph import import_closure
 from shrinkflow.compress.steps import reads_text
+from shrinkflow.compress.warm import recipe_record
 from shrinkflow.files import content_hash, file_hashes, sha256_file
 
 # The module a build runs (shrinkflow.compress.build: cache lookup, reading
@@ -43,17 +46,33 @@ def package_root() -> Path:
 
 
 def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_hash: str, code: str,
-                  libraries: dict, opset: int, threads: int, fuse: bool = False, labels=()) -> str:
+                  libraries: dict, opset: int, threads: int, fuse: bool = False, labels=(),
+                  warm_start_hash: str | None = None) -> str:
     """sha256 over everything a build reads (module docstring). ``labels``:
     the class names in id order; the teacher's hash covers them too (its
     manifest), but a candidate's soft labels are over exactly these classes,
-    so they are part of the key in their own right."""
+    so they are part of the key in their own right. ``warm_start_hash``: the
+    content hash of the sidecar its distill step starts from, None for none."""
     data = reads_text(candidate)
-    blob = {"candidate": candidate.model_dump(mode="json"), "teacher": teacher_hash, "labels": list(labels),
+    # {"name", "recipe"}: the candidate's model_dump, less what only a warm start reads.
+    blob = {"candidate": {"name": candidate.name, "recipe": recipe_record(candidate, warm_start_hash is not None)},
+            "teacher": teacher_hash, "labels": list(labels),
             "train": train_hash if data else None, "unlabelled": unlabelled_hash if data else None,
             "code": code, "libraries": libraries, "opset": opset, "threads": threads,
             "fuse": fuse}
+    if warm_start_hash is not None:
+        blob["warm_start"] = warm_start_hash
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def warm_start_hash(root: Path, candidate, teacher_hash: str) -> str | None:
+    """The content hash of the warm-start sidecar ``candidate`` would start
+    from in the project at ``root`` (compress.warm.candidate_warm_start), or None."""
+    from shrinkflow.compress.warm import candidate_warm_start
+    from shrinkflow.paths import WARM_START
+
+    sidecar = candidate_warm_start(Path(root) / WARM_START, candidate, teacher_hash)
+    return content_hash(file_hashes(sidecar)) if sidecar is not None else None
 
 
 def inputs_hashes(root: Path) -> dict:
@@ -79,5 +98,6 @@ def candidate_keys(root: Path, candidates, opset: int, threads: int, fuse: bool)
 
     hashes = inputs_hashes(root)
     code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
-    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads, fuse=fuse)
+    return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads, fuse=fuse,
+                                  warm_start_hash=warm_start_hash(root, c, hashes["teacher_hash"]))
             for c in candidates}

@@ -16,6 +16,7 @@ import numpy as np
 from shrinkflow.arch import check_step, family
 from shrinkflow.compress.export import export_onnx, fuse_transformer_graph
 from shrinkflow.compress.steps import Build, method_of
+from shrinkflow.compress.warm import recipe_record
 # Public here too: callers calibrate and compare on the same texts a build does.
 from shrinkflow.compress.texts import calibration_feeds, calibration_texts, window_texts  # noqa: F401
 from shrinkflow.config import Candidate
@@ -75,12 +76,21 @@ FUSION_CHECK_TEXTS = ["A gripping, beautifully acted film.", "Dull.", "It is not
 
 def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: int = 17,
                  train_texts: list[str] | None = None, train_labels=None, threads: int = 2,
-                 progress: bool = True, unlabelled_texts: list[str] | None = None, fuse: bool = False) -> Path:
+                 progress: bool = True, unlabelled_texts: list[str] | None = None, fuse: bool = False, *,
+                 teacher_hash: str | None = None, teacher_cache=None, warm_start: Path | None = None,
+                 student_dir: Path | None = None, run_stats: dict | None = None) -> Path:
     """teacher -> [torch steps] -> ONNX -> [fuse] -> [onnx steps] -> ``out_dir``.
 
     ``fuse``: ONNX Runtime's transformer fusions on the fp32 graph, before
     quantization (``export.fuse_transformer_graph``), checked against the
     unfused graph's logits on padded batches.
+
+    ``teacher_hash`` and ``teacher_cache`` (a TeacherOutputCache): read the
+    teacher's outputs on the training split from the cache. ``warm_start``:
+    a matching sidecar (compress.warm.matching_sidecar) a distill step starts
+    from. ``student_dir``: where a distill step saves its student's sidecar
+    (replaced, or removed when the recipe does not distil). ``run_stats``
+    (a dict) receives how the build went (``Build.run_stats``).
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
     finished candidate or absent.
@@ -91,10 +101,14 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     work = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if student_dir is not None:
+        shutil.rmtree(student_dir, ignore_errors=True)
     try:
         build = Build(load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(),
                       train_texts=train_texts, train_labels=train_labels, unlabelled_texts=unlabelled_texts,
-                      threads=threads, progress=progress, max_seq_len=max_seq_len)
+                      threads=threads, progress=progress, max_seq_len=max_seq_len, candidate=candidate.name,
+                      teacher_hash=teacher_hash, teacher_cache=teacher_cache, warm_start=warm_start,
+                      student_dir=student_dir)
         _torch_steps(build, candidate)
         model, stats = build.model, build.stats
         build.onnx_path = onnx_path = export_onnx(model, work / "model.onnx", opset=opset)
@@ -110,11 +124,15 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
         (work / TOKENIZER).write_text(build.tokenizer_json)
         stats["size_mb_zlib"] = round(zlib_size_bytes(onnx_path) / 1e6, 4)
         write_manifest(work, "onnx", max_seq_len,
-                       recipe=[s.model_dump(mode="json") for s in candidate.recipe],
+                       recipe=recipe_record(candidate, warm_start is not None),
                        extra={"candidate": candidate.name, "stats": stats}, labels=manifest["labels"])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if student_dir is not None:
+            shutil.rmtree(student_dir, ignore_errors=True)
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     work.rename(out_dir)
+    if run_stats is not None:
+        run_stats.update(build.run_stats)
     return out_dir

@@ -43,11 +43,24 @@ class Build:
     max_seq_len: int | None = None
     onnx_path: Path | None = None
     stats: dict = field(default_factory=dict)
+    # How this build went, for metrics/compress.json only (not the model's
+    # manifest: a model built from cached teacher outputs is the same model).
+    run_stats: dict = field(default_factory=dict)
     # The original teacher's logits on the training split: computed at most
     # once, by the first step that needs them, while the model still is the
     # teacher (distill before it replaces the model, or a later step's lazy
     # call when no step before it changed what the model computes).
     teacher_targets: np.ndarray | None = None
+    # What the candidate cache and the warm start need to know of the build
+    # (set by shrinkflow.compress.build; None in a bare transform_torch):
+    # the candidate's name, the teacher directory's content hash, the cache
+    # of teacher outputs, a matching warm-start sidecar (compress.warm) and
+    # where a distill step saves its student's sidecar.
+    candidate: str | None = None
+    teacher_hash: str | None = None
+    teacher_cache: Any = None
+    warm_start: Path | None = None
+    student_dir: Path | None = None
 
     def train_seqs(self) -> list[list[int]]:
         """The training texts as token ids under the current tokenizer."""
@@ -57,10 +70,21 @@ class Build:
         """``teacher_targets``, computed from the current model on ``seqs``
         if no step computed them yet. [n_train, n_classes] float32."""
         if self.teacher_targets is None:
-            from shrinkflow.compress.distill import soft_labels
-
-            self.teacher_targets = soft_labels(self.model, seqs)
+            self.teacher_targets, _ = self.teacher_outputs(seqs, ())
         return self.teacher_targets
+
+    def teacher_outputs(self, seqs: list[list[int]], layers: tuple[int, ...]):
+        """``distill.teacher_outputs`` of the current model (the teacher:
+        call it before a step replaces the model) on the training ``seqs``,
+        through the teacher-output cache when the build has one. Records in
+        ``stats`` whether they came from it."""
+        from shrinkflow.compress.teacher_cache import cached_teacher_outputs
+
+        logits, hidden, hit = cached_teacher_outputs(self.teacher_cache, self.teacher_hash, self.model, seqs,
+                                                     layers, self.tokenizer_json)
+        if self.teacher_cache is not None:
+            self.run_stats["teacher_outputs_cached"] = hit
+        return logits, hidden
 
 
 class Method:
@@ -119,15 +143,28 @@ class Distill(Method):
     def apply(self, step, build: Build) -> None:
         from shrinkflow.compress.augment import augment_texts
         from shrinkflow.compress.distill import distill, hidden_targets, teacher_outputs
+        from shrinkflow.compress.warm import mix_rows, save_sidecar, warm_source, warm_student
 
         model, tokenizer_json = build.model, build.tokenizer_json
         seqs = build.train_seqs()
         wanted = hidden_targets(step.layers, model.config.num_hidden_layers) if step.hidden_weight > 0 else ()
-        build.teacher_targets, d_hidden = teacher_outputs(model, seqs, wanted)
+        # The whole split's outputs even for a warm start's sample: later
+        # steps (build.teacher_logits) read them, and the cache holds them.
+        build.teacher_targets, d_hidden = build.teacher_outputs(seqs, wanted)
         d_seqs, d_targets, d_labels = seqs, build.teacher_targets, np.asarray(build.train_labels)
+        train_texts = list(build.train_texts)
         extra = window_texts(build.unlabelled_texts) if step.use_unlabelled else []
-        augmented = augment_texts(list(build.train_texts), step.augment_copies, step.seed,
-                                  step.augment_replace_fraction)
+        warm = build.warm_start if step.warm_start else None
+        if warm is not None:
+            # Re-distillation from the production student: the window, and
+            # the training text at the asked ratio so the student keeps what
+            # it knew in domain.
+            rows = mix_rows(len(extra), len(seqs), step.warm_start_train_rows_per_window_text, step.seed)
+            d_seqs, d_targets, d_labels = [seqs[i] for i in rows], d_targets[rows], d_labels[rows]
+            d_hidden = [d_hidden[i] for i in rows] if d_hidden else d_hidden
+            train_texts = [train_texts[i] for i in rows]
+            build.run_stats["warm_start_train_rows"] = len(rows)
+        augmented = augment_texts(train_texts, step.augment_copies, step.seed, step.augment_replace_fraction)
         for more in (extra, augmented):
             if more:
                 # The teacher labels text that has no label (production
@@ -139,9 +176,17 @@ class Distill(Method):
                 d_hidden = d_hidden + u_hidden
                 d_targets = np.concatenate([d_targets, u_targets])
                 d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
+        student = warm_student(model, step.layers, warm) if warm is not None else None
         build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
-                              targets=d_targets, hidden=d_hidden or None)
+                              targets=d_targets, hidden=d_hidden or None, student=student)
+        if build.student_dir is not None:
+            from shrinkflow.modeling import model_labels
+
+            save_sidecar(build.model, build.student_dir, candidate=build.candidate, layers=step.layers,
+                         teacher_hash=build.teacher_hash, labels=model_labels(build.model))
         build.stats["layers"] = list(step.layers)
+        build.run_stats.update({"warm_start_from": warm_source(warm), "distill_rows": len(d_seqs),
+                                "distill_epochs": step.warm_start_epochs if warm is not None else step.epochs})
         build.stats["distill_unlabelled_rows"] = len(extra)
         build.stats["distill_augmented_rows"] = len(augmented)
 

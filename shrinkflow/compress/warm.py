@@ -1,0 +1,142 @@
+"""Warm start: a distilled student kept beside its candidate, and a
+re-distillation that starts from it instead of from the teacher's layers.
+
+The served model is an int8 ONNX graph with a pruned vocabulary: nothing to
+train from. So a distill step also saves its student as it leaves
+distillation (fp32 torch weights, the teacher's full vocabulary, before
+vocabulary pruning and quantization) in a *sidecar* directory::
+
+    student.safetensors   the student's state dict (safetensors, never pickle)
+    warm_start.json       candidate, layers, the teacher's content hash, labels
+
+The compress stage writes one per distilled candidate under
+``models/students/<candidate>``; deploy stores the selected one with the
+registry version (``versions/vNNNN/warm_start/``); the re-compression flow
+copies production's into ``data/unlabelled/warm_start/<candidate>``
+(shrinkflow.warmstart), where the next build finds it (``matching_sidecar``).
+
+A re-distillation that keeps what the student knew also keeps the original
+training text in its mix: ``mix_rows`` draws, seeded, a number of training
+rows proportional to the window.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS = "student.safetensors"
+META = "warm_start.json"
+# Beside the staged sidecars (data/unlabelled/warm_start/): which registry
+# version they came from (written by shrinkflow.warmstart).
+SOURCE = "source.json"
+
+
+def save_sidecar(model, dest: Path, *, candidate: str, layers, teacher_hash: str | None, labels) -> Path:
+    """Write ``model``'s weights and what they are to ``dest`` (replaced
+    whole: written beside it, then renamed). Returns ``dest``."""
+    from safetensors.torch import save_model
+
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))
+    meta = {"candidate": candidate, "layers": [int(i) for i in layers], "teacher_hash": teacher_hash,
+            "labels": [str(x) for x in labels]}
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def read_meta(sidecar: Path) -> dict | None:
+    """A sidecar's ``warm_start.json``, or None when ``sidecar`` is not a
+    complete sidecar (no weights, no or unreadable metadata)."""
+    sidecar = Path(sidecar)
+    if not (sidecar / WEIGHTS).is_file():
+        return None
+    try:
+        meta = json.loads((sidecar / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def matching_sidecar(warm_dir: Path, candidate: str, layers, teacher_hash: str) -> Path | None:
+    """``warm_dir/<candidate>`` when it holds a sidecar of this candidate, with
+    these ``layers``, distilled from this teacher (``teacher_hash``: the
+    teacher directory's content hash); else None. A student of another
+    teacher (after a retrain) is not a warm start: the new teacher's student
+    is distilled from its own layers."""
+    path = Path(warm_dir) / candidate
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    if (meta.get("candidate"), list(meta.get("layers") or []), meta.get("teacher_hash")) \
+            != (candidate, [int(i) for i in layers], teacher_hash):
+        return None
+    return path
+
+
+def recipe_record(candidate, warm: bool) -> list[dict]:
+    """``candidate``'s recipe as its manifest and cache key record it: without
+    a warm start, its distill step's warm-start params
+    (``DistillStep.WARM_START_KEYS``) are left out, as they change nothing
+    then (and an ordinary build's files and key stay what they were)."""
+    from shrinkflow.config import DistillStep
+
+    steps = [s.model_dump(mode="json") for s in candidate.recipe]
+    if not warm:
+        for step in steps:
+            if step["method"] == "distill":
+                for name in DistillStep.WARM_START_KEYS:
+                    step.pop(name, None)
+    return steps
+
+
+def candidate_warm_start(warm_dir: Path, candidate, teacher_hash: str) -> Path | None:
+    """The sidecar ``candidate``'s distill step starts from: a matching one in
+    ``warm_dir`` (``matching_sidecar``) when the recipe distils with
+    ``warm_start`` on; else None (a cold distillation, or no distillation)."""
+    step = next((s for s in candidate.recipe if s.method == "distill"), None)
+    if step is None or not step.warm_start:
+        return None
+    return matching_sidecar(warm_dir, candidate.name, step.layers, teacher_hash)
+
+
+def warm_source(sidecar: Path | None) -> str | None:
+    """Where a staged sidecar came from, for the build record: the registry
+    version named in ``SOURCE`` beside it, else its path; None for None."""
+    if sidecar is None:
+        return None
+    try:
+        version = json.loads((Path(sidecar).parent / SOURCE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    return str(version) if version else str(sidecar)
+
+
+def warm_student(teacher, layers, sidecar: Path):
+    """The student of ``teacher``'s ``layers`` (``distill.make_student``),
+    its weights loaded from ``sidecar``. Raises RuntimeError when the weights
+    do not fit that student exactly (missing, extra or reshaped tensors)."""
+    from safetensors.torch import load_model
+
+    from shrinkflow.compress.distill import make_student
+
+    student = make_student(teacher, tuple(layers))
+    load_model(student, str(Path(sidecar) / WEIGHTS), strict=True)
+    return student
+
+
+def mix_rows(n_window: int, n_train: int, rows_per_window_text: float, seed: int) -> np.ndarray:
+    """Indices of the training rows a warm re-distillation keeps in its mix:
+    ``round(rows_per_window_text * n_window)`` of the ``n_train`` rows (all of
+    them when that is more), drawn without replacement by ``seed``, sorted."""
+    want = min(n_train, int(round(rows_per_window_text * n_window)))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_train, size=want, replace=False))

@@ -1,0 +1,114 @@
+"""The production model as a re-compression candidate, and what a
+re-compression did.
+
+Before a re-compression re-runs compress -> validate -> deploy, the model
+in production is copied out of the registry (verified against its hashes)
+into ``data/unlabelled/production/`` (a validate dep): validate measures it
+like every built candidate, under ``PRODUCTION_CANDIDATE``, and when it is
+the one selected, deploy promotes nothing. So a re-compression never deploys
+something worse, by the gates and the objective, than keeping what runs.
+
+``recompress_outcome`` turns the gate report into what the monitor records
+(decision.json ``recompress``) and shows (the Prefect artifact
+``shrinkflow-recompress``): deployed, kept or nothing, and every
+candidate's failed gates with their figures.
+
+Library code: no Prefect; nothing happens at import. Not imported by any
+stage (the registry it reads would become a validate dep in DVC's eyes).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from shrinkflow.artifacts import GatesReport
+from shrinkflow.files import write_json
+from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL, WINDOW_PRODUCTION
+
+# Outcomes of one re-compression.
+DEPLOYED, KEPT, NOTHING = "deployed", "kept", "nothing"
+
+
+def clear_production(root: Path | str) -> None:
+    """Remove the production copy (``model/`` and ``version.json``), keeping
+    the directory's README: validate then has no production candidate."""
+    root = Path(root)
+    (root / PRODUCTION_META).unlink(missing_ok=True)
+    shutil.rmtree(root / PRODUCTION_MODEL, ignore_errors=True)
+
+
+def snapshot_production(root: Path | str, registry_dir: str) -> str | None:
+    """Copy the production version's model directory out of the registry at
+    ``root/registry_dir`` into ``data/unlabelled/production/model`` and record
+    its version and content hash in ``version.json``. Returns the version, or
+    None (and clears any earlier copy) when nothing is in production.
+
+    Raises shrinkflow.errors.IntegrityError when the version's files do not
+    match its manifest (``Registry.load`` verifies them): a corrupted model is
+    never measured as production's.
+    """
+    from shrinkflow.registry import Registry
+
+    root = Path(root)
+    registry = Registry(root / registry_dir)
+    if registry.alias() is None:
+        clear_production(root)
+        return None
+    ref = registry.load()
+    (root / WINDOW_PRODUCTION).mkdir(parents=True, exist_ok=True)
+    # Copied beside, then swapped in: a crash never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=root / WINDOW_PRODUCTION))
+    try:
+        shutil.copytree(ref.path, tmp / "model")
+        clear_production(root)
+        (tmp / "model").rename(root / PRODUCTION_MODEL)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(root / PRODUCTION_META, {"version": ref.version, "content_hash": ref.manifest["content_hash"]})
+    return ref.version
+
+
+def _figures(gate) -> dict:
+    return {"passed": gate.passed, "enforced": gate.enforced, "value": gate.value, "threshold": gate.threshold,
+            "direction": gate.direction, "margin": gate.margin, **({"note": gate.note} if gate.note else {})}
+
+
+def recompress_outcome(selection: GatesReport, deployed_version: str | None, kept_version: str | None) -> dict:
+    """What one re-compression did, from validate's gate report
+    (reports/gates.json) and what deploy did: ``outcome`` (``deployed``,
+    ``kept``: production won and stays, or ``nothing``: no candidate passed,
+    production keeps serving), the versions, the selection's ``reason``, and
+    by candidate whether it ``passed`` and its ``failed`` gates (value,
+    threshold, margin: how far from passing, in the gate's units). JSON types."""
+    outcome = DEPLOYED if deployed_version else (KEPT if kept_version else NOTHING)
+    candidates = {}
+    for name, doc in selection.candidates.items():
+        report = doc.to_report()
+        candidates[name] = {"passed": report.passed,
+                            "failed": {r.name: _figures(r) for r in report.failures}}
+    return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": kept_version,
+            "production_version": selection.production, "selected": selection.selected,
+            "reason": selection.reason, "candidates": candidates}
+
+
+def recompress_markdown(outcome: dict) -> str:
+    """The Prefect artifact ``shrinkflow-recompress``: the outcome in one bold
+    line, then each candidate's failed gates with value, threshold and margin."""
+    prod = outcome.get("production_version")
+    head = {DEPLOYED: f"**Deployed {outcome['deployed_version']}** ({outcome['selected']!r})"
+                      + (f", replacing {prod}" if prod else ""),
+            KEPT: f"**Kept production {outcome['kept_version']}**: it passed every gate and won the selection",
+            NOTHING: "**Nothing deployed**: no candidate passed every gate"
+                     + (f"; production {prod} keeps serving" if prod else "")}[outcome["outcome"]]
+    lines = ["# Re-compression", "", head + ".", "", f"Selection: {outcome['reason']}", "",
+             "| candidate | gate | value | threshold | margin |", "|---|---|---|---|---|"]
+    for name, c in outcome["candidates"].items():
+        if c["passed"]:
+            lines.append(f"| {name} | every gate passed | | | |")
+        for gate, f in c["failed"].items():
+            rel = ">=" if f["direction"] == "min" else "<="
+            lines.append(f"| {name} | {gate} FAILED | {f['value']:.4g} | {rel} {f['threshold']:.4g} | "
+                         f"{f['margin']:+.4g} |")
+    return "\n".join(lines) + "\n"

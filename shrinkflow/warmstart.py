@@ -1,0 +1,71 @@
+"""Staging the production student for a re-compression's warm start.
+
+The re-compression flow calls ``stage_warm_start`` before it snapshots the
+window: the production version's distilled student (stored by deploy as
+``registry/versions/vNNNN/warm_start/``, verified on read) is copied into the
+compress dep ``data/unlabelled/warm_start/<candidate>/``, with
+``source.json`` saying which version it came from. What it returns goes into
+``data/unlabelled/window.json``, and from there into the new version's
+lineage. Students staged by an earlier re-compression are removed first, so
+the compress stage only ever sees production's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from shrinkflow.compress.warm import SOURCE, read_meta
+from shrinkflow.errors import IntegrityError
+from shrinkflow.files import atomic_write_text, content_hash, file_hashes
+from shrinkflow.paths import WARM_START
+from shrinkflow.registry import Registry
+
+# Tracked files of data/unlabelled/warm_start/ that staging keeps.
+KEPT = ("README.md", ".gitignore")
+
+
+def clear_staged(root: Path) -> None:
+    """Remove every staged student (and ``source.json``) under
+    ``data/unlabelled/warm_start/``, keeping its tracked files."""
+    staged = Path(root) / WARM_START
+    if not staged.is_dir():
+        return
+    for entry in staged.iterdir():
+        if entry.name in KEPT:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def stage_warm_start(root: Path, registry_dir: str) -> dict | None:
+    """Copy the production version's warm-start sidecar into
+    ``data/unlabelled/warm_start/<candidate>/`` under ``root``. Returns what
+    was staged (``version``, ``candidate``, ``content_hash`` of the sidecar's
+    files), None when nothing is in production or its version has no
+    sidecar, and ``{"version", "error"}`` when its sidecar fails
+    verification (then nothing is staged: the re-distillation starts cold)."""
+    root = Path(root)
+    registry = Registry(root / registry_dir)
+    clear_staged(root)
+    version = registry.alias()
+    if version is None:
+        return None
+    try:
+        sidecar = registry.warm_start(version)
+    except IntegrityError as exc:
+        return {"version": version, "error": str(exc)}
+    meta = read_meta(sidecar) if sidecar is not None else None
+    if meta is None or not meta.get("candidate"):
+        return None
+    dest = root / WARM_START / str(meta["candidate"])
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(sidecar, tmp)
+    tmp.rename(dest)
+    staged = {"version": version, "candidate": meta["candidate"], "content_hash": content_hash(file_hashes(dest))}
+    atomic_write_text(root / WARM_START / SOURCE, json.dumps(staged, indent=2, sort_keys=True) + "\n")
+    return staged

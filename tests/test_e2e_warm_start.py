@@ -1,0 +1,88 @@
+"""End to end: a re-compression that warm-starts from the production
+student, through the real flows, DVC and registry, on a tiny model.
+
+`shrinkflow run` deploys a distilled student, whose fp32 weights the
+registry keeps with the version; the re-compression flow stages them, DVC
+re-runs compress (its warm-start dep changed), the distillation starts from
+them with training text mixed in and the teacher's outputs from the cache, and
+the new version's lineage names the version it started from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# The tiny teacher has 2 layers: a 1-layer student of its layer 0.
+STUDENT_PARAMS = deep_merge(TINY, {
+    "compress": {"candidates": [{"name": "student", "recipe": [
+        {"method": "distill", "layers": [0], "epochs": 1, "hidden_weight": 1.0},
+        {"method": "vocab_prune"}, {"method": "quantize"}]}]},
+    # The tiny student's agreement is not what this test is about.
+    "validate": {"gates": {"min_window_agreement": 0.0}},
+})
+
+RECOMPRESS = """
+import json, sys
+from shrinkflow.bootstrap import configure_env
+configure_env(".")
+from flows.recompress import recompress
+texts = [line for line in open(sys.argv[1], encoding="utf-8").read().splitlines() if line]
+result = recompress(".", texts, {"monitor_flow_run": "e2e-warm-start", "triggers": ["test"]})
+print("RESULT " + json.dumps({"deployed": result["deployed_version"], "window": result["window"]}))
+"""
+
+
+def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefect_api):
+    import os
+
+    import pandas as pd
+
+    from shrinkflow.registry import Registry
+
+    project = copy_project(tmp_path / "project")
+    write_params(project / "params.yaml", STUDENT_PARAMS)
+    code, out = run_cli(project, prefect_api, "run")
+    assert code == 0 and "DEPLOYED v0001" in out, out[-4000:]
+    reg = Registry(project / "registry")
+    kept = reg.warm_start("v0001")
+    assert kept is not None and (kept / "student.safetensors").is_file()
+    first = json.loads((project / "metrics/compress.json").read_text())["candidates"]["student"]
+    assert first["warm_start_from"] is None and first["distill_epochs"] == 1
+    assert first["teacher_outputs_cached"] is False
+
+    texts = pd.read_parquet(project / "data/prepared/shifted.parquet")["text"].tolist()
+    (tmp_path / "window.txt").write_text("".join(" ".join(t.split()) + "\n" for t in texts), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(project / ".prefect")})
+    proc = subprocess.run([sys.executable, "-c", RECOMPRESS, str(tmp_path / "window.txt")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["deployed"] == reg.alias() == "v0002", out[-4000:]
+    assert result["window"]["warm_start"]["version"] == "v0001"
+    assert result["window"]["warm_start"]["candidate"] == "student"
+
+    build = json.loads((project / "metrics/compress.json").read_text())["candidates"]["student"]
+    rows = result["window"]["rows_distill"]
+    assert build["cached"] is False and build["warm_start_from"] == "v0001"
+    assert build["distill_epochs"] == 2 and build["teacher_outputs_cached"] is True
+    assert build["warm_start_train_rows"] == min(4 * rows, len(pd.read_parquet(project / "data/prepared/train.parquet")))
+    assert build["distill_rows"] == build["warm_start_train_rows"] + rows
+
+    manifest = reg.manifest("v0002")
+    assert manifest["lineage"]["window"]["warm_start"] == result["window"]["warm_start"]
+    # the re-distilled student is kept with the new version, for the next one
+    assert reg.warm_start("v0002") is not None
+    assert manifest["warm_start_files"] != reg.manifest("v0001")["warm_start_files"]
+    staged = Path(project / "data/unlabelled/warm_start/student/student.safetensors")
+    assert staged.read_bytes() == (kept / "student.safetensors").read_bytes()

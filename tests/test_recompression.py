@@ -1,0 +1,191 @@
+"""A re-compression against production: the production model copied out of
+the registry and measured as a candidate, its window agreement the baseline
+of the gain gate, kept when it wins, and what the monitor records when
+nothing passes. Pure functions and small files; the flow end to end is
+tests/test_e2e.py's monitor test."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from shrinkflow.config import ValidateParams
+from shrinkflow.files import file_hashes, read_json
+from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL, WINDOW_PRODUCTION
+from shrinkflow.validation import PRODUCTION_CANDIDATE, validate_runs
+from tests.typed_cases import BINARY, GATES, TEST, VAL, _files, run
+
+# The teacher's labels on five held-out window texts.
+WINDOW = [1, 0, 1, 1, 0]
+
+
+def runs(production_window, candidate_window, production_lat=6.0, candidate_lat=5.0, floor=0.9, gain=0.2):
+    """validate_runs' arguments: a teacher, one built candidate ``small`` and
+    the production model, differing only in window agreement and latency."""
+    return dict(teacher_run=run(VAL, TEST, lat=20.0, diff=None, window=WINDOW),
+                candidate_runs={"small": run(VAL, TEST, lat=candidate_lat, window=candidate_window),
+                                PRODUCTION_CANDIDATE: run(VAL, TEST, lat=production_lat, window=production_window)},
+                labels={"val": VAL, "test": TEST, "shifted": [1, 0]},
+                params=ValidateParams(gates=GATES.model_copy(update={"min_window_agreement": floor,
+                                                                     "min_window_agreement_gain": gain})),
+                files=_files("small", PRODUCTION_CANDIDATE), label_names=BINARY, production_version="v0003")
+
+
+def test_a_candidate_under_the_floor_deploys_on_its_gain_over_production():
+    """Production agrees on 3 of 5 held-out texts (0.6), the candidate on 4
+    (0.8): 0.2 over production is exactly the min gain, under the 0.9 floor."""
+    report, sel = validate_runs(**runs(production_window=[1, 0, 0, 0, 0], candidate_window=[1, 0, 1, 0, 0]))
+    assert sel.production == "v0003" and sel.selected == "small"
+    small = sel.candidates["small"].gates
+    assert small["min_window_agreement"].value == 0.8 and not small["min_window_agreement"].passed
+    assert not small["min_window_agreement"].enforced
+    assert small["min_window_agreement_gain"].passed and small["min_window_agreement_gain"].value == pytest.approx(0.2)
+    assert "against production v0003's 0.6" in small["min_window_agreement_gain"].note
+    prod = sel.candidates[PRODUCTION_CANDIDATE]
+    assert not prod.passed and set(prod.gates) >= {"min_window_agreement"}
+    assert "min_window_agreement_gain" not in prod.gates
+    assert report.candidates[PRODUCTION_CANDIDATE].agreement["window_heldout"] == 0.6
+
+
+def test_production_is_kept_when_it_passes_and_wins_the_selection():
+    report, sel = validate_runs(**runs(production_window=WINDOW, candidate_window=WINDOW, production_lat=4.0))
+    assert sel.selected == PRODUCTION_CANDIDATE and report.confirmation.candidate == PRODUCTION_CANDIDATE
+    from shrinkflow.markdown import validation_markdown
+
+    md = validation_markdown(report, sel)
+    assert "**Production v0003 selected**" in md and "production v0003 was measured" in md
+    assert "**Kept production v0003**" in validation_markdown(report, sel, None, True, kept="v0003")
+
+
+def test_nothing_passes_and_the_outcome_carries_every_failed_gate_with_its_figures():
+    from shrinkflow.recompression import recompress_markdown, recompress_outcome
+
+    # candidate 0.6 against production 0.6: no gain (needs 0.2), under the floor; production under the floor
+    _, sel = validate_runs(**runs(production_window=[1, 0, 0, 0, 0], candidate_window=[1, 0, 0, 0, 0]))
+    assert sel.selected is None
+    out = recompress_outcome(sel, None, None)
+    assert out["outcome"] == "nothing" and out["production_version"] == "v0003"
+    failed = out["candidates"]["small"]["failed"]
+    assert set(failed) == {"min_window_agreement", "min_window_agreement_gain"}
+    assert failed["min_window_agreement"]["value"] == 0.6 and failed["min_window_agreement"]["margin"] == \
+        pytest.approx(-0.3)
+    assert failed["min_window_agreement_gain"]["value"] == 0 and failed["min_window_agreement_gain"]["margin"] == \
+        pytest.approx(-0.2)
+    assert set(out["candidates"][PRODUCTION_CANDIDATE]["failed"]) == {"min_window_agreement"}
+    json.dumps(out)  # what decision.json stores
+    md = recompress_markdown(out)
+    assert "**Nothing deployed**: no candidate passed every gate; production v0003 keeps serving." in md
+    assert "| small | min_window_agreement_gain FAILED | 0 | >= 0.2 | -0.2 |" in md
+    assert "| small | min_window_agreement FAILED | 0.6 | >= 0.9 | -0.3 |" in md
+
+    _, won = validate_runs(**runs(production_window=WINDOW, candidate_window=WINDOW, production_lat=4.0))
+    kept = recompress_outcome(won, None, "v0003")
+    assert kept["outcome"] == "kept" and kept["candidates"][PRODUCTION_CANDIDATE] == {"passed": True, "failed": {}}
+    assert "**Kept production v0003**" in recompress_markdown(kept)
+    assert recompress_outcome(won, "v0004", None)["outcome"] == "deployed"
+
+
+def test_snapshot_production_copies_the_verified_production_model(tmp_path):
+    from shrinkflow.errors import IntegrityError
+    from shrinkflow.recompression import clear_production, snapshot_production
+    from tests.registry_outputs import build
+
+    root = tmp_path / "project"
+    (root / WINDOW_PRODUCTION).mkdir(parents=True)
+    (root / WINDOW_PRODUCTION / "README.md").write_text("kept\n")
+    registry = build(root / "registry", "v0003")
+    assert snapshot_production(root, "registry") == "v0003"
+    assert file_hashes(root / PRODUCTION_MODEL) == read_json(registry / "versions/v0003/manifest.json")["files"]
+    assert read_json(root / PRODUCTION_META)["version"] == "v0003"
+    # again, after production moved: the copy is replaced, not merged
+    (registry / "aliases.json").write_text(json.dumps({"production": "v0002"}))
+    (root / PRODUCTION_MODEL / "stale.bin").write_bytes(b"x")
+    assert snapshot_production(root, "registry") == "v0002"
+    assert file_hashes(root / PRODUCTION_MODEL) == read_json(registry / "versions/v0002/manifest.json")["files"]
+    assert sorted(p.name for p in (root / WINDOW_PRODUCTION).iterdir()) == ["README.md", "model", "version.json"]
+    # a corrupted production model is never copied
+    (registry / "versions/v0002/model/model.onnx").write_bytes(b"rot")
+    with pytest.raises(IntegrityError):
+        snapshot_production(root, "registry")
+    clear_production(root)
+    assert sorted(p.name for p in (root / WINDOW_PRODUCTION).iterdir()) == ["README.md"]
+    # nothing in production: no copy
+    assert snapshot_production(root, "empty-registry") is None and not (root / PRODUCTION_META).exists()
+
+
+def test_deploy_keeps_production_only_while_it_is_still_production(tmp_path):
+    from shrinkflow.artifacts import GatesReport
+    from shrinkflow.catalog import DEPLOYMENT, load
+    from shrinkflow.errors import PromotionRefused
+    from stages.deploy import keep_production
+    from tests.registry_outputs import build
+
+    root = tmp_path / "project"
+    registry = build(root / "registry", "v0003")
+    params = SimpleNamespace(deploy=SimpleNamespace(registry_dir="registry"))
+    gates = GatesReport(selected=PRODUCTION_CANDIDATE, reason="'production': lowest latency_ms_p95_b1 of 2",
+                        candidates={}, confirmation=None, production="v0003")
+    keep_production(params, root, gates)
+    record = load(DEPLOYMENT, root)
+    assert record.kept and record.version == "v0003" and "production v0003 was kept" in record.reason
+    assert json.loads((registry / "aliases.json").read_text())["production"] == "v0003"
+    assert len(list((registry / "versions").iterdir())) == 3  # nothing promoted
+    (registry / "aliases.json").write_text(json.dumps({"production": "v0002"}))
+    with pytest.raises(PromotionRefused, match="measured production v0003 but the registry serves v0002"):
+        keep_production(params, root, gates)
+
+
+def test_the_monitor_run_records_the_re_compression_in_its_decision(tmp_path):
+    from monitoring.run import record_recompress
+
+    run_dir = tmp_path / "reports" / "20260101T000000_000000Z"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"created": "t", "window": {"rows": 3}}))
+    (run_dir / "decision.json").write_text(json.dumps({"action": "recompress", "acted": True, "reasons": []}))
+    outcome = {"outcome": "nothing", "deployed_version": None, "kept_version": None, "production_version": "v0003",
+               "selected": None, "reason": "no candidate passed every gate", "candidates": {}}
+    doc = record_recompress(run_dir, outcome)
+    assert doc["recompress"] == outcome and doc["acted"] is True
+    assert json.loads((run_dir / "decision.json").read_text())["recompress"]["outcome"] == "nothing"
+    assert "(nothing passed the gates)" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_the_production_copy_is_a_validate_dep_that_a_fresh_project_has_empty():
+    """DVC never misses the dep (the directory is in git, with its README),
+    and a default run measures no production candidate."""
+    import subprocess
+
+    import yaml
+
+    from stages.validate import read_production
+    from tests.conftest import PROJECT_ROOT
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    assert str(WINDOW_PRODUCTION) in stages["validate"]["deps"]
+    tracked = subprocess.run(["git", "ls-files", str(WINDOW_PRODUCTION)], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert sorted(tracked) == [f"{WINDOW_PRODUCTION}/.gitignore", f"{WINDOW_PRODUCTION}/README.md"]
+    assert read_production(PROJECT_ROOT, BINARY) is None
+
+
+def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys):
+    from shrinkflow.files import write_json
+    from stages.validate import read_production
+
+    (tmp_path / PRODUCTION_MODEL).mkdir(parents=True)
+    write_json(tmp_path / PRODUCTION_META, {"version": "v0007", "content_hash": "h"})
+    write_json(tmp_path / PRODUCTION_MODEL / "shrinkflow_model.json", {"format": "onnx", "labels": list(BINARY)})
+    assert read_production(tmp_path, BINARY) == "v0007"
+    assert read_production(tmp_path, ("a", "b", "c")) is None
+    assert "production v0007 is not measured: its classes" in capsys.readouterr().out
+
+
+def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_baseline():
+    args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0])
+    del args["candidate_runs"][PRODUCTION_CANDIDATE]
+    report, sel = validate_runs(**{**args, "files": _files("small"), "production_as": "small"})
+    assert set(sel.candidates) == {"small"} and sel.production == "v0003"
+    gain = sel.candidates["small"].gates["min_window_agreement_gain"]
+    assert gain.value == 0 and "against production v0003's 0.8" in gain.note

@@ -1,0 +1,259 @@
+"""Re-distillation that keeps what the student knew, and costs less: the
+distilled student kept beside its candidate and with its registry version,
+staged for a re-compression and warm-started from; the training text mixed
+in at a ratio; the teacher's outputs cached between builds. Tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shrinkflow.config import Candidate, DistillStep, QuantizeStep, VocabPruneStep
+from tests.test_registry import PASS, model_dir
+
+# The tiny teacher has 2 layers: a 1-layer student of its layer 0.
+STEP = DistillStep(layers=(0,), epochs=1, hidden_weight=1.0)
+STUDENT = Candidate(name="student", recipe=(STEP, VocabPruneStep(), QuantizeStep()))
+
+
+def project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, window: str = "") -> Path:
+    """A project with the tiny teacher, the training split, the window text
+    and an empty warm-start directory, as a fresh checkout has them."""
+    from shrinkflow.paths import STUDENTS, TEACHER, UNLABELLED, WARM_START, split_path
+
+    root = tmp_path / "proj"
+    shutil.copytree(tiny_teacher_dir, root / TEACHER)
+    (root / split_path("train")).parent.mkdir(parents=True)
+    small_splits["train"].to_parquet(root / split_path("train"), index=False)
+    (root / WARM_START).mkdir(parents=True)
+    (root / WARM_START / "README.md").write_text("staged students\n")
+    (root / UNLABELLED).write_text(window)
+    (root / STUDENTS).mkdir(parents=True)
+    return root
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def distil(teacher_dir: Path, splits, step: DistillStep, *, window=(), warm=None, student_dir=None):
+    """One distill step on the tiny teacher, as a build runs it; the Build."""
+    from shrinkflow.compress.steps import Build, method_of
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.modeling import TOKENIZER, load_torch_model
+
+    train = splits["train"]
+    build = Build(load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(),
+                  train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                  unlabelled_texts=list(window), threads=1, progress=False, candidate="student",
+                  teacher_hash=content_hash(file_hashes(teacher_dir)), warm_start=warm, student_dir=student_dir)
+    method_of(step).apply(step, build)
+    return build
+
+
+def test_a_warm_start_loads_the_production_students_weights(tmp_path, tiny_teacher_dir, small_splits):
+    """The sidecar a cold distillation saves holds its student exactly; a warm
+    start with no epochs is that student, weight for weight, and one with
+    epochs moves on from it, not from the teacher's layers."""
+    from shrinkflow.compress.distill import make_student
+    from shrinkflow.compress.warm import read_meta
+    from shrinkflow.modeling import load_torch_model
+
+    cold = distil(tiny_teacher_dir, small_splits, STEP, student_dir=tmp_path / "sidecar")
+    production = state(cold.model)
+    meta = read_meta(tmp_path / "sidecar")
+    assert (meta["candidate"], meta["layers"], meta["teacher_hash"]) == ("student", [0], cold.teacher_hash)
+    assert cold.run_stats["warm_start_from"] is None and cold.run_stats["distill_epochs"] == 1
+
+    window = ["a brand new kind of sentence", "another one from production"]
+    kept = distil(tiny_teacher_dir, small_splits, STEP.model_copy(update={"warm_start_epochs": 0}), window=window,
+                  warm=tmp_path / "sidecar")
+    assert same_state(state(kept.model), production)
+    assert kept.run_stats["warm_start_from"] == str(tmp_path / "sidecar")
+    assert kept.run_stats["distill_epochs"] == 0
+
+    # The teacher's own layer-0 student is not what production was.
+    fresh = state(make_student(load_torch_model(tiny_teacher_dir), (0,)))
+    assert not same_state(fresh, production)
+    trained = distil(tiny_teacher_dir, small_splits, STEP, window=window, warm=tmp_path / "sidecar")
+    assert not same_state(state(trained.model), production)
+    # Off, the same sidecar is ignored: the cold build, bit for bit.
+    off = distil(tiny_teacher_dir, small_splits, STEP.model_copy(update={"warm_start": False}), window=window,
+                 warm=tmp_path / "sidecar")
+    again = distil(tiny_teacher_dir, small_splits, STEP, window=window)
+    assert same_state(state(off.model), state(again.model))
+
+
+def test_the_mix_samples_the_asked_training_rows_seeded(tmp_path, tiny_teacher_dir, small_splits):
+    from shrinkflow.compress.warm import mix_rows
+
+    rows = mix_rows(10, 1000, 4.0, seed=3)
+    assert len(rows) == 40 and len(set(rows.tolist())) == 40 and rows.max() < 1000
+    assert np.array_equal(rows, mix_rows(10, 1000, 4.0, seed=3))
+    assert not np.array_equal(rows, mix_rows(10, 1000, 4.0, seed=4))
+    assert len(mix_rows(10, 1000, 2.5, seed=0)) == 25
+    assert len(mix_rows(10, 30, 4.0, seed=0)) == 30      # capped at the split
+    assert len(mix_rows(10, 1000, 0.0, seed=0)) == 0     # the window alone
+
+    cold = distil(tiny_teacher_dir, small_splits, STEP, student_dir=tmp_path / "sidecar")
+    window = [f"production sentence number {i}" for i in range(6)]
+    step = STEP.model_copy(update={"warm_start_train_rows_per_window_text": 3.0, "warm_start_epochs": 0})
+    warm = distil(tiny_teacher_dir, small_splits, step, window=window, warm=tmp_path / "sidecar")
+    assert warm.run_stats["warm_start_train_rows"] == 18
+    assert warm.run_stats["distill_rows"] == 18 + 6
+    assert cold.run_stats["distill_rows"] == len(small_splits["train"])
+
+
+def test_teacher_outputs_come_from_the_cache_and_a_corrupted_entry_is_rebuilt(tmp_path, tiny_teacher_dir,
+                                                                               small_splits):
+    """The second build reads the teacher's outputs from the cache and builds
+    the same model, byte for byte; a corrupted entry is a miss, recomputed."""
+    from shrinkflow.compress.build import build_candidate
+    from shrinkflow.files import file_hashes
+    from shrinkflow.paths import CANDIDATES, STUDENTS, TEACHER_OUTPUT_CACHE
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    first = build_candidate(root, STUDENT, opset=17, threads=1)
+    built = file_hashes(root / CANDIDATES / "student")
+    student = file_hashes(root / STUDENTS / "student")
+    assert first["teacher_outputs_cached"] is False
+    entries = [p for p in (root / TEACHER_OUTPUT_CACHE).iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "hidden.npy").is_file()
+
+    second = build_candidate(root, STUDENT, opset=17, threads=1)
+    assert second["teacher_outputs_cached"] is True
+    assert file_hashes(root / CANDIDATES / "student") == built
+    assert file_hashes(root / STUDENTS / "student") == student
+
+    logits = entries[0] / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:-8] + b"\0" * 8)
+    third = build_candidate(root, STUDENT, opset=17, threads=1)
+    assert third["teacher_outputs_cached"] is False
+    assert file_hashes(root / CANDIDATES / "student") == built
+    fourth = build_candidate(root, STUDENT, opset=17, threads=1)
+    assert fourth["teacher_outputs_cached"] is True
+
+
+def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teacher_dir, small_splits):
+    """Without a staged student the keys are what they were: the warm-start
+    params change nothing, and the key is the one computed without them. With
+    a matching student staged, its content and those params are in the key; a
+    student of other layers or another teacher is no warm start."""
+    from shrinkflow.compress.keys import candidate_key, candidate_keys, inputs_hashes
+    from shrinkflow.compress.warm import save_sidecar
+    from shrinkflow.paths import WARM_START
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    variants = [STUDENT.model_copy(update={"recipe": (STEP.model_copy(update=u),) + STUDENT.recipe[1:]})
+                for u in ({}, {"warm_start": False}, {"warm_start_epochs": 7},
+                          {"warm_start_train_rows_per_window_text": 0.5})]
+    cold = {candidate_keys(root, [c], 17, 1, False)["student"] for c in variants}
+    assert len(cold) == 1
+    hashes = inputs_hashes(root)
+    common = dict(**hashes, code="c", libraries={}, opset=17, threads=1)
+    assert candidate_key(variants[0], **common) == candidate_key(variants[2], **common) \
+        == candidate_key(variants[0], **common, warm_start_hash=None)
+
+    cold_build = distil(tiny_teacher_dir, small_splits, STEP, student_dir=root / WARM_START / "student")
+    assert cold_build.model is not None
+    warm = [candidate_keys(root, [c], 17, 1, False)["student"] for c in variants]
+    assert warm[1] in cold                               # warm_start: false -> the cold key
+    assert len({warm[0], warm[2], warm[3]} | cold) == 4   # each warm param is in the key
+
+    meta = json.loads((root / WARM_START / "student" / "warm_start.json").read_text())
+    for other in ({"layers": [1]}, {"teacher_hash": "another teacher"}, {"candidate": "other"}):
+        (root / WARM_START / "student" / "warm_start.json").write_text(json.dumps({**meta, **other}))
+        assert candidate_keys(root, [variants[0]], 17, 1, False)["student"] in cold, other
+    # A sidecar with other weights is another key.
+    (root / WARM_START / "student" / "warm_start.json").write_text(json.dumps(meta))
+    save_sidecar(cold_build.model.half().float(), root / WARM_START / "student", candidate="student", layers=(0,),
+                 teacher_hash=meta["teacher_hash"], labels=meta["labels"])
+    assert candidate_keys(root, [variants[0]], 17, 1, False)["student"] not in set(warm) | cold
+
+
+def test_the_registry_keeps_the_student_with_the_version_and_verifies_it(tmp_path):
+    """Stored beside the model, hashed in the manifest, not served and not in
+    the content hash; a changed file is refused; staging copies production's
+    into the project and says which version it is."""
+    from shrinkflow.compress.warm import SOURCE, read_meta, save_sidecar
+    from shrinkflow.errors import IntegrityError
+    from shrinkflow.paths import WARM_START
+    from shrinkflow.registry import Registry
+    from shrinkflow.warmstart import stage_warm_start
+    import torch
+
+    sidecar = save_sidecar(torch.nn.Linear(4, 2), tmp_path / "sidecar", candidate="student", layers=(0, 2),
+                           teacher_hash="t", labels=("negative", "positive"))
+    reg = Registry(tmp_path / "reg")
+    plain = reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {"candidate": "student"})
+    assert reg.warm_start(plain.version) is None
+    promo = reg.promote(model_dir(tmp_path, "m2", b"one"), PASS, {"candidate": "student"}, warm_start=sidecar)
+    man = reg.manifest(promo.version)
+    assert promo.same_model_as == plain.version          # the served files alone decide
+    assert set(man["files"]) == {"model.onnx", "shrinkflow_model.json"}
+    assert set(man["warm_start_files"]) == {"student.safetensors", "warm_start.json"}
+    stored = reg.warm_start(promo.version)
+    assert stored == reg.path(promo.version) / "warm_start"
+    assert (stored / "student.safetensors").read_bytes() == (sidecar / "student.safetensors").read_bytes()
+
+    project_root = tmp_path / "proj"
+    (project_root / WARM_START).mkdir(parents=True)
+    (project_root / WARM_START / "README.md").write_text("kept\n")
+    (project_root / WARM_START / "old-candidate").mkdir()   # staged by an earlier re-compression
+    staged = stage_warm_start(project_root, "../reg")
+    assert staged["version"] == promo.version and staged["candidate"] == "student"
+    assert sorted(p.name for p in (project_root / WARM_START).iterdir()) == ["README.md", SOURCE, "student"]
+    assert read_meta(project_root / WARM_START / "student")["layers"] == [0, 2]
+    assert json.loads((project_root / WARM_START / SOURCE).read_text()) == staged
+
+    (stored / "student.safetensors").write_bytes(b"tampered")
+    with pytest.raises(IntegrityError, match="warm-start files changed"):
+        reg.warm_start(promo.version)
+    refused = stage_warm_start(project_root, "../reg")
+    assert refused["version"] == promo.version and "warm-start files changed" in refused["error"]
+    assert sorted(p.name for p in (project_root / WARM_START).iterdir()) == ["README.md"]
+
+
+def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(tmp_path, tiny_teacher_dir,
+                                                                               small_splits):
+    """The library build, as a re-compression runs it: the staged student
+    warm-starts the distillation (the record says from which version, with how
+    many rows and epochs), and its own sidecar comes back with a cached build."""
+    from shrinkflow.compress.build import build_candidate
+    from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.files import file_hashes
+    from shrinkflow.paths import STUDENTS, UNLABELLED, WARM_START
+
+    from shrinkflow.modeling import read_manifest
+    from shrinkflow.paths import CANDIDATES
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    cold = build_candidate(root, STUDENT, opset=17, threads=1)
+    assert cold["warm_start_from"] is None and cold["distill_epochs"] == 1
+    # A cold build's manifest records the recipe as builds did before the warm-start params existed.
+    assert "warm_start_epochs" not in read_manifest(root / CANDIDATES / "student")["recipe"][0]
+    shutil.copytree(root / STUDENTS / "student", root / WARM_START / "student")
+    (root / WARM_START / "source.json").write_text(json.dumps({"version": "v0007"}))
+    (root / UNLABELLED).write_text("".join(f"a production text, number {i}\n" for i in range(5)))
+
+    key = candidate_keys(root, [STUDENT], 17, 1, False)["student"]
+    warm = build_candidate(root, STUDENT, opset=17, threads=1, key=key)
+    assert (warm["warm_start_from"], warm["warm_start_train_rows"], warm["distill_rows"],
+            warm["distill_epochs"], warm["cached"]) == ("v0007", 20, 25, 2, False)
+    assert read_manifest(root / CANDIDATES / "student")["recipe"][0]["warm_start_epochs"] == 2
+    sidecar = file_hashes(root / STUDENTS / "student")
+    assert sidecar != file_hashes(root / WARM_START / "student")
+    shutil.rmtree(root / STUDENTS / "student")
+    again = build_candidate(root, STUDENT, opset=17, threads=1, key=key)
+    assert again["cached"] is True and again["warm_start_from"] == "v0007"
+    assert file_hashes(root / STUDENTS / "student") == sidecar
