@@ -627,6 +627,10 @@ class Gates(_Frozen):
     # whose held-out window agreement beats the production model's (measured
     # on the same texts) by at least this passes though under min_window_agreement.
     min_window_agreement_gain: Fraction = 0.02
+    # Re-compression only: a new candidate's batch-1 p95 latency over the
+    # production model's, minus 1, at most this (0.10: 10% slower), from the
+    # same interleaved rounds; so a drift event never makes production slower.
+    max_p95_b1_slowdown_vs_production: Fraction = 0.10
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy
     # minus the retrained teacher's must be at most this.

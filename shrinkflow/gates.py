@@ -115,7 +115,28 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
         check_max("max_latency_ms_p95_b1", c.latency_ms_p95_b1, gates.max_latency_ms_p95_b1),
         check_max("max_size_mb", c.size_mb, gates.max_size_mb),
         check_min("min_speedup", speedup, gates.min_speedup),
-    ) + window_gates(c, gates, production) + batch_gates(c, gates))
+    ) + window_gates(c, gates, production) + production_latency_gates(speedup, gates, production)
+        + batch_gates(c, gates))
+
+
+def production_latency_gates(speedup: float, gates: Gates,
+                             production: "ProductionBaseline | None") -> tuple[GateResult, ...]:
+    """Re-compression only: the candidate's batch-1 p95 latency may exceed the
+    production model's by at most ``max_p95_b1_slowdown_vs_production`` (a
+    fraction: 0.10 = 10% slower), so a drift event never makes production
+    slower (the int8 teacher replacing a student). ``speedup``: the
+    candidate's round-by-round p95 speedup over the teacher; the slowdown is
+    production's speedup over the candidate's, minus 1, both timed in the
+    same interleaved rounds against the same teacher (a ratio that holds
+    when absolute latencies swing). No production baseline, production's own
+    report, or no production speedup: no gate."""
+    if production is None or production.is_candidate or production.speedup_p95_b1 is None:
+        return ()
+    slowdown = production.speedup_p95_b1 / speedup - 1.0
+    res = check_max("max_p95_b1_slowdown_vs_production", slowdown, gates.max_p95_b1_slowdown_vs_production)
+    return (res.model_copy(update={"note": f"p95 batch 1 {1 + slowdown:.3g}x production {production.version}'s "
+                                           f"(speedups over the teacher, same rounds: {speedup:.3g} against "
+                                           f"{production.speedup_p95_b1:.3g})"}),)
 
 
 def batch_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
@@ -196,12 +217,16 @@ def confirm_gates(candidate_name: str, candidate_test: Any, teacher_test: Any, g
 class ProductionBaseline:
     """What the window gate compares a re-compression's candidates with: the
     model in production (``version``, e.g. "v0003") and its agreement with
-    the teacher on the held-out window (a fraction; None: not measured).
+    the teacher on the held-out window (a fraction; None: not measured) and
+    batch-1 p95 speedup over the teacher (``production_latency_gates``).
     ``is_candidate``: the report being gated is production's own."""
 
     version: str
     agreement: float | None
     is_candidate: bool = False
+    # production's round-by-round p95 speedup over the teacher at batch 1, in
+    # the same rounds as the candidates' (None: not timed interleaved)
+    speedup_p95_b1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,9 +237,15 @@ class Selection:
 
 
 def select_candidate(metrics: Mapping[str, Any], reports: dict[str, GateReport],
-                     objective: str = LATENCY_P95_B1) -> Selection:
+                     objective: str = LATENCY_P95_B1, fallback: str | None = None) -> Selection:
     """Lowest ``objective`` (a figure's name) among candidates passing every gate; ties go to the
     higher accuracy, then to the name (so the choice is deterministic).
+
+    ``fallback``: on a re-compression, the production model's candidate name.
+    It is chosen only when no other candidate passes: a new candidate that
+    passed every gate, those against production included (window agreement,
+    latency), replaces it, and two models of the same shape never coin-flip
+    on latency noise; when nothing new passes, production is kept.
 
     When none passes, ``best_effort`` is the candidate that failed the fewest
     gates (then by objective), kept for the report but never deployed.
@@ -224,6 +255,14 @@ def select_candidate(metrics: Mapping[str, Any], reports: dict[str, GateReport],
         return (getattr(m, objective), -m.accuracy, name)
 
     passing = sorted((n for n in metrics if reports[n].passed), key=key)
+    new = [n for n in passing if n != fallback]
+    if fallback is not None and fallback in passing:
+        if new:
+            return Selection(new[0], new[0], f"{new[0]!r}: lowest {objective} of {len(new)} passing new "
+                                             f"candidate(s); production ({fallback!r}) passed too, and is kept "
+                                             "only when nothing new passes")
+        return Selection(fallback, fallback, f"{fallback!r}: no new candidate passed every gate; production "
+                                             "passed them all and is kept")
     if passing:
         return Selection(passing[0], passing[0],
                          f"{passing[0]!r}: lowest {objective} of {len(passing)} passing candidate(s)")

@@ -159,12 +159,14 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                   for n, r in candidate_runs.items()}
     baseline = None
     if production_version is not None:
-        baseline = ProductionBaseline(production_version, candidates[production_as or PRODUCTION_CANDIDATE]
-                                      .agreement.get("window_heldout"))
+        prod = candidates[production_as or PRODUCTION_CANDIDATE]
+        baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),
+                                      speedup_p95_b1=prod.speedup_p95_b1)
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
                                  ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
                for n, m in candidates.items()}
-    sel = select_candidate(candidates, reports, params.objective)
+    sel = select_candidate(candidates, reports, params.objective,
+                           fallback=(production_as or PRODUCTION_CANDIDATE) if production_version else None)
     selected, reason, confirm = sel.chosen, sel.reason, None
     if sel.chosen is not None:
         confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)

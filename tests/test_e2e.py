@@ -255,8 +255,11 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     reg = Registry(project / "registry")
     before = reg.alias()
     params = yaml.safe_load((project / "params.yaml").read_text())
+    # The feedback labels below contradict the teacher too: the retrain rule
+    # (tests/test_e2e_retrain.py) is kept from firing, this test is the
+    # re-compression's.
     params["monitor"].update({"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
-                              "min_recompress_rows": 20})
+                              "min_recompress_rows": 20, "max_teacher_feedback_drop": 1.0})
     # The window gate against production: production is the int8 candidate the
     # re-compression rebuilds (the same files, from the candidate cache: int8
     # reads no text), so validate measures it once, as int8, and its agreement

@@ -86,7 +86,7 @@ def own_params(news_files: dict, teacher: Path) -> dict:
         "validate": {"gates": {"max_macro_f1_drop": 0.5}},
         "serve": {"max_chars_per_text": 8000},  # news articles: up to 5,295 characters
         "monitor": {"min_window_rows": 40, "shadow_sample_rows": 40, "min_feedback_labels": 20,
-                    "min_recompress_rows": 20},
+                    "min_recompress_rows": 20, "max_teacher_feedback_drop": 1.0},  # a re-compression, not a retrain
     })
     # replaced, not merged with the built-in source's and TINY's keys
     own["data"]["source"] = {"kind": "files", "path": news_files["train"], "text_column": "text",

@@ -26,7 +26,8 @@ STUDENT_PARAMS = deep_merge(TINY, {
     "compress": {"candidates": [{"name": "student", "recipe": [
         {"method": "distill", "layers": [0], "epochs": 1, "hidden_weight": 1.0},
         {"method": "vocab_prune"}, {"method": "quantize"}]}]},
-    # The tiny student's agreement is not what this test is about.
+    # The tiny student's agreement is not what this test is about (the gain
+    # route's boundaries: tests/test_gates.py); both figures are reported.
     "validate": {"gates": {"min_window_agreement": 0.0}},
 })
 
@@ -78,6 +79,13 @@ def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefe
     assert build["distill_epochs"] == 2 and build["teacher_outputs_cached"] is True
     assert build["warm_start_train_rows"] == min(4 * rows, len(pd.read_parquet(project / "data/prepared/train.parquet")))
     assert build["distill_rows"] == build["warm_start_train_rows"] + rows
+
+    gates = json.loads((project / "reports/gates.json").read_text())
+    assert gates["production"] == "v0001" and gates["selected"] == "student", gates["reason"]
+    window = gates["candidates"]["student"]["gates"]
+    # both routes through the window gate, against production v0001's agreement
+    assert window["min_window_agreement"]["passed"]
+    assert "v0001" in window["min_window_agreement_gain"]["note"]
 
     manifest = reg.manifest("v0002")
     assert manifest["lineage"]["window"]["warm_start"] == result["window"]["warm_start"]

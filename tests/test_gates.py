@@ -238,3 +238,47 @@ def test_the_window_gain_defaults_to_two_points():
     assert Gates().min_window_agreement_gain == 0.02
     with pytest.raises(ValueError):
         Gates(min_window_agreement_gain=-0.01)
+
+
+# ---------------------------------------------------------------- latency against production; production as fallback
+
+def slowdown_report(speedup: float, production_speedup: float | None, limit: float = 0.10,
+                    is_candidate: bool = False) -> GateReport:
+    from shrinkflow.gates import ProductionBaseline
+
+    gates = GATES.model_copy(update={"max_p95_b1_slowdown_vs_production": limit})
+    base = ProductionBaseline("v0003", 0.95, is_candidate, speedup_p95_b1=production_speedup)
+    return evaluate_gates("c", cand(speedup_p95_b1=speedup, agreement={"window_heldout": 0.95}), TEACHER, gates,
+                          base)
+
+
+@pytest.mark.parametrize("speedup, passes", [(4.0, True),                 # exactly 10% slower: 4.4 / 4.0 - 1
+                                             (4.001, True),               # just faster than that
+                                             (3.999, False),              # just slower
+                                             (2.2, False)])               # the int8 teacher replacing a student
+def test_a_recompression_never_deploys_a_model_slower_than_production_beyond_the_limit(speedup, passes):
+    r = gate(slowdown_report(speedup, 4.4), "max_p95_b1_slowdown_vs_production")
+    assert r.passed is passes
+    assert r.value == pytest.approx(4.4 / speedup - 1)
+    assert "production v0003" in r.note
+    if not passes:
+        assert "max_p95_b1_slowdown_vs_production FAILED" in slowdown_report(speedup, 4.4).summary()
+
+
+def test_no_latency_gate_against_production_without_its_timing_or_for_production_itself():
+    for report in (slowdown_report(1.0, None), slowdown_report(1.0, 4.4, is_candidate=True),
+                   evaluate_gates("c", cand(speedup_p95_b1=1.0), TEACHER, GATES)):
+        assert "max_p95_b1_slowdown_vs_production" not in {r.name for r in report.results}
+
+
+def test_production_is_kept_only_when_no_new_candidate_passes():
+    # production measured faster by noise: a new candidate that passed every gate still replaces it
+    metrics = {"production": cand(latency_ms_p95_b1=2.0), "new": cand(latency_ms_p95_b1=2.1),
+               "bad": cand(accuracy=0.5)}
+    sel = select_candidate(metrics, _reports(metrics), fallback="production")
+    assert sel.chosen == "new" and "kept only when nothing new passes" in sel.reason
+    metrics = {"production": cand(latency_ms_p95_b1=2.0), "bad": cand(accuracy=0.5)}
+    sel = select_candidate(metrics, _reports(metrics), fallback="production")
+    assert sel.chosen == "production" and "no new candidate passed" in sel.reason
+    metrics = {"production": cand(accuracy=0.5), "bad": cand(accuracy=0.5)}
+    assert select_candidate(metrics, _reports(metrics), fallback="production").chosen is None
