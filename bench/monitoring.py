@@ -61,7 +61,10 @@ def copy_project() -> None:
             shutil.copy2(ROOT / rel, PROJECT / rel)
     # The stage outputs dvc.lock pins, and the registry: the copy starts where
     # this checkout is, so DVC skips what is up to date.
-    for rel in ("data/raw", "data/prepared", "models", "registry", "deploy"):
+    # .shrinkflow/cache: the candidate and teacher-output caches a project
+    # has after its full run (a re-compression's cost is measured as it is
+    # in a project that has run before, not with a cold cache).
+    for rel in ("data/raw", "data/prepared", "models", "registry", "deploy", ".shrinkflow/cache"):
         if (ROOT / rel).exists():
             shutil.copytree(ROOT / rel, PROJECT / rel, dirs_exist_ok=True)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
@@ -234,6 +237,20 @@ def main() -> None:
     print(markdown(doc, list(dirs)))
 
 
+def recompress_gates(r: dict) -> list[str]:
+    """Each candidate of the re-compression with its window agreement and
+    batch-1 p95 (interleaved rounds), and its failed gates."""
+    v, g = r["validate"]["candidates"], r["gates"]["candidates"]
+    out = ["| candidate | window agreement | p95 b1 (ms) | speedup over teacher | failed gates |",
+           "|---|---|---|---|---|"]
+    for name, m in v.items():
+        failed = ", ".join(f"{k} {x['value']:.4g} (threshold {x['threshold']:.4g})"
+                           for k, x in g[name]["gates"].items() if not x["passed"] and x.get("enforced", True))
+        out.append(f"| {name} | {(m.get('agreement') or {}).get('window_heldout')} | {m['latency_ms_p95_b1']:.3f} | "
+                   f"{m.get('speedup_p95_b1')} | {failed or 'none'} |")
+    return out
+
+
 def markdown(doc: dict, models: list[str]) -> str:
     """bench/results/monitoring.md from the results document."""
     tw, mv = doc["eval"]["recovery_tweets"], doc["eval"]["movie_test"]
@@ -270,6 +287,7 @@ def markdown(doc: dict, models: list[str]) -> str:
               "## Re-compression", "",
               f"Verdict {r['action']} ({', '.join(r['triggers'])}); production {r['deployed_before']} -> "
               f"{r['deployed_after']}; train re-run {r['train_rerun']}. Selection: {r['gates'].get('reason')}.", "",
+              *recompress_gates(r), "",
               "## Retrain", "",
               f"Verdict {rt['action']} ({', '.join(rt['triggers'])}); production {rt['deployed_before']} -> "
               f"{rt['deployed_after']}; train re-run {rt['train_rerun']}. Selection: {rt['gates'].get('reason')}.",
