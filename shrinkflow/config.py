@@ -633,8 +633,10 @@ class Gates(_Frozen):
     max_p95_b1_slowdown_vs_production: Fraction = 0.10
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy
-    # minus the retrained teacher's must be at most this.
-    max_teacher_val_drop: Fraction = 0.005
+    # minus the retrained teacher's must be at most this: one point, the
+    # candidates' max_accuracy_drop (the seed alone moves a distilled
+    # student's val accuracy by 0.48 points sd: bench/results/seeds.md).
+    max_teacher_val_drop: Fraction = 0.01
     # Retrain only: the retrained teacher's accuracy on the held-out production
     # labels minus the old teacher's must be at least this. 0 would pass a
     # teacher that only ties; one more right answer in 100 held-out labels is
