@@ -416,6 +416,8 @@ def test_dvc_reruns_after_a_new_export_and_nothing_when_unchanged(tmp_path):
     full = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: full["stages"][k] for k in ("fetch", "data")}}))
     shutil.copy(PROJECT_ROOT / "data/user/README.md", root / "data/user/README.md")
+    (root / "data/feedback").mkdir(parents=True)
+    (root / "data/feedback/labels.jsonl").write_text("")   # the production labels (none yet), a data dep
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
     write_rows(root / "data/user/tickets.csv", three_class_rows(20), "csv")

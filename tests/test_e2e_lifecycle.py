@@ -68,7 +68,8 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     assert dep["metrics"]["latency_ms_p95_b1"] == validated["candidates"]["int8"]["latency_ms_p95_b1"]
     m = dep["metrics"]
     assert m["accuracy_drop_ci_low"] <= m["accuracy_drop"] <= m["accuracy_drop_ci_high"]
-    assert set(m["agreement"]) == {"val", "test", "reference", "shifted", "unlabelled", "window_heldout"}
+    assert set(m["agreement"]) == {"val", "test", "reference", "shifted", "unlabelled", "window_heldout",
+                                   "feedback_heldout"}
     # the default window is empty: said, not faked, and no window gate below
     assert m["agreement"]["unlabelled"] is None and m["agreement"]["window_heldout"] is None
     assert set(dep["gates"]) == {"min_accuracy", "max_accuracy_drop", "max_latency_ms_p95_b1",

@@ -202,7 +202,7 @@ def expected_share(values: list) -> float | None:
 def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Path, state: Path) -> None:
     """What every monitor run must give, whatever the window held."""
     rows = spec.rows
-    assert decision.action in ("ok", "warn", "recompress")
+    assert decision.action in ("ok", "warn", "recompress", "retrain")
     assert summary.window.rows == len(rows)
     assert summary.window.feedback_labels == sum(r.feedback is not None for r in rows)
     # The text descriptors are defined for every text: text drift is always computed.
@@ -236,7 +236,9 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
             "prediction_probability")
     # The policy: a rule whose input was not computed does not fire, and says why.
     by_rule = {f.rule: f for f in decision.findings}
-    assert set(by_rule) == {"text_drift", "embedding_drift", "feedback_accuracy", "teacher_agreement"}
+    # teacher_feedback: judged only with feedback labels (the retrain rule)
+    assert set(by_rule) - {"teacher_feedback"} == {"text_drift", "embedding_drift", "feedback_accuracy",
+                                                   "teacher_agreement"}
     for rule in ("embedding_drift", "teacher_agreement"):
         reason = summary.reason_not_computed(rule)
         if reason is not None:
@@ -253,9 +255,10 @@ def check_run(root: Path, params, spec: Spec, summary, decision, report_dir: Pat
     # On disk: the run, its decision, and the history line (acted: only a recompress acted on).
     assert json.loads((report_dir / "summary.json").read_text())["window"]["rows"] == len(rows)
     doc = json.loads((report_dir / "decision.json").read_text())
-    assert doc["action"] == decision.action and doc["acted"] is (decision.action == "recompress")
+    acting = decision.action in ("recompress", "retrain")
+    assert doc["action"] == decision.action and doc["acted"] is acting
     last = json.loads(state.read_text().splitlines()[-1])
-    assert last["acted"] is (decision.action == "recompress") and last["window_sha256"] == summary.window.sha256
+    assert last["acted"] is acting and last["window_sha256"] == summary.window.sha256
     index = (report_dir.parent / "index.html").read_text()
     assert f'href="{report_dir.name}/summary.json"' in index
 

@@ -238,7 +238,7 @@ def validate_project(tmp_path, candidate_labels=CLASSES):
     root = tmp_path / "project"
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
-    frames = {"val": VAL_ROWS, "test": TEST_ROWS, "reference": VAL_ROWS[:3], "shifted": []}
+    frames = {"val": VAL_ROWS, "test": TEST_ROWS, "reference": VAL_ROWS[:3], "shifted": [], "feedback_heldout": []}
     for split, rows in frames.items():
         pd.DataFrame({"text": [t for t, _ in rows], "label": pd.array([y for _, y in rows], dtype="int64")}) \
             .to_parquet(prepared / f"{split}.parquet")
