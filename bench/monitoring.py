@@ -187,19 +187,15 @@ def main() -> None:
         port = s.getsockname()[1]
     server = serve(port)
     try:
-        doc["in_domain"], doc["shifted"] = [], []
-        for i in range(WINDOWS):
-            rng = np.random.default_rng(100 + i)
-            send(port, [in_domain[j] for j in rng.choice(len(in_domain), WINDOW, replace=False)])
-            secs, _, _ = cli("monitor", "--report-only")
-            doc["in_domain"].append({"seconds": secs, **figures(last_decision())})
-            print("in domain", i, doc["in_domain"][-1]["action"], doc["in_domain"][-1]["triggers"], flush=True)
-        for i in range(WINDOWS):
-            rng = np.random.default_rng(200 + i)
-            send(port, [pool[j] for j in rng.choice(len(pool), WINDOW, replace=False)])
-            secs, _, _ = cli("monitor", "--report-only")
-            doc["shifted"].append({"seconds": secs, **figures(last_decision())})
-            print("shifted", i, doc["shifted"][-1]["action"], doc["shifted"][-1]["triggers"], flush=True)
+        # Five report-only windows per domain, each its own seeded sample.
+        for key, texts, seed in (("in_domain", in_domain, 100), ("shifted", pool, 200)):
+            doc[key] = []
+            for i in range(WINDOWS):
+                rng = np.random.default_rng(seed + i)
+                send(port, [texts[j] for j in rng.choice(len(texts), WINDOW, replace=False)])
+                secs, _, _ = cli("monitor", "--report-only")
+                doc[key].append({"seconds": secs, **figures(last_decision())})
+                print(key, i, doc[key][-1]["action"], doc[key][-1]["triggers"], flush=True)
 
         print("--- re-compression: 1,000 pool tweets, no labels", flush=True)
         send(port, pool[:WINDOW])

@@ -225,3 +225,17 @@ def dvc_command(args: list[str], project_dir: Path | str, timeout_s: float = DVC
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n"
                            f"{(proc.stdout + proc.stderr)[-3000:]}")
     return proc.stdout
+
+
+def dvc_add_and_push(path: Path | str, project_dir: Path | str) -> str:
+    """``dvc add <path>`` in the project, then ``dvc push <path>.dvc`` when a
+    default remote is set (none set: the add alone). Returns DVC's output.
+    Raises RuntimeError as ``dvc_command`` does."""
+    out = dvc_command(["add", str(path)], project_dir)
+    try:
+        remote = dvc_command(["remote", "default"], project_dir).strip()
+    except RuntimeError:  # "No default remote set"
+        remote = ""
+    if remote:
+        out += dvc_command(["push", f"{path}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
+    return out

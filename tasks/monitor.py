@@ -114,16 +114,9 @@ def snapshot_window(project_dir: str, texts: list[str], heldout_fraction: float,
 def archive_window(project_dir: str) -> str:
     """``dvc add data/windows`` (and push when a default remote is set), so
     the snapshot is versioned data, restorable by its hash."""
-    from shrinkflow.dvcrun import DVC_PUSH_TIMEOUT_S, dvc_command
+    from shrinkflow.dvcrun import dvc_add_and_push
 
-    out = dvc_command(["add", str(WINDOWS_ARCHIVE)], project_dir)
-    try:
-        remote = dvc_command(["remote", "default"], project_dir).strip()
-    except RuntimeError:  # "No default remote set"
-        remote = ""
-    if remote:
-        out += dvc_command(["push", f"{WINDOWS_ARCHIVE}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
-    return out
+    return dvc_add_and_push(WINDOWS_ARCHIVE, project_dir)
 
 
 @task(name="copy-production-model", cache_policy=NO_CACHE)

@@ -29,16 +29,9 @@ def append_feedback(project_dir: str, pairs: list[tuple[str, str]]) -> dict:
 def archive_feedback(project_dir: str) -> str:
     """``dvc add data/feedback/archive`` (and push when a default remote is
     set): every version of the feedback dataset, restorable by its md5."""
-    from shrinkflow.dvcrun import DVC_PUSH_TIMEOUT_S, dvc_command
+    from shrinkflow.dvcrun import dvc_add_and_push
 
-    out = dvc_command(["add", str(FEEDBACK_ARCHIVE)], project_dir)
-    try:
-        remote = dvc_command(["remote", "default"], project_dir).strip()
-    except RuntimeError:  # "No default remote set"
-        remote = ""
-    if remote:
-        out += dvc_command(["push", f"{FEEDBACK_ARCHIVE}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
-    return out
+    return dvc_add_and_push(FEEDBACK_ARCHIVE, project_dir)
 
 
 @task(name="record-previous-teacher", cache_policy=NO_CACHE)
