@@ -14,7 +14,7 @@ from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
-from tasks.monitor import build_reports, decide, publish, read_window, record_recompress
+from tasks.monitor import build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress
 from tasks.retrain import window_feedback
 
 
@@ -49,7 +49,8 @@ def monitor(project_dir: str, act: bool = True) -> dict:
         meta = {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
                 "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
                 "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
-        result = recompress(project_dir, window["text"].tolist(), meta)
+        texts = read_recompress_corpus(project_dir, params, window)  # monitor.recompress_last_n
+        result = recompress(project_dir, texts, {**meta, "corpus_rows": len(texts)})
         record_recompress(report_dir, {k: result[k] for k in RECORDED})
     retrained = None
     if decision["action"] == "retrain" and act:

@@ -51,6 +51,32 @@ def read_window(root: Path, params):
                                  path=exc.path, cause=exc.cause) from exc
 
 
+def read_recompress_corpus(root: Path, params, window) -> list[str]:
+    """The texts a re-compression distils on and holds out from: the newest
+    ``monitor.recompress_last_n`` rows of the prediction log logged up to the
+    end of ``window`` (the monitor's window, a DataFrame with ``ts`` and
+    ``text``), and never fewer rows than the window itself; oldest first,
+    duplicates kept (shrinkflow.window.split_window deduplicates). Rows
+    logged after the window was read are not included. Raises
+    PredictionLogError as ``read_window`` does."""
+    from datetime import timedelta
+
+    from shrinkflow.predlog import PredictionLog
+
+    n = max(params.monitor.recompress_last_n, len(window))
+    if n == len(window):
+        return window["text"].tolist()
+    last = window["ts"].max()
+    last = last if isinstance(last, datetime) else datetime.fromisoformat(str(last))
+    log = PredictionLog(Path(root) / params.serve.log_path, timeout_s=params.monitor.log_wait_s)
+    corpus = log.window(last=n, until=(last + timedelta(microseconds=1)).isoformat(timespec="microseconds"))
+    texts = corpus["text"].tolist()
+    missing = set(window["text"]) - set(texts)
+    if missing:  # not expected: the window is the newest rows up to its end
+        texts += [t for t in window["text"] if t in missing]
+    return texts
+
+
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:
     """Evidently reports of ``window`` against the reference split, for the
     production version, into monitor.reports_dir/<UTC timestamp>/. What

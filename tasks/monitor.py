@@ -25,6 +25,13 @@ def read_window(project_dir: str, params):
     return _read(Path(project_dir), params)
 
 
+@task(name="read-recompress-corpus", cache_policy=NO_CACHE)
+def read_recompress_corpus(project_dir: str, params, window) -> list[str]:
+    from monitoring.run import read_recompress_corpus as _read
+
+    return _read(Path(project_dir), params, window)
+
+
 @task(name="build-drift-reports", cache_policy=NO_CACHE)
 def build_reports(project_dir: str, params, window, now: datetime) -> tuple[dict, str]:
     from monitoring.run import build_reports as _build

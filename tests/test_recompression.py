@@ -189,3 +189,29 @@ def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_ba
     assert set(sel.candidates) == {"small"} and sel.production == "v0003"
     gain = sel.candidates["small"].gates["min_window_agreement_gain"]
     assert gain.value == 0 and "against production v0003's 0.8" in gain.note
+
+
+def test_the_recompression_corpus_is_the_newest_rows_up_to_the_window(tmp_path):
+    """monitor.recompress_last_n rows ending where the monitor's window ends:
+    older rows before it, never rows logged after the window was read, and
+    never fewer than the window."""
+    from datetime import datetime, timedelta, timezone
+
+    from monitoring.run import read_recompress_corpus
+    from shrinkflow.config import MonitorParams, ServeParams
+    from shrinkflow.predlog import Prediction, PredictionLog
+
+    t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    log = PredictionLog(tmp_path / "predictions.sqlite").open()
+    # whole seconds: isoformat() would drop the zero microseconds of a bare bound
+    log.append([Prediction(f"id{i}", (t0 + timedelta(seconds=i)).isoformat(timespec="microseconds"), "v0001",
+                           f"text {i}", [0.5, 0.5], 0, 1.0) for i in range(30)])
+    def corpus(last_n, window_last):
+        params = SimpleNamespace(serve=ServeParams(log_path="predictions.sqlite"),
+                                 monitor=MonitorParams(recompress_last_n=last_n, window_last_n=window_last))
+        window = log.window(last=window_last, until=(t0 + timedelta(seconds=25)).isoformat())  # rows 15..24
+        return read_recompress_corpus(tmp_path, params, window)
+
+    assert corpus(20, 10) == [f"text {i}" for i in range(5, 25)]  # not 25..29: logged after the window
+    assert corpus(4, 10) == [f"text {i}" for i in range(15, 25)]   # at least the window
+    assert corpus(100, 10) == [f"text {i}" for i in range(25)]
