@@ -157,6 +157,24 @@ def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray) 
             for k, d in model_dirs.items()}
 
 
+def gain_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list[str]) -> dict:
+    """How noisy the window gate's gain is: on ``texts`` (never in the
+    window), the share ``discordant`` of texts where exactly one of
+    production and the re-distilled candidate agrees with the teacher, and
+    the gain (candidate minus production agreement). A paired difference of
+    agreements on n held-out texts has standard error
+    sqrt((discordant - gain**2) / n) (McNemar's setting)."""
+    from shrinkflow.predictors import load_predictor, predict_labels
+
+    t, p, c = (predict_labels(load_predictor(d, threads=2), texts) for d in (teacher, production_dir, candidate))
+    agree_p, agree_c = p == t, c == t
+    discordant = float((agree_p != agree_c).mean())
+    gain = float(agree_c.mean() - agree_p.mean())
+    return {"texts": len(texts), "discordant": round(discordant, 4), "gain": round(gain, 4),
+            "se_at": {n: round(float(np.sqrt(max(discordant - gain ** 2, 0.0) / n)), 4)
+                      for n in (100, 205, 300, 500, 1000)}}
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import parse_params_yaml
@@ -209,6 +227,13 @@ def main() -> None:
                              "gates": json.loads((PROJECT / "reports/gates.json").read_text())}
         v1_keep = WORK / "production_after_recompress"
         shutil.copytree(v1_dir, v1_keep)
+        # The re-distilled student, deployed or not: what the window gate judged.
+        doc["recompress"]["window"] = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
+        built = json.loads((PROJECT / "metrics/compress.json").read_text())["candidates"]
+        warm = [n for n, b in built.items() if b.get("warm_start_from")]
+        doc["recompress"]["redistilled"] = warm[0] if warm else None
+        if warm:
+            shutil.copytree(PROJECT / "models/candidates" / warm[0], WORK / "redistilled")
 
         print("--- retrain: 1,000 further pool tweets, labelled feedback", flush=True)
         send(port, pool[WINDOW:2 * WINDOW], pool_y[WINDOW:2 * WINDOW], n_feedback=RETRAIN_LABELS)
@@ -228,6 +253,9 @@ def main() -> None:
     dirs = {"teacher before": teacher0, f"production {v0} (before)": v0_dir,
             f"production {v1} (after re-compression)": v1_keep, "teacher after retrain": PROJECT / "models/teacher",
             f"production {v2} (after retrain)": v2_dir}
+    if (WORK / "redistilled").is_dir():
+        dirs[f"re-distilled {doc['recompress']['redistilled']} (the re-compression's)"] = WORK / "redistilled"
+        doc["gain_noise"] = gain_noise(teacher0, v0_dir, WORK / "redistilled", rec_x)
     doc["eval"] = {"recovery_tweets": evaluate(dirs, rec_x, rec_y), "recovery_tweets_n": len(rec_x),
                    "movie_test": evaluate(dirs, test["text"].tolist(), test["label"].to_numpy()),
                    "movie_test_n": len(test)}
@@ -254,10 +282,25 @@ def recompress_gates(r: dict) -> list[str]:
 def markdown(doc: dict, models: list[str]) -> str:
     """bench/results/monitoring.md from the results document."""
     tw, mv = doc["eval"]["recovery_tweets"], doc["eval"]["movie_test"]
-    t0, p0, p1, t2, p2 = models
+    t0, p0, p1, t2, p2 = models[:5]
     gap = tw[t0] - tw[p0]
     recovered = (tw[p1] - tw[p0]) / gap if gap > 0 else float("nan")
     r, rt = doc["recompress"], doc["retrain"]
+    w = r.get("window") or {}
+    noise, extra = [], []
+    if doc.get("gain_noise"):
+        g = doc["gain_noise"]
+        noise = [f"How noisy the gain gate is: on the {g['texts']} recovery tweets, production and the re-distilled "
+                 f"student disagree on whether they match the teacher on {g['discordant']:.1%} of texts, and the "
+                 f"student's agreement is {g['gain'] * 100:+.1f} points higher. The gain measured on n held-out "
+                 "texts then has a standard error of sqrt((discordant - gain^2) / n): "
+                 + ", ".join(f"{v:.3f} at n = {n}" for n, v in g["se_at"].items())
+                 + f" (min_window_agreement_gain {doc['gates']['min_window_agreement_gain']})."]
+    if len(models) > 5:
+        c = models[5]
+        extra = [f"The re-distilled student ({r.get('redistilled')}), deployed or not, recovered "
+                 f"{(tw[c] - tw[p0]) / gap if gap > 0 else float('nan'):.0%} of the gap "
+                 f"({tw[p0]:.4f} -> {tw[c]:.4f}); in domain {(mv[c] - mv[p0]) * 100:+.2f} points."]
 
     def verdicts(runs: list[dict]) -> str:
         return ", ".join(f"{x['action']}" + (f" ({'+'.join(x['triggers'])})" if x["triggers"] else "") for x in runs)
@@ -287,7 +330,11 @@ def markdown(doc: dict, models: list[str]) -> str:
               "## Re-compression", "",
               f"Verdict {r['action']} ({', '.join(r['triggers'])}); production {r['deployed_before']} -> "
               f"{r['deployed_after']}; train re-run {r['train_rerun']}. Selection: {r['gates'].get('reason')}.", "",
-              *recompress_gates(r), "",
+              *([f"The re-compression's texts: the newest {w.get('corpus_rows')} logged rows up to the window "
+                 f"(monitor.recompress_last_n {doc['params_monitor'].get('recompress_last_n')}): "
+                 f"{w['rows_distill']} distinct texts distilled, {w['rows_heldout']} held out "
+                 f"(heldout_fraction {doc['params_monitor']['heldout_fraction']}).", ""] if w else []),
+              *recompress_gates(r), "", *noise, "",
               "## Retrain", "",
               f"Verdict {rt['action']} ({', '.join(rt['triggers'])}); production {rt['deployed_before']} -> "
               f"{rt['deployed_after']}; train re-run {rt['train_rerun']}. Selection: {rt['gates'].get('reason')}.",
@@ -298,7 +345,7 @@ def markdown(doc: dict, models: list[str]) -> str:
               *[f"| {m} | {tw[m]:.4f} | {mv[m]:.4f} |" for m in models], "",
               f"Re-compression recovered {recovered:.0%} of the production model's accuracy gap to the teacher on "
               f"the tweets ({tw[p0]:.4f} -> {tw[p1]:.4f}, teacher {tw[t0]:.4f}); in domain "
-              f"{(mv[p1] - mv[p0]) * 100:+.2f} points.",
+              f"{(mv[p1] - mv[p0]) * 100:+.2f} points.", *extra,
               f"After the retrain, the production model scores {tw[p2]:.4f} on the tweets against the old teacher's "
               f"{tw[t0]:.4f} (new teacher {tw[t2]:.4f}); in domain {(mv[p2] - mv[p0]) * 100:+.2f} points against "
               f"the first production model."]

@@ -846,8 +846,9 @@ class MonitorParams(_Frozen):
     # max_teacher_agreement_drop), not the sample: 0.5 compares the bare figures.
     teacher_agreement_confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.95
     cooldown_hours: Annotated[float, Field(ge=0.0)] = 24.0  # after a re-compression, warn instead
-    # Re-compression: this share of the window is held out from distillation
-    # and gates the new candidate (validate.gates.min_window_agreement).
+    # Re-compression: this share of its texts (monitor.recompress_last_n) is
+    # held out from distillation and gates the new candidate
+    # (validate.gates.min_window_agreement and its gain over production).
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
     # Re-compression distils on (and holds out from) the newest N logged rows
     # up to the monitor's window, not only the window: the window is sized to
@@ -859,7 +860,7 @@ class MonitorParams(_Frozen):
     recompress_last_n: Annotated[int, Field(ge=1)] = 2000
     # A recompress verdict needs at least this many distinct window texts for
     # distillation (after the held-out share); fewer: warn. Too few texts
-    # cannot move the student (bench/results/monitoring.md).
+    # cannot move the student (bench/results/recompress_rows.md).
     min_recompress_rows: Annotated[int, Field(ge=1)] = 300
     reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
     # Each run's reports take ~10 MB (Evidently inlines its JavaScript): keep

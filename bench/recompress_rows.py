@@ -1,0 +1,136 @@
+"""How many window texts a re-compression needs: the measurement behind
+``monitor.min_recompress_rows``.
+
+Run after ``bench/monitoring.py``, on a copy of its project as it was before
+the re-compression (the teacher before the retrain, production rolled back to
+the version the re-compression started from): for each number of distinct
+tweets to distil from (the traffic pool's first ones, as the re-compression
+saw them), the production student is staged for the warm start, the window
+snapshot written (``monitor.heldout_fraction`` of it held out, as in a real
+re-compression) and ``dvc repro --single-item compress`` re-distils it with the
+default params. Each re-distilled student is then scored on the recovery
+tweets (never traffic) and the movie-review test split, side by side in one
+process, against the teacher and the production model it started from.
+
+Writes bench/results/recompress_rows.{md,json}.
+
+    .venv/bin/python bench/monitoring.py && .venv/bin/python bench/recompress_rows.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from _common import RESULTS, ROOT, stamp
+
+SOURCE = ROOT / "bench" / "work" / "monitoring"
+WORK = ROOT / "bench" / "work" / "recompress_rows"
+PROJECT = WORK / "project"
+DISTILL_TEXTS = (100, 300, 1000, 2000)
+
+
+def tweets(part: str) -> tuple[list[str], np.ndarray]:
+    """As bench/monitoring.py: one side of the shifted domain, shuffled with seed 0."""
+    from shrinkflow.traffic import shifted_split
+
+    df = shifted_split(ROOT / "data/raw/source.tar.gz")[part]
+    df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    return df["text"].tolist(), df["label"].to_numpy()
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from shrinkflow.config import load_params
+    from shrinkflow.predictors import load_predictor, predict_labels
+    from shrinkflow.registry import Registry
+    from shrinkflow.splits import read_parquet
+    from shrinkflow.warmstart import stage_warm_start
+    from shrinkflow.window import write_snapshot
+
+    before = json.loads((RESULTS / "monitoring.json").read_text())["recompress"]["deployed_before"]
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(SOURCE / "project"), str(PROJECT)], check=True)
+    shutil.rmtree(PROJECT / "models/teacher")
+    shutil.copytree(SOURCE / "teacher_before", PROJECT / "models/teacher")
+    params = load_params(PROJECT / "params.yaml")
+    reg = Registry(PROJECT / params.deploy.registry_dir)
+    if reg.alias() != before:
+        reg.rollback(to=before)
+    production_dir = reg.load(before).path
+
+    pool, _ = tweets("pool")
+    rec_x, rec_y = tweets("recovery")
+    test = read_parquet(PROJECT / "data/prepared/test.parquet")
+    env = {**os.environ, "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+    doc = {**stamp(), "production": before, "heldout_fraction": params.monitor.heldout_fraction, "runs": []}
+    models = {"teacher": PROJECT / "models/teacher", f"production {before}": production_dir}
+    for n in DISTILL_TEXTS:
+        texts = pool[:math.ceil(n / (1 - params.monitor.heldout_fraction))]
+        staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
+        window = write_snapshot(PROJECT, texts, params.monitor.heldout_fraction,
+                                {"bench": "recompress_rows", "warm_start": staged})
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "compress"], cwd=PROJECT,
+                              env=env, capture_output=True, text=True)
+        secs = round(time.perf_counter() - t0, 1)
+        if proc.returncode != 0:
+            sys.exit(f"dvc repro compress failed at {n} texts:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        built = json.loads((PROJECT / "metrics/compress.json").read_text())["candidates"]
+        warm = [k for k, b in built.items() if b.get("warm_start_from") == before]
+        if not warm:
+            sys.exit(f"no candidate warm-started from {before} at {n} texts: {sorted(built)}")
+        keep = WORK / f"distilled_{window['rows_distill']}"
+        shutil.copytree(PROJECT / "models/candidates" / warm[0], keep)
+        models[f"re-distilled on {window['rows_distill']}"] = keep
+        doc["runs"].append({"texts": len(texts), "rows_distill": window["rows_distill"],
+                            "rows_heldout": window["rows_heldout"], "candidate": warm[0], "compress_s": secs,
+                            "distill_rows": built[warm[0]].get("distill_rows")})
+        print(doc["runs"][-1], flush=True)
+
+    acc = {}
+    for name, d in models.items():
+        pred = load_predictor(d, threads=2)
+        acc[name] = {"tweets": round(float((predict_labels(pred, rec_x) == rec_y).mean()), 4),
+                     "movie_test": round(float((predict_labels(pred, test["text"].tolist())
+                                                == test["label"].to_numpy()).mean()), 4)}
+    doc["accuracy"], doc["recovery_tweets_n"], doc["movie_test_n"] = acc, len(rec_x), len(test)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "recompress_rows.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "recompress_rows.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    """bench/results/recompress_rows.md from the results document."""
+    acc, p = doc["accuracy"], f"production {doc['production']}"
+    gap = acc["teacher"]["tweets"] - acc[p]["tweets"]
+    lines = ["# How many window texts a re-compression needs", "",
+             f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/recompress_rows.py` on a copy of "
+             f"`bench/monitoring.py`'s project before its re-compression: production {doc['production']}'s "
+             "student warm-started and re-distilled (`dvc repro --single-item compress`, default params) on the "
+             "first N tweets of the traffic pool, "
+             f"{doc['heldout_fraction']:.0%} of them held out as a re-compression does. Scored on "
+             f"{doc['recovery_tweets_n']} recovery tweets (never traffic) and the {doc['movie_test_n']} "
+             "movie-review test sentences.", "",
+             f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
+             f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
+             "| texts distilled | held out | compress (s) | tweets accuracy | gap recovered | in domain (points) |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        a = acc[f"re-distilled on {r['rows_distill']}"]
+        rec = (a["tweets"] - acc[p]["tweets"]) / gap if gap > 0 else float("nan")
+        lines.append(f"| {r['rows_distill']} | {r['rows_heldout']} | {r['compress_s']} | {a['tweets']:.4f} | "
+                     f"{rec:.0%} | {(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
