@@ -4,7 +4,9 @@ held out), the old teacher is measured before it is replaced, then the
 lifecycle runs through DVC with train included (the feedback dep makes data
 and train stale): the teacher is fine-tuned on the train split plus the
 production labels, compressed, validated (the retrained teacher gated
-against the old one) and deployed as usual. Wiring only."""
+against the old one) and deployed as usual. A teacher that fails its gates
+deploys nothing and is not kept: the project is put back as it was before
+the retrain (shrinkflow.retrain.restore_state). Wiring only."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from prefect import flow
 
 from flows.lifecycle import lifecycle
 from tasks.dvc import repro_stage_with_retries
-from tasks.retrain import append_feedback, archive_feedback, record_previous_teacher
+from shrinkflow.retrain import teacher_rejection
+from tasks.retrain import append_feedback, archive_feedback, record_previous_teacher, restore_state, save_state
 
 
 @flow(name="shrinkflow-retrain", log_prints=True)
@@ -21,6 +24,9 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     ``trigger``: what asked for it (the monitor run, the window's hash and
     the rules that fired), recorded in data/feedback/retrain.json and from
     there in the new version's lineage."""
+    # A rejected teacher must not stay the kept teacher: what DVC's cache
+    # cannot restore is saved before anything changes.
+    save_state(project_dir)
     feedback = append_feedback(project_dir, pairs)
     if not feedback["added"] and not feedback["relabelled"]:
         print(f"retrain: the window's {len(pairs)} labels are all in the feedback dataset already; nothing to "
@@ -31,9 +37,17 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     repro_stage_with_retries("data")("data", project_dir)
     record = record_previous_teacher(project_dir, trigger, feedback)
     result = lifecycle(project_dir)
+    rejected = teacher_rejection(result["gates"])
+    restored = None
+    if rejected:
+        restored = restore_state(project_dir, {"feedback_md5": feedback["md5"], "reason": rejected,
+                                               "requested_by": trigger,
+                                               "teacher_gates": result["gates"]["teacher_gates"]})
+        print(f"retrain: the retrained teacher was rejected; the project is back as it was before the retrain "
+              f"(teacher {restored['teacher']}), the rejection recorded in data/feedback/rejected.jsonl")
     print(f"retrain: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"
           f" (feedback {feedback['md5']}: {feedback['rows']} labels, {feedback['added']} added, "
           f"{feedback['relabelled']} relabelled)")
     return {"feedback": feedback, "previous_teacher": record["previous_teacher"],
             "deployed_version": result["deployed_version"], "selected": result["selected"],
-            "stages": result["stages"], "reason": result["gates"]["reason"]}
+            "stages": result["stages"], "reason": result["gates"]["reason"], "restored": restored}

@@ -58,6 +58,15 @@ FEEDBACK_ARCHIVE = Path("data/feedback/archive")
 # (shrinkflow.artifacts.RetrainRecord; validate gates the new teacher on it,
 # deploy puts it in lineage). Committed with no retrain recorded.
 RETRAIN_RECORD = Path("data/feedback/retrain.json")
+# Retrains whose teacher failed its gates, one JSON object per line (when,
+# the feedback dataset's md5, the rejected teacher's hash, the failed gates):
+# the project was put back as it was before each (shrinkflow.retrain). Not a
+# stage dep. Created by the first rejection.
+REJECTED_RETRAINS = Path("data/feedback/rejected.jsonl")
+# The files a retrain changes that DVC's cache cannot give back (dvc.lock,
+# the feedback dataset, the retrain record, the stages' cache: false outs),
+# copied here before the retrain's lifecycle runs.
+RETRAIN_BEFORE = Path(".shrinkflow/retrain/before")
 # The data stage's splits of FEEDBACK: fine-tuned on, and held out to gate
 # the retrained teacher. Empty by default.
 FEEDBACK_SPLITS = ("feedback_train", "feedback_heldout")

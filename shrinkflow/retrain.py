@@ -50,3 +50,104 @@ def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previou
     record = RetrainRecord(requested_by=requested_by, feedback=feedback, previous_teacher=previous)
     save(RETRAIN, record, root)
     return record
+
+
+# ------------------------------------------------- a rejected teacher
+
+def uncached_outs(root: Path | str) -> list[Path]:
+    """Every ``cache: false`` out, metric and plot of dvc.yaml's stages
+    (relative paths): what ``dvc checkout`` cannot restore. Raises
+    FileNotFoundError without a dvc.yaml."""
+    import yaml
+
+    doc = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    found = []
+    for stage in (doc.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                if isinstance(entry, dict):
+                    for path, opts in entry.items():
+                        if isinstance(opts, dict) and opts.get("cache") is False:
+                            found.append(Path(path))
+    return found
+
+
+def save_state(root: Path | str) -> list[str]:
+    """Before a retrain's lifecycle: copy what it changes and DVC's cache
+    cannot give back (dvc.lock, the feedback dataset, the retrain record,
+    every ``cache: false`` out) into ``shrinkflow.paths.RETRAIN_BEFORE``,
+    replacing an earlier copy; its ``files.json`` lists the paths and which
+    existed. Returns the paths saved (relative)."""
+    import json
+    import shutil
+
+    from shrinkflow.files import atomic_write_text
+    from shrinkflow.paths import FEEDBACK, RETRAIN_BEFORE, RETRAIN_RECORD
+
+    root = Path(root)
+    paths = [Path("dvc.lock"), FEEDBACK, RETRAIN_RECORD, *uncached_outs(root)]
+    tmp = root / RETRAIN_BEFORE.with_name(RETRAIN_BEFORE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    existed = {}
+    for rel in paths:
+        existed[str(rel)] = (root / rel).is_file()
+        if existed[str(rel)]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, tmp / rel)
+    atomic_write_text(tmp / "files.json", json.dumps(existed, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(root / RETRAIN_BEFORE, ignore_errors=True)
+    tmp.rename(root / RETRAIN_BEFORE)
+    return [p for p, e in existed.items() if e]
+
+
+def teacher_rejection(gates: dict) -> str | None:
+    """The reason a retrain's teacher was rejected, from its gate report
+    (reports/gates.json as a dict): None when no teacher gate was applied or
+    all passed."""
+    tg = gates.get("teacher_gates")
+    if not tg or tg.get("passed", True):
+        return None
+    return gates.get("reason") or "the retrained teacher failed its gates"
+
+
+def restore_state(root: Path | str, rejection: dict) -> dict:
+    """After a retrain whose teacher failed its gates: put the project back
+    as ``save_state`` found it (its files, then ``dvc checkout --force``:
+    the old teacher, candidates, splits and reports from DVC's cache), so
+    the kept teacher is the one production was built from and later
+    re-compressions are not gated against the rejected one; then append
+    ``rejection`` (what failed, the feedback md5, the rejected teacher's
+    hash) to ``shrinkflow.paths.REJECTED_RETRAINS``. The feedback labels stay
+    in the content-addressed archive (data/feedback/archive) and in the
+    prediction log. Returns ``{"restored": [paths], "teacher": content hash}``.
+    Raises FileNotFoundError when there is no saved state, RuntimeError
+    (saying how to recover by hand) when ``dvc checkout`` fails."""
+    import json
+    import shutil
+
+    from shrinkflow.dvcrun import dvc_command
+    from shrinkflow.files import atomic_write_bytes, atomic_write_text, content_hash, file_hashes
+    from shrinkflow.paths import REJECTED_RETRAINS, RETRAIN_BEFORE, TEACHER
+
+    root = Path(root)
+    saved = root / RETRAIN_BEFORE
+    existed = json.loads((saved / "files.json").read_text())
+    # the rejected teacher's hash, before the checkout replaces it
+    rejected = content_hash(file_hashes(root / TEACHER)) if (root / TEACHER).is_dir() else None
+    for rel, was in existed.items():
+        if was:
+            atomic_write_bytes(root / rel, (saved / rel).read_bytes())
+        elif (root / rel).exists():
+            (root / rel).unlink()
+    try:
+        dvc_command(["checkout", "--force"], root)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the rejected teacher could not be replaced by the one before the retrain: {exc}\n"
+                           "dvc.lock is already back as it was; run `dvc checkout --force` once the cause is "
+                           "fixed (a missing cache entry: `dvc pull`)") from None
+    line = json.dumps({**rejection, "rejected_teacher": rejected}, sort_keys=True) + "\n"
+    log = root / REJECTED_RETRAINS
+    atomic_write_text(log, (log.read_text() if log.is_file() else "") + line)
+    shutil.rmtree(saved, ignore_errors=True)
+    return {"restored": sorted(k for k, v in existed.items() if v),
+            "teacher": content_hash(file_hashes(root / TEACHER)) if (root / TEACHER).is_dir() else None}

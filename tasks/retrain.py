@@ -41,3 +41,21 @@ def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict) -> 
     from shrinkflow.retrain import measure_teacher, record_retrain
 
     return record_retrain(Path(project_dir), trigger, feedback, measure_teacher(Path(project_dir))).to_json_dict()
+
+
+@task(name="save-pre-retrain-state", cache_policy=NO_CACHE)
+def save_state(project_dir: str) -> list[str]:
+    """What the retrain changes that DVC's cache cannot give back, saved
+    (shrinkflow.retrain.save_state)."""
+    from shrinkflow.retrain import save_state as _save
+
+    return _save(Path(project_dir))
+
+
+@task(name="restore-pre-retrain-state", cache_policy=NO_CACHE)
+def restore_state(project_dir: str, rejection: dict) -> dict:
+    """The project back as it was before a retrain whose teacher failed its
+    gates (shrinkflow.retrain.restore_state)."""
+    from shrinkflow.retrain import restore_state as _restore
+
+    return _restore(Path(project_dir), rejection)

@@ -1,0 +1,103 @@
+"""A retrain whose teacher fails its gates leaves nothing behind: the
+project is put back as it was (shrinkflow.retrain.save_state /
+restore_state), on a real git-less DVC project whose stage stands in for
+train, with a cached out (the teacher) and a ``cache: false`` metric."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shrinkflow.files import content_hash, file_hashes
+from shrinkflow.paths import FEEDBACK, REJECTED_RETRAINS, RETRAIN_BEFORE, RETRAIN_RECORD, TEACHER
+from shrinkflow.retrain import restore_state, save_state, teacher_rejection, uncached_outs
+
+TRAIN = """import pathlib
+labels = pathlib.Path("data/feedback/labels.jsonl").read_text().splitlines()
+pathlib.Path("models/teacher").mkdir(parents=True, exist_ok=True)
+pathlib.Path("models/teacher/weights.txt").write_text(f"trained on {len(labels)} labels")
+pathlib.Path("metrics").mkdir(exist_ok=True)
+pathlib.Path("metrics/train.json").write_text(f'{{"rows": {len(labels)}}}')
+"""
+DVC_YAML = f"""stages:
+  train:
+    cmd: {sys.executable} train.py
+    deps:
+      - train.py
+      - data/feedback/labels.jsonl
+    outs:
+      - models/teacher
+    metrics:
+      - metrics/train.json:
+          cache: false
+"""
+
+
+def dvc(root: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                          env={**__import__("os").environ, "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture()
+def project(tmp_path):
+    root = tmp_path / "project"
+    (root / FEEDBACK).parent.mkdir(parents=True)
+    (root / FEEDBACK).write_text('{"text": "good", "label": "positive"}\n')
+    (root / RETRAIN_RECORD).write_text("{}\n")
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "train.py").write_text(TRAIN)
+    dvc(root, "init", "--no-scm", "-q")
+    dvc(root, "repro", "-q")
+    return root
+
+
+def test_uncached_outs_are_what_dvc_checkout_cannot_restore(project):
+    assert uncached_outs(project) == [Path("metrics/train.json")]
+
+
+@pytest.mark.parametrize("gates, reason", [
+    ({}, None),
+    ({"teacher_gates": None, "reason": "x"}, None),
+    ({"teacher_gates": {"passed": True}, "reason": "x"}, None),
+    ({"teacher_gates": {"passed": False}, "reason": "the retrained teacher failed max_teacher_val_drop"},
+     "the retrained teacher failed max_teacher_val_drop"),
+])
+def test_teacher_rejection_only_when_a_teacher_gate_failed(gates, reason):
+    assert teacher_rejection(gates) == reason
+
+
+def test_a_rejected_retrain_puts_the_project_back(project):
+    before = {rel: (project / rel).read_bytes() for rel in ("dvc.lock", FEEDBACK, RETRAIN_RECORD,
+                                                             "metrics/train.json", TEACHER / "weights.txt")}
+    kept_teacher = content_hash(file_hashes(project / TEACHER))
+    saved = save_state(project)
+    assert set(saved) == {"dvc.lock", str(FEEDBACK), str(RETRAIN_RECORD), "metrics/train.json"}
+
+    # the retrain: labels appended, the record rewritten, train re-run
+    with open(project / FEEDBACK, "a") as fh:
+        fh.write('{"text": "bad", "label": "negative"}\n')
+    (project / RETRAIN_RECORD).write_text('{"previous_teacher": null}\n')
+    dvc(project, "repro", "-q")
+    rejected_teacher = content_hash(file_hashes(project / TEACHER))
+    assert rejected_teacher != kept_teacher
+
+    out = restore_state(project, {"feedback_md5": "abc", "reason": "max_teacher_val_drop failed"})
+    assert out["teacher"] == kept_teacher
+    for rel, data in before.items():
+        assert (project / rel).read_bytes() == data, rel
+    assert json.loads(dvc(project, "status", "--json")) == {}  # nothing stale: no retrain loop
+    lines = (project / REJECTED_RETRAINS).read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"feedback_md5": "abc", "reason": "max_teacher_val_drop failed",
+                                               "rejected_teacher": rejected_teacher}]
+    assert not (project / RETRAIN_BEFORE).exists()
+
+
+def test_restore_without_a_saved_state_raises(project):
+    with pytest.raises(FileNotFoundError):
+        restore_state(project, {})
