@@ -257,3 +257,26 @@ def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(
     again = build_candidate(root, STUDENT, opset=17, threads=1, key=key)
     assert again["cached"] is True and again["warm_start_from"] == "v0007"
     assert file_hashes(root / STUDENTS / "student") == sidecar
+
+
+def test_the_teacher_output_cache_keeps_the_most_recently_used_entries(tmp_path):
+    """At most max_entries: storing one more deletes the least recently used
+    (stored or loaded), never the one just stored; a loaded entry is used."""
+    import os
+
+    from shrinkflow.compress.teacher_cache import INFO, TeacherOutputCache
+
+    cache = TeacherOutputCache(tmp_path / "cache", max_entries=2)
+    logits = np.zeros((3, 2), dtype=np.float32)
+    for i, key in enumerate(("a", "b")):
+        cache.store(key, logits, [])
+        os.utime(cache.entry(key) / INFO, (1000 + i, 1000 + i))  # a older than b
+    assert cache.load("a") is not None  # a is now the most recently used
+    cache.store("c", logits, [])
+    assert sorted(p.name for p in cache.entries()) == ["a", "c"]
+    assert cache.load("b") is None
+    # never the entry just stored, even when the cache holds one entry
+    one = TeacherOutputCache(tmp_path / "one", max_entries=1)
+    one.store("x", logits, [])
+    one.store("y", logits, [])
+    assert [p.name for p in one.entries()] == ["y"] and one.load("y") is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,11 @@ import numpy as np
 from shrinkflow.files import fsync_tree, sha256_file
 
 INFO = "entry.json"
+# Entries kept: the least recently used beyond this are deleted after each
+# store. An entry of the default 6-layer teacher's train split with its
+# hidden states is ~0.45 GB; a run needs one per (teacher, split, layers),
+# and a re-compression reuses the run's.
+MAX_ENTRIES = 4
 
 
 def outputs_key(teacher_hash: str, seqs: list[list[int]], layers: tuple[int, ...], tokenizer_json: str = "") -> str:
@@ -44,11 +50,13 @@ def outputs_key(teacher_hash: str, seqs: list[list[int]], layers: tuple[int, ...
 
 
 class TeacherOutputCache:
-    """Teacher outputs under ``root``, one directory per key. The constructor
-    touches nothing on disk."""
+    """Teacher outputs under ``root``, one directory per key, at most
+    ``max_entries`` of them (least recently used deleted first). The
+    constructor touches nothing on disk."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, max_entries: int = MAX_ENTRIES):
         self.root = Path(root)
+        self.max_entries = max_entries
 
     def entry(self, key: str) -> Path:
         return self.root / key
@@ -80,7 +88,35 @@ class TeacherOutputCache:
         except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(src, ignore_errors=True)
             return None
+        try:
+            os.utime(src / INFO)  # recently used: evicted last
+        except OSError:
+            pass
         return logits, hidden
+
+    def entries(self) -> list[Path]:
+        """Stored entries, least recently used (stored or loaded) first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+        def used(p: Path) -> float:
+            try:
+                return (p / INFO).stat().st_mtime
+            except OSError:
+                return 0.0  # unreadable: first to go
+        return sorted(found, key=used)
+
+    def evict(self, keep: str | None = None) -> list[Path]:
+        """Delete the least recently used entries beyond ``max_entries``,
+        never ``keep`` (a key). Returns the entries deleted."""
+        gone = []
+        entries = [p for p in self.entries() if p.name != keep]
+        room = self.max_entries - (1 if keep is not None and self.entry(keep).exists() else 0)
+        for p in entries[:max(len(entries) - max(room, 0), 0)]:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+        return gone
 
     def store(self, key: str, logits: np.ndarray, hidden: list) -> None:
         """Keep ``logits`` and ``hidden`` (as ``teacher_outputs`` returns them)
@@ -111,6 +147,7 @@ class TeacherOutputCache:
             tmp.rename(final)
         except OSError:  # another build stored the same key first
             shutil.rmtree(tmp, ignore_errors=True)
+        self.evict(keep=key)
 
 
 def cached_teacher_outputs(cache: TeacherOutputCache | None, teacher_hash: str | None, model,
