@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -35,11 +34,13 @@ SOURCE = ROOT / "bench" / "work" / "monitoring"
 WORK = ROOT / "bench" / "work" / "recompress_rows"
 PROJECT = WORK / "project"
 # (distinct tweets to distil from, distill-step overrides): the default
-# params at three sizes, then two variants at 1,000 with twice the training
-# rows per window text (the in-domain anchor), at 2 epochs and at 1.
+# params at three sizes, then variants at 1,000: twice the training rows per
+# window text (the in-domain anchor) in one epoch, and the re-distilled
+# weights interpolated with production's (warm_start_interpolation).
 RUNS = ((100, {}), (300, {}), (1000, {}),
-        (1000, {"warm_start_train_rows_per_window_text": 8.0}),
-        (1000, {"warm_start_train_rows_per_window_text": 8.0, "warm_start_epochs": 1}))
+        (1000, {"warm_start_train_rows_per_window_text": 8.0, "warm_start_epochs": 1}),
+        (1000, {"warm_start_interpolation": 0.3}),
+        (1000, {"warm_start_interpolation": 0.5}))
 
 
 def set_distill(params_path, overrides: dict) -> dict:
@@ -70,6 +71,7 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import load_params
+    from shrinkflow.dvcrun import offline_env
     from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.registry import Registry
     from shrinkflow.splits import read_parquet
@@ -80,6 +82,10 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     subprocess.run(["cp", "-a", str(SOURCE / "project"), str(PROJECT)], check=True)
+    # This checkout's code (the copy holds the code bench/monitoring.py ran).
+    for pkg in ("shrinkflow", "stages", "monitoring", "flows", "tasks"):
+        shutil.rmtree(PROJECT / pkg)
+        shutil.copytree(ROOT / pkg, PROJECT / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(PROJECT / "models/teacher")
     shutil.copytree(SOURCE / "teacher_before", PROJECT / "models/teacher")
     params = load_params(PROJECT / "params.yaml")
@@ -91,7 +97,7 @@ def main() -> None:
     pool, _ = tweets("pool")
     rec_x, rec_y = tweets("recovery")
     test = read_parquet(PROJECT / "data/prepared/test.parquet")
-    env = {**os.environ, "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+    env = offline_env(project_dir=PROJECT)  # this venv's python first on PATH, telemetry off
     doc = {**stamp(), "production": before, "heldout_fraction": params.monitor.heldout_fraction, "runs": []}
     models = {"teacher": PROJECT / "models/teacher", f"production {before}": production_dir}
     import yaml
@@ -123,7 +129,8 @@ def main() -> None:
                             "rows_heldout": window["rows_heldout"], "candidate": warm[0], "compress_s": secs,
                             "distill_rows": built[warm[0]].get("distill_rows"), "overrides": overrides,
                             "warm_start_epochs": step["warm_start_epochs"],
-                            "train_rows_per_window_text": step["warm_start_train_rows_per_window_text"]})
+                            "train_rows_per_window_text": step["warm_start_train_rows_per_window_text"],
+                            "interpolation": step.get("warm_start_interpolation", 0.0)})
         print(doc["runs"][-1], flush=True)
 
     acc = {}
@@ -157,14 +164,15 @@ def markdown(doc: dict) -> str:
              "movie-review test sentences.", "",
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
              f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
-             "| texts distilled | held out | train rows per text | epochs | compress (s) | tweets accuracy "
-             "| gap recovered | in domain, test (points) | val drop vs teacher (points) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| texts distilled | held out | train rows per text | epochs | interpolation | compress (s) "
+             "| tweets accuracy | gap recovered | in domain, test (points) | val drop vs teacher (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         a = acc[r["name"]]
         rec = (a["tweets"] - acc[p]["tweets"]) / gap if gap > 0 else float("nan")
         lines.append(f"| {r['rows_distill']} | {r['rows_heldout']} | {r['train_rows_per_window_text']:g} | "
-                     f"{r['warm_start_epochs']} | {r['compress_s']} | {a['tweets']:.4f} | {rec:.0%} | "
+                     f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | {r['compress_s']} | "
+                     f"{a['tweets']:.4f} | {rec:.0%} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")
     lines += ["", f"The val drop is what `validate.gates.max_accuracy_drop` ({doc['max_accuracy_drop'] * 100:g} points) "

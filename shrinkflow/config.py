@@ -422,11 +422,19 @@ class DistillStep(_Frozen):
     # (seeded sample, capped at the split), so the student keeps what it
     # knew in domain while it learns the window.
     warm_start_train_rows_per_window_text: Annotated[float, Field(ge=0.0)] = 4.0
+    # Share of the production student's weights kept after a warm
+    # re-distillation: every weight becomes (1 - w) * new + w * production
+    # (weight-space ensembling, WiSE-FT: Wortsman et al., "Robust fine-tuning
+    # of zero-shot models", CVPR 2022). 0: the re-distilled weights as they
+    # are. Keeps the in-domain behaviour the student was deployed with while
+    # it moves toward the window (bench/results/recompress_rows.md).
+    warm_start_interpolation: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     # The keys only a warm start reads: the candidate cache key leaves them
     # out when no warm start is used, so an ordinary run's keys do not move.
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
-                                                  "warm_start_train_rows_per_window_text")
+                                                  "warm_start_train_rows_per_window_text",
+                                                  "warm_start_interpolation")
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":

@@ -280,3 +280,21 @@ def test_the_teacher_output_cache_keeps_the_most_recently_used_entries(tmp_path)
     one.store("x", logits, [])
     one.store("y", logits, [])
     assert [p.name for p in one.entries()] == ["y"] and one.load("y") is not None
+
+
+def test_interpolation_keeps_the_asked_share_of_the_production_weights():
+    """WiSE-FT: (1 - keep) * new + keep * production on every float tensor;
+    keep 0 changes nothing; different tensors are refused."""
+    import torch
+
+    from shrinkflow.compress.warm import interpolate
+
+    torch.manual_seed(0)
+    new, prod = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    w_new, w_prod = new.weight.detach().clone(), prod.weight.detach().clone()
+    assert interpolate(new, prod, 0.0) == {"tensors": 0} and torch.equal(new.weight, w_new)
+    assert interpolate(new, prod, 0.25) == {"tensors": 2}
+    assert torch.allclose(new.weight, 0.75 * w_new + 0.25 * w_prod)
+    assert torch.equal(prod.weight, w_prod)  # production untouched
+    with pytest.raises(ValueError, match="differ in their tensors"):
+        interpolate(new, torch.nn.Linear(4, 2), 0.5)

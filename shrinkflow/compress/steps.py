@@ -143,7 +143,7 @@ class Distill(Method):
     def apply(self, step, build: Build) -> None:
         from shrinkflow.compress.augment import augment_texts
         from shrinkflow.compress.distill import distill, hidden_targets, teacher_outputs
-        from shrinkflow.compress.warm import mix_rows, save_sidecar, warm_source, warm_student
+        from shrinkflow.compress.warm import interpolate, mix_rows, save_sidecar, warm_source, warm_student
 
         model, tokenizer_json = build.model, build.tokenizer_json
         seqs = build.train_seqs()
@@ -179,6 +179,9 @@ class Distill(Method):
         student = warm_student(model, step.layers, warm) if warm is not None else None
         build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
                               targets=d_targets, hidden=d_hidden or None, student=student)
+        if warm is not None and step.warm_start_interpolation > 0:
+            interpolate(build.model, warm_student(model, step.layers, warm), step.warm_start_interpolation)
+            build.run_stats["warm_start_interpolation"] = step.warm_start_interpolation
         if build.student_dir is not None:
             from shrinkflow.modeling import model_labels
 

@@ -133,6 +133,31 @@ def warm_student(teacher, layers, sidecar: Path):
     return student
 
 
+def interpolate(student, production, keep: float) -> dict:
+    """Weight-space ensembling (WiSE-FT: Wortsman et al., "Robust fine-tuning
+    of zero-shot models", CVPR 2022): every floating-point tensor of
+    ``student``'s state becomes ``(1 - keep) * student + keep * production``,
+    in place; ``production`` is the same architecture (the warm start's
+    weights). ``keep`` 0 leaves ``student`` as it is. Returns
+    ``{"tensors": n interpolated}``. Raises ValueError when the two states
+    do not have the same tensors and shapes."""
+    import torch
+
+    if keep == 0:
+        return {"tensors": 0}
+    mine, theirs = student.state_dict(), production.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ValueError("cannot interpolate: the re-distilled student and the production student differ in "
+                         "their tensors")
+    n = 0
+    with torch.no_grad():
+        for k, t in mine.items():
+            if t.is_floating_point():
+                t.mul_(1.0 - keep).add_(theirs[k].to(t.dtype), alpha=keep)
+                n += 1
+    return {"tensors": n}
+
+
 def mix_rows(n_window: int, n_train: int, rows_per_window_text: float, seed: int) -> np.ndarray:
     """Indices of the training rows a warm re-distillation keeps in its mix:
     ``round(rows_per_window_text * n_window)`` of the ``n_train`` rows (all of
