@@ -234,9 +234,10 @@ def dvc_add_and_push(path: Path | str, project_dir: Path | str) -> str:
     Raises RuntimeError as ``dvc_command`` does when the add fails, and
     shrinkflow.remote.RemoteError when the push does: the add stands, so the
     data waits in the local cache for the next ``dvc push``."""
-    from shrinkflow.remote import default_remote, push
+    from shrinkflow.remote import default_remote_url, push
 
     out = dvc_command(["add", str(path)], project_dir)
-    if default_remote(project_dir):
-        out += push([f"{path}.dvc"], project_dir)
+    remote = default_remote_url(project_dir)
+    if remote[0]:
+        out += push([f"{path}.dvc"], project_dir, remote=remote)
     return out

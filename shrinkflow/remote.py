@@ -111,13 +111,12 @@ class SshRemote:
         """The ``dvc`` commands (without ``dvc``) that configure it, in
         order; ``replace``: overwrite a remote of the same name. These are
         the commands docs/team.md lists for doing it by hand."""
-        cmds = [["remote", "add", *(["--force"] if replace else []), self.name, self.url],
+        flags = (["--default"] if self.default else []) + (["--force"] if replace else [])
+        cmds = [["remote", "add", *flags, self.name, self.url],
                 ["remote", "modify", self.name, "timeout", str(self.timeout_s)],
                 ["remote", "modify", "--local", self.name, "keyfile", str(self.key_file)]]
         if self.user:
             cmds.append(["remote", "modify", "--local", self.name, "user", self.user])
-        if self.default:
-            cmds.append(["remote", "default", self.name])
         return cmds
 
 
@@ -132,13 +131,23 @@ def ssh_remote(name: str, url: str, key_file: Path | str, user: str | None = Non
     return SshRemote(name, check_ssh_url(url), check_key_file(key_file), user, default, int(timeout_s))
 
 
+def dvc_config(project_dir: Path | str) -> dict[str, str]:
+    """The project's DVC config as DVC merges it (system, global, project,
+    then config.local: a later level wins), from one ``dvc config --list``:
+    ``{"core.remote": "team", "remote.team.url": "ssh://...", ...}``. Holds
+    config.local's credentials too: never print it whole. Raises
+    RuntimeError when DVC cannot read its config."""
+    conf: dict[str, str] = {}
+    for line in dvc_command(["config", "--list"], project_dir).splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf
+
+
 def remote_exists(project_dir: Path | str, name: str) -> bool:
-    """Whether the project's .dvc/config (or config.local) defines ``name``."""
-    try:
-        dvc_command(["config", f"remote.{name}.url"], project_dir)
-    except RuntimeError:  # DVC exits non-zero for a key that is not set
-        return False
-    return True
+    """Whether the project's DVC config (any level) defines remote ``name``."""
+    return f"remote.{name}.url" in dvc_config(project_dir)
 
 
 def add_ssh_remote(project_dir: Path | str, remote: SshRemote, replace: bool = False) -> list[list[str]]:
@@ -154,21 +163,22 @@ def add_ssh_remote(project_dir: Path | str, remote: SshRemote, replace: bool = F
     return cmds
 
 
-def default_remote(project_dir: Path | str) -> str | None:
-    """The name of the remote ``dvc push`` uses in the project (project
-    config, or config.local when it sets one), or None when none is set."""
+def default_remote_url(project_dir: Path | str) -> tuple[str | None, str | None]:
+    """The remote ``dvc push`` and ``dvc pull`` use in the project (core.remote,
+    from any config level) and its URL without a password; (None, None)
+    when none is set, or when DVC cannot read its config."""
     try:
-        return dvc_command(["remote", "default"], project_dir).strip() or None
-    except RuntimeError:  # "No default remote set"
-        return None
-
-
-def remote_url(project_dir: Path | str, name: str) -> str | None:
-    """The URL of remote ``name``, password removed; None when unknown."""
-    try:
-        return redact_url(dvc_command(["config", f"remote.{name}.url"], project_dir).strip())
+        conf = dvc_config(project_dir)
     except RuntimeError:
-        return None
+        return None, None
+    name = conf.get("core.remote") or None
+    url = conf.get(f"remote.{name}.url") if name else None
+    return name, redact_url(url) if url else None
+
+
+def default_remote(project_dir: Path | str) -> str | None:
+    """The name of the project's default remote (None: none is set)."""
+    return default_remote_url(project_dir)[0]
 
 
 def _dvc_reason(output: str) -> str:
@@ -179,19 +189,22 @@ def _dvc_reason(output: str) -> str:
     return " ".join(errors or lines[-3:])[-1500:]
 
 
-def push(targets: list[str], project_dir: Path | str, timeout_s: float = DVC_PUSH_TIMEOUT_S) -> str:
-    """``dvc push <targets>`` to the project's default remote (whatever its
-    protocol); returns DVC's output. Raises RemoteError when the push fails
-    or outlives ``timeout_s``: it names the remote, its URL and DVC's
-    reason, and says that nothing is lost (the local cache keeps every
-    object; a later ``dvc push`` sends them)."""
+def push(targets: list[str], project_dir: Path | str, timeout_s: float = DVC_PUSH_TIMEOUT_S,
+         remote: tuple[str | None, str | None] | None = None) -> str:
+    """``dvc push <targets>`` (none: everything) to the project's default
+    remote, whatever its protocol; returns DVC's output. ``remote``: its
+    (name, URL) when the caller has them (default: looked up on failure).
+    Raises RemoteError when the push fails or outlives ``timeout_s``: it
+    names the remote, its URL and DVC's reason, and says that nothing is
+    lost (the local cache keeps every object; a later ``dvc push`` sends
+    them)."""
     try:
         return dvc_command(["push", *targets], project_dir, timeout_s=timeout_s)
     except RuntimeError as exc:
-        name = default_remote(project_dir)
-        url = remote_url(project_dir, name) if name else None
+        name, url = remote if remote is not None else default_remote_url(project_dir)
+        what = " ".join(targets) or "the project's data"
         raise RemoteError(
-            f"could not push {' '.join(targets)} to the DVC remote {name!r} ({url}): {_dvc_reason(str(exc))}. "
+            f"could not push {what} to the DVC remote {name!r} ({url}): {_dvc_reason(str(exc))}. "
             "Nothing is lost: the data is in the local cache (.dvc/cache) and recorded in its .dvc file; run "
             "`dvc push` once the remote answers (docs/team.md, \"An unreachable remote\")",
             remote=name, url=url) from None
@@ -214,12 +227,15 @@ def probe_remote(project_dir: Path | str, name: str | None = None) -> bool:
         except Exception as exc:  # noqa: BLE001  (no such remote, no default, its plugin missing)
             raise RemoteError(f"the DVC remote {name or '(the default)'} cannot be used: {exc}",
                               remote=name) from None
-        url = remote_url(root, remote.name)
+        url = redact_url(repo.config["remote"][remote.name]["url"])
         try:
             return bool(remote.fs.exists(remote.path))
         except Exception as exc:  # noqa: BLE001  (asyncssh, OSError, a plugin's own errors)
-            raise RemoteError(f"the DVC remote {remote.name!r} ({url}) cannot be reached: "
-                              f"{type(exc).__name__}: {exc}", remote=remote.name, url=url) from None
+            # dvc-ssh reports a refused key as PermissionError, a host that is
+            # down as ConnectionRefusedError (or a timeout): say which.
+            what = "refused the login" if isinstance(exc, PermissionError) else "cannot be reached"
+            raise RemoteError(f"the DVC remote {remote.name!r} ({url}) {what}: {type(exc).__name__}: {exc}",
+                              remote=remote.name, url=url) from None
 
 
 def archive(path: Path | str, project_dir: Path | str) -> str | None:

@@ -6,15 +6,16 @@ key and a user key made here by ssh-keygen, a dedicated authorized_keys and
 no password login. A tiny git+DVC project (data tracked with ``dvc add``; a
 teacher and a candidate directory made by two DVC stages: small stand-in
 files derived from the data, since what is tested is how they travel) is
-switched to the remote by ``shrinkflow remote-ssh`` and pushed, and the
-product's own push (``dvc_add_and_push``, the window archive) goes there
-too. A second clone, given only its key in config.local, pulls exactly the
-same files. With sshd down, a push fails with a clear error and loses
-nothing; once sshd is back, the same push goes through.
+switched to the remote by ``shrinkflow remote-ssh`` and pushed by the
+product's own push (``shrinkflow.remote``). A second clone, given only its
+key in config.local, pulls exactly the same files. With sshd down, the
+archive step a flow runs fails to push with a clear warning and loses
+nothing; once sshd is back, the same step pushes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -22,7 +23,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from shrinkflow.dvcrun import dvc_add_and_push, dvc_command
+from shrinkflow.dvcrun import dvc_command
 from shrinkflow.errors import ExitCode, MissingInput
 from shrinkflow.paths import FEEDBACK_ARCHIVE, WINDOWS_ARCHIVE
 from shrinkflow.remote import (SSH_CONNECT_TIMEOUT_S, RemoteError, SshRemote, archive, check_ssh_url,
@@ -61,13 +61,12 @@ def test_the_key_goes_only_to_config_local_and_the_remote_becomes_the_default(tm
     key.write_text("not read here")
     remote = ssh_remote(NAME, "ssh://dvc@storage/srv/dvc", key, user="bob")
     assert remote.commands() == [
-        ["remote", "add", NAME, "ssh://dvc@storage/srv/dvc"],
+        ["remote", "add", "--default", NAME, "ssh://dvc@storage/srv/dvc"],
         ["remote", "modify", NAME, "timeout", str(SSH_CONNECT_TIMEOUT_S)],
         ["remote", "modify", "--local", NAME, "keyfile", str(key.resolve())],
-        ["remote", "modify", "--local", NAME, "user", "bob"],
-        ["remote", "default", NAME]]
-    assert SshRemote(NAME, "ssh://h/p", key, default=False).commands(replace=True)[0][:3] == ["remote", "add",
-                                                                                             "--force"]
+        ["remote", "modify", "--local", NAME, "user", "bob"]]
+    assert SshRemote(NAME, "ssh://h/p", key, default=False).commands(replace=True)[0] == [
+        "remote", "add", "--force", NAME, "ssh://h/p"]
     with pytest.raises(ValueError, match="public key"):
         ssh_remote(NAME, "ssh://h/p", tmp_path / "id_ed25519.pub")
     with pytest.raises(MissingInput, match="no such key file"):
@@ -200,12 +199,6 @@ def git(root: Path, *args: str) -> str:
                           timeout=60).stdout
 
 
-def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def object_path(base: Path, md5: str) -> Path:
     """Where DVC 3 stores an object of md5 ``md5`` in a cache or remote."""
     return base / "files" / "md5" / md5[:2] / md5[2:]
@@ -213,10 +206,10 @@ def object_path(base: Path, md5: str) -> Path:
 
 @pytest.fixture(scope="module")
 def origin(sshd, tmp_path_factory) -> Origin:
-    """The first user's project: data added, two stages run, switched to
-    the SSH remote with ``shrinkflow remote-ssh`` (the one-user ``local``
-    remote is the checkout's default until then), everything pushed, the
-    window archive pushed by the product's own ``dvc_add_and_push``."""
+    """The first user's project: data added (the raw data and a window
+    archive), two stages run, switched to the SSH remote by ``shrinkflow
+    remote-ssh`` (the one-user ``local`` remote is the default until then),
+    then everything pushed by the product's own push."""
     base = tmp_path_factory.mktemp("origin")
     root, storage = base / "project", base / "storage" / "shrinkflow"
     root.mkdir()
@@ -228,22 +221,21 @@ def origin(sshd, tmp_path_factory) -> Origin:
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "data" / "raw").mkdir(parents=True)
     (root / "data" / "raw" / "texts.tsv").write_text("id\ttext\tlabel\n1\tA gem of a film.\t1\n2\tDull.\t0\n")
-    dvc_command(["add", "-q", "data/raw"], root)
+    (root / WINDOWS_ARCHIVE).mkdir(parents=True)
+    (root / WINDOWS_ARCHIVE / "window-0001.txt").write_text("a window of production text\n")
+    dvc_command(["add", "-q", "data/raw", str(WINDOWS_ARCHIVE)], root)
     dvc_command(["repro", "-q"], root)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "a tiny project")
 
     url = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{storage}"
-    proc = cli(root, "remote-ssh", NAME, url, "--key-file", str(sshd.client_key))
-    assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr + sshd.log()
+    # The real command, in this process (a subprocess would add seconds of imports)
+    with contextlib.chdir(root):
+        out = CliRunner().invoke(app, ["remote-ssh", NAME, url, "--key-file", str(sshd.client_key)])
+    assert out.exit_code == ExitCode.OK, out.output + sshd.log()
     git(root, "commit", "-qam", "DVC remote over SSH")
-    dvc_command(["push", "-q"], root)
-    (root / WINDOWS_ARCHIVE).mkdir(parents=True)
-    (root / WINDOWS_ARCHIVE / "window-0001.txt").write_text("a window of production text\n")
-    dvc_add_and_push(WINDOWS_ARCHIVE, root)
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "a window")
-    return Origin(root, storage, url, proc.stdout + proc.stderr, tree_hashes(root))
+    push([], root)  # everything, as `dvc push` does
+    return Origin(root, storage, url, out.output, tree_hashes(root))
 
 
 def test_remote_ssh_commits_the_remote_and_keeps_the_key_in_config_local(origin, sshd):
@@ -273,11 +265,10 @@ def test_the_same_name_again_or_a_password_in_the_url_is_refused_and_nothing_is_
 def test_a_second_clone_pulls_exactly_the_same_data_and_models(origin, sshd, tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(origin.root), str(clone)], check=True, timeout=60)
-    assert not (clone / "models").exists() and not (clone / ".dvc" / "config.local").exists()
+    assert not (clone / "models" / "teacher").exists() and not (clone / ".dvc" / "config.local").exists()
     dvc_command(["remote", "modify", "--local", NAME, "keyfile", str(sshd.client_key)], clone)  # only the key
     dvc_command(["pull", "-q"], clone)
     assert json.loads(dvc_command(["status", "--json"], clone) or "{}") == {}
-    assert json.loads(dvc_command(["status", "--cloud", "--json"], clone) or "{}") == {}
     pulled = tree_hashes(clone)
     assert {"models/teacher/weights.bin", "models/candidates/int8/weights.bin", "data/raw/texts.tsv",
             "data/windows/window-0001.txt"} <= set(pulled)
@@ -308,5 +299,5 @@ def test_a_push_while_sshd_is_down_fails_clearly_loses_nothing_and_succeeds_afte
             probe_remote(origin.root)
     finally:
         sshd.start()
-    push([f"{FEEDBACK_ARCHIVE}.dvc"], origin.root)  # what the warning says to run
+    assert archive(FEEDBACK_ARCHIVE, origin.root) is None  # the same archive step, now pushed
     assert object_path(origin.storage, md5).read_bytes() == body
