@@ -77,7 +77,7 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                    ExitCode.USAGE: _USAGE + "; or a bad URL, a missing key file, or a remote of that name exists "
                                             "(without --force)",
                    ExitCode.CRASH: "DVC refused the config (dvc-ssh missing), or the remote cannot be reached "
-                                   "(the config is kept)"},
+                                   "or refused the login (the config is kept)"},
 }
 
 
@@ -686,16 +686,16 @@ def window(ctx: typer.Context, version: str = typer.Argument(..., help="a regist
 
 @_command("remote-ssh", "Share data and models through a DVC remote over SSH.")
 def remote_ssh(ctx: typer.Context,
-               name: str = typer.Argument(..., help="the remote's name, e.g. team"),
-               url: str = typer.Argument(..., help="ssh://[user@]host[:port]/absolute/path"),
+               name: str = typer.Argument(..., metavar="NAME", help="the remote's name, e.g. team"),
+               url: str = typer.Argument(..., metavar="URL", help="ssh://[user@]host[:port]/absolute/path"),
                key_file: Path = typer.Option(..., "--key-file", metavar="PATH",
                                              help="your private key; written to .dvc/config.local only"),
-               user: Optional[str] = typer.Option(None, "--user",
+               user: Optional[str] = typer.Option(None, "--user", metavar="NAME",
                                                   help="log in as this user instead of the URL's (this checkout "
                                                        "only: .dvc/config.local)"),
                default: bool = typer.Option(True, "--default/--no-default",
                                             help="make it the remote every push and pull uses"),
-               timeout_s: int = typer.Option(SSH_CONNECT_TIMEOUT_S, "--timeout-s", min=1,
+               timeout_s: int = typer.Option(SSH_CONNECT_TIMEOUT_S, "--timeout-s", min=1, metavar="SECONDS",
                                              help="connect timeout in seconds"),
                force: bool = typer.Option(False, "--force", help="replace a remote of the same name"),
                check: bool = typer.Option(True, "--check/--no-check", help="log in to the remote once configured"),
