@@ -33,6 +33,7 @@ from shrinkflow.config import ParamsError, load_params
 from shrinkflow.bootstrap import configure_env
 from shrinkflow.errors import ExitCode, MissingInput
 from shrinkflow.paths import PARAMS, PREFECT_HOME, STATE
+from shrinkflow.remote import SSH_CONNECT_TIMEOUT_S
 
 _USAGE = "bad params or flags, or not inside a project"
 _CRASH = "something failed (--debug prints the traceback)"
@@ -72,6 +73,11 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                 ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
                                 "not start, or stopped by itself"},
+    "remote-ssh": {ExitCode.OK: "the remote is configured and answered",
+                   ExitCode.USAGE: _USAGE + "; or a bad URL, a missing key file, or a remote of that name exists "
+                                            "(without --force)",
+                   ExitCode.CRASH: "DVC refused the config (dvc-ssh missing), or the remote cannot be reached "
+                                   "or refused the login (the config is kept)"},
 }
 
 
@@ -158,13 +164,14 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
     reads as the lifecycle's."""
     from shrinkflow.errors import DeploymentMissing, IntegrityError, ParamsChanged, RegistryError
     from shrinkflow.dvcrun import StageFailed
+    from shrinkflow.remote import RemoteError
     from shrinkflow.predlog import PredictionLogError
 
     if isinstance(exc, PredictionLogError):
         # Already names the log, its path and the cause (and, from the
         # monitor, the monitor).
         return str(exc) if str(exc).startswith(what) else f"{what} could not run: {exc}"
-    if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged)):
+    if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged, RemoteError)):
         return f"{what} failed: {exc}"
     if isinstance(exc, MissingInput):
         return f"{what} could not run: missing file: {exc}"
@@ -677,6 +684,54 @@ def window(ctx: typer.Context, version: str = typer.Argument(..., help="a regist
                f"{meta.get('monitor_flow_run')}) -> {path}")
 
 
+@_command("remote-ssh", "Share data and models through a DVC remote over SSH.")
+def remote_ssh(ctx: typer.Context,
+               name: str = typer.Argument(..., metavar="NAME", help="the remote's name, e.g. team"),
+               url: str = typer.Argument(..., metavar="URL", help="ssh://[user@]host[:port]/absolute/path"),
+               key_file: Path = typer.Option(..., "--key-file", metavar="PATH",
+                                             help="your private key; written to .dvc/config.local only"),
+               user: Optional[str] = typer.Option(None, "--user", metavar="NAME",
+                                                  help="log in as this user instead of the URL's (this checkout "
+                                                       "only: .dvc/config.local)"),
+               default: bool = typer.Option(True, "--default/--no-default",
+                                            help="make it the remote every push and pull uses"),
+               timeout_s: int = typer.Option(SSH_CONNECT_TIMEOUT_S, "--timeout-s", min=1, metavar="SECONDS",
+                                             help="connect timeout in seconds"),
+               force: bool = typer.Option(False, "--force", help="replace a remote of the same name"),
+               check: bool = typer.Option(True, "--check/--no-check", help="log in to the remote once configured"),
+               params: ParamsOpt = None, debug: DebugOpt = False):
+    """Add a DVC remote over SSH with real `dvc remote` commands: its name, URL and connect timeout in
+    .dvc/config (commit it, so clones know the remote), the key file (and --user) in .dvc/config.local, which
+    git ignores; by default it becomes the default remote, so `dvc push`, `dvc pull` and every push shrinkflow
+    makes go there. Then it logs in once to check. docs/team.md says how to set up the server."""
+    from shrinkflow.remote import RemoteError, add_ssh_remote, probe_remote, ssh_remote
+
+    s = _session(ctx)
+    try:
+        remote = ssh_remote(name, url, key_file, user=user, default=default, timeout_s=timeout_s)
+    except (ValueError, MissingInput) as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
+    try:
+        cmds = add_ssh_remote(s.root, remote, replace=force)
+    except ValueError as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
+    except RuntimeError as exc:
+        raise _crash(exc, "remote-ssh", debug, message=f"{exc}\n(is dvc-ssh installed? scripts/setup.sh installs "
+                                                        "it)")
+    for cmd in cmds:
+        typer.echo("dvc " + " ".join(cmd))
+    if check:
+        try:
+            found = probe_remote(s.root, name)
+        except RemoteError as exc:
+            raise _crash(exc, "remote-ssh", debug, message=f"{exc}\n(the remote stays configured; fix the "
+                                                            "server or the key, then `dvc push`)")
+        typer.echo(f"remote {name!r} answered: {'its directory exists' if found else 'empty (dvc push creates it)'}")
+    typer.echo(f"next: git add .dvc/config && git commit -m 'DVC remote {name}'; then `dvc push`. A teammate: "
+               f"git clone, `dvc remote modify --local {name} keyfile ~/.ssh/THEIR_KEY`, `dvc pull` "
+               "(docs/team.md)")
+
+
 class MonitorView(str, Enum):
     ui = "ui"
 
@@ -754,6 +809,8 @@ def monitor_cmd(ctx: typer.Context,
                 for gate, f in c["failed"].items():
                     typer.echo(f"  {name}: {gate} FAILED: {f['value']:.4g} (threshold {f['threshold']:.4g}, "
                                f"margin {f['margin']:+.4g})")
+            if rec.get("push_warning"):
+                typer.echo(f"warning: {rec['push_warning']}", err=True)
     if rec is not None and not rec["deployed_version"]:
         raise typer.Exit(ExitCode.REFUSED)
 

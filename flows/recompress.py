@@ -31,7 +31,9 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     warm_start = stage_warm_start(project_dir, params.deploy.registry_dir)
     window = snapshot_window(project_dir, texts, params.monitor.heldout_fraction,
                              {**trigger, "production_version": production, "warm_start": warm_start})
-    archive_window(project_dir)
+    # None, or why the push to the DVC remote failed: the run goes on (the
+    # window is in the local cache); the warning travels with the result.
+    push_warning = archive_window(project_dir)
     result = lifecycle(project_dir, production_candidate=True)
     outcome = recompress_outcome(result["gates"], result["deployed_version"], result.get("kept_version"))
     done = {"deployed": f"deployed {result['deployed_version']}", "kept": f"kept production {production}",
@@ -40,4 +42,5 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
           f"distilled, {window['rows_heldout']} held out)")
     return {"window": window, "deployed_version": result["deployed_version"], "selected": result["selected"],
             "stages": result["stages"], "reason": result.get("kept_reason") or result["gates"]["reason"],
+            "push_warning": push_warning,
             **{k: outcome[k] for k in ("outcome", "kept_version", "production_version", "candidates")}}

@@ -33,7 +33,7 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
               "retrain on")
         return {"feedback": feedback, "deployed_version": None, "selected": None, "stages": {},
                 "reason": "no new production labels: the feedback dataset is unchanged"}
-    archive_feedback(project_dir)
+    push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
     record = record_previous_teacher(project_dir, trigger, feedback)
     result = lifecycle(project_dir)
@@ -50,4 +50,5 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
           f"{feedback['relabelled']} relabelled)")
     return {"feedback": feedback, "previous_teacher": record["previous_teacher"],
             "deployed_version": result["deployed_version"], "selected": result["selected"],
-            "stages": result["stages"], "reason": result["gates"]["reason"], "restored": restored}
+            "stages": result["stages"], "reason": result["gates"]["reason"], "restored": restored,
+            "push_warning": push_warning}

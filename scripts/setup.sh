@@ -27,3 +27,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "warning: chromium is missing and cannot be installed here (no root, no sudo); the report-rendering test will fail" >&2
   fi
 fi
+# sshd (Debian's openssh-server): the tests push to and pull from a real DVC
+# remote over SSH on loopback (tests/test_remote_ssh.py). Only the binary is
+# used: each test module starts its own sshd on a free port.
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif command -v sudo >/dev/null 2>&1; then APT="sudo apt-get"; else APT=""; fi
+  if [ -n "$APT" ]; then
+    $APT install -y -q openssh-server >/dev/null 2>&1 \
+      || { $APT update -q >/dev/null 2>&1 && $APT install -y -q openssh-server >/dev/null 2>&1; } \
+      || echo "warning: could not install openssh-server with apt; the DVC-over-SSH tests will fail" >&2
+  else
+    echo "warning: sshd is missing and cannot be installed here (no root, no sudo); the DVC-over-SSH tests will fail" >&2
+  fi
+fi

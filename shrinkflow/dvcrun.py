@@ -228,14 +228,16 @@ def dvc_command(args: list[str], project_dir: Path | str, timeout_s: float = DVC
 
 
 def dvc_add_and_push(path: Path | str, project_dir: Path | str) -> str:
-    """``dvc add <path>`` in the project, then ``dvc push <path>.dvc`` when a
-    default remote is set (none set: the add alone). Returns DVC's output.
-    Raises RuntimeError as ``dvc_command`` does."""
+    """``dvc add <path>`` in the project, then ``dvc push <path>.dvc`` to the
+    default remote, whatever its protocol (a local folder, ``ssh://``, ...),
+    when one is set (none set: the add alone). Returns DVC's output.
+    Raises RuntimeError as ``dvc_command`` does when the add fails, and
+    shrinkflow.remote.RemoteError when the push does: the add stands, so the
+    data waits in the local cache for the next ``dvc push``."""
+    from shrinkflow.remote import default_remote_url, push
+
     out = dvc_command(["add", str(path)], project_dir)
-    try:
-        remote = dvc_command(["remote", "default"], project_dir).strip()
-    except RuntimeError:  # "No default remote set"
-        remote = ""
-    if remote:
-        out += dvc_command(["push", f"{path}.dvc"], project_dir, timeout_s=DVC_PUSH_TIMEOUT_S)
+    remote = default_remote_url(project_dir)
+    if remote[0]:
+        out += push([f"{path}.dvc"], project_dir, remote=remote)
     return out

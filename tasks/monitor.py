@@ -118,12 +118,16 @@ def snapshot_window(project_dir: str, texts: list[str], heldout_fraction: float,
 
 
 @task(name="dvc-add-window-archive", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def archive_window(project_dir: str) -> str:
+def archive_window(project_dir: str) -> str | None:
     """``dvc add data/windows`` (and push when a default remote is set), so
-    the snapshot is versioned data, restorable by its hash."""
-    from shrinkflow.dvcrun import dvc_add_and_push
+    the snapshot is versioned data, restorable by its hash. Returns None, or
+    why the push failed (the re-compression goes on; ``dvc push`` later)."""
+    from shrinkflow.remote import archive
 
-    return dvc_add_and_push(WINDOWS_ARCHIVE, project_dir)
+    warning = archive(WINDOWS_ARCHIVE, project_dir)
+    if warning:
+        print(f"warning: {warning}")
+    return warning
 
 
 @task(name="copy-production-model", cache_policy=NO_CACHE)

@@ -26,12 +26,17 @@ def append_feedback(project_dir: str, pairs: list[tuple[str, str]]) -> dict:
 
 
 @task(name="dvc-add-feedback-archive", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def archive_feedback(project_dir: str) -> str:
+def archive_feedback(project_dir: str) -> str | None:
     """``dvc add data/feedback/archive`` (and push when a default remote is
-    set): every version of the feedback dataset, restorable by its md5."""
-    from shrinkflow.dvcrun import dvc_add_and_push
+    set): every version of the feedback dataset, restorable by its md5.
+    Returns None, or why the push failed (the retrain goes on; ``dvc push``
+    later)."""
+    from shrinkflow.remote import archive
 
-    return dvc_add_and_push(FEEDBACK_ARCHIVE, project_dir)
+    warning = archive(FEEDBACK_ARCHIVE, project_dir)
+    if warning:
+        print(f"warning: {warning}")
+    return warning
 
 
 @task(name="record-previous-teacher", cache_policy=NO_CACHE)
