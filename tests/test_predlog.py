@@ -375,11 +375,29 @@ def test_postgresql_reads_back_the_same_dataframe_as_sqlite(pg_cluster, tmp_path
     for q in queries:
         expected, got = sqlite_log.window(**q), pg_log.window(**q)
         pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=str(q))
-        assert [type(v) for v in got.iloc[0]] == [type(v) for v in expected.iloc[0]] if len(got) else True
+        for column in ("text", "probabilities", "labels", "truncated", "tokens_seen"):   # the Python values too
+            assert [type(v) for v in got[column]] == [type(v) for v in expected[column]], (q, column)
     whole = pg_log.window()
     assert whole["prediction_id"].tolist() == ["a", "b", "c", "d"]     # b and c tie on ts: insertion order
-    assert whole["feedback_label"].tolist()[:3] == [0, None, 1]
+    assert whole["feedback_label"].isna().tolist() == [False, True, False, True]
+    assert whole["feedback_label"].tolist()[::2] == [0, 1] and whole["labels"].tolist()[2] == list(three)
+    assert whole["text"].tolist()[1] == "émoji 🎬 and ünïcode" and whole["probabilities"].tolist()[1] == [0.1 + 0.2, 0.7]
     pg_log.close()
+
+
+def test_the_cluster_helper_reuses_its_cluster_and_keeps_the_password_out_of_urls(pg_cluster):
+    """shrinkflow.pgcluster: init() on an existing cluster reuses it; the URL
+    names no password; the passfile is readable by its owner only (libpq
+    ignores one that is not); it listens on loopback."""
+    import stat
+
+    assert pg_cluster.initialized() and pg_cluster.init() is False and pg_cluster.running()
+    url = pg_cluster.url("shrinkflow")
+    assert url == f"postgresql://shrinkflow@127.0.0.1:{pg_cluster.port}/shrinkflow"
+    assert stat.S_IMODE(pg_cluster.passfile.stat().st_mode) == 0o600
+    assert pg_cluster.env() == {"PGPASSFILE": str(pg_cluster.passfile)}
+    conf = (pg_cluster.data_dir / "postgresql.conf").read_text()
+    assert "listen_addresses = '127.0.0.1'" in conf and "unix_socket_directories = ''" in conf
 
 
 def test_postgresql_stores_a_nul_as_the_replacement_character(pg_cluster):
