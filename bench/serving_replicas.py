@@ -149,7 +149,11 @@ def run(name: str, params: Path, replicas: int, env: dict, texts: list[str]) -> 
         for _ in range(replicas):
             procs.append(start(params, env))
         print(f"--- {name}: {replicas} replica(s), {CONCURRENCY} clients for {DURATION_S:.0f} s", flush=True)
+        # The machine's 1-minute load average around the run: other work on a
+        # shared machine moves these figures more than the log's engine does.
+        load_before = os.getloadavg()[0]
         res, ids = asyncio.run(load([url for _, url in procs], texts))
+        res["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     finally:
         for proc, _ in procs:
             stop(proc)   # drains in-flight requests; the log writer flushes
@@ -255,6 +259,8 @@ def main() -> None:
           f"answered 200 is in the log and no other: {two_pg['logged_equals_ok']} "
           f"({two_pg['answered_not_logged']} answered but not logged, {two_pg['logged_not_answered']} logged but "
           "not answered).",
+          "- the machine's 1-minute load average before and after each run (the load client and servers "
+          "add about 2): " + "; ".join(f"{n} {r['loadavg_1min_before_after']}" for n, r in runs.items()) + ".",
           f"- the monitor (`monitoring.run.read_window` through serve.log_url) read the combined window: "
           f"{monitor['window_rows']} rows (window_last_n {monitor['window_last_n']}), "
           f"{monitor['rows_by_replica']} of them answered by each replica; its reports and verdict "
