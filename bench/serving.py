@@ -52,13 +52,14 @@ import sys, uvicorn
 from pathlib import Path
 from shrinkflow.config import load_params
 from shrinkflow.httpedge import PROTOCOL
-from shrinkflow.predlog import PredictionLog
+from shrinkflow.predlog import prediction_log
 from shrinkflow.registry import Registry
 from shrinkflow.serving import make_app
 root = Path(sys.argv[1]); p = load_params(root / "params.yaml")
-serve = p.serve.model_copy(update={"batching": sys.argv[3] == "on"})
+# SQLite at the run's own file (bench/serving_replicas.py measures PostgreSQL)
+serve = p.serve.model_copy(update={"batching": sys.argv[3] == "on", "log_url": None, "log_path": sys.argv[4]})
 per_row = {"per-row": True, "batched": False, "as-deployed": None}[sys.argv[5]]
-app = make_app(Registry(root / p.deploy.registry_dir), PredictionLog(root / sys.argv[4]), serve, per_row=per_row)
+app = make_app(Registry(root / p.deploy.registry_dir), prediction_log(root, serve), serve, per_row=per_row)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", http=PROTOCOL, ws="none")
 """
 

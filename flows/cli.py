@@ -332,7 +332,7 @@ def serve(ctx: typer.Context,
 
     from shrinkflow.errors import IntegrityError, RegistryError
     from shrinkflow.httpedge import PROTOCOL
-    from shrinkflow.predlog import PredictionLog, PredictionLogError
+    from shrinkflow.predlog import PredictionLogError, prediction_log
     from shrinkflow.registry import Registry
     from shrinkflow.serving import TOKEN_ENV, make_app
 
@@ -351,12 +351,13 @@ def serve(ctx: typer.Context,
         model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
         # The log too: locked or unwritable, say so here, not in a traceback
         # from inside uvicorn's startup.
-        PredictionLog(root / sp.log_path).open()
+        log = prediction_log(root, sp)   # serve.log_url (PostgreSQL) or serve.log_path (SQLite)
+        log.open()
     except (RegistryError, IntegrityError, PredictionLogError) as exc:
         raise _crash(exc, "serve", debug, message=f"cannot serve: {exc}")
     host, port = host or sp.host, port or sp.port
     typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
-               f"(docs at /docs, monitoring reports at /reports/; prediction log {root / sp.log_path})")
+               f"(docs at /docs, monitoring reports at /reports/; prediction log {log.location})")
     # The HTTP edge (shrinkflow/httpedge.py): header size and count limits and
     # a request deadline, which uvicorn's default protocol does not have; no
     # WebSockets (the API has none, and an upgraded connection would escape
@@ -366,7 +367,8 @@ def serve(ctx: typer.Context,
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
         uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers, **edge)
         return
-    app_ = make_app(registry, PredictionLog(root / sp.log_path), sp, reports_dir=root / parsed.monitor.reports_dir,
+    log.close()   # the app opens its own connections on its event loop's threads
+    app_ = make_app(registry, prediction_log(root, sp), sp, reports_dir=root / parsed.monitor.reports_dir,
                     token=os.environ.get(TOKEN_ENV) or None)
     uvicorn.run(app_, host=host, port=port, **edge)
 

@@ -32,10 +32,10 @@ def read_window(root: Path, params):
     monitor too."""
     import time
 
-    from shrinkflow.predlog import PredictionLog, PredictionLogError
+    from shrinkflow.predlog import PredictionLogError, log_label, prediction_log
 
-    rel = Path(params.serve.log_path)
-    log = PredictionLog(Path(root) / rel, timeout_s=params.monitor.log_wait_s)
+    rel = log_label(params.serve)   # the path in params.yaml, or the PostgreSQL URL
+    log = prediction_log(root, params.serve, timeout_s=params.monitor.log_wait_s)
     start = time.monotonic()
     try:
         return log.window(last=params.monitor.window_last_n)
@@ -49,6 +49,8 @@ def read_window(root: Path, params):
                 f"monitor.log_wait_s", path=exc.path, cause=exc.cause) from exc
         raise PredictionLogError(f"the monitor could not read the prediction log {rel}: {exc}",
                                  path=exc.path, cause=exc.cause) from exc
+    finally:
+        log.close()
 
 
 def read_recompress_corpus(root: Path, params, window) -> list[str]:
@@ -61,15 +63,18 @@ def read_recompress_corpus(root: Path, params, window) -> list[str]:
     PredictionLogError as ``read_window`` does."""
     from datetime import timedelta
 
-    from shrinkflow.predlog import PredictionLog
+    from shrinkflow.predlog import prediction_log
 
     n = max(params.monitor.recompress_last_n, len(window))
     if n == len(window):
         return window["text"].tolist()
     last = window["ts"].max()
     last = last if isinstance(last, datetime) else datetime.fromisoformat(str(last))
-    log = PredictionLog(Path(root) / params.serve.log_path, timeout_s=params.monitor.log_wait_s)
-    corpus = log.window(last=n, until=(last + timedelta(microseconds=1)).isoformat(timespec="microseconds"))
+    log = prediction_log(root, params.serve, timeout_s=params.monitor.log_wait_s)
+    try:
+        corpus = log.window(last=n, until=(last + timedelta(microseconds=1)).isoformat(timespec="microseconds"))
+    finally:
+        log.close()
     texts = corpus["text"].tolist()
     missing = set(window["text"]) - set(texts)
     if missing:  # not expected: the window is the newest rows up to its end

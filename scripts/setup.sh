@@ -40,3 +40,16 @@ if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
     echo "warning: sshd is missing and cannot be installed here (no root, no sudo); the DVC-over-SSH tests will fail" >&2
   fi
 fi
+# PostgreSQL's server binaries (Debian's package): the tests run the shared
+# prediction log (serve.log_url) against a throwaway cluster of their own
+# (shrinkflow/pgcluster.py: initdb and pg_ctl on a loopback port).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif command -v sudo >/dev/null 2>&1; then APT="sudo apt-get"; else APT=""; fi
+  if [ -n "$APT" ]; then
+    $APT install -y -q postgresql >/dev/null 2>&1 \
+      || { $APT update -q >/dev/null 2>&1 && $APT install -y -q postgresql >/dev/null 2>&1; } \
+      || echo "warning: could not install postgresql with apt; the PostgreSQL prediction-log tests will fail" >&2
+  else
+    echo "warning: PostgreSQL's server (initdb, pg_ctl) is missing and cannot be installed here (no root, no sudo); the PostgreSQL prediction-log tests will fail" >&2
+  fi
+fi

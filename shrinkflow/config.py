@@ -718,6 +718,12 @@ class ServeParams(_Frozen):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     # SQLite prediction log: outside every DVC out; .shrinkflow/ is git-ignored.
     log_path: str = ".shrinkflow/predictions.db"
+    # The prediction log as a URL, for replicas sharing one: null uses
+    # log_path (SQLite); sqlite:///PATH is SQLite at PATH (relative to the
+    # project; sqlite:////ABS absolute); postgresql://USER@HOST:PORT/DB is
+    # PostgreSQL (docs/serving.md). Never a password here: libpq's PGPASSWORD or
+    # PGPASSFILE, or ?password_env=VAR naming the variable that holds it.
+    log_url: str | None = None
     # More texts in one /predict: 413.
     max_texts_per_request: Annotated[int, Field(ge=1, le=10_000)] = 64
     # A longer text: 413.
@@ -749,6 +755,27 @@ class ServeParams(_Frozen):
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
     # Headers and body must arrive within this, else 408.
     request_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+
+    @field_validator("log_url")
+    @classmethod
+    def _log_url_known_and_without_password(cls, v: str | None) -> str | None:
+        # Credentials come from the environment or files outside the repo,
+        # never params.yaml: a password in the URL is refused, not ignored.
+        if v is None:
+            return v
+        if v.startswith("sqlite:///"):
+            if not v[len("sqlite:///"):]:
+                raise ValueError("sqlite:///PATH needs a path (e.g. sqlite:///.shrinkflow/predictions.db)")
+            return v
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB, not {v!r}")
+        from urllib.parse import parse_qsl, urlsplit
+
+        parts = urlsplit(v)
+        if parts.password is not None or any(k == "password" for k, _ in parse_qsl(parts.query)):
+            raise ValueError("holds a password: never put one in params.yaml; set PGPASSWORD or PGPASSFILE "
+                             "(libpq), or add ?password_env=VAR and put the password in that variable")
+        return v
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""The prediction log: every served prediction, durably, in SQLite (WAL).
+"""The prediction log: every served prediction, durably, in SQLite (WAL) or,
+for several serving replicas, in PostgreSQL (``shrinkflow.predlog_postgres``).
 
 Shaped like the Registry: constructing a ``PredictionLog`` touches nothing on
 disk; ``open()`` creates the database or migrates its schema; ``append(rows)``
@@ -6,6 +7,12 @@ is one transaction; ``window(...)`` is the one typed reader monitoring uses,
 returning a pandas DataFrame. The server (long-running) and the monitor read
 and write it concurrently, so the schema is versioned (``PRAGMA
 user_version``) and every write is a short transaction in WAL mode.
+
+``prediction_log(root, serve_params)`` is the one factory every entry point
+(serving, the monitor, the bench scripts) builds the log with: no
+``serve.log_url`` (or a ``sqlite:///`` one) gives this module's
+``PredictionLog``; ``postgresql://...`` gives ``PostgresPredictionLog``,
+with the same methods, schema steps, errors and DataFrame.
 """
 
 from __future__ import annotations
@@ -67,12 +74,26 @@ class PredictionLogError(RuntimeError):
     ``cause`` is that SQLite error (or None); ``locked`` says whether it was a
     lock held by another connection or process (SQLITE_BUSY or
     SQLITE_LOCKED), the one failure that waiting can cure.
+
+    The PostgreSQL log raises it too (``path`` None, the message naming the
+    URL, ``cause`` psycopg's error); ``unavailable`` says whether the
+    failure is the database's as a whole (SQLite: sqlite3.OperationalError;
+    PostgreSQL: the server down or unreachable), so that writing the same
+    rows one by one cannot help.
     """
 
-    def __init__(self, message: str, *, path: Path | str | None = None, cause: BaseException | None = None):
+    def __init__(self, message: str, *, path: Path | str | None = None, cause: BaseException | None = None,
+                 unavailable: bool | None = None):
         super().__init__(message)
         self.path = None if path is None else Path(path)
         self.cause = cause
+        self._unavailable = unavailable
+
+    @property
+    def unavailable(self) -> bool:
+        if self._unavailable is not None:
+            return self._unavailable
+        return isinstance(self.cause, sqlite3.OperationalError)
 
     @property
     def locked(self) -> bool:
@@ -122,6 +143,32 @@ def parse_labels(value) -> list[str]:
     return out if all(isinstance(x, str) for x in out) else []
 
 
+def feedback_class_id(prediction_id: str, label: int | str, stored_labels, labels: Sequence[str] | None) -> int:
+    """The class id ``add_feedback`` stores for ``label``: an id as given; a
+    name resolved against the row's stored label names (``stored_labels``,
+    its JSON), else against ``labels`` (a row logged before schema 3).
+    Raises ValueError for a name that is not one of them (listing them)."""
+    if not isinstance(label, str):
+        return label
+    names = parse_labels(stored_labels) or [str(x) for x in (labels or ())]
+    if label not in names:
+        raise ValueError(f"label {label!r} is not one of the labels {names} of the version that "
+                         f"answered prediction {prediction_id}")
+    return names.index(label)
+
+
+def window_frame(rows: list):
+    """The window's rows (newest first, in COLUMNS order, as the database
+    returned them) as the typed DataFrame both logs' ``window`` return:
+    oldest first, ``probabilities`` and ``labels`` parsed to lists."""
+    import pandas as pd
+
+    df = pd.DataFrame.from_records(rows[::-1], columns=list(COLUMNS))
+    df["probabilities"] = df["probabilities"].map(parse_probabilities)
+    df["labels"] = df["labels"].map(parse_labels)
+    return df
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -140,6 +187,14 @@ class PredictionLog:
         # Touches nothing on disk: the server calls open() when it starts.
         self.path = Path(path)
         self.timeout_s = timeout_s
+
+    @property
+    def location(self) -> str:
+        """Where the log is, for messages: its path."""
+        return str(self.path)
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own connection."""
 
     def _error(self, what: str, exc: BaseException) -> PredictionLogError:
         reason = str(exc)
@@ -265,12 +320,7 @@ class PredictionLog:
                               (prediction_id,)).fetchone()
             if row is None:
                 raise KeyError(prediction_id)
-            if isinstance(label, str):
-                names = parse_labels(row[1]) or [str(x) for x in (labels or ())]
-                if label not in names:
-                    raise ValueError(f"label {label!r} is not one of the labels {names} of the version that "
-                                     f"answered prediction {prediction_id}")
-                label = names.index(label)
+            label = feedback_class_id(prediction_id, label, row[1], labels)
             con.execute("UPDATE predictions SET feedback_label = ?, feedback_ts = ? WHERE prediction_id = ?",
                         (int(label), ts or utc_now(), prediction_id))
         return row[0] is not None
@@ -323,7 +373,51 @@ class PredictionLog:
             have = {r[1] for r in con.execute("PRAGMA table_info(predictions)").fetchall()}
             columns = ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
             rows = con.execute(sql.format(columns=columns), args).fetchall()
-        df = pd.DataFrame.from_records(rows[::-1], columns=list(COLUMNS))
-        df["probabilities"] = df["probabilities"].map(parse_probabilities)
-        df["labels"] = df["labels"].map(parse_labels)
-        return df
+        return window_frame(rows)
+
+
+SQLITE_SCHEME = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def sqlite_url_path(url: str) -> str:
+    """The file a ``sqlite:///PATH`` URL names: PATH relative to the project
+    (``sqlite:///.shrinkflow/p.db``), or absolute with a fourth slash
+    (``sqlite:////var/lib/p.db``), as SQLAlchemy reads it. Raises
+    ValueError for another URL or an empty path."""
+    if not url.startswith(SQLITE_SCHEME) or not url[len(SQLITE_SCHEME):]:
+        raise ValueError(f"not a sqlite:///PATH URL: {url!r}")
+    return url[len(SQLITE_SCHEME):]
+
+
+def log_label(serve) -> str:
+    """How messages name the log ``serve`` (ServeParams) points at: the
+    path as params.yaml gives it (relative to the project), or the
+    PostgreSQL URL (which never holds a password)."""
+    url = serve.log_url
+    if url is None:
+        return str(serve.log_path)
+    return sqlite_url_path(url) if url.startswith(SQLITE_SCHEME) else url
+
+
+def prediction_log(root: Path | str, serve, timeout_s: float = 5.0):
+    """The prediction log ``serve`` (ServeParams) names, for the project at
+    ``root``; constructing it touches nothing (call ``open()``).
+
+    ``serve.log_url`` None: SQLite at ``root / serve.log_path`` (the
+    default, exactly as before log_url existed); ``sqlite:///PATH``: SQLite
+    at PATH (relative to ``root`` unless absolute); ``postgresql://...``: a
+    ``PostgresPredictionLog`` (needs psycopg). ``timeout_s``: how long a
+    call waits for a lock (SQLite's busy timeout; PostgreSQL's lock_timeout
+    and, at least 2 s, its connect timeout). Raises ValueError for any
+    other URL (params validation refuses those first)."""
+    url = serve.log_url
+    if url is None:
+        return PredictionLog(Path(root) / serve.log_path, timeout_s=timeout_s)
+    if url.startswith(SQLITE_SCHEME):
+        return PredictionLog(Path(root) / sqlite_url_path(url), timeout_s=timeout_s)
+    if url.startswith(POSTGRES_SCHEMES):
+        from shrinkflow.predlog_postgres import PostgresPredictionLog
+
+        return PostgresPredictionLog(url, timeout_s=timeout_s)
+    raise ValueError(f"serve.log_url must be sqlite:///PATH or postgresql://..., not {url!r}")

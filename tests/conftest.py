@@ -174,3 +174,39 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster():
+    """A throwaway real PostgreSQL cluster (``shrinkflow.pgcluster``: the
+    machine's initdb and pg_ctl, as the ``postgres`` user when we are root)
+    on a free loopback port, with a ``shrinkflow`` database, for one test
+    module. PGPASSFILE points libpq (this process and its children) at the
+    cluster's password while the module runs. No fsync: throwaway data."""
+    from shrinkflow.pgcluster import PgCluster
+
+    # Directly under /tmp: the postgres user cannot traverse pytest's 0700
+    # temporary directories.
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="shrinkflow-pg-")), durable=False)
+    old = os.environ.get("PGPASSFILE")
+    try:
+        cluster.init()
+        cluster.start()
+        os.environ["PGPASSFILE"] = cluster.env()["PGPASSFILE"]
+        cluster.create_database("shrinkflow")
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("PGPASSFILE", None)
+        else:
+            os.environ["PGPASSFILE"] = old
+        cluster.destroy()
+
+
+def pg_schema_url(cluster, schema: str | None = None) -> str:
+    """A URL into a new, empty schema of ``cluster``'s shrinkflow database
+    (libpq's options=-csearch_path): each test gets its own tables without
+    paying for a database of its own."""
+    import uuid
+
+    return cluster.create_schema("shrinkflow", schema or f"t_{uuid.uuid4().hex[:12]}")

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from shrinkflow.config import ServeParams
-from shrinkflow.predlog import PredictionLog
+from shrinkflow.predlog import PredictionLog, prediction_log
 from shrinkflow.registry import Registry
 
 TOKEN_ENV = "SHRINKFLOW_API_TOKEN"
@@ -62,12 +62,16 @@ async def lifespan(app):
         poller.cancel()
         await state.batcher.stop()
         state.writer.stop()   # every answered prediction was committed; flush the rest
+        state.log.close()     # PostgreSQL: its connections (SQLite holds none)
 
 
 def create_app(registry: Registry, log: PredictionLog, params: ServeParams, reports_dir: Path | None = None,
                token: str | None = None, per_row: bool | None = None):
     """The FastAPI app. Loads the production version at startup (refusing to
     start without one, or with one that fails its hash check).
+
+    ``log``: a ``PredictionLog`` (SQLite) or ``PostgresPredictionLog``, as
+    ``shrinkflow.predlog.prediction_log`` builds it from serve params.
 
     ``reports_dir``: monitoring's reports, served under /reports/ (None: not
     served); ``token``: the bearer token every path but /health requires
@@ -115,6 +119,6 @@ def app_from_env():
 
     root = Path(os.environ["SHRINKFLOW_PROJECT"])
     params = load_params(root / "params.yaml")
-    return create_app(Registry(root / params.deploy.registry_dir), PredictionLog(root / params.serve.log_path),
+    return create_app(Registry(root / params.deploy.registry_dir), prediction_log(root, params.serve),
                       params.serve, reports_dir=root / params.monitor.reports_dir,
                       token=os.environ.get(TOKEN_ENV) or None)

@@ -166,11 +166,12 @@ class MicroBatcher:
 def log_unavailable(exc: BaseException) -> bool:
     """True when a failed log write failed for every row alike (the database
     locked, full, read-only, an I/O error: sqlite3.OperationalError anywhere
-    in the cause chain), so retrying rows one by one cannot help."""
+    in the cause chain; PostgreSQL down or unreachable: a PredictionLogError
+    whose ``unavailable`` says so), so retrying rows one by one cannot help."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, sqlite3.OperationalError):
+        if isinstance(exc, sqlite3.OperationalError) or getattr(exc, "unavailable", False) is True:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
