@@ -24,6 +24,9 @@ ALLOWED = {
     "compress.candidates.student-l024-int8.vocab_prune.min_count":
         "the student keeps tokens seen twice; min_count 1 is the generic default (params/sweep.yaml compares "
         "both: l024-vocab-int8 and l024-vocab2-int8)",
+    "compress.candidates.student-l024-int8.distill.warm_start_interpolation":
+        "measured for the default student on tweets (bench/results/recompress_rows.md); the generic default 0 "
+        "re-distils without interpolation, as a user's own student was measured",
 }
 
 
