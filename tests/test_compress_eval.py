@@ -62,6 +62,7 @@ def test_accuracy_f1_by_hand():
     assert p50 == pytest.approx(1.0) and p95 == pytest.approx(2.0)
 
 
+@pytest.mark.slow  # ~10 s: in the full suite, not the quick run
 def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candidates, tiny_teacher_dir,
                                                                           small_splits):
     lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3, rounds=4)

@@ -68,6 +68,7 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # ~10 s: in the full suite, not the quick run
 def test_cached_and_uncached_runs_give_the_same_summary(setup, tiny_teacher_dir, small_splits, tmp_path, spy):
     ref_texts = small_splits["val"]["text"].tolist()
     plain = run(setup, tiny_teacher_dir, small_splits, "plain", None)

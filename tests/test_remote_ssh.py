@@ -38,6 +38,9 @@ from shrinkflow.remote import (SSH_CONNECT_TIMEOUT_S, RemoteError, SshRemote, ar
                                default_remote, probe_remote, push, redact_url, ssh_remote)
 from tests.conftest import PROJECT_ROOT
 
+# A real server per module: in the full suite (CI), not in the quick `-m "not slow"` run.
+pytestmark = pytest.mark.slow
+
 GIT = ["git", "-c", "user.name=ssh-test", "-c", "user.email=ssh-test@localhost"]
 NAME = "team"
 

@@ -25,6 +25,9 @@ from shrinkflow.predlog import Prediction, prediction_log, utc_now
 from tests.conftest import pg_schema_url
 from tests.test_serving import Server, free_port
 
+# A real server per module: in the full suite (CI), not in the quick `-m "not slow"` run.
+pytestmark = pytest.mark.slow
+
 
 def with_log_url(root: Path, url: str) -> Path:
     """A params file for the project at ``root`` whose serve.log_url is
