@@ -66,6 +66,7 @@ def test_what_dvc_did_from_the_two_signals():
     assert what_dvc_did(stale=False, forced=True, ran=True) == "ran"
 
 
+@pytest.mark.slow  # ~7 s: in the full suite, not the quick run
 def test_ran_skipped_restored_and_forced_through_real_dvc(toy):
     lines: list[str] = []
     assert repro_stage("toy", toy, echo=lines.append).status == "ran"

@@ -114,6 +114,7 @@ def test_the_mix_samples_the_asked_training_rows_seeded(tmp_path, tiny_teacher_d
     assert cold.run_stats["distill_rows"] == len(small_splits["train"])
 
 
+@pytest.mark.slow  # ~7 s: in the full suite, not the quick run
 def test_teacher_outputs_come_from_the_cache_and_a_corrupted_entry_is_rebuilt(tmp_path, tiny_teacher_dir,
                                                                                small_splits):
     """The second build reads the teacher's outputs from the cache and builds
