@@ -173,6 +173,33 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def window_query(placeholder: str, insertion_order: str, last: int | None, since, until,
+                 with_feedback: bool | None) -> tuple[str, list]:
+    """The one window query both backends run: ``(sql, args)`` with a
+    ``{columns}`` slot, newest first (``ts``, then ``insertion_order``: the
+    column that breaks ties as insertion order), ``placeholder`` the driver's
+    parameter marker ("?" for sqlite3, "%s" for psycopg). Filters as
+    ``PredictionLog.window``. Raises ValueError when ``last`` < 0."""
+    where, args = [], []
+    if since is not None:
+        where.append(f"ts >= {placeholder}")
+        args.append(since.isoformat() if isinstance(since, datetime) else since)
+    if until is not None:
+        where.append(f"ts < {placeholder}")
+        args.append(until.isoformat() if isinstance(until, datetime) else until)
+    if with_feedback is not None:
+        where.append("feedback_label IS NOT NULL" if with_feedback else "feedback_label IS NULL")
+    sql = "SELECT {columns} FROM predictions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY ts DESC, {insertion_order} DESC"
+    if last is not None:
+        if last < 0:
+            raise ValueError("last must be >= 0")
+        sql += f" LIMIT {int(last)}"
+    return sql, args
+
+
 class PredictionLog:
     """The prediction log at ``path`` (SQLite, WAL).
 
@@ -346,23 +373,7 @@ class PredictionLog:
         """
         import pandas as pd
 
-        where, args = [], []
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since.isoformat() if isinstance(since, datetime) else since)
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until.isoformat() if isinstance(until, datetime) else until)
-        if with_feedback is not None:
-            where.append("feedback_label IS NOT NULL" if with_feedback else "feedback_label IS NULL")
-        sql = "SELECT {columns} FROM predictions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts DESC, rowid DESC"
-        if last is not None:
-            if last < 0:
-                raise ValueError("last must be >= 0")
-            sql += f" LIMIT {int(last)}"
+        sql, args = window_query("?", "rowid", last, since, until, with_feedback)
         if not self.path.is_file():
             return pd.DataFrame(columns=list(COLUMNS))
         with self._connection("read a window") as con:

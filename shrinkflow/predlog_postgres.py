@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from shrinkflow.predlog import (COLUMNS, SCHEMA_VERSION, Prediction, PredictionLogError, feedback_class_id,
-                                utc_now, window_frame)
+                                utc_now, window_frame, window_query)
 
 PASSWORD_ENV_PARAM = "password_env"
 VERSION_TABLE = "prediction_log_schema"
@@ -324,23 +324,7 @@ class PostgresPredictionLog:
         ValueError (``last`` < 0)."""
         import pandas as pd
 
-        where, args = [], []
-        if since is not None:
-            where.append("ts >= %s")
-            args.append(since.isoformat() if isinstance(since, datetime) else since)
-        if until is not None:
-            where.append("ts < %s")
-            args.append(until.isoformat() if isinstance(until, datetime) else until)
-        if with_feedback is not None:
-            where.append("feedback_label IS NOT NULL" if with_feedback else "feedback_label IS NULL")
-        sql = "SELECT {columns} FROM predictions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts DESC, seq DESC"
-        if last is not None:
-            if last < 0:
-                raise ValueError("last must be >= 0")
-            sql += f" LIMIT {int(last)}"
+        sql, args = window_query("%s", "seq", last, since, until, with_feedback)
 
         def read(con):
             have = {r[0] for r in con.execute(
