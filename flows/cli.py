@@ -821,8 +821,9 @@ def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None
     """``shrinkflow monitor ui``: Evidently's UI over the project's
     monitoring workspace, on ``host``, until Ctrl-C or SIGTERM."""
 
-    from flows.evidently_ui import EvidentlyUI, port_is_free
+    from flows.evidently_ui import EvidentlyUI
     from monitoring.workspace import UI_PORT, WORKSPACE, find_project, project_name, task_name
+    from shrinkflow.ports import port_is_free
 
     _stop_on_signals()
     if port is None:

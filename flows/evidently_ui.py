@@ -16,17 +16,6 @@ from pathlib import Path
 from flows.prefect_server import TiedServer, tied_command
 
 
-def port_is_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 class EvidentlyUI(TiedServer):
     """``evidently ui --workspace WORKSPACE`` on ``host``:``port`` (a free
     port when 0), its output in ``log_path``."""

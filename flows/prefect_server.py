@@ -30,7 +30,6 @@ import atexit
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,12 +38,7 @@ import urllib.request
 from pathlib import Path
 
 from shrinkflow.bootstrap import telemetry_off
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from shrinkflow.ports import free_port  # noqa: F401  (flows and tests import it from here)
 
 
 def tied_command(module: str, args: list[str]) -> list[str]:

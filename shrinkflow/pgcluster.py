@@ -32,22 +32,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from shrinkflow.ports import free_port, port_is_free
 
 
 class PgClusterError(RuntimeError):
     """A cluster command failed: the message names the command, the cluster
     and the tail of the server's log when there is one."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (the OS's choice)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def server_binary(name: str) -> str:
@@ -205,7 +198,7 @@ class PgCluster:
             return
         if self.port is None:
             last = self._last_port()
-            self.port = last if last is not None and _is_free(self.host, last) else free_port(self.host)
+            self.port = last if last is not None and port_is_free(self.host, last) else free_port(self.host)
         self._port_file.write_text(f"{self.port}\n")
         proc = self._run([server_binary("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
                           "-t", str(int(timeout_s)), "-o", f"-p {int(self.port)}", "start"], "start",
@@ -278,12 +271,3 @@ class PgCluster:
                              connect_timeout=10) as con:
             con.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         return f"{self.url(database)}?options=-csearch_path%3D{schema}"
-
-
-def _is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
