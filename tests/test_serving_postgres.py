@@ -11,6 +11,9 @@ cluster (``pg_cluster``: the machine's initdb and pg_ctl on a loopback port):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,7 +25,7 @@ import pytest
 import yaml
 
 from shrinkflow.predlog import Prediction, prediction_log, utc_now
-from tests.conftest import pg_schema_url
+from tests.conftest import PROJECT_ROOT, pg_schema_url
 from tests.test_serving import Server, free_port
 
 # A real server per module: in the full suite (CI), not in the quick `-m "not slow"` run.
@@ -62,7 +65,8 @@ def test_serve_answers_503_while_postgresql_is_down_and_logs_every_answer(projec
     200 or 503 log_unavailable, 503s while it is down, 200s once it is back,
     and every prediction answered 200 is in the log (a 503 may have been
     logged when the connection died after the commit: at most one row per
-    503). Feedback is 503 while it is down too. Then a restart between two
+    503). Feedback is 503 while it is down too, and a second replica started
+    then refuses to start (exit 3, naming the log). Then a restart between two
     requests: the first request after it is answered 200 (the connection the
     server cut is replaced, not reported)."""
     params = params_of(project)
@@ -103,6 +107,13 @@ def test_serve_answers_503_while_postgresql_is_down_and_logs_every_answer(projec
         pg_cluster.stop("fast")
         phase["name"] = "down"
         wait_for(lambda: by_phase["down"][503] >= 5, "503s while PostgreSQL is down")
+        # A second replica started now refuses to start: exit 3, naming the log.
+        late = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port())],
+                              cwd=project, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+                              capture_output=True, text=True, timeout=120)
+        assert late.returncode == 3, late.stdout + late.stderr
+        assert "cannot serve: cannot migrate the schema in the prediction log" in late.stdout + late.stderr
+        assert params.serve.log_url.split("?")[0] in late.stdout + late.stderr
         r = httpx.post(f"{srv.url}/feedback", json={"prediction_id": ok_ids[0], "label": "positive"}, timeout=30)
         assert r.status_code == 503 and r.json()["error"] == "log_unavailable", r.text
         assert params.serve.log_url.split("?")[0] in r.json()["detail"]
