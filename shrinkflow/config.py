@@ -27,6 +27,8 @@ class _Frozen(BaseModel):
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# A share of the production student's weights kept (DistillStep.warm_start_interpolation).
+Interpolation = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 # The figure the objective, the latency SLO and the frontier's latency budget
 # are about: p95 latency at batch 1, in ms (the field of that name of
@@ -428,19 +430,39 @@ class DistillStep(_Frozen):
     # of zero-shot models", CVPR 2022). 0: the re-distilled weights as they
     # are. Keeps the in-domain behaviour the student was deployed with while
     # it moves toward the window (bench/results/recompress_rows.md).
-    warm_start_interpolation: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # A list ([0.3, 0.5, 0.7]) is a grid, tried in increasing order: the
+    # first share whose student, in fp32, is at most
+    # warm_start_max_val_drop_points under the production student on the
+    # val split is kept (the last one when none is): as much of the window
+    # as the student can take without losing what it knew in domain.
+    warm_start_interpolation: Interpolation | tuple[Interpolation, ...] = 0.0
+    # Accuracy points on val a grid's choice may lose against the production
+    # student (fp32 both; the deploy gate then measures the built candidate
+    # against the teacher). Read only with a grid.
+    warm_start_max_val_drop_points: Annotated[float, Field(ge=0.0, le=100.0)] = 0.5
 
     # The keys only a warm start reads: the candidate cache key leaves them
     # out when no warm start is used, so an ordinary run's keys do not move.
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
                                                   "warm_start_train_rows_per_window_text",
-                                                  "warm_start_interpolation")
+                                                  "warm_start_interpolation", "warm_start_max_val_drop_points")
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be strictly increasing teacher layer indices, got {list(self.layers)}")
+        grid = self.warm_start_interpolation
+        if isinstance(grid, tuple) and (not grid or list(grid) != sorted(set(grid))):
+            raise ValueError(f"warm_start_interpolation as a list must be non-empty and strictly increasing, "
+                             f"got {list(grid)}")
         return self
+
+    @property
+    def interpolation_grid(self) -> tuple[float, ...] | None:
+        """``warm_start_interpolation`` as a grid to choose from on val
+        (a list in params), or None when it is one share."""
+        grid = self.warm_start_interpolation
+        return tuple(grid) if isinstance(grid, tuple) else None
 
 
 class VocabPruneStep(_Frozen):

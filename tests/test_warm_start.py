@@ -299,3 +299,95 @@ def test_interpolation_keeps_the_asked_share_of_the_production_weights():
     assert torch.equal(prod.weight, w_prod)  # production untouched
     with pytest.raises(ValueError, match="differ in their tensors"):
         interpolate(new, torch.nn.Linear(4, 2), 0.5)
+
+
+def test_the_grid_keeps_the_first_share_within_the_val_drop_and_else_the_last():
+    """``choose_interpolation`` on its boundaries. Models of one weight w:
+    interpolating keeps ``keep`` of production's w = 1 (the student's is 0),
+    and the accuracy is 0.8 + 0.1 w, so production scores 0.90 and the
+    shares 0.3, 0.5, 0.7 score 0.83, 0.85, 0.87 (7, 5 and 3 points under)."""
+    import torch
+
+    from shrinkflow.compress.warm import choose_interpolation
+
+    def models():
+        student = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        production = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            student.weight.fill_(0.0)
+            production.weight.fill_(1.0)
+        return student, production
+
+    def accuracy(model) -> float:
+        return 0.8 + 0.1 * float(model.weight.detach())
+
+    grid = (0.3, 0.5, 0.7)
+    for max_drop, chosen, met, n_tried in ((7.0, 0.3, True, 1), (5.0, 0.5, True, 2), (4.99, 0.7, True, 3),
+                                           (3.0, 0.7, True, 3), (2.99, 0.7, False, 3), (0.0, 0.7, False, 3)):
+        student, production = models()
+        got = choose_interpolation(student, production, grid, max_drop, accuracy)
+        assert (got["chosen"], got["met"], len(got["tried"])) == (chosen, met, n_tried), (max_drop, got)
+        assert got["production_val_accuracy"] == pytest.approx(0.9)
+        # the student is left at the chosen share, not at the last one tried
+        assert float(student.weight.detach()) == pytest.approx(chosen)
+        assert float(production.weight.detach()) == 1.0
+        assert [t["keep"] for t in got["tried"]] == list(grid[:n_tried])
+
+
+def test_a_warm_distillation_with_a_grid_chooses_on_val_and_keys_the_val_split(tmp_path, tiny_teacher_dir,
+                                                                                small_splits):
+    """A real warm re-distillation of the tiny student with a grid: the share
+    kept is one of the grid's, chosen on the val split's accuracies, which the
+    run stats record; the student saved as the version's sidecar is the
+    interpolated one. Without a val split it is refused. The val split is in
+    the candidate key only for a warm start with a grid."""
+    from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.compress.steps import Build, method_of
+    from shrinkflow.compress.warm import warm_student
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.modeling import TOKENIZER, load_torch_model
+    from shrinkflow.paths import WARM_START, split_path
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    distil(tiny_teacher_dir, small_splits, STEP, student_dir=root / WARM_START / "student")
+    grid_step = STEP.model_copy(update={"warm_start_interpolation": (0.3, 0.7), "warm_start_epochs": 1,
+                                        "warm_start_train_rows_per_window_text": 2.0})
+    train, val = small_splits["train"], small_splits["val"]
+    window = val["text"].tolist()[:20]
+
+    def build(with_val: bool) -> Build:
+        return Build(load_torch_model(tiny_teacher_dir), (tiny_teacher_dir / TOKENIZER).read_text(),
+                     train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                     unlabelled_texts=window, threads=1, progress=False, candidate="student",
+                     teacher_hash=content_hash(file_hashes(tiny_teacher_dir)), warm_start=root / WARM_START / "student",
+                     student_dir=tmp_path / "new-sidecar",
+                     val_texts=val["text"].tolist() if with_val else None,
+                     val_labels=val["label"].to_numpy() if with_val else None)
+
+    b = build(True)
+    method_of(grid_step).apply(grid_step, b)
+    choice = b.run_stats["warm_start_interpolation_choice"]
+    assert b.run_stats["warm_start_interpolation"] in (0.3, 0.7)
+    assert [t["keep"] for t in choice["tried"]] == [0.3, 0.7][:len(choice["tried"])]
+    assert all(0.0 <= t["val_accuracy"] <= 1.0 for t in choice["tried"])
+    assert 0.0 < choice["production_val_accuracy"] <= 1.0
+    assert choice["met"] == any((choice["production_val_accuracy"] - t["val_accuracy"]) * 100 <= 0.5
+                                for t in choice["tried"])
+    saved = warm_student(b.model, (0,), tmp_path / "new-sidecar")
+    assert same_state(state(saved), state(b.model))
+    with pytest.raises(ValueError, match="no val split"):
+        method_of(grid_step).apply(grid_step, build(False))
+
+    grid_candidate = STUDENT.model_copy(update={"recipe": (grid_step,) + STUDENT.recipe[1:]})
+    plain = STUDENT.model_copy(update={"recipe": (grid_step.model_copy(update={"warm_start_interpolation": 0.3}),)
+                                       + STUDENT.recipe[1:]})
+    def keys() -> tuple[str, str]:
+        return (candidate_keys(root, [grid_candidate], 17, 1, False)["student"],
+                candidate_keys(root, [plain], 17, 1, False)["student"])
+
+    small_splits["val"].to_parquet(root / split_path("val"), index=False)
+    before = keys()
+    small_splits["val"].head(10).to_parquet(root / split_path("val"), index=False)
+    after = keys()
+    assert before[0] != after[0]       # the grid's key follows the val split
+    assert before[1] == after[1]       # one share: val is not read, nor keyed

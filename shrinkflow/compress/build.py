@@ -15,7 +15,7 @@ from pathlib import Path
 from shrinkflow.compress.cache import CandidateCache
 from shrinkflow.compress.recipe import apply_recipe
 from shrinkflow.compress.teacher_cache import TeacherOutputCache
-from shrinkflow.compress.warm import candidate_warm_start
+from shrinkflow.compress.warm import candidate_warm_start, chooses_on_val
 from shrinkflow.config import Candidate
 from shrinkflow.cost import process_cpu_seconds
 from shrinkflow.files import content_hash, file_hashes
@@ -73,12 +73,16 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
     train = read_split("train", root)
     teacher_hash = content_hash(file_hashes(root / TEACHER))
     run_stats: dict = {}
+    warm = candidate_warm_start(root / WARM_START, candidate, teacher_hash)
+    # A re-distillation that chooses its interpolation on val reads the val split.
+    val = read_split("val", root) if warm is not None and chooses_on_val(candidate) else None
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                        threads=threads, progress=False, unlabelled_texts=read_unlabelled(root), fuse=fuse,
                        teacher_hash=teacher_hash, teacher_cache=TeacherOutputCache(root / TEACHER_OUTPUT_CACHE),
-                       warm_start=candidate_warm_start(root / WARM_START, candidate, teacher_hash),
-                       student_dir=student, run_stats=run_stats)
+                       warm_start=warm, student_dir=student, run_stats=run_stats,
+                       val_texts=None if val is None else val["text"].tolist(),
+                       val_labels=None if val is None else val["label"].to_numpy())
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
     if key:

@@ -5,7 +5,8 @@ That is: the candidate (name and recipe), the teacher's files and labels,
 the training split and the unlabelled text (only when a step of the recipe
 reads text, as its method says: shrinkflow.compress.steps), the warm-start
 sidecar a distill step starts from and the params only a warm start reads
-(only when there is one: an ordinary run's keys stay what they were), the source of
+(only when there is one: an ordinary run's keys stay what they were; with
+an interpolation grid, the val split it chooses on), the source of
 every module the build imports, the model libraries' versions, the ONNX
 opset, the fusion switch and the thread count (torch results depend on it).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from shrinkflow.codegraph import import_closure
 from shrinkflow.compress.steps import reads_text
-from shrinkflow.compress.warm import recipe_record
+from shrinkflow.compress.warm import chooses_on_val, recipe_record
 from shrinkflow.files import content_hash, file_hashes, sha256_file
 
 # The module a build runs (shrinkflow.compress.build: cache lookup, reading
@@ -47,12 +48,14 @@ def package_root() -> Path:
 
 def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_hash: str, code: str,
                   libraries: dict, opset: int, threads: int, fuse: bool = False, labels=(),
-                  warm_start_hash: str | None = None) -> str:
+                  warm_start_hash: str | None = None, val_hash: str | None = None) -> str:
     """sha256 over everything a build reads (module docstring). ``labels``:
     the class names in id order; the teacher's hash covers them too (its
     manifest), but a candidate's soft labels are over exactly these classes,
     so they are part of the key in their own right. ``warm_start_hash``: the
-    content hash of the sidecar its distill step starts from, None for none."""
+    content hash of the sidecar its distill step starts from, None for none.
+    ``val_hash``: the val split's sha256, in the key only when a warm start
+    chooses its interpolation on val (``chooses_on_val``)."""
     data = reads_text(candidate)
     # {"name", "recipe"}: the candidate's model_dump, less what only a warm start reads.
     blob = {"candidate": {"name": candidate.name, "recipe": recipe_record(candidate, warm_start_hash is not None)},
@@ -62,6 +65,8 @@ def candidate_key(candidate, *, teacher_hash: str, train_hash: str, unlabelled_h
             "fuse": fuse}
     if warm_start_hash is not None:
         blob["warm_start"] = warm_start_hash
+        if chooses_on_val(candidate):
+            blob["val"] = val_hash
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -96,8 +101,13 @@ def candidate_keys(root: Path, candidates, opset: int, threads: int, fuse: bool)
     project at ``root``, this code and the installed model libraries."""
     from shrinkflow.lineage import MODEL_LIBRARIES, library_versions
 
+    from shrinkflow.paths import split_path
+
     hashes = inputs_hashes(root)
     code, libs = code_hash(package_root()), library_versions(MODEL_LIBRARIES)
+    val = Path(root) / split_path("val")
+    val_hash = sha256_file(val) if val.is_file() and any(chooses_on_val(c) for c in candidates) else None
     return {c.name: candidate_key(c, **hashes, code=code, libraries=libs, opset=opset, threads=threads, fuse=fuse,
-                                  warm_start_hash=warm_start_hash(root, c, hashes["teacher_hash"]))
+                                  warm_start_hash=warm_start_hash(root, c, hashes["teacher_hash"]),
+                                  val_hash=val_hash)
             for c in candidates}

@@ -78,7 +78,8 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                  train_texts: list[str] | None = None, train_labels=None, threads: int = 2,
                  progress: bool = True, unlabelled_texts: list[str] | None = None, fuse: bool = False, *,
                  teacher_hash: str | None = None, teacher_cache=None, warm_start: Path | None = None,
-                 student_dir: Path | None = None, run_stats: dict | None = None) -> Path:
+                 student_dir: Path | None = None, run_stats: dict | None = None,
+                 val_texts: list[str] | None = None, val_labels=None) -> Path:
     """teacher -> [torch steps] -> ONNX -> [fuse] -> [onnx steps] -> ``out_dir``.
 
     ``fuse``: ONNX Runtime's transformer fusions on the fp32 graph, before
@@ -91,6 +92,8 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     from. ``student_dir``: where a distill step saves its student's sidecar
     (replaced, or removed when the recipe does not distil). ``run_stats``
     (a dict) receives how the build went (``Build.run_stats``).
+    ``val_texts``/``val_labels``: the val split, which a re-distillation
+    with an interpolation grid chooses on (steps.choose_on_val).
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
     finished candidate or absent.
@@ -108,7 +111,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                       train_texts=train_texts, train_labels=train_labels, unlabelled_texts=unlabelled_texts,
                       threads=threads, progress=progress, max_seq_len=max_seq_len, candidate=candidate.name,
                       teacher_hash=teacher_hash, teacher_cache=teacher_cache, warm_start=warm_start,
-                      student_dir=student_dir)
+                      student_dir=student_dir, val_texts=val_texts, val_labels=val_labels)
         _torch_steps(build, candidate)
         model, stats = build.model, build.stats
         build.onnx_path = onnx_path = export_onnx(model, work / "model.onnx", opset=opset)

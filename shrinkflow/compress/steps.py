@@ -38,6 +38,10 @@ class Build:
     train_texts: list[str] | None = None
     train_labels: np.ndarray | None = None
     unlabelled_texts: list[str] | None = None
+    # The val split (texts, label ids): read only by a re-distillation that
+    # chooses its interpolation on val (DistillStep.interpolation_grid).
+    val_texts: list[str] | None = None
+    val_labels: np.ndarray | None = None
     threads: int = 2
     progress: bool = True
     max_seq_len: int | None = None
@@ -129,6 +133,32 @@ def reads_text(candidate) -> bool:
     return any(method_of(step).reads_text(step) for step in candidate.recipe)
 
 
+def choose_on_val(build: Build, production, grid: tuple[float, ...], max_drop_points: float) -> dict:
+    """``warm.choose_interpolation`` for the re-distilled ``build.model``
+    on the build's val split; returns the run stats it adds
+    (``warm_start_interpolation``: the share chosen, and what was tried).
+    Raises ValueError when the build has no val split."""
+    from shrinkflow.compress.distill import teacher_outputs
+    from shrinkflow.compress.warm import choose_interpolation
+
+    if not build.val_texts or build.val_labels is None:
+        raise ValueError("warm_start_interpolation is a list (chosen on val) but the build has no val split")
+    seqs = encode_unpadded(build.tokenizer_json, build.val_texts)
+    labels = np.asarray(build.val_labels)
+
+    def accuracy(model) -> float:
+        model.eval()
+        logits, _ = teacher_outputs(model, seqs, ())
+        return float((logits.argmax(1) == labels).mean())
+
+    chosen = choose_interpolation(build.model, production, grid, max_drop_points, accuracy)
+    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
+          f"(val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for {list(grid)[:len(chosen['tried'])]}, "
+          f"production {chosen['production_val_accuracy']})")
+    return {"warm_start_interpolation": chosen["chosen"],
+            "warm_start_interpolation_choice": {k: v for k, v in chosen.items() if k != "chosen"}}
+
+
 @register
 class Distill(Method):
     """A student of the teacher's listed layers, distilled on the training
@@ -179,7 +209,11 @@ class Distill(Method):
         student = warm_student(model, step.layers, warm) if warm is not None else None
         build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
                               targets=d_targets, hidden=d_hidden or None, student=student)
-        if warm is not None and step.warm_start_interpolation > 0:
+        grid = step.interpolation_grid
+        if warm is not None and grid is not None:
+            build.run_stats.update(choose_on_val(build, warm_student(model, step.layers, warm), grid,
+                                                 step.warm_start_max_val_drop_points))
+        elif warm is not None and step.warm_start_interpolation > 0:
             interpolate(build.model, warm_student(model, step.layers, warm), step.warm_start_interpolation)
             build.run_stats["warm_start_interpolation"] = step.warm_start_interpolation
         if build.student_dir is not None:

@@ -158,6 +158,43 @@ def interpolate(student, production, keep: float) -> dict:
     return {"tensors": n}
 
 
+def chooses_on_val(candidate) -> bool:
+    """Whether a warm start of ``candidate`` reads the val split: a distill
+    step whose ``warm_start_interpolation`` is a grid."""
+    return any(getattr(step, "interpolation_grid", None) for step in candidate.recipe)
+
+
+def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_points: float,
+                         accuracy) -> dict:
+    """Pick ``warm_start_interpolation`` from ``grid`` (shares of the
+    production student's weights kept, increasing) for a re-distilled
+    ``student``: the first share whose interpolated student's
+    ``accuracy(model)`` (a fraction, on the val split) is at most
+    ``max_drop_points`` accuracy points under ``production``'s, else the
+    last share. ``student`` is left interpolated with the chosen share (in
+    place); ``production`` is not changed.
+
+    Returns ``{"chosen": share, "production_val_accuracy": a, "tried":
+    [{"keep": share, "val_accuracy": a}, ...], "met": bool}`` (``met``
+    False: no share kept the student within ``max_drop_points``; the last
+    was kept). Selection on val, as the candidates' own selection is; the
+    deploy gates and the test split's confirmation come after. Raises
+    ValueError (``interpolate``) when the architectures differ.
+    """
+    base = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    target = accuracy(production)
+    tried = []
+    for i, keep in enumerate(grid):
+        if i:
+            student.load_state_dict(base)
+        interpolate(student, production, keep)
+        acc = accuracy(student)
+        tried.append({"keep": keep, "val_accuracy": round(acc, 6)})
+        if (target - acc) * 100.0 <= max_drop_points + 1e-9:
+            return {"chosen": keep, "production_val_accuracy": round(target, 6), "tried": tried, "met": True}
+    return {"chosen": grid[-1], "production_val_accuracy": round(target, 6), "tried": tried, "met": False}
+
+
 def mix_rows(n_window: int, n_train: int, rows_per_window_text: float, seed: int) -> np.ndarray:
     """Indices of the training rows a warm re-distillation keeps in its mix:
     ``round(rows_per_window_text * n_window)`` of the ``n_train`` rows (all of
