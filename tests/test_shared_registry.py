@@ -212,6 +212,27 @@ def test_urls_credentials_and_settings_are_checked_before_anything_runs(tmp_path
     assert out.exit_code == ExitCode.USAGE and "shared_registry.url is not set" in out.output
 
 
+def test_a_failed_publish_leaves_the_move_here_and_says_how_to_send_it(tmp_path, candidate, monkeypatch):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(known))
+    down = f"ssh://nobody@127.0.0.1:{free_port()}/srv/reg"      # nothing listens there
+    root = make_project(tmp_path / "p", shared={"url": down})
+    reg = Registry(root / "registry")
+    for _ in range(2):
+        reg.promote(candidate, PASS, deploy_record("fp32"))
+    # what the lifecycle's publish step returns: a warning, the promotion stands
+    published, warning = publish_project(root, load_params(root / "params.yaml"))
+    assert published is None and "could not publish the registry to " + down in warning
+    assert "Production here is v0002" in warning and "`shrinkflow publish`" in warning
+    out = cli(root, "rollback")
+    assert out.exit_code == ExitCode.CRASH and "production: v0002 -> v0001" in out.output
+    assert "the rollback is done in registry/, but could not publish" in out.output and "Connect call" in out.output
+    assert reg.alias() == "v0001"
+    out = cli(root, "publish")
+    assert out.exit_code == ExitCode.CRASH and "Connect call failed" in out.output
+
+
 # ------------------------------------------------------------ a serving host over a shared directory
 def test_a_host_with_only_the_shared_url_serves_production_and_follows_promotion_and_rollback(site):
     host, origin = site["host"], origin_registry(site)
