@@ -48,6 +48,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,8 +202,14 @@ class SharedRegistry:
             raise
         except Exception as exc:  # noqa: BLE001  (asyncssh's, OSError, sshfs's own: reported with their type)
             self.close()
-            reason = "refused the login or the path" if isinstance(exc, PermissionError) else "failed"
-            raise SharedRegistryError(f"the shared registry {self.url}: {what} {reason}: "
+            if isinstance(exc, PermissionError):
+                why = "refused the login or the access"
+            elif isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+                why = "cannot be reached"
+            else:
+                raise SharedRegistryError(f"the shared registry {self.url}: {what} failed: "
+                                          f"{type(exc).__name__}: {exc}") from None
+            raise SharedRegistryError(f"the shared registry {self.url} {why} ({what}): "
                                       f"{type(exc).__name__}: {exc}") from None
 
     def _path(self, *names: str) -> str:
