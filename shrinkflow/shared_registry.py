@@ -49,6 +49,7 @@ import posixpath
 import re
 import shutil
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ _TMP_PREFIX = ".tmp-"
 # How often a dead SSH connection is probed (seconds), and how many probes
 # go unanswered before it counts as lost (then the next call reconnects).
 _KEEPALIVE_S, _KEEPALIVE_MISSES = 10, 3
+# A version refused for its hashes is copied again at most this often
+# (seconds) while production still names it: often enough that a repaired
+# copy on the storage is picked up, rarely enough that a broken one is not
+# downloaded on every poll.
+RETRY_REFUSED_S = 60.0
 
 
 class SharedRegistryError(RegistryError):
@@ -378,9 +384,10 @@ class Follower:
     ``<cache>/versions/`` and only then moves the cache's alias, all under
     the cache's lock (uvicorn workers share one cache)."""
 
-    def __init__(self, shared: SharedRegistry, cache: Registry):
-        self.shared, self.cache = shared, cache
+    def __init__(self, shared: SharedRegistry, cache: Registry, retry_refused_s: float = RETRY_REFUSED_S):
+        self.shared, self.cache, self.retry_refused_s = shared, cache, retry_refused_s
         self._refused: VersionRefused | None = None
+        self._refused_at = 0.0
 
     def sync(self) -> str | None:
         """Bring the cache's production to the shared one. Returns the
@@ -391,13 +398,15 @@ class Follower:
         Raises SharedRegistryError when the shared registry cannot be read
         or lacks the version it names, and VersionRefused when that version
         fails its hashes: the cache's alias stays where it was (the server
-        keeps serving it). A refused version is not copied again until the
-        shared alias names another one: the same refusal is raised at once."""
+        keeps serving it). A refused version is copied again only after
+        ``retry_refused_s`` seconds (a repaired copy is then picked up);
+        until then the same refusal is raised at once."""
         shared = self.shared.aliases()
         version = shared.get(PRODUCTION)
         if version is None:
             return self._cached_production()
-        if self._refused is not None and self._refused.version == version:
+        if (self._refused is not None and self._refused.version == version
+                and time.monotonic() - self._refused_at < self.retry_refused_s):
             raise VersionRefused(str(self._refused), version)   # a fresh one: re-raising would grow its traceback
         self._refused = None
         with _flock(self.cache.root / ".lock"):
@@ -405,7 +414,7 @@ class Follower:
                 try:
                     self._fetch(version)
                 except VersionRefused as exc:
-                    self._refused = exc
+                    self._refused, self._refused_at = exc, time.monotonic()
                     raise
             aliases = {PRODUCTION: version}
             previous = shared.get(PREVIOUS)

@@ -37,8 +37,8 @@ from shrinkflow.errors import ExitCode, IntegrityError
 from shrinkflow.files import file_hashes
 from shrinkflow.gates import evaluate_gates
 from shrinkflow.registry import Registry
-from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, SharedRegistry, SharedRegistryError,
-                                        publish_project)
+from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryError,
+                                        VersionRefused, publish_project)
 from tests.conftest import PROJECT_ROOT, terminate_group
 from tests.registry_outputs import deploy_record
 from tests.test_remote_ssh import Sshd
@@ -231,6 +231,33 @@ def test_a_failed_publish_leaves_the_move_here_and_says_how_to_send_it(tmp_path,
     assert reg.alias() == "v0001"
     out = cli(root, "publish")
     assert out.exit_code == ExitCode.CRASH and "Connect call failed" in out.output
+
+
+def test_a_refused_version_is_copied_again_only_after_the_retry_interval(tmp_path, candidate):
+    origin = Registry(tmp_path / "origin")
+    first, second = (origin.promote(candidate, PASS, deploy_record("fp32")).version for _ in range(2))
+    shared = SharedRegistry(f"file://{tmp_path / 'shared'}")
+    shared.publish(origin)
+    good = tmp_path / "shared" / "versions" / second / "model" / "model.onnx"
+    saved = good.read_bytes()
+    good.write_bytes(b"rot")
+    cache = Registry(tmp_path / "cache")
+    cache_aliases = {"production": first}
+    follower = Follower(shared, cache, retry_refused_s=0.5)
+    origin.rollback(to=first)
+    shared.publish(origin)
+    assert follower.sync() == first and cache.aliases() == cache_aliases
+    origin.rollback(to=second)
+    shared.publish(origin)
+    with pytest.raises(VersionRefused, match=f"refused {second}.*model.onnx"):
+        follower.sync()
+    good.write_bytes(saved)                       # the storage's copy repaired
+    with pytest.raises(VersionRefused):           # not copied again yet
+        follower.sync()
+    assert cache.aliases() == cache_aliases and cache.versions() == [first]
+    time.sleep(0.5)
+    assert follower.sync() == second and cache.alias() == second
+    assert file_hashes(cache.path(second)) == file_hashes(origin.path(second))
 
 
 # ------------------------------------------------------------ a serving host over a shared directory
