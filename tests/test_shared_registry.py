@@ -160,6 +160,15 @@ def site(tmp_path_factory, candidate):
         host.stop()
 
 
+def padded(model_dir: Path, dest: Path) -> Path:
+    """A copy of ``model_dir`` with 12 MB more in 12 files: copying it takes
+    a while after its first padding file appears."""
+    shutil.copytree(model_dir, dest)
+    for i in range(12):
+        (dest / f"padding-{i:02d}.bin").write_bytes(os.urandom(1 << 20))
+    return dest
+
+
 def origin_registry(site) -> Registry:
     return Registry(site["origin"] / "registry")
 
@@ -171,6 +180,50 @@ def promote_and_publish(site, model_dir: Path | None = None) -> str:
     published, warning = publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
     assert warning is None and published.production == version, warning
     return version
+
+
+FOLLOWER = r"""
+import sys
+from shrinkflow.registry import Registry
+from shrinkflow.shared_registry import Follower, SharedRegistry
+print("ready", flush=True)
+sys.stdin.readline()
+Follower(SharedRegistry(sys.argv[1]), Registry(sys.argv[2])).sync()
+print("done", flush=True)
+"""
+
+
+def test_a_host_killed_mid_copy_shows_nothing_of_it_and_the_next_sync_completes(tmp_path, candidate):
+    """SIGKILL a serving host's follower while it copies a version: the
+    cache never lists it nor names it, and the next sync (a restarted
+    replica) removes the leftovers and completes."""
+    origin, cache = Registry(tmp_path / "origin"), Registry(tmp_path / "cache")
+    first = origin.promote(candidate, PASS, deploy_record("fp32")).version
+    url = f"file://{tmp_path / 'shared'}"
+    SharedRegistry(url).publish(origin)
+    assert Follower(SharedRegistry(url), cache).sync() == first
+    big = padded(candidate, tmp_path / "big")
+    new = origin.promote(big, PASS, deploy_record("fp32")).version
+    SharedRegistry(url).publish(origin)
+    proc = subprocess.Popen([sys.executable, "-c", FOLLOWER, url, str(cache.root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.time() + 60
+        while not any((cache.root / ".incoming").glob("*/versions/*/model/*.bin")):
+            assert time.time() < deadline and proc.poll() is None, "the follower ended before it was caught"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (cache.root / ".incoming").exists(), "the kill landed after the copy: the test proved little"
+    assert cache.versions() == [first] and cache.alias() == first
+    assert Follower(SharedRegistry(url), cache).sync() == new
+    assert cache.versions() == [first, new] and not (cache.root / ".incoming").exists()
+    cache.verify(new)
 
 
 # ------------------------------------------------------------ publishing: refusals (no server)
@@ -323,11 +376,7 @@ def test_an_upload_killed_midway_is_never_visible_and_the_next_publish_completes
     host, shared, origin = site["host"], site["shared"], origin_registry(site)
     serving = origin.alias()
     host.serves(serving)
-    big = tmp_path / "big"
-    shutil.copytree(site["candidate"], big)
-    for i in range(12):   # 12 MB: the upload takes a while after its first .bin file appears
-        (big / f"padding-{i:02d}.bin").write_bytes(os.urandom(1 << 20))
-    new = origin.promote(big, PASS, deploy_record("fp32")).version
+    new = origin.promote(padded(site["candidate"], tmp_path / "big"), PASS, deploy_record("fp32")).version
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(origin.root), site["url"]], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
