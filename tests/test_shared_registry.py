@@ -3,7 +3,8 @@ to shared storage, and a second "host" (a project directory with only
 dvc.yaml, params.yaml and the shared URL: no registry of its own) that serves
 it with the real `shrinkflow serve`, follows a promotion and a rollback
 without a restart, refuses a tampered version while it keeps serving the one
-it has, and never sees an upload killed midway.
+it has, and never sees an upload killed midway (nor a copy of its own
+killed midway).
 
 The shared storage is a directory (``file://``; fast) for most checks, and a
 real sshd on loopback (Debian's openssh-server, SFTP only, keys made here;
@@ -36,6 +37,7 @@ from shrinkflow.config import Candidate, Gates, ParamsError, load_params
 from shrinkflow.errors import ExitCode, IntegrityError
 from shrinkflow.files import file_hashes
 from shrinkflow.gates import evaluate_gates
+from shrinkflow.ports import free_port
 from shrinkflow.registry import Registry
 from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryError,
                                         VersionRefused, publish_project)
@@ -46,14 +48,6 @@ from tests.test_remote_ssh import Sshd
 PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
                       {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
 POLL_S = 0.2
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_project(root: Path, serve: dict | None = None, shared: dict | None = None) -> Path:
