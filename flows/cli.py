@@ -48,11 +48,13 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
                ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes"},
     "serve": {ExitCode.OK: "served until stopped", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
-              ExitCode.CRASH: "production's files, its labels or the prediction log are unusable",
-              ExitCode.NOTHING: "nothing is in production"},
-    "rollback": {ExitCode.OK: "production moved back",
+              ExitCode.CRASH: "production's files, its labels or the prediction log are unusable; or "
+                              "(serve.registry: shared) the shared registry cannot be used and nothing is cached",
+              ExitCode.NOTHING: "nothing is in production (serve.registry: shared: in the shared registry)"},
+    "rollback": {ExitCode.OK: "production moved back (and published, with shared_registry.url)",
                  ExitCode.USAGE: _USAGE + "; or --to names no version (or none is recorded as previous)",
-                 ExitCode.CRASH: "the target's files fail their hashes, or the registry is unusable",
+                 ExitCode.CRASH: "the target's files fail their hashes, or the registry is unusable; or it moved "
+                                 "back here but could not be published to shared_registry.url",
                  ExitCode.NOTHING: "nothing in production, no other version, or the target already is "
                                    "production"},
     "versions": {ExitCode.OK: "listed (also when there are none)", ExitCode.USAGE: _USAGE, ExitCode.CRASH: _CRASH},
@@ -73,6 +75,11 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                 ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
                                 "not start, or stopped by itself"},
+    "publish": {ExitCode.OK: "the shared registry holds every version and the production alias of this one",
+                ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
+                ExitCode.CRASH: "the shared registry cannot be reached or written, holds another registry's "
+                                "versions, or a local version fails its hashes",
+                ExitCode.NOTHING: "the registry holds no version"},
     "remote-ssh": {ExitCode.OK: "the remote is configured and answered",
                    ExitCode.USAGE: _USAGE + "; or a bad URL, a missing key file, or a remote of that name exists "
                                             "(without --force)",
@@ -274,6 +281,8 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
         typer.echo("", err=True)
         raise _crash(exc, "the lifecycle", debug)
     _print_summary(s.root, s.params, result)
+    if result.get("publish_warning"):
+        typer.echo(f"warning: {result['publish_warning']}", err=True)
     raise typer.Exit(ExitCode.OK if result["deployed_version"] else ExitCode.REFUSED)
 
 
@@ -333,30 +342,37 @@ def serve(ctx: typer.Context,
     from shrinkflow.errors import IntegrityError, RegistryError
     from shrinkflow.httpedge import PROTOCOL
     from shrinkflow.predlog import PredictionLogError, prediction_log
-    from shrinkflow.registry import Registry
-    from shrinkflow.serving import TOKEN_ENV, make_app
+    from shrinkflow.serving import TOKEN_ENV, make_app, served_registry
 
     s = _session(ctx)
     root, parsed = s.root, s.params
     if workers > 1 and not s.own_params:
         raise _fail(ExitCode.USAGE, "--params with --workers > 1: each worker reads the project's params.yaml")
     sp = parsed.serve
-    registry = Registry(root / parsed.deploy.registry_dir)
+    # serve.registry: shared: a local cache kept at the shared registry's production
+    registry, follower = served_registry(root, parsed)
+    source = (f"the shared registry {parsed.shared_registry.url} (verified copy in {registry.root})"
+              if follower is not None else str(registry.root))
     try:  # refuse to start rather than fail on the first request
         from shrinkflow.serving import model_labels
 
+        if follower is not None:
+            _follow_at_start(follower)
         if registry.alias() is None:
-            raise _fail(ExitCode.NOTHING, f"cannot serve: registry {registry.root}: nothing is in production "
+            raise _fail(ExitCode.NOTHING, f"cannot serve: the shared registry {parsed.shared_registry.url} has "
+                                          "nothing in production (`shrinkflow publish` on the host that deploys "
+                                          "sends it there)" if follower is not None else
+                                          f"cannot serve: registry {registry.root}: nothing is in production "
                                           "(shrinkflow run deploys one)")
         model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
         # The log too: locked or unwritable, say so here, not in a traceback
         # from inside uvicorn's startup.
         log = prediction_log(root, sp)   # serve.log_url (PostgreSQL) or serve.log_path (SQLite)
         log.open()
-    except (RegistryError, IntegrityError, PredictionLogError) as exc:
+    except (RegistryError, IntegrityError, PredictionLogError, OSError) as exc:
         raise _crash(exc, "serve", debug, message=f"cannot serve: {exc}")
     host, port = host or sp.host, port or sp.port
-    typer.echo(f"serving {registry.alias()} from {registry.root} on http://{host}:{port} "
+    typer.echo(f"serving {registry.alias()} from {source} on http://{host}:{port} "
                f"(docs at /docs, monitoring reports at /reports/; prediction log {log.location})")
     # The HTTP edge (shrinkflow/httpedge.py): header size and count limits and
     # a request deadline, which uvicorn's default protocol does not have; no
@@ -369,8 +385,25 @@ def serve(ctx: typer.Context,
         return
     log.close()   # the app opens its own connections on its event loop's threads
     app_ = make_app(registry, prediction_log(root, sp), sp, reports_dir=root / parsed.monitor.reports_dir,
-                    token=os.environ.get(TOKEN_ENV) or None)
+                    token=os.environ.get(TOKEN_ENV) or None, follower=follower)
     uvicorn.run(app_, host=host, port=port, **edge)
+
+
+def _follow_at_start(follower) -> None:
+    """Bring the serving cache to the shared production before serving.
+    When the shared registry cannot be used, serve what the cache holds (a
+    restart while the storage is down), with a warning; with nothing
+    cached, re-raise (exit 3)."""
+    from shrinkflow.shared_registry import SharedRegistryError, VersionRefused
+
+    try:
+        follower.sync()
+    except (SharedRegistryError, VersionRefused, OSError) as exc:
+        cached = follower.cache.alias()
+        if cached is None:
+            raise
+        typer.echo(f"warning: {exc}; serving {cached} from the local copy ({follower.cache.root}) until the shared "
+                   "registry answers with a sound version", err=True)
 
 
 @_command("rollback", "Move production back to an earlier version.")
@@ -396,6 +429,50 @@ def rollback(ctx: typer.Context,
     except RegistryError as exc:
         raise _crash(exc, "rollback", debug, message=str(exc))
     typer.echo(f"production: {done.previous} -> {done.version}")
+    _publish_after(s, "rollback", debug)
+
+
+def _publish_after(s: Session, what: str, debug: bool) -> None:
+    """With shared_registry.url set, publish the registry after ``what``
+    moved production here; when that fails, exit 3 saying that production
+    moved here but not where serving hosts look."""
+    from shrinkflow.shared_registry import publish_project
+
+    published, warning = publish_project(s.root, s.params)
+    if published is not None:
+        typer.echo(published.describe())
+    elif warning is not None:
+        raise _fail(ExitCode.CRASH, f"the {what} is done in {s.params.deploy.registry_dir}/, but {warning}")
+
+
+@_command("publish", "Publish the registry to the shared registry serving hosts follow.")
+def publish(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+    """Publish this machine's registry to shared_registry.url: every version the shared registry lacks
+    (verified here, uploaded under a temporary name, renamed when complete), then the production alias
+    (renamed into place). `shrinkflow run` and `rollback` do it by themselves; run it for a registry built
+    before the URL was set, or after a publish failed. Serving hosts with serve.registry: shared follow
+    (docs/team.md)."""
+    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.registry import Registry
+    from shrinkflow.shared_registry import SharedRegistry, SharedRegistryError
+
+    s = _session(ctx)
+    shared = s.params.shared_registry
+    if shared.url is None:
+        raise _fail(ExitCode.USAGE, "shared_registry.url is not set in the params: nothing to publish to "
+                                    "(docs/team.md, \"The production model on every serving host\")")
+    registry = Registry(s.root / s.params.deploy.registry_dir)
+    try:
+        if not registry.versions():
+            raise _fail(ExitCode.NOTHING, f"registry {registry.root} holds no version: nothing to publish "
+                                          "(shrinkflow run deploys one)")
+        done = SharedRegistry(shared.url, shared.connect_timeout_s).publish(registry)
+    except IntegrityError as exc:
+        raise _crash(exc, "publish", debug, message=f"refusing to publish a corrupted version (nothing of it was "
+                                                    f"uploaded): {exc}")
+    except (SharedRegistryError, RegistryError, OSError) as exc:
+        raise _crash(exc, "publish", debug, message=str(exc))
+    typer.echo(done.describe())
 
 
 @_command("versions", "List every version and when it was live.")
@@ -813,6 +890,8 @@ def monitor_cmd(ctx: typer.Context,
                                f"margin {f['margin']:+.4g})")
             if rec.get("push_warning"):
                 typer.echo(f"warning: {rec['push_warning']}", err=True)
+            if rec.get("publish_warning"):
+                typer.echo(f"warning: {rec['publish_warning']}", err=True)
     if rec is not None and not rec["deployed_version"]:
         raise typer.Exit(ExitCode.REFUSED)
 

@@ -16,7 +16,7 @@ from shrinkflow.paths import PARAMS
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 from tasks.dvc import repro_stage_with_retries
 from tasks.monitor import clear_production
-from tasks.publish import publish_report, read_deployment, read_validation
+from tasks.publish import publish_report, publish_shared_registry, read_deployment, read_validation
 
 BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
 
@@ -34,7 +34,8 @@ def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
         clear_production(project_dir)
     # Validated and fingerprinted once; every stage must see the same bytes.
     fingerprint = params_fingerprint(project_dir)
-    registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir
+    params = load_params(f"{project_dir}/{PARAMS}")
+    registry_dir = params.deploy.registry_dir
 
     def run(stage: str, force: bool = False) -> dict:
         check_params_unchanged(project_dir, fingerprint, stage)
@@ -58,6 +59,11 @@ def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
     kept = deployment.version if deployment and deployment.kept else None
     version = deployment.version if deployment and not kept else None
     publish_report(report, selection, version, stages, deployment.roi if deployment else None, kept=kept)
+    # With shared_registry.url: serving hosts follow what is published there.
+    # Every run publishes (a failed publish catches up); a failure is a
+    # warning in the result, not a crash: the promotion stands here.
+    publish_warning = publish_shared_registry(project_dir) if params.shared_registry.url else None
     return {"stages": stages, "selected": selected, "deployed_version": version, "kept_version": kept,
+            "publish_warning": publish_warning,
             "kept_reason": deployment.reason if kept else None,
             "gates": selection.to_json_dict(), "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

@@ -42,5 +42,5 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
           f"distilled, {window['rows_heldout']} held out)")
     return {"window": window, "deployed_version": result["deployed_version"], "selected": result["selected"],
             "stages": result["stages"], "reason": result.get("kept_reason") or result["gates"]["reason"],
-            "push_warning": push_warning,
+            "push_warning": push_warning, "publish_warning": result.get("publish_warning"),
             **{k: outcome[k] for k in ("outcome", "kept_version", "production_version", "candidates")}}

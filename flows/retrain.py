@@ -51,4 +51,4 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     return {"feedback": feedback, "previous_teacher": record["previous_teacher"],
             "deployed_version": result["deployed_version"], "selected": result["selected"],
             "stages": result["stages"], "reason": result["gates"]["reason"], "restored": restored,
-            "push_warning": push_warning}
+            "push_warning": push_warning, "publish_warning": result.get("publish_warning")}

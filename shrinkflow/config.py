@@ -735,6 +735,62 @@ class CostParams(_Frozen):
     country_iso_code: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = "USA"
 
 
+# ---------------------------------------------------------- shared registry
+def check_shared_registry_url(url: str) -> str:
+    """Validate a shared registry URL: ``file:///absolute/path`` (a mount
+    every host sees) or ``ssh://[user@]host[:port]/absolute/path`` (an SFTP
+    server); returns it unchanged. Raises ValueError for another scheme (on
+    object stores fsspec renames by copying, so a reader could see a
+    half-written version), a relative or missing path, or a password in the
+    URL (credentials never go in params.yaml)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.path.rstrip("/") == "":
+            raise ValueError(f"{url!r}: a shared directory is file:///absolute/path (three slashes)")
+        return url
+    if parts.scheme == "ssh":
+        if parts.password is not None:
+            raise ValueError("the URL holds a password, which params.yaml must never hold: use a key file "
+                             "(SHRINKFLOW_SHARED_REGISTRY_KEY; docs/team.md)")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{url!r}: the port is not a number from 0 to 65535") from None
+        if not parts.hostname:
+            raise ValueError(f"{url!r} names no host (ssh://[user@]host[:port]/absolute/path)")
+        if parts.path.rstrip("/") == "":
+            raise ValueError(f"{url!r} names no directory on the host (ssh://[user@]host[:port]/absolute/path)")
+        return url
+    raise ValueError(f"{url!r}: the shared registry is file:///absolute/path or "
+                     "ssh://[user@]host[:port]/absolute/path; other storage renames by copying, so a serving "
+                     "host could see a half-written version")
+
+
+class SharedRegistryParams(_Frozen):
+    """The registry on storage every serving host reaches (docs/team.md):
+    `shrinkflow run` (and `rollback`, `publish`) publish this machine's
+    registry there; `shrinkflow serve` with `serve.registry: shared` follows
+    it. No DVC stage reads this section."""
+
+    # null: one machine, nothing is published. file:///absolute/path (a
+    # shared mount) or ssh://[user@]host[:port]/absolute/path (SFTP; the key
+    # file from SHRINKFLOW_SHARED_REGISTRY_KEY, the server's host key from
+    # SHRINKFLOW_SHARED_REGISTRY_KNOWN_HOSTS or ~/.ssh/known_hosts).
+    url: str | None = None
+    # A serving host's verified copies of the shared versions (a registry of
+    # its own, relative to the project; .shrinkflow/ is git-ignored).
+    cache_dir: str = ".shrinkflow/registry-cache"
+    # Connecting to an ssh:// URL gives up after this.
+    connect_timeout_s: Annotated[float, Field(gt=0.0, le=600.0)] = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _url_known_and_without_password(cls, v: str | None) -> str | None:
+        return v if v is None else check_shared_registry_url(v)
+
+
 # -------------------------------------------------------------------- serve
 class ServeParams(_Frozen):
     """`shrinkflow serve`: the registry's production version over HTTP."""
@@ -781,6 +837,11 @@ class ServeParams(_Frozen):
     max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
     # Headers and body must arrive within this, else 408.
     request_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+    # Which registry is served: local (deploy.registry_dir, this machine's)
+    # or shared (the one at shared_registry.url, copied into
+    # shared_registry.cache_dir and verified: a serving host with only a
+    # clone; docs/team.md).
+    registry: Literal["local", "shared"] = "local"
 
     @field_validator("log_url")
     @classmethod
@@ -991,6 +1052,8 @@ class Params(_Frozen):
     validate_: ValidateParams = Field(alias="validate")
     deploy: DeployParams
     serve: ServeParams = ServeParams()
+    # Where serving hosts get the production model (no DVC stage reads it).
+    shared_registry: SharedRegistryParams = SharedRegistryParams()
     monitor: MonitorParams = MonitorParams()
     # Read by train and compress (the grid for energy estimates) and deploy
     # (the price), so it must be in params.yaml like the stages' own sections.
@@ -1019,6 +1082,13 @@ class Params(_Frozen):
                 if step.method == "distill" and n_layers is not None and max(step.layers) >= n_layers:
                     raise ValueError(f"candidate {cand.name!r}: distill.layers {list(step.layers)} out of range "
                                      f"for the {n_layers}-layer teacher at {self.train.model.path} (0..{n_layers - 1})")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_serving_needs_a_url(self) -> "Params":
+        if self.serve.registry == "shared" and self.shared_registry.url is None:
+            raise ValueError("serve.registry: shared needs shared_registry.url (the registry every serving host "
+                             "follows; docs/team.md)")
         return self
 
     def digest(self) -> str:

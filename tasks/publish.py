@@ -50,3 +50,21 @@ def publish_report(report: ValidationReport, selection: GatesReport, deployed_ve
     create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,
                              description="metrics and gates of the latest lifecycle run")
     return md
+
+
+@task(name="publish-shared-registry", cache_policy=NO_CACHE)
+def publish_shared_registry(project_dir: str) -> str | None:
+    """Publish the project's registry to ``shared_registry.url``, where
+    serving hosts follow production (``shrinkflow.shared_registry``).
+    Returns None when published, else why not (logged as a warning): the
+    promotion stands here, and ``shrinkflow publish`` sends it later."""
+    from shrinkflow.config import load_params
+    from shrinkflow.paths import PARAMS
+    from shrinkflow.shared_registry import publish_project
+
+    published, warning = publish_project(project_dir, load_params(Path(project_dir) / PARAMS))
+    if warning is not None:
+        get_run_logger().warning(warning)
+    elif published is not None:
+        get_run_logger().info(published.describe())
+    return warning

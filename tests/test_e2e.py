@@ -63,12 +63,16 @@ def deployed(project, harness) -> str:
     production, whatever ran before in this module (run first, nothing is
     deployed yet and it runs the lifecycle). Returns the production version."""
     from shrinkflow.registry import Registry
+    from shrinkflow.shared_registry import SharedRegistry
 
-    write_params(project / "params.yaml", DEPLOYABLE)
+    # a shared registry too, which every run publishes to (docs/team.md)
+    shared = SharedRegistry(f"file://{project.parent / 'shared-registry'}")
+    write_params(project / "params.yaml", deep_merge(DEPLOYABLE, {"shared_registry": {"url": shared.url}}))
     reg = Registry(project / "registry")
     if reg.alias() is None:
         code, out = run_cli(project, harness, "run")
         assert code == 0, out[-4000:]
+        assert (shared.versions(), shared.aliases()) == (reg.versions(), reg.aliases()), out[-4000:]
     assert reg.alias() is not None
     return reg.alias()
 

@@ -48,7 +48,11 @@ What it does:
   verified beside the old one, then swapped in. Requests in flight finish on
   the model they started with; every response names the version that
   answered. A version that fails its hash check is refused and reported in
-  /health while the old one keeps serving. /metadata reports the integrity
+  /health while the old one keeps serving. With ``serve.registry: shared``
+  the registry served is a local cache that a ``Follower`` keeps at the
+  shared registry's production version (``served_registry``;
+  ``shrinkflow.shared_registry``): copied, verified, then made visible.
+  /metadata reports the integrity
   checked when the version was loaded (its files are hashed once per loaded
   version, not per request).
 - /docs works offline: Swagger UI's assets are served by the app itself.
@@ -58,7 +62,7 @@ model runtime is imported when a version is loaded.
 """
 
 from shrinkflow.predictors import softmax  # noqa: F401  (the server answers with it; re-exported)
-from shrinkflow.serving.app import TOKEN_ENV, app_from_env, create_app, make_app
+from shrinkflow.serving.app import TOKEN_ENV, app_from_env, create_app, make_app, served_registry
 from shrinkflow.serving.holder import LoadedModel, ModelHolder
 from shrinkflow.serving.metrics import ENDPOINTS, endpoint_label
 from shrinkflow.serving.schemas import parse_json, text_problems
@@ -67,4 +71,4 @@ from shrinkflow.status import model_labels  # noqa: F401  (flows/cli.py checks a
 
 __all__ = ["TOKEN_ENV", "ENDPOINTS", "BatcherStopped", "LoadedModel", "LogWriter", "MicroBatcher", "ModelHolder",
            "app_from_env", "create_app", "endpoint_label", "log_unavailable", "make_app", "model_labels",
-           "parse_json", "softmax", "text_problems"]
+           "parse_json", "served_registry", "softmax", "text_problems"]

@@ -46,6 +46,9 @@ async def lifespan(app):
     state = app.state.serving
     params: ServeParams = state.params
     state.log.open()
+    # serve.registry: shared: the shared production into the cache first
+    # (when the shared registry cannot be read, what the cache holds serves).
+    await asyncio.to_thread(state.holder.follow)
     state.holder.load_production()
     state.metrics.serving(state.holder.current.version)
     state.writer.start()
@@ -66,7 +69,7 @@ async def lifespan(app):
 
 
 def create_app(registry: Registry, log: PredictionLog, params: ServeParams, reports_dir: Path | None = None,
-               token: str | None = None, per_row: bool | None = None):
+               token: str | None = None, per_row: bool | None = None, follower=None):
     """The FastAPI app. Loads the production version at startup (refusing to
     start without one, or with one that fails its hash check).
 
@@ -80,7 +83,10 @@ def create_app(registry: Registry, log: PredictionLog, params: ServeParams, repo
     (benchmarks). The lifespan state carries ``httpedge.EdgeLimits`` built
     from ``params``, which ``httpedge.EdgeProtocol`` enforces when uvicorn
     runs with it. /docs is Swagger UI from assets the server holds
-    (fastapi-offline), so it works without a network."""
+    (fastapi-offline), so it works without a network. ``follower``: a
+    ``shrinkflow.shared_registry.Follower`` whose cache is ``registry``, for
+    a host that serves the shared registry's production (``ModelHolder``);
+    None: ``registry`` alone."""
     from fastapi_offline import FastAPIOffline
 
     from shrinkflow.serving import operations, predict
@@ -96,7 +102,8 @@ def create_app(registry: Registry, log: PredictionLog, params: ServeParams, repo
                          description="The registry's production model, compressed from a kept teacher.",
                          lifespan=lifespan)
     app.state.serving = ServingState(params=params, registry=registry, log=log,
-                                     holder=ModelHolder(registry, params.threads, params.truncation, per_row),
+                                     holder=ModelHolder(registry, params.threads, params.truncation, per_row,
+                                                        follower),
                                      writer=LogWriter(log), metrics=metrics)
     app.add_middleware(TokenAndMetrics, metrics=metrics, token=token)
     app.add_exception_handler(ApiError, api_error_handler)
@@ -119,6 +126,21 @@ def app_from_env():
 
     root = Path(os.environ["SHRINKFLOW_PROJECT"])
     params = load_params(root / "params.yaml")
-    return create_app(Registry(root / params.deploy.registry_dir), prediction_log(root, params.serve),
-                      params.serve, reports_dir=root / params.monitor.reports_dir,
-                      token=os.environ.get(TOKEN_ENV) or None)
+    registry, follower = served_registry(root, params)
+    return create_app(registry, prediction_log(root, params.serve), params.serve,
+                      reports_dir=root / params.monitor.reports_dir, token=os.environ.get(TOKEN_ENV) or None,
+                      follower=follower)
+
+
+def served_registry(root: Path, params):
+    """The registry a server in project ``root`` serves, and its follower:
+    (``deploy.registry_dir``, None) by default; with ``serve.registry:
+    shared``, (the cache at ``shared_registry.cache_dir``, a ``Follower``
+    of ``shared_registry.url`` into it). Touches nothing."""
+    if params.serve.registry != "shared":
+        return Registry(root / params.deploy.registry_dir), None
+    from shrinkflow.shared_registry import Follower, SharedRegistry
+
+    cache = Registry(root / params.shared_registry.cache_dir)
+    shared = SharedRegistry(params.shared_registry.url, params.shared_registry.connect_timeout_s)
+    return cache, Follower(shared, cache)

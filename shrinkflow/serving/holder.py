@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from shrinkflow.errors import IntegrityError, RegistryError
 from shrinkflow.registry import Registry
 from shrinkflow.serving.schemas import ServedAs
+from shrinkflow.shared_registry import Follower, VersionRefused
 from shrinkflow.status import model_labels
 
 
@@ -39,12 +40,21 @@ class ModelHolder:
 
     ``per_row``: None decides per loaded version (the registry manifest's
     ``serving.per_row``, else ``predictor.batch_dependent``); True or False
-    forces it (benchmarks compare both)."""
+    forces it (benchmarks compare both).
 
-    def __init__(self, registry: Registry, threads: int, truncation: str = "head", per_row: bool | None = None):
+    ``follower``: a ``shrinkflow.shared_registry.Follower`` whose cache is
+    ``registry`` (``serve.registry: shared``): each poll first brings the
+    cache to the shared production version (copied and verified there),
+    then reloads from the cache as from any registry. None (default): the
+    local registry alone."""
+
+    def __init__(self, registry: Registry, threads: int, truncation: str = "head", per_row: bool | None = None,
+                 follower: Follower | None = None):
         self.registry, self.threads, self.truncation, self.per_row = registry, threads, truncation, per_row
+        self.follower = follower
         self.current: LoadedModel | None = None
         self.refused: dict | None = None      # {"version", "reason"} of a version refused on reload
+        self._refused_by_follower = False
         self._lock = threading.Lock()
 
     def _load(self, version: str) -> LoadedModel:
@@ -74,13 +84,36 @@ class ModelHolder:
         self.current = self._load(version)
         return self.current
 
+    def follow(self) -> bool:
+        """With a follower, bring the cache to the shared production
+        version; True when it did (or there is no follower). When it cannot,
+        False, and ``refused`` says why: with the version, one that failed
+        its hashes; with none, a shared registry that cannot be read. The
+        cache's alias has not moved then, so the version served stays."""
+        if self.follower is None:
+            return True
+        try:
+            self.follower.sync()
+        except VersionRefused as exc:
+            self.refused, self._refused_by_follower = {"version": exc.version, "reason": str(exc)}, True
+            return False
+        except (RegistryError, OSError) as exc:   # SharedRegistryError; a cache that cannot be written
+            self.refused, self._refused_by_follower = {"version": None, "reason": str(exc)}, True
+            return False
+        if self._refused_by_follower:
+            self.refused, self._refused_by_follower = None, False
+        return True
+
     def poll(self) -> bool:
         """Load and swap in a new production version. True if swapped.
 
+        With a follower, the shared registry is followed first (``follow``).
         An aliases file that cannot be read (say, half-written by a hand
         edit: not JSON yet) is reported in ``refused`` with no version, until
         it reads again; a version that fails to load, with its version."""
         with self._lock:
+            if not self.follow():
+                return False
             try:
                 version = self.registry.alias()
             except (RegistryError, ValueError, OSError) as exc:

@@ -1,0 +1,491 @@
+"""The registry on shared storage, so that every serving host serves the
+production version (docs/team.md, "The production model on every serving
+host"); no Prefect here.
+
+The host that deploys *publishes* its registry to a URL every serving host
+reaches: ``file:///mnt/models/shrinkflow`` (a shared mount) or
+``ssh://user@host[:port]/srv/models/shrinkflow`` (an SFTP server), both
+through fsspec (its local filesystem, and ``sshfs``, which dvc-ssh already
+brings). A serving host *follows* it (``Follower``): it reads the shared
+``production`` alias, copies a version it does not hold into a local cache
+(itself a ``Registry``), verifies every file against the version's manifest
+before the copy becomes visible there, then moves the cache's alias; the
+server's hot reload (``ModelHolder.poll``) loads it, verifying again.
+
+The shared layout is the registry's own (``versions/vNNNN/``,
+``aliases.json``, ``history.jsonl``), written so that no reader ever sees
+anything half-written:
+
+- a version is uploaded under ``versions/.tmp-<uuid>/`` and renamed to its
+  name only when every file is there (a directory rename: atomic on a local
+  filesystem, and over SFTP); a killed upload leaves a ``.tmp-*`` directory,
+  which no reader lists and the next publish removes;
+- ``history.jsonl``, then ``aliases.json``, are written under a temporary
+  name and renamed over the old file (``os.replace``; over SFTP OpenSSH's
+  ``posix-rename``), after every version the alias names is in place.
+
+Only ``file://`` and ``ssh://`` are accepted (``config.check_shared_registry_url``):
+fsspec renames on object stores by copying, which a reader could see
+half-done.
+
+One registry publishes to a URL. A shared version whose files differ from
+the local version of the same name is refused: two registries numbering
+their versions each on their own would otherwise mix their models.
+
+Credentials never come from params.yaml: the SSH key file is named by
+``SHRINKFLOW_SHARED_REGISTRY_KEY`` (default: the user's own ``~/.ssh`` keys),
+and the server's host key is checked against
+``SHRINKFLOW_SHARED_REGISTRY_KNOWN_HOSTS`` (default ``~/.ssh/known_hosts``):
+the hashes a serving host checks come from the server, so the server must be
+the right one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import posixpath
+import re
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shrinkflow.config import check_shared_registry_url
+from shrinkflow.errors import IntegrityError, RegistryError
+from shrinkflow.files import atomic_write_bytes, fsync_dir, fsync_tree, read_json, write_json
+from shrinkflow.registry import PREVIOUS, PRODUCTION, Registry
+
+KEY_ENV = "SHRINKFLOW_SHARED_REGISTRY_KEY"
+KNOWN_HOSTS_ENV = "SHRINKFLOW_SHARED_REGISTRY_KNOWN_HOSTS"
+# A version's name, as the registry names them (never a path).
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+_TMP_PREFIX = ".tmp-"
+# How often a dead SSH connection is probed (seconds), and how many probes
+# go unanswered before it counts as lost (then the next call reconnects).
+_KEEPALIVE_S, _KEEPALIVE_MISSES = 10, 3
+# A version refused for its hashes is copied again at most this often
+# (seconds) while production still names it: often enough that a repaired
+# copy on the storage is picked up, rarely enough that a broken one is not
+# downloaded on every poll.
+RETRY_REFUSED_S = 60.0
+
+
+class SharedRegistryError(RegistryError):
+    """The shared registry cannot be used: it cannot be reached or refused
+    the login, a file there is unreadable, it names a version it does not
+    hold, or it holds a version of the same name with other files (two
+    registries publish to one URL). The message names the URL (which never
+    holds a password) and the cause."""
+
+
+class VersionRefused(IntegrityError):
+    """A shared version whose files do not match its manifest's hashes (or
+    that has no usable manifest): it is not copied into the cache and never
+    served. ``version``: its name."""
+
+    def __init__(self, message: str, version: str):
+        self.version = version
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Published:
+    """What one ``SharedRegistry.publish`` did: the versions it uploaded
+    (oldest first), and the shared production alias before and after."""
+
+    url: str
+    uploaded: tuple[str, ...]
+    production: str | None
+    production_before: str | None
+
+    def describe(self) -> str:
+        """One line for a person: what was uploaded and where production is."""
+        sent = ", ".join(self.uploaded) if self.uploaded else "no new version"
+        moved = (f"production {self.production_before or 'none'} -> {self.production}"
+                 if self.production != self.production_before else f"production {self.production} (unchanged)")
+        return f"published to {self.url}: {sent} uploaded; {moved}"
+
+
+@contextmanager
+def _flock(path: Path):
+    """An exclusive flock on ``path`` (created, with its directory), held
+    for the block: serialises the publishes of one registry, and the
+    followers (uvicorn workers) that share one cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_aliases(aliases, where: str) -> dict[str, str]:
+    """``aliases`` when it is a mapping of alias -> version name, else
+    SharedRegistryError (a version name is never a path: it is joined to
+    build the paths a follower reads and writes)."""
+    if not isinstance(aliases, dict):
+        raise SharedRegistryError(f"{where}: not a mapping of alias -> version")
+    for name, version in aliases.items():
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise SharedRegistryError(f"{where}: alias {name!r} -> {version!r} is not a version name (vNNNN)")
+    return aliases
+
+
+class SharedRegistry:
+    """The registry at ``url`` (``file:///ABS`` or ``ssh://[user@]host[:port]/ABS``),
+    read and written through fsspec. Constructing it checks the URL
+    (ValueError) and touches nothing; the first call connects, and a call
+    that fails drops the connection, so the next one reconnects (a restarted
+    SSH server is picked up again). Every failure to reach or read it is a
+    SharedRegistryError naming the URL. ``connect_timeout_s``: an SSH server
+    that does not answer within this is reported unreachable."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 30.0):
+        self.url = check_shared_registry_url(url)
+        self.connect_timeout_s = connect_timeout_s
+        parts = urlsplit(url)
+        self.local = parts.scheme == "file"
+        self.root = parts.path.rstrip("/")
+        self._fs = None
+
+    # ------------------------------------------------------------ transport
+    def _ssh_options(self) -> dict:
+        """asyncssh's connect options: host, port and user from the URL; the
+        key file from $SHRINKFLOW_SHARED_REGISTRY_KEY (else asyncssh's
+        defaults, ~/.ssh/id_*); the host key checked against
+        $SHRINKFLOW_SHARED_REGISTRY_KNOWN_HOSTS or ~/.ssh/known_hosts.
+        Raises SharedRegistryError when neither known_hosts file exists
+        (sshfs would otherwise skip the check), MissingInput for a key file
+        that is not there."""
+        from shrinkflow.remote import check_key_file
+
+        parts = urlsplit(self.url)
+        known = Path(os.environ.get(KNOWN_HOSTS_ENV) or Path.home() / ".ssh" / "known_hosts").expanduser()
+        if not known.is_file():
+            raise SharedRegistryError(
+                f"the shared registry {self.url}: no known_hosts file at {known}, so the server's host key cannot "
+                f"be checked: add it (ssh-keyscan -p {parts.port or 22} {parts.hostname} >> ~/.ssh/known_hosts, "
+                f"after checking its fingerprint) or point ${KNOWN_HOSTS_ENV} at a file that holds it")
+        options = {"host": parts.hostname, "port": parts.port or 22, "known_hosts": str(known),
+                   "timeout": self.connect_timeout_s, "connect_timeout": self.connect_timeout_s,
+                   "keepalive_interval": _KEEPALIVE_S, "keepalive_count_max": _KEEPALIVE_MISSES}
+        if parts.username:
+            options["username"] = parts.username
+        key = os.environ.get(KEY_ENV)
+        if key:
+            options["client_keys"] = [str(check_key_file(key))]
+        return options
+
+    def _connect(self):
+        if self._fs is None:
+            import fsspec
+
+            # sshfs connects in its constructor; a fresh instance each time
+            # (fsspec would hand back a cached one with a dead connection).
+            self._fs = (fsspec.filesystem("file") if self.local
+                        else fsspec.filesystem("ssh", skip_instance_cache=True, **self._ssh_options()))
+        return self._fs
+
+    def close(self) -> None:
+        """Drop the connection (the next call makes a new one)."""
+        self._fs = None
+
+    @contextmanager
+    def _talking(self, what: str):
+        """Run a block of calls to the storage; any failure but our own
+        errors becomes a SharedRegistryError saying ``what`` failed, and
+        drops the connection."""
+        try:
+            yield self._connect()
+        except (RegistryError, IntegrityError):   # ours (SharedRegistryError is a RegistryError), or the local registry's
+            raise
+        except Exception as exc:  # noqa: BLE001  (asyncssh's, OSError, sshfs's own: reported with their type)
+            self.close()
+            if isinstance(exc, PermissionError):
+                why = "refused the login or the access"
+            elif isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+                why = "cannot be reached"
+            else:
+                raise SharedRegistryError(f"the shared registry {self.url}: {what} failed: "
+                                          f"{type(exc).__name__}: {exc}") from None
+            raise SharedRegistryError(f"the shared registry {self.url} {why} ({what}): "
+                                      f"{type(exc).__name__}: {exc}") from None
+
+    def _path(self, *names: str) -> str:
+        return posixpath.join(self.root, *names)
+
+    def _rename(self, fs, src: str, dst: str) -> None:
+        """Rename atomically: ``os.replace`` on a local filesystem (then the
+        directory is fsynced), OpenSSH's posix-rename over SFTP (sshfs's
+        ``mv``). A directory never replaces a non-empty one."""
+        if self.local:
+            os.replace(src, dst)
+            fsync_dir(posixpath.dirname(dst))
+        else:
+            fs.mv(src, dst)
+
+    def _replace_file(self, fs, name: str, data: bytes) -> None:
+        """Write ``data`` to ``name`` under the root: under a temporary name,
+        then renamed over the old file, so a reader sees the old or the new
+        file whole."""
+        if self.local:
+            atomic_write_bytes(self._path(name), data)   # fsynced, os.replace, directory fsynced
+            return
+        tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
+        fs.pipe_file(tmp, data)
+        self._rename(fs, tmp, self._path(name))
+
+    # ------------------------------------------------------------ reading
+    def aliases(self) -> dict[str, str]:
+        """Alias -> version, as the shared ``aliases.json`` says (empty when
+        nothing was published yet). Raises SharedRegistryError when it
+        cannot be read or is not a mapping of alias -> version name."""
+        with self._talking("reading aliases.json") as fs:
+            try:
+                raw = fs.cat_file(self._path("aliases.json"))
+            except FileNotFoundError:
+                return {}
+        try:
+            aliases = json.loads(raw)
+        except ValueError as exc:
+            raise SharedRegistryError(f"the shared registry {self.url}: aliases.json is not JSON ({exc})") from None
+        return _check_aliases(aliases, f"the shared registry {self.url}: aliases.json")
+
+    def versions(self) -> list[str]:
+        """The complete versions it holds, oldest first (an upload in
+        progress or killed, ``versions/.tmp-*``, is not one)."""
+        with self._talking("listing versions/") as fs:
+            try:
+                names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(self._path("versions"), detail=False)]
+            except FileNotFoundError:
+                return []
+        return sorted((n for n in names if _VERSION_RE.match(n)), key=lambda n: int(n[1:]))
+
+    def manifest(self, version: str) -> dict:
+        """``version``'s manifest.json. Raises SharedRegistryError when it
+        is missing or unreadable."""
+        with self._talking(f"reading {version}/manifest.json") as fs:
+            try:
+                return json.loads(fs.cat_file(self._path("versions", version, "manifest.json")))
+            except FileNotFoundError:
+                raise SharedRegistryError(f"the shared registry {self.url} has no version {version}") from None
+
+    def download(self, version: str, dest: Path) -> None:
+        """Copy every file of ``version`` into the directory ``dest`` (made
+        here). Raises SharedRegistryError when it does not hold the version
+        or a copy fails. Nothing is verified here (``Follower`` does)."""
+        src = self._path("versions", version)
+        with self._talking(f"copying {version}") as fs:
+            try:
+                files = sorted(fs.find(src))
+            except FileNotFoundError:
+                files = []
+            if not files:
+                raise SharedRegistryError(f"the shared registry {self.url} names {version} but holds no such version")
+            rels = [posixpath.relpath(f, src) for f in files]
+            if any(r.startswith("..") or posixpath.isabs(r) for r in rels):
+                raise SharedRegistryError(f"the shared registry {self.url}: {version} lists a file outside itself")
+            targets = [dest / r for r in rels]
+            for parent in {t.parent for t in targets}:
+                parent.mkdir(parents=True, exist_ok=True)
+            fs.get(files, [str(t) for t in targets])
+
+    # ------------------------------------------------------------ writing
+    def _upload(self, fs, local_dir: Path, version: str) -> None:
+        """Upload ``local_dir`` (a version's directory) under a temporary
+        name, then rename it to ``versions/<version>``."""
+        tmp = self._path("versions", f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        rels = [p.relative_to(local_dir).as_posix() for p in files]
+        for sub in sorted({posixpath.dirname(posixpath.join(tmp, r)) for r in rels}):
+            fs.makedirs(sub, exist_ok=True)
+        fs.put([str(p) for p in files], [posixpath.join(tmp, r) for r in rels])
+        if self.local:
+            fsync_tree(tmp)   # durable before the name says it is complete
+        self._rename(fs, tmp, self._path("versions", version))
+
+    def _clear_stale_uploads(self, fs) -> None:
+        """Remove what killed uploads left (``versions/.tmp-*``). Only the
+        publishing registry writes here, under its publish lock."""
+        try:
+            entries = fs.ls(self._path("versions"), detail=False)
+        except FileNotFoundError:
+            return
+        for path in entries:
+            if posixpath.basename(path.rstrip("/")).startswith(_TMP_PREFIX):
+                fs.rm(path, recursive=True)
+
+    def publish(self, registry: Registry) -> Published:
+        """Make this shared registry match ``registry``: upload every version
+        it lacks (each verified here first, then written under a temporary
+        name and renamed when complete), then its history, then its aliases
+        (production last of all, so it never names a version that is not
+        whole). Idempotent: a second call uploads nothing.
+
+        Raises IntegrityError (a local version fails its hashes: nothing of
+        it is uploaded), RegistryError (the local registry holds nothing, or
+        its aliases are unusable) and SharedRegistryError (unreachable,
+        refused, or it holds a version of the same name with other files:
+        two registries publish to this URL)."""
+        with _flock(registry.root / ".publish.lock"):
+            # Aliases before versions: a promotion in between adds a version
+            # (never removes one), so every version they name is listed.
+            aliases = registry.aliases()
+            local = registry.versions()
+            if not local:
+                raise RegistryError(f"registry {registry.root} holds no version: nothing to publish")
+            history = registry.root / "history.jsonl"
+            history_bytes = history.read_bytes() if history.is_file() else None
+            with self._talking("publishing") as fs:
+                shared = set(self.versions())
+                self._clear_stale_uploads(fs)
+                uploaded = []
+                for version in local:
+                    if version in shared:
+                        self._check_same(registry, version)
+                        continue
+                    registry.verify(version)       # never publish a corrupted version
+                    registry.warm_start(version)
+                    self._upload(fs, registry.path(version), version)
+                    uploaded.append(version)
+                if history_bytes is not None:
+                    self._replace_file(fs, "history.jsonl", history_bytes)
+                before = self.aliases()
+                if before != aliases:
+                    self._replace_file(fs, "aliases.json",
+                                       (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
+        return Published(self.url, tuple(uploaded), aliases.get(PRODUCTION), before.get(PRODUCTION))
+
+    def _check_same(self, registry: Registry, version: str) -> None:
+        """Raise SharedRegistryError unless the shared ``version`` is the
+        local one: the same manifest (its files' hashes, creation time,
+        figures and lineage)."""
+        mine, theirs = registry.manifest(version), self.manifest(version)
+        if mine != theirs:
+            raise SharedRegistryError(
+                f"the shared registry {self.url} holds a {version} that is not {registry.root}'s {version} (its "
+                f"manifest differs: created {theirs.get('created_at')} there, {mine.get('created_at')} here): "
+                "another registry publishes to this URL. One registry publishes to a URL; nothing was changed "
+                "there")
+
+
+class Follower:
+    """A serving host's side: keep ``cache`` (a local Registry, written only
+    here) at the shared registry's production version. ``sync`` copies a
+    version the cache lacks into ``<cache>/.incoming/``, verifies every file
+    (model and warm-start) against its manifest, renames it into
+    ``<cache>/versions/`` and only then moves the cache's alias, all under
+    the cache's lock (uvicorn workers share one cache)."""
+
+    def __init__(self, shared: SharedRegistry, cache: Registry, retry_refused_s: float = RETRY_REFUSED_S):
+        self.shared, self.cache, self.retry_refused_s = shared, cache, retry_refused_s
+        self._refused: VersionRefused | None = None
+        self._refused_at = 0.0
+
+    def sync(self) -> str | None:
+        """Bring the cache's production to the shared one. Returns the
+        version production now names in the cache (None: nothing was ever
+        published there). A shared registry with nothing in production
+        leaves the cache as it is.
+
+        Raises SharedRegistryError when the shared registry cannot be read
+        or lacks the version it names, and VersionRefused when that version
+        fails its hashes: the cache's alias stays where it was (the server
+        keeps serving it). A refused version is copied again only after
+        ``retry_refused_s`` seconds (a repaired copy is then picked up);
+        until then the same refusal is raised at once."""
+        shared = self.shared.aliases()
+        version = shared.get(PRODUCTION)
+        if version is None:
+            return self._cached_production()
+        if (self._refused is not None and self._refused.version == version
+                and time.monotonic() - self._refused_at < self.retry_refused_s):
+            raise VersionRefused(str(self._refused), version)   # a fresh one: re-raising would grow its traceback
+        self._refused = None
+        with _flock(self.cache.root / ".lock"):
+            if version not in self.cache.versions():
+                try:
+                    self._fetch(version)
+                except VersionRefused as exc:
+                    self._refused, self._refused_at = exc, time.monotonic()
+                    raise
+            aliases = {PRODUCTION: version}
+            previous = shared.get(PREVIOUS)
+            if previous is not None and previous in self.cache.versions():
+                aliases[PREVIOUS] = previous
+            if self._raw_cache_aliases() != aliases:
+                write_json(self.cache.root / "aliases.json", aliases)   # fsynced, then os.replace
+        return version
+
+    def _cached_production(self) -> str | None:
+        try:
+            return self.cache.alias()
+        except (RegistryError, ValueError, OSError):
+            return None
+
+    def _raw_cache_aliases(self):
+        path = self.cache.root / "aliases.json"
+        try:
+            return read_json(path) if path.is_file() else None
+        except ValueError:
+            return None
+
+    def _fetch(self, version: str) -> None:
+        """Copy, verify, then rename ``version`` into the cache (under the
+        cache's lock). Raises VersionRefused (hashes), SharedRegistryError
+        (copy)."""
+        incoming_root = self.cache.root / ".incoming"
+        shutil.rmtree(incoming_root, ignore_errors=True)   # a killed fetch's leftovers (we hold the lock)
+        staged = Registry(incoming_root / uuid.uuid4().hex)
+        try:
+            self.shared.download(version, staged.path(version))
+            try:
+                manifest = staged.verify(version)           # every model file against its hash
+                staged.warm_start(version)                  # and the warm-start sidecar's, if any
+            except (IntegrityError, KeyError, ValueError, TypeError) as exc:
+                raise VersionRefused(f"refused {version} from the shared registry {self.shared.url}: {exc} "
+                                     "(not copied into the cache; the version served before stays)",
+                                     version) from None
+            if manifest.get("version", version) != version:
+                raise VersionRefused(f"refused {version} from the shared registry {self.shared.url}: its manifest "
+                                     f"says it is {manifest.get('version')!r}", version)
+            fsync_tree(staged.path(version))
+            self.cache.versions_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(staged.path(version), self.cache.path(version))
+            fsync_dir(self.cache.versions_dir)
+        finally:
+            shutil.rmtree(incoming_root, ignore_errors=True)
+
+
+def publish_project(root: Path | str, params) -> tuple[Published | None, str | None]:
+    """Publish the project's registry (``deploy.registry_dir``) to
+    ``shared_registry.url``, as the lifecycle does after its deploy step.
+    Returns (what was published, None), (None, None) when no URL is set, or
+    (None, why it could not be published): a promotion stands locally
+    either way, and the warning says how to send it later. Raises nothing
+    for a shared registry that cannot be used."""
+    url = params.shared_registry.url
+    if url is None:
+        return None, None
+    registry = Registry(Path(root) / params.deploy.registry_dir)
+    try:
+        return SharedRegistry(url, params.shared_registry.connect_timeout_s).publish(registry), None
+    except (RegistryError, IntegrityError, OSError) as exc:
+        production = _local_production(registry)
+        return None, (f"could not publish the registry to {url}: {exc}. Production here is {production}; serving "
+                      "hosts that follow the shared registry keep what it named before. Run `shrinkflow publish` "
+                      "once it answers (docs/team.md, \"The production model on every serving host\")")
+
+
+def _local_production(registry: Registry) -> str | None:
+    try:
+        return registry.alias()
+    except (RegistryError, ValueError, OSError):
+        return None

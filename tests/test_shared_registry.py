@@ -1,0 +1,502 @@
+"""The production model reaches every serving host: the registry published
+to shared storage, and a second "host" (a project directory with only
+dvc.yaml, params.yaml and the shared URL: no registry of its own) that serves
+it with the real `shrinkflow serve`, follows a promotion and a rollback
+without a restart, refuses a tampered version while it keeps serving the one
+it has, and never sees an upload killed midway (nor a copy of its own
+killed midway).
+
+The shared storage is a directory (``file://``; fast) for most checks, and a
+real sshd on loopback (Debian's openssh-server, SFTP only, keys made here;
+``tests.test_remote_ssh.Sshd``) for one host that follows over SSH, also
+while the server is down. The model is one tiny real ONNX candidate: every
+version holds the same files (``same_model_as``), which is what a
+re-validation deploys, and is enough to tell versions apart, since every
+answer names the version that gave it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from shrinkflow.config import Candidate, Gates, ParamsError, load_params
+from shrinkflow.errors import ExitCode, IntegrityError
+from shrinkflow.files import file_hashes
+from shrinkflow.gates import evaluate_gates
+from shrinkflow.ports import free_port
+from shrinkflow.registry import Registry
+from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryError,
+                                        VersionRefused, publish_project)
+from tests.conftest import PROJECT_ROOT, terminate_group
+from tests.registry_outputs import deploy_record
+from tests.test_remote_ssh import Sshd
+
+PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
+                      {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
+POLL_S = 0.2
+
+
+def make_project(root: Path, serve: dict | None = None, shared: dict | None = None) -> Path:
+    """A project directory: this checkout's dvc.yaml and params.yaml, with
+    ``serve`` and ``shared_registry`` settings changed."""
+    root.mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["serve"].update({"reload_poll_s": POLL_S, "threads": 1, **(serve or {})})
+    params["shared_registry"].update(shared or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def cli(root: Path, *args: str):
+    with contextlib.chdir(root):
+        return CliRunner().invoke(app, list(args))
+
+
+class Host:
+    """`shrinkflow serve` in ``root`` (a serving host), as a user starts
+    it; ``env``: extra environment (the SSH key and known_hosts)."""
+
+    def __init__(self, root: Path, env: dict | None = None):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "serve.log"
+        full = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        full.pop("SHRINKFLOW_API_TOKEN", None)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(self.port)],
+                                         cwd=root, env=full, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError(f"the serving host did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def answer(self) -> str:
+        """The version that answers a prediction now."""
+        r = httpx.post(f"{self.url}/predict", json={"texts": ["a wonderful film"]}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["model_version"]
+
+    def wait_for(self, check, what: str, timeout_s: float = 20.0) -> dict:
+        """/health once ``check(health)`` holds; fails naming ``what``."""
+        deadline = time.time() + timeout_s
+        while True:
+            health = self.health()
+            if check(health):
+                return health
+            assert time.time() < deadline, f"{what}: /health {health}\n{self.output()[-3000:]}"
+            time.sleep(0.05)
+
+    def serves(self, version: str) -> None:
+        self.wait_for(lambda h: h["model_version"] == version, f"the host never served {version}")
+        assert self.answer() == version
+
+    def stop(self) -> None:
+        terminate_group(self.proc)
+
+
+# ------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def candidate(tmp_path_factory, tiny_teacher_dir) -> Path:
+    from shrinkflow.compress import apply_recipe
+
+    return apply_recipe(tiny_teacher_dir, Candidate(name="fp32"), tmp_path_factory.mktemp("shared-cand") / "fp32",
+                        progress=False)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, candidate):
+    """The deploying host (``origin``: its registry was built, v0001, before
+    the shared URL was set; then `shrinkflow publish` sent it), the shared
+    directory, and a serving host with only the shared URL."""
+    base = tmp_path_factory.mktemp("shared-site")
+    shared = base / "shared"
+    url = f"file://{shared}"
+    origin = make_project(base / "origin")
+    Registry(origin / "registry").promote(candidate, PASS, deploy_record("fp32"))
+    params = yaml.safe_load((origin / "params.yaml").read_text())
+    params["shared_registry"]["url"] = url          # the team sets the URL later
+    (origin / "params.yaml").write_text(yaml.safe_dump(params))
+    out = cli(origin, "publish")
+    assert out.exit_code == 0, out.output
+    assert f"published to {url}: v0001 uploaded; production none -> v0001" in out.output
+    host_root = make_project(base / "host", serve={"registry": "shared"}, shared={"url": url})
+    host = Host(host_root)
+    try:
+        yield {"origin": origin, "shared": shared, "url": url, "host": host, "candidate": candidate}
+    finally:
+        host.stop()
+
+
+def padded(model_dir: Path, dest: Path) -> Path:
+    """A copy of ``model_dir`` with 12 MB more in 12 files: copying it takes
+    a while after its first padding file appears."""
+    shutil.copytree(model_dir, dest)
+    for i in range(12):
+        (dest / f"padding-{i:02d}.bin").write_bytes(os.urandom(1 << 20))
+    return dest
+
+
+def origin_registry(site) -> Registry:
+    return Registry(site["origin"] / "registry")
+
+
+def promote_and_publish(site, model_dir: Path | None = None) -> str:
+    """What `shrinkflow run` does on the deploying host: deploy (a new
+    version), then the lifecycle's publish step."""
+    version = origin_registry(site).promote(model_dir or site["candidate"], PASS, deploy_record("fp32")).version
+    published, warning = publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
+    assert warning is None and published.production == version, warning
+    return version
+
+
+FOLLOWER = r"""
+import sys
+from shrinkflow.registry import Registry
+from shrinkflow.shared_registry import Follower, SharedRegistry
+print("ready", flush=True)
+sys.stdin.readline()
+Follower(SharedRegistry(sys.argv[1]), Registry(sys.argv[2])).sync()
+print("done", flush=True)
+"""
+
+
+def test_a_host_killed_mid_copy_shows_nothing_of_it_and_the_next_sync_completes(tmp_path, candidate):
+    """SIGKILL a serving host's follower while it copies a version: the
+    cache never lists it nor names it, and the next sync (a restarted
+    replica) removes the leftovers and completes."""
+    origin, cache = Registry(tmp_path / "origin"), Registry(tmp_path / "cache")
+    first = origin.promote(candidate, PASS, deploy_record("fp32")).version
+    url = f"file://{tmp_path / 'shared'}"
+    SharedRegistry(url).publish(origin)
+    assert Follower(SharedRegistry(url), cache).sync() == first
+    big = padded(candidate, tmp_path / "big")
+    new = origin.promote(big, PASS, deploy_record("fp32")).version
+    SharedRegistry(url).publish(origin)
+    proc = subprocess.Popen([sys.executable, "-c", FOLLOWER, url, str(cache.root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.time() + 60
+        while not any((cache.root / ".incoming").glob("*/versions/*/model/*.bin")):
+            assert time.time() < deadline and proc.poll() is None, "the follower ended before it was caught"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (cache.root / ".incoming").exists(), "the kill landed after the copy: the test proved little"
+    assert cache.versions() == [first] and cache.alias() == first
+    assert Follower(SharedRegistry(url), cache).sync() == new
+    assert cache.versions() == [first, new] and not (cache.root / ".incoming").exists()
+    cache.verify(new)
+
+
+# ------------------------------------------------------------ publishing: refusals (no server)
+def test_a_corrupted_local_version_is_not_published_and_another_registry_is_refused(tmp_path, candidate):
+    url = f"file://{tmp_path / 'shared'}"
+    mine = Registry(tmp_path / "mine")
+    mine.promote(candidate, PASS, deploy_record("fp32"))
+    v2 = mine.promote(candidate, PASS, deploy_record("fp32")).version
+    (mine.path(v2) / "model" / "model.onnx").write_bytes(b"rot")
+    shared = SharedRegistry(url)
+    with pytest.raises(IntegrityError, match="model.onnx"):
+        shared.publish(mine)
+    assert shared.versions() == ["v0001"] and shared.aliases() == {}     # nothing of v0002, no alias
+    assert not list((tmp_path / "shared" / "versions").glob(".tmp-*"))
+    # a registry of its own, numbering its versions from v0001 too
+    other = Registry(tmp_path / "other")
+    other.promote(candidate, PASS, {**deploy_record("fp32"), "candidate": "other"})
+    with pytest.raises(SharedRegistryError, match="another registry publishes to this URL"):
+        shared.publish(other)
+    assert shared.aliases() == {}
+
+
+def test_urls_credentials_and_settings_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    for bad, why in [("s3://bucket/reg", "renames by copying"), ("file://relative/reg", "three slashes"),
+                     ("ssh://u:pw@host/srv/reg", "password"), ("ssh://host", "names no directory")]:
+        with pytest.raises(ValueError, match=why):
+            SharedRegistry(bad)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["serve"]["registry"] = "shared"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="serve.registry: shared needs shared_registry.url"):
+        load_params(tmp_path / "params.yaml")
+    # the server's host key must be checkable: no known_hosts, a clear error (nothing is contacted)
+    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(tmp_path / "absent_known_hosts"))
+    with pytest.raises(SharedRegistryError, match="no known_hosts file.*ssh-keyscan -p 2222 storage"):
+        SharedRegistry("ssh://dvc@storage:2222/srv/reg").aliases()
+    root = make_project(tmp_path / "p")
+    out = cli(root, "publish")
+    assert out.exit_code == ExitCode.USAGE and "shared_registry.url is not set" in out.output
+
+
+def test_a_failed_publish_leaves_the_move_here_and_says_how_to_send_it(tmp_path, candidate, monkeypatch):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(known))
+    down = f"ssh://nobody@127.0.0.1:{free_port()}/srv/reg"      # nothing listens there
+    root = make_project(tmp_path / "p", shared={"url": down})
+    reg = Registry(root / "registry")
+    for _ in range(2):
+        reg.promote(candidate, PASS, deploy_record("fp32"))
+    # what the lifecycle's publish step returns: a warning, the promotion stands
+    published, warning = publish_project(root, load_params(root / "params.yaml"))
+    assert published is None and "could not publish the registry to " + down in warning
+    assert "Production here is v0002" in warning and "`shrinkflow publish`" in warning
+    out = cli(root, "rollback")
+    assert out.exit_code == ExitCode.CRASH and "production: v0002 -> v0001" in out.output
+    assert "the rollback is done in registry/, but could not publish" in out.output and "Connect call" in out.output
+    assert reg.alias() == "v0001"
+    out = cli(root, "publish")
+    assert out.exit_code == ExitCode.CRASH and "Connect call failed" in out.output
+
+
+def test_a_refused_version_is_copied_again_only_after_the_retry_interval(tmp_path, candidate):
+    origin = Registry(tmp_path / "origin")
+    first, second = (origin.promote(candidate, PASS, deploy_record("fp32")).version for _ in range(2))
+    shared = SharedRegistry(f"file://{tmp_path / 'shared'}")
+    shared.publish(origin)
+    good = tmp_path / "shared" / "versions" / second / "model" / "model.onnx"
+    saved = good.read_bytes()
+    good.write_bytes(b"rot")
+    cache = Registry(tmp_path / "cache")
+    cache_aliases = {"production": first}
+    follower = Follower(shared, cache, retry_refused_s=0.5)
+    origin.rollback(to=first)
+    shared.publish(origin)
+    assert follower.sync() == first and cache.aliases() == cache_aliases
+    origin.rollback(to=second)
+    shared.publish(origin)
+    with pytest.raises(VersionRefused, match=f"refused {second}.*model.onnx"):
+        follower.sync()
+    good.write_bytes(saved)                       # the storage's copy repaired
+    with pytest.raises(VersionRefused):           # not copied again yet
+        follower.sync()
+    assert cache.aliases() == cache_aliases and cache.versions() == [first]
+    time.sleep(0.5)
+    assert follower.sync() == second and cache.alias() == second
+    assert file_hashes(cache.path(second)) == file_hashes(origin.path(second))
+
+
+# ------------------------------------------------------------ a serving host over a shared directory
+def test_a_host_with_only_the_shared_url_serves_production_and_follows_promotion_and_rollback(site):
+    host, origin = site["host"], origin_registry(site)
+    start = origin.alias()
+    host.serves(start)
+    assert "from the shared registry file://" in host.output()
+    assert not (host.root / "registry").exists()          # it has no registry of its own
+    cache = Registry(host.root / ".shrinkflow" / "registry-cache")
+    # the exact files of the version production names
+    assert file_hashes(cache.path(start)) == file_hashes(origin.path(start))
+    assert httpx.get(f"{host.url}/metadata").json()["deployed"]["version"] == start
+
+    new = promote_and_publish(site)
+    host.serves(new)                                       # no restart
+    assert host.proc.poll() is None
+    out = cli(site["origin"], "rollback")                  # `shrinkflow rollback` publishes too
+    assert out.exit_code == 0, out.output
+    assert f"production: {new} -> {start}" in out.output and f"production {new} -> {start}" in out.output
+    host.serves(start)
+    assert host.health()["refused"] is None
+    assert SharedRegistry(site["url"]).aliases() == origin.aliases()
+
+
+def test_a_tampered_shared_version_is_refused_and_the_host_keeps_serving(site):
+    host, shared = site["host"], site["shared"]
+    serving = origin_registry(site).alias()
+    host.serves(serving)
+    aliases = shared / "aliases.json"
+    saved = aliases.read_text()
+    bad = shared / "versions" / "v0999"
+    try:
+        # storage that changed a byte of a version, which production then names
+        shutil.copytree(shared / "versions" / serving, bad)
+        (bad / "model" / "model.onnx").write_bytes(b"rot")
+        aliases.write_text(json.dumps({"production": "v0999"}))
+        health = host.wait_for(lambda h: (h["refused"] or {}).get("version") == "v0999",
+                               "the tampered version was not refused")
+        assert "model.onnx" in health["refused"]["reason"] and "refused v0999" in health["refused"]["reason"]
+        assert health["model_version"] == serving and host.answer() == serving
+        cache = host.root / ".shrinkflow" / "registry-cache"
+        assert not (cache / "versions" / "v0999").exists() and not (cache / ".incoming").exists()
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+        aliases.write_text(saved)
+    host.wait_for(lambda h: h["refused"] is None, "the refusal did not clear once the alias moved back")
+    assert host.answer() == serving
+
+
+PUBLISHER = r"""
+import sys
+from shrinkflow.registry import Registry
+from shrinkflow.shared_registry import SharedRegistry
+print("ready", flush=True)
+sys.stdin.readline()
+SharedRegistry(sys.argv[2]).publish(Registry(sys.argv[1]))
+print("done", flush=True)
+"""
+
+
+def test_an_upload_killed_midway_is_never_visible_and_the_next_publish_completes(site, tmp_path):
+    host, shared, origin = site["host"], site["shared"], origin_registry(site)
+    serving = origin.alias()
+    host.serves(serving)
+    new = origin.promote(padded(site["candidate"], tmp_path / "big"), PASS, deploy_record("fp32")).version
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(origin.root), site["url"]], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.time() + 60
+        partial: list[Path] = []
+        while not partial:
+            assert time.time() < deadline and proc.poll() is None, "the publisher ended before it was caught"
+            partial = [d for d in (shared / "versions").glob(".tmp-*") if any(d.rglob("*.bin"))]
+        proc.send_signal(signal.SIGSTOP)            # frozen mid-upload
+        assert not (shared / "versions" / new).exists(), "the kill landed after the upload: the test proved little"
+        assert new not in SharedRegistry(site["url"]).versions()
+        time.sleep(2 * POLL_S)                      # the host polls meanwhile
+        health = host.health()
+        assert (health["model_version"], health["refused"]) == (serving, None)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert SharedRegistry(site["url"]).aliases()["production"] == serving
+        assert not (host.root / ".shrinkflow" / "registry-cache" / "versions" / new).exists()
+        # the next publish removes the leftover and completes
+        published, warning = publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
+        assert warning is None and published.uploaded == (new,)
+        assert not list((shared / "versions").glob(".tmp-*"))
+        host.serves(new)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        # back to what the module's other tests expect
+        if origin.alias() == new:
+            assert cli(site["origin"], "rollback", "--to", serving).exit_code == 0
+    host.serves(serving)
+
+
+# ------------------------------------------------------------ a serving host over real SSH
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = Sshd(tmp_path_factory.mktemp("shared-sshd"))
+    server.start()
+    host_key = (server.root / "host_key.pub").read_text().split()
+    known = server.root / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{server.port} {host_key[0]} {host_key[1]}\n")
+    server.env = {KEY_ENV: str(server.client_key), KNOWN_HOSTS_ENV: str(known)}
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def stop_sshd(server: Sshd) -> None:
+    """Stop sshd and the connections it serves (each runs in its own
+    session, so they outlive the listener unless killed too)."""
+    import psutil
+
+    connections = psutil.Process(server.proc.pid).children(recursive=True)
+    server.proc.terminate()
+    server.proc.wait(timeout=15)
+    for child in connections:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def restart_replica(root: Path) -> tuple[dict, str]:
+    """A replica of the host in ``root`` (re)started now, as `shrinkflow
+    serve` starts one (its first sync, then the app: in this process, on a
+    free port): its /health and the version that answers."""
+    from flows.cli import _follow_at_start
+    from shrinkflow.predlog import PredictionLog
+    from shrinkflow.serving import create_app, served_registry
+    from tests.test_serving_app import running
+
+    params = load_params(root / "params.yaml")
+    registry, follower = served_registry(root, params)
+    _follow_at_start(follower)
+    app = create_app(registry, PredictionLog(root / "restarted.db"), params.serve, follower=follower)
+    with running(app) as srv:
+        answer = httpx.post(f"{srv.url}/predict", json={"texts": ["a gem"]}, timeout=30).json()
+        return httpx.get(f"{srv.url}/health").json(), answer["model_version"]
+
+
+@pytest.mark.slow
+def test_over_ssh_a_host_serves_production_and_follows_it_while_the_server_comes_and_goes(candidate, sshd,
+                                                                                           tmp_path, capsys):
+    url = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{tmp_path / 'storage'}"
+    origin = Registry(tmp_path / "origin-registry")
+    first, second = (origin.promote(candidate, PASS, deploy_record("fp32")).version for _ in range(2))
+    origin.rollback(to=first)
+    with pytest.MonkeyPatch.context() as env:      # the key and known_hosts, as a user exports them
+        for key, value in sshd.env.items():
+            env.setenv(key, value)
+        # the server's host key is checked: another key in known_hosts, and nothing is read
+        wrong = tmp_path / "wrong_known_hosts"
+        wrong.write_text(f"[127.0.0.1]:{sshd.port} " + " ".join(sshd.client_key.with_suffix(".pub").read_text()
+                                                              .split()[:2]) + "\n")
+        env.setenv(KNOWN_HOSTS_ENV, str(wrong))
+        with pytest.raises(SharedRegistryError, match="Host key is not trusted"):
+            SharedRegistry(url).aliases()
+        env.setenv(KNOWN_HOSTS_ENV, sshd.env[KNOWN_HOSTS_ENV])
+        shared = SharedRegistry(url)
+        published = shared.publish(origin)          # every version, then the alias, over SFTP
+        assert published.uploaded == (first, second) and shared.aliases() == origin.aliases()
+        host = Host(make_project(tmp_path / "host", serve={"registry": "shared"}, shared={"url": url}), sshd.env)
+        try:
+            host.serves(first)
+            cache = Registry(host.root / ".shrinkflow" / "registry-cache")
+            assert file_hashes(cache.path(first)) == file_hashes(origin.path(first))
+            origin.rollback(to=second)
+            assert shared.publish(origin).production == second
+            host.serves(second)
+            # the storage goes down: the host keeps serving, and says why it cannot follow
+            stop_sshd(sshd)
+            health = host.wait_for(lambda h: bool(h["refused"]) and h["refused"]["version"] is None,
+                                   "an unreachable shared registry was not reported")
+            assert f"127.0.0.1:{sshd.port}" in health["refused"]["reason"] and host.answer() == second
+            # a replica (re)started meanwhile serves what its cache holds, and says why
+            capsys.readouterr()
+            health, answered = restart_replica(host.root)
+            assert f"serving {second} from the local copy" in capsys.readouterr().err
+            assert (health["model_version"], answered, health["refused"]["version"]) == (second, second, None)
+            assert "Connect call failed" in health["refused"]["reason"]
+            sshd.start()                            # back: the host follows again, without a restart
+            origin.rollback(to=first)
+            assert SharedRegistry(url).publish(origin).production == first
+            host.serves(first)
+            assert host.health()["refused"] is None
+        finally:
+            host.stop()
