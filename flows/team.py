@@ -159,14 +159,20 @@ def _client(api_url: str):
     return _Scoped()
 
 
-def _healthy(api_url: str, timeout_s: float = 3.0) -> bool:
+def _healthy(api_url: str, timeout_s: float = 3.0, route: str = "health") -> bool:
+    """Whether the API answers 200 on ``route``: ``health`` (the server
+    process answers) or ``ready`` (and its database does too)."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as r:
+        with urllib.request.urlopen(f"{api_url}/{route}", timeout=timeout_s) as r:
             return r.status == 200
     except OSError:
         return False
+
+
+def _ready(api_url: str, timeout_s: float = 3.0) -> bool:
+    return _healthy(api_url, timeout_s, route="ready")
 
 
 def run_alive(pid: Optional[int], flow_run_id: str) -> bool:
@@ -239,6 +245,44 @@ def reconcile_lost_runs(client, pool: str, worker: str) -> list[tuple[str, str]]
     return out
 
 
+def skip_missed_runs(client) -> list[str]:
+    """Runs the scheduler made for a time that passed while no worker ran
+    (a stack that was down a day holds a day of them): keep the newest of
+    each deployment, which runs now, and mark the others Cancelled, so a
+    worker that comes back runs one catch-up run per flow, not the whole
+    backlog one after the other. Returns a line per deployment thinned."""
+    from datetime import datetime, timezone
+
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled
+
+    out = []
+    now = datetime.now(timezone.utc)
+    for flow in FLOWS:
+        try:
+            dep = client.read_deployment_by_name(f"{flow}/{DEPLOYMENT}")
+        except ObjectNotFound:
+            continue
+        missed = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.SCHEDULED])), expected_start_time=FlowRunFilterExpectedStartTime(before_=now)),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC)
+        for run in missed[1:]:
+            client.set_flow_run_state(run.id, Cancelled(
+                message=f"skipped by shrinkflow team up: due {run.expected_start_time:%Y-%m-%d %H:%M:%S} UTC while "
+                        "no worker ran; the newest missed run of the deployment ran instead"), force=True)
+        if len(missed) > 1:
+            out.append(f"{flow}/{DEPLOYMENT}: {len(missed) - 1} missed runs Cancelled (due while no worker ran); "
+                       f"the newest, due {missed[0].expected_start_time:%Y-%m-%d %H:%M:%S} UTC, runs now")
+    return out
+
+
 def zombie_automation():
     """The automation that crashes a flow run whose heartbeats stopped
     (Prefect's documented zombie detection): after a heartbeat, expect
@@ -305,6 +349,11 @@ class PieceStatus:
     name: str
     running: bool
     detail: str
+    working: Optional[bool] = None  # running and doing its job (None: same as running)
+
+    @property
+    def ok(self) -> bool:
+        return self.running if self.working is None else self.working
 
 
 @dataclass
@@ -316,7 +365,7 @@ class TeamStatus:
 
     @property
     def all_running(self) -> bool:
-        return all(p.running for p in self.pieces)
+        return all(p.ok for p in self.pieces)
 
     @property
     def none_running(self) -> bool:
@@ -399,9 +448,10 @@ class TeamStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         api_url = self.external_api_url
         if api_url:
-            if not _healthy(api_url, timeout_s=10):
-                raise TeamError(f"the Prefect server at PREFECT_API_URL={api_url} does not answer {api_url}/health; "
-                                "start it, or unset PREFECT_API_URL to run the team stack's own")
+            if not _ready(api_url, timeout_s=10):
+                raise TeamError(f"the Prefect server at PREFECT_API_URL={api_url} does not answer {api_url}/ready "
+                                "(it, or its database, is down): start it, or unset PREFECT_API_URL to run the team "
+                                "stack's own")
             self.emit(f"Prefect server: {api_url} (PREFECT_API_URL; neither PostgreSQL nor a server is started)")
             ui_url = api_url[:-4] if api_url.endswith("/api") else api_url
         else:
@@ -414,6 +464,8 @@ class TeamStack:
             if not self.worker.running():
                 for name, what in reconcile_lost_runs(client, self.pool, self.worker_name):
                     self.emit(f"flow run {name!r}: {what}")
+                for line in skip_missed_runs(client):
+                    self.emit(line)
                 worker_started = self._launch_worker(api_url)
             self._ensure_automation(client)
             deployed = self._deployed(client)
@@ -456,8 +508,14 @@ class TeamStack:
     def _start_server(self, database_url: Optional[str], passfile: Optional[Path]) -> tuple[str, str]:
         state = self._state()
         if self.server.running() and state.get("api_url") and _healthy(state["api_url"]):
-            self.emit(f"Prefect server: running (pid {self.server.pid}), {state['ui_url']}")
-            return state["ui_url"], state["api_url"]
+            # Its database may have just been started again: give its pool a moment.
+            deadline = time.monotonic() + 30
+            while not _ready(state["api_url"]) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if _ready(state["api_url"]):
+                self.emit(f"Prefect server: running (pid {self.server.pid}), {state['ui_url']}")
+                return state["ui_url"], state["api_url"]
+            self.emit("Prefect server: runs but its database does not answer (/api/ready); restarting it")
         self.server.stop()  # a server that runs but does not answer
         port = self._server_port()
         server = TeamServer(self.dir / "prefect", database_url, passfile, self.host, port)
@@ -468,7 +526,7 @@ class TeamStack:
                   f"{self.server.log_file.relative_to(self.root)}) ...")
         deadline = time.monotonic() + SERVER_STARTUP_S
         import prefect.client.orchestration  # noqa: F401  (seconds of imports, while the server boots)
-        while not _healthy(server.api_url, timeout_s=2):
+        while not _ready(server.api_url, timeout_s=2):
             if not self.server.running():
                 raise TeamError(f"the Prefect server exited while starting; log {self.server.log_file}:\n"
                                 f"{self._log_since(self.server.log_file, log_start)}")
@@ -633,7 +691,7 @@ class TeamStack:
         stopped = []
         api_url = self.api_url()
         live = []
-        if api_url and _healthy(api_url):
+        if api_url and _ready(api_url):
             with _client(api_url) as client:
                 for run in in_flight_runs(client, self.pool, self.worker_name):
                     pid = _pid_of(run)
@@ -680,18 +738,19 @@ class TeamStack:
         else:
             pieces.append(PieceStatus("PostgreSQL", False, "no cluster yet (shrinkflow team up creates it)"))
         api_url = self.api_url()
-        healthy = bool(api_url) and _healthy(api_url)
+        answers = bool(api_url) and _healthy(api_url)
+        healthy = answers and _ready(api_url)
+        why = "" if healthy else (": answers, but its database does not (/api/ready)" if answers
+                                  else ": does not answer")
         if self.external_api_url:
-            pieces.append(PieceStatus("server", healthy, f"{api_url} (PREFECT_API_URL)"
-                                      + ("" if healthy else ": does not answer")))
+            pieces.append(PieceStatus("server", answers, f"{api_url} (PREFECT_API_URL){why}", healthy))
         else:
             pid = self.server.pid
-            up = pid is not None and healthy
             detail = (f"{state.get('ui_url')} (pid {pid}, log {self.server.log_file.relative_to(self.root)})"
                       if pid else self._gone(self.server))
             if pid and not healthy:
-                detail += ": runs but does not answer"
-            pieces.append(PieceStatus("server", up, detail))
+                detail += why
+            pieces.append(PieceStatus("server", pid is not None and answers, detail, pid is not None and healthy))
         wpid = self.worker.pid
         deployments, runs = [], []
         online = False

