@@ -159,8 +159,8 @@ def _open_session(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
 ParamsOpt = Annotated[Optional[Path], typer.Option(
     "--params", metavar="FILE", callback=_open_session,
     help="params file (default: the project's params.yaml). Commands that run DVC stages (run, monitor, "
-         "schedule) make it the project's params.yaml, refusing if params.yaml has uncommitted changes; the "
-         "others only read it")]
+         "schedule, team up) make it the project's params.yaml, refusing if params.yaml has uncommitted "
+         "changes; the others only read it")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="on a crash, print its traceback")]
 
 

@@ -62,7 +62,7 @@ def stack():
     finally:
         from flows.team import TeamStack
 
-        TeamStack(project).down()
+        TeamStack(project).down(grace_s=3.0)  # `team down` itself is tested above, with Prefect's own grace
         for name in ("server", "worker"):
             assert not Detached(name, project / ".shrinkflow/team" / f"{name}.pid", Path("x")).running()
         shutil.rmtree(base, ignore_errors=True)
@@ -251,12 +251,28 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     code, out = run_cli(project, None, "status")
     assert code == 0 and out.startswith("production: v0003 ") and "files verified" in out, out
 
+    # The killed run had sent its heartbeat (the zombie automation's input), and the automation is there.
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from flows.team import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+
+    with client_for(api) as c:
+        beats = c.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])),
+                             limit=10)  # the client's default, 100, is over the server's limit of 50
+        (automation,) = c.read_automations_by_name(ZOMBIE_AUTOMATION)
+    assert beats.events, "no heartbeat of the killed run reached the server"
+    assert automation.trigger.posture == "Proactive" and automation.trigger.within.total_seconds() == ZOMBIE_AFTER_S
+    assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "CRASHED"
+
     # Down: no process of the stack remains; down again has nothing to do.
     cluster = PgCluster(project / ".shrinkflow/team/postgres")
     pg_port, server = cluster._last_port(), pid_file(project, "server")
     code, out = team(project, "down")
-    assert code == 0 and out.strip().endswith("stopped: the worker " + run.labels["prefect.worker.name"]
-                                              + ", the Prefect server, PostgreSQL"), out
+    stopped = re.fullmatch(r"stopped: ((?:flow run '[^']+' \(pid \d+\), )*)the worker (\S+), the Prefect server, "
+                           r"PostgreSQL", out.strip())
+    assert code == 0 and stopped and stopped.group(2) == run.labels["prefect.worker.name"], out
+    stopped_runs = re.findall(r"flow run '([^']+)'", stopped.group(1))  # a monitor run in flight, if any
     left = [p.info for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE  # dead; reaped by whoever adopted it
             and (p.pid in (server, new_worker) or str(project) in " ".join(p.info["cmdline"] or [])
@@ -272,3 +288,18 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     with client_for(api) as c:
         assert c.read_flow_run(run.id).state_type.value == "CRASHED"
         assert c.read_flow_run(mon.id).state_type.value == "COMPLETED"
+        for r in runs_of(api, "shrinkflow-monitor"):
+            if r.name in stopped_runs:
+                assert r.state_type.value == "CRASHED" and r.state.message == "stopped by shrinkflow team down"
+
+
+def test_a_schedule_that_cannot_run_starts_nothing_and_env_prints_what_prefect_yaml_reads(tmp_path):
+    from tests.conftest import bare_project
+
+    root = bare_project(tmp_path)
+    code, out = team(root, "up", "--cron", "0 0 31 2 *")
+    assert code == 2 and "--cron '0 0 31 2 *'" in out, out
+    assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]  # no .shrinkflow/team
+    code, out = team(root, "env", "--pool", "ml")
+    assert code == 0 and out.splitlines() == [f"export SHRINKFLOW_PROJECT_DIR={root}",
+                                              "export SHRINKFLOW_WORK_POOL=ml"], out
