@@ -12,6 +12,12 @@ command that started them, and ``down`` (or another ``up``) finds them by
 their pid files. ``stack.json`` remembers the ports and names a second ``up``
 reuses.
 
+The schedules: prefect.yaml writes params.yaml's out (Prefect validates the
+file before it fills any template, so an interval cannot be one); ``up``
+deploys the validated params' (or its flags') through a copy of prefect.yaml
+with them, ``.shrinkflow/team/prefect.yaml`` (``render_prefect_yaml``), and
+tests/test_team.py keeps the committed two files in agreement.
+
 Pointing the same pieces elsewhere: with ``PREFECT_API_DATABASE_CONNECTION_URL``
 set, the server uses that database and no cluster is created; with
 ``PREFECT_API_URL`` set, that server is used and neither PostgreSQL nor a
@@ -62,7 +68,7 @@ DATABASE = "prefect"
 HEARTBEAT_S = 30
 ZOMBIE_AFTER_S = 90
 ZOMBIE_AUTOMATION = "shrinkflow: crash flow runs whose heartbeats stopped"
-SERVER_STARTUP_S = float(os.environ.get("SHRINKFLOW_TEAM_STARTUP_TIMEOUT_S", "300"))
+STARTUP_TIMEOUT_ENV = "SHRINKFLOW_TEAM_STARTUP_TIMEOUT_S"   # how long up waits for the server (default 300 s)
 IN_FLIGHT = ("RUNNING", "PENDING", "CANCELLING")
 
 
@@ -524,7 +530,8 @@ class TeamStack:
         pid = self.server.start(server.command(), server.environment(), cwd=self.dir)
         self.emit(f"Prefect server: starting on {server.url} (pid {pid}, log "
                   f"{self.server.log_file.relative_to(self.root)}) ...")
-        deadline = time.monotonic() + SERVER_STARTUP_S
+        startup_s = float(self.environ.get(STARTUP_TIMEOUT_ENV, "300"))
+        deadline = time.monotonic() + startup_s
         import prefect.client.orchestration  # noqa: F401  (seconds of imports, while the server boots)
         while not _ready(server.api_url, timeout_s=2):
             if not self.server.running():
@@ -532,7 +539,8 @@ class TeamStack:
                                 f"{self._log_since(self.server.log_file, log_start)}")
             if time.monotonic() > deadline:
                 self.server.stop()
-                raise TeamError(f"the Prefect server did not answer within {SERVER_STARTUP_S:.0f} s; log "
+                raise TeamError(f"the Prefect server was not ready within {startup_s:.0f} s "
+                                f"({STARTUP_TIMEOUT_ENV}); log "
                                 f"{self.server.log_file}:\n{self._log_since(self.server.log_file, log_start)}")
             time.sleep(0.5)
         self._save(server_port=port)

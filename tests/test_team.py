@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ import pytest
 
 from tests.e2e import TINY, copy_project, run_cli, write_params
 
-# A real PostgreSQL, Prefect server and worker: about a minute in all.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The two tests on the stack (slow) start a real PostgreSQL, Prefect server
+# and worker: about a minute in all; the two others take a second or two.
 
 LIFECYCLE_EVERY_S = 5
 MONITOR_EVERY_S = 20
@@ -62,7 +61,7 @@ def stack():
     finally:
         from flows.team import TeamStack
 
-        TeamStack(project).down(grace_s=3.0)  # `team down` itself is tested above, with Prefect's own grace
+        TeamStack(project).down(grace_s=0.5)  # `team down` itself is tested above, with its default grace
         for name in ("server", "worker"):
             assert not Detached(name, project / ".shrinkflow/team" / f"{name}.pid", Path("x")).running()
         shutil.rmtree(base, ignore_errors=True)
@@ -111,6 +110,8 @@ def pid_file(project: Path, name: str) -> int:
     return pid
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_up_puts_prefect_on_postgresql_with_the_params_schedules_and_no_password_in_files(stack):
     import psycopg
 
@@ -179,6 +180,8 @@ def test_prefect_yaml_declares_params_yamls_schedules_and_prefect_reads_what_tea
                                                            for d in yaml.safe_load(text)["deployments"]]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_data(stack):
     """The scheduler makes the runs, the worker runs them. SIGKILL to the
     worker's process group mid-run: the run's own process group (Prefect
