@@ -714,6 +714,11 @@ class TeamStack:
                 continue
             if kill_group(group, grace_s):
                 stopped.append(f"flow run {run.name!r} (pid {pid})")
+        # Runs the server could not tell about (it is down): found by the
+        # worker's name in their environment, which Prefect sets.
+        for group, run_id in self._run_groups().items():
+            if kill_group(group, grace_s):
+                stopped.append(f"flow run {run_id} (pid {group}; the server did not answer)")
         if self.worker.stop(grace_s):
             stopped.append(f"the worker {self.worker_name}")
         if live:
@@ -729,6 +734,23 @@ class TeamStack:
             self.cluster.stop()
             stopped.append("PostgreSQL")
         return stopped
+
+    def _run_groups(self) -> dict[int, str]:
+        """The process groups of flow runs this checkout's worker started
+        that still run on this host: {process group: flow run id}, from
+        each process's PREFECT__WORKER_NAME and PREFECT__FLOW_RUN_ID."""
+        import psutil
+
+        groups = {}
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                env = proc.environ()
+                if env.get("PREFECT__WORKER_NAME") == self.worker_name and env.get("PREFECT__FLOW_RUN_ID") \
+                        and proc.status() != psutil.STATUS_ZOMBIE:
+                    groups.setdefault(os.getpgid(proc.pid), env["PREFECT__FLOW_RUN_ID"])
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return groups
 
     # ----------------------------------------------------------- status
     def status(self) -> TeamStatus:
