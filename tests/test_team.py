@@ -240,6 +240,9 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
         state = c.read_flow_run(run.id).state
     assert state.type.value == "CRASHED" and f"(pid {engine.pid}) is gone" in state.message
 
+    code, out = run_cli(project, None, "status")  # while the new worker starts its first run
+    assert code == 0 and out.startswith("production: v0003 ") and "files verified" in out, out
+
     # The new worker runs the next scheduled monitor run to completion.
     def finished_monitor():
         return next((r for r in runs_of(api, "shrinkflow-monitor")
@@ -251,8 +254,6 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     assert mon.state_type.value == "COMPLETED" and mon.auto_scheduled, mon.state
     worker_log = (project / ".shrinkflow/team/worker.log").read_text().rsplit("starting the Prefect worker", 1)[1]
     assert str(mon.id) in worker_log
-    code, out = run_cli(project, None, "status")
-    assert code == 0 and out.startswith("production: v0003 ") and "files verified" in out, out
 
     # The killed run had sent its heartbeat (the zombie automation's input), and the automation is there.
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
