@@ -494,7 +494,7 @@ class TeamStack:
             self.emit(f"PostgreSQL: reusing the cluster in {self.cluster.root.relative_to(self.root)}/ (its data)")
         was_running = self.cluster.running()
         self.cluster.start()
-        port = self.cluster._last_port()
+        port = self.cluster.last_port()
         self.emit(f"PostgreSQL: {'running' if was_running else 'started'} on {self.cluster.host}:{port} "
                   f"(log {self.cluster.log_file.relative_to(self.root)})")
         if self.cluster.create_database(DATABASE):
@@ -763,7 +763,7 @@ class TeamStack:
             pieces.append(PieceStatus("PostgreSQL", True, "the server's own (not managed here)"))
         elif self.cluster.initialized():
             up = self.cluster.running()
-            pieces.append(PieceStatus("PostgreSQL", up, f"{self.cluster.host}:{self.cluster._last_port()}, data in "
+            pieces.append(PieceStatus("PostgreSQL", up, f"{self.cluster.host}:{self.cluster.last_port()}, data in "
                                       f"{self.cluster.root.relative_to(self.root)}/"))
         else:
             pieces.append(PieceStatus("PostgreSQL", False, "no cluster yet (shrinkflow team up creates it)"))

@@ -271,7 +271,7 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
 
     # Down: no process of the stack remains; down again has nothing to do.
     cluster = PgCluster(project / ".shrinkflow/team/postgres")
-    pg_port, server = cluster._last_port(), pid_file(project, "server")
+    pg_port, server = cluster.last_port(), pid_file(project, "server")
     code, out = team(project, "down")
     stopped = re.fullmatch(r"stopped: ((?:flow run '[^']+' \(pid \d+\), )*)the worker (\S+), the Prefect server, "
                            r"PostgreSQL", out.strip())
