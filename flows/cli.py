@@ -61,6 +61,12 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "schedule": {ExitCode.OK: "stopped by Ctrl-C or SIGTERM",
                  ExitCode.USAGE: _USAGE + "; or a cron with no next run, or both --cron and --interval" + _ADOPT,
                  ExitCode.CRASH: "the Prefect server or the runner failed"},
+    "team": {ExitCode.OK: "up: the stack runs (its UI's address is printed); down: none of it runs (also when "
+                          "none did); status: every piece runs; env: printed",
+             ExitCode.USAGE: _USAGE + "; or a cron with no next run, or both --cron and --interval" + _ADOPT,
+             ExitCode.CRASH: "up: a piece could not start, be reached or deploy (its log's tail is printed); "
+                             "status: some pieces run and others do not",
+             ExitCode.NOTHING: "status: none of the stack runs"},
     "ui": {ExitCode.OK: "stopped by Ctrl-C or SIGTERM", ExitCode.USAGE: _USAGE,
            ExitCode.CRASH: "the Prefect server could not start or stopped by itself"},
     "simulate-traffic": {ExitCode.OK: "every request got 200",
@@ -160,8 +166,8 @@ def _open_session(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
 ParamsOpt = Annotated[Optional[Path], typer.Option(
     "--params", metavar="FILE", callback=_open_session,
     help="params file (default: the project's params.yaml). Commands that run DVC stages (run, monitor, "
-         "schedule) make it the project's params.yaml, refusing if params.yaml has uncommitted changes; the "
-         "others only read it")]
+         "schedule, team up) make it the project's params.yaml, refusing if params.yaml has uncommitted "
+         "changes; the others only read it")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="on a crash, print its traceback")]
 
 
@@ -615,6 +621,89 @@ def schedule(ctx: typer.Context,
             if follower.repeats:
                 warn(f"(the Prefect server logged {follower.repeats} more errors like those above; "
                      f"see {follower.path})")
+
+
+class TeamAction(str, Enum):
+    up = "up"
+    down = "down"
+    status = "status"
+    env = "env"
+
+
+@_command("team", "The team stack: PostgreSQL, a Prefect server, a work pool and its worker.")
+def team(ctx: typer.Context,
+         action: TeamAction = typer.Argument(..., metavar="up|down|status|env",
+                                             help="up: start (or complete) the stack and deploy; down: stop all "
+                                                  "of it; status: say what runs; env: print the variables "
+                                                  "prefect.yaml reads (and the API), for `prefect deploy --all` by "
+                                                  "hand"),
+         cron: Optional[str] = typer.Option(None, "--cron", help="up: lifecycle cron (default: "
+                                            "monitor.lifecycle_cron / lifecycle_interval_minutes)"),
+         interval: Optional[int] = typer.Option(None, "--interval", min=1, help="up: lifecycle: seconds "
+                                                "between runs"),
+         monitor_cron: Optional[str] = typer.Option(None, "--monitor-cron", help="up: monitor cron (default: "
+                                                    "monitor.cron / interval_minutes)"),
+         monitor_interval: Optional[int] = typer.Option(None, "--monitor-interval", min=1,
+                                                        help="up: monitor: seconds between runs"),
+         pool: Optional[str] = typer.Option(None, "--pool", help="the process work pool (default: the last up's, "
+                                            "else shrinkflow)"),
+         host: str = typer.Option("127.0.0.1", "--host", help="up: address the Prefect server listens on"),
+         port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                            help="up: the Prefect server's port (default: the last up's when "
+                                                 "free, else 4200 when free, else a free one)"),
+         params: ParamsOpt = None, debug: DebugOpt = False):
+    """Run the project the way a team does, on this host: `up` initialises a PostgreSQL cluster in
+    .shrinkflow/team/ (or reuses it, its data and its port), starts a Prefect server on it, creates the
+    process work pool, deploys prefect.yaml (the lifecycle and the monitor, on params.yaml's schedules) and
+    starts a worker; they keep running after this command ends. `down` stops them all; `status` says what
+    runs. With PREFECT_API_DATABASE_CONNECTION_URL set the server uses that database; with PREFECT_API_URL set
+    that server is used and only the pool, the deployments and the worker are handled here (docs/team.md)."""
+    s = _session(ctx)
+    from flows.team import Schedules, TeamError, TeamStack, deploy_env
+
+    stack = TeamStack(s.root, pool=pool, host=host, port=port, emit=typer.echo)
+    if action is TeamAction.env:
+        import shlex
+
+        api = stack.api_url()
+        for k, v in {**({"PREFECT_API_URL": api} if api else {}), **deploy_env(s.root, stack.pool)}.items():
+            typer.echo(f"export {k}={shlex.quote(v)}")
+        return
+    if action is TeamAction.up:
+        m = s.params.monitor
+        c, i = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
+        mc, mi = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes, "monitor-")
+        schedules = Schedules(c, i, mc, mi, from_params=all(
+            v is None for v in (cron, interval, monitor_cron, monitor_interval)))
+        adopt_params(s)
+        from shrinkflow.pgcluster import PgClusterError
+
+        try:
+            ui_url = stack.up(schedules)
+        except (TeamError, PgClusterError) as exc:
+            raise _crash(exc, "team up", debug, message=f"{exc}\n(what is already up keeps running: "
+                                                        "`shrinkflow team status`; `shrinkflow team down` "
+                                                        "stops it)")
+        except Exception as exc:  # noqa: BLE001
+            raise _crash(exc, "team up", debug)
+        typer.echo(f"Prefect UI: {ui_url}  (API {stack.api_url()}); `shrinkflow team down` stops the stack")
+        return
+    if action is TeamAction.down:
+        try:
+            stopped = stack.down()
+        except Exception as exc:  # noqa: BLE001
+            raise _crash(exc, "team down", debug)
+        typer.echo("stopped: " + ", ".join(stopped) if stopped else "nothing of the team stack was running")
+        return
+    try:
+        st = stack.status()
+    except Exception as exc:  # noqa: BLE001
+        raise _crash(exc, "team status", debug)
+    typer.echo(st.text())
+    if st.none_running:
+        raise typer.Exit(ExitCode.NOTHING)
+    if not st.all_running:
+        raise typer.Exit(ExitCode.CRASH)
 
 
 @_command("ui", "Browse past runs in Prefect's UI.")

@@ -225,6 +225,11 @@ class PgCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------ clients
+    def last_port(self) -> int | None:
+        """The port of the last start (kept in ``root``), or None before the
+        first start."""
+        return self._last_port()
+
     def _last_port(self) -> int | None:
         try:
             return int(self._port_file.read_text().strip())

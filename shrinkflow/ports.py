@@ -14,8 +14,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether ``port`` on ``host`` can be bound now."""
+    """Whether a server can listen on ``port`` on ``host`` now. With
+    SO_REUSEADDR, as uvicorn and PostgreSQL bind: connections of a server
+    just stopped (TIME_WAIT) do not make its port look taken, so a restart
+    gets the same port back; a listening socket still does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

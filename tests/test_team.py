@@ -1,0 +1,309 @@
+"""The team stack (issue 18, item 1): `shrinkflow team up|down|status` runs
+a real PostgreSQL cluster, a real Prefect server on it, a process work pool,
+the deployments of prefect.yaml and a real `prefect worker`, detached, in a
+git+DVC copy of the project; the server's scheduler creates the runs and
+the worker executes them. Then the worker is killed mid-run (SIGKILL to its
+process group) and started again.
+
+One stack for the module (starting it is most of the cost). The copy lives
+under a 0755 directory in /tmp: PostgreSQL runs as the `postgres` user,
+which cannot traverse pytest's 0700 temporary directories.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import TINY, copy_project, run_cli, write_params
+
+# The two tests on the stack (slow) start a real PostgreSQL, Prefect server
+# and worker: about a minute in all; the two others take a second or two.
+
+LIFECYCLE_EVERY_S = 5
+MONITOR_EVERY_S = 20
+# The worker asks for runs every second (Prefect's default is 10 s).
+FAST = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+
+
+def team(project: Path, *args: str) -> tuple[int, str]:
+    return run_cli(project, None, "team", *args, extra_env=FAST)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """The project copy with the stack up: the lifecycle every 5 s, the
+    monitor every 20 s, and production v0003 in its registry (files that
+    verify). Yields (project, what `team up` printed, the API's URL)."""
+    from shrinkflow.detached import Detached
+    from tests.registry_outputs import build
+
+    base = Path(tempfile.mkdtemp(prefix="shrinkflow-team-"))
+    os.chmod(base, 0o755)
+    project = copy_project(base / "project")
+    write_params(project / "params.yaml", TINY)
+    build(project / "registry", "v0003")
+    try:
+        code, out = team(project, "up", "--interval", str(LIFECYCLE_EVERY_S),
+                         "--monitor-interval", str(MONITOR_EVERY_S))
+        assert code == 0, out
+        api = re.search(r"\(API (http://127\.0\.0\.1:\d+/api)\)", out).group(1)
+        yield project, out, api
+    finally:
+        from flows.team import TeamStack
+
+        TeamStack(project).down(grace_s=0.5)  # `team down` itself is tested above, with its default grace
+        for name in ("server", "worker"):
+            assert not Detached(name, project / ".shrinkflow/team" / f"{name}.pid", Path("x")).running()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def client_for(api: str):
+    from flows.team import _client
+
+    return _client(api)
+
+
+def runs_of(api: str, flow: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with client_for(api) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+
+def wait_for(pred, what: str, timeout_s: float = 120.0, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every_s)
+    raise AssertionError(f"no {what} within {timeout_s:.0f} s")
+
+
+def gone(pid: int) -> bool:
+    """The process is dead (a zombie nobody reaped counts as dead)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pid_file(project: Path, name: str) -> int:
+    from shrinkflow.detached import Detached
+
+    pid = Detached(name, project / ".shrinkflow/team" / f"{name}.pid", Path("x")).pid
+    assert pid is not None, f"no live {name}"
+    return pid
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_up_puts_prefect_on_postgresql_with_the_params_schedules_and_no_password_in_files(stack):
+    import psycopg
+
+    from shrinkflow.pgcluster import PgCluster
+
+    project, out, api = stack
+    assert "PostgreSQL: initialised a cluster in .shrinkflow/team/postgres/" in out
+    assert "work pool: created 'shrinkflow' (type process)" in out
+    assert "worker: online in pool 'shrinkflow'" in out
+    cluster = PgCluster(project / ".shrinkflow/team/postgres")
+    # The server's state is in PostgreSQL: its deployment table holds both.
+    with psycopg.connect(cluster.url("prefect"), passfile=str(cluster.passfile), connect_timeout=10) as con:
+        names = sorted(r[0] for r in con.execute("SELECT name FROM deployment").fetchall())
+    assert names == ["team", "team"]
+    assert oct(cluster.passfile.stat().st_mode & 0o777) == "0o600"
+    password = cluster.passfile.read_text().strip().rsplit(":", 1)[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=project, capture_output=True, text=True).stdout.split()
+    leaks = [f for f in tracked + [".shrinkflow/team/stack.json", ".shrinkflow/team/deploy.log"]
+             if (project / f).is_file() and password in (project / f).read_text(errors="replace")]
+    assert not leaks
+    for name in ("server", "worker"):  # not on a command line either
+        import psutil
+
+        assert password not in " ".join(psutil.Process(pid_file(project, name)).cmdline())
+    # prefect.yaml's schedules as the flags gave them, and where the runs start.
+    with client_for(api) as c:
+        life = c.read_deployment_by_name("shrinkflow-lifecycle/team")
+        mon = c.read_deployment_by_name("shrinkflow-monitor/team")
+    assert [s.schedule.interval for s in life.schedules] == [datetime.timedelta(seconds=LIFECYCLE_EVERY_S)]
+    assert [s.schedule.interval for s in mon.schedules] == [datetime.timedelta(seconds=MONITOR_EVERY_S)]
+    assert life.work_pool_name == mon.work_pool_name == "shrinkflow"
+    assert life.parameters == {"project_dir": str(project)}
+    assert life.job_variables["working_dir"] == str(project)
+
+
+def test_prefect_yaml_declares_params_yamls_schedules_and_prefect_reads_what_team_up_renders():
+    """The committed prefect.yaml's schedules are the committed params.yaml's
+    (as `team up` maps them); and what `team up` deploys (prefect.yaml with
+    other schedules) passes Prefect's own prefect.yaml validation, and
+    Prefect's deploy code reads its schedules back unchanged."""
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+
+    from flows.cli import _schedule_of
+    from flows.team import Schedules, declared_schedules, render_prefect_yaml
+    from shrinkflow.config import load_params
+    from tests.conftest import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "prefect.yaml").read_text()
+    m = load_params(PROJECT_ROOT / "params.yaml").monitor
+    params = Schedules(*_schedule_of(None, None, m.lifecycle_cron, m.lifecycle_interval_minutes, ""),
+                       *_schedule_of(None, None, m.cron, m.interval_minutes, "monitor-"))
+    assert declared_schedules(yaml.safe_load(text)) == {f: params.entries(f) for f in ("lifecycle", "monitor")}
+
+    other = Schedules(None, 5, "*/15 * * * *", None, from_params=False)
+    doc = yaml.safe_load(render_prefect_yaml(text, other))
+    PrefectYamlModel.model_validate(doc)
+    got = {d["entrypoint"]: [_schedule_config_to_deployment_schedule(e)["schedule"] for e in d["schedules"]]
+           for d in doc["deployments"]}
+    (life,), (mon,) = got["flows/lifecycle.py:lifecycle"], got["flows/monitor.py:monitor"]
+    assert life.interval == datetime.timedelta(seconds=5) and mon.cron == "*/15 * * * *"
+    assert mon.timezone == "UTC"
+    # everything else is prefect.yaml's
+    assert [d["work_pool"] for d in doc["deployments"]] == [d["work_pool"]
+                                                           for d in yaml.safe_load(text)["deployments"]]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_data(stack):
+    """The scheduler makes the runs, the worker runs them. SIGKILL to the
+    worker's process group mid-run: the run's own process group (Prefect
+    isolates it) survives; left alone it would finish and report (seen by
+    hand, docs/team.md). When that process dies too (the host went down),
+    the run stays Running on the server: `team down` stops the rest and
+    leaves no process (twice: idempotent), and `team up` comes back on the
+    same data and ports, marks the run Crashed and starts a worker that runs
+    the next scheduled monitor run; the registry verifies."""
+    import psutil
+
+    from shrinkflow.pgcluster import PgCluster
+
+    project, _, api = stack
+    worker = pid_file(project, "worker")
+
+    # A scheduled lifecycle run, executed by a child process of the worker.
+    def running_lifecycle():
+        return next((r for r in runs_of(api, "shrinkflow-lifecycle")
+                     if r.state_type.value == "RUNNING" and r.infrastructure_pid), None)
+
+    run = wait_for(running_lifecycle, "running lifecycle run", 120)
+    assert run.auto_scheduled and run.labels["prefect.worker.name"].startswith("shrinkflow-")
+    engine = psutil.Process(int(run.infrastructure_pid))
+    assert engine.ppid() == worker  # the worker started it, not a CLI
+    with client_for(api) as c:  # one lifecycle run is enough here: no more of them
+        c.pause_deployment(run.deployment_id)
+        for r in runs_of(api, "shrinkflow-lifecycle"):
+            if r.state_type.value == "SCHEDULED":
+                c.delete_flow_run(r.id)
+
+    os.killpg(worker, signal.SIGKILL)
+    wait_for(lambda: gone(worker), "the killed worker gone", 10, 0.1)
+    time.sleep(1.0)
+    assert not gone(engine.pid)  # its own process group: the worker's death did not reach it
+    # The host goes down with it: the run's process dies too.
+    os.killpg(engine.pid, signal.SIGKILL)
+    wait_for(lambda: gone(engine.pid), "the killed run's process gone", 10, 0.1)
+    with client_for(api) as c:
+        assert c.read_flow_run(run.id).state_type.value == "RUNNING"  # nothing on the server ends it
+    from flows.team import TeamStack
+
+    status = TeamStack(project).status()  # what `team status` prints, and its exit code 3
+    out = status.text()
+    assert not status.all_running and not status.none_running, out
+    assert re.search(r"^worker\s+stopped\s+pid \d+ in worker.pid is gone", out, re.M), out
+    assert f"{run.name} (id {run.id}): Running, pid {engine.pid}: its process is gone" in out
+
+    # Up: the server and PostgreSQL run on; the lost run is marked Crashed, a new worker starts.
+    code, out = team(project, "up", "--interval", str(LIFECYCLE_EVERY_S), "--monitor-interval", str(MONITOR_EVERY_S))
+    assert code == 0, out
+    assert "Prefect server: running" in out and "deployments: unchanged" in out, out
+    assert f"flow run {run.name!r}: Crashed: its worker" in out, out
+    new_worker = pid_file(project, "worker")
+    with client_for(api) as c:
+        state = c.read_flow_run(run.id).state
+    assert state.type.value == "CRASHED" and f"(pid {engine.pid}) is gone" in state.message
+
+    code, out = run_cli(project, None, "status")  # while the new worker starts its first run
+    assert code == 0 and out.startswith("production: v0003 ") and "files verified" in out, out
+
+    # The new worker runs the next scheduled monitor run to completion.
+    def finished_monitor():
+        return next((r for r in runs_of(api, "shrinkflow-monitor")
+                     if r.state_type.value in ("COMPLETED", "FAILED", "CRASHED")
+                     and r.start_time and r.start_time.timestamp() > psutil.Process(new_worker).create_time()),
+                    None)
+
+    mon = wait_for(finished_monitor, "monitor run by the new worker", 120)
+    assert mon.state_type.value == "COMPLETED" and mon.auto_scheduled, mon.state
+    worker_log = (project / ".shrinkflow/team/worker.log").read_text().rsplit("starting the Prefect worker", 1)[1]
+    assert str(mon.id) in worker_log
+
+    # The killed run had sent its heartbeat (the zombie automation's input), and the automation is there.
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from flows.team import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+
+    with client_for(api) as c:
+        beats = c.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])),
+                             limit=10)  # the client's default, 100, is over the server's limit of 50
+        (automation,) = c.read_automations_by_name(ZOMBIE_AUTOMATION)
+    assert beats.events, "no heartbeat of the killed run reached the server"
+    assert automation.trigger.posture == "Proactive" and automation.trigger.within.total_seconds() == ZOMBIE_AFTER_S
+    assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "CRASHED"
+
+    # Down: no process of the stack remains; down again has nothing to do.
+    cluster = PgCluster(project / ".shrinkflow/team/postgres")
+    pg_port, server = cluster.last_port(), pid_file(project, "server")
+    code, out = team(project, "down")
+    stopped = re.fullmatch(r"stopped: ((?:flow run '[^']+' \(pid \d+\), )*)the worker (\S+), the Prefect server, "
+                           r"PostgreSQL", out.strip())
+    assert code == 0 and stopped and stopped.group(2) == run.labels["prefect.worker.name"], out
+    stopped_runs = re.findall(r"flow run '([^']+)'", stopped.group(1))  # a monitor run in flight, if any
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE  # dead; reaped by whoever adopted it
+            and (p.pid in (server, new_worker) or str(project) in " ".join(p.info["cmdline"] or [])
+                 or (p.info["cwd"] or "").startswith(str(project)))]
+    assert not left and not cluster.running()
+    assert TeamStack(project).down() == []  # `team down` again: "nothing of the team stack was running"
+
+    # Up again: the same cluster, its data (the runs above) and the same ports.
+    code, out = team(project, "up", "--interval", str(LIFECYCLE_EVERY_S), "--monitor-interval", str(MONITOR_EVERY_S))
+    assert code == 0, out
+    assert "PostgreSQL: reusing the cluster" in out and f"started on 127.0.0.1:{pg_port}" in out, out
+    assert f"(API {api})" in out and "deployments: unchanged" in out, out
+    with client_for(api) as c:
+        assert c.read_flow_run(run.id).state_type.value == "CRASHED"
+        assert c.read_flow_run(mon.id).state_type.value == "COMPLETED"
+        for r in runs_of(api, "shrinkflow-monitor"):
+            if r.name in stopped_runs:
+                assert r.state_type.value == "CRASHED" and r.state.message == "stopped by shrinkflow team down"
+
+
+def test_a_schedule_that_cannot_run_starts_nothing_and_env_prints_what_prefect_yaml_reads(tmp_path):
+    from tests.conftest import bare_project
+
+    root = bare_project(tmp_path)
+    code, out = team(root, "up", "--cron", "0 0 31 2 *")
+    assert code == 2 and "--cron '0 0 31 2 *'" in out, out
+    assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]  # no .shrinkflow/team
+    code, out = team(root, "env", "--pool", "ml")
+    assert code == 0 and out.splitlines() == [f"export SHRINKFLOW_PROJECT_DIR={root}",
+                                              "export SHRINKFLOW_WORK_POOL=ml"], out
