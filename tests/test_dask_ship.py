@@ -1,0 +1,250 @@
+"""Candidates built on a Dask cluster whose workers do not see the project
+(compress.runner.dask_address, shrinkflow.compress.ship): a real `dask
+scheduler` and two `dask worker` processes on loopback, each started in an
+empty directory of its own and, when we are root, in a mount namespace where
+pytest's temporary directories (the project, the tiny teacher) are hidden
+under an empty tmpfs. The inputs travel through Dask, the candidates come
+back hash-checked into the candidate cache; a worker killed mid-build is
+restarted by its nanny and the build completes on the other worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shrinkflow.config import Candidate, DistillStep, QuantizeStep
+from tests.conftest import PROJECT_ROOT, terminate_group
+
+# The tiny teacher has 2 layers: a 1-layer student of its layer 0.
+STUDENT = Candidate(name="student", recipe=(DistillStep(layers=(0,), epochs=1), QuantizeStep()))
+INT8 = Candidate(name="int8", recipe=(QuantizeStep(),))
+# What a build imports, loaded by each worker's nanny before it forks the worker.
+PRELOAD = ("torch", "transformers", "onnx", "onnxruntime", "tasks.compress", "shrinkflow.compress.ship")
+# Hiding a directory from the workers takes a mount namespace (root only).
+HIDE = os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def dask_cli() -> str:
+    return str(Path(sys.executable).with_name("dask"))
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory, prefect_api):
+    """A `dask scheduler` and two `dask worker`s (one single-threaded worker
+    process each, under a nanny) on loopback. Yields (address, a Client, the
+    directory the processes run in and log to)."""
+    from distributed import Client
+
+    from shrinkflow.ports import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="shrinkflow-dask-"))  # outside pytest's tree: the workers see it
+    hidden = tmp_path_factory.getbasetemp()
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = []
+
+    def start(name: str, *args: str) -> None:
+        home = base / name
+        home.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(home), "TMPDIR": str(home),
+               "PREFECT_HOME": str(home / ".prefect"), "PREFECT_API_URL": prefect_api,
+               "SHRINKFLOW_CACHE_DIR": str(home / "cache"),
+               # the nanny imports the build's libraries once (--preload-nanny) and
+               # forks its worker process: a restarted worker is up in a second
+               "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "fork"}
+        cmd = [dask_cli(), *args]
+        if HIDE:
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(hidden), *cmd]
+        log = open(base / f"{name}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+
+    start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
+    for name in ("worker-a", "worker-b"):
+        start(name, "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
+              "--no-dashboard", "--name", name, "--local-directory", str(base / name),
+              *[a for m in PRELOAD for a in ("--preload-nanny", m)])
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(base.glob("*.log")))
+
+    try:
+        client = Client(address, timeout=120)
+        try:
+            client.wait_for_workers(2, timeout=120)
+        except Exception:
+            raise AssertionError("the workers did not join:\n" + logs())
+        yield address, client, base, logs
+        client.close()
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, log in procs[::-1]:
+            terminate_group(proc, timeout_s=30)
+            log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def dask_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, address: str, candidates) -> Path:
+    """A project with the tiny teacher, the training split and ``candidates``,
+    built on the scheduler at ``address`` (the workers do not share its disk)."""
+    root = tmp_path / "proj"
+    shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
+    (root / "data" / "prepared").mkdir(parents=True)
+    (root / "data" / "unlabelled" / "warm_start").mkdir(parents=True)
+    (root / "data" / "unlabelled" / "texts.txt").write_text("")
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    small_splits["train"].to_parquet(root / "data" / "prepared" / "train.parquet", index=False)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["train"]["threads"] = 2
+    params["compress"]["runner"] = {"kind": "dask", "max_workers": 2, "dask_address": address}
+    params["compress"]["candidates"] = [c.model_dump(mode="json") for c in candidates]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def compress(root: Path) -> dict:
+    from shrinkflow.files import read_json
+    from shrinkflow.paths import METRICS_COMPRESS
+    from stages.common import run_stage
+    from stages.compress import compress as stage
+
+    assert run_stage("compress", stage, root) == 0
+    return read_json(root / METRICS_COMPRESS)["candidates"]
+
+
+def built_by(record: dict) -> int:
+    """The process id in a shipped build's ``built_on``."""
+    return int(re.search(r"\(pid (\d+),", record["built_on"]).group(1))
+
+
+def assert_in_cache(root: Path, name: str) -> None:
+    """The candidate in the project is, file for file, an entry of the
+    candidate cache, whose recorded sha256 its files match."""
+    from shrinkflow.compress.cache import BUILD_INFO
+    from shrinkflow.files import file_hashes, read_json
+    from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES
+
+    placed = file_hashes(root / CANDIDATES / name)
+    assert any(read_json(entry / BUILD_INFO)["files"] == placed == file_hashes(entry / "model")
+               for entry in (root / CANDIDATE_CACHE).iterdir() if not entry.name.startswith(".")), name
+
+
+def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, tmp_path, tiny_teacher_dir,
+                                                                  small_splits):
+    """Two candidates (one distilled: its student sidecar comes back too) on
+    two workers; the worker that picks up a build first is SIGKILLed at
+    once: its nanny restarts it, Dask runs the build again, and every
+    candidate lands whole, built by a live worker, hash-checked in the
+    candidate cache. A second run copies both from the client's cache."""
+    from shrinkflow.files import file_hashes
+    from shrinkflow.paths import CANDIDATES, STUDENTS
+    from shrinkflow.predictors import load_predictor
+
+    address, client, base, logs = dask_cluster
+    root = dask_project(tmp_path, tiny_teacher_dir, small_splits, address, [INT8, STUDENT])
+    seen = client.run(os.path.exists, str(root / "models" / "teacher"))
+    assert len(seen) == 2
+    if HIDE:
+        assert not any(seen.values()), seen  # the workers really cannot see the project
+    before = client.run(os.getpid)
+    killed: list[int] = []
+
+    def kill_the_first_builder():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for worker, keys in client.processing().items():
+                if any("build_shipped" in str(k) for k in keys):
+                    os.kill(before[worker], signal.SIGKILL)
+                    killed.append(before[worker])
+                    return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_the_first_builder, daemon=True)
+    watcher.start()
+    records = compress(root)
+    watcher.join(timeout=5)
+    assert killed, "no build task was seen on a worker:\n" + logs()
+    assert set(records) == {"int8", "student"}, logs()
+    for name, r in records.items():
+        # built by a live worker process (not here, not the killed one), in its own temporary directory
+        assert r["cached"] is False and built_by(r) != killed[0] and built_by(r) != os.getpid(), (r, killed)
+        assert str(base) in r["built_on"]
+        assert_in_cache(root, name)
+        assert load_predictor(root / CANDIDATES / name, threads=1).predict_logits(["a good film"]).shape == (1, 2)
+    assert (root / STUDENTS / "student" / "student.safetensors").is_file()  # the sidecar came back too
+    assert not any((root / ".shrinkflow" / "incoming").iterdir())
+    assert not any(p.name.startswith(".") for p in (root / CANDIDATES).iterdir())  # no half-written candidate
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+    assert killed[0] not in client.run(os.getpid).values()
+
+    first = {n: file_hashes(root / CANDIDATES / n) for n in records}
+    again = compress(root)  # unchanged: copied from the client's cache, nothing shipped
+    assert {n: r["cached"] for n, r in again.items()} == {n: True for n in records}
+    assert all("built_on" not in r for r in again.values())
+    assert {n: file_hashes(root / CANDIDATES / n) for n in again} == first
+
+
+def test_shipped_files_are_checked_both_ways(tmp_path, tiny_teacher_dir, small_splits, monkeypatch):
+    """In one process, the parts a worker and the client run: a warm-start
+    sidecar travels with its candidate; a changed byte, a path out of the
+    directory or other software is refused, and nothing is stored or placed."""
+    from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.compress.ship import FileSet, build_shipped, pack_inputs, pack_warm_start, receive
+    from shrinkflow.errors import RemoteBuildError
+    from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, STUDENTS, WARM_START
+
+    monkeypatch.setenv("SHRINKFLOW_CACHE_DIR", str(tmp_path / "worker-cache"))
+    root = dask_project(tmp_path, tiny_teacher_dir, small_splits, "tcp://127.0.0.1:1", [STUDENT])
+    inputs = pack_inputs(root)
+    assert pack_warm_start(root, STUDENT, inputs.teacher_hash) is None
+    built = build_shipped(inputs, STUDENT, None, opset=17, threads=1)
+    assert built.student is not None and built.record["cached"] is False
+
+    def tampered(files: FileSet, name: str) -> FileSet:
+        data = dict(files.data)
+        data[name] = data[name][:-1] + bytes([data[name][-1] ^ 1])
+        return FileSet(data, files.sha256)
+
+    key = candidate_keys(root, [STUDENT], 17, 1, False)["student"]
+    bad = [replace(built, model=tampered(built.model, "model.onnx")),
+           replace(built, student=tampered(built.student, "student.safetensors")),
+           replace(built, student=None),
+           replace(built, model=FileSet({**built.model.data, "../evil": b"x"},
+                                        {**built.model.sha256, "../evil": hashlib.sha256(b"x").hexdigest()}))]
+    for b in bad:
+        with pytest.raises(RemoteBuildError):
+            receive(root, STUDENT, b, key)
+        assert not (root / CANDIDATES / "student").exists() and not (root / STUDENTS / "student").exists()
+        assert not (root / CANDIDATE_CACHE).exists() and not (tmp_path / "evil").exists()
+    with pytest.raises(RemoteBuildError, match="do not match the sha256"):
+        build_shipped(replace(inputs, files=tampered(inputs.files, "data/prepared/train.parquet")), INT8, None,
+                      opset=17, threads=1)
+    other = {**inputs.software, "code": "0" * 64}
+    with pytest.raises(RemoteBuildError, match="other shrinkflow code"):
+        build_shipped(replace(inputs, software=other), INT8, None, opset=17, threads=1)
+
+    record = receive(root, STUDENT, built, key)
+    assert_in_cache(root, "student")
+    assert record["built_on"] == built.built_on
+    # the student as a re-compression stages it: the next build starts from it, on the worker
+    shutil.copytree(root / STUDENTS / "student", root / WARM_START / "student")
+    sidecar = pack_warm_start(root, STUDENT, inputs.teacher_hash)
+    assert sidecar is not None and "data/unlabelled/warm_start/student/student.safetensors" in sidecar.data
+    warm = build_shipped(inputs, STUDENT, sidecar, opset=17, threads=1)
+    assert warm.record["warm_start_from"]
