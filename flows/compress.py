@@ -43,6 +43,32 @@ def make_task_runner(runner: RunnerParams):
                                           "processes": True, "dashboard_address": None})
 
 
+def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
+    """Raise shrinkflow.errors.ClusterUnreachable unless the Dask scheduler at
+    ``address`` (tcp:// or tls://; Dask's defaults: tcp, port 8786) accepts a TCP
+    connection within ``timeout_s``: one clear line before any flow starts,
+    rather than Dask's traceback after its 30 s connect timeout. Other
+    schemes are left to Dask."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from shrinkflow.errors import ClusterUnreachable
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parse_host_port(location, default_port=8786)  # Dask's default
+    except ValueError as exc:
+        raise ClusterUnreachable(f"compress.runner.dask_address {address!r} is not a scheduler address: {exc}")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnreachable(f"the Dask scheduler at {address} (compress.runner.dask_address) does not answer: "
+                                 f"{exc}; start it or fix the address (docs/team.md)") from None
+
+
 @flow(name="shrinkflow-compress", log_prints=True)
 def compress_candidates(project_dir: str, candidates: list, opset: int, threads: int,
                         keys: dict | None = None, fuse: bool = False, ship: bool = False) -> dict:
@@ -97,6 +123,8 @@ def build_candidates(project_dir: str, candidates: list[Candidate], runner: Runn
     ``keys``; on a cluster that does not share it, from shipped inputs
     (``runner.ships_inputs``). Returns each candidate's record
     (shrinkflow.compress.build.build_candidate) by name."""
+    if runner.dask_address:
+        check_scheduler(runner.dask_address)
     flow_ = compress_candidates.with_options(task_runner=make_task_runner(runner))
     return flow_(project_dir=project_dir, candidates=candidates, opset=opset, threads=threads, keys=keys,
                  fuse=fuse, ship=runner.ships_inputs)

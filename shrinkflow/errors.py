@@ -91,6 +91,11 @@ class RemoteBuildError(RuntimeError):
     candidate cache or the project."""
 
 
+class ClusterUnreachable(RuntimeError):
+    """The Dask scheduler named by ``compress.runner.dask_address`` does not
+    accept a connection: nothing was built."""
+
+
 class ModelError(ValueError):
     """A teacher checkpoint (or a compression step on it) shrinkflow cannot
     use: an unsupported architecture, pickle-only weights."""
@@ -99,7 +104,7 @@ class ModelError(ValueError):
 # What a stage reports in one line (exit 1). Not FileNotFoundError: only the
 # deliberate MissingInput is an expected absence.
 HANDLED = (DataError, DataContractError, PromotionRefused, IntegrityError, RegistryError, ParamsChanged,
-           MissingInput, ModelError, RemoteBuildError)
+           MissingInput, ModelError, RemoteBuildError, ClusterUnreachable)
 
 
 class DeploymentMissing(RuntimeError):

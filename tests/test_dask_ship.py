@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from shrinkflow.config import Candidate, DistillStep, QuantizeStep
-from tests.conftest import PROJECT_ROOT, terminate_group
+from tests.conftest import PROJECT_ROOT
 
 # The tiny teacher has 2 layers: a 1-layer student of its layer 0.
 STUDENT = Candidate(name="student", recipe=(DistillStep(layers=(0,), epochs=1), QuantizeStep()))
@@ -91,11 +91,13 @@ def dask_cluster(tmp_path_factory, prefect_api):
         yield address, client, base, logs
         client.close()
     finally:
+        # Throwaway processes holding nothing: their whole groups (nanny and
+        # forked worker) go at once, not through a graceful close of each.
         for proc, _ in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, log in procs[::-1]:
-            terminate_group(proc, timeout_s=30)
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc, log in procs:
+            proc.wait(timeout=30)
             log.close()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -145,6 +147,7 @@ def assert_in_cache(root: Path, name: str) -> None:
                for entry in (root / CANDIDATE_CACHE).iterdir() if not entry.name.startswith(".")), name
 
 
+@pytest.mark.slow  # a scheduler, two workers and Prefect's test server: about 30 s
 def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, tmp_path, tiny_teacher_dir,
                                                                   small_splits):
     """Two candidates (one distilled: its student sidecar comes back too) on
@@ -248,3 +251,18 @@ def test_shipped_files_are_checked_both_ways(tmp_path, tiny_teacher_dir, small_s
     assert sidecar is not None and "data/unlabelled/warm_start/student/student.safetensors" in sidecar.data
     warm = build_shipped(inputs, STUDENT, sidecar, opset=17, threads=1)
     assert warm.record["warm_start_from"]
+
+
+def test_an_unreachable_scheduler_is_one_clear_line(tmp_path, tiny_teacher_dir, small_splits, capsys):
+    from shrinkflow.ports import free_port
+    from shrinkflow.paths import CANDIDATES
+    from stages.common import run_stage
+    from stages.compress import compress as stage
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    root = dask_project(tmp_path, tiny_teacher_dir, small_splits, address, [INT8])
+    assert run_stage("compress", stage, root) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: compress: the Dask scheduler at {address} (compress.runner.dask_address) "
+                              "does not answer: [Errno 111]"), err
+    assert not (root / CANDIDATES).exists()  # nothing was built
