@@ -87,7 +87,8 @@ def ship_candidates(root: Path, candidates: list, opset: int, threads: int, keys
     project's candidate cache is copied here; the others are built on the
     workers from inputs packed once (``ship.pack_inputs``) and each one's
     warm-start sidecar, and put in the project by ``ship.receive``. Each
-    candidate's record by name."""
+    candidate's record by name; when a build or a receive failed, the first
+    such error, raised once every other candidate has been received."""
     from prefect.context import FlowRunContext
 
     from shrinkflow.compress.build import cached_candidate
@@ -110,8 +111,16 @@ def ship_candidates(root: Path, candidates: list, opset: int, threads: int, keys
     futures = {c.name: build_shipped_candidate.submit(held, c, pack_warm_start(root, c, inputs.teacher_hash),
                                                       opset, threads, fuse)
                for c in todo}
+    failed = []
     for c in todo:
-        records[c.name] = receive(root, c, futures[c.name].result(), keys.get(c.name))
+        # Every candidate that came back whole lands in the cache even when
+        # another failed: the next run copies it instead of rebuilding it.
+        try:
+            records[c.name] = receive(root, c, futures[c.name].result(), keys.get(c.name))
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]
     return records
 
 
