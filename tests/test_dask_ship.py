@@ -194,6 +194,9 @@ def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, t
         assert_in_cache(root, name)
         assert load_predictor(root / CANDIDATES / name, threads=1).predict_logits(["a good film"]).shape == (1, 2)
     assert (root / STUDENTS / "student" / "student.safetensors").is_file()  # the sidecar came back too
+    # the teacher's outputs stayed on the worker's host, in its own cache
+    assert any((base / name / "cache" / "teacher_outputs").glob("*/entry.json") for name in named), logs()
+    assert not (root / ".shrinkflow" / "cache" / "teacher_outputs").exists()
     assert not any((root / ".shrinkflow" / "incoming").iterdir())
     assert not any(p.name.startswith(".") for p in (root / CANDIDATES).iterdir())  # no half-written candidate
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
