@@ -204,6 +204,14 @@ def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, t
     # what SIGKILL leaves behind (docs/team.md): the dead build's scratch project, on the worker's host only
     assert any((base / killed_name).glob("shrinkflow-build-*"))
 
+    # Prefect's record: the killed attempt is not left "Running"; each build's task run completed
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        shipped = [r for r in prefect.read_task_runs() if r.name.endswith("(shipped)")]
+    assert sorted((r.name, r.state_name) for r in shipped) == [("build int8 (shipped)", "Completed"),
+                                                              ("build student (shipped)", "Completed")]
+
     first = {n: file_hashes(root / CANDIDATES / n) for n in records}
     again = compress(root)  # unchanged: copied from the client's cache, nothing shipped
     assert {n: r["cached"] for n, r in again.items()} == {n: True for n in records}
