@@ -1,11 +1,12 @@
 """Candidates built on a Dask cluster whose workers do not see the project
 (compress.runner.dask_address, shrinkflow.compress.ship): a real `dask
 scheduler` and two `dask worker` processes on loopback, each started in an
-empty directory of its own and, when we are root, in a mount namespace where
-pytest's temporary directories (the project, the tiny teacher) are hidden
-under an empty tmpfs. The inputs travel through Dask, the candidates come
-back hash-checked into the candidate cache; a worker killed mid-build is
-restarted by its nanny and the build completes on the other worker."""
+empty directory of its own and (where the machine allows it: root, here) in
+a mount namespace where pytest's temporary directories (the project, the
+tiny teacher) are hidden under an empty tmpfs. The inputs travel through
+Dask, the candidates come back hash-checked into the candidate cache; a
+worker killed mid-build is restarted by its nanny and the build completes on
+a live worker."""
 
 from __future__ import annotations
 
@@ -33,8 +34,22 @@ STUDENT = Candidate(name="student", recipe=(DistillStep(layers=(0,), epochs=1), 
 INT8 = Candidate(name="int8", recipe=(QuantizeStep(),))
 # What a build imports, loaded by each worker's nanny before it forks the worker.
 PRELOAD = ("torch", "transformers", "onnx", "onnxruntime", "tasks.compress", "shrinkflow.compress.ship")
-# Hiding a directory from the workers takes a mount namespace (root only).
-HIDE = os.geteuid() == 0 and shutil.which("unshare") is not None
+# How the workers are kept from seeing pytest's temporary directories: an
+# empty tmpfs mounted over them in a mount namespace of their own.
+HIDE = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"']
+
+
+def can_hide(path: Path) -> bool:
+    """Whether this machine lets us mount over ``path`` in a private mount
+    namespace (root, and a container that allows it); warns when not."""
+    import warnings
+
+    ok = shutil.which("unshare") is not None and subprocess.run(
+        [*HIDE, str(path), "true"], capture_output=True).returncode == 0
+    if not ok:
+        warnings.warn("cannot hide the project from the Dask workers here (unshare/mount not permitted): "
+                      "they run without the mount namespace and could read it")
+    return ok
 
 
 def dask_cli() -> str:
@@ -45,13 +60,15 @@ def dask_cli() -> str:
 def dask_cluster(tmp_path_factory, prefect_api):
     """A `dask scheduler` and two `dask worker`s (one single-threaded worker
     process each, under a nanny) on loopback. Yields (address, a Client, the
-    directory the processes run in and log to)."""
+    directory the processes run in, a function returning their logs, whether
+    pytest's temporary directories are hidden from them)."""
     from distributed import Client
 
     from shrinkflow.ports import free_port
 
     base = Path(tempfile.mkdtemp(prefix="shrinkflow-dask-"))  # outside pytest's tree: the workers see it
     hidden = tmp_path_factory.getbasetemp()
+    hide = can_hide(hidden)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = []
@@ -66,9 +83,8 @@ def dask_cluster(tmp_path_factory, prefect_api):
                # forks its worker process: a restarted worker is up in a second
                "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "fork"}
         cmd = [dask_cli(), *args]
-        if HIDE:
-            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                   'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(hidden), *cmd]
+        if hide:
+            cmd = [*HIDE, str(hidden), *cmd]
         log = open(base / f"{name}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True), log))
@@ -88,7 +104,7 @@ def dask_cluster(tmp_path_factory, prefect_api):
             client.wait_for_workers(2, timeout=120)
         except Exception:
             raise AssertionError("the workers did not join:\n" + logs())
-        yield address, client, base, logs
+        yield address, client, base, logs, hide
         client.close()
     finally:
         # Throwaway processes holding nothing: their whole groups (nanny and
@@ -159,11 +175,11 @@ def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, t
     from shrinkflow.paths import CANDIDATES, STUDENTS
     from shrinkflow.predictors import load_predictor
 
-    address, client, base, logs = dask_cluster
+    address, client, base, logs, hidden = dask_cluster
     root = dask_project(tmp_path, tiny_teacher_dir, small_splits, address, [INT8, STUDENT])
     seen = client.run(os.path.exists, str(root / "models" / "teacher"))
     assert len(seen) == 2
-    if HIDE:
+    if hidden:
         assert not any(seen.values()), seen  # the workers really cannot see the project
     before = client.run(os.getpid)
     named = {info["name"]: address for address, info in client.scheduler_info()["workers"].items()}
