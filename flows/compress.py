@@ -86,13 +86,13 @@ def ship_candidates(root: Path, candidates: list, opset: int, threads: int, keys
     """Inside ``compress_candidates`` on a DaskTaskRunner: a candidate in the
     project's candidate cache is copied here; the others are built on the
     workers from inputs packed once (``ship.pack_inputs``) and each one's
-    warm-start sidecar, and put in the project by ``ship.receive``. Each
-    candidate's record by name; when a build or a receive failed, the first
-    such error, raised once every other candidate has been received."""
+    warm-start sidecar, and put in the project by ``ship.receive_all`` (which
+    keeps every candidate that came back, then raises the first failure).
+    Each candidate's record by name."""
     from prefect.context import FlowRunContext
 
     from shrinkflow.compress.build import cached_candidate
-    from shrinkflow.compress.ship import arrived, pack_inputs, pack_warm_start, receive
+    from shrinkflow.compress.ship import arrived, pack_inputs, pack_warm_start, receive_all
 
     records = {c.name: cached_candidate(root, c, keys[c.name]) if keys.get(c.name) else None for c in candidates}
     todo = [c for c in candidates if records[c.name] is None]
@@ -111,16 +111,7 @@ def ship_candidates(root: Path, candidates: list, opset: int, threads: int, keys
     futures = {c.name: build_shipped_candidate.submit(held, c, pack_warm_start(root, c, inputs.teacher_hash),
                                                       opset, threads, fuse)
                for c in todo}
-    failed = []
-    for c in todo:
-        # Every candidate that came back whole lands in the cache even when
-        # another failed: the next run copies it instead of rebuilding it.
-        try:
-            records[c.name] = receive(root, c, futures[c.name].result(), keys.get(c.name))
-        except Exception as exc:
-            failed.append(exc)
-    if failed:
-        raise failed[0]
+    records.update(receive_all(root, [(c, futures[c.name].result) for c in todo], keys))
     return records
 
 

@@ -240,7 +240,8 @@ def test_shipped_files_are_checked_both_ways(tmp_path, tiny_teacher_dir, small_s
     sidecar travels with its candidate; a changed byte, a path out of the
     directory or other software is refused, and nothing is stored or placed."""
     from shrinkflow.compress.keys import candidate_keys
-    from shrinkflow.compress.ship import FileSet, build_shipped, pack_inputs, pack_warm_start, receive
+    from shrinkflow.compress.ship import (FileSet, build_shipped, pack_inputs, pack_warm_start, receive,
+                                         receive_all)
     from shrinkflow.errors import RemoteBuildError
     from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, STUDENTS, WARM_START
 
@@ -274,9 +275,16 @@ def test_shipped_files_are_checked_both_ways(tmp_path, tiny_teacher_dir, small_s
     with pytest.raises(RemoteBuildError, match="other shrinkflow code"):
         build_shipped(replace(inputs, software=other), INT8, None, opset=17, threads=1)
 
-    record = receive(root, STUDENT, built, key)
+    def failed_build():
+        raise RuntimeError("the worker's build of 'broken' failed")
+
+    # a failed build does not cost the candidates that came back: they land, then the failure is raised
+    with pytest.raises(RuntimeError, match="build of 'broken' failed"):
+        receive_all(root, [(Candidate(name="broken"), failed_build), (STUDENT, lambda: built)], {"student": key})
     assert_in_cache(root, "student")
-    assert record["built_on"] == built.built_on
+    assert not (root / CANDIDATES / "broken").exists()
+    assert receive(root, STUDENT, built, key)["built_on"] == built.built_on  # again: the cached entry stays
+    assert_in_cache(root, "student")
     # the student as a re-compression stages it: the next build starts from it, on the worker
     shutil.copytree(root / STUDENTS / "student", root / WARM_START / "student")
     sidecar = pack_warm_start(root, STUDENT, inputs.teacher_hash)

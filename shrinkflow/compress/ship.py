@@ -36,6 +36,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from shrinkflow.compress.build import build_fresh, distils
 from shrinkflow.compress.cache import CandidateCache
@@ -314,3 +315,22 @@ def receive(root: Path, candidate: Candidate, built: BuiltCandidate, key: str | 
     print(f"compress: {name} built on {built.built_on} in {record['build_seconds']:.0f}s, "
           f"{built.model.size_bytes / 1e6:.1f} MB received, sha256 checked")
     return record
+
+
+def receive_all(root: Path, pending: list[tuple[Candidate, Callable[[], BuiltCandidate]]],
+                keys: dict[str, str]) -> dict[str, dict]:
+    """``receive`` each candidate of ``pending`` (candidate, a function that
+    waits for its build and returns it, or raises the build's error), in
+    order, under its key in ``keys``. Every candidate that came back whole
+    is received even when another failed, so the cache keeps it and the next
+    run copies it; then the first failure (of a build or of a ``receive``)
+    is raised. Returns each candidate's record by name."""
+    records, failed = {}, []
+    for candidate, result in pending:
+        try:
+            records[candidate.name] = receive(root, candidate, result(), keys.get(candidate.name))
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]
+    return records
