@@ -578,7 +578,9 @@ class RunnerParams(_Frozen):
     ``threads``/``processes`` run locally with ``max_workers`` at once; ``dask``
     uses prefect-dask's DaskTaskRunner: ``dask_address`` names a running
     scheduler (a user's cluster), null starts a LocalCluster of ``max_workers``
-    single-threaded worker processes. Torch threads per candidate are
+    single-threaded worker processes. A cluster's workers need not see the
+    project: unless ``dask_shared_filesystem`` says they do, the inputs travel
+    to them and the candidates back (``ships_inputs``). Torch threads per candidate are
     ``train.threads // max_workers`` (at least 1) so workers do not fight for
     cores.
     """
@@ -589,12 +591,28 @@ class RunnerParams(_Frozen):
     max_workers: Annotated[int, Field(ge=1, le=64)] = 1
     # kind: dask only: a running scheduler's address; null starts a LocalCluster.
     dask_address: str | None = None
+    # dask_address only: true when every worker sees the project at the same
+    # absolute path (a shared filesystem) and builds into it; false ships the
+    # inputs to the workers through Dask and the candidates back, hash-checked
+    # (shrinkflow.compress.ship). A LocalCluster always shares the client's disk.
+    dask_shared_filesystem: bool = False
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> "RunnerParams":
         if self.dask_address and self.kind != "dask":
             raise ValueError(f"dask_address is set but kind is {self.kind!r}, not 'dask'")
+        if self.dask_shared_filesystem and not self.dask_address:
+            raise ValueError("dask_shared_filesystem is set without dask_address: local workers (threads, "
+                             "processes, a LocalCluster) always share the project's disk")
         return self
+
+    @property
+    def ships_inputs(self) -> bool:
+        """Whether each build's inputs travel to the worker and the candidate
+        back (shrinkflow.compress.ship), rather than being read and written
+        in the project: a scheduler at ``dask_address`` whose workers do not
+        share the project's filesystem."""
+        return bool(self.dask_address) and not self.dask_shared_filesystem
 
 
 class CompressParams(_Frozen):

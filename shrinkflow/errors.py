@@ -82,6 +82,20 @@ class ParamsChanged(RuntimeError):
     """params.yaml changed while a run or stage was using it."""
 
 
+class RemoteBuildError(RuntimeError):
+    """A candidate built on a Dask worker that does not see the project
+    (shrinkflow.compress.ship) cannot be trusted: a file sent to or from the
+    worker does not match the sha256 it was sent with, a path in it escapes
+    its directory, or the worker runs other shrinkflow code or model library
+    versions than the client keyed the build with. Nothing was written to the
+    candidate cache or the project."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Dask scheduler named by ``compress.runner.dask_address`` does not
+    accept a connection: nothing was built."""
+
+
 class ModelError(ValueError):
     """A teacher checkpoint (or a compression step on it) shrinkflow cannot
     use: an unsupported architecture, pickle-only weights."""
@@ -90,7 +104,7 @@ class ModelError(ValueError):
 # What a stage reports in one line (exit 1). Not FileNotFoundError: only the
 # deliberate MissingInput is an expected absence.
 HANDLED = (DataError, DataContractError, PromotionRefused, IntegrityError, RegistryError, ParamsChanged,
-           MissingInput, ModelError)
+           MissingInput, ModelError, RemoteBuildError, ClusterUnreachable)
 
 
 class DeploymentMissing(RuntimeError):

@@ -19,3 +19,15 @@ def build_candidate(project_dir: str, candidate, opset: int, threads: int, key: 
     from shrinkflow.compress.build import build_candidate as build
 
     return build(project_dir, candidate, opset=opset, threads=threads, key=key, fuse=fuse)
+
+
+@task(name="build-candidate-shipped", task_run_name="build {candidate.name} (shipped)", cache_policy=NO_CACHE)
+def build_shipped_candidate(inputs, candidate, warm_start, opset: int, threads: int, fuse: bool = False):
+    """``shrinkflow.compress.ship.build_shipped`` as a task, for a Dask worker
+    that does not see the project: the candidate's files and record
+    (a ``BuiltCandidate``), which the flow checks and puts in the project."""
+    # NO_CACHE and no retries, as above. A worker that dies mid-build is not
+    # a retry of this task: Dask runs it again on another worker.
+    from shrinkflow.compress.ship import build_shipped
+
+    return build_shipped(inputs, candidate, warm_start, opset=opset, threads=threads, fuse=fuse)

@@ -71,6 +71,12 @@ def test_make_task_runner_kinds():
                       DaskTaskRunner)
     with pytest.raises(ValueError, match="dask_address is set"):
         RunnerParams(kind="threads", dask_address="tcp://127.0.0.1:8786")
+    # a scheduler's workers get the inputs shipped unless they share the project's disk
+    assert RunnerParams(kind="dask", dask_address="tcp://127.0.0.1:8786").ships_inputs
+    assert not RunnerParams(kind="dask", dask_address="tcp://127.0.0.1:8786", dask_shared_filesystem=True).ships_inputs
+    assert not RunnerParams(kind="dask").ships_inputs and not RunnerParams().ships_inputs
+    with pytest.raises(ValueError, match="dask_shared_filesystem is set without dask_address"):
+        RunnerParams(kind="dask", dask_shared_filesystem=True)
 
 
 def test_a_worker_that_cannot_see_the_project_says_so(tmp_path):

@@ -2,8 +2,10 @@
 its inputs did not change, else built from the kept teacher by its recipe.
 
 This is what one compress task runs (tasks.compress), wherever the task
-runner puts it: a thread, a process, or a Dask worker on another machine,
-which reads the project from its own filesystem.
+runner puts it: a thread, a process, or a Dask worker that sees the project
+at the same absolute path. A worker that does not see it builds into a
+project of its own that the inputs were shipped to (shrinkflow.compress.ship,
+which calls ``build_fresh``).
 """
 
 from __future__ import annotations
@@ -24,48 +26,88 @@ from shrinkflow.modeling import read_manifest
 from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, STUDENTS, TEACHER, TEACHER_OUTPUT_CACHE, WARM_START
 
 
+def cached_candidate(root: Path, candidate: Candidate, key: str) -> dict | None:
+    """Copy ``candidate``'s build under ``key`` from the project's candidate
+    cache to ``<root>/models/candidates/<name>`` (and its student sidecar to
+    ``models/students/<name>`` when the recipe distils). Its
+    metrics/compress.json record (cached: True), or None on a miss
+    (CandidateCache.fetch: a missing or corrupted entry)."""
+    root = Path(root)
+    dest = root / CANDIDATES / candidate.name
+    student = root / STUDENTS / candidate.name if distils(candidate) else None
+    t0 = time.perf_counter()
+    info = CandidateCache(root / CANDIDATE_CACHE).fetch(key, dest, student)
+    if info is None:
+        return None
+    seconds = round(time.perf_counter() - t0, 2)
+    print(f"compress: {candidate.name} unchanged, copied from the candidate cache in {seconds:.1f}s "
+          f"(built in {info['build_seconds']:.0f}s)")
+    return {"name": candidate.name, "seconds": seconds, "cached": True,
+            "build_seconds": info["build_seconds"], "build_cpu_seconds": info.get("build_cpu_seconds"),
+            **read_manifest(dest)["stats"], **info.get("run_stats", {})}
+
+
+def distils(candidate: Candidate) -> bool:
+    """Whether ``candidate``'s recipe has a distill step (and so a student sidecar)."""
+    return any(s.method == "distill" for s in candidate.recipe)
+
+
 def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int, threads: int,
                     key: str | None = None, fuse: bool = False) -> dict:
     """Put ``candidate`` at ``<project>/models/candidates/<name>``.
 
     With a ``key`` (shrinkflow.compress.keys.candidate_keys) a cached build
-    is copied; otherwise, or on a miss, the recipe is applied to the teacher
-    on ``threads`` torch threads (training split and unlabelled text read
-    here) and the result stored under ``key``. A recipe that distils also
-    puts its student's warm-start sidecar at
-    ``<project>/models/students/<name>`` (shrinkflow.compress.warm), and
-    starts from a matching one staged under ``data/unlabelled/warm_start/``;
-    the teacher's outputs on the training split come from the teacher-output
-    cache when it has them. Returns the candidate's metrics/compress.json
-    record: name, seconds (this run), cached, build_seconds and
-    build_cpu_seconds (what building it cost, when it was built), the
-    recipe's stats and, for a distilled candidate, how its distillation went
-    (warm_start_from, distill_rows, distill_epochs, warm_start_train_rows,
-    teacher_outputs_cached: when it was built).
+    is copied (``cached_candidate``); otherwise, or on a miss, it is built
+    (``build_fresh``) and the result stored under ``key``. Returns the
+    candidate's metrics/compress.json record (``build_fresh``'s, or
+    ``cached_candidate``'s).
 
     Raises shrinkflow.errors.MissingInput when ``project_dir`` is relative or has no
-    teacher: a Dask worker on another machine must see the project at the
-    same absolute path.
+    teacher: a Dask worker with ``dask_shared_filesystem: true`` must see the
+    project at the same absolute path.
     """
     root = Path(project_dir)
     if not root.is_absolute() or not (root / TEACHER).is_dir():
         from shrinkflow.errors import MissingInput
 
         raise MissingInput(f"worker {socket.gethostname()}: no teacher at {root / TEACHER}; "
-                                "the project must be at the same absolute path on every worker")
+                           "the project must be at the same absolute path on every worker "
+                           "(compress.runner.dask_shared_filesystem: true), or set it to false to ship "
+                           "the inputs to the workers")
+    if key:
+        record = cached_candidate(root, candidate, key)
+        if record is not None:
+            return record
+    record, run_stats = build_fresh(root, candidate, opset=opset, threads=threads, fuse=fuse)
+    if key:
+        CandidateCache(root / CANDIDATE_CACHE).store(
+            key, root / CANDIDATES / candidate.name, record["build_seconds"], record["build_cpu_seconds"],
+            student=root / STUDENTS / candidate.name if distils(candidate) else None, run_stats=run_stats)
+    return record
+
+
+def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, fuse: bool = False,
+                teacher_outputs: Path | None = None) -> tuple[dict, dict]:
+    """Apply ``candidate``'s recipe to the teacher of the project at ``root``
+    on ``threads`` torch threads, into ``models/candidates/<name>`` (the
+    training split and unlabelled text read there). A recipe that distils
+    also puts its student's warm-start sidecar at ``models/students/<name>``
+    (shrinkflow.compress.warm), and starts from a matching one staged under
+    ``data/unlabelled/warm_start/``; the teacher's outputs on the training
+    split come from the teacher-output cache (``teacher_outputs``, default
+    the project's) when it has them. No candidate cache is read or written.
+
+    Returns (record, run_stats). record: the candidate's metrics/compress.json
+    entry: name, seconds (this run), cached (False), build_seconds and
+    build_cpu_seconds (what building it cost), the recipe's stats and, for a
+    distilled candidate, how its distillation went (``run_stats``:
+    warm_start_from, distill_rows, distill_epochs, warm_start_train_rows,
+    teacher_outputs_cached).
+    """
+    root = Path(root)
     dest = root / CANDIDATES / candidate.name
-    distils = any(s.method == "distill" for s in candidate.recipe)
-    student = root / STUDENTS / candidate.name if distils else None
-    cache = CandidateCache(root / CANDIDATE_CACHE)
+    student = root / STUDENTS / candidate.name if distils(candidate) else None
     t0 = time.perf_counter()
-    info = cache.fetch(key, dest, student) if key else None
-    if info is not None:
-        seconds = round(time.perf_counter() - t0, 2)
-        print(f"compress: {candidate.name} unchanged, copied from the candidate cache in {seconds:.1f}s "
-              f"(built in {info['build_seconds']:.0f}s)")
-        return {"name": candidate.name, "seconds": seconds, "cached": True,
-                "build_seconds": info["build_seconds"], "build_cpu_seconds": info.get("build_cpu_seconds"),
-                **read_manifest(dest)["stats"], **info.get("run_stats", {})}
     # This process's CPU time across every thread (torch's pool included).
     # With one worker (the default) it is this candidate's alone; threads
     # that build candidates concurrently share one process and one count.
@@ -79,15 +121,15 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
     out = apply_recipe(root / TEACHER, candidate, dest, opset=opset,
                        train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                        threads=threads, progress=False, unlabelled_texts=read_unlabelled(root), fuse=fuse,
-                       teacher_hash=teacher_hash, teacher_cache=TeacherOutputCache(root / TEACHER_OUTPUT_CACHE),
+                       teacher_hash=teacher_hash,
+                       teacher_cache=TeacherOutputCache(teacher_outputs or root / TEACHER_OUTPUT_CACHE),
                        warm_start=warm, student_dir=student, run_stats=run_stats,
                        val_texts=None if val is None else val["text"].tolist(),
                        val_labels=None if val is None else val["label"].to_numpy())
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
-    if key:
-        cache.store(key, out, seconds, cpu, student=student, run_stats=run_stats)
     print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}"
           + (f" (warm start from {run_stats['warm_start_from']})" if run_stats.get("warm_start_from") else ""))
-    return {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
-            "build_cpu_seconds": cpu, **read_manifest(out)["stats"], **run_stats}
+    record = {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
+              "build_cpu_seconds": cpu, **read_manifest(out)["stats"], **run_stats}
+    return record, run_stats
