@@ -1,5 +1,18 @@
-"""The team setup, measured (issue 18, "Measure"): moving the whole model
-set through a DVC remote over real SSH.
+"""The team setup, measured (issue 18, "Measure"): the team stack
+(`shrinkflow team up`) from nothing and from its existing data, a lifecycle
+run through the work pool's worker against the same run through
+`shrinkflow run`, and the whole model set through a DVC remote over real SSH.
+
+The team stack runs in clone A below (stages up to date, the registry of
+this checkout copied in, so production exists): ``team up`` from nothing
+(initdb, the Prefect server's migrations on PostgreSQL, pool, deployments,
+worker), ``team down``, ``team up`` again on the same data (timed); then the
+lifecycle deployment run through the server and its worker
+(``prefect.deployments.run_deployment``: the path a scheduled run takes,
+minus the scheduler's wait), timed from its creation to its end, with the
+run's own start and end as Prefect records them; then ``shrinkflow run`` on
+the same project, same params, through Prefect's ephemeral API. Every stage
+is up to date in both, so the difference is the server path's own cost.
 
 The project's own DVC-tracked files (the pinned source archive, the splits,
 the kept teacher, every candidate and student, the archives: whatever this
@@ -66,17 +79,69 @@ def timed(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def dvc_over_ssh() -> dict:
+def clone_a() -> Path:
+    """Clone A: this checkout's commit, its DVC cache hard-linked and checked
+    out (every stage up to date), its registry copied (production exists)."""
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    a = WORK / "a"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(a)], check=True)
+    subprocess.run(["cp", "-al", str(ROOT / ".dvc" / "cache"), str(a / ".dvc" / "cache")], check=True)
+    dvc_command(["checkout", "-q"], a, timeout_s=3600)
+    if (ROOT / "registry").is_dir():
+        shutil.copytree(ROOT / "registry", a / "registry")
+    if (ROOT / "deploy" / "deployment.json").is_file():
+        (a / "deploy").mkdir(exist_ok=True)
+        shutil.copy2(ROOT / "deploy" / "deployment.json", a / "deploy" / "deployment.json")
+    return a
+
+
+def cli(root: Path, *args: str, timeout_s: float = 1800) -> tuple[float, str]:
+    """``shrinkflow ARGS`` in ``root`` as a user runs it; (seconds, output).
+    Raises AssertionError with the output when it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "shrinkflow"), *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, f"shrinkflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+    return seconds, proc.stdout + proc.stderr
+
+
+def team_stack(a: Path) -> dict:
+    from flows.team import TeamStack
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    up_cold_s, _ = cli(a, "team", "up")
+    down_s, _ = cli(a, "team", "down")
+    up_warm_s, out = cli(a, "team", "up")
+    api_url = TeamStack(a).api_url()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            t0 = time.perf_counter()
+            run = run_deployment("shrinkflow-lifecycle/team", timeout=1800, poll_interval=1)
+            via_worker_s = time.perf_counter() - t0
+        assert run.state.is_completed(), run.state
+        ran_s = (run.end_time - run.start_time).total_seconds()
+        pickup_s = (run.start_time - run.created).total_seconds()
+    finally:
+        cli(a, "team", "down")
+    direct_s, out = cli(a, "run")
+    stages = next(line for line in out.splitlines() if line.startswith("stages: "))
+    assert set(v.split("=")[1] for v in stages[len("stages: "):].split(", ")) == {"skipped"}, stages
+    return {"team_up_from_nothing_s": round(up_cold_s, 1), "team_down_s": round(down_s, 1),
+            "team_up_existing_data_s": round(up_warm_s, 1),
+            "lifecycle_via_worker_s": round(via_worker_s, 1), "lifecycle_via_worker_run_s": round(ran_s, 1),
+            "lifecycle_via_worker_pickup_s": round(pickup_s, 1), "lifecycle_shrinkflow_run_s": round(direct_s, 1),
+            "stages": stages}
+
+
+def dvc_over_ssh(a: Path) -> dict:
     sshd = Sshd(WORK)
     sshd.start()
     try:
-        a, b, storage = WORK / "a", WORK / "b", WORK / "storage" / "shrinkflow"
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(a)], check=True)
-        # This checkout's cache, hard-linked: clone A holds what a full run made.
-        subprocess.run(["cp", "-al", str(ROOT / ".dvc" / "cache"), str(a / ".dvc" / "cache")], check=True)
-        dvc_command(["checkout", "-q"], a, timeout_s=3600)
+        b, storage = WORK / "b", WORK / "storage" / "shrinkflow"
         url = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{storage}"
         cli = subprocess.run([str(ROOT / ".venv" / "bin" / "shrinkflow"), "remote-ssh", "team", url,
                               "--key-file", str(sshd.client_key)], cwd=a, capture_output=True, text=True)
@@ -108,10 +173,31 @@ def dvc_over_ssh() -> dict:
 def write(doc: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "team.json").write_text(json.dumps(doc, indent=2) + "\n")
-    d = doc["dvc_over_ssh"]
+    d, t = doc["dvc_over_ssh"], doc["team_stack"]
     lines = [
         "# The team setup, measured (issue 18)", "",
         f"Measured {doc['measured_at']} on {doc['machine']} ({os.cpu_count()} cores), by `bench/team.py`.", "",
+        "## The team stack: `shrinkflow team up`", "",
+        "In a clone of this checkout with every stage up to date and production in its registry: PostgreSQL "
+        "(a cluster in `.shrinkflow/team/`), the Prefect server on it, the process work pool, the deployments "
+        "of `prefect.yaml` and a worker, all on 127.0.0.1.", "",
+        "| `team up` from nothing | `team down` | `team up` again (existing data) |", "|---|---|---|",
+        f"| {t['team_up_from_nothing_s']} s | {t['team_down_s']} s | {t['team_up_existing_data_s']} s |", "",
+        "## A lifecycle run through the server and its worker, against `shrinkflow run`", "",
+        "The same project and params, every stage up to date (`" + t["stages"] + "`), so what differs is the "
+        "path: a run of the lifecycle deployment created on the team server (what the scheduler does when a "
+        "schedule fires) and executed by the pool's worker in a process of its own, against `shrinkflow run` "
+        "(Prefect's ephemeral API, in the CLI's process).", "",
+        "| path | wall | of which |", "|---|---|---|",
+        f"| through the worker | {t['lifecycle_via_worker_s']} s from creation to its end | "
+        f"{t['lifecycle_via_worker_pickup_s']} s until the worker started it (it polls the pool), "
+        f"{t['lifecycle_via_worker_run_s']} s running |",
+        f"| `shrinkflow run` | {t['lifecycle_shrinkflow_run_s']} s (the whole command) | |", "",
+        f"The server path against `shrinkflow run`: **{t['lifecycle_via_worker_s'] - t['lifecycle_shrinkflow_run_s']:+.1f} s** "
+        f"per run. It waits {t['lifecycle_via_worker_pickup_s']} s for the worker's poll of the pool (Prefect's "
+        "default query interval), but the run itself starts no ephemeral API (the server is already up), "
+        "which `shrinkflow run` does in every command. Either way it is seconds, against the minutes a run "
+        "that trains or compresses takes.", "",
         "## The whole model set through a DVC remote over SSH", "",
         "This checkout's DVC-tracked files (source archive, splits, kept teacher, every candidate and "
         "student, archives) pushed by clone A to an empty SSH remote (Debian's sshd on 127.0.0.1, SFTP "
@@ -131,7 +217,11 @@ def write(doc: dict) -> None:
 
 
 def main() -> None:
-    doc = {**stamp(), "dvc_over_ssh": dvc_over_ssh()}
+    if sys.argv[1:] == ["--render"]:      # the .md again from the .json, nothing measured
+        write(json.loads((RESULTS / "team.json").read_text()))
+        return
+    a = clone_a()
+    doc = {**stamp(), "team_stack": team_stack(a), "dvc_over_ssh": dvc_over_ssh(a)}
     write(doc)
     print(json.dumps(doc, indent=2))
 
