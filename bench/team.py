@@ -212,7 +212,11 @@ def write(doc: dict) -> None:
         f"`{json.dumps(d['clone_b_dvc_status'])}`: the deploy stage's record is the local registry's "
         "(`cache: false`, not in git: docs/registry.md), which a clone does not have until it deploys. All "
         f"{d['files_compared']} files under data/ and models/ identical to clone A's (sha256): "
-        f"**{d['clone_b_files_identical']}**.", ""]
+        f"**{d['clone_b_files_identical']}**.", "",
+        "## Serving replicas on one PostgreSQL log", "",
+        "Two `shrinkflow serve` replicas on one PostgreSQL prediction log against one replica on SQLite "
+        "(req/s, latency, zero 5xx, logged rows equal to answered ones): "
+        "[serving_replicas.md](serving_replicas.md) (`bench/serving_replicas.py`).", ""]
     (RESULTS / "team.md").write_text("\n".join(lines))
 
 
