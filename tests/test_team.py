@@ -190,7 +190,9 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     the run stays Running on the server: `team down` stops the rest and
     leaves no process (twice: idempotent), and `team up` comes back on the
     same data and ports, marks the run Crashed and starts a worker that runs
-    the next scheduled monitor run; the registry verifies."""
+    the next scheduled monitor run; the registry verifies. Last, the Prefect
+    server is killed outright and `team up` brings it back with every
+    run's record (they are in PostgreSQL)."""
     import psutil
 
     from shrinkflow.pgcluster import PgCluster
@@ -295,6 +297,19 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
         for r in runs_of(api, "shrinkflow-monitor"):
             if r.name in stopped_runs:
                 assert r.state_type.value == "CRASHED" and r.state.message == "stopped by shrinkflow team down"
+
+    # The Prefect server killed outright (SIGKILL to its group): its records are PostgreSQL's, so
+    # `team up` starts it again on the same port and every run's record is there as it was.
+    server = pid_file(project, "server")
+    os.killpg(server, signal.SIGKILL)
+    wait_for(lambda: gone(server), "the killed Prefect server gone", 10, 0.1)
+    assert not TeamStack(project).status().all_running
+    code, out = team(project, "up", "--interval", str(LIFECYCLE_EVERY_S), "--monitor-interval", str(MONITOR_EVERY_S))
+    assert code == 0 and "Prefect server: healthy on" in out and f"(API {api})" in out, out
+    assert pid_file(project, "server") != server
+    with client_for(api) as c:
+        assert c.read_flow_run(run.id).state_type.value == "CRASHED"
+        assert c.read_flow_run(mon.id).state_type.value == "COMPLETED"
 
 
 def test_a_schedule_that_cannot_run_starts_nothing_and_env_prints_what_prefect_yaml_reads(tmp_path):
