@@ -301,6 +301,11 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
     if result["deployed_version"]:
         out.append(f"DEPLOYED {result['deployed_version']} (candidate {result['selected']!r}) "
                    f"-> {parsed.deploy.registry_dir}/versions/{result['deployed_version']}")
+        production = result.get("production_version")
+        if production and production != result["deployed_version"]:
+            out.append(f"production is {production}: a rollback from {result['deployed_version']} stands (nothing "
+                       f"changed since the deploy, so nothing was re-deployed over it; `shrinkflow rollback --to "
+                       f"{result['deployed_version']}` undoes it)")
     else:
         out.append("NOT DEPLOYED: no candidate passed every gate; production is unchanged.")
         for name, d in gates.candidates.items():

@@ -7,12 +7,15 @@ still completes (a failed gate is a normal outcome) and reports why.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.runtime import flow_run
 
 from shrinkflow.config import load_params
 from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
+from shrinkflow.registry import Registry
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 from tasks.dvc import repro_stage_with_retries
 from tasks.monitor import clear_production
@@ -63,7 +66,10 @@ def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
     # Every run publishes (a failed publish catches up); a failure is a
     # warning in the result, not a crash: the promotion stands here.
     publish_warning = publish_shared_registry(project_dir) if params.shared_registry.url else None
+    # A rollback since the deploy stands: production may be older than the record.
+    production = Registry(Path(project_dir) / registry_dir).alias() if deployment else None
     return {"stages": stages, "selected": selected, "deployed_version": version, "kept_version": kept,
+            "production_version": production,
             "publish_warning": publish_warning,
             "kept_reason": deployment.reason if kept else None,
             "gates": selection.to_json_dict(), "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}

@@ -22,10 +22,14 @@ def read_validation(project_dir: str) -> tuple[ValidationReport, GatesReport]:
 
 @task(name="read-deployment", cache_policy=NO_CACHE)
 def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | None:
-    """The deploy stage's record, if the registry really serves it.
+    """The deploy stage's record, if the registry holds its version and has
+    a production version.
 
     deploy/deployment.json can outlive its registry (a fresh clone, a deleted
     registry dir): then DVC sees nothing stale, and the flow must re-deploy.
+    A registry that holds the version while production names an earlier one
+    was rolled back on purpose (``shrinkflow rollback``): the record stands
+    and the rollback too; the flow does not re-deploy over it.
     """
     from shrinkflow.registry import Registry
 
@@ -37,7 +41,10 @@ def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | N
         get_run_logger().warning(str(exc))
         return None
     registry = Registry(Path(project_dir) / registry_dir)
-    return record if registry.alias() == record.version else None
+    production = registry.alias()
+    if production is None or record.version not in registry.versions():
+        return None
+    return record
 
 
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)

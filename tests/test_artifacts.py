@@ -225,8 +225,14 @@ def test_the_lifecycle_tasks_read_the_documents_typed(tmp_path):
     shutil.copytree(DATA / "registry", root / "registry")
     record = read_deployment.fn(str(root), "registry")
     assert isinstance(record, DeploymentRecord) and record.version == "v0003" and record.roi.spent_cpu_seconds == 739.99
-    # the registry no longer serves it (production moved; the fixture has no model files to verify a rollback)
+    # production rolled back to v0002: the registry still holds v0003, the record and the rollback stand
     write_json(root / "registry" / "aliases.json", {"production": "v0002"})
+    assert read_deployment.fn(str(root), "registry") == record
+    # the registry lost the version, or has nothing in production: the flow must deploy again
+    shutil.rmtree(root / "registry" / "versions" / "v0003")
+    assert read_deployment.fn(str(root), "registry") is None
+    shutil.copytree(DATA / "registry" / "versions" / "v0003", root / "registry" / "versions" / "v0003")
+    write_json(root / "registry" / "aliases.json", {})
     assert read_deployment.fn(str(root), "registry") is None
     # a record from before cost was recorded still loads
     old = json.loads((DATA / "deployment.json").read_text())
