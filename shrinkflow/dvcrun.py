@@ -130,6 +130,50 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.poll()
 
 
+def repair_torn_rwlock(project_dir: Path | str) -> str | None:
+    """Set aside DVC's ``.dvc/tmp/rwlock`` when it is torn (empty or not
+    JSON), and return a warning saying so; None when there is nothing to do.
+
+    DVC rewrites that file in place (``dvc.rwlock._edit_rwlock``: truncate,
+    then write) under its guard lock, ``rwlock.lock``; a DVC process killed
+    between the two (a run stopped by ``shrinkflow team down``, a host that
+    went down) leaves it empty, and every later DVC command in the checkout
+    fails with "Unable to read RWLock-file ... JSON structure is corrupted".
+    This takes the same guard (zc.lockfile, as DVC does), so a file another
+    DVC process is writing right now is never touched: while the guard is
+    held, the file is left alone. A torn file is renamed to
+    ``rwlock.torn-<unix time>`` (kept for inspection), which DVC reads as no
+    lock held: the processes that held locks in it are gone."""
+    import zc.lockfile
+
+    path = Path(project_dir) / ".dvc" / "tmp" / "rwlock"
+
+    def torn() -> bool:
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return False
+
+    if not torn():
+        return None
+    try:
+        guard = zc.lockfile.LockFile(str(path.with_name("rwlock.lock")))
+    except zc.lockfile.LockError:
+        return None  # a DVC process holds the guard: it is writing the file now
+    try:
+        if not torn():
+            return None
+        aside = path.with_name(f"rwlock.torn-{int(time.time())}")
+        os.replace(path, aside)
+    finally:
+        guard.close()
+    return (f"warning: DVC's lock file {path} was torn (a DVC process was killed while writing it); "
+            f"set aside as {aside.name}, so DVC can run again")
+
+
 def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
                 extra_env: dict | None = None, force: bool = False,
                 timeout_s: float | None = None) -> StageRun:
@@ -142,6 +186,9 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     stopped (also on KeyboardInterrupt), so no stage outlives the run.
     """
     timeout_s = stage_timeout_s() if timeout_s is None else timeout_s
+    torn = repair_torn_rwlock(project_dir)
+    if torn:
+        echo(torn + "\n")
     stale = True if force else stage_is_stale(stage, project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()

@@ -107,3 +107,38 @@ def test_the_stage_timeout_comes_from_the_environment():
     assert stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "90"}) == 90.0
     with pytest.raises(ValueError, match="positive"):
         stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "0"})
+
+
+def test_a_torn_dvc_rwlock_is_set_aside_and_dvc_runs_again(tmp_path):
+    """A DVC process killed while rewriting .dvc/tmp/rwlock leaves it empty
+    (or half-written): every DVC command then fails. repair_torn_rwlock sets
+    it aside under DVC's own guard lock, and DVC runs again; a whole file,
+    or one whose guard another process holds, is left as it is."""
+    import zc.lockfile
+
+    from shrinkflow.dvcrun import dvc_command, repair_torn_rwlock
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    dvc_command(["init", "--no-scm", "-q"], root)
+    (root / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    assert repair_torn_rwlock(root) is None                       # no file: nothing to do
+    for torn in (b"", b'{"read": {}, "wri'):
+        rwlock.write_bytes(torn)
+        with pytest.raises(RuntimeError, match="Unable to read RWLock-file"):
+            dvc_command(["repro", "-f"], root)
+        guard = zc.lockfile.LockFile(str(rwlock.with_name("rwlock.lock")))   # a DVC process writing it now
+        try:
+            assert repair_torn_rwlock(root) is None and rwlock.read_bytes() == torn
+        finally:
+            guard.close()
+        warning = repair_torn_rwlock(root)
+        assert warning and "torn" in warning and not rwlock.exists()
+        aside = [p for p in rwlock.parent.iterdir() if p.name.startswith("rwlock.torn-")]
+        assert aside and aside[0].read_bytes() == torn
+        aside[0].unlink()
+        dvc_command(["repro", "-f"], root)                         # DVC runs again
+    rwlock.write_text('{"read": {}, "write": {}}')
+    assert repair_torn_rwlock(root) is None and rwlock.exists()    # a whole file stays
