@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -438,7 +439,45 @@ class TeamStack:
         return self.external_api_url or self._state().get("api_url")
 
     # --------------------------------------------------------------- up
+    @contextmanager
+    def _exclusive(self, what: str):
+        """One ``team up`` or ``team down`` at a time in this checkout: an
+        exclusive flock on ``.shrinkflow/team/team.lock`` held for the whole
+        command. Raises TeamError naming the holder when another holds it
+        (two concurrent ``up``s would start two workers under one name)."""
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.dir / "team.lock", "a+")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise TeamError(f"another `shrinkflow team up` or `team down` is running in this checkout "
+                                f"({holder}): wait for it to end, then run `shrinkflow team {what}` again") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"team {what}, pid {os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.close()  # releases the lock
+
     def up(self, schedules: Schedules) -> str:
+        """``_up`` under ``_exclusive``: see there. Raises TeamError when
+        another ``team up``/``down`` runs in this checkout."""
+        with self._exclusive("up"):
+            return self._up(schedules)
+
+    def down(self, grace_s: float = 30.0) -> list[str]:
+        """``_down`` under ``_exclusive``: see there. Raises TeamError when
+        another ``team up``/``down`` runs in this checkout."""
+        with self._exclusive("down"):
+            return self._down(grace_s)
+
+    def _up(self, schedules: Schedules) -> str:
         """Bring the stack up, reusing whatever already runs (and the data
         and ports of the last ``up``); deploy prefect.yaml with
         ``schedules`` unless nothing changed. Returns the UI's address.
@@ -687,7 +726,7 @@ class TeamStack:
         return 0.0
 
     # ------------------------------------------------------------- down
-    def down(self, grace_s: float = 30.0) -> list[str]:
+    def _down(self, grace_s: float = 30.0) -> list[str]:
         """Stop what the stack started, newest first: the worker's flow runs
         still in flight on this host (their process groups; marked Crashed,
         "stopped by shrinkflow team down", unless they ended otherwise), the

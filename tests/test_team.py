@@ -322,3 +322,22 @@ def test_a_schedule_that_cannot_run_starts_nothing_and_env_prints_what_prefect_y
     code, out = team(root, "env", "--pool", "ml")
     assert code == 0 and out.splitlines() == [f"export SHRINKFLOW_PROJECT_DIR={root}",
                                               "export SHRINKFLOW_WORK_POOL=ml"], out
+
+
+def test_one_team_up_or_down_at_a_time_in_a_checkout(tmp_path):
+    """Two `team up`s at once would start two workers under one name (one
+    of them unknown to `team down`): while one holds the checkout's team
+    lock, another up or down is refused naming it, and nothing is started."""
+    import pytest as _pytest
+
+    from flows.team import Schedules, TeamError, TeamStack
+
+    holder = TeamStack(tmp_path)
+    with holder._exclusive("up"):
+        other = TeamStack(tmp_path)
+        with _pytest.raises(TeamError, match=r"another `shrinkflow team up` or `team down` is running .*team up, pid"):
+            other.down()
+        with _pytest.raises(TeamError, match="another `shrinkflow team up`"):
+            other.up(Schedules(None, 60, None, 60))
+    assert sorted(p.name for p in (tmp_path / ".shrinkflow" / "team").iterdir()) == ["team.lock"]
+    assert TeamStack(tmp_path).down() == []      # released: down runs (nothing to stop)
