@@ -232,6 +232,9 @@ def main() -> None:
         built = json.loads((PROJECT / "metrics/compress.json").read_text())["candidates"]
         warm = [n for n, b in built.items() if b.get("warm_start_from")]
         doc["recompress"]["redistilled"] = warm[0] if warm else None
+        # the WiSE-FT share chosen on val (warm_start_interpolation as a grid), and what was tried
+        doc["recompress"]["interpolation"] = {k: built[warm[0]].get(k) for k in (
+            "warm_start_interpolation", "warm_start_interpolation_choice")} if warm else None
         if warm:
             shutil.copytree(PROJECT / "models/candidates" / warm[0], WORK / "redistilled")
 
@@ -334,6 +337,13 @@ def markdown(doc: dict, models: list[str]) -> str:
                  f"(monitor.recompress_last_n {doc['params_monitor'].get('recompress_last_n')}): "
                  f"{w['rows_distill']} distinct texts distilled, {w['rows_heldout']} held out "
                  f"(heldout_fraction {doc['params_monitor']['heldout_fraction']}).", ""] if w else []),
+              *([f"The WiSE-FT share kept of the production student, chosen on val: "
+                 f"{r['interpolation']['warm_start_interpolation']} (tried: "
+                 + ", ".join(f"{t['keep']} -> val accuracy {t['val_accuracy']:.4f}"
+                             for t in r['interpolation']['warm_start_interpolation_choice']['tried'])
+                 + f"; production student {r['interpolation']['warm_start_interpolation_choice']['production_val_accuracy']:.4f}"
+                 f", within the bound: {r['interpolation']['warm_start_interpolation_choice']['met']}).", ""]
+                if (r.get("interpolation") or {}).get("warm_start_interpolation_choice") else []),
               *recompress_gates(r), "", *noise, "",
               "## Retrain", "",
               f"Verdict {rt['action']} ({', '.join(rt['triggers'])}); production {rt['deployed_before']} -> "
