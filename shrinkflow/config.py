@@ -922,7 +922,8 @@ def cron_next_run(expr: str, after: "datetime.datetime | None" = None) -> "datet
 
     Raises ValueError when Prefect would refuse the expression (its own rule,
     ``prefect._internal.schemas.validators.validate_cron_string``: croniter's
-    ``is_valid``, and no random ``R`` or hashed ``H`` fields) or when it has
+    ``is_valid``, and no random ``R`` or hashed ``H`` fields), when it has
+    other than five fields (croniter would take a sixth as seconds), or when it has
     no next run at all (``0 0 31 2 *``, 31 February: croniter searches 50
     years and raises CroniterBadDateError, which Prefect's scheduler logs
     about once a minute while never creating a run). Takes about 2 ms.
@@ -932,6 +933,9 @@ def cron_next_run(expr: str, after: "datetime.datetime | None" = None) -> "datet
     croniter = _scheduler_croniter()
     if not isinstance(expr, str) or not croniter.is_valid(expr):
         raise ValueError(f"{expr!r} is not a valid cron expression (minute hour day-of-month month day-of-week)")
+    if len(expr.split()) != 5:
+        raise ValueError(f"{expr!r} has {len(expr.split())} fields: a cron expression here has the five of minute "
+                         "hour day-of-month month day-of-week (croniter and Prefect would read a sixth as seconds)")
     if any(f.casefold() in ("r", "h") for f in expr.split()):
         raise ValueError(f"{expr!r}: random (R) and hashed (H) cron fields are not supported by Prefect")
     start = after or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)

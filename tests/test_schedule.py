@@ -214,3 +214,11 @@ def test_a_tied_server_ends_when_the_cli_is_killed_outright(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_cron_expression_has_exactly_five_fields():
+    """croniter (and Prefect) read a sixth field as seconds: "0 3 * * 0 5"
+    would fire at 03:00:05, not what a five-field reader means."""
+    with pytest.raises(ValueError, match="has 6 fields"):
+        cron_next_run("0 3 * * 0 5", after=START)
+    assert cron_next_run("0 3 * * 0", after=START) == datetime.datetime(2026, 1, 4, 3, 0)
