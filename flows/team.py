@@ -500,6 +500,8 @@ class TeamStack:
             self.emit(f"Prefect server: {api_url} (PREFECT_API_URL; neither PostgreSQL nor a server is started)")
             ui_url = api_url[:-4] if api_url.endswith("/api") else api_url
         else:
+            if self.port is not None and not self.server.running():
+                self._server_port()   # a taken --port fails here, before PostgreSQL is started for nothing
             database_url, passfile = self._database()
             ui_url, api_url = self._start_server(database_url, passfile)
         self._save(api_url=api_url, ui_url=ui_url, pool=self.pool, worker=self.worker_name)
@@ -545,10 +547,14 @@ class TeamStack:
             if not port_is_free(self.host, self.port):
                 raise TeamError(f"port {self.port} on {self.host} is taken: choose another with --port")
             return self.port
-        for candidate in (self._state().get("server_port"), DEFAULT_UI_PORT):
+        last = self._state().get("server_port")
+        for candidate in (last, DEFAULT_UI_PORT):
             if candidate and port_is_free(self.host, int(candidate)):
                 return int(candidate)
-        return free_port(self.host)
+        port = free_port(self.host)
+        self.emit(f"note: port {last or DEFAULT_UI_PORT} on {self.host} is taken: the Prefect server starts on "
+                  f"{port} instead (teammates' PREFECT_API_URL must follow; `--port N` chooses one)")
+        return port
 
     def _start_server(self, database_url: Optional[str], passfile: Optional[Path]) -> tuple[str, str]:
         state = self._state()

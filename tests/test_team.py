@@ -341,3 +341,24 @@ def test_one_team_up_or_down_at_a_time_in_a_checkout(tmp_path):
             other.up(Schedules(None, 60, None, 60))
     assert sorted(p.name for p in (tmp_path / ".shrinkflow" / "team").iterdir()) == ["team.lock"]
     assert TeamStack(tmp_path).down() == []      # released: down runs (nothing to stop)
+
+
+def test_a_taken_port_fails_before_postgresql_is_started(tmp_path):
+    """`team up --port N` with N taken: refused at once, naming the port,
+    with no PostgreSQL cluster initialised or started for nothing."""
+    import shutil
+    import socket
+
+    import pytest as _pytest
+
+    from flows.team import Schedules, TeamError, TeamStack
+    from tests.conftest import PROJECT_ROOT
+
+    shutil.copy(PROJECT_ROOT / "prefect.yaml", tmp_path / "prefect.yaml")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with _pytest.raises(TeamError, match=f"port {port} on 127.0.0.1 is taken"):
+            TeamStack(tmp_path, port=port, emit=lambda _: None).up(Schedules(None, 60, None, 60))
+    assert not (tmp_path / ".shrinkflow" / "team" / "postgres").exists()
