@@ -392,19 +392,27 @@ class Follower:
     def sync(self) -> str | None:
         """Bring the cache's production to the shared one. Returns the
         version production now names in the cache (None: nothing was ever
-        published there). A shared registry with nothing in production
-        leaves the cache as it is.
+        published there, and the cache has nothing either).
 
-        Raises SharedRegistryError when the shared registry cannot be read
-        or lacks the version it names, and VersionRefused when that version
-        fails its hashes: the cache's alias stays where it was (the server
+        Raises SharedRegistryError when the shared registry cannot be read,
+        lacks the version it names, or has nothing in production while the
+        cache has (publishing never removes production: the storage is not
+        mounted, or the URL is wrong; the cache keeps serving), and
+        VersionRefused when that version fails its hashes: the cache's alias stays where it was (the server
         keeps serving it). A refused version is copied again only after
         ``retry_refused_s`` seconds (a repaired copy is then picked up);
         until then the same refusal is raised at once."""
         shared = self.shared.aliases()
         version = shared.get(PRODUCTION)
         if version is None:
-            return self._cached_production()
+            cached = self._cached_production()
+            if cached is not None:
+                # Publishing never removes production: a shared registry
+                # that lost it is an unmounted share or a wrong URL.
+                raise SharedRegistryError(f"the shared registry {self.shared.url} has nothing in production "
+                                          f"(no aliases.json there: is the storage mounted, is the URL right?); "
+                                          f"{cached} from the cache keeps serving")
+            return None
         if (self._refused is not None and self._refused.version == version
                 and time.monotonic() - self._refused_at < self.retry_refused_s):
             raise VersionRefused(str(self._refused), version)   # a fresh one: re-raising would grow its traceback

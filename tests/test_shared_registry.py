@@ -218,6 +218,11 @@ def test_a_host_killed_mid_copy_shows_nothing_of_it_and_the_next_sync_completes(
     assert Follower(SharedRegistry(url), cache).sync() == new
     assert cache.versions() == [first, new] and not (cache.root / ".incoming").exists()
     cache.verify(new)
+    # The share unmounted (the URL's directory gone, or empty): said, and the cache keeps production.
+    (tmp_path / "shared").rename(tmp_path / "unmounted")
+    with pytest.raises(SharedRegistryError, match="has nothing in production .*is the storage mounted"):
+        Follower(SharedRegistry(url), cache).sync()
+    assert cache.alias() == new
 
 
 # ------------------------------------------------------------ publishing: refusals (no server)
