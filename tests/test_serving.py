@@ -58,21 +58,24 @@ def candidates(tmp_path_factory, tiny_teacher_dir):
 class Server:
     """`shrinkflow serve` in ``root``, as a user starts it. ``output``: a file
     for the server's stdout and stderr (else a pipe), for tests that read what
-    it logged."""
+    it logged; ``env``: extra environment; ``new_session``: in a process
+    group of its own (stopped whole with conftest.terminate_group)."""
 
-    def __init__(self, root: Path, port: int, token: str | None = TOKEN, output: Path | None = None):
+    def __init__(self, root: Path, port: int, token: str | None = TOKEN, output: Path | None = None,
+                 env: dict | None = None, new_session: bool = False, start_timeout_s: float = 60):
         self.root, self.port, self.output = root, port, output
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        env.pop("SHRINKFLOW_API_TOKEN", None)
+        full = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
+        full.pop("SHRINKFLOW_API_TOKEN", None)
         if token:
-            env["SHRINKFLOW_API_TOKEN"] = token
+            full["SHRINKFLOW_API_TOKEN"] = token
         out = open(output, "w") if output else subprocess.PIPE
         self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
-                                     env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+                                     env=full, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=new_session)
         if output:
             out.close()
-        deadline = time.time() + 60
+        deadline = time.time() + start_timeout_s
         while time.time() < deadline:
             assert self.proc.poll() is None, self.output_text()
             try:

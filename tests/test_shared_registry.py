@@ -44,6 +44,7 @@ from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, Shar
 from tests.conftest import PROJECT_ROOT, terminate_group
 from tests.registry_outputs import deploy_record
 from tests.test_remote_ssh import Sshd
+from tests.test_serving import Server
 
 PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
                       {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
@@ -67,32 +68,13 @@ def cli(root: Path, *args: str):
         return CliRunner().invoke(app, list(args))
 
 
-class Host:
+class Host(Server):
     """`shrinkflow serve` in ``root`` (a serving host), as a user starts
     it; ``env``: extra environment (the SSH key and known_hosts)."""
 
     def __init__(self, root: Path, env: dict | None = None):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "serve.log"
-        full = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-        full.pop("SHRINKFLOW_API_TOKEN", None)
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(self.port)],
-                                         cwd=root, env=full, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError(f"the serving host did not start:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__(root, free_port(), token=None, output=root / "serve.log",
+                         env={"PYTHONUNBUFFERED": "1", **(env or {})}, new_session=True, start_timeout_s=90)
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -110,7 +92,7 @@ class Host:
             health = self.health()
             if check(health):
                 return health
-            assert time.time() < deadline, f"{what}: /health {health}\n{self.output()[-3000:]}"
+            assert time.time() < deadline, f"{what}: /health {health}\n{self.output_text()[-3000:]}"
             time.sleep(0.05)
 
     def serves(self, version: str) -> None:
@@ -317,7 +299,7 @@ def test_a_host_with_only_the_shared_url_serves_production_and_follows_promotion
     host, origin = site["host"], origin_registry(site)
     start = origin.alias()
     host.serves(start)
-    assert "from the shared registry file://" in host.output()
+    assert "from the shared registry file://" in host.output_text()
     assert not (host.root / "registry").exists()          # it has no registry of its own
     cache = Registry(host.root / ".shrinkflow" / "registry-cache")
     # the exact files of the version production names
