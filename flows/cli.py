@@ -84,8 +84,15 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "publish": {ExitCode.OK: "the shared registry holds every version and the production alias of this one",
                 ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
                 ExitCode.CRASH: "the shared registry cannot be reached or written, holds another registry's "
-                                "versions, or a local version fails its hashes",
+                                "versions, holds nothing where this registry published before (not mounted? "
+                                "--fresh), or a local version fails its hashes",
                 ExitCode.NOTHING: "the registry holds no version"},
+    "pull": {ExitCode.OK: "this checkout's registry holds every shared version and the same production "
+                          "(deploy/deployment.json restored when the shared registry holds the record dvc.lock pins)",
+             ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
+             ExitCode.CRASH: "the shared registry cannot be reached, a shared version fails its hashes, or this "
+                             "registry holds versions the shared one lacks (or others of the same name)",
+             ExitCode.NOTHING: "the shared registry holds nothing in production"},
     "remote-ssh": {ExitCode.OK: "the remote is configured and answered",
                    ExitCode.USAGE: _USAGE + "; or a bad URL, a missing key file, or a remote of that name exists "
                                             "(without --force)",
@@ -457,13 +464,19 @@ def _publish_after(s: Session, what: str, debug: bool) -> None:
 
 
 @_command("publish", "Publish the registry to the shared registry serving hosts follow.")
-def publish(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+def publish(ctx: typer.Context,
+            fresh: bool = typer.Option(False, "--fresh", help="publish to a shared registry that holds nothing "
+                                                              "although this registry published there before (a "
+                                                              "new, empty one on purpose)"),
+            params: ParamsOpt = None, debug: DebugOpt = False):
     """Publish this machine's registry to shared_registry.url: every version the shared registry lacks
-    (verified here, uploaded under a temporary name, renamed when complete), then the production alias
-    (renamed into place). `shrinkflow run` and `rollback` do it by themselves; run it for a registry built
-    before the URL was set, or after a publish failed. Serving hosts with serve.registry: shared follow
-    (docs/team.md)."""
+    (verified here, uploaded under a temporary name, renamed when complete), the deploy record, then the
+    production alias (renamed into place); then production's shared copy is read back, and uploaded again
+    when it fails its hashes. `shrinkflow run` and `rollback` do it by themselves; run it for a registry
+    built before the URL was set, or after a publish failed. Serving hosts with serve.registry: shared
+    follow (docs/team.md)."""
     from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.paths import DEPLOYMENT
     from shrinkflow.registry import Registry
     from shrinkflow.shared_registry import SharedRegistry, SharedRegistryError
 
@@ -477,12 +490,40 @@ def publish(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = Fals
         if not registry.versions():
             raise _fail(ExitCode.NOTHING, f"registry {registry.root} holds no version: nothing to publish "
                                           "(shrinkflow run deploys one)")
-        done = SharedRegistry(shared.url, shared.connect_timeout_s).publish(registry)
+        done = SharedRegistry(shared.url, shared.connect_timeout_s).publish(
+            registry, deployment=s.root / DEPLOYMENT, fresh=fresh)
     except IntegrityError as exc:
         raise _crash(exc, "publish", debug, message=f"refusing to publish a corrupted version (nothing of it was "
                                                     f"uploaded): {exc}")
     except (SharedRegistryError, RegistryError, OSError) as exc:
         raise _crash(exc, "publish", debug, message=str(exc))
+    typer.echo(done.describe())
+
+
+@_command("pull", "Copy the shared registry into this checkout (a second clone, after `dvc pull`).")
+def pull(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+    """Copy shared_registry.url into this checkout's registry: every version it lacks, verified against
+    its hashes, then the history and the aliases; and restore deploy/deployment.json, the deploy record
+    that dvc.lock pins (the deploying host published it). After `dvc pull` and this, a second clone has
+    a clean `dvc status`, `shrinkflow status` shows the same production version, and a `shrinkflow run`
+    here publishes its own new versions to the same shared registry (docs/team.md)."""
+    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.shared_registry import SharedRegistryError, pull_project
+
+    s = _session(ctx)
+    if s.params.shared_registry.url is None:
+        raise _fail(ExitCode.USAGE, "shared_registry.url is not set in the params: nothing to pull from "
+                                    "(docs/team.md, \"A second clone\")")
+    try:
+        done = pull_project(s.root, s.params)
+    except SharedRegistryError as exc:
+        if "holds nothing in production" in str(exc):
+            raise _fail(ExitCode.NOTHING, str(exc))
+        raise _crash(exc, "pull", debug, message=str(exc))
+    except IntegrityError as exc:
+        raise _crash(exc, "pull", debug, message=f"refusing a corrupted version (nothing of it was copied): {exc}")
+    except (RegistryError, OSError) as exc:
+        raise _crash(exc, "pull", debug, message=str(exc))
     typer.echo(done.describe())
 
 

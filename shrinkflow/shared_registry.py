@@ -43,6 +43,7 @@ the right one.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import posixpath
@@ -53,6 +54,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -97,19 +99,46 @@ class VersionRefused(IntegrityError):
 @dataclass(frozen=True)
 class Published:
     """What one ``SharedRegistry.publish`` did: the versions it uploaded
-    (oldest first), and the shared production alias before and after."""
+    (oldest first), the shared production alias before and after, and the
+    versions whose shared copy failed its hashes and was uploaded again."""
 
     url: str
     uploaded: tuple[str, ...]
     production: str | None
     production_before: str | None
+    repaired: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for a person: what was uploaded and where production is."""
         sent = ", ".join(self.uploaded) if self.uploaded else "no new version"
         moved = (f"production {self.production_before or 'none'} -> {self.production}"
                  if self.production != self.production_before else f"production {self.production} (unchanged)")
-        return f"published to {self.url}: {sent} uploaded; {moved}"
+        fixed = (f"; the shared copy of {', '.join(self.repaired)} failed its hashes and was uploaded again"
+                 if self.repaired else "")
+        return f"published to {self.url}: {sent} uploaded; {moved}{fixed}"
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What one ``SharedRegistry.pull`` did: the versions it copied into the
+    local registry (oldest first), the production version there now, and
+    what became of deploy/deployment.json (``deployment``: "restored",
+    "already here", or why it was not restored)."""
+
+    url: str
+    copied: tuple[str, ...]
+    production: str | None
+    deployment: str = "not asked for"
+
+    def describe(self) -> str:
+        """Lines for a person."""
+        sent = ", ".join(self.copied) if self.copied else "no new version"
+        lines = [f"pulled from {self.url}: {sent} copied and verified; production is {self.production}"]
+        if self.deployment in ("restored", "already here"):
+            lines.append(f"deploy/deployment.json, the record dvc.lock pins: {self.deployment}")
+        else:
+            lines.append(f"deploy/deployment.json not restored: {self.deployment}")
+        return "\n".join(lines)
 
 
 @contextmanager
@@ -298,9 +327,9 @@ class SharedRegistry:
             fs.get(files, [str(t) for t in targets])
 
     # ------------------------------------------------------------ writing
-    def _upload(self, fs, local_dir: Path, version: str) -> None:
+    def _upload_tmp(self, fs, local_dir: Path) -> str:
         """Upload ``local_dir`` (a version's directory) under a temporary
-        name, then rename it to ``versions/<version>``."""
+        name in ``versions/``, durable; returns that name."""
         tmp = self._path("versions", f"{_TMP_PREFIX}{uuid.uuid4().hex}")
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         rels = [p.relative_to(local_dir).as_posix() for p in files]
@@ -309,7 +338,53 @@ class SharedRegistry:
         fs.put([str(p) for p in files], [posixpath.join(tmp, r) for r in rels])
         if self.local:
             fsync_tree(tmp)   # durable before the name says it is complete
-        self._rename(fs, tmp, self._path("versions", version))
+        return tmp
+
+    def _upload(self, fs, local_dir: Path, version: str) -> None:
+        """Upload ``local_dir`` under a temporary name, then rename it to
+        ``versions/<version>``."""
+        self._rename(fs, self._upload_tmp(fs, local_dir), self._path("versions", version))
+
+    def _replace_version(self, fs, local_dir: Path, version: str) -> None:
+        """Upload ``local_dir`` again over a shared ``version`` whose copy is
+        broken: the new copy is uploaded whole under a temporary name; then
+        the broken one is renamed aside (a ``.tmp-`` name, which no reader
+        lists) and the new one into place. Between the two renames a follower
+        finds no such version and retries at its next poll; it never reads a
+        mix of the two."""
+        fresh = self._upload_tmp(fs, local_dir)
+        aside = self._path("versions", f"{_TMP_PREFIX}broken-{uuid.uuid4().hex}")
+        self._rename(fs, self._path("versions", version), aside)
+        self._rename(fs, fresh, self._path("versions", version))
+        fs.rm(aside, recursive=True)
+
+    def broken_files(self, manifest: dict, version: str) -> list[str]:
+        """The files of the shared ``version`` (paths relative to it) whose
+        sha256 is not the one ``manifest`` (the local, verified version's)
+        records, that are missing, or that it holds beyond them, under
+        ``model/`` and ``warm_start/``: what a follower's verification would
+        refuse. Reads every byte of the version (over SSH too). Raises
+        SharedRegistryError when the storage cannot be read."""
+        expected = {f"model/{k}": v for k, v in manifest["files"].items()}
+        expected.update({f"warm_start/{k}": v for k, v in (manifest.get("warm_start_files") or {}).items()})
+        base = self._path("versions", version)
+        with self._talking(f"checking {version}'s files") as fs:
+            try:
+                held = {posixpath.relpath(f, base) for f in fs.find(base)}
+            except FileNotFoundError:
+                held = set()
+            bad = sorted(r for r in held - set(expected) if r.split("/", 1)[0] in ("model", "warm_start"))
+            for rel, digest in sorted(expected.items()):
+                if rel not in held:
+                    bad.append(rel)
+                    continue
+                sha = hashlib.sha256()
+                with fs.open(posixpath.join(base, rel), "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        sha.update(chunk)
+                if sha.hexdigest() != digest:
+                    bad.append(rel)
+        return sorted(bad)
 
     def _clear_stale_uploads(self, fs) -> None:
         """Remove what killed uploads left (``versions/.tmp-*``). Only the
@@ -322,18 +397,31 @@ class SharedRegistry:
             if posixpath.basename(path.rstrip("/")).startswith(_TMP_PREFIX):
                 fs.rm(path, recursive=True)
 
-    def publish(self, registry: Registry) -> Published:
+    def publish(self, registry: Registry, deployment: Path | None = None, fresh: bool = False) -> Published:
         """Make this shared registry match ``registry``: upload every version
         it lacks (each verified here first, then written under a temporary
         name and renamed when complete), then its history, then its aliases
         (production last of all, so it never names a version that is not
-        whole). Idempotent: a second call uploads nothing.
+        whole). Then the shared copy of production is read back and checked
+        against its hashes; a broken copy (storage that rotted, a hand edit)
+        is uploaded again (``_replace_version``) and reported in
+        ``Published.repaired``. ``deployment``: the project's
+        deploy/deployment.json, also stored as ``deployments/<md5>.json`` so
+        that ``pull`` in another clone restores the record its dvc.lock pins.
+        Idempotent: a second call uploads nothing.
+
+        A registry remembers the URLs it published to (``.published.json`` in
+        its root). When such a URL now holds nothing at all, the storage is
+        not mounted or the URL is wrong: publishing would re-create the whole
+        registry where no serving host looks, so it is refused unless
+        ``fresh`` (a new, empty shared registry on purpose).
 
         Raises IntegrityError (a local version fails its hashes: nothing of
         it is uploaded), RegistryError (the local registry holds nothing, or
         its aliases are unusable) and SharedRegistryError (unreachable,
-        refused, or it holds a version of the same name with other files:
-        two registries publish to this URL)."""
+        refused, empty where this registry published before, or it holds a
+        version of the same name with other files: two registries publish to
+        this URL)."""
         with _flock(registry.root / ".publish.lock"):
             # Aliases before versions: a promotion in between adds a version
             # (never removes one), so every version they name is listed.
@@ -345,6 +433,9 @@ class SharedRegistry:
             history_bytes = history.read_bytes() if history.is_file() else None
             with self._talking("publishing") as fs:
                 shared = set(self.versions())
+                before = self.aliases()
+                if not shared and not before and not fresh:
+                    self._refuse_if_published_before(registry)
                 self._clear_stale_uploads(fs)
                 uploaded = []
                 for version in local:
@@ -355,13 +446,49 @@ class SharedRegistry:
                     registry.warm_start(version)
                     self._upload(fs, registry.path(version), version)
                     uploaded.append(version)
+                repaired = []
+                production = aliases.get(PRODUCTION)
+                if production is not None and self.broken_files(registry.manifest(production), production):
+                    registry.verify(production)     # the local copy is sound: send it again
+                    registry.warm_start(production)
+                    self._replace_version(fs, registry.path(production), production)
+                    if self.broken_files(registry.manifest(production), production):
+                        raise SharedRegistryError(
+                            f"the shared registry {self.url}: {production} was uploaded again and its copy still "
+                            "fails its hashes: the storage does not keep what is written to it")
+                    repaired.append(production)
+                if deployment is not None and deployment.is_file():
+                    self._store_deployment(fs, deployment.read_bytes())
                 if history_bytes is not None:
                     self._replace_file(fs, "history.jsonl", history_bytes)
-                before = self.aliases()
                 if before != aliases:
                     self._replace_file(fs, "aliases.json",
                                        (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
-        return Published(self.url, tuple(uploaded), aliases.get(PRODUCTION), before.get(PRODUCTION))
+            self._remember(registry, production)
+        return Published(self.url, tuple(uploaded), production, before.get(PRODUCTION), tuple(repaired))
+
+    def _store_deployment(self, fs, data: bytes) -> None:
+        """Store a deploy record as ``deployments/<md5>.json`` (the md5 DVC
+        records for it in dvc.lock), unless it is there."""
+        name = posixpath.join("deployments", f"{hashlib.md5(data).hexdigest()}.json")
+        if not fs.exists(self._path(name)):
+            fs.makedirs(self._path("deployments"), exist_ok=True)
+            self._replace_file(fs, name, data)
+
+    def _refuse_if_published_before(self, registry: Registry) -> None:
+        record = _published_record(registry).get(self.url)
+        if record:
+            raise SharedRegistryError(
+                f"the shared registry {self.url} holds nothing, but {registry.root} published there before "
+                f"(production {record.get('production')}, {record.get('at')}): the storage is not mounted, or the "
+                "URL is wrong, and serving hosts do not look where this would write. Mount it (or fix "
+                "shared_registry.url); for a new, empty shared registry on purpose, `shrinkflow publish --fresh`")
+
+    def _remember(self, registry: Registry, production: str | None) -> None:
+        """Record in the local registry that it published (or pulled) here."""
+        record = _published_record(registry)
+        record[self.url] = {"production": production, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json(registry.root / PUBLISHED_RECORD, record)
 
     def _check_same(self, registry: Registry, version: str) -> None:
         """Raise SharedRegistryError unless the shared ``version`` is the
@@ -374,6 +501,95 @@ class SharedRegistry:
                 f"manifest differs: created {theirs.get('created_at')} there, {mine.get('created_at')} here): "
                 "another registry publishes to this URL. One registry publishes to a URL; nothing was changed "
                 "there")
+
+    # ------------------------------------------------------------ pulling into a checkout
+    def pull(self, registry: Registry, dvc_lock: Path | None = None, deployment: Path | None = None) -> Pulled:
+        """Make ``registry`` (a checkout's own, e.g. a second clone's) a copy
+        of this shared registry: every version it lacks is copied and
+        verified (as a serving host's cache is, ``fetch_version``), then its
+        history and aliases are written. Then, when ``dvc_lock`` pins a
+        deploy/deployment.json by md5 and the shared registry holds that
+        record (``publish`` stores it), it is restored to ``deployment``, so
+        that ``dvc status`` in the clone is clean and the deploy stage is not
+        re-run.
+
+        Raises SharedRegistryError (unreachable; it holds nothing; the local
+        registry holds a version it lacks or one of the same name with other
+        files: publish it first, or move the registry aside), VersionRefused
+        (a shared version fails its hashes: nothing of it is copied)."""
+        aliases = self.aliases()
+        shared = self.versions()
+        if not shared or aliases.get(PRODUCTION) is None:
+            raise SharedRegistryError(f"the shared registry {self.url} holds nothing in production: nothing to "
+                                      "pull (is the storage mounted, is the URL right?)")
+        copied = []
+        with _flock(registry.root / ".lock"):
+            local = registry.versions()
+            extra = sorted(set(local) - set(shared), key=lambda n: int(n[1:]))
+            if extra:
+                raise SharedRegistryError(
+                    f"{registry.root} holds {', '.join(extra)}, which the shared registry {self.url} lacks: pulling "
+                    "would hide them. Publish them (`shrinkflow publish`) or move the registry aside")
+            for version in shared:
+                if version in local:
+                    self._check_same(registry, version)
+                else:
+                    fetch_version(self, registry, version)
+                    copied.append(version)
+            with self._talking("reading history.jsonl") as fs:
+                try:
+                    history = fs.cat_file(self._path("history.jsonl"))
+                except FileNotFoundError:
+                    history = None
+            if history is not None:
+                atomic_write_bytes(registry.root / "history.jsonl", history)
+            write_json(registry.root / "aliases.json", {k: v for k, v in aliases.items() if v in shared})
+        self._remember(registry, aliases[PRODUCTION])
+        why = self._restore_deployment(dvc_lock, deployment) if deployment is not None else "not asked for"
+        return Pulled(self.url, tuple(copied), aliases[PRODUCTION], why)
+
+    def _restore_deployment(self, dvc_lock: Path | None, deployment: Path) -> str:
+        """Write the deploy record dvc.lock pins to ``deployment``; returns
+        "restored", "already here", or why not."""
+        import yaml
+
+        try:
+            lock = yaml.safe_load(dvc_lock.read_text()) if dvc_lock is not None and dvc_lock.is_file() else None
+        except yaml.YAMLError as exc:
+            return f"{dvc_lock} is not YAML ({exc})"
+        rel = deployment.name if dvc_lock is None else deployment.relative_to(dvc_lock.parent).as_posix()
+        outs = (((lock or {}).get("stages") or {}).get("deploy") or {}).get("outs") or []
+        md5 = next((o.get("md5") for o in outs if isinstance(o, dict) and o.get("path") == rel), None)
+        if md5 is None:
+            return f"dvc.lock pins no {rel} (the deploy stage has not run in this history)"
+        if deployment.is_file() and hashlib.md5(deployment.read_bytes()).hexdigest() == md5:
+            return "already here"
+        with self._talking("reading the deploy record") as fs:
+            try:
+                data = fs.cat_file(self._path("deployments", f"{md5}.json"))
+            except FileNotFoundError:
+                return (f"the shared registry holds no record {md5} (the one dvc.lock pins): it was deployed "
+                        "before this shrinkflow published records, or dvc.lock is not the deploying host's "
+                        "(git pull?)")
+        if hashlib.md5(data).hexdigest() != md5:
+            return f"the shared registry's record {md5} fails its md5: not restored"
+        atomic_write_bytes(deployment, data)
+        return "restored"
+
+
+PUBLISHED_RECORD = ".published.json"
+
+
+def _published_record(registry: Registry) -> dict:
+    """URL -> {production, at} of the shared registries ``registry`` was
+    published to or pulled from (``.published.json``; {} when none or
+    unreadable)."""
+    path = registry.root / PUBLISHED_RECORD
+    try:
+        record = read_json(path) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 class Follower:
@@ -446,50 +662,76 @@ class Follower:
             return None
 
     def _fetch(self, version: str) -> None:
-        """Copy, verify, then rename ``version`` into the cache (under the
-        cache's lock). Raises VersionRefused (hashes), SharedRegistryError
-        (copy)."""
-        incoming_root = self.cache.root / ".incoming"
-        shutil.rmtree(incoming_root, ignore_errors=True)   # a killed fetch's leftovers (we hold the lock)
-        staged = Registry(incoming_root / uuid.uuid4().hex)
+        fetch_version(self.shared, self.cache, version)
+
+
+def fetch_version(shared: SharedRegistry, cache: Registry, version: str) -> None:
+    """Copy ``version`` from ``shared`` into the local registry ``cache``:
+    downloaded into ``<cache>/.incoming/``, every file (model and warm-start)
+    verified against its manifest, then renamed into ``<cache>/versions/``.
+    The caller holds the cache's lock. Raises VersionRefused (hashes),
+    SharedRegistryError (copy)."""
+    incoming_root = cache.root / ".incoming"
+    shutil.rmtree(incoming_root, ignore_errors=True)   # a killed fetch's leftovers (we hold the lock)
+    staged = Registry(incoming_root / uuid.uuid4().hex)
+    try:
+        shared.download(version, staged.path(version))
         try:
-            self.shared.download(version, staged.path(version))
-            try:
-                manifest = staged.verify(version)           # every model file against its hash
-                staged.warm_start(version)                  # and the warm-start sidecar's, if any
-            except (IntegrityError, KeyError, ValueError, TypeError) as exc:
-                raise VersionRefused(f"refused {version} from the shared registry {self.shared.url}: {exc} "
-                                     "(not copied into the cache; the version served before stays)",
-                                     version) from None
-            if manifest.get("version", version) != version:
-                raise VersionRefused(f"refused {version} from the shared registry {self.shared.url}: its manifest "
-                                     f"says it is {manifest.get('version')!r}", version)
-            fsync_tree(staged.path(version))
-            self.cache.versions_dir.mkdir(parents=True, exist_ok=True)
-            os.rename(staged.path(version), self.cache.path(version))
-            fsync_dir(self.cache.versions_dir)
-        finally:
-            shutil.rmtree(incoming_root, ignore_errors=True)
+            manifest = staged.verify(version)           # every model file against its hash
+            staged.warm_start(version)                  # and the warm-start sidecar's, if any
+        except (IntegrityError, KeyError, ValueError, TypeError) as exc:
+            raise VersionRefused(f"refused {version} from the shared registry {shared.url}: {exc} "
+                                 "(not copied into the cache; the version served before stays)",
+                                 version) from None
+        if manifest.get("version", version) != version:
+            raise VersionRefused(f"refused {version} from the shared registry {shared.url}: its manifest "
+                                 f"says it is {manifest.get('version')!r}", version)
+        fsync_tree(staged.path(version))
+        cache.versions_dir.mkdir(parents=True, exist_ok=True)
+        os.rename(staged.path(version), cache.path(version))
+        fsync_dir(cache.versions_dir)
+    finally:
+        shutil.rmtree(incoming_root, ignore_errors=True)
 
 
-def publish_project(root: Path | str, params) -> tuple[Published | None, str | None]:
-    """Publish the project's registry (``deploy.registry_dir``) to
-    ``shared_registry.url``, as the lifecycle does after its deploy step.
-    Returns (what was published, None), (None, None) when no URL is set, or
-    (None, why it could not be published): a promotion stands locally
-    either way, and the warning says how to send it later. Raises nothing
-    for a shared registry that cannot be used."""
+def publish_project(root: Path | str, params, fresh: bool = False) -> tuple[Published | None, str | None]:
+    """Publish the project's registry (``deploy.registry_dir``), with its
+    deploy record (deploy/deployment.json), to ``shared_registry.url``, as
+    the lifecycle does after its deploy step. Returns (what was published,
+    None), (None, None) when no URL is set, or (None, why it could not be
+    published): a promotion stands locally either way, and the warning says
+    how to send it later. Raises nothing for a shared registry that cannot
+    be used. ``fresh``: see ``SharedRegistry.publish``."""
+    from shrinkflow.paths import DEPLOYMENT
+
     url = params.shared_registry.url
     if url is None:
         return None, None
     registry = Registry(Path(root) / params.deploy.registry_dir)
     try:
-        return SharedRegistry(url, params.shared_registry.connect_timeout_s).publish(registry), None
+        return SharedRegistry(url, params.shared_registry.connect_timeout_s).publish(
+            registry, deployment=Path(root) / DEPLOYMENT, fresh=fresh), None
     except (RegistryError, IntegrityError, OSError) as exc:
         production = _local_production(registry)
         return None, (f"could not publish the registry to {url}: {exc}. Production here is {production}; serving "
                       "hosts that follow the shared registry keep what it named before. Run `shrinkflow publish` "
                       "once it answers (docs/team.md, \"The production model on every serving host\")")
+
+
+def pull_project(root: Path | str, params) -> Pulled:
+    """Copy ``shared_registry.url`` into the project's registry
+    (``deploy.registry_dir``) and restore the deploy record its dvc.lock
+    pins (``SharedRegistry.pull``): after ``dvc pull``, a second clone then
+    has a clean ``dvc status`` and the same production version, verified.
+    Raises ValueError when no URL is set, and what ``pull`` raises."""
+    from shrinkflow.paths import DEPLOYMENT
+
+    url = params.shared_registry.url
+    if url is None:
+        raise ValueError("shared_registry.url is not set in the params: nothing to pull from")
+    root = Path(root)
+    return SharedRegistry(url, params.shared_registry.connect_timeout_s).pull(
+        Registry(root / params.deploy.registry_dir), dvc_lock=root / "dvc.lock", deployment=root / DEPLOYMENT)
 
 
 def _local_production(registry: Registry) -> str | None:

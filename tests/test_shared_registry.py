@@ -267,31 +267,151 @@ def test_a_failed_publish_leaves_the_move_here_and_says_how_to_send_it(tmp_path,
     assert out.exit_code == ExitCode.CRASH and "Connect call failed" in out.output
 
 
-def test_a_refused_version_is_copied_again_only_after_the_retry_interval(tmp_path, candidate):
+def test_a_corrupted_shared_production_is_repaired_by_the_next_publish_and_followed_after_the_retry_interval(
+        tmp_path, candidate):
+    """The storage's copy of production rots after it was published: a
+    host refuses it and keeps what it served; the next publish reads the
+    copy back, finds it broken and uploads it again (saying so); the host
+    copies it again only after its retry interval."""
     origin = Registry(tmp_path / "origin")
     first, second = (origin.promote(candidate, PASS, deploy_record("fp32")).version for _ in range(2))
     shared = SharedRegistry(f"file://{tmp_path / 'shared'}")
+    origin.rollback(to=first)
     shared.publish(origin)
-    good = tmp_path / "shared" / "versions" / second / "model" / "model.onnx"
-    saved = good.read_bytes()
-    good.write_bytes(b"rot")
     cache = Registry(tmp_path / "cache")
     cache_aliases = {"production": first}
     follower = Follower(shared, cache, retry_refused_s=0.5)
-    origin.rollback(to=first)
-    shared.publish(origin)
     assert follower.sync() == first and cache.aliases() == cache_aliases
     origin.rollback(to=second)
-    shared.publish(origin)
+    assert shared.publish(origin).repaired == ()
+    good = tmp_path / "shared" / "versions" / second / "model" / "model.onnx"
+    good.write_bytes(b"rot")                      # rots after it was published
+    assert shared.broken_files(origin.manifest(second), second) == ["model/model.onnx"]
     with pytest.raises(VersionRefused, match=f"refused {second}.*model.onnx"):
         follower.sync()
-    good.write_bytes(saved)                       # the storage's copy repaired
+    done = shared.publish(origin)                 # e.g. the next `shrinkflow publish` or lifecycle run
+    assert done.repaired == (second,) and done.uploaded == ()
+    assert f"the shared copy of {second} failed its hashes and was uploaded again" in done.describe()
+    assert shared.broken_files(origin.manifest(second), second) == []
+    assert not list((tmp_path / "shared" / "versions").glob(".tmp-*"))
     with pytest.raises(VersionRefused):           # not copied again yet
         follower.sync()
     assert cache.aliases() == cache_aliases and cache.versions() == [first]
     time.sleep(0.5)
     assert follower.sync() == second and cache.alias() == second
     assert file_hashes(cache.path(second)) == file_hashes(origin.path(second))
+
+
+def test_publishing_where_the_share_is_gone_is_refused_until_it_is_back_or_fresh_is_asked(tmp_path, candidate):
+    """A registry that published to a URL and now finds nothing there (the
+    share unmounted: the directory missing, or an empty mount point) does
+    not re-create the registry where no serving host looks: rollback and
+    publish fail (exit 3) saying so; the mounted share takes the publish;
+    --fresh publishes to a new, empty one on purpose."""
+    shared_dir = tmp_path / "shared"
+    root = make_project(tmp_path / "p", shared={"url": f"file://{shared_dir}"})
+    reg = Registry(root / "registry")
+    for _ in range(2):
+        reg.promote(candidate, PASS, deploy_record("fp32"))
+    assert cli(root, "publish").exit_code == ExitCode.OK
+    shared_dir.rename(tmp_path / "mounted-elsewhere")            # unmounted: the directory is gone
+    out = cli(root, "rollback")
+    assert out.exit_code == ExitCode.CRASH and "production: v0002 -> v0001" in out.output, out.output
+    assert "holds nothing, but" in out.output and "published there before (production v0002" in out.output
+    assert "not mounted" in out.output and "--fresh" in out.output
+    assert not shared_dir.exists() and reg.alias() == "v0001"
+    shared_dir.mkdir()                                             # an empty mount point
+    out = cli(root, "publish")
+    assert out.exit_code == ExitCode.CRASH and "holds nothing, but" in out.output, out.output
+    assert list(shared_dir.iterdir()) == []
+    shared_dir.rmdir()
+    (tmp_path / "mounted-elsewhere").rename(shared_dir)            # mounted again: the rollback goes out
+    out = cli(root, "publish")
+    assert out.exit_code == ExitCode.OK and "production v0002 -> v0001" in out.output, out.output
+    other = tmp_path / "new-share"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["shared_registry"]["url"] = f"file://{other}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    out = cli(root, "publish")                                     # never published there: nothing to refuse
+    assert out.exit_code == ExitCode.OK and "v0001, v0002 uploaded" in out.output, out.output
+    shutil.rmtree(other)
+    assert cli(root, "publish").exit_code == ExitCode.CRASH
+    out = cli(root, "publish", "--fresh")
+    assert out.exit_code == ExitCode.OK and "v0001, v0002 uploaded" in out.output, out.output
+
+
+WRITE_RECORD = """\
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.environ["SHRINKFLOW_SRC"])
+from shrinkflow.registry import Registry
+out = Path("deploy/deployment.json")
+out.parent.mkdir(parents=True, exist_ok=True)
+# like the real record: the version, and figures measured in the run (never the same twice)
+out.write_text(json.dumps({"version": Registry("registry").alias(), "measured": os.urandom(8).hex()}))
+"""
+DEPLOY_STAGE = """\
+stages:
+  deploy:
+    cmd: python write_record.py
+    deps: [write_record.py]
+    outs:
+      - deploy/deployment.json:
+          cache: false
+"""
+GIT = ["git", "-c", "user.name=pull-test", "-c", "user.email=pull-test@localhost"]
+
+
+def test_a_second_clone_pulls_the_registry_and_the_deploy_record_so_dvc_status_is_clean(tmp_path, candidate):
+    """A deploy stage (its record git-ignored and not cached, as the real
+    one) ran on the deploying host, which published. A second clone: `dvc
+    status` shows the deploy stage changed until `shrinkflow pull` copies
+    the registry (verified) and restores the record dvc.lock pins; then it is
+    clean and `shrinkflow status` verifies the same production. A version
+    the clone deploys itself is refused by pull until it is published, and
+    then reaches the first host's pull."""
+    from shrinkflow.dvcrun import dvc_command
+
+    url = f"file://{tmp_path / 'shared'}"
+    origin = make_project(tmp_path / "origin", shared={"url": url})
+    subprocess.run([*GIT, "init", "-q"], cwd=origin, check=True)
+    dvc_command(["init", "-q"], origin)
+    (origin / "dvc.yaml").write_text(DEPLOY_STAGE)
+    (origin / "write_record.py").write_text(WRITE_RECORD)
+    (origin / ".gitignore").write_text("registry/\ndeploy/deployment.json\n")
+    Registry(origin / "registry").promote(candidate, PASS, deploy_record("fp32"))
+    env = {**os.environ, "SHRINKFLOW_SRC": str(PROJECT_ROOT)}
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=origin, env=env, check=True, timeout=120)
+    subprocess.run([*GIT, "add", "-A"], cwd=origin, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "deployed v0001"], cwd=origin, check=True)
+    out = cli(origin, "publish")
+    assert out.exit_code == ExitCode.OK, out.output
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, timeout=60)
+    assert json.loads(dvc_command(["status", "--json"], clone) or "{}") != {}   # the record is missing
+    out = cli(clone, "pull")
+    assert out.exit_code == ExitCode.OK, out.output
+    assert f"pulled from {url}: v0001 copied and verified; production is v0001" in out.output
+    assert "deploy/deployment.json, the record dvc.lock pins: restored" in out.output
+    assert json.loads(dvc_command(["status", "--json"], clone) or "{}") == {}
+    assert (clone / "deploy" / "deployment.json").read_bytes() == (origin / "deploy" / "deployment.json").read_bytes()
+    mine = Registry(clone / "registry")
+    assert mine.aliases() == {"production": "v0001"} and mine.verify("v0001")
+    assert file_hashes(mine.path("v0001")) == file_hashes(Registry(origin / "registry").path("v0001"))
+    out = cli(clone, "status")
+    assert out.exit_code == ExitCode.OK and "v0001" in out.output, out.output
+    assert "no new version copied" in cli(clone, "pull").output                  # idempotent
+
+    # the clone deploys a version of its own: pull would hide it, publish sends it
+    mine.promote(candidate, PASS, deploy_record("fp32"))
+    out = cli(clone, "pull")
+    assert out.exit_code == ExitCode.CRASH and "holds v0002, which the shared registry" in out.output, out.output
+    assert cli(clone, "publish").exit_code == ExitCode.OK
+    out = cli(origin, "pull")
+    assert out.exit_code == ExitCode.OK and "v0002 copied and verified; production is v0002" in out.output
+    # the origin's dvc.lock pins its own record, which it still has
+    assert "deploy/deployment.json, the record dvc.lock pins: already here" in out.output, out.output
 
 
 # ------------------------------------------------------------ a serving host over a shared directory
