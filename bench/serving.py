@@ -240,7 +240,11 @@ def main() -> None:
           f"{doc['speedup_rps_vs_baseline_unbatched']}x.",
           f"- 5xx responses: {', '.join(str(fivexx(r)) for r in shrink)} (per row, batched, off); rows logged = 200 "
           f"responses: {', '.join(str(r['rows_logged'] == r['ok']) for r in shrink)}."]
-    (OUT / "serving.md").write_text("\n".join(md) + "\n")
+    # keep bench/serving_replicas.py's section (between its markers)
+    before = (OUT / "serving.md").read_text() if (OUT / "serving.md").is_file() else ""
+    begin, end = "<!-- serving_replicas.py: begin -->", "<!-- serving_replicas.py: end -->"
+    kept = before[before.index(begin):before.index(end) + len(end)] + "\n" if begin in before and end in before else ""
+    (OUT / "serving.md").write_text("\n".join(md) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(md))
 
 

@@ -19,7 +19,8 @@ prediction ids: every id answered 200 by either replica is in the log, and
 no other). After run 3 the monitor reads the combined window
 (``monitoring.run.read_window`` through serve.log_url, what `shrinkflow
 monitor` calls) and builds its reports and verdict on it. Writes
-bench/results/serving_replicas.{md,json}.
+bench/results/serving_replicas.{md,json}, and a section of
+bench/results/serving.md (between its serving_replicas.py markers).
 
 On a 2-core machine the client, PostgreSQL and both replicas share the two
 cores: run 3 measures that two replicas on one log work (zero 5xx, nothing
@@ -267,6 +268,34 @@ def main() -> None:
           f"({monitor['verdict']}) were built on it.", ""]
     (OUT / "serving_replicas.md").write_text("\n".join(md))
     print("\n".join(md))
+    section = ["## Replicas on one PostgreSQL prediction log", "",
+               f"From `bench/serving_replicas.py` ({doc['when']}; the whole record: "
+               "[serving_replicas.md](serving_replicas.md)): real `shrinkflow serve` processes serving "
+               f"{version}, {CONCURRENCY} aiohttp clients for {DURATION_S:.0f} s per run, the runs one after the "
+               "other on this 2-core machine (clients, PostgreSQL and replicas share the cores).", "",
+               "| run | req/s | vs one replica on SQLite | p95 ms | 5xx | logged = answered | load avg before/after |",
+               "|---|---|---|---|---|---|---|",
+               *[f"| {n} | {r['requests_per_s']} | "
+                 f"{round(r['requests_per_s'] / one_sqlite['requests_per_s'], 2)}x | {r['latency_ms_p95']} | "
+                 f"{r['fivexx']} | {r['logged_equals_ok']} | {r['loadavg_1min_before_after']} |"
+                 for n, r in runs.items()], ""]
+    write_section(OUT / "serving.md", "\n".join(section))
+
+
+BEGIN, END = "<!-- serving_replicas.py: begin -->", "<!-- serving_replicas.py: end -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text`` between BEGIN and END in ``path`` (appended, with the
+    markers, the first time); the rest of the file (bench/serving.py's) is
+    kept."""
+    doc = path.read_text() if path.is_file() else ""
+    block = f"{BEGIN}\n{text}\n{END}\n"
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):].lstrip("\n")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block
+    path.write_text(doc)
 
 
 if __name__ == "__main__":

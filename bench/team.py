@@ -24,8 +24,13 @@ and pulled into a second clone, as two teammates would:
      SSH remote by ``shrinkflow remote-ssh``; ``dvc push`` to an empty
      remote (timed), then ``dvc push`` again with nothing new (timed);
   2. clone B: ``git clone`` of A, given only its key in config.local;
-     ``dvc pull`` (timed), then ``dvc status`` must be clean and every file
-     under data/ and models/ must hash as in A.
+     ``dvc pull`` (timed), then ``dvc status`` must be clean for every stage
+     that makes data or models, and every file under data/ and models/ must
+     hash as in A;
+  3. A publishes its registry to a shared registry on the same sshd
+     (``shrinkflow publish``, timed) and B runs ``shrinkflow pull`` (timed):
+     then B's ``dvc status`` must be clean (the deploy record restored) and
+     its ``shrinkflow status`` must show A's production.
 
 The server is Debian's sshd on 127.0.0.1 (the same setup as
 tests/test_remote_ssh.py: public-key login, SFTP only), so the figures are
@@ -157,17 +162,77 @@ def dvc_over_ssh(a: Path) -> dict:
         status = json.loads(dvc_command(["status", "--json"], b) or "{}")
         same = tree_hashes(a) == tree_hashes(b)
         # deploy/deployment.json is the local registry's record (cache: false,
-        # git-ignored: docs/registry.md), so a clone has none: the only entry
-        # allowed. Every stage that makes data or models must be clean.
+        # git-ignored: docs/registry.md), so after `dvc pull` alone the clone
+        # has none: the only entry allowed. Every stage that makes data or
+        # models must be clean.
         others = {k: v for k, v in status.items() if k != "deploy"}
         assert not others and same, (status, same)
+        registry = shared_registry_over_ssh(a, b, sshd)
         return {"objects": files, "mb": round(size / 1e6, 1), "push_s": round(push_s, 1),
                 "push_nothing_new_s": round(push_again_s, 1), "pull_s": round(pull_s, 1),
                 "push_mb_per_s": round(size / 1e6 / push_s, 1), "pull_mb_per_s": round(size / 1e6 / pull_s, 1),
                 "clone_b_dvc_status": status, "clone_b_build_stages_clean": not others, "clone_b_files_identical": same,
-                "files_compared": len(tree_hashes(b))}
+                "files_compared": len(tree_hashes(b)), "shared_registry": registry}
     finally:
         sshd.stop()
+
+
+def shared_registry_over_ssh(a: Path, b: Path, sshd) -> dict:
+    """Clone A publishes its registry to a shared registry on the same sshd
+    (``shrinkflow publish``, timed); clone B, after its ``dvc pull``, runs
+    ``shrinkflow pull`` (timed): then its ``dvc status`` must be clean, and
+    ``shrinkflow status`` must show A's production version."""
+    import yaml
+
+    from shrinkflow.registry import Registry
+    from shrinkflow.shared_registry import KEY_ENV, KNOWN_HOSTS_ENV
+
+    host_key = (sshd.root / "host_key.pub").read_text().split()
+    known = sshd.root / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {host_key[0]} {host_key[1]}\n")
+    env = {KEY_ENV: str(sshd.client_key), KNOWN_HOSTS_ENV: str(known)}
+    url = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{WORK / 'storage' / 'registry'}"
+    for clone in (a, b):
+        params = yaml.safe_load((clone / "params.yaml").read_text())
+        params["shared_registry"]["url"] = url
+        (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shrinkflow = str(ROOT / ".venv" / "bin" / "shrinkflow")
+
+    def run(clone: Path, *args: str) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        proc = subprocess.run([shrinkflow, *args], cwd=clone, capture_output=True, text=True,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, (args, proc.stdout + proc.stderr)
+        return time.perf_counter() - t0, proc.stdout
+
+    publish_s, published = run(a, "publish")
+    pull_s, pulled = run(b, "pull")
+    status = json.loads(dvc_command(["status", "--json"], b) or "{}")
+    _, shown = run(b, "status")
+    prod_a = Registry(a / "registry").alias()
+    versions = Registry(b / "registry").versions()
+    assert status == {} and prod_a in shown, (status, shown)
+    return {"url_kind": "ssh:// (SFTP, the same sshd)", "versions": len(versions),
+            "mb": round(sum(p.stat().st_size for p in (b / "registry").rglob("*") if p.is_file()) / 1e6, 1),
+            "publish_s": round(publish_s, 1), "pull_s": round(pull_s, 1), "published": published.strip(),
+            "pulled": pulled.strip(), "clone_b_dvc_status_after": status, "production": prod_a}
+
+
+def registry_lines(r: dict | None) -> list[str]:
+    """The shared registry's section of team.md (none for a record measured
+    before it existed)."""
+    if not r:
+        return []
+    return ["## The registry to a second clone: `shrinkflow publish`, `shrinkflow pull`", "",
+            f"Clone A publishes its registry ({r['versions']} versions, {r['mb']} MB) to a shared registry "
+            f"over the same sshd ({r['url_kind']}); clone B, after its `dvc pull`, runs `shrinkflow pull`, "
+            "which copies every version (each file's sha256 checked against its manifest) and restores the "
+            "deploy record its dvc.lock pins.", "",
+            "| `shrinkflow publish` (A, empty shared registry) | `shrinkflow pull` (B) |", "|---|---|",
+            f"| {r['publish_s']} s | {r['pull_s']} s |", "",
+            f"Then in clone B: `dvc status` is **{json.dumps(r['clone_b_dvc_status_after'])}** (clean), and "
+            f"`shrinkflow status` shows production {r['production']}, verified. The commands said:", "",
+            "```text", r["published"], r["pulled"], "```", ""]
 
 
 def write(doc: dict) -> None:
@@ -210,9 +275,10 @@ def write(doc: dict) -> None:
         f"In clone B after the pull: `dvc status` clean for every stage that makes data or models "
         f"(fetch to validate): **{d['clone_b_build_stages_clean']}**; it lists only "
         f"`{json.dumps(d['clone_b_dvc_status'])}`: the deploy stage's record is the local registry's "
-        "(`cache: false`, not in git: docs/registry.md), which a clone does not have until it deploys. All "
+        "(`cache: false`, not in git: docs/registry.md), which `dvc pull` does not bring (`shrinkflow pull` does: next section). All "
         f"{d['files_compared']} files under data/ and models/ identical to clone A's (sha256): "
         f"**{d['clone_b_files_identical']}**.", "",
+        *registry_lines(d.get("shared_registry")),
         "## Serving replicas on one PostgreSQL log", "",
         "Two `shrinkflow serve` replicas on one PostgreSQL prediction log against one replica on SQLite "
         "(req/s, latency, zero 5xx, logged rows equal to answered ones): "

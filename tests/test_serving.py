@@ -59,10 +59,12 @@ class Server:
     """`shrinkflow serve` in ``root``, as a user starts it. ``output``: a file
     for the server's stdout and stderr (else a pipe), for tests that read what
     it logged; ``env``: extra environment; ``new_session``: in a process
-    group of its own (stopped whole with conftest.terminate_group)."""
+    group of its own (stopped whole with conftest.terminate_group);
+    ``args``: more `shrinkflow serve` options."""
 
     def __init__(self, root: Path, port: int, token: str | None = TOKEN, output: Path | None = None,
-                 env: dict | None = None, new_session: bool = False, start_timeout_s: float = 60):
+                 env: dict | None = None, new_session: bool = False, start_timeout_s: float = 60,
+                 args: tuple[str, ...] = ()):
         self.root, self.port, self.output = root, port, output
         self.url = f"http://127.0.0.1:{port}"
         full = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
@@ -70,7 +72,8 @@ class Server:
         if token:
             full["SHRINKFLOW_API_TOKEN"] = token
         out = open(output, "w") if output else subprocess.PIPE
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=root,
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), *args],
+                                     cwd=root,
                                      env=full, stdout=out, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=new_session)
         if output:

@@ -72,9 +72,10 @@ class Host(Server):
     """`shrinkflow serve` in ``root`` (a serving host), as a user starts
     it; ``env``: extra environment (the SSH key and known_hosts)."""
 
-    def __init__(self, root: Path, env: dict | None = None):
+    def __init__(self, root: Path, env: dict | None = None, args: tuple[str, ...] = ()):
         super().__init__(root, free_port(), token=None, output=root / "serve.log",
-                         env={"PYTHONUNBUFFERED": "1", **(env or {})}, new_session=True, start_timeout_s=90)
+                         env={"PYTHONUNBUFFERED": "1", **(env or {})}, new_session=True, start_timeout_s=90,
+                         args=args)
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -435,6 +436,36 @@ def test_a_host_with_only_the_shared_url_serves_production_and_follows_promotion
     host.serves(start)
     assert host.health()["refused"] is None
     assert SharedRegistry(site["url"]).aliases() == origin.aliases()
+
+
+def test_a_host_with_several_workers_follows_with_every_worker_and_one_cache(site, tmp_path):
+    """`shrinkflow serve --workers 2` on a serving host: each uvicorn worker
+    follows the shared registry (they share one cache, under its lock); after
+    a promotion every answer, whichever worker gives it, names the new
+    version, and the cache holds one copy of it."""
+    root = make_project(tmp_path / "host2", serve={"registry": "shared"}, shared={"url": site["url"]})
+    host = Host(root, args=("--workers", "2"))
+    try:
+        start = origin_registry(site).alias()
+        host.serves(start)
+        new = promote_and_publish(site)
+        deadline = time.time() + 30
+        while True:    # a new connection per request: the kernel spreads them over both workers
+            answers = [host.answer() for _ in range(40)]
+            if set(answers) == {new}:
+                break
+            assert time.time() < deadline, f"answers still {sorted(set(answers))} after 30 s:\n{host.output_text()}"
+            time.sleep(0.2)
+        cache = Registry(root / ".shrinkflow" / "registry-cache")
+        assert cache.alias() == new and new in cache.versions() and not (cache.root / ".incoming").exists()
+        cache.verify(new)
+        import psutil
+
+        workers = [c for c in psutil.Process(host.proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(host.proc.pid).children(recursive=True)]
+    finally:
+        host.stop()
 
 
 def test_a_tampered_shared_version_is_refused_and_the_host_keeps_serving(site):
