@@ -527,6 +527,21 @@ def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[
     return cron, interval
 
 
+def deployment_schedule(cron: Optional[str], interval_s: Optional[int]) -> dict:
+    """The schedule keyword of ``Flow.to_deployment`` for exactly one of a
+    cron (UTC, as before) and an interval in seconds: the interval as a
+    Prefect ``Interval`` on the fixed anchor of ``shrinkflow.schedules``
+    (Prefect's own default anchor is the moment it is deployed, so each
+    start of `schedule` would move the runs)."""
+    if cron is not None:
+        return {"cron": cron}
+    from prefect.schedules import Interval
+
+    from shrinkflow.schedules import INTERVAL_ANCHOR
+
+    return {"schedule": Interval(interval_s, anchor_date=INTERVAL_ANCHOR, timezone="UTC")}
+
+
 @_command("schedule", "Run the lifecycle and the monitor on schedules.")
 def schedule(ctx: typer.Context,
              cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle cron, e.g. "0 3 * * 0" '
@@ -566,6 +581,7 @@ def schedule(ctx: typer.Context,
 
     from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
     from shrinkflow.config import cron_next_run
+    from shrinkflow.schedules import interval_next_run
 
     _stop_on_signals()
     server = follower = watch = None
@@ -595,7 +611,7 @@ def schedule(ctx: typer.Context,
         def when(c, i):
             if c:
                 return f"cron {c!r}, next run {cron_next_run(c):%Y-%m-%d %H:%M} UTC"
-            return f"every {i}s"
+            return f"every {i}s, next run {interval_next_run(i):%Y-%m-%d %H:%M:%S} UTC"
 
         typer.echo(f"serving deployments shrinkflow-lifecycle/{name} ({when(cron, interval)}) and "
                    f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
@@ -603,10 +619,10 @@ def schedule(ctx: typer.Context,
         watch = ScheduleWatch(api_url, [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"], emit=warn).start()
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
-                lifecycle.to_deployment(name=name, cron=cron, interval=interval,
-                                        parameters={"project_dir": str(root)}),
-                monitor.to_deployment(name=name, cron=monitor_cron, interval=monitor_interval,
-                                      parameters={"project_dir": str(root)}),
+                lifecycle.to_deployment(name=name, parameters={"project_dir": str(root)},
+                                        **deployment_schedule(cron, interval)),
+                monitor.to_deployment(name=name, parameters={"project_dir": str(root)},
+                                      **deployment_schedule(monitor_cron, monitor_interval)),
                 # One run at a time across both: each may run DVC in this
                 # workspace (a re-compression is a `dvc repro`), and DVC
                 # allows one repro per workspace.
