@@ -46,7 +46,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
             ExitCode.USAGE: _USAGE + _ADOPT,
             ExitCode.CRASH: "a stage, Prefect or the deploy failed"},
     "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
-               ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes"},
+               ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes; or "
+                               "(serve.registry: shared) the shared registry cannot be used and nothing is cached"},
     "serve": {ExitCode.OK: "served until stopped", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
               ExitCode.CRASH: "production's files, its labels or the prediction log are unusable; or "
                               "(serve.registry: shared) the shared registry cannot be used and nothing is cached",
@@ -326,17 +327,48 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
 @_command("status", "Show the production version: figures, gates, lineage.")
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON"),
            params: ParamsOpt = None, debug: DebugOpt = False):
-    """Show the deployed (production) version: test figures, gates, lineage."""
+    """Show the deployed (production) version: test figures, gates, lineage.
+
+    On a serving host (serve.registry: shared): the version the shared
+    registry's production names, and the one this host's verified cache
+    holds (its figures, its files verified), with a warning when the cache
+    lags or the shared registry cannot be used."""
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
     from shrinkflow.status import status_report, status_text
 
     s = _session(ctx)
+    if s.params.serve.registry == "shared":
+        return _serving_host_status(s, as_json, debug)
     try:
         report = status_report(Registry(s.root / s.params.deploy.registry_dir))
     except RegistryError as exc:
         raise _crash(exc, "status", debug, message=str(exc))
     typer.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True) if as_json else status_text(report))
+    if not as_json and report.deployed is not None and report.deployed.integrity != "verified":
+        raise typer.Exit(ExitCode.CRASH)
+
+
+def _serving_host_status(s: Session, as_json: bool, debug: bool) -> None:
+    """`status` with serve.registry: shared: the shared production against
+    this host's cache (shrinkflow.status.serving_host_status). Exit 3 as for
+    the local registry (the cached production fails its hashes, or the cache
+    is unusable), and when the shared registry cannot be used and nothing is
+    cached (as `serve` would)."""
+    from shrinkflow.errors import RegistryError
+    from shrinkflow.registry import Registry
+    from shrinkflow.shared_registry import SharedRegistry
+    from shrinkflow.status import serving_host_status, serving_host_text
+
+    sp = s.params.shared_registry
+    try:
+        report = serving_host_status(Registry(s.root / sp.cache_dir), SharedRegistry(sp.url, sp.connect_timeout_s))
+    except RegistryError as exc:
+        raise _crash(exc, "status", debug, message=str(exc))
+    typer.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True) if as_json
+               else serving_host_text(report))
+    if report.deployed is None and report.shared.state == "unusable":
+        raise typer.Exit(ExitCode.CRASH)
     if not as_json and report.deployed is not None and report.deployed.integrity != "verified":
         raise typer.Exit(ExitCode.CRASH)
 
