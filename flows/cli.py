@@ -46,7 +46,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
             ExitCode.USAGE: _USAGE + _ADOPT,
             ExitCode.CRASH: "a stage, Prefect or the deploy failed"},
     "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
-               ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes"},
+               ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes; or "
+                               "(serve.registry: shared) the shared registry cannot be used and nothing is cached"},
     "serve": {ExitCode.OK: "served until stopped", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
               ExitCode.CRASH: "production's files, its labels or the prediction log are unusable; or "
                               "(serve.registry: shared) the shared registry cannot be used and nothing is cached",
@@ -333,17 +334,48 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
 @_command("status", "Show the production version: figures, gates, lineage.")
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON"),
            params: ParamsOpt = None, debug: DebugOpt = False):
-    """Show the deployed (production) version: test figures, gates, lineage."""
+    """Show the deployed (production) version: test figures, gates, lineage.
+
+    On a serving host (serve.registry: shared): the version the shared
+    registry's production names, and the one this host's verified cache
+    holds (its figures, its files verified), with a warning when the cache
+    lags or the shared registry cannot be used."""
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
     from shrinkflow.status import status_report, status_text
 
     s = _session(ctx)
+    if s.params.serve.registry == "shared":
+        return _serving_host_status(s, as_json, debug)
     try:
         report = status_report(Registry(s.root / s.params.deploy.registry_dir))
     except RegistryError as exc:
         raise _crash(exc, "status", debug, message=str(exc))
     typer.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True) if as_json else status_text(report))
+    if not as_json and report.deployed is not None and report.deployed.integrity != "verified":
+        raise typer.Exit(ExitCode.CRASH)
+
+
+def _serving_host_status(s: Session, as_json: bool, debug: bool) -> None:
+    """`status` with serve.registry: shared: the shared production against
+    this host's cache (shrinkflow.status.serving_host_status). Exit 3 as for
+    the local registry (the cached production fails its hashes, or the cache
+    is unusable), and when the shared registry cannot be used and nothing is
+    cached (as `serve` would)."""
+    from shrinkflow.errors import RegistryError
+    from shrinkflow.registry import Registry
+    from shrinkflow.shared_registry import SharedRegistry
+    from shrinkflow.status import serving_host_status, serving_host_text
+
+    sp = s.params.shared_registry
+    try:
+        report = serving_host_status(Registry(s.root / sp.cache_dir), SharedRegistry(sp.url, sp.connect_timeout_s))
+    except RegistryError as exc:
+        raise _crash(exc, "status", debug, message=str(exc))
+    typer.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True) if as_json
+               else serving_host_text(report))
+    if report.deployed is None and report.shared.state == "unusable":
+        raise typer.Exit(ExitCode.CRASH)
     if not as_json and report.deployed is not None and report.deployed.integrity != "verified":
         raise typer.Exit(ExitCode.CRASH)
 
@@ -568,6 +600,21 @@ def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[
     return cron, interval
 
 
+def deployment_schedule(cron: Optional[str], interval_s: Optional[int]) -> dict:
+    """The schedule keyword of ``Flow.to_deployment`` for exactly one of a
+    cron (UTC, as before) and an interval in seconds: the interval as a
+    Prefect ``Interval`` on the fixed anchor of ``shrinkflow.schedules``
+    (Prefect's own default anchor is the moment it is deployed, so each
+    start of `schedule` would move the runs)."""
+    if cron is not None:
+        return {"cron": cron}
+    from prefect.schedules import Interval
+
+    from shrinkflow.schedules import INTERVAL_ANCHOR
+
+    return {"schedule": Interval(interval_s, anchor_date=INTERVAL_ANCHOR, timezone="UTC")}
+
+
 @_command("schedule", "Run the lifecycle and the monitor on schedules.")
 def schedule(ctx: typer.Context,
              cron: Optional[str] = typer.Option(None, "--cron", help='lifecycle cron, e.g. "0 3 * * 0" '
@@ -607,6 +654,7 @@ def schedule(ctx: typer.Context,
 
     from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
     from shrinkflow.config import cron_next_run
+    from shrinkflow.schedules import interval_next_run
 
     _stop_on_signals()
     server = follower = watch = None
@@ -636,7 +684,7 @@ def schedule(ctx: typer.Context,
         def when(c, i):
             if c:
                 return f"cron {c!r}, next run {cron_next_run(c):%Y-%m-%d %H:%M} UTC"
-            return f"every {i}s"
+            return f"every {i}s, next run {interval_next_run(i):%Y-%m-%d %H:%M:%S} UTC"
 
         typer.echo(f"serving deployments shrinkflow-lifecycle/{name} ({when(cron, interval)}) and "
                    f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
@@ -644,10 +692,10 @@ def schedule(ctx: typer.Context,
         watch = ScheduleWatch(api_url, [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"], emit=warn).start()
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
-                lifecycle.to_deployment(name=name, cron=cron, interval=interval,
-                                        parameters={"project_dir": str(root)}),
-                monitor.to_deployment(name=name, cron=monitor_cron, interval=monitor_interval,
-                                      parameters={"project_dir": str(root)}),
+                lifecycle.to_deployment(name=name, parameters={"project_dir": str(root)},
+                                        **deployment_schedule(cron, interval)),
+                monitor.to_deployment(name=name, parameters={"project_dir": str(root)},
+                                      **deployment_schedule(monitor_cron, monitor_interval)),
                 # One run at a time across both: each may run DVC in this
                 # workspace (a re-compression is a `dvc repro`), and DVC
                 # allows one repro per workspace.

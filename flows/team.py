@@ -16,7 +16,9 @@ The schedules: prefect.yaml writes params.yaml's out (Prefect validates the
 file before it fills any template, so an interval cannot be one); ``up``
 deploys the validated params' (or its flags') through a copy of prefect.yaml
 with them, ``.shrinkflow/team/prefect.yaml`` (``render_prefect_yaml``), and
-tests/test_team.py keeps the committed two files in agreement.
+tests/test_team.py keeps the committed two files in agreement. Every interval
+schedule has the fixed anchor of ``shrinkflow.schedules``, so a redeploy does
+not move its runs.
 
 Pointing the same pieces elsewhere: with ``PREFECT_API_DATABASE_CONNECTION_URL``
 set, the server uses that database and no cluster is created; with
@@ -55,6 +57,7 @@ from shrinkflow.files import read_json, write_json
 from shrinkflow.paths import STATE
 from shrinkflow.pgcluster import PgCluster
 from shrinkflow.ports import free_port, port_is_free
+from shrinkflow.schedules import INTERVAL_ANCHOR_ISO, interval_next_run
 
 # Not in shrinkflow/paths.py on purpose: no DVC stage reads it, and every
 # stage depends on that file.
@@ -94,15 +97,20 @@ class Schedules:
 
     def entries(self, flow: str) -> list[dict]:
         """``flow``'s (lifecycle or monitor) ``schedules:`` in prefect.yaml's
-        form: ``[{"cron": ..., "timezone": "UTC"}]`` or
-        ``[{"interval": seconds, "timezone": "UTC"}]``."""
+        form: ``[{"cron": ..., "timezone": "UTC"}]`` or ``[{"interval":
+        seconds, "anchor_date": INTERVAL_ANCHOR_ISO, "timezone": "UTC"}]``
+        (a fixed anchor: a redeploy keeps the runs on the same instants;
+        shrinkflow.schedules)."""
         cron, interval = ((self.lifecycle_cron, self.lifecycle_interval_s) if flow == "lifecycle"
                           else (self.monitor_cron, self.monitor_interval_s))
-        return [{"cron": cron, "timezone": "UTC"} if cron else {"interval": int(interval), "timezone": "UTC"}]
+        return [{"cron": cron, "timezone": "UTC"} if cron else
+                {"interval": int(interval), "anchor_date": INTERVAL_ANCHOR_ISO, "timezone": "UTC"}]
 
     @staticmethod
     def _say(cron: Optional[str], interval_s: Optional[int]) -> str:
-        return f"cron {cron!r} (UTC)" if cron else f"every {interval_s} s"
+        if cron:
+            return f"cron {cron!r} (UTC)"
+        return f"every {interval_s} s, next run {interval_next_run(interval_s):%Y-%m-%d %H:%M:%S} UTC"
 
     def describe(self) -> str:
         return (f"{FLOWS[0]}/{DEPLOYMENT} {self._say(self.lifecycle_cron, self.lifecycle_interval_s)}, "
@@ -655,8 +663,9 @@ class TeamStack:
         """``prefect deploy --all`` of prefect.yaml with ``schedules`` (the
         file rendered to ``rendered_prefect_yaml``), unless both deployments
         exist and were made by the last ``up`` from the same file, schedules,
-        variables and server: redeploying resets an interval schedule's
-        anchor and replaces the runs already scheduled."""
+        variables and server: a redeploy deletes the runs already scheduled
+        and the scheduler makes them again (on the same instants: every
+        interval has a fixed anchor, shrinkflow.schedules)."""
         import yaml
 
         text = (self.root / "prefect.yaml").read_text(encoding="utf-8")

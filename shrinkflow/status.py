@@ -12,7 +12,7 @@ The JSON keeps the shape the commands printed before these were typed
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -21,7 +21,10 @@ from shrinkflow.artifacts import (Artifact, CandidateMeasurements, Confirmation,
 from shrinkflow.config import LATENCY_P95_B1
 from shrinkflow.errors import IntegrityError, RegistryError
 from shrinkflow.files import read_json
-from shrinkflow.registry import Registry, VersionSummary
+from shrinkflow.registry import PRODUCTION, Registry, VersionSummary
+
+if TYPE_CHECKING:
+    from shrinkflow.shared_registry import SharedRegistry
 
 NOTHING_DEPLOYED = "nothing is deployed yet: run `shrinkflow run`"
 TEACHER_DESCRIPTION = "fp32 teacher, torch eager, as trained; same test sentences"
@@ -141,6 +144,111 @@ def status_report(registry: Registry, version: str | None = None, integrity: str
     return StatusReport(deployed=deployed, teacher=TeacherBaseline(metrics=m.teacher_metrics,
                                                                    description=TEACHER_DESCRIPTION),
                         versions=registry.versions())
+
+
+class SharedRegistryStatus(Artifact):
+    """A serving host's view of the shared registry it follows
+    (``serve.registry: shared``): the version the shared ``production`` alias
+    names (None: nothing published, or it could not be read), and the one
+    this host's verified cache (``cache_dir``) holds as production
+    (``cached``; None: empty). ``state``:
+
+    - ``in_sync``: the cache holds the shared production;
+    - ``lags``: the cache holds another version (a running server copies the
+      new one within ``serve.reload_poll_s``, or refused it);
+    - ``not_synced``: the cache is empty (no `shrinkflow serve` ran here yet);
+    - ``nothing_published``: neither has a production;
+    - ``lost_production``: the shared registry has none but the cache has
+      (publishing never removes it: an unmounted share, a wrong URL);
+    - ``unusable``: the shared registry cannot be reached or read.
+
+    ``warning``: what a person should know (None when in sync, or when the
+    report's ``message`` says it all)."""
+
+    url: str
+    production: str | None
+    cache_dir: str
+    cached: str | None
+    state: Literal["in_sync", "lags", "not_synced", "nothing_published", "lost_production", "unusable"]
+    warning: str | None
+
+
+class ServingHostStatus(StatusReport):
+    """`shrinkflow status` on a serving host: the ``StatusReport`` of the
+    version this host's cache holds as production (its files verified, as
+    status verifies the local registry's), or a ``message`` saying why there
+    is none, and ``shared``, the shared registry against the cache."""
+
+    shared: SharedRegistryStatus
+
+
+def serving_host_status(cache: Registry, shared: "SharedRegistry") -> ServingHostStatus:
+    """Compare the production alias of ``shared`` (the shared registry a
+    serving host follows) with ``cache`` (that host's verified copy), and
+    report the cached production as ``status_report`` does (hashing its
+    files). Reads only: nothing is copied into the cache. A shared registry
+    that cannot be used is reported (state ``unusable``), never raised;
+    raises RegistryError when the cache itself is unusable (its aliases
+    file), as ``status_report`` does."""
+    from shrinkflow.shared_registry import SharedRegistryError
+
+    try:
+        production, error = shared.aliases().get(PRODUCTION), None
+    except (SharedRegistryError, OSError) as exc:
+        production, error = None, str(exc)
+    finally:
+        shared.close()
+    local = status_report(cache)
+    cached = local.deployed.version if local.deployed is not None else None
+    where = str(cache.root)
+    message = None
+    if error is not None:
+        state = "unusable"
+        warning = f"{error}; showing this host's cache, which may lag the shared production"
+        if cached is None:
+            message, warning = f"{error}; and this host's cache ({where}) holds nothing: nothing to show", None
+    elif production is None:
+        state = "nothing_published" if cached is None else "lost_production"
+        warning = None if cached is None else (
+            f"the shared registry {shared.url} has nothing in production (no aliases.json there: is the storage "
+            f"mounted, is the URL right?); {cached} from this host's cache keeps serving")
+        if cached is None:
+            message = (f"nothing is in production in the shared registry {shared.url}: `shrinkflow publish` (or "
+                       "`shrinkflow run`) on the host that deploys sends it there")
+    elif cached is None:
+        state, warning = "not_synced", None
+        message = (f"this host has not copied production yet: the shared registry's production is {production}; "
+                   f"`shrinkflow serve` copies it into {where}, verifies its hashes and serves it")
+    elif cached != production:
+        state = "lags"
+        warning = (f"this host's cache lags the shared registry: it holds {cached}, the shared production is "
+                   f"{production}. A running `shrinkflow serve` copies and verifies {production} within "
+                   "serve.reload_poll_s; if the cache stays behind, the server's /health says why (`refused`)")
+    else:
+        state, warning = "in_sync", None
+    info = SharedRegistryStatus(url=shared.url, production=production, cache_dir=where, cached=cached,
+                                state=state, warning=warning)
+    if local.deployed is None:
+        return ServingHostStatus(deployed=None, message=message, shared=info)
+    return ServingHostStatus(deployed=local.deployed, teacher=local.teacher, versions=local.versions, shared=info)
+
+
+def serving_host_text(report: ServingHostStatus) -> str:
+    """`shrinkflow status` on a serving host as text: the shared production
+    and the cache's, a warning when they disagree or the shared registry
+    cannot be used, then ``status_text`` of the cached production (or the
+    report's message)."""
+    sh = report.shared
+    shared = sh.production or ("unknown (it cannot be used)" if sh.state == "unusable" else "none")
+    cached = sh.cached or "empty"
+    if sh.state == "in_sync":
+        cached += " (the shared production)"
+    out = [f"serving host: follows the shared registry {sh.url} (serve.registry: shared)",
+           f"  shared production: {shared}",
+           f"  this host's cache ({sh.cache_dir}): {cached}"]
+    if sh.warning:
+        out.append(f"warning: {sh.warning}")
+    return "\n".join(out + [status_text(report)])
 
 
 def status_text(report: StatusReport) -> str:

@@ -638,3 +638,90 @@ def test_over_ssh_a_host_serves_production_and_follows_it_while_the_server_comes
             assert host.health()["refused"] is None
         finally:
             host.stop()
+
+
+# ------------------------------------------------------------ `shrinkflow status` on a serving host
+def host_status(root: Path, json_exit: int | None = None) -> tuple[int, str, dict]:
+    """`shrinkflow status` and `status --json` in the checkout ``root``: the
+    exit code and text of the first, the document of the second (the same
+    code, unless ``json_exit`` says another)."""
+    text, doc = cli(root, "status"), cli(root, "status", "--json")
+    assert doc.exit_code == (text.exit_code if json_exit is None else json_exit), doc.output
+    return text.exit_code, text.output, json.loads(doc.stdout)
+
+
+def test_status_on_a_serving_host_compares_the_shared_production_with_its_verified_cache(site, tmp_path,
+                                                                                        monkeypatch):
+    """A serving host has no registry of its own: `status` names the shared
+    production and what this host's cache holds (its files verified), before
+    any sync, once synced, when the cache lags, and when the shared registry
+    cannot be reached (the cache is shown, with the warning)."""
+    from shrinkflow.status import NOTHING_DEPLOYED
+
+    origin, url = origin_registry(site), site["url"]
+    start = origin.alias()
+    # the module's host, synced by its real `shrinkflow serve`
+    site["host"].serves(start)
+    code, text, doc = host_status(site["host"].root)
+    assert code == 0, text
+    assert f"shared production: {start}\n" in text and f"): {start} (the shared production)\n" in text
+    assert f"production: {start} (fp32)" in text and "files verified" in text and "warning" not in text
+    assert doc["shared"] == {"url": url, "production": start, "cached": start, "state": "in_sync", "warning": None,
+                             "cache_dir": str(site["host"].root / ".shrinkflow" / "registry-cache")}
+    assert doc["deployed"]["version"] == start and doc["deployed"]["integrity"] == "verified"
+
+    # a fresh serving checkout, before any sync: not "nothing is deployed yet"; status copies nothing
+    fresh = make_project(tmp_path / "fresh", serve={"registry": "shared"}, shared={"url": url})
+    code, text, doc = host_status(fresh)
+    assert code == 0 and NOTHING_DEPLOYED not in text, text
+    assert f"this host has not copied production yet: the shared registry's production is {start}" in text
+    assert "): empty\n" in text
+    assert (doc["deployed"], doc["shared"]["state"], doc["shared"]["production"]) == (None, "not_synced", start)
+    assert not (fresh / ".shrinkflow" / "registry-cache").exists()
+
+    # synced (what `serve` does first), then production moves on and the cache lags
+    params = load_params(fresh / "params.yaml")
+    cache = Registry(fresh / params.shared_registry.cache_dir)
+    assert Follower(SharedRegistry(url), cache).sync() == start
+    new = promote_and_publish(site)
+    try:
+        code, text, doc = host_status(fresh)
+        assert code == 0, text
+        assert f"warning: this host's cache lags the shared registry: it holds {start}, the shared production is " \
+               f"{new}" in text
+        assert f"production: {start} (fp32)" in text and "files verified" in text
+        assert (doc["shared"]["state"], doc["shared"]["cached"], doc["shared"]["production"]) == ("lags", start, new)
+    finally:
+        assert cli(site["origin"], "rollback", "--to", start).exit_code == 0   # as the module's other tests expect
+
+    # the shared registry unreachable: the cache is shown, verified, with the reason
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(known))
+    down = f"ssh://nobody@127.0.0.1:{free_port()}/srv/reg"      # nothing listens there
+    cut = make_project(tmp_path / "cut", serve={"registry": "shared"}, shared={"url": down})
+    shutil.copytree(cache.root, cut / ".shrinkflow" / "registry-cache")
+    code, text, doc = host_status(cut)
+    assert code == 0, text
+    assert "shared production: unknown" in text and f"warning: the shared registry {down} cannot be reached" in text
+    assert "showing this host's cache, which may lag" in text and "Connect call failed" in text
+    assert f"production: {start} (fp32)" in text and "files verified" in text
+    assert (doc["shared"]["state"], doc["shared"]["production"], doc["shared"]["cached"]) == ("unusable", None, start)
+    assert doc["deployed"]["integrity"] == "verified"
+    # a share that is not mounted (the URL's directory is missing or empty): said, the cache is shown
+    lost = make_project(tmp_path / "lost", serve={"registry": "shared"}, shared={"url": f"file://{tmp_path}/unmounted"})
+    shutil.copytree(cache.root, lost / ".shrinkflow" / "registry-cache")
+    code, text, doc = host_status(lost)
+    assert code == 0 and "has nothing in production (no aliases.json there: is the storage mounted" in text, text
+    assert (doc["shared"]["state"], doc["deployed"]["version"]) == ("lost_production", start)
+    # ... whose copy fails its hashes: exit 3, as for a local registry (whose --json says it and exits 0)
+    model = next((cut / ".shrinkflow" / "registry-cache" / "versions" / start / "model").glob("*.onnx"))
+    model.write_bytes(b"rot")
+    code, text, doc = host_status(cut, json_exit=0)
+    assert code == ExitCode.CRASH and "files FAILED" in text and model.name in text
+    assert doc["deployed"]["integrity"].startswith("FAILED") and doc["shared"]["state"] == "unusable"
+    # ... and with nothing cached there is nothing to show: exit 3, as `serve` would
+    empty = make_project(tmp_path / "empty", serve={"registry": "shared"}, shared={"url": down})
+    code, text, doc = host_status(empty)
+    assert code == ExitCode.CRASH and "holds nothing: nothing to show" in text
+    assert (doc["deployed"], doc["shared"]["state"]) == (None, "unusable")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from shrinkflow.schedules import INTERVAL_ANCHOR
 from tests.e2e import TINY, copy_project, run_cli, write_params
 
 # The two tests on the stack (slow) start a real PostgreSQL, Prefect server
@@ -142,6 +143,7 @@ def test_up_puts_prefect_on_postgresql_with_the_params_schedules_and_no_password
         mon = c.read_deployment_by_name("shrinkflow-monitor/team")
     assert [s.schedule.interval for s in life.schedules] == [datetime.timedelta(seconds=LIFECYCLE_EVERY_S)]
     assert [s.schedule.interval for s in mon.schedules] == [datetime.timedelta(seconds=MONITOR_EVERY_S)]
+    assert [s.schedule.anchor_date for s in life.schedules + mon.schedules] == [INTERVAL_ANCHOR] * 2
     assert life.work_pool_name == mon.work_pool_name == "shrinkflow"
     assert life.parameters == {"project_dir": str(project)}
     assert life.job_variables["working_dir"] == str(project)
@@ -174,10 +176,56 @@ def test_prefect_yaml_declares_params_yamls_schedules_and_prefect_reads_what_tea
            for d in doc["deployments"]}
     (life,), (mon,) = got["flows/lifecycle.py:lifecycle"], got["flows/monitor.py:monitor"]
     assert life.interval == datetime.timedelta(seconds=5) and mon.cron == "*/15 * * * *"
+    assert life.anchor_date == INTERVAL_ANCHOR
     assert mon.timezone == "UTC"
     # everything else is prefect.yaml's
     assert [d["work_pool"] for d in doc["deployments"]] == [d["work_pool"]
                                                            for d in yaml.safe_load(text)["deployments"]]
+
+
+def test_interval_runs_land_on_the_same_instants_whenever_they_are_deployed():
+    """Prefect anchors an interval schedule at the moment it is deployed
+    unless it is given an anchor. Two deploys a moment apart, each way this
+    project deploys (the committed prefect.yaml as `prefect deploy --all`
+    reads it, prefect.yaml as `team up` renders it, `shrinkflow schedule`'s
+    deployments), give schedules whose next runs, as the server's scheduler
+    computes them from what it stored, are the same instants, on the grid
+    from 2000-01-01 00:00 UTC."""
+    import asyncio
+
+    import yaml
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.server.schemas.schedules import IntervalSchedule as StoredInterval
+
+    from flows.cli import deployment_schedule
+    from flows.monitor import monitor
+    from flows.team import Schedules, render_prefect_yaml
+    from shrinkflow.schedules import interval_next_run
+    from tests.conftest import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "prefect.yaml").read_text()
+
+    def from_yaml(doc_text: str, entrypoint: str):
+        (entry,) = next(d for d in yaml.safe_load(doc_text)["deployments"] if d["entrypoint"] == entrypoint)["schedules"]
+        return _schedule_config_to_deployment_schedule(entry)["schedule"]
+
+    deploys = {
+        "prefect.yaml": lambda: from_yaml(text, "flows/monitor.py:monitor"),
+        "team up": lambda: from_yaml(render_prefect_yaml(text, Schedules(None, 90, "0 3 * * 0", None)),
+                                     "flows/lifecycle.py:lifecycle"),
+        "schedule": lambda: monitor.to_deployment(name="t", **deployment_schedule(None, 7 * 60)).schedules[0].schedule,
+    }
+    start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    for how, deploy in deploys.items():
+        first = deploy()
+        time.sleep(0.02)                        # the second deploy, later
+        second = deploy()
+        runs = [asyncio.run(StoredInterval.model_validate(s.model_dump(mode="json")).get_dates(n=3, start=start))
+                for s in (first, second)]
+        assert runs[0] == runs[1], how
+        every = first.interval
+        assert runs[0] == [interval_next_run(int(every.total_seconds()), start) + k * every for k in range(3)], how
+        assert (runs[0][0] - INTERVAL_ANCHOR).total_seconds() % every.total_seconds() == 0, how
 
 
 @pytest.mark.e2e
