@@ -527,3 +527,19 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
         {k: v for k, v in file_hashes(out).items() if k != "shrinkflow_model.json"}
     assert read_manifest(again)["stats"] == manifest["stats"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["student"]
+
+    # Bounds nothing misses: the first share is kept, and it is the candidate.
+    loose = step.model_copy(update={"warm_start_max_val_drop_points": 100.0,
+                                    "warm_start_max_teacher_val_drop_points": 100.0})
+    run_stats = {}
+    out = apply_recipe(tiny_teacher_dir, candidate.model_copy(update={"recipe": (loose,) + STUDENT.recipe[1:]}),
+                       tmp_path / "loose" / "student", train_texts=train["text"].tolist(),
+                       train_labels=train["label"].to_numpy(), threads=1, progress=False,
+                       unlabelled_texts=val["text"].tolist()[:20], teacher_hash=teacher_hash,
+                       teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
+                       run_stats=run_stats, val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy())
+    choice = run_stats["warm_start_interpolation_choice"]
+    assert (run_stats["warm_start_interpolation"], choice["met"], len(choice["tried"])) == (0.3, True, 1)
+    assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \
+        pytest.approx(choice["tried"][0]["val_accuracy"], abs=1e-6)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["student"]
