@@ -174,7 +174,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                       student_dir=student_dir, val_texts=val_texts, val_labels=val_labels)
         check_recipe(family(build.model).model_type, candidate, build.train_texts is not None)
         start = 0
-        if candidate.recipe[0].method == "distill" and len(candidate.recipe) > 1:
+        if len(candidate.recipe) > 1 and candidate.recipe[0].method == "distill":
             # A grid's choice builds the steps after distill for each share (Build.finish).
             build.finish = lambda model: finish(build, model)
             method_of(candidate.recipe[0]).apply(candidate.recipe[0], build)
