@@ -342,7 +342,10 @@ def markdown(doc: dict, models: list[str]) -> str:
                  + ", ".join(f"{t['keep']} -> val accuracy {t['val_accuracy']:.4f}"
                              for t in r['interpolation']['warm_start_interpolation_choice']['tried'])
                  + f"; production student {r['interpolation']['warm_start_interpolation_choice']['production_val_accuracy']:.4f}"
-                 f", within the bound: {r['interpolation']['warm_start_interpolation_choice']['met']}).", ""]
+                 + (f", teacher {r['interpolation']['warm_start_interpolation_choice']['teacher_val_accuracy']:.4f}"
+                    if "teacher_val_accuracy" in r['interpolation']['warm_start_interpolation_choice'] else "")
+                 + f"; scored {r['interpolation']['warm_start_interpolation_choice'].get('scored', 'fp32')}"
+                 f", within the bounds: {r['interpolation']['warm_start_interpolation_choice']['met']}).", ""]
                 if (r.get("interpolation") or {}).get("warm_start_interpolation_choice") else []),
               *recompress_gates(r), "", *noise, "",
               "## Retrain", "",

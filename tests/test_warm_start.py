@@ -367,6 +367,8 @@ def test_a_warm_distillation_with_a_grid_chooses_on_val_and_keys_the_val_split(t
     b = build(True)
     method_of(grid_step).apply(grid_step, b)
     choice = b.run_stats["warm_start_interpolation_choice"]
+    # No step after distill (a bare Build: no finish): scored in fp32, as before.
+    assert "scored" not in choice and "teacher_val_accuracy" not in choice
     assert b.run_stats["warm_start_interpolation"] in (0.3, 0.7)
     assert [t["keep"] for t in choice["tried"]] == [0.3, 0.7][:len(choice["tried"])]
     assert all(0.0 <= t["val_accuracy"] <= 1.0 for t in choice["tried"])
@@ -391,3 +393,153 @@ def test_a_warm_distillation_with_a_grid_chooses_on_val_and_keys_the_val_split(t
     after = keys()
     assert before[0] != after[0]       # the grid's key follows the val split
     assert before[1] == after[1]       # one share: val is not read, nor keyed
+
+
+def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not():
+    """The rule scored on the built candidates, with a fake scorer. Models of
+    one weight w (production 1, the re-distilled student 0, a share keeps
+    w = share): in fp32 every share scores production's 0.90, but as built
+    (int8) share w scores 0.90 - 0.2 * (0.7 - w): 0.82, 0.86, 0.90 for 0.3,
+    0.5, 0.7, and production 0.90. The fp32 bound keeps 0.3; the built one
+    skips it. The teacher bound, on its boundary: teacher 0.87 keeps 0.5 at
+    exactly 1 point, not at 0.99."""
+    import torch
+
+    from shrinkflow.compress.warm import choose_interpolation
+
+    def models():
+        student = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        production = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            student.weight.fill_(0.0)
+            production.weight.fill_(1.0)
+        return student, production
+
+    def fp32(model) -> float:
+        return 0.9
+
+    def built(model) -> float:
+        w = float(model.weight.detach())
+        return 0.9 if w == 1.0 else 0.9 - 0.2 * (0.7 - w)
+
+    grid = (0.3, 0.5, 0.7)
+    assert choose_interpolation(*models(), grid, 5.0, fp32)["chosen"] == 0.3
+    student, production = models()
+    got = choose_interpolation(student, production, grid, 5.0, built)
+    assert (got["chosen"], got["met"]) == (0.5, True)
+    assert [(t["keep"], t["val_accuracy"]) for t in got["tried"]] == [(0.3, pytest.approx(0.82)),
+                                                                      (0.5, pytest.approx(0.86))]
+    assert float(student.weight.detach()) == pytest.approx(0.5) and "teacher_val_accuracy" not in got
+    # teacher bound: at (1.0 point for 0.86 under 0.87), just under (0.99: skipped), just over
+    for teacher, max_teacher, chosen, met in ((0.87, 1.0, 0.5, True), (0.87, 0.99, 0.7, True),
+                                              (0.87, 1.01, 0.5, True), (0.95, 4.99, 0.7, False),
+                                              (0.95, 5.0, 0.7, True)):
+        student, production = models()
+        got = choose_interpolation(student, production, grid, 5.0, built, teacher_accuracy=teacher,
+                                   max_teacher_drop_points=max_teacher)
+        assert (got["chosen"], got["met"], got["teacher_val_accuracy"]) == (chosen, met, teacher), \
+            (teacher, max_teacher, got)
+        assert float(student.weight.detach()) == pytest.approx(chosen)
+    # the teacher bound is not checked without a threshold
+    got = choose_interpolation(*models(), grid, 5.0, built, teacher_accuracy=0.99, max_teacher_drop_points=None)
+    assert got["chosen"] == 0.5 and "teacher_val_accuracy" not in got
+
+
+def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tmp_path, tiny_teacher_dir,
+                                                                              small_splits):
+    """A real warm build of the tiny student (distill with a grid, vocabulary
+    pruning, int8): every share tried and the production student are built
+    through the later steps and scored on val in ONNX Runtime; the run stats
+    record each built val accuracy, production's and the teacher's; the
+    candidate is the chosen share's build (its val accuracy is the one
+    recorded, and the later steps re-run from the saved sidecar give the same
+    files); no trial directory is left behind."""
+    from shrinkflow.compress.recipe import _later_steps, apply_recipe
+    from shrinkflow.compress.steps import Build, built_accuracy
+    from shrinkflow.compress.teacher_cache import TeacherOutputCache
+    from shrinkflow.compress.warm import warm_student
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest
+    from shrinkflow.paths import WARM_START
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    distil(tiny_teacher_dir, small_splits, STEP, student_dir=root / WARM_START / "student")
+    grid = (0.3, 0.5, 0.7)
+    # Bounds of 0 points: a share is kept only if its build ties or beats
+    # both production's and the teacher's; in practice all three are tried.
+    step = STEP.model_copy(update={"warm_start_interpolation": grid, "warm_start_epochs": 1,
+                                   "warm_start_train_rows_per_window_text": 2.0,
+                                   "warm_start_max_val_drop_points": 0.0,
+                                   "warm_start_max_teacher_val_drop_points": 0.0})
+    candidate = STUDENT.model_copy(update={"recipe": (step,) + STUDENT.recipe[1:]})
+    train, val = small_splits["train"], small_splits["val"]
+    teacher_hash = content_hash(file_hashes(tiny_teacher_dir))
+    run_stats: dict = {}
+    out = apply_recipe(tiny_teacher_dir, candidate, tmp_path / "out" / "student", train_texts=train["text"].tolist(),
+                       train_labels=train["label"].to_numpy(), threads=1, progress=False,
+                       unlabelled_texts=val["text"].tolist()[:20], teacher_hash=teacher_hash,
+                       teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
+                       student_dir=tmp_path / "sidecar", run_stats=run_stats,
+                       val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy())
+    choice = run_stats["warm_start_interpolation_choice"]
+    assert choice["scored"] == "built"
+    tried = [t["keep"] for t in choice["tried"]]
+    assert tried == list(grid[:len(tried)]) and run_stats["warm_start_interpolation"] == tried[-1]
+    for figure in [choice["production_val_accuracy"], choice["teacher_val_accuracy"]] + \
+            [t["val_accuracy"] for t in choice["tried"]]:
+        assert 0.0 < figure <= 1.0
+    within = [(choice["production_val_accuracy"] - t["val_accuracy"]) * 100 <= 1e-9
+              and (choice["teacher_val_accuracy"] - t["val_accuracy"]) * 100 <= 1e-9 for t in choice["tried"]]
+    assert choice["met"] == any(within) and within[:-1] == [False] * (len(tried) - 1)
+    # the teacher's val accuracy is the teacher's own; its val logits are kept
+    # in the teacher-output cache beside the training split's
+    assert len(TeacherOutputCache(tmp_path / "cache").entries()) == 2
+    from shrinkflow.predictors import load_predictor, predict_labels
+
+    teacher_pred = predict_labels(load_predictor(tiny_teacher_dir, threads=1), val["text"].tolist())
+    assert choice["teacher_val_accuracy"] == pytest.approx(float((teacher_pred == val["label"].to_numpy()).mean()),
+                                                           abs=1.5 / len(val))
+    # production's figure is production's student taken through the same later steps
+    teacher = load_torch_model(tiny_teacher_dir)
+
+    def later_steps(sidecar: Path, dest: Path, stats: dict) -> Path:
+        dest.mkdir()
+        b = Build(warm_student(teacher, (0,), sidecar), (tiny_teacher_dir / TOKENIZER).read_text(),
+                  train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                  unlabelled_texts=val["text"].tolist()[:20], threads=1, progress=False,
+                  max_seq_len=read_manifest(tiny_teacher_dir)["max_seq_len"], stats=stats)
+        _later_steps(b, candidate, 1, dest, 17, False, train["text"].tolist(), read_manifest(out)["labels"], True)
+        return dest
+
+    production = later_steps(root / WARM_START / "student", tmp_path / "production", {})
+    assert built_accuracy(production, val["text"].tolist(), val["label"].to_numpy(), 1) == \
+        pytest.approx(choice["production_val_accuracy"], abs=1e-6)
+    # the candidate is the chosen share, as built and scored
+    assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \
+        pytest.approx(choice["tried"][-1]["val_accuracy"], abs=1e-6)
+    manifest = read_manifest(out)
+    assert manifest["stats"]["layers"] == [0] and "vocab_size" in manifest["stats"]
+    assert manifest["recipe"][0]["warm_start_max_teacher_val_drop_points"] == 0.0
+    # the later steps again, from the sidecar the build saved (the chosen share's student): the same files
+    again = later_steps(tmp_path / "sidecar", tmp_path / "again", dict(manifest["stats"]))
+    rebuilt = file_hashes(again)
+    assert {k: v for k, v in rebuilt.items() if k != "shrinkflow_model.json"} == \
+        {k: v for k, v in file_hashes(out).items() if k != "shrinkflow_model.json"}
+    assert read_manifest(again)["stats"] == manifest["stats"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["student"]
+
+    # Bounds nothing misses: the first share is kept, and it is the candidate.
+    loose = step.model_copy(update={"warm_start_max_val_drop_points": 100.0,
+                                    "warm_start_max_teacher_val_drop_points": 100.0})
+    run_stats = {}
+    out = apply_recipe(tiny_teacher_dir, candidate.model_copy(update={"recipe": (loose,) + STUDENT.recipe[1:]}),
+                       tmp_path / "loose" / "student", train_texts=train["text"].tolist(),
+                       train_labels=train["label"].to_numpy(), threads=1, progress=False,
+                       unlabelled_texts=val["text"].tolist()[:20], teacher_hash=teacher_hash,
+                       teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
+                       run_stats=run_stats, val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy())
+    choice = run_stats["warm_start_interpolation_choice"]
+    assert (run_stats["warm_start_interpolation"], choice["met"], len(choice["tried"])) == (0.3, True, 1)
+    assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \
+        pytest.approx(choice["tried"][0]["val_accuracy"], abs=1e-6)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["student"]

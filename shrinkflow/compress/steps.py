@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
@@ -65,6 +65,16 @@ class Build:
     teacher_cache: Any = None
     warm_start: Path | None = None
     student_dir: Path | None = None
+    # Set by shrinkflow.compress.recipe.apply_recipe when steps follow the
+    # distill step: ``finish(model)`` takes a copy of this build with
+    # ``model`` as its model through the rest of the recipe (later torch
+    # steps, export, fusion, onnx steps) into a directory of its own and
+    # returns that copy (a complete ONNX model directory at
+    # ``onnx_path.parent``). ``built``: the copy a grid chose
+    # (``choose_built``), which apply_recipe adopts instead of building the
+    # later steps again. Both None in a bare transform_torch.
+    finish: Callable[[Any], "Build"] | None = None
+    built: "Build | None" = None
 
     def train_seqs(self) -> list[list[int]]:
         """The training texts as token ids under the current tokenizer."""
@@ -159,6 +169,79 @@ def choose_on_val(build: Build, production, grid: tuple[float, ...], max_drop_po
             "warm_start_interpolation_choice": {k: v for k, v in chosen.items() if k != "chosen"}}
 
 
+def built_accuracy(model_dir: Path, texts: list[str], labels: np.ndarray, threads: int) -> float:
+    """Accuracy (a fraction) of the model directory ``model_dir`` on
+    ``texts`` as validate measures it: through its predictor
+    (shrinkflow.predictors; ONNX Runtime for a built candidate), one text per
+    call when the graph is batch-dependent (dynamic int8: how validate and
+    the server then run it), else in length-sorted batches of 32."""
+    from shrinkflow.predictors import load_predictor, predict_labels, predict_served
+
+    predictor = load_predictor(model_dir, threads=threads)
+    if predictor.batch_dependent:
+        pred = predict_served(predictor, texts, per_row=True).logits.argmax(axis=1)
+    else:
+        pred = predict_labels(predictor, texts)
+    return float((np.asarray(pred) == np.asarray(labels)).mean())
+
+
+def choose_built(build: Build, teacher, production, step) -> dict:
+    """``warm.choose_interpolation`` for the re-distilled ``build.model``
+    with each share scored *as built*: the interpolated student (and the
+    production student, once) taken through the rest of the recipe
+    (``build.finish``) and scored on the val split as validate scores it
+    (``built_accuracy``); with ``step.warm_start_max_teacher_val_drop_points``
+    set, also against the teacher's val accuracy (``teacher``: the teacher
+    model, its val logits through the teacher-output cache). Leaves the
+    chosen share's built copy in ``build.built`` (the others' directories
+    are removed). Returns the run stats it adds (``warm_start_interpolation``
+    and ``warm_start_interpolation_choice``, with ``"scored": "built"``).
+    Raises ValueError when the build has no val split."""
+    import copy
+    import shutil
+
+    from shrinkflow.compress.teacher_cache import cached_teacher_outputs
+    from shrinkflow.compress.warm import choose_interpolation
+
+    if not build.val_texts or build.val_labels is None:
+        raise ValueError("warm_start_interpolation is a list (chosen on val) but the build has no val split")
+    texts, labels = list(build.val_texts), np.asarray(build.val_labels)
+    teacher_acc = None
+    if step.warm_start_max_teacher_val_drop_points is not None:
+        seqs = encode_unpadded(build.tokenizer_json, texts)
+        logits, _, _ = cached_teacher_outputs(build.teacher_cache, build.teacher_hash, teacher, seqs, (),
+                                              build.tokenizer_json)
+        teacher_acc = float((logits.argmax(1) == labels).mean())
+    last: list[Build] = []
+
+    def accuracy(model) -> float:
+        # A copy: the later steps rewrite the model (vocab_prune replaces its
+        # embedding), and the grid goes on from this one's weights.
+        done = build.finish(copy.deepcopy(model))
+        for old in last:
+            shutil.rmtree(old.onnx_path.parent, ignore_errors=True)
+        last[:] = [done]
+        return built_accuracy(done.onnx_path.parent, texts, labels, build.threads)
+
+    try:
+        chosen = choose_interpolation(build.model, production, step.interpolation_grid,
+                                      step.warm_start_max_val_drop_points, accuracy, teacher_accuracy=teacher_acc,
+                                      max_teacher_drop_points=step.warm_start_max_teacher_val_drop_points)
+    except BaseException:
+        for old in last:
+            shutil.rmtree(old.onnx_path.parent, ignore_errors=True)
+        raise
+    # choose_interpolation scores the chosen share last: what was built last is the candidate.
+    build.built = last[0]
+    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
+          f"(built val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for "
+          f"{[t['keep'] for t in chosen['tried']]}, production {chosen['production_val_accuracy']}"
+          + (f", teacher {chosen['teacher_val_accuracy']}" if "teacher_val_accuracy" in chosen else "") + ")")
+    return {"warm_start_interpolation": chosen["chosen"],
+            "warm_start_interpolation_choice": {"scored": "built",
+                                                **{k: v for k, v in chosen.items() if k != "chosen"}}}
+
+
 @register
 class Distill(Method):
     """A student of the teacher's listed layers, distilled on the training
@@ -210,7 +293,10 @@ class Distill(Method):
         build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
                               targets=d_targets, hidden=d_hidden or None, student=student)
         grid = step.interpolation_grid
-        if warm is not None and grid is not None:
+        if warm is not None and grid is not None and build.finish is not None:
+            # Steps follow: each share is scored as the candidate it becomes.
+            build.run_stats.update(choose_built(build, model, warm_student(model, step.layers, warm), step))
+        elif warm is not None and grid is not None:
             build.run_stats.update(choose_on_val(build, warm_student(model, step.layers, warm), grid,
                                                  step.warm_start_max_val_drop_points))
         elif warm is not None and step.warm_start_interpolation > 0:

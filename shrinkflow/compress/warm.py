@@ -165,24 +165,37 @@ def chooses_on_val(candidate) -> bool:
 
 
 def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_points: float,
-                         accuracy) -> dict:
+                         accuracy, *, teacher_accuracy: float | None = None,
+                         max_teacher_drop_points: float | None = None) -> dict:
     """Pick ``warm_start_interpolation`` from ``grid`` (shares of the
     production student's weights kept, increasing) for a re-distilled
     ``student``: the first share whose interpolated student's
     ``accuracy(model)`` (a fraction, on the val split) is at most
-    ``max_drop_points`` accuracy points under ``production``'s, else the
+    ``max_drop_points`` accuracy points under ``production``'s and, when
+    ``teacher_accuracy`` and ``max_teacher_drop_points`` are both given, at
+    most ``max_teacher_drop_points`` under ``teacher_accuracy``; else the
     last share. ``student`` is left interpolated with the chosen share (in
     place); ``production`` is not changed.
 
+    ``accuracy`` is called on ``production`` first, then on the student at
+    each share tried, in grid order; the chosen share is always the last
+    one scored, so a scorer that builds the model (steps.choose_built) can
+    keep what it built last.
+
     Returns ``{"chosen": share, "production_val_accuracy": a, "tried":
-    [{"keep": share, "val_accuracy": a}, ...], "met": bool}`` (``met``
-    False: no share kept the student within ``max_drop_points``; the last
-    was kept). Selection on val, as the candidates' own selection is; the
-    deploy gates and the test split's confirmation come after. Raises
-    ValueError (``interpolate``) when the architectures differ.
+    [{"keep": share, "val_accuracy": a}, ...], "met": bool}``, plus
+    ``"teacher_val_accuracy"`` when the teacher bound is checked (``met``
+    False: no share met the bounds; the last was kept). Selection on val,
+    as the candidates' own selection is; the deploy gates and the test
+    split's confirmation come after. Raises ValueError (``interpolate``)
+    when the architectures differ.
     """
+    check_teacher = teacher_accuracy is not None and max_teacher_drop_points is not None
     base = {k: v.detach().clone() for k, v in student.state_dict().items()}
     target = accuracy(production)
+    out = {"production_val_accuracy": round(target, 6)}
+    if check_teacher:
+        out["teacher_val_accuracy"] = round(teacher_accuracy, 6)
     tried = []
     for i, keep in enumerate(grid):
         if i:
@@ -190,9 +203,12 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
         interpolate(student, production, keep)
         acc = accuracy(student)
         tried.append({"keep": keep, "val_accuracy": round(acc, 6)})
-        if (target - acc) * 100.0 <= max_drop_points + 1e-9:
-            return {"chosen": keep, "production_val_accuracy": round(target, 6), "tried": tried, "met": True}
-    return {"chosen": grid[-1], "production_val_accuracy": round(target, 6), "tried": tried, "met": False}
+        within = (target - acc) * 100.0 <= max_drop_points + 1e-9
+        if check_teacher:
+            within = within and (teacher_accuracy - acc) * 100.0 <= max_teacher_drop_points + 1e-9
+        if within:
+            return {"chosen": keep, **out, "tried": tried, "met": True}
+    return {"chosen": grid[-1], **out, "tried": tried, "met": False}
 
 
 def mix_rows(n_window: int, n_train: int, rows_per_window_text: float, seed: int) -> np.ndarray:
