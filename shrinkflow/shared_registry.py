@@ -501,7 +501,7 @@ class SharedRegistry:
                 uploaded, repaired = [], []
                 for version in local:
                     if version in shared:
-                        if not self._check_same(registry, version):
+                        if not self._check_same(registry, version, shared_history):
                             repaired.append(version)       # its manifest rotted or was edited
                         continue
                     registry.verify(version)       # never publish a corrupted version
@@ -592,32 +592,35 @@ class SharedRegistry:
         record[self.key] = {"production": production, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(registry.root / PUBLISHED_RECORD, record)
 
-    def _compare(self, registry: Registry, version: str) -> tuple[str, dict, object]:
-        """("same" | "damaged" | "other", the local manifest, the shared one):
-        "damaged" is the same version with a damaged shared manifest
-        (unreadable, or the same creation time and model hash with other
-        figures: rot or a hand edit), "other" another registry's version of
-        that name. Raises SharedRegistryError when it cannot be read."""
+    def _compare(self, registry: Registry, version: str, shared_history: bytes | None = None
+                 ) -> tuple[str, dict, object]:
+        """("same" | "damaged" | "other", the local manifest, the shared one).
+        "damaged": the same version with a damaged shared manifest
+        (unreadable, or other figures: rot or a hand edit), known by the
+        shared history holding the very line (bytes) of the local history
+        that promoted it; "other": another registry's version of that name.
+        Raises SharedRegistryError when it cannot be read."""
         mine = registry.manifest(version)
+        if shared_history is None:
+            shared_history = self.history_bytes()
+        promoted_here = _promotion_line(registry, version)
+        ours = promoted_here is not None and promoted_here in shared_history.splitlines()
         try:
             theirs = self.manifest(version)
         except SharedRegistryError as exc:
             if "has no version" in str(exc) or "failed: " not in str(exc):
                 raise
-            return "damaged", mine, None          # unreadable JSON: rotted
+            return ("damaged" if ours else "other"), mine, None          # unreadable JSON
         if mine == theirs:
             return "same", mine, theirs
-        if (isinstance(theirs, dict) and theirs.get("created_at") == mine.get("created_at")
-                and theirs.get("content_hash") == mine.get("content_hash")):
-            return "damaged", mine, theirs
-        return "other", mine, theirs
+        return ("damaged" if ours else "other"), mine, theirs
 
-    def _check_same(self, registry: Registry, version: str) -> bool:
+    def _check_same(self, registry: Registry, version: str, shared_history: bytes | None = None) -> bool:
         """Whether the shared ``version``'s manifest is the local one's;
         False when it is the same version with a damaged manifest (the
         caller uploads it again). Raises SharedRegistryError when it is
         another registry's version (another creation time or model)."""
-        kind, mine, theirs = self._compare(registry, version)
+        kind, mine, theirs = self._compare(registry, version, shared_history)
         if kind != "other":
             return kind == "same"
         raise SharedRegistryError(
@@ -664,7 +667,7 @@ class SharedRegistry:
             history = registry.root / "history.jsonl"
             local_history = history.read_bytes() if history.is_file() else b""
             extra = sorted(set(local) - set(shared), key=lambda n: int(n[1:]))
-            compared = {v: self._compare(registry, v)[0] for v in local if v in shared}
+            compared = {v: self._compare(registry, v, shared_history)[0] for v in local if v in shared}
             others = [v for v in local if compared.get(v) == "other"]     # same name, another model
             damaged = [v for v in local if compared.get(v) == "damaged"]
             if damaged:
@@ -744,6 +747,22 @@ class SharedRegistry:
 
 
 PUBLISHED_RECORD = ".published.json"
+
+
+def _promotion_line(registry: Registry, version: str) -> bytes | None:
+    """The line of ``registry``'s history.jsonl that promoted ``version``
+    (its bytes, without the newline); None when there is none."""
+    path = registry.root / "history.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_bytes().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "promote" and event.get("version") == version:
+            return line
+    return None
 # A versions/.tmp-* upload younger than this may be another host's in
 # progress (seconds); older ones are a killed upload's leftovers.
 STALE_UPLOAD_S = 3600.0

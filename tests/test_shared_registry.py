@@ -40,7 +40,7 @@ from shrinkflow.gates import evaluate_gates
 from shrinkflow.ports import free_port
 from shrinkflow.registry import Registry
 from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryDiverged,
-                                        SharedRegistryError, VersionRefused, publish_project)
+                                        SharedRegistryError, STALE_UPLOAD_S, VersionRefused, publish_project)
 from tests.conftest import PROJECT_ROOT, terminate_group
 from tests.registry_outputs import deploy_record
 from tests.test_remote_ssh import Sshd
@@ -649,9 +649,15 @@ def test_an_upload_killed_midway_is_never_visible_and_the_next_publish_completes
         proc.wait(timeout=30)
         assert SharedRegistry(site["url"]).aliases()["production"] == serving
         assert not (host.root / ".shrinkflow" / "registry-cache" / "versions" / new).exists()
-        # the next publish removes the leftover and completes
+        # the next publish completes; it leaves the young leftover (it could be
+        # another host's upload in progress), and removes it once it is stale
         published, warning = publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
         assert warning is None and published.uploaded == (new,)
+        leftover = list((shared / "versions").glob(".tmp-*"))
+        assert len(leftover) == 1 and leftover[0].name not in SharedRegistry(site["url"]).versions()
+        old = time.time() - STALE_UPLOAD_S - 60
+        os.utime(leftover[0], (old, old))
+        publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
         assert not list((shared / "versions").glob(".tmp-*"))
         host.serves(new)
     finally:
