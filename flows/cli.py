@@ -85,14 +85,16 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "publish": {ExitCode.OK: "the shared registry holds every version and the production alias of this one",
                 ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
                 ExitCode.CRASH: "the shared registry cannot be reached or written, holds another registry's "
-                                "versions, holds nothing where this registry published before (not mounted? "
-                                "--fresh), or a local version fails its hashes",
+                                "versions or moves of production this registry has not seen (pull first), holds "
+                                "nothing where this registry published before (not mounted? --fresh), or a local "
+                                "version fails its hashes",
                 ExitCode.NOTHING: "the registry holds no version"},
     "pull": {ExitCode.OK: "this checkout's registry holds every shared version and the same production "
                           "(deploy/deployment.json restored when the shared registry holds the record dvc.lock pins)",
              ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
              ExitCode.CRASH: "the shared registry cannot be reached, a shared version fails its hashes, or this "
-                             "registry holds versions the shared one lacks (or others of the same name)",
+                             "registry holds versions or moves of production the shared one lacks (or versions of "
+                             "the same name with other files); --discard-local sets them aside",
              ExitCode.NOTHING: "the shared registry holds nothing in production"},
     "remote-ssh": {ExitCode.OK: "the remote is configured and answered",
                    ExitCode.USAGE: _USAGE + "; or a bad URL, a missing key file, or a remote of that name exists "
@@ -410,8 +412,8 @@ def serve(ctx: typer.Context,
             _follow_at_start(follower)
         if registry.alias() is None:
             raise _fail(ExitCode.NOTHING, f"cannot serve: the shared registry {parsed.shared_registry.url} has "
-                                          "nothing in production (`shrinkflow publish` on the host that deploys "
-                                          "sends it there)" if follower is not None else
+                                          "nothing in production: is the storage mounted, is the URL right? (Else `shrinkflow publish` on "
+                                          "the host that deploys sends production there)" if follower is not None else
                                           f"cannot serve: registry {registry.root}: nothing is in production "
                                           "(shrinkflow run deploys one)")
         model_labels(registry.load().path, registry.alias() or "")   # no label names: nothing to answer with
@@ -500,6 +502,8 @@ def publish(ctx: typer.Context,
             fresh: bool = typer.Option(False, "--fresh", help="publish to a shared registry that holds nothing "
                                                               "although this registry published there before (a "
                                                               "new, empty one on purpose)"),
+            check_all: bool = typer.Option(False, "--check-all", help="read back every shared version, not only "
+                                                                      "production, and upload broken ones again"),
             params: ParamsOpt = None, debug: DebugOpt = False):
     """Publish this machine's registry to shared_registry.url: every version the shared registry lacks
     (verified here, uploaded under a temporary name, renamed when complete), the deploy record, then the
@@ -523,7 +527,7 @@ def publish(ctx: typer.Context,
             raise _fail(ExitCode.NOTHING, f"registry {registry.root} holds no version: nothing to publish "
                                           "(shrinkflow run deploys one)")
         done = SharedRegistry(shared.url, shared.connect_timeout_s).publish(
-            registry, deployment=s.root / DEPLOYMENT, fresh=fresh)
+            registry, deployment=s.root / DEPLOYMENT, fresh=fresh, check_all=check_all)
     except IntegrityError as exc:
         raise _crash(exc, "publish", debug, message=f"refusing to publish a corrupted version (nothing of it was "
                                                     f"uploaded): {exc}")
@@ -533,7 +537,12 @@ def publish(ctx: typer.Context,
 
 
 @_command("pull", "Copy the shared registry into this checkout (a second clone, after `dvc pull`).")
-def pull(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+def pull(ctx: typer.Context,
+         discard_local: bool = typer.Option(False, "--discard-local", help="when this registry and the shared one "
+                                                                          "diverged, take the shared one's history "
+                                                                          "and aliases; versions only here are set "
+                                                                          "aside in registry/set-aside/"),
+         params: ParamsOpt = None, debug: DebugOpt = False):
     """Copy shared_registry.url into this checkout's registry: every version it lacks, verified against
     its hashes, then the history and the aliases; and restore deploy/deployment.json, the deploy record
     that dvc.lock pins (the deploying host published it). After `dvc pull` and this, a second clone has
@@ -545,9 +554,9 @@ def pull(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
     s = _session(ctx)
     if s.params.shared_registry.url is None:
         raise _fail(ExitCode.USAGE, "shared_registry.url is not set in the params: nothing to pull from "
-                                    "(docs/team.md, \"A second clone\")")
+                                    "(docs/team.md, \"A teammate gets everything\")")
     try:
-        done = pull_project(s.root, s.params)
+        done = pull_project(s.root, s.params, discard_local=discard_local)
     except SharedRegistryError as exc:
         if "holds nothing in production" in str(exc):
             raise _fail(ExitCode.NOTHING, str(exc))

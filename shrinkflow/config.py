@@ -770,10 +770,17 @@ def check_shared_registry_url(url: str) -> str:
     server); returns it unchanged. Raises ValueError for another scheme (on
     object stores fsspec renames by copying, so a reader could see a
     half-written version), a relative or missing path, or a password in the
-    URL (credentials never go in params.yaml)."""
+    URL (credentials never go in params.yaml), and a query, fragment or
+    %-escape (fsspec would read another directory than the URL seems to
+    name)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url or "%" in parts.path:
+        # fsspec would drop a query and keep %-escapes as they are: another
+        # directory than the one the URL seems to name.
+        raise ValueError(f"{url!r}: a shared registry URL has no query, fragment or %-escape (write the path as "
+                         "it is)")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.path.rstrip("/") == "":
             raise ValueError(f"{url!r}: a shared directory is file:///absolute/path (three slashes)")

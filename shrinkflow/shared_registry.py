@@ -86,6 +86,13 @@ class SharedRegistryError(RegistryError):
     holds a password) and the cause."""
 
 
+class SharedRegistryDiverged(SharedRegistryError):
+    """The shared registry and the local one each hold moves of production
+    (promotions, rollbacks: ``history.jsonl``) the other lacks, or the
+    local one lacks some of the shared one's: publishing would undo them,
+    pulling would drop the local ones."""
+
+
 class VersionRefused(IntegrityError):
     """A shared version whose files do not match its manifest's hashes (or
     that has no usable manifest): it is not copied into the cache and never
@@ -129,11 +136,14 @@ class Pulled:
     copied: tuple[str, ...]
     production: str | None
     deployment: str = "not asked for"
+    set_aside: str | None = None
 
     def describe(self) -> str:
         """Lines for a person."""
         sent = ", ".join(self.copied) if self.copied else "no new version"
         lines = [f"pulled from {self.url}: {sent} copied and verified; production is {self.production}"]
+        if self.set_aside:
+            lines.append(self.set_aside)
         if self.deployment in ("restored", "already here"):
             lines.append(f"deploy/deployment.json, the record dvc.lock pins: {self.deployment}")
         else:
@@ -181,7 +191,12 @@ class SharedRegistry:
         self.connect_timeout_s = connect_timeout_s
         parts = urlsplit(url)
         self.local = parts.scheme == "file"
-        self.root = parts.path.rstrip("/")
+        self.root = posixpath.normpath(parts.path) if parts.path else ""
+        # The same place however the URL spells it (a trailing or doubled
+        # slash, ``..``, the scheme's case): what a registry remembers.
+        self.key = (f"file://{self.root}" if self.local else
+                    f"ssh://{parts.username + '@' if parts.username else ''}{(parts.hostname or '').lower()}"
+                    f":{parts.port or 22}{self.root}")
         self._fs = None
 
     # ------------------------------------------------------------ transport
@@ -200,7 +215,7 @@ class SharedRegistry:
         if not known.is_file():
             raise SharedRegistryError(
                 f"the shared registry {self.url}: no known_hosts file at {known}, so the server's host key cannot "
-                f"be checked: add it (ssh-keyscan -p {parts.port or 22} {parts.hostname} >> ~/.ssh/known_hosts, "
+                f"be checked: add it (ssh-keyscan -p {parts.port or 22} {parts.hostname} >> {known}, "
                 f"after checking its fingerprint) or point ${KNOWN_HOSTS_ENV} at a file that holds it")
         options = {"host": parts.hostname, "port": parts.port or 22, "known_hosts": str(known),
                    "timeout": self.connect_timeout_s, "connect_timeout": self.connect_timeout_s,
@@ -237,15 +252,18 @@ class SharedRegistry:
             raise
         except Exception as exc:  # noqa: BLE001  (asyncssh's, OSError, sshfs's own: reported with their type)
             self.close()
+            text = str(exc) or (f"no answer within {self.connect_timeout_s:g} s"
+                                if "Timeout" in type(exc).__name__ else repr(exc))
             if isinstance(exc, PermissionError):
-                why = "refused the login or the access"
-            elif isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+                why = ("refused access (the files' permissions: every serving host's user must read them)"
+                       if self.local else "refused the login or the access")
+            elif isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or "Timeout" in type(exc).__name__:
                 why = "cannot be reached"
             else:
                 raise SharedRegistryError(f"the shared registry {self.url}: {what} failed: "
-                                          f"{type(exc).__name__}: {exc}") from None
+                                          f"{type(exc).__name__}: {text}") from None
             raise SharedRegistryError(f"the shared registry {self.url} {why} ({what}): "
-                                      f"{type(exc).__name__}: {exc}") from None
+                                      f"{type(exc).__name__}: {text}") from None
 
     def _path(self, *names: str) -> str:
         return posixpath.join(self.root, *names)
@@ -267,7 +285,8 @@ class SharedRegistry:
         if self.local:
             atomic_write_bytes(self._path(name), data)   # fsynced, os.replace, directory fsynced
             return
-        tmp = self._path(f".{name}.{uuid.uuid4().hex}.tmp")
+        head, base = posixpath.split(name)
+        tmp = self._path(head, f".{base}.{uuid.uuid4().hex}.tmp")
         fs.pipe_file(tmp, data)
         self._rename(fs, tmp, self._path(name))
 
@@ -387,28 +406,61 @@ class SharedRegistry:
         return sorted(bad)
 
     def _clear_stale_uploads(self, fs) -> None:
-        """Remove what killed uploads left (``versions/.tmp-*``). Only the
-        publishing registry writes here, under its publish lock."""
+        """Remove what killed uploads left (``versions/.tmp-*``) once older
+        than STALE_UPLOAD_S: a younger one may be another host's upload in
+        progress."""
         try:
-            entries = fs.ls(self._path("versions"), detail=False)
+            entries = fs.ls(self._path("versions"), detail=True)
         except FileNotFoundError:
             return
-        for path in entries:
-            if posixpath.basename(path.rstrip("/")).startswith(_TMP_PREFIX):
+        now = time.time()
+        for entry in entries:
+            path = entry["name"]
+            if not posixpath.basename(path.rstrip("/")).startswith(_TMP_PREFIX):
+                continue
+            mtime = entry.get("mtime")
+            mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else mtime
+            if mtime is None or now - float(mtime) > STALE_UPLOAD_S:
                 fs.rm(path, recursive=True)
 
-    def publish(self, registry: Registry, deployment: Path | None = None, fresh: bool = False) -> Published:
+    def _read(self, name: str) -> bytes | None:
+        """The bytes of ``name`` under the root; None when it is not there."""
+        with self._talking(f"reading {name}") as fs:
+            try:
+                return fs.cat_file(self._path(name))
+            except FileNotFoundError:
+                return None
+
+    def history_bytes(self) -> bytes:
+        """The shared ``history.jsonl`` (b"" when there is none)."""
+        return self._read("history.jsonl") or b""
+
+    def exists(self) -> bool:
+        """Whether the URL's directory exists (an unmounted share's does
+        not, or is empty)."""
+        with self._talking("looking for the directory") as fs:
+            return bool(fs.exists(self.root))
+
+    def publish(self, registry: Registry, deployment: Path | None = None, fresh: bool = False,
+                check_all: bool = False) -> Published:
         """Make this shared registry match ``registry``: upload every version
         it lacks (each verified here first, then written under a temporary
         name and renamed when complete), then its history, then its aliases
         (production last of all, so it never names a version that is not
-        whole). Then the shared copy of production is read back and checked
-        against its hashes; a broken copy (storage that rotted, a hand edit)
-        is uploaded again (``_replace_version``) and reported in
+        whole). Then the shared copy of production (every version with
+        ``check_all``) is read back and checked against its hashes and its
+        manifest; a broken copy (storage that rotted, a hand edit) is
+        uploaded again (``_replace_version``) and reported in
         ``Published.repaired``. ``deployment``: the project's
         deploy/deployment.json, also stored as ``deployments/<md5>.json`` so
         that ``pull`` in another clone restores the record its dvc.lock pins.
         Idempotent: a second call uploads nothing.
+
+        Moves of production are never undone: the shared ``history.jsonl``
+        must be where the local one started (its prefix). A registry that
+        has not seen the shared registry's latest moves (another host
+        rolled back or deployed since this one last published or pulled; a
+        pull cut short) is refused (SharedRegistryDiverged): ``pull`` first.
 
         A registry remembers the URLs it published to (``.published.json`` in
         its root). When such a URL now holds nothing at all, the storage is
@@ -418,10 +470,11 @@ class SharedRegistry:
 
         Raises IntegrityError (a local version fails its hashes: nothing of
         it is uploaded), RegistryError (the local registry holds nothing, or
-        its aliases are unusable) and SharedRegistryError (unreachable,
-        refused, empty where this registry published before, or it holds a
-        version of the same name with other files: two registries publish to
-        this URL)."""
+        its aliases are unusable), SharedRegistryDiverged (above) and
+        SharedRegistryError (unreachable, refused, empty where this registry
+        published before, a version of the same name with other files: two
+        registries publish to this URL, or another host published the same
+        version at the same moment)."""
         with _flock(registry.root / ".publish.lock"):
             # Aliases before versions: a promotion in between adds a version
             # (never removes one), so every version they name is listed.
@@ -430,42 +483,91 @@ class SharedRegistry:
             if not local:
                 raise RegistryError(f"registry {registry.root} holds no version: nothing to publish")
             history = registry.root / "history.jsonl"
-            history_bytes = history.read_bytes() if history.is_file() else None
+            history_bytes = history.read_bytes() if history.is_file() else b""
             with self._talking("publishing") as fs:
                 shared = set(self.versions())
                 before = self.aliases()
                 if not shared and not before and not fresh:
                     self._refuse_if_published_before(registry)
+                shared_history = self.history_bytes()
+                if not history_bytes.startswith(shared_history):
+                    raise SharedRegistryDiverged(self._diverged(registry, history_bytes, shared_history, "publish"))
+                if aliases.get(PRODUCTION) is None and before.get(PRODUCTION) is not None:
+                    raise SharedRegistryDiverged(
+                        f"{registry.root} has nothing in production and the shared registry {self.url} has "
+                        f"{before[PRODUCTION]}: publishing would take production away from every serving host. "
+                        "`shrinkflow pull` (a pull cut short leaves versions without an alias)")
                 self._clear_stale_uploads(fs)
-                uploaded = []
+                uploaded, repaired = [], []
                 for version in local:
                     if version in shared:
-                        self._check_same(registry, version)
+                        if not self._check_same(registry, version, shared_history):
+                            repaired.append(version)       # its manifest rotted or was edited
                         continue
                     registry.verify(version)       # never publish a corrupted version
                     registry.warm_start(version)
-                    self._upload(fs, registry.path(version), version)
+                    try:
+                        self._upload(fs, registry.path(version), version)
+                    except OSError as exc:
+                        if version not in self.versions():
+                            raise
+                        raise SharedRegistryDiverged(
+                            f"the shared registry {self.url}: another host published a {version} while this one "
+                            f"uploaded its own ({type(exc).__name__}): one registry publishes to a URL. "
+                            "`shrinkflow pull` shows which") from None
                     uploaded.append(version)
-                repaired = []
                 production = aliases.get(PRODUCTION)
-                if production is not None and self.broken_files(registry.manifest(production), production):
-                    registry.verify(production)     # the local copy is sound: send it again
-                    registry.warm_start(production)
-                    self._replace_version(fs, registry.path(production), production)
-                    if self.broken_files(registry.manifest(production), production):
-                        raise SharedRegistryError(
-                            f"the shared registry {self.url}: {production} was uploaded again and its copy still "
-                            "fails its hashes: the storage does not keep what is written to it")
-                    repaired.append(production)
+                checked = [v for v in local if v in shared] if check_all else [production] if production else []
+                for version in checked:
+                    if version in repaired or self.broken_files(registry.manifest(version), version):
+                        registry.verify(version)     # the local copy is sound: send it again
+                        registry.warm_start(version)
+                        self._replace_version(fs, registry.path(version), version)
+                        if self.broken_files(registry.manifest(version), version):
+                            raise SharedRegistryError(
+                                f"the shared registry {self.url}: {version} was uploaded again and its copy still "
+                                "fails its hashes: the storage does not keep what is written to it")
+                        if version not in repaired:
+                            repaired.append(version)
+                for version in repaired:
+                    if version not in checked:       # a damaged manifest of a version not checked above
+                        registry.verify(version)
+                        self._replace_version(fs, registry.path(version), version)
                 if deployment is not None and deployment.is_file():
                     self._store_deployment(fs, deployment.read_bytes())
-                if history_bytes is not None:
+                if history_bytes != shared_history:
                     self._replace_file(fs, "history.jsonl", history_bytes)
                 if before != aliases:
                     self._replace_file(fs, "aliases.json",
                                        (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
             self._remember(registry, production)
-        return Published(self.url, tuple(uploaded), production, before.get(PRODUCTION), tuple(repaired))
+        return Published(self.url, tuple(uploaded), production, before.get(PRODUCTION), tuple(sorted(
+            repaired, key=lambda n: int(n[1:]))))
+
+    def _diverged(self, registry: Registry, mine: bytes, theirs: bytes, doing: str) -> str:
+        """Why ``doing`` is refused: the moves of production one side has
+        and the other lacks, each as "rollback to v0004 (2026-…)"."""
+        common = 0
+        a, b = mine.splitlines(keepends=True), theirs.splitlines(keepends=True)
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        only_shared = [_event_text(line) for line in b[common:]]
+        only_here = [_event_text(line) for line in a[common:]]
+        if doing == "publish":
+            head = (f"refusing to publish to {self.url}: it holds moves of production {registry.root} has not "
+                    f"seen ({'; '.join(only_shared)}), which publishing would undo")
+            if only_here:
+                return (f"{head}, and this registry holds its own ({'; '.join(only_here)}): the two diverged. "
+                        "`shrinkflow pull --discard-local` takes the shared registry's (this registry's own "
+                        "versions are set aside, not deleted); then deploy or roll back again")
+            return f"{head}. `shrinkflow pull` brings them here; then publish again"
+        head = (f"refusing to pull from {self.url}: {registry.root} holds moves of production the shared "
+                f"registry has not seen ({'; '.join(only_here)}), which pulling would drop")
+        if only_shared:
+            return (f"{head}, and the shared registry holds its own ({'; '.join(only_shared)}): the two diverged. "
+                    "`shrinkflow pull --discard-local` takes the shared registry's (this registry's own versions "
+                    "are set aside, not deleted)")
+        return f"{head}. `shrinkflow publish` sends them there"
 
     def _store_deployment(self, fs, data: bytes) -> None:
         """Store a deploy record as ``deployments/<md5>.json`` (the md5 DVC
@@ -476,7 +578,7 @@ class SharedRegistry:
             self._replace_file(fs, name, data)
 
     def _refuse_if_published_before(self, registry: Registry) -> None:
-        record = _published_record(registry).get(self.url)
+        record = _published_record(registry).get(self.key)
         if record:
             raise SharedRegistryError(
                 f"the shared registry {self.url} holds nothing, but {registry.root} published there before "
@@ -487,23 +589,50 @@ class SharedRegistry:
     def _remember(self, registry: Registry, production: str | None) -> None:
         """Record in the local registry that it published (or pulled) here."""
         record = _published_record(registry)
-        record[self.url] = {"production": production, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record[self.key] = {"production": production, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(registry.root / PUBLISHED_RECORD, record)
 
-    def _check_same(self, registry: Registry, version: str) -> None:
-        """Raise SharedRegistryError unless the shared ``version`` is the
-        local one: the same manifest (its files' hashes, creation time,
-        figures and lineage)."""
-        mine, theirs = registry.manifest(version), self.manifest(version)
-        if mine != theirs:
-            raise SharedRegistryError(
-                f"the shared registry {self.url} holds a {version} that is not {registry.root}'s {version} (its "
-                f"manifest differs: created {theirs.get('created_at')} there, {mine.get('created_at')} here): "
-                "another registry publishes to this URL. One registry publishes to a URL; nothing was changed "
-                "there")
+    def _compare(self, registry: Registry, version: str, shared_history: bytes | None = None
+                 ) -> tuple[str, dict, object]:
+        """("same" | "damaged" | "other", the local manifest, the shared one).
+        "damaged": the same version with a damaged shared manifest
+        (unreadable, or other figures: rot or a hand edit), known by the
+        shared history holding the very line (bytes) of the local history
+        that promoted it; "other": another registry's version of that name.
+        Raises SharedRegistryError when it cannot be read."""
+        mine = registry.manifest(version)
+        if shared_history is None:
+            shared_history = self.history_bytes()
+        promoted_here = _promotion_line(registry, version)
+        ours = promoted_here is not None and promoted_here in shared_history.splitlines()
+        try:
+            theirs = self.manifest(version)
+        except SharedRegistryError as exc:
+            if "has no version" in str(exc) or "failed: " not in str(exc):
+                raise
+            return ("damaged" if ours else "other"), mine, None          # unreadable JSON
+        if mine == theirs:
+            return "same", mine, theirs
+        return ("damaged" if ours else "other"), mine, theirs
+
+    def _check_same(self, registry: Registry, version: str, shared_history: bytes | None = None) -> bool:
+        """Whether the shared ``version``'s manifest is the local one's;
+        False when it is the same version with a damaged manifest (the
+        caller uploads it again). Raises SharedRegistryError when it is
+        another registry's version (another creation time or model)."""
+        kind, mine, theirs = self._compare(registry, version, shared_history)
+        if kind != "other":
+            return kind == "same"
+        raise SharedRegistryError(
+            f"the shared registry {self.url} holds a {version} that is not {registry.root}'s {version} (its "
+            f"manifest differs: created {theirs.get('created_at') if isinstance(theirs, dict) else '?'} there, "
+            f"{mine.get('created_at')} here; model {str(theirs.get('content_hash') if isinstance(theirs, dict) else '?')[:12]} "
+            f"there, {str(mine.get('content_hash'))[:12]} here): another registry publishes to this URL. One "
+            "registry publishes to a URL; nothing was changed there")
 
     # ------------------------------------------------------------ pulling into a checkout
-    def pull(self, registry: Registry, dvc_lock: Path | None = None, deployment: Path | None = None) -> Pulled:
+    def pull(self, registry: Registry, dvc_lock: Path | None = None, deployment: Path | None = None,
+             discard_local: bool = False) -> Pulled:
         """Make ``registry`` (a checkout's own, e.g. a second clone's) a copy
         of this shared registry: every version it lacks is copied and
         verified (as a serving host's cache is, ``fetch_version``), then its
@@ -513,40 +642,80 @@ class SharedRegistry:
         that ``dvc status`` in the clone is clean and the deploy stage is not
         re-run.
 
-        Raises SharedRegistryError (unreachable; it holds nothing; the local
-        registry holds a version it lacks or one of the same name with other
-        files: publish it first, or move the registry aside), VersionRefused
-        (a shared version fails its hashes: nothing of it is copied)."""
+        Moves of production are never dropped: the local history must be
+        where the shared one started (its prefix), and the local registry
+        may hold no version the shared one lacks. Else SharedRegistryDiverged
+        unless ``discard_local``: then the local-only versions are moved
+        aside to ``<registry>/set-aside/<UTC time>/`` (not deleted) and the
+        shared registry's history and aliases replace the local ones.
+
+        Raises SharedRegistryError (unreachable; it holds nothing; a
+        version of the same name with other files), SharedRegistryDiverged
+        (above), VersionRefused (a shared version fails its hashes: nothing
+        of it is copied; ``publish --check-all`` on the deploying host
+        uploads it again)."""
         aliases = self.aliases()
         shared = self.versions()
         if not shared or aliases.get(PRODUCTION) is None:
-            raise SharedRegistryError(f"the shared registry {self.url} holds nothing in production: nothing to "
-                                      "pull (is the storage mounted, is the URL right?)")
-        copied = []
+            where = "" if self.exists() else " (its directory does not exist)"
+            raise SharedRegistryError(f"the shared registry {self.url} holds nothing in production{where}: nothing "
+                                      "to pull (is the storage mounted, is the URL right?)")
+        shared_history = self.history_bytes()
+        copied, set_aside = [], None
         with _flock(registry.root / ".lock"):
             local = registry.versions()
+            history = registry.root / "history.jsonl"
+            local_history = history.read_bytes() if history.is_file() else b""
             extra = sorted(set(local) - set(shared), key=lambda n: int(n[1:]))
-            if extra:
+            compared = {v: self._compare(registry, v, shared_history)[0] for v in local if v in shared}
+            others = [v for v in local if compared.get(v) == "other"]     # same name, another model
+            damaged = [v for v in local if compared.get(v) == "damaged"]
+            if damaged:
                 raise SharedRegistryError(
+                    f"the shared registry {self.url}: the manifest of {', '.join(damaged)} is damaged there: "
+                    "`shrinkflow publish` on the deploying host uploads it again")
+            diverged = not shared_history.startswith(local_history)
+            if (extra or others or diverged) and not discard_local:
+                if diverged:
+                    raise SharedRegistryDiverged(self._diverged(registry, local_history, shared_history, "pull"))
+                if others:
+                    raise SharedRegistryDiverged(
+                        f"{registry.root} holds a {others[0]} that is not the shared registry's {others[0]}: two "
+                        "registries numbered versions on their own. `shrinkflow pull --discard-local` takes the "
+                        "shared one's (this registry's are set aside, not deleted)")
+                raise SharedRegistryDiverged(
                     f"{registry.root} holds {', '.join(extra)}, which the shared registry {self.url} lacks: pulling "
-                    "would hide them. Publish them (`shrinkflow publish`) or move the registry aside")
+                    "would hide them. Publish them (`shrinkflow publish`), or `shrinkflow pull --discard-local` "
+                    "(they are set aside, not deleted)")
+            extra = sorted(extra + others, key=lambda n: int(n[1:]))
+            if extra:
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                aside = registry.root / "set-aside" / stamp
+                aside.mkdir(parents=True, exist_ok=True)
+                for version in extra:
+                    os.rename(registry.path(version), aside / version)
+                fsync_dir(registry.versions_dir)
+                set_aside = (f"set aside {', '.join(extra)} (not in the shared registry) in {aside}")
+            elif diverged:
+                set_aside = "this registry's own moves of production were replaced by the shared registry's"
             for version in shared:
-                if version in local:
-                    self._check_same(registry, version)
+                if version in local and version not in extra:
+                    continue                          # the same version (compared above)
                 else:
-                    fetch_version(self, registry, version)
+                    try:
+                        fetch_version(self, registry, version, served_before=False)
+                    except VersionRefused as exc:
+                        raise VersionRefused(
+                            f"{exc}. Nothing was changed in {registry.root} but the versions copied before it "
+                            f"({', '.join(copied) or 'none'}); on the deploying host, `shrinkflow publish "
+                            "--check-all` uploads every broken shared version again, then pull again",
+                            version) from None
                     copied.append(version)
-            with self._talking("reading history.jsonl") as fs:
-                try:
-                    history = fs.cat_file(self._path("history.jsonl"))
-                except FileNotFoundError:
-                    history = None
-            if history is not None:
-                atomic_write_bytes(registry.root / "history.jsonl", history)
+            atomic_write_bytes(registry.root / "history.jsonl", shared_history)
             write_json(registry.root / "aliases.json", {k: v for k, v in aliases.items() if v in shared})
         self._remember(registry, aliases[PRODUCTION])
         why = self._restore_deployment(dvc_lock, deployment) if deployment is not None else "not asked for"
-        return Pulled(self.url, tuple(copied), aliases[PRODUCTION], why)
+        return Pulled(self.url, tuple(copied), aliases[PRODUCTION], why, set_aside)
 
     def _restore_deployment(self, dvc_lock: Path | None, deployment: Path) -> str:
         """Write the deploy record dvc.lock pins to ``deployment``; returns
@@ -578,6 +747,34 @@ class SharedRegistry:
 
 
 PUBLISHED_RECORD = ".published.json"
+
+
+def _promotion_line(registry: Registry, version: str) -> bytes | None:
+    """The line of ``registry``'s history.jsonl that promoted ``version``
+    (its bytes, without the newline); None when there is none."""
+    path = registry.root / "history.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_bytes().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "promote" and event.get("version") == version:
+            return line
+    return None
+# A versions/.tmp-* upload younger than this may be another host's in
+# progress (seconds); older ones are a killed upload's leftovers.
+STALE_UPLOAD_S = 3600.0
+
+
+def _event_text(line: bytes) -> str:
+    """One history.jsonl line for a person: "rollback to v0004 (time)"."""
+    try:
+        event = json.loads(line)
+        return f"{event.get('event', 'move')} to {event.get('version')} ({event.get('at', '?')})"
+    except (ValueError, AttributeError):
+        return line.decode("utf-8", "replace").strip()[:80]
 
 
 def _published_record(registry: Registry) -> dict:
@@ -634,7 +831,16 @@ class Follower:
             raise VersionRefused(str(self._refused), version)   # a fresh one: re-raising would grow its traceback
         self._refused = None
         with _flock(self.cache.root / ".lock"):
-            if version not in self.cache.versions():
+            if version in self.cache.versions() and self._cached_production() != version \
+                    and not self._sound(version):
+                # about to serve a copy kept from before (a rollback to it): a
+                # damaged one is copied again rather than refused forever
+                try:
+                    self._fetch(version)
+                except VersionRefused as exc:
+                    self._refused, self._refused_at = exc, time.monotonic()
+                    raise
+            elif version not in self.cache.versions():
                 try:
                     self._fetch(version)
                 except VersionRefused as exc:
@@ -647,6 +853,15 @@ class Follower:
             if self._raw_cache_aliases() != aliases:
                 write_json(self.cache.root / "aliases.json", aliases)   # fsynced, then os.replace
         return version
+
+    def _sound(self, version: str) -> bool:
+        """Whether the cache's copy of ``version`` passes its hashes."""
+        try:
+            self.cache.verify(version)
+            self.cache.warm_start(version)
+        except (IntegrityError, KeyError, ValueError, OSError):
+            return False
+        return True
 
     def _cached_production(self) -> str | None:
         try:
@@ -665,12 +880,14 @@ class Follower:
         fetch_version(self.shared, self.cache, version)
 
 
-def fetch_version(shared: SharedRegistry, cache: Registry, version: str) -> None:
+def fetch_version(shared: SharedRegistry, cache: Registry, version: str, served_before: bool = True) -> None:
     """Copy ``version`` from ``shared`` into the local registry ``cache``:
     downloaded into ``<cache>/.incoming/``, every file (model and warm-start)
-    verified against its manifest, then renamed into ``<cache>/versions/``.
-    The caller holds the cache's lock. Raises VersionRefused (hashes),
-    SharedRegistryError (copy)."""
+    verified against its manifest, then renamed into ``<cache>/versions/``
+    (a damaged copy already there is replaced only then). The caller holds
+    the cache's lock. Raises VersionRefused (hashes; ``served_before``: the
+    message says the version served before stays), SharedRegistryError
+    (copy)."""
     incoming_root = cache.root / ".incoming"
     shutil.rmtree(incoming_root, ignore_errors=True)   # a killed fetch's leftovers (we hold the lock)
     staged = Registry(incoming_root / uuid.uuid4().hex)
@@ -681,13 +898,15 @@ def fetch_version(shared: SharedRegistry, cache: Registry, version: str) -> None
             staged.warm_start(version)                  # and the warm-start sidecar's, if any
         except (IntegrityError, KeyError, ValueError, TypeError) as exc:
             raise VersionRefused(f"refused {version} from the shared registry {shared.url}: {exc} "
-                                 "(not copied into the cache; the version served before stays)",
-                                 version) from None
+                                 + ("(not copied into the cache; the version served before stays)" if served_before
+                                    else "(nothing of it was copied)"), version) from None
         if manifest.get("version", version) != version:
             raise VersionRefused(f"refused {version} from the shared registry {shared.url}: its manifest "
                                  f"says it is {manifest.get('version')!r}", version)
         fsync_tree(staged.path(version))
         cache.versions_dir.mkdir(parents=True, exist_ok=True)
+        if cache.path(version).exists():       # a damaged copy: out of the way, removed with .incoming/
+            os.rename(cache.path(version), incoming_root / f"damaged-{version}")
         os.rename(staged.path(version), cache.path(version))
         fsync_dir(cache.versions_dir)
     finally:
@@ -711,6 +930,11 @@ def publish_project(root: Path | str, params, fresh: bool = False) -> tuple[Publ
     try:
         return SharedRegistry(url, params.shared_registry.connect_timeout_s).publish(
             registry, deployment=Path(root) / DEPLOYMENT, fresh=fresh), None
+    except SharedRegistryDiverged as exc:
+        production = _local_production(registry)
+        return None, (f"did not publish the registry to {url}: {exc}. Production here is {production}; serving "
+                      "hosts that follow the shared registry keep what it names (docs/team.md, \"The production "
+                      "model on every serving host\")")
     except (RegistryError, IntegrityError, OSError) as exc:
         production = _local_production(registry)
         return None, (f"could not publish the registry to {url}: {exc}. Production here is {production}; serving "
@@ -718,12 +942,13 @@ def publish_project(root: Path | str, params, fresh: bool = False) -> tuple[Publ
                       "once it answers (docs/team.md, \"The production model on every serving host\")")
 
 
-def pull_project(root: Path | str, params) -> Pulled:
+def pull_project(root: Path | str, params, discard_local: bool = False) -> Pulled:
     """Copy ``shared_registry.url`` into the project's registry
     (``deploy.registry_dir``) and restore the deploy record its dvc.lock
     pins (``SharedRegistry.pull``): after ``dvc pull``, a second clone then
     has a clean ``dvc status`` and the same production version, verified.
-    Raises ValueError when no URL is set, and what ``pull`` raises."""
+    ``discard_local``: see ``SharedRegistry.pull``. Raises ValueError when
+    no URL is set, and what ``pull`` raises."""
     from shrinkflow.paths import DEPLOYMENT
 
     url = params.shared_registry.url
@@ -731,7 +956,8 @@ def pull_project(root: Path | str, params) -> Pulled:
         raise ValueError("shared_registry.url is not set in the params: nothing to pull from")
     root = Path(root)
     return SharedRegistry(url, params.shared_registry.connect_timeout_s).pull(
-        Registry(root / params.deploy.registry_dir), dvc_lock=root / "dvc.lock", deployment=root / DEPLOYMENT)
+        Registry(root / params.deploy.registry_dir), dvc_lock=root / "dvc.lock", deployment=root / DEPLOYMENT,
+        discard_local=discard_local)
 
 
 def _local_production(registry: Registry) -> str | None:

@@ -213,8 +213,9 @@ def serving_host_status(cache: Registry, shared: "SharedRegistry") -> ServingHos
             f"the shared registry {shared.url} has nothing in production (no aliases.json there: is the storage "
             f"mounted, is the URL right?); {cached} from this host's cache keeps serving")
         if cached is None:
-            message = (f"nothing is in production in the shared registry {shared.url}: `shrinkflow publish` (or "
-                       "`shrinkflow run`) on the host that deploys sends it there")
+            message = (f"nothing is in production in the shared registry {shared.url}: is the storage mounted, is "
+                       "the URL right? (Else `shrinkflow publish` (or `shrinkflow run`) on the host that deploys "
+                       "sends production there)")
     elif cached is None:
         state, warning = "not_synced", None
         message = (f"this host has not copied production yet: the shared registry's production is {production}; "

@@ -39,8 +39,8 @@ from shrinkflow.files import file_hashes
 from shrinkflow.gates import evaluate_gates
 from shrinkflow.ports import free_port
 from shrinkflow.registry import Registry
-from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryError,
-                                        VersionRefused, publish_project)
+from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryDiverged,
+                                        SharedRegistryError, STALE_UPLOAD_S, VersionRefused, publish_project)
 from tests.conftest import PROJECT_ROOT, terminate_group
 from tests.registry_outputs import deploy_record
 from tests.test_remote_ssh import Sshd
@@ -341,6 +341,123 @@ def test_publishing_where_the_share_is_gone_is_refused_until_it_is_back_or_fresh
     assert out.exit_code == ExitCode.OK and "v0001, v0002 uploaded" in out.output, out.output
 
 
+def test_a_host_behind_the_shared_registry_cannot_undo_its_moves_and_diverged_registries_are_refused_both_ways(
+        tmp_path, candidate):
+    """Moves of production are never undone by a publish nor dropped by a
+    pull: a host that has not seen a teammate's rollback is refused until it
+    pulls; two registries that each moved are refused both ways, until
+    `pull --discard-local` takes the shared one's (the local-only version set
+    aside, not deleted)."""
+    shared = SharedRegistry(f"file://{tmp_path / 'shared'}")
+    a, b = Registry(tmp_path / "a"), Registry(tmp_path / "b")
+    for _ in range(2):
+        a.promote(candidate, PASS, deploy_record("fp32"))
+    shared.publish(a)
+    shared.pull(b)                                   # a teammate's clone
+    b.rollback(to="v0001")
+    shared.publish(b)
+    with pytest.raises(SharedRegistryDiverged, match=r"has not seen \(rollback to v0001 .*`shrinkflow pull` brings"):
+        shared.publish(a)                            # would put v0002 back
+    assert shared.aliases()["production"] == "v0001"
+    assert shared.history_bytes() == (b.root / "history.jsonl").read_bytes()
+    shared.pull(a)
+    assert a.alias() == "v0001" and shared.publish(a).uploaded == ()
+    # a pull cut short (versions copied, no alias yet) must not take production away
+    half = Registry(tmp_path / "half")
+    half.versions_dir.mkdir(parents=True)
+    shutil.copytree(a.path("v0001"), half.path("v0001"))
+    with pytest.raises(SharedRegistryDiverged):
+        shared.publish(half)
+    assert shared.aliases()["production"] == "v0001"
+    # both move: b deploys v0003 and publishes, a rolls back and deploys its own v0003
+    b.promote(candidate, PASS, deploy_record("fp32"))
+    shared.publish(b)
+    a.rollback(to="v0002")
+    a.promote(candidate, PASS, {**deploy_record("fp32"), "candidate": "a-own"})
+    with pytest.raises(SharedRegistryDiverged, match="the two diverged.*--discard-local"):
+        shared.publish(a)
+    with pytest.raises(SharedRegistryDiverged, match="the two diverged.*--discard-local"):
+        shared.pull(a)
+    done = shared.pull(a, discard_local=True)
+    assert a.alias() == "v0003" and a.manifest("v0003") == b.manifest("v0003")
+    assert (a.root / "history.jsonl").read_bytes() == shared.history_bytes()
+    kept = list((a.root / "set-aside").glob("*/v0003"))
+    assert len(kept) == 1 and "set aside v0003" in done.describe()
+    assert json.loads((kept[0] / "manifest.json").read_text())["candidate"] == "a-own"
+
+
+def test_a_damaged_shared_manifest_and_a_broken_older_version_are_uploaded_again(tmp_path, candidate):
+    """Production's manifest on the storage truncated, then a figure in it
+    edited: each publish uploads the version again (not "another
+    registry"). An older version's file rotted: a new clone's pull refuses
+    it and says how to repair it; `publish --check-all` does, then the pull
+    completes. What publish writes on a shared mount is readable by other
+    users (not the temporary file's 0600)."""
+    import stat
+
+    from shrinkflow.files import _umask
+
+    shared_dir = tmp_path / "shared"
+    shared = SharedRegistry(f"file://{shared_dir}")
+    origin = Registry(tmp_path / "origin")
+    for _ in range(2):
+        origin.promote(candidate, PASS, deploy_record("fp32"))
+    shared.publish(origin)
+    for name in ("aliases.json", "history.jsonl"):
+        assert stat.S_IMODE((shared_dir / name).stat().st_mode) == 0o666 & ~_umask(), name
+    manifest = shared_dir / "versions" / "v0002" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    assert shared.publish(origin).repaired == ("v0002",)
+    edited = json.loads(manifest.read_text())
+    edited["metrics"] = {**edited.get("metrics", {}), "accuracy": 0.99}
+    manifest.write_text(json.dumps(edited))
+    assert shared.publish(origin).repaired == ("v0002",)
+    assert json.loads(manifest.read_text()) == origin.manifest("v0002")
+
+    (shared_dir / "versions" / "v0001" / "model" / "model.onnx").write_bytes(b"rot")
+    assert shared.publish(origin).repaired == ()      # production only, by default
+    clone = Registry(tmp_path / "clone")
+    with pytest.raises(VersionRefused, match="refused v0001.*nothing of it was copied.*--check-all"):
+        shared.pull(clone)
+    assert shared.publish(origin, check_all=True).repaired == ("v0001",)
+    assert shared.pull(clone).copied == ("v0001", "v0002") and clone.alias() == "v0002"
+
+
+def test_the_unmounted_share_guard_knows_the_place_however_the_url_spells_it(tmp_path, candidate):
+    base = tmp_path / "shared"
+    reg = Registry(tmp_path / "reg")
+    reg.promote(candidate, PASS, deploy_record("fp32"))
+    SharedRegistry(f"file://{base}/").publish(reg)
+    base.rename(tmp_path / "away")
+    for spelling in (f"file://{base}", f"file://{base}//", f"file://localhost{base}", f"file://{base}/x/.."):
+        with pytest.raises(SharedRegistryError, match="holds nothing, but .* published there before"):
+            SharedRegistry(spelling).publish(reg)
+        assert not base.exists()
+    for bad in (f"file://{base}?x=1", f"file://{tmp_path}/my%20reg", f"file://{base}#top"):
+        with pytest.raises(ValueError, match="no query, fragment or %-escape"):
+            SharedRegistry(bad)
+
+
+def test_a_host_rolled_back_to_a_version_whose_cached_copy_is_damaged_copies_it_again(tmp_path, candidate):
+    origin, cache = Registry(tmp_path / "origin"), Registry(tmp_path / "cache")
+    for _ in range(2):
+        origin.promote(candidate, PASS, deploy_record("fp32"))
+    shared = SharedRegistry(f"file://{tmp_path / 'shared'}")
+    origin.rollback(to="v0001")
+    shared.publish(origin)
+    follower = Follower(shared, cache)
+    assert follower.sync() == "v0001"
+    origin.rollback(to="v0002")
+    shared.publish(origin)
+    assert follower.sync() == "v0002"
+    (cache.path("v0001") / "model" / "model.onnx").write_bytes(b"rot")    # the host's own disk
+    origin.rollback(to="v0001")
+    shared.publish(origin)
+    assert follower.sync() == "v0001"
+    cache.verify("v0001")
+    assert not (cache.root / ".incoming").exists()
+
+
 WRITE_RECORD = """\
 import json, os, sys
 from pathlib import Path
@@ -407,7 +524,8 @@ def test_a_second_clone_pulls_the_registry_and_the_deploy_record_so_dvc_status_i
     # the clone deploys a version of its own: pull would hide it, publish sends it
     mine.promote(candidate, PASS, deploy_record("fp32"))
     out = cli(clone, "pull")
-    assert out.exit_code == ExitCode.CRASH and "holds v0002, which the shared registry" in out.output, out.output
+    assert out.exit_code == ExitCode.CRASH and "holds moves of production the shared registry has not seen " \
+        "(promote to v0002" in out.output and "`shrinkflow publish` sends them there" in out.output, out.output
     assert cli(clone, "publish").exit_code == ExitCode.OK
     out = cli(origin, "pull")
     assert out.exit_code == ExitCode.OK and "v0002 copied and verified; production is v0002" in out.output
@@ -531,9 +649,15 @@ def test_an_upload_killed_midway_is_never_visible_and_the_next_publish_completes
         proc.wait(timeout=30)
         assert SharedRegistry(site["url"]).aliases()["production"] == serving
         assert not (host.root / ".shrinkflow" / "registry-cache" / "versions" / new).exists()
-        # the next publish removes the leftover and completes
+        # the next publish completes; it leaves the young leftover (it could be
+        # another host's upload in progress), and removes it once it is stale
         published, warning = publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
         assert warning is None and published.uploaded == (new,)
+        leftover = list((shared / "versions").glob(".tmp-*"))
+        assert len(leftover) == 1 and leftover[0].name not in SharedRegistry(site["url"]).versions()
+        old = time.time() - STALE_UPLOAD_S - 60
+        os.utime(leftover[0], (old, old))
+        publish_project(site["origin"], load_params(site["origin"] / "params.yaml"))
         assert not list((shared / "versions").glob(".tmp-*"))
         host.serves(new)
     finally:
