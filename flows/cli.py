@@ -470,6 +470,10 @@ def rollback(ctx: typer.Context,
 
     s = _session(ctx)
     registry = Registry(s.root / s.params.deploy.registry_dir)
+    if (note := _serving_host_note(s, registry)) is not None:
+        raise _fail(ExitCode.NOTHING, f"{note}: roll back on the host that deploys (it publishes the move and every "
+                                      "serving host follows), or `shrinkflow pull` here first to make this "
+                                      "checkout one that deploys")
     try:
         done = registry.rollback(to)
     except UnknownVersion as exc:
@@ -576,12 +580,28 @@ def versions(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
     from shrinkflow.status import versions_text
 
     s = _session(ctx)
+    registry = Registry(s.root / s.params.deploy.registry_dir)
     try:
-        rows = Registry(s.root / s.params.deploy.registry_dir).describe_versions()
+        rows = registry.describe_versions()
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "versions", debug)
+    note = _serving_host_note(s, registry)
+    if note is not None and not as_json:
+        typer.echo(f"{note}: `shrinkflow status` shows the shared production and this host's copy; the versions "
+                   "are listed on the host that deploys (or here after `shrinkflow pull`)")
+        return
     typer.echo(json.dumps([r.to_json_dict() for r in rows], indent=2, sort_keys=True) if as_json
                else versions_text(rows))
+
+
+def _serving_host_note(s: Session, registry) -> Optional[str]:
+    """What to say instead of the deploying host's advice when this
+    checkout serves from the shared registry (serve.registry: shared) and
+    its own registry holds nothing; None otherwise."""
+    if s.params.serve.registry != "shared" or registry.versions():
+        return None
+    return (f"this checkout is a serving host (serve.registry: shared, {s.params.shared_registry.url}) and its "
+            f"{s.params.deploy.registry_dir}/ holds no version")
 
 
 def _schedule_of(cron: Optional[str], interval: Optional[int], p_cron: Optional[str],

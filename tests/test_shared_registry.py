@@ -798,6 +798,13 @@ def test_status_on_a_serving_host_compares_the_shared_production_with_its_verifi
     fresh = make_project(tmp_path / "fresh", serve={"registry": "shared"}, shared={"url": url})
     code, text, doc = host_status(fresh)
     assert code == 0 and NOTHING_DEPLOYED not in text, text
+    # rollback and versions there say where they belong instead of the deploying host's advice
+    out = cli(fresh, "rollback")
+    assert out.exit_code == ExitCode.NOTHING and "this checkout is a serving host" in out.output, out.output
+    assert "roll back on the host that deploys" in out.output and "nothing to roll back" not in out.output
+    out = cli(fresh, "versions")
+    assert out.exit_code == 0 and "this checkout is a serving host" in out.output, out.output
+    assert "run `shrinkflow run`" not in out.output
     assert f"this host has not copied production yet: the shared registry's production is {start}" in text
     assert "): empty\n" in text
     assert (doc["deployed"], doc["shared"]["state"], doc["shared"]["production"]) == (None, "not_synced", start)
