@@ -76,6 +76,11 @@ _KEEPALIVE_S, _KEEPALIVE_MISSES = 10, 3
 # copy on the storage is picked up, rarely enough that a broken one is not
 # downloaded on every poll.
 RETRY_REFUSED_S = 60.0
+# Where a registry remembers the shared registries it published to or pulled from.
+PUBLISHED_RECORD = ".published.json"
+# A versions/.tmp-* upload younger than this may be another host's in
+# progress (seconds); older ones are a killed upload's leftovers.
+STALE_UPLOAD_S = 3600.0
 
 
 class SharedRegistryError(RegistryError):
@@ -314,7 +319,7 @@ class SharedRegistry:
                 names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(self._path("versions"), detail=False)]
             except FileNotFoundError:
                 return []
-        return sorted((n for n in names if _VERSION_RE.match(n)), key=lambda n: int(n[1:]))
+        return _by_number(n for n in names if _VERSION_RE.match(n))
 
     def manifest(self, version: str) -> dict:
         """``version``'s manifest.json. Raises SharedRegistryError when it
@@ -482,8 +487,7 @@ class SharedRegistry:
             local = registry.versions()
             if not local:
                 raise RegistryError(f"registry {registry.root} holds no version: nothing to publish")
-            history = registry.root / "history.jsonl"
-            history_bytes = history.read_bytes() if history.is_file() else b""
+            history_bytes = _local_history(registry)
             with self._talking("publishing") as fs:
                 shared = set(self.versions())
                 before = self.aliases()
@@ -501,7 +505,7 @@ class SharedRegistry:
                 uploaded, repaired = [], []
                 for version in local:
                     if version in shared:
-                        if not self._check_same(registry, version, shared_history):
+                        if not self._check_same(registry, version, shared_history, history_bytes):
                             repaired.append(version)       # its manifest rotted or was edited
                         continue
                     registry.verify(version)       # never publish a corrupted version
@@ -518,7 +522,8 @@ class SharedRegistry:
                     uploaded.append(version)
                 production = aliases.get(PRODUCTION)
                 checked = [v for v in local if v in shared] if check_all else [production] if production else []
-                for version in checked:
+                # Read back what is checked; send again what is broken (or whose manifest was damaged).
+                for version in _by_number(set(checked) | set(repaired)):
                     if version in repaired or self.broken_files(registry.manifest(version), version):
                         registry.verify(version)     # the local copy is sound: send it again
                         registry.warm_start(version)
@@ -529,10 +534,6 @@ class SharedRegistry:
                                 "fails its hashes: the storage does not keep what is written to it")
                         if version not in repaired:
                             repaired.append(version)
-                for version in repaired:
-                    if version not in checked:       # a damaged manifest of a version not checked above
-                        registry.verify(version)
-                        self._replace_version(fs, registry.path(version), version)
                 if deployment is not None and deployment.is_file():
                     self._store_deployment(fs, deployment.read_bytes())
                 if history_bytes != shared_history:
@@ -541,8 +542,7 @@ class SharedRegistry:
                     self._replace_file(fs, "aliases.json",
                                        (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
             self._remember(registry, production)
-        return Published(self.url, tuple(uploaded), production, before.get(PRODUCTION), tuple(sorted(
-            repaired, key=lambda n: int(n[1:]))))
+        return Published(self.url, tuple(uploaded), production, before.get(PRODUCTION), tuple(_by_number(repaired)))
 
     def _diverged(self, registry: Registry, mine: bytes, theirs: bytes, doing: str) -> str:
         """Why ``doing`` is refused: the moves of production one side has
@@ -592,18 +592,17 @@ class SharedRegistry:
         record[self.key] = {"production": production, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(registry.root / PUBLISHED_RECORD, record)
 
-    def _compare(self, registry: Registry, version: str, shared_history: bytes | None = None
+    def _compare(self, registry: Registry, version: str, shared_history: bytes, local_history: bytes
                  ) -> tuple[str, dict, object]:
         """("same" | "damaged" | "other", the local manifest, the shared one).
         "damaged": the same version with a damaged shared manifest
         (unreadable, or other figures: rot or a hand edit), known by the
         shared history holding the very line (bytes) of the local history
         that promoted it; "other": another registry's version of that name.
+        ``shared_history``/``local_history``: both history.jsonl's bytes.
         Raises SharedRegistryError when it cannot be read."""
         mine = registry.manifest(version)
-        if shared_history is None:
-            shared_history = self.history_bytes()
-        promoted_here = _promotion_line(registry, version)
+        promoted_here = _promotion_line(local_history, version)
         ours = promoted_here is not None and promoted_here in shared_history.splitlines()
         try:
             theirs = self.manifest(version)
@@ -615,19 +614,21 @@ class SharedRegistry:
             return "same", mine, theirs
         return ("damaged" if ours else "other"), mine, theirs
 
-    def _check_same(self, registry: Registry, version: str, shared_history: bytes | None = None) -> bool:
+    def _check_same(self, registry: Registry, version: str, shared_history: bytes, local_history: bytes) -> bool:
         """Whether the shared ``version``'s manifest is the local one's;
         False when it is the same version with a damaged manifest (the
         caller uploads it again). Raises SharedRegistryError when it is
         another registry's version (another creation time or model)."""
-        kind, mine, theirs = self._compare(registry, version, shared_history)
+        kind, mine, theirs = self._compare(registry, version, shared_history, local_history)
         if kind != "other":
             return kind == "same"
+        if not isinstance(theirs, dict):          # unreadable there
+            theirs = {"created_at": "?", "content_hash": "?"}
         raise SharedRegistryError(
             f"the shared registry {self.url} holds a {version} that is not {registry.root}'s {version} (its "
-            f"manifest differs: created {theirs.get('created_at') if isinstance(theirs, dict) else '?'} there, "
-            f"{mine.get('created_at')} here; model {str(theirs.get('content_hash') if isinstance(theirs, dict) else '?')[:12]} "
-            f"there, {str(mine.get('content_hash'))[:12]} here): another registry publishes to this URL. One "
+            f"manifest differs: created {theirs.get('created_at')} there, {mine.get('created_at')} here; model "
+            f"{str(theirs.get('content_hash'))[:12]} there, {str(mine.get('content_hash'))[:12]} here): another "
+            "registry publishes to this URL. One "
             "registry publishes to a URL; nothing was changed there")
 
     # ------------------------------------------------------------ pulling into a checkout
@@ -664,10 +665,10 @@ class SharedRegistry:
         copied, set_aside = [], None
         with _flock(registry.root / ".lock"):
             local = registry.versions()
-            history = registry.root / "history.jsonl"
-            local_history = history.read_bytes() if history.is_file() else b""
-            extra = sorted(set(local) - set(shared), key=lambda n: int(n[1:]))
-            compared = {v: self._compare(registry, v, shared_history)[0] for v in local if v in shared}
+            local_history = _local_history(registry)
+            extra = _by_number(set(local) - set(shared))
+            compared = {v: self._compare(registry, v, shared_history, local_history)[0]
+                        for v in local if v in shared}
             others = [v for v in local if compared.get(v) == "other"]     # same name, another model
             damaged = [v for v in local if compared.get(v) == "damaged"]
             if damaged:
@@ -687,7 +688,7 @@ class SharedRegistry:
                     f"{registry.root} holds {', '.join(extra)}, which the shared registry {self.url} lacks: pulling "
                     "would hide them. Publish them (`shrinkflow publish`), or `shrinkflow pull --discard-local` "
                     "(they are set aside, not deleted)")
-            extra = sorted(extra + others, key=lambda n: int(n[1:]))
+            extra = _by_number(extra + others)
             if extra:
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
                 aside = registry.root / "set-aside" / stamp
@@ -701,16 +702,15 @@ class SharedRegistry:
             for version in shared:
                 if version in local and version not in extra:
                     continue                          # the same version (compared above)
-                else:
-                    try:
-                        fetch_version(self, registry, version, served_before=False)
-                    except VersionRefused as exc:
-                        raise VersionRefused(
-                            f"{exc}. Nothing was changed in {registry.root} but the versions copied before it "
-                            f"({', '.join(copied) or 'none'}); on the deploying host, `shrinkflow publish "
-                            "--check-all` uploads every broken shared version again, then pull again",
-                            version) from None
-                    copied.append(version)
+                try:
+                    fetch_version(self, registry, version, served_before=False)
+                except VersionRefused as exc:
+                    raise VersionRefused(
+                        f"{exc}. Nothing was changed in {registry.root} but the versions copied before it "
+                        f"({', '.join(copied) or 'none'}); on the deploying host, `shrinkflow publish "
+                        "--check-all` uploads every broken shared version again, then pull again",
+                        version) from None
+                copied.append(version)
             atomic_write_bytes(registry.root / "history.jsonl", shared_history)
             write_json(registry.root / "aliases.json", {k: v for k, v in aliases.items() if v in shared})
         self._remember(registry, aliases[PRODUCTION])
@@ -746,16 +746,16 @@ class SharedRegistry:
         return "restored"
 
 
-PUBLISHED_RECORD = ".published.json"
-
-
-def _promotion_line(registry: Registry, version: str) -> bytes | None:
-    """The line of ``registry``'s history.jsonl that promoted ``version``
-    (its bytes, without the newline); None when there is none."""
+def _local_history(registry: Registry) -> bytes:
+    """``registry``'s history.jsonl as it is on disk (b"" when there is none)."""
     path = registry.root / "history.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_bytes().splitlines():
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _promotion_line(history: bytes, version: str) -> bytes | None:
+    """The line of ``history`` (a history.jsonl's bytes) that promoted
+    ``version``, without the newline; None when there is none."""
+    for line in history.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
@@ -763,9 +763,11 @@ def _promotion_line(registry: Registry, version: str) -> bytes | None:
         if isinstance(event, dict) and event.get("event") == "promote" and event.get("version") == version:
             return line
     return None
-# A versions/.tmp-* upload younger than this may be another host's in
-# progress (seconds); older ones are a killed upload's leftovers.
-STALE_UPLOAD_S = 3600.0
+
+
+def _by_number(names) -> list[str]:
+    """Version names (vNNNN) in numeric order."""
+    return sorted(names, key=lambda n: int(n[1:]))
 
 
 def _event_text(line: bytes) -> str:

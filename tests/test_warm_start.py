@@ -301,22 +301,25 @@ def test_interpolation_keeps_the_asked_share_of_the_production_weights():
         interpolate(new, torch.nn.Linear(4, 2), 0.5)
 
 
+def one_weight_models():
+    """(student, production): models of one float64 weight w, 0 and 1, so
+    that interpolating keeps ``keep`` of production's w."""
+    import torch
+
+    student = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    production = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        student.weight.fill_(0.0)
+        production.weight.fill_(1.0)
+    return student, production
+
+
 def test_the_grid_keeps_the_first_share_within_the_val_drop_and_else_the_last():
     """``choose_interpolation`` on its boundaries. Models of one weight w:
     interpolating keeps ``keep`` of production's w = 1 (the student's is 0),
     and the accuracy is 0.8 + 0.1 w, so production scores 0.90 and the
     shares 0.3, 0.5, 0.7 score 0.83, 0.85, 0.87 (7, 5 and 3 points under)."""
-    import torch
-
     from shrinkflow.compress.warm import choose_interpolation
-
-    def models():
-        student = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
-        production = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            student.weight.fill_(0.0)
-            production.weight.fill_(1.0)
-        return student, production
 
     def accuracy(model) -> float:
         return 0.8 + 0.1 * float(model.weight.detach())
@@ -324,7 +327,7 @@ def test_the_grid_keeps_the_first_share_within_the_val_drop_and_else_the_last():
     grid = (0.3, 0.5, 0.7)
     for max_drop, chosen, met, n_tried in ((7.0, 0.3, True, 1), (5.0, 0.5, True, 2), (4.99, 0.7, True, 3),
                                            (3.0, 0.7, True, 3), (2.99, 0.7, False, 3), (0.0, 0.7, False, 3)):
-        student, production = models()
+        student, production = one_weight_models()
         got = choose_interpolation(student, production, grid, max_drop, accuracy)
         assert (got["chosen"], got["met"], len(got["tried"])) == (chosen, met, n_tried), (max_drop, got)
         assert got["production_val_accuracy"] == pytest.approx(0.9)
@@ -403,17 +406,7 @@ def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not()
     0.5, 0.7, and production 0.90. The fp32 bound keeps 0.3; the built one
     skips it. The teacher bound, on its boundary: teacher 0.87 keeps 0.5 at
     exactly 1 point, not at 0.99."""
-    import torch
-
     from shrinkflow.compress.warm import choose_interpolation
-
-    def models():
-        student = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
-        production = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            student.weight.fill_(0.0)
-            production.weight.fill_(1.0)
-        return student, production
 
     def fp32(model) -> float:
         return 0.9
@@ -423,8 +416,8 @@ def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not()
         return 0.9 if w == 1.0 else 0.9 - 0.2 * (0.7 - w)
 
     grid = (0.3, 0.5, 0.7)
-    assert choose_interpolation(*models(), grid, 5.0, fp32)["chosen"] == 0.3
-    student, production = models()
+    assert choose_interpolation(*one_weight_models(), grid, 5.0, fp32)["chosen"] == 0.3
+    student, production = one_weight_models()
     got = choose_interpolation(student, production, grid, 5.0, built)
     assert (got["chosen"], got["met"]) == (0.5, True)
     assert [(t["keep"], t["val_accuracy"]) for t in got["tried"]] == [(0.3, pytest.approx(0.82)),
@@ -434,14 +427,14 @@ def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not()
     for teacher, max_teacher, chosen, met in ((0.87, 1.0, 0.5, True), (0.87, 0.99, 0.7, True),
                                               (0.87, 1.01, 0.5, True), (0.95, 4.99, 0.7, False),
                                               (0.95, 5.0, 0.7, True)):
-        student, production = models()
+        student, production = one_weight_models()
         got = choose_interpolation(student, production, grid, 5.0, built, teacher_accuracy=teacher,
                                    max_teacher_drop_points=max_teacher)
         assert (got["chosen"], got["met"], got["teacher_val_accuracy"]) == (chosen, met, teacher), \
             (teacher, max_teacher, got)
         assert float(student.weight.detach()) == pytest.approx(chosen)
     # the teacher bound is not checked without a threshold
-    got = choose_interpolation(*models(), grid, 5.0, built, teacher_accuracy=0.99, max_teacher_drop_points=None)
+    got = choose_interpolation(*one_weight_models(), grid, 5.0, built, teacher_accuracy=0.99, max_teacher_drop_points=None)
     assert got["chosen"] == 0.5 and "teacher_val_accuracy" not in got
 
 

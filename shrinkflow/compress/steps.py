@@ -143,6 +143,26 @@ def reads_text(candidate) -> bool:
     return any(method_of(step).reads_text(step) for step in candidate.recipe)
 
 
+def _val_split(build: Build) -> tuple[list[str], np.ndarray]:
+    """The build's val split (texts, label ids). Raises ValueError when it
+    has none."""
+    if not build.val_texts or build.val_labels is None:
+        raise ValueError("warm_start_interpolation is a list (chosen on val) but the build has no val split")
+    return list(build.val_texts), np.asarray(build.val_labels)
+
+
+def _choice_stats(build: Build, chosen: dict, scored: str | None) -> dict:
+    """Say which share ``choose_interpolation`` kept (``chosen``), and
+    return the run stats it adds; ``scored``: "built", or None for fp32."""
+    teacher = f", teacher {chosen['teacher_val_accuracy']}" if "teacher_val_accuracy" in chosen else ""
+    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
+          f"({'built ' if scored else ''}val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for "
+          f"{[t['keep'] for t in chosen['tried']]}, production {chosen['production_val_accuracy']}{teacher})")
+    choice = {k: v for k, v in chosen.items() if k != "chosen"}
+    return {"warm_start_interpolation": chosen["chosen"],
+            "warm_start_interpolation_choice": {"scored": scored, **choice} if scored else choice}
+
+
 def choose_on_val(build: Build, production, grid: tuple[float, ...], max_drop_points: float) -> dict:
     """``warm.choose_interpolation`` for the re-distilled ``build.model``
     on the build's val split; returns the run stats it adds
@@ -151,22 +171,16 @@ def choose_on_val(build: Build, production, grid: tuple[float, ...], max_drop_po
     from shrinkflow.compress.distill import teacher_outputs
     from shrinkflow.compress.warm import choose_interpolation
 
-    if not build.val_texts or build.val_labels is None:
-        raise ValueError("warm_start_interpolation is a list (chosen on val) but the build has no val split")
-    seqs = encode_unpadded(build.tokenizer_json, build.val_texts)
-    labels = np.asarray(build.val_labels)
+    texts, labels = _val_split(build)
+    seqs = encode_unpadded(build.tokenizer_json, texts)
 
     def accuracy(model) -> float:
         model.eval()
         logits, _ = teacher_outputs(model, seqs, ())
         return float((logits.argmax(1) == labels).mean())
 
-    chosen = choose_interpolation(build.model, production, grid, max_drop_points, accuracy)
-    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
-          f"(val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for {list(grid)[:len(chosen['tried'])]}, "
-          f"production {chosen['production_val_accuracy']})")
-    return {"warm_start_interpolation": chosen["chosen"],
-            "warm_start_interpolation_choice": {k: v for k, v in chosen.items() if k != "chosen"}}
+    return _choice_stats(build, choose_interpolation(build.model, production, grid, max_drop_points, accuracy),
+                         None)
 
 
 def built_accuracy(model_dir: Path, texts: list[str], labels: np.ndarray, threads: int) -> float:
@@ -203,9 +217,7 @@ def choose_built(build: Build, teacher, production, step) -> dict:
     from shrinkflow.compress.teacher_cache import cached_teacher_outputs
     from shrinkflow.compress.warm import choose_interpolation
 
-    if not build.val_texts or build.val_labels is None:
-        raise ValueError("warm_start_interpolation is a list (chosen on val) but the build has no val split")
-    texts, labels = list(build.val_texts), np.asarray(build.val_labels)
+    texts, labels = _val_split(build)
     teacher_acc = None
     if step.warm_start_max_teacher_val_drop_points is not None:
         seqs = encode_unpadded(build.tokenizer_json, texts)
@@ -233,13 +245,7 @@ def choose_built(build: Build, teacher, production, step) -> dict:
         raise
     # choose_interpolation scores the chosen share last: what was built last is the candidate.
     build.built = last[0]
-    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
-          f"(built val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for "
-          f"{[t['keep'] for t in chosen['tried']]}, production {chosen['production_val_accuracy']}"
-          + (f", teacher {chosen['teacher_val_accuracy']}" if "teacher_val_accuracy" in chosen else "") + ")")
-    return {"warm_start_interpolation": chosen["chosen"],
-            "warm_start_interpolation_choice": {"scored": "built",
-                                                **{k: v for k, v in chosen.items() if k != "chosen"}}}
+    return _choice_stats(build, chosen, "built")
 
 
 @register
