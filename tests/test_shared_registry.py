@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -856,3 +858,28 @@ def test_status_on_a_serving_host_compares_the_shared_production_with_its_verifi
     code, text, doc = host_status(empty)
     assert code == ExitCode.CRASH and "holds nothing: nothing to show" in text
     assert (doc["deployed"], doc["shared"]["state"]) == (None, "unusable")
+
+
+# ------------------------------------------------------------ URLs: the whole kind
+_SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-.", min_size=1, max_size=8).filter(
+    lambda s: s not in (".", ".."))
+
+
+@given(segments=st.lists(_SEGMENT, min_size=1, max_size=4), slashes=st.integers(1, 3),
+       trailing=st.booleans(), detour=st.booleans(), host=st.sampled_from(["", "localhost"]))
+@settings(max_examples=60, deadline=None)
+def test_every_spelling_of_one_shared_directory_is_one_place(segments, slashes, trailing, detour, host):
+    """However a file:// URL spells a directory (doubled slashes, a trailing
+    slash, a detour through x/.., localhost), it is the same place to the
+    unmounted-share guard."""
+    plain = SharedRegistry("file:///" + "/".join(segments))
+    path = ("/" * slashes).join(segments) + ("/x/.." if detour else "") + ("/" if trailing else "")
+    assert SharedRegistry(f"file://{host}/{path}").key == plain.key == f"file:///{'/'.join(segments)}"
+
+
+@given(segments=st.lists(_SEGMENT, min_size=1, max_size=3), bad=st.sampled_from(["?", "#", "%"]),
+       tail=st.text(alphabet="abc=12", max_size=4), scheme=st.sampled_from(["file://", "ssh://u@h:22"]))
+@settings(max_examples=60, deadline=None)
+def test_every_url_with_a_query_fragment_or_escape_is_refused(segments, bad, tail, scheme):
+    with pytest.raises(ValueError, match="no query, fragment or %-escape"):
+        SharedRegistry(f"{scheme}/{'/'.join(segments)}{bad}{tail}")
