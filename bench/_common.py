@@ -24,7 +24,19 @@ def stamp() -> dict:
     """``measured_at`` (now, UTC) and ``machine`` (CPU and Python version):
     the first keys of every results document."""
     return {"measured_at": now_utc(),
-            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}"}
+            "machine": f"{cpu_model()}{platform.processor() or platform.machine()}, python {platform.python_version()}"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and a trailing ", " (from /proc/cpuinfo), or ""
+    where it cannot be read: figures differ from one CPU to another."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + ", "
+    except OSError:
+        pass
+    return ""
 
 
 def splits(*names: str) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from shrinkflow.config import LATENCY_P95_B1, LatencyParams
 from shrinkflow.gates import TOLERANCE
-from shrinkflow.files import dir_size_bytes
+from shrinkflow.files import content_hash, dir_size_bytes, file_hashes
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -193,6 +193,26 @@ class ModelProcess:
         self._conn.close()
 
 
+def _predict_cached(proc: ModelProcess, splits: dict[str, list[str]], per_row: bool, cache, model_hash,
+                    threads: int) -> tuple[dict[str, list[int]], list[str]]:
+    """``proc.predict(splits, per_row)``, the splits ``cache`` holds for this
+    model read from it and the others predicted in one call and stored.
+    Returns (labels by split, in ``splits``' order; the names of the
+    non-empty splits read from the cache)."""
+    if cache is None:
+        return proc.predict(splits, per_row), []
+    keys = {n: cache.key(model_hash, "labels", t, per_row=per_row, threads=threads)
+            for n, t in splits.items() if t}
+    got = {n: cache.get(k) for n, k in keys.items()}
+    hits = [n for n, v in got.items() if v is not None and len(v) == len(splits[n])]
+    todo = {n: t for n, t in splits.items() if n not in hits}
+    fresh = proc.predict(todo, per_row) if todo else {}
+    for n, labels in fresh.items():
+        if n in keys:
+            cache.put(keys[n], labels)
+    return {n: got[n] if n in hits else fresh[n] for n in splits}, hits
+
+
 def latency_inputs(latency_texts: list[str], lat: LatencyParams):
     """(b1 warm-up, b1 rounds, b32 warm-up, b32 rounds): the same sentences
     for every model, drawn once with the latency seed."""
@@ -230,7 +250,8 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                         latency_texts: list[str], lat: LatencyParams, log=print,
                         invariance_texts: list[str] | None = None,
                         invariance_skip: frozenset[str] = frozenset(),
-                        max_batch_prob_diff: float = 0.0) -> dict[str, dict]:
+                        max_batch_prob_diff: float = 0.0, cache=None,
+                        model_hashes: dict[str, str] | None = None) -> dict[str, dict]:
     """Every model in its own process; predictions one model at a time, then
     latency in interleaved rounds (batch 1, then batch 32) over the same
     window. Returns {name: {"predictions": {split: [label, ...]},
@@ -244,21 +265,41 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     ``"batch_invariance"``, first: a model whose probabilities move by more
     than ``max_batch_prob_diff`` (or whose labels change) is served one text
     per call, so its splits are predicted that way too (``"per_row": True``),
-    and the figures are those of what will be served."""
+    and the figures are those of what will be served.
+
+    ``cache`` (a ``prediction_cache.PredictionCache``, or None): labels and
+    invariance checks a model already computed on the same texts (by its
+    content hash: ``model_hashes[name]``, else hashed here) are read from it
+    and new ones stored; the result is the same as without it. Latency,
+    size and RSS are always measured. Each run says which splits came from
+    the cache (``"cached_splits"``)."""
     splits = {k: list(v) for k, v in splits.items()}
     warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
     procs: dict[str, ModelProcess] = {}
     try:
-        predictions, invariance = {}, {}
+        predictions, invariance, cached = {}, {}, {}
         for name, path in model_dirs.items():
-            log(f"measure: loading {name} and predicting every split")
             procs[name] = ModelProcess(path, lat.threads)
+            model_hash = None
+            if cache is not None:
+                model_hash = (model_hashes or {}).get(name) or content_hash(file_hashes(path))
             per_row = False
             if invariance_texts and name not in invariance_skip:
-                inv = invariance[name] = procs[name].invariance(list(invariance_texts), 32, lat.seed)
+                texts = list(invariance_texts)
+                key = cache.key(model_hash, "invariance", texts, batch_size=32, seed=lat.seed,
+                                threads=lat.threads) if cache is not None else None
+                inv = cache.get(key) if key else None
+                if inv is None:
+                    inv = procs[name].invariance(texts, 32, lat.seed)
+                    if key:
+                        cache.put(key, inv)
+                invariance[name] = dict(inv)
                 # the gate's own rule (shrinkflow.gates.batch_gates), so the two never disagree
                 per_row = inv["max_prob_diff"] > max_batch_prob_diff + TOLERANCE or inv["label_flips"] > 0
-            predictions[name] = procs[name].predict(splits, per_row)
+            predictions[name], cached[name] = _predict_cached(procs[name], splits, per_row, cache, model_hash,
+                                                              lat.threads)
+            log(f"measure: {name} loaded; predicted every split"
+                + (f" ({', '.join(cached[name])} from the prediction cache)" if cached[name] else ""))
             if name in invariance:
                 invariance[name]["per_row"] = per_row
         log(f"measure: timing {len(procs)} models interleaved ({len(b1)} rounds at batch 1, "
@@ -271,6 +312,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                                        "peak_rss_mb": round(procs[name].rss(), 2)},
                        # per-round batch-1 wall times, for ratios computed round by round
                        "rounds_b1": t1[name]["round_seconds"],
+                       **({"cached_splits": cached[name]} if cache is not None else {}),
                        **({"batch_invariance": invariance[name]} if name in invariance else {})}
                 for name, path in model_dirs.items()}
     finally:

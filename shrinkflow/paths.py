@@ -108,6 +108,9 @@ CANDIDATE_CACHE = STATE / "cache" / "candidates"
 # The teacher's outputs (logits, layer outputs) on the training split, by
 # teacher, token ids and layers: every distillation of the same teacher reuses them.
 TEACHER_OUTPUT_CACHE = STATE / "cache" / "teacher_outputs"
+# Labels each model predicted on each split, by model content hash and texts
+# (shrinkflow.prediction_cache): a re-compression re-predicts only what is new.
+PREDICTION_CACHE = STATE / "cache" / "predictions"
 # The monitor's decision history (cooldown, dedup).
 MONITOR_STATE = STATE / "monitor" / "decisions.jsonl"
 # What a monitor run computes on the reference split, per deployed version

@@ -25,8 +25,9 @@ def validate(params, root: Path) -> None:
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
     from shrinkflow.headline import validate_headline
-    from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, PRODUCTION_MODEL, TEACHER,
-                                  UNLABELLED, WINDOW_HELDOUT)
+    from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, PREDICTION_CACHE,
+                                  PRODUCTION_MODEL, TEACHER, UNLABELLED, WINDOW_HELDOUT)
+    from shrinkflow.prediction_cache import PredictionCache
     from shrinkflow.markdown import validation_markdown
     from shrinkflow.catalog import load_retrain_record
     from shrinkflow.validation import (PRODUCTION_CANDIDATE, SELECTION_SPLIT, check_model_labels, gate_teacher,
@@ -78,10 +79,15 @@ def validate(params, root: Path) -> None:
     # (The key cannot clash: candidate names are lower-case slugs.)
     # Batch invariance on val for every candidate (the teacher is never served);
     # one that fails it is predicted one text per call, as it would be served.
+    # Labels a model already predicted on the same texts (the teacher, the
+    # int8 teacher and production on val, test, reference and shifted, in a
+    # re-compression) come from the prediction cache: the same labels.
     runs = measure_interleaved({TEACHER_KEY: teacher_dir, **dirs}, texts,
                                texts[SELECTION_SPLIT], lat, log=lambda m: print(f"validate: {m}"),
                                invariance_texts=texts[SELECTION_SPLIT], invariance_skip=frozenset({TEACHER_KEY}),
-                               max_batch_prob_diff=params.validate.gates.max_batch_prob_diff)
+                               max_batch_prob_diff=params.validate.gates.max_batch_prob_diff,
+                               cache=PredictionCache(root / PREDICTION_CACHE),
+                               model_hashes={TEACHER_KEY: teacher_hash} | {n: files[n]["content_hash"] for n in dirs})
     teacher = runs.pop(TEACHER_KEY)
     for n in dirs:
         if file_hashes(dirs[n]) != files[n]["files"]:
