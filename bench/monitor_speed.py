@@ -12,7 +12,10 @@ bench/work/monitor_speed/:
      what `shrinkflow monitor --report-only` does inside its flow) in a fresh
      process, with a cold cache (``.shrinkflow/monitor/cache`` removed) and
      then warm; one cold run under cProfile says where the time goes;
-  2. false triggers: 5 in-domain windows of 1,000 rows (test + val texts,
+  2. the same end to end: ``shrinkflow monitor --report-only`` at each size
+     (warm cache), with Prefect's ephemeral API and against a running
+     ``prefect server`` on loopback;
+  3. false triggers: 5 in-domain windows of 1,000 rows (test + val texts,
      each window its own seeded sample) and 5 windows of 1,000 tweets (the
      traffic pool of Hutto & Gilbert's tweets, `shrinkflow.traffic`), one
      report-only monitor run each: the verdict and every rule's figure.
@@ -240,6 +243,75 @@ def speed(served: Served, sizes=SIZES) -> dict:
     return out
 
 
+def cli_monitor(api_url: str | None) -> float:
+    """Wall seconds of one ``shrinkflow monitor --report-only`` in PROJECT,
+    as a user types it: Prefect's ephemeral API (``api_url`` None: the
+    command starts a temporary server) or a running server's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(WORK / "prefect_home")})
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "monitor", "--report-only"], cwd=PROJECT, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        sys.exit(f"shrinkflow monitor failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return round(wall, 2)
+
+
+def prefect_server() -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` on a free loopback port (its home under WORK),
+    once /api/ready answers; (the process, its API URL)."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_HOME": str(WORK / "prefect_server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1"})
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit("prefect server did not become ready in 120 s")
+
+
+def cli(served: Served, sizes=SIZES) -> dict:
+    """``shrinkflow monitor --report-only`` end to end (the CLI's process,
+    Prefect's flow and tasks, the library's run inside), each size with a
+    warm monitor cache (as every scheduled run after the first on a
+    deployed version finds it): twice with the ephemeral API, twice against
+    a running Prefect server (how scheduled runs reach it)."""
+    pool = in_domain_texts()
+    out = {}
+    server, url = prefect_server()
+    try:
+        for n in sizes:
+            set_params(window_last_n=n)
+            served.write_log(sample(pool, n, seed=n))
+            clear_cache()
+            monitor_run()  # fills the cache
+            out[str(n)] = {"ephemeral_s": [cli_monitor(None) for _ in range(2)],
+                           "server_s": [cli_monitor(url) for _ in range(2)],
+                           "load_1min_after": round(os.getloadavg()[0], 2)}
+            print(f"{n} rows, CLI: {out[str(n)]}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return out
+
+
 def windows(served: Served) -> dict:
     set_params(window_last_n=WINDOW_ROWS)
     out = {}
@@ -274,6 +346,16 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {int(n):,} | {r['cold']['run_s']:.1f} | {r['warm']['run_s']:.1f} | "
                      f"{r['warm']['teacher_rows']} | {r['cold'].get('load_1min_after', '?')} / "
                      f"{r['warm'].get('load_1min_after', '?')} |")
+    if doc.get("cli"):
+        lines += ["", "The same, end to end: `shrinkflow monitor --report-only` as a user types it (the CLI's "
+                  "process, Prefect's flow and tasks, the run above inside; the monitor cache warm, as every "
+                  "scheduled run after the first on a deployed version finds it), with Prefect's ephemeral API "
+                  "(the command starts a temporary server) and against a running `prefect server` (how a "
+                  "schedule or `shrinkflow team up` runs it); two runs each, wall seconds:", "",
+                  "| window rows | ephemeral API (s) | running server (s) | load average after |", "|---|---|---|---|"]
+        for n, r in sorted(doc["cli"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {int(n):,} | {', '.join(map(str, r['ephemeral_s']))} | "
+                         f"{', '.join(map(str, r['server_s']))} | {r['load_1min_after']} |")
     lines += ["", "Before (commit 41ed05a, the same machine idle, cProfile): 10,000 rows in 23.5 s with 200 shadow "
                   "texts, nothing cached: Evidently's import 7.1 s, the teacher 10.4 s (load 4.3 s, one pass over "
                   "the 200 sample texts and the 528 reference texts 4.1 s), the served model one text at a time "
@@ -328,7 +410,7 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=ROOT, help="the checkout whose deployed state is measured")
-    ap.add_argument("--part", choices=("all", "speed", "windows"), default="all",
+    ap.add_argument("--part", choices=("all", "speed", "cli", "windows"), default="all",
                     help="measure one part only (the other is kept from the last results file)")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                     help="window rows to time (others are kept from the last results file)")
@@ -341,6 +423,8 @@ def main() -> None:
     doc.update({**stamp(), "source": str(args.source), "version": served.ref.version})
     if args.part in ("all", "speed"):
         doc["speed"] = {**doc.get("speed", {}), **speed(served, args.sizes)}
+    if args.part in ("all", "cli"):
+        doc["cli"] = {**doc.get("cli", {}), **cli(served, args.sizes)}
     if args.part in ("all", "windows"):
         doc["windows"] = windows(served)
     RESULTS.mkdir(parents=True, exist_ok=True)

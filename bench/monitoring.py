@@ -94,7 +94,7 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
     "recovery": evaluation only), shuffled with seed 0."""
     from shrinkflow.traffic import shifted_split
 
-    df = shifted_split(ROOT / "data/raw/source.tar.gz")[part]
+    df = shifted_split(PROJECT / "data/raw/source.tar.gz")[part]  # the copy's fetched archive
     df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)
     return df["text"].tolist(), df["label"].to_numpy()
 
@@ -193,7 +193,9 @@ def main() -> None:
     from shrinkflow.config import parse_params_yaml
     from shrinkflow.splits import read_parquet
 
-    copy_project()
+    reuse = "--reuse-run" in sys.argv
+    if not reuse:
+        copy_project()
     params = parse_params_yaml((PROJECT / "params.yaml").read_bytes(), PROJECT / "params.yaml")
     params["monitor"].update({"window_last_n": WINDOW, "cooldown_hours": 0.0})
     seed = distill_seed()
@@ -207,11 +209,20 @@ def main() -> None:
     doc = {**stamp(), "window_rows": WINDOW, "params_monitor": params["monitor"], "distill_seed": seed,
            "gates": params["validate"]["gates"]}
 
-    print("--- shrinkflow run", flush=True)
-    doc["run_s"], _, _ = cli("run")
-    v0, v0_dir = production(reg)
     teacher0 = WORK / "teacher_before"
-    shutil.copytree(PROJECT / "models/teacher", teacher0)
+    if reuse:
+        # --reuse-run: the copy's full run of an earlier invocation that
+        # stopped after it (its wall time from cli.log's first entry).
+        first = (WORK / "cli.log").read_text().split("=====", 2)[1]
+        if not first.startswith(" shrinkflow run (exit 0, "):
+            sys.exit("--reuse-run: bench/work/monitoring/cli.log does not start with a completed shrinkflow run")
+        doc["run_s"] = float(first.split("exit 0, ", 1)[1].split(" s)", 1)[0])
+        v0, v0_dir = production(reg)
+    else:
+        print("--- shrinkflow run", flush=True)
+        doc["run_s"], _, _ = cli("run")
+        v0, v0_dir = production(reg)
+        shutil.copytree(PROJECT / "models/teacher", teacher0)
 
     movies = [read_parquet(PROJECT / f"data/prepared/{s}.parquet") for s in ("val", "test")]
     in_domain = [t for df in movies for t in df["text"].tolist()]

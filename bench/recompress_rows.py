@@ -63,12 +63,27 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
     """As bench/monitoring.py: one side of the shifted domain, shuffled with seed 0."""
     from shrinkflow.traffic import shifted_split
 
-    df = shifted_split(ROOT / "data/raw/source.tar.gz")[part]
+    df = shifted_split(PROJECT / "data/raw/source.tar.gz")[part]  # the copy's fetched archive
     df = df.sample(frac=1.0, random_state=0).reset_index(drop=True)
     return df["text"].tolist(), df["label"].to_numpy()
 
 
+def runs_and_name() -> tuple[tuple, str]:
+    """RUNS and the results' name, or ``--runs JSON --name NAME`` from the
+    command line: a list of [texts, overrides] or [texts, overrides, offset]
+    (the pool's first tweet to distil from; 0 by default), written to
+    bench/results/NAME.{md,json}."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=json.loads, default=None)
+    ap.add_argument("--name", default="recompress_rows")
+    args = ap.parse_args()
+    return (tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name
+
+
 def main() -> None:
+    runs, name = runs_and_name()
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import load_params
     from shrinkflow.dvcrun import offline_env
@@ -104,10 +119,11 @@ def main() -> None:
 
     default_params = (PROJECT / "params.yaml").read_text()
     val = read_parquet(PROJECT / "data/prepared/val.parquet")
-    for i, (n, overrides) in enumerate(RUNS):
+    for i, (n, overrides, *rest) in enumerate(runs):
+        offset = rest[0] if rest else 0
         (PROJECT / "params.yaml").write_text(default_params)
         step = set_distill(PROJECT / "params.yaml", overrides)
-        texts = pool[:math.ceil(n / (1 - params.monitor.heldout_fraction))]
+        texts = pool[offset:offset + math.ceil(n / (1 - params.monitor.heldout_fraction))]
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
         window = write_snapshot(PROJECT, texts, params.monitor.heldout_fraction,
                                 {"bench": "recompress_rows", "warm_start": staged})
@@ -121,16 +137,18 @@ def main() -> None:
         warm = [k for k, b in built.items() if b.get("warm_start_from") == before]
         if not warm:
             sys.exit(f"no candidate warm-started from {before} at {n} texts: {sorted(built)}")
-        name = f"run {i + 1}"
+        run = f"run {i + 1}"
         keep = WORK / f"distilled_{i + 1}"
         shutil.copytree(PROJECT / "models/candidates" / warm[0], keep)
-        models[name] = keep
-        doc["runs"].append({"name": name, "texts": len(texts), "rows_distill": window["rows_distill"],
+        models[run] = keep
+        doc["runs"].append({"name": run, "texts": len(texts), "pool_offset": offset,
+                            "interpolation_choice": built[warm[0]].get("warm_start_interpolation_choice"), "rows_distill": window["rows_distill"],
                             "rows_heldout": window["rows_heldout"], "candidate": warm[0], "compress_s": secs,
                             "distill_rows": built[warm[0]].get("distill_rows"), "overrides": overrides,
                             "warm_start_epochs": step["warm_start_epochs"],
                             "train_rows_per_window_text": step["warm_start_train_rows_per_window_text"],
-                            "interpolation": step.get("warm_start_interpolation", 0.0)})
+                            "interpolation": built[warm[0]].get("warm_start_interpolation",
+                                                                step.get("warm_start_interpolation", 0.0))})
         print(doc["runs"][-1], flush=True)
 
     acc = {}
@@ -145,8 +163,8 @@ def main() -> None:
     doc["accuracy"], doc["recovery_tweets_n"], doc["movie_test_n"] = acc, len(rec_x), len(test)
     doc["max_accuracy_drop"] = yaml.safe_load(default_params)["validate"]["gates"]["max_accuracy_drop"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recompress_rows.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "recompress_rows.md").write_text(markdown(doc) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(doc) + "\n")
     print(markdown(doc))
 
 
@@ -164,13 +182,14 @@ def markdown(doc: dict) -> str:
              "movie-review test sentences.", "",
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
              f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
-             "| texts distilled | held out | train rows per text | epochs | interpolation | compress (s) "
-             "| tweets accuracy | gap recovered | in domain, test (points) | val drop vs teacher (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| pool tweets from | texts distilled | held out | train rows per text | epochs | interpolation "
+             "| compress (s) | tweets accuracy | gap recovered | in domain, test (points) "
+             "| val drop vs teacher (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         a = acc[r["name"]]
         rec = (a["tweets"] - acc[p]["tweets"]) / gap if gap > 0 else float("nan")
-        lines.append(f"| {r['rows_distill']} | {r['rows_heldout']} | {r['train_rows_per_window_text']:g} | "
+        lines.append(f"| {r.get('pool_offset', 0)} | {r['rows_distill']} | {r['rows_heldout']} | {r['train_rows_per_window_text']:g} | "
                      f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | {r['compress_s']} | "
                      f"{a['tweets']:.4f} | {rec:.0%} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f} | "

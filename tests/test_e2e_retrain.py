@@ -6,7 +6,10 @@ retrain; the retrain flow appends the labels to the DVC-versioned feedback
 dataset, DVC re-runs data and train (the teacher is fine-tuned on the train
 split plus the production labels), compress, validate (the retrained teacher
 gated against the old one) and deploy, and the new version's lineage names
-the dataset's md5 and the monitor run.
+the dataset's md5 and the monitor run. Then a second retrain whose teacher
+fails its gates (set out of reach) deploys nothing and puts the project back
+as it was before it: the kept teacher, dvc.lock and the feedback dataset,
+the rejection recorded and the labels kept in the archive.
 
 Real Prefect (test harness), real DVC, real data (a slice), a tiny model.
 The teacher gates' boundaries are unit-tested (tests/test_feedback.py);
@@ -37,7 +40,8 @@ PARAMS = deep_merge(TINY, {
 })
 
 
-def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineage(tmp_path, prefect_api):
+def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineage_and_a_rejected_one_is_undone(
+        tmp_path, prefect_api):
     import pandas as pd
 
     from monitoring.evidently_reports import softmax_probabilities
@@ -106,3 +110,37 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     prev = feedback["retrain"]["previous_teacher"]
     # every held-out label contradicts the old teacher (up to a near-tie read in another batch)
     assert prev["feedback_heldout_accuracy"] < 0.2 and prev["feedback_heldout_rows"] == heldout_rows
+
+    # --- A second retrain whose teacher cannot pass its gates (no val loss at
+    # all and +100 points on the held-out labels): nothing is deployed and
+    # the project is put back as the first retrain left it.
+    write_params(project / "params.yaml", deep_merge(PARAMS, {
+        "monitor": {"cooldown_hours": 0.0},
+        "validate": {"gates": {"max_teacher_val_drop": 0.0, "min_teacher_feedback_gain": 1.0}}}))
+    more = pd.read_parquet(project / "data/prepared/val.parquet")["text"].tolist()[:60]
+    kept_teacher = (project / "models/teacher/model.safetensors").read_bytes()
+    lock_before, dataset_before = (project / "dvc.lock").read_bytes(), body
+    served = softmax_probabilities(load_predictor(reg.load().path, threads=1).predict_logits(more))
+    wrong = load_predictor(project / "models/teacher", threads=1).predict_logits(more).argmax(axis=1)
+    rows = [Prediction(uuid.uuid4().hex, utc_now(), new, t, p.tolist(), int(p.argmax()), 2.0)
+            for t, p in zip(more, served)]
+    log.append(rows)
+    for r, t in zip(rows, wrong):   # every new label contradicts the retrained teacher
+        log.add_feedback(r.prediction_id, 1 - int(t))
+
+    code, out = run_cli(project, prefect_api, "monitor")
+    assert code == 0, out[-4000:]
+    assert "verdict: retrain" in out and "Running stage 'train'" in out, out[-4000:]
+    assert "the retrained teacher was rejected" in out, out[-4000:]
+    assert reg.alias() == new                                     # production untouched
+    assert (project / "models/teacher/model.safetensors").read_bytes() == kept_teacher
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    assert (project / "data/feedback/labels.jsonl").read_text() == dataset_before
+    rejected = [json.loads(line) for line in (project / "data/feedback/rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 1 and rejected[0]["rejected_teacher"]
+    assert set(rejected[0]["teacher_gates"]["gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
+    assert not rejected[0]["teacher_gates"]["passed"]
+    # the rejected retrain's labels stay in the content-addressed archive
+    archived = (project / f"data/feedback/archive/{rejected[0]['feedback_md5']}.jsonl").read_text()
+    assert {normalise(t) for t in more} <= {normalise(json.loads(line)["text"]) for line in archived.splitlines()}
+    assert not (project / ".shrinkflow/retrain/before").exists()
