@@ -320,6 +320,11 @@ class GatesReport(Artifact):
     # ``candidate`` is "teacher"): when any fails, no candidate is selected.
     # Absent when the teacher is not a retrain's.
     teacher_gates: CandidateGates | None = None
+    # Candidates chosen on val whose enforced confirmation on test failed, in
+    # the order they were tried (each then set aside and the next passing one
+    # confirmed), but for the one in ``confirmation``: when nothing was
+    # confirmed, that is the last one tried. Absent when none was set aside.
+    unconfirmed: list[Confirmation] | None = None
 
 
 # ---------------------------------------------------------------- retrain

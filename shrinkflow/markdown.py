@@ -129,6 +129,20 @@ def confirmation_section(conf: Confirmation | None) -> list[str]:
             gates_table({conf.candidate: conf.gates.to_report()})]
 
 
+def unconfirmed_section(selection: GatesReport, shown: Confirmation | None) -> list[str]:
+    """The candidates chosen on val before the last choice whose test
+    confirmation failed (``GatesReport.unconfirmed``; ``shown``, already in
+    the confirmation section, is not repeated): their gates on test."""
+    rest = [c for c in selection.unconfirmed or [] if shown is None or c.candidate != shown.candidate]
+    if not rest:
+        return []
+    return ["## Set aside on test", "",
+            "Chosen on val before the candidate above, in this order, and not confirmed on test: each was set "
+            "aside and the next choice on val scored instead (a candidate is scored on test only when it is "
+            "the one chosen).", "",
+            gates_table({c.candidate: c.gates.to_report() for c in rest})]
+
+
 def recall_section(report: ValidationReport, selection: GatesReport) -> list[str]:
     """Per-class recall of the chosen candidate (or, when none was chosen,
     the best effort) and of the teacher, on val and, once confirmed, test."""
@@ -187,6 +201,7 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
             report.teacher, report.candidates, report.labels),
         "## Gates (val)", gates_table(reports), *teacher_gates_section(selection),
         "\n".join(confirmation_section(report.confirmation)),
+        *(["\n".join(aside)] if (aside := unconfirmed_section(selection, report.confirmation)) else []),
         *(["\n".join(recall)] if (recall := recall_section(report, selection)) else [])]) + "\n"
 
 

@@ -31,7 +31,8 @@ from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
 from shrinkflow.artifacts import GateReport
-from shrinkflow.gates import ProductionBaseline, confirm_gates, evaluate_gates, select_candidate, teacher_gates
+from shrinkflow.gates import (ProductionBaseline, Selection, confirm_gates, evaluate_gates, select_candidate,
+                             teacher_gates)
 
 SELECTION_SPLIT = "val"
 CONFIRMATION_SPLIT = "test"
@@ -165,28 +166,62 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
                                  ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
                for n, m in candidates.items()}
-    sel = select_candidate(candidates, reports, params.objective,
-                           fallback=(production_as or PRODUCTION_CANDIDATE) if production_version else None)
-    selected, reason, confirm = sel.chosen, sel.reason, None
-    if sel.chosen is not None:
-        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
-        if not confirm.passed:
-            misses = "; ".join(f"{g} {'FAILED' if not d.passed else 'passed'} on test: {d.value:.4g} "
-                               f"(margin {d.margin:+.4g})" for g, d in confirm.gates.gates.items()
-                               if not d.passed)
-            if confirm.enforced:
-                selected = None
-                reason = (f"no candidate deployed: {sel.chosen!r} passed every gate on {SELECTION_SPLIT} but "
-                          f"was not confirmed on {CONFIRMATION_SPLIT}: {misses}")
-            else:
-                reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {misses})"
+    fallback = (production_as or PRODUCTION_CANDIDATE) if production_version else None
+    sel, confirm, unconfirmed = _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params,
+                                                  classes, fallback)
+    selected, reason = sel.chosen, sel.reason
+    if confirm is not None and not confirm.passed:  # reported only (confirm_on_test: report)
+        reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {_misses(confirm)})"
+    if unconfirmed:
+        tried = "; ".join(f"{c.candidate!r} passed every gate on {SELECTION_SPLIT} but was not confirmed on "
+                          f"{CONFIRMATION_SPLIT}: {_misses(c)}" for c in unconfirmed)
+        if selected is None and sel.best_effort in {c.candidate for c in unconfirmed}:
+            reason = f"no candidate deployed: {tried}"
+            # the last one tried is the confirmation the documents show; the
+            # ones before it are listed as set aside
+            confirm, unconfirmed = unconfirmed[-1], unconfirmed[:-1]
+        else:
+            reason = f"{reason}. Set aside before it: {tried}"
     report = ValidationReport(selection_split=SELECTION_SPLIT, confirmation_split=CONFIRMATION_SPLIT,
                               labels=list(classes), teacher=teacher, candidates=candidates, confirmation=confirm)
     selection = GatesReport(selected=selected, best_effort=sel.best_effort, reason=reason, labels=list(classes),
                             candidates={n: CandidateGates.from_report(r) for n, r in reports.items()},
                             confirmation=confirm,
-                            **({"production": production_version} if production_version is not None else {}))
+                            **({"production": production_version} if production_version is not None else {}),
+                            **({"unconfirmed": unconfirmed} if unconfirmed else {}))
     return report, selection
+
+
+def _misses(conf: Confirmation) -> str:
+    return "; ".join(f"{g} FAILED on {conf.split}: {d.value:.4g} (margin {d.margin:+.4g})"
+                     for g, d in conf.gates.gates.items() if not d.passed)
+
+
+def _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params, classes, fallback):
+    """``select_candidate`` on val, then the choice alone confirmed on test;
+    when an enforced confirmation fails, that candidate is set aside and the
+    next choice on val (the next lowest objective among those passing every
+    gate; on a re-compression production last) is confirmed, until one is
+    confirmed or none is left. Each candidate is scored on test only when it
+    is the one chosen, so what is deployed is the first in val's order that
+    test confirms, never the best of several on test. Returns (the last
+    Selection, the confirmation of its choice or None, the confirmations
+    that failed, in order)."""
+    unconfirmed: list[Confirmation] = []
+    left = dict(candidates)
+    while True:
+        sel = select_candidate(left, {n: reports[n] for n in left}, params.objective, fallback=fallback)
+        if sel.chosen is None:
+            if unconfirmed:  # the best effort among every candidate, not only those left
+                sel = Selection(None, unconfirmed[0].candidate, sel.reason)
+            return sel, None, unconfirmed
+        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
+        if confirm.passed or not confirm.enforced:
+            return sel, confirm, unconfirmed
+        unconfirmed.append(confirm)
+        del left[sel.chosen]
+        if not left:
+            return Selection(None, unconfirmed[0].candidate, ""), None, unconfirmed
 
 
 class DeployedFigures(NamedTuple):

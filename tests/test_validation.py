@@ -117,6 +117,52 @@ def test_a_choice_not_confirmed_on_test_is_not_deployed_or_only_reported():
     assert gates.selected == "fast" and "not confirmed on test, reported only" in gates.reason
 
 
+def test_a_choice_not_confirmed_on_test_is_set_aside_and_the_next_on_val_is_confirmed():
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    fast = run(LABELS["val"], [1 - y for y in LABELS["test"]], lat=2.0)      # first on val, 0/10 on test
+    slow = run(LABELS["val"], LABELS["test"][:9] + [1], lat=5.0)            # next on val, 9/10 on test
+    metrics, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, PARAMS, FILES)
+    assert gates.selected == "slow"
+    assert metrics.confirmation.candidate == "slow" and metrics.confirmation.passed
+    assert [c.candidate for c in gates.unconfirmed] == ["fast"] and not gates.unconfirmed[0].passed
+    assert "Set aside before it: 'fast' passed every gate on val but was not confirmed on test: " \
+           "min_accuracy FAILED on test: 0" in gates.reason
+    assert deployed_figures(metrics, "slow").metrics.accuracy == 0.9
+    from shrinkflow.markdown import validation_markdown
+
+    md = validation_markdown(metrics, gates)
+    assert "## Set aside on test" in md and md.index("'slow', is scored") < md.index("## Set aside on test")
+
+    # both fail on test: nothing deployed, each set aside in val's order, the
+    # first choice the best effort
+    worse = run(LABELS["val"], [1 - y for y in LABELS["test"]], lat=5.0)
+    metrics, gates = validate_runs(teacher, {"fast": fast, "slow": worse}, LABELS, PARAMS, FILES)
+    assert gates.selected is None and gates.best_effort == "fast"
+    assert [c.candidate for c in gates.unconfirmed] == ["fast"]   # and the last tried, in confirmation
+    assert gates.reason.startswith("no candidate deployed: 'fast' passed every gate on val but was not confirmed")
+    assert "'slow' passed every gate on val but was not confirmed on test" in gates.reason
+    assert metrics.confirmation.candidate == "slow" and not metrics.confirmation.passed
+
+    # a candidate failing on val is never scored on test, even when the one chosen fails there
+    bad_val = run([1 - y for y in LABELS["val"]], LABELS["test"], lat=5.0)
+    metrics, gates = validate_runs(teacher, {"fast": fast, "slow": bad_val}, LABELS, PARAMS, FILES)
+    assert gates.selected is None and gates.unconfirmed is None and metrics.confirmation.candidate == "fast"
+
+
+def test_on_a_recompression_an_unconfirmed_new_candidate_leaves_production_kept():
+    from shrinkflow.artifacts import PRODUCTION_CANDIDATE
+
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    fast = run(LABELS["val"], [1 - y for y in LABELS["test"]], lat=2.0)
+    prod = run(LABELS["val"], LABELS["test"], lat=3.0)
+    files = {"fast": FILES["fast"], PRODUCTION_CANDIDATE: FILES["slow"]}
+    lenient = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
+        "max_p95_b1_slowdown_vs_production": 10.0, "min_window_agreement": 0.0})})
+    _, gates = validate_runs(teacher, {"fast": fast, PRODUCTION_CANDIDATE: prod}, LABELS, lenient, files,
+                             production_version="v0003")
+    assert gates.selected == PRODUCTION_CANDIDATE and [c.candidate for c in gates.unconfirmed] == ["fast"]
+
+
 def test_nothing_passes_on_val_means_nothing_is_scored_on_test():
     teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
     bad = run([1 - y for y in LABELS["val"]], LABELS["test"], lat=2.0)
