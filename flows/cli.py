@@ -311,6 +311,9 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
     if result["deployed_version"]:
         out.append(f"DEPLOYED {result['deployed_version']} (candidate {result['selected']!r}) "
                    f"-> {parsed.deploy.registry_dir}/versions/{result['deployed_version']}")
+        for c in gates.unconfirmed or []:
+            out.append(f"  set aside first: {c.candidate!r} passed every gate on val but not on test: "
+                       + "; ".join(f.describe() for f in c.gates.to_report().failures))
         production = result.get("production_version")
         if production and production != result["deployed_version"]:
             out.append(f"production is {production}: a rollback from {result['deployed_version']} stands (nothing "
@@ -321,10 +324,10 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
         for name, d in gates.candidates.items():
             for f in d.to_report().failures:
                 out.append(f"  {name} (val): {f.describe()}")
-        conf = gates.confirmation
-        if conf and not conf.passed:
-            for f in conf.gates.to_report().failures:
-                out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
+        for conf in [*(gates.unconfirmed or []), gates.confirmation]:
+            if conf and not conf.passed:
+                for f in conf.gates.to_report().failures:
+                    out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
     out += ["metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",
