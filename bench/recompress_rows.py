@@ -83,7 +83,7 @@ def runs_and_name() -> tuple[tuple, str]:
 
 
 def main() -> None:
-    runs, name = runs_and_name()
+    runs, out_name = runs_and_name()
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import load_params
     from shrinkflow.dvcrun import offline_env
@@ -163,8 +163,8 @@ def main() -> None:
     doc["accuracy"], doc["recovery_tweets_n"], doc["movie_test_n"] = acc, len(rec_x), len(test)
     doc["max_accuracy_drop"] = yaml.safe_load(default_params)["validate"]["gates"]["max_accuracy_drop"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(doc) + "\n")
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{out_name}.md").write_text(markdown(doc) + "\n")
     print(markdown(doc))
 
 

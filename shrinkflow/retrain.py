@@ -72,6 +72,20 @@ def uncached_outs(root: Path | str) -> list[Path]:
     return found
 
 
+def changed_stages(current_lock: Path, saved_lock: Path) -> list[str]:
+    """The stages of ``saved_lock`` (a dvc.lock) whose outs differ in
+    ``current_lock`` (missing or another md5), in the saved file's order:
+    what ``dvc checkout`` must put back after a rejected retrain. A missing
+    file reads as a lock with no stages."""
+    import yaml
+
+    def stages(path: Path) -> dict:
+        return (yaml.safe_load(path.read_text()) or {}).get("stages") or {} if path.is_file() else {}
+
+    now, before = stages(current_lock), stages(saved_lock)
+    return [name for name, st in before.items() if (now.get(name) or {}).get("outs") != st.get("outs")]
+
+
 def save_state(root: Path | str) -> list[str]:
     """Before a retrain's lifecycle: copy what it changes and DVC's cache
     cannot give back (dvc.lock, the feedback dataset, the retrain record,
@@ -117,7 +131,8 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
     the kept teacher is the one production was built from and later
     re-compressions are not gated against the rejected one; then append
     ``rejection`` (what failed, the feedback md5, the rejected teacher's
-    hash) to ``shrinkflow.paths.REJECTED_RETRAINS``. The feedback labels stay
+    hash) to ``shrinkflow.paths.REJECTED_RETRAINS``. Only the stages whose
+    outs the retrain changed (``changed_stages``) are checked out. The feedback labels stay
     in the content-addressed archive (data/feedback/archive) and in the
     prediction log. Returns ``{"restored": [paths], "teacher": content hash}``.
     Raises FileNotFoundError when there is no saved state, RuntimeError
@@ -134,13 +149,17 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
     existed = json.loads((saved / "files.json").read_text())
     # the rejected teacher's hash, before the checkout replaces it
     rejected = content_hash(file_hashes(root / TEACHER)) if (root / TEACHER).is_dir() else None
+    # Only the stages the retrain changed are checked out: a stage it did not
+    # run (frontier, say) may pin outs this clone never had in its cache.
+    changed = changed_stages(root / "dvc.lock", saved / "dvc.lock")
     for rel, was in existed.items():
         if was:
             atomic_write_bytes(root / rel, (saved / rel).read_bytes())
         elif (root / rel).exists():
             (root / rel).unlink()
     try:
-        dvc_command(["checkout", "--force"], root)
+        if changed:
+            dvc_command(["checkout", "--force", *changed], root)
     except RuntimeError as exc:
         raise RuntimeError(f"the rejected teacher could not be replaced by the one before the retrain: {exc}\n"
                            "dvc.lock is already back as it was; run `dvc checkout --force` once the cause is "

@@ -129,7 +129,7 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
         log.add_feedback(r.prediction_id, 1 - int(t))
 
     code, out = run_cli(project, prefect_api, "monitor")
-    assert code == 0, out[-4000:]
+    assert code == 1, out[-4000:]   # deployed nothing (docs/exit-codes.md)
     assert "verdict: retrain" in out and "Running stage 'train'" in out, out[-4000:]
     assert "the retrained teacher was rejected" in out, out[-4000:]
     assert reg.alias() == new                                     # production untouched

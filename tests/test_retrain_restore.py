@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shrinkflow.files import content_hash, file_hashes
 from shrinkflow.paths import FEEDBACK, REJECTED_RETRAINS, RETRAIN_BEFORE, RETRAIN_RECORD, TEACHER
@@ -101,3 +102,21 @@ def test_a_rejected_retrain_puts_the_project_back(project):
 def test_restore_without_a_saved_state_raises(project):
     with pytest.raises(FileNotFoundError):
         restore_state(project, {})
+
+
+def test_only_the_stages_whose_outs_the_retrain_changed_are_checked_out(tmp_path):
+    """A stage the retrain did not run (frontier, whose outs this clone may
+    never have had in its cache: the e2e test's case) is left alone."""
+    from shrinkflow.retrain import changed_stages
+
+    def lock(path, **stages):
+        path.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+            name: {"cmd": "x", "outs": [{"path": f"models/{name}", "md5": md5}]} for name, md5 in stages.items()}}, sort_keys=False))
+        return path
+
+    saved = lock(tmp_path / "saved.lock", data="d1", train="t1", frontier="f1", deploy="p1")
+    now = lock(tmp_path / "now.lock", data="d2", train="t2", frontier="f1", compress="c2")
+    assert changed_stages(now, saved) == ["data", "train", "deploy"]  # deploy: gone from the current lock
+    assert changed_stages(saved, saved) == []
+    assert changed_stages(tmp_path / "missing.lock", saved) == ["data", "train", "frontier", "deploy"]
+    assert changed_stages(now, tmp_path / "missing.lock") == []
