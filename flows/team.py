@@ -742,16 +742,20 @@ class TeamStack:
 
     # ------------------------------------------------------------- down
     def _down(self, grace_s: float = 30.0) -> list[str]:
-        """Stop what the stack started, newest first: the worker's flow runs
-        still in flight on this host (their process groups; marked Crashed,
-        "stopped by shrinkflow team down", unless they ended otherwise), the
-        worker, the server, PostgreSQL. A run whose process was already gone
+        """Stop what the stack started: the worker (so it starts nothing
+        more), its flow runs still in flight on this host (their process
+        groups; marked Crashed, "stopped by shrinkflow team down", unless
+        they ended otherwise), the server, PostgreSQL. A run whose process was already gone
         is marked as ``reconcile_lost_runs`` does (and said through
         ``emit``). Idempotent. Returns a line per thing stopped."""
         from prefect.states import Crashed
 
         stopped = []
         api_url = self.api_url()
+        # The worker first: while it lives it may start a scheduled run after
+        # the runs below were listed, and that run would outlive the stack.
+        # (A run has its own session: stopping the worker does not stop it.)
+        worker_stopped = self.worker.stop(grace_s)
         live = []
         if api_url and _ready(api_url):
             with _client(api_url) as client:
@@ -768,12 +772,13 @@ class TeamStack:
                 continue
             if kill_group(group, grace_s):
                 stopped.append(f"flow run {run.name!r} (pid {pid})")
-        # Runs the server could not tell about (it is down): found by the
-        # worker's name in their environment, which Prefect sets.
+        # Runs the server could not tell about (it is down, or the run had
+        # not reported its process yet): found by the worker's name in their
+        # environment, which Prefect sets.
         for group, run_id in self._run_groups().items():
             if kill_group(group, grace_s):
-                stopped.append(f"flow run {run_id} (pid {group}; the server did not answer)")
-        if self.worker.stop(grace_s):
+                stopped.append(f"flow run {run_id} (pid {group}; found on this host, not through the server)")
+        if worker_stopped:
             stopped.append(f"the worker {self.worker_name}")
         if live:
             with _client(api_url) as client:
