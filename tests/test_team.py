@@ -323,10 +323,13 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     cluster = PgCluster(project / ".shrinkflow/team/postgres")
     pg_port, server = cluster.last_port(), pid_file(project, "server")
     code, out = team(project, "down")
-    stopped = re.fullmatch(r"stopped: ((?:flow run '[^']+' \(pid \d+\), )*)the worker (\S+), the Prefect server, "
-                           r"PostgreSQL", out.strip())
+    # A monitor run in flight, if any: by name when the server listed it, by
+    # id when only its environment named it (it started as `down` began).
+    stopped = re.fullmatch(r"stopped: ((?:flow run (?:'[^']+' \(pid \d+\)|\S+ \(pid \d+; found on this host, not "
+                           r"through the server\)), )*)the worker (\S+), the Prefect server, PostgreSQL", out.strip())
     assert code == 0 and stopped and stopped.group(2) == run.labels["prefect.worker.name"], out
-    stopped_runs = re.findall(r"flow run '([^']+)'", stopped.group(1))  # a monitor run in flight, if any
+    stopped_runs = re.findall(r"flow run '([^']+)'", stopped.group(1))
+    stopped_ids = re.findall(r"flow run (\S+) \(pid \d+; found on this host", stopped.group(1))
     left = [p.info for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE  # dead; reaped by whoever adopted it
             and (p.pid in (server, new_worker) or str(project) in " ".join(p.info["cmdline"] or [])
@@ -345,6 +348,8 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
         for r in runs_of(api, "shrinkflow-monitor"):
             if r.name in stopped_runs:
                 assert r.state_type.value == "CRASHED" and r.state.message == "stopped by shrinkflow team down"
+            if str(r.id) in stopped_ids:  # marked by `down` or by `up`'s reconciliation, never left in flight
+                assert r.state_type.value not in ("RUNNING", "PENDING"), r.state
 
     # The Prefect server killed outright (SIGKILL to its group): its records are PostgreSQL's, so
     # `team up` starts it again on the same port and every run's record is there as it was.
