@@ -8,6 +8,7 @@ is first on ``sys.path`` and they import this module as ``_common``.
 from __future__ import annotations
 
 import platform
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,3 +56,23 @@ def teacher_and_tokenizer():
     from shrinkflow.paths import TEACHER
 
     return load_torch_model(ROOT / TEACHER), (ROOT / TEACHER / TOKENIZER).read_text()
+
+
+def wait_until_ready(proc, url: str, what: str, timeout_s: float = 180.0) -> None:
+    """Poll ``url`` (GET) until it answers 200, while ``proc`` (a Popen) runs.
+    Exits the benchmark, naming ``what``, when the process ends first or
+    ``timeout_s`` passes (the process is then killed)."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{what} did not become ready in {timeout_s:.0f} s")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, stamp
+from _common import RESULTS, ROOT, stamp, wait_until_ready
 
 WORK = ROOT / "bench" / "work" / "monitor_speed"
 PROJECT = WORK / "project"
@@ -267,28 +267,17 @@ def cli_monitor(api_url: str | None) -> float:
 def prefect_server() -> tuple[subprocess.Popen, str]:
     """``prefect server start`` on a free loopback port (its home under WORK),
     once /api/ready answers; (the process, its API URL)."""
-    import socket
+    from shrinkflow.ports import free_port
 
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update({"PREFECT_HOME": str(WORK / "prefect_server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "DO_NOT_TRACK": "1"})
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit("prefect server did not become ready in 120 s")
+    wait_until_ready(proc, f"{url}/ready", "prefect server", timeout_s=120)
+    return proc, url
 
 
 def cli(served: Served, sizes=SIZES) -> dict:

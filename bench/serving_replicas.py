@@ -44,11 +44,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 import yaml
 
-from _common import RESULTS, ROOT, now_utc
+from _common import RESULTS, ROOT, now_utc, wait_until_ready
 
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", 50))
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", 60))
@@ -83,18 +82,8 @@ def start(params: Path, env: dict) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--params", str(params), "--port", str(port)],
                             cwd=PROJECT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"shrinkflow serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("shrinkflow serve did not start")
+    wait_until_ready(proc, f"{url}/health", "shrinkflow serve")
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:

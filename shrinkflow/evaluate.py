@@ -286,13 +286,12 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             per_row = False
             if invariance_texts and name not in invariance_skip:
                 texts = list(invariance_texts)
-                key = cache.key(model_hash, "invariance", texts, batch_size=32, seed=lat.seed,
-                                threads=lat.threads) if cache is not None else None
-                inv = cache.get(key) if key else None
-                if inv is None:
-                    inv = procs[name].invariance(texts, 32, lat.seed)
-                    if key:
-                        cache.put(key, inv)
+
+                def check(proc=procs[name]):
+                    return proc.invariance(texts, 32, lat.seed)
+
+                inv = check() if cache is None else cache.get_or_put(
+                    cache.key(model_hash, "invariance", texts, batch_size=32, seed=lat.seed, threads=lat.threads), check)
                 invariance[name] = dict(inv)
                 # the gate's own rule (shrinkflow.gates.batch_gates), so the two never disagree
                 per_row = inv["max_prob_diff"] > max_batch_prob_diff + TOLERANCE or inv["label_flips"] > 0

@@ -86,6 +86,14 @@ class PredictionCache:
         os.utime(path)  # recently used: kept longest
         return value
 
+    def get_or_put(self, key: str, compute) -> Any:
+        """The value stored under ``key``, or ``compute()``'s, stored."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
+
     def put(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON-serialisable) atomically, then delete the
         least recently used entries beyond ``max_entries``."""

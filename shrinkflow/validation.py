@@ -209,19 +209,19 @@ def _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, 
     that failed, in order)."""
     unconfirmed: list[Confirmation] = []
     left = dict(candidates)
-    while True:
-        sel = select_candidate(left, {n: reports[n] for n in left}, params.objective, fallback=fallback)
-        if sel.chosen is None:
-            if unconfirmed:  # the best effort among every candidate, not only those left
-                sel = Selection(None, unconfirmed[0].candidate, sel.reason)
-            return sel, None, unconfirmed
+    sel = select_candidate(left, reports, params.objective, fallback=fallback)
+    while sel.chosen is not None:
         confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
         if confirm.passed or not confirm.enforced:
             return sel, confirm, unconfirmed
         unconfirmed.append(confirm)
         del left[sel.chosen]
         if not left:
-            return Selection(None, unconfirmed[0].candidate, ""), None, unconfirmed
+            break
+        sel = select_candidate(left, reports, params.objective, fallback=fallback)
+    if unconfirmed:  # the best effort among every candidate, not only those left (validate_runs says why)
+        sel = Selection(None, unconfirmed[0].candidate, "")
+    return sel, None, unconfirmed
 
 
 class DeployedFigures(NamedTuple):
