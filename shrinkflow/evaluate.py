@@ -29,7 +29,8 @@ import numpy as np
 
 from shrinkflow.config import LATENCY_P95_B1, LatencyParams
 from shrinkflow.gates import TOLERANCE
-from shrinkflow.files import content_hash, dir_size_bytes, file_hashes
+from shrinkflow.files import dir_size_bytes
+from shrinkflow.prediction_cache import model_hash as prediction_model_hash
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -269,7 +270,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
 
     ``cache`` (a ``prediction_cache.PredictionCache``, or None): labels and
     invariance checks a model already computed on the same texts (by its
-    content hash: ``model_hashes[name]``, else hashed here) are read from it
+    ``prediction_cache.model_hash``: ``model_hashes[name]``, else hashed here) are read from it
     and new ones stored; the result is the same as without it. Latency,
     size and RSS are always measured. Each run says which splits came from
     the cache (``"cached_splits"``)."""
@@ -282,7 +283,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             procs[name] = ModelProcess(path, lat.threads)
             model_hash = None
             if cache is not None:
-                model_hash = (model_hashes or {}).get(name) or content_hash(file_hashes(path))
+                model_hash = (model_hashes or {}).get(name) or prediction_model_hash(path)
             per_row = False
             if invariance_texts and name not in invariance_skip:
                 texts = list(invariance_texts)

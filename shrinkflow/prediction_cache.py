@@ -7,8 +7,8 @@ test, the reference and the shifted split, and their batch-invariance check
 on val, are the same as last validation's, bit for bit: predicting them again
 cost most of a re-compression's validate stage (bench/results/monitoring.md).
 This cache keeps them outside every DVC out (under
-``.shrinkflow/cache/predictions/``), keyed by the model's content hash (every
-file's sha256, ``files.content_hash``), what was computed (labels, batched or
+``.shrinkflow/cache/predictions/``), keyed by the model's hash (every file's
+sha256 and the manifest fields its predictor reads, ``model_hash``), what was computed (labels, batched or
 one text per call; the invariance check with its batch size and seed), the
 measuring threads and every text in order. Latency is never cached: it is
 timed again, side by side, in every validation.
@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shrinkflow.files import atomic_write_text
+from shrinkflow.files import atomic_write_text, file_hashes
 
 # Entries kept: the oldest beyond this (by modification time) are deleted
 # after each store. A validation stores one per (model, split): about 30 for
@@ -43,6 +43,24 @@ def texts_digest(texts: list[str]) -> str:
         h.update(f"{len(b)}:".encode())
         h.update(b)
     return h.hexdigest()
+
+
+def model_hash(model_dir: Path | str, hashes: dict[str, str] | None = None) -> str:
+    """The hash a model's predictions are cached under: the sha256 of every
+    file of ``model_dir`` but its manifest (``modeling.MANIFEST``), and of
+    the manifest's fields its predictor reads (``format``, ``max_seq_len``).
+    Not the whole manifest: a build records how it went there (rows
+    distilled, the recipe), so the same weights rebuilt in another
+    re-compression (production's student, scored on val by compress) would
+    miss. ``hashes``: ``files.file_hashes(model_dir)``, when already known.
+    Raises MissingInput without a manifest."""
+    from shrinkflow.modeling import MANIFEST, read_manifest
+
+    hashes = dict(file_hashes(model_dir) if hashes is None else hashes)
+    hashes.pop(MANIFEST, None)
+    manifest = read_manifest(Path(model_dir))
+    reads = {k: manifest.get(k) for k in ("format", "max_seq_len")}
+    return hashlib.sha256(_canonical({"files": hashes, "manifest": reads}).encode()).hexdigest()
 
 
 def _canonical(value: Any) -> str:

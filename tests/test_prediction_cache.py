@@ -87,9 +87,9 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
 
     # Read back, not recomputed: a stored entry rewritten (with a valid
     # hash) is what the next measurement returns.
-    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.prediction_cache import model_hash
 
-    fp32_hash = content_hash(file_hashes(fp32_candidate))
+    fp32_hash = model_hash(fp32_candidate)
     per_row = first["fp32"]["batch_invariance"]["per_row"]
     forged = [1 - y for y in first["fp32"]["predictions"]["test"]]
     cache.put(cache.key(fp32_hash, "labels", splits["test"], per_row=per_row, threads=1), forged)
@@ -106,3 +106,67 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
     assert third["fp32"]["cached_splits"] == [] and third["teacher"]["cached_splits"] == ["val", "test"]
     assert third["fp32"]["predictions"] == plain["fp32"]["predictions"]
     assert json.loads(next((tmp_path / "cache").glob("*.json")).read_text())["sha256"]
+
+
+def test_the_model_hash_ignores_what_a_build_records_but_not_what_predicts(tmp_path, fp32_candidate):
+    """Production's student rebuilt in a later re-compression records other
+    stats in its manifest, with the same weights: the same hash. Other
+    weights, another tokenizer or another max_seq_len: another hash."""
+    import shutil
+
+    from shrinkflow.files import read_json, write_json
+    from shrinkflow.modeling import MANIFEST, TOKENIZER
+    from shrinkflow.prediction_cache import model_hash
+
+    base = model_hash(fp32_candidate)
+    assert base == model_hash(fp32_candidate)
+
+    def variant(name, change):
+        d = tmp_path / name
+        shutil.copytree(fp32_candidate, d)
+        change(d)
+        return model_hash(d)
+
+    def restat(d):
+        m = read_json(d / MANIFEST)
+        write_json(d / MANIFEST, {**m, "stats": {**m.get("stats", {}), "distill_unlabelled_rows": 1234}})
+
+    def seq_len(d):
+        m = read_json(d / MANIFEST)
+        write_json(d / MANIFEST, {**m, "max_seq_len": m["max_seq_len"] - 1})
+
+    def weights(d):
+        onnx = d / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes() + b"\0")
+
+    def tokenizer(d):
+        (d / TOKENIZER).write_text((d / TOKENIZER).read_text() + " ")
+
+    assert variant("restat", restat) == base
+    assert len({base, variant("seq", seq_len), variant("weights", weights), variant("tok", tokenizer)}) == 4
+
+
+def test_built_accuracy_reads_and_stores_validates_labels(tmp_path, fp32_candidate, small_splits):
+    """compress's scoring of a built share goes through the cache under the
+    key validate uses, so each side reads what the other predicted."""
+    import numpy as np
+
+    from shrinkflow.compress.steps import built_accuracy
+    from shrinkflow.prediction_cache import model_hash
+    from shrinkflow.predictors import load_predictor
+
+    texts = small_splits["val"]["text"].tolist()[:40]
+    labels = small_splits["val"]["label"].to_numpy()[:40]
+    cache = PredictionCache(tmp_path / "cache")
+    plain = built_accuracy(fp32_candidate, texts, labels, 1)
+    assert built_accuracy(fp32_candidate, texts, labels, 1, cache) == plain
+    per_row = bool(load_predictor(fp32_candidate, threads=1).batch_dependent)
+    key = cache.key(model_hash(fp32_candidate), "labels", texts, per_row=per_row, threads=1)
+    stored = cache.get(key)
+    assert stored is not None and len(stored) == 40
+    assert float((np.asarray(stored) == labels).mean()) == plain
+    # a forged entry under validate's key is what is read back: every label right
+    cache.put(key, [int(y) for y in labels])
+    assert built_accuracy(fp32_candidate, texts, labels, 1, cache) == 1.0
+    # another thread count is another key: predicted, not read
+    assert built_accuracy(fp32_candidate, texts, labels, 2, cache) == plain

@@ -153,8 +153,11 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     from shrinkflow.compress.keys import candidate_key, candidate_keys, inputs_hashes
     from shrinkflow.compress.warm import save_sidecar
     from shrinkflow.paths import WARM_START
+    from shrinkflow.prediction_cache import PredictionCache, model_hash
+    from shrinkflow.predictors import load_predictor
 
     root = project(tmp_path, tiny_teacher_dir, small_splits)
+    predictions = PredictionCache(tmp_path / "predictions")
     variants = [STUDENT.model_copy(update={"recipe": (STEP.model_copy(update=u),) + STUDENT.recipe[1:]})
                 for u in ({}, {"warm_start": False}, {"warm_start_epochs": 7},
                           {"warm_start_train_rows_per_window_text": 0.5})]
@@ -439,14 +442,17 @@ def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not()
 
 
 def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tmp_path, tiny_teacher_dir,
-                                                                              small_splits):
+                                                                              small_splits, capsys):
     """A real warm build of the tiny student (distill with a grid, vocabulary
     pruning, int8): every share tried and the production student are built
     through the later steps and scored on val in ONNX Runtime; the run stats
     record each built val accuracy, production's and the teacher's; the
     candidate is the chosen share's build (its val accuracy is the one
     recorded, and the later steps re-run from the saved sidecar give the same
-    files); no trial directory is left behind."""
+    files); no trial directory is left behind. The val labels scored go
+    through the prediction cache under validate's keys: the candidate's are
+    there for validate, and production's student, rebuilt by the next
+    build, is read back, not predicted."""
     from shrinkflow.compress.recipe import _later_steps, apply_recipe
     from shrinkflow.compress.steps import Build, built_accuracy
     from shrinkflow.compress.teacher_cache import TeacherOutputCache
@@ -454,8 +460,11 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
     from shrinkflow.files import content_hash, file_hashes
     from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest
     from shrinkflow.paths import WARM_START
+    from shrinkflow.prediction_cache import PredictionCache, model_hash
+    from shrinkflow.predictors import load_predictor
 
     root = project(tmp_path, tiny_teacher_dir, small_splits)
+    predictions = PredictionCache(tmp_path / "predictions")
     distil(tiny_teacher_dir, small_splits, STEP, student_dir=root / WARM_START / "student")
     grid = (0.3, 0.5, 0.7)
     # Bounds of 0 points: a share is kept only if its build ties or beats
@@ -473,7 +482,9 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
                        unlabelled_texts=val["text"].tolist()[:20], teacher_hash=teacher_hash,
                        teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
                        student_dir=tmp_path / "sidecar", run_stats=run_stats,
-                       val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy())
+                       val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy(),
+                       prediction_cache=predictions)
+    assert "read from the prediction cache" not in capsys.readouterr().out  # nothing scored before
     choice = run_stats["warm_start_interpolation_choice"]
     assert choice["scored"] == "built"
     tried = [t["keep"] for t in choice["tried"]]
@@ -510,6 +521,14 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
     # the candidate is the chosen share, as built and scored
     assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \
         pytest.approx(choice["tried"][-1]["val_accuracy"], abs=1e-6)
+    # both are in the prediction cache under the key validate reads (the
+    # same labels the scoring above predicted afresh)
+    for model, acc in ((production, choice["production_val_accuracy"]), (out, choice["tried"][-1]["val_accuracy"])):
+        per_row = bool(load_predictor(model, threads=1).batch_dependent)
+        cached = predictions.get(predictions.key(model_hash(model), "labels", val["text"].tolist(),
+                                                 per_row=per_row, threads=1))
+        assert cached is not None
+        assert float((np.asarray(cached) == val["label"].to_numpy()).mean()) == pytest.approx(acc, abs=1e-6)
     manifest = read_manifest(out)
     assert manifest["stats"]["layers"] == [0] and "vocab_size" in manifest["stats"]
     assert manifest["recipe"][0]["warm_start_max_teacher_val_drop_points"] == 0.0
@@ -530,7 +549,11 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
                        train_labels=train["label"].to_numpy(), threads=1, progress=False,
                        unlabelled_texts=val["text"].tolist()[:20], teacher_hash=teacher_hash,
                        teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
-                       run_stats=run_stats, val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy())
+                       run_stats=run_stats, val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy(),
+                       prediction_cache=predictions)
+    # production's student, rebuilt here with its very weights, is read back
+    out_log = capsys.readouterr().out
+    assert "student (production's student): val labels read from the prediction cache" in out_log, out_log
     choice = run_stats["warm_start_interpolation_choice"]
     assert (run_stats["warm_start_interpolation"], choice["met"], len(choice["tried"])) == (0.3, True, 1)
     assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \

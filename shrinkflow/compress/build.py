@@ -23,7 +23,9 @@ from shrinkflow.cost import process_cpu_seconds
 from shrinkflow.files import content_hash, file_hashes
 from shrinkflow.splits import read_split, read_unlabelled
 from shrinkflow.modeling import read_manifest
-from shrinkflow.paths import CANDIDATE_CACHE, CANDIDATES, STUDENTS, TEACHER, TEACHER_OUTPUT_CACHE, WARM_START
+from shrinkflow.paths import (CANDIDATE_CACHE, CANDIDATES, PREDICTION_CACHE, STUDENTS, TEACHER, TEACHER_OUTPUT_CACHE,
+                              WARM_START)
+from shrinkflow.prediction_cache import PredictionCache
 
 
 def cached_candidate(root: Path, candidate: Candidate, key: str) -> dict | None:
@@ -87,7 +89,7 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
 
 
 def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, fuse: bool = False,
-                teacher_outputs: Path | None = None) -> tuple[dict, dict]:
+                teacher_outputs: Path | None = None, predictions: Path | None = None) -> tuple[dict, dict]:
     """Apply ``candidate``'s recipe to the teacher of the project at ``root``
     on ``threads`` torch threads, into ``models/candidates/<name>`` (the
     training split and unlabelled text read there). A recipe that distils
@@ -95,7 +97,10 @@ def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, f
     (shrinkflow.compress.warm), and starts from a matching one staged under
     ``data/unlabelled/warm_start/``; the teacher's outputs on the training
     split come from the teacher-output cache (``teacher_outputs``, default
-    the project's) when it has them. No candidate cache is read or written.
+    the project's) when it has them. A re-distillation's shares are scored
+    on val through the prediction cache validate reads (``predictions``,
+    default the project's ``PREDICTION_CACHE``). No candidate cache is read
+    or written.
 
     Returns (record, run_stats). record: the candidate's metrics/compress.json
     entry: name, seconds (this run), cached (False), build_seconds and
@@ -125,7 +130,8 @@ def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, f
                        teacher_cache=TeacherOutputCache(teacher_outputs or root / TEACHER_OUTPUT_CACHE),
                        warm_start=warm, student_dir=student, run_stats=run_stats,
                        val_texts=None if val is None else val["text"].tolist(),
-                       val_labels=None if val is None else val["label"].to_numpy())
+                       val_labels=None if val is None else val["label"].to_numpy(),
+                       prediction_cache=PredictionCache(predictions or root / PREDICTION_CACHE))
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
     print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}"

@@ -123,7 +123,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                  progress: bool = True, unlabelled_texts: list[str] | None = None, fuse: bool = False, *,
                  teacher_hash: str | None = None, teacher_cache=None, warm_start: Path | None = None,
                  student_dir: Path | None = None, run_stats: dict | None = None,
-                 val_texts: list[str] | None = None, val_labels=None) -> Path:
+                 val_texts: list[str] | None = None, val_labels=None, prediction_cache=None) -> Path:
     """teacher -> [torch steps] -> ONNX -> [fuse] -> [onnx steps] -> ``out_dir``.
 
     ``fuse``: ONNX Runtime's transformer fusions on the fp32 graph, before
@@ -140,7 +140,9 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
     with an interpolation grid chooses on: each share built through the
     steps after distill (steps.choose_built; the chosen share's build is
     the candidate, not built again), or in fp32 when no step follows
-    (steps.choose_on_val).
+    (steps.choose_on_val). ``prediction_cache`` (a
+    prediction_cache.PredictionCache, or None): where the built shares'
+    val labels are read from and stored (steps.built_accuracy).
 
     Built in a sibling temp dir and renamed, so ``out_dir`` is either the
     finished candidate or absent.
@@ -171,7 +173,8 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                       train_texts=train_texts, train_labels=train_labels, unlabelled_texts=unlabelled_texts,
                       threads=threads, progress=progress, max_seq_len=max_seq_len, candidate=candidate.name,
                       teacher_hash=teacher_hash, teacher_cache=teacher_cache, warm_start=warm_start,
-                      student_dir=student_dir, val_texts=val_texts, val_labels=val_labels)
+                      student_dir=student_dir, val_texts=val_texts, val_labels=val_labels,
+                      prediction_cache=prediction_cache)
         check_recipe(family(build.model).model_type, candidate, build.train_texts is not None)
         start = 0
         if len(candidate.recipe) > 1 and candidate.recipe[0].method == "distill":

@@ -239,7 +239,7 @@ def build_shipped(inputs: BuildInputs, candidate: Candidate, warm_start: FileSet
     """Build ``candidate`` from shipped ``inputs`` (and its ``warm_start``
     sidecar, from ``pack_warm_start``) in a temporary directory of this
     process's own, on ``threads`` torch threads, with this host's own
-    teacher-output cache (``worker_teacher_outputs``). Nothing is read from
+    teacher-output and prediction caches (under ``cache_dir()``). Nothing is read from
     the client's project. Returns the candidate's files and record.
 
     Raises RemoteBuildError when this process runs other software than the
@@ -257,7 +257,8 @@ def build_shipped(inputs: BuildInputs, candidate: Candidate, warm_start: FileSet
         if warm_start is not None:
             warm_start.write(root, f"warm-start sidecar received on {host}")
         record, run_stats = build_fresh(root, candidate, opset=opset, threads=threads, fuse=fuse,
-                                        teacher_outputs=worker_teacher_outputs())
+                                        teacher_outputs=worker_teacher_outputs(),
+                                        predictions=cache_dir() / "predictions")
         student = root / STUDENTS / candidate.name
         return BuiltCandidate(record=record, run_stats=run_stats,
                               model=FileSet.read(root / CANDIDATES / candidate.name),

@@ -65,6 +65,9 @@ class Build:
     teacher_cache: Any = None
     warm_start: Path | None = None
     student_dir: Path | None = None
+    # The prediction cache validate reads (shrinkflow.prediction_cache), or
+    # None: a grid's built shares' val labels are read from and stored in it.
+    prediction_cache: Any = None
     # Set by shrinkflow.compress.recipe.apply_recipe when steps follow the
     # distill step: ``finish(model)`` takes a copy of this build with
     # ``model`` as its model through the rest of the recipe (later torch
@@ -183,19 +186,42 @@ def choose_on_val(build: Build, production, grid: tuple[float, ...], max_drop_po
                          None)
 
 
-def built_accuracy(model_dir: Path, texts: list[str], labels: np.ndarray, threads: int) -> float:
+def built_accuracy(model_dir: Path, texts: list[str], labels: np.ndarray, threads: int, cache=None,
+                   name: str | None = None) -> float:
     """Accuracy (a fraction) of the model directory ``model_dir`` on
     ``texts`` as validate measures it: through its predictor
     (shrinkflow.predictors; ONNX Runtime for a built candidate), one text per
     call when the graph is batch-dependent (dynamic int8: how validate and
-    the server then run it), else in length-sorted batches of 32."""
+    the server then run it), else in length-sorted batches of 32.
+
+    ``cache`` (a ``prediction_cache.PredictionCache``, or None): the labels
+    are read from it, or predicted and stored, under the key validate uses
+    for the same model files, texts, per-row setting and threads, so a share
+    scored here is not predicted on val again by validate, and production's
+    student, rebuilt with production's very files, is read from the run that
+    validated it. The accuracy is the same either way; a hit is said on
+    stdout, naming the model ``name`` (default: the directory's name)."""
+    from shrinkflow.prediction_cache import model_hash
     from shrinkflow.predictors import load_predictor, predict_labels, predict_served
 
     predictor = load_predictor(model_dir, threads=threads)
-    if predictor.batch_dependent:
-        pred = predict_served(predictor, texts, per_row=True).logits.argmax(axis=1)
+    per_row = bool(predictor.batch_dependent)
+
+    def predict() -> list[int]:
+        if per_row:
+            return predict_served(predictor, texts, per_row=True).logits.argmax(axis=1).tolist()
+        return predict_labels(predictor, texts).tolist()
+
+    if cache is None:
+        pred = predict()
     else:
-        pred = predict_labels(predictor, texts)
+        key = cache.key(model_hash(model_dir), "labels", list(texts), per_row=per_row, threads=threads)
+        pred = cache.get(key)
+        if pred is None or len(pred) != len(texts):
+            pred = predict()
+            cache.put(key, pred)
+        else:
+            print(f"compress: {name or Path(model_dir).name}: val labels read from the prediction cache")
     return float((np.asarray(pred) == np.asarray(labels)).mean())
 
 
@@ -225,6 +251,7 @@ def choose_built(build: Build, teacher, production, step) -> dict:
                                               build.tokenizer_json)
         teacher_acc = float((logits.argmax(1) == labels).mean())
     last: list[Build] = []
+    scored: list[str] = []
 
     def accuracy(model) -> float:
         # A copy: the later steps rewrite the model (vocab_prune replaces its
@@ -233,7 +260,10 @@ def choose_built(build: Build, teacher, production, step) -> dict:
         for old in last:
             shutil.rmtree(old.onnx_path.parent, ignore_errors=True)
         last[:] = [done]
-        return built_accuracy(done.onnx_path.parent, texts, labels, build.threads)
+        # choose_interpolation scores production's student first, then the shares
+        scored.append("production's student" if not scored else f"grid share {len(scored)} tried")
+        return built_accuracy(done.onnx_path.parent, texts, labels, build.threads, build.prediction_cache,
+                              name=f"{build.candidate} ({scored[-1]})")
 
     try:
         chosen = choose_interpolation(build.model, production, step.interpolation_grid,
