@@ -451,8 +451,8 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
     recorded, and the later steps re-run from the saved sidecar give the same
     files); no trial directory is left behind. The val labels scored go
     through the prediction cache under validate's keys: the candidate's are
-    there for validate, and production's student, rebuilt by the next
-    build, is read back, not predicted."""
+    there for validate, and production's student, rebuilt byte for byte by
+    the next build (same window), is read back, not predicted."""
     from shrinkflow.compress.recipe import _later_steps, apply_recipe
     from shrinkflow.compress.steps import Build, built_accuracy
     from shrinkflow.compress.teacher_cache import TeacherOutputCache
@@ -551,7 +551,8 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
                        teacher_cache=TeacherOutputCache(tmp_path / "cache"), warm_start=root / WARM_START / "student",
                        run_stats=run_stats, val_texts=val["text"].tolist(), val_labels=val["label"].to_numpy(),
                        prediction_cache=predictions)
-    # production's student, rebuilt here with its very weights, is read back
+    # production's student, rebuilt here byte for byte (the same weights and
+    # window texts, so the same pruned vocabulary), is read back
     out_log = capsys.readouterr().out
     assert "student (production's student): val labels read from the prediction cache" in out_log, out_log
     choice = run_stats["warm_start_interpolation_choice"]

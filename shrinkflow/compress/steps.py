@@ -197,9 +197,10 @@ def built_accuracy(model_dir: Path, texts: list[str], labels: np.ndarray, thread
     ``cache`` (a ``prediction_cache.PredictionCache``, or None): the labels
     are read from it, or predicted and stored, under the key validate uses
     for the same model files, texts, per-row setting and threads, so a share
-    scored here is not predicted on val again by validate, and production's
-    student, rebuilt with production's very files, is read from the run that
-    validated it. The accuracy is the same either way; a hit is said on
+    scored here is not predicted on val again by validate (and a model
+    validated before, rebuilt byte for byte, is read back: production's
+    student when its pruned vocabulary, which also counts the window's
+    texts, comes out the same). The accuracy is the same either way; a hit is said on
     stdout, naming the model ``name`` (default: the directory's name)."""
     from shrinkflow.prediction_cache import model_hash
     from shrinkflow.predictors import load_predictor, predict_labels, predict_served
