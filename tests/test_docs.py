@@ -24,6 +24,12 @@ ALLOWED = {
     "compress.candidates.student-l024-int8.vocab_prune.min_count":
         "the student keeps tokens seen twice; min_count 1 is the generic default (params/sweep.yaml compares "
         "both: l024-vocab-int8 and l024-vocab2-int8)",
+    "compress.candidates.student-l024-int8.distill.warm_start_epochs":
+        "measured for the default student on tweets (bench/results/recompress_anchor.md): one epoch over a "
+        "larger in-domain anchor; the generic default (2 epochs over 4 rows per window text) is what the "
+        "warm-start tests and a user's own student were measured with",
+    "compress.candidates.student-l024-int8.distill.warm_start_train_rows_per_window_text":
+        "with warm_start_epochs above (bench/results/recompress_anchor.md)",
     "compress.candidates.student-l024-int8.distill.warm_start_interpolation":
         "measured for the default student on tweets (bench/results/recompress_rows.md); the generic default 0 "
         "re-distils without interpolation, as a user's own student was measured",
