@@ -57,8 +57,10 @@ def validate(params, root: Path) -> None:
     frames["feedback_heldout"] = read_split("feedback_heldout", root)
     # "unlabelled" (a re-compression's distillation texts) is not predicted,
     # for the reason train is not: agreement on what a student was distilled
-    # on decides nothing, and it cost a re-compression's validate ~15 s (four
-    # models over ~1,200 window texts). Its key stays, always n/a.
+    # on decides nothing, and it cost a re-compression's validate four models'
+    # passes over ~1,200 window texts (bench/results/monitoring.md: validate
+    # 63.0 s before, 57.1 s after, in a run 11% slower overall). Its key
+    # stays, always n/a.
     texts = {s: f["text"].tolist() for s, f in frames.items()} | {
         "unlabelled": [], "window_heldout": read_lines(root / WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
