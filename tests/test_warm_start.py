@@ -153,11 +153,8 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     from shrinkflow.compress.keys import candidate_key, candidate_keys, inputs_hashes
     from shrinkflow.compress.warm import save_sidecar
     from shrinkflow.paths import WARM_START
-    from shrinkflow.prediction_cache import PredictionCache, model_hash
-    from shrinkflow.predictors import load_predictor
 
     root = project(tmp_path, tiny_teacher_dir, small_splits)
-    predictions = PredictionCache(tmp_path / "predictions")
     variants = [STUDENT.model_copy(update={"recipe": (STEP.model_copy(update=u),) + STUDENT.recipe[1:]})
                 for u in ({}, {"warm_start": False}, {"warm_start_epochs": 7},
                           {"warm_start_train_rows_per_window_text": 0.5})]
@@ -498,7 +495,7 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
     # the teacher's val accuracy is the teacher's own; its val logits are kept
     # in the teacher-output cache beside the training split's
     assert len(TeacherOutputCache(tmp_path / "cache").entries()) == 2
-    from shrinkflow.predictors import load_predictor, predict_labels
+    from shrinkflow.predictors import predict_labels
 
     teacher_pred = predict_labels(load_predictor(tiny_teacher_dir, threads=1), val["text"].tolist())
     assert choice["teacher_val_accuracy"] == pytest.approx(float((teacher_pred == val["label"].to_numpy()).mean()),
