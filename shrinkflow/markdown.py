@@ -72,7 +72,9 @@ def metrics_table(teacher: TeacherMeasurements, candidates: dict[str, CandidateM
     splits = sorted({s for m in candidates.values() for s in m.agreement})
     for s in splits:
         vals = [candidates[n].agreement.get(s) for n in names]
-        lines.append(f"| teacher agreement, {s} | 1 | "
+        # the teacher agrees with itself, on a split that has texts
+        teacher = "n/a (no texts)" if all(v is None for v in vals) else "1"
+        lines.append(f"| teacher agreement, {s} | {teacher} | "
                      + " | ".join("n/a (no texts)" if v is None else f"{v:.4f}" for v in vals) + " |")
     return "\n".join(lines)
 
