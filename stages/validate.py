@@ -65,7 +65,8 @@ def validate(params, root: Path) -> None:
         "unlabelled": [], "window_heldout": read_lines(root / WINDOW_HELDOUT)}
     labels = {s: [int(x) for x in frames[s]["label"]] for s in ("val", "test", "shifted")}
     lat = params.validate.latency
-    teacher_hash = content_hash(file_hashes(teacher_dir))
+    teacher_files = file_hashes(teacher_dir)
+    teacher_hash = content_hash(teacher_files)
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in dirs:
@@ -93,7 +94,7 @@ def validate(params, root: Path) -> None:
                                invariance_texts=texts[SELECTION_SPLIT], invariance_skip=frozenset({TEACHER_KEY}),
                                max_batch_prob_diff=params.validate.gates.max_batch_prob_diff,
                                cache=PredictionCache(root / PREDICTION_CACHE),
-                               model_hashes={TEACHER_KEY: model_hash(teacher_dir)} | {
+                               model_hashes={TEACHER_KEY: model_hash(teacher_dir, teacher_files)} | {
                                    n: model_hash(dirs[n], files[n]["files"]) for n in dirs})
     teacher = runs.pop(TEACHER_KEY)
     for n in dirs:
