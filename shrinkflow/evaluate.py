@@ -155,14 +155,22 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
 class ModelProcess:
     """One model loaded in its own spawned process (see ``_serve_model``)."""
 
-    def __init__(self, model_dir: Path | str, threads: int):
+    def __init__(self, model_dir: Path | str, threads: int, wait: bool = True):
         ctx = mp.get_context("spawn")
         self.model_dir = str(model_dir)
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve_model, args=(child, self.model_dir, threads), daemon=True)
         self._proc.start()
         child.close()
-        self._call(None)  # waits for the load (or its error)
+        self._loaded = False
+        if wait:
+            self.wait_loaded()
+
+    def wait_loaded(self) -> None:
+        """Wait for the model's load (or raise its error); once."""
+        if not self._loaded:
+            self._call(None)
+            self._loaded = True
 
     def _call(self, message):
         if message is not None:
@@ -182,15 +190,20 @@ class ModelProcess:
     def rss(self): return self._call(("rss", None))
     def invariance(self, texts, batch_size, seed): return self._call(("invariance", (texts, batch_size, seed)))
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the process to stop (it exits after its current command)."""
         if self._proc.is_alive():
             try:
                 self._conn.send(("stop", None))
             except (BrokenPipeError, OSError):
                 pass
-            self._proc.join(10)
-            if self._proc.is_alive():
-                self._proc.kill()
+
+    def close(self) -> None:
+        """Stop the process, wait up to 10 s for it to exit, then kill it."""
+        self.stop()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
         self._conn.close()
 
 
@@ -279,8 +292,13 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     procs: dict[str, ModelProcess] = {}
     try:
         predictions, invariance, cached = {}, {}, {}
+        # Every process starts (and loads its model) at once: the loads,
+        # mostly imports, overlap each other and the first models'
+        # predictions. Nothing is timed before every model is loaded.
         for name, path in model_dirs.items():
-            procs[name] = ModelProcess(path, lat.threads)
+            procs[name] = ModelProcess(path, lat.threads, wait=False)
+        for name, path in model_dirs.items():
+            procs[name].wait_loaded()
             model_hash = None
             if cache is not None:
                 model_hash = (model_hashes or {}).get(name) or prediction_model_hash(path)
@@ -316,5 +334,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                        **({"batch_invariance": invariance[name]} if name in invariance else {})}
                 for name, path in model_dirs.items()}
     finally:
+        for p in procs.values():   # all asked first, so their exits overlap
+            p.stop()
         for p in procs.values():
             p.close()
