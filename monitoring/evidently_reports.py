@@ -245,20 +245,6 @@ class ShadowTeacher:
                                     self.truncation)
         self._model = load_torch_model(self.teacher_dir)
 
-    def warm_up(self) -> None:
-        """Load the model and run one forward pass on one short text (its
-        outputs dropped), so that every import torch and transformers make
-        lazily is made by the calling thread. Later calls give the same
-        arrays with or without it."""
-        import torch
-
-        if self._model is None:
-            self._load()
-        enc = self._encoder(["warm up"])
-        with torch.inference_mode():
-            self._model(input_ids=torch.from_numpy(enc.ids), attention_mask=torch.from_numpy(enc.mask),
-                        output_hidden_states=True)
-
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0))
@@ -280,32 +266,6 @@ class ShadowTeacher:
                     embs = np.empty((len(texts), emb.shape[1]), dtype=emb.dtype)
                 embs[idx], labels[idx] = emb, out.logits.argmax(-1).numpy()
         return labels, embs
-
-
-class _TeacherThread:
-    """``job()`` on a daemon thread of its own; ``result()`` waits for it
-    and returns what it returned, or raises what it raised."""
-
-    def __init__(self, job):
-        import threading
-
-        self._out: tuple | None = None
-        self._thread = threading.Thread(target=self._run, args=(job,), name="shrinkflow-shadow-teacher",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, job) -> None:
-        try:
-            self._out = (True, job())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-            self._out = (False, exc)
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._out
-        if not ok:
-            raise value
-        return value
 
 
 def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_size: int = TEACHER_BATCH,
@@ -433,6 +393,11 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     empty window or an empty reference split, RegistryError for a served
     model whose manifest has no labels.
     """
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
+    from evidently.metrics import ValueDrift
+    from evidently.metrics.embeddings import EmbeddingsDrift
+    from evidently.presets import ClassificationPreset, DataDriftPreset
+
     from shrinkflow.stats import agreement
 
     if len(window) == 0:
@@ -482,7 +447,7 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
-    teacher, dims, ref_emb, cur_emb, teacher_job = None, 0, None, None, None
+    teacher, dims, ref_emb, cur_emb = None, 0, None, None
     # Rows with a feedback label: the teacher answers them too (the retrain rule).
     fb_rows, t_fb = np.flatnonzero(~np.isnan(w["feedback"].to_numpy())), None
     if teacher_dir is None:
@@ -494,29 +459,25 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         # never depend on the window). Then one pass over the shadow sample
         # and the rows with a feedback label.
         shadow = ShadowTeacher(teacher_dir, truncation=truncation)
-        teacher_key = {**ref_key, "teacher": directory_digest(teacher_dir), "batch": shadow.batch_size}
 
         def teacher_reference() -> dict:
             t_ref, e_ref = shadow(ref_texts)
             return {"labels": t_ref, "embeddings": e_ref}
 
-        def teacher_passes():
-            ref = cache.get("teacher", teacher_key, len(ref_texts), teacher_reference)["embeddings"]
-            return ref, shadow([cur_texts[i] for i in sample] + [cur_texts[i] for i in fb_rows])
-
-        # The teacher's passes (torch, which releases the GIL) run on a
-        # thread of their own while this one imports Evidently and runs the
-        # drift tests that do not need the teacher: on 2 cores the two
-        # overlap (bench/results/monitor_speed.md). The model is loaded, and
-        # its first forward pass run, here first, so that every lazy import
-        # happens on this thread and the other only computes.
-        shadow.warm_up()
-        teacher_job = _TeacherThread(teacher_passes)
-
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
-    from evidently.metrics import ValueDrift
-    from evidently.metrics.embeddings import EmbeddingsDrift
-    from evidently.presets import ClassificationPreset, DataDriftPreset
+        ref_emb = cache.get("teacher", {**ref_key, "teacher": directory_digest(teacher_dir),
+                                        "batch": shadow.batch_size}, len(ref_texts), teacher_reference)["embeddings"]
+        t_win, e_win = shadow([cur_texts[i] for i in sample] + [cur_texts[i] for i in fb_rows])
+        t_labels, cur_emb, t_fb = t_win[:len(sample)], e_win[:len(sample)], t_win[len(sample):]
+        known = ~np.isnan(cur_labels[sample])
+        if known.any():
+            teacher = TeacherAgreement(rows=int(known.sum()),
+                                       agreement=agreement(cur_labels[sample][known].astype(int), t_labels[known]),
+                                       validated_agreement=validated.get("agreement"),
+                                       validated_rows=validated.get("agreement_rows"))
+        else:
+            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (one of "
+                                      f"{list(labels)})")
+        dims = cur_emb.shape[1]
 
     # Text and prediction drift on the whole window. A column without one
     # finite value on either side cannot be tested: said before Evidently
@@ -558,20 +519,6 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     snapshots = {"report": snap} if snap is not None else {}
     if "descriptors" not in done:
         descriptors = [c for c in descriptors if f"descriptor:{c}" in done]
-
-    if teacher_job is not None:
-        ref_emb, (t_win, e_win) = teacher_job.result()
-        t_labels, cur_emb, t_fb = t_win[:len(sample)], e_win[:len(sample)], t_win[len(sample):]
-        known = ~np.isnan(cur_labels[sample])
-        if known.any():
-            teacher = TeacherAgreement(rows=int(known.sum()),
-                                       agreement=agreement(cur_labels[sample][known].astype(int), t_labels[known]),
-                                       validated_agreement=validated.get("agreement"),
-                                       validated_rows=validated.get("agreement_rows"))
-        else:
-            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (one of "
-                                      f"{list(labels)})")
-        dims = cur_emb.shape[1]
 
     emb_name = None
     if dims:

@@ -121,12 +121,6 @@ class ReferenceCache:
             log.warning("monitor cache: %s could not be written (%s): the next run recomputes it", path, exc)
 
     def _prune(self) -> None:
-        def mtime(p: Path) -> float:
-            try:
-                return p.stat().st_mtime
-            except FileNotFoundError:   # pruned meanwhile (the shadow teacher's thread writes too)
-                return 0.0
-
-        entries = sorted(self.root.glob(f"*{SUFFIX}"), key=mtime, reverse=True)
+        entries = sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[self.keep:]:
             old.unlink(missing_ok=True)
