@@ -78,16 +78,86 @@ def runs_and_name() -> tuple[tuple, str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=json.loads, default=None)
     ap.add_argument("--name", default="recompress_rows")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score again the students the last run kept (bench/work/recompress_rows), with their "
+                         "standard errors, into bench/results/NAME.{md,json}; nothing is re-distilled")
     args = ap.parse_args()
-    return (tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name
+    return (tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name, args.rescore
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) - mean(b), for two 0/1 correctness vectors
+    over the same texts (a paired difference: texts both get right or both
+    get wrong add nothing)."""
+    d = a.astype(float) - b.astype(float)
+    return float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def score(models: dict, rec_x, rec_y, test, val) -> tuple[dict, dict]:
+    """Accuracy of every model on the recovery tweets and the movie-review
+    test and val splits, and the per-text correctness on the first two (for
+    the paired standard errors)."""
+    from shrinkflow.predictors import load_predictor, predict_labels
+
+    acc, right = {}, {}
+    for name, d in models.items():
+        pred = load_predictor(d, threads=2)
+        right[name] = {"tweets": predict_labels(pred, rec_x) == rec_y,
+                       "movie_test": predict_labels(pred, test["text"].tolist()) == test["label"].to_numpy()}
+        acc[name] = {"tweets": round(float(right[name]["tweets"].mean()), 4),
+                     "movie_test": round(float(right[name]["movie_test"].mean()), 4),
+                     "movie_val": round(float((predict_labels(pred, val["text"].tolist())
+                                               == val["label"].to_numpy()).mean()), 4)}
+    return acc, right
+
+
+def standard_errors(doc: dict, right: dict) -> dict:
+    """Per run: the paired standard error of its gain over production on
+    the tweets, as a share of the teacher's gap (``recovered_se``), and of its
+    in-domain change in points (``in_domain_se_points``); and the gap's own."""
+    p, t = f"production {doc['production']}", "teacher"
+    gap = float(right[t]["tweets"].mean() - right[p]["tweets"].mean())
+    out = {"gap": round(gap, 4), "gap_se": round(paired_se(right[t]["tweets"], right[p]["tweets"]), 4)}
+    for r in doc["runs"]:
+        a = right[r["name"]]
+        out[r["name"]] = {"recovered_se": round(paired_se(a["tweets"], right[p]["tweets"]) / gap, 3)
+                          if gap > 0 else None,
+                          "in_domain_se_points": round(paired_se(a["movie_test"], right[p]["movie_test"]) * 100, 2)}
+    return out
+
+
+def rescore(out_name: str) -> None:
+    """Score again what the last run kept in WORK, with standard errors."""
+    sys.path.insert(0, str(ROOT))
+    import yaml
+
+    from shrinkflow.registry import Registry
+    from shrinkflow.splits import read_parquet
+
+    doc = json.loads((RESULTS / f"{out_name}.json").read_text())
+    models = {"teacher": PROJECT / "models/teacher",
+              f"production {doc['production']}": Registry(PROJECT / "registry").load(doc["production"]).path,
+              **{r["name"]: WORK / f"distilled_{r['name'].split()[-1]}" for r in doc["runs"]}}
+    rec_x, rec_y = tweets("recovery")
+    acc, right = score(models, rec_x, rec_y, read_parquet(PROJECT / "data/prepared/test.parquet"),
+                       read_parquet(PROJECT / "data/prepared/val.parquet"))
+    if acc != doc["accuracy"]:
+        sys.exit(f"the kept students do not score what {out_name}.json records: {acc} != {doc['accuracy']}")
+    doc["standard_errors"] = standard_errors(doc, right)
+    doc["max_accuracy_drop"] = doc.get("max_accuracy_drop") or yaml.safe_load(
+        (PROJECT / "params.yaml").read_text())["validate"]["gates"]["max_accuracy_drop"]
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{out_name}.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
 
 
 def main() -> None:
-    runs, out_name = runs_and_name()
+    runs, out_name, again = runs_and_name()
+    if again:
+        return rescore(out_name)
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import load_params
     from shrinkflow.dvcrun import offline_env
-    from shrinkflow.predictors import load_predictor, predict_labels
     from shrinkflow.registry import Registry
     from shrinkflow.splits import read_parquet
     from shrinkflow.warmstart import stage_warm_start
@@ -151,14 +221,8 @@ def main() -> None:
                                                                 step.get("warm_start_interpolation", 0.0))})
         print(doc["runs"][-1], flush=True)
 
-    acc = {}
-    for name, d in models.items():
-        pred = load_predictor(d, threads=2)
-        acc[name] = {"tweets": round(float((predict_labels(pred, rec_x) == rec_y).mean()), 4),
-                     "movie_test": round(float((predict_labels(pred, test["text"].tolist())
-                                                == test["label"].to_numpy()).mean()), 4),
-                     "movie_val": round(float((predict_labels(pred, val["text"].tolist())
-                                               == val["label"].to_numpy()).mean()), 4)}
+    acc, right = score(models, rec_x, rec_y, test, val)
+    doc["standard_errors"] = standard_errors({**doc, "accuracy": acc}, right)
     (PROJECT / "params.yaml").write_text(default_params)
     doc["accuracy"], doc["recovery_tweets_n"], doc["movie_test_n"] = acc, len(rec_x), len(test)
     doc["max_accuracy_drop"] = yaml.safe_load(default_params)["validate"]["gates"]["max_accuracy_drop"]
@@ -182,18 +246,27 @@ def markdown(doc: dict) -> str:
              "movie-review test sentences.", "",
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
              f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
-             "| pool tweets from | texts distilled | held out | train rows per text | epochs | interpolation "
-             "| compress (s) | tweets accuracy | gap recovered | in domain, test (points) "
+             "| pool tweets from | texts distilled | held out | train rows per text | window repeats | epochs "
+             "| interpolation | compress (s) | tweets accuracy | gap recovered | in domain, test (points) "
              "| val drop vs teacher (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ses = doc.get("standard_errors") or {}
     for r in doc["runs"]:
-        a = acc[r["name"]]
+        a, se = acc[r["name"]], ses.get(r["name"])
         rec = (a["tweets"] - acc[p]["tweets"]) / gap if gap > 0 else float("nan")
-        lines.append(f"| {r.get('pool_offset', 0)} | {r['rows_distill']} | {r['rows_heldout']} | {r['train_rows_per_window_text']:g} | "
+        rec_se = f" ± {se['recovered_se']:.0%}" if se and se["recovered_se"] is not None else ""
+        dom_se = f" ± {se['in_domain_se_points']:.2f}" if se else ""
+        lines.append(f"| {r.get('pool_offset', 0)} | {r['rows_distill']} | {r['rows_heldout']} | "
+                     f"{r['train_rows_per_window_text']:g} | {r.get('overrides', {}).get('warm_start_window_repeats', 1)} | "
                      f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | {r['compress_s']} | "
-                     f"{a['tweets']:.4f} | {rec:.0%} | "
-                     f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f} | "
+                     f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
+                     f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")
+    if ses:
+        lines += ["", f"± is one standard error of the paired difference against production on the same texts "
+                      f"(the run's own noise; the teacher's gap itself, {ses['gap'] * 100:.2f} points, is known "
+                      f"to ± {ses['gap_se'] * 100:.2f}). A difference of 2 standard errors is what the "
+                      f"texts can resolve."]
     lines += ["", f"The val drop is what `validate.gates.max_accuracy_drop` ({doc['max_accuracy_drop'] * 100:g} points) "
               f"gates; production's own: {(acc['teacher']['movie_val'] - acc[p]['movie_val']) * 100:.2f}."]
     return "\n".join(lines)

@@ -424,6 +424,10 @@ class DistillStep(_Frozen):
     # (seeded sample, capped at the split), so the student keeps what it
     # knew in domain while it learns the window.
     warm_start_train_rows_per_window_text: Annotated[float, Field(ge=0.0)] = 4.0
+    # Times each window text is seen per epoch of a warm re-distillation
+    # (its teacher outputs computed once): weighs the window against the
+    # training rows mixed in without moving the in-domain anchor.
+    warm_start_window_repeats: Annotated[int, Field(ge=1, le=16)] = 1
     # Share of the production student's weights kept after a warm
     # re-distillation: every weight becomes (1 - w) * new + w * production
     # (weight-space ensembling, WiSE-FT: Wortsman et al., "Robust fine-tuning
@@ -454,6 +458,7 @@ class DistillStep(_Frozen):
     # out when no warm start is used, so an ordinary run's keys do not move.
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
                                                   "warm_start_train_rows_per_window_text",
+                                                  "warm_start_window_repeats",
                                                   "warm_start_interpolation", "warm_start_max_val_drop_points",
                                                   "warm_start_max_teacher_val_drop_points")
 

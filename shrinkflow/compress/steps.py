@@ -322,6 +322,11 @@ class Distill(Method):
                 # as the hard label (pseudo-labelling).
                 u_seqs = encode_unpadded(tokenizer_json, more)
                 u_targets, u_hidden = teacher_outputs(model, u_seqs, wanted)
+                if more is extra and warm is not None and step.warm_start_window_repeats > 1:
+                    # the window weighed up against the training rows: the
+                    # same texts and teacher outputs, seen that many times
+                    k = step.warm_start_window_repeats
+                    u_seqs, u_hidden, u_targets = u_seqs * k, list(u_hidden) * k, np.tile(u_targets, (k, 1))
                 d_seqs = d_seqs + u_seqs
                 d_hidden = d_hidden + u_hidden
                 d_targets = np.concatenate([d_targets, u_targets])
