@@ -34,15 +34,14 @@ def main() -> None:
     ap.add_argument("--val-rows", type=int, default=200)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import pandas as pd
-
     import shrinkflow.evaluate as ev
     from shrinkflow.config import LatencyParams
+    from shrinkflow.splits import read_parquet
 
     project = args.project.resolve()
     models = {"teacher": project / "models/teacher",
               **{v.name: v / "model" for v in sorted((project / "registry/versions").iterdir())}}
-    val = pd.read_parquet(project / "data/prepared/val.parquet")["text"].tolist()[:args.val_rows]
+    val = read_parquet(project / "data/prepared/val.parquet")["text"].tolist()[:args.val_rows]
     lat = LatencyParams(threads=1, warmup_iters=1, iters_b1=5, iters_b32=3, rounds=2)
     new = (ev.ModelProcess.__init__, ev.ModelProcess.stop, ev.ModelProcess.close)
 

@@ -123,6 +123,17 @@ def standard_errors(doc: dict, right: dict) -> dict:
         out[r["name"]] = {"recovered_se": round(paired_se(a["tweets"], right[p]["tweets"]) / gap, 3)
                           if gap > 0 else None,
                           "in_domain_se_points": round(paired_se(a["movie_test"], right[p]["movie_test"]) * 100, 2)}
+    if len(doc["runs"]) > 1 and gap > 0:
+        # The runs' mean, per text (a run's share of right answers on it),
+        # paired against production on the same texts: what the runs say
+        # together, e.g. one setting on several windows.
+        mean = {k: np.mean([right[r["name"]][k].astype(float) for r in doc["runs"]], axis=0)
+                for k in ("tweets", "movie_test")}
+        out["mean_of_runs"] = {
+            "recovered": round(float(mean["tweets"].mean() - right[p]["tweets"].mean()) / gap, 3),
+            "recovered_se": round(paired_se(mean["tweets"], right[p]["tweets"]) / gap, 3),
+            "in_domain_points": round(float(mean["movie_test"].mean() - right[p]["movie_test"].mean()) * 100, 2),
+            "in_domain_se_points": round(paired_se(mean["movie_test"], right[p]["movie_test"]) * 100, 2)}
     return out
 
 
@@ -262,6 +273,11 @@ def markdown(doc: dict) -> str:
                      f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")
+    if ses.get("mean_of_runs"):
+        m = ses["mean_of_runs"]
+        lines += ["", f"The runs' mean (each text scored by the share of runs right on it, paired against "
+                      f"production): **{m['recovered']:.0%} ± {m['recovered_se']:.0%} of the gap recovered, "
+                      f"{m['in_domain_points']:+.2f} ± {m['in_domain_se_points']:.2f} points in domain**."]
     if ses:
         lines += ["", f"± is one standard error of the paired difference against production on the same texts "
                       f"(the run's own noise; the teacher's gap itself, {ses['gap'] * 100:.2f} points, is known "

@@ -108,14 +108,17 @@ def per_class_recall_table(rows: list[tuple[str, Quality]]) -> list[str]:
     return lines
 
 
-def confirmation_section(conf: Confirmation | None) -> list[str]:
-    """The chosen candidate against the teacher on test, and its gates there."""
+def confirmation_section(conf: Confirmation | None, labels: Sequence[str] | None = None) -> list[str]:
+    """The chosen candidate against the teacher on test, and its gates there.
+    ``labels``: the class names in id order; with two, the F1 row names its
+    class as the val table does."""
     if conf is None:
         return ["## Confirmation on test", "", "No candidate passed every gate on val, so none was scored on test."]
     m, t = conf.metrics, conf.teacher
     state = ("confirmed" if conf.passed else
              ("**NOT confirmed**: not deployed" if conf.enforced else "**NOT confirmed** (reported only)"))
-    f1 = [f"| F1 of class 1 | {t.f1:.4f} | {m.f1:.4f} |"] if m.f1 is not None else []
+    f1_name = _row_label("f1", "F1 of class 1 (val)", list(labels) if labels else None).replace(" (val)", "")
+    f1 = [f"| {f1_name} | {t.f1:.4f} | {m.f1:.4f} |"] if m.f1 is not None else []
     mf1 = [f"| macro-F1 | {t.macro_f1:.4f} | {m.macro_f1:.4f} |"] if m.macro_f1 is not None else []
     mf1_drop = ([f"| macro-F1 drop (paired) | | {m.macro_f1_drop:+.4f}, {m.confidence:.0%} bootstrap "
                  f"interval [{m.macro_f1_drop_ci_low:+.4f}, {m.macro_f1_drop_ci_high:+.4f}] |"]
@@ -202,7 +205,7 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
             report.teacher, report.candidates, report.labels),
         "## Gates (val)", gates_table(reports), *teacher_gates_section(selection),
-        "\n".join(confirmation_section(report.confirmation)),
+        "\n".join(confirmation_section(report.confirmation, report.labels)),
         *(["\n".join(aside)] if (aside := unconfirmed_section(selection, report.confirmation)) else []),
         *(["\n".join(recall)] if (recall := recall_section(report, selection)) else [])]) + "\n"
 
