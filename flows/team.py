@@ -230,13 +230,15 @@ def in_flight_runs(client, pool: str, worker: str) -> list:
     return [r for r in runs if (r.labels or {}).get("prefect.worker.name") == worker]
 
 
-def crash_lost_run(client, run, worker: str) -> str:
+def crash_lost_run(client, run, worker: str, stopped_by_down: bool = False) -> str:
     """Mark ``run`` (its process gone with its worker) Crashed, saying so;
-    returns the line to print."""
+    returns the line to print. ``stopped_by_down``: the worker did not die,
+    `team down` stopped it (a run it was starting then loses its process)."""
     from prefect.states import Crashed
 
     pid = _pid_of(run)
-    message = (f"its worker {worker} died and its process " + (f"(pid {pid}) " if pid else "")
+    how = "was stopped by `shrinkflow team down`" if stopped_by_down else "died"
+    message = (f"its worker {worker} {how} and its process " + (f"(pid {pid}) " if pid else "")
                + "is gone from this host: marked Crashed by shrinkflow team (docs/team.md); start it again by "
                  "hand, or wait for its next scheduled run")
     client.set_flow_run_state(run.id, Crashed(message=message), force=True)
@@ -764,7 +766,8 @@ class TeamStack:
                     if run_alive(pid, str(run.id)):
                         live.append((run, pid))
                     elif not self.worker.running():
-                        self.emit(f"flow run {run.name!r}: {crash_lost_run(client, run, self.worker_name)}")
+                        self.emit(f"flow run {run.name!r}: "
+                                  f"{crash_lost_run(client, run, self.worker_name, stopped_by_down=worker_stopped)}")
         for run, pid in live:
             try:
                 group = os.getpgid(pid)
