@@ -302,6 +302,26 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
     raise typer.Exit(ExitCode.OK if result["deployed_version"] else ExitCode.REFUSED)
 
 
+def _baselines_note(root: Path, result: dict) -> list[str]:
+    """When train ran, the stages outside the lifecycle that read the teacher
+    (small_direct, frontier) may now be stale: say which, so that `dvc status`
+    does not look like a failure (docs/operations.md). Nothing when train was
+    skipped, or when DVC cannot tell (a summary never fails a run)."""
+    from flows.lifecycle import BASELINE_STAGES
+    from shrinkflow.dvcrun import stale_stages
+
+    if result["stages"].get("train", {}).get("status") == "skipped":
+        return []
+    try:
+        stale = stale_stages(list(BASELINE_STAGES), root)
+    except (RuntimeError, ValueError, OSError):  # DVC failed (or a dvc.yaml without them): say nothing
+        return []
+    if not stale:
+        return []
+    return [f"not part of the lifecycle, now stale: {', '.join(stale)} (they read the teacher train rebuilt); "
+            f"`dvc repro frontier` refreshes them, or leave them (docs/operations.md)"]
+
+
 def _print_summary(root: Path, parsed, result: dict) -> None:
     from shrinkflow.artifacts import GatesReport
 
@@ -328,6 +348,7 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
             if conf and not conf.passed:
                 for f in conf.gates.to_report().failures:
                     out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
+    out += _baselines_note(root, result)
     out += ["metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",

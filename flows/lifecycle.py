@@ -22,6 +22,8 @@ from tasks.monitor import clear_production
 from tasks.publish import publish_report, publish_shared_registry, read_deployment, read_validation
 
 BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
+# In dvc.yaml but outside the lifecycle: the baseline reports (`dvc repro frontier`).
+BASELINE_STAGES = ("small_direct", "frontier")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)

@@ -94,6 +94,15 @@ def stage_is_stale(stage: str, project_dir: Path | str) -> bool:
     return bool(doc.get(stage))
 
 
+def stale_stages(stages: list[str], project_dir: Path | str) -> list[str]:
+    """Which of ``stages`` DVC would reproduce now, in the order given: one
+    ``dvc status --json`` over them all (only these stages, not their
+    upstream). Raises RuntimeError when DVC fails (``dvc_command``; a
+    stage dvc.yaml does not have is a failure)."""
+    doc = json.loads(dvc_command(["status", "--json", *stages], project_dir) or "{}")
+    return [s for s in stages if doc.get(s)]
+
+
 def what_dvc_did(stale: bool, forced: bool, ran: bool) -> str:
     """"ran" when the stage's command ran; "restored" when DVC had to
     reproduce it but did not run it (its run-cache held the outputs);

@@ -310,3 +310,27 @@ def test_the_monitor_links_reports_where_they_are(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert reports_link_base(f"http://127.0.0.1:{port}", timeout_s=1) is None  # nobody answers now
+
+
+def test_the_run_summary_names_stale_baselines_only_when_train_ran_and_dvc_can_tell(tmp_path, monkeypatch):
+    """`shrinkflow run`'s last lines say when small_direct and frontier went
+    stale (train rebuilt the teacher they read; the e2e lifecycle test sees
+    the line). Train skipped: nothing, and DVC is not asked. DVC failing
+    (here: no DVC repo, so `dvc status` exits non-zero): nothing either, and
+    the summary does not fail."""
+    from flows.cli import _baselines_note
+    from shrinkflow.dvcrun import stale_stages
+
+    not_a_repo = tmp_path / "plain"
+    not_a_repo.mkdir()
+    with pytest.raises(RuntimeError, match=r"dvc status --json small_direct frontier failed"):
+        stale_stages(["small_direct", "frontier"], not_a_repo)
+    assert _baselines_note(not_a_repo, {"stages": {"train": {"status": "ran"}}}) == []
+    # skipped: DVC is not asked at all
+    def asked(*args):
+        raise AssertionError("DVC was asked although train was skipped")
+
+    monkeypatch.setattr("shrinkflow.dvcrun.stale_stages", asked)
+    assert _baselines_note(not_a_repo, {"stages": {"train": {"status": "skipped"}}}) == []
+    with pytest.raises(AssertionError):
+        _baselines_note(not_a_repo, {"stages": {"train": {"status": "ran"}}})

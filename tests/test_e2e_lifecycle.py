@@ -48,6 +48,9 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     assert code == 0, out
     assert stages_line(out) == {s: "ran" for s in ("fetch", "data", "train", "compress", "validate", "deploy")}
     assert "DEPLOYED v0001" in out
+    # the baselines outside the lifecycle read the teacher train just rebuilt: said, so
+    # that `dvc status` does not look like a failure
+    assert "not part of the lifecycle, now stale: small_direct, frontier" in out
 
     doc = status_json(project)
     reg = Registry(project / "registry")
@@ -121,6 +124,7 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     code, out = run_cli(project, harness, "run")
     assert code == 0, out
     assert set(stages_line(out).values()) == {"skipped"}
+    assert "now stale" not in out  # train skipped: nothing to say (and no DVC call)
 
     # 3b. The registry is lost (or this is a fresh clone): DVC sees nothing
     #     stale, but the flow notices production is missing and re-deploys.
