@@ -13,9 +13,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
   || .venv/bin/pip install -q "torch==2.13.0"
 # The rest through uv (a well-kept installer: the same resolution from the
 # same index, PyPI, in a fraction of pip's time); pip when uv cannot be had
-# or fails. The torch above satisfies the pin, so uv keeps it.
+# or fails. The torch above satisfies the pin, so uv keeps it. Bytecode is
+# compiled at install, as pip does: with PYTHONDONTWRITEBYTECODE set (CI
+# images do) every process would otherwise compile each import again.
 if .venv/bin/pip install -q "uv>=0.9,<1" 2>/dev/null \
-   && .venv/bin/uv pip install -q --python .venv/bin/python -e ".[test,bench]"; then :
+   && .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python -e ".[test,bench]"; then :
 else
   .venv/bin/pip install -q -e ".[test,bench]"
 fi
