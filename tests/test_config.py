@@ -89,3 +89,31 @@ def test_digest_is_stable_and_sensitive(raw):
     assert a == parse_params(copy.deepcopy(raw)).digest()
     raw["compress"]["candidates"][0]["recipe"][0]["per_channel"] = True
     assert parse_params(raw).digest() != a
+
+
+def test_a_distilled_layer_the_teacher_does_not_have_is_refused_for_every_teacher_kind(raw):
+    """Before this, only a local checkpoint's layers were checked: [0, 2, 9]
+    on the packaged 6-layer MiniLM passed and compress crashed with an
+    IndexError (a newcomer's run). The boundary: the last layer passes."""
+    import json
+
+    from shrinkflow.config import PretrainedModel
+    from shrinkflow.modeling import teacher_source_dir
+
+    config = json.loads((teacher_source_dir() / "config.json").read_text())
+    assert PretrainedModel.NUM_LAYERS == config["num_hidden_layers"] == 6
+
+    def with_layers(layers, model=None):
+        r = copy.deepcopy(raw)
+        step = next(s for c in r["compress"]["candidates"] for s in c["recipe"] if s["method"] == "distill")
+        step["layers"] = layers
+        if model:
+            r["train"]["model"] = model
+        return r
+
+    parse_params(with_layers([0, 2, 5]))           # the last of 6: fine
+    why = problems(with_layers([0, 2, 6]))["<root>"]
+    assert "distill.layers [0, 2, 6] out of range for the 6-layer teacher (pretrained): its layers are 0..5" in why
+    random2 = {"kind": "random", "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+    parse_params(with_layers([0, 1], random2))
+    assert "for the 2-layer teacher (random): its layers are 0..1" in problems(with_layers([0, 2], random2))["<root>"]
