@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,13 +47,36 @@ def offline_env(base: dict | None = None, project_dir: Path | str = ".") -> dict
     return env
 
 
+# The last line of a Python traceback: "IndexError: tuple index out of
+# range", "shrinkflow.errors.DataError: ..." (not DVC's own "ERROR: ...").
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?$")
+
+
+def failure_cause(output: str) -> str | None:
+    """The last exception line in a stage's ``output`` (what a person
+    looks for first in pages of Prefect's and DVC's tracebacks); None when
+    there is none (a stage killed by a signal, a DVC error alone)."""
+    for line in reversed(output.splitlines()):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
+
+
+def _whole_lines(tail: str) -> str:
+    """``tail`` from its first full line (a tail cut mid-line starts after it)."""
+    cut = tail.find("\n")
+    return tail[cut + 1:] if cut >= 0 else tail
+
+
 class StageFailed(RuntimeError):
     """``dvc repro`` of a stage exited non-zero (or ran past its timeout);
-    ``tail``: the last of its output."""
+    ``tail``: the last of its output (whole lines); ``cause``: its last
+    exception line, first in the message (None when it has none)."""
 
-    def __init__(self, stage: str, returncode: int, tail: str):
-        self.stage, self.returncode, self.tail = stage, returncode, tail
-        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+    def __init__(self, stage: str, returncode: int, tail: str, cause: str | None = None):
+        self.stage, self.returncode, self.tail, self.cause = stage, returncode, tail, cause
+        super().__init__(f"stage {stage!r} failed (exit {returncode})" + (f": {cause}" if cause else "")
+                         + f"; the end of its output:\n{tail}")
 
 
 class StageTimedOut(StageFailed):
@@ -62,7 +86,7 @@ class StageTimedOut(StageFailed):
         self.timeout_s = timeout_s
         RuntimeError.__init__(self, f"stage {stage!r} ran longer than {timeout_s:.0f} s and was stopped "
                                     f"(set {STAGE_TIMEOUT_ENV} to allow more):\n{tail}")
-        self.stage, self.returncode, self.tail = stage, None, tail
+        self.stage, self.returncode, self.tail, self.cause = stage, None, tail, None
 
 
 @dataclass(frozen=True)
@@ -228,9 +252,9 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
             proc.stdout.close()
         output = "".join(chunks)
         if timed_out.is_set():
-            raise StageTimedOut(stage, timeout_s, output[-3000:])
+            raise StageTimedOut(stage, timeout_s, _whole_lines(output[-3000:]))
         if rc != 0:
-            raise StageFailed(stage, rc, output[-3000:])
+            raise StageFailed(stage, rc, _whole_lines(output[-3000:]), failure_cause(output))
         ran = marker.is_file()
     return StageRun(stage, what_dvc_did(stale, force, ran), round(time.perf_counter() - t0, 2))
 

@@ -88,6 +88,27 @@ def test_a_failing_stage_raises_with_its_output(toy):
     assert "toy: asked to fail" in info.value.tail
 
 
+def test_a_stage_failure_names_its_last_exception_first():
+    """Pages of nested tracebacks (a stage that runs a Prefect flow prints
+    several) end in one cause: it comes first in the message, and a tail
+    cut mid-line starts at the next whole line."""
+    from shrinkflow.dvcrun import _whole_lines, failure_cause
+
+    out = ("Traceback (most recent call last):\n  File \"x.py\", line 3\n"
+           "IndexError: tuple index out of range\n"
+           "  File \"/venv/lib/python3.11/site-packages/prefect/states.py\", line 161, in _get_state_result\n"
+           "shrinkflow.errors.ModelError: models/teacher: no model.safetensors\n"
+           "ERROR: failed to reproduce 'compress': failed to run: python -m stages.compress, exited with 1\n")
+    assert failure_cause(out) == "shrinkflow.errors.ModelError: models/teacher: no model.safetensors"
+    assert failure_cause(out.replace("shrinkflow.errors.ModelError", "KeyboardInterrupt")) == \
+        "KeyboardInterrupt: models/teacher: no model.safetensors"
+    assert failure_cause("ERROR: failed to reproduce 'x'\nkilled\n") is None   # DVC's own line is not a cause
+    assert _whole_lines("es/prefect/states.py\nnext line\n") == "next line\n"
+    exc = StageFailed("compress", 255, "next line\n", failure_cause(out))
+    assert str(exc).startswith("stage 'compress' failed (exit 255): shrinkflow.errors.ModelError: models/teacher")
+    assert str(StageFailed("x", 1, "t\n")).startswith("stage 'x' failed (exit 1); the end of its output:")
+
+
 @pytest.mark.slow  # 20 s of timeout: on a loaded box DVC and the stage need most of it to start
 def test_a_stage_past_its_timeout_is_stopped_with_what_it_started(toy):
     import psutil
