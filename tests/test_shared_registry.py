@@ -482,6 +482,7 @@ stages:
 GIT = ["git", "-c", "user.name=pull-test", "-c", "user.email=pull-test@localhost"]
 
 
+@pytest.mark.slow  # ~8 s: in the full suite, not the quick run (kept under 3 minutes)
 def test_a_second_clone_pulls_the_registry_and_the_deploy_record_so_dvc_status_is_clean(tmp_path, candidate):
     """A deploy stage (its record git-ignored and not cached, as the real
     one) ran on the deploying host, which published. A second clone: `dvc
@@ -558,6 +559,7 @@ def test_a_host_with_only_the_shared_url_serves_production_and_follows_promotion
     assert SharedRegistry(site["url"]).aliases() == origin.aliases()
 
 
+@pytest.mark.slow  # ~10 s: in the full suite, not the quick run (kept under 3 minutes)
 def test_a_host_with_several_workers_follows_with_every_worker_and_one_cache(site, tmp_path):
     """`shrinkflow serve --workers 2` on a serving host: each uvicorn worker
     follows the shared registry (they share one cache, under its lock); after

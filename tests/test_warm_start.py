@@ -447,6 +447,7 @@ def test_the_grid_skips_a_share_whose_built_candidate_loses_what_fp32_does_not()
     assert got["chosen"] == 0.5 and "teacher_val_accuracy" not in got
 
 
+@pytest.mark.slow  # ~11 s: in the full suite, not the quick run (kept under 3 minutes)
 def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tmp_path, tiny_teacher_dir,
                                                                               small_splits, capsys):
     """A real warm build of the tiny student (distill with a grid, vocabulary
