@@ -322,6 +322,23 @@ def _baselines_note(root: Path, result: dict) -> list[str]:
             f"`dvc repro frontier` refreshes them, or leave them (docs/operations.md)"]
 
 
+def _commit_hint(root: Path) -> list[str]:
+    """What to `git add` to version this run: the tracked files it changed
+    (dvc.lock, metrics/, reports/, params.yaml after --params), by their top
+    folder. Nothing outside git or when nothing changed."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    paths = [line[3:].split(" -> ")[-1] for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not paths:
+        return []
+    tops = sorted({p.split("/", 1)[0] for p in paths})
+    return [f"to version this run: git add {' '.join(tops)} && git commit ({len(paths)} tracked files changed; "
+            f"`dvc push` sends the models and data to the DVC remote)"]
+
+
 def _print_summary(root: Path, parsed, result: dict) -> None:
     from shrinkflow.artifacts import GatesReport
 
@@ -349,6 +366,7 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
                 for f in conf.gates.to_report().failures:
                     out.append(f"  {conf.candidate} (test confirmation): {f.describe()}")
     out += _baselines_note(root, result)
+    out += _commit_hint(root)
     out += ["metrics and gates: reports/gates.md, metrics/validate.json (or `dvc metrics show`)",
             f"Prefect flow run: {result['flow_run_name']} ({result['flow_run_id']}), "
             f"artifact 'shrinkflow-lifecycle'",

@@ -334,3 +334,25 @@ def test_the_run_summary_names_stale_baselines_only_when_train_ran_and_dvc_can_t
     assert _baselines_note(not_a_repo, {"stages": {"train": {"status": "skipped"}}}) == []
     with pytest.raises(AssertionError):
         _baselines_note(not_a_repo, {"stages": {"train": {"status": "ran"}}})
+
+
+def test_the_run_summary_says_what_to_commit_by_top_folder(tmp_path):
+    """The tracked files a run changed, by top folder (git status); nothing
+    outside git or when nothing changed. The e2e lifecycle test sees it
+    after a real run."""
+    from flows.cli import _commit_hint
+
+    assert _commit_hint(tmp_path) == []                     # not a git repository
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "metrics").mkdir()
+    for rel in ("dvc.lock", "metrics/a.json", "metrics/b.json", "notes.txt"):
+        (tmp_path / rel).write_text("0\n")
+    subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], cwd=tmp_path, check=True)
+    assert _commit_hint(tmp_path) == []                     # nothing changed
+    for rel in ("dvc.lock", "metrics/a.json", "metrics/b.json"):
+        (tmp_path / rel).write_text("1\n")
+    (tmp_path / "untracked.txt").write_text("x\n")          # untracked files are not named
+    (line,) = _commit_hint(tmp_path)
+    assert line.startswith("to version this run: git add dvc.lock metrics && git commit (3 tracked files changed")

@@ -51,6 +51,9 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     # the baselines outside the lifecycle read the teacher train just rebuilt: said, so
     # that `dvc status` does not look like a failure
     assert "not part of the lifecycle, now stale: small_direct, frontier" in out
+    # what to commit to version the run: the tracked files it changed, by top folder
+    hint = re.search(r"^to version this run: git add ([^&]+) && git commit", out, re.M)
+    assert hint and {"dvc.lock", "metrics", "reports"} <= set(hint.group(1).split()), out[-3000:]
 
     doc = status_json(project)
     reg = Registry(project / "registry")
