@@ -130,6 +130,7 @@ def test_the_stage_timeout_comes_from_the_environment():
         stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "0"})
 
 
+@pytest.mark.slow  # ~6 s: in the full suite, not the quick run (kept under 3 minutes)
 def test_a_torn_dvc_rwlock_is_set_aside_and_dvc_runs_again(tmp_path):
     """A DVC process killed while rewriting .dvc/tmp/rwlock leaves it empty
     (or half-written): every DVC command then fails. repair_torn_rwlock sets

@@ -293,6 +293,7 @@ def test_integers_still_read_as_floats_and_lists_as_tuples():
     assert p.monitor.cooldown_hours == 24.0 and p.compress.candidates[1].recipe[0].layers == (0, 2, 4)
 
 
+@pytest.mark.slow  # ~5 s: in the full suite, not the quick run (kept under 3 minutes)
 def test_a_params_file_nested_too_deeply_is_a_params_error_not_a_crash(tmp_path):
     deep = PARAMS_TEXT + "zz: " + "[" * 2000 + "]" * 2000 + "\n"
     with pytest.raises(ParamsError) as err:
