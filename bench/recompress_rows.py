@@ -137,6 +137,14 @@ def standard_errors(doc: dict, right: dict) -> dict:
     return out
 
 
+def write_results(out_name: str, doc: dict) -> None:
+    """bench/results/<out_name>.{json,md}, and the table on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{out_name}.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
+
+
 def rescore(out_name: str) -> None:
     """Score again what the last run kept in WORK, with standard errors."""
     sys.path.insert(0, str(ROOT))
@@ -157,9 +165,7 @@ def rescore(out_name: str) -> None:
     doc["standard_errors"] = standard_errors(doc, right)
     doc["max_accuracy_drop"] = doc.get("max_accuracy_drop") or yaml.safe_load(
         (PROJECT / "params.yaml").read_text())["validate"]["gates"]["max_accuracy_drop"]
-    (RESULTS / f"{out_name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{out_name}.md").write_text(markdown(doc) + "\n")
-    print(markdown(doc))
+    write_results(out_name, doc)
 
 
 def main() -> None:
@@ -237,10 +243,7 @@ def main() -> None:
     (PROJECT / "params.yaml").write_text(default_params)
     doc["accuracy"], doc["recovery_tweets_n"], doc["movie_test_n"] = acc, len(rec_x), len(test)
     doc["max_accuracy_drop"] = yaml.safe_load(default_params)["validate"]["gates"]["max_accuracy_drop"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{out_name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / f"{out_name}.md").write_text(markdown(doc) + "\n")
-    print(markdown(doc))
+    write_results(out_name, doc)
 
 
 def markdown(doc: dict) -> str:

@@ -114,8 +114,7 @@ def stage_timeout_s(environ: dict | None = None) -> float:
 def stage_is_stale(stage: str, project_dir: Path | str) -> bool:
     """Whether DVC would reproduce ``stage`` now (``dvc status --json``:
     ``{}`` when up to date, ``{stage: [what changed]}`` when not)."""
-    doc = json.loads(dvc_command(["status", "--json", stage], project_dir) or "{}")
-    return bool(doc.get(stage))
+    return bool(stale_stages([stage], project_dir))
 
 
 def stale_stages(stages: list[str], project_dir: Path | str) -> list[str]:
