@@ -139,17 +139,34 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop ``proc`` and every process it started (DVC and the stage command
     under it): SIGTERM to all, then SIGKILL to what is left after
     ``grace_s``. The children stay in the caller's process group, so Ctrl-C
-    in a terminal still reaches them directly, as it always did."""
+    in a terminal still reaches them directly, as it always did.
+
+    The tree is frozen first (SIGSTOP, parent before children, each one's
+    children listed once it is stopped), so a process cannot start a child
+    between being listed and being stopped: DVC starting the stage command at
+    the moment of a timeout used to leave that command running, orphaned."""
     import psutil
 
     try:
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
+        root = psutil.Process(proc.pid)
     except psutil.NoSuchProcess:
         return
+    procs, seen, todo = [], set(), [root]
+    while todo:
+        p = todo.pop()
+        if p.pid in seen:
+            continue
+        seen.add(p.pid)
+        try:
+            p.suspend()
+            procs.append(p)
+            todo += p.children()
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
         try:
             p.terminate()
+            p.resume()   # the SIGTERM is delivered once it runs again
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)

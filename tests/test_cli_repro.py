@@ -123,6 +123,39 @@ def test_a_stage_past_its_timeout_is_stopped_with_what_it_started(toy):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+SPAWNER = """\
+import subprocess, sys, time
+while True:   # a new sleeping child every few ms, as DVC starting a stage command at the worst moment
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{child.pid}\\n")
+    time.sleep(0.005)
+"""
+
+
+def test_stopping_a_tree_leaves_no_child_it_was_starting(tmp_path):
+    """A stage that timed out while DVC was starting its command left the
+    command running, orphaned (seen once in the suite on a loaded box): the
+    tree was listed, then signalled, and a child started in between. It is
+    frozen before it is listed now; a parent that never stops starting
+    children loses every one."""
+    import psutil
+
+    from shrinkflow.dvcrun import stop_tree
+
+    pids = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNER, str(pids)])
+    deadline = time.monotonic() + 60
+    while (not pids.is_file() or len(pids.read_text().split()) < 5) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop_tree(parent, grace_s=5)
+    assert parent.poll() is not None
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) >= 5
+    alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"{len(alive)} of {len(started)} children outlived stop_tree"
+
+
 def test_the_stage_timeout_comes_from_the_environment():
     assert stage_timeout_s({}) == 12 * 3600
     assert stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "90"}) == 90.0
