@@ -29,9 +29,12 @@ def monitor(project_dir: str, act: bool = True) -> dict:
     now = datetime.now(timezone.utc)
     params = load_params(f"{project_dir}/{PARAMS}")  # validated once for the whole run
     window = read_window(project_dir, params)
-    if len(window) == 0:
-        print("monitor: the prediction log is empty; nothing to monitor")
-        return {"action": "ok", "reasons": ["the prediction log is empty"], "report_dir": None,
+    if len(window) == 0:  # a window below min_window_rows: warn, as the policy does, not a pass
+        reason = (f"the prediction log is empty: nothing to monitor (the window of 0 rows is below "
+                  f"min_window_rows {params.monitor.min_window_rows}; serve the production model and "
+                  "send it traffic first)")
+        print(f"monitor: warn: {reason}")
+        return {"action": "warn", "reasons": [reason], "triggers": [], "acted": False, "report_dir": None,
                 "recompress": None}
     summary, report_dir = build_reports(project_dir, params, window, now)
     run_name = f"{flow_run.name} ({flow_run.id})"

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Telemetry and update checks fail offline and only add noise.
+# Telemetry and update checks fail offline and only add noise; so do the
+# Hugging Face progress bars (transformers' "Loading weights" bar on every
+# model load, in each stage's output; shrinkflow's own bars are unaffected).
 OFFLINE_ENV = {
     "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 # Set by shrinkflow.dvcrun.repro_stage for the `dvc repro` it starts: a

@@ -416,6 +416,19 @@ def only_run(root: Path) -> Path:
     return runs[-1]
 
 
+def test_an_empty_prediction_log_is_a_warning_not_a_pass(cli_project, prefect_api):
+    """A newcomer's finding: `shrinkflow monitor` before any traffic said
+    "verdict: ok", which reads like a pass. It is `warn` (a window below
+    min_window_rows, as the policy holds any small window), names why, writes
+    no report and starts nothing."""
+    from flows.monitor import monitor
+
+    result = monitor(project_dir=str(cli_project))
+    assert result["action"] == "warn" and result["acted"] is False and result["recompress"] is None
+    assert result["reasons"][0].startswith("the prediction log is empty") and "min_window_rows" in result["reasons"][0]
+    assert not (cli_project / "monitoring/reports").exists()
+
+
 @pytest.mark.slow  # a real `shrinkflow monitor` run: about 20 s
 def test_cli_a_window_holding_an_empty_text_gets_a_verdict(cli_project, small_splits, prefect_api):
     """Issue 14 item 6: one logged `{"texts": [""]}` crashed every monitor run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 # The TorchScript exporter keeps process-global state (GLOBALS.in_onnx_export)
@@ -41,7 +42,16 @@ def export_onnx(model, path: Path, opset: int = 17) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with _EXPORT_LOCK, torch.inference_mode():
+    with _EXPORT_LOCK, torch.inference_mode(), warnings.catch_warnings():
+        # Tracing warns where transformers reads a shape as a Python bool
+        # (padding and causal-mask checks: constant for an encoder fed its
+        # attention mask) and on aten::index with negative indices (none
+        # here). What the graph computes is checked, not assumed: against
+        # torch when it is fused (``fuse_transformer_graph``), and every
+        # candidate's accuracy and teacher agreement by validate. So these
+        # are noise in a user's run; nothing else is silenced.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         torch.onnx.export(
             wrapper, example, str(tmp), input_names=["input_ids", "attention_mask"],
             output_names=["logits"], opset_version=opset, dynamo=False,
