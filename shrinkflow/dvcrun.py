@@ -2,11 +2,13 @@
 
 Flows call ``repro_stage`` once per stage so each stage is its own Prefect
 task, while DVC alone decides whether the stage is stale. What DVC did is
-read from machine-readable answers, never from its console wording:
-``dvc status --json <stage>`` before the repro (stale or not), and the
-stage command's own report that it ran (``shrinkflow.bootstrap.mark_stage_ran``):
-stale and ran is "ran", stale and not ran is "restored" (DVC's run-cache),
-not stale is "skipped".
+read from machine-readable answers, never from its console wording: the
+stage command's own report that it ran (``shrinkflow.bootstrap.mark_stage_ran``)
+is "ran"; otherwise, when the repro changed the stage's entry in dvc.lock
+or any output it records (``stage_fingerprint``, taken before and after),
+DVC restored it from its run-cache or cache: "restored"; else "skipped".
+(A ``dvc status`` before each repro answered the same question for about
+0.8 s a stage.)
 
 Every subprocess here has a timeout; a stage's whole process tree (``dvc``
 and the command it started) is stopped with it.
@@ -111,10 +113,43 @@ def stage_timeout_s(environ: dict | None = None) -> float:
     return value
 
 
-def stage_is_stale(stage: str, project_dir: Path | str) -> bool:
-    """Whether DVC would reproduce ``stage`` now (``dvc status --json``:
-    ``{}`` when up to date, ``{stage: [what changed]}`` when not)."""
-    return bool(stale_stages([stage], project_dir))
+def _path_signature(path: Path) -> tuple:
+    """What a checkout changes of ``path``: for a file its inode, mtime and
+    size; for a directory the same for every entry below it; () if absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    sig = [("", st.st_ino, st.st_mtime_ns, st.st_size)]
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                full = Path(root) / name
+                try:
+                    s = full.lstat()
+                except OSError:
+                    continue
+                sig.append((str(full.relative_to(path)), s.st_ino, s.st_mtime_ns, s.st_size))
+    return tuple(sig)
+
+
+def stage_fingerprint(stage: str, project_dir: Path | str) -> tuple | None:
+    """``stage``'s entry in ``dvc.lock`` and the on-disk signature of each
+    output it records, or None when the lock has no entry for it (or is
+    absent or unreadable: DVC will reproduce the stage). A repro that did
+    not run the command but changed this restored the stage."""
+    import yaml
+
+    root = Path(project_dir)
+    try:
+        entry = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}).get(stage)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    outs = [o["path"] for o in entry.get("outs") or [] if isinstance(o, dict) and "path" in o]
+    return json.dumps(entry, sort_keys=True, default=str), tuple(_path_signature(root / p) for p in outs)
 
 
 def stale_stages(stages: list[str], project_dir: Path | str) -> list[str]:
@@ -126,13 +161,14 @@ def stale_stages(stages: list[str], project_dir: Path | str) -> list[str]:
     return [s for s in stages if doc.get(s)]
 
 
-def what_dvc_did(stale: bool, forced: bool, ran: bool) -> str:
-    """"ran" when the stage's command ran; "restored" when DVC had to
-    reproduce it but did not run it (its run-cache held the outputs);
-    "skipped" when it was up to date."""
+def what_dvc_did(changed: bool, forced: bool, ran: bool) -> str:
+    """"ran" when the stage's command ran; "restored" when DVC reproduced it
+    without running it (``changed``: its lock entry or outputs changed; its
+    run-cache held the outputs), or was forced to; "skipped" when it was up
+    to date."""
     if ran:
         return "ran"
-    return "restored" if stale or forced else "skipped"
+    return "restored" if changed or forced else "skipped"
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -238,7 +274,7 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     torn = repair_torn_rwlock(project_dir)
     if torn:
         echo(torn + "\n")
-    stale = True if force else stage_is_stale(stage, project_dir)
+    before = None if force else stage_fingerprint(stage, project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="shrinkflow-stage-") as tmp:
@@ -272,7 +308,8 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
         if rc != 0:
             raise StageFailed(stage, rc, _whole_lines(output[-3000:]), failure_cause(output))
         ran = marker.is_file()
-    return StageRun(stage, what_dvc_did(stale, force, ran), round(time.perf_counter() - t0, 2))
+    changed = False if ran or force else (before is None or stage_fingerprint(stage, project_dir) != before)
+    return StageRun(stage, what_dvc_did(changed, force, ran), round(time.perf_counter() - t0, 2))
 
 
 def params_fingerprint(project_dir: Path | str) -> str:

@@ -60,10 +60,11 @@ def toy(tmp_path, monkeypatch) -> Path:
 
 
 def test_what_dvc_did_from_the_two_signals():
-    assert what_dvc_did(stale=True, forced=False, ran=True) == "ran"
-    assert what_dvc_did(stale=True, forced=False, ran=False) == "restored"
-    assert what_dvc_did(stale=False, forced=False, ran=False) == "skipped"
-    assert what_dvc_did(stale=False, forced=True, ran=True) == "ran"
+    assert what_dvc_did(changed=True, forced=False, ran=True) == "ran"
+    assert what_dvc_did(changed=True, forced=False, ran=False) == "restored"
+    assert what_dvc_did(changed=False, forced=False, ran=False) == "skipped"
+    assert what_dvc_did(changed=False, forced=True, ran=True) == "ran"
+    assert what_dvc_did(changed=False, forced=True, ran=False) == "restored"
 
 
 @pytest.mark.slow  # ~7 s: in the full suite, not the quick run
@@ -78,6 +79,10 @@ def test_ran_skipped_restored_and_forced_through_real_dvc(toy):
     (toy / "in.txt").write_text("a\n")  # seen before: DVC's run-cache has its output
     assert repro_stage("toy", toy, echo=lambda _: None).status == "restored"
     assert (toy / "out.txt").read_text() == "A\n"
+    (toy / "out.txt").unlink()   # its output gone, dvc.lock unchanged (a fresh clone): checked out, not run
+    assert repro_stage("toy", toy, echo=lambda _: None).status == "restored"
+    assert (toy / "out.txt").read_text() == "A\n"
+    assert repro_stage("toy", toy, echo=lambda _: None).status == "skipped"
     assert repro_stage("toy", toy, echo=lambda _: None, force=True).status == "ran"
 
 
