@@ -30,7 +30,13 @@ TINY = {
                            # tiny models time in fractions of a millisecond: noise, not a slowdown
                            "max_p95_b1_slowdown_vs_production": 1.0},
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
+    # codecarbon off: its hardware set-up costs 1.5-2 s in each metered stage (train, compress) of
+    # every pass. test_e2e_lifecycle turns it back on (METERED) and checks the figures end to end.
+    "cost": {"country_iso_code": None},
 }
+
+# TINY with codecarbon's energy and CO2 estimate on, as the default params have it.
+METERED = {"cost": {"country_iso_code": "USA"}}
 
 
 def deep_merge(base: dict, over: dict) -> dict:

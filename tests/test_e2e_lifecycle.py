@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e import TINY, copy_project, deep_merge, run_cli, stages_line, status_json, write_params
+from tests.e2e import METERED, TINY, copy_project, deep_merge, run_cli, stages_line, status_json, write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# The tiny params with codecarbon on: this test checks the energy figures.
+TINY = deep_merge(TINY, METERED)
 
 
 @pytest.fixture()
