@@ -1069,6 +1069,38 @@ class MonitorView(str, Enum):
     ui = "ui"
 
 
+def overlap_ephemeral_api(preload) -> None:
+    """Call ``preload()`` (imports the command needs anyway) while Prefect's
+    ephemeral API starts in a background thread, when this process will use
+    one (no PREFECT_API_URL: Prefect then starts a temporary server, a
+    uvicorn subprocess, at the flow's first call). The server's start-up (4-5 s
+    here, in its own process) then overlaps the imports instead of following
+    them. Returns when both are done. A start that fails here is left to
+    Prefect, which starts it again when the flow begins and raises its own
+    error; with PREFECT_API_URL set it only calls ``preload()``."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    thread = None
+    if not PREFECT_API_URL.value():
+        def start() -> None:
+            try:
+                from prefect.server.api.server import SubprocessASGIServer
+
+                SubprocessASGIServer().start()  # the instance Prefect's client uses (one per process)
+            except Exception:  # noqa: BLE001  (Prefect raises it again, with its message, at the flow's start)
+                pass
+
+        thread = threading.Thread(target=start, name="prefect-ephemeral-api", daemon=True)
+        thread.start()
+    try:
+        preload()
+    finally:
+        if thread is not None:
+            thread.join()
+
+
 @_command("monitor", "Run the monitor once (and re-compress if it says so); `monitor ui`: its dashboard.")
 def monitor_cmd(ctx: typer.Context,
                 view: Optional[MonitorView] = typer.Argument(
@@ -1093,7 +1125,9 @@ def monitor_cmd(ctx: typer.Context,
     adopt_params(s)
     try:
         from flows.monitor import monitor
+        from monitoring.evidently_reports import import_heavy
 
+        overlap_ephemeral_api(import_heavy)
         result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "the monitor", debug)

@@ -367,6 +367,20 @@ def _run_units(units: list[tuple[str, list]], cur_ds, ref_ds):
     return Report([m for _, ms, _ in ok for m in ms]).run(cur_ds, ref_ds), failed
 
 
+def import_heavy() -> None:
+    """Import now what ``build`` and the teacher's passes import when they
+    run: Evidently's metrics and presets (about 6 s on a 2-core CPU), torch
+    and transformers (about 3 s). ``build`` needs no call to this; it lets a
+    caller overlap that cost with other start-up work (the CLI: Prefect's
+    ephemeral API server, a subprocess). Raises ImportError as those imports
+    would."""
+    import evidently.legacy.metrics.data_drift.embedding_drift_methods  # noqa: F401
+    import evidently.metrics.embeddings  # noqa: F401
+    import evidently.presets  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
           validated: dict, params, out_dir: Path, created: str, seed: int = 0, truncation: str = "head",
           per_row: bool | None = None, labels: tuple[str, ...] | None = None,
