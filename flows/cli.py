@@ -81,7 +81,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                              "Ctrl-C or SIGTERM",
                 ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
-                                "not start, or stopped by itself"},
+                                "not start, or stopped by itself",
+                ExitCode.NOTHING: "nothing is in production (the monitor judges production's answers)"},
     "publish": {ExitCode.OK: "the shared registry holds every version and the production alias of this one",
                 ExitCode.USAGE: _USAGE + "; or shared_registry.url is not set",
                 ExitCode.CRASH: "the shared registry cannot be reached or written, holds another registry's "
@@ -930,6 +931,16 @@ def simulate_traffic(
     root, parsed = s.root, s.params
     if url is None:
         url = server_url(parsed.serve.host, parsed.serve.port)
+    else:
+        import httpx
+
+        try:
+            parsed_url = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise _fail(ExitCode.USAGE, f"--url {url!r} is not a URL: {exc}")
+        if parsed_url.scheme not in ("http", "https") or not parsed_url.host:
+            raise _fail(ExitCode.USAGE, f"--url {url!r} is not an http(s) URL with a host "
+                                        "(e.g. http://127.0.0.1:8000)")
     from shrinkflow.labels import BUILTIN_LABELS, read_labels
     from shrinkflow.paths import LABELS_JSON
 
@@ -1123,6 +1134,17 @@ def monitor_cmd(ctx: typer.Context,
     if view is MonitorView.ui:
         return _monitor_ui(s, host, port, debug)
     adopt_params(s)
+    from shrinkflow.errors import RegistryError
+    from shrinkflow.registry import Registry
+
+    registry = Registry(s.root / s.params.deploy.registry_dir)
+    try:
+        production = registry.alias()
+    except RegistryError as exc:
+        raise _crash(exc, "the monitor", debug, message=str(exc))
+    if production is None:  # said before Prefect starts a server for nothing
+        raise _fail(ExitCode.NOTHING, f"nothing to monitor: registry {registry.root} has nothing in production "
+                                      "(`shrinkflow run` deploys one; the monitor judges production's answers)")
     try:
         from flows.monitor import monitor
         from monitoring.evidently_reports import import_heavy

@@ -1379,7 +1379,12 @@ def parse_params_yaml(data: bytes | str, path: Path | str = "params.yaml") -> ob
         if dupes:
             raise ParamsError(path, [(k, f"{why}; DVC refuses a params file with a duplicated key, so "
                                          "shrinkflow does too: keep one") for k, why in dupes]) from None
-        raise ParamsError(path, [("<file>", f"not valid YAML (as DVC reads it, YAML 1.2): {exc}")]) from None
+        # ruamel names the text it was given "<unicode string>" and repeats each line number
+        # under its caret ("^ (line: 3)"): name the file, once.
+        import re
+
+        why = re.sub(r" \(line: \d+\)$", "", str(exc).replace('"<unicode string>"', f'"{path}"'), flags=re.M)
+        raise ParamsError(path, [("<file>", f"not valid YAML (as DVC reads it, YAML 1.2): {why}")]) from None
 
 
 def parse_params_bytes(data: bytes, path: Path | str = "params.yaml") -> Params:

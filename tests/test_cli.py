@@ -164,6 +164,18 @@ def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_pat
     assert "--to" not in out.stderr
 
 
+def test_monitor_with_nothing_in_production_says_so_and_starts_nothing(tmp_path):
+    """A newcomer's finding: in a fresh clone `monitor` answered "the
+    prediction log is empty" (exit 0) after starting a Prefect server; it is
+    "nothing in production", exit 4, as serve and rollback say it."""
+    root = bare_project(tmp_path)
+    out = cli(root, "monitor", "--report-only")
+    assert out.returncode == ExitCode.NOTHING, out.stderr
+    assert "nothing to monitor" in out.stderr and "nothing in production" in out.stderr
+    assert "shrinkflow run" in out.stderr and "Starting temporary server" not in out.stdout + out.stderr
+    assert not (root / "monitoring").exists() and not (root / ".shrinkflow").exists()
+
+
 # ------------------------------------------------------------ --params FILE
 def git(root: Path, *args: str) -> str:
     cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args]

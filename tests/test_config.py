@@ -80,8 +80,11 @@ def test_not_a_mapping_and_bad_files(tmp_path):
         load_params(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("data: [unclosed\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
+    with pytest.raises(ParamsError, match="not valid YAML") as info:
         load_params(broken)
+    # the file is named where the error is, not ruamel's "<unicode string>"; each line number once
+    assert f'in "{broken}", line' in str(info.value) and "<unicode string>" not in str(info.value)
+    assert "(line: " not in str(info.value)
 
 
 def test_digest_is_stable_and_sensitive(raw):

@@ -203,7 +203,7 @@ def test_metadata_metrics_and_docs(server):
     assert meta["deployed"]["version"] == "v0001" and meta["deployed"]["integrity"] == "verified"
     # v0001 is dynamic int8 deployed without a `serving` entry: its graph
     # makes it batch-dependent, so each text is its own model call
-    serving = {"per_row": True, "per_row_decided_by": "model graph", "batching": "each text alone (batch-invariant)",
+    serving = {"per_row": True, "per_row_decided_by": "model graph", "batching": "each text alone (the model's answers change with batching)",
                "truncation": "head"}
     assert meta["serving"] == serving
     assert httpx.get(f"{server.url}/health").json()["serving"] == serving

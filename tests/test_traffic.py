@@ -180,6 +180,13 @@ def test_bad_usage_exits_2(project, args):
     assert proc.returncode == 2, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("url", ["not-a-url", "localhost:8765", "ftp://127.0.0.1/x", "http://"])
+def test_a_url_that_is_not_an_http_url_is_bad_usage_not_an_unreachable_server(project, url):
+    proc = simulate(project, "--domain", "in", "--n", "5", "--url", url)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"--url {url!r} is not" in proc.stderr and "cannot reach" not in proc.stderr
+
+
 def test_shifted_traffic_of_a_task_without_shifted_data_exits_2_saying_what_to_set(tmp_path):
     """A user's task with no ``shifted_path`` has an empty shifted split:
     there is nothing to send, and the message says which param fills it."""

@@ -31,7 +31,7 @@ class LoadedModel:
     def serving(self, truncation: str) -> ServedAs:
         """How this version is served, for /health and /metadata."""
         return ServedAs(per_row=self.per_row, per_row_decided_by=self.per_row_source,
-                        batching="each text alone (batch-invariant)" if self.per_row else "batched",
+                        batching="each text alone (the model's answers change with batching)" if self.per_row else "batched",
                         truncation=truncation)
 
 
