@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -255,7 +256,10 @@ def train_classifier(model, tok, train_df: pd.DataFrame, val_df: pd.DataFrame, p
                          num_parameters=sum(p.numel() for p in model.parameters()))
     best_state = None
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, mininterval=2.0)
+    # a bar every 2 s in a terminal; in a log (DVC's output piped, CI) every 30 s, a heartbeat
+    # rather than a hundred lines per stage
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress,
+               mininterval=2.0 if sys.stderr.isatty() else 30.0)
     for epoch in range(params.epochs):
         model.train()
         lengths = [len(s) for s in train_seqs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 import numpy as np
@@ -149,7 +150,10 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
     sched = get_linear_schedule_with_warmup(opt, int(warmup_fraction * total), total)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     lengths = [len(s) for s in seqs]
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, mininterval=2.0)
+    # a bar every 2 s in a terminal; in a log (DVC's output piped, CI) every 30 s, a heartbeat
+    # rather than a hundred lines per stage
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress,
+               mininterval=2.0 if sys.stderr.isatty() else 30.0)
     for _ in range(epochs):
         for idx in length_grouped_batches(lengths, batch_size, 50, rng):
             ids, mask = _pad([seqs[i] for i in idx])
