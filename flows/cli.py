@@ -1081,35 +1081,37 @@ class MonitorView(str, Enum):
 
 
 def overlap_ephemeral_api(preload) -> None:
-    """Call ``preload()`` (imports the command needs anyway) while Prefect's
-    ephemeral API starts in a background thread, when this process will use
-    one (no PREFECT_API_URL: Prefect then starts a temporary server, a
-    uvicorn subprocess, at the flow's first call). The server's start-up (4-5 s
-    here, in its own process) then overlaps the imports instead of following
-    them. Returns when both are done. A start that fails here is left to
-    Prefect, which starts it again when the flow begins and raises its own
-    error; with PREFECT_API_URL set it only calls ``preload()``."""
+    """When this process will use Prefect's ephemeral API (no PREFECT_API_URL:
+    Prefect then starts a temporary server, a uvicorn subprocess, at the
+    flow's first call), start that server now in a background thread and
+    call ``preload()`` (imports the command needs anyway) meanwhile: the
+    server's start-up (4-5 s here, in its own process) overlaps the imports
+    instead of coming before them. Returns when both are done. A start that
+    fails here is left to Prefect, which starts it again when the flow begins
+    and raises its own error. With PREFECT_API_URL set it does nothing: there
+    is no start to overlap, and the flow imports what it needs when it needs
+    it (a run that stops early, on a locked log, imports nothing)."""
     import threading
 
     from prefect.settings import PREFECT_API_URL
 
-    thread = None
-    if not PREFECT_API_URL.value():
-        def start() -> None:
-            try:
-                from prefect.server.api.server import SubprocessASGIServer
+    if PREFECT_API_URL.value():
+        return
 
-                SubprocessASGIServer().start()  # the instance Prefect's client uses (one per process)
-            except Exception:  # noqa: BLE001  (Prefect raises it again, with its message, at the flow's start)
-                pass
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
 
-        thread = threading.Thread(target=start, name="prefect-ephemeral-api", daemon=True)
-        thread.start()
+            SubprocessASGIServer().start()  # the instance Prefect's client uses (one per process)
+        except Exception:  # noqa: BLE001  (Prefect raises it again, with its message, at the flow's start)
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-api", daemon=True)
+    thread.start()
     try:
         preload()
     finally:
-        if thread is not None:
-            thread.join()
+        thread.join()
 
 
 @_command("monitor", "Run the monitor once (and re-compress if it says so); `monitor ui`: its dashboard.")

