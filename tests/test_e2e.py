@@ -190,6 +190,10 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(project / ".prefect")
+    # The server's scheduler looks for deployments to schedule every 60 s by default: one created just
+    # after a loop waited up to a minute for its first runs (this test took 56-151 s). Every 5 s here;
+    # the scheduler, not the test, still creates the runs (asserted below).
+    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
                              "--monitor-interval", "7", "--name", "e2e"],
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
