@@ -331,9 +331,8 @@ def _datasets(current, reference, embedding_dims: int, with_target: bool, classe
         ([TRUNCATED] if TRUNCATED in current.columns else []),
         embeddings={EMBEDDINGS: [f"emb_{i}" for i in range(embedding_dims)]} if embedding_dims else None,
         classification=[task] if with_target else None)
-    with np.errstate(divide="ignore", invalid="ignore"):   # an all-NaN column's stats divide 0 by 0 (as in _run_units)
-        return (Dataset.from_pandas(current, data_definition=definition),
-                Dataset.from_pandas(reference, data_definition=definition))
+    return (Dataset.from_pandas(current, data_definition=definition),
+            Dataset.from_pandas(reference, data_definition=definition))
 
 
 def _reason(exc: BaseException) -> str:
@@ -346,18 +345,7 @@ def _run_units(units: list[tuple[str, list]], cur_ds, ref_ds):
     of those units that run on their own. Returns (snapshot or None,
     {unit: reason} for the units that failed). One metric's failure fails
     Evidently's whole report, so a failing unit is found by running each
-    alone.
-
-    numpy's floating-point warnings are off meanwhile: on a tiny window a
-    constant column makes Evidently divide 0 by 0 (``np.corrcoef``), which
-    printed "RuntimeWarning: invalid value encountered in divide" on every
-    such run. The NaN figures that follow are reported as not computed, with
-    their reason (``_drop_nan``), which says more than numpy's warning."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return _run_units_quiet(units, cur_ds, ref_ds)
-
-
-def _run_units_quiet(units: list[tuple[str, list]], cur_ds, ref_ds):
+    alone."""
     from evidently import Report
 
     if not units:
@@ -418,7 +406,22 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     and listed in ``not_computed`` with its reason. Raises ValueError for an
     empty window or an empty reference split, RegistryError for a served
     model whose manifest has no labels.
+
+    numpy's floating-point warnings are off while it runs: on a tiny window a
+    constant or all-NaN column makes Evidently divide 0 by 0 (``np.corrcoef``,
+    its column statistics), which printed "RuntimeWarning: invalid value
+    encountered in divide" on every such run. The NaN figures that follow are
+    reported as not computed, with their reason (``_drop_nan``).
     """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _build(window, reference, served_dir=served_dir, teacher_dir=teacher_dir, train_texts=train_texts,
+                      validated=validated, params=params, out_dir=out_dir, created=created, seed=seed,
+                      truncation=truncation, per_row=per_row, labels=labels, cache_dir=cache_dir)
+
+
+def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
+           validated: dict, params, out_dir: Path, created: str, seed: int, truncation: str,
+           per_row: bool | None, labels: tuple[str, ...] | None, cache_dir: Path | None) -> DriftSummary:
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
     from evidently.metrics import ValueDrift
     from evidently.metrics.embeddings import EmbeddingsDrift
@@ -727,8 +730,7 @@ def _write(out_dir: Path, snapshots: dict, summary: DriftSummary) -> None:
              "quality": (QUALITY_HTML, "quality.json")}
     for key, snap in snapshots.items():
         html, js = names[key]
-        with np.errstate(divide="ignore", invalid="ignore"):   # as in _run_units: NaNs are reported, not warned
-            snap.save_html(str(tmp / html))
-            snap.save_json(str(tmp / js))
+        snap.save_html(str(tmp / html))
+        snap.save_json(str(tmp / js))
     (tmp / SUMMARY_JSON).write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n")
     tmp.rename(out_dir)

@@ -141,9 +141,11 @@ def stage_fingerprint(stage: str, project_dir: Path | str) -> tuple | None:
     not run the command but changed this restored the stage."""
     import yaml
 
+    from shrinkflow.lineage import dvc_lock_stages
+
     root = Path(project_dir)
     try:
-        entry = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}).get(stage)
+        entry = dvc_lock_stages(root).get(stage)
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     if not isinstance(entry, dict):
