@@ -21,6 +21,7 @@ paired difference against the teacher, agreement) are in shrinkflow.stats.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 import time
 from pathlib import Path
@@ -129,7 +130,10 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
         while True:
             cmd, arg = conn.recv()
             if cmd == "stop":
-                break
+                # Nothing to flush: exit at once instead of tearing down torch and
+                # ONNX Runtime (0.5-1 s of the parent's join, every measurement).
+                conn.close()
+                os._exit(0)
             if cmd == "predict":
                 splits, per_row = arg
                 conn.send(("ok", predict_splits(predictor, splits, per_row)))

@@ -12,10 +12,9 @@ rename, so its dir is finished or absent.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-from stages.common import run_stage
+from stages.common import main
 
 
 def compress_metrics(results: dict, compute: dict):
@@ -68,4 +67,4 @@ def compress(params, root: Path):
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("compress", compress))
+    main("compress", compress)

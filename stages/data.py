@@ -7,7 +7,7 @@ import sys
 
 from pathlib import Path
 
-from stages.common import run_stage
+from stages.common import main
 
 
 def data(params, root: Path) -> None:
@@ -44,4 +44,4 @@ def data(params, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("data", data))
+    main("data", data)

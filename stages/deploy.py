@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from stages.common import run_stage
+from stages.common import main
 
 # The stages whose outputs (and params) make up a deployed model.
 CHAIN = ("fetch", "data", "train", "compress", "validate")
@@ -126,4 +125,4 @@ def keep_production(params, root: Path, gates) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("deploy", deploy))
+    main("deploy", deploy)

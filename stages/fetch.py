@@ -4,11 +4,10 @@ under data/user/ (data.source.kind: files)."""
 
 from __future__ import annotations
 
-import sys
 
 from pathlib import Path
 
-from stages.common import run_stage
+from stages.common import main
 
 
 def fetch(params, root: Path) -> None:
@@ -21,4 +20,4 @@ def fetch(params, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("fetch", fetch))
+    main("fetch", fetch)

@@ -5,11 +5,10 @@ Picks each budget's best compressed candidate on val, reports it on test.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-from stages.common import read_split, run_stage
+from stages.common import main, read_split
 
 SD_NAME = "small-direct-vocab-int8"
 
@@ -88,4 +87,4 @@ def frontier(params, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("frontier", frontier))
+    main("frontier", frontier)

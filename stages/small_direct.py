@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 from pathlib import Path
 
-from stages.common import read_split, run_stage
+from stages.common import main, read_split
 
 
 def small_direct(params, root: Path) -> None:
@@ -48,4 +47,4 @@ def small_direct(params, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("small_direct", small_direct))
+    main("small_direct", small_direct)

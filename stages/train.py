@@ -6,10 +6,9 @@ for the task: it is only measured on val and saved as the teacher.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from stages.common import read_split, run_stage
+from stages.common import main, read_split
 
 
 def train_metrics(result, labels, compute: dict):
@@ -63,4 +62,4 @@ def train(params, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("train", train))
+    main("train", train)

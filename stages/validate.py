@@ -3,11 +3,10 @@ select on val, confirm the choice alone on test."""
 
 from __future__ import annotations
 
-import sys
 
 from pathlib import Path
 
-from stages.common import read_lines, read_split, run_stage
+from stages.common import main, read_lines, read_split
 
 # Splits every model predicts. Labels are used for val (selection), test
 # (confirmation, chosen candidate only) and shifted (reported); reference
@@ -137,4 +136,4 @@ def read_production(root: Path, label_names) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("validate", validate))
+    main("validate", validate)

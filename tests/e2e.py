@@ -29,7 +29,8 @@ TINY = {
                            "max_size_mb": 100.0, "min_speedup": 0.2,
                            # tiny models time in fractions of a millisecond: noise, not a slowdown
                            "max_p95_b1_slowdown_vs_production": 1.0},
-                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3}},
+                 # 3 rounds (not 10): each turn pauses 50 ms for the last model's threads to idle
+                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3}},
     # codecarbon off: its hardware set-up costs 1.5-2 s in each metered stage (train, compress) of
     # every pass. test_e2e_lifecycle turns it back on (METERED) and checks the figures end to end.
     "cost": {"country_iso_code": None},

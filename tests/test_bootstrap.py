@@ -72,6 +72,50 @@ def test_bad_params_exit_2_before_the_stage_body(project, capsys):
     assert not called and "train.epochs" in capsys.readouterr().err
 
 
+STAGE_MAIN = """
+import atexit, sys, threading, time
+from pathlib import Path
+from stages.common import main
+
+def body(params, root):
+    atexit.register(lambda: Path("atexit.txt").write_text("ran"))
+    def late():
+        time.sleep(0.3)
+        Path("thread.txt").write_text("joined")
+    threading.Thread(target=late).start()
+    print("unflushed", end="")
+    print("to stderr", end="", file=sys.stderr)
+    if sys.argv[1] == "handled":
+        from shrinkflow.errors import MissingInput
+        raise MissingInput("a missing input")
+    if sys.argv[1] == "bug":
+        raise ZeroDivisionError("a bug")
+
+main("data", body)
+"""
+
+
+@pytest.mark.parametrize("how, code", [("ok", 0), ("handled", 1), ("bug", 1)])
+def test_a_stage_command_exits_with_its_code_after_threads_atexit_and_output(project, how, code):
+    """stages.common.main skips only the interpreter's teardown: the code is
+    run_stage's, non-daemon threads finish, atexit handlers run, and output
+    still unflushed at exit arrives. A bug exits the usual way, traceback
+    and all."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", STAGE_MAIN, how], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "unflushed"
+    assert proc.stderr.startswith("to stderr")
+    assert ("error: data: a missing input" in proc.stderr) == (how == "handled")
+    assert ("ZeroDivisionError: a bug" in proc.stderr) == (how == "bug")
+    assert (project / "atexit.txt").read_text() == "ran"
+    assert (project / "thread.txt").read_text() == "joined"
+
+
 def test_a_run_never_mixes_two_versions_of_params(project):
     from shrinkflow.errors import ParamsChanged
     from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint

@@ -194,6 +194,8 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
     # after a loop waited up to a minute for its first runs (this test took 56-151 s). Every 5 s here;
     # the scheduler, not the test, still creates the runs (asserted below).
     env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
+    # and the runner looks for due runs every 2 s, not 10 (each of the three runs waited for it)
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "2"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
                              "--monitor-interval", "7", "--name", "e2e"],
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
