@@ -134,11 +134,10 @@ def build_model(spec: ModelSpec, vocab_size: int, labels):
     count differs. Raises UnsupportedArchitecture / FileNotFoundError for a
     local checkpoint shrinkflow cannot load.
     """
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
     if isinstance(spec, PretrainedModel):
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(teacher_source_dir()), **label_maps(labels))
+        return from_pretrained_quietly(teacher_source_dir(), **label_maps(labels))
     if isinstance(spec, LocalModel):
         return load_checkpoint(checkpoint_dir(spec), labels)
     config = BertConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size,
@@ -156,12 +155,57 @@ def load_checkpoint(model_dir: Path | str, labels=None):
     checkpoint's head has another size). None: the checkpoint's own head and
     ``id2label`` (a model already fine-tuned for the task).
     """
-    from transformers import AutoModelForSequenceClassification
-
     check_checkpoint(model_dir)
     kwargs = {"ignore_mismatched_sizes": True, **label_maps(labels)} if labels is not None else {}
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir), use_safetensors=True, local_files_only=True, **kwargs)
+    return from_pretrained_quietly(model_dir, use_safetensors=True, local_files_only=True, **kwargs)
+
+
+def from_pretrained_quietly(model_dir: Path | str, log=print, **kwargs):
+    """``AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)``
+    with transformers' "LOAD REPORT" table (a box-drawn warning with terminal
+    escape codes, logged for every new classification head, which is what
+    fine-tuning expects) replaced by one plain line through ``log``, and
+    only when a weight was not simply loaded: ``loading_summary``."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    report = logging.getLogger("transformers.modeling_utils")   # the logger the table goes to
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(str(model_dir), output_loading_info=True,
+                                                                         **kwargs)
+    finally:
+        report.setLevel(level)
+    summary = loading_summary(info)
+    if summary:
+        log(f"model: {Path(model_dir).name}: {summary}")
+    return model
+
+
+def loading_summary(info: dict, show: int = 6) -> str:
+    """One line saying which weights ``from_pretrained`` did not simply load,
+    from its ``output_loading_info`` dict: newly initialised (not in the
+    checkpoint, e.g. a new head), re-initialised for another shape (with
+    ``ignore_mismatched_sizes``), and in the checkpoint but unused; "" when
+    every weight was loaded. At most ``show`` names of each kind."""
+    def names(keys) -> str:
+        keys = sorted(str(k) for k in keys)
+        more = f" and {len(keys) - show} more" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"newly initialised (not in the checkpoint): {names(info['missing_keys'])}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        shapes = [f"{m[0]} {tuple(m[1])} -> {tuple(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3
+                  else str(m) for m in mismatched]
+        parts.append(f"re-initialised for another shape: {names(shapes)}")
+    if info.get("unexpected_keys"):
+        parts.append(f"in the checkpoint but unused: {names(info['unexpected_keys'])}")
+    return "; ".join(parts)
 
 
 def write_manifest(model_dir: Path, fmt: str, max_seq_len: int, recipe: list | None = None,

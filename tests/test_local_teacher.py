@@ -386,6 +386,29 @@ def test_the_default_teachers_classifier_init_is_unchanged():
     assert new.config.id2label == {0: "negative", 1: "positive"}
 
 
+def test_loading_says_which_weights_are_new_in_one_line_without_transformers_table(tmp_path, capfd):
+    """A bare encoder gets a new head; a fine-tuned 2-class checkpoint loaded
+    for 3 labels gets its head re-initialised; loaded as it is, nothing is
+    said. Never transformers' box-drawn LOAD REPORT with escape codes."""
+    from shrinkflow.modeling import load_checkpoint
+
+    bare = make_checkpoint("bert", tmp_path / "bare")
+    tuned = make_checkpoint("bert", tmp_path / "tuned", id2label={0: "no", 1: "yes"}, classifier=True)
+
+    load_checkpoint(bare, LABELS)
+    out, err = capfd.readouterr()
+    assert "model: bare: newly initialised (not in the checkpoint): classifier.bias, classifier.weight" in out
+    load_checkpoint(tuned, LABELS)
+    out, err = capfd.readouterr()
+    assert "model: tuned: re-initialised for another shape: classifier.bias (2,) -> (3,), " \
+           "classifier.weight (2, 32) -> (3, 32)" in out, out
+    load_checkpoint(tuned, None)
+    out, err = capfd.readouterr()
+    assert "model:" not in out
+    for text in (out, err):
+        assert "LOAD REPORT" not in text and "\x1b[" not in text
+
+
 def test_max_seq_len_beyond_the_models_positions_is_refused(tmp_path):
     from shrinkflow.train import train_teacher
 

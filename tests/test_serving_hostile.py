@@ -160,6 +160,34 @@ def test_whatever_the_body_parser_raises_is_a_4xx(server, body, on_predict, on_f
         assert r.json()["detail"]
 
 
+@pytest.mark.parametrize("content_type, status", [
+    (None, 415),                                   # no header at all
+    ("application/x-www-form-urlencoded", 415),    # what `curl -d` sends without -H
+    ("text/plain", 415),
+    ("multipart/form-data; boundary=x", 415),
+    ("application/jsonx", 415),
+    ("application/json; charset=utf-8", 200),
+    ("Application/JSON", 200),
+    ("application/vnd.api+json", 200),
+])
+def test_only_a_json_content_type_is_read(server, content_type, status):
+    """A body not sent as JSON is refused, 415 naming the header to send,
+    before it is read; nothing refused is logged."""
+    before = log_of(server.root).count()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    with httpx.Client() as c:   # httpx adds no Content-Type to raw content
+        r = c.post(f"{server.url}/predict", content=b'{"texts": ["sent as what?"]}', headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    if status == 415:
+        assert r.json()["error"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in r.json()["detail"]
+        assert (repr(content_type.split(";")[0].lower()) if content_type else "no Content-Type") in r.json()["detail"]
+        r = httpx.post(f"{server.url}/feedback", content=b'{"prediction_id": "x", "label": 1}', headers=headers,
+                       timeout=30)
+        assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")
+    assert log_of(server.root).count() - before == (status == 200)
+
+
 def test_feedback_with_an_unknown_or_hostile_id_is_a_4xx(server):
     r = post_raw(server.url, "/feedback", json.dumps({"prediction_id": "0" * 32, "label": 1}).encode())
     assert (r.status_code, r.json()["error"]) == (404, "unknown_prediction")

@@ -57,13 +57,23 @@ async def get_log(request: Request) -> PredictionLog:
 
 
 async def json_body(request: Request):
-    """The body as strict JSON (``schemas.parse_json``), its size checked
+    """The body as strict JSON (``schemas.parse_json``), sent as JSON
+    (Content-Type ``application/json`` or ``application/*+json``, else 415
+    unsupported_media_type, before anything is read), its size checked
     against serve.max_body_bytes before it is parsed, as the
     Content-Length says and again as the bytes arrive. Raises ApiError: 413
     body_too_large, 400 not_utf8 or not_json, 422 invalid_request (a
     duplicated key), 408 request_timeout (the edge's deadline passed
     mid-body), 499 client_disconnected."""
     params: ServeParams = request.app.state.serving.params
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        # curl -d without -H sends application/x-www-form-urlencoded: say what to send
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as JSON with the header 'Content-Type: application/json' "
+                       f"(this request's: {printable(media, 100)!r})" if media else
+                       "send the body as JSON with the header 'Content-Type: application/json' "
+                       "(this request has no Content-Type)")
     too_large = f"the body exceeds {params.max_body_bytes} bytes"
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > params.max_body_bytes):

@@ -41,7 +41,7 @@ async def started() -> float:
 
 @router.post("/predict", summary="Label texts with the production model", response_model=PredictResponse,
              openapi_extra=request_body(PredictRequest),
-             responses=error_responses(400, 401, 408, 413, 422, 500, 503))
+             responses=error_responses(400, 401, 408, 413, 415, 422, 500, 503))
 async def predict(t0: float = Depends(started), req: PredictRequest = Depends(predict_request),
                   state: ServingState = Depends(serving_state)):
     """One prediction per text, by the version being served (named in the
@@ -91,7 +91,7 @@ async def predict(t0: float = Depends(started), req: PredictRequest = Depends(pr
 
 
 @router.post("/feedback", summary="Store the true label of a prediction", response_model=FeedbackResponse,
-             openapi_extra=request_body(FeedbackRequest), responses=error_responses(400, 401, 404, 413, 422, 503))
+             openapi_extra=request_body(FeedbackRequest), responses=error_responses(400, 401, 404, 413, 415, 422, 503))
 async def feedback(req: FeedbackRequest = Depends(feedback_request), holder: ModelHolder = Depends(get_holder),
                    log: PredictionLog = Depends(get_log)):
     """The label by name or by index in the served labels; feedback given
