@@ -1247,7 +1247,8 @@ def main() -> None:
     """Console-script entry point: runs the app and exits with its ExitCode.
     Ctrl-C exits INTERRUPTED; an exception that escapes a command (a bug in
     the CLI itself) exits CRASH with its traceback, not Typer's exit 1, which
-    means "refused" here."""
+    means "refused" here. A command that returns exits through
+    ``shrinkflow.bootstrap.exit_without_teardown``."""
     try:
         code = app(standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
@@ -1260,7 +1261,11 @@ def main() -> None:
         typer.echo(f"error: shrinkflow crashed: {type(exc).__name__}: {exc}", err=True)
         traceback.print_exception(exc, file=sys.stderr)
         sys.exit(ExitCode.CRASH)
-    sys.exit(code if isinstance(code, int) else ExitCode.OK)
+    # The command finished: exit without freeing what it imported (Evidently, torch,
+    # transformers: 1-2 s of a 2-core CPU after a monitor or run); atexit still runs.
+    from shrinkflow.bootstrap import exit_without_teardown
+
+    exit_without_teardown(code if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

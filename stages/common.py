@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from shrinkflow.bootstrap import configure_env, declared_params, mark_stage_ran
+from shrinkflow.bootstrap import configure_env, declared_params, exit_without_teardown, mark_stage_ran
 # The readers live in the library (a Prefect task reads inputs too); the
 # stages import them from here.
 from shrinkflow.splits import read_lines, read_split  # noqa: F401
@@ -66,28 +66,9 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
 
 def main(stage: str, body: Callable) -> NoReturn:
     """A stage command's entry point: ``run_stage(stage, body)``, then exit
-    with its code without the interpreter's teardown.
-
-    Once the outputs are written, what is left at exit is the interpreter
-    freeing torch, transformers and their thousands of modules: 1.3-1.6 s in
-    train and compress on a 2-core CPU, on every stage run. The exit is the
-    interpreter's own but for that: non-daemon threads are joined and the
-    ``atexit`` handlers run (logging's flush, Prefect's, multiprocessing's
-    reaping of its children), output is flushed, then ``os._exit``. A bug
-    (an exception ``run_stage`` does not handle) exits the usual way, with
-    its traceback."""
-    import atexit
-    import os
-    import threading
-
-    code = run_stage(stage, body)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):   # closed or a broken pipe: nothing more can be said
-            pass
-    os._exit(code)
+    with its code without the interpreter's teardown
+    (``shrinkflow.bootstrap.exit_without_teardown``: once the outputs are
+    written, freeing torch and transformers took 1.3-1.6 s of every train and
+    compress run). A bug (an exception ``run_stage`` does not handle) exits
+    the usual way, with its traceback."""
+    exit_without_teardown(run_stage(stage, body))
