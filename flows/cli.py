@@ -50,7 +50,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                                "(serve.registry: shared) the shared registry cannot be used and nothing is cached"},
     "serve": {ExitCode.OK: "served until stopped", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
               ExitCode.CRASH: "production's files, its labels or the prediction log are unusable; or "
-                              "(serve.registry: shared) the shared registry cannot be used and nothing is cached",
+                              "(serve.registry: shared) the shared registry cannot be used and nothing is cached; "
+                              "or the port is in use",
               ExitCode.NOTHING: "nothing is in production (serve.registry: shared: in the shared registry)"},
     "rollback": {ExitCode.OK: "production moved back (and published, with shared_registry.url)",
                  ExitCode.USAGE: _USAGE + "; or --to names no version (or none is recorded as previous)",
@@ -77,9 +78,11 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "window": {ExitCode.OK: "restored", ExitCode.USAGE: _USAGE + "; or no such version",
                ExitCode.CRASH: "the archived window is missing", ExitCode.NOTHING:
                "the version was not re-compressed on a production window"},
-    "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression deployed; `monitor ui`: stopped by "
-                             "Ctrl-C or SIGTERM",
-                ExitCode.REFUSED: "a re-compression deployed nothing (gates)", ExitCode.USAGE: _USAGE + _ADOPT,
+    "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression or retrain deployed; `monitor ui`: "
+                             "stopped by Ctrl-C or SIGTERM",
+                ExitCode.REFUSED: "a re-compression or retrain deployed nothing (gates; a retrained teacher that "
+                                  "failed its own gates, the project put back as it was)",
+                ExitCode.USAGE: _USAGE + _ADOPT,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
                                 "not start, or stopped by itself",
                 ExitCode.NOTHING: "nothing is in production (the monitor judges production's answers)"},
@@ -347,8 +350,13 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
     stages = ", ".join(f"{s}={r['status']}" for s, r in result["stages"].items())
     out = ["", "=" * 72, f"stages: {stages}"]
     if result["deployed_version"]:
-        out.append(f"DEPLOYED {result['deployed_version']} (candidate {result['selected']!r}) "
-                   f"-> {parsed.deploy.registry_dir}/versions/{result['deployed_version']}")
+        version, where = result["deployed_version"], f"{parsed.deploy.registry_dir}/versions/{result['deployed_version']}"
+        if result["stages"].get("deploy", {}).get("status") == "skipped":
+            # DVC found nothing changed since that deploy: this run deployed nothing
+            out.append(f"UP TO DATE: {version} (candidate {result['selected']!r}) was deployed by an earlier run "
+                       f"and nothing changed since, so nothing was re-deployed -> {where}")
+        else:
+            out.append(f"DEPLOYED {version} (candidate {result['selected']!r}) -> {where}")
         for c in gates.unconfirmed or []:
             out.append(f"  set aside first: {c.candidate!r} passed every gate on val but not on test: "
                        + "; ".join(f.describe() for f in c.gates.to_report().failures))
@@ -428,7 +436,8 @@ def _serving_host_status(s: Session, as_json: bool, debug: bool) -> None:
 @_command("serve", "Serve the production version over HTTP.")
 def serve(ctx: typer.Context,
           host: Optional[str] = typer.Option(None, "--host", help="default: serve.host (127.0.0.1)"),
-          port: Optional[int] = typer.Option(None, "--port", help="default: serve.port"),
+          port: Optional[int] = typer.Option(None, "--port", min=0, max=65535,
+                                             help="default: serve.port; 0: a free port (printed)"),
           workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes"),
           params: ParamsOpt = None, debug: DebugOpt = False):
     """Serve the registry's production version over HTTP (FastAPI + uvicorn)."""
@@ -466,7 +475,15 @@ def serve(ctx: typer.Context,
         log.open()
     except (RegistryError, IntegrityError, PredictionLogError, OSError) as exc:
         raise _crash(exc, "serve", debug, message=f"cannot serve: {exc}")
-    host, port = host or sp.host, port or sp.port
+    host, port = host or sp.host, sp.port if port is None else port
+    from shrinkflow.ports import free_port, port_is_free
+
+    if port == 0:   # as `monitor ui --port 0`: a free port, printed below
+        port = free_port(host)
+    elif not port_is_free(host, port):
+        log.close()
+        raise _fail(ExitCode.CRASH, f"cannot serve: {host}:{port} is already in use (another server? `--port 0` "
+                                    "picks a free port)")
     typer.echo(f"serving {registry.alias()} from {source} on http://{host}:{port} "
                f"(docs at /docs, monitoring reports at /reports/; prediction log {log.location})")
     # The HTTP edge (shrinkflow/httpedge.py): header size and count limits and
@@ -474,6 +491,9 @@ def serve(ctx: typer.Context,
     # WebSockets (the API has none, and an upgraded connection would escape
     # those limits). The limits come from the app (serve: in params.yaml).
     edge = {"http": PROTOCOL, "ws": "none", "log_level": "warning"}
+    from shrinkflow.serving.app import log_to_stderr
+
+    log_to_stderr()   # hot reloads and refusals, timestamped
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
         uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers, **edge)
@@ -1001,20 +1021,22 @@ def simulate_traffic(
 
 
 @_command("window", "Restore the window a version was re-compressed on.")
-def window(ctx: typer.Context, version: str = typer.Argument(..., help="a registry version, e.g. v0006"),
+def window(ctx: typer.Context,
+           version: str = typer.Argument(..., metavar="VERSION", help="a registry version, e.g. v0006"),
            out: Path = typer.Option(..., "--out", help="where to write the window's distillation text"),
            heldout: bool = typer.Option(False, "--heldout", help="restore the held-out part instead"),
            params: ParamsOpt = None, debug: DebugOpt = False):
     """Restore the production window a version was re-compressed on, from the
     DVC-tracked archive (data/windows/), by the md5 in its lineage."""
+    from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
     from shrinkflow.window import restore_window
 
     s = _session(ctx)
     try:
         lineage = Registry(s.root / s.params.deploy.registry_dir).manifest(version).get("lineage") or {}
-    except (KeyError, ValueError) as exc:
-        raise _fail(ExitCode.USAGE, str(exc))
+    except (KeyError, ValueError, RegistryError) as exc:   # no such version, or not a version name
+        raise _fail(ExitCode.USAGE, str(exc.args[0]) if exc.args else str(exc))
     meta = lineage.get("window")
     if not meta:
         raise _fail(ExitCode.NOTHING, f"{version} was not re-compressed on a production window (no window in its "

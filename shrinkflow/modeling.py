@@ -170,17 +170,23 @@ def from_pretrained_quietly(model_dir: Path | str, log=print, **kwargs):
 
     from transformers import AutoModelForSequenceClassification
 
-    report = logging.getLogger("transformers.modeling_utils")   # the logger the table goes to
-    level = report.level
-    report.setLevel(logging.ERROR)
+    # A filter on the logger the table goes to, not a level: transformers 5 checks its
+    # tensor-parallel plan (and logs a 1,000-character line) when that logger's level
+    # is WARNING or above.
+    def no_table(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(no_table)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(str(model_dir), output_loading_info=True,
                                                                          **kwargs)
     finally:
-        report.setLevel(level)
+        report.removeFilter(no_table)
     summary = loading_summary(info)
     if summary:
-        log(f"model: {Path(model_dir).name}: {summary}")
+        where = Path(model_dir)
+        log(f"loaded {where.parent.name}/{where.name}: {summary}")
     return model
 
 

@@ -256,6 +256,25 @@ def test_the_run_summary_names_each_failed_gate(tmp_path, capsys):
     assert "student-l024-int8 (val)" not in out and "test confirmation" not in out
 
 
+@pytest.mark.parametrize("deploy, says", [("ran", "DEPLOYED v0003 (candidate 'int8')"),
+                                           ("skipped", "UP TO DATE: v0003 (candidate 'int8') was deployed by an "
+                                                       "earlier run")])
+def test_the_run_summary_says_deployed_only_when_this_run_deployed(tmp_path, capsys, deploy, says):
+    """A newcomer's finding: an unchanged re-run, every stage skipped, said
+    "DEPLOYED v0001" though it deployed nothing."""
+    from flows.cli import _print_summary
+    from shrinkflow.config import load_params
+
+    gates = json.loads((DATA / "gates.json").read_text())
+    result = {"stages": {"validate": {"status": deploy, "seconds": 1.0}, "deploy": {"status": deploy, "seconds": 1.0}},
+              "selected": "int8", "deployed_version": "v0003", "production_version": "v0003",
+              "gates": gates, "flow_run_id": "id", "flow_run_name": "name"}
+    _print_summary(tmp_path, load_params(Path(__file__).parents[1] / "params.yaml"), result)
+    out = capsys.readouterr().out
+    assert says in out and "registry/versions/v0003" in out
+    assert ("DEPLOYED" in out) == (deploy == "ran")
+
+
 # ------------------------------------------------------- the deploy stage, end to end on the real documents
 def deploy_project(tmp_path: Path) -> Path:
     """A project holding the default run's validate, train and compress

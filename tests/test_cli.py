@@ -164,6 +164,22 @@ def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_pat
     assert "--to" not in out.stderr
 
 
+@pytest.mark.parametrize("version, says", [
+    ("nosuch", "'nosuch' is not a version name (vNNNN)"),   # a newcomer's: exit 3 and a traceback
+    ("v0099", "no version 'v0099'"),
+])
+def test_window_of_a_version_that_is_not_there_is_bad_usage_in_one_line(tmp_path, version, says):
+    from shrinkflow.registry import Registry
+    from tests.test_registry import PASS, model_dir
+
+    root = bare_project(tmp_path)
+    Registry(root / "registry").promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    out = cli(root, "window", version, "--out", str(tmp_path / "w.txt"))
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert out.stderr.startswith("error: ") and says in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert '"' not in out.stderr and not (tmp_path / "w.txt").exists()
+
+
 def test_monitor_with_nothing_in_production_says_so_and_starts_nothing(tmp_path):
     """A newcomer's finding: in a fresh clone `monitor` answered "the
     prediction log is empty" (exit 0) after starting a Prefect server; it is

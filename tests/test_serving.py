@@ -422,6 +422,66 @@ def test_serve_refuses_to_start_on_a_log_another_process_holds_locked(tmp_path, 
     assert "serving v0001" not in out.stdout
 
 
+def test_the_server_logs_each_hot_reload_and_each_refusal_once(tmp_path, candidates):
+    """A newcomer's finding: production moved v0001 -> v0002 -> v0001 and the
+    server's log said nothing; only /health showed it."""
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["serve"].update({"reload_poll_s": 0.2, "threads": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    reg = Registry(tmp_path / "registry")
+    reg.promote(candidates["int8"], PASS, record("int8"))
+    srv = Server(tmp_path, free_port(), token=None, output=tmp_path / "server.log")
+    try:
+        new = reg.promote(candidates["fp32"], PASS, record("fp32")).version
+        assert wait_for_version(srv.url, new)
+        aliases = tmp_path / "registry" / "aliases.json"
+        good = aliases.read_text()
+        aliases.write_text("{")                      # half-written: refused, and said once
+        time.sleep(1.5)
+        aliases.write_text(good)
+        assert httpx.get(f"{srv.url}/health").json()["model_version"] == new
+    finally:
+        srv.stop()
+    out = srv.output_text()
+    assert f"INFO shrinkflow.serve: now serving {new} (production moved)" in out, out
+    refusals = [line for line in out.splitlines() if "not serving production (unreadable aliases)" in line]
+    assert len(refusals) == 1 and refusals[0].endswith(f"still serving {new}"), out
+
+
+def test_serve_on_a_port_in_use_refuses_in_one_line_and_port_0_picks_a_free_one(server, project):
+    """A newcomer's findings: on a port in use serve printed "serving ..."
+    then uvicorn's raw errno and exited; `--port 0` bound serve.port (8000)."""
+    import re
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    taken = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--port", str(server.port)], cwd=project,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 3, taken.stdout + taken.stderr
+    assert f"error: cannot serve: 127.0.0.1:{server.port} is already in use" in taken.stderr
+    assert "serving v0" not in taken.stdout and "Errno" not in taken.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+) ", line).group(1))
+        assert port not in (0, 8000), line
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model_version"]
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the server on the printed port did not answer")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
     """The database is held by another writer past the busy timeout: the
     server answers 503 rather than answer without logging, and recovers."""
@@ -504,6 +564,18 @@ def test_several_workers_serve_and_log(project):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_an_unknown_path_or_method_gets_the_one_error_shape(server):
+    """A newcomer's finding: GET /predict answered {"detail": "Method Not
+    Allowed"}, unlike every other error."""
+    r = httpx.get(f"{server.url}/predict", headers=AUTH)
+    assert r.status_code == 405 and r.json() == {"error": "method_not_allowed", "detail": "Method Not Allowed"}
+    assert "POST" in r.headers["allow"]
+    r = httpx.get(f"{server.url}/nope", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert 'kind="method_not_allowed"' in text and 'kind="not_found"' in text
 
 
 def test_reports_before_any_monitor_run_are_a_clear_404(server, project):

@@ -22,7 +22,9 @@ async def watch_production(state) -> None:
     """Every serve.reload_poll_s, load and swap in a new production version
     (``ModelHolder.poll``, off the event loop). A poll that fails in a way
     ``poll`` does not report is logged and the next one tried: hot reload
-    never stops silently."""
+    never stops silently. Each swap is logged (INFO on ``shrinkflow.serve``),
+    and each new refusal once (WARNING)."""
+    reported = state.holder.refused
     while True:
         await asyncio.sleep(state.params.reload_poll_s)
         try:
@@ -33,6 +35,12 @@ async def watch_production(state) -> None:
             continue
         if swapped:
             state.metrics.serving(state.holder.current.version)
+            logger.info("now serving %s (production moved)", state.holder.current.version)
+        elif state.holder.refused and state.holder.refused != reported:
+            logger.warning("not serving production %s: %s; still serving %s",
+                           state.holder.refused.get("version") or "(unreadable aliases)",
+                           state.holder.refused["reason"], state.holder.current.version)
+        reported = state.holder.refused
 
 
 @asynccontextmanager
@@ -91,7 +99,9 @@ def create_app(registry: Registry, log: PredictionLog, params: ServeParams, repo
 
     from shrinkflow.serving import operations, predict
     from shrinkflow.serving.deps import ServingState
-    from shrinkflow.serving.errors import ApiError, api_error_handler
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from shrinkflow.serving.errors import ApiError, api_error_handler, http_error_handler
     from shrinkflow.serving.holder import ModelHolder
     from shrinkflow.serving.metrics import Metrics
     from shrinkflow.serving.middleware import TokenAndMetrics
@@ -107,6 +117,7 @@ def create_app(registry: Registry, log: PredictionLog, params: ServeParams, repo
                                      writer=LogWriter(log), metrics=metrics)
     app.add_middleware(TokenAndMetrics, metrics=metrics, token=token)
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(predict.router)
     app.include_router(operations.router)
     if reports_dir is not None:
@@ -119,12 +130,26 @@ def create_app(registry: Registry, log: PredictionLog, params: ServeParams, repo
 make_app = create_app   # the name flows/cli.py and bench/serving.py call
 
 
+def log_to_stderr() -> None:
+    """What the server logs (``shrinkflow.serve``: hot reloads, refusals, a
+    stopped micro-batcher), timestamped on stderr; once per process. Called
+    by `shrinkflow serve` and each of its workers, never at import."""
+    serve_log = logging.getLogger("shrinkflow.serve")
+    if not serve_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s shrinkflow.serve: %(message)s"))
+        serve_log.addHandler(handler)
+        serve_log.setLevel(logging.INFO)
+        serve_log.propagate = False
+
+
 def app_from_env():
     """uvicorn factory for `shrinkflow serve --workers N` (each worker builds
     its own app from the project named in SHRINKFLOW_PROJECT)."""
     from shrinkflow.config import load_params
 
     root = Path(os.environ["SHRINKFLOW_PROJECT"])
+    log_to_stderr()
     params = load_params(root / "params.yaml")
     registry, follower = served_registry(root, params)
     return create_app(registry, prediction_log(root, params.serve), params.serve,

@@ -100,7 +100,7 @@ async def json_body(request: Request):
     except DuplicateKey as exc:
         raise ApiError(422, "invalid_request", f"duplicate key {printable(exc.args[0])!r} in the body") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, "not_json", f"the body is not JSON: {exc.msg} at character {exc.pos}") from None
+        raise ApiError(400, "not_json", f"the body is not JSON: {exc.msg} (character {exc.pos})") from None
     except RecursionError:
         raise ApiError(400, "not_json", "the body is nested too deeply to parse") from None
     except ValueError as exc:  # NaN/Infinity, an integer over 4300 digits

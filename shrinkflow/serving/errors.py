@@ -34,3 +34,21 @@ async def api_error_handler(request: Request, exc: ApiError) -> Response:
     """The app's exception handler for ApiError."""
     return error_response(request.app.state.serving.metrics, exc.status, exc.kind, exc.message,
                           endpoint_label(request.scope["path"]), **exc.extra)
+
+
+# Starlette's own refusals (an unknown path, a method the route does not
+# take), in the same shape as every other error.
+HTTP_KINDS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error_handler(request: Request, exc) -> Response:
+    """The app's handler for Starlette's HTTPException (404 for a path no
+    route or report serves, 405 for a method a route does not take): the
+    one error shape, counted like the others, its headers (405's
+    ``Allow``) kept."""
+    response = error_response(request.app.state.serving.metrics, exc.status_code,
+                              HTTP_KINDS.get(exc.status_code, f"http_{exc.status_code}"), str(exc.detail),
+                              endpoint_label(request.scope["path"]))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response
