@@ -6,6 +6,7 @@ once from the package index, then cached), models are real (tiny) BERTs.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -24,7 +25,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The suite is an entry point like any other: the one bootstrap, except that
 # Prefect's home is a temporary directory (set first; the bootstrap never
 # overrides), so the tests never write to ~/.prefect or the checkout's .prefect/.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shrinkflow-prefect-home-"))
+# Made only where none is set (xdist's workers inherit the controller's), and removed at exit.
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="shrinkflow-prefect-home-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 configure_env(PROJECT_ROOT)
 
 
