@@ -166,6 +166,8 @@ def test_rollback_with_one_version_says_there_is_nothing_to_roll_back_to(tmp_pat
 
 @pytest.mark.parametrize("version, says", [
     ("nosuch", "'nosuch' is not a version name (vNNNN)"),   # a newcomer's: exit 3 and a traceback
+    ("v1", "'v1' is not a version name (vNNNN)"),
+    ("../v0001", "'../v0001' is not a version name (vNNNN)"),
     ("v0099", "no version 'v0099'"),
 ])
 def test_window_of_a_version_that_is_not_there_is_bad_usage_in_one_line(tmp_path, version, says):

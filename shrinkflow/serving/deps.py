@@ -69,11 +69,9 @@ async def json_body(request: Request):
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         # curl -d without -H sends application/x-www-form-urlencoded: say what to send
+        sent = f"this request's: {printable(media, 100)!r}" if media else "this request has no Content-Type"
         raise ApiError(415, "unsupported_media_type",
-                       f"send the body as JSON with the header 'Content-Type: application/json' "
-                       f"(this request's: {printable(media, 100)!r})" if media else
-                       "send the body as JSON with the header 'Content-Type: application/json' "
-                       "(this request has no Content-Type)")
+                       f"send the body as JSON with the header 'Content-Type: application/json' ({sent})")
     too_large = f"the body exceeds {params.max_body_bytes} bytes"
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > params.max_body_bytes):
