@@ -16,6 +16,8 @@ one table in docs/exit-codes.md, and each command's ``--help`` lists its own
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -1102,38 +1104,49 @@ class MonitorView(str, Enum):
     ui = "ui"
 
 
-def overlap_ephemeral_api(preload) -> None:
-    """When this process will use Prefect's ephemeral API (no PREFECT_API_URL:
-    Prefect then starts a temporary server, a uvicorn subprocess, at the
-    flow's first call), start that server now in a background thread and
-    call ``preload()`` (imports the command needs anyway) meanwhile: the
-    server's start-up (4-5 s here, in its own process) overlaps the imports
-    instead of coming before them. Returns when both are done. A start that
-    fails here is left to Prefect, which starts it again when the flow begins
-    and raises its own error. With PREFECT_API_URL set it does nothing: there
-    is no start to overlap, and the flow imports what it needs when it needs
-    it (a run that stops early, on a locked log, imports nothing)."""
-    import threading
+@contextlib.contextmanager
+def ephemeral_api(preload):
+    """Where this process would use Prefect's ephemeral API (no
+    PREFECT_API_URL: Prefect's client then starts a temporary server at the
+    flow's first call), start that server now, in its own process
+    (flows.prefect_server.TemporaryPrefectServer, log in PREFECT_HOME), call
+    ``preload()`` (imports the command needs anyway) while it starts, wait
+    until it answers, and run the body with PREFECT_API_URL set to it (this
+    process's Prefect settings and its environment, which Prefect's worker
+    threads read). The server is stopped at exit, after Prefect's own exit
+    handlers have sent the runs' last logs. Yields the API URL.
 
-    from prefect.settings import PREFECT_API_URL
+    Against Prefect's own start at the flow's first call, the command's
+    imports run beside the server's start-up instead of before it, and this
+    process never imports Prefect's server app (about 4 s here). With
+    PREFECT_API_URL set it does nothing and yields None: there is no start
+    to overlap, and the flow imports what it needs when it needs it (a run
+    that stops early, on a locked log, imports nothing). Raises RuntimeError
+    (the server's log tail) when the server does not start in time."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_HOME as PREFECT_HOME_SETTING
 
     if PREFECT_API_URL.value():
+        yield None
         return
+    from prefect.logging import get_logger
 
-    def start() -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
+    from flows.prefect_server import TemporaryPrefectServer
 
-            SubprocessASGIServer().start()  # the instance Prefect's client uses (one per process)
-        except Exception:  # noqa: BLE001  (Prefect raises it again, with its message, at the flow's start)
-            pass
+    server = TemporaryPrefectServer(Path(PREFECT_HOME_SETTING.value()) / "temporary-server.log")
+    server.launch()
+    log = get_logger()   # "prefect", as Prefect's own start logs it
+    log.info(f"Starting temporary server on {server.url} (Prefect's ephemeral API; log {server.log_path})")
+    preload()
+    api_url = server.wait_ready()
 
-    thread = threading.Thread(target=start, name="prefect-ephemeral-api", daemon=True)
-    thread.start()
-    try:
-        preload()
-    finally:
-        thread.join()
+    def stopping() -> None:
+        log.info(f"Stopping temporary server on {server.url}")
+
+    atexit.register(stopping)   # runs just before the server's stop, registered at its launch
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield api_url
 
 
 @_command("monitor", "Run the monitor once (and re-compress if it says so); `monitor ui`: its dashboard.")
@@ -1171,10 +1184,10 @@ def monitor_cmd(ctx: typer.Context,
                                       "(`shrinkflow run` deploys one; the monitor judges production's answers)")
     try:
         from flows.monitor import monitor
-        from monitoring.evidently_reports import import_heavy
+        from monitoring.run import prepare
 
-        overlap_ephemeral_api(import_heavy)
-        result = monitor(project_dir=str(s.root), act=act)
+        with ephemeral_api(lambda: prepare(s.root, s.params)):
+            result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "the monitor", debug)
     rec = result.get("recompress") or result.get("retrain")
@@ -1265,6 +1278,23 @@ def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None
         ui.stop()
 
 
+def flush_prefect_workers(timeout_s: float = 30.0) -> None:
+    """Send what Prefect's log and event workers still hold, and stop them,
+    now: while the event loop they run on, and a temporary API server, still
+    run. Left to the exit, logging's shutdown (the last exit handler) asks
+    the log worker to drain after Prefect's exit handlers have stopped that
+    loop, and waits its full 5 s timeout for an answer that cannot come (5.00
+    s after every `shrinkflow monitor` here). Does nothing where Prefect was
+    never imported."""
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
 def main() -> None:
     """Console-script entry point: runs the app and exits with its ExitCode.
     Ctrl-C exits INTERRUPTED; an exception that escapes a command (a bug in
@@ -1286,6 +1316,8 @@ def main() -> None:
     # The command finished: exit without freeing what it imported (Evidently, torch,
     # transformers: 1-2 s of a 2-core CPU after a monitor or run); atexit still runs.
     from shrinkflow.bootstrap import exit_without_teardown
+
+    flush_prefect_workers()
 
     exit_without_teardown(code if isinstance(code, int) else ExitCode.OK)
 

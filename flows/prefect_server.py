@@ -109,6 +109,12 @@ class TiedServer:
         """Start the server and wait until ``health_url`` answers 200;
         returns ``started()``. Raises RuntimeError (with the log's tail) when
         it exits or does not answer within ``startup_timeout_s``."""
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the server's process and return at once (``wait_ready``
+        waits for it). Its stop is registered at exit."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
         log = open(self.log_path, "ab")
@@ -117,15 +123,24 @@ class TiedServer:
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+        self._launched = time.monotonic()
         atexit.register(self.stop)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
+
+    def wait_ready(self) -> str:
+        """Wait until the launched server's ``health_url`` answers 200, at
+        most ``startup_timeout_s`` from its launch; returns ``started()``.
+        Raises RuntimeError (with the log's tail, the server stopped) when it
+        exits or does not answer in time."""
+        deadline = self._launched + self.startup_timeout_s
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
                                    f"log {self.log_path}:\n{self._tail()}")
             if self.healthy():
                 return self.started()
-            time.sleep(0.5)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} did not answer within {self.startup_timeout_s:.0f}s; "
                            f"log {self.log_path}:\n{self._tail()}")
@@ -198,6 +213,64 @@ class LocalPrefectServer(TiedServer):
                     "PREFECT_UI_URL": self.url})
         if not self.scheduler:
             env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
+        return env
+
+    def started(self) -> str:
+        return self.api_url
+
+
+class TemporaryPrefectServer(TiedServer):
+    """Prefect's ephemeral API server for one CLI command, on a free loopback
+    port: the app, flags and settings Prefect's own client starts when no
+    ``PREFECT_API_URL`` is set (``prefect.server.api.server.
+    SubprocessASGIServer``, Prefect 3: uvicorn on ``create_app``, the UI off,
+    the ephemeral flags, this process's Prefect settings), its state in this
+    process's ``PREFECT_HOME`` as there, its output in ``log_path``.
+
+    Started here rather than by Prefect's client so that this process never
+    imports Prefect's server app (about 4 s of a 2-core CPU here, holding
+    the interpreter's lock against the command's own imports): ``launch()``
+    returns at once, the command imports what it needs while the server
+    starts in its own process, and ``wait_ready()`` returns its API URL for
+    the command to use (flows.cli.ephemeral_api). Tied to this process like
+    every ``TiedServer``: stopped at exit, and by its watchdog when this
+    process is killed outright. ``startup_timeout_s``: None for Prefect's
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``."""
+
+    name = "Prefect's temporary server"
+
+    def __init__(self, log_path: Path, startup_timeout_s: float | None = None):
+        if startup_timeout_s is None:
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+            startup_timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        super().__init__(log_path, "127.0.0.1", None, startup_timeout_s)
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.api_url}/health"
+
+    def command(self) -> list[str]:
+        import prefect
+
+        return tied_command("uvicorn", ["--app-dir", str(Path(prefect.__file__).resolve().parent.parent),
+                                        "--factory", "prefect.server.api.server:create_app",
+                                        "--host", self.host, "--port", str(self.port),
+                                        "--log-level", "error", "--lifespan", "on"])
+
+    def environment(self) -> dict:
+        """This process's environment with its Prefect settings (as Prefect
+        passes them), telemetry off, and Prefect's ephemeral-server flags."""
+        from prefect.settings import get_current_settings
+
+        env = telemetry_off({k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+        env.update({k: str(v) for k, v in get_current_settings().to_environment_variables(exclude_unset=True).items()
+                    if k != "PREFECT_API_URL" and v is not None})
+        env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
         return env
 
     def started(self) -> str:

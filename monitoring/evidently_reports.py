@@ -222,8 +222,11 @@ class ShadowTeacher:
     the way the server cuts it (``truncation``, see shrinkflow.predictors).
     The model is loaded once, on the first call, and reused by every call.
 
-    Texts are run in batches of ``batch_size`` after sorting them by
-    length (less padding); outputs come back in the texts' order. A text's
+    Each distinct text is run once (a window repeats texts: a sample of
+    1,000 rows of the benchmark's 10,000-row window holds about 830), its
+    outputs copied to every row that holds it. Distinct texts are run in
+    batches of ``batch_size`` after sorting them by length (less padding);
+    outputs come back in the texts' order. A text's
     outputs can differ in the last float bits with the other texts of its
     batch (padding changes the matmul shapes), never its meaning: the same
     list of texts gives the same arrays, bit for bit."""
@@ -234,7 +237,9 @@ class ShadowTeacher:
                                                                             batch_size, truncation)
         self._model = self._encoder = None
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the tokenizer and the model now (the first call does
+        otherwise). Raises what loading raises (OSError, ValueError)."""
         import torch
 
         from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest
@@ -251,7 +256,10 @@ class ShadowTeacher:
         import torch
 
         if self._model is None:
-            self._load()
+            self.load()
+        first: dict[str, int] = {}
+        rows = np.asarray([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+        texts = list(first)   # distinct, in order of first appearance
         order = np.argsort([len(t) for t in texts], kind="stable")
         labels, embs = np.empty(len(texts), dtype=np.int64), None
         with torch.inference_mode():
@@ -265,7 +273,24 @@ class ShadowTeacher:
                 if embs is None:
                     embs = np.empty((len(texts), emb.shape[1]), dtype=emb.dtype)
                 embs[idx], labels[idx] = emb, out.logits.argmax(-1).numpy()
-        return labels, embs
+        return labels[rows], embs[rows]
+
+    def submit(self, texts: list[str]) -> "_Deferred":
+        """A pass over ``texts``, run when its ``result()`` is asked for
+        (the interface of monitoring.shadow_worker.ShadowTeacherProcess)."""
+        return _Deferred(lambda: self(texts))
+
+    def close(self) -> None:
+        """Nothing to end in this process (the interface of
+        monitoring.shadow_worker.ShadowTeacherProcess)."""
+
+
+class _Deferred:
+    def __init__(self, run):
+        self._run = run
+
+    def result(self):
+        return self._run()
 
 
 def teacher_pass(teacher_dir: Path, texts: list[str], threads: int = 2, batch_size: int = TEACHER_BATCH,
@@ -367,18 +392,19 @@ def _run_units(units: list[tuple[str, list]], cur_ds, ref_ds):
     return Report([m for _, ms, _ in ok for m in ms]).run(cur_ds, ref_ds), failed
 
 
-def import_heavy() -> None:
-    """Import now what ``build`` and the teacher's passes import when they
-    run: Evidently's metrics and presets (about 6 s on a 2-core CPU), torch
-    and transformers (about 3 s). ``build`` needs no call to this; it lets a
-    caller overlap that cost with other start-up work (the CLI: Prefect's
-    ephemeral API server, a subprocess). Raises ImportError as those imports
-    would."""
+def import_heavy(torch_too: bool = True) -> None:
+    """Import now what ``build`` imports when it runs: Evidently's metrics
+    and presets (about 4 s on a 2-core CPU) and, with ``torch_too``, torch
+    and transformers (about 4 s; what the teacher needs when it runs in this
+    process, and the served model on a cold cache). ``build`` needs no call
+    to this; it lets a caller overlap that cost with other start-up work
+    (monitoring.run.prepare). Raises ImportError as those imports would."""
     import evidently.legacy.metrics.data_drift.embedding_drift_methods  # noqa: F401
     import evidently.metrics.embeddings  # noqa: F401
     import evidently.presets  # noqa: F401
-    import torch  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
+    if torch_too:
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
 
 
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
@@ -422,11 +448,6 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
 def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
            validated: dict, params, out_dir: Path, created: str, seed: int, truncation: str,
            per_row: bool | None, labels: tuple[str, ...] | None, cache_dir: Path | None) -> DriftSummary:
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
-    from evidently.metrics import ValueDrift
-    from evidently.metrics.embeddings import EmbeddingsDrift
-    from evidently.presets import ClassificationPreset, DataDriftPreset
-
     from shrinkflow.stats import agreement
 
     if len(window) == 0:
@@ -465,89 +486,114 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
         out = served_outputs(served_dir, ref_texts, truncation, per_row)
         return {"logits": out.logits, "truncated": out.truncated}
 
-    served = cache.get("served", served_key, len(ref_texts), served_reference)
-    if served["logits"].shape[1] != n_classes:
-        raise ValueError(f"the served model {served_dir} answers {served['logits'].shape[1]} classes but its "
-                         f"manifest names {n_classes}: {list(labels)}")
-    ref_all = softmax_probabilities(served["logits"])
-    ref_labels = ref_all.argmax(axis=1).astype(float)   # as the server answers: argmax
-    ref_probs = ref_all.max(axis=1)
-    ref_trunc = np.asarray(served["truncated"], dtype=float)
-
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(w), size=min(params.shadow_sample_rows, len(w)), replace=False))
     teacher, dims, ref_emb, cur_emb = None, 0, None, None
     # Rows with a feedback label: the teacher answers them too (the retrain rule).
     fb_rows, t_fb = np.flatnonzero(~np.isnan(w["feedback"].to_numpy())), None
+    shadow = ref_pending = win_pending = cached = None
     if teacher_dir is None:
         skip("teacher_agreement", "no kept teacher (models/teacher) to run in shadow")
         skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
     else:
-        # One load of the teacher; the reference's pass only on a cache miss,
-        # and always on the reference alone (so its batches, and its floats,
-        # never depend on the window). Then one pass over the shadow sample
-        # and the rows with a feedback label.
-        shadow = ShadowTeacher(teacher_dir, truncation=truncation)
+        # The teacher's passes are submitted now and collected after the
+        # drift report: for enough texts they run in a process of their own
+        # (monitoring.shadow_worker), beside this one's imports and reports.
+        # The reference's pass only on a cache miss, and always on the
+        # reference alone (so its batches, and its floats, never depend on
+        # the window); then one pass over the shadow sample and the rows with
+        # a feedback label.
+        from monitoring.shadow_worker import shadow_teacher
 
-        def teacher_reference() -> dict:
-            t_ref, e_ref = shadow(ref_texts)
-            return {"labels": t_ref, "embeddings": e_ref}
+        teacher_key = {**ref_key, "teacher": directory_digest(teacher_dir), "batch": TEACHER_BATCH,
+                       "distinct": True}   # each distinct text run once (ShadowTeacher)
+        cached = cache.lookup("teacher", teacher_key, len(ref_texts))
+        shadow = shadow_teacher(teacher_dir, truncation,
+                                len(sample) + len(fb_rows) + (len(ref_texts) if cached is None else 0))
+    try:
+        if shadow is not None:
+            ref_pending = shadow.submit(ref_texts) if cached is None else None
+            win_pending = shadow.submit([cur_texts[i] for i in sample] + [cur_texts[i] for i in fb_rows])
+        from evidently.metrics import ValueDrift
+        from evidently.presets import DataDriftPreset
 
-        ref_emb = cache.get("teacher", {**ref_key, "teacher": directory_digest(teacher_dir),
-                                        "batch": shadow.batch_size}, len(ref_texts), teacher_reference)["embeddings"]
-        t_win, e_win = shadow([cur_texts[i] for i in sample] + [cur_texts[i] for i in fb_rows])
-        t_labels, cur_emb, t_fb = t_win[:len(sample)], e_win[:len(sample)], t_win[len(sample):]
-        known = ~np.isnan(cur_labels[sample])
-        if known.any():
-            teacher = TeacherAgreement(rows=int(known.sum()),
-                                       agreement=agreement(cur_labels[sample][known].astype(int), t_labels[known]),
-                                       validated_agreement=validated.get("agreement"),
-                                       validated_rows=validated.get("agreement_rows"))
-        else:
-            skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (one of "
-                                      f"{list(labels)})")
-        dims = cur_emb.shape[1]
+        served = cache.get("served", served_key, len(ref_texts), served_reference)
+        if served["logits"].shape[1] != n_classes:
+            raise ValueError(f"the served model {served_dir} answers {served['logits'].shape[1]} classes but its "
+                             f"manifest names {n_classes}: {list(labels)}")
+        ref_all = softmax_probabilities(served["logits"])
+        ref_labels = ref_all.argmax(axis=1).astype(float)   # as the server answers: argmax
+        ref_probs = ref_all.max(axis=1)
+        ref_trunc = np.asarray(served["truncated"], dtype=float)
 
-    # Text and prediction drift on the whole window. A column without one
-    # finite value on either side cannot be tested: said before Evidently
-    # is asked (it raises "An empty column ... was provided").
-    cur_desc = text_descriptors(cur_texts, vocab)
-    ref_desc = cache.get("descriptors", {**ref_key, "train": texts_digest(train_texts)}, len(ref_texts),
-                         lambda: {c: v.to_numpy() for c, v in text_descriptors(ref_texts, vocab).items()})
-    ref_desc = pd.DataFrame({c: ref_desc[c] for c in DESCRIPTORS})
-    current = _frame(cur_desc, cur_probs, cur_labels, truncated=w["truncated"].to_numpy())
-    ref_frame = _frame(ref_desc, ref_probs, ref_labels, truncated=ref_trunc)
-    cur_ds, ref_ds = _datasets(current, ref_frame, 0, False)
+        # Text and prediction drift on the whole window. A column without one
+        # finite value on either side cannot be tested: said before Evidently
+        # is asked (it raises "An empty column ... was provided").
+        cur_desc = text_descriptors(cur_texts, vocab)
+        ref_desc = cache.get("descriptors", {**ref_key, "train": texts_digest(train_texts)}, len(ref_texts),
+                             lambda: {c: v.to_numpy() for c, v in text_descriptors(ref_texts, vocab).items()})
+        ref_desc = pd.DataFrame({c: ref_desc[c] for c in DESCRIPTORS})
+        current = _frame(cur_desc, cur_probs, cur_labels, truncated=w["truncated"].to_numpy())
+        ref_frame = _frame(ref_desc, ref_probs, ref_labels, truncated=ref_trunc)
+        cur_ds, ref_ds = _datasets(current, ref_frame, 0, False)
 
-    def testable(column: str, what: str) -> bool:
-        for side, df in (("window", current), ("reference split", ref_frame)):
-            if not np.isfinite(df[column].to_numpy(dtype=float)).any():
-                skip(what, f"no finite value of {column} in the {side}")
-                return False
-        return True
+        def testable(column: str, what: str) -> bool:
+            for side, df in (("window", current), ("reference split", ref_frame)):
+                if not np.isfinite(df[column].to_numpy(dtype=float)).any():
+                    skip(what, f"no finite value of {column} in the {side}")
+                    return False
+            return True
 
-    descriptors = [c for c in DESCRIPTORS if testable(c, f"descriptor:{c}")]
-    units = []
-    if descriptors:
-        units.append(("descriptors", [DataDriftPreset(columns=descriptors, method="ks")]))
-    if testable(LABEL, "prediction_label"):
-        # Two classes: a z-test of the one share; more: chi-square over all of them.
-        units.append(("prediction_label", [ValueDrift(column=LABEL, method="z" if n_classes == 2 else "chisquare")]))
-    if testable(PROB, "prediction_probability"):
-        units.append(("prediction_probability", [ValueDrift(column=PROB, method="ks")]))
-    if testable(TRUNCATED, "truncation_drift"):
-        units.append(("truncation_drift", [ValueDrift(column=TRUNCATED, method="z")]))
-    snap, failed = _run_units(units, cur_ds, ref_ds)
-    if "descriptors" in failed:  # the preset as a whole failed: each descriptor on its own
-        units = [(f"descriptor:{c}", [ValueDrift(column=c, method="ks")]) for c in descriptors] + \
-            [u for u in units if u[0] != "descriptors"]
+        descriptors = [c for c in DESCRIPTORS if testable(c, f"descriptor:{c}")]
+        units = []
+        if descriptors:
+            units.append(("descriptors", [DataDriftPreset(columns=descriptors, method="ks")]))
+        if testable(LABEL, "prediction_label"):
+            # Two classes: a z-test of the one share; more: chi-square over all of them.
+            units.append(("prediction_label", [ValueDrift(column=LABEL,
+                                                          method="z" if n_classes == 2 else "chisquare")]))
+        if testable(PROB, "prediction_probability"):
+            units.append(("prediction_probability", [ValueDrift(column=PROB, method="ks")]))
+        if testable(TRUNCATED, "truncation_drift"):
+            units.append(("truncation_drift", [ValueDrift(column=TRUNCATED, method="z")]))
         snap, failed = _run_units(units, cur_ds, ref_ds)
-    for name, reason in failed.items():
-        skip(name, f"Evidently could not compute it: {reason}")
-    done = {name for name, _ in units} - set(failed)
-    snapshots = {"report": snap} if snap is not None else {}
-    if "descriptors" not in done:
-        descriptors = [c for c in descriptors if f"descriptor:{c}" in done]
+        if "descriptors" in failed:  # the preset as a whole failed: each descriptor on its own
+            units = [(f"descriptor:{c}", [ValueDrift(column=c, method="ks")]) for c in descriptors] + \
+                [u for u in units if u[0] != "descriptors"]
+            snap, failed = _run_units(units, cur_ds, ref_ds)
+        for name, reason in failed.items():
+            skip(name, f"Evidently could not compute it: {reason}")
+        done = {name for name, _ in units} - set(failed)
+        snapshots = {"report": snap} if snap is not None else {}
+        if "descriptors" not in done:
+            descriptors = [c for c in descriptors if f"descriptor:{c}" in done]
+
+        if shadow is not None:
+            # The teacher's answers (waits for the passes still running).
+            if cached is None:
+                t_ref, e_ref = ref_pending.result()
+                cached = cache.put("teacher", teacher_key, len(ref_texts), {"labels": t_ref, "embeddings": e_ref})
+            ref_emb = cached["embeddings"]
+            t_win, e_win = win_pending.result()
+            t_labels, cur_emb, t_fb = t_win[:len(sample)], e_win[:len(sample)], t_win[len(sample):]
+            known = ~np.isnan(cur_labels[sample])
+            if known.any():
+                teacher = TeacherAgreement(rows=int(known.sum()),
+                                           agreement=agreement(cur_labels[sample][known].astype(int),
+                                                               t_labels[known]),
+                                           validated_agreement=validated.get("agreement"),
+                                           validated_rows=validated.get("agreement_rows"))
+            else:
+                skip("teacher_agreement", f"none of the {len(sample)} sampled rows has a served label (one of "
+                                          f"{list(labels)})")
+            dims = cur_emb.shape[1]
+    finally:
+        if shadow is not None:
+            shadow.close()
+
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
+    from evidently.metrics.embeddings import EmbeddingsDrift
+    from evidently.presets import ClassificationPreset
 
     emb_name = None
     if dims:

@@ -67,8 +67,9 @@ class ReferenceCache:
 
     def get(self, kind: str, key: dict, rows: int, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """The arrays of entry (``kind``, ``key``): read when a valid entry
-        is on disk, else ``build()`` (a dict of arrays, names not starting
-        with ``__``, each with ``rows`` rows), written, and returned.
+        is on disk (``lookup``), else ``build()`` (a dict of arrays, names
+        not starting with ``__``, each with ``rows`` rows), written (``put``),
+        and returned.
 
         ``key``: JSON-serialisable, everything the arrays depend on. An
         entry is valid when its stored key equals ``key`` and it holds
@@ -76,17 +77,31 @@ class ReferenceCache:
         ``rows`` rows each (checked against the names it stores). Numeric
         and bool arrays round-trip bit for bit; object arrays are not
         allowed (no pickle)."""
+        found = self.lookup(kind, key, rows)
+        return found if found is not None else self.put(kind, key, rows, build())
+
+    def lookup(self, kind: str, key: dict, rows: int) -> dict[str, np.ndarray] | None:
+        """The arrays of a valid entry (``kind``, ``key``) on disk (see
+        ``get``), or None (no cache, no entry, or an invalid one)."""
+        if self.root is None:
+            return None
         full = {"kind": kind, **key}
-        if self.root is not None:
-            found = self._read(self.path(kind, full), full, rows)
-            if found is not None:
-                self.hits.append(kind)
-                return found
-        arrays = {k: np.asarray(v) for k, v in build().items()}
+        found = self._read(self.path(kind, full), full, rows)
+        if found is not None:
+            self.hits.append(kind)
+        return found
+
+    def put(self, kind: str, key: dict, rows: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write ``arrays`` (each with ``rows`` rows) as entry (``kind``,
+        ``key``) and return them. Raises ValueError for an array without
+        ``rows`` rows; a cache that cannot be written is logged, not raised
+        (the next run recomputes)."""
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
         if any(a.ndim == 0 or len(a) != rows for a in arrays.values()):
             raise ValueError(f"monitor cache: the {kind} arrays must each hold {rows} rows")
         self.misses.append(kind)
         if self.root is not None:
+            full = {"kind": kind, **key}
             self._write(self.path(kind, full), full, arrays)
         return arrays
 

@@ -82,6 +82,29 @@ def read_recompress_corpus(root: Path, params, window) -> list[str]:
     return texts
 
 
+def prepare(root: Path, params) -> bool:
+    """Start now what a monitor run of ``root`` in this process will need, so
+    that it overlaps other start-up work (the CLI calls it while Prefect's
+    temporary server starts): the shadow teacher's worker process
+    (monitoring.shadow_worker.prestart; it imports torch and loads the
+    teacher in its own process) when the run will send the teacher
+    ``WORKER_MIN_TEXTS`` texts or more, and this process's imports of
+    Evidently (and of torch and transformers when the teacher runs here).
+    Returns whether a worker was started. Raises ImportError as the imports
+    would."""
+    from monitoring.evidently_reports import import_heavy
+    from monitoring.shadow_worker import WORKER_MIN_TEXTS, prestart
+    from shrinkflow.paths import TEACHER
+
+    teacher = Path(root) / TEACHER
+    worker = teacher.is_dir() and min(params.monitor.shadow_sample_rows,
+                                      params.monitor.window_last_n) >= WORKER_MIN_TEXTS
+    if worker:
+        prestart(teacher, params.serve.truncation)
+    import_heavy(torch_too=not worker)
+    return worker
+
+
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:
     """Evidently reports of ``window`` against the reference split, for the
     production version, into monitor.reports_dir/<UTC timestamp>/. What

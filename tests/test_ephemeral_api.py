@@ -1,8 +1,9 @@
 """`shrinkflow monitor` without PREFECT_API_URL starts Prefect's ephemeral
-API in a background thread while it imports Evidently and torch
-(flows.cli.overlap_ephemeral_api); the flow then uses that server, not a
-second one. Real Prefect, in a subprocess of its own (a fresh PREFECT_HOME,
-no API URL), as a user's shell runs it."""
+API server itself, in its own process, before it imports Evidently and torch
+(flows.cli.ephemeral_api); the flow then uses that server, this process
+never imports Prefect's server app, and the server is gone once the command
+exits. Real Prefect, in a subprocess of its own (a fresh PREFECT_HOME, no API
+URL), as a user's shell runs it."""
 
 from __future__ import annotations
 
@@ -10,40 +11,64 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
 
 SCRIPT = r"""
-import json, threading, time
+import json, os, sys
 from shrinkflow.bootstrap import configure_env
 configure_env(".")
-from flows.cli import overlap_ephemeral_api
-from prefect.server.api.server import SubprocessASGIServer
+from flows.cli import ephemeral_api
+from prefect.settings import PREFECT_HOME
 
 seen = {}
+log = PREFECT_HOME.value() / "temporary-server.log"
 def preload():
-    seen["threads"] = sorted(t.name for t in threading.enumerate())
-    seen["running_during_preload"] = SubprocessASGIServer().running
-
-overlap_ephemeral_api(preload)
-server = SubprocessASGIServer()
-seen["running_after"] = server.running and server.server_process.poll() is None
+    seen["launched_before_preload"] = log.is_file()
 
 from prefect import flow
 from prefect.client.orchestration import get_client
 
 @flow
 def which_api() -> str:
+    from prefect import get_run_logger
+    from prefect.runtime import flow_run
+
+    get_run_logger().info("marker-7d1f")
+    seen["flow_run_id"] = flow_run.id
     with get_client(sync_client=True) as client:
         client.hello().raise_for_status()
         return str(client.api_url)
 
-seen["flow_api"] = which_api()
-seen["server_api"] = server.api_url
-print("RESULT " + json.dumps(seen))
+with ephemeral_api(preload) as api_url:
+    seen["api_url"] = api_url
+    seen["flow_api"] = which_api()
+    # The CLI's end: Prefect's log and event workers flushed and stopped
+    # while the server runs, so logging's shutdown has none left to wait on.
+    from flows.cli import flush_prefect_workers
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    flush_prefect_workers()
+    seen["log_workers_left"] = len(APILogWorker._instances)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[seen["flow_run_id"]])))
+    seen["logged"] = [l.message for l in logs]
+seen["server_app_imported"] = "prefect.server.api.server" in sys.modules
+seen["server_pids"] = [int(p) for p in os.popen("pgrep -f '[p]refect.server.api.server:create_app'").read().split()]
+print("RESULT " + json.dumps(seen), flush=True)
 """
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.slow  # a Prefect server on a fresh database: 15-20 s
@@ -54,9 +79,19 @@ def test_the_monitor_cli_starts_the_ephemeral_api_beside_its_imports_and_the_flo
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert "prefect-ephemeral-api" in seen["threads"]   # started before the imports, beside them
-    assert seen["running_after"]
-    assert seen["flow_api"].rstrip("/") == seen["server_api"].rstrip("/")   # one server: the one started early
+    assert seen["launched_before_preload"]   # the server starts first, the imports beside it
+    assert seen["api_url"].startswith("http://127.0.0.1:") and seen["api_url"].endswith("/api")
+    assert seen["flow_api"].rstrip("/") == seen["api_url"]   # one server: the one started early
+    assert not seen["server_app_imported"]   # Prefect's client never started one of its own
+    assert "marker-7d1f" in seen["logged"] and seen["log_workers_left"] == 0
+    assert "Starting temporary server on" in proc.stdout + proc.stderr
+    assert "Stopping temporary server on" in proc.stdout + proc.stderr
+    ours = seen["server_pids"]   # the watchdog's process and uvicorn's
+    assert ours, "no server process was running inside the command"
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in ours), "the temporary server outlived the command"
 
 
 def test_with_an_api_url_it_does_nothing(tmp_path):
@@ -64,11 +99,11 @@ def test_with_an_api_url_it_does_nothing(tmp_path):
     flow (a monitor run that stops early never pays for them)."""
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path / ".prefect"),
            "PYTHONPATH": str(PROJECT_ROOT)}
-    script = ("import sys\nfrom flows.cli import overlap_ephemeral_api\n"
-              "calls = []\noverlap_ephemeral_api(lambda: calls.append(1))\n"
-              "from prefect.server.api.server import SubprocessASGIServer\n"
-              "print(calls, SubprocessASGIServer().running, 'evidently' in sys.modules)\n")
+    script = ("import sys\nfrom flows.cli import ephemeral_api\n"
+              "calls = []\nwith ephemeral_api(lambda: calls.append(1)) as url:\n    pass\n"
+              "print(calls, url, 'evidently' in sys.modules, 'prefect.server.api.server' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["[]", "False", "False"], proc.stdout
+    assert proc.stdout.split() == ["[]", "None", "False", "False"], proc.stdout
+    assert not (tmp_path / ".prefect" / "temporary-server.log").exists()
