@@ -249,27 +249,60 @@ def adopt_params(s: Session) -> None:
     refused (exit USAGE) rather than overwritten, and a clean file is
     replaced with no copy (git has it: ``git checkout params.yaml`` brings it
     back). Outside git, the previous file is kept in .shrinkflow/ as before.
+    Uncommitted changes that are exactly an earlier ``--params`` copy (each
+    copy is recorded in .shrinkflow/params.adopted.json) are no edit of the
+    user's: they are replaced, the earlier file kept in .shrinkflow/ too
+    unless that file still holds them, so that ``run --params A`` then
+    ``run --params B`` runs B.
     """
+    import hashlib
+
     target = s.root / PARAMS
     if s.own_params:
         return
     new = s.params_path.read_bytes()
     if target.is_file() and target.read_bytes() == new:
         return
+    record = s.root / STATE / "params.adopted.json"
     state = _git_params_state(s.root) if target.is_file() else "absent"
-    if state == "modified":
+    earlier = _earlier_copy(record, target.read_bytes()) if state == "modified" else None
+    if state == "modified" and earlier is None:
         raise _fail(ExitCode.USAGE, f"params.yaml has uncommitted changes, which --params {s.params_path} would "
                                     "overwrite: commit them, or drop them (git checkout params.yaml), and run again")
     note = ""
-    if state in ("untracked", "no-git"):
+    if state in ("untracked", "no-git") or (earlier is not None and not (
+            earlier.is_file() and earlier.read_bytes() == target.read_bytes())):
         backup = s.root / STATE / "params.previous.yaml"
         backup.parent.mkdir(exist_ok=True)
         shutil.copyfile(target, backup)
         note = f" (previous copy: {backup.relative_to(s.root)})"
+    elif earlier is not None:
+        note = (f" (it held the copy of {earlier} an earlier --params made, which that file still holds; "
+                "the committed one: git diff params.yaml)")
     elif state == "clean":
         note = " (the previous one is in git: git diff params.yaml)"
     shutil.copyfile(s.params_path, target)
+    from shrinkflow.files import atomic_write_text
+
+    record.parent.mkdir(exist_ok=True)
+    atomic_write_text(record, json.dumps({"source": str(s.params_path),
+                                          "sha256": hashlib.sha256(new).hexdigest()}) + "\n")
     typer.echo(f"params.yaml replaced by {s.params_path}{note}")
+
+
+def _earlier_copy(record: Path, current: bytes) -> Path | None:
+    """The ``--params`` file whose copy params.yaml holds unchanged (``current``
+    is its content), as ``adopt_params`` recorded it; None when params.yaml
+    is anything else (an edit of the user's) or nothing was recorded."""
+    import hashlib
+
+    try:
+        doc = json.loads(record.read_text())
+        if doc["sha256"] == hashlib.sha256(current).hexdigest():
+            return Path(doc["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _stop_on_signals() -> None:

@@ -40,7 +40,8 @@ def monitor(project_dir: str, act: bool = True) -> dict:
     run_name = f"{flow_run.name} ({flow_run.id})"
     decision = decide(project_dir, params, summary, report_dir, now, run_name, act)
     publish(params, summary, decision, report_dir)
-    print(f"monitor: {decision['action']}: {decision['reasons'][0]}")
+    # One log record with every rule's figure (the UI's log showed only the first).
+    print("\n".join([f"monitor: {decision['action']}", *(f"  - {r}" for r in decision["reasons"])]))
     ev = decision.get("evidently") or {}
     if ev.get("error"):
         print(f"monitor: warning: the run's snapshot is not in the Evidently workspace {ev['workspace']}: "

@@ -1215,7 +1215,9 @@ class ParamsError(ValueError):
     def __init__(self, path: Path, problems: list[tuple[str, str]]):
         self.path = path
         self.problems = problems
-        lines = [f"invalid params file {path}:"] + [f"  {key}: {why}" for key, why in problems]
+        # A check across sections (key "<root>") names its keys in its message.
+        lines = [f"invalid params file {path}:"] + [f"  {why}" if key == "<root>" else f"  {key}: {why}"
+                                                    for key, why in problems]
         super().__init__("\n".join(lines))
 
 
@@ -1282,6 +1284,8 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
                     len(o["loc"]) > len(err["loc"]) and o["loc"][:len(err["loc"])] == err["loc"] for o in errors):
                 continue
             msg = err["msg"]
+            if err["type"] == "value_error":   # a validator's own message, without pydantic's prefix
+                msg = msg.removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (not a shrinkflow parameter)"
             elif err["type"] == "missing":

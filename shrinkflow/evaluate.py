@@ -326,8 +326,13 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                 invariance[name]["per_row"] = per_row
         log(f"measure: timing {len(procs)} models interleaved ({len(b1)} rounds at batch 1, "
             f"{len(b32)} at batch 32)")
-        t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
-        t32 = time_interleaved(procs, warm_b32, b32, pause_s=0.05)
+        from shrinkflow.cpuload import OtherCpu
+
+        with OtherCpu(lambda: [os.getpid(), *(p._proc.pid for p in procs.values())]) as others:
+            t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
+            t32 = time_interleaved(procs, warm_b32, b32, pause_s=0.05)
+        if others.warning():
+            log(f"measure: warning: {others.warning()}")
         return {name: {"predictions": predictions[name],
                        "performance": {**performance_figures(t1[name], t32[name]),
                                        "size_mb": round(dir_size_bytes(path) / 1e6, 4),

@@ -226,7 +226,7 @@ def test_params_replaces_a_committed_params_yaml_without_a_copy(repo, tmp_path, 
     other = other_params(tmp_path)
     adopt_params(session(repo, other))
     assert (repo / "params.yaml").read_bytes() == other.read_bytes()
-    assert not (repo / ".shrinkflow").exists()  # git holds the previous one
+    assert not (repo / ".shrinkflow" / "params.previous.yaml").exists()  # git holds the previous one
     assert "git diff params.yaml" in capsys.readouterr().out
     assert "seed: 7" in git(repo, "diff", "params.yaml")
 
@@ -243,6 +243,28 @@ def test_params_refuses_to_overwrite_uncommitted_changes(repo, tmp_path, capsys)
     with pytest.raises(typer.Exit):
         adopt_params(session(repo, other_params(tmp_path)))
     assert (repo / "params.yaml").read_text() == edited
+
+
+def test_chained_params_runs_replace_their_own_copy_but_never_an_edit(repo, tmp_path, capsys):
+    """`run --params A` then `run --params B` (a newcomer's finding: B was
+    refused for "uncommitted changes" that were A's copy)."""
+    first = other_params(tmp_path)
+    second = tmp_path / "second.yaml"
+    second.write_text(first.read_text().replace("seed: 7", "seed: 8", 1))
+    adopt_params(session(repo, first))
+    capsys.readouterr()
+    adopt_params(session(repo, second))                  # A's own copy: replaced, A still holds it
+    assert (repo / "params.yaml").read_bytes() == second.read_bytes()
+    assert f"the copy of {first.resolve()}" in capsys.readouterr().out
+    assert not (repo / ".shrinkflow" / "params.previous.yaml").exists()
+    second.write_text(second.read_text() + "\n# changed after its copy\n")
+    adopt_params(session(repo, first))                   # B's copy, which B no longer holds: kept
+    kept = (repo / ".shrinkflow" / "params.previous.yaml").read_text()
+    assert "seed: 8" in kept and "changed after" not in kept
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n# my edit\n")
+    with pytest.raises(typer.Exit) as info:              # an edit of the user's: refused as before
+        adopt_params(session(repo, second))
+    assert info.value.exit_code == ExitCode.USAGE and "# my edit" in (repo / "params.yaml").read_text()
 
 
 def test_params_outside_git_keeps_one_copy_and_the_same_file_changes_nothing(tmp_path):

@@ -120,3 +120,8 @@ def test_a_distilled_layer_the_teacher_does_not_have_is_refused_for_every_teache
     random2 = {"kind": "random", "hidden_size": 32, "num_layers": 2, "num_heads": 2}
     parse_params(with_layers([0, 1], random2))
     assert "for the 2-layer teacher (random): its layers are 0..1" in problems(with_layers([0, 2], random2))["<root>"]
+    # as the user reads it: the check's own message, without pydantic's "Value error," or a "<root>:" key
+    with pytest.raises(ParamsError) as info:
+        parse_params(with_layers([0, 2, 6]))
+    line = str(info.value).splitlines()[1]
+    assert line.startswith("  candidate ") and "Value error" not in line and "<root>" not in line

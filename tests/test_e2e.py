@@ -296,6 +296,9 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     # cooldown and no dedup: the real run right after it still acts.
     code, out = run_cli(project, harness, "monitor", "--report-only")
     assert code == 0 and "verdict: recompress (not acted on" in out, out[-4000:]
+    # the flow's log record (what Prefect's UI shows) holds every rule's figure, not only the first
+    record = out[out.index("- monitor: recompress"):].split("verdict:")[0]
+    assert "  - feedback_accuracy: FIRED" in record and "  - text_drift: " in record, out[-4000:]
     assert reg.alias() == before
     code, out = run_cli(project, harness, "monitor")
     assert code == 0, out[-4000:]
