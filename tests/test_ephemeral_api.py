@@ -58,7 +58,9 @@ with ephemeral_api(preload) as api_url:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[seen["flow_run_id"]])))
     seen["logged"] = [l.message for l in logs]
 seen["server_app_imported"] = "prefect.server.api.server" in sys.modules
-seen["server_pids"] = [int(p) for p in os.popen("pgrep -f '[p]refect.server.api.server:create_app'").read().split()]
+# this command's server only (other tests' servers run beside it): tied to this process
+mine = f"[f]lows.prefect_server --parent-pid {os.getpid()} uvicorn"
+seen["server_pids"] = [int(p) for p in os.popen(f"pgrep -f '{mine}'").read().split()]
 print("RESULT " + json.dumps(seen), flush=True)
 """
 
@@ -86,7 +88,7 @@ def test_the_monitor_cli_starts_the_ephemeral_api_beside_its_imports_and_the_flo
     assert "marker-7d1f" in seen["logged"] and seen["log_workers_left"] == 0
     assert "Starting temporary server on" in proc.stdout + proc.stderr
     assert "Stopping temporary server on" in proc.stdout + proc.stderr
-    ours = seen["server_pids"]   # the watchdog's process and uvicorn's
+    ours = seen["server_pids"]   # the watchdog's process, which runs uvicorn
     assert ours, "no server process was running inside the command"
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in ours) and time.monotonic() < deadline:

@@ -71,6 +71,7 @@ def test_a_teacher_that_cannot_load_is_an_error_naming_it(tmp_path):
     assert worker._proc.poll() is not None
 
 
+@pytest.mark.slow  # five workers started, each importing torch: ~20 s
 def test_the_early_start_is_handed_to_the_run_that_matches_it(tiny_teacher_dir, tmp_path):
     first = sw.prestart(tiny_teacher_dir, "head")
     assert sw.take(tiny_teacher_dir, "head_tail") is None   # another truncation: not this worker
