@@ -149,8 +149,11 @@ class ShadowTeacherProcess:
                             + (f"; its stderr:\n{tail}" if tail.strip() else ""))
 
     def close(self) -> None:
-        """End the worker (end of its stdin, then SIGKILL after 10 s) and
-        remove its temporary files. Idempotent."""
+        """End the worker and remove its temporary files. Idempotent. A
+        worker waiting for a pass exits at once at the end of its stdin; one
+        still loading the teacher, or running a pass nobody will collect (a
+        run that stopped early), is killed after 1 s: it holds nothing
+        worth keeping (its answers go only to this process)."""
         atexit.unregister(self.close)
         if self._proc.poll() is None:
             try:
@@ -158,7 +161,7 @@ class ShadowTeacherProcess:
             except OSError:
                 pass
             try:
-                self._proc.wait(timeout=10)
+                self._proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
