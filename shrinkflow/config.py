@@ -1287,11 +1287,33 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
             if err["type"] == "value_error":   # a validator's own message, without pydantic's prefix
                 msg = msg.removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (not a shrinkflow parameter)"
+                msg = "unknown key (not a shrinkflow parameter)" + _did_you_mean(err["loc"][-1])
+            elif isinstance(err.get("input"), _PLAIN) and err["type"] != "missing" and "loc" in err:
+                msg += f" (got {err['input']!r})"   # the value as typed, next to what was expected
             elif err["type"] == "missing":
                 msg = "required section or key is missing"
             problems.append((_key_path(err["loc"]), msg))
         raise ParamsError(path, problems) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _param_names() -> tuple[str, ...]:
+    """Every key a params file may hold, in any section (field names and
+    aliases of this module's models)."""
+    names = set()
+    for obj in list(globals().values()):
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == __name__:
+            for name, field in obj.model_fields.items():
+                names.add(field.alias or name)
+    return tuple(sorted(names))
+
+
+def _did_you_mean(key) -> str:
+    """"; did you mean 'x'?" for an unknown ``key`` close to a known one (difflib's ratio >= 0.75), else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), _param_names(), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _yaml_scalar_text(node) -> str:

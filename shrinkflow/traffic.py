@@ -193,7 +193,7 @@ class TrafficResult:
 
 
 def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate: float = 0.0, seed: int = 0,
-             concurrency: int = 4, token: str | None = None, progress: bool = True,
+             concurrency: int = 4, token: str | None = None, progress: bool | None = None,
              timeout_s: float = 60.0) -> TrafficResult:
     """Send each of ``texts`` to the shrinkflow server at ``url`` as its own
     ``POST /predict`` (``concurrency`` at a time), then post the true label
@@ -204,7 +204,8 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
     ``token`` is sent as ``Authorization: Bearer``. Raises ServerUnreachable
     when ``GET /health`` gets no answer, or not a 200, before anything is
     sent. Failed requests are counted, never raised. Progress bars (tqdm) go
-    to stderr.
+    to stderr; ``progress`` None: only when stderr is a terminal (redirected
+    to a file, a bar's updates would pile up on one line).
     """
     import httpx
     from tqdm import tqdm
@@ -236,7 +237,7 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
             except ValueError:
                 return "200 (not a shrinkflow answer)", None
 
-        with tqdm(total=len(texts), desc="predict", unit="req", disable=not progress) as bar:
+        with tqdm(total=len(texts), desc="predict", unit="req", disable=_no_bar(progress)) as bar:
             def predict(i: int) -> None:
                 status, body = post("/predict", {"texts": [texts[i]]})
                 try:
@@ -251,7 +252,8 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
             list(pool.map(predict, range(len(texts))))
         answered = [i for i, pid in enumerate(result.prediction_ids) if pid is not None]
         chosen = [answered[j] for j in feedback_choice(len(answered), feedback_rate, seed)]
-        with tqdm(total=len(chosen), desc="feedback", unit="label", disable=not progress or not chosen) as bar:
+        with tqdm(total=len(chosen), desc="feedback", unit="label",
+                  disable=_no_bar(progress) if chosen else True) as bar:
             def feedback(i: int) -> None:
                 label = labels[i] if isinstance(labels[i], str) else int(labels[i])
                 status, _ = post("/feedback", {"prediction_id": result.prediction_ids[i], "label": label})
@@ -262,3 +264,9 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
 
             list(pool.map(feedback, chosen))
     return result
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``progress``: None lets tqdm decide (no bar
+    unless stderr is a terminal)."""
+    return None if progress is None else not progress

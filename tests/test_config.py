@@ -33,17 +33,24 @@ def test_default_params_file_is_valid_and_frozen():
 
 def test_unknown_key_is_named(raw):
     raw["compress"]["candidates"][0]["recipe"][0]["bitz"] = 8
-    assert "unknown key" in problems(raw)["compress.candidates.0.recipe.0.bitz"]
+    raw["monitor"]["window_lastn"] = 3     # a newcomer's typo: the key it meant is suggested
+    raw["monitor"]["colour"] = "red"       # nothing close: no guess
+    found = problems(raw)
+    assert "unknown key" in found["compress.candidates.0.recipe.0.bitz"]
+    assert found["compress.candidates.0.recipe.0.bitz"].endswith("did you mean 'bits'?")
+    assert found["monitor.window_lastn"].endswith("did you mean 'window_last_n'?")
+    assert found["monitor.colour"] == "unknown key (not a shrinkflow parameter)"
 
 
 def test_wrong_type_is_named(raw):
     raw["train"]["batch_size"] = "thirty-two"
     assert "integer" in problems(raw)["train.batch_size"]
+    assert problems(raw)["train.batch_size"].endswith("(got 'thirty-two')")   # the value as typed
 
 
 def test_out_of_range_value_is_named(raw):
     raw["validate"]["gates"]["min_accuracy"] = 1.5
-    assert "less than or equal to 1" in problems(raw)["validate.gates.min_accuracy"]
+    assert "less than or equal to 1 (got 1.5)" in problems(raw)["validate.gates.min_accuracy"]
 
 
 def test_unsupported_quantization_bits_is_named(raw):

@@ -129,6 +129,7 @@ def test_shifted_traffic_comes_from_the_pool_with_the_seeded_share_of_true_label
     assert [int(y) for y in labelled["feedback_label"]] == [int(truth[t]) for t in labelled["text"]]
     assert "predict: 45 requests; by status 200: 45" in proc.stdout
     assert "feedback: 9 labels posted (20.0% of 45 answered predictions; asked 20.0%)" in proc.stdout
+    assert "\r" not in proc.stderr   # no progress bar piled up on one line when stderr is not a terminal
     # the same seed sends the same texts in the same order
     rows_again = traffic_order(traffic_pool("shifted", project), 45, seed=3)[0]
     assert sorted(rows["text"]) == sorted(rows_again["text"])
