@@ -501,6 +501,7 @@ def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
     assert httpx.post(f"{server.url}/predict", json={"texts": ["after"]}, headers=AUTH).status_code == 200
 
 
+@pytest.mark.slow  # ~5 s; test_a_locked_log_gives_503_not_an_unlogged_answer stays in the quick run
 def test_an_exclusively_locked_log_gives_503_on_every_endpoint(server, project):
     """Issue 14: another process holds the log with `PRAGMA
     locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE` (no reader or writer gets in).

@@ -259,7 +259,8 @@ class GoodTraffic:
             t.join()
 
 
-@pytest.mark.parametrize("with_traffic", [False, True], ids=["alone", "among-good-traffic"])
+@pytest.mark.parametrize("with_traffic", [False, pytest.param(True, marks=pytest.mark.slow)],   # ~6 s: the quick
+                         ids=["alone", "among-good-traffic"])                                  # run stays < 3 min
 def test_generated_bodies_never_get_a_5xx_and_good_requests_all_succeed(server, with_traffic):
     """Property: any body (arbitrary JSON, Unicode with surrogates and control
     characters, arbitrary bytes) on /predict and /feedback gets no 5xx; every

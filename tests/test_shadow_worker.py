@@ -56,6 +56,7 @@ def test_a_repeated_text_is_run_once_and_answered_on_every_row(tiny_teacher_dir,
         assert labels[k] == by_text[t][0] and np.array_equal(embs[k], by_text[t][1])
 
 
+@pytest.mark.slow  # a worker's start: ~5 s
 def test_a_teacher_that_cannot_load_is_an_error_naming_it(tmp_path):
     broken = tmp_path / "teacher"
     broken.mkdir()
