@@ -508,8 +508,9 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
         teacher_key = {**ref_key, "teacher": directory_digest(teacher_dir), "batch": TEACHER_BATCH,
                        "distinct": True}   # each distinct text run once (ShadowTeacher)
         cached = cache.lookup("teacher", teacher_key, len(ref_texts))
-        shadow = shadow_teacher(teacher_dir, truncation,
-                                len(sample) + len(fb_rows) + (len(ref_texts) if cached is None else 0))
+        # Sized by the window's pass, which every run makes (the reference's
+        # is made once per deployed version and teacher, then cached).
+        shadow = shadow_teacher(teacher_dir, truncation, len(sample) + len(fb_rows))
     try:
         if shadow is not None:
             ref_pending = shadow.submit(ref_texts) if cached is None else None

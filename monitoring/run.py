@@ -97,12 +97,25 @@ def prepare(root: Path, params) -> bool:
     from shrinkflow.paths import TEACHER
 
     teacher = Path(root) / TEACHER
-    worker = teacher.is_dir() and min(params.monitor.shadow_sample_rows,
-                                      params.monitor.window_last_n) >= WORKER_MIN_TEXTS
+    worker = teacher.is_dir() and min(params.monitor.shadow_sample_rows, params.monitor.window_last_n,
+                                      _log_rows(root, params)) >= WORKER_MIN_TEXTS
     if worker:
         prestart(teacher, params.serve.truncation)
     import_heavy(torch_too=not worker)
     return worker
+
+
+def _log_rows(root: Path, params) -> int:
+    """How many rows the prediction log holds; 0 when it cannot say within a
+    second (the run itself then reads it, and reports what is wrong)."""
+    from shrinkflow.predlog import prediction_log
+
+    if params.serve.log_url is None and not (Path(root) / params.serve.log_path).is_file():
+        return 0   # no log yet (and SQLite would create the file)
+    try:
+        return prediction_log(root, params.serve, timeout_s=1.0).count()
+    except Exception:  # noqa: BLE001 - only a guess of the run's size: the run reports the error
+        return 0
 
 
 def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSummary, Path]:

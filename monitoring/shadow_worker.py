@@ -211,9 +211,11 @@ def take(teacher_dir: Path, truncation: str) -> ShadowTeacherProcess | None:
 
 
 def shadow_teacher(teacher_dir: Path, truncation: str, texts: int):
-    """What runs the teacher's passes of one monitor run over ``texts``
-    texts in all: the worker started early for it (``take``), a new one for
-    ``WORKER_MIN_TEXTS`` texts or more, else an in-process ShadowTeacher.
+    """What runs the teacher's passes of one monitor run whose window pass
+    holds ``texts`` texts: the worker started early for it (``take``), a new
+    one for ``WORKER_MIN_TEXTS`` texts or more, else an in-process
+    ShadowTeacher (the tests' tiny windows: their process has usually
+    imported torch already).
     Either has ``submit(texts) -> Pending`` and ``close()``."""
     from monitoring.evidently_reports import ShadowTeacher
 
