@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ class ShadowTeacherProcess:
         self._lock = threading.Lock()
         self._sent = self._answered = 0
         self._replies: dict[int, dict] = {}
-        self._ready = False
+        self._ready = self._closed = False
         root = str(Path(__file__).resolve().parents[1])   # where `monitoring` is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         with open(self._stderr_path, "wb") as err:
@@ -87,7 +88,25 @@ class ShadowTeacherProcess:
                  "--truncation", truncation, "--threads", str(threads), "--batch-size", str(self.batch_size),
                  "--out-dir", str(self._tmp)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, text=True, encoding="utf-8")
+        # Passes are written by a thread of their own: a pass larger than the
+        # pipe's buffer (64 KiB, about 600 texts) would otherwise block
+        # submit() until the worker has loaded the teacher and reads.
+        self._outbox: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_passes, name="shadow-teacher-writer", daemon=True)
+        self._writer.start()
         atexit.register(self.close)
+
+    def _write_passes(self) -> None:
+        while (line := self._outbox.get()) is not None:
+            try:
+                self._proc.stdin.write(line)
+                self._proc.stdin.flush()
+            except (OSError, ValueError):   # the worker is gone: _answer reports it, with its stderr
+                return
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
 
     def matches(self, teacher_dir: Path, truncation: str) -> bool:
         """Whether this worker runs the teacher at ``teacher_dir`` with this
@@ -97,12 +116,9 @@ class ShadowTeacherProcess:
 
     def submit(self, texts: list[str]) -> "Pending":
         """Send one pass over ``texts``; returns its Pending."""
-        line = json.dumps({"texts": [str(t) for t in texts]}, ensure_ascii=False)
-        try:
-            self._proc.stdin.write(line + "\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            raise self._failed("is not running (closed, or exited): it cannot take a pass") from None
+        if self._closed or self._proc.poll() is not None:
+            raise self._failed("is not running (closed, or exited): it cannot take a pass")
+        self._outbox.put(json.dumps({"texts": [str(t) for t in texts]}, ensure_ascii=False) + "\n")
         self._sent += 1
         return Pending(self, self._sent, len(texts))
 
@@ -155,16 +171,16 @@ class ShadowTeacherProcess:
         run that stopped early), is killed after 1 s: it holds nothing
         worth keeping (its answers go only to this process)."""
         atexit.unregister(self.close)
+        if not self._closed:
+            self._closed = True
+            self._outbox.put(None)   # the writer closes the worker's stdin after what it holds
         if self._proc.poll() is None:
-            try:
-                self._proc.stdin.close()
-            except OSError:
-                pass
             try:
                 self._proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        self._writer.join(timeout=5)   # returns: the worker has exited, so a blocked write fails
         for stream in (self._proc.stdin, self._proc.stdout):
             try:
                 stream.close()

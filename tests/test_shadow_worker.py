@@ -24,7 +24,12 @@ def test_the_worker_answers_as_the_teacher_here_in_the_order_asked(tiny_teacher_
     here_b = ShadowTeacher(tiny_teacher_dir)(texts[:7])
     worker = sw.ShadowTeacherProcess(tiny_teacher_dir)
     try:
-        a, b = worker.submit(texts), worker.submit(texts[:7])
+        # submitted while the worker still loads; the first pass alone is larger than a
+        # pipe's buffer (64 KiB), which a thread writes while this one goes on
+        assert len("".join(texts).encode()) > 2 ** 16 // 32
+        big = texts * 32
+        a, b, c = worker.submit(texts), worker.submit(texts[:7]), worker.submit(big)
+        assert len(c.result()[0]) == len(big)
         got_b, got_a = b.result(), a.result()   # collected out of order
         with pytest.raises(RuntimeError, match="already read"):
             a.result()
