@@ -180,7 +180,23 @@ class TiedServer:
             pass
 
 
-class LocalPrefectServer(TiedServer):
+class PrefectApiServer(TiedServer):
+    """A tied Prefect server: its API under ``/api``, healthy when
+    ``/api/health`` answers; ``start`` and ``wait_ready`` return the API URL."""
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.api_url}/health"
+
+    def started(self) -> str:
+        return self.api_url
+
+
+class LocalPrefectServer(PrefectApiServer):
     """``prefect server start`` on ``host``:``port`` (a free port when None),
     state in ``home``. ``scheduler``: run the scheduler service (False for a
     server that is only for browsing past runs)."""
@@ -191,14 +207,6 @@ class LocalPrefectServer(TiedServer):
                  startup_timeout_s: float = 120.0, scheduler: bool = True):
         super().__init__(Path(home) / "server.log", host, port, startup_timeout_s)
         self.home, self.scheduler = Path(home), scheduler
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.url}/api"
-
-    @property
-    def health_url(self) -> str:
-        return f"{self.api_url}/health"
 
     def command(self) -> list[str]:
         return tied_command("prefect", ["server", "start", "--host", self.host, "--port", str(self.port)])
@@ -215,11 +223,8 @@ class LocalPrefectServer(TiedServer):
             env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
         return env
 
-    def started(self) -> str:
-        return self.api_url
 
-
-class TemporaryPrefectServer(TiedServer):
+class TemporaryPrefectServer(PrefectApiServer):
     """Prefect's ephemeral API server for one CLI command, on a free loopback
     port: the app, flags and settings Prefect's own client starts when no
     ``PREFECT_API_URL`` is set (``prefect.server.api.server.
@@ -246,14 +251,6 @@ class TemporaryPrefectServer(TiedServer):
             startup_timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         super().__init__(log_path, "127.0.0.1", None, startup_timeout_s)
 
-    @property
-    def api_url(self) -> str:
-        return f"{self.url}/api"
-
-    @property
-    def health_url(self) -> str:
-        return f"{self.api_url}/health"
-
     def command(self) -> list[str]:
         import prefect
 
@@ -272,9 +269,6 @@ class TemporaryPrefectServer(TiedServer):
                     if k != "PREFECT_API_URL" and v is not None})
         env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
         return env
-
-    def started(self) -> str:
-        return self.api_url
 
 
 # ------------------------------------------------------ surfacing its errors
