@@ -170,6 +170,11 @@ class ModelProcess:
         if wait:
             self.wait_loaded()
 
+    @property
+    def pid(self) -> int | None:
+        """The measuring process's id (None before it started)."""
+        return self._proc.pid
+
     def wait_loaded(self) -> None:
         """Wait for the model's load (or raise its error); once."""
         if not self._loaded:
@@ -328,11 +333,12 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             f"{len(b32)} at batch 32)")
         from shrinkflow.cpuload import OtherCpu
 
-        with OtherCpu(lambda: [os.getpid(), *(p._proc.pid for p in procs.values())]) as others:
+        with OtherCpu(lambda: [os.getpid(), *(p.pid for p in procs.values())]) as others:
             t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
             t32 = time_interleaved(procs, warm_b32, b32, pause_s=0.05)
-        if others.warning():
-            log(f"measure: warning: {others.warning()}")
+        busy = others.warning()
+        if busy:
+            log(f"measure: warning: {busy}")
         return {name: {"predictions": predictions[name],
                        "performance": {**performance_figures(t1[name], t32[name]),
                                        "size_mb": round(dir_size_bytes(path) / 1e6, 4),
