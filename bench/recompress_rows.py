@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, ROOT, stamp
@@ -68,11 +69,12 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
     return df["text"].tolist(), df["label"].to_numpy()
 
 
-def runs_and_name() -> tuple[tuple, str]:
+def runs_and_name() -> tuple[tuple, str, bool, Path, str | None]:
     """RUNS and the results' name, or ``--runs JSON --name NAME`` from the
     command line: a list of [texts, overrides] or [texts, overrides, offset]
     (the pool's first tweet to distil from; 0 by default), written to
-    bench/results/NAME.{md,json}."""
+    bench/results/NAME.{md,json}; ``--rescore``, ``--source`` and
+    ``--production`` as their help says."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,8 +83,16 @@ def runs_and_name() -> tuple[tuple, str]:
     ap.add_argument("--rescore", action="store_true",
                     help="score again the students the last run kept (bench/work/recompress_rows), with their "
                          "standard errors, into bench/results/NAME.{md,json}; nothing is re-distilled")
+    ap.add_argument("--source", type=Path, default=SOURCE,
+                    help="the folder holding the project to copy (project/) and the teacher before any retrain "
+                         "(teacher_before/); default: bench/work/monitoring, as bench/monitoring.py leaves it")
+    ap.add_argument("--production", default=None,
+                    help="the registry version to re-distil from (default: the version bench/monitoring.py's "
+                         "re-compression started from, bench/results/monitoring.json); it must be a student "
+                         "with its warm-start sidecar")
     args = ap.parse_args()
-    return (tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name, args.rescore
+    return ((tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name, args.rescore,
+            args.source, args.production)
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
@@ -169,7 +179,7 @@ def rescore(out_name: str) -> None:
 
 
 def main() -> None:
-    runs, out_name, again = runs_and_name()
+    runs, out_name, again, source, before = runs_and_name()
     if again:
         return rescore(out_name)
     sys.path.insert(0, str(ROOT))
@@ -180,16 +190,16 @@ def main() -> None:
     from shrinkflow.warmstart import stage_warm_start
     from shrinkflow.window import write_snapshot
 
-    before = json.loads((RESULTS / "monitoring.json").read_text())["recompress"]["deployed_before"]
+    before = before or json.loads((RESULTS / "monitoring.json").read_text())["recompress"]["deployed_before"]
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    subprocess.run(["cp", "-a", str(SOURCE / "project"), str(PROJECT)], check=True)
+    subprocess.run(["cp", "-a", str(source / "project"), str(PROJECT)], check=True)
     # This checkout's code (the copy holds the code bench/monitoring.py ran).
     for pkg in ("shrinkflow", "stages", "monitoring", "flows", "tasks"):
         shutil.rmtree(PROJECT / pkg)
         shutil.copytree(ROOT / pkg, PROJECT / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(PROJECT / "models/teacher")
-    shutil.copytree(SOURCE / "teacher_before", PROJECT / "models/teacher")
+    shutil.copytree(source / "teacher_before", PROJECT / "models/teacher")
     params = load_params(PROJECT / "params.yaml")
     reg = Registry(PROJECT / params.deploy.registry_dir)
     if reg.alias() != before:
@@ -200,7 +210,9 @@ def main() -> None:
     rec_x, rec_y = tweets("recovery")
     test = read_parquet(PROJECT / "data/prepared/test.parquet")
     env = offline_env(project_dir=PROJECT)  # this venv's python first on PATH, telemetry off
-    doc = {**stamp(), "production": before, "heldout_fraction": params.monitor.heldout_fraction, "runs": []}
+    doc = {**stamp(), "production": before, "heldout_fraction": params.monitor.heldout_fraction, "runs": [],
+           "source": str(source.resolve().relative_to(ROOT)) if source.resolve().is_relative_to(ROOT)
+           else str(source)}
     models = {"teacher": PROJECT / "models/teacher", f"production {before}": production_dir}
     import yaml
 
@@ -252,7 +264,9 @@ def markdown(doc: dict) -> str:
     gap = acc["teacher"]["tweets"] - acc[p]["tweets"]
     lines = ["# How many window texts a re-compression needs", "",
              f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/recompress_rows.py` on a copy of "
-             f"`bench/monitoring.py`'s project before its re-compression: production {doc['production']}'s "
+             + ("`bench/monitoring.py`'s project before its re-compression"
+                if doc.get("source", "bench/work/monitoring") == "bench/work/monitoring"
+                else f"the project in `{doc['source']}`") + f": production {doc['production']}'s "
              "student warm-started and re-distilled (`dvc repro --single-item compress`, default params) on the "
              "first N tweets of the traffic pool, "
              f"{doc['heldout_fraction']:.0%} of them held out as a re-compression does. Scored on "

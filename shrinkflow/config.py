@@ -441,6 +441,14 @@ class DistillStep(_Frozen):
     # (its teacher outputs computed once): weighs the window against the
     # training rows mixed in without moving the in-domain anchor.
     warm_start_window_repeats: Annotated[int, Field(ge=1, le=16)] = 1
+    # Teacher-labelled variants of every window text (augment_texts: a
+    # cropped span, words swapped from the window's own vocabulary) added to
+    # a warm re-distillation: new shifted-domain text for the student to
+    # match the teacher on, where window repeats only show the same texts
+    # again (TinyBERT's data augmentation, Jiao et al., Findings of EMNLP
+    # 2020, applied to the window). Each copy adds one window's worth of
+    # rows and one teacher pass over them.
+    warm_start_window_augment_copies: Annotated[int, Field(ge=0, le=8)] = 0
     # Share of the production student's weights kept after a warm
     # re-distillation: every weight becomes (1 - w) * new + w * production
     # (weight-space ensembling, WiSE-FT: Wortsman et al., "Robust fine-tuning
@@ -471,7 +479,7 @@ class DistillStep(_Frozen):
     # out when no warm start is used, so an ordinary run's keys do not move.
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
                                                   "warm_start_train_rows_per_window_text",
-                                                  "warm_start_window_repeats",
+                                                  "warm_start_window_repeats", "warm_start_window_augment_copies",
                                                   "warm_start_interpolation", "warm_start_max_val_drop_points",
                                                   "warm_start_max_teacher_val_drop_points")
 

@@ -30,6 +30,9 @@ ALLOWED = {
         "warm-start tests and a user's own student were measured with",
     "compress.candidates.student-l024-int8.distill.warm_start_train_rows_per_window_text":
         "with warm_start_epochs above (bench/results/recompress_anchor.md)",
+    "compress.candidates.student-l024-int8.distill.warm_start_window_augment_copies":
+        "measured for the default student on tweets (bench/results/recompress_window_augment1.md); the generic "
+        "default 0 adds no rows (nor their compress time) to a user's own student, not measured with it",
     "compress.candidates.student-l024-int8.distill.warm_start_interpolation":
         "measured for the default student on tweets (bench/results/recompress_rows.md); the generic default 0 "
         "re-distils without interpolation, as a user's own student was measured",

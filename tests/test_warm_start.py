@@ -117,10 +117,19 @@ def test_the_mix_samples_the_asked_training_rows_seeded(tmp_path, tiny_teacher_d
                     window=window, warm=tmp_path / "sidecar")
     assert thrice.run_stats["warm_start_train_rows"] == 18
     assert thrice.run_stats["distill_rows"] == 18 + 3 * 6 and thrice.stats["distill_unlabelled_rows"] == 6
-    # ... and only in a warm start: a cold build of the same step ignores it
-    cold3 = distil(tiny_teacher_dir, small_splits, STEP.model_copy(update={"warm_start_window_repeats": 3}),
+    # teacher-labelled variants of the window: new text, not the same texts again
+    varied = distil(tiny_teacher_dir, small_splits, step.model_copy(update={"warm_start_window_augment_copies": 2}),
+                    window=window, warm=tmp_path / "sidecar")
+    assert varied.run_stats["warm_start_train_rows"] == 18
+    assert varied.run_stats["warm_start_window_augmented_rows"] == 2 * 6
+    assert varied.run_stats["distill_rows"] == 18 + 6 + 2 * 6 and varied.stats["distill_augmented_rows"] == 12
+    assert "warm_start_window_augmented_rows" not in warm.run_stats
+    # ... and both only in a warm start: a cold build of the same step ignores them
+    cold3 = distil(tiny_teacher_dir, small_splits, STEP.model_copy(update={"warm_start_window_repeats": 3,
+                                                                         "warm_start_window_augment_copies": 2}),
                    window=window)
     assert cold3.run_stats["distill_rows"] == len(small_splits["train"]) + 6
+    assert "warm_start_window_augmented_rows" not in cold3.run_stats
 
 
 @pytest.mark.slow  # ~7 s: in the full suite, not the quick run
@@ -166,7 +175,8 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     root = project(tmp_path, tiny_teacher_dir, small_splits)
     variants = [STUDENT.model_copy(update={"recipe": (STEP.model_copy(update=u),) + STUDENT.recipe[1:]})
                 for u in ({}, {"warm_start": False}, {"warm_start_epochs": 7},
-                          {"warm_start_train_rows_per_window_text": 0.5}, {"warm_start_window_repeats": 3})]
+                          {"warm_start_train_rows_per_window_text": 0.5}, {"warm_start_window_repeats": 3},
+                          {"warm_start_window_augment_copies": 2})]
     cold = {candidate_keys(root, [c], 17, 1, False)["student"] for c in variants}
     assert len(cold) == 1
     hashes = inputs_hashes(root)
@@ -178,7 +188,7 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     assert cold_build.model is not None
     warm = [candidate_keys(root, [c], 17, 1, False)["student"] for c in variants]
     assert warm[1] in cold                               # warm_start: false -> the cold key
-    assert len({warm[0], warm[2], warm[3], warm[4]} | cold) == 5   # each warm param is in the key
+    assert len({warm[0], warm[2], warm[3], warm[4], warm[5]} | cold) == 6   # each warm param is in the key
 
     meta = json.loads((root / WARM_START / "student" / "warm_start.json").read_text())
     for other in ({"layers": [1]}, {"teacher_hash": "another teacher"}, {"candidate": "other"}):

@@ -315,6 +315,13 @@ class Distill(Method):
             train_texts = [train_texts[i] for i in rows]
             build.run_stats["warm_start_train_rows"] = len(rows)
         augmented = augment_texts(train_texts, step.augment_copies, step.seed, step.augment_replace_fraction)
+        if warm is not None and step.warm_start_window_augment_copies:
+            # variants of the window's own texts, words drawn from the window
+            # (another seed than the split's copies)
+            window_variants = augment_texts(extra, step.warm_start_window_augment_copies, step.seed + 1,
+                                            step.augment_replace_fraction)
+            augmented = augmented + window_variants
+            build.run_stats["warm_start_window_augmented_rows"] = len(window_variants)
         for more in (extra, augmented):
             if more:
                 # The teacher labels text that has no label (production
