@@ -428,7 +428,7 @@ class DistillStep(_Frozen):
     # weights (data/unlabelled/warm_start/<candidate>/, staged from the
     # registry by the re-compression flow) instead of the teacher's layers,
     # when one with the same candidate name, layers and teacher is there.
-    # Without one (every ordinary run) this and the two below change nothing.
+    # Without one (every ordinary run) this and every warm_start_* param below change nothing.
     warm_start: bool = True
     # Epochs of a warm re-distillation, over the window's texts and the
     # training rows mixed in (0: keep the production weights as they are).
