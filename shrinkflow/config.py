@@ -1295,7 +1295,7 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
             if err["type"] == "value_error":   # a validator's own message, without pydantic's prefix
                 msg = msg.removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (not a shrinkflow parameter)" + _did_you_mean(err["loc"][-1])
+                msg = _unknown_key(err["loc"][-1])
             elif isinstance(err.get("input"), _PLAIN) and err["type"] != "missing" and "loc" in err:
                 msg += f" (got {err['input']!r})"   # the value as typed, next to what was expected
             elif err["type"] == "missing":
@@ -1316,12 +1316,33 @@ def _param_names() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _did_you_mean(key) -> str:
-    """"; did you mean 'x'?" for an unknown ``key`` close to a known one (difflib's ratio >= 0.75), else ""."""
+@functools.lru_cache(maxsize=1)
+def _param_homes() -> dict[str, tuple[str, ...]]:
+    """Each key a params file may hold -> where it belongs: "a 'distill'
+    step" for a recipe step's key, else the section's model name."""
+    homes: dict[str, set[str]] = {}
+    for obj in list(globals().values()):
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == __name__:
+            method = obj.model_fields.get("method")
+            where = f"a {method.default!r} step" if method is not None and isinstance(method.default, str) \
+                else obj.__name__
+            for name, field in obj.model_fields.items():
+                homes.setdefault(field.alias or name, set()).add(where)
+    return {k: tuple(sorted(v)) for k, v in homes.items()}
+
+
+def _unknown_key(key) -> str:
+    """The message for a key its section does not have: where it belongs
+    when it is a key of another section (a recipe step's key one level too
+    high, say); else "unknown key", with "did you mean 'x'?" when it is close
+    to a known one (difflib's ratio >= 0.75)."""
     import difflib
 
-    close = difflib.get_close_matches(str(key), _param_names(), n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    key = str(key)
+    if key in _param_homes():
+        return f"not a key of this section: {key!r} belongs in {' or '.join(_param_homes()[key])}"
+    close = difflib.get_close_matches(key, _param_names(), n=1, cutoff=0.75)
+    return "unknown key (not a shrinkflow parameter)" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def _yaml_scalar_text(node) -> str:

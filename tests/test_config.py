@@ -42,6 +42,18 @@ def test_unknown_key_is_named(raw):
     assert found["monitor.colour"] == "unknown key (not a shrinkflow parameter)"
 
 
+def test_a_key_of_another_section_says_where_it_belongs(raw):
+    """A newcomer's run: a distill step's key put on the candidate itself was
+    called "not a shrinkflow parameter" with itself as the suggestion."""
+    raw["compress"]["candidates"][1]["warm_start_window_augment_copies"] = 1
+    raw["monitor"]["epochs"] = 2
+    found = problems(raw)
+    assert found["compress.candidates.1.warm_start_window_augment_copies"] == (
+        "not a key of this section: 'warm_start_window_augment_copies' belongs in a 'distill' step")
+    assert found["monitor.epochs"].startswith("not a key of this section: 'epochs' belongs in ")
+    assert "a 'distill' step" in found["monitor.epochs"] and "TrainParams" in found["monitor.epochs"]
+
+
 def test_wrong_type_is_named(raw):
     raw["train"]["batch_size"] = "thirty-two"
     assert "integer" in problems(raw)["train.batch_size"]
