@@ -1305,20 +1305,9 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
 
 
 @functools.lru_cache(maxsize=1)
-def _param_names() -> tuple[str, ...]:
-    """Every key a params file may hold, in any section (field names and
-    aliases of this module's models)."""
-    names = set()
-    for obj in list(globals().values()):
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == __name__:
-            for name, field in obj.model_fields.items():
-                names.add(field.alias or name)
-    return tuple(sorted(names))
-
-
-@functools.lru_cache(maxsize=1)
 def _param_homes() -> dict[str, tuple[str, ...]]:
-    """Each key a params file may hold -> where it belongs: "a 'distill'
+    """Each key a params file may hold, in any section (field names and
+    aliases of this module's models) -> where it belongs: "a 'distill'
     step" for a recipe step's key, else the section's model name."""
     homes: dict[str, set[str]] = {}
     for obj in list(globals().values()):
@@ -1341,7 +1330,7 @@ def _unknown_key(key) -> str:
     key = str(key)
     if key in _param_homes():
         return f"not a key of this section: {key!r} belongs in {' or '.join(_param_homes()[key])}"
-    close = difflib.get_close_matches(key, _param_names(), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(key, sorted(_param_homes()), n=1, cutoff=0.75)
     return "unknown key (not a shrinkflow parameter)" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
