@@ -54,6 +54,39 @@ def test_a_key_of_another_section_says_where_it_belongs(raw):
     assert "a 'distill' step" in found["monitor.epochs"] and "TrainParams" in found["monitor.epochs"]
 
 
+@pytest.mark.parametrize("section", ["monitor", "distill step", "candidate"])
+def test_every_key_of_another_section_names_a_section_that_has_it(raw, section):
+    """The whole kind: every key any section may hold, put where it does
+    not belong (the monitor section, the default student's distill step, a
+    candidate), is named with the sections it belongs in, and each of those
+    really holds it."""
+    import shrinkflow.config as config
+
+    models = {obj.__name__: obj for obj in vars(config).values()
+              if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel) and obj.__module__ == config.__name__}
+    steps = {m.model_fields["method"].default: m for m in models.values()
+             if "method" in m.model_fields and isinstance(m.model_fields["method"].default, str)}
+    keys = {field.alias or name for m in models.values() for name, field in m.model_fields.items()}
+    target, model, prefix = {
+        "monitor": (raw["monitor"], config.MonitorParams, "monitor"),
+        "distill step": (raw["compress"]["candidates"][1]["recipe"][0], config.DistillStep,
+                         "compress.candidates.1.recipe.0"),
+        "candidate": (raw["compress"]["candidates"][1], config.Candidate, "compress.candidates.1"),
+    }[section]
+    own = {field.alias or name for name, field in model.model_fields.items()}
+    placed = sorted(keys - own)
+    for key in placed:
+        target[key] = 1
+    found = problems(raw)
+    for key in placed:
+        msg = found[f"{prefix}.{key}"]
+        assert msg.startswith(f"not a key of this section: {key!r} belongs in "), msg
+        homes = msg.split(" belongs in ", 1)[1].split(" or ")
+        for home in homes:
+            holder = steps[home.split("'")[1]] if home.startswith("a '") else models[home]
+            assert key in {f.alias or n for n, f in holder.model_fields.items()}, (key, home)
+
+
 def test_wrong_type_is_named(raw):
     raw["train"]["batch_size"] = "thirty-two"
     assert "integer" in problems(raw)["train.batch_size"]
