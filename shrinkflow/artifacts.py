@@ -316,6 +316,11 @@ class GatesReport(Artifact):
     candidates: dict[str, CandidateGates]
     confirmation: Confirmation | None
     production: str | None = None
+    # On a re-compression, the built candidate that has the production
+    # version's very files (the int8 teacher rebuilt while it is in
+    # production), measured once under its own name instead of as
+    # ``production``: selecting it keeps production. None otherwise.
+    production_as: str | None = None
     # A retrained teacher's own gates (shrinkflow.gates.teacher_gates; its
     # ``candidate`` is "teacher"): when any fails, no candidate is selected.
     # Absent when the teacher is not a retrain's.

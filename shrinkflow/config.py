@@ -718,7 +718,8 @@ class Gates(_Frozen):
     # Re-compression only: a new candidate's batch-1 p95 latency over the
     # production model's, minus 1, at most this (0.10: 10% slower), from the
     # same interleaved rounds; so a drift event never makes production slower.
-    max_p95_b1_slowdown_vs_production: Fraction = 0.10
+    # Above 1 admits more than twice production's latency.
+    max_p95_b1_slowdown_vs_production: Annotated[float, Field(ge=0.0)] = 0.10
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy
     # minus the retrained teacher's must be at most this: one point, the

@@ -188,6 +188,7 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                             candidates={n: CandidateGates.from_report(r) for n, r in reports.items()},
                             confirmation=confirm,
                             **({"production": production_version} if production_version is not None else {}),
+                            **({"production_as": production_as} if production_version and production_as else {}),
                             **({"unconfirmed": unconfirmed} if unconfirmed else {}))
     return report, selection
 

@@ -247,10 +247,13 @@ def test_schedule_fires_runs_by_itself_and_stops_cleanly(project, deployed):
 def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(project, harness, deployed):
     """Production text (product reviews) with feedback saying the model is
     wrong: `shrinkflow monitor` writes the reports, decides recompress, and
-    the re-compression flow distils on the window through DVC (train
-    skipped), gates on the held-out window, deploys, and records the window
-    and the monitor run in the new version's lineage. The same window never
-    triggers twice."""
+    the re-compression flow runs through DVC on the window (train skipped)
+    and gates on the held-out window. Production is the int8 teacher, which
+    the re-compression rebuilds with the very same files: it wins, and
+    production is kept, not promoted again as a copy of itself. The window
+    is DVC-pinned and restorable. The same window never triggers twice. (A
+    re-compression that deploys, with the window in the new version's
+    lineage: tests/test_e2e_warm_start.py.)"""
     import uuid
 
     import pandas as pd
@@ -301,41 +304,41 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert "  - feedback_accuracy: FIRED" in record and "  - text_drift: " in record, out[-4000:]
     assert reg.alias() == before
     code, out = run_cli(project, harness, "monitor")
-    assert code == 0, out[-4000:]
+    assert code == 1, out[-4000:]  # ExitCode.REFUSED: the re-compression deployed nothing (production kept)
     assert "verdict: recompress" in out and "feedback_accuracy: FIRED" in out, out[-4000:]
     assert "not acted on" not in out and "cooldown" not in out
     assert "Running stage 'train'" not in out and "Running stage 'compress'" in out
-    new = reg.alias()
-    assert new != before and f"re-compression: DEPLOYED {new}" in out
+    # production is the int8 candidate the re-compression rebuilt with the
+    # very same files: it won, so production is kept, not promoted again as
+    # a copy of itself
+    assert reg.alias() == before and reg.versions() == [before], out[-4000:]
+    assert f"re-compression: KEPT production {before}" in out and "nothing was promoted" in out, out[-4000:]
     # the kept teacher was reused, not retrained
     assert (project / "models/teacher/model.safetensors").stat().st_mtime_ns == teacher_mtime
     assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"] == train_lock
+    deployment = json.loads((project / "deploy/deployment.json").read_text())
+    assert deployment["kept"] is True and deployment["version"] == before, deployment
+    assert "rebuilt as 'int8' with the very same files" in deployment["reason"], deployment
 
-    manifest = reg.manifest(new)
-    window = manifest["lineage"]["window"]
+    # the window the candidates were gated on, DVC-pinned and restorable
+    window = json.loads((project / "data/unlabelled/window.json").read_text())
     assert window["monitor_flow_run"] and "feedback_accuracy" in window["triggers"]
     assert window["rows"] == len(rows) and window["rows_distill"] + window["rows_heldout"] == len(set(texts))
-    # lineage's unlabelled hash is the window DVC pinned, and it can be restored
-    assert manifest["lineage"]["unlabelled_md5"] == window["texts_md5"]
     restored = restore_window(project, window["texts_md5"], project / "restored.txt")
     assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()
     assert (project / "data/windows.dvc").is_file()
     # gated against production: both figures in the gate report
     assert window["production_version"] == before
     gates = json.loads((project / "reports/gates.json").read_text())
-    assert gates["production"] == before and gates["selected"] == manifest["candidate"] == "int8"
-    floor, gain = manifest["gates"]["min_window_agreement"], manifest["gates"]["min_window_agreement_gain"]
+    assert gates["production"] == before and gates["selected"] == "int8"
+    floor = gates["candidates"]["int8"]["gates"]["min_window_agreement"]
+    gain = gates["candidates"]["int8"]["gates"]["min_window_agreement_gain"]
     assert floor["threshold"] == 0.999 and gain["threshold"] == 0.0 and gain["value"] == 0 and gain["passed"]
     assert f"against production {before}'s {floor['value']:.4g}" in gain["note"]
     assert "production" not in gates["candidates"]  # the same files as int8: measured once
     md = (project / "reports/gates.md").read_text()
     assert "min_window_agreement_gain" in md and f"production {before} was measured" in md
-    code, out = run_cli(project, None, "window", new, "--out", str(project / "w.txt"))
-    assert code == 0 and (project / "w.txt").read_text() == (project / "data/unlabelled/texts.txt").read_text()
-    code, out = run_cli(project, None, "window", before, "--out", str(project / "w0.txt"))
-    assert code == 4 and "was not re-compressed on a production window" in out  # ExitCode.NOTHING
-    code, out = run_cli(project, None, "status")
-    assert code == 0 and f"re-compressed on a production window: {window['rows_distill']} texts distilled" in out
+    assert f"**Production {before} selected** (rebuilt as 'int8'" in md and "promotes it" not in md
 
     # reports on disk, the index lists the run with its verdict
     index = (project / "monitoring/reports/index.html").read_text()
@@ -347,7 +350,8 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", True)]
     # the acting run records what its re-compression did, with the figures
     rec = decisions[1]["recompress"]
-    assert (rec["outcome"], rec["deployed_version"], rec["production_version"]) == ("deployed", new, before)
+    assert (rec["outcome"], rec["deployed_version"], rec["kept_version"], rec["production_version"]) == (
+        "kept", None, before, before)
     assert rec["candidates"] == {"int8": {"passed": True, "failed": {}}}
 
     # the Prefect artifact: verdict, figures, reasons, links to the served reports
@@ -364,10 +368,10 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert any("# Monitor: **recompress**" in (a.data or "") and "feedback_accuracy: FIRED" in (a.data or "")
                and f"/reports/{run_dirs[1].name}/report.html" in (a.data or "") for a in arts)
     arts = asyncio.run(monitor_artifacts("shrinkflow-recompress"))
-    assert any(f"**Deployed {new}** ('int8'), replacing {before}" in (a.data or "")
+    assert any(f"**Kept production {before}**" in (a.data or "")
                and "| int8 | every gate passed |" in (a.data or "") for a in arts)
 
     # the same window again: not a second re-compression
     code, out = run_cli(project, harness, "monitor")
     assert code == 0 and "verdict: warn" in out and "already triggered" in out, out[-3000:]
-    assert reg.alias() == new
+    assert reg.alias() == before

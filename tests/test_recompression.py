@@ -13,6 +13,7 @@ import pytest
 
 from shrinkflow.config import ValidateParams
 from shrinkflow.files import file_hashes, read_json
+from shrinkflow.markdown import outcome_line
 from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL, WINDOW_PRODUCTION
 from shrinkflow.validation import PRODUCTION_CANDIDATE, validate_runs
 from tests.typed_cases import BINARY, GATES, TEST, VAL, _files, run
@@ -183,12 +184,24 @@ def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys)
 
 
 def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_baseline():
-    args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0])
+    # min gain 0: its gain over itself (0) passes, and it is selected
+    args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0], gain=0.0)
     del args["candidate_runs"][PRODUCTION_CANDIDATE]
     report, sel = validate_runs(**{**args, "files": _files("small"), "production_as": "small"})
-    assert set(sel.candidates) == {"small"} and sel.production == "v0003"
+    assert set(sel.candidates) == {"small"} and sel.production == "v0003" and sel.production_as == "small"
     gain = sel.candidates["small"].gates["min_window_agreement_gain"]
     assert gain.value == 0 and "against production v0003's 0.8" in gain.note
+    # selected, it is production: deploy keeps it, and gates.md says so (not "promotes it")
+    assert sel.selected == "small"
+    line = outcome_line(sel)
+    assert "Production v0003 selected** (rebuilt as 'small'" in line and "promotes nothing" in line, line
+    assert "promotes it" not in line
+    # an ordinary run records no production_as
+    args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0], floor=0.0)
+    del args["candidate_runs"][PRODUCTION_CANDIDATE]
+    _, plain = validate_runs(**{**args, "files": _files("small"), "production_version": None})
+    assert plain.production is None and plain.production_as is None
+    assert "promotes it" in outcome_line(plain)
 
 
 def test_the_recompression_corpus_is_the_newest_rows_up_to_the_window(tmp_path):
