@@ -1221,13 +1221,43 @@ class ScopedParams:
 class ParamsError(ValueError):
     """A params file that cannot be used. ``str()`` names every bad key path."""
 
-    def __init__(self, path: Path, problems: list[tuple[str, str]]):
+    def __init__(self, path: Path, problems: list[tuple[str, str]], labels: dict[str, str] | None = None):
         self.path = path
         self.problems = problems
+        # ``labels``: a key path's words for a reader, shown after it
+        # (compress.candidates.1 is "candidate 'student'"); the path itself
+        # stays the one `dvc exp run -S` takes.
+        labels = labels or {}
         # A check across sections (key "<root>") names its keys in its message.
-        lines = [f"invalid params file {path}:"] + [f"  {why}" if key == "<root>" else f"  {key}: {why}"
-                                                    for key, why in problems]
+        lines = [f"invalid params file {path}:"] + [
+            f"  {why}" if key == "<root>" else f"  {key}{f' ({labels[key]})' if key in labels else ''}: {why}"
+            for key, why in problems]
         super().__init__("\n".join(lines))
+
+
+def _candidate_labels(raw: dict, keys: list[str]) -> dict[str, str]:
+    """For each key path under ``compress.candidates.<i>`` whose candidate
+    in ``raw`` has a string name: "candidate '<name>'" (and the step's
+    method, under ``recipe.<j>``)."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[:2] != ["compress", "candidates"] or len(parts) < 3 or not parts[2].isdigit():
+            continue
+        cands = (raw.get("compress") or {}).get("candidates") if isinstance(raw.get("compress"), dict) else None
+        i = int(parts[2])
+        if not isinstance(cands, list) or i >= len(cands) or not isinstance(cands[i], dict):
+            continue
+        name = cands[i].get("name")
+        label = f"candidate {name!r}" if isinstance(name, str) else ""
+        recipe = cands[i].get("recipe")
+        if len(parts) > 4 and parts[3] == "recipe" and parts[4].isdigit() and isinstance(recipe, list) \
+                and int(parts[4]) < len(recipe) and isinstance(recipe[int(parts[4])], dict) \
+                and isinstance(recipe[int(parts[4])].get("method"), str):
+            label = ", ".join(x for x in (label, f"its {recipe[int(parts[4])]['method']!r} step") if x)
+        if label:
+            out[key] = label
+    return out
 
 
 # Discriminated unions put their tag in an error's location
@@ -1302,7 +1332,7 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
             elif err["type"] == "missing":
                 msg = "required section or key is missing"
             problems.append((_key_path(err["loc"]), msg))
-        raise ParamsError(path, problems) from None
+        raise ParamsError(path, problems, _candidate_labels(raw, [k for k, _ in problems])) from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -177,3 +177,17 @@ def test_a_distilled_layer_the_teacher_does_not_have_is_refused_for_every_teache
         parse_params(with_layers([0, 2, 6]))
     line = str(info.value).splitlines()[1]
     assert line.startswith("  candidate ") and "Value error" not in line and "<root>" not in line
+
+
+def test_a_candidate_s_error_names_the_candidate_and_its_step(raw):
+    """The key path stays the one `dvc exp run -S` takes; the message names
+    the candidate (and the step) it points at, so a user need not count."""
+    raw["compress"]["candidates"][1]["recipe"][0]["epochs"] = -1
+    raw["compress"]["candidates"][1]["colour"] = "red"
+    name, method = raw["compress"]["candidates"][1]["name"], raw["compress"]["candidates"][1]["recipe"][0]["method"]
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    text = str(info.value)
+    assert f"  compress.candidates.1.recipe.0.epochs (candidate {name!r}, its {method!r} step): " in text, text
+    assert f"  compress.candidates.1.colour (candidate {name!r}): unknown key" in text, text
+    assert "compress.candidates.1.recipe.0.epochs" in dict(info.value.problems)

@@ -577,3 +577,42 @@ def test_a_warm_build_with_a_grid_chooses_on_the_built_candidate_and_ships_it(tm
     assert built_accuracy(out, val["text"].tolist(), val["label"].to_numpy(), 1) == \
         pytest.approx(choice["tried"][0]["val_accuracy"], abs=1e-6)
     assert sorted(p.name for p in out.parent.iterdir()) == ["student"]
+
+
+def test_the_interpolation_line_says_which_bound_each_refused_share_missed():
+    """The console line for a grid: every share tried with its val accuracy,
+    and for a refused one the bound it missed by how many points (the limits
+    are in the result, so the line needs nothing else)."""
+    from shrinkflow.compress.warm import choose_interpolation, interpolation_line
+
+    def built(model) -> float:  # as in the test above: 0.82, 0.86, 0.90 for 0.3, 0.5, 0.7; production 0.90
+        w = float(model.weight.detach())
+        return 0.9 if w == 1.0 else 0.9 - 0.2 * (0.7 - w)
+
+    got = choose_interpolation(*one_weight_models(), (0.3, 0.5, 0.7), 5.0, built, teacher_accuracy=0.87,
+                               max_teacher_drop_points=1.0)
+    assert (got["max_drop_points"], got["max_teacher_drop_points"]) == (5.0, 1.0)
+    line = interpolation_line("student", got, "built")
+    assert line.startswith("compress: student: kept 0.5 of the production student's weights"), line
+    assert "at most 5 points under production's 0.9000 and 1 under the teacher's 0.8700 on built val" in line
+    # 0.3 missed both bounds (8 points under production, 5 under the teacher); 0.5 is within
+    assert "0.3 -> 0.8200 (refused: 8.00 under production, 5.00 under the teacher)" in line, line
+    assert "0.5 -> 0.8600 (within)" in line and "0.7" not in line.split("val accuracy:")[1], line
+    # nothing within: the last share is kept, and the line says so
+    got = choose_interpolation(*one_weight_models(), (0.3, 0.5), 1.0, built)
+    line = interpolation_line("student", got, None)
+    assert "teacher" not in line and "on val accuracy" in line
+    assert "0.5 -> 0.8600 (refused: 4.00 under production)" in line and line.endswith("so the last was kept")
+
+
+def test_the_build_line_names_what_a_warm_re_distillation_learned_from():
+    from shrinkflow.compress.build import warm_start_note
+
+    assert warm_start_note({}, {"distill_unlabelled_rows": 5}) == ""  # a cold build
+    run_stats = {"warm_start_from": "v0004", "warm_start_train_rows": 6024, "warm_start_window_augmented_rows": 753,
+                 "distill_rows": 7530, "distill_epochs": 2}
+    note = warm_start_note(run_stats, {"distill_unlabelled_rows": 753})
+    assert note == (" (warm start from v0004: 6,024 training rows, 753 window texts, 753 variants of them; "
+                    "7,530 rows in all, 2 epoch(s))"), note
+    del run_stats["warm_start_window_augmented_rows"]
+    assert "variants" not in warm_start_note(run_stats, {"distill_unlabelled_rows": 753})

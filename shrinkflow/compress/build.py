@@ -88,6 +88,23 @@ def build_candidate(project_dir: Path | str, candidate: Candidate, *, opset: int
     return record
 
 
+def warm_start_note(run_stats: dict, stats: dict) -> str:
+    """The build line's note on a warm re-distillation, from the candidate's
+    run stats and manifest stats: the version it started from and what the
+    student learned from (training rows kept, window texts, teacher-labelled
+    variants of the window texts, rows in all, epochs); "" for a cold build."""
+    if not run_stats.get("warm_start_from"):
+        return ""
+    parts = [f"{run_stats['warm_start_train_rows']:,} training rows"] if "warm_start_train_rows" in run_stats else []
+    if stats.get("distill_unlabelled_rows"):
+        parts.append(f"{stats['distill_unlabelled_rows']:,} window texts")
+    if run_stats.get("warm_start_window_augmented_rows"):
+        parts.append(f"{run_stats['warm_start_window_augmented_rows']:,} variants of them")
+    rows = f"; {run_stats['distill_rows']:,} rows in all" if "distill_rows" in run_stats else ""
+    epochs = f", {run_stats['distill_epochs']} epoch(s)" if "distill_epochs" in run_stats else ""
+    return f" (warm start from {run_stats['warm_start_from']}: {', '.join(parts)}{rows}{epochs})"
+
+
 def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, fuse: bool = False,
                 teacher_outputs: Path | None = None, predictions: Path | None = None) -> tuple[dict, dict]:
     """Apply ``candidate``'s recipe to the teacher of the project at ``root``
@@ -134,8 +151,9 @@ def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, f
                        prediction_cache=PredictionCache(predictions or root / PREDICTION_CACHE))
     seconds = round(time.perf_counter() - t0, 2)
     cpu = round(process_cpu_seconds(include_children=False) - cpu0, 2)
+    stats = read_manifest(out)["stats"]
     print(f"compress: {candidate.name} built in {seconds:.0f}s ({cpu:.0f} CPU-s) -> {out}"
-          + (f" (warm start from {run_stats['warm_start_from']})" if run_stats.get("warm_start_from") else ""))
+          + warm_start_note(run_stats, stats))
     record = {"name": candidate.name, "seconds": seconds, "cached": False, "build_seconds": seconds,
-              "build_cpu_seconds": cpu, **read_manifest(out)["stats"], **run_stats}
+              "build_cpu_seconds": cpu, **stats, **run_stats}
     return record, run_stats

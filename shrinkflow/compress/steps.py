@@ -157,10 +157,9 @@ def _val_split(build: Build) -> tuple[list[str], np.ndarray]:
 def _choice_stats(build: Build, chosen: dict, scored: str | None) -> dict:
     """Say which share ``choose_interpolation`` kept (``chosen``), and
     return the run stats it adds; ``scored``: "built", or None for fp32."""
-    teacher = f", teacher {chosen['teacher_val_accuracy']}" if "teacher_val_accuracy" in chosen else ""
-    print(f"compress: {build.candidate}: kept {chosen['chosen']} of the production student's weights "
-          f"({'built ' if scored else ''}val accuracy {[t['val_accuracy'] for t in chosen['tried']]} for "
-          f"{[t['keep'] for t in chosen['tried']]}, production {chosen['production_val_accuracy']}{teacher})")
+    from shrinkflow.compress.warm import interpolation_line
+
+    print(interpolation_line(build.candidate, chosen, scored))
     choice = {k: v for k, v in chosen.items() if k != "chosen"}
     return {"warm_start_interpolation": chosen["chosen"],
             "warm_start_interpolation_choice": {"scored": scored, **choice} if scored else choice}

@@ -182,9 +182,10 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
     one scored, so a scorer that builds the model (steps.choose_built) can
     keep what it built last.
 
-    Returns ``{"chosen": share, "production_val_accuracy": a, "tried":
-    [{"keep": share, "val_accuracy": a}, ...], "met": bool}``, plus
-    ``"teacher_val_accuracy"`` when the teacher bound is checked (``met``
+    Returns ``{"chosen": share, "production_val_accuracy": a,
+    "max_drop_points": p, "tried": [{"keep": share, "val_accuracy": a}, ...],
+    "met": bool}``, plus ``"teacher_val_accuracy"`` and
+    ``"max_teacher_drop_points"`` when the teacher bound is checked (``met``
     False: no share met the bounds; the last was kept). Selection on val,
     as the candidates' own selection is; the deploy gates and the test
     split's confirmation come after. Raises ValueError (``interpolate``)
@@ -193,9 +194,10 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
     check_teacher = teacher_accuracy is not None and max_teacher_drop_points is not None
     base = {k: v.detach().clone() for k, v in student.state_dict().items()}
     target = accuracy(production)
-    out = {"production_val_accuracy": round(target, 6)}
+    out = {"production_val_accuracy": round(target, 6), "max_drop_points": max_drop_points}
     if check_teacher:
         out["teacher_val_accuracy"] = round(teacher_accuracy, 6)
+        out["max_teacher_drop_points"] = max_teacher_drop_points
     tried = []
     for i, keep in enumerate(grid):
         if i:
@@ -209,6 +211,32 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
         if within:
             return {"chosen": keep, **out, "tried": tried, "met": True}
     return {"chosen": grid[-1], **out, "tried": tried, "met": False}
+
+
+def interpolation_line(candidate: str, chosen: dict, scored: str | None) -> str:
+    """One console line for ``choose_interpolation``'s result ``chosen``: the
+    share kept, the bounds, and each share tried with its val accuracy and,
+    for a share refused, which bound it missed and by how many points.
+    ``scored``: "built" when the accuracies are the built candidates', None
+    for fp32."""
+    prod = chosen["production_val_accuracy"]
+    teacher = chosen.get("teacher_val_accuracy")
+    bounds = f"at most {chosen['max_drop_points']:g} points under production's {prod:.4f}"
+    if teacher is not None:
+        bounds += f" and {chosen['max_teacher_drop_points']:g} under the teacher's {teacher:.4f}"
+    shares = []
+    for t in chosen["tried"]:
+        acc = t["val_accuracy"]
+        missed = []
+        if (prod - acc) * 100.0 > chosen["max_drop_points"] + 1e-9:
+            missed.append(f"{(prod - acc) * 100.0:.2f} under production")
+        if teacher is not None and (teacher - acc) * 100.0 > chosen["max_teacher_drop_points"] + 1e-9:
+            missed.append(f"{(teacher - acc) * 100.0:.2f} under the teacher")
+        verdict = f"refused: {', '.join(missed)}" if missed else "within"
+        shares.append(f"{t['keep']:g} -> {acc:.4f} ({verdict})")
+    end = "" if chosen["met"] else "; no share was within, so the last was kept"
+    return (f"compress: {candidate}: kept {chosen['chosen']:g} of the production student's weights, the first "
+            f"share {bounds} on {'built ' if scored else ''}val accuracy: {'; '.join(shares)}{end}")
 
 
 def mix_rows(n_window: int, n_train: int, rows_per_window_text: float, seed: int) -> np.ndarray:
