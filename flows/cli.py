@@ -82,8 +82,9 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                "the version was not re-compressed on a production window"},
     "monitor": {ExitCode.OK: "it ran (any verdict), and any re-compression or retrain deployed; `monitor ui`: "
                              "stopped by Ctrl-C or SIGTERM",
-                ExitCode.REFUSED: "a re-compression or retrain deployed nothing (gates; a retrained teacher that "
-                                  "failed its own gates, the project put back as it was)",
+                ExitCode.REFUSED: "a re-compression or retrain deployed nothing (gates; production kept because "
+                                  "it won the selection; a retrained teacher that failed its own gates, the project "
+                                  "put back as it was)",
                 ExitCode.USAGE: _USAGE + _ADOPT,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
                                 "not start, or stopped by itself",

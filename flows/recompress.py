@@ -14,6 +14,7 @@ from prefect import flow
 from flows.lifecycle import lifecycle
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
+from shrinkflow.warmstart import warm_start_summary
 from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
 from tasks.warmstart import stage_warm_start
 
@@ -29,6 +30,7 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     # The production student, for the re-distillation to warm-start from;
     # recorded in window.json, so the new version's lineage names it.
     warm_start = stage_warm_start(project_dir, params.deploy.registry_dir)
+    print(warm_start_summary(production, warm_start))
     window = snapshot_window(project_dir, texts, params.monitor.heldout_fraction,
                              {**trigger, "production_version": production, "warm_start": warm_start})
     # None, or why the push to the DVC remote failed: the run goes on (the

@@ -1269,8 +1269,53 @@ _UNION_TAGS = {"pretrained", "random", "local", "quantize", "distill", "vocab_pr
 def _key_path(loc: tuple) -> str:
     kept = [str(item) for i, item in enumerate(loc)
             if not (item in _UNION_TAGS and i > 0 and (loc[i - 1] == "model" or isinstance(loc[i - 1], int)))
-            and not (item in _SOURCE_TAGS and i > 0 and loc[i - 1] == "source")]
+            and not (item in _SOURCE_TAGS and i > 0 and loc[i - 1] == "source")
+            and not _is_member_tag(item)]
     return ".".join(kept) or "<root>"
+
+
+# What each member of a plain union (a number or a list of numbers) is
+# called in its errors' locations, as a user would say it.
+_MEMBER_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "a boolean",
+                 "tuple": "a list", "list": "a list", "none": "null"}
+
+
+def _is_member_tag(item) -> bool:
+    """Whether a location item is pydantic's name for a member of a plain
+    union (``constrained-float``, ``tuple[constrained-float, ...]``), not a
+    key a user typed."""
+    return isinstance(item, str) and ("[" in item or item.startswith("constrained-") or item in _MEMBER_WORDS)
+
+
+def _member_word(tag: str) -> str:
+    base = tag.split("[", 1)[0].removeprefix("constrained-")
+    return _MEMBER_WORDS.get(base, base)
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """A value of a plain union (``warm_start_interpolation``: a number or a
+    list of numbers) fails once per member. Keep the members' errors about
+    the value itself (a list item over its bound) and drop the ones that
+    only say it is of another member's type; when every member only says
+    that, one error names every type the key takes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, err in enumerate(errors):
+        tag = next((j for j, item in enumerate(err["loc"]) if _is_member_tag(item)), None)
+        if tag is not None:
+            groups.setdefault(tuple(err["loc"][:tag]), []).append(i)
+    drop, merged = set(), {}
+    for prefix, idx in groups.items():
+        members = {errors[i]["loc"][len(prefix)] for i in idx}
+        if len(members) < 2:
+            continue
+        wrong_type = [i for i in idx if errors[i]["type"].endswith("_type") and len(errors[i]["loc"]) == len(prefix) + 1]
+        if len(wrong_type) < len(idx):
+            drop.update(wrong_type)
+        else:
+            words = " or ".join(dict.fromkeys(_member_word(errors[i]["loc"][len(prefix)]) for i in idx))
+            merged[idx[0]] = {**errors[idx[0]], "type": "union_type", "msg": f"Input should be {words}"}
+            drop.update(idx[1:])
+    return [merged.get(i, err) for i, err in enumerate(errors) if i not in drop]
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -1315,7 +1360,7 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
         raise ParamsError(path, [("<file>", "nested too deeply to read")]) from None
     except ValidationError as exc:
         problems = []
-        errors = exc.errors()
+        errors = _union_errors(exc.errors())
         for err in errors:
             # A list whose item failed also reports itself as too short;
             # the item's own error is the one that helps.

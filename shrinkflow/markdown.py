@@ -201,7 +201,9 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
     reports = {n: c.to_report() for n, c in selection.candidates.items()}
     return "\n\n".join([
         "# shrinkflow lifecycle", outcome_line(selection, deployed, deploy_ran, kept),
-        *([f"Re-compression: production {selection.production} was measured as the candidate 'production'; "
+        *([f"Re-compression: production {selection.production} was measured as the candidate "
+           + (f"{selection.production_as!r}, which has its very files (measured once)" if selection.production_as
+              else "'production'") + "; "
            "a candidate passes the window gate at min_window_agreement or at min_window_agreement_gain over "
            "production's agreement on the same held-out texts."] if selection.production else []),
         f"Selection: {selection.reason}",

@@ -69,3 +69,21 @@ def stage_warm_start(root: Path, registry_dir: str) -> dict | None:
     staged = {"version": version, "candidate": meta["candidate"], "content_hash": content_hash(file_hashes(dest))}
     atomic_write_text(root / WARM_START / SOURCE, json.dumps(staged, indent=2, sort_keys=True) + "\n")
     return staged
+
+
+def warm_start_summary(production: str | None, staged: dict | None) -> str:
+    """One line for the re-compression's log: what ``stage_warm_start``
+    staged (``staged``, its return value) from ``production`` (the version
+    in production, or None), and so whether the students re-distil warm or
+    distil cold."""
+    if production is None:
+        return "warm start: nothing is in production; every student distils cold"
+    if staged is None:
+        return (f"warm start: production {production} keeps no distilled student (the int8 teacher, or a recipe "
+                "without distill): every student distils cold")
+    if "error" in staged:
+        return (f"warm start: production {staged['version']}'s student failed verification, so it is not used "
+                f"({staged['error']}): every student distils cold")
+    return (f"warm start: production {staged['version']}'s student staged: candidate {staged['candidate']!r} "
+            "re-distils from it")
+

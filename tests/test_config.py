@@ -191,3 +191,17 @@ def test_a_candidate_s_error_names_the_candidate_and_its_step(raw):
     assert f"  compress.candidates.1.recipe.0.epochs (candidate {name!r}, its {method!r} step): " in text, text
     assert f"  compress.candidates.1.colour (candidate {name!r}): unknown key" in text, text
     assert "compress.candidates.1.recipe.0.epochs" in dict(info.value.problems)
+
+
+@pytest.mark.parametrize("value, key, message", [
+    ([0.3, 1.2], "warm_start_interpolation.1", "Input should be less than 1 (got 1.2)"),
+    (1.5, "warm_start_interpolation", "Input should be less than 1 (got 1.5)"),
+    ("x", "warm_start_interpolation", "Input should be a number or a list (got 'x')"),
+    ([0.3, "a"], "warm_start_interpolation.1", "Input should be a valid number (got 'a')"),
+])
+def test_a_number_or_list_key_says_what_is_wrong_with_the_value_not_pydantic_s_member_names(raw, value, key, message):
+    """A newcomer's run: [0.3, 1.2] read "...warm_start_interpolation.constrained-float: Input should be a
+    valid number", then the real problem under "tuple[constrained-float, ...].1"."""
+    raw["compress"]["candidates"][1]["recipe"][0]["warm_start_interpolation"] = value
+    found = problems(raw)
+    assert found == {f"compress.candidates.1.recipe.0.{key}": message}, found

@@ -308,6 +308,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert "verdict: recompress" in out and "feedback_accuracy: FIRED" in out, out[-4000:]
     assert "not acted on" not in out and "cooldown" not in out
     assert "Running stage 'train'" not in out and "Running stage 'compress'" in out
+    assert f"warm start: production {before} keeps no distilled student" in out, out[-4000:]
     # production is the int8 candidate the re-compression rebuilt with the
     # very same files: it won, so production is kept, not promoted again as
     # a copy of itself

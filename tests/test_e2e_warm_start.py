@@ -97,6 +97,7 @@ def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefe
     assert proc.returncode == 0, out[-4000:]
     result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
     assert result["deployed"] == reg.alias() == "v0002", failed_gates(project) + out[-3000:]
+    assert "warm start: production v0001's student staged: candidate 'student' re-distils from it" in out
     assert result["window"]["warm_start"]["version"] == "v0001"
     assert result["window"]["warm_start"]["candidate"] == "student"
 

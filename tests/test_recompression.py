@@ -13,7 +13,7 @@ import pytest
 
 from shrinkflow.config import ValidateParams
 from shrinkflow.files import file_hashes, read_json
-from shrinkflow.markdown import outcome_line
+from shrinkflow.markdown import outcome_line, validation_markdown
 from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL, WINDOW_PRODUCTION
 from shrinkflow.validation import PRODUCTION_CANDIDATE, validate_runs
 from tests.typed_cases import BINARY, GATES, TEST, VAL, _files, run
@@ -196,6 +196,8 @@ def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_ba
     line = outcome_line(sel)
     assert "Production v0003 selected** (rebuilt as 'small'" in line and "promotes nothing" in line, line
     assert "promotes it" not in line
+    md = validation_markdown(report, sel)
+    assert "production v0003 was measured as the candidate 'small', which has its very files" in md, md
     # an ordinary run records no production_as
     args = runs(production_window=WINDOW, candidate_window=[1, 0, 1, 0, 0], floor=0.0)
     del args["candidate_runs"][PRODUCTION_CANDIDATE]

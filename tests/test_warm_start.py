@@ -616,3 +616,15 @@ def test_the_build_line_names_what_a_warm_re_distillation_learned_from():
                     "7,530 rows in all, 2 epoch(s))"), note
     del run_stats["warm_start_window_augmented_rows"]
     assert "variants" not in warm_start_note(run_stats, {"distill_unlabelled_rows": 753})
+
+
+def test_the_re_compression_log_says_whether_the_students_start_warm():
+    from shrinkflow.warmstart import warm_start_summary
+
+    assert warm_start_summary(None, None) == "warm start: nothing is in production; every student distils cold"
+    cold = warm_start_summary("v0001", None)
+    assert "production v0001 keeps no distilled student (the int8 teacher" in cold and cold.endswith("distils cold")
+    bad = warm_start_summary("v0002", {"version": "v0002", "error": "sha256 mismatch"})
+    assert "v0002's student failed verification" in bad and "sha256 mismatch" in bad and bad.endswith("distils cold")
+    warm = warm_start_summary("v0003", {"version": "v0003", "candidate": "student", "content_hash": "h"})
+    assert warm == "warm start: production v0003's student staged: candidate 'student' re-distils from it"
