@@ -26,12 +26,10 @@ TINY = {
     # 2-layer tiny teacher does not have (distillation is tested in test_methods).
     "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize"}]}]},
     "validate": {"gates": {"min_accuracy": 0.0, "max_accuracy_drop": 0.5, "max_latency_ms_p95_b1": 1000.0,
-                           # Tiny models time in fractions of a millisecond, and on a loaded
-                           # 2-core machine (CI, 3 workers) their ratios are noise, not a slowdown:
-                           # the latency gates here only have to be computed and reported. Their
-                           # boundaries: test_gates.py; their measurement: test_validation.py.
-                           "max_size_mb": 100.0, "min_speedup": 0.01,
-                           "max_p95_b1_slowdown_vs_production": 100.0},
+                           "max_size_mb": 100.0, "min_speedup": 0.2,
+                           # tiny models time in fractions of a millisecond: noise, not a slowdown
+                           # (tests/test_e2e_warm_start.py, which must deploy, turns both off)
+                           "max_p95_b1_slowdown_vs_production": 1.0},
                  # 3 rounds (not 10): each turn pauses 50 ms for the last model's threads to idle
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3}},
     # codecarbon off: its hardware set-up costs 1.5-2 s in each metered stage (train, compress) of

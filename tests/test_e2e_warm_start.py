@@ -40,7 +40,12 @@ STUDENT_PARAMS = deep_merge(TINY, {
     # 3 texts). The boundaries of the two routes: tests/test_gates.py.
     "data": {"max_shifted_rows": 600},
     "monitor": {"heldout_fraction": 0.5},
-    "validate": {"gates": {"min_window_agreement": 0.99, "min_window_agreement_gain": 0.01}},
+    # Tiny models time in fractions of a millisecond, and on a loaded 2-core
+    # machine (CI, 3 workers) their ratios are noise, not a slowdown: here the
+    # latency gates are computed and reported, never binding (their
+    # boundaries: test_gates.py; their measurement: test_validation.py).
+    "validate": {"gates": {"min_window_agreement": 0.99, "min_window_agreement_gain": 0.01,
+                           "min_speedup": 0.01, "max_p95_b1_slowdown_vs_production": 100.0}},
 })
 
 RECOMPRESS = """
