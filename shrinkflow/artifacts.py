@@ -331,6 +331,13 @@ class GatesReport(Artifact):
     # confirmed, that is the last one tried. Absent when none was set aside.
     unconfirmed: list[Confirmation] | None = None
 
+    @property
+    def production_selected(self) -> bool:
+        """Whether the selection is the production model itself: the
+        ``production`` candidate, or the rebuilt candidate with its very files
+        (``production_as``). Deploy then promotes nothing."""
+        return self.selected is not None and self.selected in (PRODUCTION_CANDIDATE, self.production_as)
+
 
 # ---------------------------------------------------------------- retrain
 

@@ -1239,24 +1239,23 @@ def _candidate_labels(raw: dict, keys: list[str]) -> dict[str, str]:
     """For each key path under ``compress.candidates.<i>`` whose candidate
     in ``raw`` has a string name: "candidate '<name>'" (and the step's
     method, under ``recipe.<j>``)."""
+    def item(seq, index: str) -> dict:
+        """``seq[int(index)]`` when that is a mapping, else {}."""
+        ok = isinstance(seq, list) and index.isdigit() and int(index) < len(seq)
+        return seq[int(index)] if ok and isinstance(seq[int(index)], dict) else {}
+
+    compress = raw.get("compress") if isinstance(raw.get("compress"), dict) else {}
     out = {}
     for key in keys:
-        parts = key.split(".")
-        if parts[:2] != ["compress", "candidates"] or len(parts) < 3 or not parts[2].isdigit():
+        parts = key.split(".") + ["", "", ""]
+        if parts[:2] != ["compress", "candidates"]:
             continue
-        cands = (raw.get("compress") or {}).get("candidates") if isinstance(raw.get("compress"), dict) else None
-        i = int(parts[2])
-        if not isinstance(cands, list) or i >= len(cands) or not isinstance(cands[i], dict):
-            continue
-        name = cands[i].get("name")
-        label = f"candidate {name!r}" if isinstance(name, str) else ""
-        recipe = cands[i].get("recipe")
-        if len(parts) > 4 and parts[3] == "recipe" and parts[4].isdigit() and isinstance(recipe, list) \
-                and int(parts[4]) < len(recipe) and isinstance(recipe[int(parts[4])], dict) \
-                and isinstance(recipe[int(parts[4])].get("method"), str):
-            label = ", ".join(x for x in (label, f"its {recipe[int(parts[4])]['method']!r} step") if x)
-        if label:
-            out[key] = label
+        cand = item(compress.get("candidates"), parts[2])
+        step = item(cand.get("recipe"), parts[4]) if parts[3] == "recipe" else {}
+        words = [f"candidate {cand['name']!r}"] if isinstance(cand.get("name"), str) else []
+        words += [f"its {step['method']!r} step"] if isinstance(step.get("method"), str) else []
+        if words:
+            out[key] = ", ".join(words)
     return out
 
 
@@ -1308,7 +1307,8 @@ def _union_errors(errors: list[dict]) -> list[dict]:
         members = {errors[i]["loc"][len(prefix)] for i in idx}
         if len(members) < 2:
             continue
-        wrong_type = [i for i in idx if errors[i]["type"].endswith("_type") and len(errors[i]["loc"]) == len(prefix) + 1]
+        wrong_type = [i for i in idx
+                      if errors[i]["type"].endswith("_type") and len(errors[i]["loc"]) == len(prefix) + 1]
         if len(wrong_type) < len(idx):
             drop.update(wrong_type)
         else:

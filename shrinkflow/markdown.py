@@ -177,13 +177,11 @@ def outcome_line(selection: GatesReport, deployed: str | None = None, deploy_ran
                 + (f" Production {selection.production} keeps serving." if selection.production else ""))
     if kept:
         return f"**Kept production {kept}**: it passed every gate and won the selection; nothing was promoted."
-    if selection.selected == PRODUCTION_CANDIDATE:
-        return (f"**Production {selection.production} selected**: it passed every gate and won the selection, "
-                "so the deploy stage promotes nothing and it keeps serving.")
-    if selection.production_as is not None and selection.selected == selection.production_as:
-        return (f"**Production {selection.production} selected** (rebuilt as {selection.selected!r} with its very "
-                "files): it passed every gate and won the selection, so the deploy stage promotes nothing and "
-                "it keeps serving.")
+    if selection.production_selected:
+        rebuilt = (f" (rebuilt as {selection.selected!r} with its very files)"
+                   if selection.selected != PRODUCTION_CANDIDATE else "")
+        return (f"**Production {selection.production} selected**{rebuilt}: it passed every gate and won the "
+                "selection, so the deploy stage promotes nothing and it keeps serving.")
     if deployed:
         return f"**Deployed {selection.selected!r} as {deployed}.**"
     if deploy_ran:

@@ -86,4 +86,3 @@ def warm_start_summary(production: str | None, staged: dict | None) -> str:
                 f"({staged['error']}): every student distils cold")
     return (f"warm start: production {staged['version']}'s student staged: candidate {staged['candidate']!r} "
             "re-distils from it")
-

@@ -32,16 +32,15 @@ def deploy(params, root: Path) -> None:
     from shrinkflow.lineage import collect_lineage, feedback_lineage
     from shrinkflow.paths import CANDIDATES, SPLITS, TEACHER, UNLABELLED, WINDOW_META, split_path
     from shrinkflow.registry import Registry
-    from shrinkflow.validation import PRODUCTION_CANDIDATE, deployed_figures
+    from shrinkflow.validation import deployed_figures
 
     gates = load(GATES, root)
     metrics = load(VALIDATION, root)
     chosen = gates.selected
     if chosen is None:
         raise PromotionRefused(f"refusing to deploy: {gates.reason}")
-    if chosen == PRODUCTION_CANDIDATE or chosen == gates.production_as:
-        # production itself won (a rebuilt int8 teacher with its very files is production)
-        return keep_production(params, root, gates, None if chosen == PRODUCTION_CANDIDATE else chosen)
+    if gates.production_selected:
+        return keep_production(params, root, gates)
     report = gates.candidates[chosen].to_report()
     measured = metrics.candidates[chosen]
     cand = next(c for c in params.compress.candidates if c.name == chosen)
@@ -101,13 +100,13 @@ def deploy(params, root: Path) -> None:
         print(f"deploy: {line}")
 
 
-def keep_production(params, root: Path, gates, rebuilt_as: str | None = None) -> None:
-    """A re-compression selected the production model itself: promote
-    nothing, and say in deploy/deployment.json that ``gates.production`` was
-    kept, and why. ``rebuilt_as``: the candidate name it was selected under
-    when a rebuilt candidate has its very files (None: the ``production``
-    candidate). Raises PromotionRefused when the registry's production is
-    no longer that version (it moved since the re-compression copied it)."""
+def keep_production(params, root: Path, gates) -> None:
+    """A re-compression selected the production model itself
+    (``gates.production_selected``: the ``production`` candidate, or the
+    rebuilt one with its very files): promote nothing, and say in
+    deploy/deployment.json that ``gates.production`` was kept, and why.
+    Raises PromotionRefused when the registry's production is no longer
+    that version (it moved since the re-compression copied it)."""
     from shrinkflow.artifacts import DeploymentRecord
     from shrinkflow.catalog import DEPLOYMENT, save
     from shrinkflow.errors import PromotionRefused
@@ -119,7 +118,8 @@ def keep_production(params, root: Path, gates, rebuilt_as: str | None = None) ->
         raise PromotionRefused(f"refusing to keep production: validate measured production {gates.production} but "
                                f"the registry serves {now}; re-run the re-compression")
     manifest = registry.version_manifest(now)
-    rebuilt = f" (rebuilt as {rebuilt_as!r} with the very same files)" if rebuilt_as else ""
+    rebuilt = (f" (rebuilt as {gates.selected!r} with the very same files)"
+               if gates.selected == gates.production_as else "")
     reason = (f"production {now} was kept{rebuilt}: it passed every gate and won the selection "
               f"({gates.reason}); nothing was promoted")
     save(DEPLOYMENT, DeploymentRecord(version=now, previous=now, same_model_as=None, candidate=manifest.candidate,

@@ -184,7 +184,9 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
 
     Returns ``{"chosen": share, "production_val_accuracy": a,
     "max_drop_points": p, "tried": [{"keep": share, "val_accuracy": a}, ...],
-    "met": bool}``, plus ``"teacher_val_accuracy"`` and
+    "met": bool}`` (a refused share's entry also has ``"missed_points"``:
+    ``{"production" | "teacher": points under it}``), plus
+    ``"teacher_val_accuracy"`` and
     ``"max_teacher_drop_points"`` when the teacher bound is checked (``met``
     False: no share met the bounds; the last was kept). Selection on val,
     as the candidates' own selection is; the deploy gates and the test
@@ -204,11 +206,14 @@ def choose_interpolation(student, production, grid: tuple[float, ...], max_drop_
             student.load_state_dict(base)
         interpolate(student, production, keep)
         acc = accuracy(student)
-        tried.append({"keep": keep, "val_accuracy": round(acc, 6)})
-        within = (target - acc) * 100.0 <= max_drop_points + 1e-9
-        if check_teacher:
-            within = within and (teacher_accuracy - acc) * 100.0 <= max_teacher_drop_points + 1e-9
-        if within:
+        # the bounds this share misses, with the points it is under each
+        missed = {}
+        if (target - acc) * 100.0 > max_drop_points + 1e-9:
+            missed["production"] = round((target - acc) * 100.0, 4)
+        if check_teacher and (teacher_accuracy - acc) * 100.0 > max_teacher_drop_points + 1e-9:
+            missed["teacher"] = round((teacher_accuracy - acc) * 100.0, 4)
+        tried.append({"keep": keep, "val_accuracy": round(acc, 6), **({"missed_points": missed} if missed else {})})
+        if not missed:
             return {"chosen": keep, **out, "tried": tried, "met": True}
     return {"chosen": grid[-1], **out, "tried": tried, "met": False}
 
@@ -219,21 +224,14 @@ def interpolation_line(candidate: str, chosen: dict, scored: str | None) -> str:
     for a share refused, which bound it missed and by how many points.
     ``scored``: "built" when the accuracies are the built candidates', None
     for fp32."""
-    prod = chosen["production_val_accuracy"]
-    teacher = chosen.get("teacher_val_accuracy")
-    bounds = f"at most {chosen['max_drop_points']:g} points under production's {prod:.4f}"
-    if teacher is not None:
-        bounds += f" and {chosen['max_teacher_drop_points']:g} under the teacher's {teacher:.4f}"
+    bounds = f"at most {chosen['max_drop_points']:g} points under production's {chosen['production_val_accuracy']:.4f}"
+    if "teacher_val_accuracy" in chosen:
+        bounds += f" and {chosen['max_teacher_drop_points']:g} under the teacher's {chosen['teacher_val_accuracy']:.4f}"
     shares = []
     for t in chosen["tried"]:
-        acc = t["val_accuracy"]
-        missed = []
-        if (prod - acc) * 100.0 > chosen["max_drop_points"] + 1e-9:
-            missed.append(f"{(prod - acc) * 100.0:.2f} under production")
-        if teacher is not None and (teacher - acc) * 100.0 > chosen["max_teacher_drop_points"] + 1e-9:
-            missed.append(f"{(teacher - acc) * 100.0:.2f} under the teacher")
-        verdict = f"refused: {', '.join(missed)}" if missed else "within"
-        shares.append(f"{t['keep']:g} -> {acc:.4f} ({verdict})")
+        missed = ", ".join(f"{points:.2f} under {'the teacher' if bound == 'teacher' else bound}"
+                           for bound, points in t.get("missed_points", {}).items())
+        shares.append(f"{t['keep']:g} -> {t['val_accuracy']:.4f} ({f'refused: {missed}' if missed else 'within'})")
     end = "" if chosen["met"] else "; no share was within, so the last was kept"
     return (f"compress: {candidate}: kept {chosen['chosen']:g} of the production student's weights, the first "
             f"share {bounds} on {'built ' if scored else ''}val accuracy: {'; '.join(shares)}{end}")
