@@ -1036,16 +1036,20 @@ class MonitorParams(_Frozen):
     cooldown_hours: Annotated[float, Field(ge=0.0)] = 24.0  # after a re-compression, warn instead
     # Re-compression: this share of its texts (monitor.recompress_last_n) is
     # held out from distillation and gates the new candidate
-    # (validate.gates.min_window_agreement and its gain over production).
-    heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    # (validate.gates.min_window_agreement and its gain over production). Half:
+    # the gain gate's paired difference has a standard error of
+    # sqrt(discordant / n) on n held-out texts, 0.012 at the 432 that 0.25 of
+    # 2,000 rows held out, above min_window_agreement_gain itself; ~1,200 texts
+    # bring it to ~0.007 (bench/results/monitoring.md, "How noisy").
+    heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     # Re-compression distils on (and holds out from) the newest N logged rows
     # up to the monitor's window, not only the window: the window is sized to
     # detect drift, the corpus to learn from it and to measure the gain over
     # production (min_window_agreement_gain) on enough held-out texts. At least
-    # the window itself. 1,000 rows held 205 texts out at 0.2: a re-distilled
-    # student that gained 2.8 points of agreement on 1,376 unseen tweets
-    # showed 0 on them (bench/results/monitoring.md).
-    recompress_last_n: Annotated[int, Field(ge=1)] = 2000
+    # the window itself. 3,000 rows at heldout_fraction 0.5 distil on as many
+    # texts as 2,000 did at 0.25 (~1,200 distinct tweets), so the
+    # re-compression costs the same, and hold out three times as many.
+    recompress_last_n: Annotated[int, Field(ge=1)] = 3000
     # A recompress verdict needs at least this many distinct window texts for
     # distillation (after the held-out share); fewer: warn. Too few texts
     # cannot move the student (bench/results/recompress_rows.md).
