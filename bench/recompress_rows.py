@@ -106,12 +106,18 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 def score(models: dict, rec_x, rec_y, test, val) -> tuple[dict, dict]:
     """Accuracy of every model on the recovery tweets and the movie-review
     test and val splits, and the per-text correctness on the first two (for
-    the paired standard errors)."""
-    from shrinkflow.predictors import load_predictor, predict_labels
+    the paired standard errors). Each model as served: one text per call
+    for a batch-dependent (dynamic-int8) one, as bench/monitoring.py's
+    ``labels_as_served`` (results before 2026-12-02 14:45 were batched)."""
+    from functools import partial
+
+    from shrinkflow.predictors import load_predictor
+    from shrinkflow.predictors import predict_labels as batched
 
     acc, right = {}, {}
     for name, d in models.items():
         pred = load_predictor(d, threads=2)
+        predict_labels = partial(batched, batch_size=1 if getattr(pred, "batch_dependent", False) else 32)
         right[name] = {"tweets": predict_labels(pred, rec_x) == rec_y,
                        "movie_test": predict_labels(pred, test["text"].tolist()) == test["label"].to_numpy()}
         acc[name] = {"tweets": round(float(right[name]["tweets"].mean()), 4),

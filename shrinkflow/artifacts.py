@@ -565,12 +565,13 @@ class HistoryEvent(Artifact):
 class DeploymentRecord(Artifact):
     """deploy/deployment.json: what the deploy stage did: ``candidate`` is
     production as ``version`` (its ``content_hash``) in the registry at
-    ``registry``; ``previous`` production version, ``same_model_as`` an earlier
-    version with identical files; the cost and return (``roi``, absent from
-    records written before cost was recorded). ``kept``: a re-compression
-    selected the production model itself, so nothing was promoted and
-    ``version`` is the production version that stays, ``reason`` why
-    (both absent when a candidate was promoted)."""
+    ``registry``; ``previous`` the production version before this deploy
+    (None on the first), ``same_model_as`` an earlier version with identical
+    files; the cost and return (``roi``, absent from records written before
+    cost was recorded). ``kept``: a re-compression selected the production
+    model itself, so nothing was promoted: ``version`` is the production
+    version that stays and ``previous`` the same version (production did not
+    change), ``reason`` why (both absent when a candidate was promoted)."""
 
     version: str
     previous: str | None

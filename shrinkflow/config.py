@@ -1039,8 +1039,8 @@ class MonitorParams(_Frozen):
     # (validate.gates.min_window_agreement and its gain over production). Half:
     # the gain gate's paired difference has a standard error of
     # sqrt(discordant / n) on n held-out texts, 0.012 at the 432 that 0.25 of
-    # 2,000 rows held out, above min_window_agreement_gain itself; ~1,200 texts
-    # bring it to ~0.007 (bench/results/monitoring.md, "How noisy").
+    # 2,000 rows held out, above min_window_agreement_gain itself; 1,040 texts
+    # brought it to ~0.008 (bench/results/monitoring.md, "How noisy").
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     # Re-compression distils on (and holds out from) the newest N logged rows
     # up to the monitor's window, not only the window: the window is sized to
