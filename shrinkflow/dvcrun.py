@@ -261,6 +261,60 @@ def repair_torn_rwlock(project_dir: Path | str) -> str | None:
             f"set aside as {aside.name}, so DVC can run again")
 
 
+# DVC's advice after every stage that updated dvc.lock (dvc/repo/scm_context.py)
+# and pushed nothing: `git add dvc.lock`, `dvc config core.autostage true`,
+# `dvc push`. A run ends with one line that says what to git add and commit,
+# and that `dvc push` sends the models and data (flows/cli.py), so the
+# console leaves these out; the stage's output kept for a failure has them.
+_HINT_START = ("To track the changes with git, run:", "To enable auto staging, run:")
+_HINT_BODY = ("\tgit add ", "\tdvc config core.autostage")
+_HINT_LINE = "Use `dvc push` to send your updates to remote storage."
+
+
+def _empty_by_design() -> frozenset[str]:
+    """DVC's ``WARNING: '<path>' is empty.`` for the deps that are empty
+    until production sends them text: the feedback dataset and the
+    re-compression's window texts (empty in every ordinary run)."""
+    from shrinkflow.paths import FEEDBACK, UNLABELLED, WINDOW_HELDOUT
+
+    return frozenset(f"WARNING: '{p.as_posix()}' is empty." for p in (FEEDBACK, UNLABELLED, WINDOW_HELDOUT))
+
+
+class HintFilter:
+    """Wraps ``echo`` (one call per line, newline included) and drops DVC's
+    per-stage git and push advice with the blank lines around it, and its
+    warnings that a dep empty by design is empty; every other line is passed
+    on unchanged and in order. A blank line is held until the next line says
+    whether it belongs to the advice; ``flush`` passes on one still held at
+    the end."""
+
+    def __init__(self, echo):
+        self.echo, self.held, self.in_hint, self.empty = echo, [], False, _empty_by_design()
+
+    def __call__(self, line: str) -> None:
+        text = line.rstrip("\r\n")
+        if text in self.empty:
+            return
+        if text.startswith(_HINT_START) or text == _HINT_LINE:
+            self.held, self.in_hint = [], text != _HINT_LINE
+            return
+        if self.in_hint and (not text.strip() or text.startswith(_HINT_BODY)):
+            return
+        self.in_hint = False
+        if not text.strip():
+            self.held.append(line)
+            return
+        for held in self.held:
+            self.echo(held)
+        self.held = []
+        self.echo(line)
+
+    def flush(self) -> None:
+        for held in self.held:
+            self.echo(held)
+        self.held = []
+
+
 def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
                 extra_env: dict | None = None, force: bool = False,
                 timeout_s: float | None = None) -> StageRun:
@@ -294,12 +348,14 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
         timer.daemon = True
         timer.start()
         chunks = []
+        shown = HintFilter(echo)
         try:
             for line in proc.stdout:
                 chunks.append(line)
-                echo(line)
+                shown(line)
             rc = proc.wait()
         finally:
+            shown.flush()
             timer.cancel()
             if proc.poll() is None:  # interrupted while streaming
                 stop_tree(proc)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.dvcrun import StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
+from shrinkflow.dvcrun import HintFilter, StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
 from tests.conftest import PROJECT_ROOT
 
 TOY = """\
@@ -84,6 +84,71 @@ def test_ran_skipped_restored_and_forced_through_real_dvc(toy):
     assert (toy / "out.txt").read_text() == "A\n"
     assert repro_stage("toy", toy, echo=lambda _: None).status == "skipped"
     assert repro_stage("toy", toy, echo=lambda _: None, force=True).status == "ran"
+
+
+# What DVC 3 printed for the data stage of a real `shrinkflow run` (2026-12-02).
+DATA_STAGE = """Running stage 'data':
+> python -m stages.data
+data: 2 classes, rows_train=420
+WARNING: 'data/feedback/labels.jsonl' is empty.
+Updating lock file 'dvc.lock'
+
+To track the changes with git, run:
+
+\tgit add dvc.lock
+
+To enable auto staging, run:
+
+\tdvc config core.autostage true
+Use `dvc push` to send your updates to remote storage.
+WARNING: 'data/unlabelled/texts.txt' is empty.
+WARNING: 'data/other.txt' is empty.
+
+train:   0%|          | 0/162
+
+epoch 1: train loss 0.6950
+"""
+
+
+def test_the_console_leaves_out_dvcs_git_advice_and_the_empty_by_design_warnings():
+    shown: list[str] = []
+    hints = HintFilter(shown.append)
+    for line in DATA_STAGE.splitlines(keepends=True):
+        hints(line)
+    hints.flush()
+    assert "".join(shown) == """Running stage 'data':
+> python -m stages.data
+data: 2 classes, rows_train=420
+Updating lock file 'dvc.lock'
+WARNING: 'data/other.txt' is empty.
+
+train:   0%|          | 0/162
+
+epoch 1: train loss 0.6950
+"""
+    # a blank line held at the end is passed on by flush
+    shown.clear()
+    hints = HintFilter(shown.append)
+    hints("last\n")
+    hints("\n")
+    assert shown == ["last\n"]
+    hints.flush()
+    assert shown == ["last\n", "\n"]
+
+
+@pytest.mark.slow  # ~5 s: in the full suite, not the quick run
+def test_real_dvc_in_a_git_repo_gives_advice_the_console_leaves_out(toy):
+    """DVC's wording is what HintFilter knows: in a git repo (DVC with SCM),
+    a stage that updates dvc.lock gets the advice, and the console does not
+    show it; the failure tail would (StageFailed keeps the raw output)."""
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull}
+    subprocess.run(["git", "init", "-q"], cwd=toy, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-f", "-q"], cwd=toy, check=True, env=env, timeout=120)
+    shown: list[str] = []
+    assert repro_stage("toy", toy, echo=shown.append).status == "ran"
+    text = "".join(shown)
+    assert "toy ran" in text and "Updating lock file 'dvc.lock'" in text
+    assert "git add" not in text and "autostage" not in text and "dvc push" not in text, text
 
 
 def test_a_failing_stage_raises_with_its_output(toy):
