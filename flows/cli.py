@@ -1265,6 +1265,12 @@ def monitor_cmd(ctx: typer.Context,
                     f"KEPT production {kept}" if kept else "NOT DEPLOYED")
             typer.echo(f"{'retrain' if result.get('retrain') is not None else 're-compression'}: {what}: "
                        f"{rec['reason']}")
+            win = rec.get("window") or {}
+            if "rows_distill" in win:
+                typer.echo(f"  its texts: {win['rows_distill']} distinct distilled, {win['rows_heldout']} held out "
+                           f"(the window gates' texts), of the newest {win.get('corpus_rows', '?')} logged rows "
+                           f"(monitor.recompress_last_n, heldout_fraction); archived as data/windows/"
+                           f"{win['texts_md5']}.txt")
             for name, c in (rec.get("candidates") or {}).items():
                 for gate, f in c["failed"].items():
                     typer.echo(f"  {name}: {gate} FAILED: {f['value']:.4g} (threshold {f['threshold']:.4g}, "

@@ -410,7 +410,7 @@ def import_heavy(torch_too: bool = True) -> None:
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
           validated: dict, params, out_dir: Path, created: str, seed: int = 0, truncation: str = "head",
           per_row: bool | None = None, labels: tuple[str, ...] | None = None,
-          cache_dir: Path | None = None) -> DriftSummary:
+          cache_dir: Path | None = None, corpus_texts: list | None = None) -> DriftSummary:
     """Build the reports of one window into ``out_dir`` (created whole or not
     at all) and return their summary.
 
@@ -426,7 +426,11 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     read from its manifest, shrinkflow_model.json); ``cache_dir``: where
     the reference split's outputs are kept between runs
     (monitoring.reference_cache; None: computed every run, the same
-    figures).
+    figures); ``corpus_texts``: the texts a re-compression would distil on
+    and hold out from (monitoring.run.read_recompress_corpus: the newest
+    ``monitor.recompress_last_n`` logged rows up to the window's end; None:
+    the window's own texts), which the summary's ``window.distill_texts``
+    and ``heldout_texts`` count and the policy's re-compression floor reads.
 
     A figure that cannot be computed on this window is None in the summary
     and listed in ``not_computed`` with its reason. Raises ValueError for an
@@ -442,12 +446,14 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     with np.errstate(divide="ignore", invalid="ignore"):
         return _build(window, reference, served_dir=served_dir, teacher_dir=teacher_dir, train_texts=train_texts,
                       validated=validated, params=params, out_dir=out_dir, created=created, seed=seed,
-                      truncation=truncation, per_row=per_row, labels=labels, cache_dir=cache_dir)
+                      truncation=truncation, per_row=per_row, labels=labels, cache_dir=cache_dir,
+                      corpus_texts=corpus_texts)
 
 
 def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
            validated: dict, params, out_dir: Path, created: str, seed: int, truncation: str,
-           per_row: bool | None, labels: tuple[str, ...] | None, cache_dir: Path | None) -> DriftSummary:
+           per_row: bool | None, labels: tuple[str, ...] | None, cache_dir: Path | None,
+           corpus_texts: list | None) -> DriftSummary:
     from shrinkflow.stats import agreement
 
     if len(window) == 0:
@@ -664,17 +670,18 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
     cur_share = class_shares(known_labels, labels) if len(known_labels) else None
     if cur_share is None:
         skip("class_share", f"no row of the window has a served label (one of {list(labels)})")
-    # The split a re-compression would make of this window (pure, by hash):
-    # the policy does not trigger one that could not be split.
+    # The split a re-compression would make of its texts (pure, by hash): the
+    # policy does not trigger one that could not be split or has too few.
     from shrinkflow.window import split_window
 
-    distill, heldout = split_window(w["text"].tolist(), params.heldout_fraction)
+    corpus = w["text"].tolist() if corpus_texts is None else list(corpus_texts)
+    distill, heldout = split_window(corpus, params.heldout_fraction)
     summary = DriftSummary(
         created=created, model_version=validated["version"], labels=labels,
         window=Window(rows=len(w), first_ts=w["ts"].iloc[0], last_ts=w["ts"].iloc[-1],
                       sha256=window_sha256(w["prediction_id"]), model_versions=tuple(sorted(set(w["model_version"]))),
                       feedback_labels=int((~np.isnan(feedback)).sum()),
-                      distill_texts=len(distill), heldout_texts=len(heldout)),
+                      distill_texts=len(distill), heldout_texts=len(heldout), corpus_rows=len(corpus)),
         reference_rows=len(ref_texts), **figures,
         class_share_reference=ref_share, class_share_current=cur_share,
         largest_share_shift=largest_shift(cur_share, ref_share) if cur_share is not None else None,

@@ -122,7 +122,10 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
     """Evidently reports of ``window`` against the reference split, for the
     production version, into monitor.reports_dir/<UTC timestamp>/. What
     depends only on that version, the teacher and the reference split is
-    kept in shrinkflow.paths.MONITOR_CACHE between runs."""
+    kept in shrinkflow.paths.MONITOR_CACHE between runs. The re-compression's
+    corpus (``read_recompress_corpus``) is read too: the summary counts the
+    texts a re-compression would distil on. Raises PredictionLogError as
+    ``read_window`` does."""
     from shrinkflow.splits import read_parquet
 
     from monitoring.evidently_reports import build
@@ -147,7 +150,8 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                     train_texts=read_parquet(root / split_path("train"))["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
                     created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
-                    truncation=params.serve.truncation, per_row=per_row, cache_dir=root / MONITOR_CACHE)
+                    truncation=params.serve.truncation, per_row=per_row, cache_dir=root / MONITOR_CACHE,
+                    corpus_texts=read_recompress_corpus(root, params, window))
     return summary, out
 
 

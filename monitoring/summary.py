@@ -76,11 +76,15 @@ class Window(_Frozen):
     sha256: str          # over the window's prediction ids: the same window hashes the same
     model_versions: tuple[str, ...]
     feedback_labels: int
-    # What a re-compression could learn from: the window's distinct texts
-    # split (shrinkflow.window.split_window, monitor.heldout_fraction) into
+    # What a re-compression could learn from: the distinct texts of its
+    # corpus (the newest monitor.recompress_last_n logged rows up to the
+    # window's end, ``corpus_rows`` of them; summaries written before counted
+    # the window alone and have no corpus_rows) split
+    # (shrinkflow.window.split_window, monitor.heldout_fraction) into
     # distillation and held-out text. None in summaries written before.
     distill_texts: int | None = None
     heldout_texts: int | None = None
+    corpus_rows: int | None = None
 
 
 class NotComputed(_Frozen):

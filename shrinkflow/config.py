@@ -710,10 +710,12 @@ class Gates(_Frozen):
     # Re-compression only, the other way through the window gate: a candidate
     # whose held-out window agreement beats the production model's (measured
     # on the same texts) by at least this passes though under min_window_agreement.
-    # 0.01: on ~430 held-out texts the gain's standard error is ~0.015 (paired,
-    # bench/results/monitoring.md), so 0.02 refused a student 2.6 points better
-    # on unseen tweets about a third of the time; the val, latency and size
-    # gates still guard what it may cost in domain.
+    # 0.01: the gain's standard error (paired) is ~0.012 on the ~430 texts
+    # held out before monitor.heldout_fraction was 0.5, ~0.008 on the 1,040
+    # held out since (bench/results/monitoring.md), where a student with +0.016
+    # on unseen tweets read +0.0038; 0.02 would refuse a student 2 points
+    # better most of the time. The val, latency and size gates still guard
+    # what it may cost in domain.
     min_window_agreement_gain: Fraction = 0.01
     # Re-compression only: a new candidate's batch-1 p95 latency over the
     # production model's, minus 1, at most this (0.10: 10% slower), from the
@@ -1040,19 +1042,22 @@ class MonitorParams(_Frozen):
     # the gain gate's paired difference has a standard error of
     # sqrt(discordant / n) on n held-out texts, 0.012 at the 432 that 0.25 of
     # 2,000 rows held out, above min_window_agreement_gain itself; 1,040 texts
-    # brought it to ~0.008 (bench/results/monitoring.md, "How noisy").
+    # (half of 3,000 rows) brought it to ~0.008 (bench/results/monitoring.md,
+    # "How noisy").
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     # Re-compression distils on (and holds out from) the newest N logged rows
     # up to the monitor's window, not only the window: the window is sized to
     # detect drift, the corpus to learn from it and to measure the gain over
     # production (min_window_agreement_gain) on enough held-out texts. At least
-    # the window itself. 3,000 rows at heldout_fraction 0.5 distil on as many
-    # texts as 2,000 did at 0.25 (~1,200 distinct tweets), so the
-    # re-compression costs the same, and hold out three times as many.
+    # the window itself. 3,000 rows at heldout_fraction 0.5 distil on about as
+    # many texts as 2,000 did at 0.25 (985 distinct tweets against 1,209 in
+    # the monitoring benchmark), at the same compress time (132 s and 133 s),
+    # and hold out more than twice as many (1,040 against 432).
     recompress_last_n: Annotated[int, Field(ge=1)] = 3000
-    # A recompress verdict needs at least this many distinct window texts for
-    # distillation (after the held-out share); fewer: warn. Too few texts
-    # cannot move the student (bench/results/recompress_rows.md).
+    # A recompress verdict needs at least this many distinct texts for
+    # distillation among the re-compression's texts (recompress_last_n rows up
+    # to the window's end, after the held-out share); fewer: warn. Too few
+    # texts cannot move the student (bench/results/recompress_rows.md).
     min_recompress_rows: Annotated[int, Field(ge=1)] = 300
     reports_dir: str = "monitoring/reports"                 # git-ignored; served at /reports/
     # Each run's reports take ~10 MB (Evidently inlines its JavaScript): keep

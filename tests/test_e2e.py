@@ -325,6 +325,10 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     window = json.loads((project / "data/unlabelled/window.json").read_text())
     assert window["monitor_flow_run"] and "feedback_accuracy" in window["triggers"]
     assert window["rows"] == len(rows) and window["rows_distill"] + window["rows_heldout"] == len(set(texts))
+    # the console says what it distilled and held out, and where the texts are
+    assert (f"its texts: {window['rows_distill']} distinct distilled, {window['rows_heldout']} held out "
+            f"(the window gates' texts), of the newest {window['corpus_rows']} logged rows") in out, out[-4000:]
+    assert f"data/windows/{window['texts_md5']}.txt" in out
     restored = restore_window(project, window["texts_md5"], project / "restored.txt")
     assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()
     assert (project / "data/windows.dvc").is_file()
@@ -347,6 +351,10 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     # two runs: the report-only one, then the one that acted (names sort by time)
     run_dirs = sorted(d for d in (project / "monitoring/reports").iterdir() if d.is_dir())
     assert len(run_dirs) == 2 and all((d / "report.html").is_file() for d in run_dirs)
+    # the policy counted the texts the re-compression read: the acting run's summary
+    summary = json.loads((run_dirs[1] / "summary.json").read_text())["window"]
+    assert (summary["corpus_rows"], summary["distill_texts"], summary["heldout_texts"]) == (
+        window["corpus_rows"], window["rows_distill"], window["rows_heldout"])
     decisions = [json.loads((d / "decision.json").read_text()) for d in run_dirs]
     assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", True)]
     # the acting run records what its re-compression did, with the figures

@@ -340,6 +340,54 @@ def test_a_window_of_one_text_repeated_warns_instead_of_failing_a_re_compression
     assert [(h.action, h.acted) for h in load_history(state)] == [("warn", False)]
 
 
+def test_the_re_compression_floor_counts_the_re_compressions_texts_not_the_window_alone(project):
+    """The window (the newest window_last_n rows) is one text repeated, but
+    the re-compression distils on the newest recompress_last_n rows up to
+    the window's end, which hold 120 distinct older texts: the summary counts
+    those (corpus_rows, distill_texts + heldout_texts), and the floor
+    (min_recompress_rows) reads them, naming what it counted. With
+    recompress_last_n no larger than the window, the window alone is counted."""
+    from monitoring.run import build_reports, decide_and_record, read_window
+    from shrinkflow.window import split_window
+
+    log_path = project / params_of(project).serve.log_path
+    for p in log_path.parent.glob(log_path.name + "*"):
+        p.unlink()
+    older = [f"an older product review, number {i}" for i in range(120)]
+    write_log(log_path, Spec([Row(t, 0.9, 1) for t in older]), [])
+    write_log(log_path, Spec([Row("the same product review, again and again", 0.9, 1, feedback=0)] * 40), [])
+    distill, heldout = split_window(older + ["the same product review, again and again"], 0.5)
+    assert distill and heldout
+    for last_n, rows, texts in ((3000, 160, 121), (40, 40, 1)):
+        params = params_of(project, window_last_n=40, min_window_rows=10, min_feedback_labels=10,
+                           recompress_last_n=last_n, heldout_fraction=0.5, min_recompress_rows=len(distill) + 1)
+        now = datetime.now(timezone.utc)
+        window = read_window(project, params)
+        assert len(window) == 40 and window["text"].nunique() == 1
+        summary, report_dir = build_reports(project, params, window, now)
+        assert summary.window.corpus_rows == rows
+        assert summary.window.distill_texts + summary.window.heldout_texts == texts
+        state = project / ".shrinkflow" / f"decisions-{uuid.uuid4().hex}.jsonl"
+        decision = decide_and_record(summary, params, report_dir, state, now, "test")
+        assert "feedback_accuracy" in decision.triggers and decision.action == "warn"
+        if texts == 1:
+            assert decision.reasons[0].startswith("the re-compression's texts (the newest 40 logged rows")
+            assert "a re-compression needs both; not acting" in decision.reasons[0]
+        else:
+            assert summary.window.distill_texts == len(distill)
+            assert (f"the newest 160 logged rows up to the window's end, monitor.recompress_last_n) has "
+                    f"{len(distill)} distinct texts for distillation, below min_recompress_rows "
+                    f"{len(distill) + 1}") in decision.reasons[0]
+    # one more distinct text than the floor needs: not held back by it
+    params = params_of(project, window_last_n=40, min_window_rows=10, min_feedback_labels=10,
+                       recompress_last_n=3000, heldout_fraction=0.5, min_recompress_rows=len(distill))
+    now = datetime.now(timezone.utc)
+    summary, report_dir = build_reports(project, params, read_window(project, params), now)
+    decision = decide_and_record(summary, params, report_dir, project / ".shrinkflow" / f"d-{uuid.uuid4().hex}.jsonl",
+                                 now, "test")
+    assert decision.action == "recompress", decision.reasons
+
+
 def test_text_descriptors_are_defined_for_every_text():
     from monitoring.evidently_reports import text_descriptors, vocabulary
 
