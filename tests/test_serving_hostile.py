@@ -34,7 +34,10 @@ from shrinkflow.registry import Registry
 from tests.conftest import PROJECT_ROOT
 from tests.test_serving import PASS, Server, free_port, record
 
-TIMEOUT_S = 1.0   # serve.request_timeout_s for this module's server
+# serve.request_timeout_s for this module's server. Not 1 s: in a full suite on a loaded
+# 2-core machine a good request among the generated bodies once got 408 at 1 s (its
+# bytes were late, not missing); the default is 10 s.
+TIMEOUT_S = 3.0
 SHORT = "Entertaining despite its one joke premise."
 LONG = ("A slow, meandering plot about a family reunion that drags through every scene, with endless dialogue "
         "about the weather and the neighbours, and a subplot about a lost dog that never goes anywhere at all.")
@@ -520,7 +523,7 @@ def test_101_headers_get_431_and_100_are_fine(server):
 def test_a_slow_client_gets_408_within_the_request_timeout(server):
     """Headers and 10 of 31 announced body bytes, then silence: the
     connection was held unanswered for 70 s and more. Now 408 and a close
-    within serve.request_timeout_s (1 s here) plus slack; likewise for headers
+    within serve.request_timeout_s (3 s here) plus slack; likewise for headers
     that never end; a connection that sends nothing is closed."""
     t_before = metric(server.url, "shrinkflow_errors_total", endpoint="/predict", kind="request_timeout")
     s_before = metric(server.url, "shrinkflow_requests_total", endpoint="/predict", status="408")
