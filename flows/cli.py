@@ -1268,7 +1268,7 @@ def monitor_cmd(ctx: typer.Context,
             win = rec.get("window") or {}
             if "rows_distill" in win:
                 typer.echo(f"  its texts: {win['rows_distill']} distinct distilled, {win['rows_heldout']} held out "
-                           f"(the window gates' texts), of the newest {win.get('corpus_rows', '?')} logged rows "
+                           f"for the window gates, of the newest {win.get('corpus_rows', '?')} logged rows "
                            f"(monitor.recompress_last_n, heldout_fraction); archived as data/windows/"
                            f"{win['texts_md5']}.txt")
             for name, c in (rec.get("candidates") or {}).items():

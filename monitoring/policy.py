@@ -216,14 +216,16 @@ def _fmt(f: Finding) -> str:
     return f"{f.rule}: {'FIRED' if f.fired else 'ok'}: {f.detail}"
 
 
-
-def _corpus(w) -> str:
-    """What the re-compression floor counted, for a reason: the
-    re-compression's corpus (summaries since 2026-12-02) or the window."""
+def _counted(w) -> tuple[str, str]:
+    """How a reason names the texts the re-compression floor counted, as
+    (before a split, before a count): the re-compression's corpus, or the
+    window in summaries written before ``corpus_rows`` existed."""
     if w.corpus_rows is None:
-        return "the window"
-    return (f"the re-compression's texts (the newest {w.corpus_rows} logged rows up to the window's end, "
-            "monitor.recompress_last_n)")
+        return "the window's", "the window has"
+    src = (f"the re-compression's texts (the newest {w.corpus_rows} logged rows up to the window's end, "
+           "monitor.recompress_last_n):")
+    return src, src
+
 
 def decide(summary: DriftSummary, params, history: list[PastDecision], now: datetime) -> Decision:
     """ok, warn, recompress or retrain for one window; ``params`` is MonitorParams,
@@ -250,11 +252,11 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     if w.rows < params.min_window_rows:
         held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
     elif not retrain and w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
-        held = (f"{_corpus(w)}'s {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
+        held = (f"{_counted(w)[0]} {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
                 f"{w.distill_texts} for distillation and {w.heldout_texts or 0} held out: a re-compression needs "
                 "both; not acting")
     elif not retrain and w.distill_texts is not None and w.distill_texts < params.min_recompress_rows:
-        held = (f"{_corpus(w)} has {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
+        held = (f"{_counted(w)[1]} {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
                 f"{params.min_recompress_rows}: too few to re-distil from; not acting")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"

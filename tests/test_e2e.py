@@ -327,7 +327,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     assert window["rows"] == len(rows) and window["rows_distill"] + window["rows_heldout"] == len(set(texts))
     # the console says what it distilled and held out, and where the texts are
     assert (f"its texts: {window['rows_distill']} distinct distilled, {window['rows_heldout']} held out "
-            f"(the window gates' texts), of the newest {window['corpus_rows']} logged rows") in out, out[-4000:]
+            f"for the window gates, of the newest {window['corpus_rows']} logged rows") in out, out[-4000:]
     assert f"data/windows/{window['texts_md5']}.txt" in out
     restored = restore_window(project, window["texts_md5"], project / "restored.txt")
     assert restored.read_text() == (project / "data/unlabelled/texts.txt").read_text()

@@ -375,7 +375,7 @@ def test_the_re_compression_floor_counts_the_re_compressions_texts_not_the_windo
             assert "a re-compression needs both; not acting" in decision.reasons[0]
         else:
             assert summary.window.distill_texts == len(distill)
-            assert (f"the newest 160 logged rows up to the window's end, monitor.recompress_last_n) has "
+            assert (f"the newest 160 logged rows up to the window's end, monitor.recompress_last_n): "
                     f"{len(distill)} distinct texts for distillation, below min_recompress_rows "
                     f"{len(distill) + 1}") in decision.reasons[0]
     # one more distinct text than the floor needs: not held back by it
