@@ -1271,6 +1271,9 @@ def monitor_cmd(ctx: typer.Context,
                            f"for the window gates, of the newest {win.get('corpus_rows', '?')} logged rows "
                            f"(monitor.recompress_last_n, heldout_fraction); archived as data/windows/"
                            f"{win['texts_md5']}.txt")
+            for gate, f in (rec.get("teacher_gates") or {}).items():  # a retrain's: every one, passed or not
+                typer.echo(f"  retrained teacher: {gate} {'passed' if f['passed'] else 'FAILED'}: {f['value']:.4g} "
+                           f"(threshold {f['threshold']:.4g}, margin {f['margin']:+.4g})")
             for name, c in (rec.get("candidates") or {}).items():
                 for gate, f in c["failed"].items():
                     typer.echo(f"  {name}: {gate} FAILED: {f['value']:.4g} (threshold {f['threshold']:.4g}, "

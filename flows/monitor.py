@@ -14,12 +14,16 @@ from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
-from tasks.monitor import build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress
+from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
+                           record_retrain)
 from tasks.retrain import window_feedback
 
 
 # What decision.json records of a re-compression (its ``recompress`` key).
 RECORDED = ("outcome", "deployed_version", "kept_version", "production_version", "selected", "reason", "candidates")
+# What decision.json records of a retrain (its ``retrain`` key).
+RECORDED_RETRAIN = ("outcome", "deployed_version", "selected", "reason", "feedback", "previous_teacher",
+                    "teacher_gates", "candidates")
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
@@ -62,6 +66,7 @@ def monitor(project_dir: str, act: bool = True) -> dict:
                             {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
                              "monitor_flow_run": run_name, "triggers": decision["triggers"],
                              "report_dir": report_dir})
+        record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
             "retrain": retrained, "evidently": decision.get("evidently")}

@@ -15,7 +15,8 @@ from prefect import flow
 from flows.lifecycle import lifecycle
 from tasks.dvc import repro_stage_with_retries
 from shrinkflow.retrain import teacher_rejection
-from tasks.retrain import append_feedback, archive_feedback, record_previous_teacher, restore_state, save_state
+from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
+                           save_state)
 
 
 @flow(name="shrinkflow-retrain", log_prints=True)
@@ -31,8 +32,7 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     if not feedback["added"] and not feedback["relabelled"]:
         print(f"retrain: the window's {len(pairs)} labels are all in the feedback dataset already; nothing to "
               "retrain on")
-        return {"feedback": feedback, "deployed_version": None, "selected": None, "stages": {},
-                "reason": "no new production labels: the feedback dataset is unchanged"}
+        return {**retrain_outcome(None, None, feedback), "stages": {}}
     push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
     record = record_previous_teacher(project_dir, trigger, feedback)
@@ -48,7 +48,8 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     print(f"retrain: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"
           f" (feedback {feedback['md5']}: {feedback['rows']} labels, {feedback['added']} added, "
           f"{feedback['relabelled']} relabelled)")
-    return {"feedback": feedback, "previous_teacher": record["previous_teacher"],
-            "deployed_version": result["deployed_version"], "selected": result["selected"],
-            "stages": result["stages"], "reason": result["gates"]["reason"], "restored": restored,
-            "push_warning": push_warning, "publish_warning": result.get("publish_warning")}
+    # outcome, versions, reason, feedback, the old teacher, every teacher gate
+    # and each candidate's failed gates: what decision.json records
+    outcome = retrain_outcome(result["gates"], result["deployed_version"], feedback, record["previous_teacher"])
+    return {**outcome, "stages": result["stages"], "restored": restored, "push_warning": push_warning,
+            "publish_warning": result.get("publish_warning")}

@@ -46,6 +46,10 @@ def _row(run: Path) -> str | None:
         action_note = html.escape(f" (kept production {rec.get('kept_version')})")
     elif rec.get("outcome") == "nothing":
         action_note = " (nothing passed the gates)"
+    elif rec.get("outcome") == "rejected":  # a retrain's teacher failed its gates
+        action_note = " (retrained teacher rejected)"
+    elif rec.get("outcome") == "unchanged":  # a retrain with no new labels
+        action_note = " (no new labels)"
     else:
         action_note = ""
     e, t, q = s.get("embedding"), s.get("teacher"), s.get("quality")

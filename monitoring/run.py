@@ -210,11 +210,25 @@ def record_recompress(report_dir: Path, outcome: dict) -> dict:
     recorded as acted before the re-compression ran, so the cooldown and the
     dedup hold whatever it deployed. Returns the updated document. Raises
     FileNotFoundError when the run has no decision.json."""
+    return _record_outcome(report_dir, "recompress", outcome)
+
+
+def record_retrain(report_dir: Path, outcome: dict) -> dict:
+    """Add what the retrain this run started did to its decision.json, as
+    ``retrain`` (``shrinkflow.retrain.retrain_outcome``'s dict: deployed,
+    nothing, rejected or unchanged, the version, the reason, the feedback
+    dataset, every teacher gate and each candidate's failed gates), then
+    regenerate the index, as ``record_recompress`` does. Returns the updated
+    document. Raises FileNotFoundError when the run has no decision.json."""
+    return _record_outcome(report_dir, "retrain", outcome)
+
+
+def _record_outcome(report_dir: Path, key: str, outcome: dict) -> dict:
     from shrinkflow.files import atomic_write_text
 
     path = Path(report_dir) / DECISION_JSON
-    doc = {**json.loads(path.read_text()), "recompress": outcome}
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    doc = {**json.loads(path.read_text()), key: outcome}
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
     write_index(Path(report_dir).parent)
     return doc
 

@@ -70,7 +70,9 @@ def snapshot_production(root: Path | str, registry_dir: str) -> str | None:
     return ref.version
 
 
-def _figures(gate) -> dict:
+def gate_figures(gate) -> dict:
+    """One gate verdict (a ``GateResult``) as JSON types: passed, enforced,
+    value, threshold, direction, margin and its note when it has one."""
     return {"passed": gate.passed, "enforced": gate.enforced, "value": gate.value, "threshold": gate.threshold,
             "direction": gate.direction, "margin": gate.margin, **({"note": gate.note} if gate.note else {})}
 
@@ -83,14 +85,37 @@ def recompress_outcome(selection: GatesReport, deployed_version: str | None, kep
     by candidate whether it ``passed`` and its ``failed`` gates (value,
     threshold, margin: how far from passing, in the gate's units). JSON types."""
     outcome = DEPLOYED if deployed_version else (KEPT if kept_version else NOTHING)
+    return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": kept_version,
+            "production_version": selection.production, "selected": selection.selected,
+            "reason": selection.reason, "candidates": candidate_failures(selection)}
+
+
+def candidate_failures(selection: GatesReport) -> dict:
+    """By candidate of a gate report (reports/gates.json): whether it
+    ``passed`` every gate on val, and its ``failed`` gates by name, each with
+    ``value``, ``threshold``, ``direction`` and ``margin`` (how far from
+    passing, in the gate's units). JSON types."""
     candidates = {}
     for name, doc in selection.candidates.items():
         report = doc.to_report()
         candidates[name] = {"passed": report.passed,
-                            "failed": {r.name: _figures(r) for r in report.failures}}
-    return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": kept_version,
-            "production_version": selection.production, "selected": selection.selected,
-            "reason": selection.reason, "candidates": candidates}
+                            "failed": {r.name: gate_figures(r) for r in report.failures}}
+    return candidates
+
+
+def gate_rows(candidates: dict) -> list[str]:
+    """Markdown table rows (``| candidate | gate | value | threshold | margin |``)
+    of ``candidate_failures``' dict: a line per failed gate, one for a
+    candidate that passed every gate."""
+    lines = []
+    for name, c in candidates.items():
+        if c["passed"]:
+            lines.append(f"| {name} | every gate passed | | | |")
+        for gate, f in c["failed"].items():
+            rel = ">=" if f["direction"] == "min" else "<="
+            lines.append(f"| {name} | {gate} {'passed' if f['passed'] else 'FAILED'} | {f['value']:.4g} | "
+                         f"{rel} {f['threshold']:.4g} | {f['margin']:+.4g} |")
+    return lines
 
 
 def recompress_markdown(outcome: dict) -> str:
@@ -103,12 +128,6 @@ def recompress_markdown(outcome: dict) -> str:
             NOTHING: "**Nothing deployed**: no candidate passed every gate"
                      + (f"; production {prod} keeps serving" if prod else "")}[outcome["outcome"]]
     lines = ["# Re-compression", "", head + ".", "", f"Selection: {outcome['reason']}", "",
-             "| candidate | gate | value | threshold | margin |", "|---|---|---|---|---|"]
-    for name, c in outcome["candidates"].items():
-        if c["passed"]:
-            lines.append(f"| {name} | every gate passed | | | |")
-        for gate, f in c["failed"].items():
-            rel = ">=" if f["direction"] == "min" else "<="
-            lines.append(f"| {name} | {gate} FAILED | {f['value']:.4g} | {rel} {f['threshold']:.4g} | "
-                         f"{f['margin']:+.4g} |")
+             "| candidate | gate | value | threshold | margin |", "|---|---|---|---|---|",
+             *gate_rows(outcome["candidates"])]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrinkflow.artifacts import PreviousTeacher, RetrainRecord
+from shrinkflow.artifacts import GatesReport, PreviousTeacher, RetrainRecord
 
 
 def measure_teacher(root: Path | str, threads: int = 2) -> PreviousTeacher:
@@ -50,6 +50,70 @@ def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previou
     record = RetrainRecord(requested_by=requested_by, feedback=feedback, previous_teacher=previous)
     save(RETRAIN, record, root)
     return record
+
+
+# ------------------------------------------------- what a retrain did
+
+# Outcomes of one retrain: a version deployed; the retrained teacher passed
+# its gates but no candidate passed theirs (production keeps serving);
+# the teacher failed its gates (the project put back as it was); or the
+# window's labels were all in the feedback dataset already (nothing ran).
+DEPLOYED, NOTHING, REJECTED, UNCHANGED = "deployed", "nothing", "rejected", "unchanged"
+
+
+def retrain_outcome(selection: GatesReport | None, deployed_version: str | None, feedback: dict,
+                    previous_teacher: PreviousTeacher | None = None, reason: str | None = None) -> dict:
+    """What one retrain did, as the monitor records it (decision.json
+    ``retrain``) and shows it (the Prefect artifact ``shrinkflow-retrain``):
+    ``outcome`` (``deployed``, ``nothing``, ``rejected`` or ``unchanged``,
+    above), ``deployed_version``, the selection's ``selected`` and
+    ``reason``, ``feedback`` (the dataset version: md5, rows, added,
+    relabelled, archive), the old teacher's figures, ``teacher_gates`` (each teacher
+    gate with value, threshold and margin, passed or not; None when the
+    teacher was not gated) and ``candidates`` (shrinkflow.recompression
+    .candidate_failures). ``selection``: the lifecycle's reports/gates.json,
+    None when nothing ran (``reason`` then says why). JSON types."""
+    from shrinkflow.recompression import candidate_failures, gate_figures
+
+    prev = previous_teacher.to_json_dict() if previous_teacher is not None else None
+    feedback = {k: feedback.get(k) for k in ("md5", "rows", "added", "relabelled", "archive")}
+    if selection is None:
+        return {"outcome": UNCHANGED, "deployed_version": None, "kept_version": None, "selected": None,
+                "reason": reason or "no new production labels: the feedback dataset is unchanged",
+                "feedback": feedback, "previous_teacher": prev, "teacher_gates": None, "candidates": {}}
+    tg = selection.teacher_gates
+    teacher = {name: gate_figures(g) for name, g in tg.gates.items()} if tg is not None else None
+    outcome = (DEPLOYED if deployed_version else
+               REJECTED if tg is not None and not tg.passed else NOTHING)
+    return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": None,
+            "selected": selection.selected, "reason": reason or selection.reason, "feedback": feedback,
+            "previous_teacher": prev, "teacher_gates": teacher, "candidates": candidate_failures(selection)}
+
+
+def retrain_markdown(outcome: dict) -> str:
+    """The Prefect artifact ``shrinkflow-retrain``: the outcome in one bold
+    line, the feedback dataset, the retrained teacher's gates and each
+    candidate's failed gates with value, threshold and margin."""
+    from shrinkflow.recompression import gate_rows
+
+    fb = outcome["feedback"]
+    head = {DEPLOYED: f"**Deployed {outcome['deployed_version']}** ({outcome['selected']!r})",
+            NOTHING: "**Nothing deployed**: the retrained teacher passed its gates, no candidate passed theirs; "
+                     "production keeps serving",
+            REJECTED: "**Rejected**: the retrained teacher failed its gates; the project is back as it was "
+                      "before the retrain, production keeps serving",
+            UNCHANGED: "**Nothing retrained**: the window's labels were all in the feedback dataset already"
+            }[outcome["outcome"]]
+    lines = ["# Retrain", "", head + ".", "",
+             f"Feedback dataset {fb.get('md5')}: {fb.get('rows')} labels ({fb.get('added')} added, "
+             f"{fb.get('relabelled')} relabelled).", "", f"Selection: {outcome['reason']}", ""]
+    # every teacher gate gets its row, passed or not ("passed": False only
+    # keeps gate_rows from adding an "every gate passed" line above them)
+    gates = {**({"teacher": {"passed": False, "failed": outcome["teacher_gates"]}}
+                if outcome["teacher_gates"] else {}), **outcome["candidates"]}
+    if gates:
+        lines += ["| candidate | gate | value | threshold | margin |", "|---|---|---|---|---|", *gate_rows(gates)]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------- a rejected teacher

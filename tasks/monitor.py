@@ -173,3 +173,19 @@ def record_recompress(report_dir: str, outcome: dict) -> str:
     create_markdown_artifact(key="shrinkflow-recompress", markdown=md,
                              description="what the re-compression deployed or kept, and each candidate's failed gates")
     return md
+
+
+@task(name="record-retrain", cache_policy=NO_CACHE)
+def record_retrain(report_dir: str, outcome: dict) -> str:
+    """The retrain's outcome into the monitor run's decision.json
+    (``retrain``) and the Prefect artifact ``shrinkflow-retrain``, with the
+    teacher's gates and every failed gate's figures."""
+    from monitoring.run import record_retrain as _record
+    from shrinkflow.retrain import retrain_markdown
+
+    _record(Path(report_dir), outcome)
+    md = retrain_markdown(outcome)
+    create_markdown_artifact(key="shrinkflow-retrain", markdown=md,
+                             description="what the retrain deployed, the retrained teacher's gates and each "
+                                         "candidate's failed gates")
+    return md

@@ -64,3 +64,15 @@ def restore_state(project_dir: str, rejection: dict) -> dict:
     from shrinkflow.retrain import restore_state as _restore
 
     return _restore(Path(project_dir), rejection)
+
+
+@task(name="retrain-outcome", cache_policy=NO_CACHE)
+def retrain_outcome(gates: dict | None, deployed_version: str | None, feedback: dict,
+                    previous_teacher: dict | None = None, reason: str | None = None) -> dict:
+    """``gates``: the lifecycle's selection (reports/gates.json as a dict),
+    None when nothing ran; shrinkflow.retrain.retrain_outcome's dict."""
+    from shrinkflow.artifacts import GatesReport, PreviousTeacher
+    from shrinkflow.retrain import retrain_outcome as _outcome
+
+    return _outcome(None if gates is None else GatesReport.model_validate(gates), deployed_version, feedback,
+                    None if previous_teacher is None else PreviousTeacher.model_validate(previous_teacher), reason)

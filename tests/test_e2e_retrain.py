@@ -111,6 +111,18 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     # every held-out label contradicts the old teacher (up to a near-tie read in another batch)
     assert prev["feedback_heldout_accuracy"] < 0.2 and prev["feedback_heldout_rows"] == heldout_rows
 
+    # the monitor run records what its retrain did: decision.json, the console, the index
+    run_dir = max(d for d in (project / "monitoring/reports").iterdir() if d.is_dir())
+    done = json.loads((run_dir / "decision.json").read_text())["retrain"]
+    assert (done["outcome"], done["deployed_version"], done["selected"]) == ("deployed", new, "int8")
+    assert done["feedback"]["md5"] == md5 and done["feedback"]["rows"] == len(dataset)
+    assert done["previous_teacher"] == prev
+    assert {g: f["passed"] for g, f in done["teacher_gates"].items()} == {
+        "max_teacher_val_drop": True, "min_teacher_feedback_gain": True}
+    assert done["candidates"]["int8"] == {"passed": True, "failed": {}}
+    assert "retrained teacher: min_teacher_feedback_gain passed" in out, out[-4000:]
+    assert f"(deployed {new})" in (project / "monitoring/reports/index.html").read_text()
+
     # --- A second retrain whose teacher cannot pass its gates (no val loss at
     # all and +100 points on the held-out labels): nothing is deployed and
     # the project is put back as the first retrain left it.
@@ -140,6 +152,13 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     assert len(rejected) == 1 and rejected[0]["rejected_teacher"]
     assert set(rejected[0]["teacher_gates"]["gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
     assert not rejected[0]["teacher_gates"]["passed"]
+    run_dir = max(d for d in (project / "monitoring/reports").iterdir() if d.is_dir())
+    done = json.loads((run_dir / "decision.json").read_text())["retrain"]
+    assert done["outcome"] == "rejected" and done["deployed_version"] is None
+    assert done["feedback"]["md5"] == rejected[0]["feedback_md5"]
+    assert not done["teacher_gates"]["min_teacher_feedback_gain"]["passed"]
+    assert "retrained teacher: min_teacher_feedback_gain FAILED" in out, out[-4000:]
+    assert "(retrained teacher rejected)" in (project / "monitoring/reports/index.html").read_text()
     # the rejected retrain's labels stay in the content-addressed archive
     archived = (project / f"data/feedback/archive/{rejected[0]['feedback_md5']}.jsonl").read_text()
     assert {normalise(t) for t in more} <= {normalise(json.loads(line)["text"]) for line in archived.splitlines()}

@@ -159,3 +159,78 @@ def test_teacher_gates_apply_only_to_a_teacher_the_retrain_replaced():
     assert retrained_teacher_gates(record, "old", 0.5, [1], [0], G) is None                # the old teacher
     r = retrained_teacher_gates(record, "new", 0.90, [1, 1, 0, 0], [1, 1, 0, 1], G)         # 0.75 held out
     assert r.passed and {x.name: x.value for x in r.results}["min_teacher_feedback_gain"] == pytest.approx(0.15)
+
+
+# ------------------------------------------------------------ what a retrain did
+
+FEEDBACK_VERSION = {"md5": "abc", "rows": 40, "added": 30, "relabelled": 2, "archive": "data/feedback/archive/abc.jsonl",
+                    "unchanged": 8}
+
+
+def test_the_retrain_outcome_says_what_was_deployed_with_every_teacher_gate_and_each_failed_candidate_gate():
+    from shrinkflow.artifacts import CandidateGates
+    from shrinkflow.gates import GateReport, check_max, check_min
+    from shrinkflow.retrain import retrain_markdown, retrain_outcome
+
+    student = CandidateGates.from_report(GateReport("student", (check_min("min_accuracy", 0.84, 0.82),)))
+    int8 = CandidateGates.from_report(GateReport("int8", (check_max("max_size_mb", 60.0, 40.0),)))
+    passed = gate_teacher(GatesReport(selected="student", best_effort="student", reason="'student': lowest latency",
+                                      candidates={"student": student, "int8": int8}, confirmation=None),
+                          teacher_gates(PREV, 0.895, 0.70, G))
+    out = retrain_outcome(passed, "v0004", FEEDBACK_VERSION, PREV)
+    assert out["outcome"] == "deployed" and out["deployed_version"] == "v0004" and out["selected"] == "student"
+    assert out["feedback"] == {k: FEEDBACK_VERSION[k] for k in ("md5", "rows", "added", "relabelled", "archive")}
+    assert out["previous_teacher"]["val_accuracy"] == 0.90
+    assert set(out["teacher_gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
+    assert out["teacher_gates"]["max_teacher_val_drop"]["passed"]
+    assert out["teacher_gates"]["max_teacher_val_drop"]["margin"] == pytest.approx(0.005)
+    assert out["candidates"]["student"] == {"passed": True, "failed": {}}
+    assert out["candidates"]["int8"]["failed"]["max_size_mb"]["margin"] == pytest.approx(-20.0)
+    json.dumps(out)  # what decision.json stores
+    md = retrain_markdown(out)
+    assert "**Deployed v0004** ('student')." in md and "Feedback dataset abc: 40 labels (30 added, 2 relabelled)" in md
+    assert "| teacher | max_teacher_val_drop passed | 0.005 | <= 0.01 | +0.005 |" in md
+    assert "| teacher | min_teacher_feedback_gain passed | 0.1 | >= 0.05 | +0.05 |" in md
+    assert "| int8 | max_size_mb FAILED | 60 | <= 40 | -20 |" in md and "| student | every gate passed |" in md
+
+    # the teacher passed, no candidate did: nothing; production keeps serving
+    none = retrain_outcome(passed.model_copy(update={"selected": None}), None, FEEDBACK_VERSION, PREV)
+    assert none["outcome"] == "nothing" and "production keeps serving" in retrain_markdown(none)
+
+
+def test_a_rejected_or_unchanged_retrain_says_so():
+    from shrinkflow.retrain import retrain_markdown, retrain_outcome
+
+    rejected = retrain_outcome(gate_teacher(selection(), teacher_gates(PREV, 0.85, 0.70, G)), None,
+                               FEEDBACK_VERSION, PREV)
+    assert rejected["outcome"] == "rejected" and rejected["deployed_version"] is None
+    assert rejected["reason"].startswith("no candidate deployed: the retrained teacher failed max_teacher_val_drop")
+    assert not rejected["teacher_gates"]["max_teacher_val_drop"]["passed"]
+    assert rejected["teacher_gates"]["max_teacher_val_drop"]["margin"] == pytest.approx(-0.04)
+    md = retrain_markdown(rejected)
+    assert "**Rejected**: the retrained teacher failed its gates" in md
+    assert "| teacher | max_teacher_val_drop FAILED | 0.05 | <= 0.01 | -0.04 |" in md
+
+    same = retrain_outcome(None, None, {**FEEDBACK_VERSION, "added": 0, "relabelled": 0})
+    assert same["outcome"] == "unchanged" and same["teacher_gates"] is None and same["candidates"] == {}
+    assert "**Nothing retrained**" in retrain_markdown(same) and "| candidate |" not in retrain_markdown(same)
+
+
+def test_the_monitor_run_records_the_retrain_in_its_decision_and_the_index(tmp_path):
+    from monitoring.run import record_retrain
+    from shrinkflow.retrain import retrain_outcome
+
+    run_dir = tmp_path / "reports" / "20260101T000000_000000Z"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"created": "t", "window": {"rows": 3}}))
+    (run_dir / "decision.json").write_text(json.dumps({"action": "retrain", "acted": True, "reasons": []}))
+    out = retrain_outcome(gate_teacher(selection(), teacher_gates(PREV, 0.90, 0.70, G)), "v0002", FEEDBACK_VERSION,
+                          PREV)
+    doc = record_retrain(run_dir, out)
+    assert doc["retrain"] == out and doc["acted"] is True
+    assert json.loads((run_dir / "decision.json").read_text())["retrain"]["deployed_version"] == "v0002"
+    assert "(deployed v0002)" in (tmp_path / "reports" / "index.html").read_text()
+    rejected = retrain_outcome(gate_teacher(selection(), teacher_gates(PREV, 0.85, 0.70, G)), None,
+                               FEEDBACK_VERSION, PREV)
+    record_retrain(run_dir, rejected)
+    assert "(retrained teacher rejected)" in (tmp_path / "reports" / "index.html").read_text()
