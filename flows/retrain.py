@@ -4,7 +4,8 @@ held out), the old teacher is measured before it is replaced, then the
 lifecycle runs through DVC with train included (the feedback dep makes data
 and train stale): the teacher is fine-tuned on the train split plus the
 production labels, compressed, validated (the retrained teacher gated
-against the old one) and deployed as usual. A teacher that fails its gates
+against the old one, the candidates against the teacher and against the
+production model's recorded val accuracy) and deployed as usual. A teacher that fails its gates
 deploys nothing and is not kept: the project is put back as it was before
 the retrain (shrinkflow.retrain.restore_state). Wiring only."""
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.lifecycle import lifecycle
+from shrinkflow.config import load_params
+from shrinkflow.paths import PARAMS
 from tasks.dvc import repro_stage_with_retries
 from shrinkflow.retrain import teacher_rejection
 from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
@@ -35,7 +38,8 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
         return {**retrain_outcome(None, None, feedback), "stages": {}}
     push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
-    record = record_previous_teacher(project_dir, trigger, feedback)
+    record = record_previous_teacher(project_dir, trigger, feedback,
+                                     load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir)
     result = lifecycle(project_dir)
     rejected = teacher_rejection(result["gates"])
     restored = None

@@ -354,17 +354,34 @@ class PreviousTeacher(Artifact):
     feedback_heldout_rows: int
 
 
+class RecordedProduction(Artifact):
+    """The model in production when a retrain started, as its registry
+    manifest records it: ``version``, the val accuracy validate measured
+    when it was deployed (``selection_metrics``, a fraction) and the md5 of
+    that val split as DVC pinned it (``lineage.data_md5.val``). Validate
+    gates the retrained candidates against it (max_accuracy_drop_vs_production)
+    only when today's val split has that md5: the same texts."""
+
+    version: str
+    val_accuracy: Number
+    val_md5: str
+
+
 class RetrainRecord(Artifact):
     """data/feedback/retrain.json: the last retrain. ``requested_by``: the
     monitor run and window that asked for it (free-form, like a window's
     meta); ``feedback``: the dataset version it trained on (``md5`` as DVC
     records it, ``rows``, and what the window added); ``previous_teacher``:
-    the old teacher's figures the retrained one is gated against. All None
-    (the committed default, ``{}``): no retrain yet."""
+    the old teacher's figures the retrained one is gated against;
+    ``production``: the production model's recorded val accuracy, which the
+    retrained candidates are gated against (None: nothing in production, or
+    a manifest without the figures). All None (the committed default,
+    ``{}``): no retrain yet."""
 
     requested_by: dict[str, Any] | None = None
     feedback: dict[str, Any] | None = None
     previous_teacher: PreviousTeacher | None = None
+    production: RecordedProduction | None = None
 
 
 # ---------------------------------------------------------------- cost

@@ -63,7 +63,16 @@ def read_json(path: Path | str) -> Any:
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    return _hash_file(hashlib.sha256(), path, chunk)
+
+
+def file_md5(path: Path | str, chunk: int = 1 << 20) -> str:
+    """The md5 of a file's bytes (hex): what DVC 3 records for a file out in
+    dvc.lock. Raises FileNotFoundError when it is missing."""
+    return _hash_file(hashlib.md5(), path, chunk)
+
+
+def _hash_file(h, path: Path | str, chunk: int) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)

@@ -116,7 +116,24 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
         check_max("max_size_mb", c.size_mb, gates.max_size_mb),
         check_min("min_speedup", speedup, gates.min_speedup),
     ) + window_gates(c, gates, production) + production_latency_gates(speedup, gates, production)
-        + batch_gates(c, gates))
+        + production_accuracy_gates(c, gates, production) + batch_gates(c, gates))
+
+
+def production_accuracy_gates(candidate: Any, gates: Gates,
+                              production: "ProductionBaseline | None") -> tuple[GateResult, ...]:
+    """Re-compression and retrain: production's val accuracy minus the
+    candidate's, on the same texts (fractions; positive = the candidate is
+    worse), at most ``max_accuracy_drop_vs_production``. No production
+    baseline, production's own report, no production accuracy, or the gate
+    not set (None): no gate."""
+    if (production is None or production.is_candidate or production.accuracy is None
+            or gates.max_accuracy_drop_vs_production is None):
+        return ()
+    acc = figures(candidate).accuracy
+    res = check_max("max_accuracy_drop_vs_production", production.accuracy - acc,
+                    gates.max_accuracy_drop_vs_production)
+    return (res.model_copy(update={"note": f"val accuracy {acc:.4g} against production {production.version}'s "
+                                           f"{production.accuracy:.4g}"}),)
 
 
 def production_latency_gates(speedup: float, gates: Gates,
@@ -217,9 +234,10 @@ def confirm_gates(candidate_name: str, candidate_test: Any, teacher_test: Any, g
 class ProductionBaseline:
     """What the window gate compares a re-compression's candidates with: the
     model in production (``version``, e.g. "v0003") and its agreement with
-    the teacher on the held-out window (a fraction; None: not measured) and
-    batch-1 p95 speedup over the teacher (``production_latency_gates``).
-    ``is_candidate``: the report being gated is production's own."""
+    the teacher on the held-out window (a fraction; None: not measured),
+    batch-1 p95 speedup over the teacher (``production_latency_gates``) and
+    val accuracy (``production_accuracy_gates``; a fraction, None: not
+    measured). ``is_candidate``: the report being gated is production's own."""
 
     version: str
     agreement: float | None
@@ -227,6 +245,8 @@ class ProductionBaseline:
     # production's round-by-round p95 speedup over the teacher at batch 1, in
     # the same rounds as the candidates' (None: not timed interleaved)
     speedup_p95_b1: float | None = None
+    # production's accuracy on val, on the candidates' texts
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrinkflow.artifacts import GatesReport, PreviousTeacher, RetrainRecord
+from shrinkflow.artifacts import GatesReport, PreviousTeacher, RecordedProduction, RetrainRecord
 
 
 def measure_teacher(root: Path | str, threads: int = 2) -> PreviousTeacher:
@@ -40,14 +40,37 @@ def measure_teacher(root: Path | str, threads: int = 2) -> PreviousTeacher:
                            feedback_heldout_rows=figures["feedback_heldout"][1])
 
 
-def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previous: PreviousTeacher) -> RetrainRecord:
+def recorded_production(registry_root: Path | str) -> RecordedProduction | None:
+    """The production version of the registry at ``registry_root`` with the
+    val accuracy and val md5 its manifest records (``RecordedProduction``),
+    or None: nothing in production, or a manifest without those figures (an
+    older version). Raises shrinkflow.errors.RegistryError on a broken
+    registry."""
+    from shrinkflow.registry import Registry
+
+    registry = Registry(Path(registry_root))
+    version = registry.alias()
+    if version is None:
+        return None
+    manifest = registry.manifest(version)
+    acc = (manifest.get("selection_metrics") or {}).get("accuracy")
+    md5 = ((manifest.get("lineage") or {}).get("data_md5") or {}).get("val")
+    if acc is None or md5 is None:
+        return None
+    return RecordedProduction(version=version, val_accuracy=acc, val_md5=md5)
+
+
+def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previous: PreviousTeacher,
+                   production: RecordedProduction | None = None) -> RetrainRecord:
     """Write data/feedback/retrain.json (atomically, through the catalog)
     and return it: ``requested_by`` the monitor run and window, ``feedback``
     the dataset version appended (shrinkflow.feedback.append_feedback's
-    result), ``previous`` the old teacher's figures."""
+    result), ``previous`` the old teacher's figures, ``production`` the
+    production model's recorded val accuracy (``recorded_production``)."""
     from shrinkflow.catalog import RETRAIN, save
 
-    record = RetrainRecord(requested_by=requested_by, feedback=feedback, previous_teacher=previous)
+    record = RetrainRecord(requested_by=requested_by, feedback=feedback, previous_teacher=previous,
+                           production=production)
     save(RETRAIN, record, root)
     return record
 

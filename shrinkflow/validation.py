@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from shrinkflow.artifacts import (PERFORMANCE_KEYS, PRODUCTION_CANDIDATE, CandidateGates, CandidateMeasurements,  # noqa: F401
-                                  Confirmation, ConfirmationMetrics, GatesReport, Quality, TeacherMeasurements,
-                                  ValidationReport)
+                                  Confirmation, ConfirmationMetrics, GatesReport, Quality, RecordedProduction,
+                                  TeacherMeasurements, ValidationReport)
 from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
 from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
@@ -136,7 +136,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                   params: ValidateParams, files: dict[str, dict],
                   label_names: Sequence[str] | None = None,
                   production_version: str | None = None,
-                  production_as: str | None = None) -> tuple[ValidationReport, GatesReport]:
+                  production_as: str | None = None,
+                  recorded_production: RecordedProduction | None = None) -> tuple[ValidationReport, GatesReport]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
     ``teacher_run`` and each of ``candidate_runs`` is a measured run
@@ -152,6 +153,10 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     (``gates.window_gates``), and it is gated and selected like the others.
     ``production_as``: instead, the built candidate with production's very
     files, measured once under its own name; its agreement is the baseline.
+    ``recorded_production``: on a retrain (no production candidate), the
+    production model's val accuracy as its manifest records it, on these
+    very val texts (``retrain_production``): the baseline of
+    max_accuracy_drop_vs_production alone.
     """
     classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
@@ -162,7 +167,9 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     if production_version is not None:
         prod = candidates[production_as or PRODUCTION_CANDIDATE]
         baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),
-                                      speedup_p95_b1=prod.speedup_p95_b1)
+                                      speedup_p95_b1=prod.speedup_p95_b1, accuracy=prod.accuracy)
+    elif recorded_production is not None:
+        baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy)
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
                                  ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
                for n, m in candidates.items()}
@@ -289,6 +296,25 @@ def heldout_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float
     if not len(labels):
         return None
     return round(sum(int(y) == int(p) for y, p in zip(labels, predictions)) / len(labels), 6)
+
+
+def retrain_production(record, teacher_hash: str, val_md5: str) -> tuple[RecordedProduction | None, str | None]:
+    """On a retrain (the teacher whose files hash to ``teacher_hash`` is not
+    the one ``record``, a RetrainRecord, measured before it), the production
+    model's recorded val accuracy to gate the candidates against
+    (max_accuracy_drop_vs_production), when it was measured on the val split
+    whose md5 is ``val_md5`` (today's): (the RecordedProduction, None).
+    Otherwise (None, why not, or None when it is not a retrain)."""
+    prev, prod = record.previous_teacher, record.production
+    if prev is None or prev.content_hash == teacher_hash:
+        return None, None
+    if prod is None:
+        return None, ("nothing was in production when the retrain started, or its manifest lacks its val "
+                      "accuracy: max_accuracy_drop_vs_production is not applied")
+    if prod.val_md5 != val_md5:
+        return None, (f"production {prod.version}'s val accuracy was measured on another val split (md5 "
+                      f"{prod.val_md5}, today's {val_md5}): max_accuracy_drop_vs_production is not applied")
+    return prod, None
 
 
 def retrained_teacher_gates(record, teacher_hash: str, val_accuracy: float, heldout_labels: Sequence[int],

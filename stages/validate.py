@@ -20,17 +20,17 @@ TEACHER_KEY = "teacher (fp32, torch eager)"
 def validate(params, root: Path) -> None:
     from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.catalog import GATES, VALIDATION, save
-    from shrinkflow.files import atomic_write_text, content_hash, file_hashes, write_json
+    from shrinkflow.files import atomic_write_text, content_hash, file_hashes, file_md5, write_json
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import read_manifest
     from shrinkflow.headline import validate_headline
     from shrinkflow.paths import (CANDIDATES, GATES_MD, HEADLINE_VALIDATE, LABELS_JSON, PREDICTION_CACHE,
-                                  PRODUCTION_MODEL, TEACHER, WINDOW_HELDOUT)
+                                  PRODUCTION_MODEL, TEACHER, WINDOW_HELDOUT, split_path)
     from shrinkflow.prediction_cache import PredictionCache, model_hash
     from shrinkflow.markdown import validation_markdown
     from shrinkflow.catalog import load_retrain_record
     from shrinkflow.validation import (PRODUCTION_CANDIDATE, SELECTION_SPLIT, check_model_labels, gate_teacher,
-                                       retrained_teacher_gates, validate_runs)
+                                       retrain_production, retrained_teacher_gates, validate_runs)
 
     # Class ids in the splits index this tuple; every model must output its
     # classes in the same order, or its "accuracy" would compare other classes.
@@ -101,10 +101,21 @@ def validate(params, root: Path) -> None:
             raise RuntimeError(f"{dirs[n]} changed while it was being validated")
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
+    # A retrain: the candidates are also gated against production's val
+    # accuracy as its manifest records it, when that was measured on today's
+    # val split (data/feedback/retrain.json; max_accuracy_drop_vs_production).
+    retrain = load_retrain_record(root)
+    recorded, why_not = retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)))
+    if recorded is not None:
+        print(f"validate: a retrain: the candidates are gated against production {recorded.version}'s val accuracy "
+              f"{recorded.val_accuracy:.4g} as recorded at its deploy (the same val split, md5 {recorded.val_md5})")
+    elif why_not:
+        print(f"validate: a retrain: {why_not}")
     report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names,
-                                      production_version=production_version, production_as=production_as)
+                                      production_version=production_version, production_as=production_as,
+                                      recorded_production=recorded)
     selection = gate_teacher(selection, retrained_teacher_gates(
-        load_retrain_record(root), teacher_hash, report.teacher.accuracy,
+        retrain, teacher_hash, report.teacher.accuracy,
         [int(x) for x in frames["feedback_heldout"]["label"]], teacher["predictions"]["feedback_heldout"],
         params.validate.gates))
     save(VALIDATION, report, root)

@@ -40,12 +40,15 @@ def archive_feedback(project_dir: str) -> str | None:
 
 
 @task(name="record-previous-teacher", cache_policy=NO_CACHE)
-def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict) -> dict:
-    """Measure the kept teacher before train replaces it, and write
+def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict, registry_dir: str) -> dict:
+    """Measure the kept teacher before train replaces it, read production's
+    recorded val accuracy from the registry at ``registry_dir``, and write
     data/feedback/retrain.json."""
-    from shrinkflow.retrain import measure_teacher, record_retrain
+    from shrinkflow.retrain import measure_teacher, record_retrain, recorded_production
 
-    return record_retrain(Path(project_dir), trigger, feedback, measure_teacher(Path(project_dir))).to_json_dict()
+    root = Path(project_dir)
+    return record_retrain(root, trigger, feedback, measure_teacher(root),
+                          recorded_production(root / registry_dir)).to_json_dict()
 
 
 @task(name="save-pre-retrain-state", cache_policy=NO_CACHE)

@@ -29,7 +29,10 @@ TINY = {
                            "max_size_mb": 100.0, "min_speedup": 0.2,
                            # tiny models time in fractions of a millisecond: noise, not a slowdown
                            # (tests/test_e2e_warm_start.py, which must deploy, turns both off)
-                           "max_p95_b1_slowdown_vs_production": 1.0},
+                           "max_p95_b1_slowdown_vs_production": 1.0,
+                           # tiny models' val accuracies move by points from seed to seed, as the
+                           # accuracy drop above (its boundaries: tests/test_gates.py)
+                           "max_accuracy_drop_vs_production": 0.5},
                  # 3 rounds (not 10): each turn pauses 50 ms for the last model's threads to idle
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3}},
     # codecarbon off: its hardware set-up costs 1.5-2 s in each metered stage (train, compress) of

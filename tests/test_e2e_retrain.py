@@ -101,6 +101,14 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     assert set(gates["teacher_gates"]["gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
     assert gates["teacher_gates"]["passed"] and gates["selected"] == "int8"
     assert "Retrained teacher" in (project / "reports/gates.md").read_text()
+    # ... and the candidates against production's val accuracy as its manifest records it (the val split is
+    # the same: the feedback rows have splits of their own)
+    vs_prod = gates["candidates"]["int8"]["gates"]["max_accuracy_drop_vs_production"]
+    prod_acc = reg.manifest(before)["selection_metrics"]["accuracy"]
+    int8_acc = json.loads((project / "metrics/validate.json").read_text())["candidates"]["int8"]["accuracy"]
+    assert vs_prod["value"] == pytest.approx(prod_acc - int8_acc) and vs_prod["threshold"] == 0.5
+    assert f"production {before}'s" in vs_prod["note"]
+    assert f"the candidates are gated against production {before}'s val accuracy" in out, out[-4000:]
 
     # lineage: the dataset's md5 as DVC records it, and the monitor run that asked
     feedback = reg.manifest(new)["lineage"]["feedback"]
@@ -108,6 +116,8 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     asked = feedback["retrain"]["requested_by"]
     assert asked["monitor_flow_run"] and "teacher_feedback" in asked["triggers"]
     prev = feedback["retrain"]["previous_teacher"]
+    assert feedback["retrain"]["production"] == {"version": before, "val_accuracy": prod_acc,
+                                                 "val_md5": reg.manifest(before)["lineage"]["data_md5"]["val"]}
     # every held-out label contradicts the old teacher (up to a near-tie read in another batch)
     assert prev["feedback_heldout_accuracy"] < 0.2 and prev["feedback_heldout_rows"] == heldout_rows
 

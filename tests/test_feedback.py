@@ -234,3 +234,20 @@ def test_the_monitor_run_records_the_retrain_in_its_decision_and_the_index(tmp_p
                                FEEDBACK_VERSION, PREV)
     record_retrain(run_dir, rejected)
     assert "(retrained teacher rejected)" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_a_retrain_records_productions_val_accuracy_as_its_manifest_has_it(tmp_path):
+    from shrinkflow.files import read_json, write_json
+    from shrinkflow.retrain import recorded_production
+    from tests.registry_outputs import build
+
+    registry = build(tmp_path / "registry", "v0003")
+    manifest = read_json(registry / "versions" / "v0003" / "manifest.json")
+    prod = recorded_production(registry)
+    assert (prod.version, prod.val_accuracy, prod.val_md5) == (
+        "v0003", manifest["selection_metrics"]["accuracy"], manifest["lineage"]["data_md5"]["val"])
+    # an older manifest without the figure: nothing to gate against
+    del manifest["selection_metrics"]
+    write_json(registry / "versions" / "v0003" / "manifest.json", manifest)
+    assert recorded_production(registry) is None
+    assert recorded_production(build(tmp_path / "empty", "empty")) is None

@@ -282,3 +282,35 @@ def test_production_is_kept_only_when_no_new_candidate_passes():
     assert sel.chosen == "production" and "no new candidate passed" in sel.reason
     metrics = {"production": cand(accuracy=0.5), "bad": cand(accuracy=0.5)}
     assert select_candidate(metrics, _reports(metrics), fallback="production").chosen is None
+
+
+# ---------------------------------------------------------------- in-domain accuracy against production
+
+def vs_production(accuracy: float, production_accuracy: float | None = 0.86, limit: float | None = 0.01,
+                  is_candidate: bool = False) -> GateReport:
+    from shrinkflow.gates import ProductionBaseline
+
+    gates = GATES.model_copy(update={"max_accuracy_drop": 0.5, "max_accuracy_drop_vs_production": limit})
+    return evaluate_gates("c", cand(accuracy=accuracy), TEACHER, gates,
+                          ProductionBaseline("v0003", None, is_candidate, accuracy=production_accuracy))
+
+
+@pytest.mark.parametrize("accuracy, passes", [(0.85, True),             # exactly one point under production
+                                              (0.85 + 1e-6, True),      # just within
+                                              (0.85 - 1e-6, False),     # just over
+                                              (0.87, True)])            # better than production
+def test_a_new_candidate_may_lose_at_most_the_limit_against_productions_val_accuracy(accuracy, passes):
+    r = gate(vs_production(accuracy), "max_accuracy_drop_vs_production")
+    assert r.passed is passes and r.value == pytest.approx(0.86 - accuracy) and r.threshold == 0.01
+    assert "against production v0003's 0.86" in r.note
+    if not passes:
+        assert "max_accuracy_drop_vs_production FAILED" in vs_production(accuracy).summary()
+
+
+def test_no_accuracy_gate_against_production_without_its_figure_for_itself_or_when_not_set():
+    for report in (vs_production(0.5, production_accuracy=None), vs_production(0.5, is_candidate=True),
+                   vs_production(0.5, limit=None), evaluate_gates("c", cand(accuracy=0.5), TEACHER, GATES)):
+        assert "max_accuracy_drop_vs_production" not in {r.name for r in report.results}
+    assert Gates().max_accuracy_drop_vs_production == 0.01
+    with pytest.raises(ValueError):
+        Gates(max_accuracy_drop_vs_production=-0.01)

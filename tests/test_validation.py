@@ -211,3 +211,56 @@ def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report
     md = validation_markdown(metrics, gates)
     assert "max_batch_prob_diff" in md and ("served one text per call" in md if action == "serve_per_row"
                                             else "**FAIL**: not batch-invariant" in md)
+
+
+# ---------------------------------------------------------------- in-domain accuracy against production
+
+def test_a_recompression_gates_new_candidates_on_val_against_productions_measured_accuracy():
+    from shrinkflow.artifacts import PRODUCTION_CANDIDATE
+
+    # the teacher 9/10 on val: the new candidate (8/10) is within max_accuracy_drop (0.15) of it
+    teacher = run(LABELS["val"][:9] + [1], LABELS["test"], lat=20.0, size=90.0)
+    prod = run(LABELS["val"], LABELS["test"], lat=3.0)                     # val 10/10
+    worse = run(LABELS["val"][:8] + [0, 1], LABELS["test"], lat=2.0)      # val 8/10: 0.2 under production
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
+        "max_p95_b1_slowdown_vs_production": 10.0, "max_accuracy_drop_vs_production": 0.1})})
+    files = {"fast": FILES["fast"], PRODUCTION_CANDIDATE: FILES["slow"]}
+    _, gates = validate_runs(teacher, {"fast": worse, PRODUCTION_CANDIDATE: prod}, LABELS, params, files,
+                             production_version="v0003")
+    g = gates.candidates["fast"].gates["max_accuracy_drop_vs_production"]
+    assert not g.passed and g.value == pytest.approx(0.2) and g.margin == pytest.approx(-0.1)
+    assert "production v0003's 1" in g.note
+    assert "max_accuracy_drop_vs_production" not in gates.candidates[PRODUCTION_CANDIDATE].gates
+    assert gates.selected == PRODUCTION_CANDIDATE    # production kept: the new one loses in domain
+    loose = params.model_copy(update={"gates": params.gates.model_copy(update={
+        "max_accuracy_drop_vs_production": 0.2})})
+    _, gates = validate_runs(teacher, {"fast": worse, PRODUCTION_CANDIDATE: prod}, LABELS, loose, files,
+                             production_version="v0003")
+    assert gates.selected == "fast"
+
+
+def test_a_retrain_gates_its_candidates_against_productions_recorded_val_accuracy_on_the_same_split():
+    from shrinkflow.artifacts import PreviousTeacher, RecordedProduction, RetrainRecord
+    from shrinkflow.validation import retrain_production
+
+    prod = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="m" * 32)
+    record = RetrainRecord(previous_teacher=PreviousTeacher(content_hash="old", val_accuracy=0.9,
+                                                            feedback_heldout_accuracy=0.5, feedback_heldout_rows=4),
+                           production=prod)
+    assert retrain_production(record, "new", "m" * 32) == (prod, None)
+    assert retrain_production(record, "old", "m" * 32) == (None, None)          # the teacher was not retrained
+    assert retrain_production(RetrainRecord(), "new", "m" * 32) == (None, None)  # no retrain at all
+    recorded, why = retrain_production(record, "new", "x" * 32)
+    assert recorded is None and "measured on another val split" in why and "x" * 32 in why
+    recorded, why = retrain_production(record.model_copy(update={"production": None}), "new", "m" * 32)
+    assert recorded is None and "not applied" in why
+
+    teacher = run(LABELS["val"][:9] + [1], LABELS["test"], lat=20.0, size=90.0)     # val 0.9
+    worse = run(LABELS["val"][:8] + [0, 1], LABELS["test"], lat=2.0)      # val 0.8 against production's 1.0
+    _, gates = validate_runs(teacher, {"fast": worse}, LABELS, PARAMS, {"fast": FILES["fast"]},
+                             recorded_production=prod)
+    g = gates.candidates["fast"].gates["max_accuracy_drop_vs_production"]
+    assert not g.passed and g.value == pytest.approx(0.2) and "production v0002's 1" in g.note
+    assert gates.selected is None and gates.production is None   # production is no candidate on a retrain
+    _, gates = validate_runs(teacher, {"fast": worse}, LABELS, PARAMS, {"fast": FILES["fast"]})
+    assert "max_accuracy_drop_vs_production" not in gates.candidates["fast"].gates and gates.selected == "fast"
