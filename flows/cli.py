@@ -1157,7 +1157,7 @@ def ephemeral_api(preload):
     to overlap, and the flow imports what it needs when it needs it (a run
     that stops early, on a locked log, imports nothing). Raises RuntimeError
     (the server's log tail) when the server does not start in time."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
     from prefect.settings import PREFECT_HOME as PREFECT_HOME_SETTING
 
     if PREFECT_API_URL.value():
@@ -1179,7 +1179,15 @@ def ephemeral_api(preload):
 
     atexit.register(stopping)   # runs just before the server's stop, registered at its launch
     os.environ["PREFECT_API_URL"] = api_url
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    # No "View at http://127.0.0.1:<port>/runs/..." per flow run: the
+    # temporary server, and every link into it, is gone when the command
+    # ends (a newcomer followed one). An empty UI URL makes Prefect's
+    # url_for return None, as under its own ephemeral API. A UI URL the user
+    # set is kept.
+    ui = {} if os.environ.get("PREFECT_UI_URL") else {PREFECT_UI_URL: ""}
+    if ui:
+        os.environ["PREFECT_UI_URL"] = ""
+    with temporary_settings(updates={PREFECT_API_URL: api_url, **ui}):
         yield api_url
 
 

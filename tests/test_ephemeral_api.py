@@ -88,6 +88,8 @@ def test_the_monitor_cli_starts_the_ephemeral_api_beside_its_imports_and_the_flo
     assert "marker-7d1f" in seen["logged"] and seen["log_workers_left"] == 0
     assert "Starting temporary server on" in proc.stdout + proc.stderr
     assert "Stopping temporary server on" in proc.stdout + proc.stderr
+    # the run is logged, but with no link into a server that is gone when the command ends
+    assert "Beginning flow run" in proc.stdout + proc.stderr and "View at" not in proc.stdout + proc.stderr
     ours = seen["server_pids"]   # the watchdog's process, which runs uvicorn
     assert ours, "no server process was running inside the command"
     deadline = time.monotonic() + 30
