@@ -203,7 +203,9 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
            + (f"{selection.production_as!r}, which has its very files (measured once)" if selection.production_as
               else "'production'") + "; "
            "a candidate passes the window gate at min_window_agreement or at min_window_agreement_gain over "
-           "production's agreement on the same held-out texts."] if selection.production else []),
+           "production's agreement on the same held-out texts, and is gated against production's p95 latency "
+           "(max_p95_b1_slowdown_vs_production) and val accuracy (max_accuracy_drop_vs_production)."]
+          if selection.production else []),
         f"Selection: {selection.reason}",
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
