@@ -1400,19 +1400,60 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
         raise ParamsError(path, problems, _candidate_labels(raw, [k for k, _ in problems])) from None
 
 
+# Where a top-level key (data, train, ...) belongs, in the messages.
+TOP_LEVEL = "the top level of params.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def section_paths() -> dict[str, tuple[str, ...]]:
+    """This module's section models by name -> where params.yaml holds them,
+    as dotted key paths from the top (``"Gates": ("validate.gates",)``); a
+    list's item is ``<i>`` (``compress.candidates.<i>``). A model of no
+    section (a recipe step's, the top) is absent."""
+    import typing
+
+    paths: dict[str, set[str]] = {}
+
+    def models_in(annotation, item: bool = False):
+        """(model, is a list item) for each of this module's models in an annotation."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation.__module__ == __name__:
+                yield annotation, item
+            return
+        origin = typing.get_origin(annotation)
+        many = origin in (list, tuple) or (isinstance(origin, type) and issubclass(origin, (list, tuple)))
+        for arg in typing.get_args(annotation):
+            yield from models_in(arg, item or many)
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            for sub, item in models_in(field.annotation):
+                path = f"{prefix}{field.alias or name}" + (".<i>" if item else "")
+                if "method" in sub.model_fields or path.count(".") > 6:
+                    continue  # a recipe step: named by its method
+                paths.setdefault(sub.__name__, set()).add(path)
+                walk(sub, path + ".")
+
+    walk(Params, "")
+    return {k: tuple(sorted(v)) for k, v in paths.items()}
+
+
 @functools.lru_cache(maxsize=1)
 def _param_homes() -> dict[str, tuple[str, ...]]:
     """Each key a params file may hold, in any section (field names and
     aliases of this module's models) -> where it belongs: "a 'distill'
-    step" for a recipe step's key, else the section's model name."""
+    step" for a recipe step's key, ``TOP_LEVEL`` for a section's own, else
+    the section's key path (``section_paths``: "validate.gates"), or its
+    model's name where it has none."""
     homes: dict[str, set[str]] = {}
+    paths = section_paths()
     for obj in list(globals().values()):
         if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == __name__:
             method = obj.model_fields.get("method")
-            where = f"a {method.default!r} step" if method is not None and isinstance(method.default, str) \
-                else obj.__name__
+            where = ((f"a {method.default!r} step",) if method is not None and isinstance(method.default, str)
+                     else (TOP_LEVEL,) if obj is Params else paths.get(obj.__name__, (obj.__name__,)))
             for name, field in obj.model_fields.items():
-                homes.setdefault(field.alias or name, set()).add(where)
+                homes.setdefault(field.alias or name, set()).update(where)
     return {k: tuple(sorted(v)) for k, v in homes.items()}
 
 

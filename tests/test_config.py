@@ -51,7 +51,11 @@ def test_a_key_of_another_section_says_where_it_belongs(raw):
     assert found["compress.candidates.1.warm_start_window_augment_copies"] == (
         "not a key of this section: 'warm_start_window_augment_copies' belongs in a 'distill' step")
     assert found["monitor.epochs"].startswith("not a key of this section: 'epochs' belongs in ")
-    assert "a 'distill' step" in found["monitor.epochs"] and "TrainParams" in found["monitor.epochs"]
+    assert found["monitor.epochs"].endswith("belongs in a 'distill' step or frontier.small_direct or train")
+    # a gate put in the validate section itself: named by its key path, as the error paths are
+    raw["validate"]["max_accuracy_drop_vs_production"] = 0.01
+    assert problems(raw)["validate.max_accuracy_drop_vs_production"] == (
+        "not a key of this section: 'max_accuracy_drop_vs_production' belongs in validate.gates")
 
 
 @pytest.mark.parametrize("section", ["monitor", "distill step", "candidate"])
@@ -83,8 +87,12 @@ def test_every_key_of_another_section_names_a_section_that_has_it(raw, section):
         assert msg.startswith(f"not a key of this section: {key!r} belongs in "), msg
         homes = msg.split(" belongs in ", 1)[1].split(" or ")
         for home in homes:
-            holder = steps[home.split("'")[1]] if home.startswith("a '") else models[home]
-            assert key in {f.alias or n for n, f in holder.model_fields.items()}, (key, home)
+            # a step by its method; a section by its key path: one of the models params.yaml holds there
+            holders = ([steps[home.split("'")[1]]] if home.startswith("a '") else [config.Params]
+                       if home == config.TOP_LEVEL else
+                       [models[name] for name, paths in config.section_paths().items() if home in paths])
+            assert holders and any(key in {f.alias or n for n, f in h.model_fields.items()} for h in holders), \
+                (key, home)
 
 
 def test_wrong_type_is_named(raw):
