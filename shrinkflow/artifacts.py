@@ -27,9 +27,9 @@ DVC's eyes). Where each document lives: ``shrinkflow.catalog``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # A figure as read and written: an int stays an int and a float keeps its
 # repr (pydantic's smart union: the exact type wins), so a file read and
@@ -362,9 +362,9 @@ class RecordedProduction(Artifact):
     gates the retrained candidates against it (max_accuracy_drop_vs_production)
     only when today's val split has that md5: the same texts."""
 
-    version: str
-    val_accuracy: Number
-    val_md5: str
+    version: Annotated[str, Field(pattern=r"^v\d{4,}$")]
+    val_accuracy: Annotated[Number, Field(ge=0, le=1)]
+    val_md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 class RetrainRecord(Artifact):

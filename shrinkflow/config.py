@@ -722,16 +722,17 @@ class Gates(_Frozen):
     # same interleaved rounds; so a drift event never makes production slower.
     # Above 1 admits more than twice production's latency.
     max_p95_b1_slowdown_vs_production: Annotated[float, Field(ge=0.0)] = 0.10
-    # Re-compression and retrain (the production model measured beside the
-    # candidates): production's val accuracy minus a new candidate's, on the
-    # same texts, at most this (the point estimate). The accuracy drop above
+    # Re-compression and retrain: production's val accuracy (measured beside
+    # the candidates on a re-compression; on a retrain, as its manifest
+    # records it, when today's val split is the one it was measured on) minus
+    # a new candidate's, on the same texts, at most this (the point estimate). The accuracy drop above
     # is against the teacher, which a retrain replaces: a retrained teacher
     # may lose max_teacher_val_drop and its student max_accuracy_drop more,
     # two points under the production they replace; this caps it. One point,
     # as max_accuracy_drop: the paired difference of two students on val has
     # a standard error of ~0.6 points (~6% of ~1,600 texts discordant), so
     # 0.005 would refuse one as good as production about one time in five.
-    # None: not gated, only reported.
+    # None: no such gate (nothing gated or reported).
     max_accuracy_drop_vs_production: Fraction | None = 0.01
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy

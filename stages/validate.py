@@ -106,6 +106,8 @@ def validate(params, root: Path) -> None:
     # val split (data/feedback/retrain.json; max_accuracy_drop_vs_production).
     retrain = load_retrain_record(root)
     recorded, why_not = retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)))
+    if params.validate.gates.max_accuracy_drop_vs_production is None:
+        recorded, why_not = None, None   # no such gate: nothing to say
     if recorded is not None:
         print(f"validate: a retrain: the candidates are gated against production {recorded.version}'s val accuracy "
               f"{recorded.val_accuracy:.4g} as recorded at its deploy (the same val split, md5 {recorded.val_md5})")

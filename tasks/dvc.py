@@ -20,10 +20,22 @@ def repro_stage(stage: str, project_dir: str, force: bool = False) -> dict:
     # to this run's API, ephemeral or not, instead of starting their own.
     from prefect.client.orchestration import get_client
 
-    api_url = str(get_client(sync_client=True).api_url)
-    run = _repro_stage(stage, project_dir, extra_env={"PREFECT_API_URL": api_url}, force=force)
+    run = _repro_stage(stage, project_dir, force=force,
+                       extra_env=stage_prefect_env(str(get_client(sync_client=True).api_url)))
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")
     return run.to_dict()
+
+
+def stage_prefect_env(api_url: str) -> dict[str, str]:
+    """The Prefect settings a stage process gets: this run's API, and this
+    process's UI address, empty when it has none. A stage then prints
+    Prefect's "View at <UI>" links exactly when this process would: with
+    PREFECT_API_URL alone it would derive a UI address from a temporary
+    server that is gone when the command ends (a newcomer saw one from
+    `shrinkflow run`); an empty PREFECT_UI_URL prints none."""
+    from prefect.settings import PREFECT_UI_URL
+
+    return {"PREFECT_API_URL": api_url, "PREFECT_UI_URL": PREFECT_UI_URL.value() or ""}
 
 
 def repro_stage_with_retries(stage: str):

@@ -111,3 +111,18 @@ def test_with_an_api_url_it_does_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["[]", "None", "False", "False"], proc.stdout
     assert not (tmp_path / ".prefect" / "temporary-server.log").exists()
+
+
+def test_a_stage_gets_this_processs_ui_address_or_none():
+    """`shrinkflow run` under Prefect's own temporary server printed a dead
+    "View at" link from the compress stage, which derived a UI address from
+    the API address it was given."""
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    from tasks.dvc import stage_prefect_env
+
+    with temporary_settings(updates={PREFECT_UI_URL: ""}):
+        assert stage_prefect_env("http://127.0.0.1:5/api") == {"PREFECT_API_URL": "http://127.0.0.1:5/api",
+                                                               "PREFECT_UI_URL": ""}
+    with temporary_settings(updates={PREFECT_UI_URL: "http://127.0.0.1:4200"}):   # a real server's UI
+        assert stage_prefect_env("http://127.0.0.1:4200/api")["PREFECT_UI_URL"] == "http://127.0.0.1:4200"

@@ -251,3 +251,15 @@ def test_a_retrain_records_productions_val_accuracy_as_its_manifest_has_it(tmp_p
     write_json(registry / "versions" / "v0003" / "manifest.json", manifest)
     assert recorded_production(registry) is None
     assert recorded_production(build(tmp_path / "empty", "empty")) is None
+
+
+def test_a_recorded_production_figure_out_of_range_or_form_is_refused():
+    from pydantic import ValidationError
+
+    from shrinkflow.artifacts import RecordedProduction
+
+    ok = {"version": "v0001", "val_accuracy": 0.84, "val_md5": "b56d3331ef45435ba3d6e26c96f7b5ef"}
+    assert RecordedProduction(**ok).val_accuracy == 0.84
+    for bad in ({"val_accuracy": 1.5}, {"version": "banana"}, {"val_md5": "nope"}):
+        with pytest.raises(ValidationError):
+            RecordedProduction(**{**ok, **bad})

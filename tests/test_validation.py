@@ -243,16 +243,16 @@ def test_a_retrain_gates_its_candidates_against_productions_recorded_val_accurac
     from shrinkflow.artifacts import PreviousTeacher, RecordedProduction, RetrainRecord
     from shrinkflow.validation import retrain_production
 
-    prod = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="m" * 32)
+    prod = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="a" * 32)
     record = RetrainRecord(previous_teacher=PreviousTeacher(content_hash="old", val_accuracy=0.9,
                                                             feedback_heldout_accuracy=0.5, feedback_heldout_rows=4),
                            production=prod)
-    assert retrain_production(record, "new", "m" * 32) == (prod, None)
-    assert retrain_production(record, "old", "m" * 32) == (None, None)          # the teacher was not retrained
-    assert retrain_production(RetrainRecord(), "new", "m" * 32) == (None, None)  # no retrain at all
-    recorded, why = retrain_production(record, "new", "x" * 32)
-    assert recorded is None and "measured on another val split" in why and "x" * 32 in why
-    recorded, why = retrain_production(record.model_copy(update={"production": None}), "new", "m" * 32)
+    assert retrain_production(record, "new", "a" * 32) == (prod, None)
+    assert retrain_production(record, "old", "a" * 32) == (None, None)          # the teacher was not retrained
+    assert retrain_production(RetrainRecord(), "new", "a" * 32) == (None, None)  # no retrain at all
+    recorded, why = retrain_production(record, "new", "b" * 32)
+    assert recorded is None and "measured on another val split" in why and "b" * 32 in why
+    recorded, why = retrain_production(record.model_copy(update={"production": None}), "new", "a" * 32)
     assert recorded is None and "not applied" in why
 
     teacher = run(LABELS["val"][:9] + [1], LABELS["test"], lat=20.0, size=90.0)     # val 0.9
