@@ -70,7 +70,7 @@ def load(entry: Entry[A], root: Path | str = ".") -> A:
     """``entry``'s document under ``root``, validated as its model. Raises
     MissingInput (naming the stage that writes it) when the file is missing,
     ArtifactInvalid (naming the file, its stage and the first mismatches) when
-    it does not match the model."""
+    it is not JSON or does not match the model."""
     from pydantic import ValidationError
 
     path = Path(root) / entry.path
@@ -78,7 +78,12 @@ def load(entry: Entry[A], root: Path | str = ".") -> A:
         raise MissingInput(f"{path} is missing: run the {entry.written_by} stage first "
                            f"(dvc repro {entry.written_by})")
     try:
-        return entry.model.model_validate(read_json(path))
+        doc = read_json(path)
+    except ValueError as exc:   # not JSON at all (json.JSONDecodeError, a UnicodeDecodeError)
+        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {entry.written_by} "
+                              f"stage): not JSON: {exc}") from None
+    try:
+        return entry.model.model_validate(doc)
     except ValidationError as exc:
         first = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in exc.errors()[:3])
         raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {entry.written_by} "

@@ -193,6 +193,11 @@ def test_the_catalog_saves_and_loads_typed_objects(tmp_path):
     with pytest.raises(ArtifactInvalid, match=r"deployment.json is not a valid deployment document \(written by "
                                               r"the deploy stage; 5 error\(s\): previous: Field required"):
         load(DEPLOYMENT, tmp_path)
+    # one that is not JSON at all (a newcomer's garbage retrain.json gave a raw traceback): the same one line
+    (tmp_path / "deploy" / "deployment.json").write_text('{"version": "v00')
+    with pytest.raises(ArtifactInvalid, match=r"deployment.json is not a valid deployment document \(written by "
+                                              r"the deploy stage\): not JSON: "):
+        load(DEPLOYMENT, tmp_path)
     assert isinstance(ArtifactInvalid("x"), HANDLED)
 
 
