@@ -228,7 +228,7 @@ def _record_outcome(report_dir: Path, key: str, outcome: dict) -> dict:
 
     path = Path(report_dir) / DECISION_JSON
     doc = {**json.loads(path.read_text()), key: outcome}
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     write_index(Path(report_dir).parent)
     return doc
 

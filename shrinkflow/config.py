@@ -1430,7 +1430,7 @@ def section_paths() -> dict[str, tuple[str, ...]]:
         for name, field in model.model_fields.items():
             for sub, item in models_in(field.annotation):
                 path = f"{prefix}{field.alias or name}" + (".<i>" if item else "")
-                if "method" in sub.model_fields or path.count(".") > 6:
+                if "method" in sub.model_fields:
                     continue  # a recipe step: named by its method
                 paths.setdefault(sub.__name__, set()).add(path)
                 walk(sub, path + ".")

@@ -66,6 +66,13 @@ def validate(params, root: Path) -> None:
     lat = params.validate.latency
     teacher_files = file_hashes(teacher_dir)
     teacher_hash = content_hash(teacher_files)
+    # A retrain: the candidates are also gated against production's val
+    # accuracy as its manifest records it, when that was measured on today's
+    # val split (data/feedback/retrain.json; max_accuracy_drop_vs_production).
+    # Read before the models are measured, so a bad record fails in seconds.
+    retrain = load_retrain_record(root)
+    recorded, why_not = (retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)))
+                         if params.validate.gates.max_accuracy_drop_vs_production is not None else (None, None))
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in dirs:
@@ -101,13 +108,6 @@ def validate(params, root: Path) -> None:
             raise RuntimeError(f"{dirs[n]} changed while it was being validated")
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
-    # A retrain: the candidates are also gated against production's val
-    # accuracy as its manifest records it, when that was measured on today's
-    # val split (data/feedback/retrain.json; max_accuracy_drop_vs_production).
-    retrain = load_retrain_record(root)
-    recorded, why_not = retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)))
-    if params.validate.gates.max_accuracy_drop_vs_production is None:
-        recorded, why_not = None, None   # no such gate: nothing to say
     if recorded is not None:
         print(f"validate: a retrain: the candidates are gated against production {recorded.version}'s val accuracy "
               f"{recorded.val_accuracy:.4g} as recorded at its deploy (the same val split, md5 {recorded.val_md5})")

@@ -346,3 +346,17 @@ def test_the_deploy_stage_refuses_what_validate_did_not_select(tmp_path):
     proc = run_deploy(root, PROJECT_ROOT)
     assert proc.returncode == 1 and "refusing to deploy: no candidate passed" in proc.stderr
     assert not (root / "registry").exists() and not (root / "deploy").exists()
+
+
+@pytest.mark.parametrize("body", [b"", b'{"version": "v00', b"not json", b"\xff\xfe\x00garbage", b"{} {}"])
+def test_a_stage_document_that_is_not_json_is_one_line_naming_the_file(tmp_path, body):
+    """The whole kind, not only a newcomer's garbage retrain.json: empty,
+    truncated, text, bytes that are not UTF-8, two documents in one file."""
+    from shrinkflow.catalog import RETRAIN, load_retrain_record
+
+    path = tmp_path / RETRAIN.path
+    path.parent.mkdir(parents=True)
+    path.write_bytes(body)
+    with pytest.raises(ArtifactInvalid, match=r"retrain.json is not a valid retrain document \(written by .*\): "
+                                              r"not JSON: "):
+        load_retrain_record(tmp_path)
