@@ -1232,6 +1232,8 @@ def monitor_cmd(ctx: typer.Context,
             result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "the monitor", debug)
+    from shrinkflow.retrain import production_lines
+
     rec = result.get("recompress") or result.get("retrain")
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"} | {
@@ -1279,6 +1281,8 @@ def monitor_cmd(ctx: typer.Context,
                            f"for the window gates, of the newest {win.get('corpus_rows', '?')} logged rows "
                            f"(monitor.recompress_last_n, heldout_fraction); archived as data/windows/"
                            f"{win['texts_md5']}.txt")
+            for line in production_lines(rec) if result.get("retrain") is not None else ():
+                typer.echo(f"  {line}")
             for gate, f in (rec.get("teacher_gates") or {}).items():  # a retrain's: every one, passed or not
                 typer.echo(f"  retrained teacher: {gate} {'passed' if f['passed'] else 'FAILED'}: {f['value']:.4g} "
                            f"(threshold {f['threshold']:.4g}, margin {f['margin']:+.4g})")

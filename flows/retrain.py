@@ -54,6 +54,7 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
           f"{feedback['relabelled']} relabelled)")
     # outcome, versions, reason, feedback, the old teacher, every teacher gate
     # and each candidate's failed gates: what decision.json records
-    outcome = retrain_outcome(result["gates"], result["deployed_version"], feedback, record["previous_teacher"])
+    outcome = retrain_outcome(result["gates"], result["deployed_version"], feedback, record["previous_teacher"],
+                              production=record.get("production"))
     return {**outcome, "stages": result["stages"], "restored": restored, "push_warning": push_warning,
             "publish_warning": result.get("publish_warning")}

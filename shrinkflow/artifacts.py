@@ -358,13 +358,19 @@ class RecordedProduction(Artifact):
     """The model in production when a retrain started, as its registry
     manifest records it: ``version``, the val accuracy validate measured
     when it was deployed (``selection_metrics``, a fraction) and the md5 of
-    that val split as DVC pinned it (``lineage.data_md5.val``). Validate
-    gates the retrained candidates against it (max_accuracy_drop_vs_production)
-    only when today's val split has that md5: the same texts."""
+    that val split as DVC pinned it (``lineage.data_md5.val``); its test
+    accuracy (``metrics``, the confirmation) and the test split's md5
+    (``lineage.data_md5.test``; both None in a manifest without them).
+    Validate gates the retrained candidates against it
+    (max_accuracy_drop_vs_production) on val only when today's val split has
+    that md5, and confirms the chosen one against it on test only when
+    today's test split has that md5: the same texts."""
 
     version: Annotated[str, Field(pattern=r"^v\d{4,}$")]
     val_accuracy: Annotated[Number, Field(ge=0, le=1)]
     val_md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    test_accuracy: Annotated[Number, Field(ge=0, le=1)] | None = None
+    test_md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
 
 
 class RetrainRecord(Artifact):

@@ -732,7 +732,9 @@ class Gates(_Frozen):
     # as max_accuracy_drop: the paired difference of two students on val has
     # a standard error of ~0.6 points (~6% of ~1,600 texts discordant), so
     # 0.005 would refuse one as good as production about one time in five.
-    # None: no such gate (nothing gated or reported).
+    # Checked again on test for the chosen candidate (confirm_on_test), against
+    # production's test accuracy (measured, or its manifest's on the same test
+    # split). None: no such gate (nothing gated or reported).
     max_accuracy_drop_vs_production: Fraction | None = 0.01
     # Retrain only (the teacher differs from the one the retrain flow measured
     # before it, data/feedback/retrain.json): the old teacher's val accuracy

@@ -49,9 +49,11 @@ def figures(measured: Any) -> Any:
 def _result(name: str, value: float, threshold: float, direction: Literal["min", "max"],
             margin: float) -> GateResult:
     # Every field given, so the stored form always carries enforced and note
-    # (Artifact.to_json_dict dumps the fields that were set).
-    return GateResult(name=name, passed=margin >= -TOLERANCE, value=value, threshold=threshold,
-                      direction=direction, margin=margin, enforced=True, note="")
+    # (Artifact.to_json_dict dumps the fields that were set). Value and margin
+    # are stored to 10 decimals: a difference of two fractions reads 0.005678,
+    # not 0.005678000000000001; the verdict is taken before rounding.
+    return GateResult(name=name, passed=margin >= -TOLERANCE, value=round(value, 10), threshold=threshold,
+                      direction=direction, margin=round(margin, 10), enforced=True, note="")
 
 
 def check_min(name: str, value: float, threshold: float) -> GateResult:
@@ -119,21 +121,22 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
         + production_accuracy_gates(c, gates, production) + batch_gates(c, gates))
 
 
-def production_accuracy_gates(candidate: Any, gates: Gates,
-                              production: "ProductionBaseline | None") -> tuple[GateResult, ...]:
-    """Re-compression and retrain: production's val accuracy minus the
-    candidate's, on the same texts (fractions; positive = the candidate is
-    worse), at most ``max_accuracy_drop_vs_production``. No production
-    baseline, production's own report, no production accuracy, or the gate
-    not set (None): no gate."""
-    if (production is None or production.is_candidate or production.accuracy is None
+def production_accuracy_gates(candidate: Any, gates: Gates, production: "ProductionBaseline | None",
+                              split: Literal["val", "test"] = "val") -> tuple[GateResult, ...]:
+    """Re-compression and retrain: production's accuracy on ``split`` (val:
+    ``production.accuracy``; test, the confirmation: ``production.test_accuracy``)
+    minus the candidate's, on the same texts (fractions; positive = the
+    candidate is worse), at most ``max_accuracy_drop_vs_production``. No
+    production baseline, production's own report, no production accuracy on
+    that split, or the gate not set (None): no gate."""
+    base = None if production is None else (production.accuracy if split == "val" else production.test_accuracy)
+    if (production is None or production.is_candidate or base is None
             or gates.max_accuracy_drop_vs_production is None):
         return ()
     acc = figures(candidate).accuracy
-    res = check_max("max_accuracy_drop_vs_production", production.accuracy - acc,
-                    gates.max_accuracy_drop_vs_production)
-    return (res.model_copy(update={"note": f"val accuracy {acc:.4g} against production {production.version}'s "
-                                           f"{production.accuracy:.4g}"}),)
+    res = check_max("max_accuracy_drop_vs_production", base - acc, gates.max_accuracy_drop_vs_production)
+    return (res.model_copy(update={"note": f"{split} accuracy {acc:.4g} against production {production.version}'s "
+                                           f"{base:.4g}"}),)
 
 
 def production_latency_gates(speedup: float, gates: Gates,
@@ -224,10 +227,16 @@ def window_gates(candidate: Any, gates: Gates, production: "ProductionBaseline |
     return floor, gain
 
 
-def confirm_gates(candidate_name: str, candidate_test: Any, teacher_test: Any, gates: Gates) -> GateReport:
+def confirm_gates(candidate_name: str, candidate_test: Any, teacher_test: Any, gates: Gates,
+                  production: "ProductionBaseline | None" = None) -> GateReport:
     """The accuracy gates again, on the confirmation (test) split
-    (``ConfirmationMetrics`` against the teacher's ``Quality``)."""
-    return GateReport(candidate_name, accuracy_gates(candidate_test, teacher_test, gates))
+    (``ConfirmationMetrics`` against the teacher's ``Quality``), and, when
+    ``production`` has a test accuracy (``ProductionBaseline.test_accuracy``),
+    max_accuracy_drop_vs_production on test too: a candidate that loses
+    against production on val within the gate but more on test is not
+    confirmed."""
+    return GateReport(candidate_name, accuracy_gates(candidate_test, teacher_test, gates)
+                      + production_accuracy_gates(candidate_test, gates, production, split="test"))
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,9 @@ class ProductionBaseline:
     speedup_p95_b1: float | None = None
     # production's accuracy on val, on the candidates' texts
     accuracy: float | None = None
+    # and on test (the confirmation split; None: not measured, or measured
+    # on another test split)
+    test_accuracy: float | None = None
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def recorded_production(registry_root: Path | str) -> RecordedProduction | None:
     """The production version of the registry at ``registry_root`` with the
     val accuracy and val md5 its manifest records (``RecordedProduction``),
     or None: nothing in production, or a manifest without those figures (an
-    older version). Raises shrinkflow.errors.RegistryError on a broken
+    older version); its test accuracy and test md5 when the manifest has
+    both (else None). Raises shrinkflow.errors.RegistryError on a broken
     registry."""
     from shrinkflow.registry import Registry
 
@@ -54,10 +55,15 @@ def recorded_production(registry_root: Path | str) -> RecordedProduction | None:
         return None
     manifest = registry.manifest(version)
     acc = (manifest.get("selection_metrics") or {}).get("accuracy")
-    md5 = ((manifest.get("lineage") or {}).get("data_md5") or {}).get("val")
-    if acc is None or md5 is None:
+    md5s = (manifest.get("lineage") or {}).get("data_md5") or {}
+    if acc is None or md5s.get("val") is None:
         return None
-    return RecordedProduction(version=version, val_accuracy=acc, val_md5=md5)
+    test = manifest.get("metrics") or {}
+    # the deployed figures are the confirmation's, on test (split names it)
+    test_acc = test.get("accuracy") if test.get("split") == "test" else None
+    return RecordedProduction(version=version, val_accuracy=acc, val_md5=md5s["val"],
+                              **({"test_accuracy": test_acc, "test_md5": md5s["test"]}
+                                 if test_acc is not None and md5s.get("test") else {}))
 
 
 def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previous: PreviousTeacher,
@@ -84,8 +90,31 @@ def record_retrain(root: Path | str, requested_by: dict, feedback: dict, previou
 DEPLOYED, NOTHING, REJECTED, UNCHANGED = "deployed", "nothing", "rejected", "unchanged"
 
 
+def vs_production(selection: GatesReport) -> dict | None:
+    """The selected candidate against the production model a retrain
+    replaced: its ``max_accuracy_drop_vs_production`` verdicts on ``val``
+    (selection) and ``test`` (confirmation), each as
+    shrinkflow.recompression.gate_figures (its note gives both accuracies),
+    None where that gate did not run. None when nothing was selected or
+    neither ran (no production, or the gate unset)."""
+    from shrinkflow.recompression import gate_figures
+
+    name = "max_accuracy_drop_vs_production"
+    if selection.selected is None:
+        return None
+    doc = selection.candidates.get(selection.selected)
+    val = doc.gates.get(name) if doc is not None else None
+    conf = selection.confirmation
+    test = conf.gates.gates.get(name) if conf is not None and conf.candidate == selection.selected else None
+    if val is None and test is None:
+        return None
+    return {"val": gate_figures(val) if val is not None else None,
+            "test": gate_figures(test) if test is not None else None}
+
+
 def retrain_outcome(selection: GatesReport | None, deployed_version: str | None, feedback: dict,
-                    previous_teacher: PreviousTeacher | None = None, reason: str | None = None) -> dict:
+                    previous_teacher: PreviousTeacher | None = None, reason: str | None = None,
+                    production: RecordedProduction | None = None) -> dict:
     """What one retrain did, as the monitor records it (decision.json
     ``retrain``) and shows it (the Prefect artifact ``shrinkflow-retrain``):
     ``outcome`` (``deployed``, ``nothing``, ``rejected`` or ``unchanged``,
@@ -93,24 +122,51 @@ def retrain_outcome(selection: GatesReport | None, deployed_version: str | None,
     ``reason``, ``feedback`` (the dataset version: md5, rows, added,
     relabelled, archive), the old teacher's figures, ``teacher_gates`` (each teacher
     gate with value, threshold and margin, passed or not; None when the
-    teacher was not gated) and ``candidates`` (shrinkflow.recompression
-    .candidate_failures). ``selection``: the lifecycle's reports/gates.json,
-    None when nothing ran (``reason`` then says why). JSON types."""
+    teacher was not gated), ``candidates`` (shrinkflow.recompression
+    .candidate_failures), ``replaced_production`` (``production``: the
+    version in production when the retrain started, with its recorded val
+    and test accuracy; None: nothing was) and ``vs_production`` (the
+    selected candidate against it on val and test, ``vs_production``).
+    ``selection``: the lifecycle's reports/gates.json, None when nothing ran
+    (``reason`` then says why). JSON types."""
     from shrinkflow.recompression import candidate_failures, gate_figures
 
     prev = previous_teacher.to_json_dict() if previous_teacher is not None else None
+    replaced = production.to_json_dict() if production is not None else None
     feedback = {k: feedback.get(k) for k in ("md5", "rows", "added", "relabelled", "archive")}
     if selection is None:
         return {"outcome": UNCHANGED, "deployed_version": None, "kept_version": None, "selected": None,
                 "reason": reason or "no new production labels: the feedback dataset is unchanged",
-                "feedback": feedback, "previous_teacher": prev, "teacher_gates": None, "candidates": {}}
+                "feedback": feedback, "previous_teacher": prev, "teacher_gates": None, "candidates": {},
+                "replaced_production": replaced, "vs_production": None}
     tg = selection.teacher_gates
     teacher = {name: gate_figures(g) for name, g in tg.gates.items()} if tg is not None else None
     outcome = (DEPLOYED if deployed_version else
                REJECTED if tg is not None and not tg.passed else NOTHING)
     return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": None,
             "selected": selection.selected, "reason": reason or selection.reason, "feedback": feedback,
-            "previous_teacher": prev, "teacher_gates": teacher, "candidates": candidate_failures(selection)}
+            "previous_teacher": prev, "teacher_gates": teacher, "candidates": candidate_failures(selection),
+            "replaced_production": replaced, "vs_production": vs_production(selection)}
+
+
+def production_lines(outcome: dict) -> list[str]:
+    """``retrain_outcome``'s replaced production and the selected candidate
+    against it, as lines (none when nothing was in production): "replaced
+    production v0001 (val 0.8416, test 0.8617)" and, per split the gate ran
+    on, "'student' against it on val: 0.8473 (gate ... passed, drop -0.0057
+    <= 0.01)"."""
+    prod = outcome.get("replaced_production")
+    if not prod:
+        return []
+    test = f", test {prod['test_accuracy']:.4g}" if prod.get("test_accuracy") is not None else ""
+    lines = [f"replaced production {prod['version']} (val {prod['val_accuracy']:.4g}{test}), as its manifest "
+             "records it"]
+    for split, f in (outcome.get("vs_production") or {}).items():
+        if f is not None:
+            lines.append(f"{outcome['selected']!r} against it on {split}: {f.get('note', '')} "
+                         f"(max_accuracy_drop_vs_production {'passed' if f['passed'] else 'FAILED'}: drop "
+                         f"{f['value']:+.4g}, threshold {f['threshold']:.4g})")
+    return lines
 
 
 def retrain_markdown(outcome: dict) -> str:
@@ -130,6 +186,7 @@ def retrain_markdown(outcome: dict) -> str:
     lines = ["# Retrain", "", head + ".", "",
              f"Feedback dataset {fb.get('md5')}: {fb.get('rows')} labels ({fb.get('added')} added, "
              f"{fb.get('relabelled')} relabelled).", "", f"Selection: {outcome['reason']}", ""]
+    lines += [f"{line}." for line in production_lines(outcome)] + ([""] if production_lines(outcome) else [])
     # every teacher gate gets its row, passed or not ("passed": False only
     # keeps gate_rows from adding an "every gate passed" line above them)
     gates = {**({"teacher": {"passed": False, "failed": outcome["teacher_gates"]}}

@@ -116,9 +116,13 @@ def _invariance(run: dict) -> dict:
 
 
 def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: ValidateParams,
-                 classes: Sequence[str] | None = None) -> Confirmation:
+                 classes: Sequence[str] | None = None,
+                 production: ProductionBaseline | None = None) -> Confirmation:
     """The chosen candidate alone, on the test split: its accuracy gates again
-    (and max_macro_f1_drop when set)."""
+    (and max_macro_f1_drop when set), and max_accuracy_drop_vs_production
+    against ``production``'s test accuracy when it has one (a re-compression:
+    measured beside it; a retrain: as production's manifest records it, on
+    the same test split)."""
     classes = _classes(classes, labels)
     y = labels[CONFIRMATION_SPLIT]
     p, tp = run["predictions"][CONFIRMATION_SPLIT], teacher_run["predictions"][CONFIRMATION_SPLIT]
@@ -126,7 +130,7 @@ def confirmation(name: str, run: dict, teacher_run: dict, labels: dict, params: 
     cand = ConfirmationMetrics(**{**quality(y, p, classes),
                                   **paired_drops(y, tp, p, classes, params.gates.accuracy_drop_confidence),
                                   "agreement": agreement(p, tp)})
-    report = confirm_gates(name, cand, teacher, params.gates)
+    report = confirm_gates(name, cand, teacher, params.gates, production)
     return Confirmation(candidate=name, split=CONFIRMATION_SPLIT, teacher=teacher, metrics=cand,
                         gates=CandidateGates.from_report(report), passed=report.passed,
                         enforced=params.confirm_on_test == "gate")
@@ -165,17 +169,23 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                   for n, r in candidate_runs.items()}
     baseline = None
     if production_version is not None:
-        prod = candidates[production_as or PRODUCTION_CANDIDATE]
+        prod_name = production_as or PRODUCTION_CANDIDATE
+        prod = candidates[prod_name]
+        test = labels[CONFIRMATION_SPLIT]
         baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),
-                                      speedup_p95_b1=prod.speedup_p95_b1, accuracy=prod.accuracy)
+                                      speedup_p95_b1=prod.speedup_p95_b1, accuracy=prod.accuracy,
+                                      test_accuracy=quality(test, candidate_runs[prod_name]["predictions"][
+                                          CONFIRMATION_SPLIT], classes)["accuracy"] if len(test) else None)
     elif recorded_production is not None:
-        baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy)
-    reports = {n: evaluate_gates(n, m, teacher, params.gates, baseline if n != PRODUCTION_CANDIDATE else
-                                 ProductionBaseline(production_version, baseline.agreement, is_candidate=True))
-               for n, m in candidates.items()}
+        baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy,
+                                      test_accuracy=recorded_production.test_accuracy)
+    own = (ProductionBaseline(production_version, baseline.agreement, is_candidate=True)
+           if production_version is not None else None)
+    baselines = {n: own if n == PRODUCTION_CANDIDATE else baseline for n in candidates}
+    reports = {n: evaluate_gates(n, m, teacher, params.gates, baselines[n]) for n, m in candidates.items()}
     fallback = (production_as or PRODUCTION_CANDIDATE) if production_version else None
     sel, confirm, unconfirmed = _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params,
-                                                  classes, fallback)
+                                                  classes, fallback, baselines)
     selected, reason = sel.chosen, sel.reason
     if confirm is not None and not confirm.passed:  # reported only (confirm_on_test: report)
         reason += f" (not confirmed on {CONFIRMATION_SPLIT}, reported only: {_misses(confirm)})"
@@ -205,7 +215,8 @@ def _misses(conf: Confirmation) -> str:
                      for g, d in conf.gates.gates.items() if not d.passed)
 
 
-def _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params, classes, fallback):
+def _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params, classes, fallback,
+                      baselines=None):
     """``select_candidate`` on val, then the choice alone confirmed on test;
     when an enforced confirmation fails, that candidate is set aside and the
     next choice on val (the next lowest objective among those passing every
@@ -214,12 +225,14 @@ def _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, 
     is the one chosen, so what is deployed is the first in val's order that
     test confirms, never the best of several on test. Returns (the last
     Selection, the confirmation of its choice or None, the confirmations
-    that failed, in order)."""
+    that failed, in order). ``baselines``: each candidate's production
+    baseline (None: no production to compare with)."""
     unconfirmed: list[Confirmation] = []
     left = dict(candidates)
     sel = select_candidate(left, reports, params.objective, fallback=fallback)
     while sel.chosen is not None:
-        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes)
+        confirm = confirmation(sel.chosen, candidate_runs[sel.chosen], teacher_run, labels, params, classes,
+                               (baselines or {}).get(sel.chosen))
         if confirm.passed or not confirm.enforced:
             return sel, confirm, unconfirmed
         unconfirmed.append(confirm)
@@ -298,13 +311,24 @@ def heldout_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float
     return round(sum(int(y) == int(p) for y, p in zip(labels, predictions)) / len(labels), 6)
 
 
-def retrain_production(record, teacher_hash: str, val_md5: str) -> tuple[RecordedProduction | None, str | None]:
-    """On a retrain (the teacher whose files hash to ``teacher_hash`` is not
-    the one ``record``, a RetrainRecord, measured before it), the production
-    model's recorded val accuracy to gate the candidates against
+def retrain_production(record, teacher_hash: str, val_md5: str,
+                       test_md5: str | None = None) -> tuple[RecordedProduction | None, str | None]:
+    """For the candidates of a retrained teacher (the teacher whose files
+    hash to ``teacher_hash`` is not the one ``record``, a RetrainRecord,
+    measured before the retrain), the production model the retrain replaced,
+    with its recorded val accuracy to gate them against
     (max_accuracy_drop_vs_production), when it was measured on the val split
-    whose md5 is ``val_md5`` (today's): (the RecordedProduction, None).
-    Otherwise (None, why not, or None when it is not a retrain)."""
+    whose md5 is ``val_md5`` (today's): (the RecordedProduction, None). Its
+    test accuracy is kept only when ``test_md5`` (today's test split) is the
+    one it was measured on; else it is None, and the note says so.
+    Otherwise (None, why not, or None when the teacher was not retrained).
+
+    The record is bound to the retrained teacher, not to the version in
+    production now: every validate of that teacher's candidates (the
+    retrain's own, a later plain run) holds them to the production the
+    retrain replaced, so a chain of runs cannot each lose a point against
+    the one before. A re-compression measures production beside its
+    candidates instead (its baseline wins)."""
     prev, prod = record.previous_teacher, record.production
     if prev is None or prev.content_hash == teacher_hash:
         return None, None
@@ -314,6 +338,13 @@ def retrain_production(record, teacher_hash: str, val_md5: str) -> tuple[Recorde
     if prod.val_md5 != val_md5:
         return None, (f"production {prod.version}'s val accuracy was measured on another val split (md5 "
                       f"{prod.val_md5}, today's {val_md5}): max_accuracy_drop_vs_production is not applied")
+    if prod.test_accuracy is None:
+        return prod, (f"production {prod.version}'s manifest records no test accuracy: the choice is not "
+                      "confirmed against it on test")
+    if prod.test_md5 != test_md5:
+        return prod.model_copy(update={"test_accuracy": None, "test_md5": None}), (
+            f"production {prod.version}'s test accuracy was measured on another test split (md5 {prod.test_md5}, "
+            f"today's {test_md5}): the choice is not confirmed against it on test")
     return prod, None
 
 

@@ -29,8 +29,9 @@ def validate(params, root: Path) -> None:
     from shrinkflow.prediction_cache import PredictionCache, model_hash
     from shrinkflow.markdown import validation_markdown
     from shrinkflow.catalog import load_retrain_record
-    from shrinkflow.validation import (PRODUCTION_CANDIDATE, SELECTION_SPLIT, check_model_labels, gate_teacher,
-                                       retrain_production, retrained_teacher_gates, validate_runs)
+    from shrinkflow.validation import (CONFIRMATION_SPLIT, PRODUCTION_CANDIDATE, SELECTION_SPLIT,
+                                       check_model_labels, gate_teacher, retrain_production,
+                                       retrained_teacher_gates, validate_runs)
 
     # Class ids in the splits index this tuple; every model must output its
     # classes in the same order, or its "accuracy" would compare other classes.
@@ -66,13 +67,18 @@ def validate(params, root: Path) -> None:
     lat = params.validate.latency
     teacher_files = file_hashes(teacher_dir)
     teacher_hash = content_hash(teacher_files)
-    # A retrain: the candidates are also gated against production's val
-    # accuracy as its manifest records it, when that was measured on today's
-    # val split (data/feedback/retrain.json; max_accuracy_drop_vs_production).
+    # The candidates of a retrained teacher are also gated against the val
+    # accuracy of the production model the retrain replaced, as its manifest
+    # records it, when that was measured on today's val split, and the choice
+    # confirmed against its test accuracy on today's test split
+    # (data/feedback/retrain.json; max_accuracy_drop_vs_production). Not on a
+    # re-compression: production is measured beside the candidates there.
     # Read before the models are measured, so a bad record fails in seconds.
     retrain = load_retrain_record(root)
-    recorded, why_not = (retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)))
-                         if params.validate.gates.max_accuracy_drop_vs_production is not None else (None, None))
+    recorded, why_not = (retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)),
+                                            file_md5(root / split_path(CONFIRMATION_SPLIT)))
+                         if params.validate.gates.max_accuracy_drop_vs_production is not None
+                         and production_version is None else (None, None))
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in dirs:
@@ -109,10 +115,13 @@ def validate(params, root: Path) -> None:
     # Typed as they are built: a figure that does not match its model fails
     # here, before anything is written, not in deploy.
     if recorded is not None:
-        print(f"validate: a retrain: the candidates are gated against production {recorded.version}'s val accuracy "
-              f"{recorded.val_accuracy:.4g} as recorded at its deploy (the same val split, md5 {recorded.val_md5})")
-    elif why_not:
-        print(f"validate: a retrain: {why_not}")
+        test = (f", and the choice confirmed against its test accuracy {recorded.test_accuracy:.4g}"
+                if recorded.test_accuracy is not None else "")
+        print(f"validate: a retrained teacher (data/feedback/retrain.json): its candidates are gated against the "
+              f"production it replaced, {recorded.version}, val accuracy {recorded.val_accuracy:.4g} as recorded "
+              f"at its deploy (the same val split, md5 {recorded.val_md5}){test}")
+    if why_not:
+        print(f"validate: a retrained teacher: {why_not}")
     report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names,
                                       production_version=production_version, production_as=production_as,
                                       recorded_production=recorded)

@@ -71,11 +71,14 @@ def restore_state(project_dir: str, rejection: dict) -> dict:
 
 @task(name="retrain-outcome", cache_policy=NO_CACHE)
 def retrain_outcome(gates: dict | None, deployed_version: str | None, feedback: dict,
-                    previous_teacher: dict | None = None, reason: str | None = None) -> dict:
+                    previous_teacher: dict | None = None, reason: str | None = None,
+                    production: dict | None = None) -> dict:
     """``gates``: the lifecycle's selection (reports/gates.json as a dict),
-    None when nothing ran; shrinkflow.retrain.retrain_outcome's dict."""
-    from shrinkflow.artifacts import GatesReport, PreviousTeacher
+    None when nothing ran; ``production``: retrain.json's recorded production;
+    shrinkflow.retrain.retrain_outcome's dict."""
+    from shrinkflow.artifacts import GatesReport, PreviousTeacher, RecordedProduction
     from shrinkflow.retrain import retrain_outcome as _outcome
 
     return _outcome(None if gates is None else GatesReport.model_validate(gates), deployed_version, feedback,
-                    None if previous_teacher is None else PreviousTeacher.model_validate(previous_teacher), reason)
+                    None if previous_teacher is None else PreviousTeacher.model_validate(previous_teacher), reason,
+                    None if production is None else RecordedProduction.model_validate(production))

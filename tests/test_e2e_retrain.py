@@ -108,7 +108,12 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     int8_acc = json.loads((project / "metrics/validate.json").read_text())["candidates"]["int8"]["accuracy"]
     assert vs_prod["value"] == pytest.approx(prod_acc - int8_acc) and vs_prod["threshold"] == 0.5
     assert f"production {before}'s" in vs_prod["note"]
-    assert f"the candidates are gated against production {before}'s val accuracy" in out, out[-4000:]
+    assert f"its candidates are gated against the production it replaced, {before}, val accuracy" in out, out[-4000:]
+    # ... and the choice confirmed against production's recorded test accuracy, on the same test split
+    on_test = gates["confirmation"]["gates"]["gates"]["max_accuracy_drop_vs_production"]
+    prod_test = reg.manifest(before)["metrics"]["accuracy"]
+    assert on_test["passed"] and "test accuracy" in on_test["note"] and f"{before}'s" in on_test["note"]
+    assert on_test["value"] == pytest.approx(prod_test - gates["confirmation"]["metrics"]["accuracy"], abs=1e-9)
 
     # lineage: the dataset's md5 as DVC records it, and the monitor run that asked
     feedback = reg.manifest(new)["lineage"]["feedback"]
@@ -116,8 +121,10 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     asked = feedback["retrain"]["requested_by"]
     assert asked["monitor_flow_run"] and "teacher_feedback" in asked["triggers"]
     prev = feedback["retrain"]["previous_teacher"]
+    md5s = reg.manifest(before)["lineage"]["data_md5"]
     assert feedback["retrain"]["production"] == {"version": before, "val_accuracy": prod_acc,
-                                                 "val_md5": reg.manifest(before)["lineage"]["data_md5"]["val"]}
+                                                 "val_md5": md5s["val"], "test_accuracy": prod_test,
+                                                 "test_md5": md5s["test"]}
     # every held-out label contradicts the old teacher (up to a near-tie read in another batch)
     assert prev["feedback_heldout_accuracy"] < 0.2 and prev["feedback_heldout_rows"] == heldout_rows
 
@@ -130,6 +137,12 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     assert {g: f["passed"] for g, f in done["teacher_gates"].items()} == {
         "max_teacher_val_drop": True, "min_teacher_feedback_gain": True}
     assert done["candidates"]["int8"] == {"passed": True, "failed": {}}
+    # ... and the production it replaced, with the new version against it on val and test
+    assert done["replaced_production"] == feedback["retrain"]["production"]
+    assert done["vs_production"]["val"]["value"] == pytest.approx(vs_prod["value"], abs=1e-9)
+    assert done["vs_production"]["test"]["passed"] is True
+    assert f"replaced production {before} (val {prod_acc:.4g}, test {prod_test:.4g})" in out, out[-4000:]
+    assert "'int8' against it on test: test accuracy" in out, out[-4000:]
     assert "retrained teacher: min_teacher_feedback_gain passed" in out, out[-4000:]
     assert f"(deployed {new})" in (project / "monitoring/reports/index.html").read_text()
 

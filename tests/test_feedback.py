@@ -246,6 +246,16 @@ def test_a_retrain_records_productions_val_accuracy_as_its_manifest_has_it(tmp_p
     prod = recorded_production(registry)
     assert (prod.version, prod.val_accuracy, prod.val_md5) == (
         "v0003", manifest["selection_metrics"]["accuracy"], manifest["lineage"]["data_md5"]["val"])
+    # and the confirmation's test accuracy, on its test split
+    assert manifest["metrics"]["split"] == "test"
+    assert (prod.test_accuracy, prod.test_md5) == (manifest["metrics"]["accuracy"],
+                                                   manifest["lineage"]["data_md5"]["test"])
+    # a manifest without the test split's md5: val alone
+    md5s = manifest["lineage"]["data_md5"]
+    write_json(registry / "versions" / "v0003" / "manifest.json",
+               {**manifest, "lineage": {**manifest["lineage"], "data_md5": {"val": md5s["val"]}}})
+    prod = recorded_production(registry)
+    assert prod.val_md5 == md5s["val"] and (prod.test_accuracy, prod.test_md5) == (None, None)
     # an older manifest without the figure: nothing to gate against
     del manifest["selection_metrics"]
     write_json(registry / "versions" / "v0003" / "manifest.json", manifest)

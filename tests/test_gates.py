@@ -314,3 +314,12 @@ def test_no_accuracy_gate_against_production_without_its_figure_for_itself_or_wh
     assert Gates().max_accuracy_drop_vs_production == 0.01
     with pytest.raises(ValueError):
         Gates(max_accuracy_drop_vs_production=-0.01)
+
+
+def test_a_gate_stores_its_value_and_margin_without_float_noise_and_decides_before_rounding():
+    r = check_max("max_accuracy_drop", 0.85 - 0.84, 0.01)       # 0.010000000000000009 in binary
+    assert (r.value, r.margin, r.passed) == (0.01, 0.0, True)
+    r = check_min("min_window_agreement_gain", 0.9 - 0.8, 0.1)   # 0.09999999999999998
+    assert (r.value, r.margin, r.passed) == (0.1, 0.0, True)
+    # a real miss far below the stored digits still fails
+    assert not check_max("max_size_mb", 1.0 + 1e-6, 1.0).passed

@@ -243,17 +243,26 @@ def test_a_retrain_gates_its_candidates_against_productions_recorded_val_accurac
     from shrinkflow.artifacts import PreviousTeacher, RecordedProduction, RetrainRecord
     from shrinkflow.validation import retrain_production
 
-    prod = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="a" * 32)
+    prod = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="a" * 32, test_accuracy=1.0,
+                              test_md5="c" * 32)
     record = RetrainRecord(previous_teacher=PreviousTeacher(content_hash="old", val_accuracy=0.9,
                                                             feedback_heldout_accuracy=0.5, feedback_heldout_rows=4),
                            production=prod)
-    assert retrain_production(record, "new", "a" * 32) == (prod, None)
-    assert retrain_production(record, "old", "a" * 32) == (None, None)          # the teacher was not retrained
+    assert retrain_production(record, "new", "a" * 32, "c" * 32) == (prod, None)
+    assert retrain_production(record, "old", "a" * 32, "c" * 32) == (None, None)  # the teacher was not retrained
     assert retrain_production(RetrainRecord(), "new", "a" * 32) == (None, None)  # no retrain at all
-    recorded, why = retrain_production(record, "new", "b" * 32)
+    recorded, why = retrain_production(record, "new", "b" * 32, "c" * 32)
     assert recorded is None and "measured on another val split" in why and "b" * 32 in why
     recorded, why = retrain_production(record.model_copy(update={"production": None}), "new", "a" * 32)
     assert recorded is None and "not applied" in why
+    # another test split: val still gates, test does not confirm against it
+    recorded, why = retrain_production(record, "new", "a" * 32, "d" * 32)
+    assert recorded.val_accuracy == 1.0 and recorded.test_accuracy is None
+    assert "another test split" in why and "d" * 32 in why
+    # an older manifest without a test accuracy: the same, and said
+    recorded, why = retrain_production(record.model_copy(update={"production": prod.model_copy(
+        update={"test_accuracy": None, "test_md5": None})}), "new", "a" * 32, "c" * 32)
+    assert recorded.test_accuracy is None and "records no test accuracy" in why
 
     teacher = run(LABELS["val"][:9] + [1], LABELS["test"], lat=20.0, size=90.0)     # val 0.9
     worse = run(LABELS["val"][:8] + [0, 1], LABELS["test"], lat=2.0)      # val 0.8 against production's 1.0
@@ -264,3 +273,52 @@ def test_a_retrain_gates_its_candidates_against_productions_recorded_val_accurac
     assert gates.selected is None and gates.production is None   # production is no candidate on a retrain
     _, gates = validate_runs(teacher, {"fast": worse}, LABELS, PARAMS, {"fast": FILES["fast"]})
     assert "max_accuracy_drop_vs_production" not in gates.candidates["fast"].gates and gates.selected == "fast"
+
+
+def test_the_choice_is_confirmed_against_production_on_test_too():
+    """Val within max_accuracy_drop_vs_production but test not: the choice is
+    set aside on a re-compression (production kept) and on a retrain (the
+    next candidate on val's order is confirmed instead)."""
+    from shrinkflow.artifacts import PRODUCTION_CANDIDATE, RecordedProduction
+    from shrinkflow.retrain import production_lines, retrain_outcome
+
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    prod = run(LABELS["val"], LABELS["test"], lat=3.0)                        # test 10/10
+    fast = run(LABELS["val"], LABELS["test"][:9] + [1], lat=2.0)              # test 9/10: 0.1 under it
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
+        "max_p95_b1_slowdown_vs_production": 10.0, "min_window_agreement": 0.0,
+        "max_accuracy_drop_vs_production": 0.05})})
+    files = {"fast": FILES["fast"], PRODUCTION_CANDIDATE: FILES["slow"]}
+    _, gates = validate_runs(teacher, {"fast": fast, PRODUCTION_CANDIDATE: prod}, LABELS, params, files,
+                             production_version="v0003")
+    assert gates.candidates["fast"].passed        # on val it ties production
+    (miss,) = gates.unconfirmed
+    g = miss.gates.gates["max_accuracy_drop_vs_production"]
+    assert (miss.candidate, g.passed, g.value, g.margin) == ("fast", False, pytest.approx(0.1), pytest.approx(-0.05))
+    assert "test accuracy 0.9 against production v0003's 1" in g.note
+    assert gates.selected == PRODUCTION_CANDIDATE and "max_accuracy_drop_vs_production" in gates.reason
+    # production's own confirmation is not gated against itself
+    assert "max_accuracy_drop_vs_production" not in gates.confirmation.gates.gates
+    at_edge = params.model_copy(update={"gates": params.gates.model_copy(update={
+        "max_accuracy_drop_vs_production": 0.1})})
+    _, gates = validate_runs(teacher, {"fast": fast, PRODUCTION_CANDIDATE: prod}, LABELS, at_edge, files,
+                             production_version="v0003")
+    assert gates.selected == "fast" and gates.confirmation.gates.gates["max_accuracy_drop_vs_production"].passed
+
+    # a retrain: production's recorded test accuracy
+    recorded = RecordedProduction(version="v0002", val_accuracy=1.0, val_md5="a" * 32, test_accuracy=1.0,
+                                  test_md5="c" * 32)
+    slow = run(LABELS["val"], LABELS["test"], lat=5.0)
+    _, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES,
+                             recorded_production=recorded)
+    assert [c.candidate for c in gates.unconfirmed] == ["fast"] and gates.selected == "slow"
+    out = retrain_outcome(gates, "v0004", {"md5": "f" * 32, "rows": 4}, production=recorded)
+    assert out["replaced_production"]["version"] == "v0002"
+    assert out["vs_production"]["val"]["value"] == 0 and out["vs_production"]["test"]["passed"] is True
+    lines = production_lines(out)
+    assert lines[0].startswith("replaced production v0002 (val 1, test 1)")
+    assert any("on test: test accuracy 1 against production v0002's 1" in line for line in lines)
+    # without a recorded test accuracy: confirmed on the teacher's gates alone
+    _, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES,
+                             recorded_production=recorded.model_copy(update={"test_accuracy": None}))
+    assert gates.selected == "fast" and not gates.unconfirmed
