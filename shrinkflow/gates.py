@@ -50,10 +50,21 @@ def _result(name: str, value: float, threshold: float, direction: Literal["min",
             margin: float) -> GateResult:
     # Every field given, so the stored form always carries enforced and note
     # (Artifact.to_json_dict dumps the fields that were set). Value and margin
-    # are stored to 10 decimals: a difference of two fractions reads 0.005678,
-    # not 0.005678000000000001; the verdict is taken before rounding.
-    return GateResult(name=name, passed=margin >= -TOLERANCE, value=round(value, 10), threshold=threshold,
-                      direction=direction, margin=round(margin, 10), enforced=True, note="")
+    # are stored without the float noise of a subtraction (_snap); the verdict
+    # is taken before.
+    return GateResult(name=name, passed=margin >= -TOLERANCE, value=_snap(value), threshold=threshold,
+                      direction=direction, margin=_snap(margin), enforced=True, note="")
+
+
+def _snap(x: float) -> float:
+    """``x`` without float noise: the 12-significant-digit number it is
+    within 1e-14 of (0.1 for 0.09999999999999998, 0.005678 for
+    0.005678000000000001), 0.0 under 1e-12 in size; else ``x`` unchanged, so
+    a measured figure (0.03471069242934802) is stored as measured."""
+    if abs(x) < 1e-12:
+        return 0.0
+    short = float(f"{x:.12g}")
+    return short if abs(short - x) <= max(1e-14, 1e-15 * abs(x)) else x
 
 
 def check_min(name: str, value: float, threshold: float) -> GateResult:

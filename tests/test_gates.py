@@ -323,3 +323,6 @@ def test_a_gate_stores_its_value_and_margin_without_float_noise_and_decides_befo
     assert (r.value, r.margin, r.passed) == (0.1, 0.0, True)
     # a real miss far below the stored digits still fails
     assert not check_max("max_size_mb", 1.0 + 1e-6, 1.0).passed
+    # a measured figure is stored as measured, to its last digit
+    assert check_max("max_batch_prob_diff", 0.03471069242934802, 1e-4).value == 0.03471069242934802
+    assert check_max("max_latency_ms_p95_b1", 123.45678901234567, 200.0).value == 123.45678901234567

@@ -5,7 +5,7 @@ wrote for the fixed cases of tests/typed_cases.py: metrics/validate.json,
 reports/gates.json, the validate headline, reports/gates.md and the
 lifecycle's markdown, a deployed version's figures and the cost-and-return
 markdown. Since then, one deliberate change: a gate's value and margin are
-stored to 10 decimals (0.1, not 0.09999999999999998; +0, not +5.551e-17 in
+stored without the float noise of a subtraction (0.1, not 0.09999999999999998; +0, not +5.551e-17 in
 gates.md), and the files of the cases it touched were rewritten with only
 those digits changed. The typed code must reproduce every file exactly; the train and
 compress stages' documents are rebuilt from the real files under
