@@ -222,6 +222,27 @@ def gain_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list
                       for n in (100, 205, 300, 500, 1000)}}
 
 
+def recovery_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list[str],
+                   labels: np.ndarray) -> dict:
+    """How precisely ``texts`` (the recovery tweets) measure the share of the
+    gap a candidate recovers: the paired accuracy difference d (candidate
+    minus production) has standard error sqrt((discordant - d**2) / n),
+    ``discordant`` the share of texts exactly one of the two gets right
+    (McNemar's setting); the recovery d / gap (gap: teacher minus production
+    accuracy, taken as known) then has standard error se / gap, and a 95%
+    interval of recovery +- 1.96 se / gap."""
+    t, p, c = (labels_as_served(d, texts) == labels for d in (teacher, production_dir, candidate))
+    n, gap = len(texts), float(t.mean() - p.mean())
+    diff, discordant = float(c.mean() - p.mean()), float((p != c).mean())
+    se = float(np.sqrt(max(discordant - diff ** 2, 0.0) / n))
+    out = {"texts": n, "gap": round(gap, 4), "diff": round(diff, 4), "discordant": round(discordant, 4),
+           "se_diff": round(se, 4)}
+    if gap > 0:
+        out |= {"recovery": round(diff / gap, 3), "se_recovery": round(se / gap, 3),
+                "ci95_recovery": [round((diff - 1.96 * se) / gap, 3), round((diff + 1.96 * se) / gap, 3)]}
+    return out
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from shrinkflow.config import parse_params_yaml
@@ -340,6 +361,7 @@ def score(doc: dict) -> None:
     if (WORK / "redistilled").is_dir():
         dirs[f"re-distilled {doc['recompress']['redistilled']} (the re-compression's)"] = WORK / "redistilled"
         doc["gain_noise"] = gain_noise(teacher0, v0_dir, WORK / "redistilled", rec_x)
+        doc["recovery_noise"] = recovery_noise(teacher0, v0_dir, WORK / "redistilled", rec_x, rec_y)
     doc["eval"] = {"recovery_tweets": evaluate(dirs, rec_x, rec_y), "recovery_tweets_n": len(rec_x),
                    "movie_test": evaluate(dirs, test["text"].tolist(), test["label"].to_numpy()),
                    "movie_test_n": len(test), "scored": "as served: one text per call for a batch-dependent model"}
@@ -385,6 +407,15 @@ def markdown(doc: dict, models: list[str]) -> str:
         extra = [f"The re-distilled student ({r.get('redistilled')}), deployed or not, recovered "
                  f"{(tw[c] - tw[p0]) / gap if gap > 0 else float('nan'):.0%} of the gap "
                  f"({tw[p0]:.4f} -> {tw[c]:.4f}); in domain {(mv[c] - mv[p0]) * 100:+.2f} points."]
+        rn = doc.get("recovery_noise") or {}
+        if "se_recovery" in rn:
+            lo, hi = rn["ci95_recovery"]
+            extra.append(f"How precisely {rn['texts']} tweets measure that: the two models disagree on being "
+                         f"right on {rn['discordant']:.1%} of them, so the accuracy difference "
+                         f"({rn['diff'] * 100:+.2f} points) has a standard error of {rn['se_diff'] * 100:.2f} "
+                         f"points, and against a gap of {rn['gap'] * 100:.2f} points the recovery "
+                         f"({rn['recovery']:.0%}) one of {rn['se_recovery']:.0%}: 95% interval "
+                         f"[{lo:.0%}, {hi:.0%}] (`recovery_noise`).")
 
     def verdicts(runs: list[dict]) -> str:
         return ", ".join(f"{x['action']}" + (f" ({'+'.join(x['triggers'])})" if x["triggers"] else "") for x in runs)

@@ -23,7 +23,7 @@ from tasks.retrain import window_feedback
 RECORDED = ("outcome", "deployed_version", "kept_version", "production_version", "selected", "reason", "candidates")
 # What decision.json records of a retrain (its ``retrain`` key).
 RECORDED_RETRAIN = ("outcome", "deployed_version", "selected", "reason", "feedback", "previous_teacher",
-                    "teacher_gates", "candidates", "replaced_production", "vs_production")
+                    "teacher_gates", "candidates", "production_before", "vs_production")
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)

@@ -123,7 +123,7 @@ def retrain_outcome(selection: GatesReport | None, deployed_version: str | None,
     relabelled, archive), the old teacher's figures, ``teacher_gates`` (each teacher
     gate with value, threshold and margin, passed or not; None when the
     teacher was not gated), ``candidates`` (shrinkflow.recompression
-    .candidate_failures), ``replaced_production`` (``production``: the
+    .candidate_failures), ``production_before`` (``production``: the
     version in production when the retrain started, with its recorded val
     and test accuracy; None: nothing was) and ``vs_production`` (the
     selected candidate against it on val and test, ``vs_production``).
@@ -138,7 +138,7 @@ def retrain_outcome(selection: GatesReport | None, deployed_version: str | None,
         return {"outcome": UNCHANGED, "deployed_version": None, "kept_version": None, "selected": None,
                 "reason": reason or "no new production labels: the feedback dataset is unchanged",
                 "feedback": feedback, "previous_teacher": prev, "teacher_gates": None, "candidates": {},
-                "replaced_production": replaced, "vs_production": None}
+                "production_before": replaced, "vs_production": None}
     tg = selection.teacher_gates
     teacher = {name: gate_figures(g) for name, g in tg.gates.items()} if tg is not None else None
     outcome = (DEPLOYED if deployed_version else
@@ -146,21 +146,22 @@ def retrain_outcome(selection: GatesReport | None, deployed_version: str | None,
     return {"outcome": outcome, "deployed_version": deployed_version, "kept_version": None,
             "selected": selection.selected, "reason": reason or selection.reason, "feedback": feedback,
             "previous_teacher": prev, "teacher_gates": teacher, "candidates": candidate_failures(selection),
-            "replaced_production": replaced, "vs_production": vs_production(selection)}
+            "production_before": replaced, "vs_production": vs_production(selection)}
 
 
 def production_lines(outcome: dict) -> list[str]:
-    """``retrain_outcome``'s replaced production and the selected candidate
-    against it, as lines (none when nothing was in production): "replaced
-    production v0001 (val 0.8416, test 0.8617)" and, per split the gate ran
-    on, "'student' against it on val: 0.8473 (gate ... passed, drop -0.0057
-    <= 0.01)"."""
-    prod = outcome.get("replaced_production")
+    """``retrain_outcome``'s production before the retrain and the selected
+    candidate against it, as lines (none when nothing was in production):
+    "production before the retrain: v0001 (val 0.8416, test 0.8617), as its
+    manifest records it" and, per split the gate ran on, "'int8' against it
+    on test: test accuracy 0.8541 against production v0001's 0.8617
+    (max_accuracy_drop_vs_production passed: drop +0.0076, threshold 0.01)"."""
+    prod = outcome.get("production_before")
     if not prod:
         return []
     test = f", test {prod['test_accuracy']:.4g}" if prod.get("test_accuracy") is not None else ""
-    lines = [f"replaced production {prod['version']} (val {prod['val_accuracy']:.4g}{test}), as its manifest "
-             "records it"]
+    lines = [f"production before the retrain: {prod['version']} (val {prod['val_accuracy']:.4g}{test}), as its "
+             "manifest records it"]
     for split, f in (outcome.get("vs_production") or {}).items():
         if f is not None:
             lines.append(f"{outcome['selected']!r} against it on {split}: {f.get('note', '')} "

@@ -138,10 +138,10 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
         "max_teacher_val_drop": True, "min_teacher_feedback_gain": True}
     assert done["candidates"]["int8"] == {"passed": True, "failed": {}}
     # ... and the production it replaced, with the new version against it on val and test
-    assert done["replaced_production"] == feedback["retrain"]["production"]
+    assert done["production_before"] == feedback["retrain"]["production"]
     assert done["vs_production"]["val"]["value"] == pytest.approx(vs_prod["value"], abs=1e-9)
     assert done["vs_production"]["test"]["passed"] is True
-    assert f"replaced production {before} (val {prod_acc:.4g}, test {prod_test:.4g})" in out, out[-4000:]
+    assert f"production before the retrain: {before} (val {prod_acc:.4g}, test {prod_test:.4g})" in out, out[-4000:]
     assert "'int8' against it on test: test accuracy" in out, out[-4000:]
     assert "retrained teacher: min_teacher_feedback_gain passed" in out, out[-4000:]
     assert f"(deployed {new})" in (project / "monitoring/reports/index.html").read_text()

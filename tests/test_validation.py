@@ -313,10 +313,10 @@ def test_the_choice_is_confirmed_against_production_on_test_too():
                              recorded_production=recorded)
     assert [c.candidate for c in gates.unconfirmed] == ["fast"] and gates.selected == "slow"
     out = retrain_outcome(gates, "v0004", {"md5": "f" * 32, "rows": 4}, production=recorded)
-    assert out["replaced_production"]["version"] == "v0002"
+    assert out["production_before"]["version"] == "v0002"
     assert out["vs_production"]["val"]["value"] == 0 and out["vs_production"]["test"]["passed"] is True
     lines = production_lines(out)
-    assert lines[0].startswith("replaced production v0002 (val 1, test 1)")
+    assert lines[0].startswith("production before the retrain: v0002 (val 1, test 1)")
     assert any("on test: test accuracy 1 against production v0002's 1" in line for line in lines)
     # without a recorded test accuracy: confirmed on the teacher's gates alone
     _, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES,
