@@ -161,7 +161,7 @@ td.r{{max-width:40em}}</style></head>
 <p id="count">{len(rows)} run(s). Each compares a window of the prediction log with the reference split
 (Evidently). Verdicts come from the policy in <code>monitoring/policy.py</code>; a figure that could not be
 computed on a window says "not computed" (the reason is in the last column and in its summary).
-"(report only)": a recompress verdict of <code>--report-only</code>, not acted on.
+"(report only)": a recompress or retrain verdict of <code>--report-only</code>, not acted on.
 "Evidently snapshot" opens the run in Evidently's UI, where the project's dashboard plots these figures over
 time: start it with <code>shrinkflow monitor ui</code> (it serves on {ui_address}).</p>
 <table id="runs"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>

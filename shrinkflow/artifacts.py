@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A figure as read and written: an int stays an int and a float keeps its
 # repr (pydantic's smart union: the exact type wins), so a file read and
@@ -372,6 +372,14 @@ class RecordedProduction(Artifact):
     test_accuracy: Annotated[Number, Field(ge=0, le=1)] | None = None
     test_md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
 
+    @model_validator(mode="after")
+    def _test_figures_together(self) -> "RecordedProduction":
+        # a test accuracy without the md5 of the split it was measured on
+        # cannot be matched to today's test split (and an md5 alone gates nothing)
+        if (self.test_accuracy is None) != (self.test_md5 is None):
+            raise ValueError("test_accuracy and test_md5 go together: both set or both null")
+        return self
+
 
 class RetrainRecord(Artifact):
     """data/feedback/retrain.json: the last retrain. ``requested_by``: the
@@ -388,6 +396,18 @@ class RetrainRecord(Artifact):
     feedback: dict[str, Any] | None = None
     previous_teacher: PreviousTeacher | None = None
     production: RecordedProduction | None = None
+
+    @model_validator(mode="after")
+    def _a_retrain_names_its_teacher(self) -> "RetrainRecord":
+        # validate gates a retrain by previous_teacher (the teacher gates) and
+        # production (max_accuracy_drop_vs_production) only when the old
+        # teacher is named: a record with the rest but not it would drop both
+        # gates without a word
+        if self.previous_teacher is None and any(
+                v is not None for v in (self.requested_by, self.feedback, self.production)):
+            raise ValueError("previous_teacher is missing: a retrain record names the teacher it replaced "
+                             "(the retrain flow writes it; {} means no retrain)")
+        return self
 
 
 # ---------------------------------------------------------------- cost

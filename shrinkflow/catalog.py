@@ -66,6 +66,11 @@ CATALOG: dict[str, Entry] = {e.name: e for e in (TRAIN_METRICS, COMPRESS_METRICS
                                                  RETRAIN)}
 
 
+def _writer(entry: Entry) -> str:
+    """Who writes ``entry``'s document, for an error: "compress stage", "retrain flow"."""
+    return entry.written_by if entry.written_by.endswith(" flow") else f"{entry.written_by} stage"
+
+
 def load(entry: Entry[A], root: Path | str = ".") -> A:
     """``entry``'s document under ``root``, validated as its model. Raises
     MissingInput (naming the stage that writes it) when the file is missing,
@@ -80,14 +85,14 @@ def load(entry: Entry[A], root: Path | str = ".") -> A:
     try:
         doc = read_json(path)
     except ValueError as exc:   # not JSON at all (json.JSONDecodeError, a UnicodeDecodeError)
-        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {entry.written_by} "
-                              f"stage): not JSON: {exc}") from None
+        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {_writer(entry)}): "
+                              f"not JSON: {exc}") from None
     try:
         return entry.model.model_validate(doc)
     except ValidationError as exc:
         first = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in exc.errors()[:3])
-        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {entry.written_by} "
-                              f"stage; {exc.error_count()} error(s): {first})") from None
+        raise ArtifactInvalid(f"{path} is not a valid {entry.name} document (written by the {_writer(entry)}; "
+                              f"{exc.error_count()} error(s): {first})") from None
 
 
 def save(entry: Entry[A], obj: A, root: Path | str = ".") -> Path:

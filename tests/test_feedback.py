@@ -270,6 +270,32 @@ def test_a_recorded_production_figure_out_of_range_or_form_is_refused():
 
     ok = {"version": "v0001", "val_accuracy": 0.84, "val_md5": "b56d3331ef45435ba3d6e26c96f7b5ef"}
     assert RecordedProduction(**ok).val_accuracy == 0.84
-    for bad in ({"val_accuracy": 1.5}, {"version": "banana"}, {"val_md5": "nope"}):
+    full = {**ok, "test_accuracy": 0.86, "test_md5": "e048ad190b8c3b12a7497ebaefa2cc6a"}
+    assert RecordedProduction(**full).test_accuracy == 0.86
+    for bad in ({"val_accuracy": 1.5}, {"version": "banana"}, {"val_md5": "nope"},
+                {"test_accuracy": 0.86},                                      # no md5 to match today's test
+                {"test_md5": "e048ad190b8c3b12a7497ebaefa2cc6a"}):           # an md5 with no figure
         with pytest.raises(ValidationError):
             RecordedProduction(**{**ok, **bad})
+
+
+def test_a_retrain_record_without_its_old_teacher_is_refused(tmp_path):
+    """A record with feedback or production but no previous_teacher would
+    switch off the teacher gates and max_accuracy_drop_vs_production without
+    a word (a newcomer's hand-edited retrain.json deployed unchecked): it is
+    refused when read, naming the file; {} (no retrain) still reads."""
+    from shrinkflow.catalog import load_retrain_record
+    from shrinkflow.catalog import ArtifactInvalid
+
+    prod = {"version": "v0001", "val_accuracy": 0.84, "val_md5": "b56d3331ef45435ba3d6e26c96f7b5ef"}
+    path = tmp_path / "data" / "feedback" / "retrain.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    assert load_retrain_record(tmp_path) == RetrainRecord()
+    for doc in ({"production": prod}, {"feedback": {"md5": "f" * 32}, "previous_teacher": None},
+                {"requested_by": {"run": "x"}}):
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ArtifactInvalid, match=r"retrain\.json.*previous_teacher is missing"):
+            load_retrain_record(tmp_path)
+    path.write_text(json.dumps({"production": prod, "previous_teacher": PREV.model_dump()}))
+    assert load_retrain_record(tmp_path).production.version == "v0001"
