@@ -23,7 +23,7 @@ from shrinkflow.arch import UnsupportedArchitecture, check_checkpoint, check_ste
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # .nan or .inf in params.yaml: "finite number"
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -1152,7 +1152,7 @@ class Params(_Frozen):
     # key a stage lists exists in params.yaml.
     frontier: FrontierParams
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _steps_supported_by_the_teacher(self) -> "Params":

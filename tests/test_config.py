@@ -106,6 +106,18 @@ def test_out_of_range_value_is_named(raw):
     assert "less than or equal to 1 (got 1.5)" in problems(raw)["validate.gates.min_accuracy"]
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_is_named_as_not_finite(raw, value):
+    """A newcomer's `.nan` was refused as "less than or equal to 1 (got nan)",
+    which reads as if nan were too big; and `.inf` would pass a bound-free
+    float. Both are "not a finite number", whatever the field's range."""
+    raw["validate"]["gates"]["max_accuracy_drop_vs_production"] = value
+    raw["train"]["learning_rate"] = value
+    found = problems(raw)
+    assert "finite number" in found["validate.gates.max_accuracy_drop_vs_production"]
+    assert "finite number" in found["train.learning_rate"]
+
+
 def test_unsupported_quantization_bits_is_named(raw):
     raw["compress"]["candidates"][0]["recipe"][0]["bits"] = 4
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)
