@@ -23,7 +23,9 @@ from shrinkflow.arch import UnsupportedArchitecture, check_checkpoint, check_ste
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # .nan or .inf in params.yaml: "finite number"
+    # .nan or .inf in params.yaml is refused as "not a finite number" (a bound
+    # like le=1 would otherwise call nan too big, and inf passes an unbounded float)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -1152,7 +1154,7 @@ class Params(_Frozen):
     # key a stage lists exists in params.yaml.
     frontier: FrontierParams
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(populate_by_name=True)   # merged with _Frozen's
 
     @model_validator(mode="after")
     def _steps_supported_by_the_teacher(self) -> "Params":

@@ -106,7 +106,7 @@ def test_out_of_range_value_is_named(raw):
     assert "less than or equal to 1 (got 1.5)" in problems(raw)["validate.gates.min_accuracy"]
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nan_or_inf_is_named_as_not_finite(raw, value):
     """A newcomer's `.nan` was refused as "less than or equal to 1 (got nan)",
     which reads as if nan were too big; and `.inf` would pass a bound-free

@@ -284,8 +284,7 @@ def test_a_retrain_record_without_its_old_teacher_is_refused(tmp_path):
     switch off the teacher gates and max_accuracy_drop_vs_production without
     a word (a newcomer's hand-edited retrain.json deployed unchecked): it is
     refused when read, naming the file; {} (no retrain) still reads."""
-    from shrinkflow.catalog import load_retrain_record
-    from shrinkflow.catalog import ArtifactInvalid
+    from shrinkflow.catalog import ArtifactInvalid, load_retrain_record
 
     prod = {"version": "v0001", "val_accuracy": 0.84, "val_md5": "b56d3331ef45435ba3d6e26c96f7b5ef"}
     path = tmp_path / "data" / "feedback" / "retrain.json"
