@@ -201,7 +201,10 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
         # Already names the log, its path and the cause (and, from the
         # monitor, the monitor).
         return str(exc) if str(exc).startswith(what) else f"{what} could not run: {exc}"
-    if isinstance(exc, (StageFailed, DeploymentMissing, ParamsChanged, RemoteError)):
+    if isinstance(exc, StageFailed):
+        # The stage's output was streamed to the console as it ran.
+        return f"{what} failed: {exc.headline} (its output is above)"
+    if isinstance(exc, (DeploymentMissing, ParamsChanged, RemoteError)):
         return f"{what} failed: {exc}"
     if isinstance(exc, MissingInput):
         return f"{what} could not run: missing file: {exc}"
@@ -210,6 +213,16 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
     # Anything else happened outside a stage: most often Prefect itself (an
     # API that cannot start or be reached), else a bug. Name it with its type.
     return f"{what} could not run: {type(exc).__name__}: {exc}"
+
+
+def _short_failures(debug: bool) -> None:
+    """Unless ``--debug``: Prefect's console lines about a failure that
+    ``crash_message`` explains are cut to one line, without tracebacks
+    (``flows.console``); Prefect's API, and so its UI, keeps them whole."""
+    if not debug:
+        from flows.console import shorten_known_failures_on_console
+
+        shorten_known_failures_on_console()
 
 
 def _crash(exc: BaseException, what: str, debug: bool, message: str | None = None) -> typer.Exit:
@@ -332,6 +345,7 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
     try:
         from flows.lifecycle import lifecycle
 
+        _short_failures(debug)
         result = lifecycle(project_dir=str(s.root))
     except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
         typer.echo("", err=True)
@@ -1228,6 +1242,7 @@ def monitor_cmd(ctx: typer.Context,
         from flows.monitor import monitor
         from monitoring.run import prepare
 
+        _short_failures(debug)
         with ephemeral_api(lambda: prepare(s.root, s.params)):
             result = monitor(project_dir=str(s.root), act=act)
     except Exception as exc:  # noqa: BLE001

@@ -52,15 +52,40 @@ def offline_env(base: dict | None = None, project_dir: Path | str = ".") -> dict
 # The last line of a Python traceback: "IndexError: tuple index out of
 # range", "shrinkflow.errors.DataError: ..." (not DVC's own "ERROR: ...").
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?$")
+# A stage's handled error (stages/common.py: "error: <stage>: <why>", one
+# line on stderr; lower case, unlike DVC's "ERROR: ...").
+_STAGE_ERROR_LINE = re.compile(r"^error: (.+)$")
+# DVC's line when the stage's command exited non-zero (dvc/stage/run.py).
+_COMMAND_EXIT = re.compile(r"^ERROR: failed to reproduce .*, exited with (-?\d+)\s*$")
+# DVC's own reason, when it did not get as far as running the command (a
+# missing dependency: "ERROR: failed to reproduce 'data': [Errno 2] No such
+# file or directory: ..."); not its "failed to run: <cmd>, exited with N".
+_DVC_REASON = re.compile(r"^ERROR: (failed to reproduce '[^']*': (?!failed to run: ).+)$")
 
 
 def failure_cause(output: str) -> str | None:
-    """The last exception line in a stage's ``output`` (what a person
-    looks for first in pages of Prefect's and DVC's tracebacks); None when
-    there is none (a stage killed by a signal, a DVC error alone)."""
+    """Why a stage failed, from its ``output``: the stage's own one-line
+    ``error: ...`` (a handled error, without the prefix) when it printed one,
+    else the last exception line (what a person looks for first in pages of
+    Prefect's and DVC's tracebacks), else DVC's own reason when it did not
+    run the command; None when there is none of these (a stage killed by a
+    signal)."""
+    lines = [line.strip() for line in output.splitlines()]
+    for pattern, group in ((_STAGE_ERROR_LINE, 1), (_EXCEPTION_LINE, 0), (_DVC_REASON, 1)):
+        for line in reversed(lines):
+            m = pattern.match(line)
+            if m:
+                return m.group(group)
+    return None
+
+
+def command_exit_code(output: str) -> int | None:
+    """The exit code of the stage's command as DVC reports it ("..., exited
+    with 1"); None when DVC did not run it to an exit (DVC's own error)."""
     for line in reversed(output.splitlines()):
-        if _EXCEPTION_LINE.match(line.strip()):
-            return line.strip()
+        m = _COMMAND_EXIT.match(line.strip())
+        if m:
+            return int(m.group(1))
     return None
 
 
@@ -72,13 +97,21 @@ def _whole_lines(tail: str) -> str:
 
 class StageFailed(RuntimeError):
     """``dvc repro`` of a stage exited non-zero (or ran past its timeout);
-    ``tail``: the last of its output (whole lines); ``cause``: its last
-    exception line, first in the message (None when it has none)."""
+    ``returncode``: dvc's exit code; ``command_rc``: the stage command's, when
+    DVC ran it to an exit (None otherwise); ``tail``: the last of its output
+    (whole lines, without the lines the console leaves out); ``cause``: its
+    own error line or last exception line (None when it has none).
+    ``headline``: the message without the tail, for a console that has
+    already shown the output."""
 
-    def __init__(self, stage: str, returncode: int, tail: str, cause: str | None = None):
+    def __init__(self, stage: str, returncode: int, tail: str, cause: str | None = None,
+                 command_rc: int | None = None):
         self.stage, self.returncode, self.tail, self.cause = stage, returncode, tail, cause
-        super().__init__(f"stage {stage!r} failed (exit {returncode})" + (f": {cause}" if cause else "")
-                         + f"; the end of its output:\n{tail}")
+        self.command_rc = command_rc
+        how = (f"its command exited with {command_rc}" if command_rc is not None
+               else f"dvc repro exited with {returncode}")
+        self.headline = f"stage {stage!r} failed ({how})" + (f": {cause}" if cause else "")
+        super().__init__(f"{self.headline}; the end of its output:\n{tail}")
 
 
 class StageTimedOut(StageFailed):
@@ -86,9 +119,10 @@ class StageTimedOut(StageFailed):
 
     def __init__(self, stage: str, timeout_s: float, tail: str):
         self.timeout_s = timeout_s
-        RuntimeError.__init__(self, f"stage {stage!r} ran longer than {timeout_s:.0f} s and was stopped "
-                                    f"(set {STAGE_TIMEOUT_ENV} to allow more):\n{tail}")
-        self.stage, self.returncode, self.tail, self.cause = stage, None, tail, None
+        self.headline = (f"stage {stage!r} ran longer than {timeout_s:.0f} s and was stopped "
+                         f"(set {STAGE_TIMEOUT_ENV} to allow more)")
+        RuntimeError.__init__(self, f"{self.headline}:\n{tail}")
+        self.stage, self.returncode, self.tail, self.cause, self.command_rc = stage, None, tail, None, None
 
 
 @dataclass(frozen=True)
@@ -265,7 +299,7 @@ def repair_torn_rwlock(project_dir: Path | str) -> str | None:
 # and pushed nothing: `git add dvc.lock`, `dvc config core.autostage true`,
 # `dvc push`. A run ends with one line that says what to git add and commit,
 # and that `dvc push` sends the models and data (flows/cli.py), so the
-# console leaves these out; the stage's output kept for a failure has them.
+# console leaves these out, and so does the tail a failure keeps (StageFailed).
 _HINT_START = ("To track the changes with git, run:", "To enable auto staging, run:")
 _HINT_BODY = ("\tgit add ", "\tdvc config core.autostage")
 _HINT_LINE = "Use `dvc push` to send your updates to remote storage."
@@ -347,8 +381,13 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
         timer = threading.Timer(timeout_s, expire)
         timer.daemon = True
         timer.start()
-        chunks = []
-        shown = HintFilter(echo)
+        chunks, kept = [], []   # all of the output; what the console shows of it
+
+        def show(line: str) -> None:
+            kept.append(line)
+            echo(line)
+
+        shown = HintFilter(show)
         try:
             for line in proc.stdout:
                 chunks.append(line)
@@ -361,10 +400,11 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
                 stop_tree(proc)
             proc.stdout.close()
         output = "".join(chunks)
+        tail = _whole_lines("".join(kept)[-3000:])
         if timed_out.is_set():
-            raise StageTimedOut(stage, timeout_s, _whole_lines(output[-3000:]))
+            raise StageTimedOut(stage, timeout_s, tail)
         if rc != 0:
-            raise StageFailed(stage, rc, _whole_lines(output[-3000:]), failure_cause(output))
+            raise StageFailed(stage, rc, tail, failure_cause(output), command_exit_code(output))
         ran = marker.is_file()
     changed = False if ran or force else (before is None or stage_fingerprint(stage, project_dir) != before)
     return StageRun(stage, what_dvc_did(changed, force, ran), round(time.perf_counter() - t0, 2))

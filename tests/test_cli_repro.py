@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.dvcrun import HintFilter, StageFailed, StageTimedOut, repro_stage, stage_timeout_s, what_dvc_did
+from shrinkflow.dvcrun import (HintFilter, StageFailed, StageTimedOut, command_exit_code, repro_stage, stage_timeout_s,
+                               what_dvc_did)
 from tests.conftest import PROJECT_ROOT
 
 TOY = """\
@@ -152,10 +153,22 @@ def test_real_dvc_in_a_git_repo_gives_advice_the_console_leaves_out(toy):
 
 
 def test_a_failing_stage_raises_with_its_output(toy):
+    """The failure keeps the tail of what the console showed (not DVC's
+    warning that a dep empty by design is empty) and names the command's
+    exit code and its last line of error."""
     (toy / "in.txt").write_text("fail\n")
+    (toy / "data/feedback").mkdir(parents=True)
+    (toy / "data/feedback/labels.jsonl").write_bytes(b"")   # empty until a retrain appends
+    (toy / "dvc.yaml").write_text(DVC_YAML.replace("deps: [in.txt, toy.py]",
+                                                   "deps: [in.txt, toy.py, data/feedback/labels.jsonl]"))
+    shown: list[str] = []
     with pytest.raises(StageFailed, match="stage 'toy' failed") as info:
-        repro_stage("toy", toy, echo=lambda _: None)
-    assert "toy: asked to fail" in info.value.tail
+        repro_stage("toy", toy, echo=shown.append)
+    assert "toy: asked to fail" in info.value.tail and info.value.tail in "".join(shown)
+    assert "is empty" not in info.value.tail
+    assert info.value.command_rc == 1 and info.value.returncode != 0
+    # sys.exit("toy: ...") prints a bare line: neither an error line nor an exception's
+    assert info.value.headline == "stage 'toy' failed (its command exited with 1)"
 
 
 def test_a_stage_failure_names_its_last_exception_first():
@@ -174,9 +187,29 @@ def test_a_stage_failure_names_its_last_exception_first():
         "KeyboardInterrupt: models/teacher: no model.safetensors"
     assert failure_cause("ERROR: failed to reproduce 'x'\nkilled\n") is None   # DVC's own line is not a cause
     assert _whole_lines("es/prefect/states.py\nnext line\n") == "next line\n"
-    exc = StageFailed("compress", 255, "next line\n", failure_cause(out))
-    assert str(exc).startswith("stage 'compress' failed (exit 255): shrinkflow.errors.ModelError: models/teacher")
-    assert str(StageFailed("x", 1, "t\n")).startswith("stage 'x' failed (exit 1); the end of its output:")
+    exc = StageFailed("compress", 255, "next line\n", failure_cause(out), command_exit_code(out))
+    assert exc.headline == "stage 'compress' failed (its command exited with 1): shrinkflow.errors.ModelError: " \
+                           "models/teacher: no model.safetensors"
+    assert str(exc) == exc.headline + "; the end of its output:\nnext line\n"
+    assert StageFailed("x", 255, "t\n").headline == "stage 'x' failed (dvc repro exited with 255)"
+
+
+def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
+    """A stage's handled error is one ``error: <stage>: <why>`` line
+    (stages/common.py): that is the cause, not DVC's "exited with 1" after
+    it; when DVC never ran the command, DVC's own reason is."""
+    from shrinkflow.dvcrun import failure_cause
+
+    handled = ("Running stage 'data':\n> python -m stages.data\n"
+               "error: data: data/user/t.csv: no column 'label' (data.source.label_column)\n"
+               "ERROR: failed to reproduce 'data': failed to run: python -m stages.data, exited with 1\n")
+    assert failure_cause(handled) == "data: data/user/t.csv: no column 'label' (data.source.label_column)"
+    assert command_exit_code(handled) == 1
+    missing = "ERROR: failed to reproduce 'data': [Errno 2] No such file or directory: '/p/data/raw'\n"
+    assert failure_cause(missing) == "failed to reproduce 'data': [Errno 2] No such file or directory: '/p/data/raw'"
+    assert command_exit_code(missing) is None
+    assert command_exit_code("ERROR: failed to reproduce 'x': failed to run: sh -c 'kill -9 $$', exited with -9\n") \
+        == -9
 
 
 @pytest.mark.slow  # 20 s of timeout: on a loaded box DVC and the stage need most of it to start

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,14 +99,23 @@ def test_every_crash_exits_3_and_production_keeps_serving(project, harness, depl
     finally:
         texts.write_bytes(original)
     assert code == 3 and "stage 'compress' failed" in out and "texts.txt" in out, out
+    # One line says why, after the stage's own output; Prefect's console
+    # lines about it are one line each, without their tracebacks.
+    error = re.search(r"^error: the lifecycle failed: stage 'compress' failed \(.*\(its output is above\)$", out, re.M)
+    assert error and "texts.txt" in error.group(0), out
+    assert "Traceback" not in out, out
 
-    # A stage that crashes (undecodable input).
+    # A stage that crashes (undecodable input): its own traceback, once.
     texts.write_bytes(b"\xff\xfe not utf-8\n")
     try:
         code, out = run_cli(project, harness, "run")
     finally:
         texts.write_bytes(original)
     assert code == 3 and "stage 'compress' failed" in out and "UnicodeDecodeError" in out, out
+    error = re.search(r"^error: the lifecycle failed: stage 'compress' failed \(its command exited with 1\): "
+                      r".*UnicodeDecodeError: .*\(its output is above\)$", out, re.M)
+    assert error, out
+    assert out.count("Traceback (most recent call last)") == out.count("> python -m stages.compress"), out
     assert reg.alias() == before
 
     # A deploy stage that exits 0 and writes its record, yet deploys nothing,
