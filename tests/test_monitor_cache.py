@@ -88,8 +88,8 @@ def test_cached_and_uncached_runs_give_the_same_summary(setup, tiny_teacher_dir,
     assert plain.teacher.validated_rows == 60
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated",
-                                    # ~8 s: in the full suite, not the quick run (kept under 3 minutes)
+# ~8 s each: one kind of damage in the quick run, the others in the full suite
+@pytest.mark.parametrize("damage", ["garbage", pytest.param("truncated", marks=pytest.mark.slow),
                                     pytest.param("other_key", marks=pytest.mark.slow)])
 def test_a_corrupted_or_mismatched_entry_is_a_miss_and_is_rebuilt(setup, tiny_teacher_dir, small_splits, tmp_path,
                                                                   spy, damage):

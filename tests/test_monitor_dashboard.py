@@ -72,6 +72,7 @@ def recorded(run_dir: Path) -> dict:
     return json.loads((run_dir / "decision.json").read_text())["evidently"]
 
 
+@pytest.mark.slow  # two_runs: two monitor runs with reports, ~14 s
 def test_each_run_adds_a_snapshot_of_the_figures_the_policy_used(two_runs):
     from evidently.ui.workspace import Workspace
 
@@ -114,6 +115,7 @@ def test_each_run_adds_a_snapshot_of_the_figures_the_policy_used(two_runs):
     assert len(dash.panels) == len(PANELS)  # recorded twice, the panels are kept current, not added again
 
 
+@pytest.mark.slow  # two_runs: two monitor runs with reports, ~14 s
 def test_the_index_links_each_run_to_its_snapshot(two_runs):
     from monitoring.index import write_index
 
@@ -126,6 +128,7 @@ def test_the_index_links_each_run_to_its_snapshot(two_runs):
     assert "shrinkflow monitor ui" in page
 
 
+@pytest.mark.slow  # two_runs: two monitor runs with reports, ~14 s
 def test_a_workspace_that_cannot_be_written_loses_no_report_or_decision(two_runs, tmp_path, caplog):
     """The workspace path is a file: Evidently cannot create its workspace.
     The run still gets its verdict, decision.json (saying why there is no

@@ -317,6 +317,7 @@ def run_degenerate(project: Path, spec: Spec) -> None:
     check_run(project, params, spec, summary, decision, report_dir, state)
 
 
+@pytest.mark.slow  # ~12 s with its module's project (built for this test and the slow ones)
 def test_a_window_of_one_text_repeated_warns_instead_of_failing_a_re_compression(project):
     """500 rows of one text, every one labelled wrong by feedback: the
     feedback rule fires, but a re-compression could not split one distinct
@@ -340,6 +341,7 @@ def test_a_window_of_one_text_repeated_warns_instead_of_failing_a_re_compression
     assert [(h.action, h.acted) for h in load_history(state)] == [("warn", False)]
 
 
+@pytest.mark.slow  # ~7 s
 def test_the_re_compression_floor_counts_the_re_compressions_texts_not_the_window_alone(project):
     """The window (the newest window_last_n rows) is one text repeated, but
     the re-compression distils on the newest recompress_last_n rows up to
@@ -466,6 +468,7 @@ def only_run(root: Path) -> Path:
     return runs[-1]
 
 
+@pytest.mark.slow  # ~23 s: its project is built for it and the slow CLI tests below
 def test_an_empty_prediction_log_is_a_warning_not_a_pass(cli_project, prefect_api):
     """A newcomer's finding: `shrinkflow monitor` before any traffic said
     "verdict: ok", which reads like a pass. It is `warn` (a window below

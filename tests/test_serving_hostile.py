@@ -520,6 +520,7 @@ def test_101_headers_get_431_and_100_are_fine(server):
     assert got.startswith(b"HTTP/1.1 200 "), got[:300]
 
 
+@pytest.mark.slow  # ~9 s of waiting for the request timeout
 def test_a_slow_client_gets_408_within_the_request_timeout(server):
     """Headers and 10 of 31 announced body bytes, then silence: the
     connection was held unanswered for 70 s and more. Now 408 and a close
