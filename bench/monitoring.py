@@ -385,6 +385,26 @@ def recompress_gates(r: dict) -> list[str]:
     return out
 
 
+def speed_lines() -> list[str]:
+    """The monitor at 1,000 and 10,000 rows, from ``bench/monitor_speed.py``'s
+    results (its own run, date and deployed state: it measures one monitor
+    run on a larger log than this benchmark's windows); none without them."""
+    path = RESULTS / "monitor_speed.json"
+    if not path.is_file():
+        return []
+    sp = json.loads(path.read_text())
+    cells = []
+    for rows, runs in sorted(sp["speed"].items(), key=lambda kv: int(kv[0])):
+        cli_s = (sp.get("cli") or {}).get(rows, {})
+        end_to_end = cli_s.get("ephemeral_s", []) + cli_s.get("server_s", [])
+        cells.append(f"{int(rows):,} rows: {runs['cold']['run_s']:.1f} s cold, {runs['warm']['run_s']:.1f} s warm"
+                     + (f" ({min(end_to_end):.1f}-{max(end_to_end):.1f} s as `shrinkflow monitor --report-only` "
+                        "end to end)" if end_to_end else ""))
+    return [f"- Monitor run seconds at 1,000 and 10,000 logged rows (`bench/monitor_speed.py`, its own run of "
+            f"{sp['measured_at'][:16].replace('T', ' ')} UTC on {sp['machine'].split(',')[0]}, production "
+            f"{sp['version']}, teacher shadow sample included; `monitor_speed.md`): " + "; ".join(cells) + "."]
+
+
 def markdown(doc: dict, models: list[str]) -> str:
     """bench/results/monitoring.md from the results document."""
     tw, mv = doc["eval"]["recovery_tweets"], doc["eval"]["movie_test"]
@@ -415,7 +435,8 @@ def markdown(doc: dict, models: list[str]) -> str:
                          f"({rn['diff'] * 100:+.2f} points) has a standard error of {rn['se_diff'] * 100:.2f} "
                          f"points, and against a gap of {rn['gap'] * 100:.2f} points the recovery "
                          f"({rn['recovery']:.0%}) one of {rn['se_recovery']:.0%}: 95% interval "
-                         f"[{lo:.0%}, {hi:.0%}] (`recovery_noise`).")
+                         f"[{lo:.0%}, {hi:.0%}] (`recovery_noise`)."
+                         + (f" Computed by {rn['from']}." if rn.get("from") else ""))
 
     def verdicts(runs: list[dict]) -> str:
         return ", ".join(f"{x['action']}" + (f" ({'+'.join(x['triggers'])})" if x["triggers"] else "") for x in runs)
@@ -431,7 +452,8 @@ def markdown(doc: dict, models: list[str]) -> str:
              f"- In domain, 5 windows of {doc['window_rows']} movie-review sentences: {verdicts(doc['in_domain'])}.",
              f"- Shifted, 5 windows of {doc['window_rows']} tweets: {verdicts(doc['shifted'])}.",
              f"- Monitor run seconds (report only, {doc['window_rows']} rows): "
-             + ", ".join(str(x["seconds"]) for x in doc["in_domain"] + doc["shifted"]) + ".", "",
+             + ", ".join(str(x["seconds"]) for x in doc["in_domain"] + doc["shifted"]) + ".",
+             *speed_lines(), "",
              "| window | " + " | ".join(sorted({k for x in doc['in_domain'] for k in x['findings']})) + " |",
              "|---|" + "---|" * len({k for x in doc['in_domain'] for k in x['findings']})]
     keys = sorted({k for x in doc["in_domain"] for k in x["findings"]})
