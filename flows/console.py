@@ -39,11 +39,22 @@ def known_failures() -> tuple[type[BaseException], ...]:
             IntegrityError, PredictionLogError)
 
 
+# What Prefect's task engine adds after the exception's repr when it retries
+# or gives up (prefect/task_engine.py, handle_retry).
+_RETRY_SUFFIX = re.compile(r" - (Retry \d+/\d+ will start .*|Retries are exhausted)$")
+
+
 def first_line(message: str) -> str:
     """``message`` up to its first line break, real or escaped inside a repr
-    (``\\n``), with " ..." where it was cut."""
+    (``\\n``), with " ..." where it was cut, and Prefect's closing
+    " - Retry 1/2 will start 5 second(s) from now" (or " - Retries are
+    exhausted") kept when the cut fell before it."""
     cuts = [i for i in (message.find("\n"), message.find("\\n")) if i >= 0]
-    return message[:min(cuts)] + " ..." if cuts else message
+    if not cuts:
+        return message
+    cut = min(cuts)
+    retry = _RETRY_SUFFIX.search(message)
+    return message[:cut] + " ..." + (retry.group(0) if retry and retry.start() >= cut else "")
 
 
 class ShortKnownFailures(logging.Formatter):

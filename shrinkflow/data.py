@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ import pandas as pd
 from shrinkflow.splits import read_parquet
 
 from shrinkflow.config import DataParams, DataSource, FilesSource
-from shrinkflow.errors import DataContractError, DataError  # noqa: F401  (re-exported)
+from shrinkflow.errors import DataContractError, DataError, SourceUnreachable  # noqa: F401  (re-exported)
 from shrinkflow.files import atomic_write_bytes, sha256_file
 from shrinkflow.labels import BUILTIN_LABELS, case_collisions, sort_labels
 
@@ -82,17 +84,35 @@ class _Links(HTMLParser):
             self._href = None
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised while reading from the index) is the network's
+    or the server's passing failure, worth a retry: no connection, a
+    timeout, a reset or a cut-off body, HTTP 408, 429 or 5xx. An HTTP 4xx
+    (a page that is not there) and a local disk error are not."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in (408, 429) or exc.code >= 500
+    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException))
+
+
+def _read_failed(what: str, exc: BaseException) -> DataError:
+    """``what`` failed with ``exc``: SourceUnreachable when a retry may
+    succeed (``_unreachable``), else DataError."""
+    return (SourceUnreachable if _unreachable(exc) else DataError)(f"{what}: {exc}")
+
+
 def sdist_url(source: DataSource, index: str) -> str:
     """Find the sdist's download URL in a PEP 691 (JSON) or PEP 503 (HTML)
-    simple index. Reads the index page only; downloads nothing."""
+    simple index. Reads the index page only; downloads nothing. Raises
+    SourceUnreachable when the index does not answer (``_unreachable``),
+    DataError when it answers without the archive."""
     page = f"{index}/{_normalize(source.package)}/"
     req = urllib.request.Request(page, headers={
         "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             ctype, body = resp.headers.get("Content-Type", ""), resp.read()
-    except OSError as exc:
-        raise DataError(f"cannot read the package index page {page}: {exc}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _read_failed(f"cannot read the package index page {page}", exc) from None
     if "json" in ctype:
         files = [(f["filename"], f["url"]) for f in json.loads(body)["files"]]
     else:
@@ -109,23 +129,32 @@ def sdist_url(source: DataSource, index: str) -> str:
 def download_verified(url: str, sha256: str, dest: Path) -> Path:
     """Stream ``url`` to a temp file, hashing as it comes; only an archive
     whose sha256 matches the pin is moved to ``dest``. Nothing is unpacked,
-    built or executed here: the bytes are checked before anything reads them."""
+    built or executed here: the bytes are checked before anything reads them.
+    Raises DataError for a hash that does not match or a disk error, and
+    SourceUnreachable when the download breaks off (``_unreachable``)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     h = hashlib.sha256()
     try:
+        got = 0
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as resp:
+            length = resp.headers.get("Content-Length")
             while block := resp.read(1 << 20):
                 h.update(block)
                 out.write(block)
+                got += len(block)
+        # http.client's read(n) ends quietly where a connection closed early:
+        # a short body is a broken download, not an archive with another hash.
+        if length is not None and length.isdigit() and got < int(length):
+            raise ConnectionError(f"the connection closed after {got:,} of {int(length):,} bytes")
         if h.hexdigest() != sha256:
             raise DataError(f"{url}: sha256 {h.hexdigest()} does not match the pinned data.source.sha256 "
                             f"{sha256}; refused before unpacking")
         os.replace(tmp, dest)
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"cannot download {url}: {exc}") from None
+        raise _read_failed(f"cannot download {url}", exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

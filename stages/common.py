@@ -32,11 +32,13 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
     declares for it. If the file changed while the stage ran, the stage
     fails: DVC would otherwise record values in dvc.lock that the outputs
     were not computed from. Exit codes: 0 done; 1 a handled error
-    (``shrinkflow.errors.HANDLED``: one line on stderr); 2 bad params.
-    Anything else propagates (a traceback: a bug).
+    (``shrinkflow.errors.HANDLED``: one line on stderr); 2 bad params;
+    ``STAGE_EXIT_TRANSIENT`` (75) a source that did not answer
+    (``SourceUnreachable``: one line, and the lifecycle retries). Anything
+    else propagates (a traceback: a bug).
     """
     from shrinkflow.config import ParamsError, ScopedParams, parse_params_bytes
-    from shrinkflow.errors import HANDLED
+    from shrinkflow.errors import HANDLED, STAGE_EXIT_TRANSIENT, SourceUnreachable
 
     root = Path(project_dir).resolve()
     configure_env(root)
@@ -58,6 +60,9 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
 
             raise ParamsChanged(f"{path} changed while the stage ran; its outputs come from the old "
                                 "values, so DVC must not record the new ones: run again")
+    except SourceUnreachable as exc:
+        print(f"error: {stage}: {exc} (a passing failure: a later try may succeed)", file=sys.stderr)
+        return STAGE_EXIT_TRANSIENT
     except HANDLED as exc:
         print(f"error: {stage}: {exc}", file=sys.stderr)
         return 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.dvcrun import repro_stage as _repro_stage
+from shrinkflow.dvcrun import repro_stage as _repro_stage, worth_retrying
 
-# Only fetching touches the network; a failed training run is not transient,
-# so only fetch is retried.
+# Only fetching touches the network, and only when the source did not answer
+# (the stage exits with STAGE_EXIT_TRANSIENT) is it retried: a missing user
+# file, a hash that does not match or a failed training run would fail the
+# same way again.
 RETRIES = {"fetch": 2}
 
 
@@ -38,6 +40,15 @@ def stage_prefect_env(api_url: str) -> dict[str, str]:
     return {"PREFECT_API_URL": api_url, "PREFECT_UI_URL": PREFECT_UI_URL.value() or ""}
 
 
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed stage only when its
+    failure may pass (``shrinkflow.dvcrun.worth_retrying``). Prefect hands
+    over a Failed state whose data is the exception."""
+    return worth_retrying(state.data if isinstance(state.data, BaseException) else None)
+
+
 def repro_stage_with_retries(stage: str):
+    """``repro_stage`` with the retries ``RETRIES`` gives ``stage`` (5 s
+    apart), taken only for a failure that may pass (``retry_if_transient``)."""
     n = RETRIES.get(stage, 0)
-    return repro_stage.with_options(retries=n, retry_delay_seconds=5)
+    return repro_stage.with_options(retries=n, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)

@@ -22,11 +22,20 @@ from shrinkflow.dvcrun import (HintFilter, StageFailed, StageTimedOut, command_e
 from tests.conftest import PROJECT_ROOT
 
 TOY = """\
-import os, pathlib, sys, time
+import io, os, pathlib, signal, sys, time, zipfile
 from shrinkflow.bootstrap import mark_stage_ran
 
 mark_stage_ran("toy")
 text = pathlib.Path("in.txt").read_text()
+with open("attempts.txt", "a") as f:
+    f.write("x")
+if text.startswith("flaky") and len(pathlib.Path("attempts.txt").read_text()) < 2:
+    print("error: toy: the index did not answer", file=sys.stderr)
+    sys.exit(75)
+if text.startswith("kill"):
+    os.kill(os.getpid(), signal.SIGKILL)
+if text.startswith("badzip"):
+    zipfile.ZipFile(io.BytesIO(b"not a zip"))
 if text.startswith("sleep"):
     pathlib.Path("sleeper.pid").write_text(str(os.getpid()))
     time.sleep(300)
@@ -167,8 +176,11 @@ def test_a_failing_stage_raises_with_its_output(toy):
     assert "toy: asked to fail" in info.value.tail and info.value.tail in "".join(shown)
     assert "is empty" not in info.value.tail
     assert info.value.command_rc == 1 and info.value.returncode != 0
-    # sys.exit("toy: ...") prints a bare line: neither an error line nor an exception's
-    assert info.value.headline == "stage 'toy' failed (its command exited with 1)"
+    # sys.exit("toy: ...") prints a bare line: neither an error line nor an exception's, so it is
+    # named as the command's last line
+    assert info.value.cause is None
+    assert info.value.headline == "stage 'toy' failed (its command exited with 1); its last line of output: " \
+                                  "toy: asked to fail"
 
 
 def test_a_stage_failure_names_its_last_exception_first():
@@ -191,7 +203,12 @@ def test_a_stage_failure_names_its_last_exception_first():
     assert exc.headline == "stage 'compress' failed (its command exited with 1): shrinkflow.errors.ModelError: " \
                            "models/teacher: no model.safetensors"
     assert str(exc) == exc.headline + "; the end of its output:\nnext line\n"
-    assert StageFailed("x", 255, "t\n").headline == "stage 'x' failed (dvc repro exited with 255)"
+    assert StageFailed("x", 255, "t\n").headline == "DVC could not reproduce stage 'x' (dvc repro exited with 255)"
+    assert StageFailed("x", 255, "t\n", None, 1, last="done").headline == \
+        "stage 'x' failed (its command exited with 1); its last line of output: done"
+    assert StageFailed("x", 255, "t\n", None, -9).headline == \
+        "stage 'x' failed (its command was killed by SIGKILL: out of memory, or stopped from outside)"
+    assert StageFailed("x", 255, "t\n", None, -11).headline == "stage 'x' failed (its command was killed by SIGSEGV)"
 
 
 def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
@@ -206,10 +223,97 @@ def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
     assert failure_cause(handled) == "data: data/user/t.csv: no column 'label' (data.source.label_column)"
     assert command_exit_code(handled) == 1
     missing = "ERROR: failed to reproduce 'data': [Errno 2] No such file or directory: '/p/data/raw'\n"
-    assert failure_cause(missing) == "failed to reproduce 'data': [Errno 2] No such file or directory: '/p/data/raw'"
+    assert failure_cause(missing) == "[Errno 2] No such file or directory: '/p/data/raw'"
     assert command_exit_code(missing) is None
     assert command_exit_code("ERROR: failed to reproduce 'x': failed to run: sh -c 'kill -9 $$', exited with -9\n") \
         == -9
+
+
+def test_any_exception_dvcs_own_error_and_a_signal_are_named(toy):
+    """Real output: an exception whose class name ends in neither Error nor
+    Exception is the cause; a dvc.lock DVC cannot parse is DVC's failure (the
+    command never ran), named as such; a command killed by SIGKILL says the
+    likeliest reason."""
+    (toy / "in.txt").write_text("badzip\n")
+    with pytest.raises(StageFailed) as info:
+        repro_stage("toy", toy, echo=lambda line: None)
+    assert info.value.headline == "stage 'toy' failed (its command exited with 1): zipfile.BadZipFile: " \
+                                  "File is not a zip file"
+    (toy / "in.txt").write_text("kill\n")
+    with pytest.raises(StageFailed) as info:
+        repro_stage("toy", toy, echo=lambda line: None)
+    assert info.value.command_rc == -9 and info.value.headline == \
+        "stage 'toy' failed (its command was killed by SIGKILL: out of memory, or stopped from outside)"
+    (toy / "in.txt").write_text("a\n")
+    (toy / "attempts.txt").unlink()
+    (toy / "dvc.lock").write_text('schema: "2.0"\nstages: [oops\n')
+    with pytest.raises(StageFailed) as info:
+        repro_stage("toy", toy, echo=lambda line: None)
+    assert not (toy / "attempts.txt").exists() and info.value.command_rc is None
+    assert info.value.headline == "DVC could not reproduce stage 'toy' (dvc repro exited with 255): " \
+                                  "'./dvc.lock' is invalid."
+
+
+def test_a_failure_is_named_by_its_last_exception_whatever_its_name():
+    """The line after a traceback's frames names the exception; a later
+    exception line (a nested traceback's, a logged one) wins."""
+    from shrinkflow.dvcrun import failure_cause
+
+    frames = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    f()\n'
+    assert failure_cause(frames + "pyarrow.lib.ArrowInvalid: CSV parse error: row 3\n") == \
+        "pyarrow.lib.ArrowInvalid: CSV parse error: row 3"
+    assert failure_cause(frames + "StopIteration\nERROR: failed to reproduce 'x': failed to run: y, exited with 1\n") \
+        == "StopIteration"
+    assert failure_cause(frames + "StopIteration\n\nDuring handling of the above exception, another exception "
+                         "occurred:\n\n" + frames + "KeyError: 'label'\n") == "KeyError: 'label'"
+    # a traceback interleaved with other output: the first unindented line that is not an exception is not one
+    assert failure_cause(frames + "epoch 1 of 3 done\n") is None
+    assert failure_cause("ERROR: unexpected error - [Errno 28] No space left on device\n") == \
+        "unexpected error - [Errno 28] No space left on device"
+
+
+def test_only_a_failure_that_may_pass_is_retried():
+    """Prefect's retry condition for a stage: a StageFailed whose command
+    exited STAGE_EXIT_TRANSIENT; not another exit code, a timeout, DVC's own
+    failure or another exception. Only fetch gets retries."""
+    from prefect.states import Failed
+
+    from tasks.dvc import repro_stage_with_retries, retry_if_transient
+
+    def retried(exc):
+        return retry_if_transient(None, None, Failed(data=exc))
+
+    assert retried(StageFailed("fetch", 255, "", "fetch: index did not answer", 75))
+    assert not retried(StageFailed("fetch", 255, "", "fetch: no such file", 1))
+    assert not retried(StageFailed("fetch", 255, "", "'./dvc.lock' is invalid.", None))
+    assert not retried(StageTimedOut("fetch", 10, "")) and not retried(ValueError("x"))
+    fetch, train = repro_stage_with_retries("fetch"), repro_stage_with_retries("train")
+    assert (fetch.retries, fetch.retry_condition_fn, train.retries) == (2, retry_if_transient, 0)
+
+
+@pytest.mark.slow  # ~25 s (Prefect's test server, one 5 s retry delay): the full suite runs it
+def test_the_lifecycle_retries_fetch_only_when_its_source_did_not_answer(toy, prefect_api):
+    """A fetch whose command exits STAGE_EXIT_TRANSIENT is run again (5 s
+    later, real Prefect retries) and succeeds; one that exits 1 is not run
+    again."""
+    from prefect import flow
+
+    from tasks.dvc import repro_stage_with_retries
+
+    (toy / "dvc.yaml").write_text(DVC_YAML.replace("  toy:", "  fetch:"))
+
+    @flow
+    def fetch_once(root: str) -> dict:
+        return repro_stage_with_retries("fetch")("fetch", root)
+
+    (toy / "in.txt").write_text("flaky\n")
+    assert fetch_once(str(toy))["status"] == "ran"
+    assert (toy / "attempts.txt").read_text() == "xx" and (toy / "out.txt").read_text() == "FLAKY\n"
+    (toy / "attempts.txt").unlink()
+    (toy / "in.txt").write_text("fail\n")
+    with pytest.raises(StageFailed, match="its command exited with 1"):
+        fetch_once(str(toy))
+    assert (toy / "attempts.txt").read_text() == "x"
 
 
 @pytest.mark.slow  # 20 s of timeout: on a loaded box DVC and the stage need most of it to start

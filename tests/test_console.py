@@ -49,7 +49,8 @@ def test_a_known_failure_is_one_line_on_the_console_and_whole_for_the_api(handle
     _log_failure(logger, exc)
     console, api = streams["console"].getvalue(), streams["api"].getvalue()
     assert console == ("ERROR | Task run failed with exception: StageFailed(\"stage 'data' failed (its command "
-                       "exited with 1): data: data/user/t.csv: no column 'label'; the end of its output: ...\n")
+                       "exited with 1): data: data/user/t.csv: no column 'label'; the end of its output: ... - Retries are "
+                       "exhausted\n")
     assert "Traceback (most recent call last)" in api and "no column 'label'" in api
     assert api.count("\n") > 5 and repr(exc) in api
     # a Prefect state line names the exception without carrying it
@@ -85,6 +86,13 @@ def test_other_loggers_and_other_messages_are_left_alone():
 
 def test_first_line_cuts_at_a_real_or_escaped_break():
     assert first_line("a\nb") == "a ..." and first_line("a\\nb\nc") == "a ..." and first_line("abc") == "abc"
+    # Prefect's retry note after the exception's repr is kept, not cut with it
+    retry = "Task run failed with exception: StageFailed(\"stage 'fetch' failed\\nend\") - Retry 1/2 will start " \
+            "5 second(s) from now"
+    assert first_line(retry) == "Task run failed with exception: StageFailed(\"stage 'fetch' failed ... - Retry 1/2 " \
+                                "will start 5 second(s) from now"
+    assert first_line("x(\"a\\nb\") - Retries are exhausted") == "x(\"a ... - Retries are exhausted"
+    assert first_line("a - Retry 1/2 will start now\nb") == "a - Retry 1/2 will start now ..."
 
 
 # `import prefect` alone configures no logging (its imports are lazy)

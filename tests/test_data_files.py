@@ -460,6 +460,27 @@ def test_truncated_share_counts_special_tokens_and_samples_large_splits():
     assert 0.1 < sampled["b"] < 0.5 and round(sampled["b"] * 50, 9).is_integer()
 
 
+def test_an_index_that_does_not_answer_exits_with_the_retry_code(tmp_path, monkeypatch, capsys):
+    """The built-in archive's index refuses connections: the fetch stage
+    exits with STAGE_EXIT_TRANSIENT (the lifecycle retries only that code) and
+    says so in its one error line; a missing user file exits 1 (above)."""
+    import socket
+
+    from shrinkflow.errors import STAGE_EXIT_TRANSIENT
+
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    monkeypatch.setenv("SHRINKFLOW_CACHE_DIR", str(tmp_path / "empty-cache"))
+    root = make_project(tmp_path / "p", {"kind": "pypi_sdist"})
+    assert run(root, "fetch", monkeypatch) == STAGE_EXIT_TRANSIENT == 75
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: fetch: cannot read the package index page http://127.0.0.1:{closed}/simple/"
+                          "vadersentiment/: <urlopen error") and "a later try may succeed" in err, err
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["user"]
+
+
 def test_fetch_replaces_the_raw_folder_whole(tmp_path):
     from shrinkflow.data import fetch_raw
 

