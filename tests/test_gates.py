@@ -234,8 +234,8 @@ def test_without_a_measured_production_model_the_window_gate_is_the_floor_alone(
     assert [r.name for r in rep.results if r.name.startswith("min_window")] == ["min_window_agreement"]
 
 
-def test_the_window_gain_defaults_to_one_point():
-    assert Gates().min_window_agreement_gain == 0.01
+def test_the_window_gain_defaults_to_two_texts_in_a_thousand():
+    assert Gates().min_window_agreement_gain == 0.002
     with pytest.raises(ValueError):
         Gates(min_window_agreement_gain=-0.01)
 
