@@ -76,6 +76,18 @@ _DVC_ERROR = re.compile(r"^ERROR: (?!failed to reproduce\b)(.+)$")
 _DVC_INVALID = re.compile(r"^('[^']+' is invalid\.)$")
 
 
+def _console_lines(output: str) -> list[str]:
+    """``output``'s lines, DVC's closing ``ERROR: failed to reproduce ...``
+    on a line of its own even where the command's last output (a progress
+    bar, rewritten with carriage returns) ended without a newline before it:
+    "train:   0%| | 0/464 [00:00<?, ?step/s]ERROR: failed to reproduce ..."."""
+    lines = []
+    for line in output.splitlines():
+        cut = line.find("ERROR: failed to reproduce ")
+        lines += [line[:cut], line[cut:]] if cut > 0 else [line]
+    return lines
+
+
 def _exception_lines(raw: list[str]) -> list[tuple[int, str]]:
     """(index, line) of every line of ``raw`` that names an exception: the
     first unindented line after each traceback's frames, and any line
@@ -102,7 +114,7 @@ def failure_cause(output: str) -> str | None:
     did not run the command, else any other error of DVC's (a ``dvc.lock``
     it cannot parse); None when there is none of these (a stage killed by a
     signal, a command that exited without a word)."""
-    raw = output.splitlines()
+    raw = _console_lines(output)
     lines = [line.strip() for line in raw]
     for line in reversed(lines):
         m = _STAGE_ERROR_LINE.match(line)
@@ -124,7 +136,7 @@ def last_line(output: str) -> str | None:
     DVC's closing ``ERROR: ...`` lines, for a command that failed without an
     error line or a traceback (``sys.exit("message")`` prints a bare line);
     None when the command printed nothing (the last line is DVC's ``> cmd``)."""
-    for line in reversed(output.splitlines()):
+    for line in reversed(_console_lines(output)):
         text = line.strip()
         if not text or text.startswith(("ERROR: ", "WARNING: ")):
             continue
@@ -136,7 +148,7 @@ def command_exit_code(output: str) -> int | None:
     """The exit code of the stage's command as DVC reports it ("..., exited
     with 1"; minus the signal's number for a command a signal killed); None
     when DVC did not run it to an exit (DVC's own error)."""
-    for line in reversed(output.splitlines()):
+    for line in reversed(_console_lines(output)):
         m = _COMMAND_EXIT.match(line.strip())
         if m:
             return int(m.group(1))
@@ -191,7 +203,7 @@ class StageFailed(RuntimeError):
             head = f"stage {stage!r} failed ({how_it_ended(command_rc)})"
         if cause:
             head += f": {cause}"
-        elif last and command_rc is not None:
+        elif last and command_rc is not None and command_rc > 0:   # a signal's victim's last line says nothing
             head += f"; its last line of output: {last}"
         self.headline = head
         super().__init__(f"{self.headline}; the end of its output:\n{tail}")

@@ -404,3 +404,21 @@ def test_a_torn_dvc_rwlock_is_set_aside_and_dvc_runs_again(tmp_path):
         dvc_command(["repro", "-f"], root)                         # DVC runs again
     rwlock.write_text('{"read": {}, "write": {}}')
     assert repair_torn_rwlock(root) is None and rwlock.exists()    # a whole file stays
+
+
+def test_dvcs_error_after_a_progress_bar_without_a_newline_is_still_read():
+    """A command killed mid progress bar: its last output has no newline, and
+    DVC's closing line follows on the same line (seen with `kill -9` of the
+    train stage); the exit code is still read, and a signal's victim gets no
+    "last line" (a progress bar says nothing of why)."""
+    from shrinkflow.dvcrun import failure_cause, last_line
+
+    out = ("Running stage 'train':\n> python -m stages.train\n"
+           "train:   0%|          | 0/464 [00:00<?, ?step/s]ERROR: failed to reproduce 'train': failed to run: "
+           "python -m stages.train, exited with -9\n")
+    assert command_exit_code(out) == -9 and failure_cause(out) is None
+    exc = StageFailed("train", 255, "", failure_cause(out), command_exit_code(out), last_line(out))
+    assert exc.headline == "stage 'train' failed (its command was killed by SIGKILL: out of memory, or stopped " \
+                           "from outside)"
+    bar = out.replace("exited with -9", "exited with 1")
+    assert command_exit_code(bar) == 1 and last_line(bar) == "train:   0%|          | 0/464 [00:00<?, ?step/s]"
