@@ -165,6 +165,7 @@ def _promoter(reg_dir, src):
     return proc
 
 
+@pytest.mark.slow  # ~5 s: the quick run stays under 3 minutes; the full suite runs it
 def test_kill_9_anywhere_in_a_promotion_leaves_a_consistent_registry(tmp_path):
     """SIGKILL a real promoting process at points spread over its whole run:
     production is always the old or the new version, never a half-written

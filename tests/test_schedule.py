@@ -192,6 +192,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # ~4 s: the quick run stays under 3 minutes; the full suite runs it
 def test_a_tied_server_ends_when_the_cli_is_killed_outright(tmp_path):
     """SIGKILL leaves the CLI no chance to stop its Prefect server: the
     watchdog in the server's process (flows.prefect_server, no prctl, no preexec_fn)

@@ -366,6 +366,7 @@ def test_hot_reload_rollback_and_a_corrupted_version(server, project, candidates
         wait_for_version(server.url, old)
 
 
+@pytest.mark.slow  # ~5 s: the quick run stays under 3 minutes; the full suite runs it
 def test_sigterm_during_a_burst_loses_no_answered_prediction(project):
     srv = Server(project, free_port())
     before = log_of(project).count()
@@ -399,6 +400,7 @@ def test_serve_refuses_to_start_without_a_sound_production_version(tmp_path, can
     assert out.returncode == 3 and "model.onnx" in out.stderr
 
 
+@pytest.mark.slow  # ~6 s: the quick run stays under 3 minutes; the full suite runs it
 def test_serve_refuses_to_start_on_a_log_another_process_holds_locked(tmp_path, candidates):
     """Before: "serving v0001 ..." then a traceback from inside uvicorn's startup."""
     import sqlite3
@@ -422,6 +424,7 @@ def test_serve_refuses_to_start_on_a_log_another_process_holds_locked(tmp_path, 
     assert "serving v0001" not in out.stdout
 
 
+@pytest.mark.slow  # ~6 s: the quick run stays under 3 minutes; the full suite runs it
 def test_the_server_logs_each_hot_reload_and_each_refusal_once(tmp_path, candidates):
     """A newcomer's finding: production moved v0001 -> v0002 -> v0001 and the
     server's log said nothing; only /health showed it."""
@@ -540,6 +543,7 @@ def test_an_exclusively_locked_log_gives_503_on_every_endpoint(server, project):
     assert after.status_code == 200 and after.json()["replaced"] is False
 
 
+@pytest.mark.slow  # ~6 s: the quick run stays under 3 minutes; the full suite runs it
 def test_several_workers_serve_and_log(project):
     """--workers N: each uvicorn worker builds its app from the project."""
     port = free_port()

@@ -19,6 +19,7 @@ def texts(small_splits):
     return base + ["", "word " * 400, "\x00\x07 control"]
 
 
+@pytest.mark.slow  # ~8 s: the quick run stays under 3 minutes; the full suite runs it
 def test_the_worker_answers_as_the_teacher_here_in_the_order_asked(tiny_teacher_dir, texts):
     here_a = ShadowTeacher(tiny_teacher_dir)(texts)
     here_b = ShadowTeacher(tiny_teacher_dir)(texts[:7])
