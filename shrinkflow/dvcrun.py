@@ -186,17 +186,12 @@ class StageFailed(RuntimeError):
     console leaves out); ``cause``: its own error line, its last exception
     line or DVC's error (None when it has none); ``last``: the command's last
     line of output, named when there is no cause. ``headline``: the message
-    without the tail, for a console that has already shown the output.
-    ``transient``: the command said a later try may succeed
-    (``STAGE_EXIT_TRANSIENT``)."""
+    without the tail, for a console that has already shown the output."""
 
     def __init__(self, stage: str, returncode: int, tail: str, cause: str | None = None,
                  command_rc: int | None = None, last: str | None = None):
-        from shrinkflow.errors import STAGE_EXIT_TRANSIENT
-
         self.stage, self.returncode, self.tail, self.cause = stage, returncode, tail, cause
         self.command_rc, self.last = command_rc, last
-        self.transient = command_rc == STAGE_EXIT_TRANSIENT
         if command_rc is None:
             head = f"DVC could not reproduce stage {stage!r} (dvc repro exited with {returncode})"
         else:
@@ -218,15 +213,17 @@ class StageTimedOut(StageFailed):
                          f"(set {STAGE_TIMEOUT_ENV} to allow more)")
         RuntimeError.__init__(self, f"{self.headline}:\n{tail}")
         self.stage, self.returncode, self.tail, self.cause, self.command_rc = stage, None, tail, None, None
-        self.last, self.transient = None, False
+        self.last = None
 
 
 def worth_retrying(exc: BaseException | None) -> bool:
     """Whether a failed stage may succeed if run again: only a StageFailed
-    whose command said so (``StageFailed.transient``: the data source did
-    not answer). A missing file, a hash that does not match, a bug or a
-    timeout would fail the same way again."""
-    return isinstance(exc, StageFailed) and exc.transient
+    whose command exited ``STAGE_EXIT_TRANSIENT`` (the data source did not
+    answer). A missing file, a hash that does not match, a bug or a timeout
+    would fail the same way again."""
+    from shrinkflow.errors import STAGE_EXIT_TRANSIENT
+
+    return isinstance(exc, StageFailed) and exc.command_rc == STAGE_EXIT_TRANSIENT
 
 
 @dataclass(frozen=True)
