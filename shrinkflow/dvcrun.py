@@ -155,21 +155,41 @@ def command_exit_code(output: str) -> int | None:
     return None
 
 
+def signal_of(command_rc: int) -> int | None:
+    """The number of the signal that killed a stage's command, or None.
+
+    DVC reports minus the signal's number when it ran the command directly
+    (a shell that ``exec``'d it, such as bash); a shell that waited for it
+    instead (dash, Debian's ``/bin/sh``, which DVC uses when ``$SHELL`` is
+    unset, as on CI machines) exits with 128 + the number and prints
+    "Killed", the POSIX shell convention."""
+    import signal
+
+    if command_rc < 0:
+        return -command_rc
+    if command_rc > 128 and command_rc - 128 in {int(s) for s in signal.Signals}:
+        return command_rc - 128
+    return None
+
+
 def how_it_ended(command_rc: int) -> str:
     """A stage command's end in words: "its command exited with 1", or for a
-    negative code (killed by a signal) "its command was killed by SIGKILL",
+    command a signal killed "its command was killed by SIGKILL" (DVC's code
+    -9; for a shell's 137 "... SIGKILL (its shell exited with 137)"),
     with the likeliest reason for SIGKILL: the kernel's out-of-memory killer
     (or someone's ``kill -9``)."""
     import signal
 
-    if command_rc >= 0:
+    number = signal_of(command_rc)
+    if number is None:
         return f"its command exited with {command_rc}"
     try:
-        name = signal.Signals(-command_rc).name
+        name = signal.Signals(number).name
     except ValueError:
-        name = f"signal {-command_rc}"
+        name = f"signal {number}"
     hint = ": out of memory, or stopped from outside" if name == "SIGKILL" else ""
-    return f"its command was killed by {name}{hint}"
+    shell = "" if command_rc < 0 else f" (its shell exited with {command_rc})"
+    return f"its command was killed by {name}{shell}{hint}"
 
 
 def _whole_lines(tail: str) -> str:
@@ -198,7 +218,7 @@ class StageFailed(RuntimeError):
             head = f"stage {stage!r} failed ({how_it_ended(command_rc)})"
         if cause:
             head += f": {cause}"
-        elif last and command_rc is not None and command_rc > 0:   # a signal's victim's last line says nothing
+        elif last and command_rc is not None and signal_of(command_rc) is None:   # a signal's victim's says nothing
             head += f"; its last line of output: {last}"
         self.headline = head
         super().__init__(f"{self.headline}; the end of its output:\n{tail}")

@@ -209,6 +209,11 @@ def test_a_stage_failure_names_its_last_exception_first():
     assert StageFailed("x", 255, "t\n", None, -9).headline == \
         "stage 'x' failed (its command was killed by SIGKILL: out of memory, or stopped from outside)"
     assert StageFailed("x", 255, "t\n", None, -11).headline == "stage 'x' failed (its command was killed by SIGSEGV)"
+    assert StageFailed("x", 255, "t\n", None, 139, last="Segmentation fault").headline == \
+        "stage 'x' failed (its command was killed by SIGSEGV (its shell exited with 139))"
+    # past 128 + the last signal's number is an exit code, not a signal
+    assert StageFailed("x", 255, "t\n", None, 255, last="bye").headline == \
+        "stage 'x' failed (its command exited with 255); its last line of output: bye"
 
 
 def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
@@ -229,7 +234,7 @@ def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
         == -9
 
 
-def test_any_exception_dvcs_own_error_and_a_signal_are_named(toy):
+def test_any_exception_dvcs_own_error_and_a_signal_are_named(toy, monkeypatch):
     """Real output: an exception whose class name ends in neither Error nor
     Exception is the cause; a dvc.lock DVC cannot parse is DVC's failure (the
     command never ran), named as such; a command killed by SIGKILL says the
@@ -240,10 +245,17 @@ def test_any_exception_dvcs_own_error_and_a_signal_are_named(toy):
     assert info.value.headline == "stage 'toy' failed (its command exited with 1): zipfile.BadZipFile: " \
                                   "File is not a zip file"
     (toy / "in.txt").write_text("kill\n")
-    with pytest.raises(StageFailed) as info:
-        repro_stage("toy", toy, echo=lambda line: None)
-    assert info.value.command_rc == -9 and info.value.headline == \
-        "stage 'toy' failed (its command was killed by SIGKILL: out of memory, or stopped from outside)"
+    # DVC runs the command through $SHELL, else /bin/sh: bash execs it (DVC sees -9), dash waits for it
+    # and exits 128 + 9 after printing "Killed" (CI machines have no $SHELL)
+    for shell, rc, how in (("/bin/bash", -9, ""), (None, 137, " (its shell exited with 137)")):
+        if shell is None:
+            monkeypatch.delenv("SHELL", raising=False)
+        else:
+            monkeypatch.setenv("SHELL", shell)
+        with pytest.raises(StageFailed) as info:
+            repro_stage("toy", toy, echo=lambda line: None)
+        assert info.value.command_rc == rc and info.value.headline == \
+            f"stage 'toy' failed (its command was killed by SIGKILL{how}: out of memory, or stopped from outside)"
     (toy / "in.txt").write_text("a\n")
     (toy / "attempts.txt").unlink()
     (toy / "dvc.lock").write_text('schema: "2.0"\nstages: [oops\n')
