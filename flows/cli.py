@@ -203,7 +203,8 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
         return str(exc) if str(exc).startswith(what) else f"{what} could not run: {exc}"
     if isinstance(exc, StageFailed):
         # The stage's output was streamed to the console as it ran.
-        return f"{what} failed: {exc.headline} (its output is above)"
+        line = f"{what} failed: {exc.headline} (its output is above)"
+        return line + unreachable_advice(exc)
     if isinstance(exc, (DeploymentMissing, ParamsChanged, RemoteError)):
         return f"{what} failed: {exc}"
     if isinstance(exc, MissingInput):
@@ -213,6 +214,22 @@ def crash_message(exc: BaseException, what: str = "the lifecycle") -> str:
     # Anything else happened outside a stage: most often Prefect itself (an
     # API that cannot start or be reached), else a bug. Name it with its type.
     return f"{what} could not run: {type(exc).__name__}: {exc}"
+
+
+def unreachable_advice(exc: BaseException) -> str:
+    """For a stage whose data source did not answer after every try
+    (``worth_retrying``): how many tries it had and what to do offline (a
+    mirror, or the archive in the cache); "" for any other failure."""
+    from shrinkflow.dvcrun import worth_retrying
+    from shrinkflow.paths import cache_dir
+    from tasks.dvc import RETRIES
+
+    if not worth_retrying(exc):
+        return ""
+    tries = RETRIES.get(exc.stage, 0) + 1
+    return (f"; tried {tries} time{'s' if tries > 1 else ''}. Offline, point PIP_INDEX_URL at a mirror, or put "
+            f"the archive in {cache_dir()} (or $SHRINKFLOW_CACHE_DIR), where it is checked against its sha256 "
+            "before use: docs/operations.md")
 
 
 def _short_failures(debug: bool) -> None:

@@ -127,8 +127,20 @@ def failure_cause(output: str) -> str | None:
         for line in reversed(lines):
             m = pattern.match(line)
             if m:
-                return m.group(1)
+                return m.group(1) + (_fix_for_invalid(m.group(1)) if pattern is _DVC_INVALID else "")
     return None
+
+
+def _fix_for_invalid(line: str) -> str:
+    """What to do about a file DVC cannot parse ("'./dvc.lock' is
+    invalid."): restore it from git; a lock file may also be deleted, as DVC
+    rebuilds it (each stage run again, or its outputs restored from DVC's
+    run-cache)."""
+    name = line.split("'")[1].removeprefix("./")
+    fix = f" Restore it (git checkout -- {name})"
+    if Path(name).name == "dvc.lock":
+        return fix + ", or delete it: DVC then runs each stage again or restores it from its run-cache."
+    return fix + ", or correct it."
 
 
 def last_line(output: str) -> str | None:

@@ -263,7 +263,11 @@ def test_any_exception_dvcs_own_error_and_a_signal_are_named(toy, monkeypatch):
         repro_stage("toy", toy, echo=lambda line: None)
     assert not (toy / "attempts.txt").exists() and info.value.command_rc is None
     assert info.value.headline == "DVC could not reproduce stage 'toy' (dvc repro exited with 255): " \
-                                  "'./dvc.lock' is invalid."
+                                  "'./dvc.lock' is invalid. Restore it (git checkout -- dvc.lock), or delete it: DVC " \
+                                  "then runs each stage again or restores it from its run-cache."
+    # deleted, as the line says: the stage runs again
+    (toy / "dvc.lock").unlink()
+    assert repro_stage("toy", toy, echo=lambda line: None).status == "ran"
 
 
 def test_a_failure_is_named_by_its_last_exception_whatever_its_name():
@@ -301,6 +305,26 @@ def test_only_a_failure_that_may_pass_is_retried():
     assert not retried(StageTimedOut("fetch", 10, "")) and not retried(ValueError("x"))
     fetch, train = repro_stage_with_retries("fetch"), repro_stage_with_retries("train")
     assert (fetch.retries, fetch.retry_condition_fn, train.retries) == (2, retry_if_transient, 0)
+
+
+def test_a_source_that_never_answered_says_how_often_it_was_tried_and_what_to_do_offline(monkeypatch, tmp_path):
+    """The closing line of a fetch whose every try found the index silent
+    names the tries and the two offline ways out; any other failure, even of
+    fetch, gets no such advice."""
+    from flows.cli import crash_message
+
+    monkeypatch.setenv("SHRINKFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    cause = "fetch: cannot read the package index page http://x/simple/p/: timed out (a passing failure: a later " \
+            "try may succeed)"
+    line = crash_message(StageFailed("fetch", 255, "", cause, 75))
+    assert line == (f"the lifecycle failed: stage 'fetch' failed (its command exited with 75): {cause} (its output "
+                    f"is above); tried 3 times. Offline, point PIP_INDEX_URL at a mirror, or put the archive in "
+                    f"{tmp_path / 'cache'} (or $SHRINKFLOW_CACHE_DIR), where it is checked against its sha256 "
+                    "before use: docs/operations.md")
+    assert crash_message(StageFailed("fetch", 255, "", "fetch: no such file", 1)) == \
+        "the lifecycle failed: stage 'fetch' failed (its command exited with 1): fetch: no such file (its output " \
+        "is above)"
+    assert "tried" not in crash_message(StageTimedOut("fetch", 10, ""))
 
 
 @pytest.mark.slow  # ~25 s (Prefect's test server, one 5 s retry delay): the full suite runs it
