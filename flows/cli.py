@@ -242,9 +242,20 @@ def _short_failures(debug: bool) -> None:
         shorten_known_failures_on_console()
 
 
+def _not_a_server_stop(record) -> bool:
+    """A logging filter: False for the "Stopping temporary server on ..."
+    line that Prefect's ephemeral API (or ``ephemeral_api``) logs at exit."""
+    return not record.getMessage().startswith("Stopping temporary server on ")
+
+
 def _crash(exc: BaseException, what: str, debug: bool, message: str | None = None) -> typer.Exit:
     """Print a crash (``message``, default ``crash_message``) and, with
     ``--debug``, its traceback; returns the Exit(CRASH) to raise."""
+    # The closing error line stays the last line: the temporary server's stop is not logged after it
+    # (its logger is "prefect" itself; a filter there sees nothing its children log).
+    import logging
+
+    logging.getLogger("prefect").addFilter(_not_a_server_stop)
     typer.echo(f"error: {message or crash_message(exc, what)}", err=True)
     if debug:
         traceback.print_exception(exc, file=sys.stderr)

@@ -119,3 +119,29 @@ def test_the_root_console_handler_is_wrapped_once():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["1", "1", "0", "True"], proc.stdout
+
+
+def test_after_a_crash_the_error_line_is_not_followed_by_the_temporary_servers_stop(capsys):
+    """Prefect logs "Stopping temporary server on ..." on its "prefect"
+    logger at exit, after the CLI's closing error line; once a command has
+    crashed that line is dropped, and nothing else Prefect logs."""
+    import tasks.dvc  # noqa: F401 - Prefect's import configures its loggers (handlers replaced): first
+    from flows.cli import _crash, _not_a_server_stop
+
+    prefect = logging.getLogger("prefect")
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    prefect.addHandler(handler)
+    try:
+        prefect.warning("Stopping temporary server on http://127.0.0.1:1")   # no crash yet: kept
+        _crash(StageFailed("data", 255, TAIL, "data: no column 'label'", 1), "the lifecycle", debug=False)
+        prefect.warning("Stopping temporary server on http://127.0.0.1:2")
+        prefect.warning("Finished in state Failed()")
+        logging.getLogger("prefect.test-console-child").warning("Stopping temporary server on http://127.0.0.1:3")
+    finally:
+        prefect.removeHandler(handler)
+        prefect.removeFilter(_not_a_server_stop)
+    assert seen.getvalue().splitlines() == ["Stopping temporary server on http://127.0.0.1:1",
+                                            "Finished in state Failed()",
+                                            "Stopping temporary server on http://127.0.0.1:3"]
+    assert "\nerror: the lifecycle failed: stage 'data' failed" in capsys.readouterr().err
