@@ -340,6 +340,22 @@ def what_dvc_did(changed: bool, forced: bool, ran: bool) -> str:
     return "restored" if changed or forced else "skipped"
 
 
+def _until_stopped(p, timeout_s: float = 2.0) -> None:
+    """Wait until psutil process ``p``, just sent SIGSTOP, is stopped (or
+    gone), at most ``timeout_s``: a process still running may yet fork."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE,
+                              psutil.STATUS_DEAD):
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.002)
+
+
 def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop ``proc`` and every process it started (DVC and the stage command
     under it): SIGTERM to all, then SIGKILL to what is left after
@@ -349,7 +365,10 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     The tree is frozen first (SIGSTOP, parent before children, each one's
     children listed once it is stopped), so a process cannot start a child
     between being listed and being stopped: DVC starting the stage command at
-    the moment of a timeout used to leave that command running, orphaned."""
+    the moment of a timeout used to leave that command running, orphaned.
+    SIGSTOP is delivered asynchronously, so each process's children are
+    listed only once the kernel shows it stopped: a shell (dash) forking the
+    stage command just as it was sent SIGSTOP left the command orphaned."""
     import psutil
 
     try:
@@ -365,6 +384,7 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         try:
             p.suspend()
             procs.append(p)
+            _until_stopped(p)
             todo += p.children()
         except psutil.NoSuchProcess:
             pass

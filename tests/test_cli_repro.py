@@ -352,6 +352,34 @@ def test_the_lifecycle_retries_fetch_only_when_its_source_did_not_answer(toy, pr
     assert (toy / "attempts.txt").read_text() == "x"
 
 
+@pytest.mark.slow  # ~25 s: 12 shells stopped while they fork
+def test_a_tree_stopped_while_a_shell_forks_leaves_no_orphan():
+    """stop_tree lists a process's children only once the kernel shows it
+    stopped: SIGSTOP is asynchronous, and a shell (dash, DVC's /bin/sh when
+    $SHELL is unset, as on CI) forking at that moment left its new child
+    orphaned and running (the timeout test below failed so once). A shell
+    forking as fast as it can is stopped 12 times at different moments; no
+    child of any survives. Without the wait, 2 of 3 runs of 20 here left one."""
+    import psutil
+
+    from shrinkflow.dvcrun import stop_tree
+
+    left = []
+    for trial in range(12):
+        tag = f"3{trial}.{os.getpid() % 1000}"   # a sleep only this trial starts
+        proc = subprocess.Popen(["/bin/sh", "-c", f"while :; do sleep {tag} & kill $!; wait $!; done"],
+                                stderr=subprocess.DEVNULL)   # one child at a time, forked again and again
+        time.sleep(0.05 + 0.017 * trial)
+        stop_tree(proc, grace_s=5)
+        proc.wait(timeout=30)
+        time.sleep(0.2)
+        found = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", tag]]
+        for p in found:
+            p.kill()
+        left += found
+    assert not left, f"{len(left)} orphaned children still running"
+
+
 @pytest.mark.slow  # 20 s of timeout: on a loaded box DVC and the stage need most of it to start
 def test_a_stage_past_its_timeout_is_stopped_with_what_it_started(toy):
     import psutil
