@@ -216,6 +216,39 @@ def test_a_stage_failure_names_its_last_exception_first():
         "stage 'x' failed (its command exited with 255); its last line of output: bye"
 
 
+def test_every_signal_reads_as_itself_whichever_shell_reported_it():
+    """The whole kind of exit code: every signal, as DVC reports it (minus
+    its number) and as a waiting shell does (128 + its number), is named;
+    every other code from 0 to 255 is an exit code."""
+    import signal
+
+    from shrinkflow.dvcrun import how_it_ended, signal_of
+
+    for sig in signal.Signals:
+        n = int(sig)
+        assert signal_of(-n) == signal_of(128 + n) == n
+        assert how_it_ended(-n).startswith(f"its command was killed by {sig.name}")
+        assert how_it_ended(128 + n).startswith(f"its command was killed by {sig.name} (its shell exited with "
+                                                f"{128 + n})")
+    numbers = {int(s) for s in signal.Signals}
+    for rc in range(256):
+        if not (rc > 128 and rc - 128 in numbers):
+            assert signal_of(rc) is None and how_it_ended(rc) == f"its command exited with {rc}"
+
+
+def test_any_file_dvc_cannot_parse_says_how_to_mend_it():
+    """Whichever file DVC calls invalid, the cause names it and says to
+    restore it; only a lock file may also be deleted."""
+    from shrinkflow.dvcrun import failure_cause
+
+    for path, name in (("./dvc.lock", "dvc.lock"), ("./dvc.yaml", "dvc.yaml"), ("sub/dvc.lock", "sub/dvc.lock"),
+                       ("./params.yaml", "params.yaml")):
+        cause = failure_cause(f"'{path}' is invalid.\n")
+        assert cause.startswith(f"'{path}' is invalid. Restore it (git checkout -- {name}), or "), cause
+        assert cause.endswith("delete it: DVC then runs each stage again or restores it from its run-cache."
+                              if name.endswith("dvc.lock") else "correct it."), cause
+
+
 def test_a_stage_failure_names_the_stages_own_error_line_and_dvcs_reason():
     """A stage's handled error is one ``error: <stage>: <why>`` line
     (stages/common.py): that is the cause, not DVC's "exited with 1" after
