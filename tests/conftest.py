@@ -80,6 +80,39 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (rank.get(Path(str(item.fspath)).name, len(rank)), order[id(item)]))
 
 
+def innermost_frames(tb, n: int = 6) -> str:
+    """The innermost ``n`` places of traceback ``tb``, innermost first, as
+    ``file.py:line function`` joined by " < "; a place repeated in a row (a
+    recursion) is written once, with ``xN``."""
+    import traceback
+
+    places: list[list] = []
+    for f in reversed(traceback.extract_tb(tb)):
+        place = f"{Path(f.filename).name}:{f.lineno} {f.name}"
+        if places and places[-1][0] == place:
+            places[-1][1] += 1
+        elif len(places) == n:
+            break
+        else:
+            places.append([place, 1])
+    return " < ".join(p if k == 1 else f"{p} x{k}" for p, k in places)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failure that is not an assertion of the test's own (an exception
+    raised anywhere below it) names where it was raised in its short-summary
+    line (``-ra``), the last thing a CI log shows: ``[raised at f.py:12 g <
+    ...]``. A rare failure on CI is then placed without its full report."""
+    report = yield
+    excinfo = call.excinfo
+    if report.failed and excinfo is not None and not isinstance(excinfo.value, AssertionError):
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:
+            crash.message += f" [raised at {innermost_frames(excinfo.tb)}]"
+    return report
+
+
 def chromium_dom(url: str, budget_ms: int = 5000, timeout_s: float = 120) -> str:
     """The DOM of ``url`` after its scripts ran for ``budget_ms`` of virtual
     time, in Debian's headless Chromium (what a person's browser would show)."""

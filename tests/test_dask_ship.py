@@ -136,6 +136,29 @@ def dask_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, address: 
     return root
 
 
+def worker_frames(logs: str, n: int = 6) -> str:
+    """The last ``n`` traceback places (``file.py:line function``) in the
+    processes' ``logs``, innermost first: where a build failed on a worker."""
+    places = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', logs)[-n:]
+    return " < ".join(f"{Path(f).name}:{line} {fn}" for f, line, fn in reversed(places)) or "none logged"
+
+
+def compress_diagnosed(root: Path, logs) -> dict:
+    """``compress(root)``; an exception other than a failed assertion fails
+    the test with one line that names where it was raised here and the last
+    traceback the workers logged (a rare failure on CI shows that line)."""
+    from tests.conftest import innermost_frames
+
+    try:
+        return compress(root)
+    except AssertionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (re-raised, placed)
+        text = logs()  # the one-line diagnosis last: a CI log shows the end of the summary
+        raise AssertionError(f"{text}\n{type(exc).__name__}: {exc} [raised at {innermost_frames(exc.__traceback__)}; "
+                             f"the workers' last traceback: {worker_frames(text)}]") from exc
+
+
 def compress(root: Path) -> dict:
     from shrinkflow.files import read_json
     from shrinkflow.paths import METRICS_COMPRESS
@@ -198,7 +221,7 @@ def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, t
 
     watcher = threading.Thread(target=kill_the_first_builder, daemon=True)
     watcher.start()
-    records = compress(root)
+    records = compress_diagnosed(root, logs)
     watcher.join(timeout=5)
     assert killed, "no build was seen on a worker:\n" + logs()
     (killed_name, killed_pid), = killed
@@ -229,7 +252,7 @@ def test_candidates_built_on_workers_that_cannot_see_the_project(dask_cluster, t
                                                               ("build student (shipped)", "Completed")]
 
     first = {n: file_hashes(root / CANDIDATES / n) for n in records}
-    again = compress(root)  # unchanged: copied from the client's cache, nothing shipped
+    again = compress_diagnosed(root, logs)  # unchanged: copied from the client's cache, nothing shipped
     assert {n: r["cached"] for n, r in again.items()} == {n: True for n in records}
     assert all("built_on" not in r for r in again.values())
     assert {n: file_hashes(root / CANDIDATES / n) for n in again} == first
