@@ -59,10 +59,15 @@ def configure_env(project_dir: Path | str, environ: dict | None = None) -> dict:
 
 def mark_stage_ran(stage: str, environ: dict | None = None) -> None:
     """Tell ``repro_stage`` that DVC really ran ``stage``'s command (see
-    ``STAGE_RAN_ENV``); does nothing when the stage was not started by it."""
+    ``STAGE_RAN_ENV``); does nothing when the stage was not started by it,
+    or when its folder is gone (the ``shrinkflow`` that started it was
+    killed, and a later one swept the folder: nobody is listening)."""
     path = (os.environ if environ is None else environ).get(STAGE_RAN_ENV)
     if path:
-        Path(path).write_text(stage, encoding="utf-8")
+        try:
+            Path(path).write_text(stage, encoding="utf-8")
+        except FileNotFoundError:
+            pass
 
 
 def declared_params(stage: str, project_dir: Path | str = ".") -> frozenset[str]:

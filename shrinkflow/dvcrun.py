@@ -502,6 +502,36 @@ class HintFilter:
         self.held = []
 
 
+# The prefix of the temporary folder holding a stage's marker ("ran"), then
+# the owning process's id: ``shrinkflow-stage-<pid>-<random>``.
+MARKER_PREFIX = "shrinkflow-stage-"
+
+
+def sweep_orphaned_markers(tmp_dir: Path | str | None = None) -> int:
+    """Remove the marker folders (``MARKER_PREFIX``) in ``tmp_dir`` (default
+    the temporary directory) whose process no longer exists: what a
+    ``shrinkflow`` killed by SIGKILL left. A folder of a live process, of
+    another user, or without a process id is left alone. Returns how many
+    were removed."""
+    import shutil
+
+    removed = 0
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{MARKER_PREFIX}*"):
+        pid = path.name[len(MARKER_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                      # alive (or another user's: PermissionError below)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not path.exists()
+    return removed
+
+
 def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
                 extra_env: dict | None = None, force: bool = False,
                 timeout_s: float | None = None) -> StageRun:
@@ -520,7 +550,8 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     before = None if force else stage_fingerprint(stage, project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="shrinkflow-stage-") as tmp:
+    sweep_orphaned_markers()
+    with tempfile.TemporaryDirectory(prefix=f"{MARKER_PREFIX}{os.getpid()}-") as tmp:
         marker = Path(tmp) / "ran"
         env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker)}
         proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,

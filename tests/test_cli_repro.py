@@ -460,6 +460,32 @@ def test_stopping_a_tree_leaves_no_child_it_was_starting(tmp_path):
     assert alive == [], f"{len(alive)} of {len(started)} children outlived stop_tree"
 
 
+def test_only_the_markers_of_dead_processes_are_swept(tmp_path):
+    """What a SIGKILLed shrinkflow leaves (an empty marker folder named after
+    its pid) goes at the next stage; a live process's, a folder without a
+    pid, a plain file and other names stay."""
+    from shrinkflow.dvcrun import MARKER_PREFIX, sweep_orphaned_markers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"dead": f"{MARKER_PREFIX}{dead.pid}-x1", "dead_full": f"{MARKER_PREFIX}{dead.pid}-x2",
+             "live": f"{MARKER_PREFIX}{os.getpid()}-x3", "no_pid": f"{MARKER_PREFIX}abc123",
+             "other": f"other-{dead.pid}-x4"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / names["dead_full"] / "ran").write_text("")
+    (tmp_path / f"{MARKER_PREFIX}{dead.pid}-file").write_text("")
+    assert sweep_orphaned_markers(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["live"], names["no_pid"], names["other"], f"{MARKER_PREFIX}{dead.pid}-file"])
+    assert sweep_orphaned_markers(tmp_path) == 0
+    # the stage a killed shrinkflow left running finds its folder swept: it goes on, nobody is listening
+    from shrinkflow.bootstrap import STAGE_RAN_ENV, mark_stage_ran
+
+    mark_stage_ran("toy", {STAGE_RAN_ENV: str(tmp_path / names["dead"] / "ran")})
+    assert not (tmp_path / names["dead"]).exists()
+
+
 def test_the_stage_timeout_comes_from_the_environment():
     assert stage_timeout_s({}) == 12 * 3600
     assert stage_timeout_s({"SHRINKFLOW_STAGE_TIMEOUT_S": "90"}) == 90.0
