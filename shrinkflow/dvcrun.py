@@ -517,8 +517,8 @@ def sweep_orphaned_markers(tmp_dir: Path | str | None = None) -> int:
 
     removed = 0
     for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{MARKER_PREFIX}*"):
-        pid = path.name[len(MARKER_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or not path.is_dir():
+        pid, sep, _ = path.name[len(MARKER_PREFIX):].partition("-")
+        if not (sep and pid.isdigit()) or not path.is_dir():   # older names had no pid
             continue
         try:
             os.kill(int(pid), 0)

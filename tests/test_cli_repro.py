@@ -470,6 +470,7 @@ def test_only_the_markers_of_dead_processes_are_swept(tmp_path):
     dead.wait()
     names = {"dead": f"{MARKER_PREFIX}{dead.pid}-x1", "dead_full": f"{MARKER_PREFIX}{dead.pid}-x2",
              "live": f"{MARKER_PREFIX}{os.getpid()}-x3", "no_pid": f"{MARKER_PREFIX}abc123",
+             "old_digits": f"{MARKER_PREFIX}{dead.pid}",  # an older random name of digits alone
              "other": f"other-{dead.pid}-x4"}
     for name in names.values():
         (tmp_path / name).mkdir()
@@ -477,7 +478,7 @@ def test_only_the_markers_of_dead_processes_are_swept(tmp_path):
     (tmp_path / f"{MARKER_PREFIX}{dead.pid}-file").write_text("")
     assert sweep_orphaned_markers(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["live"], names["no_pid"], names["other"], f"{MARKER_PREFIX}{dead.pid}-file"])
+        [names["live"], names["no_pid"], names["old_digits"], names["other"], f"{MARKER_PREFIX}{dead.pid}-file"])
     assert sweep_orphaned_markers(tmp_path) == 0
     # the stage a killed shrinkflow left running finds its folder swept: it goes on, nobody is listening
     from shrinkflow.bootstrap import STAGE_RAN_ENV, mark_stage_ran
