@@ -515,17 +515,13 @@ def sweep_orphaned_markers(tmp_dir: Path | str | None = None) -> int:
     were removed."""
     import shutil
 
+    import psutil
+
     removed = 0
     for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{MARKER_PREFIX}*"):
         pid, sep, _ = path.name[len(MARKER_PREFIX):].partition("-")
-        if not (sep and pid.isdigit()) or not path.is_dir():   # older names had no pid
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                      # alive (or another user's: PermissionError below)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        # older names had no pid; psutil counts another user's live process as existing
+        if not (sep and pid.isdigit()) or not path.is_dir() or psutil.pid_exists(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed += not path.exists()

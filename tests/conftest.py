@@ -85,17 +85,11 @@ def innermost_frames(tb, n: int = 6) -> str:
     ``file.py:line function`` joined by " < "; a place repeated in a row (a
     recursion) is written once, with ``xN``."""
     import traceback
+    from itertools import groupby, islice
 
-    places: list[list] = []
-    for f in reversed(traceback.extract_tb(tb)):
-        place = f"{Path(f.filename).name}:{f.lineno} {f.name}"
-        if places and places[-1][0] == place:
-            places[-1][1] += 1
-        elif len(places) == n:
-            break
-        else:
-            places.append([place, 1])
-    return " < ".join(p if k == 1 else f"{p} x{k}" for p, k in places)
+    places = (f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(traceback.extract_tb(tb)))
+    runs = ((place, sum(1 for _ in same)) for place, same in groupby(places))
+    return " < ".join(p if k == 1 else f"{p} x{k}" for p, k in islice(runs, n))
 
 
 @pytest.hookimpl(wrapper=True)

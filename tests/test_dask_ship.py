@@ -144,19 +144,18 @@ def worker_frames(logs: str, n: int = 6) -> str:
 
 
 def compress_diagnosed(root: Path, logs) -> dict:
-    """``compress(root)``; an exception other than a failed assertion fails
-    the test with one line that names where it was raised here and the last
-    traceback the workers logged (a rare failure on CI shows that line)."""
-    from tests.conftest import innermost_frames
-
+    """``compress(root)``; an exception from it carries the processes' logs
+    and, last, the workers' last logged traceback (after which the suite's
+    report hook says where it was raised here): a rare failure on CI shows
+    that line."""
     try:
         return compress(root)
-    except AssertionError:
+    except Exception as exc:
+        if not isinstance(exc, AssertionError):
+            text = logs()
+            exc.add_note(text)
+            exc.add_note(f"the workers' last traceback: {worker_frames(text)}")
         raise
-    except Exception as exc:  # noqa: BLE001 (re-raised, placed)
-        text = logs()  # the one-line diagnosis last: a CI log shows the end of the summary
-        raise AssertionError(f"{text}\n{type(exc).__name__}: {exc} [raised at {innermost_frames(exc.__traceback__)}; "
-                             f"the workers' last traceback: {worker_frames(text)}]") from exc
 
 
 def compress(root: Path) -> dict:
