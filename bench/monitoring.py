@@ -206,20 +206,38 @@ def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray) 
     return {k: round(float((labels_as_served(d, texts) == labels).mean()), 4) for k, d in model_dirs.items()}
 
 
+def probabilities_as_served(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """``[N, C]`` class probabilities as ``labels_as_served`` scores them (the
+    same call pattern), as validate measures them for the gain gate."""
+    from shrinkflow.predictors import load_predictor, predict_logits_batched, predict_served, softmax
+
+    predictor = load_predictor(model_dir, threads=2)
+    logits = (predict_served(predictor, texts, per_row=True).logits
+              if getattr(predictor, "batch_dependent", False) else predict_logits_batched(predictor, texts))
+    return softmax(logits.astype(np.float64))
+
+
 def gain_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list[str]) -> dict:
     """How noisy the window gate's gain is: on ``texts`` (never in the
     window), the share ``discordant`` of texts where exactly one of
     production and the re-distilled candidate agrees with the teacher, and
     the gain (candidate minus production agreement). A paired difference of
     agreements on n held-out texts has standard error
-    sqrt((discordant - gain**2) / n) (McNemar's setting)."""
-    t, p, c = (labels_as_served(d, texts) for d in (teacher, production_dir, candidate))
-    agree_p, agree_c = p == t, c == t
+    sqrt((discordant - gain**2) / n) (McNemar's setting). ``soft``: the same
+    for soft agreement (``stats.soft_agreement``, what the gate measures by
+    default): the gain and the standard error of the per-text differences'
+    mean at each n."""
+    t, p, c = (probabilities_as_served(d, texts) for d in (teacher, production_dir, candidate))
+    agree_p, agree_c = p.argmax(1) == t.argmax(1), c.argmax(1) == t.argmax(1)
     discordant = float((agree_p != agree_c).mean())
     gain = float(agree_c.mean() - agree_p.mean())
+    diff = np.minimum(c, t).sum(1) - np.minimum(p, t).sum(1)
+    sd = float(diff.std(ddof=1))
     return {"texts": len(texts), "discordant": round(discordant, 4), "gain": round(gain, 4),
             "se_at": {n: round(float(np.sqrt(max(discordant - gain ** 2, 0.0) / n)), 4)
-                      for n in (100, 205, 300, 500, 1000)}}
+                      for n in (100, 205, 300, 500, 1000)},
+            "soft": {"gain": round(float(diff.mean()), 4),
+                     "se_at": {n: round(sd / np.sqrt(n), 4) for n in (100, 205, 300, 500, 1000)}}}
 
 
 def recovery_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list[str],
@@ -375,12 +393,13 @@ def recompress_gates(r: dict) -> list[str]:
     """Each candidate of the re-compression with its window agreement and
     batch-1 p95 (interleaved rounds), and its failed gates."""
     v, g = r["validate"]["candidates"], r["gates"]["candidates"]
-    out = ["| candidate | window agreement | p95 b1 (ms) | speedup over teacher | failed gates |",
-           "|---|---|---|---|---|"]
+    out = ["| candidate | window agreement | soft agreement | p95 b1 (ms) | speedup over teacher | failed gates |",
+           "|---|---|---|---|---|---|"]
     for name, m in v.items():
         failed = ", ".join(f"{k} {x['value']:.4g} (threshold {x['threshold']:.4g})"
                            for k, x in g[name]["gates"].items() if not x["passed"] and x.get("enforced", True))
-        out.append(f"| {name} | {(m.get('agreement') or {}).get('window_heldout')} | {m['latency_ms_p95_b1']:.3f} | "
+        out.append(f"| {name} | {(m.get('agreement') or {}).get('window_heldout')} | "
+                   f"{(m.get('soft_agreement') or {}).get('window_heldout')} | {m['latency_ms_p95_b1']:.3f} | "
                    f"{m.get('speedup_p95_b1')} | {failed or 'none'} |")
     return out
 
@@ -422,6 +441,11 @@ def markdown(doc: dict, models: list[str]) -> str:
                  "texts then has a standard error of sqrt((discordant - gain^2) / n): "
                  + ", ".join(f"{v:.3f} at n = {n}" for n, v in g["se_at"].items())
                  + f" (min_window_agreement_gain {doc['gates']['min_window_agreement_gain']})."]
+        if g.get("soft"):
+            noise[-1] += (f" On soft agreement (what the gate measures with window_agreement_gain_on: "
+                          f"{doc['gates'].get('window_agreement_gain_on', 'labels')}) the student's gain there is "
+                          f"{g['soft']['gain']:+.4f}, with a standard error of "
+                          + ", ".join(f"{v:.4f} at n = {n}" for n, v in g["soft"]["se_at"].items()) + ".")
     if len(models) > 5:
         c = models[5]
         extra = [f"The re-distilled student ({r.get('redistilled')}), deployed or not, recovered "

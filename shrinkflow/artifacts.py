@@ -153,13 +153,16 @@ class CandidateMeasurements(Quality, PairedDrop, Performance):
 
     ``speedup_p95_b1``: teacher p95 over candidate p95 at batch 1, round by
     round (absent when not timed interleaved). ``agreement``: fraction of
-    texts where it predicts the teacher's label, by split (None: empty split).
-    ``files``: sha256 by relative path; ``content_hash``: one hash of them."""
+    texts where it predicts the teacher's label, by split (None: empty split);
+    ``soft_agreement``: the overlap of its class probabilities with the
+    teacher's (``stats.soft_agreement``), on the splits whose probabilities
+    were measured (the held-out window; absent otherwise). ``files``: sha256 by relative path; ``content_hash``: one hash of them."""
 
     split: str
     accuracy_shifted: Number | None = None
     speedup_p95_b1: Number | None = None
     agreement: dict[str, Number | None]
+    soft_agreement: dict[str, Number | None] | None = None
     batch_invariance: BatchInvariance | None = None
     files: dict[str, str] | None = None
     content_hash: str | None = None

@@ -106,14 +106,34 @@ def peak_rss_mb() -> float:
 def predict_splits(predictor, splits: dict[str, list[str]], per_row: bool = False) -> dict[str, list[int]]:
     """Labels for every split: in length-sorted batches of 32, or one text per
     call (``per_row``, how the server runs a batch-dependent model)."""
-    from shrinkflow.predictors import predict_labels, predict_served
+    return predict_outputs(predictor, splits, per_row)[0]
 
-    def labels(texts):
+
+def predict_outputs(predictor, splits: dict[str, list[str]], per_row: bool = False,
+                    probability_splits: frozenset[str] = frozenset()
+                    ) -> tuple[dict[str, list[int]], dict[str, list[list[float]]]]:
+    """(labels by split, class probabilities by split): the labels of every
+    split as ``predict_splits`` gives them, and for each split named in
+    ``probability_splits`` its ``[N, C]`` softmax probabilities (float64, as
+    lists), from the same logits as its labels. An empty split has no
+    probabilities."""
+    from shrinkflow.predictors import predict_logits_batched, predict_served, softmax
+
+    def logits(texts):
         if per_row:
-            return predict_served(predictor, texts, per_row=True).logits.argmax(axis=1).tolist()
-        return predict_labels(predictor, texts).tolist()
+            return predict_served(predictor, texts, per_row=True).logits
+        return predict_logits_batched(predictor, texts)
 
-    return {name: labels(texts) if texts else [] for name, texts in splits.items()}
+    labels, probs = {}, {}
+    for name, texts in splits.items():
+        if not texts:
+            labels[name] = []
+            continue
+        z = logits(texts)
+        labels[name] = z.argmax(axis=1).tolist()
+        if name in probability_splits:
+            probs[name] = softmax(z.astype(np.float64)).tolist()
+    return labels, probs
 
 
 # ------------------------------------------------------------ interleaved
@@ -135,8 +155,8 @@ def _serve_model(conn, model_dir: str, threads: int) -> None:
                 conn.close()
                 os._exit(0)
             if cmd == "predict":
-                splits, per_row = arg
-                conn.send(("ok", predict_splits(predictor, splits, per_row)))
+                splits, per_row, probability_splits = arg
+                conn.send(("ok", predict_outputs(predictor, splits, per_row, probability_splits)))
             elif cmd == "warm":
                 for x in arg:
                     predictor.predict_logits(x)
@@ -193,7 +213,10 @@ class ModelProcess:
             raise RuntimeError(f"measuring {self.model_dir} failed:\n{value}")
         return value
 
-    def predict(self, splits, per_row=False): return self._call(("predict", (splits, per_row)))
+    def predict(self, splits, per_row=False, probability_splits=frozenset()):
+        """(labels by split, probabilities by split): ``predict_outputs`` in the model's process."""
+        return self._call(("predict", (splits, per_row, frozenset(probability_splits))))
+
     def warm(self, inputs): return self._call(("warm", inputs))
     def time(self, inputs): return self._call(("time", inputs))
     def rss(self): return self._call(("rss", None))
@@ -217,23 +240,33 @@ class ModelProcess:
 
 
 def _predict_cached(proc: ModelProcess, splits: dict[str, list[str]], per_row: bool, cache, model_hash,
-                    threads: int) -> tuple[dict[str, list[int]], list[str]]:
-    """``proc.predict(splits, per_row)``, the splits ``cache`` holds for this
-    model read from it and the others predicted in one call and stored.
-    Returns (labels by split, in ``splits``' order; the names of the
+                    threads: int, probability_splits: frozenset[str] = frozenset()
+                    ) -> tuple[dict[str, list[int]], dict[str, list[list[float]]], list[str]]:
+    """``proc.predict(splits, per_row, probability_splits)``, the splits
+    ``cache`` holds for this model read from it and the others predicted in
+    one call and stored. A split in ``probability_splits`` is read from the
+    cache only when its probabilities are there too. Returns (labels by
+    split, in ``splits``' order; probabilities by split; the names of the
     non-empty splits read from the cache)."""
     if cache is None:
-        return proc.predict(splits, per_row), []
+        return (*proc.predict(splits, per_row, probability_splits), [])
     keys = {n: cache.key(model_hash, "labels", t, per_row=per_row, threads=threads)
             for n, t in splits.items() if t}
+    pkeys = {n: cache.key(model_hash, "probabilities", t, per_row=per_row, threads=threads)
+             for n, t in splits.items() if t and n in probability_splits}
     got = {n: cache.get(k) for n, k in keys.items()}
-    hits = [n for n, v in got.items() if v is not None and len(v) == len(splits[n])]
+    pgot = {n: cache.get(k) for n, k in pkeys.items()}
+    hits = [n for n, v in got.items() if v is not None and len(v) == len(splits[n])
+            and (n not in pkeys or (pgot[n] is not None and len(pgot[n]) == len(splits[n])))]
     todo = {n: t for n, t in splits.items() if n not in hits}
-    fresh = proc.predict(todo, per_row) if todo else {}
+    fresh, fresh_probs = proc.predict(todo, per_row, probability_splits) if todo else ({}, {})
     for n, labels in fresh.items():
         if n in keys:
             cache.put(keys[n], labels)
-    return {n: got[n] if n in hits else fresh[n] for n in splits}, hits
+    for n, probs in fresh_probs.items():
+        cache.put(pkeys[n], probs)
+    return ({n: got[n] if n in hits else fresh[n] for n in splits},
+            {n: pgot[n] if n in hits else fresh_probs[n] for n in pkeys}, hits)
 
 
 def latency_inputs(latency_texts: list[str], lat: LatencyParams):
@@ -274,13 +307,19 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                         invariance_texts: list[str] | None = None,
                         invariance_skip: frozenset[str] = frozenset(),
                         max_batch_prob_diff: float = 0.0, cache=None,
-                        model_hashes: dict[str, str] | None = None) -> dict[str, dict]:
+                        model_hashes: dict[str, str] | None = None,
+                        probability_splits: frozenset[str] = frozenset()) -> dict[str, dict]:
     """Every model in its own process; predictions one model at a time, then
     latency in interleaved rounds (batch 1, then batch 32) over the same
     window. Returns {name: {"predictions": {split: [label, ...]},
     "performance": {...}}}: labels never enter the measuring processes, so
     what a split is used for (selection, confirmation, agreement only) is
     decided by the caller.
+
+    ``probability_splits``: the splits whose class probabilities are also
+    returned, under ``"probabilities"`` ({split: [N, C] list}, non-empty
+    splits only; absent when none is asked), computed with the labels from
+    the same logits.
 
     With ``invariance_texts``, every model not in ``invariance_skip`` also
     predicts them alone and in mixed-length batches of 32
@@ -300,7 +339,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
     procs: dict[str, ModelProcess] = {}
     try:
-        predictions, invariance, cached = {}, {}, {}
+        predictions, probabilities, invariance, cached = {}, {}, {}, {}
         # Every process starts (and loads its model) at once: the loads,
         # mostly imports, overlap each other and the first models'
         # predictions. Nothing is timed before every model is loaded.
@@ -323,8 +362,8 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                 invariance[name] = dict(inv)
                 # the gate's own rule (shrinkflow.gates.batch_gates), so the two never disagree
                 per_row = inv["max_prob_diff"] > max_batch_prob_diff + TOLERANCE or inv["label_flips"] > 0
-            predictions[name], cached[name] = _predict_cached(procs[name], splits, per_row, cache, model_hash,
-                                                              lat.threads)
+            predictions[name], probabilities[name], cached[name] = _predict_cached(
+                procs[name], splits, per_row, cache, model_hash, lat.threads, frozenset(probability_splits))
             log(f"measure: {name} loaded; predicted every split"
                 + (f" ({', '.join(cached[name])} from the prediction cache)" if cached[name] else ""))
             if name in invariance:
@@ -340,6 +379,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
         if busy:
             log(f"measure: warning: {busy}")
         return {name: {"predictions": predictions[name],
+                       **({"probabilities": probabilities[name]} if probabilities[name] else {}),
                        "performance": {**performance_figures(t1[name], t32[name]),
                                        "size_mb": round(dir_size_bytes(path) / 1e6, 4),
                                        "peak_rss_mb": round(procs[name].rss(), 2)},

@@ -207,15 +207,23 @@ def window_gates(candidate: Any, gates: Gates, production: "ProductionBaseline |
     gate.
 
     Without ``production`` (no production model was measured): the floor
-    ``min_window_agreement`` alone. With it, a candidate passes when it
-    reaches the floor OR beats production's agreement on the same held-out
-    texts by at least ``min_window_agreement_gain``: both results are
-    reported (``min_window_agreement``: the candidate's agreement against the
-    floor; ``min_window_agreement_gain``: candidate minus production, against
-    the min gain), and the one not needed is not enforced, its note saying
-    how the other route was met. Both missed: both fail, each with its margin.
-    The production model itself (``production.is_candidate``) has no gain
-    over itself: it passes through the floor only.
+    ``min_window_agreement`` alone, on label agreement. With it, a candidate
+    passes when it reaches the floor OR beats production on the same
+    held-out texts by at least ``min_window_agreement_gain``: both results
+    are reported (``min_window_agreement``: the candidate's label agreement
+    against the floor; ``min_window_agreement_gain``: candidate minus
+    production, against the min gain), and the one not needed is not
+    enforced, its note saying how the other route was met. Both missed: both
+    fail, each with its margin. The production model itself
+    (``production.is_candidate``) has no gain over itself: it passes through
+    the floor only.
+
+    The gain is measured as ``gates.window_agreement_gain_on`` says:
+    "probabilities" (the default), the gain in soft agreement
+    (``stats.soft_agreement``: the overlap of the class probabilities with
+    the teacher's), when both the candidate and production have it, else on
+    labels, the note saying why; "labels", the gain in label agreement. The
+    note gives both gains when both were measured.
     """
     window = (figures(candidate).agreement or {}).get("window_heldout")
     if window is None:
@@ -223,17 +231,28 @@ def window_gates(candidate: Any, gates: Gates, production: "ProductionBaseline |
     floor = check_min("min_window_agreement", window, gates.min_window_agreement)
     if production is None or production.agreement is None:
         return (floor,)
-    prod = f"production {production.version}'s {production.agreement:.4g}"
+    prod = f"production {production.version}'s"
     if production.is_candidate:
         return (floor.model_copy(update={"note": f"the production model itself ({production.version}): "
                                                  "kept only through the floor; it has no gain over itself"}),)
-    gain = check_min("min_window_agreement_gain", window - production.agreement, gates.min_window_agreement_gain)
-    gain = gain.model_copy(update={"note": f"{window:.4g} against {prod}"})
+    soft = (figures(candidate).soft_agreement or {}).get("window_heldout")
+    labels_note = f"labels {window:.4g} against {prod} {production.agreement:.4g}"
+    if gates.window_agreement_gain_on == "probabilities" and soft is not None \
+            and production.soft_agreement is not None:
+        gain_value = soft - production.soft_agreement
+        note = (f"soft agreement {soft:.4g} against {prod} {production.soft_agreement:.4g}; "
+                f"{labels_note} ({window - production.agreement:+.4g})")
+    else:
+        gain_value = window - production.agreement
+        note = labels_note + ("" if gates.window_agreement_gain_on == "labels" else
+                              "; on labels: the probabilities were not measured")
+    gain = check_min("min_window_agreement_gain", gain_value, gates.min_window_agreement_gain)
+    gain = gain.model_copy(update={"note": note})
     if floor.passed and not gain.passed:
         gain = gain.model_copy(update={"enforced": False, "note": gain.note + "; not needed: the floor was met"})
     elif gain.passed and not floor.passed:
-        floor = floor.model_copy(update={"enforced": False, "note": f"not needed: {window - production.agreement:+.4g} "
-                                         f"over {prod} meets min_window_agreement_gain "
+        floor = floor.model_copy(update={"enforced": False, "note": f"not needed: {gain_value:+.4g} "
+                                         f"over production {production.version} meets min_window_agreement_gain "
                                          f"{gates.min_window_agreement_gain:g}"})
     return floor, gain
 
@@ -262,6 +281,9 @@ class ProductionBaseline:
     version: str
     agreement: float | None
     is_candidate: bool = False
+    # its soft agreement with the teacher on the held-out window
+    # (stats.soft_agreement; None: probabilities not measured)
+    soft_agreement: float | None = None
     # production's round-by-round p95 speedup over the teacher at batch 1, in
     # the same rounds as the candidates' (None: not timed interleaved)
     speedup_p95_b1: float | None = None

@@ -78,7 +78,7 @@ class PredictionCache:
     @staticmethod
     def key(model_hash: str, kind: str, texts: list[str], **settings: Any) -> str:
         """sha256 over the model's content hash, ``kind`` (``"labels"``,
-        ``"invariance"``), the ``settings`` that change the result (per_row,
+        ``"probabilities"``, ``"invariance"``), the ``settings`` that change the result (per_row,
         threads, batch size, seed) and ``texts_digest(texts)``."""
         head = _canonical({"model": model_hash, "kind": kind, "settings": settings})
         return hashlib.sha256(f"{head}\n{texts_digest(texts)}".encode()).hexdigest()

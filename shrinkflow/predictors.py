@@ -266,11 +266,22 @@ def batch_invariance(predictor, texts: list[str], batch_size: int = 32, seed: in
             "labels_alone": alone.argmax(axis=1).tolist()}
 
 
-def predict_labels(predictor, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    """Labels for many texts, batched by length so padding stays small."""
+def predict_logits_batched(predictor, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """``[N, C]`` logits for many texts, in their order, batched by length so
+    padding stays small."""
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.empty(len(texts), dtype=np.int64)
+    out = None
     for start in range(0, len(texts), batch_size):
         idx = order[start:start + batch_size]
-        out[idx] = predictor.predict_logits([texts[i] for i in idx]).argmax(axis=1)
-    return out
+        logits = predictor.predict_logits([texts[i] for i in idx])
+        if out is None:
+            out = np.empty((len(texts), logits.shape[1]), dtype=logits.dtype)
+        out[idx] = logits
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def predict_labels(predictor, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """Labels for many texts, batched by length so padding stays small."""
+    if not texts:
+        return np.empty(0, dtype=np.int64)
+    return predict_logits_batched(predictor, texts, batch_size).argmax(axis=1).astype(np.int64)

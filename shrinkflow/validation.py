@@ -29,7 +29,8 @@ from shrinkflow.artifacts import (PERFORMANCE_KEYS, PRODUCTION_CANDIDATE, Candid
                                   TeacherMeasurements, ValidationReport)
 from shrinkflow.config import ValidateParams
 from shrinkflow.errors import DataError
-from shrinkflow.stats import agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95
+from shrinkflow.stats import (agreement, paired_accuracy_drop, paired_macro_f1_drop, quality, round_ratio_p95,
+                             soft_agreement)
 from shrinkflow.artifacts import GateReport
 from shrinkflow.gates import (ProductionBaseline, Selection, confirm_gates, evaluate_gates, select_candidate,
                              teacher_gates)
@@ -105,8 +106,16 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
         "split": SELECTION_SPLIT, **quality(y, p[SELECTION_SPLIT], classes), **speedup,
         **paired_drops(y, tp[SELECTION_SPLIT], p[SELECTION_SPLIT], classes, confidence),
         "accuracy_shifted": _shifted_accuracy(run, labels, classes),
-        "agreement": {s: agreement(p[s], tp[s]) for s in p}, **_invariance(run), **run["performance"],
-        **(files or {})})
+        "agreement": {s: agreement(p[s], tp[s]) for s in p}, **_soft_agreement(run, teacher_run),
+        **_invariance(run), **run["performance"], **(files or {})})
+
+
+def _soft_agreement(run: dict, teacher_run: dict) -> dict:
+    """``soft_agreement`` by split, on the splits both runs have
+    probabilities for (none: no key)."""
+    p, tp = run.get("probabilities") or {}, teacher_run.get("probabilities") or {}
+    both = [s for s in p if s in tp]
+    return {"soft_agreement": {s: soft_agreement(p[s], tp[s]) for s in both}} if both else {}
 
 
 def _invariance(run: dict) -> dict:
@@ -173,13 +182,15 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
         prod = candidates[prod_name]
         test = labels[CONFIRMATION_SPLIT]
         baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),
+                                      soft_agreement=(prod.soft_agreement or {}).get("window_heldout"),
                                       speedup_p95_b1=prod.speedup_p95_b1, accuracy=prod.accuracy,
                                       test_accuracy=quality(test, candidate_runs[prod_name]["predictions"][
                                           CONFIRMATION_SPLIT], classes)["accuracy"] if len(test) else None)
     elif recorded_production is not None:
         baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy,
                                       test_accuracy=recorded_production.test_accuracy)
-    own = (ProductionBaseline(production_version, baseline.agreement, is_candidate=True)
+    own = (ProductionBaseline(production_version, baseline.agreement, is_candidate=True,
+                              soft_agreement=baseline.soft_agreement)
            if production_version is not None else None)
     baselines = {n: own if n == PRODUCTION_CANDIDATE else baseline for n in candidates}
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baselines[n]) for n, m in candidates.items()}

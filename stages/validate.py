@@ -107,7 +107,8 @@ def validate(params, root: Path) -> None:
                                max_batch_prob_diff=params.validate.gates.max_batch_prob_diff,
                                cache=PredictionCache(root / PREDICTION_CACHE),
                                model_hashes={TEACHER_KEY: model_hash(teacher_dir, teacher_files)} | {
-                                   n: model_hash(dirs[n], files[n]["files"]) for n in dirs})
+                                   n: model_hash(dirs[n], files[n]["files"]) for n in dirs},
+                               probability_splits=frozenset({"window_heldout"}))
     teacher = runs.pop(TEACHER_KEY)
     for n in dirs:
         if file_hashes(dirs[n]) != files[n]["files"]:

@@ -127,7 +127,12 @@ def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefe
     own = gates["candidates"]["production"]["gates"]
     assert not own["min_window_agreement"]["passed"] and own["min_window_agreement"]["enforced"] is True
     assert "min_window_agreement_gain" not in own
-    assert gain["value"] == pytest.approx(floor["value"] - own["min_window_agreement"]["value"], abs=1e-5)
+    # the gain is in soft agreement (the default window_agreement_gain_on),
+    # as validate.json records both models'
+    soft = {n: c["soft_agreement"]["window_heldout"]
+            for n, c in json.loads((project / "metrics/validate.json").read_text())["candidates"].items()}
+    assert gain["value"] == pytest.approx(soft["student"] - soft["production"], abs=1e-5)
+    assert gain["note"].startswith(f"soft agreement {soft['student']:.4g} against production v0001's"), gain
 
     manifest = reg.manifest("v0002")
     assert manifest["lineage"]["window"]["warm_start"] == result["window"]["warm_start"]

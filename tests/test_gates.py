@@ -234,10 +234,58 @@ def test_without_a_measured_production_model_the_window_gate_is_the_floor_alone(
     assert [r.name for r in rep.results if r.name.startswith("min_window")] == ["min_window_agreement"]
 
 
-def test_the_window_gain_defaults_to_two_texts_in_a_thousand():
-    assert Gates().min_window_agreement_gain == 0.002
+def test_the_window_gain_defaults_to_soft_agreement_at_0_005():
+    assert Gates().min_window_agreement_gain == 0.005 and Gates().window_agreement_gain_on == "probabilities"
     with pytest.raises(ValueError):
         Gates(min_window_agreement_gain=-0.01)
+    with pytest.raises(ValueError):
+        Gates(window_agreement_gain_on="logits")
+
+
+def soft_window_report(soft: float | None, production_soft: float | None, on: str = "probabilities",
+                       labels: float = 0.88, production_labels: float = 0.88) -> GateReport:
+    """A candidate tied with production on label agreement (0.88, under the
+    0.90 floor), with the given soft agreements."""
+    from shrinkflow.gates import ProductionBaseline
+
+    gates = GATES.model_copy(update={"min_window_agreement": 0.90, "min_window_agreement_gain": 0.005,
+                                     "window_agreement_gain_on": on})
+    base = ProductionBaseline("v0003", production_labels, soft_agreement=production_soft)
+    over = {"soft_agreement": {"window_heldout": soft}} if soft is not None else {}
+    return evaluate_gates("c", cand(agreement={"window_heldout": labels}, **over), TEACHER, gates, base)
+
+
+@pytest.mark.parametrize("soft, passes", [(0.855, True),     # exactly the gain over production's 0.85
+                                          (0.8551, True),    # just over
+                                          (0.8549, False)])  # just under
+def test_the_window_gain_is_measured_on_soft_agreement(soft, passes):
+    """Tied on labels, the gain in soft agreement decides, and the note
+    gives both measures."""
+    rep = soft_window_report(soft, production_soft=0.85)
+    gain = gate(rep, "min_window_agreement_gain")
+    assert rep.passed is passes and gain.passed is passes
+    assert gain.value == pytest.approx(soft - 0.85) and gain.threshold == 0.005
+    assert gain.note.startswith(f"soft agreement {soft:.4g} against production v0003's 0.85; ")
+    assert "labels 0.88 against production v0003's 0.88 (+0)" in gain.note
+    assert gate(rep, "min_window_agreement").enforced is not passes
+
+
+def test_the_window_gain_on_labels_ignores_soft_agreement():
+    rep = soft_window_report(0.90, production_soft=0.85, on="labels", labels=0.884)
+    gain = gate(rep, "min_window_agreement_gain")
+    assert not rep.passed and gain.value == pytest.approx(0.004) and gain.margin == pytest.approx(-0.001)
+    assert gain.note == "labels 0.884 against production v0003's 0.88"
+    assert soft_window_report(0.90, production_soft=0.85, on="labels", labels=0.885).passed
+
+
+@pytest.mark.parametrize("soft, production_soft", [(None, 0.85), (0.90, None)])
+def test_the_window_gain_falls_back_to_labels_without_probabilities(soft, production_soft):
+    """A report without probabilities for one side (an older production
+    figure): the gain is on labels, and the note says so."""
+    rep = soft_window_report(soft, production_soft, labels=0.885)
+    gain = gate(rep, "min_window_agreement_gain")
+    assert rep.passed and gain.value == pytest.approx(0.005)
+    assert gain.note.endswith("; on labels: the probabilities were not measured")
 
 
 # ---------------------------------------------------------------- latency against production; production as fallback

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from shrinkflow.config import Candidate, LatencyParams
@@ -69,20 +71,29 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
 
     lat = LatencyParams(threads=1, warmup_iters=1, iters_b1=5, iters_b32=3, rounds=2)
     splits = {"val": small_splits["val"]["text"].tolist()[:60], "test": small_splits["test"]["text"].tolist()[:50],
-              "window_heldout": []}
+              "window_heldout": small_splits["val"]["text"].tolist()[:30], "unlabelled": []}
     models = {"teacher": tiny_teacher_dir, "fp32": fp32_candidate}
     cache = PredictionCache(tmp_path / "cache")
 
     def measure(**kw):
         return measure_interleaved(models, splits, splits["val"], lat, log=lambda m: None,
-                                   invariance_texts=splits["val"][:40], invariance_skip=frozenset({"teacher"}), **kw)
+                                   invariance_texts=splits["val"][:40], invariance_skip=frozenset({"teacher"}),
+                                   probability_splits=frozenset({"window_heldout", "unlabelled"}), **kw)
 
     plain = measure()
+    # probabilities for the splits asked (an empty one has none), from the
+    # same logits as the labels
+    for name in models:
+        probs = np.asarray(plain[name]["probabilities"]["window_heldout"])
+        assert set(plain[name]["probabilities"]) == {"window_heldout"} and probs.shape == (30, 2)
+        assert np.allclose(probs.sum(axis=1), 1.0)
+        assert probs.argmax(axis=1).tolist() == plain[name]["predictions"]["window_heldout"]
     first = measure(cache=cache)
     assert "cached_splits" not in plain["fp32"]
     assert first["teacher"]["cached_splits"] == [] and first["fp32"]["cached_splits"] == []
     for name in models:
         assert first[name]["predictions"] == plain[name]["predictions"]
+        assert first[name]["probabilities"] == plain[name]["probabilities"]
     assert first["fp32"]["batch_invariance"] == plain["fp32"]["batch_invariance"]
 
     # Read back, not recomputed: a stored entry rewritten (with a valid
@@ -93,9 +104,14 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
     per_row = first["fp32"]["batch_invariance"]["per_row"]
     forged = [1 - y for y in first["fp32"]["predictions"]["test"]]
     cache.put(cache.key(fp32_hash, "labels", splits["test"], per_row=per_row, threads=1), forged)
+    forged_probs = [[1.0, 0.0]] * 30
+    cache.put(cache.key(fp32_hash, "probabilities", splits["window_heldout"], per_row=per_row, threads=1),
+              forged_probs)
     second = measure(cache=cache)
-    assert second["teacher"]["cached_splits"] == ["val", "test"] == second["fp32"]["cached_splits"]
+    assert second["teacher"]["cached_splits"] == ["val", "test", "window_heldout"] == second["fp32"]["cached_splits"]
     assert second["fp32"]["predictions"]["test"] == forged
+    assert second["fp32"]["probabilities"]["window_heldout"] == forged_probs
+    assert second["teacher"]["probabilities"] == plain["teacher"]["probabilities"]
     assert second["teacher"]["predictions"] == plain["teacher"]["predictions"]
     assert second["fp32"]["batch_invariance"] == plain["fp32"]["batch_invariance"]
     # latency is measured every time
@@ -103,8 +119,14 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
 
     # Another model's bytes (here: another content hash handed in) hit nothing.
     third = measure(cache=cache, model_hashes={"fp32": "0" * 64})
-    assert third["fp32"]["cached_splits"] == [] and third["teacher"]["cached_splits"] == ["val", "test"]
+    assert third["fp32"]["cached_splits"] == [] and third["teacher"]["cached_splits"] == ["val", "test", "window_heldout"]
     assert third["fp32"]["predictions"] == plain["fp32"]["predictions"]
+    # labels cached without their probabilities: that split is predicted again
+    teacher_hash = model_hash(tiny_teacher_dir)
+    (tmp_path / "cache" / f"{cache.key(teacher_hash, 'probabilities', splits['window_heldout'], per_row=False, threads=1)}.json").unlink()
+    fourth = measure(cache=cache)
+    assert fourth["teacher"]["cached_splits"] == ["val", "test"]
+    assert fourth["teacher"]["probabilities"] == plain["teacher"]["probabilities"]
     assert json.loads(next((tmp_path / "cache").glob("*.json")).read_text())["sha256"]
 
 

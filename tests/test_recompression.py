@@ -230,3 +230,35 @@ def test_the_recompression_corpus_is_the_newest_rows_up_to_the_window(tmp_path):
     assert corpus(20, 10) == [f"text {i}" for i in range(5, 25)]  # not 25..29: logged after the window
     assert corpus(4, 10) == [f"text {i}" for i in range(15, 25)]   # at least the window
     assert corpus(100, 10) == [f"text {i}" for i in range(25)]
+
+
+def _probs(labels, confidence):
+    """Two-class probabilities giving each label ``confidence``."""
+    return [[1 - confidence, confidence] if y == 1 else [confidence, 1 - confidence] for y in labels]
+
+
+@pytest.mark.parametrize("candidate_conf, deploys", [(0.88, True),      # +0.006 soft agreement over production
+                                                     (0.8799, False)])  # just under
+def test_a_candidate_tied_on_labels_deploys_on_its_soft_agreement_gain(candidate_conf, deploys):
+    """The candidate and production both miss the teacher's label on the
+    last of five held-out texts (label agreement 0.8 each: under the 0.9
+    floor, no label gain). The teacher is 0.9 sure of each label, production
+    0.87 of its own and the candidate ``candidate_conf``: soft agreement
+    (4 (1 - (0.9 - c)) + 1.1 - c) / 5, 0.822 for production, so the gain is
+    0.6 (c - 0.87), against a min gain of 0.006 on probabilities.
+    validate.json records both agreements."""
+    students = WINDOW[:-1] + [1 - WINDOW[-1]]
+    args = runs(production_window=students, candidate_window=students, gain=0.006)
+    args["teacher_run"]["probabilities"] = {"window_heldout": _probs(WINDOW, 0.9)}
+    args["candidate_runs"][PRODUCTION_CANDIDATE]["probabilities"] = {"window_heldout": _probs(students, 0.87)}
+    args["candidate_runs"]["small"]["probabilities"] = {"window_heldout": _probs(students, candidate_conf)}
+    report, sel = validate_runs(**args)
+    small = report.candidates["small"]
+    assert small.agreement["window_heldout"] == 0.8
+    assert small.soft_agreement == {"window_heldout": pytest.approx((1.5 + 3 * candidate_conf) / 5, abs=1e-6)}
+    assert report.candidates[PRODUCTION_CANDIDATE].soft_agreement == {"window_heldout": pytest.approx(0.822)}
+    gain = sel.candidates["small"].gates["min_window_agreement_gain"]
+    assert gain.passed is deploys and gain.value == pytest.approx(0.6 * (candidate_conf - 0.87), abs=1e-6)
+    assert gain.note.startswith("soft agreement ") and "labels 0.8 against production v0003's 0.8 (+0)" in gain.note
+    assert (sel.selected == "small") is deploys
+    assert "soft_agreement" in json.dumps(report.to_json_dict())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from shrinkflow.config import Gates, ValidateParams
@@ -322,3 +323,21 @@ def test_the_choice_is_confirmed_against_production_on_test_too():
     _, gates = validate_runs(teacher, {"fast": fast, "slow": slow}, LABELS, params, FILES,
                              recorded_production=recorded.model_copy(update={"test_accuracy": None}))
     assert gates.selected == "fast" and not gates.unconfirmed
+
+
+def test_soft_agreement_is_the_overlap_of_the_class_probabilities():
+    from shrinkflow.stats import soft_agreement
+
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    assert soft_agreement(p, p) == 1.0
+    # row by row: min overlap 0.7 + 0.1, 0.2 + 0.6, 0.5 + 0.2 -> mean of 0.8, 0.8, 0.7
+    q = np.array([[0.7, 0.3], [0.4, 0.6], [0.8, 0.2]])
+    assert soft_agreement(p, q) == pytest.approx(2.3 / 3) == soft_agreement(q, p)
+    assert soft_agreement(p, q) == pytest.approx(1 - np.abs(p - q).sum(axis=1).mean() / 2)  # 1 - total variation
+    # one-hot rows: the label agreement
+    a, b = [0, 1, 1, 2], [0, 2, 1, 1]
+    assert soft_agreement(np.eye(3)[a], np.eye(3)[b]) == agreement(a, b) == 0.5
+    assert soft_agreement(np.eye(2)[[0]], np.eye(2)[[1]]) == 0.0
+    assert soft_agreement(np.empty((0, 2)), np.empty((0, 2))) is None
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) with \(2, 2\)"):
+        soft_agreement(p, q[:2])
