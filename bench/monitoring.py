@@ -531,7 +531,10 @@ def markdown(doc: dict, models: list[str]) -> str:
               f"{(mv[p1] - mv[p0]) * 100:+.2f} points.", *extra,
               f"After the retrain, the production model scores {tw[p2]:.4f} on the tweets against the old teacher's "
               f"{tw[t0]:.4f} (new teacher {tw[t2]:.4f}); in domain {(mv[p2] - mv[p0]) * 100:+.2f} points against "
-              f"the first production model."]
+              f"the first production model"
+              + (f", {(mv[p2] - mv[p1]) * 100:+.2f} against the model it replaced (the re-compression's)"
+                 if p1 != p0 and doc["recompress"]["deployed_after"] != doc["recompress"]["deployed_before"] else "")
+              + f"; the new teacher {(mv[t2] - mv[t0]) * 100:+.2f} against the old."]
     return "\n".join(lines)
 
 
