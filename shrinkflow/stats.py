@@ -113,6 +113,7 @@ def soft_agreement(p, q) -> float | None:
     variation is the coupling form of disagreement: the overlap is the
     largest probability with which two labels drawn from p and q can agree
     (Levin, Peres & Wilmer, "Markov Chains and Mixing Times", Prop. 4.7).
+    Non-finite probabilities give NaN, which fails every gate it enters.
     Raises ValueError on shapes that differ.
     """
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)

@@ -374,3 +374,12 @@ def test_a_gate_stores_its_value_and_margin_without_float_noise_and_decides_befo
     # a measured figure is stored as measured, to its last digit
     assert check_max("max_batch_prob_diff", 0.03471069242934802, 1e-4).value == 0.03471069242934802
     assert check_max("max_latency_ms_p95_b1", 123.45678901234567, 200.0).value == 123.45678901234567
+
+
+@pytest.mark.parametrize("soft, production_soft", [(float("nan"), 0.85), (0.90, float("nan"))])
+def test_non_finite_probabilities_fail_the_window_gain(soft, production_soft):
+    """A model whose probabilities were not finite (soft agreement NaN)
+    never passes on its gain: the gate fails and shows the NaN."""
+    rep = soft_window_report(soft, production_soft)
+    gain = gate(rep, "min_window_agreement_gain")
+    assert not rep.passed and not gain.passed and "nan" in gain.describe()
