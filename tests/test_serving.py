@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from shrinkflow.config import Candidate, Gates, QuantizeStep
+from shrinkflow.files import atomic_write_text
 from shrinkflow.gates import evaluate_gates
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
@@ -440,9 +441,13 @@ def test_the_server_logs_each_hot_reload_and_each_refusal_once(tmp_path, candida
         assert wait_for_version(srv.url, new)
         aliases = tmp_path / "registry" / "aliases.json"
         good = aliases.read_text()
-        aliases.write_text("{")                      # half-written: refused, and said once
+        # Swapped in whole (as the registry writes it): a plain write_text
+        # truncates first, and a poll between truncate and write read an
+        # empty file, a second unreadable state with its own refusal (seen
+        # once in a full suite).
+        atomic_write_text(aliases, "{")              # half-written: refused, and said once
         time.sleep(1.5)
-        aliases.write_text(good)
+        atomic_write_text(aliases, good)
         assert httpx.get(f"{srv.url}/health").json()["model_version"] == new
     finally:
         srv.stop()
