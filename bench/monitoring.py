@@ -208,13 +208,14 @@ def evaluate(model_dirs: dict[str, Path], texts: list[str], labels: np.ndarray) 
 
 def probabilities_as_served(model_dir: Path, texts: list[str]) -> np.ndarray:
     """``[N, C]`` class probabilities as ``labels_as_served`` scores them (the
-    same call pattern), as validate measures them for the gain gate."""
-    from shrinkflow.predictors import load_predictor, predict_logits_batched, predict_served, softmax
+    same call pattern), through validate's own ``evaluate.predict_outputs``."""
+    from shrinkflow.evaluate import predict_outputs
+    from shrinkflow.predictors import load_predictor
 
     predictor = load_predictor(model_dir, threads=2)
-    logits = (predict_served(predictor, texts, per_row=True).logits
-              if getattr(predictor, "batch_dependent", False) else predict_logits_batched(predictor, texts))
-    return softmax(logits.astype(np.float64))
+    _, probs = predict_outputs(predictor, {"texts": texts}, per_row=getattr(predictor, "batch_dependent", False),
+                               probability_splits=frozenset({"texts"}))
+    return np.asarray(probs["texts"])
 
 
 def gain_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list[str]) -> dict:
@@ -231,7 +232,9 @@ def gain_noise(teacher: Path, production_dir: Path, candidate: Path, texts: list
     agree_p, agree_c = p.argmax(1) == t.argmax(1), c.argmax(1) == t.argmax(1)
     discordant = float((agree_p != agree_c).mean())
     gain = float(agree_c.mean() - agree_p.mean())
-    diff = np.minimum(c, t).sum(1) - np.minimum(p, t).sum(1)
+    from shrinkflow.stats import overlap_rows
+
+    diff = overlap_rows(c, t) - overlap_rows(p, t)
     sd = float(diff.std(ddof=1))
     return {"texts": len(texts), "discordant": round(discordant, 4), "gain": round(gain, 4),
             "se_at": {n: round(float(np.sqrt(max(discordant - gain ** 2, 0.0) / n)), 4)

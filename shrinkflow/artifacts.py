@@ -156,7 +156,8 @@ class CandidateMeasurements(Quality, PairedDrop, Performance):
     texts where it predicts the teacher's label, by split (None: empty split);
     ``soft_agreement``: the overlap of its class probabilities with the
     teacher's (``stats.soft_agreement``), on the splits whose probabilities
-    were measured (the held-out window; absent otherwise). ``files``: sha256 by relative path; ``content_hash``: one hash of them."""
+    were measured (the held-out window; absent otherwise). ``files``: sha256
+    by relative path; ``content_hash``: one hash of them."""
 
     split: str
     accuracy_shifted: Number | None = None

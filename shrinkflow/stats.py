@@ -116,12 +116,19 @@ def soft_agreement(p, q) -> float | None:
     Non-finite probabilities give NaN, which fails every gate it enters.
     Raises ValueError on shapes that differ.
     """
+    rows = overlap_rows(p, q)
+    return round(float(rows.mean()), 6) if len(rows) else None
+
+
+def overlap_rows(p, q) -> np.ndarray:
+    """Per text, ``[N]``: sum_c min(p[i, c], q[i, c]) of two ``[N, C]``
+    probability arrays, the terms ``soft_agreement`` averages (a paired
+    difference of two models' rows gives its standard error). Raises
+    ValueError on shapes that differ."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
     if p.shape != q.shape:
         raise ValueError(f"cannot compare probabilities of shape {p.shape} with {q.shape}")
-    if not len(p):
-        return None
-    return round(float(np.minimum(p, q).sum(axis=1).mean()), 6)
+    return np.minimum(p, q).sum(axis=1) if len(p) else np.zeros(0)
 
 
 def mcnemar_exact_p(b: int, c: int) -> float:

@@ -341,3 +341,36 @@ def test_soft_agreement_is_the_overlap_of_the_class_probabilities():
     assert soft_agreement(np.empty((0, 2)), np.empty((0, 2))) is None
     with pytest.raises(ValueError, match=r"shape \(3, 2\) with \(2, 2\)"):
         soft_agreement(p, q[:2])
+
+
+def _probability_rows(draw, n: int, c: int) -> np.ndarray:
+    from hypothesis import strategies as st
+
+    w = np.array(draw(st.lists(st.lists(st.floats(0.0, 1.0), min_size=c, max_size=c), min_size=n, max_size=n)))
+    w[w.sum(axis=1) == 0, 0] = 1.0   # an all-zero draw: all mass on class 0
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def test_soft_agreement_over_any_probabilities():
+    """The whole kind, not one example: any two ``[N, C]`` probability
+    arrays give a value in [0, 1] that is symmetric, 1 minus the mean total
+    variation, 1 for identical rows, and the label agreement of their argmax
+    when the rows are one-hot; ``overlap_rows`` are its terms."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from shrinkflow.stats import overlap_rows, soft_agreement
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.data(), st.integers(1, 12), st.integers(2, 6))
+    def check(data, n, c):
+        p, q = _probability_rows(data.draw, n, c), _probability_rows(data.draw, n, c)
+        s = soft_agreement(p, q)
+        assert 0.0 <= s <= 1.0 and s == soft_agreement(q, p)
+        assert s == pytest.approx(1 - np.abs(p - q).sum(axis=1).mean() / 2, abs=2e-6)
+        assert s == pytest.approx(float(overlap_rows(p, q).mean()), abs=1e-6)
+        assert soft_agreement(p, p) == pytest.approx(1.0, abs=1e-6)
+        a, b = p.argmax(axis=1), q.argmax(axis=1)
+        assert soft_agreement(np.eye(c)[a], np.eye(c)[b]) == agreement(a, b)
+
+    check()
