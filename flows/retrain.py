@@ -18,8 +18,10 @@ from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from tasks.dvc import repro_stage_with_retries
 from shrinkflow.retrain import teacher_rejection
+from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
                            save_state)
+from tasks.warmstart import stage_warm_start
 
 
 @flow(name="shrinkflow-retrain", log_prints=True)
@@ -38,8 +40,12 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
         return {**retrain_outcome(None, None, feedback), "stages": {}}
     push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
-    record = record_previous_teacher(project_dir, trigger, feedback,
-                                     load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir)
+    registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir
+    # The production student, for the retrained teacher's students to
+    # warm-start from; recorded in retrain.json, so the lineage names it.
+    warm_start = stage_warm_start(project_dir, registry_dir, for_retrain=True)
+    record = record_previous_teacher(project_dir, {**trigger, "warm_start": warm_start}, feedback, registry_dir)
+    print(warm_start_summary((record.get("production") or {}).get("version"), warm_start))
     result = lifecycle(project_dir)
     rejected = teacher_rejection(result["gates"])
     restored = None

@@ -476,6 +476,15 @@ class DistillStep(_Frozen):
     # so the share chosen is one the deploy gate can pass. None: not checked.
     # Read only with a grid and steps after distill.
     warm_start_max_teacher_val_drop_points: Annotated[float, Field(ge=0.0, le=100.0)] | None = 1.0
+    # Retrain: the retrained teacher's student also starts from the production
+    # student (distilled from the old teacher; the retrain flow stages it),
+    # and learns the new teacher from there on the training split and the
+    # production text (the window and the production labels' texts), with the
+    # warm start's mix and interpolation grid above: it keeps what production
+    # knew in domain (the grid's bound against production's student) while it
+    # takes the new teacher's fix. false: a retrain distils every student cold
+    # from the new teacher's layers.
+    warm_start_across_teachers: bool = True
 
     # The keys only a warm start reads: the candidate cache key leaves them
     # out when no warm start is used, so an ordinary run's keys do not move.
@@ -483,7 +492,8 @@ class DistillStep(_Frozen):
                                                   "warm_start_train_rows_per_window_text",
                                                   "warm_start_window_repeats", "warm_start_window_augment_copies",
                                                   "warm_start_interpolation", "warm_start_max_val_drop_points",
-                                                  "warm_start_max_teacher_val_drop_points")
+                                                  "warm_start_max_teacher_val_drop_points",
+                                                  "warm_start_across_teachers")
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":

@@ -234,9 +234,11 @@ def changed_stages(current_lock: Path, saved_lock: Path) -> list[str]:
 def save_state(root: Path | str) -> list[str]:
     """Before a retrain's lifecycle: copy what it changes and DVC's cache
     cannot give back (dvc.lock, the feedback dataset, the retrain record,
-    every ``cache: false`` out) into ``shrinkflow.paths.RETRAIN_BEFORE``,
-    replacing an earlier copy; its ``files.json`` lists the paths and which
-    existed. Returns the paths saved (relative)."""
+    every ``cache: false`` out, the staged warm-start students: every file
+    under ``shrinkflow.paths.WARM_START``, which the retrain stages anew)
+    into ``shrinkflow.paths.RETRAIN_BEFORE``, replacing an earlier copy; its
+    ``files.json`` lists the paths and which existed. Returns the paths saved
+    (relative)."""
     import json
     import shutil
 
@@ -244,7 +246,7 @@ def save_state(root: Path | str) -> list[str]:
     from shrinkflow.paths import FEEDBACK, RETRAIN_BEFORE, RETRAIN_RECORD
 
     root = Path(root)
-    paths = [Path("dvc.lock"), FEEDBACK, RETRAIN_RECORD, *uncached_outs(root)]
+    paths = [Path("dvc.lock"), FEEDBACK, RETRAIN_RECORD, *uncached_outs(root), *staged_files(root)]
     tmp = root / RETRAIN_BEFORE.with_name(RETRAIN_BEFORE.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     existed = {}
@@ -257,6 +259,15 @@ def save_state(root: Path | str) -> list[str]:
     shutil.rmtree(root / RETRAIN_BEFORE, ignore_errors=True)
     tmp.rename(root / RETRAIN_BEFORE)
     return [p for p, e in existed.items() if e]
+
+
+def staged_files(root: Path) -> list[Path]:
+    """Every file under ``shrinkflow.paths.WARM_START`` in the project at
+    ``root`` (relative, sorted): what a retrain's warm-start staging replaces."""
+    from shrinkflow.paths import WARM_START
+
+    staged = Path(root) / WARM_START
+    return sorted(p.relative_to(root) for p in staged.rglob("*") if p.is_file()) if staged.is_dir() else []
 
 
 def teacher_rejection(gates: dict) -> str | None:
@@ -287,7 +298,7 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
 
     from shrinkflow.dvcrun import dvc_command
     from shrinkflow.files import atomic_write_bytes, atomic_write_text, content_hash, file_hashes
-    from shrinkflow.paths import REJECTED_RETRAINS, RETRAIN_BEFORE, TEACHER
+    from shrinkflow.paths import REJECTED_RETRAINS, RETRAIN_BEFORE, TEACHER, WARM_START
 
     root = Path(root)
     saved = root / RETRAIN_BEFORE
@@ -302,6 +313,13 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
             atomic_write_bytes(root / rel, (saved / rel).read_bytes())
         elif (root / rel).exists():
             (root / rel).unlink()
+    # the warm-start students the retrain staged, where none was before
+    for rel in staged_files(root):
+        if str(rel) not in existed:
+            (root / rel).unlink()
+    for folder in sorted((p for p in (root / WARM_START).rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
     try:
         if changed:
             dvc_command(["checkout", "--force", *changed], root)

@@ -53,26 +53,46 @@ def read_lines(path: Path | str) -> list[str]:
 def read_unlabelled(root: Path | str = ".") -> list[str]:
     """What distillation learns from besides the training split: the
     production window snapshot (``data/unlabelled/texts.txt``, written by
-    re-compression) followed by the user's own unlabelled text
-    (``data.source.unlabelled_path``, prepared by the data stage into
-    ``data/prepared/unlabelled.parquet``; empty for the built-in task)."""
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
+    re-compression), then the texts of the production labels a retrain
+    fine-tunes the teacher on (``data/prepared/feedback_train.parquet``,
+    written by the data stage; empty until a retrain), then the user's own
+    unlabelled text (``data.source.unlabelled_path``, prepared by the data
+    stage into ``data/prepared/unlabelled.parquet``; empty for the built-in
+    task). The students learn the retrained teacher's fix on the very text it
+    was retrained for; the held-out production labels are never read."""
+    from shrinkflow.paths import UNLABELLED
 
     texts = read_lines(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if prepared.is_file():
-        texts += [t for t in read_parquet(prepared)["text"].astype(str).tolist() if t.strip()]
+    for path in _prepared_unlabelled(root):
+        texts += [t for t in read_parquet(path, columns=["text"])["text"].astype(str).tolist() if t.strip()]
     return texts
+
+
+def _prepared_unlabelled(root: Path | str) -> list[Path]:
+    """The prepared Parquet files ``read_unlabelled`` reads after the window
+    file: the production labels' training share, then the user's unlabelled
+    text, each when it exists and has rows."""
+    from shrinkflow.paths import UNLABELLED_PREPARED, split_path
+
+    found = []
+    for rel in (split_path("feedback_train"), UNLABELLED_PREPARED):
+        path = Path(root) / rel
+        if path.is_file() and len(read_parquet(path, columns=["text"])):
+            found.append(path)
+    return found
 
 
 def unlabelled_hash(root: Path | str = ".") -> str:
     """Content hash of what ``read_unlabelled`` reads, for the candidate
-    cache key. The window file's sha256 alone when the user gave no
-    unlabelled text, so the built-in task's keys are unchanged."""
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED
+    cache key. The window file's sha256 alone when there are no production
+    labels and the user gave no unlabelled text, so the built-in task's keys
+    are unchanged."""
+    from shrinkflow.paths import UNLABELLED
 
     window = sha256_file(Path(root) / UNLABELLED)
-    prepared = Path(root) / UNLABELLED_PREPARED
-    if not prepared.is_file() or len(read_parquet(prepared)) == 0:
+    prepared = _prepared_unlabelled(root)
+    if not prepared:
         return window
-    return hashlib.sha256(f"{window}:{sha256_file(prepared)}".encode()).hexdigest()
+    if [p.name for p in prepared] == ["unlabelled.parquet"]:   # the key it had before production labels counted
+        return hashlib.sha256(f"{window}:{sha256_file(prepared[0])}".encode()).hexdigest()
+    return hashlib.sha256(":".join([window, *(f"{p.name}={sha256_file(p)}" for p in prepared)]).encode()).hexdigest()

@@ -41,13 +41,16 @@ def clear_staged(root: Path) -> None:
             entry.unlink()
 
 
-def stage_warm_start(root: Path, registry_dir: str) -> dict | None:
+def stage_warm_start(root: Path, registry_dir: str, for_retrain: bool = False) -> dict | None:
     """Copy the production version's warm-start sidecar into
     ``data/unlabelled/warm_start/<candidate>/`` under ``root``. Returns what
     was staged (``version``, ``candidate``, ``content_hash`` of the sidecar's
-    files), None when nothing is in production or its version has no
-    sidecar, and ``{"version", "error"}`` when its sidecar fails
-    verification (then nothing is staged: the re-distillation starts cold)."""
+    files, and ``for_retrain: true`` when ``for_retrain``), None when nothing
+    is in production or its version has no sidecar, and ``{"version",
+    "error"}`` when its sidecar fails verification (then nothing is staged:
+    the re-distillation starts cold). ``for_retrain``: staged by the retrain
+    flow, for the retrained teacher's students, whose teacher is not the one
+    the sidecar was distilled from (``compress.warm.matching_sidecar``)."""
     root = Path(root)
     registry = Registry(root / registry_dir)
     clear_staged(root)
@@ -67,6 +70,8 @@ def stage_warm_start(root: Path, registry_dir: str) -> dict | None:
     shutil.copytree(sidecar, tmp)
     tmp.rename(dest)
     staged = {"version": version, "candidate": meta["candidate"], "content_hash": content_hash(file_hashes(dest))}
+    if for_retrain:
+        staged["for_retrain"] = True
     atomic_write_text(root / WARM_START / SOURCE, json.dumps(staged, indent=2, sort_keys=True) + "\n")
     return staged
 

@@ -8,6 +8,9 @@ them with training text mixed in and the teacher's outputs from the cache, and
 the new version's lineage names the version it started from. It deploys
 through the window gate's gain route alone: under the agreement floor, but
 agreeing with the teacher on the held-out window more than production does.
+Then a retrain replaces the teacher, and its student re-distils from the
+production student too (staged for the retrain), on the window and the
+production labels' texts.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ print("RESULT " + json.dumps({"deployed": result["deployed_version"], "window": 
 """
 
 
+RETRAIN = """
+import json, sys
+from shrinkflow.bootstrap import configure_env
+configure_env(".")
+from flows.retrain import retrain
+pairs = [tuple(p) for p in json.load(open(sys.argv[1], encoding="utf-8"))]
+result = retrain(".", pairs, {"monitor_flow_run": "e2e-retrain-warm-start", "triggers": ["teacher_feedback"]})
+print("RESULT " + json.dumps({"deployed": result["deployed_version"], "outcome": result["outcome"]}))
+"""
+
+
 def failed_gates(project: Path) -> str:
     """Every candidate's failed gates in reports/gates.json, for a failure message."""
     path = project / "reports/gates.json"
@@ -73,7 +87,7 @@ def failed_gates(project: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefect_api):
+def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(tmp_path, prefect_api):
     import os
 
     import pandas as pd
@@ -156,3 +170,41 @@ def test_a_recompression_warm_starts_from_the_production_student(tmp_path, prefe
     assert manifest["warm_start_files"] != reg.manifest("v0001")["warm_start_files"]
     staged = Path(project / "data/unlabelled/warm_start/student/student.safetensors")
     assert staged.read_bytes() == (kept / "student.safetensors").read_bytes()
+
+    # --- Then a retrain (the teacher wrong on the production labels): the
+    # retrained teacher is another one, yet its student starts from the
+    # production student (v0002's, staged for the retrain), so it keeps what
+    # production knew; it learns the new teacher on the training split, the
+    # window and the texts of the production labels the teacher was
+    # fine-tuned on (never the held-out ones); the retrain record and the new
+    # version's lineage name the student it started from.
+    from shrinkflow.predictors import load_predictor
+
+    # The tiny teacher's gates as tests/test_e2e_retrain.py sets them, the
+    # candidates' open; the window stays, and its held-out agreement (now with
+    # the retrained teacher) is gated by the floor alone, set within reach.
+    write_params(project / "params.yaml", deep_merge(STUDENT_PARAMS, {"validate": {"gates": {
+        "max_teacher_val_drop": 1.0, "min_teacher_feedback_gain": 0.0, "max_accuracy_drop_vs_production": 1.0,
+        "max_accuracy_drop": 1.0, "min_window_agreement": 0.0}}}))
+    labels = json.loads((project / "data/prepared/labels.json").read_text())["labels"]
+    teacher = load_predictor(project / "models/teacher", threads=1).predict_logits(texts).argmax(axis=1)
+    pairs = [(t, labels[1 - int(p)]) for t, p in zip(texts, teacher)]   # every label contradicts the teacher
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", RETRAIN, str(tmp_path / "pairs.json")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    done = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert "warm start: production v0002's student staged: candidate 'student' re-distils from it" in out, out[-3000:]
+    assert done == {"deployed": "v0003", "outcome": "deployed"}, failed_gates(project) + out[-3000:]
+    record = json.loads((project / "data/feedback/retrain.json").read_text())
+    staged = record["requested_by"]["warm_start"]
+    assert (staged["version"], staged["candidate"], staged["for_retrain"]) == ("v0002", "student", True)
+    build = json.loads((project / "metrics/compress.json").read_text())["candidates"]["student"]
+    feedback_train = pd.read_parquet(project / "data/prepared/feedback_train.parquet")["text"].tolist()
+    assert feedback_train and build["cached"] is False and build["warm_start_from"] == "v0002"
+    # the window's distilled texts, then the production labels' own
+    assert build["distill_unlabelled_rows"] == rows + len([t for t in feedback_train if t.strip()])
+    assert build["distill_rows"] == build["warm_start_train_rows"] + build["distill_unlabelled_rows"]
+    assert reg.manifest("v0003")["lineage"]["feedback"]["retrain"]["requested_by"]["warm_start"] == staged
+    assert reg.manifest("v0003")["warm_start_files"] != reg.manifest("v0002")["warm_start_files"]

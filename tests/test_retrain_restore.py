@@ -99,6 +99,32 @@ def test_a_rejected_retrain_puts_the_project_back(project):
     assert not (project / RETRAIN_BEFORE).exists()
 
 
+def test_the_warm_start_a_rejected_retrain_staged_is_put_back(project):
+    """The retrain stages production's student anew (shrinkflow.warmstart):
+    after a rejection the warm-start folder holds what it held before, the
+    student staged by the last re-compression, and nothing the retrain added."""
+    from shrinkflow.paths import WARM_START
+
+    before = {WARM_START / "README.md": b"staged students\n", WARM_START / "source.json": b'{"version": "v0002"}',
+              WARM_START / "student-a" / "student.safetensors": b"weights of v0002's student"}
+    for rel, data in before.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_bytes(data)
+    saved = save_state(project)
+    assert {str(rel) for rel in before} <= set(saved)
+
+    # the retrain's staging: the earlier student cleared, another staged for the retrain
+    (project / WARM_START / "student-a" / "student.safetensors").unlink()
+    (project / WARM_START / "student-a").rmdir()
+    (project / WARM_START / "student-b").mkdir()
+    (project / WARM_START / "student-b" / "student.safetensors").write_bytes(b"weights of v0003's student")
+    (project / WARM_START / "source.json").write_text('{"version": "v0003", "for_retrain": true}')
+    restore_state(project, {"reason": "max_teacher_val_drop failed"})
+    now = {p.relative_to(project): p.read_bytes() for p in (project / WARM_START).rglob("*") if p.is_file()}
+    assert now == before
+    assert not (project / WARM_START / "student-b").exists()
+
+
 def test_restore_without_a_saved_state_raises(project):
     with pytest.raises(FileNotFoundError):
         restore_state(project, {})

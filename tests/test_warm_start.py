@@ -235,6 +235,10 @@ def test_the_registry_keeps_the_student_with_the_version_and_verifies_it(tmp_pat
     assert sorted(p.name for p in (project_root / WARM_START).iterdir()) == ["README.md", SOURCE, "student"]
     assert read_meta(project_root / WARM_START / "student")["layers"] == [0, 2]
     assert json.loads((project_root / WARM_START / SOURCE).read_text()) == staged
+    assert "for_retrain" not in staged
+    for_retrain = stage_warm_start(project_root, "../reg", for_retrain=True)
+    assert for_retrain == {**staged, "for_retrain": True}
+    assert json.loads((project_root / WARM_START / SOURCE).read_text()) == for_retrain
 
     (stored / "student.safetensors").write_bytes(b"tampered")
     with pytest.raises(IntegrityError, match="warm-start files changed"):
@@ -628,3 +632,83 @@ def test_the_re_compression_log_says_whether_the_students_start_warm():
     assert "v0002's student failed verification" in bad and "sha256 mismatch" in bad and bad.endswith("distils cold")
     warm = warm_start_summary("v0003", {"version": "v0003", "candidate": "student", "content_hash": "h"})
     assert warm == "warm start: production v0003's student staged: candidate 'student' re-distils from it"
+
+
+def test_a_student_of_another_teacher_warm_starts_only_when_a_retrain_staged_it(tmp_path, tiny_teacher_dir,
+                                                                              small_splits):
+    """After a retrain the sidecar's teacher is not the kept one: the build
+    starts from it only when the retrain flow staged it (``for_retrain`` in
+    source.json) and the step's ``warm_start_across_teachers`` is on; then
+    the record names the version and the key differs from the cold build's.
+    Another candidate's or other layers' student never fits."""
+    from shrinkflow.compress.build import build_candidate
+    from shrinkflow.compress.keys import candidate_keys
+    from shrinkflow.compress.warm import META, SOURCE, candidate_warm_start, matching_sidecar
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.paths import STUDENTS, TEACHER, WARM_START
+
+    root = project(tmp_path, tiny_teacher_dir, small_splits)
+    cold = build_candidate(root, STUDENT, opset=17, threads=1)
+    assert cold["warm_start_from"] is None
+    cold_key = candidate_keys(root, [STUDENT], 17, 1, False)["student"]
+    staged = root / WARM_START / "student"
+    shutil.copytree(root / STUDENTS / "student", staged)
+    meta = json.loads((staged / META).read_text())
+    (staged / META).write_text(json.dumps({**meta, "teacher_hash": "the-old-teacher"}))
+    teacher = content_hash(file_hashes(root / TEACHER))
+    across = Candidate(name="student", recipe=(STEP.model_copy(update={"warm_start_across_teachers": True}),))
+    not_across = Candidate(name="student", recipe=(STEP.model_copy(update={"warm_start_across_teachers": False}),))
+
+    for source in (None, {"version": "v0003"}, {"version": "v0003", "for_retrain": False}):
+        if source is not None:
+            (root / WARM_START / SOURCE).write_text(json.dumps(source))
+        assert candidate_warm_start(root / WARM_START, across, teacher) is None, source
+    (root / WARM_START / SOURCE).write_text(json.dumps({"version": "v0003", "for_retrain": True}))
+    assert candidate_warm_start(root / WARM_START, across, teacher) == staged
+    assert candidate_warm_start(root / WARM_START, not_across, teacher) is None
+    assert matching_sidecar(root / WARM_START, "student", (0, 1), teacher, across_teachers=True) is None
+    assert matching_sidecar(root / WARM_START, "other", (0,), teacher, across_teachers=True) is None
+
+    (root / "data/unlabelled/texts.txt").write_text("".join(f"a production text, number {i}\n" for i in range(5)))
+    warm_key = candidate_keys(root, [STUDENT], 17, 1, False)["student"]
+    assert warm_key != cold_key
+    warm = build_candidate(root, STUDENT, opset=17, threads=1, key=warm_key)
+    assert (warm["warm_start_from"], warm["warm_start_train_rows"]) == ("v0003", 20)
+
+
+def test_distillation_reads_the_production_labels_texts_and_the_key_follows_them(tmp_path, small_splits):
+    """The window, then the texts of the production labels a retrain
+    fine-tuned on (never the held-out ones), then the user's unlabelled text;
+    with no production labels the key is the window's alone, as before."""
+    import pandas as pd
+
+    from shrinkflow.files import sha256_file
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, split_path
+    from shrinkflow.splits import read_unlabelled, unlabelled_hash
+
+    root = tmp_path
+    (root / UNLABELLED).parent.mkdir(parents=True)
+    (root / UNLABELLED).write_text("window one\n\nwindow two\n")
+    (root / split_path("feedback_train")).parent.mkdir(parents=True)
+    empty = pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")})
+    for name in ("feedback_train", "feedback_heldout"):
+        empty.to_parquet(root / split_path(name), index=False)
+    assert read_unlabelled(root) == ["window one", "window two"]
+    assert unlabelled_hash(root) == sha256_file(root / UNLABELLED)
+
+    pd.DataFrame({"text": ["labelled tweet", "  "], "label": [1, 0]}).to_parquet(root / split_path("feedback_train"),
+                                                                                index=False)
+    pd.DataFrame({"text": ["held out tweet"], "label": [0]}).to_parquet(root / split_path("feedback_heldout"),
+                                                                        index=False)
+    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet"]
+    with_labels = unlabelled_hash(root)
+    assert with_labels != sha256_file(root / UNLABELLED)
+
+    pd.DataFrame({"text": ["user text"]}).to_parquet(root / UNLABELLED_PREPARED, index=False)
+    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet", "user text"]
+    assert unlabelled_hash(root) not in (with_labels, sha256_file(root / UNLABELLED))
+    empty.to_parquet(root / split_path("feedback_train"), index=False)
+    # the user's text alone: the key it had before production labels counted
+    import hashlib
+    assert unlabelled_hash(root) == hashlib.sha256(
+        f"{sha256_file(root / UNLABELLED)}:{sha256_file(root / UNLABELLED_PREPARED)}".encode()).hexdigest()

@@ -176,14 +176,16 @@ def software() -> dict:
 
 def pack_inputs(root: Path) -> BuildInputs:
     """The files every build in the project at ``root`` reads: the teacher
-    directory, the training split, the production-window text and the user's
-    prepared unlabelled text (when there is one), with ``software()``.
-    Raises MissingInput when the teacher, the split or the window file is
-    missing."""
+    directory, the training split, the production-window text, the
+    production labels' training share and the user's prepared unlabelled
+    text (each when there is one: shrinkflow.splits.read_unlabelled), with
+    ``software()``. Raises MissingInput when the teacher, the split or the
+    window file is missing."""
     root = Path(root)
     paths = [TEACHER, split_path("train"), UNLABELLED]
-    if (root / UNLABELLED_PREPARED).is_file():
-        paths.append(UNLABELLED_PREPARED)
+    for rel in (split_path("feedback_train"), UNLABELLED_PREPARED):
+        if (root / rel).is_file():
+            paths.append(rel)
     return BuildInputs(FileSet.read(root, paths), software())
 
 

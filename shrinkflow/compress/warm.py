@@ -66,20 +66,35 @@ def read_meta(sidecar: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def matching_sidecar(warm_dir: Path, candidate: str, layers, teacher_hash: str) -> Path | None:
+def matching_sidecar(warm_dir: Path, candidate: str, layers, teacher_hash: str,
+                     across_teachers: bool = False) -> Path | None:
     """``warm_dir/<candidate>`` when it holds a sidecar of this candidate, with
     these ``layers``, distilled from this teacher (``teacher_hash``: the
     teacher directory's content hash); else None. A student of another
-    teacher (after a retrain) is not a warm start: the new teacher's student
-    is distilled from its own layers."""
+    teacher is a warm start only when ``across_teachers`` is set and the
+    sidecar was staged for a retrain (``staged_for_retrain``): the retrained
+    teacher's student then starts from the production student, so it keeps
+    what production knew in domain, and learns the new teacher from there.
+    Any other student of another teacher is not: the new teacher's student is
+    distilled from its own layers."""
     path = Path(warm_dir) / candidate
     meta = read_meta(path)
     if meta is None:
         return None
-    if (meta.get("candidate"), list(meta.get("layers") or []), meta.get("teacher_hash")) \
-            != (candidate, [int(i) for i in layers], teacher_hash):
+    if (meta.get("candidate"), list(meta.get("layers") or [])) != (candidate, [int(i) for i in layers]):
+        return None
+    if meta.get("teacher_hash") != teacher_hash and not (across_teachers and staged_for_retrain(warm_dir)):
         return None
     return path
+
+
+def staged_for_retrain(warm_dir: Path) -> bool:
+    """Whether the sidecars in ``warm_dir`` were staged by a retrain
+    (``SOURCE`` says ``"for_retrain": true``; shrinkflow.warmstart)."""
+    try:
+        return json.loads((Path(warm_dir) / SOURCE).read_text()).get("for_retrain") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def recipe_record(candidate, warm: bool) -> list[dict]:
@@ -100,12 +115,15 @@ def recipe_record(candidate, warm: bool) -> list[dict]:
 
 def candidate_warm_start(warm_dir: Path, candidate, teacher_hash: str) -> Path | None:
     """The sidecar ``candidate``'s distill step starts from: a matching one in
-    ``warm_dir`` (``matching_sidecar``) when the recipe distils with
-    ``warm_start`` on; else None (a cold distillation, or no distillation)."""
+    ``warm_dir`` (``matching_sidecar``, of another teacher too when the step's
+    ``warm_start_across_teachers`` is on and a retrain staged it) when the
+    recipe distils with ``warm_start`` on; else None (a cold distillation, or
+    no distillation)."""
     step = next((s for s in candidate.recipe if s.method == "distill"), None)
     if step is None or not step.warm_start:
         return None
-    return matching_sidecar(warm_dir, candidate.name, step.layers, teacher_hash)
+    return matching_sidecar(warm_dir, candidate.name, step.layers, teacher_hash,
+                            across_teachers=step.warm_start_across_teachers)
 
 
 def warm_source(sidecar: Path | None) -> str | None:
