@@ -351,7 +351,8 @@ def main() -> None:
                           "deployed_before": v1, "deployed_after": v2,
                           "train_rerun": "Running stage 'train'" in out,
                           "lineage": json.loads((reg / "versions" / v2 / "manifest.json").read_text()).get("lineage"),
-                          "gates": json.loads((PROJECT / "reports/gates.json").read_text())}
+                          "gates": json.loads((PROJECT / "reports/gates.json").read_text()),
+                          **retrain_files()}
         time.sleep(3)  # the server polls the alias
         doc["served_at_end"] = httpx.get(f"http://127.0.0.1:{port}/health").json()["model_version"]
     finally:
@@ -390,6 +391,45 @@ def score(doc: dict) -> None:
     (RESULTS / "monitoring.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (RESULTS / "monitoring.md").write_text(markdown(doc, list(dirs)) + "\n")
     print(markdown(doc, list(dirs)))
+
+
+def retrain_files() -> dict:
+    """What the retrain's lifecycle left in the project (nothing runs after
+    it): its candidates' validate figures, and how each distilled student
+    was built (warm start, the texts it learned from, the WiSE-FT share)."""
+    built = json.loads((PROJECT / "metrics/compress.json").read_text())["candidates"]
+    keys = ("warm_start_from", "warm_start_train_rows", "distill_rows", "distill_epochs", "distill_unlabelled_rows",
+            "warm_start_window_augmented_rows", "warm_start_interpolation", "warm_start_interpolation_choice")
+    return {"validate": json.loads((PROJECT / "metrics/validate.json").read_text()),
+            "students": {n: {k: b.get(k) for k in keys} for n, b in built.items() if b.get("distill_rows")}}
+
+
+def retrain_lines(rt: dict) -> list[str]:
+    """The retrain's candidates (val accuracy against the new teacher's,
+    batch-1 p95, failed gates) and how its students were built; none for a
+    run before these were recorded."""
+    if "validate" not in rt:
+        return []
+    v, g = rt["validate"], rt["gates"]["candidates"]
+    out = [f"Retrained teacher on val: {v['teacher']['accuracy']:.4f}.", "",
+           "| candidate | val accuracy | window agreement | p95 b1 (ms) | failed gates |", "|---|---|---|---|---|"]
+    for name, m in v["candidates"].items():
+        failed = ", ".join(f"{k} {x['value']:.4g} (threshold {x['threshold']:.4g})"
+                           for k, x in g[name]["gates"].items() if not x["passed"] and x.get("enforced", True))
+        out.append(f"| {name} | {m['accuracy']:.4f} | {(m.get('agreement') or {}).get('window_heldout')} | "
+                   f"{m['latency_ms_p95_b1']:.3f} | {failed or 'none'} |")
+    for name, b in rt.get("students", {}).items():
+        choice = b.get("warm_start_interpolation_choice") or {}
+        out += ["", f"Student {name}: " + (f"warm-started from production {b['warm_start_from']}'s student"
+                                           if b.get("warm_start_from") else "distilled cold from the new teacher")
+                + f", {b['distill_rows']:,} rows ({b.get('distill_unlabelled_rows') or 0:,} production texts: the "
+                "window's and the production labels'), " + f"{b['distill_epochs']} epoch(s)"
+                + (f"; WiSE-FT share kept {b['warm_start_interpolation']} (tried: "
+                   + ", ".join(f"{t['keep']} -> val accuracy {t['val_accuracy']:.4f}" for t in choice["tried"])
+                   + f"; production student {choice['production_val_accuracy']:.4f}"
+                   + (f", teacher {choice['teacher_val_accuracy']:.4f}" if "teacher_val_accuracy" in choice else "")
+                   + f"; within the bounds: {choice['met']})" if choice else "") + "."]
+    return out
 
 
 def recompress_gates(r: dict) -> list[str]:
@@ -520,7 +560,7 @@ def markdown(doc: dict, models: list[str]) -> str:
               "## Retrain", "",
               f"Verdict {rt['action']} ({', '.join(rt['triggers'])}); production {rt['deployed_before']} -> "
               f"{rt['deployed_after']}; train re-run {rt['train_rerun']}. Selection: {rt['gates'].get('reason')}.",
-              "", "## Accuracy", "",
+              "", *retrain_lines(rt), *([""] if "validate" in rt else []), "## Accuracy", "",
               f"On {doc['eval']['recovery_tweets_n']} recovery-set tweets (never sent as traffic) and the "
               f"{doc['eval']['movie_test_n']} movie-review test sentences, each model scored as served"
               + (" (one text per call for a batch-dependent model, the dynamic-int8 ones: as `shrinkflow serve` "
@@ -545,6 +585,13 @@ if __name__ == "__main__":
     if "--markdown-only" in sys.argv:
         # bench/results/monitoring.md again from monitoring.json (its prose, not its figures)
         saved = json.loads((RESULTS / "monitoring.json").read_text())
+        (RESULTS / "monitoring.md").write_text(markdown(saved, list(saved["eval"]["recovery_tweets"])) + "\n")
+    elif "--retrain-files" in sys.argv:
+        # a run whose retrain was not yet recorded whole: its candidates and students from the project it
+        # left (nothing runs after the retrain), then the markdown again
+        saved = json.loads((RESULTS / "monitoring.json").read_text())
+        saved["retrain"].update(retrain_files())
+        (RESULTS / "monitoring.json").write_text(json.dumps(saved, indent=2) + "\n")
         (RESULTS / "monitoring.md").write_text(markdown(saved, list(saved["eval"]["recovery_tweets"])) + "\n")
     elif "--rescore" in sys.argv:
         sys.path.insert(0, str(ROOT))
