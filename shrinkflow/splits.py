@@ -59,40 +59,51 @@ def read_unlabelled(root: Path | str = ".") -> list[str]:
     unlabelled text (``data.source.unlabelled_path``, prepared by the data
     stage into ``data/prepared/unlabelled.parquet``; empty for the built-in
     task). The students learn the retrained teacher's fix on the very text it
-    was retrained for; the held-out production labels are never read."""
-    from shrinkflow.paths import UNLABELLED
+    was retrained for. Never read: the held-out production labels, and a
+    production label's text that is also in the window's held-out texts
+    (``data/unlabelled/heldout.txt``, whitespace-normalised), whose agreement
+    gates the candidates."""
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, WINDOW_HELDOUT, split_path
 
-    texts = read_lines(Path(root) / UNLABELLED)
-    for path in _prepared_unlabelled(root):
-        texts += [t for t in read_parquet(path, columns=["text"])["text"].astype(str).tolist() if t.strip()]
+    root = Path(root)
+    feedback_train = split_path("feedback_train")
+    texts = read_lines(root / UNLABELLED)
+    if _has_rows(root / feedback_train):
+        held = {" ".join(t.split()) for t in read_lines(root / WINDOW_HELDOUT)} \
+            if (root / WINDOW_HELDOUT).is_file() else set()
+        texts += [t for t in _texts(root / feedback_train) if " ".join(t.split()) not in held]
+    if _has_rows(root / UNLABELLED_PREPARED):
+        texts += _texts(root / UNLABELLED_PREPARED)
     return texts
 
 
-def _prepared_unlabelled(root: Path | str) -> list[Path]:
-    """The prepared Parquet files ``read_unlabelled`` reads after the window
-    file: the production labels' training share, then the user's unlabelled
-    text, each when it exists and has rows."""
-    from shrinkflow.paths import UNLABELLED_PREPARED, split_path
+def _texts(path: Path) -> list[str]:
+    """The non-blank ``text`` column of a prepared Parquet file."""
+    return [t for t in read_parquet(path, columns=["text"])["text"].astype(str).tolist() if t.strip()]
 
-    found = []
-    for rel in (split_path("feedback_train"), UNLABELLED_PREPARED):
-        path = Path(root) / rel
-        if path.is_file() and len(read_parquet(path, columns=["text"])):
-            found.append(path)
-    return found
+
+def _has_rows(path: Path) -> bool:
+    return path.is_file() and len(read_parquet(path, columns=["text"])) > 0
 
 
 def unlabelled_hash(root: Path | str = ".") -> str:
     """Content hash of what ``read_unlabelled`` reads, for the candidate
     cache key. The window file's sha256 alone when there are no production
     labels and the user gave no unlabelled text, so the built-in task's keys
-    are unchanged."""
-    from shrinkflow.paths import UNLABELLED
+    are unchanged; with production labels, the window's held-out texts
+    (which filter them) count too."""
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, WINDOW_HELDOUT, split_path
 
-    window = sha256_file(Path(root) / UNLABELLED)
-    prepared = _prepared_unlabelled(root)
-    if not prepared:
-        return window
-    if [p.name for p in prepared] == ["unlabelled.parquet"]:   # the key it had before production labels counted
-        return hashlib.sha256(f"{window}:{sha256_file(prepared[0])}".encode()).hexdigest()
-    return hashlib.sha256(":".join([window, *(f"{p.name}={sha256_file(p)}" for p in prepared)]).encode()).hexdigest()
+    root = Path(root)
+    feedback_train = split_path("feedback_train")
+    window = sha256_file(root / UNLABELLED)
+    parts = []
+    if _has_rows(root / feedback_train):
+        parts.append(f"feedback_train.parquet={sha256_file(root / feedback_train)}")
+        if (root / WINDOW_HELDOUT).is_file():
+            parts.append(f"heldout.txt={sha256_file(root / WINDOW_HELDOUT)}")
+    if _has_rows(root / UNLABELLED_PREPARED):
+        if not parts:   # the key it had before production labels counted
+            return hashlib.sha256(f"{window}:{sha256_file(root / UNLABELLED_PREPARED)}".encode()).hexdigest()
+        parts.append(f"unlabelled.parquet={sha256_file(root / UNLABELLED_PREPARED)}")
+    return hashlib.sha256(":".join([window, *parts]).encode()).hexdigest() if parts else window

@@ -678,12 +678,13 @@ def test_a_student_of_another_teacher_warm_starts_only_when_a_retrain_staged_it(
 
 def test_distillation_reads_the_production_labels_texts_and_the_key_follows_them(tmp_path, small_splits):
     """The window, then the texts of the production labels a retrain
-    fine-tuned on (never the held-out ones), then the user's unlabelled text;
-    with no production labels the key is the window's alone, as before."""
+    fine-tuned on (never the held-out labels, nor a text among the window's
+    held-out texts), then the user's unlabelled text; with no production
+    labels the key is the window's alone, as before."""
     import pandas as pd
 
     from shrinkflow.files import sha256_file
-    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, split_path
+    from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, WINDOW_HELDOUT, split_path
     from shrinkflow.splits import read_unlabelled, unlabelled_hash
 
     root = tmp_path
@@ -704,8 +705,19 @@ def test_distillation_reads_the_production_labels_texts_and_the_key_follows_them
     with_labels = unlabelled_hash(root)
     assert with_labels != sha256_file(root / UNLABELLED)
 
+    # a production label's text that is also one of the window's held-out texts is not learned from
+    (root / WINDOW_HELDOUT).write_text("held out text\n")
+    pd.DataFrame({"text": ["labelled tweet", "held  out text "], "label": [1, 0]}).to_parquet(
+        root / split_path("feedback_train"), index=False)
+    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet"]
+    filtered = unlabelled_hash(root)
+    assert filtered != with_labels
+    (root / WINDOW_HELDOUT).write_text("another held out text\n")
+    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet", "held  out text "]
+    assert unlabelled_hash(root) not in (filtered, with_labels)
+
     pd.DataFrame({"text": ["user text"]}).to_parquet(root / UNLABELLED_PREPARED, index=False)
-    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet", "user text"]
+    assert read_unlabelled(root) == ["window one", "window two", "labelled tweet", "held  out text ", "user text"]
     assert unlabelled_hash(root) not in (with_labels, sha256_file(root / UNLABELLED))
     empty.to_parquet(root / split_path("feedback_train"), index=False)
     # the user's text alone: the key it had before production labels counted

@@ -46,7 +46,7 @@ from shrinkflow.errors import MissingInput, RemoteBuildError
 from shrinkflow.files import content_hash, fsync_tree, sha256_file
 from shrinkflow.modeling import read_manifest
 from shrinkflow.paths import (CANDIDATE_CACHE, CANDIDATES, STATE, STUDENTS, TEACHER, UNLABELLED,
-                              UNLABELLED_PREPARED, WARM_START, cache_dir, split_path)
+                              UNLABELLED_PREPARED, WARM_START, WINDOW_HELDOUT, cache_dir, split_path)
 
 # The module a worker runs: the software check hashes it and everything it
 # imports (the build included), so client and worker agree on all of it.
@@ -183,7 +183,8 @@ def pack_inputs(root: Path) -> BuildInputs:
     window file is missing."""
     root = Path(root)
     paths = [TEACHER, split_path("train"), UNLABELLED]
-    for rel in (split_path("feedback_train"), UNLABELLED_PREPARED):
+    # the production labels' texts, the window's held-out texts that filter them, the user's text
+    for rel in (split_path("feedback_train"), WINDOW_HELDOUT, UNLABELLED_PREPARED):
         if (root / rel).is_file():
             paths.append(rel)
     return BuildInputs(FileSet.read(root, paths), software())
