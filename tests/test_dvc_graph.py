@@ -118,13 +118,17 @@ def test_unlabelled_text_has_one_source_of_truth():
 
 def test_window_files_are_deps_of_the_stages_that_read_them():
     """Re-compression writes the held-out window (validate gates on it) and
-    window.json (deploy copies it into lineage): DVC must see both change."""
-    from shrinkflow.paths import WINDOW_HELDOUT, WINDOW_META
+    window.json (deploy copies it into lineage): DVC must see both change.
+    Compress reads the held-out texts too, only to keep them out of what
+    distillation learns from: a production label's text among them is dropped
+    (shrinkflow.splits.read_unlabelled; its boundaries: tests/test_warm_start.py)."""
+    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT, WINDOW_META
 
     stages = load_dvc_yaml()["stages"]
     assert str(WINDOW_HELDOUT) in stages["validate"]["deps"]
     assert str(WINDOW_META) in stages["deploy"]["deps"]
-    assert str(WINDOW_HELDOUT) not in stages["compress"]["deps"]  # held out of distillation
+    assert str(WINDOW_HELDOUT) in stages["compress"]["deps"]   # the filter's input
+    assert str(UNLABELLED) in stages["compress"]["deps"]       # the distilled part
 
 
 def test_the_warm_start_is_a_compress_dep_and_the_students_reach_deploy():
