@@ -63,23 +63,22 @@ def read_unlabelled(root: Path | str = ".") -> list[str]:
     production label's text that is also in the window's held-out texts
     (``data/unlabelled/heldout.txt``, whitespace-normalised), whose agreement
     gates the candidates."""
-    from shrinkflow.feedback import normalise
     from shrinkflow.paths import UNLABELLED, UNLABELLED_PREPARED, WINDOW_HELDOUT, split_path
 
     root = Path(root)
+    feedback_train = split_path("feedback_train")
     texts = read_lines(root / UNLABELLED)
-    labelled = _texts(root / split_path("feedback_train"))
-    if labelled and (root / WINDOW_HELDOUT).is_file():
-        held = {normalise(t) for t in read_lines(root / WINDOW_HELDOUT)}
-        labelled = [t for t in labelled if normalise(t) not in held]
-    return texts + labelled + _texts(root / UNLABELLED_PREPARED)
+    if _has_rows(root / feedback_train):
+        held = {" ".join(t.split()) for t in read_lines(root / WINDOW_HELDOUT)} \
+            if (root / WINDOW_HELDOUT).is_file() else set()
+        texts += [t for t in _texts(root / feedback_train) if " ".join(t.split()) not in held]
+    if _has_rows(root / UNLABELLED_PREPARED):
+        texts += _texts(root / UNLABELLED_PREPARED)
+    return texts
 
 
 def _texts(path: Path) -> list[str]:
-    """The non-blank ``text`` column of a prepared Parquet file; none when
-    it is missing."""
-    if not path.is_file():
-        return []
+    """The non-blank ``text`` column of a prepared Parquet file."""
     return [t for t in read_parquet(path, columns=["text"])["text"].astype(str).tolist() if t.strip()]
 
 
