@@ -7,7 +7,10 @@ teacher is the user's checkpoint directory outside the project (a tiny BERT
 body, hidden 32, 2 layers, with the packaged MiniLM's tokenizer). Real
 Prefect (test harness), DVC, uvicorn and Evidently, as in tests/test_e2e.py:
 run deploys, serve answers with label names, feedback by name, simulated
-traffic, a monitor run, and a re-compression from the kept teacher.
+traffic, a monitor run, a re-compression from the kept teacher, and a
+retrain: production labels by topic name that contradict the teacher go into
+the DVC-versioned feedback dataset, the three-class teacher is fine-tuned on
+them and the new version deployed with the dataset in its lineage.
 """
 
 from __future__ import annotations
@@ -48,7 +51,13 @@ def news_files(project, tmp_path_factory) -> dict:
         df = pd.read_csv(full / f"{split}.csv")
         df = df[df["label"].isin(CLASSES)].groupby("label", group_keys=False).head(n)
         df.to_csv(out / f"{split}.csv", index=False)
-    return {s: f"data/user/news/{s}.csv" for s in sizes}
+    files = {s: f"data/user/news/{s}.csv" for s in sizes}
+    # production traffic never in the user's files: the next 15 training articles of each topic
+    df = pd.read_csv(full / "train.csv")
+    df = df[df["label"].isin(CLASSES)].groupby("label", group_keys=False).nth(list(range(70, 85)))
+    df.to_csv(out / "production.csv", index=False)
+    files["production"] = "data/user/news/production.csv"
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -174,4 +183,56 @@ def test_a_three_topic_task_from_the_users_files_and_teacher(project, harness, n
     assert reg.manifest(new)["labels"] == list(CLASSES)
     summary = json.loads(sorted((project / "monitoring/reports").glob("*/summary.json"))[-1].read_text())
     assert set(summary.get("class_share_current") or {}) <= set(CLASSES)
-    _ = uuid  # (ids come from the server)
+
+    # 5. On 45 new articles, the users' labels contradict the teacher itself: the monitor decides
+    #    retrain, the labels (by topic name) go into the versioned dataset, the three-class teacher
+    #    is fine-tuned on them and the new version is deployed with the dataset in its lineage.
+    import hashlib
+
+    import pandas as pd
+
+    from monitoring.evidently_reports import softmax_probabilities
+    from shrinkflow.predictors import load_predictor
+    from shrinkflow.predlog import Prediction, utc_now
+
+    texts = pd.read_csv(project / news_files["production"])["text"].tolist()
+    assert len(texts) == 45
+    served = softmax_probabilities(load_predictor(reg.load().path, threads=1).predict_logits(texts))
+    wrong = load_predictor(project / "models/teacher", threads=1).predict_logits(texts).argmax(axis=1)
+    rows = [Prediction(uuid.uuid4().hex, utc_now(), new, t, p.tolist(), int(p.argmax()), 2.0)
+            for t, p in zip(texts, served)]
+    log.append(rows)
+    for r, t in zip(rows, wrong):
+        log.add_feedback(r.prediction_id, (int(t) + 1) % len(CLASSES))
+    old_teacher = (project / "models/teacher/model.safetensors").read_bytes()
+    params["monitor"].update({"max_teacher_feedback_drop": 0.05, "cooldown_hours": 0.0})
+    # the tiny teacher may lose val on 45 articles it is told the opposite of; the gates' presence is checked
+    params["validate"]["gates"].update({"max_teacher_val_drop": 1.0, "min_teacher_feedback_gain": 0.0,
+                                        "max_accuracy_drop_vs_production": 1.0})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    code, out = run_cli(project, harness, "monitor")
+    assert code == 0, out[-4000:]
+    assert "verdict: retrain" in out and "teacher_feedback: FIRED" in out, out[-4000:]
+    assert "Running stage 'train'" in out
+    retrained = reg.alias()
+    assert retrained == "v0003" and f"retrain: DEPLOYED {retrained}" in out, out[-4000:]
+    assert (project / "models/teacher/model.safetensors").read_bytes() != old_teacher
+    # the dataset holds topic names, the prepared splits class ids in labels.json's order
+    body = (project / "data/feedback/labels.jsonl").read_text()
+    dataset = [json.loads(line) for line in body.splitlines()]
+    assert {r["label"] for r in dataset} == set(CLASSES) and len(dataset) >= 45
+    assert json.loads((project / "data/prepared/labels.json").read_text()) == {"labels": list(CLASSES)}
+    prepared = pd.concat([pd.read_parquet(project / f"data/prepared/feedback_{s}.parquet")
+                          for s in ("train", "heldout")])
+    assert len(prepared) == len(dataset) and set(prepared["label"]) <= {0, 1, 2}
+    by_text = {r["text"]: CLASSES.index(r["label"]) for r in dataset}
+    assert all(by_text[t] == y for t, y in zip(prepared["text"], prepared["label"]))
+    for model in ("models/teacher", "models/candidates/int8"):
+        assert json.loads((project / model / "shrinkflow_model.json").read_text())["labels"] == list(CLASSES)
+    gates = json.loads((project / "reports/gates.json").read_text())
+    assert set(gates["teacher_gates"]["gates"]) == {"max_teacher_val_drop", "min_teacher_feedback_gain"}
+    assert reg.manifest(retrained)["labels"] == list(CLASSES)
+    feedback = reg.manifest(retrained)["lineage"]["feedback"]
+    assert feedback["md5"] == hashlib.md5(body.encode()).hexdigest()
+    assert "teacher_feedback" in feedback["retrain"]["requested_by"]["triggers"]
+    assert feedback["retrain"]["production"]["version"] == new
