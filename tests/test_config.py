@@ -162,7 +162,8 @@ def test_not_a_mapping_and_bad_files(tmp_path):
 def test_digest_is_stable_and_sensitive(raw):
     a = parse_params(raw).digest()
     assert a == parse_params(copy.deepcopy(raw)).digest()
-    raw["compress"]["candidates"][0]["recipe"][0]["per_channel"] = True
+    step = raw["compress"]["candidates"][0]["recipe"][0]
+    step["per_channel"] = not step["per_channel"]
     assert parse_params(raw).digest() != a
 
 

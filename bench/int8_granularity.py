@@ -1,0 +1,124 @@
+"""How much int8 quantization of the teacher costs, per tensor and per
+channel, on the teachers the monitoring benchmark left (the kept teacher, and
+the teacher retrained on production labels).
+
+The retrain's fallback candidate is the retrained teacher in int8 (the
+``int8`` candidate: ONNX Runtime dynamic quantization, one weight scale per
+tensor by default). In the monitoring benchmark of 2026-12-04 14:46 it scored
+0.76 points under its own fp32 on the movie test split, and 0.25 over it on
+val; the kept teacher's int8 was 0.47 over its fp32 on test. This measures,
+side by side in one run, each teacher exported to ONNX in fp32 and quantized
+per tensor and per channel (``QuantizeStep.per_channel``), through validate's
+own machinery (``shrinkflow.evaluate.measure_interleaved``: one process per
+model, labels as served, a batch-dependent model one text per call, latency
+in interleaved rounds): accuracy on val, test, the monitor's drift reference
+(in domain, never trained on) and the recovery tweets (shifted, never sent as
+traffic), p95 batch-1 latency and size.
+
+    .venv/bin/python bench/monitoring.py --distill-seed 1   # leaves the teachers in bench/work/monitoring
+    .venv/bin/python bench/int8_granularity.py
+
+Writes bench/results/int8_granularity.{md,json}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, ROOT, now_utc
+
+WORK = ROOT / "bench" / "work" / "monitoring"
+PROJECT = WORK / "project"
+TEACHERS = {"teacher before": WORK / "teacher_before", "teacher after retrain": PROJECT / "models/teacher"}
+
+
+def build(teacher: Path, out: Path, max_seq_len: int, opset: int) -> dict[str, Path]:
+    """``teacher`` (a HF model directory) as three served model directories
+    under ``out``: ONNX fp32, int8 per tensor, int8 per channel."""
+    from shrinkflow.compress.export import export_onnx
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx
+    from shrinkflow.config import QuantizeStep
+    from shrinkflow.modeling import TOKENIZER, load_torch_model, read_manifest, write_manifest
+
+    labels = read_manifest(teacher)["labels"]
+    fp32 = out / "model.fp32.onnx"
+    export_onnx(load_torch_model(teacher), fp32, opset=opset)
+    dirs = {}
+    for name, step in (("fp32", None), ("int8 per tensor", QuantizeStep()),
+                       ("int8 per channel", QuantizeStep(per_channel=True))):
+        d = out / name.replace(" ", "-")
+        d.mkdir()
+        if step is None:
+            shutil.copy(fp32, d / "model.onnx")
+        else:
+            quantize_dynamic_onnx(fp32, d / "model.onnx", step)
+        shutil.copy(teacher / TOKENIZER, d / TOKENIZER)
+        write_manifest(d, "onnx", max_seq_len, labels=labels)
+        dirs[name] = d
+    return dirs
+
+
+def main() -> None:
+    from shrinkflow.config import load_params
+    from shrinkflow.evaluate import measure_interleaved
+    from shrinkflow.splits import read_parquet
+    from shrinkflow.traffic import shifted_split
+
+    params = load_params(PROJECT / "params.yaml")
+    # in domain: val (gates and selection), and test with the monitor's drift reference (neither trained on nor
+    # used to choose); shifted: the recovery tweets (never sent as traffic)
+    frames = {s: read_parquet(PROJECT / f"data/prepared/{s}.parquet") for s in ("val", "test", "reference")}
+    frames["tweets"] = shifted_split(PROJECT / "data/raw/source.tar.gz")["recovery"]
+    texts = {s: f["text"].tolist() for s, f in frames.items()}
+    truth = {s: f["label"].to_numpy() for s, f in frames.items()}
+    lat = params.validate_.latency
+    rows = []
+    for teacher, path in TEACHERS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = build(path, Path(tmp), params.train.max_seq_len, params.compress.onnx_opset)
+            got = measure_interleaved({k: str(v) for k, v in dirs.items()}, texts, texts["val"][:512], lat,
+                                      invariance_texts=texts["val"][:64], max_batch_prob_diff=1e-4)
+            for name, d in dirs.items():
+                r = got[name]
+                rows.append({"teacher": teacher, "model": name,
+                             "per_row": r.get("batch_invariance", {}).get("per_row", False),
+                             **{s: round(float((np.asarray(r["predictions"][s]) == truth[s]).mean()), 4)
+                                for s in texts},
+                             "test+reference": round(float(np.concatenate(
+                                 [np.asarray(r["predictions"][s]) == truth[s] for s in ("test", "reference")]).mean()), 4),
+                             "latency_ms_p95_b1": r["performance"]["latency_ms_p95_b1"],
+                             "size_mb": round((d / "model.onnx").stat().st_size / 2 ** 20, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "int8_granularity.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "int8_granularity.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    n = doc["n"]
+    lines = ["# The teacher in int8: per tensor or per channel", "",
+             f"Measured {doc['measured_at']} by `bench/int8_granularity.py` on the teachers the monitoring benchmark "
+             f"left; val {n['val']}, test {n['test']} and the monitor's drift reference {n['reference']}, recovery tweets "
+             f"{n['tweets']} (labels as served; drops in "
+             "points against the same teacher's ONNX fp32; latency in interleaved rounds in one run).", "",
+             "| teacher | model | val | test | test+reference | tweets | val drop | test drop | test+reference drop "
+             "| tweets drop | p95 b1 (ms) | MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["teacher"]: r for r in doc["rows"] if r["model"] == "fp32"}
+    for r in doc["rows"]:
+        b = base[r["teacher"]]
+        cols = ("val", "test", "test+reference", "tweets")
+        lines.append(f"| {r['teacher']} | {r['model']} | " + " | ".join(f"{r[s]:.4f}" for s in cols) + " | "
+                     + " | ".join(f"{100 * (b[s] - r[s]):+.2f}" for s in cols)
+                     + f" | {r['latency_ms_p95_b1']:.2f} | {r['size_mb']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
