@@ -264,24 +264,22 @@ def recovery_noise(teacher: Path, production_dir: Path, candidate: Path, texts: 
     return out
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """The paired accuracy difference of two models on the same texts, ``a``
-    minus ``b`` (each a boolean array: right or wrong per text), with its
-    standard error sqrt((discordant - d**2) / n) and 95% interval, in points."""
-    n, d = len(a), float(a.mean() - b.mean())
-    se = float(np.sqrt(max(float((a != b).mean()) - d ** 2, 0.0) / n))
-    return {"n": n, "diff_points": round(100 * d, 2), "se_points": round(100 * se, 2),
-            "ci95_points": [round(100 * (d - 1.96 * se), 2), round(100 * (d + 1.96 * se), 2)]}
+def domain_noise(predictions: dict[str, np.ndarray], pairs: list[tuple[str, str]], labels: np.ndarray) -> dict:
+    """In-domain accuracy differences of ``pairs`` of models (the first minus
+    the second), paired on the same texts (``predictions``: each model's
+    labels as served), with the standard error and 95% interval of
+    ``shrinkflow.stats.paired_accuracy_drop``, in points: how precisely the
+    in-domain targets (at most 0.5 points lost) are measured."""
+    from shrinkflow.stats import paired_accuracy_drop
 
-
-def domain_noise(dirs: dict[str, Path], pairs: list[tuple[str, str]], texts: list[str],
-                 labels: np.ndarray) -> dict:
-    """In-domain accuracy differences of ``pairs`` of models (names in
-    ``dirs``: the first minus the second), paired on ``texts``, as
-    ``paired``: how precisely the in-domain targets (at most 0.5 points
-    lost) are measured."""
-    right = {m: labels_as_served(dirs[m], texts) == labels for m in {x for pair in pairs for x in pair}}
-    return {f"{a} vs {b}": paired(right[a], right[b]) for a, b in pairs}
+    out = {}
+    for a, b in pairs:
+        x = paired_accuracy_drop(labels, predictions[b], predictions[a])   # b minus a
+        out[f"{a} vs {b}"] = {"n": x["n"], "diff_points": round(-100 * x["accuracy_drop"], 2),
+                              "se_points": round(100 * x["accuracy_drop_se"], 2),
+                              "ci95_points": [round(-100 * x["accuracy_drop_ci_high"], 2),
+                                              round(-100 * x["accuracy_drop_ci_low"], 2)]}
+    return out
 
 
 def main() -> None:
@@ -404,18 +402,20 @@ def score(doc: dict) -> None:
         dirs[f"re-distilled {doc['recompress']['redistilled']} (the re-compression's)"] = WORK / "redistilled"
         doc["gain_noise"] = gain_noise(teacher0, v0_dir, WORK / "redistilled", rec_x)
         doc["recovery_noise"] = recovery_noise(teacher0, v0_dir, WORK / "redistilled", rec_x, rec_y)
-    doc["eval"] = {"recovery_tweets": evaluate(dirs, rec_x, rec_y), "recovery_tweets_n": len(rec_x),
-                   "movie_test": evaluate(dirs, test["text"].tolist(), test["label"].to_numpy()),
-                   "movie_test_n": len(test), "scored": "as served: one text per call for a batch-dependent model"}
-    # In domain, more precisely: the test split and the monitor's drift reference (never trained on, never
-    # used to choose), each deployed model against the one before it and against the first.
+    # In domain: the test split, and with it the monitor's drift reference (never trained on, never used to
+    # choose), each model predicted once on both: test's accuracy from the first len(test) labels.
     ref = read_parquet(PROJECT / "data/prepared/reference.parquet")
+    domain_y = np.concatenate([test["label"].to_numpy(), ref["label"].to_numpy()])
+    domain = {m: labels_as_served(d, test["text"].tolist() + ref["text"].tolist()) for m, d in dirs.items()}
+    doc["eval"] = {"recovery_tweets": evaluate(dirs, rec_x, rec_y), "recovery_tweets_n": len(rec_x),
+                   "movie_test": {m: round(float((y[:len(test)] == domain_y[:len(test)]).mean()), 4)
+                                  for m, y in domain.items()},
+                   "movie_test_n": len(test), "scored": "as served: one text per call for a batch-dependent model"}
+    # each deployed model against the one before it and against the first
     names = list(dirs)
     doc["domain_noise"] = {"texts": "movie test + reference", "n_test": len(test), "n_reference": len(ref),
-                           "pairs": domain_noise(dirs, [(names[4], names[1]), (names[4], names[2]),
-                                                        (names[2], names[1]), (names[3], names[0])],
-                                                 test["text"].tolist() + ref["text"].tolist(),
-                                                 np.concatenate([test["label"].to_numpy(), ref["label"].to_numpy()]))}
+                           "pairs": domain_noise(domain, [(names[4], names[1]), (names[4], names[2]),
+                                                          (names[2], names[1]), (names[3], names[0])], domain_y)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "monitoring.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (RESULTS / "monitoring.md").write_text(markdown(doc, list(dirs)) + "\n")
