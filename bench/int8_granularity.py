@@ -15,6 +15,12 @@ in interleaved rounds): accuracy on val, test, the monitor's drift reference
 (in domain, never trained on) and the recovery tweets (shifted, never sent as
 traffic), p95 batch-1 latency and size.
 
+The default student (``student-l024-int8``) is measured the same way: its
+recipe up to the quantize step (distill with the monitoring benchmark's
+distill seed, cold, from the kept teacher; vocabulary pruning), exported to
+ONNX fp32 once, then quantized per tensor (what was deployed as v0001: the
+model is compared byte for byte with the registry's) and per channel.
+
     .venv/bin/python bench/monitoring.py --distill-seed 1   # leaves the teachers in bench/work/monitoring
     .venv/bin/python bench/int8_granularity.py
 
@@ -34,6 +40,8 @@ from _common import RESULTS, ROOT, now_utc
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
 TEACHERS = {"teacher before": WORK / "teacher_before", "teacher after retrain": PROJECT / "models/teacher"}
+STUDENT = "student-l024-int8"
+FIRST_PRODUCTION = PROJECT / "registry/versions/v0001/model"
 
 
 def build(teacher: Path, out: Path, max_seq_len: int, opset: int) -> dict[str, Path]:
@@ -62,6 +70,34 @@ def build(teacher: Path, out: Path, max_seq_len: int, opset: int) -> dict[str, P
     return dirs
 
 
+def build_student(teacher: Path, params, out: Path, seed: int | None) -> dict[str, Path]:
+    """The default student (``params``' ``student-l024-int8``) of ``teacher``
+    as three served model directories under ``out``: its recipe without the
+    quantize step (cold; every distill step's seed ``seed`` when given) in
+    ONNX fp32, then that model quantized per tensor and per channel."""
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx
+    from shrinkflow.compress.recipe import apply_recipe
+    from shrinkflow.splits import read_parquet
+
+    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    steps = [s.model_copy(update={"seed": seed}) if s.method == "distill" and seed is not None else s
+             for s in cand.recipe]
+    quant = [s for s in steps if s.method == "quantize"]
+    assert len(quant) == 1 and steps[-1] is quant[0], "the default student ends with one quantize step"
+    train = read_parquet(PROJECT / "data/prepared/train.parquet")
+    fp32 = apply_recipe(teacher, cand.model_copy(update={"name": f"{STUDENT}-fp32", "recipe": tuple(steps[:-1])}),
+                        out / "fp32", opset=params.compress.onnx_opset, train_texts=train["text"].tolist(),
+                        train_labels=train["label"].to_numpy(), threads=params.train.threads, progress=False)
+    dirs = {"fp32": fp32}
+    for name, per_channel in (("int8 per tensor", False), ("int8 per channel", True)):
+        d = out / name.replace(" ", "-")
+        shutil.copytree(fp32, d)
+        quantize_dynamic_onnx(fp32 / "model.onnx", d / "model.onnx",
+                              quant[0].model_copy(update={"per_channel": per_channel}))
+        dirs[name] = d
+    return dirs
+
+
 def main() -> None:
     from shrinkflow.config import load_params
     from shrinkflow.evaluate import measure_interleaved
@@ -76,10 +112,16 @@ def main() -> None:
     texts = {s: f["text"].tolist() for s, f in frames.items()}
     truth = {s: f["label"].to_numpy() for s, f in frames.items()}
     lat = params.validate_.latency
-    rows = []
-    for teacher, path in TEACHERS.items():
+    seed = json.loads((RESULTS / "monitoring.json").read_text()).get("distill_seed")
+    rows, same_as_v0001 = [], None
+    for teacher, path in (*TEACHERS.items(), ("default student", None)):
         with tempfile.TemporaryDirectory() as tmp:
-            dirs = build(path, Path(tmp), params.train.max_seq_len, params.compress.onnx_opset)
+            if path is None:
+                dirs = build_student(TEACHERS["teacher before"], params, Path(tmp), seed)
+                same_as_v0001 = (dirs["int8 per tensor"] / "model.onnx").read_bytes() == \
+                    (FIRST_PRODUCTION / "model.onnx").read_bytes()
+            else:
+                dirs = build(path, Path(tmp), params.train.max_seq_len, params.compress.onnx_opset)
             got = measure_interleaved({k: str(v) for k, v in dirs.items()}, texts, texts["val"][:512], lat,
                                       invariance_texts=texts["val"][:64], max_batch_prob_diff=1e-4)
             for name, d in dirs.items():
@@ -93,7 +135,8 @@ def main() -> None:
                              "latency_ms_p95_b1": r["performance"]["latency_ms_p95_b1"],
                              "size_mb": round((d / "model.onnx").stat().st_size / 2 ** 20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-    doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "rows": rows}
+    doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "distill_seed": seed,
+           "student_int8_per_tensor_same_as_v0001": same_as_v0001, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_granularity.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "int8_granularity.md").write_text(markdown(doc) + "\n")
@@ -102,7 +145,7 @@ def main() -> None:
 
 def markdown(doc: dict) -> str:
     n = doc["n"]
-    lines = ["# The teacher in int8: per tensor or per channel", "",
+    lines = ["# The teacher and the default student in int8: per tensor or per channel", "",
              f"Measured {doc['measured_at']} by `bench/int8_granularity.py` on the teachers the monitoring benchmark "
              f"left; val {n['val']}, test {n['test']} and the monitor's drift reference {n['reference']}, recovery tweets "
              f"{n['tweets']} (labels as served; drops in "
@@ -117,6 +160,11 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['teacher']} | {r['model']} | " + " | ".join(f"{r[s]:.4f}" for s in cols) + " | "
                      + " | ".join(f"{100 * (b[s] - r[s]):+.2f}" for s in cols)
                      + f" | {r['latency_ms_p95_b1']:.2f} | {r['size_mb']} |")
+    if doc.get("student_int8_per_tensor_same_as_v0001") is not None:
+        same = "the same bytes as" if doc["student_int8_per_tensor_same_as_v0001"] else "not the same bytes as"
+        lines += ["", f"The default student: `{STUDENT}`'s recipe up to its quantize step, cold, from the kept "
+                  f"teacher (distill seed {doc['distill_seed']}, as the monitoring benchmark's v0001), exported once "
+                  f"and quantized both ways; its per-tensor int8 is {same} the v0001 the benchmark deployed."]
     return "\n".join(lines)
 
 
