@@ -188,6 +188,14 @@ def distill_seed() -> int | None:
     return None
 
 
+def retrain_keep_share() -> float | None:
+    """``--retrain-keep-share X`` on the command line: ``train.retrain_keep_share``
+    in the copy's params (the retrained teacher averaged with the kept one)."""
+    if "--retrain-keep-share" in sys.argv:
+        return float(sys.argv[sys.argv.index("--retrain-keep-share") + 1])
+    return None
+
+
 def labels_as_served(model_dir: Path, texts: list[str]) -> np.ndarray:
     """Each text's label as ``shrinkflow serve`` answers it and validate
     scores it: one text per call for a batch-dependent model (ONNX Runtime's
@@ -298,9 +306,13 @@ def main() -> None:
             for step in cand.get("recipe") or []:
                 if step.get("method") == "distill":
                     step["seed"] = seed
+    share = retrain_keep_share()
+    if share is not None:
+        params["train"]["retrain_keep_share"] = share
     (PROJECT / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     reg = PROJECT / params["deploy"]["registry_dir"]
     doc = {**stamp(), "window_rows": WINDOW, "params_monitor": params["monitor"], "distill_seed": seed,
+           "retrain_keep_share": params["train"].get("retrain_keep_share", 0.0),
            "gates": params["validate"]["gates"]}
 
     teacher0 = WORK / "teacher_before"
@@ -540,6 +552,9 @@ def markdown(doc: dict, models: list[str]) -> str:
     seed_note = (f" but every distill step's seed, {doc['distill_seed']}: on the AMD EPYC seed 0's student misses its "
                  "test confirmation by 0.04 points and the int8 teacher is deployed, which leaves no student to "
                  "re-distil" if doc.get("distill_seed") is not None else "")
+    if doc.get("retrain_keep_share"):
+        seed_note += (f"; train.retrain_keep_share {doc['retrain_keep_share']:g}: the retrained teacher's weights "
+                      "averaged with the kept teacher's")
     lines = ["# Monitoring, re-compression and retrain on the real models", "",
              f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/monitoring.py` in a git+DVC copy of the "
              f"checkout (default params{seed_note}; windows of {doc['window_rows']} rows, cooldown 0). Traffic went through "

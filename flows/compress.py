@@ -23,10 +23,20 @@ from shrinkflow.config import Candidate, RunnerParams
 from tasks.compress import build_candidate, build_shipped_candidate
 
 
+# The LocalCluster's workers (each Nanny sets this in its worker process)
+# run without Dask's statistical profiler: it samples every thread's stack
+# every 10 ms for a dashboard that is off here, and it is the one known
+# source of RecursionErrors in a LocalCluster under CI (dask/distributed#5109,
+# open); a Dask test failed once on CI with a RecursionError whose place the
+# log did not show.
+LOCAL_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
 def make_task_runner(runner: RunnerParams):
     """The Prefect task runner ``runner`` names: ThreadPoolTaskRunner,
     ProcessPoolTaskRunner, or DaskTaskRunner (on ``dask_address``, else on a
-    LocalCluster of ``max_workers`` single-threaded processes)."""
+    LocalCluster of ``max_workers`` single-threaded processes, their
+    profiler off: ``LOCAL_WORKER_CONFIG``)."""
     if runner.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -40,7 +50,9 @@ def make_task_runner(runner: RunnerParams):
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "config": LOCAL_WORKER_CONFIG})
+
 
 
 def check_scheduler(address: str, timeout_s: float = 10.0) -> None:

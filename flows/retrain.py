@@ -3,7 +3,8 @@ DVC-versioned feedback dataset, the data stage splits them (fine-tune /
 held out), the old teacher is measured before it is replaced, then the
 lifecycle runs through DVC with train included (the feedback dep makes data
 and train stale): the teacher is fine-tuned on the train split plus the
-production labels, compressed, validated (the retrained teacher gated
+production labels (its weights averaged with the kept teacher's when
+train.retrain_keep_share is set), compressed, validated (the retrained teacher gated
 against the old one, the candidates against the teacher and against the
 production model's recorded val accuracy) and deployed as usual. A teacher that fails its gates
 deploys nothing and is not kept: the project is put back as it was before
@@ -20,7 +21,7 @@ from tasks.dvc import repro_stage_with_retries
 from shrinkflow.retrain import teacher_rejection
 from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
-                           save_state)
+                           save_state, stage_kept_teacher)
 from tasks.warmstart import stage_warm_start
 
 
@@ -40,7 +41,15 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
         return {**retrain_outcome(None, None, feedback), "stages": {}}
     push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
-    registry_dir = load_params(f"{project_dir}/{PARAMS}").deploy.registry_dir
+    params = load_params(f"{project_dir}/{PARAMS}")
+    registry_dir = params.deploy.registry_dir
+    # The kept teacher, for train to average the new one with
+    # (train.retrain_keep_share; none staged at 0): DVC removes models/teacher
+    # before train runs.
+    kept = stage_kept_teacher(project_dir, params.train.retrain_keep_share)
+    if kept:
+        print(f"retrain: the new teacher will be averaged with the kept one ({kept[:12]}, share "
+              f"{params.train.retrain_keep_share:g})")
     # The production student, for the retrained teacher's students to
     # warm-start from; recorded in retrain.json, so the lineage names it.
     warm_start = stage_warm_start(project_dir, registry_dir, for_retrain=True)

@@ -496,13 +496,30 @@ class CompressMetrics(Artifact):
     compute: ComputeRecord | None = None
 
 
+class KeptTeacherAverage(Artifact):
+    """A retrained teacher's weights averaged with the kept teacher's
+    (``shrinkflow.train.average_with_kept``, ``train.retrain_keep_share``):
+    the share of the kept teacher's weights, its content hash (sha256 over
+    its files), the tensors averaged, and the teacher's val accuracy (a
+    fraction) as fine-tuned and after the average."""
+
+    keep_share: Number
+    kept_teacher: str
+    tensors: int
+    val_accuracy_before: Number
+    val_accuracy_after: Number
+
+
 class TrainMetrics(Artifact):
     """metrics/train.json, written by the train stage: the teacher's training
     (``shrinkflow.train.TrainResult``'s fields: best epoch, its val accuracy,
     val accuracy and train loss by epoch, seconds, parameter count, whether it
     was fine-tuned or only measured), the class names in class-id order and
     the stage's compute meter. Read by deploy for the cost and return.
-    ``fine_tuned``, ``labels`` and ``compute`` are absent from older files."""
+    ``fine_tuned``, ``labels`` and ``compute`` are absent from older files.
+    ``averaged_with_kept_teacher``: only when a retrain averaged the new
+    teacher with the kept one (then the teacher saved is the average, and
+    ``best_val_accuracy`` the fine-tuned teacher's before it)."""
 
     best_epoch: int
     best_val_accuracy: Number
@@ -513,6 +530,7 @@ class TrainMetrics(Artifact):
     fine_tuned: bool | None = None
     labels: list[str] | None = None
     compute: ComputeRecord | None = None
+    averaged_with_kept_teacher: KeptTeacherAverage | None = None
 
 
 # ---------------------------------------------------------------- deploy and registry

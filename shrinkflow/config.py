@@ -350,6 +350,19 @@ class TrainParams(_Frozen):
     group_chunk_batches: Annotated[int, Field(ge=1)] = 50
     # Torch intra-op threads for training (and for compress's builds, split among its workers).
     threads: Annotated[int, Field(ge=1)] = 2
+    # Retrain only: share of the kept teacher's weights in the retrained
+    # teacher. The teacher fine-tuned anew on the training split plus the
+    # production labels has every weight replaced by (1 - share) * new +
+    # share * kept (weight-space ensembling, WiSE-FT: Wortsman et al.,
+    # "Robust fine-tuning of zero-shot models", CVPR 2022; both teachers are
+    # fine-tuned from the same train.model). 0: the new teacher as it is.
+    # On the monitoring benchmark's retrain (bench/results/retrain_start.md),
+    # in domain against the kept teacher and on unseen tweets: 0 -0.63
+    # points [-1.65, +0.39] and 0.867; 0.5 -0.06 [-0.73, +0.60] and 0.809
+    # (the kept teacher: 0.651). Needs the kept teacher staged in
+    # data/feedback/kept_teacher (the retrain flow does it); a plain run,
+    # with no production labels, never averages.
+    retrain_keep_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
     def _fine_tune_false_needs_a_local_checkpoint(self) -> "TrainParams":

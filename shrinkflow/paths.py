@@ -58,6 +58,12 @@ FEEDBACK_ARCHIVE = Path("data/feedback/archive")
 # (shrinkflow.artifacts.RetrainRecord; validate gates the new teacher on it,
 # deploy puts it in lineage). Committed with no retrain recorded.
 RETRAIN_RECORD = Path("data/feedback/retrain.json")
+# Retrain with train.retrain_keep_share > 0: the kept teacher (the one the
+# retrain replaces), copied here by the retrain flow before train runs (DVC
+# removes models/teacher first); the train stage averages the new teacher's
+# weights with it. A train dep; holds only a README in a fresh project.
+RETRAIN_KEPT_TEACHER = Path("data/feedback/kept_teacher")
+RETRAIN_KEPT_TEACHER_MODEL = RETRAIN_KEPT_TEACHER / "model"
 # Retrains whose teacher failed its gates, one JSON object per line (when,
 # the feedback dataset's md5, the rejected teacher's hash, the failed gates):
 # the project was put back as it was before each (shrinkflow.retrain). Not a

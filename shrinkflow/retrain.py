@@ -234,8 +234,8 @@ def changed_stages(current_lock: Path, saved_lock: Path) -> list[str]:
 def save_state(root: Path | str) -> list[str]:
     """Before a retrain's lifecycle: copy what it changes and DVC's cache
     cannot give back (dvc.lock, the feedback dataset, the retrain record,
-    every ``cache: false`` out, the staged warm-start students: every file
-    under ``shrinkflow.paths.WARM_START``, which the retrain stages anew)
+    every ``cache: false`` out, what the retrain stages anew: every file
+    under ``staging_dirs()``, the warm-start students and the kept teacher)
     into ``shrinkflow.paths.RETRAIN_BEFORE``, replacing an earlier copy; its
     ``files.json`` lists the paths and which existed. Returns the paths saved
     (relative)."""
@@ -261,13 +261,51 @@ def save_state(root: Path | str) -> list[str]:
     return [p for p, e in existed.items() if e]
 
 
-def staged_files(root: Path) -> list[Path]:
-    """Every file under ``shrinkflow.paths.WARM_START`` in the project at
-    ``root`` (relative, sorted): what a retrain's warm-start staging replaces."""
-    from shrinkflow.paths import WARM_START
+def staging_dirs() -> tuple[Path, ...]:
+    """What a retrain stages before its lifecycle (relative to the project):
+    the warm-start students (``WARM_START``) and the kept teacher a
+    retrained one is averaged with (``RETRAIN_KEPT_TEACHER``)."""
+    from shrinkflow.paths import RETRAIN_KEPT_TEACHER, WARM_START
 
-    staged = Path(root) / WARM_START
-    return sorted(p.relative_to(root) for p in staged.rglob("*") if p.is_file()) if staged.is_dir() else []
+    return (WARM_START, RETRAIN_KEPT_TEACHER)
+
+
+def staged_files(root: Path) -> list[Path]:
+    """Every file under ``staging_dirs()`` in the project at ``root``
+    (relative, sorted): what a retrain's staging replaces."""
+    root = Path(root)
+    return sorted(p.relative_to(root) for d in staging_dirs() if (root / d).is_dir()
+                  for p in (root / d).rglob("*") if p.is_file())
+
+
+def stage_kept_teacher(root: Path | str, keep_share: float) -> str | None:
+    """Before a retrain's lifecycle: with ``keep_share`` (``train.retrain_keep_share``)
+    above 0, copy the kept teacher (``TEACHER``) into
+    ``RETRAIN_KEPT_TEACHER_MODEL``, replacing an earlier copy (built beside it
+    and renamed: a crash leaves the old copy or the new one); at 0, remove
+    any copy, so the train dep holds its README only. Returns the staged
+    teacher's content hash, or None. Raises MissingInput when a share is
+    set and the project has no teacher."""
+    import shutil
+
+    from shrinkflow.errors import MissingInput
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.paths import RETRAIN_KEPT_TEACHER_MODEL, TEACHER
+
+    root = Path(root)
+    dest = root / RETRAIN_KEPT_TEACHER_MODEL
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if keep_share == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        return None
+    if not (root / TEACHER / "config.json").is_file():
+        raise MissingInput(f"train.retrain_keep_share is {keep_share:g} but there is no kept teacher at "
+                           f"{root / TEACHER} to average the retrained one with")
+    shutil.copytree(root / TEACHER, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return content_hash(file_hashes(dest))
 
 
 def teacher_rejection(gates: dict) -> str | None:
@@ -298,7 +336,7 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
 
     from shrinkflow.dvcrun import dvc_command
     from shrinkflow.files import atomic_write_bytes, atomic_write_text, content_hash, file_hashes
-    from shrinkflow.paths import REJECTED_RETRAINS, RETRAIN_BEFORE, TEACHER, WARM_START
+    from shrinkflow.paths import REJECTED_RETRAINS, RETRAIN_BEFORE, TEACHER
 
     root = Path(root)
     saved = root / RETRAIN_BEFORE
@@ -313,13 +351,14 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
             atomic_write_bytes(root / rel, (saved / rel).read_bytes())
         elif (root / rel).exists():
             (root / rel).unlink()
-    # the warm-start students the retrain staged, where none was before
+    # what the retrain staged (warm-start students, the kept teacher), where none was before
     for rel in staged_files(root):
         if str(rel) not in existed:
             (root / rel).unlink()
-    for folder in sorted((p for p in (root / WARM_START).rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    for staging in staging_dirs():
+        for folder in sorted((p for p in (root / staging).rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
     try:
         if changed:
             dvc_command(["checkout", "--force", *changed], root)

@@ -155,6 +155,64 @@ def train_teacher(train_df: pd.DataFrame, val_df: pd.DataFrame, params: TrainPar
     return model, tok, result
 
 
+def split_accuracy(model, tok, df: pd.DataFrame) -> float:
+    """Accuracy (a fraction) of torch ``model`` on ``df`` (text, label as
+    class ids), tokenized with ``tok`` (left with its batch padding on)."""
+    tok.no_padding()
+    seqs = [e.ids for e in tok.encode_batch(df["text"].tolist())]
+    load_tokenizer_padding(tok)
+    return evaluate_accuracy(model, seqs, df["label"].to_numpy())
+
+
+def average_retrained_teacher(model, tok, kept_dir, keep: float, val_df: pd.DataFrame) -> dict:
+    """A retrain's new teacher ``model`` averaged in place with the kept
+    teacher at ``kept_dir`` (a shrinkflow torch model directory:
+    ``average_with_kept``, ``keep`` its share), measured on val before and
+    after. Returns the ``KeptTeacherAverage`` fields. Raises ModelError as
+    ``average_with_kept`` does, FileNotFoundError when ``kept_dir`` is not a
+    model directory."""
+    from shrinkflow.files import content_hash, file_hashes
+    from shrinkflow.modeling import load_torch_model
+
+    kept = load_torch_model(kept_dir)
+    before = split_accuracy(model, tok, val_df)
+    tensors = average_with_kept(model, kept, keep)["tensors"]
+    return {"keep_share": keep, "kept_teacher": content_hash(file_hashes(kept_dir)), "tensors": tensors,
+            "val_accuracy_before": round(before, 6), "val_accuracy_after": round(split_accuracy(model, tok, val_df), 6)}
+
+
+def average_with_kept(model, kept, keep: float) -> dict:
+    """Weight-space ensembling of a retrained teacher with the teacher it
+    replaces (WiSE-FT: Wortsman et al., "Robust fine-tuning of zero-shot
+    models", CVPR 2022): every floating-point tensor of ``model``'s state
+    becomes ``(1 - keep) * model + keep * kept``, in place. Both must be
+    fine-tuned from the same checkpoint (``train.model``): the same
+    architecture, tensors and classes in the same order. ``keep`` 0 leaves
+    ``model`` as it is. Returns ``{"tensors": n averaged}``. Raises
+    ValueError for ``keep`` outside [0, 1), ModelError when the two have other
+    classes or other tensors or shapes."""
+    import torch
+
+    if not 0.0 <= keep < 1.0:
+        raise ValueError(f"keep must be in [0, 1), got {keep}")
+    if model_labels(model) != model_labels(kept):
+        raise ModelError(f"the kept teacher's classes {list(model_labels(kept))} are not the retrained "
+                         f"teacher's {list(model_labels(model))}: their weights cannot be averaged")
+    mine, theirs = model.state_dict(), kept.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ModelError("the kept teacher is not the retrained teacher's architecture (other tensors or "
+                         "shapes): their weights cannot be averaged; set train.retrain_keep_share: 0")
+    if keep == 0.0:
+        return {"tensors": 0}
+    n = 0
+    with torch.no_grad():
+        for k, t in mine.items():
+            if t.is_floating_point():
+                t.lerp_(theirs[k].to(t.dtype), keep)
+                n += 1
+    return {"tensors": n}
+
+
 def align_to_labels(model, labels) -> None:
     """Make a fine-tuned classifier's logits follow ``labels`` (sorted class ids).
 
@@ -199,10 +257,7 @@ def measure_teacher(val_df: pd.DataFrame, params: TrainParams, labels):
     check_max_seq_len(model, params.max_seq_len)
     align_to_labels(model, labels)
     t0 = time.perf_counter()
-    tok.no_padding()
-    val_seqs = [e.ids for e in tok.encode_batch(val_df["text"].tolist())]
-    load_tokenizer_padding(tok)
-    acc = evaluate_accuracy(model, val_seqs, val_df["label"].to_numpy())
+    acc = split_accuracy(model, tok, val_df)
     result = TrainResult(best_epoch=0, best_val_accuracy=acc, val_accuracy_by_epoch=[round(acc, 6)],
                          train_seconds=round(time.perf_counter() - t0, 2),
                          num_parameters=sum(p.numel() for p in model.parameters()), fine_tuned=False)

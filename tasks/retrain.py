@@ -51,6 +51,16 @@ def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict, reg
                           recorded_production(root / registry_dir)).to_json_dict()
 
 
+@task(name="stage-kept-teacher", cache_policy=NO_CACHE)
+def stage_kept_teacher(project_dir: str, keep_share: float) -> str | None:
+    """The kept teacher copied where train averages the retrained one with it
+    (``train.retrain_keep_share`` > 0), or any copy removed (0): its content
+    hash, or None (shrinkflow.retrain.stage_kept_teacher)."""
+    from shrinkflow.retrain import stage_kept_teacher as _stage
+
+    return _stage(Path(project_dir), keep_share)
+
+
 @task(name="save-pre-retrain-state", cache_policy=NO_CACHE)
 def save_state(project_dir: str) -> list[str]:
     """What the retrain changes that DVC's cache cannot give back, saved

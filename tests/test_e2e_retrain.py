@@ -4,7 +4,8 @@ e2e files). The kept teacher is wrong on production text by construction
 (every feedback label contradicts it), so `shrinkflow monitor` decides
 retrain; the retrain flow appends the labels to the DVC-versioned feedback
 dataset, DVC re-runs data and train (the teacher is fine-tuned on the train
-split plus the production labels), compress, validate (the retrained teacher
+split plus the production labels and averaged with the kept one, which the
+flow staged as a train dep), compress, validate (the retrained teacher
 gated against the old one) and deploy, and the new version's lineage names
 the dataset's md5 and the monitor run. Then a second retrain whose teacher
 fails its gates (set out of reach) deploys nothing and puts the project back
@@ -31,6 +32,8 @@ from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PARAMS = deep_merge(TINY, {
+    # the retrained teacher averaged with the kept one (WiSE-FT; tests/test_retrain_average.py has the weights)
+    "train": {"retrain_keep_share": 0.5},
     "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},
     "monitor": {"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
                 "max_teacher_feedback_drop": 0.05},
@@ -46,6 +49,7 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
 
     from monitoring.evidently_reports import softmax_probabilities
     from shrinkflow.feedback import normalise
+    from shrinkflow.files import content_hash, file_hashes
     from shrinkflow.predictors import load_predictor
     from shrinkflow.predlog import Prediction, PredictionLog, utc_now
     from shrinkflow.registry import Registry
@@ -73,6 +77,7 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     for r, t in zip(rows, teacher):   # every label contradicts the kept teacher
         log.add_feedback(r.prediction_id, 1 - int(t))
     old_teacher = (project / "models/teacher/model.safetensors").read_bytes()
+    old_teacher_hash = content_hash(file_hashes(project / "models/teacher"))
 
     code, out = run_cli(project, prefect_api, "monitor")
     assert code == 0, out[-4000:]
@@ -81,6 +86,11 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     new = reg.alias()
     assert new != before and f"retrain: DEPLOYED {new}" in out
     assert (project / "models/teacher/model.safetensors").read_bytes() != old_teacher
+    # ... averaged with the kept teacher, which the flow staged as a train dep
+    averaged = json.loads((project / "metrics/train.json").read_text())["averaged_with_kept_teacher"]
+    assert averaged["keep_share"] == 0.5 and averaged["kept_teacher"] == old_teacher_hash, averaged
+    assert (project / "data/feedback/kept_teacher/model/model.safetensors").read_bytes() == old_teacher
+    assert "averaged with the kept one" in out, out[-4000:]
 
     # the dataset: text and label name, one row per distinct text, versioned
     body = (project / "data/feedback/labels.jsonl").read_text()
@@ -169,6 +179,8 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     assert "the retrained teacher was rejected" in out, out[-4000:]
     assert reg.alias() == new                                     # production untouched
     assert (project / "models/teacher/model.safetensors").read_bytes() == kept_teacher
+    # the rejected retrain staged the retrained teacher to average with; the first one's copy is back
+    assert (project / "data/feedback/kept_teacher/model/model.safetensors").read_bytes() == old_teacher
     assert (project / "dvc.lock").read_bytes() == lock_before
     assert (project / "data/feedback/labels.jsonl").read_text() == dataset_before
     rejected = [json.loads(line) for line in (project / "data/feedback/rejected.jsonl").read_text().splitlines()]

@@ -125,6 +125,38 @@ def test_the_warm_start_a_rejected_retrain_staged_is_put_back(project):
     assert not (project / WARM_START / "student-b").exists()
 
 
+def test_the_kept_teacher_a_rejected_retrain_staged_is_put_back(project):
+    """train.retrain_keep_share > 0: the retrain copies the kept teacher into
+    data/feedback/kept_teacher/model (shrinkflow.retrain.stage_kept_teacher),
+    replacing the copy an earlier retrain staged; a rejection puts that
+    earlier copy back, and a share of 0 clears any copy."""
+    from shrinkflow.errors import MissingInput
+    from shrinkflow.paths import RETRAIN_KEPT_TEACHER, RETRAIN_KEPT_TEACHER_MODEL
+    from shrinkflow.retrain import stage_kept_teacher
+
+    (project / TEACHER / "config.json").write_text('{"model_type": "bert"}')
+    earlier = {RETRAIN_KEPT_TEACHER / "README.md": b"the kept teacher\n",
+               RETRAIN_KEPT_TEACHER_MODEL / "config.json": b'{"model_type": "bert", "earlier": true}',
+               RETRAIN_KEPT_TEACHER_MODEL / "model.safetensors": b"the teacher before the last retrain"}
+    for rel, data in earlier.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_bytes(data)
+    save_state(project)
+    staged = stage_kept_teacher(project, 0.5)
+    assert staged == content_hash(file_hashes(project / TEACHER))
+    assert {p.name: p.read_bytes() for p in (project / RETRAIN_KEPT_TEACHER_MODEL).iterdir()} == \
+        {p.name: p.read_bytes() for p in (project / TEACHER).iterdir()}
+    restore_state(project, {"reason": "min_teacher_feedback_gain failed"})
+    now = {p.relative_to(project): p.read_bytes() for p in (project / RETRAIN_KEPT_TEACHER).rglob("*") if p.is_file()}
+    assert now == earlier
+    # a share of 0 stages nothing and clears the copy; a share with no teacher says so
+    assert stage_kept_teacher(project, 0.0) is None
+    assert not (project / RETRAIN_KEPT_TEACHER_MODEL).exists() and (project / RETRAIN_KEPT_TEACHER / "README.md").exists()
+    (project / TEACHER / "config.json").unlink()
+    with pytest.raises(MissingInput, match="no kept teacher"):
+        stage_kept_teacher(project, 0.5)
+
+
 def test_restore_without_a_saved_state_raises(project):
     with pytest.raises(FileNotFoundError):
         restore_state(project, {})

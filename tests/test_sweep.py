@@ -58,6 +58,25 @@ def test_sweep_builds_every_candidate(tmp_path, tiny_teacher_dir, small_splits, 
         assert load_predictor(out, threads=1).predict_logits(["a good film"]).shape == (1, 2)
 
 
+@pytest.mark.slow
+def test_local_cluster_workers_run_without_the_profiler():
+    # the cluster the dask runner starts, from its own kwargs: no profiler
+    # callbacks in the workers (dask/distributed#5109), the rest of their
+    # config as the client's
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.compress import make_task_runner
+    from shrinkflow.config import RunnerParams
+
+    runner = make_task_runner(RunnerParams(kind="dask", max_workers=1))
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        (callbacks,) = client.run(lambda dask_worker: sorted(dask_worker.periodic_callbacks)).values()
+        (target,) = client.run(lambda: dask.config.get("distributed.worker.memory.target")).values()
+    assert "heartbeat" in callbacks and not {"profile", "profile-cycle"} & set(callbacks)
+    assert target == dask.config.get("distributed.worker.memory.target")
+
+
 def test_make_task_runner_kinds():
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
