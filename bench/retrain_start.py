@@ -14,23 +14,26 @@ A teacher continued from the kept one should disagree with it less in domain
 This measures, side by side in one run, on the monitoring benchmark's
 retrain inputs (``bench/work/monitoring/project``: the training split, the
 feedback-train rows, the held-out production labels):
-- the kept teacher (``teacher_before``) and the teacher the benchmark's
-  retrain fine-tuned from the pretrained checkpoint (``models/teacher``);
+- the kept teacher (``teacher_before``) and a teacher fine-tuned anew from
+  ``train.model`` on the training split plus the feedback-train rows, as
+  the retrain does (at ``train.retrain_keep_share`` 0 it is the teacher the
+  benchmark's retrain deploys; the benchmark's own ``models/teacher`` is
+  the averaged one at a share above 0, so it is not read);
 - the kept teacher fine-tuned further on the training split plus the
   feedback-train rows, for each setting in ``CONTINUED`` (epochs, learning
   rate; the rest of ``train`` as in params.yaml);
 - weight-space averages of the two teachers (both fine-tuned from the same
   pretrained checkpoint): each weight ``(1 - keep) * retrained + keep *
   kept`` for each ``keep`` in ``SOUPS`` (WiSE-FT: Wortsman et al., "Robust
-  fine-tuning of zero-shot models", CVPR 2022; ``compress.warm.interpolate``,
-  what a re-distilled student already uses), no training.
+  fine-tuning of zero-shot models", CVPR 2022; ``shrinkflow.train.average_with_kept``,
+  what the retrain does with ``train.retrain_keep_share``), no training.
 Each in torch fp32 (the teacher as validate measures it), on val, test +
 reference (in domain, never trained on), the held-out production labels and
 the recovery tweets (shifted, never sent as traffic); each in-domain figure
 paired against the kept teacher (``shrinkflow.stats.paired_accuracy_drop``).
 
     .venv/bin/python bench/monitoring.py --distill-seed 1   # leaves the inputs in bench/work/monitoring
-    PYTHONPATH=bench:. .venv/bin/python bench/retrain_start.py   # about 13 min on 2 cores
+    PYTHONPATH=bench:. .venv/bin/python bench/retrain_start.py   # about 17 min on 2 cores
 
 Writes bench/results/retrain_start.{md,json}.
 """
@@ -52,6 +55,7 @@ KEPT = WORK / "teacher_before"
 CONTINUED = ((1, 2.0e-5), (2, 2.0e-5), (1, 5.0e-5))
 # shares of the kept teacher's weights in the average with the retrained one
 SOUPS = (0.3, 0.5, 0.7)
+ANEW = "fine-tuned anew from train.model (the retrain at share 0)"
 
 
 def predict(model_dir: Path, texts: dict[str, list[str]], threads: int) -> dict[str, np.ndarray]:
@@ -63,13 +67,12 @@ def predict(model_dir: Path, texts: dict[str, list[str]], threads: int) -> dict[
 
 
 def main() -> None:
-    from shrinkflow.compress.warm import interpolate
     from shrinkflow.config import LocalModel, load_params
     from shrinkflow.labels import read_labels
     from shrinkflow.modeling import load_tokenizer, load_torch_model, save_torch_model
     from shrinkflow.splits import read_parquet
     from shrinkflow.stats import paired_accuracy_drop
-    from shrinkflow.train import train_teacher
+    from shrinkflow.train import average_with_kept, train_teacher
     from shrinkflow.traffic import shifted_split
     from stages.train import with_feedback
 
@@ -83,16 +86,24 @@ def main() -> None:
     truth = {s: frames[s]["label"].to_numpy() for s in evaluated}
     train_df = with_feedback(frames["train"], frames["feedback_train"])
     threads = params.train.threads
-    preds = {"kept teacher": predict(KEPT, texts, threads),
-             "retrained from pretrained (the benchmark's)": predict(PROJECT / "models/teacher", texts, threads)}
+    preds = {"kept teacher": predict(KEPT, texts, threads)}
     seconds = {}
-    for keep in SOUPS:
-        soup, kept_model = load_torch_model(PROJECT / "models/teacher"), load_torch_model(KEPT)
-        interpolate(soup, kept_model, keep)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_torch_model(soup, load_tokenizer(KEPT / "tokenizer.json", params.train.max_seq_len), Path(tmp),
+    with tempfile.TemporaryDirectory() as tmp:
+        # fine-tuned anew from train.model, as the retrain does before it averages (the
+        # project's models/teacher is the averaged one when the loop ran at a share above 0)
+        anew = Path(tmp) / "anew"
+        t0 = time.perf_counter()
+        model, tok, _ = train_teacher(train_df, frames["val"], params.train, progress=False, labels=labels)
+        seconds[ANEW] = round(time.perf_counter() - t0, 1)
+        save_torch_model(model, tok, anew, params.train.max_seq_len, labels=labels)
+        preds[ANEW] = predict(anew, texts, threads)
+        for keep in SOUPS:
+            soup = load_torch_model(anew)
+            average_with_kept(soup, load_torch_model(KEPT), keep)
+            out = Path(tmp) / f"average-{keep:g}"
+            save_torch_model(soup, load_tokenizer(anew / "tokenizer.json", params.train.max_seq_len), out,
                              params.train.max_seq_len, labels=labels)
-            preds[f"average, {keep:g} kept + {1 - keep:g} retrained"] = predict(Path(tmp), texts, threads)
+            preds[f"average, {keep:g} kept + {1 - keep:g} anew"] = predict(out, texts, threads)
     for epochs, lr in CONTINUED:
         name = f"continued from kept, {epochs} epoch(s), lr {lr:g}"
         tp = params.train.model_copy(update={"model": LocalModel(path=str(KEPT)), "epochs": epochs,
