@@ -54,7 +54,6 @@ def make_task_runner(runner: RunnerParams):
                                           "config": LOCAL_WORKER_CONFIG})
 
 
-
 def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
     """Raise shrinkflow.errors.ClusterUnreachable unless the Dask scheduler at
     ``address`` (tcp:// or tls://; Dask's defaults: tcp, port 8786) accepts a TCP

@@ -164,19 +164,21 @@ def split_accuracy(model, tok, df: pd.DataFrame) -> float:
     return evaluate_accuracy(model, seqs, df["label"].to_numpy())
 
 
-def average_retrained_teacher(model, tok, kept_dir, keep: float, val_df: pd.DataFrame) -> dict:
+def average_retrained_teacher(model, tok, kept_dir, keep: float, val_df: pd.DataFrame,
+                              val_accuracy_before: float) -> dict:
     """A retrain's new teacher ``model`` averaged in place with the kept
     teacher at ``kept_dir`` (a shrinkflow torch model directory:
-    ``average_with_kept``, ``keep`` its share), measured on val before and
-    after. Returns the ``KeptTeacherAverage`` fields. Raises ModelError as
+    ``average_with_kept``, ``keep`` its share), measured on val after;
+    ``val_accuracy_before``: the fine-tuned teacher's val accuracy
+    (``TrainResult.best_val_accuracy``, measured by the training loop).
+    Returns the ``KeptTeacherAverage`` fields. Raises ModelError as
     ``average_with_kept`` does, FileNotFoundError when ``kept_dir`` is not a
     model directory."""
     from shrinkflow.files import content_hash, file_hashes
     from shrinkflow.modeling import load_torch_model
 
-    kept = load_torch_model(kept_dir)
-    before = split_accuracy(model, tok, val_df)
-    tensors = average_with_kept(model, kept, keep)["tensors"]
+    before = val_accuracy_before
+    tensors = average_with_kept(model, load_torch_model(kept_dir), keep)["tensors"]
     return {"keep_share": keep, "kept_teacher": content_hash(file_hashes(kept_dir)), "tensors": tensors,
             "val_accuracy_before": round(before, 6), "val_accuracy_after": round(split_accuracy(model, tok, val_df), 6)}
 

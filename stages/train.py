@@ -75,7 +75,8 @@ def train(params, root: Path) -> None:
             model, tok, result = train_teacher(with_feedback(read_split("train", root), feedback), val, tp,
                                                labels=labels)
             if kept is not None:
-                averaged = average_retrained_teacher(model, tok, kept, tp.retrain_keep_share, val)
+                averaged = average_retrained_teacher(model, tok, kept, tp.retrain_keep_share, val,
+                                                     result.best_val_accuracy)
                 print(f"train: the retrained teacher averaged with the kept one ({kept}, share "
                       f"{tp.retrain_keep_share:g}): val accuracy {averaged['val_accuracy_before']:.4f} -> "
                       f"{averaged['val_accuracy_after']:.4f}")
