@@ -151,3 +151,20 @@ def test_no_production_labels_or_no_kept_teacher_means_no_average(project, capsy
     pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")}).to_parquet(
         project / "data" / "prepared" / "feedback_train.parquet")
     assert "averaged_with_kept_teacher" not in run_train(project)
+
+
+@pytest.mark.parametrize("share", [1.0, 1.5, -0.01, float("nan"), float("inf"), "half", None])
+def test_a_share_outside_0_to_1_is_refused_by_the_params(share):
+    from pydantic import ValidationError
+
+    from shrinkflow.config import TrainParams
+
+    with pytest.raises(ValidationError, match="retrain_keep_share"):
+        TrainParams(retrain_keep_share=share)
+
+
+@pytest.mark.parametrize("share", [0, 0.0, 0.5, 0.999])
+def test_a_share_in_0_to_1_is_taken(share):
+    from shrinkflow.config import TrainParams
+
+    assert TrainParams(retrain_keep_share=share).retrain_keep_share == share
