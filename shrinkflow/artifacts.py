@@ -152,7 +152,10 @@ class CandidateMeasurements(Quality, PairedDrop, Performance):
     ``shrinkflow.validation.deployed_figures``).
 
     ``speedup_p95_b1``: teacher p95 over candidate p95 at batch 1, round by
-    round (absent when not timed interleaved). ``agreement``: fraction of
+    round (absent when not timed interleaved). ``p95_b1_ratio_vs_production``:
+    on a re-compression, its p95 over the production model's at batch 1,
+    within each interleaved round, the median over rounds (1.10: 10% slower;
+    absent otherwise; ``shrinkflow.validation.production_ratios``). ``agreement``: fraction of
     texts where it predicts the teacher's label, by split (None: empty split);
     ``soft_agreement``: the overlap of its class probabilities with the
     teacher's (``stats.soft_agreement``), on the splits whose probabilities
@@ -162,6 +165,7 @@ class CandidateMeasurements(Quality, PairedDrop, Performance):
     split: str
     accuracy_shifted: Number | None = None
     speedup_p95_b1: Number | None = None
+    p95_b1_ratio_vs_production: Number | None = None
     agreement: dict[str, Number | None]
     soft_agreement: dict[str, Number | None] | None = None
     batch_invariance: BatchInvariance | None = None

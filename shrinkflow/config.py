@@ -762,8 +762,9 @@ class Gates(_Frozen):
     # share of texts given the teacher's label. The floor is always on labels.
     window_agreement_gain_on: Literal["probabilities", "labels"] = "probabilities"
     # Re-compression only: a new candidate's batch-1 p95 latency over the
-    # production model's, minus 1, at most this (0.10: 10% slower), from the
-    # same interleaved rounds; so a drift event never makes production slower.
+    # production model's, minus 1, at most this (0.10: 10% slower): the ratio
+    # within each interleaved round, the median over rounds; so a drift event
+    # never makes production slower.
     # Above 1 admits more than twice production's latency.
     max_p95_b1_slowdown_vs_production: Annotated[float, Field(ge=0.0)] = 0.10
     # Re-compression and retrain: production's val accuracy (measured beside

@@ -110,6 +110,21 @@ def candidate_figures(run: dict, teacher_run: dict, labels: dict, confidence: fl
         **_invariance(run), **run["performance"], **(files or {})})
 
 
+def production_ratios(candidate_runs: dict[str, dict], production: str) -> dict[str, float]:
+    """{candidate: its batch-1 p95 over the production model's}, within each
+    interleaved round, the median over rounds (``stats.round_ratio_p95``;
+    1.10: 10% slower), for every candidate but ``production`` itself, on a
+    re-compression where all were timed in the same rounds (a run without
+    ``rounds_b1``, or production without: none). What
+    ``max_p95_b1_slowdown_vs_production`` checks: measured directly, the
+    teacher's timing does not enter it (bench/results/slowdown_spread.md)."""
+    prod = candidate_runs[production].get("rounds_b1")
+    if not prod:
+        return {}
+    return {n: round(round_ratio_p95(r["rounds_b1"], prod), 4) for n, r in candidate_runs.items()
+            if n != production and r.get("rounds_b1") and len(r["rounds_b1"]) == len(prod)}
+
+
 def _soft_agreement(run: dict, teacher_run: dict) -> dict:
     """``soft_agreement`` by split, on the splits both runs have
     probabilities for (none: no key)."""
@@ -179,6 +194,9 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     baseline = None
     if production_version is not None:
         prod_name = production_as or PRODUCTION_CANDIDATE
+        ratios = production_ratios(candidate_runs, prod_name)
+        candidates = {n: m.model_copy(update={"p95_b1_ratio_vs_production": ratios[n]}) if n in ratios else m
+                      for n, m in candidates.items()}
         prod = candidates[prod_name]
         test = labels[CONFIRMATION_SPLIT]
         baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),

@@ -184,6 +184,42 @@ def test_interleaved_rounds_give_a_round_by_round_speedup_that_the_gate_checks()
     assert not g.passed and g.value == pytest.approx(1.5) and gates.selected is None
 
 
+def test_a_recompression_gates_the_slowdown_on_the_candidates_own_rounds_against_productions():
+    """Candidate and production timed in the same rounds: the slowdown is
+    their ratio round by round (median), whatever the teacher did. Here the
+    ratio of the two speedups over the teacher (10 / 5) would call "same"
+    twice as slow as production; round by round it is as fast (2/1, 2/2,
+    2/3: median 1), and "slower", 1.2x production in every round, fails by
+    0.10."""
+    from shrinkflow.artifacts import PRODUCTION_CANDIDATE
+    from shrinkflow.validation import production_ratios
+
+    teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
+    prod = run(LABELS["val"], LABELS["test"], lat=3.0)
+    same = run(LABELS["val"], LABELS["test"], lat=3.0)
+    slower = run(LABELS["val"], LABELS["test"], lat=3.6)
+    teacher["rounds_b1"] = [[0.010] * 4, [0.010] * 4, [0.030] * 4]
+    prod["rounds_b1"] = [[0.001] * 4, [0.002] * 4, [0.003] * 4]
+    same["rounds_b1"] = [[0.002] * 4, [0.002] * 4, [0.002] * 4]
+    slower["rounds_b1"] = [[0.0012] * 4, [0.0024] * 4, [0.0036] * 4]
+    runs = {"same": same, "slower": slower, PRODUCTION_CANDIDATE: prod}
+    assert production_ratios(runs, PRODUCTION_CANDIDATE) == {"same": 1.0, "slower": pytest.approx(1.2)}
+    assert production_ratios({**runs, PRODUCTION_CANDIDATE: {**prod, "rounds_b1": None}}, PRODUCTION_CANDIDATE) == {}
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
+        "min_window_agreement": 0.0, "min_speedup": 1.0})})
+    files = {"same": FILES["fast"], "slower": FILES["slow"], PRODUCTION_CANDIDATE: FILES["slow"]}
+    metrics, gates = validate_runs(teacher, runs, LABELS, params, files, production_version="v0003")
+    assert metrics.candidates["same"].p95_b1_ratio_vs_production == 1.0
+    assert metrics.candidates[PRODUCTION_CANDIDATE].speedup_p95_b1 / metrics.candidates["same"].speedup_p95_b1 == 2.0
+    assert metrics.candidates[PRODUCTION_CANDIDATE].p95_b1_ratio_vs_production is None
+    g = gates.candidates["same"].gates["max_p95_b1_slowdown_vs_production"]
+    assert g.passed and g.value == 0.0
+    g = gates.candidates["slower"].gates["max_p95_b1_slowdown_vs_production"]
+    assert not g.passed and g.value == pytest.approx(0.2) and g.margin == pytest.approx(-0.1)
+    assert "max_p95_b1_slowdown_vs_production" not in gates.candidates[PRODUCTION_CANDIDATE].gates
+    assert gates.selected == "same"
+
+
 @pytest.mark.parametrize("action, selected", [("serve_per_row", "fast"), ("refuse", "slow")])
 def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report_says_which(action, selected):
     teacher = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0)
