@@ -414,6 +414,11 @@ def score(doc: dict) -> None:
         dirs[f"re-distilled {doc['recompress']['redistilled']} (the re-compression's)"] = WORK / "redistilled"
         doc["gain_noise"] = gain_noise(teacher0, v0_dir, WORK / "redistilled", rec_x)
         doc["recovery_noise"] = recovery_noise(teacher0, v0_dir, WORK / "redistilled", rec_x, rec_y)
+    # the retrain's student when it was not deployed (the last lifecycle's candidate: nothing ran after it)
+    rt_students = list(doc["retrain"].get("students") or {})
+    if rt_students and doc["retrain"]["gates"].get("selected") != rt_students[0] \
+            and (PROJECT / "models/candidates" / rt_students[0]).is_dir():
+        dirs[f"retrain's student {rt_students[0]} (not deployed)"] = PROJECT / "models/candidates" / rt_students[0]
     # In domain: the test split, and with it the monitor's drift reference (never trained on, never used to
     # choose), each model predicted once on both: test's accuracy from the first len(test) labels.
     ref = read_parquet(PROJECT / "data/prepared/reference.parquet")
@@ -532,7 +537,7 @@ def markdown(doc: dict, models: list[str]) -> str:
                           f"{doc['gates'].get('window_agreement_gain_on', 'labels')}) the student's gain there is "
                           f"{g['soft']['gain']:+.4f}, with a standard error of "
                           + ", ".join(f"{v:.4f} at n = {n}" for n, v in g["soft"]["se_at"].items()) + ".")
-    if len(models) > 5:
+    if len(models) > 5 and models[5].startswith("re-distilled"):
         c = models[5]
         extra = [f"The re-distilled student ({r.get('redistilled')}), deployed or not, recovered "
                  f"{(tw[c] - tw[p0]) / gap if gap > 0 else float('nan'):.0%} of the gap "
@@ -624,6 +629,11 @@ def markdown(doc: dict, models: list[str]) -> str:
               + (f", {(mv[p2] - mv[p1]) * 100:+.2f} against the model it replaced (the re-compression's)"
                  if p1 != p0 and doc["recompress"]["deployed_after"] != doc["recompress"]["deployed_before"] else "")
               + f"; the new teacher {(mv[t2] - mv[t0]) * 100:+.2f} against the old."]
+    rs = next((m for m in models if m.startswith("retrain's student")), None)
+    if rs:
+        lines.append(f"The retrain's student, refused by its gates (see above), scores {tw[rs]:.4f} on the tweets "
+                     f"(old teacher {tw[t0]:.4f}, deployed {tw[p2]:.4f}) and {(mv[rs] - mv[p0]) * 100:+.2f} points "
+                     "in domain on test against the first production model.")
     dn = doc.get("domain_noise")
     if dn:
         lines += ["", f"In domain on the {dn['n_test'] + dn['n_reference']:,} movie-review sentences of the test "

@@ -10,13 +10,15 @@ re-compression: the teacher, production and the candidates alive together,
 timed in alternating rounds), the monitoring benchmark's models:
 
 - ``teacher``: the kept fp32 teacher (torch), the speedups' reference;
-- ``production``: the production student (v0001, int8);
+- ``production``: the production student before the re-compression (v0001,
+  int8);
 - ``production-copy``: a byte-for-byte copy of it (the null case: any
   slowdown measured is noise);
 - ``redistilled``: the re-compression's re-distilled student (same
   architecture);
-- ``int8-teacher``: the retrain's deployed int8 teacher (v0002), about twice
-  as slow (the case the gate exists for).
+- ``int8-teacher``: the retrain's deployed int8 teacher (v0002 at 20:45,
+  v0003 once the re-compression deploys), about twice as slow (the case the
+  gate exists for).
 
 For each candidate and repeat it computes the slowdown against production
 three ways:
@@ -86,12 +88,19 @@ def main() -> None:
     lat = load_params(project / "params.yaml").validate_.latency
     texts = read_parquet(project / "data" / "prepared" / "val.parquet")["text"].tolist()
     versions = project / "registry" / "versions"
+    # the versions as the benchmark's run recorded them: production before the re-compression, and what the
+    # retrain deployed (the retrained teacher's int8, in every run so far; checked below)
+    run_doc = json.loads((RESULTS / "monitoring.json").read_text())
+    first, retrained = run_doc["recompress"]["deployed_before"], run_doc["retrain"]["deployed_after"]
+    if run_doc["retrain"]["gates"].get("selected") != "int8":
+        sys.exit(f"the monitoring run's retrain deployed {run_doc['retrain']['gates'].get('selected')!r}, "
+                 "not the int8 teacher this benchmark needs")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "production-copy"
-        shutil.copytree(versions / "v0001" / "model", copy)
-        models = {"teacher": WORK / "teacher_before", "production": versions / "v0001" / "model",
+        shutil.copytree(versions / first / "model", copy)
+        models = {"teacher": WORK / "teacher_before", "production": versions / first / "model",
                   "production-copy": copy, "redistilled": WORK / "redistilled",
-                  "int8-teacher": versions / "v0002" / "model"}
+                  "int8-teacher": versions / retrained / "model"}
         runs = []
         for i in range(repeats):
             run = measure_interleaved(models, {}, texts, lat, log=lambda m: None)
@@ -113,8 +122,8 @@ def main() -> None:
              f"`measure_interleaved` call with the five models alive (what validate does on a re-compression): "
              f"{lat.iters_b1} batch-1 calls per model after {lat.warmup_iters} warm-up calls, in {lat.rounds} "
              f"alternating rounds. Models from `bench/work/monitoring` (`bench/monitoring.py`): the kept fp32 teacher, "
-             f"production v0001 (the int8 student), a byte-for-byte copy of it, the re-compression's re-distilled "
-             f"student (same architecture) and the retrain's int8 teacher (v0002)."
+             f"production {first} (the int8 student), a byte-for-byte copy of it, the re-compression's re-distilled "
+             f"student (same architecture) and the retrain's int8 teacher ({retrained})."
              + (f" **{busy} other process(es) spun a core each throughout** (a shared machine)." if busy else ""), "",
              "Slowdown = candidate over production, minus 1 (0.10: 10% slower). `via_teacher`: production's "
              "round-by-round speedup over the teacher divided by the candidate's (the gate's figure before this "

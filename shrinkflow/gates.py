@@ -162,8 +162,9 @@ def production_latency_gates(candidate: Any, speedup: float, gates: Gates,
     median over rounds. Without it (a report from before it was measured),
     production's round-by-round speedup over the teacher divided by the
     candidate's (``speedup``), minus 1: a ratio of two medians that carries
-    the teacher's timing noise twice, and moved 2.6x as far between repeats
-    on a byte-for-byte copy of production (bench/results/slowdown_spread.md).
+    the teacher's timing noise twice: on a byte-for-byte copy of production
+    it spread 4.6x as wide between repeats and refused the copy in 1 of 15
+    (bench/results/slowdown_spread.md; with a busy core 3.9x and 2 of 10).
     No production baseline, production's own report, or neither figure: no
     gate."""
     if production is None or production.is_candidate:
