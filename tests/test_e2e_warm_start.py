@@ -147,6 +147,14 @@ def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(t
             for n, c in json.loads((project / "metrics/validate.json").read_text())["candidates"].items()}
     assert gain["value"] == pytest.approx(soft["student"] - soft["production"], abs=1e-5)
     assert gain["note"].startswith(f"soft agreement {soft['student']:.4g} against production v0001's"), gain
+    # the slowdown against production: the student's own p95 over production's, round by round, as
+    # validate.json records it; production has no such figure
+    measured = json.loads((project / "metrics/validate.json").read_text())["candidates"]
+    ratio, slow = (measured["student"]["p95_b1_ratio_vs_production"],
+                   window["max_p95_b1_slowdown_vs_production"])
+    assert ratio > 0 and slow["value"] == pytest.approx(ratio - 1, abs=1e-4), (ratio, slow)
+    assert "round by round" in slow["note"] and "v0001" in slow["note"], slow
+    assert "p95_b1_ratio_vs_production" not in measured["production"]
 
     manifest = reg.manifest("v0002")
     assert manifest["lineage"]["window"]["warm_start"] == result["window"]["warm_start"]
