@@ -31,7 +31,8 @@ three ways:
 
 ``--busy N``: N other processes spin a core each while it measures (a
 shared server; the machine-load warning of validate fires), results in
-bench/results/slowdown_spread_busy.{md,json}; otherwise
+bench/results/slowdown_spread_busy.{md,json} (N = 1) or
+slowdown_spread_busyN.{md,json}; otherwise
 bench/results/slowdown_spread.{md,json}. Needs bench/monitoring.py's work
 folder (bench/work/monitoring).
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 10
     busy = int(sys.argv[sys.argv.index("--busy") + 1]) if "--busy" in sys.argv else 0
-    out = "slowdown_spread_busy" if busy else "slowdown_spread"
+    out = "slowdown_spread" + ("_busy" if busy else "") + (str(busy) if busy > 1 else "")
     spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(busy)]
     for p in spinners:
         p.start()
