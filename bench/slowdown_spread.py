@@ -99,9 +99,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "production-copy"
         shutil.copytree(versions / first / "model", copy)
-        models = {"teacher": WORK / "teacher_before", "production": versions / first / "model",
+        # in validate's order (stages/validate.py: the teacher, the candidates as compress.candidates lists
+        # them, production last; interleaved_plan rotates each round but keeps every model's neighbours), the
+        # copy among the candidates
+        models = {"teacher": WORK / "teacher_before", "int8-teacher": versions / retrained / "model",
                   "production-copy": copy, "redistilled": WORK / "redistilled",
-                  "int8-teacher": versions / retrained / "model"}
+                  "production": versions / first / "model"}
         runs = []
         for i in range(repeats):
             run = measure_interleaved(models, {}, texts, lat, log=lambda m: None)
@@ -120,7 +123,8 @@ def main() -> None:
     (RESULTS / f"{out}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Slowdown against production: the same models, measured repeatedly", "",
              f"Measured {doc['measured_at']} ({doc['machine']}, {lat.threads} threads). Each repeat is one "
-             f"`measure_interleaved` call with the five models alive (what validate does on a re-compression): "
+             f"`measure_interleaved` call with the five models alive, in validate's order (the teacher, the "
+             f"candidates, production last; what validate does on a re-compression): "
              f"{lat.iters_b1} batch-1 calls per model after {lat.warmup_iters} warm-up calls, in {lat.rounds} "
              f"alternating rounds. Models from `bench/work/monitoring` (`bench/monitoring.py`): the kept fp32 teacher, "
              f"production {first} (the int8 student), a byte-for-byte copy of it, the re-compression's re-distilled "

@@ -16,7 +16,8 @@ What comes out is typed (``shrinkflow.artifacts``): a TeacherMeasurements,
 a CandidateMeasurements per candidate, the Confirmation, and the two stage
 documents, ValidationReport and GatesReport. Each holds exactly the keys the
 documents have always had, so they are written byte for byte as before
-(tests/test_typed_documents.py).
+(tests/test_typed_documents.py); a re-compression's new candidates add
+``p95_b1_ratio_vs_production`` (since 2026-12-04).
 """
 
 from __future__ import annotations
@@ -117,12 +118,15 @@ def production_ratios(candidate_runs: dict[str, dict], production: str) -> dict[
     re-compression where all were timed in the same rounds (a run without
     ``rounds_b1``, or production without: none). What
     ``max_p95_b1_slowdown_vs_production`` checks: measured directly, the
-    teacher's timing does not enter it (bench/results/slowdown_spread.md)."""
+    teacher's timing does not enter it (bench/results/slowdown_spread.md).
+
+    Raises ValueError when a candidate and production were timed in a
+    different number of rounds (not timed together)."""
     prod = candidate_runs[production].get("rounds_b1")
     if not prod:
         return {}
     return {n: round(round_ratio_p95(r["rounds_b1"], prod), 4) for n, r in candidate_runs.items()
-            if n != production and r.get("rounds_b1") and len(r["rounds_b1"]) == len(prod)}
+            if n != production and r.get("rounds_b1")}
 
 
 def _soft_agreement(run: dict, teacher_run: dict) -> dict:

@@ -205,6 +205,8 @@ def test_a_recompression_gates_the_slowdown_on_the_candidates_own_rounds_against
     runs = {"same": same, "slower": slower, PRODUCTION_CANDIDATE: prod}
     assert production_ratios(runs, PRODUCTION_CANDIDATE) == {"same": 1.0, "slower": pytest.approx(1.2)}
     assert production_ratios({**runs, PRODUCTION_CANDIDATE: {**prod, "rounds_b1": None}}, PRODUCTION_CANDIDATE) == {}
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):   # not timed together
+        production_ratios({**runs, "same": {**same, "rounds_b1": same["rounds_b1"][:2]}}, PRODUCTION_CANDIDATE)
     params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
         "min_window_agreement": 0.0, "min_speedup": 1.0})})
     files = {"same": FILES["fast"], "slower": FILES["slow"], PRODUCTION_CANDIDATE: FILES["slow"]}
