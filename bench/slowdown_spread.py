@@ -118,7 +118,8 @@ def main() -> None:
     summary = {n: {m: _summary([r[n][m] for r in runs]) for m in METHODS} for n in CANDIDATES}
     doc = {**stamp(), "models": {k: str(Path(v).relative_to(ROOT)) if str(v).startswith(str(ROOT)) else k
                                  for k, v in models.items()},
-           "latency": lat.model_dump(), "repeats": repeats, "busy_processes": busy, "gate": GATE, "runs": runs, "summary": summary}
+           "latency": lat.model_dump(), "repeats": repeats, "busy_processes": busy, "gate": GATE, "runs": runs,
+           "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{out}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Slowdown against production: the same models, measured repeatedly", "",

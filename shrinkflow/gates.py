@@ -162,13 +162,13 @@ def production_latency_gates(candidate: Any, speedup: float, gates: Gates,
     median over rounds. Without it (a candidate not timed in production's
     rounds; the built candidate with production's very files,
     ``production_as``, gated against itself: 0), production's round-by-round
-    speedup over the teacher divided by the candidate's (``speedup``), minus 1: a ratio of two medians that carries
-    the teacher's timing noise twice: on a byte-for-byte copy of production
-    it spread 3.7x as wide between repeats (bench/results/slowdown_spread.md;
-    4.6x in an earlier run, where it refused the copy once in 15; with a busy
-    core 3.9x, refusing it twice in 10).
-    No production baseline, production's own report, or neither figure: no
-    gate."""
+    speedup over the teacher divided by the candidate's (``speedup``), minus
+    1: a ratio of two medians that carries the teacher's timing noise twice.
+    On a byte-for-byte copy of production it spread 3.7x as wide between
+    repeats (bench/results/slowdown_spread.md; 4.6x in an earlier run, where
+    it refused the copy once in 15; with a busy core 3.9x, refusing it twice
+    in 10). No production baseline, production's own report, or neither
+    figure: no gate."""
     if production is None or production.is_candidate:
         return ()
     ratio = figures(candidate).p95_b1_ratio_vs_production

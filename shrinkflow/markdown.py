@@ -204,7 +204,8 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
               else "'production'") + "; "
            "a candidate passes the window gate at min_window_agreement or at min_window_agreement_gain over "
            "production's agreement on the same held-out texts, and is gated against production's p95 latency "
-           "(max_p95_b1_slowdown_vs_production: the two timed in the same rounds, the ratio round by round) and val accuracy (max_accuracy_drop_vs_production)."]
+           "(max_p95_b1_slowdown_vs_production: the two timed in the same rounds, the ratio round by round) "
+           "and val accuracy (max_accuracy_drop_vs_production)."]
           if selection.production else []),
         f"Selection: {selection.reason}",
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),

@@ -177,10 +177,9 @@ def average_retrained_teacher(model, tok, kept_dir, keep: float, val_df: pd.Data
     from shrinkflow.files import content_hash, file_hashes
     from shrinkflow.modeling import load_torch_model
 
-    before = val_accuracy_before
     tensors = average_with_kept(model, load_torch_model(kept_dir), keep)["tensors"]
     return {"keep_share": keep, "kept_teacher": content_hash(file_hashes(kept_dir)), "tensors": tensors,
-            "val_accuracy_before": round(before, 6), "val_accuracy_after": round(split_accuracy(model, tok, val_df), 6)}
+            "val_accuracy_before": round(val_accuracy_before, 6), "val_accuracy_after": round(split_accuracy(model, tok, val_df), 6)}
 
 
 def average_with_kept(model, kept, keep: float) -> dict:
