@@ -360,7 +360,10 @@ def _stop_on_signals() -> None:
 
 
 @_command("run", "Run the lifecycle: train, compress, validate, deploy.")
-def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
+def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
+        revalidate: Annotated[bool, typer.Option(
+            "--revalidate", help="run validate again though nothing changed: time and gate the candidates "
+                                 "anew (after a timing on a busy machine was refused)")] = False):
     """Run the lifecycle flow: DVC stages fetch -> data -> train -> compress -> validate -> deploy.
 
     With --params FILE, FILE becomes the project's params.yaml first (DVC
@@ -374,7 +377,7 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False):
         from flows.lifecycle import lifecycle
 
         _short_failures(debug)
-        result = lifecycle(project_dir=str(s.root))
+        result = lifecycle(project_dir=str(s.root), revalidate=revalidate)
     except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
         typer.echo("", err=True)
         raise _crash(exc, "the lifecycle", debug)

@@ -27,13 +27,15 @@ BASELINE_STAGES = ("small_direct", "frontier")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
+def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False) -> dict:
     """``project_dir``: the project root (absolute; every path is resolved
     against it); ``production_candidate``: keep the production copy a
     re-compression made (data/unlabelled/production), so that validate
     measures production as a candidate. False (a run, a retrain): any such
     copy is removed first, since the registry may have moved on since it was
-    made and only a re-compression compares against production. Returns the
+    made and only a re-compression compares against production;
+    ``revalidate``: run validate though DVC sees nothing changed (its timing
+    was refused on a busy machine: ``max_timing_other_cpu_share``). Returns the
     stages run, the selection and what was deployed."""
     if not production_candidate:
         clear_production(project_dir)
@@ -46,7 +48,7 @@ def lifecycle(project_dir: str, production_candidate: bool = False) -> dict:
         check_params_unchanged(project_dir, fingerprint, stage)
         return repro_stage_with_retries(stage)(stage, project_dir, force=force)
 
-    stages = {s: run(s) for s in BUILD_STAGES}
+    stages = {s: run(s, force=revalidate and s == "validate") for s in BUILD_STAGES}
     report, selection = read_validation(project_dir)
     selected = selection.selected
     deployment = None

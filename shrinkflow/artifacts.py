@@ -90,7 +90,12 @@ class Performance(Artifact):
     """Measured performance (``shrinkflow.evaluate``): latency p50/p95 in ms at
     batch 1 and 32, throughput at batch 32 (examples/s), on-disk size (MB),
     peak RSS (MB), CPU ms per prediction at batch 1 and 32; how many
-    interleaved timing rounds they came from (absent when not interleaved)."""
+    interleaved timing rounds they came from (absent when not interleaved);
+    how many times the models were timed (``timing_attempts``: more than 1
+    when the machine was busy, ``LatencyParams.retimes_when_busy``) and the
+    cores other processes took on average during the timing kept
+    (``timing_other_cores``, ``shrinkflow.cpuload``; absent where not
+    measured), of ``timing_cpus`` logical CPUs."""
 
     latency_ms_p50_b1: Number
     latency_ms_p95_b1: Number
@@ -103,6 +108,9 @@ class Performance(Artifact):
     cpu_ms_per_prediction_b32: Number | None = None
     timing_rounds_b1: int | None = None
     timing_rounds_b32: int | None = None
+    timing_attempts: int | None = None
+    timing_other_cores: Number | None = None
+    timing_cpus: int | None = None
 
     def performance(self) -> dict[str, Any]:
         """The PERFORMANCE_KEYS figures, by key."""
@@ -111,8 +119,8 @@ class Performance(Artifact):
 
 # The performance figures a deployed version carries over from validation
 # (``shrinkflow.validation.deployed_figures``): every Performance field but
-# the timing-round counts.
-PERFORMANCE_KEYS = tuple(k for k in Performance.model_fields if not k.startswith("timing_rounds"))
+# those on how the timing went (rounds, attempts, others' load).
+PERFORMANCE_KEYS = tuple(k for k in Performance.model_fields if not k.startswith("timing_"))
 
 
 class BatchInvariance(Artifact):

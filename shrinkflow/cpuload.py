@@ -69,10 +69,16 @@ def other_cores(busy_before: float, busy_after: float, own_before: float, own_af
     return max(0.0, ((busy_after - busy_before) - (own_after - own_before)) / wall_s)
 
 
+def is_busy(cores: float | None, threshold: float = BUSY_CORES) -> bool:
+    """Whether others took more than ``threshold`` cores on average (False
+    when not measured: None)."""
+    return cores is not None and cores > threshold
+
+
 def busy_warning(cores: float, cpus: int, threshold: float = BUSY_CORES) -> str | None:
     """A warning when others took more than ``threshold`` cores of ``cpus``
     on average while latency was measured, else None."""
-    if cores <= threshold:
+    if not is_busy(cores, threshold):
         return None
     return (f"other processes took {cores:.2f} of {cpus} cores on average while latency was measured: the "
             "latency figures (and the gates and the speedup on them) may be off; measure on a quiet machine")

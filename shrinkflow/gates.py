@@ -24,6 +24,7 @@ from typing import Any, Literal
 # are imported from here as well.
 from shrinkflow.artifacts import GateReport, GateResult  # noqa: F401
 from shrinkflow.config import LATENCY_P95_B1, Gates
+from shrinkflow.cpuload import is_busy
 
 TOLERANCE = 1e-9
 
@@ -120,16 +121,64 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
     The speedup is the candidate's round-by-round ``speedup_p95_b1`` when
     validate timed it interleaved with the teacher, else the ratio of the two
     pooled p95 latencies. ``production``: on a re-compression, the
-    production model's window agreement (``window_gates``).
+    production model's window agreement (``window_gates``). The latency
+    gates' notes say when other processes took the machine while the
+    candidate was timed (``busy_timing_note``).
     """
     c, t = figures(candidate), figures(teacher)
     speedup = c.speedup_p95_b1 or t.latency_ms_p95_b1 / c.latency_ms_p95_b1
+    timed = busy_timing_note(c)   # the latency gates say when the machine was busy
     return GateReport(candidate_name, accuracy_gates(c, t, gates) + (
-        check_max("max_latency_ms_p95_b1", c.latency_ms_p95_b1, gates.max_latency_ms_p95_b1),
+        timed(check_max("max_latency_ms_p95_b1", c.latency_ms_p95_b1, gates.max_latency_ms_p95_b1)),
         check_max("max_size_mb", c.size_mb, gates.max_size_mb),
-        check_min("min_speedup", speedup, gates.min_speedup),
-    ) + window_gates(c, gates, production) + production_latency_gates(c, speedup, gates, production)
+        timed(check_min("min_speedup", speedup, gates.min_speedup)),
+    ) + window_gates(c, gates, production)
+        + tuple(map(timed, production_latency_gates(c, speedup, gates, production))) + timing_gates(c, gates)
         + production_accuracy_gates(c, gates, production) + batch_gates(c, gates))
+
+
+def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
+    """The share of the machine's CPU time other processes took while the
+    candidate was timed (``timing_other_cores`` / ``timing_cpus``, the timing
+    kept), at most ``max_timing_other_cpu_share``: above it no latency figure
+    holds, in either direction (a model 1.9x slower than production measured
+    1.01x: bench/results/retime_busy.md), so the candidate is refused and
+    the note says how to time again. All models are timed together, so one
+    refused means all are. The gate not set (None), or the load not
+    measured: no gate."""
+    c = figures(candidate)
+    if gates.max_timing_other_cpu_share is None or c.timing_other_cores is None or not c.timing_cpus:
+        return ()
+    res = check_max("max_timing_other_cpu_share", c.timing_other_cores / c.timing_cpus,
+                    gates.max_timing_other_cpu_share)
+    attempts = c.timing_attempts or 1
+    note = (f"other processes took {c.timing_other_cores:.2f} of {c.timing_cpus} cores while the models were timed"
+            + (f" (the quietest of {attempts} timings)" if attempts > 1 else ""))
+    if not res.passed:
+        note += ": no latency figure holds; time them again on a quiet machine (shrinkflow run --revalidate)"
+    return (res.model_copy(update={"note": note}),)
+
+
+def busy_timing_note(candidate: Any):
+    """A function that adds to a latency gate's result a note on the
+    machine's load, when other processes took more than
+    ``cpuload.BUSY_CORES`` cores on average while the candidate was timed
+    (``timing_other_cores``; after ``timing_attempts`` timings, the quietest
+    kept): its figure may be off, and so may a refusal. The verdict is
+    unchanged: a figure measured on a busy machine still gates (a refusal
+    keeps production serving). Not busy, or not measured: the result as
+    it is."""
+    c = figures(candidate)
+    if not is_busy(c.timing_other_cores):
+        return lambda result: result
+    attempts = c.timing_attempts or 1
+    load = (f"timed while other processes took {c.timing_other_cores:.2f} cores on average"
+            + (f" (the quietest of {attempts} timings)" if attempts > 1 else "")
+            + ": the figure may be off (shrinkflow run --revalidate times them again)")
+
+    def add(result: GateResult) -> GateResult:
+        return result.model_copy(update={"note": f"{result.note}; {load}" if result.note else load})
+    return add
 
 
 def production_accuracy_gates(candidate: Any, gates: Gates, production: "ProductionBaseline | None",

@@ -207,7 +207,7 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
            "(max_p95_b1_slowdown_vs_production: the two timed in the same rounds, the ratio round by round) "
            "and val accuracy (max_accuracy_drop_vs_production)."]
           if selection.production else []),
-        f"Selection: {selection.reason}",
+        f"Selection: {selection.reason}", *timing_lines(report.teacher),
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(
             report.teacher, report.candidates, report.labels),
@@ -215,6 +215,24 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
         "\n".join(confirmation_section(report.confirmation, report.labels)),
         *(["\n".join(aside)] if (aside := unconfirmed_section(selection, report.confirmation)) else []),
         *(["\n".join(recall)] if (recall := recall_section(report, selection)) else [])]) + "\n"
+
+
+def timing_lines(teacher) -> list[str]:
+    """One line on how the models' timing went, when it is worth saying:
+    timed more than once (the machine was busy: ``retimes_when_busy``), or
+    others took more than ``cpuload.BUSY_CORES`` cores during the timing
+    kept. ``teacher``: the teacher's measurements (timed with every
+    candidate, so its figures are the timing's). [] otherwise."""
+    from shrinkflow.cpuload import is_busy
+
+    attempts, other = teacher.timing_attempts or 1, teacher.timing_other_cores
+    if attempts <= 1 and not is_busy(other):
+        return []
+    head = (f"the machine was busy, so the models were timed {attempts} times and the quietest timing counts"
+            if attempts > 1 else "the models were timed once")
+    load = "" if other is None else f"; other processes took {other:.2f} cores on average during it"
+    tail = ": the latency figures may be off (`shrinkflow run --revalidate` times them again)" if is_busy(other) else ""
+    return [f"Timing: {head}{load}{tail}."]
 
 
 def roi_markdown(roi: CostReturn | None) -> str:

@@ -32,9 +32,13 @@ TINY = {
                            "max_p95_b1_slowdown_vs_production": 1.0,
                            # tiny models' val accuracies move by points from seed to seed, as the
                            # accuracy drop above (its boundaries: tests/test_gates.py)
-                           "max_accuracy_drop_vs_production": 0.5},
+                           "max_accuracy_drop_vs_production": 0.5,
+                           # beside other tests the machine is never quiet (its boundaries: tests/test_gates.py)
+                           "max_timing_other_cpu_share": None},
                  # 3 rounds (not 10): each turn pauses 50 ms for the last model's threads to idle
-                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3}},
+                 "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3,
+                             # timed once: beside other tests the machine is always busy
+                             "retimes_when_busy": 0}},
     # codecarbon off: its hardware set-up costs 1.5-2 s in each metered stage (train, compress) of
     # every pass. test_e2e_lifecycle turns it back on (METERED) and checks the figures end to end.
     "cost": {"country_iso_code": None},

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -65,7 +69,7 @@ def test_accuracy_f1_by_hand():
 @pytest.mark.slow  # ~10 s: in the full suite, not the quick run
 def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candidates, tiny_teacher_dir,
                                                                           small_splits):
-    lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3, rounds=4)
+    lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3, rounds=4, retimes_when_busy=0)
     splits = {"val": small_splits["val"]["text"].tolist(), "test": small_splits["test"]["text"].tolist(),
               "unlabelled": []}
     runs = measure_interleaved({"teacher": tiny_teacher_dir, "int8": candidates["int8"]}, splits,
@@ -99,6 +103,56 @@ def test_measure_interleaved_predicts_every_split_and_times_side_by_side(candida
         assert m["peak_rss_mb"] > 20
     # torch imported only where the teacher was measured
     assert runs["teacher"]["performance"]["peak_rss_mb"] > runs["int8"]["performance"]["peak_rss_mb"]
+
+
+def test_the_quietest_timing_is_kept_whatever_its_figures():
+    from shrinkflow.evaluate import quietest_timing
+
+    assert quietest_timing([0.9, 0.1, 0.1]) == 1          # the first among equals
+    assert quietest_timing([None, 0.3]) == 0              # not measured counts as quiet
+    assert quietest_timing([0.4]) == 0
+    with pytest.raises(ValueError, match="no timing"):
+        quietest_timing([])
+
+
+@pytest.mark.slow  # ~10 s: in the full suite, not the quick run
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc")
+def test_models_timed_on_a_busy_machine_are_timed_again_and_the_quietest_timing_is_kept(
+        candidates, tiny_teacher_dir, small_splits):
+    """Two processes spin on the CPUs while the models are timed: other
+    processes took more than a quarter core, so the models are timed again
+    (the spinners stop while validate waits), and what the performance
+    records is the quieter timing's load, as the log gave it."""
+    spin = "while True: pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    logged = []
+
+    def log(msg):
+        logged.append(msg)
+        if "timing them again" in msg:     # validate waits: the machine goes quiet
+            for p in spinners:
+                p.kill()
+
+    lat = LatencyParams(threads=1, warmup_iters=2, iters_b1=10, iters_b32=3, rounds=3,
+                        retimes_when_busy=1, busy_retime_wait_s=0.5)
+    try:
+        runs = measure_interleaved({"teacher": tiny_teacher_dir, "int8": candidates["int8"]},
+                                   {"val": small_splits["val"]["text"].tolist()[:20]},
+                                   small_splits["val"]["text"].tolist(), lat, log=log)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait(timeout=30)
+    again = [m for m in logged if "timing them again" in m]
+    assert len(again) == 1 and "(1 of 1 retimes_when_busy)" in again[0], logged
+    kept = next(m for m in logged if m.startswith("measure: timed 2 times"))
+    figures = [float(x) for x in kept.split("others took ")[1].split(" cores")[0].split(", ")]
+    assert figures[0] > 0.25    # the spinners' timing: busy
+    for run in runs.values():
+        perf = run["performance"]
+        assert perf["timing_attempts"] == 2
+        assert perf["timing_other_cores"] == pytest.approx(min(figures), abs=0.006)
+        assert f"kept timing {figures.index(min(figures)) + 1}" in kept
 
 
 def test_a_model_that_cannot_load_names_itself(tmp_path, small_splits):

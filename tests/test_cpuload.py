@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from shrinkflow.cpuload import BUSY_CORES, OtherCpu, busy_warning, other_cores, process_cpu_s, system_busy_s
+from shrinkflow.cpuload import BUSY_CORES, OtherCpu, busy_warning, is_busy, other_cores, process_cpu_s, system_busy_s
 
 
 def test_busy_time_counts_everything_but_idle_and_iowait():
@@ -32,6 +32,7 @@ def test_other_cores(busy, own, wall, cores):
 
 
 def test_the_warning_starts_above_a_quarter_core():
+    assert not is_busy(BUSY_CORES) and is_busy(BUSY_CORES + 0.01) and not is_busy(None)
     assert busy_warning(BUSY_CORES, 2) is None
     msg = busy_warning(BUSY_CORES + 0.01, 2)
     assert msg and f"{BUSY_CORES + 0.01:.2f} of 2 cores" in msg and "latency" in msg

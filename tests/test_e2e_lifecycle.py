@@ -161,6 +161,14 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
                                 "compress": "skipped", "validate": "ran"}
     assert reg.alias() == "v0002"
+    # 5b. Nothing changed, but --revalidate times and gates the candidates
+    #     again (as after a timing refused on a busy machine); as in 3, a
+    #     plain run would skip validate.
+    code, out = run_cli(project, harness, "run", "--revalidate")
+    assert code == 1 and re.search(r"min_accuracy FAILED: .*margin -0\.\d+", out), out
+    assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
+                                "compress": "skipped", "validate": "ran"}
+    assert reg.alias() == "v0002"
 
     # 6. The Prefect run recorded the artifact with the gates table.
     from prefect.client.orchestration import get_client

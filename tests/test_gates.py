@@ -347,6 +347,63 @@ def test_the_direct_ratio_gates_even_without_productions_speedup():
         r.name for r in evaluate_gates("c", c, TEACHER, GATES, own).results}
 
 
+LATENCY_GATES = {"max_latency_ms_p95_b1", "min_speedup", "max_p95_b1_slowdown_vs_production"}
+
+
+@pytest.mark.parametrize("other, attempts, noted", [
+    (0.25, 1, False),     # at the threshold (cpuload.BUSY_CORES): a quiet machine
+    (0.26, 1, True),      # just above: timed once (retimes_when_busy 0)
+    (1.2, 2, True),       # still busy after a second timing
+    (None, 1, False),     # not measured (no /proc)
+])
+def test_the_latency_gates_say_when_the_machine_was_busy_and_keep_their_verdicts(other, attempts, noted):
+    from shrinkflow.gates import ProductionBaseline
+
+    gates = GATES.model_copy(update={"max_p95_b1_slowdown_vs_production": 0.10})
+    base = ProductionBaseline("v0003", 0.95, speedup_p95_b1=6.59)
+    quiet = cand(p95_b1_ratio_vs_production=1.2, agreement={"window_heldout": 0.95})
+    busy = {**quiet, "timing_other_cores": other, "timing_attempts": attempts}
+    q, b = evaluate_gates("c", quiet, TEACHER, gates, base), evaluate_gates("c", busy, TEACHER, gates, base)
+    assert [r.name for r in b.results] == [r.name for r in q.results]
+    for rq, rb in zip(q.results, b.results):
+        assert (rb.passed, rb.value, rb.margin) == (rq.passed, rq.value, rq.margin)   # the verdict stands
+        if noted and rb.name in LATENCY_GATES:
+            assert rb.note.startswith(rq.note) and f"took {other:.2f} cores" in rb.note
+            assert "shrinkflow run --revalidate" in rb.note
+            assert (f"the quietest of {attempts} timings" in rb.note) is (attempts > 1)
+        else:
+            assert rb.note == rq.note
+    # the refusal (1.2x production) names the load in the report's summary
+    assert ("took 1.20 cores" in b.summary()) is (other == 1.2) and not b.passed
+
+
+@pytest.mark.parametrize("other_cores, cpus, passes", [
+    (0.5, 2, True),        # exactly a quarter of the machine
+    (0.5002, 2, False),    # just above
+    (0.65, 2, False),      # the burst under which the int8 teacher measured 1.01x production
+    (0.008, 2, True),      # a quiet timing
+    (3.9, 16, True),       # the same cores on a bigger machine leave it room
+])
+def test_no_candidate_passes_on_a_timing_the_machine_was_too_busy_for(other_cores, cpus, passes):
+    c = cand(timing_other_cores=other_cores, timing_cpus=cpus, timing_attempts=2)
+    rep = evaluate_gates("c", c, TEACHER, GATES)
+    r = gate(rep, "max_timing_other_cpu_share")
+    assert r.passed is passes and rep.passed is passes
+    assert r.value == pytest.approx(other_cores / cpus) and r.threshold == GATES.max_timing_other_cpu_share
+    assert f"took {other_cores:.2f} of {cpus} cores" in r.note and "the quietest of 2 timings" in r.note
+    assert ("shrinkflow run --revalidate" in r.note) is not passes
+    if not passes:
+        assert [f.name for f in rep.failures] == ["max_timing_other_cpu_share"]
+
+
+def test_no_timing_gate_when_unset_or_not_measured():
+    for c, gates in ((cand(timing_other_cores=1.5, timing_cpus=2), GATES.model_copy(
+                          update={"max_timing_other_cpu_share": None})),
+                     (cand(), GATES), (cand(timing_other_cores=None, timing_cpus=2), GATES)):
+        rep = evaluate_gates("c", c, TEACHER, gates)
+        assert "max_timing_other_cpu_share" not in {r.name for r in rep.results} and rep.passed
+
+
 def test_production_is_kept_only_when_no_new_candidate_passes():
     # production measured faster by noise: a new candidate that passed every gate still replaces it
     metrics = {"production": cand(latency_ms_p95_b1=2.0), "new": cand(latency_ms_p95_b1=2.1),

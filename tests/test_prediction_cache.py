@@ -69,7 +69,7 @@ def test_measure_interleaved_reads_what_it_predicted_before_and_only_for_the_sam
         tmp_path, tiny_teacher_dir, fp32_candidate, small_splits):
     from shrinkflow.evaluate import measure_interleaved
 
-    lat = LatencyParams(threads=1, warmup_iters=1, iters_b1=5, iters_b32=3, rounds=2)
+    lat = LatencyParams(threads=1, warmup_iters=1, iters_b1=5, iters_b32=3, rounds=2, retimes_when_busy=0)
     splits = {"val": small_splits["val"]["text"].tolist()[:60], "test": small_splits["test"]["text"].tolist()[:50],
               "window_heldout": small_splits["val"]["text"].tolist()[:30], "unlabelled": []}
     models = {"teacher": tiny_teacher_dir, "fp32": fp32_candidate}

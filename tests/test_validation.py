@@ -252,6 +252,38 @@ def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report
                                             else "**FAIL**: not batch-invariant" in md)
 
 
+@pytest.mark.parametrize("other, attempts", [(0.9, 2), (0.1, 2), (0.9, 1), (0.1, 1)])
+def test_how_the_timing_went_reaches_the_gates_the_report_and_not_the_deployed_figures(other, attempts):
+    """measure_interleaved records how many timings there were and what
+    other processes took during the one kept; the latency gates' notes and
+    reports/gates.md say so when the machine stayed busy (or was retimed),
+    the verdicts are those of the figures, and a deployed version's figures
+    carry no timing bookkeeping."""
+    from shrinkflow.markdown import validation_markdown
+
+    # on 4 cores: 0.9 of them is under max_timing_other_cpu_share (a quarter), so it notes but passes
+    timing = {"timing_attempts": attempts, "timing_other_cores": other, "timing_cpus": 4}
+    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
+    for r in (teacher, fast):
+        r["performance"].update(timing)
+    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    assert gates.selected == "fast"
+    assert (metrics.teacher.timing_attempts, metrics.candidates["fast"].timing_other_cores) == (attempts, other)
+    notes = {n: g.note for n, g in gates.candidates["fast"].gates.items()}
+    busy = other > 0.25
+    assert all(("took 0.90 cores" in notes[n]) is busy for n in ("max_latency_ms_p95_b1", "min_speedup"))
+    assert "cores" not in notes["max_size_mb"] + notes["min_accuracy"]
+    md = validation_markdown(metrics, gates)
+    timing_line = next((line for line in md.splitlines() if line.startswith("Timing:")), None)
+    assert (timing_line is not None) is (busy or attempts > 1)
+    if timing_line:
+        assert (f"timed {attempts} times" in timing_line) is (attempts > 1)
+        assert f"took {other:.2f} cores" in timing_line and ("may be off" in timing_line) is busy
+    assert gates.candidates["fast"].gates["max_timing_other_cpu_share"].value == pytest.approx(other / 4)
+    assert not {"timing_attempts", "timing_other_cores", "timing_cpus"} & set(
+        deployed_figures(metrics, "fast").metrics.to_json_dict())
+
+
 # ---------------------------------------------------------------- in-domain accuracy against production
 
 def test_a_recompression_gates_new_candidates_on_val_against_productions_measured_accuracy():
