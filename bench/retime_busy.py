@@ -36,25 +36,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from _common import RESULTS, ROOT, stamp
+from _common import RESULTS, stamp
+from slowdown_spread import CANDIDATES, GATE, _spin, slowdowns, validate_models
 
-WORK = ROOT / "bench" / "work" / "monitoring"
-GATE = 0.10
-CANDIDATES = ("production-copy", "redistilled", "int8-teacher")
 ARMS = ("burst, timed once", "burst, retimed", "sustained, retimed")
-
-
-def _spin() -> None:
-    while True:
-        pass
 
 
 class Burst:
@@ -82,48 +72,28 @@ class Burst:
             self.procs = []
 
 
-def direct_slowdown(run: dict, name: str) -> float:
-    from shrinkflow.stats import round_ratio_p95
-
-    return round(round_ratio_p95(run[name]["rounds_b1"], run["production"]["rounds_b1"]) - 1, 4)
-
-
 def main() -> None:
-    from shrinkflow.config import load_params
     from shrinkflow.evaluate import measure_interleaved
-    from shrinkflow.splits import read_parquet
 
     repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 5
     sustained = int(sys.argv[sys.argv.index("--sustained") + 1]) if "--sustained" in sys.argv else 3
-    project = WORK / "project"
-    base = load_params(project / "params.yaml").validate_.latency
-    texts = read_parquet(project / "data" / "prepared" / "val.parquet")["text"].tolist()
-    versions = project / "registry" / "versions"
-    run_doc = json.loads((RESULTS / "monitoring.json").read_text())
-    first, retrained = run_doc["recompress"]["deployed_before"], run_doc["retrain"]["deployed_after"]
-    if run_doc["retrain"]["gates"].get("selected") != "int8":
-        sys.exit("the monitoring run's retrain did not deploy the int8 teacher this benchmark needs")
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "production-copy"
-        shutil.copytree(versions / first / "model", copy)
-        models = {"teacher": WORK / "teacher_before", "int8-teacher": versions / retrained / "model",
-                  "production-copy": copy, "redistilled": WORK / "redistilled",
-                  "production": versions / first / "model"}
+    with validate_models() as (base, texts, first, retrained, models):
 
         def measure(lat, log):
             t0 = time.monotonic()
-            logged = []
-            run = measure_interleaved(models, {}, texts, lat, log=lambda m: (logged.append(m), log(m)))
-            return run, time.monotonic() - t0, logged
+            return measure_interleaved(models, {}, texts, lat, log=log), time.monotonic() - t0
+
+        def direct(run):
+            return {n: slowdowns(run, n)["direct"] for n in CANDIDATES}
 
         # one quiet timing first: how long a burst lasts (as long as one timing)
         quiet_lat = base.model_copy(update={"retimes_when_busy": 0})
         t_start = {}
-        run, _, logged = measure(quiet_lat, lambda m: t_start.setdefault("t", time.monotonic())
-                                 if m.startswith("measure: timing ") else None)
+        run, _ = measure(quiet_lat, lambda m: t_start.setdefault("t", time.monotonic())
+                         if m.startswith("measure: timing ") else None)
         timing_s = round(time.monotonic() - t_start["t"], 1)
-        quiet = {"slowdown": {n: direct_slowdown(run, n) for n in CANDIDATES},
+        quiet = {"slowdown": direct(run),
                  "other_cores": run["production"]["performance"].get("timing_other_cores")}
         print(f"quiet: one timing {timing_s} s; {quiet}", flush=True)
         plan = [a for _ in range(repeats) for a in ARMS[:2]] + [ARMS[2]] * sustained
@@ -131,13 +101,13 @@ def main() -> None:
             lat = base.model_copy(update={"retimes_when_busy": 0 if arm == ARMS[0] else 1})
             burst = Burst(None if arm == ARMS[2] else timing_s)
             try:
-                run, wall, logged = measure(lat, burst.log)
+                run, wall = measure(lat, burst.log)
             finally:
                 if burst.timer is not None:
                     burst.timer.cancel()
                 burst.stop()
             perf = run["production"]["performance"]
-            rec = {"arm": arm, "slowdown": {n: direct_slowdown(run, n) for n in CANDIDATES},
+            rec = {"arm": arm, "slowdown": direct(run),
                    "timing_attempts": perf["timing_attempts"], "other_cores": perf.get("timing_other_cores"),
                    "wall_s": round(wall, 1)}
             records.append(rec)

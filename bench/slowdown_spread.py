@@ -47,6 +47,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from _common import RESULTS, ROOT, stamp
@@ -74,17 +75,16 @@ def slowdowns(run: dict, name: str) -> dict[str, float]:
     return {"via_teacher": round(via, 4), "direct": round(direct, 4), "pooled": round(pooled, 4)}
 
 
-def main() -> None:
+@contextmanager
+def validate_models():
+    """The monitoring benchmark's models as validate times them on a
+    re-compression, for the length of the block: yields (latency params,
+    val texts, production's version, the retrain's version, {name: model
+    folder}), the copy of production in a temporary folder. Exits when the
+    monitoring run's retrain did not deploy the int8 teacher."""
     from shrinkflow.config import load_params
-    from shrinkflow.evaluate import measure_interleaved
     from shrinkflow.splits import read_parquet
 
-    repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 10
-    busy = int(sys.argv[sys.argv.index("--busy") + 1]) if "--busy" in sys.argv else 0
-    out = "slowdown_spread" + ("_busy" if busy else "") + (str(busy) if busy > 1 else "")
-    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(busy)]
-    for p in spinners:
-        p.start()
     project = WORK / "project"
     lat = load_params(project / "params.yaml").validate_.latency
     texts = read_parquet(project / "data" / "prepared" / "val.parquet")["text"].tolist()
@@ -102,9 +102,21 @@ def main() -> None:
         # in validate's order (stages/validate.py: the teacher, the candidates as compress.candidates lists
         # them, production last; interleaved_plan rotates each round but keeps every model's neighbours), the
         # copy among the candidates
-        models = {"teacher": WORK / "teacher_before", "int8-teacher": versions / retrained / "model",
-                  "production-copy": copy, "redistilled": WORK / "redistilled",
-                  "production": versions / first / "model"}
+        yield lat, texts, first, retrained, {
+            "teacher": WORK / "teacher_before", "int8-teacher": versions / retrained / "model",
+            "production-copy": copy, "redistilled": WORK / "redistilled", "production": versions / first / "model"}
+
+
+def main() -> None:
+    from shrinkflow.evaluate import measure_interleaved
+
+    repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 10
+    busy = int(sys.argv[sys.argv.index("--busy") + 1]) if "--busy" in sys.argv else 0
+    out = "slowdown_spread" + ("_busy" if busy else "") + (str(busy) if busy > 1 else "")
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(busy)]
+    for p in spinners:
+        p.start()
+    with validate_models() as (lat, texts, first, retrained, models):
         runs = []
         for i in range(repeats):
             run = measure_interleaved(models, {}, texts, lat, log=lambda m: None)

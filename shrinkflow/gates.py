@@ -151,12 +151,17 @@ def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
         return ()
     res = check_max("max_timing_other_cpu_share", c.timing_other_cores / c.timing_cpus,
                     gates.max_timing_other_cpu_share)
-    attempts = c.timing_attempts or 1
     note = (f"other processes took {c.timing_other_cores:.2f} of {c.timing_cpus} cores while the models were timed"
-            + (f" (the quietest of {attempts} timings)" if attempts > 1 else ""))
+            + _quietest_of(c))
     if not res.passed:
         note += ": no latency figure holds; time them again on a quiet machine (shrinkflow run --revalidate)"
     return (res.model_copy(update={"note": note}),)
+
+
+def _quietest_of(c: Any) -> str:
+    """" (the quietest of N timings)" when the models were timed N > 1 times, else ""."""
+    attempts = c.timing_attempts or 1
+    return f" (the quietest of {attempts} timings)" if attempts > 1 else ""
 
 
 def busy_timing_note(candidate: Any):
@@ -171,9 +176,7 @@ def busy_timing_note(candidate: Any):
     c = figures(candidate)
     if not is_busy(c.timing_other_cores):
         return lambda result: result
-    attempts = c.timing_attempts or 1
-    load = (f"timed while other processes took {c.timing_other_cores:.2f} cores on average"
-            + (f" (the quietest of {attempts} timings)" if attempts > 1 else "")
+    load = (f"timed while other processes took {c.timing_other_cores:.2f} cores on average" + _quietest_of(c)
             + ": the figure may be off (shrinkflow run --revalidate times them again)")
 
     def add(result: GateResult) -> GateResult:

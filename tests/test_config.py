@@ -118,6 +118,23 @@ def test_nan_or_inf_is_named_as_not_finite(raw, value):
     assert "finite number" in found["train.learning_rate"]
 
 
+@pytest.mark.parametrize("section, key, value, says", [
+    ("latency", "retimes_when_busy", -1, "greater than or equal to 0"),
+    ("latency", "retimes_when_busy", 1.5, "integer"),
+    ("latency", "retimes_when_busy", "twice", "integer"),
+    ("latency", "busy_retime_wait_s", -0.5, "greater than or equal to 0"),
+    ("latency", "busy_retime_wait_s", float("nan"), "finite number"),
+    ("latency", "busy_retime_wait_s", "ten", "number"),
+    ("gates", "max_timing_other_cpu_share", 1.01, "less than or equal to 1"),
+    ("gates", "max_timing_other_cpu_share", -0.1, "greater than or equal to 0"),
+    ("gates", "max_timing_other_cpu_share", float("inf"), "finite number"),
+    ("gates", "max_timing_other_cpu_share", "a quarter", "number"),
+])
+def test_bad_timing_params_are_named(raw, section, key, value, says):
+    raw["validate"][section][key] = value
+    assert says in problems(raw)[f"validate.{section}.{key}"]
+
+
 def test_unsupported_quantization_bits_is_named(raw):
     raw["compress"]["candidates"][0]["recipe"][0]["bits"] = 4
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)
