@@ -95,7 +95,10 @@ class Performance(Artifact):
     when the machine was busy, ``LatencyParams.retimes_when_busy``) and the
     cores other processes took on average during the timing kept
     (``timing_other_cores``, ``shrinkflow.cpuload``; absent where not
-    measured), of ``timing_cpus`` logical CPUs."""
+    measured), of ``timing_cpus`` logical CPUs (those the measuring process
+    may run on), and, in a cgroup with a CPU quota, the quota in cores
+    (``timing_cpu_quota``) and the share of its enforcement periods that
+    throttled the models during that timing (``timing_throttled_share``)."""
 
     latency_ms_p50_b1: Number
     latency_ms_p95_b1: Number
@@ -111,6 +114,8 @@ class Performance(Artifact):
     timing_attempts: int | None = None
     timing_other_cores: Number | None = None
     timing_cpus: int | None = None
+    timing_cpu_quota: Number | None = None
+    timing_throttled_share: Number | None = None
 
     def performance(self) -> dict[str, Any]:
         """The PERFORMANCE_KEYS figures, by key."""

@@ -1,20 +1,37 @@
-"""How much CPU other processes took while latency was measured.
+"""How much CPU other processes took while latency was measured, and whether
+a cgroup's CPU quota throttled the measuring processes.
 
 Latency figures are only as good as the machine was quiet: on a 2-core box a
 second job running beside validate slows every model, and not by the same
 factor (bench/results/latency_spread.md). The load average cannot tell: it
 lags a minute, so right after the compress stage it reads 2.0 on an idle
-machine. Instead, ``OtherCpu`` reads the machine's busy CPU time
-(``/proc/stat``: everything but idle and iowait, steal included) and the CPU
-time of the measuring processes (``/proc/<pid>/stat``) at both ends of the
-measurement: the difference is what other processes (or the hypervisor)
-took. Linux only; elsewhere it measures nothing and says nothing.
+machine. Instead, ``OtherCpu`` reads the busy CPU time of the CPUs this
+process may run on (``/proc/stat``'s ``cpuN`` lines for the CPUs of
+``sched_getaffinity``: everything but idle and iowait, steal included) and
+the CPU time of the measuring processes (``/proc/<pid>/stat``) at both ends
+of the measurement: the difference is what other processes (or the
+hypervisor) took on those CPUs. A process pinned to some CPUs of a larger
+host (``taskset``, ``docker --cpuset-cpus``) is thus measured on its own
+CPUs, not on the host's.
+
+In a container with a CPU limit (``docker --cpus``, a Kubernetes CPU limit:
+a CFS quota), the measuring processes can be stopped by their own cgroup's
+quota while other CPUs stand idle, which ``/proc/stat`` cannot see. The
+cgroup's counters can: ``CpuCgroup`` reads the quota (cgroup v2 ``cpu.max``,
+v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) and how many of the
+quota's enforcement periods ran out (``cpu.stat``: ``nr_periods``,
+``nr_throttled``) for the process's cgroup and its ancestors (Linux kernel
+documentation, Documentation/admin-guide/cgroup-v2.rst, "cpu" controller,
+and Documentation/scheduler/sched-bwc.rst). Linux only; elsewhere it
+measures nothing and says nothing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 # Above this many cores taken by others on average, the figures are flagged.
 BUSY_CORES = 0.25
@@ -24,24 +41,43 @@ def _ticks() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
 
 
-def system_busy_s(stat_text: str | None = None) -> float | None:
-    """Seconds of CPU time the whole machine has spent busy since boot (the
-    ``cpu`` line of /proc/stat, summed over cores: user, nice, system, irq,
-    softirq and steal; not idle or iowait), or None where /proc/stat cannot
-    be read. ``stat_text``: the file's text (tests)."""
-    if stat_text is None:
-        try:
-            with open("/proc/stat") as f:
-                stat_text = f.readline()
-        except OSError:
-            return None
-    fields = stat_text.split()
-    if not fields or fields[0] != "cpu":
+def usable_cpus() -> frozenset[int] | None:
+    """The logical CPUs this process may run on (``os.sched_getaffinity``;
+    its children inherit them), or None where the platform cannot say."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
         return None
+
+
+def _busy_ticks(fields: list[str]) -> int:
     values = [int(v) for v in fields[1:9]]
     values += [0] * (8 - len(values))
     user, nice, system, idle, iowait, irq, softirq, steal = values
-    return (user + nice + system + irq + softirq + steal) / _ticks()
+    return user + nice + system + irq + softirq + steal
+
+
+def system_busy_s(stat_text: str | None = None, cpus: frozenset[int] | None = None) -> float | None:
+    """Seconds of CPU time spent busy since boot (user, nice, system, irq,
+    softirq and steal; not idle or iowait), summed over ``cpus`` (their
+    ``cpuN`` lines of /proc/stat), or over the whole machine (the ``cpu``
+    line) when ``cpus`` is None. None where /proc/stat cannot be read or
+    lacks a line asked for (a CPU taken offline). ``stat_text``: the file's
+    text (tests)."""
+    if stat_text is None:
+        try:
+            with open("/proc/stat") as f:
+                stat_text = f.readline() if cpus is None else f.read()
+        except OSError:
+            return None
+    lines = [line.split() for line in stat_text.splitlines() if line.startswith("cpu")]
+    if cpus is None:
+        return _busy_ticks(lines[0]) / _ticks() if lines and lines[0] and lines[0][0] == "cpu" else None
+    by_cpu = {f[0]: f for f in lines if f and f[0].startswith("cpu") and f[0] != "cpu"}
+    try:
+        return sum(_busy_ticks(by_cpu[f"cpu{n}"]) for n in cpus) / _ticks()
+    except KeyError:
+        return None
 
 
 def process_cpu_s(pids) -> float:
@@ -84,26 +120,231 @@ def busy_warning(cores: float, cpus: int, threshold: float = BUSY_CORES) -> str 
             "latency figures (and the gates and the speedup on them) may be off; measure on a quiet machine")
 
 
-class OtherCpu:
-    """A block's measurement of what other processes took: ``with
-    OtherCpu(pids) as load: ...``, then ``load.cores`` (None where /proc is
-    not there) and ``load.warning(cpus)``. ``pids``: a callable returning
-    the measuring processes' ids (read at both ends)."""
+def throttle_warning(throttled_share: float | None, quota_cores: float | None, threads: int | None = None
+                     ) -> str | None:
+    """A warning when the cgroup's CPU quota throttled the measuring
+    processes (in ``throttled_share`` > 0 of its enforcement periods), else
+    None; ``threads``: the intra-op threads each model ran with, named in
+    the advice when above the quota."""
+    if not throttled_share or throttled_share <= 0:
+        return None
+    quota = "" if quota_cores is None else f" ({quota_cores:g} cores)"
+    advice = (f": the models ran {threads} threads each, more than the quota; set validate.latency.threads to at "
+              f"most {max(1, int(quota_cores))}" if threads and quota_cores is not None and threads > quota_cores
+              else ": other processes in the cgroup used its quota")
+    return (f"the cgroup's CPU quota{quota} throttled the timed processes in {throttled_share:.1%} of its periods, "
+            f"so the latency figures include its stalls{advice}")
 
-    def __init__(self, pids):
+
+def parse_quota(cpu_max: str | None = None, cfs_quota_us: str | None = None,
+                cfs_period_us: str | None = None) -> float | None:
+    """Cores a CFS quota allows, from cgroup v2's ``cpu.max`` text ("max
+    100000": none; "150000 100000": 1.5) or cgroup v1's ``cpu.cfs_quota_us``
+    (-1: none) and ``cpu.cfs_period_us`` texts; None when there is no quota.
+    Raises ValueError on text that is neither."""
+    if cpu_max is not None:
+        quota, _, period = cpu_max.strip().partition(" ")
+        if quota == "max":
+            return None
+        return int(quota) / int(period or "100000")
+    if cfs_quota_us is None:
+        return None
+    quota = int(cfs_quota_us.strip())
+    return None if quota < 0 else quota / int((cfs_period_us or "100000").strip())
+
+
+@dataclass(frozen=True)
+class Throttling:
+    """A cgroup's CFS bandwidth counters (``cpu.stat``): enforcement
+    ``periods`` elapsed while it had runnable tasks, ``throttled`` periods
+    in which its quota ran out, and the time its tasks spent throttled
+    (``throttled_s``, seconds summed over CPUs). Kubernetes reads the same
+    two counts as the throttled share of periods (cAdvisor's
+    ``container_cpu_cfs_throttled_periods_total`` over
+    ``container_cpu_cfs_periods_total``)."""
+
+    periods: int
+    throttled: int
+    throttled_s: float
+
+
+def parse_cpu_stat(stat_text: str) -> Throttling | None:
+    """A cgroup's ``cpu.stat`` text as ``Throttling`` (v2: ``nr_periods``,
+    ``nr_throttled``, ``throttled_usec`` in microseconds; v1:
+    ``throttled_time`` in nanoseconds), or None when it has no bandwidth
+    counters (no CPU controller, or text of another kind)."""
+    fields = {}
+    for line in stat_text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            fields[parts[0]] = int(parts[1])
+    if "nr_periods" not in fields or "nr_throttled" not in fields:
+        return None
+    seconds = (fields["throttled_usec"] / 1e6 if "throttled_usec" in fields
+               else fields.get("throttled_time", 0) / 1e9)
+    return Throttling(fields["nr_periods"], fields["nr_throttled"], seconds)
+
+
+def throttled_share(before: Throttling, after: Throttling) -> float:
+    """The share of the enforcement periods between two readings in which
+    the quota ran out (0 when no period elapsed: the group did not run)."""
+    periods = after.periods - before.periods
+    return 0.0 if periods <= 0 else max(0, after.throttled - before.throttled) / periods
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class CpuCgroup:
+    """The cgroup directories (the process's own and its ancestors, up to
+    the mount) whose CPU controller may throttle this process, v1 or v2."""
+
+    version: int
+    dirs: tuple[Path, ...]
+
+    def quotas(self) -> dict[Path, float]:
+        """Cores allowed by each directory that sets a quota."""
+        out = {}
+        for d in self.dirs:
+            try:
+                q = (parse_quota(cpu_max=_read(d / "cpu.max")) if self.version == 2 else
+                     parse_quota(cfs_quota_us=_read(d / "cpu.cfs_quota_us"),
+                                 cfs_period_us=_read(d / "cpu.cfs_period_us")))
+            except ValueError:
+                q = None
+            if q is not None:
+                out[d] = q
+        return out
+
+    def quota_cores(self) -> float | None:
+        """The tightest quota on the way up (cores), None when none is set."""
+        return min(self.quotas().values(), default=None)
+
+    def throttling(self) -> dict[Path, Throttling]:
+        """The bandwidth counters so far, by directory that sets a quota."""
+        out = {}
+        for d in self.quotas():
+            text = _read(d / "cpu.stat")
+            value = None if text is None else parse_cpu_stat(text)
+            if value is not None:
+                out[d] = value
+        return out
+
+
+def cpu_cgroup(proc_cgroup: str | None = None, mountinfo: str | None = None) -> CpuCgroup | None:
+    """The process's CPU cgroup from ``/proc/self/cgroup`` and
+    ``/proc/self/mountinfo`` (their texts may be given: tests): the v1
+    hierarchy with the ``cpu`` controller when mounted, else the v2 one;
+    None where neither can be found (not Linux, no cgroup mounted)."""
+    if proc_cgroup is None or mountinfo is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) if proc_cgroup is None else proc_cgroup
+        mountinfo = _read(Path("/proc/self/mountinfo")) if mountinfo is None else mountinfo
+        if proc_cgroup is None or mountinfo is None:
+            return None
+    paths = {}   # "cpu" (v1) or "" (v2) -> the process's path in that hierarchy
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in (parts[1].split(",") if parts[1] else [""]):
+                paths[controller] = parts[2]
+    mounts = {}
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point = fields[3], fields[4]
+        if tail[0] == "cgroup" and "cpu" in tail[2].split(","):
+            mounts.setdefault(1, (root, point))
+        elif tail[0] == "cgroup2":
+            mounts.setdefault(2, (root, point))
+    for version, key in ((1, "cpu"), (2, "")):
+        if version in mounts and key in paths:
+            root, point = mounts[version]
+            path = paths[key]
+            if root != "/" and (path == root or path.startswith(root.rstrip("/") + "/")):
+                path = path[len(root.rstrip("/")):]
+            elif root != "/":
+                path = "/"    # outside the mount's root (a namespaced container): the mount is ours
+            top = Path(point)
+            leaf = top / path.lstrip("/")
+            dirs = [leaf, *[p for p in leaf.parents if p == top or top in p.parents]]
+            if version == 2 and not (top / "cgroup.controllers").is_file():
+                continue
+            return CpuCgroup(version, tuple(dirs))
+    return None
+
+
+class OtherCpu:
+    """A block's measurement of what other processes took on this process's
+    CPUs and of how long a cgroup CPU quota throttled it: ``with
+    OtherCpu(pids) as load: ...``, then ``load.cores`` (None where /proc is
+    not there), ``load.cpus`` (the CPUs measured), ``load.quota_cores`` (the
+    cgroup's CPU quota, None when none), ``load.throttled_share`` (the share
+    of the quota's enforcement periods during the block in which it ran
+    out, the most of any cgroup level with a quota; None without a quota)
+    and ``load.warning(cpus)``. ``pids``: a callable
+    returning the measuring processes' ids (read at both ends); ``cgroup``:
+    the ``CpuCgroup`` to read (True, the default: this process's,
+    ``cpu_cgroup()``; None: none)."""
+
+    def __init__(self, pids, cgroup: "CpuCgroup | None | bool" = True):
         self._pids = pids
+        self._cgroup_arg = cgroup
         self.cores: float | None = None
+        self.cpus: int | None = None
+        self.quota_cores: float | None = None
+        self.throttled_share: float | None = None
 
     def __enter__(self) -> "OtherCpu":
-        self._busy, self._own, self._t = system_busy_s(), process_cpu_s(self._pids()), time.monotonic()
+        self._cpus = usable_cpus()
+        self.cpus = len(self._cpus) if self._cpus else (os.cpu_count() or 1)
+        self._cgroup = cpu_cgroup() if self._cgroup_arg is True else self._cgroup_arg or None
+        self.quota_cores = self._cgroup.quota_cores() if self._cgroup else None
+        self._throttling = self._cgroup.throttling() if self._cgroup else {}
+        self._busy, self._own, self._t = system_busy_s(cpus=self._cpus), process_cpu_s(self._pids()), time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
-        busy = system_busy_s()
+        busy = system_busy_s(cpus=self._cpus)
         if self._busy is not None and busy is not None:
             self.cores = other_cores(self._busy, busy, self._own, process_cpu_s(self._pids()),
                                      time.monotonic() - self._t)
+        after = self._cgroup.throttling() if self._cgroup else {}
+        shares = [throttled_share(self._throttling[d], after[d]) for d in after if d in self._throttling]
+        self.throttled_share = max(shares) if shares else None
 
     def warning(self, cpus: int | None = None) -> str | None:
         """``busy_warning`` of the block's figure (None when not measured)."""
-        return None if self.cores is None else busy_warning(self.cores, cpus or os.cpu_count() or 1)
+        return None if self.cores is None else busy_warning(self.cores, cpus or self.cpus or os.cpu_count() or 1)
+
+
+# Above this share of a cgroup quota's enforcement periods throttled while
+# the models were timed, the timing counts as disturbed (timed again, and
+# the latency gates say so). Validate's five models with 2 threads in a
+# 2-core quota, or 1 thread in a 1-core quota, were throttled in 0.3-2.3% of
+# the periods, with figures as without a quota; with 2 threads in a 1-core
+# quota, in 92-93%, the teacher's p95 61.8-64.8 ms against 13.2-22.0 ms
+# (bench/results/cpu_quota.md).
+THROTTLED_SHARE = 0.05
+
+
+def is_disturbed(cores: float | None, throttled_share: float | None) -> bool:
+    """Whether a timing was disturbed: others took more than ``BUSY_CORES``
+    cores (``is_busy``), or the cgroup's quota throttled more than
+    ``THROTTLED_SHARE`` of its periods. Neither measured: False."""
+    return is_busy(cores) or (throttled_share is not None and throttled_share > THROTTLED_SHARE)
+
+
+def disturbance(cores: float | None, cpus: int | None, throttled_share: float | None) -> float | None:
+    """How disturbed a timing was, as one share to compare timings by: the
+    larger of the share of ``cpus`` that others took (``cores / cpus``) and
+    the throttled share of the quota's periods; None when neither was
+    measured."""
+    shares = [x for x in (None if cores is None or not cpus else cores / cpus, throttled_share) if x is not None]
+    return max(shares) if shares else None

@@ -283,16 +283,25 @@ def latency_inputs(latency_texts: list[str], lat: LatencyParams):
     return warm_b1, b1, warm_b32, b32
 
 
-def quietest_timing(other_cores: list[float | None]) -> int:
+def quietest_timing(disturbance: list[float | None]) -> int:
     """The index of the timing to keep among repeated timings of the same
-    models: the one during which other processes took the fewest cores
-    (``shrinkflow.cpuload``; None, not measured, counts as 0), the first
-    among equals. Chosen on the machine's load alone, never on the figures
-    themselves, so keeping it does not favour a candidate. Raises
-    ValueError on an empty list."""
-    if not other_cores:
+    models: the least disturbed one (``cpuload.disturbance``: the larger of
+    the share of the CPUs other processes took and the share of the cgroup
+    quota's periods that throttled the models; None, not measured, counts
+    as 0), the first among equals. Chosen on the machine's load alone, never
+    on the figures themselves, so keeping it does not favour a candidate.
+    Raises ValueError on an empty list."""
+    if not disturbance:
         raise ValueError("no timing to choose from")
-    return min(range(len(other_cores)), key=lambda i: (other_cores[i] or 0.0, i))
+    return min(range(len(disturbance)), key=lambda i: (disturbance[i] or 0.0, i))
+
+
+def _disturbed(load) -> str:
+    """How a timing was disturbed, in words (``cpuload.OtherCpu``)."""
+    others = "others' load not measured" if load.cores is None else f"other processes took {load.cores:.2f} cores"
+    throttled = ("" if not load.throttled_share else
+                 f", the cgroup's CPU quota throttled {load.throttled_share:.1%} of its periods")
+    return others + throttled
 
 
 def _split_even(total: int, parts: int) -> list[int]:
@@ -348,14 +357,19 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     size and RSS are always measured. Each run says which splits came from
     the cache (``"cached_splits"``).
 
-    When other processes took more than ``cpuload.BUSY_CORES`` cores on
-    average while the models were timed, every model is timed again after
-    ``lat.busy_retime_wait_s`` seconds, up to ``lat.retimes_when_busy``
-    times, and the quietest timing is kept (``quietest_timing``: chosen on
-    the load, not the figures). ``performance`` says how many timings there
-    were (``timing_attempts``) and what others took during the one kept
-    (``timing_other_cores`` of ``timing_cpus``, absent where /proc cannot be
-    read)."""
+    When other processes took more than ``cpuload.BUSY_CORES`` cores of
+    this process's CPUs on average while the models were timed, or a cgroup
+    CPU quota throttled them (``cpuload.is_disturbed``; not when the models
+    run more threads than the quota, which throttles every timing alike),
+    every model is timed again after ``lat.busy_retime_wait_s`` seconds, up to
+    ``lat.retimes_when_busy`` times, and the least disturbed timing is kept
+    (``quietest_timing``: chosen on the load, not the figures).
+    ``performance`` says how many timings there were (``timing_attempts``)
+    and, for the one kept, what others took (``timing_other_cores`` of
+    ``timing_cpus``, the CPUs this process may run on; absent where /proc
+    cannot be read), the cgroup's CPU quota in cores (``timing_cpu_quota``,
+    absent when none) and the share of its periods that throttled the
+    models (``timing_throttled_share``, absent without a quota)."""
     splits = {k: list(v) for k, v in splits.items()}
     warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
     procs: dict[str, ModelProcess] = {}
@@ -391,32 +405,47 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                 invariance[name]["per_row"] = per_row
         log(f"measure: timing {len(procs)} models interleaved ({len(b1)} rounds at batch 1, "
             f"{len(b32)} at batch 32)")
-        from shrinkflow.cpuload import OtherCpu, busy_warning, is_busy
+        from shrinkflow.cpuload import OtherCpu, busy_warning, disturbance, is_disturbed, throttle_warning
 
-        timings = []   # (cores others took, or None; batch-1 timings; batch-32 timings)
+        timings = []   # (OtherCpu of the timing, batch-1 timings, batch-32 timings)
         for attempt in range(1 + lat.retimes_when_busy):
             if attempt:
-                log(f"measure: other processes took {timings[-1][0]:.2f} cores while the models were timed: "
-                    f"waiting {lat.busy_retime_wait_s:g} s and timing them again "
-                    f"({attempt} of {lat.retimes_when_busy} retimes_when_busy)")
+                log(f"measure: {_disturbed(timings[-1][0])} while the models were timed: waiting "
+                    f"{lat.busy_retime_wait_s:g} s and timing them again ({attempt} of {lat.retimes_when_busy} "
+                    "retimes_when_busy)")
                 time.sleep(lat.busy_retime_wait_s)
-            with OtherCpu(lambda: [os.getpid(), *(p.pid for p in procs.values())]) as others:
+            with OtherCpu(lambda: [os.getpid(), *(p.pid for p in procs.values())]) as load:
+                if not attempt and load.quota_cores is not None and lat.threads > load.quota_cores:
+                    log(f"measure: warning: validate.latency.threads {lat.threads} is more than this cgroup's CPU "
+                        f"quota of {load.quota_cores:g} cores: the quota may throttle the models while they are "
+                        "timed")
                 t1 = time_interleaved(procs, warm_b1, b1, pause_s=0.05)
                 t32 = time_interleaved(procs, warm_b32, b32, pause_s=0.05)
-            timings.append((others.cores, t1, t32))
-            if not is_busy(others.cores):
+            timings.append((load, t1, t32))
+            # more threads than the quota: the quota throttles every timing alike, so none is retimed for it
+            over_quota = load.quota_cores is not None and lat.threads > load.quota_cores
+            if not is_disturbed(load.cores, None if over_quota else load.throttled_share):
                 break
-        kept = quietest_timing([c for c, _, _ in timings])
-        other, t1, t32 = timings[kept]
+        kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share) for x, _, _ in timings])
+        load, t1, t32 = timings[kept]
         if len(timings) > 1:
-            log(f"measure: timed {len(timings)} times; kept timing {kept + 1}, the quietest "
-                f"(others took {', '.join('?' if c is None else f'{c:.2f}' for c, _, _ in timings)} cores)")
-        busy = None if other is None else busy_warning(other, os.cpu_count() or 1)
-        if busy:
-            log(f"measure: warning: {busy}")
+            throttled = ("" if all(x.throttled_share is None for x, _, _ in timings) else
+                         "; the cgroup's CPU quota throttled " + ", ".join(
+                             "?" if x.throttled_share is None else f"{x.throttled_share:.1%}" for x, _, _ in timings)
+                         + " of its periods")
+            log(f"measure: timed {len(timings)} times; kept timing {kept + 1}, the least disturbed (others took "
+                f"{', '.join('?' if x.cores is None else f'{x.cores:.2f}' for x, _, _ in timings)} cores"
+                f"{throttled})")
+        for warning in (None if load.cores is None else busy_warning(load.cores, load.cpus),
+                        throttle_warning(load.throttled_share, load.quota_cores, lat.threads)):
+            if warning:
+                log(f"measure: warning: {warning}")
         timing = {"timing_attempts": len(timings),
-                  **({"timing_other_cores": round(other, 3), "timing_cpus": os.cpu_count() or 1}
-                     if other is not None else {})}
+                  **({"timing_other_cores": round(load.cores, 3), "timing_cpus": load.cpus}
+                     if load.cores is not None else {}),
+                  **({"timing_cpu_quota": round(load.quota_cores, 3)} if load.quota_cores is not None else {}),
+                  **({"timing_throttled_share": round(load.throttled_share, 4)}
+                     if load.throttled_share is not None else {})}
         return {name: {"predictions": predictions[name],
                        **({"probabilities": probabilities[name]} if probabilities[name] else {}),
                        "performance": {**performance_figures(t1[name], t32[name]),

@@ -24,7 +24,7 @@ from typing import Any, Literal
 # are imported from here as well.
 from shrinkflow.artifacts import GateReport, GateResult  # noqa: F401
 from shrinkflow.config import LATENCY_P95_B1, Gates
-from shrinkflow.cpuload import is_busy
+from shrinkflow.cpuload import is_busy, is_disturbed
 
 TOLERANCE = 1e-9
 
@@ -138,24 +138,42 @@ def evaluate_gates(candidate_name: str, candidate: Any, teacher: Any, gates: Gat
 
 
 def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
-    """The share of the machine's CPU time other processes took while the
-    candidate was timed (``timing_other_cores`` / ``timing_cpus``, the timing
-    kept), at most ``max_timing_other_cpu_share``: above it no latency figure
-    holds, in either direction (a model 1.9x slower than production measured
-    1.01x: bench/results/retime_busy.md), so the candidate is refused and
-    the note says how to time again. All models are timed together, so one
-    refused means all are. The gate not set (None), or the load not
-    measured: no gate."""
+    """How disturbed the timing kept was (all models are timed together, so
+    one refused means all are):
+
+    - ``max_timing_other_cpu_share``: the share of the CPUs the measuring
+      process may run on that other processes took while the candidate was
+      timed (``timing_other_cores`` / ``timing_cpus``). Above it no latency
+      figure holds, in either direction (a model 1.9x slower than
+      production measured 1.01x: bench/results/retime_busy.md);
+    - ``max_timing_throttled_share``: in a cgroup with a CPU quota, the
+      share of the quota's enforcement periods that throttled the models
+      (``timing_throttled_share``): each throttled period stalls a call
+      for the rest of the period (bench/results/cpu_quota.md).
+
+    A refusal's note says how to time again. A gate not set (None), or its
+    figure not measured: no such gate."""
     c = figures(candidate)
-    if gates.max_timing_other_cpu_share is None or c.timing_other_cores is None or not c.timing_cpus:
-        return ()
-    res = check_max("max_timing_other_cpu_share", c.timing_other_cores / c.timing_cpus,
-                    gates.max_timing_other_cpu_share)
-    note = (f"other processes took {c.timing_other_cores:.2f} of {c.timing_cpus} cores while the models were timed"
-            + _quietest_of(c))
-    if not res.passed:
-        note += ": no latency figure holds; time them again on a quiet machine (shrinkflow run --revalidate)"
-    return (res.model_copy(update={"note": note}),)
+    out = []
+    if gates.max_timing_other_cpu_share is not None and c.timing_other_cores is not None and c.timing_cpus:
+        res = check_max("max_timing_other_cpu_share", c.timing_other_cores / c.timing_cpus,
+                        gates.max_timing_other_cpu_share)
+        note = (f"other processes took {c.timing_other_cores:.2f} of {c.timing_cpus} cores while the models were "
+                f"timed" + _quietest_of(c))
+        if not res.passed:
+            note += ": no latency figure holds; time them again on a quiet machine (shrinkflow run --revalidate)"
+        out.append(res.model_copy(update={"note": note}))
+    share = c.timing_throttled_share
+    if gates.max_timing_throttled_share is not None and share is not None:
+        res = check_max("max_timing_throttled_share", share, gates.max_timing_throttled_share)
+        quota = c.timing_cpu_quota
+        note = (f"the cgroup's CPU quota{'' if quota is None else f' ({quota:g} cores)'} throttled the models in "
+                f"{share:.1%} of its periods while they were timed" + _quietest_of(c))
+        if not res.passed:
+            note += (": no latency figure holds; time them with validate.latency.threads within the quota, or "
+                     "with nothing else running in the cgroup (shrinkflow run --revalidate)")
+        out.append(res.model_copy(update={"note": note}))
+    return tuple(out)
 
 
 def _quietest_of(c: Any) -> str:
@@ -166,17 +184,23 @@ def _quietest_of(c: Any) -> str:
 
 def busy_timing_note(candidate: Any):
     """A function that adds to a latency gate's result a note on the
-    machine's load, when other processes took more than
-    ``cpuload.BUSY_CORES`` cores on average while the candidate was timed
-    (``timing_other_cores``; after ``timing_attempts`` timings, the quietest
-    kept): its figure may be off, and so may a refusal. The verdict is
-    unchanged: a figure measured on a busy machine still gates (a refusal
-    keeps production serving). Not busy, or not measured: the result as
-    it is."""
+    machine's load, when the candidate's timing was disturbed
+    (``cpuload.is_disturbed``: other processes took more than
+    ``cpuload.BUSY_CORES`` cores on average, ``timing_other_cores``, or a
+    cgroup CPU quota throttled the models, ``timing_throttled_share``;
+    after ``timing_attempts`` timings, the least disturbed kept): its figure
+    may be off, and so may a refusal. The verdict is unchanged: a figure
+    measured on a busy machine still gates (a refusal keeps production
+    serving). Not disturbed, or not measured: the result as it is."""
     c = figures(candidate)
-    if not is_busy(c.timing_other_cores):
+    share = c.timing_throttled_share
+    if not is_disturbed(c.timing_other_cores, share):
         return lambda result: result
-    load = (f"timed while other processes took {c.timing_other_cores:.2f} cores on average" + _quietest_of(c)
+    what = [f"other processes took {c.timing_other_cores:.2f} cores on average"] if is_busy(c.timing_other_cores) \
+        else []
+    if share is not None and is_disturbed(None, share):
+        what.append(f"the cgroup's CPU quota throttled {share:.1%} of its periods")
+    load = ("timed while " + " and ".join(what) + _quietest_of(c)
             + ": the figure may be off (shrinkflow run --revalidate times them again)")
 
     def add(result: GateResult) -> GateResult:

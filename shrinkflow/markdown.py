@@ -220,18 +220,24 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
 def timing_lines(teacher) -> list[str]:
     """One line on how the models' timing went, when it is worth saying:
     timed more than once (the machine was busy: ``retimes_when_busy``), or
-    others took more than ``cpuload.BUSY_CORES`` cores during the timing
-    kept. ``teacher``: the teacher's measurements (timed with every
+    the timing kept was disturbed (``cpuload.is_disturbed``: others took
+    more than ``cpuload.BUSY_CORES`` cores, or a cgroup CPU quota throttled
+    the models). ``teacher``: the teacher's measurements (timed with every
     candidate, so its figures are the timing's). [] otherwise."""
-    from shrinkflow.cpuload import is_busy
+    from shrinkflow.cpuload import is_disturbed
 
     attempts, other = teacher.timing_attempts or 1, teacher.timing_other_cores
-    if attempts <= 1 and not is_busy(other):
+    throttled = teacher.timing_throttled_share
+    disturbed = is_disturbed(other, throttled)
+    if attempts <= 1 and not disturbed:
         return []
-    head = (f"the machine was busy, so the models were timed {attempts} times and the quietest timing counts"
+    head = (f"the machine was busy, so the models were timed {attempts} times and the least disturbed timing counts"
             if attempts > 1 else "the models were timed once")
     load = "" if other is None else f"; other processes took {other:.2f} cores on average during it"
-    tail = ": the latency figures may be off (`shrinkflow run --revalidate` times them again)" if is_busy(other) else ""
+    if throttled:
+        quota = "" if teacher.timing_cpu_quota is None else f" ({teacher.timing_cpu_quota:g} cores)"
+        load += f"; the cgroup's CPU quota{quota} throttled {throttled:.1%} of its periods"
+    tail = ": the latency figures may be off (`shrinkflow run --revalidate` times them again)" if disturbed else ""
     return [f"Timing: {head}{load}{tail}."]
 
 

@@ -33,8 +33,9 @@ TINY = {
                            # tiny models' val accuracies move by points from seed to seed, as the
                            # accuracy drop above (its boundaries: tests/test_gates.py)
                            "max_accuracy_drop_vs_production": 0.5,
-                           # beside other tests the machine is never quiet (its boundaries: tests/test_gates.py)
-                           "max_timing_other_cpu_share": None},
+                           # beside other tests the machine is never quiet, and a CI container's CPU quota
+                           # may throttle them (their boundaries: tests/test_gates.py)
+                           "max_timing_other_cpu_share": None, "max_timing_throttled_share": None},
                  # 3 rounds (not 10): each turn pauses 50 ms for the last model's threads to idle
                  "latency": {"threads": 1, "warmup_iters": 2, "iters_b1": 10, "iters_b32": 3, "rounds": 3,
                              # timed once: beside other tests the machine is always busy

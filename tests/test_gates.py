@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shrinkflow.config import Gates
+from shrinkflow.cpuload import THROTTLED_SHARE
 from shrinkflow.gates import GateReport, check_max, check_min, evaluate_gates, select_candidate
 
 GATES = Gates(min_accuracy=0.80, max_accuracy_drop=0.01, max_latency_ms_p95_b1=5.0,
@@ -402,6 +403,43 @@ def test_no_timing_gate_when_unset_or_not_measured():
                      (cand(), GATES), (cand(timing_other_cores=None, timing_cpus=2), GATES)):
         rep = evaluate_gates("c", c, TEACHER, gates)
         assert "max_timing_other_cpu_share" not in {r.name for r in rep.results} and rep.passed
+
+
+@pytest.mark.parametrize("share, passes", [
+    (0.0, True),                                           # a quota that never ran out
+    (GATES.max_timing_throttled_share, True),              # at the gate
+    (GATES.max_timing_throttled_share + 0.0002, False),    # just above
+    (0.6, False),
+])
+def test_no_candidate_passes_on_a_timing_the_cgroup_quota_throttled(share, passes):
+    c = cand(timing_cpu_quota=1.0, timing_throttled_share=share, timing_attempts=2)
+    rep = evaluate_gates("c", c, TEACHER, GATES)
+    r = gate(rep, "max_timing_throttled_share")
+    assert r.passed is passes and rep.passed is passes
+    assert r.value == pytest.approx(share) and r.threshold == GATES.max_timing_throttled_share
+    assert "quota (1 cores) throttled the models in" in r.note and "the quietest of 2 timings" in r.note
+    assert ("validate.latency.threads within the quota" in r.note) is not passes
+    if not passes:
+        assert [f.name for f in rep.failures] == ["max_timing_throttled_share"]
+
+
+def test_no_throttling_gate_without_a_quota_or_when_unset():
+    for c, gates in ((cand(timing_cpu_quota=1.0, timing_throttled_share=0.9),
+                      GATES.model_copy(update={"max_timing_throttled_share": None})),
+                     (cand(), GATES)):
+        rep = evaluate_gates("c", c, TEACHER, gates)
+        assert "max_timing_throttled_share" not in {r.name for r in rep.results} and rep.passed
+
+
+@pytest.mark.parametrize("share, noted", [(THROTTLED_SHARE, False), (THROTTLED_SHARE + 0.001, True)])
+def test_the_latency_gates_say_when_the_quota_throttled_the_timing(share, noted):
+    gates = GATES.model_copy(update={"max_timing_throttled_share": None})
+    c = cand(timing_cpu_quota=1.0, timing_throttled_share=share)
+    rep = evaluate_gates("c", c, TEACHER, gates)
+    for r in rep.results:
+        assert ("quota throttled" in (r.note or "")) is (noted and r.name in LATENCY_GATES - {
+            "max_p95_b1_slowdown_vs_production"})
+    assert rep.passed
 
 
 def test_production_is_kept_only_when_no_new_candidate_passes():

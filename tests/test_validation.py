@@ -284,6 +284,33 @@ def test_how_the_timing_went_reaches_the_gates_the_report_and_not_the_deployed_f
         deployed_figures(metrics, "fast").metrics.to_json_dict())
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3])
+def test_a_timing_the_cgroup_quota_throttled_refuses_and_says_so(share):
+    """In a container with a CPU quota, the share of its periods that
+    throttled the models reaches metrics/validate.json, the gate
+    max_timing_throttled_share and reports/gates.md; not a deployed
+    version's figures."""
+    from shrinkflow.markdown import validation_markdown
+
+    timing = {"timing_attempts": 1, "timing_other_cores": 0.0, "timing_cpus": 2, "timing_cpu_quota": 1.0,
+              "timing_throttled_share": share}
+    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
+    for r in (teacher, fast):
+        r["performance"].update(timing)
+    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    assert metrics.candidates["fast"].timing_throttled_share == share
+    g = gates.candidates["fast"].gates["max_timing_throttled_share"]
+    assert (g.passed, gates.selected) == ((True, "fast") if share == 0.0 else (False, None))
+    md = validation_markdown(metrics, gates)
+    timing_line = next((line for line in md.splitlines() if line.startswith("Timing:")), None)
+    if share:
+        assert "quota (1 cores) throttled 30.0% of its periods" in timing_line and "may be off" in timing_line
+    else:
+        assert timing_line is None
+    if not share:   # only a confirmed candidate is deployed
+        assert not {k for k in timing} & set(deployed_figures(metrics, "fast").metrics.to_json_dict())
+
+
 # ---------------------------------------------------------------- in-domain accuracy against production
 
 def test_a_recompression_gates_new_candidates_on_val_against_productions_measured_accuracy():
