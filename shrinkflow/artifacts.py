@@ -98,7 +98,11 @@ class Performance(Artifact):
     measured), of ``timing_cpus`` logical CPUs (those the measuring process
     may run on), and, in a cgroup with a CPU quota, the quota in cores
     (``timing_cpu_quota``) and the share of its enforcement periods that
-    throttled the models during that timing (``timing_throttled_share``)."""
+    throttled the models during that timing (``timing_throttled_share``),
+    and the share of the time the timed threads were ready to run but
+    waiting for a CPU (``timing_cpu_wait_share``: the measuring processes'
+    run-queue delay per second, ``cpuload.run_delay_s``, over the latency
+    threads)."""
 
     latency_ms_p50_b1: Number
     latency_ms_p95_b1: Number
@@ -116,6 +120,7 @@ class Performance(Artifact):
     timing_cpus: int | None = None
     timing_cpu_quota: Number | None = None
     timing_throttled_share: Number | None = None
+    timing_cpu_wait_share: Number | None = None
 
     def performance(self) -> dict[str, Any]:
         """The PERFORMANCE_KEYS figures, by key."""

@@ -790,6 +790,20 @@ class Gates(_Frozen):
     # teacher's p95 61.8-64.8 ms against 13.2-22.0 ms (bench/results/cpu_quota.md).
     # None: not gated. No quota: no gate.
     max_timing_throttled_share: Fraction | None = 0.05
+    # The share of the time the timed models' threads were ready to run but
+    # waiting for a CPU while they were timed (the scheduler's run-queue
+    # delay of the measuring processes per second, over validate.latency's
+    # threads; shrinkflow.cpuload), at most this: it sees contention that
+    # others' CPU share under-counts, and not load that leaves the models a
+    # free core. Above it no latency figure holds, and every candidate is
+    # refused. Validate's models with 2 threads on 2 quiet cores waited
+    # 7.4-8.3% of the time (1 thread: 1.4-1.8%); beside one process spinning
+    # at 25% duty (others 10% of the CPUs, under max_timing_other_cpu_share)
+    # 2 threads waited 16.2-18.6%, and a copy of production read 10-16%
+    # slower than production; 1 thread waited 3.3-3.4% and read it 0.5-2.3%
+    # slower (bench/results/load_levels.md). None: not gated. Not readable
+    # (not Linux): no gate.
+    max_timing_cpu_wait_share: Fraction | None = 0.15
     # Re-compression and retrain: production's val accuracy (measured beside
     # the candidates on a re-compression; on a retrain, as its manifest
     # records it, when today's val split is the one it was measured on) minus

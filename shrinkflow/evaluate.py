@@ -285,23 +285,35 @@ def latency_inputs(latency_texts: list[str], lat: LatencyParams):
 
 def quietest_timing(disturbance: list[float | None]) -> int:
     """The index of the timing to keep among repeated timings of the same
-    models: the least disturbed one (``cpuload.disturbance``: the larger of
-    the share of the CPUs other processes took and the share of the cgroup
-    quota's periods that throttled the models; None, not measured, counts
-    as 0), the first among equals. Chosen on the machine's load alone, never
-    on the figures themselves, so keeping it does not favour a candidate.
+    models: the least disturbed one (``cpuload.disturbance``: the largest
+    of the share of the CPUs other processes took, the share of the cgroup
+    quota's periods that throttled the models and the share of the time the
+    timed threads waited for a CPU; None, not measured, counts as 0), the
+    first among equals. Chosen on the machine's load alone, never on the
+    figures themselves, so keeping it does not favour a candidate.
     Raises ValueError on an empty list."""
     if not disturbance:
         raise ValueError("no timing to choose from")
     return min(range(len(disturbance)), key=lambda i: (disturbance[i] or 0.0, i))
 
 
-def _disturbed(load) -> str:
-    """How a timing was disturbed, in words (``cpuload.OtherCpu``)."""
+def _wait_share(load, threads: int) -> float | None:
+    """The share of the time the timed threads waited for a CPU: the
+    measuring processes' threads waiting on average (``load.cpu_wait``,
+    ``cpuload.OtherCpu``) over the ``threads`` a timed model runs; None
+    where not measured."""
+    return None if load.cpu_wait is None else load.cpu_wait / max(1, threads)
+
+
+def _disturbed(load, threads: int) -> str:
+    """How a timing was disturbed, in words (``cpuload.OtherCpu``; the
+    timed models ran ``threads`` threads each)."""
     others = "others' load not measured" if load.cores is None else f"other processes took {load.cores:.2f} cores"
     throttled = ("" if not load.throttled_share else
                  f", the cgroup's CPU quota throttled {load.throttled_share:.1%} of its periods")
-    return others + throttled
+    wait = _wait_share(load, threads)
+    waited = "" if wait is None else f", the timed threads waited for a CPU {wait:.1%} of the time"
+    return others + throttled + waited
 
 
 def _split_even(total: int, parts: int) -> list[int]:
@@ -358,8 +370,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     the cache (``"cached_splits"``).
 
     When other processes took more than ``cpuload.BUSY_CORES`` cores of
-    this process's CPUs on average while the models were timed, or a cgroup
-    CPU quota throttled them (``cpuload.is_disturbed``; not when the models
+    this process's CPUs on average while the models were timed, the timed
+    threads waited for a CPU more than ``cpuload.CPU_WAIT_SHARE`` of the
+    time, or a cgroup CPU quota throttled them (``cpuload.is_disturbed``; not when the models
     run more threads than the quota, which throttles every timing alike),
     every model is timed again after ``lat.busy_retime_wait_s`` seconds, up to
     ``lat.retimes_when_busy`` times, and the least disturbed timing is kept
@@ -369,7 +382,11 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     ``timing_cpus``, the CPUs this process may run on; absent where /proc
     cannot be read), the cgroup's CPU quota in cores (``timing_cpu_quota``,
     absent when none) and the share of its periods that throttled the
-    models (``timing_throttled_share``, absent without a quota)."""
+    models (``timing_throttled_share``, absent without a quota), and how
+    much of the time the timed threads were ready to run but waiting for a
+    CPU (``timing_cpu_wait_share``: the measuring processes' run-queue delay
+    per second, ``cpuload.run_delay_s``, over ``lat.threads``; absent where
+    not readable)."""
     splits = {k: list(v) for k, v in splits.items()}
     warm_b1, b1, warm_b32, b32 = latency_inputs(list(latency_texts), lat)
     procs: dict[str, ModelProcess] = {}
@@ -410,7 +427,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
         timings = []   # (OtherCpu of the timing, batch-1 timings, batch-32 timings)
         for attempt in range(1 + lat.retimes_when_busy):
             if attempt:
-                log(f"measure: {_disturbed(timings[-1][0])} while the models were timed: waiting "
+                log(f"measure: {_disturbed(timings[-1][0], lat.threads)} while the models were timed: waiting "
                     f"{lat.busy_retime_wait_s:g} s and timing them again ({attempt} of {lat.retimes_when_busy} "
                     "retimes_when_busy)")
                 time.sleep(lat.busy_retime_wait_s)
@@ -424,18 +441,24 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             timings.append((load, t1, t32))
             # more threads than the quota: the quota throttles every timing alike, so none is retimed for it
             over_quota = load.quota_cores is not None and lat.threads > load.quota_cores
-            if not is_disturbed(load.cores, None if over_quota else load.throttled_share):
+            if not is_disturbed(load.cores, None if over_quota else load.throttled_share,
+                                _wait_share(load, lat.threads)):
                 break
-        kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share) for x, _, _ in timings])
+        kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share, _wait_share(x, lat.threads))
+                                for x, _, _ in timings])
         load, t1, t32 = timings[kept]
         if len(timings) > 1:
             throttled = ("" if all(x.throttled_share is None for x, _, _ in timings) else
                          "; the cgroup's CPU quota throttled " + ", ".join(
                              "?" if x.throttled_share is None else f"{x.throttled_share:.1%}" for x, _, _ in timings)
                          + " of its periods")
+            waited = ("" if all(x.cpu_wait is None for x, _, _ in timings) else
+                      "; the timed threads waited for a CPU " + ", ".join(
+                          "?" if x.cpu_wait is None else f"{_wait_share(x, lat.threads):.1%}" for x, _, _ in timings)
+                      + " of the time")
             log(f"measure: timed {len(timings)} times; kept timing {kept + 1}, the least disturbed (others took "
                 f"{', '.join('?' if x.cores is None else f'{x.cores:.2f}' for x, _, _ in timings)} cores"
-                f"{throttled})")
+                f"{throttled}{waited})")
         for warning in (None if load.cores is None else busy_warning(load.cores, load.cpus),
                         throttle_warning(load.throttled_share, load.quota_cores, lat.threads)):
             if warning:
@@ -445,7 +468,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                      if load.cores is not None else {}),
                   **({"timing_cpu_quota": round(load.quota_cores, 3)} if load.quota_cores is not None else {}),
                   **({"timing_throttled_share": round(load.throttled_share, 4)}
-                     if load.throttled_share is not None else {})}
+                     if load.throttled_share is not None else {}),
+                  **({"timing_cpu_wait_share": round(_wait_share(load, lat.threads), 4)}
+                     if load.cpu_wait is not None else {})}
         return {name: {"predictions": predictions[name],
                        **({"probabilities": probabilities[name]} if probabilities[name] else {}),
                        "performance": {**performance_figures(t1[name], t32[name]),

@@ -149,7 +149,13 @@ def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
     - ``max_timing_throttled_share``: in a cgroup with a CPU quota, the
       share of the quota's enforcement periods that throttled the models
       (``timing_throttled_share``): each throttled period stalls a call
-      for the rest of the period (bench/results/cpu_quota.md).
+      for the rest of the period (bench/results/cpu_quota.md);
+    - ``max_timing_cpu_wait_share``: the share of the time the timed
+      threads were ready to run but waiting for a CPU
+      (``timing_cpu_wait_share``, the scheduler's run-queue delay): it sees
+      contention others' share under-counts (beside one process at 25%
+      duty, 10% of the CPUs, 2 threads waited 16-19% of the time and read
+      a copy of production 10-16% slower: bench/results/load_levels.md).
 
     A refusal's note says how to time again. A gate not set (None), or its
     figure not measured: no such gate."""
@@ -173,6 +179,15 @@ def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
             note += (": no latency figure holds; time them with validate.latency.threads within the quota, or "
                      "with nothing else running in the cgroup (shrinkflow run --revalidate)")
         out.append(res.model_copy(update={"note": note}))
+    wait = c.timing_cpu_wait_share
+    if gates.max_timing_cpu_wait_share is not None and wait is not None:
+        res = check_max("max_timing_cpu_wait_share", wait, gates.max_timing_cpu_wait_share)
+        note = f"the timed threads waited for a CPU {wait:.1%} of the time while the models were timed" \
+            + _quietest_of(c)
+        if not res.passed:
+            note += (": no latency figure holds; time them again with nothing else running beside validate "
+                     "(shrinkflow run --revalidate)")
+        out.append(res.model_copy(update={"note": note}))
     return tuple(out)
 
 
@@ -186,20 +201,24 @@ def busy_timing_note(candidate: Any):
     """A function that adds to a latency gate's result a note on the
     machine's load, when the candidate's timing was disturbed
     (``cpuload.is_disturbed``: other processes took more than
-    ``cpuload.BUSY_CORES`` cores on average, ``timing_other_cores``, or a
-    cgroup CPU quota throttled the models, ``timing_throttled_share``;
+    ``cpuload.BUSY_CORES`` cores on average, ``timing_other_cores``, a
+    cgroup CPU quota throttled the models, ``timing_throttled_share``, or
+    the timed threads waited for a CPU more than ``cpuload.CPU_WAIT_SHARE``
+    of the time, ``timing_cpu_wait_share``;
     after ``timing_attempts`` timings, the least disturbed kept): its figure
     may be off, and so may a refusal. The verdict is unchanged: a figure
     measured on a busy machine still gates (a refusal keeps production
     serving). Not disturbed, or not measured: the result as it is."""
     c = figures(candidate)
-    share = c.timing_throttled_share
-    if not is_disturbed(c.timing_other_cores, share):
+    share, wait = c.timing_throttled_share, c.timing_cpu_wait_share
+    if not is_disturbed(c.timing_other_cores, share, wait):
         return lambda result: result
     what = [f"other processes took {c.timing_other_cores:.2f} cores on average"] if is_busy(c.timing_other_cores) \
         else []
     if share is not None and is_disturbed(None, share):
         what.append(f"the cgroup's CPU quota throttled {share:.1%} of its periods")
+    if wait is not None and is_disturbed(None, None, wait):
+        what.append(f"the timed threads waited for a CPU {wait:.1%} of the time")
     load = ("timed while " + " and ".join(what) + _quietest_of(c)
             + ": the figure may be off (shrinkflow run --revalidate times them again)")
 

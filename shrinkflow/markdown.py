@@ -221,14 +221,15 @@ def timing_lines(teacher) -> list[str]:
     """One line on how the models' timing went, when it is worth saying:
     timed more than once (the machine was busy: ``retimes_when_busy``), or
     the timing kept was disturbed (``cpuload.is_disturbed``: others took
-    more than ``cpuload.BUSY_CORES`` cores, or a cgroup CPU quota throttled
-    the models). ``teacher``: the teacher's measurements (timed with every
+    more than ``cpuload.BUSY_CORES`` cores, a cgroup CPU quota throttled
+    the models, or their threads waited for a CPU more than
+    ``cpuload.CPU_WAIT_SHARE`` of the time). ``teacher``: the teacher's measurements (timed with every
     candidate, so its figures are the timing's). [] otherwise."""
     from shrinkflow.cpuload import is_disturbed
 
     attempts, other = teacher.timing_attempts or 1, teacher.timing_other_cores
-    throttled = teacher.timing_throttled_share
-    disturbed = is_disturbed(other, throttled)
+    throttled, wait = teacher.timing_throttled_share, teacher.timing_cpu_wait_share
+    disturbed = is_disturbed(other, throttled, wait)
     if attempts <= 1 and not disturbed:
         return []
     head = (f"the machine was busy, so the models were timed {attempts} times and the least disturbed timing counts"
@@ -237,6 +238,8 @@ def timing_lines(teacher) -> list[str]:
     if throttled:
         quota = "" if teacher.timing_cpu_quota is None else f" ({teacher.timing_cpu_quota:g} cores)"
         load += f"; the cgroup's CPU quota{quota} throttled {throttled:.1%} of its periods"
+    if wait is not None and is_disturbed(None, None, wait):
+        load += f"; the timed threads waited for a CPU {wait:.1%} of the time"
     tail = ": the latency figures may be off (`shrinkflow run --revalidate` times them again)" if disturbed else ""
     return [f"Timing: {head}{load}{tail}."]
 

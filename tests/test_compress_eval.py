@@ -148,10 +148,16 @@ def test_models_timed_on_a_busy_machine_are_timed_again_and_the_quietest_timing_
     kept = next(m for m in logged if m.startswith("measure: timed 2 times"))
     figures = [float(x) for x in kept.split("others took ")[1].split(" cores")[0].split(", ")]
     assert figures[0] > 0.25    # the spinners' timing: busy
+    # and the timed thread waited for a CPU beside the spinners more than on the quiet machine (not
+    # necessarily above CPU_WAIT_SHARE: the scheduler favours a thread that wakes from sleep)
+    waited = [float(x.rstrip("%")) / 100
+              for x in kept.split("waited for a CPU ")[1].split(" of the time")[0].split(", ")]
+    assert waited[0] > waited[1], kept
     for run in runs.values():
         perf = run["performance"]
         assert perf["timing_attempts"] == 2
         assert perf["timing_other_cores"] == pytest.approx(min(figures), abs=0.006)
+        assert perf["timing_cpu_wait_share"] == pytest.approx(waited[figures.index(min(figures))], abs=0.0006)
         assert f"kept timing {figures.index(min(figures)) + 1}" in kept
 
 

@@ -133,6 +133,10 @@ def test_nan_or_inf_is_named_as_not_finite(raw, value):
     ("gates", "max_timing_throttled_share", -0.01, "greater than or equal to 0"),
     ("gates", "max_timing_throttled_share", float("nan"), "finite number"),
     ("gates", "max_timing_throttled_share", "some", "number"),
+    ("gates", "max_timing_cpu_wait_share", 1.2, "less than or equal to 1"),
+    ("gates", "max_timing_cpu_wait_share", -0.5, "greater than or equal to 0"),
+    ("gates", "max_timing_cpu_wait_share", float("-inf"), "finite number"),
+    ("gates", "max_timing_cpu_wait_share", "low", "number"),
 ])
 def test_bad_timing_params_are_named(raw, section, key, value, says):
     raw["validate"][section][key] = value

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from shrinkflow.cpuload import (BUSY_CORES, THROTTLED_SHARE, CpuCgroup, OtherCpu, Throttling, busy_warning, cpu_cgroup,
-                                disturbance, is_busy, is_disturbed, other_cores, parse_cpu_stat, parse_quota,
-                                process_cpu_s, system_busy_s, throttle_warning, throttled_share)
+from shrinkflow.cpuload import (BUSY_CORES, CPU_WAIT_SHARE, THROTTLED_SHARE, CpuCgroup, OtherCpu, Throttling,
+                                busy_warning, cpu_cgroup, disturbance, is_busy, is_disturbed, other_cores,
+                                parse_cpu_stat, parse_quota, process_cpu_s, run_delay_s, system_busy_s,
+                                throttle_warning, throttled_share)
 
 
 def test_busy_time_counts_everything_but_idle_and_iowait():
@@ -147,19 +148,23 @@ def test_a_block_throttled_by_the_quota_says_in_what_share_of_periods(tmp_path):
     assert load.quota_cores is None and load.throttled_share is None
 
 
-@pytest.mark.parametrize("cores, share, disturbed", [
-    (BUSY_CORES, THROTTLED_SHARE, False),            # both at their thresholds: quiet
-    (BUSY_CORES + 0.01, None, True),
-    (None, THROTTLED_SHARE + 0.001, True),
-    (None, None, False),                             # nothing measured
+@pytest.mark.parametrize("cores, share, wait, disturbed", [
+    (BUSY_CORES, THROTTLED_SHARE, CPU_WAIT_SHARE, False),   # all at their thresholds: quiet
+    (BUSY_CORES + 0.01, None, None, True),
+    (None, THROTTLED_SHARE + 0.001, None, True),
+    (None, None, CPU_WAIT_SHARE + 0.001, True),             # waited for a CPU while others' share was low
+    (0.0, 0.0, CPU_WAIT_SHARE + 0.001, True),
+    (None, None, None, False),                              # nothing measured
 ])
-def test_a_timing_is_disturbed_by_others_or_by_the_quota(cores, share, disturbed):
-    assert is_disturbed(cores, share) is disturbed
+def test_a_timing_is_disturbed_by_others_by_the_quota_or_by_waiting(cores, share, wait, disturbed):
+    assert is_disturbed(cores, share, wait) is disturbed
 
 
-def test_the_disturbance_is_the_larger_share():
+def test_the_disturbance_is_the_largest_share():
     assert disturbance(0.5, 2, 0.1) == pytest.approx(0.25)
     assert disturbance(0.1, 2, 0.3) == pytest.approx(0.3)
+    assert disturbance(0.1, 2, None, 0.4) == pytest.approx(0.4)
+    assert disturbance(None, None, None, 0.09) == pytest.approx(0.09)
     assert disturbance(None, 2, None) is None and disturbance(0.4, None, None) is None
 
 
@@ -189,3 +194,30 @@ def test_a_pinned_block_counts_its_own_cpus_only():
     assert pinned.cpus == 1
     # CPU 1 was busy the whole block (the spinner, and anything else there): counted by the machine, not the block
     assert whole - pinned.cores >= 0.7, (whole, pinned.cores)
+
+
+def test_run_delay_of_threads_that_are_gone_or_unreadable():
+    assert run_delay_s([2 ** 22 + 7]) is None                  # no such process: nothing read
+    own = run_delay_s([os.getpid()])
+    assert own is not None and own >= 0
+
+
+def test_a_block_that_shares_its_cpu_with_a_spinner_waits_for_it():
+    """Pinned with a spinning process to one CPU, the block's own busy loop
+    is ready to run about half the time it is not running: the run-queue
+    delay says so, where the CPU time others took could not tell the block's
+    wait from a fast CPU's."""
+    spin = "import os, time\nos.sched_setaffinity(0, {0})\nend = time.time() + 3\nwhile time.time() < end: pass\n"
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", spin])
+        time.sleep(0.5)                          # the spinner is up
+        with OtherCpu(lambda: [os.getpid()], cgroup=None) as shared:
+            end = time.time() + 1.0
+            while time.time() < end:
+                pass
+        proc.wait(timeout=60)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert shared.cpu_wait is not None and shared.cpu_wait >= 0.3, shared.cpu_wait

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shrinkflow.config import Gates
-from shrinkflow.cpuload import THROTTLED_SHARE
+from shrinkflow.cpuload import CPU_WAIT_SHARE, THROTTLED_SHARE
 from shrinkflow.gates import GateReport, check_max, check_min, evaluate_gates, select_candidate
 
 GATES = Gates(min_accuracy=0.80, max_accuracy_drop=0.01, max_latency_ms_p95_b1=5.0,
@@ -429,6 +429,42 @@ def test_no_throttling_gate_without_a_quota_or_when_unset():
                      (cand(), GATES)):
         rep = evaluate_gates("c", c, TEACHER, gates)
         assert "max_timing_throttled_share" not in {r.name for r in rep.results} and rep.passed
+
+
+@pytest.mark.parametrize("wait, passes", [
+    (0.09, True),                                           # 2 threads on a quiet 2-core machine: 7.4-8.3%
+    (GATES.max_timing_cpu_wait_share, True),                # at the gate
+    (GATES.max_timing_cpu_wait_share + 0.0002, False),      # just above
+    (0.16, False),                                          # one process at 25% duty beside: 16.2-18.6%
+])
+def test_no_candidate_passes_on_a_timing_whose_threads_waited_for_a_cpu(wait, passes):
+    # others took little (a bursty load under-counts): the wait alone refuses
+    c = cand(timing_other_cores=0.05, timing_cpus=2, timing_cpu_wait_share=wait, timing_attempts=2)
+    rep = evaluate_gates("c", c, TEACHER, GATES)
+    r = gate(rep, "max_timing_cpu_wait_share")
+    assert r.passed is passes and rep.passed is passes
+    assert r.value == pytest.approx(wait) and r.threshold == GATES.max_timing_cpu_wait_share
+    assert f"waited for a CPU {wait:.1%} of the time" in r.note and "the quietest of 2 timings" in r.note
+    assert ("shrinkflow run --revalidate" in r.note) is not passes
+    if not passes:
+        assert [f.name for f in rep.failures] == ["max_timing_cpu_wait_share"]
+
+
+def test_no_wait_gate_when_unset_or_not_measured():
+    for c, gates in ((cand(timing_cpu_wait_share=0.9), GATES.model_copy(update={"max_timing_cpu_wait_share": None})),
+                     (cand(), GATES)):
+        rep = evaluate_gates("c", c, TEACHER, gates)
+        assert "max_timing_cpu_wait_share" not in {r.name for r in rep.results} and rep.passed
+
+
+@pytest.mark.parametrize("wait, noted", [(CPU_WAIT_SHARE, False), (CPU_WAIT_SHARE + 0.001, True)])
+def test_the_latency_gates_say_when_the_timed_threads_waited(wait, noted):
+    gates = GATES.model_copy(update={"max_timing_cpu_wait_share": None})
+    rep = evaluate_gates("c", cand(timing_cpu_wait_share=wait), TEACHER, gates)
+    for r in rep.results:
+        assert ("waited for a CPU" in (r.note or "")) is (noted and r.name in LATENCY_GATES - {
+            "max_p95_b1_slowdown_vs_production"})
+    assert rep.passed
 
 
 @pytest.mark.parametrize("share, noted", [(THROTTLED_SHARE, False), (THROTTLED_SHARE + 0.001, True)])

@@ -255,7 +255,8 @@ def validate_project(tmp_path, candidate_labels=CLASSES):
     params["validate"]["objective"] = "size_mb"
     params["validate"]["gates"].update(min_accuracy=0.3, max_accuracy_drop=0.2, max_latency_ms_p95_b1=1000.0,
                                        max_size_mb=1000.0, min_speedup=0.01, max_macro_f1_drop=0.03,
-                                       max_timing_other_cpu_share=None, max_timing_throttled_share=None)
+                                       max_timing_other_cpu_share=None, max_timing_throttled_share=None,
+                                       max_timing_cpu_wait_share=None)
     params["validate"]["latency"] = {"threads": 1, "warmup_iters": 1, "iters_b1": 5, "iters_b32": 3,
                                      "rounds": 1, "seed": 0, "retimes_when_busy": 0}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

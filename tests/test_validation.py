@@ -311,6 +311,31 @@ def test_a_timing_the_cgroup_quota_throttled_refuses_and_says_so(share):
         assert not {k for k in timing} & set(deployed_figures(metrics, "fast").metrics.to_json_dict())
 
 
+
+@pytest.mark.parametrize("wait", [0.08, 0.2])
+def test_a_timing_whose_threads_waited_for_a_cpu_refuses_and_says_so(wait):
+    """The share of the time the timed threads waited for a CPU reaches
+    metrics/validate.json, the gate max_timing_cpu_wait_share and
+    reports/gates.md (others' share was low: only the wait tells); not a
+    deployed version's figures."""
+    from shrinkflow.markdown import validation_markdown
+
+    timing = {"timing_attempts": 2, "timing_other_cores": 0.2, "timing_cpus": 2, "timing_cpu_wait_share": wait}
+    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
+    for r in (teacher, fast):
+        r["performance"].update(timing)
+    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    assert metrics.candidates["fast"].timing_cpu_wait_share == wait
+    g = gates.candidates["fast"].gates["max_timing_cpu_wait_share"]
+    assert (g.passed, gates.selected) == ((True, "fast") if wait < 0.15 else (False, None))
+    assert gates.candidates["fast"].gates["max_timing_other_cpu_share"].passed
+    timing_line = next(line for line in validation_markdown(metrics, gates).splitlines() if line.startswith("Timing:"))
+    assert "timed 2 times" in timing_line
+    assert ("the timed threads waited for a CPU 20.0% of the time" in timing_line) is (wait > 0.15)
+    assert ("may be off" in timing_line) is (wait > 0.15)
+    if wait < 0.15:
+        assert not {k for k in timing} & set(deployed_figures(metrics, "fast").metrics.to_json_dict())
+
 # ---------------------------------------------------------------- in-domain accuracy against production
 
 def test_a_recompression_gates_new_candidates_on_val_against_productions_measured_accuracy():
