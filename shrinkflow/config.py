@@ -858,8 +858,10 @@ class LatencyParams(_Frozen):
     # Seeds which sentences are timed.
     seed: int = 0
     # When other processes took more than a quarter core on average while the
-    # models were timed, or a cgroup CPU quota throttled them in more than 5%
-    # of its periods (shrinkflow.cpuload), wait busy_retime_wait_s and time
+    # models were timed, a cgroup CPU quota throttled them in more than 5%
+    # of its periods, or their threads waited for a CPU more than 12.5% of
+    # the time (shrinkflow.cpuload; neither of the last two when the threads
+    # exceed the quota; whatever the gates are set to), wait busy_retime_wait_s and time
     # them all again, up to this many times; the least disturbed timing
     # counts, and a latency gate on a timing that stayed disturbed says so in
     # its note. 0: time once. (bench/results/retime_busy.md)

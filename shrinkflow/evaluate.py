@@ -441,8 +441,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             timings.append((load, t1, t32))
             # more threads than the quota: the quota throttles every timing alike, so none is retimed for it
             over_quota = load.quota_cores is not None and lat.threads > load.quota_cores
+            # a quota's stalls count as run-queue wait too, so neither is retimed for when over the quota
             if not is_disturbed(load.cores, None if over_quota else load.throttled_share,
-                                _wait_share(load, lat.threads)):
+                                None if over_quota else _wait_share(load, lat.threads)):
                 break
         kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share, _wait_share(x, lat.threads))
                                 for x, _, _ in timings])
