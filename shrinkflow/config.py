@@ -861,10 +861,10 @@ class LatencyParams(_Frozen):
     # models were timed, a cgroup CPU quota throttled them in more than 5%
     # of its periods, or their threads waited for a CPU more than 12.5% of
     # the time (shrinkflow.cpuload; neither of the last two when the threads
-    # exceed the quota; whatever the gates are set to), wait busy_retime_wait_s and time
-    # them all again, up to this many times; the least disturbed timing
-    # counts, and a latency gate on a timing that stayed disturbed says so in
-    # its note. 0: time once. (bench/results/retime_busy.md)
+    # exceed the quota; whatever the gates are set to), wait
+    # busy_retime_wait_s and time them all again, up to this many times; the
+    # least disturbed timing counts, and a latency gate on a timing that
+    # stayed disturbed says so in its note. 0: time once. (bench/results/retime_busy.md)
     retimes_when_busy: Annotated[int, Field(ge=0)] = 1
     # Seconds to wait before timing again on a busy machine (a compress or
     # test run that was finishing has ended by then; a load that stays is

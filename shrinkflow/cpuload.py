@@ -320,20 +320,28 @@ class OtherCpu:
     out, the most of any cgroup level with a quota; None without a quota),
     ``load.cpu_wait`` (how many of the measuring processes' threads were, on
     average over the block, ready to run but waiting for a CPU: their
-    run-queue delay, ``run_delay_s``, per second; None where not readable)
-    and ``load.warning(cpus)``. ``pids``: a callable
-    returning the measuring processes' ids (read at both ends); ``cgroup``:
-    the ``CpuCgroup`` to read (True, the default: this process's,
-    ``cpu_cgroup()``; None: none)."""
+    run-queue delay, ``run_delay_s``, per second; None where not readable),
+    ``load.cpu_wait_share`` (that over ``threads``, the threads of the work
+    measured: the share of their time spent waiting) and
+    ``load.warning(cpus)``. ``pids``: a callable returning the measuring
+    processes' ids (read at both ends); ``cgroup``: the ``CpuCgroup`` to
+    read (True, the default: this process's, ``cpu_cgroup()``; None: none);
+    ``threads``: at least 1."""
 
-    def __init__(self, pids, cgroup: "CpuCgroup | None | bool" = True):
+    def __init__(self, pids, cgroup: "CpuCgroup | None | bool" = True, threads: int = 1):
         self._pids = pids
         self._cgroup_arg = cgroup
+        self._threads = max(1, threads)
         self.cores: float | None = None
         self.cpus: int | None = None
         self.quota_cores: float | None = None
         self.throttled_share: float | None = None
         self.cpu_wait: float | None = None
+
+    @property
+    def cpu_wait_share(self) -> float | None:
+        """``cpu_wait`` over the threads measured; None where not measured."""
+        return None if self.cpu_wait is None else self.cpu_wait / self._threads
 
     def __enter__(self) -> "OtherCpu":
         self._cpus = usable_cpus()

@@ -297,21 +297,12 @@ def quietest_timing(disturbance: list[float | None]) -> int:
     return min(range(len(disturbance)), key=lambda i: (disturbance[i] or 0.0, i))
 
 
-def _wait_share(load, threads: int) -> float | None:
-    """The share of the time the timed threads waited for a CPU: the
-    measuring processes' threads waiting on average (``load.cpu_wait``,
-    ``cpuload.OtherCpu``) over the ``threads`` a timed model runs; None
-    where not measured."""
-    return None if load.cpu_wait is None else load.cpu_wait / max(1, threads)
-
-
-def _disturbed(load, threads: int) -> str:
-    """How a timing was disturbed, in words (``cpuload.OtherCpu``; the
-    timed models ran ``threads`` threads each)."""
+def _disturbed(load) -> str:
+    """How a timing was disturbed, in words (``cpuload.OtherCpu``)."""
     others = "others' load not measured" if load.cores is None else f"other processes took {load.cores:.2f} cores"
     throttled = ("" if not load.throttled_share else
                  f", the cgroup's CPU quota throttled {load.throttled_share:.1%} of its periods")
-    wait = _wait_share(load, threads)
+    wait = load.cpu_wait_share
     waited = "" if wait is None else f", the timed threads waited for a CPU {wait:.1%} of the time"
     return others + throttled + waited
 
@@ -372,8 +363,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
     When other processes took more than ``cpuload.BUSY_CORES`` cores of
     this process's CPUs on average while the models were timed, the timed
     threads waited for a CPU more than ``cpuload.CPU_WAIT_SHARE`` of the
-    time, or a cgroup CPU quota throttled them (``cpuload.is_disturbed``; not when the models
-    run more threads than the quota, which throttles every timing alike),
+    time, or a cgroup CPU quota throttled them (``cpuload.is_disturbed``;
+    for neither of the last two when the models run more threads than the
+    quota, which throttles every timing alike and shows as wait),
     every model is timed again after ``lat.busy_retime_wait_s`` seconds, up to
     ``lat.retimes_when_busy`` times, and the least disturbed timing is kept
     (``quietest_timing``: chosen on the load, not the figures).
@@ -427,11 +419,11 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
         timings = []   # (OtherCpu of the timing, batch-1 timings, batch-32 timings)
         for attempt in range(1 + lat.retimes_when_busy):
             if attempt:
-                log(f"measure: {_disturbed(timings[-1][0], lat.threads)} while the models were timed: waiting "
+                log(f"measure: {_disturbed(timings[-1][0])} while the models were timed: waiting "
                     f"{lat.busy_retime_wait_s:g} s and timing them again ({attempt} of {lat.retimes_when_busy} "
                     "retimes_when_busy)")
                 time.sleep(lat.busy_retime_wait_s)
-            with OtherCpu(lambda: [os.getpid(), *(p.pid for p in procs.values())]) as load:
+            with OtherCpu(lambda: [os.getpid(), *(p.pid for p in procs.values())], threads=lat.threads) as load:
                 if not attempt and load.quota_cores is not None and lat.threads > load.quota_cores:
                     log(f"measure: warning: validate.latency.threads {lat.threads} is more than this cgroup's CPU "
                         f"quota of {load.quota_cores:g} cores: the quota may throttle the models while they are "
@@ -443,9 +435,9 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
             over_quota = load.quota_cores is not None and lat.threads > load.quota_cores
             # a quota's stalls count as run-queue wait too, so neither is retimed for when over the quota
             if not is_disturbed(load.cores, None if over_quota else load.throttled_share,
-                                None if over_quota else _wait_share(load, lat.threads)):
+                                None if over_quota else load.cpu_wait_share):
                 break
-        kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share, _wait_share(x, lat.threads))
+        kept = quietest_timing([disturbance(x.cores, x.cpus, x.throttled_share, x.cpu_wait_share)
                                 for x, _, _ in timings])
         load, t1, t32 = timings[kept]
         if len(timings) > 1:
@@ -455,7 +447,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                          + " of its periods")
             waited = ("" if all(x.cpu_wait is None for x, _, _ in timings) else
                       "; the timed threads waited for a CPU " + ", ".join(
-                          "?" if x.cpu_wait is None else f"{_wait_share(x, lat.threads):.1%}" for x, _, _ in timings)
+                          "?" if x.cpu_wait is None else f"{x.cpu_wait_share:.1%}" for x, _, _ in timings)
                       + " of the time")
             log(f"measure: timed {len(timings)} times; kept timing {kept + 1}, the least disturbed (others took "
                 f"{', '.join('?' if x.cores is None else f'{x.cores:.2f}' for x, _, _ in timings)} cores"
@@ -470,7 +462,7 @@ def measure_interleaved(model_dirs: dict[str, Path | str], splits: dict[str, lis
                   **({"timing_cpu_quota": round(load.quota_cores, 3)} if load.quota_cores is not None else {}),
                   **({"timing_throttled_share": round(load.throttled_share, 4)}
                      if load.throttled_share is not None else {}),
-                  **({"timing_cpu_wait_share": round(_wait_share(load, lat.threads), 4)}
+                  **({"timing_cpu_wait_share": round(load.cpu_wait_share, 4)}
                      if load.cpu_wait is not None else {})}
         return {name: {"predictions": predictions[name],
                        **({"probabilities": probabilities[name]} if probabilities[name] else {}),

@@ -223,8 +223,9 @@ def timing_lines(teacher) -> list[str]:
     the timing kept was disturbed (``cpuload.is_disturbed``: others took
     more than ``cpuload.BUSY_CORES`` cores, a cgroup CPU quota throttled
     the models, or their threads waited for a CPU more than
-    ``cpuload.CPU_WAIT_SHARE`` of the time). ``teacher``: the teacher's measurements (timed with every
-    candidate, so its figures are the timing's). [] otherwise."""
+    ``cpuload.CPU_WAIT_SHARE`` of the time). ``teacher``: the teacher's
+    measurements (timed with every candidate, so its figures are the
+    timing's). [] otherwise."""
     from shrinkflow.cpuload import is_disturbed
 
     attempts, other = teacher.timing_attempts or 1, teacher.timing_other_cores

@@ -252,6 +252,15 @@ def test_a_batch_dependent_candidate_is_served_per_row_or_refused_and_the_report
                                             else "**FAIL**: not batch-invariant" in md)
 
 
+def _validate_timed(timing: dict):
+    """validate_runs on a slow teacher and a fast candidate whose timing went
+    as ``timing`` says (the Performance timing_ fields)."""
+    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
+    for r in (teacher, fast):
+        r["performance"].update(timing)
+    return validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+
+
 @pytest.mark.parametrize("other, attempts", [(0.9, 2), (0.1, 2), (0.9, 1), (0.1, 1)])
 def test_how_the_timing_went_reaches_the_gates_the_report_and_not_the_deployed_figures(other, attempts):
     """measure_interleaved records how many timings there were and what
@@ -263,10 +272,7 @@ def test_how_the_timing_went_reaches_the_gates_the_report_and_not_the_deployed_f
 
     # on 4 cores: 0.9 of them is under max_timing_other_cpu_share (a quarter), so it notes but passes
     timing = {"timing_attempts": attempts, "timing_other_cores": other, "timing_cpus": 4}
-    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
-    for r in (teacher, fast):
-        r["performance"].update(timing)
-    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    metrics, gates = _validate_timed(timing)
     assert gates.selected == "fast"
     assert (metrics.teacher.timing_attempts, metrics.candidates["fast"].timing_other_cores) == (attempts, other)
     notes = {n: g.note for n, g in gates.candidates["fast"].gates.items()}
@@ -294,10 +300,7 @@ def test_a_timing_the_cgroup_quota_throttled_refuses_and_says_so(share):
 
     timing = {"timing_attempts": 1, "timing_other_cores": 0.0, "timing_cpus": 2, "timing_cpu_quota": 1.0,
               "timing_throttled_share": share}
-    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
-    for r in (teacher, fast):
-        r["performance"].update(timing)
-    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    metrics, gates = _validate_timed(timing)
     assert metrics.candidates["fast"].timing_throttled_share == share
     g = gates.candidates["fast"].gates["max_timing_throttled_share"]
     assert (g.passed, gates.selected) == ((True, "fast") if share == 0.0 else (False, None))
@@ -321,10 +324,7 @@ def test_a_timing_whose_threads_waited_for_a_cpu_refuses_and_says_so(wait):
     from shrinkflow.markdown import validation_markdown
 
     timing = {"timing_attempts": 2, "timing_other_cores": 0.2, "timing_cpus": 2, "timing_cpu_wait_share": wait}
-    teacher, fast = run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), run(LABELS["val"], LABELS["test"], lat=2.0)
-    for r in (teacher, fast):
-        r["performance"].update(timing)
-    metrics, gates = validate_runs(teacher, {"fast": fast}, LABELS, PARAMS, FILES)
+    metrics, gates = _validate_timed(timing)
     assert metrics.candidates["fast"].timing_cpu_wait_share == wait
     g = gates.candidates["fast"].gates["max_timing_cpu_wait_share"]
     assert (g.passed, gates.selected) == ((True, "fast") if wait < 0.15 else (False, None))
