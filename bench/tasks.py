@@ -53,15 +53,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def record(project: Path, task: str, wall_s: float, rc: int) -> dict:
-    """One task's figures from its project's metrics after a run."""
-    validate = json.loads((project / "metrics/validate.json").read_text())
+def record(project: Path, task: str, wall_s: float, rc: int, started: float) -> dict:
+    """One task's figures from its project's metrics after a run; a failed
+    run that wrote no metrics of its own (``started``: its start, as
+    ``time.time()``) records only its exit code and wall time, never the
+    figures an earlier run left."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project,
+                            capture_output=True, text=True).stdout.strip()
+    metrics = project / "metrics/validate.json"
+    if rc != 0 and (not metrics.is_file() or metrics.stat().st_mtime < started):
+        return {"task": task, "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "commit": commit,
+                "rc": rc, "wall_s": round(wall_s, 1), "deployed": None, "failed": "before validate"}
+    validate = json.loads(metrics.read_text())
     gates = json.loads((project / "reports/gates.json").read_text())
     teacher, conf = validate["teacher"], validate["confirmation"] or {}
     chosen = gates["selected"] if rc == 0 else None  # deploy refuses what validate did not select
     rec = {"task": task, "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project,
-                                    capture_output=True, text=True).stdout.strip(),
+           "commit": commit,
            "rc": rc, "wall_s": round(wall_s, 1), "labels": validate.get("labels"),
            "teacher_accuracy_test": conf.get("teacher", {}).get("accuracy"),
            "teacher_macro_f1_test": conf.get("teacher", {}).get("macro_f1"),
@@ -86,10 +94,10 @@ def run(args) -> int:
     if args.params:
         cmd += ["--params", str(args.params)]
     env = {**os.environ, "PYTHONPATH": str(project)}
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     rc = subprocess.run(cmd, cwd=project, env=env).returncode
     wall = time.perf_counter() - t0
-    rec = record(project, args.task, wall, rc)
+    rec = record(project, args.task, wall, rc, started)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(JSONL, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
@@ -103,10 +111,15 @@ def _f(v, fmt: str) -> str:
 
 def report(_args) -> int:
     newest: dict[str, dict] = {}
+    failed: dict[str, dict] = {}   # a run newer than the task's newest figures that failed before them
     for line in JSONL.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            newest[rec["task"]] = rec
+            if rec.get("failed"):
+                failed[rec["task"]] = rec
+            else:
+                newest[rec["task"]] = rec
+                failed.pop(rec["task"], None)
     rows = [
         ("classes", lambda r: str(len(r["labels"] or []))),
         ("teacher accuracy (test)", lambda r: _f(r["teacher_accuracy_test"], ".4f")),
@@ -150,6 +163,9 @@ def report(_args) -> int:
                   "<= 2 points macro-F1 drop": r.get("macro_f1_drop_test") is not None
                   and 100 * r["macro_f1_drop_test"] <= TARGETS["macro_f1_drop_points"]}
         lines += ["", "R8 targets: " + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in checks.items()) + "."]
+    for t, r in failed.items():
+        lines += ["", f"The newest run of {names.get(t, t)} ({r['date']}, commit {r['commit']}) failed "
+                      f"{r['failed']} (exit {r['rc']}, {r['wall_s']:.0f} s): the figures above are older."]
     MD.write_text("\n".join(lines) + "\n")
     print(MD.read_text())
     return 0

@@ -285,7 +285,13 @@ def _git_params_state(root: Path) -> str:
 def adopt_params(s: Session) -> None:
     """Make the ``--params`` file the project's params.yaml, for the commands
     that run DVC stages: DVC reads params.yaml (dvc.yaml's ``params:``) and
-    nothing else, so the file is copied over it.
+    nothing else, so the file is copied over it. Keys dvc.yaml tracks that
+    the file leaves out (a file written for an older shrinkflow, or with
+    only the keys its author changed) are written into the copy with the
+    values the stages read without them, their defaults, and named on the
+    console (DVC would refuse the stage that tracks one). The project's own
+    params.yaml is never rewritten: one that leaves out a tracked key exits
+    USAGE, naming the lines to add, before anything runs.
 
     Never loses an edit: when git holds params.yaml, uncommitted changes are
     refused (exit USAGE) rather than overwritten, and a clean file is
@@ -299,10 +305,16 @@ def adopt_params(s: Session) -> None:
     """
     import hashlib
 
+    from shrinkflow.tracked_params import check_tracked
+
     target = s.root / PARAMS
     if s.own_params:
+        try:
+            check_tracked(s.root, target.read_bytes(), s.params)
+        except ParamsError as exc:
+            raise _fail(ExitCode.USAGE, str(exc))
         return
-    new = s.params_path.read_bytes()
+    new, filled = _params_copy(s.root, s.params_path)
     if target.is_file() and target.read_bytes() == new:
         return
     record = s.root / STATE / "params.adopted.json"
@@ -313,7 +325,7 @@ def adopt_params(s: Session) -> None:
                                     "overwrite: commit them, or drop them (git checkout params.yaml), and run again")
     note = ""
     if state in ("untracked", "no-git") or (earlier is not None and not (
-            earlier.is_file() and earlier.read_bytes() == target.read_bytes())):
+            earlier.is_file() and _params_copy(s.root, earlier)[0] == target.read_bytes())):
         backup = s.root / STATE / "params.previous.yaml"
         backup.parent.mkdir(exist_ok=True)
         shutil.copyfile(target, backup)
@@ -323,13 +335,37 @@ def adopt_params(s: Session) -> None:
                 "the committed one: git diff params.yaml)")
     elif state == "clean":
         note = " (the previous one is in git: git diff params.yaml)"
-    shutil.copyfile(s.params_path, target)
-    from shrinkflow.files import atomic_write_text
+    from shrinkflow.files import atomic_write_bytes, atomic_write_text
 
+    atomic_write_bytes(target, new)
     record.parent.mkdir(exist_ok=True)
     atomic_write_text(record, json.dumps({"source": str(s.params_path),
                                           "sha256": hashlib.sha256(new).hexdigest()}) + "\n")
     typer.echo(f"params.yaml replaced by {s.params_path}{note}")
+    if filled:
+        typer.echo(f"params.yaml names {len(filled)} key(s) that dvc.yaml tracks and {s.params_path.name} left out, "
+                   "with the values the stages read without them (the defaults), so that DVC runs every stage: "
+                   + ", ".join(f"{k}: {json.dumps(v)}" for k, v in filled.items()))
+
+
+def _params_copy(root: Path, path: Path) -> tuple[bytes, dict]:
+    """What ``--params`` ``path`` makes params.yaml: its bytes, with every
+    key dvc.yaml tracks that it leaves out written in with its default
+    (``shrinkflow.tracked_params.fill_missing``), and those keys with their
+    values; the bytes unchanged and ``{}`` when it names them all. Raises
+    typer.Exit (USAGE) when the keys cannot be written in."""
+    from shrinkflow.tracked_params import fill_missing, tracked_params
+
+    data = path.read_bytes()
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return data, {}
+    try:
+        text, filled = fill_missing(data.decode("utf-8"), path, tracked_params(dvc_yaml))
+    except (ParamsError, ValueError, OSError) as exc:
+        raise _fail(ExitCode.USAGE, f"{path} leaves out params dvc.yaml tracks, and they could not be written "
+                                    f"into params.yaml: {exc}")
+    return (text.encode("utf-8"), filled) if filled else (data, {})
 
 
 def _earlier_copy(record: Path, current: bytes) -> Path | None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.lifecycle import lifecycle
-from shrinkflow.config import load_params
-from shrinkflow.paths import PARAMS
+from shrinkflow.tracked_params import load_project_params
 from shrinkflow.warmstart import warm_start_summary
 from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
 from tasks.warmstart import stage_warm_start
@@ -24,7 +23,7 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     """``texts``: the production window; ``trigger``: what asked for it (the
     monitor run, the window's hash and the rules that fired), recorded in
     data/unlabelled/window.json and from there in the new version's lineage."""
-    params = load_params(f"{project_dir}/{PARAMS}")
+    params = load_project_params(project_dir)
     # The model in production competes as a candidate (shrinkflow.recompression).
     production = snapshot_production(project_dir, params.deploy.registry_dir)
     # The production student, for the re-distillation to warm-start from;

@@ -15,10 +15,9 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.lifecycle import lifecycle
-from shrinkflow.config import load_params
-from shrinkflow.paths import PARAMS
-from tasks.dvc import repro_stage_with_retries
 from shrinkflow.retrain import teacher_rejection
+from shrinkflow.tracked_params import load_project_params
+from tasks.dvc import repro_stage_with_retries
 from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
                            save_state, stage_kept_teacher)
@@ -31,6 +30,9 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     ``trigger``: what asked for it (the monitor run, the window's hash and
     the rules that fired), recorded in data/feedback/retrain.json and from
     there in the new version's lineage."""
+    # Validated once, before anything changes (a params.yaml DVC would refuse
+    # leaves the feedback dataset as it was).
+    params = load_project_params(project_dir)
     # A rejected teacher must not stay the kept teacher: what DVC's cache
     # cannot restore is saved before anything changes.
     save_state(project_dir)
@@ -41,7 +43,6 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
         return {**retrain_outcome(None, None, feedback), "stages": {}}
     push_warning = archive_feedback(project_dir)  # None, or why the push failed (the retrain goes on)
     repro_stage_with_retries("data")("data", project_dir)
-    params = load_params(f"{project_dir}/{PARAMS}")
     registry_dir = params.deploy.registry_dir
     # The kept teacher, for train to average the new one with
     # (train.retrain_keep_share; none staged at 0): DVC removes models/teacher

@@ -593,16 +593,20 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
 
 
 def params_fingerprint(project_dir: Path | str) -> str:
-    """Validate params.yaml and return the sha256 of its bytes. A run takes
-    this once at the start and checks it before every stage."""
+    """Validate params.yaml, check it names every key dvc.yaml tracks
+    (``shrinkflow.tracked_params.check_tracked``) and return the sha256 of
+    its bytes. A run takes this once at the start and checks it before every
+    stage. Raises ParamsError."""
     import hashlib
 
     from shrinkflow.config import parse_params_bytes
     from shrinkflow.paths import PARAMS
 
+    from shrinkflow.tracked_params import check_tracked
+
     path = Path(project_dir) / PARAMS
     data = path.read_bytes()
-    parse_params_bytes(data, path)
+    check_tracked(project_dir, data, parse_params_bytes(data, path))
     return hashlib.sha256(data).hexdigest()
 
 

@@ -288,6 +288,43 @@ def test_run_with_params_refuses_before_anything_starts(repo, tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == [".git", "dvc.yaml", "params.yaml"]  # no .prefect/
 
 
+def test_params_file_that_leaves_out_tracked_keys_gets_their_defaults_in_the_copy(repo, tmp_path, capsys):
+    """params/reuters.yaml, written before data.feedback_heldout_fraction
+    existed, made DVC refuse the data stage ("Parameters ... are missing")."""
+    from tests.test_tracked_params import dvc_missing, without
+
+    short = tmp_path / "short.yaml"
+    short.write_text(without(other_params(tmp_path).read_text(), "feedback_heldout_fraction"))
+    adopt_params(session(repo, short))
+    copy = (repo / "params.yaml").read_text()
+    assert copy != short.read_text() and short.read_text() == without(copy, "feedback_heldout_fraction",
+                                                                       "# default, written by shrinkflow")
+    out = capsys.readouterr().out
+    assert "replaced by" in out and "data.feedback_heldout_fraction: 0.3" in out
+    assert session(repo, repo / "params.yaml").params == session(repo, short).params
+    assert dvc_missing(repo) == []
+    adopt_params(session(repo, short))          # the same file again: nothing to do
+    assert capsys.readouterr().out == "" and (repo / "params.yaml").read_text() == copy
+    second = other_params(tmp_path)             # its copy is no edit of the user's: replaced
+    second.write_text(second.read_text().replace("seed: 7", "seed: 9", 1))
+    adopt_params(session(repo, second))
+    assert (repo / "params.yaml").read_bytes() == second.read_bytes()
+    assert f"the copy of {short.resolve()}" in capsys.readouterr().out
+
+
+def test_run_refuses_a_params_yaml_that_leaves_out_a_tracked_key_before_anything_starts(repo):
+    from tests.test_tracked_params import without
+
+    (repo / "params.yaml").write_text(without((repo / "params.yaml").read_text(), "feedback_heldout_fraction"))
+    git(repo, "commit", "-qam", "a params.yaml of an older shrinkflow")
+    out = cli(repo, "run")
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert "data.feedback_heldout_fraction (tracked by stage data)" in out.stderr
+    assert "feedback_heldout_fraction: 0.3" in out.stderr
+    assert sorted(p.name for p in repo.iterdir()) == [".git", "dvc.yaml", "params.yaml"]  # no .prefect/
+    assert "feedback_heldout_fraction" not in (repo / "params.yaml").read_text()  # never rewritten
+
+
 # ------------------------------------------------------- nothing at import
 def test_importing_the_flows_and_the_cli_changes_no_environment(tmp_path):
     """The old flows/__init__.py set os.environ at import, differently in and

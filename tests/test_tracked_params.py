@@ -1,0 +1,163 @@
+"""Params dvc.yaml tracks and params files that leave some out
+(shrinkflow.tracked_params; the CLI's side is in tests/test_cli.py).
+
+A params file may leave out a key with a default, but DVC refuses a stage
+whose tracked key is missing from params.yaml: the shipped params/reuters.yaml
+did (data.feedback_heldout_fraction, added after it), and
+``shrinkflow run --params params/reuters.yaml`` failed at the data stage.
+DVC's own check (``ParamsDependency.get_hash``) is the judge here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shrinkflow.config import ParamsError, load_params, parse_params, parse_params_yaml
+from shrinkflow.tracked_params import (FILLED_COMMENT, check_tracked, fill_missing, load_project_params,
+                                       missing_tracked, tracked_params)
+from tests.conftest import PROJECT_ROOT
+
+DVC_YAML = PROJECT_ROOT / "dvc.yaml"
+SHIPPED = [PROJECT_ROOT / "params.yaml", *sorted((PROJECT_ROOT / "params").glob("*.yaml"))]
+
+
+DVC_VERDICT = """
+import sys
+from dvc.dependency.param import MissingParamsError, ParamsDependency
+from dvc.repo import Repo
+with Repo.init(sys.argv[1], no_scm=True, force=True) as repo:
+    for stage in repo.index.stages:
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):
+                try:
+                    dep.get_hash()
+                except MissingParamsError as exc:
+                    print(f"{stage.name}: {exc}")
+"""
+
+
+def dvc_missing(root: Path) -> list[str]:
+    """DVC's own verdict on the project's params.yaml (``ParamsDependency``,
+    what ``dvc repro`` checks before a stage runs): a line for each stage
+    whose tracked params it refuses. Read in a copy of the project's
+    dvc.yaml and params.yaml, in a process of its own, so the project is
+    left as it was."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dvc-params-") as copy:
+        for name in ("dvc.yaml", "params.yaml"):
+            shutil.copyfile(root / name, Path(copy) / name)
+        out = subprocess.run([sys.executable, "-c", DVC_VERDICT, copy], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if "are missing from" in line]
+
+
+def without(text: str, *keys: str) -> str:
+    """``text`` with the line of each ``key:`` (a leaf key, any indent) dropped."""
+    lines = text.splitlines(keepends=True)
+    out = [line for line in lines if not any(line.lstrip().startswith(f"{k}:") for k in keys)]
+    assert len(out) == len(lines) - len(keys), keys
+    return "".join(out)
+
+
+def test_tracked_params_reads_this_dvc_yaml():
+    tracked = tracked_params(DVC_YAML)
+    assert tracked["data.feedback_heldout_fraction"] == ("data",)
+    assert "fetch" in tracked["data.source"] and "data" in tracked["data.source"]
+    assert all("." in k or k.isidentifier() for k in tracked)
+
+
+def test_tracked_params_takes_params_yaml_mappings_and_skips_other_files(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  a:\n    cmd: x\n    params:\n      - data.seed\n      - params.yaml: [train.seed]\n"
+        "      - other.yaml: [x.y]\n      - other2.yaml:\n"
+        "  b:\n    cmd: y\n    params:\n      - data.seed\n"
+        "  c:\n    cmd: z\n")
+    assert tracked_params(tmp_path / "dvc.yaml") == {"data.seed": ("a", "b"), "train.seed": ("a",)}
+    (tmp_path / "dvc.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="no 'stages'"):
+        tracked_params(tmp_path / "dvc.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_params_file_names_every_tracked_key(path):
+    """A shipped file that leaves a tracked key out is a run DVC refuses
+    (params/reuters.yaml lacked data.feedback_heldout_fraction)."""
+    assert missing_tracked(parse_params_yaml(path.read_bytes(), path), tracked_params(DVC_YAML)) == {}
+
+
+def test_fill_missing_adds_lines_and_changes_nothing_else(tmp_path):
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    short = without(original, "feedback_heldout_fraction", "min_rows_per_class", "country_iso_code")
+    tracked = tracked_params(DVC_YAML)
+    assert set(missing_tracked(parse_params_yaml(short), tracked)) == {
+        "data.feedback_heldout_fraction", "data.min_rows_per_class", "cost.country_iso_code"}
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_bytes(DVC_YAML.read_bytes())
+    (root / "params.yaml").write_text(short)
+    assert any("feedback_heldout_fraction" in e for e in dvc_missing(root))  # DVC refuses it as written
+
+    filled, values = fill_missing(short, "short.yaml", tracked)
+    defaults = load_params(PROJECT_ROOT / "params.yaml").data
+    assert values["data.feedback_heldout_fraction"] == defaults.feedback_heldout_fraction
+    assert values["data.min_rows_per_class"] == defaults.min_rows_per_class
+    assert values["cost.country_iso_code"] == load_params(PROJECT_ROOT / "params.yaml").cost.country_iso_code
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(short))
+    # every line of the file is still there, in order; only whole lines were added
+    added = filled.splitlines()
+    it = iter(added)
+    assert all(line in it for line in short.splitlines())
+    assert len(added) - len(short.splitlines()) == 2 * len(values)
+    assert filled.count(FILLED_COMMENT) == len(values)
+    (root / "params.yaml").write_text(filled)
+    assert dvc_missing(root) == []
+    assert fill_missing(filled, "filled.yaml", tracked) == (filled, {})
+
+
+def test_fill_missing_into_a_flow_mapping_rewrites_the_file_with_the_same_params():
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    start, end = original.index("\ndata:\n") + 1, original.index("\ntrain:")
+    flow = original[:start] + ("data: {source: {kind: files, path: data/user/a.csv, "
+                                      "text_column: text, label_column: label}}\n") + original[end:]
+    tracked = tracked_params(DVC_YAML)
+    filled, values = fill_missing(flow, "flow.yaml", tracked)
+    assert "data.seed" in values and "data.feedback_heldout_fraction" in values
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(flow))
+    assert missing_tracked(parse_params_yaml(filled), tracked) == {}
+
+
+def test_fill_missing_refuses_a_key_shrinkflow_does_not_have_and_bad_params():
+    text = (PROJECT_ROOT / "params.yaml").read_text()
+    with pytest.raises(ValueError, match="data.no_such_key"):
+        fill_missing(text, "p.yaml", {"data.no_such_key": ("data",)})
+    with pytest.raises(ParamsError, match="val_fraction"):
+        fill_missing(text.replace("val_fraction: 0.", "val_fraction: 7", 1), "p.yaml", tracked_params(DVC_YAML))
+
+
+def test_check_tracked_names_the_key_its_stage_and_the_line_to_add(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(without((PROJECT_ROOT / "params.yaml").read_text(),
+                                              "feedback_heldout_fraction"))
+    params = load_params(root / "params.yaml")
+    check_tracked(root, (root / "params.yaml").read_bytes(), params)  # no dvc.yaml: nothing to check
+    (root / "dvc.yaml").write_bytes(DVC_YAML.read_bytes())
+    with pytest.raises(ParamsError) as info:
+        check_tracked(root, (root / "params.yaml").read_bytes(), params)
+    text = str(info.value)
+    assert "data.feedback_heldout_fraction (tracked by stage data)" in text
+    assert f"feedback_heldout_fraction: {params.data.feedback_heldout_fraction}" in text
+    assert "under data:" in text
+    with pytest.raises(ParamsError, match="feedback_heldout_fraction"):
+        load_project_params(root)
+    (root / "params.yaml").write_bytes((PROJECT_ROOT / "params.yaml").read_bytes())
+    assert load_project_params(root) == load_params(PROJECT_ROOT / "params.yaml")
