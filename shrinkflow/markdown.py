@@ -219,7 +219,8 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
 
 def timing_lines(teacher) -> list[str]:
     """One line on how the models' timing went, when it is worth saying:
-    timed more than once (the machine was busy: ``retimes_when_busy``), or
+    timed more than once (the first timing was disturbed:
+    ``retimes_when_busy``), or
     the timing kept was disturbed (``cpuload.is_disturbed``: others took
     more than ``cpuload.BUSY_CORES`` cores, a cgroup CPU quota throttled
     the models, or their threads waited for a CPU more than
@@ -233,8 +234,8 @@ def timing_lines(teacher) -> list[str]:
     disturbed = is_disturbed(other, throttled, wait)
     if attempts <= 1 and not disturbed:
         return []
-    head = (f"the machine was busy, so the models were timed {attempts} times and the least disturbed timing counts"
-            if attempts > 1 else "the models were timed once")
+    head = (f"the first timing was disturbed, so the models were timed {attempts} times and the least disturbed "
+            "timing counts" if attempts > 1 else "the models were timed once")
     load = "" if other is None else f"; other processes took {other:.2f} cores on average during it"
     if throttled:
         quota = "" if teacher.timing_cpu_quota is None else f" ({teacher.timing_cpu_quota:g} cores)"

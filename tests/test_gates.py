@@ -450,6 +450,20 @@ def test_no_candidate_passes_on_a_timing_whose_threads_waited_for_a_cpu(wait, pa
         assert [f.name for f in rep.failures] == ["max_timing_cpu_wait_share"]
 
 
+@pytest.mark.parametrize("throttled, quota_advice", [(THROTTLED_SHARE, False), (THROTTLED_SHARE + 0.001, True)])
+def test_a_wait_refusal_in_a_throttling_quota_says_to_fit_the_threads_to_it(throttled, quota_advice):
+    """2 threads in a 1-core quota: 92% of periods throttled, and the
+    stalls count as run-queue wait (a helper's finding: the wait gate said
+    to stop what else runs, which would change nothing)."""
+    c = cand(timing_other_cores=0.0, timing_cpus=2, timing_cpu_quota=1.0, timing_throttled_share=throttled,
+             timing_cpu_wait_share=0.5)
+    r = gate(evaluate_gates("c", c, TEACHER, GATES), "max_timing_cpu_wait_share")
+    assert not r.passed
+    assert ("validate.latency.threads within the quota" in r.note) is quota_advice
+    assert ("nothing else running beside validate" in r.note) is not quota_advice
+    assert (f"throttled the models in {throttled:.1%}" in r.note) is quota_advice
+
+
 def test_no_wait_gate_when_unset_or_not_measured():
     for c, gates in ((cand(timing_cpu_wait_share=0.9), GATES.model_copy(update={"max_timing_cpu_wait_share": None})),
                      (cand(), GATES)):
