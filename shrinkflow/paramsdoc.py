@@ -43,6 +43,13 @@ The defaults below are the code's; `params.yaml` sets the same values, except th
 it builds (the allow-list, with reasons, is in `tests/test_docs.py`). What the gates mean and
 why they are set where they are: [validation.md](validation.md).
 
+A key with a default may be left out, but DVC refuses to run a stage when a key `dvc.yaml`
+tracks for it is missing from `params.yaml` (`Parameters '...' are missing`). So a run refuses
+such a `params.yaml` before anything starts (exit 2), naming each key, its stage and the line
+to add; and `--params FILE` writes the keys FILE leaves out into its copy, `params.yaml`,
+with their defaults and a comment line each, and names them (`shrinkflow.tracked_params`): a
+params file written for an older shrinkflow, or with only the keys you changed, runs as is.
+
 """
 
 
