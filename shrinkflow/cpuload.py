@@ -101,15 +101,15 @@ def process_cpu_s(pids) -> float:
     return total / _ticks()
 
 
-def run_delay_s(pids) -> float | None:
-    """Seconds the threads of the live processes ``pids`` have spent ready
-    to run but waiting for a CPU (the second field of
-    ``/proc/<pid>/task/<tid>/schedstat``, nanoseconds: the scheduler's
-    run-queue delay; Linux kernel documentation,
-    Documentation/scheduler/sched-stats.rst). A process that is gone
-    counts 0; None where no schedstat can be read (not Linux, or a kernel
-    without CONFIG_SCHED_INFO)."""
-    total, seen = 0, False
+def run_delays_ns(pids) -> dict[tuple[int, int], int] | None:
+    """Each live thread's run-queue delay so far, by (pid, tid), in
+    nanoseconds: the time it spent ready to run but waiting for a CPU (the
+    second field of ``/proc/<pid>/task/<tid>/schedstat``; Linux kernel
+    documentation, Documentation/scheduler/sched-stats.rst). A process that
+    is gone has no entries; None where no schedstat can be read (not Linux,
+    or a kernel without CONFIG_SCHED_INFO)."""
+    out: dict[tuple[int, int], int] = {}
+    seen = False
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -118,11 +118,29 @@ def run_delay_s(pids) -> float | None:
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[1])
+                    out[(int(pid), int(tid))] = int(f.read().split()[1])
                 seen = True
             except (OSError, IndexError, ValueError):
                 continue
-    return total / 1e9 if seen else None
+    return out if seen else None
+
+
+def run_delay_s(pids) -> float | None:
+    """Seconds the threads of the live processes ``pids`` have spent ready
+    to run but waiting for a CPU (``run_delays_ns`` summed). A process that
+    is gone counts 0; None where no schedstat can be read."""
+    delays = run_delays_ns(pids)
+    return None if delays is None else sum(delays.values()) / 1e9
+
+
+def run_delay_between_s(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> float:
+    """Seconds of run-queue delay the threads accrued between two
+    ``run_delays_ns`` readings: each thread alive at ``after`` counts what
+    it added since ``before`` (all of it when it started in between). A
+    thread that exited in between counts nothing, rather than taking its
+    earlier delay off the others' (a sum of the two readings would, and
+    could read a block that waited as one that did not)."""
+    return sum(max(0, ns - before.get(key, 0)) for key, ns in after.items()) / 1e9
 
 
 def other_cores(busy_before: float, busy_after: float, own_before: float, own_after: float,
@@ -320,7 +338,8 @@ class OtherCpu:
     out, the most of any cgroup level with a quota; None without a quota),
     ``load.cpu_wait`` (how many of the measuring processes' threads were, on
     average over the block, ready to run but waiting for a CPU: their
-    run-queue delay, ``run_delay_s``, per second; None where not readable),
+    run-queue delay accrued by the threads alive at its end,
+    ``run_delay_between_s``, per second; None where not readable),
     ``load.cpu_wait_share`` (that over ``threads``, the threads of the work
     measured: the share of their time spent waiting) and
     ``load.warning(cpus)``. ``pids``: a callable returning the measuring
@@ -349,7 +368,7 @@ class OtherCpu:
         self._cgroup = cpu_cgroup() if self._cgroup_arg is True else self._cgroup_arg or None
         self.quota_cores = self._cgroup.quota_cores() if self._cgroup else None
         self._throttling = self._cgroup.throttling() if self._cgroup else {}
-        self._delay = run_delay_s(self._pids())
+        self._delays = run_delays_ns(self._pids())
         self._busy, self._own, self._t = system_busy_s(cpus=self._cpus), process_cpu_s(self._pids()), time.monotonic()
         return self
 
@@ -357,9 +376,9 @@ class OtherCpu:
         busy, wall = system_busy_s(cpus=self._cpus), time.monotonic() - self._t
         if self._busy is not None and busy is not None:
             self.cores = other_cores(self._busy, busy, self._own, process_cpu_s(self._pids()), wall)
-        delay = run_delay_s(self._pids())
-        if self._delay is not None and delay is not None and wall > 0:
-            self.cpu_wait = max(0.0, delay - self._delay) / wall
+        delays = run_delays_ns(self._pids())
+        if self._delays is not None and delays is not None and wall > 0:
+            self.cpu_wait = run_delay_between_s(self._delays, delays) / wall
         after = self._cgroup.throttling() if self._cgroup else {}
         shares = [throttled_share(self._throttling[d], after[d]) for d in after if d in self._throttling]
         self.throttled_share = max(shares) if shares else None

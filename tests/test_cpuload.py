@@ -15,7 +15,8 @@ import pytest
 
 from shrinkflow.cpuload import (BUSY_CORES, CPU_WAIT_SHARE, THROTTLED_SHARE, CpuCgroup, OtherCpu, Throttling,
                                 busy_warning, cpu_cgroup, disturbance, is_busy, is_disturbed, other_cores,
-                                parse_cpu_stat, parse_quota, process_cpu_s, run_delay_s, system_busy_s,
+                                parse_cpu_stat, parse_quota, process_cpu_s, run_delay_between_s, run_delay_s,
+                               run_delays_ns, system_busy_s,
                                 throttle_warning, throttled_share)
 
 
@@ -200,6 +201,53 @@ def test_run_delay_of_threads_that_are_gone_or_unreadable():
     assert run_delay_s([2 ** 22 + 7]) is None                  # no such process: nothing read
     own = run_delay_s([os.getpid()])
     assert own is not None and own >= 0
+
+
+def test_run_delay_between_counts_each_live_threads_own_growth():
+    before = {(1, 1): 5_000_000_000, (1, 2): 9_000_000_000, (1, 3): 1_000_000_000}
+    after = {(1, 1): 5_500_000_000,            # waited 0.5 s
+             (1, 4): 200_000_000}              # started in between: all of its 0.2 s
+    # (1, 2) exited with its 9 s: it takes nothing off the others (a sum of the readings read 0)
+    assert run_delay_between_s(before, after) == pytest.approx(0.7)
+    assert sum(after.values()) < sum(before.values())
+    assert run_delay_between_s(after, after) == 0.0
+
+
+def test_a_thread_that_exits_mid_block_leaves_the_others_wait_counted():
+    """A helper's finding: a thread that had waited before the block and
+    exited during it took its earlier delay off the sum, and the block read
+    0. Here a thread waits beside a spinner on the same CPU, then the block
+    starts, the thread exits, and the main thread waits beside the spinner."""
+    import threading
+
+    spin = "import os, time\nos.sched_setaffinity(0, {0})\nend = time.time() + 4\nwhile time.time() < end: pass\n"
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            pass
+
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", spin])
+        time.sleep(0.3)
+        worker = threading.Thread(target=busy)
+        worker.start()
+        time.sleep(1.5)                          # the worker waits for CPU 0 beside the spinner
+        ids = {(os.getpid(), worker.native_id)}
+        assert ids <= set(run_delays_ns([os.getpid()]))
+        with OtherCpu(lambda: [os.getpid()], cgroup=None) as block:
+            stop.set()
+            worker.join()
+            end = time.time() + 1.0
+            while time.time() < end:
+                pass
+        proc.wait(timeout=60)
+    finally:
+        stop.set()
+        os.sched_setaffinity(0, cpus)
+    assert block.cpu_wait is not None and block.cpu_wait >= 0.2, block.cpu_wait
 
 
 def test_a_block_that_shares_its_cpu_with_a_spinner_waits_for_it():
