@@ -253,3 +253,24 @@ def test_a_fusion_that_changes_the_logits_is_refused(tmp_path, candidates, small
     with pytest.raises(RuntimeError, match="differ by"):
         fuse_transformer_graph(path, 2, 32, feeds, atol=-1.0)  # no graph can pass a negative tolerance
     assert path.read_bytes() == before and not list(tmp_path.glob(".*"))
+
+
+def test_measuring_processes_keep_the_tokenizer_to_the_callers_thread(candidates, small_splits, monkeypatch):
+    """The tokenizer's own thread pool (Hugging Face tokenizers, rayon, one
+    thread per CPU) adds runnable threads beyond validate.latency.threads:
+    with it on, a quiet 2-core machine's timing of the R8 models waited
+    17-19% of the time (the wait gate refuses above 15%) against 1.1% with
+    it off, as every stage runs (TOKENIZERS_PARALLELISM=false). A measuring
+    process turns it off whatever the caller's environment says."""
+    from shrinkflow.evaluate import ModelProcess
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    texts = small_splits["test"]["text"].tolist()[:32]
+    proc = ModelProcess(candidates["int8"], threads=1)
+    try:
+        loaded = len(os.listdir(f"/proc/{proc.pid}/task"))
+        proc.warm([texts, texts])   # batches of 32: the tokenizer's pool would start here
+        after = len(os.listdir(f"/proc/{proc.pid}/task"))
+    finally:
+        proc.stop()
+    assert after == loaded, (loaded, after)
