@@ -41,6 +41,7 @@ work folder (bench/work/monitoring).
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
@@ -90,8 +91,24 @@ def _disk(folder: str) -> None:
                 os.fsync(f.fileno())
 
 
+def report() -> None:
+    """``--report``: the last run's records re-counted at this code's gates."""
+    from shrinkflow.config import LatencyParams
+
+    doc = json.loads((RESULTS / "load_levels.json").read_text())
+    run_doc = json.loads((RESULTS / "monitoring.json").read_text())
+    first = doc.get("first") or run_doc["recompress"]["deployed_before"]
+    retrained = doc.get("retrained") or run_doc["retrain"]["deployed_after"]
+    measured = {k: doc[k] for k in stamp() if k in doc}
+    write_report(doc["records"], LatencyParams(**doc["latency"]), first, retrained, measured,
+                 reported=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
 def main() -> None:
     from shrinkflow.evaluate import measure_interleaved
+
+    if "--report" in sys.argv:
+        return report()
 
     repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 3
     records = []
@@ -121,6 +138,14 @@ def main() -> None:
                        "other_share": None if other is None or not cpus else round(other / cpus, 4)}
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
+    write_report(records, lat, first, retrained, stamp())
+
+
+def write_report(records: list[dict], lat, first: str, retrained: str, measured: dict,
+                 reported: str | None = None) -> None:
+    """Summarise ``records`` per load and write load_levels.json and .md, the refusals
+    counted at this code's gates; ``measured``: the stamp of the run that measured
+    them; ``reported``: when ``--report`` re-counted them (None: just measured)."""
     summary = {}
     for arm in ARMS:
         rs = [r for r in records if r["arm"] == arm]
@@ -138,9 +163,10 @@ def main() -> None:
                         "production_p95_b1_ms": statistics.median(r["production_p95_b1_ms"] for r in rs),
                         **{n: {"min": min(r["slowdown"][n] for r in rs), "max": max(r["slowdown"][n] for r in rs),
                                "refused": sum(r["slowdown"][n] > GATE for r in rs)} for n in CANDIDATES}}
-    doc = {**stamp(), "latency": lat.model_dump(), "gate": GATE, "share_gate": SHARE_GATE, "wait_gate": WAIT_GATE,
-           "records": records,
-           "summary": summary}
+    doc = {**measured, "latency": lat.model_dump(), "gate": GATE, "share_gate": SHARE_GATE, "wait_gate": WAIT_GATE,
+           "first": first, "retrained": retrained, "records": records, "summary": summary}
+    if reported:
+        doc["reported_at"] = reported
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load_levels.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Validate's timing under steady loads between quiet and busy", "",
@@ -156,7 +182,9 @@ def main() -> None:
              f"(`timing_cpu_wait_share`: their run-queue delay per second over the threads), the figure "
              f"`max_timing_cpu_wait_share` ({WAIT_GATE}) reads. Slowdown: the `max_p95_b1_slowdown_vs_production` "
              f"gate's figure (candidate p95 over production's round by round, median, minus 1; the copy's true value "
-             f"0, the int8 teacher's about +0.9); refused above {GATE:.2f}.", "",
+             f"0, the int8 teacher's about +0.9); refused above {GATE:.2f}."
+             + (f" Refusals counted at this code's gates by `--report` ({reported}) from the records measured then."
+                if reported else ""), "",
              "| load | runs | others' share [min, max] | refused by the share gate | waited [min, max] | "
              "refused by the wait gate | refused by either | teacher p95 b1 ms | production p95 b1 ms | "
              + " | ".join(f"{n}: [min, max], refused" for n in CANDIDATES) + " |",
@@ -181,6 +209,7 @@ def main() -> None:
                      + " | ".join(f"{r['slowdown'][n]:+.3f}" for n in CANDIDATES) + " |")
     (RESULTS / "load_levels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 
 if __name__ == "__main__":

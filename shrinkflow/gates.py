@@ -154,8 +154,9 @@ def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
       threads were ready to run but waiting for a CPU
       (``timing_cpu_wait_share``, the scheduler's run-queue delay): it sees
       contention others' share under-counts (beside one process at 25%
-      duty, 10% of the CPUs, 2 threads waited 16-19% of the time and read
-      a copy of production 10-16% slower: bench/results/load_levels.md).
+      duty, 10% of the CPUs, 2 threads waited 8.9-9.3% of the time, against
+      1.9-2.5% quiet, and read a copy of production up to 14% slower:
+      bench/results/load_levels.md).
 
     A refusal's note says how to time again. A gate not set (None), or its
     figure not measured: no such gate."""
