@@ -168,9 +168,10 @@ def _insert_text(text: str, values: dict[str, object]) -> str | None:
         doc = CommentedMap()
     if not isinstance(doc, CommentedMap) or (doc and doc.fa.flow_style()):
         return None
+    eol = "\r\n" if "\r\n" in text else "\n"   # the file's own line ending for the added lines
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
+        lines[-1] += eol
     added: dict[int, list[str]] = {}
     for key, value in values.items():
         parts = key.split(".")
@@ -184,8 +185,8 @@ def _insert_text(text: str, values: dict[str, object]) -> str | None:
             node, path = child, path + [part]
         indent = node.lc.key(next(iter(node)))[1] if node is not doc else 0
         pad = " " * indent
-        block = [pad + "# " + FILLED_COMMENT + "\n"] + [
-            pad + line + "\n" for line in _dump(_nested(parts[len(path):], value)).splitlines()]
+        block = [pad + "# " + FILLED_COMMENT + eol] + [
+            pad + line + eol for line in _dump(_nested(parts[len(path):], value)).splitlines()]
         added.setdefault(_end_line(doc, path, lines), []).extend(block)
     for at in sorted(added, reverse=True):
         lines[at:at] = added[at]

@@ -161,3 +161,11 @@ def test_check_tracked_names_the_key_its_stage_and_the_line_to_add(tmp_path):
         load_project_params(root)
     (root / "params.yaml").write_bytes((PROJECT_ROOT / "params.yaml").read_bytes())
     assert load_project_params(root) == load_params(PROJECT_ROOT / "params.yaml")
+
+
+def test_fill_missing_writes_the_files_own_line_endings():
+    text = without((PROJECT_ROOT / "params.yaml").read_text(), "feedback_heldout_fraction").replace("\n", "\r\n")
+    filled, values = fill_missing(text, "crlf.yaml", tracked_params(DVC_YAML))
+    assert list(values) == ["data.feedback_heldout_fraction"]
+    assert filled.count("\n") == filled.count("\r\n") == text.count("\r\n") + 2
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
