@@ -311,7 +311,7 @@ def adopt_params(s: Session) -> None:
     if s.own_params:
         try:
             check_tracked(s.root, target.read_bytes(), s.params)
-        except ParamsError as exc:
+        except (ParamsError, ValueError) as exc:
             raise _fail(ExitCode.USAGE, str(exc))
         return
     new, filled = _params_copy(s.root, s.params_path)
@@ -325,7 +325,7 @@ def adopt_params(s: Session) -> None:
                                     "overwrite: commit them, or drop them (git checkout params.yaml), and run again")
     note = ""
     if state in ("untracked", "no-git") or (earlier is not None and not (
-            earlier.is_file() and _params_copy(s.root, earlier)[0] == target.read_bytes())):
+            earlier.is_file() and _earlier_still_holds(s.root, earlier, target.read_bytes()))):
         backup = s.root / STATE / "params.previous.yaml"
         backup.parent.mkdir(exist_ok=True)
         shutil.copyfile(target, backup)
@@ -348,12 +348,24 @@ def adopt_params(s: Session) -> None:
                    + ", ".join(f"{k}: {json.dumps(v)}" for k, v in filled.items()))
 
 
-def _params_copy(root: Path, path: Path) -> tuple[bytes, dict]:
+def _earlier_still_holds(root: Path, earlier: Path, current: bytes) -> bool:
+    """Whether the earlier ``--params`` file still makes the copy params.yaml
+    holds (``current``); False when it no longer can (edited, now invalid):
+    then the copy is kept aside, never blamed on the file run now."""
+    try:
+        return _params_copy(root, earlier, quiet=True)[0] == current
+    except Exception:
+        return False
+
+
+def _params_copy(root: Path, path: Path, quiet: bool = False) -> tuple[bytes, dict]:
     """What ``--params`` ``path`` makes params.yaml: its bytes, with every
     key dvc.yaml tracks that it leaves out written in with its default
     (``shrinkflow.tracked_params.fill_missing``), and those keys with their
     values; the bytes unchanged and ``{}`` when it names them all. Raises
     typer.Exit (USAGE) when the keys cannot be written in."""
+    from ruamel.yaml import YAMLError
+
     from shrinkflow.tracked_params import fill_missing, tracked_params
 
     data = path.read_bytes()
@@ -362,9 +374,11 @@ def _params_copy(root: Path, path: Path) -> tuple[bytes, dict]:
         return data, {}
     try:
         text, filled = fill_missing(data.decode("utf-8"), path, tracked_params(dvc_yaml))
-    except (ParamsError, ValueError, OSError) as exc:
-        raise _fail(ExitCode.USAGE, f"{path} leaves out params dvc.yaml tracks, and they could not be written "
-                                    f"into params.yaml: {exc}")
+    except (ParamsError, ValueError, OSError, YAMLError) as exc:
+        if quiet:
+            raise
+        raise _fail(ExitCode.USAGE, f"could not write the keys dvc.yaml tracks that {path} leaves out into "
+                                    f"params.yaml: {exc}")
     return (text.encode("utf-8"), filled) if filled else (data, {})
 
 

@@ -399,7 +399,7 @@ THROTTLED_SHARE = 0.05
 
 
 # Above this share of the timed threads' time spent ready to run but
-# waiting for a CPU (their run-queue delay, ``run_delay_s``, per second and
+# waiting for a CPU (their run-queue delay, ``run_delay_between_s``, per second and
 # per latency thread), the timing counts as disturbed (timed again, and the
 # latency gates say so). Validate's five models with 2 threads on 2 quiet
 # cores waited 1.9-2.5% of the time, with 1 thread 0.4%; beside one

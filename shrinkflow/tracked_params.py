@@ -82,7 +82,7 @@ def _values(params: Params, keys) -> dict[str, object]:
     """Each key's value in the validated params, as YAML writes it. Raises
     ValueError for a key the params do not have (dvc.yaml tracks a key
     shrinkflow does not know)."""
-    dumped = params.model_dump(mode="json")
+    dumped = params.model_dump(mode="json", by_alias=True)   # validate_ is params.yaml's validate
     out = {}
     for key in keys:
         ok, value = _lookup(dumped, key)
@@ -146,7 +146,9 @@ def _end_line(doc, path: list[str], lines: list[str]) -> int:
         parent = doc
         for part in path[:i - 1]:
             parent = parent[part]
-        keys = list(parent.keys())
+        keys = [k for k in parent.keys() if parent.lc.key(k) is not None]   # not keys a merge (<<) brought
+        if path[i - 1] not in keys:
+            raise LookupError(path[i - 1])
         j = keys.index(path[i - 1])
         if j + 1 < len(keys):
             at = parent.lc.key(keys[j + 1])[0]
@@ -183,7 +185,10 @@ def _insert_text(text: str, values: dict[str, object]) -> str | None:
             if not isinstance(child, CommentedMap) or not child or child.fa.flow_style():
                 return None
             node, path = child, path + [part]
-        indent = node.lc.key(next(iter(node)))[1] if node is not doc else 0
+        own = [k for k in node if node.lc.key(k) is not None]   # not keys a merge (<<) brought
+        if node is not doc and not own:
+            return None
+        indent = node.lc.key(own[0])[1] if node is not doc else 0
         pad = " " * indent
         block = [pad + "# " + FILLED_COMMENT + eol] + [
             pad + line + eol for line in _dump(_nested(parts[len(path):], value)).splitlines()]
@@ -225,7 +230,10 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
         except ParamsError:
             return False
 
-    filled = _insert_text(text, values)
+    try:
+        filled = _insert_text(text, values)
+    except (LookupError, TypeError, AttributeError):   # a layout the line insertion does not know
+        filled = None
     if same(filled):
         return filled, values
     doc = _yaml().load(text)

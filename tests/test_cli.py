@@ -445,3 +445,20 @@ def test_the_run_summary_says_what_to_commit_by_top_folder(tmp_path):
     (tmp_path / "untracked.txt").write_text("x\n")          # untracked files are not named
     (line,) = _commit_hint(tmp_path)
     assert line.startswith("to version this run: git add dvc.lock metrics && git commit (3 tracked files changed")
+
+
+def test_an_earlier_params_file_made_invalid_since_does_not_block_the_next(repo, tmp_path, capsys):
+    """A helper's finding: `run --params A`, A edited into invalid params,
+    then `run --params B` exited 2 blaming A."""
+    from tests.test_tracked_params import without
+
+    first = tmp_path / "a.yaml"
+    first.write_text(without(other_params(tmp_path).read_text(), "feedback_heldout_fraction"))
+    adopt_params(session(repo, first))
+    copy = (repo / "params.yaml").read_bytes()
+    first.write_text(first.read_text().replace("val_fraction: 0.", "val_fraction: 7", 1))
+    second = tmp_path / "b.yaml"
+    second.write_text(other_params(tmp_path).read_text().replace("seed: 7", "seed: 9", 1))
+    adopt_params(session(repo, second))
+    assert (repo / "params.yaml").read_bytes() == second.read_bytes()
+    assert (repo / ".shrinkflow" / "params.previous.yaml").read_bytes() == copy   # A's copy kept aside
