@@ -21,8 +21,10 @@ import io
 from pathlib import Path
 
 from shrinkflow.config import Params, ParamsError, parse_params, parse_params_yaml
+from shrinkflow.paths import PARAMS
 
-PARAMS_FILE = "params.yaml"
+PARAMS_FILE = str(PARAMS)   # the file dvc.yaml's params: name by default
+
 FILLED_COMMENT = "default, written by shrinkflow: dvc.yaml tracks it"
 
 
@@ -106,7 +108,7 @@ def missing_message(missing: dict[str, tuple[str, ...]], params: Params) -> str:
     return "\n  ".join(lines)
 
 
-def _yaml(indent: bool = True):
+def _yaml():
     """A round-trip ``ruamel.yaml`` that writes ``null`` as ``null`` and
     lists indented as shrinkflow's params files are."""
     from ruamel.yaml import YAML
@@ -215,8 +217,9 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
     """
     from ruamel.yaml.comments import CommentedMap
 
-    params = parse_params(parse_params_yaml(text, path), path)
-    missing = missing_tracked(parse_params_yaml(text, path), tracked or {})
+    raw = parse_params_yaml(text, path)
+    params = parse_params(raw, path)
+    missing = missing_tracked(raw, tracked or {})
     if not missing:
         return text, {}
     values = _values(params, missing)
