@@ -185,8 +185,12 @@ def timing_gates(candidate: Any, gates: Gates) -> tuple[GateResult, ...]:
         res = check_max("max_timing_cpu_wait_share", wait, gates.max_timing_cpu_wait_share)
         note = f"the timed threads waited for a CPU {wait:.1%} of the time while the models were timed" \
             + _quietest_of(c)
-        if not res.passed and share is not None and is_disturbed(None, share):
-            # a quota's stalls count as run-queue wait (bench/results/cpu_quota.md: 92% of periods throttled)
+        # A quota's stalls count as run-queue wait (bench/results/cpu_quota.md:
+        # 92% of periods throttled): above the throttle gate's own threshold
+        # (cpuload.THROTTLED_SHARE with that gate unset), the quota is named.
+        throttling = gates.max_timing_throttled_share
+        if not res.passed and share is not None and (
+                share > throttling if throttling is not None else is_disturbed(None, share)):
             note += (": no latency figure holds; the cgroup's CPU quota throttled the models in "
                      f"{share:.1%} of its periods, which counts as waiting: time them with "
                      "validate.latency.threads within the quota (shrinkflow run --revalidate)")

@@ -464,6 +464,22 @@ def test_a_wait_refusal_in_a_throttling_quota_says_to_fit_the_threads_to_it(thro
     assert (f"throttled the models in {throttled:.1%}" in r.note) is quota_advice
 
 
+@pytest.mark.parametrize("gate_at, throttled, quota_advice", [(0.2, 0.1, False), (0.2, 0.201, True),
+                                                              (0.01, 0.02, True), (None, 0.02, False),
+                                                              (None, THROTTLED_SHARE + 0.001, True)])
+def test_the_wait_refusal_names_the_quota_above_the_throttle_gate_the_params_set(gate_at, throttled, quota_advice):
+    """The quota is blamed above gates.max_timing_throttled_share (a
+    helper's finding: it was blamed above the fixed THROTTLED_SHARE whatever
+    the gate said); with that gate unset, above THROTTLED_SHARE."""
+    c = cand(timing_other_cores=0.0, timing_cpus=2, timing_cpu_quota=1.0, timing_throttled_share=throttled,
+             timing_cpu_wait_share=0.5)
+    gates = GATES.model_copy(update={"max_timing_throttled_share": gate_at})
+    r = gate(evaluate_gates("c", c, TEACHER, gates), "max_timing_cpu_wait_share")
+    assert not r.passed
+    assert ("validate.latency.threads within the quota" in r.note) is quota_advice
+    assert ("nothing else running beside validate" in r.note) is not quota_advice
+
+
 def test_no_wait_gate_when_unset_or_not_measured():
     for c, gates in ((cand(timing_cpu_wait_share=0.9), GATES.model_copy(update={"max_timing_cpu_wait_share": None})),
                      (cand(), GATES)):
