@@ -49,6 +49,10 @@ such a `params.yaml` before anything starts (exit 2), naming each key, its stage
 to add; and `--params FILE` writes the keys FILE leaves out into its copy, `params.yaml`,
 with their defaults and a comment line each, and names them (`shrinkflow.tracked_params`): a
 params file written for an older shrinkflow, or with only the keys you changed, runs as is.
+Every other line of the copy stays as FILE has it, but for a section written as a flow mapping
+(`data: {...}`), a null section or keys a merge (`<<`) brought: then the whole copy is written
+anew by `ruamel.yaml`, with the same values, comments and line endings, and such a section
+as a block.
 
 """
 

@@ -207,8 +207,10 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
     without it (its default) and a comment line saying so; and those keys
     with their values. Every other line is kept as it was; where a key's
     section cannot take added lines (a flow mapping ``{...}``, a section
-    that is null), the file is rewritten by ``ruamel.yaml``'s round trip
-    instead, which keeps comments and values but may change the layout.
+    that is null, keys a merge ``<<`` brought), the file is rewritten by
+    ``ruamel.yaml``'s round trip instead: comments, values, the line ending
+    and a final ``...`` are kept, each added key has its comment line above
+    it, but the layout may change (a flow mapping written as a block).
 
     Unchanged, with ``{}``, when nothing is missing. Raises ParamsError when
     the text is not valid params (``shrinkflow.config``), and ValueError if
@@ -239,7 +241,11 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
         filled = None
     if same(filled):
         return filled, values
-    doc = _yaml().load(text)
+    # The round trip reads LF (a CRLF file's end-of-line comments would keep
+    # their \r) and writes the file's own line ending and document end back.
+    crlf = "\r\n" in text
+    lf_text = text.replace("\r\n", "\n")
+    doc = _yaml().load(lf_text)
     if doc is None:
         doc = CommentedMap()
     for key, value in values.items():
@@ -252,8 +258,12 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
         node[leaf] = value
         if isinstance(node, CommentedMap):
             node.fa.set_block_style()
-            node.yaml_add_eol_comment(FILLED_COMMENT, leaf)
+            node.yaml_set_comment_before_after_key(leaf, before=FILLED_COMMENT, indent=2 * len(parents))
     filled = _dump(doc)
+    if lf_text.rstrip().splitlines()[-1:] == ["..."]:
+        filled += "...\n"
+    if crlf:
+        filled = filled.replace("\n", "\r\n")
     if not same(filled):
         raise ValueError(f"{path}: writing the missing keys ({', '.join(missing)}) would change the params")
     return filled, values

@@ -194,3 +194,27 @@ def test_fill_missing_beside_keys_a_merge_brought():
     filled, values = fill_missing(text, "m.yaml", tracked_params(DVC_YAML))
     assert "cost.price_per_core_hour_usd" in values
     assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
+
+
+def test_the_round_trip_keeps_line_endings_the_document_end_and_writes_a_comment_line_above_each_key():
+    """A flow-mapping section goes through ruamel's round trip (a helper's
+    finding: it wrote end-of-line comments, LF lines into a CRLF file and
+    dropped a final ``...``)."""
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    start, end = original.index("\ndata:\n") + 1, original.index("\ntrain:")
+    text = (original[:start] + "data: {seed: 3}  # flow style\n" + original[end:] + "...\n").replace("\n", "\r\n")
+    tracked = tracked_params(DVC_YAML)
+    filled, values = fill_missing(text, "flow.yaml", tracked)
+    assert "data.feedback_heldout_fraction" in values and "data.seed" not in values
+    assert filled.count("\n") == filled.count("\r\n") and filled.endswith("\r\n...\r\n")
+    lines = filled.split("\r\n")
+    comments = [i for i, line in enumerate(lines) if line.strip() == "# " + FILLED_COMMENT]
+    assert len(comments) == len(values) and not any(line.endswith(FILLED_COMMENT) and not line.lstrip().startswith("#")
+                                                    for line in lines)
+    for key in values:   # the line after each comment line is an added key, at its section's indent
+        leaf = key.split(".")[-1]
+        assert any(lines[i + 1].strip().startswith(leaf + ":")
+                   and len(lines[i + 1]) - len(lines[i + 1].lstrip()) == len(lines[i]) - len(lines[i].lstrip())
+                   for i in comments), key
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
+    assert missing_tracked(parse_params_yaml(filled), tracked) == {}
