@@ -14,6 +14,7 @@ from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
+from shrinkflow.tracked_params import load_project_params
 from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
                            record_retrain)
 from tasks.retrain import window_feedback
@@ -31,7 +32,11 @@ def monitor(project_dir: str, act: bool = True) -> dict:
     """``project_dir``: the project root; ``act``: run the re-compression flow when the verdict is recompress
     (False: only report what the policy decided)."""
     now = datetime.now(timezone.utc)
-    params = load_params(f"{project_dir}/{PARAMS}")  # validated once for the whole run
+    # Validated once for the whole run. A run that may act checks too that
+    # params.yaml names every key dvc.yaml tracks, before any report or
+    # decision is written: a re-compression refused by DVC would otherwise
+    # be recorded as acted, and hold the cooldown for a run that never was.
+    params = load_project_params(project_dir) if act else load_params(f"{project_dir}/{PARAMS}")
     window = read_window(project_dir, params)
     if len(window) == 0:  # a window below min_window_rows: warn, as the policy does, not a pass
         reason = (f"the prediction log is empty: nothing to monitor (the window of 0 rows is below "

@@ -482,6 +482,31 @@ def test_an_empty_prediction_log_is_a_warning_not_a_pass(cli_project, prefect_ap
     assert not (cli_project / "monitoring/reports").exists()
 
 
+@pytest.mark.slow  # the project fixture's build (~23 s), shared with the tests around it
+def test_a_monitor_that_may_act_refuses_a_params_yaml_missing_a_tracked_key_before_it_writes(cli_project,
+                                                                                          prefect_api):
+    """A helper's finding: the scheduled monitor read params.yaml without
+    dvc.yaml's tracked keys, reported and recorded a recompress verdict as
+    acted, and only then did the re-compression fail on the missing key
+    (the cooldown held for a run that never was). Now it fails first, names
+    the key, and writes nothing; --report-only (no DVC) still reports."""
+    from flows.monitor import monitor
+    from shrinkflow.config import ParamsError
+
+    text = (cli_project / "params.yaml").read_text()
+    short = "\n".join(line for line in text.splitlines() if not line.strip().startswith("feedback_heldout_fraction:"))
+    assert short != text
+    (cli_project / "params.yaml").write_text(short + "\n")
+    log = PredictionLog(cli_project / ".shrinkflow/predictions.db").open()
+    log.append(served_rows(cli_project, [f"a sentence about film number {i}" for i in range(12)]))
+    log.close()
+    with pytest.raises(ParamsError, match="data.feedback_heldout_fraction"):
+        monitor(project_dir=str(cli_project), act=True)
+    assert not (cli_project / "monitoring/reports").exists() and not (cli_project / ".shrinkflow/monitor").exists()
+    result = monitor(project_dir=str(cli_project), act=False)
+    assert result["acted"] is False and (cli_project / "monitoring/reports").is_dir()
+
+
 @pytest.mark.slow  # a real `shrinkflow monitor` run: about 20 s
 def test_cli_a_window_holding_an_empty_text_gets_a_verdict(cli_project, small_splits, prefect_api):
     """Issue 14 item 6: one logged `{"texts": [""]}` crashed every monitor run
