@@ -143,18 +143,63 @@ def parse_labels(value) -> list[str]:
     return out if all(isinstance(x, str) for x in out) else []
 
 
+@dataclass(frozen=True)
+class StoredFeedback:
+    """What ``store_feedback`` stored: ``replaced`` (an earlier label was
+    there), ``class_id`` and ``label``, its name among the labels of the
+    version that answered the prediction (None where they are unknown)."""
+
+    replaced: bool
+    class_id: int
+    label: str | None
+
+    @classmethod
+    def of(cls, replaced: bool, class_id: int, stored_labels, labels: Sequence[str] | None) -> "StoredFeedback":
+        names = feedback_names(stored_labels, labels)
+        return cls(replaced, int(class_id), names[class_id] if 0 <= class_id < len(names) else None)
+
+
 def feedback_class_id(prediction_id: str, label: int | str, stored_labels, labels: Sequence[str] | None) -> int:
-    """The class id ``add_feedback`` stores for ``label``: an id as given; a
-    name resolved against the row's stored label names (``stored_labels``,
-    its JSON), else against ``labels`` (a row logged before schema 3).
-    Raises ValueError for a name that is not one of them (listing them)."""
-    if not isinstance(label, str):
+    """The class id ``add_feedback`` stores for ``label``, among the label
+    names of the version that answered the prediction: the row's stored
+    names (``stored_labels``, its JSON), else ``labels`` (a row logged
+    before schema 3), else none known. A name is looked up among them; an
+    id (an index into them) is checked against their number. Raises
+    ValueError (the message lists them) for a name that is not one of them,
+    an id out of range, and an id where the names themselves are integers
+    other than 0..N-1 in order (labels 1, 2, 3: is 1 the name or the index?
+    The name must be sent as a string; a newcomer's finding: 1 was stored
+    as the class "2")."""
+    names = feedback_names(stored_labels, labels)
+    where = f"the labels {names} of the version that answered prediction {prediction_id}"
+    if isinstance(label, str):
+        if label not in names:
+            raise ValueError(f"unknown label {label!r}: the label must be one of {names} or its index; "
+                             f"{label!r} is not one of {where}")
+        return names.index(label)
+    if not names:
         return label
-    names = parse_labels(stored_labels) or [str(x) for x in (labels or ())]
-    if label not in names:
-        raise ValueError(f"label {label!r} is not one of the labels {names} of the version that "
-                         f"answered prediction {prediction_id}")
-    return names.index(label)
+    if not 0 <= label < len(names):
+        raise ValueError(f"label index must be in 0..{len(names) - 1} (the labels are {names}): {where}")
+    if names != [str(i) for i in range(len(names))] and any(_is_int(n) for n in names):
+        raise ValueError(f"label {label} is ambiguous: {where} are integers, so send the label's name as a string "
+                         f"(\"{label}\" for the class named {label}; {label} would be read as the index of "
+                         f"{names[label]!r})")
+    return label
+
+
+def feedback_names(stored_labels, labels: Sequence[str] | None) -> list[str]:
+    """The label names feedback on a row is resolved against: the row's own
+    (``stored_labels``, its JSON), else ``labels``, else []."""
+    return parse_labels(stored_labels) or [str(x) for x in (labels or ())]
+
+
+def _is_int(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
 
 
 def window_frame(rows: list):
@@ -340,17 +385,25 @@ class PredictionLog:
         resolved against the row's own label names (schema 3), or against
         ``labels`` for a row logged before they were stored. Returns True
         when it replaced an earlier label. Raises KeyError for an unknown
-        prediction id, ValueError for a name that is not one of the row's
-        labels (the message lists them)."""
+        prediction id, ValueError for a label the row's version does not
+        have or an ambiguous id (``feedback_class_id``; the message lists
+        the labels)."""
+        return self.store_feedback(prediction_id, label, ts, labels).replaced
+
+    def store_feedback(self, prediction_id: str, label: int | str, ts: str | None = None,
+                       labels: Sequence[str] | None = None) -> "StoredFeedback":
+        """``add_feedback``, returning what was stored (``StoredFeedback``:
+        whether it replaced a label, the class id, and its name among the
+        labels of the version that answered, None when they are unknown)."""
         with self._transaction("write feedback") as con:
             row = con.execute("SELECT feedback_label, labels FROM predictions WHERE prediction_id = ?",
                               (prediction_id,)).fetchone()
             if row is None:
                 raise KeyError(prediction_id)
-            label = feedback_class_id(prediction_id, label, row[1], labels)
+            class_id = feedback_class_id(prediction_id, label, row[1], labels)
             con.execute("UPDATE predictions SET feedback_label = ?, feedback_ts = ? WHERE prediction_id = ?",
-                        (int(label), ts or utc_now(), prediction_id))
-        return row[0] is not None
+                        (int(class_id), ts or utc_now(), prediction_id))
+        return StoredFeedback.of(row[0] is not None, class_id, row[1], labels)
 
     def count(self) -> int:
         """Rows in the log."""

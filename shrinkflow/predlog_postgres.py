@@ -39,8 +39,8 @@ from datetime import datetime
 from typing import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from shrinkflow.predlog import (COLUMNS, SCHEMA_VERSION, Prediction, PredictionLogError, feedback_class_id,
-                                utc_now, window_frame, window_query)
+from shrinkflow.predlog import (COLUMNS, SCHEMA_VERSION, Prediction, PredictionLogError, StoredFeedback,
+                                feedback_class_id, utc_now, window_frame, window_query)
 
 PASSWORD_ENV_PARAM = "password_env"
 VERSION_TABLE = "prediction_log_schema"
@@ -295,8 +295,14 @@ class PostgresPredictionLog:
         """Store the true label of a prediction, as ``PredictionLog.add_feedback``
         does: a class id, or a name resolved against the row's own label
         names (else ``labels``). Returns True when it replaced an earlier
-        label. Raises KeyError (unknown id), ValueError (unknown name),
-        PredictionLogError."""
+        label. Raises KeyError (unknown id), ValueError (a label the row's
+        version does not have, an ambiguous id), PredictionLogError."""
+        return self.store_feedback(prediction_id, label, ts, labels).replaced
+
+    def store_feedback(self, prediction_id: str, label: int | str, ts: str | None = None,
+                       labels: Sequence[str] | None = None) -> StoredFeedback:
+        """``add_feedback``, returning what was stored, as
+        ``PredictionLog.store_feedback``."""
 
         def update(con):
             row = con.execute("SELECT feedback_label, labels FROM predictions WHERE prediction_id = %s FOR UPDATE",
@@ -306,7 +312,7 @@ class PostgresPredictionLog:
             class_id = feedback_class_id(prediction_id, label, row[1], labels)
             con.execute("UPDATE predictions SET feedback_label = %s, feedback_ts = %s WHERE prediction_id = %s",
                         (int(class_id), ts or utc_now(), prediction_id))
-            return row[0] is not None
+            return StoredFeedback.of(row[0] is not None, class_id, row[1], labels)
 
         return self._run("write feedback", update)
 

@@ -128,6 +128,33 @@ def test_feedback_by_name_or_index_and_unknown_labels_get_422_listing_the_labels
     assert rows[rows["prediction_id"] == p["prediction_id"]]["feedback_label"].tolist() == [0]  # unchanged
 
 
+def test_feedback_on_a_prediction_an_earlier_version_answered_uses_that_versions_labels(server, project):
+    """A newcomer's finding: the server checked a name against the labels it
+    serves now, refusing "2" for a row answered with labels 1, 2, 3, and
+    named an id by today's labels ("billing") while storing it against the
+    row's ("1"). The row's own names decide both, and an id among integer
+    names is refused as ambiguous."""
+    from shrinkflow.predlog import Prediction, utc_now
+
+    log = log_of(project).open()
+    pid = uuid.uuid4().hex
+    log.append([Prediction(pid, utc_now(), "v0000", "an older answer", (0.2, 0.3, 0.5), 2, 1.0,
+                           labels=("1", "2", "3"))])
+    log.close()
+
+    def post(label):
+        return httpx.post(f"{server.url}/feedback", json={"prediction_id": pid, "label": label}, headers=AUTH)
+
+    f = post("2")
+    assert f.status_code == 200 and f.json() == {"prediction_id": pid, "label": "2", "replaced": False}, f.text
+    f = post(1)
+    assert f.status_code == 422 and "ambiguous" in f.json()["detail"], f.text
+    f = post("billing")
+    assert f.status_code == 422 and "['1', '2', '3']" in f.json()["detail"], f.text
+    rows = log_of(project).window(with_feedback=True)
+    assert rows[rows["prediction_id"] == pid]["feedback_label"].tolist() == [1]   # "2", unchanged since
+
+
 def test_a_model_without_labels_in_its_manifest_is_never_promoted(tmp_path, tiny_teacher_dir):
     """No version without its class names reaches the registry, so the server
     never has to guess them (it also refuses one at load: RegistryError)."""

@@ -279,6 +279,31 @@ def test_rows_carry_their_label_names_and_feedback_by_name_uses_them(new_log):
     assert log.window()["feedback_label"].tolist() == [2, 3]   # nothing written
 
 
+def test_feedback_by_id_where_the_label_names_are_integers_is_refused_as_ambiguous(new_log):
+    """A newcomer's finding: a task labelled 1, 2, 3 took {"label": 1} as
+    the index of "2" and stored it silently. An id is refused there (send
+    the name, a string), unless the names are 0..N-1 in order, where id and
+    name agree; names and ids of the answering version, not the served one."""
+    log = new_log().open()
+    log.append([Prediction("a", "2026-01-01T00:00:01", "v0001", "x", (0.2, 0.3, 0.5), 2, 1.0, labels=("1", "2", "3")),
+                Prediction("b", "2026-01-01T00:00:02", "v0002", "y", (0.2, 0.3, 0.5), 2, 1.0, labels=("0", "1", "2")),
+                Prediction("c", "2026-01-01T00:00:03", "v0003", "z", (0.6, 0.4), 0, 1.0, labels=("no", "yes"))])
+    served = ("billing", "bug", "sales")
+    with pytest.raises(ValueError, match=r"label 1 is ambiguous: the labels \['1', '2', '3'\].*send the label's name"):
+        log.store_feedback("a", 1, labels=served)
+    assert log.window(with_feedback=True).empty   # nothing written
+    stored = log.store_feedback("a", "1", labels=served)
+    assert (stored.replaced, stored.class_id, stored.label) == (False, 0, "1")
+    assert log.store_feedback("b", 1, labels=served).label == "1"     # 0..N-1: the id is the name
+    assert log.store_feedback("c", 1, labels=served).label == "yes"   # the answering version's names
+    with pytest.raises(ValueError, match=r"label index must be in 0\.\.1 \(the labels are \['no', 'yes'\]\)"):
+        log.store_feedback("c", 2, labels=served)
+    with pytest.raises(ValueError, match=r"unknown label 'bug'"):
+        log.store_feedback("c", "bug", labels=served)
+    fb = log.window(with_feedback=True)
+    assert dict(zip(fb["prediction_id"], fb["feedback_label"])) == {"a": 0, "b": 1, "c": 1}
+
+
 # ------------------------------------------------- serve.log_url, the factory
 
 def test_the_factory_builds_the_log_serve_params_name(tmp_path):

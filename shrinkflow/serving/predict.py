@@ -94,29 +94,25 @@ async def predict(t0: float = Depends(started), req: PredictRequest = Depends(pr
              openapi_extra=request_body(FeedbackRequest), responses=error_responses(400, 401, 404, 413, 415, 422, 503))
 async def feedback(req: FeedbackRequest = Depends(feedback_request), holder: ModelHolder = Depends(get_holder),
                    log: PredictionLog = Depends(get_log)):
-    """The label by name or by index in the served labels; feedback given
-    again replaces the earlier one (``replaced``). 404 for an unknown
-    prediction id; 422 for a label the served version does not have."""
+    """The label by name or by class id, among the labels of the version
+    that answered the prediction (the served labels for a row logged
+    before rows kept their own); feedback given again replaces the earlier
+    one (``replaced``). 404 for an unknown prediction id; 422 for a label
+    that version does not have, or a class id where its label names are
+    themselves integers (send the name as a string)."""
     labels = holder.current.labels
     label = req.label
-    # A name is stored as its id among the labels of the version that
-    # answered the prediction (the log resolves it against the row's own
-    # names); an index is an id in those labels.
-    if isinstance(label, str):
-        if label not in labels:
-            raise ApiError(422, "invalid_request", f"unknown label {printable(label)!r}: the label must be one "
-                           f"of {list(labels)} or its index", labels=list(labels))
-    elif not 0 <= label < len(labels):
-        raise ApiError(422, "invalid_request", f"label index must be in 0..{len(labels) - 1} (the labels are "
-                       f"{list(labels)})", labels=list(labels))
+    # Resolved by the log, inside its transaction, against the row's own
+    # names (shrinkflow.predlog.feedback_class_id): a row answered by an
+    # earlier version with other labels is judged by that version's.
     try:
-        replaced = await asyncio.to_thread(log.add_feedback, req.prediction_id, label, None, labels)
+        stored = await asyncio.to_thread(log.store_feedback, req.prediction_id, label, None, labels)
     except KeyError:
         raise ApiError(404, "unknown_prediction", f"no prediction {req.prediction_id!r}") from None
-    except ValueError as exc:  # a version with other labels answered this prediction
+    except ValueError as exc:  # not a label of the version that answered, or an ambiguous id
         raise ApiError(422, "invalid_request", printable(exc, 300), labels=list(labels)) from None
     except Exception as exc:  # noqa: BLE001 - every log failure is a 503 with its reason, never a 500
         raise ApiError(503, "log_unavailable", f"the feedback cannot be stored ({printable(exc, 300)})") from None
     return Response(json.dumps({"prediction_id": req.prediction_id,
-                                "label": label if isinstance(label, str) else labels[label],
-                                "replaced": replaced}), media_type="application/json")
+                                "label": stored.label if stored.label is not None else str(label),
+                                "replaced": stored.replaced}), media_type="application/json")
