@@ -410,7 +410,8 @@ def import_heavy(torch_too: bool = True) -> None:
 def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
           validated: dict, params, out_dir: Path, created: str, seed: int = 0, truncation: str = "head",
           per_row: bool | None = None, labels: tuple[str, ...] | None = None,
-          cache_dir: Path | None = None, corpus_texts: list | None = None) -> DriftSummary:
+          cache_dir: Path | None = None, corpus_texts: list | None = None,
+          teacher_unavailable: str | None = None) -> DriftSummary:
     """Build the reports of one window into ``out_dir`` (created whole or not
     at all) and return their summary.
 
@@ -430,7 +431,10 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
     and hold out from (monitoring.run.read_recompress_corpus: the newest
     ``monitor.recompress_last_n`` logged rows up to the window's end; None:
     the window's own texts), which the summary's ``window.distill_texts``
-    and ``heldout_texts`` count and the policy's re-compression floor reads.
+    and ``heldout_texts`` count and the policy's re-compression floor reads;
+    ``teacher_unavailable``: with ``teacher_dir`` None, why there is no
+    teacher to judge production against (monitoring.run.kept_teacher),
+    kept in the summary, where the policy warns with it.
 
     A figure that cannot be computed on this window is None in the summary
     and listed in ``not_computed`` with its reason. Raises ValueError for an
@@ -447,13 +451,13 @@ def build(window, reference, *, served_dir: Path, teacher_dir: Path | None, trai
         return _build(window, reference, served_dir=served_dir, teacher_dir=teacher_dir, train_texts=train_texts,
                       validated=validated, params=params, out_dir=out_dir, created=created, seed=seed,
                       truncation=truncation, per_row=per_row, labels=labels, cache_dir=cache_dir,
-                      corpus_texts=corpus_texts)
+                      corpus_texts=corpus_texts, teacher_unavailable=teacher_unavailable)
 
 
 def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, train_texts: list[str],
            validated: dict, params, out_dir: Path, created: str, seed: int, truncation: str,
            per_row: bool | None, labels: tuple[str, ...] | None, cache_dir: Path | None,
-           corpus_texts: list | None) -> DriftSummary:
+           corpus_texts: list | None, teacher_unavailable: str | None = None) -> DriftSummary:
     from shrinkflow.stats import agreement
 
     if len(window) == 0:
@@ -499,8 +503,9 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
     fb_rows, t_fb = np.flatnonzero(~np.isnan(w["feedback"].to_numpy())), None
     shadow = ref_pending = win_pending = cached = None
     if teacher_dir is None:
-        skip("teacher_agreement", "no kept teacher (models/teacher) to run in shadow")
-        skip("embedding_drift", "no kept teacher (models/teacher) to embed the texts")
+        teacher_unavailable = teacher_unavailable or "no kept teacher (models/teacher)"
+        skip("teacher_agreement", f"{teacher_unavailable}: no teacher to run in shadow")
+        skip("embedding_drift", f"{teacher_unavailable}: no teacher to embed the texts")
     else:
         # The teacher's passes are submitted now and collected after the
         # drift report: for enough texts they run in a process of their own
@@ -685,7 +690,8 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
         reference_rows=len(ref_texts), **figures,
         class_share_reference=ref_share, class_share_current=cur_share,
         largest_share_shift=largest_shift(cur_share, ref_share) if cur_share is not None else None,
-        quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed))
+        quality=q, teacher=teacher, truncation=trunc, not_computed=tuple(not_computed),
+        teacher_unavailable=teacher_unavailable if teacher_dir is None else None)
     _write(out_dir, snapshots, summary)
     return summary
 

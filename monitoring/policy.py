@@ -21,7 +21,9 @@ Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
   ``max_teacher_feedback_drop`` below its validated accuracy.
 
 Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
-drifted, which alone says nothing about its errors). A trigger -> ``recompress``,
+drifted, which alone says nothing about its errors, or if the teacher rules
+could not run: ``DriftSummary.teacher_unavailable``, no kept teacher or not
+the one production was validated against). A trigger -> ``recompress``,
 except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when its distinct texts would leave the distillation or
 the held-out part of a re-compression empty (a window of one text repeated),
@@ -235,6 +237,13 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     reasons = [_fmt(f) for f in findings]
     sha = summary.window.sha256
     if not fired:
+        if summary.teacher_unavailable:
+            # Not a pass: the rules that judge production against the teacher
+            # did not run (a newcomer's finding: "ok" on a project whose
+            # teacher a failed run had removed).
+            reasons.insert(0, f"the teacher rules did not run: {summary.teacher_unavailable}")
+            if not (summary.prediction_label is not None and summary.prediction_label.drifted):
+                return Decision(action="warn", reasons=tuple(reasons), findings=tuple(findings), window_sha256=sha)
         if summary.prediction_label is not None and summary.prediction_label.drifted:
             m = summary.largest_share_shift
             moved = (f"{m.label!r} moved most, share {m.current:.3f} vs {m.reference:.3f} on reference"

@@ -129,7 +129,7 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
     from shrinkflow.splits import read_parquet
 
     from monitoring.evidently_reports import build
-    from shrinkflow.paths import MONITOR_CACHE, TEACHER, split_path
+    from shrinkflow.paths import MONITOR_CACHE, split_path
     from shrinkflow.registry import Registry
 
     root = Path(root)
@@ -143,16 +143,61 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                  "agreement_rows": metrics.get("n"),   # validate measures both on the test split
                  # the kept teacher on the same test split at deploy: the retrain rule's baseline
                  "teacher_accuracy": (ref.manifest.get("teacher_metrics") or {}).get("accuracy")}
-    teacher = root / TEACHER
+    teacher, teacher_unavailable = kept_teacher(root, ref)
     out = root / params.monitor.reports_dir / run_id(now)
     summary = build(window, read_parquet(root / split_path("reference")), served_dir=ref.path,
-                    teacher_dir=teacher if teacher.is_dir() else None,
+                    teacher_dir=teacher, teacher_unavailable=teacher_unavailable,
                     train_texts=read_parquet(root / split_path("train"))["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
                     created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
                     truncation=params.serve.truncation, per_row=per_row, cache_dir=root / MONITOR_CACHE,
                     corpus_texts=read_recompress_corpus(root, params, window))
     return summary, out
+
+
+def kept_teacher(root: Path, production) -> tuple[Path | None, str | None]:
+    """The kept teacher (models/teacher) the teacher rules (agreement,
+    embedding drift, the teacher's feedback accuracy) may judge
+    ``production`` (a ``registry.Loaded``) against: (its directory, None),
+    or (None, why not) when it is missing, when its label names are not
+    production's (its class ids would be compared with other classes':
+    production rolled back past a change of the label set), or when
+    dvc.lock pins another teacher than the one production was validated
+    against (its lineage's ``teacher_md5``: a later run trained a new
+    teacher and the gates refused its candidates, or production was rolled
+    back past a retrain). Without dvc.lock or that lineage, the labels alone
+    are checked. (A newcomer's findings: a 3-class teacher judged a 4-class
+    production at 0.331 agreement, and a refused run's teacher called for a
+    retrain.)"""
+    from shrinkflow.errors import RegistryError
+    from shrinkflow.lineage import dvc_lock_stages, out_hash
+    from shrinkflow.paths import TEACHER
+    from shrinkflow.status import model_labels
+
+    teacher = Path(root) / TEACHER
+    restore = "(`dvc checkout models/teacher` restores the one dvc.lock pins; `shrinkflow run` trains one)"
+    if not teacher.is_dir():
+        return None, f"no kept teacher ({TEACHER}) {restore}"
+    try:
+        labels = model_labels(teacher)
+    except RegistryError as exc:
+        return None, f"the kept teacher ({TEACHER}) is unusable: {exc}"
+    served = tuple(production.manifest.get("labels") or model_labels(production.path, production.version))
+    if tuple(labels) != served:
+        return None, (f"the kept teacher's labels {list(labels)} are not production {production.version}'s "
+                      f"{list(served)}: its answers cannot be compared (deploy a version of this teacher, or roll "
+                      "back to one)")
+    validated_md5 = (production.manifest.get("lineage") or {}).get("teacher_md5")
+    try:
+        pinned = out_hash(dvc_lock_stages(Path(root)), "train", str(TEACHER))
+    except Exception:  # noqa: BLE001 - no dvc.lock, or one DVC cannot read: the labels alone are checked
+        pinned = None
+    if validated_md5 and pinned and validated_md5 != pinned:
+        return None, (f"dvc.lock pins another teacher ({TEACHER}, md5 {pinned}) than production "
+                      f"{production.version} was validated against (md5 {validated_md5}): a later run trained it "
+                      "and its candidates were not deployed, or production was rolled back past a retrain "
+                      "(deploy a version of this teacher, or check out the dvc.lock of production's)")
+    return teacher, None
 
 
 def load_history(state: Path) -> list[PastDecision]:

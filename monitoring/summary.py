@@ -147,6 +147,11 @@ class DriftSummary(_Frozen):
     teacher: TeacherAgreement | None
     truncation: Truncation | None = None
     not_computed: tuple[NotComputed, ...] = ()
+    # Why the teacher rules (agreement, embedding drift, the teacher's
+    # feedback accuracy) could not run: no kept teacher, or not the one
+    # production was validated against (monitoring.run.kept_teacher). None:
+    # they ran (or, in a summary written before the field, not recorded).
+    teacher_unavailable: str | None = None
 
     @model_validator(mode="before")
     @classmethod

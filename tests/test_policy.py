@@ -338,3 +338,22 @@ def test_text_drift_names_the_drifted_descriptors_and_only_those():
     assert quiet.detail == "0 of 5 text descriptors drifted (share 0.000, max 0.400)"
     loud = next(f for f in decide(summary(drifted=2), P, [], NOW).findings if f.rule == "text_drift")
     assert loud.detail == "2 of 5 text descriptors drifted (share 0.400, max 0.400): d0 p=0.001, d1 p=0.001"
+
+
+@pytest.mark.parametrize("unavailable, label_drift, action", [(None, False, "ok"), ("no kept teacher", False, "warn"),
+                                                               ("no kept teacher", True, "warn")])
+def test_a_quiet_window_whose_teacher_rules_did_not_run_warns_not_ok(unavailable, label_drift, action):
+    """A newcomer's finding: with models/teacher removed by a failed run, the
+    verdict was ok while the teacher rules never ran. It warns, naming why."""
+    s = summary(label_drift=label_drift).model_copy(update={"teacher": None, "embedding": None,
+                                                            "teacher_unavailable": unavailable})
+    d = decide(s, P, [], NOW)
+    assert d.action == action and d.triggers == ()
+    said = [r for r in d.reasons if r.startswith("the teacher rules did not run: ")]
+    assert said == ([f"the teacher rules did not run: {unavailable}"] if unavailable else [])
+    assert (d.reasons[0].startswith("prediction drift")) is label_drift
+
+
+def test_a_fired_rule_still_acts_when_the_teacher_rules_did_not_run():
+    s = summary(drifted=5).model_copy(update={"teacher": None, "teacher_unavailable": "no kept teacher"})
+    assert decide(s, P, [], NOW).action == "recompress"
