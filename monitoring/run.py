@@ -125,11 +125,11 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
     kept in shrinkflow.paths.MONITOR_CACHE between runs. The re-compression's
     corpus (``read_recompress_corpus``) is read too: the summary counts the
     texts a re-compression would distil on. Raises PredictionLogError as
-    ``read_window`` does."""
-    from shrinkflow.splits import read_parquet
-
+    ``read_window`` does, MissingInput for a missing reference or train
+    split."""
     from monitoring.evidently_reports import build
-    from shrinkflow.paths import MONITOR_CACHE, split_path
+    from shrinkflow.paths import MONITOR_CACHE
+    from shrinkflow.splits import read_split
     from shrinkflow.registry import Registry
 
     root = Path(root)
@@ -145,9 +145,11 @@ def build_reports(root: Path, params, window, now: datetime) -> tuple[DriftSumma
                  "teacher_accuracy": (ref.manifest.get("teacher_metrics") or {}).get("accuracy")}
     teacher, teacher_unavailable = kept_teacher(root, ref)
     out = root / params.monitor.reports_dir / run_id(now)
-    summary = build(window, read_parquet(root / split_path("reference")), served_dir=ref.path,
+    # read_split: a missing split (a failed data run removed them) is a
+    # MissingInput naming the stage that makes it, not a traceback.
+    summary = build(window, read_split("reference", root), served_dir=ref.path,
                     teacher_dir=teacher, teacher_unavailable=teacher_unavailable,
-                    train_texts=read_parquet(root / split_path("train"))["text"].tolist(),
+                    train_texts=read_split("train", root)["text"].tolist(),
                     validated=validated, params=params.monitor, out_dir=out,
                     created=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
                     truncation=params.serve.truncation, per_row=per_row, cache_dir=root / MONITOR_CACHE,
