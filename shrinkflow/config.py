@@ -1231,22 +1231,26 @@ class FrontierParams(_Frozen):
 
 
 class Params(_Frozen):
-    data: DataParams
-    train: TrainParams
-    compress: CompressParams
-    validate_: ValidateParams = Field(alias="validate")
-    deploy: DeployParams
+    # Every section has its defaults: a params file may leave out any key
+    # with a default, a whole section included (docs/params.md). DVC still
+    # insists that every key a stage tracks is in params.yaml: `--params
+    # FILE` writes those into its copy (shrinkflow.tracked_params), and a
+    # project's own params.yaml that lacks one is refused, naming it.
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    compress: CompressParams = CompressParams()
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    deploy: DeployParams = DeployParams()
     serve: ServeParams = ServeParams()
     # Where serving hosts get the production model (no DVC stage reads it).
     shared_registry: SharedRegistryParams = SharedRegistryParams()
     monitor: MonitorParams = MonitorParams()
     # Read by train and compress (the grid for energy estimates) and deploy
-    # (the price), so it must be in params.yaml like the stages' own sections.
-    cost: CostParams
+    # (the price).
+    cost: CostParams = CostParams()
     # Not part of the lifecycle (its baseline costs minutes to train): run it
-    # with `dvc repro frontier`. Required all the same: DVC insists that every
-    # key a stage lists exists in params.yaml.
-    frontier: FrontierParams
+    # with `dvc repro frontier`.
+    frontier: FrontierParams = FrontierParams()
 
     model_config = ConfigDict(populate_by_name=True)   # merged with _Frozen's
 

@@ -148,9 +148,15 @@ def test_unsupported_quantization_bits_is_named(raw):
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)
 
 
-def test_missing_section_is_named(raw):
+def test_a_missing_section_reads_its_defaults_and_a_missing_required_key_is_named(raw):
+    """Every section has its defaults (a params file may hold only what it
+    changes); a key without a default is still named when missing."""
+    from shrinkflow.config import DeployParams
+
     del raw["deploy"]
-    assert "missing" in problems(raw)["deploy"]
+    assert parse_params(raw).deploy == DeployParams()
+    raw["data"]["source"] = {"kind": "files"}
+    assert "missing" in problems(raw)["data.source.path"]
 
 
 def test_union_tag_is_hidden_from_key_path(raw):

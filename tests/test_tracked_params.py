@@ -218,3 +218,30 @@ def test_the_round_trip_keeps_line_endings_the_document_end_and_writes_a_comment
                    for i in comments), key
     assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
     assert missing_tracked(parse_params_yaml(filled), tracked) == {}
+
+
+def test_a_file_with_only_the_sections_it_changes_is_filled_whole_and_dvc_takes_it(tmp_path):
+    """A newcomer's finding: a params file with only data, train, compress
+    and validate was refused ("deploy: required section or key is
+    missing", and cost and frontier), though every key there has a default
+    and the docs say such a file runs as is. Every section has its
+    defaults now; --params writes the tracked keys of the sections left out."""
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    short = original[:original.index("\ndeploy:\n") + 1]   # data, train, compress, validate only
+    assert {"deploy", "cost", "frontier"}.isdisjoint(parse_params_yaml(short))
+    from shrinkflow.config import CostParams, DeployParams, FrontierParams
+
+    params = parse_params(parse_params_yaml(short))   # no "required section" error: the defaults
+    assert (params.deploy, params.cost, params.frontier) == (DeployParams(), CostParams(), FrontierParams())
+    assert params.data == load_params(PROJECT_ROOT / "params.yaml").data
+    tracked = tracked_params(DVC_YAML)
+    filled, values = fill_missing(short, "short.yaml", tracked)
+    assert {k.split(".")[0] for k in values} >= {"deploy", "cost", "frontier"}
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(short))
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_bytes(DVC_YAML.read_bytes())
+    (root / "params.yaml").write_text(short)
+    assert dvc_missing(root)                          # DVC refuses it as written
+    (root / "params.yaml").write_text(filled)
+    assert dvc_missing(root) == []
