@@ -39,13 +39,16 @@ from shrinkflow.remote import SSH_CONNECT_TIMEOUT_S
 
 _USAGE = "bad params or flags, or not inside a project"
 _CRASH = "something failed (--debug prints the traceback)"
-_ADOPT = "; or params.yaml has uncommitted changes that --params would overwrite"
+_ADOPT = ("; or params.yaml has uncommitted changes that --params would overwrite, or leaves out a key dvc.yaml "
+          "tracks")
+# run and an acting monitor: another one holds the project (hold_project).
+_HELD_BY = "; or another run or acting monitor is changing the project (named, with its pid)"
 # Each command's exit codes and what each means there. Printed in its --help;
 # docs/exit-codes.md lists the same (tests/test_cli.py).
 EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "run": {ExitCode.OK: "deployed",
             ExitCode.REFUSED: "no candidate passed every gate; production unchanged",
-            ExitCode.USAGE: _USAGE + _ADOPT,
+            ExitCode.USAGE: _USAGE + _ADOPT + _HELD_BY,
             ExitCode.CRASH: "a stage, Prefect or the deploy failed"},
     "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
                ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes; or "
@@ -85,7 +88,7 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                 ExitCode.REFUSED: "a re-compression or retrain deployed nothing (gates; production kept because "
                                   "it won the selection; a retrained teacher that failed its own gates, the project "
                                   "put back as it was)",
-                ExitCode.USAGE: _USAGE + _ADOPT,
+                ExitCode.USAGE: _USAGE + _ADOPT + _HELD_BY,
                 ExitCode.CRASH: "the monitor or its re-compression failed; `monitor ui`: the Evidently UI could "
                                 "not start, or stopped by itself",
                 ExitCode.NOTHING: "nothing is in production (the monitor judges production's answers)"},
@@ -282,7 +285,51 @@ def _git_params_state(root: Path) -> str:
     return "clean" if not line else ("untracked" if line.startswith("??") else "modified")
 
 
-def adopt_params(s: Session) -> None:
+# The locks a command that changes the project holds until its process ends
+# (hold_project), by lock file; the OS releases one when the process dies,
+# however it dies.
+_HELD: dict = {}
+
+
+def hold_project(s: Session, command: str) -> None:
+    """Hold the project for ``command`` (``shrinkflow run``, an acting
+    ``shrinkflow monitor``) until this process ends, before anything is
+    changed, --params's copy included: a second such command exits USAGE,
+    naming the one that holds it, its pid and since when, and changes
+    nothing. (A newcomer's finding: a second ``run --params B`` started
+    14 s after ``run --params A`` copied B over params.yaml at once; A then
+    failed in train on the changed params and B on DVC's lock.) An
+    exclusive ``flock`` on .shrinkflow/project.lock (the ``filelock``
+    package), with .shrinkflow/project.lock.json saying who holds it."""
+    from filelock import FileLock, Timeout
+
+    from shrinkflow.files import atomic_write_text
+
+    state = s.root / STATE
+    state.mkdir(exist_ok=True)
+    path = (state / "project.lock").resolve()
+    if path in _HELD:   # this process holds it already (a second command run in-process)
+        return
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            held = json.loads((state / "project.lock.json").read_text())
+            who = f"`{held['command']}` (pid {held['pid']}, since {held['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another shrinkflow command"
+        raise _fail(ExitCode.USAGE, f"{who} is changing this project ({s.root}): wait for it to end, then run "
+                                    f"`{command}` again (nothing was started or changed)")
+    _HELD[path] = lock
+    from datetime import datetime, timezone
+
+    atomic_write_text(state / "project.lock.json", json.dumps({
+        "command": command, "pid": os.getpid(),
+        "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+
+
+def adopt_params(s: Session, hold: str | None = None) -> None:
     """Make the ``--params`` file the project's params.yaml, for the commands
     that run DVC stages: DVC reads params.yaml (dvc.yaml's ``params:``) and
     nothing else, so the file is copied over it. Keys dvc.yaml tracks that
@@ -302,6 +349,10 @@ def adopt_params(s: Session) -> None:
     user's: they are replaced, the earlier file kept in .shrinkflow/ too
     unless that file still holds them, so that ``run --params A`` then
     ``run --params B`` runs B.
+
+    ``hold``: the command (``"shrinkflow run"``) that holds the project
+    from here to the end of this process (``hold_project``), taken once
+    the params are known good, before anything is written.
     """
     import hashlib
 
@@ -313,9 +364,13 @@ def adopt_params(s: Session) -> None:
             check_tracked(s.root, target.read_bytes(), s.params)
         except (ParamsError, ValueError) as exc:
             raise _fail(ExitCode.USAGE, str(exc))
+        if hold:
+            hold_project(s, hold)
         return
     new, filled = _params_copy(s.root, s.params_path)
     if target.is_file() and target.read_bytes() == new:
+        if hold:
+            hold_project(s, hold)
         return
     record = s.root / STATE / "params.adopted.json"
     state = _git_params_state(s.root) if target.is_file() else "absent"
@@ -323,6 +378,8 @@ def adopt_params(s: Session) -> None:
     if state == "modified" and earlier is None:
         raise _fail(ExitCode.USAGE, f"params.yaml has uncommitted changes, which --params {s.params_path} would "
                                     "overwrite: commit them, or drop them (git checkout params.yaml), and run again")
+    if hold:   # before the copy: never over another run's params
+        hold_project(s, hold)
     note = ""
     if state in ("untracked", "no-git") or (earlier is not None and not (
             earlier.is_file() and _earlier_still_holds(s.root, earlier, target.read_bytes()))):
@@ -422,7 +479,7 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
     longer than $SHRINKFLOW_STAGE_TIMEOUT_S seconds (default 12 h) is stopped.
     """
     s = _session(ctx)
-    adopt_params(s)
+    adopt_params(s, hold="shrinkflow run")
     try:
         from flows.lifecycle import lifecycle
 
@@ -1307,7 +1364,8 @@ def monitor_cmd(ctx: typer.Context,
     s = _session(ctx)
     if view is MonitorView.ui:
         return _monitor_ui(s, host, port, debug)
-    adopt_params(s)
+    # Acting, it may re-compress or retrain: DVC stages, the registry.
+    adopt_params(s, hold="shrinkflow monitor" if act else None)
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
 

@@ -325,6 +325,39 @@ def test_run_refuses_a_params_yaml_that_leaves_out_a_tracked_key_before_anything
     assert "feedback_heldout_fraction" not in (repo / "params.yaml").read_text()  # never rewritten
 
 
+def test_a_second_run_while_one_holds_the_project_changes_nothing_and_names_it(repo, tmp_path):
+    """A newcomer's finding: `run --params B` started while `run --params A`
+    ran copied B over params.yaml at once; A failed on the changed params,
+    B on DVC's lock. The second is refused before it writes anything,
+    naming the first; once the first process ends (however it ends: the
+    lock is the OS's), the project is free again."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import json, os, sys, time\n"
+         "from pathlib import Path\n"
+         "from flows.cli import Session, hold_project\n"
+         "hold_project(Session(Path('.').resolve(), None, None), 'shrinkflow run --params A')\n"
+         "print('held', flush=True)\n"
+         "time.sleep(120)\n"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (repo / "params.yaml").read_bytes()
+        for args in (("run", "--params", str(other_params(tmp_path))), ("monitor",)):
+            out = cli(repo, *args)
+            assert out.returncode == ExitCode.USAGE, out.stderr
+            assert f"`shrinkflow run --params A` (pid {holder.pid}, since " in out.stderr, out.stderr
+            assert "is changing this project" in out.stderr and "nothing was started or changed" in out.stderr
+            assert (repo / "params.yaml").read_bytes() == before
+            assert not (repo / ".prefect").exists()
+        assert cli(repo, "monitor", "--report-only").returncode == ExitCode.NOTHING   # reading needs no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    out = cli(repo, "monitor")                    # the holder was killed: its lock went with it
+    assert out.returncode == ExitCode.NOTHING, out.stderr
+
+
 # ------------------------------------------------------- nothing at import
 def test_importing_the_flows_and_the_cli_changes_no_environment(tmp_path):
     """The old flows/__init__.py set os.environ at import, differently in and
