@@ -201,11 +201,29 @@ class Registry:
         return (version, self.manifest(version)) if version else None
 
     def history(self) -> list[HistoryEvent]:
-        """Every move of the production alias, oldest first (history.jsonl)."""
+        """Every move of the production alias, oldest first (history.jsonl).
+        A last line that a crash cut short (no newline after it, and not an
+        event) is skipped: the alias, written atomically before it, holds
+        the move. Raises RegistryError naming the file and line for any other
+        line that is not an event. (A newcomer's finding: a torn last line
+        made ``versions`` exit with a bare pydantic error.)"""
         path = self.root / "history.jsonl"
         if not path.is_file():
             return []
-        return [HistoryEvent.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = text.splitlines()
+        events = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(HistoryEvent.model_validate_json(line))
+            except ValueError as exc:
+                if i == len(lines) and not text.endswith("\n"):
+                    continue   # torn by a crash mid-append
+                raise RegistryError(f"{path}, line {i}: not a history event ({str(exc).splitlines()[0]}): "
+                                    f"{line[:120]!r}") from None
+        return events
 
     def verify(self, version: str) -> dict:
         """Raise IntegrityError unless every model file matches its hash;
@@ -264,7 +282,9 @@ class Registry:
         write_json(self.root / "aliases.json", aliases)  # fsynced, then os.replace
 
     def _log(self, event: HistoryEvent) -> None:
-        with open(self.root / "history.jsonl", "a") as fh:
+        path = self.root / "history.jsonl"
+        _set_aside_torn_line(path)
+        with open(path, "a") as fh:
             fh.write(json.dumps(event.to_json_dict(), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -417,3 +437,24 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return version
+
+
+def _set_aside_torn_line(path: Path) -> None:
+    """A last line of ``path`` that a crash cut short (no newline after it)
+    is moved to ``<path>.torn`` (appended, kept for inspection) and cut off
+    ``path``, so that the next event starts a line of its own and every
+    line of the log stays an event."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        with open(path.with_name(path.name + ".torn"), "ab") as aside:
+            aside.write(data[keep:] + b"\n")
+            aside.flush()
+            os.fsync(aside.fileno())
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -293,3 +293,26 @@ def test_a_crash_between_the_alias_swap_and_the_history_loses_nothing_rollback_n
     assert reg.alias() == "v0002" and reg.previous_production() == "v0001"
     assert reg.rollback().version == "v0001"
     assert reg.rollback().version == "v0002"  # and a second rollback undoes the first
+
+
+def test_a_history_line_torn_by_a_crash_is_skipped_then_set_aside_and_another_bad_line_is_named(tmp_path):
+    """A newcomer's finding: a torn last line of history.jsonl made
+    `versions` exit with a pydantic error naming neither file nor line, and
+    `rollback` appended its event onto it, so that line stayed unreadable."""
+    reg = Registry(tmp_path / "reg")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    reg.promote(model_dir(tmp_path, "m2", b"two"), PASS, {})
+    path = tmp_path / "reg" / "history.jsonl"
+    whole = path.read_text()
+    torn = whole.splitlines()[-1][:25]
+    path.write_text(whole + torn)                         # a third append cut short
+    assert len(reg.history()) == 2
+    reg.rollback()
+    events = reg.history()
+    assert len(events) == 3 and (events[-1].event, events[-1].version) == ("rollback", "v0001")
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3   # every line an event
+    assert (tmp_path / "reg" / "history.jsonl.torn").read_text() == torn + "\n"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(RegistryError, match=r"history\.jsonl, line 2: not a history event"):
+        reg.history()
