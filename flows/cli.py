@@ -725,6 +725,9 @@ def rollback(ctx: typer.Context,
         raise _fail(ExitCode.NOTHING, f"{note}: roll back on the host that deploys (it publishes the move and every "
                                       "serving host follows), or `shrinkflow pull` here first to make this "
                                       "checkout one that deploys")
+    if not registry.root.is_dir():   # said before the rollback's lock would create it (a newcomer's finding)
+        raise _fail(ExitCode.NOTHING, f"nothing to roll back: there is no registry at {registry.root} "
+                                      "(deploy.registry_dir; `shrinkflow run` deploys the first version)")
     try:
         done = registry.rollback(to)
     except UnknownVersion as exc:

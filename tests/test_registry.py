@@ -280,6 +280,12 @@ def test_rollback_and_versions_commands(tmp_path):
     assert code == 0 and "* v0001" in out and "0.8500" in out
     code, out = cli("rollback", "--to", "v0099")
     assert code == 2 and "no version 'v0099'" in out and reg.alias() == "v0001"
+    # a registry_dir that does not exist: nothing to roll back, and none created (a newcomer's finding)
+    params = (tmp_path / "params.yaml").read_text()
+    assert "registry_dir: registry" in params
+    (tmp_path / "params.yaml").write_text(params.replace("registry_dir: registry", "registry_dir: no-such-registry"))
+    code, out = cli("rollback")
+    assert code == 4 and "no registry at" in out and not (tmp_path / "no-such-registry").exists()
 
 
 def test_a_crash_between_the_alias_swap_and_the_history_loses_nothing_rollback_needs(tmp_path):
