@@ -19,8 +19,8 @@ from shrinkflow.retrain import teacher_rejection
 from shrinkflow.tracked_params import load_project_params
 from tasks.dvc import repro_stage_with_retries
 from shrinkflow.warmstart import warm_start_summary
-from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_state, retrain_outcome,
-                           save_state, stage_kept_teacher)
+from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_after_interruption,
+                           restore_state, retrain_outcome, save_state, stage_kept_teacher)
 from tasks.warmstart import stage_warm_start
 
 
@@ -36,6 +36,28 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     # A rejected teacher must not stay the kept teacher: what DVC's cache
     # cannot restore is saved before anything changes.
     save_state(project_dir)
+    try:
+        return _retrain(project_dir, pairs, trigger, params)
+    except BaseException as exc:
+        # Interrupted (Ctrl-C, SIGTERM) or crashed part way: the project is
+        # put back as it was before the retrain, the kept teacher included,
+        # then the exception goes on (a newcomer's finding: Ctrl-C during
+        # train left models/teacher deleted, the feedback dataset and
+        # dvc.lock changed, and a staged kept teacher that made the next
+        # plain run retrain).
+        why = f"interrupted: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+        try:
+            restored = restore_after_interruption(project_dir, {"reason": why, "requested_by": trigger},
+                                                  ("data", "train", "compress", "validate"))
+            print(f"retrain: {why}; the project is back as it was before the retrain (teacher "
+                  f"{restored['teacher']})")
+        except Exception as restore_exc:  # noqa: BLE001 - said, and the first exception goes on
+            print(f"retrain: {why}; putting the project back failed too: {restore_exc} (the state saved before "
+                  "the retrain is in .shrinkflow/retrain/before/)")
+        raise
+
+
+def _retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict, params) -> dict:
     feedback = append_feedback(project_dir, pairs)
     if not feedback["added"] and not feedback["relabelled"]:
         print(f"retrain: the window's {len(pairs)} labels are all in the feedback dataset already; nothing to "

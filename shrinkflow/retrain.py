@@ -10,6 +10,7 @@ so measuring here never makes a stage stale. Nothing happens at import.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from shrinkflow.artifacts import GatesReport, PreviousTeacher, RecordedProduction, RetrainRecord
 
@@ -231,6 +232,18 @@ def changed_stages(current_lock: Path, saved_lock: Path) -> list[str]:
     return [name for name, st in before.items() if (now.get(name) or {}).get("outs") != st.get("outs")]
 
 
+def missing_out_stages(root: Path, lock: Path, stages: Sequence[str]) -> list[str]:
+    """The stages among ``stages`` whose outs, as ``lock`` (a dvc.lock)
+    lists them, are not all under ``root``: what an interrupted stage left
+    removed (DVC deletes a stage's outs before it runs it, and its lock
+    entry changes only once it finished)."""
+    import yaml
+
+    pinned = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {} if lock.is_file() else {}
+    return [name for name in stages if name in pinned
+            and any(not (root / out["path"]).exists() for out in pinned[name].get("outs") or [])]
+
+
 def save_state(root: Path | str) -> list[str]:
     """Before a retrain's lifecycle: copy what it changes and DVC's cache
     cannot give back (dvc.lock, the feedback dataset, the retrain record,
@@ -318,7 +331,7 @@ def teacher_rejection(gates: dict) -> str | None:
     return gates.get("reason") or "the retrained teacher failed its gates"
 
 
-def restore_state(root: Path | str, rejection: dict) -> dict:
+def restore_state(root: Path | str, rejection: dict, also_missing: Sequence[str] = ()) -> dict:
     """After a retrain whose teacher failed its gates: put the project back
     as ``save_state`` found it (its files, then ``dvc checkout --force``:
     the old teacher, candidates, splits and reports from DVC's cache), so
@@ -328,7 +341,10 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
     hash) to ``shrinkflow.paths.REJECTED_RETRAINS``. Only the stages whose
     outs the retrain changed (``changed_stages``) are checked out. The feedback labels stay
     in the content-addressed archive (data/feedback/archive) and in the
-    prediction log. Returns ``{"restored": [paths], "teacher": content hash}``.
+    prediction log. ``also_missing``: stages also checked out when one of
+    their outs is missing (``missing_out_stages``: after a retrain
+    interrupted mid-stage). Returns ``{"restored": [paths], "teacher":
+    content hash}``.
     Raises FileNotFoundError when there is no saved state, RuntimeError
     (saying how to recover by hand) when ``dvc checkout`` fails."""
     import json
@@ -346,6 +362,7 @@ def restore_state(root: Path | str, rejection: dict) -> dict:
     # Only the stages the retrain changed are checked out: a stage it did not
     # run (frontier, say) may pin outs this clone never had in its cache.
     changed = changed_stages(root / "dvc.lock", saved / "dvc.lock")
+    changed += [s for s in missing_out_stages(root, saved / "dvc.lock", also_missing) if s not in changed]
     for rel, was in existed.items():
         if was:
             atomic_write_bytes(root / rel, (saved / rel).read_bytes())

@@ -79,6 +79,16 @@ def restore_state(project_dir: str, rejection: dict) -> dict:
     return _restore(Path(project_dir), rejection)
 
 
+def restore_after_interruption(project_dir: str, rejection: dict, stages: tuple[str, ...]) -> dict:
+    """The project back as it was before a retrain that was interrupted or
+    crashed (shrinkflow.retrain.restore_state, the outs an interrupted stage
+    removed included). A plain function, not a task: it runs while the
+    flow is being torn down (Ctrl-C), where a task run may not start."""
+    from shrinkflow.retrain import restore_state as _restore
+
+    return _restore(Path(project_dir), rejection, also_missing=stages)
+
+
 @task(name="retrain-outcome", cache_policy=NO_CACHE)
 def retrain_outcome(gates: dict | None, deployed_version: str | None, feedback: dict,
                     previous_teacher: dict | None = None, reason: str | None = None,

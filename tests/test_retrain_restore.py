@@ -178,3 +178,33 @@ def test_only_the_stages_whose_outs_the_retrain_changed_are_checked_out(tmp_path
     assert changed_stages(saved, saved) == []
     assert changed_stages(tmp_path / "missing.lock", saved) == ["data", "train", "frontier", "deploy"]
     assert changed_stages(now, tmp_path / "missing.lock") == []
+
+
+def test_a_retrain_interrupted_in_train_gets_its_removed_teacher_back(project):
+    """A newcomer's finding: Ctrl-C during a retrain's train left
+    models/teacher deleted (DVC removes a stage's outs before it runs it,
+    and dvc.lock's entry is unchanged until it finishes, so the changed
+    stages alone put nothing back) and the feedback dataset changed."""
+    before = {rel: (project / rel).read_bytes() for rel in ("dvc.lock", FEEDBACK, TEACHER / "weights.txt")}
+    kept_teacher = content_hash(file_hashes(project / TEACHER))
+    save_state(project)
+    with open(project / FEEDBACK, "a") as fh:
+        fh.write('{"text": "bad", "label": "negative"}\n')
+    import shutil
+
+    shutil.rmtree(project / TEACHER)                 # train started, then Ctrl-C
+    out = restore_state(project, {"reason": "interrupted: KeyboardInterrupt"}, also_missing=("train",))
+    assert out["teacher"] == kept_teacher
+    for rel, data in before.items():
+        assert (project / rel).read_bytes() == data, rel
+    assert json.loads(dvc(project, "status", "--json")) == {}
+    assert json.loads((project / REJECTED_RETRAINS).read_text())["reason"] == "interrupted: KeyboardInterrupt"
+
+
+def test_without_also_missing_an_interrupted_stages_outs_stay_missing(project):
+    save_state(project)
+    import shutil
+
+    shutil.rmtree(project / TEACHER)
+    restore_state(project, {"reason": "x"})
+    assert not (project / TEACHER).exists()         # what the flow's interruption path passes also_missing for
