@@ -1369,6 +1369,8 @@ def monitor_cmd(ctx: typer.Context,
         return _monitor_ui(s, host, port, debug)
     # Acting, it may re-compress or retrain: DVC stages, the registry.
     adopt_params(s, hold="shrinkflow monitor" if act else None)
+    if act:   # SIGTERM and SIGHUP too unwind like Ctrl-C: a retrain puts the project back (flows/retrain.py)
+        _stop_on_signals()
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
 
