@@ -380,7 +380,23 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
         if type(exc).__module__.startswith("pyarrow"):
             raise DataError(f"{shown}: cannot be read as Parquet: {exc}") from None
         raise
+    for key, col in columns.items():
+        _refuse_structured(df[col], shown, col)
     return pd.DataFrame({key.removesuffix("_column"): _as_strings(df[col]) for key, col in columns.items()})
+
+
+def _refuse_structured(values: pd.Series, shown: str, column: str) -> None:
+    """Raise DataError when a column holds JSON lists or objects (JSON Lines,
+    Parquet): their str() ("['a', 'list']") would be trained on as text (a
+    newcomer's finding). Names how many and the first row (1-based)."""
+    if not pd.api.types.is_object_dtype(values.dtype):
+        return
+    bad = values.map(lambda v: isinstance(v, (list, dict, tuple, np.ndarray))).to_numpy()
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{shown}: column {column!r} holds {int(bad.sum())} value(s) that are a list or an object, "
+                        f"not a text or a label (the first: row {first + 1}, {str(values.iloc[first])[:80]}): "
+                        "write each as one string")
 
 
 # ------------------------------------------------------------------ clean
@@ -577,9 +593,9 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
     if len(labels) < 2:
         raise DataError(f"{shown}: column {source.label_column!r} holds a single class {labels[0]!r} after "
                         "cleaning; a classifier needs at least 2: add rows of the other classes")
-    warnings = tuple(f"labels {', '.join(repr(n) for n in group)} differ only by case; they are kept as separate "
-                     "classes: if they are one class, make them the same in the data"
-                     for group in case_collisions(labels))
+    warnings = tuple(f"labels {', '.join(ascii(n) for n in group)} differ only by case or Unicode form (the same "
+                     "on screen); they are kept as separate classes: if they are one class, make them the same in "
+                     "the data" for group in case_collisions(labels))
     pool = _class_ids(pool, labels, shown, shown)
 
     test = None
@@ -613,6 +629,15 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
         raise DataError(f"{shown}: {len(pool)} row(s) after cleaning are too few to fill the splits: "
                         f"{', '.join(empty)} would be empty; add rows (at least a few per class)")
     check_contract(splits, labels)
+    # A class too small to reach a held-out split is trained on but never
+    # measured: no recall on val or test, and the gates cannot see it lose.
+    for name in ("val", "test"):
+        seen = set(splits[name]["label"].tolist())
+        unseen = [labels[i] for i in range(len(labels)) if i not in seen]
+        if unseen:
+            warnings += (f"{name} holds no row of class(es) {', '.join(repr(n) for n in unseen)}: their recall "
+                         f"cannot be measured there and no gate sees them; add rows of them (or raise "
+                         "data.min_rows_per_class to refuse such a class)",)
 
     shifted = pd.DataFrame({"text": pd.Series([], dtype=object), "label": pd.Series([], dtype="int64")})
     if "shifted" in files:

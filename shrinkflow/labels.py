@@ -46,11 +46,15 @@ def sort_labels(names) -> tuple[str, ...]:
 
 
 def case_collisions(labels) -> list[tuple[str, ...]]:
-    """Groups of label names that differ only by case (``["Billing", "billing"]``),
-    each sorted; empty when there are none. The data stage warns on each."""
+    """Groups of label names that differ only by case (``["Billing", "billing"]``)
+    or by Unicode form (``"facturé"`` composed, NFC, and decomposed, NFD:
+    the same on screen, two strings; compared under NFKC), each sorted;
+    empty when there are none. The data stage warns on each."""
+    import unicodedata
+
     groups: dict[str, list[str]] = {}
     for name in labels:
-        groups.setdefault(str(name).casefold(), []).append(str(name))
+        groups.setdefault(unicodedata.normalize("NFKC", str(name)).casefold(), []).append(str(name))
     return [tuple(sorted(g)) for g in groups.values() if len(g) > 1]
 
 

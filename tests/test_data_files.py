@@ -226,6 +226,37 @@ def test_labels_differing_only_by_case_are_a_warning(tmp_path):
     assert len(prepared.warnings) == 1 and "'Billing', 'billing' differ only by case" in prepared.warnings[0]
 
 
+def test_labels_the_same_on_screen_in_two_unicode_forms_are_a_warning(tmp_path):
+    """A newcomer's finding: "facturé" composed (NFC) and decomposed (NFD)
+    became two classes with no word, where case-only differences warned."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "facturé"), unicodedata.normalize("NFD", "facturé")
+    assert nfc != nfd
+    rows = [(f"text {i}", [nfc, nfd, "outage"][i % 3]) for i in range(60)]
+    source, raw = raw_project(tmp_path, rows)
+    prepared = prepare_files(source, raw, DataParams())
+    assert len(prepared.labels) == 3
+    assert len(prepared.warnings) == 1 and "differ only by case or Unicode form" in prepared.warnings[0]
+    assert ascii(nfc) in prepared.warnings[0] and ascii(nfd) in prepared.warnings[0]   # told apart
+
+
+def test_a_class_with_no_row_in_val_or_test_is_a_warning(tmp_path):
+    """A newcomer's finding: a 1-row class (min_rows_per_class: 1) was
+    deployed with recall None on val and test, and nothing said so."""
+    rows = [(f"text {i}", ["billing", "outage"][i % 2]) for i in range(60)] + [("a lonely ticket", "lonely")]
+    source, raw = raw_project(tmp_path, rows)
+    prepared = prepare_files(source, raw, DataParams(min_rows_per_class=1))
+    assert prepared.labels == ("billing", "lonely", "outage")
+    said = [w for w in prepared.warnings if "holds no row of class(es) 'lonely'" in w]
+    assert {w.split(" ")[0] for w in said} <= {"val", "test"} and len(said) >= 1
+    full = prepare_files(source, raw, DataParams(min_rows_per_class=1)).warnings
+    assert full == prepared.warnings                                # deterministic
+    rows = [(f"text {i}", ["billing", "outage"][i % 2]) for i in range(60)]
+    source, raw = raw_project(tmp_path / "b", rows)
+    assert prepare_files(source, raw, DataParams()).warnings == ()
+
+
 def test_fixed_test_set_confirms_and_training_copies_of_it_are_dropped(tmp_path):
     rows = three_class_rows(20)
     test_rows = three_class_rows(24)[60:]                      # 12 rows the training file lacks
@@ -500,3 +531,19 @@ def test_the_shared_three_class_fixture_is_a_clean_user_file(three_class_csv):
     assert three_class_csv.parent.name == "user" and len(df) == 60
     assert df["label"].value_counts().to_dict() == {"billing": 20, "outage": 20, "feature": 20}
     assert counts == {"empty": 0, "conflicting": 0, "exact_duplicates": 0, "near_duplicates": 0}
+
+
+def test_a_json_list_in_the_text_column_is_refused_not_trained_on(tmp_path):
+    """A newcomer's finding: {"body": ["a", "list"]} in a .jsonl file was
+    read as the text "['a', 'list']", silently."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"text": f"text {i}", "label": ["a", "b"][i % 2]}) for i in range(40)]
+    lines[6] = json.dumps({"text": ["a", "list"], "label": "a"})
+    (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
+    source = FilesSource(path="data/user/tickets.jsonl")
+    with pytest.raises(DataError, match=r"column 'text' holds 1 value\(s\) that are a list or an object.*row 7"):
+        prepare_files(source, raw, DataParams())
+    lines[6] = json.dumps({"text": "a plain text", "label": "a"})
+    (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
+    assert prepare_files(source, raw, DataParams()).labels == ("a", "b")
