@@ -173,6 +173,8 @@ def feedback_class_id(prediction_id: str, label: int | str, stored_labels, label
     names = feedback_names(stored_labels, labels)
     where = f"the labels {names} of the version that answered prediction {prediction_id}"
     if isinstance(label, str):
+        if label not in names and label.strip() in names:
+            label = label.strip()   # the data stage strips label names: " tech support " is "tech support"
         if label not in names:
             raise ValueError(f"unknown label {label!r}: the label must be one of {names} or its index; "
                              f"{label!r} is not one of {where}")

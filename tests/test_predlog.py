@@ -300,6 +300,7 @@ def test_feedback_by_id_where_the_label_names_are_integers_is_refused_as_ambiguo
         log.store_feedback("c", 2, labels=served)
     with pytest.raises(ValueError, match=r"unknown label 'bug'"):
         log.store_feedback("c", "bug", labels=served)
+    assert log.store_feedback("c", " yes\t", labels=served).label == "yes"   # names are stripped, as the data's
     fb = log.window(with_feedback=True)
     assert dict(zip(fb["prediction_id"], fb["feedback_label"])) == {"a": 0, "b": 1, "c": 1}
 
