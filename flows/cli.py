@@ -285,48 +285,19 @@ def _git_params_state(root: Path) -> str:
     return "clean" if not line else ("untracked" if line.startswith("??") else "modified")
 
 
-# The locks a command that changes the project holds until its process ends
-# (hold_project), by lock file; the OS releases one when the process dies,
-# however it dies.
-_HELD: dict = {}
-
-
 def hold_project(s: Session, command: str) -> None:
     """Hold the project for ``command`` (``shrinkflow run``, an acting
     ``shrinkflow monitor``) until this process ends, before anything is
-    changed, --params's copy included: a second such command exits USAGE,
+    changed, --params's copy included (``shrinkflow.projectlock.hold``):
+    a second such command, or a flow a scheduler started, exits USAGE,
     naming the one that holds it, its pid and since when, and changes
-    nothing. (A newcomer's finding: a second ``run --params B`` started
-    14 s after ``run --params A`` copied B over params.yaml at once; A then
-    failed in train on the changed params and B on DVC's lock.) An
-    exclusive ``flock`` on .shrinkflow/project.lock (the ``filelock``
-    package), with .shrinkflow/project.lock.json saying who holds it."""
-    from filelock import FileLock, Timeout
+    nothing."""
+    from shrinkflow.projectlock import ProjectBusy, hold
 
-    from shrinkflow.files import atomic_write_text
-
-    state = s.root / STATE
-    state.mkdir(exist_ok=True)
-    path = (state / "project.lock").resolve()
-    if path in _HELD:   # this process holds it already (a second command run in-process)
-        return
-    lock = FileLock(path, timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
-        try:
-            held = json.loads((state / "project.lock.json").read_text())
-            who = f"`{held['command']}` (pid {held['pid']}, since {held['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            who = "another shrinkflow command"
-        raise _fail(ExitCode.USAGE, f"{who} is changing this project ({s.root}): wait for it to end, then run "
-                                    f"`{command}` again (nothing was started or changed)")
-    _HELD[path] = lock
-    from datetime import datetime, timezone
-
-    atomic_write_text(state / "project.lock.json", json.dumps({
-        "command": command, "pid": os.getpid(),
-        "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+        hold(s.root, command)
+    except ProjectBusy as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
 
 
 def adopt_params(s: Session, hold: str | None = None) -> None:

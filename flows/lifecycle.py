@@ -17,6 +17,7 @@ from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
 from shrinkflow.registry import Registry
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
+from shrinkflow.projectlock import project_lock
 from tasks.dvc import repro_stage_with_retries
 from tasks.monitor import clear_production
 from tasks.publish import publish_report, publish_shared_registry, read_deployment, read_validation
@@ -37,6 +38,11 @@ def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: 
     ``revalidate``: run validate though DVC sees nothing changed (its timing
     was refused on a busy machine: ``max_timing_other_cpu_share``). Returns the
     stages run, the selection and what was deployed."""
+    with project_lock(project_dir, "the shrinkflow-lifecycle flow"):
+        return _lifecycle(project_dir, production_candidate, revalidate)
+
+
+def _lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False) -> dict:
     if not production_candidate:
         clear_production(project_dir)
     # Validated and fingerprinted once; every stage must see the same bytes.

@@ -15,6 +15,7 @@ from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from shrinkflow.tracked_params import load_project_params
+from shrinkflow.projectlock import project_lock
 from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
                            record_retrain)
 from tasks.retrain import window_feedback
@@ -31,6 +32,13 @@ RECORDED_RETRAIN = ("outcome", "deployed_version", "selected", "reason", "feedba
 def monitor(project_dir: str, act: bool = True) -> dict:
     """``project_dir``: the project root; ``act``: run the re-compression flow when the verdict is recompress
     (False: only report what the policy decided)."""
+    if not act:   # reports only: nothing a run changes
+        return _monitor(project_dir, act)
+    with project_lock(project_dir, "the shrinkflow-monitor flow (acting)"):
+        return _monitor(project_dir, act)
+
+
+def _monitor(project_dir: str, act: bool = True) -> dict:
     now = datetime.now(timezone.utc)
     # Validated once for the whole run. A run that may act checks too that
     # params.yaml names every key dvc.yaml tracks, before any report or

@@ -14,6 +14,7 @@ from prefect import flow
 from flows.lifecycle import lifecycle
 from shrinkflow.tracked_params import load_project_params
 from shrinkflow.warmstart import warm_start_summary
+from shrinkflow.projectlock import project_lock
 from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
 from tasks.warmstart import stage_warm_start
 
@@ -23,6 +24,11 @@ def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     """``texts``: the production window; ``trigger``: what asked for it (the
     monitor run, the window's hash and the rules that fired), recorded in
     data/unlabelled/window.json and from there in the new version's lineage."""
+    with project_lock(project_dir, "the shrinkflow-recompress flow"):
+        return _recompress(project_dir, texts, trigger)
+
+
+def _recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     params = load_project_params(project_dir)
     # The model in production competes as a candidate (shrinkflow.recompression).
     production = snapshot_production(project_dir, params.deploy.registry_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.lifecycle import lifecycle
+from shrinkflow.projectlock import project_lock
 from shrinkflow.retrain import teacher_rejection
 from shrinkflow.tracked_params import load_project_params
 from tasks.dvc import repro_stage_with_retries
@@ -33,6 +34,11 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> di
     # Validated once, before anything changes (a params.yaml DVC would refuse
     # leaves the feedback dataset as it was).
     params = load_project_params(project_dir)
+    with project_lock(project_dir, "the shrinkflow-retrain flow"):
+        return _retrain_held(project_dir, pairs, trigger, params)
+
+
+def _retrain_held(project_dir: str, pairs: list[tuple[str, str]], trigger: dict, params) -> dict:
     # A rejected teacher must not stay the kept teacher: what DVC's cache
     # cannot restore is saved before anything changes.
     save_state(project_dir)
