@@ -52,6 +52,7 @@ def test_a_block_is_refused_while_another_process_holds_the_project_and_runs_onc
         pass
 
 
+@pytest.mark.slow  # Prefect's test harness: ~30 s when no other test started it
 def test_the_lifecycle_flow_a_scheduler_starts_is_refused_while_a_run_holds_the_project(held, prefect_api):
     """The CLI's lock alone did not cover a flow run a `shrinkflow schedule`
     or a team worker starts: it met DVC's own lock part way instead."""
