@@ -20,8 +20,9 @@ from shrinkflow.retrain import teacher_rejection
 from shrinkflow.tracked_params import load_project_params
 from tasks.dvc import repro_stage_with_retries
 from shrinkflow.warmstart import warm_start_summary
-from tasks.retrain import (append_feedback, archive_feedback, record_previous_teacher, restore_after_interruption,
-                           restore_state, retrain_outcome, save_state, stage_kept_teacher)
+from tasks.retrain import (append_feedback, archive_feedback, production_version, record_previous_teacher,
+                           restore_after_interruption, restore_state, retrain_outcome, save_state,
+                           stage_kept_teacher)
 from tasks.warmstart import stage_warm_start
 
 
@@ -42,9 +43,15 @@ def _retrain_held(project_dir: str, pairs: list[tuple[str, str]], trigger: dict,
     # A rejected teacher must not stay the kept teacher: what DVC's cache
     # cannot restore is saved before anything changes.
     save_state(project_dir)
+    before = production_version(project_dir, params.deploy.registry_dir)
     try:
         return _retrain(project_dir, pairs, trigger, params)
     except BaseException as exc:
+        now = production_version(project_dir, params.deploy.registry_dir)
+        if now != before:   # it deployed before it failed: the project is that version's, keep it
+            print(f"retrain: {type(exc).__name__} after production moved {before} -> {now}: the project is "
+                  "left as that deploy made it")
+            raise
         # Interrupted (Ctrl-C, SIGTERM) or crashed part way: the project is
         # put back as it was before the retrain, the kept teacher included,
         # then the exception goes on (a newcomer's finding: Ctrl-C during

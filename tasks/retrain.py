@@ -102,3 +102,15 @@ def retrain_outcome(gates: dict | None, deployed_version: str | None, feedback: 
     return _outcome(None if gates is None else GatesReport.model_validate(gates), deployed_version, feedback,
                     None if previous_teacher is None else PreviousTeacher.model_validate(previous_teacher), reason,
                     None if production is None else RecordedProduction.model_validate(production))
+
+
+def production_version(project_dir: str, registry_dir: str) -> str | None:
+    """The version in production now (None: nothing, or no registry). A
+    plain function: the retrain's interruption path reads it too."""
+    from shrinkflow.registry import Registry
+
+    root = Path(project_dir) / registry_dir
+    try:
+        return Registry(root).alias() if root.is_dir() else None
+    except Exception:  # noqa: BLE001 - an unreadable alias: compared as unknown
+        return "unreadable"
