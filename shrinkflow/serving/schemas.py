@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from shrinkflow.status import StatusReport
 
@@ -38,6 +38,21 @@ class FeedbackRequest(BaseModel):
     prediction_id: str = Field(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$",
                                description="The prediction_id /predict answered with.")
     label: int | str = Field(description="A label name, or its class id (index in the served labels).")
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_text(cls, value):
+        """A name must be valid Unicode and not blank, whatever the version
+        that answered: refused before the prediction is looked up."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"label is not valid Unicode (lone surrogate U+{ord(value[exc.start]):04X} at "
+                                 f"character {exc.start})") from None
+            if not value.strip():
+                raise ValueError("label is empty")
+        return value
 
 
 @lru_cache(maxsize=None)
