@@ -23,7 +23,8 @@ Rules (thresholds in params.yaml ``monitor:``), each a *trigger* when it fires:
 Then: no trigger -> ``ok`` (``warn`` if the served model's predictions
 drifted, which alone says nothing about its errors, or if the teacher rules
 could not run: ``DriftSummary.teacher_unavailable``, no kept teacher or not
-the one production was validated against). A trigger -> ``recompress``,
+the one production was validated against). A trigger with the teacher
+unavailable is ``warn`` too: re-compression and retrain need it. A trigger -> ``recompress``,
 except that it is ``warn`` when the window is smaller than
 ``min_window_rows``, when its distinct texts would leave the distillation or
 the held-out part of a re-compression empty (a window of one text repeated),
@@ -258,7 +259,14 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     held = None
     w = summary.window
     retrain = any(f.rule == "teacher_feedback" for f in fired)
-    if w.rows < params.min_window_rows:
+    if summary.teacher_unavailable:
+        # A re-compression distils from the kept teacher and a retrain
+        # starts from it: without the right one, acting would train a new
+        # teacher (DVC re-runs train for a missing one) or compare other
+        # classes (a helper's finding).
+        held = f"the teacher rules did not run, and a re-compression or retrain needs the kept teacher: " \
+               f"{summary.teacher_unavailable}; not acting"
+    elif w.rows < params.min_window_rows:
         held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
     elif not retrain and w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
         held = (f"{_counted(w)[0]} {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "

@@ -164,14 +164,16 @@ def kept_teacher(root: Path, production) -> tuple[Path | None, str | None]:
     or (None, why not) when it is missing, when its label names are not
     production's (its class ids would be compared with other classes':
     production rolled back past a change of the label set), or when
-    dvc.lock pins another teacher than the one production was validated
-    against (its lineage's ``teacher_md5``: a later run trained a new
-    teacher and the gates refused its candidates, or production was rolled
-    back past a retrain). Without dvc.lock or that lineage, the labels alone
-    are checked. (A newcomer's findings: a 3-class teacher judged a 4-class
+    teacher on disk (as DVC hashes it, ``dvcrun.out_md5``; else the one
+    dvc.lock pins) is not the one production was validated against (its
+    lineage's ``teacher_md5``: a later run trained a new teacher and the
+    gates refused its candidates, production was rolled back past a
+    retrain, or a `git checkout` without `dvc checkout` left another
+    teacher on disk). Without that lineage, the labels alone are checked. (A newcomer's findings: a 3-class teacher judged a 4-class
     production at 0.331 agreement, and a refused run's teacher called for a
     retrain.)"""
     from shrinkflow.errors import RegistryError
+    from shrinkflow.dvcrun import out_md5
     from shrinkflow.lineage import dvc_lock_stages, out_hash
     from shrinkflow.paths import TEACHER
     from shrinkflow.status import model_labels
@@ -190,11 +192,26 @@ def kept_teacher(root: Path, production) -> tuple[Path | None, str | None]:
                       f"{list(served)}: its answers cannot be compared (deploy a version of this teacher, or roll "
                       "back to one)")
     validated_md5 = (production.manifest.get("lineage") or {}).get("teacher_md5")
+    if not validated_md5:
+        return teacher, None
     try:
         pinned = out_hash(dvc_lock_stages(Path(root)), "train", str(TEACHER))
-    except Exception:  # noqa: BLE001 - no dvc.lock, or one DVC cannot read: the labels alone are checked
+    except Exception:  # noqa: BLE001 - no dvc.lock, or one DVC cannot read
         pinned = None
-    if validated_md5 and pinned and validated_md5 != pinned:
+    # The teacher on disk as DVC hashes it (dvc.lock may pin one and the
+    # checkout hold another: a `git checkout` without `dvc checkout`).
+    on_disk = out_md5(root, TEACHER)
+    if on_disk is not None and on_disk != validated_md5:
+        if pinned == validated_md5:
+            return None, (f"the teacher on disk ({TEACHER}, md5 {on_disk}) is not the one dvc.lock pins and "
+                          f"production {production.version} was validated against (md5 {validated_md5}): "
+                          f"`dvc checkout {TEACHER}` restores it")
+        return None, (f"the kept teacher ({TEACHER}, md5 {on_disk}) is not the one production "
+                      f"{production.version} was validated against (md5 {validated_md5}): a later run trained it "
+                      "and its candidates were not deployed, or production was rolled back past a retrain "
+                      "(deploy a version of this teacher, or check out the dvc.lock of production's and "
+                      f"`dvc checkout {TEACHER}`)")
+    if on_disk is None and pinned and pinned != validated_md5:
         return None, (f"dvc.lock pins another teacher ({TEACHER}, md5 {pinned}) than production "
                       f"{production.version} was validated against (md5 {validated_md5}): a later run trained it "
                       "and its candidates were not deployed, or production was rolled back past a retrain "

@@ -658,3 +658,24 @@ def dvc_add_and_push(path: Path | str, project_dir: Path | str) -> str:
     if remote[0]:
         out += push([f"{path}.dvc"], project_dir, remote=remote)
     return out
+
+
+def out_md5(project_dir: Path | str, out: Path | str) -> str | None:
+    """The md5 DVC gives the out ``out`` (a file or a directory, relative to
+    the DVC project at ``project_dir``) as it is on disk now: for a
+    directory, DVC's ``<md5>.dir``, the form dvc.lock records. DVC's own
+    hashing (``dvc_data``'s ``build``, its state database caching each
+    file's md5 by inode and mtime: 0.3 s for a 90 MB teacher). None when
+    it cannot be computed (no DVC project, the path missing, DVC failing)."""
+    try:
+        from dvc.repo import Repo
+        from dvc_data.hashfile.build import build
+
+        path = Path(project_dir) / out
+        if not path.exists():
+            return None
+        with Repo(str(project_dir)) as repo:
+            _, _, obj = build(repo.cache.local, str(path), repo.fs, "md5", ignore=repo.dvcignore, state=repo.state)
+        return obj.hash_info.value
+    except Exception:  # noqa: BLE001 - a figure for a check, never a failure of its own
+        return None

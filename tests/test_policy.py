@@ -354,6 +354,12 @@ def test_a_quiet_window_whose_teacher_rules_did_not_run_warns_not_ok(unavailable
     assert (d.reasons[0].startswith("prediction drift")) is label_drift
 
 
-def test_a_fired_rule_still_acts_when_the_teacher_rules_did_not_run():
+def test_a_fired_rule_does_not_act_without_the_kept_teacher():
+    """A helper's finding: with models/teacher missing, text drift said
+    "re-compress from the kept teacher", and DVC then trained a new one."""
     s = summary(drifted=5).model_copy(update={"teacher": None, "teacher_unavailable": "no kept teacher"})
-    assert decide(s, P, [], NOW).action == "recompress"
+    d = decide(s, P, [], NOW)
+    assert d.action == "warn" and d.triggers == ("text_drift",)
+    assert d.reasons[0].startswith("the teacher rules did not run, and a re-compression or retrain needs the kept "
+                                   "teacher: no kept teacher; not acting")
+    assert decide(summary(drifted=5), P, [], NOW).action == "recompress"
