@@ -17,8 +17,8 @@ from shrinkflow.paths import PARAMS
 from shrinkflow.tracked_params import load_project_params
 from shrinkflow.projectlock import project_lock
 from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
-                           record_retrain)
-from tasks.retrain import window_feedback
+                           record_retrain, unmark_interrupted)
+from tasks.retrain import production_version, window_feedback
 
 
 # What decision.json records of a re-compression (its ``recompress`` key).
@@ -65,21 +65,33 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
               f"{ev['error']} (its reports and decision are kept)")
     for n in summary.get("not_computed", []):
         print(f"monitor: not computed on this window: {n['metric']}: {n['reason']}")
-    result = None
-    if decision["action"] == "recompress" and act:
-        meta = {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
-                "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
-                "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
-        texts = read_recompress_corpus(project_dir, params, window)  # monitor.recompress_last_n
-        result = recompress(project_dir, texts, {**meta, "corpus_rows": len(texts)})
-        record_recompress(report_dir, {k: result[k] for k in RECORDED})
-    retrained = None
-    if decision["action"] == "retrain" and act:
-        retrained = retrain(project_dir, window_feedback(window, summary["labels"]),
-                            {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
-                             "monitor_flow_run": run_name, "triggers": decision["triggers"],
-                             "report_dir": report_dir})
-        record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
+    result = retrained = None
+    if decision["action"] in ("recompress", "retrain") and act:
+        before = production_version(project_dir, params.deploy.registry_dir)
+        try:
+            if decision["action"] == "recompress":
+                meta = {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
+                        "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
+                        "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
+                texts = read_recompress_corpus(project_dir, params, window)  # monitor.recompress_last_n
+                result = recompress(project_dir, texts, {**meta, "corpus_rows": len(texts)})
+                record_recompress(report_dir, {k: result[k] for k in RECORDED})
+            else:
+                retrained = retrain(project_dir, window_feedback(window, summary["labels"]),
+                                    {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
+                                     "monitor_flow_run": run_name, "triggers": decision["triggers"],
+                                     "report_dir": report_dir})
+                record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
+        except KeyboardInterrupt:
+            # Stopped by the user (Ctrl-C, SIGTERM, SIGHUP) before it moved
+            # production: the verdict was not acted on, so neither the dedup
+            # nor the cooldown holds the next window back. A crash stays
+            # acted (no loop of failing runs).
+            if production_version(project_dir, params.deploy.registry_dir) == before:
+                unmark_interrupted(project_dir, now)
+                print(f"monitor: the {decision['action']} was interrupted before it moved production: recorded as "
+                      "not acted on (the next window may act)")
+            raise
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
             "retrain": retrained, "evidently": decision.get("evidently")}

@@ -169,9 +169,9 @@ def kept_teacher(root: Path, production) -> tuple[Path | None, str | None]:
     lineage's ``teacher_md5``: a later run trained a new teacher and the
     gates refused its candidates, production was rolled back past a
     retrain, or a `git checkout` without `dvc checkout` left another
-    teacher on disk). Without that lineage, the labels alone are checked. (A newcomer's findings: a 3-class teacher judged a 4-class
-    production at 0.331 agreement, and a refused run's teacher called for a
-    retrain.)"""
+    teacher on disk). Without that lineage, the labels alone are checked.
+    (A newcomer's findings: a 3-class teacher judged a 4-class production
+    at 0.331 agreement, and a refused run's teacher called for a retrain.)"""
     from shrinkflow.errors import RegistryError
     from shrinkflow.dvcrun import out_md5
     from shrinkflow.lineage import dvc_lock_stages, out_hash
@@ -263,6 +263,30 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
     prune(Path(report_dir).parent, params.monitor.keep_reports)
     write_index(Path(report_dir).parent)
     return decision
+
+
+def unmark_acted(state: Path, ts: str) -> bool:
+    """Record the history line of the decision made at ``ts`` as not acted
+    on (``acted: false``): its re-compression or retrain was interrupted
+    and put back, so neither the dedup nor the cooldown should hold the
+    next window back (a helper's finding: Ctrl-C held every re-compression
+    back for cooldown_hours). The file is rewritten atomically. Returns
+    whether a line was changed."""
+    from shrinkflow.files import atomic_write_text
+
+    state = Path(state)
+    if not state.is_file():
+        return False
+    lines, changed = [], False
+    for line in state.read_text().splitlines():
+        if line.strip():
+            past = PastDecision.model_validate_json(line)
+            if past.ts == ts and past.acted:
+                line, changed = past.model_copy(update={"acted": False}).model_dump_json(), True
+        lines.append(line)
+    if changed:
+        atomic_write_text(state, "\n".join(lines) + "\n")
+    return changed
 
 
 def record_recompress(report_dir: Path, outcome: dict) -> dict:

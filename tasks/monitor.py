@@ -4,7 +4,7 @@ library function (monitoring/, shrinkflow/) and returns plain data."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
@@ -189,3 +189,12 @@ def record_retrain(report_dir: str, outcome: dict) -> str:
                              description="what the retrain deployed, the retrained teacher's gates and each "
                                          "candidate's failed gates")
     return md
+
+
+def unmark_interrupted(project_dir: str, now: datetime) -> bool:
+    """The history line of the decision made at ``now`` recorded as not
+    acted on (monitoring.run.unmark_acted). A plain function, not a task:
+    it runs while the flow is being torn down (Ctrl-C)."""
+    from monitoring.run import unmark_acted
+
+    return unmark_acted(Path(project_dir) / MONITOR_STATE, now.astimezone(timezone.utc).isoformat())

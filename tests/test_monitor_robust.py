@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -625,6 +625,38 @@ def test_decide_and_record_records_whether_it_acted(tmp_path, act, acted):
     assert "not computed: embedding_drift: ValueError: one class; quality_report: ValueError: Cannot compute TPR" \
         in index
     assert "<td>not computed / 0.250</td>" in index  # truncated share: window / reference
+
+
+def test_an_interrupted_action_is_recorded_as_not_acted_and_the_next_window_may_act(tmp_path):
+    """A helper's finding: Ctrl-C during a retrain left its verdict recorded
+    as acted, so the dedup and the 24 h cooldown held every later window
+    back though nothing had changed."""
+    from types import SimpleNamespace
+
+    from monitoring.policy import decide
+    from monitoring.run import decide_and_record, load_history
+    from shrinkflow.config import MonitorParams
+    from tasks.monitor import unmark_interrupted
+
+    params = SimpleNamespace(monitor=MonitorParams(min_window_rows=10))
+    root = tmp_path / "project"
+    from shrinkflow.paths import MONITOR_STATE
+
+    state = root / MONITOR_STATE
+    s = degenerate_summary()
+    first = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+    for i, now in enumerate((first - timedelta(hours=48), first)):
+        run = root / "reports" / f"r{i}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps(s.model_dump(mode="json")))
+        decide_and_record(s.model_copy(update={"window": s.window.model_copy(update={"sha256": str(i) * 64})}),
+                          params, run, state, now, f"run-{i}", act=True)
+    later = first + timedelta(hours=1)
+    assert decide(s, params.monitor, load_history(state), later).action == "warn"      # the cooldown holds
+    assert unmark_interrupted(str(root), first) is True
+    assert [h.acted for h in load_history(state)] == [True, False]                      # only that one
+    assert decide(s, params.monitor, load_history(state), later).action == "recompress"
+    assert unmark_interrupted(str(root), first) is False
 
 
 def test_index_reads_summaries_written_before_not_computed_existed(tmp_path):
