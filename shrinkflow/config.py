@@ -1462,6 +1462,26 @@ def _not_plain(raw: object, path: str = "") -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def _null_sections_empty(raw: dict, model: type[BaseModel]) -> dict:
+    """``raw`` with every section left null (``data:`` with nothing under
+    it, or all of it commented out) read as an empty one, whose keys take
+    their defaults, as a section left out does (a helper's finding: "data:
+    Input should be an object (got None)"). A section: a key whose field is
+    itself a params model; a null value for any other key is kept (None is
+    a value there, or an error)."""
+    out = dict(raw)
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        sub = field.annotation
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)) or key not in out:
+            continue
+        if out[key] is None:
+            out[key] = {}
+        elif isinstance(out[key], dict):
+            out[key] = _null_sections_empty(out[key], sub)
+    return out
+
+
 def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
     """Validate a parsed params document. Strictly: a value must already be
     of its field's type as YAML 1.2 reads it (as DVC sees it), never coerced:
@@ -1475,6 +1495,7 @@ def parse_params(raw: object, path: Path | str = "params.yaml") -> Params:
     odd = _not_plain(raw)
     if odd:
         raise ParamsError(path, odd)
+    raw = _null_sections_empty(raw, Params)
     try:
         # Through JSON in strict mode: JSON-strict accepts lists for tuples and
         # ints for floats, and nothing else that Python-lax would coerce.

@@ -159,6 +159,15 @@ class StoredFeedback:
         return cls(replaced, int(class_id), names[class_id] if 0 <= class_id < len(names) else None)
 
 
+class FeedbackLabelError(ValueError):
+    """A feedback label the answering version does not have, or an
+    ambiguous id; ``labels``: that version's names, for the answer."""
+
+    def __init__(self, message: str, labels: Sequence[str]):
+        super().__init__(message)
+        self.labels = list(labels)
+
+
 def feedback_class_id(prediction_id: str, label: int | str, stored_labels, labels: Sequence[str] | None) -> int:
     """The class id ``add_feedback`` stores for ``label``, among the label
     names of the version that answered the prediction: the row's stored
@@ -176,17 +185,18 @@ def feedback_class_id(prediction_id: str, label: int | str, stored_labels, label
         if label not in names and label.strip() in names:
             label = label.strip()   # the data stage strips label names: " tech support " is "tech support"
         if label not in names:
-            raise ValueError(f"unknown label {label!r}: the label must be one of {names} or its index; "
-                             f"{label!r} is not one of {where}")
+            raise FeedbackLabelError(f"unknown label {label!r}: the label must be one of {names} or its index; "
+                                     f"{label!r} is not one of {where}", names)
         return names.index(label)
     if not names:
         return label
     if not 0 <= label < len(names):
-        raise ValueError(f"label index must be in 0..{len(names) - 1} (the labels are {names}): {where}")
+        raise FeedbackLabelError(f"label index must be in 0..{len(names) - 1} (the labels are {names}): {where}",
+                                 names)
     if names != [str(i) for i in range(len(names))] and any(_is_int(n) for n in names):
-        raise ValueError(f"label {label} is ambiguous: {where} are integers, so send the label's name as a string "
-                         f"(\"{label}\" for the class named {label}; {label} would be read as the index of "
-                         f"{names[label]!r})")
+        raise FeedbackLabelError(f"label {label} is ambiguous: {where} are integers, so send the label's name as a "
+                                 f"string (\"{label}\" for the class named {label}; {label} would be read as the "
+                                 f"index of {names[label]!r})", names)
     return label
 
 

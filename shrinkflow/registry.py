@@ -440,8 +440,9 @@ class Registry:
 
 
 def _set_aside_torn_line(path: Path) -> None:
-    """A last line of ``path`` that a crash cut short (no newline after it)
-    is moved to ``<path>.torn`` (appended, kept for inspection) and cut off
+    """A last line of ``path`` that a crash cut short (no newline after it,
+    and not a whole event: one that only lacks its newline gets it) is
+    moved to ``<path>.torn`` (appended, kept for inspection) and cut off
     ``path``, so that the next event starts a line of its own and every
     line of the log stays an event."""
     if not path.is_file():
@@ -451,6 +452,14 @@ def _set_aside_torn_line(path: Path) -> None:
         if not data or data.endswith(b"\n"):
             return
         keep = data.rfind(b"\n") + 1
+        try:   # a whole event that only lacks its newline is kept: it gets the newline
+            HistoryEvent.model_validate_json(data[keep:])
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            return
+        except ValueError:
+            pass
         with open(path.with_name(path.name + ".torn"), "ab") as aside:
             aside.write(data[keep:] + b"\n")
             aside.flush()

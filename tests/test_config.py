@@ -257,3 +257,19 @@ def test_a_number_or_list_key_says_what_is_wrong_with_the_value_not_pydantic_s_m
     raw["compress"]["candidates"][1]["recipe"][0]["warm_start_interpolation"] = value
     found = problems(raw)
     assert found == {f"compress.candidates.1.recipe.0.{key}": message}, found
+
+
+def test_a_null_section_reads_as_an_empty_one(raw):
+    """A helper's finding: `data:` with nothing under it (or all of it
+    commented out) was refused, "data: Input should be an object (got
+    None)", where a section left out takes its defaults."""
+    from shrinkflow.config import DataParams, Gates
+
+    raw["data"] = None
+    raw["validate"]["gates"] = None
+    params = parse_params(raw)
+    assert params.data == DataParams() and params.validate_.gates == Gates()
+    raw["data"] = {"max_rows": None}             # None as a value stays a value
+    assert parse_params(raw).data.max_rows is None
+    raw["train"]["model"] = None                  # not a section of its own: still an error
+    assert "train.model" in " ".join(problems(raw))

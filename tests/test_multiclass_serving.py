@@ -151,6 +151,7 @@ def test_feedback_on_a_prediction_an_earlier_version_answered_uses_that_versions
     assert f.status_code == 422 and "ambiguous" in f.json()["detail"], f.text
     f = post("billing")
     assert f.status_code == 422 and "['1', '2', '3']" in f.json()["detail"], f.text
+    assert f.json()["labels"] == ["1", "2", "3"]     # what this row's client must pick from, not today's
     rows = log_of(project).window(with_feedback=True)
     assert rows[rows["prediction_id"] == pid]["feedback_label"].tolist() == [1]   # "2", unchanged since
 

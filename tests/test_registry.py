@@ -318,6 +318,9 @@ def test_a_history_line_torn_by_a_crash_is_skipped_then_set_aside_and_another_ba
     assert len(events) == 3 and (events[-1].event, events[-1].version) == ("rollback", "v0001")
     assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3   # every line an event
     assert (tmp_path / "reg" / "history.jsonl.torn").read_text() == torn + "\n"
+    path.write_text(path.read_text().rstrip("\n"))       # a whole event that lost only its newline: kept
+    reg.rollback()
+    assert len(reg.history()) == 4 and (tmp_path / "reg" / "history.jsonl.torn").read_text() == torn + "\n"
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     with pytest.raises(RegistryError, match=r"history\.jsonl, line 2: not a history event"):

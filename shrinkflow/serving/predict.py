@@ -110,7 +110,9 @@ async def feedback(req: FeedbackRequest = Depends(feedback_request), holder: Mod
     except KeyError:
         raise ApiError(404, "unknown_prediction", f"no prediction {req.prediction_id!r}") from None
     except ValueError as exc:  # not a label of the version that answered, or an ambiguous id
-        raise ApiError(422, "invalid_request", printable(exc, 300), labels=list(labels)) from None
+        # ``labels``: the answering version's names (FeedbackLabelError), what the client must pick from
+        raise ApiError(422, "invalid_request", printable(exc, 300),
+                       labels=list(getattr(exc, "labels", None) or labels)) from None
     except Exception as exc:  # noqa: BLE001 - every log failure is a 503 with its reason, never a 500
         raise ApiError(503, "log_unavailable", f"the feedback cannot be stored ({printable(exc, 300)})") from None
     return Response(json.dumps({"prediction_id": req.prediction_id,
