@@ -665,8 +665,9 @@ def out_md5(project_dir: Path | str, out: Path | str) -> str | None:
     the DVC project at ``project_dir``) as it is on disk now: for a
     directory, DVC's ``<md5>.dir``, the form dvc.lock records. DVC's own
     hashing (``dvc_data``'s ``build``, its state database caching each
-    file's md5 by inode and mtime: 0.27 s for a tiny test teacher, DVC's
-    import included; a large teacher's files are read once, then cached). None when
+    file's md5 by inode and mtime). On the default 88 MB teacher: 0.18-0.28 s
+    for the first call (DVC's imports and repo), 0.13 s for a copy DVC never
+    hashed, 0.01 s once cached; the same md5 as dvc.lock's. None when
     it cannot be computed (no DVC project, the path missing, DVC failing)."""
     try:
         from dvc.repo import Repo
