@@ -53,7 +53,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
     "status": {ExitCode.OK: "shown (also when nothing is deployed)", ExitCode.USAGE: _USAGE,
                ExitCode.CRASH: "the registry is unusable, or production's files fail their hashes; or "
                                "(serve.registry: shared) the shared registry cannot be used and nothing is cached"},
-    "serve": {ExitCode.OK: "served until stopped by Ctrl-C (SIGTERM: a graceful shutdown, then 143, 128 + SIGTERM)", ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
+    "serve": {ExitCode.OK: "served until stopped by Ctrl-C (SIGTERM: a graceful shutdown, then 143, 128 + SIGTERM)",
+              ExitCode.USAGE: _USAGE + "; or --params with --workers > 1",
               ExitCode.CRASH: "production's files, its labels or the prediction log are unusable; or "
                               "(serve.registry: shared) the shared registry cannot be used and nothing is cached; "
                               "or the port is in use",

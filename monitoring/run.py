@@ -163,7 +163,7 @@ def kept_teacher(root: Path, production) -> tuple[Path | None, str | None]:
     ``production`` (a ``registry.Loaded``) against: (its directory, None),
     or (None, why not) when it is missing, when its label names are not
     production's (its class ids would be compared with other classes':
-    production rolled back past a change of the label set), or when
+    production rolled back past a change of the label set), or when the
     teacher on disk (as DVC hashes it, ``dvcrun.out_md5``; else the one
     dvc.lock pins) is not the one production was validated against (its
     lineage's ``teacher_md5``: a later run trained a new teacher and the
@@ -227,6 +227,12 @@ def load_history(state: Path) -> list[PastDecision]:
     return [PastDecision.model_validate_json(line) for line in Path(state).read_text().splitlines() if line.strip()]
 
 
+def decision_ts(now: datetime) -> str:
+    """How a decision's time is written in its history line and
+    decision.json (``unmark_acted`` finds the line by it)."""
+    return now.astimezone(timezone.utc).isoformat()
+
+
 def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Path, now: datetime,
                       flow_run: str | None = None, act: bool = True, workspace: Path | None = None,
                       task: str = "default") -> Decision:
@@ -247,7 +253,7 @@ def decide_and_record(summary: DriftSummary, params, report_dir: Path, state: Pa
     acted = bool(act and decision.action in ACTING)
     doc = {**decision.model_dump(mode="json"), "triggers": list(decision.triggers), "acted": acted,
            "not_computed": [n.model_dump(mode="json") for n in summary.not_computed], "flow_run": flow_run,
-           "ts": now.astimezone(timezone.utc).isoformat()}
+           "ts": decision_ts(now)}
     if workspace is not None:
         from monitoring.workspace import record_run_safely
 

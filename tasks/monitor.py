@@ -4,7 +4,7 @@ library function (monitoring/, shrinkflow/) and returns plain data."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from prefect import task
@@ -195,6 +195,6 @@ def unmark_interrupted(project_dir: str, now: datetime) -> bool:
     """The history line of the decision made at ``now`` recorded as not
     acted on (monitoring.run.unmark_acted). A plain function, not a task:
     it runs while the flow is being torn down (Ctrl-C)."""
-    from monitoring.run import unmark_acted
+    from monitoring.run import decision_ts, unmark_acted
 
-    return unmark_acted(Path(project_dir) / MONITOR_STATE, now.astimezone(timezone.utc).isoformat())
+    return unmark_acted(Path(project_dir) / MONITOR_STATE, decision_ts(now))

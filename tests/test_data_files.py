@@ -547,3 +547,26 @@ def test_a_json_list_in_the_text_column_is_refused_not_trained_on(tmp_path):
     lines[6] = json.dumps({"text": "a plain text", "label": "a"})
     (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
     assert prepare_files(source, raw, DataParams()).labels == ("a", "b")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("column, value", [("text", ["a", "list"]), ("text", {"an": "object"}), ("text", []),
+                                           ("text", [["nested"]]), ("label", ["a"]), ("label", {"k": 1})])
+def test_a_list_or_an_object_in_either_column_of_either_structured_format_is_refused(tmp_path, fmt, column, value):
+    """The kind, as a table: JSON Lines and Parquet can hold lists and
+    objects in the text or the label column; each is refused, naming the
+    column and the row, where CSV and TSV only ever hold strings."""
+    rows = [{"text": f"text {i}", "label": ["a", "b"][i % 2]} for i in range(40)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    path = raw / f"train.{fmt}"
+    if fmt == "jsonl":   # one row of a file otherwise right
+        rows[3] = {**rows[3], column: value}
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        n, first = 1, 4
+    else:                # Parquet types a column: the whole column is lists or structs
+        pd.DataFrame([{**r, column: value} for r in rows]).to_parquet(path, index=False)
+        n, first = 40, 1
+    with pytest.raises(DataError, match=rf"column '{column}' holds {n} value\(s\) that are a list or an object"
+                                        rf".*row {first}\b"):
+        prepare_files(FilesSource(path=f"data/user/tickets.{fmt}"), raw, DataParams())

@@ -7,6 +7,7 @@ the SQLite ones."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -543,3 +544,25 @@ def test_postgresql_password_from_the_variable_password_env_names(pg_cluster, mo
     log = _pg(via_env).open()
     assert log.count() == 0 and password not in repr(vars(log))
     log.close()
+
+
+@pytest.mark.parametrize("names, label, stored", [
+    (["1", "2", "3"], 1, "ambiguous"), (["1", "2", "3"], "1", 0), (["1", "2", "3"], " 3 ", 2),
+    (["0", "1", "2"], 1, 1), (["0", "1", "2"], "2", 2), (["01", "1"], 0, "ambiguous"),
+    (["-1", "0", "1"], 2, "ambiguous"), (["neg", "pos"], 1, 1), (["neg", "pos"], "pos", 1),
+    (["neg", "pos"], 2, "index must be in 0..1"), (["neg", "pos"], -1, "index must be in 0..1"),
+    (["neg", "pos"], "Pos", "unknown label"), (["neg", "pos"], "", "unknown label"),
+    (["a b", "c"], "a  b", "unknown label"), (["x", "2"], 1, "ambiguous"), (["x", "y"], "1", "unknown label"),
+])
+def test_feedback_labels_of_every_kind_resolve_or_are_refused_naming_the_labels(names, label, stored):
+    """The kind of bad feedback label, as a table: integer-looking names in
+    and out of 0..N-1 order, ids out of range, names up to case and inner
+    whitespace; every refusal is a FeedbackLabelError carrying the names."""
+    from shrinkflow.predlog import FeedbackLabelError, feedback_class_id
+
+    if isinstance(stored, int):
+        assert feedback_class_id("p", label, json.dumps(names), None) == stored
+    else:
+        with pytest.raises(FeedbackLabelError, match=stored) as info:
+            feedback_class_id("p", label, json.dumps(names), None)
+        assert info.value.labels == names
