@@ -904,6 +904,7 @@ def schedule(ctx: typer.Context,
     cron, interval = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
     monitor_cron, monitor_interval = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes,
                                                   "monitor-")
+    wait = m.scheduled_wait_minutes * 60
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -943,13 +944,16 @@ def schedule(ctx: typer.Context,
 
         typer.echo(f"serving deployments shrinkflow-lifecycle/{name} ({when(cron, interval)}) and "
                    f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
-                   f"against {api_url}; Ctrl-C stops")
+                   f"against {api_url}; a run that finds the project held by another writer waits up to "
+                   f"{m.scheduled_wait_minutes:g} min (monitor.scheduled_wait_minutes); Ctrl-C stops")
         watch = ScheduleWatch(api_url, [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"], emit=warn).start()
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
-                lifecycle.to_deployment(name=name, parameters={"project_dir": str(root)},
+                # A scheduled run waits for a writer someone started by
+                # hand (monitor.scheduled_wait_minutes), then fails.
+                lifecycle.to_deployment(name=name, parameters={"project_dir": str(root), "wait_for_project_s": wait},
                                         **deployment_schedule(cron, interval)),
-                monitor.to_deployment(name=name, parameters={"project_dir": str(root)},
+                monitor.to_deployment(name=name, parameters={"project_dir": str(root), "wait_for_project_s": wait},
                                       **deployment_schedule(monitor_cron, monitor_interval)),
                 # One run at a time across both: each may run DVC in this
                 # workspace (a re-compression is a `dvc repro`), and DVC
@@ -1023,7 +1027,8 @@ def team(ctx: typer.Context,
         c, i = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
         mc, mi = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes, "monitor-")
         schedules = Schedules(c, i, mc, mi, from_params=all(
-            v is None for v in (cron, interval, monitor_cron, monitor_interval)))
+            v is None for v in (cron, interval, monitor_cron, monitor_interval)),
+            wait_for_project_s=m.scheduled_wait_minutes * 60)
         adopt_params(s)
         from shrinkflow.pgcluster import PgClusterError
 

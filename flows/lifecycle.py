@@ -28,7 +28,8 @@ BASELINE_STAGES = ("small_direct", "frontier")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False) -> dict:
+def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False,
+              wait_for_project_s: float = 0.0) -> dict:
     """``project_dir``: the project root (absolute; every path is resolved
     against it); ``production_candidate``: keep the production copy a
     re-compression made (data/unlabelled/production), so that validate
@@ -36,9 +37,12 @@ def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: 
     copy is removed first, since the registry may have moved on since it was
     made and only a re-compression compares against production;
     ``revalidate``: run validate though DVC sees nothing changed (its timing
-    was refused on a busy machine: ``max_timing_other_cpu_share``). Returns the
-    stages run, the selection and what was deployed."""
-    with project_lock(project_dir, "the shrinkflow-lifecycle flow"):
+    was refused on a busy machine: ``max_timing_other_cpu_share``);
+    ``wait_for_project_s``: how long to wait for another writer holding the
+    project (a scheduled run: ``monitor.scheduled_wait_minutes``; 0: refused
+    at once, ProjectBusy). Returns the stages run, the selection and what
+    was deployed."""
+    with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s, on_wait=print):
         return _lifecycle(project_dir, production_candidate, revalidate)
 
 

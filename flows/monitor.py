@@ -29,12 +29,15 @@ RECORDED_RETRAIN = ("outcome", "deployed_version", "selected", "reason", "feedba
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
-def monitor(project_dir: str, act: bool = True) -> dict:
+def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0) -> dict:
     """``project_dir``: the project root; ``act``: run the re-compression flow when the verdict is recompress
-    (False: only report what the policy decided)."""
+    (False: only report what the policy decided); ``wait_for_project_s``: how long an acting run waits for
+    another writer holding the project (a scheduled run: ``monitor.scheduled_wait_minutes``; 0: refused at
+    once, ProjectBusy)."""
     if not act:   # reports only: nothing a run changes
         return _monitor(project_dir, act)
-    with project_lock(project_dir, "the shrinkflow-monitor flow (acting)"):
+    with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,
+                      on_wait=print):
         return _monitor(project_dir, act)
 
 

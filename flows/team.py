@@ -94,6 +94,10 @@ class Schedules:
     monitor_cron: Optional[str]
     monitor_interval_s: Optional[int]
     from_params: bool = True  # False when a flag gave one of them
+    # How long each scheduled run waits for another writer holding the
+    # project (monitor.scheduled_wait_minutes, in seconds): the flows'
+    # wait_for_project_s parameter.
+    wait_for_project_s: float = 0.0
 
     def entries(self, flow: str) -> list[dict]:
         """``flow``'s (lifecycle or monitor) ``schedules:`` in prefect.yaml's
@@ -127,8 +131,9 @@ def declared_schedules(prefect_yaml: dict) -> dict[str, list[dict]]:
 
 def render_prefect_yaml(text: str, schedules: Schedules) -> str:
     """prefect.yaml's ``text`` with each deployment's schedules replaced by
-    ``schedules``' (what ``team up`` deploys). Raises KeyError when a
-    deployment is missing."""
+    ``schedules``' and its ``wait_for_project_s`` parameter set from them
+    (what ``team up`` deploys). Raises KeyError when a deployment is
+    missing."""
     import yaml
 
     doc = yaml.safe_load(text)
@@ -136,6 +141,7 @@ def render_prefect_yaml(text: str, schedules: Schedules) -> str:
     for d in doc["deployments"]:
         if d.get("entrypoint") in ENTRYPOINTS:
             d["schedules"] = schedules.entries(ENTRYPOINTS[d["entrypoint"]])
+            d["parameters"] = {**(d.get("parameters") or {}), "wait_for_project_s": schedules.wait_for_project_s}
     return "# Rendered by `shrinkflow team up` from prefect.yaml and the validated schedules; do not edit.\n" + \
         yaml.safe_dump(doc, sort_keys=False)
 

@@ -1180,6 +1180,11 @@ class MonitorParams(_Frozen):
     # The lifecycle every N minutes, instead of lifecycle_cron.
     lifecycle_interval_minutes: Annotated[int, Field(ge=1)] | None = None
     lifecycle_cron: str | None = "0 3 * * 0"                # weekly: new data or params
+    # A scheduled run (`shrinkflow schedule`, `team up`) that finds the
+    # project held by another writer (a `shrinkflow run` someone started)
+    # waits up to this long for it, then fails naming it; 0: fails at once.
+    # A manual command never waits: it is refused at once (exit 2).
+    scheduled_wait_minutes: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
 
     @field_validator("cron", "lifecycle_cron")
     @classmethod

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shrinkflow.bootstrap import OFFLINE_ENV, STAGE_RAN_ENV, configure_env  # noqa: F401  (re-exported)
+from shrinkflow.projectlock import held_fds
 
 # A stage is stopped after this long (seconds; the default teacher trains in
 # well under an hour on 2 cores, a large local teacher in a few). Override
@@ -550,8 +551,10 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     with tempfile.TemporaryDirectory(prefix=f"{MARKER_PREFIX}{os.getpid()}-") as tmp:
         marker = Path(tmp) / "ran"
         env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker)}
+        # pass_fds: DVC shares the project lock this process holds, so a
+        # SIGKILL of this process leaves the project held until DVC ends.
         proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, pass_fds=held_fds())
         timed_out = threading.Event()
 
         def expire() -> None:
@@ -632,7 +635,7 @@ def dvc_command(args: list[str], project_dir: Path | str, timeout_s: float = DVC
     cmd = [sys.executable, "-m", "dvc", *args]
     try:
         proc = subprocess.run(cmd, cwd=project_dir, env=offline_env(project_dir=project_dir),
-                              capture_output=True, text=True, timeout=timeout_s)
+                              capture_output=True, text=True, timeout=timeout_s, pass_fds=held_fds())
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or "") + (exc.stderr or "")
         out = out.decode(errors="replace") if isinstance(out, bytes) else out

@@ -9,7 +9,12 @@ params, B on DVC's lock).
 The lock is an ``flock`` on ``.shrinkflow/project.lock`` (the ``filelock``
 package): the OS releases it when its process ends, however it ends, so a
 killed run never leaves the project locked. ``.shrinkflow/project.lock.json``
-says who holds it. Reentrant within a process (a monitor's re-compression
+says who holds it. The DVC processes a holder starts inherit the lock's
+descriptor (``held_fds``, their ``pass_fds``): a holder killed with
+SIGKILL mid-stage, whose DVC child goes on writing the stage's outs and
+dvc.lock, keeps the project held until that child ends too (a helper's
+finding: the lock was free while the orphaned ``dvc repro`` still wrote).
+Reentrant within a process (a monitor's re-compression
 runs the lifecycle flow in the same process): a holder that holds it
 already goes on. Importing this module does nothing.
 """
@@ -25,8 +30,8 @@ from typing import Iterator
 
 from shrinkflow.paths import STATE
 
-# The locks this process holds, by lock file.
-_HELD: dict[Path, object] = {}
+# The locks this process holds, by lock file: (the lock, its descriptor).
+_HELD: dict[Path, tuple[object, int | None]] = {}
 
 
 class ProjectBusy(RuntimeError):
@@ -39,20 +44,48 @@ def _paths(root: Path | str) -> tuple[Path, Path]:
     return (state / "project.lock").resolve(), state / "project.lock.json"
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
 def holder(root: Path | str) -> str:
     """Who holds the project at ``root``, as the holder recorded it:
     "`shrinkflow run` (pid 123, since 2026-12-05T18:04:10+00:00)", or
-    "another shrinkflow command" when that record cannot be read."""
+    "another shrinkflow command" when that record cannot be read. When
+    that pid no longer runs, says so: a DVC process it started still holds
+    the descriptor (``held_fds``)."""
     try:
         held = json.loads(_paths(root)[1].read_text())
-        return f"`{held['command']}` (pid {held['pid']}, since {held['since']})"
+        who = f"`{held['command']}` (pid {held['pid']}, since {held['since']})"
+        if not _running(int(held["pid"])):
+            who += (", which no longer runs, left a DVC process it started that still holds the project (it ends "
+                    "when its stage does; `ps -ef | grep 'dvc repro'` finds it)")
+        return who
     except (OSError, ValueError, KeyError, TypeError):
         return "another shrinkflow command"
 
 
-def _acquire(root: Path | str, command: str):
+def held_fds() -> tuple[int, ...]:
+    """The descriptors of the project locks this process holds, for the
+    ``pass_fds`` of a child that changes the project (a ``dvc repro``,
+    ``dvc checkout``): the child shares the lock (one open file
+    description; ``flock`` frees it when its last descriptor closes), so
+    it outlives this process if this one is killed. Empty when none is
+    held."""
+    return tuple(fd for _, fd in _HELD.values() if fd is not None)
+
+
+def _acquire(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None):
     """The acquired lock, or None when this process holds it already.
-    Raises ProjectBusy when another process does."""
+    Raises ProjectBusy when another process does and still does after
+    ``wait_s`` seconds (0: at once); ``on_wait(message)`` is called once
+    when the wait starts."""
     from filelock import FileLock, Timeout
 
     from shrinkflow.files import atomic_write_text
@@ -62,13 +95,24 @@ def _acquire(root: Path | str, command: str):
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     # thread_local=False: a flow may run on another thread of this process.
-    lock = FileLock(path, timeout=0, thread_local=False)
+    fds: list[int] = []
+    lock = FileLock(path, timeout=0, thread_local=False, on_acquired=fds.append)
     try:
         lock.acquire()
     except Timeout:
-        raise ProjectBusy(f"{holder(root)} is changing this project ({Path(root)}): wait for it to end, then "
-                          f"start `{command}` again (nothing was started or changed)") from None
-    _HELD[path] = lock
+        first = holder(root)
+        if wait_s <= 0:
+            raise ProjectBusy(f"{first} is changing this project ({Path(root)}): wait for it to end, then "
+                              f"start `{command}` again (nothing was started or changed)") from None
+        if on_wait is not None:
+            on_wait(f"{first} is changing this project ({Path(root)}): `{command}` waits up to {wait_s:.0f} s "
+                    "for it to end")
+        try:
+            lock.acquire(timeout=wait_s, poll_interval=min(1.0, wait_s))
+        except Timeout:
+            raise ProjectBusy(f"{holder(root)} is changing this project ({Path(root)}): `{command}` waited "
+                              f"{wait_s:.0f} s for it and was refused (nothing was started or changed)") from None
+    _HELD[path] = (lock, fds[0] if fds else None)
     atomic_write_text(record, json.dumps({"command": command, "pid": os.getpid(),
                                           "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
     return lock
@@ -81,11 +125,13 @@ def hold(root: Path | str, command: str) -> None:
 
 
 @contextmanager
-def project_lock(root: Path | str, command: str) -> Iterator[None]:
+def project_lock(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None) -> Iterator[None]:
     """Hold the project at ``root`` for ``command`` while the block runs
-    (a flow), unless this process holds it already. Raises ProjectBusy
-    when another process holds it."""
-    lock = _acquire(root, command)
+    (a flow), unless this process holds it already. When another process
+    holds it: wait up to ``wait_s`` seconds for it (a scheduled run:
+    ``monitor.scheduled_wait_minutes``; ``on_wait(message)`` says so once),
+    then raise ProjectBusy; 0 (the default): raise at once."""
+    lock = _acquire(root, command, wait_s, on_wait)
     try:
         yield
     finally:

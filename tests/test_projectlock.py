@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,3 +67,91 @@ def test_the_lifecycle_flow_a_scheduler_starts_is_refused_while_a_run_holds_the_
     with pytest.raises(ProjectBusy, match=f"pid {proc.pid}"):
         lifecycle(project_dir=str(root))
     assert marker.is_dir()                          # nothing touched
+    # a scheduled run (wait_for_project_s: monitor.scheduled_wait_minutes) waits, then is refused
+    from flows.monitor import monitor
+
+    t0 = time.monotonic()
+    with pytest.raises(ProjectBusy, match=rf"pid {proc.pid}, .*`the shrinkflow-monitor flow \(acting\)` waited 2 s"):
+        monitor(project_dir=str(root), wait_for_project_s=2)
+    assert time.monotonic() - t0 >= 2
+
+
+HOLD_AND_REPRO = ("import sys\n"
+                  "from shrinkflow.dvcrun import repro_stage\n"
+                  "from shrinkflow.projectlock import hold\n"
+                  "hold(sys.argv[1], 'shrinkflow run')\n"
+                  "repro_stage('toy', sys.argv[1], echo=lambda line: None)\n")
+
+
+def test_a_writer_that_may_wait_runs_once_the_holder_ends_and_is_refused_after_its_wait(tmp_path):
+    """A scheduled run that met a run someone started by hand failed at
+    once; the next firing was an interval (the lifecycle: a week) away."""
+    root = tmp_path / "project"
+    root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    brief = subprocess.Popen([sys.executable, "-c", HOLD.replace("time.sleep(120)", "time.sleep(2)"), str(root)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    assert brief.stdout.readline().strip() == "held"
+    said, ran = [], []
+    t0 = time.monotonic()
+    with project_lock(root, "the shrinkflow-lifecycle flow", wait_s=60, on_wait=said.append):
+        ran.append(time.monotonic() - t0)           # entered only once the holder had ended (~2 s)
+    assert brief.wait(timeout=30) == 0
+    assert ran[0] >= 1.0
+    assert len(said) == 1 and said[0].startswith(f"`shrinkflow run --params A` (pid {brief.pid}, since ")
+    assert said[0].endswith("`the shrinkflow-lifecycle flow` waits up to 60 s for it to end")
+    long = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert long.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(ProjectBusy, match=rf"pid {long.pid}, .*`the shrinkflow-lifecycle flow` waited 1 s for it "
+                                              r"and was refused \(nothing was started or changed\)"):
+            with project_lock(root, "the shrinkflow-lifecycle flow", wait_s=1):
+                ran.append("entered")
+        assert 1 <= time.monotonic() - t0 < 30 and len(ran) == 1
+    finally:
+        long.kill()
+        long.wait()
+
+
+def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_ends(tmp_path):
+    """A helper's finding: ``kill -9`` of a run freed the lock while its
+    orphaned ``dvc repro`` still wrote the stage's outs and dvc.lock; a
+    second writer started beside it. DVC now shares the lock's descriptor."""
+    import signal
+
+    from tests.test_cli_repro import DVC_YAML, TOY
+
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "toy.py").write_text(TOY)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "in.txt").write_text("sleep\n")      # the stage writes sleeper.pid, then sleeps
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
+                   timeout=120)
+    run = subprocess.Popen([sys.executable, "-c", HOLD_AND_REPRO, str(root)], env=env)
+    sleeper = root / "sleeper.pid"
+    deadline = time.monotonic() + 120
+    while not (sleeper.is_file() and sleeper.read_text()) and time.monotonic() < deadline:
+        assert run.poll() is None, "the holding run ended before its stage started"
+        time.sleep(0.2)
+    stage_pid = int(sleeper.read_text())
+    try:
+        run.kill()                                  # SIGKILL: no cleanup, DVC goes on
+        run.wait()
+        with pytest.raises(ProjectBusy, match=rf"`shrinkflow run` \(pid {run.pid}, since .*\), which no longer "
+                                              r"runs, left a DVC process it started that still holds the project"):
+            with project_lock(root, "shrinkflow run"):
+                pass
+    finally:
+        os.kill(stage_pid, signal.SIGKILL)          # the stage ends; DVC reports it failed and exits
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with project_lock(root, "shrinkflow run"):
+                break
+        except ProjectBusy:
+            assert time.monotonic() < deadline, "the project stayed held after DVC ended"
+            time.sleep(0.2)

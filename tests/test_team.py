@@ -145,7 +145,8 @@ def test_up_puts_prefect_on_postgresql_with_the_params_schedules_and_no_password
     assert [s.schedule.interval for s in mon.schedules] == [datetime.timedelta(seconds=MONITOR_EVERY_S)]
     assert [s.schedule.anchor_date for s in life.schedules + mon.schedules] == [INTERVAL_ANCHOR] * 2
     assert life.work_pool_name == mon.work_pool_name == "shrinkflow"
-    assert life.parameters == {"project_dir": str(project)}
+    # a scheduled run waits monitor.scheduled_wait_minutes (params.yaml: 30) for a writer started by hand
+    assert life.parameters == mon.parameters == {"project_dir": str(project), "wait_for_project_s": 1800.0}
     assert life.job_variables["working_dir"] == str(project)
 
 
@@ -169,8 +170,11 @@ def test_prefect_yaml_declares_params_yamls_schedules_and_prefect_reads_what_tea
                        *_schedule_of(None, None, m.cron, m.interval_minutes, "monitor-"))
     assert declared_schedules(yaml.safe_load(text)) == {f: params.entries(f) for f in ("lifecycle", "monitor")}
 
-    other = Schedules(None, 5, "*/15 * * * *", None, from_params=False)
+    other = Schedules(None, 5, "*/15 * * * *", None, from_params=False, wait_for_project_s=90.0)
     doc = yaml.safe_load(render_prefect_yaml(text, other))
+    # each scheduled run waits up to monitor.scheduled_wait_minutes for a manual writer
+    assert [d["parameters"] for d in doc["deployments"]] == [
+        {"project_dir": "{{ $SHRINKFLOW_PROJECT_DIR }}", "wait_for_project_s": 90.0}] * 2
     PrefectYamlModel.model_validate(doc)
     got = {d["entrypoint"]: [_schedule_config_to_deployment_schedule(e)["schedule"] for e in d["schedules"]]
            for d in doc["deployments"]}
