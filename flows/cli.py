@@ -79,7 +79,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
            ExitCode.CRASH: "the Prefect server could not start or stopped by itself"},
     "simulate-traffic": {ExitCode.OK: "every request got 200",
                          ExitCode.REFUSED: "some requests got another status",
-                         ExitCode.USAGE: _USAGE + "; or an empty shifted pool of the user's task",
+                         ExitCode.USAGE: _USAGE + "; or an empty shifted pool of the user's task; or feedback "
+                                         "asked while the server's version names other classes",
                          ExitCode.CRASH: "the server cannot be reached, or a data file is missing"},
     "window": {ExitCode.OK: "restored", ExitCode.USAGE: _USAGE + "; or no such version",
                ExitCode.CRASH: "the archived window is missing", ExitCode.NOTHING:
@@ -1113,7 +1114,8 @@ def simulate_traffic(
     to /feedback (bearer token from SHRINKFLOW_API_TOKEN when set)."""
     from shrinkflow.errors import DataError
     from shrinkflow.serving import TOKEN_ENV
-    from shrinkflow.traffic import ServerUnreachable, server_url, simulate, traffic_order, traffic_pool
+    from shrinkflow.traffic import (ServedLabelsDiffer, ServerUnreachable, server_url, simulate, traffic_order,
+                                    traffic_pool)
 
     s = _session(ctx)
     root, parsed = s.root, s.params
@@ -1162,10 +1164,14 @@ def simulate_traffic(
     try:
         res = simulate(url, rows["text"].tolist(), [names[int(y)] for y in rows["label"]],
                        feedback_rate=feedback_rate, seed=seed,
-                       concurrency=concurrency, token=os.environ.get(TOKEN_ENV) or None)
+                       concurrency=concurrency, token=os.environ.get(TOKEN_ENV) or None, label_names=list(names))
     except ServerUnreachable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(ExitCode.CRASH)
+    except ServedLabelsDiffer as exc:
+        typer.echo(f"error: {exc} (from {LABELS_JSON}). Nothing was sent: send with --feedback-rate 0, or serve a "
+                   "version of these labels", err=True)
+        raise typer.Exit(ExitCode.USAGE)
 
     def counts(c) -> str:
         return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"

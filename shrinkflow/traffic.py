@@ -164,6 +164,32 @@ class ServerUnreachable(RuntimeError):
     """No shrinkflow server answered at the URL (``str()`` names it)."""
 
 
+class ServedLabelsDiffer(ValueError):
+    """The version the server answers with has other class names than the
+    traffic's labels (a rollback across a change of the label set): its
+    feedback would be stored under the served version's class of that
+    name, which may be another class (``str()`` gives both lists)."""
+
+
+def _served_labels(base: str, headers: dict) -> list[str] | None:
+    """The class names of the version the server at ``base`` answers with
+    (``GET /metadata``: ``deployed.labels``), or None when it does not say (a 401 without the
+    token: every feedback post would get 401 too)."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{base}/metadata", headers=headers, timeout=30)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    try:
+        labels = (r.json().get("deployed") or {}).get("labels")
+    except (ValueError, AttributeError):
+        return None
+    return [str(x) for x in labels] if isinstance(labels, list) else None
+
+
 @dataclass
 class TrafficResult:
     """What ``simulate`` did. Status keys are HTTP codes as strings ("200";
@@ -194,7 +220,7 @@ class TrafficResult:
 
 def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate: float = 0.0, seed: int = 0,
              concurrency: int = 4, token: str | None = None, progress: bool | None = None,
-             timeout_s: float = 60.0) -> TrafficResult:
+             timeout_s: float = 60.0, label_names: list[str] | None = None) -> TrafficResult:
     """Send each of ``texts`` to the shrinkflow server at ``url`` as its own
     ``POST /predict`` (``concurrency`` at a time), then post the true label
     (``labels[i]``, a class index) of ``feedback_choice(answered,
@@ -203,7 +229,10 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
 
     ``token`` is sent as ``Authorization: Bearer``. Raises ServerUnreachable
     when ``GET /health`` gets no answer, or not a 200, before anything is
-    sent. Failed requests are counted, never raised. Progress bars (tqdm) go
+    sent. With ``label_names`` (the names ``labels`` come from) and feedback
+    to post, raises ServedLabelsDiffer before anything is sent when the
+    server's version (``GET /metadata``: its ``labels``) names other
+    classes. Failed requests are counted, never raised. Progress bars (tqdm) go
     to stderr; ``progress`` None: only when stderr is a terminal (redirected
     to a file, a bar's updates would pile up on one line).
     """
@@ -219,6 +248,13 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
     if health.status_code != 200:
         raise ServerUnreachable(f"{base}/health answered {health.status_code}, not 200: is `shrinkflow serve` "
                                 "running at that URL?")
+    if label_names is not None and feedback_rate > 0:
+        served = _served_labels(base, headers)
+        if served is not None and list(served) != list(label_names):
+            raise ServedLabelsDiffer(
+                f"the server answers with {health.json().get('model_version')}, whose classes are {served}, but "
+                f"this traffic's labels are {list(label_names)}: its feedback would be stored as the served "
+                "version's class of the same name, which may be another class")
     result = TrafficResult(sent=len(texts), prediction_ids=[None] * len(texts))
     lock = threading.Lock()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -203,3 +203,27 @@ def test_shifted_traffic_of_a_task_without_shifted_data_exits_2_saying_what_to_s
     proc = simulate(root, "--domain", "shifted", "--n", "5", "--url", "http://127.0.0.1:9")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no shifted data; set data.source.shifted_path" in proc.stderr
+
+
+def test_feedback_is_refused_before_anything_is_sent_when_the_served_version_names_other_classes(server, project):
+    """A helper's finding: after a rollback across a change of the label
+    set, simulate-traffic posted today's names (data/prepared/labels.json),
+    which the answering version stored as its own class of that name."""
+    from shrinkflow.paths import LABELS_JSON
+
+    labels = project / LABELS_JSON
+    assert not labels.exists()          # the built-in task: the served version's two names
+    labels.write_text('{"labels": ["positive", "negative"]}\n')   # the same names, other classes
+    try:
+        before = logged_ids(project)
+        proc = simulate(project, "--domain", "shifted", "--n", "5", "--feedback-rate", "1", "--url", server.url)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "whose classes are ['negative', 'positive'], but this traffic's labels are ['positive', " \
+               "'negative']" in proc.stderr and "Nothing was sent" in proc.stderr
+        assert len(new_rows(project, before)) == 0
+        # predictions alone carry no label: sent
+        proc = simulate(project, "--domain", "shifted", "--n", "5", "--url", server.url)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert len(new_rows(project, before)) == 5
+    finally:
+        labels.unlink()
