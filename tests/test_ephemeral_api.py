@@ -126,3 +126,55 @@ def test_a_stage_gets_this_processs_ui_address_or_none():
                                                                "PREFECT_UI_URL": ""}
     with temporary_settings(updates={PREFECT_UI_URL: "http://127.0.0.1:4200"}):   # a real server's UI
         assert stage_prefect_env("http://127.0.0.1:4200/api")["PREFECT_UI_URL"] == "http://127.0.0.1:4200"
+
+
+def _tied_server(run: subprocess.Popen, timeout_s: float = 120.0):
+    """The temporary Prefect server ``run`` started, once it has: the child
+    running it under flows.prefect_server's parent watchdog."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before its temporary server started"
+        for child in psutil.Process(run.pid).children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if "flows.prefect_server" in cmd and "prefect.server.api.server:create_app" in cmd:
+                return child
+        time.sleep(0.2)
+    raise AssertionError("no temporary Prefect server was started")
+
+
+@pytest.mark.slow  # two Prefect server starts: ~40 s
+def test_a_run_stopped_by_sigterm_or_killed_leaves_no_prefect_server_behind(tmp_path):
+    """A helper's finding: `shrinkflow run` let Prefect's client start its
+    own temporary server, untied to the CLI; SIGTERM (timeout, systemd,
+    docker stop) or SIGKILL left it running, orphaned, ~230 MB each."""
+    import signal
+
+    import psutil
+
+    from tests.e2e import copy_project
+
+    project = copy_project(tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(PROJECT_ROOT)})
+    for sig, code in ((signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)):
+        run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=project, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            server = _tied_server(run)
+            run.send_signal(sig)
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == code, err[-3000:]
+            try:
+                server.wait(timeout=60)     # SIGTERM: stopped on the way out; SIGKILL: by its watchdog
+            except psutil.TimeoutExpired:
+                server.kill()
+                raise AssertionError(f"the temporary Prefect server outlived the run ({sig.name})") from None
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
