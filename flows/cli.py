@@ -67,7 +67,8 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                                    "production"},
     "versions": {ExitCode.OK: "listed (also when there are none)", ExitCode.USAGE: _USAGE, ExitCode.CRASH: _CRASH},
     "schedule": {ExitCode.OK: "stopped by Ctrl-C or SIGTERM",
-                 ExitCode.USAGE: _USAGE + "; or a cron with no next run, or both --cron and --interval" + _ADOPT,
+                 ExitCode.USAGE: _USAGE + "; or another `shrinkflow schedule` serves this project; or a cron with no "
+                                  "next run, or both --cron and --interval" + _ADOPT,
                  ExitCode.CRASH: "the Prefect server or the runner failed"},
     "team": {ExitCode.OK: "up: the stack runs (its UI's address is printed); down: none of it runs (also when "
                           "none did); status: every piece runs; env: printed",
@@ -915,6 +916,12 @@ def schedule(ctx: typer.Context,
     monitor_cron, monitor_interval = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes,
                                                   "monitor-")
     wait = m.scheduled_wait_minutes * 60
+    from shrinkflow.projectlock import ProjectBusy, hold_scheduler
+
+    try:   # one `schedule` per project, before --params is copied
+        hold_scheduler(root)
+    except ProjectBusy as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -1454,7 +1461,8 @@ def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None
     monitoring workspace, on ``host``, until Ctrl-C or SIGTERM."""
 
     from flows.evidently_ui import EvidentlyUI
-    from monitoring.workspace import UI_PORT, WORKSPACE, find_project, project_name, task_name
+    from monitoring.workspace import (UI_PORT, WORKSPACE, find_project, project_name, task_name,
+                                      unreadable_workspace_files)
     from shrinkflow.ports import port_is_free
 
     _stop_on_signals()
@@ -1463,6 +1471,18 @@ def _monitor_ui(s: Session, host: str, port: Optional[int], debug: bool) -> None
         if port == 0:
             typer.echo(f"note: port {UI_PORT} is taken, so a free port is used: the reports index's snapshot "
                        f"links (port {UI_PORT}) will not reach this UI")
+    elif port and not port_is_free(host, port):
+        # Checked first: the UI's health check would otherwise be answered
+        # by whatever holds the port, and this command announce a UI that
+        # then dies (a helper's finding).
+        raise _fail(ExitCode.CRASH, f"cannot serve the Evidently UI: {host}:{port} is already in use (another "
+                                    "`shrinkflow monitor ui`? leave out --port to take a free one)")
+    unreadable = unreadable_workspace_files(s.root / WORKSPACE)
+    if unreadable:
+        raise _fail(ExitCode.CRASH, f"the monitoring workspace has files Evidently cannot read: "
+                                    f"{'; '.join(unreadable)}. Move the workspace aside (`mv {WORKSPACE} "
+                                    f"{WORKSPACE}.bad`): the next `shrinkflow monitor` starts a new one "
+                                    "(its reports and the index are kept)")
     ui = EvidentlyUI(s.root / WORKSPACE, s.root / STATE / "evidently-ui.log", host=host, port=port)
     try:
         typer.echo(f"starting Evidently's UI on the monitoring workspace ({WORKSPACE}/, log {ui.log_path}) ...")

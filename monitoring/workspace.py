@@ -270,6 +270,33 @@ def record_run_safely(workspace: Path, task: str, summary: DriftSummary, decisio
         return WorkspaceRun(workspace=str(workspace), project=project_name(task), error=error)
 
 
+def unreadable_workspace_files(workspace: Path) -> list[str]:
+    """Each project file of the Evidently workspace at ``workspace``
+    (``<project id>/metadata.json`` and ``dashboard.json``, which Evidently's
+    UI reads when it starts) that is not a JSON object, as "PATH (why)".
+    Empty when all are readable or there is no workspace. Evidently's own
+    error names no file: a bare JSONDecodeError (a helper's finding)."""
+    import json
+
+    bad = []
+    root = Path(workspace)
+    if not root.is_dir():
+        return bad
+    for project in sorted(p for p in root.iterdir() if p.is_dir()):
+        for name in ("metadata.json", "dashboard.json"):
+            path = project / name
+            if not path.exists():
+                continue
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                bad.append(f"{path} ({type(exc).__name__}: {exc})")
+                continue
+            if not isinstance(doc, dict):
+                bad.append(f"{path} (a JSON {type(doc).__name__}, not an object)")
+    return bad
+
+
 def find_project(workspace: Path, task: str) -> str | None:
     """The id of the task's project in the workspace at ``workspace``, None
     when no run has been recorded there (no workspace, or no such project)."""

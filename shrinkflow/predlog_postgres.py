@@ -130,8 +130,16 @@ class PostgresPredictionLog:
 
         reason = " ".join(str(exc).split()) or type(exc).__name__
         unavailable = isinstance(exc, psycopg.OperationalError)
-        if getattr(exc, "sqlstate", None) == "55P03":
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate == "55P03":
             reason += f" (another connection holds the lock; waited {self.timeout_s:g} s)"
+        elif unavailable and (sqlstate.startswith("28") or "password" in reason.lower()
+                              or "authentication" in reason.lower()):
+            # 28xxx: invalid authorization; "fe_sendauth: no password
+            # supplied" is libpq's own, with no SQLSTATE
+            reason += (" (the database refused the credentials: give the password in this process's environment, "
+                       "PGPASSWORD or a PGPASSFILE, or the variable the URL's password_env names; a Prefect worker "
+                       "passes its own environment to every flow run: docs/serving.md)")
         elif unavailable:
             reason += " (the database is down or unreachable)"
         return PredictionLogError(f"cannot {what} in the prediction log {self.url}: {reason}", cause=exc,

@@ -44,6 +44,13 @@ def _paths(root: Path | str) -> tuple[Path, Path]:
     return (state / "project.lock").resolve(), state / "project.lock.json"
 
 
+def said(command: str) -> str:
+    """``command`` as a message names it: a command a user types in
+    backticks ("`shrinkflow run`"), a flow as it is ("the
+    shrinkflow-lifecycle flow")."""
+    return f"`{command}`" if command.startswith("shrinkflow ") else command
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,7 +69,7 @@ def holder(root: Path | str) -> str:
     the descriptor (``held_fds``)."""
     try:
         held = json.loads(_paths(root)[1].read_text())
-        who = f"`{held['command']}` (pid {held['pid']}, since {held['since']})"
+        who = f"{said(held['command'])} (pid {held['pid']}, since {held['since']})"
         if not _running(int(held["pid"])):
             who += (", which no longer runs, left a DVC process it started that still holds the project (it ends "
                     "when its stage does; `ps -ef | grep 'dvc repro'` finds it)")
@@ -103,14 +110,14 @@ def _acquire(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None):
         first = holder(root)
         if wait_s <= 0:
             raise ProjectBusy(f"{first} is changing this project ({Path(root)}): wait for it to end, then "
-                              f"start `{command}` again (nothing was started or changed)") from None
+                              f"start {said(command)} again (nothing was started or changed)") from None
         if on_wait is not None:
-            on_wait(f"{first} is changing this project ({Path(root)}): `{command}` waits up to {wait_s:.0f} s "
+            on_wait(f"{first} is changing this project ({Path(root)}): {said(command)} waits up to {wait_s:.0f} s "
                     "for it to end")
         try:
             lock.acquire(timeout=wait_s, poll_interval=min(1.0, wait_s))
         except Timeout:
-            raise ProjectBusy(f"{holder(root)} is changing this project ({Path(root)}): `{command}` waited "
+            raise ProjectBusy(f"{holder(root)} is changing this project ({Path(root)}): {said(command)} waited "
                               f"{wait_s:.0f} s for it and was refused (nothing was started or changed)") from None
     _HELD[path] = (lock, fds[0] if fds else None)
     atomic_write_text(record, json.dumps({"command": command, "pid": os.getpid(),
@@ -122,6 +129,43 @@ def hold(root: Path | str, command: str) -> None:
     """Hold the project at ``root`` for ``command`` until this process ends
     (a CLI command). Raises ProjectBusy when another process holds it."""
     _acquire(root, command)
+
+
+# `shrinkflow schedule`'s own lock, held until the process ends.
+_SCHEDULER: list[object] = []
+
+
+def hold_scheduler(root: Path | str) -> None:
+    """One ``shrinkflow schedule`` per project (a second one started two
+    Prefect servers on the same ``.prefect/`` state, each running its share
+    of the runs, so "one run at a time" no longer held: a helper's
+    finding): an ``flock`` on ``.shrinkflow/schedule.lock`` held until this
+    process ends (a separate lock: the project lock is held only while a
+    run changes the project). Raises ProjectBusy naming the other one."""
+    from filelock import FileLock, Timeout
+
+    from shrinkflow.files import atomic_write_text
+
+    state = Path(root) / STATE
+    path, record = (state / "schedule.lock").resolve(), state / "schedule.lock.json"
+    if _SCHEDULER:
+        return
+    state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            held = json.loads(record.read_text())
+            who = f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another `shrinkflow schedule`"
+        raise ProjectBusy(f"{who} already serves this project's schedules ({Path(root)}): a second one would run "
+                          "them twice, on two Prefect servers; stop that one first (Ctrl-C in its terminal, or "
+                          "SIGTERM). Nothing was started") from None
+    _SCHEDULER.append(lock)
+    atomic_write_text(record, json.dumps({"pid": os.getpid(),
+                                          "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
 
 
 @contextmanager

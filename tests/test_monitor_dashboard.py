@@ -229,3 +229,41 @@ def test_shrinkflow_monitor_adds_its_run_to_the_projects_workspace(cli_project, 
     pid = find_project(cli_project / WORKSPACE, project_task(cli_project))
     assert doc["project_id"] == pid and doc["error"] is None
     assert [str(s) for s in Workspace(str(cli_project / WORKSPACE)).list_runs(pid)] == [doc["snapshot_id"]]
+
+
+def test_monitor_ui_refuses_a_taken_port_and_an_unreadable_workspace_before_announcing_a_ui(tmp_path):
+    """A helper's findings: `monitor ui --port P` with P taken printed
+    "Evidently UI: http://...:P" (the other UI answered its health check),
+    then died with exit 3, the cause only in a shared log; a corrupt project
+    file died with a bare JSONDecodeError naming no file."""
+    import socket
+
+    from monitoring.workspace import WORKSPACE, unreadable_workspace_files
+
+    root = bare_project(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+
+    def ui(port: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "monitor", "ui", "--port", str(port)], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = ui(port)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"127.0.0.1:{port} is already in use" in proc.stderr
+    assert "Evidently UI:" not in proc.stdout
+    project = root / WORKSPACE / "01a24734-4f53-760e-96c7-8b840007e79d"
+    project.mkdir(parents=True)
+    (project / "metadata.json").write_text("{garbage")
+    (project / "dashboard.json").write_text("[]")
+    assert [p.split(" (")[0] for p in unreadable_workspace_files(root / WORKSPACE)] == [
+        str(project / "metadata.json"), str(project / "dashboard.json")]
+    proc = ui(free_port())
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"{project / 'metadata.json'} (JSONDecodeError" in proc.stderr
+    assert f"{project / 'dashboard.json'} (a JSON list, not an object)" in proc.stderr
+    assert f"mv {WORKSPACE} {WORKSPACE}.bad" in proc.stderr and "Evidently UI:" not in proc.stdout

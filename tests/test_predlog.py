@@ -536,6 +536,12 @@ def test_postgresql_password_from_the_variable_password_env_names(pg_cluster, mo
     with pytest.raises(PredictionLogError, match="password") as err:
         _pg(url).open()
     assert err.value.unavailable is True
+    # said as what it is, not "down or unreachable" (a helper's finding)
+    assert "the database refused the credentials" in str(err.value) and "down or unreachable" not in str(err.value)
+    monkeypatch.setenv("PGPASSWORD", "wrong")               # the server's own refusal, SQLSTATE 28P01
+    with pytest.raises(PredictionLogError, match="the database refused the credentials"):
+        _pg(url).open()
+    monkeypatch.delenv("PGPASSWORD")
     via_env = f"{url}&password_env=SHRINKFLOW_TEST_LOG_PASSWORD"
     monkeypatch.delenv("SHRINKFLOW_TEST_LOG_PASSWORD", raising=False)
     with pytest.raises(PredictionLogError, match="SHRINKFLOW_TEST_LOG_PASSWORD that its password_env names is not set"):

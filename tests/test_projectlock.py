@@ -47,7 +47,7 @@ def test_a_block_is_refused_while_another_process_holds_the_project_and_runs_onc
     with project_lock(root, "the shrinkflow-lifecycle flow"):
         with project_lock(root, "the shrinkflow-recompress flow"):   # reentrant in one process
             ran.append(2)
-        assert holder(root).startswith("`the shrinkflow-lifecycle flow`")
+        assert holder(root).startswith("the shrinkflow-lifecycle flow (pid ")
     assert ran == [2]
     with project_lock(root, "again"):               # released at the end of the block
         pass
@@ -71,7 +71,7 @@ def test_the_lifecycle_flow_a_scheduler_starts_is_refused_while_a_run_holds_the_
     from flows.monitor import monitor
 
     t0 = time.monotonic()
-    with pytest.raises(ProjectBusy, match=rf"pid {proc.pid}, .*`the shrinkflow-monitor flow \(acting\)` waited 2 s"):
+    with pytest.raises(ProjectBusy, match=rf"pid {proc.pid}, .*: the shrinkflow-monitor flow \(acting\) waited 2 s"):
         monitor(project_dir=str(root), wait_for_project_s=2)
     assert time.monotonic() - t0 >= 2
 
@@ -99,12 +99,12 @@ def test_a_writer_that_may_wait_runs_once_the_holder_ends_and_is_refused_after_i
     assert brief.wait(timeout=30) == 0
     assert ran[0] >= 1.0
     assert len(said) == 1 and said[0].startswith(f"`shrinkflow run --params A` (pid {brief.pid}, since ")
-    assert said[0].endswith("`the shrinkflow-lifecycle flow` waits up to 60 s for it to end")
+    assert said[0].endswith("): the shrinkflow-lifecycle flow waits up to 60 s for it to end")
     long = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert long.stdout.readline().strip() == "held"
         t0 = time.monotonic()
-        with pytest.raises(ProjectBusy, match=rf"pid {long.pid}, .*`the shrinkflow-lifecycle flow` waited 1 s for it "
+        with pytest.raises(ProjectBusy, match=rf"pid {long.pid}, .*: the shrinkflow-lifecycle flow waited 1 s for it "
                                               r"and was refused \(nothing was started or changed\)"):
             with project_lock(root, "the shrinkflow-lifecycle flow", wait_s=1):
                 ran.append("entered")

@@ -157,6 +157,14 @@ def test_schedule_echoes_the_local_servers_scheduler_errors(tmp_path):
         line = wait_for(lambda: next((x for x in out if x.startswith("serving deployments")), None), "serving")
         api_url = re.search(r"against (http://\S+/api);", line).group(1)
         assert "cron '0 3 * * 0', next run " in line
+        assert "waits up to 30 min (monitor.scheduled_wait_minutes)" in line
+        # a second `schedule` of the same project is refused before it starts anything (a helper's finding:
+        # two Prefect servers on one .prefect/ state, each running its share of the runs)
+        second = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--monitor-interval", "86400"],
+                                cwd=root, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"`shrinkflow schedule` (pid {proc.pid}, since " in second.stderr
+        assert "already serves this project's schedules" in second.stderr and "Prefect UI" not in second.stdout
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
             wait_for(lambda: any(d.name == "scheduled" for d in client.read_deployments()), "deployment")
             flow_id = client.create_flow_from_name("elsewhere")
