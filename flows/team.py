@@ -694,6 +694,13 @@ class TeamStack:
         if deployed and self._state().get("deployed") == recipe:
             self.emit(f"deployments: unchanged since the last up ({schedules.describe()})")
             return
+        last = self._state().get("schedules_from_flags")
+        if schedules.from_params and last:
+            # A recovery `up` (as `team status` advises) took params.yaml's
+            # schedules over the flags the last `up` was given (a helper's
+            # finding): said, so that it is not silent.
+            self.emit(f"note: the last up deployed the schedules its flags gave ({last}); this up deploys "
+                      f"params.yaml's ({schedules.describe()}): give the flags again to keep theirs")
         self.rendered_prefect_yaml.write_text(rendered, encoding="utf-8")
         env = {**self._child_env(api_url), **variables}
         self.deploy_log.parent.mkdir(parents=True, exist_ok=True)
@@ -707,7 +714,7 @@ class TeamStack:
         if proc.returncode != 0:
             raise TeamError(f"`prefect deploy --all` failed (exit {proc.returncode}); log {self.deploy_log}:\n"
                             f"{(proc.stdout + proc.stderr)[-3000:]}")
-        self._save(deployed=recipe)
+        self._save(deployed=recipe, schedules_from_flags=None if schedules.from_params else schedules.describe())
         self.emit(f"deployed prefect.yaml to pool {self.pool!r}: {schedules.describe()}")
 
     def _launch_worker(self, api_url: str) -> tuple[float, int]:

@@ -379,6 +379,12 @@ def test_a_killed_worker_leaves_no_run_running_and_the_stack_comes_back_on_its_d
     with client_for(api) as c:
         assert c.read_flow_run(run.id).state_type.value == "CRASHED"
         assert c.read_flow_run(mon.id).state_type.value == "COMPLETED"
+    # A recovery `up` without the flags deploys params.yaml's schedules, and says so (a helper's finding: it
+    # silently replaced the schedules the flags had given)
+    code, out = team(project, "up")
+    assert code == 0, out
+    assert f"note: the last up deployed the schedules its flags gave (shrinkflow-lifecycle/team every " \
+           f"{LIFECYCLE_EVERY_S} s" in out and "this up deploys params.yaml's" in out, out
 
 
 def test_a_schedule_that_cannot_run_starts_nothing_and_env_prints_what_prefect_yaml_reads(tmp_path):
