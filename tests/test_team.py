@@ -169,6 +169,9 @@ def test_prefect_yaml_declares_params_yamls_schedules_and_prefect_reads_what_tea
     params = Schedules(*_schedule_of(None, None, m.lifecycle_cron, m.lifecycle_interval_minutes, ""),
                        *_schedule_of(None, None, m.cron, m.interval_minutes, "monitor-"))
     assert declared_schedules(yaml.safe_load(text)) == {f: params.entries(f) for f in ("lifecycle", "monitor")}
+    # and its wait for a manual writer, as a bare `prefect deploy --all` deploys it
+    assert [d["parameters"]["wait_for_project_s"] for d in yaml.safe_load(text)["deployments"]] == \
+        [m.scheduled_wait_minutes * 60] * 2
 
     other = Schedules(None, 5, "*/15 * * * *", None, from_params=False, wait_for_project_s=90.0)
     doc = yaml.safe_load(render_prefect_yaml(text, other))
