@@ -254,9 +254,30 @@ def _not_a_server_stop(record) -> bool:
     return not record.getMessage().startswith("Stopping temporary server on ")
 
 
-def _crash(exc: BaseException, what: str, debug: bool, message: str | None = None) -> typer.Exit:
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is an interrupt in disguise: a stop signal arrived
+    (``_stop_on_signals``), or a KeyboardInterrupt raised inside library
+    code came back wrapped (pydantic's serializer turned one into
+    "PydanticSerializationError: ... KeyboardInterrupt", which read as a
+    crash, exit 3, instead of 130)."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return bool(_SIGNALLED)
+
+
+def _crash(exc: BaseException, what: str, debug: bool, message: str | None = None) -> BaseException:
     """Print a crash (``message``, default ``crash_message``) and, with
-    ``--debug``, its traceback; returns the Exit(CRASH) to raise."""
+    ``--debug``, its traceback; returns the Exit(CRASH) to raise, or a
+    KeyboardInterrupt (exit INTERRUPTED) when ``exc`` is an interrupt in
+    disguise (``_interrupted``)."""
+    if _interrupted(exc):
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        return KeyboardInterrupt()
     # The closing error line stays the last line: the temporary server's stop is not logged after it
     # (its logger is "prefect" itself; a filter there sees nothing its children log).
     import logging
@@ -428,12 +449,17 @@ def _earlier_copy(record: Path, current: bytes) -> Path | None:
     return None
 
 
+# The stop signals this process received (``_stop_on_signals``).
+_SIGNALLED: list[int] = []
+
+
 def _stop_on_signals() -> None:
     """SIGTERM and SIGHUP stop like Ctrl-C (KeyboardInterrupt), so every
     ``finally`` runs: the runner first, then the server."""
     import signal
 
     def _stop(signum, frame):
+        _SIGNALLED.append(signum)
         raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -495,3 +495,28 @@ def test_an_earlier_params_file_made_invalid_since_does_not_block_the_next(repo,
     adopt_params(session(repo, second))
     assert (repo / "params.yaml").read_bytes() == second.read_bytes()
     assert (repo / ".shrinkflow" / "params.previous.yaml").read_bytes() == copy   # A's copy kept aside
+
+
+def test_an_interrupt_wrapped_by_library_code_exits_as_an_interrupt_not_a_crash():
+    """Seen in the suite: SIGTERM (raised as KeyboardInterrupt) landed inside
+    pydantic's serializer, which re-raised it as PydanticSerializationError
+    "... KeyboardInterrupt: "; `run` said "could not run" and exited 3."""
+    from flows.cli import _SIGNALLED, _crash, _interrupted
+
+    assert not _SIGNALLED
+    wrapped = RuntimeError("Error calling function `_ser_model`: KeyboardInterrupt: ")
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("a task failed")
+    except ValueError as exc:
+        chained = exc
+    assert _interrupted(wrapped) and _interrupted(chained)
+    assert not _interrupted(RuntimeError("DVC could not reproduce stage 'data'"))
+    assert isinstance(_crash(wrapped, "the lifecycle", debug=False), KeyboardInterrupt)
+    _SIGNALLED.append(15)                  # a stop signal arrived: whatever broke after it is the interrupt
+    try:
+        assert _interrupted(RuntimeError("connection reset"))
+    finally:
+        _SIGNALLED.clear()
