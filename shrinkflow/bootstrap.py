@@ -13,6 +13,7 @@ Import-light on purpose: every DVC stage depends on this file.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,6 +56,66 @@ def configure_env(project_dir: Path | str, environ: dict | None = None) -> dict:
     # Ephemeral Prefect starts a local API per process: slow on a loaded 2-core box.
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return env
+
+
+# The pid (and start time, in clock ticks since boot) of the shrinkflow
+# process whose repro_stage started this stage's DVC: "PID:START".
+STAGE_OWNER_ENV = "SHRINKFLOW_STAGE_OWNER"
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A process's start time (``/proc/PID/stat`` field 22), None when it
+    is gone: with the pid it names one process, whatever reuses the pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``STAGE_OWNER_ENV``'s value for process ``pid`` (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_ticks(pid)}"
+
+
+def stop_with_owner(stage: str, environ: dict | None = None, poll_s: float = 1.0) -> bool:
+    """Under ``repro_stage`` (``STAGE_OWNER_ENV`` set), watch on a daemon
+    thread the shrinkflow process that started the stage's DVC, and end
+    this stage process (exit 143) within ``poll_s`` of that process ending,
+    however it ended: no stage outlives its run. A helper's finding: a
+    SIGTERM to the whole process group (``timeout``, systemd) killed DVC at
+    once while the stage, whose Prefect flow catches SIGTERM, went on
+    writing after the run had released the project lock; after a
+    ``kill -9`` of the run, DVC died at its next output line (a pipe to the
+    dead run) and left the stage behind. Outputs are written atomically, so
+    a stage ended here leaves none half-written, and DVC, gone, records
+    nothing: the next run runs the stage again. Returns whether it watches."""
+    import threading
+    import time
+
+    token = (os.environ if environ is None else environ).get(STAGE_OWNER_ENV, "")
+    pid_text, _, ticks = token.partition(":")
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+
+    def watch() -> None:
+        while str(_start_ticks(pid)) == ticks:
+            time.sleep(poll_s)
+        try:
+            print(f"{stage}: stopped: the shrinkflow process that started it (pid {pid}) has ended",
+                  file=sys.stderr, flush=True)
+        except BaseException:  # noqa: BLE001 - DVC gone, the pipe is broken: end the stage all the same
+            pass
+        finally:
+            os._exit(143)
+
+    threading.Thread(target=watch, name="stage-owner-watchdog", daemon=True).start()
+    return True
 
 
 def mark_stage_ran(stage: str, environ: dict | None = None) -> None:

@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shrinkflow.bootstrap import OFFLINE_ENV, STAGE_RAN_ENV, configure_env  # noqa: F401  (re-exported)
+from shrinkflow.bootstrap import (OFFLINE_ENV, STAGE_OWNER_ENV, STAGE_RAN_ENV, configure_env,  # noqa: F401
+                                  owner_token)
 from shrinkflow.projectlock import held_fds
 
 # A stage is stopped after this long (seconds; the default teacher trains in
@@ -550,7 +551,8 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     sweep_orphaned_markers()
     with tempfile.TemporaryDirectory(prefix=f"{MARKER_PREFIX}{os.getpid()}-") as tmp:
         marker = Path(tmp) / "ran"
-        env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker)}
+        env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker),
+               STAGE_OWNER_ENV: owner_token()}
         # pass_fds: DVC shares the project lock this process holds, so a
         # SIGKILL of this process leaves the project held until DVC ends.
         proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,

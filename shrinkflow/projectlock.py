@@ -10,10 +10,13 @@ The lock is an ``flock`` on ``.shrinkflow/project.lock`` (the ``filelock``
 package): the OS releases it when its process ends, however it ends, so a
 killed run never leaves the project locked. ``.shrinkflow/project.lock.json``
 says who holds it. The DVC processes a holder starts inherit the lock's
-descriptor (``held_fds``, their ``pass_fds``): a holder killed with
-SIGKILL mid-stage, whose DVC child goes on writing the stage's outs and
-dvc.lock, keeps the project held until that child ends too (a helper's
-finding: the lock was free while the orphaned ``dvc repro`` still wrote).
+descriptor (``held_fds``, their ``pass_fds``): after a SIGKILL of the
+holder mid-stage the project stays held until its orphaned ``dvc repro``
+has ended too (a helper's finding: the lock was free while it still ran).
+That is seconds: DVC dies at its next output line (its stdout is a pipe
+to the dead holder), and the stage itself ends with the holder
+(``shrinkflow.bootstrap.stop_with_owner``); DVC records nothing, so the
+next run runs that stage again.
 Reentrant within a process (a monitor's re-compression
 runs the lifecycle flow in the same process): a holder that holds it
 already goes on. Importing this module does nothing.
@@ -71,8 +74,8 @@ def holder(root: Path | str) -> str:
         held = json.loads(_paths(root)[1].read_text())
         who = f"{said(held['command'])} (pid {held['pid']}, since {held['since']})"
         if not _running(int(held["pid"])):
-            who += (", which no longer runs, left a DVC process it started that still holds the project (it ends "
-                    "when its stage does; `ps -ef | grep 'dvc repro'` finds it)")
+            who += (", which no longer runs, left a DVC process it started that still holds the project (it "
+                    "stops within seconds; `ps -ef | grep 'dvc repro'` finds it)")
         return who
     except (OSError, ValueError, KeyError, TypeError):
         return "another shrinkflow command"

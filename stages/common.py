@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from shrinkflow.bootstrap import configure_env, declared_params, exit_without_teardown, mark_stage_ran
+from shrinkflow.bootstrap import configure_env, declared_params, exit_without_teardown, mark_stage_ran, stop_with_owner
 # The readers live in the library (a Prefect task reads inputs too); the
 # stages import them from here.
 from shrinkflow.splits import read_lines, read_split  # noqa: F401
@@ -43,6 +43,7 @@ def run_stage(stage: str, body: Callable, project_dir: Path | str = ".") -> int:
     root = Path(project_dir).resolve()
     configure_env(root)
     mark_stage_ran(stage)
+    stop_with_owner(stage)     # no stage outlives the shrinkflow run that started it
     path = root / PARAMS
     try:
         data = path.read_bytes()

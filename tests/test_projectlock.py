@@ -142,7 +142,7 @@ def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_e
         run.kill()                                  # SIGKILL: no cleanup, DVC goes on
         run.wait()
         with pytest.raises(ProjectBusy, match=rf"`shrinkflow run` \(pid {run.pid}, since .*\), which no longer "
-                                              r"runs, left a DVC process it started that still holds the project"):
+                                              r"runs, left a DVC process it started that still holds the project \(it stops within seconds"):
             with project_lock(root, "shrinkflow run"):
                 pass
     finally:
@@ -155,3 +155,68 @@ def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_e
         except ProjectBusy:
             assert time.monotonic() < deadline, "the project stayed held after DVC ended"
             time.sleep(0.2)
+
+
+STUBBORN_STAGE = """\
+import os, pathlib, signal, sys, time
+from stages.common import run_stage
+
+
+def body(params, root):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # as a stage whose Prefect flow catches SIGTERM
+    pathlib.Path("stage.pid").write_text(str(os.getpid()))
+    time.sleep(300)
+    pathlib.Path("out.txt").write_text("done")
+
+
+sys.exit(run_stage("stubborn", body))
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the run's process group", "SIGKILL to the run"])
+def test_no_stage_outlives_the_run_that_started_it(tmp_path, how):
+    """A helper's findings: `timeout` (SIGTERM to the whole group) killed
+    `dvc repro` at once while the stage, whose Prefect flow catches SIGTERM,
+    went on writing after the run released the project lock; after a
+    `kill -9` of the run, DVC died at its next output line and left the
+    stage behind. The stage watches the run that started it and ends with it."""
+    import signal
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "stubborn.py").write_text(STUBBORN_STAGE)
+    (root / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    (root / "dvc.yaml").write_text("stages:\n  stubborn:\n    cmd: python stubborn.py\n    deps: [stubborn.py]\n"
+                                   "    outs: [out.txt]\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
+                   timeout=120)
+    run = subprocess.Popen([sys.executable, "-c", HOLD_AND_REPRO.replace("'toy'", "'stubborn'"), str(root)],
+                           env=env, start_new_session=True)
+    pid_file = root / "stage.pid"
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before its stage started"
+        time.sleep(0.2)
+    stage = int(pid_file.read_text())
+    try:
+        if how.startswith("SIGTERM"):
+            os.killpg(run.pid, signal.SIGTERM)
+        else:
+            run.kill()
+        run.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{stage}") and time.monotonic() < deadline:
+            with open(f"/proc/{stage}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break               # a zombie: ended, not yet reaped by init
+            time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{stage}") or open(f"/proc/{stage}/stat").read().split(") ")[1][0] == "Z", \
+            f"the stage (pid {stage}) outlived the run ({how})"
+        assert not (root / "out.txt").exists()
+    finally:
+        try:
+            os.kill(stage, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
