@@ -273,17 +273,23 @@ def record_run_safely(workspace: Path, task: str, summary: DriftSummary, decisio
 def unreadable_workspace_files(workspace: Path) -> list[str]:
     """Each project file of the Evidently workspace at ``workspace``
     (``<project id>/metadata.json`` and ``dashboard.json``, which Evidently's
-    UI reads when it starts) that is not a JSON object, as "PATH (why)".
+    UI reads when it starts) that Evidently cannot read, as "PATH (why)":
+    not JSON, not an object, or not the model Evidently parses it as
+    (``ProjectModel``, ``DashboardModel``, as its local storage does).
     Empty when all are readable or there is no workspace. Evidently's own
-    error names no file: a bare JSONDecodeError (a helper's finding)."""
+    errors name no file: a bare JSONDecodeError, or a ValidationError
+    "field required" (a helper's findings)."""
     import json
 
     bad = []
     root = Path(workspace)
     if not root.is_dir():
         return bad
+    from evidently._pydantic_compat import parse_obj_as
+    from evidently.sdk.models import DashboardModel, ProjectModel
+
     for project in sorted(p for p in root.iterdir() if p.is_dir()):
-        for name in ("metadata.json", "dashboard.json"):
+        for name, model in (("metadata.json", ProjectModel), ("dashboard.json", DashboardModel)):
             path = project / name
             if not path.exists():
                 continue
@@ -294,6 +300,12 @@ def unreadable_workspace_files(workspace: Path) -> list[str]:
                 continue
             if not isinstance(doc, dict):
                 bad.append(f"{path} (a JSON {type(doc).__name__}, not an object)")
+                continue
+            try:
+                parse_obj_as(model, doc)
+            except Exception as exc:  # noqa: BLE001 - whatever Evidently's parser refuses
+                why = " ".join(str(exc).split())
+                bad.append(f"{path} (not an Evidently {model.__name__}: {why[:300]})")
     return bad
 
 

@@ -231,8 +231,9 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
     when ``GET /health`` gets no answer, or not a 200, before anything is
     sent. With ``label_names`` (the names ``labels`` come from) and feedback
     to post, raises ServedLabelsDiffer before anything is sent when the
-    server's version (``GET /metadata``: its ``labels``) names other
-    classes. Failed requests are counted, never raised. Progress bars (tqdm) go
+    server's version (``GET /metadata``: its ``labels``) names another set
+    of classes (the same names in another order are fine: feedback is
+    posted by name). Failed requests are counted, never raised. Progress bars (tqdm) go
     to stderr; ``progress`` None: only when stderr is a terminal (redirected
     to a file, a bar's updates would pile up on one line).
     """
@@ -250,7 +251,10 @@ def simulate(url: str, texts: list[str], labels: list[str | int], feedback_rate:
                                 "running at that URL?")
     if label_names is not None and feedback_rate > 0:
         served = _served_labels(base, headers)
-        if served is not None and list(served) != list(label_names):
+        # Feedback goes by name: the same names in another order resolve
+        # alike; a name the served version lacks, or another set that
+        # shares some names, would not mean the same class.
+        if served is not None and set(served) != set(label_names):
             raise ServedLabelsDiffer(
                 f"the server answers with {health.json().get('model_version')}, whose classes are {served}, but "
                 f"this traffic's labels are {list(label_names)}: its feedback would be stored as the served "

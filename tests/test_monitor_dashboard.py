@@ -267,3 +267,8 @@ def test_monitor_ui_refuses_a_taken_port_and_an_unreadable_workspace_before_anno
     assert f"{project / 'metadata.json'} (JSONDecodeError" in proc.stderr
     assert f"{project / 'dashboard.json'} (a JSON list, not an object)" in proc.stderr
     assert f"mv {WORKSPACE} {WORKSPACE}.bad" in proc.stderr and "Evidently UI:" not in proc.stdout
+    # valid JSON of the wrong shape (a helper's finding: Evidently's "field required", no file named)
+    (project / "metadata.json").write_text('{"foo": 1}')
+    (project / "dashboard.json").unlink()
+    (why,) = unreadable_workspace_files(root / WORKSPACE)
+    assert why.startswith(f"{project / 'metadata.json'} (not an Evidently ProjectModel: ") and "name" in why, why

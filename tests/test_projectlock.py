@@ -142,7 +142,8 @@ def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_e
         run.kill()                                  # SIGKILL: no cleanup, DVC goes on
         run.wait()
         with pytest.raises(ProjectBusy, match=rf"`shrinkflow run` \(pid {run.pid}, since .*\), which no longer "
-                                              r"runs, left a DVC process it started that still holds the project \(it stops within seconds"):
+                                              r"runs, left a DVC process it started that still holds the project "
+                                              r"\(it stops within seconds"):
             with project_lock(root, "shrinkflow run"):
                 pass
     finally:

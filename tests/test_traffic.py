@@ -213,17 +213,22 @@ def test_feedback_is_refused_before_anything_is_sent_when_the_served_version_nam
 
     labels = project / LABELS_JSON
     assert not labels.exists()          # the built-in task: the served version's two names
-    labels.write_text('{"labels": ["positive", "negative"]}\n')   # the same names, other classes
+    labels.write_text('{"labels": ["negative", "neutral"]}\n')   # a set that shares a name with the served one
     try:
         before = logged_ids(project)
         proc = simulate(project, "--domain", "shifted", "--n", "5", "--feedback-rate", "1", "--url", server.url)
         assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "whose classes are ['negative', 'positive'], but this traffic's labels are ['positive', " \
-               "'negative']" in proc.stderr and "Nothing was sent" in proc.stderr
+        assert "whose classes are ['negative', 'positive'], but this traffic's labels are ['negative', " \
+               "'neutral']" in proc.stderr and "Nothing was sent" in proc.stderr
         assert len(new_rows(project, before)) == 0
+        # the same names in another order: posted by name, so each is stored as the class it names
+        labels.write_text('{"labels": ["positive", "negative"]}\n')
+        proc = simulate(project, "--domain", "shifted", "--n", "4", "--feedback-rate", "1", "--url", server.url)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert len(new_rows(project, before)) == 4
         # predictions alone carry no label: sent
         proc = simulate(project, "--domain", "shifted", "--n", "5", "--url", server.url)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert len(new_rows(project, before)) == 5
+        assert len(new_rows(project, before)) == 9
     finally:
         labels.unlink()
