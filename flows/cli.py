@@ -486,6 +486,7 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
     # (ephemeral_api). Both used to leave Prefect's own temporary server
     # running, orphaned, ~230 MB each (a helper's finding).
     _stop_on_signals()
+    before = _production_alias(s)
     try:
         import importlib
 
@@ -494,13 +495,39 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
             from flows.lifecycle import lifecycle
 
             result = lifecycle(project_dir=str(s.root), revalidate=revalidate)
-    except Exception as exc:  # noqa: BLE001 - every crash is exit 3, with its reason
+    except BaseException as exc:  # noqa: BLE001 - every crash is exit 3, with its reason; an interrupt 130
+        _say_if_production_moved(s, before)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
         typer.echo("", err=True)
         raise _crash(exc, "the lifecycle", debug)
     _print_summary(s.root, s.params, result)
     if result.get("publish_warning"):
         typer.echo(f"warning: {result['publish_warning']}", err=True)
     raise typer.Exit(ExitCode.OK if result["deployed_version"] else ExitCode.REFUSED)
+
+
+def _production_alias(s: Session) -> str | None:
+    """The version in production now, or None (none, or the registry
+    unreadable: this only feeds a message)."""
+    from shrinkflow.registry import Registry
+
+    try:
+        return Registry(s.root / s.params.deploy.registry_dir).alias()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _say_if_production_moved(s: Session, before: str | None) -> None:
+    """After a run that did not finish: say so when production moved all
+    the same (stopped during deploy, after the alias moved but before DVC
+    recorded the stage: a helper's finding, exit 130 with nothing said)."""
+    after = _production_alias(s)
+    if after is not None and after != before:
+        typer.echo(f"note: production moved to {after} (from {before or 'none'}) before the run stopped; dvc.lock "
+                   f"does not record that deploy, so the next run deploys again"
+                   + (f"; `shrinkflow rollback --to {before}` returns to the version before)" if before else ")"),
+                   err=True)
 
 
 def _baselines_note(root: Path, result: dict) -> list[str]:

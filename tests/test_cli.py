@@ -520,3 +520,25 @@ def test_an_interrupt_wrapped_by_library_code_exits_as_an_interrupt_not_a_crash(
         assert _interrupted(RuntimeError("connection reset"))
     finally:
         _SIGNALLED.clear()
+
+
+def test_a_run_stopped_after_its_deploy_moved_production_says_so(tmp_path, capsys):
+    """A helper's finding: SIGTERM during deploy exited 130, "stopped before
+    it finished", while production had moved, and nothing said so."""
+    from types import SimpleNamespace
+
+    from flows.cli import _production_alias, _say_if_production_moved
+    from shrinkflow.config import Params
+    from tests.registry_outputs import build
+
+    build(tmp_path / "registry", "v0003")
+    s = SimpleNamespace(root=tmp_path, params=Params())
+    assert _production_alias(s) == "v0003"
+    _say_if_production_moved(s, "v0003")                # nothing moved: nothing said
+    assert capsys.readouterr().err == ""
+    _say_if_production_moved(s, "v0002")
+    err = capsys.readouterr().err
+    assert err.startswith("note: production moved to v0003 (from v0002) before the run stopped")
+    assert "`shrinkflow rollback --to v0002`" in err
+    _say_if_production_moved(SimpleNamespace(root=tmp_path / "none", params=Params()), None)   # no registry
+    assert capsys.readouterr().err == ""
