@@ -176,6 +176,11 @@ def _open_session(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
     if ctx.resilient_parsing:
         return value
     root = find_root()
+    from shrinkflow.paths import STATE
+
+    if (root / STATE).exists() and not (root / STATE).is_dir():   # a helper's finding: a FileExistsError traceback
+        raise _fail(ExitCode.USAGE, f"{root / STATE} is a file: shrinkflow keeps the project's local state (locks, "
+                                    "the prediction log, caches) in that directory; move the file away")
     path = (value if value is not None else root / PARAMS).resolve()
     try:
         parsed = load_params(path)

@@ -542,3 +542,14 @@ def test_a_run_stopped_after_its_deploy_moved_production_says_so(tmp_path, capsy
     assert "`shrinkflow rollback --to v0002`" in err
     _say_if_production_moved(SimpleNamespace(root=tmp_path / "none", params=Params()), None)   # no registry
     assert capsys.readouterr().err == ""
+
+
+def test_a_file_where_the_state_directory_goes_is_named_not_a_traceback(tmp_path):
+    """A helper's finding: `.shrinkflow` as a regular file gave a
+    FileExistsError traceback, exit 3, in `run` and `schedule`."""
+    root = bare_project(tmp_path)
+    (root / ".shrinkflow").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status"], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{root / '.shrinkflow'} is a file" in proc.stderr and "Traceback" not in proc.stderr
