@@ -515,12 +515,10 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
 def _production_alias(s: Session) -> str | None:
     """The version in production now, or None (none, or the registry
     unreadable: this only feeds a message)."""
-    from shrinkflow.registry import Registry
+    from tasks.retrain import production_version
 
-    try:
-        return Registry(s.root / s.params.deploy.registry_dir).alias()
-    except Exception:  # noqa: BLE001
-        return None
+    version = production_version(str(s.root), s.params.deploy.registry_dir)
+    return None if version == "unreadable" else version
 
 
 def _say_if_production_moved(s: Session, before: str | None) -> None:

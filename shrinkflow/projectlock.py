@@ -47,6 +47,23 @@ def _paths(root: Path | str) -> tuple[Path, Path]:
     return (state / "project.lock").resolve(), state / "project.lock.json"
 
 
+def _write_record(record: Path, **fields) -> None:
+    """Say who holds a lock: ``fields``, this pid and since when, as JSON."""
+    from shrinkflow.files import atomic_write_text
+
+    atomic_write_text(record, json.dumps({**fields, "pid": os.getpid(), "since": datetime.now(
+        timezone.utc).isoformat(timespec="seconds")}) + "\n")
+
+
+def _read_record(record: Path) -> dict | None:
+    """What ``_write_record`` wrote, or None when it cannot be read."""
+    try:
+        held = json.loads(record.read_text())
+        return held if isinstance(held, dict) and {"pid", "since"} <= held.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
 def said(command: str) -> str:
     """``command`` as a message names it: a command a user types in
     backticks ("`shrinkflow run`"), a flow as it is ("the
@@ -70,14 +87,14 @@ def holder(root: Path | str) -> str:
     "another shrinkflow command" when that record cannot be read. When
     that pid no longer runs, says so: a DVC process it started still holds
     the descriptor (``held_fds``)."""
+    held = _read_record(_paths(root)[1])
     try:
-        held = json.loads(_paths(root)[1].read_text())
         who = f"{said(held['command'])} (pid {held['pid']}, since {held['since']})"
         if not _running(int(held["pid"])):
             who += (", which no longer runs, left a DVC process it started that still holds the project (it "
                     "stops within seconds; `ps -ef | grep 'dvc repro'` finds it)")
         return who
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "another shrinkflow command"
 
 
@@ -97,8 +114,6 @@ def _acquire(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None):
     ``wait_s`` seconds (0: at once); ``on_wait(message)`` is called once
     when the wait starts."""
     from filelock import FileLock, Timeout
-
-    from shrinkflow.files import atomic_write_text
 
     path, record = _paths(root)
     if path in _HELD:
@@ -123,8 +138,7 @@ def _acquire(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None):
             raise ProjectBusy(f"{holder(root)} is changing this project ({Path(root)}): {said(command)} waited "
                               f"{wait_s:.0f} s for it and was refused (nothing was started or changed)") from None
     _HELD[path] = (lock, fds[0] if fds else None)
-    atomic_write_text(record, json.dumps({"command": command, "pid": os.getpid(),
-                                          "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    _write_record(record, command=command)
     return lock
 
 
@@ -147,8 +161,6 @@ def hold_scheduler(root: Path | str) -> None:
     run changes the project). Raises ProjectBusy naming the other one."""
     from filelock import FileLock, Timeout
 
-    from shrinkflow.files import atomic_write_text
-
     state = Path(root) / STATE
     path, record = (state / "schedule.lock").resolve(), state / "schedule.lock.json"
     if _SCHEDULER:
@@ -158,17 +170,14 @@ def hold_scheduler(root: Path | str) -> None:
     try:
         lock.acquire()
     except Timeout:
-        try:
-            held = json.loads(record.read_text())
-            who = f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            who = "another `shrinkflow schedule`"
+        held = _read_record(record)
+        who = (f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})" if held
+               else "another `shrinkflow schedule`")
         raise ProjectBusy(f"{who} already serves this project's schedules ({Path(root)}): a second one would run "
                           "them twice, on two Prefect servers; stop that one first (Ctrl-C in its terminal, or "
                           "SIGTERM). Nothing was started") from None
     _SCHEDULER.append(lock)
-    atomic_write_text(record, json.dumps({"pid": os.getpid(),
-                                          "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    _write_record(record)
 
 
 @contextmanager

@@ -114,6 +114,37 @@ def test_a_writer_that_may_wait_runs_once_the_holder_ends_and_is_refused_after_i
         long.wait()
 
 
+def _dvc_project(root, files: dict) -> dict:
+    """A DVC project (no git) at ``root`` holding ``files``; returns the
+    environment its runs use (this checkout importable, this Python's DVC)."""
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
+                   timeout=120)
+    return env
+
+
+def _stage_pid(run: subprocess.Popen, pid_file) -> int:
+    """The pid the run's stage writes to ``pid_file`` once it has started."""
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before its stage started"
+        time.sleep(0.2)
+    return int(pid_file.read_text())
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie (ended, not yet reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
 def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_ends(tmp_path):
     """A helper's finding: ``kill -9`` of a run freed the lock while its
     orphaned ``dvc repro`` still wrote the stage's outs and dvc.lock; a
@@ -123,21 +154,10 @@ def test_a_holder_killed_mid_stage_leaves_the_project_held_until_its_dvc_child_e
     from tests.test_cli_repro import DVC_YAML, TOY
 
     root = tmp_path / "toy"
-    root.mkdir()
-    (root / "toy.py").write_text(TOY)
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "in.txt").write_text("sleep\n")      # the stage writes sleeper.pid, then sleeps
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
-                   timeout=120)
+    # in.txt "sleep": the stage writes sleeper.pid, then sleeps
+    env = _dvc_project(root, {"toy.py": TOY, "dvc.yaml": DVC_YAML, "in.txt": "sleep\n"})
     run = subprocess.Popen([sys.executable, "-c", HOLD_AND_REPRO, str(root)], env=env)
-    sleeper = root / "sleeper.pid"
-    deadline = time.monotonic() + 120
-    while not (sleeper.is_file() and sleeper.read_text()) and time.monotonic() < deadline:
-        assert run.poll() is None, "the holding run ended before its stage started"
-        time.sleep(0.2)
-    stage_pid = int(sleeper.read_text())
+    stage_pid = _stage_pid(run, root / "sleeper.pid")
     try:
         run.kill()                                  # SIGKILL: no cleanup, DVC goes on
         run.wait()
@@ -184,23 +204,13 @@ def test_no_stage_outlives_the_run_that_started_it(tmp_path, how):
     import signal
 
     root = tmp_path / "project"
-    root.mkdir()
-    (root / "stubborn.py").write_text(STUBBORN_STAGE)
-    (root / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
-    (root / "dvc.yaml").write_text("stages:\n  stubborn:\n    cmd: python stubborn.py\n    deps: [stubborn.py]\n"
-                                   "    outs: [out.txt]\n")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True,
-                   timeout=120)
+    env = _dvc_project(root, {
+        "stubborn.py": STUBBORN_STAGE, "params.yaml": (PROJECT_ROOT / "params.yaml").read_text(),
+        "dvc.yaml": "stages:\n  stubborn:\n    cmd: python stubborn.py\n    deps: [stubborn.py]\n"
+                    "    outs: [out.txt]\n"})
     run = subprocess.Popen([sys.executable, "-c", HOLD_AND_REPRO.replace("'toy'", "'stubborn'"), str(root)],
                            env=env, start_new_session=True)
-    pid_file = root / "stage.pid"
-    deadline = time.monotonic() + 120
-    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
-        assert run.poll() is None, "the run ended before its stage started"
-        time.sleep(0.2)
-    stage = int(pid_file.read_text())
+    stage = _stage_pid(run, root / "stage.pid")
     try:
         if how.startswith("SIGTERM"):
             os.killpg(run.pid, signal.SIGTERM)
@@ -208,13 +218,9 @@ def test_no_stage_outlives_the_run_that_started_it(tmp_path, how):
             run.kill()
         run.wait(timeout=60)
         deadline = time.monotonic() + 20
-        while os.path.exists(f"/proc/{stage}") and time.monotonic() < deadline:
-            with open(f"/proc/{stage}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    break               # a zombie: ended, not yet reaped by init
+        while not _ended(stage) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not os.path.exists(f"/proc/{stage}") or open(f"/proc/{stage}/stat").read().split(") ")[1][0] == "Z", \
-            f"the stage (pid {stage}) outlived the run ({how})"
+        assert _ended(stage), f"the stage (pid {stage}) outlived the run ({how})"
         assert not (root / "out.txt").exists()
     finally:
         try:
