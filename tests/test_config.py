@@ -143,6 +143,20 @@ def test_bad_timing_params_are_named(raw, section, key, value, says):
     assert says in problems(raw)[f"validate.{section}.{key}"]
 
 
+@pytest.mark.parametrize("value, says", [
+    (-1, "greater than or equal to 0"), (-0.01, "greater than or equal to 0"), (float("inf"), "finite number"),
+    (float("nan"), "finite number"), ("half an hour", "number"), ([30], "number"), (None, "number"),
+])
+def test_a_bad_scheduled_wait_is_named(raw, value, says):
+    """monitor.scheduled_wait_minutes, over the kinds of bad value; 0 (fail
+    at once) and a fraction of a minute are fine."""
+    raw["monitor"]["scheduled_wait_minutes"] = value
+    assert says in problems(raw)["monitor.scheduled_wait_minutes"]
+    for fine in (0, 0.1, 1440):
+        raw["monitor"]["scheduled_wait_minutes"] = fine
+        assert parse_params(raw).monitor.scheduled_wait_minutes == fine
+
+
 def test_unsupported_quantization_bits_is_named(raw):
     raw["compress"]["candidates"][0]["recipe"][0]["bits"] = 4
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)

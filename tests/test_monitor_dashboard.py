@@ -272,3 +272,34 @@ def test_monitor_ui_refuses_a_taken_port_and_an_unreadable_workspace_before_anno
     (project / "dashboard.json").unlink()
     (why,) = unreadable_workspace_files(root / WORKSPACE)
     assert why.startswith(f"{project / 'metadata.json'} (not an Evidently ProjectModel: ") and "name" in why, why
+
+
+@pytest.mark.parametrize("name, content, why", [
+    ("metadata.json", "", "JSONDecodeError"),
+    ("metadata.json", b"\xff\xfe\x00binary", "UnicodeDecodeError"),
+    ("metadata.json", "{garbage", "JSONDecodeError"),
+    ("metadata.json", "[]", "a JSON list, not an object"),
+    ("metadata.json", "42", "a JSON int, not an object"),
+    ("metadata.json", '{"foo": 1}', "not an Evidently ProjectModel"),
+    ("metadata.json", None, "IsADirectoryError"),          # a directory of that name
+    ("dashboard.json", "null", "a JSON NoneType, not an object"),
+    ("dashboard.json", '{"panels": 3}', "not an Evidently DashboardModel"),
+])
+def test_every_kind_of_unreadable_workspace_file_is_named(tmp_path, name, content, why):
+    """The kinds of file Evidently's UI cannot start on, as a table; each is
+    named with why, and a workspace the monitor wrote passes (the Chromium
+    test starts the UI on one)."""
+    from monitoring.workspace import unreadable_workspace_files
+
+    project = tmp_path / "ws" / "01a24734-4f53-760e-96c7-8b840007e79d"
+    project.mkdir(parents=True)
+    path = project / name
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    (found,) = unreadable_workspace_files(tmp_path / "ws")
+    assert found.startswith(f"{path} (") and why in found, found
+    assert unreadable_workspace_files(tmp_path / "nothing here") == []
