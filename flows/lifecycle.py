@@ -28,14 +28,15 @@ BASELINE_STAGES = ("small_direct", "frontier")
 
 
 @flow(name="shrinkflow-lifecycle", log_prints=True)
-def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False,
+def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: bool = False,
               wait_for_project_s: float = 0.0) -> dict:
     """``project_dir``: the project root (absolute; every path is resolved
-    against it); ``production_candidate``: keep the production copy a
-    re-compression made (data/unlabelled/production), so that validate
-    measures production as a candidate. False (a run, a retrain): any such
-    copy is removed first, since the registry may have moved on since it was
-    made and only a re-compression compares against production;
+    against it); ``keep_production_copy``: keep the production copy a
+    re-compression or a retrain made (data/unlabelled/production), so that
+    validate measures production, as a candidate (a re-compression) or as
+    the window gain's baseline (a retrain; its version.json ``role``). False
+    (a run): any such copy is removed first, since the registry may have
+    moved on since it was made;
     ``revalidate``: run validate though DVC sees nothing changed (its timing
     was refused on a busy machine: ``max_timing_other_cpu_share``);
     ``wait_for_project_s``: how long to wait for another writer holding the
@@ -43,11 +44,11 @@ def lifecycle(project_dir: str, production_candidate: bool = False, revalidate: 
     at once, ProjectBusy). Returns the stages run, the selection and what
     was deployed."""
     with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s, on_wait=print):
-        return _lifecycle(project_dir, production_candidate, revalidate)
+        return _lifecycle(project_dir, keep_production_copy, revalidate)
 
 
-def _lifecycle(project_dir: str, production_candidate: bool = False, revalidate: bool = False) -> dict:
-    if not production_candidate:
+def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: bool = False) -> dict:
+    if not keep_production_copy:
         clear_production(project_dir)
     # Validated and fingerprinted once; every stage must see the same bytes.
     fingerprint = params_fingerprint(project_dir)

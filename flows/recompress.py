@@ -41,7 +41,7 @@ def _recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
     # None, or why the push to the DVC remote failed: the run goes on (the
     # window is in the local cache); the warning travels with the result.
     push_warning = archive_window(project_dir)
-    result = lifecycle(project_dir, production_candidate=True)
+    result = lifecycle(project_dir, keep_production_copy=True)
     outcome = recompress_outcome(result["gates"], result["deployed_version"], result.get("kept_version"))
     done = {"deployed": f"deployed {result['deployed_version']}", "kept": f"kept production {production}",
             "nothing": "nothing deployed" + (f", production {production} keeps serving" if production else "")}

@@ -5,8 +5,10 @@ lifecycle runs through DVC with train included (the feedback dep makes data
 and train stale): the teacher is fine-tuned on the train split plus the
 production labels (its weights averaged with the kept teacher's when
 train.retrain_keep_share is set), compressed, validated (the retrained teacher gated
-against the old one, the candidates against the teacher and against the
-production model's recorded val accuracy) and deployed as usual. A teacher that fails its gates
+against the old one, the candidates against the teacher, against the
+production model's recorded val accuracy and, on an earlier re-compression's
+held-out window, against production's agreement with the new teacher) and
+deployed as usual. A teacher that fails its gates
 deploys nothing and is not kept: the project is put back as it was before
 the retrain (shrinkflow.retrain.restore_state). Wiring only."""
 
@@ -22,7 +24,7 @@ from tasks.dvc import repro_stage_with_retries
 from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, production_version, record_previous_teacher,
                            restore_after_interruption, restore_state, retrain_outcome, save_state,
-                           stage_kept_teacher)
+                           stage_kept_teacher, stage_production_baseline)
 from tasks.warmstart import stage_warm_start
 
 
@@ -91,7 +93,14 @@ def _retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict, para
     warm_start = stage_warm_start(project_dir, registry_dir, for_retrain=True)
     record = record_previous_teacher(project_dir, {**trigger, "warm_start": warm_start}, feedback, registry_dir)
     print(warm_start_summary((record.get("production") or {}).get("version"), warm_start))
-    result = lifecycle(project_dir)
+    # Production, measured beside the candidates (not one of them) as the
+    # baseline of their window gain, when a re-compression's held-out window
+    # texts gate them (docs/monitoring.md, "Retrain").
+    baseline = stage_production_baseline(project_dir, registry_dir)
+    if baseline:
+        print(f"retrain: production {baseline} is measured beside the candidates, as the baseline of their "
+              "agreement with the retrained teacher on the held-out window")
+    result = lifecycle(project_dir, keep_production_copy=True)
     rejected = teacher_rejection(result["gates"])
     restored = None
     if rejected:

@@ -325,6 +325,12 @@ class ValidationReport(Artifact):
 # more candidate under this name (shrinkflow.recompression); the validate
 # stage refuses it as a name in compress.candidates.
 PRODUCTION_CANDIDATE = "production"
+# What validate does with that copy (its version.json ``role``): on a
+# re-compression, one more candidate (gated, selectable: kept when it wins);
+# on a retrain, only the baseline of the candidates' window-agreement gain,
+# never selected (the teacher changed: keeping the model the old teacher
+# taught would undo the retrain; shrinkflow.recompression.snapshot_production).
+PRODUCTION_ROLE_CANDIDATE, PRODUCTION_ROLE_BASELINE = "candidate", "baseline"
 
 
 class GatesReport(Artifact):
@@ -333,7 +339,10 @@ class GatesReport(Artifact):
     ``best_effort``: the best regardless of gates; ``reason``: why, in words)
     and the confirmation on test. ``production``: on a re-compression, the
     version in production, measured and gated as the candidate
-    ``production`` (absent otherwise)."""
+    ``production`` (absent otherwise). ``production_baseline``: on a retrain,
+    the version in production, measured as the baseline of the candidates'
+    window-agreement gain and accuracy against production only (not gated,
+    never selected; absent otherwise)."""
 
     selected: str | None
     best_effort: str | None = None
@@ -347,6 +356,7 @@ class GatesReport(Artifact):
     # production), measured once under its own name instead of as
     # ``production``: selecting it keeps production. None otherwise.
     production_as: str | None = None
+    production_baseline: str | None = None
     # A retrained teacher's own gates (shrinkflow.gates.teacher_gates; its
     # ``candidate`` is "teacher"): when any fails, no candidate is selected.
     # Absent when the teacher is not a retrain's.

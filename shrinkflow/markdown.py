@@ -207,6 +207,11 @@ def validation_markdown(report: ValidationReport, selection: GatesReport, deploy
            "(max_p95_b1_slowdown_vs_production: the two timed in the same rounds, the ratio round by round) "
            "and val accuracy (max_accuracy_drop_vs_production)."]
           if selection.production else []),
+        *([f"Retrain: production {selection.production_baseline} was measured beside the candidates as a "
+           "baseline, not a candidate: a candidate passes the window gate at min_window_agreement or at "
+           "min_window_agreement_gain over production's agreement with the retrained teacher on the same held-out "
+           "texts. Not gated against production's latency: the teacher changed."]
+          if selection.production_baseline else []),
         f"Selection: {selection.reason}", *timing_lines(report.teacher),
         *([f"Classes ({len(report.labels)}): " + ", ".join(report.labels)] if report.labels else []),
         f"## Metrics on {report.selection_split} (gating and selection)", metrics_table(

@@ -7,6 +7,8 @@ into ``data/unlabelled/production/`` (a validate dep): validate measures it
 like every built candidate, under ``PRODUCTION_CANDIDATE``, and when it is
 the one selected, deploy promotes nothing. So a re-compression never deploys
 something worse, by the gates and the objective, than keeping what runs.
+A retrain after a re-compression copies it too, as the baseline of its
+candidates' window gain alone (``stage_production_baseline``).
 
 ``recompress_outcome`` turns the gate report into what the monitor records
 (decision.json ``recompress``) and shows (the Prefect artifact
@@ -23,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shrinkflow.artifacts import GatesReport
+from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE, PRODUCTION_ROLE_CANDIDATE, GatesReport
 from shrinkflow.files import write_json
 from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL, WINDOW_PRODUCTION
 
@@ -39,11 +41,13 @@ def clear_production(root: Path | str) -> None:
     shutil.rmtree(root / PRODUCTION_MODEL, ignore_errors=True)
 
 
-def snapshot_production(root: Path | str, registry_dir: str) -> str | None:
+def snapshot_production(root: Path | str, registry_dir: str, role: str = PRODUCTION_ROLE_CANDIDATE) -> str | None:
     """Copy the production version's model directory out of the registry at
     ``root/registry_dir`` into ``data/unlabelled/production/model`` and record
-    its version and content hash in ``version.json``. Returns the version, or
-    None (and clears any earlier copy) when nothing is in production.
+    its version, content hash and ``role`` (``PRODUCTION_ROLE_CANDIDATE`` or
+    ``PRODUCTION_ROLE_BASELINE``: what validate does with it) in ``version.json``.
+    Returns the version, or None (and clears any earlier copy) when nothing
+    is in production. Raises ValueError for another role.
 
     Raises shrinkflow.errors.IntegrityError when the version's files do not
     match its manifest (``Registry.load`` verifies them): a corrupted model is
@@ -51,6 +55,8 @@ def snapshot_production(root: Path | str, registry_dir: str) -> str | None:
     """
     from shrinkflow.registry import Registry
 
+    if role not in (PRODUCTION_ROLE_CANDIDATE, PRODUCTION_ROLE_BASELINE):
+        raise ValueError(f"role must be {PRODUCTION_ROLE_CANDIDATE!r} or {PRODUCTION_ROLE_BASELINE!r}, not {role!r}")
     root = Path(root)
     registry = Registry(root / registry_dir)
     if registry.alias() is None:
@@ -66,8 +72,28 @@ def snapshot_production(root: Path | str, registry_dir: str) -> str | None:
         (tmp / "model").rename(root / PRODUCTION_MODEL)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_json(root / PRODUCTION_META, {"version": ref.version, "content_hash": ref.manifest["content_hash"]})
+    write_json(root / PRODUCTION_META, {"version": ref.version, "content_hash": ref.manifest["content_hash"],
+                                        "role": role})
     return ref.version
+
+
+def stage_production_baseline(root: Path | str, registry_dir: str) -> str | None:
+    """A retrain's production copy: the production version staged with
+    ``PRODUCTION_ROLE_BASELINE`` when an earlier re-compression's window left
+    held-out texts (``data/unlabelled/heldout.txt``, not empty), so that
+    validate measures production's agreement with the retrained teacher
+    there and a candidate can pass the window gate by its gain over it;
+    otherwise any copy is cleared (no window gate: measuring production
+    would decide nothing). Returns the version staged, or None. Raises as
+    ``snapshot_production``."""
+    from shrinkflow.paths import WINDOW_HELDOUT
+
+    root = Path(root)
+    heldout = root / WINDOW_HELDOUT
+    if not heldout.is_file() or not heldout.read_text(encoding="utf-8").strip():
+        clear_production(root)
+        return None
+    return snapshot_production(root, registry_dir, PRODUCTION_ROLE_BASELINE)
 
 
 def gate_figures(gate) -> dict:

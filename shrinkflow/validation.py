@@ -169,7 +169,8 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
                   label_names: Sequence[str] | None = None,
                   production_version: str | None = None,
                   production_as: str | None = None,
-                  recorded_production: RecordedProduction | None = None) -> tuple[ValidationReport, GatesReport]:
+                  recorded_production: RecordedProduction | None = None,
+                  production_baseline_only: bool = False) -> tuple[ValidationReport, GatesReport]:
     """(metrics/validate.json, reports/gates.json) from the measured runs.
 
     ``teacher_run`` and each of ``candidate_runs`` is a measured run
@@ -189,6 +190,13 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     production model's val accuracy as its manifest records it, on these
     very val texts (``retrain_production``): the baseline of
     max_accuracy_drop_vs_production alone.
+    ``production_baseline_only`` (a retrain that measured the production
+    model, ``production_version``, beside its candidates): production's run
+    is the baseline of the candidates' window gain (``gates.window_gates``)
+    and, without ``recorded_production``, of max_accuracy_drop_vs_production;
+    it is not gated, not selected and not in the report's candidates, and no
+    candidate is gated on its latency against production (the teacher
+    changed; ``gates.production_latency_gates`` is re-compression only).
     """
     classes = _classes(label_names, labels)
     conf = params.gates.accuracy_drop_confidence
@@ -196,7 +204,18 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     candidates = {n: candidate_figures(r, teacher_run, labels, conf, classes, files[n])
                   for n, r in candidate_runs.items()}
     baseline = None
-    if production_version is not None:
+    if production_version is not None and production_baseline_only:
+        prod = candidates.pop(PRODUCTION_CANDIDATE)
+        prod_run = candidate_runs[PRODUCTION_CANDIDATE]
+        candidate_runs = {n: r for n, r in candidate_runs.items() if n != PRODUCTION_CANDIDATE}
+        rec, test = recorded_production, labels[CONFIRMATION_SPLIT]
+        baseline = ProductionBaseline(
+            production_version, prod.agreement.get("window_heldout"),
+            soft_agreement=(prod.soft_agreement or {}).get("window_heldout"),
+            accuracy=rec.val_accuracy if rec else prod.accuracy,
+            test_accuracy=rec.test_accuracy if rec else (
+                quality(test, prod_run["predictions"][CONFIRMATION_SPLIT], classes)["accuracy"] if len(test) else None))
+    elif production_version is not None:
         prod_name = production_as or PRODUCTION_CANDIDATE
         ratios = production_ratios(candidate_runs, prod_name)
         candidates = {n: m.model_copy(update={"p95_b1_ratio_vs_production": ratios[n]}) if n in ratios else m
@@ -211,12 +230,12 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     elif recorded_production is not None:
         baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy,
                                       test_accuracy=recorded_production.test_accuracy)
+    selectable = production_version is not None and not production_baseline_only
     own = (ProductionBaseline(production_version, baseline.agreement, is_candidate=True,
-                              soft_agreement=baseline.soft_agreement)
-           if production_version is not None else None)
+                              soft_agreement=baseline.soft_agreement) if selectable else None)
     baselines = {n: own if n == PRODUCTION_CANDIDATE else baseline for n in candidates}
     reports = {n: evaluate_gates(n, m, teacher, params.gates, baselines[n]) for n, m in candidates.items()}
-    fallback = (production_as or PRODUCTION_CANDIDATE) if production_version else None
+    fallback = (production_as or PRODUCTION_CANDIDATE) if selectable else None
     sel, confirm, unconfirmed = _select_confirmed(candidates, reports, candidate_runs, teacher_run, labels, params,
                                                   classes, fallback, baselines)
     selected, reason = sel.chosen, sel.reason
@@ -237,8 +256,10 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     selection = GatesReport(selected=selected, best_effort=sel.best_effort, reason=reason, labels=list(classes),
                             candidates={n: CandidateGates.from_report(r) for n, r in reports.items()},
                             confirmation=confirm,
-                            **({"production": production_version} if production_version is not None else {}),
-                            **({"production_as": production_as} if production_version and production_as else {}),
+                            **({"production": production_version} if selectable else {}),
+                            **({"production_as": production_as} if selectable and production_as else {}),
+                            **({"production_baseline": production_version}
+                               if production_version is not None and production_baseline_only else {}),
                             **({"unconfirmed": unconfirmed} if unconfirmed else {}))
     return report, selection
 

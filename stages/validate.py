@@ -29,6 +29,7 @@ def validate(params, root: Path) -> None:
     from shrinkflow.prediction_cache import PredictionCache, model_hash
     from shrinkflow.markdown import validation_markdown
     from shrinkflow.catalog import load_retrain_record
+    from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE
     from shrinkflow.validation import (CONFIRMATION_SPLIT, PRODUCTION_CANDIDATE, SELECTION_SPLIT,
                                        check_model_labels, gate_teacher, retrain_production,
                                        retrained_teacher_gates, validate_runs)
@@ -47,7 +48,8 @@ def validate(params, root: Path) -> None:
                                      for d in (teacher_dir, *(candidates / n for n in names))})
     # A re-compression: the production model, copied out of the registry, is
     # measured and gated as one more candidate (none by default).
-    production_version = read_production(root, label_names)
+    production_version, production_role = read_production(root, label_names)
+    baseline_only = production_role == PRODUCTION_ROLE_BASELINE
     dirs = {n: candidates / n for n in names} | (
         {PRODUCTION_CANDIDATE: root / PRODUCTION_MODEL} if production_version else {})
     frames = {s: read_split(s, root) for s in PREDICTED}
@@ -78,7 +80,7 @@ def validate(params, root: Path) -> None:
     recorded, why_not = (retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)),
                                             file_md5(root / split_path(CONFIRMATION_SPLIT)))
                          if params.validate.gates.max_accuracy_drop_vs_production is not None
-                         and production_version is None else (None, None))
+                         and (production_version is None or baseline_only) else (None, None))
     # Hash before measuring: these are the bytes that get validated.
     files = {}
     for n in dirs:
@@ -87,7 +89,7 @@ def validate(params, root: Path) -> None:
     # A built candidate with production's very files (int8 reads no window
     # text: rebuilt, it is the same model) is production: measured once, under
     # its own name, and its figures are production's baseline.
-    production_as = next((n for n in names if production_version and
+    production_as = next((n for n in names if production_version and not baseline_only and
                           files[n]["content_hash"] == files[PRODUCTION_CANDIDATE]["content_hash"]), None)
     if production_as:
         print(f"validate: {production_as!r} has production {production_version}'s files: measured once, as "
@@ -125,7 +127,7 @@ def validate(params, root: Path) -> None:
         print(f"validate: a retrained teacher: {why_not}")
     report, selection = validate_runs(teacher, runs, labels, params.validate, files, label_names,
                                       production_version=production_version, production_as=production_as,
-                                      recorded_production=recorded)
+                                      recorded_production=recorded, production_baseline_only=baseline_only)
     selection = gate_teacher(selection, retrained_teacher_gates(
         retrain, teacher_hash, report.teacher.accuracy,
         [int(x) for x in frames["feedback_heldout"]["label"]], teacher["predictions"]["feedback_heldout"],
@@ -137,25 +139,37 @@ def validate(params, root: Path) -> None:
     print(f"validate: {selection.reason}")
 
 
-def read_production(root: Path, label_names) -> str | None:
-    """The version of the production model a re-compression copied into
-    data/unlabelled/production (its version.json), or None: no copy (the
-    default), or one whose classes differ from the data's (it could not be
-    compared; said on stdout)."""
+def read_production(root: Path, label_names) -> tuple[str | None, str | None]:
+    """(version, role) of the production model a re-compression or a retrain
+    copied into data/unlabelled/production (its version.json; role
+    PRODUCTION_ROLE_CANDIDATE, the default of a copy that names none, or
+    PRODUCTION_ROLE_BASELINE), or (None, None): no copy (the default), or
+    one whose classes differ from the data's (it could not be compared;
+    said on stdout). Raises DataError for a role it does not know."""
+    from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE, PRODUCTION_ROLE_CANDIDATE
     from shrinkflow.files import read_json
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL
 
     meta = read_json(root / PRODUCTION_META) if (root / PRODUCTION_META).is_file() else None
     if not meta or not (root / PRODUCTION_MODEL).is_dir():
-        return None
+        return None, None
+    role = meta.get("role", PRODUCTION_ROLE_CANDIDATE)
+    if role not in (PRODUCTION_ROLE_CANDIDATE, PRODUCTION_ROLE_BASELINE):
+        from shrinkflow.errors import DataError
+
+        raise DataError(f"{root / PRODUCTION_META}: role {role!r} is neither {PRODUCTION_ROLE_CANDIDATE!r} nor "
+                        f"{PRODUCTION_ROLE_BASELINE!r}")
     labels = read_manifest(root / PRODUCTION_MODEL).get("labels")
     if labels is None or list(labels) != list(label_names):
         print(f"validate: production {meta['version']} is not measured: its classes {labels} are not the "
               f"data's {list(label_names)}")
-        return None
-    print(f"validate: production {meta['version']} is measured as the candidate 'production'")
-    return str(meta["version"])
+        return None, None
+    print(f"validate: production {meta['version']} is measured as the candidate 'production'"
+          if role == PRODUCTION_ROLE_CANDIDATE else
+          f"validate: production {meta['version']} is measured as the baseline of a retrain's candidates (their "
+          "window-agreement gain and accuracy against production), not as a candidate")
+    return str(meta["version"]), role
 
 
 if __name__ == "__main__":

@@ -51,6 +51,17 @@ def record_previous_teacher(project_dir: str, trigger: dict, feedback: dict, reg
                           recorded_production(root / registry_dir)).to_json_dict()
 
 
+@task(name="copy-production-baseline", cache_policy=NO_CACHE)
+def stage_production_baseline(project_dir: str, registry_dir: str) -> str | None:
+    """The production model, verified, into data/unlabelled/production as the
+    baseline of the retrain's window gate, when an earlier re-compression
+    left held-out window texts (else any copy is removed). Returns the
+    version staged, or None."""
+    from shrinkflow.recompression import stage_production_baseline as _stage
+
+    return _stage(Path(project_dir), registry_dir)
+
+
 @task(name="stage-kept-teacher", cache_policy=NO_CACHE)
 def stage_kept_teacher(project_dir: str, keep_share: float) -> str | None:
     """The kept teacher copied where train averages the retrained one with it

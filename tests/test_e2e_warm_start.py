@@ -191,7 +191,8 @@ def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(t
 
     # The tiny teacher's gates as tests/test_e2e_retrain.py sets them, the
     # candidates' open; the window stays, and its held-out agreement (now with
-    # the retrained teacher) is gated by the floor alone, set within reach.
+    # the retrained teacher) is gated by the floor, set within reach, or the
+    # gain over production's, measured beside the candidates.
     write_params(project / "params.yaml", deep_merge(STUDENT_PARAMS, {"validate": {"gates": {
         "max_teacher_val_drop": 1.0, "min_teacher_feedback_gain": 0.0, "max_accuracy_drop_vs_production": 1.0,
         "max_accuracy_drop": 1.0, "min_window_agreement": 0.0}}}))
@@ -206,6 +207,17 @@ def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(t
     done = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
     assert "warm start: production v0002's student staged: candidate 'student' re-distils from it" in out, out[-3000:]
     assert done == {"deployed": "v0003", "outcome": "deployed"}, failed_gates(project) + out[-3000:]
+    # production v0002 measured beside the retrain's candidates, the baseline
+    # of their window gain against the new teacher, not a candidate itself
+    gates = json.loads((project / "reports/gates.json").read_text())
+    assert gates["production_baseline"] == "v0002" and gates.get("production") is None, gates
+    assert "production" not in gates["candidates"]
+    gain = gates["candidates"]["student"]["gates"]["min_window_agreement_gain"]
+    assert "against production v0002's" in gain["note"] and "max_p95_b1_slowdown_vs_production" not in gates[
+        "candidates"]["student"]["gates"], gain
+    assert "production v0002 is measured as the baseline of a retrain's candidates" in out, out[-3000:]
+    assert "Retrain: production v0002 was measured beside the candidates" in (
+        project / "reports/gates.md").read_text()
     record = json.loads((project / "data/feedback/retrain.json").read_text())
     staged = record["requested_by"]["warm_start"]
     assert (staged["version"], staged["candidate"], staged["for_retrain"]) == ("v0002", "student", True)

@@ -168,7 +168,7 @@ def test_the_production_copy_is_a_validate_dep_that_a_fresh_project_has_empty():
     tracked = subprocess.run(["git", "ls-files", str(WINDOW_PRODUCTION)], cwd=PROJECT_ROOT, capture_output=True,
                              text=True, check=True).stdout.split()
     assert sorted(tracked) == [f"{WINDOW_PRODUCTION}/.gitignore", f"{WINDOW_PRODUCTION}/README.md"]
-    assert read_production(PROJECT_ROOT, BINARY) is None
+    assert read_production(PROJECT_ROOT, BINARY) == (None, None)
 
 
 def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys):
@@ -178,9 +178,50 @@ def test_validate_skips_a_production_copy_whose_classes_differ(tmp_path, capsys)
     (tmp_path / PRODUCTION_MODEL).mkdir(parents=True)
     write_json(tmp_path / PRODUCTION_META, {"version": "v0007", "content_hash": "h"})
     write_json(tmp_path / PRODUCTION_MODEL / "shrinkflow_model.json", {"format": "onnx", "labels": list(BINARY)})
-    assert read_production(tmp_path, BINARY) == "v0007"
-    assert read_production(tmp_path, ("a", "b", "c")) is None
+    assert read_production(tmp_path, BINARY) == ("v0007", "candidate")   # a copy that names no role
+    assert read_production(tmp_path, ("a", "b", "c")) == (None, None)
     assert "production v0007 is not measured: its classes" in capsys.readouterr().out
+
+
+def test_validate_reads_the_production_copy_s_role_and_refuses_one_it_does_not_know(tmp_path, capsys):
+    from shrinkflow.errors import DataError
+    from shrinkflow.files import write_json
+    from stages.validate import read_production
+
+    (tmp_path / PRODUCTION_MODEL).mkdir(parents=True)
+    write_json(tmp_path / PRODUCTION_MODEL / "shrinkflow_model.json", {"format": "onnx", "labels": list(BINARY)})
+    write_json(tmp_path / PRODUCTION_META, {"version": "v0007", "content_hash": "h", "role": "baseline"})
+    assert read_production(tmp_path, BINARY) == ("v0007", "baseline")
+    assert "as the baseline of a retrain's candidates" in capsys.readouterr().out
+    for role in ("Baseline", "", None, 1):
+        write_json(tmp_path / PRODUCTION_META, {"version": "v0007", "content_hash": "h", "role": role})
+        with pytest.raises(DataError, match="role .* is neither 'candidate' nor 'baseline'") as err:
+            read_production(tmp_path, BINARY)
+        assert str(tmp_path / PRODUCTION_META) in str(err.value)
+
+
+def test_a_retrain_stages_production_as_a_baseline_only_where_a_held_out_window_gates(tmp_path):
+    """An earlier re-compression's held-out window texts: production is
+    staged with role "baseline"; none, or an empty file: any copy (a
+    re-compression's candidate) is removed."""
+    from shrinkflow.paths import WINDOW_HELDOUT
+    from shrinkflow.recompression import snapshot_production, stage_production_baseline
+    from tests.registry_outputs import build
+
+    root = tmp_path / "project"
+    build(root / "registry", "v0003")
+    assert snapshot_production(root, "registry") == "v0003"           # a re-compression's copy
+    assert read_json(root / PRODUCTION_META)["role"] == "candidate"
+    assert stage_production_baseline(root, "registry") is None          # no window: removed
+    assert not (root / PRODUCTION_META).exists() and not (root / PRODUCTION_MODEL).exists()
+    (root / WINDOW_HELDOUT).parent.mkdir(parents=True, exist_ok=True)
+    (root / WINDOW_HELDOUT).write_text("\n  \n", encoding="utf-8")
+    assert stage_production_baseline(root, "registry") is None
+    (root / WINDOW_HELDOUT).write_text("a held-out text\n", encoding="utf-8")
+    assert stage_production_baseline(root, "registry") == "v0003"
+    assert read_json(root / PRODUCTION_META)["role"] == "baseline" and (root / PRODUCTION_MODEL).is_dir()
+    with pytest.raises(ValueError, match="role must be"):
+        snapshot_production(root, "registry", "both")
 
 
 def test_a_candidate_with_production_s_files_is_measured_once_as_production_s_baseline():

@@ -498,3 +498,62 @@ def test_soft_agreement_over_any_probabilities():
         assert soft_agreement(np.eye(c)[a], np.eye(c)[b]) == agreement(a, b)
 
     check()
+
+
+# ---------------------------------------------------------------- a retrain's production baseline
+
+WINDOW_T = [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]   # the retrained teacher on the held-out window texts
+
+
+def windowed(r: dict, agree: int) -> dict:
+    """``r`` predicting the held-out window texts, agreeing with the teacher on the first ``agree`` of 10."""
+    return {**r, "predictions": {**r["predictions"],
+                                 "window_heldout": WINDOW_T[:agree] + [1 - y for y in WINDOW_T[agree:]]}}
+
+
+def test_a_retrain_measures_production_as_the_window_gain_baseline_never_as_a_candidate():
+    """On a retrain (production staged with role "baseline"), a student under
+    the window floor passes by its gain over production's agreement with the
+    new teacher; production is neither gated nor selected, even where it
+    would pass and is the fastest, and no candidate is gated on its latency
+    against production (the teacher changed). As a candidate (a
+    re-compression) the same production is gated, and the slower student
+    fails the slowdown gate."""
+    from shrinkflow.artifacts import PRODUCTION_CANDIDATE
+
+    teacher = windowed(run(LABELS["val"], LABELS["test"], lat=20.0, size=90.0), 10)
+    prod = windowed(run(LABELS["val"], LABELS["test"], lat=1.0), 5)          # 0.5 with the new teacher
+    student = windowed(run(LABELS["val"], LABELS["test"], lat=3.0), 8)       # 0.8: under the floor, +0.3
+    int8 = windowed(run(LABELS["val"], LABELS["test"], lat=6.0), 10)
+    files = {"fast": FILES["fast"], "slow": FILES["slow"],
+             PRODUCTION_CANDIDATE: {"files": {"model.onnx": "p"}, "content_hash": "P"}}
+    params = PARAMS.model_copy(update={"gates": PARAMS.gates.model_copy(update={
+        "min_window_agreement": 0.9, "min_window_agreement_gain": 0.005, "window_agreement_gain_on": "labels",
+        "max_p95_b1_slowdown_vs_production": 0.1})})
+    for r, secs in ((teacher, 0.02), (prod, 0.001), (student, 0.003), (int8, 0.006)):
+        r["rounds_b1"] = [[secs] * 4] * 3          # timed in the same rounds
+    runs = {"fast": student, "slow": int8, PRODUCTION_CANDIDATE: prod}
+    metrics, gates = validate_runs(teacher, runs, LABELS, params, files, production_version="v0002",
+                                   production_baseline_only=True)
+    assert gates.selected == "fast" and gates.production is None and gates.production_baseline == "v0002"
+    assert PRODUCTION_CANDIDATE not in metrics.candidates and PRODUCTION_CANDIDATE not in gates.candidates
+    g = gates.candidates["fast"].gates
+    assert g["min_window_agreement_gain"].passed and g["min_window_agreement_gain"].value == pytest.approx(0.3)
+    assert "production v0002's 0.5" in g["min_window_agreement_gain"].note
+    assert not g["min_window_agreement"].passed and not g["min_window_agreement"].enforced
+    assert "max_p95_b1_slowdown_vs_production" not in g
+    # the same production as a re-compression's candidate: the 3x slower student is refused
+    _, as_candidate = validate_runs(teacher, runs, LABELS, params, files, production_version="v0002")
+    assert not as_candidate.candidates["fast"].gates["max_p95_b1_slowdown_vs_production"].passed
+    assert as_candidate.production == "v0002" and as_candidate.production_baseline is None
+
+    # production would pass every gate and is the fastest: still never selected
+    agreeing = windowed(prod, 10)
+    _, gates = validate_runs(teacher, {**runs, PRODUCTION_CANDIDATE: agreeing}, LABELS, params, files,
+                             production_version="v0002", production_baseline_only=True)
+    assert gates.selected == "slow"      # the student no longer gains over production
+    assert not gates.candidates["fast"].gates["min_window_agreement_gain"].passed
+    _, gates = validate_runs(teacher, {"fast": student, PRODUCTION_CANDIDATE: agreeing}, LABELS, params,
+                             {"fast": files["fast"], PRODUCTION_CANDIDATE: files[PRODUCTION_CANDIDATE]},
+                             production_version="v0002", production_baseline_only=True)
+    assert gates.selected is None and gates.best_effort == "fast"
