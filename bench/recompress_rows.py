@@ -72,7 +72,10 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
 def runs_and_name() -> tuple[tuple, str, bool, Path, str | None]:
     """RUNS and the results' name, or ``--runs JSON --name NAME`` from the
     command line: a list of [texts, overrides] or [texts, overrides, offset]
-    (the pool's first tweet to distil from; 0 by default), written to
+    (the pool's first tweet to distil from; 0 by default) or [texts,
+    overrides, offset, heldout_fraction] (offset "window": the texts of the
+    source project's own re-compression window, as archived; the window's share held out, as
+    ``monitor.heldout_fraction``; the params' by default), written to
     bench/results/NAME.{md,json}; ``--rescore``, ``--source`` and
     ``--production`` as their help says."""
     import argparse
@@ -226,11 +229,18 @@ def main() -> None:
     val = read_parquet(PROJECT / "data/prepared/val.parquet")
     for i, (n, overrides, *rest) in enumerate(runs):
         offset = rest[0] if rest else 0
+        # a run's own monitor.heldout_fraction (4th element), else the params'
+        heldout = rest[1] if len(rest) > 1 else params.monitor.heldout_fraction
         (PROJECT / "params.yaml").write_text(default_params)
         step = set_distill(PROJECT / "params.yaml", overrides)
-        texts = pool[offset:offset + math.ceil(n / (1 - params.monitor.heldout_fraction))]
+        if offset == "window":  # the source's own re-compression window (its archived texts), n ignored
+            meta = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
+            texts = [t for k in ("distill", "heldout")
+                     for t in (PROJECT / meta["archive"][k]).read_text(encoding="utf-8").splitlines() if t]
+        else:
+            texts = pool[offset:offset + math.ceil(n / (1 - heldout))]
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
-        window = write_snapshot(PROJECT, texts, params.monitor.heldout_fraction,
+        window = write_snapshot(PROJECT, texts, heldout,
                                 {"bench": "recompress_rows", "warm_start": staged})
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "compress"], cwd=PROJECT,
@@ -246,7 +256,7 @@ def main() -> None:
         keep = WORK / f"distilled_{i + 1}"
         shutil.copytree(PROJECT / "models/candidates" / warm[0], keep)
         models[run] = keep
-        doc["runs"].append({"name": run, "texts": len(texts), "pool_offset": offset,
+        doc["runs"].append({"name": run, "texts": len(texts), "pool_offset": offset, "heldout_fraction": heldout,
                             "interpolation_choice": built[warm[0]].get("warm_start_interpolation_choice"), "rows_distill": window["rows_distill"],
                             "rows_heldout": window["rows_heldout"], "candidate": warm[0], "compress_s": secs,
                             "distill_rows": built[warm[0]].get("distill_rows"), "overrides": overrides,
@@ -281,9 +291,9 @@ def markdown(doc: dict) -> str:
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
              f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
              "| pool tweets from | texts distilled | held out | train rows per text | window repeats | epochs "
-             "| interpolation | compress (s) | tweets accuracy | gap recovered | in domain, test (points) "
+             "| interpolation | weights averaged (last share) | compress (s) | tweets accuracy | gap recovered | in domain, test (points) "
              "| val drop vs teacher (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ses = doc.get("standard_errors") or {}
     for r in doc["runs"]:
         a, se = acc[r["name"]], ses.get(r["name"])
@@ -292,7 +302,8 @@ def markdown(doc: dict) -> str:
         dom_se = f" ± {se['in_domain_se_points']:.2f}" if se else ""
         lines.append(f"| {r.get('pool_offset', 0)} | {r['rows_distill']} | {r['rows_heldout']} | "
                      f"{r['train_rows_per_window_text']:g} | {r.get('overrides', {}).get('warm_start_window_repeats', 1)} | "
-                     f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | {r['compress_s']} | "
+                     f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | "
+                     f"{r.get('overrides', {}).get('warm_start_average_last', 0.0):g} | {r['compress_s']} | "
                      f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")

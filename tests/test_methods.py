@@ -410,3 +410,45 @@ def test_distillation_trains_on_teacher_labelled_augmented_text(tmp_path, tiny_t
                        threads=1, progress=False)
     assert read_manifest(out)["stats"]["distill_augmented_rows"] == 100
     assert load_predictor(out, threads=1).predict_logits(["a fine film"]).shape == (1, 2)
+
+
+def test_weight_averaging_ends_with_the_mean_of_the_last_steps_weights(teacher, tiny_teacher_dir, small_splits):
+    """kd_train's average_last: the student it returns holds the mean of its
+    weights after each of the last ceil(share x steps) steps (stochastic
+    weight averaging), taken here from a run without averaging that records
+    the weights after every step; same seed, same batches, same steps."""
+    from shrinkflow.compress.distill import kd_train, make_student, teacher_outputs
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    tok.no_padding()
+    texts = small_splits["train"]["text"].tolist()[:64]
+    seqs = [e.ids for e in tok.encode_batch(texts)]
+    labels = small_splits["train"]["label"].to_numpy()[:64]
+    targets, _ = teacher_outputs(teacher, seqs)
+    kw = dict(epochs=2, learning_rate=3e-3, temperature=2.0, alpha_kl=1.0, batch_size=16, warmup_fraction=0.1,
+              seed=3, threads=1, progress=False)        # 8 steps
+    plain = make_student(teacher, (1,))
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    seen: list[dict] = []
+    torch.manual_seed(0)           # dropout draws from torch's own generator
+    kd_train(plain, seqs, targets, labels, **kw,
+             after_step=lambda: seen.append({k: v.detach().clone() for k, v in plain.state_dict().items()}))
+    assert len(seen) == 8
+    averaged = make_student(teacher, (1,))
+    averaged.load_state_dict(start)
+    torch.manual_seed(0)
+    kd_train(averaged, seqs, targets, labels, **kw, average_last=0.3)      # ceil(2.4): the last 3 steps
+    got = averaged.state_dict()
+    name = "classifier.weight"
+    want = torch.stack([s[name] for s in seen[-3:]]).mean(dim=0)
+    assert torch.allclose(got[name], want, atol=1e-6)
+    assert not torch.allclose(got[name], seen[-1][name], atol=1e-4)     # not the last step's
+    for k, v in got.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, torch.stack([s[k] for s in seen[-3:]]).mean(dim=0), atol=1e-6), k
+        else:
+            assert torch.equal(v, seen[-1][k]), k
+    with pytest.raises(ValueError, match="average_last must be in"):
+        kd_train(averaged, seqs, targets, labels, **kw, average_last=1.0)
+    with pytest.raises(ValueError, match="mean of masked weights"):
+        kd_train(averaged, seqs, targets, labels, **kw, average_last=0.5, after_step=lambda: None)

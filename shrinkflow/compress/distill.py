@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 
@@ -124,13 +125,20 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
              learning_rate: float, temperature: float, alpha_kl: float, batch_size: int,
              warmup_fraction: float, seed: int, threads: int = 2, progress: bool = True,
              log: list | None = None, desc: str = "distill", after_step=None,
-             hidden: list | None = None, hidden_weight: float = 0.0):
+             hidden: list | None = None, hidden_weight: float = 0.0, average_last: float = 0.0):
     """Train ``student`` on the teacher's logits ``targets`` (and hard labels).
 
     Shared by distillation and by structured pruning's recovery phase.
     ``log`` (if given) receives the loss of every step. With ``hidden_weight``
     > 0, student layer k also matches ``hidden[i][:, k]``, the cached teacher
     layer outputs of sequence i (``teacher_outputs``).
+
+    ``average_last`` (a fraction of the steps, 0 <= x < 1): the student ends
+    with the mean of its weights after each of the last ``average_last`` of
+    the steps instead of the last step's (stochastic weight averaging:
+    Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+    Generalization", UAI 2018); 0: the last step's. Raises ValueError with
+    ``after_step`` (the mean of masked weights is not masked) or outside [0, 1).
     """
     import torch
     from tqdm.auto import tqdm
@@ -138,11 +146,18 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
 
     from shrinkflow.train import _pad, length_grouped_batches
 
+    if not 0.0 <= average_last < 1.0:
+        raise ValueError(f"average_last must be in [0, 1), got {average_last}")
+    if average_last and after_step is not None:
+        raise ValueError("average_last with after_step: the mean of masked weights is not masked")
     torch.set_num_threads(threads)
     targets = torch.as_tensor(targets)
     student.train()
     rng = np.random.default_rng(seed)
     total = -(-len(seqs) // batch_size) * epochs
+    # the steps whose weights are averaged: the last ceil(average_last * total)
+    first_averaged = total - math.ceil(average_last * total) if average_last else total
+    mean, averaged, done = None, 0, 0
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -172,8 +187,22 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
                 after_step()
             if log is not None:
                 log.append(loss.item())
+            done += 1
+            if done > first_averaged:
+                with torch.no_grad():
+                    if mean is None:
+                        mean = {k: v.detach().clone().float() for k, v in student.state_dict().items()
+                                if v.is_floating_point()}
+                    else:
+                        state = student.state_dict()
+                        for k, m in mean.items():
+                            m.add_(state[k].float() - m, alpha=1.0 / (averaged + 1))
+                averaged += 1
             bar.update(1)
     bar.close()
+    if mean is not None and averaged > 1:
+        state = student.state_dict()
+        student.load_state_dict({k: mean[k].to(v.dtype) if k in mean else v for k, v in state.items()})
     student.eval()
     return student
 
@@ -210,7 +239,8 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
              learning_rate=step.learning_rate,
              temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
-             log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight)
+             log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight,
+             average_last=step.warm_start_average_last if warm else 0.0)
     print(f"distill: {len(step.layers)}-layer student{' (warm start)' if warm else ''} in "
           f"{time.perf_counter() - t0:.0f}s")
     return student
