@@ -475,6 +475,15 @@ class DistillStep(_Frozen):
     # gap on three windows of ~1,000 tweets against 65%, 57% and 100%
     # without (bench/results/recompress_swa.md, recompress_heldout.md).
     warm_start_average_last: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # Warm re-distillations averaged into the student (a uniform model soup:
+    # Wortsman et al., ICML 2022): each from the production student, with
+    # its own seed and its own sample of the training rows, at
+    # warm_start_train_rows_per_window_text / soup rows per window text, on
+    # the same window; 1: one re-distillation. Not the default: a soup of
+    # two recovered 73%, 63% and 38% of the gap on three windows of ~1,000
+    # tweets against 65%, 57% and 100% for one, in 20-25 s more compress
+    # (bench/results/recompress_soup.md, recompress_swa.md, recompress_heldout.md).
+    warm_start_soup: Annotated[int, Field(ge=1, le=8)] = 1
     # Share of the production student's weights kept after a warm
     # re-distillation: every weight becomes (1 - w) * new + w * production
     # (weight-space ensembling, WiSE-FT: Wortsman et al., "Robust fine-tuning
@@ -515,7 +524,7 @@ class DistillStep(_Frozen):
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs",
                                                   "warm_start_train_rows_per_window_text",
                                                   "warm_start_window_repeats", "warm_start_window_augment_copies",
-                                                  "warm_start_average_last",
+                                                  "warm_start_average_last", "warm_start_soup",
                                                   "warm_start_interpolation", "warm_start_max_val_drop_points",
                                                   "warm_start_max_teacher_val_drop_points",
                                                   "warm_start_across_teachers")

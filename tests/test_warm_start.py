@@ -724,3 +724,38 @@ def test_distillation_reads_the_production_labels_texts_and_the_key_follows_them
     import hashlib
     assert unlabelled_hash(root) == hashlib.sha256(
         f"{sha256_file(root / UNLABELLED)}:{sha256_file(root / UNLABELLED_PREPARED)}".encode()).hexdigest()
+
+
+def test_a_soup_is_the_mean_of_its_members_each_with_its_own_seed_and_half_the_training_rows(
+        tmp_path, tiny_teacher_dir, small_splits):
+    """warm_start_soup 2: two warm re-distillations from the production
+    student on the same window, seeds 0 and 1, each on its own sample of
+    rows_per_window_text / 2 training rows; the student is the mean of their
+    weights. Each member, built alone as a one-member warm build with its
+    seed and rows, is that member; a cold build ignores the soup."""
+    import torch
+
+    from shrinkflow.compress.warm import average_weights
+
+    distil(tiny_teacher_dir, small_splits, STEP, student_dir=tmp_path / "sidecar")
+    window = [f"production sentence number {i}" for i in range(6)]
+    step = STEP.model_copy(update={"warm_start_train_rows_per_window_text": 4.0})
+    soup = distil(tiny_teacher_dir, small_splits, step.model_copy(update={"warm_start_soup": 2}), window=window,
+                  warm=tmp_path / "sidecar")
+    assert soup.run_stats["warm_start_soup"] == 2
+    assert soup.run_stats["warm_start_train_rows"] == 2 * 12 and soup.run_stats["distill_rows"] == 2 * (12 + 6)
+    half = step.model_copy(update={"warm_start_train_rows_per_window_text": 2.0})
+    members = [distil(tiny_teacher_dir, small_splits, half.model_copy(update={"seed": s}), window=window,
+                      warm=tmp_path / "sidecar") for s in (0, 1)]
+    assert all(m.run_stats["warm_start_train_rows"] == 12 for m in members)
+    a, b, got = state(members[0].model), state(members[1].model), state(soup.model)
+    assert not same_state(a, b)
+    for k, v in got.items():
+        want = (a[k] + b[k]) / 2 if v.is_floating_point() else a[k]
+        assert torch.allclose(v, want, atol=1e-6), k
+    assert "warm_start_soup" not in distil(tiny_teacher_dir, small_splits, step.model_copy(
+        update={"warm_start_soup": 2}), window=window).run_stats              # cold: one student
+    with pytest.raises(ValueError, match="differ in their tensors"):
+        average_weights([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
+    with pytest.raises(ValueError, match="at least one"):
+        average_weights([])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
@@ -290,56 +290,33 @@ class Distill(Method):
         return True
 
     def apply(self, step, build: Build) -> None:
-        from shrinkflow.compress.augment import augment_texts
-        from shrinkflow.compress.distill import distill, hidden_targets, teacher_outputs
-        from shrinkflow.compress.warm import interpolate, mix_rows, save_sidecar, warm_source, warm_student
+        from shrinkflow.compress.distill import hidden_targets, teacher_outputs
+        from shrinkflow.compress.warm import average_weights, interpolate, save_sidecar, warm_source, warm_student
 
         model, tokenizer_json = build.model, build.tokenizer_json
         seqs = build.train_seqs()
         wanted = hidden_targets(step.layers, model.config.num_hidden_layers) if step.hidden_weight > 0 else ()
         # The whole split's outputs even for a warm start's sample: later
         # steps (build.teacher_logits) read them, and the cache holds them.
-        build.teacher_targets, d_hidden = build.teacher_outputs(seqs, wanted)
-        d_seqs, d_targets, d_labels = seqs, build.teacher_targets, np.asarray(build.train_labels)
-        train_texts = list(build.train_texts)
+        build.teacher_targets, s_hidden = build.teacher_outputs(seqs, wanted)
         extra = window_texts(build.unlabelled_texts) if step.use_unlabelled else []
         warm = build.warm_start if step.warm_start else None
+        # The teacher's outputs on the window, once for every member of a soup.
+        window_out = None
+        if extra:
+            w_seqs = encode_unpadded(tokenizer_json, extra)
+            window_out = (w_seqs, *teacher_outputs(model, w_seqs, wanted))
+        soup = step.warm_start_soup if warm is not None else 1
+        members = [self._distill_one(build, step.model_copy(update={"seed": step.seed + m}) if m else step, model,
+                                     tokenizer_json, seqs, s_hidden, wanted, extra, window_out, warm, soup)
+                   for m in range(soup)]
+        build.model = members[0].student if soup == 1 else average_weights([m.student for m in members])
         if warm is not None:
-            # Re-distillation from the production student: the window, and
-            # the training text at the asked ratio so the student keeps what
-            # it knew in domain.
-            rows = mix_rows(len(extra), len(seqs), step.warm_start_train_rows_per_window_text, step.seed)
-            d_seqs, d_targets, d_labels = [seqs[i] for i in rows], d_targets[rows], d_labels[rows]
-            d_hidden = [d_hidden[i] for i in rows] if d_hidden else d_hidden
-            train_texts = [train_texts[i] for i in rows]
-            build.run_stats["warm_start_train_rows"] = len(rows)
-        augmented = augment_texts(train_texts, step.augment_copies, step.seed, step.augment_replace_fraction)
-        if warm is not None and step.warm_start_window_augment_copies:
-            # variants of the window's own texts, words drawn from the window
-            # (another seed than the split's copies)
-            window_variants = augment_texts(extra, step.warm_start_window_augment_copies, step.seed + 1,
-                                            step.augment_replace_fraction)
-            augmented = augmented + window_variants
-            build.run_stats["warm_start_window_augmented_rows"] = len(window_variants)
-        for more in (extra, augmented):
-            if more:
-                # The teacher labels text that has no label (production
-                # window, augmented variants): soft labels, and its argmax
-                # as the hard label (pseudo-labelling).
-                u_seqs = encode_unpadded(tokenizer_json, more)
-                u_targets, u_hidden = teacher_outputs(model, u_seqs, wanted)
-                if more is extra and warm is not None and step.warm_start_window_repeats > 1:
-                    # the window weighed up against the training rows: the
-                    # same texts and teacher outputs, seen that many times
-                    k = step.warm_start_window_repeats
-                    u_seqs, u_hidden, u_targets = u_seqs * k, list(u_hidden) * k, np.tile(u_targets, (k, 1))
-                d_seqs = d_seqs + u_seqs
-                d_hidden = d_hidden + u_hidden
-                d_targets = np.concatenate([d_targets, u_targets])
-                d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
-        student = warm_student(model, step.layers, warm) if warm is not None else None
-        build.model = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
-                              targets=d_targets, hidden=d_hidden or None, student=student)
+            build.run_stats["warm_start_train_rows"] = sum(m.train_rows for m in members)
+            if members[0].window_variants:
+                build.run_stats["warm_start_window_augmented_rows"] = members[0].window_variants
+        if soup > 1:
+            build.run_stats["warm_start_soup"] = soup
         grid = step.interpolation_grid
         if warm is not None and grid is not None and build.finish is not None:
             # Steps follow: each share is scored as the candidate it becomes.
@@ -356,10 +333,77 @@ class Distill(Method):
             save_sidecar(build.model, build.student_dir, candidate=build.candidate, layers=step.layers,
                          teacher_hash=build.teacher_hash, labels=model_labels(build.model))
         build.stats["layers"] = list(step.layers)
-        build.run_stats.update({"warm_start_from": warm_source(warm), "distill_rows": len(d_seqs),
+        build.run_stats.update({"warm_start_from": warm_source(warm), "distill_rows": sum(m.rows for m in members),
                                 "distill_epochs": step.warm_start_epochs if warm is not None else step.epochs})
         build.stats["distill_unlabelled_rows"] = len(extra)
-        build.stats["distill_augmented_rows"] = len(augmented)
+        build.stats["distill_augmented_rows"] = members[0].augmented
+
+    @staticmethod
+    def _distill_one(build: Build, step, model, tokenizer_json, seqs, s_hidden, wanted, extra, window_out, warm,
+                     soup: int) -> "_Member":
+        """One distilled student (one member of a soup of ``soup``, with its
+        own ``step.seed``): the training split, or on a warm start its seeded
+        sample at warm_start_train_rows_per_window_text / soup rows per
+        window text, plus the window (the teacher's outputs ``window_out``:
+        seqs, logits, layer outputs; repeated as asked) and the
+        teacher-labelled augmented text."""
+        from shrinkflow.compress.augment import augment_texts
+        from shrinkflow.compress.distill import distill, teacher_outputs
+        from shrinkflow.compress.warm import mix_rows, warm_student
+
+        d_seqs, d_targets, d_labels = seqs, build.teacher_targets, np.asarray(build.train_labels)
+        d_hidden = s_hidden
+        train_texts = list(build.train_texts)
+        if warm is not None:
+            # Re-distillation from the production student: the window, and
+            # the training text at the asked ratio so the student keeps what
+            # it knew in domain.
+            rows = mix_rows(len(extra), len(seqs), step.warm_start_train_rows_per_window_text / soup, step.seed)
+            d_seqs, d_targets, d_labels = [seqs[i] for i in rows], d_targets[rows], d_labels[rows]
+            d_hidden = [d_hidden[i] for i in rows] if d_hidden else d_hidden
+            train_texts = [train_texts[i] for i in rows]
+        augmented = augment_texts(train_texts, step.augment_copies, step.seed, step.augment_replace_fraction)
+        if warm is not None and step.warm_start_window_augment_copies:
+            # variants of the window's own texts, words drawn from the window
+            # (another seed than the split's copies)
+            window_variants = augment_texts(extra, step.warm_start_window_augment_copies, step.seed + 1,
+                                            step.augment_replace_fraction)
+            augmented = augmented + window_variants
+        for more in (extra, augmented):
+            if more:
+                # The teacher labels text that has no label (production
+                # window, augmented variants): soft labels, and its argmax
+                # as the hard label (pseudo-labelling).
+                if more is extra:
+                    u_seqs, u_targets, u_hidden = window_out
+                else:
+                    u_seqs = encode_unpadded(tokenizer_json, more)
+                    u_targets, u_hidden = teacher_outputs(model, u_seqs, wanted)
+                if more is extra and warm is not None and step.warm_start_window_repeats > 1:
+                    # the window weighed up against the training rows: the
+                    # same texts and teacher outputs, seen that many times
+                    k = step.warm_start_window_repeats
+                    u_seqs, u_hidden, u_targets = u_seqs * k, list(u_hidden) * k, np.tile(u_targets, (k, 1))
+                d_seqs = d_seqs + u_seqs
+                d_hidden = d_hidden + u_hidden
+                d_targets = np.concatenate([d_targets, u_targets])
+                d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
+        student = warm_student(model, step.layers, warm) if warm is not None else None
+        student = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
+                          targets=d_targets, hidden=d_hidden or None, student=student)
+        return _Member(student, len(d_seqs), len(rows) if warm is not None else 0, len(augmented),
+                       len(window_variants) if warm is not None and step.warm_start_window_augment_copies else 0)
+
+
+class _Member(NamedTuple):
+    """One distilled student of a soup and its rows: all, the training rows
+    sampled (a warm start), augmented, and the window's own variants."""
+
+    student: Any
+    rows: int
+    train_rows: int
+    augmented: int
+    window_variants: int
 
 
 @register

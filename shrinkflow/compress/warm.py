@@ -176,6 +176,29 @@ def interpolate(student, production, keep: float) -> dict:
     return {"tensors": n}
 
 
+def average_weights(students: list):
+    """A uniform model soup (Wortsman et al., "Model soups: averaging
+    weights of multiple fine-tuned models improves accuracy without
+    increasing inference time", ICML 2022): the first of ``students`` (the
+    same architecture, fine-tuned from the same weights), every
+    floating-point tensor of its state replaced, in place, by the mean of
+    that tensor over all of them; returned. Raises ValueError for an empty
+    list or states that differ in their tensors or shapes."""
+    import torch
+
+    if not students:
+        raise ValueError("average_weights needs at least one student")
+    states = [m.state_dict() for m in students]
+    first = states[0]
+    if any(st.keys() != first.keys() or any(st[k].shape != first[k].shape for k in first) for st in states[1:]):
+        raise ValueError("cannot average: the students differ in their tensors")
+    with torch.no_grad():
+        for k, t in first.items():
+            if t.is_floating_point():
+                t.copy_(torch.stack([st[k].float() for st in states]).mean(dim=0).to(t.dtype))
+    return students[0]
+
+
 def chooses_on_val(candidate) -> bool:
     """Whether a warm start of ``candidate`` reads the val split: a distill
     step whose ``warm_start_interpolation`` is a grid."""
