@@ -528,7 +528,7 @@ def _say_if_production_moved(s: Session, before: str | None) -> None:
     after = _production_alias(s)
     if after is not None and after != before:
         typer.echo(f"note: production moved to {after} (from {before or 'none'}) before the run stopped; dvc.lock "
-                   f"does not record that deploy, so the next run deploys again"
+                   f"does not record that deploy, so the next run re-runs it (and finds {after} already deployed)"
                    + (f"; `shrinkflow rollback --to {before}` returns to the version before)" if before else ")"),
                    err=True)
 

@@ -86,6 +86,20 @@ def deploy(params, root: Path) -> None:
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(root / params.deploy.registry_dir)
+    if already_deployed(registry, measured.content_hash, record):
+        # A run stopped after this very deploy moved production and before
+        # DVC recorded the stage: the same files, validated by the same
+        # stages (the lineage holds their dvc.lock entries). Deploying again
+        # would only store a copy as a new version.
+        now = registry.alias()
+        manifest = registry.version_manifest(now)
+        save(DEPLOYMENT, DeploymentRecord(version=now, previous=registry.previous_production(),
+                                          same_model_as=manifest.same_model_as, candidate=chosen,
+                                          registry=params.deploy.registry_dir, content_hash=manifest.content_hash,
+                                          roi=cost), root)
+        print(f"deploy: {chosen} is production as {now} already (the same files and the same lineage: an earlier "
+              "run deployed it and stopped before DVC recorded the stage); nothing promoted again")
+        return
     promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files,
                              warm_start=warm_start_sidecar(root, chosen))
     # Read back through its model: what was stored is a valid version manifest.
@@ -98,6 +112,21 @@ def deploy(params, root: Path) -> None:
           + (f" (same model files as {promo.same_model_as})" if promo.same_model_as else ""))
     for line in roi_lines(cost.to_json_dict()):
         print(f"deploy: {line}")
+
+
+def already_deployed(registry, content_hash: str, record: dict) -> bool:
+    """Whether the registry's production version is this very deploy: the
+    same model files (``content_hash``) and the same lineage as ``record``
+    (git commit, params, data, teacher and the chain's dvc.lock entries, the
+    validate stage's outputs among them), compared as JSON."""
+    import json
+
+    now = registry.alias()
+    if now is None:
+        return False
+    manifest = registry.manifest(now)
+    return (manifest.get("content_hash") == content_hash
+            and manifest.get("lineage") == json.loads(json.dumps(record["lineage"])))
 
 
 def keep_production(params, root: Path, gates) -> None:

@@ -149,6 +149,19 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
                                 "compress": "ran", "validate": "ran", "deploy": "ran"}
     assert reg.alias() == "v0002" and reg.versions() == ["v0001", "v0002"]
 
+    # 4b. A run stopped after deploy moved production, before DVC recorded the
+    #     stage (dvc.lock without it; a helper's finding): the next run re-runs
+    #     deploy, which finds v0002 already is this deploy and stores no copy.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    del lock["stages"]["deploy"]
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    code, out = run_cli(project, harness, "run")
+    assert code == 0, out
+    assert stages_line(out)["deploy"] == "ran" and stages_line(out)["validate"] == "skipped", out[-3000:]
+    assert "is production as v0002 already" in out, out[-3000:]
+    assert reg.versions() == ["v0001", "v0002"] and reg.alias() == "v0002"
+    assert json.loads((project / "deploy/deployment.json").read_text())["version"] == "v0002"
+
     # 5. An impossible gate: exit 1 naming the gate and margin; v0002 keeps serving.
     write_params(project / "params.yaml", deep_merge(TINY, {
         "compress": {"candidates": [{"name": "int8", "recipe": [{"method": "quantize", "per_channel": True}]}]},

@@ -303,3 +303,26 @@ def test_a_candidate_tied_on_labels_deploys_on_its_soft_agreement_gain(candidate
     assert gain.note.startswith("soft agreement ") and "labels 0.8 against production v0003's 0.8 (+0)" in gain.note
     assert (sel.selected == "small") is deploys
     assert "soft_agreement" in json.dumps(report.to_json_dict())
+
+
+def test_deploy_finds_its_own_earlier_deploy_in_production_and_promotes_nothing_again(tmp_path):
+    """A helper's finding: a run stopped after deploy moved production, before
+    DVC recorded the stage; the next run re-ran deploy and stored the same
+    files as a new version. Production with the same files *and* the same
+    lineage is that deploy; another lineage (a re-validation, new data) or
+    other files is a new fact, and a new version."""
+    from shrinkflow.registry import Registry
+    from stages.deploy import already_deployed
+    from tests.registry_outputs import build
+
+    reg = Registry(build(tmp_path / "registry", "v0003"))
+    manifest = reg.manifest("v0003")
+    record = {"lineage": manifest["lineage"]}
+    assert already_deployed(reg, manifest["content_hash"], record)
+    assert not already_deployed(reg, "0" * 64, record)                          # other files
+    other = json.loads(json.dumps(manifest["lineage"]))
+    other["params_sha256"] = "another"
+    assert not already_deployed(reg, manifest["content_hash"], {"lineage": other})   # another lineage
+    (tmp_path / "registry" / "aliases.json").write_text(json.dumps({"production": "v0002"}))
+    assert not already_deployed(reg, manifest["content_hash"], record)          # production is another version
+    assert not already_deployed(Registry(build(tmp_path / "none", "empty")), manifest["content_hash"], record)
