@@ -1585,6 +1585,11 @@ def main() -> None:
     ``shrinkflow.bootstrap.exit_without_teardown``."""
     try:
         code = app(standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:
+            # Typer turns a KeyboardInterrupt (Ctrl-C, or SIGTERM/SIGHUP via
+            # _stop_on_signals) into Exit(130) and returns it: said like one
+            # raised here (a helper's finding: exit 130 with nothing said)
+            typer.echo("interrupted", err=True)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(ExitCode.INTERRUPTED)

@@ -169,6 +169,8 @@ def test_a_run_stopped_by_sigterm_or_killed_leaves_no_prefect_server_behind(tmp_
             run.send_signal(sig)
             _, err = run.communicate(timeout=120)
             assert run.returncode == code, err[-3000:]
+            if sig == signal.SIGTERM:       # said as an interrupt, as Ctrl-C is
+                assert err.rstrip().endswith("interrupted"), err[-3000:]
             try:
                 server.wait(timeout=60)     # SIGTERM: stopped on the way out; SIGKILL: by its watchdog
             except psutil.TimeoutExpired:
