@@ -528,8 +528,11 @@ def _say_if_production_moved(s: Session, before: str | None) -> None:
     after = _production_alias(s)
     if after is not None and after != before:
         typer.echo(f"note: production moved to {after} (from {before or 'none'}) before the run stopped; dvc.lock "
-                   f"does not record that deploy, so the next run re-runs it (and finds {after} already deployed)"
-                   + (f"; `shrinkflow rollback --to {before}` returns to the version before)" if before else ")"),
+                   f"does not record that deploy, so the next run deploys again: it finds {after} already in "
+                   "production when nothing changed in between (no commit, no params edit, no rollback), else it "
+                   "stores a new version"
+                   + (f"; `shrinkflow rollback --to {before}` returns to the version before (a run after it "
+                      "deploys again)" if before else ""),
                    err=True)
 
 

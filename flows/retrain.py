@@ -21,6 +21,7 @@ from shrinkflow.projectlock import project_lock
 from shrinkflow.retrain import teacher_rejection
 from shrinkflow.tracked_params import load_project_params
 from tasks.dvc import repro_stage_with_retries
+from tasks.monitor import clear_production
 from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, production_version, record_previous_teacher,
                            restore_after_interruption, restore_state, retrain_outcome, save_state,
@@ -107,6 +108,7 @@ def _retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict, para
         restored = restore_state(project_dir, {"feedback_md5": feedback["md5"], "reason": rejected,
                                                "requested_by": trigger,
                                                "teacher_gates": result["gates"]["teacher_gates"]})
+        clear_production(project_dir)    # the baseline copy: no retrained teacher left to compare with
         print(f"retrain: the retrained teacher was rejected; the project is back as it was before the retrain "
               f"(teacher {restored['teacher']}), the rejection recorded in data/feedback/rejected.jsonl")
     print(f"retrain: {'deployed ' + result['deployed_version'] if result['deployed_version'] else 'nothing deployed'}"

@@ -402,6 +402,16 @@ def retrain_production(record, teacher_hash: str, val_md5: str,
     return prod, None
 
 
+def is_retrained(record, teacher_hash: str) -> bool:
+    """Whether the teacher whose files hash to ``teacher_hash`` is a retrain's:
+    ``record`` (a RetrainRecord) measured another teacher before a retrain.
+    False with no retrain recorded, or when the teacher is still the old one
+    (a rejected retrain was undone; a re-compression after a retrain that
+    did not change it)."""
+    prev = record.previous_teacher
+    return prev is not None and prev.content_hash != teacher_hash
+
+
 def retrained_teacher_gates(record, teacher_hash: str, val_accuracy: float, heldout_labels: Sequence[int],
                             heldout_predictions: Sequence[int], gates):
     """The teacher gates (shrinkflow.gates.teacher_gates) when the teacher
@@ -409,8 +419,8 @@ def retrained_teacher_gates(record, teacher_hash: str, val_accuracy: float, held
     RetrainRecord) measured before the retrain, else None: no retrain
     recorded, or the teacher is still the old one (a re-compression after a
     retrain that did not change it is not re-gated)."""
-    prev = record.previous_teacher
-    if prev is None or prev.content_hash == teacher_hash:
+    if not is_retrained(record, teacher_hash):
         return None
-    return teacher_gates(prev, val_accuracy, heldout_accuracy(heldout_labels, heldout_predictions), gates)
+    return teacher_gates(record.previous_teacher, val_accuracy,
+                         heldout_accuracy(heldout_labels, heldout_predictions), gates)
 

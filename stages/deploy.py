@@ -88,9 +88,9 @@ def deploy(params, root: Path) -> None:
     registry = Registry(root / params.deploy.registry_dir)
     if already_deployed(registry, measured.content_hash, record):
         # A run stopped after this very deploy moved production and before
-        # DVC recorded the stage: the same files, validated by the same
-        # stages (the lineage holds their dvc.lock entries). Deploying again
-        # would only store a copy as a new version.
+        # DVC recorded the stage: the same files and the same record,
+        # validated by the same stages (the lineage holds their dvc.lock
+        # entries). Deploying again would only store a copy as a new version.
         now = registry.alias()
         manifest = registry.version_manifest(now)
         save(DEPLOYMENT, DeploymentRecord(version=now, previous=registry.previous_production(),
@@ -116,17 +116,20 @@ def deploy(params, root: Path) -> None:
 
 def already_deployed(registry, content_hash: str, record: dict) -> bool:
     """Whether the registry's production version is this very deploy: the
-    same model files (``content_hash``) and the same lineage as ``record``
-    (git commit, params, data, teacher and the chain's dvc.lock entries, the
-    validate stage's outputs among them), compared as JSON."""
+    same model files (``content_hash``) and, key by key, the same ``record``
+    (compared as JSON): the lineage (git commit, params, data, teacher and
+    the chain's dvc.lock entries, the validate stage's outputs among them),
+    the figures, the selection and the cost and return (so a change only
+    deploy reads, such as ``cost.price_per_core_hour_usd``, is a new
+    version)."""
     import json
 
     now = registry.alias()
     if now is None:
         return False
     manifest = registry.manifest(now)
-    return (manifest.get("content_hash") == content_hash
-            and manifest.get("lineage") == json.loads(json.dumps(record["lineage"])))
+    return manifest.get("content_hash") == content_hash and all(
+        manifest.get(k) == v for k, v in json.loads(json.dumps(record)).items())
 
 
 def keep_production(params, root: Path, gates) -> None:

@@ -31,7 +31,7 @@ def validate(params, root: Path) -> None:
     from shrinkflow.catalog import load_retrain_record
     from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE
     from shrinkflow.validation import (CONFIRMATION_SPLIT, PRODUCTION_CANDIDATE, SELECTION_SPLIT,
-                                       check_model_labels, gate_teacher, retrain_production,
+                                       check_model_labels, gate_teacher, is_retrained, retrain_production,
                                        retrained_teacher_gates, validate_runs)
 
     # Class ids in the splits index this tuple; every model must output its
@@ -77,6 +77,13 @@ def validate(params, root: Path) -> None:
     # re-compression: production is measured beside the candidates there.
     # Read before the models are measured, so a bad record fails in seconds.
     retrain = load_retrain_record(root)
+    if baseline_only and not is_retrained(retrain, teacher_hash):
+        # a retrain's copy left behind (a rejected retrain, then `dvc repro`):
+        # this teacher is no retrain's, so there is nothing to be a baseline of
+        print(f"validate: production {production_version}'s copy is a retrain's baseline, but the teacher is not "
+              "a retrained one (data/feedback/retrain.json): it is not measured")
+        del dirs[PRODUCTION_CANDIDATE]
+        production_version, baseline_only = None, False
     recorded, why_not = (retrain_production(retrain, teacher_hash, file_md5(root / split_path(SELECTION_SPLIT)),
                                             file_md5(root / split_path(CONFIRMATION_SPLIT)))
                          if params.validate.gates.max_accuracy_drop_vs_production is not None
@@ -151,13 +158,21 @@ def read_production(root: Path, label_names) -> tuple[str | None, str | None]:
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL
 
-    meta = read_json(root / PRODUCTION_META) if (root / PRODUCTION_META).is_file() else None
-    if not meta or not (root / PRODUCTION_MODEL).is_dir():
+    from shrinkflow.errors import DataError
+
+    if not (root / PRODUCTION_META).is_file() or not (root / PRODUCTION_MODEL).is_dir():
         return None, None
+    try:
+        meta = read_json(root / PRODUCTION_META)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{root / PRODUCTION_META} is not JSON ({exc}); remove {root / PRODUCTION_META.parent} "
+                        "and re-run (a re-compression or retrain copies production again)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("version"), str) or not meta["version"]:
+        raise DataError(f"{root / PRODUCTION_META} must be an object naming the production \"version\" (got "
+                        f"{meta!r:.80}); remove {root / PRODUCTION_META.parent} and re-run (a re-compression or "
+                        "retrain copies production again)")
     role = meta.get("role", PRODUCTION_ROLE_CANDIDATE)
     if role not in (PRODUCTION_ROLE_CANDIDATE, PRODUCTION_ROLE_BASELINE):
-        from shrinkflow.errors import DataError
-
         raise DataError(f"{root / PRODUCTION_META}: role {role!r} is neither {PRODUCTION_ROLE_CANDIDATE!r} nor "
                         f"{PRODUCTION_ROLE_BASELINE!r}")
     labels = read_manifest(root / PRODUCTION_MODEL).get("labels")

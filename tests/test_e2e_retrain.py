@@ -173,10 +173,16 @@ def test_a_retrain_appends_feedback_retrains_the_teacher_and_deploys_with_lineag
     for r, t in zip(rows, wrong):   # every new label contradicts the retrained teacher
         log.add_feedback(r.prediction_id, 1 - int(t))
 
+    # as if a re-compression had left held-out window texts: the retrain
+    # measures production beside its candidates, as their window baseline
+    (project / "data/unlabelled/heldout.txt").write_text("\n".join(more[:20]) + "\n", encoding="utf-8")
     code, out = run_cli(project, prefect_api, "monitor")
     assert code == 1, out[-4000:]   # deployed nothing (docs/exit-codes.md)
     assert "verdict: retrain" in out and "Running stage 'train'" in out, out[-4000:]
     assert "the retrained teacher was rejected" in out, out[-4000:]
+    assert f"production {new} is measured as the baseline of a retrain's candidates" in out, out[-4000:]
+    # ... and its copy goes with the rejected teacher: a later validate of the kept one never reads it
+    assert not (project / "data/unlabelled/production/version.json").exists()
     assert reg.alias() == new                                     # production untouched
     assert (project / "models/teacher/model.safetensors").read_bytes() == kept_teacher
     # the rejected retrain staged the retrained teacher to average with; the first one's copy is back

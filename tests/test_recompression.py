@@ -200,6 +200,45 @@ def test_validate_reads_the_production_copy_s_role_and_refuses_one_it_does_not_k
         assert str(tmp_path / PRODUCTION_META) in str(err.value)
 
 
+@pytest.mark.parametrize("body, why", [
+    ("", "is not JSON"), ("{not json", "is not JSON"), (b"\xff\xfe", "is not JSON"),
+    ("[1]", "must be an object naming"), ('"baseline"', "must be an object naming"), ("{}", "must be an object"),
+    ('{"content_hash": "h"}', "must be an object"), ('{"version": null}', "must be an object"),
+    ('{"version": ""}', "must be an object"), ('{"version": 3}', "must be an object"),
+    ('{"version": "v0007", "role": null}', "is neither"), ('{"version": "v0007", "role": ["baseline"]}', "is neither"),
+])
+def test_every_malformed_production_copy_record_is_refused_naming_the_file(tmp_path, body, why):
+    """A helper's finding: a version.json that is not JSON, not an object or
+    names no version gave a JSONDecodeError, AttributeError or KeyError
+    traceback, or (``{}``) left production silently unmeasured."""
+    from shrinkflow.errors import DataError
+    from shrinkflow.files import write_json
+    from stages.validate import read_production
+
+    (tmp_path / PRODUCTION_MODEL).mkdir(parents=True)
+    write_json(tmp_path / PRODUCTION_MODEL / "shrinkflow_model.json", {"format": "onnx", "labels": list(BINARY)})
+    meta = tmp_path / PRODUCTION_META
+    meta.write_bytes(body if isinstance(body, bytes) else body.encode())
+    with pytest.raises(DataError, match=why) as err:
+        read_production(tmp_path, BINARY)
+    assert str(meta) in str(err.value)
+
+
+def test_a_baseline_copy_counts_only_for_a_retrained_teacher():
+    """A rejected retrain leaves its baseline copy; a later validate (`dvc
+    repro`) of the teacher it kept must not measure production as a
+    retrain's baseline (a helper's finding): only a teacher other than the
+    one the retrain record measured before is a retrain's."""
+    from shrinkflow.artifacts import PreviousTeacher, RetrainRecord
+    from shrinkflow.validation import is_retrained
+
+    record = RetrainRecord(previous_teacher=PreviousTeacher(content_hash="old", val_accuracy=0.9,
+                                                            feedback_heldout_accuracy=0.5, feedback_heldout_rows=4))
+    assert is_retrained(record, "new")
+    assert not is_retrained(record, "old")            # the retrain was undone: the teacher it measured
+    assert not is_retrained(RetrainRecord(), "new")   # no retrain recorded
+
+
 def test_a_retrain_stages_production_as_a_baseline_only_where_a_held_out_window_gates(tmp_path):
     """An earlier re-compression's held-out window texts: production is
     staged with role "baseline"; none, or an empty file: any copy (a
@@ -323,6 +362,12 @@ def test_deploy_finds_its_own_earlier_deploy_in_production_and_promotes_nothing_
     other = json.loads(json.dumps(manifest["lineage"]))
     other["params_sha256"] = "another"
     assert not already_deployed(reg, manifest["content_hash"], {"lineage": other})   # another lineage
+    # a change only deploy reads (the price in the cost and return): a new version
+    full = {k: manifest[k] for k in ("lineage", "roi", "selection", "metrics", "candidate")}
+    assert already_deployed(reg, manifest["content_hash"], full)
+    pricier = json.loads(json.dumps(full))
+    pricier["roi"]["price_per_core_hour"] = 0.5
+    assert not already_deployed(reg, manifest["content_hash"], pricier)
     (tmp_path / "registry" / "aliases.json").write_text(json.dumps({"production": "v0002"}))
     assert not already_deployed(reg, manifest["content_hash"], record)          # production is another version
     assert not already_deployed(Registry(build(tmp_path / "none", "empty")), manifest["content_hash"], record)

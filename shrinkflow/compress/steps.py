@@ -317,6 +317,8 @@ class Distill(Method):
                 build.run_stats["warm_start_window_augmented_rows"] = members[0].window_variants
         if soup > 1:
             build.run_stats["warm_start_soup"] = soup
+        if warm is not None and step.warm_start_average_last:
+            build.run_stats["warm_start_average_last"] = step.warm_start_average_last
         grid = step.interpolation_grid
         if warm is not None and grid is not None and build.finish is not None:
             # Steps follow: each share is scored as the candidate it becomes.
