@@ -87,10 +87,11 @@ def stage_production_baseline(root: Path | str, registry_dir: str) -> str | None
     would decide nothing). Returns the version staged, or None. Raises as
     ``snapshot_production``."""
     from shrinkflow.paths import WINDOW_HELDOUT
+    from shrinkflow.splits import read_lines
 
     root = Path(root)
     heldout = root / WINDOW_HELDOUT
-    if not heldout.is_file() or not heldout.read_text(encoding="utf-8").strip():
+    if not heldout.is_file() or not read_lines(heldout):
         clear_production(root)
         return None
     return snapshot_production(root, registry_dir, PRODUCTION_ROLE_BASELINE)

@@ -204,29 +204,26 @@ def validate_runs(teacher_run: dict, candidate_runs: dict[str, dict], labels: di
     candidates = {n: candidate_figures(r, teacher_run, labels, conf, classes, files[n])
                   for n, r in candidate_runs.items()}
     baseline = None
-    if production_version is not None and production_baseline_only:
-        prod = candidates.pop(PRODUCTION_CANDIDATE)
-        prod_run = candidate_runs[PRODUCTION_CANDIDATE]
-        candidate_runs = {n: r for n, r in candidate_runs.items() if n != PRODUCTION_CANDIDATE}
-        rec, test = recorded_production, labels[CONFIRMATION_SPLIT]
+    if production_version is not None:
+        prod_name = PRODUCTION_CANDIDATE if production_baseline_only else (production_as or PRODUCTION_CANDIDATE)
+        prod_run = candidate_runs[prod_name]
+        if production_baseline_only:   # measured beside the candidates, not one of them
+            prod = candidates.pop(prod_name)
+            candidate_runs = {n: r for n, r in candidate_runs.items() if n != prod_name}
+        else:
+            ratios = production_ratios(candidate_runs, prod_name)
+            candidates = {n: m.model_copy(update={"p95_b1_ratio_vs_production": ratios[n]}) if n in ratios else m
+                          for n, m in candidates.items()}
+            prod = candidates[prod_name]
+        rec = recorded_production if production_baseline_only else None
+        test = labels[CONFIRMATION_SPLIT]
         baseline = ProductionBaseline(
             production_version, prod.agreement.get("window_heldout"),
             soft_agreement=(prod.soft_agreement or {}).get("window_heldout"),
+            speedup_p95_b1=None if production_baseline_only else prod.speedup_p95_b1,
             accuracy=rec.val_accuracy if rec else prod.accuracy,
             test_accuracy=rec.test_accuracy if rec else (
                 quality(test, prod_run["predictions"][CONFIRMATION_SPLIT], classes)["accuracy"] if len(test) else None))
-    elif production_version is not None:
-        prod_name = production_as or PRODUCTION_CANDIDATE
-        ratios = production_ratios(candidate_runs, prod_name)
-        candidates = {n: m.model_copy(update={"p95_b1_ratio_vs_production": ratios[n]}) if n in ratios else m
-                      for n, m in candidates.items()}
-        prod = candidates[prod_name]
-        test = labels[CONFIRMATION_SPLIT]
-        baseline = ProductionBaseline(production_version, prod.agreement.get("window_heldout"),
-                                      soft_agreement=(prod.soft_agreement or {}).get("window_heldout"),
-                                      speedup_p95_b1=prod.speedup_p95_b1, accuracy=prod.accuracy,
-                                      test_accuracy=quality(test, candidate_runs[prod_name]["predictions"][
-                                          CONFIRMATION_SPLIT], classes)["accuracy"] if len(test) else None)
     elif recorded_production is not None:
         baseline = ProductionBaseline(recorded_production.version, None, accuracy=recorded_production.val_accuracy,
                                       test_accuracy=recorded_production.test_accuracy)

@@ -86,18 +86,18 @@ def deploy(params, root: Path) -> None:
     }
     VersionManifest.check_record(record, gates.candidates[chosen], measured.files, measured.content_hash)
     registry = Registry(root / params.deploy.registry_dir)
-    if already_deployed(registry, measured.content_hash, record):
+    now = already_deployed(registry, measured.content_hash, record)
+    if now:
         # A run stopped after this very deploy moved production and before
         # DVC recorded the stage: the same files and the same record,
         # validated by the same stages (the lineage holds their dvc.lock
         # entries). Deploying again would only store a copy as a new version.
-        now = registry.alias()
         manifest = registry.version_manifest(now)
         save(DEPLOYMENT, DeploymentRecord(version=now, previous=registry.previous_production(),
                                           same_model_as=manifest.same_model_as, candidate=chosen,
                                           registry=params.deploy.registry_dir, content_hash=manifest.content_hash,
                                           roi=cost), root)
-        print(f"deploy: {chosen} is production as {now} already (the same files and the same lineage: an earlier "
+        print(f"deploy: {chosen} is production as {now} already (the same files and the same record: an earlier "
               "run deployed it and stopped before DVC recorded the stage); nothing promoted again")
         return
     promo = registry.promote(root / CANDIDATES / chosen, report, record, expected_files=measured.files,
@@ -114,8 +114,9 @@ def deploy(params, root: Path) -> None:
         print(f"deploy: {line}")
 
 
-def already_deployed(registry, content_hash: str, record: dict) -> bool:
-    """Whether the registry's production version is this very deploy: the
+def already_deployed(registry, content_hash: str, record: dict) -> str | None:
+    """The registry's production version when it is this very deploy, else
+    None: the
     same model files (``content_hash``) and, key by key, the same ``record``
     (compared as JSON): the lineage (git commit, params, data, teacher and
     the chain's dvc.lock entries, the validate stage's outputs among them),
@@ -126,10 +127,11 @@ def already_deployed(registry, content_hash: str, record: dict) -> bool:
 
     now = registry.alias()
     if now is None:
-        return False
+        return None
     manifest = registry.manifest(now)
-    return manifest.get("content_hash") == content_hash and all(
+    same = manifest.get("content_hash") == content_hash and all(
         manifest.get(k) == v for k, v in json.loads(json.dumps(record)).items())
+    return now if same else None
 
 
 def keep_production(params, root: Path, gates) -> None:

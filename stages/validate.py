@@ -152,13 +152,13 @@ def read_production(root: Path, label_names) -> tuple[str | None, str | None]:
     PRODUCTION_ROLE_CANDIDATE, the default of a copy that names none, or
     PRODUCTION_ROLE_BASELINE), or (None, None): no copy (the default), or
     one whose classes differ from the data's (it could not be compared;
-    said on stdout). Raises DataError for a role it does not know."""
+    said on stdout). Raises DataError for a version.json that is not an
+    object naming the version, or names a role it does not know."""
     from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE, PRODUCTION_ROLE_CANDIDATE
+    from shrinkflow.errors import DataError
     from shrinkflow.files import read_json
     from shrinkflow.modeling import read_manifest
     from shrinkflow.paths import PRODUCTION_META, PRODUCTION_MODEL
-
-    from shrinkflow.errors import DataError
 
     if not (root / PRODUCTION_META).is_file() or not (root / PRODUCTION_MODEL).is_dir():
         return None, None

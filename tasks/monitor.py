@@ -131,14 +131,12 @@ def archive_window(project_dir: str) -> str | None:
 
 
 @task(name="copy-production-model", cache_policy=NO_CACHE)
-def snapshot_production(project_dir: str, registry_dir: str, role: str = "candidate") -> str | None:
+def snapshot_production(project_dir: str, registry_dir: str) -> str | None:
     """The production model, verified, into data/unlabelled/production: validate
-    measures it as a candidate (a re-compression) or as the window-gain
-    baseline alone (``role="baseline"``: a retrain). Returns its version
-    (None: nothing in production)."""
+    measures it as a candidate. Returns its version (None: nothing in production)."""
     from shrinkflow.recompression import snapshot_production as _snapshot
 
-    return _snapshot(Path(project_dir), registry_dir, role)
+    return _snapshot(Path(project_dir), registry_dir)
 
 
 @task(name="clear-production-copy", cache_policy=NO_CACHE)

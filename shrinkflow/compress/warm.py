@@ -164,7 +164,7 @@ def interpolate(student, production, keep: float) -> dict:
     if keep == 0:
         return {"tensors": 0}
     mine, theirs = student.state_dict(), production.state_dict()
-    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+    if not _same_tensors([mine, theirs]):
         raise ValueError("cannot interpolate: the re-distilled student and the production student differ in "
                          "their tensors")
     n = 0
@@ -190,13 +190,19 @@ def average_weights(students: list):
         raise ValueError("average_weights needs at least one student")
     states = [m.state_dict() for m in students]
     first = states[0]
-    if any(st.keys() != first.keys() or any(st[k].shape != first[k].shape for k in first) for st in states[1:]):
+    if not _same_tensors(states):
         raise ValueError("cannot average: the students differ in their tensors")
     with torch.no_grad():
         for k, t in first.items():
             if t.is_floating_point():
                 t.copy_(torch.stack([st[k].float() for st in states]).mean(dim=0).to(t.dtype))
     return students[0]
+
+
+def _same_tensors(states: list[dict]) -> bool:
+    """Whether every state dict has the first's tensor names and shapes."""
+    first = states[0]
+    return all(st.keys() == first.keys() and all(st[k].shape == first[k].shape for k in first) for st in states[1:])
 
 
 def chooses_on_val(candidate) -> bool:
