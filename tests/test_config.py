@@ -157,6 +157,24 @@ def test_a_bad_scheduled_wait_is_named(raw, value, says):
         assert parse_params(raw).monitor.scheduled_wait_minutes == fine
 
 
+@pytest.mark.parametrize("key, value", [
+    *(("warm_start_average_last", v) for v in (-0.1, 1.0, 1, 2, float("nan"), "0.5", None, [0.5], True)),
+    *(("warm_start_soup", v) for v in (0, 9, -1, 1.5, "2", None, [2], True)),
+])
+def test_a_bad_averaging_or_soup_of_a_warm_re_distillation_is_named(raw, key, value):
+    """The distill step's warm_start_average_last (a share of the steps in
+    [0, 1)) and warm_start_soup (1 to 8 students), over the kinds of bad
+    value; each refusal names the step's path."""
+    step = raw["compress"]["candidates"][1]["recipe"][0]
+    assert step["method"] == "distill"
+    step[key] = value
+    assert any(path.startswith("compress.candidates.1.recipe.0") and key in path for path in problems(raw)), \
+        problems(raw)
+    for fine in ((0.0, 0.5, 0.99) if key == "warm_start_average_last" else (1, 2, 8)):
+        step[key] = fine
+        assert getattr(parse_params(raw).compress.candidates[1].recipe[0], key) == fine
+
+
 def test_unsupported_quantization_bits_is_named(raw):
     raw["compress"]["candidates"][0]["recipe"][0]["bits"] = 4
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)
