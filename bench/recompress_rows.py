@@ -98,6 +98,25 @@ def runs_and_name() -> tuple[tuple, str, bool, Path, str | None]:
             args.source, args.production)
 
 
+def before_retrain(project: Path) -> None:
+    """Empty the production-label splits the copy's retrain left (the data
+    stage writes them with no rows until a retrain): compress distils from
+    their texts too (shrinkflow.splits.read_unlabelled), so a copy taken
+    after bench/monitoring.py's retrain would re-distil from its 354
+    labelled tweets as well as the window, which the re-compression it
+    stands for never saw. Results before 2026-12-06 from a copy with a
+    retrain (recompress_heldout, _swa, _soup) did."""
+    from shrinkflow.files import atomic_write_bytes
+    from shrinkflow.paths import FEEDBACK_SPLITS, split_path
+    from shrinkflow.splits import read_parquet
+
+    for name in FEEDBACK_SPLITS:
+        path = project / split_path(name)
+        if path.is_file():
+            frame = read_parquet(path)
+            atomic_write_bytes(path, frame.iloc[:0].to_parquet(index=False))
+
+
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     """Standard error of mean(a) - mean(b), for two 0/1 correctness vectors
     over the same texts (a paired difference: texts both get right or both
@@ -209,6 +228,7 @@ def main() -> None:
         shutil.copytree(ROOT / pkg, PROJECT / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(PROJECT / "models/teacher")
     shutil.copytree(source / "teacher_before", PROJECT / "models/teacher")
+    before_retrain(PROJECT)
     params = load_params(PROJECT / "params.yaml")
     reg = Registry(PROJECT / params.deploy.registry_dir)
     if reg.alias() != before:
@@ -242,6 +262,11 @@ def main() -> None:
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
         window = write_snapshot(PROJECT, texts, heldout,
                                 {"bench": "recompress_rows", "warm_start": staged})
+        from shrinkflow.splits import read_unlabelled
+
+        if len(read_unlabelled(PROJECT)) != window["rows_distill"]:  # the window's texts only, as it was
+            sys.exit(f"compress would distil from {len(read_unlabelled(PROJECT))} texts besides the training "
+                     f"split, not the window's {window['rows_distill']}")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "compress"], cwd=PROJECT,
                               env=env, capture_output=True, text=True)
@@ -308,6 +333,8 @@ def markdown(doc: dict) -> str:
                      f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")
+    if doc.get("also_distilled"):
+        lines += ["", f"**Not a re-compression's setting:** {doc['also_distilled']}"]
     if ses.get("mean_of_runs"):
         m = ses["mean_of_runs"]
         lines += ["", f"The runs' mean (each text scored by the share of runs right on it, paired against "
