@@ -160,17 +160,22 @@ def test_a_bad_scheduled_wait_is_named(raw, value, says):
 @pytest.mark.parametrize("key, value", [
     *(("warm_start_average_last", v) for v in (-0.1, 1.0, 1, 2, float("nan"), "0.5", None, [0.5], True)),
     *(("warm_start_soup", v) for v in (0, 9, -1, 1.5, "2", None, [2], True)),
+    *(("warm_start_learning_rate", v) for v in (0, 0.0, -1e-4, 1.0, 2, float("nan"), float("inf"), "fast", [1e-4],
+                                               True)),
 ])
-def test_a_bad_averaging_or_soup_of_a_warm_re_distillation_is_named(raw, key, value):
+def test_a_bad_averaging_soup_or_rate_of_a_warm_re_distillation_is_named(raw, key, value):
     """The distill step's warm_start_average_last (a share of the steps in
-    [0, 1)) and warm_start_soup (1 to 8 students), over the kinds of bad
-    value; each refusal names the step's path."""
+    [0, 1)), warm_start_soup (1 to 8 students) and warm_start_learning_rate
+    (in (0, 1), or null), over the kinds of bad value; each refusal names
+    the step's path."""
     step = raw["compress"]["candidates"][1]["recipe"][0]
     assert step["method"] == "distill"
     step[key] = value
     assert any(path.startswith("compress.candidates.1.recipe.0") and key in path for path in problems(raw)), \
         problems(raw)
-    for fine in ((0.0, 0.5, 0.99) if key == "warm_start_average_last" else (1, 2, 8)):
+    fines = {"warm_start_average_last": (0.0, 0.5, 0.99), "warm_start_soup": (1, 2, 8),
+             "warm_start_learning_rate": (None, 1e-5, 2e-4, 0.5)}
+    for fine in fines[key]:
         step[key] = fine
         assert getattr(parse_params(raw).compress.candidates[1].recipe[0], key) == fine
 

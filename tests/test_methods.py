@@ -412,6 +412,41 @@ def test_distillation_trains_on_teacher_labelled_augmented_text(tmp_path, tiny_t
     assert load_predictor(out, threads=1).predict_logits(["a fine film"]).shape == (1, 2)
 
 
+def test_a_warm_re_distillation_trains_at_warm_start_learning_rate_and_a_cold_one_ignores_it(
+        teacher, tiny_teacher_dir, small_splits):
+    """DistillStep.warm_start_learning_rate is the peak rate of a warm
+    re-distillation (null: the step's learning_rate): at a rate too small to
+    move a weight the warm student ends where it started, at the step's rate
+    it moves; a cold distillation trains at learning_rate whatever it says."""
+    from shrinkflow.compress.distill import distill, make_student
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    tok.no_padding()
+    texts = small_splits["train"]["text"].tolist()[:48]
+    seqs = [e.ids for e in tok.encode_batch(texts)]
+    labels = small_splits["train"]["label"].to_numpy()[:48]
+    start = make_student(teacher, (1,)).state_dict()
+
+    def warm(rate):
+        student = make_student(teacher, (1,))
+        student.load_state_dict(start)
+        step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, warm_start_epochs=1,
+                           warm_start_learning_rate=rate)
+        return distill(teacher, seqs, labels, step, threads=1, progress=False, student=student).state_dict()
+
+    still, moved = warm(1e-12), warm(None)
+    name = "classifier.weight"
+    assert torch.allclose(still[name], start[name], atol=1e-7)
+    assert not torch.allclose(moved[name], start[name], atol=1e-4)
+
+    def cold(rate):
+        step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, epochs=1, warm_start_learning_rate=rate)
+        return distill(teacher, seqs, labels, step, threads=1, progress=False).state_dict()
+
+    a, b = cold(1e-12), cold(None)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_weight_averaging_ends_with_the_mean_of_the_last_steps_weights(teacher, tiny_teacher_dir, small_splits):
     """kd_train's average_last: the student it returns holds the mean of its
     weights after each of the last ceil(share x steps) steps (stochastic

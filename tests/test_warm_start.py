@@ -759,3 +759,17 @@ def test_a_soup_is_the_mean_of_its_members_each_with_its_own_seed_and_half_the_t
         average_weights([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
     with pytest.raises(ValueError, match="at least one"):
         average_weights([])
+
+
+def test_every_warm_start_param_is_left_out_of_an_ordinary_builds_record():
+    """DistillStep.WARM_START_KEYS names every ``warm_start*`` field: a new
+    one left out would enter every ordinary build's manifest and cache key
+    (and move its content hash) though it changes nothing without a warm
+    start. The record of a cold build holds none of them; a warm one all."""
+    from shrinkflow.compress.warm import recipe_record
+
+    fields = {name for name in DistillStep.model_fields if name.startswith("warm_start")}
+    assert fields == set(DistillStep.WARM_START_KEYS)
+    cand = Candidate(name="s", recipe=(DistillStep(layers=(0,)),))
+    cold, warm = recipe_record(cand, False)[0], recipe_record(cand, True)[0]
+    assert not fields & set(cold) and fields <= set(warm)

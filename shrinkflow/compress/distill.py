@@ -236,7 +236,7 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
         student = make_student(teacher, step.layers)
     teacher.eval()
     kd_train(student, seqs, targets, labels, epochs=step.warm_start_epochs if warm else step.epochs,
-             learning_rate=step.learning_rate,
+             learning_rate=(step.warm_start_learning_rate or step.learning_rate) if warm else step.learning_rate,
              temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
              log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight,

@@ -336,7 +336,9 @@ class Distill(Method):
                          teacher_hash=build.teacher_hash, labels=model_labels(build.model))
         build.stats["layers"] = list(step.layers)
         build.run_stats.update({"warm_start_from": warm_source(warm), "distill_rows": sum(m.rows for m in members),
-                                "distill_epochs": step.warm_start_epochs if warm is not None else step.epochs})
+                                "distill_epochs": step.warm_start_epochs if warm is not None else step.epochs,
+                                "distill_learning_rate": (step.warm_start_learning_rate or step.learning_rate)
+                                if warm is not None else step.learning_rate})
         build.stats["distill_unlabelled_rows"] = len(extra)
         build.stats["distill_augmented_rows"] = members[0].augmented
 
