@@ -455,8 +455,9 @@ class DistillStep(_Frozen):
     # decay, as a cold one); null: the step's learning_rate. A converged
     # student fine-tuned at the rate it was distilled at moves far from
     # where it was, in domain too. Not the default: at 1e-4 (half of 2e-4)
-    # five windows of ~2,000 tweets recovered 10-22 points less of the gap
-    # (30-70% against 51-92%) and lost less in domain on four of them
+    # five draws on four windows of ~2,000 tweets recovered 10-22 points
+    # less of the gap (30-70% against 51-92%) and lost less in domain in
+    # four of them
     # (bench/results/recompress_warm_lr.md against recompress_heldout_share*.md
     # and monitoring_heldout_quarter.md): a trade, not a gain.
     warm_start_learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
@@ -1182,13 +1183,14 @@ class MonitorParams(_Frozen):
     # (validate.gates.min_window_agreement and its gain over production). Half:
     # the gain gate's soft-agreement difference has a standard error of
     # ~0.0036 on the ~1,000 texts then held out, ~0.005 on 500
-    # (bench/results/monitoring.md, "How noisy"). A quarter was tried: on
-    # seven windows of ~2,000 distinct tweets the student distilled from
+    # (bench/results/monitoring.md, "How noisy"). A quarter was tried on six
+    # windows of ~2,000 distinct tweets (seven draws: the monitoring
+    # benchmark's window in two text orders): the student distilled from
     # three quarters recovered more of its gap to the teacher (58-92%, mean
-    # 67%, against 41-78%, mean 54%, on six), but lost more in domain: more
-    # than the deploy gate's test confirmation allows on four of seven (the
-    # monitoring benchmark's own among them, refused at -0.95 points)
-    # against two of six at half
+    # 67%, against 41-78%, mean 54%, at half), but lost more in domain: more
+    # than the deploy gate's test confirmation allows in four of seven draws
+    # (the benchmark's own among them, refused at -0.95 points) against two
+    # of six at half
     # (bench/results/recompress_heldout_share.md, recompress_heldout_share2.md,
     # monitoring_heldout_quarter.md; docs/compression.md).
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
