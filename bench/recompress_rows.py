@@ -308,9 +308,13 @@ def markdown(doc: dict) -> str:
              + ("`bench/monitoring.py`'s project before its re-compression"
                 if doc.get("source", "bench/work/monitoring") == "bench/work/monitoring"
                 else f"the project in `{doc['source']}`") + f": production {doc['production']}'s "
-             "student warm-started and re-distilled (`dvc repro --single-item compress`, default params) on the "
-             "first N tweets of the traffic pool, "
-             f"{doc['heldout_fraction']:.0%} of them held out as a re-compression does. Scored on "
+             "student warm-started and re-distilled (`dvc repro --single-item compress`, the default params but "
+             "for each run's own, in its columns) on tweets of the traffic pool from the one named (\"window\": "
+             "the source's own re-compression window), "
+             + (f"{doc['heldout_fraction']:.0%} of them held out as a re-compression does. "
+                if len({r.get('heldout_fraction', doc['heldout_fraction']) for r in doc['runs']}) == 1
+                else "each run's share of them held out as a re-compression does (its column). ")
+             + "Scored on "
              f"{doc['recovery_tweets_n']} recovery tweets (never traffic) and the {doc['movie_test_n']} "
              "movie-review test sentences.", "",
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
