@@ -445,7 +445,7 @@ def retrain_files() -> dict:
     was built (warm start, the texts it learned from, the WiSE-FT share)."""
     built = json.loads((PROJECT / "metrics/compress.json").read_text())["candidates"]
     keys = ("warm_start_from", "warm_start_train_rows", "distill_rows", "distill_epochs", "distill_learning_rate",
-            "distill_unlabelled_rows",
+            "distill_alpha_kl", "distill_unlabelled_rows",
             "warm_start_window_augmented_rows", "warm_start_interpolation", "warm_start_interpolation_choice")
     return {"validate": json.loads((PROJECT / "metrics/validate.json").read_text()),
             "students": {n: {k: b.get(k) for k in keys} for n, b in built.items() if b.get("distill_rows")}}

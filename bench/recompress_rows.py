@@ -320,9 +320,10 @@ def markdown(doc: dict) -> str:
              f"Teacher: {acc['teacher']['tweets']:.4f} on the tweets, {acc['teacher']['movie_test']:.4f} in domain; "
              f"production: {acc[p]['tweets']:.4f} and {acc[p]['movie_test']:.4f}.", "",
              "| pool tweets from | texts distilled | held out | train rows per text | window repeats | epochs "
-             "| interpolation | weights averaged (last share) | soup | warm learning rate | compress (s) | tweets accuracy "
-             "| gap recovered | in domain, test (points) | val drop vs teacher (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| interpolation | weights averaged (last share) | soup | warm learning rate | warm alpha_kl "
+             "| compress (s) "
+             "| tweets accuracy | gap recovered | in domain, test (points) | val drop vs teacher (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ses = doc.get("standard_errors") or {}
     for r in doc["runs"]:
         a, se = acc[r["name"]], ses.get(r["name"])
@@ -334,7 +335,8 @@ def markdown(doc: dict) -> str:
                      f"{r['warm_start_epochs']} | {r.get('interpolation', 0.0):g} | "
                      f"{r.get('overrides', {}).get('warm_start_average_last', 0.0):g} | "
                      f"{r.get('overrides', {}).get('warm_start_soup', 1)} | "
-                     f"{r.get('overrides', {}).get('warm_start_learning_rate') or 'step'} | {r['compress_s']} | "
+                     f"{r.get('overrides', {}).get('warm_start_learning_rate') or 'step'} | "
+                     f"{r.get('overrides', {}).get('warm_start_alpha_kl', 'step')} | {r['compress_s']} | "
                      f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")

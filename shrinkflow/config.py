@@ -461,6 +461,11 @@ class DistillStep(_Frozen):
     # (bench/results/recompress_warm_lr.md against recompress_heldout_share*.md
     # and monitoring_heldout_quarter.md): a trade, not a gain.
     warm_start_learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    # alpha_kl of a warm re-distillation: the soft-label share of its loss,
+    # the rest cross-entropy on each row's label (a training row's own, a
+    # window text's the teacher's); null: the step's alpha_kl. Below 1 the
+    # training rows' true labels anchor the student in domain.
+    warm_start_alpha_kl: Fraction | None = None
     # Training-split rows mixed into a warm re-distillation per window text
     # (seeded sample, capped at the split), so the student keeps what it
     # knew in domain while it learns the window.
@@ -534,6 +539,7 @@ class DistillStep(_Frozen):
     # The keys only a warm start reads: the candidate cache key leaves them
     # out when no warm start is used, so an ordinary run's keys do not move.
     WARM_START_KEYS: ClassVar[tuple[str, ...]] = ("warm_start", "warm_start_epochs", "warm_start_learning_rate",
+                                                  "warm_start_alpha_kl",
                                                   "warm_start_train_rows_per_window_text",
                                                   "warm_start_window_repeats", "warm_start_window_augment_copies",
                                                   "warm_start_average_last", "warm_start_soup",

@@ -162,6 +162,7 @@ def test_a_bad_scheduled_wait_is_named(raw, value, says):
     *(("warm_start_soup", v) for v in (0, 9, -1, 1.5, "2", None, [2], True)),
     *(("warm_start_learning_rate", v) for v in (0, 0.0, -1e-4, 1.0, 2, float("nan"), float("inf"), "fast", [1e-4],
                                                True)),
+    *(("warm_start_alpha_kl", v) for v in (-0.1, 1.1, 2, float("nan"), "soft", [0.5], {})),
 ])
 def test_a_bad_averaging_soup_or_rate_of_a_warm_re_distillation_is_named(raw, key, value):
     """The distill step's warm_start_average_last (a share of the steps in
@@ -174,7 +175,7 @@ def test_a_bad_averaging_soup_or_rate_of_a_warm_re_distillation_is_named(raw, ke
     assert any(path.startswith("compress.candidates.1.recipe.0") and key in path for path in problems(raw)), \
         problems(raw)
     fines = {"warm_start_average_last": (0.0, 0.5, 0.99), "warm_start_soup": (1, 2, 8),
-             "warm_start_learning_rate": (None, 1e-5, 2e-4, 0.5)}
+             "warm_start_learning_rate": (None, 1e-5, 2e-4, 0.5), "warm_start_alpha_kl": (None, 0.0, 0.5, 1.0)}
     for fine in fines[key]:
         step[key] = fine
         assert getattr(parse_params(raw).compress.candidates[1].recipe[0], key) == fine

@@ -447,6 +447,36 @@ def test_a_warm_re_distillation_trains_at_warm_start_learning_rate_and_a_cold_on
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_warm_re_distillation_weighs_its_loss_by_warm_start_alpha_kl(teacher, tiny_teacher_dir, small_splits):
+    """DistillStep.warm_start_alpha_kl replaces alpha_kl in a warm
+    re-distillation only: warm at warm_start_alpha_kl 0 is, weight for
+    weight, warm at alpha_kl 0 (hard labels only), and differs from the
+    step's alpha_kl 1 (soft labels only); a cold distillation ignores it."""
+    from shrinkflow.compress.distill import distill, make_student
+
+    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
+    tok.no_padding()
+    texts = small_splits["train"]["text"].tolist()[:48]
+    seqs = [e.ids for e in tok.encode_batch(texts)]
+    labels = small_splits["train"]["label"].to_numpy()[:48]
+    start = make_student(teacher, (1,)).state_dict()
+
+    def run(warm: bool, **kw):
+        student = None
+        if warm:
+            student = make_student(teacher, (1,))
+            student.load_state_dict(start)
+        step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, epochs=1, warm_start_epochs=1, **kw)
+        return distill(teacher, seqs, labels, step, threads=1, progress=False, student=student).state_dict()
+
+    hard = run(True, alpha_kl=0.0)
+    assert all(torch.equal(hard[k], v) for k, v in run(True, alpha_kl=1.0, warm_start_alpha_kl=0.0).items())
+    soft = run(True, alpha_kl=1.0)
+    assert not torch.allclose(soft["classifier.weight"], hard["classifier.weight"], atol=1e-5)
+    cold = run(False, alpha_kl=1.0)
+    assert all(torch.equal(cold[k], v) for k, v in run(False, alpha_kl=1.0, warm_start_alpha_kl=0.0).items())
+
+
 def test_weight_averaging_ends_with_the_mean_of_the_last_steps_weights(teacher, tiny_teacher_dir, small_splits):
     """kd_train's average_last: the student it returns holds the mean of its
     weights after each of the last ceil(share x steps) steps (stochastic

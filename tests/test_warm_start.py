@@ -176,7 +176,8 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     variants = [STUDENT.model_copy(update={"recipe": (STEP.model_copy(update=u),) + STUDENT.recipe[1:]})
                 for u in ({}, {"warm_start": False}, {"warm_start_epochs": 7},
                           {"warm_start_train_rows_per_window_text": 0.5}, {"warm_start_window_repeats": 3},
-                          {"warm_start_window_augment_copies": 2}, {"warm_start_learning_rate": 1e-3})]
+                          {"warm_start_window_augment_copies": 2}, {"warm_start_learning_rate": 1e-3},
+                          {"warm_start_alpha_kl": 0.5})]
     cold = {candidate_keys(root, [c], 17, 1, False)["student"] for c in variants}
     assert len(cold) == 1
     hashes = inputs_hashes(root)
@@ -188,7 +189,7 @@ def test_the_key_covers_the_warm_start_only_when_one_is_used(tmp_path, tiny_teac
     assert cold_build.model is not None
     warm = [candidate_keys(root, [c], 17, 1, False)["student"] for c in variants]
     assert warm[1] in cold                               # warm_start: false -> the cold key
-    assert len({warm[0], warm[2], warm[3], warm[4], warm[5], warm[6]} | cold) == 7   # each warm param is in the key
+    assert len({warm[0], warm[2], warm[3], warm[4], warm[5], warm[6], warm[7]} | cold) == 8   # each warm param: the key
 
     meta = json.loads((root / WARM_START / "student" / "warm_start.json").read_text())
     for other in ({"layers": [1]}, {"teacher_hash": "another teacher"}, {"candidate": "other"}):
@@ -264,7 +265,7 @@ def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(
     root = project(tmp_path, tiny_teacher_dir, small_splits)
     cold = build_candidate(root, STUDENT, opset=17, threads=1)
     assert cold["warm_start_from"] is None and cold["distill_epochs"] == 1
-    assert cold["distill_learning_rate"] == STEP.learning_rate
+    assert cold["distill_learning_rate"] == STEP.learning_rate and cold["distill_alpha_kl"] == STEP.alpha_kl
     # A cold build's manifest records the recipe as builds did before the warm-start params existed.
     assert "warm_start_epochs" not in read_manifest(root / CANDIDATES / "student")["recipe"][0]
     shutil.copytree(root / STUDENTS / "student", root / WARM_START / "student")
@@ -286,6 +287,9 @@ def test_a_staged_student_warm_starts_the_build_and_the_cache_keeps_its_sidecar(
     slower = STUDENT.model_copy(update={"recipe": (STEP.model_copy(update={"warm_start_learning_rate": 1e-5}),)
                                         + STUDENT.recipe[1:]})
     assert build_candidate(root, slower, opset=17, threads=1)["distill_learning_rate"] == 1e-5
+    hard = STUDENT.model_copy(update={"recipe": (STEP.model_copy(update={"warm_start_alpha_kl": 0.25}),)
+                                      + STUDENT.recipe[1:]})
+    assert build_candidate(root, hard, opset=17, threads=1)["distill_alpha_kl"] == 0.25
 
 
 def test_the_teacher_output_cache_keeps_the_most_recently_used_entries(tmp_path):

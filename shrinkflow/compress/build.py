@@ -124,7 +124,7 @@ def build_fresh(root: Path, candidate: Candidate, *, opset: int, threads: int, f
     build_cpu_seconds (what building it cost), the recipe's stats and, for a
     distilled candidate, how its distillation went (``run_stats``:
     warm_start_from, distill_rows, distill_epochs, distill_learning_rate,
-    warm_start_train_rows, teacher_outputs_cached).
+    distill_alpha_kl, warm_start_train_rows, teacher_outputs_cached).
     """
     root = Path(root)
     dest = root / CANDIDATES / candidate.name

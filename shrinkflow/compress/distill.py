@@ -207,6 +207,12 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
     return student
 
 
+def warm_alpha_kl(step: DistillStep) -> float:
+    """The soft-label share of a warm re-distillation's loss:
+    ``step.warm_start_alpha_kl``, or the step's ``alpha_kl`` when it is None."""
+    return step.alpha_kl if step.warm_start_alpha_kl is None else step.warm_start_alpha_kl
+
+
 def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
             progress: bool = True, log: list | None = None, targets: np.ndarray | None = None,
             hidden: list | None = None, student=None):
@@ -237,7 +243,8 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
     teacher.eval()
     kd_train(student, seqs, targets, labels, epochs=step.warm_start_epochs if warm else step.epochs,
              learning_rate=(step.warm_start_learning_rate or step.learning_rate) if warm else step.learning_rate,
-             temperature=step.temperature, alpha_kl=step.alpha_kl, batch_size=step.batch_size,
+             temperature=step.temperature, alpha_kl=warm_alpha_kl(step) if warm else step.alpha_kl,
+             batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
              log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight,
              average_last=step.warm_start_average_last if warm else 0.0)
