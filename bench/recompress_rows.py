@@ -246,6 +246,13 @@ def main() -> None:
     import yaml
 
     default_params = (PROJECT / "params.yaml").read_text()
+    # The source's own re-compression window, as its re-compression read it
+    # (distilled texts, then held out), read before any run writes the
+    # copy's window.json (runs before 2026-12-06 04:30 read that file at each
+    # "window" run, so one after another run re-split that run's texts).
+    meta = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
+    source_window = [t for k in ("distill", "heldout")
+                     for t in (PROJECT / meta["archive"][k]).read_text(encoding="utf-8").splitlines() if t]
     val = read_parquet(PROJECT / "data/prepared/val.parquet")
     for i, (n, overrides, *rest) in enumerate(runs):
         offset = rest[0] if rest else 0
@@ -254,9 +261,7 @@ def main() -> None:
         (PROJECT / "params.yaml").write_text(default_params)
         step = set_distill(PROJECT / "params.yaml", overrides)
         if offset == "window":  # the source's own re-compression window (its archived texts), n ignored
-            meta = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
-            texts = [t for k in ("distill", "heldout")
-                     for t in (PROJECT / meta["archive"][k]).read_text(encoding="utf-8").splitlines() if t]
+            texts = list(source_window)
         else:
             texts = pool[offset:offset + math.ceil(n / (1 - heldout))]
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
@@ -340,6 +345,9 @@ def markdown(doc: dict) -> str:
                      f"{a['tweets']:.4f} | {rec:.0%}{rec_se} | "
                      f"{(a['movie_test'] - acc[p]['movie_test']) * 100:+.2f}{dom_se} | "
                      f"{(acc['teacher']['movie_val'] - a['movie_val']) * 100:.2f} |")
+    notes = [f"{r['name']} ({r.get('pool_offset')}): {r['note']}." for r in doc["runs"] if r.get("note")]
+    if notes:
+        lines += [""] + notes
     if doc.get("also_distilled"):
         lines += ["", f"**Not a re-compression's setting:** {doc['also_distilled']}"]
     if ses.get("mean_of_runs"):

@@ -455,16 +455,18 @@ class DistillStep(_Frozen):
     # decay, as a cold one); null: the step's learning_rate. A converged
     # student fine-tuned at the rate it was distilled at moves far from
     # where it was, in domain too. Not the default: at 1e-4 (half of 2e-4)
-    # five draws on four windows of ~2,000 tweets recovered 10-22 points
+    # four draws on three windows of ~2,000 tweets recovered 10-22 points
     # less of the gap (30-70% against 51-92%) and lost less in domain in
-    # four of them
-    # (bench/results/recompress_warm_lr.md against recompress_heldout_share*.md
-    # and monitoring_heldout_quarter.md): a trade, not a gain.
+    # three of them (bench/results/recompress_warm_lr.md against
+    # recompress_heldout_share*.md): a trade, not a gain.
     warm_start_learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     # alpha_kl of a warm re-distillation: the soft-label share of its loss,
     # the rest cross-entropy on each row's label (a training row's own, a
-    # window text's the teacher's); null: the step's alpha_kl. Below 1 the
-    # training rows' true labels anchor the student in domain.
+    # window text's the teacher's); null: the step's alpha_kl. Not the
+    # default: at 0.5, four windows of ~2,000 tweets recovered 24-61% of the
+    # gap against 44-78% (less on three), in domain better on two, the same
+    # on one, worse on one (bench/results/recompress_warm_alpha.md): a
+    # trade, not a gain.
     warm_start_alpha_kl: Fraction | None = None
     # Training-split rows mixed into a warm re-distillation per window text
     # (seeded sample, capped at the split), so the student keeps what it
