@@ -214,7 +214,7 @@ def main() -> None:
     from shrinkflow.config import load_params
     from shrinkflow.dvcrun import offline_env
     from shrinkflow.registry import Registry
-    from shrinkflow.splits import read_parquet
+    from shrinkflow.splits import read_parquet, read_unlabelled
     from shrinkflow.warmstart import stage_warm_start
     from shrinkflow.window import write_snapshot
 
@@ -250,9 +250,11 @@ def main() -> None:
     # (distilled texts, then held out), read before any run writes the
     # copy's window.json (runs before 2026-12-06 04:30 read that file at each
     # "window" run, so one after another run re-split that run's texts).
-    meta = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
-    source_window = [t for k in ("distill", "heldout")
-                     for t in (PROJECT / meta["archive"][k]).read_text(encoding="utf-8").splitlines() if t]
+    source_window = None
+    if any(len(r) > 2 and r[2] == "window" for r in runs):
+        meta = json.loads((PROJECT / "data/unlabelled/window.json").read_text())
+        source_window = [t for k in ("distill", "heldout")
+                         for t in (PROJECT / meta["archive"][k]).read_text(encoding="utf-8").splitlines() if t]
     val = read_parquet(PROJECT / "data/prepared/val.parquet")
     for i, (n, overrides, *rest) in enumerate(runs):
         offset = rest[0] if rest else 0
@@ -267,10 +269,9 @@ def main() -> None:
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
         window = write_snapshot(PROJECT, texts, heldout,
                                 {"bench": "recompress_rows", "warm_start": staged})
-        from shrinkflow.splits import read_unlabelled
-
-        if len(read_unlabelled(PROJECT)) != window["rows_distill"]:  # the window's texts only, as it was
-            sys.exit(f"compress would distil from {len(read_unlabelled(PROJECT))} texts besides the training "
+        extra = len(read_unlabelled(PROJECT))
+        if extra != window["rows_distill"]:  # the window's texts only, as it was
+            sys.exit(f"compress would distil from {extra} texts besides the training "
                      f"split, not the window's {window['rows_distill']}")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "compress"], cwd=PROJECT,

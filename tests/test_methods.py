@@ -412,46 +412,11 @@ def test_distillation_trains_on_teacher_labelled_augmented_text(tmp_path, tiny_t
     assert load_predictor(out, threads=1).predict_logits(["a fine film"]).shape == (1, 2)
 
 
-def test_a_warm_re_distillation_trains_at_warm_start_learning_rate_and_a_cold_one_ignores_it(
-        teacher, tiny_teacher_dir, small_splits):
-    """DistillStep.warm_start_learning_rate is the peak rate of a warm
-    re-distillation (null: the step's learning_rate): at a rate too small to
-    move a weight the warm student ends where it started, at the step's rate
-    it moves; a cold distillation trains at learning_rate whatever it says."""
-    from shrinkflow.compress.distill import distill, make_student
-
-    tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
-    tok.no_padding()
-    texts = small_splits["train"]["text"].tolist()[:48]
-    seqs = [e.ids for e in tok.encode_batch(texts)]
-    labels = small_splits["train"]["label"].to_numpy()[:48]
-    start = make_student(teacher, (1,)).state_dict()
-
-    def warm(rate):
-        student = make_student(teacher, (1,))
-        student.load_state_dict(start)
-        step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, warm_start_epochs=1,
-                           warm_start_learning_rate=rate)
-        return distill(teacher, seqs, labels, step, threads=1, progress=False, student=student).state_dict()
-
-    still, moved = warm(1e-12), warm(None)
-    name = "classifier.weight"
-    assert torch.allclose(still[name], start[name], atol=1e-7)
-    assert not torch.allclose(moved[name], start[name], atol=1e-4)
-
-    def cold(rate):
-        step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, epochs=1, warm_start_learning_rate=rate)
-        return distill(teacher, seqs, labels, step, threads=1, progress=False).state_dict()
-
-    a, b = cold(1e-12), cold(None)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_warm_re_distillation_weighs_its_loss_by_warm_start_alpha_kl(teacher, tiny_teacher_dir, small_splits):
-    """DistillStep.warm_start_alpha_kl replaces alpha_kl in a warm
-    re-distillation only: warm at warm_start_alpha_kl 0 is, weight for
-    weight, warm at alpha_kl 0 (hard labels only), and differs from the
-    step's alpha_kl 1 (soft labels only); a cold distillation ignores it."""
+def distill_from(teacher, tiny_teacher_dir, small_splits):
+    """(start, run): a fresh one-layer student's weights, and ``run(warm,
+    **step)`` distilling 48 training texts for one epoch (rate 3e-3, batches
+    of 16) from ``start`` (warm) or the teacher's layer (cold), with the
+    DistillStep fields ``step`` on top; it returns the student's state dict."""
     from shrinkflow.compress.distill import distill, make_student
 
     tok = load_tokenizer(tiny_teacher_dir / TOKENIZER, 32)
@@ -469,6 +434,31 @@ def test_a_warm_re_distillation_weighs_its_loss_by_warm_start_alpha_kl(teacher, 
         step = DistillStep(layers=(1,), learning_rate=3e-3, batch_size=16, epochs=1, warm_start_epochs=1, **kw)
         return distill(teacher, seqs, labels, step, threads=1, progress=False, student=student).state_dict()
 
+    return start, run
+
+
+def test_a_warm_re_distillation_trains_at_warm_start_learning_rate_and_a_cold_one_ignores_it(
+        teacher, tiny_teacher_dir, small_splits):
+    """DistillStep.warm_start_learning_rate is the peak rate of a warm
+    re-distillation (null: the step's learning_rate): at a rate too small to
+    move a weight the warm student ends where it started, at the step's rate
+    it moves; a cold distillation trains at learning_rate whatever it says."""
+    start, run = distill_from(teacher, tiny_teacher_dir, small_splits)
+    still, moved = run(True, warm_start_learning_rate=1e-12), run(True, warm_start_learning_rate=None)
+    name = "classifier.weight"
+    assert torch.allclose(still[name], start[name], atol=1e-7)
+    assert not torch.allclose(moved[name], start[name], atol=1e-4)
+
+    a, b = run(False, warm_start_learning_rate=1e-12), run(False, warm_start_learning_rate=None)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_warm_re_distillation_weighs_its_loss_by_warm_start_alpha_kl(teacher, tiny_teacher_dir, small_splits):
+    """DistillStep.warm_start_alpha_kl replaces alpha_kl in a warm
+    re-distillation only: warm at warm_start_alpha_kl 0 is, weight for
+    weight, warm at alpha_kl 0 (hard labels only), and differs from the
+    step's alpha_kl 1 (soft labels only); a cold distillation ignores it."""
+    _, run = distill_from(teacher, tiny_teacher_dir, small_splits)
     hard = run(True, alpha_kl=0.0)
     assert all(torch.equal(hard[k], v) for k, v in run(True, alpha_kl=1.0, warm_start_alpha_kl=0.0).items())
     soft = run(True, alpha_kl=1.0)

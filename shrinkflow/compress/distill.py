@@ -207,6 +207,12 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
     return student
 
 
+def warm_learning_rate(step: DistillStep) -> float:
+    """The peak learning rate of a warm re-distillation:
+    ``step.warm_start_learning_rate``, or the step's ``learning_rate`` when it is None."""
+    return step.learning_rate if step.warm_start_learning_rate is None else step.warm_start_learning_rate
+
+
 def warm_alpha_kl(step: DistillStep) -> float:
     """The soft-label share of a warm re-distillation's loss:
     ``step.warm_start_alpha_kl``, or the step's ``alpha_kl`` when it is None."""
@@ -242,7 +248,7 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
         student = make_student(teacher, step.layers)
     teacher.eval()
     kd_train(student, seqs, targets, labels, epochs=step.warm_start_epochs if warm else step.epochs,
-             learning_rate=(step.warm_start_learning_rate or step.learning_rate) if warm else step.learning_rate,
+             learning_rate=warm_learning_rate(step) if warm else step.learning_rate,
              temperature=step.temperature, alpha_kl=warm_alpha_kl(step) if warm else step.alpha_kl,
              batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,

@@ -290,7 +290,7 @@ class Distill(Method):
         return True
 
     def apply(self, step, build: Build) -> None:
-        from shrinkflow.compress.distill import hidden_targets, teacher_outputs, warm_alpha_kl
+        from shrinkflow.compress.distill import hidden_targets, teacher_outputs, warm_alpha_kl, warm_learning_rate
         from shrinkflow.compress.warm import average_weights, interpolate, save_sidecar, warm_source, warm_student
 
         model, tokenizer_json = build.model, build.tokenizer_json
@@ -337,8 +337,8 @@ class Distill(Method):
         build.stats["layers"] = list(step.layers)
         build.run_stats.update({"warm_start_from": warm_source(warm), "distill_rows": sum(m.rows for m in members),
                                 "distill_epochs": step.warm_start_epochs if warm is not None else step.epochs,
-                                "distill_learning_rate": (step.warm_start_learning_rate or step.learning_rate)
-                                if warm is not None else step.learning_rate,
+                                "distill_learning_rate": warm_learning_rate(step) if warm is not None
+                                else step.learning_rate,
                                 "distill_alpha_kl": warm_alpha_kl(step) if warm is not None else step.alpha_kl})
         build.stats["distill_unlabelled_rows"] = len(extra)
         build.stats["distill_augmented_rows"] = members[0].augmented
