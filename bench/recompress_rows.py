@@ -286,6 +286,11 @@ def main() -> None:
         run = f"run {i + 1}"
         keep = WORK / f"distilled_{i + 1}"
         shutil.copytree(PROJECT / "models/candidates" / warm[0], keep)
+        # for bench/recompress_int8.py: the run's fp32 student (the share kept) and the texts compress read
+        shutil.copytree(PROJECT / "models/students" / warm[0], WORK / f"student_{i + 1}")
+        (WORK / f"window_{i + 1}.txt").write_text("\n".join(read_unlabelled(PROJECT)) + "\n", encoding="utf-8")
+        if not (WORK / "production_student").exists():
+            shutil.copytree(PROJECT / "data/unlabelled/warm_start" / warm[0], WORK / "production_student")
         models[run] = keep
         doc["runs"].append({"name": run, "texts": len(texts), "pool_offset": offset, "heldout_fraction": heldout,
                             "interpolation_choice": built[warm[0]].get("warm_start_interpolation_choice"), "rows_distill": window["rows_distill"],

@@ -394,8 +394,22 @@ class QuantizeStep(_Frozen):
     per_channel: bool = False
     # Gather quantizes the embedding table: about half of MiniLM's weights.
     quantize_embeddings: bool = True
+    # The embedding tables' int8 scales: "tensor", one for the whole table
+    # (ONNX Runtime's Gather quantization, which per_channel does not change),
+    # or "row", one per row: each token's vector keeps its own precision
+    # (shrinkflow.compress.quantize.quantize_embeddings_per_row). Needs
+    # quantize_embeddings.
+    embedding_scales: Literal["tensor", "row"] = "tensor"
     # static only: how many sentences calibrate the activation ranges.
     calibration_samples: Annotated[int, Field(ge=8)] = 256
+
+    @model_validator(mode="after")
+    def _row_scales_need_quantized_embeddings(self) -> "QuantizeStep":
+        if self.embedding_scales == "row" and not self.quantize_embeddings:
+            raise ValueError("embedding_scales: row quantizes the embedding tables one scale per row, but "
+                             "quantize_embeddings is false (they stay fp32): set quantize_embeddings: true, "
+                             "or leave embedding_scales at tensor")
+        return self
 
 
 class DistillStep(_Frozen):

@@ -186,6 +186,23 @@ def test_unsupported_quantization_bits_is_named(raw):
     assert "compress.candidates.0.recipe.0.bits" in problems(raw)
 
 
+@pytest.mark.parametrize("value", ["rows", "channel", "", None, 1, True, ["row"], {"row": 1}])
+def test_a_bad_embedding_scales_is_named_and_row_needs_quantized_embeddings(raw, value):
+    """The quantize step's embedding_scales: tensor or row; anything else is
+    named with the step's path, and row with quantize_embeddings false (the
+    tables stay fp32: nothing to scale per row) says so."""
+    step = raw["compress"]["candidates"][0]["recipe"][0]
+    assert step["method"] == "quantize"
+    step["embedding_scales"] = value
+    assert "compress.candidates.0.recipe.0.embedding_scales" in problems(raw), problems(raw)
+    step["embedding_scales"], step["quantize_embeddings"] = "row", False
+    says = " ".join(problems(raw).values())
+    assert "embedding_scales: row" in says and "quantize_embeddings is false" in says, says
+    for fine in ("tensor", "row"):
+        step["embedding_scales"], step["quantize_embeddings"] = fine, True
+        assert parse_params(raw).compress.candidates[0].recipe[0].embedding_scales == fine
+
+
 def test_a_missing_section_reads_its_defaults_and_a_missing_required_key_is_named(raw):
     """Every section has its defaults (a params file may hold only what it
     changes); a key without a default is still named when missing."""

@@ -507,3 +507,82 @@ def test_weight_averaging_ends_with_the_mean_of_the_last_steps_weights(teacher, 
         kd_train(averaged, seqs, targets, labels, **kw, average_last=1.0)
     with pytest.raises(ValueError, match="mean of masked weights"):
         kd_train(averaged, seqs, targets, labels, **kw, average_last=0.5, after_step=lambda: None)
+
+
+def _lookup_graph(table: np.ndarray, opset: int = 17):
+    """A graph of one embedding lookup: ids [n] -> table[ids] [n, width]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, table.shape[1]])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run(path, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+
+def test_per_row_embedding_scales_keep_a_small_rows_precision_where_one_scale_loses_it(tmp_path):
+    """A table with one large row and one small one: one scale for the table
+    (ORT's Gather quantization, per_channel or not) rounds the small row to
+    zero; one scale per row keeps every row within half its own step."""
+    import onnx
+
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx
+
+    table = np.array([[100.0, -50.0, 25.0], [0.01, -0.02, 0.005], [0.0, 0.0, 0.0], [3.0, 1.0, -2.0]])
+    src = tmp_path / "lookup.onnx"
+    onnx.save(_lookup_graph(table), str(src))
+    ids = np.array([1, 0, 2, 3, 1], dtype=np.int64)
+    for per_channel in (False, True):
+        one = quantize_dynamic_onnx(src, tmp_path / f"tensor{per_channel}.onnx", QuantizeStep(per_channel=per_channel))
+        assert np.all(_run(one, ids)[0] == 0.0)  # the small row is lost
+    rows = quantize_dynamic_onnx(src, tmp_path / "row.onnx", QuantizeStep(embedding_scales="row"))
+    got = _run(rows, ids)
+    step = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    assert np.all(np.abs(got - table[ids]) <= step[ids] / 2 + 1e-6), (got, table[ids])
+    assert np.all(got[2] == 0.0) and np.all(np.sign(got[0]) == np.sign(table[1]))
+    model = onnx.load(str(rows))
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    assert "table" not in kinds and kinds["table_int8_rows"] == onnx.TensorProto.INT8
+    assert not list(tmp_path.glob(".*"))  # no copy or temporary file left
+
+
+def test_per_row_embedding_scales_refuse_a_graph_with_no_lookup_and_leave_other_gathers(tmp_path):
+    import onnx
+
+    from shrinkflow.compress.quantize import quantize_embeddings_per_row
+
+    model = _lookup_graph(np.ones((4, 3)))
+    model.graph.node[0].attribute[0].i = 1  # a Gather along columns is not a lookup
+    with pytest.raises(ValueError, match="no embedding lookup"):
+        quantize_embeddings_per_row(model)
+    assert [t.name for t in model.graph.initializer] == ["table"]  # unchanged
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_tiny_teacher_quantized_with_per_row_embeddings_agrees_with_its_fp32(tmp_path, tiny_teacher_dir,
+                                                                               small_splits, mode):
+    import onnx
+
+    from shrinkflow.compress import apply_recipe
+    from shrinkflow.predictors import load_predictor, predict_labels
+
+    train, test = small_splits["train"], small_splits["test"]
+    out = apply_recipe(tiny_teacher_dir, Candidate(name="r", recipe=(
+        QuantizeStep(mode=mode, per_channel=True, embedding_scales="row", calibration_samples=64),)),
+        tmp_path / "r", train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+        threads=1, progress=False)
+    model = onnx.load(str(out / "model.onnx"))
+    int8_rows = [t for t in model.graph.initializer if t.name.endswith("_int8_rows")]
+    assert len(int8_rows) == 3  # word, position and token-type tables
+    assert all(t.data_type == onnx.TensorProto.INT8 for t in int8_rows)
+    a = predict_labels(load_predictor(tiny_teacher_dir, threads=1), test["text"].tolist())
+    b = predict_labels(load_predictor(out, threads=1), test["text"].tolist())
+    assert (a == b).mean() >= 0.8

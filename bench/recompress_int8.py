@@ -1,0 +1,191 @@
+"""How much of a re-compression's gap on shifted text is int8's, per tensor
+and per channel.
+
+``bench/recompress_rows.py`` keeps, for every run, the re-distilled fp32
+student (the WiSE-FT share kept) and the texts compress read, and the
+production student it warm-started from. This script takes each of them
+through the default student's later steps (``vocab_prune`` as the run's
+build counted it: the training split, plus the run's window texts for a
+re-distilled student; ONNX export) once, then quantizes that ONNX fp32
+graph each way (ONNX Runtime dynamic int8: per tensor, the default
+student's; per channel, ``QuantizeStep.per_channel``; and per channel with
+the embedding tables left fp32, ``quantize_embeddings`` false, or
+quantized one scale per row, ``embedding_scales: row``) and scores every model as served (one text per call for a
+batch-dependent one), side by side in one process: the 1,376 recovery tweets
+(never traffic), and the movie-review test and val splits. Per tensor must
+give the very bytes the run deployed or built (checked: a mismatch stops the
+script), so the per-channel column differs from the run in the quantization
+alone. p95 batch-1 latency of production and of the first run, every way,
+in interleaved rounds (``shrinkflow.evaluate.measure_interleaved``).
+
+    .venv/bin/python bench/recompress_rows.py --name NAME --runs '...'
+    .venv/bin/python bench/recompress_int8.py --name NAME [--out recompress_int8]
+
+Writes bench/results/recompress_int8.{md,json} (or OUT's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, ROOT, stamp
+
+WORK = ROOT / "bench" / "work" / "recompress_rows"
+PROJECT = WORK / "project"
+STUDENT = "student-l024-int8"
+# The quantize step's settings compared (the first: the default student's).
+QUANTIZATIONS = {"per tensor": {"per_channel": False},
+                 "per channel": {"per_channel": True},
+                 "per channel, embeddings fp32": {"per_channel": True, "quantize_embeddings": False},
+                 "per channel, embeddings per row": {"per_channel": True, "embedding_scales": "row"}}
+
+
+def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> dict[str, Path]:
+    """The fp32 student in ``sidecar`` (compress.warm's format) through the
+    default student's steps between distill and quantize (vocabulary
+    pruning counting the training split and ``window``; export), then
+    quantized each way of ``QUANTIZATIONS``: ``{"fp32", "per tensor", ...}``
+    model directories under ``out``."""
+
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx
+    from shrinkflow.compress.recipe import apply_recipe
+    from shrinkflow.compress.warm import warm_student
+    from shrinkflow.modeling import TOKENIZER, load_torch_model
+    from shrinkflow.splits import read_parquet
+
+    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    quant = [s for s in cand.recipe if s.method == "quantize"]
+    assert cand.recipe[0].method == "distill" and len(quant) == 1 and cand.recipe[-1] is quant[0]
+    teacher_dir = PROJECT / "models/teacher"
+    layers = json.loads((sidecar / "warm_start.json").read_text())["layers"]
+    hf = out / "hf"
+    warm_student(load_torch_model(teacher_dir), layers, sidecar).save_pretrained(hf)
+    for f in (TOKENIZER, "shrinkflow_model.json"):
+        shutil.copy(teacher_dir / f, hf / f)
+    train = read_parquet(PROJECT / "data/prepared/train.parquet")
+    fp32 = apply_recipe(hf, cand.model_copy(update={"name": f"{STUDENT}-fp32", "recipe": tuple(cand.recipe[1:-1])}),
+                        out / "fp32", opset=params.compress.onnx_opset, train_texts=train["text"].tolist(),
+                        train_labels=train["label"].to_numpy(), unlabelled_texts=window,
+                        threads=params.train.threads, progress=False)
+    dirs = {"fp32": fp32}
+    for name, update in QUANTIZATIONS.items():
+        d = out / name.replace(" ", "-").replace(",", "")
+        shutil.copytree(fp32, d)
+        quantize_dynamic_onnx(fp32 / "model.onnx", d / "model.onnx", quant[0].model_copy(update=update))
+        dirs[name] = d
+    return dirs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True, help="the recompress_rows results this measures (bench/results/NAME.json)")
+    ap.add_argument("--out", default="recompress_int8", help="the results' name (bench/results/OUT.{md,json})")
+    args = ap.parse_args()
+    name, out = args.name, args.out
+    sys.path.insert(0, str(ROOT))
+    from recompress_rows import paired_se, score, tweets
+
+    from shrinkflow.config import load_params
+    from shrinkflow.evaluate import measure_interleaved
+    from shrinkflow.registry import Registry
+    from shrinkflow.splits import read_parquet
+
+    src = json.loads((RESULTS / f"{name}.json").read_text())
+    params = load_params(PROJECT / "params.yaml")
+    production = Registry(PROJECT / params.deploy.registry_dir).load(src["production"]).path
+    rec_x, rec_y = tweets("recovery")
+    test = read_parquet(PROJECT / "data/prepared/test.parquet")
+    val = read_parquet(PROJECT / "data/prepared/val.parquet")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        models = {"teacher": PROJECT / "models/teacher"}
+        built = build_int8(WORK / "production_student", None, params, tmp / "production")
+        if (built["per tensor"] / "model.onnx").read_bytes() != (production / "model.onnx").read_bytes():
+            sys.exit(f"production's student quantized per tensor is not production {src['production']}'s model")
+        models.update({f"production {k}": v for k, v in built.items()})
+        for i, run in enumerate(src["runs"], start=1):
+            window = (WORK / f"window_{i}.txt").read_text(encoding="utf-8").splitlines()
+            built = build_int8(WORK / f"student_{i}", window, params, tmp / f"run{i}")
+            if (built["per tensor"] / "model.onnx").read_bytes() != (WORK / f"distilled_{i}" / "model.onnx").read_bytes():
+                sys.exit(f"run {i}'s student quantized per tensor is not the candidate its build made")
+            models.update({f"run {i} {k}": v for k, v in built.items()})
+        acc, right = score(models, rec_x, rec_y, test, val)
+        texts = val["text"].tolist()
+        timed = {f"{who} {q}": str(models[f"{who} {q}"]) for who in ("production", "run 1") for q in QUANTIZATIONS}
+        perf = measure_interleaved(timed, {"val": texts[:64]}, texts[:512], params.validate_.latency,
+                                   invariance_texts=texts[:64], max_batch_prob_diff=1e-4)
+    teacher = acc["teacher"]
+    rows = []
+    for i, run in enumerate(src["runs"], start=1):
+        for q in QUANTIZATIONS:
+            before, after = f"production {q}", f"run {i} {q}"
+            gap = teacher["tweets"] - acc[before]["tweets"]
+            rows.append({"run": i, "pool_offset": run["pool_offset"], "rows_distill": run["rows_distill"],
+                         "heldout_fraction": run["heldout_fraction"], "overrides": run.get("overrides") or {},
+                         "quantization": q, "production_tweets": acc[before]["tweets"],
+                         "student_tweets": acc[after]["tweets"], "student_fp32_tweets": acc[f"run {i} fp32"]["tweets"],
+                         "gap_points": round(100 * gap, 2),
+                         "recovered": round((acc[after]["tweets"] - acc[before]["tweets"]) / gap, 4),
+                         "recovered_se": round(paired_se(right[after]["tweets"], right[before]["tweets"]) / gap, 4),
+                         "in_domain_points": round(100 * (acc[after]["movie_test"] - acc[before]["movie_test"]), 2),
+                         "in_domain_se": round(100 * paired_se(right[after]["movie_test"], right[before]["movie_test"]), 2),
+                         "val_drop_vs_teacher_points": round(100 * (teacher["movie_val"] - acc[after]["movie_val"]), 2)})
+    doc = {**stamp(), "source": name, "max_accuracy_drop": params.validate_.gates.max_accuracy_drop, "production": src["production"],
+           "n": {"tweets": len(rec_x), "test": len(test), "val": len(val)}, "accuracy": acc,
+           "latency_ms_p95_b1": {k: perf[k]["performance"]["latency_ms_p95_b1"] for k in timed}, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{out}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{out}.md").write_text(markdown(doc) + "\n")
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    """The results as a markdown page."""
+    acc = doc["accuracy"]
+
+    def test_drop(r: dict) -> float:  # what the deploy gate's test confirmation reads (max_accuracy_drop)
+        return 100 * (acc["teacher"]["movie_test"] - acc[f"run {r['run']} {r['quantization']}"]["movie_test"])
+
+    lines = [f"# A re-compression's gap on shifted text, int8 per tensor and per channel ({doc['source']})", "",
+             f"Measured {doc['measured_at']} on {doc['machine']} by `bench/recompress_int8.py` on the students "
+             f"`bench/recompress_rows.py --name {doc['source']}` kept (`bench/results/{doc['source']}.md`): production "
+             f"{doc['production']}'s student and each run's re-distilled one, quantized each way from the same ONNX "
+             "fp32 graph (per tensor: the very bytes the run built). Scored as served on "
+             f"{doc['n']['tweets']} recovery tweets (never traffic) and the {doc['n']['test']} movie-review test "
+             "sentences.", "",
+             "| model | tweets | test | val |", "|---|---|---|---|"]
+    for k, a in acc.items():
+        lines.append(f"| {k} | {a['tweets']:.4f} | {a['movie_test']:.4f} | {a['movie_val']:.4f} |")
+    lines += ["", "| run | pool tweets from | texts distilled | held out | int8 | production on tweets | gap (points) "
+              "| student on tweets (fp32) | gap recovered | in domain, test (points) | val drop vs teacher (points) "
+              "| test drop vs teacher (points) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['run']} | {r['pool_offset']} | {r['rows_distill']} | {r['heldout_fraction']} | "
+                     f"{r['quantization']} | {r['production_tweets']:.4f} | {r['gap_points']:.2f} | "
+                     f"{r['student_tweets']:.4f} ({r['student_fp32_tweets']:.4f}) | "
+                     f"{r['recovered']:.0%} ± {r['recovered_se']:.0%} | "
+                     f"{r['in_domain_points']:+.2f} ± {r['in_domain_se']:.2f} | {r['val_drop_vs_teacher_points']:.2f} | "
+                     f"{test_drop(r):.2f} |")
+    by_q = {q: [r for r in doc["rows"] if r["quantization"] == q] for q in QUANTIZATIONS}
+    gate = 100 * doc["max_accuracy_drop"]
+    lines += [""] + [f"Mean over the runs, {q}: {np.mean([r['recovered'] for r in rs]):.0%} of the gap recovered, "
+                     f"{np.mean([r['in_domain_points'] for r in rs]):+.2f} points in domain; "
+                     f"{sum(test_drop(r) <= gate + 1e-9 for r in rs)} of {len(rs)} within the deploy gate's "
+                     f"{gate:g} points of the teacher on test (production: "
+                     f"{100 * (acc['teacher']['movie_test'] - acc[f'production {q}']['movie_test']):.2f} under it)."
+                     for q, rs in by_q.items() if rs]
+    lat = doc["latency_ms_p95_b1"]
+    lines += ["", "p95 batch-1 latency (ms, interleaved rounds in one run): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in lat.items()) + "."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
