@@ -18,7 +18,8 @@ traffic), p95 batch-1 latency and size.
 The default student (``student-l024-int8``) is measured the same way: its
 recipe up to the quantize step (distill with the monitoring benchmark's
 distill seed, cold, from the kept teacher; vocabulary pruning), exported to
-ONNX fp32 once, then quantized per tensor (what was deployed as v0001: the
+ONNX fp32 once, then quantized per tensor and per channel (the way of its
+quantize step, per channel since 2026-12-06, is what was deployed as v0001: the
 model is compared byte for byte with the registry's) and per channel.
 
     .venv/bin/python bench/monitoring.py --distill-seed 1   # leaves the teachers in bench/work/monitoring
@@ -70,6 +71,13 @@ def build(teacher: Path, out: Path, max_seq_len: int, opset: int) -> dict[str, P
     return dirs
 
 
+def student_per_channel(params) -> bool:
+    """Whether the default student's quantize step is per channel (its
+    v0001 in the monitoring benchmark is then the per-channel build)."""
+    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    return any(s.method == "quantize" and s.per_channel for s in cand.recipe)
+
+
 def build_student(teacher: Path, params, out: Path, seed: int | None) -> dict[str, Path]:
     """The default student (``params``' ``student-l024-int8``) of ``teacher``
     as three served model directories under ``out``: its recipe without the
@@ -118,7 +126,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if path is None:
                 dirs = build_student(TEACHERS["teacher before"], params, Path(tmp), seed)
-                same_as_v0001 = (dirs["int8 per tensor"] / "model.onnx").read_bytes() == \
+                way = "int8 per channel" if student_per_channel(params) else "int8 per tensor"
+                same_as_v0001 = (dirs[way] / "model.onnx").read_bytes() == \
                     (FIRST_PRODUCTION / "model.onnx").read_bytes()
             else:
                 dirs = build(path, Path(tmp), params.train.max_seq_len, params.compress.onnx_opset)
@@ -136,7 +145,8 @@ def main() -> None:
                              "size_mb": round((d / "model.onnx").stat().st_size / 2 ** 20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "distill_seed": seed,
-           "student_int8_per_tensor_same_as_v0001": same_as_v0001, "rows": rows}
+           "student_int8_per_tensor_same_as_v0001" if not student_per_channel(params)
+           else "student_int8_per_channel_same_as_v0001": same_as_v0001, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_granularity.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "int8_granularity.md").write_text(markdown(doc) + "\n")
@@ -160,11 +170,13 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['teacher']} | {r['model']} | " + " | ".join(f"{r[s]:.4f}" for s in cols) + " | "
                      + " | ".join(f"{100 * (b[s] - r[s]):+.2f}" for s in cols)
                      + f" | {r['latency_ms_p95_b1']:.2f} | {r['size_mb']} |")
-    if doc.get("student_int8_per_tensor_same_as_v0001") is not None:
-        same = "the same bytes as" if doc["student_int8_per_tensor_same_as_v0001"] else "not the same bytes as"
+    way = "per-channel" if "student_int8_per_channel_same_as_v0001" in doc else "per-tensor"
+    if doc.get(f"student_int8_{way.replace('-', '_')}_same_as_v0001") is not None:
+        same = ("the same bytes as" if doc[f"student_int8_{way.replace('-', '_')}_same_as_v0001"]
+                else "not the same bytes as")
         lines += ["", f"The default student: `{STUDENT}`'s recipe up to its quantize step, cold, from the kept "
                   f"teacher (distill seed {doc['distill_seed']}, as the monitoring benchmark's v0001), exported once "
-                  f"and quantized both ways; its per-tensor int8 is {same} the v0001 the benchmark deployed."]
+                  f"and quantized both ways; its {way} int8 is {same} the v0001 the benchmark deployed."]
     return "\n".join(lines)
 
 

@@ -7,16 +7,17 @@ production student it warm-started from. This script takes each of them
 through the default student's later steps (``vocab_prune`` as the run's
 build counted it: the training split, plus the run's window texts for a
 re-distilled student; ONNX export) once, then quantizes that ONNX fp32
-graph each way (ONNX Runtime dynamic int8: per tensor, the default
-student's; per channel, ``QuantizeStep.per_channel``; and per channel with
-the embedding tables left fp32, ``quantize_embeddings`` false, or
-quantized one scale per row, ``embedding_scales: row``) and scores every model as served (one text per call for a
-batch-dependent one), side by side in one process: the 1,376 recovery tweets
-(never traffic), and the movie-review test and val splits. Per tensor must
-give the very bytes the run deployed or built (checked: a mismatch stops the
-script), so the per-channel column differs from the run in the quantization
-alone. p95 batch-1 latency of production and of the first run, every way,
-in interleaved rounds (``shrinkflow.evaluate.measure_interleaved``).
+graph each way (ONNX Runtime dynamic int8: per tensor; per channel,
+``QuantizeStep.per_channel``; per channel with the embedding tables left
+fp32, ``quantize_embeddings`` false, or quantized one scale per row,
+``embedding_scales: row``) and scores every model as served (one text per
+call for a batch-dependent one), side by side in one process: the 1,376
+recovery tweets (never traffic), and the movie-review test and val splits.
+The way the params' default student quantizes (per tensor before
+2026-12-06, per channel since) must give the very bytes the run deployed or
+built (checked: a mismatch stops the script), so the other columns differ
+from the run in the quantization alone. p95 batch-1 latency of production
+and of the first run, every way, in interleaved rounds (``shrinkflow.evaluate.measure_interleaved``).
 
     .venv/bin/python bench/recompress_rows.py --name NAME --runs '...'
     .venv/bin/python bench/recompress_int8.py --name NAME [--out recompress_int8]
@@ -44,6 +45,18 @@ QUANTIZATIONS = {"per tensor": {"per_channel": False},
                  "per channel": {"per_channel": True},
                  "per channel, embeddings fp32": {"per_channel": True, "quantize_embeddings": False},
                  "per channel, embeddings per row": {"per_channel": True, "embedding_scales": "row"}}
+
+
+def built_way(params) -> str:
+    """The key of ``QUANTIZATIONS`` that the default student's quantize step
+    in ``params`` builds (what production and the runs were built with).
+    Exits when none is."""
+    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    step = next(s for s in cand.recipe if s.method == "quantize")
+    for way, update in QUANTIZATIONS.items():
+        if step == step.__class__(**{**step.model_dump(), **update}):
+            return way
+    sys.exit(f"the default student's quantize step ({step}) is none of {list(QUANTIZATIONS)}")
 
 
 def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> dict[str, Path]:
@@ -98,6 +111,7 @@ def main() -> None:
 
     src = json.loads((RESULTS / f"{name}.json").read_text())
     params = load_params(PROJECT / "params.yaml")
+    way = built_way(params)
     production = Registry(PROJECT / params.deploy.registry_dir).load(src["production"]).path
     rec_x, rec_y = tweets("recovery")
     test = read_parquet(PROJECT / "data/prepared/test.parquet")
@@ -106,14 +120,14 @@ def main() -> None:
         tmp = Path(tmp)
         models = {"teacher": PROJECT / "models/teacher"}
         built = build_int8(WORK / "production_student", None, params, tmp / "production")
-        if (built["per tensor"] / "model.onnx").read_bytes() != (production / "model.onnx").read_bytes():
-            sys.exit(f"production's student quantized per tensor is not production {src['production']}'s model")
+        if (built[way] / "model.onnx").read_bytes() != (production / "model.onnx").read_bytes():
+            sys.exit(f"production's student quantized {way} is not production {src['production']}'s model")
         models.update({f"production {k}": v for k, v in built.items()})
         for i, run in enumerate(src["runs"], start=1):
             window = (WORK / f"window_{i}.txt").read_text(encoding="utf-8").splitlines()
             built = build_int8(WORK / f"student_{i}", window, params, tmp / f"run{i}")
-            if (built["per tensor"] / "model.onnx").read_bytes() != (WORK / f"distilled_{i}" / "model.onnx").read_bytes():
-                sys.exit(f"run {i}'s student quantized per tensor is not the candidate its build made")
+            if (built[way] / "model.onnx").read_bytes() != (WORK / f"distilled_{i}" / "model.onnx").read_bytes():
+                sys.exit(f"run {i}'s student quantized {way} is not the candidate its build made")
             models.update({f"run {i} {k}": v for k, v in built.items()})
         acc, right = score(models, rec_x, rec_y, test, val)
         texts = val["text"].tolist()
@@ -134,9 +148,12 @@ def main() -> None:
                          "recovered": round((acc[after]["tweets"] - acc[before]["tweets"]) / gap, 4),
                          "recovered_se": round(paired_se(right[after]["tweets"], right[before]["tweets"]) / gap, 4),
                          "in_domain_points": round(100 * (acc[after]["movie_test"] - acc[before]["movie_test"]), 2),
-                         "in_domain_se": round(100 * paired_se(right[after]["movie_test"], right[before]["movie_test"]), 2),
-                         "val_drop_vs_teacher_points": round(100 * (teacher["movie_val"] - acc[after]["movie_val"]), 2)})
-    doc = {**stamp(), "source": name, "max_accuracy_drop": params.validate_.gates.max_accuracy_drop, "production": src["production"],
+                         "in_domain_se": round(100 * paired_se(right[after]["movie_test"],
+                                                               right[before]["movie_test"]), 2),
+                         "val_drop_vs_teacher_points": round(100 * (teacher["movie_val"]
+                                                                    - acc[after]["movie_val"]), 2)})
+    doc = {**stamp(), "source": name, "built_way": way, "max_accuracy_drop": params.validate_.gates.max_accuracy_drop,
+           "production": src["production"],
            "n": {"tweets": len(rec_x), "test": len(test), "val": len(val)}, "accuracy": acc,
            "latency_ms_p95_b1": {k: perf[k]["performance"]["latency_ms_p95_b1"] for k in timed}, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -156,7 +173,8 @@ def markdown(doc: dict) -> str:
              f"Measured {doc['measured_at']} on {doc['machine']} by `bench/recompress_int8.py` on the students "
              f"`bench/recompress_rows.py --name {doc['source']}` kept (`bench/results/{doc['source']}.md`): production "
              f"{doc['production']}'s student and each run's re-distilled one, quantized each way from the same ONNX "
-             "fp32 graph (per tensor: the very bytes the run built). Scored as served on "
+             f"fp32 graph ({doc.get('built_way', 'per tensor')}, as the runs built them: the very bytes they built). "
+             "Scored as served on "
              f"{doc['n']['tweets']} recovery tweets (never traffic) and the {doc['n']['test']} movie-review test "
              "sentences.", "",
              "| model | tweets | test | val |", "|---|---|---|---|"]
@@ -171,7 +189,8 @@ def markdown(doc: dict) -> str:
                      f"{r['quantization']} | {r['production_tweets']:.4f} | {r['gap_points']:.2f} | "
                      f"{r['student_tweets']:.4f} ({r['student_fp32_tweets']:.4f}) | "
                      f"{r['recovered']:.0%} ± {r['recovered_se']:.0%} | "
-                     f"{r['in_domain_points']:+.2f} ± {r['in_domain_se']:.2f} | {r['val_drop_vs_teacher_points']:.2f} | "
+                     f"{r['in_domain_points']:+.2f} ± {r['in_domain_se']:.2f} | "
+                     f"{r['val_drop_vs_teacher_points']:.2f} | "
                      f"{test_drop(r):.2f} |")
     by_q = {q: [r for r in doc["rows"] if r["quantization"] == q] for q in QUANTIZATIONS}
     gate = 100 * doc["max_accuracy_drop"]
