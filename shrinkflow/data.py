@@ -43,6 +43,7 @@ from shrinkflow.config import DataParams, DataSource, FilesSource
 from shrinkflow.errors import DataContractError, DataError, SourceUnreachable  # noqa: F401  (re-exported)
 from shrinkflow.files import atomic_write_bytes, sha256_file
 from shrinkflow.labels import BUILTIN_LABELS, case_collisions, sort_labels
+from shrinkflow.labels import shown as shown_label
 
 LABELS = BUILTIN_LABELS
 SPLITS = ("train", "val", "test", "reference")
@@ -556,8 +557,9 @@ def _class_ids(df: pd.DataFrame, labels: tuple[str, ...], shown: str, train_show
     codes = pd.Categorical(df["label"], categories=list(labels)).codes.astype("int64")
     unknown = sorted(set(df["label"][codes < 0]))
     if unknown:
-        raise DataError(f"{shown}: label(s) {unknown[:10]} do not occur in the training data {train_shown} "
-                        f"(its classes: {list(labels)}); a model can only be tested on classes it is trained "
+        raise DataError(f"{shown}: label(s) [{', '.join(shown_label(n) for n in unknown[:10])}] do not occur in the "
+                        f"training data {train_shown} (its classes: [{', '.join(shown_label(n) for n in labels)}]); "
+                        "a model can only be tested on classes it is trained "
                         "on: fix the labels or add such rows to the training data")
     return pd.DataFrame({"text": df["text"].to_numpy(), "label": codes})
 
@@ -592,7 +594,7 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
                         "and label_column")
     labels = sort_labels(pool["label"].unique())
     if len(labels) < 2:
-        raise DataError(f"{shown}: column {source.label_column!r} holds a single class {labels[0]!r} after "
+        raise DataError(f"{shown}: column {source.label_column!r} holds a single class {shown_label(labels[0])} after "
                         "cleaning; a classifier needs at least 2: add rows of the other classes")
     warnings = tuple(f"labels {', '.join(ascii(n) for n in group)} differ only by case or Unicode form (the same "
                      "on screen); they are kept as separate classes: if they are one class, make them the same in "
@@ -615,7 +617,7 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
     counts = np.bincount(pool["label"].to_numpy(), minlength=len(labels))
     small = [(labels[i], int(n)) for i, n in enumerate(counts) if n < params.min_rows_per_class]
     if small:
-        listed = ", ".join(f"{name!r} has {n} row(s)" for name, n in small)
+        listed = ", ".join(f"{shown_label(name)} has {n} row(s)" for name, n in small)
         raise DataError(f"{shown}: class {listed} after cleaning, fewer than data.min_rows_per_class = "
                         f"{params.min_rows_per_class}: add rows of that class, merge it into another, or remove "
                         "it from the file (or lower data.min_rows_per_class)")
@@ -636,7 +638,7 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
         seen = set(splits[name]["label"].tolist())
         unseen = [labels[i] for i in range(len(labels)) if i not in seen]
         if unseen:
-            warnings += (f"{name} holds no row of class(es) {', '.join(repr(n) for n in unseen)}: their recall "
+            warnings += (f"{name} holds no row of class(es) {', '.join(shown_label(n) for n in unseen)}: their recall "
                          f"cannot be measured there and no gate sees them; add rows of them (or raise "
                          "data.min_rows_per_class to refuse such a class)",)
 

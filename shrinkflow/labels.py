@@ -45,6 +45,20 @@ def sort_labels(names) -> tuple[str, ...]:
     return tuple(stripped)
 
 
+def shown(name: str) -> str:
+    """A class name as an error message prints it: ``repr(name)``, followed
+    by its code points escaped (``ascii``) when the name is not
+    NFC-normalised: an accent typed as a combining mark prints like the
+    precomposed letter, yet is another class (``'café'`` typed two ways).
+    E.g. ``'café' (as typed: 'cafe\\u0301')``. (``repr`` already escapes
+    what does not print: a zero-width or non-breaking space.)"""
+    import unicodedata
+
+    if not isinstance(name, str) or unicodedata.is_normalized("NFC", name):
+        return repr(name)
+    return f"{name!r} (as typed: {ascii(name)})"
+
+
 def case_collisions(labels) -> list[tuple[str, ...]]:
     """Groups of label names that differ only by case (``["Billing", "billing"]``)
     or by Unicode form (``"facturé"`` composed, NFC, and decomposed, NFD:

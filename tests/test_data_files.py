@@ -570,3 +570,22 @@ def test_a_list_or_an_object_in_either_column_of_either_structured_format_is_ref
     with pytest.raises(DataError, match=rf"column '{column}' holds {n} value\(s\) that are a list or an object"
                                         rf".*row {first}\b"):
         prepare_files(FilesSource(path=f"data/user/tickets.{fmt}"), raw, DataParams())
+
+
+def test_a_label_typed_another_way_is_shown_with_its_code_points(tmp_path):
+    """'café' with its accent as a combining mark (NFD) is another class than
+    'café' precomposed (NFC), and the two print alike: the error shows how
+    each odd name was typed; a plain name prints as before."""
+    from shrinkflow.labels import shown
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert shown("billing") == "'billing'" and shown(nfc) == repr(nfc) and shown(3) == "3"
+    assert shown(nfd) == f"{nfd!r} (as typed: 'cafe\\u0301')"
+    assert shown("a\u200bb") == repr("a\u200bb") == "'a\\u200bb'"  # repr escapes a zero-width space itself
+    rows = [(f"{w} text {i}", lab) for i in range(20) for w, lab in (("pay", "billing"), ("eat", nfc))]
+    source, raw = raw_project(tmp_path, rows, shifted_path="data/user/other.csv")
+    write_rows(raw / "shifted.csv", [("x", nfc), ("y", nfd)], "csv")
+    with pytest.raises(DataError) as info:
+        prepare_files(source, raw, DataParams())
+    assert f"label(s) [{nfd!r} (as typed: 'cafe\\u0301')] do not occur" in str(info.value), str(info.value)
+    assert f"(its classes: ['billing', {nfc!r}])" in str(info.value)
