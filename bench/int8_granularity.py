@@ -19,7 +19,7 @@ The default student (``student-l024-int8``) is measured the same way: its
 recipe up to the quantize step (distill with the monitoring benchmark's
 distill seed, cold, from the kept teacher; vocabulary pruning), exported to
 ONNX fp32 once, then quantized per tensor and per channel (the way of its
-quantize step, per channel since 2026-12-06, is what was deployed as v0001: the
+quantize step, per tensor by default, is what was deployed as v0001: the
 model is compared byte for byte with the registry's) and per channel.
 
     .venv/bin/python bench/monitoring.py --distill-seed 1   # leaves the teachers in bench/work/monitoring
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -73,9 +74,15 @@ def build(teacher: Path, out: Path, max_seq_len: int, opset: int) -> dict[str, P
 
 def student_per_channel(params) -> bool:
     """Whether the default student's quantize step is per channel (its
-    v0001 in the monitoring benchmark is then the per-channel build)."""
+    v0001 in the monitoring benchmark is then the per-channel build).
+    Exits when the step is neither this script's per tensor nor per
+    channel (embedding tables left fp32 or scaled per row)."""
     cand = next(c for c in params.compress.candidates if c.name == STUDENT)
-    return any(s.method == "quantize" and s.per_channel for s in cand.recipe)
+    step = next(s for s in cand.recipe if s.method == "quantize")
+    if not step.quantize_embeddings or step.embedding_scales != "tensor":
+        sys.exit(f"the default student's quantize step ({step}) is not one this script builds: it quantizes the "
+                 "embedding tables one scale per table")
+    return step.per_channel
 
 
 def build_student(teacher: Path, params, out: Path, seed: int | None) -> dict[str, Path]:

@@ -10,11 +10,12 @@ re-distilled student; ONNX export) once, then quantizes that ONNX fp32
 graph each way (ONNX Runtime dynamic int8: per tensor; per channel,
 ``QuantizeStep.per_channel``; per channel with the embedding tables left
 fp32, ``quantize_embeddings`` false, or quantized one scale per row,
-``embedding_scales: row``) and scores every model as served (one text per
+``embedding_scales: row``; and per tensor and per channel from the same
+student built without the recipe's ``vocab_prune`` step) and scores every model as served (one text per
 call for a batch-dependent one), side by side in one process: the 1,376
 recovery tweets (never traffic), and the movie-review test and val splits.
-The way the params' default student quantizes (per tensor before
-2026-12-06, per channel since) must give the very bytes the run deployed or
+The way the params' default student quantizes (per tensor: its default)
+must give the very bytes the run deployed or
 built (checked: a mismatch stops the script), so the other columns differ
 from the run in the quantization alone. p95 batch-1 latency of production
 and of the first run, every way, in interleaved rounds (``shrinkflow.evaluate.measure_interleaved``).
@@ -40,11 +41,24 @@ from _common import RESULTS, ROOT, stamp
 WORK = ROOT / "bench" / "work" / "recompress_rows"
 PROJECT = WORK / "project"
 STUDENT = "student-l024-int8"
-# The quantize step's settings compared (the first: the default student's).
-QUANTIZATIONS = {"per tensor": {"per_channel": False},
-                 "per channel": {"per_channel": True},
-                 "per channel, embeddings fp32": {"per_channel": True, "quantize_embeddings": False},
-                 "per channel, embeddings per row": {"per_channel": True, "embedding_scales": "row"}}
+FULL_VOCAB = "_full_vocabulary"
+# The quantize step's settings compared, from the student as the recipe
+# builds it up to its quantize step or (FULL_VOCAB) without vocab_prune.
+QUANTIZATIONS = {
+    "per tensor": {"per_channel": False, "quantize_embeddings": True, "embedding_scales": "tensor"},
+    "per channel": {"per_channel": True, "quantize_embeddings": True, "embedding_scales": "tensor"},
+    "per channel, embeddings fp32": {"per_channel": True, "quantize_embeddings": False, "embedding_scales": "tensor"},
+    "per channel, embeddings per row": {"per_channel": True, "quantize_embeddings": True, "embedding_scales": "row"},
+    # the same student without the recipe's vocab_prune step (every token kept)
+    "full vocabulary, per tensor": {"per_channel": False, "quantize_embeddings": True, "embedding_scales": "tensor",
+                                    FULL_VOCAB: True},
+    "full vocabulary, per channel": {"per_channel": True, "quantize_embeddings": True, "embedding_scales": "tensor",
+                                     FULL_VOCAB: True}}
+
+
+def quantize_step(step, update: dict):
+    """``step`` (a QuantizeStep) with ``update``'s settings, validated."""
+    return step.model_validate({**step.model_dump(), **{k: v for k, v in update.items() if k != FULL_VOCAB}})
 
 
 def built_way(params) -> str:
@@ -54,7 +68,7 @@ def built_way(params) -> str:
     cand = next(c for c in params.compress.candidates if c.name == STUDENT)
     step = next(s for s in cand.recipe if s.method == "quantize")
     for way, update in QUANTIZATIONS.items():
-        if step == step.__class__(**{**step.model_dump(), **update}):
+        if not update.get(FULL_VOCAB) and step == quantize_step(step, update):
             return way
     sys.exit(f"the default student's quantize step ({step}) is none of {list(QUANTIZATIONS)}")
 
@@ -62,9 +76,10 @@ def built_way(params) -> str:
 def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> dict[str, Path]:
     """The fp32 student in ``sidecar`` (compress.warm's format) through the
     default student's steps between distill and quantize (vocabulary
-    pruning counting the training split and ``window``; export), then
-    quantized each way of ``QUANTIZATIONS``: ``{"fp32", "per tensor", ...}``
-    model directories under ``out``."""
+    pruning counting the training split and ``window``; export), and
+    without vocabulary pruning, then quantized each way of
+    ``QUANTIZATIONS``: ``{"fp32", "fp32, full vocabulary", "per tensor",
+    ...}`` model directories under ``out``."""
 
     from shrinkflow.compress.quantize import quantize_dynamic_onnx
     from shrinkflow.compress.recipe import apply_recipe
@@ -82,15 +97,21 @@ def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> di
     for f in (TOKENIZER, "shrinkflow_model.json"):
         shutil.copy(teacher_dir / f, hf / f)
     train = read_parquet(PROJECT / "data/prepared/train.parquet")
-    fp32 = apply_recipe(hf, cand.model_copy(update={"name": f"{STUDENT}-fp32", "recipe": tuple(cand.recipe[1:-1])}),
-                        out / "fp32", opset=params.compress.onnx_opset, train_texts=train["text"].tolist(),
-                        train_labels=train["label"].to_numpy(), unlabelled_texts=window,
-                        threads=params.train.threads, progress=False)
-    dirs = {"fp32": fp32}
+    sources = {}
+    for full in sorted({bool(u.get(FULL_VOCAB)) for u in QUANTIZATIONS.values()}):
+        steps = tuple(st for st in cand.recipe[1:-1] if not (full and st.method == "vocab_prune"))
+        key = "fp32, full vocabulary" if full else "fp32"
+        sources[full] = apply_recipe(hf, cand.model_copy(update={"name": f"{STUDENT}-{'full' if full else 'fp32'}",
+                                                                 "recipe": steps}),
+                                     out / key.replace(" ", "-").replace(",", ""), opset=params.compress.onnx_opset,
+                                     train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
+                                     unlabelled_texts=window, threads=params.train.threads, progress=False)
+    dirs = {("fp32, full vocabulary" if full else "fp32"): d for full, d in sources.items()}
     for name, update in QUANTIZATIONS.items():
         d = out / name.replace(" ", "-").replace(",", "")
+        fp32 = sources[bool(update.get(FULL_VOCAB))]
         shutil.copytree(fp32, d)
-        quantize_dynamic_onnx(fp32 / "model.onnx", d / "model.onnx", quant[0].model_copy(update=update))
+        quantize_dynamic_onnx(fp32 / "model.onnx", d / "model.onnx", quantize_step(quant[0], update))
         dirs[name] = d
     return dirs
 
@@ -143,7 +164,8 @@ def main() -> None:
             rows.append({"run": i, "pool_offset": run["pool_offset"], "rows_distill": run["rows_distill"],
                          "heldout_fraction": run["heldout_fraction"], "overrides": run.get("overrides") or {},
                          "quantization": q, "production_tweets": acc[before]["tweets"],
-                         "student_tweets": acc[after]["tweets"], "student_fp32_tweets": acc[f"run {i} fp32"]["tweets"],
+                         "student_tweets": acc[after]["tweets"], "student_fp32_tweets": acc[f"run {i} fp32" + (
+                             ", full vocabulary" if QUANTIZATIONS[q].get(FULL_VOCAB) else "")]["tweets"],
                          "gap_points": round(100 * gap, 2),
                          "recovered": round((acc[after]["tweets"] - acc[before]["tweets"]) / gap, 4),
                          "recovered_se": round(paired_se(right[after]["tweets"], right[before]["tweets"]) / gap, 4),
@@ -180,6 +202,8 @@ def markdown(doc: dict) -> str:
              "| model | tweets | test | val |", "|---|---|---|---|"]
     for k, a in acc.items():
         lines.append(f"| {k} | {a['tweets']:.4f} | {a['movie_test']:.4f} | {a['movie_val']:.4f} |")
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}."]
     lines += ["", "| run | pool tweets from | texts distilled | held out | int8 | production on tweets | gap (points) "
               "| student on tweets (fp32) | gap recovered | in domain, test (points) | val drop vs teacher (points) "
               "| test drop vs teacher (points) |",

@@ -314,6 +314,7 @@ def markdown(doc: dict) -> str:
     """bench/results/recompress_rows.md from the results document."""
     acc, p = doc["accuracy"], f"production {doc['production']}"
     gap = acc["teacher"]["tweets"] - acc[p]["tweets"]
+    shares = {r.get('heldout_fraction', doc['heldout_fraction']) for r in doc['runs']}
     lines = ["# How many window texts a re-compression needs", "",
              f"Measured {doc['measured_at']} on {doc['machine']}, by `bench/recompress_rows.py` on a copy of "
              + ("`bench/monitoring.py`'s project before its re-compression"
@@ -322,8 +323,8 @@ def markdown(doc: dict) -> str:
              "student warm-started and re-distilled (`dvc repro --single-item compress`, the default params but "
              "for each run's own, in its columns) on tweets of the traffic pool from the one named (\"window\": "
              "the source's own re-compression window), "
-             + (f"{doc['heldout_fraction']:.0%} of them held out as a re-compression does. "
-                if len({r.get('heldout_fraction', doc['heldout_fraction']) for r in doc['runs']}) == 1
+             + (f"{shares.pop():.0%} of them held out as a re-compression does. "
+                if len(shares) == 1
                 else "each run's share of them held out as a re-compression does (its column). ")
              + "Scored on "
              f"{doc['recovery_tweets_n']} recovery tweets (never traffic) and the {doc['movie_test_n']} "

@@ -560,7 +560,7 @@ def test_per_row_embedding_scales_refuse_a_graph_with_no_lookup_and_leave_other_
 
     model = _lookup_graph(np.ones((4, 3)))
     model.graph.node[0].attribute[0].i = 1  # a Gather along columns is not a lookup
-    with pytest.raises(ValueError, match="no embedding lookup"):
+    with pytest.raises(ValueError, match="no embedding table to quantize per row"):
         quantize_embeddings_per_row(model)
     assert [t.name for t in model.graph.initializer] == ["table"]  # unchanged
     assert onnx.numpy_helper.to_array(model.graph.initializer[0]).dtype == np.float32
@@ -586,3 +586,67 @@ def test_a_tiny_teacher_quantized_with_per_row_embeddings_agrees_with_its_fp32(t
     a = predict_labels(load_predictor(tiny_teacher_dir, threads=1), test["text"].tolist())
     b = predict_labels(load_predictor(out, threads=1), test["text"].tolist())
     assert (a == b).mean() >= 0.8
+
+
+def test_per_row_embedding_scales_on_shared_tables_colliding_names_and_other_readers(tmp_path):
+    """Edge cases a helper found: two unnamed lookups of one table (quantized
+    once, node names unique), an initializer already named like a generated
+    one (left as it was), and a table also returned as a graph output (kept
+    in fp32 for that reader). The graph opens and computes every output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx
+
+    rng = np.random.default_rng(0)
+    table, other = rng.normal(size=(10, 4)).astype(np.float32), np.arange(4, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["A", "ids"], ["a1"]), helper.make_node("Gather", ["A", "ids"], ["a2"]),
+         helper.make_node("Add", ["a1", "A_row_scale"], ["shifted"])], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+         for n, s in (("a2", [None, 4]), ("shifted", [None, 4]), ("A", [10, 4]))],
+        [numpy_helper.from_array(table, "A"), numpy_helper.from_array(other, "A_row_scale")])
+    src = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dst = quantize_dynamic_onnx(src, tmp_path / "rows.onnx", QuantizeStep(embedding_scales="row"))
+    model = onnx.load(str(dst))
+    onnx.checker.check_model(model)
+    names = [n.name for n in model.graph.node]
+    assert len(names) == len(set(names))
+    assert sum(t.data_type == TensorProto.INT8 for t in model.graph.initializer) == 1  # one table, once
+    import onnxruntime as ort
+
+    ids = np.array([3, 0, 9], dtype=np.int64)
+    a2, shifted, a = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    step = np.abs(table).max(axis=1, keepdims=True)[ids] / 127.0
+    assert np.all(np.abs(a2 - table[ids]) <= step / 2 + 1e-6)
+    assert np.all(np.abs(shifted - (table[ids] + other)) <= step / 2 + 1e-6)  # the old A_row_scale, not the scales
+    np.testing.assert_array_equal(a, table)  # the graph output still reads the fp32 table
+
+
+@pytest.mark.parametrize("case, says", [
+    ("nan", "holds NaN or infinity in 2 row(s) (first: [1, 4])"),
+    ("opset 11", "needs ONNX opset 13 or later; this graph has opset 11"),
+    ("graph input", "no embedding table to quantize per row"),
+    ("float16", "no embedding table to quantize per row"),
+])
+def test_per_row_embedding_scales_refuse_what_they_cannot_quantize(case, says):
+    from onnx import TensorProto, helper
+
+    from shrinkflow.compress.quantize import quantize_embeddings_per_row
+
+    table = np.ones((6, 3))
+    if case == "nan":
+        table[1, 0], table[4, 2] = np.nan, np.inf
+    model = _lookup_graph(table.astype(np.float16) if case == "float16" else table,
+                          opset=11 if case == "opset 11" else 17)
+    if case == "float16":
+        model.graph.initializer[0].data_type = TensorProto.FLOAT16
+    if case == "graph input":  # an overridable value, not a constant table
+        model.graph.input.append(helper.make_tensor_value_info("table", TensorProto.FLOAT, [6, 3]))
+    before = model.SerializeToString()
+    with pytest.raises(ValueError) as info:
+        quantize_embeddings_per_row(model)
+    assert says in str(info.value), str(info.value)
+    assert model.SerializeToString() == before  # refused before anything changed

@@ -38,67 +38,131 @@ def _quiet_preprocess_hint():
         root.removeFilter(_drop_preprocess_hint)
 
 
+def _graph_names(graph, into: set[str]) -> set[str]:
+    """Every node, value and initializer name of ``graph`` and its
+    subgraphs (If/Loop/Scan bodies), added to ``into``."""
+    into.update(t.name for t in graph.initializer)
+    into.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+    for node in graph.node:
+        into.add(node.name)
+        into.update(node.input)
+        into.update(node.output)
+        for sub in _subgraphs(node):
+            _graph_names(sub, into)
+    return into
+
+
+def _subgraphs(node) -> list:
+    """The graphs a node's attributes hold (an If's branches, a Loop's body)."""
+    from onnx import AttributeProto
+
+    subs = []
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            subs.append(a.g)
+        elif a.type == AttributeProto.GRAPHS:
+            subs.extend(a.graphs)
+    return subs
+
+
 def quantize_embeddings_per_row(model) -> int:
-    """Quantize ``model``'s embedding tables to int8 with one scale per row,
-    in place (an ``onnx.ModelProto``). An embedding lookup is a Gather along
-    axis 0 from a 2-D float32 initializer ``[rows, width]`` (the word,
-    position and token-type tables); each becomes a Gather from an int8 copy
-    of the table, cast to float and multiplied by the looked-up rows' scales
-    (symmetric: ``scale[r] = max |table[r]| / 127``, an all-zero row scale 1).
-    Returns the number of tables quantized. Raises ValueError when the graph
-    has none (a graph whose lookups were fused away, e.g. into
-    EmbedLayerNormalization).
+    """Quantize ``model``'s embedding tables to int8 with one scale per table
+    row, in place (an ``onnx.ModelProto``, opset 13 or later). A table is a
+    2-D float32 initializer ``[rows, width]`` that a top-level Gather reads
+    along axis 0 (in a transformer: the word, position and token-type
+    tables, and any other table looked up that way, e.g. MPNet's relative
+    attention bias). Each such lookup becomes a Gather from the table's int8
+    copy, cast to float and multiplied by the looked-up rows' scales
+    (symmetric: ``scale[r] = max |table[r]| / 127``; an all-zero row keeps
+    scale 1 and stays zero). A table read by several lookups is quantized
+    once. The fp32 table is removed when nothing else reads it; it is kept
+    for any other reader (a node, a subgraph, a graph output). A table that
+    is also a graph input (a value a caller may override) is not a constant
+    and is left alone. Returns the number of tables quantized.
 
-    Why: ONNX Runtime quantizes a Gather's table with one scale for the whole
-    table (``GatherQuant``; ``per_channel`` does not reach it), so a token
-    whose vector is small next to the table's largest keeps few of its 255
-    levels. Per row, every token keeps all of them. The rows' scales add
-    ``4 * rows`` bytes."""
-    from collections import Counter
+    Raises ValueError when the graph has no such table (a graph whose
+    lookups were fused away, e.g. into EmbedLayerNormalization, or float16
+    tables), when a table holds NaN or infinity (naming the table and its
+    first such rows), or when the opset is under 13 (Unsqueeze then takes
+    no axes input).
 
+    Why: ONNX Runtime quantizes a Gather's table with one scale for the
+    whole table (``GatherQuant``; ``per_channel`` does not reach it), so a
+    token whose vector is small next to the table's largest keeps few of
+    its 255 levels. Per row, every token keeps all of them, for 4 bytes a
+    row more."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 13:
+        raise ValueError(f"embedding_scales: row needs ONNX opset 13 or later; this graph has opset {opset}")
     graph = model.graph
-    tables = {t.name: t for t in graph.initializer}
-    uses = Counter(name for node in graph.node for name in node.input)
-    nodes, added, dropped = [], [], set()
-    for node in graph.node:
-        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+    inputs = {v.name for v in graph.input}
+    tables = {t.name: t for t in graph.initializer if t.name not in inputs}
+    taken = _graph_names(graph, set())
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    def lookup(node):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not node.input:
+            return None
+        table = tables.get(node.input[0])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if table is None or axis != 0 or len(table.dims) != 2 or table.data_type != TensorProto.FLOAT:
+        if table is None or len(table.dims) != 2 or axis not in (0, -2) or table.data_type != TensorProto.FLOAT:
+            return None
+        return table
+
+    quantized: dict[str, tuple[str, str]] = {}  # table -> (int8 table, row scales)
+    added, nodes = [], []
+    for node in graph.node:
+        table = lookup(node)
+        if table is None:
             nodes.append(node)
             continue
-        weights = numpy_helper.to_array(table).astype(np.float32)
-        scale = np.abs(weights).max(axis=1) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
-        name, ids, out = table.name, node.input[1], node.output[0]
-        p = f"{node.name or name}_per_row"
-        added += [numpy_helper.from_array(q, f"{name}_int8_rows"),
-                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_row_scale"),
-                  numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{p}_axes")]
-        nodes += [helper.make_node("Gather", [f"{name}_int8_rows", ids], [f"{p}_int8"], name=f"{p}_gather", axis=0),
-                  helper.make_node("Cast", [f"{p}_int8"], [f"{p}_float"], name=f"{p}_cast", to=TensorProto.FLOAT),
-                  helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{p}_scale"], name=f"{p}_gather_scale",
-                                   axis=0),
-                  helper.make_node("Unsqueeze", [f"{p}_scale", f"{p}_axes"], [f"{p}_scale_1"], name=f"{p}_unsqueeze"),
-                  helper.make_node("Mul", [f"{p}_float", f"{p}_scale_1"], [out], name=f"{p}_mul")]
-        uses[name] -= 1
-        if uses[name] == 0:
-            dropped.add(name)
-    if not added:
-        raise ValueError("embedding_scales: row, but the graph has no embedding lookup (a Gather from a 2-D float "
-                         "table) to quantize per row")
+        if table.name not in quantized:
+            weights = numpy_helper.to_array(table).astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(weights).all(axis=1))
+            if bad.size:
+                raise ValueError(f"embedding_scales: row: table {table.name!r} holds NaN or infinity in "
+                                 f"{bad.size} row(s) (first: {bad[:5].tolist()}); its fp32 model is broken there")
+            scale = np.abs(weights).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
+            quantized[table.name] = (fresh(f"{table.name}_int8_rows"), fresh(f"{table.name}_row_scale"))
+            added += [numpy_helper.from_array(q, quantized[table.name][0]),
+                      numpy_helper.from_array(scale.astype(np.float32), quantized[table.name][1])]
+        int8, scales = quantized[table.name]
+        ids, out = node.input[1], node.output[0]
+        p = fresh(f"{node.name or table.name}_per_row")
+        axes, got, as_float, row_scale, column = (fresh(f"{p}_{x}") for x in ("axes", "int8", "float", "scale",
+                                                                                "scale_column"))
+        added.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+        nodes += [helper.make_node("Gather", [int8, ids], [got], name=fresh(f"{p}_gather"), axis=0),
+                  helper.make_node("Cast", [got], [as_float], name=fresh(f"{p}_cast"), to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [scales, ids], [row_scale], name=fresh(f"{p}_gather_scale"), axis=0),
+                  helper.make_node("Unsqueeze", [row_scale, axes], [column], name=fresh(f"{p}_unsqueeze")),
+                  helper.make_node("Mul", [as_float, column], [out], name=fresh(f"{p}_mul"))]
+    if not quantized:
+        raise ValueError("embedding_scales: row, but the graph has no embedding table to quantize per row (a 2-D "
+                         "float32 initializer read by a Gather along axis 0); use embedding_scales: tensor")
     del graph.node[:]
     graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in dropped]
+    # Whatever still reads a table after the rewrite keeps it.
+    still = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            still |= _graph_names(sub, set())
+    kept = [t for t in graph.initializer if t.name not in quantized or t.name in still]
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
-    inputs = [i for i in graph.input if i.name not in dropped]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    return len(added) // 3
+    return len(quantized)
 
 
 def _embeddings_source(src: Path, dst: Path, step: QuantizeStep) -> tuple[Path, list[str]]:
@@ -115,7 +179,11 @@ def _embeddings_source(src: Path, dst: Path, step: QuantizeStep) -> tuple[Path, 
     model = onnx.load(str(src))
     quantize_embeddings_per_row(model)
     rows = dst.with_name(f".{dst.name}.rows.onnx")
-    onnx.save(model, str(rows))
+    try:
+        onnx.save(model, str(rows))
+    except BaseException:
+        rows.unlink(missing_ok=True)
+        raise
     return rows, ops
 
 
@@ -124,7 +192,8 @@ def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
     written beside it, then renamed): MatMul and Gemm weights per tensor or,
     with ``step.per_channel``, per output channel; the embedding tables
     (``step.quantize_embeddings``) per tensor by ORT or per row
-    (``step.embedding_scales``). Returns ``dst``."""
+    (``step.embedding_scales``). Returns ``dst``. Raises ValueError as
+    ``quantize_embeddings_per_row`` does."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -159,7 +228,13 @@ class _Calibration:
 
 
 def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: list[dict]) -> Path:
-    """Static int8 (QDQ): activation ranges from ``calibration`` feeds (MinMax)."""
+    """Static int8 (QDQ) of the ONNX graph ``src`` into ``dst`` (atomically):
+    activation ranges from ``calibration`` feeds (MinMax, symmetric);
+    MatMul and Gemm weights per tensor or per output channel
+    (``step.per_channel``); the embedding tables (``step.quantize_embeddings``)
+    by ORT per tensor, or per row (``step.embedding_scales``: a copy of
+    ``src`` beside ``dst``, removed after). Returns ``dst``. Raises
+    ValueError as ``quantize_embeddings_per_row`` does."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
