@@ -585,7 +585,7 @@ class VocabPruneStep(_Frozen):
     """Keep only the embedding rows of tokens seen in the training split.
 
     Embeddings are about half of MiniLM's weights, but a sentiment corpus uses
-    ~40% of the 30,522 tokens. Specials and every single-character piece are
+    a third to a half of the 30,522 tokens. Specials and every single-character piece are
     always kept, so any word can still be segmented (never [UNK] for spelling).
     """
 

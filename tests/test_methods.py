@@ -650,3 +650,54 @@ def test_per_row_embedding_scales_refuse_what_they_cannot_quantize(case, says):
         quantize_embeddings_per_row(model)
     assert says in str(info.value), str(info.value)
     assert model.SerializeToString() == before  # refused before anything changed
+
+
+def test_a_refused_per_row_quantize_leaves_the_graph_it_was_given_and_no_hint_is_logged(tmp_path, caplog):
+    """A second helper's findings: a quantize step that refuses (here: NaN in
+    a table) puts the exported graph back where the build keeps it, whole;
+    a sparse initializer's name is never reused; and neither quantizer logs
+    ORT's pre-processing hint (the static one words it another way)."""
+    import logging
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
+    from shrinkflow.compress.steps import Build, method_of
+
+    table = np.ones((4, 3))
+    table[2, 1] = np.nan
+    path = tmp_path / "model.onnx"
+    onnx.save(_lookup_graph(table), str(path))
+    before = path.read_bytes()
+    step = QuantizeStep(embedding_scales="row")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        method_of(step).apply(step, Build(model=None, tokenizer_json="{}", onnx_path=path))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+    model = _lookup_graph(np.arange(12.0).reshape(4, 3) + 1)
+    model.graph.sparse_initializer.append(onnx.SparseTensorProto(
+        values=numpy_helper.from_array(np.array([1.0], dtype=np.float32), "table_int8_rows"),
+        indices=numpy_helper.from_array(np.array([0], dtype=np.int64), "i"), dims=[1]))
+    src = tmp_path / "sparse.onnx"
+    onnx.save(model, str(src))
+    with caplog.at_level(logging.WARNING):
+        dst = quantize_dynamic_onnx(src, tmp_path / "rows.onnx", step)
+        quantize_static_onnx(src, tmp_path / "static.onnx", QuantizeStep(mode="static", calibration_samples=8),
+                             [{"ids": np.array([0, 3], dtype=np.int64)}])
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    names = [t.name for t in onnx.load(str(dst)).graph.initializer]
+    assert "table_int8_rows" not in names and "table_int8_rows_2" in names
+    np.testing.assert_allclose(_run(dst, np.array([3, 0], dtype=np.int64)), [[10, 11, 12], [1, 2, 3]], atol=0.05)
+
+
+def test_a_row_too_small_for_a_float32_scale_reads_back_as_zeros():
+    from onnx import numpy_helper
+
+    from shrinkflow.compress.quantize import quantize_embeddings_per_row
+
+    model = _lookup_graph(np.array([[1e-44, -1e-44], [2.0, -1.0]]))
+    assert quantize_embeddings_per_row(model) == 1
+    tables = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert tables["table_int8_rows"][0].tolist() == [0, 0] and tables["table_row_scale"][0] == 1.0
+    assert tables["table_int8_rows"][1].tolist() == [127, -64]

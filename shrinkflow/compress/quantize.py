@@ -19,11 +19,12 @@ from shrinkflow.config import QuantizeStep
 # shrinkflow does not run it: it would rewrite the exported (and, where the
 # recipe asks, fused and checked) graph before quantization; validate's gates
 # measure the quantized graph as built. The hint is dropped so it does not read as a fault.
-_PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
-
-
+# ORT words it two ways: "Please consider to run pre-processing before
+# quantization..." (dynamic) and "Please consider pre-processing before
+# quantization. See ..." (static).
 def _drop_preprocess_hint(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_PREPROCESS_HINT)
+    msg = str(record.msg)
+    return not (msg.startswith("Please consider") and "pre-processing before quantization" in msg)
 
 
 @contextmanager
@@ -42,6 +43,7 @@ def _graph_names(graph, into: set[str]) -> set[str]:
     """Every node, value and initializer name of ``graph`` and its
     subgraphs (If/Loop/Scan bodies), added to ``into``."""
     into.update(t.name for t in graph.initializer)
+    into.update(t.values.name for t in graph.sparse_initializer)
     into.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
     for node in graph.node:
         into.add(node.name)
@@ -73,18 +75,20 @@ def quantize_embeddings_per_row(model) -> int:
     tables, and any other table looked up that way, e.g. MPNet's relative
     attention bias). Each such lookup becomes a Gather from the table's int8
     copy, cast to float and multiplied by the looked-up rows' scales
-    (symmetric: ``scale[r] = max |table[r]| / 127``; an all-zero row keeps
-    scale 1 and stays zero). A table read by several lookups is quantized
+    (symmetric: ``scale[r] = max |table[r]| / 127``; a row whose scale is
+    0 in float32, all zeros or every value under about 1e-43, keeps scale
+    1 and reads back as zeros). A table read by several lookups is quantized
     once. The fp32 table is removed when nothing else reads it; it is kept
     for any other reader (a node, a subgraph, a graph output). A table that
     is also a graph input (a value a caller may override) is not a constant
     and is left alone. Returns the number of tables quantized.
 
-    Raises ValueError when the graph has no such table (a graph whose
-    lookups were fused away, e.g. into EmbedLayerNormalization, or float16
-    tables), when a table holds NaN or infinity (naming the table and its
-    first such rows), or when the opset is under 13 (Unsqueeze then takes
-    no axes input).
+    Raises ValueError when the graph has no such table (lookups fused
+    away, e.g. into EmbedLayerNormalization; float16 tables; tables that
+    are all graph inputs, as an export with initializers as inputs leaves
+    them), when a table holds NaN or infinity (naming the table and its
+    first such rows), or when the default domain's opset is under 13 or
+    missing (Unsqueeze takes its axes as an input from 13 on).
 
     Why: ONNX Runtime quantizes a Gather's table with one scale for the
     whole table (``GatherQuant``; ``per_channel`` does not reach it), so a
@@ -95,8 +99,9 @@ def quantize_embeddings_per_row(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < 13:
-        raise ValueError(f"embedding_scales: row needs ONNX opset 13 or later; this graph has opset {opset}")
+    if opset is None or opset < 13:
+        raise ValueError(f"embedding_scales: row needs ONNX opset 13 or later; this graph has opset "
+                         f"{opset if opset is not None else '(none for the default domain)'}")
     graph = model.graph
     inputs = {v.name for v in graph.input}
     tables = {t.name: t for t in graph.initializer if t.name not in inputs}
@@ -115,12 +120,14 @@ def quantize_embeddings_per_row(model) -> int:
             return None
         table = tables.get(node.input[0])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if table is None or len(table.dims) != 2 or axis not in (0, -2) or table.data_type != TensorProto.FLOAT:
+        if (table is None or len(table.dims) != 2 or 0 in table.dims or axis not in (0, -2)
+                or table.data_type != TensorProto.FLOAT):
             return None
         return table
 
     quantized: dict[str, tuple[str, str]] = {}  # table -> (int8 table, row scales)
     added, nodes = [], []
+    axes = None  # one [-1] for every lookup's Unsqueeze
     for node in graph.node:
         table = lookup(node)
         if table is None:
@@ -132,8 +139,8 @@ def quantize_embeddings_per_row(model) -> int:
             if bad.size:
                 raise ValueError(f"embedding_scales: row: table {table.name!r} holds NaN or infinity in "
                                  f"{bad.size} row(s) (first: {bad[:5].tolist()}); its fp32 model is broken there")
-            scale = np.abs(weights).max(axis=1) / 127.0
-            scale[scale == 0] = 1.0
+            scale = (np.abs(weights).max(axis=1) / 127.0).astype(np.float32)
+            scale[scale == 0] = 1.0  # all zeros, or so small the scale underflows float32
             q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
             quantized[table.name] = (fresh(f"{table.name}_int8_rows"), fresh(f"{table.name}_row_scale"))
             added += [numpy_helper.from_array(q, quantized[table.name][0]),
@@ -141,9 +148,10 @@ def quantize_embeddings_per_row(model) -> int:
         int8, scales = quantized[table.name]
         ids, out = node.input[1], node.output[0]
         p = fresh(f"{node.name or table.name}_per_row")
-        axes, got, as_float, row_scale, column = (fresh(f"{p}_{x}") for x in ("axes", "int8", "float", "scale",
-                                                                                "scale_column"))
-        added.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+        got, as_float, row_scale, column = (fresh(f"{p}_{x}") for x in ("int8", "float", "scale", "scale_column"))
+        if axes is None:
+            axes = fresh("per_row_unsqueeze_axes")
+            added.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
         nodes += [helper.make_node("Gather", [int8, ids], [got], name=fresh(f"{p}_gather"), axis=0),
                   helper.make_node("Cast", [got], [as_float], name=fresh(f"{p}_cast"), to=TensorProto.FLOAT),
                   helper.make_node("Gather", [scales, ids], [row_scale], name=fresh(f"{p}_gather_scale"), axis=0),
@@ -151,7 +159,8 @@ def quantize_embeddings_per_row(model) -> int:
                   helper.make_node("Mul", [as_float, column], [out], name=fresh(f"{p}_mul"))]
     if not quantized:
         raise ValueError("embedding_scales: row, but the graph has no embedding table to quantize per row (a 2-D "
-                         "float32 initializer read by a Gather along axis 0); use embedding_scales: tensor")
+                         "float32 initializer, not also a graph input, read by a Gather along axis 0); use "
+                         "embedding_scales: tensor")
     del graph.node[:]
     graph.node.extend(nodes)
     # Whatever still reads a table after the rewrite keeps it.
@@ -207,10 +216,11 @@ def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
             quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
                              per_channel=step.per_channel, op_types_to_quantize=ops,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        tmp.replace(dst)
     finally:
         if source != Path(src):
             source.unlink(missing_ok=True)
-    tmp.replace(dst)
+        tmp.unlink(missing_ok=True)  # only there when the quantizer or the rename failed
     return dst
 
 
@@ -249,8 +259,9 @@ def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: 
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
+        tmp.replace(dst)
     finally:
         if source != Path(src):
             source.unlink(missing_ok=True)
-    tmp.replace(dst)
+        tmp.unlink(missing_ok=True)  # only there when the quantizer or the rename failed
     return dst

@@ -508,10 +508,14 @@ class Quantize(Method):
         onnx_path = build.onnx_path
         fp32 = onnx_path.with_name("model.fp32.onnx")
         onnx_path.replace(fp32)
-        if step.mode == "static":
-            texts = calibration_texts(build.train_texts, build.unlabelled_texts)
-            quantize_static_onnx(fp32, onnx_path, step, calibration_feeds(
-                build.tokenizer_json, texts, step.calibration_samples, build.max_seq_len))
-        else:
-            quantize_dynamic_onnx(fp32, onnx_path, step)
+        try:
+            if step.mode == "static":
+                texts = calibration_texts(build.train_texts, build.unlabelled_texts)
+                quantize_static_onnx(fp32, onnx_path, step, calibration_feeds(
+                    build.tokenizer_json, texts, step.calibration_samples, build.max_seq_len))
+            else:
+                quantize_dynamic_onnx(fp32, onnx_path, step)
+        except BaseException:
+            fp32.replace(onnx_path)  # a refusal leaves the graph it was given, whole
+            raise
         fp32.unlink()
