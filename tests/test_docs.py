@@ -23,8 +23,9 @@ ALLOWED = {
                            "default is the minimal safe list (int8 only)",
     "compress.candidates.int8.quantize.per_channel":
         "measured for the teacher's int8 (bench/results/int8_granularity.md: per tensor lost 5.45 points on unseen "
-        "tweets); the generic default (per tensor) is what the default student's int8 keeps (as its default it missed "
-        "the deploy gate twice: bench/results/monitoring_per_channel.md) and a user's own candidates were measured with",
+        "tweets); the generic default (per tensor) is what the default student's int8 keeps (as its default it "
+        "missed the deploy gate twice: bench/results/monitoring_per_channel.md) and a user's own candidates were "
+        "measured with",
     "compress.candidates.student-l024-int8.vocab_prune.min_count":
         "the student keeps tokens seen twice; min_count 1 is the generic default (params/sweep.yaml compares "
         "both: l024-vocab-int8 and l024-vocab2-int8)",

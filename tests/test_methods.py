@@ -660,7 +660,7 @@ def test_a_refused_per_row_quantize_leaves_the_graph_it_was_given_and_no_hint_is
     import logging
 
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     from shrinkflow.compress.quantize import quantize_dynamic_onnx, quantize_static_onnx
     from shrinkflow.compress.steps import Build, method_of
