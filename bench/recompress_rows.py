@@ -69,15 +69,15 @@ def tweets(part: str) -> tuple[list[str], np.ndarray]:
     return df["text"].tolist(), df["label"].to_numpy()
 
 
-def runs_and_name() -> tuple[tuple, str, bool, Path, str | None]:
+def runs_and_name() -> tuple[tuple, str, bool, Path, str | None, bool]:
     """RUNS and the results' name, or ``--runs JSON --name NAME`` from the
     command line: a list of [texts, overrides] or [texts, overrides, offset]
     (the pool's first tweet to distil from; 0 by default) or [texts,
     overrides, offset, heldout_fraction] (offset "window": the texts of the
     source project's own re-compression window, as archived; the window's share held out, as
     ``monitor.heldout_fraction``; the params' by default), written to
-    bench/results/NAME.{md,json}; ``--rescore``, ``--source`` and
-    ``--production`` as their help says."""
+    bench/results/NAME.{md,json}; ``--rescore``, ``--source``,
+    ``--production`` and ``--source-params`` as their help says."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,9 +93,23 @@ def runs_and_name() -> tuple[tuple, str, bool, Path, str | None]:
                     help="the registry version to re-distil from (default: the version bench/monitoring.py's "
                          "re-compression started from, bench/results/monitoring.json); it must be a student "
                          "with its warm-start sidecar")
+    ap.add_argument("--source-params", action="store_true",
+                    help="re-distil with the source project's params where they differ from this checkout's "
+                         "(by default that is refused: the runs would stand for another recipe)")
     args = ap.parse_args()
     return ((tuple(tuple(r) for r in args.runs) if args.runs else RUNS), args.name, args.rescore,
-            args.source, args.production)
+            args.source, args.production, args.source_params)
+
+
+def params_differences(a, b, prefix: str = "") -> list[str]:
+    """The dotted paths where two params documents (``Params.model_dump()``
+    dicts, lists and values) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in params_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in params_differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} here, {b!r} in the source"]
 
 
 def before_retrain(project: Path) -> None:
@@ -207,7 +221,7 @@ def rescore(out_name: str) -> None:
 
 
 def main() -> None:
-    runs, out_name, again, source, before = runs_and_name()
+    runs, out_name, again, source, before, source_params = runs_and_name()
     if again:
         return rescore(out_name)
     sys.path.insert(0, str(ROOT))
@@ -219,6 +233,17 @@ def main() -> None:
     from shrinkflow.window import write_snapshot
 
     before = before or json.loads((RESULTS / "monitoring.json").read_text())["recompress"]["deployed_before"]
+    # The copy keeps the source's params.yaml: a source benchmarked with other
+    # compress params (bench/monitoring.py run on a trial default) would
+    # re-distil with that recipe, not this checkout's. (Its monitor section
+    # differs by design: bench/monitoring.py sets the windows and cooldown.)
+    differ = params_differences(load_params(ROOT / "params.yaml").compress.model_dump(),
+                                load_params(source / "project" / "params.yaml").compress.model_dump(), "compress.")
+    if differ and not source_params:
+        sys.exit(f"{source / 'project'} ran with other compress params than this checkout's "
+                 f"({'; '.join(differ[:8])}); "
+                 "re-run bench/monitoring.py on this checkout, or pass --source-params to re-distil with the "
+                 "source's")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     subprocess.run(["cp", "-a", str(source / "project"), str(PROJECT)], check=True)
