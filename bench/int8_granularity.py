@@ -129,12 +129,12 @@ def main() -> None:
     lat = params.validate_.latency
     seed = json.loads((RESULTS / "monitoring.json").read_text()).get("distill_seed")
     rows, same_as_v0001 = [], None
+    way = "per channel" if student_per_channel(params) else "per tensor"  # the way v0001 was built
     for teacher, path in (*TEACHERS.items(), ("default student", None)):
         with tempfile.TemporaryDirectory() as tmp:
             if path is None:
                 dirs = build_student(TEACHERS["teacher before"], params, Path(tmp), seed)
-                way = "int8 per channel" if student_per_channel(params) else "int8 per tensor"
-                same_as_v0001 = (dirs[way] / "model.onnx").read_bytes() == \
+                same_as_v0001 = (dirs[f"int8 {way}"] / "model.onnx").read_bytes() == \
                     (FIRST_PRODUCTION / "model.onnx").read_bytes()
             else:
                 dirs = build(path, Path(tmp), params.train.max_seq_len, params.compress.onnx_opset)
@@ -152,8 +152,7 @@ def main() -> None:
                              "size_mb": round((d / "model.onnx").stat().st_size / 2 ** 20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "distill_seed": seed,
-           "student_int8_per_tensor_same_as_v0001" if not student_per_channel(params)
-           else "student_int8_per_channel_same_as_v0001": same_as_v0001, "rows": rows}
+           f"student_int8_{way.replace(' ', '_')}_same_as_v0001": same_as_v0001, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_granularity.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "int8_granularity.md").write_text(markdown(doc) + "\n")
@@ -178,9 +177,9 @@ def markdown(doc: dict) -> str:
                      + " | ".join(f"{100 * (b[s] - r[s]):+.2f}" for s in cols)
                      + f" | {r['latency_ms_p95_b1']:.2f} | {r['size_mb']} |")
     way = "per-channel" if "student_int8_per_channel_same_as_v0001" in doc else "per-tensor"
-    if doc.get(f"student_int8_{way.replace('-', '_')}_same_as_v0001") is not None:
-        same = ("the same bytes as" if doc[f"student_int8_{way.replace('-', '_')}_same_as_v0001"]
-                else "not the same bytes as")
+    same = doc.get(f"student_int8_{way.replace('-', '_')}_same_as_v0001")
+    if same is not None:
+        same = "the same bytes as" if same else "not the same bytes as"
         lines += ["", f"The default student: `{STUDENT}`'s recipe up to its quantize step, cold, from the kept "
                   f"teacher (distill seed {doc['distill_seed']}, as the monitoring benchmark's v0001), exported once "
                   f"and quantized both ways; its {way} int8 is {same} the v0001 the benchmark deployed."]

@@ -294,9 +294,9 @@ def main() -> None:
         staged = stage_warm_start(PROJECT, params.deploy.registry_dir)
         window = write_snapshot(PROJECT, texts, heldout,
                                 {"bench": "recompress_rows", "warm_start": staged})
-        extra = len(read_unlabelled(PROJECT))
-        if extra != window["rows_distill"]:  # the window's texts only, as it was
-            sys.exit(f"compress would distil from {extra} texts besides the training "
+        unlabelled = read_unlabelled(PROJECT)
+        if len(unlabelled) != window["rows_distill"]:  # the window's texts only, as it was
+            sys.exit(f"compress would distil from {len(unlabelled)} texts besides the training "
                      f"split, not the window's {window['rows_distill']}")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "compress"], cwd=PROJECT,
@@ -313,7 +313,7 @@ def main() -> None:
         shutil.copytree(PROJECT / "models/candidates" / warm[0], keep)
         # for bench/recompress_int8.py: the run's fp32 student (the share kept) and the texts compress read
         shutil.copytree(PROJECT / "models/students" / warm[0], WORK / f"student_{i + 1}")
-        (WORK / f"window_{i + 1}.txt").write_text("\n".join(read_unlabelled(PROJECT)) + "\n", encoding="utf-8")
+        (WORK / f"window_{i + 1}.txt").write_text("\n".join(unlabelled) + "\n", encoding="utf-8")
         if not (WORK / "production_student").exists():
             shutil.copytree(PROJECT / "data/unlabelled/warm_start" / warm[0], WORK / "production_student")
         models[run] = keep

@@ -44,6 +44,7 @@ from shrinkflow.errors import DataContractError, DataError, SourceUnreachable  #
 from shrinkflow.files import atomic_write_bytes, sha256_file
 from shrinkflow.labels import BUILTIN_LABELS, case_collisions, sort_labels
 from shrinkflow.labels import shown as shown_label
+from shrinkflow.labels import shown_list
 
 LABELS = BUILTIN_LABELS
 SPLITS = ("train", "val", "test", "reference")
@@ -557,10 +558,9 @@ def _class_ids(df: pd.DataFrame, labels: tuple[str, ...], shown: str, train_show
     codes = pd.Categorical(df["label"], categories=list(labels)).codes.astype("int64")
     unknown = sorted(set(df["label"][codes < 0]))
     if unknown:
-        raise DataError(f"{shown}: label(s) [{', '.join(shown_label(n) for n in unknown[:10])}] do not occur in the "
-                        f"training data {train_shown} (its classes: [{', '.join(shown_label(n) for n in labels)}]); "
-                        "a model can only be tested on classes it is trained "
-                        "on: fix the labels or add such rows to the training data")
+        raise DataError(f"{shown}: label(s) {shown_list(unknown[:10])} do not occur in the training data "
+                        f"{train_shown} (its classes: {shown_list(labels)}); a model can only be tested on classes "
+                        "it is trained on: fix the labels or add such rows to the training data")
     return pd.DataFrame({"text": df["text"].to_numpy(), "label": codes})
 
 

@@ -59,6 +59,12 @@ def shown(name: str) -> str:
     return f"{name!r} (as typed: {ascii(name)})"
 
 
+def shown_list(names) -> str:
+    """``names`` as a list in an error message, each as ``shown`` prints it:
+    ``['billing', 'café' (as typed: 'cafe\\u0301')]``."""
+    return f"[{', '.join(shown(n) for n in names)}]"
+
+
 def case_collisions(labels) -> list[tuple[str, ...]]:
     """Groups of label names that differ only by case (``["Billing", "billing"]``)
     or by Unicode form (``"facturé"`` composed, NFC, and decomposed, NFD:

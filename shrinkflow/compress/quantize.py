@@ -144,7 +144,7 @@ def quantize_embeddings_per_row(model) -> int:
             q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
             quantized[table.name] = (fresh(f"{table.name}_int8_rows"), fresh(f"{table.name}_row_scale"))
             added += [numpy_helper.from_array(q, quantized[table.name][0]),
-                      numpy_helper.from_array(scale.astype(np.float32), quantized[table.name][1])]
+                      numpy_helper.from_array(scale, quantized[table.name][1])]
         int8, scales = quantized[table.name]
         ids, out = node.input[1], node.output[0]
         p = fresh(f"{node.name or table.name}_per_row")
@@ -196,6 +196,25 @@ def _embeddings_source(src: Path, dst: Path, step: QuantizeStep) -> tuple[Path, 
     return rows, ops
 
 
+@contextmanager
+def _quantizing(src: Path, dst: Path, step: QuantizeStep):
+    """Around one ORT quantizer call: yields ``(source, tmp, ops)``, the
+    graph to quantize (``_embeddings_source``), the file beside ``dst`` to
+    write, and the op types to quantize, with ORT's pre-processing hint
+    dropped. On success ``tmp`` becomes ``dst``; either way no copy or
+    ``tmp`` is left behind."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    source, ops = _embeddings_source(src, dst, step)
+    try:
+        with _quiet_preprocess_hint():
+            yield source, tmp, ops
+        tmp.replace(dst)
+    finally:
+        if source != Path(src):
+            source.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # only there when the quantizer or the rename failed
+
+
 def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
     """Dynamic int8 of the ONNX graph ``src`` into ``dst`` (atomically:
     written beside it, then renamed): MatMul and Gemm weights per tensor or,
@@ -207,20 +226,12 @@ def quantize_dynamic_onnx(src: Path, dst: Path, step: QuantizeStep) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    source, ops = _embeddings_source(src, dst, step)
     # DefaultTensorType: shape inference cannot type the outputs of fused
     # contrib ops (SkipLayerNormalization, BiasGelu); they are all float.
-    try:
-        with _quiet_preprocess_hint():
-            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
-                             per_channel=step.per_channel, op_types_to_quantize=ops,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        tmp.replace(dst)
-    finally:
-        if source != Path(src):
-            source.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)  # only there when the quantizer or the rename failed
+    with _quantizing(src, dst, step) as (source, tmp, ops):
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
+                         per_channel=step.per_channel, op_types_to_quantize=ops,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return dst
 
 
@@ -249,19 +260,11 @@ def quantize_static_onnx(src: Path, dst: Path, step: QuantizeStep, calibration: 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    source, ops = _embeddings_source(src, dst, step)
-    try:
-        with _quiet_preprocess_hint():
-            quantize_static(str(source), str(tmp), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            per_channel=step.per_channel, op_types_to_quantize=ops,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "DefaultTensorType": onnx.TensorProto.FLOAT})
-        tmp.replace(dst)
-    finally:
-        if source != Path(src):
-            source.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)  # only there when the quantizer or the rename failed
+    with _quantizing(src, dst, step) as (source, tmp, ops):
+        quantize_static(str(source), str(tmp), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=step.per_channel, op_types_to_quantize=ops,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "DefaultTensorType": onnx.TensorProto.FLOAT})
     return dst
