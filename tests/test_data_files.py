@@ -589,3 +589,33 @@ def test_a_label_typed_another_way_is_shown_with_its_code_points(tmp_path):
         prepare_files(source, raw, DataParams())
     assert f"label(s) [{nfd!r} (as typed: 'cafe\\u0301')] do not occur" in str(info.value), str(info.value)
     assert f"(its classes: ['billing', {nfc!r}])" in str(info.value)
+
+
+@pytest.mark.parametrize("name, odd", [
+    ("cafe\u0301", True),        # e + combining acute: prints as 'café'
+    ("\u1100\u1161", True),      # Hangul jamo: prints as the syllable '가'
+    ("\u2126", True),            # OHM SIGN: NFC is GREEK CAPITAL OMEGA
+    ("\u212b", True),            # ANGSTROM SIGN: NFC is Å
+    ("A\u030a", True),           # A + combining ring
+    ("caf\u00e9", False),        # precomposed: already NFC
+    ("\uac00", False),           # the Hangul syllable itself
+    ("billing", False), ("ラベル", False), ("", False),
+    ("a\u200bb", False),         # zero-width space: repr escapes it already
+    ("a\u00a0b", False),         # no-break space: repr escapes it already
+])
+def test_every_name_that_prints_like_another_shows_its_code_points(name, odd):
+    """The kind behind the 'café' example: a name whose printed form could
+    pass for another name's. A name that is not NFC-normalised shows its
+    code points; one whose printed form is already unambiguous (NFC, or
+    escaped by repr) prints as repr alone. Two names that print alike are
+    told apart in the message."""
+    import unicodedata
+
+    from shrinkflow.labels import shown
+
+    got = shown(name)
+    assert got.startswith(repr(name))
+    assert (got != repr(name)) is odd
+    if odd:
+        assert got == f"{name!r} (as typed: {ascii(name)})"
+        assert shown(unicodedata.normalize("NFC", name)) != got
