@@ -49,6 +49,9 @@ QUANTIZATIONS = {
     "per channel": {"per_channel": True, "quantize_embeddings": True, "embedding_scales": "tensor"},
     "per channel, embeddings fp32": {"per_channel": True, "quantize_embeddings": False, "embedding_scales": "tensor"},
     "per channel, embeddings per row": {"per_channel": True, "quantize_embeddings": True, "embedding_scales": "row"},
+    # per-tensor weights with the tables as above: which part of per tensor's loss is the tables'
+    "per tensor, embeddings fp32": {"per_channel": False, "quantize_embeddings": False, "embedding_scales": "tensor"},
+    "per tensor, embeddings per row": {"per_channel": False, "quantize_embeddings": True, "embedding_scales": "row"},
     # the same student without the recipe's vocab_prune step (every token kept)
     "full vocabulary, per tensor": {"per_channel": False, "quantize_embeddings": True, "embedding_scales": "tensor",
                                     FULL_VOCAB: True},
@@ -73,12 +76,13 @@ def built_way(params) -> str:
     sys.exit(f"the default student's quantize step ({step}) is none of {list(QUANTIZATIONS)}")
 
 
-def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> dict[str, Path]:
+def build_int8(sidecar: Path, window: list[str] | None, params, out: Path,
+               ways: dict[str, dict]) -> dict[str, Path]:
     """The fp32 student in ``sidecar`` (compress.warm's format) through the
     default student's steps between distill and quantize (vocabulary
     pruning counting the training split and ``window``; export), and
-    without vocabulary pruning, then quantized each way of
-    ``QUANTIZATIONS``: ``{"fp32", "fp32, full vocabulary", "per tensor",
+    without vocabulary pruning (when a way asks for it), then quantized
+    each way of ``ways`` (items of ``QUANTIZATIONS``): ``{"fp32", "fp32, full vocabulary", "per tensor",
     ...}`` model directories under ``out``."""
 
     from shrinkflow.compress.quantize import quantize_dynamic_onnx
@@ -98,7 +102,7 @@ def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> di
         shutil.copy(teacher_dir / f, hf / f)
     train = read_parquet(PROJECT / "data/prepared/train.parquet")
     sources = {}
-    for full in sorted({bool(u.get(FULL_VOCAB)) for u in QUANTIZATIONS.values()}):
+    for full in sorted({bool(u.get(FULL_VOCAB)) for u in ways.values()} | {False}):
         steps = tuple(st for st in cand.recipe[1:-1] if not (full and st.method == "vocab_prune"))
         key = "fp32, full vocabulary" if full else "fp32"
         sources[full] = apply_recipe(hf, cand.model_copy(update={"name": f"{STUDENT}-{'full' if full else 'fp32'}",
@@ -107,7 +111,7 @@ def build_int8(sidecar: Path, window: list[str] | None, params, out: Path) -> di
                                      train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                                      unlabelled_texts=window, threads=params.train.threads, progress=False)
     dirs = {("fp32, full vocabulary" if full else "fp32"): d for full, d in sources.items()}
-    for name, update in QUANTIZATIONS.items():
+    for name, update in ways.items():
         d = out / name.replace(" ", "-").replace(",", "")
         fp32 = sources[bool(update.get(FULL_VOCAB))]
         shutil.copytree(fp32, d)
@@ -120,6 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="the recompress_rows results this measures (bench/results/NAME.json)")
     ap.add_argument("--out", default="recompress_int8", help="the results' name (bench/results/OUT.{md,json})")
+    ap.add_argument("--ways", type=json.loads, default=None,
+                    help="a JSON list of the QUANTIZATIONS to build (default: all); the params' own way is always built")
     args = ap.parse_args()
     name, out = args.name, args.out
     sys.path.insert(0, str(ROOT))
@@ -133,6 +139,10 @@ def main() -> None:
     src = json.loads((RESULTS / f"{name}.json").read_text())
     params = load_params(PROJECT / "params.yaml")
     way = built_way(params)
+    unknown = set(args.ways or ()) - set(QUANTIZATIONS)
+    if unknown:
+        sys.exit(f"--ways: {sorted(unknown)} not among {list(QUANTIZATIONS)}")
+    ways = {q: u for q, u in QUANTIZATIONS.items() if args.ways is None or q in args.ways or q == way}
     production = Registry(PROJECT / params.deploy.registry_dir).load(src["production"]).path
     rec_x, rec_y = tweets("recovery")
     test = read_parquet(PROJECT / "data/prepared/test.parquet")
@@ -140,32 +150,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = {"teacher": PROJECT / "models/teacher"}
-        built = build_int8(WORK / "production_student", None, params, tmp / "production")
+        built = build_int8(WORK / "production_student", None, params, tmp / "production", ways)
         if (built[way] / "model.onnx").read_bytes() != (production / "model.onnx").read_bytes():
             sys.exit(f"production's student quantized {way} is not production {src['production']}'s model")
         models.update({f"production {k}": v for k, v in built.items()})
         for i, run in enumerate(src["runs"], start=1):
             window = (WORK / f"window_{i}.txt").read_text(encoding="utf-8").splitlines()
-            built = build_int8(WORK / f"student_{i}", window, params, tmp / f"run{i}")
+            built = build_int8(WORK / f"student_{i}", window, params, tmp / f"run{i}", ways)
             if (built[way] / "model.onnx").read_bytes() != (WORK / f"distilled_{i}" / "model.onnx").read_bytes():
                 sys.exit(f"run {i}'s student quantized {way} is not the candidate its build made")
             models.update({f"run {i} {k}": v for k, v in built.items()})
         acc, right = score(models, rec_x, rec_y, test, val)
         texts = val["text"].tolist()
-        timed = {f"{who} {q}": str(models[f"{who} {q}"]) for who in ("production", "run 1") for q in QUANTIZATIONS}
+        timed = {f"{who} {q}": str(models[f"{who} {q}"]) for who in ("production", "run 1") for q in ways}
         perf = measure_interleaved(timed, {"val": texts[:64]}, texts[:512], params.validate_.latency,
                                    invariance_texts=texts[:64], max_batch_prob_diff=1e-4)
     teacher = acc["teacher"]
     rows = []
     for i, run in enumerate(src["runs"], start=1):
-        for q in QUANTIZATIONS:
+        for q in ways:
             before, after = f"production {q}", f"run {i} {q}"
             gap = teacher["tweets"] - acc[before]["tweets"]
             rows.append({"run": i, "pool_offset": run["pool_offset"], "rows_distill": run["rows_distill"],
                          "heldout_fraction": run["heldout_fraction"], "overrides": run.get("overrides") or {},
                          "quantization": q, "production_tweets": acc[before]["tweets"],
                          "student_tweets": acc[after]["tweets"], "student_fp32_tweets": acc[f"run {i} fp32" + (
-                             ", full vocabulary" if QUANTIZATIONS[q].get(FULL_VOCAB) else "")]["tweets"],
+                             ", full vocabulary" if ways[q].get(FULL_VOCAB) else "")]["tweets"],
                          "gap_points": round(100 * gap, 2),
                          "recovered": round((acc[after]["tweets"] - acc[before]["tweets"]) / gap, 4),
                          "recovered_se": round(paired_se(right[after]["tweets"], right[before]["tweets"]) / gap, 4),

@@ -984,7 +984,7 @@ def schedule(ctx: typer.Context,
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower
+    from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower, cancel_missed_runs
     from shrinkflow.config import cron_next_run
     from shrinkflow.schedules import interval_next_run
 
@@ -1022,7 +1022,15 @@ def schedule(ctx: typer.Context,
                    f"shrinkflow-monitor/{name} ({when(monitor_cron, monitor_interval)}) for {root} "
                    f"against {api_url}; a run that finds the project held by another writer waits up to "
                    f"{m.scheduled_wait_minutes:g} min (monitor.scheduled_wait_minutes); Ctrl-C stops")
-        watch = ScheduleWatch(api_url, [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"], emit=warn).start()
+        served = [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"]
+        # An earlier session's runs that came due while nothing served them
+        # would run now, with that session's parameters: cancelled, said.
+        missed = cancel_missed_runs(api_url, served)
+        if missed:
+            typer.echo(f"cancelled {len(missed)} run(s) that came due while no schedule served them (a missed "
+                       "run is not caught up: the next one reads the log and the project as they are then): "
+                       + "; ".join(missed))
+        watch = ScheduleWatch(api_url, served, emit=warn).start()
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
                 # A scheduled run waits for a writer someone started by

@@ -397,6 +397,56 @@ def unscheduled_deployments(api_url: str, names: list[str]) -> list[str]:
     return out
 
 
+def cancel_missed_runs(api_url: str, names: list[str], before=None) -> list[str]:
+    """Cancel the runs of the deployments among ``names`` ("flow/deployment")
+    that are still waiting to start (Prefect's Scheduled state type: named
+    "Scheduled" or "Late") though they were due before ``before`` (a
+    timezone-aware datetime; default: now), on the server at ``api_url``.
+    Returns one line per cancelled run (deployment, run name, when it was
+    due). A deployment the server does not have is skipped.
+
+    Why: Prefect's scheduler creates a deployment's runs ahead of time, with
+    the parameters the deployment had then. When no runner served them (the
+    last ``shrinkflow schedule`` was stopped), those past-due runs stay Late,
+    and serving the deployment again runs them, all of them, with the earlier
+    session's parameters (``wait_for_project_s``): Prefect replaces only a
+    redeployed deployment's future runs. A missed monitor or lifecycle run
+    has nothing to catch up (the next one reads the log and the project as
+    they are then), so ``shrinkflow schedule`` cancels them before it serves.
+    """
+    import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled
+
+    before = before or datetime.datetime.now(datetime.timezone.utc)
+    out = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                dep = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                    expected_start_time=FlowRunFilterExpectedStartTime(before_=before)))
+            for run in runs:
+                due = run.expected_start_time
+                client.set_flow_run_state(run.id, Cancelled(
+                    message=f"missed: due {due:%Y-%m-%d %H:%M:%S} UTC while no `shrinkflow schedule` served "
+                            f"{name}; cancelled when the schedule was served again"), force=True)
+                out.append(f"{name}: {run.name} (due {due:%Y-%m-%d %H:%M:%S} UTC)")
+    return out
+
+
 class ScheduleWatch:
     """After ``after_s`` seconds, check once that each served deployment has a
     scheduled run (``unscheduled_deployments``) and pass a warning per missing

@@ -231,3 +231,47 @@ def test_a_cron_expression_has_exactly_five_fields():
     with pytest.raises(ValueError, match="has 6 fields"):
         cron_next_run("0 3 * * 0 5", after=START)
     assert cron_next_run("0 3 * * 0", after=START) == datetime.datetime(2026, 1, 4, 3, 0)
+
+
+# ------------------------------------------------- runs missed between sessions
+def test_a_served_again_schedule_cancels_the_runs_that_came_due_while_nothing_served_them(prefect_api):
+    """A helper's finding: restarting `shrinkflow schedule` ran the earlier
+    session's Late runs, with that session's wait_for_project_s. Past-due
+    waiting runs (Scheduled or Late) of the served deployments are cancelled
+    with the reason; a future run, a running or finished one, and another
+    deployment's past-due run are left as they are; a deployment the server
+    does not have is skipped."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Late, Running, Scheduled
+
+    from flows.prefect_server import cancel_missed_runs
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    past, future = now - datetime.timedelta(hours=2), now + datetime.timedelta(hours=2)
+    tag = uuid.uuid4().hex[:8]  # the harness's API is shared by the session: names of this test's own
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(f"shrinkflow-monitor-{tag}")
+        served = client.create_deployment(flow_id=flow_id, name="scheduled")
+        other = client.create_deployment(flow_id=flow_id, name="elsewhere")
+        runs = {what: client.create_flow_run_from_deployment(dep, state=state, name=f"{what}-{tag}",
+                                                             parameters={"wait_for_project_s": 60})
+                for what, dep, state in (("scheduled-past", served, Scheduled(scheduled_time=past)),
+                                         ("late", served, Late(scheduled_time=past + datetime.timedelta(minutes=5))),
+                                         ("future", served, Scheduled(scheduled_time=future)),
+                                         ("running", served, Running()),
+                                         ("done", served, Completed()),
+                                         ("other-past", other, Scheduled(scheduled_time=past)))}
+        got = cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled", "no-such-flow/scheduled"])
+        states = {what: client.read_flow_run(r.id).state for what, r in runs.items()}
+    due = "%Y-%m-%d %H:%M:%S"
+    assert sorted(got) == sorted([f"shrinkflow-monitor-{tag}/scheduled: scheduled-past-{tag} (due {past:{due}} UTC)",
+                                  f"shrinkflow-monitor-{tag}/scheduled: late-{tag} "
+                                  f"(due {past + datetime.timedelta(minutes=5):{due}} UTC)"])
+    assert {w: s.type.value for w, s in states.items()} == {
+        "scheduled-past": "CANCELLED", "late": "CANCELLED", "future": "SCHEDULED", "running": "RUNNING",
+        "done": "COMPLETED", "other-past": "SCHEDULED"}
+    assert "while no `shrinkflow schedule` served" in states["late"].message
+    # once cancelled, nothing is left to cancel
+    assert cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled"]) == []
