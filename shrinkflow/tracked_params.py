@@ -200,6 +200,23 @@ def _insert_text(text: str, values: dict[str, object]) -> str | None:
     return "".join(lines)
 
 
+def _document_end(text: str) -> str:
+    """The document-end marker ``...`` that closes ``text`` (LF lines) and
+    the comment and blank lines after it, as written, ending in a newline;
+    "" when the text does not end with one. The round trip's dump writes
+    neither (a helper's finding: a file ending in ``...`` and a comment lost
+    both)."""
+    lines = text.splitlines(keepends=True)
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line == "..." or line.startswith("... #"):
+            tail = "".join(lines[i:])
+            return tail if tail.endswith("\n") else tail + "\n"
+        if line and not line.startswith("#"):
+            return ""
+    return ""
+
+
 def fill_missing(text: str, path: Path | str = PARAMS_FILE,
                  tracked: dict[str, tuple[str, ...]] | None = None) -> tuple[str, dict[str, object]]:
     """``text`` (a params file) with every key of ``tracked`` it lacks
@@ -210,7 +227,8 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
     that is null, keys a merge ``<<`` brought), the file is rewritten by
     ``ruamel.yaml``'s round trip instead: comments, values, the line ending
     and a final ``...`` are kept, each added key has its comment line above
-    it, but the layout may change (a flow mapping written as a block).
+    it, a final ``...`` and the comments after it are kept as written, but
+    the layout may change (a flow mapping written as a block).
 
     Unchanged, with ``{}``, when nothing is missing. Raises ParamsError when
     the text is not valid params (``shrinkflow.config``), and ValueError if
@@ -259,9 +277,7 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
         if isinstance(node, CommentedMap):
             node.fa.set_block_style()
             node.yaml_set_comment_before_after_key(leaf, before=FILLED_COMMENT, indent=2 * len(parents))
-    filled = _dump(doc)
-    if lf_text.rstrip().splitlines()[-1:] == ["..."]:
-        filled += "...\n"
+    filled = _dump(doc) + _document_end(lf_text)
     if crlf:
         filled = filled.replace("\n", "\r\n")
     if not same(filled):

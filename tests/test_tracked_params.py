@@ -245,3 +245,24 @@ def test_a_file_with_only_the_sections_it_changes_is_filled_whole_and_dvc_takes_
     assert dvc_missing(root)                          # DVC refuses it as written
     (root / "params.yaml").write_text(filled)
     assert dvc_missing(root) == []
+
+
+@pytest.mark.parametrize("ending", [
+    "...\n",
+    "...\n# after the document's end\n",          # a helper's finding: both were lost
+    "...\n\n# two comments\n# after a blank line",  # no final newline
+    "... # on the marker's line\n",
+    "# a last comment, no document end\n",
+])
+def test_the_round_trip_keeps_what_follows_the_document_end_once(ending):
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    start, end = original.index("\ndata:\n") + 1, original.index("\ntrain:")
+    text = original[:start] + "data: {seed: 3}\n" + original[end:] + ending
+    filled, values = fill_missing(text, "end.yaml", tracked_params(DVC_YAML))
+    assert "data.feedback_heldout_fraction" in values   # the round trip was taken
+    comments = [line for line in ending.splitlines() if "#" in line]
+    for line in comments:
+        assert filled.count(line.split("#", 1)[1]) == 1, filled[-300:]
+    if ending.startswith("..."):
+        assert filled.endswith(ending if ending.endswith("\n") else ending + "\n")
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
