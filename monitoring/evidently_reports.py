@@ -155,11 +155,11 @@ def _class_ids(values, row_labels: list[list], labels: tuple[str, ...]) -> np.nd
     """Class ids as the row logged them (indices into its own label names,
     or, on rows logged before schema 3, into ``labels``) turned into ids in
     ``labels``: float, NaN where unknown (not an integer id of the row's
-    classes, or a class ``labels`` does not have)."""
+    classes, a class ``labels`` does not have, or names given as None)."""
     out = _numeric(values)
     index = {name: i for i, name in enumerate(labels)}
     for i, (v, names) in enumerate(zip(out, row_labels)):
-        if np.isnan(v) or v != int(v):
+        if names is None or np.isnan(v) or v != int(v):   # None: a row whose names cannot be trusted
             out[i] = np.nan
         elif names:
             out[i] = index.get(names[int(v)], np.nan) if 0 <= v < len(names) else np.nan
@@ -175,14 +175,21 @@ def clean_window(window, labels: tuple[str, ...] = ("negative", "positive")):
     (the probability of the class the row was answered with, NaN when
     unknown), ``label`` (the served class as an id in ``labels``, float, NaN
     when unknown), ``feedback`` (likewise, NaN when none), ``truncated`` (1.0
-    / 0.0, NaN when unknown), ``prediction_id``, ``ts`` and
-    ``model_version`` (str).
+    / 0.0, NaN when unknown), ``prediction_id``, ``ts``,
+    ``model_version`` (str) and ``other_label_set`` (bool, below).
 
     A row of schema 3 names its classes (``labels`` column): its ids are
     read through those names, so a row answered by a version with another
     label set maps by name (a class the served version lacks is unknown).
+    Except where either set's names are all integers (``0, 1, 2``): such a
+    name is an id, and a renumbered label set (``1, 2, 3`` -> ``0, 1, 2``)
+    gives it another class (a helper's finding: old rows read that way put
+    the teacher agreement at 0.021). Those rows' classes and feedback are
+    unknown, and ``other_label_set`` marks them; their texts still count.
     Older rows are ids in ``labels`` (the built-in task's two)."""
     import pandas as pd
+
+    from shrinkflow.labels import integer_names
 
     def text(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -195,8 +202,12 @@ def clean_window(window, labels: tuple[str, ...] = ("negative", "positive")):
     raw = _numeric(window["label"])
     own = np.asarray([v if not np.isnan(v) and v == int(v) and 0 <= v < (len(n) or len(labels)) else np.nan
                       for v, n in zip(raw, names)], dtype=float)
-    label = _class_ids(window["label"], names, labels)
-    feedback = _class_ids(window["feedback_label"], names, labels)
+    served = set(labels)
+    integer_ids = integer_names(labels)
+    other = [bool(n) and set(n) != served and (integer_ids or integer_names(n)) for n in names]
+    trusted = [None if o else n for n, o in zip(names, other)]
+    label = _class_ids(window["label"], trusted, labels)
+    feedback = _class_ids(window["feedback_label"], trusted, labels)
     truncated = _numeric(window["truncated"]) if "truncated" in window else np.full(len(window), np.nan)
     truncated[~np.isnan(truncated)] = (truncated[~np.isnan(truncated)] != 0).astype(float)
     return pd.DataFrame({
@@ -206,7 +217,7 @@ def clean_window(window, labels: tuple[str, ...] = ("negative", "positive")):
         "text": [text(v) for v in window["text"]],
         "prob": np.asarray([_probability(p, k) if not np.isnan(lab) else math.nan
                             for p, k, lab in zip(window["probabilities"], own, label)], dtype=float),
-        "label": label, "feedback": feedback, "truncated": truncated})
+        "label": label, "feedback": feedback, "truncated": truncated, "other_label_set": other})
 
 
 # The shadow teacher's batches: texts sorted by length first, so each batch
@@ -474,6 +485,14 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
         not_computed.append(NotComputed(metric=metric, reason=reason))
 
     w = clean_window(window, labels)
+    other = np.flatnonzero(w["other_label_set"].to_numpy())
+    if len(other):
+        sets = sorted({(w["model_version"].iat[i], tuple(_row_labels(window["labels"].iloc[i]))) for i in other})
+        skip("class_of_rows_under_another_label_set",
+             f"{len(other)} row(s) were answered under another label set of integer names ("
+             + "; ".join(f"{v}: {', '.join(n)}" for v, n in sets) + f"; served: {', '.join(labels)}): a "
+             "renumbering may have given a name another class, so their classes and feedback are unknown "
+             "(left out of the label figures); their texts are in the text and embedding drift")
     import pandas as pd
 
     vocab = vocabulary(train_texts)
@@ -686,7 +705,8 @@ def _build(window, reference, *, served_dir: Path, teacher_dir: Path | None, tra
         window=Window(rows=len(w), first_ts=w["ts"].iloc[0], last_ts=w["ts"].iloc[-1],
                       sha256=window_sha256(w["prediction_id"]), model_versions=tuple(sorted(set(w["model_version"]))),
                       feedback_labels=int((~np.isnan(feedback)).sum()),
-                      distill_texts=len(distill), heldout_texts=len(heldout), corpus_rows=len(corpus)),
+                      distill_texts=len(distill), heldout_texts=len(heldout), corpus_rows=len(corpus),
+                      other_label_set_rows=len(other)),
         reference_rows=len(ref_texts), **figures,
         class_share_reference=ref_share, class_share_current=cur_share,
         largest_share_shift=largest_shift(cur_share, ref_share) if cur_share is not None else None,

@@ -85,6 +85,11 @@ class Window(_Frozen):
     distill_texts: int | None = None
     heldout_texts: int | None = None
     corpus_rows: int | None = None
+    # Rows answered under another label set of integer names (a renumbering
+    # may have changed what a name means): their classes and feedback are
+    # unknown (monitoring.evidently_reports.clean_window); their texts count.
+    # None in summaries written before.
+    other_label_set_rows: int | None = None
 
 
 class NotComputed(_Frozen):

@@ -45,6 +45,22 @@ def sort_labels(names) -> tuple[str, ...]:
     return tuple(stripped)
 
 
+def integer_names(names) -> bool:
+    """Whether every name in ``names`` (strings) reads as an integer (``"3"``,
+    ``"-1"``), as ``sort_labels`` decides to sort them numerically: such
+    names are ids, whose meaning a renumbered label set changes. False for
+    an empty set."""
+    names = list(names)
+    if not names:
+        return False
+    try:
+        for n in names:
+            int(str(n).strip())
+    except ValueError:
+        return False
+    return True
+
+
 def shown(name: str) -> str:
     """A class name as an error message prints it: ``repr(name)``, followed
     by its code points escaped (``ascii``) when the name is not

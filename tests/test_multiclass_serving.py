@@ -317,3 +317,48 @@ def test_clean_window_maps_each_row_by_its_own_label_names():
     assert w["feedback"].tolist()[:2] == [0.0, 2.0]
     assert math.isnan(w["feedback"][2])                         # "outage": not a class of the served version
     assert w["feedback"][3] == 2.0
+
+
+def test_rows_under_a_renumbered_integer_label_set_have_unknown_classes(tiny_teacher_dir, small_splits, tmp_path):
+    """A helper's finding: a label set of integers renumbered (``1, 2`` ->
+    ``0, 1``, the same two classes) read the older rows by name as the
+    other class; the teacher agreement came out near 0. Those rows' classes
+    and feedback are unknown now: the agreement is the served version's
+    alone (the served model is the teacher here: exactly 1.0), feedback
+    counts its rows only, the summary counts the others and says why, and
+    their texts are still in the window. A row of the same integer set in
+    another order, and a named set, still map by name (above)."""
+    from monitoring.evidently_reports import build, clean_window, softmax_positive
+    from shrinkflow.config import MonitorParams
+    from shrinkflow.predictors import load_predictor
+    from shrinkflow.predlog import Prediction, PredictionLog, utc_now
+
+    texts = small_splits["test"]["text"].tolist()[:30]
+    probs = softmax_positive(load_predictor(tiny_teacher_dir, threads=1).predict_logits(texts))
+    log = PredictionLog(tmp_path / "log.db").open()
+    rows = [Prediction(uuid.uuid4().hex, utc_now(), "v0001" if i < 12 else "v0002", t, [1 - p, p], int(p >= 0.5),
+                       1.0, labels=["1", "2"] if i < 12 else (["0", "1"] if i % 2 else ["1", "0"]))
+            for i, (t, p) in enumerate(zip(texts, probs))]
+    for i, r in enumerate(rows):   # "1, 0": the same set in another order, its probabilities in that order too
+        if i >= 12 and i % 2 == 0:
+            rows[i] = Prediction(r.prediction_id, r.ts, r.model_version, r.text, list(r.probabilities)[::-1],
+                                 1 - r.label, 1.0, labels=r.labels)
+    log.append(rows)
+    for i, r in enumerate(rows):
+        log.add_feedback(r.prediction_id, r.labels[0])   # the first name of the row's own set
+    window = log.window()
+    w = clean_window(window, ("0", "1"))
+    assert w["other_label_set"].tolist() == [True] * 12 + [False] * 18
+    assert w["label"][:12].isna().all() and w["feedback"][:12].isna().all() and w["prob"][:12].isna().all()
+    assert w["label"][12:].tolist() == [float(p >= 0.5) for p in probs[12:]]
+    assert w["text"].tolist() == texts
+    s = build(window, small_splits["val"], served_dir=tiny_teacher_dir, teacher_dir=tiny_teacher_dir,
+              train_texts=small_splits["train"]["text"].tolist(), labels=("0", "1"),
+              validated={"version": "v0002", "accuracy": 0.8, "agreement": 1.0},
+              params=MonitorParams(shadow_sample_rows=30, min_window_rows=5), out_dir=tmp_path / "run",
+              created=utc_now())
+    assert s.teacher.rows == 18 and s.teacher.agreement == 1.0
+    assert s.window.rows == 30 and s.window.other_label_set_rows == 12 and s.window.feedback_labels == 18
+    reason = s.reason_not_computed("class_of_rows_under_another_label_set")
+    assert reason.startswith("12 row(s) were answered under another label set of integer names (v0001: 1, 2; "
+                             "served: 0, 1)")
