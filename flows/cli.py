@@ -984,7 +984,8 @@ def schedule(ctx: typer.Context,
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_server import LocalPrefectServer, ScheduleWatch, ServerLogFollower, cancel_missed_runs
+    from flows.prefect_server import (SCHEDULER_PID_ENV, LocalPrefectServer, ScheduleWatch, ServerLogFollower,
+                                      cancel_missed_runs)
     from shrinkflow.config import cron_next_run
     from shrinkflow.schedules import interval_next_run
 
@@ -1031,6 +1032,7 @@ def schedule(ctx: typer.Context,
                        "run is not caught up: the next one reads the log and the project as they are then): "
                        + "; ".join(missed))
         watch = ScheduleWatch(api_url, served, emit=warn).start()
+        os.environ[SCHEDULER_PID_ENV] = str(os.getpid())   # its runs stop when it is killed (tie_to_scheduler)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
                 # A scheduled run waits for a writer someone started by

@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.prefect_server import tie_to_scheduler
 from shrinkflow.config import load_params
 from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
@@ -43,6 +44,7 @@ def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: 
     project (a scheduled run: ``monitor.scheduled_wait_minutes``; 0: refused
     at once, ProjectBusy). Returns the stages run, the selection and what
     was deployed."""
+    tie_to_scheduler()   # a scheduled run stops when its `shrinkflow schedule` is killed
     with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s, on_wait=print):
         return _lifecycle(project_dir, keep_production_copy, revalidate)
 

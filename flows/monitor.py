@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.prefect_server import tie_to_scheduler
 from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
@@ -34,6 +35,7 @@ def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0)
     (False: only report what the policy decided); ``wait_for_project_s``: how long an acting run waits for
     another writer holding the project (a scheduled run: ``monitor.scheduled_wait_minutes``; 0: refused at
     once, ProjectBusy)."""
+    tie_to_scheduler()   # a scheduled run stops when its `shrinkflow schedule` is killed
     if not act:   # reports only: nothing a run changes
         return _monitor(project_dir, act)
     with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,

@@ -60,6 +60,46 @@ def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) ->
     os.killpg(group, signal.SIGKILL)
 
 
+# Set by `shrinkflow schedule` to its pid before it serves: the flow runs its
+# runner starts (child processes) inherit it (tie_to_scheduler).
+SCHEDULER_PID_ENV = "SHRINKFLOW_SCHEDULER_PID"
+
+
+def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
+    """In a flow run that ``shrinkflow schedule``'s runner started (the pid in
+    ``SHRINKFLOW_SCHEDULER_PID`` is this process's parent), watch that parent
+    on a daemon thread. When it is gone (``kill -9``: it had no chance to
+    stop its runs), interrupt this process as Ctrl-C would (SIGINT, so a
+    blocking call returns: KeyboardInterrupt unwinds the flow, which frees
+    the project lock and stops a running stage's DVC tree, within 15 s:
+    ``shrinkflow.dvcrun.stop_tree``), and end it outright ``grace_s``
+    seconds later if it is still running: Prefect's engine then retries
+    reporting the crash to an API that, for the local server, died with
+    the scheduler (measured: still retrying after 40 s). Before, such
+    a run went on for minutes with no scheduler and no Prefect server to
+    report to (a helper's finding). Returns whether this run is tied; a run
+    started any other way (``shrinkflow run``, a team worker, a test) is
+    not."""
+    pid = os.environ.get(SCHEDULER_PID_ENV, "")
+    if not pid.isdigit() or int(pid) != os.getppid():
+        return False
+
+    def watch() -> None:
+        while os.getppid() == int(pid):
+            time.sleep(poll_s)
+        try:   # the run's output went to the scheduler: a closed pipe now
+            print(f"the `shrinkflow schedule` that started this run (pid {pid}) is gone: stopping the run",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(grace_s)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="scheduler-watchdog", daemon=True).start()
+    return True
+
+
 class TiedServer:
     """A server run as a child in its own process group, tied to this
     process (``tied_command``: its watchdog ends the group when the parent

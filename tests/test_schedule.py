@@ -275,3 +275,105 @@ def test_a_served_again_schedule_cancels_the_runs_that_came_due_while_nothing_se
     assert "while no `shrinkflow schedule` served" in states["late"].message
     # once cancelled, nothing is left to cancel
     assert cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled"]) == []
+
+
+SCHEDULER = """
+import os, subprocess, sys, time
+from flows.prefect_server import SCHEDULER_PID_ENV
+os.environ[SCHEDULER_PID_ENV] = str(os.getpid())
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+RUN = """
+import sys, time
+from flows.prefect_server import tie_to_scheduler
+tied = tie_to_scheduler(poll_s=0.2, grace_s=30)
+try:
+    open(sys.argv[1] + ".started", "w").write(str(tied))
+    time.sleep(600)                    # a blocking call, as a stage's wait is
+except KeyboardInterrupt:
+    open(sys.argv[1], "w").write("unwound")
+"""
+
+
+@pytest.mark.slow  # ~5 s
+def test_a_scheduled_run_unwinds_when_its_scheduler_is_killed_outright(tmp_path):
+    """A helper's finding: kill -9 of `shrinkflow schedule` left its
+    in-flight flow-run process running for minutes. A run whose parent is
+    the scheduler that set SHRINKFLOW_SCHEDULER_PID is tied to it: when the
+    scheduler dies, it is interrupted as Ctrl-C would (KeyboardInterrupt
+    unwinds it, out of a blocking call) and ends. A run started any other
+    way is not tied."""
+    import psutil
+
+    marker = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    scheduler = subprocess.Popen([sys.executable, "-c", SCHEDULER, RUN, str(marker)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        run = psutil.Process(int(scheduler.stdout.readline()))
+        deadline = time.time() + 60
+        while not (tmp_path / "run.started").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "run.started").read_text() == "True"
+        time.sleep(1.0)
+        assert run.is_running() and not marker.exists()   # alive while its scheduler is
+        scheduler.kill()
+        scheduler.wait(timeout=10)
+        run.wait(timeout=20)                               # raises psutil.TimeoutExpired if it outlives it
+        assert marker.read_text() == "unwound"
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()
+    # not started by a scheduler (the variable names another process, or none)
+    plain = subprocess.run([sys.executable, "-c", RUN.replace("time.sleep(600)", "pass"), str(tmp_path / "plain")],
+                           env={**env, "SHRINKFLOW_SCHEDULER_PID": "1"}, timeout=60)
+    assert plain.returncode == 0 and (tmp_path / "plain.started").read_text() == "False"
+
+
+@pytest.mark.slow  # ~40 s: a real Prefect server, a scheduled run
+def test_kill_9_of_schedule_ends_its_waiting_run(tmp_path):
+    """The same through the real CLI: the scheduled lifecycle run waits for
+    a project another writer holds (up to monitor.scheduled_wait_minutes,
+    30 min); `kill -9` of `shrinkflow schedule` ends that run's process
+    within the watchdog's grace, where it waited on for the rest of the 30
+    minutes."""
+    import httpx
+    import psutil
+
+    from shrinkflow.projectlock import project_lock
+
+    root = bare_project(tmp_path)
+    env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    with project_lock(root, "the test (another writer)"):
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
+                                 "--monitor-interval", "86400"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out: list[str] = []
+        threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        try:
+            deadline, api, running = time.time() + 180, None, []
+            while time.time() < deadline and not running:
+                time.sleep(1)
+                assert proc.poll() is None, "".join(out)
+                api = api or next((m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out)
+                                   if m), None)
+                if api:
+                    r = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [
+                        "shrinkflow-lifecycle"]}}}, timeout=10)
+                    running = [x for x in r.json() if x["state_type"] == "RUNNING"]
+            assert running, "".join(out)
+            time.sleep(3)   # inside the flow: waiting for the project
+            runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "prefect.engine" in " ".join(c.cmdline())]
+            assert runs, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+            proc.kill()
+            proc.wait(timeout=10)
+            # the flow unwinds at once; Prefect's engine then retries reporting the crash to the dead
+            # local server until the watchdog's grace (20 s) ends the process
+            gone, alive = psutil.wait_procs(runs, timeout=45)
+            assert not alive, [p.cmdline() for p in alive]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
