@@ -1030,7 +1030,7 @@ def schedule(ctx: typer.Context,
         if missed:
             typer.echo(f"cancelled {len(missed)} run(s) that came due while no schedule served them (a missed "
                        "run is not caught up: the next one reads the log and the project as they are then): "
-                       + "; ".join(missed))
+                       + "; ".join(missed[:3]) + (f"; and {len(missed) - 3} more" if len(missed) > 3 else ""))
         watch = ScheduleWatch(api_url, served, emit=warn).start()
         os.environ[SCHEDULER_PID_ENV] = str(os.getpid())   # its runs stop when it is killed (tie_to_scheduler)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):

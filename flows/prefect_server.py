@@ -473,17 +473,23 @@ def cancel_missed_runs(api_url: str, names: list[str], before=None) -> list[str]
                 dep = client.read_deployment_by_name(name)
             except ObjectNotFound:
                 continue
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                    expected_start_time=FlowRunFilterExpectedStartTime(before_=before)))
-            for run in runs:
-                due = run.expected_start_time
-                client.set_flow_run_state(run.id, Cancelled(
-                    message=f"missed: due {due:%Y-%m-%d %H:%M:%S} UTC while no `shrinkflow schedule` served "
-                            f"{name}; cancelled when the schedule was served again"), force=True)
-                out.append(f"{name}: {run.name} (due {due:%Y-%m-%d %H:%M:%S} UTC)")
+            seen: set = set()
+            while True:   # a page at a time (the API's default limit); a cancelled run no longer matches
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                        expected_start_time=FlowRunFilterExpectedStartTime(before_=before)), limit=50)
+                new = [r for r in runs if r.id not in seen]
+                for run in new:
+                    due = run.expected_start_time
+                    client.set_flow_run_state(run.id, Cancelled(
+                        message=f"missed: due {due:%Y-%m-%d %H:%M:%S} UTC while no `shrinkflow schedule` served "
+                                f"{name}; cancelled when the schedule was served again"), force=True)
+                    out.append(f"{name}: {run.name} (due {due:%Y-%m-%d %H:%M:%S} UTC)")
+                    seen.add(run.id)
+                if len(runs) < 50 or not new:   # the last page, or one the server would not cancel
+                    break
     return out
 
 

@@ -263,9 +263,16 @@ def test_a_served_again_schedule_cancels_the_runs_that_came_due_while_nothing_se
                                          ("running", served, Running()),
                                          ("done", served, Completed()),
                                          ("other-past", other, Scheduled(scheduled_time=past)))}
+        # more than a page of the API's answers (50): a laptop shut for a day on a 30-minute schedule
+        extra = [client.create_flow_run_from_deployment(served, state=Scheduled(
+            scheduled_time=past - datetime.timedelta(minutes=30 * (i + 1))), name=f"older-{i}-{tag}")
+            for i in range(52)]
         got = cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled", "no-such-flow/scheduled"])
         states = {what: client.read_flow_run(r.id).state for what, r in runs.items()}
+        assert all(client.read_flow_run(r.id).state.type.value == "CANCELLED" for r in extra)
     due = "%Y-%m-%d %H:%M:%S"
+    assert len(got) == 54 and len(set(got)) == 54
+    got = [g for g in got if "older-" not in g]
     assert sorted(got) == sorted([f"shrinkflow-monitor-{tag}/scheduled: scheduled-past-{tag} (due {past:{due}} UTC)",
                                   f"shrinkflow-monitor-{tag}/scheduled: late-{tag} "
                                   f"(due {past + datetime.timedelta(minutes=5):{due}} UTC)"])
