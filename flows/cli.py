@@ -985,7 +985,7 @@ def schedule(ctx: typer.Context,
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.prefect_server import (SCHEDULER_PID_ENV, LocalPrefectServer, ScheduleWatch, ServerLogFollower,
-                                      cancel_missed_runs)
+                                      thin_missed_runs)
     from shrinkflow.config import cron_next_run
     from shrinkflow.schedules import interval_next_run
 
@@ -1024,22 +1024,24 @@ def schedule(ctx: typer.Context,
                    f"against {api_url}; a run that finds the project held by another writer waits up to "
                    f"{m.scheduled_wait_minutes:g} min (monitor.scheduled_wait_minutes); Ctrl-C stops")
         served = [f"{lifecycle.name}/{name}", f"{monitor.name}/{name}"]
-        # An earlier session's runs that came due while nothing served them
-        # would run now, with that session's parameters: cancelled, said.
-        missed = cancel_missed_runs(api_url, served)
-        if missed:
-            typer.echo(f"cancelled {len(missed)} run(s) that came due while no schedule served them (a missed "
-                       "run is not caught up: the next one reads the log and the project as they are then): "
-                       + "; ".join(missed[:3]) + (f"; and {len(missed) - 3} more" if len(missed) > 3 else ""))
+        # An earlier session's runs that came due while nothing served them:
+        # the newest runs now, with this session's parameters; the rest are
+        # cancelled, and said.
+        parameters = {"project_dir": str(root), "wait_for_project_s": wait}
+        from prefect.client.orchestration import get_client
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            for line in thin_missed_runs(client, served, why="no `shrinkflow schedule` served it",
+                                         parameters=parameters):
+                typer.echo(line)
         watch = ScheduleWatch(api_url, served, emit=warn).start()
         os.environ[SCHEDULER_PID_ENV] = str(os.getpid())   # its runs stop when it is killed (tie_to_scheduler)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prefect_serve(
                 # A scheduled run waits for a writer someone started by
                 # hand (monitor.scheduled_wait_minutes), then fails.
-                lifecycle.to_deployment(name=name, parameters={"project_dir": str(root), "wait_for_project_s": wait},
-                                        **deployment_schedule(cron, interval)),
-                monitor.to_deployment(name=name, parameters={"project_dir": str(root), "wait_for_project_s": wait},
+                lifecycle.to_deployment(name=name, parameters=parameters, **deployment_schedule(cron, interval)),
+                monitor.to_deployment(name=name, parameters=parameters,
                                       **deployment_schedule(monitor_cron, monitor_interval)),
                 # One run at a time across both: each may run DVC in this
                 # workspace (a re-compression is a `dvc repro`), and DVC

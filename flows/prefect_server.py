@@ -437,59 +437,76 @@ def unscheduled_deployments(api_url: str, names: list[str]) -> list[str]:
     return out
 
 
-def cancel_missed_runs(api_url: str, names: list[str], before=None) -> list[str]:
-    """Cancel the runs of the deployments among ``names`` ("flow/deployment")
-    that are still waiting to start (Prefect's Scheduled state type: named
+def thin_missed_runs(client, names: list[str], why: str, before=None,
+                     parameters: dict | None = None) -> list[str]:
+    """The runs of the deployments among ``names`` ("flow/deployment") that
+    are still waiting to start (Prefect's Scheduled state type: named
     "Scheduled" or "Late") though they were due before ``before`` (a
-    timezone-aware datetime; default: now), on the server at ``api_url``.
-    Returns one line per cancelled run (deployment, run name, when it was
-    due). A deployment the server does not have is skipped.
+    timezone-aware datetime; default: now), on the server ``client`` (a sync
+    Prefect client) talks to: the newest of each deployment is kept, and runs
+    as soon as the deployment is served again (one catch-up run per flow);
+    the older ones are marked Cancelled, their message saying when each was
+    due and ``why`` nothing ran it. With ``parameters``, the kept run's
+    parameters are replaced by them: Prefect made it with the parameters the
+    deployment had then, which a redeploy does not update. Returns one line
+    per deployment that had missed runs. A deployment the server does not
+    have is skipped.
 
-    Why: Prefect's scheduler creates a deployment's runs ahead of time, with
-    the parameters the deployment had then. When no runner served them (the
-    last ``shrinkflow schedule`` was stopped), those past-due runs stay Late,
-    and serving the deployment again runs them, all of them, with the earlier
-    session's parameters (``wait_for_project_s``): Prefect replaces only a
-    redeployed deployment's future runs. A missed monitor or lifecycle run
-    has nothing to catch up (the next one reads the log and the project as
-    they are then), so ``shrinkflow schedule`` cancels them before it serves.
+    Why: the scheduler creates a deployment's runs ahead of time. When no
+    runner or worker served them (a stopped ``shrinkflow schedule``, a team
+    stack that was down a day), they stay Late, and serving the deployment
+    again ran all of them, one after the other, with the earlier session's
+    ``wait_for_project_s`` (a helper's finding): Prefect replaces only a
+    redeployed deployment's future runs. One missed monitor or lifecycle run
+    is worth running (it reads the log and the project as they are now); a
+    backlog of them is the same run again. Used by ``shrinkflow schedule``
+    and ``shrinkflow team up``.
     """
     import datetime
 
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
                                                 FlowRunFilterExpectedStartTime, FlowRunFilterState,
                                                 FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelled
 
     before = before or datetime.datetime.now(datetime.timezone.utc)
+    stamp = "%Y-%m-%d %H:%M:%S"
     out = []
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        for name in names:
-            try:
-                dep = client.read_deployment_by_name(name)
-            except ObjectNotFound:
-                continue
-            seen: set = set()
-            while True:   # a page at a time (the API's default limit); a cancelled run no longer matches
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                    flow_run_filter=FlowRunFilter(
-                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                        expected_start_time=FlowRunFilterExpectedStartTime(before_=before)), limit=50)
-                new = [r for r in runs if r.id not in seen]
-                for run in new:
-                    due = run.expected_start_time
-                    client.set_flow_run_state(run.id, Cancelled(
-                        message=f"missed: due {due:%Y-%m-%d %H:%M:%S} UTC while no `shrinkflow schedule` served "
-                                f"{name}; cancelled when the schedule was served again"), force=True)
-                    out.append(f"{name}: {run.name} (due {due:%Y-%m-%d %H:%M:%S} UTC)")
-                    seen.add(run.id)
-                if len(runs) < 50 or not new:   # the last page, or one the server would not cancel
-                    break
+    for name in names:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            continue
+        kept, cancelled, seen = None, 0, set()
+        while True:   # a page at a time, newest first; a cancelled run no longer matches
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                    expected_start_time=FlowRunFilterExpectedStartTime(before_=before)),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+            new = [r for r in runs if r.id not in seen]
+            for run in new:
+                seen.add(run.id)
+                if kept is None:
+                    kept = run
+                    continue
+                client.set_flow_run_state(run.id, Cancelled(
+                    message=f"missed: due {run.expected_start_time:{stamp}} UTC while {why}; the newest missed "
+                            f"run of {name} ran instead"), force=True)
+                cancelled += 1
+            if len(runs) < 50 or not new:   # the last page, or one the server would not cancel
+                break
+        if kept is None:
+            continue
+        if parameters is not None and kept.parameters != {**kept.parameters, **parameters}:
+            client.update_flow_run(kept.id, parameters={**kept.parameters, **parameters})
+        out.append(f"{name}: {cancelled} missed run(s) Cancelled (due while {why}); the newest, {kept.name}, "
+                   f"due {kept.expected_start_time:{stamp}} UTC, runs now"
+                   + (" with this session's parameters" if parameters is not None else ""))
     return out
 
 

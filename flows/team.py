@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from flows.prefect_server import LocalPrefectServer
+from flows.prefect_server import LocalPrefectServer, thin_missed_runs
 from shrinkflow.bootstrap import configure_env, telemetry_off
 from shrinkflow.detached import Detached, kill_group
 from shrinkflow.files import read_json, write_json
@@ -273,37 +273,9 @@ def skip_missed_runs(client) -> list[str]:
     (a stack that was down a day holds a day of them): keep the newest of
     each deployment, which runs now, and mark the others Cancelled, so a
     worker that comes back runs one catch-up run per flow, not the whole
-    backlog one after the other. Returns a line per deployment thinned."""
-    from datetime import datetime, timezone
-
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
-                                                FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Cancelled
-
-    out = []
-    now = datetime.now(timezone.utc)
-    for flow in FLOWS:
-        try:
-            dep = client.read_deployment_by_name(f"{flow}/{DEPLOYMENT}")
-        except ObjectNotFound:
-            continue
-        missed = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.SCHEDULED])), expected_start_time=FlowRunFilterExpectedStartTime(before_=now)),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC)
-        for run in missed[1:]:
-            client.set_flow_run_state(run.id, Cancelled(
-                message=f"skipped by shrinkflow team up: due {run.expected_start_time:%Y-%m-%d %H:%M:%S} UTC while "
-                        "no worker ran; the newest missed run of the deployment ran instead"), force=True)
-        if len(missed) > 1:
-            out.append(f"{flow}/{DEPLOYMENT}: {len(missed) - 1} missed runs Cancelled (due while no worker ran); "
-                       f"the newest, due {missed[0].expected_start_time:%Y-%m-%d %H:%M:%S} UTC, runs now")
-    return out
+    backlog one after the other (``flows.prefect_server.thin_missed_runs``).
+    Returns a line per deployment thinned."""
+    return thin_missed_runs(client, [f"{flow}/{DEPLOYMENT}" for flow in FLOWS], why="no worker ran")
 
 
 def zombie_automation():

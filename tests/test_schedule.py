@@ -234,31 +234,34 @@ def test_a_cron_expression_has_exactly_five_fields():
 
 
 # ------------------------------------------------- runs missed between sessions
-def test_a_served_again_schedule_cancels_the_runs_that_came_due_while_nothing_served_them(prefect_api):
-    """A helper's finding: restarting `shrinkflow schedule` ran the earlier
-    session's Late runs, with that session's wait_for_project_s. Past-due
-    waiting runs (Scheduled or Late) of the served deployments are cancelled
-    with the reason; a future run, a running or finished one, and another
-    deployment's past-due run are left as they are; a deployment the server
-    does not have is skipped."""
+def test_a_served_again_schedule_runs_one_missed_run_with_its_parameters_and_cancels_the_rest(prefect_api):
+    """A helper's finding: restarting `shrinkflow schedule` ran all of the
+    earlier session's Late runs, one after the other, with that session's
+    wait_for_project_s. Of the past-due waiting runs (Scheduled or Late) of
+    a served deployment, the newest is kept (one catch-up run) with the
+    parameters given, and the others are cancelled with the reason, over
+    more than a page of the API's answers; a future run, a running or
+    finished one, and another deployment's past-due run are left as they
+    are; a deployment the server does not have is skipped."""
     import uuid
 
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Late, Running, Scheduled
 
-    from flows.prefect_server import cancel_missed_runs
+    from flows.prefect_server import thin_missed_runs
 
     now = datetime.datetime.now(datetime.timezone.utc)
     past, future = now - datetime.timedelta(hours=2), now + datetime.timedelta(hours=2)
+    newest = past + datetime.timedelta(minutes=5)
     tag = uuid.uuid4().hex[:8]  # the harness's API is shared by the session: names of this test's own
+    old = {"project_dir": "/p", "wait_for_project_s": 60}
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name(f"shrinkflow-monitor-{tag}")
         served = client.create_deployment(flow_id=flow_id, name="scheduled")
         other = client.create_deployment(flow_id=flow_id, name="elsewhere")
-        runs = {what: client.create_flow_run_from_deployment(dep, state=state, name=f"{what}-{tag}",
-                                                             parameters={"wait_for_project_s": 60})
+        runs = {what: client.create_flow_run_from_deployment(dep, state=state, name=f"{what}-{tag}", parameters=old)
                 for what, dep, state in (("scheduled-past", served, Scheduled(scheduled_time=past)),
-                                         ("late", served, Late(scheduled_time=past + datetime.timedelta(minutes=5))),
+                                         ("late", served, Late(scheduled_time=newest)),
                                          ("future", served, Scheduled(scheduled_time=future)),
                                          ("running", served, Running()),
                                          ("done", served, Completed()),
@@ -267,21 +270,25 @@ def test_a_served_again_schedule_cancels_the_runs_that_came_due_while_nothing_se
         extra = [client.create_flow_run_from_deployment(served, state=Scheduled(
             scheduled_time=past - datetime.timedelta(minutes=30 * (i + 1))), name=f"older-{i}-{tag}")
             for i in range(52)]
-        got = cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled", "no-such-flow/scheduled"])
-        states = {what: client.read_flow_run(r.id).state for what, r in runs.items()}
+        name = f"shrinkflow-monitor-{tag}/scheduled"
+        got = thin_missed_runs(client, [name, "no-such-flow/scheduled"], why="nothing served it",
+                               parameters={"wait_for_project_s": 1800})
+        after = {what: client.read_flow_run(r.id) for what, r in runs.items()}
         assert all(client.read_flow_run(r.id).state.type.value == "CANCELLED" for r in extra)
-    due = "%Y-%m-%d %H:%M:%S"
-    assert len(got) == 54 and len(set(got)) == 54
-    got = [g for g in got if "older-" not in g]
-    assert sorted(got) == sorted([f"shrinkflow-monitor-{tag}/scheduled: scheduled-past-{tag} (due {past:{due}} UTC)",
-                                  f"shrinkflow-monitor-{tag}/scheduled: late-{tag} "
-                                  f"(due {past + datetime.timedelta(minutes=5):{due}} UTC)"])
-    assert {w: s.type.value for w, s in states.items()} == {
-        "scheduled-past": "CANCELLED", "late": "CANCELLED", "future": "SCHEDULED", "running": "RUNNING",
+        # once thinned, one run is left, and nothing to cancel
+        assert thin_missed_runs(client, [name], why="nothing served it") == [
+            f"{name}: 0 missed run(s) Cancelled (due while nothing served it); the newest, late-{tag}, "
+            f"due {newest:%Y-%m-%d %H:%M:%S} UTC, runs now"]
+    assert got == [f"{name}: 53 missed run(s) Cancelled (due while nothing served it); the newest, late-{tag}, "
+                   f"due {newest:%Y-%m-%d %H:%M:%S} UTC, runs now with this session's parameters"]
+    assert {w: r.state.type.value for w, r in after.items()} == {
+        "scheduled-past": "CANCELLED", "late": "SCHEDULED", "future": "SCHEDULED", "running": "RUNNING",
         "done": "COMPLETED", "other-past": "SCHEDULED"}
-    assert "while no `shrinkflow schedule` served" in states["late"].message
-    # once cancelled, nothing is left to cancel
-    assert cancel_missed_runs(prefect_api, [f"shrinkflow-monitor-{tag}/scheduled"]) == []
+    assert after["late"].parameters == {"project_dir": "/p", "wait_for_project_s": 1800}
+    assert after["other-past"].parameters == after["future"].parameters == old
+    assert after["scheduled-past"].state.message == (
+        f"missed: due {past:%Y-%m-%d %H:%M:%S} UTC while nothing served it; the newest missed run of {name} "
+        "ran instead")
 
 
 SCHEDULER = """
