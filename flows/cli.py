@@ -977,6 +977,13 @@ def schedule(ctx: typer.Context,
     wait = m.scheduled_wait_minutes * 60
     from shrinkflow.projectlock import ProjectBusy, hold_scheduler
 
+    from flows.team import TeamStack
+
+    team_worker = TeamStack(root).worker
+    if team_worker.running():   # the team stack's worker serves these schedules already
+        raise _fail(ExitCode.USAGE, f"`shrinkflow team up` serves this project's schedules ({root}): its worker "
+                                    f"runs (pid {team_worker.pid}), and both would run every schedule; stop it "
+                                    "first (`shrinkflow team down`), or keep the team stack. Nothing was started")
     try:   # one `schedule` per project, before --params is copied
         hold_scheduler(root)
     except ProjectBusy as exc:
@@ -1111,6 +1118,13 @@ def team(ctx: typer.Context,
             typer.echo(f"export {k}={shlex.quote(v)}")
         return
     if action is TeamAction.up:
+        from shrinkflow.projectlock import scheduler_holder
+
+        holder = scheduler_holder(s.root)
+        if holder:   # both would run every schedule
+            raise _fail(ExitCode.USAGE, f"{holder} serves this project's schedules ({s.root}): a team stack "
+                                        "would run them a second time; stop it first (Ctrl-C in its terminal, "
+                                        "or SIGTERM). Nothing was started")
         m = s.params.monitor
         c, i = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
         mc, mi = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes, "monitor-")

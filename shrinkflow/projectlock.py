@@ -180,6 +180,29 @@ def hold_scheduler(root: Path | str) -> None:
     _write_record(record)
 
 
+def scheduler_holder(root: Path | str) -> str | None:
+    """Who holds the project's ``schedule`` lock (``hold_scheduler``): a
+    line naming the running ``shrinkflow schedule`` and its pid, or None
+    when none runs (or this process is it). Takes the lock for a moment
+    when it is free. For ``shrinkflow team up``, which would serve the same
+    schedules a second time."""
+    from filelock import FileLock, Timeout
+
+    state = Path(root) / STATE
+    path, record = (state / "schedule.lock").resolve(), state / "schedule.lock.json"
+    if _SCHEDULER or not path.exists():
+        return None
+    lock = FileLock(path, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        held = _read_record(record)
+        return (f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})" if held
+                else "a `shrinkflow schedule`")
+    lock.release()
+    return None
+
+
 @contextmanager
 def project_lock(root: Path | str, command: str, wait_s: float = 0.0, on_wait=None) -> Iterator[None]:
     """Hold the project at ``root`` for ``command`` while the block runs

@@ -391,3 +391,58 @@ def test_kill_9_of_schedule_ends_its_waiting_run(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+# ------------------------------------------------- schedule and team up
+HOLD_SCHEDULE = """
+import sys, time
+from shrinkflow.projectlock import hold_scheduler
+hold_scheduler(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_schedule_and_team_up_refuse_to_serve_a_project_the_other_serves(tmp_path):
+    """A helper's finding: `team up` and `shrinkflow schedule` did not know
+    of each other, and both served one project's schedules (every run
+    twice). Each now refuses, exit 2, naming the other, and starts nothing;
+    once the other is gone, the check passes."""
+    import json
+
+    import psutil
+
+    root = bare_project(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCHEDULE, str(root)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        up = subprocess.run([sys.executable, "-m", "flows.cli", "team", "up"], cwd=root, env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+        assert up.returncode == 2, up.stdout + up.stderr
+        assert f"`shrinkflow schedule` (pid {holder.pid}, since " in up.stderr
+        assert "a team stack would run them a second time" in up.stderr and "Nothing was started" in up.stderr
+        assert not (root / ".shrinkflow" / "team" / "postgres").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    from shrinkflow.projectlock import scheduler_holder
+
+    assert scheduler_holder(root) is None   # its lock went with it
+
+    # a team worker of this project runs (its pid file names a live process started when it says)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        team = root / ".shrinkflow" / "team"
+        team.mkdir(parents=True, exist_ok=True)
+        (team / "worker.pid").write_text(json.dumps({"pid": worker.pid,
+                                                     "create_time": psutil.Process(worker.pid).create_time()}))
+        sched = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--monitor-interval", "86400"],
+                               cwd=root, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert sched.returncode == 2, sched.stdout + sched.stderr
+        assert f"`shrinkflow team up` serves this project's schedules ({root}): its worker runs (pid {worker.pid})" \
+            in sched.stderr
+        assert not (root / ".prefect").exists() and "Prefect UI" not in sched.stdout
+    finally:
+        worker.kill()
+        worker.wait()
