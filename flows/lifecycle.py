@@ -12,13 +12,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.prefect_server import tie_to_scheduler
+from flows.prefect_server import refused_state, tie_to_scheduler
 from shrinkflow.config import load_params
 from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
 from shrinkflow.registry import Registry
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
-from shrinkflow.projectlock import project_lock
+from shrinkflow.projectlock import ProjectBusy, project_lock
 from tasks.dvc import repro_stage_with_retries
 from tasks.monitor import clear_production
 from tasks.publish import publish_report, publish_shared_registry, read_deployment, read_validation
@@ -45,8 +45,15 @@ def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: 
     at once, ProjectBusy). Returns the stages run, the selection and what
     was deployed."""
     tie_to_scheduler()   # a scheduled run stops when its `shrinkflow schedule` is killed
-    with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s, on_wait=print):
-        return _lifecycle(project_dir, keep_production_copy, revalidate)
+    try:
+        with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s,
+                          on_wait=print):
+            return _lifecycle(project_dir, keep_production_copy, revalidate)
+    except ProjectBusy as exc:
+        state = refused_state(exc)   # a scheduled run: Failed with the reason, no traceback
+        if state is None:
+            raise
+        return state
 
 
 def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: bool = False) -> dict:

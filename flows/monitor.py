@@ -10,13 +10,13 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.prefect_server import tie_to_scheduler
+from flows.prefect_server import refused_state, tie_to_scheduler
 from flows.recompress import recompress
 from flows.retrain import retrain
 from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from shrinkflow.tracked_params import load_project_params
-from shrinkflow.projectlock import project_lock
+from shrinkflow.projectlock import ProjectBusy, project_lock
 from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
                            record_retrain, unmark_interrupted)
 from tasks.retrain import production_version, window_feedback
@@ -38,9 +38,15 @@ def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0)
     tie_to_scheduler()   # a scheduled run stops when its `shrinkflow schedule` is killed
     if not act:   # reports only: nothing a run changes
         return _monitor(project_dir, act)
-    with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,
-                      on_wait=print):
-        return _monitor(project_dir, act)
+    try:
+        with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,
+                          on_wait=print):
+            return _monitor(project_dir, act)
+    except ProjectBusy as exc:
+        state = refused_state(exc)   # a scheduled run: Failed with the reason, no traceback
+        if state is None:
+            raise
+        return state
 
 
 def _monitor(project_dir: str, act: bool = True) -> dict:

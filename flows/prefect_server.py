@@ -100,6 +100,25 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     return True
 
 
+def refused_state(exc: BaseException):
+    """For a deployment's run (a scheduled one: ``shrinkflow schedule``, a
+    team worker) refused because another writer held the project past its
+    wait (``ProjectBusy``): a Failed state carrying the reason, for the flow
+    to return, so the run ends Failed with that message and no traceback
+    (Prefect logged the exception's whole traceback, twice, for what is an
+    expected refusal: a helper's finding). Returns None for any other run
+    (``shrinkflow run`` or ``monitor`` by hand, a subflow): the flow then
+    raises as before, and the CLI exits 2 with the reason."""
+    from prefect.context import FlowRunContext
+    from prefect.states import Failed
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
+        return None
+    print(f"refused: {exc}")
+    return Failed(message=f"refused: {exc}")
+
+
 class TiedServer:
     """A server run as a child in its own process group, tied to this
     process (``tied_command``: its watchdog ends the group when the parent

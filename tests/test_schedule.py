@@ -446,3 +446,51 @@ def test_schedule_and_team_up_refuse_to_serve_a_project_the_other_serves(tmp_pat
     finally:
         worker.kill()
         worker.wait()
+
+
+@pytest.mark.slow  # ~25 s: a real Prefect server, a scheduled run
+def test_a_scheduled_run_refused_by_the_project_lock_fails_with_the_reason_not_its_traceback(tmp_path):
+    """A helper's finding: a scheduled run refused after its wait (another
+    writer held the project) logged the refusal's traceback twice. It ends
+    Failed now, its message the reason, and the refusal's traceback is not
+    printed (Prefect's engine still logs one for every Failed run, its own
+    FailedRun, which carries the reason); the scheduler serves on."""
+    import httpx
+
+    from shrinkflow.projectlock import project_lock
+
+    root = bare_project(tmp_path)
+    text = (root / "params.yaml").read_text()
+    assert "scheduled_wait_minutes: 30" in text
+    (root / "params.yaml").write_text(text.replace("scheduled_wait_minutes: 30", "scheduled_wait_minutes: 0"))
+    env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    with project_lock(root, "the test (another writer)"):
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
+                                 "--monitor-interval", "86400"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out: list[str] = []
+        threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        try:
+            deadline, api, failed = time.time() + 180, None, []
+            while time.time() < deadline and not failed:
+                time.sleep(1)
+                assert proc.poll() is None, "".join(out)
+                api = api or next((m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out)
+                                   if m), None)
+                if api:
+                    r = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [
+                        "shrinkflow-lifecycle"]}}}, timeout=10)
+                    failed = [x for x in r.json() if x["state_type"] == "FAILED"]
+            assert failed, "".join(out)
+            time.sleep(2)   # what the run printed on its way out
+            message = failed[0]["state"]["message"]
+            assert message.startswith("refused: the test (another writer) (pid ") and "is changing this project" \
+                in message, message
+            assert proc.poll() is None   # serving on
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=90)
+    text = "".join(out)
+    assert "refused: the test (another writer)" in text
+    assert "Encountered exception during execution" not in text and "projectlock.py" not in text, text[-4000:]
+    assert text.count("Traceback") <= 1 and "ProjectBusy" not in text, text[-4000:]
