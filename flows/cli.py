@@ -977,6 +977,10 @@ def schedule(ctx: typer.Context,
     wait = m.scheduled_wait_minutes * 60
     from shrinkflow.projectlock import ProjectBusy, hold_scheduler
 
+    try:   # one scheduler per project (a `team up` starting holds it too), before --params is copied
+        hold_scheduler(root)
+    except ProjectBusy as exc:
+        raise _fail(ExitCode.USAGE, str(exc))
     from flows.team import TeamStack
 
     team_worker = TeamStack(root).worker
@@ -984,15 +988,11 @@ def schedule(ctx: typer.Context,
         raise _fail(ExitCode.USAGE, f"`shrinkflow team up` serves this project's schedules ({root}): its worker "
                                     f"runs (pid {team_worker.pid}), and both would run every schedule; stop it "
                                     "first (`shrinkflow team down`), or keep the team stack. Nothing was started")
-    try:   # one `schedule` per project, before --params is copied
-        hold_scheduler(root)
-    except ProjectBusy as exc:
-        raise _fail(ExitCode.USAGE, str(exc))
     adopt_params(s)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.prefect_server import (SCHEDULER_PID_ENV, LocalPrefectServer, ScheduleWatch, ServerLogFollower,
-                                      thin_missed_runs)
+                                      crash_lost_runs, thin_missed_runs)
     from shrinkflow.config import cron_next_run
     from shrinkflow.schedules import interval_next_run
 
@@ -1038,6 +1038,10 @@ def schedule(ctx: typer.Context,
         from prefect.client.orchestration import get_client
 
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            # and runs an earlier session left Running: killed with it, they could not say so
+            for line in crash_lost_runs(client, served, why="it ended with the `shrinkflow schedule` that ran it "
+                                                            "and could not report its end"):
+                typer.echo(line)
             for line in thin_missed_runs(client, served, why="no `shrinkflow schedule` served it",
                                          parameters=parameters):
                 typer.echo(line)
@@ -1118,16 +1122,15 @@ def team(ctx: typer.Context,
             typer.echo(f"export {k}={shlex.quote(v)}")
         return
     if action is TeamAction.up:
-        from shrinkflow.projectlock import scheduler_holder
-
-        holder = scheduler_holder(s.root)
-        if holder:   # both would run every schedule
-            raise _fail(ExitCode.USAGE, f"{holder} serves this project's schedules ({s.root}): a team stack "
-                                        "would run them a second time; stop it first (Ctrl-C in its terminal, "
-                                        "or SIGTERM). Nothing was started")
         m = s.params.monitor
         c, i = _schedule_of(cron, interval, m.lifecycle_cron, m.lifecycle_interval_minutes, "")
         mc, mi = _schedule_of(monitor_cron, monitor_interval, m.cron, m.interval_minutes, "monitor-")
+        from shrinkflow.projectlock import ProjectBusy, hold_scheduler
+
+        try:   # while it starts, a `schedule` of this project is refused; once up, its worker refuses one
+            hold_scheduler(s.root, "shrinkflow team up")
+        except ProjectBusy as exc:   # a `schedule` serves the project: both would run every schedule
+            raise _fail(ExitCode.USAGE, str(exc))
         schedules = Schedules(c, i, mc, mi, from_params=all(
             v is None for v in (cron, interval, monitor_cron, monitor_interval)),
             wait_for_project_s=m.scheduled_wait_minutes * 60)

@@ -65,15 +65,33 @@ def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) ->
 SCHEDULER_PID_ENV = "SHRINKFLOW_SCHEDULER_PID"
 
 
+def _stop_children() -> None:
+    """Stop every process this one started, each with its own children
+    (``shrinkflow.dvcrun.stop_tree``: frozen, SIGTERM, SIGKILL after 10 s),
+    one tree after another."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from shrinkflow.dvcrun import stop_tree
+
+    for child in psutil.Process().children():
+        try:   # stop_tree reads a Popen's pid, and polls it to reap it (its owner's Popen reaps these)
+            stop_tree(SimpleNamespace(pid=child.pid, poll=lambda: None))
+        except Exception:  # noqa: BLE001 - the watchdog must go on to end the process
+            pass
+
+
 def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     """In a flow run that ``shrinkflow schedule``'s runner started (the pid in
     ``SHRINKFLOW_SCHEDULER_PID`` is this process's parent), watch that parent
     on a daemon thread. When it is gone (``kill -9``: it had no chance to
     stop its runs), interrupt this process as Ctrl-C would (SIGINT, so a
     blocking call returns: KeyboardInterrupt unwinds the flow, which frees
-    the project lock and stops a running stage's DVC tree, within 15 s:
-    ``shrinkflow.dvcrun.stop_tree``), and end it outright ``grace_s``
-    seconds later if it is still running: Prefect's engine then retries
+    the project lock), stop every process it started (a stage's DVC tree:
+    ``shrinkflow.dvcrun.stop_tree``, within 15 s; the interrupt reaches only
+    the main thread, and a task's thread reads the stage), and end it
+    outright ``grace_s`` seconds later if it is still running: Prefect's engine then retries
     reporting the crash to an API that, for the local server, died with
     the scheduler (measured: still retrying after 40 s). Before, such
     a run went on for minutes with no scheduler and no Prefect server to
@@ -93,7 +111,16 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
         except (OSError, ValueError):
             pass
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(grace_s)
+        # The interrupt reaches the main thread only: a stage's `dvc repro`
+        # read by a task's worker thread went on, holding the project (a
+        # helper's finding: 2.5 minutes). Every process this run started is
+        # stopped here, as a stage timeout stops one.
+        time.sleep(min(2.0, grace_s))
+        try:
+            _stop_children()
+        except Exception:  # noqa: BLE001 - the process is ended below whatever happens here
+            pass
+        time.sleep(max(0.0, grace_s - 2.0))
         os._exit(130)
 
     threading.Thread(target=watch, name="scheduler-watchdog", daemon=True).start()
@@ -453,6 +480,72 @@ def unscheduled_deployments(api_url: str, names: list[str]) -> list[str]:
                 limit=1)
             if not runs:
                 out.append(f"{name} (id {dep.id}) has an active schedule but no scheduled run")
+    return out
+
+
+# The states a flow run is in flight in: its process started or about to.
+IN_FLIGHT = ("RUNNING", "PENDING", "CANCELLING")
+
+
+def run_alive(pid: int | None, flow_run_id: str) -> bool:
+    """Whether ``pid`` is a live process running flow run ``flow_run_id``
+    (its environment's PREFECT__FLOW_RUN_ID; a process whose environment
+    cannot be read counts as alive when its command line names Prefect)."""
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        try:
+            return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
+        except psutil.AccessDenied:
+            return "prefect" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def run_pid(run) -> int | None:
+    """The pid Prefect recorded for ``run``'s process (its infrastructure_pid), or None."""
+    raw = str(run.infrastructure_pid or "").rsplit(":", 1)[-1]  # older workers wrote "host:pid"
+    return int(raw) if raw.isdigit() else None
+
+
+def crash_lost_runs(client, names: list[str], why: str) -> list[str]:
+    """Mark Crashed the in-flight runs (``IN_FLIGHT``) of the deployments
+    among ``names`` ("flow/deployment") whose process is gone from this host
+    (``run_alive``), the message saying ``why``; a run whose process still
+    lives is left to finish. Returns a line per run marked. For ``shrinkflow
+    schedule``: a run of an earlier session killed with it (``kill -9``)
+    could not report its end to the local server, which died with it, and
+    stayed Running in the UI (a helper's finding). A deployment the server
+    does not have is skipped."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    out = []
+    for name in names:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            continue
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType(s) for s in IN_FLIGHT]))))
+        for run in runs:
+            pid = run_pid(run)
+            if run_alive(pid, str(run.id)):
+                continue
+            client.set_flow_run_state(run.id, Crashed(
+                message=f"its process {f'(pid {pid}) ' if pid else ''}is gone: {why}; marked Crashed when the "
+                        "schedule was served again"), force=True)
+            out.append(f"{name}: {run.name} was {run.state_name} with its process gone ({why}): marked Crashed")
     return out
 
 

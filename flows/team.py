@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from flows.prefect_server import LocalPrefectServer, thin_missed_runs
+from flows.prefect_server import IN_FLIGHT, LocalPrefectServer, run_alive, run_pid, thin_missed_runs
 from shrinkflow.bootstrap import configure_env, telemetry_off
 from shrinkflow.detached import Detached, kill_group
 from shrinkflow.files import read_json, write_json
@@ -73,7 +73,6 @@ HEARTBEAT_S = 30
 ZOMBIE_AFTER_S = 90
 ZOMBIE_AUTOMATION = "shrinkflow: crash flow runs whose heartbeats stopped"
 STARTUP_TIMEOUT_ENV = "SHRINKFLOW_TEAM_STARTUP_TIMEOUT_S"   # how long up waits for the server (default 300 s)
-IN_FLIGHT = ("RUNNING", "PENDING", "CANCELLING")
 
 
 class TeamError(RuntimeError):
@@ -196,31 +195,6 @@ def _ready(api_url: str, timeout_s: float = 3.0) -> bool:
     return _healthy(api_url, timeout_s, route="ready")
 
 
-def run_alive(pid: Optional[int], flow_run_id: str) -> bool:
-    """Whether ``pid`` is a live process running flow run ``flow_run_id``
-    (its environment's PREFECT__FLOW_RUN_ID; a process whose environment
-    cannot be read counts as alive when its command line names Prefect)."""
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        try:
-            return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
-        except psutil.AccessDenied:
-            return "prefect" in " ".join(proc.cmdline())
-    except psutil.Error:
-        return False
-
-
-def _pid_of(run) -> Optional[int]:
-    raw = str(run.infrastructure_pid or "").rsplit(":", 1)[-1]  # older workers wrote "host:pid"
-    return int(raw) if raw.isdigit() else None
-
-
 def in_flight_runs(client, pool: str, worker: str) -> list:
     """The flow runs of work pool ``pool`` that worker ``worker`` took
     (Prefect labels each run with its worker's name) and that are not
@@ -242,7 +216,7 @@ def crash_lost_run(client, run, worker: str, stopped_by_down: bool = False) -> s
     `team down` stopped it (a run it was starting then loses its process)."""
     from prefect.states import Crashed
 
-    pid = _pid_of(run)
+    pid = run_pid(run)
     how = "was stopped by `shrinkflow team down`" if stopped_by_down else "died"
     message = (f"its worker {worker} {how} and its process " + (f"(pid {pid}) " if pid else "")
                + "is gone from this host: marked Crashed by shrinkflow team (docs/team.md); start it again by "
@@ -259,7 +233,7 @@ def reconcile_lost_runs(client, pool: str, worker: str) -> list[tuple[str, str]]
     marked or left."""
     out = []
     for run in in_flight_runs(client, pool, worker):
-        pid = _pid_of(run)
+        pid = run_pid(run)
         if run_alive(pid, str(run.id)):
             out.append((run.name, f"still running in its own process (pid {pid}) after its worker died: it "
                                   "finishes by itself and reports its end to the server"))
@@ -268,14 +242,18 @@ def reconcile_lost_runs(client, pool: str, worker: str) -> list[tuple[str, str]]
     return out
 
 
-def skip_missed_runs(client) -> list[str]:
+def skip_missed_runs(client, wait_for_project_s: float | None = None) -> list[str]:
     """Runs the scheduler made for a time that passed while no worker ran
     (a stack that was down a day holds a day of them): keep the newest of
     each deployment, which runs now, and mark the others Cancelled, so a
     worker that comes back runs one catch-up run per flow, not the whole
     backlog one after the other (``flows.prefect_server.thin_missed_runs``).
-    Returns a line per deployment thinned."""
-    return thin_missed_runs(client, [f"{flow}/{DEPLOYMENT}" for flow in FLOWS], why="no worker ran")
+    With ``wait_for_project_s``, the kept run waits that long for the
+    project (this ``up``'s, not the one its run was made with). Returns a
+    line per deployment thinned."""
+    return thin_missed_runs(client, [f"{flow}/{DEPLOYMENT}" for flow in FLOWS], why="no worker ran",
+                            parameters=None if wait_for_project_s is None else
+                            {"wait_for_project_s": wait_for_project_s})
 
 
 def zombie_automation():
@@ -499,7 +477,7 @@ class TeamStack:
             if not self.worker.running():
                 for name, what in reconcile_lost_runs(client, self.pool, self.worker_name):
                     self.emit(f"flow run {name!r}: {what}")
-                for line in skip_missed_runs(client):
+                for line in skip_missed_runs(client, schedules.wait_for_project_s):
                     self.emit(line)
                 worker_started = self._launch_worker(api_url)
             self._ensure_automation(client)
@@ -747,7 +725,7 @@ class TeamStack:
         if api_url and _ready(api_url):
             with _client(api_url) as client:
                 for run in in_flight_runs(client, self.pool, self.worker_name):
-                    pid = _pid_of(run)
+                    pid = run_pid(run)
                     if run_alive(pid, str(run.id)):
                         live.append((run, pid))
                     elif not self.worker.running():
@@ -836,7 +814,7 @@ class TeamStack:
                 online = self._worker_heartbeat(client) > time.time() - 90
                 deployments = self._deployments(client)
                 for r in in_flight_runs(client, self.pool, self.worker_name):
-                    pid = _pid_of(r)
+                    pid = run_pid(r)
                     alive = run_alive(pid, str(r.id))
                     runs.append(f"{r.name} (id {r.id}): {r.state.name if r.state else '?'}, pid {pid}"
                                 + ("" if alive else ": its process is gone (`shrinkflow team up` marks it Crashed)"))

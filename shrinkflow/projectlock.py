@@ -152,13 +152,17 @@ def hold(root: Path | str, command: str) -> None:
 _SCHEDULER: list[object] = []
 
 
-def hold_scheduler(root: Path | str) -> None:
-    """One ``shrinkflow schedule`` per project (a second one started two
-    Prefect servers on the same ``.prefect/`` state, each running its share
-    of the runs, so "one run at a time" no longer held: a helper's
-    finding): an ``flock`` on ``.shrinkflow/schedule.lock`` held until this
-    process ends (a separate lock: the project lock is held only while a
-    run changes the project). Raises ProjectBusy naming the other one."""
+def hold_scheduler(root: Path | str, command: str = "shrinkflow schedule") -> None:
+    """One scheduler per project: an ``flock`` on
+    ``.shrinkflow/schedule.lock`` held until this process ends (a separate
+    lock: the project lock is held only while a run changes the project).
+    ``command`` is who holds it: ``shrinkflow schedule`` for its whole life
+    (a second one started two Prefect servers on the same ``.prefect/``
+    state, each running its share of the runs, so "one run at a time" no
+    longer held: a helper's finding), or ``shrinkflow team up`` while it
+    brings the team stack up (a ``schedule`` started then, before the
+    worker ran, served the project beside the stack: another helper's
+    finding). Raises ProjectBusy naming the holder."""
     from filelock import FileLock, Timeout
 
     state = Path(root) / STATE
@@ -170,22 +174,19 @@ def hold_scheduler(root: Path | str) -> None:
     try:
         lock.acquire()
     except Timeout:
-        held = _read_record(record)
-        who = (f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})" if held
-               else "another `shrinkflow schedule`")
-        raise ProjectBusy(f"{who} already serves this project's schedules ({Path(root)}): a second one would run "
-                          "them twice, on two Prefect servers; stop that one first (Ctrl-C in its terminal, or "
-                          "SIGTERM). Nothing was started") from None
+        who = scheduler_holder(root) or "another scheduler"
+        raise ProjectBusy(f"{who} already serves this project's schedules ({Path(root)}): a second scheduler "
+                          "would run them twice; stop that one first (Ctrl-C in its terminal, or SIGTERM), or "
+                          "wait for a `team up` that is starting to end. Nothing was started") from None
     _SCHEDULER.append(lock)
-    _write_record(record)
+    _write_record(record, command=command)
 
 
 def scheduler_holder(root: Path | str) -> str | None:
-    """Who holds the project's ``schedule`` lock (``hold_scheduler``): a
-    line naming the running ``shrinkflow schedule`` and its pid, or None
-    when none runs (or this process is it). Takes the lock for a moment
-    when it is free. For ``shrinkflow team up``, which would serve the same
-    schedules a second time."""
+    """Who holds the project's schedule lock (``hold_scheduler``): a line
+    naming the command and its pid (`` `shrinkflow schedule` (pid 12,
+    since ...)``), or None when none does (or this process does). Takes
+    the lock for a moment when it is free."""
     from filelock import FileLock, Timeout
 
     state = Path(root) / STATE
@@ -197,8 +198,9 @@ def scheduler_holder(root: Path | str) -> str | None:
         lock.acquire()
     except Timeout:
         held = _read_record(record)
-        return (f"`shrinkflow schedule` (pid {held['pid']}, since {held['since']})" if held
-                else "a `shrinkflow schedule`")
+        if not held:
+            return "a `shrinkflow schedule` or `team up`"
+        return f"{said(str(held.get('command') or 'shrinkflow schedule'))} (pid {held['pid']}, since {held['since']})"
     lock.release()
     return None
 

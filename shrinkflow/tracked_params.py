@@ -209,7 +209,7 @@ def _document_end(text: str) -> str:
     lines = text.splitlines(keepends=True)
     for i in range(len(lines) - 1, -1, -1):
         line = lines[i].strip()
-        if line == "..." or line.startswith("... #"):
+        if line == "..." or (line.startswith("...") and line[3:4].isspace() and line[3:].lstrip().startswith("#")):
             tail = "".join(lines[i:])
             return tail if tail.endswith("\n") else tail + "\n"
         if line and not line.startswith("#"):

@@ -291,6 +291,50 @@ def test_a_served_again_schedule_runs_one_missed_run_with_its_parameters_and_can
         "ran instead")
 
 
+def test_a_served_again_schedule_marks_crashed_the_runs_whose_process_is_gone(prefect_api):
+    """A helper's finding: a run killed with `shrinkflow schedule` (kill -9)
+    could not report its end to the local server, which died with it, and
+    stayed Running. Served again, the schedule marks Crashed the in-flight
+    runs of its deployments whose process is gone, and leaves one whose
+    process lives, a finished run and another deployment's run alone."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    from flows.prefect_server import crash_lost_runs
+
+    tag = uuid.uuid4().hex[:8]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(f"shrinkflow-lifecycle-{tag}")
+        served = client.create_deployment(flow_id=flow_id, name="scheduled")
+        other = client.create_deployment(flow_id=flow_id, name="elsewhere")
+        runs = {what: client.create_flow_run_from_deployment(dep, state=state, name=f"{what}-{tag}")
+                for what, dep, state in (("dead", served, Running()), ("pending", served, Pending()),
+                                         ("alive", served, Running()), ("done", served, Completed()),
+                                         ("other", other, Running()))}
+        live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                env={**os.environ, "PREFECT__FLOW_RUN_ID": str(runs["alive"].id)})
+        try:
+            for what, pid in (("dead", gone), ("alive", live.pid), ("other", gone)):
+                client.update_flow_run(runs[what].id, infrastructure_pid=f"host:{pid}")
+            name = f"shrinkflow-lifecycle-{tag}/scheduled"
+            got = crash_lost_runs(client, [name, "no-such-flow/scheduled"], why="it ended with its scheduler")
+            after = {what: client.read_flow_run(r.id).state for what, r in runs.items()}
+        finally:
+            live.kill()
+            live.wait()
+    assert sorted(got) == sorted([
+        f"{name}: dead-{tag} was Running with its process gone (it ended with its scheduler): marked Crashed",
+        f"{name}: pending-{tag} was Pending with its process gone (it ended with its scheduler): marked Crashed"])
+    assert {w: st.type.value for w, st in after.items()} == {
+        "dead": "CRASHED", "pending": "CRASHED", "alive": "RUNNING", "done": "COMPLETED", "other": "RUNNING"}
+    assert after["dead"].message == (f"its process (pid {gone}) is gone: it ended with its scheduler; marked "
+                                     "Crashed when the schedule was served again")
+
+
 SCHEDULER = """
 import os, subprocess, sys, time
 from flows.prefect_server import SCHEDULER_PID_ENV
@@ -300,14 +344,26 @@ print(child.pid, flush=True)
 time.sleep(600)
 """
 RUN = """
-import sys, time
+import subprocess, sys, threading, time
 from flows.prefect_server import tie_to_scheduler
-tied = tie_to_scheduler(poll_s=0.2, grace_s=30)
+tied = tie_to_scheduler(poll_s=0.2, grace_s=10)
+stage = []
+
+def task():   # a Prefect task's thread reading a stage's output, as shrinkflow.dvcrun.repro_stage does
+    proc = subprocess.Popen(["sh", "-c", "sleep 600; echo done"], stdout=subprocess.PIPE, text=True)
+    stage.append(proc.pid)
+    for _ in proc.stdout:
+        pass
+
+threading.Thread(target=task, daemon=True).start()
 try:
-    open(sys.argv[1] + ".started", "w").write(str(tied))
-    time.sleep(600)                    # a blocking call, as a stage's wait is
+    while not stage:
+        time.sleep(0.05)
+    open(sys.argv[1] + ".started", "w").write(f"{tied} {stage[0]}")
+    time.sleep(600)                    # a blocking call, as a wait for the project is
 except KeyboardInterrupt:
     open(sys.argv[1], "w").write("unwound")
+    time.sleep(600)                    # the thread still reads: only the watchdog ends it
 """
 
 
@@ -318,7 +374,8 @@ def test_a_scheduled_run_unwinds_when_its_scheduler_is_killed_outright(tmp_path)
     the scheduler that set SHRINKFLOW_SCHEDULER_PID is tied to it: when the
     scheduler dies, it is interrupted as Ctrl-C would (KeyboardInterrupt
     unwinds it, out of a blocking call) and ends. A run started any other
-    way is not tied."""
+    way is not tied. The process a task's thread reads (a stage's DVC) is
+    stopped too: the interrupt reaches only the main thread."""
     import psutil
 
     marker = tmp_path / "run"
@@ -330,74 +387,108 @@ def test_a_scheduled_run_unwinds_when_its_scheduler_is_killed_outright(tmp_path)
         deadline = time.time() + 60
         while not (tmp_path / "run.started").exists() and time.time() < deadline:
             time.sleep(0.1)
-        assert (tmp_path / "run.started").read_text() == "True"
+        tied, stage = (tmp_path / "run.started").read_text().split()
+        assert tied == "True"
+        stage = psutil.Process(int(stage))
         time.sleep(1.0)
-        assert run.is_running() and not marker.exists()   # alive while its scheduler is
+        assert run.is_running() and stage.is_running() and not marker.exists()   # alive while its scheduler is
         scheduler.kill()
         scheduler.wait(timeout=10)
-        run.wait(timeout=20)                               # raises psutil.TimeoutExpired if it outlives it
+        # the stage a worker thread read is stopped too (a helper's finding: it ran on, holding the project)
+        stage.wait(timeout=20)
         assert marker.read_text() == "unwound"
+        run.wait(timeout=45)                               # raises psutil.TimeoutExpired if it outlives it
     finally:
         if scheduler.poll() is None:
             scheduler.kill()
     # not started by a scheduler (the variable names another process, or none)
-    plain = subprocess.run([sys.executable, "-c", RUN.replace("time.sleep(600)", "pass"), str(tmp_path / "plain")],
-                           env={**env, "SHRINKFLOW_SCHEDULER_PID": "1"}, timeout=60)
-    assert plain.returncode == 0 and (tmp_path / "plain.started").read_text() == "False"
+    plain = subprocess.run([sys.executable, "-c", RUN.replace("    time.sleep(600)", "    pass"),
+                            str(tmp_path / "plain")], env={**env, "SHRINKFLOW_SCHEDULER_PID": "1"}, timeout=60)
+    assert plain.returncode == 0 and (tmp_path / "plain.started").read_text().startswith("False ")
 
 
 @pytest.mark.slow  # ~40 s: a real Prefect server, a scheduled run
-def test_kill_9_of_schedule_ends_its_waiting_run(tmp_path):
-    """The same through the real CLI: the scheduled lifecycle run waits for
-    a project another writer holds (up to monitor.scheduled_wait_minutes,
-    30 min); `kill -9` of `shrinkflow schedule` ends that run's process
-    within the watchdog's grace, where it waited on for the rest of the 30
-    minutes."""
+def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
+    """The same through the real CLI, in a git and DVC project whose first
+    stage runs for minutes: `kill -9` of `shrinkflow schedule` while the
+    scheduled lifecycle runs that stage ends the stage's command (a task's
+    thread reads it, which the interrupt does not reach: a helper's
+    finding, the stage ran on 2 minutes holding the project), the run's
+    process, and frees the project. Served again, the schedule marks the
+    run Crashed: it could not report its end."""
     import httpx
     import psutil
 
     from shrinkflow.projectlock import project_lock
 
     root = bare_project(tmp_path)
+    (root / "dvc.yaml").write_text("stages:\n  fetch:\n    cmd: sleep 300 && echo done > out.txt\n"
+                                   "    outs:\n      - out.txt\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=cli_env())
     env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    with project_lock(root, "the test (another writer)"):
+
+    def serve() -> tuple[subprocess.Popen, list[str]]:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
                                  "--monitor-interval", "86400"], cwd=root, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         out: list[str] = []
         threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-        try:
-            deadline, api, running = time.time() + 180, None, []
-            while time.time() < deadline and not running:
-                time.sleep(1)
-                assert proc.poll() is None, "".join(out)
-                api = api or next((m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out)
-                                   if m), None)
-                if api:
-                    r = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [
-                        "shrinkflow-lifecycle"]}}}, timeout=10)
-                    running = [x for x in r.json() if x["state_type"] == "RUNNING"]
-            assert running, "".join(out)
-            time.sleep(3)   # inside the flow: waiting for the project
-            runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                    if "prefect.engine" in " ".join(c.cmdline())]
-            assert runs, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+        return proc, out
+
+    def stage_commands() -> list:
+        return [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "sleep 300 && echo done" in " ".join(p.info["cmdline"])]
+
+    proc, out = serve()
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not stage_commands():
+            time.sleep(1)
+            assert proc.poll() is None, "".join(out)
+        stage = stage_commands()
+        assert stage, "".join(out)
+        api = next(m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out) if m)
+        running = [x["id"] for x in httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [
+            "shrinkflow-lifecycle"]}}}, timeout=10).json() if x["state_type"] == "RUNNING"]
+        assert len(running) == 1, running
+        runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                if "prefect.engine" in " ".join(c.cmdline())]
+        assert runs, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(stage + runs, timeout=45)
+        assert not alive, [p.cmdline() for p in alive]
+        with project_lock(root, "the test"):   # free: nothing of the run holds it
+            pass
+        assert not (root / "out.txt").exists()
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait(timeout=10)
-            # the flow unwinds at once; Prefect's engine then retries reporting the crash to the dead
-            # local server until the watchdog's grace (20 s) ends the process
-            gone, alive = psutil.wait_procs(runs, timeout=45)
-            assert not alive, [p.cmdline() for p in alive]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        for p in stage_commands():
+            p.kill()
+    proc, out = serve()   # served again: the killed run is marked Crashed
+    try:
+        deadline, line = time.time() + 120, None
+        while time.time() < deadline and not line:
+            time.sleep(1)
+            line = next((x for x in out if "with its process gone" in x), None)
+            assert proc.poll() is None, "".join(out)
+        assert line and "shrinkflow-lifecycle/scheduled: " in line and "was Running" in line, "".join(out)
+        api = next(m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out) if m)
+        assert httpx.get(f"{api}/flow_runs/{running[0]}", timeout=10).json()["state_type"] == "CRASHED"
+    finally:
+        proc.send_signal(signal.SIGTERM)   # stops the catch-up run and its stage too
+        proc.wait(timeout=90)
+        for p in stage_commands():
+            p.kill()
 
 
 # ------------------------------------------------- schedule and team up
 HOLD_SCHEDULE = """
 import sys, time
 from shrinkflow.projectlock import hold_scheduler
-hold_scheduler(sys.argv[1])
+hold_scheduler(sys.argv[1], *sys.argv[2:])
 print("held", flush=True)
 time.sleep(600)
 """
@@ -421,7 +512,7 @@ def test_schedule_and_team_up_refuse_to_serve_a_project_the_other_serves(tmp_pat
                             capture_output=True, text=True, timeout=120)
         assert up.returncode == 2, up.stdout + up.stderr
         assert f"`shrinkflow schedule` (pid {holder.pid}, since " in up.stderr
-        assert "a team stack would run them a second time" in up.stderr and "Nothing was started" in up.stderr
+        assert "already serves this project's schedules" in up.stderr and "Nothing was started" in up.stderr
         assert not (root / ".shrinkflow" / "team" / "postgres").exists()
     finally:
         holder.kill()
@@ -429,6 +520,20 @@ def test_schedule_and_team_up_refuse_to_serve_a_project_the_other_serves(tmp_pat
     from shrinkflow.projectlock import scheduler_holder
 
     assert scheduler_holder(root) is None   # its lock went with it
+    # a `team up` still starting (no worker yet) holds the same lock: a `schedule` started then is refused
+    # (a helper's finding: it served the project beside the stack once the worker came up)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCHEDULE, str(root), "shrinkflow team up"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        sched = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--monitor-interval", "86400"],
+                               cwd=root, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert sched.returncode == 2, sched.stdout + sched.stderr
+        assert f"`shrinkflow team up` (pid {holder.pid}, since " in sched.stderr
+        assert not (root / ".prefect").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
     # a team worker of this project runs (its pid file names a live process started when it says)
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -252,6 +252,7 @@ def test_a_file_with_only_the_sections_it_changes_is_filled_whole_and_dvc_takes_
     "...\n# after the document's end\n",          # a helper's finding: both were lost
     "...\n\n# two comments\n# after a blank line",  # no final newline
     "... # on the marker's line\n",
+    "...  # two spaces, then a comment\n# and a line after\n",   # a helper's finding: both lost
     "# a last comment, no document end\n",
 ])
 def test_the_round_trip_keeps_what_follows_the_document_end_once(ending):
