@@ -483,6 +483,32 @@ def unscheduled_deployments(api_url: str, names: list[str]) -> list[str]:
     return out
 
 
+def _deployment_runs(client, name: str, states, before=None, newest_first: bool = False,
+                     limit: int | None = None) -> list | None:
+    """The runs of deployment ``name`` ("flow/deployment") whose state type
+    is one of ``states`` (names: "RUNNING", "SCHEDULED", ...), due before
+    ``before`` when given, newest first when asked; None when the server has
+    no such deployment."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        dep = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return None
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(x) for x in states])),
+            expected_start_time=FlowRunFilterExpectedStartTime(before_=before) if before else None),
+        **({"sort": FlowRunSort.EXPECTED_START_TIME_DESC} if newest_first else {}),
+        **({"limit": limit} if limit else {}))
+
+
 # The states a flow run is in flight in: its process started or about to.
 IN_FLIGHT = ("RUNNING", "PENDING", "CANCELLING")
 
@@ -522,23 +548,11 @@ def crash_lost_runs(client, names: list[str], why: str) -> list[str]:
     could not report its end to the local server, which died with it, and
     stayed Running in the UI (a helper's finding). A deployment the server
     does not have is skipped."""
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-    from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
     out = []
     for name in names:
-        try:
-            dep = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            continue
-        runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType(s) for s in IN_FLIGHT]))))
-        for run in runs:
+        for run in _deployment_runs(client, name, IN_FLIGHT) or []:
             pid = run_pid(run)
             if run_alive(pid, str(run.id)):
                 continue
@@ -576,30 +590,17 @@ def thin_missed_runs(client, names: list[str], why: str, before=None,
     """
     import datetime
 
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
-                                                FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
 
     before = before or datetime.datetime.now(datetime.timezone.utc)
     stamp = "%Y-%m-%d %H:%M:%S"
     out = []
     for name in names:
-        try:
-            dep = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            continue
         kept, cancelled, seen = None, 0, set()
         while True:   # a page at a time, newest first; a cancelled run no longer matches
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                    expected_start_time=FlowRunFilterExpectedStartTime(before_=before)),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+            runs = _deployment_runs(client, name, ("SCHEDULED",), before=before, newest_first=True, limit=50)
+            if runs is None:   # no such deployment
+                break
             new = [r for r in runs if r.id not in seen]
             for run in new:
                 seen.add(run.id)
