@@ -147,7 +147,10 @@ def _probability(p, k: float) -> float:
 
 
 def _row_labels(v) -> list:
-    """A row's stored label names (schema 3), [] when it has none."""
+    """A row's stored label names (schema 3), [] when it has none. A list,
+    a tuple or a numpy array (what a Parquet read of the log gives)."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
     return list(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else []
 
 

@@ -352,6 +352,9 @@ def test_rows_under_a_renumbered_integer_label_set_have_unknown_classes(tiny_tea
     assert w["label"][:12].isna().all() and w["feedback"][:12].isna().all() and w["prob"][:12].isna().all()
     assert w["label"][12:].tolist() == [float(p >= 0.5) for p in probs[12:]]
     assert w["text"].tolist() == texts
+    # the same window with its label lists as numpy arrays (a Parquet read): the same reading
+    arrays = window.assign(labels=[np.array(v) if isinstance(v, list) else v for v in window["labels"]])
+    assert clean_window(arrays, ("0", "1")).equals(w)
     s = build(window, small_splits["val"], served_dir=tiny_teacher_dir, teacher_dir=tiny_teacher_dir,
               train_texts=small_splits["train"]["text"].tolist(), labels=("0", "1"),
               validated={"version": "v0002", "accuracy": 0.8, "agreement": 1.0},
