@@ -1038,9 +1038,10 @@ def schedule(ctx: typer.Context,
         from prefect.client.orchestration import get_client
 
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-            # and runs an earlier session left Running: killed with it, they could not say so
+            # and runs an earlier session left Running: killed with it, they could not say so. Only
+            # on this project's own server: an external one's runs may live on other hosts.
             for line in crash_lost_runs(client, served, why="it ended with the `shrinkflow schedule` that ran it "
-                                                            "and could not report its end"):
+                                                            "and could not report its end") if server else ():
                 typer.echo(line)
             for line in thin_missed_runs(client, served, why="no `shrinkflow schedule` served it",
                                          parameters=parameters):
