@@ -63,6 +63,7 @@ def watch_parent(parent_pid: int, poll_s: float = 1.0, grace_s: float = 10.0) ->
 # Set by `shrinkflow schedule` to its pid before it serves: the flow runs its
 # runner starts (child processes) inherit it (tie_to_scheduler).
 SCHEDULER_PID_ENV = "SHRINKFLOW_SCHEDULER_PID"
+_TIED: list[int] = []   # the scheduler this process's watchdog watches, once started
 
 
 def _stop_children() -> None:
@@ -101,6 +102,9 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     pid = os.environ.get(SCHEDULER_PID_ENV, "")
     if not pid.isdigit() or int(pid) != os.getppid():
         return False
+    if _TIED:   # a subflow of a tied run (a re-compression's lifecycle): one watchdog is enough
+        return True
+    _TIED.append(int(pid))
 
     def watch() -> None:
         while os.getppid() == int(pid):
