@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from shrinkflow.bootstrap import telemetry_off
@@ -659,6 +660,59 @@ class ScheduleWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+@contextmanager
+def ephemeral_api(preload):
+    """Where this process would use Prefect's ephemeral API (no
+    PREFECT_API_URL: Prefect's client then starts a temporary server at the
+    flow's first call), start that server now, in its own process
+    (flows.prefect_server.TemporaryPrefectServer, log in PREFECT_HOME), call
+    ``preload()`` (imports the command needs anyway) while it starts, wait
+    until it answers, and run the body with PREFECT_API_URL set to it (this
+    process's Prefect settings and its environment, which Prefect's worker
+    threads read). The server is stopped at exit, after Prefect's own exit
+    handlers have sent the runs' last logs. Yields the API URL.
+
+    Against Prefect's own start at the flow's first call, the command's
+    imports run beside the server's start-up instead of before it, and this
+    process never imports Prefect's server app (about 4 s here). With
+    PREFECT_API_URL set it does nothing and yields None: there is no start
+    to overlap, and the flow imports what it needs when it needs it (a run
+    that stops early, on a locked log, imports nothing). Raises RuntimeError
+    (the server's log tail) when the server does not start in time."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+    from prefect.settings import PREFECT_HOME as PREFECT_HOME_SETTING
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    from prefect.logging import get_logger
+
+    from flows.prefect_server import TemporaryPrefectServer
+
+    server = TemporaryPrefectServer(Path(PREFECT_HOME_SETTING.value()) / "temporary-server.log")
+    server.launch()
+    log = get_logger()   # "prefect", as Prefect's own start logs it
+    log.info(f"Starting temporary server on {server.url} (Prefect's ephemeral API; log {server.log_path})")
+    preload()
+    api_url = server.wait_ready()
+
+    def stopping() -> None:
+        log.info(f"Stopping temporary server on {server.url}")
+
+    atexit.register(stopping)   # runs just before the server's stop, registered at its launch
+    os.environ["PREFECT_API_URL"] = api_url
+    # No "View at http://127.0.0.1:<port>/runs/..." per flow run: the
+    # temporary server, and every link into it, is gone when the command
+    # ends (a newcomer followed one). An empty UI URL makes Prefect's
+    # url_for return None, as under its own ephemeral API. A UI URL the user
+    # set is kept.
+    ui = {} if os.environ.get("PREFECT_UI_URL") else {PREFECT_UI_URL: ""}
+    if ui:
+        os.environ["PREFECT_UI_URL"] = ""
+    with temporary_settings(updates={PREFECT_API_URL: api_url, **ui}):
+        yield api_url
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ def compress(params, root: Path):
     and this run's compute, a ``CompressMetrics``."""
     # Prefect only now: run_stage has configured the environment first.
     from flows.compress import build_candidates
+    from flows.prefect_server import ephemeral_api
     from shrinkflow.compress.keys import candidate_keys
     from shrinkflow.catalog import COMPRESS_METRICS, save
     from shrinkflow.cost import ComputeMeter
@@ -55,7 +56,12 @@ def compress(params, root: Path):
     threads = max(1, params.train.threads // runner.max_workers)
     candidates = list(params.compress.candidates)
     opset, fuse = params.compress.onnx_opset, params.compress.fuse_transformer_ops
-    with ComputeMeter(params.cost.country_iso_code) as meter:
+    # Run by hand (`dvc repro`, no PREFECT_API_URL from a shrinkflow command),
+    # the build's flow would start Prefect's own temporary server, which a
+    # SIGTERM or the OOM killer of this process left running, orphaned
+    # (~230 MB each; seen after killed benchmark stages). Started here it is
+    # tied to this process (flows.prefect_server.TemporaryPrefectServer).
+    with ComputeMeter(params.cost.country_iso_code) as meter, ephemeral_api(lambda: None):
         keys = candidate_keys(root, candidates, opset, threads, fuse)
         results = build_candidates(str(root), candidates, runner, opset=opset, threads=threads, keys=keys,
                                    fuse=fuse)

@@ -151,3 +151,47 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
             f.write_bytes(b"rot")
     assert run() == {"int8": False, "vocab-int8": False}
     assert files("int8") == first["int8"]  # rebuilt, identical to the first build
+
+
+@pytest.mark.slow  # ~40 s: a Prefect server starts
+def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_path, tiny_teacher_dir, small_splits):
+    """`python -m stages.compress` run by hand (as `dvc repro` runs it, no
+    PREFECT_API_URL) starts a Prefect server for its build flow. Killed by
+    SIGTERM (or the OOM killer), Prefect's own server was left running,
+    orphaned (~230 MB each; seen after killed benchmark stages); the stage's
+    server is tied to it now and ends with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import PROJECT_ROOT
+
+    root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, {"kind": "threads", "max_workers": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(PROJECT_ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    stage = subprocess.Popen([sys.executable, "-m", "stages.compress"], cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, servers = time.time() + 120, []
+        while time.time() < deadline and not servers:
+            time.sleep(0.5)
+            assert stage.poll() is None, "the stage ended before its server started"
+            servers = [c for c in psutil.Process(stage.pid).children(recursive=True)
+                       if "prefect" in " ".join(c.cmdline()) and "server" in " ".join(c.cmdline())]
+        assert servers
+        time.sleep(2)
+        servers = [c for c in psutil.Process(stage.pid).children(recursive=True)]   # the server's whole tree
+        stage.send_signal(signal.SIGTERM)
+        stage.wait(timeout=30)
+        _, alive = psutil.wait_procs(servers, timeout=30)
+        leftover = [p.cmdline() for p in alive]
+        for p in alive:   # a failing run leaves nothing behind either
+            p.kill()
+        assert not leftover, leftover
+    finally:
+        if stage.poll() is None:
+            stage.kill()
