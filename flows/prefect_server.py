@@ -69,13 +69,13 @@ _TIED: list[int] = []   # the scheduler this process's watchdog watches, once st
 
 def _stop_children() -> None:
     """Stop every process this one started, each with its own children
-    (``shrinkflow.dvcrun.stop_tree``: frozen, SIGTERM, SIGKILL after 10 s),
-    one tree after another."""
+    (``shrinkflow.detached.stop_tree``: frozen, SIGTERM, SIGKILL after 10
+    s), one tree after another."""
     from types import SimpleNamespace
 
     import psutil
 
-    from shrinkflow.dvcrun import stop_tree
+    from shrinkflow.detached import stop_tree
 
     for child in psutil.Process().children():
         try:   # stop_tree reads a Popen's pid, and polls it to reap it (its owner's Popen reaps these)
@@ -91,7 +91,7 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     stop its runs), interrupt this process as Ctrl-C would (SIGINT, so a
     blocking call returns: KeyboardInterrupt unwinds the flow, which frees
     the project lock), stop every process it started (a stage's DVC tree:
-    ``shrinkflow.dvcrun.stop_tree``, within 15 s; the interrupt reaches only
+    ``shrinkflow.detached.stop_tree``, within 15 s; the interrupt reaches only
     the main thread, and a task's thread reads the stage), and end it
     outright ``grace_s`` seconds later if it is still running: Prefect's engine then retries
     reporting the crash to an API that, for the local server, died with
@@ -106,6 +106,11 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     if _TIED:   # a subflow of a tied run (a re-compression's lifecycle): one watchdog is enough
         return True
     _TIED.append(int(pid))
+    # A `schedule` started in the background by a script (`&`) passes SIGINT
+    # on ignored, and Python then installs no KeyboardInterrupt handler: the
+    # watchdog's interrupt would do nothing (seen in a suite run under nohup).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while os.getppid() == int(pid):

@@ -153,3 +153,67 @@ class Detached:
                 return fh.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
+
+
+def _until_stopped(p, timeout_s: float = 2.0) -> None:
+    """Wait until psutil process ``p``, just sent SIGSTOP, is stopped (or
+    gone), at most ``timeout_s``: a process still running may yet fork."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE,
+                              psutil.STATUS_DEAD):
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.002)
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop ``proc`` and every process it started (DVC and the stage command
+    under it): SIGTERM to all, then SIGKILL to what is left after
+    ``grace_s``. The children stay in the caller's process group, so Ctrl-C
+    in a terminal still reaches them directly, as it always did.
+
+    The tree is frozen first (SIGSTOP, parent before children, each one's
+    children listed once it is stopped), so a process cannot start a child
+    between being listed and being stopped: DVC starting the stage command at
+    the moment of a timeout used to leave that command running, orphaned.
+    SIGSTOP is delivered asynchronously, so each process's children are
+    listed only once the kernel shows it stopped: a shell (dash) forking the
+    stage command just as it was sent SIGSTOP left the command orphaned."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        return
+    procs, seen, todo = [], set(), [root]
+    while todo:
+        p = todo.pop()
+        if p.pid in seen:
+            continue
+        seen.add(p.pid)
+        try:
+            p.suspend()
+            procs.append(p)
+            _until_stopped(p)
+            todo += p.children()
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+            p.resume()   # the SIGTERM is delivered once it runs again
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    proc.poll()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from shrinkflow.bootstrap import (OFFLINE_ENV, STAGE_OWNER_ENV, STAGE_RAN_ENV, configure_env,  # noqa: F401
                                   owner_token)
+from shrinkflow.detached import stop_tree  # noqa: F401  (callers import it from here)
 from shrinkflow.projectlock import held_fds
 
 # A stage is stopped after this long (seconds; the default teacher trains in
@@ -342,68 +343,6 @@ def what_dvc_did(changed: bool, forced: bool, ran: bool) -> str:
     return "restored" if changed or forced else "skipped"
 
 
-def _until_stopped(p, timeout_s: float = 2.0) -> None:
-    """Wait until psutil process ``p``, just sent SIGSTOP, is stopped (or
-    gone), at most ``timeout_s``: a process still running may yet fork."""
-    import psutil
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE,
-                              psutil.STATUS_DEAD):
-                return
-        except psutil.NoSuchProcess:
-            return
-        time.sleep(0.002)
-
-
-def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop ``proc`` and every process it started (DVC and the stage command
-    under it): SIGTERM to all, then SIGKILL to what is left after
-    ``grace_s``. The children stay in the caller's process group, so Ctrl-C
-    in a terminal still reaches them directly, as it always did.
-
-    The tree is frozen first (SIGSTOP, parent before children, each one's
-    children listed once it is stopped), so a process cannot start a child
-    between being listed and being stopped: DVC starting the stage command at
-    the moment of a timeout used to leave that command running, orphaned.
-    SIGSTOP is delivered asynchronously, so each process's children are
-    listed only once the kernel shows it stopped: a shell (dash) forking the
-    stage command just as it was sent SIGSTOP left the command orphaned."""
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-    except psutil.NoSuchProcess:
-        return
-    procs, seen, todo = [], set(), [root]
-    while todo:
-        p = todo.pop()
-        if p.pid in seen:
-            continue
-        seen.add(p.pid)
-        try:
-            p.suspend()
-            procs.append(p)
-            _until_stopped(p)
-            todo += p.children()
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs:
-        try:
-            p.terminate()
-            p.resume()   # the SIGTERM is delivered once it runs again
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    proc.poll()
 
 
 def repair_torn_rwlock(project_dir: Path | str) -> str | None:
