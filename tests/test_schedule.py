@@ -478,10 +478,14 @@ def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
         api = next(m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out) if m)
         assert httpx.get(f"{api}/flow_runs/{running[0]}", timeout=10).json()["state_type"] == "CRASHED"
     finally:
-        proc.send_signal(signal.SIGTERM)   # stops the catch-up run and its stage too
-        proc.wait(timeout=90)
-        for p in stage_commands():
+        # killed outright too: its tied catch-up run and that run's stage end with it. (A SIGTERM here took
+        # over 90 s to end `schedule` in one suite run while the catch-up run's stage ran: see docs/operations.md.)
+        proc.kill()
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(stage_commands(), timeout=45)
+        for p in alive:
             p.kill()
+        assert not alive, "the catch-up run's stage outlived its killed scheduler"
 
 
 # ------------------------------------------------- schedule and team up
