@@ -49,11 +49,8 @@ def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: 
         with project_lock(project_dir, "the shrinkflow-lifecycle flow", wait_s=wait_for_project_s,
                           on_wait=print):
             return _lifecycle(project_dir, keep_production_copy, revalidate)
-    except ProjectBusy as exc:
-        state = refused_state(exc)   # a scheduled run: Failed with the reason, no traceback
-        if state is None:
-            raise
-        return state
+    except ProjectBusy as exc:   # a scheduled run: Failed with the reason, no traceback; else raised
+        return refused_state(exc)
 
 
 def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: bool = False) -> dict:

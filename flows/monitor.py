@@ -42,11 +42,8 @@ def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0)
         with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,
                           on_wait=print):
             return _monitor(project_dir, act)
-    except ProjectBusy as exc:
-        state = refused_state(exc)   # a scheduled run: Failed with the reason, no traceback
-        if state is None:
-            raise
-        return state
+    except ProjectBusy as exc:   # a scheduled run: Failed with the reason, no traceback; else raised
+        return refused_state(exc)
 
 
 def _monitor(project_dir: str, act: bool = True) -> dict:

@@ -69,18 +69,21 @@ _TIED: list[int] = []   # the scheduler this process's watchdog watches, once st
 
 def _stop_children() -> None:
     """Stop every process this one started, each with its own children
-    (``shrinkflow.detached.stop_tree``: frozen, SIGTERM, SIGKILL after 10
-    s), one tree after another."""
-    from types import SimpleNamespace
-
+    (``shrinkflow.detached.stop_pid_tree``: frozen, SIGTERM, SIGKILL after
+    10 s), one tree after another. Never raises: the watchdog goes on to
+    end the process."""
     import psutil
 
-    from shrinkflow.detached import stop_tree
+    from shrinkflow.detached import stop_pid_tree
 
-    for child in psutil.Process().children():
-        try:   # stop_tree reads a Popen's pid, and polls it to reap it (its owner's Popen reaps these)
-            stop_tree(SimpleNamespace(pid=child.pid, poll=lambda: None))
-        except Exception:  # noqa: BLE001 - the watchdog must go on to end the process
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            stop_pid_tree(child.pid)
+        except Exception:  # noqa: BLE001 - one tree that cannot be stopped does not keep the others
             pass
 
 
@@ -91,7 +94,7 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
     stop its runs), interrupt this process as Ctrl-C would (SIGINT, so a
     blocking call returns: KeyboardInterrupt unwinds the flow, which frees
     the project lock), stop every process it started (a stage's DVC tree:
-    ``shrinkflow.detached.stop_tree``, within 15 s; the interrupt reaches only
+    ``shrinkflow.detached.stop_pid_tree``, within 15 s; the interrupt reaches only
     the main thread, and a task's thread reads the stage), and end it
     outright ``grace_s`` seconds later if it is still running: Prefect's engine then retries
     reporting the crash to an API that, for the local server, died with
@@ -120,19 +123,15 @@ def tie_to_scheduler(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
                   file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
-        # To the main thread itself: a process-directed signal may land on
-        # another thread, and the main thread's blocking call then goes on
-        # (seen once in the suite: no KeyboardInterrupt).
+        # To the main thread itself, whose blocking call it must interrupt
+        # (a process-directed signal may be delivered to any thread).
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         # The interrupt reaches the main thread only: a stage's `dvc repro`
         # read by a task's worker thread went on, holding the project (a
         # helper's finding: 2.5 minutes). Every process this run started is
         # stopped here, as a stage timeout stops one.
         time.sleep(min(2.0, grace_s))
-        try:
-            _stop_children()
-        except Exception:  # noqa: BLE001 - the process is ended below whatever happens here
-            pass
+        _stop_children()
         time.sleep(max(0.0, grace_s - 2.0))
         os._exit(130)
 
@@ -146,15 +145,15 @@ def refused_state(exc: BaseException):
     wait (``ProjectBusy``): a Failed state carrying the reason, for the flow
     to return, so the run ends Failed with that message and no traceback
     (Prefect logged the exception's whole traceback, twice, for what is an
-    expected refusal: a helper's finding). Returns None for any other run
-    (``shrinkflow run`` or ``monitor`` by hand, a subflow): the flow then
-    raises as before, and the CLI exits 2 with the reason."""
+    expected refusal: a helper's finding). Any other run (``shrinkflow
+    run`` or ``monitor`` by hand, a subflow): ``exc`` is raised again, as
+    before, and the CLI exits 2 with the reason."""
     from prefect.context import FlowRunContext
     from prefect.states import Failed
 
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
-        return None
+        raise exc
     print(f"refused: {exc}")
     return Failed(message=f"refused: {exc}")
 

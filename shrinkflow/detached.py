@@ -172,7 +172,13 @@ def _until_stopped(p, timeout_s: float = 2.0) -> None:
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop ``proc`` and every process it started (DVC and the stage command
+    """``stop_pid_tree(proc.pid, grace_s)``, then reap ``proc``."""
+    stop_pid_tree(proc.pid, grace_s)
+    proc.poll()
+
+
+def stop_pid_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Stop process ``pid`` and every process it started (DVC and the stage command
     under it): SIGTERM to all, then SIGKILL to what is left after
     ``grace_s``. The children stay in the caller's process group, so Ctrl-C
     in a terminal still reaches them directly, as it always did.
@@ -187,7 +193,7 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     import psutil
 
     try:
-        root = psutil.Process(proc.pid)
+        root = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return
     procs, seen, todo = [], set(), [root]
@@ -216,4 +222,3 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    proc.poll()

@@ -42,9 +42,11 @@ class ProjectBusy(RuntimeError):
     and since when)."""
 
 
-def _paths(root: Path | str) -> tuple[Path, Path]:
+def _paths(root: Path | str, name: str = "project") -> tuple[Path, Path]:
+    """The lock file ``<name>.lock`` under the project's state folder, and
+    its record beside it."""
     state = Path(root) / STATE
-    return (state / "project.lock").resolve(), state / "project.lock.json"
+    return (state / f"{name}.lock").resolve(), state / f"{name}.lock.json"
 
 
 def _write_record(record: Path, **fields) -> None:
@@ -165,11 +167,10 @@ def hold_scheduler(root: Path | str, command: str = "shrinkflow schedule") -> No
     finding). Raises ProjectBusy naming the holder."""
     from filelock import FileLock, Timeout
 
-    state = Path(root) / STATE
-    path, record = (state / "schedule.lock").resolve(), state / "schedule.lock.json"
+    path, record = _paths(root, "schedule")
     if _SCHEDULER:
         return
-    state.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path, timeout=0, thread_local=False)
     try:
         lock.acquire()
@@ -189,8 +190,7 @@ def scheduler_holder(root: Path | str) -> str | None:
     the lock for a moment when it is free."""
     from filelock import FileLock, Timeout
 
-    state = Path(root) / STATE
-    path, record = (state / "schedule.lock").resolve(), state / "schedule.lock.json"
+    path, record = _paths(root, "schedule")
     if _SCHEDULER or not path.exists():
         return None
     lock = FileLock(path, timeout=0, thread_local=False)

@@ -365,3 +365,37 @@ def test_rows_under_a_renumbered_integer_label_set_have_unknown_classes(tiny_tea
     reason = s.reason_not_computed("class_of_rows_under_another_label_set")
     assert reason.startswith("12 row(s) were answered under another label set of integer names (v0001: 1, 2; "
                              "served: 0, 1)")
+
+
+@pytest.mark.parametrize("served, row, other", [
+    (("0", "1"), ["1", "2"], True),                   # renumbered
+    (("-1", "0", "1"), ["0", "1", "2"], True),        # negative ids
+    (("0", "1"), ["0", "1", "2"], True),              # a class dropped
+    (("0", "1", "neutral"), ["0", "1"], True),        # the served set mixed, the row's all integers
+    (("1", "2"), [" 1", " 2"], True),                 # integers written with a space
+    (("0", "1"), ["1", "0"], False),                  # the same set in another order: by name
+    (("billing", "sales"), ["billing", "bug", "sales"], False),   # named: by name
+    (("0", "a"), ["0", "b"], False),                  # neither set all integers: by name
+    (("0", "1"), [], False),                          # no names (before schema 3): ids of the served
+])
+def test_which_rows_count_as_another_integer_label_set(served, row, other):
+    """The kind behind the renumbering finding, as a table: a row's classes
+    are unknown exactly when its set differs from the served one and either
+    is all integer names."""
+    import math
+
+    import pandas as pd
+
+    from monitoring.evidently_reports import clean_window
+
+    raw = pd.DataFrame({
+        "prediction_id": ["a"], "ts": ["t"], "model_version": ["v1"], "text": ["x"],
+        "probabilities": [[0.4, 0.6] + [0.0] * (max(len(row), 2) - 2)], "label": [1], "latency_ms": [1.0],
+        "feedback_label": [0], "feedback_ts": [None], "tokens_seen": [3], "truncated": [0], "labels": [row]})
+    w = clean_window(raw, served)
+    assert bool(w["other_label_set"][0]) is other
+    if other:
+        assert math.isnan(w["label"][0]) and math.isnan(w["feedback"][0])
+    else:   # read by the row's own names (or, with none, as ids of the served labels)
+        name = row[1] if row else served[1]
+        assert w["label"][0] == served.index(name) if name in served else math.isnan(w["label"][0])
