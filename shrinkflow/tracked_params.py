@@ -217,6 +217,22 @@ def _document_end(text: str) -> str:
     return ""
 
 
+def _document_start(text: str) -> str:
+    """The lines of ``text`` (LF lines) up to and including its
+    directives-end marker ``---`` (with the comments, blank lines and ``%``
+    directives before it, as written), when that marker comes before any
+    content; "" otherwise. ``ruamel.yaml``'s round trip drops them, and
+    garbles a comment on the ``---`` line (a helper's finding)."""
+    lines = text.splitlines(keepends=True)
+    for i, raw in enumerate(lines):
+        line = raw.strip()
+        if line == "---" or (line.startswith("---") and line[3:4].isspace()):
+            return "".join(lines[:i + 1]) if lines[i].endswith("\n") else "".join(lines[:i + 1]) + "\n"
+        if line and not line.startswith("#") and not raw.startswith("%"):
+            return ""
+    return ""
+
+
 def fill_missing(text: str, path: Path | str = PARAMS_FILE,
                  tracked: dict[str, tuple[str, ...]] | None = None) -> tuple[str, dict[str, object]]:
     """``text`` (a params file) with every key of ``tracked`` it lacks
@@ -227,7 +243,8 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
     that is null, keys a merge ``<<`` brought), the file is rewritten by
     ``ruamel.yaml``'s round trip instead: comments, values, the line ending
     and a final ``...`` are kept, each added key has its comment line above
-    it, a final ``...`` and the comments after it are kept as written, but
+    it, a leading ``---`` (with the directives and comments before it) and
+    a final ``...`` (with the comments after it) are kept as written, but
     the layout may change (a flow mapping written as a block).
 
     Unchanged, with ``{}``, when nothing is missing. Raises ParamsError when
@@ -263,7 +280,8 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
     # their \r) and writes the file's own line ending and document end back.
     crlf = "\r\n" in text
     lf_text = text.replace("\r\n", "\n")
-    doc = _yaml().load(lf_text)
+    start = _document_start(lf_text)
+    doc = _yaml().load(lf_text[len(start):])
     if doc is None:
         doc = CommentedMap()
     for key, value in values.items():
@@ -277,7 +295,7 @@ def fill_missing(text: str, path: Path | str = PARAMS_FILE,
         if isinstance(node, CommentedMap):
             node.fa.set_block_style()
             node.yaml_set_comment_before_after_key(leaf, before=FILLED_COMMENT, indent=2 * len(parents))
-    filled = _dump(doc) + _document_end(lf_text)
+    filled = start + _dump(doc) + _document_end(lf_text)
     if crlf:
         filled = filled.replace("\n", "\r\n")
     if not same(filled):

@@ -267,3 +267,25 @@ def test_the_round_trip_keeps_what_follows_the_document_end_once(ending):
     if ending.startswith("..."):
         assert filled.endswith(ending if ending.endswith("\n") else ending + "\n")
     assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
+
+
+@pytest.mark.parametrize("start", [
+    "---\n",                                             # a helper's finding: dropped
+    "%YAML 1.2\n---\n",                                  # the directive and the marker dropped
+    "# a header comment\n%YAML 1.2\n---\n",             # the comment too
+    "--- # on the marker's line\n",                    # garbled into an indented comment
+    "\n# a comment, then a blank line\n\n---\n",
+    "",                                                  # none: nothing is added
+])
+def test_the_round_trip_keeps_what_precedes_the_document_start_once(start):
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    begin, end = original.index("\ndata:\n") + 1, original.index("\ntrain:")
+    text = start + original[:begin] + "data: {seed: 3}\n" + original[end:]
+    filled, values = fill_missing(text, "start.yaml", tracked_params(DVC_YAML))
+    assert "data.feedback_heldout_fraction" in values   # the round trip was taken
+    assert filled.startswith(start + original[:original.index("\n") + 1]), filled[:300]
+    for line in start.splitlines():
+        if "#" in line:
+            assert filled.count(line.split("#", 1)[1]) == 1, filled[:300]
+    assert filled.count("---") == start.count("---")
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
