@@ -1042,8 +1042,11 @@ def schedule(ctx: typer.Context,
             for line in crash_lost_runs(client, served, why="it ended with the `shrinkflow schedule` that ran it "
                                                             "and could not report its end") if server else ():
                 typer.echo(line)
-            for line in thin_missed_runs(client, served, why="no `shrinkflow schedule` served it",
-                                         parameters=parameters):
+            # "busy": an earlier session serving at capacity (one run at a time) skips nothing, but
+            # a run due while another ran waits Late too (a helper's finding: "no schedule served it").
+            for line in thin_missed_runs(client, served, parameters=parameters,
+                                         why="no `shrinkflow schedule` started it (none served it, "
+                                             "or it was busy with an earlier run)"):
                 typer.echo(line)
         watch = ScheduleWatch(api_url, served, emit=warn).start()
         os.environ[SCHEDULER_PID_ENV] = str(os.getpid())   # its runs stop when it is killed (tie_to_scheduler)

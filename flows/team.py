@@ -251,7 +251,8 @@ def skip_missed_runs(client, wait_for_project_s: float | None = None) -> list[st
     With ``wait_for_project_s``, the kept run waits that long for the
     project (this ``up``'s, not the one its run was made with). Returns a
     line per deployment thinned."""
-    return thin_missed_runs(client, [f"{flow}/{DEPLOYMENT}" for flow in FLOWS], why="no worker ran",
+    return thin_missed_runs(client, [f"{flow}/{DEPLOYMENT}" for flow in FLOWS],
+                            why="no worker started it (none ran, or it was busy with an earlier run)",
                             parameters=None if wait_for_project_s is None else
                             {"wait_for_project_s": wait_for_project_s})
 
