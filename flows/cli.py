@@ -991,7 +991,7 @@ def schedule(ctx: typer.Context,
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.prefect_server import (SCHEDULER_PID_ENV, LocalPrefectServer, ScheduleWatch, ServerLogFollower,
-                                      crash_lost_runs, thin_missed_runs)
+                                      crash_lost_runs, drain_api_logs, thin_missed_runs)
     from shrinkflow.config import cron_next_run
     from shrinkflow.schedules import interval_next_run
 
@@ -1069,6 +1069,7 @@ def schedule(ctx: typer.Context,
         if watch is not None:
             watch.stop()
         if server is not None:
+            drain_api_logs()   # while the server still takes them: no "Error logging to API" after it stops
             server.stop()
             typer.echo("stopped the local Prefect server")
         if follower is not None:

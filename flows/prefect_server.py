@@ -667,6 +667,21 @@ class ScheduleWatch:
 
 
 @contextmanager
+def drain_api_logs(timeout_s: float = 5.0) -> None:
+    """Send the log records Prefect's ``APILogWorker`` still holds, waiting
+    up to ``timeout_s`` seconds; never raises. Called before a local server
+    is stopped: the runner's last records (a run's cancellation, "Pausing
+    all deployments") were otherwise sent after it, printing "--- Error
+    logging to API --- All connection attempts failed" as ``schedule``
+    ended (a helper's finding)."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a log flush must not hide how the command ended
+        pass
+
+
 def ephemeral_api(preload):
     """Where this process would use Prefect's ephemeral API (no
     PREFECT_API_URL: Prefect's client then starts a temporary server at the

@@ -488,6 +488,66 @@ def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
         assert not alive, "the catch-up run's stage outlived its killed scheduler"
 
 
+@pytest.mark.slow  # ~25 s: a real Prefect server, a scheduled run
+def test_sigterm_of_schedule_mid_stage_ends_the_run_the_stage_and_the_server_quietly(tmp_path):
+    """SIGTERM (systemd, docker stop) to `shrinkflow schedule` alone while its
+    scheduled lifecycle runs a 5-minute DVC stage: `schedule` exits 0 within
+    a minute (about 6 s here), the stage's command and the run's process end,
+    the project is free, and the runner's last log records reach the server
+    before it stops (a helper's finding: "--- Error logging to API --- All
+    connection attempts failed" after "stopped the local Prefect server")."""
+    import psutil
+
+    from shrinkflow.projectlock import project_lock
+
+    root = bare_project(tmp_path)
+    (root / "dvc.yaml").write_text("stages:\n  fetch:\n    cmd: sleep 300 && echo done > out.txt\n"
+                                   "    outs:\n      - out.txt\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=cli_env())
+    env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
+                             "--monitor-interval", "86400"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def stage_commands() -> list:
+        return [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "sleep 300 && echo done" in " ".join(p.info["cmdline"])]
+
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not stage_commands():
+            time.sleep(1)
+            assert proc.poll() is None, "".join(out)
+        stage = stage_commands()
+        assert stage, "".join(out)
+        runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                if "prefect.engine" in " ".join(c.cmdline())]
+        assert runs
+        time.sleep(2)
+        started = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+        took = time.time() - started
+        _, alive = psutil.wait_procs(stage + runs, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        with project_lock(root, "the test"):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in stage_commands():
+            p.kill()
+    reader.join(timeout=10)
+    text = "".join(out)
+    assert rc == 0 and took < 60, (rc, took, text[-3000:])
+    assert "stopped the local Prefect server" in text and "Error logging to API" not in text, text[-3000:]
+    assert not (root / "out.txt").exists()
+
+
 # ------------------------------------------------- schedule and team up
 HOLD_SCHEDULE = """
 import sys, time
