@@ -666,7 +666,6 @@ class ScheduleWatch:
         self._stop.set()
 
 
-@contextmanager
 def drain_api_logs(timeout_s: float = 5.0) -> None:
     """Send the log records Prefect's ``APILogWorker`` still holds, waiting
     up to ``timeout_s`` seconds; never raises. Called before a local server
@@ -682,6 +681,7 @@ def drain_api_logs(timeout_s: float = 5.0) -> None:
         pass
 
 
+@contextmanager
 def ephemeral_api(preload):
     """Where this process would use Prefect's ephemeral API (no
     PREFECT_API_URL: Prefect's client then starts a temporary server at the
