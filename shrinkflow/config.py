@@ -551,6 +551,13 @@ class DistillStep(_Frozen):
     # takes the new teacher's fix. false: a retrain distils every student cold
     # from the new teacher's layers.
     warm_start_across_teachers: bool = True
+    # Quantization-aware warm re-distillation: each step's forward and
+    # backward run on the student's weights rounded to the int8 the
+    # recipe's quantize step builds (per tensor or per channel; the tables
+    # as its embedding_scales says, or fp32), the optimizer updating the
+    # float weights (straight-through estimator; Jacob et al., CVPR 2018),
+    # so the student is trained as it will serve. Needs a quantize step.
+    warm_start_quantization_aware: bool = False
 
     # The keys only a warm start reads: the candidate cache key leaves them
     # out when no warm start is used, so an ordinary run's keys do not move.
@@ -561,7 +568,7 @@ class DistillStep(_Frozen):
                                                   "warm_start_average_last", "warm_start_soup",
                                                   "warm_start_interpolation", "warm_start_max_val_drop_points",
                                                   "warm_start_max_teacher_val_drop_points",
-                                                  "warm_start_across_teachers")
+                                                  "warm_start_across_teachers", "warm_start_quantization_aware")
 
     @model_validator(mode="after")
     def _layers_increase(self) -> "DistillStep":
@@ -685,6 +692,10 @@ class Candidate(_Frozen):
         for m in set(methods):
             if methods.count(m) > 1:
                 raise ValueError(f"recipe has {methods.count(m)} {m!r} steps; at most one of each")
+        if any(s.method == "distill" and s.warm_start_quantization_aware for s in self.recipe) \
+                and "quantize" not in methods:
+            raise ValueError("distill's warm_start_quantization_aware trains against the int8 the recipe's "
+                             "quantize step builds, but this recipe has no quantize step: add one, or set it false")
         return self
 
 

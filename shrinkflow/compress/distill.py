@@ -121,11 +121,72 @@ def hidden_loss(student_hidden, teacher_hidden, mask):
     return total / n
 
 
+def int8_fake_quant(weight, per_row: bool):
+    """``weight`` (a torch tensor: a Linear's ``(out, in)`` weight or an
+    embedding table ``(rows, dim)``) rounded to the symmetric int8 grid ONNX
+    Runtime quantizes it to, and back to float: one scale ``max|w| / 127``
+    for the whole tensor, or per row (a Linear's output channel, ORT's
+    ``per_channel`` for a MatMul; a table's row, ``embedding_scales: row``);
+    values in [-127, 127] times the scale. A zero scale (an all-zero tensor or
+    row) leaves it as it is."""
+    import torch
+
+    with torch.no_grad():
+        top = weight.abs().amax(dim=1, keepdim=True) if per_row else weight.abs().max()
+        scale = torch.where(top > 0, top / 127.0, torch.ones_like(top))
+        return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+
+
+def int8_targets(student, per_channel: bool, tables: str | None) -> list[tuple[object, bool]]:
+    """The student's weights a dynamic int8 build quantizes, each with
+    whether its scales are per row (``int8_fake_quant``): every ``Linear``'s
+    weight (ONNX MatMul/Gemm; per output channel with ``per_channel``), and
+    with ``tables`` ("tensor" or "row"; None: the tables stay fp32) every
+    ``Embedding`` table."""
+    import torch
+
+    out = []
+    for module in student.modules():
+        if isinstance(module, torch.nn.Linear):
+            out.append((module.weight, per_channel))
+        elif isinstance(module, torch.nn.Embedding) and tables is not None:
+            out.append((module.weight, tables == "row"))
+    return out
+
+
+class QuantizedForward:
+    """Quantization-aware training of the weights: each step's forward and
+    backward run on the int8-rounded weights (``int8_fake_quant``) while the
+    optimizer updates the float weights they came from, the gradient taken
+    through the rounding as if it were the identity (the straight-through
+    estimator: Bengio et al., 2013; Jacob et al., "Quantization and Training
+    of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR
+    2018). Only the weights: ONNX Runtime's dynamic int8 also rounds each
+    MatMul's input per call, which this does not simulate.
+
+    Use ``swap_in()`` before the forward and ``swap_out()`` after the
+    backward, before the optimizer step. ``targets``: ``int8_targets``."""
+
+    def __init__(self, targets: list[tuple[object, bool]]):
+        self.targets, self.saved = targets, []
+
+    def swap_in(self) -> None:
+        self.saved = [w.data for w, _ in self.targets]
+        for w, per_row in self.targets:
+            w.data = int8_fake_quant(w.data, per_row)
+
+    def swap_out(self) -> None:
+        for (w, _), data in zip(self.targets, self.saved):
+            w.data = data
+        self.saved = []
+
+
 def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epochs: int,
              learning_rate: float, temperature: float, alpha_kl: float, batch_size: int,
              warmup_fraction: float, seed: int, threads: int = 2, progress: bool = True,
              log: list | None = None, desc: str = "distill", after_step=None,
-             hidden: list | None = None, hidden_weight: float = 0.0, average_last: float = 0.0):
+             hidden: list | None = None, hidden_weight: float = 0.0, average_last: float = 0.0,
+             quantized: QuantizedForward | None = None):
     """Train ``student`` on the teacher's logits ``targets`` (and hard labels).
 
     Shared by distillation and by structured pruning's recovery phase.
@@ -139,6 +200,9 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
     Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
     Generalization", UAI 2018); 0: the last step's. Raises ValueError with
     ``after_step`` (the mean of masked weights is not masked) or outside [0, 1).
+
+    ``quantized``: each step's forward and backward on the int8-rounded
+    weights (``QuantizedForward``); the student ends with its float weights.
     """
     import torch
     from tqdm.auto import tqdm
@@ -173,12 +237,16 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
         for idx in length_grouped_batches(lengths, batch_size, 50, rng):
             ids, mask = _pad([seqs[i] for i in idx])
             match = hidden_weight > 0 and bool(hidden)
+            if quantized is not None:
+                quantized.swap_in()
             out = student(input_ids=ids, attention_mask=mask, output_hidden_states=match)
             loss = distill_loss(out.logits, targets[idx], y[idx], temperature, alpha_kl)
             if match:
                 loss = loss + hidden_weight * hidden_loss(out.hidden_states, _pad_hidden(hidden, idx, ids.shape[1]),
                                                           mask)
             loss.backward()
+            if quantized is not None:
+                quantized.swap_out()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -221,7 +289,7 @@ def warm_alpha_kl(step: DistillStep) -> float:
 
 def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillStep, threads: int = 2,
             progress: bool = True, log: list | None = None, targets: np.ndarray | None = None,
-            hidden: list | None = None, student=None):
+            hidden: list | None = None, student=None, int8: dict | None = None):
     """Return a student distilled from ``teacher`` on pre-tokenized ``seqs``.
 
     Teacher outputs (logits, and the layer outputs hidden-state matching
@@ -232,6 +300,12 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
     ``student``: a warm start (shrinkflow.compress.warm.warm_student), trained
     for ``step.warm_start_epochs`` instead of a new student of
     ``step.layers`` trained for ``step.epochs``.
+
+    ``int8``: with a warm start and ``step.warm_start_quantization_aware``,
+    the int8 the recipe's quantize step builds (``{"per_channel": bool,
+    "tables": "tensor" | "row" | None}``): the re-distillation trains on
+    weights rounded that way (``QuantizedForward``). Raises ValueError when
+    the step asks for it and ``int8`` is None.
     """
     import torch
 
@@ -247,13 +321,18 @@ def distill(teacher, seqs: list[list[int]], labels: np.ndarray, step: DistillSte
     if not warm:
         student = make_student(teacher, step.layers)
     teacher.eval()
+    quantized = None
+    if warm and step.warm_start_quantization_aware:
+        if int8 is None:
+            raise ValueError("warm_start_quantization_aware: the recipe has no quantize step to train against")
+        quantized = QuantizedForward(int8_targets(student, int8["per_channel"], int8["tables"]))
     kd_train(student, seqs, targets, labels, epochs=step.warm_start_epochs if warm else step.epochs,
              learning_rate=warm_learning_rate(step) if warm else step.learning_rate,
              temperature=step.temperature, alpha_kl=warm_alpha_kl(step) if warm else step.alpha_kl,
              batch_size=step.batch_size,
              warmup_fraction=step.warmup_fraction, seed=step.seed, threads=threads, progress=progress,
              log=log, desc=f"distill {list(step.layers)}", hidden=hidden, hidden_weight=step.hidden_weight,
-             average_last=step.warm_start_average_last if warm else 0.0)
+             average_last=step.warm_start_average_last if warm else 0.0, quantized=quantized)
     print(f"distill: {len(step.layers)}-layer student{' (warm start)' if warm else ''} in "
           f"{time.perf_counter() - t0:.0f}s")
     return student

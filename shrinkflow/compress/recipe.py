@@ -16,7 +16,7 @@ import numpy as np
 
 from shrinkflow.arch import check_step, family
 from shrinkflow.compress.export import export_onnx, fuse_transformer_graph
-from shrinkflow.compress.steps import Build, method_of
+from shrinkflow.compress.steps import Build, int8_of, method_of
 from shrinkflow.compress.warm import recipe_record
 # Public here too: callers calibrate and compare on the same texts a build does.
 from shrinkflow.compress.texts import calibration_feeds, calibration_texts, window_texts  # noqa: F401
@@ -66,7 +66,8 @@ def transform_torch(model, tokenizer_json: str, candidate: Candidate, train_text
     reads text without ``train_texts`` ValueError, before any work.
     """
     build = Build(model, tokenizer_json, train_texts=train_texts, train_labels=train_labels,
-                  unlabelled_texts=unlabelled_texts, threads=threads, progress=progress)
+                  unlabelled_texts=unlabelled_texts, threads=threads, progress=progress,
+                  int8=int8_of(candidate.recipe))
     _torch_steps(build, candidate)
     return build.model, build.tokenizer_json, build.stats
 
@@ -174,7 +175,7 @@ def apply_recipe(teacher_dir: Path, candidate: Candidate, out_dir: Path, opset: 
                       threads=threads, progress=progress, max_seq_len=max_seq_len, candidate=candidate.name,
                       teacher_hash=teacher_hash, teacher_cache=teacher_cache, warm_start=warm_start,
                       student_dir=student_dir, val_texts=val_texts, val_labels=val_labels,
-                      prediction_cache=prediction_cache)
+                      prediction_cache=prediction_cache, int8=int8_of(candidate.recipe))
         check_recipe(family(build.model).model_type, candidate, build.train_texts is not None)
         start = 0
         if len(candidate.recipe) > 1 and candidate.recipe[0].method == "distill":

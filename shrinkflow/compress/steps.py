@@ -23,6 +23,16 @@ import numpy as np
 from shrinkflow.compress.texts import calibration_feeds, calibration_texts, encode_unpadded, window_texts
 
 
+def int8_of(recipe) -> dict | None:
+    """What the recipe's quantize step rounds, as ``distill`` trains against
+    it: ``{"per_channel": ..., "tables": "tensor" | "row" | None}`` (None:
+    the tables stay fp32); None without a quantize step."""
+    step = next((s for s in recipe if s.method == "quantize"), None)
+    if step is None:
+        return None
+    return {"per_channel": step.per_channel, "tables": step.embedding_scales if step.quantize_embeddings else None}
+
+
 @dataclass
 class Build:
     """What a candidate's steps share while it is built.
@@ -65,6 +75,9 @@ class Build:
     teacher_cache: Any = None
     warm_start: Path | None = None
     student_dir: Path | None = None
+    # The int8 the recipe's quantize step builds, for a quantization-aware
+    # distill step (``int8_of``): {"per_channel": bool, "tables": "tensor" | "row" | None}.
+    int8: dict | None = None
     # The prediction cache validate reads (shrinkflow.prediction_cache), or
     # None: a grid's built shares' val labels are read from and stored in it.
     prediction_cache: Any = None
@@ -395,7 +408,7 @@ class Distill(Method):
                 d_labels = np.concatenate([d_labels, u_targets.argmax(1)])
         student = warm_student(model, step.layers, warm) if warm is not None else None
         student = distill(model, d_seqs, d_labels, step, threads=build.threads, progress=build.progress,
-                          targets=d_targets, hidden=d_hidden or None, student=student)
+                          targets=d_targets, hidden=d_hidden or None, student=student, int8=build.int8)
         return _Member(student, len(d_seqs), len(rows) if warm is not None else 0, len(augmented),
                        len(window_variants) if warm is not None and step.warm_start_window_augment_copies else 0)
 
