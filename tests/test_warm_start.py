@@ -46,7 +46,7 @@ def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def distil(teacher_dir: Path, splits, step: DistillStep, *, window=(), warm=None, student_dir=None):
+def distil(teacher_dir: Path, splits, step: DistillStep, *, window=(), warm=None, student_dir=None, int8=None):
     """One distill step on the tiny teacher, as a build runs it; the Build."""
     from shrinkflow.compress.steps import Build, method_of
     from shrinkflow.files import content_hash, file_hashes
@@ -56,7 +56,8 @@ def distil(teacher_dir: Path, splits, step: DistillStep, *, window=(), warm=None
     build = Build(load_torch_model(teacher_dir), (teacher_dir / TOKENIZER).read_text(),
                   train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),
                   unlabelled_texts=list(window), threads=1, progress=False, candidate="student",
-                  teacher_hash=content_hash(file_hashes(teacher_dir)), warm_start=warm, student_dir=student_dir)
+                  teacher_hash=content_hash(file_hashes(teacher_dir)), warm_start=warm, student_dir=student_dir,
+                  int8=int8)
     method_of(step).apply(step, build)
     return build
 
