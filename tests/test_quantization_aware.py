@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shrinkflow.config import Candidate, DistillStep, ParamsError, QuantizeStep, VocabPruneStep, parse_params
+from shrinkflow.config import Candidate, ParamsError, QuantizeStep, VocabPruneStep, parse_params
 from tests.test_warm_start import STEP, STUDENT, distil, same_state, state
 
 
