@@ -17,8 +17,8 @@ from shrinkflow.config import load_params
 from shrinkflow.paths import PARAMS
 from shrinkflow.tracked_params import load_project_params
 from shrinkflow.projectlock import ProjectBusy, project_lock
-from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_recompress,
-                           record_retrain, unmark_interrupted)
+from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_crash,
+                           record_recompress, record_retrain, save_flow_input, unmark_interrupted)
 from tasks.retrain import production_version, window_feedback
 
 
@@ -82,13 +82,16 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
                         "first_ts": summary["window"]["first_ts"], "last_ts": summary["window"]["last_ts"],
                         "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir}
                 texts = read_recompress_corpus(project_dir, params, window)  # monitor.recompress_last_n
-                result = recompress(project_dir, texts, {**meta, "corpus_rows": len(texts)})
+                # by file: Prefect refuses flow-run parameters over 512 KiB (a window of articles)
+                result = recompress(project_dir, trigger={**meta, "corpus_rows": len(texts)},
+                                    texts_file=save_flow_input(report_dir, "recompress_texts", texts))
                 record_recompress(report_dir, {k: result[k] for k in RECORDED})
             else:
-                retrained = retrain(project_dir, window_feedback(window, summary["labels"]),
-                                    {"window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
-                                     "monitor_flow_run": run_name, "triggers": decision["triggers"],
-                                     "report_dir": report_dir})
+                pairs = window_feedback(window, summary["labels"])
+                retrained = retrain(project_dir, trigger={
+                    "window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
+                    "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir},
+                    pairs_file=save_flow_input(report_dir, "retrain_pairs", [list(p) for p in pairs]))
                 record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
         except KeyboardInterrupt:
             # Stopped by the user (Ctrl-C, SIGTERM, SIGHUP) before it moved
@@ -99,6 +102,14 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
                 unmark_interrupted(project_dir, now)
                 print(f"monitor: the {decision['action']} was interrupted before it moved production: recorded as "
                       "not acted on (the next window may act)")
+            raise
+        except Exception as exc:
+            # A crash stays acted on (a failure that repeats would re-run at every firing), but is
+            # recorded and said (a helper's finding: the trigger was spent silently for cooldown_hours).
+            record_crash(report_dir, decision["action"], exc)
+            print(f"monitor: the {decision['action']} crashed ({type(exc).__name__}: {str(exc)[:300]}); this "
+                  f"window counts as acted on, so the next run holds off for monitor.cooldown_hours "
+                  f"({params.monitor.cooldown_hours:g}); recorded in {report_dir}/decision.json")
             raise
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,

@@ -15,15 +15,25 @@ from flows.lifecycle import lifecycle
 from shrinkflow.tracked_params import load_project_params
 from shrinkflow.warmstart import warm_start_summary
 from shrinkflow.projectlock import project_lock
-from tasks.monitor import archive_window, recompress_outcome, snapshot_production, snapshot_window
+from tasks.monitor import (archive_window, load_flow_input, recompress_outcome, snapshot_production,
+                           snapshot_window)
 from tasks.warmstart import stage_warm_start
 
 
 @flow(name="shrinkflow-recompress", log_prints=True)
-def recompress(project_dir: str, texts: list[str], trigger: dict) -> dict:
-    """``texts``: the production window; ``trigger``: what asked for it (the
-    monitor run, the window's hash and the rules that fired), recorded in
-    data/unlabelled/window.json and from there in the new version's lineage."""
+def recompress(project_dir: str, texts: list[str] | None = None, trigger: dict | None = None,
+               texts_file: str | None = None) -> dict:
+    """``texts``: the production window, or ``texts_file``: a JSON file
+    holding it (what the monitor passes: Prefect refuses flow-run parameters
+    over 512 KiB, which a window of articles exceeds); ``trigger``: what
+    asked for it (the monitor run, the window's hash and the rules that
+    fired), recorded in data/unlabelled/window.json and from there in the
+    new version's lineage. Raises ValueError when neither or both are given."""
+    if (texts is None) == (texts_file is None):
+        raise ValueError("recompress: give the window's texts or texts_file, one of them")
+    if texts_file is not None:
+        texts = load_flow_input(texts_file, "recompress texts_file")
+    trigger = trigger or {}
     with project_lock(project_dir, "the shrinkflow-recompress flow"):
         return _recompress(project_dir, texts, trigger)
 

@@ -21,7 +21,7 @@ from shrinkflow.projectlock import project_lock
 from shrinkflow.retrain import teacher_rejection
 from shrinkflow.tracked_params import load_project_params
 from tasks.dvc import repro_stage_with_retries
-from tasks.monitor import clear_production
+from tasks.monitor import clear_production, load_flow_input
 from shrinkflow.warmstart import warm_start_summary
 from tasks.retrain import (append_feedback, archive_feedback, production_version, record_previous_teacher,
                            restore_after_interruption, restore_state, retrain_outcome, save_state,
@@ -30,11 +30,19 @@ from tasks.warmstart import stage_warm_start
 
 
 @flow(name="shrinkflow-retrain", log_prints=True)
-def retrain(project_dir: str, pairs: list[tuple[str, str]], trigger: dict) -> dict:
-    """``pairs``: the window's (text, label name) feedback, oldest first;
-    ``trigger``: what asked for it (the monitor run, the window's hash and
-    the rules that fired), recorded in data/feedback/retrain.json and from
-    there in the new version's lineage."""
+def retrain(project_dir: str, pairs: list[tuple[str, str]] | None = None, trigger: dict | None = None,
+            pairs_file: str | None = None) -> dict:
+    """``pairs``: the window's (text, label name) feedback, oldest first, or
+    ``pairs_file``: a JSON file holding them (what the monitor passes: Prefect
+    refuses flow-run parameters over 512 KiB); ``trigger``: what asked for it
+    (the monitor run, the window's hash and the rules that fired), recorded
+    in data/feedback/retrain.json and from there in the new version's
+    lineage. Raises ValueError when neither or both are given."""
+    if (pairs is None) == (pairs_file is None):
+        raise ValueError("retrain: give the feedback pairs or pairs_file, one of them")
+    if pairs_file is not None:
+        pairs = [tuple(p) for p in load_flow_input(pairs_file, "retrain pairs_file")]
+    trigger = trigger or {}
     # Validated once, before anything changes (a params.yaml DVC would refuse
     # leaves the feedback dataset as it was).
     params = load_project_params(project_dir)

@@ -50,6 +50,8 @@ def _row(run: Path) -> str | None:
         action_note = " (retrained teacher rejected)"
     elif rec.get("outcome") == "unchanged":  # a retrain with no new labels
         action_note = " (no new labels)"
+    elif rec.get("outcome") == "crashed":   # it raised before it could say what it did
+        action_note = html.escape(f" (crashed: {str(rec.get('error', ''))[:200]})")
     else:
         action_note = ""
     e, t, q = s.get("embedding"), s.get("teacher"), s.get("quality")

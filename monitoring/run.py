@@ -317,6 +317,49 @@ def record_retrain(report_dir: Path, outcome: dict) -> dict:
     return _record_outcome(report_dir, "retrain", outcome)
 
 
+def record_crash(report_dir: Path, action: str, exc: BaseException) -> dict:
+    """Record in this run's decision.json that the ``action`` ("recompress"
+    or "retrain") it started raised ``exc``: ``{"outcome": "crashed",
+    "error": "<type>: <message>"}`` (the message cut to 2,000 characters),
+    shown in the reports index. The verdict stays acted on (a failure that
+    repeats would otherwise re-run at every firing); a helper's finding was
+    that nothing said so. Returns the updated document."""
+    message = f"{type(exc).__name__}: {exc}"
+    return _record_outcome(report_dir, action, {"outcome": "crashed", "error": message[:2000]})
+
+
+FLOW_INPUT_DIR = "flow_inputs"
+
+
+def save_flow_input(report_dir: Path, name: str, value: list) -> str:
+    """Write ``value`` (the texts, or the (text, label) pairs, a monitor run
+    hands to the re-compression or retrain flow) to
+    ``<report_dir>/flow_inputs/<name>.json`` atomically and return its path.
+    Why: Prefect stores a flow run's parameters in its API, which refuses
+    more than 512 KiB of them, and a corpus of article-length texts is more
+    (a helper's finding: 2,001 Reuters articles, 609,329 bytes, "422 ... Flow
+    run parameters must be less than 524,288 bytes"); the flow gets the path."""
+    from shrinkflow.files import atomic_write_text
+
+    path = Path(report_dir) / FLOW_INPUT_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(value, ensure_ascii=False))
+    return str(path)
+
+
+def load_flow_input(path: str | Path, what: str) -> list:
+    """The list ``save_flow_input`` wrote at ``path``. Raises ValueError
+    naming ``what`` and the path when the file is missing, not JSON or not a
+    list."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc}") from exc
+    if not isinstance(value, list):
+        raise ValueError(f"{what}: {path} holds a {type(value).__name__}, not a list")
+    return value
+
+
 def _record_outcome(report_dir: Path, key: str, outcome: dict) -> dict:
     from shrinkflow.files import atomic_write_text
 

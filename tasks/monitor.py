@@ -191,6 +191,29 @@ def record_retrain(report_dir: str, outcome: dict) -> str:
     return md
 
 
+def record_crash(report_dir: str, action: str, exc: BaseException) -> None:
+    """That the re-compression or retrain this run started crashed, into its
+    decision.json (monitoring.run.record_crash). A plain function: it runs
+    while the flow unwinds from the exception."""
+    from monitoring.run import record_crash as _record
+
+    _record(Path(report_dir), action, exc)
+
+
+def save_flow_input(report_dir: str, name: str, value: list) -> str:
+    """monitoring.run.save_flow_input: the path the flow reads ``value`` from."""
+    from monitoring.run import save_flow_input as _save
+
+    return _save(Path(report_dir), name, value)
+
+
+def load_flow_input(path: str, what: str) -> list:
+    """monitoring.run.load_flow_input."""
+    from monitoring.run import load_flow_input as _load
+
+    return _load(path, what)
+
+
 def unmark_interrupted(project_dir: str, now: datetime) -> bool:
     """The history line of the decision made at ``now`` recorded as not
     acted on (monitoring.run.unmark_acted). A plain function, not a task:

@@ -153,6 +153,49 @@ def test_the_monitor_run_records_the_re_compression_in_its_decision(tmp_path):
     assert "(nothing passed the gates)" in (tmp_path / "reports" / "index.html").read_text()
 
 
+def test_a_crashed_re_compression_is_recorded_in_the_decision_and_the_index(tmp_path):
+    """A helper's finding: the re-compression raised (Prefect refused its
+    parameters) and decision.json said nothing of it, while the window
+    counted as acted on. Now the run says it crashed, and why."""
+    from monitoring.run import record_crash
+
+    run_dir = tmp_path / "reports" / "20260101T000000_000000Z"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"created": "t", "window": {"rows": 3}}))
+    (run_dir / "decision.json").write_text(json.dumps({"action": "recompress", "acted": True, "reasons": []}))
+    doc = record_crash(run_dir, "recompress", RuntimeError("x" * 5000))
+    assert doc["recompress"]["outcome"] == "crashed" and doc["acted"] is True
+    assert doc["recompress"]["error"].startswith("RuntimeError: xxx") and len(doc["recompress"]["error"]) == 2000
+    assert "(crashed: RuntimeError: xxx" in (tmp_path / "reports" / "index.html").read_text()
+    doc = record_crash(run_dir, "retrain", ValueError("bad"))
+    assert doc["retrain"] == {"outcome": "crashed", "error": "ValueError: bad"}
+
+
+def test_the_flows_get_the_corpus_by_file_whatever_its_size(tmp_path):
+    """A helper's finding: 2,001 Reuters articles passed as flow-run
+    parameters were 609,329 bytes, and Prefect's API refuses more than
+    524,288 ("422 ... Flow run parameters must be less than 524,288 bytes"):
+    the re-compression crashed. The monitor writes the texts (and a retrain's
+    pairs) to its run directory and passes the path; they read back exactly,
+    texts with newlines, quotes and non-ASCII included."""
+    from monitoring.run import load_flow_input, save_flow_input
+
+    texts = [f"article {i}: " + "Crude oil \"prices\" rose — état\nline two. " * 12 for i in range(2001)]
+    assert len(json.dumps(texts).encode()) > 524_288
+    path = save_flow_input(tmp_path, "recompress_texts", texts)
+    assert load_flow_input(path, "texts") == texts
+    parameters = {"project_dir": str(tmp_path), "trigger": {"window_sha256": "a" * 64, "rows": 2001},
+                  "texts_file": path}
+    assert len(json.dumps(parameters).encode()) < 2_000
+    pairs = [[t, "crude"] for t in texts[:5]]
+    assert load_flow_input(save_flow_input(tmp_path, "retrain_pairs", pairs), "pairs") == pairs
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="holds a dict, not a list"):
+        load_flow_input(tmp_path / "bad.json", "recompress texts_file")
+    with pytest.raises(ValueError, match="recompress texts_file: cannot read"):
+        load_flow_input(tmp_path / "missing.json", "recompress texts_file")
+
+
 def test_the_production_copy_is_a_validate_dep_that_a_fresh_project_has_empty():
     """DVC never misses the dep (the directory is in git, with its README),
     and a default run measures no production candidate."""
