@@ -185,8 +185,8 @@ def feedback_class_id(prediction_id: str, label: int | str, stored_labels, label
         if label not in names and label.strip() in names:
             label = label.strip()   # the data stage strips label names: " tech support " is "tech support"
         if label not in names:
-            raise FeedbackLabelError(f"unknown label {label!r}: the label must be one of {names} or its index; "
-                                     f"{label!r} is not one of {where}", names)
+            raise FeedbackLabelError(f"unknown label {label!r}: the label must be one of {names} or its index "
+                                     f"(the labels of the version that answered prediction {prediction_id})", names)
         return names.index(label)
     if not names:
         return label
