@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -121,42 +122,64 @@ def hidden_loss(student_hidden, teacher_hidden, mask):
     return total / n
 
 
-def int8_fake_quant(weight, per_row: bool):
+def int8_fake_quant(weight, per_row: bool, asymmetric: bool = False):
     """``weight`` (a torch tensor: a Linear's ``(out, in)`` weight or an
-    embedding table ``(rows, dim)``) rounded to the symmetric int8 grid ONNX
-    Runtime quantizes it to, and back to float: one scale ``max|w| / 127``
-    for the whole tensor, or per row (a Linear's output channel, ORT's
-    ``per_channel`` for a MatMul; a table's row, ``embedding_scales: row``);
-    values in [-127, 127] times the scale. A zero scale (an all-zero tensor or
-    row) leaves it as it is."""
+    embedding table ``(rows, dim)``) rounded to the 8-bit grid ONNX Runtime's
+    dynamic quantization stores it on, and back to float.
+
+    Symmetric (a MatMul's weight; a table under ``embedding_scales: row``):
+    int8 in [-127, 127] times one scale ``max|w| / 127`` for the whole
+    tensor, or per row (a Linear's output channel, ORT's ``per_channel``; a
+    table's row). ``asymmetric`` (a table under ``embedding_scales:
+    tensor``: ORT quantizes a Gather's table as uint8 with a zero point, a
+    helper's finding): ``q = clip(round(w / s) + z, 0, 255)``, ``s = (max(w,
+    0) - min(w, 0)) / 255``, ``z = round(-min(w, 0) / s)``, back as ``(q -
+    z) * s`` (``onnxruntime.quantization.quant_utils.compute_scale_zp``). A
+    zero scale (an all-zero tensor or row) leaves it as it is."""
     import torch
 
     with torch.no_grad():
+        if asymmetric:
+            low = torch.clamp(weight.min(), max=0.0).double()
+            high = torch.clamp(weight.max(), min=0.0).double()
+            scale = ((high - low) / 255.0).float()
+            if scale <= 0:
+                return weight.clone()
+            zero = torch.round(-low.float() / scale)
+            q = torch.clamp(torch.round(weight / scale) + zero, 0, 255)
+            return (q - zero) * scale
         top = weight.abs().amax(dim=1, keepdim=True) if per_row else weight.abs().max()
         scale = torch.where(top > 0, top / 127.0, torch.ones_like(top))
         return torch.clamp(torch.round(weight / scale), -127, 127) * scale
 
 
-def int8_targets(student, per_channel: bool, tables: str | None) -> list[tuple[object, bool]]:
+def int8_targets(student, per_channel: bool, tables: str | None) -> list[tuple[object, bool, bool]]:
     """The student's weights a dynamic int8 build quantizes, each with
-    whether its scales are per row (``int8_fake_quant``): every ``Linear``'s
-    weight (ONNX MatMul/Gemm; per output channel with ``per_channel``), and
-    with ``tables`` ("tensor" or "row"; None: the tables stay fp32) every
-    ``Embedding`` table."""
+    ``int8_fake_quant``'s ``per_row`` and ``asymmetric``: every ``Linear``'s
+    weight (ONNX MatMul/Gemm; symmetric, per output channel with
+    ``per_channel``), and with ``tables`` every ``Embedding`` table ("tensor":
+    asymmetric uint8, one scale, as ORT's Gather quantization; "row":
+    symmetric, per row; None: the tables stay fp32). A tensor shared by two
+    modules (tied weights) is listed once, by its first module."""
     import torch
 
-    out = []
+    out, seen = [], set()
     for module in student.modules():
         if isinstance(module, torch.nn.Linear):
-            out.append((module.weight, per_channel))
+            spec = (module.weight, per_channel, False)
         elif isinstance(module, torch.nn.Embedding) and tables is not None:
-            out.append((module.weight, tables == "row"))
+            spec = (module.weight, tables == "row", tables == "tensor")
+        else:
+            continue
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out.append(spec)
     return out
 
 
 class QuantizedForward:
     """Quantization-aware training of the weights: each step's forward and
-    backward run on the int8-rounded weights (``int8_fake_quant``) while the
+    backward run on the rounded weights (``int8_fake_quant``) while the
     optimizer updates the float weights they came from, the gradient taken
     through the rounding as if it were the identity (the straight-through
     estimator: Bengio et al., 2013; Jacob et al., "Quantization and Training
@@ -164,21 +187,23 @@ class QuantizedForward:
     2018). Only the weights: ONNX Runtime's dynamic int8 also rounds each
     MatMul's input per call, which this does not simulate.
 
-    Use ``swap_in()`` before the forward and ``swap_out()`` after the
-    backward, before the optimizer step. ``targets``: ``int8_targets``."""
+    Use ``with quantized.rounded():`` around the forward and backward, before
+    the optimizer step: the float weights are back when it exits, however
+    it exits. ``targets``: ``int8_targets``."""
 
-    def __init__(self, targets: list[tuple[object, bool]]):
-        self.targets, self.saved = targets, []
+    def __init__(self, targets: list[tuple[object, bool, bool]]):
+        self.targets = targets
 
-    def swap_in(self) -> None:
-        self.saved = [w.data for w, _ in self.targets]
-        for w, per_row in self.targets:
-            w.data = int8_fake_quant(w.data, per_row)
-
-    def swap_out(self) -> None:
-        for (w, _), data in zip(self.targets, self.saved):
-            w.data = data
-        self.saved = []
+    @contextlib.contextmanager
+    def rounded(self):
+        saved = [w.data for w, _, _ in self.targets]
+        try:
+            for w, per_row, asymmetric in self.targets:
+                w.data = int8_fake_quant(w.data, per_row, asymmetric)
+            yield
+        finally:
+            for (w, _, _), data in zip(self.targets, saved):
+                w.data = data
 
 
 def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epochs: int,
@@ -237,16 +262,13 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
         for idx in length_grouped_batches(lengths, batch_size, 50, rng):
             ids, mask = _pad([seqs[i] for i in idx])
             match = hidden_weight > 0 and bool(hidden)
-            if quantized is not None:
-                quantized.swap_in()
-            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=match)
-            loss = distill_loss(out.logits, targets[idx], y[idx], temperature, alpha_kl)
-            if match:
-                loss = loss + hidden_weight * hidden_loss(out.hidden_states, _pad_hidden(hidden, idx, ids.shape[1]),
-                                                          mask)
-            loss.backward()
-            if quantized is not None:
-                quantized.swap_out()
+            with quantized.rounded() if quantized is not None else contextlib.nullcontext():
+                out = student(input_ids=ids, attention_mask=mask, output_hidden_states=match)
+                loss = distill_loss(out.logits, targets[idx], y[idx], temperature, alpha_kl)
+                if match:
+                    loss = loss + hidden_weight * hidden_loss(out.hidden_states,
+                                                              _pad_hidden(hidden, idx, ids.shape[1]), mask)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             sched.step()
