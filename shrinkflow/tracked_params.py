@@ -221,15 +221,20 @@ def _document_start(text: str) -> str:
     """The lines of ``text`` (LF lines) up to and including its
     directives-end marker ``---`` (with the comments, blank lines and ``%``
     directives before it, as written), when that marker comes before any
-    content; "" otherwise. ``ruamel.yaml``'s round trip drops them, and
-    garbles a comment on the ``---`` line (a helper's finding)."""
+    content and the marker line holds nothing but a comment; "" otherwise,
+    and when a ``%TAG`` directive is there (the body's tags need it).
+    ``ruamel.yaml``'s round trip drops them, and garbles a comment on the
+    ``---`` line (a helper's finding)."""
     lines = text.splitlines(keepends=True)
     for i, raw in enumerate(lines):
-        line = raw.strip()
-        if line == "---" or (line.startswith("---") and line[3:4].isspace()):
+        line = raw.strip().lstrip("\ufeff")   # a byte-order mark before the first line
+        if line.startswith("%TAG"):
+            return ""   # the body's tags need it: the round trip reads the whole document, as before
+        if line == "---" or (line.startswith("---") and line[3:4].isspace()
+                             and line[3:].lstrip().startswith("#")):
             return "".join(lines[:i + 1]) if lines[i].endswith("\n") else "".join(lines[:i + 1]) + "\n"
-        if line and not line.startswith("#") and not raw.startswith("%"):
-            return ""
+        if line and not line.startswith("#") and not line.startswith("%"):
+            return ""   # content first (on the marker's line too, `--- {...}`): nothing to keep apart
     return ""
 
 

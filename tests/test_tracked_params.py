@@ -289,3 +289,26 @@ def test_the_round_trip_keeps_what_precedes_the_document_start_once(start):
             assert filled.count(line.split("#", 1)[1]) == 1, filled[:300]
     assert filled.count("---") == start.count("---")
     assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
+
+
+@pytest.mark.parametrize("make", [
+    lambda body: "\ufeff---\n" + body,                                          # a byte-order mark: kept with it
+    lambda body: "%TAG !e! tag:yaml.org,2002:\n---\n" + body.replace("seed: 3", "seed: !e!int 3"),  # tag used
+    lambda body: "--- !!map # a tag on the marker\n" + body,
+    lambda body: "--- {data: {seed: 3}}\n",                                      # the document on the marker's line
+    lambda body: "--- {data: {seed: 3},\n  train: {}}\n",
+])
+def test_a_document_start_the_round_trip_cannot_keep_apart_still_fills_the_same_params(make):
+    """A helper's findings on the first version: a %TAG directive cut off
+    from the tags it defines (ParserError), and a document written on the
+    ``---`` line taken for the start (ValueError, a second mapping after
+    it): the old code filled both. They are filled again; a BOM before the
+    marker no longer hides it."""
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    begin, end = original.index("\ndata:\n") + 1, original.index("\ntrain:")
+    text = make(original[:begin] + "data: {seed: 3}\n" + original[end:])
+    filled, values = fill_missing(text, "start.yaml", tracked_params(DVC_YAML))
+    assert values
+    assert parse_params(parse_params_yaml(filled)) == parse_params(parse_params_yaml(text))
+    if text.startswith("\ufeff---\n"):
+        assert filled.startswith("\ufeff---\n# ")
