@@ -85,14 +85,12 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
                 # by file: Prefect refuses flow-run parameters over 512 KiB (a window of articles)
                 result = recompress(project_dir, trigger={**meta, "corpus_rows": len(texts)},
                                     texts_file=save_flow_input(report_dir, "recompress_texts", texts))
-                record_recompress(report_dir, {k: result[k] for k in RECORDED})
             else:
                 pairs = window_feedback(window, summary["labels"])
                 retrained = retrain(project_dir, trigger={
                     "window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
                     "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir},
                     pairs_file=save_flow_input(report_dir, "retrain_pairs", [list(p) for p in pairs]))
-                record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
         except KeyboardInterrupt:
             # Stopped by the user (Ctrl-C, SIGTERM, SIGHUP) before it moved
             # production: the verdict was not acted on, so neither the dedup
@@ -106,11 +104,20 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
         except Exception as exc:
             # A crash stays acted on (a failure that repeats would re-run at every firing), but is
             # recorded and said (a helper's finding: the trigger was spent silently for cooldown_hours).
-            record_crash(report_dir, decision["action"], exc)
+            try:
+                record_crash(report_dir, decision["action"], exc)
+                where = f"recorded in {report_dir}/decision.json"
+            except Exception as failed:  # noqa: BLE001 - the crash itself is what the command reports
+                where = f"not recorded ({type(failed).__name__}: {failed})"
             print(f"monitor: the {decision['action']} crashed ({type(exc).__name__}: {str(exc)[:300]}); this "
                   f"window counts as acted on, so the next run holds off for monitor.cooldown_hours "
-                  f"({params.monitor.cooldown_hours:g}); recorded in {report_dir}/decision.json")
+                  f"({params.monitor.cooldown_hours:g}); {where}")
             raise
+        # What it did, once it has returned (a failure to record it is not the flow's crash).
+        if result is not None:
+            record_recompress(report_dir, {k: result[k] for k in RECORDED})
+        else:
+            record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})
     return {"action": decision["action"], "reasons": decision["reasons"], "triggers": decision["triggers"],
             "acted": decision["acted"], "report_dir": report_dir, "summary": summary, "recompress": result,
             "retrain": retrained, "evidently": decision.get("evidently")}

@@ -672,13 +672,14 @@ def drain_api_logs(timeout_s: float = 5.0) -> None:
     is stopped: the runner's last records (a run's cancellation, "Pausing
     all deployments") were otherwise sent after it, printing "--- Error
     logging to API --- All connection attempts failed" as ``schedule``
-    ended (a helper's finding)."""
+    ended (a helper's finding). A Ctrl-C during it ends the drain, not the
+    caller's cleanup."""
     try:
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - a log flush must not hide how the command ended
-        pass
+    except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a log flush must not hide how the command ended,
+        pass   # nor a second Ctrl-C skip the cleanup after it (server.stop): it only cuts the drain short
 
 
 @contextmanager

@@ -41,7 +41,7 @@ def retrain(project_dir: str, pairs: list[tuple[str, str]] | None = None, trigge
     if (pairs is None) == (pairs_file is None):
         raise ValueError("retrain: give the feedback pairs or pairs_file, one of them")
     if pairs_file is not None:
-        pairs = [tuple(p) for p in load_flow_input(pairs_file, "retrain pairs_file")]
+        pairs = [tuple(p) for p in load_flow_input(pairs_file, "retrain pairs_file", pairs=True)]
     trigger = trigger or {}
     # Validated once, before anything changes (a params.yaml DVC would refuse
     # leaves the feedback dataset as it was).

@@ -324,7 +324,8 @@ def record_crash(report_dir: Path, action: str, exc: BaseException) -> dict:
     shown in the reports index. The verdict stays acted on (a failure that
     repeats would otherwise re-run at every firing); a helper's finding was
     that nothing said so. Returns the updated document."""
-    message = f"{type(exc).__name__}: {exc}"
+    # as UTF-8 can hold it (a lone surrogate in the message broke the index: a helper's finding)
+    message = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
     return _record_outcome(report_dir, action, {"outcome": "crashed", "error": message[:2000]})
 
 
@@ -347,16 +348,26 @@ def save_flow_input(report_dir: Path, name: str, value: list) -> str:
     return str(path)
 
 
-def load_flow_input(path: str | Path, what: str) -> list:
-    """The list ``save_flow_input`` wrote at ``path``. Raises ValueError
-    naming ``what`` and the path when the file is missing, not JSON or not a
-    list."""
+def load_flow_input(path: str | Path, what: str, pairs: bool = False) -> list:
+    """The list ``save_flow_input`` wrote at ``path``: texts, or with
+    ``pairs`` [text, label] pairs. Raises ValueError naming ``what`` and the
+    path when the file is missing, not JSON, not a list, or an item is not a
+    string (a pair of strings)."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{what}: cannot read {path}: {exc}") from exc
     if not isinstance(value, list):
         raise ValueError(f"{what}: {path} holds a {type(value).__name__}, not a list")
+    if pairs:
+        bad = next((i for i, p in enumerate(value) if not (isinstance(p, list) and len(p) == 2
+                                                          and all(isinstance(x, str) for x in p))), None)
+        if bad is not None:
+            raise ValueError(f"{what}: item {bad} of {path} is not a [text, label] pair of strings: "
+                             f"{value[bad]!r:.200}")
+    elif any(not isinstance(t, str) for t in value):
+        bad = next(i for i, t in enumerate(value) if not isinstance(t, str))
+        raise ValueError(f"{what}: item {bad} of {path} is not a text: {value[bad]!r:.200}")
     return value
 
 

@@ -207,11 +207,11 @@ def save_flow_input(report_dir: str, name: str, value: list) -> str:
     return _save(Path(report_dir), name, value)
 
 
-def load_flow_input(path: str, what: str) -> list:
+def load_flow_input(path: str, what: str, pairs: bool = False) -> list:
     """monitoring.run.load_flow_input."""
     from monitoring.run import load_flow_input as _load
 
-    return _load(path, what)
+    return _load(path, what, pairs)
 
 
 def unmark_interrupted(project_dir: str, now: datetime) -> bool:

@@ -169,6 +169,10 @@ def test_a_crashed_re_compression_is_recorded_in_the_decision_and_the_index(tmp_
     assert "(crashed: RuntimeError: xxx" in (tmp_path / "reports" / "index.html").read_text()
     doc = record_crash(run_dir, "retrain", ValueError("bad"))
     assert doc["retrain"] == {"outcome": "crashed", "error": "ValueError: bad"}
+    # a lone surrogate in the message (a helper's finding: the index then raised UnicodeEncodeError)
+    doc = record_crash(run_dir, "recompress", RuntimeError("half a pair \ud800 here"))
+    assert doc["recompress"]["error"] == "RuntimeError: half a pair \\ud800 here"
+    assert "half a pair" in (tmp_path / "reports" / "index.html").read_text()
 
 
 def test_the_flows_get_the_corpus_by_file_whatever_its_size(tmp_path):
@@ -188,12 +192,17 @@ def test_the_flows_get_the_corpus_by_file_whatever_its_size(tmp_path):
                   "texts_file": path}
     assert len(json.dumps(parameters).encode()) < 2_000
     pairs = [[t, "crude"] for t in texts[:5]]
-    assert load_flow_input(save_flow_input(tmp_path, "retrain_pairs", pairs), "pairs") == pairs
+    assert load_flow_input(save_flow_input(tmp_path, "retrain_pairs", pairs), "pairs", pairs=True) == pairs
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
     with pytest.raises(ValueError, match="holds a dict, not a list"):
         load_flow_input(tmp_path / "bad.json", "recompress texts_file")
     with pytest.raises(ValueError, match="recompress texts_file: cannot read"):
         load_flow_input(tmp_path / "missing.json", "recompress texts_file")
+    for value, kind in (([1, "a"], {}), (["ab"], {"pairs": True}), ([["t"]], {"pairs": True}),
+                        ([None], {"pairs": True}), ([["t", 3]], {"pairs": True})):   # a helper's findings
+        (tmp_path / "bad.json").write_text(json.dumps(value))
+        with pytest.raises(ValueError, match="item 0 of .* is not a"):
+            load_flow_input(tmp_path / "bad.json", "what", **kind)
 
 
 def test_the_production_copy_is_a_validate_dep_that_a_fresh_project_has_empty():
