@@ -344,7 +344,7 @@ print(child.pid, flush=True)
 time.sleep(600)
 """
 RUN = """
-import subprocess, sys, threading, time
+import os, subprocess, sys, threading, time
 from flows.prefect_server import tie_to_scheduler
 tied = tie_to_scheduler(poll_s=0.2, grace_s=10)
 stage = []
@@ -359,7 +359,9 @@ threading.Thread(target=task, daemon=True).start()
 try:
     while not stage:
         time.sleep(0.05)
-    open(sys.argv[1] + ".started", "w").write(f"{tied} {stage[0]}")
+    with open(sys.argv[1] + ".started.tmp", "w") as f:   # whole, or not there (the suite once read it empty)
+        f.write(f"{tied} {stage[0]}")
+    os.replace(sys.argv[1] + ".started.tmp", sys.argv[1] + ".started")
     time.sleep(600)                    # a blocking call, as a wait for the project is
 except KeyboardInterrupt:
     open(sys.argv[1], "w").write("unwound")
