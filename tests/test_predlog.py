@@ -275,7 +275,8 @@ def test_rows_carry_their_label_names_and_feedback_by_name_uses_them(new_log):
     assert log.add_feedback("p1", "sales") is False
     assert log.add_feedback("p2", "sales", labels=three) is False   # the row's own names win
     assert log.window()["feedback_label"].tolist() == [2, 3]
-    with pytest.raises(ValueError, match=r"unknown label 'outage': the label must be one of \['billing', 'bug', 'sales'\] or its index"):
+    with pytest.raises(ValueError, match=r"unknown label 'outage': the label must be one of "
+                                         r"\['billing', 'bug', 'sales'\] or its index"):
         log.add_feedback("p1", "outage")
     assert log.window()["feedback_label"].tolist() == [2, 3]   # nothing written
 
