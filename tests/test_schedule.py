@@ -409,6 +409,41 @@ def test_a_scheduled_run_unwinds_when_its_scheduler_is_killed_outright(tmp_path)
     assert plain.returncode == 0 and (tmp_path / "plain.started").read_text().startswith("False ")
 
 
+SLOW_STAGE = "sleep 300 && echo done"
+
+
+def slow_stage_project(tmp_path) -> tuple:
+    """A git and DVC project whose one stage runs for 5 minutes, and the
+    environment to serve it with a 5-second scheduler loop: (root, env)."""
+    root = bare_project(tmp_path)
+    (root / "dvc.yaml").write_text(f"stages:\n  fetch:\n    cmd: {SLOW_STAGE} > out.txt\n"
+                                   "    outs:\n      - out.txt\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=cli_env())
+    return root, {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+                  "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+
+
+def stage_commands() -> list:
+    """The processes running the slow stage's command."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and SLOW_STAGE in " ".join(p.info["cmdline"])]
+
+
+def wait_for_stage(proc, out: list[str], timeout_s: float = 180) -> list:
+    """The slow stage's processes once the scheduled run has started it;
+    fails when ``proc`` (the schedule) exits or none starts in time."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not stage_commands():
+        time.sleep(1)
+        assert proc.poll() is None, "".join(out)
+    stage = stage_commands()
+    assert stage, "".join(out)
+    return stage
+
+
 @pytest.mark.slow  # ~40 s: a real Prefect server, a scheduled run
 def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
     """The same through the real CLI, in a git and DVC project whose first
@@ -423,12 +458,7 @@ def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
 
     from shrinkflow.projectlock import project_lock
 
-    root = bare_project(tmp_path)
-    (root / "dvc.yaml").write_text("stages:\n  fetch:\n    cmd: sleep 300 && echo done > out.txt\n"
-                                   "    outs:\n      - out.txt\n")
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=cli_env())
-    env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    root, env = slow_stage_project(tmp_path)
 
     def serve() -> tuple[subprocess.Popen, list[str]]:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
@@ -438,18 +468,9 @@ def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
         threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
         return proc, out
 
-    def stage_commands() -> list:
-        return [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] and "sleep 300 && echo done" in " ".join(p.info["cmdline"])]
-
     proc, out = serve()
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not stage_commands():
-            time.sleep(1)
-            assert proc.poll() is None, "".join(out)
-        stage = stage_commands()
-        assert stage, "".join(out)
+        stage = wait_for_stage(proc, out)
         api = next(m.group(1) for m in (re.search(r"\(API (http://\S+/api)\)", x) for x in out) if m)
         running = [x["id"] for x in httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [
             "shrinkflow-lifecycle"]}}}, timeout=10).json() if x["state_type"] == "RUNNING"]
@@ -502,12 +523,7 @@ def test_sigterm_of_schedule_mid_stage_ends_the_run_the_stage_and_the_server_qui
 
     from shrinkflow.projectlock import project_lock
 
-    root = bare_project(tmp_path)
-    (root / "dvc.yaml").write_text("stages:\n  fetch:\n    cmd: sleep 300 && echo done > out.txt\n"
-                                   "    outs:\n      - out.txt\n")
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=cli_env())
-    env = {**cli_env(), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    root, env = slow_stage_project(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--interval", "5",
                              "--monitor-interval", "86400"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -515,17 +531,8 @@ def test_sigterm_of_schedule_mid_stage_ends_the_run_the_stage_and_the_server_qui
     reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
 
-    def stage_commands() -> list:
-        return [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] and "sleep 300 && echo done" in " ".join(p.info["cmdline"])]
-
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not stage_commands():
-            time.sleep(1)
-            assert proc.poll() is None, "".join(out)
-        stage = stage_commands()
-        assert stage, "".join(out)
+        stage = wait_for_stage(proc, out)
         runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
                 if "prefect.engine" in " ".join(c.cmdline())]
         assert runs
