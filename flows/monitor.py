@@ -114,7 +114,7 @@ def _monitor(project_dir: str, act: bool = True) -> dict:
                   f"({params.monitor.cooldown_hours:g}); {where}")
             raise
         # What it did, once it has returned (a failure to record it is not the flow's crash).
-        if result is not None:
+        if decision["action"] == "recompress":
             record_recompress(report_dir, {k: result[k] for k in RECORDED})
         else:
             record_retrain(report_dir, {k: retrained[k] for k in RECORDED_RETRAIN})

@@ -709,8 +709,6 @@ def ephemeral_api(preload):
         return
     from prefect.logging import get_logger
 
-    from flows.prefect_server import TemporaryPrefectServer
-
     server = TemporaryPrefectServer(Path(PREFECT_HOME_SETTING.value()) / "temporary-server.log")
     server.launch()
     log = get_logger()   # "prefect", as Prefect's own start logs it

@@ -359,15 +359,15 @@ def load_flow_input(path: str | Path, what: str, pairs: bool = False) -> list:
         raise ValueError(f"{what}: cannot read {path}: {exc}") from exc
     if not isinstance(value, list):
         raise ValueError(f"{what}: {path} holds a {type(value).__name__}, not a list")
-    if pairs:
-        bad = next((i for i, p in enumerate(value) if not (isinstance(p, list) and len(p) == 2
-                                                          and all(isinstance(x, str) for x in p))), None)
-        if bad is not None:
-            raise ValueError(f"{what}: item {bad} of {path} is not a [text, label] pair of strings: "
-                             f"{value[bad]!r:.200}")
-    elif any(not isinstance(t, str) for t in value):
-        bad = next(i for i, t in enumerate(value) if not isinstance(t, str))
-        raise ValueError(f"{what}: item {bad} of {path} is not a text: {value[bad]!r:.200}")
+    def ok(item) -> bool:
+        if pairs:
+            return isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        return isinstance(item, str)
+
+    bad = next((i for i, item in enumerate(value) if not ok(item)), None)
+    if bad is not None:
+        kind = "a [text, label] pair of strings" if pairs else "a text"
+        raise ValueError(f"{what}: item {bad} of {path} is not {kind}: {value[bad]!r:.200}")
     return value
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from shrinkflow.bootstrap import (OFFLINE_ENV, STAGE_OWNER_ENV, STAGE_RAN_ENV, configure_env,  # noqa: F401
                                   owner_token)
-from shrinkflow.detached import stop_tree  # noqa: F401  (callers import it from here)
+from shrinkflow.detached import stop_tree
 from shrinkflow.projectlock import held_fds
 
 # A stage is stopped after this long (seconds; the default teacher trains in

@@ -395,7 +395,7 @@ def test_a_tree_stopped_while_a_shell_forks_leaves_no_orphan():
     child of any survives. Without the wait, 2 of 3 runs of 20 here left one."""
     import psutil
 
-    from shrinkflow.dvcrun import stop_tree
+    from shrinkflow.detached import stop_tree
 
     left = []
     for trial in range(12):
@@ -458,7 +458,7 @@ def test_stopping_a_tree_leaves_no_child_it_was_starting(tmp_path):
     children loses every one."""
     import psutil
 
-    from shrinkflow.dvcrun import stop_tree
+    from shrinkflow.detached import stop_tree
 
     pids = tmp_path / "pids"
     parent = subprocess.Popen([sys.executable, "-c", SPAWNER, str(pids)])
