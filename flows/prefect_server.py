@@ -34,12 +34,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 from shrinkflow.bootstrap import telemetry_off
-from shrinkflow.ports import free_port  # noqa: F401  (flows and tests import it from here)
+from shrinkflow.ports import answers_200, free_port, port_is_free  # free_port: flows, tests import it here
 
 
 def tied_command(module: str, args: list[str]) -> list[str]:
@@ -163,13 +162,22 @@ class TiedServer:
     process (``tied_command``: its watchdog ends the group when the parent
     goes), its output appended to ``log_path``. Subclasses give ``name`` (for
     errors), ``command()``, ``health_url``, ``environment()`` and what
-    ``start`` returns (``started()``)."""
+    ``start`` returns (``started()``).
+
+    With no ``port`` given, the OS picks a free one at launch; another
+    process can take it before the server binds it (CI once saw a Dask
+    scheduler of a parallel test answer there). The server is ready only
+    when its health URL answers 200 *and* the socket listening on the port
+    is this server's own; when the server exits while another process holds
+    its port, it is launched again on a new one (``port_retries`` times)."""
 
     name = "the server"
+    port_retries = 3
 
     def __init__(self, log_path: Path, host: str = "127.0.0.1", port: int | None = None,
                  startup_timeout_s: float = 120.0):
         self._log_path, self.host, self.port = Path(log_path), host, port
+        self._auto_port = not port   # None or 0: the OS picks
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -197,11 +205,30 @@ class TiedServer:
         return self.url
 
     def healthy(self) -> bool:
+        """Whether ``health_url`` answers 200 now. Whatever else answers
+        (no server, an error status, a server that does not speak HTTP, as a
+        Dask scheduler on the port does) is False, never an exception."""
+        return answers_200(self.health_url, timeout_s=2)
+
+    def listens_here(self) -> bool:
+        """Whether the socket listening on ``port`` belongs to this server's
+        process or one of its children (True when the OS does not say)."""
+        import psutil
+
         try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as r:
-                return r.status == 200
-        except OSError:
+            root = psutil.Process(self.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                           for c in proc.net_connections(kind="inet")):
+                        return True
+                except psutil.NoSuchProcess:
+                    continue
+        except psutil.NoSuchProcess:
             return False
+        except psutil.AccessDenied:
+            return True
+        return False
 
     def start(self) -> str:
         """Start the server and wait until ``health_url`` answers 200;
@@ -215,6 +242,10 @@ class TiedServer:
         waits for it). Its stop is registered at exit."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
+        self._retries_left = self.port_retries if self._auto_port else 0
+        self._spawn()
+
+    def _spawn(self) -> None:
         log = open(self.log_path, "ab")
         # Its own process group: Ctrl-C reaches the CLI, which stops what it
         # runs first and then the whole server group, in that order.
@@ -228,13 +259,24 @@ class TiedServer:
         """Wait until the launched server's ``health_url`` answers 200, at
         most ``startup_timeout_s`` from its launch; returns ``started()``.
         Raises RuntimeError (with the log's tail, the server stopped) when it
-        exits or does not answer in time."""
+        exits or does not answer in time. A server that exits because another
+        process took its OS-picked port is launched again on a new one (see
+        the class)."""
         deadline = self._launched + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
+                if self._retries_left > 0 and not port_is_free(self.host, self.port):
+                    taken, self._retries_left = self.port, self._retries_left - 1
+                    self.port = free_port(self.host)
+                    with open(self.log_path, "a") as log:
+                        log.write(f"shrinkflow: another process took port {taken} before {self.name} bound it; "
+                                  f"starting it again on port {self.port}\n")
+                    self._spawn()
+                    deadline = self._launched + self.startup_timeout_s
+                    continue
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
                                    f"log {self.log_path}:\n{self._tail()}")
-            if self.healthy():
+            if self.healthy() and self.listens_here():
                 return self.started()
             if time.monotonic() >= deadline:
                 break

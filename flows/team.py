@@ -56,7 +56,7 @@ from shrinkflow.detached import Detached, kill_group
 from shrinkflow.files import read_json, write_json
 from shrinkflow.paths import STATE
 from shrinkflow.pgcluster import PgCluster
-from shrinkflow.ports import free_port, port_is_free
+from shrinkflow.ports import answers_200, free_port, port_is_free
 from shrinkflow.schedules import INTERVAL_ANCHOR_ISO, interval_next_run
 
 # Not in shrinkflow/paths.py on purpose: no DVC stage reads it, and every
@@ -182,13 +182,7 @@ def _client(api_url: str):
 def _healthy(api_url: str, timeout_s: float = 3.0, route: str = "health") -> bool:
     """Whether the API answers 200 on ``route``: ``health`` (the server
     process answers) or ``ready`` (and its database does too)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url}/{route}", timeout=timeout_s) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    return answers_200(f"{api_url}/{route}", timeout_s)
 
 
 def _ready(api_url: str, timeout_s: float = 3.0) -> bool:

@@ -190,20 +190,33 @@ class PgCluster:
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the server on ``port`` (None: the last start's when it is
         free, else a free one) and wait until it accepts connections. A
-        no-op when it is running. Raises PgClusterError (not initialised,
-        the port taken, the server failing to start: with its log's tail)."""
+        no-op when it is running. A port it picked that another process
+        takes before the server binds it is replaced by another (3 times).
+        Raises PgClusterError (not initialised, the port given taken, the
+        server failing to start: with its log's tail)."""
         if not self.initialized():
             raise PgClusterError(f"no PostgreSQL cluster in {self.root}: call init() first")
         if self.running():
             return
+        retries = 0
         if self.port is None:
             last = self._last_port()
             self.port = last if last is not None and port_is_free(self.host, last) else free_port(self.host)
-        self._port_file.write_text(f"{self.port}\n")
-        proc = self._run([server_binary("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
-                          "-t", str(int(timeout_s)), "-o", f"-p {int(self.port)}", "start"], "start",
-                         timeout_s + 30)
-        self._check(proc, "start")
+            retries = 3
+        while True:
+            self._port_file.write_text(f"{self.port}\n")
+            proc = self._run([server_binary("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
+                              "-t", str(int(timeout_s)), "-o", f"-p {int(self.port)}", "start"], "start",
+                             timeout_s + 30)
+            # A port this call picked, taken by another process before the
+            # server bound it (a race with every other program on the host):
+            # pick another. A port the caller named stays an error.
+            if proc.returncode != 0 and retries and not self.running() and not port_is_free(self.host, self.port):
+                retries -= 1
+                self.port = free_port(self.host)
+                continue
+            self._check(proc, "start")
+            return
 
     def stop(self, mode: str = "fast", timeout_s: float = 60.0) -> None:
         """Stop the server: ``mode`` fast (the default: roll back open

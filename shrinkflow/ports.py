@@ -25,3 +25,19 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def answers_200(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``GET url`` answers with status 200 within ``timeout_s``
+    seconds. Anything else is False, never an exception: nothing listening,
+    a timeout, an error status, a malformed URL, or a server on the port that
+    does not speak HTTP (CI once met a Dask scheduler on a port picked for a
+    Prefect server: http.client raised BadStatusLine)."""
+    import urllib.request
+    from http.client import HTTPException
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except (OSError, HTTPException, ValueError):
+        return False

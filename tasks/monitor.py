@@ -65,13 +65,9 @@ def reports_link_base(url: str, timeout_s: float = 2.0) -> str | None:
     """``<url>/reports`` when a server answers ``GET <url>/health`` with 200
     (``shrinkflow serve`` serves the reports there), else None: the
     artifact then links the report files on disk (file:// URIs)."""
-    import urllib.request
+    from shrinkflow.ports import answers_200
 
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
-            return f"{url}/reports" if r.status == 200 else None
-    except (OSError, ValueError):
-        return None
+    return f"{url}/reports" if answers_200(f"{url}/health", timeout_s) else None
 
 
 @task(name="publish-monitor-report", cache_policy=NO_CACHE)

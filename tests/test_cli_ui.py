@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.prefect_server import free_port
+from tests.netports import free_port
 from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, terminate_group, wait_for_line
 
 CHROMIUM = "/usr/bin/chromium"

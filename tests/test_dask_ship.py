@@ -64,7 +64,7 @@ def dask_cluster(tmp_path_factory, prefect_api):
     pytest's temporary directories are hidden from them)."""
     from distributed import Client
 
-    from shrinkflow.ports import free_port
+    from tests.netports import free_port
 
     base = Path(tempfile.mkdtemp(prefix="shrinkflow-dask-"))  # outside pytest's tree: the workers see it
     hidden = tmp_path_factory.getbasetemp()
@@ -316,7 +316,7 @@ def test_shipped_files_are_checked_both_ways(tmp_path, tiny_teacher_dir, small_s
 
 
 def test_an_unreachable_scheduler_is_one_clear_line(tmp_path, tiny_teacher_dir, small_splits, capsys):
-    from shrinkflow.ports import free_port
+    from tests.netports import free_port
     from shrinkflow.paths import CANDIDATES
     from stages.common import run_stage
     from stages.compress import compress as stage

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.prefect_server import free_port
+from tests.netports import free_port
 from monitoring.policy import agreement_floor
 from tests.conftest import PROJECT_ROOT, bare_project, chromium_dom, terminate_group, wait_for_line
 from tests.test_monitor_robust import cli_project, monitor_cli, only_run, project, served_rows  # noqa: F401

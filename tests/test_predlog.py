@@ -346,7 +346,7 @@ def test_a_postgresql_log_that_is_down_raises_prediction_log_error_from_every_me
     (``unavailable``: the server's 503), never a bare psycopg error."""
     import psycopg
 
-    from shrinkflow.pgcluster import free_port
+    from tests.netports import free_port
     from shrinkflow.predlog_postgres import PostgresPredictionLog
 
     url = f"postgresql://shrinkflow@127.0.0.1:{free_port()}/shrinkflow"

@@ -37,6 +37,7 @@ from shrinkflow.paths import FEEDBACK_ARCHIVE, WINDOWS_ARCHIVE
 from shrinkflow.remote import (SSH_CONNECT_TIMEOUT_S, RemoteError, SshRemote, archive, check_ssh_url,
                                default_remote, probe_remote, push, redact_url, ssh_remote)
 from tests.conftest import PROJECT_ROOT
+from tests.netports import free_port
 
 # A real server per module: in the full suite (CI), not in the quick `-m "not slow"` run.
 pytestmark = pytest.mark.slow
@@ -77,12 +78,6 @@ def test_the_key_goes_only_to_config_local_and_the_remote_becomes_the_default(tm
 
 
 # ------------------------------------------------------------ a real sshd
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _keygen(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True,
                    capture_output=True, timeout=30)
@@ -94,7 +89,7 @@ class Sshd:
     login only, as the user running the tests, with keys made here."""
 
     def __init__(self, root: Path):
-        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
+        self.root, self.port, self.user = root, free_port(), getpass.getuser()
         self.client_key = _keygen(root / "client_key")
         host_key = _keygen(root / "host_key")
         authorized = root / "authorized_keys"

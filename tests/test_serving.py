@@ -24,20 +24,13 @@ from shrinkflow.gates import evaluate_gates
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
 from tests.conftest import PROJECT_ROOT
+from tests.netports import free_port
 from tests.registry_outputs import deploy_record
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PASS = evaluate_gates("c", {"accuracy": 0.85, "latency_ms_p95_b1": 1.0, "size_mb": 1.0},
                       {"accuracy": 0.85, "latency_ms_p95_b1": 10.0, "size_mb": 90.0}, Gates())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def record(name: str) -> dict:

@@ -39,7 +39,7 @@ from shrinkflow.config import Candidate, Gates, ParamsError, load_params
 from shrinkflow.errors import ExitCode, IntegrityError
 from shrinkflow.files import file_hashes
 from shrinkflow.gates import evaluate_gates
-from shrinkflow.ports import free_port
+from tests.netports import free_port
 from shrinkflow.registry import Registry
 from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryDiverged,
                                         SharedRegistryError, STALE_UPLOAD_S, VersionRefused, publish_project)
