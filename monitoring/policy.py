@@ -268,6 +268,9 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
                f"{summary.teacher_unavailable}; not acting"
     elif w.rows < params.min_window_rows:
         held = f"window of {w.rows} rows is below min_window_rows {params.min_window_rows}: not acting"
+        if params.window_last_n < params.min_window_rows:
+            held += (f" (window_last_n {params.window_last_n} reads fewer rows than that: no window can act "
+                     "until one of them changes)")
     elif not retrain and w.distill_texts is not None and (w.distill_texts == 0 or not w.heldout_texts):
         held = (f"{_counted(w)[0]} {w.distill_texts + (w.heldout_texts or 0)} distinct texts split into "
                 f"{w.distill_texts} for distillation and {w.heldout_texts or 0} held out: a re-compression needs "
@@ -275,6 +278,9 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     elif not retrain and w.distill_texts is not None and w.distill_texts < params.min_recompress_rows:
         held = (f"{_counted(w)[1]} {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
                 f"{params.min_recompress_rows}: too few to re-distil from; not acting")
+        if params.window_last_n < params.min_recompress_rows:
+            held += (f" (window_last_n {params.window_last_n} reads fewer rows than that: no window can be "
+                     "re-compressed until one of them changes)")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:

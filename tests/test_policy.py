@@ -182,6 +182,25 @@ def test_recompress_needs_min_recompress_rows_texts_to_distil_from(distill, acti
         assert "re-compress from the kept teacher" in d.reasons[0]
 
 
+@pytest.mark.parametrize("last_n, says", [(199, True), (200, False), (201, False)])
+def test_a_window_last_n_under_min_window_rows_is_named_as_the_reason_no_window_acts(last_n, says):
+    """window_last_n below min_window_rows: every window is too small, and the
+    reason says which param does it (it was accepted silently)."""
+    d = decide(summary(agreement=0.5, rows=150), P.model_copy(update={"window_last_n": last_n}), [], NOW)
+    assert d.action == "warn" and "below min_window_rows 200" in d.reasons[0]
+    assert (f"(window_last_n {last_n} reads fewer rows than that: no window can act until one of them changes)"
+            in d.reasons[0]) is says
+
+
+@pytest.mark.parametrize("last_n, says", [(299, True), (300, False)])
+def test_a_window_last_n_under_min_recompress_rows_is_named_too(last_n, says):
+    s = summary(agreement=0.5)
+    s = s.model_copy(update={"window": s.window.model_copy(update={"distill_texts": 250, "heldout_texts": 40})})
+    d = decide(s, P.model_copy(update={"min_recompress_rows": 300, "window_last_n": last_n}), [], NOW)
+    assert d.action == "warn" and "below min_recompress_rows 300" in d.reasons[0]
+    assert ("no window can be re-compressed until one of them changes" in d.reasons[0]) is says
+
+
 def test_min_recompress_rows_defaults_to_300():
     assert MonitorParams().min_recompress_rows == 300
     with pytest.raises(ValueError):
