@@ -563,7 +563,9 @@ class DistillStep(_Frozen):
     # recompress_int8_windows2.md), 4 of 6 within the deploy gate on test
     # either way; in the monitoring benchmark with it both the re-compression's
     # student (-0.29 points) and the retrain's (-0.95) were refused on test
-    # (bench/results/monitoring_qat.md), where without it both deployed.
+    # (bench/results/monitoring_qat.md), where without it both deployed; on
+    # the fixed tables grid the re-compression's student was again refused,
+    # the retrain's deployed (bench/results/monitoring_qat2.md).
     warm_start_quantization_aware: bool = False
 
     # The keys only a warm start reads: the candidate cache key leaves them
