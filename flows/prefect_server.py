@@ -247,6 +247,7 @@ class TiedServer:
 
     def _spawn(self) -> None:
         log = open(self.log_path, "ab")
+        self._log_start = log.tell()
         # Its own process group: Ctrl-C reaches the CLI, which stops what it
         # runs first and then the whole server group, in that order.
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
@@ -265,7 +266,8 @@ class TiedServer:
         deadline = self._launched + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
-                if self._retries_left > 0 and not port_is_free(self.host, self.port):
+                self._end_group()   # a child it started may live on, holding the port
+                if self._retries_left > 0 and self._port_was_taken():
                     taken, self._retries_left = self.port, self._retries_left - 1
                     self.port = free_port(self.host)
                     with open(self.log_path, "a") as log:
@@ -274,8 +276,11 @@ class TiedServer:
                     self._spawn()
                     deadline = self._launched + self.startup_timeout_s
                     continue
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; "
-                                   f"log {self.log_path}:\n{self._tail()}")
+                relaunched = self.port_retries - self._retries_left if self._auto_port else 0
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting"
+                                   + (f" (launched {relaunched + 1} times, on a new port each time another process "
+                                      "held the last)" if relaunched else "")
+                                   + f"; log {self.log_path}:\n{self._tail()}")
             if self.healthy() and self.listens_here():
                 return self.started()
             if time.monotonic() >= deadline:
@@ -284,6 +289,28 @@ class TiedServer:
         self.stop()
         raise RuntimeError(f"{self.name} did not answer within {self.startup_timeout_s:.0f}s; "
                            f"log {self.log_path}:\n{self._tail()}")
+
+    def _end_group(self) -> None:
+        """SIGKILL what is left of the exited server's process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)   # its sockets close with it
+
+    def _port_was_taken(self) -> bool:
+        """Whether the server, now exited, lost its port to another
+        process: someone listens there now, or its log says the bind failed
+        (a squatter may have gone again by the time the exit is seen)."""
+        if not port_is_free(self.host, self.port):
+            return True
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                said = f.read(1 << 20).decode(errors="replace").lower()
+        except OSError:
+            return False
+        return "address already in use" in said or "errno 98" in said
 
     def serve_forever(self, poll_s: float = 0.5) -> None:
         """Block while the started server runs (Ctrl-C interrupts). Raises

@@ -278,9 +278,10 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     elif not retrain and w.distill_texts is not None and w.distill_texts < params.min_recompress_rows:
         held = (f"{_counted(w)[1]} {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
                 f"{params.min_recompress_rows}: too few to re-distil from; not acting")
-        if params.window_last_n < params.min_recompress_rows:
-            held += (f" (window_last_n {params.window_last_n} reads fewer rows than that: no window can be "
-                     "re-compressed until one of them changes)")
+        corpus = max(params.window_last_n, params.recompress_last_n)   # monitoring.run.read_recompress_corpus
+        if corpus < params.min_recompress_rows:
+            held += (f" (a re-compression reads {corpus} rows, the larger of window_last_n and recompress_last_n: "
+                     "no window can be re-compressed until one of them changes)")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:

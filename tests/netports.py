@@ -5,14 +5,20 @@ ephemeral range, released at once, and any process can take it before the
 test's server binds it, by its own ``bind(0)`` or as the local end of an
 outgoing connection. CI once saw a Dask scheduler of a parallel test answer
 on a port picked for a Prefect server. Here each pytest-xdist worker gets a
-block of its own below the ephemeral range, walked in turn, so no other
-worker, and no OS pick, hands out the same port."""
+block of its own below the ephemeral range, walked in turn, so no OS pick
+takes it first; and each port handed out is reserved for this process's
+life by an ``flock`` on a file named after it in the temporary directory,
+so two test sessions on one host (the same blocks) never hand out the same
+port either (a helper's finding: they did)."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import re
+import tempfile
+from pathlib import Path
 
 from shrinkflow.ports import free_port as os_pick
 from shrinkflow.ports import port_is_free
@@ -38,16 +44,37 @@ def _block() -> range:
 
 
 _CURSOR = itertools.cycle(_block() or [0])
+_RESERVED: dict[int, int] = {}   # port -> the descriptor whose flock reserves it for this process
+_LOCKS = Path(tempfile.gettempdir()) / "shrinkflow-test-ports"
+
+
+def _reserve(port: int) -> bool:
+    """Reserve ``port`` for this process (False: another process has)."""
+    if port in _RESERVED:
+        return True
+    try:
+        _LOCKS.mkdir(mode=0o1777, exist_ok=True)
+        fd = os.open(_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _RESERVED[port] = fd
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now, from this worker's block below the
-    ephemeral range (the next free one after the last handed out), or the
-    OS's pick when the host's ephemeral range leaves no room."""
+    ephemeral range (the next one after the last handed out that no other
+    process has reserved), or the OS's pick when the host's ephemeral
+    range leaves no room or the block is spent."""
     for _ in range(BLOCK):
         port = next(_CURSOR)
         if port == 0:
             break
-        if port_is_free(host, port):
+        if _reserve(port) and port_is_free(host, port):
             return port
     return os_pick(host)

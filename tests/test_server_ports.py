@@ -159,3 +159,132 @@ def test_a_postgresql_cluster_whose_picked_port_is_taken_starts_on_another(monke
         cluster.destroy()
         shutil.rmtree(root, ignore_errors=True)
         other.close()
+
+
+class Trickle:
+    """A listener that starts a 200 answer and then sends one byte a second:
+    each read is within any timeout, the answer never ends."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not self.closed.wait(1.0):
+                    conn.sendall(b"X")
+            except OSError:
+                return
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def test_the_health_check_keeps_its_timeout_against_a_peer_that_trickles():
+    """A helper's finding: urllib's timeout bounds each read, so a peer
+    trickling a byte a second held the check (and a server's start-up
+    deadline) for as long as it liked."""
+    import time
+
+    from shrinkflow.ports import answers_200
+
+    other = Trickle()
+    try:
+        t0 = time.monotonic()
+        assert answers_200(f"http://127.0.0.1:{other.port}/", timeout_s=1.0) is False
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        other.close()
+
+
+def test_a_squatter_gone_before_the_exit_is_seen_still_gets_a_new_port(tmp_path, monkeypatch):
+    """A helper's finding: the retry looked only at whether the port was
+    still taken when the exit was seen, so a squatter that held it for a
+    moment made the start fail. The server's own log (address already in
+    use) counts too."""
+    other = AlwaysHealthy()
+    picks = iter([other.port])
+    monkeypatch.setattr(ps, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+    server = HttpServer(tmp_path / "server.log", startup_timeout_s=60)
+    try:
+        server.launch()
+        assert server.port == other.port
+        server.proc.wait(timeout=30)   # it could not bind
+        other.close()                  # and the squatter has gone
+        assert server.wait_ready() == f"http://127.0.0.1:{server.port}" and server.port != other.port
+        assert f"another process took port {other.port}" in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
+
+
+def test_an_exit_that_is_not_a_taken_port_is_not_retried_and_leaves_no_child(tmp_path):
+    """The server started a child that holds the port, then crashed for its
+    own reasons: the port looks taken, by its own orphan. The group is ended
+    first, so the crash is the error (not "another process took port"), and
+    the child is gone."""
+    import os
+    import time
+
+    import psutil
+
+    class CrashingParent(HttpServer):
+        def command(self):
+            code = ("import subprocess, sys, time; "
+                    f"subprocess.Popen([sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{self.port}']); "
+                    "time.sleep(3); sys.exit(7)")
+            return [sys.executable, "-c", code]
+
+        def listens_here(self):   # never ready: the crash comes first
+            return False
+
+    server = CrashingParent(tmp_path / "server.log", startup_timeout_s=60)
+    try:
+        with pytest.raises(RuntimeError, match=r"exited with 7 while starting; log"):
+            server.start()
+        assert "another process took port" not in (tmp_path / "server.log").read_text()
+        time.sleep(0.5)
+        assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
+                    and str(server.port) in p.info["cmdline"] and "http.server" in p.info["cmdline"]
+                    and p.pid != os.getpid()]
+    finally:
+        server.stop()
+
+
+def test_ipv6_loopback_ports_are_bound_as_ipv6():
+    """A helper's finding: `monitor ui --host ::1` called a free port taken
+    and crashed on the OS's pick (IPv4 sockets for an IPv6 address). Where
+    the machine has no IPv6 loopback, the pick says so with an OSError."""
+    from shrinkflow.ports import free_port as pick
+    from shrinkflow.ports import port_is_free
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        has_v6 = True
+    except OSError:
+        has_v6 = False
+    if not has_v6:
+        with pytest.raises(OSError):
+            pick("::1")
+        return
+    port = pick("::1")
+    assert port_is_free("::1", port)
+    with socket.socket(socket.AF_INET6) as held:
+        held.bind(("::1", port))
+        held.listen()
+        assert not port_is_free("::1", port)
