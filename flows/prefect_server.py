@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shrinkflow.bootstrap import telemetry_off
-from shrinkflow.ports import answers_200, free_port, port_is_free  # free_port: flows, tests import it here
+from shrinkflow.ports import answers_200, free_port, listens_on, port_is_free  # free_port: imported from here
 
 
 def tied_command(module: str, args: list[str]) -> list[str]:
@@ -212,23 +212,8 @@ class TiedServer:
 
     def listens_here(self) -> bool:
         """Whether the socket listening on ``port`` belongs to this server's
-        process or one of its children (True when the OS does not say)."""
-        import psutil
-
-        try:
-            root = psutil.Process(self.proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
-                           for c in proc.net_connections(kind="inet")):
-                        return True
-                except psutil.NoSuchProcess:
-                    continue
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True
-        return False
+        process or one of its children (``shrinkflow.ports.listens_on``)."""
+        return self.proc is not None and listens_on(self.proc.pid, self.port)
 
     def start(self) -> str:
         """Start the server and wait until ``health_url`` answers 200;

@@ -56,7 +56,7 @@ from shrinkflow.detached import Detached, kill_group
 from shrinkflow.files import read_json, write_json
 from shrinkflow.paths import STATE
 from shrinkflow.pgcluster import PgCluster
-from shrinkflow.ports import answers_200, free_port, port_is_free
+from shrinkflow.ports import answers_200, free_port, listens_on, port_is_free
 from shrinkflow.schedules import INTERVAL_ANCHOR_ISO, interval_next_run
 
 # Not in shrinkflow/paths.py on purpose: no DVC stage reads it, and every
@@ -539,7 +539,9 @@ class TeamStack:
         startup_s = float(self.environ.get(STARTUP_TIMEOUT_ENV, "300"))
         deadline = time.monotonic() + startup_s
         import prefect.client.orchestration  # noqa: F401  (seconds of imports, while the server boots)
-        while not _ready(server.api_url, timeout_s=2):
+        # Ready, and its own: a server another process started on the port
+        # since it was found free would answer too (this one then exits).
+        while not (_ready(server.api_url, timeout_s=2) and listens_on(self.server.pid or -1, port)):
             if not self.server.running():
                 raise TeamError(f"the Prefect server exited while starting; log {self.server.log_file}:\n"
                                 f"{self._log_since(self.server.log_file, log_start)}")

@@ -65,3 +65,29 @@ def answers_200(url: str, timeout_s: float = 2.0) -> bool:
     thread.start()
     thread.join(timeout_s)
     return bool(answered) and answered[0]
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one of its descendants holds a listening
+    TCP socket on ``port`` (any address, IPv4 or IPv6): a server that
+    answers there is that process's own and not another's. False when
+    ``pid`` no longer runs; True when the OS will not say (AccessDenied).
+    Needs psutil >= 6 (``Process.net_connections``)."""
+    import psutil
+
+    if pid <= 0:
+        return False
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       for c in proc.net_connections(kind="inet")):
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    return False

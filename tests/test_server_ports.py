@@ -288,3 +288,23 @@ def test_ipv6_loopback_ports_are_bound_as_ipv6():
         held.bind(("::1", port))
         held.listen()
         assert not port_is_free("::1", port)
+
+
+def test_listens_on_names_the_process_that_holds_the_port():
+    """The own-socket check `team up` and every tied server use: this
+    process holds the squatter's socket, a child of it does not."""
+    import os
+
+    from shrinkflow.ports import listens_on
+
+    other = AlwaysHealthy()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert listens_on(os.getpid(), other.port)
+        assert not listens_on(child.pid, other.port)
+        assert not listens_on(-1, other.port)
+    finally:
+        child.kill()
+        child.wait()
+        other.close()
+    assert not listens_on(child.pid, other.port)   # gone
