@@ -255,9 +255,12 @@ class TiedServer:
                 if self._retries_left > 0 and self._port_was_taken():
                     taken, self._retries_left = self.port, self._retries_left - 1
                     self.port = free_port(self.host)
-                    with open(self.log_path, "a") as log:
-                        log.write(f"shrinkflow: another process took port {taken} before {self.name} bound it; "
-                                  f"starting it again on port {self.port}\n")
+                    try:
+                        with open(self.log_path, "a") as log:
+                            log.write(f"shrinkflow: another process took port {taken} before {self.name} bound "
+                                      f"it; starting it again on port {self.port}\n")
+                    except OSError:
+                        pass   # the log cannot take it (a full disk): the launch below says why it fails
                     self._spawn()
                     deadline = self._launched + self.startup_timeout_s
                     continue
@@ -295,7 +298,9 @@ class TiedServer:
                 said = f.read(1 << 20).decode(errors="replace").lower()
         except OSError:
             return False
-        return "address already in use" in said or "errno 98" in said
+        # uvicorn and Python: "[Errno 98] ... address already in use";
+        # `prefect server start`'s own check: "Port N is already in use."
+        return "already in use" in said or "errno 98" in said
 
     def serve_forever(self, poll_s: float = 0.5) -> None:
         """Block while the started server runs (Ctrl-C interrupts). Raises
@@ -768,7 +773,10 @@ def ephemeral_api(preload):
     log = get_logger()   # "prefect", as Prefect's own start logs it
     log.info(f"Starting temporary server on {server.url} (Prefect's ephemeral API; log {server.log_path})")
     preload()
+    started_on = server.url
     api_url = server.wait_ready()
+    if server.url != started_on:
+        log.info(f"Another process took that port: the temporary server runs on {server.url} instead")
 
     def stopping() -> None:
         log.info(f"Stopping temporary server on {server.url}")

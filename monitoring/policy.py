@@ -279,9 +279,12 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
         held = (f"{_counted(w)[1]} {w.distill_texts} distinct texts for distillation, below min_recompress_rows "
                 f"{params.min_recompress_rows}: too few to re-distil from; not acting")
         corpus = max(params.window_last_n, params.recompress_last_n)   # monitoring.run.read_recompress_corpus
-        if corpus < params.min_recompress_rows:
-            held += (f" (a re-compression reads {corpus} rows, the larger of window_last_n and recompress_last_n: "
-                     "no window can be re-compressed until one of them changes)")
+        expected = corpus * (1 - params.heldout_fraction)   # shrinkflow.window.split_window, by text hash
+        if expected < params.min_recompress_rows:
+            held += (f" (a re-compression reads at most {corpus} rows, the larger of window_last_n and "
+                     f"recompress_last_n, and holds out heldout_fraction {params.heldout_fraction:g} of them: about "
+                     f"{expected:.0f} left to distil, so a window rarely reaches min_recompress_rows until one of "
+                     "these changes)")
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:

@@ -6,35 +6,47 @@ from __future__ import annotations
 import socket
 
 
-def _family(host: str) -> int:
-    """The address family ``host`` binds with: IPv6 for "::1" (or a name
-    that resolves to IPv6 first), else IPv4."""
+def _families(host: str) -> list[int]:
+    """The address families ``host`` resolves to, in the resolver's order
+    (IPv6 for "::1"; both for a "localhost" listed under ::1 and
+    127.0.0.1, which uvicorn binds both of); IPv4 when it does not resolve."""
     try:
-        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
-    except (socket.gaierror, IndexError):
-        return socket.AF_INET
+        found = [info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+    except socket.gaierror:
+        found = []
+    return list(dict.fromkeys(f for f in found if f in (socket.AF_INET, socket.AF_INET6))) or [socket.AF_INET]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (the OS's choice). Raises OSError
-    when ``host`` cannot be bound (not an address of this machine)."""
-    with socket.socket(_family(host)) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free on ``host`` now (the OS's choice, in the first family
+    ``host`` resolves to, and free in the others too). Raises OSError when
+    ``host`` cannot be bound (not an address of this machine)."""
+    for _ in range(20):
+        with socket.socket(_families(host)[0]) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port_is_free(host, port):
+            return port
+    return port
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether a server can listen on ``port`` on ``host`` now. With
-    SO_REUSEADDR, as uvicorn and PostgreSQL bind: connections of a server
-    just stopped (TIME_WAIT) do not make its port look taken, so a restart
-    gets the same port back; a listening socket still does. IPv6 hosts
-    ("::1") are bound as IPv6."""
-    with socket.socket(_family(host)) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+    """Whether a server can listen on ``port`` on ``host`` now, in every
+    address family ``host`` resolves to (a helper's finding: "localhost"
+    listed under ::1 first hid a listener on 127.0.0.1, which uvicorn then
+    failed to bind). With SO_REUSEADDR, as uvicorn and PostgreSQL bind:
+    connections of a server just stopped (TIME_WAIT) do not make its port
+    look taken, so a restart gets the same port back; a listening socket
+    still does."""
+    for family in _families(host):
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
     return True
 
 
@@ -47,16 +59,25 @@ def answers_200(url: str, timeout_s: float = 2.0) -> bool:
     server: http.client raised BadStatusLine). The request runs on a daemon
     thread: urllib's timeout bounds each read, not the whole answer, and a
     peer that trickles a byte a second would hold a caller's deadline off
-    for as long as it likes (a helper's finding)."""
+    for as long as it likes (a helper's finding); such a thread lives on
+    until the peer hangs up or its next read times out. The request goes
+    direct, never through ``http_proxy`` (a health check of a loopback
+    server sent to a proxy fails), and a redirect is not followed: only the
+    URL's own 200 counts."""
     import threading
     import urllib.request
     from http.client import HTTPException
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None   # urllib raises HTTPError for the 3xx: False below
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
     answered: list[bool] = []
 
     def get() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            with opener.open(url, timeout=timeout_s) as r:
                 answered.append(r.status == 200)
         except (OSError, HTTPException, ValueError):
             answered.append(False)

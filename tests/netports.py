@@ -35,12 +35,22 @@ def _ephemeral_low() -> int:
 
 
 def _block() -> range:
+    """This process's block: the controller's (or a run without xdist) first,
+    then one per worker, as wide as the room below the ephemeral range
+    allows for PYTEST_XDIST_WORKER_COUNT workers (BLOCK at most, 20 at
+    least; empty, so the OS picks, when even that does not fit)."""
     match = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
     worker = int(match.group(1)) + 1 if match else 0
-    low = 10000 + worker * BLOCK
-    if low + BLOCK > _ephemeral_low():   # a host whose ephemeral range leaves no room
+    try:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    except ValueError:
+        workers = 0
+    room = _ephemeral_low() - 10000
+    width = min(BLOCK, room // (max(workers, worker) + 1)) if room > 0 else 0
+    if width < 20:
         return range(0)
-    return range(low, low + BLOCK)
+    low = 10000 + worker * width
+    return range(low, low + width)
 
 
 _CURSOR = itertools.cycle(_block() or [0])
@@ -53,8 +63,11 @@ def _reserve(port: int) -> bool:
     if port in _RESERVED:
         return True
     try:
-        _LOCKS.mkdir(mode=0o1777, exist_ok=True)
-        fd = os.open(_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        if not _LOCKS.is_dir():
+            _LOCKS.mkdir(exist_ok=True)
+            os.chmod(_LOCKS, 0o1777)   # every user's tests reserve here (the umask cut mkdir's mode)
+        # Read-only: flock needs no write access, so another user's lock file serves too.
+        fd = os.open(_LOCKS / f"{port}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError:
         return False
     try:

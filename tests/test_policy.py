@@ -192,20 +192,26 @@ def test_a_window_last_n_under_min_window_rows_is_named_as_the_reason_no_window_
             in d.reasons[0]) is says
 
 
-@pytest.mark.parametrize("last_n, recompress_last_n, says", [(299, 299, True), (300, 299, False),
-                                                               (299, 300, False), (250, 3000, False)])
+@pytest.mark.parametrize("last_n, recompress_last_n, says", [(599, 599, True), (600, 599, False),
+                                                               (250, 600, False), (500, 500, True),
+                                                               (250, 3000, False)])
 def test_a_re_compression_corpus_under_min_recompress_rows_is_named_too(last_n, recompress_last_n, says):
     """A re-compression reads the larger of window_last_n and
-    recompress_last_n rows (monitoring.run.read_recompress_corpus): only
-    when that is under min_recompress_rows can no window act (a helper's
-    finding: the first wording blamed window_last_n alone)."""
+    recompress_last_n rows (monitoring.run.read_recompress_corpus) and holds
+    out heldout_fraction of them (0.5 here): only when what is left is under
+    min_recompress_rows can windows rarely act (helpers' findings: the first
+    wording blamed window_last_n alone, the second missed the held-out share)."""
     s = summary(agreement=0.5)
     s = s.model_copy(update={"window": s.window.model_copy(update={"distill_texts": 250, "heldout_texts": 40})})
-    d = decide(s, P.model_copy(update={"min_recompress_rows": 300, "window_last_n": last_n,
-                                       "recompress_last_n": recompress_last_n}), [], NOW)
+    params = P.model_copy(update={"min_recompress_rows": 300, "window_last_n": last_n,
+                                  "recompress_last_n": recompress_last_n})
+    assert params.heldout_fraction == 0.5
+    d = decide(s, params, [], NOW)
     assert d.action == "warn" and "below min_recompress_rows 300" in d.reasons[0]
-    assert (f"(a re-compression reads {max(last_n, recompress_last_n)} rows, the larger of window_last_n and "
-            "recompress_last_n: no window can be re-compressed until one of them changes)" in d.reasons[0]) is says
+    corpus = max(last_n, recompress_last_n)
+    assert (f"(a re-compression reads at most {corpus} rows, the larger of window_last_n and recompress_last_n, "
+            f"and holds out heldout_fraction 0.5 of them: about {corpus * 0.5:.0f} left to distil, so a window "
+            "rarely reaches min_recompress_rows until one of these changes)" in d.reasons[0]) is says
 
 
 def test_min_recompress_rows_defaults_to_300():

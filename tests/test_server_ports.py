@@ -241,14 +241,18 @@ def test_an_exit_that_is_not_a_taken_port_is_not_retried_and_leaves_no_child(tmp
     first, so the crash is the error (not "another process took port"), and
     the child is gone."""
     import os
+    import signal
     import time
 
     import psutil
 
+    children = tmp_path / "children"
+
     class CrashingParent(HttpServer):
         def command(self):
             code = ("import subprocess, sys, time; "
-                    f"subprocess.Popen([sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{self.port}']); "
+                    f"c = subprocess.Popen([sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', "
+                    f"'{self.port}']); open({str(children)!r}, 'a').write(f'{{c.pid}}\\n'); "
                     "time.sleep(3); sys.exit(7)")
             return [sys.executable, "-c", code]
 
@@ -261,11 +265,17 @@ def test_an_exit_that_is_not_a_taken_port_is_not_retried_and_leaves_no_child(tmp
             server.start()
         assert "another process took port" not in (tmp_path / "server.log").read_text()
         time.sleep(0.5)
-        assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
-                    and str(server.port) in p.info["cmdline"] and "http.server" in p.info["cmdline"]
-                    and p.pid != os.getpid()]
+        started = [int(x) for x in children.read_text().split()]
+        assert len(started) == 1
+        assert not [pid for pid in started if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     finally:
         server.stop()
+        for pid in (int(x) for x in (children.read_text().split() if children.exists() else [])):
+            try:   # whatever a failed run left (the old code left them all)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_ipv6_loopback_ports_are_bound_as_ipv6():
