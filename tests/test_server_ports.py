@@ -321,3 +321,71 @@ def test_listens_on_names_the_process_that_holds_the_port():
         child.wait()
         other.close()
     assert not listens_on(child.pid, other.port)   # gone
+
+
+class PrefectLike(HttpServer):
+    """A server that, like `prefect server start`, checks its port first and
+    says "Port N is already in use." (no errno) when it is taken."""
+
+    def command(self) -> list[str]:
+        code = ("import runpy, socket, sys\n"
+                f"port = {self.port}\n"
+                "s = socket.socket()\n"
+                "try:\n"
+                "    s.bind(('127.0.0.1', port))\n"
+                "except OSError:\n"
+                "    print(f'Port {port} is already in use. Please specify a different port.'); sys.exit(1)\n"
+                "s.close()\n"
+                "sys.argv = ['http.server', '--bind', '127.0.0.1', str(port)]\n"
+                "runpy.run_module('http.server', run_name='__main__')\n")
+        return [sys.executable, "-c", code]
+
+
+def test_prefects_own_port_message_counts_as_a_lost_port(tmp_path, monkeypatch):
+    """A helper's finding: `prefect server start` says "Port N is already in
+    use." where uvicorn says errno 98; a squatter gone before the exit was
+    seen then failed the start."""
+    other = AlwaysHealthy()
+    picks = iter([other.port])
+    monkeypatch.setattr(ps, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+    server = PrefectLike(tmp_path / "server.log", startup_timeout_s=60)
+    try:
+        server.launch()
+        server.proc.wait(timeout=30)
+        other.close()
+        assert server.wait_ready() == f"http://127.0.0.1:{server.port}" and server.port != other.port
+    finally:
+        server.stop()
+
+
+def test_the_health_check_goes_direct_and_does_not_follow_redirects(monkeypatch):
+    """A loopback health check never goes through http_proxy (a dead proxy
+    made every server's start time out), and a 302 to a server that answers
+    200 is not a 200 (helpers' findings)."""
+    from shrinkflow.ports import answers_200
+
+    ok = AlwaysHealthy()
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{ok.port}/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    moved = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=moved.serve_forever, daemon=True).start()
+    try:
+        dead = free_port()
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{dead}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert answers_200(f"http://127.0.0.1:{ok.port}/health")
+        assert not answers_200(f"http://127.0.0.1:{moved.server_address[1]}/health")
+    finally:
+        moved.shutdown()
+        moved.server_close()
+        ok.close()
