@@ -81,11 +81,17 @@ class AlwaysHealthy:
         self.httpd.server_close()
 
 
+def first_pick(monkeypatch, port: int, module=ps) -> None:
+    """The OS's next pick in ``module`` (a tied server's by default) is
+    ``port`` (held by a squatter), then real picks: the race, made certain."""
+    picks = iter([port])
+    monkeypatch.setattr(module, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+
+
 @pytest.mark.parametrize("squatter", [NotHttp, AlwaysHealthy])
 def test_a_server_whose_picked_port_is_taken_starts_on_another(tmp_path, monkeypatch, squatter):
     other = squatter()
-    picks = iter([other.port])
-    monkeypatch.setattr(ps, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+    first_pick(monkeypatch, other.port)
     server = HttpServer(tmp_path / "server.log", startup_timeout_s=60)
     try:
         url = server.start()
@@ -142,8 +148,7 @@ def test_a_postgresql_cluster_whose_picked_port_is_taken_starts_on_another(monke
     import shrinkflow.pgcluster as pgc
 
     other = AlwaysHealthy()
-    picks = iter([other.port])
-    monkeypatch.setattr(pgc, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+    first_pick(monkeypatch, other.port, pgc)
     root = Path(tempfile.mkdtemp(prefix="shrinkflow-pg-"))   # the postgres user cannot enter pytest's tmp
     cluster = pgc.PgCluster(root, durable=False)
     try:
@@ -213,26 +218,6 @@ def test_the_health_check_keeps_its_timeout_against_a_peer_that_trickles():
         assert time.monotonic() - t0 < 5.0   # the whole answer in 1 s; the old check took the 8 s
     finally:
         other.close()
-
-
-def test_a_squatter_gone_before_the_exit_is_seen_still_gets_a_new_port(tmp_path, monkeypatch):
-    """A helper's finding: the retry looked only at whether the port was
-    still taken when the exit was seen, so a squatter that held it for a
-    moment made the start fail. The server's own log (address already in
-    use) counts too."""
-    other = AlwaysHealthy()
-    picks = iter([other.port])
-    monkeypatch.setattr(ps, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
-    server = HttpServer(tmp_path / "server.log", startup_timeout_s=60)
-    try:
-        server.launch()
-        assert server.port == other.port
-        server.proc.wait(timeout=30)   # it could not bind
-        other.close()                  # and the squatter has gone
-        assert server.wait_ready() == f"http://127.0.0.1:{server.port}" and server.port != other.port
-        assert f"another process took port {other.port}" in (tmp_path / "server.log").read_text()
-    finally:
-        server.stop()
 
 
 def test_an_exit_that_is_not_a_taken_port_is_not_retried_and_leaves_no_child(tmp_path):
@@ -341,19 +326,23 @@ class PrefectLike(HttpServer):
         return [sys.executable, "-c", code]
 
 
-def test_prefects_own_port_message_counts_as_a_lost_port(tmp_path, monkeypatch):
-    """A helper's finding: `prefect server start` says "Port N is already in
-    use." where uvicorn says errno 98; a squatter gone before the exit was
-    seen then failed the start."""
+@pytest.mark.parametrize("kind", [HttpServer, PrefectLike])
+def test_a_squatter_gone_before_the_exit_is_seen_still_gets_a_new_port(tmp_path, monkeypatch, kind):
+    """Helpers' findings: the retry looked only at whether the port was
+    still taken when the exit was seen, so a squatter that held it for a
+    moment made the start fail. The server's own log counts too: Python's
+    and uvicorn's errno 98, and `prefect server start`'s own "Port N is
+    already in use." (PrefectLike)."""
     other = AlwaysHealthy()
-    picks = iter([other.port])
-    monkeypatch.setattr(ps, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
-    server = PrefectLike(tmp_path / "server.log", startup_timeout_s=60)
+    first_pick(monkeypatch, other.port)
+    server = kind(tmp_path / "server.log", startup_timeout_s=60)
     try:
         server.launch()
-        server.proc.wait(timeout=30)
-        other.close()
+        assert server.port == other.port
+        server.proc.wait(timeout=30)   # it could not bind
+        other.close()                  # and the squatter has gone
         assert server.wait_ready() == f"http://127.0.0.1:{server.port}" and server.port != other.port
+        assert f"another process took port {other.port}" in (tmp_path / "server.log").read_text()
     finally:
         server.stop()
 
