@@ -705,10 +705,18 @@ def serve(ctx: typer.Context,
     except (RegistryError, IntegrityError, PredictionLogError, OSError) as exc:
         raise _crash(exc, "serve", debug, message=f"cannot serve: {exc}")
     host, port = host or sp.host, sp.port if port is None else port
-    from shrinkflow.ports import free_port, port_is_free
+    from shrinkflow.ports import listening_socket, port_is_free
 
+    sock = None
     if port == 0:   # as `monitor ui --port 0`: a free port, printed below
-        port = free_port(host)
+        # Bound and listening here, and handed to uvicorn: no other process
+        # can take the port between its pick and uvicorn's bind.
+        try:
+            sock = listening_socket(host)
+        except OSError as exc:
+            log.close()
+            raise _fail(ExitCode.CRASH, f"cannot serve on {host}: {exc}")
+        port = sock.getsockname()[1]
     elif not port_is_free(host, port):
         log.close()
         raise _fail(ExitCode.CRASH, f"cannot serve: {host}:{port} is already in use (another server? `--port 0` "
@@ -725,12 +733,28 @@ def serve(ctx: typer.Context,
     log_to_stderr()   # hot reloads and refusals, timestamped
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
-        uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers, **edge)
+        if sock is None:
+            uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
+                        **edge)
+            return
+        from uvicorn.supervisors import Multiprocess   # what uvicorn.run does for workers, on our socket
+
+        Multiprocess(uvicorn.Config("shrinkflow.serving:app_from_env", factory=True, host=host, port=port,
+                                    workers=workers, **edge), sockets=[sock]).run()
         return
     log.close()   # the app opens its own connections on its event loop's threads
     app_ = make_app(registry, prediction_log(root, sp), sp, reports_dir=root / parsed.monitor.reports_dir,
                     token=os.environ.get(TOKEN_ENV) or None, follower=follower)
-    uvicorn.run(app_, host=host, port=port, **edge)
+    if sock is None:
+        uvicorn.run(app_, host=host, port=port, **edge)
+        return
+    server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, **edge))   # as uvicorn.run, on our socket
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)   # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 def _follow_at_start(follower) -> None:

@@ -30,6 +30,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on a free port of ``host`` (the OS's pick, in
+    the first family ``host`` resolves to), with SO_REUSEADDR and
+    inheritable, as uvicorn binds its own: for a server handed the socket
+    (``uvicorn.Server.run(sockets=...)``), there is no moment between the
+    pick and the bind for another process to take the port, as there is
+    with ``free_port``. Raises OSError when ``host`` cannot be bound."""
+    family = _families(host)[0]
+    s = socket.socket(family)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, 0))
+        s.listen(2048)   # uvicorn's default backlog; it listens again with its own
+        s.set_inheritable(True)   # uvicorn's worker processes share it
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def port_is_free(host: str, port: int) -> bool:
     """Whether a server can listen on ``port`` on ``host`` now, in every
     address family ``host`` resolves to (a helper's finding: "localhost"

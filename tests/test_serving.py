@@ -462,25 +462,36 @@ def test_serve_on_a_port_in_use_refuses_in_one_line_and_port_0_picks_a_free_one(
     assert f"error: cannot serve: 127.0.0.1:{server.port} is already in use" in taken.stderr
     assert "serving v0" not in taken.stdout and "Errno" not in taken.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0"], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = proc.stdout.readline()
-        port = int(re.search(r"on http://127\.0\.0\.1:(\d+) ", line).group(1))
-        assert port not in (0, 8000), line
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model_version"]
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None
-                time.sleep(0.2)
-        else:
-            raise AssertionError("the server on the printed port did not answer")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    from shrinkflow.ports import port_is_free
+
+    for workers in ("1", "2"):
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--workers", workers],
+                                cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            line = proc.stdout.readline()
+            port = int(re.search(r"on http://127\.0\.0\.1:(\d+) ", line).group(1))
+            assert port not in (0, 8000), line
+            # Held from the moment it is printed (bound and listening, then
+            # handed to uvicorn): no other process can take it before uvicorn
+            # serves on it, as it could when serve picked a port and let go.
+            assert not port_is_free("127.0.0.1", port), line
+            _answers_on(proc, port)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def _answers_on(proc, port: int) -> None:
+    """Wait until `shrinkflow serve` answers /health on ``port`` (60 s)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model_version"]
+            return
+        except httpx.HTTPError:
+            assert proc.poll() is None
+            time.sleep(0.2)
+    raise AssertionError("the server on the printed port did not answer")
 
 
 def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
