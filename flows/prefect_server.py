@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shrinkflow.bootstrap import telemetry_off
-from shrinkflow.ports import answers_200, free_port, listens_on, port_is_free  # free_port: imported from here
+from shrinkflow.ports import answers_200, free_port, listens_on, port_is_free
 
 
 def tied_command(module: str, args: list[str]) -> list[str]:
