@@ -107,6 +107,45 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def reopen_log_streams() -> list[str]:
+    """Point every logging handler whose stream is closed at this moment's
+    ``sys.stderr``; returns the names of the loggers it fixed.
+
+    Prefect's console handler takes its stream once, when Prefect sets its
+    logging up (``stream: ext://sys.stderr``, resolved then): set up inside
+    a test that had replaced sys.stderr (click's CliRunner, capsys), it
+    keeps that test's stream after it was closed. A later test of the same
+    worker that runs a flow in this process then met "I/O operation on
+    closed file" on every record, and the handlers' error reports recursed
+    to a RecursionError (CI: test_projectlock, at random by which tests a
+    worker ran first)."""
+    import logging
+    import sys
+
+    fixed = []
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is None or not getattr(stream, "closed", False):
+                continue
+            handler.setStream(sys.stderr)
+            console = getattr(handler, "console", None)   # Prefect's: a rich Console on the same stream
+            if console is not None:
+                console.file = sys.stderr
+            fixed.append(logger.name)
+    return fixed
+
+
+@pytest.fixture(autouse=True)
+def _log_streams_open():
+    """Every test starts with no logging handler writing to a closed stream
+    (``reopen_log_streams``)."""
+    reopen_log_streams()
+    yield
+
+
 def chromium_dom(url: str, budget_ms: int = 5000, timeout_s: float = 120) -> str:
     """The DOM of ``url`` after its scripts ran for ``budget_ms`` of virtual
     time, in Debian's headless Chromium (what a person's browser would show)."""
