@@ -130,7 +130,11 @@ def reopen_log_streams() -> list[str]:
             stream = getattr(handler, "stream", None)
             if stream is None or not getattr(stream, "closed", False):
                 continue
-            handler.setStream(sys.stderr)
+            handler.acquire()   # not setStream: it flushes the closed stream first, and raises
+            try:
+                handler.stream = sys.stderr
+            finally:
+                handler.release()
             console = getattr(handler, "console", None)   # Prefect's: a rich Console on the same stream
             if console is not None:
                 console.file = sys.stderr

@@ -32,3 +32,20 @@ def test_a_prefect_console_handler_left_on_a_closed_stream_is_pointed_at_stderr_
         assert reopen_log_streams() == []
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_plain_stream_handler_on_a_closed_stream_is_fixed_without_raising(capsys):
+    """The first guard called setStream, which flushes the closed stream
+    first and raised in 360 tests' setup of a fresh-clone run."""
+    logger = logging.getLogger("shrinkflow.test.closed-plain")
+    logger.propagate = False
+    closed = io.StringIO()
+    handler = logging.StreamHandler(closed)
+    logger.addHandler(handler)
+    try:
+        closed.close()
+        assert "shrinkflow.test.closed-plain" in reopen_log_streams()
+        logger.warning("after the guard")
+        assert "after the guard" in capsys.readouterr().err
+    finally:
+        logger.removeHandler(handler)
