@@ -39,7 +39,7 @@ def test_a_plain_stream_handler_on_a_closed_stream_is_fixed_without_raising(caps
     first and raised in 360 tests' setup of a fresh-clone run."""
     logger = logging.getLogger("shrinkflow.test.closed-plain")
     logger.propagate = False
-    closed = io.StringIO()
+    closed = io.TextIOWrapper(io.BytesIO())   # as a test's replaced stderr: flush raises once closed
     handler = logging.StreamHandler(closed)
     logger.addHandler(handler)
     try:
