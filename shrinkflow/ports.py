@@ -17,6 +17,16 @@ def _families(host: str) -> list[int]:
     return list(dict.fromkeys(f for f in found if f in (socket.AF_INET, socket.AF_INET6))) or [socket.AF_INET]
 
 
+def _server_socket(family: int) -> socket.socket:
+    """A TCP socket of ``family`` set as uvicorn and PostgreSQL set theirs:
+    SO_REUSEADDR, and IPv6 only for an IPv6 one."""
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return s
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (the OS's choice, in the first family
     ``host`` resolves to, and free in the others too). Raises OSError when
@@ -37,12 +47,8 @@ def listening_socket(host: str = "127.0.0.1") -> socket.socket:
     (``uvicorn.Server.run(sockets=...)``), there is no moment between the
     pick and the bind for another process to take the port, as there is
     with ``free_port``. Raises OSError when ``host`` cannot be bound."""
-    family = _families(host)[0]
-    s = socket.socket(family)
+    s = _server_socket(_families(host)[0])
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, 0))
         s.listen(2048)   # uvicorn's default backlog; it listens again with its own
         s.set_inheritable(True)   # uvicorn's worker processes share it
@@ -61,10 +67,7 @@ def port_is_free(host: str, port: int) -> bool:
     look taken, so a restart gets the same port back; a listening socket
     still does."""
     for family in _families(host):
-        with socket.socket(family) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        with _server_socket(family) as s:
             try:
                 s.bind((host, port))
             except OSError:
