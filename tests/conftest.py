@@ -80,6 +80,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (rank.get(Path(str(item.fspath)).name, len(rank)), order[id(item)]))
 
 
+def cmdline_of(proc) -> str:
+    """A process's command line joined by spaces, or "" for one that is a
+    zombie or gone: a short-lived child in a tree (of a stage, DVC, a Prefect
+    server), not yet reaped, raises psutil's ZombieProcess (a fresh-clone run
+    of tests/test_sweep.py did)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):   # ZombieProcess is a NoSuchProcess
+        return ""
+
+
 def innermost_frames(tb, n: int = 6) -> str:
     """The innermost ``n`` places of traceback ``tb``, innermost first, as
     ``file.py:line function`` joined by " < "; a place repeated in a row (a

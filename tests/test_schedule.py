@@ -21,9 +21,7 @@ import pytest
 
 from flows.prefect_server import ServerLogFollower, unscheduled_deployments
 from shrinkflow.config import cron_next_run
-from tests.conftest import PROJECT_ROOT, bare_project
-
-
+from tests.conftest import PROJECT_ROOT, bare_project, cmdline_of
 
 
 def cli_env() -> dict:
@@ -476,12 +474,12 @@ def test_kill_9_of_schedule_ends_its_run_and_the_stage_it_runs(tmp_path):
             "shrinkflow-lifecycle"]}}}, timeout=10).json() if x["state_type"] == "RUNNING"]
         assert len(running) == 1, running
         runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                if "prefect.engine" in " ".join(c.cmdline())]
-        assert runs, [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True)]
+                if "prefect.engine" in cmdline_of(c)]
+        assert runs, [cmdline_of(c) for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.kill()
         proc.wait(timeout=10)
         _, alive = psutil.wait_procs(stage + runs, timeout=45)
-        assert not alive, [p.cmdline() for p in alive]
+        assert not alive, [cmdline_of(p) for p in alive]
         with project_lock(root, "the test"):   # free: nothing of the run holds it
             pass
         assert not (root / "out.txt").exists()
@@ -534,7 +532,7 @@ def test_sigterm_of_schedule_mid_stage_ends_the_run_the_stage_and_the_server_qui
     try:
         stage = wait_for_stage(proc, out)
         runs = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                if "prefect.engine" in " ".join(c.cmdline())]
+                if "prefect.engine" in cmdline_of(c)]
         assert runs
         time.sleep(2)
         started = time.time()
@@ -542,7 +540,7 @@ def test_sigterm_of_schedule_mid_stage_ends_the_run_the_stage_and_the_server_qui
         rc = proc.wait(timeout=90)
         took = time.time() - started
         _, alive = psutil.wait_procs(stage + runs, timeout=30)
-        assert not alive, [p.cmdline() for p in alive]
+        assert not alive, [cmdline_of(p) for p in alive]
         with project_lock(root, "the test"):
             pass
     finally:

@@ -583,9 +583,11 @@ def test_a_host_with_several_workers_follows_with_every_worker_and_one_cache(sit
         cache.verify(new)
         import psutil
 
+        from tests.conftest import cmdline_of
+
         workers = [c for c in psutil.Process(host.proc.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(c.cmdline())]
-        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(host.proc.pid).children(recursive=True)]
+                   if "spawn_main" in cmdline_of(c)]
+        assert len(workers) == 2, [cmdline_of(c) for c in psutil.Process(host.proc.pid).children(recursive=True)]
     finally:
         host.stop()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, cmdline_of
 
 
 def sweep_project(tmp_path: Path, tiny_teacher_dir: Path, small_splits, runner: dict) -> Path:
@@ -154,18 +154,6 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
 
 
 @pytest.mark.slow  # ~40 s: a Prefect server starts
-def _cmdline(proc) -> str:
-    """A child's command line, or "" for one that is a zombie or gone: a
-    short-lived child of the stage, not yet reaped, raised ZombieProcess
-    here once (a fresh-clone run)."""
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):   # ZombieProcess is a NoSuchProcess
-        return ""
-
-
 def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_path, tiny_teacher_dir, small_splits):
     """`python -m stages.compress` run by hand (as `dvc repro` runs it, no
     PREFECT_API_URL) starts a Prefect server for its build flow. Killed by
@@ -193,7 +181,7 @@ def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_pa
             time.sleep(0.5)
             assert stage.poll() is None, "the stage ended before its server started"
             servers = [c for c in psutil.Process(stage.pid).children(recursive=True)
-                       if "prefect" in _cmdline(c) and "server" in _cmdline(c)]
+                       if "prefect" in cmdline_of(c) and "server" in cmdline_of(c)]
         assert servers
         time.sleep(2)
         servers = [c for c in psutil.Process(stage.pid).children(recursive=True)]   # the server's whole tree
