@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, cmdline_of
 
 SCRIPT = r"""
 import json, os, sys
@@ -137,10 +137,7 @@ def _tied_server(run: subprocess.Popen, timeout_s: float = 120.0):
     while time.monotonic() < deadline:
         assert run.poll() is None, "the run ended before its temporary server started"
         for child in psutil.Process(run.pid).children(recursive=True):
-            try:
-                cmd = " ".join(child.cmdline())
-            except psutil.Error:
-                continue
+            cmd = cmdline_of(child)
             if "flows.prefect_server" in cmd and "prefect.server.api.server:create_app" in cmd:
                 return child
         time.sleep(0.2)

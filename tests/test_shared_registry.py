@@ -43,7 +43,7 @@ from tests.netports import free_port
 from shrinkflow.registry import Registry
 from shrinkflow.shared_registry import (KEY_ENV, KNOWN_HOSTS_ENV, Follower, SharedRegistry, SharedRegistryDiverged,
                                         SharedRegistryError, STALE_UPLOAD_S, VersionRefused, publish_project)
-from tests.conftest import PROJECT_ROOT, terminate_group
+from tests.conftest import PROJECT_ROOT, cmdline_of, terminate_group
 from tests.registry_outputs import deploy_record
 from tests.test_remote_ssh import Sshd
 from tests.test_serving import Server
@@ -582,8 +582,6 @@ def test_a_host_with_several_workers_follows_with_every_worker_and_one_cache(sit
         assert cache.alias() == new and new in cache.versions() and not (cache.root / ".incoming").exists()
         cache.verify(new)
         import psutil
-
-        from tests.conftest import cmdline_of
 
         workers = [c for c in psutil.Process(host.proc.pid).children(recursive=True)
                    if "spawn_main" in cmdline_of(c)]

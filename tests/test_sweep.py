@@ -181,14 +181,14 @@ def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_pa
             time.sleep(0.5)
             assert stage.poll() is None, "the stage ended before its server started"
             servers = [c for c in psutil.Process(stage.pid).children(recursive=True)
-                       if "prefect" in cmdline_of(c) and "server" in cmdline_of(c)]
+                       if "prefect" in (cmd := cmdline_of(c)) and "server" in cmd]
         assert servers
         time.sleep(2)
         servers = [c for c in psutil.Process(stage.pid).children(recursive=True)]   # the server's whole tree
         stage.send_signal(signal.SIGTERM)
         stage.wait(timeout=30)
         _, alive = psutil.wait_procs(servers, timeout=30)
-        leftover = [p.cmdline() for p in alive]
+        leftover = [cmdline_of(p) for p in alive]
         for p in alive:   # a failing run leaves nothing behind either
             p.kill()
         assert not leftover, leftover
