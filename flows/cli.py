@@ -1429,8 +1429,12 @@ def monitor_cmd(ctx: typer.Context,
     s = _session(ctx)
     if view is MonitorView.ui:
         return _monitor_ui(s, host, port, debug)
-    # Acting, it may re-compress or retrain: DVC stages, the registry.
-    adopt_params(s, hold="shrinkflow monitor" if act else None)
+    # Acting, it may re-compress or retrain: DVC stages, the registry, so the
+    # project is held and --params becomes params.yaml. Reporting only, it
+    # holds nothing, so it reads --params where it is: a copy over params.yaml
+    # would change what a running lifecycle's stages read.
+    if act:
+        adopt_params(s, hold="shrinkflow monitor")
     if act:   # SIGTERM and SIGHUP too unwind like Ctrl-C: a retrain puts the project back (flows/retrain.py)
         _stop_on_signals()
     from shrinkflow.errors import RegistryError
@@ -1450,7 +1454,8 @@ def monitor_cmd(ctx: typer.Context,
 
         _short_failures(debug)
         with ephemeral_api(lambda: prepare(s.root, s.params)):
-            result = monitor(project_dir=str(s.root), act=act)
+            result = monitor(project_dir=str(s.root), act=act,
+                             params_path=None if act or s.own_params else str(s.params_path))
     except Exception as exc:  # noqa: BLE001
         raise _crash(exc, "the monitor", debug)
     from shrinkflow.retrain import production_lines

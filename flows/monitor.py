@@ -30,14 +30,20 @@ RECORDED_RETRAIN = ("outcome", "deployed_version", "selected", "reason", "feedba
 
 
 @flow(name="shrinkflow-monitor", log_prints=True)
-def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0) -> dict:
+def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0,
+            params_path: str | None = None) -> dict:
     """``project_dir``: the project root; ``act``: run the re-compression flow when the verdict is recompress
     (False: only report what the policy decided); ``wait_for_project_s``: how long an acting run waits for
     another writer holding the project (a scheduled run: ``monitor.scheduled_wait_minutes``; 0: refused at
-    once, ProjectBusy)."""
+    once, ProjectBusy); ``params_path``: with ``act`` False only, the params file to read instead of the
+    project's params.yaml (``monitor --report-only --params FILE`` reads FILE and writes no params.yaml:
+    it holds no project lock, so it must not change what a running lifecycle reads). ValueError: a
+    ``params_path`` with ``act`` True (an acting run's stages read params.yaml)."""
     tie_to_scheduler()   # a scheduled run stops when its `shrinkflow schedule` is killed
+    if params_path is not None and act:
+        raise ValueError("params_path is for a report-only run: an acting monitor's stages read params.yaml")
     if not act:   # reports only: nothing a run changes
-        return _monitor(project_dir, act)
+        return _monitor(project_dir, act, params_path)
     try:
         with project_lock(project_dir, "the shrinkflow-monitor flow (acting)", wait_s=wait_for_project_s,
                           on_wait=print):
@@ -46,13 +52,13 @@ def monitor(project_dir: str, act: bool = True, wait_for_project_s: float = 0.0)
         return refused_state(exc)
 
 
-def _monitor(project_dir: str, act: bool = True) -> dict:
+def _monitor(project_dir: str, act: bool = True, params_path: str | None = None) -> dict:
     now = datetime.now(timezone.utc)
     # Validated once for the whole run. A run that may act checks too that
     # params.yaml names every key dvc.yaml tracks, before any report or
     # decision is written: a re-compression refused by DVC would otherwise
     # be recorded as acted, and hold the cooldown for a run that never was.
-    params = load_project_params(project_dir) if act else load_params(f"{project_dir}/{PARAMS}")
+    params = load_project_params(project_dir) if act else load_params(params_path or f"{project_dir}/{PARAMS}")
     window = read_window(project_dir, params)
     if len(window) == 0:  # a window below min_window_rows: warn, as the policy does, not a pass
         reason = (f"the prediction log is empty: nothing to monitor (the window of 0 rows is below "

@@ -351,6 +351,12 @@ def test_a_second_run_while_one_holds_the_project_changes_nothing_and_names_it(r
             assert (repo / "params.yaml").read_bytes() == before
             assert not (repo / ".prefect").exists()
         assert cli(repo, "monitor", "--report-only").returncode == ExitCode.NOTHING   # reading needs no lock
+        # A helper's finding: --report-only --params copied the file over
+        # params.yaml without the lock, under a running lifecycle's stages.
+        out = cli(repo, "monitor", "--report-only", "--params", str(other_params(tmp_path)))
+        assert out.returncode == ExitCode.NOTHING, out.stderr
+        assert "params.yaml replaced" not in out.stdout + out.stderr
+        assert (repo / "params.yaml").read_bytes() == before
     finally:
         holder.kill()
         holder.wait()

@@ -505,6 +505,16 @@ def test_a_monitor_that_may_act_refuses_a_params_yaml_missing_a_tracked_key_befo
     assert not (cli_project / "monitoring/reports").exists() and not (cli_project / ".shrinkflow/monitor").exists()
     result = monitor(project_dir=str(cli_project), act=False)
     assert result["acted"] is False and (cli_project / "monitoring/reports").is_dir()
+    # --report-only --params FILE: the flow reads FILE where it is (params.yaml
+    # untouched); an acting run cannot, its stages read params.yaml.
+    other = cli_project.parent / "other-params.yaml"
+    other.write_text(text.replace("reports_dir: monitoring/reports", "reports_dir: monitoring/other-reports"))
+    assert other.read_text() != text
+    result = monitor(project_dir=str(cli_project), act=False, params_path=str(other))
+    assert result["acted"] is False and (cli_project / "monitoring/other-reports").is_dir()
+    assert (cli_project / "params.yaml").read_text() == short + "\n"
+    with pytest.raises(ValueError, match="report-only"):
+        monitor(project_dir=str(cli_project), act=True, params_path=str(other))
 
 
 @pytest.mark.slow  # a real `shrinkflow monitor` run: about 20 s
