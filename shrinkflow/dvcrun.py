@@ -478,7 +478,10 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     Returns what DVC did (see the module docstring). Raises StageFailed when
     DVC exits non-zero, StageTimedOut after ``timeout_s`` (default
     ``stage_timeout_s()``); either way DVC and everything it started are
-    stopped (also on KeyboardInterrupt), so no stage outlives the run.
+    stopped (also on KeyboardInterrupt), so no stage outlives the run, and
+    the outs the stage had before are put back (``restore_stage_outs``: DVC
+    deleted them before it ran the command), with a line to ``echo`` saying
+    which.
     """
     timeout_s = stage_timeout_s() if timeout_s is None else timeout_s
     torn = repair_torn_rwlock(project_dir)
@@ -489,51 +492,169 @@ def repro_stage(stage: str, project_dir: Path | str, echo=sys.stdout.write,
     t0 = time.perf_counter()
     sweep_orphaned_markers()
     with tempfile.TemporaryDirectory(prefix=f"{MARKER_PREFIX}{os.getpid()}-") as tmp:
-        marker = Path(tmp) / "ran"
-        env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker),
-               STAGE_OWNER_ENV: owner_token()}
-        # pass_fds: DVC shares the project lock this process holds, so a
-        # SIGKILL of this process leaves the project held until DVC ends.
-        proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1, pass_fds=held_fds())
-        timed_out = threading.Event()
-
-        def expire() -> None:
-            timed_out.set()
-            stop_tree(proc)
-
-        timer = threading.Timer(timeout_s, expire)
-        timer.daemon = True
-        timer.start()
-        chunks, kept = [], []   # all of the output; what the console shows of it
-
-        def show(line: str) -> None:
-            kept.append(line)
-            echo(line)
-
-        shown = HintFilter(show)
+        kept = keep_stage_outs(stage, project_dir, Path(tmp) / "kept")
         try:
-            for line in proc.stdout:
-                chunks.append(line)
-                shown(line)
-            rc = proc.wait()
-        finally:
-            shown.flush()
-            timer.cancel()
-            if proc.poll() is None:  # interrupted while streaming
-                stop_tree(proc)
-            proc.stdout.close()
-        output = "".join(chunks)
-        tail = _whole_lines("".join(kept)[-3000:])
-        if timed_out.is_set():
-            raise StageTimedOut(stage, timeout_s, tail)
-        if rc != 0:
-            cause = failure_cause(output)
-            raise StageFailed(stage, rc, tail, cause, command_exit_code(output),
-                              None if cause else last_line(output))
-        ran = marker.is_file()
+            return _repro(stage, project_dir, echo, extra_env, force, timeout_s, cmd, t0, before, Path(tmp))
+        except BaseException:
+            note = restore_stage_outs(stage, project_dir, kept)
+            if note:
+                echo(note + "\n")
+            raise
+
+
+def _repro(stage: str, project_dir: Path | str, echo, extra_env: dict | None, force: bool, timeout_s: float,
+           cmd: list[str], t0: float, before: tuple | None, tmp: Path) -> StageRun:
+    """``repro_stage``'s run of ``cmd`` (its DVC repro) in the temporary
+    directory ``tmp``."""
+    marker = Path(tmp) / "ran"
+    env = {**offline_env(project_dir=project_dir), **(extra_env or {}), STAGE_RAN_ENV: str(marker),
+           STAGE_OWNER_ENV: owner_token()}
+    # pass_fds: DVC shares the project lock this process holds, so a
+    # SIGKILL of this process leaves the project held until DVC ends.
+    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, pass_fds=held_fds())
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        stop_tree(proc)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    chunks, kept = [], []   # all of the output; what the console shows of it
+
+    def show(line: str) -> None:
+        kept.append(line)
+        echo(line)
+
+    shown = HintFilter(show)
+    try:
+        for line in proc.stdout:
+            chunks.append(line)
+            shown(line)
+        rc = proc.wait()
+    finally:
+        shown.flush()
+        timer.cancel()
+        if proc.poll() is None:  # interrupted while streaming
+            stop_tree(proc)
+        proc.stdout.close()
+    output = "".join(chunks)
+    tail = _whole_lines("".join(kept)[-3000:])
+    if timed_out.is_set():
+        raise StageTimedOut(stage, timeout_s, tail)
+    if rc != 0:
+        cause = failure_cause(output)
+        raise StageFailed(stage, rc, tail, cause, command_exit_code(output),
+                          None if cause else last_line(output))
+    ran = marker.is_file()
     changed = False if ran or force else (before is None or stage_fingerprint(stage, project_dir) != before)
     return StageRun(stage, what_dvc_did(changed, force, ran), round(time.perf_counter() - t0, 2))
+
+
+@dataclass(frozen=True)
+class KeptOuts:
+    """What ``keep_stage_outs`` kept of a stage before its repro: the
+    signature (``_path_signature``) of each out dvc.lock pins for it that
+    existed, and a copy of each ``cache: false`` out (``dvc checkout``
+    cannot restore those) in ``copies``."""
+    pinned: dict          # out path (relative) -> signature before the repro
+    uncached: dict        # out path (relative) -> its copy (absolute), for those that existed
+    copies: Path
+
+
+def stage_outs(stage: str, project_dir: Path | str) -> tuple[list[str], list[str]]:
+    """``stage``'s outs, metrics and plots in dvc.yaml as (cached, ``cache:
+    false``) relative paths; ([], []) without a dvc.yaml or that stage (or
+    one that cannot be read: DVC will say so itself)."""
+    import yaml
+
+    try:
+        entry = ((yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text()) or {}).get("stages") or {}).get(stage)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return [], []
+    cached, uncached = [], []
+    for key in ("outs", "metrics", "plots"):
+        for out in (entry or {}).get(key) or [] if isinstance(entry, dict) else []:
+            if isinstance(out, str):
+                cached.append(out)
+            elif isinstance(out, dict):
+                for path, opts in out.items():
+                    (uncached if isinstance(opts, dict) and opts.get("cache") is False else cached).append(path)
+    return cached, uncached
+
+
+def keep_stage_outs(stage: str, project_dir: Path | str, copies: Path) -> KeptOuts:
+    """Before ``stage``'s repro: what ``restore_stage_outs`` needs to put
+    its outs back should it fail (DVC deletes a stage's outs before it runs
+    the command, and writes dvc.lock only once it succeeded): the signature
+    of every out dvc.lock pins for the stage that exists now, and a copy in
+    ``copies`` of every ``cache: false`` one (metrics and reports: small
+    files)."""
+    import shutil
+
+    from shrinkflow.lineage import dvc_lock_stages
+
+    root = Path(project_dir)
+    try:
+        entry = dvc_lock_stages(root).get(stage)
+    except Exception:  # noqa: BLE001 - no lock, or one DVC will refuse itself: nothing pinned to restore
+        entry = None
+    not_cached = stage_outs(stage, root)[1]
+    pinned = {}
+    for out in (entry or {}).get("outs") or [] if isinstance(entry, dict) else []:
+        if (isinstance(out, dict) and isinstance(out.get("path"), str) and out["path"] not in not_cached
+                and (root / out["path"]).exists()):
+            pinned[out["path"]] = _path_signature(root / out["path"])
+    uncached = {}
+    for rel in not_cached:
+        if (root / rel).is_file():
+            uncached[rel] = copies / rel
+            uncached[rel].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, uncached[rel])
+    return KeptOuts(pinned, uncached, copies)
+
+
+def restore_stage_outs(stage: str, project_dir: Path | str, kept: KeptOuts) -> str | None:
+    """After ``stage``'s repro failed, timed out or was interrupted: put back
+    the outs it had before (``keep_stage_outs``), so that a failed run
+    leaves the project as its last good run left it (the prepared splits
+    and the monitor's reference, the kept teacher, the candidates): the
+    cached ones DVC deleted or the failed command rewrote, with ``dvc
+    checkout --force <stage>`` from dvc.lock and DVC's cache; the ``cache:
+    false`` ones from their copies. Outs that did not exist before stay as
+    they are. Never raises: returns the line to show (what was restored,
+    or why it could not be and how to do it by hand), None when nothing
+    had changed."""
+    from shrinkflow.files import atomic_write_bytes
+
+    root = Path(project_dir)
+    changed = [rel for rel, sig in kept.pinned.items() if _path_signature(root / rel) != sig]
+    restored, problems = [], []
+    if changed:
+        try:
+            repair_torn_rwlock(root)
+            dvc_command(["checkout", "--force", stage], root)
+            restored += changed
+        except Exception as exc:  # noqa: BLE001 - said; the stage's own failure is what is raised
+            problems.append(f"dvc checkout --force {stage} failed ({str(exc).splitlines()[0]}): run it once "
+                            "the cause is fixed")
+    for rel, copy in kept.uncached.items():
+        try:
+            if not (root / rel).is_file() or (root / rel).read_bytes() != copy.read_bytes():
+                atomic_write_bytes(root / rel, copy.read_bytes())
+                restored.append(rel)
+        except OSError as exc:
+            problems.append(f"{rel} could not be put back ({exc})")
+    if not restored and not problems:
+        return None
+    line = f"stage {stage!r} did not finish: "
+    if restored:
+        line += f"its previous outputs are back ({', '.join(sorted(restored))}; dvc.lock pins them)"
+    if problems:
+        line += ("; " if restored else "") + "; ".join(problems)
+    return line
 
 
 def params_fingerprint(project_dir: Path | str) -> str:

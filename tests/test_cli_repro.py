@@ -39,9 +39,13 @@ if text.startswith("badzip"):
 if text.startswith("sleep"):
     pathlib.Path("sleeper.pid").write_text(str(os.getpid()))
     time.sleep(300)
+if text.startswith("halfway"):   # a new output written, then a crash
+    pathlib.Path("out.txt").write_text("half-written")
+    sys.exit("toy: crashed halfway")
 if text.startswith("fail"):
     sys.exit("toy: asked to fail")
 pathlib.Path("out.txt").write_text(text.upper())
+pathlib.Path("metric.json").write_text('{"n": %d}' % len(text))
 print("toy ran")
 """
 
@@ -181,6 +185,42 @@ def test_a_failing_stage_raises_with_its_output(toy):
     assert info.value.cause is None
     assert info.value.headline == "stage 'toy' failed (its command exited with 1); its last line of output: " \
                                   "toy: asked to fail"
+
+
+@pytest.mark.parametrize("how", ["fail", "halfway"])
+def test_a_stage_that_fails_leaves_its_previous_outputs_as_dvc_lock_pins_them(toy, how):
+    """A helper's finding: a failed data stage left data/prepared (the
+    monitor's reference among it) and its metrics deleted, as DVC removes
+    a stage's outs before it runs it, so production's monitor failed until
+    they were restored by hand. Now the cached outs come back from DVC's
+    cache and the ``cache: false`` ones from a copy, whether the command
+    failed at once or after writing a new output; a stage that never
+    succeeded has nothing to put back."""
+    (toy / "dvc.yaml").write_text(DVC_YAML.replace("outs: [out.txt]",
+                                                   "outs: [out.txt]\n    metrics:\n      - metric.json:\n"
+                                                   "          cache: false"))
+    (toy / "in.txt").write_text(f"{how} first\n")
+    shown: list[str] = []
+    with pytest.raises(StageFailed):
+        repro_stage("toy", toy, echo=shown.append)
+    assert not any("previous outputs" in line for line in shown), shown   # nothing pinned yet
+    (toy / "in.txt").write_text("good\n")
+    repro_stage("toy", toy, echo=shown.append)
+    assert (toy / "out.txt").read_text() == "GOOD\n" and (toy / "metric.json").read_text() == '{"n": 5}'
+    lock = (toy / "dvc.lock").read_text()
+    (toy / "in.txt").write_text(f"{how}\n")
+    shown.clear()
+    with pytest.raises(StageFailed):
+        repro_stage("toy", toy, echo=shown.append)
+    assert (toy / "out.txt").read_text() == "GOOD\n" and (toy / "metric.json").read_text() == '{"n": 5}'
+    assert (toy / "dvc.lock").read_text() == lock
+    line = next(line for line in shown if "previous outputs" in line)
+    assert line.strip() == ("stage 'toy' did not finish: its previous outputs are back (metric.json, out.txt; "
+                            "dvc.lock pins them)"), shown
+    # DVC agrees: only the dependency changed
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=toy, capture_output=True,
+                            text=True, timeout=120)
+    assert '"changed outs"' not in status.stdout and "in.txt" in status.stdout, status.stdout
 
 
 def test_a_stage_failure_names_its_last_exception_first():
