@@ -165,7 +165,11 @@ class Registry:
         path = self.root / "aliases.json"
         if not path.is_file():
             return {}
-        aliases = read_json(path)
+        try:
+            aliases = read_json(path)
+        except (ValueError, UnicodeDecodeError) as exc:   # empty, cut short, not UTF-8
+            raise RegistryError(f"{path}: not valid JSON ({exc}): restore it from the registry's history "
+                                "(`shrinkflow versions`) or a backup") from None
         if not isinstance(aliases, dict):
             raise RegistryError(f"{path}: not a mapping of alias -> version")
         for name, version in aliases.items():

@@ -141,6 +141,18 @@ def test_alias_file_is_validated(tmp_path, bad):
         reg.load()
 
 
+@pytest.mark.parametrize("raw", [b"", b'{"production": "v0001"', b"\xff\xfe{}"])
+def test_an_unreadable_alias_file_is_a_registry_error_not_a_crash(tmp_path, raw):
+    """A helper's finding: an empty or cut-short aliases.json raised
+    JSONDecodeError out of every command (status, rollback, serve, monitor:
+    "shrinkflow crashed" and a traceback)."""
+    reg = Registry(tmp_path / "reg")
+    reg.promote(model_dir(tmp_path, "m1", b"one"), PASS, {})
+    (tmp_path / "reg" / "aliases.json").write_bytes(raw)
+    with pytest.raises(RegistryError, match=r"aliases\.json: not valid JSON"):
+        reg.alias()
+
+
 PROMOTER = r"""
 import sys, time
 from shrinkflow.config import Gates

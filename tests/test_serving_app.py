@@ -245,6 +245,29 @@ def test_a_half_written_aliases_file_neither_stops_hot_reload_nor_sticks(tmp_pat
         assert health["status"] == "ok" and health["refused"] is None
 
 
+def test_a_registry_moved_away_under_the_server_is_reported_not_a_500(tmp_path, fp32_dir):
+    """A helper's finding: with the served version's manifest, or the whole
+    registry, moved away, /metadata answered a plain-text 500 and /health
+    said ok with nothing refused. Now /metadata answers the JSON error (503)
+    and /health names the problem, while /predict keeps answering with the
+    version loaded; put back, both recover."""
+    app, reg = make(tmp_path, fp32_dir, reload_poll_s=0.1)
+    moved = tmp_path / "registry-moved"
+    with running(app) as srv:
+        assert httpx.get(f"{srv.url}/metadata").status_code == 200
+        reg.root.rename(moved)
+        refused = wait_for(lambda: httpx.get(f"{srv.url}/health").json()["refused"], "the move was not reported")
+        assert refused["version"] is None and "no production alias" in refused["reason"], refused
+        assert "still serving v0001" in refused["reason"]
+        answer = httpx.get(f"{srv.url}/metadata")
+        assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
+        assert answer.json()["error"] == "registry_unavailable" and "v0001" in answer.json()["detail"]
+        assert httpx.post(f"{srv.url}/predict", json={"texts": ["a fine film"]}).status_code == 200
+        moved.rename(reg.root)
+        wait_for(lambda: httpx.get(f"{srv.url}/health").json()["refused"] is None, "the report stuck")
+        assert httpx.get(f"{srv.url}/metadata").json()["deployed"]["version"] == "v0001"
+
+
 # ------------------------------------------------------------------ a dead batching loop
 
 def _cancel(srv):

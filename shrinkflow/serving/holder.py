@@ -110,7 +110,9 @@ class ModelHolder:
         With a follower, the shared registry is followed first (``follow``).
         An aliases file that cannot be read (say, half-written by a hand
         edit: not JSON yet) is reported in ``refused`` with no version, until
-        it reads again; a version that fails to load, with its version."""
+        it reads again, and so is a registry with no production alias while
+        a version is served (its folder moved away or emptied); a version
+        that fails to load, with its version."""
         with self._lock:
             if not self.follow():
                 return False
@@ -121,6 +123,11 @@ class ModelHolder:
                 return False
             if self.refused and self.refused.get("version") is None:
                 self.refused = None
+            if version is None and self.current is not None:   # the registry moved or emptied under the server
+                self.refused = {"version": None, "reason": f"registry {self.registry.root} has no production "
+                                                           f"alias now (no aliases.json, or none in it); still "
+                                                           f"serving {self.current.version}"}
+                return False
             if version is None or (self.current and version == self.current.version):
                 return False
             if self.refused and self.refused.get("version") == version:

@@ -8,7 +8,9 @@ import asyncio
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from shrinkflow.errors import RegistryError
 from shrinkflow.serving.deps import ServingState, serving_state
+from shrinkflow.serving.errors import ApiError
 from shrinkflow.serving.schemas import Metadata, error_responses
 from shrinkflow.status import status_report
 
@@ -32,14 +34,20 @@ async def health(state: ServingState = Depends(serving_state)):
 
 
 @router.get("/metadata", summary="The served version: recipe, figures, gates, lineage, how it is served",
-            response_model=Metadata, response_model_exclude_unset=True, responses=error_responses(401))
+            response_model=Metadata, response_model_exclude_unset=True, responses=error_responses(401, 503))
 async def metadata(state: ServingState = Depends(serving_state)) -> Metadata:
     """``shrinkflow status --json`` for the version being served, and how it
     is served. Its files were hashed once, when it was loaded into memory
     (``integrity``: verified), not on every request."""
     cur = state.holder.current
     # A LoadedModel exists only once Registry.load verified every file's hash.
-    report = await asyncio.to_thread(status_report, state.registry, cur.version, "verified")
+    try:
+        report = await asyncio.to_thread(status_report, state.registry, cur.version, "verified")
+    except (RegistryError, KeyError, OSError, ValueError) as exc:   # its record moved or deleted under the server
+        detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise ApiError(503, "registry_unavailable", f"the registry's record of the served version {cur.version} "
+                                                    f"cannot be read: {detail}; /predict keeps answering with "
+                                                    "the version loaded") from None
     # the report's fields as set (what its JSON holds), and how it is served
     return Metadata(**{k: getattr(report, k) for k in report.model_fields_set},
                     serving=cur.serving(state.params.truncation))
