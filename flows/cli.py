@@ -733,14 +733,8 @@ def serve(ctx: typer.Context,
     log_to_stderr()   # hot reloads and refusals, timestamped
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
-        if sock is None:
-            uvicorn.run("shrinkflow.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
-                        **edge)
-            return
-        from uvicorn.supervisors import Multiprocess   # what uvicorn.run does for workers, on our socket
-
-        Multiprocess(uvicorn.Config("shrinkflow.serving:app_from_env", factory=True, host=host, port=port,
-                                    workers=workers, **edge), sockets=[sock]).run()
+        _run_workers(uvicorn.Config("shrinkflow.serving:app_from_env", factory=True, host=host, port=port,
+                                    workers=workers, **edge), sock)
         return
     log.close()   # the app opens its own connections on its event loop's threads
     app_ = make_app(registry, prediction_log(root, sp), sp, reports_dir=root / parsed.monitor.reports_dir,
@@ -755,6 +749,31 @@ def serve(ctx: typer.Context,
         pass
     if not server.started:
         sys.exit(3)   # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+def _run_workers(config, sock) -> None:
+    """``serve --workers N``: what ``uvicorn.run`` does for workers (its
+    Multiprocess supervisor), on ``sock`` when one is bound already (else
+    the config binds one). A SIGTERM stops the workers gracefully, then ends
+    this process by that signal, as one worker does (the shell's 143, not
+    0); Ctrl-C exits 0. Each worker also stops by itself should this
+    process die (``shrinkflow.serving.app.stop_with_parent``)."""
+    import signal
+
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        terminated = False
+
+        def handle_term(self) -> None:
+            self.terminated = True
+            super().handle_term()
+
+    supervisor = Supervisor(config, sockets=[sock if sock is not None else config.bind_socket()])
+    supervisor.run()
+    if supervisor.terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _follow_at_start(follower) -> None:

@@ -23,7 +23,7 @@ from shrinkflow.files import atomic_write_text
 from shrinkflow.gates import evaluate_gates
 from shrinkflow.predlog import PredictionLog
 from shrinkflow.registry import Registry
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, cmdline_of
 from tests.netports import free_port
 from tests.registry_outputs import deploy_record
 
@@ -583,6 +583,53 @@ def test_several_workers_serve_and_log(project):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+    # docs/exit-codes.md: SIGTERM, a graceful shutdown, then the shell's 143
+    # (it exited 0 with workers, a helper's finding)
+    assert proc.returncode == -signal.SIGTERM, proc.stdout.read()
+
+
+@pytest.mark.slow  # ~10 s: two workers start, then stop by themselves
+def test_workers_stop_when_their_serve_process_is_killed(project):
+    """A helper's finding: `kill -9` of `serve --workers 2` left its workers
+    serving the port, reparented, until killed by hand (a new serve on it:
+    "already in use"). Each worker now stops, gracefully, once its parent is
+    gone, and the port is free again."""
+    import psutil
+
+    from shrinkflow.ports import port_is_free
+
+    port = free_port()
+    env = {**os.environ, "SHRINKFLOW_API_TOKEN": TOKEN, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--workers", "2"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    workers = []
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.post(f"{url}/predict", json={"texts": ["before"]}, headers=AUTH).status_code == 200
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "multiprocessing" in cmdline_of(c)]
+        assert len(workers) >= 2, [cmdline_of(c) for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.kill()
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [(p.pid, cmdline_of(p)) for p in alive]
+        deadline = time.time() + 10
+        while not port_is_free("127.0.0.1", port):
+            assert time.time() < deadline, f"port {port} still taken after the workers stopped"
+            time.sleep(0.2)
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
 
 
 def test_an_unknown_path_or_method_gets_the_one_error_shape(server):

@@ -150,11 +150,38 @@ def app_from_env():
 
     root = Path(os.environ["SHRINKFLOW_PROJECT"])
     log_to_stderr()
+    stop_with_parent()
     params = load_params(root / "params.yaml")
     registry, follower = served_registry(root, params)
     return create_app(registry, prediction_log(root, params.serve), params.serve,
                       reports_dir=root / params.monitor.reports_dir, token=os.environ.get(TOKEN_ENV) or None,
                       follower=follower)
+
+
+def stop_with_parent(poll_s: float = 1.0):
+    """A ``--workers`` worker stops when the ``shrinkflow serve`` process
+    that started it dies (``kill -9``): a daemon thread polls the parent's
+    pid every ``poll_s`` seconds and, once this process has been handed to
+    another parent, sends it SIGTERM, so uvicorn shuts it down gracefully
+    (requests in flight answered, the prediction log flushed) instead of
+    serving the port, unsupervised, until killed by hand. Returns the
+    thread."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logger.warning("the `shrinkflow serve` process that started this worker (pid %d) is gone: stopping",
+                       parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="shrinkflow-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def served_registry(root: Path, params):
