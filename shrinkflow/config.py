@@ -65,6 +65,11 @@ class DataSource(_Frozen):
 # that directory, which is what makes DVC see a new export.
 _USER_DATA_PARTS = ("data", "user")
 # File suffix -> format, when ``format`` is null.
+# The most epochs any training param takes (train, distill, warm start,
+# recovery, the frontier's baseline): a larger figure is a typo (a run that
+# would never end), not a schedule.
+MAX_EPOCHS = 1000
+
 FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -334,8 +339,9 @@ class TrainParams(_Frozen):
     max_seq_len: Annotated[int, Field(ge=8, le=512)] = 64
     # Sentences per training step.
     batch_size: Annotated[int, Field(ge=1)] = 32
-    # Fine-tuning epochs; the epoch with the best val accuracy is kept.
-    epochs: Annotated[int, Field(ge=1)] = 2
+    # Fine-tuning epochs; the epoch with the best val accuracy is kept (at
+    # most MAX_EPOCHS: more is a typo, not a schedule).
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 2
     # AdamW peak learning rate (linear warm-up, then linear decay).
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
     # AdamW weight decay.
@@ -427,8 +433,8 @@ class DistillStep(_Frozen):
     method: Literal["distill"] = "distill"
     # Teacher encoder layers the student starts from, strictly increasing.
     layers: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)] = (0, 2, 4)
-    # Distillation epochs.
-    epochs: Annotated[int, Field(ge=1)] = 2
+    # Distillation epochs (at most MAX_EPOCHS).
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 2
     # Softmax temperature T of the soft labels.
     temperature: Annotated[float, Field(gt=0.0)] = 2.0
     # Weight of the soft-label loss; 1 - alpha_kl goes to the hard labels (1.0: soft labels only).
@@ -464,7 +470,7 @@ class DistillStep(_Frozen):
     warm_start: bool = True
     # Epochs of a warm re-distillation, over the window's texts and the
     # training rows mixed in (0: keep the production weights as they are).
-    warm_start_epochs: Annotated[int, Field(ge=0)] = 2
+    warm_start_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 2
     # Peak learning rate of a warm re-distillation (linear warm-up and
     # decay, as a cold one); null: the step's learning_rate. A converged
     # student fine-tuned at the rate it was distilled at moves far from
@@ -632,7 +638,7 @@ class StructuredPruneStep(_Frozen):
     # Batches over which the importance (gradient x weight) is summed.
     importance_batches: Annotated[int, Field(ge=1)] = 32
     # Epochs of distillation from the teacher after pruning (0: none).
-    recovery_epochs: Annotated[int, Field(ge=0)] = 1
+    recovery_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 1
     # Learning rate of the recovery.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
     # Softmax temperature of the recovery's soft labels.
@@ -663,7 +669,7 @@ class MagnitudePruneStep(_Frozen):
     # gradual only: pruning steps.
     gradual_steps: Annotated[int, Field(ge=2)] = 4
     # gradual only: distillation epochs (over a slice of the data) after each step.
-    recovery_epochs: Annotated[int, Field(ge=1)] = 1
+    recovery_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     # gradual only: learning rate of the distillation between steps.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-5
     # Seeds the distillation between steps.
@@ -1303,7 +1309,7 @@ class SmallDirectParams(_Frozen):
     # Encoder layers: the 3-layer student's shape.
     num_layers: Annotated[int, Field(ge=1, le=12)] = 3
     # Training epochs; the best on val is kept.
-    epochs: Annotated[int, Field(ge=1)] = 4
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 4
     # AdamW peak learning rate.
     learning_rate: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-4
     # Seeds initialisation and batch order.

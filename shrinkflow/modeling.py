@@ -58,6 +58,10 @@ def ensure_tokenizer_json(model_dir: Path | str) -> Path:
     path = model_dir / TOKENIZER
     if path.is_file():
         return path
+    if not model_dir.is_dir():   # a mistyped train.model.path: say that, not which files it lacks
+        raise MissingInput(f"{model_dir}: no such checkpoint directory"
+                           + (" (it is a file)" if model_dir.exists() else "")
+                           + " (train.model.path: absolute, or relative to the project root)")
     if not ((model_dir / "vocab.txt").is_file() or (model_dir / "vocab.json").is_file()):
         raise MissingInput(f"{model_dir}: no tokenizer.json (nor vocab.txt or vocab.json + merges.txt) "
                            "to build the teacher's tokenizer from")

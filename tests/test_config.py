@@ -106,6 +106,20 @@ def test_out_of_range_value_is_named(raw):
     assert "less than or equal to 1 (got 1.5)" in problems(raw)["validate.gates.min_accuracy"]
 
 
+def test_an_epoch_count_no_run_would_finish_is_refused(raw):
+    """A helper's finding: `train.epochs: 1000000000000` passed validation
+    and `run` started a training that would never end."""
+    from shrinkflow.config import MAX_EPOCHS
+
+    raw["train"]["epochs"] = 10 ** 12
+    raw["compress"]["candidates"][1]["recipe"][0]["epochs"] = MAX_EPOCHS + 1
+    found = problems(raw)
+    assert f"less than or equal to {MAX_EPOCHS} (got 1000000000000)" in found["train.epochs"]
+    assert f"less than or equal to {MAX_EPOCHS}" in found["compress.candidates.1.recipe.0.epochs"], found
+    raw["train"]["epochs"] = raw["compress"]["candidates"][1]["recipe"][0]["epochs"] = MAX_EPOCHS
+    assert parse_params(raw).train.epochs == MAX_EPOCHS
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nan_or_inf_is_named_as_not_finite(raw, value):
     """A newcomer's `.nan` was refused as "less than or equal to 1 (got nan)",

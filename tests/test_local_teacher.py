@@ -153,6 +153,19 @@ def test_the_checkpoint_gets_a_tokenizer_json_built_offline_from_its_vocab(tmp_p
         assert enc[0].tokens[0] == cls and enc[0].tokens[-1] == pad  # padded to the longer text
 
 
+def test_a_checkpoint_directory_that_does_not_exist_is_named_as_such(tmp_path):
+    """A newcomer's finding: a mistyped train.model.path failed with "no
+    tokenizer.json (nor vocab.txt ...)", as if the directory were there."""
+    from shrinkflow.errors import MissingInput
+    from shrinkflow.modeling import tokenizer_path
+
+    with pytest.raises(MissingInput, match=r"nonexist: no such checkpoint directory \(train\.model\.path"):
+        tokenizer_path(LocalModel(path=str(tmp_path / "nonexist")))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MissingInput, match=r"no such checkpoint directory \(it is a file\)"):
+        tokenizer_path(LocalModel(path=str(tmp_path / "afile")))
+
+
 # Every step each family supports; the rest are refused (below). The student
 # also matches the teacher's hidden states (its layer outputs).
 DISTILL = DistillStep(layers=(1,), epochs=1, use_unlabelled=False, hidden_weight=1.0)
