@@ -191,8 +191,10 @@ def feedback_class_id(prediction_id: str, label: int | str, stored_labels, label
     if not names:
         return label
     if not 0 <= label < len(names):
-        raise FeedbackLabelError(f"label index must be in 0..{len(names) - 1} (the labels are {names}): {where}",
-                                 names)
+        hint = (f"; to name the class {label}, send it as a string (\"{label}\")"
+                if str(label) in names else "")   # integer names: 10 is a name, not an index of 4 classes
+        raise FeedbackLabelError(f"label index must be in 0..{len(names) - 1} (the labels are {names}): {where}"
+                                 f"{hint}", names)
     if names != [str(i) for i in range(len(names))] and any(_is_int(n) for n in names):
         raise FeedbackLabelError(f"label {label} is ambiguous: {where} are integers, so send the label's name as a "
                                  f"string (\"{label}\" for the class named {label}; {label} would be read as the "

@@ -294,6 +294,9 @@ def test_feedback_by_id_where_the_label_names_are_integers_is_refused_as_ambiguo
     with pytest.raises(ValueError, match=r"label 1 is ambiguous: the labels \['1', '2', '3'\].*send the label's name"):
         log.store_feedback("a", 1, labels=served)
     assert log.window(with_feedback=True).empty   # nothing written
+    # out of range as an index, yet a class's name: the answer says how to send it
+    with pytest.raises(ValueError, match=r"label index must be in 0\.\.2 .*send it as a string \(\"3\"\)"):
+        log.store_feedback("a", 3, labels=served)
     stored = log.store_feedback("a", "1", labels=served)
     assert (stored.replaced, stored.class_id, stored.label) == (False, 0, "1")
     assert log.store_feedback("b", 1, labels=served).label == "1"     # 0..N-1: the id is the name
