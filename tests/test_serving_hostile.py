@@ -191,6 +191,29 @@ def test_only_a_json_content_type_is_read(server, content_type, status):
     assert log_of(server.root).count() - before == (status == 200)
 
 
+@pytest.mark.parametrize("headers, body, says", [
+    ({"Content-Type": "application/json; charset=utf-16"}, '{"texts": ["sent as what?"]}'.encode("utf-16"),
+     "charset: 'utf-16'"),
+    ({"Content-Type": "application/json; charset=latin-1"}, '{"texts": ["caf\u00e9"]}'.encode("latin-1"),
+     "charset: 'latin-1'"),
+    ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, None, "Content-Encoding: 'gzip'"),
+])
+def test_a_body_in_another_charset_or_compressed_is_refused_as_such(server, headers, body, says):
+    """A newcomer's findings: a gzip body was answered "not_utf8 (byte 1)",
+    and a body declared charset=utf-16 was read as UTF-8 (latin-1 text
+    silently, as mojibake or an error). JSON is UTF-8: both get 415 saying
+    why; charset=utf-8 (test above) is read."""
+    import gzip
+
+    body = body if body is not None else gzip.compress(b'{"texts": ["compressed"]}')
+    before = log_of(server.root).count()
+    with httpx.Client() as c:
+        r = c.post(f"{server.url}/predict", content=body, headers=headers, timeout=30)
+    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type"), r.text
+    assert says in r.json()["detail"], r.text
+    assert log_of(server.root).count() == before
+
+
 def test_feedback_with_an_unknown_or_hostile_id_is_a_4xx(server):
     r = post_raw(server.url, "/feedback", json.dumps({"prediction_id": "0" * 32, "label": 1}).encode())
     assert (r.status_code, r.json()["error"]) == (404, "unknown_prediction")

@@ -58,8 +58,10 @@ async def get_log(request: Request) -> PredictionLog:
 
 async def json_body(request: Request):
     """The body as strict JSON (``schemas.parse_json``), sent as JSON
-    (Content-Type ``application/json`` or ``application/*+json``, else 415
-    unsupported_media_type, before anything is read), its size checked
+    (Content-Type ``application/json`` or ``application/*+json``, UTF-8 and
+    not compressed, else 415 unsupported_media_type, before anything is
+    read: a ``charset`` other than utf-8, a ``Content-Encoding`` other than
+    identity), its size checked
     against serve.max_body_bytes before it is parsed, as the
     Content-Length says and again as the bytes arrive. Raises ApiError: 413
     body_too_large, 400 not_utf8 or not_json, 422 invalid_request (a
@@ -72,6 +74,20 @@ async def json_body(request: Request):
         sent = f"this request's: {printable(media, 100)!r}" if media else "this request has no Content-Type"
         raise ApiError(415, "unsupported_media_type",
                        f"send the body as JSON with the header 'Content-Type: application/json' ({sent})")
+    # JSON is UTF-8 (RFC 8259): a body declared in another charset, or
+    # compressed, would be read as UTF-8 bytes it is not; say so instead.
+    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in
+                    request.headers.get("content-type", "").split(";")[1:] if p.strip().lower().startswith("charset=")),
+                   None)
+    if charset is not None and charset.replace("_", "-") not in ("utf-8", "utf8"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"the body must be UTF-8 JSON (this request's charset: {printable(charset, 40)!r}); send it "
+                       "as UTF-8, with no charset or charset=utf-8")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"the body must not be compressed (this request's Content-Encoding: "
+                       f"{printable(encoding, 40)!r}); send it as plain UTF-8 JSON")
     too_large = f"the body exceeds {params.max_body_bytes} bytes"
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > params.max_body_bytes):
