@@ -734,7 +734,7 @@ def serve(ctx: typer.Context,
     if workers > 1:
         os.environ["SHRINKFLOW_PROJECT"] = str(root)
         _run_workers(uvicorn.Config("shrinkflow.serving:app_from_env", factory=True, host=host, port=port,
-                                    workers=workers, **edge), sock)
+                                    workers=workers, **edge), sock, root / STATE)
         return
     log.close()   # the app opens its own connections on its event loop's threads
     app_ = make_app(registry, prediction_log(root, sp), sp, reports_dir=root / parsed.monitor.reports_dir,
@@ -751,13 +751,17 @@ def serve(ctx: typer.Context,
         sys.exit(3)   # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
-def _run_workers(config, sock) -> None:
+def _run_workers(config, sock, state_dir: Path) -> None:
     """``serve --workers N``: what ``uvicorn.run`` does for workers (its
     Multiprocess supervisor), on ``sock`` when one is bound already (else
     the config binds one). A SIGTERM stops the workers gracefully, then ends
     this process by that signal, as one worker does (the shell's 143, not
     0); Ctrl-C exits 0. Each worker also stops by itself should this
-    process die (``shrinkflow.serving.app.stop_with_parent``)."""
+    process die (``shrinkflow.serving.app.stop_with_parent``). The workers
+    count their metrics in files under a fresh folder,
+    ``state_dir/metrics-<pid>`` (``shrinkflow.serving.metrics.MULTIPROC_ENV``),
+    removed at the end (a killed server's, by the next ``serve --workers``),
+    so that /metrics answers for the whole server."""
     import signal
 
     from uvicorn.supervisors import Multiprocess
@@ -769,8 +773,26 @@ def _run_workers(config, sock) -> None:
             self.terminated = True
             super().handle_term()
 
-    supervisor = Supervisor(config, sockets=[sock if sock is not None else config.bind_socket()])
-    supervisor.run()
+    import shutil
+
+    import psutil
+
+    from shrinkflow.serving.metrics import MULTIPROC_ENV
+
+    # /metrics sums every worker's counts (prometheus_client's multiprocess
+    # mode): a fresh folder for this server's workers, set before they start.
+    for old in state_dir.glob("metrics-*"):   # those of servers killed outright
+        if old.name.removeprefix("metrics-").isdigit() and not psutil.pid_exists(int(old.name[8:])):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = state_dir / f"metrics-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    try:
+        supervisor = Supervisor(config, sockets=[sock if sock is not None else config.bind_socket()])
+        supervisor.run()
+    finally:
+        shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
     if supervisor.terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

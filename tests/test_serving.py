@@ -577,6 +577,19 @@ def test_several_workers_serve_and_log(project):
         codes = [httpx.post(f"{url}/predict", json={"texts": [f"w{i}"]}, headers=AUTH).status_code for i in range(20)]
         assert codes == [200] * 20
         assert log_of(project).count() - before == 20
+        # /metrics answers for the server, whichever worker takes the scrape
+        # (each worker's own counts went up and down between scrapes: a
+        # helper's finding)
+        import re
+
+        scraped = []
+        for _ in range(8):
+            text = httpx.get(f"{url}/metrics", headers=AUTH).text
+            found = re.search(r'^shrinkflow_requests_total\{endpoint="/predict",status="200"\} (\S+)$', text, re.M)
+            assert found, text
+            scraped.append(float(found.group(1)))
+            assert re.search(r'^shrinkflow_model_version_info\{version="v\d{4}"\} 1\.0$', text, re.M), text
+        assert scraped == [20.0] * 8, scraped
         # the HTTP edge's limits hold in every worker (serve.max_headers: 100)
         many = {f"x-h{i}": "1" for i in range(101)}
         assert httpx.post(f"{url}/predict", json={"texts": ["h"]}, headers={**AUTH, **many}).status_code == 431
@@ -586,6 +599,7 @@ def test_several_workers_serve_and_log(project):
     # docs/exit-codes.md: SIGTERM, a graceful shutdown, then the shell's 143
     # (it exited 0 with workers, a helper's finding)
     assert proc.returncode == -signal.SIGTERM, proc.stdout.read()
+    assert not list((project / ".shrinkflow").glob("metrics-*"))   # the workers' metric files went with them
 
 
 @pytest.mark.slow  # ~10 s: two workers start, then stop by themselves

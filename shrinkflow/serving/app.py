@@ -74,6 +74,7 @@ async def lifespan(app):
         await state.batcher.stop()
         state.writer.stop()   # every answered prediction was committed; flush the rest
         state.log.close()     # PostgreSQL: its connections (SQLite holds none)
+        state.metrics.worker_stopped()
 
 
 def create_app(registry: Registry, log: PredictionLog, params: ServeParams, reports_dir: Path | None = None,
