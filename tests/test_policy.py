@@ -347,6 +347,15 @@ def test_only_an_acted_recompression_starts_the_cooldown(acted, action):
         assert d.reasons[0] == "cooldown: the last re-compression was 1.0 h ago (cooldown_hours 24)"
 
 
+def test_a_retrain_holds_the_cooldown_and_is_named_as_such():
+    """A newcomer's finding: after a retrain the cooldown said "the last
+    re-compression was 0.1 h ago"."""
+    past = [PastDecision(ts=(NOW - timedelta(hours=5)).isoformat(), action="recompress", window_sha256="c" * 64),
+            PastDecision(ts=(NOW - timedelta(hours=1)).isoformat(), action="retrain", window_sha256="d" * 64)]
+    d = decide(summary(agreement=0.5), P, past, NOW)
+    assert d.action == "warn" and d.reasons[0] == "cooldown: the last retrain was 1.0 h ago (cooldown_hours 24)"
+
+
 @pytest.mark.parametrize("acted, action", [(False, "recompress"), (True, "warn")])
 def test_only_an_acted_recompression_marks_its_window(acted, action):
     past = [PastDecision(ts=(NOW - timedelta(days=30)).isoformat(), action="recompress", window_sha256="b" * 64,
