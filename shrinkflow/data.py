@@ -281,9 +281,12 @@ def _decode_error(path: Path, encoding: str, shown: str, named: str) -> DataErro
                 at = offset - len(pending) + exc.start
                 line += data[:exc.start].count(b"\n") - pending.count(b"\n")
                 bad = data[exc.start:exc.start + 4].hex(" ")
+                with open(path, "rb") as head:
+                    bom = head.read(2) in (b"\xff\xfe", b"\xfe\xff")   # UTF-16's byte-order marks
+                hint = ("the file starts with a UTF-16 byte-order mark: set data.source.encoding to utf-16"
+                        if bom else "set data.source.encoding to the file's encoding (e.g. latin-1, cp1252)")
                 return DataError(f"{shown}: bytes not valid {named} at byte offset {at} (line {line}: {bad}); "
-                                 "set data.source.encoding to the file's encoding (e.g. latin-1, cp1252), "
-                                 "or re-export the file as UTF-8")
+                                 f"{hint}, or re-export the file as UTF-8")
             if not block:
                 break
             offset += len(block)
@@ -344,6 +347,10 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
             if col not in found:
                 raise DataError(f"{shown}: no column {col!r} (data.source.{key}); the file has columns "
                                 f"{[str(c) for c in found]}: set data.source.{key} to one of them")
+            if list(found).count(col) > 1:   # pandas would read the first and rename the others (col.1)
+                raise DataError(f"{shown}: {list(found).count(col)} columns are named {col!r} "
+                                f"(data.source.{key}): which one holds the data is ambiguous; rename or drop "
+                                "the others")
 
     try:
         if fmt in ("csv", "tsv"):
@@ -352,7 +359,9 @@ def read_table(path: Path, fmt: str, columns: dict[str, str], encoding: str = "u
                 header = pd.read_csv(path, sep=sep, nrows=0, encoding=text_enc).columns
             except pd.errors.EmptyDataError:
                 raise DataError(f"{shown}: the file is empty; it needs a header row naming its columns") from None
-            check(list(header))
+            with open(path, encoding=text_enc, newline="") as fh:   # the names as written (pandas renames twins)
+                raw = next(csv.reader(fh, delimiter=sep), [])
+            check(raw if len(raw) == len(header) else list(header))
             # Every column, not usecols: only then does pandas refuse a row
             # with more fields than the header (an unquoted separator in a
             # text), instead of silently reading its first fields.
@@ -610,6 +619,18 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
         test = _class_ids(test_raw, labels, files["test"], shown)
         in_test = normalized(pool["text"]).isin(set(normalized(test["text"]))).to_numpy()
         train_rows_in_test = int(in_test.sum())
+        if train_rows_in_test:   # the two files disagree on some of these texts: say so, not only count them
+            test_label = dict(zip(normalized(test["text"]), test["label"]))
+            clash = [(t, int(y), int(test_label[n])) for t, n, y in zip(
+                pool["text"][in_test], normalized(pool["text"][in_test]), pool["label"][in_test])
+                if int(test_label[n]) != int(y)]
+            if clash:
+                t, y, ty = clash[0]
+                warnings += (f"{len(clash)} training row(s) whose text is in {files['test']} carry another label "
+                             f"there (e.g. {t[:60]!r}: {shown_label(labels[y])} in {shown}, "
+                             f"{shown_label(labels[ty])} in the test file); they are dropped from training with the "
+                             f"other {train_rows_in_test - len(clash)} text(s) the test file holds: if the two files "
+                             "disagree, one of them is wrong",)
         pool = pool[~in_test].reset_index(drop=True)
 
     if params.max_rows is not None and params.max_rows < len(pool):

@@ -122,12 +122,40 @@ def test_latin1_needs_its_encoding_and_utf8_names_the_bad_byte(tmp_path):
         read_table(path, "csv", LABELLED)
 
 
+def test_a_utf16_file_read_as_utf8_is_told_to_set_utf16(tmp_path):
+    """A newcomer's finding: a UTF-16 export (FF FE first) was advised
+    "e.g. latin-1, cp1252", which then read garbage columns."""
+    path = tmp_path / "t.csv"
+    path.write_bytes("text,label\nthe parcel was late,shipping\n".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16 byte-order mark: set data.source.encoding to utf-16"):
+        read_table(path, "csv", LABELLED, shown="data/user/t.csv")
+    assert read_table(path, "csv", LABELLED, encoding="utf-16").to_dict("records") == [
+        {"text": "the parcel was late", "label": "shipping"}]
+
+
 def test_unknown_column_lists_the_columns_found(tmp_path):
     path = write_rows(tmp_path / "t.tsv", [("a", "b")], "tsv", header=("body", "queue"))
     with pytest.raises(DataError) as info:
         read_table(path, "tsv", LABELLED, shown="data/user/t.tsv")
     assert str(info.value) == ("data/user/t.tsv: no column 'text' (data.source.text_column); the file has columns "
                                "['body', 'queue']: set data.source.text_column to one of them")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_two_columns_of_the_chosen_name_are_refused_as_ambiguous(tmp_path, fmt):
+    """A newcomer's finding: a header `body,queue,queue` was read silently,
+    the first `queue` taken (pandas renames the second queue.1). A column
+    of another name may repeat."""
+    sep = "," if fmt == "csv" else "\t"
+    path = tmp_path / f"t.{fmt}"
+    path.write_text(sep.join(["text", "label", "label", "note", "note"]) + "\n"
+                    + sep.join(["a", "x", "y", "1", "2"]) + "\n")
+    with pytest.raises(DataError) as info:
+        read_table(path, fmt, LABELLED, shown=f"data/user/t.{fmt}")
+    assert str(info.value) == (f"data/user/t.{fmt}: 2 columns are named 'label' (data.source.label_column): which "
+                               "one holds the data is ambiguous; rename or drop the others")
+    path.write_text(sep.join(["text", "label", "note", "note"]) + "\n" + sep.join(["a", "x", "1", "2"]) + "\n")
+    assert read_table(path, fmt, LABELLED).to_dict("records") == [{"text": "a", "label": "x"}]
 
 
 def test_bad_json_line_is_named(tmp_path):
@@ -269,6 +297,17 @@ def test_fixed_test_set_confirms_and_training_copies_of_it_are_dropped(tmp_path)
     sizes = {k: len(v) for k, v in prepared.splits.items() if k != "shifted"}
     assert sizes == {"train": 45, "val": 9, "test": 15, "reference": 3}   # 57 random rows: no test fraction
     check_contract({k: v for k, v in prepared.splits.items() if k != "shifted"}, prepared.labels)
+    assert not any("another label" in w for w in prepared.warnings)   # the copies agree
+    # A newcomer's finding: training rows whose label the test file contradicts
+    # were dropped without a word. Still dropped, and now said.
+    other = {"billing": "outage", "outage": "billing", "sales": "billing"}
+    write_rows(raw / "test.csv", test_rows + [(rows[1][0], other[rows[1][1]]), rows[2]], "csv")
+    prepared = prepare_files(source, raw, DataParams())
+    assert prepared.stats["train_rows_in_test"] == 2
+    said = [w for w in prepared.warnings if "another label" in w]
+    assert len(said) == 1 and said[0].startswith("1 training row(s) whose text is in data/user/holdout.csv carry "
+                                                 f"another label there (e.g. {rows[1][0]!r}: "), said
+    assert "dropped from training with the other 1 text(s)" in said[0]
 
 
 def test_shifted_and_unlabelled_files(tmp_path):
