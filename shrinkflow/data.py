@@ -304,7 +304,12 @@ def _bad_json_line(path: Path, encoding: str, shown: str, exc: Exception) -> Dat
                 if not isinstance(json.loads(line), dict):
                     raise ValueError("not a JSON object")
             except ValueError as bad:
-                return DataError(f"{shown}: line {number} is not a JSON object ({bad}); JSON Lines holds one "
+                # json's own position counts lines within this one line: give the character instead
+                why = str(bad)
+                if isinstance(bad, json.JSONDecodeError):
+                    at_end = bad.pos >= len(line.rstrip("\r\n"))
+                    why = f"{bad.msg} at {'the end of the line' if at_end else f'character {bad.pos + 1}'}"
+                return DataError(f"{shown}: line {number} is not a JSON object ({why}); JSON Lines holds one "
                                  "object per line, e.g. {\"text\": \"...\", \"label\": \"...\"}")
     return DataError(f"{shown}: cannot be read as JSON Lines: {exc}")
 

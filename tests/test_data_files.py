@@ -161,7 +161,12 @@ def test_two_columns_of_the_chosen_name_are_refused_as_ambiguous(tmp_path, fmt):
 def test_bad_json_line_is_named(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n{"text": "c", "label": "y"}\n')
-    with pytest.raises(DataError, match=r"t.jsonl: line 2 is not a JSON object"):
+    with pytest.raises(DataError, match=r"t.jsonl: line 2 is not a JSON object") as info:
+        read_table(path, "jsonl", LABELLED)
+    # the position within that line, not json's "line 2 column 1" of the line itself (a newcomer's finding)
+    assert "(Expecting value at the end of the line)" in str(info.value) and "column" not in str(info.value)
+    path.write_text('{"text": "a", "label": "x"}\n{"text" "b"}\n')
+    with pytest.raises(DataError, match=r"line 2 is not a JSON object \(Expecting ':' delimiter at character 9\)"):
         read_table(path, "jsonl", LABELLED)
 
 
