@@ -66,9 +66,13 @@ class DataSource(_Frozen):
 _USER_DATA_PARTS = ("data", "user")
 # File suffix -> format, when ``format`` is null.
 # The most epochs any training param takes (train, distill, warm start,
-# recovery, the frontier's baseline): a larger figure is a typo (a run that
-# would never end), not a schedule.
+# recovery, the frontier's baseline; and gradual pruning's steps): a larger
+# figure is a typo (a run that would never end), not a schedule. The same
+# for validate's timing: iterations per round and rounds (the default
+# 20 rounds of 200 batch-1 calls take about a minute per model).
 MAX_EPOCHS = 1000
+MAX_TIMING_ITERS = 100_000
+MAX_TIMING_ROUNDS = 1000
 
 FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -667,7 +671,7 @@ class MagnitudePruneStep(_Frozen):
     # one_shot: prune once; gradual: the cubic schedule with distillation between steps.
     schedule: Literal["one_shot", "gradual"] = "one_shot"
     # gradual only: pruning steps.
-    gradual_steps: Annotated[int, Field(ge=2)] = 4
+    gradual_steps: Annotated[int, Field(ge=2, le=MAX_EPOCHS)] = 4
     # gradual only: distillation epochs (over a slice of the data) after each step.
     recovery_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     # gradual only: learning rate of the distillation between steps.
@@ -930,14 +934,14 @@ class LatencyParams(_Frozen):
     # Intra-op threads of every timed model.
     threads: Annotated[int, Field(ge=1)] = 2
     # Untimed calls before timing starts.
-    warmup_iters: Annotated[int, Field(ge=0)] = 20
+    warmup_iters: Annotated[int, Field(ge=0, le=MAX_TIMING_ITERS)] = 20
     # Timed calls at batch 1.
-    iters_b1: Annotated[int, Field(ge=5)] = 200
+    iters_b1: Annotated[int, Field(ge=5, le=MAX_TIMING_ITERS)] = 200
     # Timed calls at batch 32.
-    iters_b32: Annotated[int, Field(ge=3)] = 20
+    iters_b32: Annotated[int, Field(ge=3, le=MAX_TIMING_ITERS)] = 20
     # validate times the teacher and every candidate in this many alternating
     # rounds (iterations split evenly), so machine drift hits them all alike.
-    rounds: Annotated[int, Field(ge=1)] = 20
+    rounds: Annotated[int, Field(ge=1, le=MAX_TIMING_ROUNDS)] = 20
     # Seeds which sentences are timed.
     seed: int = 0
     # When other processes took more than a quarter core on average while the
@@ -948,7 +952,7 @@ class LatencyParams(_Frozen):
     # busy_retime_wait_s and time them all again, up to this many times; the
     # least disturbed timing counts, and a latency gate on a timing that
     # stayed disturbed says so in its note. 0: time once. (bench/results/retime_busy.md)
-    retimes_when_busy: Annotated[int, Field(ge=0)] = 1
+    retimes_when_busy: Annotated[int, Field(ge=0, le=MAX_TIMING_ROUNDS)] = 1
     # Seconds to wait before timing again on a busy machine (a compress or
     # test run that was finishing has ended by then; a load that stays is
     # measured again and said).

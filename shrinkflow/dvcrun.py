@@ -622,38 +622,47 @@ def restore_stage_outs(stage: str, project_dir: Path | str, kept: KeptOuts) -> s
     leaves the project as its last good run left it (the prepared splits
     and the monitor's reference, the kept teacher, the candidates): the
     cached ones DVC deleted or the failed command rewrote, with ``dvc
-    checkout --force <stage>`` from dvc.lock and DVC's cache; the ``cache:
-    false`` ones from their copies. Outs that did not exist before stay as
-    they are. Never raises: returns the line to show (what was restored,
-    or why it could not be and how to do it by hand), None when nothing
-    had changed."""
+    checkout --force <stage>`` from dvc.lock and DVC's cache; a ``cache:
+    false`` one (metrics, reports, the deploy record) from its copy, when it
+    is missing (one the command wrote anew stands: a deploy interrupted
+    after its promotion keeps the record of the version it promoted). Outs
+    that did not exist before stay as they are. Never raises: returns the
+    line to show (what was restored, and what could not be, why and how to
+    get it back), None when nothing had changed."""
     from shrinkflow.files import atomic_write_bytes
 
     root = Path(project_dir)
     changed = [rel for rel, sig in kept.pinned.items() if _path_signature(root / rel) != sig]
-    restored, problems = [], []
+    from_cache, from_copies, problems = [], [], []
     if changed:
         try:
             repair_torn_rwlock(root)
             dvc_command(["checkout", "--force", stage], root)
-            restored += changed
+            from_cache += changed
         except Exception as exc:  # noqa: BLE001 - said; the stage's own failure is what is raised
-            problems.append(f"dvc checkout --force {stage} failed ({str(exc).splitlines()[0]}): run it once "
-                            "the cause is fixed")
+            lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+            reason = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else str(exc))
+            problems.append(f"{', '.join(sorted(changed))} could not be restored from DVC's cache (dvc checkout: "
+                            f"{reason.removeprefix('ERROR: ')}): `dvc pull` brings them back where a remote has "
+                            f"them, else the next `shrinkflow run` builds them again")
     for rel, copy in kept.uncached.items():
         try:
-            if not (root / rel).is_file() or (root / rel).read_bytes() != copy.read_bytes():
+            if not (root / rel).exists():
                 atomic_write_bytes(root / rel, copy.read_bytes())
-                restored.append(rel)
+                from_copies.append(rel)
         except OSError as exc:
             problems.append(f"{rel} could not be put back ({exc})")
-    if not restored and not problems:
+    if not from_cache and not from_copies and not problems:
         return None
-    line = f"stage {stage!r} did not finish: "
-    if restored:
-        line += f"its previous outputs are back ({', '.join(sorted(restored))}; dvc.lock pins them)"
+    done = []
+    if from_cache:
+        done.append(f"{', '.join(sorted(from_cache))} from DVC's cache, as dvc.lock pins them")
+    if from_copies:
+        done.append(f"{', '.join(sorted(from_copies))} as before it ran")
+    line = f"stage {stage!r} did not finish: " + ("its previous outputs are back (" + "; ".join(done) + ")"
+                                                  if done else "")
     if problems:
-        line += ("; " if restored else "") + "; ".join(problems)
+        line += ("; " if done else "") + "; ".join(problems)
     return line
 
 

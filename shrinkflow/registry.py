@@ -168,8 +168,9 @@ class Registry:
         try:
             aliases = read_json(path)
         except (ValueError, UnicodeDecodeError) as exc:   # empty, cut short, not UTF-8
-            raise RegistryError(f"{path}: not valid JSON ({exc}): restore it from the registry's history "
-                                "(`shrinkflow versions`) or a backup") from None
+            raise RegistryError(f"{path}: not valid JSON ({exc}): write it again by hand, "
+                                '{"production": "vNNNN"}, with the version the last promotion or rollback in '
+                                f"{self.root / 'history.jsonl'} names (or restore it from a backup)") from None
         if not isinstance(aliases, dict):
             raise RegistryError(f"{path}: not a mapping of alias -> version")
         for name, version in aliases.items():

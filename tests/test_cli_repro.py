@@ -39,6 +39,9 @@ if text.startswith("badzip"):
 if text.startswith("sleep"):
     pathlib.Path("sleeper.pid").write_text(str(os.getpid()))
     time.sleep(300)
+if text.startswith("recorded"):  # a new record written (a deploy after its promotion), then a crash
+    pathlib.Path("metric.json").write_text('{"n": -1}')
+    sys.exit("toy: crashed after its record")
 if text.startswith("halfway"):   # a new output written, then a crash
     pathlib.Path("out.txt").write_text("half-written")
     sys.exit("toy: crashed halfway")
@@ -215,12 +218,41 @@ def test_a_stage_that_fails_leaves_its_previous_outputs_as_dvc_lock_pins_them(to
     assert (toy / "out.txt").read_text() == "GOOD\n" and (toy / "metric.json").read_text() == '{"n": 5}'
     assert (toy / "dvc.lock").read_text() == lock
     line = next(line for line in shown if "previous outputs" in line)
-    assert line.strip() == ("stage 'toy' did not finish: its previous outputs are back (metric.json, out.txt; "
-                            "dvc.lock pins them)"), shown
+    assert line.strip() == ("stage 'toy' did not finish: its previous outputs are back (out.txt from DVC's cache, "
+                            "as dvc.lock pins them; metric.json as before it ran)"), shown
     # DVC agrees: only the dependency changed
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=toy, capture_output=True,
                             text=True, timeout=120)
     assert '"changed outs"' not in status.stdout and "in.txt" in status.stdout, status.stdout
+
+
+def test_a_record_the_failed_stage_wrote_stands_and_a_missing_cache_is_said(toy):
+    """A helper's findings: a deploy interrupted after its promotion got its
+    old record back (the registry said v0004, the record v0003); with DVC's
+    cache gone, the line dropped DVC's reason and advised a checkout that
+    could not work."""
+    import shutil
+
+    (toy / "dvc.yaml").write_text(DVC_YAML.replace("outs: [out.txt]",
+                                                   "outs: [out.txt]\n    metrics:\n      - metric.json:\n"
+                                                   "          cache: false"))
+    repro_stage("toy", toy, echo=lambda _: None)
+    (toy / "in.txt").write_text("recorded\n")
+    shown: list[str] = []
+    with pytest.raises(StageFailed, match="crashed after its record"):
+        repro_stage("toy", toy, echo=shown.append)
+    assert (toy / "metric.json").read_text() == '{"n": -1}'        # what the stage wrote stands
+    assert (toy / "out.txt").read_text() == "A\n"                  # the cached out is back
+    assert any("(out.txt from DVC's cache, as dvc.lock pins them)" in line for line in shown), shown
+    shutil.rmtree(toy / ".dvc" / "cache")
+    (toy / "in.txt").write_text("fail\n")
+    shown.clear()
+    with pytest.raises(StageFailed, match="asked to fail"):        # the stage's own failure is what is raised
+        repro_stage("toy", toy, echo=shown.append)
+    line = next(line for line in shown if "did not finish" in line)
+    assert "out.txt could not be restored from DVC's cache (dvc checkout: " in line, line
+    assert "`dvc pull` brings them back where a remote has them" in line and "(exit " not in line, line
+    assert not (toy / "out.txt").exists()
 
 
 def test_a_stage_failure_names_its_last_exception_first():

@@ -118,6 +118,11 @@ def test_an_epoch_count_no_run_would_finish_is_refused(raw):
     assert f"less than or equal to {MAX_EPOCHS}" in found["compress.candidates.1.recipe.0.epochs"], found
     raw["train"]["epochs"] = raw["compress"]["candidates"][1]["recipe"][0]["epochs"] = MAX_EPOCHS
     assert parse_params(raw).train.epochs == MAX_EPOCHS
+    # and the timing loops (a helper's finding: iters_b1 1e12 passed)
+    raw["validate"]["latency"].update({"iters_b1": 10 ** 12, "rounds": 10 ** 6})
+    found = problems(raw)
+    assert "less than or equal to 100000 (got 1000000000000)" in found["validate.latency.iters_b1"], found
+    assert "less than or equal to 1000 (got 1000000)" in found["validate.latency.rounds"], found
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -95,7 +95,7 @@ def test_the_params_reference_covers_every_key_with_its_default_and_meaning():
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows and all(not line.rstrip().endswith("|  |") for line in rows), \
         [line for line in rows if line.rstrip().endswith("|  |")]  # a key with no meaning: comment it in config.py
-    assert "| `rounds` | integer (≥ 1) | `20` | validate times the teacher" in text
+    assert "| `rounds` | integer (≥ 1, ≤ 1000) | `20` | validate times the teacher" in text
     assert "## `validate`" in text and "#### `compress.candidates[].recipe[]` (method: distill)" in text
 
 

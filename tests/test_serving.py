@@ -451,8 +451,9 @@ def test_the_server_logs_each_hot_reload_and_each_refusal_once(tmp_path, candida
         srv.stop()
     out = srv.output_text()
     assert f"INFO shrinkflow.serve: now serving {new} (production moved)" in out, out
-    refusals = [line for line in out.splitlines() if "not serving production (unreadable aliases)" in line]
+    refusals = [line for line in out.splitlines() if "cannot read the production alias: " in line]
     assert len(refusals) == 1 and refusals[0].endswith(f"still serving {new}"), out
+    assert refusals[0].count("still serving") == 1 and "not valid JSON" in refusals[0], out
 
 
 def test_serve_on_a_port_in_use_refuses_in_one_line_and_port_0_picks_a_free_one(server, project):

@@ -258,7 +258,6 @@ def test_a_registry_moved_away_under_the_server_is_reported_not_a_500(tmp_path, 
         reg.root.rename(moved)
         refused = wait_for(lambda: httpx.get(f"{srv.url}/health").json()["refused"], "the move was not reported")
         assert refused["version"] is None and "no production alias" in refused["reason"], refused
-        assert "still serving v0001" in refused["reason"]
         answer = httpx.get(f"{srv.url}/metadata")
         assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
         assert answer.json()["error"] == "registry_unavailable" and "v0001" in answer.json()["detail"]

@@ -37,9 +37,10 @@ async def watch_production(state) -> None:
             state.metrics.serving(state.holder.current.version)
             logger.info("now serving %s (production moved)", state.holder.current.version)
         elif state.holder.refused and state.holder.refused != reported:
-            logger.warning("not serving production %s: %s; still serving %s",
-                           state.holder.refused.get("version") or "(unreadable aliases)",
-                           state.holder.refused["reason"], state.holder.current.version)
+            refused = state.holder.refused
+            logger.warning("%s: %s; still serving %s",
+                           f"not serving production {refused['version']}" if refused.get("version")
+                           else "cannot read the production alias", refused["reason"], state.holder.current.version)
         reported = state.holder.refused
 
 

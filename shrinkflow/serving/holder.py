@@ -125,8 +125,8 @@ class ModelHolder:
                 self.refused = None
             if version is None and self.current is not None:   # the registry moved or emptied under the server
                 self.refused = {"version": None, "reason": f"registry {self.registry.root} has no production "
-                                                           f"alias now (no aliases.json, or none in it); still "
-                                                           f"serving {self.current.version}"}
+                                                           f"alias now (moved away, or no aliases.json, or none in "
+                                                           f"it)"}
                 return False
             if version is None or (self.current and version == self.current.version):
                 return False
