@@ -620,13 +620,7 @@ def test_workers_stop_when_their_serve_process_is_killed(project):
     url = f"http://127.0.0.1:{port}"
     workers = []
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        _answers_on(proc, port)
         assert httpx.post(f"{url}/predict", json={"texts": ["before"]}, headers=AUTH).status_code == 200
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "multiprocessing" in cmdline_of(c)]
         assert len(workers) >= 2, [cmdline_of(c) for c in psutil.Process(proc.pid).children(recursive=True)]
