@@ -762,9 +762,13 @@ def _run_workers(config, sock, state_dir: Path) -> None:
     ``state_dir/metrics-<pid>`` (``shrinkflow.serving.metrics.MULTIPROC_ENV``),
     removed at the end (a killed server's, by the next ``serve --workers``),
     so that /metrics answers for the whole server."""
+    import shutil
     import signal
 
+    import psutil
     from uvicorn.supervisors import Multiprocess
+
+    from shrinkflow.serving.metrics import MULTIPROC_ENV
 
     class Supervisor(Multiprocess):
         terminated = False
@@ -773,16 +777,11 @@ def _run_workers(config, sock, state_dir: Path) -> None:
             self.terminated = True
             super().handle_term()
 
-    import shutil
-
-    import psutil
-
-    from shrinkflow.serving.metrics import MULTIPROC_ENV
-
     # /metrics sums every worker's counts (prometheus_client's multiprocess
     # mode): a fresh folder for this server's workers, set before they start.
     for old in state_dir.glob("metrics-*"):   # those of servers killed outright
-        if old.name.removeprefix("metrics-").isdigit() and not psutil.pid_exists(int(old.name[8:])):
+        pid = old.name.removeprefix("metrics-")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     folder = state_dir / f"metrics-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -1476,8 +1475,7 @@ def monitor_cmd(ctx: typer.Context,
     # would change what a running lifecycle's stages read.
     if act:
         adopt_params(s, hold="shrinkflow monitor")
-    if act:   # SIGTERM and SIGHUP too unwind like Ctrl-C: a retrain puts the project back (flows/retrain.py)
-        _stop_on_signals()
+        _stop_on_signals()   # SIGTERM and SIGHUP too unwind like Ctrl-C: a retrain puts the project back
     from shrinkflow.errors import RegistryError
     from shrinkflow.registry import Registry
 

@@ -288,11 +288,11 @@ def decide(summary: DriftSummary, params, history: list[PastDecision], now: date
     elif any(h.window_sha256 == sha and h.recompressed for h in history):
         held = f"this window ({sha[:12]}) already triggered a re-compression: not triggering twice"
     else:
-        acted = [h for h in history if h.recompressed]
-        last = max(acted, key=lambda h: datetime.fromisoformat(h.ts), default=None)
-        if last is not None and now - datetime.fromisoformat(last.ts) < timedelta(hours=params.cooldown_hours):
-            hours = (now - datetime.fromisoformat(last.ts)).total_seconds() / 3600
-            what = "retrain" if last.action == "retrain" else "re-compression"   # a retrain holds the cooldown too
+        when, action = max(((datetime.fromisoformat(h.ts), h.action) for h in history if h.recompressed),
+                           default=(None, None))
+        if when is not None and now - when < timedelta(hours=params.cooldown_hours):
+            hours = (now - when).total_seconds() / 3600
+            what = "retrain" if action == "retrain" else "re-compression"   # a retrain holds the cooldown too
             held = (f"cooldown: the last {what} was {hours:.1f} h ago "
                     f"(cooldown_hours {params.cooldown_hours:g})")
     if held:

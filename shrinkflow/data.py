@@ -622,13 +622,13 @@ def prepare_files(source: FilesSource, raw_dir: Path, params: DataParams) -> Pre
         if len(test_raw) == 0:
             raise DataError(f"{files['test']}: no usable rows after cleaning (data.source.test_path)")
         test = _class_ids(test_raw, labels, files["test"], shown)
-        in_test = normalized(pool["text"]).isin(set(normalized(test["text"]))).to_numpy()
+        pool_norm, test_norm = normalized(pool["text"]), normalized(test["text"])
+        in_test = pool_norm.isin(set(test_norm)).to_numpy()
         train_rows_in_test = int(in_test.sum())
         if train_rows_in_test:   # the two files disagree on some of these texts: say so, not only count them
-            test_label = dict(zip(normalized(test["text"]), test["label"]))
+            test_label = dict(zip(test_norm, test["label"]))
             clash = [(t, int(y), int(test_label[n])) for t, n, y in zip(
-                pool["text"][in_test], normalized(pool["text"][in_test]), pool["label"][in_test])
-                if int(test_label[n]) != int(y)]
+                pool["text"][in_test], pool_norm[in_test], pool["label"][in_test]) if int(test_label[n]) != int(y)]
             if clash:
                 t, y, ty = clash[0]
                 warnings += (f"{len(clash)} training row(s) whose text is in {files['test']} carry another label "

@@ -558,31 +558,36 @@ class KeptOuts:
     """What ``keep_stage_outs`` kept of a stage before its repro: the
     signature (``_path_signature``) of each out dvc.lock pins for it that
     existed, and a copy of each ``cache: false`` out (``dvc checkout``
-    cannot restore those) in ``copies``."""
+    cannot restore those)."""
     pinned: dict          # out path (relative) -> signature before the repro
     uncached: dict        # out path (relative) -> its copy (absolute), for those that existed
-    copies: Path
 
 
-def stage_outs(stage: str, project_dir: Path | str) -> tuple[list[str], list[str]]:
-    """``stage``'s outs, metrics and plots in dvc.yaml as (cached, ``cache:
-    false``) relative paths; ([], []) without a dvc.yaml or that stage (or
-    one that cannot be read: DVC will say so itself)."""
-    import yaml
-
-    try:
-        entry = ((yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text()) or {}).get("stages") or {}).get(stage)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return [], []
+def outs_by_kind(stage_entry) -> tuple[list[str], list[str]]:
+    """One dvc.yaml stage entry's outs, metrics and plots as (cached,
+    ``cache: false``) relative paths; ([], []) for anything but a mapping."""
     cached, uncached = [], []
     for key in ("outs", "metrics", "plots"):
-        for out in (entry or {}).get(key) or [] if isinstance(entry, dict) else []:
+        for out in stage_entry.get(key) or [] if isinstance(stage_entry, dict) else []:
             if isinstance(out, str):
                 cached.append(out)
             elif isinstance(out, dict):
                 for path, opts in out.items():
                     (uncached if isinstance(opts, dict) and opts.get("cache") is False else cached).append(path)
     return cached, uncached
+
+
+def stage_outs(stage: str, project_dir: Path | str) -> tuple[list[str], list[str]]:
+    """``stage``'s outs, metrics and plots in dvc.yaml as (cached, ``cache:
+    false``) relative paths (``outs_by_kind``); ([], []) without a dvc.yaml
+    or that stage (or one that cannot be read: DVC will say so itself)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text()) or {}).get("stages") or {}
+        return outs_by_kind(stages.get(stage))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return [], []
 
 
 def keep_stage_outs(stage: str, project_dir: Path | str, copies: Path) -> KeptOuts:
@@ -613,7 +618,7 @@ def keep_stage_outs(stage: str, project_dir: Path | str, copies: Path) -> KeptOu
             uncached[rel] = copies / rel
             uncached[rel].parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, uncached[rel])
-    return KeptOuts(pinned, uncached, copies)
+    return KeptOuts(pinned, uncached)
 
 
 def restore_stage_outs(stage: str, project_dir: Path | str, kept: KeptOuts) -> str | None:

@@ -206,16 +206,10 @@ def uncached_outs(root: Path | str) -> list[Path]:
     FileNotFoundError without a dvc.yaml."""
     import yaml
 
+    from shrinkflow.dvcrun import outs_by_kind
+
     doc = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
-    found = []
-    for stage in (doc.get("stages") or {}).values():
-        for key in ("outs", "metrics", "plots"):
-            for entry in stage.get(key) or []:
-                if isinstance(entry, dict):
-                    for path, opts in entry.items():
-                        if isinstance(opts, dict) and opts.get("cache") is False:
-                            found.append(Path(path))
-    return found
+    return [Path(path) for stage in (doc.get("stages") or {}).values() for path in outs_by_kind(stage)[1]]
 
 
 def changed_stages(current_lock: Path, saved_lock: Path) -> list[str]:

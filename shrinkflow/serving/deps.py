@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from email.message import Message
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -76,9 +77,10 @@ async def json_body(request: Request):
                        f"send the body as JSON with the header 'Content-Type: application/json' ({sent})")
     # JSON is UTF-8 (RFC 8259): a body declared in another charset, or
     # compressed, would be read as UTF-8 bytes it is not; say so instead.
-    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in
-                    request.headers.get("content-type", "").split(";")[1:] if p.strip().lower().startswith("charset=")),
-                   None)
+    header = Message()
+    header["content-type"] = request.headers.get("content-type", "")
+    charset = header.get_param("charset")   # unquoted, any case of the parameter's name
+    charset = None if charset is None else str(charset).lower()
     if charset is not None and charset.replace("_", "-") not in ("utf-8", "utf8"):
         raise ApiError(415, "unsupported_media_type",
                        f"the body must be UTF-8 JSON (this request's charset: {printable(charset, 40)!r}); send it "
