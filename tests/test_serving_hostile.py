@@ -170,6 +170,9 @@ def test_whatever_the_body_parser_raises_is_a_4xx(server, body, on_predict, on_f
     ("multipart/form-data; boundary=x", 415),
     ("application/jsonx", 415),
     ("application/json; charset=utf-8", 200),
+    ('application/json; charset="UTF-8"', 200),                # quoted, any case
+    ("application/json;Charset=utf8", 200),
+    ("application/json; charset=utf_8", 200),
     ("Application/JSON", 200),
     ("application/vnd.api+json", 200),
 ])
@@ -196,6 +199,9 @@ def test_only_a_json_content_type_is_read(server, content_type, status):
      "charset: 'utf-16'"),
     ({"Content-Type": "application/json; charset=latin-1"}, '{"texts": ["caf\u00e9"]}'.encode("latin-1"),
      "charset: 'latin-1'"),
+    ({"Content-Type": 'application/json; Charset="UTF-16"'}, '{"texts": ["x"]}'.encode("utf-16"),
+     "charset: 'utf-16'"),
+    ({"Content-Type": "application/json", "Content-Encoding": "br"}, b"\x0b\x02\x80", "Content-Encoding: 'br'"),
     ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, None, "Content-Encoding: 'gzip'"),
 ])
 def test_a_body_in_another_charset_or_compressed_is_refused_as_such(server, headers, body, says):
