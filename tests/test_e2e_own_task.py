@@ -172,6 +172,10 @@ def test_a_three_topic_task_from_the_users_files_and_teacher(project, harness, n
         log.add_feedback(pred_id, (int(label) + 1) % len(CLASSES))
     teacher_mtime = (project / "models/teacher/model.safetensors").stat().st_mtime_ns
     params["validate"]["gates"]["min_window_agreement"] = 0.0
+    # The re-distilled student must deploy here: its latency against production, a tiny model's
+    # fractions of a millisecond on a loaded 2-core machine, is reported, never binding (a fresh-clone
+    # suite saw it 2.43x production's p95 and production kept; as tests/test_e2e_warm_start.py does)
+    params["validate"]["gates"].update({"min_speedup": 0.01, "max_p95_b1_slowdown_vs_production": 100.0})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     code, out = run_cli(project, harness, "monitor")
     assert code == 0, out[-4000:]
