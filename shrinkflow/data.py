@@ -761,5 +761,6 @@ def prepare_raw(raw_dir: Path, params: DataParams, tokenizer_file: Path | str | 
         stats["max_seq_len"] = max_seq_len
         stats["truncated_share_sample_rows"] = TRUNCATION_SAMPLE_ROWS
         stats.update({f"truncated_share_{k}": v
-                      for k, v in truncated_shares(prepared.splits, tokenizer_file, max_seq_len).items()})
+                      for k, v in truncated_shares(prepared.splits, tokenizer_file, max_seq_len,
+                                                    sample_rows=TRUNCATION_SAMPLE_ROWS).items()})
     return Prepared(prepared.splits, prepared.unlabelled, prepared.labels, stats, prepared.warnings)

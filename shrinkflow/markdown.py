@@ -124,7 +124,7 @@ def confirmation_section(conf: Confirmation | None, labels: Sequence[str] | None
                  f"interval [{m.macro_f1_drop_ci_low:+.4f}, {m.macro_f1_drop_ci_high:+.4f}] |"]
                 if m.macro_f1_drop is not None else [])
     return ["## Confirmation on test", "",
-            f"Only the chosen candidate, {conf.candidate!r}, is scored on the test split ({m.n} sentences): "
+            f"Only the chosen candidate, {conf.candidate!r}, is scored on the test split ({m.n} texts): "
             f"{state}.", "",
             "| | teacher | candidate |", "|---|---|---|",
             f"| accuracy | {t.accuracy:.4f} | {m.accuracy:.4f} |", *mf1, *f1,

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from shrinkflow.shared_registry import SharedRegistry
 
 NOTHING_DEPLOYED = "nothing is deployed yet: run `shrinkflow run`"
-TEACHER_DESCRIPTION = "fp32 teacher, torch eager, as trained; same test sentences"
+TEACHER_DESCRIPTION = "fp32 teacher, torch eager, as trained; same test texts"
 # The figures `status` prints beside the teacher's, in this order: fields of
 # both CandidateMeasurements and TeacherMeasurements (tests check it), by
 # name because the name is what it prints. macro-F1 is absent from versions
@@ -266,7 +266,7 @@ def status_text(report: StatusReport) -> str:
     m, t = d.metrics, report.teacher.metrics
     out = [f"production: {d.version} ({d.candidate}), deployed {d.created_at}; files {d.integrity}",
            f"  labels ({len(d.labels)}): {', '.join(d.labels)}" if d.labels else "  labels: not recorded",
-           f"  figures on the {m.split} split ({m.n} sentences; the candidate was selected on "
+           f"  figures on the {m.split} split ({m.n} texts; the candidate was selected on "
            f"{d.selection_metrics.split}):"]
     for name in FIGURES_BESIDE_TEACHER:
         if getattr(m, name) is not None:

@@ -38,9 +38,13 @@ def data(params, root: Path) -> None:
     write_json(root / METRICS_DATA, prepared.stats)
     write_json(root / HEADLINE_DATA, data_headline(prepared.stats))
     stats = prepared.stats
+    sample = stats.get("truncated_share_sample_rows")
+    sampled = [name for name, frame in prepared.splits.items() if sample is not None and len(frame) > sample]
     print(f"data: {len(prepared.labels)} classes, "
-          + ", ".join(f"{k}={v}" for k, v in stats.items() if k.startswith(("rows_", "truncated_share_")))
-          + "".join(f", rows_{name}={len(frame)}" for name, frame in feedback.items() if len(frame)))
+          + ", ".join(f"{k}={v}" for k, v in stats.items()
+                      if k.startswith(("rows_", "truncated_share_")) and k != "truncated_share_sample_rows")
+          + "".join(f", rows_{name}={len(frame)}" for name, frame in feedback.items() if len(frame))
+          + (f" (truncated_share of {', '.join(sampled)} on a sample of {sample:,} texts)" if sampled else ""))
 
 
 if __name__ == "__main__":

@@ -397,7 +397,26 @@ def test_fetch_and_data_stages_on_the_users_files(tmp_path, monkeypatch, capsys)
                                             "near_duplicates": 0}
     assert pd.read_parquet(root / "data/prepared/unlabelled.parquet").columns.tolist() == ["text"]
     assert pd.read_parquet(root / "data/prepared/test.parquet")["label"].tolist()[:6] == [0, 2, 1, 0, 2, 1]
-    assert "data: 3 classes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data: 3 classes" in out
+    # no split is over the truncation sample's size, so the console does not mention it
+    assert "truncated_share_sample_rows" not in out and "on a sample of" not in out
+
+
+def test_the_data_stage_says_which_splits_truncation_was_sampled_on(tmp_path, monkeypatch, capsys):
+    import shrinkflow.data
+
+    root = make_project(tmp_path / "p", TICKETS)
+    write_rows(root / "data/user/tickets.csv", three_class_rows(20), "csv")
+    assert run(root, "fetch", monkeypatch) == 0
+    monkeypatch.setattr(shrinkflow.data, "TRUNCATION_SAMPLE_ROWS", 10)
+    assert run(root, "data", monkeypatch) == 0
+    metrics = json.loads((root / "metrics/data.json").read_text())
+    assert metrics["truncated_share_sample_rows"] == 10
+    sampled = [s for s in ("train", "val", "test", "reference") if metrics.get(f"rows_{s}", 0) > 10]
+    assert sampled and metrics["rows_test"] <= 10 < metrics["rows_train"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data: "))
+    assert line.endswith(f"(truncated_share of {', '.join(sampled)} on a sample of 10 texts)"), line
 
 
 def test_case_warning_is_printed_and_recorded(tmp_path, monkeypatch, capsys):

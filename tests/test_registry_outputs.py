@@ -2,7 +2,9 @@
 status --json`, `shrinkflow status`, `shrinkflow versions` (text and
 --json) and the server's /metadata, for five registries built from the one
 the deploy stage wrote (tests/registry_outputs.py), against what the code at
-commit fc418a7 printed for them (tests/data/registry_outputs.json)."""
+commit fc418a7 printed for them (tests/data/registry_outputs.json), with one
+deliberate change since: the test split's size and the teacher's description
+count "texts", not "sentences" (any task's rows), and only that word changed."""
 
 from __future__ import annotations
 

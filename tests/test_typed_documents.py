@@ -4,11 +4,12 @@ tests/data/typed_before/ holds what the dict-based code (commit fc418a7)
 wrote for the fixed cases of tests/typed_cases.py: metrics/validate.json,
 reports/gates.json, the validate headline, reports/gates.md and the
 lifecycle's markdown, a deployed version's figures and the cost-and-return
-markdown. Since then, one deliberate change: a gate's value and margin are
+markdown. Since then, two deliberate changes: a gate's value and margin are
 stored without the float noise of a subtraction (0.1, not 0.09999999999999998; +0, not +5.551e-17 in
 gates.md), and the files of the cases it touched were rewritten with only
-those digits changed. The typed code must reproduce every file exactly; the train and
-compress stages' documents are rebuilt from the real files under
+those digits changed; and the test split's size is counted in "texts", not
+"sentences" (any task's rows), with only that word changed. The typed code
+must reproduce every file exactly; the train and compress stages' documents are rebuilt from the real files under
 tests/data/artifacts/ (written by the old code) and must match them too.
 """
 
