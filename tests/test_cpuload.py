@@ -213,6 +213,7 @@ def test_run_delay_between_counts_each_live_threads_own_growth():
     assert run_delay_between_s(after, after) == 0.0
 
 
+@pytest.mark.slow  # 4-7 s in the quick suite, which must stay under 3 minutes (184 s with it)
 def test_a_thread_that_exits_mid_block_leaves_the_others_wait_counted():
     """A helper's finding: a thread that had waited before the block and
     exited during it took its earlier delay off the sum, and the block read

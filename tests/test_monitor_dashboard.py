@@ -231,6 +231,7 @@ def test_shrinkflow_monitor_adds_its_run_to_the_projects_workspace(cli_project, 
     assert [str(s) for s in Workspace(str(cli_project / WORKSPACE)).list_runs(pid)] == [doc["snapshot_id"]]
 
 
+@pytest.mark.slow  # 4-7 s in the quick suite, which must stay under 3 minutes (184 s with it)
 def test_monitor_ui_refuses_a_taken_port_and_an_unreadable_workspace_before_announcing_a_ui(tmp_path):
     """A helper's findings: `monitor ui --port P` with P taken printed
     "Evidently UI: http://...:P" (the other UI answered its health check),

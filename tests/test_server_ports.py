@@ -220,6 +220,7 @@ def test_the_health_check_keeps_its_timeout_against_a_peer_that_trickles():
         other.close()
 
 
+@pytest.mark.slow  # 4-7 s in the quick suite, which must stay under 3 minutes (184 s with it)
 def test_an_exit_that_is_not_a_taken_port_is_not_retried_and_leaves_no_child(tmp_path):
     """The server started a child that holds the port, then crashed for its
     own reasons: the port looks taken, by its own orphan. The group is ended

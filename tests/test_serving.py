@@ -456,6 +456,7 @@ def test_the_server_logs_each_hot_reload_and_each_refusal_once(tmp_path, candida
     assert refusals[0].count("still serving") == 1 and "not valid JSON" in refusals[0], out
 
 
+@pytest.mark.slow  # 4-7 s in the quick suite, which must stay under 3 minutes (184 s with it)
 def test_serve_on_a_port_in_use_refuses_in_one_line_and_port_0_picks_a_free_one(server, project):
     """A newcomer's findings: on a port in use serve printed "serving ..."
     then uvicorn's raw errno and exited; `--port 0` bound serve.port (8000)."""
@@ -500,6 +501,7 @@ def _answers_on(proc, port: int) -> None:
     raise AssertionError("the server on the printed port did not answer")
 
 
+@pytest.mark.slow  # 4-7 s in the quick suite, which must stay under 3 minutes (184 s with it)
 def test_a_locked_log_gives_503_not_an_unlogged_answer(server, project):
     """The database is held by another writer past the busy timeout: the
     server answers 503 rather than answer without logging, and recovers."""
