@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow
 
 from shrinkflow.config import Candidate, RunnerParams
+from shrinkflow.stopping import clear_stop, request_stop
 from tasks.compress import build_candidate, build_shipped_candidate
 
 
@@ -88,9 +89,19 @@ def compress_candidates(project_dir: str, candidates: list, opset: int, threads:
     (``ship_candidates``)."""
     if ship:
         return ship_candidates(Path(project_dir), candidates, opset, threads, keys or {}, fuse)
+    clear_stop()   # a stop asked of an earlier flow in this process is not this one's
     futures = [build_candidate.submit(project_dir, c, opset, threads, (keys or {}).get(c.name), fuse)
                for c in candidates]
-    return {r["name"]: r for r in (f.result() for f in futures)}
+    try:
+        return {r["name"]: r for r in (f.result() for f in futures)}
+    except Exception:
+        raise            # a failed build: the others finish (and reach the candidate cache)
+    except BaseException:
+        # SIGTERM (Prefect's TerminationSignal) or Ctrl-C here, in the main
+        # thread: the task runner waits for the running builds before the
+        # process can exit, so end them at their next step (shrinkflow.stopping)
+        request_stop()
+        raise
 
 
 def ship_candidates(root: Path, candidates: list, opset: int, threads: int, keys: dict, fuse: bool) -> dict:

@@ -153,13 +153,21 @@ def test_changing_one_recipe_rebuilds_only_that_candidate(tmp_path, tiny_teacher
     assert files("int8") == first["int8"]  # rebuilt, identical to the first build
 
 
-@pytest.mark.slow  # ~40 s: a Prefect server starts
-def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_path, tiny_teacher_dir, small_splits):
+@pytest.mark.slow  # ~20 s: a Prefect server starts
+def test_a_compress_stage_run_by_hand_and_stopped_mid_distillation_ends_at_once_and_leaves_no_prefect_server(
+        tmp_path, tiny_teacher_dir, small_splits):
     """`python -m stages.compress` run by hand (as `dvc repro` runs it, no
     PREFECT_API_URL) starts a Prefect server for its build flow. Killed by
     SIGTERM (or the OOM killer), Prefect's own server was left running,
     orphaned (~230 MB each; seen after killed benchmark stages); the stage's
-    server is tied to it now and ends with it."""
+    server is tied to it now and ends with it.
+
+    SIGTERM mid-distillation: the stage ran on until the distillation ended
+    (38 s later for 300 epochs; the lifecycle SIGKILLs a stage 10 s after
+    its SIGTERM, leaving its flow run Running). Now the build ends at its
+    next step (shrinkflow.stopping): the stage exits by the signal within
+    seconds, its task recorded Crashed by the stop, and no candidate, whole
+    or half-built, is left. This distillation would take minutes."""
     import os
     import signal
     import subprocess
@@ -171,22 +179,36 @@ def test_a_compress_stage_run_by_hand_and_killed_leaves_no_prefect_server(tmp_pa
     from tests.conftest import PROJECT_ROOT
 
     root = sweep_project(tmp_path, tiny_teacher_dir, small_splits, {"kind": "threads", "max_workers": 1})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["compress"]["candidates"] = [{"name": "long", "recipe": [
+        {"method": "distill", "layers": [0], "epochs": 1000, "learning_rate": 3e-3}]}]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(PROJECT_ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"))
-    stage = subprocess.Popen([sys.executable, "-m", "stages.compress"], cwd=root, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        stage = subprocess.Popen([sys.executable, "-m", "stages.compress"], cwd=root, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    work = root / "models" / "candidates" / ".long.tmp"
     try:
         deadline, servers = time.time() + 120, []
-        while time.time() < deadline and not servers:
+        while time.time() < deadline and not (servers and work.exists()):
             time.sleep(0.5)
-            assert stage.poll() is None, "the stage ended before its server started"
-            servers = [c for c in psutil.Process(stage.pid).children(recursive=True)
-                       if "prefect" in (cmd := cmdline_of(c)) and "server" in cmd]
-        assert servers
-        time.sleep(2)
+            assert stage.poll() is None, "the stage ended before its build started: " + log.read_text()[-3000:]
+            servers = servers or [c for c in psutil.Process(stage.pid).children(recursive=True)
+                                  if "prefect" in (cmd := cmdline_of(c)) and "server" in cmd]
+        assert servers and work.exists(), log.read_text()[-3000:]
+        time.sleep(3)   # into the build: the teacher's pass, or the distillation
         servers = [c for c in psutil.Process(stage.pid).children(recursive=True)]   # the server's whole tree
         stage.send_signal(signal.SIGTERM)
         stage.wait(timeout=30)
+        assert stage.returncode == -signal.SIGTERM
+        text = log.read_text()
+        # stopped in the teacher's pass or in the distillation, whichever the signal found running
+        assert "StopRequested: " in text and "stopped: the process was asked to stop" in text, text[-3000:]
+        assert "Finished in state Crashed" in text, text[-3000:]
+        assert "student in" not in text, text[-3000:]   # the distillation did not run to its end
+        assert not work.exists() and not (root / "models" / "candidates" / "long").exists()
         _, alive = psutil.wait_procs(servers, timeout=30)
         leftover = [cmdline_of(p) for p in alive]
         for p in alive:   # a failing run leaves nothing behind either

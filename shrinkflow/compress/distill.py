@@ -12,6 +12,7 @@ import numpy as np
 
 from shrinkflow.arch import encoder_layers, set_encoder_layers
 from shrinkflow.config import DistillStep
+from shrinkflow.stopping import raise_if_stopped
 
 
 def make_student(teacher, layers: tuple[int, ...]):
@@ -63,6 +64,7 @@ def teacher_outputs(model, seqs: list[list[int]], hidden_layers: tuple[int, ...]
     order = np.argsort([len(s) for s in seqs], kind="stable")
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
+            raise_if_stopped("the teacher's pass")
             idx = order[start:start + batch_size]
             ids, mask = _pad([seqs[i] for i in idx])
             res = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(hidden_layers))
@@ -260,6 +262,7 @@ def kd_train(student, seqs: list[list[int]], targets, labels: np.ndarray, *, epo
                mininterval=2.0 if sys.stderr.isatty() else 30.0)
     for _ in range(epochs):
         for idx in length_grouped_batches(lengths, batch_size, 50, rng):
+            raise_if_stopped(desc)   # the stage was asked to stop: end within one step
             ids, mask = _pad([seqs[i] for i in idx])
             match = hidden_weight > 0 and bool(hidden)
             with quantized.rounded() if quantized is not None else contextlib.nullcontext():

@@ -14,6 +14,7 @@ import numpy as np
 
 from shrinkflow.arch import attention_heads, attn_out_linear, encoder_layers, ffn_linears, qkv_linears, \
     set_layer_linears
+from shrinkflow.stopping import raise_if_stopped
 
 
 def importance(model, seqs: list[list[int]], labels: np.ndarray, batches: int, batch_size: int = 32,
@@ -30,6 +31,7 @@ def importance(model, seqs: list[list[int]], labels: np.ndarray, batches: int, b
     order = rng.permutation(len(seqs))
     model.eval()  # no dropout: the scores should not depend on which units dropout hit
     for b in range(min(batches, -(-len(seqs) // batch_size))):
+        raise_if_stopped("pruning's importance scores")
         idx = order[b * batch_size:(b + 1) * batch_size]
         ids, mask = _pad([seqs[i] for i in idx])
         model.zero_grad(set_to_none=True)
