@@ -8,7 +8,7 @@ the running builds before the process can exit, and a worker thread running
 torch keeps going until its loop ends: a compress stage sent SIGTERM 15 s
 into a distillation exited 38 s later, when the distillation had finished
 (and the lifecycle's ``stop_tree`` SIGKILLs a stage 10 s after its SIGTERM,
-leaving its Prefect flow run Running). The flow that waits for the builds
+before its flow run could record a state). The flow that waits for the builds
 (``flows.compress``) calls ``request_stop`` when it is interrupted; each
 loop calls ``raise_if_stopped`` once per step, so a build ends within one
 step, removing its unfinished files as any failed build does.

@@ -164,7 +164,7 @@ def test_a_compress_stage_run_by_hand_and_stopped_mid_distillation_ends_at_once_
 
     SIGTERM mid-distillation: the stage ran on until the distillation ended
     (38 s later for 300 epochs; the lifecycle SIGKILLs a stage 10 s after
-    its SIGTERM, leaving its flow run Running). Now the build ends at its
+    its SIGTERM, before its flow run recorded a state). Now the build ends at its
     next step (shrinkflow.stopping): the stage exits by the signal within
     seconds, its task recorded Crashed by the stop, and no candidate, whole
     or half-built, is left. This distillation would take minutes."""
