@@ -173,6 +173,7 @@ def test_whatever_the_body_parser_raises_is_a_4xx(server, body, on_predict, on_f
     ('application/json; charset="UTF-8"', 200),                # quoted, any case
     ("application/json;Charset=utf8", 200),
     ("application/json; charset=utf_8", 200),
+    ("application/json; charset=US-ASCII", 200),               # ASCII is UTF-8's first 128 code points
     ("Application/JSON", 200),
     ("application/vnd.api+json", 200),
 ])

@@ -61,7 +61,7 @@ async def json_body(request: Request):
     """The body as strict JSON (``schemas.parse_json``), sent as JSON
     (Content-Type ``application/json`` or ``application/*+json``, UTF-8 and
     not compressed, else 415 unsupported_media_type, before anything is
-    read: a ``charset`` other than utf-8, a ``Content-Encoding`` other than
+    read: a ``charset`` other than utf-8 or us-ascii, a ``Content-Encoding`` other than
     identity), its size checked
     against serve.max_body_bytes before it is parsed, as the
     Content-Length says and again as the bytes arrive. Raises ApiError: 413
@@ -81,7 +81,9 @@ async def json_body(request: Request):
     header["content-type"] = request.headers.get("content-type", "")
     charset = header.get_param("charset")   # unquoted, any case of the parameter's name
     charset = None if charset is None else str(charset).lower()
-    if charset is not None and charset.replace("_", "-") not in ("utf-8", "utf8"):
+    # ASCII is UTF-8's first 128 code points: a body declared us-ascii is read as UTF-8 (a
+    # mislabelled non-ASCII one then reads as the UTF-8 it is, or is refused as not UTF-8)
+    if charset is not None and charset.replace("_", "-") not in ("utf-8", "utf8", "us-ascii", "ascii"):
         raise ApiError(415, "unsupported_media_type",
                        f"the body must be UTF-8 JSON (this request's charset: {printable(charset, 40)!r}); send it "
                        "as UTF-8, with no charset or charset=utf-8")
