@@ -45,7 +45,8 @@ _HELD_BY = "; or another run or acting monitor is changing the project (named, w
 # Each command's exit codes and what each means there. Printed in its --help;
 # docs/exit-codes.md lists the same (tests/test_cli.py).
 EXIT_CODES: dict[str, dict[ExitCode, str]] = {
-    "run": {ExitCode.OK: "deployed",
+    "run": {ExitCode.OK: "deployed, or production kept (measured as a candidate while a re-compression's window "
+                         "is staged, it passed every gate and won)",
             ExitCode.REFUSED: "no candidate passed every gate; production unchanged",
             ExitCode.USAGE: _USAGE + _ADOPT + _HELD_BY,
             ExitCode.CRASH: "a stage, Prefect or the deploy failed"},
@@ -508,7 +509,7 @@ def run(ctx: typer.Context, params: ParamsOpt = None, debug: DebugOpt = False,
     _print_summary(s.root, s.params, result)
     if result.get("publish_warning"):
         typer.echo(f"warning: {result['publish_warning']}", err=True)
-    raise typer.Exit(ExitCode.OK if result["deployed_version"] else ExitCode.REFUSED)
+    raise typer.Exit(ExitCode.OK if result["deployed_version"] or result.get("kept_version") else ExitCode.REFUSED)
 
 
 def _production_alias(s: Session) -> str | None:
@@ -594,6 +595,10 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
             out.append(f"production is {production}: a rollback from {result['deployed_version']} stands (nothing "
                        f"changed since the deploy, so nothing was re-deployed over it; `shrinkflow rollback --to "
                        f"{result['deployed_version']}` undoes it)")
+    elif result.get("kept_version"):
+        # production measured as a candidate (a re-compression's window staged) won: nothing to promote
+        out.append(f"KEPT production {result['kept_version']}: {result.get('kept_reason') or 'it won the selection'}"
+                   "; nothing was promoted")
     else:
         out.append("NOT DEPLOYED: no candidate passed every gate; production is unchanged.")
         for name, d in gates.candidates.items():
@@ -833,6 +838,9 @@ def rollback(ctx: typer.Context,
     if not registry.root.is_dir():   # said before the rollback's lock would create it (a newcomer's finding)
         raise _fail(ExitCode.NOTHING, f"nothing to roll back: there is no registry at {registry.root} "
                                       "(deploy.registry_dir; `shrinkflow run` deploys the first version)")
+    # A run or an acting monitor may deploy meanwhile, and its report would name this move as its own
+    # (a helper's finding): one writer at a time.
+    hold_project(s, "shrinkflow rollback")
     try:
         done = registry.rollback(to)
     except UnknownVersion as exc:

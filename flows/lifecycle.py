@@ -20,7 +20,7 @@ from shrinkflow.registry import Registry
 from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
 from shrinkflow.projectlock import ProjectBusy, project_lock
 from tasks.dvc import repro_stage_with_retries
-from tasks.monitor import clear_production
+from tasks.monitor import production_for_run
 from tasks.publish import publish_report, publish_shared_registry, read_deployment, read_validation
 
 BUILD_STAGES = ("fetch", "data", "train", "compress", "validate")
@@ -54,12 +54,13 @@ def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: 
 
 
 def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: bool = False) -> dict:
-    if not keep_production_copy:
-        clear_production(project_dir)
     # Validated and fingerprinted once; every stage must see the same bytes.
     fingerprint = params_fingerprint(project_dir)
     params = load_params(f"{project_dir}/{PARAMS}")
     registry_dir = params.deploy.registry_dir
+    if not keep_production_copy:
+        # A re-compression's window still staged: its candidates are gated against production again
+        production_for_run(project_dir, registry_dir)
 
     def run(stage: str, force: bool = False) -> dict:
         check_params_unchanged(project_dir, fingerprint, stage)

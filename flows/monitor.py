@@ -18,7 +18,8 @@ from shrinkflow.paths import PARAMS
 from shrinkflow.tracked_params import load_project_params
 from shrinkflow.projectlock import ProjectBusy, project_lock
 from tasks.monitor import (build_reports, decide, publish, read_recompress_corpus, read_window, record_crash,
-                           record_recompress, record_retrain, save_flow_input, unmark_interrupted)
+                           record_interrupted, record_recompress, record_retrain, save_flow_input,
+                           unmark_interrupted)
 from tasks.retrain import production_version, window_feedback
 
 
@@ -97,16 +98,6 @@ def _monitor(project_dir: str, act: bool = True, params_path: str | None = None)
                     "window_sha256": summary["window"]["sha256"], "rows": summary["window"]["rows"],
                     "monitor_flow_run": run_name, "triggers": decision["triggers"], "report_dir": report_dir},
                     pairs_file=save_flow_input(report_dir, "retrain_pairs", [list(p) for p in pairs]))
-        except KeyboardInterrupt:
-            # Stopped by the user (Ctrl-C, SIGTERM, SIGHUP) before it moved
-            # production: the verdict was not acted on, so neither the dedup
-            # nor the cooldown holds the next window back. A crash stays
-            # acted (no loop of failing runs).
-            if production_version(project_dir, params.deploy.registry_dir) == before:
-                unmark_interrupted(project_dir, now)
-                print(f"monitor: the {decision['action']} was interrupted before it moved production: recorded as "
-                      "not acted on (the next window may act)")
-            raise
         except Exception as exc:
             # A crash stays acted on (a failure that repeats would re-run at every firing), but is
             # recorded and said (a helper's finding: the trigger was spent silently for cooldown_hours).
@@ -118,6 +109,23 @@ def _monitor(project_dir: str, act: bool = True, params_path: str | None = None)
             print(f"monitor: the {decision['action']} crashed ({type(exc).__name__}: {str(exc)[:300]}); this "
                   f"window counts as acted on, so the next run holds off for monitor.cooldown_hours "
                   f"({params.monitor.cooldown_hours:g}); {where}")
+            raise
+        except BaseException:
+            # Stopped by the user before it moved production: Ctrl-C, or
+            # SIGTERM/SIGHUP (a KeyboardInterrupt from the CLI's handler, or,
+            # inside the flow run, Prefect's TerminationSignal, which is not
+            # one: a helper's finding, the window stayed acted on). The
+            # verdict was not acted on, so neither the dedup nor the cooldown
+            # holds the next window back. A crash (above) stays acted (no
+            # loop of failing runs).
+            if production_version(project_dir, params.deploy.registry_dir) == before:
+                unmark_interrupted(project_dir, now)
+                try:
+                    record_interrupted(report_dir, decision["action"])
+                except Exception as failed:  # noqa: BLE001 - the history above is what the next window reads
+                    print(f"monitor: the run's decision.json was not updated ({type(failed).__name__}: {failed})")
+                print(f"monitor: the {decision['action']} was interrupted before it moved production: recorded as "
+                      "not acted on (the next window may act)")
             raise
         # What it did, once it has returned (a failure to record it is not the flow's crash).
         if decision["action"] == "recompress":

@@ -38,7 +38,9 @@ def _row(run: Path) -> str | None:
         d = {"action": "undecided", "reasons": []}
     action = d.get("action", "undecided")
     rec = d.get("recompress") or d.get("retrain") or {}
-    if action in ("recompress", "retrain") and d.get("acted") is False:
+    if rec.get("outcome") == "interrupted":   # stopped before it moved production: not acted on
+        action_note = " (interrupted: not acted on)"
+    elif action in ("recompress", "retrain") and d.get("acted") is False:
         action_note = " (report only)"
     elif rec.get("outcome") == "deployed":
         action_note = html.escape(f" (deployed {rec.get('deployed_version')})")

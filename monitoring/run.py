@@ -329,6 +329,21 @@ def record_crash(report_dir: Path, action: str, exc: BaseException) -> dict:
     return _record_outcome(report_dir, action, {"outcome": "crashed", "error": message[:2000]})
 
 
+def record_interrupted(report_dir: Path, action: str) -> dict:
+    """Record in this run's decision.json that the ``action`` it started was
+    stopped (Ctrl-C, SIGTERM) before it moved production: ``acted`` false and
+    ``{"outcome": "interrupted"}``, as the history line (``unmark_acted``)
+    says, so the run's record and the reports index agree with what the dedup
+    and the cooldown read. Returns the updated document."""
+    from shrinkflow.files import atomic_write_text
+
+    path = Path(report_dir) / DECISION_JSON
+    doc = {**json.loads(path.read_text()), "acted": False, action: {"outcome": "interrupted"}}
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    write_index(Path(report_dir).parent)
+    return doc
+
+
 FLOW_INPUT_DIR = "flow_inputs"
 
 

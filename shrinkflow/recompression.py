@@ -77,6 +77,68 @@ def snapshot_production(root: Path | str, registry_dir: str, role: str = PRODUCT
     return ref.version
 
 
+def window_staged(root: Path | str) -> bool:
+    """Whether a re-compression's window is staged as compress input: its
+    texts (``data/unlabelled/texts.txt``) or held-out texts
+    (``data/unlabelled/heldout.txt``) are not empty, as every re-compression,
+    finished or interrupted, leaves them (a fresh project's are empty)."""
+    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT
+
+    root = Path(root)
+    return any((root / p).is_file() and (root / p).stat().st_size > 0 for p in (UNLABELLED, WINDOW_HELDOUT))
+
+
+def production_for_run(root: Path | str, registry_dir: str) -> tuple[str | None, str | None]:
+    """What a run that is not a re-compression or a retrain (``shrinkflow
+    run``, a scheduled lifecycle run) does with the production copy, before
+    its stages run. Returns (the production version staged as a candidate,
+    or None; a line to say, or None).
+
+    With a re-compression's window staged (``window_staged``), the window's
+    candidates are gated as the re-compression gated them: against the
+    current production, measured as a candidate (the agreement gain over
+    production, the slowdown against it; and production kept when it wins).
+    Removing the copy, as runs did, left the window's gates without
+    production: a plain run after an interrupted re-compression re-built the
+    window's student, which missed the agreement floor, and deployed the int8
+    teacher, 1.5x production's p95 latency (a helper's finding). A copy of the
+    current production version is left as it is (validate's inputs do not
+    change, so DVC skips it); a copy of an older version (the re-compression
+    deployed since, or a rollback) or of the baseline role is replaced by the
+    current one. Without a window, or with nothing in production, or when
+    the registry cannot be read or production's files do not verify, the
+    copy is removed (validate then has no production candidate, as before)."""
+    from shrinkflow.errors import IntegrityError, RegistryError
+    from shrinkflow.files import read_json
+    from shrinkflow.registry import Registry
+
+    root = Path(root)
+    if not window_staged(root):
+        clear_production(root)
+        return None, None
+    try:
+        registry = Registry(root / registry_dir)
+        alias = registry.alias()
+        if alias is None:
+            clear_production(root)
+            return None, None
+        try:
+            meta = read_json(root / PRODUCTION_META) if (root / PRODUCTION_META).is_file() else {}
+        except (OSError, ValueError):
+            meta = {}
+        if (meta.get("version") == alias and meta.get("role") == PRODUCTION_ROLE_CANDIDATE
+                and meta.get("content_hash") == registry.manifest(alias).get("content_hash")
+                and (root / PRODUCTION_MODEL).is_dir()):
+            return alias, None
+        version = snapshot_production(root, registry_dir, PRODUCTION_ROLE_CANDIDATE)
+    except (IntegrityError, RegistryError) as exc:
+        clear_production(root)
+        return None, (f"production is not measured beside the staged re-compression window's candidates: {exc}; "
+                      "its window gates judge them without it")
+    return version, (f"a re-compression's window is staged (data/unlabelled/): production {version} is measured "
+                     "as a candidate, as the re-compression measured it")
+
+
 def stage_production_baseline(root: Path | str, registry_dir: str) -> str | None:
     """A retrain's production copy: the production version staged with
     ``PRODUCTION_ROLE_BASELINE`` when an earlier re-compression's window left

@@ -148,6 +148,19 @@ def clear_production(project_dir: str) -> bool:
     return had
 
 
+@task(name="production-for-run", cache_policy=NO_CACHE)
+def production_for_run(project_dir: str, registry_dir: str) -> str | None:
+    """A plain run's production copy (shrinkflow.recompression.production_for_run):
+    the current production as a candidate while a re-compression's window is
+    staged, else none. Says what it did; returns the version staged, or None."""
+    from shrinkflow.recompression import production_for_run as _for_run
+
+    version, said = _for_run(Path(project_dir), registry_dir)
+    if said:
+        print(f"note: {said}")
+    return version
+
+
 @task(name="recompress-outcome", cache_policy=NO_CACHE)
 def recompress_outcome(gates: dict, deployed_version: str | None, kept_version: str | None) -> dict:
     """``gates``: the lifecycle's selection (reports/gates.json as a dict)."""
@@ -194,6 +207,15 @@ def record_crash(report_dir: str, action: str, exc: BaseException) -> None:
     from monitoring.run import record_crash as _record
 
     _record(Path(report_dir), action, exc)
+
+
+def record_interrupted(report_dir: str, action: str) -> None:
+    """That the re-compression or retrain this run started was stopped before
+    it moved production, into its decision.json (monitoring.run.record_interrupted).
+    A plain function: it runs while the flow is being torn down."""
+    from monitoring.run import record_interrupted as _record
+
+    _record(Path(report_dir), action)
 
 
 def save_flow_input(report_dir: str, name: str, value: list) -> str:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from tests.conftest import terminate_group, wait_for_line
 # lifecycle test has a file of its own (test_e2e_lifecycle.py), so the two workers share the load.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
+from tests.e2e import TINY, copy_project, deep_merge, run_cli, stages_line, write_params
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +316,24 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     record = out[out.index("- monitor: recompress"):].split("verdict:")[0]
     assert "  - feedback_accuracy: FIRED" in record and "  - text_drift: " in record, out[-4000:]
     assert reg.alias() == before
+    # SIGTERM (as `timeout`, systemd or `docker stop` send it) while the re-compression runs: the
+    # window is not spent. A helper's finding: inside the flow run Prefect turns SIGTERM into its
+    # TerminationSignal, not a KeyboardInterrupt, so the window stayed acted on and the next run
+    # said "already triggered" (and the cooldown held every later window back).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_API_URL=harness, PREFECT_HOME=str(project / ".prefect"))
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "monitor"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _, lines = wait_for_line(proc, r"Running stage '(compress)'", "the acting monitor")
+    code = terminate_group(proc, timeout_s=120)
+    time.sleep(0.5)   # wait_for_line's thread drains the rest of the output
+    out = "".join(lines)
+    assert code == 130, out[-4000:]   # interrupted (docs/exit-codes.md)
+    assert "the recompress was interrupted before it moved production: recorded as not acted on" in out, out[-4000:]
+    assert reg.alias() == before and reg.versions() == versions
+    acted = [json.loads(line)["acted"] for line in (project / ".shrinkflow/monitor/decisions.jsonl")
+             .read_text().splitlines()]
+    assert acted[-1] is False, acted
     code, out = run_cli(project, harness, "monitor")
     assert code == 1, out[-4000:]  # ExitCode.REFUSED: the re-compression deployed nothing (production kept)
     assert "verdict: recompress" in out and "feedback_accuracy: FIRED" in out, out[-4000:]
@@ -359,18 +378,20 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
 
     # reports on disk, the index lists the run with its verdict
     index = (project / "monitoring/reports/index.html").read_text()
-    assert ">recompress</b>" in index and "report.html" in index
-    # two runs: the report-only one, then the one that acted (names sort by time)
+    assert ">recompress</b>" in index and "report.html" in index and "(interrupted: not acted on)" in index
+    # three runs: the report-only one, the interrupted one, then the one that acted (names sort by time)
     run_dirs = sorted(d for d in (project / "monitoring/reports").iterdir() if d.is_dir())
-    assert len(run_dirs) == 2 and all((d / "report.html").is_file() for d in run_dirs)
+    assert len(run_dirs) == 3 and all((d / "report.html").is_file() for d in run_dirs)
     # the policy counted the texts the re-compression read: the acting run's summary
-    summary = json.loads((run_dirs[1] / "summary.json").read_text())["window"]
+    summary = json.loads((run_dirs[2] / "summary.json").read_text())["window"]
     assert (summary["corpus_rows"], summary["distill_texts"], summary["heldout_texts"]) == (
         window["corpus_rows"], window["rows_distill"], window["rows_heldout"])
     decisions = [json.loads((d / "decision.json").read_text()) for d in run_dirs]
-    assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", True)]
+    assert [(d["action"], d["acted"]) for d in decisions] == [("recompress", False), ("recompress", False),
+                                                              ("recompress", True)]
+    assert decisions[1]["recompress"] == {"outcome": "interrupted"}   # the run's record says what happened
     # the acting run records what its re-compression did, with the figures
-    rec = decisions[1]["recompress"]
+    rec = decisions[2]["recompress"]
     assert (rec["outcome"], rec["deployed_version"], rec["kept_version"], rec["production_version"]) == (
         "kept", None, before, before)
     assert rec["candidates"] == {"int8": {"passed": True, "failed": {}}}
@@ -387,7 +408,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
 
     arts = asyncio.run(monitor_artifacts())
     assert any("# Monitor: **recompress**" in (a.data or "") and "feedback_accuracy: FIRED" in (a.data or "")
-               and f"/reports/{run_dirs[1].name}/report.html" in (a.data or "") for a in arts)
+               and f"/reports/{run_dirs[2].name}/report.html" in (a.data or "") for a in arts)
     arts = asyncio.run(monitor_artifacts("shrinkflow-recompress"))
     assert any(f"**Kept production {before}**" in (a.data or "")
                and "| int8 | every gate passed |" in (a.data or "") for a in arts)
@@ -396,3 +417,14 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     code, out = run_cli(project, harness, "monitor")
     assert code == 0 and "verdict: warn" in out and "already triggered" in out, out[-3000:]
     assert reg.alias() == before
+
+    # A plain run with the window still staged: production stays a candidate, and its copy is
+    # already the current version, so validate's inputs are unchanged and every stage is skipped.
+    # (A helper's finding: plain runs removed the copy, so the window's candidates were gated
+    # without production, and one deployed the int8 teacher, 1.5x slower, over a student.)
+    code, out = run_cli(project, harness, "run")
+    assert code == 0, out[-4000:]
+    assert set(stages_line(out).values()) == {"skipped"}, out[-4000:]
+    assert f"KEPT production {before}: " in out and "NOT DEPLOYED" not in out, out[-4000:]
+    assert reg.alias() == before and reg.versions() == versions
+    assert json.loads((project / "data/unlabelled/production/version.json").read_text())["version"] == before

@@ -63,7 +63,7 @@ def test_the_lifecycle_flow_a_scheduler_starts_is_refused_while_a_run_holds_the_
     from shrinkflow.paths import PRODUCTION_MODEL
 
     marker = root / PRODUCTION_MODEL
-    marker.mkdir(parents=True)                      # the lifecycle's first act removes it (clear_production)
+    marker.mkdir(parents=True)                      # the lifecycle removes it first (production_for_run: no window)
     with pytest.raises(ProjectBusy, match=f"pid {proc.pid}"):
         lifecycle(project_dir=str(root))
     assert marker.is_dir()                          # nothing touched

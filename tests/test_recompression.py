@@ -116,6 +116,56 @@ def test_snapshot_production_copies_the_verified_production_model(tmp_path):
     assert snapshot_production(root, "empty-registry") is None and not (root / PRODUCTION_META).exists()
 
 
+def test_a_plain_run_measures_current_production_while_a_re_compressions_window_is_staged(tmp_path):
+    """A helper's finding: a plain run after an interrupted re-compression
+    removed the production copy, so the staged window's candidates were
+    gated without production and the int8 teacher, 1.5x slower, was deployed.
+    Now a staged window keeps production a candidate: the current version,
+    untouched when the copy already is it (DVC then skips validate)."""
+    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT
+    from shrinkflow.recompression import production_for_run, snapshot_production, window_staged
+    from tests.registry_outputs import build
+
+    root = tmp_path / "project"
+    (root / WINDOW_PRODUCTION).mkdir(parents=True)
+    for path in (UNLABELLED, WINDOW_HELDOUT):
+        (root / path).write_text("")
+    registry = build(root / "registry", "v0003")
+    # no window staged (a fresh project's empty files): the copy goes, as before
+    assert snapshot_production(root, "registry") == "v0003"
+    assert not window_staged(root)
+    assert production_for_run(root, "registry") == (None, None) and not (root / PRODUCTION_META).exists()
+    # a window staged (held-out texts alone are enough), no copy yet: production is copied as a candidate
+    (root / WINDOW_HELDOUT).write_text("a held-out production text\n")
+    assert window_staged(root)
+    version, said = production_for_run(root, "registry")
+    assert version == "v0003" and "production v0003 is measured as a candidate" in said
+    meta = read_json(root / PRODUCTION_META)
+    assert meta["version"] == "v0003" and meta["role"] == "candidate"
+    assert file_hashes(root / PRODUCTION_MODEL) == read_json(registry / "versions/v0003/manifest.json")["files"]
+    # the copy already is the current production: left as it is, and nothing said
+    stamp = {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")}
+    assert production_for_run(root, "registry") == ("v0003", None)
+    assert {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")} == stamp
+    # production moved (the re-compression deployed, or a rollback): the current one replaces it
+    (registry / "aliases.json").write_text(json.dumps({"production": "v0002"}))
+    assert production_for_run(root, "registry")[0] == "v0002"
+    assert read_json(root / PRODUCTION_META)["version"] == "v0002"
+    # a retrain's baseline copy of the current version becomes a candidate
+    meta = read_json(root / PRODUCTION_META)
+    (root / PRODUCTION_META).write_text(json.dumps({**meta, "role": "baseline"}))
+    assert production_for_run(root, "registry")[0] == "v0002"
+    assert read_json(root / PRODUCTION_META)["role"] == "candidate"
+    # production's files do not verify: not measured, and said; the run goes on
+    (registry / "versions/v0003/model/model.onnx").write_bytes(b"rot")
+    (registry / "aliases.json").write_text(json.dumps({"production": "v0003"}))
+    version, said = production_for_run(root, "registry")
+    assert version is None and "production is not measured" in said and not (root / PRODUCTION_META).exists()
+    # nothing in production: no copy
+    (registry / "aliases.json").write_text(json.dumps({}))
+    assert production_for_run(root, "registry") == (None, None)
+
+
 def test_deploy_keeps_production_only_while_it_is_still_production(tmp_path):
     from shrinkflow.artifacts import GatesReport
     from shrinkflow.catalog import DEPLOYMENT, load

@@ -292,6 +292,20 @@ def test_rollback_and_versions_commands(tmp_path):
     assert code == 0 and "* v0001" in out and "0.8500" in out
     code, out = cli("rollback", "--to", "v0099")
     assert code == 2 and "no version 'v0099'" in out and reg.alias() == "v0001"
+    # while a run holds the project (it may deploy meanwhile), a rollback is refused and moves
+    # nothing (a helper's finding: it went through, and the run's report took the move for its own)
+    from tests.test_projectlock import HOLD
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out = cli("rollback")
+        assert code == 2 and f"`shrinkflow run --params A` (pid {holder.pid}, since " in out, out
+        assert reg.alias() == "v0001" and [e.event for e in reg.history()].count("rollback") == 1
+    finally:
+        holder.kill()
+        holder.wait()
     # a registry_dir that does not exist: nothing to roll back, and none created (a newcomer's finding)
     params = (tmp_path / "params.yaml").read_text()
     assert "registry_dir: registry" in params
