@@ -78,14 +78,26 @@ def snapshot_production(root: Path | str, registry_dir: str, role: str = PRODUCT
 
 
 def window_staged(root: Path | str) -> bool:
-    """Whether a re-compression's window is staged as compress input: its
-    texts (``data/unlabelled/texts.txt``) or held-out texts
-    (``data/unlabelled/heldout.txt``) are not empty, as every re-compression,
-    finished or interrupted, leaves them (a fresh project's are empty)."""
-    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT
+    """Whether a re-compression's window is staged: its record
+    (``data/unlabelled/window.json``) is not the empty ``{}`` a fresh project
+    holds, or its held-out texts (``data/unlabelled/heldout.txt``, what the
+    window gates read) are not empty; every re-compression, finished or
+    interrupted, leaves both. ``data/unlabelled/texts.txt`` alone does not
+    count: it may hold the user's own unlabelled text (data/unlabelled/README.md).
+    An unreadable record counts as staged (a re-compression wrote it)."""
+    import json
+
+    from shrinkflow.paths import WINDOW_HELDOUT, WINDOW_META
 
     root = Path(root)
-    return any((root / p).is_file() and (root / p).stat().st_size > 0 for p in (UNLABELLED, WINDOW_HELDOUT))
+    if (root / WINDOW_HELDOUT).is_file() and (root / WINDOW_HELDOUT).stat().st_size > 0:
+        return True
+    try:
+        return json.loads((root / WINDOW_META).read_text(encoding="utf-8")) not in ({}, None)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 def production_for_run(root: Path | str, registry_dir: str) -> tuple[str | None, str | None]:

@@ -122,7 +122,7 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     gated without production and the int8 teacher, 1.5x slower, was deployed.
     Now a staged window keeps production a candidate: the current version,
     untouched when the copy already is it (DVC then skips validate)."""
-    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT
+    from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT, WINDOW_META
     from shrinkflow.recompression import production_for_run, snapshot_production, window_staged
     from tests.registry_outputs import build
 
@@ -130,14 +130,22 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     (root / WINDOW_PRODUCTION).mkdir(parents=True)
     for path in (UNLABELLED, WINDOW_HELDOUT):
         (root / path).write_text("")
+    (root / WINDOW_META).write_text("{}\n")
     registry = build(root / "registry", "v0003")
     # no window staged (a fresh project's empty files): the copy goes, as before
     assert snapshot_production(root, "registry") == "v0003"
     assert not window_staged(root)
     assert production_for_run(root, "registry") == (None, None) and not (root / PRODUCTION_META).exists()
-    # a window staged (held-out texts alone are enough), no copy yet: production is copied as a candidate
+    # the user's own unlabelled text (texts.txt) is no re-compression window
+    (root / UNLABELLED).write_text("the user's own unlabelled text\n")
+    assert not window_staged(root) and production_for_run(root, "registry") == (None, None)
+    # a re-compression's record (window.json), or its held-out texts alone, stage a window
+    (root / WINDOW_META).write_text(json.dumps({"texts_md5": "0" * 32}))
+    assert window_staged(root)
+    (root / WINDOW_META).write_text("{}\n")
     (root / WINDOW_HELDOUT).write_text("a held-out production text\n")
     assert window_staged(root)
+    # no copy yet: production is copied as a candidate
     version, said = production_for_run(root, "registry")
     assert version == "v0003" and "production v0003 is measured as a candidate" in said
     meta = read_json(root / PRODUCTION_META)
