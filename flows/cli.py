@@ -60,7 +60,7 @@ EXIT_CODES: dict[str, dict[ExitCode, str]] = {
                               "or the port is in use",
               ExitCode.NOTHING: "nothing is in production (serve.registry: shared: in the shared registry)"},
     "rollback": {ExitCode.OK: "production moved back (and published, with shared_registry.url)",
-                 ExitCode.USAGE: _USAGE + "; or --to names no version (or none is recorded as previous)",
+                 ExitCode.USAGE: _USAGE + "; or --to names no version (or none is recorded as previous)" + _HELD_BY,
                  ExitCode.CRASH: "the target's files fail their hashes, or the registry is unusable; or it moved "
                                  "back here but could not be published to shared_registry.url",
                  ExitCode.NOTHING: "nothing in production, no other version, or the target already is "

@@ -36,8 +36,10 @@ def lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate: 
     re-compression or a retrain made (data/unlabelled/production), so that
     validate measures production, as a candidate (a re-compression) or as
     the window gain's baseline (a retrain; its version.json ``role``). False
-    (a run): any such copy is removed first, since the registry may have
-    moved on since it was made;
+    (a run): with no re-compression window staged the copy is removed;
+    with one, it is left as validate last read it, or copied anew from the
+    current production when validate runs again
+    (shrinkflow.recompression.production_for_run);
     ``revalidate``: run validate though DVC sees nothing changed (its timing
     was refused on a busy machine: ``max_timing_other_cpu_share``);
     ``wait_for_project_s``: how long to wait for another writer holding the
@@ -59,8 +61,9 @@ def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate:
     params = load_params(f"{project_dir}/{PARAMS}")
     registry_dir = params.deploy.registry_dir
     if not keep_production_copy:
-        # A re-compression's window still staged: its candidates are gated against production again
-        production_for_run(project_dir, registry_dir)
+        # A re-compression's window still staged: left as validate read it, or, when validate
+        # runs again, production copied anew as a candidate (shrinkflow.recompression)
+        production_for_run(project_dir, registry_dir, list(BUILD_STAGES), revalidate)
 
     def run(stage: str, force: bool = False) -> dict:
         check_params_unchanged(project_dir, fingerprint, stage)

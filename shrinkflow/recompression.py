@@ -100,53 +100,52 @@ def window_staged(root: Path | str) -> bool:
         return True
 
 
-def production_for_run(root: Path | str, registry_dir: str) -> tuple[str | None, str | None]:
+def production_for_run(root: Path | str, registry_dir: str, validate_reruns: bool) -> tuple[str | None, str | None]:
     """What a run that is not a re-compression or a retrain (``shrinkflow
     run``, a scheduled lifecycle run) does with the production copy, before
-    its stages run. Returns (the production version staged as a candidate,
-    or None; a line to say, or None).
+    its stages run. ``validate_reruns``: whether this run will run validate
+    (DVC finds a build stage stale, or ``--revalidate``). Returns (the
+    production version staged as a candidate, or None; a line to say, or None).
 
-    With a re-compression's window staged (``window_staged``), the window's
-    candidates are gated as the re-compression gated them: against the
-    current production, measured as a candidate (the agreement gain over
-    production, the slowdown against it; and production kept when it wins).
-    Removing the copy, as runs did, left the window's gates without
-    production: a plain run after an interrupted re-compression re-built the
-    window's student, which missed the agreement floor, and deployed the int8
-    teacher, 1.5x production's p95 latency (a helper's finding). A copy of the
-    current production version is left as it is (validate's inputs do not
-    change, so DVC skips it); a copy of an older version (the re-compression
-    deployed since, or a rollback) or of the baseline role is replaced by the
-    current one. Without a window, or with nothing in production, or when
-    the registry cannot be read or production's files do not verify, the
-    copy is removed (validate then has no production candidate, as before)."""
-    from shrinkflow.errors import IntegrityError, RegistryError
+    Without a re-compression's window staged (``window_staged``) the copy is
+    removed, as before: validate has no production candidate.
+
+    With one staged, and validate not re-running, the copy is left exactly
+    as the last validate read it: DVC then skips validate and deploy, and
+    the run changes nothing (a rollback since stands; a student deployed
+    through the agreement gain is not re-judged without its baseline).
+
+    With one staged and validate re-running (another input changed, or an
+    interrupted re-compression's window is still to be built), the current
+    production is copied again, verified (``snapshot_production``), and
+    measured as a candidate: the window's candidates are gated against what
+    serves, as the re-compression gated them. Removing the copy instead, as
+    runs did, left the window's gates without production: a plain run after
+    an interrupted re-compression re-built the window's student, which missed
+    the agreement floor, and deployed the int8 teacher at 1.5x production's
+    p95 latency (a helper's finding). When nothing is in production, or the
+    registry or production's files cannot be read or verified, the copy is
+    removed and the line says why."""
     from shrinkflow.files import read_json
-    from shrinkflow.registry import Registry
 
     root = Path(root)
     if not window_staged(root):
         clear_production(root)
         return None, None
-    try:
-        registry = Registry(root / registry_dir)
-        alias = registry.alias()
-        if alias is None:
-            clear_production(root)
-            return None, None
+    if not validate_reruns:
         try:
-            meta = read_json(root / PRODUCTION_META) if (root / PRODUCTION_META).is_file() else {}
-        except (OSError, ValueError):
-            meta = {}
-        if (meta.get("version") == alias and meta.get("role") == PRODUCTION_ROLE_CANDIDATE
-                and meta.get("content_hash") == registry.manifest(alias).get("content_hash")
-                and (root / PRODUCTION_MODEL).is_dir()):
-            return alias, None
+            version = read_json(root / PRODUCTION_META).get("version") if (root / PRODUCTION_META).is_file() else None
+        except (OSError, ValueError, AttributeError):
+            version = None
+        return version, None
+    try:
         version = snapshot_production(root, registry_dir, PRODUCTION_ROLE_CANDIDATE)
-    except (IntegrityError, RegistryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - IntegrityError, RegistryError, an unreadable manifest: not measured
         clear_production(root)
-        return None, (f"production is not measured beside the staged re-compression window's candidates: {exc}; "
-                      "its window gates judge them without it")
+        return None, (f"production is not measured beside the staged re-compression window's candidates "
+                      f"({type(exc).__name__}: {exc}); their window gates judge them without it")
+    if version is None:
+        return None, None
     return version, (f"a re-compression's window is staged (data/unlabelled/): production {version} is measured "
                      "as a candidate, as the re-compression measured it")
 

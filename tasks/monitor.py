@@ -149,13 +149,23 @@ def clear_production(project_dir: str) -> bool:
 
 
 @task(name="production-for-run", cache_policy=NO_CACHE)
-def production_for_run(project_dir: str, registry_dir: str) -> str | None:
+def production_for_run(project_dir: str, registry_dir: str, stages: list[str], revalidate: bool) -> str | None:
     """A plain run's production copy (shrinkflow.recompression.production_for_run):
-    the current production as a candidate while a re-compression's window is
-    staged, else none. Says what it did; returns the version staged, or None."""
-    from shrinkflow.recompression import production_for_run as _for_run
+    with a re-compression's window staged, left as validate last read it when
+    none of ``stages`` is stale (one ``dvc status``) and not ``revalidate``,
+    else the current production copied as a candidate; without a window,
+    none. Says what it did; returns the version staged, or None."""
+    from shrinkflow.dvcrun import stale_stages
+    from shrinkflow.recompression import production_for_run as _for_run, window_staged
 
-    version, said = _for_run(Path(project_dir), registry_dir)
+    root = Path(project_dir)
+    reruns = revalidate
+    if window_staged(root) and not reruns:
+        try:
+            reruns = bool(stale_stages(stages, root))
+        except RuntimeError:   # DVC failed: the stages will say why; measure production in case they run
+            reruns = True
+    version, said = _for_run(root, registry_dir, reruns)
     if said:
         print(f"note: {said}")
     return version

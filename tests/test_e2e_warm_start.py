@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import TINY, copy_project, deep_merge, run_cli, write_params
+from tests.e2e import TINY, copy_project, deep_merge, run_cli, stages_line, write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -178,6 +178,21 @@ def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(t
     assert manifest["warm_start_files"] != reg.manifest("v0001")["warm_start_files"]
     staged = Path(project / "data/unlabelled/warm_start/student/student.safetensors")
     assert staged.read_bytes() == (kept / "student.safetensors").read_bytes()
+
+    # A plain run with the re-compression's window still staged changes nothing (DVC skips every
+    # stage), and a rollback made since stands through the next one. Two helpers' findings: a
+    # run that re-copied production re-ran validate, refused the student deployed through the
+    # agreement gain (exit 1), and after a rollback promoted that student again as v0003.
+    code, out = run_cli(project, prefect_api, "run")
+    assert code == 0 and set(stages_line(out).values()) == {"skipped"}, out[-3000:]
+    code, out = run_cli(project, None, "rollback")
+    assert code == 0 and "production: v0002 -> v0001" in out, out[-3000:]
+    code, out = run_cli(project, prefect_api, "run")
+    assert code == 0 and set(stages_line(out).values()) == {"skipped"}, out[-3000:]
+    assert "a rollback from v0002 stands" in out and reg.alias() == "v0001" and reg.versions() == [
+        "v0001", "v0002"], out[-3000:]
+    code, out = run_cli(project, None, "rollback")   # the second rollback undoes the first
+    assert code == 0 and reg.alias() == "v0002", out[-3000:]
 
     # --- Then a retrain (the teacher wrong on the production labels): the
     # retrained teacher is another one, yet its student starts from the

@@ -120,8 +120,11 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     """A helper's finding: a plain run after an interrupted re-compression
     removed the production copy, so the staged window's candidates were
     gated without production and the int8 teacher, 1.5x slower, was deployed.
-    Now a staged window keeps production a candidate: the current version,
-    untouched when the copy already is it (DVC then skips validate)."""
+    Now, with a window staged, a run whose validate re-runs measures the
+    current production as a candidate; one whose validate does not leaves
+    the copy as validate read it (a second helper's findings: re-copying it
+    then re-ran validate, which undid a rollback and refused a student
+    deployed through the agreement gain)."""
     from shrinkflow.paths import UNLABELLED, WINDOW_HELDOUT, WINDOW_META
     from shrinkflow.recompression import production_for_run, snapshot_production, window_staged
     from tests.registry_outputs import build
@@ -135,43 +138,44 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     # no window staged (a fresh project's empty files): the copy goes, as before
     assert snapshot_production(root, "registry") == "v0003"
     assert not window_staged(root)
-    assert production_for_run(root, "registry") == (None, None) and not (root / PRODUCTION_META).exists()
+    assert production_for_run(root, "registry", True) == (None, None) and not (root / PRODUCTION_META).exists()
     # the user's own unlabelled text (texts.txt) is no re-compression window
     (root / UNLABELLED).write_text("the user's own unlabelled text\n")
-    assert not window_staged(root) and production_for_run(root, "registry") == (None, None)
+    assert not window_staged(root) and production_for_run(root, "registry", True) == (None, None)
     # a re-compression's record (window.json), or its held-out texts alone, stage a window
     (root / WINDOW_META).write_text(json.dumps({"texts_md5": "0" * 32}))
     assert window_staged(root)
     (root / WINDOW_META).write_text("{}\n")
     (root / WINDOW_HELDOUT).write_text("a held-out production text\n")
     assert window_staged(root)
-    # no copy yet: production is copied as a candidate
-    version, said = production_for_run(root, "registry")
+    # validate re-runs: production is copied, verified, as a candidate
+    version, said = production_for_run(root, "registry", True)
     assert version == "v0003" and "production v0003 is measured as a candidate" in said
     meta = read_json(root / PRODUCTION_META)
     assert meta["version"] == "v0003" and meta["role"] == "candidate"
     assert file_hashes(root / PRODUCTION_MODEL) == read_json(registry / "versions/v0003/manifest.json")["files"]
-    # the copy already is the current production: left as it is, and nothing said
-    stamp = {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")}
-    assert production_for_run(root, "registry") == ("v0003", None)
-    assert {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")} == stamp
-    # production moved (the re-compression deployed, or a rollback): the current one replaces it
+    # production moved (a rollback, or the re-compression deployed) and validate does not re-run:
+    # the copy stays exactly as validate read it, so DVC skips validate and deploy
     (registry / "aliases.json").write_text(json.dumps({"production": "v0002"}))
-    assert production_for_run(root, "registry")[0] == "v0002"
+    stamp = {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")}
+    assert production_for_run(root, "registry", False) == ("v0003", None)
+    assert {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")} == stamp
+    # ... and when validate does re-run, the current production replaces it
+    assert production_for_run(root, "registry", True)[0] == "v0002"
     assert read_json(root / PRODUCTION_META)["version"] == "v0002"
-    # a retrain's baseline copy of the current version becomes a candidate
-    meta = read_json(root / PRODUCTION_META)
-    (root / PRODUCTION_META).write_text(json.dumps({**meta, "role": "baseline"}))
-    assert production_for_run(root, "registry")[0] == "v0002"
-    assert read_json(root / PRODUCTION_META)["role"] == "candidate"
     # production's files do not verify: not measured, and said; the run goes on
-    (registry / "versions/v0003/model/model.onnx").write_bytes(b"rot")
+    (registry / "versions/v0002/model/model.onnx").write_bytes(b"rot")
+    version, said = production_for_run(root, "registry", True)
+    assert version is None and "production is not measured" in said and "IntegrityError" in said
+    assert not (root / PRODUCTION_META).exists()
+    # an unreadable manifest: the same, not a crash of the run
     (registry / "aliases.json").write_text(json.dumps({"production": "v0003"}))
-    version, said = production_for_run(root, "registry")
-    assert version is None and "production is not measured" in said and not (root / PRODUCTION_META).exists()
+    (registry / "versions/v0003/manifest.json").write_text("{not json")
+    version, said = production_for_run(root, "registry", True)
+    assert version is None and "production is not measured" in said
     # nothing in production: no copy
     (registry / "aliases.json").write_text(json.dumps({}))
-    assert production_for_run(root, "registry") == (None, None)
+    assert production_for_run(root, "registry", True) == (None, None)
 
 
 def test_deploy_keeps_production_only_while_it_is_still_production(tmp_path):
