@@ -335,13 +335,7 @@ def record_interrupted(report_dir: Path, action: str) -> dict:
     ``{"outcome": "interrupted"}``, as the history line (``unmark_acted``)
     says, so the run's record and the reports index agree with what the dedup
     and the cooldown read. Returns the updated document."""
-    from shrinkflow.files import atomic_write_text
-
-    path = Path(report_dir) / DECISION_JSON
-    doc = {**json.loads(path.read_text()), "acted": False, action: {"outcome": "interrupted"}}
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
-    write_index(Path(report_dir).parent)
-    return doc
+    return _record_outcome(report_dir, action, {"outcome": "interrupted"}, acted=False)
 
 
 FLOW_INPUT_DIR = "flow_inputs"
@@ -386,11 +380,11 @@ def load_flow_input(path: str | Path, what: str, pairs: bool = False) -> list:
     return value
 
 
-def _record_outcome(report_dir: Path, key: str, outcome: dict) -> dict:
+def _record_outcome(report_dir: Path, key: str, outcome: dict, **fields) -> dict:
     from shrinkflow.files import atomic_write_text
 
     path = Path(report_dir) / DECISION_JSON
-    doc = {**json.loads(path.read_text()), key: outcome}
+    doc = {**json.loads(path.read_text()), **fields, key: outcome}
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     write_index(Path(report_dir).parent)
     return doc

@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from shrinkflow.artifacts import PRODUCTION_ROLE_BASELINE, PRODUCTION_ROLE_CANDIDATE, GatesReport
 from shrinkflow.files import write_json
@@ -100,12 +101,14 @@ def window_staged(root: Path | str) -> bool:
         return True
 
 
-def production_for_run(root: Path | str, registry_dir: str, validate_reruns: bool) -> tuple[str | None, str | None]:
+def production_for_run(root: Path | str, registry_dir: str,
+                       validate_reruns: Callable[[], bool]) -> tuple[str | None, str | None]:
     """What a run that is not a re-compression or a retrain (``shrinkflow
     run``, a scheduled lifecycle run) does with the production copy, before
-    its stages run. ``validate_reruns``: whether this run will run validate
-    (DVC finds a build stage stale, or ``--revalidate``). Returns (the
-    production version staged as a candidate, or None; a line to say, or None).
+    its stages run. ``validate_reruns``: asked only when a window is staged,
+    whether this run will run validate (DVC finds a build stage stale, or
+    ``--revalidate``). Returns (the production version staged as a
+    candidate, or None; a line to say, or None).
 
     Without a re-compression's window staged (``window_staged``) the copy is
     removed, as before: validate has no production candidate.
@@ -132,7 +135,7 @@ def production_for_run(root: Path | str, registry_dir: str, validate_reruns: boo
     if not window_staged(root):
         clear_production(root)
         return None, None
-    if not validate_reruns:
+    if not validate_reruns():
         try:
             version = read_json(root / PRODUCTION_META).get("version") if (root / PRODUCTION_META).is_file() else None
         except (OSError, ValueError, AttributeError):

@@ -156,16 +156,17 @@ def production_for_run(project_dir: str, registry_dir: str, stages: list[str], r
     else the current production copied as a candidate; without a window,
     none. Says what it did; returns the version staged, or None."""
     from shrinkflow.dvcrun import stale_stages
-    from shrinkflow.recompression import production_for_run as _for_run, window_staged
+    from shrinkflow.recompression import production_for_run as _for_run
 
     root = Path(project_dir)
-    reruns = revalidate
-    if window_staged(root) and not reruns:
+
+    def validate_reruns() -> bool:
         try:
-            reruns = bool(stale_stages(stages, root))
+            return revalidate or bool(stale_stages(stages, root))
         except RuntimeError:   # DVC failed: the stages will say why; measure production in case they run
-            reruns = True
-    version, said = _for_run(root, registry_dir, reruns)
+            return True
+
+    version, said = _for_run(root, registry_dir, validate_reruns)
     if said:
         print(f"note: {said}")
     return version

@@ -138,10 +138,10 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     # no window staged (a fresh project's empty files): the copy goes, as before
     assert snapshot_production(root, "registry") == "v0003"
     assert not window_staged(root)
-    assert production_for_run(root, "registry", True) == (None, None) and not (root / PRODUCTION_META).exists()
+    assert production_for_run(root, "registry", lambda: True) == (None, None) and not (root / PRODUCTION_META).exists()
     # the user's own unlabelled text (texts.txt) is no re-compression window
     (root / UNLABELLED).write_text("the user's own unlabelled text\n")
-    assert not window_staged(root) and production_for_run(root, "registry", True) == (None, None)
+    assert not window_staged(root) and production_for_run(root, "registry", lambda: True) == (None, None)
     # a re-compression's record (window.json), or its held-out texts alone, stage a window
     (root / WINDOW_META).write_text(json.dumps({"texts_md5": "0" * 32}))
     assert window_staged(root)
@@ -149,7 +149,7 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     (root / WINDOW_HELDOUT).write_text("a held-out production text\n")
     assert window_staged(root)
     # validate re-runs: production is copied, verified, as a candidate
-    version, said = production_for_run(root, "registry", True)
+    version, said = production_for_run(root, "registry", lambda: True)
     assert version == "v0003" and "production v0003 is measured as a candidate" in said
     meta = read_json(root / PRODUCTION_META)
     assert meta["version"] == "v0003" and meta["role"] == "candidate"
@@ -158,24 +158,24 @@ def test_a_plain_run_measures_current_production_while_a_re_compressions_window_
     # the copy stays exactly as validate read it, so DVC skips validate and deploy
     (registry / "aliases.json").write_text(json.dumps({"production": "v0002"}))
     stamp = {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")}
-    assert production_for_run(root, "registry", False) == ("v0003", None)
+    assert production_for_run(root, "registry", lambda: False) == ("v0003", None)
     assert {p: p.stat().st_mtime_ns for p in (root / WINDOW_PRODUCTION).rglob("*")} == stamp
     # ... and when validate does re-run, the current production replaces it
-    assert production_for_run(root, "registry", True)[0] == "v0002"
+    assert production_for_run(root, "registry", lambda: True)[0] == "v0002"
     assert read_json(root / PRODUCTION_META)["version"] == "v0002"
     # production's files do not verify: not measured, and said; the run goes on
     (registry / "versions/v0002/model/model.onnx").write_bytes(b"rot")
-    version, said = production_for_run(root, "registry", True)
+    version, said = production_for_run(root, "registry", lambda: True)
     assert version is None and "production is not measured" in said and "IntegrityError" in said
     assert not (root / PRODUCTION_META).exists()
     # an unreadable manifest: the same, not a crash of the run
     (registry / "aliases.json").write_text(json.dumps({"production": "v0003"}))
     (registry / "versions/v0003/manifest.json").write_text("{not json")
-    version, said = production_for_run(root, "registry", True)
+    version, said = production_for_run(root, "registry", lambda: True)
     assert version is None and "production is not measured" in said
     # nothing in production: no copy
     (registry / "aliases.json").write_text(json.dumps({}))
-    assert production_for_run(root, "registry", True) == (None, None)
+    assert production_for_run(root, "registry", lambda: True) == (None, None)
 
 
 def test_deploy_keeps_production_only_while_it_is_still_production(tmp_path):
