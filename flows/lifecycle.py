@@ -17,7 +17,7 @@ from shrinkflow.config import load_params
 from shrinkflow.errors import DeploymentMissing
 from shrinkflow.paths import PARAMS
 from shrinkflow.registry import Registry
-from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint
+from shrinkflow.dvcrun import check_params_unchanged, params_fingerprint, skips_repro, up_to_date_stages
 from shrinkflow.projectlock import ProjectBusy, project_lock
 from tasks.dvc import repro_stage_with_retries
 from tasks.monitor import production_for_run
@@ -65,11 +65,18 @@ def _lifecycle(project_dir: str, keep_production_copy: bool = False, revalidate:
         # runs again, production copied anew as a candidate (shrinkflow.recompression)
         production_for_run(project_dir, registry_dir, list(BUILD_STAGES), revalidate)
 
+    # One DVC status for every stage (after the production copy, a validate dep):
+    # while nothing has changed, a stage it found up to date is not reproduced.
+    up_to_date = up_to_date_stages([*BUILD_STAGES, "deploy"], project_dir)
+    stages: dict[str, dict] = {}
+
     def run(stage: str, force: bool = False) -> dict:
         check_params_unchanged(project_dir, fingerprint, stage)
-        return repro_stage_with_retries(stage)(stage, project_dir, force=force)
+        skip = skips_repro(stage, up_to_date, stages, force)
+        return repro_stage_with_retries(stage)(stage, project_dir, force=force, up_to_date=skip)
 
-    stages = {s: run(s, force=revalidate and s == "validate") for s in BUILD_STAGES}
+    for s in BUILD_STAGES:
+        stages[s] = run(s, force=revalidate and s == "validate")
     report, selection = read_validation(project_dir)
     selected = selection.selected
     deployment = None

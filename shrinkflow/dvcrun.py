@@ -8,7 +8,11 @@ is "ran"; otherwise, when the repro changed the stage's entry in dvc.lock
 or any output it records (``stage_fingerprint``, taken before and after),
 DVC restored it from its run-cache or cache: "restored"; else "skipped".
 (A ``dvc status`` before each repro answered the same question for about
-0.8 s a stage.)
+0.8 s a stage.) One ``dvc status`` over all of a run's stages before the
+first (``up_to_date_stages``) lets a run skip the repro of each stage DVC
+finds up to date while nothing before it in the run changed anything
+(``skips_repro``): a run with nothing to do starts one DVC process, not
+one a stage.
 
 Every subprocess here has a timeout; a stage's whole process tree (``dvc``
 and the command it started) is stopped with it.
@@ -331,6 +335,33 @@ def stale_stages(stages: list[str], project_dir: Path | str) -> list[str]:
     stage dvc.yaml does not have is a failure)."""
     doc = json.loads(dvc_command(["status", "--json", *stages], project_dir) or "{}")
     return [s for s in stages if doc.get(s)]
+
+
+def up_to_date_stages(stages: list[str], project_dir: Path | str) -> frozenset[str]:
+    """The stages of ``stages`` that DVC finds up to date now: one ``dvc
+    status --json`` over them all (``stale_stages``), whose answer for a
+    stage compares its deps, params and outs with its dvc.lock entry, as
+    ``dvc repro`` does before it decides to skip it. Empty when DVC cannot
+    answer (``RuntimeError``: a broken dvc.yaml or lock, a torn lock file;
+    the repro of each stage then says what is wrong, as it did before).
+    Valid only until a stage changes something: see ``skips_repro``."""
+    try:
+        stale = set(stale_stages(list(stages), project_dir))
+    except RuntimeError:
+        return frozenset()
+    return frozenset(stages) - stale
+
+
+def skips_repro(stage: str, up_to_date: frozenset[str], earlier: dict[str, dict], force: bool = False) -> bool:
+    """Whether a run may report ``stage`` skipped without running its
+    ``dvc repro``: DVC found it up to date before the run's first stage
+    (``up_to_date_stages``), it is not forced, and every stage the run did
+    before it (``earlier``: stage -> ``StageRun.to_dict()``) was skipped.
+    Once one ran or was restored, a later stage's deps may have changed
+    (a retrained teacher, a new split), so each later stage goes through
+    DVC again. Pure."""
+    return (not force and stage in up_to_date
+            and all(run.get("status") == "skipped" for run in earlier.values()))
 
 
 def what_dvc_did(changed: bool, forced: bool, ran: bool) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.dvcrun import repro_stage as _repro_stage, worth_retrying
+from shrinkflow.dvcrun import StageRun, repro_stage as _repro_stage, worth_retrying
 
 # Only fetching touches the network, and only when the source did not answer
 # (the stage exits with STAGE_EXIT_TRANSIENT) is it retried: a missing user
@@ -15,13 +15,18 @@ RETRIES = {"fetch": 2}
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NO_CACHE, log_prints=True)
-def repro_stage(stage: str, project_dir: str, force: bool = False) -> dict:
+def repro_stage(stage: str, project_dir: str, force: bool = False, up_to_date: bool = False) -> dict:
     # NO_CACHE: DVC's lock file and run-cache are the cache. A Prefect-level
     # cache would skip a stage whose inputs DVC knows have changed.
+    # up_to_date: DVC's status found the stage up to date and nothing before
+    # it in this run changed anything (shrinkflow.dvcrun.skips_repro): no repro.
     # Stages that run Prefect themselves (compress fans out candidates) report
     # to this run's API, ephemeral or not, instead of starting their own.
     from prefect.client.orchestration import get_client
 
+    if up_to_date and not force:
+        print(f"stage {stage}: skipped (up to date: dvc status)")
+        return StageRun(stage, "skipped", 0.0).to_dict()
     run = _repro_stage(stage, project_dir, force=force,
                        extra_env=stage_prefect_env(str(get_client(sync_client=True).api_url)))
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")

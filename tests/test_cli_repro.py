@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shrinkflow.dvcrun import (HintFilter, StageFailed, StageTimedOut, command_exit_code, repro_stage, stage_timeout_s,
-                               what_dvc_did)
+from shrinkflow.dvcrun import (HintFilter, StageFailed, StageTimedOut, command_exit_code, repro_stage, skips_repro,
+                               stage_timeout_s, up_to_date_stages, what_dvc_did)
 from tests.conftest import PROJECT_ROOT
 
 TOY = """\
@@ -101,6 +101,48 @@ def test_ran_skipped_restored_and_forced_through_real_dvc(toy):
     assert (toy / "out.txt").read_text() == "A\n"
     assert repro_stage("toy", toy, echo=lambda _: None).status == "skipped"
     assert repro_stage("toy", toy, echo=lambda _: None, force=True).status == "ran"
+
+
+@pytest.mark.slow  # ~10 s: in the full suite, not the quick run
+def test_dvc_status_finds_up_to_date_exactly_the_stages_dvc_repro_skips(toy):
+    """A run skips the repro of a stage one ``dvc status`` found up to date
+    (shrinkflow.dvcrun.up_to_date_stages): in each state the toy goes
+    through, that answer is what ``dvc repro`` then does."""
+    def change(what):
+        if what == "input":
+            (toy / "in.txt").write_text("b\n")
+        elif what == "input back":   # seen before: restored from the run-cache, not skipped
+            (toy / "in.txt").write_text("a\n")
+        elif what == "output gone":
+            (toy / "out.txt").unlink()
+        elif what == "output edited":
+            (toy / "out.txt").write_text("edited by hand\n")
+        elif what == "code":
+            (toy / "toy.py").write_text(TOY + "\n# a change\n")
+
+    seen = []
+    for what in ("never run", "nothing", "input", "nothing", "input back", "output gone", "output edited",
+                 "code", "nothing"):
+        change(what)
+        found = "toy" in up_to_date_stages(["toy"], toy)
+        did = repro_stage("toy", toy, echo=lambda _: None).status
+        seen.append((what, found, did))
+        assert found == (did == "skipped"), seen
+    assert [f for _, f, _ in seen] == [False, True, False, True, False, False, False, False, True], seen
+    # DVC that cannot answer: nothing is up to date, and each repro says what is wrong
+    (toy / "dvc.yaml").write_text("stages: [not, a, mapping\n")
+    assert up_to_date_stages(["toy"], toy) == frozenset()
+
+
+def test_a_stage_skips_its_repro_only_while_nothing_before_it_in_the_run_changed():
+    fresh = frozenset({"data", "train", "compress"})
+    skipped, ran, restored = {"status": "skipped"}, {"status": "ran"}, {"status": "restored"}
+    assert skips_repro("data", fresh, {})
+    assert skips_repro("compress", fresh, {"data": skipped, "train": skipped})
+    assert not skips_repro("compress", fresh, {"data": skipped, "train": ran})       # a new teacher
+    assert not skips_repro("compress", fresh, {"data": restored, "train": skipped})  # other splits
+    assert not skips_repro("validate", fresh, {"data": skipped})                     # DVC found it stale
+    assert not skips_repro("data", fresh, {}, force=True)                            # --revalidate's force
 
 
 # What DVC 3 printed for the data stage of a real `shrinkflow run` (2026-12-02).

@@ -131,6 +131,8 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     assert code == 0, out
     assert set(stages_line(out).values()) == {"skipped"}
     assert "now stale" not in out  # train skipped: nothing to say (and no DVC call)
+    # one `dvc status` found every stage up to date: no stage's `dvc repro` started
+    assert out.count("skipped (up to date: dvc status)") == 6 and "Data and pipelines are up to date" not in out, out
 
     # 3b. The registry is lost (or this is a fresh clone): DVC sees nothing
     #     stale, but the flow notices production is missing and re-deploys.
@@ -147,6 +149,7 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
     assert code == 0, out
     assert stages_line(out) == {"fetch": "skipped", "data": "skipped", "train": "skipped",
                                 "compress": "ran", "validate": "ran", "deploy": "ran"}
+    assert out.count("skipped (up to date: dvc status)") == 3, out   # the three before compress
     assert reg.alias() == "v0002" and reg.versions() == ["v0001", "v0002"]
 
     # 4b. A run stopped after deploy moved production, before DVC recorded the
