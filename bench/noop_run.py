@@ -109,7 +109,8 @@ def main() -> None:
              f"Measured {doc['measured_at']} on {doc['machine']}; `bench/noop_run.py --rounds {args.rounds}`: "
              f"this checkout ({doc['commit']}) against {doc['baseline_commit']}, tiny projects (tests/e2e.py TINY), "
              "one Prefect test server, the no-op runs alternating.", "",
-             "| code | no-op runs: wall s | CPU s (process tree) | median wall | median CPU | full first run: wall, CPU |",
+             "| code | no-op runs: wall s | CPU s (process tree) | median wall | median CPU "
+             "| full first run: wall, CPU |",
              "|---|---|---|---|---|---|"]
     for name in codes:
         lines.append(f"| {name} ({doc['commit'] if name == 'this checkout' else doc['baseline_commit']}) | "
