@@ -597,8 +597,14 @@ def _print_summary(root: Path, parsed, result: dict) -> None:
                        f"{result['deployed_version']}` undoes it)")
     elif result.get("kept_version"):
         # production measured as a candidate (a re-compression's window staged) won: nothing to promote
-        out.append(f"KEPT production {result['kept_version']}: {result.get('kept_reason') or 'it won the selection'}"
-                   "; nothing was promoted")
+        kept, reason = result["kept_version"], result.get("kept_reason") or "it won the selection"
+        out.append(f"KEPT production {kept}: {reason}"
+                   + ("" if "nothing was promoted" in reason else "; nothing was promoted"))
+        production = result.get("production_version")
+        if production and production != kept:   # a helper's finding: it said KEPT v0006 with v0005 serving
+            out.append(f"production is {production}: a rollback from {kept} stands (nothing changed since the run "
+                       f"that kept {kept}, so nothing was re-deployed over it; `shrinkflow rollback --to {kept}` "
+                       "undoes it)")
     else:
         out.append("NOT DEPLOYED: no candidate passed every gate; production is unchanged.")
         for name, d in gates.candidates.items():

@@ -342,12 +342,16 @@ def up_to_date_stages(stages: list[str], project_dir: Path | str) -> frozenset[s
     status --json`` over them all (``stale_stages``), whose answer for a
     stage compares its deps, params and outs with its dvc.lock entry, as
     ``dvc repro`` does before it decides to skip it. Empty when DVC cannot
-    answer (``RuntimeError``: a broken dvc.yaml or lock, a torn lock file;
-    the repro of each stage then says what is wrong, as it did before).
-    Valid only until a stage changes something: see ``skips_repro``."""
+    answer (it fails: a broken dvc.yaml or lock, a torn lock file, a
+    process that cannot start or an answer that is not JSON; the repro of
+    each stage then says what is wrong, as it did before). Valid only until
+    a stage changes something: see ``skips_repro``. Where another DVC
+    process reads the project (``dvc repro frontier``), the status answers
+    and an up-to-date stage is skipped; its repro would have failed on the
+    reader's lock."""
     try:
         stale = set(stale_stages(list(stages), project_dir))
-    except RuntimeError:
+    except (RuntimeError, ValueError, OSError):
         return frozenset()
     return frozenset(stages) - stale
 

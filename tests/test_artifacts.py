@@ -280,6 +280,28 @@ def test_the_run_summary_says_deployed_only_when_this_run_deployed(tmp_path, cap
     assert ("DEPLOYED" in out) == (deploy == "ran")
 
 
+@pytest.mark.parametrize("production", ["v0006", "v0005"])
+def test_the_run_summary_of_a_kept_production_says_it_once_and_names_a_rollback_since(tmp_path, capsys, production):
+    """A helper's findings: the KEPT line said "nothing was promoted" twice
+    (the deploy stage's reason says it already), and after a rollback from
+    the kept version a run with nothing to do said KEPT v0006 with v0005
+    serving."""
+    from flows.cli import _print_summary
+    from shrinkflow.config import load_params
+
+    gates = json.loads((DATA / "gates.json").read_text())
+    reason = "production v0006 passed every gate and won the selection; nothing was promoted"
+    result = {"stages": {"validate": {"status": "skipped", "seconds": 0.0},
+                         "deploy": {"status": "skipped", "seconds": 0.0}},
+              "selected": "int8", "deployed_version": None, "kept_version": "v0006", "kept_reason": reason,
+              "production_version": production, "gates": gates, "flow_run_id": "id", "flow_run_name": "name"}
+    _print_summary(tmp_path, load_params(Path(__file__).parents[1] / "params.yaml"), result)
+    out = capsys.readouterr().out
+    assert f"KEPT production v0006: {reason}\n" in out and out.count("nothing was promoted") == 1, out
+    assert ("production is v0005: a rollback from v0006 stands" in out) == (production == "v0005"), out
+    assert "DEPLOYED" not in out and "NOT DEPLOYED" not in out
+
+
 # ------------------------------------------------------- the deploy stage, end to end on the real documents
 def deploy_project(tmp_path: Path) -> Path:
     """A project holding the default run's validate, train and compress
