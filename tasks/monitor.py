@@ -155,16 +155,14 @@ def production_for_run(project_dir: str, registry_dir: str, stages: list[str], r
     none of ``stages`` is stale (one ``dvc status``) and not ``revalidate``,
     else the current production copied as a candidate; without a window,
     none. Says what it did; returns the version staged, or None."""
-    from shrinkflow.dvcrun import stale_stages
+    from shrinkflow.dvcrun import up_to_date_stages
     from shrinkflow.recompression import production_for_run as _for_run
 
     root = Path(project_dir)
 
     def validate_reruns() -> bool:
-        try:
-            return revalidate or bool(stale_stages(stages, root))
-        except RuntimeError:   # DVC failed: the stages will say why; measure production in case they run
-            return True
+        # DVC failing answers nothing up to date: the stages will say why; production is measured in case they run
+        return revalidate or not up_to_date_stages(stages, root) >= set(stages)
 
     version, said = _for_run(root, registry_dir, validate_reruns)
     if said:
