@@ -134,6 +134,20 @@ def test_dvc_status_finds_up_to_date_exactly_the_stages_dvc_repro_skips(toy):
     assert up_to_date_stages(["toy"], toy) == frozenset()
 
 
+@pytest.mark.parametrize("how", ["no project there", "dvc.yaml not YAML", "not a DVC repo"])
+def test_dvc_that_cannot_answer_finds_nothing_up_to_date(tmp_path, how):
+    """Each way ``dvc status`` can fail (the process cannot start in a
+    missing folder: OSError; DVC exits non-zero: RuntimeError) leaves every
+    stage to its own repro, which says what is wrong."""
+    root = tmp_path / "project"
+    if how != "no project there":
+        root.mkdir()
+        (root / "dvc.yaml").write_text("stages: [not, a, mapping\n" if how == "dvc.yaml not YAML" else DVC_YAML)
+        if how == "dvc.yaml not YAML":
+            subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, timeout=120)
+    assert up_to_date_stages(["toy"], root) == frozenset()
+
+
 def test_a_stage_skips_its_repro_only_while_nothing_before_it_in_the_run_changed():
     fresh = frozenset({"data", "train", "compress"})
     skipped, ran, restored = {"status": "skipped"}, {"status": "ran"}, {"status": "restored"}
