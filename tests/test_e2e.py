@@ -282,7 +282,7 @@ def test_monitor_finds_degradation_and_recompresses_from_the_kept_teacher(projec
     before, versions = reg.alias(), reg.versions()
     params = yaml.safe_load((project / "params.yaml").read_text())
     # The feedback labels below contradict the teacher too: the retrain rule
-    # (tests/test_e2e_retrain.py) is kept from firing, this test is the
+    # (tests/test_e2e_warm_start.py) is kept from firing, this test is the
     # re-compression's.
     params["monitor"].update({"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
                               "min_recompress_rows": 20, "max_teacher_feedback_drop": 1.0})
