@@ -40,7 +40,7 @@ configure_env(PROJECT_ROOT)
 # AMD EPYC (``pytest --durations``, 2026-12-01); order only, no test depends
 # on another.
 SLOW_FILES_FIRST = ("test_e2e.py",               # ~330 s: 16 tests, several full runs
-                    "test_e2e_warm_start.py",    # a run, a re-compression, a retrain, a rejected retrain
+                    "test_e2e_warm_start.py",    # ~160 s alone (Xeon): a run, a re-compression, two retrains
                     "test_e2e_lifecycle.py",     # ~160 s
                     "test_e2e_own_task.py",      # ~135 s alone, ~240 s beside the others: a run, a re-compression, a retrain
                     "test_monitor_robust.py",    # ~105 s

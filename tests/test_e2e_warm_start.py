@@ -84,12 +84,13 @@ print("RESULT " + json.dumps({"deployed": result["deployed_version"], "window": 
 # production; the teacher gates' boundaries are unit-tested
 # (tests/test_feedback.py), here their presence in the gate report is
 # checked. The window's held-out agreement, now with the retrained teacher, is
-# gated by the floor (set within reach) or the gain over production's, which
-# is measured beside the candidates.
+# gated by the floor (set to 0 here: it never binds) or the gain over
+# production's, which is measured beside the candidates (its note is checked).
 RETRAIN_PARAMS = deep_merge(STUDENT_PARAMS, {
     "train": {"retrain_keep_share": 0.5},
-    # window_last_n: the window holds every logged row (the 600 shifted texts, 30 in-domain ones, and
-    # the second retrain's 60), so the feedback dataset is every labelled text
+    # window_last_n: the first retrain's window holds every logged row (the 600 shifted texts and 30
+    # in-domain ones; the default 500 would drop 130), so its dataset is every labelled text. The second
+    # retrain narrows it to its own 60 rows (below).
     "monitor": {"min_window_rows": 40, "shadow_sample_rows": 50, "min_feedback_labels": 20,
                 "max_teacher_feedback_drop": 0.05, "cooldown_hours": 0.0, "window_last_n": 1000},
     "validate": {"gates": {"max_teacher_val_drop": 1.0, "min_teacher_feedback_gain": 0.0,
@@ -372,8 +373,9 @@ def test_a_recompression_then_a_retrain_warm_start_from_the_production_student(t
     # --- A second retrain whose teacher cannot pass its gates (no val loss at
     # all and +100 points on the held-out labels): nothing is deployed and
     # the project is put back as the first retrain left it.
-    # The window is the 60 new rows alone: the retrained teacher agrees with the first retrain's labels it
-    # was fine-tuned on, which would outweigh them.
+    # The window is the 60 new rows alone: the teacher-feedback rule reads the teacher on every labelled
+    # row of the window, and the retrained teacher agrees with the first retrain's 600 labels (it was
+    # fine-tuned on about 70% of them), which would outweigh the 60: the verdict would not be retrain.
     write_params(project / "params.yaml", deep_merge(RETRAIN_PARAMS, {
         "monitor": {"window_last_n": 60},
         "validate": {"gates": {"max_teacher_val_drop": 0.0, "min_teacher_feedback_gain": 1.0}}}))
