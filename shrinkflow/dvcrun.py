@@ -267,9 +267,15 @@ def worth_retrying(exc: BaseException | None) -> bool:
 
 @dataclass(frozen=True)
 class StageRun:
+    """What one stage did in a run: ``status`` as DVC decided it, ``seconds``
+    of wall time its ``dvc repro`` took, and ``checked_by``: ``"dvc repro"``,
+    or ``"dvc status"`` for a stage skipped without a repro because the
+    run's one ``dvc status`` found it up to date (``skips_repro``; its
+    ``seconds`` is then 0.0: no process ran)."""
     stage: str
     status: str          # "ran" | "skipped" | "restored"
     seconds: float
+    checked_by: str = "dvc repro"
 
     def to_dict(self) -> dict:
         return asdict(self)

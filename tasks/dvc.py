@@ -26,7 +26,7 @@ def repro_stage(stage: str, project_dir: str, force: bool = False, up_to_date: b
 
     if up_to_date and not force:
         print(f"stage {stage}: skipped (up to date: dvc status)")
-        return StageRun(stage, "skipped", 0.0).to_dict()
+        return StageRun(stage, "skipped", 0.0, checked_by="dvc status").to_dict()
     run = _repro_stage(stage, project_dir, force=force,
                        extra_env=stage_prefect_env(str(get_client(sync_client=True).api_url)))
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")

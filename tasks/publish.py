@@ -47,13 +47,27 @@ def read_deployment(project_dir: str, registry_dir: str) -> DeploymentRecord | N
     return record
 
 
+def stages_markdown(stages: dict) -> str:
+    """The artifact's "Stages" section: one row per stage of ``stages``
+    (stage -> ``StageRun.to_dict()``) with what DVC did and the seconds its
+    ``dvc repro`` took. A stage skipped on the run's ``dvc status`` alone
+    (``checked_by``) ran no process, so it shows no seconds, not a 0.0 that
+    reads as a measurement."""
+    def row(name: str, r: dict) -> str:
+        if r.get("checked_by") == "dvc status":
+            return f"| {name} | {r['status']} (up to date: dvc status) | - |"
+        return f"| {name} | {r['status']} | {r['seconds']:.1f} |"
+
+    return "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
+        row(s, r) for s, r in stages.items()) + "\n"
+
+
 @task(name="publish-lifecycle-report", cache_policy=NO_CACHE)
 def publish_report(report: ValidationReport, selection: GatesReport, deployed_version: str | None, stages: dict,
                    roi: CostReturn | None = None, kept: str | None = None) -> str:
     md = validation_markdown(report, selection, deployed_version, "deploy" in stages, kept=kept)
     md += ("\n" + roi_markdown(roi)) if roi else ""
-    md += "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
-        f"| {s} | {r['status']} | {r['seconds']:.1f} |" for s, r in stages.items()) + "\n"
+    md += stages_markdown(stages)
     create_markdown_artifact(key="shrinkflow-lifecycle", markdown=md,
                              description="metrics and gates of the latest lifecycle run")
     return md

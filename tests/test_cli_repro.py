@@ -687,3 +687,20 @@ def test_dvcs_error_after_a_progress_bar_without_a_newline_is_still_read():
                            "from outside)"
     bar = out.replace("exited with -9", "exited with 1")
     assert command_exit_code(bar) == 1 and last_line(bar) == "train:   0%|          | 0/464 [00:00<?, ?step/s]"
+
+
+def test_the_stages_table_shows_no_seconds_for_a_stage_skipped_on_dvc_status_alone():
+    """A stage skipped on the run's one `dvc status` ran no process: the
+    artifact says so instead of a 0.0 that reads as a measurement; a stage
+    `dvc repro` skipped or ran keeps the seconds its repro took."""
+    from shrinkflow.dvcrun import StageRun
+    from tasks.publish import stages_markdown
+
+    md = stages_markdown({"data": StageRun("data", "skipped", 0.0, checked_by="dvc status").to_dict(),
+                          "compress": StageRun("compress", "ran", 12.34).to_dict(),
+                          "validate": StageRun("validate", "skipped", 0.71).to_dict(),
+                          "deploy": {"status": "skipped", "seconds": 0.0}})   # a record from before the field
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| data | skipped (up to date: dvc status) | - |", "| compress | ran | 12.3 |",
+                    "| validate | skipped | 0.7 |", "| deploy | skipped | 0.0 |"]
+    assert StageRun("train", "ran", 1.0).to_dict()["checked_by"] == "dvc repro"

@@ -199,6 +199,11 @@ def test_lifecycle_end_to_end(fresh_project, harness, tmp_path):
 
     arts = asyncio.run(latest_artifact())
     assert arts and any("min_accuracy" in (a.data or "") and "**FAIL**" in (a.data or "") for a in arts)
+    # the --revalidate run's stages table: the stages skipped on the run's `dvc status` ran no process,
+    # so they show no seconds; validate shows its repro's
+    assert any("| fetch | skipped (up to date: dvc status) | - |" in (a.data or "")
+               and re.search(r"^\| validate \| ran \| \d+\.\d \|$", a.data or "", re.M) for a in arts), [
+        (a.data or "")[-400:] for a in arts]
     # runs that deployed also carry the cost and return of compressing
     assert any("## Cost and return of compressing" in (a.data or "") and "break-even" in (a.data or "")
                for a in arts)
