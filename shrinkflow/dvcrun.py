@@ -265,6 +265,10 @@ def worth_retrying(exc: BaseException | None) -> bool:
     return isinstance(exc, StageFailed) and exc.command_rc == STAGE_EXIT_TRANSIENT
 
 
+# StageRun.checked_by of a stage skipped on the run's one `dvc status`, without a repro.
+CHECKED_BY_STATUS = "dvc status"
+
+
 @dataclass(frozen=True)
 class StageRun:
     """What one stage did in a run: ``status`` as DVC decided it, ``seconds``

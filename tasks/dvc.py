@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkflow.dvcrun import StageRun, repro_stage as _repro_stage, worth_retrying
+from shrinkflow.dvcrun import CHECKED_BY_STATUS, StageRun, repro_stage as _repro_stage, worth_retrying
 
 # Only fetching touches the network, and only when the source did not answer
 # (the stage exits with STAGE_EXIT_TRANSIENT) is it retried: a missing user
@@ -25,8 +25,8 @@ def repro_stage(stage: str, project_dir: str, force: bool = False, up_to_date: b
     from prefect.client.orchestration import get_client
 
     if up_to_date and not force:
-        print(f"stage {stage}: skipped (up to date: dvc status)")
-        return StageRun(stage, "skipped", 0.0, checked_by="dvc status").to_dict()
+        print(f"stage {stage}: skipped (up to date: {CHECKED_BY_STATUS})")
+        return StageRun(stage, "skipped", 0.0, checked_by=CHECKED_BY_STATUS).to_dict()
     run = _repro_stage(stage, project_dir, force=force,
                        extra_env=stage_prefect_env(str(get_client(sync_client=True).api_url)))
     print(f"stage {stage}: {run.status} in {run.seconds:.1f}s")

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from shrinkflow.artifacts import CostReturn, DeploymentRecord, GatesReport, ValidationReport
 from shrinkflow.catalog import DEPLOYMENT, GATES, VALIDATION, ArtifactInvalid, load
+from shrinkflow.dvcrun import CHECKED_BY_STATUS
 from shrinkflow.markdown import roi_markdown, validation_markdown
 
 
@@ -54,8 +55,8 @@ def stages_markdown(stages: dict) -> str:
     (``checked_by``) ran no process, so it shows no seconds, not a 0.0 that
     reads as a measurement."""
     def row(name: str, r: dict) -> str:
-        if r.get("checked_by") == "dvc status":
-            return f"| {name} | {r['status']} (up to date: dvc status) | - |"
+        if r.get("checked_by") == CHECKED_BY_STATUS:
+            return f"| {name} | {r['status']} (up to date: {CHECKED_BY_STATUS}) | - |"
         return f"| {name} | {r['status']} | {r['seconds']:.1f} |"
 
     return "\n## Stages\n\n| stage | DVC | seconds |\n|---|---|---|\n" + "\n".join(
