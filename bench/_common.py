@@ -76,3 +76,17 @@ def wait_until_ready(proc, url: str, what: str, timeout_s: float = 180.0) -> Non
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{what} did not become ready in {timeout_s:.0f} s")
+
+
+def default_student() -> str:
+    """The name of the default student in this checkout's params.yaml: the
+    first candidate whose recipe distils (``student-l0135-int8`` since
+    2026-12-07, ``student-l024-int8`` before). Raises SystemExit when no
+    candidate distils."""
+    from shrinkflow.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    for cand in params.compress.candidates:
+        if cand.recipe and cand.recipe[0].method == "distill":
+            return cand.name
+    raise SystemExit("params.yaml has no distilled candidate (the benchmark measures the default student)")

@@ -15,7 +15,7 @@ in interleaved rounds): accuracy on val, test, the monitor's drift reference
 (in domain, never trained on) and the recovery tweets (shifted, never sent as
 traffic), p95 batch-1 latency and size.
 
-The default student (``student-l024-int8``) is measured the same way: its
+The default student (params.yaml's distilled candidate) is measured the same way: its
 recipe up to the quantize step (distill with the monitoring benchmark's
 distill seed, cold, from the kept teacher; vocabulary pruning), exported to
 ONNX fp32 once, then quantized per tensor and per channel (the way of its
@@ -37,12 +37,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, now_utc
+from _common import RESULTS, ROOT, default_student, now_utc
 
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
 TEACHERS = {"teacher before": WORK / "teacher_before", "teacher after retrain": PROJECT / "models/teacher"}
-STUDENT = "student-l024-int8"
+STUDENT = default_student()   # params.yaml's distilled candidate
 FIRST_PRODUCTION = PROJECT / "registry/versions/v0001/model"
 
 
@@ -86,7 +86,7 @@ def student_per_channel(params) -> bool:
 
 
 def build_student(teacher: Path, params, out: Path, seed: int | None) -> dict[str, Path]:
-    """The default student (``params``' ``student-l024-int8``) of ``teacher``
+    """The default student (``params``' distilled candidate) of ``teacher``
     as three served model directories under ``out``: its recipe without the
     quantize step (cold; every distill step's seed ``seed`` when given) in
     ONNX fp32, then that model quantized per tensor and per channel."""

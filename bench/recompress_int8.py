@@ -36,11 +36,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, stamp
+from _common import RESULTS, ROOT, default_student, stamp
 
 WORK = ROOT / "bench" / "work" / "recompress_rows"
 PROJECT = WORK / "project"
-STUDENT = "student-l024-int8"
+STUDENT = default_student()   # params.yaml's distilled candidate
 FULL_VOCAB = "_full_vocabulary"
 # The quantize step's settings compared, from the student as the recipe
 # builds it up to its quantize step or (FULL_VOCAB) without vocab_prune.

@@ -14,7 +14,7 @@ Writes bench/results/threads.{md,json}.
 from __future__ import annotations
 
 import json
-from _common import RESULTS, ROOT, stamp
+from _common import RESULTS, ROOT, default_student, stamp
 
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     warm, rounds, _, _ = latency_inputs(texts, lat)
     procs = {}
     try:
-        for name in ("int8", "student-l024-int8"):
+        for name in ("int8", default_student()):
             for threads in (1, 2):
                 procs[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = ModelProcess(CANDIDATES / name, threads)
         timed = time_interleaved(procs, warm, rounds, pause_s=0.05)

@@ -1301,8 +1301,8 @@ class SmallDirectParams(_Frozen):
     """The baseline the seed's claim is tested against: a small model of the
     same family trained directly on the same data.
 
-    It has the 3-layer student's exact shape (so latency and size match by
-    construction) and, by default, starts from the teacher's embeddings only:
+    It has the default 4-layer student's exact shape (so latency and size
+    match by construction) and, by default, starts from the teacher's embeddings only:
     that is the strongest small baseline we can build offline, so beating it
     credits the large model's depth and distillation, not mere access to
     pretrained word vectors. ``init: random`` gives the textbook baseline.
@@ -1310,8 +1310,8 @@ class SmallDirectParams(_Frozen):
 
     # teacher_embeddings: random weights but the teacher's embedding block; random: all random.
     init: Literal["teacher_embeddings", "random"] = "teacher_embeddings"
-    # Encoder layers: the 3-layer student's shape.
-    num_layers: Annotated[int, Field(ge=1, le=12)] = 3
+    # Encoder layers: the default student's shape (4; 3 before 2026-12-07).
+    num_layers: Annotated[int, Field(ge=1, le=12)] = 4
     # Training epochs; the best on val is kept.
     epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 4
     # AdamW peak learning rate.

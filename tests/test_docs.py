@@ -26,19 +26,22 @@ ALLOWED = {
         "tweets); the generic default (per tensor) is what the default student's int8 keeps (as its default it "
         "missed the deploy gate twice: bench/results/monitoring_per_channel.md) and a user's own candidates were "
         "measured with",
-    "compress.candidates.student-l024-int8.vocab_prune.min_count":
+    "compress.candidates.student-l0135-int8.distill.layers":
+        "the default student has four layers for room under the deploy gate (docs/compression.md, 'Four layers'); "
+        "the code default [0, 2, 4] is the 3-layer student a user's own recipe without layers was measured with",
+    "compress.candidates.student-l0135-int8.vocab_prune.min_count":
         "the student keeps tokens seen twice; min_count 1 is the generic default (params/sweep.yaml compares "
         "both: l024-vocab-int8 and l024-vocab2-int8)",
-    "compress.candidates.student-l024-int8.distill.warm_start_epochs":
+    "compress.candidates.student-l0135-int8.distill.warm_start_epochs":
         "measured for the default student on tweets (bench/results/recompress_anchor.md): one epoch over a "
         "larger in-domain anchor; the generic default (2 epochs over 4 rows per window text) is what the "
         "warm-start tests and a user's own student were measured with",
-    "compress.candidates.student-l024-int8.distill.warm_start_train_rows_per_window_text":
+    "compress.candidates.student-l0135-int8.distill.warm_start_train_rows_per_window_text":
         "with warm_start_epochs above (bench/results/recompress_anchor.md)",
-    "compress.candidates.student-l024-int8.distill.warm_start_window_augment_copies":
+    "compress.candidates.student-l0135-int8.distill.warm_start_window_augment_copies":
         "measured for the default student on tweets (bench/results/recompress_window_augment1.md); the generic "
         "default 0 adds no rows (nor their compress time) to a user's own student, not measured with it",
-    "compress.candidates.student-l024-int8.distill.warm_start_interpolation":
+    "compress.candidates.student-l0135-int8.distill.warm_start_interpolation":
         "measured for the default student on tweets (bench/results/recompress_rows.md); the generic default 0 "
         "re-distils without interpolation, as a user's own student was measured",
 }
@@ -82,7 +85,7 @@ def test_the_default_check_finds_a_changed_default():
     raw["compress"]["candidates"][1]["recipe"][0]["alpha_kl"] = 0.5
     params = Params.model_validate(raw)
     found = set(differing_defaults(params, raw)) - set(ALLOWED)
-    assert found == {"validate.latency.rounds", "compress.candidates.student-l024-int8.distill.alpha_kl"}
+    assert found == {"validate.latency.rounds", "compress.candidates.student-l0135-int8.distill.alpha_kl"}
 
 
 def test_the_params_reference_is_current():
