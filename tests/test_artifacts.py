@@ -315,6 +315,13 @@ def deploy_project(tmp_path: Path) -> Path:
     for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT_ROOT / name, root / name)
+    # The recorded run's params: its student was the 3-layer default of before
+    # 2026-12-07 (student-l024-int8, teacher layers 0, 2, 4).
+    params = (root / "params.yaml").read_text()
+    recorded = params.replace("- name: student-l0135-int8", "- name: student-l024-int8").replace(
+        "layers: [0, 1, 3, 5]", "layers: [0, 2, 4]")
+    assert recorded.count("student-l024-int8") == 1 and "[0, 2, 4]" in recorded, "the default student moved"
+    (root / "params.yaml").write_text(recorded)
     project_with(root, "metrics/train.json", "metrics/compress.json", "reports/gates.json")
     model = root / "models" / "candidates" / "student-l024-int8"
     model.mkdir(parents=True)

@@ -347,7 +347,7 @@ def test_the_train_stage_with_fine_tune_false_records_the_teachers_figures(tmp_p
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"].update({"model": {"kind": "local", "path": str(ck)}, "fine_tune": False, "max_seq_len": 16,
                          "threads": 1})
-    # The default recipes distil 6-layer MiniLM's layers [0, 2, 4]; this teacher has 2.
+    # The default recipes distil 6-layer MiniLM's layers [0, 1, 3, 5]; this teacher has 2.
     raw["compress"]["candidates"] = [{"name": "int8", "recipe": [{"method": "quantize"}]}]
     work = tmp_path / "project"
     (work / "data" / "prepared").mkdir(parents=True)
