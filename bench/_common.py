@@ -78,15 +78,21 @@ def wait_until_ready(proc, url: str, what: str, timeout_s: float = 180.0) -> Non
     raise SystemExit(f"{what} did not become ready in {timeout_s:.0f} s")
 
 
-def default_student() -> str:
-    """The name of the default student in this checkout's params.yaml: the
-    first candidate whose recipe distils (``student-l0135-int8`` since
-    2026-12-07, ``student-l024-int8`` before). Raises SystemExit when no
-    candidate distils."""
-    from shrinkflow.config import load_params
-
-    params = load_params(ROOT / "params.yaml")
+def default_candidate(params):
+    """The default student of ``params`` (a ``shrinkflow.config.Params``): its
+    first candidate whose recipe distils. Raises SystemExit, naming the
+    candidates, when none distils."""
     for cand in params.compress.candidates:
         if cand.recipe and cand.recipe[0].method == "distill":
-            return cand.name
-    raise SystemExit("params.yaml has no distilled candidate (the benchmark measures the default student)")
+            return cand
+    raise SystemExit("the params have no distilled candidate (the benchmark measures the default student): "
+                     f"{[c.name for c in params.compress.candidates]}")
+
+
+def default_student() -> str:
+    """The name of the default student in this checkout's params.yaml
+    (``student-l0135-int8`` since 2026-12-07, ``student-l024-int8`` before;
+    ``default_candidate``). Raises SystemExit when no candidate distils."""
+    from shrinkflow.config import load_params
+
+    return default_candidate(load_params(ROOT / "params.yaml")).name

@@ -1,6 +1,6 @@
 """Distillation settings, scored before anything else touches the student.
 
-Each variant distils a 3-layer student from the kept teacher and scores the
+Each variant distils a student (3 layers unless its `layers` says otherwise) from the kept teacher and scores the
 fp32 torch student with the full vocabulary on val and test, so the effect of
 the distillation settings is seen apart from vocabulary pruning and int8
 (bench/student_steps.py measures those). Variants are JSON overrides of

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, default_student, now_utc
+from _common import RESULTS, ROOT, default_candidate, default_student, now_utc
 
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
@@ -77,7 +77,7 @@ def student_per_channel(params) -> bool:
     v0001 in the monitoring benchmark is then the per-channel build).
     Exits when the step is neither this script's per tensor nor per
     channel (embedding tables left fp32 or scaled per row)."""
-    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    cand = default_candidate(params)   # the project's own params
     step = next(s for s in cand.recipe if s.method == "quantize")
     if not step.quantize_embeddings or step.embedding_scales != "tensor":
         sys.exit(f"the default student's quantize step ({step}) is not one this script builds: it quantizes the "
@@ -94,13 +94,13 @@ def build_student(teacher: Path, params, out: Path, seed: int | None) -> dict[st
     from shrinkflow.compress.recipe import apply_recipe
     from shrinkflow.splits import read_parquet
 
-    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    cand = default_candidate(params)   # the project's own params
     steps = [s.model_copy(update={"seed": seed}) if s.method == "distill" and seed is not None else s
              for s in cand.recipe]
     quant = [s for s in steps if s.method == "quantize"]
     assert len(quant) == 1 and steps[-1] is quant[0], "the default student ends with one quantize step"
     train = read_parquet(PROJECT / "data/prepared/train.parquet")
-    fp32 = apply_recipe(teacher, cand.model_copy(update={"name": f"{STUDENT}-fp32", "recipe": tuple(steps[:-1])}),
+    fp32 = apply_recipe(teacher, cand.model_copy(update={"name": f"{cand.name}-fp32", "recipe": tuple(steps[:-1])}),
                         out / "fp32", opset=params.compress.onnx_opset, train_texts=train["text"].tolist(),
                         train_labels=train["label"].to_numpy(), threads=params.train.threads, progress=False)
     dirs = {"fp32": fp32}

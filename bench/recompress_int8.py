@@ -36,11 +36,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, default_student, stamp
+from _common import RESULTS, ROOT, default_candidate, stamp
 
 WORK = ROOT / "bench" / "work" / "recompress_rows"
 PROJECT = WORK / "project"
-STUDENT = default_student()   # params.yaml's distilled candidate
 FULL_VOCAB = "_full_vocabulary"
 # The quantize step's settings compared, from the student as the recipe
 # builds it up to its quantize step or (FULL_VOCAB) without vocab_prune.
@@ -68,7 +67,7 @@ def built_way(params) -> str:
     """The key of ``QUANTIZATIONS`` that the default student's quantize step
     in ``params`` builds (what production and the runs were built with).
     Exits when none is."""
-    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    cand = default_candidate(params)   # the project's own params
     step = next(s for s in cand.recipe if s.method == "quantize")
     for way, update in QUANTIZATIONS.items():
         if not update.get(FULL_VOCAB) and step == quantize_step(step, update):
@@ -91,7 +90,7 @@ def build_int8(sidecar: Path, window: list[str] | None, params, out: Path,
     from shrinkflow.modeling import TOKENIZER, load_torch_model
     from shrinkflow.splits import read_parquet
 
-    cand = next(c for c in params.compress.candidates if c.name == STUDENT)
+    cand = default_candidate(params)   # the project's own params
     quant = [s for s in cand.recipe if s.method == "quantize"]
     assert cand.recipe[0].method == "distill" and len(quant) == 1 and cand.recipe[-1] is quant[0]
     teacher_dir = PROJECT / "models/teacher"
@@ -105,7 +104,7 @@ def build_int8(sidecar: Path, window: list[str] | None, params, out: Path,
     for full in sorted({bool(u.get(FULL_VOCAB)) for u in ways.values()} | {False}):
         steps = tuple(st for st in cand.recipe[1:-1] if not (full and st.method == "vocab_prune"))
         key = "fp32, full vocabulary" if full else "fp32"
-        sources[full] = apply_recipe(hf, cand.model_copy(update={"name": f"{STUDENT}-{'full' if full else 'fp32'}",
+        sources[full] = apply_recipe(hf, cand.model_copy(update={"name": f"{cand.name}-{'full' if full else 'fp32'}",
                                                                  "recipe": steps}),
                                      out / key.replace(" ", "-").replace(",", ""), opset=params.compress.onnx_opset,
                                      train_texts=train["text"].tolist(), train_labels=train["label"].to_numpy(),

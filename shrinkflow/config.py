@@ -431,7 +431,9 @@ class DistillStep(_Frozen):
     Starting from teacher layers, not random weights, is what makes a small
     student good: it inherits what the large model learned. The defaults are
     the default student's recipe (params.yaml): soft labels only, and each
-    student layer matched to the end of the teacher block it replaces.
+    student layer matched to the end of the teacher block it replaces; but
+    ``layers``, whose default [0, 2, 4] is the 3-layer student of before
+    2026-12-07 (params.yaml's default student has [0, 1, 3, 5]).
     """
 
     method: Literal["distill"] = "distill"
@@ -1236,8 +1238,9 @@ class MonitorParams(_Frozen):
     # held out from distillation and gates the new candidate
     # (validate.gates.min_window_agreement and its gain over production). Half:
     # the gain gate's soft-agreement difference has a standard error of
-    # ~0.0036 on the ~1,000 texts then held out, ~0.005 on 500
-    # (bench/results/monitoring.md, "How noisy"). A quarter was tried on six
+    # ~0.0036 on the ~1,000 texts then held out, ~0.005 on 500, with the
+    # 3-layer student (bench/results/monitoring_l024.md, "How noisy"; 0.0029
+    # and 0.0042 with the 4-layer default, monitoring.md). A quarter was tried on six
     # windows of ~2,000 distinct tweets (seven draws: the monitoring
     # benchmark's window in two text orders): the student distilled from
     # three quarters recovered more of its gap to the teacher (58-92%, mean
