@@ -33,7 +33,8 @@ def main() -> None:
     try:
         for name in ("int8", default_student()):
             for threads in (1, 2):
-                procs[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = ModelProcess(CANDIDATES / name, threads)
+                procs[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = ModelProcess(ROOT / CANDIDATES / name,
+                                                                                           threads)
         timed = time_interleaved(procs, warm, rounds, pause_s=0.05)
     finally:
         for p in procs.values():
@@ -64,4 +65,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, and no stray arguments
     main()
