@@ -82,8 +82,10 @@ def default_candidate(params):
     """The default student of ``params`` (a ``shrinkflow.config.Params``): its
     first candidate whose recipe distils. Raises SystemExit, naming the
     candidates, when none distils."""
+    from shrinkflow.compress.build import distils
+
     for cand in params.compress.candidates:
-        if cand.recipe and cand.recipe[0].method == "distill":
+        if distils(cand):
             return cand
     raise SystemExit("the params have no distilled candidate (the benchmark measures the default student): "
                      f"{[c.name for c in params.compress.candidates]}")

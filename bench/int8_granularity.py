@@ -37,12 +37,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, ROOT, default_candidate, default_student, now_utc
+from _common import RESULTS, ROOT, default_candidate, now_utc
 
 WORK = ROOT / "bench" / "work" / "monitoring"
 PROJECT = WORK / "project"
 TEACHERS = {"teacher before": WORK / "teacher_before", "teacher after retrain": PROJECT / "models/teacher"}
-STUDENT = default_student()   # params.yaml's distilled candidate
 FIRST_PRODUCTION = PROJECT / "registry/versions/v0001/model"
 
 
@@ -152,7 +151,7 @@ def main() -> None:
                              "size_mb": round((d / "model.onnx").stat().st_size / 2 ** 20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     doc = {"measured_at": now_utc(), "n": {s: len(v) for s, v in texts.items()}, "distill_seed": seed,
-           f"student_int8_{way.replace(' ', '_')}_same_as_v0001": same_as_v0001, "rows": rows}
+           "student": default_candidate(params).name, f"student_int8_{way.replace(' ', '_')}_same_as_v0001": same_as_v0001, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_granularity.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "int8_granularity.md").write_text(markdown(doc) + "\n")
@@ -180,7 +179,7 @@ def markdown(doc: dict) -> str:
     same = doc.get(f"student_int8_{way.replace('-', '_')}_same_as_v0001")
     if same is not None:
         same = "the same bytes as" if same else "not the same bytes as"
-        lines += ["", f"The default student: `{STUDENT}`'s recipe up to its quantize step, cold, from the kept "
+        lines += ["", f"The default student: `{doc['student']}`'s recipe up to its quantize step, cold, from the kept "
                   f"teacher (distill seed {doc['distill_seed']}, as the monitoring benchmark's v0001), exported once "
                   f"and quantized both ways; its {way} int8 is {same} the v0001 the benchmark deployed."]
     return "\n".join(lines)

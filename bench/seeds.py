@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from _common import RESULTS, ROOT, splits, stamp
+from _common import RESULTS, ROOT, default_candidate, splits, stamp
 
 
 
@@ -36,9 +36,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
-    cands = params.compress.candidates
-    cand = next(c for c in cands if (c.name == args.candidate if args.candidate
-                                     else any(s.method == "distill" for s in c.recipe)))
+    cand = (next(c for c in params.compress.candidates if c.name == args.candidate) if args.candidate
+            else default_candidate(params))
     frames = splits("train", "val", "test", "shifted")
     teacher = load_predictor(ROOT / TEACHER, threads=params.train.threads)
     t_pred = {s: predict_labels(teacher, frames[s]["text"].tolist()) for s in ("val", "test", "shifted")}

@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from _common import RESULTS, ROOT, now_utc, splits, teacher_and_tokenizer
+from _common import RESULTS, ROOT, default_candidate, now_utc, splits, teacher_and_tokenizer
 
 
 
@@ -62,8 +62,7 @@ def main() -> None:
     if len(sys.argv) > 1:
         step = DistillStep.model_validate(json.loads(sys.argv[1]))
     else:
-        cand = next(c for c in load_params(ROOT / "params.yaml").compress.candidates
-                    if any(s.method == "distill" for s in c.recipe))
+        cand = default_candidate(load_params(ROOT / "params.yaml"))
         step = cand.recipe[0]
     student = distill(copy.deepcopy(teacher), _encode_unpadded(tok, train), fr["train"]["label"].to_numpy(),
                       step, progress=False)
