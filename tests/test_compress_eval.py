@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from shrinkflow.config import Candidate, LatencyParams, QuantizeStep
+from shrinkflow.cpuload import disturbance
 from shrinkflow.evaluate import interleaved_plan, measure_interleaved, percentiles_ms, time_interleaved
 from shrinkflow.stats import accuracy_f1
 from shrinkflow.files import dir_size_bytes
@@ -155,12 +156,21 @@ def test_models_timed_on_a_busy_machine_are_timed_again_and_the_quietest_timing_
     waited = [float(x.rstrip("%")) / 100
               for x in kept.split("waited for a CPU ")[1].split(" of the time")[0].split(", ")]
     assert len(waited) == 2 and 0 < waited[0] <= 1 and 0 <= waited[1] <= 1, kept
+    # The kept timing is the least disturbed by cpuload.disturbance (the largest of others' share of the
+    # CPUs, the quota's throttled share and the timed threads' wait), within the log's rounding; comparing
+    # others' cores alone picked the wrong one when the busier timing had waited less (a fresh-clone run:
+    # the kept timing waited 4.5% where the other, with fewer others' cores, waited 47%).
+    k = int(kept.split("kept timing ")[1].split(",")[0]) - 1
+    throttled = ([float(x.rstrip("%")) / 100 if x != "?" else None
+                  for x in kept.split("throttled ")[1].split(" of its periods")[0].split(", ")]
+                 if "throttled " in kept else [None, None])
     for run in runs.values():
         perf = run["performance"]
         assert perf["timing_attempts"] == 2
-        assert perf["timing_other_cores"] == pytest.approx(min(figures), abs=0.006)
-        assert perf["timing_cpu_wait_share"] == pytest.approx(waited[figures.index(min(figures))], abs=0.0006)
-        assert f"kept timing {figures.index(min(figures)) + 1}" in kept
+        shares = [disturbance(c, perf["timing_cpus"], q, w) for c, q, w in zip(figures, throttled, waited)]
+        assert shares[k] <= min(shares) + 0.006, (kept, shares)
+        assert perf["timing_other_cores"] == pytest.approx(figures[k], abs=0.006)
+        assert perf["timing_cpu_wait_share"] == pytest.approx(waited[k], abs=0.0006)
 
 
 def test_a_model_that_cannot_load_names_itself(tmp_path, small_splits):
